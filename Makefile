@@ -1,0 +1,51 @@
+# meshbake — every target installs what it needs first (idempotent `make install`).
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.install.stamp
+RECIPE ?= tiny_cpu
+OUT   ?= out
+SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# one set of apt packages for the whole suite: shellcheck (generated scripts), Slurm + munge (e2e)
+APT_PKGS := shellcheck slurmctld slurmd slurm-client munge
+
+.PHONY: install demo bundle check test test-fast golden bench slurm-up slurm-down clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@# torch first and pinned: the CPU wheel from the local cache; anything else could pull CUDA
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "apt-get install$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@touch $@
+
+demo: install
+	$(VENV)/bin/meshbake bundle tiny_cpu -o $(OUT)
+	bash $(OUT)/launch.sh
+
+bundle: install
+	$(VENV)/bin/meshbake bundle $(RECIPE) -o $(OUT)
+
+check: install
+	$(VENV)/bin/meshbake check $(RECIPE)
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q tests -m "not dist and not slurm"
+
+golden: install
+	$(PY) -m tests.golden_refresh
+
+bench: install
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(OUT) runs

@@ -1,0 +1,99 @@
+"""meshbake CLI: check | bundle | plan --json | export. Exit 2 on recipe errors, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from compiler.errors import Err, RecipeError
+
+EXIT_RECIPE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshbake", description="Compile a training recipe into a launch bundle.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def recipe_cmd(name: str, help_: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("recipe", help="path to a recipe .yaml, or a name under recipes/")
+        s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe value, YAML-typed (e.g. --set mesh.tp=4)")
+        s.add_argument("--cluster", default=None, help="cluster profile: clusters/NAME.yaml or a path")
+        return s
+
+    recipe_cmd("check", "validate and resolve; print the plan summary")
+    b = recipe_cmd("bundle", "write the launch bundle")
+    b.add_argument("-o", "--out", default="out", help="output directory (default: out/)")
+    pl = recipe_cmd("plan", "print the resolved plan")
+    pl.add_argument("--json", action="store_true", required=True, help="print plan.json to stdout")
+    e = sub.add_parser("export", help="consolidate a run's checkpoint into a Hugging Face folder")
+    e.add_argument("run_dir")
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
+    e.add_argument("-o", "--out", required=True)
+    return p
+
+
+def _report(errs: Err, source: str) -> int:
+    from compiler.validate import format_errors
+
+    n = len(errs.errors)
+    print(f"meshbake: {n} problem{'s' if n != 1 else ''} in {source}:", file=sys.stderr)
+    print(format_errors(errs.errors), file=sys.stderr)
+    return EXIT_RECIPE
+
+
+def _resolve(args):
+    from compiler import load
+    from compiler.pipeline import resolve_dict
+
+    d = load.load_recipe(args.recipe, tuple(args.overrides), args.cluster)
+    if isinstance(d, Err):
+        return d
+    return resolve_dict(d)
+
+
+def _summary(res) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    plan, est = res.plan, res.estimate
+    m = plan.mesh
+    con = Console()
+    con.print(f"[bold]{plan.name}[/]: {plan.model.source} ({plan.model.num_params / 1e9:.2f}B params) on "
+              f"{m.nodes} x {m.procs_per_node} {m.device} = world {m.world}")
+    t = Table("dp_replicate", "dp_shard", "cp", "tp", "grad_accum", "tokens/step", "GB/rank", "budget")
+    t.add_row(*map(str, (m.dp_replicate, m.dp_shard, m.cp, m.tp, plan.train.grad_accum)),
+              f"{res.mesh.tokens_per_step:,}", f"{est.total_bytes / 1e9:,.1f}", f"{est.budget_bytes / 1e9:,.1f}")
+    con.print(t)
+    for w in plan.warnings:
+        con.print(f"[yellow]warning[/] {w}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cmd == "export":
+        from runtime.export import main as export_main
+        argv2 = [args.run_dir, "-o", args.out] + ([] if args.step is None else ["--step", str(args.step)])
+        return export_main(argv2)
+    t0 = time.perf_counter()
+    res = _resolve(args)
+    if isinstance(res, Err):
+        return _report(res, args.recipe)
+    if args.cmd == "check":
+        _summary(res)
+        return 0
+    if args.cmd == "plan":
+        from runtime.plan import dumps
+        sys.stdout.write(dumps(res.plan))
+        return 0
+    from compiler.bundle import write_bundle
+    from compiler.render import render_bundle
+
+    out = write_bundle(render_bundle(res), args.out)
+    _summary(res)
+    print(f"wrote {out}/ ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+__all__ = ["main", "RecipeError"]

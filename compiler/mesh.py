@@ -1,0 +1,132 @@
+"""mesh stage: resolve (dp_replicate, dp_shard, cp, tp) and the batch arithmetic.
+
+Axis order is fixed outer -> inner: dp_replicate, dp_shard, cp, tp. TP is innermost, so a
+TP group is `tp` consecutive ranks and stays on one node when tp divides gpus_per_node.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from compiler.errors import Err, RecipeError, Result
+from compiler.model import ModelSpec
+from compiler.recipe import Recipe
+
+AXES = ("dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    nodes: int
+    procs_per_node: int
+    inferred: str | None          # the axis that was -1
+    grad_accum: int
+    tokens_per_step: int          # global_batch_size * seq_len
+
+    @property
+    def world(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp(self) -> int:
+        """Ranks a parameter is sharded over by FSDP: dp_shard x cp (cp ranks hold the same weights)."""
+        return self.dp_shard * self.cp
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _axes(recipe: Recipe, world: int) -> Result[dict[str, int]]:
+    given = {a: getattr(recipe.mesh, a) for a in AXES}
+    free = [a for a, v in given.items() if v == -1]
+    fixed = math.prod(v for v in given.values() if v != -1)
+    w = f"cluster.nodes x cluster.gpus_per_node = {recipe.cluster.nodes} x {recipe.cluster.gpus_per_node} = {world}"
+    if len(free) > 1:
+        return Err((RecipeError("mesh", f"{' and '.join(free)} are both -1; at most one axis can be inferred",
+                                f"set all but one of them; {w}"),))
+    if free:
+        if world % fixed:
+            return Err((RecipeError("mesh", f"world size {world} ({w}) is not divisible by the product of the "
+                                    f"other axes ({fixed})", f"pick axes whose product divides {world}"),))
+        given[free[0]] = world // fixed
+    elif fixed != world:
+        prod = " x ".join(str(given[a]) for a in AXES)
+        return Err((RecipeError("mesh", f"dp_replicate x dp_shard x cp x tp = {prod} = {fixed}, but {w}",
+                                "make the product equal the world size, or set dp_shard: -1 to infer it"),))
+    return given
+
+
+def _tp_errors(recipe: Recipe, model: ModelSpec, tp: int) -> list[RecipeError]:
+    errs = []
+    gpn = recipe.cluster.gpus_per_node
+    if gpn % tp and not recipe.mesh.allow_cross_node_tp:
+        errs.append(RecipeError("mesh.tp", f"tp={tp} does not divide cluster.gpus_per_node={gpn}, so TP groups "
+                                "would cross nodes (every matmul all-reduces over the slow inter-node network)",
+                                f"use tp in {divisors(gpn)} or set mesh.allow_cross_node_tp: true"))
+    dims = {"num_attention_heads": model.num_heads, "num_key_value_heads": model.num_kv_heads,
+            "intermediate_size": model.intermediate_size, "vocab_size": model.vocab_size}
+    bad = [f"{k}={v}" for k, v in dims.items() if v % tp]
+    if bad:
+        ok = [d for d in divisors(min(gpn, model.num_kv_heads)) if all(v % d == 0 for v in dims.values())]
+        errs.append(RecipeError("mesh.tp", f"tp={tp} does not divide {', '.join(bad)} of {model.source}",
+                                f"try tp in {ok}"))
+    return errs
+
+
+def _seq_errors(recipe: Recipe, model: ModelSpec, cp: int, tp: int) -> list[RecipeError]:
+    s = recipe.train.seq_len
+    # load-balanced CP splits the sequence into 2*cp chunks; SP then splits each cp shard over tp
+    need = (2 * cp if cp > 1 else 1) * (tp if recipe.tp.sequence_parallel else 1)
+    if s % need == 0:
+        return []
+    why = []
+    if cp > 1:
+        why.append(f"2 x cp = {2 * cp} (load-balanced context parallel)")
+    if recipe.tp.sequence_parallel and tp > 1:
+        why.append(f"tp = {tp} (sequence parallel)")
+    return [RecipeError("train.seq_len", f"seq_len={s} is not divisible by {' x '.join(why)} = {need}",
+                        f"use a multiple of {need}, e.g. {max(need, s - s % need)}")]
+
+
+def _batch(recipe: Recipe, dp: int) -> Result[int]:
+    t = recipe.train
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        lo = max(per_step, t.global_batch_size - t.global_batch_size % per_step)
+        return Err((RecipeError("train.global_batch_size",
+                                f"global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size x "
+                                f"dp_replicate x dp_shard = {t.micro_batch_size} x {dp} = {per_step}",
+                                f"use {lo} or {lo + per_step}"),))
+    ga = t.global_batch_size // per_step
+    if t.grad_accum is not None and t.grad_accum != ga:
+        return Err((RecipeError("train.grad_accum", f"grad_accum={t.grad_accum}, but global_batch_size / "
+                                f"(micro_batch_size x dp) = {t.global_batch_size} / {per_step} = {ga}",
+                                "remove train.grad_accum (it is derived) or make them agree"),))
+    return ga
+
+
+def resolve_mesh(recipe: Recipe, model: ModelSpec) -> Result[MeshSpec]:
+    """All mesh rules at once: every error is collected, none stops the others."""
+    world = recipe.cluster.nodes * recipe.cluster.gpus_per_node
+    axes = _axes(recipe, world)
+    if isinstance(axes, Err):
+        return axes
+    errs = _tp_errors(recipe, model, axes["tp"]) + _seq_errors(recipe, model, axes["cp"], axes["tp"])
+    ga = _batch(recipe, axes["dp_replicate"] * axes["dp_shard"])
+    if isinstance(ga, Err):
+        errs += ga.errors
+    if errs:
+        return Err(tuple(errs))
+    free = [a for a in AXES if getattr(recipe.mesh, a) == -1]
+    return MeshSpec(**axes, nodes=recipe.cluster.nodes, procs_per_node=recipe.cluster.gpus_per_node,
+                    inferred=free[0] if free else None, grad_accum=ga,
+                    tokens_per_step=recipe.train.global_batch_size * recipe.train.seq_len)

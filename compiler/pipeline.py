@@ -1,0 +1,143 @@
+"""The whole pipeline as one function: recipe dict -> Plan -> Bundle {path: bytes}.
+
+load -> validate -> model -> mesh -> placements -> estimate -> plan -> render. Each stage
+returns its value or Err; the first stage that fails stops the pipeline (later stages need
+its value), but every stage reports all of its own errors at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from compiler.errors import Err, RecipeError, Result
+from compiler.estimate import Estimate, check_memory, estimate
+from compiler.mesh import MeshSpec, resolve_mesh
+from compiler.model import ModelSpec, model_spec
+from compiler.placements import Placements, resolve_placements
+from compiler.recipe import Recipe
+from runtime import plan as P
+
+
+@dataclass(frozen=True)
+class Resolved:
+    recipe: Recipe
+    model: ModelSpec
+    mesh: MeshSpec
+    placements: Placements
+    estimate: Estimate
+    plan: P.Plan
+
+
+@dataclass(frozen=True)
+class Bundle:
+    resolved: Resolved
+    files: Mapping[str, bytes]     # relative path -> content, sorted
+
+
+def _warnings(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> tuple[str, ...]:
+    w = list(pl.warnings)
+    if model.max_position_embeddings and recipe.train.seq_len > model.max_position_embeddings:
+        w.append(f"train.seq_len: {recipe.train.seq_len} > max_position_embeddings "
+                 f"{model.max_position_embeddings} of {model.source}")
+    if mesh.tp == 1 and (recipe.tp.sequence_parallel or recipe.tp.loss_parallel):
+        w.append("tp: sequence_parallel / loss_parallel have no effect with tp = 1 (turned off in plan.json)")
+    if model.tie_word_embeddings and mesh.tp > 1:
+        w.append(f"tied embeddings: lm_head uses {model.block_prefix.rsplit('.', 1)[0]}.embed_tokens.weight, "
+                 f"one parameter sharded on the vocab dim (vocab {model.vocab_size} / tp {mesh.tp} = "
+                 f"{model.vocab_size // mesh.tp} rows per rank) for both uses")
+    return tuple(w)
+
+
+def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements, est: Estimate,
+               versions: Mapping[str, str]) -> P.Plan:
+    t, c, tpon = recipe.train, recipe.cluster, mesh.tp > 1
+    est_d = {k: getattr(est, k) for k in est.__dataclass_fields__}
+    est_d["total_bytes"] = est.total_bytes
+    return P.Plan(
+        version=P.PLAN_VERSION,
+        name=recipe.name,
+        model=P.ModelPlan(dict(model.config), model.architecture, model.source, recipe.model.weights,
+                          model.num_params, model.tie_word_embeddings),
+        mesh=P.MeshPlan(mesh.dp_replicate, mesh.dp_shard, mesh.cp, mesh.tp, mesh.nodes, mesh.procs_per_node,
+                        c.device, "nccl" if c.device == "cuda" else "gloo"),
+        tp=P.TPPlan(recipe.tp.sequence_parallel and tpon, recipe.tp.loss_parallel and tpon, dict(pl.styles)),
+        train=P.TrainPlan(
+            seq_len=t.seq_len, micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
+            grad_accum=mesh.grad_accum, steps=t.steps, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
+            lr_schedule=t.lr_schedule, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps,
+            grad_clip=t.grad_clip, seed=t.seed, dtype=recipe.model.dtype,
+            mixed_precision=P.MixedPrecision(t.mixed_precision.param_dtype, t.mixed_precision.reduce_dtype),
+            activation_checkpointing=t.activation_checkpointing, compile=t.compile, log_every=t.log_every),
+        data=P.DataPlan(recipe.data.source, recipe.data.path, recipe.data.tokenizer, recipe.data.text_field,
+                        model.vocab_size),
+        checkpoint=P.CheckpointPlan(recipe.checkpoint.dir, recipe.checkpoint.every_steps, recipe.checkpoint.keep,
+                                    recipe.checkpoint.resume, recipe.checkpoint.save_on_exit),
+        lora=P.LoraPlan(recipe.lora.rank, recipe.lora.alpha, recipe.lora.dropout, tuple(recipe.lora.targets)),
+        run_dir=recipe.run_dir,
+        max_restarts=c.max_restarts,
+        estimate=est_d,
+        warnings=_warnings(recipe, model, mesh, pl),
+        versions=dict(versions),
+    )
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from compiler import __version__
+    return {"meshbake": __version__, "torch": torch.__version__.split("+")[0],
+            "transformers": transformers.__version__}
+
+
+def resolve(recipe: Recipe, model_config: Mapping[str, Any], source: str) -> Result[Resolved]:
+    model = model_spec(model_config, source)
+    if isinstance(model, Err):
+        return model
+    mesh = resolve_mesh(recipe, model)
+    if isinstance(mesh, Err):
+        return mesh
+    pl = resolve_placements(recipe, model, mesh)
+    if isinstance(pl, Err):
+        return pl
+    est = check_memory(estimate(recipe, model, mesh, pl))
+    if isinstance(est, Err):
+        return est
+    return Resolved(recipe, model, mesh, pl, est, build_plan(recipe, model, mesh, pl, est, versions()))
+
+
+def resolve_dict(d: Mapping[str, Any]) -> Result[Resolved]:
+    """Validated-or-not recipe dict -> Resolved (reads the model config.json / catalog)."""
+    from compiler import load, validate as validate_mod
+
+    recipe = validate_mod.validate(dict(d))
+    if isinstance(recipe, Err):
+        return recipe
+    cfg = load.read_model_config(recipe.model.config)
+    if isinstance(cfg, Err):
+        return cfg
+    return resolve(recipe, cfg, recipe.model.config)
+
+
+def compile_recipe(text: str, overrides: tuple[str, ...] = (), cluster: str | None = None,
+                   source: str = "<recipe>") -> Result[Bundle]:
+    """Recipe text -> Bundle, without writing anything (tests call this)."""
+    from compiler import load
+    from compiler.render import render_bundle
+
+    d = load.parse_yaml(text, source)
+    if isinstance(d, Err):
+        return d
+    d = load.apply_overrides(d, list(overrides))
+    if isinstance(d, Err):
+        return d
+    d = load.apply_cluster_profile(d, cluster)
+    if isinstance(d, Err):
+        return d
+    res = resolve_dict(d)
+    if isinstance(res, Err):
+        return res
+    return Bundle(res, render_bundle(res))
+
+
+__all__ = ["Bundle", "Resolved", "RecipeError", "compile_recipe", "resolve", "resolve_dict", "build_plan"]

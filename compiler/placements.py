@@ -1,0 +1,155 @@
+"""placements stage: a TP style for every Linear / Embedding / norm of the model.
+
+Auto plan = transformers' own `_tp_plan` for the blocks (q/k/v/gate/up colwise, o/down rowwise)
++ our policy for the rest: embedding rowwise (vocab-sharded, Shard(0)), lm_head colwise
+(vocab-sharded: logits stay sharded for loss parallel), norms sequence_parallel when
+tp.sequence_parallel else replicate. `tp.plan` overrides apply on top, in the order written.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from difflib import get_close_matches
+from fnmatch import fnmatchcase
+from typing import Mapping
+
+from compiler.errors import Err, RecipeError, Result
+from compiler.mesh import MeshSpec
+from compiler.model import ModelSpec, ModuleInfo
+from compiler.recipe import Recipe
+
+# transformers' style names -> ours; anything else (MoE, local_*) is refused with its name
+HF_STYLES = {"colwise": "colwise", "colwise_gather_output": "colwise", "rowwise": "rowwise",
+             "embedding_rowwise": "rowwise"}
+ALLOWED = {"linear": ("colwise", "rowwise", "replicate"), "embedding": ("rowwise", "replicate"),
+           "norm": ("sequence_parallel", "replicate")}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# replicated modules at or above this size are reported: 16 MiB is ~1 ms of NVLink time per copy
+WARN_BYTES = 16 * 2**20
+
+@dataclass(frozen=True)
+class Placements:
+    styles: Mapping[str, str]               # fqn -> style, in module order
+    warnings: tuple[str, ...]
+
+
+def group_name(fqn: str) -> str:
+    """model.layers.17.mlp.up_proj -> model.layers.*.mlp.up_proj (rows of the PLAN.md table)."""
+    return re.sub(r"\.\d+(?=\.|$)", ".*", fqn)
+
+
+def local_shape(shape: tuple[int, ...], kind: str, style: str, tp: int) -> tuple[int, ...]:
+    if style == "colwise" or (style == "rowwise" and kind == "embedding"):
+        return (shape[0] // tp, *shape[1:])        # Linear out dim / embedding vocab dim
+    if style == "rowwise":
+        return (shape[0], shape[1] // tp)          # Linear in dim
+    return shape
+
+
+def _auto(model: ModelSpec, m: ModuleInfo, sp: bool) -> str | RecipeError:
+    if m.kind == "norm":
+        return "sequence_parallel" if sp else "replicate"
+    if m.kind == "embedding":
+        return "rowwise"
+    for pattern, hf_style in model.hf_tp_plan.items():
+        if fnmatchcase(m.fqn, pattern):
+            if hf_style not in HF_STYLES:
+                return RecipeError("tp.plan", f"{model.architecture} asks for TP style {hf_style!r} on "
+                                   f"{m.fqn}, which meshbake does not implement",
+                                   f"set tp.plan {{'{pattern}': replicate}} or use mesh.tp: 1")
+            return HF_STYLES[hf_style]
+    if m.shape[0] == model.vocab_size:             # the output embedding (lm_head)
+        return "colwise"
+    return "replicate"
+
+
+def _overrides(recipe: Recipe, model: ModelSpec, styles: dict[str, str]) -> list[RecipeError]:
+    plan = recipe.tp.plan
+    if not isinstance(plan, Mapping):
+        return []
+    kinds = {m.fqn: m.kind for m in model.modules}
+    errs = []
+    for pattern, style in plan.items():
+        path = f"tp.plan['{pattern}']"
+        hits = [f for f in styles if fnmatchcase(f, pattern)]
+        if not hits:
+            near = get_close_matches(pattern, sorted({group_name(f) for f in styles}), n=3, cutoff=0.5)
+            errs.append(RecipeError(path, "pattern matches no Linear/Embedding/norm of "
+                                    f"{model.architecture}", f"did you mean {' or '.join(near)}?" if near
+                                    else "patterns are fnmatch globs over module names, e.g. "
+                                    "'model.layers.*.mlp.*'"))
+            continue
+        bad = sorted({kinds[f] for f in hits if style not in ALLOWED[kinds[f]]})
+        if bad:
+            errs.append(RecipeError(path, f"style {style!r} does not apply to {'/'.join(bad)} modules",
+                                    f"allowed: {', '.join(f'{k}: {ALLOWED[k]}' for k in bad)}"))
+            continue
+        for f in hits:
+            styles[f] = style
+    return errs
+
+
+def _consistency(recipe: Recipe, model: ModelSpec, auto: dict[str, str], styles: dict[str, str]) -> list[RecipeError]:
+    """A block's linears are either all as transformers plans them or all replicated: a
+    replicated k_proj beside a colwise q_proj would mix local and global head counts."""
+    errs, sp = [], recipe.tp.sequence_parallel
+    parents: dict[str, list[str]] = {}
+    for f in styles:
+        parents.setdefault(f.rpartition(".")[0], []).append(f)
+    for parent, kids in parents.items():
+        lin = [f for f in kids if auto[f] in ("colwise", "rowwise") and f.startswith(model.block_prefix)]
+        changed = [f for f in lin if styles[f] != auto[f]]
+        if changed and (sp or len(changed) != len(lin) or any(styles[f] != "replicate" for f in changed)):
+            why = ("with tp.sequence_parallel the residual stream is sequence-sharded between blocks, "
+                   "so every block must keep the colwise/rowwise pair" if sp else
+                   "a block is either TP-sharded as a colwise/rowwise pair or replicated as a whole")
+            errs.append(RecipeError("tp.plan", f"{group_name(parent)}: {', '.join(group_name(f).rpartition('.')[2] for f in changed)} "
+                                    f"changed to {sorted({styles[f] for f in changed})}; {why}",
+                                    f"set '{group_name(parent)}.*': replicate, or remove the override"))
+    embed = next((m.fqn for m in model.modules if m.kind == "embedding"), None)
+    head = next((m.fqn for m in model.modules if m.kind == "linear" and m.shape[0] == model.vocab_size), None)
+    if sp and embed and head and (styles[embed], styles[head]) != ("rowwise", "colwise"):
+        errs.append(RecipeError("tp.plan", f"{embed}/{head} must stay rowwise/colwise with tp.sequence_parallel",
+                                "remove their overrides or set tp.sequence_parallel: false"))
+    if recipe.tp.loss_parallel and head and styles[head] != "colwise":
+        errs.append(RecipeError("tp.loss_parallel", f"loss parallel needs vocab-sharded logits, but {head} is "
+                                f"{styles[head]}", f"set tp.loss_parallel: false or keep {head} colwise"))
+    if model.tie_word_embeddings and embed and head and (styles[embed] == "replicate") != (styles[head] == "replicate"):
+        errs.append(RecipeError("tp.plan", f"tied embeddings: {embed} and {head} share one weight, placed "
+                                f"{styles[embed]} and {styles[head]}", "shard both (rowwise embedding + colwise "
+                                "lm_head both split the vocab dim) or replicate both"))
+    return errs
+
+
+def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> Result[Placements]:
+    if mesh.tp == 1:   # no TP: nothing is split, nothing to warn about
+        return Placements({m.fqn: "replicate" for m in model.modules}, ())
+    sp = recipe.tp.sequence_parallel
+    auto: dict[str, str] = {}
+    errs: list[RecipeError] = []
+    for m in model.modules:
+        s = _auto(model, m, sp)
+        if isinstance(s, RecipeError):
+            errs.append(s)
+        else:
+            auto[m.fqn] = s
+    if errs:
+        return Err(tuple(errs[:1]))   # one unsupported style is enough to say
+    styles = dict(auto)
+    errs = _overrides(recipe, model, styles)
+    errs += [] if errs else _consistency(recipe, model, auto, styles)
+    if errs:
+        return Err(tuple(errs))
+    return Placements(styles, _warnings(recipe, model, mesh, styles))
+
+
+def _warnings(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, styles: Mapping[str, str]) -> tuple[str, ...]:
+    nbytes = DTYPE_BYTES[recipe.model.dtype]
+    out: dict[str, list[int]] = {}
+    for m in model.modules:
+        if styles[m.fqn] == "replicate" and m.numel * nbytes >= WARN_BYTES:
+            out.setdefault(group_name(m.fqn), []).append(m.numel * nbytes)
+    return tuple(
+        f"{g}: replicated on all {mesh.tp} tp ranks ({len(b)} x {b[0] / 1e6:,.1f} MB of {recipe.model.dtype} "
+        f"weights per rank before FSDP; sharded it would be {sum(b) / mesh.tp / 1e6:,.1f} MB)"
+        for g, b in out.items())

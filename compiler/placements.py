@@ -118,7 +118,7 @@ def _consistency(recipe: Recipe, model: ModelSpec, auto: dict[str, str], styles:
         errs.append(RecipeError("tp.plan", f"tied embeddings: {embed} and {head} share one weight, placed "
                                 f"{styles[embed]} and {styles[head]}", "shard both (rowwise embedding + colwise "
                                 "lm_head both split the vocab dim) or replicate both"))
-    return errs
+    return list(dict.fromkeys(errs))   # one error per block group, not one per layer
 
 
 def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> Result[Placements]:

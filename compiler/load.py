@@ -1,0 +1,199 @@
+"""load stage: the only compiler module that reads files.
+
+Recipe YAML is read strictly: duplicate keys are errors (PyYAML silently keeps the last one),
+and `3e-4` is a float (YAML 1.1, which PyYAML implements, needs a dot: `3.0e-4`).
+Merge order for the cluster section: profile file < recipe `cluster:` < `--set`.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from compiler.errors import Err, RecipeError, Result
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+CLUSTERS = ROOT / "clusters"
+
+_FLOAT = re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X)
+
+
+class _DupKey(Exception):
+    def __init__(self, path: str, line: int):
+        self.path, self.line = path, line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader + exponent floats without a dot + duplicate keys rejected."""
+
+
+_StrictLoader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
+                                         for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise _DupKey(str(key), key_node.start_mark.line + 1)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _dup_path(node: yaml.Node, prefix: str = "") -> str | None:
+    """JSON path of the first duplicated key in a composed YAML tree."""
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for k, v in node.value:
+            key = k.value
+            p = f"{prefix}.{key}" if prefix else str(key)
+            if key in seen:
+                return p
+            seen.add(key)
+            found = _dup_path(v, p)
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            found = _dup_path(v, f"{prefix}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def parse_yaml(text: str, source: str) -> Result[dict[str, Any]]:
+    try:
+        d = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _DupKey as e:
+        path = _dup_path(yaml.compose(text, Loader=yaml.SafeLoader)) or e.path
+        return Err((RecipeError(path, f"duplicate key (line {e.line} of {source}); YAML would silently "
+                                "keep only the last value", "remove one of them"),))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return Err((RecipeError("$", f"{source} is not valid YAML{where}: {getattr(e, 'problem', e)}",
+                                "check the indentation and quoting"),))
+    if not isinstance(d, dict):
+        return Err((RecipeError("$", f"{source}: a recipe is a YAML mapping, got {type(d).__name__}",
+                                "start with `name: ...`, `model: ...`"),))
+    return d
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> Result[dict[str, Any]]:
+    """`--set a.b=value`: value parsed as YAML (so `mesh.tp=4` is an int). Returns a new dict."""
+    out = copy.deepcopy(d)
+    errs = []
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not eq or not all(parts):
+            errs.append(RecipeError("--set", f"{item!r} is not KEY=VALUE", "e.g. --set mesh.tp=4"))
+            continue
+        try:
+            value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else None  # noqa: S506
+        except (yaml.YAMLError, _DupKey) as e:
+            errs.append(RecipeError("--set", f"{item!r}: value is not YAML ({e})", "quote strings with '...'"))
+            continue
+        node = out
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                errs.append(RecipeError(".".join(parts[:i + 1]), f"--set {key}: this is a "
+                                        f"{type(nxt).__name__}, not a section", "set the key itself"))
+                break
+            node = nxt
+        else:
+            node[parts[-1]] = value
+    return Err(tuple(errs)) if errs else out
+
+
+def _profile_path(name: str) -> Path:
+    p = Path(name)
+    return p if p.suffix in (".yaml", ".yml") else CLUSTERS / f"{name}.yaml"
+
+
+def apply_cluster_profile(d: dict[str, Any], cli_profile: str | None) -> Result[dict[str, Any]]:
+    """Merge clusters/<profile>.yaml under the recipe's cluster keys (the recipe wins)."""
+    cluster = d.get("cluster") if isinstance(d.get("cluster"), dict) else {}
+    name = cli_profile or cluster.get("profile")
+    if not name:
+        return d
+    path = _profile_path(str(name))
+    if not path.is_file():
+        avail = sorted(p.stem for p in CLUSTERS.glob("*.yaml"))
+        near = difflib.get_close_matches(str(name), avail, n=1)
+        return Err((RecipeError("cluster.profile", f"no cluster profile {name!r} ({path.name} not found)",
+                                f"did you mean {near[0]!r}?" if near else f"available: {', '.join(avail) or 'none'}"),))
+    prof = parse_yaml(path.read_text(), str(path.name))
+    if isinstance(prof, Err):
+        return Err(tuple(RecipeError(f"cluster.profile ({path.name}) {e.path}", e.message, e.hint)
+                         for e in prof.errors))
+    prof.pop("profile", None)
+    out = copy.deepcopy(d)
+    out["cluster"] = {**prof, **cluster, "profile": str(name)}
+    return out
+
+
+def resolve_recipe_path(name_or_path: str) -> Result[Path]:
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    named = RECIPES / f"{name_or_path}.yaml"
+    if named.is_file():
+        return named
+    avail = sorted(x.stem for x in RECIPES.glob("*.yaml"))
+    near = difflib.get_close_matches(name_or_path, avail, n=2, cutoff=0.4)
+    hint = f"did you mean {' or '.join(near)}?" if near else f"recipes: {', '.join(avail)}"
+    return Err((RecipeError("$", f"no recipe {name_or_path!r} (not a file, not recipes/{name_or_path}.yaml)",
+                            hint),))
+
+
+def load_recipe(name_or_path: str, overrides: tuple[str, ...] = (),
+                cluster: str | None = None) -> Result[dict[str, Any]]:
+    path = resolve_recipe_path(name_or_path)
+    if isinstance(path, Err):
+        return path
+    d = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    if isinstance(d, Err):
+        return d
+    d = apply_overrides(d, list(overrides))
+    if isinstance(d, Err):
+        return d
+    return apply_cluster_profile(d, cluster)
+
+
+def read_model_config(ref: str) -> Result[dict[str, Any]]:
+    """model.config: a catalog name, a config.json path, or an HF model folder."""
+    from compiler.model import CATALOG_DIR, catalog_names
+
+    cat = CATALOG_DIR / f"{ref}.json"
+    p = Path(ref)
+    path = cat if cat.is_file() else p / "config.json" if p.is_dir() else p
+    if not path.is_file():
+        near = difflib.get_close_matches(ref, catalog_names(), n=2, cutoff=0.5)
+        return Err((RecipeError("model.config", f"{ref!r} is not a catalog model, a config.json or an HF folder",
+                                f"did you mean {' or '.join(near)}?" if near else
+                                f"catalog: {', '.join(catalog_names())}"),))
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        return Err((RecipeError("model.config", f"{path}: cannot read config.json ({e})", "check the file"),))
+    if not isinstance(cfg, dict):
+        return Err((RecipeError("model.config", f"{path}: config.json is not an object", "check the file"),))
+    return cfg

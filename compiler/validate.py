@@ -1,0 +1,200 @@
+"""validate stage: loaded dict -> Recipe (frozen dataclasses) or Err with EVERY problem.
+
+JSON Schema 2020-12 (compiler/recipe.schema.json) checks shapes and ranges; `iter_errors`
+yields all violations, each reported at its JSON path (`train.betas[1]`, `tp.plan['x']`).
+Unknown keys get a did-you-mean, also across sections (`train.gpus_per_node` ->
+`cluster.gpus_per_node`). A few cross-field rules the schema cannot say follow.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from compiler.errors import Err, RecipeError, Result
+from compiler.recipe import (CheckpointSection, ClusterSection, DataSection, LoraSection, MeshSection,
+                             MixedPrecisionSection, ModelSection, Recipe, TPSection, TrainSection)
+
+SCHEMA_PATH = Path(__file__).with_name("recipe.schema.json")
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+def json_path(parts: Iterable[Any]) -> str:
+    """deque(['train', 'betas', 1]) -> 'train.betas[1]'; keys that are not identifiers -> ['k']."""
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif str(p).isidentifier():
+            out += f".{p}" if out else str(p)
+        else:
+            out += f"[{str(p)!r}]"
+    return out or "$"
+
+
+def _section_schema(path: list[Any]) -> dict[str, Any]:
+    node = schema()
+    for p in path:
+        node = node.get("properties", {}).get(p, {})
+    return node
+
+
+def _all_keys() -> dict[str, str]:
+    """leaf key -> its dotted home, for cross-section hints."""
+    homes: dict[str, str] = {}
+
+    def walk(node, prefix):
+        for k, v in node.get("properties", {}).items():
+            homes.setdefault(k, f"{prefix}{k}")
+            if v.get("type") == "object":
+                walk(v, f"{prefix}{k}.")
+    walk(schema(), "")
+    return homes
+
+
+def _unknown_key_errors(err, path: list[Any]) -> list[RecipeError]:
+    node = _section_schema(path)
+    allowed = sorted(node.get("properties", {}))
+    extra = sorted(set(err.instance) - set(allowed)) if isinstance(err.instance, dict) else []
+    out = []
+    for key in extra:
+        near = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+        home = _all_keys().get(key)
+        if near:
+            hint = f"did you mean {json_path(path + [near[0]])!r}?"
+        elif home:
+            hint = f"{key!r} belongs in {home!r}"
+        else:
+            hint = f"allowed keys: {', '.join(allowed)}"
+        out.append(RecipeError(json_path(path + [key]), "unknown key", hint))
+    return out
+
+
+def _schema_error(err) -> list[RecipeError]:
+    path = list(err.absolute_path)
+    where = json_path(path)
+    v = err.validator
+    if v == "additionalProperties" and path[:2] == ["tp", "plan"]:
+        return [RecipeError(where, f"{err.message}", "styles: colwise, rowwise, sequence_parallel, replicate")]
+    if v == "additionalProperties":
+        return _unknown_key_errors(err, path)
+    if v == "required":
+        missing = err.message.split("'")[1] if "'" in err.message else err.message
+        return [RecipeError(json_path(path + [missing]), "required key is missing",
+                            _section_schema(path + [missing]).get("description", ""))]
+    if v == "enum":
+        near = difflib.get_close_matches(str(err.instance), [str(x) for x in err.validator_value], n=1)
+        hint = f"did you mean {near[0]!r}?" if near else \
+            f"one of: {', '.join(str(x) for x in err.validator_value)}"
+        return [RecipeError(where, f"{err.instance!r} is not allowed", hint)]
+    if v == "anyOf" and path[:2] == ["tp", "plan"]:
+        return [RecipeError(where, f"{err.instance!r} is not a plan",
+                            "use 'auto' or a mapping {module pattern: colwise|rowwise|sequence_parallel|replicate}")]
+    desc = _section_schema(path).get("description", "") if all(isinstance(p, str) for p in path) else ""
+    return [RecipeError(where, err.message, desc)]
+
+
+def schema_errors(d: Mapping[str, Any]) -> list[RecipeError]:
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(schema())
+    out: list[RecipeError] = []
+    for err in validator.iter_errors(d):
+        # anyOf/oneOf wrap their sub-errors; report the most specific ones for tp.plan mappings
+        if err.validator == "anyOf" and isinstance(err.instance, dict) and err.context:
+            for sub in err.context:
+                if sub.validator != "type" and sub.validator != "const":
+                    out.extend(_schema_error(sub))
+            continue
+        out.extend(_schema_error(err))
+    uniq = {(e.path, e.message): e for e in out}
+    return sorted(uniq.values(), key=lambda e: (e.path, e.message))
+
+
+def _defaults(node: dict[str, Any], value: Any) -> Any:
+    """Fill schema defaults, recursively, into a copy of value."""
+    if node.get("type") != "object" or not isinstance(value, dict):
+        return value
+    out = dict(value)
+    for k, sub in node.get("properties", {}).items():
+        if k in out:
+            out[k] = _defaults(sub, out[k])
+        elif "default" in sub:
+            out[k] = sub["default"]
+        elif sub.get("type") == "object":
+            out[k] = _defaults(sub, {})
+    return out
+
+
+def _cross_field(d: dict[str, Any]) -> list[RecipeError]:
+    errs = []
+    data, train = d["data"], d["train"]
+    if data["source"] in ("text", "jsonl"):
+        for key in ("path", "tokenizer"):
+            if not data.get(key):
+                errs.append(RecipeError(f"data.{key}", f"required when data.source is {data['source']!r}",
+                                        "give a file/folder path (relative to where the job is launched), "
+                                        "or use data.source: synthetic"))
+    if train["min_lr"] > train["lr"]:
+        errs.append(RecipeError("train.min_lr", f"{train['min_lr']} is above train.lr={train['lr']}",
+                                "min_lr is the floor the schedule decays to; set it <= lr"))
+    if train["warmup_steps"] > train["steps"]:
+        errs.append(RecipeError("train.warmup_steps", f"{train['warmup_steps']} exceeds train.steps={train['steps']}",
+                                "warm up over a fraction of the run (e.g. 1-5%)"))
+    return errs
+
+
+def _build(d: dict[str, Any]) -> Recipe:
+    m, me, tp, c, t, da, ck, lo = (d[k] for k in ("model", "mesh", "tp", "cluster", "train", "data",
+                                                  "checkpoint", "lora"))
+    weights = m.get("weights")
+    plan = tp["plan"] if tp["plan"] == "auto" else dict(sorted(tp["plan"].items()))
+    return Recipe(
+        name=d["name"],
+        model=ModelSection(m["config"], None if weights in (None, "none") else weights, m["dtype"]),
+        mesh=MeshSection(me["dp_replicate"], me["dp_shard"], me["cp"], me["tp"], me["allow_cross_node_tp"]),
+        tp=TPSection(tp["sequence_parallel"], tp["loss_parallel"], plan),
+        cluster=ClusterSection(c["profile"], c["nodes"], c["gpus_per_node"], float(c["gpu_memory_gb"]),
+                               c["device"], c["partition"], c["account"], c["qos"], c["constraint"],
+                               str(c["time"]), c["cpus_per_task"], None if c["mem"] is None else str(c["mem"]),
+                               c["env_setup"], tuple(c["env_pass"]), c["max_restarts"],
+                               c["signal_seconds"], c["requeue"]),
+        train=TrainSection(t["seq_len"], t["micro_batch_size"], t["global_batch_size"], t["grad_accum"],
+                           t["steps"], float(t["lr"]), float(t["min_lr"]), t["warmup_steps"],
+                           t["lr_schedule"], float(t["weight_decay"]), (float(t["betas"][0]), float(t["betas"][1])),
+                           float(t["eps"]), float(t["grad_clip"]), t["seed"],
+                           MixedPrecisionSection(t["mixed_precision"]["param_dtype"],
+                                                 t["mixed_precision"]["reduce_dtype"]),
+                           t["activation_checkpointing"], t["compile"], t["log_every"]),
+        data=DataSection(da["source"], da["path"], da["tokenizer"], da["text_field"]),
+        checkpoint=CheckpointSection(ck["dir"], ck["every_steps"], ck["keep"], str(ck["resume"]),
+                                     ck["save_on_exit"]),
+        lora=LoraSection(lo["rank"], float(lo["alpha"]), float(lo["dropout"]), tuple(lo["targets"])),
+        run_dir=d.get("run_dir") or f"runs/{d['name']}",
+    )
+
+
+def validate(d: Mapping[str, Any]) -> Result[Recipe]:
+    errs = schema_errors(d)
+    if errs:
+        return Err(tuple(errs))
+    full = _defaults(schema(), dict(d))
+    errs = _cross_field(full)
+    if errs:
+        return Err(tuple(errs))
+    return _build(full)
+
+
+def format_errors(errors: Iterable[RecipeError]) -> str:
+    lines = []
+    for e in errors:
+        lines.append(f"  {e.path}: {e.message}")
+        if e.hint:
+            lines.append(f"      fix: {e.hint}")
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""bundle: deterministic bytes, no machine facts inside, atomic writes, manifest."""
+import getpass
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from compiler.bundle import write_bundle
+from compiler.errors import Err
+from compiler.pipeline import compile_recipe
+from tests.helpers import ROOT
+
+RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+
+
+def bundle_of(name: str):
+    p = ROOT / "recipes" / f"{name}.yaml"
+    b = compile_recipe(p.read_text(), source=str(p))
+    assert not isinstance(b, Err), b
+    return b
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_compiles_and_is_byte_identical(name, tmp_path):
+    a, b = bundle_of(name), bundle_of(name)
+    assert a.files == b.files
+    write_bundle(a.files, tmp_path / "one")
+    write_bundle(b.files, tmp_path / "two")
+    for rel in a.files:
+        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes()
+    assert {"job.sbatch", "launch.sh", "plan.json", "recipe.yaml", "PLAN.md", "MANIFEST.sha256",
+            "runtime/plan.py"} <= set(a.files)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_no_absolute_paths_users_or_timestamps(name):
+    files = bundle_of(name).files
+    user = getpass.getuser()
+    for rel, data in files.items():
+        text = data.decode()
+        assert str(ROOT) not in text, rel
+        assert "/home/" not in text and "/root" not in text and "/tmp/" not in text, rel
+        if len(user) > 3:
+            assert user not in text, rel
+        assert not re.search(r"20\d\d-\d\d-\d\d[T ]\d\d:\d\d", text), rel
+
+
+def test_manifest_lists_every_file_with_its_sha256():
+    files = bundle_of("tiny_cpu").files
+    lines = files["MANIFEST.sha256"].decode().splitlines()
+    listed = dict(reversed(line.split("  ", 1)) for line in lines)
+    assert set(listed) == set(files) - {"MANIFEST.sha256"}
+    for rel, digest in listed.items():
+        assert hashlib.sha256(files[rel]).hexdigest() == digest
+
+
+def test_bundle_carries_the_runtime_source():
+    files = bundle_of("tiny_cpu").files
+    for p in (ROOT / "runtime").glob("*.py"):
+        assert files[f"runtime/{p.name}"] == p.read_bytes()
+
+
+def test_failed_write_leaves_the_previous_bundle(tmp_path):
+    out = tmp_path / "out"
+    write_bundle({"a.txt": b"old"}, out)
+    with pytest.raises(TypeError):
+        write_bundle({"a.txt": b"new", "b.txt": None}, out)      # fails half-way
+    assert (out / "a.txt").read_bytes() == b"old" and not (out / "b.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]          # no temp dir left behind
+
+
+def test_launch_scripts_are_executable(tmp_path):
+    out = write_bundle(bundle_of("tiny_cpu").files, tmp_path / "b")
+    assert os.access(out / "launch.sh", os.X_OK)
+    assert not os.access(out / "plan.json", os.X_OK)
+
+
+def test_runtime_plan_roundtrip():
+    from runtime.plan import from_dict, dumps
+    import json
+    files = bundle_of("70b_hsdp_tp").files
+    plan = from_dict(json.loads(files["plan.json"]))
+    assert dumps(plan).encode() == files["plan.json"]
+    assert plan.mesh.world == 64 and plan.train.grad_accum == 8
+    assert len(plan.tp.placements) == 80 * 9 + 3

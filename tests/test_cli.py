@@ -1,0 +1,62 @@
+"""The CLI as users run it: exit codes, all errors with their paths, no traceback."""
+import json
+import subprocess
+import sys
+import time
+
+from tests.helpers import ROOT, recipe_text
+
+
+def meshbake(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "compiler", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_check_reports_three_schema_mistakes_and_exits_2(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(recipe_text().replace("seq_len: 4096", "seq_len: 4096\n  sequence_len: 4096")
+                 + "checkpoint:\n  keep: -1\ndata:\n  source: parquet\n")
+    r = meshbake("check", str(p))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    for path in ("train.sequence_len", "checkpoint.keep", "data.source"):
+        assert f"{path}:" in r.stderr, r.stderr
+    assert "did you mean" in r.stderr
+
+
+def test_check_reports_three_mesh_mistakes_and_exits_2(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(recipe_text(mesh={"dp_shard": 2, "tp": 8}, cluster={"nodes": 2, "gpus_per_node": 8},
+                             tp={"sequence_parallel": True}, train={"seq_len": 4100, "global_batch_size": 3}))
+    r = meshbake("check", str(p))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    for path in ("train.seq_len", "train.global_batch_size"):
+        assert f"{path}:" in r.stderr, r.stderr
+
+
+def test_check_ok_by_name():
+    r = meshbake("check", "70b_hsdp_tp")
+    assert r.returncode == 0, r.stderr
+    assert "70b_hsdp_tp" in r.stdout
+
+
+def test_plan_json_and_set_override():
+    r = meshbake("plan", "8b_tp", "--json", "--set", "mesh.tp=4", "--set", "mesh.dp_shard=2")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["mesh"]["tp"] == 4 and plan["mesh"]["dp_shard"] == 2 and plan["mesh"]["world"] == 8
+    assert plan["train"]["grad_accum"] == 16 // 2
+
+
+def test_bundle_writes_out_dir(tmp_path):
+    t = time.perf_counter()
+    r = meshbake("bundle", "70b_hsdp_tp", "-o", str(tmp_path / "out"))
+    elapsed = time.perf_counter() - t
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "job.sbatch").is_file() and (tmp_path / "out" / "PLAN.md").is_file()
+    print(f"cold bundle of 70b_hsdp_tp: {elapsed:.2f} s")
+
+
+def test_unknown_recipe_name_is_a_clean_error():
+    r = meshbake("check", "70b_hsdp")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "70b_hsdp_tp" in r.stderr        # did-you-mean

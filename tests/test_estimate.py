@@ -1,0 +1,46 @@
+"""estimate stage: per-rank bytes from placements and sharding; over budget is an error."""
+from compiler.errors import Err
+
+from tests.helpers import paths, recipe_text, resolve
+
+N70 = 70_553_706_496
+
+
+def test_70b_full_finetune_on_one_node_is_refused_naming_optimizer():
+    r = resolve(recipe_text(model={"config": "llama-3.1-70b"}, mesh={"dp_shard": 4, "tp": 2},
+                            train={"seq_len": 4096, "global_batch_size": 8}))
+    assert isinstance(r, Err) and paths(r) == ["cluster.gpu_memory_gb"]
+    e = r.errors[0]
+    assert "optimizer" in e.message and "LoRA" in e.hint
+    # 70.6e9 x 16 B / 8 = 141 GB of state alone
+    assert float(e.message.split("estimated ")[1].split(" GB")[0]) > 141
+
+
+def test_state_bytes_follow_the_sharding():
+    r = resolve(recipe_text(model={"config": "llama-3.1-70b"}, mesh={"dp_shard": 16, "tp": 2},
+                            cluster={"nodes": 4, "gpus_per_node": 8, "gpu_memory_gb": 80},
+                            train={"seq_len": 4096, "global_batch_size": 16, "activation_checkpointing": "full"}))
+    assert not isinstance(r, Err), r
+    e = r.estimate
+    # everything but 2 x 80 + 1 norms (8192 each, replicated over tp) is split over 32 ranks
+    norms = (2 * 80 + 1) * 8192
+    assert e.params_per_rank == -(-((N70 - norms) // 2 + norms) // 16)
+    assert e.params_bytes == e.params_per_rank * 4 and e.optimizer_bytes == 2 * e.params_bytes
+    assert abs(e.params_bytes + e.grads_bytes + e.optimizer_bytes - N70 * 16 / 32) / (N70 * 16 / 32) < 0.001
+
+
+def test_lora_has_no_optimizer_state_for_the_base():
+    r = resolve(recipe_text(model={"config": "llama-3.1-70b", "dtype": "bfloat16"}, mesh={"dp_shard": 4, "tp": 2},
+                            lora={"rank": 16}, train={"seq_len": 4096, "global_batch_size": 8,
+                                                      "activation_checkpointing": "full"}))
+    assert not isinstance(r, Err), r
+    e = r.estimate
+    assert e.trainable_total == 80 * 16 * ((8192 + 8192) * 2 + (8192 + 1024) * 2)   # q,o + k,v adapters
+    assert e.optimizer_bytes < 0.01 * e.params_bytes
+
+
+def test_full_activation_checkpointing_lowers_activations():
+    text = recipe_text(tp={"sequence_parallel": True})
+    none = resolve(text)
+    full = resolve(text, "train.activation_checkpointing=full")
+    assert full.estimate.activations_bytes < none.estimate.activations_bytes / 5

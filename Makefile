@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(VENV)/bin/meshbake bundle tiny_cpu -o $(OUT)
-	bash $(OUT)/launch.sh
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash $(OUT)/launch.sh
 
 bundle: install
 	$(VENV)/bin/meshbake bundle $(RECIPE) -o $(OUT)

@@ -1,0 +1,1 @@
+"""meshbake runtime: the training program copied into every bundle (torch + transformers only)."""

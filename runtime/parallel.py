@@ -1,0 +1,261 @@
+"""Build the model and parallelize it exactly as plan.json says.
+
+Order (torchtitan's): meta model -> TP (parallelize_module with the plan's placements) ->
+activation checkpointing -> torch.compile per block -> FSDP2 fully_shard per block, then the
+root -> materialize (to_empty) -> weights: deterministic init or the user's safetensors.
+
+Weights are produced FULL, one tensor at a time, and every rank keeps its own slice
+(`distribute_tensor(..., src_data_rank=None)` slices locally, no communication). So a run
+on any mesh starts from bit-identical weights, which is what the parity tests rely on; the
+peak extra memory is one full tensor (the 70B embedding: 128256 x 8192 x 4 B = 4.2 GB).
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from runtime.plan import Plan
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+
+def hf_config(config: dict[str, Any]):
+    from transformers import AutoConfig
+
+    cfg = dict(config)
+    model_type = cfg.pop("model_type")
+    for k in ("architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype"):
+        cfg.pop(k, None)
+    return AutoConfig.for_model(model_type, **cfg)
+
+
+def meta_model(plan: Plan) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    cfg = hf_config(plan.model.config)
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[plan.train.dtype])
+    model.config.use_cache = False
+    return model
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    return list(model.model.layers)
+
+
+def _fqn_of(model: nn.Module, target: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is target)
+
+
+# ---------------------------------------------------------------------------------------- TP
+def tp_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
+    """plan.json placements -> {fqn: ParallelStyle}. Shapes below for one decoder block, B x T
+    tokens, tp ranks: with sequence parallel the residual stream between blocks is a DTensor
+    Shard(1) (B, T/tp, H), kept as a DTensor (use_local_output=False) so HF derives positions
+    and the causal mask from the global T; each block gathers it to (B, T, H) on entry."""
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel)
+
+    sp, lp = plan.tp.sequence_parallel, plan.tp.loss_parallel
+    head = _fqn_of(model, model.get_output_embeddings())
+    resid = Shard(1) if sp else Replicate()
+    styles: dict[str, Any] = {}
+    for fqn, style in plan.tp.placements.items():
+        mod = model.get_submodule(fqn)
+        if style == "replicate":
+            continue
+        if isinstance(mod, nn.Embedding):          # vocab-sharded table, partial sums reduced (-scattered)
+            styles[fqn] = RowwiseParallel(input_layouts=Replicate(), output_layouts=resid, use_local_output=not sp)
+        elif fqn == head:                          # logits (B, T, V/tp) stay sharded for loss parallel
+            styles[fqn] = ColwiseParallel(input_layouts=resid, output_layouts=Shard(-1) if lp else Replicate(),
+                                          use_local_output=not lp)
+        elif style == "colwise":
+            styles[fqn] = ColwiseParallel()
+        elif style == "rowwise":
+            styles[fqn] = RowwiseParallel(output_layouts=resid, use_local_output=not sp)
+        elif style == "sequence_parallel":
+            styles[fqn] = SequenceParallel()
+    if sp:
+        for layer in decoder_layers(model):
+            name = _fqn_of(model, layer)
+            # HF calls self_attn(hidden_states=...) by keyword and mlp(x) positionally
+            styles[f"{name}.self_attn"] = PrepareModuleInput(
+                input_kwarg_layouts={"hidden_states": Shard(1)},
+                desired_input_kwarg_layouts={"hidden_states": Replicate()}, use_local_output=True)
+            styles[f"{name}.mlp"] = PrepareModuleInput(input_layouts=(Shard(1),),
+                                                       desired_input_layouts=(Replicate(),), use_local_output=True)
+    return styles
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: Plan) -> None:
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    tied = plan.model.tie_word_embeddings
+    parallelize_module(model, tp_mesh, tp_plan(model, plan))
+    if tied:
+        # distribute_module gave embed_tokens and lm_head separate DTensor parameters; both
+        # are Shard(0) over the vocab (rowwise table, colwise head), so one parameter serves
+        # both again: one weight, one gradient, exactly as in the unsharded model
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if type(emb.weight) is not type(head.weight) or (
+                isinstance(emb.weight, DTensor) and emb.weight.placements != head.weight.placements):
+            raise RuntimeError("tied embeddings need the same placement on embed_tokens and lm_head")
+        head.weight = emb.weight
+
+
+# --------------------------------------------------------------------- AC, compile, FSDP2
+def apply_ac(model: nn.Module, mode: str) -> None:
+    """full: recompute each decoder block in backward. selective: recompute all but the
+    matmul/attention outputs (op-level SAC, torchtitan's policy): most of the memory saving of
+    full at a fraction of the recompute."""
+    if mode == "none":
+        return
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if mode == "selective":
+        from functools import partial
+
+        from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+        save = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                torch.ops.aten._scaled_dot_product_efficient_attention.default,
+                torch.ops.aten._scaled_dot_product_flash_attention.default,
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+        def policy(ctx, op, *args, **kw):
+            return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, policy)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def apply_compile(model: nn.Module) -> None:
+    for layer in decoder_layers(model):   # per block: same graph for every layer, compiled once
+        layer.compile()
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, plan: Plan) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = plan.train.mixed_precision
+    master = DTYPES[plan.train.dtype]
+    param, reduce = DTYPES[mp.param_dtype], DTYPES[mp.reduce_dtype]
+    policy = MixedPrecisionPolicy(param_dtype=None if param == master else param,
+                                  reduce_dtype=None if reduce == master else reduce)
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        # the last block's params are needed again at once by backward: keep them gathered
+        fully_shard(layer, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=i < len(layers) - 1)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy)   # root: embeddings, final norm, lm_head
+
+
+# ---------------------------------------------------------------------------------- weights
+def init_tensor(name: str, shape: torch.Size, seed: int, std: float) -> torch.Tensor:
+    """The full value of parameter `name`: independent of mesh, rank and creation order."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=g) * std
+
+
+def set_full(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's slice of a full tensor into a (possibly sharded) parameter."""
+    with torch.no_grad():
+        if isinstance(param, DTensor):
+            local = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                      src_data_rank=None).to_local()
+            param.to_local().copy_(local)
+        else:
+            param.copy_(full)
+
+
+def init_weights(model: nn.Module, seed: int) -> None:
+    std = getattr(model.config, "initializer_range", 0.02)
+    for name, p in model.named_parameters():      # a tied weight appears once
+        set_full(p, init_tensor(name, p.shape, seed, std))
+    _reset_rotary(model)
+
+
+def _reset_rotary(model: nn.Module) -> None:
+    """Rotary inv_freq is a non-persistent buffer: to_empty left garbage, no checkpoint has it."""
+    for m in model.modules():
+        if isinstance(getattr(m, "inv_freq", None), torch.Tensor) and hasattr(m, "config"):
+            with torch.device("cpu"):
+                fresh = type(m)(m.config)      # recomputes inv_freq from the config
+            for name, buf in fresh.named_buffers(recurse=False):
+                getattr(m, name).copy_(buf)
+
+
+def safetensors_index(folder: str) -> dict[str, Path]:
+    root = Path(folder)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: root / v for k, v in weight_map.items()}
+    from safetensors import safe_open
+
+    out: dict[str, Path] = {}
+    for f in sorted(root.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            out.update({k: f for k in st.keys()})
+    if not out:
+        raise FileNotFoundError(f"model.weights: no *.safetensors in {folder}")
+    return out
+
+
+def iter_full_weights(folder: str, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    index = safetensors_index(folder)
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise KeyError(f"model.weights {folder}: missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
+    by_file: dict[Path, list[str]] = {}
+    for n in names:
+        by_file.setdefault(index[n], []).append(n)
+    for f, keys in by_file.items():
+        with safe_open(str(f), framework="pt") as st:
+            for k in keys:
+                yield k, st.get_tensor(k)
+
+
+def load_weights(model: nn.Module, folder: str) -> None:
+    params = dict(model.named_parameters())
+    for name, full in iter_full_weights(folder, list(params)):
+        set_full(params[name], full)
+    _reset_rotary(model)
+
+
+def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> nn.Module:
+    model = meta_model(plan)
+    if plan.mesh.cp > 1:
+        raise NotImplementedError("context parallel (mesh.cp > 1) is resolved by the compiler but not yet "
+                                  "executed by this runtime")
+    if plan.lora.rank > 0:
+        raise NotImplementedError("LoRA (lora.rank > 0) is resolved by the compiler but not yet executed "
+                                  "by this runtime")
+    if plan.mesh.tp > 1:
+        apply_tp(model, mesh["tp"], plan)
+    apply_ac(model, plan.train.activation_checkpointing)
+    if plan.train.compile:
+        apply_compile(model)
+    # FSDP shards over dp_shard (x cp); HSDP adds the dp_replicate dim (all-reduce across replicas)
+    dp_mesh = mesh["dp_replicate", "dp_shard"] if plan.mesh.dp_replicate > 1 else mesh["dp_shard"]
+    apply_fsdp(model, dp_mesh, plan)
+    model.to_empty(device=device)
+    if plan.model.weights:
+        load_weights(model, plan.model.weights)
+    else:
+        init_weights(model, plan.train.seed)
+    model.train()
+    return model

@@ -1,0 +1,268 @@
+"""The training program of every bundle:  python -m runtime.train PLAN_JSON [--run-dir DIR]
+
+Started by torchrun (launch.sh). Per process: process group -> device mesh from plan.json ->
+model built and parallelized (runtime/parallel.py) -> AdamW + warmup/decay -> steps with
+gradient accumulation, per-mesh gradient clipping, metrics -> DCP checkpoints. SIGUSR1 or
+SIGTERM: finish the step, save, write <run_dir>/PREEMPTED, exit 0 (job.sbatch requeues).
+Imports torch, transformers and the stdlib only (never the compiler).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from runtime import checkpoint as ckpt
+from runtime.data import TokenData
+from runtime.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_bytes
+from runtime.parallel import build
+from runtime.plan import MESH_DIMS, Plan, load_plan
+
+
+# the per-mesh grad norm reduces a 2-D (dp_shard, tp) partial in two all-reduces; torch warns
+# about it once per rank per step, which drowns the console on CPU. It is correct, just 2 ops.
+logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+
+
+# ------------------------------------------------------------------------- process group
+def init_distributed(backend: str) -> None:
+    """torchrun env -> process group. The store is the agent's TCPStore, prefixed by the
+    restart count: after a rank dies and torchrun restarts the group, the new workers must
+    not read the dead workers' gloo addresses still in the store (notes/torch-cpu.md)."""
+    if dist.is_initialized():
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=__import__("datetime").timedelta(minutes=10))
+    prefix = f"meshbake/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    kw = {"device_id": torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))} if backend == "nccl" else {}
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world, **kw)
+
+
+def device_for(plan: Plan) -> torch.device:
+    if plan.mesh.device == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+        return dev
+    return torch.device("cpu")
+
+
+def world_mesh(plan: Plan) -> DeviceMesh:
+    """(dp_replicate, dp_shard, cp, tp), tp innermost: tp groups are consecutive ranks."""
+    if dist.get_world_size() != plan.mesh.world:
+        raise RuntimeError(f"plan.json is for world {plan.mesh.world} {plan.mesh.shape}, torchrun started "
+                           f"{dist.get_world_size()} processes")
+    return init_device_mesh(plan.mesh.device, plan.mesh.shape, mesh_dim_names=MESH_DIMS)
+
+
+# ----------------------------------------------------------------------------- optimizer
+def lr_factor(i: int, plan: Plan) -> float:
+    """Multiplier of train.lr at optimizer step i (0-based): linear warmup to lr, then
+    cosine / linear decay to min_lr at the last step, or constant."""
+    t = plan.train
+    if i < t.warmup_steps:
+        return (i + 1) / t.warmup_steps
+    if t.lr_schedule == "constant" or t.steps <= t.warmup_steps:
+        return 1.0
+    progress = min(1.0, (i - t.warmup_steps) / max(1, t.steps - t.warmup_steps - 1))
+    floor = t.min_lr / t.lr
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.lr_schedule == "cosine" else 1 - progress
+    return floor + (1 - floor) * shape
+
+
+def build_optimizer(model: torch.nn.Module, plan: Plan):
+    """AdamW; no weight decay on 1-D params (norms, biases). Params are grouped by their
+    device mesh too: foreach kernels need one mesh per list (2-D TP+FSDP params beside 1-D
+    FSDP-only ones when sequence parallel is off)."""
+    t = plan.train
+    groups: dict[tuple, list] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            mesh = p.device_mesh if isinstance(p, DTensor) else None
+            key = (str(mesh.mesh.tolist()) + str(mesh.mesh_dim_names) if mesh is not None else "", p.ndim >= 2)
+            groups.setdefault(key, []).append(p)
+    param_groups = [{"params": ps, "weight_decay": t.weight_decay if decay else 0.0}
+                    for (_, decay), ps in sorted(groups.items())]
+    opt = torch.optim.AdamW(param_groups, lr=t.lr, betas=t.betas, eps=t.eps, foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, plan))
+    return opt, sched
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Total L2 norm over all grads, whatever mesh they live on: norm per mesh group (a
+    DTensor reduction inside the group), combined as sqrt(sum n_g^2), then scaled per group.
+    clip_grad_norm_ over params on two meshes fails (aten.stack needs one mesh)."""
+    by_mesh: dict[object, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_mesh.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
+    sq = torch.zeros((), dtype=torch.float64)
+    for ps in by_mesh.values():
+        n = torch.nn.utils.get_total_norm([p.grad for p in ps], 2.0)
+        n = n.full_tensor() if isinstance(n, DTensor) else n
+        sq = sq + n.double().cpu() ** 2
+    total = sq.sqrt()
+    if max_norm > 0:
+        for ps in by_mesh.values():
+            torch.nn.utils.clip_grads_with_norm_(ps, max_norm, total.to(ps[0].grad.device, torch.float32))
+    return total
+
+
+# --------------------------------------------------------------------------------- faults
+@dataclass
+class Signals:
+    """SIGUSR1 (Slurm's pre-timeout signal) / SIGTERM (preemption): stop after this step."""
+    received: list[int] = field(default_factory=list)
+
+    def install(self) -> None:
+        for s in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(s, lambda signum, frame: self.received.append(signum))
+
+
+def fault_hook(where: str, step: int) -> None:
+    """Test hook, inert unless MESHBAKE_FAULT='<where>:<rank>:<step>' (e.g. 'step:1:6', 'save:2:4')
+    and this is the first attempt: the rank os._exit(17)s, like a node dying."""
+    spec = os.environ.get("MESHBAKE_FAULT")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    w, r, s = spec.split(":")
+    if w == where and int(r) == dist.get_rank() and int(s) == step:
+        print(f"meshbake: MESHBAKE_FAULT {spec}: rank {r} exits", file=sys.stderr, flush=True)
+        os._exit(17)
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class Result:
+    losses: dict[int, float]          # optimizer step (1-based) -> global mean loss
+    grad_norms: dict[int, float]
+    preempted: bool
+    model: torch.nn.Module
+    mesh: DeviceMesh
+
+
+def forward_loss(model, x, y, lp: bool) -> torch.Tensor:
+    logits = model(input_ids=x, use_cache=False).logits              # (B, T, V[/tp])
+    with loss_parallel() if lp else nullcontext():
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(0, 1))
+
+
+def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
+    device = device_for(plan)
+    mesh = world_mesh(plan)
+    rank = dist.get_rank()
+    run_dir.mkdir(parents=True, exist_ok=True) if rank == 0 else None
+    dist.barrier()
+    log = MetricsLog(run_dir, enabled=rank == 0)
+    torch.manual_seed(plan.train.seed)
+    model = build(plan, mesh, device)
+    opt, sched = build_optimizer(model, plan)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lp = plan.tp.loss_parallel and plan.mesh.tp > 1
+    # ranks that see different batches: dp = dp_replicate x dp_shard (row-major coordinate)
+    dp_rank = mesh["dp_replicate"].get_local_rank() * plan.mesh.dp_shard + mesh["dp_shard"].get_local_rank()
+    data = TokenData(plan.data, plan.train, dp=plan.mesh.dp)
+    root = ckpt.ckpt_root(run_dir, plan.checkpoint.dir)
+
+    start = 0
+    (run_dir / "PREEMPTED").unlink(missing_ok=True) if rank == 0 else None
+    resume = ckpt.find_resume(root, plan.checkpoint.resume, log.info)
+    if resume is not None:
+        state = ckpt.load(resume, model, opt)
+        sched.load_state_dict(state["scheduler"])
+        start = state["step"]
+        log.info(f"resumed from {resume.name} (saved on world {state['world']}), continuing at step {start + 1}")
+    tokens_per_step = plan.train.global_batch_size * plan.train.seq_len
+    fpt, peak = flops_per_token(plan), peak_flops(device)
+    log.info(f"{plan.name}: world {plan.mesh.world} mesh {dict(zip(MESH_DIMS, plan.mesh.shape))}, "
+             f"{plan.model.num_params:,} params, {plan.train.steps} steps x {tokens_per_step:,} tokens")
+    res = Result({}, {}, False, model, mesh)
+    saved_at = start
+    for step in range(start, plan.train.steps):
+        fault_hook("step", step + 1)
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for micro in range(plan.train.grad_accum):
+            last = micro == plan.train.grad_accum - 1
+            model.set_requires_gradient_sync(last)       # reduce-scatter once, on the last micro-step
+            x, y = (t.to(device) for t in data.micro_batch(step, micro, dp_rank))
+            loss = forward_loss(model, x, y, lp)
+            with loss_parallel() if lp else nullcontext():
+                (loss / plan.train.grad_accum).backward()
+            loss_sum += (loss.full_tensor() if isinstance(loss, DTensor) else loss).detach().double().cpu()
+        gnorm = clip_grad_norm(params, plan.train.grad_clip)
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        # one all-reduce over the world: [loss, stop]. The loss is the same on the tp ranks of a
+        # dp x cp coordinate, so world-sum / world = the mean over dp x cp; any stop flag stops all
+        stats = torch.tensor([loss_sum.item() / plan.train.grad_accum,
+                              float(bool(signals and signals.received))], dtype=torch.float64)
+        dist.all_reduce(stats)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        n = step + 1
+        loss_val = stats[0].item() / plan.mesh.world
+        res.losses[n], res.grad_norms[n] = loss_val, float(gnorm)
+        if n % plan.train.log_every == 0 or n == plan.train.steps:
+            tps = tokens_per_step / dt
+            log.step({"step": n, "loss": loss_val, "lr": lr, "grad_norm": float(gnorm), "step_time_s": dt,
+                      "tokens_per_s": tps, "tokens_per_s_per_device": tps / plan.mesh.world,
+                      "mfu": (fpt * tps / plan.mesh.world / peak) if peak else None,
+                      "peak_mem_bytes": peak_memory_bytes(device)})
+        stop = stats[1].item() > 0
+        every = plan.checkpoint.every_steps
+        if (every and n % every == 0) or (stop and plan.checkpoint.save_on_exit) or (
+                n == plan.train.steps and plan.checkpoint.save_on_exit and every):
+            if saved_at != n:
+                path = ckpt.save(root, n, model, opt, {"step": n, "scheduler": sched.state_dict()},
+                                 plan.checkpoint.keep, lambda where: fault_hook(where, n))
+                saved_at = n
+                log.info(f"checkpoint {path.name} committed")
+        if stop:
+            if rank == 0:
+                (run_dir / "PREEMPTED").write_text(f"{n}\n")
+            log.info(f"stop signal: saved at step {n}, exiting for requeue")
+            res.preempted = True
+            break
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime.train", description=__doc__.splitlines()[0])
+    ap.add_argument("plan")
+    ap.add_argument("--run-dir", default=None, help="default: $MESHBAKE_RUN_DIR, else plan.run_dir (relative to cwd)")
+    args = ap.parse_args(argv)
+    signals = Signals()
+    signals.install()
+    plan = load_plan(args.plan)
+    run_dir = Path(args.run_dir or os.environ.get("MESHBAKE_RUN_DIR") or plan.run_dir)
+    init_distributed(plan.mesh.backend)
+    try:
+        if dist.get_rank() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "plan.json").write_text(Path(args.plan).read_text())
+        run(plan, run_dir, signals)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

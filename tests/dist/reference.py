@@ -1,0 +1,57 @@
+"""The single-process reference: plain HF model, plain AdamW, plain clip_grad_norm_, the
+whole global batch in one forward. Shares with the runtime only the *definition* of the
+experiment (init values per parameter name, the token stream, the LR schedule)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from runtime import plan as P
+from runtime.data import TokenData
+from runtime.parallel import DTYPES, hf_config, init_tensor, iter_full_weights
+from runtime.train import lr_factor
+
+
+def hf_model(plan: P.Plan) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    cfg = hf_config(plan.model.config)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[plan.train.dtype])
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        if plan.model.weights:
+            for name, full in iter_full_weights(plan.model.weights, list(params)):
+                params[name].copy_(full)
+        else:
+            std = cfg.initializer_range
+            for name, p in params.items():
+                p.copy_(init_tensor(name, p.shape, plan.train.seed, std))
+    return model
+
+
+def reference_losses(plan: P.Plan) -> tuple[dict[int, float], dict[int, float]]:
+    t = plan.train
+    model = hf_model(plan)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=t.betas, eps=t.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, plan))
+    data = TokenData(plan.data, t, dp=1)
+    losses, norms = {}, {}
+    for step in range(t.steps):
+        x = data.global_batch_tokens(step)                       # (G, T+1): every rank's samples
+        logits = model(input_ids=x[:, :-1], use_cache=False).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(0, 1))
+        loss.backward()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(model.parameters(), t.grad_clip, norm)
+        norms[step + 1] = float(norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses[step + 1] = loss.item()
+    return losses, norms

@@ -71,6 +71,9 @@ def cases_world2(weights: str) -> list[dict]:
     c = [("tp2_sp_lp", dict(tp=2, sp=True, lp=True)), ("tp2", dict(tp=2)),
          ("compile_tp2_sp_lp", dict(tp=2, sp=True, lp=True, compile_=True))]
     out = [{"name": n, "kind": "train", "plan": plan_dict(n, 2, **kw)} for n, kw in c]
+    exp = plan_dict("export_tp2", 2, tp=2, sp=True, lp=True, model="tiny-qwen")   # tied: the hard case
+    exp["checkpoint"].update(every_steps=STEPS, keep=1)
+    out.append({"name": "export_tp2", "kind": "train", "plan": exp, "keep_run": True, "input": INPUT})
     logits = plan_dict("logits2", 2, tp=2)
     logits["model"]["weights"] = weights
     out.append({"name": "logits2", "kind": "logits", "plan": logits, "input": INPUT})
@@ -155,6 +158,10 @@ def test_tied_embeddings_stay_one_parameter(results):
         assert tied["same_param"] and not tied["lm_head_listed"], tied
 
 
+def test_compile_really_compiled(results):
+    assert results["compile_tp2_sp_lp"]["compiled"] and not results["tp2_sp_lp"]["compiled"]
+
+
 def test_activation_checkpointing_same_loss(results):
     base = results["dp_shard2_tp2_sp_lp"]["losses"]
     for name in ("ac_full", "ac_selective"):
@@ -181,3 +188,20 @@ def test_weights_from_disk_match_hf_forward(results, weights, name):
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert not math.isnan(float(got.abs().max()))
+
+
+def test_export_gives_hf_folder_with_the_trained_logits(results, tmp_path):
+    """meshbake export: DCP shards of a TP run -> one HF folder; from_pretrained gives the
+    logits the sharded model computed after training."""
+    from transformers import AutoModelForCausalLM
+
+    from runtime.export import main as export_main
+
+    run_dir = Path(results["export_tp2"]["run_dir"])
+    assert (run_dir / "checkpoints" / f"step-{STEPS}" / "COMMITTED").is_file()
+    assert export_main([str(run_dir), "-o", str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.tie_word_embeddings and hf.lm_head.weight is hf.model.embed_tokens.weight
+    with torch.no_grad():
+        got = hf(input_ids=torch.tensor(INPUT)).logits
+    torch.testing.assert_close(got, torch.load(run_dir / "logits.pt"), rtol=1e-5, atol=1e-5)

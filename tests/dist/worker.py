@@ -24,15 +24,26 @@ from runtime.parallel import build
 from runtime.train import device_for, init_distributed, run, world_mesh
 
 
-def train_case(plan: P.Plan, tmp: Path) -> dict:
-    res = run(plan, tmp / "run")
+def train_case(plan: P.Plan, run_dir: Path, logits_input=None) -> dict:
+    res = run(plan, run_dir)
     tied = None
     if plan.model.tie_word_embeddings:
         emb, head = res.model.get_input_embeddings().weight, res.model.get_output_embeddings().weight
         names = [n for n, _ in res.model.named_parameters()]
         tied = {"same_param": emb is head, "n_params": len(names),
                 "lm_head_listed": any(n.startswith("lm_head") for n in names)}
-    return {"losses": res.losses, "grad_norms": res.grad_norms, "tied": tied}
+    compiled = all(getattr(layer, "_compiled_call_impl", None) is not None for layer in res.model.model.layers)
+    out = {"losses": res.losses, "grad_norms": res.grad_norms, "tied": tied, "compiled": compiled}
+    if logits_input is not None:     # the trained sharded model's logits, for the export test
+        res.model.eval()
+        with torch.no_grad():
+            logits = res.model(input_ids=torch.tensor(logits_input), use_cache=False).logits
+        logits = logits.full_tensor() if isinstance(logits, DTensor) else logits
+        if dist.get_rank() == 0:
+            torch.save(logits, run_dir / "logits.pt")
+            (run_dir / "plan.json").write_text(P.dumps(plan))
+        out["run_dir"] = str(run_dir)
+    return out
 
 
 def logits_case(plan: P.Plan, ids: list[list[int]], out: Path) -> dict:
@@ -55,7 +66,8 @@ def main(cases_path: str, out_path: str) -> int:
         with tempfile.TemporaryDirectory() as d:
             try:
                 if case["kind"] == "train":
-                    results[case["name"]] = train_case(plan, Path(d))
+                    keep = Path(out_path).parent / case["name"] if case.get("keep_run") else Path(d) / "run"
+                    results[case["name"]] = train_case(plan, keep, case.get("input"))
                 else:
                     results[case["name"]] = logits_case(plan, case["input"], Path(out_path).with_name(
                         f"{case['name']}.logits.pt"))

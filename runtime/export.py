@@ -1,0 +1,69 @@
+"""Consolidate a run's DCP checkpoint into a Hugging Face folder (config.json + safetensors).
+
+    python -m runtime.export RUN_DIR [--step N] -o OUT      (also: meshbake export ...)
+
+One process, no process group: DCP reads every shard of every rank and reassembles full
+tensors, whatever mesh saved them. The output is written to OUT.tmp and renamed, so a failed
+export never leaves a half folder; `AutoModelForCausalLM.from_pretrained(OUT)` loads it.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from runtime import checkpoint as ckpt
+from runtime.parallel import DTYPES, hf_config
+from runtime.plan import load_plan
+
+
+def export(run_dir: Path, step: int | None, out: Path) -> Path:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from transformers import AutoModelForCausalLM
+
+    plan = load_plan(str(run_dir / "plan.json"))
+    root = ckpt.ckpt_root(run_dir, plan.checkpoint.dir)
+    found = dict(ckpt.list_checkpoints(root, lambda s: print(f"meshbake export: {s}", file=sys.stderr)))
+    if not found:
+        raise SystemExit(f"meshbake export: no committed checkpoint under {root}")
+    if step is not None and step not in found:
+        raise SystemExit(f"meshbake export: no committed step-{step} under {root}; have {sorted(found)}")
+    path = found[step if step is not None else max(found)]
+    cfg = hf_config(plan.model.config)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[plan.train.dtype])
+    sd = {"model": model.state_dict()}
+    # a tied lm_head.weight is the embedding: whichever key the checkpoint holds fills both
+    dcp.load(sd, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=plan.model.tie_word_embeddings))
+    model.load_state_dict(sd["model"])
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok = Path(plan.data.tokenizer) if plan.data.tokenizer else None
+    if tok is not None and tok.is_dir():
+        for f in tok.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(f"meshbake export: {path} -> {out} ({sum(p.numel() for p in model.parameters()):,} params)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="meshbake export", description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest committed)")
+    ap.add_argument("-o", "--out", required=True)
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+    export(Path(args.run_dir), args.step, Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Checkpoints, exact resume, resharding, faults and preemption, through the real bundle:
+`bash out/launch.sh` (torchrun, 4 gloo processes) exactly as a user runs it.
+
+Plan P: dp_shard 4; plan Q: dp_shard 2 x tp 2 (+SP, LP). 30 steps, checkpoint every 10, keep 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from runtime.checkpoint import list_checkpoints
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.dist
+STEPS = 30
+
+
+def bundle(tmp: Path, name: str, *, mesh: dict, sp=False, every=10, keep=2, max_restarts=0, resume="auto") -> Path:
+    from compiler.bundle import write_bundle
+    from compiler.pipeline import compile_recipe
+
+    recipe = {"name": name, "model": {"config": "tiny-llama", "dtype": "float32"}, "mesh": {**mesh, "cp": 1},
+              "tp": {"sequence_parallel": sp, "loss_parallel": sp},
+              "cluster": {"nodes": 1, "gpus_per_node": 4, "device": "cpu", "gpu_memory_gb": 8,
+                          "max_restarts": max_restarts},
+              "train": {"seq_len": 64, "micro_batch_size": 2, "global_batch_size": 8, "steps": STEPS, "lr": 2e-3,
+                        "warmup_steps": 3, "min_lr": 2e-4,
+                        "mixed_precision": {"param_dtype": "float32", "reduce_dtype": "float32"}},
+              "data": {"source": "synthetic"},
+              "checkpoint": {"every_steps": every, "keep": keep, "resume": resume}}
+    b = compile_recipe(yaml.safe_dump(recipe), source=name)
+    assert hasattr(b, "files"), b
+    out = tmp / f"bundle-{name}"
+    write_bundle(b.files, out)
+    return out
+
+
+def env(run_dir: Path, **extra) -> dict:
+    e = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", MESHBAKE_RUN_DIR=str(run_dir),
+             OMP_NUM_THREADS="1")
+    e.pop("MESHBAKE_FAULT", None)
+    return {**e, **extra}
+
+
+def launch(b: Path, run_dir: Path, expect_rc=0, **extra) -> subprocess.CompletedProcess:
+    p = subprocess.run(["bash", str(b / "launch.sh")], env=env(run_dir, **extra), capture_output=True, text=True,
+                       timeout=600, cwd=b.parent)
+    assert p.returncode == expect_rc, p.stderr[-5000:]
+    return p
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss; after a restart a replayed step's last record wins."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out[r["step"]] = r["loss"]
+    return out
+
+
+def log(run_dir: Path) -> str:
+    return (run_dir / "train.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The uninterrupted run of P (the reference for every other test)."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    p = bundle(tmp, "p", mesh={"dp_shard": 4, "tp": 1})
+    run = tmp / "run-base"
+    launch(p, run)
+    return tmp, p, run, losses(run)
+
+
+def test_checkpoints_are_committed_and_pruned(base):
+    _, _, run, ref = base
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    kept = [s for s, _ in list_checkpoints(run / "checkpoints")]
+    assert kept == [20, 30]                                   # keep: 2, step-10 pruned
+    ck = run / "checkpoints/step-20"
+    state = json.loads((ck / "train_state.json").read_text())
+    assert state["step"] == 20 and state["world"] == 4 and state["scheduler"]["last_epoch"] == 20
+    assert (ck / ".metadata").is_file() and len(list(ck.glob("*.distcp"))) == 4
+    assert not list((run / "checkpoints").glob("*.tmp"))
+
+
+def test_rank_death_restarts_and_resumes_exactly(base):
+    """Rank 1 os._exit()s at step 25; torchrun --max-restarts 1 restarts the group, which
+    resumes from step-20 and reproduces steps 21-30 bit for bit."""
+    tmp, _, run0, ref = base
+    b = bundle(tmp, "p_restart", mesh={"dp_shard": 4, "tp": 1}, max_restarts=1)
+    run = tmp / "run-restart"
+    launch(b, run, MESHBAKE_FAULT="step:1:25")
+    assert "resumed from step-20" in log(run)
+    got = losses(run)
+    diff = max(abs(got[s] - ref[s]) for s in range(21, STEPS + 1))
+    print(f"restart after rank death: max |loss diff| steps 21-30 = {diff:.1e}")
+    assert diff <= 1e-6
+
+
+def test_killed_writer_leaves_previous_checkpoint_usable(base):
+    """Rank 2 dies while step-20 is being written: step-20.tmp is left behind, never used;
+    the restart skips it (log line) and resumes from step-10."""
+    tmp, _, _, ref = base
+    b = bundle(tmp, "p_killsave", mesh={"dp_shard": 4, "tp": 1}, max_restarts=1, keep=5)
+    run = tmp / "run-killsave"
+    launch(b, run, MESHBAKE_FAULT="save:2:20")
+    text = log(run)
+    assert "step-20.tmp: incomplete" in text and "resumed from step-10" in text, text
+    got = losses(run)
+    assert max(abs(got[s] - ref[s]) for s in range(11, STEPS + 1)) <= 1e-6
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [10, 20, 30]
+
+
+def test_reshard_dp_shard4_to_dp2_tp2_and_back(base):
+    tmp, _, run0, ref = base
+    q = bundle(tmp, "q", mesh={"dp_shard": 2, "tp": 2}, sp=True, every=5,
+               resume=str(run0 / "checkpoints/step-20"))
+    run_q = tmp / "run-q"
+    launch(q, run_q)
+    assert "resumed from step-20 (saved on world 4)" in log(run_q)
+    got = losses(run_q)
+    assert sorted(got) == list(range(21, STEPS + 1))
+    d1 = max(abs(got[s] - ref[s]) / ref[s] for s in got)
+    # and back: dp_shard 4 resumes from the dp2 x tp2 checkpoint at step 25
+    p2 = bundle(tmp, "p_back", mesh={"dp_shard": 4, "tp": 1}, resume=str(run_q / "checkpoints/step-25"))
+    run_p2 = tmp / "run-back"
+    launch(p2, run_p2)
+    back = losses(run_p2)
+    d2 = max(abs(back[s] - ref[s]) / ref[s] for s in back)
+    print(f"reshard dp4 -> dp2xtp2: max rel {d1:.1e}; dp2xtp2 -> dp4: max rel {d2:.1e}")
+    assert sorted(back) == list(range(26, STEPS + 1))
+    assert d1 < 1e-5 and d2 < 1e-5
+
+
+def test_preemption_signal_saves_and_resume_continues(base):
+    """SIGUSR1 to launch.sh (what job.sbatch forwards before the time limit): the step
+    finishes, a checkpoint is written, PREEMPTED names the step, exit 0; the next launch resumes."""
+    tmp, p, _, ref = base
+    run = tmp / "run-preempt"
+    proc = subprocess.Popen(["bash", str(p / "launch.sh")], env=env(run), cwd=p.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        m = run / "metrics.jsonl"
+        if m.is_file() and len(m.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    stopped = int((run / "PREEMPTED").read_text())
+    assert 3 <= stopped < STEPS, "the signal should land mid-run"
+    assert (run / f"checkpoints/step-{stopped}/COMMITTED").is_file()
+    launch(p, run)
+    assert f"resumed from step-{stopped}" in log(run) and not (run / "PREEMPTED").exists()
+    got = losses(run)
+    assert max(abs(got[s] - ref[s]) for s in range(1, STEPS + 1)) <= 1e-6

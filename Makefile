@@ -49,3 +49,10 @@ bench: install
 
 clean:
 	rm -rf $(OUT) runs
+
+SLURM_DIR ?= /tmp/meshbake-slurm
+slurm-up: install
+	scripts/slurm-local/up.sh $(SLURM_DIR)
+
+slurm-down:
+	scripts/slurm-local/down.sh $(SLURM_DIR)

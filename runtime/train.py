@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -188,6 +189,12 @@ def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
         log.info(f"resumed from {resume.name} (saved on world {state['world']}), continuing at step {start + 1}")
     tokens_per_step = plan.train.global_batch_size * plan.train.seq_len
     fpt, peak = flops_per_token(plan), peak_flops(device)
+    hosts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    by_host: dict[str, list[int]] = {}
+    for r, h in enumerate(hosts):
+        by_host.setdefault(h, []).append(r)
+    log.info("ranks by host: " + ", ".join(f"{h}: {rs}" for h, rs in by_host.items()))
     log.info(f"{plan.name}: world {plan.mesh.world} mesh {dict(zip(MESH_DIMS, plan.mesh.shape))}, "
              f"{plan.model.num_params:,} params, {plan.train.steps} steps x {tokens_per_step:,} tokens")
     res = Result({}, {}, False, model, mesh)

@@ -1,0 +1,111 @@
+"""Real Slurm end to end: a local 2-node cluster (scripts/slurm-local/up.sh), the tiny_slurm
+recipe bundled for the local-cpu profile, `sbatch --wait out/job.sbatch`; then a preemption:
+USR1 to the batch shell -> checkpoint -> `scontrol requeue` -> the job resumes and finishes.
+The cluster is stopped (daemons by pid, state dir removed) even when a test fails.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slurm
+UP, DOWN = ROOT / "scripts/slurm-local/up.sh", ROOT / "scripts/slurm-local/down.sh"
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    missing = [b for b in ("slurmctld", "slurmd", "munged", "sbatch") if not shutil.which(b)]
+    assert not missing, f"Slurm is not installed ({missing}); `make install` installs it from Debian"
+    state = tmp_path_factory.mktemp("slurm") / "cluster"
+    env = dict(os.environ, SLURM_CONF=str(state / "slurm.conf"),
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")   # the python on PATH on the nodes
+    t0 = time.perf_counter()
+    try:
+        up = subprocess.run([str(UP), str(state)], capture_output=True, text=True, timeout=120)
+        assert up.returncode == 0, up.stdout + up.stderr
+        print(f"slurm-local up in {time.perf_counter() - t0:.1f} s")
+        yield env
+    finally:
+        subprocess.run([str(DOWN), str(state)], capture_output=True, text=True, timeout=60)
+
+
+def submit_dir(tmp: Path, *overrides: str) -> Path:
+    """A submission directory as a user has it: data/ beside the bundle in out/."""
+    from compiler.bundle import write_bundle
+    from compiler.pipeline import compile_recipe
+
+    (tmp / "data").symlink_to(ROOT / "data")
+    b = compile_recipe((ROOT / "recipes/tiny_slurm.yaml").read_text(), overrides=overrides, source="tiny_slurm")
+    assert hasattr(b, "files"), b
+    write_bundle(b.files, tmp / "out")
+    return tmp
+
+
+def job(env, jid: str) -> dict[str, str]:
+    p = subprocess.run(["scontrol", "show", "job", jid], env=env, capture_output=True, text=True)
+    return dict(kv.split("=", 1) for kv in p.stdout.split() if "=" in kv)
+
+
+def metrics(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_sbatch_wait_trains_on_two_nodes(slurm, tmp_path):
+    d = submit_dir(tmp_path, "train.steps=10")
+    t0 = time.perf_counter()
+    p = subprocess.run(["sbatch", "--wait", "--parsable", "out/job.sbatch"], cwd=d, env=slurm,
+                       capture_output=True, text=True, timeout=300)
+    out = "".join(f.read_text() for f in d.glob("meshbake-tiny_slurm-*.*"))
+    assert p.returncode == 0, p.stderr + out
+    print(f"sbatch --wait: {time.perf_counter() - t0:.1f} s")
+    run = d / "runs/tiny_slurm"
+    log = (run / "train.log").read_text()
+    assert "ranks by host: n1: [0, 1], n2: [2, 3]" in log, log      # 4 ranks, 2 per node, tp in a node
+    losses = metrics(run)
+    assert sorted(losses) == list(range(1, 11)) and all(math.isfinite(v) for v in losses.values())
+    assert losses[10] < losses[1]
+    assert (run / "checkpoints/step-10/COMMITTED").is_file()
+    assert "job.sbatch: job" in out and "restart 0 on n[1-2]" in out
+
+
+def test_preemption_requeues_and_resumes(slurm, tmp_path):
+    d = submit_dir(tmp_path, "train.steps=40")
+    run = d / "runs/tiny_slurm"
+    jid = subprocess.run(["sbatch", "--parsable", "out/job.sbatch"], cwd=d, env=slurm, capture_output=True,
+                         text=True, check=True).stdout.strip().split(";")[0]
+    deadline = time.time() + 120
+    while not ((run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
+        assert time.time() < deadline, "job did not start training"
+        time.sleep(0.2)
+    # what Slurm does `signal_seconds` before the time limit (--signal=B:USR1@N)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", jid], env=slurm, check=True)
+    deadline = time.time() + 240
+    requeued = False
+    while True:
+        info = job(slurm, jid)
+        if info.get("Restarts", "0") != "0" and info.get("JobState") == "PENDING" and not requeued:
+            # Slurm holds a requeued job ~2 minutes (BeginTime); a scheduler would start it later
+            subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], env=slurm, check=True)
+            requeued = True
+        if not info or info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            break
+        assert time.time() < deadline, info
+        time.sleep(0.5)
+    out = "".join(f.read_text() for f in d.glob("meshbake-tiny_slurm-*.*"))
+    assert requeued and info.get("JobState", "COMPLETED") == "COMPLETED", (info, out[-3000:])
+    stopped = int(next(line for line in (run / "train.log").read_text().splitlines()
+                       if line.startswith("stop signal")).split("step ")[1].split(",")[0])
+    assert f"resumed from step-{stopped}" in (run / "train.log").read_text()
+    assert "requeueing job" in out and "restart 1 on" in out
+    assert sorted(metrics(run)) == list(range(1, 41))
+    assert (run / "checkpoints/step-40/COMMITTED").is_file() and not (run / "PREEMPTED").exists()

@@ -39,10 +39,24 @@ def json_path(parts: Iterable[Any]) -> str:
 
 
 def _section_schema(path: list[Any]) -> dict[str, Any]:
+    """The schema node at a JSON path (array indices go through prefixItems / items)."""
     node = schema()
     for p in path:
-        node = node.get("properties", {}).get(p, {})
+        if isinstance(p, int):
+            pre = node.get("prefixItems", [])
+            node = pre[p] if p < len(pre) else node.get("items") if isinstance(node.get("items"), dict) else {}
+        else:
+            node = node.get("properties", {}).get(p, {})
     return node
+
+
+def _describe(path: list[Any]) -> str:
+    """Description of the key, or of the array holding the item."""
+    for n in range(len(path), 0, -1):
+        d = _section_schema(path[:n]).get("description")
+        if d:
+            return d
+    return ""
 
 
 def _all_keys() -> dict[str, str]:
@@ -96,8 +110,7 @@ def _schema_error(err) -> list[RecipeError]:
     if v == "anyOf" and path[:2] == ["tp", "plan"]:
         return [RecipeError(where, f"{err.instance!r} is not a plan",
                             "use 'auto' or a mapping {module pattern: colwise|rowwise|sequence_parallel|replicate}")]
-    desc = _section_schema(path).get("description", "") if all(isinstance(p, str) for p in path) else ""
-    return [RecipeError(where, err.message, desc)]
+    return [RecipeError(where, err.message, _describe(path) or "see compiler/recipe.schema.json")]
 
 
 def schema_errors(d: Mapping[str, Any]) -> list[RecipeError]:

@@ -42,8 +42,8 @@ def test_no_absolute_paths_users_or_timestamps(name):
         text = data.decode()
         assert str(ROOT) not in text, rel
         assert "/home/" not in text and "/root" not in text and "/tmp/" not in text, rel
-        if len(user) > 3:
-            assert user not in text, rel
+        if len(user) > 3 and not rel.startswith("runtime/"):   # runtime/ is source, copied verbatim
+            assert not re.search(rf"\b{re.escape(user)}\b", text), rel
         assert not re.search(r"20\d\d-\d\d-\d\d[T ]\d\d:\d\d", text), rel
 
 

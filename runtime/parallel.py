@@ -87,12 +87,15 @@ def tp_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
     if sp:
         for layer in decoder_layers(model):
             name = _fqn_of(model, layer)
-            # HF calls self_attn(hidden_states=...) by keyword and mlp(x) positionally
+            # HF calls self_attn(hidden_states=...) by keyword and mlp(x) positionally. The gathered
+            # input stays a DTensor: in backward the q/k/v (gate/up) input grads are Partial sums
+            # that add up locally and reduce-scatter ONCE; a local tensor here would make every
+            # colwise Linear all-reduce its own input grad (5 extra all-reduces per block, -7% tok/s)
             styles[f"{name}.self_attn"] = PrepareModuleInput(
                 input_kwarg_layouts={"hidden_states": Shard(1)},
-                desired_input_kwarg_layouts={"hidden_states": Replicate()}, use_local_output=True)
+                desired_input_kwarg_layouts={"hidden_states": Replicate()}, use_local_output=False)
             styles[f"{name}.mlp"] = PrepareModuleInput(input_layouts=(Shard(1),),
-                                                       desired_input_layouts=(Replicate(),), use_local_output=True)
+                                                       desired_input_layouts=(Replicate(),), use_local_output=False)
     return styles
 
 

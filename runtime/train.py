@@ -85,6 +85,15 @@ def lr_factor(i: int, plan: Plan) -> float:
     return floor + (1 - floor) * shape
 
 
+def mesh_key(p: torch.Tensor) -> tuple:
+    """Which device mesh a parameter lives on, as a value (mesh objects of equal meshes are
+    not always the same object, and grouping by object splits one mesh into many groups)."""
+    if not isinstance(p, DTensor):
+        return ()
+    m = p.device_mesh
+    return (tuple(m.mesh_dim_names or ()), tuple(m.mesh.flatten().tolist()))
+
+
 def build_optimizer(model: torch.nn.Module, plan: Plan):
     """AdamW; no weight decay on 1-D params (norms, biases). Params are grouped by their
     device mesh too: foreach kernels need one mesh per list (2-D TP+FSDP params beside 1-D
@@ -93,9 +102,7 @@ def build_optimizer(model: torch.nn.Module, plan: Plan):
     groups: dict[tuple, list] = {}
     for p in model.parameters():
         if p.requires_grad:
-            mesh = p.device_mesh if isinstance(p, DTensor) else None
-            key = (str(mesh.mesh.tolist()) + str(mesh.mesh_dim_names) if mesh is not None else "", p.ndim >= 2)
-            groups.setdefault(key, []).append(p)
+            groups.setdefault((mesh_key(p), p.ndim >= 2), []).append(p)
     param_groups = [{"params": ps, "weight_decay": t.weight_decay if decay else 0.0}
                     for (_, decay), ps in sorted(groups.items())]
     opt = torch.optim.AdamW(param_groups, lr=t.lr, betas=t.betas, eps=t.eps, foreach=True)
@@ -107,10 +114,10 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Total L2 norm over all grads, whatever mesh they live on: norm per mesh group (a
     DTensor reduction inside the group), combined as sqrt(sum n_g^2), then scaled per group.
     clip_grad_norm_ over params on two meshes fails (aten.stack needs one mesh)."""
-    by_mesh: dict[object, list[torch.Tensor]] = {}
+    by_mesh: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
         if p.grad is not None:
-            by_mesh.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
+            by_mesh.setdefault(mesh_key(p), []).append(p)
     sq = torch.zeros((), dtype=torch.float64)
     for ps in by_mesh.values():
         n = torch.nn.utils.get_total_norm([p.grad for p in ps], 2.0)
@@ -151,6 +158,7 @@ def fault_hook(where: str, step: int) -> None:
 class Result:
     losses: dict[int, float]          # optimizer step (1-based) -> global mean loss
     grad_norms: dict[int, float]
+    step_times: dict[int, float]      # seconds per optimizer step, data loading included
     preempted: bool
     model: torch.nn.Module
     mesh: DeviceMesh
@@ -197,12 +205,12 @@ def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
     log.info("ranks by host: " + ", ".join(f"{h}: {rs}" for h, rs in by_host.items()))
     log.info(f"{plan.name}: world {plan.mesh.world} mesh {dict(zip(MESH_DIMS, plan.mesh.shape))}, "
              f"{plan.model.num_params:,} params, {plan.train.steps} steps x {tokens_per_step:,} tokens")
-    res = Result({}, {}, False, model, mesh)
+    res = Result({}, {}, {}, False, model, mesh)
     saved_at = start
     for step in range(start, plan.train.steps):
         fault_hook("step", step + 1)
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for micro in range(plan.train.grad_accum):
             last = micro == plan.train.grad_accum - 1
             model.set_requires_gradient_sync(last)       # reduce-scatter once, on the last micro-step
@@ -210,23 +218,26 @@ def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
             loss = forward_loss(model, x, y, lp)
             with loss_parallel() if lp else nullcontext():
                 (loss / plan.train.grad_accum).backward()
-            loss_sum += (loss.full_tensor() if isinstance(loss, DTensor) else loss).detach().double().cpu()
+            loss_sum += (loss.full_tensor() if isinstance(loss, DTensor) else loss).detach().double()
+        # one all-reduce over the world: [loss, stop], in flight while clipping and the optimizer
+        # step run. The loss is the same on the tp ranks of a dp x cp coordinate, so
+        # world-sum / world = the mean over dp x cp; any rank's stop flag stops every rank.
+        flag = torch.tensor(float(bool(signals and signals.received)), dtype=torch.float64, device=device)
+        stats = torch.stack([loss_sum / plan.train.grad_accum, flag])
+        pending = dist.all_reduce(stats, async_op=True)
         gnorm = clip_grad_norm(params, plan.train.grad_clip)
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        # one all-reduce over the world: [loss, stop]. The loss is the same on the tp ranks of a
-        # dp x cp coordinate, so world-sum / world = the mean over dp x cp; any stop flag stops all
-        stats = torch.tensor([loss_sum.item() / plan.train.grad_accum,
-                              float(bool(signals and signals.received))], dtype=torch.float64)
-        dist.all_reduce(stats)
+        pending.wait()
+        stats = stats.cpu()
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         n = step + 1
         loss_val = stats[0].item() / plan.mesh.world
-        res.losses[n], res.grad_norms[n] = loss_val, float(gnorm)
+        res.losses[n], res.grad_norms[n], res.step_times[n] = loss_val, float(gnorm), dt
         if n % plan.train.log_every == 0 or n == plan.train.steps:
             tps = tokens_per_step / dt
             log.step({"step": n, "loss": loss_val, "lr": lr, "grad_norm": float(gnorm), "step_time_s": dt,

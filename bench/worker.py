@@ -1,0 +1,45 @@
+"""Under torchrun: our runtime and the hand-written loop, alternated ABAB in one process group
+so machine noise hits both; prints one JSON line of per-round median step times (rank 0)."""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch.distributed as dist
+
+from bench.baseline import train as baseline_train
+from runtime import plan as P
+from runtime.parallel import hf_config
+from runtime.train import init_distributed, run, world_mesh
+
+WARMUP = 5
+
+
+def main(plan_path: str, rounds: int) -> None:
+    plan = P.load_plan(plan_path)
+    init_distributed("gloo")
+    t = plan.train
+    ours, base = [], []
+    def ours_round():
+        with tempfile.TemporaryDirectory() as d:
+            res = run(plan, Path(d) / "run")
+        ours.append(statistics.median(list(res.step_times.values())[WARMUP:]))
+
+    def base_round():
+        times = baseline_train(hf_config(plan.model.config), world_mesh(plan), tp=plan.mesh.tp, steps=t.steps,
+                               mbs=t.micro_batch_size, accum=t.grad_accum, seq=t.seq_len, lr=t.lr)
+        base.append(statistics.median(times[WARMUP:]))
+
+    for i in range(rounds):          # ABBA...: neither side always runs first
+        for f in ((ours_round, base_round) if i % 2 == 0 else (base_round, ours_round)):
+            f()
+    if dist.get_rank() == 0:
+        print("BENCH " + json.dumps({"ours_step_s": ours, "baseline_step_s": base}), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))

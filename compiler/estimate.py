@@ -124,7 +124,10 @@ def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -
         logits_bytes=logits,
         budget_bytes=int(recipe.cluster.gpu_memory_gb * 1e9 * USABLE),
         flops_per_token=6 * trainable_total + 12 * model.num_layers * model.hidden_size * recipe.train.seq_len
-        if not lora else 4 * model.num_params + 12 * model.num_layers * model.hidden_size * recipe.train.seq_len,
+        # LoRA: frozen layers skip the weight-gradient matmul (4N); adapted ones do it on W + sBA (+2N_t)
+        if not lora else 4 * model.num_params + 2 * sum(m.numel for m in model.modules if m.kind == "linear"
+                                                      and m.fqn.rpartition(".")[2] in recipe.lora.targets)
+        + 12 * model.num_layers * model.hidden_size * recipe.train.seq_len,
         # all-gather in forward and again in backward per micro-step, one reduce-scatter per step
         fsdp_comm_bytes=int((2 * ga * local * pb + trainable_local * rb) * frac),
         # 2 all-reduces (or all-gather + reduce-scatter under SP) forward + 2 backward per layer

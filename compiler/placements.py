@@ -121,7 +121,30 @@ def _consistency(recipe: Recipe, model: ModelSpec, auto: dict[str, str], styles:
     return list(dict.fromkeys(errs))   # one error per block group, not one per layer
 
 
+def _lora_errors(recipe: Recipe, model: ModelSpec) -> list[RecipeError]:
+    """Adapters go on Linear layers named by their leaf name (q_proj, ...), never lm_head."""
+    lo = recipe.lora
+    if lo.rank == 0:
+        return []
+    head = next((m.fqn for m in model.modules if m.kind == "linear" and m.shape[0] == model.vocab_size), None)
+    leaves = sorted({m.fqn.rpartition(".")[2] for m in model.modules if m.kind == "linear" and m.fqn != head})
+    errs = []
+    for i, t in enumerate(lo.targets):
+        if t not in leaves:
+            near = get_close_matches(t, leaves, n=1)
+            errs.append(RecipeError(f"lora.targets[{i}]", f"{t!r} is no Linear layer of {model.architecture}",
+                                    f"did you mean {near[0]!r}?" if near else f"choose from {', '.join(leaves)}"))
+    if lo.dropout > 0:
+        errs.append(RecipeError("lora.dropout", f"{lo.dropout}: the runtime adds the adapters to the weight "
+                                "(W + s*B*A, which keeps TP layouts free of extra communication), so there is "
+                                "no separate adapter input to drop out", "set lora.dropout: 0.0"))
+    return errs
+
+
 def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> Result[Placements]:
+    lora_errs = _lora_errors(recipe, model)
+    if lora_errs:
+        return Err(tuple(lora_errs))
     if mesh.tp == 1:   # no TP: nothing is split, nothing to warn about
         return Placements({m.fqn: "replicate" for m in model.modules}, ())
     sp = recipe.tp.sequence_parallel

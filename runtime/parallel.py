@@ -163,12 +163,15 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, plan: Plan) -> None:
 # ---------------------------------------------------------------------------------- weights
 def init_tensor(name: str, shape: torch.Size, seed: int, std: float) -> torch.Tensor:
     """The full value of parameter `name`: independent of mesh, rank and creation order."""
+    from runtime.lora import lora_init
+
     if name.endswith("norm.weight"):
         return torch.ones(shape)
     if name.endswith(".bias"):
         return torch.zeros(shape)
     g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    return torch.randn(shape, generator=g) * std
+    adapter = lora_init(name, shape, g)
+    return adapter if adapter is not None else torch.randn(shape, generator=g) * std
 
 
 def set_full(param: torch.Tensor, full: torch.Tensor) -> None:
@@ -232,10 +235,14 @@ def iter_full_weights(folder: str, names: list[str]) -> Iterator[tuple[str, torc
                 yield k, st.get_tensor(k)
 
 
-def load_weights(model: nn.Module, folder: str) -> None:
+def load_weights(model: nn.Module, folder: str, seed: int) -> None:
+    """The base model from the user's safetensors; LoRA adapters (not in them) start fresh."""
     params = dict(model.named_parameters())
-    for name, full in iter_full_weights(folder, list(params)):
+    base = [n for n in params if ".lora_" not in n]
+    for name, full in iter_full_weights(folder, base):
         set_full(params[name], full)
+    for name in sorted(set(params) - set(base)):
+        set_full(params[name], init_tensor(name, params[name].shape, seed, 0.0))
     _reset_rotary(model)
 
 
@@ -244,11 +251,12 @@ def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> nn.Module:
     if plan.mesh.cp > 1:
         raise NotImplementedError("context parallel (mesh.cp > 1) is resolved by the compiler but not yet "
                                   "executed by this runtime")
-    if plan.lora.rank > 0:
-        raise NotImplementedError("LoRA (lora.rank > 0) is resolved by the compiler but not yet executed "
-                                  "by this runtime")
     if plan.mesh.tp > 1:
         apply_tp(model, mesh["tp"], plan)
+    if plan.lora.rank > 0:
+        from runtime.lora import apply_lora
+
+        apply_lora(model, plan)
     apply_ac(model, plan.train.activation_checkpointing)
     if plan.train.compile:
         apply_compile(model)
@@ -257,7 +265,7 @@ def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> nn.Module:
     apply_fsdp(model, dp_mesh, plan)
     model.to_empty(device=device)
     if plan.model.weights:
-        load_weights(model, plan.model.weights)
+        load_weights(model, plan.model.weights, plan.train.seed)
     else:
         init_weights(model, plan.train.seed)
     model.train()

@@ -27,7 +27,8 @@ STEPS = 6
 
 
 def plan_dict(name: str, world: int, *, dp_replicate=1, dp_shard=1, tp=1, sp=False, lp=False,
-              model="tiny-llama", mbs=2, gbs=8, ac="none", compile_=False, param_dtype="float32") -> dict:
+              model="tiny-llama", mbs=2, gbs=8, ac="none", compile_=False, param_dtype="float32",
+              lora=0) -> dict:
     from compiler.pipeline import compile_recipe
 
     recipe = {
@@ -41,6 +42,7 @@ def plan_dict(name: str, world: int, *, dp_replicate=1, dp_shard=1, tp=1, sp=Fal
                   "compile": compile_, "mixed_precision": {"param_dtype": param_dtype, "reduce_dtype": "float32"}},
         "data": {"source": "synthetic"},
         "checkpoint": {"every_steps": 0, "save_on_exit": False},
+        "lora": {"rank": lora, "alpha": 8, "targets": ["q_proj", "v_proj", "o_proj", "down_proj"]},
     }
     b = compile_recipe(yaml.safe_dump(recipe), source=name)
     assert hasattr(b, "files"), b
@@ -59,7 +61,9 @@ def cases_world4(weights: str) -> list[dict]:
          ("accum1_dp_shard2_tp2", dict(dp_shard=2, tp=2, sp=True, lp=True, mbs=4)),
          ("ac_full", dict(dp_shard=2, tp=2, sp=True, lp=True, ac="full")),
          ("ac_selective", dict(dp_shard=2, tp=2, sp=True, lp=True, ac="selective")),
-         ("bf16_params", dict(dp_shard=2, tp=2, sp=True, lp=True, param_dtype="bfloat16"))]
+         ("bf16_params", dict(dp_shard=2, tp=2, sp=True, lp=True, param_dtype="bfloat16")),
+         ("lora_dp_shard2_tp2_sp_lp", dict(dp_shard=2, tp=2, sp=True, lp=True, lora=4)),
+         ("lora_dp_shard4", dict(dp_shard=4, lora=4))]
     out = [{"name": n, "kind": "train", "plan": plan_dict(n, 4, **kw)} for n, kw in c]
     logits = plan_dict("logits4", 4, dp_shard=2, tp=2, sp=True, lp=True)
     logits["model"]["weights"] = weights
@@ -130,7 +134,7 @@ def _reference(plan_d: dict):
 
 PARITY = ["dp_shard4", "tp4_sp_lp", "tp4", "dp_shard2_tp2_sp_lp", "dp_shard2_tp2", "hsdp2x2", "dp_rep2_tp2_sp_lp",
           "dp_rep2_tp2", "tp2_sp_lp", "tp2", "tied_dp_shard2_tp2_sp_lp", "tied_tp4", "accum1_dp_shard2_tp2",
-          "ac_full", "ac_selective", "compile_tp2_sp_lp"]
+          "ac_full", "ac_selective", "compile_tp2_sp_lp", "lora_dp_shard2_tp2_sp_lp", "lora_dp_shard4"]
 
 
 @pytest.mark.parametrize("name", PARITY)
@@ -142,7 +146,8 @@ def test_loss_parity_with_single_process(results, name):
     assert rel < RTOL, (name, r["losses"], ref_losses)
     # DTensor-aware clipping gives the same total norm as plain clip_grad_norm_
     assert max_rel(r["grad_norms"], ref_norms) < 1e-3
-    assert ref_losses[STEPS] < ref_losses[1]         # and it trains
+    if not r["plan"]["lora"]["rank"]:
+        assert ref_losses[STEPS] < ref_losses[1]     # and it trains
 
 
 def test_grad_accum_matches_one_large_micro_batch(results):
@@ -156,6 +161,13 @@ def test_tied_embeddings_stay_one_parameter(results):
     for name in ("tied_dp_shard2_tp2_sp_lp", "tied_tp4"):
         tied = results[name]["tied"]
         assert tied["same_param"] and not tied["lm_head_listed"], tied
+
+
+def test_lora_starts_from_the_base_model_and_adapts(results):
+    """B = 0 at init: step 1 is the base model's loss; then only adapters move (frozen base)."""
+    base, lora = results["dp_shard2_tp2_sp_lp"]["losses"], results["lora_dp_shard2_tp2_sp_lp"]["losses"]
+    assert abs(lora["1"] - base["1"]) < 1e-6
+    assert abs(lora[str(STEPS)] - base[str(STEPS)]) > 1e-3
 
 
 def test_compile_really_compiled(results):

@@ -19,23 +19,38 @@ def hf_model(plan: P.Plan) -> torch.nn.Module:
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[plan.train.dtype])
+    if plan.lora.rank:
+        add_lora_hooks(model, plan)
     params = dict(model.named_parameters())
     with torch.no_grad():
         if plan.model.weights:
-            for name, full in iter_full_weights(plan.model.weights, list(params)):
+            for name, full in iter_full_weights(plan.model.weights, [n for n in params if ".lora_" not in n]):
                 params[name].copy_(full)
-        else:
-            std = cfg.initializer_range
-            for name, p in params.items():
-                p.copy_(init_tensor(name, p.shape, plan.train.seed, std))
+        for name, p in params.items():
+            if not plan.model.weights or ".lora_" in name:
+                p.copy_(init_tensor(name, p.shape, plan.train.seed, cfg.initializer_range))
     return model
+
+
+def add_lora_hooks(model: torch.nn.Module, plan: P.Plan) -> None:
+    """LoRA the textbook way (a side path x A^T B^T s added to the output), independent of the
+    runtime's merged-weight form; base weights frozen."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    s = plan.lora.alpha / plan.lora.rank
+    for fqn, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and fqn.rpartition(".")[2] in plan.lora.targets:
+            mod.lora_A = torch.nn.Parameter(torch.empty(plan.lora.rank, mod.in_features))
+            mod.lora_B = torch.nn.Parameter(torch.empty(mod.out_features, plan.lora.rank))
+            mod.register_forward_hook(lambda m, args, out: out + s * F.linear(F.linear(args[0], m.lora_A), m.lora_B))
 
 
 def reference_losses(plan: P.Plan) -> tuple[dict[int, float], dict[int, float]]:
     t = plan.train
     model = hf_model(plan)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=t.betas, eps=t.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, plan))
@@ -46,9 +61,9 @@ def reference_losses(plan: P.Plan) -> tuple[dict[int, float], dict[int, float]]:
         logits = model(input_ids=x[:, :-1], use_cache=False).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(0, 1))
         loss.backward()
-        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+        norm = torch.nn.utils.get_total_norm([p.grad for p in trainable])
         if t.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(model.parameters(), t.grad_clip, norm)
+            torch.nn.utils.clip_grads_with_norm_(trainable, t.grad_clip, norm)
         norms[step + 1] = float(norm)
         opt.step()
         sched.step()

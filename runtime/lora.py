@@ -1,0 +1,69 @@
+"""LoRA adapters that compose with TP and FSDP2 by construction.
+
+A target Linear (weight W: out x in) gets two parameters on the SAME module, lora_A (r x in)
+and lora_B (out x r), and computes  y = x (W + s B A)^T + b,  s = alpha / r. Because B A has
+W's shape, it takes W's tensor-parallel layout with no new communication:
+    colwise  W Shard(0): B Shard(0) (out rows), A Replicate   -> B A is Shard(0)
+    rowwise  W Shard(1): A Shard(1) (in cols),  B Replicate   -> B A is Shard(1)
+    replicate           : both Replicate (plain tensors without TP)
+The base W is frozen; FSDP2 shards A and B with the rest of the block. Names stay HF's
+("...q_proj.weight") plus "...q_proj.lora_A", so checkpoints and base weights load as usual.
+Trade-off: the weight-gradient matmul of W + sBA is done as for full fine-tuning (LoRA's
+backward-compute saving is not taken; its memory saving is: no grads or AdamW state for W).
+B starts at zero, so step 0 is exactly the base model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from runtime.plan import Plan
+
+
+class LoraLinear(nn.Linear):
+    """nn.Linear whose forward adds the adapter delta; swapped in by __class__ (no new names)."""
+
+    lora_scale: float
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight + self.lora_scale * (self.lora_B @ self.lora_A), self.bias)
+
+
+def apply_lora(model: nn.Module, plan: Plan) -> list[str]:
+    """After TP (so W's layout is known), before FSDP. Returns the adapted module names."""
+    lo = plan.lora
+    for p in model.parameters():
+        p.requires_grad_(False)
+    done = []
+    for fqn, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or fqn.rpartition(".")[2] not in lo.targets:
+            continue
+        out_f, in_f = mod.weight.shape
+        dev, dtype = mod.weight.device, mod.weight.dtype
+        a = torch.empty(lo.rank, in_f, device=dev, dtype=dtype)
+        b = torch.empty(out_f, lo.rank, device=dev, dtype=dtype)
+        w = mod.weight
+        if isinstance(w, DTensor):
+            mesh = w.device_mesh
+            col = w.placements == (Shard(0),)
+            a = distribute_tensor(a, mesh, [Replicate()] if col else [Shard(1)], src_data_rank=None)
+            b = distribute_tensor(b, mesh, [Shard(0)] if col else [Replicate()], src_data_rank=None)
+        mod.lora_A = nn.Parameter(a)
+        mod.lora_B = nn.Parameter(b)
+        mod.__class__ = LoraLinear
+        mod.lora_scale = lo.alpha / lo.rank
+        done.append(fqn)
+    if not done:
+        raise ValueError(f"lora.targets {list(lo.targets)} match no Linear of the model")
+    return done
+
+
+def lora_init(name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor | None:
+    """A ~ N(0, 1/in) (the variance of kaiming-uniform's bound), B = 0; None if not an adapter."""
+    if name.endswith(".lora_B"):
+        return torch.zeros(shape)
+    if name.endswith(".lora_A"):
+        return torch.randn(shape, generator=generator) / shape[1] ** 0.5
+    return None

@@ -249,8 +249,9 @@ def load_weights(model: nn.Module, folder: str, seed: int) -> None:
 def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> nn.Module:
     model = meta_model(plan)
     if plan.mesh.cp > 1:
-        raise NotImplementedError("context parallel (mesh.cp > 1) is resolved by the compiler but not yet "
-                                  "executed by this runtime")
+        from runtime import cp
+
+        cp.install(model)
     if plan.mesh.tp > 1:
         apply_tp(model, mesh["tp"], plan)
     if plan.lora.rank > 0:
@@ -260,8 +261,13 @@ def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> nn.Module:
     apply_ac(model, plan.train.activation_checkpointing)
     if plan.train.compile:
         apply_compile(model)
-    # FSDP shards over dp_shard (x cp); HSDP adds the dp_replicate dim (all-reduce across replicas)
-    dp_mesh = mesh["dp_replicate", "dp_shard"] if plan.mesh.dp_replicate > 1 else mesh["dp_shard"]
+    # FSDP shards over dp_shard x cp (cp ranks hold the same weights, different tokens); HSDP
+    # adds the dp_replicate dim (all-reduce across replicas)
+    if plan.mesh.cp > 1:
+        shard = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        dp_mesh = mesh["dp_replicate", "dp_shard_cp"] if plan.mesh.dp_replicate > 1 else shard
+    else:
+        dp_mesh = mesh["dp_replicate", "dp_shard"] if plan.mesh.dp_replicate > 1 else mesh["dp_shard"]
     apply_fsdp(model, dp_mesh, plan)
     model.to_empty(device=device)
     if plan.model.weights:

@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from runtime import checkpoint as ckpt
+from runtime import cp
 from runtime.data import TokenData
 from runtime.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_bytes
 from runtime.parallel import build
@@ -164,8 +165,8 @@ class Result:
     mesh: DeviceMesh
 
 
-def forward_loss(model, x, y, lp: bool) -> torch.Tensor:
-    logits = model(input_ids=x, use_cache=False).logits              # (B, T, V[/tp])
+def forward_loss(model, x, y, lp: bool, position_ids=None) -> torch.Tensor:
+    logits = model(input_ids=x, position_ids=position_ids, use_cache=False).logits   # (B, T[/cp], V[/tp])
     with loss_parallel() if lp else nullcontext():
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(0, 1))
 
@@ -214,8 +215,12 @@ def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
         for micro in range(plan.train.grad_accum):
             last = micro == plan.train.grad_accum - 1
             model.set_requires_gradient_sync(last)       # reduce-scatter once, on the last micro-step
-            x, y = (t.to(device) for t in data.micro_batch(step, micro, dp_rank))
-            loss = forward_loss(model, x, y, lp)
+            x, y = data.micro_batch(step, micro, dp_rank)
+            pos = None
+            if plan.mesh.cp > 1:     # this cp rank's load-balanced chunks, with their global positions
+                pos = cp.set_batch(mesh["cp"], plan.train.seq_len)[None, :].to(device)
+                x, y = (cp.shard_sequence(t, plan.mesh.cp, mesh["cp"].get_local_rank()) for t in (x, y))
+            loss = forward_loss(model, x.to(device), y.to(device), lp, pos)
             with loss_parallel() if lp else nullcontext():
                 (loss / plan.train.grad_accum).backward()
             loss_sum += (loss.full_tensor() if isinstance(loss, DTensor) else loss).detach().double()

@@ -26,7 +26,7 @@ RTOL = 1e-4          # the issue's bar for fp32; Adam amplifies rounding differe
 STEPS = 6
 
 
-def plan_dict(name: str, world: int, *, dp_replicate=1, dp_shard=1, tp=1, sp=False, lp=False,
+def plan_dict(name: str, world: int, *, dp_replicate=1, dp_shard=1, tp=1, cp=1, sp=False, lp=False,
               model="tiny-llama", mbs=2, gbs=8, ac="none", compile_=False, param_dtype="float32",
               lora=0) -> dict:
     from compiler.pipeline import compile_recipe
@@ -34,7 +34,7 @@ def plan_dict(name: str, world: int, *, dp_replicate=1, dp_shard=1, tp=1, sp=Fal
     recipe = {
         "name": name,
         "model": {"config": model, "dtype": "float32"},
-        "mesh": {"dp_replicate": dp_replicate, "dp_shard": dp_shard, "cp": 1, "tp": tp},
+        "mesh": {"dp_replicate": dp_replicate, "dp_shard": dp_shard, "cp": cp, "tp": tp},
         "tp": {"sequence_parallel": sp, "loss_parallel": lp},
         "cluster": {"nodes": 1, "gpus_per_node": world, "device": "cpu", "gpu_memory_gb": 8},
         "train": {"seq_len": 32, "micro_batch_size": mbs, "global_batch_size": gbs, "steps": STEPS,
@@ -63,7 +63,9 @@ def cases_world4(weights: str) -> list[dict]:
          ("ac_selective", dict(dp_shard=2, tp=2, sp=True, lp=True, ac="selective")),
          ("bf16_params", dict(dp_shard=2, tp=2, sp=True, lp=True, param_dtype="bfloat16")),
          ("lora_dp_shard2_tp2_sp_lp", dict(dp_shard=2, tp=2, sp=True, lp=True, lora=4)),
-         ("lora_dp_shard4", dict(dp_shard=4, lora=4))]
+         ("lora_dp_shard4", dict(dp_shard=4, lora=4)),
+         ("cp2_dp_shard2", dict(dp_shard=2, cp=2)), ("cp2_tp2_sp_lp", dict(cp=2, tp=2, sp=True, lp=True)),
+         ("hsdp_cp2", dict(dp_replicate=2, cp=2))]
     out = [{"name": n, "kind": "train", "plan": plan_dict(n, 4, **kw)} for n, kw in c]
     logits = plan_dict("logits4", 4, dp_shard=2, tp=2, sp=True, lp=True)
     logits["model"]["weights"] = weights
@@ -134,7 +136,8 @@ def _reference(plan_d: dict):
 
 PARITY = ["dp_shard4", "tp4_sp_lp", "tp4", "dp_shard2_tp2_sp_lp", "dp_shard2_tp2", "hsdp2x2", "dp_rep2_tp2_sp_lp",
           "dp_rep2_tp2", "tp2_sp_lp", "tp2", "tied_dp_shard2_tp2_sp_lp", "tied_tp4", "accum1_dp_shard2_tp2",
-          "ac_full", "ac_selective", "compile_tp2_sp_lp", "lora_dp_shard2_tp2_sp_lp", "lora_dp_shard4"]
+          "ac_full", "ac_selective", "compile_tp2_sp_lp", "lora_dp_shard2_tp2_sp_lp", "lora_dp_shard4",
+          "cp2_dp_shard2", "cp2_tp2_sp_lp", "hsdp_cp2"]
 
 
 @pytest.mark.parametrize("name", PARITY)
@@ -168,6 +171,14 @@ def test_lora_starts_from_the_base_model_and_adapts(results):
     base, lora = results["dp_shard2_tp2_sp_lp"]["losses"], results["lora_dp_shard2_tp2_sp_lp"]["losses"]
     assert abs(lora["1"] - base["1"]) < 1e-6
     assert abs(lora[str(STEPS)] - base[str(STEPS)]) > 1e-3
+
+
+def test_context_parallel_attention_really_ran(results):
+    # 6 steps x grad_accum x 2 layers, forward (+ recompute none): the all-gather attention ran
+    for name in ("cp2_dp_shard2", "cp2_tp2_sp_lp", "hsdp_cp2"):
+        r = results[name]
+        assert r["cp_attention_calls"] == STEPS * r["plan"]["train"]["grad_accum"] * 2, (name, r["cp_attention_calls"])
+    assert results["dp_shard4"]["cp_attention_calls"] == 0
 
 
 def test_compile_really_compiled(results):

@@ -25,6 +25,9 @@ from runtime.train import device_for, init_distributed, run, world_mesh
 
 
 def train_case(plan: P.Plan, run_dir: Path, logits_input=None) -> dict:
+    from runtime import cp
+
+    cp._STATE["calls"] = 0
     res = run(plan, run_dir)
     tied = None
     if plan.model.tie_word_embeddings:
@@ -33,7 +36,8 @@ def train_case(plan: P.Plan, run_dir: Path, logits_input=None) -> dict:
         tied = {"same_param": emb is head, "n_params": len(names),
                 "lm_head_listed": any(n.startswith("lm_head") for n in names)}
     compiled = all(getattr(layer, "_compiled_call_impl", None) is not None for layer in res.model.model.layers)
-    out = {"losses": res.losses, "grad_norms": res.grad_norms, "tied": tied, "compiled": compiled}
+    out = {"losses": res.losses, "grad_norms": res.grad_norms, "tied": tied, "compiled": compiled,
+           "cp_attention_calls": cp._STATE["calls"]}
     if logits_input is not None:     # the trained sharded model's logits, for the export test
         res.model.eval()
         with torch.no_grad():

@@ -1,0 +1,66 @@
+"""Context parallel, all-gather form (as used to train Llama 3 at long context): each cp rank
+holds 2 of the 2*cp sequence chunks, load-balanced for the causal mask (rank i: chunks i and
+2cp-1-i, so every rank has as many early as late tokens), all-gathers K and V along the sequence
+and attends with its local queries under the causal mask of their GLOBAL positions.
+
+Needs only all_gather (autograd: reduce-scatter in backward) and a masked SDPA, so it runs on
+any device and attention kernel; PyTorch's ring attention covers CUDA kernels only
+(notes/torch-cpu.md). K/V memory per rank: the full sequence of K and V for one layer at a time.
+Shapes: T global, cp ranks, Tl = T / cp local tokens; q (B, H, Tl, D), k/v (B, Hkv, Tl, D).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "meshbake_cp"
+_STATE: dict = {}          # the cp mesh and this micro-batch's positions, set by the train loop
+
+
+def chunk_ids(cp: int, rank: int) -> tuple[int, int]:
+    return rank, 2 * cp - 1 - rank
+
+
+def local_positions(seq_len: int, cp: int, rank: int) -> torch.Tensor:
+    """Global positions of this rank's tokens, in the order they are held: (Tl,)."""
+    c = seq_len // (2 * cp)
+    return torch.cat([torch.arange(i * c, (i + 1) * c) for i in chunk_ids(cp, rank)])
+
+
+def shard_sequence(x: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
+    """(B, T) -> (B, Tl): this rank's two chunks."""
+    c = x.shape[1] // (2 * cp)
+    return torch.cat([x[:, i * c:(i + 1) * c] for i in chunk_ids(cp, rank)], dim=1)
+
+
+def set_batch(mesh, seq_len: int) -> torch.Tensor:
+    """Prepare the attention for a micro-batch; returns the local position ids (Tl,)."""
+    cp, rank = mesh.size(), mesh.get_local_rank()
+    q_pos = local_positions(seq_len, cp, rank)
+    k_pos = torch.cat([local_positions(seq_len, cp, r) for r in range(cp)])   # all-gather order
+    _STATE.update(mesh=mesh, mask=k_pos[None, :] <= q_pos[:, None])           # (Tl, T) causal
+    return q_pos
+
+
+def cp_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+
+    mesh = _STATE["mesh"]
+    _STATE["calls"] = _STATE.get("calls", 0) + 1
+    # (B, Hkv, Tl, D) x cp -> (B, Hkv, T, D); autograd reduce-scatters the K/V grads back
+    k = all_gather_tensor_autograd(key.contiguous(), gather_dim=2, group=mesh)
+    v = all_gather_tensor_autograd(value.contiguous(), gather_dim=2, group=mesh)
+    mask = _STATE["mask"].to(query.device)
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, dropout_p=dropout if module.training else 0.0,
+                                         scale=scaling, enable_gqa=query.shape[1] != k.shape[1])
+    return out.transpose(1, 2).contiguous(), None       # (B, Tl, H, D), as HF expects
+
+
+def install(model) -> None:
+    """Route the model's attention through cp_attention; HF's own mask is not needed."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, cp_attention)
+    AttentionMaskInterface.register(NAME, lambda *args, **kwargs: None)
+    model.config._attn_implementation = NAME

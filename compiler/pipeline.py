@@ -110,13 +110,14 @@ def resolve_dict(d: Mapping[str, Any]) -> Result[Resolved]:
     """Validated-or-not recipe dict -> Resolved (reads the model config.json / catalog)."""
     from compiler import load, validate as validate_mod
 
-    recipe = validate_mod.validate(dict(d))
-    if isinstance(recipe, Err):
-        return recipe
+    recipe, errs = validate_mod.validate_all(dict(d))
+    if recipe is None:
+        return Err(tuple(errs))
     cfg = load.read_model_config(recipe.model.config)
-    if isinstance(cfg, Err):
-        return cfg
-    return resolve(recipe, cfg, recipe.model.config)
+    res = cfg if isinstance(cfg, Err) else resolve(recipe, cfg, recipe.model.config)
+    if isinstance(res, Err):
+        return Err(tuple(errs) + res.errors)
+    return Err(tuple(errs)) if errs else res
 
 
 def compile_recipe(text: str, overrides: tuple[str, ...] = (), cluster: str | None = None,

@@ -86,7 +86,7 @@ def _unknown_key_errors(err, path: list[Any]) -> list[RecipeError]:
             hint = f"{key!r} belongs in {home!r}"
         else:
             hint = f"allowed keys: {', '.join(allowed)}"
-        out.append(RecipeError(json_path(path + [key]), "unknown key", hint))
+        out.append(RecipeError(json_path(path + [key]), UNKNOWN, hint))
     return out
 
 
@@ -202,6 +202,34 @@ def validate(d: Mapping[str, Any]) -> Result[Recipe]:
     if errs:
         return Err(tuple(errs))
     return _build(full)
+
+
+UNKNOWN = "unknown key"
+
+
+def _strip(d: Any, path: list[str]) -> None:
+    for p in path[:-1]:
+        d = d.get(p, {}) if isinstance(d, dict) else {}
+    if isinstance(d, dict):
+        d.pop(path[-1], None)
+
+
+def validate_all(d: Mapping[str, Any]) -> tuple[Recipe | None, tuple[RecipeError, ...]]:
+    """validate(), but when the only schema problems are unknown keys (typos, keys in the wrong
+    section) the recipe is also validated without them, so the later stages (mesh, placements,
+    memory) can report their errors in the same run: every mistake at once, not one per attempt.
+    Returns (recipe or None, errors so far)."""
+    import copy
+
+    errs = schema_errors(d)
+    if errs and all(e.message == UNKNOWN for e in errs):
+        stripped = copy.deepcopy(dict(d))
+        for e in errs:
+            _strip(stripped, [p.strip("'[]") for p in e.path.replace("[", ".[").split(".")])
+        rec = validate(stripped)
+        return (None, errs + list(rec.errors)) if isinstance(rec, Err) else (rec, tuple(errs))
+    rec = validate(d)
+    return (None, rec.errors) if isinstance(rec, Err) else (rec, ())
 
 
 def format_errors(errors: Iterable[RecipeError]) -> str:

@@ -33,6 +33,18 @@ def test_check_reports_three_mesh_mistakes_and_exits_2(tmp_path):
         assert f"{path}:" in r.stderr, r.stderr
 
 
+def test_typo_and_mesh_mistakes_reported_in_one_run(tmp_path):
+    """An unknown key does not hide the mesh errors behind it: all stages report at once."""
+    p = tmp_path / "bad.yaml"
+    p.write_text(recipe_text(mesh={"tp": 16}, cluster={"nodes": 2, "gpus_per_node": 8},
+                             tp={"sequence_parallel": True},
+                             train={"seq_len": 4100, "sequence_len": 4096, "global_batch_size": 8}))
+    r = meshbake("check", str(p))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    for path in ("train.sequence_len", "mesh.tp", "train.seq_len"):
+        assert f"  {path}:" in r.stderr, r.stderr
+
+
 def test_check_ok_by_name():
     r = meshbake("check", "70b_hsdp_tp")
     assert r.returncode == 0, r.stderr

@@ -4,10 +4,12 @@ Order (torchtitan's): meta model -> TP (parallelize_module with the plan's place
 activation checkpointing -> torch.compile per block -> FSDP2 fully_shard per block, then the
 root -> materialize (to_empty) -> weights: deterministic init or the user's safetensors.
 
-Weights are produced FULL, one tensor at a time, and every rank keeps its own slice
+Random init produces each tensor FULL, one at a time, and every rank keeps its own slice
 (`distribute_tensor(..., src_data_rank=None)` slices locally, no communication). So a run
 on any mesh starts from bit-identical weights, which is what the parity tests rely on; the
 peak extra memory is one full tensor (the 70B embedding: 128256 x 8192 x 4 B = 4.2 GB).
+Weights from safetensors are read as this rank's block only (lazy slices), where the shard
+is one block of the full tensor, as it is for FSDP x TP Linears and embeddings.
 """
 from __future__ import annotations
 
@@ -219,31 +221,64 @@ def safetensors_index(folder: str) -> dict[str, Path]:
     return out
 
 
-def iter_full_weights(folder: str, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
+def local_slice(param: torch.Tensor) -> tuple[slice, ...] | None:
+    """The block of the full tensor this rank holds, or None if it is not one block (then the
+    full tensor is read and sliced). FSDP x TP shards of a Linear are contiguous row/column
+    blocks, so a rank reads 1/world of the checkpoint, not all of it."""
+    if not isinstance(param, DTensor):
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    index = safetensors_index(folder)
-    missing = [n for n in names if n not in index]
-    if missing:
-        raise KeyError(f"model.weights {folder}: missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
-    by_file: dict[Path, list[str]] = {}
-    for n in names:
-        by_file.setdefault(index[n], []).append(n)
-    for f, keys in by_file.items():
-        with safe_open(str(f), framework="pt") as st:
-            for k in keys:
-                yield k, st.get_tensor(k)
+    try:
+        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    except Exception:   # noqa: BLE001 — an exotic placement: fall back to the full tensor
+        return None
+    if tuple(shape) != tuple(param.to_local().shape):
+        return None
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+LOAD_STATS = {"block": 0, "full": 0}    # how the last load_weights read its tensors (tests)
 
 
 def load_weights(model: nn.Module, folder: str, seed: int) -> None:
-    """The base model from the user's safetensors; LoRA adapters (not in them) start fresh."""
+    """The base model from the user's safetensors, each rank reading only its own block where
+    possible (safetensors slices lazily); LoRA adapters (not in them) start fresh."""
+    from safetensors import safe_open
+
     params = dict(model.named_parameters())
     base = [n for n in params if ".lora_" not in n]
-    for name, full in iter_full_weights(folder, base):
-        set_full(params[name], full)
+    index = safetensors_index(folder)
+    missing = [n for n in base if n not in index]
+    if missing:
+        raise KeyError(f"model.weights {folder}: missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
+    by_file: dict[Path, list[str]] = {}
+    for n in base:
+        by_file.setdefault(index[n], []).append(n)
+    LOAD_STATS.update(block=0, full=0)
+    with torch.no_grad():
+        for f, names in by_file.items():
+            with safe_open(str(f), framework="pt") as st:
+                for name in names:
+                    p, block = params[name], local_slice(params[name])
+                    if block is None:
+                        set_full(p, st.get_tensor(name))
+                    else:
+                        p.to_local().copy_(st.get_slice(name)[block])
+                    LOAD_STATS["full" if block is None else "block"] += 1
     for name in sorted(set(params) - set(base)):
         set_full(params[name], init_tensor(name, params[name].shape, seed, 0.0))
     _reset_rotary(model)
+
+
+def iter_full_weights(folder: str, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full tensors by name (single-process readers: the parity reference)."""
+    from safetensors import safe_open
+
+    index = safetensors_index(folder)
+    for n in names:
+        with safe_open(str(index[n]), framework="pt") as st:
+            yield n, st.get_tensor(n)
 
 
 def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> nn.Module:

@@ -211,6 +211,8 @@ def test_weights_from_disk_match_hf_forward(results, weights, name):
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert not math.isnan(float(got.abs().max()))
+    # every tensor was read as this rank's block of the file, none in full
+    assert results[name]["load"]["full"] == 0 and results[name]["load"]["block"] > 0, results[name]["load"]
 
 
 def test_export_gives_hf_folder_with_the_trained_logits(results, tmp_path):

@@ -58,7 +58,9 @@ def logits_case(plan: P.Plan, ids: list[list[int]], out: Path) -> dict:
     logits = logits.full_tensor() if isinstance(logits, DTensor) else logits
     if dist.get_rank() == 0:
         torch.save(logits, out)
-    return {"logits": str(out)}
+    from runtime.parallel import LOAD_STATS
+
+    return {"logits": str(out), "load": dict(LOAD_STATS)}
 
 
 def main(cases_path: str, out_path: str) -> int:

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from runtime import checkpoint as ckpt
-from runtime import cp
+from runtime import cp, preflight
 from runtime.data import TokenData
 from runtime.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_bytes
 from runtime.parallel import build
@@ -275,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     signals = Signals()
     signals.install()
     plan = load_plan(args.plan)
+    problems = preflight.problems(plan)
+    if problems:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print("\n".join(f"meshbake: {p}" for p in problems), file=sys.stderr, flush=True)
+        return 2
     run_dir = Path(args.run_dir or os.environ.get("MESHBAKE_RUN_DIR") or plan.run_dir)
     init_distributed(plan.mesh.backend)
     try:

@@ -40,3 +40,17 @@ def test_tiny_cpu_bundle_trains_via_launch_sh(tmp_path):
     assert recs[-1]["loss"] < recs[0]["loss"] - 0.5           # ln(4096) = 8.3 at start
     assert "step    12  loss" in p.stdout                       # the console line
     assert (run / "checkpoints/step-12/COMMITTED").is_file()
+
+
+def test_missing_data_is_one_clear_line_not_a_traceback(tmp_path):
+    from compiler.bundle import write_bundle
+    from compiler.pipeline import compile_recipe
+
+    b = compile_recipe((ROOT / "recipes/tiny_cpu.yaml").read_text(), source="tiny_cpu")
+    write_bundle(b.files, tmp_path / "out")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    p = subprocess.run(["bash", str(tmp_path / "out/launch.sh")], cwd=tmp_path, env=env,   # no data/ here
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert "meshbake: data.path: 'data/shakespeare.txt' not found" in p.stderr
+    assert "Traceback" not in p.stderr

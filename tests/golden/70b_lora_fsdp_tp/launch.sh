@@ -13,6 +13,9 @@ PYTHON="${MESHBAKE_PYTHON:-python3}"
 export PYTHONPATH="${BUNDLE_DIR}${PYTHONPATH:+:${PYTHONPATH}}"
 export MESHBAKE_RUN_DIR="${MESHBAKE_RUN_DIR:-runs/70b_lora_fsdp_tp}"
 
+# python deps and the plan's data/weights paths, checked once, before any process starts
+"${PYTHON}" -m runtime.preflight "${BUNDLE_DIR}/plan.json"
+
 NNODES=1
 NPROC=8
 rdzv=()

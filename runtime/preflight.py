@@ -1,0 +1,41 @@
+"""launch.sh runs this (stdlib only) before torchrun:  python -m runtime.preflight PLAN_JSON
+
+Everything the plan needs from the machine it lands on, checked once with one clear line per
+problem and exit 2, instead of a traceback from every rank: torch and transformers importable
+by this python, the data / tokenizer / weights paths present (they are relative to the launch
+directory).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from runtime.plan import Plan, load_plan
+
+
+def problems(plan: Plan) -> list[str]:
+    out = []
+    for mod in ("torch", "transformers"):
+        if importlib.util.find_spec(mod) is None:
+            out.append(f"{sys.executable} cannot import {mod}; activate the training environment "
+                       f"(cluster.env_setup) or set MESHBAKE_PYTHON")
+    for key, path in (("data.path", plan.data.path), ("data.tokenizer", plan.data.tokenizer),
+                      ("model.weights", plan.model.weights)):
+        if path and not Path(path).exists():
+            out.append(f"{key}: {path!r} not found (relative to the launch directory {os.getcwd()}); "
+                       f"launch from the directory it is relative to, or fix the recipe and re-bundle")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    found = problems(load_plan(args[0]))
+    for p in found:
+        print(f"meshbake: {p}", file=sys.stderr)
+    return 2 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -49,6 +49,11 @@ def peak_memory_bytes(device: torch.device) -> int:
     return rss * 1024
 
 
+class _Plain:
+    def print(self, msg: str) -> None:
+        print(msg.replace("[dim]", "").replace("[/dim]", ""), flush=True)
+
+
 class MetricsLog:
     """Rank 0 writes; other ranks hold a disabled instance."""
 
@@ -58,9 +63,12 @@ class MetricsLog:
         self.log = run_dir / "train.log"
         self.console = None
         if enabled:
-            from rich.console import Console
+            try:     # rich for the console line where installed; a bundle needs only torch + transformers
+                from rich.console import Console
 
-            self.console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+                self.console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+            except ImportError:
+                self.console = _Plain()
 
     def info(self, msg: str) -> None:
         if not self.enabled:

@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: install
+	@# the demo starts fresh every time (a real run in the same run dir would resume instead)
+	rm -rf runs/tiny_cpu
 	$(VENV)/bin/meshbake bundle tiny_cpu -o $(OUT)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash $(OUT)/launch.sh
 

@@ -195,7 +195,9 @@ def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
         state = ckpt.load(resume, model, opt)
         sched.load_state_dict(state["scheduler"])
         start = state["step"]
-        log.info(f"resumed from {resume.name} (saved on world {state['world']}), continuing at step {start + 1}")
+        log.info(f"resumed from {resume.name} (saved on world {state['world']}), continuing at step {start + 1}"
+                 if start < plan.train.steps else
+                 f"resumed from {resume.name}: all {plan.train.steps} steps already done, nothing to train")
     tokens_per_step = plan.train.global_batch_size * plan.train.seq_len
     fpt, peak = flops_per_token(plan), peak_flops(device)
     hosts: list = [None] * dist.get_world_size()

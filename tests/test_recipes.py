@@ -17,9 +17,10 @@ INVALID = sorted((ROOT / "tests/recipes/invalid").glob("*.yaml"))
 
 
 def expected(path: Path) -> str:
-    first = path.read_text().splitlines()[0]
-    assert first.startswith("# expect: "), f"{path.name}: first line must be '# expect: <json.path>'"
-    return first.removeprefix("# expect: ").strip()
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("# expect: "), f"{path.name}: first line must be '# expect: <json.path>'"
+    assert len(lines) > 1 and lines[1].startswith("# "), f"{path.name}: second line must say what the mistake is"
+    return lines[0].removeprefix("# expect: ").strip()
 
 
 def test_corpus_size():
@@ -27,14 +28,16 @@ def test_corpus_size():
 
 
 @pytest.mark.parametrize("path", VALID, ids=lambda p: p.stem)
-def test_valid_recipe_compiles(path):
+def test_valid_recipe_compiles(path, monkeypatch):
+    monkeypatch.chdir(ROOT)              # model.config paths are relative to the working directory
     b = compile_recipe(path.read_text(), source=path.name)
     assert not isinstance(b, Err), b
     assert {"plan.json", "launch.sh", "job.sbatch", "PLAN.md"} <= set(b.files)
 
 
 @pytest.mark.parametrize("path", INVALID, ids=lambda p: p.stem)
-def test_invalid_recipe_reports_its_path(path):
+def test_invalid_recipe_reports_its_path(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
     err = compile_recipe(path.read_text(), source=path.name)
     assert isinstance(err, Err), f"{path.name} compiled but should fail at {expected(path)}"
     paths = [e.path for e in err.errors]

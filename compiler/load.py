@@ -36,9 +36,14 @@ class _StrictLoader(yaml.SafeLoader):
     """SafeLoader + exponent floats without a dot + duplicate keys rejected."""
 
 
-_StrictLoader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
-                                         for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+# YAML 1.1 also reads 24:00:00 as the base-60 integer 86400 (a Slurm time limit!) and 0x10 as
+# 16: integers here are plain decimal (with _ separators), the rest stays a string
+_INT = re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$")
+_StrictLoader.yaml_implicit_resolvers = {
+    k: [r for r in v if r[0] not in ("tag:yaml.org,2002:float", "tag:yaml.org,2002:int")]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
 
 
 def _construct_mapping(loader, node, deep=False):
@@ -54,22 +59,23 @@ def _construct_mapping(loader, node, deep=False):
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _dup_path(node: yaml.Node, prefix: str = "") -> str | None:
+def _dup_path(node: yaml.Node, prefix: tuple = ()) -> str | None:
     """JSON path of the first duplicated key in a composed YAML tree."""
+    from compiler.validate import json_path
+
     if isinstance(node, yaml.MappingNode):
         seen = set()
         for k, v in node.value:
             key = k.value
-            p = f"{prefix}.{key}" if prefix else str(key)
             if key in seen:
-                return p
+                return json_path(prefix + (key,))
             seen.add(key)
-            found = _dup_path(v, p)
+            found = _dup_path(v, prefix + (key,))
             if found:
                 return found
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
-            found = _dup_path(v, f"{prefix}[{i}]")
+            found = _dup_path(v, prefix + (i,))
             if found:
                 return found
     return None

@@ -103,14 +103,57 @@ def _schema_error(err) -> list[RecipeError]:
         return [RecipeError(json_path(path + [missing]), "required key is missing",
                             _section_schema(path + [missing]).get("description", ""))]
     if v == "enum":
-        near = difflib.get_close_matches(str(err.instance), [str(x) for x in err.validator_value], n=1)
-        hint = f"did you mean {near[0]!r}?" if near else \
-            f"one of: {', '.join(str(x) for x in err.validator_value)}"
-        return [RecipeError(where, f"{err.instance!r} is not allowed", hint)]
+        choices = [str(x) for x in err.validator_value]
+        alias = ALIASES.get(str(err.instance).lower())
+        near = [alias] if alias in choices else difflib.get_close_matches(str(err.instance), choices, n=1)
+        hint = f"did you mean {near[0]!r}? (one of: {', '.join(choices)})" if near else f"one of: {', '.join(choices)}"
+        return [RecipeError(where, f"{json.dumps(err.instance)} is not allowed", hint)]
     if v == "anyOf" and path[:2] == ["tp", "plan"]:
         return [RecipeError(where, f"{err.instance!r} is not a plan",
                             "use 'auto' or a mapping {module pattern: colwise|rowwise|sequence_parallel|replicate}")]
-    return [RecipeError(where, err.message, _describe(path) or "see compiler/recipe.schema.json")]
+    return [RecipeError(where, _message(err), _fix(err, path))]
+
+
+# common spellings of enum values (string similarity would map "gpu" to "cpu")
+ALIASES = {"gpu": "cuda", "nvidia": "cuda", "bf16": "bfloat16", "fp32": "float32", "fp16": "float16",
+           "float": "float32", "half": "float16", "true": "full", "yes": "full", "false": "none", "no": "none",
+           "txt": "text", "json": "jsonl"}
+
+
+def _message(err) -> str:
+    """jsonschema's message with JSON spellings (true, null) instead of Python's (True, None)."""
+    inst = json.dumps(err.instance) if not isinstance(err.instance, (dict, list)) else "the value"
+    v, vv = err.validator, err.validator_value
+    if v == "type":
+        return f"{inst} is not of type {vv if isinstance(vv, str) else ' or '.join(vv)}"
+    if v in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        op = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}[v]
+        return f"{inst} is out of range: must be {op} {vv}"
+    if v == "pattern":
+        return f"{inst} has the wrong format"
+    if v in ("anyOf", "oneOf"):
+        return f"{inst} is not allowed"
+    return err.message
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+def _fix(err, path: list[Any]) -> str:
+    """What to write instead: the key's description plus the rule it broke."""
+    desc = _describe(path)
+    v, vv = err.validator, err.validator_value
+    rule = {"type": lambda: f"write {_a(vv if isinstance(vv, str) else ' or '.join(vv))}"
+                            + (" (quote text like '24:00:00' or 'bf16' in YAML)" if vv == "string" else "")
+                            + (" (no quotes, no units)" if vv in ("integer", "number") else ""),
+            "minimum": lambda: f"use a value >= {vv}", "maximum": lambda: f"use a value <= {vv}",
+            "exclusiveMinimum": lambda: f"use a value > {vv}", "exclusiveMaximum": lambda: f"use a value < {vv}",
+            "pattern": lambda: f"it must match {vv}", "minItems": lambda: f"give at least {vv} items",
+            "maxItems": lambda: f"give at most {vv} items", "minLength": lambda: "it must not be empty",
+            "uniqueItems": lambda: "remove the repeated item"}.get(v)
+    parts = [p for p in (desc.rstrip(".") if desc else "", rule() if rule else "") if p]
+    return "; ".join(parts) or "see compiler/recipe.schema.json"
 
 
 def schema_errors(d: Mapping[str, Any]) -> list[RecipeError]:
@@ -131,7 +174,14 @@ def schema_errors(d: Mapping[str, Any]) -> list[RecipeError]:
 
 
 def _defaults(node: dict[str, Any], value: Any) -> Any:
-    """Fill schema defaults, recursively, into a copy of value."""
+    """Fill schema defaults, recursively, into a copy of value. Integer fields given as whole
+    floats (`steps: 1e4`, which JSON Schema accepts as an integer) become ints."""
+    types = node.get("type")
+    if isinstance(value, float) and value.is_integer() and (types == "integer" or (
+            isinstance(types, list) and "integer" in types)):
+        return int(value)
+    if isinstance(value, list) and isinstance(node.get("items"), dict):
+        return [_defaults(node["items"], x) for x in value]
     if node.get("type") != "object" or not isinstance(value, dict):
         return value
     out = dict(value)

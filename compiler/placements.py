@@ -82,7 +82,7 @@ def _overrides(recipe: Recipe, model: ModelSpec, styles: dict[str, str]) -> list
         bad = sorted({kinds[f] for f in hits if style not in ALLOWED[kinds[f]]})
         if bad:
             errs.append(RecipeError(path, f"style {style!r} does not apply to {'/'.join(bad)} modules",
-                                    f"allowed: {', '.join(f'{k}: {ALLOWED[k]}' for k in bad)}"))
+                                    f"allowed: {'; '.join(f'{k}: ' + ', '.join(ALLOWED[k]) for k in bad)}"))
             continue
         for f in hits:
             styles[f] = style

@@ -171,99 +171,141 @@ def forward_loss(model, x, y, lp: bool, position_ids=None) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(0, 1))
 
 
-def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
-    device = device_for(plan)
-    mesh = world_mesh(plan)
-    rank = dist.get_rank()
-    run_dir.mkdir(parents=True, exist_ok=True) if rank == 0 else None
+@dataclass
+class Job:
+    """Everything a step needs, built once per run."""
+    plan: Plan
+    device: torch.device
+    mesh: DeviceMesh
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    data: TokenData
+    dp_rank: int                      # ranks that see different batches: dp_replicate x dp_shard, row-major
+    log: MetricsLog
+    ckpt_root: Path
+
+
+def setup(plan: Plan, run_dir: Path) -> Job:
+    device, mesh = device_for(plan), world_mesh(plan)
+    if dist.get_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "PREEMPTED").unlink(missing_ok=True)
     dist.barrier()
-    log = MetricsLog(run_dir, enabled=rank == 0)
     torch.manual_seed(plan.train.seed)
     model = build(plan, mesh, device)
     opt, sched = build_optimizer(model, plan)
-    params = [p for p in model.parameters() if p.requires_grad]
-    lp = plan.tp.loss_parallel and plan.mesh.tp > 1
-    # ranks that see different batches: dp = dp_replicate x dp_shard (row-major coordinate)
     dp_rank = mesh["dp_replicate"].get_local_rank() * plan.mesh.dp_shard + mesh["dp_shard"].get_local_rank()
-    data = TokenData(plan.data, plan.train, dp=plan.mesh.dp)
-    root = ckpt.ckpt_root(run_dir, plan.checkpoint.dir)
+    return Job(plan, device, mesh, model, opt, sched, TokenData(plan.data, plan.train, dp=plan.mesh.dp), dp_rank,
+               MetricsLog(run_dir, enabled=dist.get_rank() == 0), ckpt.ckpt_root(run_dir, plan.checkpoint.dir))
 
-    start = 0
-    (run_dir / "PREEMPTED").unlink(missing_ok=True) if rank == 0 else None
-    resume = ckpt.find_resume(root, plan.checkpoint.resume, log.info)
-    if resume is not None:
-        state = ckpt.load(resume, model, opt)
-        sched.load_state_dict(state["scheduler"])
-        start = state["step"]
-        log.info(f"resumed from {resume.name} (saved on world {state['world']}), continuing at step {start + 1}"
-                 if start < plan.train.steps else
-                 f"resumed from {resume.name}: all {plan.train.steps} steps already done, nothing to train")
-    tokens_per_step = plan.train.global_batch_size * plan.train.seq_len
-    fpt, peak = flops_per_token(plan), peak_flops(device)
+
+def resume(job: Job) -> int:
+    """The step to start from: 0, or that of the newest committed checkpoint (any mesh)."""
+    found = ckpt.find_resume(job.ckpt_root, job.plan.checkpoint.resume, job.log.info)
+    if found is None:
+        return 0
+    state = ckpt.load(found, job.model, job.opt)
+    job.sched.load_state_dict(state["scheduler"])
+    start, steps = state["step"], job.plan.train.steps
+    job.log.info(f"resumed from {found.name} (saved on world {state['world']}), continuing at step {start + 1}"
+                 if start < steps else f"resumed from {found.name}: all {steps} steps already done, nothing to train")
+    return start
+
+
+def log_layout(job: Job) -> None:
     hosts: list = [None] * dist.get_world_size()
     dist.all_gather_object(hosts, socket.gethostname())
     by_host: dict[str, list[int]] = {}
     for r, h in enumerate(hosts):
         by_host.setdefault(h, []).append(r)
-    log.info("ranks by host: " + ", ".join(f"{h}: {rs}" for h, rs in by_host.items()))
-    log.info(f"{plan.name}: world {plan.mesh.world} mesh {dict(zip(MESH_DIMS, plan.mesh.shape))}, "
-             f"{plan.model.num_params:,} params, {plan.train.steps} steps x {tokens_per_step:,} tokens")
-    res = Result({}, {}, {}, False, model, mesh)
-    saved_at = start
+    p = job.plan
+    job.log.info("ranks by host: " + ", ".join(f"{h}: {rs}" for h, rs in by_host.items()))
+    job.log.info(f"{p.name}: world {p.mesh.world} mesh {dict(zip(MESH_DIMS, p.mesh.shape))}, "
+                 f"{p.model.num_params:,} params, {p.train.steps} steps x "
+                 f"{p.train.global_batch_size * p.train.seq_len:,} tokens")
+
+
+@dataclass(frozen=True)
+class StepOut:
+    loss: float                       # global mean over every token of the global batch
+    grad_norm: float                  # before clipping
+    lr: float
+    stop: bool                        # some rank got SIGUSR1/SIGTERM
+    seconds: float
+
+
+def train_step(job: Job, step: int, stop_requested: bool) -> StepOut:
+    """One optimizer step: grad_accum micro-steps (FSDP reduce-scatters on the last one only),
+    global-norm clipping, AdamW, LR schedule."""
+    plan, device, accum = job.plan, job.device, job.plan.train.grad_accum
+    lp = plan.tp.loss_parallel and plan.mesh.tp > 1
+    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for micro in range(accum):
+        job.model.set_requires_gradient_sync(micro == accum - 1)
+        x, y = job.data.micro_batch(step, micro, job.dp_rank)            # (mbs, T) each
+        pos = None
+        if plan.mesh.cp > 1:     # this cp rank's load-balanced chunks, with their global positions
+            cp_mesh = job.mesh["cp"]
+            pos = cp.set_batch(cp_mesh, plan.train.seq_len)[None, :].to(device)
+            x, y = (cp.shard_sequence(t, plan.mesh.cp, cp_mesh.get_local_rank()) for t in (x, y))
+        loss = forward_loss(job.model, x.to(device), y.to(device), lp, pos)
+        with loss_parallel() if lp else nullcontext():
+            (loss / accum).backward()
+        loss_sum += (loss.full_tensor() if isinstance(loss, DTensor) else loss).detach().double()
+    # one all-reduce over the world: [loss, stop], in flight while clipping and the optimizer
+    # step run. The loss is the same on the tp ranks of a dp x cp coordinate, so
+    # world-sum / world = the mean over dp x cp; any rank's stop flag stops every rank.
+    flag = torch.tensor(float(stop_requested), dtype=torch.float64, device=device)
+    stats = torch.stack([loss_sum / accum, flag])
+    pending = dist.all_reduce(stats, async_op=True)
+    gnorm = clip_grad_norm([p for p in job.model.parameters() if p.requires_grad], plan.train.grad_clip)
+    lr = job.sched.get_last_lr()[0]
+    job.opt.step()
+    job.sched.step()
+    job.opt.zero_grad(set_to_none=True)
+    pending.wait()
+    stats = stats.cpu()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return StepOut(stats[0].item() / plan.mesh.world, float(gnorm), lr, stats[1].item() > 0,
+                   time.perf_counter() - t0)
+
+
+def checkpoint_due(plan: Plan, n: int, stop: bool) -> bool:
+    every, last = plan.checkpoint.every_steps, n == plan.train.steps
+    return bool((every and n % every == 0) or (plan.checkpoint.save_on_exit and (stop or (last and every))))
+
+
+def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
+    job = setup(plan, run_dir)
+    start = resume(job)
+    log_layout(job)
+    tokens_per_step = plan.train.global_batch_size * plan.train.seq_len
+    fpt, peak = flops_per_token(plan), peak_flops(job.device)
+    res = Result({}, {}, {}, False, job.model, job.mesh)
     for step in range(start, plan.train.steps):
-        fault_hook("step", step + 1)
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for micro in range(plan.train.grad_accum):
-            last = micro == plan.train.grad_accum - 1
-            model.set_requires_gradient_sync(last)       # reduce-scatter once, on the last micro-step
-            x, y = data.micro_batch(step, micro, dp_rank)
-            pos = None
-            if plan.mesh.cp > 1:     # this cp rank's load-balanced chunks, with their global positions
-                pos = cp.set_batch(mesh["cp"], plan.train.seq_len)[None, :].to(device)
-                x, y = (cp.shard_sequence(t, plan.mesh.cp, mesh["cp"].get_local_rank()) for t in (x, y))
-            loss = forward_loss(model, x.to(device), y.to(device), lp, pos)
-            with loss_parallel() if lp else nullcontext():
-                (loss / plan.train.grad_accum).backward()
-            loss_sum += (loss.full_tensor() if isinstance(loss, DTensor) else loss).detach().double()
-        # one all-reduce over the world: [loss, stop], in flight while clipping and the optimizer
-        # step run. The loss is the same on the tp ranks of a dp x cp coordinate, so
-        # world-sum / world = the mean over dp x cp; any rank's stop flag stops every rank.
-        flag = torch.tensor(float(bool(signals and signals.received)), dtype=torch.float64, device=device)
-        stats = torch.stack([loss_sum / plan.train.grad_accum, flag])
-        pending = dist.all_reduce(stats, async_op=True)
-        gnorm = clip_grad_norm(params, plan.train.grad_clip)
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        pending.wait()
-        stats = stats.cpu()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
         n = step + 1
-        loss_val = stats[0].item() / plan.mesh.world
-        res.losses[n], res.grad_norms[n], res.step_times[n] = loss_val, float(gnorm), dt
+        fault_hook("step", n)
+        out = train_step(job, step, bool(signals and signals.received))
+        res.losses[n], res.grad_norms[n], res.step_times[n] = out.loss, out.grad_norm, out.seconds
         if n % plan.train.log_every == 0 or n == plan.train.steps:
-            tps = tokens_per_step / dt
-            log.step({"step": n, "loss": loss_val, "lr": lr, "grad_norm": float(gnorm), "step_time_s": dt,
-                      "tokens_per_s": tps, "tokens_per_s_per_device": tps / plan.mesh.world,
-                      "mfu": (fpt * tps / plan.mesh.world / peak) if peak else None,
-                      "peak_mem_bytes": peak_memory_bytes(device)})
-        stop = stats[1].item() > 0
-        every = plan.checkpoint.every_steps
-        if (every and n % every == 0) or (stop and plan.checkpoint.save_on_exit) or (
-                n == plan.train.steps and plan.checkpoint.save_on_exit and every):
-            if saved_at != n:
-                path = ckpt.save(root, n, model, opt, {"step": n, "scheduler": sched.state_dict()},
-                                 plan.checkpoint.keep, lambda where: fault_hook(where, n))
-                saved_at = n
-                log.info(f"checkpoint {path.name} committed")
-        if stop:
-            if rank == 0:
+            tps = tokens_per_step / out.seconds
+            job.log.step({"step": n, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
+                          "step_time_s": out.seconds, "tokens_per_s": tps,
+                          "tokens_per_s_per_device": tps / plan.mesh.world,
+                          "mfu": (fpt * tps / plan.mesh.world / peak) if peak else None,
+                          "peak_mem_bytes": peak_memory_bytes(job.device)})
+        if checkpoint_due(plan, n, out.stop):
+            path = ckpt.save(job.ckpt_root, n, job.model, job.opt, {"step": n, "scheduler": job.sched.state_dict()},
+                             plan.checkpoint.keep, lambda where: fault_hook(where, n))
+            job.log.info(f"checkpoint {path.name} committed")
+        if out.stop:
+            if dist.get_rank() == 0:
                 (run_dir / "PREEMPTED").write_text(f"{n}\n")
-            log.info(f"stop signal: saved at step {n}, exiting for requeue")
+            saved = "saved" if plan.checkpoint.save_on_exit else "NOT saved (checkpoint.save_on_exit: false)"
+            job.log.info(f"stop signal: {saved} at step {n}, exiting for requeue")
             res.preempted = True
             break
     return res

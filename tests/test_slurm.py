@@ -56,6 +56,12 @@ def job(env, jid: str) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in p.stdout.split() if "=" in kv)
 
 
+def daemon_logs(env, lines: int = 40) -> str:
+    """The tail of slurmctld's and both slurmd's logs: why Slurm failed a job is only there."""
+    logs = sorted((Path(env["SLURM_CONF"]).parent / "log").glob("*.log"))
+    return "\n".join(f"== {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-lines:]) for f in logs)
+
+
 def metrics(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
@@ -66,7 +72,7 @@ def test_sbatch_wait_trains_on_two_nodes(slurm, tmp_path):
     p = subprocess.run(["sbatch", "--wait", "--parsable", "out/job.sbatch"], cwd=d, env=slurm,
                        capture_output=True, text=True, timeout=300)
     out = "".join(f.read_text() for f in d.glob("meshbake-tiny_slurm-*.*"))
-    assert p.returncode == 0, p.stderr + out
+    assert p.returncode == 0, f"{p.stderr}{out}\n{daemon_logs(slurm)}"
     print(f"sbatch --wait: {time.perf_counter() - t0:.1f} s")
     run = d / "runs/tiny_slurm"
     log = (run / "train.log").read_text()
@@ -94,15 +100,18 @@ def test_preemption_requeues_and_resumes(slurm, tmp_path):
     while True:
         info = job(slurm, jid)
         if info.get("Restarts", "0") != "0" and info.get("JobState") == "PENDING" and not requeued:
-            # Slurm holds a requeued job ~2 minutes (BeginTime); a scheduler would start it later
-            subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], env=slurm, check=True)
+            # Slurm holds a requeued job ~2 minutes (BeginTime); a scheduler would start it later.
+            # Not "now": slurmd revoked the old incarnation's credential at the requeue, and a new
+            # one issued within the same second counts as revoked ("Job credential revoked" ->
+            # FAILED, seen under load); 3 s later the new credential is strictly newer
+            subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now+3"], env=slurm, check=True)
             requeued = True
         if not info or info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
             break
         assert time.time() < deadline, info
         time.sleep(0.5)
     out = "".join(f.read_text() for f in d.glob("meshbake-tiny_slurm-*.*"))
-    assert requeued and info.get("JobState", "COMPLETED") == "COMPLETED", (info, out[-3000:])
+    assert requeued and info.get("JobState", "COMPLETED") == "COMPLETED", f"{info}\n{out[-3000:]}\n{daemon_logs(slurm)}"
     stopped = int(next(line for line in (run / "train.log").read_text().splitlines()
                        if line.startswith("stop signal")).split("step ")[1].split(",")[0])
     assert f"resumed from step-{stopped}" in (run / "train.log").read_text()

@@ -53,18 +53,34 @@ def _resolve(args):
     return resolve_dict(d)
 
 
+def _count(n: float) -> str:
+    """647488 -> '647.5K', 70553706496 -> '70.55B' (the tiny demo model is not '0.00B')."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+
+
 def _summary(res) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     plan, est = res.plan, res.estimate
     m = plan.mesh
     con = Console()
-    con.print(f"[bold]{plan.name}[/]: {plan.model.source} ({plan.model.num_params / 1e9:.2f}B params) on "
+    con.print(f"[bold]{plan.name}[/]: {plan.model.source} ({_count(plan.model.num_params)} params) on "
               f"{m.nodes} x {m.procs_per_node} {m.device} = world {m.world}")
-    t = Table("dp_replicate", "dp_shard", "cp", "tp", "grad_accum", "tokens/step", "GB/rank", "budget")
+    # SIMPLE_HEAD and no edge padding: fits 80 columns (a pipe, CI log) without cutting headers
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1), collapse_padding=True)
+    for h in ("dp_replicate", "dp_shard", "cp", "tp", "grad_accum", "tokens/step", "per rank", "budget"):
+        t.add_column(h, no_wrap=True, min_width=len(h))
     t.add_row(*map(str, (m.dp_replicate, m.dp_shard, m.cp, m.tp, plan.train.grad_accum)),
-              f"{res.mesh.tokens_per_step:,}", f"{est.total_bytes / 1e9:,.1f}", f"{est.budget_bytes / 1e9:,.1f}")
+              f"{res.mesh.tokens_per_step:,}", _gb(est.total_bytes), _gb(est.budget_bytes))
     con.print(t)
     for w in plan.warnings:
         con.print(f"[yellow]warning[/] {w}")

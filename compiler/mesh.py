@@ -73,12 +73,22 @@ def _tp_errors(recipe: Recipe, model: ModelSpec, tp: int) -> list[RecipeError]:
                                 "would cross nodes (every matmul all-reduces over the slow inter-node network)",
                                 f"use tp in {divisors(gpn)} or set mesh.allow_cross_node_tp: true"))
     dims = {"num_attention_heads": model.num_heads, "num_key_value_heads": model.num_kv_heads,
-            "intermediate_size": model.intermediate_size, "vocab_size": model.vocab_size}
+            "intermediate_size": model.intermediate_size}
     bad = [f"{k}={v}" for k, v in dims.items() if v % tp]
     if bad:
         ok = [d for d in divisors(min(gpn, model.num_kv_heads)) if all(v % d == 0 for v in dims.values())]
         errs.append(RecipeError("mesh.tp", f"tp={tp} does not divide {', '.join(bad)} of {model.source}",
                                 f"try tp in {ok}"))
+    elif model.vocab_size % tp:
+        # the embedding and lm_head are split on the vocab dim (equal Shard(0) blocks); a vocab
+        # such as 32001 (a pad token added to 32000) is fixed once, in the checkpoint, by padding
+        mult = math.lcm(64, tp)
+        pad = -(-model.vocab_size // mult) * mult
+        errs.append(RecipeError("mesh.tp", f"tp={tp} does not divide vocab_size={model.vocab_size} of "
+                                f"{model.source} (embedding and lm_head are sharded on the vocab dim)",
+                                f"pad the vocabulary: model.resize_token_embeddings(len(tokenizer), "
+                                f"pad_to_multiple_of={mult}) -> vocab_size {pad}, save_pretrained, point "
+                                f"model.config at it"))
     return errs
 
 

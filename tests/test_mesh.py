@@ -76,3 +76,16 @@ def test_all_mesh_errors_reported_at_once():
     assert isinstance(r, Err)
     # tp crosses nodes AND does not divide the heads; seq_len; batch: all at once
     assert paths(r).count("mesh.tp") == 2 and "train.seq_len" in paths(r)
+
+
+def test_vocab_not_divisible_by_tp_says_how_to_pad(tmp_path):
+    """A vocab of 4097 (a pad token added to 4096) cannot be split into equal vocab shards."""
+    import json
+
+    from tests.helpers import ROOT
+    cfg = json.loads((ROOT / "compiler/catalog/tiny-llama.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, vocab_size=4097)))
+    r = resolve(recipe_text(mesh={"tp": 2, "dp_shard": 4}), f"model.config={tmp_path / 'config.json'}")
+    assert isinstance(r, Err) and paths(r) == ["mesh.tp"], r
+    e = r.errors[0]
+    assert "vocab_size=4097" in e.message and "pad_to_multiple_of=64" in e.hint and "4160" in e.hint

@@ -103,7 +103,8 @@ def _seq_errors(recipe: Recipe, model: ModelSpec, cp: int, tp: int) -> list[Reci
         why.append(f"2 x cp = {2 * cp} (load-balanced context parallel)")
     if recipe.tp.sequence_parallel and tp > 1:
         why.append(f"tp = {tp} (sequence parallel)")
-    return [RecipeError("train.seq_len", f"seq_len={s} is not divisible by {' x '.join(why)} = {need}",
+    by = why[0] if len(why) == 1 else f"{' x '.join(why)} = {need}"
+    return [RecipeError("train.seq_len", f"seq_len={s} is not divisible by {by}",
                         f"use a multiple of {need}, e.g. {max(need, s - s % need)}")]
 
 

@@ -2,6 +2,10 @@
 
 Everything goes to a temp dir next to the target, then one rename puts it in place, so an
 interrupted or failed compile never leaves a half-written bundle (the old one stays).
+
+Only a previous bundle is ever replaced: `-o .` or `-o ~/project` must not delete a user's
+directory. A directory is a previous bundle when every file in it is listed in its
+MANIFEST.sha256 (plus the `__pycache__/` Python writes when the bundle's runtime runs).
 """
 from __future__ import annotations
 
@@ -11,13 +15,49 @@ import tempfile
 from pathlib import Path
 from typing import Mapping
 
+from compiler.errors import Err, RecipeError, Result
+
 EXECUTABLE = {"launch.sh", "job.sbatch"}
+MANIFEST = "MANIFEST.sha256"
 
 
-def write_bundle(files: Mapping[str, bytes], out: str | os.PathLike) -> Path:
+def _foreign_files(out: Path) -> list[str]:
+    """Files in `out` that no bundle wrote (empty list: safe to replace)."""
+    present = sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                     if not p.is_dir() and "__pycache__" not in p.parts)
+    if not present:
+        return []
+    manifest = out / MANIFEST
+    if not manifest.is_file():
+        return present
+    listed = {line.split("  ", 1)[1] for line in manifest.read_text(errors="replace").splitlines() if "  " in line}
+    return [p for p in present if p not in listed and p != MANIFEST]
+
+
+def check_target(out: str | os.PathLike) -> RecipeError | None:
+    """Why `out` cannot receive a bundle, or None."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    if out.exists() and not out.is_dir():
+        return RecipeError("-o", f"{out} exists and is not a directory", "choose a new directory, e.g. -o out/")
+    if out.is_dir():
+        foreign = _foreign_files(out)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            return RecipeError("-o", f"{out} holds files meshbake did not write ({shown}); replacing the "
+                               "directory would delete them", "choose another -o, or move those files away")
+    return None
+
+
+def write_bundle(files: Mapping[str, bytes], out: str | os.PathLike) -> Result[Path]:
+    out = Path(out)
+    refused = check_target(out)
+    if refused is not None:
+        return Err((refused,))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        return Err((RecipeError("-o", f"cannot create {out} ({e.strerror})", "choose a writable directory"),))
     try:
         for rel, data in files.items():
             p = tmp / rel
@@ -32,7 +72,10 @@ def write_bundle(files: Mapping[str, bytes], out: str | os.PathLike) -> Path:
         tmp.rename(out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):       # disk full, permissions: the old bundle is untouched
+            return Err((RecipeError("-o", f"cannot write {out} ({e.strerror or e})", "check the disk and "
+                                    "permissions; the previous bundle, if any, is unchanged"),))
         raise
     return out

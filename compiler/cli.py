@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
     e.add_argument("-o", "--out", required=True)
+    e.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     return p
 
 
@@ -90,9 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "export":
         from runtime.export import main as export_main
-        argv2 = [args.run_dir, "-o", args.out] + ([] if args.step is None else ["--step", str(args.step)])
+        argv2 = ([args.run_dir, "-o", args.out] + ([] if args.step is None else ["--step", str(args.step)])
+                 + (["--force"] if args.force else []))
         return export_main(argv2)
     t0 = time.perf_counter()
+    if args.cmd == "bundle":             # refuse a bad -o before the 3 s of resolving
+        from compiler.bundle import check_target
+        refused = check_target(args.out)
+        if refused is not None:
+            return _report(Err((refused,)), args.recipe)
     res = _resolve(args)
     if isinstance(res, Err):
         return _report(res, args.recipe)
@@ -107,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     from compiler.render import render_bundle
 
     out = write_bundle(render_bundle(res), args.out)
+    if isinstance(out, Err):
+        return _report(out, args.recipe)
     _summary(res)
     print(f"wrote {out}/ ({time.perf_counter() - t0:.1f} s)")
     return 0

@@ -112,7 +112,8 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> Result[dict[str,
         try:
             value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else None  # noqa: S506
         except (yaml.YAMLError, _DupKey) as e:
-            errs.append(RecipeError("--set", f"{item!r}: value is not YAML ({e})", "quote strings with '...'"))
+            why = getattr(e, "problem", None) or str(e).splitlines()[0]
+            errs.append(RecipeError("--set", f"{item!r}: value is not YAML ({why})", "quote strings with '...'"))
             continue
         node = out
         for i, p in enumerate(parts[:-1]):
@@ -146,7 +147,8 @@ def apply_cluster_profile(d: dict[str, Any], cli_profile: str | None) -> Result[
         near = difflib.get_close_matches(str(name), avail, n=1)
         return Err((RecipeError("cluster.profile", f"no cluster profile {name!r} ({path.name} not found)",
                                 f"did you mean {near[0]!r}?" if near else f"available: {', '.join(avail) or 'none'}"),))
-    prof = parse_yaml(path.read_text(), str(path.name))
+    text = read_text(path, "cluster.profile")
+    prof = text if isinstance(text, Err) else parse_yaml(text, str(path.name))
     if isinstance(prof, Err):
         return Err(tuple(RecipeError(f"cluster.profile ({path.name}) {e.path}", e.message, e.hint)
                          for e in prof.errors))
@@ -160,14 +162,27 @@ def resolve_recipe_path(name_or_path: str) -> Result[Path]:
     p = Path(name_or_path)
     if p.is_file():
         return p
+    by_name = p.suffix not in (".yaml", ".yml") and len(p.parts) == 1    # `70b_hsdp_tp`, not a path
     named = RECIPES / f"{name_or_path}.yaml"
-    if named.is_file():
+    if by_name and named.is_file():
         return named
     avail = sorted(x.stem for x in RECIPES.glob("*.yaml"))
     near = difflib.get_close_matches(name_or_path, avail, n=2, cutoff=0.4)
-    hint = f"did you mean {' or '.join(near)}?" if near else f"recipes: {', '.join(avail)}"
-    return Err((RecipeError("$", f"no recipe {name_or_path!r} (not a file, not recipes/{name_or_path}.yaml)",
-                            hint),))
+    hint = (f"name a recipe .yaml inside {name_or_path}" if p.is_dir() else
+            f"did you mean {' or '.join(near)}?" if near else f"recipes: {', '.join(avail)}")
+    what = "a directory" if p.is_dir() else f"not a file, not recipes/{named.name}" if by_name else "not a file"
+    return Err((RecipeError("$", f"no recipe {name_or_path!r} ({what})", hint),))
+
+
+def read_text(path: Path, json_path: str) -> Result[str]:
+    """A recipe or profile as text; unreadable or non-UTF-8 bytes are an error, not a traceback."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        return Err((RecipeError(json_path, f"{path} is not UTF-8 text (byte {e.start}: {e.reason})",
+                                "save the recipe as UTF-8 YAML"),))
+    except OSError as e:
+        return Err((RecipeError(json_path, f"cannot read {path} ({e.strerror})", "check the path and permissions"),))
 
 
 def load_recipe(name_or_path: str, overrides: tuple[str, ...] = (),
@@ -175,7 +190,10 @@ def load_recipe(name_or_path: str, overrides: tuple[str, ...] = (),
     path = resolve_recipe_path(name_or_path)
     if isinstance(path, Err):
         return path
-    d = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    text = read_text(path, "$")
+    if isinstance(text, Err):
+        return text
+    d = parse_yaml(text, str(path))
     if isinstance(d, Err):
         return d
     d = apply_overrides(d, list(overrides))
@@ -198,7 +216,7 @@ def read_model_config(ref: str) -> Result[dict[str, Any]]:
                                 f"catalog: {', '.join(catalog_names())}"),))
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:     # ValueError: JSONDecodeError and UnicodeDecodeError
         return Err((RecipeError("model.config", f"{path}: cannot read config.json ({e})", "check the file"),))
     if not isinstance(cfg, dict):
         return Err((RecipeError("model.config", f"{path}: config.json is not an object", "check the file"),))

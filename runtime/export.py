@@ -20,11 +20,14 @@ from runtime.parallel import DTYPES, hf_config
 from runtime.plan import load_plan
 
 
-def export(run_dir: Path, step: int | None, out: Path) -> Path:
+def export(run_dir: Path, step: int | None, out: Path, force: bool = False) -> Path:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from transformers import AutoModelForCausalLM
 
+    if not (run_dir / "plan.json").is_file():
+        raise SystemExit(f"meshbake export: {run_dir} is not a run dir (no plan.json); give the directory "
+                         "the run wrote its metrics and checkpoints to, e.g. runs/<name>")
     plan = load_plan(str(run_dir / "plan.json"))
     root = ckpt.ckpt_root(run_dir, plan.checkpoint.dir)
     found = dict(ckpt.list_checkpoints(root, lambda s: print(f"meshbake export: {s}", file=sys.stderr)))
@@ -32,6 +35,9 @@ def export(run_dir: Path, step: int | None, out: Path) -> Path:
         raise SystemExit(f"meshbake export: no committed checkpoint under {root}")
     if step is not None and step not in found:
         raise SystemExit(f"meshbake export: no committed step-{step} under {root}; have {sorted(found)}")
+    if out.exists() and not (out.is_dir() and (force or not any(out.iterdir()))):
+        raise SystemExit(f"meshbake export: {out} exists and is not empty; choose a new -o, or pass --force "
+                         "to replace it")
     path = found[step if step is not None else max(found)]
     cfg = hf_config(plan.model.config)
     model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[plan.train.dtype])
@@ -59,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run_dir")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest committed)")
     ap.add_argument("-o", "--out", required=True)
+    ap.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
-    export(Path(args.run_dir), args.step, Path(args.out))
+    export(Path(args.run_dir), args.step, Path(args.out), args.force)
     return 0
 
 

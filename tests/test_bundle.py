@@ -64,11 +64,33 @@ def test_bundle_carries_the_runtime_source():
 
 def test_failed_write_leaves_the_previous_bundle(tmp_path):
     out = tmp_path / "out"
-    write_bundle({"a.txt": b"old"}, out)
+    old = {"a.txt": b"old", "MANIFEST.sha256": f"{hashlib.sha256(b'old').hexdigest()}  a.txt\n".encode()}
+    assert write_bundle(old, out) == out
     with pytest.raises(TypeError):
         write_bundle({"a.txt": b"new", "b.txt": None}, out)      # fails half-way
     assert (out / "a.txt").read_bytes() == b"old" and not (out / "b.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]          # no temp dir left behind
+
+
+def test_only_a_previous_bundle_is_replaced(tmp_path):
+    """`-o .` or `-o ~/project` must never delete a user's files."""
+    files = bundle_of("tiny_cpu").files
+    out = write_bundle(files, tmp_path / "out")
+    (out / "runtime/__pycache__").mkdir()
+    (out / "runtime/__pycache__/plan.cpython-311.pyc").write_bytes(b"")   # running the bundle writes these
+    assert write_bundle(files, out) == out                               # a bundle: replaced
+    (out / "notes.txt").write_text("mine")
+    r = write_bundle(files, out)
+    assert isinstance(r, Err) and r.errors[0].path == "-o" and "notes.txt" in r.errors[0].message
+    assert (out / "notes.txt").read_text() == "mine"
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "train.py").write_text("x")
+    assert isinstance(write_bundle(files, proj), Err) and (proj / "train.py").is_file()
+    (tmp_path / "afile").write_text("x")
+    assert "not a directory" in write_bundle(files, tmp_path / "afile").errors[0].message
+    (tmp_path / "empty").mkdir()
+    assert write_bundle(files, tmp_path / "empty") == tmp_path / "empty"  # an empty dir is fine
 
 
 def test_launch_scripts_are_executable(tmp_path):

@@ -72,3 +72,26 @@ def test_unknown_recipe_name_is_a_clean_error():
     r = meshbake("check", "70b_hsdp")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "70b_hsdp_tp" in r.stderr        # did-you-mean
+
+
+def test_unreadable_inputs_are_clean_errors(tmp_path):
+    """Bytes that are not UTF-8, a directory, an unparsable --set, a file as -o: each an error
+    with its path and exit 2, never a traceback."""
+    (tmp_path / "bin.yaml").write_bytes(b"name: x\n\xff\xfe\x00")
+    (tmp_path / "afile").write_text("x")
+    cases = [(("check", str(tmp_path / "bin.yaml")), "$: ", "not UTF-8"),
+             (("check", str(tmp_path)), "$: ", "a directory"),
+             (("check", "tiny_cpu", "--set", "mesh.tp=[1"), "--set: ", "not YAML"),
+             (("bundle", "tiny_cpu", "-o", str(tmp_path / "afile")), "-o: ", "not a directory"),
+             (("bundle", "tiny_cpu", "-o", str(tmp_path)), "-o: ", "did not write")]
+    for args, path, words in cases:
+        r = meshbake(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
+        assert f"  {path}" in r.stderr and words in r.stderr, (args, r.stderr)
+    assert (tmp_path / "afile").read_text() == "x" and (tmp_path / "bin.yaml").is_file()
+
+
+def test_export_of_a_non_run_dir_says_so(tmp_path):
+    r = meshbake("export", str(tmp_path), "-o", str(tmp_path / "hf"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "not a run dir" in r.stderr, r.stderr
+    assert not (tmp_path / "hf").exists()

@@ -134,6 +134,14 @@ def _lora_errors(recipe: Recipe, model: ModelSpec) -> list[RecipeError]:
             near = get_close_matches(t, leaves, n=1)
             errs.append(RecipeError(f"lora.targets[{i}]", f"{t!r} is no Linear layer of {model.architecture}",
                                     f"did you mean {near[0]!r}?" if near else f"choose from {', '.join(leaves)}"))
+    shapes = [m.shape for m in model.modules if m.kind == "linear" and m.fqn != head
+              and m.fqn.rpartition(".")[2] in lo.targets]
+    smallest = min((min(sh) for sh in shapes), default=0)
+    if shapes and lo.rank > smallest:
+        # B (out x r) @ A (r x in) has rank <= min(out, in): a larger r only adds parameters
+        errs.append(RecipeError("lora.rank", f"rank {lo.rank} exceeds the smallest dimension ({smallest}) of the "
+                                f"targeted layers of {model.architecture}, so the adapters cannot add rank",
+                                f"use a rank <= {smallest} (8 to 64 is usual)"))
     if lo.dropout > 0:
         errs.append(RecipeError("lora.dropout", f"{lo.dropout}: the runtime adds the adapters to the weight "
                                 "(W + s*B*A, which keeps TP layouts free of extra communication), so there is "

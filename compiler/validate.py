@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -169,8 +170,21 @@ def schema_errors(d: Mapping[str, Any]) -> list[RecipeError]:
                     out.extend(_schema_error(sub))
             continue
         out.extend(_schema_error(err))
+    out.extend(_non_finite(d, []))
     uniq = {(e.path, e.message): e for e in out}
     return sorted(uniq.values(), key=lambda e: (e.path, e.message))
+
+
+def _non_finite(value: Any, path: list[Any]) -> list[RecipeError]:
+    """YAML's .nan / .inf pass every JSON Schema bound (nan < 0 and nan > 0 are both false) and
+    would end up in plan.json, which JSON cannot even represent: refuse them wherever they are."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [RecipeError(json_path(path), f"{value} is not a finite number", "write a finite number (YAML reads .nan and .inf as NaN and infinity)")]
+    if isinstance(value, Mapping):
+        return [e for k, v in value.items() for e in _non_finite(v, [*path, k])]
+    if isinstance(value, list):
+        return [e for i, v in enumerate(value) for e in _non_finite(v, [*path, i])]
+    return []
 
 
 def _defaults(node: dict[str, Any], value: Any) -> Any:

@@ -38,7 +38,7 @@ check: install
 	$(VENV)/bin/meshbake check $(RECIPE)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=12 tests
 
 test-fast: install
 	$(PY) -m pytest -q tests -m "not dist and not slurm"

@@ -186,12 +186,42 @@ class Job:
     ckpt_root: Path
 
 
+def check_shared_run_dir(run_dir: Path, wait_s: float = 30.0) -> None:
+    """Every rank must see rank 0's run dir: all ranks write their DCP shards into one step-N
+    dir that rank 0 commits. On node-local disks each node would keep a part of every
+    checkpoint and the first resume, hours later, would fail; fail now instead. NFS may show a
+    new file on other clients only after its attribute cache expires: poll up to wait_s."""
+    marker = run_dir / ".shared-check"
+    token = [os.urandom(8).hex() if dist.get_rank() == 0 else None]
+    if dist.get_rank() == 0:
+        marker.write_text(token[0])
+    dist.broadcast_object_list(token, src=0)
+    deadline = time.monotonic() + wait_s
+    while True:
+        seen = marker.read_text() if marker.is_file() else None
+        if seen == token[0] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    views: list = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (socket.gethostname(), seen == token[0]))
+    blind = sorted({h for h, ok in views if not ok})
+    if blind:
+        raise RuntimeError(f"run dir {run_dir} is not shared: ranks on {', '.join(blind)} do not see the files rank 0 "
+                           f"writes there, so checkpoints would be split across node-local disks; set "
+                           f"MESHBAKE_RUN_DIR to a directory on a shared filesystem")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        marker.unlink()
+
+
 def setup(plan: Plan, run_dir: Path) -> Job:
     device, mesh = device_for(plan), world_mesh(plan)
     if dist.get_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "PREEMPTED").unlink(missing_ok=True)
     dist.barrier()
+    if plan.checkpoint.every_steps > 0 or plan.checkpoint.save_on_exit:
+        check_shared_run_dir(run_dir)
     torch.manual_seed(plan.train.seed)
     model = build(plan, mesh, device)
     opt, sched = build_optimizer(model, plan)

@@ -83,6 +83,7 @@ def cases_world2(weights: str) -> list[dict]:
     logits = plan_dict("logits2", 2, tp=2)
     logits["model"]["weights"] = weights
     out.append({"name": "logits2", "kind": "logits", "plan": logits, "input": INPUT})
+    out.append({"name": "shared_dir", "kind": "shared_dir", "plan": logits})
     return out
 
 
@@ -230,3 +231,12 @@ def test_export_gives_hf_folder_with_the_trained_logits(results, tmp_path):
     with torch.no_grad():
         got = hf(input_ids=torch.tensor(INPUT)).logits
     torch.testing.assert_close(got, torch.load(run_dir / "logits.pt"), rtol=1e-5, atol=1e-5)
+
+
+def test_run_dir_on_node_local_disks_is_refused_at_start(results):
+    """Checkpoints need one run dir seen by every rank; per-rank dirs (node-local disks) are
+    an error before training, not a failed resume hours later."""
+    r = results["shared_dir"]
+    assert r["shared_ok"]
+    assert r["unshared_error"] and "is not shared" in r["unshared_error"], r
+    assert "MESHBAKE_RUN_DIR" in r["unshared_error"]

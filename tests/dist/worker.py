@@ -3,7 +3,7 @@ the tiny training loop well under 1 s), each through the real runtime.
 
     torchrun --standalone --nproc-per-node N tests/dist/worker.py CASES_JSON OUT_JSON
 
-CASES_JSON: [{"name", "kind": "train" | "logits", "plan": plan.json dict, "input": [[ids]]}]
+CASES_JSON: [{"name", "kind": "train" | "logits" | "shared_dir", "plan": plan.json dict, "input": [[ids]]}]
 OUT_JSON (rank 0): {name: {"losses": {step: loss}, "grad_norms": {...}} | {"logits": file}}
 """
 from __future__ import annotations
@@ -63,6 +63,20 @@ def logits_case(plan: P.Plan, ids: list[list[int]], out: Path) -> dict:
     return {"logits": str(out), "load": dict(LOAD_STATS)}
 
 
+def shared_dir_case(own_dir: Path, shared_dir: Path) -> dict:
+    """own_dir differs per rank (a node-local disk); shared_dir is one directory for all."""
+    from runtime.train import check_shared_run_dir
+
+    shared_dir.mkdir(parents=True, exist_ok=True)
+    check_shared_run_dir(shared_dir, wait_s=1)            # must pass
+    own_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        check_shared_run_dir(own_dir, wait_s=1)
+    except RuntimeError as e:
+        return {"shared_ok": True, "unshared_error": str(e)}
+    return {"shared_ok": True, "unshared_error": None}
+
+
 def main(cases_path: str, out_path: str) -> int:
     cases = json.loads(Path(cases_path).read_text())
     init_distributed(cases[0]["plan"]["mesh"]["backend"])
@@ -71,7 +85,9 @@ def main(cases_path: str, out_path: str) -> int:
         plan = P.from_dict(case["plan"])
         with tempfile.TemporaryDirectory() as d:
             try:
-                if case["kind"] == "train":
+                if case["kind"] == "shared_dir":
+                    results[case["name"]] = shared_dir_case(Path(d) / "run", Path(out_path).parent / case["name"])
+                elif case["kind"] == "train":
                     keep = Path(out_path).parent / case["name"] if case.get("keep_run") else Path(d) / "run"
                     results[case["name"]] = train_case(plan, keep, case.get("input"))
                 else:

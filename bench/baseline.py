@@ -1,6 +1,7 @@
-"""The yardstick: a plain hand-written FSDP2 (+TP, SP, loss parallel) loop, torchtitan style,
-on the same HF model, batch and mesh as the runtime. No plan, no metrics file, no checkpoint
-logic, pre-generated batches: the cheapest loop one would write by hand."""
+"""The yardstick: a plain hand-written FSDP2 (+TP, SP, loss parallel) loop, torchtitan style
+(its TP plan and its reshard_after_forward=False on the last block), on the same HF model,
+batch and mesh as the runtime. No plan, no metrics file, no checkpoint logic, pre-generated
+batches, foreach clipping and AdamW: the cheapest fast loop one would write by hand."""
 from __future__ import annotations
 
 import time
@@ -43,8 +44,10 @@ def train(hf_cfg, mesh: DeviceMesh, *, tp: int, steps: int, mbs: int, accum: int
         model = AutoModelForCausalLM.from_config(hf_cfg)
     if tp > 1:
         llama_tp(model, mesh["tp"])
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh["dp_shard"])
+    layers = list(model.model.layers)
+    for i, layer in enumerate(layers):
+        # torchtitan's choice: the last block is needed again at once by backward, keep it gathered
+        fully_shard(layer, mesh=mesh["dp_shard"], reshard_after_forward=i < len(layers) - 1)
     fully_shard(model, mesh=mesh["dp_shard"])
     model.to_empty(device="cpu")
     torch.manual_seed(0)
@@ -62,7 +65,7 @@ def train(hf_cfg, mesh: DeviceMesh, *, tp: int, steps: int, mbs: int, accum: int
             with loss_parallel() if tp > 1 else nullcontext():
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(0, 1)) / accum
                 loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss.item()

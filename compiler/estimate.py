@@ -17,6 +17,7 @@ The usable budget is 90% of cluster.gpu_memory_gb (CUDA context, NCCL buffers, f
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from compiler.errors import Err, RecipeError, Result
@@ -40,6 +41,7 @@ class Estimate:
     activations_bytes: int
     logits_bytes: int
     budget_bytes: int
+    block_gather_bytes: int        # what `gathered` is as soon as FSDP shards (dp_shard x cp > 1)
     flops_per_token: int           # 6N + attention 12 * L * h * seq (PaLM appendix B; causal not halved)
     fsdp_comm_bytes: int           # per rank per optimizer step
     tp_comm_bytes: int
@@ -120,6 +122,7 @@ def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -
         grads_bytes=-(-trainable_local // f) * mb,
         optimizer_bytes=-(-trainable_local // f) * 2 * mb,
         gathered_bytes=(2 * block * pb + block * rb) if f > 1 else 0,
+        block_gather_bytes=2 * block * pb + block * rb,
         activations_bytes=acts,
         logits_bytes=logits,
         budget_bytes=int(recipe.cluster.gpu_memory_gb * 1e9 * USABLE),
@@ -145,11 +148,38 @@ _FIXES = {
 }
 
 
-def check_memory(est: Estimate) -> Result[Estimate]:
+def _gb(x: float) -> str:
+    return f"{x / 1e9:,.1f} GB"
+
+
+def _shard_fix(est: Estimate, recipe: Recipe, mesh: MeshSpec) -> str | None:
+    """How many nodes make the sharded state fit. params + grads + AdamW shrink as 1/(dp_shard*cp);
+    the other terms do not, so FSDP must cover state * fsdp / (budget - other) ranks."""
+    state = est.params_bytes + est.grads_bytes + est.optimizer_bytes
+    # with more FSDP ranks the all-gathered blocks appear (they are 0 while nothing is sharded)
+    other = est.total_bytes - state - est.gathered_bytes + est.block_gather_bytes
+    room = est.budget_bytes - other
+    if room <= 0:     # sharding alone cannot help: say what else is too big
+        rest = {k: v for k, v in est.terms.items() if k not in ("params", "grads", "optimizer")}
+        rest["gathered"] = est.block_gather_bytes
+        name, big = max(rest.items(), key=lambda kv: kv[1])
+        return (f"sharding over more ranks is not enough: the unsharded terms alone are "
+                f"{_gb(sum(rest.values()))} per rank, largest {name} {_gb(big)}; {_FIXES[name]}; then add nodes")
+    fsdp = math.ceil(state * mesh.fsdp / room)
+    dp_shard = math.ceil(fsdp / mesh.cp)
+    nodes = math.ceil(mesh.dp_replicate * dp_shard * mesh.cp * mesh.tp / recipe.cluster.gpus_per_node)
+    if nodes <= recipe.cluster.nodes:
+        return None
+    return (f"params + grads + AdamW state are {_gb(state)} per rank sharded over dp_shard x cp = {mesh.fsdp}; "
+            f"they need >= {fsdp} ranks: cluster.nodes: {nodes} (or more) with mesh.dp_shard: -1 (then "
+            f"re-check global_batch_size), or train LoRA (lora.rank) so only adapters have AdamW state")
+
+
+def check_memory(est: Estimate, recipe: Recipe, mesh: MeshSpec) -> Result[Estimate]:
     if est.total_bytes <= est.budget_bytes:
         return est
     name, big = max(est.terms.items(), key=lambda kv: kv[1])
-    gb = lambda x: f"{x / 1e9:,.1f} GB"   # noqa: E731
+    fix = (_shard_fix(est, recipe, mesh) if name in ("params", "grads", "optimizer") else None) or _FIXES[name]
     return Err((RecipeError("cluster.gpu_memory_gb",
-                            f"estimated {gb(est.total_bytes)} per rank exceeds {gb(est.budget_bytes)} "
-                            f"({USABLE:.0%} of the GPU); largest term: {name} {gb(big)}", _FIXES[name]),))
+                            f"estimated {_gb(est.total_bytes)} per rank exceeds {_gb(est.budget_bytes)} "
+                            f"({USABLE:.0%} of the GPU); largest term: {name} {_gb(big)}", fix),))

@@ -51,7 +51,8 @@ def _warnings(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) 
 def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements, est: Estimate,
                versions: Mapping[str, str]) -> P.Plan:
     t, c, tpon = recipe.train, recipe.cluster, mesh.tp > 1
-    est_d = {k: getattr(est, k) for k in est.__dataclass_fields__}
+    # block_gather_bytes only feeds the compile-time OOM hint; plan.json keeps the terms themselves
+    est_d = {k: getattr(est, k) for k in est.__dataclass_fields__ if k != "block_gather_bytes"}
     est_d["total_bytes"] = est.total_bytes
     return P.Plan(
         version=P.PLAN_VERSION,
@@ -100,7 +101,7 @@ def resolve(recipe: Recipe, model_config: Mapping[str, Any], source: str) -> Res
     pl = resolve_placements(recipe, model, mesh)
     if isinstance(pl, Err):
         return pl
-    est = check_memory(estimate(recipe, model, mesh, pl))
+    est = check_memory(estimate(recipe, model, mesh, pl), recipe, mesh)
     if isinstance(est, Err):
         return est
     return Resolved(recipe, model, mesh, pl, est, build_plan(recipe, model, mesh, pl, est, versions()))

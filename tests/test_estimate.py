@@ -11,7 +11,9 @@ def test_70b_full_finetune_on_one_node_is_refused_naming_optimizer():
                             train={"seq_len": 4096, "global_batch_size": 8}))
     assert isinstance(r, Err) and paths(r) == ["cluster.gpu_memory_gb"]
     e = r.errors[0]
-    assert "optimizer" in e.message and "LoRA" in e.hint
+    assert "optimizer" in e.message
+    # no activation checkpointing: 65 GB of activations do not shard with FSDP, the hint says so
+    assert "activations" in e.hint and "activation_checkpointing: full" in e.hint
     # 70.6e9 x 16 B / 8 = 141 GB of state alone
     assert float(e.message.split("estimated ")[1].split(" GB")[0]) > 141
 
@@ -44,3 +46,19 @@ def test_full_activation_checkpointing_lowers_activations():
     none = resolve(text)
     full = resolve(text, "train.activation_checkpointing=full")
     assert full.estimate.activations_bytes < none.estimate.activations_bytes / 5
+
+
+def test_oom_hint_names_the_smallest_node_count_that_fits():
+    """70B full fine-tune, tp 8 on one node: the hint's node count fits, one node fewer does not."""
+    import re
+
+    text = recipe_text(model={"config": "llama-3.1-70b"}, mesh={"dp_shard": -1, "tp": 8},
+                       tp={"sequence_parallel": True, "loss_parallel": True},
+                       train={"seq_len": 4096, "global_batch_size": 48, "activation_checkpointing": "full"})
+    r = resolve(text)
+    assert isinstance(r, Err) and paths(r) == ["cluster.gpu_memory_gb"]
+    nodes = int(re.search(r"cluster\.nodes: (\d+)", r.errors[0].hint).group(1))
+    assert nodes > 1
+    assert not isinstance(resolve(text, f"cluster.nodes={nodes}"), Err)
+    fewer = resolve(text, f"cluster.nodes={nodes - 1}")
+    assert isinstance(fewer, Err) and paths(fewer) == ["cluster.gpu_memory_gb"]

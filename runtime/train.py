@@ -304,8 +304,11 @@ def train_step(job: Job, step: int, stop_requested: bool) -> StepOut:
 
 
 def checkpoint_due(plan: Plan, n: int, stop: bool) -> bool:
+    """Save after step n? Every `every_steps`, and with save_on_exit also at the last step and
+    on a stop signal, whatever every_steps is: every_steps 0 + save_on_exit (the defaults)
+    means "one checkpoint, of the finished model", never "no model at the end"."""
     every, last = plan.checkpoint.every_steps, n == plan.train.steps
-    return bool((every and n % every == 0) or (plan.checkpoint.save_on_exit and (stop or (last and every))))
+    return bool((every and n % every == 0) or (plan.checkpoint.save_on_exit and (stop or last)))
 
 
 def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:

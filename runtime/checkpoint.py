@@ -52,15 +52,21 @@ def list_checkpoints(root: Path, log: Callable[[str], None] = lambda s: None) ->
 
 
 def find_resume(root: Path, resume: str, log: Callable[[str], None]) -> Path | None:
+    """auto: the run's newest committed checkpoint. A path: where a NEW run starts from (a
+    warm start, or another mesh's checkpoint); once this run has committed checkpoints of its
+    own, a restart or a requeue continues from those (torchtitan's initial_load_path), or every
+    preemption would throw the progress since that path away."""
     if resume == "never":
         return None
-    if resume != "auto":
-        p = Path(resume)
-        if not (p / COMMITTED).is_file():
-            raise FileNotFoundError(f"checkpoint.resume: {resume} is not a committed checkpoint (no {COMMITTED})")
-        return p
     found = list_checkpoints(root, log)
-    return found[-1][1] if found else None
+    if resume == "auto" or found:
+        if found and resume != "auto":
+            log(f"checkpoint.resume {resume}: this run has its own {found[-1][1].name}, continuing from it")
+        return found[-1][1] if found else None
+    p = Path(resume)
+    if not (p / COMMITTED).is_file():
+        raise FileNotFoundError(f"checkpoint.resume: {resume} is not a committed checkpoint (no {COMMITTED})")
+    return p
 
 
 def _fsync_dir(p: Path) -> None:

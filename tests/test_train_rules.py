@@ -46,3 +46,27 @@ def test_lr_warms_up_then_decays_to_min_lr(plan):
     assert f[0] == pytest.approx(1 / t.warmup_steps) and f[t.warmup_steps - 1] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[t.warmup_steps:], f[t.warmup_steps + 1:]))     # monotone decay
     assert f[-1] == pytest.approx(t.min_lr / t.lr)
+
+
+def test_resume_path_is_a_start_point_not_a_loop(tmp_path):
+    """checkpoint.resume: PATH starts a new run there; after a restart or requeue the run's own
+    newer checkpoint wins, or every preemption would go back to PATH."""
+    from runtime.checkpoint import COMMITTED, find_resume
+
+    def committed(d):
+        d.mkdir(parents=True)
+        (d / COMMITTED).write_text("x\n")
+        return d
+
+    base = committed(tmp_path / "base/step-1000")
+    root = tmp_path / "run/checkpoints"
+    logs = []
+    assert find_resume(root, str(base), logs.append) == base                   # a new run
+    own = committed(root / "step-40")
+    (root / "step-50.tmp").mkdir()                                             # a killed writer's
+    assert find_resume(root, str(base), logs.append) == own                    # the restart
+    assert any("continuing from it" in m for m in logs)
+    assert find_resume(root, "auto", logs.append) == own
+    assert find_resume(root, "never", logs.append) is None
+    with pytest.raises(FileNotFoundError):
+        find_resume(tmp_path / "empty", str(tmp_path / "nope"), logs.append)

@@ -20,6 +20,24 @@ from runtime.parallel import DTYPES, hf_config
 from runtime.plan import load_plan
 
 
+def _adapter_slots(model, plan) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{fqn: (lora_A (r x in), lora_B (out x r))} for a LoRA run's targets, empty otherwise;
+    the checkpoint holds them beside the frozen base weights (runtime/lora.py)."""
+    lo = plan.lora
+    if not lo.rank:
+        return {}
+    dtype = DTYPES[plan.train.dtype]
+    return {fqn: (torch.empty(lo.rank, m.in_features, dtype=dtype), torch.empty(m.out_features, lo.rank, dtype=dtype))
+            for fqn, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and fqn.rpartition(".")[2] in lo.targets}
+
+
+def _merge_adapters(model, adapters: dict, scale: float) -> None:
+    """W <- W + s B A: the exported folder is a plain HF model, what the LoRA run computed."""
+    for fqn, (a, b) in adapters.items():
+        model.get_submodule(fqn).weight.add_(scale * (b @ a))
+
+
 def export(run_dir: Path, step: int | None, out: Path, force: bool = False) -> Path:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -42,9 +60,15 @@ def export(run_dir: Path, step: int | None, out: Path, force: bool = False) -> P
     cfg = hf_config(plan.model.config)
     model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[plan.train.dtype])
     sd = {"model": model.state_dict()}
+    adapters = _adapter_slots(model, plan)
+    for fqn, (a, b) in adapters.items():
+        sd["model"][f"{fqn}.lora_A"], sd["model"][f"{fqn}.lora_B"] = a, b
     # a tied lm_head.weight is the embedding: whichever key the checkpoint holds fills both
     dcp.load(sd, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=plan.model.tie_word_embeddings))
+    for fqn in adapters:
+        del sd["model"][f"{fqn}.lora_A"], sd["model"][f"{fqn}.lora_B"]
     model.load_state_dict(sd["model"])
+    _merge_adapters(model, adapters, plan.lora.alpha / plan.lora.rank if plan.lora.rank else 0.0)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)

@@ -80,6 +80,9 @@ def cases_world2(weights: str) -> list[dict]:
     exp = plan_dict("export_tp2", 2, tp=2, sp=True, lp=True, model="tiny-qwen")   # tied: the hard case
     exp["checkpoint"].update(every_steps=STEPS, keep=1)
     out.append({"name": "export_tp2", "kind": "train", "plan": exp, "keep_run": True, "input": INPUT})
+    exp_lora = plan_dict("export_lora_tp2", 2, tp=2, sp=True, lp=True, lora=4)   # adapters must be merged
+    exp_lora["checkpoint"].update(every_steps=STEPS, keep=1)
+    out.append({"name": "export_lora_tp2", "kind": "train", "plan": exp_lora, "keep_run": True, "input": INPUT})
     logits = plan_dict("logits2", 2, tp=2)
     logits["model"]["weights"] = weights
     out.append({"name": "logits2", "kind": "logits", "plan": logits, "input": INPUT})
@@ -216,18 +219,21 @@ def test_weights_from_disk_match_hf_forward(results, weights, name):
     assert results[name]["load"]["full"] == 0 and results[name]["load"]["block"] > 0, results[name]["load"]
 
 
-def test_export_gives_hf_folder_with_the_trained_logits(results, tmp_path):
+@pytest.mark.parametrize("name", ["export_tp2", "export_lora_tp2"])
+def test_export_gives_hf_folder_with_the_trained_logits(results, tmp_path, name):
     """meshbake export: DCP shards of a TP run -> one HF folder; from_pretrained gives the
-    logits the sharded model computed after training."""
+    logits the sharded model computed after training (tied embeddings; LoRA adapters merged)."""
     from transformers import AutoModelForCausalLM
 
     from runtime.export import main as export_main
 
-    run_dir = Path(results["export_tp2"]["run_dir"])
+    run_dir = Path(results[name]["run_dir"])
     assert (run_dir / "checkpoints" / f"step-{STEPS}" / "COMMITTED").is_file()
     assert export_main([str(run_dir), "-o", str(tmp_path / "hf")]) == 0
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert hf.config.tie_word_embeddings and hf.lm_head.weight is hf.model.embed_tokens.weight
+    if name == "export_tp2":
+        assert hf.config.tie_word_embeddings and hf.lm_head.weight is hf.model.embed_tokens.weight
+    assert not any("lora" in k for k in hf.state_dict())      # a plain HF model
     with torch.no_grad():
         got = hf(input_ids=torch.tensor(INPUT)).logits
     torch.testing.assert_close(got, torch.load(run_dir / "logits.pt"), rtol=1e-5, atol=1e-5)

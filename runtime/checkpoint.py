@@ -4,6 +4,8 @@ Layout under <run_dir>/<checkpoint.dir>/:
     step-40/             a committed checkpoint: DCP shards + .metadata, train_state.json,
                          rng-rank<r>.pt, COMMITTED (written last, before the rename)
     step-50.tmp/         being written, or left behind by a killed writer: never resumed from
+    step-40.old/         the previous copy of a step saved again, renamed aside for the commit
+                         and removed after it; never resumed from
 Commit protocol: every rank writes its DCP shards into step-N.tmp -> barrier -> rank 0 writes
 train_state.json and COMMITTED, fsyncs, renames step-N.tmp -> step-N -> barrier. A crash at
 any point before the rename leaves only a .tmp directory; the previous step-M is untouched.
@@ -98,10 +100,15 @@ def save(root: Path, step: int, model, optim, train_state: dict[str, Any], keep:
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        if final.exists():               # the same step saved again after a restart
-            shutil.rmtree(final)
+        aside = root / f"step-{step}.old"
+        if final.exists():               # the same step saved again (a resume from an older step)
+            # renamed aside, never rmtree'd in place: a crash mid-rmtree could leave a step-N
+            # that still has COMMITTED but lost shards, and resume would pick it
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
         os.replace(tmp, final)
         _fsync_dir(root)
+        shutil.rmtree(aside, ignore_errors=True)
         for _, old in list_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()

@@ -70,3 +70,38 @@ def test_resume_path_is_a_start_point_not_a_loop(tmp_path):
     assert find_resume(root, "never", logs.append) is None
     with pytest.raises(FileNotFoundError):
         find_resume(tmp_path / "empty", str(tmp_path / "nope"), logs.append)
+
+
+RESAVE = r"""
+import sys, torch, torch.distributed as dist
+from pathlib import Path
+from runtime import checkpoint as ck
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+m = torch.nn.Linear(4, 4)
+opt = torch.optim.AdamW(m.parameters())
+m(torch.randn(2, 4)).sum().backward()
+opt.step()
+root = Path(sys.argv[1])
+ck.save(root, 5, m, opt, {"step": 5, "scheduler": {}}, keep=2)
+with torch.no_grad():
+    m.weight.add_(1.0)
+ck.save(root, 5, m, opt, {"step": 5, "scheduler": {}}, keep=2)     # the same step again
+want = m.weight.detach().clone()
+with torch.no_grad():
+    m.weight.zero_()
+ck.load(root / "step-5", m, opt)
+assert torch.equal(m.weight, want), "step-5 is not the second save"
+print(sorted(p.name for p in root.iterdir()))
+"""
+
+
+def test_a_step_saved_again_replaces_the_old_copy_atomically(tmp_path):
+    """One gloo process (DCP needs a process group): step-5 saved twice holds the second
+    save, and nothing else is left (no step-5.old, no step-5.tmp)."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", RESAVE, str(tmp_path / "ck")], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1] == "['step-5']"

@@ -58,9 +58,13 @@ def find_resume(root: Path, resume: str, log: Callable[[str], None]) -> Path | N
     warm start, or another mesh's checkpoint); once this run has committed checkpoints of its
     own, a restart or a requeue continues from those (torchtitan's initial_load_path), or every
     preemption would throw the progress since that path away."""
-    if resume == "never":
-        return None
     found = list_checkpoints(root, log)
+    if resume == "never":
+        if found:   # training on would prune and overwrite them, mixing two runs in one dir
+            raise FileExistsError(f"checkpoint.resume: never, but {root} holds committed checkpoints "
+                                  f"({', '.join(p.name for _, p in found)}) of an earlier run; set "
+                                  f"MESHBAKE_RUN_DIR to a new run dir, or remove them")
+        return None
     if resume == "auto" or found:
         if found and resume != "auto":
             log(f"checkpoint.resume {resume}: this run has its own {found[-1][1].name}, continuing from it")

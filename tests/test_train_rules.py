@@ -67,7 +67,9 @@ def test_resume_path_is_a_start_point_not_a_loop(tmp_path):
     assert find_resume(root, str(base), logs.append) == own                    # the restart
     assert any("continuing from it" in m for m in logs)
     assert find_resume(root, "auto", logs.append) == own
-    assert find_resume(root, "never", logs.append) is None
+    with pytest.raises(FileExistsError, match="MESHBAKE_RUN_DIR"):
+        find_resume(root, "never", logs.append)               # would prune/overwrite step-40
+    assert find_resume(tmp_path / "fresh", "never", logs.append) is None
     with pytest.raises(FileNotFoundError):
         find_resume(tmp_path / "empty", str(tmp_path / "nope"), logs.append)
 

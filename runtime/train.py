@@ -323,6 +323,14 @@ def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
         fault_hook("step", n)
         out = train_step(job, step, bool(signals and signals.received))
         res.losses[n], res.grad_norms[n], res.step_times[n] = out.loss, out.grad_norm, out.seconds
+        if not (math.isfinite(out.loss) and math.isfinite(out.grad_norm)):
+            # loss and norm are all-reduced, so every rank stops here together. The weights may
+            # already hold NaN: saving them would prune the good checkpoints (keep) and a
+            # requeue would resume from garbage. Stop before any save; the last commit stays.
+            job.log.info(f"step {n}: loss {out.loss}, grad norm {out.grad_norm}: not finite; stopping without "
+                         "a checkpoint (resume continues from the last committed one; lower train.lr or "
+                         "raise warmup)")
+            raise FloatingPointError(f"non-finite loss/grad norm at step {n}")
         if n % plan.train.log_every == 0 or n == plan.train.steps:
             tps = tokens_per_step / out.seconds
             job.log.step({"step": n, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,

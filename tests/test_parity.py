@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from runtime import plan as P
+from runtime.checkpoint import list_checkpoints
 from tests.dist.reference import reference_losses
 from tests.helpers import ROOT
 
@@ -87,6 +88,11 @@ def cases_world2(weights: str) -> list[dict]:
     logits["model"]["weights"] = weights
     out.append({"name": "logits2", "kind": "logits", "plan": logits, "input": INPUT})
     out.append({"name": "shared_dir", "kind": "shared_dir", "plan": logits})
+    # lr 1e30: AdamW moves every weight by ~1e30 at step 1, the step-2 forward overflows
+    boom = plan_dict("diverge_tp2", 2, tp=2, sp=True, lp=True)
+    boom["train"].update(lr=1e30, min_lr=1e30)
+    boom["checkpoint"].update(every_steps=1, keep=2)
+    out.append({"name": "diverge_tp2", "kind": "diverge", "plan": boom})
     return out
 
 
@@ -246,3 +252,15 @@ def test_run_dir_on_node_local_disks_is_refused_at_start(results):
     assert r["shared_ok"]
     assert r["unshared_error"] and "is not shared" in r["unshared_error"], r
     assert "MESHBAKE_RUN_DIR" in r["unshared_error"]
+
+
+def test_divergence_stops_before_saving_nan_weights(results):
+    """A non-finite loss stops every rank before the step's checkpoint: the last committed
+    checkpoint is the good one, not NaN weights that would prune it."""
+    r = results["diverge_tp2"]
+    assert r["stopped"] and "non-finite" in r["stopped"], r
+    step = int(r["stopped"].rsplit(" ", 1)[1])
+    run_dir = Path(r["run_dir"])
+    kept = [s for s, _ in list_checkpoints(run_dir / "checkpoints")]
+    assert kept and max(kept) == step - 1, (kept, step)
+    assert "not finite; stopping without a checkpoint" in (run_dir / "train.log").read_text()

@@ -3,7 +3,7 @@ the tiny training loop well under 1 s), each through the real runtime.
 
     torchrun --standalone --nproc-per-node N tests/dist/worker.py CASES_JSON OUT_JSON
 
-CASES_JSON: [{"name", "kind": "train" | "logits" | "shared_dir", "plan": plan.json dict, "input": [[ids]]}]
+CASES_JSON: [{"name", "kind": "train" | "logits" | "shared_dir" | "diverge", "plan": plan.json dict, "input": [[ids]]}]
 OUT_JSON (rank 0): {name: {"losses": {step: loss}, "grad_norms": {...}} | {"logits": file}}
 """
 from __future__ import annotations
@@ -85,7 +85,14 @@ def main(cases_path: str, out_path: str) -> int:
         plan = P.from_dict(case["plan"])
         with tempfile.TemporaryDirectory() as d:
             try:
-                if case["kind"] == "shared_dir":
+                if case["kind"] == "diverge":          # expected to stop with FloatingPointError
+                    run_dir = Path(out_path).parent / case["name"]
+                    try:
+                        run(plan, run_dir)
+                        results[case["name"]] = {"stopped": None}
+                    except FloatingPointError as e:
+                        results[case["name"]] = {"stopped": str(e), "run_dir": str(run_dir)}
+                elif case["kind"] == "shared_dir":
                     results[case["name"]] = shared_dir_case(Path(d) / "run", Path(out_path).parent / case["name"])
                 elif case["kind"] == "train":
                     keep = Path(out_path).parent / case["name"] if case.get("keep_run") else Path(d) / "run"

@@ -76,10 +76,11 @@ def _tp_errors(recipe: Recipe, model: ModelSpec, tp: int) -> list[RecipeError]:
             "intermediate_size": model.intermediate_size}
     bad = [f"{k}={v}" for k, v in dims.items() if v % tp]
     if bad:
-        ok = [d for d in divisors(min(gpn, model.num_kv_heads)) if all(v % d == 0 for v in dims.values())]
+        ok = [d for d in divisors(min(gpn, model.num_kv_heads))
+              if all(v % d == 0 for v in (*dims.values(), model.vocab_size))]
         errs.append(RecipeError("mesh.tp", f"tp={tp} does not divide {', '.join(bad)} of {model.source}",
                                 f"try tp in {ok}"))
-    elif model.vocab_size % tp:
+    if model.vocab_size % tp:
         # the embedding and lm_head are split on the vocab dim (equal Shard(0) blocks); a vocab
         # such as 32001 (a pad token added to 32000) is fixed once, in the checkpoint, by padding
         mult = math.lcm(64, tp)

@@ -179,7 +179,8 @@ def _non_finite(value: Any, path: list[Any]) -> list[RecipeError]:
     """YAML's .nan / .inf pass every JSON Schema bound (nan < 0 and nan > 0 are both false) and
     would end up in plan.json, which JSON cannot even represent: refuse them wherever they are."""
     if isinstance(value, float) and not math.isfinite(value):
-        return [RecipeError(json_path(path), f"{value} is not a finite number", "write a finite number (YAML reads .nan and .inf as NaN and infinity)")]
+        return [RecipeError(json_path(path), f"{value} is not a finite number",
+                            "write a finite number (YAML reads .nan and .inf as NaN and infinity)")]
     if isinstance(value, Mapping):
         return [e for k, v in value.items() for e in _non_finite(v, [*path, k])]
     if isinstance(value, list):

@@ -65,10 +65,12 @@ def find_resume(root: Path, resume: str, log: Callable[[str], None]) -> Path | N
                                   f"({', '.join(p.name for _, p in found)}) of an earlier run; set "
                                   f"MESHBAKE_RUN_DIR to a new run dir, or remove them")
         return None
-    if resume == "auto" or found:
-        if found and resume != "auto":
+    if found:
+        if resume != "auto":
             log(f"checkpoint.resume {resume}: this run has its own {found[-1][1].name}, continuing from it")
-        return found[-1][1] if found else None
+        return found[-1][1]
+    if resume == "auto":
+        return None
     p = Path(resume)
     if not (p / COMMITTED).is_file():
         raise FileNotFoundError(f"checkpoint.resume: {resume} is not a committed checkpoint (no {COMMITTED})")

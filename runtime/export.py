@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from runtime import checkpoint as ckpt
+from runtime.lora import lora_scale, lora_targets
 from runtime.parallel import DTYPES, hf_config
 from runtime.plan import load_plan
 
@@ -28,8 +29,7 @@ def _adapter_slots(model, plan) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {}
     dtype = DTYPES[plan.train.dtype]
     return {fqn: (torch.empty(lo.rank, m.in_features, dtype=dtype), torch.empty(m.out_features, lo.rank, dtype=dtype))
-            for fqn, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and fqn.rpartition(".")[2] in lo.targets}
+            for fqn, m in lora_targets(model, lo)}
 
 
 def _merge_adapters(model, adapters: dict, scale: float) -> None:
@@ -68,7 +68,8 @@ def export(run_dir: Path, step: int | None, out: Path, force: bool = False) -> P
     for fqn in adapters:
         del sd["model"][f"{fqn}.lora_A"], sd["model"][f"{fqn}.lora_B"]
     model.load_state_dict(sd["model"])
-    _merge_adapters(model, adapters, plan.lora.alpha / plan.lora.rank if plan.lora.rank else 0.0)
+    if adapters:
+        _merge_adapters(model, adapters, lora_scale(plan.lora))
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)

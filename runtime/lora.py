@@ -31,15 +31,23 @@ class LoraLinear(nn.Linear):
         return F.linear(x, self.weight + self.lora_scale * (self.lora_B @ self.lora_A), self.bias)
 
 
+def lora_targets(model: nn.Module, lo) -> list[tuple[str, nn.Linear]]:
+    """The Linear layers a LoRA plan adapts: those whose leaf name is in lora.targets."""
+    return [(fqn, m) for fqn, m in model.named_modules()
+            if isinstance(m, nn.Linear) and fqn.rpartition(".")[2] in lo.targets]
+
+
+def lora_scale(lo) -> float:
+    return lo.alpha / lo.rank
+
+
 def apply_lora(model: nn.Module, plan: Plan) -> list[str]:
     """After TP (so W's layout is known), before FSDP. Returns the adapted module names."""
     lo = plan.lora
     for p in model.parameters():
         p.requires_grad_(False)
     done = []
-    for fqn, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or fqn.rpartition(".")[2] not in lo.targets:
-            continue
+    for fqn, mod in lora_targets(model, lo):
         out_f, in_f = mod.weight.shape
         dev, dtype = mod.weight.device, mod.weight.dtype
         a = torch.empty(lo.rank, in_f, device=dev, dtype=dtype)
@@ -53,7 +61,7 @@ def apply_lora(model: nn.Module, plan: Plan) -> list[str]:
         mod.lora_A = nn.Parameter(a)
         mod.lora_B = nn.Parameter(b)
         mod.__class__ = LoraLinear
-        mod.lora_scale = lo.alpha / lo.rank
+        mod.lora_scale = lora_scale(lo)
         done.append(fqn)
     if not done:
         raise ValueError(f"lora.targets {list(lo.targets)} match no Linear of the model")

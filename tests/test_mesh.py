@@ -89,3 +89,7 @@ def test_vocab_not_divisible_by_tp_says_how_to_pad(tmp_path):
     assert isinstance(r, Err) and paths(r) == ["mesh.tp"], r
     e = r.errors[0]
     assert "vocab_size=4097" in e.message and "pad_to_multiple_of=64" in e.hint and "4160" in e.hint
+    # with the heads wrong too, both are reported, and the heads hint does not offer a tp the vocab refuses
+    r = resolve(recipe_text(mesh={"tp": 4, "dp_shard": 2}), f"model.config={tmp_path / 'config.json'}")
+    assert isinstance(r, Err) and paths(r) == ["mesh.tp", "mesh.tp"], r
+    assert r.errors[0].hint == "try tp in [1]" and "vocab_size=4097" in r.errors[1].message

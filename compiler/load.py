@@ -316,3 +316,46 @@ def read_model_config(ref: str) -> Result[dict[str, Any]]:
     if not isinstance(cfg, dict):
         return Err((RecipeError("model.config", f"{path}: config.json is not an object", "check the file"),))
     return cfg
+
+
+def tokenizer_vocab(folder: str) -> Result[int | None]:
+    """Ids the tokenizer in `folder` can produce (max id + 1), from tokenizer.json (fast) or
+    vocab.json + added_tokens.json (slow BPE). None when the folder is not here (data paths are
+    relative to the launch directory, checked again there) or holds another format
+    (SentencePiece tokenizer.model)."""
+    p = Path(folder)
+    fast, slow = p / "tokenizer.json", p / "vocab.json"
+    try:
+        if fast.is_file():
+            tj = json.loads(fast.read_text(encoding="utf-8"))
+            vocab = (tj.get("model") or {}).get("vocab")
+            ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab or [])))
+            ids += [t.get("id") for t in tj.get("added_tokens") or [] if isinstance(t, dict)]
+        elif slow.is_file():
+            ids = list(json.loads(slow.read_text(encoding="utf-8")).values())
+            added = p / "added_tokens.json"
+            if added.is_file():
+                ids += list(json.loads(added.read_text(encoding="utf-8")).values())
+        else:
+            return None
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        return Err((RecipeError("data.tokenizer", f"{folder}: cannot read the tokenizer ({e})",
+                                "point data.tokenizer at a Hugging Face tokenizer folder"),))
+    ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+    return max(ids) + 1 if ids else None
+
+
+def tokenizer_errors(source: str, tokenizer: str | None, config: dict[str, Any]) -> tuple[RecipeError, ...]:
+    """A tokenizer whose ids reach past the model's embedding was found only at run time."""
+    vocab = config.get("vocab_size")
+    if source == "synthetic" or not tokenizer or not isinstance(vocab, int):
+        return ()
+    n = tokenizer_vocab(tokenizer)
+    if isinstance(n, Err):
+        return n.errors
+    if n is not None and n > vocab:
+        return (RecipeError("data.tokenizer", f"{tokenizer} produces token ids up to {n - 1}, but the model's "
+                            f"vocab_size is {vocab} (the embedding has no row for them)",
+                            "use the model's own tokenizer, or resize the embeddings to the tokenizer "
+                            "(model.resize_token_embeddings) and point model.config at the result"),)
+    return ()

@@ -297,6 +297,11 @@ def load_recipe(name_or_path: str, overrides: tuple[str, ...] = (),
     return apply_cluster_profile(d, cluster)
 
 
+def _no_constant(name: str):
+    """json.loads accepts NaN and Infinity, which are not JSON: plan.json would carry them on."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def read_model_config(ref: str) -> Result[dict[str, Any]]:
     """model.config: a catalog name, a config.json path, or an HF model folder."""
     from compiler.model import CATALOG_DIR, catalog_names
@@ -310,9 +315,10 @@ def read_model_config(ref: str) -> Result[dict[str, Any]]:
                                 f"did you mean {' or '.join(near)}?" if near else
                                 f"catalog: {', '.join(catalog_names())}"),))
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:     # ValueError: JSONDecodeError and UnicodeDecodeError
-        return Err((RecipeError("model.config", f"{path}: cannot read config.json ({e})", "check the file"),))
+        cfg = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except (OSError, ValueError, RecursionError) as e:   # ValueError: JSONDecodeError, UnicodeDecodeError
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:200]
+        return Err((RecipeError("model.config", f"{path}: cannot read config.json ({why})", "check the file"),))
     if not isinstance(cfg, dict):
         return Err((RecipeError("model.config", f"{path}: config.json is not an object", "check the file"),))
     return cfg

@@ -118,8 +118,7 @@ def rand_config(rng: random.Random) -> dict:
         elif key == "model_type":
             cfg[key] = rng.choice(MODEL_TYPES)
         else:
-            cfg[key] = rng.choice([v for v in SCALARS if not (isinstance(v, float) and v != v)]
-                                  + [100000, 4096, 2, 4, {"rope_type": "linear", "factor": 0}])
+            cfg[key] = rng.choice(SCALARS + [100000, 4096, 2, 4, {"rope_type": "linear", "factor": 0}])
     return cfg
 
 
@@ -144,7 +143,9 @@ def test_fuzz_cli_exits_0_or_2_quickly(tmp_path):
             recipe.write_text(yaml.safe_dump(BASE))
             cfg_path.write_text(json.dumps(rand_config(rng)))
             sets = [f"model.config={cfg_path}"]
-        argv = ["check", str(recipe)] + [a for s in sets for a in ("--set", s)]
+        # every 4th case also renders: plan.json text (json.dumps of every value) or the whole bundle
+        cmd = ["check"] if i % 4 else ["plan", "--json"] if i % 8 else ["bundle", "-o", str(tmp_path / "out")]
+        argv = [cmd[0], str(recipe), *cmd[1:]] + [a for s in sets for a in ("--set", s)]
         try:
             rc, err, dt = run_cli(argv)
         except SystemExit as e:                  # argparse: only for argv the CLI itself refuses

@@ -98,6 +98,15 @@ def test_cli_set_values_exit_2_or_0_never_raise(tmp_path, sets, path):
         assert rc == 2 and f"  {path}:" in err, err
 
 
+@pytest.mark.parametrize("text", ['{"model_type": "llama", "rope_theta": NaN}', '[' * 100000 + ']' * 100000])
+def test_config_json_with_nan_or_deep_nesting_is_an_error(tmp_path, text):
+    """json.loads reads NaN (plan.json then held NaN, which is not JSON) and recurses on nesting."""
+    p = tmp_path / "config.json"
+    p.write_text(text)
+    msgs = errors_at(resolve(tiny_text(model={"config": str(p)})), "model.config")
+    assert any("cannot read config.json" in m for m in msgs), msgs
+
+
 def test_cli_deeply_nested_file_exits_2(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("name: " + "[" * 5000 + "]" * 5000 + "\n")       # RecursionError in PyYAML's composer

@@ -115,6 +115,8 @@ def resolve_dict(d: Mapping[str, Any]) -> Result[Resolved]:
     if recipe is None:
         return Err(tuple(errs))
     cfg = load.read_model_config(recipe.model.config)
+    if not isinstance(cfg, Err):
+        errs = tuple(errs) + load.tokenizer_errors(recipe.data.source, recipe.data.tokenizer, cfg)
     res = cfg if isinstance(cfg, Err) else resolve(recipe, cfg, recipe.model.config)
     if isinstance(res, Err):
         return Err(tuple(errs) + res.errors)

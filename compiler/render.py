@@ -55,16 +55,51 @@ def _shell_finalize(v: Any) -> Any:
                      "or | token (an #SBATCH value or a comment)")
 
 
+class MdSafe(str):
+    """A string already escaped for its place in PLAN.md."""
+
+
+# CommonMark: a backslash escapes any ASCII punctuation. These can start markup: emphasis, code,
+# links, raw HTML (an unclosed `<!--` in model.weights hid the rest of PLAN.md), table cells.
+# `_` only at a word boundary (intraword underscores never open emphasis: lm_head stays lm_head).
+_MD_SPECIAL = re.compile(r"[\\`*\[\]<>&|~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+
+
+def md(v: Any) -> MdSafe:
+    """Text: markup characters backslash-escaped, control characters shown as \\uXXXX."""
+    s = _MD_SPECIAL.sub(lambda m: "\\" + m.group(), str(v))
+    return MdSafe(_CONTROL.sub(lambda m: f"\\\\u{ord(m.group()):04x}", s))
+
+
+def md_code(v: Any, table: bool = False) -> MdSafe:
+    """A code span that nothing inside can end: the fence is one backtick longer than the
+    longest run in the value; `|` is escaped in table cells (GFM splits cells first)."""
+    s = _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", str(v))
+    if table:
+        s = s.replace("|", "\\|")
+    fence = "`" * (max((len(r) for r in re.findall("`+", s)), default=0) + 1)
+    pad = " " if s.startswith("`") or s.endswith("`") else ""
+    return MdSafe(f"{fence}{pad}{s}{pad}{fence}")
+
+
+def _md_finalize(v: Any) -> Any:
+    if isinstance(v, MdSafe) or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+        return v
+    return md(v)
+
+
 def _gb(x: float) -> str:
     return f"{x / 1e9:,.2f}"
 
 
 def environment(shell: bool = False) -> jinja2.Environment:
-    extra = {"finalize": _shell_finalize} if shell else {}
+    """shell=False: PLAN.md, where every {{ }} is markdown-escaped unless it went through md_code."""
+    extra = {"finalize": _shell_finalize if shell else _md_finalize}
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True, autoescape=False,
                              **extra)
-    env.filters.update(shquote=shquote, token=token, gb=_gb, num=lambda n: f"{n:,}")
+    env.filters.update(shquote=shquote, token=token, md_code=md_code, gb=_gb, num=lambda n: f"{n:,}")
     return env
 
 

@@ -190,3 +190,27 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous_one(base):
     kept = list_checkpoints(run / "checkpoints")
     assert [s for s, _ in kept] == [20, 30] and all(verify(path) is None for _, path in kept)
     assert (run / "checkpoints/step-30.corrupt/__1_0.distcp").read_bytes() == bytes(data)
+
+
+def test_sigterm_to_the_whole_process_group_saves_and_exits_0(base):
+    """How Slurm delivers scancel, preemption and the time limit: SIGTERM to every process of
+    the step at once (launch.sh, torchrun, the workers), here os.killpg. torchrun must not
+    turn it into SignalException + exit 1 (no requeue) and SIGKILL the workers mid-save: the
+    workers finish the step, commit a checkpoint, write PREEMPTED, and everything exits 0."""
+    tmp, p, _, _ = base
+    run = tmp / "run-sigterm"
+    proc = subprocess.Popen(["bash", str(p / "launch.sh")], env=env(run), cwd=p.parent, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        m = run / "metrics.jsonl"
+        if m.is_file() and len(m.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    assert "SignalException" not in err and "Traceback" not in err, err[-4000:]
+    stopped = int((run / "PREEMPTED").read_text())
+    assert 3 <= stopped < STEPS, "the signal should land mid-run"
+    assert verify(run / f"checkpoints/step-{stopped}") is None

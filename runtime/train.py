@@ -232,7 +232,8 @@ def setup(plan: Plan, run_dir: Path) -> Job:
 
 def resume(job: Job) -> int:
     """The step to start from: 0, or that of the newest committed checkpoint (any mesh)."""
-    found = ckpt.find_resume(job.ckpt_root, job.plan.checkpoint.resume, job.log.info)
+    found = ckpt.find_resume(job.ckpt_root, job.plan.checkpoint.resume, job.log.info, ckpt.verify_all_ranks,
+                             ckpt.set_aside_on_rank0)
     if found is None:
         return 0
     state = ckpt.load(found, job.model, job.opt)

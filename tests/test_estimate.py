@@ -62,3 +62,22 @@ def test_oom_hint_names_the_smallest_node_count_that_fits():
     assert not isinstance(resolve(text, f"cluster.nodes={nodes}"), Err)
     fewer = resolve(text, f"cluster.nodes={nodes - 1}")
     assert isinstance(fewer, Err) and paths(fewer) == ["cluster.gpu_memory_gb"]
+
+
+def test_a_save_longer_than_killwait_is_a_plan_warning():
+    """Preemption/scancel: SIGTERM to every process, SIGKILL KillWait (30 s by default) later.
+    8B on tp 8: 12.0 GB per rank x 8 per node / 2 GB/s + 12.0 GB / 1.5 GB/s of sha256 = ~56 s."""
+    from compiler.pipeline import KILL_WAIT_S
+
+    def save_warnings(*overrides):
+        r = resolve(recipe_text(), *overrides)
+        assert not isinstance(r, Err), r
+        return [w for w in r.plan.warnings if "KillWait" in w]
+
+    (w,) = save_warnings()
+    s = int(w.split("checkpoint save ~")[1].split(" s ")[0])
+    assert 40 < s < 70 and s > KILL_WAIT_S and "leaves room for it" in w, w
+    (w,) = save_warnings("cluster.signal_seconds=10")      # 10 + 30 s < ~56 s
+    assert "does not leave room for it either: raise signal_seconds" in w
+    assert save_warnings("checkpoint.every_steps=0", "checkpoint.save_on_exit=false") == []
+    assert save_warnings("model.config=tiny-llama", "mesh.tp=1", "mesh.dp_shard=8") == []

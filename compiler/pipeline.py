@@ -81,6 +81,8 @@ def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
     # block_gather_bytes only feeds the compile-time OOM hint; plan.json keeps the terms themselves
     est_d = {k: getattr(est, k) for k in est.__dataclass_fields__ if k != "block_gather_bytes"}
     est_d["total_bytes"] = est.total_bytes
+    est_d["phases"] = {name: b for name, b in est.phases}
+    est_d["peak_phase"] = est.peak_phase
     return P.Plan(
         version=P.PLAN_VERSION,
         name=recipe.name,
@@ -95,7 +97,8 @@ def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
             lr_schedule=t.lr_schedule, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps,
             grad_clip=t.grad_clip, seed=t.seed, dtype=recipe.model.dtype,
             mixed_precision=P.MixedPrecision(t.mixed_precision.param_dtype, t.mixed_precision.reduce_dtype),
-            activation_checkpointing=t.activation_checkpointing, compile=t.compile, log_every=t.log_every),
+            activation_checkpointing=t.activation_checkpointing, compile=t.compile, log_every=t.log_every,
+            grad_sync=t.grad_sync),
         data=P.DataPlan(recipe.data.source, recipe.data.path, recipe.data.tokenizer, recipe.data.text_field,
                         model.vocab_size),
         checkpoint=P.CheckpointPlan(recipe.checkpoint.dir, recipe.checkpoint.every_steps, recipe.checkpoint.keep,

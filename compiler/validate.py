@@ -280,7 +280,7 @@ def _build(d: dict[str, Any]) -> Recipe:
                            float(t["eps"]), float(t["grad_clip"]), t["seed"],
                            MixedPrecisionSection(t["mixed_precision"]["param_dtype"],
                                                  t["mixed_precision"]["reduce_dtype"]),
-                           t["activation_checkpointing"], t["compile"], t["log_every"]),
+                           t["activation_checkpointing"], t["compile"], t["log_every"], t["grad_sync"]),
         data=DataSection(da["source"], da["path"], da["tokenizer"], da["text_field"]),
         checkpoint=CheckpointSection(ck["dir"], ck["every_steps"], ck["keep"], str(ck["resume"]),
                                      ck["save_on_exit"]),

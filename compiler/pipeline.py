@@ -79,6 +79,7 @@ def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
         estimate=est_d,
         warnings=_warnings(recipe, model, mesh, pl),
         versions=dict(versions),
+        tracking=P.TrackingPlan(**vars(recipe.tracking)),
     )
 
 

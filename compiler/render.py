@@ -1,12 +1,18 @@
 """render stage: Resolved -> {relative path: bytes}. Pure: same input, same bytes.
 
 Jinja2 with StrictUndefined (a missing value is an error, never an empty string) and
-keep_trailing_newline; every value that lands in a shell script goes through `shquote`.
+keep_trailing_newline. One quoting rule for the shell templates, enforced, not hoped for: their
+environment's `finalize` lets through only integers and values that went through `shquote`
+(one shell word, single-quoted, used OUTSIDE any double quotes: a default inside
+"${VAR:-...}" is first assigned to a variable) or `token` (a strict whitelist for #SBATCH
+lines and comments, which no quoting can protect: Slurm reads `#SBATCH` lines itself and a
+newline ends a comment). Any other string in a `{{ }}` of a shell template is a render error.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -22,18 +28,43 @@ RUNTIME = ROOT / "runtime"
 SHELL_TEMPLATES = ("launch.sh", "job.sbatch")
 
 
-def shquote(v: Any) -> str:
-    return shlex.quote(str(v))
+class ShellSafe(str):
+    """A string already made safe for its place in a shell script."""
+
+
+# what an #SBATCH value or a comment may hold: no space, quote, $, backtick, ;, #, newline, non-ASCII
+TOKEN = re.compile(r"[A-Za-z0-9_.,:+=&|()\[\]*-]+")
+
+
+def shquote(v: Any) -> ShellSafe:
+    """One shell word: `'...'` with ' as '"'"'. Safe only outside double quotes."""
+    return ShellSafe(shlex.quote(str(v)))
+
+
+def token(v: Any) -> ShellSafe:
+    s = str(v)
+    if not TOKEN.fullmatch(s):    # the schema refuses these first; this is the last line of defence
+        raise ValueError(f"{s!r} may not appear in an #SBATCH line or a shell comment")
+    return ShellSafe(s)
+
+
+def _shell_finalize(v: Any) -> Any:
+    if isinstance(v, ShellSafe) or (isinstance(v, int) and not isinstance(v, bool)):
+        return v
+    raise ValueError(f"unquoted value {v!r} in a shell template: use | shquote (a shell word) "
+                     "or | token (an #SBATCH value or a comment)")
 
 
 def _gb(x: float) -> str:
     return f"{x / 1e9:,.2f}"
 
 
-def environment() -> jinja2.Environment:
+def environment(shell: bool = False) -> jinja2.Environment:
+    extra = {"finalize": _shell_finalize} if shell else {}
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True, autoescape=False)
-    env.filters.update(shquote=shquote, gb=_gb, num=lambda n: f"{n:,}")
+                             keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True, autoescape=False,
+                             **extra)
+    env.filters.update(shquote=shquote, token=token, gb=_gb, num=lambda n: f"{n:,}")
     return env
 
 
@@ -108,9 +139,10 @@ def render_bundle(res) -> dict[str, bytes]:
            "placement_rows": _placement_rows(res), "memory_rows": _memory_rows(res)}
     files = {"plan.json": P.dumps(res.plan).encode(), "recipe.yaml": recipe_yaml(res.recipe).encode(),
              "PLAN.md": env.get_template("PLAN.md.j2").render(ctx).encode()}
+    shell = environment(shell=True)
     for name in SHELL_TEMPLATES:
         if (TEMPLATES / f"{name}.j2").is_file():
-            files[name] = env.get_template(f"{name}.j2").render(ctx).encode()
+            files[name] = shell.get_template(f"{name}.j2").render(ctx).encode()
     files.update(runtime_files())
     manifest = "".join(f"{hashlib.sha256(files[k]).hexdigest()}  {k}\n" for k in sorted(files))
     files["MANIFEST.sha256"] = manifest.encode()

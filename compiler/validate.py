@@ -141,6 +141,14 @@ def _a(word: str) -> str:
     return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
+def _pattern_hint(pattern: str) -> str:
+    """Schema patterns end in `$(?!\\n)`: Python's `$` alone also matches before a final newline."""
+    if "\\u0000" in pattern:
+        return "no control characters: NUL, escape, carriage return, or (except in env_setup) newline"
+    shown = pattern.removesuffix("(?!\\n)")
+    return f"it must match {shown} (one line, ASCII)"
+
+
 def _fix(err, path: list[Any]) -> str:
     """What to write instead: the key's description plus the rule it broke."""
     desc = _describe(path)
@@ -150,7 +158,7 @@ def _fix(err, path: list[Any]) -> str:
                             + (" (no quotes, no units)" if vv in ("integer", "number") else ""),
             "minimum": lambda: f"use a value >= {vv}", "maximum": lambda: f"use a value <= {vv}",
             "exclusiveMinimum": lambda: f"use a value > {vv}", "exclusiveMaximum": lambda: f"use a value < {vv}",
-            "pattern": lambda: f"it must match {vv}", "minItems": lambda: f"give at least {vv} items",
+            "pattern": lambda: _pattern_hint(vv), "minItems": lambda: f"give at least {vv} items",
             "maxItems": lambda: f"give at most {vv} items", "minLength": lambda: "it must not be empty",
             "uniqueItems": lambda: "remove the repeated item"}.get(v)
     parts = [p for p in (desc.rstrip(".") if desc else "", rule() if rule else "") if p]

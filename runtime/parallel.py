@@ -151,10 +151,10 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, plan: Plan) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = plan.train.mixed_precision
-    master = DTYPES[plan.train.dtype]
-    param, reduce = DTYPES[mp.param_dtype], DTYPES[mp.reduce_dtype]
-    policy = MixedPrecisionPolicy(param_dtype=None if param == master else param,
-                                  reduce_dtype=None if reduce == master else reduce)
+    # both dtypes explicit: FSDP2 drops a param_dtype equal to the master dtype itself, but a
+    # reduce_dtype of None means "reduce in param_dtype" (bf16 gradients for bf16 compute over
+    # fp32 masters), not "reduce in the master dtype"
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[mp.param_dtype], reduce_dtype=DTYPES[mp.reduce_dtype])
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         # the last block's params are needed again at once by backward: keep them gathered

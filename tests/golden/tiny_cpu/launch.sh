@@ -11,7 +11,10 @@ BUNDLE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${MESHBAKE_PYTHON:-python3}"
 # the bundle's own runtime/ first: never a differently versioned installed copy
 export PYTHONPATH="${BUNDLE_DIR}${PYTHONPATH:+:${PYTHONPATH}}"
-export MESHBAKE_RUN_DIR="${MESHBAKE_RUN_DIR:-runs/tiny_cpu}"
+# the default run dir is one single-quoted word assigned first: quoted inside "${VAR:-...}"
+# its quotes would be literal and $(...) in it would run
+default_run_dir=runs/tiny_cpu
+export MESHBAKE_RUN_DIR="${MESHBAKE_RUN_DIR:-${default_run_dir}}"
 
 # python deps and the plan's data/weights paths, checked once, before any process starts
 "${PYTHON}" -m runtime.preflight "${BUNDLE_DIR}/plan.json"

@@ -1,4 +1,4 @@
-"""meshbake CLI: check | bundle | plan --json | export | import. Exit 2 on recipe errors, never a traceback."""
+"""meshbake CLI: check | bundle | plan --json | export | import | report. Exit 2 on recipe errors, never a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
     e.add_argument("-o", "--out", required=True)
     e.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    r = sub.add_parser("report", help="a run dir's metrics and events as one HTML page + a terminal summary")
+    r.add_argument("run_dir")
+    r.add_argument("-o", "--out", default=None, help="HTML file to write (default: RUN_DIR/report.html)")
     i = sub.add_parser("import", help="turn another tool's config into a commented meshbake recipe")
     i.add_argument("tool", choices=["axolotl"])
     i.add_argument("config", help="the tool's YAML config")
@@ -98,6 +101,9 @@ def _summary(res) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.cmd == "report":
+        from compiler.report import main as report_main
+        return report_main(args.run_dir, args.out)
     if args.cmd == "import":
         from compiler.importers.cli import import_main
         return import_main(args)

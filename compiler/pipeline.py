@@ -109,6 +109,7 @@ def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
         estimate=est_d,
         warnings=_warnings(recipe, model, mesh, pl) + _save_warning(recipe, mesh, est),
         versions=dict(versions),
+        tracking=P.TrackingPlan(**vars(recipe.tracking)),
     )
 
 

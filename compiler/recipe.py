@@ -108,6 +108,16 @@ class LoraSection:
 
 
 @dataclass(frozen=True)
+class TrackingSection:
+    tensorboard: bool = False           # <run_dir>/tensorboard/ event files
+    wandb_project: str | None = None    # None = W&B off
+    wandb_entity: str | None = None
+    wandb_name: str | None = None       # None = the recipe name
+    wandb_mode: str = "offline"         # offline | online
+    wandb_tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     model: ModelSection
@@ -119,3 +129,4 @@ class Recipe:
     checkpoint: CheckpointSection
     lora: LoraSection
     run_dir: str                        # relative to the launch directory
+    tracking: TrackingSection = TrackingSection()

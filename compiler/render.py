@@ -166,6 +166,10 @@ def recipe_yaml(recipe) -> str:
     d["train"]["betas"] = list(d["train"]["betas"])
     d["lora"]["targets"] = list(d["lora"]["targets"])
     d["cluster"]["env_pass"] = list(d["cluster"]["env_pass"])
+    tr = d.pop("tracking")            # in the schema's shape: tracking.wandb.project, not wandb_project
+    d["tracking"] = {"tensorboard": tr["tensorboard"],
+                     "wandb": {k.removeprefix("wandb_"): list(v) if k == "wandb_tags" else v
+                               for k, v in tr.items() if k.startswith("wandb_")}}
     if not isinstance(d["tp"]["plan"], str):
         d["tp"]["plan"] = dict(d["tp"]["plan"])
     return "# normalized by meshbake: every default filled in\n" + yaml.safe_dump(d, sort_keys=False, width=100)

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping
 
 from compiler.errors import Err, RecipeError, Result
 from compiler.recipe import (CheckpointSection, ClusterSection, DataSection, LoraSection, MeshSection,
-                             MixedPrecisionSection, ModelSection, Recipe, TPSection, TrainSection)
+                             MixedPrecisionSection, ModelSection, Recipe, TPSection, TrackingSection, TrainSection)
 
 SCHEMA_PATH = Path(__file__).with_name("recipe.schema.json")
 
@@ -231,6 +231,10 @@ def _cross_field(d: dict[str, Any]) -> list[RecipeError]:
         errs.append(RecipeError("train.min_lr", f"{train['min_lr']} is above train.lr={train['lr']}",
                                 "min_lr is the floor the schedule decays to; set it <= lr"))
     errs.extend(_cluster_and_checkpoint(d))
+    wb = d["tracking"]["wandb"]
+    if wb["project"] and wb["mode"] == "online" and "WANDB_API_KEY" not in d["cluster"]["env_pass"]:
+        errs.append(RecipeError("tracking.wandb.mode", "online W&B needs WANDB_API_KEY, and cluster.env_pass does "
+                                "not pass it to the job", "add WANDB_API_KEY to cluster.env_pass, or use mode: offline"))
     if train["warmup_steps"] > train["steps"]:
         errs.append(RecipeError("train.warmup_steps", f"{train['warmup_steps']} exceeds train.steps={train['steps']}",
                                 "warm up over a fraction of the run (e.g. 1-5%)"))
@@ -286,7 +290,13 @@ def _build(d: dict[str, Any]) -> Recipe:
                                      ck["save_on_exit"]),
         lora=LoraSection(lo["rank"], float(lo["alpha"]), float(lo["dropout"]), tuple(lo["targets"])),
         run_dir=d.get("run_dir") or f"runs/{d['name']}",
+        tracking=_tracking(d["tracking"]),
     )
+
+
+def _tracking(tr: dict[str, Any]) -> TrackingSection:
+    w = tr["wandb"]
+    return TrackingSection(tr["tensorboard"], w["project"], w["entity"], w["name"], w["mode"], tuple(w["tags"]))
 
 
 def validate(d: Mapping[str, Any]) -> Result[Recipe]:

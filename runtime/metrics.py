@@ -63,11 +63,12 @@ class _Plain:
 class MetricsLog:
     """Rank 0 writes; other ranks hold a disabled instance."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, plan: Plan | None = None):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.log = run_dir / "train.log"
         self.console = None
+        self.trackers = None
         if enabled:
             try:     # rich for the console line where installed; a bundle needs only torch + transformers
                 from rich.console import Console
@@ -75,6 +76,15 @@ class MetricsLog:
                 self.console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
             except ImportError:
                 self.console = _Plain()
+            if plan is not None and (plan.tracking.tensorboard or plan.tracking.wandb_project):
+                from runtime.tracking import Trackers     # imports tensorboard / wandb only when asked
+
+                self.trackers = Trackers(plan, run_dir, self.info)
+
+    def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
 
     def info(self, msg: str) -> None:
         if not self.enabled:
@@ -88,6 +98,8 @@ class MetricsLog:
             return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(rec)
         mfu = f"{rec['mfu'] * 100:5.1f}%" if rec["mfu"] is not None else "  n/a"
         mem = f"{rec['peak_mem_bytes'] / 2**30:6.2f} GiB" if rec.get("peak_mem_bytes") is not None else "n/a"
         line = (f"step {rec['step']:>5}  loss {rec['loss']:8.4f}  lr {rec['lr']:.2e}  gnorm {rec['grad_norm']:7.3f}  "

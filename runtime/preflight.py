@@ -21,6 +21,10 @@ def problems(plan: Plan) -> list[str]:
         if importlib.util.find_spec(mod) is None:
             out.append(f"{sys.executable} cannot import {mod}; activate the training environment "
                        f"(cluster.env_setup) or set MESHBAKE_PYTHON")
+    for on, mod in ((plan.tracking.tensorboard, "tensorboard"), (plan.tracking.wandb_project, "wandb")):
+        if on and importlib.util.find_spec(mod) is None:
+            out.append(f"tracking: {sys.executable} cannot import {mod}; pip install {mod} in the training "
+                       f"environment, or turn it off in the recipe's tracking section")
     for key, path in (("data.path", plan.data.path), ("data.tokenizer", plan.data.tokenizer),
                       ("model.weights", plan.model.weights)):
         if path and not Path(path).exists():

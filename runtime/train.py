@@ -226,8 +226,9 @@ def setup(plan: Plan, run_dir: Path) -> Job:
     model = build(plan, mesh, device)
     opt, sched = build_optimizer(model, plan)
     dp_rank = mesh["dp_replicate"].get_local_rank() * plan.mesh.dp_shard + mesh["dp_shard"].get_local_rank()
+    log = MetricsLog(run_dir, enabled=dist.get_rank() == 0, plan=plan)
     return Job(plan, device, mesh, model, opt, sched, TokenData(plan.data, plan.train, dp=plan.mesh.dp), dp_rank,
-               MetricsLog(run_dir, enabled=dist.get_rank() == 0), ckpt.ckpt_root(run_dir, plan.checkpoint.dir))
+               log, ckpt.ckpt_root(run_dir, plan.checkpoint.dir))
 
 
 def resume(job: Job) -> int:
@@ -400,6 +401,7 @@ def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
             job.log.info(f"stop signal: {saved} at step {n}, exiting for requeue")
             res.preempted = True
             break
+    job.log.close()
     return res
 
 

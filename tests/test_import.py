@@ -124,6 +124,21 @@ def test_unknown_keys_and_odd_values_are_listed_not_dropped():
     assert d["train"]["lr"] == pytest.approx(3e-5)
 
 
+def test_wandb_and_tensorboard_keys_become_the_tracking_section():
+    _, imp = _import(FIX / "qwen2_adamw-pretrain-fsdp2.yaml")      # wandb_project: dist_muon, wandb_name: adamw
+    d = _recipe(imp)
+    assert d["tracking"] == {"wandb": {"project": "dist_muon", "name": "adamw", "mode": "online"}}
+    status = {n.key: n.status for n in imp.notes}
+    assert status["wandb_project"] == status["wandb_name"] == "mapped" and status["wandb_entity"] == "empty"
+    cfg = {"base_model": "meta-llama/Llama-3.1-8B", "use_tensorboard": True, "wandb_project": "p",
+           "wandb_mode": "offline", "wandb_watch": "gradients"}
+    imp = import_axolotl(cfg, "t", source="t.yml", model_ref="llama-3.1-8b")
+    assert _recipe(imp)["tracking"] == {"tensorboard": True, "wandb": {"project": "p", "mode": "offline"}}
+    assert {n.key: n.status for n in imp.notes}["wandb_watch"] == "not mapped"
+    res = check_text(imp.text, "t")
+    assert not isinstance(res, Err) and res.plan.tracking.wandb_mode == "offline"
+
+
 def test_cli_writes_the_recipe_and_exit_code_follows_check(tmp_path, capsys):
     from compiler.cli import main
 

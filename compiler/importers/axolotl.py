@@ -423,14 +423,16 @@ def _train(cfg: Mapping[str, Any], acc: _Acc, mesh: Mapping[str, int]) -> None:
     _schedule(cfg, acc, lr, steps)
     _optimizer(cfg, acc)
     seed = cfg.get("seed")
-    acc.set("train.seed", int(seed) if seed is not None else 42, "seed" if seed is not None else "HF Trainer default seed")
+    acc.set("train.seed", int(seed) if seed is not None else 42,
+            "seed" if seed is not None else "HF Trainer default seed")
     if seed is not None:
         acc.note("seed", "mapped", "train.seed")
     gc = cfg.get("gradient_checkpointing")
     if "gradient_checkpointing" in cfg and gc is not None:
         acc.set("train.activation_checkpointing", "full" if gc else "none", "gradient_checkpointing")
-        acc.note("gradient_checkpointing", "approximated" if gc == "offload" else "mapped",
-                 "train.activation_checkpointing", "activations are recomputed, not offloaded" if gc == "offload" else "")
+        off = gc == "offload"
+        acc.note("gradient_checkpointing", "approximated" if off else "mapped", "train.activation_checkpointing",
+                 "activations are recomputed, not offloaded" if off else "")
     if "gradient_checkpointing_kwargs" in cfg:
         acc.note("gradient_checkpointing_kwargs", "implied", "",
                  "meshbake's activation checkpointing is torch's non-reentrant checkpoint per block")
@@ -552,12 +554,39 @@ def _checkpoint(cfg: Mapping[str, Any], acc: _Acc, steps_known: bool) -> None:
 
 
 def _tracking(cfg: Mapping[str, Any], acc: _Acc) -> None:
-    for k in sorted(k for k in cfg if k.startswith("wandb_") or k in ("use_tensorboard", "use_mlflow",
-                                                                        "mlflow_tracking_uri", "use_comet")):
-        if cfg[k] is None or cfg[k] is False:
+    keys = sorted(k for k in cfg if k.startswith("wandb_") or k in ("use_tensorboard", "use_mlflow",
+                                                                     "mlflow_tracking_uri", "use_comet"))
+    project, mode = cfg.get("wandb_project"), str(cfg.get("wandb_mode") or "online")
+    if cfg.get("use_tensorboard"):
+        acc.set("tracking.tensorboard", True, "use_tensorboard (<run_dir>/tensorboard/)")
+    on = bool(project) and mode != "disabled"
+    if on:
+        acc.set("tracking.wandb.project", str(project), "wandb_project")
+        for k in ("entity", "name"):
+            if cfg.get(f"wandb_{k}"):
+                acc.set(f"tracking.wandb.{k}", str(cfg[f"wandb_{k}"]), f"wandb_{k}")
+        acc.set("tracking.wandb.mode", "offline" if mode == "offline" else "online",
+                "wandb_mode" if cfg.get("wandb_mode") else
+                "Axolotl's default: online (WANDB_API_KEY via cluster.env_pass)")
+    direct = {"use_tensorboard": "tracking.tensorboard", "wandb_project": "tracking.wandb.project",
+              "wandb_entity": "tracking.wandb.entity", "wandb_name": "tracking.wandb.name",
+              "wandb_mode": "tracking.wandb.mode"}
+    for k in keys:
+        v = cfg[k]
+        if v is None or v is False or v == "":
             acc.note(k, "empty")
+        elif k in direct and (on or k == "use_tensorboard"):
+            approx = k == "wandb_mode" and mode not in ("online", "offline")
+            acc.note(k, "approximated" if approx else "mapped", direct[k],
+                     f"mode {mode!r} written as online" if approx else "")
+        elif k == "wandb_mode" and mode == "disabled":
+            acc.note(k, "mapped", "", "W&B off: no tracking.wandb section")
+        elif k == "wandb_log_model":
+            acc.note(k, "not mapped", "", "models are not uploaded to W&B; `meshbake export` writes the HF folder")
+        elif k == "wandb_watch":
+            acc.note(k, "not mapped", "", "gradient / parameter histograms are not logged (grad norm is)")
         else:
-            acc.note(k, "pending", "", "experiment tracking: not mapped yet")
+            acc.note(k, "not mapped", "", "tracker option not supported (meshbake: TensorBoard and W&B)")
 
 
 def _linear_leaves(model_config: Mapping[str, Any] | None) -> tuple[str, ...]:

@@ -105,6 +105,8 @@ class MetricsLog:
         line = (f"step {rec['step']:>5}  loss {rec['loss']:8.4f}  lr {rec['lr']:.2e}  gnorm {rec['grad_norm']:7.3f}  "
                 f"{rec['tokens_per_s']:>9,.0f} tok/s  {rec['tokens_per_s_per_device']:>8,.0f} tok/s/dev  "
                 f"mfu {mfu}  mem {mem}")
+        if rec.get("eval_loss") is not None:
+            line += f"  eval loss {rec['eval_loss']:.4f} ppl {rec['eval_ppl']:.2f}"
         self.console.print(line)
         with self.log.open("a", encoding="utf-8") as f:
             f.write(line + "\n")

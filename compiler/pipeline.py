@@ -158,7 +158,7 @@ def resolve_dict(d: Mapping[str, Any]) -> Result[Resolved]:
         return Err(tuple(errs))
     cfg = load.read_model_config(recipe.model.config)
     if not isinstance(cfg, Err):
-        errs = tuple(errs) + load.tokenizer_errors(recipe.data.source, recipe.data.tokenizer, cfg)
+        errs = tuple(errs) + load.tokenizer_errors(recipe.data.format, recipe.data.tokenizer, cfg)
     res = cfg if isinstance(cfg, Err) else resolve(recipe, cfg, recipe.model.config)
     if isinstance(res, Err):
         return Err(tuple(errs) + res.errors)

@@ -61,17 +61,30 @@ def test_bad_size_facts_are_errors(tmp_path, key, value, says):
 
 
 @pytest.mark.parametrize("cfg,says", [
-    ({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 4096}, "not a Llama-style decoder"),
-    ({"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 4096}, "not a Llama-style"),
+    ({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 4096}, "not one meshbake runs"),
+    ({"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 4096}, "not one meshbake"),
     ({"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-      "intermediate_size": 128, "vocab_size": 4096}, "builds BertLMHeadModel"),     # was a runtime failure
-    ({"model_type": "gemma3", "text_config": {"hidden_size": 64}}, "multimodal"),
+      "intermediate_size": 128, "vocab_size": 4096}, "not one meshbake runs"),     # was a runtime failure
+    ({"model_type": "gemma3_text", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+      "head_dim": 16, "intermediate_size": 128, "vocab_size": 4096}, "not one meshbake runs"),  # fails under TP
+    ({"model_type": "gemma3", "text_config": {"hidden_size": 64}}, "not one meshbake runs"),
     ({"model_type": "t5", "d_model": 64}, "not a causal LM"),
     ({"model_type": "lama", "hidden_size": 64}, "did you mean 'llama'"),
 ])
 def test_unsupported_model_types_are_refused_at_compile_time(tmp_path, cfg, says):
     msgs = errors_at(with_config(tmp_path, cfg), "model.config")
     assert any(says in m for m in msgs), msgs
+
+
+def test_a_model_without_model_layers_is_refused_after_the_build():
+    """The structural check behind the allow-list: BertLMHeadModel has bert.encoder.layer, not model.layers."""
+    from compiler.model import _meta_model, _structure_error
+
+    cfg = {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "intermediate_size": 128, "vocab_size": 4096}
+    err = _structure_error(_meta_model(cfg), 2, "bert", "x.json")
+    assert err is not None and "BertLMHeadModel" in err.message
+    assert _structure_error(_meta_model(catalog_config("tiny-llama")), 2, "llama", "x") is None
 
 
 def test_unknown_model_type_hint_is_short(tmp_path):

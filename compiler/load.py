@@ -128,8 +128,31 @@ def _check_tree(root: yaml.Node) -> None:
     walk(root, (), 0)
 
 
+MAX_TEXT = 200_000          # characters; recipes are a few KB (PyYAML reads ~1 MB/s)
+
+
+def _flow_depth(text: str) -> int:
+    """Most [ and { open at once, counted over the raw text (quotes ignored: an over-count only
+    refuses a value holding dozens of brackets). PyYAML's scanner is quadratic in flow nesting
+    (1000 levels: 2.5 s before the composer's RecursionError), so this is checked first."""
+    depth = top = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            top = max(top, depth)
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+    return top
+
+
 def _load(text: str) -> Any:
     """yaml.load with _StrictLoader, after _check_tree has passed the composed tree."""
+    if len(text) > MAX_TEXT:
+        raise _Refused("$", f"{len(text):,} characters; a recipe is a few KB (limit {MAX_TEXT:,})",
+                       "put data in files the recipe names, not in the recipe")
+    if _flow_depth(text) > 2 * MAX_DEPTH:
+        raise _Refused("$", f"more than {2 * MAX_DEPTH} [ or {{ open at once (nested more than "
+                       f"{MAX_DEPTH} levels deep)", "a recipe is a few levels of sections and values")
     loader = _StrictLoader(text)
     try:
         try:

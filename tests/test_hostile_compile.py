@@ -120,6 +120,19 @@ def test_config_json_with_nan_or_deep_nesting_is_an_error(tmp_path, text):
     assert any("cannot read config.json" in m for m in msgs), msgs
 
 
+@pytest.mark.parametrize("text,says", [
+    ("name: " + "[" * 1000 + "]" * 1000 + "\n", "nested more than"),   # PyYAML's scanner: quadratic, 2.5 s
+    ("name: x\n" + "# pad\n" * 100000, "a recipe is a few KB"),
+])
+def test_pathological_yaml_is_refused_before_parsing(text, says):
+    from compiler.load import parse_yaml
+
+    t0 = time.perf_counter()
+    r = parse_yaml(text, "r.yaml")
+    assert isinstance(r, Err) and says in str(r.errors[0]), r
+    assert time.perf_counter() - t0 < 2.0       # generous: it is a linear pre-scan (measured 0.05 s)
+
+
 def test_cli_deeply_nested_file_exits_2(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("name: " + "[" * 5000 + "]" * 5000 + "\n")       # RecursionError in PyYAML's composer
@@ -203,3 +216,17 @@ def test_hf_folder_private_keys_stay_out_of_plan_json(tmp_path):
     plan = json.loads(b.files["plan.json"])
     assert not {"_name_or_path", "_commit_hash", "transformers_version"} & set(plan["model"]["config"])
     assert b"/home/alice" not in b"".join(b.files.values())
+
+
+def test_an_internal_bug_is_one_line_and_exit_70(tmp_path, monkeypatch):
+    """The last resort: whatever slips past the checks is one line naming it a bug, no traceback."""
+    import compiler.cli as cli_mod
+
+    def boom(args):
+        raise KeyError("x")
+    monkeypatch.setattr(cli_mod, "_resolve", boom)
+    monkeypatch.delenv("MESHBAKE_DEBUG", raising=False)
+    p = tmp_path / "r.yaml"
+    p.write_text(tiny_text())
+    rc, err = cli(["check", str(p)])
+    assert rc == 70 and "internal error (KeyError" in err and len(err.strip().splitlines()) == 1, err

@@ -133,6 +133,13 @@ def test_pathological_yaml_is_refused_before_parsing(text, says):
     assert time.perf_counter() - t0 < 2.0       # generous: it is a linear pre-scan (measured 0.05 s)
 
 
+def test_huge_config_json_is_refused_unread(tmp_path):
+    p = tmp_path / "config.json"
+    p.write_text('{"model_type": "llama", "pad": "' + "x" * 2_000_000 + '"}')
+    msgs = errors_at(resolve(tiny_text(model={"config": str(p)})), "model.config")
+    assert any("is not a config.json" in m for m in msgs), msgs
+
+
 def test_cli_deeply_nested_file_exits_2(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("name: " + "[" * 5000 + "]" * 5000 + "\n")       # RecursionError in PyYAML's composer

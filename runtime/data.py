@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from runtime.errors import UserError
 from runtime.plan import DataPlan, TrainPlan
 
 
@@ -72,17 +73,40 @@ def tokenize(data: DataPlan) -> torch.Tensor:
     for p in paths:
         if not p.is_file():
             continue
+        text = read_utf8(p)
         if data.source == "jsonl":
-            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            # split on \n only: str.splitlines also splits on \x0c, \x1c, \u2028 ... inside a
+            # record's text, and the reported line numbers would drift from the file's
+            for n, line in enumerate(text.split("\n"), 1):
                 if line.strip():
-                    rec = json.loads(line)
-                    if data.text_field not in rec:
-                        raise KeyError(f"{p}:{n}: no field {data.text_field!r} (data.text_field)")
-                    docs.append(str(rec[data.text_field]))
+                    docs.append(jsonl_text(p, n, line, data.text_field))
         else:
-            docs.append(p.read_text(encoding="utf-8"))
+            docs.append(text)
     ids: list[int] = []
     for d in docs:
         ids.extend(tok(d, add_special_tokens=False)["input_ids"])
         ids.append(eos)
     return torch.tensor(ids, dtype=torch.long)
+
+
+def read_utf8(p: Path) -> str:
+    raw = p.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(p, f"not valid UTF-8 at byte {e.start} (line {line}: {raw[e.start:e.start + 4]!r})",
+                        "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove that byte") from None
+
+
+def jsonl_text(p: Path, n: int, line: str, field: str) -> str:
+    """Line n of a jsonl file -> its text field, or a UserError naming the file and line."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p}:{n}", f"not a JSON record ({e.msg}, column {e.colno})",
+                        "fix or remove that line (one JSON object per line)") from None
+    if not isinstance(rec, dict) or field not in rec:
+        raise UserError(f"{p}:{n}", f"no field {field!r} (data.text_field) in this record",
+                        "set data.text_field to the field holding the text, or fix the record")
+    return str(rec[field])

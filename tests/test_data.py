@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from runtime.data import TokenData
+from runtime.errors import UserError
 from runtime.plan import DataPlan, MixedPrecision, TrainPlan
 from tests.helpers import ROOT
 
@@ -40,7 +41,7 @@ def test_jsonl_records_joined_with_eos(tmp_path):
     data = TokenData(DataPlan("jsonl", str(f), TOK, "text", 4096), train(), dp=1)
     assert int((data.tokens == 0).sum()) == 40                           # <|endoftext|> after every record
     bad = DataPlan("jsonl", str(f), TOK, "content", 4096)
-    with pytest.raises(KeyError, match="no field 'content'"):
+    with pytest.raises(UserError, match="no field 'content'"):
         TokenData(bad, train(), dp=1)
 
 

@@ -1,4 +1,4 @@
-"""meshbake CLI: check | bundle | plan --json | prepare | export. Exit 2 on recipe errors, never a traceback."""
+"""meshbake CLI: check | bundle | plan --json | prepare | export | import | report. Exit 2 on recipe errors, never a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +34,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
     e.add_argument("-o", "--out", required=True)
     e.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    r = sub.add_parser("report", help="a run dir's metrics and events as one HTML page + a terminal summary")
+    r.add_argument("run_dir")
+    r.add_argument("-o", "--out", default=None, help="HTML file to write (default: RUN_DIR/report.html)")
+    i = sub.add_parser("import", help="turn another tool's config into a commented meshbake recipe")
+    i.add_argument("tool", choices=["axolotl"])
+    i.add_argument("config", help="the tool's YAML config")
+    i.add_argument("-o", "--out", default=None, help="recipe file to write (default: print it)")
+    i.add_argument("--model", default=None, help="model.config to use (catalog name, config.json or HF folder) "
+                   "when base_model is a hub id meshbake's catalog does not know")
+    i.add_argument("--nodes", type=int, default=None, help="cluster.nodes (Axolotl takes it from its launcher)")
+    i.add_argument("--gpus-per-node", type=int, default=None, help="cluster.gpus_per_node")
+    i.add_argument("--force", action="store_true", help="replace an existing -o file")
     return p
 
 
@@ -91,6 +103,7 @@ def _summary(res) -> None:
 
 def _prepare(plan, quiet: bool) -> int:
     """The bundle's `python -m runtime.prepare plan.json`, from the recipe (paths relative to cwd)."""
+    from runtime.errors import EXIT_USER
     from runtime.prepare import DataError, prepare
 
     if plan.data.format == "synthetic":
@@ -99,13 +112,19 @@ def _prepare(plan, quiet: bool) -> int:
     try:
         prepare(plan, quiet=quiet)
     except DataError as e:
-        print(f"meshbake: {e}", file=sys.stderr)
-        return EXIT_RECIPE
+        print(e.line(), file=sys.stderr)
+        return EXIT_USER
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.cmd == "report":
+        from compiler.report import main as report_main
+        return report_main(args.run_dir, args.out)
+    if args.cmd == "import":
+        from compiler.importers.cli import import_main
+        return import_main(args)
     if args.cmd == "export":
         from runtime.export import main as export_main
         argv2 = ([args.run_dir, "-o", args.out] + ([] if args.step is None else ["--step", str(args.step)])

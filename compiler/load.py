@@ -36,11 +36,13 @@ class _StrictLoader(yaml.SafeLoader):
     """SafeLoader + exponent floats without a dot + duplicate keys rejected."""
 
 
+# `name: 2024-01-01` stays a string (YAML 1.1 makes it a datetime.date, which no JSON holds).
 # YAML 1.1 also reads 24:00:00 as the base-60 integer 86400 (a Slurm time limit!) and 0x10 as
 # 16: integers here are plain decimal (with _ separators), the rest stays a string
 _INT = re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$")
 _StrictLoader.yaml_implicit_resolvers = {
-    k: [r for r in v if r[0] not in ("tag:yaml.org,2002:float", "tag:yaml.org,2002:int")]
+    k: [r for r in v if r[0] not in ("tag:yaml.org,2002:float", "tag:yaml.org,2002:int",
+                                     "tag:yaml.org,2002:timestamp")]
     for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 _StrictLoader.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
@@ -57,6 +59,94 @@ def _construct_mapping(loader, node, deep=False):
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+# A recipe is ~100 values 3 levels deep. Aliases are references in the composed tree, so a
+# 590-byte file of nested aliases ("billion laughs", 9 levels x 9 references) expands to 10^9
+# values when constructed: the expanded size is counted on the tree first (memoized, linear
+# in the text) and refused above these bounds, as are recursive aliases and deep nesting.
+MAX_NODES = 10_000
+MAX_DEPTH = 32
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
+
+
+class _Refused(Exception):
+    def __init__(self, path: str, message: str, hint: str):
+        self.path, self.message, self.hint = path, message, hint
+
+
+def _key_name(key: yaml.Node, path: tuple) -> str:
+    from compiler.validate import json_path
+
+    where = f"line {key.start_mark.line + 1}"
+    if not isinstance(key, yaml.ScalarNode):
+        raise _Refused(json_path(path), f"a {'list' if isinstance(key, yaml.SequenceNode) else 'mapping'} "
+                       f"used as a key ({where})", "keys are plain names, e.g. `steps: 10`")
+    if key.tag != "tag:yaml.org,2002:str":
+        kind = key.tag.rsplit(":", 1)[-1]
+        why = "; YAML 1.1 reads on/off/yes/no as booleans" if kind == "bool" else ""
+        raise _Refused(json_path(path + (key.value,)), f"key {key.value!r} is read as a YAML {kind}, not a "
+                       f"name ({where}{why})", f"quote it: '{key.value}':")
+    return key.value
+
+
+def _check_tree(root: yaml.Node) -> None:
+    """Raise _Refused for non-JSON tags, non-string keys, recursive aliases, too deep or too big."""
+    from compiler.validate import json_path
+
+    sizes: dict[int, int] = {}       # id(node) -> values it expands to
+    open_: set[int] = set()          # nodes on the current path (an alias back to one is a cycle)
+
+    def walk(node: yaml.Node, path: tuple, depth: int) -> int:
+        if id(node) in open_:
+            raise _Refused(json_path(path), "a YAML alias refers to a node that contains it (recursive alias)",
+                           "aliases (*name) may only copy values defined before and outside them")
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if depth > MAX_DEPTH:
+            raise _Refused(json_path(path[:1]), f"nested more than {MAX_DEPTH} levels deep", "a recipe is a few levels "
+                           "of sections and values")
+        if node.tag not in _PLAIN_TAGS and node.tag != "tag:yaml.org,2002:merge":
+            raise _Refused(json_path(path), f"YAML tag {node.tag!r} (line {node.start_mark.line + 1}) is not "
+                           "allowed", "use plain strings, numbers, booleans, lists and mappings")
+        open_.add(id(node))
+        n = 1
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                name = "<<" if k.tag == "tag:yaml.org,2002:merge" else _key_name(k, path)
+                n += walk(v, path + (name,), depth + 1)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                n += walk(v, path + (i,), depth + 1)
+        open_.discard(id(node))
+        sizes[id(node)] = n
+        if n > MAX_NODES:
+            raise _Refused(json_path(path), f"expands to more than {MAX_NODES:,} values (nested YAML aliases)",
+                           "write the values out; a recipe needs no aliases of aliases")
+        return n
+
+    walk(root, (), 0)
+
+
+def _load(text: str) -> Any:
+    """yaml.load with _StrictLoader, after _check_tree has passed the composed tree."""
+    loader = _StrictLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise _Refused("$", f"nested more than {MAX_DEPTH} levels deep", "a recipe is a few levels "
+                           "of sections and values") from None
+        if node is None:
+            return None
+        _check_tree(node)
+        try:
+            return loader.construct_document(node)
+        except (ValueError, OverflowError) as e:     # int('9' * 5000): Python's 4300-digit limit
+            raise _Refused("$", f"a value cannot be read ({str(e).splitlines()[0][:200]})",
+                           "write plain decimal numbers of sensible size") from None
+    finally:
+        loader.dispose()
 
 
 def _dup_path(node: yaml.Node, prefix: tuple = ()) -> str | None:
@@ -83,7 +173,9 @@ def _dup_path(node: yaml.Node, prefix: tuple = ()) -> str | None:
 
 def parse_yaml(text: str, source: str) -> Result[dict[str, Any]]:
     try:
-        d = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+        d = _load(text)
+    except _Refused as e:
+        return Err((RecipeError(e.path, f"{source}: {e.message}", e.hint),))
     except _DupKey as e:
         path = _dup_path(yaml.compose(text, Loader=yaml.SafeLoader)) or e.path
         return Err((RecipeError(path, f"duplicate key (line {e.line} of {source}); YAML would silently "
@@ -110,7 +202,10 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> Result[dict[str,
             errs.append(RecipeError("--set", f"{item!r} is not KEY=VALUE", "e.g. --set mesh.tp=4"))
             continue
         try:
-            value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else None  # noqa: S506
+            value = _load(raw) if raw.strip() else None
+        except _Refused as e:
+            errs.append(RecipeError("--set", f"{item!r}: {e.message}", e.hint))
+            continue
         except (yaml.YAMLError, _DupKey) as e:
             why = getattr(e, "problem", None) or str(e).splitlines()[0]
             errs.append(RecipeError("--set", f"{item!r}: value is not YAML ({why})", "quote strings with '...'"))
@@ -202,6 +297,11 @@ def load_recipe(name_or_path: str, overrides: tuple[str, ...] = (),
     return apply_cluster_profile(d, cluster)
 
 
+def _no_constant(name: str):
+    """json.loads accepts NaN and Infinity, which are not JSON: plan.json would carry them on."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def read_model_config(ref: str) -> Result[dict[str, Any]]:
     """model.config: a catalog name, a config.json path, or an HF model folder."""
     from compiler.model import CATALOG_DIR, catalog_names
@@ -215,9 +315,53 @@ def read_model_config(ref: str) -> Result[dict[str, Any]]:
                                 f"did you mean {' or '.join(near)}?" if near else
                                 f"catalog: {', '.join(catalog_names())}"),))
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:     # ValueError: JSONDecodeError and UnicodeDecodeError
-        return Err((RecipeError("model.config", f"{path}: cannot read config.json ({e})", "check the file"),))
+        cfg = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except (OSError, ValueError, RecursionError) as e:   # ValueError: JSONDecodeError, UnicodeDecodeError
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:200]
+        return Err((RecipeError("model.config", f"{path}: cannot read config.json ({why})", "check the file"),))
     if not isinstance(cfg, dict):
         return Err((RecipeError("model.config", f"{path}: config.json is not an object", "check the file"),))
     return cfg
+
+
+def tokenizer_vocab(folder: str) -> Result[int | None]:
+    """Ids the tokenizer in `folder` can produce (max id + 1), from tokenizer.json (fast) or
+    vocab.json + added_tokens.json (slow BPE). None when the folder is not here (data paths are
+    relative to the launch directory, checked again there) or holds another format
+    (SentencePiece tokenizer.model)."""
+    p = Path(folder)
+    fast, slow = p / "tokenizer.json", p / "vocab.json"
+    try:
+        if fast.is_file():
+            tj = json.loads(fast.read_text(encoding="utf-8"))
+            vocab = (tj.get("model") or {}).get("vocab")
+            ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab or [])))
+            ids += [t.get("id") for t in tj.get("added_tokens") or [] if isinstance(t, dict)]
+        elif slow.is_file():
+            ids = list(json.loads(slow.read_text(encoding="utf-8")).values())
+            added = p / "added_tokens.json"
+            if added.is_file():
+                ids += list(json.loads(added.read_text(encoding="utf-8")).values())
+        else:
+            return None
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        return Err((RecipeError("data.tokenizer", f"{folder}: cannot read the tokenizer ({e})",
+                                "point data.tokenizer at a Hugging Face tokenizer folder"),))
+    ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+    return max(ids) + 1 if ids else None
+
+
+def tokenizer_errors(source: str, tokenizer: str | None, config: dict[str, Any]) -> tuple[RecipeError, ...]:
+    """A tokenizer whose ids reach past the model's embedding was found only at run time."""
+    vocab = config.get("vocab_size")
+    if source == "synthetic" or not tokenizer or not isinstance(vocab, int):
+        return ()
+    n = tokenizer_vocab(tokenizer)
+    if isinstance(n, Err):
+        return n.errors
+    if n is not None and n > vocab:
+        return (RecipeError("data.tokenizer", f"{tokenizer} produces token ids up to {n - 1}, but the model's "
+                            f"vocab_size is {vocab} (the embedding has no row for them)",
+                            "use the model's own tokenizer, or resize the embeddings to the tokenizer "
+                            "(model.resize_token_embeddings) and point model.config at the result"),)
+    return ()

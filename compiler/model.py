@@ -73,6 +73,108 @@ def _kind(module) -> str | None:
     return None
 
 
+# The facts every later stage reads, with bounds. Without them transformers fills in its own
+# defaults (a bare {"model_type": "llama"} silently became Llama-2-7B), and absurd values hang
+# the meta-device build (its cost grows faster than linearly in layers: 256 layers 0.8 s, 512 3 s)
+# or divide by zero. The bounds are ~2-4x the largest real models (Llama-3.1-405B: hidden 16384,
+# 126 layers, 128 heads, intermediate 53248; Gemma vocab 262144).
+FACTS = {"hidden_size": 65536, "num_hidden_layers": 256, "num_attention_heads": 1024,
+         "intermediate_size": 262144, "vocab_size": 4194304}
+OPTIONAL_FACTS = {"num_key_value_heads": 1024, "head_dim": 4096, "max_position_embeddings": 1 << 24}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _type_errors(model_type: Any, source: str) -> list[RecipeError]:
+    """model_type must name a decoder transformers can build as a causal LM (short hints, not
+    transformers' 12 KB list of every model type)."""
+    import difflib
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not isinstance(model_type, str) or not model_type:
+        return [RecipeError("model.config", f"{source}: config.json has no model_type",
+                            "point model.config at a Hugging Face config.json")]
+    if model_type not in CONFIG_MAPPING_NAMES:
+        near = difflib.get_close_matches(model_type, sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), n=3)
+        return [RecipeError("model.config", f"{source}: model_type {model_type!r} is unknown to transformers "
+                            f"(it knows {len(CONFIG_MAPPING_NAMES)} model types, "
+                            f"{len(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)} of them causal LMs)",
+                            f"did you mean {' or '.join(map(repr, near))}?" if near else
+                            "use a decoder config.json such as llama, mistral or qwen2")]
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return [RecipeError("model.config", f"{source}: model_type {model_type!r} is not a causal LM "
+                            "(encoder, encoder-decoder or vision model)",
+                            "meshbake trains decoder-only CausalLM architectures (llama, mistral, qwen2, ...)")]
+    from transformers import CONFIG_MAPPING
+
+    try:
+        default = CONFIG_MAPPING[model_type]()      # a config object only: cheap, no model
+    except Exception:       # noqa: BLE001 some config classes need arguments; judged after the build
+        return []
+    if getattr(default, "text_config", None) is not None:
+        return [RecipeError("model.config", f"{source}: model_type {model_type!r} is a multimodal config "
+                            "(the decoder's facts are under text_config)",
+                            "write its text_config as a config.json of its own (model_type e.g. gemma3_text) "
+                            "and point model.config at it")]
+    lacking = [k for k in FACTS if not hasattr(default, k)]
+    if lacking:
+        return [RecipeError("model.config", f"{source}: model_type {model_type!r} is not a Llama-style decoder "
+                            f"(its config has no {', '.join(lacking)})",
+                            "meshbake trains decoders such as llama, mistral, qwen2")]
+    return []
+
+
+def fact_errors(config: Mapping[str, Any], source: str) -> list[RecipeError]:
+    """The size facts are present, integers and within bounds, and consistent with each other."""
+    errs = []
+    if isinstance(config.get("text_config"), Mapping):
+        return [RecipeError("model.config", f"{source}: model_type {config.get('model_type')!r} is a multimodal "
+                            "config (the decoder's facts are under text_config)",
+                            "write the text_config part as its own config.json (its model_type, e.g. "
+                            "gemma3_text) and point model.config at it")]
+    missing = [k for k in FACTS if k not in config]
+    if missing:
+        errs.append(RecipeError("model.config", f"{source}: config.json lacks {', '.join(missing)}",
+                                "give the model's real sizes; transformers would silently fill in the defaults "
+                                f"of some other {config.get('model_type')} model"))
+    for k, top in {**FACTS, **OPTIONAL_FACTS}.items():
+        v = config.get(k)
+        if k not in config or (v is None and k in OPTIONAL_FACTS):
+            continue
+        if not _is_int(v) or not 1 <= v <= top:
+            errs.append(RecipeError("model.config", f"{source}: {k} is {json.dumps(v, default=repr)}",
+                                    f"{k} must be an integer from 1 to {top:,}"))
+    if errs:
+        return errs
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    if config.get("head_dim") is None and config["hidden_size"] % heads:
+        errs.append(RecipeError("model.config", f"{source}: hidden_size {config['hidden_size']} is not divisible "
+                                f"by num_attention_heads {heads}", "give head_dim, or fix the sizes"))
+    if heads % kv:
+        errs.append(RecipeError("model.config", f"{source}: num_attention_heads {heads} is not a multiple of "
+                                f"num_key_value_heads {kv}", "each kv head serves a whole group of query heads"))
+    return errs
+
+
+def _structure_error(model, num_layers: int, model_type: str, source: str) -> RecipeError | None:
+    """The runtime drives model.model.layers[i].self_attn / .mlp and the output embedding (lm_head)."""
+    import torch.nn as nn
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    ok = (isinstance(layers, nn.ModuleList) and len(layers) == num_layers
+          and all(hasattr(b, "self_attn") and hasattr(b, "mlp") for b in layers)
+          and isinstance(model.get_output_embeddings(), nn.Linear))
+    if ok:
+        return None
+    return RecipeError("model.config", f"{source}: model_type {model_type!r} builds {type(model).__name__}, which "
+                       "is not a Llama-style decoder (model.layers[i].self_attn / .mlp and an lm_head)",
+                       "meshbake trains decoders such as llama, mistral, qwen2")
+
+
 def _meta_model(config: Mapping[str, Any]):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -89,15 +191,19 @@ def _meta_model(config: Mapping[str, Any]):
 def model_spec(config: Mapping[str, Any], source: str) -> Result[ModelSpec]:
     """Build the ModelSpec of a config.json dict; errors point at model.config."""
     model_type = config.get("model_type")
-    if not isinstance(model_type, str):
-        return Err((RecipeError("model.config", f"{source}: config.json has no model_type",
-                                "point model.config at a Hugging Face config.json"),))
+    errs = _type_errors(model_type, source) or fact_errors(config, source)
+    if errs:
+        return Err(tuple(errs))
     try:
         model = _meta_model(config)
-    except (ValueError, KeyError, TypeError) as e:
-        return Err((RecipeError("model.config", f"{source}: transformers cannot build "
-                                f"model_type {model_type!r} as a causal LM ({e})",
-                                "meshbake supports decoder-only CausalLM architectures"),))
+    except Exception as e:      # noqa: BLE001 any config transformers refuses (its classes raise anything)
+        first = (str(e).splitlines() or [""])[0][:300]
+        return Err((RecipeError("model.config", f"{source}: transformers cannot build model_type "
+                                f"{model_type!r} from this config.json ({type(e).__name__}: {first})",
+                                "check the config.json values"),))
+    bad = _structure_error(model, config["num_hidden_layers"], model_type, source)
+    if bad is not None:
+        return Err((bad,))
     modules = tuple(
         ModuleInfo(fqn, kind, tuple(mod.weight.shape), sum(p.numel() for p in mod.parameters(recurse=False)))
         for fqn, mod in model.named_modules()
@@ -107,7 +213,7 @@ def model_spec(config: Mapping[str, Any], source: str) -> Result[ModelSpec]:
     heads = c.num_attention_heads
     return ModelSpec(
         source=source,
-        config=dict(config),
+        config=_portable(config),
         architecture=type(model).__name__,
         model_type=model_type,
         hidden_size=c.hidden_size,
@@ -124,6 +230,13 @@ def model_spec(config: Mapping[str, Any], source: str) -> Result[ModelSpec]:
         hf_tp_plan=dict(getattr(model, "_tp_plan", None) or {}),
         block_prefix=_block_prefix(model),
     )
+
+
+def _portable(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config.json as plan.json carries it, minus what describes the machine it was saved on:
+    `_name_or_path` (a user's home path), `_commit_hash` and other `_` keys, transformers_version.
+    The runtime drops these keys before building the model anyway."""
+    return {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
 
 
 def _block_prefix(model) -> str:

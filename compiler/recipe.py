@@ -79,6 +79,7 @@ class TrainSection:
     activation_checkpointing: str       # none | full | selective
     compile: bool
     log_every: int
+    grad_sync: str = "every_micro_step"  # every_micro_step | last_micro_step (FSDP + grad_accum > 1)
     eval_every: int = 0                 # 0: eval only at the end (when there is an eval split)
 
 
@@ -115,6 +116,16 @@ class LoraSection:
 
 
 @dataclass(frozen=True)
+class TrackingSection:
+    tensorboard: bool = False           # <run_dir>/tensorboard/ event files
+    wandb_project: str | None = None    # None = W&B off
+    wandb_entity: str | None = None
+    wandb_name: str | None = None       # None = the recipe name
+    wandb_mode: str = "offline"         # offline | online
+    wandb_tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     model: ModelSection
@@ -126,3 +137,4 @@ class Recipe:
     checkpoint: CheckpointSection
     lora: LoraSection
     run_dir: str                        # relative to the launch directory
+    tracking: TrackingSection = TrackingSection()

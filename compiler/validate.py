@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping
 
 from compiler.errors import Err, RecipeError, Result
 from compiler.recipe import (CheckpointSection, ClusterSection, DataSection, LoraSection, MeshSection,
-                             MixedPrecisionSection, ModelSection, Recipe, TPSection, TrainSection)
+                             MixedPrecisionSection, ModelSection, Recipe, TPSection, TrackingSection, TrainSection)
 
 SCHEMA_PATH = Path(__file__).with_name("recipe.schema.json")
 
@@ -142,6 +142,14 @@ def _a(word: str) -> str:
     return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
+def _pattern_hint(pattern: str) -> str:
+    """Schema patterns end in `$(?!\\n)`: Python's `$` alone also matches before a final newline."""
+    if "\\u0000" in pattern:
+        return "no control characters: NUL, escape, carriage return, or (except in env_setup) newline"
+    shown = pattern.removesuffix("(?!\\n)")
+    return f"it must match {shown} (one line, ASCII)"
+
+
 def _fix(err, path: list[Any]) -> str:
     """What to write instead: the key's description plus the rule it broke."""
     desc = _describe(path)
@@ -151,7 +159,7 @@ def _fix(err, path: list[Any]) -> str:
                             + (" (no quotes, no units)" if vv in ("integer", "number") else ""),
             "minimum": lambda: f"use a value >= {vv}", "maximum": lambda: f"use a value <= {vv}",
             "exclusiveMinimum": lambda: f"use a value > {vv}", "exclusiveMaximum": lambda: f"use a value < {vv}",
-            "pattern": lambda: f"it must match {vv}", "minItems": lambda: f"give at least {vv} items",
+            "pattern": lambda: _pattern_hint(vv), "minItems": lambda: f"give at least {vv} items",
             "maxItems": lambda: f"give at most {vv} items", "minLength": lambda: "it must not be empty",
             "uniqueItems": lambda: "remove the repeated item"}.get(v)
     parts = [p for p in (desc.rstrip(".") if desc else "", rule() if rule else "") if p]
@@ -259,9 +267,36 @@ def _cross_field(d: dict[str, Any]) -> list[RecipeError]:
     if train["min_lr"] > train["lr"]:
         errs.append(RecipeError("train.min_lr", f"{train['min_lr']} is above train.lr={train['lr']}",
                                 "min_lr is the floor the schedule decays to; set it <= lr"))
+    errs.extend(_cluster_and_checkpoint(d))
+    wb = d["tracking"]["wandb"]
+    if wb["project"] and wb["mode"] == "online" and "WANDB_API_KEY" not in d["cluster"]["env_pass"]:
+        errs.append(RecipeError("tracking.wandb.mode", "online W&B needs WANDB_API_KEY, and cluster.env_pass does "
+                                "not pass it to the job", "add WANDB_API_KEY to cluster.env_pass, or use mode: offline"))
     if train["warmup_steps"] > train["steps"]:
         errs.append(RecipeError("train.warmup_steps", f"{train['warmup_steps']} exceeds train.steps={train['steps']}",
                                 "warm up over a fraction of the run (e.g. 1-5%)"))
+    return errs
+
+
+def time_seconds(t: str) -> int:
+    """Slurm time 'D-HH:MM:SS' or 'HH:MM:SS' (already schema-checked) -> seconds."""
+    days, _, hms = t.rpartition("-")
+    h, m, sec = (int(x) for x in hms.split(":"))
+    return (int(days) if days else 0) * 86400 + h * 3600 + m * 60 + sec
+
+
+def _cluster_and_checkpoint(d: dict[str, Any]) -> list[RecipeError]:
+    errs = []
+    c, resume = d["cluster"], d["checkpoint"]["resume"]
+    limit = time_seconds(str(c["time"]))
+    if c["requeue"] and c["signal_seconds"] >= limit:
+        errs.append(RecipeError("cluster.signal_seconds", f"{c['signal_seconds']} s is not shorter than the time "
+                                f"limit cluster.time={c['time']} ({limit} s): the USR1 would come at the start",
+                                "give the save time the job needs (e.g. 120-600), less than cluster.time"))
+    # resume is auto | never | a path; `Auto` would silently be read as a checkpoint path
+    if isinstance(resume, str) and resume.lower() in ("auto", "never") and resume not in ("auto", "never"):
+        errs.append(RecipeError("checkpoint.resume", f"{resume!r} is not a keyword (they are lower case) and "
+                                "not meant as a path", f"did you mean {resume.lower()!r}?"))
     return errs
 
 
@@ -286,13 +321,20 @@ def _build(d: dict[str, Any]) -> Recipe:
                            float(t["eps"]), float(t["grad_clip"]), t["seed"],
                            MixedPrecisionSection(t["mixed_precision"]["param_dtype"],
                                                  t["mixed_precision"]["reduce_dtype"]),
-                           t["activation_checkpointing"], t["compile"], t["log_every"], t["eval_every"]),
+                           t["activation_checkpointing"], t["compile"], t["log_every"], t["grad_sync"],
+                           t["eval_every"]),
         data=_data_section(da),
         checkpoint=CheckpointSection(ck["dir"], ck["every_steps"], ck["keep"], str(ck["resume"]),
                                      ck["save_on_exit"]),
         lora=LoraSection(lo["rank"], float(lo["alpha"]), float(lo["dropout"]), tuple(lo["targets"])),
         run_dir=d.get("run_dir") or f"runs/{d['name']}",
+        tracking=_tracking(d["tracking"]),
     )
+
+
+def _tracking(tr: dict[str, Any]) -> TrackingSection:
+    w = tr["wandb"]
+    return TrackingSection(tr["tensorboard"], w["project"], w["entity"], w["name"], w["mode"], tuple(w["tags"]))
 
 
 def _data_section(da: dict[str, Any]) -> DataSection:

@@ -90,6 +90,7 @@ class TrainPlan:
     activation_checkpointing: str   # "none" | "full" | "selective"
     compile: bool
     log_every: int
+    grad_sync: str = "every_micro_step"   # FSDP reduce-scatter: "every_micro_step" | "last_micro_step"
     eval_every: int = 0             # eval loss every N steps (0: only at the end), with an eval split
 
 
@@ -128,6 +129,16 @@ class LoraPlan:
 
 
 @dataclass(frozen=True)
+class TrackingPlan:
+    tensorboard: bool = False       # rank 0 writes <run_dir>/tensorboard/ (needs the tensorboard package)
+    wandb_project: str | None = None  # None = W&B off (needs the wandb package)
+    wandb_entity: str | None = None
+    wandb_name: str | None = None   # None = plan.name
+    wandb_mode: str = "offline"     # "offline" (no network) | "online"
+    wandb_tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Plan:
     version: int
     name: str
@@ -143,6 +154,7 @@ class Plan:
     estimate: dict[str, Any] = field(default_factory=dict)   # per-rank bytes etc., for humans
     warnings: tuple[str, ...] = ()
     versions: dict[str, str] = field(default_factory=dict)  # torch/transformers the plan was made with
+    tracking: TrackingPlan = field(default_factory=TrackingPlan)   # experiment trackers (rank 0)
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
@@ -195,7 +207,13 @@ def from_dict(d: dict[str, Any]) -> Plan:
         estimate=d.get("estimate", {}),
         warnings=tuple(d.get("warnings", ())),
         versions=d.get("versions", {}),
+        tracking=_tracking(d.get("tracking", {})),
     )
+
+
+def _tracking(d: dict[str, Any]) -> TrackingPlan:
+    t = _build(TrackingPlan, d)
+    return TrackingPlan(**{**asdict(t), "wandb_tags": tuple(t.wandb_tags)})
 
 
 def load_plan(path: str) -> Plan:

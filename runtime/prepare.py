@@ -36,11 +36,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-try:                       # issue 9's one-line runtime error, once it has landed
-    from runtime.errors import UserError as _Base    # type: ignore[import-not-found]
-except ImportError:        # pragma: no cover - until then a ValueError subclass
-    _Base = ValueError
-
+from runtime.errors import EXIT_USER, UserError
 from runtime.plan import DataPlan, Plan, load_plan
 
 PREPARE_VERSION = 1        # bump when the on-disk layout or the tokenization rules change
@@ -52,8 +48,14 @@ ALPACA = ("Below is an instruction that describes a task{ctx}. Write a response 
           "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
 
 
-class DataError(_Base):
-    """One line for the user: which file / record / key, and what to do."""
+class DataError(UserError):
+    """One line for the user: which file / record / key, what is wrong and what to do (a
+    UserError: runtime.train and the CLI print it without a traceback)."""
+
+    def __init__(self, message: str):
+        Exception.__init__(self, message)
+        where, _, rest = message.partition(": ")
+        self.path, self.problem, self.fix = where, rest or message, ""
 
 
 # ------------------------------------------------------------------------------ fingerprints
@@ -687,8 +689,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepare(plan, quiet=args.quiet, log=lambda s: print(s, file=sys.stderr))
     except DataError as e:
-        print(f"meshbake: {e}", file=sys.stderr)
-        return 2
+        print(e.line(), file=sys.stderr)
+        return EXIT_USER
     return 0
 
 

@@ -11,7 +11,10 @@ BUNDLE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${MESHBAKE_PYTHON:-python3}"
 # the bundle's own runtime/ first: never a differently versioned installed copy
 export PYTHONPATH="${BUNDLE_DIR}${PYTHONPATH:+:${PYTHONPATH}}"
-export MESHBAKE_RUN_DIR="${MESHBAKE_RUN_DIR:-runs/8b_tp}"
+# the default run dir is one single-quoted word assigned first: quoted inside "${VAR:-...}"
+# its quotes would be literal and $(...) in it would run
+default_run_dir=runs/8b_tp
+export MESHBAKE_RUN_DIR="${MESHBAKE_RUN_DIR:-${default_run_dir}}"
 
 # python deps and the plan's data/weights paths, checked once, before any process starts
 "${PYTHON}" -m runtime.preflight "${BUNDLE_DIR}/plan.json"
@@ -62,11 +65,14 @@ forward() {
   if [[ -n "${kids[*]:-}" ]]; then kill -s "$1" "${kids[@]}" 2>/dev/null || true; fi
 }
 
-# Slurm signals every process of the step, torchrun included: torchrun inherits USR1 ignored
-# (its default action is to die); the training processes install their own handler.
-trap '' USR1
+# Slurm signals every process of the step (scancel, preemption, the time limit: TERM to all of
+# them), torchrun included. torchrun inherits USR1 and TERM ignored and is told not to handle
+# TERM itself (--signals-to-handle): by default it raises SignalException, exits 1 (no requeue)
+# and SIGKILLs the workers 30 s later, mid-save. The training processes install their own
+# handlers; INT (Ctrl-C) still stops torchrun and its workers at once.
+trap '' USR1 TERM
 "${PYTHON}" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node="${NPROC}" \
-  --max-restarts=0 \
+  --max-restarts=0 --signals-to-handle=SIGINT,SIGHUP,SIGQUIT \
   -m runtime.train "${BUNDLE_DIR}/plan.json" &
 torchrun_pid=$!
 trap 'forward USR1' USR1

@@ -103,6 +103,7 @@ def _summary(res) -> None:
 
 def _prepare(plan, quiet: bool) -> int:
     """The bundle's `python -m runtime.prepare plan.json`, from the recipe (paths relative to cwd)."""
+    from runtime.errors import EXIT_USER
     from runtime.prepare import DataError, prepare
 
     if plan.data.format == "synthetic":
@@ -111,8 +112,8 @@ def _prepare(plan, quiet: bool) -> int:
     try:
         prepare(plan, quiet=quiet)
     except DataError as e:
-        print(f"meshbake: {e}", file=sys.stderr)
-        return EXIT_RECIPE
+        print(e.line(), file=sys.stderr)
+        return EXIT_USER
     return 0
 EXIT_INTERNAL = 70         # EX_SOFTWARE: a bug in meshbake, not in the recipe
 

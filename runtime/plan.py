@@ -175,6 +175,10 @@ def _build(cls, d: dict[str, Any]):
 
 def _data_plan(d: dict[str, Any]) -> DataPlan:
     d = dict(d)
+    if "format" not in d:              # plan.json of meshbake before the data redesign (runs being exported)
+        d = {"format": "synthetic" if d.get("source") == "synthetic" else "text", "tokenizer": d.get("tokenizer"),
+             "sources": [{"path": d["path"], "weight": 1.0}] if d.get("path") else [],
+             "fields": {"text": d.get("text_field", "text")}, "vocab_size": d["vocab_size"]}
     for k in ("sources", "eval_sources"):
         d[k] = tuple(d.get(k, ()))
     return _build(DataPlan, d)

@@ -297,6 +297,11 @@ def load_recipe(name_or_path: str, overrides: tuple[str, ...] = (),
     return apply_cluster_profile(d, cluster)
 
 
+def _no_constant(name: str):
+    """json.loads accepts NaN and Infinity, which are not JSON: plan.json would carry them on."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def read_model_config(ref: str) -> Result[dict[str, Any]]:
     """model.config: a catalog name, a config.json path, or an HF model folder."""
     from compiler.model import CATALOG_DIR, catalog_names
@@ -310,9 +315,53 @@ def read_model_config(ref: str) -> Result[dict[str, Any]]:
                                 f"did you mean {' or '.join(near)}?" if near else
                                 f"catalog: {', '.join(catalog_names())}"),))
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:     # ValueError: JSONDecodeError and UnicodeDecodeError
-        return Err((RecipeError("model.config", f"{path}: cannot read config.json ({e})", "check the file"),))
+        cfg = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except (OSError, ValueError, RecursionError) as e:   # ValueError: JSONDecodeError, UnicodeDecodeError
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:200]
+        return Err((RecipeError("model.config", f"{path}: cannot read config.json ({why})", "check the file"),))
     if not isinstance(cfg, dict):
         return Err((RecipeError("model.config", f"{path}: config.json is not an object", "check the file"),))
     return cfg
+
+
+def tokenizer_vocab(folder: str) -> Result[int | None]:
+    """Ids the tokenizer in `folder` can produce (max id + 1), from tokenizer.json (fast) or
+    vocab.json + added_tokens.json (slow BPE). None when the folder is not here (data paths are
+    relative to the launch directory, checked again there) or holds another format
+    (SentencePiece tokenizer.model)."""
+    p = Path(folder)
+    fast, slow = p / "tokenizer.json", p / "vocab.json"
+    try:
+        if fast.is_file():
+            tj = json.loads(fast.read_text(encoding="utf-8"))
+            vocab = (tj.get("model") or {}).get("vocab")
+            ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab or [])))
+            ids += [t.get("id") for t in tj.get("added_tokens") or [] if isinstance(t, dict)]
+        elif slow.is_file():
+            ids = list(json.loads(slow.read_text(encoding="utf-8")).values())
+            added = p / "added_tokens.json"
+            if added.is_file():
+                ids += list(json.loads(added.read_text(encoding="utf-8")).values())
+        else:
+            return None
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        return Err((RecipeError("data.tokenizer", f"{folder}: cannot read the tokenizer ({e})",
+                                "point data.tokenizer at a Hugging Face tokenizer folder"),))
+    ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+    return max(ids) + 1 if ids else None
+
+
+def tokenizer_errors(source: str, tokenizer: str | None, config: dict[str, Any]) -> tuple[RecipeError, ...]:
+    """A tokenizer whose ids reach past the model's embedding was found only at run time."""
+    vocab = config.get("vocab_size")
+    if source == "synthetic" or not tokenizer or not isinstance(vocab, int):
+        return ()
+    n = tokenizer_vocab(tokenizer)
+    if isinstance(n, Err):
+        return n.errors
+    if n is not None and n > vocab:
+        return (RecipeError("data.tokenizer", f"{tokenizer} produces token ids up to {n - 1}, but the model's "
+                            f"vocab_size is {vocab} (the embedding has no row for them)",
+                            "use the model's own tokenizer, or resize the embeddings to the tokenizer "
+                            "(model.resize_token_embeddings) and point model.config at the result"),)
+    return ()

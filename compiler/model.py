@@ -213,7 +213,7 @@ def model_spec(config: Mapping[str, Any], source: str) -> Result[ModelSpec]:
     heads = c.num_attention_heads
     return ModelSpec(
         source=source,
-        config=dict(config),
+        config=_portable(config),
         architecture=type(model).__name__,
         model_type=model_type,
         hidden_size=c.hidden_size,
@@ -230,6 +230,13 @@ def model_spec(config: Mapping[str, Any], source: str) -> Result[ModelSpec]:
         hf_tp_plan=dict(getattr(model, "_tp_plan", None) or {}),
         block_prefix=_block_prefix(model),
     )
+
+
+def _portable(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config.json as plan.json carries it, minus what describes the machine it was saved on:
+    `_name_or_path` (a user's home path), `_commit_hash` and other `_` keys, transformers_version.
+    The runtime drops these keys before building the model anyway."""
+    return {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
 
 
 def _block_prefix(model) -> str:

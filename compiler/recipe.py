@@ -79,6 +79,7 @@ class TrainSection:
     activation_checkpointing: str       # none | full | selective
     compile: bool
     log_every: int
+    grad_sync: str = "every_micro_step"  # every_micro_step | last_micro_step (FSDP + grad_accum > 1)
 
 
 @dataclass(frozen=True)

@@ -55,16 +55,51 @@ def _shell_finalize(v: Any) -> Any:
                      "or | token (an #SBATCH value or a comment)")
 
 
+class MdSafe(str):
+    """A string already escaped for its place in PLAN.md."""
+
+
+# CommonMark: a backslash escapes any ASCII punctuation. These can start markup: emphasis, code,
+# links, raw HTML (an unclosed `<!--` in model.weights hid the rest of PLAN.md), table cells.
+# `_` only at a word boundary (intraword underscores never open emphasis: lm_head stays lm_head).
+_MD_SPECIAL = re.compile(r"[\\`*\[\]<>&|~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+
+
+def md(v: Any) -> MdSafe:
+    """Text: markup characters backslash-escaped, control characters shown as \\uXXXX."""
+    s = _MD_SPECIAL.sub(lambda m: "\\" + m.group(), str(v))
+    return MdSafe(_CONTROL.sub(lambda m: f"\\\\u{ord(m.group()):04x}", s))
+
+
+def md_code(v: Any, table: bool = False) -> MdSafe:
+    """A code span that nothing inside can end: the fence is one backtick longer than the
+    longest run in the value; `|` is escaped in table cells (GFM splits cells first)."""
+    s = _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", str(v))
+    if table:
+        s = s.replace("|", "\\|")
+    fence = "`" * (max((len(r) for r in re.findall("`+", s)), default=0) + 1)
+    pad = " " if s.startswith("`") or s.endswith("`") else ""
+    return MdSafe(f"{fence}{pad}{s}{pad}{fence}")
+
+
+def _md_finalize(v: Any) -> Any:
+    if isinstance(v, MdSafe) or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+        return v
+    return md(v)
+
+
 def _gb(x: float) -> str:
     return f"{x / 1e9:,.2f}"
 
 
 def environment(shell: bool = False) -> jinja2.Environment:
-    extra = {"finalize": _shell_finalize} if shell else {}
+    """shell=False: PLAN.md, where every {{ }} is markdown-escaped unless it went through md_code."""
+    extra = {"finalize": _shell_finalize if shell else _md_finalize}
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True, autoescape=False,
                              **extra)
-    env.filters.update(shquote=shquote, token=token, gb=_gb, num=lambda n: f"{n:,}")
+    env.filters.update(shquote=shquote, token=token, md_code=md_code, gb=_gb, num=lambda n: f"{n:,}")
     return env
 
 
@@ -101,15 +136,28 @@ def _placement_rows(res) -> list[dict[str, Any]]:
 
 
 def _memory_rows(res) -> list[dict[str, str]]:
-    e, t = res.estimate, res.recipe.train
-    how = {"params": f"{e.params_per_rank:,} params x {res.recipe.model.dtype}, after TP and FSDP",
-           "grads": "trainable params, sharded like params",
+    e, t, m = res.estimate, res.recipe.train, res.mesh
+    pd = t.mixed_precision.param_dtype
+    fsdp = m.dp_replicate * m.fsdp > 1
+    shard = (f"FSDP shards padded to ceil(rows / {m.fsdp}) rows (rank 0, the peak rank)" if fsdp
+             else "no FSDP (one-rank data-parallel mesh)")
+    how = {"params": f"{e.params_per_rank:,} params x {res.recipe.model.dtype}, after TP; {shard}",
+           "grads": "trainable params, sharded like params (from the backward on)",
            "optimizer": "AdamW exp_avg + exp_avg_sq, sharded",
-           "gathered": f"2 FSDP-gathered blocks in {t.mixed_precision.param_dtype} + 1 block of grads",
+           "accum_grads": f"unsharded grads held between the {m.grad_accum} micro-steps (no reduce-scatter until the last)"
+                          if e.accum_grads_bytes else "none: no FSDP gradient accumulation without sync",
+           "gathered": f"root (embeddings, final norm, lm_head) + last block kept gathered in {pd}" if fsdp
+                       else "none: no FSDP",
            "activations": f"{res.model.num_layers} layers, mbs {t.micro_batch_size} x seq {t.seq_len}"
-                          f"{' / cp ' + str(res.mesh.cp) if res.mesh.cp > 1 else ''}, AC {t.activation_checkpointing}",
-           "logits": "tokens x vocab x 8 B" + (f" / tp {res.mesh.tp} (loss parallel)" if res.plan.tp.loss_parallel else "")}
+                          f"{' / cp ' + str(m.cp) if m.cp > 1 else ''}, AC {t.activation_checkpointing}",
+           "logits": ("tokens x vocab / tp x 16 B (loss parallel)" if res.plan.tp.loss_parallel
+                      else "tokens x vocab x 12 B (fp32 log-softmax, its grad in and out)")}
     return [{"name": k, "gb": _gb(v), "how": how[k]} for k, v in e.terms.items()]
+
+
+def _phase_rows(res) -> list[dict[str, str]]:
+    e = res.estimate
+    return [{"name": name, "gb": _gb(b), "peak": name == e.peak_phase} for name, b in e.phases]
 
 
 def recipe_yaml(recipe) -> str:
@@ -136,7 +184,8 @@ def render_bundle(res) -> dict[str, bytes]:
     env = environment()
     ctx = {"plan": res.plan, "cluster": res.recipe.cluster, "model": res.model, "mesh": res.mesh,
            "est": res.estimate, "job_name": f"meshbake-{res.plan.name}", "mesh_rows": _mesh_rows(res.plan),
-           "placement_rows": _placement_rows(res), "memory_rows": _memory_rows(res)}
+           "placement_rows": _placement_rows(res), "memory_rows": _memory_rows(res),
+               "phase_rows": _phase_rows(res)}
     files = {"plan.json": P.dumps(res.plan).encode(), "recipe.yaml": recipe_yaml(res.recipe).encode(),
              "PLAN.md": env.get_template("PLAN.md.j2").render(ctx).encode()}
     shell = environment(shell=True)

@@ -230,6 +230,7 @@ def _cross_field(d: dict[str, Any]) -> list[RecipeError]:
     if train["min_lr"] > train["lr"]:
         errs.append(RecipeError("train.min_lr", f"{train['min_lr']} is above train.lr={train['lr']}",
                                 "min_lr is the floor the schedule decays to; set it <= lr"))
+    errs.extend(_cluster_and_checkpoint(d))
     wb = d["tracking"]["wandb"]
     if wb["project"] and wb["mode"] == "online" and "WANDB_API_KEY" not in d["cluster"]["env_pass"]:
         errs.append(RecipeError("tracking.wandb.mode", "online W&B needs WANDB_API_KEY, and cluster.env_pass does "
@@ -237,6 +238,28 @@ def _cross_field(d: dict[str, Any]) -> list[RecipeError]:
     if train["warmup_steps"] > train["steps"]:
         errs.append(RecipeError("train.warmup_steps", f"{train['warmup_steps']} exceeds train.steps={train['steps']}",
                                 "warm up over a fraction of the run (e.g. 1-5%)"))
+    return errs
+
+
+def time_seconds(t: str) -> int:
+    """Slurm time 'D-HH:MM:SS' or 'HH:MM:SS' (already schema-checked) -> seconds."""
+    days, _, hms = t.rpartition("-")
+    h, m, sec = (int(x) for x in hms.split(":"))
+    return (int(days) if days else 0) * 86400 + h * 3600 + m * 60 + sec
+
+
+def _cluster_and_checkpoint(d: dict[str, Any]) -> list[RecipeError]:
+    errs = []
+    c, resume = d["cluster"], d["checkpoint"]["resume"]
+    limit = time_seconds(str(c["time"]))
+    if c["requeue"] and c["signal_seconds"] >= limit:
+        errs.append(RecipeError("cluster.signal_seconds", f"{c['signal_seconds']} s is not shorter than the time "
+                                f"limit cluster.time={c['time']} ({limit} s): the USR1 would come at the start",
+                                "give the save time the job needs (e.g. 120-600), less than cluster.time"))
+    # resume is auto | never | a path; `Auto` would silently be read as a checkpoint path
+    if isinstance(resume, str) and resume.lower() in ("auto", "never") and resume not in ("auto", "never"):
+        errs.append(RecipeError("checkpoint.resume", f"{resume!r} is not a keyword (they are lower case) and "
+                                "not meant as a path", f"did you mean {resume.lower()!r}?"))
     return errs
 
 
@@ -261,7 +284,7 @@ def _build(d: dict[str, Any]) -> Recipe:
                            float(t["eps"]), float(t["grad_clip"]), t["seed"],
                            MixedPrecisionSection(t["mixed_precision"]["param_dtype"],
                                                  t["mixed_precision"]["reduce_dtype"]),
-                           t["activation_checkpointing"], t["compile"], t["log_every"]),
+                           t["activation_checkpointing"], t["compile"], t["log_every"], t["grad_sync"]),
         data=DataSection(da["source"], da["path"], da["tokenizer"], da["text_field"]),
         checkpoint=CheckpointSection(ck["dir"], ck["every_steps"], ck["keep"], str(ck["resume"]),
                                      ck["save_on_exit"]),

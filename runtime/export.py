@@ -112,6 +112,12 @@ def export(run_dir: Path, step: int | None, out: Path, force: bool = False) -> P
         raise SystemExit(f"meshbake export: no committed step-{step} under {root}; have {sorted(found)}")
     out, tmp = check_out(run_dir, root, out, force)
     path = found[step if step is not None else max(found)]
+    problem = ckpt.verify(path)          # never write corrupted weights as a clean HF folder
+    if problem is not None:
+        earlier = sorted(s for s in found if s < int(path.name.split("-")[1]))
+        raise UserError(path, f"failed verification: {problem}",
+                        f"export an earlier step with --step N (committed: {earlier})" if earlier
+                        else "no earlier committed step to export; the run must save again")
     cfg = hf_config(plan.model.config)
     model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[plan.train.dtype])
     sd = {"model": model.state_dict()}

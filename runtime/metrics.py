@@ -1,11 +1,7 @@
 """Per-step metrics: one JSON line in <run_dir>/metrics.jsonl and one console line (rich).
 
-MFU uses the PaLM / torchtitan count of training FLOPs per token:
-    6 * N  +  12 * n_layers * hidden * seq_len
-6N = forward (2N) + backward (4N) over the N matmul parameters (the input embedding is a
-lookup, not a matmul, so it is excluded unless tied to lm_head); the second term is the
-attention score and value matmuls (QK^T and AV: 2 matmuls x 2 FLOPs x T x hidden per layer
-forward, x3 with backward), which N does not contain.
+MFU = FLOPs per token (runtime/flops.py, the number the compiler wrote into plan.json and
+PLAN.md: one formula for both) x tokens/s per device / the device's peak.
 """
 from __future__ import annotations
 
@@ -13,7 +9,6 @@ import json
 import math
 import os
 import re
-import resource
 import sys
 import time
 from pathlib import Path
@@ -21,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from runtime.flops import dense_from_config
 from runtime.plan import Plan
 
 # dense bf16 peak per device (vendor datasheets, no sparsity)
@@ -28,10 +24,13 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A
 
 
 def flops_per_token(plan: Plan) -> float:
-    c = plan.model.config
-    hidden, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
-    n = plan.model.num_params - (0 if plan.model.tie_word_embeddings else vocab * hidden)
-    return 6 * n + 12 * layers * hidden * plan.train.seq_len
+    """The compiler's number (MoE active experts and LoRA's backward need model facts the plan
+    does not carry); a plan written without it: the dense formula from the config."""
+    fpt = plan.estimate.get("flops_per_token")
+    if fpt:
+        return float(fpt)
+    return float(dense_from_config(plan.model.config, plan.model.num_params, plan.model.tie_word_embeddings,
+                                   plan.train.seq_len))
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -45,11 +44,18 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux
-    return rss * 1024
+def peak_memory(device: torch.device) -> dict[str, int | None]:
+    """This rank's peak tensor memory since the last call (the steps of one log line), then reset.
+    CUDA: the caching allocator's own counters (allocated = live tensors, what the plan's
+    estimate predicts; reserved = what the allocator holds from the driver, fragmentation
+    included). CPU: None. There is no allocator counter, and the process RSS high-water mark
+    (interpreter, libraries, freed pages) says nothing about the plan's tensors."""
+    if device.type != "cuda":
+        return {"peak_mem_bytes": None, "peak_mem_reserved_bytes": None}
+    out = {"peak_mem_bytes": torch.cuda.max_memory_allocated(device),
+           "peak_mem_reserved_bytes": torch.cuda.max_memory_reserved(device)}
+    torch.cuda.reset_peak_memory_stats(device)
+    return out
 
 
 class _Plain:
@@ -163,8 +169,9 @@ class MetricsLog:
             return
         self._last_print = now
         mfu = f"{rec['mfu'] * 100:4.1f}%" if rec.get("mfu") is not None else "n/a"
+        mem = f"{rec['peak_mem_bytes'] / 2**30:.2f} GiB" if rec.get("peak_mem_bytes") is not None else "n/a"
         line = (f"{head}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  gnorm {rec['grad_norm']:.3f}  "
                 f"{rec['tokens_per_s']:,.0f} tok/s ({rec['tokens_per_s_per_device']:,.0f}/dev)  mfu {mfu}  "
-                f"mem {rec['peak_mem_bytes'] / 2**30:.2f} GiB")
+                f"mem {mem}")
         self.console.print(self.escape(line))
         self._write(line)

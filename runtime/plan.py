@@ -90,6 +90,7 @@ class TrainPlan:
     activation_checkpointing: str   # "none" | "full" | "selective"
     compile: bool
     log_every: int
+    grad_sync: str = "every_micro_step"   # FSDP reduce-scatter: "every_micro_step" | "last_micro_step"
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ from torch.distributed.tensor.parallel import loss_parallel
 from runtime import checkpoint as ckpt
 from runtime import cp, preflight
 from runtime.data import TokenData
-from runtime.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_bytes
-from runtime.parallel import build
+from runtime.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory
+from runtime.parallel import build, compute_context, set_gradient_sync
 from runtime.plan import MESH_DIMS, Plan, load_plan
 
 
@@ -119,12 +119,12 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     for p in params:
         if p.grad is not None:
             by_mesh.setdefault(mesh_key(p), []).append(p)
-    sq = torch.zeros((), dtype=torch.float64)
+    sq = None       # stays on the device: no host sync for the norm (train_step reads it when due)
     for ps in by_mesh.values():
         n = torch.nn.utils.get_total_norm([p.grad for p in ps], 2.0)
         n = n.full_tensor() if isinstance(n, DTensor) else n
-        sq = sq + n.double().cpu() ** 2
-    total = sq.sqrt()
+        sq = n.double() ** 2 if sq is None else sq + n.double().to(sq.device) ** 2
+    total = sq.sqrt() if sq is not None else torch.zeros((), dtype=torch.float64)
     if max_norm > 0:
         for ps in by_mesh.values():
             torch.nn.utils.clip_grads_with_norm_(ps, max_norm, total.to(ps[0].grad.device, torch.float32))
@@ -233,7 +233,8 @@ def setup(plan: Plan, run_dir: Path) -> Job:
 
 def resume(job: Job) -> int:
     """The step to start from: 0, or that of the newest committed checkpoint (any mesh)."""
-    found = ckpt.find_resume(job.ckpt_root, job.plan.checkpoint.resume, job.log.info)
+    found = ckpt.find_resume(job.ckpt_root, job.plan.checkpoint.resume, job.log.info, ckpt.verify_all_ranks,
+                             ckpt.set_aside_on_rank0)
     if found is None:
         return 0
     state = ckpt.load(found, job.model, job.opt)
@@ -259,29 +260,50 @@ def log_layout(job: Job) -> None:
 
 @dataclass(frozen=True)
 class StepOut:
-    loss: float                       # global mean over every token of the global batch
-    grad_norm: float                  # before clipping
+    """One step's results. `stats` stays on the device until read: reading waits for the step
+    to finish (a host sync on CUDA), so the loop reads it only when a log line, a checkpoint
+    or the stop/finite checks need it (on CUDA the latter one step late, see run)."""
+    stats: torch.Tensor               # [world-sum of the loss, stop flags, grad norm before clipping]
+    world: int
     lr: float
-    stop: bool                        # some rank got SIGUSR1/SIGTERM
-    seconds: float
+    seconds: float                    # host time of the step (its wall time whenever stats were read)
+
+    @property
+    def values(self) -> tuple[float, bool, float]:
+        loss_sum, flag, gnorm = self.stats.tolist()
+        return loss_sum / self.world, flag > 0, gnorm
+
+    @property
+    def loss(self) -> float:          # global mean over every token of the global batch
+        return self.values[0]
+
+    @property
+    def grad_norm(self) -> float:
+        return self.values[2]
+
+    @property
+    def stop(self) -> bool:           # some rank got SIGUSR1/SIGTERM
+        return self.values[1]
 
 
 def train_step(job: Job, step: int, stop_requested: bool) -> StepOut:
-    """One optimizer step: grad_accum micro-steps (FSDP reduce-scatters on the last one only),
+    """One optimizer step: grad_accum micro-steps (FSDP reduce-scatters after each, or with
+    grad_sync last_micro_step after the last only, holding unsharded grads in between),
     global-norm clipping, AdamW, LR schedule."""
     plan, device, accum = job.plan, job.device, job.plan.train.grad_accum
     lp = plan.tp.loss_parallel and plan.mesh.tp > 1
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for micro in range(accum):
-        job.model.set_requires_gradient_sync(micro == accum - 1)
+        set_gradient_sync(job.model, micro == accum - 1 or plan.train.grad_sync == "every_micro_step")
         x, y = job.data.micro_batch(step, micro, job.dp_rank)            # (mbs, T) each
         pos = None
         if plan.mesh.cp > 1:     # this cp rank's load-balanced chunks, with their global positions
             cp_mesh = job.mesh["cp"]
             pos = cp.set_batch(cp_mesh, plan.train.seq_len)[None, :].to(device)
             x, y = (cp.shard_sequence(t, plan.mesh.cp, cp_mesh.get_local_rank()) for t in (x, y))
-        loss = forward_loss(job.model, x.to(device), y.to(device), lp, pos)
+        with compute_context(plan, device):
+            loss = forward_loss(job.model, x.to(device), y.to(device), lp, pos)
         with loss_parallel() if lp else nullcontext():
             (loss / accum).backward()
         loss_sum += (loss.full_tensor() if isinstance(loss, DTensor) else loss).detach().double()
@@ -297,11 +319,8 @@ def train_step(job: Job, step: int, stop_requested: bool) -> StepOut:
     job.sched.step()
     job.opt.zero_grad(set_to_none=True)
     pending.wait()
-    stats = stats.cpu()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return StepOut(stats[0].item() / plan.mesh.world, float(gnorm), lr, stats[1].item() > 0,
-                   time.perf_counter() - t0)
+    stats = torch.cat([stats, gnorm.to(stats.device, torch.float64).view(1)])
+    return StepOut(stats, plan.mesh.world, lr, time.perf_counter() - t0)
 
 
 def checkpoint_due(plan: Plan, n: int, stop: bool) -> bool:
@@ -312,6 +331,25 @@ def checkpoint_due(plan: Plan, n: int, stop: bool) -> bool:
     return bool((every and n % every == 0) or (plan.checkpoint.save_on_exit and (stop or last)))
 
 
+def read_due(plan: Plan, device: torch.device, n: int) -> bool:
+    """Read step n's numbers now? Always on CPU (free); on CUDA only where a log line or a
+    possible checkpoint needs them, so the host keeps queueing steps ahead of the GPU."""
+    t, every = plan.train, plan.checkpoint.every_steps
+    return (device.type != "cuda" or n % t.log_every == 0 or n == t.steps
+            or bool(every and n % every == 0))
+
+
+def check_finite(job: Job, n: int, loss: float, grad_norm: float) -> None:
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    # loss and norm are all-reduced, so every rank stops here together. The weights may
+    # already hold NaN: saving them would prune the good checkpoints (keep) and a requeue
+    # would resume from garbage. Stop before any save; the last commit stays.
+    job.log.info(f"step {n}: loss {loss}, grad norm {grad_norm}: not finite; stopping without a checkpoint "
+                 "(resume continues from the last committed one; lower train.lr or raise warmup)")
+    raise FloatingPointError(f"non-finite loss/grad norm at step {n}")
+
+
 def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
     job = setup(plan, run_dir)
     start = resume(job)
@@ -319,31 +357,44 @@ def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
     tokens_per_step = plan.train.global_batch_size * plan.train.seq_len
     fpt, peak = flops_per_token(plan), peak_flops(job.device)
     res = Result({}, {}, {}, False, job.model, job.mesh)
+    peak_memory(job.device)       # peaks per log window: start-up (full-tensor init) is not training
+    unread: tuple[int, StepOut] | None = None     # CUDA: the last step whose numbers were not read yet
+    window_t0, window_steps = time.perf_counter(), 0
     for step in range(start, plan.train.steps):
         n = step + 1
         fault_hook("step", n)
         out = train_step(job, step, bool(signals and signals.received))
-        res.losses[n], res.grad_norms[n], res.step_times[n] = out.loss, out.grad_norm, out.seconds
-        if not (math.isfinite(out.loss) and math.isfinite(out.grad_norm)):
-            # loss and norm are all-reduced, so every rank stops here together. The weights may
-            # already hold NaN: saving them would prune the good checkpoints (keep) and a
-            # requeue would resume from garbage. Stop before any save; the last commit stays.
-            job.log.info(f"step {n}: loss {out.loss}, grad norm {out.grad_norm}: not finite; stopping without "
-                         "a checkpoint (resume continues from the last committed one; lower train.lr or "
-                         "raise warmup)")
-            raise FloatingPointError(f"non-finite loss/grad norm at step {n}")
+        res.step_times[n], window_steps = out.seconds, window_steps + 1
+        stop = False
+        if unread is not None:        # one step late: finished by now, reading it costs no stall
+            m, prev = unread
+            loss, stop, gnorm = prev.values
+            res.losses[m], res.grad_norms[m] = loss, gnorm
+            check_finite(job, m, loss, gnorm)
+            unread = None
+        if not read_due(plan, job.device, n):
+            unread = (n, out)
+            if not stop:
+                continue
+        loss, stop_now, gnorm = out.values
+        stop = stop or stop_now
+        res.losses[n], res.grad_norms[n] = loss, gnorm
+        check_finite(job, n, loss, gnorm)
         if n % plan.train.log_every == 0 or n == plan.train.steps:
-            tps = tokens_per_step / out.seconds
-            job.log.step({"step": n, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
-                          "step_time_s": out.seconds, "tokens_per_s": tps,
+            seconds = (time.perf_counter() - window_t0) / window_steps   # mean over the steps since the last line
+            tps = tokens_per_step / seconds
+            job.log.step({"step": n, "loss": loss, "lr": out.lr, "grad_norm": gnorm,
+                          "step_time_s": seconds, "tokens_per_s": tps,
                           "tokens_per_s_per_device": tps / plan.mesh.world,
                           "mfu": (fpt * tps / plan.mesh.world / peak) if peak else None,
-                          "peak_mem_bytes": peak_memory_bytes(job.device)})
-        if checkpoint_due(plan, n, out.stop):
+                          **peak_memory(job.device)})
+            window_t0, window_steps = time.perf_counter(), 0
+        if checkpoint_due(plan, n, stop):
             path = ckpt.save(job.ckpt_root, n, job.model, job.opt, {"step": n, "scheduler": job.sched.state_dict()},
                              plan.checkpoint.keep, lambda where: fault_hook(where, n))
             job.log.info(f"checkpoint {path.name} committed")
-        if out.stop:
+            window_t0, window_steps = time.perf_counter(), 0
+        if stop:
             if dist.get_rank() == 0:
                 (run_dir / "PREEMPTED").write_text(f"{n}\n")
             saved = "saved" if plan.checkpoint.save_on_exit else "NOT saved (checkpoint.save_on_exit: false)"

@@ -98,8 +98,95 @@ def test_cli_set_values_exit_2_or_0_never_raise(tmp_path, sets, path):
         assert rc == 2 and f"  {path}:" in err, err
 
 
+@pytest.mark.parametrize("text", ['{"model_type": "llama", "rope_theta": NaN}', '[' * 100000 + ']' * 100000])
+def test_config_json_with_nan_or_deep_nesting_is_an_error(tmp_path, text):
+    """json.loads reads NaN (plan.json then held NaN, which is not JSON) and recurses on nesting."""
+    p = tmp_path / "config.json"
+    p.write_text(text)
+    msgs = errors_at(resolve(tiny_text(model={"config": str(p)})), "model.config")
+    assert any("cannot read config.json" in m for m in msgs), msgs
+
+
 def test_cli_deeply_nested_file_exits_2(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("name: " + "[" * 5000 + "]" * 5000 + "\n")       # RecursionError in PyYAML's composer
     rc, err = cli(["check", str(p)])
     assert rc == 2 and "nested more than" in err, err
+
+
+# ---- finding 6: hangs ------------------------------------------------------------------------
+
+def test_hundred_thousand_layers_is_refused_quickly(tmp_path):
+    """The meta-device module tree of 100000 layers took minutes; the bound is checked first."""
+    t0 = time.perf_counter()
+    msgs = errors_at(with_config(tmp_path, {**catalog_config("tiny-llama"), "num_hidden_layers": 100000}),
+                     "model.config")
+    assert any("num_hidden_layers is 100000" in m for m in msgs), msgs
+    assert time.perf_counter() - t0 < 30        # generous: the machine is shared; it was minutes
+
+
+# ---- finding 7: bad values accepted ----------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["vocab_size", "num_hidden_layers"])
+def test_zero_sizes_are_errors(tmp_path, key):
+    msgs = errors_at(with_config(tmp_path, {**catalog_config("tiny-llama"), key: 0}), "model.config")
+    assert any(f"{key} is 0" in m for m in msgs), msgs
+
+
+def test_bare_model_type_names_the_missing_facts(tmp_path):
+    """{"model_type": "llama"} silently became a 6.7B Llama-2 from transformers' defaults."""
+    msgs = errors_at(with_config(tmp_path, {"model_type": "llama"}), "model.config")
+    assert any("lacks hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, vocab_size" in m
+               for m in msgs), msgs
+
+
+def test_tokenizer_larger_than_model_vocab_is_a_compile_error(tmp_path):
+    """data/tokenizer has 4096 ids; a model with vocab 1024 failed only at run time."""
+    from tests.helpers import ROOT
+
+    data = {"source": "text", "path": str(ROOT / "data/shakespeare.txt"), "tokenizer": str(ROOT / "data/tokenizer")}
+    msgs = errors_at(with_config(tmp_path, {**catalog_config("tiny-llama"), "vocab_size": 1024}, data=data),
+                     "data.tokenizer")
+    assert any("up to 4095" in m and "vocab_size is 1024" in m for m in msgs), msgs
+    ok = with_config(tmp_path, catalog_config("tiny-llama"), data=data)
+    assert not isinstance(ok, Err), ok
+
+
+def test_slow_tokenizer_vocab_json_is_read(tmp_path):
+    from compiler.load import tokenizer_vocab
+
+    (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": 7}))
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<pad>": 9}))
+    assert tokenizer_vocab(str(tmp_path)) == 10
+    assert tokenizer_vocab(str(tmp_path / "absent")) is None
+
+
+def test_plan_md_cannot_be_hidden_by_html_or_markdown(tmp_path):
+    """An unclosed `<!--` in model.weights hid the rest of PLAN.md when rendered."""
+    from markdown_it import MarkdownIt
+
+    from compiler.pipeline import compile_recipe
+
+    b = compile_recipe(tiny_text(model={"config": "tiny-llama", "weights": "w<!--`x|y"},
+                                 run_dir="runs/<!-- `|` *a* -->", lora={"rank": 0, "targets": ["q_proj<b>"]}))
+    assert not isinstance(b, Err), b
+    html = MarkdownIt("commonmark").enable("table").render(b.files["PLAN.md"].decode())
+    assert "<!--" not in html and "<b>" not in html, html
+    for heading in ("Mesh", "Per-rank memory", "Warnings", "Launch"):
+        assert f"<h2>{heading}" in html
+    assert "w&lt;!--`x|y" in html                  # the value itself is shown, literally, once
+    assert "runs/&lt;!-- `|` *a* --&gt;" in html
+
+
+def test_hf_folder_private_keys_stay_out_of_plan_json(tmp_path):
+    """`_name_or_path` (a user's home path) was copied into plan.json."""
+    from compiler.pipeline import compile_recipe
+
+    cfg = {**catalog_config("tiny-llama"), "_name_or_path": "/home/alice/models/secret",
+           "_commit_hash": "abc", "transformers_version": "4.44.0"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    b = compile_recipe(tiny_text(model={"config": str(tmp_path)}))
+    assert not isinstance(b, Err), b
+    plan = json.loads(b.files["plan.json"])
+    assert not {"_name_or_path", "_commit_hash", "transformers_version"} & set(plan["model"]["config"])
+    assert b"/home/alice" not in b"".join(b.files.values())

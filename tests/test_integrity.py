@@ -150,3 +150,82 @@ def test_a_stale_tmp_with_user_files_is_never_deleted(saved, tmp_path):
     (w / "hf.tmp/model.safetensors").write_bytes(b"half")
     r = export("runs/runA", "-o", "hf", cwd=w)
     assert r.returncode == 0 and not (w / "hf.tmp").exists() and (w / "hf/config.json").is_file(), r.stderr
+
+
+# ---------------------------------------------------------- finding 3: checkpoint digests
+def corrupt(step: Path, how: str) -> None:
+    shard = sorted(step.glob("*.distcp"))[0]
+    if how == "bitrot":            # the issue's case: 40 KB in the middle of a shard, size unchanged
+        data = bytearray(shard.read_bytes())
+        mid = len(data) // 2
+        data[mid - 20480:mid + 20480] = b"\xa5" * 40960     # not zeros: a shard may hold zero runs
+        shard.write_bytes(bytes(data))
+    elif how == "truncated_shard":
+        shard.write_bytes(shard.read_bytes()[:-4096])
+    elif how == "missing_shard":
+        shard.unlink()
+    elif how == "missing_train_state":
+        (step / "train_state.json").unlink()
+    elif how == "truncated_train_state":
+        (step / "train_state.json").write_text((step / "train_state.json").read_text()[:10])
+    elif how == "only_committed":
+        for p in step.iterdir():
+            if p.name != "COMMITTED":
+                p.unlink()
+    else:
+        raise AssertionError(how)
+
+
+HOW = ["bitrot", "truncated_shard", "missing_shard", "missing_train_state", "truncated_train_state",
+       "only_committed"]
+
+
+def test_saved_steps_carry_a_digest_of_every_file(saved):
+    from runtime.checkpoint import sha256_file, verify
+
+    step = saved / "runs/runA/checkpoints/step-3"
+    files = json.loads((step / "manifest.json").read_text())["files"]
+    on_disk = {p.name for p in step.iterdir()} - {"manifest.json", "COMMITTED"}
+    assert set(files) == on_disk and {".metadata", "train_state.json", "__0_0.distcp"} <= on_disk
+    shard = files["__0_0.distcp"]
+    assert sha256_file(step / "__0_0.distcp") == (shard["bytes"], shard["sha256"]) and shard["bytes"] > 81920
+    assert verify(step) is None
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_a_corrupted_step_is_skipped_for_the_previous_one(saved, tmp_path, how):
+    """find_resume (what every rank runs, here with the one-process check) falls back to
+    step-2 with one line naming the step and the problem, and sets step-3 aside; export of the
+    corrupted step is refused with the step to use instead."""
+    from runtime.checkpoint import find_resume, list_checkpoints, set_aside
+
+    w = fresh(saved, tmp_path)
+    root = w / "runs/runA/checkpoints"
+    corrupt(root / "step-3", how)
+    r = export("runs/runA", "-o", "hf", cwd=w)
+    assert r.returncode == 3 and "step-3: failed verification" in r.stderr and "--step N (committed: [1, 2])" \
+        in r.stderr, r.stderr
+    assert not (w / "hf").exists()
+    logs: list[str] = []
+    assert find_resume(root, "auto", logs.append, discard=set_aside) == root / "step-2"
+    assert len(logs) == 1 and logs[0].startswith("checkpoint step-3 failed verification: ") \
+        and "trying step-2" in logs[0], logs
+    word = {"bitrot": "corrupted", "truncated_shard": "truncated", "missing_shard": "missing",
+            "missing_train_state": "train_state.json is missing", "truncated_train_state": "train_state.json is 10 bytes",
+            "only_committed": "no manifest.json"}[how]
+    assert word in logs[0], logs
+    assert [s for s, _ in list_checkpoints(root)] == [1, 2] and (root / "step-3.corrupt").is_dir()
+
+
+def test_pruning_keeps_the_step_just_saved(tmp_path):
+    """keep: 2 after a resume from an older step: the old rule (drop all but the two highest
+    step numbers) deleted the step just written when a higher-numbered one was on disk."""
+    from runtime.checkpoint import prunable
+
+    root = tmp_path / "ck"
+    for s in (10, 20, 30):
+        (root / f"step-{s}").mkdir(parents=True)
+        (root / f"step-{s}/COMMITTED").write_text(f"{s}\n")
+    assert prunable(root, 20, 2) == [root / "step-10"]
+    assert prunable(root, 20, 1) == [root / "step-10", root / "step-30"]
+    assert prunable(root, 30, 2) == [root / "step-10"] and prunable(root, 30, 0) == []

@@ -56,11 +56,14 @@ forward() {
   if [[ -n "${kids[*]:-}" ]]; then kill -s "$1" "${kids[@]}" 2>/dev/null || true; fi
 }
 
-# Slurm signals every process of the step, torchrun included: torchrun inherits USR1 ignored
-# (its default action is to die); the training processes install their own handler.
-trap '' USR1
+# Slurm signals every process of the step (scancel, preemption, the time limit: TERM to all of
+# them), torchrun included. torchrun inherits USR1 and TERM ignored and is told not to handle
+# TERM itself (--signals-to-handle): by default it raises SignalException, exits 1 (no requeue)
+# and SIGKILLs the workers 30 s later, mid-save. The training processes install their own
+# handlers; INT (Ctrl-C) still stops torchrun and its workers at once.
+trap '' USR1 TERM
 "${PYTHON}" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node="${NPROC}" \
-  --max-restarts=0 \
+  --max-restarts=0 --signals-to-handle=SIGINT,SIGHUP,SIGQUIT \
   -m runtime.train "${BUNDLE_DIR}/plan.json" &
 torchrun_pid=$!
 trap 'forward USR1' USR1

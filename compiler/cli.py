@@ -1,4 +1,4 @@
-"""meshbake CLI: check | bundle | plan --json | export | import | report. Exit 2 on recipe errors, never a traceback."""
+"""meshbake CLI: check | bundle | plan --json | prepare | export | import | report. Exit 2 on recipe errors, never a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--out", default="out", help="output directory (default: out/)")
     pl = recipe_cmd("plan", "print the resolved plan")
     pl.add_argument("--json", action="store_true", required=True, help="print plan.json to stdout")
+    pr = recipe_cmd("prepare", "tokenize and pack the recipe's data once (launch.sh also does this)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
     e = sub.add_parser("export", help="consolidate a run's checkpoint into a Hugging Face folder")
     e.add_argument("run_dir")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
@@ -99,6 +101,21 @@ def _summary(res) -> None:
         con.print(f"[yellow]warning[/] {w}")
 
 
+def _prepare(plan, quiet: bool) -> int:
+    """The bundle's `python -m runtime.prepare plan.json`, from the recipe (paths relative to cwd)."""
+    from runtime.prepare import DataError, prepare
+
+    if plan.data.format == "synthetic":
+        print("data.format is synthetic: nothing to prepare")
+        return 0
+    try:
+        prepare(plan, quiet=quiet)
+    except DataError as e:
+        print(f"meshbake: {e}", file=sys.stderr)
+        return EXIT_RECIPE
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "report":
@@ -124,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "check":
         _summary(res)
         return 0
+    if args.cmd == "prepare":
+        return _prepare(res.plan, args.quiet)
     if args.cmd == "plan":
         from runtime.plan import dumps
         sys.stdout.write(dumps(res.plan))

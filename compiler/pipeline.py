@@ -6,7 +6,7 @@ its value), but every stage reports all of its own errors at once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from compiler.errors import Err, RecipeError, Result
@@ -98,9 +98,8 @@ def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
             grad_clip=t.grad_clip, seed=t.seed, dtype=recipe.model.dtype,
             mixed_precision=P.MixedPrecision(t.mixed_precision.param_dtype, t.mixed_precision.reduce_dtype),
             activation_checkpointing=t.activation_checkpointing, compile=t.compile, log_every=t.log_every,
-            grad_sync=t.grad_sync),
-        data=P.DataPlan(recipe.data.source, recipe.data.path, recipe.data.tokenizer, recipe.data.text_field,
-                        model.vocab_size),
+            grad_sync=t.grad_sync, eval_every=t.eval_every),
+        data=data_plan(recipe, model.vocab_size, versions.get("meshbake", "")),
         checkpoint=P.CheckpointPlan(recipe.checkpoint.dir, recipe.checkpoint.every_steps, recipe.checkpoint.keep,
                                     recipe.checkpoint.resume, recipe.checkpoint.save_on_exit),
         lora=P.LoraPlan(recipe.lora.rank, recipe.lora.alpha, recipe.lora.dropout, tuple(recipe.lora.targets)),
@@ -111,6 +110,18 @@ def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
         versions=dict(versions),
         tracking=P.TrackingPlan(**vars(recipe.tracking)),
     )
+
+
+def data_plan(recipe: Recipe, vocab_size: int, version: str) -> P.DataPlan:
+    from runtime.prepare import options_fingerprint
+
+    da = recipe.data
+    d = P.DataPlan(da.format, tuple(dict(s) for s in da.sources), da.tokenizer, dict(da.fields), vocab_size,
+                   dict(da.roles), da.train_on, da.packing, da.overlong, da.eval_fraction,
+                   tuple(dict(s) for s in da.eval_sources), da.prepared_dir)
+    if d.format == "synthetic":
+        return d
+    return replace(d, fingerprint=options_fingerprint(d, recipe.train.seq_len, recipe.train.seed, version))
 
 
 def versions() -> dict[str, str]:
@@ -147,7 +158,7 @@ def resolve_dict(d: Mapping[str, Any]) -> Result[Resolved]:
         return Err(tuple(errs))
     cfg = load.read_model_config(recipe.model.config)
     if not isinstance(cfg, Err):
-        errs = tuple(errs) + load.tokenizer_errors(recipe.data.source, recipe.data.tokenizer, cfg)
+        errs = tuple(errs) + load.tokenizer_errors(recipe.data.format, recipe.data.tokenizer, cfg)
     res = cfg if isinstance(cfg, Err) else resolve(recipe, cfg, recipe.model.config)
     if isinstance(res, Err):
         return Err(tuple(errs) + res.errors)

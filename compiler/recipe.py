@@ -86,14 +86,22 @@ class TrainSection:
     compile: bool
     log_every: int
     grad_sync: str = "every_micro_step"  # every_micro_step | last_micro_step (FSDP + grad_accum > 1)
+    eval_every: int = 0                 # 0: eval only at the end (when there is an eval split)
 
 
 @dataclass(frozen=True)
 class DataSection:
-    source: str                         # synthetic | text | jsonl
-    path: str | None
+    format: str                         # synthetic | text | completion | alpaca | chat | tokenized
+    sources: tuple[Mapping[str, object], ...]   # ({"path", "weight"}, ...); data.path is one source
     tokenizer: str | None
-    text_field: str
+    fields: Mapping[str, str]
+    roles: Mapping[str, str]
+    train_on: str                       # assistant | all | last_turn
+    packing: bool
+    overlong: str                       # split | truncate | drop (auto resolved by format)
+    eval_fraction: float
+    eval_sources: tuple[Mapping[str, object], ...]
+    prepared_dir: str
 
 
 @dataclass(frozen=True)

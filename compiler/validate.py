@@ -119,7 +119,8 @@ def _schema_error(err) -> list[RecipeError]:
 # common spellings of enum values (string similarity would map "gpu" to "cpu")
 ALIASES = {"gpu": "cuda", "nvidia": "cuda", "bf16": "bfloat16", "fp32": "float32", "fp16": "float16",
            "float": "float32", "half": "float16", "true": "full", "yes": "full", "false": "none", "no": "none",
-           "txt": "text", "json": "jsonl"}
+           "txt": "text", "json": "jsonl", "sharegpt": "chat", "messages": "chat", "instruct": "alpaca",
+           "pretrain": "text", "pretraining": "text", "input_ids": "tokenized"}
 
 
 def _message(err) -> str:
@@ -219,15 +220,51 @@ def _defaults(node: dict[str, Any], value: Any) -> Any:
     return out
 
 
+def _data_format(da: dict[str, Any]) -> str:
+    """format, or the older `source` spelling, or text when only a path is given."""
+    if da.get("format"):
+        return da["format"]
+    if da.get("source") in ("text", "jsonl"):
+        return "text"
+    return "text" if (da.get("path") or da.get("sources")) and da.get("source") != "synthetic" else "synthetic"
+
+
+def _data_errors(da: dict[str, Any], train: dict[str, Any]) -> list[RecipeError]:
+    errs = []
+    fmt = _data_format(da)
+    if da.get("format") and da.get("source"):
+        errs.append(RecipeError("data.source", "given together with data.format",
+                                "data.source is the older spelling of data.format; keep only format"))
+    if da.get("path") and da.get("sources"):
+        errs.append(RecipeError("data.path", "given together with data.sources",
+                                "data.path is shorthand for one source; list it under data.sources instead"))
+    if fmt != "synthetic":
+        if not (da.get("path") or da.get("sources")):
+            errs.append(RecipeError("data.path", f"required when data.format is {fmt!r}",
+                                    "give a file/folder path (relative to where the job is launched) or "
+                                    "data.sources, or use data.format: synthetic"))
+        if not da.get("tokenizer") and fmt != "tokenized":
+            errs.append(RecipeError("data.tokenizer", f"required when data.format is {fmt!r}",
+                                    "give the model's Hugging Face tokenizer folder (relative to the launch directory)"))
+    if fmt == "synthetic" and (da.get("eval_fraction") or da.get("eval_sources")):
+        errs.append(RecipeError("data.eval_fraction", "synthetic data has no eval split",
+                                "eval needs real data: set data.format and data.path"))
+    if da.get("eval_fraction") and da.get("eval_sources"):
+        errs.append(RecipeError("data.eval_fraction", "given together with data.eval_sources",
+                                "hold out a fraction of the training data or give a separate eval set, not both"))
+    if train.get("eval_every") and not (da.get("eval_fraction") or da.get("eval_sources")):
+        errs.append(RecipeError("train.eval_every", "there is no eval split to evaluate on",
+                                "set data.eval_fraction (e.g. 0.05) or data.eval_sources"))
+    if da.get("train_on") != "assistant" and fmt not in ("chat", "completion", "alpaca"):
+        errs.append(RecipeError("data.train_on", f"has no effect with data.format {fmt!r}",
+                                "train_on chooses the trained tokens of chat / completion / alpaca records"))
+    return errs
+
+
 def _cross_field(d: dict[str, Any]) -> list[RecipeError]:
     errs = []
     data, train = d["data"], d["train"]
-    if data["source"] in ("text", "jsonl"):
-        for key in ("path", "tokenizer"):
-            if not data.get(key):
-                errs.append(RecipeError(f"data.{key}", f"required when data.source is {data['source']!r}",
-                                        "give a file/folder path (relative to where the job is launched), "
-                                        "or use data.source: synthetic"))
+    errs += _data_errors(data, train)
     if train["min_lr"] > train["lr"]:
         errs.append(RecipeError("train.min_lr", f"{train['min_lr']} is above train.lr={train['lr']}",
                                 "min_lr is the floor the schedule decays to; set it <= lr"))
@@ -315,8 +352,9 @@ def _build(d: dict[str, Any]) -> Recipe:
                            float(t["eps"]), float(t["grad_clip"]), t["seed"],
                            MixedPrecisionSection(t["mixed_precision"]["param_dtype"],
                                                  t["mixed_precision"]["reduce_dtype"]),
-                           t["activation_checkpointing"], t["compile"], t["log_every"], t["grad_sync"]),
-        data=DataSection(da["source"], da["path"], da["tokenizer"], da["text_field"]),
+                           t["activation_checkpointing"], t["compile"], t["log_every"], t["grad_sync"],
+                           t["eval_every"]),
+        data=_data_section(da),
         checkpoint=CheckpointSection(ck["dir"], ck["every_steps"], ck["keep"], str(ck["resume"]),
                                      ck["save_on_exit"]),
         lora=LoraSection(lo["rank"], float(lo["alpha"]), float(lo["dropout"]), tuple(lo["targets"])),
@@ -328,6 +366,20 @@ def _build(d: dict[str, Any]) -> Recipe:
 def _tracking(tr: dict[str, Any]) -> TrackingSection:
     w = tr["wandb"]
     return TrackingSection(tr["tensorboard"], w["project"], w["entity"], w["name"], w["mode"], tuple(w["tags"]))
+
+
+def _data_section(da: dict[str, Any]) -> DataSection:
+    fmt = _data_format(da)
+    fields = dict(da["fields"])
+    if da.get("text_field"):
+        fields["text"] = da["text_field"]
+    sources = [{"path": da["path"], "weight": 1.0}] if da.get("path") else da["sources"]
+    overlong = da["overlong"] if da["overlong"] != "auto" else ("split" if fmt in ("text", "tokenized") else "truncate")
+    return DataSection(fmt, tuple({"path": s["path"], "weight": float(s["weight"])} for s in sources),
+                       da["tokenizer"], dict(sorted(fields.items())), dict(sorted(da["roles"].items())),
+                       da["train_on"], da["packing"], overlong, float(da["eval_fraction"]),
+                       tuple({"path": s["path"], "weight": float(s["weight"])} for s in da["eval_sources"]),
+                       da["prepared_dir"])
 
 
 def validate(d: Mapping[str, Any]) -> Result[Recipe]:

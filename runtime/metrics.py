@@ -147,8 +147,8 @@ class MetricsLog:
         return f"step {n}/{self.total} {pct:3.0f}%  eta {duration(rate * (self.total - n)):>6}"
 
     def step(self, rec: dict[str, Any]) -> None:
-        """One record: metrics.jsonl always; the console / train.log line when due. A record
-        with eval_* fields and no `loss` is an eval record: its line is always printed."""
+        """One record: metrics.jsonl always; the step line when due (rate-limited); an EVAL line
+        whenever the record holds eval_* numbers (merged into a step record, or alone)."""
         if not self.enabled:
             return
         with self.path.open("a", encoding="utf-8") as f:
@@ -156,13 +156,16 @@ class MetricsLog:
         if self.trackers is not None:
             self.trackers.log(rec)
         n = int(rec["step"])
-        if "loss" not in rec:
-            evals = "  ".join(f"{k[5:]} {v:.4f}" if isinstance(v, float) else f"{k[5:]} {v}"
-                              for k, v in sorted(rec.items()) if k.startswith("eval_"))
-            line = f"eval {n}" + (f"/{self.total}" if self.total else "") + f"  {evals}"
+        if "loss" in rec:
+            self._step_line(n, rec)
+        evals = {k: v for k, v in sorted(rec.items()) if k.startswith("eval_") and v is not None}
+        if evals:                 # the train loop merges eval numbers into that step's record
+            text = "  ".join(f"{k[5:]} {v:.4f}" if isinstance(v, float) else f"{k[5:]} {v}" for k, v in evals.items())
+            line = f"eval {n}" + (f"/{self.total}" if self.total else "") + f"  {text}"
             self.console.print(f"[bold yellow]{'EVAL':>10}[/] {self.escape(line)}")
             self._write(line)
-            return
+
+    def _step_line(self, n: int, rec: dict[str, Any]) -> None:
         head = self._progress(n, rec)
         now = self.clock()
         if not (now - self._last_print >= self.interval or n == self.total or self._last_print == -math.inf):

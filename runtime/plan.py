@@ -91,16 +91,25 @@ class TrainPlan:
     compile: bool
     log_every: int
     grad_sync: str = "every_micro_step"   # FSDP reduce-scatter: "every_micro_step" | "last_micro_step"
+    eval_every: int = 0             # eval loss every N steps (0: only at the end), with an eval split
 
 
 @dataclass(frozen=True)
 class DataPlan:
-    source: str                     # "synthetic" | "text" | "jsonl"
-    path: str | None                # file or folder (text / jsonl)
-    tokenizer: str | None           # HF tokenizer folder
-    text_field: str                 # jsonl field holding the text
-    vocab_size: int                 # tokens are < vocab_size
-
+    """What runtime/prepare.py turns into packed token windows (see its docstring)."""
+    format: str                     # synthetic | text | completion | alpaca | chat | tokenized
+    sources: tuple[dict[str, Any], ...]   # ({"path": file or folder, "weight": mixing weight}, ...)
+    tokenizer: str | None           # HF tokenizer folder (its chat template for format chat)
+    fields: dict[str, str]          # record field names: text, prompt, completion, messages, role, ...
+    vocab_size: int                 # token ids must be < vocab_size (the model's)
+    roles: dict[str, str] = field(default_factory=dict)   # record role value -> system/user/assistant/tool
+    train_on: str = "assistant"     # chat: assistant | all | last_turn
+    packing: bool = True            # several documents per window, attention kept within each
+    overlong: str = "split"         # a document longer than seq_len: split | truncate | drop
+    eval_fraction: float = 0.0      # seeded share of documents held out for eval
+    eval_sources: tuple[dict[str, Any], ...] = ()   # or a separate eval set
+    prepared_dir: str = "prepared"  # where tokenized data goes, relative to the launch directory
+    fingerprint: str = ""           # options fingerprint (runtime/prepare.options_fingerprint)
 
 @dataclass(frozen=True)
 class CheckpointPlan:
@@ -164,6 +173,13 @@ def _build(cls, d: dict[str, Any]):
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def _data_plan(d: dict[str, Any]) -> DataPlan:
+    d = dict(d)
+    for k in ("sources", "eval_sources"):
+        d[k] = tuple(d.get(k, ()))
+    return _build(DataPlan, d)
+
+
 def from_dict(d: dict[str, Any]) -> Plan:
     if d.get("version") != PLAN_VERSION:
         raise ValueError(f"plan.json version {d.get('version')!r}, this runtime reads {PLAN_VERSION}")
@@ -179,7 +195,7 @@ def from_dict(d: dict[str, Any]) -> Plan:
         mesh=_build(MeshPlan, d["mesh"]),
         tp=_build(TPPlan, d["tp"]),
         train=_build(TrainPlan, t),
-        data=_build(DataPlan, d["data"]),
+        data=_data_plan(d["data"]),
         checkpoint=_build(CheckpointPlan, d["checkpoint"]),
         lora=_build(LoraPlan, lora),
         run_dir=d["run_dir"],

@@ -29,7 +29,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from runtime import checkpoint as ckpt
 from runtime import cp, preflight
-from runtime.data import TokenData
+from runtime.data import IGNORE, Batch, PackedData, Stream, load_data
 from runtime.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory
 from runtime.parallel import build, compute_context, set_gradient_sync
 from runtime.plan import MESH_DIMS, Plan, load_plan
@@ -163,12 +163,28 @@ class Result:
     preempted: bool
     model: torch.nn.Module
     mesh: DeviceMesh
+    evals: dict[int, float] = field(default_factory=dict)   # step -> eval loss
 
 
-def forward_loss(model, x, y, lp: bool, position_ids=None) -> torch.Tensor:
+def forward_loss_sum(model, x, y, lp: bool, position_ids=None) -> torch.Tensor:
+    """Sum of the token losses (labels -100 excluded): the caller divides by the global count
+    of labelled tokens, so every token weighs the same whatever rank or micro-batch it is on."""
     logits = model(input_ids=x, position_ids=position_ids, use_cache=False).logits   # (B, T[/cp], V[/tp])
     with loss_parallel() if lp else nullcontext():
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(0, 1))
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(0, 1), ignore_index=IGNORE, reduction="sum")
+
+
+def place_batch(job: "Job", b: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(input_ids, labels, position_ids) of this rank, on its device: under cp its two load-balanced
+    chunks, with their (per-document) positions and the cp attention mask set for them."""
+    x, y, pos = b.input_ids, b.labels, b.position_ids
+    if job.plan.mesh.cp > 1:
+        cp_mesh = job.mesh["cp"]
+        pos = cp.set_batch(cp_mesh, job.plan.train.seq_len, pos)
+        pos = pos[None, :] if pos.dim() == 1 else pos
+        x, y = (cp.shard_sequence(t, job.plan.mesh.cp, cp_mesh.get_local_rank()) for t in (x, y))
+    d = job.device
+    return x.to(d), y.to(d), None if pos is None else pos.to(d)
 
 
 @dataclass
@@ -180,10 +196,12 @@ class Job:
     model: torch.nn.Module
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
-    data: TokenData
+    data: Stream
     dp_rank: int                      # ranks that see different batches: dp_replicate x dp_shard, row-major
     log: MetricsLog
     ckpt_root: Path
+    eval_data: PackedData | None = None
+    data_index: dict = field(default_factory=dict)
 
 
 def check_shared_run_dir(run_dir: Path, wait_s: float = 30.0) -> None:
@@ -227,8 +245,9 @@ def setup(plan: Plan, run_dir: Path) -> Job:
     opt, sched = build_optimizer(model, plan)
     dp_rank = mesh["dp_replicate"].get_local_rank() * plan.mesh.dp_shard + mesh["dp_shard"].get_local_rank()
     log = MetricsLog(run_dir, enabled=dist.get_rank() == 0, plan=plan)
-    return Job(plan, device, mesh, model, opt, sched, TokenData(plan.data, plan.train, dp=plan.mesh.dp), dp_rank,
-               log, ckpt.ckpt_root(run_dir, plan.checkpoint.dir))
+    data, eval_data, index = load_data(plan, dp=plan.mesh.dp)
+    return Job(plan, device, mesh, model, opt, sched, data, dp_rank, log, ckpt.ckpt_root(run_dir, plan.checkpoint.dir),
+               eval_data, index)
 
 
 def resume(job: Job) -> int:
@@ -240,6 +259,11 @@ def resume(job: Job) -> int:
     state = ckpt.load(found, job.model, job.opt)
     job.sched.load_state_dict(state["scheduler"])
     start, steps = state["step"], job.plan.train.steps
+    job.data.restore(state.get("data"), start)
+    old_fp, new_fp = (state.get("data") or {}).get("fingerprint"), job.data_index.get("fingerprint")
+    if old_fp and new_fp and old_fp != new_fp:
+        job.log.info(f"data changed since {found.name} (fingerprint {old_fp[:16]} -> {new_fp[:16]}): continuing at "
+                     f"sample {job.data.base + start * job.plan.train.global_batch_size} of the new data")
     job.log.info(f"resumed from {found.name} (saved on world {state['world']}), continuing at step {start + 1}"
                  if start < steps else f"resumed from {found.name}: all {steps} steps already done, nothing to train")
     return start
@@ -256,6 +280,11 @@ def log_layout(job: Job) -> None:
     job.log.info(f"{p.name}: world {p.mesh.world} mesh {dict(zip(MESH_DIMS, p.mesh.shape))}, "
                  f"{p.model.num_params:,} params, {p.train.steps} steps x "
                  f"{p.train.global_batch_size * p.train.seq_len:,} tokens")
+    if job.data_index:
+        tr, w = job.data_index["splits"]["train"], job.data.windows or 0
+        job.log.info(f"data {p.data.format} {job.data_index['fingerprint'][:16]}: {w:,} windows "
+                     f"({w / p.train.global_batch_size:.1f} steps per epoch), packing efficiency "
+                     f"{tr['packing_efficiency']:.1%}" + (f", eval {job.eval_data.windows} windows" if job.eval_data else ""))
 
 
 @dataclass(frozen=True)
@@ -263,15 +292,15 @@ class StepOut:
     """One step's results. `stats` stays on the device until read: reading waits for the step
     to finish (a host sync on CUDA), so the loop reads it only when a log line, a checkpoint
     or the stop/finite checks need it (on CUDA the latter one step late, see run)."""
-    stats: torch.Tensor               # [world-sum of the loss, stop flags, grad norm before clipping]
-    world: int
+    stats: torch.Tensor               # [world-sum of the token-loss sums, stop flags, grad norm before clipping]
+    loss_div: float                   # tp x labelled tokens of the global batch: world-sum / loss_div = mean
     lr: float
     seconds: float                    # host time of the step (its wall time whenever stats were read)
 
     @property
     def values(self) -> tuple[float, bool, float]:
         loss_sum, flag, gnorm = self.stats.tolist()
-        return loss_sum / self.world, flag > 0, gnorm
+        return loss_sum / self.loss_div, flag > 0, gnorm
 
     @property
     def loss(self) -> float:          # global mean over every token of the global batch
@@ -294,24 +323,23 @@ def train_step(job: Job, step: int, stop_requested: bool) -> StepOut:
     lp = plan.tp.loss_parallel and plan.mesh.tp > 1
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    # loss = sum of token losses / labelled tokens of the whole global batch; FSDP averages the
+    # gradients over the dp x cp ranks, so each rank's backward is scaled by dp * cp / N
+    n_tokens = max(1, job.data.loss_tokens(step))
+    scale = plan.mesh.dp * plan.mesh.cp / n_tokens
     for micro in range(accum):
         set_gradient_sync(job.model, micro == accum - 1 or plan.train.grad_sync == "every_micro_step")
-        x, y = job.data.micro_batch(step, micro, job.dp_rank)            # (mbs, T) each
-        pos = None
-        if plan.mesh.cp > 1:     # this cp rank's load-balanced chunks, with their global positions
-            cp_mesh = job.mesh["cp"]
-            pos = cp.set_batch(cp_mesh, plan.train.seq_len)[None, :].to(device)
-            x, y = (cp.shard_sequence(t, plan.mesh.cp, cp_mesh.get_local_rank()) for t in (x, y))
+        x, y, pos = place_batch(job, job.data.micro_batch(step, micro, job.dp_rank))      # (mbs, T[/cp])
         with compute_context(plan, device):
-            loss = forward_loss(job.model, x.to(device), y.to(device), lp, pos)
+            loss = forward_loss_sum(job.model, x, y, lp, pos)
         with loss_parallel() if lp else nullcontext():
-            (loss / accum).backward()
+            (loss * scale).backward()
         loss_sum += (loss.full_tensor() if isinstance(loss, DTensor) else loss).detach().double()
-    # one all-reduce over the world: [loss, stop], in flight while clipping and the optimizer
-    # step run. The loss is the same on the tp ranks of a dp x cp coordinate, so
-    # world-sum / world = the mean over dp x cp; any rank's stop flag stops every rank.
+    # one all-reduce over the world: [loss sum, stop], in flight while clipping and the optimizer
+    # step run. The sum is the same on the tp ranks of a dp x cp coordinate, so
+    # world-sum / tp / N = the global token mean; any rank's stop flag stops every rank.
     flag = torch.tensor(float(stop_requested), dtype=torch.float64, device=device)
-    stats = torch.stack([loss_sum / accum, flag])
+    stats = torch.stack([loss_sum, flag])
     pending = dist.all_reduce(stats, async_op=True)
     gnorm = clip_grad_norm([p for p in job.model.parameters() if p.requires_grad], plan.train.grad_clip)
     lr = job.sched.get_last_lr()[0]
@@ -320,7 +348,33 @@ def train_step(job: Job, step: int, stop_requested: bool) -> StepOut:
     job.opt.zero_grad(set_to_none=True)
     pending.wait()
     stats = torch.cat([stats, gnorm.to(stats.device, torch.float64).view(1)])
-    return StepOut(stats, plan.mesh.world, lr, time.perf_counter() - t0)
+    return StepOut(stats, plan.mesh.tp * n_tokens, lr, time.perf_counter() - t0)
+
+
+def evaluate(job: Job) -> dict[str, float] | None:
+    """Loss and perplexity over the whole eval split (every rank its dp share, padded to the
+    same number of forwards): sum of token losses / labelled tokens, all-reduced."""
+    if job.eval_data is None:
+        return None
+    lp = job.plan.tp.loss_parallel and job.plan.mesh.tp > 1
+    acc = torch.zeros(2, dtype=torch.float64, device=job.device)
+    job.model.eval()
+    with torch.no_grad():
+        for b in job.eval_data.eval_batches(job.dp_rank):
+            x, y, pos = place_batch(job, b)
+            with compute_context(job.plan, job.device):
+                loss = forward_loss_sum(job.model, x, y, lp, pos)
+            acc[0] += (loss.full_tensor() if isinstance(loss, DTensor) else loss).double()
+            acc[1] += (y != IGNORE).sum().double()
+    job.model.train()
+    dist.all_reduce(acc)           # tp ranks repeat the same sums: the ratio is unaffected
+    loss = (acc[0] / acc[1].clamp(min=1)).item()
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(acc[1].item()) // job.plan.mesh.tp}
+
+
+def eval_due(plan: Plan, n: int) -> bool:
+    every = plan.train.eval_every
+    return bool((every and n % every == 0) or n == plan.train.steps)
 
 
 def checkpoint_due(plan: Plan, n: int, stop: bool) -> bool:
@@ -336,7 +390,7 @@ def read_due(plan: Plan, device: torch.device, n: int) -> bool:
     possible checkpoint needs them, so the host keeps queueing steps ahead of the GPU."""
     t, every = plan.train, plan.checkpoint.every_steps
     return (device.type != "cuda" or n % t.log_every == 0 or n == t.steps
-            or bool(every and n % every == 0))
+            or bool(every and n % every == 0) or eval_due(plan, n))
 
 
 def check_finite(job: Job, n: int, loss: float, grad_norm: float) -> None:
@@ -380,17 +434,22 @@ def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
         stop = stop or stop_now
         res.losses[n], res.grad_norms[n] = loss, gnorm
         check_finite(job, n, loss, gnorm)
-        if n % plan.train.log_every == 0 or n == plan.train.steps:
+        ev = evaluate(job) if eval_due(plan, n) else None
+        if ev:
+            res.evals[n] = ev["eval_loss"]
+        if n % plan.train.log_every == 0 or n == plan.train.steps or ev:
             seconds = (time.perf_counter() - window_t0) / window_steps   # mean over the steps since the last line
             tps = tokens_per_step / seconds
             job.log.step({"step": n, "loss": loss, "lr": out.lr, "grad_norm": gnorm,
                           "step_time_s": seconds, "tokens_per_s": tps,
                           "tokens_per_s_per_device": tps / plan.mesh.world,
                           "mfu": (fpt * tps / plan.mesh.world / peak) if peak else None,
-                          **peak_memory(job.device)})
+                          **peak_memory(job.device), **(ev or {})})
             window_t0, window_steps = time.perf_counter(), 0
         if checkpoint_due(plan, n, stop):
-            path = ckpt.save(job.ckpt_root, n, job.model, job.opt, {"step": n, "scheduler": job.sched.state_dict()},
+            data_state = dict(job.data.state(n), fingerprint=job.data_index.get("fingerprint"))
+            path = ckpt.save(job.ckpt_root, n, job.model, job.opt,
+                             {"step": n, "scheduler": job.sched.state_dict(), "data": data_state},
                              plan.checkpoint.keep, lambda where: fault_hook(where, n))
             job.log.info(f"checkpoint {path.name} committed")
             window_t0, window_steps = time.perf_counter(), 0
@@ -418,6 +477,14 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print("\n".join(f"meshbake: {p}" for p in problems), file=sys.stderr, flush=True)
         return 2
+    if plan.data.format != "synthetic":      # prepared, complete, and not stale: or one line, no group
+        from runtime.prepare import DataError, locate
+        try:
+            locate(plan)
+        except DataError as e:
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                print(f"meshbake: {e}", file=sys.stderr, flush=True)
+            return 2
     run_dir = Path(args.run_dir or os.environ.get("MESHBAKE_RUN_DIR") or plan.run_dir)
     init_distributed(plan.mesh.backend)
     try:

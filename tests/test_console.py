@@ -72,7 +72,7 @@ def test_eval_and_events_always_printed_on_their_own_lines(tmp_path, plan, capsy
     log = MetricsLog(tmp_path, True, plan, clock=clock)
     log.step(_rec(1))
     log.step(_rec(2))                                   # within 5 s: no step line
-    log.step({"step": 2, "eval_loss": 6.25, "eval_ppl": 518.0})
+    log.step({"step": 2, "eval_loss": 6.25, "eval_ppl": 518.0})   # an eval record alone
     log.info("checkpoint step-2 committed")
     log.info("stop signal: saved at step 2, exiting for requeue")
     log.info("resumed from step-2 (saved on world 4), continuing at step 3")
@@ -86,6 +86,17 @@ def test_eval_and_events_always_printed_on_their_own_lines(tmp_path, plan, capsy
     assert "checkpoint step-2 committed" in log_lines and "eval 2/40  loss 6.2500  ppl 518.0000" in log_lines
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1] == {"step": 2, "eval_loss": 6.25, "eval_ppl": 518.0}
+
+
+def test_eval_merged_into_a_step_record_gets_its_own_line(tmp_path, plan, capsys, monkeypatch):
+    """runtime/train.py merges evaluate()'s numbers into the step's record."""
+    monkeypatch.delenv("MESHBAKE_CONSOLE_INTERVAL", raising=False)
+    log = MetricsLog(tmp_path, True, plan, clock=Clock())
+    log.step(_rec(1))
+    log.step({**_rec(2), "eval_loss": 6.5, "eval_ppl": 665.1, "eval_tokens": 4096})
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0].startswith("step 1/40")          # step 2's line is rate-limited
+    assert out[1].split() == ["EVAL", "eval", "2/40", "loss", "6.5000", "ppl", "665.1000", "tokens", "4096"]
 
 
 def test_the_report_reads_the_new_console_lines(tmp_path, plan, monkeypatch):

@@ -19,6 +19,15 @@ export MESHBAKE_RUN_DIR="${MESHBAKE_RUN_DIR:-${default_run_dir}}"
 # python deps and the plan's data/weights paths, checked once, before any process starts
 "${PYTHON}" -m runtime.preflight "${BUNDLE_DIR}/plan.json"
 
+# tokenize + pack the data once (a no-op when the prepared copy is up to date), in ONE process
+# per job before torchrun, never inside a process group whose collectives could time out
+# meanwhile: under Slurm node 0 prepares and the other nodes wait for its atomic rename
+if [[ "${SLURM_NODEID:-0}" == 0 ]]; then
+  "${PYTHON}" -m runtime.prepare "${BUNDLE_DIR}/plan.json"
+else
+  "${PYTHON}" -m runtime.prepare "${BUNDLE_DIR}/plan.json" --wait 7200
+fi
+
 NNODES=1
 NPROC=4
 rdzv=()

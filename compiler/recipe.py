@@ -51,6 +51,12 @@ class ClusterSection:
     max_restarts: int                   # torchrun --max-restarts
     signal_seconds: int                 # SIGUSR1 this long before the time limit (checkpoint + requeue)
     requeue: bool
+    gpu_request: str = "gpus-per-node"  # gpus-per-node | gres | none: the #SBATCH spelling of the GPUs
+    gpu_type: str | None = None         # gpu:TYPE:N
+    exclusive: bool = False             # #SBATCH --exclusive
+    container_image: str | None = None  # pyxis/enroot: srun --container-image
+    container_mounts: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()   # (NAME, value) exported before srun, sorted by name
 
 
 @dataclass(frozen=True)

@@ -166,6 +166,8 @@ def recipe_yaml(recipe) -> str:
     d["train"]["betas"] = list(d["train"]["betas"])
     d["lora"]["targets"] = list(d["lora"]["targets"])
     d["cluster"]["env_pass"] = list(d["cluster"]["env_pass"])
+    d["cluster"]["container_mounts"] = list(d["cluster"]["container_mounts"])
+    d["cluster"]["env"] = dict(d["cluster"]["env"])
     tr = d.pop("tracking")            # in the schema's shape: tracking.wandb.project, not wandb_project
     d["tracking"] = {"tensorboard": tr["tensorboard"],
                      "wandb": {k.removeprefix("wandb_"): list(v) if k == "wandb_tags" else v

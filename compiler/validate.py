@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -268,6 +269,7 @@ def _cross_field(d: dict[str, Any]) -> list[RecipeError]:
         errs.append(RecipeError("train.min_lr", f"{train['min_lr']} is above train.lr={train['lr']}",
                                 "min_lr is the floor the schedule decays to; set it <= lr"))
     errs.extend(_cluster_and_checkpoint(d))
+    errs += _cluster_env(d["cluster"])
     wb = d["tracking"]["wandb"]
     if wb["project"] and wb["mode"] == "online" and "WANDB_API_KEY" not in d["cluster"]["env_pass"]:
         errs.append(RecipeError("tracking.wandb.mode", "online W&B needs WANDB_API_KEY, and cluster.env_pass does "
@@ -300,6 +302,33 @@ def _cluster_and_checkpoint(d: dict[str, Any]) -> list[RecipeError]:
     return errs
 
 
+# names the launcher and torch set, or that change how every later line of the job runs
+_ENV_RESERVED = {"PATH", "PYTHONPATH", "LD_PRELOAD", "LD_AUDIT", "BASH_ENV", "ENV", "IFS", "PS4", "SHELLOPTS",
+                 "BASHOPTS", "HOME", "USER", "SHELL", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                 "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "PYTHONSTARTUP", "PYTHONHOME"}
+_ENV_RESERVED_PREFIX = ("MESHBAKE_", "SLURM_", "SBATCH_", "SRUN_", "TORCHELASTIC_", "BASH_FUNC_", "PMI_", "PMIX_")
+_SECRET = re.compile(r"TOKEN|SECRET|PASSW|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL")
+
+
+def _cluster_env(c: dict[str, Any]) -> list[RecipeError]:
+    """cluster.env holds site settings written into job.sbatch: never a secret, never a name
+    the launcher, Slurm or torch owns (a profile must not redirect PATH or preload a library)."""
+    errs = []
+    for name in c["env"]:
+        where = f"cluster.env.{name}"
+        if name in _ENV_RESERVED or name.startswith(_ENV_RESERVED_PREFIX):
+            errs.append(RecipeError(where, f"{name} is set by the launcher, Slurm or the shell, not by a profile",
+                                    "remove it; to change the python, use cluster.env_setup or MESHBAKE_PYTHON"))
+        elif name in c["env_pass"] or _SECRET.search(name):
+            errs.append(RecipeError(where, f"{name} looks like a secret; cluster.env values are written into "
+                                    "job.sbatch", "list the name in cluster.env_pass and export it where you "
+                                    "run sbatch"))
+    if c["container_mounts"] and not c["container_image"]:
+        errs.append(RecipeError("cluster.container_mounts", "container mounts without cluster.container_image",
+                                "set cluster.container_image, or remove the mounts"))
+    return errs
+
+
 def _build(d: dict[str, Any]) -> Recipe:
     m, me, tp, c, t, da, ck, lo = (d[k] for k in ("model", "mesh", "tp", "cluster", "train", "data",
                                                   "checkpoint", "lora"))
@@ -314,7 +343,9 @@ def _build(d: dict[str, Any]) -> Recipe:
                                c["device"], c["partition"], c["account"], c["qos"], c["constraint"],
                                str(c["time"]), c["cpus_per_task"], None if c["mem"] is None else str(c["mem"]),
                                c["env_setup"], tuple(c["env_pass"]), c["max_restarts"],
-                               c["signal_seconds"], c["requeue"]),
+                               c["signal_seconds"], c["requeue"], c["gpu_request"], c["gpu_type"],
+                               c["exclusive"], c["container_image"], tuple(c["container_mounts"]),
+                               tuple(sorted((k, str(v)) for k, v in c["env"].items()))),
         train=TrainSection(t["seq_len"], t["micro_batch_size"], t["global_batch_size"], t["grad_accum"],
                            t["steps"], float(t["lr"]), float(t["min_lr"]), t["warmup_steps"],
                            t["lr_schedule"], float(t["weight_decay"]), (float(t["betas"][0]), float(t["betas"][1])),

@@ -6,10 +6,13 @@ PLAN.md: one formula for both) x tokens/s per device / the device's peak.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -56,26 +59,58 @@ def peak_memory(device: torch.device) -> dict[str, int | None]:
 
 
 class _Plain:
+    """Console without rich: the markup stripped."""
+
     def print(self, msg: str) -> None:
-        print(msg.replace("[dim]", "").replace("[/dim]", ""), flush=True)
+        tags = r"(?<!\\)\[/?(?:(?:dim|bold|green|yellow|red|magenta|cyan)[^\]]*)?\]"
+        print(re.sub(tags, "", msg).replace("\\[", "["), flush=True)
+
+
+def duration(s: float) -> str:
+    """Seconds -> '45s', '12m05s', '3h12m' (an ETA, not a timestamp)."""
+    s = max(0, int(round(s)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+# train.log events the console highlights (the same prefixes compiler/report.py reads back)
+EVENT_STYLES = ((re.compile(r"^checkpoint step-\d+ committed"), "CHECKPOINT", "green"),
+                (re.compile(r"^resumed from "), "RESUMED", "cyan"),
+                (re.compile(r"^stop signal"), "PREEMPTED", "magenta"),
+                (re.compile(r"not finite|^checkpoint .*skipped"), "WARNING", "red"))
 
 
 class MetricsLog:
-    """Rank 0 writes; other ranks hold a disabled instance."""
+    """Rank 0 writes metrics.jsonl (every record), train.log and the console; other ranks hold a
+    disabled instance. Step lines show progress, percentage and ETA, and are rate-limited: at
+    most one per MESHBAKE_CONSOLE_INTERVAL seconds (default 5; 0 = every logged step), the first
+    and the last step always, so a fast run logging every step does not flood a Slurm .out file.
+    Eval lines, checkpoints, resumes and preemptions are always printed, each on its own line."""
 
-    def __init__(self, run_dir: Path, enabled: bool, plan: Plan | None = None):
+    def __init__(self, run_dir: Path, enabled: bool, plan: Plan | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.log = run_dir / "train.log"
         self.console = None
         self.trackers = None
+        self.total = plan.train.steps if plan is not None else None
+        self.interval = float(os.environ.get("MESHBAKE_CONSOLE_INTERVAL", "5") or 5)
+        self.clock = clock
+        self._start: tuple[float, int] | None = None      # (time, step) this process started counting from
+        self._last_print = -math.inf
+        self.escape = lambda m: m
         if enabled:
             try:     # rich for the console line where installed; a bundle needs only torch + transformers
                 from rich.console import Console
+                from rich.markup import escape
 
-                self.console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+                self.console, self.escape = Console(file=sys.stdout, highlight=False, soft_wrap=True), escape
             except ImportError:
-                self.console = _Plain()
+                self.console, self.escape = _Plain(), lambda m: m.replace("[", "\\[")
             if plan is not None and (plan.tracking.tensorboard or plan.tracking.wandb_project):
                 from runtime.tracking import Trackers     # imports tensorboard / wandb only when asked
 
@@ -86,27 +121,60 @@ class MetricsLog:
             self.trackers.close()
             self.trackers = None
 
+    def _write(self, line: str) -> None:
+        with self.log.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
     def info(self, msg: str) -> None:
+        """A run event: train.log gets the message as is; the console marks checkpoints,
+        resumes, preemptions and warnings with a coloured tag."""
         if not self.enabled:
             return
-        self.console.print(f"[dim]meshbake[/dim] {msg}")
-        with self.log.open("a", encoding="utf-8") as f:
-            f.write(msg + "\n")
+        tag = next(((t, c) for rx, t, c in EVENT_STYLES if rx.search(msg)), None)
+        head = f"[bold {tag[1]}]{tag[0]:>10}[/]" if tag else "[dim]meshbake[/dim]"
+        self.console.print(f"{head} {self.escape(msg)}")
+        self._write(msg)
+
+    def _progress(self, n: int, rec: dict[str, Any]) -> str:
+        now = self.clock()
+        if self._start is None:      # the first logged step of this process: its own time is the rate
+            self._start = (now - float(rec.get("step_time_s") or 0.0), n - 1)
+        t0, s0 = self._start
+        if not self.total:
+            return f"step {n}"
+        rate = (now - t0) / max(1, n - s0)                       # seconds per step, this process
+        pct = 100.0 * n / self.total
+        return f"step {n}/{self.total} {pct:3.0f}%  eta {duration(rate * (self.total - n)):>6}"
 
     def step(self, rec: dict[str, Any]) -> None:
+        """One record: metrics.jsonl always; the step line when due (rate-limited); an EVAL line
+        whenever the record holds eval_* numbers (merged into a step record, or alone)."""
         if not self.enabled:
             return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
         if self.trackers is not None:
             self.trackers.log(rec)
-        mfu = f"{rec['mfu'] * 100:5.1f}%" if rec["mfu"] is not None else "  n/a"
-        mem = f"{rec['peak_mem_bytes'] / 2**30:6.2f} GiB" if rec.get("peak_mem_bytes") is not None else "n/a"
-        line = (f"step {rec['step']:>5}  loss {rec['loss']:8.4f}  lr {rec['lr']:.2e}  gnorm {rec['grad_norm']:7.3f}  "
-                f"{rec['tokens_per_s']:>9,.0f} tok/s  {rec['tokens_per_s_per_device']:>8,.0f} tok/s/dev  "
-                f"mfu {mfu}  mem {mem}")
-        if rec.get("eval_loss") is not None:
-            line += f"  eval loss {rec['eval_loss']:.4f} ppl {rec['eval_ppl']:.2f}"
-        self.console.print(line)
-        with self.log.open("a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        n = int(rec["step"])
+        if "loss" in rec:
+            self._step_line(n, rec)
+        evals = {k: v for k, v in sorted(rec.items()) if k.startswith("eval_") and v is not None}
+        if evals:                 # the train loop merges eval numbers into that step's record
+            text = "  ".join(f"{k[5:]} {v:.4f}" if isinstance(v, float) else f"{k[5:]} {v}" for k, v in evals.items())
+            line = f"eval {n}" + (f"/{self.total}" if self.total else "") + f"  {text}"
+            self.console.print(f"[bold yellow]{'EVAL':>10}[/] {self.escape(line)}")
+            self._write(line)
+
+    def _step_line(self, n: int, rec: dict[str, Any]) -> None:
+        head = self._progress(n, rec)
+        now = self.clock()
+        if not (now - self._last_print >= self.interval or n == self.total or self._last_print == -math.inf):
+            return
+        self._last_print = now
+        mfu = f"{rec['mfu'] * 100:4.1f}%" if rec.get("mfu") is not None else "n/a"
+        mem = f"{rec['peak_mem_bytes'] / 2**30:.2f} GiB" if rec.get("peak_mem_bytes") is not None else "n/a"
+        line = (f"{head}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  gnorm {rec['grad_norm']:.3f}  "
+                f"{rec['tokens_per_s']:,.0f} tok/s ({rec['tokens_per_s_per_device']:,.0f}/dev)  mfu {mfu}  "
+                f"mem {mem}")
+        self.console.print(self.escape(line))
+        self._write(line)

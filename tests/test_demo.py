@@ -41,7 +41,7 @@ def test_tiny_chat_bundle_prepares_and_trains_via_launch_sh(tmp_path):
     assert recs[-1]["loss"] < recs[0]["loss"] - 0.5           # ln(4096) = 8.3 at start
     evals = [r["eval_loss"] for r in recs if "eval_loss" in r]
     assert len(evals) == 2 and evals[1] < evals[0] < 8.4       # steps 6 and 12, falling
-    assert "step    12  loss" in p.stdout and "eval loss" in p.stdout     # the console lines
+    assert "step 12/12 100%" in p.stdout and "eval 12/12  loss" in p.stdout     # the console lines
     assert "prepared prepared/tiny_chat-" in p.stderr and "packing efficiency" in p.stderr
     assert (run / "checkpoints/step-12/COMMITTED").is_file()
     state = json.loads((run / "checkpoints/step-12/train_state.json").read_text())

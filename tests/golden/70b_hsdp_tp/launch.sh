@@ -38,7 +38,8 @@ if [[ -n "${SLURM_JOB_ID:-}" ]]; then
     echo "launch.sh: SLURM_JOB_ID is set but SLURM_JOB_NODELIST is not; run it through job.sbatch (srun)" >&2
     exit 1
   fi
-  head_node="$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)"
+  # job.sbatch passes the head node (scontrol may be missing inside a container)
+  head_node="${MESHBAKE_HEAD_NODE:-$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)}"
   if [[ -z "${head_node}" ]]; then
     echo "launch.sh: scontrol show hostnames returned nothing for ${SLURM_JOB_NODELIST}" >&2
     exit 1

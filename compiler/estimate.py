@@ -71,6 +71,8 @@ def _tp_local(model: ModelSpec, pl: Placements, tp: int) -> tuple[int, int]:
         for d in local_shape(m.shape, m.kind, pl.styles[m.fqn], tp):
             loc *= d
         n = m.numel - full + loc                      # bias (if any) kept whole: it is small
+        if pl.styles[m.fqn] == "experts":             # gate_up AND down are split on each expert's I
+            n = m.numel // tp
         total += n
         if m.fqn.startswith(f"{model.block_prefix}.0."):
             block += n

@@ -196,7 +196,32 @@ def _lora_errors(recipe: Recipe, model: ModelSpec) -> list[RecipeError]:
     return errs
 
 
+def _architecture_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeError]:
+    """What a family does that a parallel form cannot reproduce exactly: refused, never run wrong."""
+    c, errs = model.config, []
+    if mesh.cp > 1:
+        why = []
+        if c.get("attn_logit_softcapping"):
+            why.append(f"soft-caps attention logits (attn_logit_softcapping {c['attn_logit_softcapping']})")
+        window = c.get("sliding_window")
+        if isinstance(window, int) and window < recipe.train.seq_len and c.get("use_sliding_window", True) is not False:
+            why.append(f"uses sliding-window attention (window {window} < seq_len {recipe.train.seq_len})")
+        if why:
+            errs.append(RecipeError("mesh.cp", f"{model.architecture} {' and '.join(why)}; context parallel "
+                                    "attention (all-gathered K/V under a plain causal mask) would compute "
+                                    "something else", "set mesh.cp: 1 (long sequences: raise tp with "
+                                    "sequence parallel, or activation_checkpointing: full)"))
+    if mesh.tp > 1 and model.num_experts and (c.get("router_jitter_noise") or 0) > 0:
+        errs.append(RecipeError("model.config", f"router_jitter_noise {c['router_jitter_noise']}: each tp rank would "
+                                "draw its own noise and route the same token to different experts",
+                                "set router_jitter_noise: 0 in the config.json (Mixtral-8x7B ships 0) or mesh.tp: 1"))
+    return errs
+
+
 def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> Result[Placements]:
+    arch_errs = _architecture_errors(recipe, model, mesh)
+    if arch_errs:
+        return Err(tuple(arch_errs))
     lora_errs = _lora_errors(recipe, model)
     if lora_errs:
         return Err(tuple(lora_errs))
@@ -239,7 +264,11 @@ def _warnings(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, styles: Mapping[
     for m in model.modules:
         if styles[m.fqn] == "replicate" and m.numel * nbytes >= WARN_BYTES:
             out.setdefault(group_name(m.fqn), []).append(m.numel * nbytes)
-    return tuple(
+    extra = []
+    if model.num_experts and model.config.get("output_router_logits"):
+        extra.append("model.config: output_router_logits is true, but the runtime trains on the cross-entropy "
+                     "only; the router's auxiliary (load-balancing) loss is not added")
+    return tuple(extra) + tuple(
         f"{g}: replicated on all {mesh.tp} tp ranks ({len(b)} x {b[0] / 1e6:,.1f} MB of {recipe.model.dtype} "
         f"weights per rank before FSDP; sharded it would be {sum(b) / mesh.tp / 1e6:,.1f} MB)"
         for g, b in out.items())

@@ -38,6 +38,17 @@ def _merge_adapters(model, adapters: dict, scale: float) -> None:
         model.get_submodule(fqn).weight.add_(scale * (b @ a))
 
 
+def _hf_order(model, plan) -> None:
+    """Fused projections and experts were trained in meshbake's row order (runtime/fused.py;
+    adapters merged above in that order too): write HF's order back."""
+    from runtime.fused import param_layouts, to_hf
+
+    params = dict(model.named_parameters())
+    for name, kind in param_layouts(plan.model.layouts).items():
+        if name in params:
+            params[name].copy_(to_hf(kind, params[name], model.config))
+
+
 def export(run_dir: Path, step: int | None, out: Path, force: bool = False) -> Path:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -70,6 +81,7 @@ def export(run_dir: Path, step: int | None, out: Path, force: bool = False) -> P
     model.load_state_dict(sd["model"])
     if adapters:
         _merge_adapters(model, adapters, lora_scale(plan.lora))
+    _hf_order(model, plan)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)

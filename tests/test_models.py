@@ -24,6 +24,7 @@ TYPES = sorted(p.name for p in MODELS.iterdir() if (p / "config.json").is_file()
 RTOL = 1e-4
 STEPS = 3
 REFUSED: dict[str, str] = {}          # model_type -> words the compile error must contain
+EXPORTED = ("phi3", "qwen3_moe")
 INPUT = [[(7 * i + 3 * j) % 1024 for i in range(32)] for j in range(2)]
 
 
@@ -114,6 +115,10 @@ def results(tmp_path_factory, weights) -> dict:
         logits = json.loads(json.dumps(plan))
         logits["model"]["weights"] = weights[t]
         cases.append({"name": f"logits-{t}", "kind": "logits", "plan": logits, "input": INPUT})
+    for t in EXPORTED:         # fused layouts: trained in meshbake order, exported in HF order
+        plan = json.loads(compile_model(t).files["plan.json"])
+        plan["checkpoint"].update(every_steps=STEPS, keep=1)
+        cases.append({"name": f"export-{t}", "kind": "train", "plan": plan, "keep_run": True, "input": INPUT})
     out = torchrun(4, cases, tmp_path_factory.mktemp("models4"))
     return {c["name"]: dict(out[c["name"]], plan=c["plan"]) for c in cases}
 
@@ -144,3 +149,72 @@ def test_safetensors_load_and_match_hf_logits(results, weights, model_type):
     got = torch.load(r["logits"])
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("model_type", EXPORTED)
+def test_export_writes_hf_layout_back(results, tmp_path, model_type):
+    """A dp_shard 2 x tp 2 run of a fused / MoE model, checkpointed (DCP), exported by one
+    process: from_pretrained gives the logits the sharded model computed after training."""
+    from transformers import AutoModelForCausalLM
+
+    from runtime.export import main as export_main
+
+    run_dir = Path(results[f"export-{model_type}"]["run_dir"])
+    assert export_main([str(run_dir), "-o", str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        got = hf(input_ids=torch.tensor(INPUT)).logits
+    torch.testing.assert_close(got, torch.load(run_dir / "logits.pt"), rtol=1e-5, atol=1e-5)
+
+
+def _errors(model_type: str, edit) -> list:
+    from compiler.pipeline import compile_recipe
+
+    r = recipe(f"r-{model_type}", model_type)
+    edit(r)
+    b = compile_recipe(yaml.safe_dump(r), source=model_type)
+    assert not hasattr(b, "files"), f"{model_type} compiled"
+    return list(b.errors)
+
+
+def test_context_parallel_refused_for_soft_capped_or_windowed_attention():
+    def cp2(r):
+        r["mesh"] = {"dp_shard": 1, "cp": 2, "tp": 2}
+    e = _errors("gemma2", cp2)
+    assert [x.path for x in e] == ["mesh.cp"] and "soft-caps" in e[0].message and "sliding" in e[0].message
+    assert "mesh.cp: 1" in e[0].hint
+    assert hasattr(compile_model("llama"), "files")   # the same mesh on llama is fine: cp is not refused wholesale
+
+
+def test_router_jitter_refused_under_tp(tmp_path):
+    cfg = json.loads(Path(config_path("mixtral")).read_text())
+    cfg["router_jitter_noise"] = 0.1
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+
+    def jitter(r):
+        r["model"]["config"] = str(tmp_path / "config.json")
+    e = _errors("mixtral", jitter)
+    assert [x.path for x in e] == ["model.config"] and "router_jitter_noise" in e[0].message
+
+
+def test_plain_colwise_on_a_fused_projection_is_refused():
+    """colwise over HF's [q|k|v] rows would hand rank 0 all of q and rank 1 k and v."""
+    def override(r):
+        r["tp"]["plan"] = {"model.layers.*.self_attn.qkv_proj": "colwise"}
+    e = _errors("phi3", override)
+    assert "fused qkv" in e[0].message and e[0].path.startswith("tp.plan")
+
+
+def test_moe_placements_and_memory_count_the_experts():
+    b = compile_model("mixtral")
+    plan = json.loads(b.files["plan.json"])
+    styles = plan["tp"]["placements"]
+    assert styles["model.layers.0.mlp.experts"] == "experts" and styles["model.layers.0.mlp.gate"] == "replicate"
+    assert plan["model"]["layouts"]["model.layers.0.mlp.experts"] == "experts"
+    # 2 layers x 4 experts x 3 x 64 x 64 expert weights; a token runs 2 of the 4
+    experts = 2 * 4 * 3 * 64 * 64
+    assert plan["model"]["num_params"] - plan["model"]["active_params"] == experts // 2
+    md = b.files["PLAN.md"].decode()
+    assert "| `model.layers.*.mlp.experts` | 2 | experts | 4 x 128 x 64 | experts | 4 x 64 x 64 |" in md
+    assert "| `model.layers.*.mlp.gate` | 2 | router |" in md

@@ -218,3 +218,21 @@ def test_moe_placements_and_memory_count_the_experts():
     md = b.files["PLAN.md"].decode()
     assert "| `model.layers.*.mlp.experts` | 2 | experts | 4 x 128 x 64 | experts | 4 x 64 x 64 |" in md
     assert "| `model.layers.*.mlp.gate` | 2 | router |" in md
+
+
+@pytest.mark.parametrize("name,arch,params,active", [
+    ("qwen3-8b", "Qwen3ForCausalLM", 8_190_735_360, None),
+    ("gemma-2-9b", "Gemma2ForCausalLM", 9_241_705_984, None),
+    ("phi-3-mini-4k", "Phi3ForCausalLM", 3_821_079_552, None),
+    ("mixtral-8x7b", "MixtralForCausalLM", 46_702_792_704, 12_879_925_248),     # "46.7B total, 12.9B active"
+    ("qwen3-30b-a3b", "Qwen3MoeForCausalLM", 30_532_122_624, 3_353_032_704),    # "30.5B, 3.3B activated"
+    ("olmo-2-7b", "Olmo2ForCausalLM", 7_298_617_344, None),
+    ("mistral-7b-v0.3", "MistralForCausalLM", 7_248_023_552, None),
+])
+def test_catalog_families_have_their_published_sizes(name, arch, params, active):
+    """Real config.json facts: the parameter counts the model cards publish."""
+    from compiler.model import catalog_config, model_spec
+
+    m = model_spec(catalog_config(name), name)
+    assert (m.architecture, m.num_params, m.active_params) == (arch, params, active or params)
+    assert m.attn_implementation == ("eager" if name.startswith("gemma-2") else "sdpa")

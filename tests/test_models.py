@@ -25,6 +25,20 @@ RTOL = 1e-4
 STEPS = 3
 REFUSED: dict[str, str] = {}          # model_type -> words the compile error must contain
 EXPORTED = ("phi3", "qwen3_moe")
+
+
+def _lora(r):
+    r["lora"] = {"rank": 4, "alpha": 8, "targets": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+
+
+def _cp(r):
+    r["mesh"] = {"dp_shard": 1, "cp": 2, "tp": 2}
+    r["train"]["global_batch_size"] = 4
+
+
+# LoRA on Phi-3's fused projections; context parallel x tp on q/k-normed and MoE families
+VARIANTS = [("lora-phi3", "phi3", _lora), ("cp2-tp2-qwen3", "qwen3", _cp), ("cp2-tp2-mixtral", "mixtral", _cp),
+            ("cp2-tp2-olmo2", "olmo2", _cp)]
 INPUT = [[(7 * i + 3 * j) % 1024 for i in range(32)] for j in range(2)]
 
 
@@ -115,6 +129,12 @@ def results(tmp_path_factory, weights) -> dict:
         logits = json.loads(json.dumps(plan))
         logits["model"]["weights"] = weights[t]
         cases.append({"name": f"logits-{t}", "kind": "logits", "plan": logits, "input": INPUT})
+    for name, t, edit in VARIANTS:
+        r = recipe(name, t)
+        edit(r)
+        from compiler.pipeline import compile_recipe
+        cases.append({"name": name, "kind": "train",
+                      "plan": json.loads(compile_recipe(yaml.safe_dump(r), source=name).files["plan.json"])})
     for t in EXPORTED:         # fused layouts: trained in meshbake order, exported in HF order
         plan = json.loads(compile_model(t).files["plan.json"])
         plan["checkpoint"].update(every_steps=STEPS, keep=1)
@@ -161,7 +181,10 @@ def test_export_writes_hf_layout_back(results, tmp_path, model_type):
     from runtime.export import main as export_main
 
     run_dir = Path(results[f"export-{model_type}"]["run_dir"])
-    assert export_main([str(run_dir), "-o", str(tmp_path / "hf")]) == 0
+    try:
+        assert export_main([str(run_dir), "-o", str(tmp_path / "hf")]) == 0
+    finally:
+        torch.set_grad_enabled(True)      # export's main turns autograd off process-wide
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         got = hf(input_ids=torch.tensor(INPUT)).logits
@@ -236,3 +259,16 @@ def test_catalog_families_have_their_published_sizes(name, arch, params, active)
     m = model_spec(catalog_config(name), name)
     assert (m.architecture, m.num_params, m.active_params) == (arch, params, active or params)
     assert m.attn_implementation == ("eager" if name.startswith("gemma-2") else "sdpa")
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name", [v[0] for v in VARIANTS])
+def test_variants_parity(results, name):
+    r = results[name]
+    ref, _ = reference_losses(P.from_dict(r["plan"]))
+    got = {int(k): v for k, v in r["losses"].items()}
+    rel = max(abs(got[k] - ref[k]) / abs(ref[k]) for k in ref)
+    print(f"{name}: max rel loss diff {rel:.2e}")
+    assert rel < RTOL, (name, got, ref)
+    if r["plan"]["mesh"]["cp"] > 1:
+        assert r["cp_attention_calls"] > 0

@@ -160,7 +160,7 @@ def test_pattern_refuses_trailing_newline_and_non_ascii_digits(where, pattern):
     assert not re.search(r"\\[dwsDWS]", pattern), f"{where}: {pattern} uses a Unicode-wide class"
     key = where.removesuffix(".items").split(".")[-1]
     good = {"name": "run1", "time": "01:00:00", "mem": "480G", "env_pass": "HF_TOKEN", "run_dir": "runs/a",
-            "env_setup": "source x"}.get(key, "gpu")
+            "env_setup": "source x", "propertyNames": "NCCL_IB_HCA"}.get(key, "gpu")
     v = Draft202012Validator({"type": "string", "pattern": pattern})
     assert v.is_valid(good), (where, good)
     # env_setup may span lines (it is the user's own shell code); no other value may

@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@# torch first and pinned: the CPU wheel from the local cache; anything else could pull CUDA
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,tracking]'
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "apt-get install$$missing"; \
@@ -26,10 +26,13 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $@
 
 demo: install
-	@# the demo starts fresh every time (a real run in the same run dir would resume instead)
-	rm -rf runs/tiny_cpu
-	$(VENV)/bin/meshbake bundle tiny_cpu -o $(OUT)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash $(OUT)/launch.sh
+	@# chat fine-tuning of the tiny model on data/chat (2,025 conversations): prepare (tokenize +
+	@# pack once) and train via the bundle's launch.sh, then export and answer one question.
+	@# Starts fresh every time (a real run in the same run dir would resume instead).
+	rm -rf runs/tiny_chat
+	$(VENV)/bin/meshbake bundle tiny_chat -o $(OUT)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=1 bash $(OUT)/launch.sh
+	PYTHONPATH=$(CURDIR) $(PY) scripts/demo_answer.py runs/tiny_chat "What is AI?"
 
 bundle: install
 	$(VENV)/bin/meshbake bundle $(RECIPE) -o $(OUT)
@@ -47,6 +50,7 @@ golden: install
 	$(PY) -m tests.golden_refresh
 
 bench: install
+	$(PY) -m bench.data
 	$(PY) -m bench.run
 
 clean:

@@ -45,10 +45,12 @@ def train(hf_cfg, mesh: DeviceMesh, *, tp: int, steps: int, mbs: int, accum: int
     if tp > 1:
         llama_tp(model, mesh["tp"])
     layers = list(model.model.layers)
-    for i, layer in enumerate(layers):
+    fsdp = mesh["dp_shard"].size() > 1      # torchtitan applies FSDP only when dp_shard (x cp) > 1
+    for i, layer in enumerate(layers if fsdp else []):
         # torchtitan's choice: the last block is needed again at once by backward, keep it gathered
         fully_shard(layer, mesh=mesh["dp_shard"], reshard_after_forward=i < len(layers) - 1)
-    fully_shard(model, mesh=mesh["dp_shard"])
+    if fsdp:
+        fully_shard(model, mesh=mesh["dp_shard"])
     model.to_empty(device="cpu")
     torch.manual_seed(0)
     with torch.no_grad():
@@ -60,7 +62,8 @@ def train(hf_cfg, mesh: DeviceMesh, *, tp: int, steps: int, mbs: int, accum: int
     for _ in range(steps):
         t0 = time.perf_counter()
         for i, x in enumerate(batches):
-            model.set_requires_gradient_sync(i == accum - 1)
+            if fsdp:
+                model.set_requires_gradient_sync(i == accum - 1)
             logits = model(input_ids=x[:, :-1], use_cache=False).logits
             with loss_parallel() if tp > 1 else nullcontext():
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(0, 1)) / accum

@@ -1,4 +1,4 @@
-"""meshbake CLI: check | bundle | plan --json | export. Exit 2 on recipe errors, never a traceback."""
+"""meshbake CLI: check | bundle | plan --json | prepare | export | import | report. Exit 2 on recipe errors, never a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -27,11 +27,25 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--out", default="out", help="output directory (default: out/)")
     pl = recipe_cmd("plan", "print the resolved plan")
     pl.add_argument("--json", action="store_true", required=True, help="print plan.json to stdout")
+    pr = recipe_cmd("prepare", "tokenize and pack the recipe's data once (launch.sh also does this)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
     e = sub.add_parser("export", help="consolidate a run's checkpoint into a Hugging Face folder")
     e.add_argument("run_dir")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
     e.add_argument("-o", "--out", required=True)
     e.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    r = sub.add_parser("report", help="a run dir's metrics and events as one HTML page + a terminal summary")
+    r.add_argument("run_dir")
+    r.add_argument("-o", "--out", default=None, help="HTML file to write (default: RUN_DIR/report.html)")
+    i = sub.add_parser("import", help="turn another tool's config into a commented meshbake recipe")
+    i.add_argument("tool", choices=["axolotl"])
+    i.add_argument("config", help="the tool's YAML config")
+    i.add_argument("-o", "--out", default=None, help="recipe file to write (default: print it)")
+    i.add_argument("--model", default=None, help="model.config to use (catalog name, config.json or HF folder) "
+                   "when base_model is a hub id meshbake's catalog does not know")
+    i.add_argument("--nodes", type=int, default=None, help="cluster.nodes (Axolotl takes it from its launcher)")
+    i.add_argument("--gpus-per-node", type=int, default=None, help="cluster.gpus_per_node")
+    i.add_argument("--force", action="store_true", help="replace an existing -o file")
     return p
 
 
@@ -87,11 +101,31 @@ def _summary(res) -> None:
         con.print(f"[yellow]warning[/] {w}")
 
 
+def _prepare(plan, quiet: bool) -> int:
+    """The bundle's `python -m runtime.prepare plan.json`, from the recipe (paths relative to cwd)."""
+    from runtime.errors import EXIT_USER
+    from runtime.prepare import DataError, prepare
+
+    if plan.data.format == "synthetic":
+        print("data.format is synthetic: nothing to prepare")
+        return 0
+    try:
+        prepare(plan, quiet=quiet)
+    except DataError as e:
+        print(e.line(), file=sys.stderr)
+        return EXIT_USER
+    return 0
 EXIT_INTERNAL = 70         # EX_SOFTWARE: a bug in meshbake, not in the recipe
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.cmd == "report":
+        from compiler.report import main as report_main
+        return report_main(args.run_dir, args.out)
+    if args.cmd == "import":
+        from compiler.importers.cli import import_main
+        return import_main(args)
     if args.cmd == "export":
         from runtime.export import main as export_main
         argv2 = ([args.run_dir, "-o", args.out] + ([] if args.step is None else ["--step", str(args.step)])
@@ -122,6 +156,8 @@ def _compile_cmd(args) -> int:
     if args.cmd == "check":
         _summary(res)
         return 0
+    if args.cmd == "prepare":
+        return _prepare(res.plan, args.quiet)
     if args.cmd == "plan":
         from runtime.plan import dumps
         sys.stdout.write(dumps(res.plan))

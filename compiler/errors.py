@@ -19,15 +19,6 @@ class RecipeError:
 
 
 @dataclass(frozen=True)
-class Warning_:
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
-
-
-@dataclass(frozen=True)
 class Err:
     errors: tuple[RecipeError, ...]
 

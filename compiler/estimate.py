@@ -25,6 +25,7 @@ from compiler.mesh import MeshSpec
 from compiler.model import ModelSpec
 from compiler.placements import DTYPE_BYTES, Placements, local_shape
 from compiler.recipe import Recipe
+from runtime import flops as F
 
 USABLE = 0.9
 
@@ -33,7 +34,7 @@ USABLE = 0.9
 class Estimate:
     params_total: int              # unique parameters of the model
     trainable_total: int
-    params_per_rank: int           # after TP and FSDP sharding
+    params_per_rank: int           # after TP and FSDP sharding (rank 0: FSDP pads every shard to its rows)
     params_bytes: int
     grads_bytes: int
     optimizer_bytes: int
@@ -42,99 +43,213 @@ class Estimate:
     logits_bytes: int
     budget_bytes: int
     block_gather_bytes: int        # what `gathered` is as soon as FSDP shards (dp_shard x cp > 1)
-    flops_per_token: int           # 6N + attention 12 * L * h * seq (PaLM appendix B; causal not halved)
+    flops_per_token: int           # runtime/flops.py: 6N (non-embedding; LoRA: 4N frozen) + 12 L H Dh T
     fsdp_comm_bytes: int           # per rank per optimizer step
     tp_comm_bytes: int
+    accum_grads_bytes: int = 0     # unsharded grads held between micro-steps (FSDP, grad_accum > 1)
+    phases: tuple[tuple[str, int], ...] = ()   # live bytes at the candidate peaks; total = the largest
 
     @property
     def terms(self) -> dict[str, int]:
         return {"params": self.params_bytes, "grads": self.grads_bytes, "optimizer": self.optimizer_bytes,
-                "gathered": self.gathered_bytes, "activations": self.activations_bytes,
-                "logits": self.logits_bytes}
+                "accum_grads": self.accum_grads_bytes, "gathered": self.gathered_bytes,
+                "activations": self.activations_bytes, "logits": self.logits_bytes}
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda kv: kv[1])[0] if self.phases else "sum"
 
     @property
     def total_bytes(self) -> int:
-        return sum(self.terms.values())
+        """The peak: the largest of the phases (not every term is alive at once: activations
+        and logits are gone before the step's gradients and the optimizer's temporaries exist)."""
+        return max(b for _, b in self.phases) if self.phases else sum(self.terms.values())
 
 
-def _tp_local(model: ModelSpec, pl: Placements, tp: int) -> tuple[int, int]:
-    """(all params, one block's params) held by one tp rank, before FSDP."""
-    head_tied = model.tie_word_embeddings
-    total = block = 0
+@dataclass(frozen=True)
+class RankParam:
+    """One parameter as a rank holds it after TP (before FSDP): dim-0 rows x the rest."""
+    rows: int
+    rest: int
+    where: str                     # "root" (embedding, final norm, lm_head) | "block" | "last" (last block)
+    trainable: bool
+    embedding: bool = False
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int) -> list[RankParam]:
+    """Every parameter's TP-local shape. Biases follow their Linear: a colwise Linear's bias is
+    split with its output rows (Qwen2 q/k/v), a rowwise one's is whole. LoRA adds A (r x in)
+    and B (out x r) beside each target, split like runtime/lora.py; the base is then frozen."""
+    lora = recipe.lora.rank
+    last = f"{model.block_prefix}.{model.num_layers - 1}."
+    out: list[RankParam] = []
+    covered = 0
     for m in model.modules:
-        if head_tied and m.kind == "linear" and m.shape[0] == model.vocab_size:
+        if model.tie_word_embeddings and m.kind == "linear" and m.shape[0] == model.vocab_size:
             continue                                  # the tied lm_head is the embedding's weight
-        full = 1
-        for d in m.shape:
-            full *= d
-        loc = 1
-        for d in local_shape(m.shape, m.kind, pl.styles[m.fqn], tp):
-            loc *= d
-        n = m.numel - full + loc                      # bias (if any) kept whole: it is small
-        total += n
-        if m.fqn.startswith(f"{model.block_prefix}.0."):
-            block += n
-    covered = sum(m.numel for m in model.modules) - (model.vocab_size * model.hidden_size if head_tied else 0)
-    return total + max(0, model.num_params - covered), block
+        style = pl.styles[m.fqn]
+        where = "last" if m.fqn.startswith(last) else "block" if m.fqn.startswith(model.block_prefix + ".") else "root"
+        loc = local_shape(m.shape, m.kind, style, tp)
+        out.append(RankParam(loc[0], _numel(loc[1:]), where, not lora, m.kind == "embedding"))
+        bias = m.numel - _numel(m.shape)
+        if bias and style == "experts":               # down_proj (E, H, I): split on each expert's I like gate_up
+            out.append(RankParam(m.shape[0], bias // m.shape[0] // tp, where, not lora))
+        elif bias:
+            out.append(RankParam(bias // tp if style.startswith("colwise") else bias, 1, where, not lora))
+        covered += m.numel
+        if lora and m.kind == "linear" and m.fqn.rpartition(".")[2] in recipe.lora.targets:
+            o, i = m.shape
+            a, b = ((lora, i), (o // tp, lora)) if style.startswith("colwise") else \
+                ((lora, i // tp), (o, lora)) if style == "rowwise" else ((lora, i), (o, lora))
+            out += [RankParam(a[0], a[1], where, True), RankParam(b[0], b[1], where, True)]
+    rest = model.num_params - covered + (model.vocab_size * model.hidden_size if model.tie_word_embeddings else 0)
+    if rest > 0:                                      # parameters of no Linear/Embedding/norm: whole
+        out.append(RankParam(rest, 1, "root", not lora))
+    return out
 
 
-def _lora_trainable(recipe: Recipe, model: ModelSpec, tp: int) -> int:
-    r = recipe.lora.rank
-    leaves = set(recipe.lora.targets)
-    # A (r x in) and B (out x r); one of them is split by the base layer's TP style
-    return sum(r * (m.shape[1] + m.shape[0]) // tp for m in model.modules
-               if m.kind == "linear" and m.fqn.rpartition(".")[2] in leaves)
-
-
-def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[int, int]:
+def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[int, int, int]:
+    """(all layers' saved activations at the loss backward, one layer's when recomputed, logits),
+    bytes per rank. Per layer and token (HF Llama/Qwen2 modules, measured on CPU):
+      norms (2)   fp32 input copy + normalized + weighted output: (4 + 2 pb) h each; with SP the
+                  first two are sequence-sharded and the output saved is the all-gathered one
+      attention   q, k after RoPE, v, SDPA output: (2 H Dh + 2 Hkv Dh) pb / tp (flash: no T^2)
+      MLP         gate, silu(gate), up, product: 4 I pb / tp
+    selective AC keeps the matmul and SDPA outputs of q/k/v, attention and gate/up, plus the
+    block input; full AC keeps the block input only, then recomputes one block in backward.
+    Logits at the start of the loss backward: without loss parallel the log-softmax output,
+    its incoming gradient and the gradient being written, fp32: 12 B per token x vocab; with
+    loss parallel 16 B per token x vocab / tp (the sharded logits are kept too)."""
     t, tp = recipe.train, mesh.tp
+    sp = recipe.tp.sequence_parallel and tp > 1
     tokens = t.micro_batch_size * t.seq_len // mesh.cp
-    b = DTYPE_BYTES[t.mixed_precision.param_dtype]
+    pb = DTYPE_BYTES[t.mixed_precision.param_dtype]
     h, inter = model.hidden_size, model.intermediate_size
-    kv = model.num_kv_heads * model.head_dim
-    sp_div = tp if recipe.tp.sequence_parallel else 1
-    per_layer = tokens * b * ((2 * h + 2 * kv + 4 * inter) // tp + 4 * h // sp_div)
-    if t.activation_checkpointing == "full":
-        acts = model.num_layers * tokens * b * h // sp_div + per_layer   # inputs + one recomputed layer
+    q, kv = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+    norm = ((4 + pb) * h // tp + pb * h) if sp else (4 + 2 * pb) * h
+    sharded = (2 * q + 2 * kv + 4 * inter) * pb // tp
+    layer = tokens * (2 * norm + sharded)
+    block_in = tokens * h * pb // (tp if sp else 1)
+    final = tokens * norm                         # final norm (its output is lm_head's saved input)
+    ac = t.activation_checkpointing
+    if ac == "full":
+        acts = model.num_layers * block_in + final
+    elif ac == "selective":
+        acts = model.num_layers * (block_in + tokens * (2 * q + 2 * kv + 2 * inter) * pb // tp) + final
     else:
-        acts = model.num_layers * per_layer
-    logits = tokens * model.vocab_size * 8 // (tp if recipe.tp.loss_parallel else 1)
-    return acts, logits
+        acts = model.num_layers * layer + final
+    lp = recipe.tp.loss_parallel and tp > 1
+    logits = tokens * model.vocab_size * (16 // tp if lp else 12)
+    return acts, (layer if ac != "none" else 0), logits
+
+
+def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankParam]) -> dict[str, int]:
+    """Bytes of rank 0, the peak rank: FSDP2 splits dim 0 into dp_shard x cp chunks of
+    ceil(rows / f) rows, allocates every shard padded to that size, and rank 0's chunk is
+    always a full one (the last ranks' may be short or empty), so its AdamW state is largest."""
+    t = recipe.train
+    mb, pb = DTYPE_BYTES[recipe.model.dtype], DTYPE_BYTES[t.mixed_precision.param_dtype]
+    rb = DTYPE_BYTES[t.mixed_precision.reduce_dtype]
+    f = mesh.fsdp
+    fsdp = mesh.dp_replicate * f > 1                  # runtime/parallel.py uses_fsdp
+
+    def shard(p: RankParam) -> int:
+        return -(-p.rows // f) * p.rest if fsdp else p.rows * p.rest
+
+    def gathered(p: RankParam) -> int:                # FSDP2's unsharded copy: padded rows x f
+        return -(-p.rows // f) * f * p.rest if fsdp else 0
+
+    train = [p for p in params if p.trainable]
+    n_shard, n_train = sum(map(shard, params)), sum(map(shard, train))
+    acts, recompute, logits = _activations(recipe, model, mesh)
+    # between micro-steps FSDP2 skips the reduce-scatter and keeps each parameter's unsharded
+    # gradient (reduce dtype); without FSDP gradients just add up in .grad (the grads term)
+    no_sync = fsdp and mesh.grad_accum > 1 and t.grad_sync == "last_micro_step"
+    accum = sum(p.rows * p.rest for p in train) * rb if no_sync else 0
+    grads = n_train * mb
+    # alive from the forward through the loss backward: the root module (never resharded after
+    # forward) and the last block (reshard_after_forward=False)
+    kept = sum(gathered(p) for p in params if p.where in ("root", "last")) * pb
+    block = max(sum(gathered(p) for p in params if p.where == "last"), 0) * pb
+    root_train = [p for p in train if p.where == "root"]
+    # the embedding's backward under TP: a full vocab x hidden gradient on every tp rank
+    # (DTensor's embedding backward is Replicate), next to the root's unsharded grads
+    emb_full = model.vocab_size * model.hidden_size * pb if mesh.tp > 1 and any(p.embedding for p in root_train) else 0
+    root_grads = sum(p.rows * p.rest for p in root_train) * pb if fsdp else 0
+    state = n_shard * mb + 2 * grads
+    # AdamW (foreach) allocates sqrt(exp_avg_sq) for a whole param group: ~ the grads once more
+    phases = (("loss backward", state - grads + accum + (0 if fsdp else grads * (mesh.grad_accum > 1))
+               + kept + acts + logits),
+              ("recompute", state - grads + accum + kept + 2 * block + acts + recompute) if recompute else None,
+              ("embedding backward", state + accum + kept + root_grads + emb_full),
+              ("optimizer step", state + grads))
+    return {"params": n_shard * mb, "grads": grads, "optimizer": 2 * grads, "accum": accum, "gathered": kept,
+            "block": block, "acts": acts, "logits": logits, "params_per_rank": n_shard,
+            "phases": tuple(ph for ph in phases if ph)}
+
+
+def matmul_params(model: ModelSpec) -> int:
+    """N of runtime/flops.py: every parameter but the input embedding table (a lookup); a
+    tied table is lm_head's weight too, a matmul, and stays. MoE: the active ones (a
+    ModelSpec.active_params fact, when the model stage provides one)."""
+    n = getattr(model, "active_params", None) or model.num_params
+    emb = sum(m.numel for m in model.modules if m.kind == "embedding")
+    return n - (0 if model.tie_word_embeddings else emb)
+
+
+def flops_per_token(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> int:
+    t, lo = recipe.train, recipe.lora
+    adapted = [m for m in model.modules if m.kind == "linear" and m.fqn.rpartition(".")[2] in lo.targets] \
+        if lo.rank > 0 else []
+    n = matmul_params(model)
+    return F.flops_per_token(
+        matmul_params=n, layers=model.num_layers, heads=model.num_heads, head_dim=model.head_dim,
+        seq_len=t.seq_len, frozen_params=n - sum(m.shape[0] * m.shape[1] for m in adapted) if adapted else 0,
+        adapters=[(m.shape[0], lo.rank, m.shape[1]) for m in adapted],
+        tokens_per_micro_step=t.micro_batch_size * t.seq_len // mesh.cp)
 
 
 def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> Estimate:
     tp, f = mesh.tp, mesh.fsdp
-    mb = DTYPE_BYTES[recipe.model.dtype]
     pb = DTYPE_BYTES[recipe.train.mixed_precision.param_dtype]
     rb = DTYPE_BYTES[recipe.train.mixed_precision.reduce_dtype]
-    local, block = _tp_local(model, pl, tp)
-    lora = recipe.lora.rank > 0
-    trainable_local = _lora_trainable(recipe, model, tp) if lora else local
-    trainable_total = _lora_trainable(recipe, model, 1) if lora else model.num_params
-    acts, logits = _activations(recipe, model, mesh)
+    params = rank_params(recipe, model, pl, tp)
+    mem = _memory(recipe, model, mesh, params)
+    local = sum(p.rows * p.rest for p in params)
+    trainable_local = sum(p.rows * p.rest for p in params if p.trainable)
+    trainable_total = sum(p.rows * p.rest for p in rank_params(recipe, model, pl, 1) if p.trainable)
     ga, frac = mesh.grad_accum, (f - 1) / f
     tokens = recipe.train.micro_batch_size * recipe.train.seq_len // mesh.cp
+    # what FSDP keeps gathered once it shards (for the OOM hint of a plan that does not shard yet)
+    kept = sum(p.rows * p.rest for p in params if p.where in ("root", "last")) * pb
     return Estimate(
         params_total=model.num_params,
         trainable_total=trainable_total,
-        params_per_rank=-(-local // f),
-        params_bytes=-(-local // f) * mb,
-        grads_bytes=-(-trainable_local // f) * mb,
-        optimizer_bytes=-(-trainable_local // f) * 2 * mb,
-        gathered_bytes=(2 * block * pb + block * rb) if f > 1 else 0,
-        block_gather_bytes=2 * block * pb + block * rb,
-        activations_bytes=acts,
-        logits_bytes=logits,
+        params_per_rank=mem["params_per_rank"],
+        params_bytes=mem["params"],
+        grads_bytes=mem["grads"],
+        optimizer_bytes=mem["optimizer"],
+        gathered_bytes=mem["gathered"],
+        block_gather_bytes=mem["gathered"] or kept,
+        activations_bytes=mem["acts"],
+        logits_bytes=mem["logits"],
         budget_bytes=int(recipe.cluster.gpu_memory_gb * 1e9 * USABLE),
-        flops_per_token=6 * trainable_total + 12 * model.num_layers * model.hidden_size * recipe.train.seq_len
-        # LoRA: frozen layers skip the weight-gradient matmul (4N); adapted ones do it on W + sBA (+2N_t)
-        if not lora else 4 * model.num_params + 2 * sum(m.numel for m in model.modules if m.kind == "linear"
-                                                      and m.fqn.rpartition(".")[2] in recipe.lora.targets)
-        + 12 * model.num_layers * model.hidden_size * recipe.train.seq_len,
-        # all-gather in forward and again in backward per micro-step, one reduce-scatter per step
-        fsdp_comm_bytes=int((2 * ga * local * pb + trainable_local * rb) * frac),
+        flops_per_token=flops_per_token(recipe, model, mesh),
+        # all-gather in forward and again in backward per micro-step; reduce-scatter per micro-step
+        # (grad_sync every_micro_step) or once per step
+        fsdp_comm_bytes=int((2 * ga * local * pb + trainable_local * rb * (
+            1 if recipe.train.grad_sync == "last_micro_step" else ga)) * frac),
         # 2 all-reduces (or all-gather + reduce-scatter under SP) forward + 2 backward per layer
         tp_comm_bytes=int(4 * model.num_layers * ga * tokens * model.hidden_size * pb * 2 * (tp - 1) / tp),
+        accum_grads_bytes=mem["accum"],
+        phases=mem["phases"],
     )
 
 
@@ -143,6 +258,7 @@ _FIXES = {
     "grads": "shard further (more ranks in dp_shard) or use LoRA (lora.rank)",
     "optimizer": "shard further (more ranks in dp_shard) or use LoRA (lora.rank) so only adapters have AdamW state",
     "gathered": "raise tp so each block is smaller per rank",
+    "accum_grads": "raise micro_batch_size and lower grad_accum (unsharded gradients are held between micro-steps)",
     "activations": "set train.activation_checkpointing: full, lower train.micro_batch_size, or raise cp/tp",
     "logits": "set tp.loss_parallel: true (logits stay vocab-sharded) or lower train.micro_batch_size",
 }
@@ -156,16 +272,22 @@ def _shard_fix(est: Estimate, recipe: Recipe, mesh: MeshSpec) -> str | None:
     """How many nodes make the sharded state fit. params + grads + AdamW shrink as 1/(dp_shard*cp);
     the other terms do not, so FSDP must cover state * fsdp / (budget - other) ranks."""
     state = est.params_bytes + est.grads_bytes + est.optimizer_bytes
-    # with more FSDP ranks the all-gathered blocks appear (they are 0 while nothing is sharded)
-    other = est.total_bytes - state - est.gathered_bytes + est.block_gather_bytes
-    room = est.budget_bytes - other
-    if room <= 0:     # sharding alone cannot help: say what else is too big
-        rest = {k: v for k, v in est.terms.items() if k not in ("params", "grads", "optimizer")}
-        rest["gathered"] = est.block_gather_bytes
-        name, big = max(rest.items(), key=lambda kv: kv[1])
-        return (f"sharding over more ranks is not enough: the unsharded terms alone are "
-                f"{_gb(sum(rest.values()))} per rank, largest {name} {_gb(big)}; {_FIXES[name]}; then add nodes")
-    fsdp = math.ceil(state * mesh.fsdp / room)
+    fsdp = 1
+    for phase, live in est.phases:
+        # per phase: the sharded state alive then (grads exist from the backward on, and AdamW's
+        # temporaries are grads-sized), and the rest, which more FSDP ranks do not shrink; once
+        # FSDP shards, its gathered root + last block appear (0 while nothing is sharded)
+        st = est.params_bytes + est.optimizer_bytes + {"optimizer step": 2, "embedding backward": 1}.get(
+            phase, 0) * est.grads_bytes
+        other = live - st + (0 if phase == "optimizer step" else est.block_gather_bytes - est.gathered_bytes)
+        room = est.budget_bytes - other
+        if room <= 0:     # sharding alone cannot help: say what else is too big
+            rest = {k: v for k, v in est.terms.items() if k not in ("params", "grads", "optimizer")}
+            rest["gathered"] = est.block_gather_bytes
+            name, big = max(rest.items(), key=lambda kv: kv[1])
+            return (f"sharding over more ranks is not enough: at the {phase} the unsharded terms alone are "
+                    f"{_gb(other)} per rank, largest {name} {_gb(big)}; {_FIXES[name]}; then add nodes")
+        fsdp = max(fsdp, math.ceil(st * mesh.fsdp / room))
     dp_shard = math.ceil(fsdp / mesh.cp)
     nodes = math.ceil(mesh.dp_replicate * dp_shard * mesh.cp * mesh.tp / recipe.cluster.gpus_per_node)
     if nodes <= recipe.cluster.nodes:

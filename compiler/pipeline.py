@@ -6,7 +6,7 @@ its value), but every stage reports all of its own errors at once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from compiler.errors import Err, RecipeError, Result
@@ -48,17 +48,47 @@ def _warnings(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) 
     return tuple(w)
 
 
+# Assumptions for the save-time risk (not facts of any cluster; stated in the warning itself):
+# Slurm's default KillWait (slurm.conf) is 30 s between SIGTERM and SIGKILL; a node writes a
+# checkpoint to a parallel filesystem at ~2 GB/s; sha256 runs at ~1.5 GB/s per core (SHA-NI).
+KILL_WAIT_S, WRITE_GBPS_PER_NODE, SHA256_GBPS = 30, 2.0, 1.5
+
+
+def _save_warning(recipe: Recipe, mesh: MeshSpec, est: Estimate) -> tuple[str, ...]:
+    """A save that outlasts KillWait is SIGKILLed on preemption/scancel (SIGTERM to every
+    process, then SIGKILL KillWait later): its step is lost and the run resumes from the one
+    before. recipes/70b_fsdp_tp: params + AdamW 26.5 GB per rank x 8 per node = 212 GB per node
+    / 2 GB/s = 106 s, + 26.5 GB / 1.5 GB/s = 18 s of hashing: ~123 s > 30 s."""
+    ck = recipe.checkpoint
+    if not (ck.every_steps > 0 or ck.save_on_exit):
+        return ()
+    per_rank = est.params_bytes + est.optimizer_bytes          # what DCP writes per rank
+    save_s = per_rank * mesh.procs_per_node / (WRITE_GBPS_PER_NODE * 1e9) + per_rank / (SHA256_GBPS * 1e9)
+    if save_s <= KILL_WAIT_S:
+        return ()
+    limit = recipe.cluster.signal_seconds + KILL_WAIT_S
+    return (f"checkpoint save ~{save_s:.0f} s ({per_rank / 1e9:.1f} GB per rank x {mesh.procs_per_node} per node, "
+            f"assuming {WRITE_GBPS_PER_NODE:g} GB/s per node and sha256 at {SHA256_GBPS:g} GB/s) outlasts Slurm's "
+            f"KillWait (assumed default {KILL_WAIT_S} s): a preemption or scancel (SIGTERM) SIGKILLs it and the "
+            f"run resumes from the checkpoint before; the time limit (USR1 at cluster.signal_seconds "
+            f"{recipe.cluster.signal_seconds} + KillWait = {limit} s) "
+            + ("leaves room for it" if save_s <= limit else "does not leave room for it either: raise signal_seconds"),)
+
+
 def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements, est: Estimate,
                versions: Mapping[str, str]) -> P.Plan:
     t, c, tpon = recipe.train, recipe.cluster, mesh.tp > 1
     # block_gather_bytes only feeds the compile-time OOM hint; plan.json keeps the terms themselves
     est_d = {k: getattr(est, k) for k in est.__dataclass_fields__ if k != "block_gather_bytes"}
     est_d["total_bytes"] = est.total_bytes
+    est_d["phases"] = {name: b for name, b in est.phases}
+    est_d["peak_phase"] = est.peak_phase
     return P.Plan(
         version=P.PLAN_VERSION,
         name=recipe.name,
         model=P.ModelPlan(dict(model.config), model.architecture, model.source, recipe.model.weights,
-                          model.num_params, model.tie_word_embeddings),
+                          model.num_params, model.tie_word_embeddings, model.attn_implementation,
+                          dict(model.layouts), model.active_params or model.num_params),
         mesh=P.MeshPlan(mesh.dp_replicate, mesh.dp_shard, mesh.cp, mesh.tp, mesh.nodes, mesh.procs_per_node,
                         c.device, "nccl" if c.device == "cuda" else "gloo"),
         tp=P.TPPlan(recipe.tp.sequence_parallel and tpon, recipe.tp.loss_parallel and tpon, dict(pl.styles)),
@@ -68,18 +98,31 @@ def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
             lr_schedule=t.lr_schedule, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps,
             grad_clip=t.grad_clip, seed=t.seed, dtype=recipe.model.dtype,
             mixed_precision=P.MixedPrecision(t.mixed_precision.param_dtype, t.mixed_precision.reduce_dtype),
-            activation_checkpointing=t.activation_checkpointing, compile=t.compile, log_every=t.log_every),
-        data=P.DataPlan(recipe.data.source, recipe.data.path, recipe.data.tokenizer, recipe.data.text_field,
-                        model.vocab_size),
+            activation_checkpointing=t.activation_checkpointing, compile=t.compile, log_every=t.log_every,
+            grad_sync=t.grad_sync, eval_every=t.eval_every),
+        data=data_plan(recipe, model.vocab_size, versions.get("meshbake", "")),
         checkpoint=P.CheckpointPlan(recipe.checkpoint.dir, recipe.checkpoint.every_steps, recipe.checkpoint.keep,
                                     recipe.checkpoint.resume, recipe.checkpoint.save_on_exit),
         lora=P.LoraPlan(recipe.lora.rank, recipe.lora.alpha, recipe.lora.dropout, tuple(recipe.lora.targets)),
         run_dir=recipe.run_dir,
         max_restarts=c.max_restarts,
         estimate=est_d,
-        warnings=_warnings(recipe, model, mesh, pl),
+        warnings=_warnings(recipe, model, mesh, pl) + _save_warning(recipe, mesh, est),
         versions=dict(versions),
+        tracking=P.TrackingPlan(**vars(recipe.tracking)),
     )
+
+
+def data_plan(recipe: Recipe, vocab_size: int, version: str) -> P.DataPlan:
+    from runtime.prepare import options_fingerprint
+
+    da = recipe.data
+    d = P.DataPlan(da.format, tuple(dict(s) for s in da.sources), da.tokenizer, dict(da.fields), vocab_size,
+                   dict(da.roles), da.train_on, da.packing, da.overlong, da.eval_fraction,
+                   tuple(dict(s) for s in da.eval_sources), da.prepared_dir)
+    if d.format == "synthetic":
+        return d
+    return replace(d, fingerprint=options_fingerprint(d, recipe.train.seq_len, recipe.train.seed, version))
 
 
 def versions() -> dict[str, str]:
@@ -116,7 +159,7 @@ def resolve_dict(d: Mapping[str, Any]) -> Result[Resolved]:
         return Err(tuple(errs))
     cfg = load.read_model_config(recipe.model.config)
     if not isinstance(cfg, Err):
-        errs = tuple(errs) + load.tokenizer_errors(recipe.data.source, recipe.data.tokenizer, cfg)
+        errs = tuple(errs) + load.tokenizer_errors(recipe.data.format, recipe.data.tokenizer, cfg)
     res = cfg if isinstance(cfg, Err) else resolve(recipe, cfg, recipe.model.config)
     if isinstance(res, Err):
         return Err(tuple(errs) + res.errors)

@@ -51,6 +51,12 @@ class ClusterSection:
     max_restarts: int                   # torchrun --max-restarts
     signal_seconds: int                 # SIGUSR1 this long before the time limit (checkpoint + requeue)
     requeue: bool
+    gpu_request: str = "gpus-per-node"  # gpus-per-node | gres | none: the #SBATCH spelling of the GPUs
+    gpu_type: str | None = None         # gpu:TYPE:N
+    exclusive: bool = False             # #SBATCH --exclusive
+    container_image: str | None = None  # pyxis/enroot: srun --container-image
+    container_mounts: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()   # (NAME, value) exported before srun, sorted by name
 
 
 @dataclass(frozen=True)
@@ -79,14 +85,23 @@ class TrainSection:
     activation_checkpointing: str       # none | full | selective
     compile: bool
     log_every: int
+    grad_sync: str = "every_micro_step"  # every_micro_step | last_micro_step (FSDP + grad_accum > 1)
+    eval_every: int = 0                 # 0: eval only at the end (when there is an eval split)
 
 
 @dataclass(frozen=True)
 class DataSection:
-    source: str                         # synthetic | text | jsonl
-    path: str | None
+    format: str                         # synthetic | text | completion | alpaca | chat | tokenized
+    sources: tuple[Mapping[str, object], ...]   # ({"path", "weight"}, ...); data.path is one source
     tokenizer: str | None
-    text_field: str
+    fields: Mapping[str, str]
+    roles: Mapping[str, str]
+    train_on: str                       # assistant | all | last_turn
+    packing: bool
+    overlong: str                       # split | truncate | drop (auto resolved by format)
+    eval_fraction: float
+    eval_sources: tuple[Mapping[str, object], ...]
+    prepared_dir: str
 
 
 @dataclass(frozen=True)
@@ -107,6 +122,16 @@ class LoraSection:
 
 
 @dataclass(frozen=True)
+class TrackingSection:
+    tensorboard: bool = False           # <run_dir>/tensorboard/ event files
+    wandb_project: str | None = None    # None = W&B off
+    wandb_entity: str | None = None
+    wandb_name: str | None = None       # None = the recipe name
+    wandb_mode: str = "offline"         # offline | online
+    wandb_tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     model: ModelSection
@@ -118,3 +143,4 @@ class Recipe:
     checkpoint: CheckpointSection
     lora: LoraSection
     run_dir: str                        # relative to the launch directory
+    tracking: TrackingSection = TrackingSection()

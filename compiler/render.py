@@ -120,31 +120,53 @@ def _mesh_rows(plan: P.Plan) -> list[dict[str, Any]]:
 
 
 def _placement_rows(res) -> list[dict[str, Any]]:
-    from compiler.placements import group_name, local_shape
+    import math
+
+    from compiler.placements import DTYPE_BYTES, group_name, local_shape
 
     rows: dict[str, dict[str, Any]] = {}
+    nbytes = DTYPE_BYTES[res.recipe.model.dtype]
     for m in res.model.modules:
         style = res.placements.styles[m.fqn]
         g = group_name(m.fqn)
+        loc = local_shape(m.shape, m.kind, style, res.mesh.tp)
+        # every parameter the module owns (bias, an expert's down_proj) is split like its weight
+        b = m.numel * math.prod(loc) // max(1, math.prod(m.shape)) * nbytes
         if g in rows:
             rows[g]["count"] += 1
+            rows[g]["nbytes"] += b
             continue
         fmt = lambda s: " x ".join(map(str, s))  # noqa: E731
         rows[g] = {"group": g, "count": 1, "kind": m.kind, "shape": fmt(m.shape), "style": style,
-                   "local": fmt(local_shape(m.shape, m.kind, style, res.mesh.tp))}
+                   "local": fmt(loc), "nbytes": b}
+    for r in rows.values():
+        r["bytes"] = f"{r['nbytes'] / 1e6:,.1f} MB" if r["nbytes"] >= 1e5 else f"{r['nbytes'] / 1e3:,.1f} kB"
     return list(rows.values())
 
 
 def _memory_rows(res) -> list[dict[str, str]]:
-    e, t = res.estimate, res.recipe.train
-    how = {"params": f"{e.params_per_rank:,} params x {res.recipe.model.dtype}, after TP and FSDP",
-           "grads": "trainable params, sharded like params",
+    e, t, m = res.estimate, res.recipe.train, res.mesh
+    pd = t.mixed_precision.param_dtype
+    fsdp = m.dp_replicate * m.fsdp > 1
+    shard = (f"FSDP shards padded to ceil(rows / {m.fsdp}) rows (rank 0, the peak rank)" if fsdp
+             else "no FSDP (one-rank data-parallel mesh)")
+    how = {"params": f"{e.params_per_rank:,} params x {res.recipe.model.dtype}, after TP; {shard}",
+           "grads": "trainable params, sharded like params (from the backward on)",
            "optimizer": "AdamW exp_avg + exp_avg_sq, sharded",
-           "gathered": f"2 FSDP-gathered blocks in {t.mixed_precision.param_dtype} + 1 block of grads",
+           "accum_grads": f"unsharded grads held between the {m.grad_accum} micro-steps (no reduce-scatter until the last)"
+                          if e.accum_grads_bytes else "none: no FSDP gradient accumulation without sync",
+           "gathered": f"top-level module (embeddings, final norm, lm_head) + last block kept gathered in {pd}" if fsdp
+                       else "none: no FSDP",
            "activations": f"{res.model.num_layers} layers, mbs {t.micro_batch_size} x seq {t.seq_len}"
-                          f"{' / cp ' + str(res.mesh.cp) if res.mesh.cp > 1 else ''}, AC {t.activation_checkpointing}",
-           "logits": "tokens x vocab x 8 B" + (f" / tp {res.mesh.tp} (loss parallel)" if res.plan.tp.loss_parallel else "")}
+                          f"{' / cp ' + str(m.cp) if m.cp > 1 else ''}, AC {t.activation_checkpointing}",
+           "logits": ("tokens x vocab / tp x 16 B (loss parallel)" if res.plan.tp.loss_parallel
+                      else "tokens x vocab x 12 B (fp32 log-softmax, its grad in and out)")}
     return [{"name": k, "gb": _gb(v), "how": how[k]} for k, v in e.terms.items()]
+
+
+def _phase_rows(res) -> list[dict[str, str]]:
+    e = res.estimate
+    return [{"name": name, "gb": _gb(b), "peak": name == e.peak_phase} for name, b in e.phases]
 
 
 def recipe_yaml(recipe) -> str:
@@ -153,6 +175,12 @@ def recipe_yaml(recipe) -> str:
     d["train"]["betas"] = list(d["train"]["betas"])
     d["lora"]["targets"] = list(d["lora"]["targets"])
     d["cluster"]["env_pass"] = list(d["cluster"]["env_pass"])
+    d["cluster"]["container_mounts"] = list(d["cluster"]["container_mounts"])
+    d["cluster"]["env"] = dict(d["cluster"]["env"])
+    tr = d.pop("tracking")            # in the schema's shape: tracking.wandb.project, not wandb_project
+    d["tracking"] = {"tensorboard": tr["tensorboard"],
+                     "wandb": {k.removeprefix("wandb_"): list(v) if k == "wandb_tags" else v
+                               for k, v in tr.items() if k.startswith("wandb_")}}
     if not isinstance(d["tp"]["plan"], str):
         d["tp"]["plan"] = dict(d["tp"]["plan"])
     return "# normalized by meshbake: every default filled in\n" + yaml.safe_dump(d, sort_keys=False, width=100)
@@ -167,7 +195,8 @@ def render_bundle(res) -> dict[str, bytes]:
     env = environment()
     ctx = {"plan": res.plan, "cluster": res.recipe.cluster, "model": res.model, "mesh": res.mesh,
            "est": res.estimate, "job_name": f"meshbake-{res.plan.name}", "mesh_rows": _mesh_rows(res.plan),
-           "placement_rows": _placement_rows(res), "memory_rows": _memory_rows(res)}
+           "placement_rows": _placement_rows(res), "memory_rows": _memory_rows(res),
+               "phase_rows": _phase_rows(res)}
     files = {"plan.json": P.dumps(res.plan).encode(), "recipe.yaml": recipe_yaml(res.recipe).encode(),
              "PLAN.md": env.get_template("PLAN.md.j2").render(ctx).encode()}
     shell = environment(shell=True)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from compiler.errors import Err, RecipeError, Result
 from compiler.recipe import (CheckpointSection, ClusterSection, DataSection, LoraSection, MeshSection,
-                             MixedPrecisionSection, ModelSection, Recipe, TPSection, TrainSection)
+                             MixedPrecisionSection, ModelSection, Recipe, TPSection, TrackingSection, TrainSection)
 
 SCHEMA_PATH = Path(__file__).with_name("recipe.schema.json")
 
@@ -118,7 +119,8 @@ def _schema_error(err) -> list[RecipeError]:
 # common spellings of enum values (string similarity would map "gpu" to "cpu")
 ALIASES = {"gpu": "cuda", "nvidia": "cuda", "bf16": "bfloat16", "fp32": "float32", "fp16": "float16",
            "float": "float32", "half": "float16", "true": "full", "yes": "full", "false": "none", "no": "none",
-           "txt": "text", "json": "jsonl"}
+           "txt": "text", "json": "jsonl", "sharegpt": "chat", "messages": "chat", "instruct": "alpaca",
+           "pretrain": "text", "pretraining": "text", "input_ids": "tokenized"}
 
 
 def _message(err) -> str:
@@ -218,19 +220,60 @@ def _defaults(node: dict[str, Any], value: Any) -> Any:
     return out
 
 
+def _data_format(da: dict[str, Any]) -> str:
+    """format, or the older `source` spelling, or text when only a path is given."""
+    if da.get("format"):
+        return da["format"]
+    if da.get("source") in ("text", "jsonl"):
+        return "text"
+    return "text" if (da.get("path") or da.get("sources")) and da.get("source") != "synthetic" else "synthetic"
+
+
+def _data_errors(da: dict[str, Any], train: dict[str, Any]) -> list[RecipeError]:
+    errs = []
+    fmt = _data_format(da)
+    if da.get("format") and da.get("source"):
+        errs.append(RecipeError("data.source", "given together with data.format",
+                                "data.source is the older spelling of data.format; keep only format"))
+    if da.get("path") and da.get("sources"):
+        errs.append(RecipeError("data.path", "given together with data.sources",
+                                "data.path is shorthand for one source; list it under data.sources instead"))
+    if fmt != "synthetic":
+        if not (da.get("path") or da.get("sources")):
+            errs.append(RecipeError("data.path", f"required when data.format is {fmt!r}",
+                                    "give a file/folder path (relative to where the job is launched) or "
+                                    "data.sources, or use data.format: synthetic"))
+        if not da.get("tokenizer") and fmt != "tokenized":
+            errs.append(RecipeError("data.tokenizer", f"required when data.format is {fmt!r}",
+                                    "give the model's Hugging Face tokenizer folder (relative to the launch directory)"))
+    if fmt == "synthetic" and (da.get("eval_fraction") or da.get("eval_sources")):
+        errs.append(RecipeError("data.eval_fraction", "synthetic data has no eval split",
+                                "eval needs real data: set data.format and data.path"))
+    if da.get("eval_fraction") and da.get("eval_sources"):
+        errs.append(RecipeError("data.eval_fraction", "given together with data.eval_sources",
+                                "hold out a fraction of the training data or give a separate eval set, not both"))
+    if train.get("eval_every") and not (da.get("eval_fraction") or da.get("eval_sources")):
+        errs.append(RecipeError("train.eval_every", "there is no eval split to evaluate on",
+                                "set data.eval_fraction (e.g. 0.05) or data.eval_sources"))
+    if da.get("train_on") != "assistant" and fmt not in ("chat", "completion", "alpaca"):
+        errs.append(RecipeError("data.train_on", f"has no effect with data.format {fmt!r}",
+                                "train_on chooses the trained tokens of chat / completion / alpaca records"))
+    return errs
+
+
 def _cross_field(d: dict[str, Any]) -> list[RecipeError]:
     errs = []
     data, train = d["data"], d["train"]
-    if data["source"] in ("text", "jsonl"):
-        for key in ("path", "tokenizer"):
-            if not data.get(key):
-                errs.append(RecipeError(f"data.{key}", f"required when data.source is {data['source']!r}",
-                                        "give a file/folder path (relative to where the job is launched), "
-                                        "or use data.source: synthetic"))
+    errs += _data_errors(data, train)
     if train["min_lr"] > train["lr"]:
         errs.append(RecipeError("train.min_lr", f"{train['min_lr']} is above train.lr={train['lr']}",
                                 "min_lr is the floor the schedule decays to; set it <= lr"))
     errs.extend(_cluster_and_checkpoint(d))
+    errs += _cluster_env(d["cluster"])
+    wb = d["tracking"]["wandb"]
+    if wb["project"] and wb["mode"] == "online" and "WANDB_API_KEY" not in d["cluster"]["env_pass"]:
+        errs.append(RecipeError("tracking.wandb.mode", "online W&B needs WANDB_API_KEY, and cluster.env_pass does "
+                                "not pass it to the job", "add WANDB_API_KEY to cluster.env_pass, or use mode: offline"))
     if train["warmup_steps"] > train["steps"]:
         errs.append(RecipeError("train.warmup_steps", f"{train['warmup_steps']} exceeds train.steps={train['steps']}",
                                 "warm up over a fraction of the run (e.g. 1-5%)"))
@@ -259,6 +302,33 @@ def _cluster_and_checkpoint(d: dict[str, Any]) -> list[RecipeError]:
     return errs
 
 
+# names the launcher and torch set, or that change how every later line of the job runs
+_ENV_RESERVED = {"PATH", "PYTHONPATH", "LD_PRELOAD", "LD_AUDIT", "BASH_ENV", "ENV", "IFS", "PS4", "SHELLOPTS",
+                 "BASHOPTS", "HOME", "USER", "SHELL", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                 "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "PYTHONSTARTUP", "PYTHONHOME"}
+_ENV_RESERVED_PREFIX = ("MESHBAKE_", "SLURM_", "SBATCH_", "SRUN_", "TORCHELASTIC_", "BASH_FUNC_", "PMI_", "PMIX_")
+_SECRET = re.compile(r"TOKEN|SECRET|PASSW|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL")
+
+
+def _cluster_env(c: dict[str, Any]) -> list[RecipeError]:
+    """cluster.env holds site settings written into job.sbatch: never a secret, never a name
+    the launcher, Slurm or torch owns (a profile must not redirect PATH or preload a library)."""
+    errs = []
+    for name in c["env"]:
+        where = f"cluster.env.{name}"
+        if name in _ENV_RESERVED or name.startswith(_ENV_RESERVED_PREFIX):
+            errs.append(RecipeError(where, f"{name} is set by the launcher, Slurm or the shell, not by a profile",
+                                    "remove it; to change the python, use cluster.env_setup or MESHBAKE_PYTHON"))
+        elif name in c["env_pass"] or _SECRET.search(name):
+            errs.append(RecipeError(where, f"{name} looks like a secret; cluster.env values are written into "
+                                    "job.sbatch", "list the name in cluster.env_pass and export it where you "
+                                    "run sbatch"))
+    if c["container_mounts"] and not c["container_image"]:
+        errs.append(RecipeError("cluster.container_mounts", "container mounts without cluster.container_image",
+                                "set cluster.container_image, or remove the mounts"))
+    return errs
+
+
 def _build(d: dict[str, Any]) -> Recipe:
     m, me, tp, c, t, da, ck, lo = (d[k] for k in ("model", "mesh", "tp", "cluster", "train", "data",
                                                   "checkpoint", "lora"))
@@ -273,20 +343,43 @@ def _build(d: dict[str, Any]) -> Recipe:
                                c["device"], c["partition"], c["account"], c["qos"], c["constraint"],
                                str(c["time"]), c["cpus_per_task"], None if c["mem"] is None else str(c["mem"]),
                                c["env_setup"], tuple(c["env_pass"]), c["max_restarts"],
-                               c["signal_seconds"], c["requeue"]),
+                               c["signal_seconds"], c["requeue"], c["gpu_request"], c["gpu_type"],
+                               c["exclusive"], c["container_image"], tuple(c["container_mounts"]),
+                               tuple(sorted((k, str(v)) for k, v in c["env"].items()))),
         train=TrainSection(t["seq_len"], t["micro_batch_size"], t["global_batch_size"], t["grad_accum"],
                            t["steps"], float(t["lr"]), float(t["min_lr"]), t["warmup_steps"],
                            t["lr_schedule"], float(t["weight_decay"]), (float(t["betas"][0]), float(t["betas"][1])),
                            float(t["eps"]), float(t["grad_clip"]), t["seed"],
                            MixedPrecisionSection(t["mixed_precision"]["param_dtype"],
                                                  t["mixed_precision"]["reduce_dtype"]),
-                           t["activation_checkpointing"], t["compile"], t["log_every"]),
-        data=DataSection(da["source"], da["path"], da["tokenizer"], da["text_field"]),
+                           t["activation_checkpointing"], t["compile"], t["log_every"], t["grad_sync"],
+                           t["eval_every"]),
+        data=_data_section(da),
         checkpoint=CheckpointSection(ck["dir"], ck["every_steps"], ck["keep"], str(ck["resume"]),
                                      ck["save_on_exit"]),
         lora=LoraSection(lo["rank"], float(lo["alpha"]), float(lo["dropout"]), tuple(lo["targets"])),
         run_dir=d.get("run_dir") or f"runs/{d['name']}",
+        tracking=_tracking(d["tracking"]),
     )
+
+
+def _tracking(tr: dict[str, Any]) -> TrackingSection:
+    w = tr["wandb"]
+    return TrackingSection(tr["tensorboard"], w["project"], w["entity"], w["name"], w["mode"], tuple(w["tags"]))
+
+
+def _data_section(da: dict[str, Any]) -> DataSection:
+    fmt = _data_format(da)
+    fields = dict(da["fields"])
+    if da.get("text_field"):
+        fields["text"] = da["text_field"]
+    sources = [{"path": da["path"], "weight": 1.0}] if da.get("path") else da["sources"]
+    overlong = da["overlong"] if da["overlong"] != "auto" else ("split" if fmt in ("text", "tokenized") else "truncate")
+    return DataSection(fmt, tuple({"path": s["path"], "weight": float(s["weight"])} for s in sources),
+                       da["tokenizer"], dict(sorted(fields.items())), dict(sorted(da["roles"].items())),
+                       da["train_on"], da["packing"], overlong, float(da["eval_fraction"]),
+                       tuple({"path": s["path"], "weight": float(s["weight"])} for s in da["eval_sources"]),
+                       da["prepared_dir"])
 
 
 def validate(d: Mapping[str, Any]) -> Result[Recipe]:

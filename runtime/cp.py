@@ -33,13 +33,24 @@ def shard_sequence(x: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
     return torch.cat([x[:, i * c:(i + 1) * c] for i in chunk_ids(cp, rank)], dim=1)
 
 
-def set_batch(mesh, seq_len: int) -> torch.Tensor:
-    """Prepare the attention for a micro-batch; returns the local position ids (Tl,)."""
+def set_batch(mesh, seq_len: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Prepare the attention for a micro-batch; returns the local position ids: (Tl,) for one
+    causal sequence, or (B, Tl) for packed rows (position_ids (B, T) restarting at 0 per
+    document). Packed rows get a per-row mask: causal in the global token order AND the same
+    document (document = run of positions increasing by 1), so no query attends across a
+    document boundary however the chunks are spread over the cp ranks."""
     cp, rank = mesh.size(), mesh.get_local_rank()
     q_pos = local_positions(seq_len, cp, rank)
     k_pos = torch.cat([local_positions(seq_len, cp, r) for r in range(cp)])   # all-gather order
-    _STATE.update(mesh=mesh, mask=k_pos[None, :] <= q_pos[:, None])           # (Tl, T) causal
-    return q_pos
+    causal = k_pos[None, :] <= q_pos[:, None]                                 # (Tl, T)
+    if position_ids is None:
+        _STATE.update(mesh=mesh, mask=causal)
+        return q_pos
+    first = position_ids[:, :1] - 1
+    doc = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)   # (B, T) document index
+    same = doc[:, q_pos][:, :, None] == doc[:, k_pos][:, None, :]             # (B, Tl, T)
+    _STATE.update(mesh=mesh, mask=(causal[None] & same)[:, None])             # (B, 1, Tl, T)
+    return position_ids[:, q_pos]
 
 
 def cp_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):

@@ -1,49 +1,164 @@
-"""Token batches as a pure function of (step, micro-step, dp rank): resumable by step alone.
+"""Batches as a pure function of (step, micro-step, dp rank): resumable from one number.
 
-Sample i of the stream is a window of seq_len + 1 tokens (inputs = [:-1], labels = [1:]).
-Optimizer step s uses samples [s*G, (s+1)*G) of the stream (G = global batch); micro-step m
-of dp rank r takes mbs of them at s*G + (m*dp + r)*mbs. A single process reading all G
-samples at once sees exactly the same tokens, which the parity tests use.
+The data is a stream of samples (windows of seq_len tokens). Global sample g is window
+perm_e[g mod W] of epoch e = g div W (W windows; perm_e a seeded permutation per epoch), so every
+window is seen exactly once per epoch. Optimizer step s reads global samples
+[base + s*G, base + (s+1)*G) (G = global batch); micro-step m of dp rank r takes mbs of them at
+base + s*G + (m*dp + r)*mbs. Only the dp coordinate (dp_replicate x dp_shard) picks samples:
+tp and cp peers read the same ones. A single process reading all G samples sees exactly the
+same tokens, which the parity tests use.
+
+Data position (in the checkpoint): samples_consumed = base + steps*G, the number of global
+samples read so far. A resume sets base = samples_consumed - step*G, so the next step reads the
+next unseen samples whatever the new dp size (or global batch) is: a dp reshard changes which
+rank reads a sample, never which samples come next.
+
+Sources: `synthetic` (a seeded bigram stream, no files) or the memory-mapped windows written by
+runtime/prepare.py (a rank reads only its own rows).
 """
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from runtime.plan import DataPlan, TrainPlan
+from runtime.plan import DataPlan, Plan, TrainPlan
+
+IGNORE = -100
 
 
-class TokenData:
-    def __init__(self, data: DataPlan, train: TrainPlan, dp: int):
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor              # (B, T) long
+    labels: torch.Tensor                 # (B, T) long, next token; -100 = no loss
+    position_ids: torch.Tensor | None    # (B, T) long, restarting per document; None = 0..T-1
+
+
+class Stream:
+    """Sample g -> window index; shared by the synthetic and the prepared data."""
+    windows: int | None = None           # None: an endless stream (synthetic)
+
+    def __init__(self, train: TrainPlan, dp: int):
         self.seq_len, self.mbs, self.dp = train.seq_len, train.micro_batch_size, dp
-        self.global_batch, self.seed, self.vocab = train.global_batch_size, train.seed, data.vocab_size
-        self.tokens = None if data.source == "synthetic" else tokenize(data)
+        self.global_batch, self.seed = train.global_batch_size, train.seed
+        self.base = 0                    # global samples consumed before step 0 of this run
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def window(self, g: int) -> int:
+        if self.windows is None:
+            return g
+        epoch, i = divmod(g, self.windows)
+        if self._perm is None or self._perm[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.windows, generator=gen))
+        return int(self._perm[1][i])
+
+    def first_sample(self, step: int, micro: int, dp_rank: int) -> int:
+        return self.base + step * self.global_batch + (micro * self.dp + dp_rank) * self.mbs
+
+    def micro_batch(self, step: int, micro: int, dp_rank: int) -> Batch:
+        first = self.first_sample(step, micro, dp_rank)
+        return self.rows([self.window(first + j) for j in range(self.mbs)])
+
+    def global_batch_rows(self, step: int) -> list[int]:
+        first = self.base + step * self.global_batch
+        return [self.window(first + j) for j in range(self.global_batch)]
+
+    def loss_tokens(self, step: int) -> int:
+        """Tokens with a label in the whole global batch of this step (every rank's): the loss is
+        the sum over them divided by this, whatever rank or micro-step a token lands on."""
+        return self.global_batch * self.seq_len
+
+    # ------------------------------------------------------------------- position (checkpoint)
+    def state(self, steps_done: int) -> dict:
+        return {"samples_consumed": self.base + steps_done * self.global_batch, "windows": self.windows}
+
+    def restore(self, state: dict | None, step: int) -> None:
+        if state and "samples_consumed" in state:
+            self.base = int(state["samples_consumed"]) - step * self.global_batch
+
+    def rows(self, idx: list[int]) -> Batch:
+        raise NotImplementedError
+
+
+class TokenData(Stream):
+    """synthetic: a learnable stream, a fixed random successor table (a bigram language) with
+    10% noise; sample i is seq_len + 1 tokens (inputs [:-1], labels [1:])."""
+
+    def __init__(self, data: DataPlan, train: TrainPlan, dp: int):
+        super().__init__(train, dp)
+        self.vocab = data.vocab_size
         self.table = torch.randperm(self.vocab, generator=torch.Generator().manual_seed(self.seed))
-        if self.tokens is not None:
-            if len(self.tokens) < self.seq_len + 2:
-                raise ValueError(f"data.path {data.path}: {len(self.tokens)} tokens, fewer than one sequence")
-            top = int(self.tokens.max())
-            if top >= self.vocab:
-                raise ValueError(f"data.tokenizer {data.tokenizer}: token id {top} >= model vocab_size {self.vocab}")
 
     def sample(self, i: int) -> torch.Tensor:
-        n = self.seq_len + 1
-        if self.tokens is None:
-            return synthetic(i, n, self.table, self.seed)
-        span = len(self.tokens) - n            # windows wrap around the corpus
-        start = (i * self.seq_len) % span
-        return self.tokens[start:start + n]
+        return synthetic(i, self.seq_len + 1, self.table, self.seed)
 
-    def micro_batch(self, step: int, micro: int, dp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        first = step * self.global_batch + (micro * self.dp + dp_rank) * self.mbs
-        x = torch.stack([self.sample(first + j) for j in range(self.mbs)])   # (mbs, T+1)
-        return x[:, :-1], x[:, 1:]
+    def rows(self, idx: list[int]) -> Batch:
+        x = torch.stack([self.sample(i) for i in idx])                    # (mbs, T+1)
+        return Batch(x[:, :-1], x[:, 1:], None)
 
     def global_batch_tokens(self, step: int) -> torch.Tensor:
-        first = step * self.global_batch
-        return torch.stack([self.sample(first + j) for j in range(self.global_batch)])
+        return torch.stack([self.sample(i) for i in self.global_batch_rows(step)])
+
+
+class PackedData(Stream):
+    """The memory-mapped windows of one split of a prepared directory."""
+
+    def __init__(self, folder: Path, train: TrainPlan, dp: int):
+        super().__init__(train, dp)
+        self.folder = Path(folder)
+        self.input_ids = np.load(self.folder / "input_ids.npy", mmap_mode="r")      # (W, T) int32
+        self.labels = np.load(self.folder / "labels.npy", mmap_mode="r")
+        self.position_ids = np.load(self.folder / "position_ids.npy", mmap_mode="r")
+        self.windows = int(self.input_ids.shape[0])
+        if self.input_ids.shape[1] != self.seq_len:
+            raise ValueError(f"{self.folder}: windows of {self.input_ids.shape[1]} tokens, the plan's seq_len is "
+                             f"{self.seq_len}; prepare again")
+        self._count: dict[int, int] = {}
+
+    def rows(self, idx: list[int]) -> Batch:
+        def t(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(a[idx], dtype=np.int64))
+        return Batch(t(self.input_ids), t(self.labels), t(self.position_ids))
+
+    def loss_tokens(self, step: int) -> int:
+        if step not in self._count:
+            rows = self.global_batch_rows(step)
+            self._count = {step: int((np.asarray(self.labels[sorted(rows)]) != IGNORE).sum())}
+        return self._count[step]
+
+    def eval_batches(self, dp_rank: int) -> list[Batch]:
+        """This dp rank's share of every eval window, in micro-batches; ranks with fewer windows
+        get all-masked filler batches so every rank runs the same number of forwards (FSDP and
+        TP collectives must match)."""
+        per_round = self.dp * self.mbs
+        rounds = -(-self.windows // per_round)
+        out = []
+        for k in range(rounds):
+            idx = [k * per_round + dp_rank * self.mbs + j for j in range(self.mbs)]
+            real = [i for i in idx if i < self.windows]
+            b = self.rows(real + [0] * (self.mbs - len(real)))
+            if len(real) < self.mbs:
+                b.labels[len(real):] = IGNORE
+            out.append(b)
+        return out
+
+
+def load_data(plan: Plan, dp: int, folder: Path | None = None) -> tuple[Stream, PackedData | None, dict]:
+    """(train stream, eval split or None, index.json) for the plan; prepared data is located
+    (and checked against the plan and the sources) unless `folder` is given."""
+    if plan.data.format == "synthetic":
+        return TokenData(plan.data, plan.train, dp), None, {}
+    import json
+
+    from runtime.prepare import locate
+
+    folder = Path(folder) if folder is not None else locate(plan)
+    index = json.loads((folder / "index.json").read_text())
+    ev = PackedData(folder / "eval", plan.train, dp) if (folder / "eval").is_dir() else None
+    return PackedData(folder / "train", plan.train, dp), ev, index
 
 
 def synthetic(i: int, n: int, table: torch.Tensor, seed: int) -> torch.Tensor:
@@ -57,32 +172,3 @@ def synthetic(i: int, n: int, table: torch.Tensor, seed: int) -> torch.Tensor:
     for t in range(1, n):
         out.append(rand[t] if noise[t] else succ[out[-1]])
     return torch.tensor(out, dtype=torch.long)
-
-
-def tokenize(data: DataPlan) -> torch.Tensor:
-    """The whole corpus as one token tensor. Documents (jsonl records, text files) are joined
-    with the tokenizer's EOS. Fine for the corpora this runs on here; a production corpus
-    would be pre-tokenized once into a memory-mapped file with the same interface."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(data.tokenizer)
-    eos = tok.eos_token_id if tok.eos_token_id is not None else 0
-    paths = sorted(Path(data.path).rglob("*")) if Path(data.path).is_dir() else [Path(data.path)]
-    docs: list[str] = []
-    for p in paths:
-        if not p.is_file():
-            continue
-        if data.source == "jsonl":
-            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    rec = json.loads(line)
-                    if data.text_field not in rec:
-                        raise KeyError(f"{p}:{n}: no field {data.text_field!r} (data.text_field)")
-                    docs.append(str(rec[data.text_field]))
-        else:
-            docs.append(p.read_text(encoding="utf-8"))
-    ids: list[int] = []
-    for d in docs:
-        ids.extend(tok(d, add_special_tokens=False)["input_ids"])
-        ids.append(eos)
-    return torch.tensor(ids, dtype=torch.long)

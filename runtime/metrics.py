@@ -1,23 +1,22 @@
 """Per-step metrics: one JSON line in <run_dir>/metrics.jsonl and one console line (rich).
 
-MFU uses the PaLM / torchtitan count of training FLOPs per token:
-    6 * N  +  12 * n_layers * hidden * seq_len
-6N = forward (2N) + backward (4N) over the N matmul parameters (the input embedding is a
-lookup, not a matmul, so it is excluded unless tied to lm_head); the second term is the
-attention score and value matmuls (QK^T and AV: 2 matmuls x 2 FLOPs x T x hidden per layer
-forward, x3 with backward), which N does not contain.
+MFU = FLOPs per token (runtime/flops.py, the number the compiler wrote into plan.json and
+PLAN.md: one formula for both) x tokens/s per device / the device's peak.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
-import resource
+import re
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from runtime.flops import dense_from_config
 from runtime.plan import Plan
 
 # dense bf16 peak per device (vendor datasheets, no sparsity)
@@ -25,10 +24,13 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A
 
 
 def flops_per_token(plan: Plan) -> float:
-    c = plan.model.config
-    hidden, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
-    n = plan.model.num_params - (0 if plan.model.tie_word_embeddings else vocab * hidden)
-    return 6 * n + 12 * layers * hidden * plan.train.seq_len
+    """The compiler's number (MoE active experts and LoRA's backward need model facts the plan
+    does not carry); a plan written without it: the dense formula from the config."""
+    fpt = plan.estimate.get("flops_per_token")
+    if fpt:
+        return float(fpt)
+    return float(dense_from_config(plan.model.config, plan.model.num_params, plan.model.tie_word_embeddings,
+                                   plan.train.seq_len))
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -42,50 +44,137 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux
-    return rss * 1024
+def peak_memory(device: torch.device) -> dict[str, int | None]:
+    """This rank's peak tensor memory since the last call (the steps of one log line), then reset.
+    CUDA: the caching allocator's own counters (allocated = live tensors, what the plan's
+    estimate predicts; reserved = what the allocator holds from the driver, fragmentation
+    included). CPU: None. There is no allocator counter, and the process RSS high-water mark
+    (interpreter, libraries, freed pages) says nothing about the plan's tensors."""
+    if device.type != "cuda":
+        return {"peak_mem_bytes": None, "peak_mem_reserved_bytes": None}
+    out = {"peak_mem_bytes": torch.cuda.max_memory_allocated(device),
+           "peak_mem_reserved_bytes": torch.cuda.max_memory_reserved(device)}
+    torch.cuda.reset_peak_memory_stats(device)
+    return out
 
 
 class _Plain:
+    """Console without rich: the markup stripped."""
+
     def print(self, msg: str) -> None:
-        print(msg.replace("[dim]", "").replace("[/dim]", ""), flush=True)
+        tags = r"(?<!\\)\[/?(?:(?:dim|bold|green|yellow|red|magenta|cyan)[^\]]*)?\]"
+        print(re.sub(tags, "", msg).replace("\\[", "["), flush=True)
+
+
+def duration(s: float) -> str:
+    """Seconds -> '45s', '12m05s', '3h12m' (an ETA, not a timestamp)."""
+    s = max(0, int(round(s)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+# train.log events the console highlights (the same prefixes compiler/report.py reads back)
+EVENT_STYLES = ((re.compile(r"^checkpoint step-\d+ committed"), "CHECKPOINT", "green"),
+                (re.compile(r"^resumed from "), "RESUMED", "cyan"),
+                (re.compile(r"^stop signal"), "PREEMPTED", "magenta"),
+                (re.compile(r"not finite|^checkpoint .*skipped"), "WARNING", "red"))
 
 
 class MetricsLog:
-    """Rank 0 writes; other ranks hold a disabled instance."""
+    """Rank 0 writes metrics.jsonl (every record), train.log and the console; other ranks hold a
+    disabled instance. Step lines show progress, percentage and ETA, and are rate-limited: at
+    most one per MESHBAKE_CONSOLE_INTERVAL seconds (default 5; 0 = every logged step), the first
+    and the last step always, so a fast run logging every step does not flood a Slurm .out file.
+    Eval lines, checkpoints, resumes and preemptions are always printed, each on its own line."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, plan: Plan | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.log = run_dir / "train.log"
         self.console = None
+        self.trackers = None
+        self.total = plan.train.steps if plan is not None else None
+        self.interval = float(os.environ.get("MESHBAKE_CONSOLE_INTERVAL", "5") or 5)
+        self.clock = clock
+        self._start: tuple[float, int] | None = None      # (time, step) this process started counting from
+        self._last_print = -math.inf
+        self.escape = lambda m: m
         if enabled:
             try:     # rich for the console line where installed; a bundle needs only torch + transformers
                 from rich.console import Console
+                from rich.markup import escape
 
-                self.console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+                self.console, self.escape = Console(file=sys.stdout, highlight=False, soft_wrap=True), escape
             except ImportError:
-                self.console = _Plain()
+                self.console, self.escape = _Plain(), lambda m: m.replace("[", "\\[")
+            if plan is not None and (plan.tracking.tensorboard or plan.tracking.wandb_project):
+                from runtime.tracking import Trackers     # imports tensorboard / wandb only when asked
+
+                self.trackers = Trackers(plan, run_dir, self.info)
+
+    def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
+
+    def _write(self, line: str) -> None:
+        with self.log.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
 
     def info(self, msg: str) -> None:
+        """A run event: train.log gets the message as is; the console marks checkpoints,
+        resumes, preemptions and warnings with a coloured tag."""
         if not self.enabled:
             return
-        self.console.print(f"[dim]meshbake[/dim] {msg}")
-        with self.log.open("a", encoding="utf-8") as f:
-            f.write(msg + "\n")
+        tag = next(((t, c) for rx, t, c in EVENT_STYLES if rx.search(msg)), None)
+        head = f"[bold {tag[1]}]{tag[0]:>10}[/]" if tag else "[dim]meshbake[/dim]"
+        self.console.print(f"{head} {self.escape(msg)}")
+        self._write(msg)
+
+    def _progress(self, n: int, rec: dict[str, Any]) -> str:
+        now = self.clock()
+        if self._start is None:      # the first logged step of this process: its own time is the rate
+            self._start = (now - float(rec.get("step_time_s") or 0.0), n - 1)
+        t0, s0 = self._start
+        if not self.total:
+            return f"step {n}"
+        rate = (now - t0) / max(1, n - s0)                       # seconds per step, this process
+        pct = 100.0 * n / self.total
+        return f"step {n}/{self.total} {pct:3.0f}%  eta {duration(rate * (self.total - n)):>6}"
 
     def step(self, rec: dict[str, Any]) -> None:
+        """One record: metrics.jsonl always; the step line when due (rate-limited); an EVAL line
+        whenever the record holds eval_* numbers (merged into a step record, or alone)."""
         if not self.enabled:
             return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
-        mfu = f"{rec['mfu'] * 100:5.1f}%" if rec["mfu"] is not None else "  n/a"
-        line = (f"step {rec['step']:>5}  loss {rec['loss']:8.4f}  lr {rec['lr']:.2e}  gnorm {rec['grad_norm']:7.3f}  "
-                f"{rec['tokens_per_s']:>9,.0f} tok/s  {rec['tokens_per_s_per_device']:>8,.0f} tok/s/dev  "
-                f"mfu {mfu}  mem {rec['peak_mem_bytes'] / 2**30:6.2f} GiB")
-        self.console.print(line)
-        with self.log.open("a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        if self.trackers is not None:
+            self.trackers.log(rec)
+        n = int(rec["step"])
+        if "loss" in rec:
+            self._step_line(n, rec)
+        evals = {k: v for k, v in sorted(rec.items()) if k.startswith("eval_") and v is not None}
+        if evals:                 # the train loop merges eval numbers into that step's record
+            text = "  ".join(f"{k[5:]} {v:.4f}" if isinstance(v, float) else f"{k[5:]} {v}" for k, v in evals.items())
+            line = f"eval {n}" + (f"/{self.total}" if self.total else "") + f"  {text}"
+            self.console.print(f"[bold yellow]{'EVAL':>10}[/] {self.escape(line)}")
+            self._write(line)
+
+    def _step_line(self, n: int, rec: dict[str, Any]) -> None:
+        head = self._progress(n, rec)
+        now = self.clock()
+        if not (now - self._last_print >= self.interval or n == self.total or self._last_print == -math.inf):
+            return
+        self._last_print = now
+        mfu = f"{rec['mfu'] * 100:4.1f}%" if rec.get("mfu") is not None else "n/a"
+        mem = f"{rec['peak_mem_bytes'] / 2**30:.2f} GiB" if rec.get("peak_mem_bytes") is not None else "n/a"
+        line = (f"{head}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  gnorm {rec['grad_norm']:.3f}  "
+                f"{rec['tokens_per_s']:,.0f} tok/s ({rec['tokens_per_s_per_device']:,.0f}/dev)  mfu {mfu}  "
+                f"mem {mem}")
+        self.console.print(self.escape(line))
+        self._write(line)

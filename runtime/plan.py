@@ -9,6 +9,15 @@ Placement styles (tp.placements maps a module fqn to one of these):
   rowwise            Linear sharded on its input dim (o_proj/down_proj); Embedding on vocab dim 0
   sequence_parallel  norm computed on a sequence shard (only with tp.sequence_parallel)
   replicate          kept whole on every tp rank (its bytes are counted in the estimate)
+  colwise_qkv        fused [q|k|v] Linear stored interleaved by kv group (runtime/fused.py), rows sharded:
+                     each rank holds its own heads' q, k and v
+  colwise_gate_up    fused [gate|up] Linear stored as (gate_i, up_i) row pairs, rows sharded
+  experts            grouped MoE experts: each expert's intermediate dim sharded (gate_up rows as pairs,
+                     down columns); output all-reduced (reduce-scattered under sequence parallel)
+  local_heads        norm over head_dim on the rank's local heads (Qwen3 q/k norm): weight replicated,
+                     gradient summed over tp
+  colwise_norm       norm over a whole colwise projection (OLMo-2 q/k norm): weight sharded like the
+                     projection's rows, variance all-reduced
 """
 from __future__ import annotations
 
@@ -17,7 +26,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 PLAN_VERSION = 1
-STYLES = ("colwise", "rowwise", "sequence_parallel", "replicate")
+STYLES = ("colwise", "rowwise", "sequence_parallel", "replicate", "colwise_qkv", "colwise_gate_up", "experts",
+          "local_heads", "colwise_norm")
 MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")  # outer -> inner; tp innermost = one node
 
 
@@ -29,6 +39,9 @@ class ModelPlan:
     weights: str | None             # HF folder with *.safetensors, or None = random init
     num_params: int
     tie_word_embeddings: bool
+    attn_implementation: str = "sdpa"   # transformers attention kernel for this class: sdpa | eager
+    layouts: dict[str, str] = field(default_factory=dict)   # fused fqn -> "qkv" | "gate_up" | "experts"
+    active_params: int = 0              # params a token goes through (MoE: k of E experts); 0 = num_params
 
 
 @dataclass(frozen=True)
@@ -90,16 +103,26 @@ class TrainPlan:
     activation_checkpointing: str   # "none" | "full" | "selective"
     compile: bool
     log_every: int
+    grad_sync: str = "every_micro_step"   # FSDP reduce-scatter: "every_micro_step" | "last_micro_step"
+    eval_every: int = 0             # eval loss every N steps (0: only at the end), with an eval split
 
 
 @dataclass(frozen=True)
 class DataPlan:
-    source: str                     # "synthetic" | "text" | "jsonl"
-    path: str | None                # file or folder (text / jsonl)
-    tokenizer: str | None           # HF tokenizer folder
-    text_field: str                 # jsonl field holding the text
-    vocab_size: int                 # tokens are < vocab_size
-
+    """What runtime/prepare.py turns into packed token windows (see its docstring)."""
+    format: str                     # synthetic | text | completion | alpaca | chat | tokenized
+    sources: tuple[dict[str, Any], ...]   # ({"path": file or folder, "weight": mixing weight}, ...)
+    tokenizer: str | None           # HF tokenizer folder (its chat template for format chat)
+    fields: dict[str, str]          # record field names: text, prompt, completion, messages, role, ...
+    vocab_size: int                 # token ids must be < vocab_size (the model's)
+    roles: dict[str, str] = field(default_factory=dict)   # record role value -> system/user/assistant/tool
+    train_on: str = "assistant"     # chat: assistant | all | last_turn
+    packing: bool = True            # several documents per window, attention kept within each
+    overlong: str = "split"         # a document longer than seq_len: split | truncate | drop
+    eval_fraction: float = 0.0      # seeded share of documents held out for eval
+    eval_sources: tuple[dict[str, Any], ...] = ()   # or a separate eval set
+    prepared_dir: str = "prepared"  # where tokenized data goes, relative to the launch directory
+    fingerprint: str = ""           # options fingerprint (runtime/prepare.options_fingerprint)
 
 @dataclass(frozen=True)
 class CheckpointPlan:
@@ -119,6 +142,16 @@ class LoraPlan:
 
 
 @dataclass(frozen=True)
+class TrackingPlan:
+    tensorboard: bool = False       # rank 0 writes <run_dir>/tensorboard/ (needs the tensorboard package)
+    wandb_project: str | None = None  # None = W&B off (needs the wandb package)
+    wandb_entity: str | None = None
+    wandb_name: str | None = None   # None = plan.name
+    wandb_mode: str = "offline"     # "offline" (no network) | "online"
+    wandb_tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Plan:
     version: int
     name: str
@@ -134,6 +167,7 @@ class Plan:
     estimate: dict[str, Any] = field(default_factory=dict)   # per-rank bytes etc., for humans
     warnings: tuple[str, ...] = ()
     versions: dict[str, str] = field(default_factory=dict)  # torch/transformers the plan was made with
+    tracking: TrackingPlan = field(default_factory=TrackingPlan)   # experiment trackers (rank 0)
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
@@ -152,6 +186,17 @@ def _build(cls, d: dict[str, Any]):
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def _data_plan(d: dict[str, Any]) -> DataPlan:
+    d = dict(d)
+    if "format" not in d:              # plan.json of meshbake before the data redesign (runs being exported)
+        d = {"format": "synthetic" if d.get("source") == "synthetic" else "text", "tokenizer": d.get("tokenizer"),
+             "sources": [{"path": d["path"], "weight": 1.0}] if d.get("path") else [],
+             "fields": {"text": d.get("text_field", "text")}, "vocab_size": d["vocab_size"]}
+    for k in ("sources", "eval_sources"):
+        d[k] = tuple(d.get(k, ()))
+    return _build(DataPlan, d)
+
+
 def from_dict(d: dict[str, Any]) -> Plan:
     if d.get("version") != PLAN_VERSION:
         raise ValueError(f"plan.json version {d.get('version')!r}, this runtime reads {PLAN_VERSION}")
@@ -167,7 +212,7 @@ def from_dict(d: dict[str, Any]) -> Plan:
         mesh=_build(MeshPlan, d["mesh"]),
         tp=_build(TPPlan, d["tp"]),
         train=_build(TrainPlan, t),
-        data=_build(DataPlan, d["data"]),
+        data=_data_plan(d["data"]),
         checkpoint=_build(CheckpointPlan, d["checkpoint"]),
         lora=_build(LoraPlan, lora),
         run_dir=d["run_dir"],
@@ -175,7 +220,13 @@ def from_dict(d: dict[str, Any]) -> Plan:
         estimate=d.get("estimate", {}),
         warnings=tuple(d.get("warnings", ())),
         versions=d.get("versions", {}),
+        tracking=_tracking(d.get("tracking", {})),
     )
+
+
+def _tracking(d: dict[str, Any]) -> TrackingPlan:
+    t = _build(TrackingPlan, d)
+    return TrackingPlan(**{**asdict(t), "wandb_tags": tuple(t.wandb_tags)})
 
 
 def load_plan(path: str) -> Plan:

@@ -29,9 +29,10 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from runtime import checkpoint as ckpt
 from runtime import cp, preflight
-from runtime.data import TokenData
-from runtime.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_bytes
-from runtime.parallel import build
+from runtime.data import IGNORE, Batch, PackedData, Stream, load_data
+from runtime.errors import EXIT_USER, UserError, from_os_error
+from runtime.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory
+from runtime.parallel import build, compute_context, set_gradient_sync
 from runtime.plan import MESH_DIMS, Plan, load_plan
 
 
@@ -52,7 +53,31 @@ def init_distributed(backend: str) -> None:
                           timeout=__import__("datetime").timedelta(minutes=10))
     prefix = f"meshbake/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     kw = {"device_id": torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))} if backend == "nccl" else {}
-    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world, **kw)
+    _STORE[:] = [dist.PrefixStore(prefix, store)]
+    dist.init_process_group(backend, store=_STORE[0], rank=rank, world_size=world, **kw)
+
+
+_STORE: list = []          # the rendezvous store, for reporting a user error without a collective
+
+
+def report_user_error(e: UserError | None) -> None:
+    """The user's error, printed once for the whole job: the first rank to claim it in the
+    store prints the line. Ranks that fail only because a peer stopped (e is None: a gloo/NCCL
+    error after the reporting rank exited) stay silent when a line was printed."""
+    key = "meshbake/user_error"
+    try:
+        first = _STORE[0].add(key, 1 if e is not None else 0) == 1 if _STORE else e is not None
+    except Exception:                  # store gone: fall back to rank 0 of the job
+        first = e is not None and os.environ.get("RANK", "0") == "0"
+    if e is not None and first:
+        print(e.line(), file=sys.stderr, flush=True)
+
+
+def user_error_reported() -> bool:
+    try:
+        return bool(_STORE) and _STORE[0].add("meshbake/user_error", 0) > 0
+    except Exception:
+        return False
 
 
 def device_for(plan: Plan) -> torch.device:
@@ -119,12 +144,12 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     for p in params:
         if p.grad is not None:
             by_mesh.setdefault(mesh_key(p), []).append(p)
-    sq = torch.zeros((), dtype=torch.float64)
+    sq = None       # stays on the device: no host sync for the norm (train_step reads it when due)
     for ps in by_mesh.values():
         n = torch.nn.utils.get_total_norm([p.grad for p in ps], 2.0)
         n = n.full_tensor() if isinstance(n, DTensor) else n
-        sq = sq + n.double().cpu() ** 2
-    total = sq.sqrt()
+        sq = n.double() ** 2 if sq is None else sq + n.double().to(sq.device) ** 2
+    total = sq.sqrt() if sq is not None else torch.zeros((), dtype=torch.float64)
     if max_norm > 0:
         for ps in by_mesh.values():
             torch.nn.utils.clip_grads_with_norm_(ps, max_norm, total.to(ps[0].grad.device, torch.float32))
@@ -163,12 +188,28 @@ class Result:
     preempted: bool
     model: torch.nn.Module
     mesh: DeviceMesh
+    evals: dict[int, float] = field(default_factory=dict)   # step -> eval loss
 
 
-def forward_loss(model, x, y, lp: bool, position_ids=None) -> torch.Tensor:
+def forward_loss_sum(model, x, y, lp: bool, position_ids=None) -> torch.Tensor:
+    """Sum of the token losses (labels -100 excluded): the caller divides by the global count
+    of labelled tokens, so every token weighs the same whatever rank or micro-batch it is on."""
     logits = model(input_ids=x, position_ids=position_ids, use_cache=False).logits   # (B, T[/cp], V[/tp])
     with loss_parallel() if lp else nullcontext():
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(0, 1))
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(0, 1), ignore_index=IGNORE, reduction="sum")
+
+
+def place_batch(job: "Job", b: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(input_ids, labels, position_ids) of this rank, on its device: under cp its two load-balanced
+    chunks, with their (per-document) positions and the cp attention mask set for them."""
+    x, y, pos = b.input_ids, b.labels, b.position_ids
+    if job.plan.mesh.cp > 1:
+        cp_mesh = job.mesh["cp"]
+        pos = cp.set_batch(cp_mesh, job.plan.train.seq_len, pos)
+        pos = pos[None, :] if pos.dim() == 1 else pos
+        x, y = (cp.shard_sequence(t, job.plan.mesh.cp, cp_mesh.get_local_rank()) for t in (x, y))
+    d = job.device
+    return x.to(d), y.to(d), None if pos is None else pos.to(d)
 
 
 @dataclass
@@ -180,10 +221,12 @@ class Job:
     model: torch.nn.Module
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
-    data: TokenData
+    data: Stream
     dp_rank: int                      # ranks that see different batches: dp_replicate x dp_shard, row-major
     log: MetricsLog
     ckpt_root: Path
+    eval_data: PackedData | None = None
+    data_index: dict = field(default_factory=dict)
 
 
 def check_shared_run_dir(run_dir: Path, wait_s: float = 30.0) -> None:
@@ -226,18 +269,26 @@ def setup(plan: Plan, run_dir: Path) -> Job:
     model = build(plan, mesh, device)
     opt, sched = build_optimizer(model, plan)
     dp_rank = mesh["dp_replicate"].get_local_rank() * plan.mesh.dp_shard + mesh["dp_shard"].get_local_rank()
-    return Job(plan, device, mesh, model, opt, sched, TokenData(plan.data, plan.train, dp=plan.mesh.dp), dp_rank,
-               MetricsLog(run_dir, enabled=dist.get_rank() == 0), ckpt.ckpt_root(run_dir, plan.checkpoint.dir))
+    log = MetricsLog(run_dir, enabled=dist.get_rank() == 0, plan=plan)
+    data, eval_data, index = load_data(plan, dp=plan.mesh.dp)
+    return Job(plan, device, mesh, model, opt, sched, data, dp_rank, log, ckpt.ckpt_root(run_dir, plan.checkpoint.dir),
+               eval_data, index)
 
 
 def resume(job: Job) -> int:
     """The step to start from: 0, or that of the newest committed checkpoint (any mesh)."""
-    found = ckpt.find_resume(job.ckpt_root, job.plan.checkpoint.resume, job.log.info)
+    found = ckpt.find_resume(job.ckpt_root, job.plan.checkpoint.resume, job.log.info, ckpt.verify_all_ranks,
+                             ckpt.set_aside_on_rank0)
     if found is None:
         return 0
     state = ckpt.load(found, job.model, job.opt)
     job.sched.load_state_dict(state["scheduler"])
     start, steps = state["step"], job.plan.train.steps
+    job.data.restore(state.get("data"), start)
+    old_fp, new_fp = (state.get("data") or {}).get("fingerprint"), job.data_index.get("fingerprint")
+    if old_fp and new_fp and old_fp != new_fp:
+        job.log.info(f"data changed since {found.name} (fingerprint {old_fp[:16]} -> {new_fp[:16]}): continuing at "
+                     f"sample {job.data.base + start * job.plan.train.global_batch_size} of the new data")
     job.log.info(f"resumed from {found.name} (saved on world {state['world']}), continuing at step {start + 1}"
                  if start < steps else f"resumed from {found.name}: all {steps} steps already done, nothing to train")
     return start
@@ -254,41 +305,66 @@ def log_layout(job: Job) -> None:
     job.log.info(f"{p.name}: world {p.mesh.world} mesh {dict(zip(MESH_DIMS, p.mesh.shape))}, "
                  f"{p.model.num_params:,} params, {p.train.steps} steps x "
                  f"{p.train.global_batch_size * p.train.seq_len:,} tokens")
+    if job.data_index:
+        tr, w = job.data_index["splits"]["train"], job.data.windows or 0
+        job.log.info(f"data {p.data.format} {job.data_index['fingerprint'][:16]}: {w:,} windows "
+                     f"({w / p.train.global_batch_size:.1f} steps per epoch), packing efficiency "
+                     f"{tr['packing_efficiency']:.1%}" + (f", eval {job.eval_data.windows} windows" if job.eval_data else ""))
 
 
 @dataclass(frozen=True)
 class StepOut:
-    loss: float                       # global mean over every token of the global batch
-    grad_norm: float                  # before clipping
+    """One step's results. `stats` stays on the device until read: reading waits for the step
+    to finish (a host sync on CUDA), so the loop reads it only when a log line, a checkpoint
+    or the stop/finite checks need it (on CUDA the latter one step late, see run)."""
+    stats: torch.Tensor               # [world-sum of the token-loss sums, stop flags, grad norm before clipping]
+    loss_div: float                   # tp x labelled tokens of the global batch: world-sum / loss_div = mean
     lr: float
-    stop: bool                        # some rank got SIGUSR1/SIGTERM
-    seconds: float
+    seconds: float                    # host time of the step (its wall time whenever stats were read)
+
+    @property
+    def values(self) -> tuple[float, bool, float]:
+        loss_sum, flag, gnorm = self.stats.tolist()
+        return loss_sum / self.loss_div, flag > 0, gnorm
+
+    @property
+    def loss(self) -> float:          # global mean over every token of the global batch
+        return self.values[0]
+
+    @property
+    def grad_norm(self) -> float:
+        return self.values[2]
+
+    @property
+    def stop(self) -> bool:           # some rank got SIGUSR1/SIGTERM
+        return self.values[1]
 
 
 def train_step(job: Job, step: int, stop_requested: bool) -> StepOut:
-    """One optimizer step: grad_accum micro-steps (FSDP reduce-scatters on the last one only),
+    """One optimizer step: grad_accum micro-steps (FSDP reduce-scatters after each, or with
+    grad_sync last_micro_step after the last only, holding unsharded grads in between),
     global-norm clipping, AdamW, LR schedule."""
     plan, device, accum = job.plan, job.device, job.plan.train.grad_accum
     lp = plan.tp.loss_parallel and plan.mesh.tp > 1
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    # loss = sum of token losses / labelled tokens of the whole global batch; FSDP averages the
+    # gradients over the dp x cp ranks, so each rank's backward is scaled by dp * cp / N
+    n_tokens = max(1, job.data.loss_tokens(step))
+    scale = plan.mesh.dp * plan.mesh.cp / n_tokens
     for micro in range(accum):
-        job.model.set_requires_gradient_sync(micro == accum - 1)
-        x, y = job.data.micro_batch(step, micro, job.dp_rank)            # (mbs, T) each
-        pos = None
-        if plan.mesh.cp > 1:     # this cp rank's load-balanced chunks, with their global positions
-            cp_mesh = job.mesh["cp"]
-            pos = cp.set_batch(cp_mesh, plan.train.seq_len)[None, :].to(device)
-            x, y = (cp.shard_sequence(t, plan.mesh.cp, cp_mesh.get_local_rank()) for t in (x, y))
-        loss = forward_loss(job.model, x.to(device), y.to(device), lp, pos)
+        set_gradient_sync(job.model, micro == accum - 1 or plan.train.grad_sync == "every_micro_step")
+        x, y, pos = place_batch(job, job.data.micro_batch(step, micro, job.dp_rank))      # (mbs, T[/cp])
+        with compute_context(plan, device):
+            loss = forward_loss_sum(job.model, x, y, lp, pos)
         with loss_parallel() if lp else nullcontext():
-            (loss / accum).backward()
+            (loss * scale).backward()
         loss_sum += (loss.full_tensor() if isinstance(loss, DTensor) else loss).detach().double()
-    # one all-reduce over the world: [loss, stop], in flight while clipping and the optimizer
-    # step run. The loss is the same on the tp ranks of a dp x cp coordinate, so
-    # world-sum / world = the mean over dp x cp; any rank's stop flag stops every rank.
+    # one all-reduce over the world: [loss sum, stop], in flight while clipping and the optimizer
+    # step run. The sum is the same on the tp ranks of a dp x cp coordinate, so
+    # world-sum / tp / N = the global token mean; any rank's stop flag stops every rank.
     flag = torch.tensor(float(stop_requested), dtype=torch.float64, device=device)
-    stats = torch.stack([loss_sum / accum, flag])
+    stats = torch.stack([loss_sum, flag])
     pending = dist.all_reduce(stats, async_op=True)
     gnorm = clip_grad_norm([p for p in job.model.parameters() if p.requires_grad], plan.train.grad_clip)
     lr = job.sched.get_last_lr()[0]
@@ -296,11 +372,34 @@ def train_step(job: Job, step: int, stop_requested: bool) -> StepOut:
     job.sched.step()
     job.opt.zero_grad(set_to_none=True)
     pending.wait()
-    stats = stats.cpu()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return StepOut(stats[0].item() / plan.mesh.world, float(gnorm), lr, stats[1].item() > 0,
-                   time.perf_counter() - t0)
+    stats = torch.cat([stats, gnorm.to(stats.device, torch.float64).view(1)])
+    return StepOut(stats, plan.mesh.tp * n_tokens, lr, time.perf_counter() - t0)
+
+
+def evaluate(job: Job) -> dict[str, float] | None:
+    """Loss and perplexity over the whole eval split (every rank its dp share, padded to the
+    same number of forwards): sum of token losses / labelled tokens, all-reduced."""
+    if job.eval_data is None:
+        return None
+    lp = job.plan.tp.loss_parallel and job.plan.mesh.tp > 1
+    acc = torch.zeros(2, dtype=torch.float64, device=job.device)
+    job.model.eval()
+    with torch.no_grad():
+        for b in job.eval_data.eval_batches(job.dp_rank):
+            x, y, pos = place_batch(job, b)
+            with compute_context(job.plan, job.device):
+                loss = forward_loss_sum(job.model, x, y, lp, pos)
+            acc[0] += (loss.full_tensor() if isinstance(loss, DTensor) else loss).double()
+            acc[1] += (y != IGNORE).sum().double()
+    job.model.train()
+    dist.all_reduce(acc)           # tp ranks repeat the same sums: the ratio is unaffected
+    loss = (acc[0] / acc[1].clamp(min=1)).item()
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(acc[1].item()) // job.plan.mesh.tp}
+
+
+def eval_due(plan: Plan, n: int) -> bool:
+    every = plan.train.eval_every
+    return bool((every and n % every == 0) or n == plan.train.steps)
 
 
 def checkpoint_due(plan: Plan, n: int, stop: bool) -> bool:
@@ -311,6 +410,25 @@ def checkpoint_due(plan: Plan, n: int, stop: bool) -> bool:
     return bool((every and n % every == 0) or (plan.checkpoint.save_on_exit and (stop or last)))
 
 
+def read_due(plan: Plan, device: torch.device, n: int) -> bool:
+    """Read step n's numbers now? Always on CPU (free); on CUDA only where a log line or a
+    possible checkpoint needs them, so the host keeps queueing steps ahead of the GPU."""
+    t, every = plan.train, plan.checkpoint.every_steps
+    return (device.type != "cuda" or n % t.log_every == 0 or n == t.steps
+            or bool(every and n % every == 0) or eval_due(plan, n))
+
+
+def check_finite(job: Job, n: int, loss: float, grad_norm: float) -> None:
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    # loss and norm are all-reduced, so every rank stops here together. The weights may
+    # already hold NaN: saving them would prune the good checkpoints (keep) and a requeue
+    # would resume from garbage. Stop before any save; the last commit stays.
+    job.log.info(f"step {n}: loss {loss}, grad norm {grad_norm}: not finite; stopping without a checkpoint "
+                 "(resume continues from the last committed one; lower train.lr or raise warmup)")
+    raise FloatingPointError(f"non-finite loss/grad norm at step {n}")
+
+
 def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
     job = setup(plan, run_dir)
     start = resume(job)
@@ -318,37 +436,56 @@ def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
     tokens_per_step = plan.train.global_batch_size * plan.train.seq_len
     fpt, peak = flops_per_token(plan), peak_flops(job.device)
     res = Result({}, {}, {}, False, job.model, job.mesh)
+    peak_memory(job.device)       # peaks per log window: start-up (full-tensor init) is not training
+    unread: tuple[int, StepOut] | None = None     # CUDA: the last step whose numbers were not read yet
+    window_t0, window_steps = time.perf_counter(), 0
     for step in range(start, plan.train.steps):
         n = step + 1
         fault_hook("step", n)
         out = train_step(job, step, bool(signals and signals.received))
-        res.losses[n], res.grad_norms[n], res.step_times[n] = out.loss, out.grad_norm, out.seconds
-        if not (math.isfinite(out.loss) and math.isfinite(out.grad_norm)):
-            # loss and norm are all-reduced, so every rank stops here together. The weights may
-            # already hold NaN: saving them would prune the good checkpoints (keep) and a
-            # requeue would resume from garbage. Stop before any save; the last commit stays.
-            job.log.info(f"step {n}: loss {out.loss}, grad norm {out.grad_norm}: not finite; stopping without "
-                         "a checkpoint (resume continues from the last committed one; lower train.lr or "
-                         "raise warmup)")
-            raise FloatingPointError(f"non-finite loss/grad norm at step {n}")
-        if n % plan.train.log_every == 0 or n == plan.train.steps:
-            tps = tokens_per_step / out.seconds
-            job.log.step({"step": n, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
-                          "step_time_s": out.seconds, "tokens_per_s": tps,
+        res.step_times[n], window_steps = out.seconds, window_steps + 1
+        stop = False
+        if unread is not None:        # one step late: finished by now, reading it costs no stall
+            m, prev = unread
+            loss, stop, gnorm = prev.values
+            res.losses[m], res.grad_norms[m] = loss, gnorm
+            check_finite(job, m, loss, gnorm)
+            unread = None
+        if not read_due(plan, job.device, n):
+            unread = (n, out)
+            if not stop:
+                continue
+        loss, stop_now, gnorm = out.values
+        stop = stop or stop_now
+        res.losses[n], res.grad_norms[n] = loss, gnorm
+        check_finite(job, n, loss, gnorm)
+        ev = evaluate(job) if eval_due(plan, n) else None
+        if ev:
+            res.evals[n] = ev["eval_loss"]
+        if n % plan.train.log_every == 0 or n == plan.train.steps or ev:
+            seconds = (time.perf_counter() - window_t0) / window_steps   # mean over the steps since the last line
+            tps = tokens_per_step / seconds
+            job.log.step({"step": n, "loss": loss, "lr": out.lr, "grad_norm": gnorm,
+                          "step_time_s": seconds, "tokens_per_s": tps,
                           "tokens_per_s_per_device": tps / plan.mesh.world,
                           "mfu": (fpt * tps / plan.mesh.world / peak) if peak else None,
-                          "peak_mem_bytes": peak_memory_bytes(job.device)})
-        if checkpoint_due(plan, n, out.stop):
-            path = ckpt.save(job.ckpt_root, n, job.model, job.opt, {"step": n, "scheduler": job.sched.state_dict()},
+                          **peak_memory(job.device), **(ev or {})})
+            window_t0, window_steps = time.perf_counter(), 0
+        if checkpoint_due(plan, n, stop):
+            data_state = dict(job.data.state(n), fingerprint=job.data_index.get("fingerprint"))
+            path = ckpt.save(job.ckpt_root, n, job.model, job.opt,
+                             {"step": n, "scheduler": job.sched.state_dict(), "data": data_state},
                              plan.checkpoint.keep, lambda where: fault_hook(where, n))
             job.log.info(f"checkpoint {path.name} committed")
-        if out.stop:
+            window_t0, window_steps = time.perf_counter(), 0
+        if stop:
             if dist.get_rank() == 0:
                 (run_dir / "PREEMPTED").write_text(f"{n}\n")
             saved = "saved" if plan.checkpoint.save_on_exit else "NOT saved (checkpoint.save_on_exit: false)"
             job.log.info(f"stop signal: {saved} at step {n}, exiting for requeue")
             res.preempted = True
             break
+    job.log.close()
     return res
 
 
@@ -365,6 +502,14 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print("\n".join(f"meshbake: {p}" for p in problems), file=sys.stderr, flush=True)
         return 2
+    if plan.data.format != "synthetic":      # prepared, complete, and not stale: or one line, no group
+        from runtime.prepare import DataError, locate
+        try:
+            locate(plan)
+        except DataError as e:
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                print(f"meshbake: {e}", file=sys.stderr, flush=True)
+            return 2
     run_dir = Path(args.run_dir or os.environ.get("MESHBAKE_RUN_DIR") or plan.run_dir)
     init_distributed(plan.mesh.backend)
     try:
@@ -372,8 +517,16 @@ def main(argv: list[str] | None = None) -> int:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "plan.json").write_text(Path(args.plan).read_text())
         run(plan, run_dir, signals)
-    finally:
-        dist.destroy_process_group()
+    except BaseException as e:         # BaseException: DCP's CheckpointException is one
+        user = e if isinstance(e, UserError) else from_os_error(e)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)) or (user is None and not user_error_reported()):
+            raise                      # a bug, or a fault that is not the user's: the traceback is the report
+        # the user's data, paths, permissions or disk: one line from one rank, no traceback on
+        # any rank (peers that failed because this rank stopped exit quietly with it)
+        report_user_error(user)
+        sys.stderr.flush()
+        os._exit(EXIT_USER)            # no process-group teardown: peers may be gone
+    dist.destroy_process_group()
     return 0
 
 

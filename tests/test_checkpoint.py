@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runtime.checkpoint import list_checkpoints
+from runtime.checkpoint import list_checkpoints, verify
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.dist
@@ -164,3 +165,52 @@ def test_preemption_signal_saves_and_resume_continues(base):
     assert f"resumed from step-{stopped}" in log(run) and not (run / "PREEMPTED").exists()
     got = losses(run)
     assert max(abs(got[s] - ref[s]) for s in range(1, STEPS + 1)) <= 1e-6
+
+
+def test_corrupted_newest_checkpoint_falls_back_to_the_previous_one(base):
+    """40 KB overwritten in the middle of a rank's shard of step-30, size unchanged (issue 9):
+    the restart says so in one line, sets step-30 aside, resumes from step-20 and reproduces
+    steps 21-30; keep 2 then holds step-20's successor and the new step-30, both verified."""
+    tmp, p, run0, ref = base
+    run = tmp / "run-corrupt"
+    shutil.copytree(run0, run)
+    shard = run / "checkpoints/step-30/__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    mid = len(data) // 2
+    data[mid - 20480:mid + 20480] = b"\xa5" * 40960
+    shard.write_bytes(bytes(data))
+    launch(p, run)
+    text = log(run)
+    bad = [line for line in text.splitlines() if "failed verification" in line]
+    assert bad == ["checkpoint step-30 failed verification: __1_0.distcp differs from the sha256 written at save "
+                   "(corrupted); renamed to step-30.corrupt, trying step-20"], text
+    assert "resumed from step-20" in text
+    got = losses(run)
+    assert max(abs(got[s] - ref[s]) for s in range(21, STEPS + 1)) <= 1e-6
+    kept = list_checkpoints(run / "checkpoints")
+    assert [s for s, _ in kept] == [20, 30] and all(verify(path) is None for _, path in kept)
+    assert (run / "checkpoints/step-30.corrupt/__1_0.distcp").read_bytes() == bytes(data)
+
+
+def test_sigterm_to_the_whole_process_group_saves_and_exits_0(base):
+    """How Slurm delivers scancel, preemption and the time limit: SIGTERM to every process of
+    the step at once (launch.sh, torchrun, the workers), here os.killpg. torchrun must not
+    turn it into SignalException + exit 1 (no requeue) and SIGKILL the workers mid-save: the
+    workers finish the step, commit a checkpoint, write PREEMPTED, and everything exits 0."""
+    tmp, p, _, _ = base
+    run = tmp / "run-sigterm"
+    proc = subprocess.Popen(["bash", str(p / "launch.sh")], env=env(run), cwd=p.parent, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        m = run / "metrics.jsonl"
+        if m.is_file() and len(m.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    assert "SignalException" not in err and "Traceback" not in err, err[-4000:]
+    stopped = int((run / "PREEMPTED").read_text())
+    assert 3 <= stopped < STEPS, "the signal should land mid-run"
+    assert verify(run / f"checkpoints/step-{stopped}") is None

@@ -51,11 +51,12 @@ def test_lr_warms_up_then_decays_to_min_lr(plan):
 def test_resume_path_is_a_start_point_not_a_loop(tmp_path):
     """checkpoint.resume: PATH starts a new run there; after a restart or requeue the run's own
     newer checkpoint wins, or every preemption would go back to PATH."""
-    from runtime.checkpoint import COMMITTED, find_resume
+    from runtime.checkpoint import COMMITTED, MANIFEST, find_resume
 
-    def committed(d):
+    def committed(d):          # a whole step as verify() sees it: COMMITTED + a manifest of no files
         d.mkdir(parents=True)
         (d / COMMITTED).write_text("x\n")
+        (d / MANIFEST).write_text('{"step": 1, "files": {}}\n')
         return d
 
     base = committed(tmp_path / "base/step-1000")

@@ -67,14 +67,16 @@ def shared_dir_case(own_dir: Path, shared_dir: Path) -> dict:
     """own_dir differs per rank (a node-local disk); shared_dir is one directory for all."""
     from runtime.train import check_shared_run_dir
 
-    shared_dir.mkdir(parents=True, exist_ok=True)
-    check_shared_run_dir(shared_dir, wait_s=1)            # must pass
-    own_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        check_shared_run_dir(own_dir, wait_s=1)
-    except RuntimeError as e:
-        return {"shared_ok": True, "unshared_error": str(e)}
-    return {"shared_ok": True, "unshared_error": None}
+    def error_of(d: Path) -> str | None:
+        d.mkdir(parents=True, exist_ok=True)
+        try:
+            check_shared_run_dir(d, wait_s=1)
+        except Exception as e:     # RuntimeError today, runtime.errors.UserError soon
+            return str(e)
+        return None
+
+    # both outcomes recorded, so the test sees a wrongly refused shared dir as a failure
+    return {"shared_error": error_of(shared_dir), "unshared_error": error_of(own_dir)}
 
 
 def main(cases_path: str, out_path: str) -> int:

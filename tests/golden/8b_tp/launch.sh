@@ -19,6 +19,15 @@ export MESHBAKE_RUN_DIR="${MESHBAKE_RUN_DIR:-${default_run_dir}}"
 # python deps and the plan's data/weights paths, checked once, before any process starts
 "${PYTHON}" -m runtime.preflight "${BUNDLE_DIR}/plan.json"
 
+# tokenize + pack the data once (a no-op when the prepared copy is up to date), in ONE process
+# per job before torchrun, never inside a process group whose collectives could time out
+# meanwhile: under Slurm node 0 prepares and the other nodes wait for its atomic rename
+if [[ "${SLURM_NODEID:-0}" == 0 ]]; then
+  "${PYTHON}" -m runtime.prepare "${BUNDLE_DIR}/plan.json"
+else
+  "${PYTHON}" -m runtime.prepare "${BUNDLE_DIR}/plan.json" --wait 7200
+fi
+
 NNODES=1
 NPROC=8
 rdzv=()
@@ -29,7 +38,8 @@ if [[ -n "${SLURM_JOB_ID:-}" ]]; then
     echo "launch.sh: SLURM_JOB_ID is set but SLURM_JOB_NODELIST is not; run it through job.sbatch (srun)" >&2
     exit 1
   fi
-  head_node="$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)"
+  # job.sbatch passes the head node (scontrol may be missing inside a container)
+  head_node="${MESHBAKE_HEAD_NODE:-$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)}"
   if [[ -z "${head_node}" ]]; then
     echo "launch.sh: scontrol show hostnames returned nothing for ${SLURM_JOB_NODELIST}" >&2
     exit 1
@@ -56,11 +66,16 @@ forward() {
   if [[ -n "${kids[*]:-}" ]]; then kill -s "$1" "${kids[@]}" 2>/dev/null || true; fi
 }
 
-# Slurm signals every process of the step, torchrun included: torchrun inherits USR1 ignored
-# (its default action is to die); the training processes install their own handler.
-trap '' USR1
-"${PYTHON}" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node="${NPROC}" \
-  --max-restarts=0 \
+# Slurm signals every process of the step (scancel, preemption, the time limit: TERM to all of
+# them), torchrun included. torchrun inherits USR1 and TERM ignored and is told not to handle
+# TERM itself (--signals-to-handle): by default it raises SignalException, exits 1 (no requeue)
+# and SIGKILLs the workers 30 s later, mid-save. The training processes install their own
+# handlers; INT (Ctrl-C) still stops torchrun and its workers at once.
+trap '' USR1 TERM
+# runtime.launch is torchrun (torch.distributed.run) that ends a user error (exit 3, reported
+# in one line by a worker) without torchrun's traceback and summary burying that line
+"${PYTHON}" -m runtime.launch "${rdzv[@]}" --nproc-per-node="${NPROC}" \
+  --max-restarts=0 --signals-to-handle=SIGINT,SIGHUP,SIGQUIT \
   -m runtime.train "${BUNDLE_DIR}/plan.json" &
 torchrun_pid=$!
 trap 'forward USR1' USR1

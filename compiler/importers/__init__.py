@@ -1,0 +1,1 @@
+"""Importers: other tools' training configs -> commented meshbake recipes (text)."""

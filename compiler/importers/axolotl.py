@@ -1,0 +1,716 @@
+"""Axolotl config -> commented meshbake recipe (`meshbake import axolotl CONFIG.yml -o RECIPE.yaml`).
+
+`import_axolotl(cfg, name, ...)` is pure: it returns the recipe text and one `KeyNote` per
+Axolotl key, so nothing is dropped silently. Statuses:
+  mapped        same meaning in meshbake (the target key is written, with the source in a comment)
+  implied       meshbake always does this; no key needed (fsdp_version: 2, auto_wrap, sdpa ...)
+  approximated  written, but the run differs in a stated way (8-bit AdamW -> fp32 AdamW state)
+  pending       data keys: meshbake's data section is being redesigned (formats, packing, eval)
+  not mapped    no meshbake equivalent; the reason says what the run does instead
+  empty         the key is present with no value (Axolotl's default applies): nothing to carry
+Where Axolotl (and the HF Trainer under it) defaults differ from meshbake's, the Axolotl value is
+written explicitly: AdamW betas (0.9, 0.999) not (0.9, 0.95), weight_decay 0.0 not 0.1, seed 42
+not 0, lr_scheduler cosine, sequence_len 512.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any, Callable, Mapping, Sequence
+
+import yaml
+
+STATUSES = ("mapped", "implied", "approximated", "pending", "not mapped", "empty")
+SECTIONS = ("name", "model", "mesh", "tp", "cluster", "train", "lora", "data", "checkpoint", "tracking", "run_dir")
+PENDING_DATA = "not mapped yet (data formats pending)"
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class KeyNote:
+    key: str            # Axolotl key, dotted for nested ones: "fsdp_config.offload_params"
+    status: str         # one of STATUSES
+    target: str = ""    # meshbake key(s) written for it
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Imported:
+    name: str
+    text: str                       # the recipe YAML with comments
+    notes: tuple[KeyNote, ...]
+
+    def count(self, status: str) -> int:
+        return sum(n.status == status for n in self.notes)
+
+
+# ---------------------------------------------------------------------------------- tables
+# Axolotl optimizer names -> how meshbake's AdamW (torch, foreach) relates to them
+_ADAMW_SAME = {"adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw", "adamw_apex_fused", "adamw_torch_xla",
+               "adamw_torch_npu_fused"}
+_ADAMW_LOWBIT = {"adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_torch_4bit",
+                 "adamw_torch_8bit", "adamw_anyprecision", "paged_adamw"}
+_SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant"}
+
+_ATTN = "meshbake runs transformers' sdpa attention; PyTorch picks the flash kernel on GPU by itself"
+_PLUGIN = ("Axolotl plugin / kernel option; meshbake computes the loss itself (vocab-parallel under tp with "
+           "loss_parallel) and runs transformers' modules")
+# keys with no meshbake equivalent, and what the meshbake run does instead
+_NOT_MAPPED = {
+    "plugins": _PLUGIN, "cut_cross_entropy": _PLUGIN, "fused_attn_kernel": _PLUGIN,
+    "deepspeed": "meshbake shards with FSDP2 (mesh.dp_shard), not DeepSpeed ZeRO",
+    "flex_attn_compile_kwargs": _ATTN, "s2_attention": _ATTN,
+    "fp8": "float8 training is not supported; matmuls run in train.mixed_precision.param_dtype",
+    "fp8_enable_fsdp_float8_all_gather": "float8 all-gather is not supported (FSDP gathers param_dtype)",
+    "loss_watchdog_threshold": "no loss-threshold watchdog; meshbake stops on a non-finite loss or grad norm",
+    "loss_watchdog_patience": "no loss-threshold watchdog; meshbake stops on a non-finite loss or grad norm",
+    "early_stopping_patience": "no early stopping; the run does train.steps optimizer steps",
+    "debug": "Axolotl's data debug printout; no equivalent",
+    "resize_token_embeddings_to_32x": ("embeddings are not resized; `meshbake check` reports a vocab that tp does "
+                                       "not divide, with the padding fix"),
+    "save_only_model": ("meshbake checkpoints always hold the optimizer state (needed to resume); "
+                        "`meshbake export RUN_DIR` writes the model alone"),
+    "resume_from_checkpoint": ("an HF Trainer checkpoint is not a DCP checkpoint; meshbake resumes from its own "
+                               "run dir (checkpoint.resume: auto)"),
+    "lora_model_dir": "loading existing adapters is not supported; adapters start at B = 0",
+    "lora_modules_to_save": "modules_to_save (fully trained extra modules beside LoRA) is not supported",
+    "lora_fan_in_fan_out": "adapters follow nn.Linear's (out, in) layout",
+    "peft_use_dora": "DoRA is not supported (plain LoRA only)",
+    "peft_use_rslora": "rsLoRA scaling is not supported (scale = alpha / rank)",
+    "gptq": "quantized (GPTQ) base weights are not supported",
+    "tf32": "TF32 matmul mode is not exposed; torch's default (off) applies to float32 matmuls",
+    "eval_table_size": "generation-based eval is not supported; meshbake reports eval loss",
+    "eval_max_new_tokens": "generation-based eval is not supported; meshbake reports eval loss",
+    "eval_causal_lm_metrics": "generation-based eval is not supported; meshbake reports eval loss",
+    "do_causal_lm_eval": "generation-based eval is not supported; meshbake reports eval loss",
+    "include_tkps": "implied: meshbake logs tokens/s (and per device, MFU) every logged step",
+    "hub_model_id": "meshbake does not push to the Hub; `meshbake export` writes a local HF folder",
+    "hub_strategy": "meshbake does not push to the Hub",
+    "push_to_hub": "meshbake does not push to the Hub",
+    "torch_compile_backend": "meshbake compiles with the default inductor backend (train.compile)",
+    "ddp_timeout": "process-group timeouts are fixed by the runtime",
+    "lr_quadratic_warmup": "warmup is linear",
+    "cosine_constant_lr_ratio": "no constant phase in the cosine schedule (decays to train.min_lr at the last step)",
+    "lr_scheduler_kwargs": "schedule options beyond warmup and min_lr are not supported",
+    "embedding_lr": "one learning rate for all parameters",
+    "embedding_lr_scale": "one learning rate for all parameters",
+    "lr_groups": "one learning rate for all parameters",
+    "save_first_step": "no checkpoint after step 1; checkpoint.every_steps and save_on_exit decide",
+    "unfrozen_parameters": "all weights train (or only the LoRA adapters)",
+    "neftune_noise_alpha": "NEFTune embedding noise is not supported",
+}
+_IMPLIED_TRUE = {   # key: why meshbake already behaves like `key: true`
+    "flash_attention": _ATTN, "sdp_attention": _ATTN, "flex_attention": _ATTN, "xformers_attention": _ATTN,
+    "auto_resume_from_checkpoints": "checkpoint.resume: auto resumes from the run dir's newest checkpoint",
+    "save_safetensors": "`meshbake export` writes safetensors",
+    "strict": "Axolotl's config leniency; a meshbake recipe is always validated strictly",
+}
+_ATTN_IMPLEMENTATIONS = {"flash_attention_2", "flash_attention_3", "sdpa", "flex_attention", "eager"}
+_DATA_KEYS = {"datasets", "pretraining_dataset", "test_datasets", "dataset_prepared_path", "val_set_size",
+              "sample_packing", "eval_sample_packing", "pad_to_sequence_len", "train_on_inputs", "chat_template",
+              "chat_template_jinja", "special_tokens", "tokens", "tokenizer_type", "tokenizer_config",
+              "tokenizer_use_fast", "tokenizer_legacy", "shuffle_merged_datasets", "streaming",
+              "streaming_multipack_buffer_size", "dataset_processes", "dataset_num_proc", "group_by_length",
+              "evals_per_epoch", "eval_steps", "eval_strategy", "eval_batch_size", "sample_packing_sequentially",
+              "sample_packing_eff_est", "roles_to_train", "train_on_eos", "default_system_message",
+              "dataset_exact_deduplication", "skip_prepare_dataset", "pretrain_multipack_attn"}
+_FSDP_IMPLIED = {   # fsdp_config keys (fsdp_ prefix stripped) meshbake's FSDP2 already does
+    "auto_wrap_policy": "every decoder block is one FSDP2 unit, then the root",
+    "transformer_layer_cls_to_wrap": "every decoder block is one FSDP2 unit, then the root",
+    "state_dict_type": "DCP sharded checkpoints; `meshbake export` writes the full HF state dict",
+    "final_state_dict_type": "DCP sharded checkpoints; `meshbake export` writes the full HF state dict",
+    "cpu_ram_efficient_loading": "the model is built on the meta device and materialized sharded",
+    "sync_module_states": "every rank materializes the same seeded init / loads the same weights",
+    "use_orig_params": "FSDP2 keeps the original parameters (DTensors)",
+    "limit_all_gathers": "FSDP2 bounds in-flight all-gathers itself",
+    "backward_prefetch": "FSDP2 prefetches the next block in backward by default",
+    "forward_prefetch": "FSDP2's default prefetching",
+    "version": "meshbake runs FSDP2",
+}
+
+
+# --------------------------------------------------------------------------------- helpers
+def _num(v: Any) -> Any:
+    """Axolotl's pydantic turns '2e-5' (a string in YAML 1.1) into a float; so do we."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _name(stem: str) -> str:
+    """A recipe name (schema: ^[A-Za-z0-9][A-Za-z0-9_.-]*$) from a file stem."""
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-._")
+    return s or "imported"
+
+
+def guess_model(base_model: str | None, catalog: Sequence[str], is_dir: Callable[[str], bool]) -> str | None:
+    """base_model -> model.config: a local HF folder as is, else a catalog entry whose name is
+    the hub id's basename ('NousResearch/Meta-Llama-3.1-8B' -> 'llama-3.1-8b'), else None."""
+    if not base_model:
+        return None
+    if is_dir(base_model):
+        return base_model
+    base = PurePosixPath(str(base_model)).name.lower()
+    for cand in (base, base.removeprefix("meta-")):
+        if cand in catalog:
+            return cand
+    return None
+
+
+class _Acc:
+    """Values by dotted recipe path (insertion order kept) + comments + notes, built once."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, tuple[Any, str]] = {}
+        self.notes: list[KeyNote] = []
+
+    def set(self, path: str, value: Any, comment: str = "") -> None:
+        self.values[path] = (value, comment)
+
+    def note(self, key: str, status: str, target: str = "", reason: str = "") -> None:
+        self.notes.append(KeyNote(key, status, target, reason))
+
+
+# ---------------------------------------------------------------------------- the groups
+def _model(cfg: Mapping[str, Any], acc: _Acc, model_ref: str | None, lora_on: bool, bf16: bool,
+           is_dir: Callable[[str], bool]) -> None:
+    base = cfg.get("base_model_config") or cfg.get("base_model")
+    key = "base_model_config" if cfg.get("base_model_config") else "base_model"
+    if model_ref:
+        acc.set("model.config", model_ref, f"{key}: {base}" if base != model_ref else key)
+    else:
+        acc.set("model.config", str(base or "TODO"),
+                "TODO: not in meshbake's catalog: point at its config.json or HF folder (or use --model)")
+    local = bool(cfg.get("base_model")) and is_dir(str(cfg["base_model"]))
+    if cfg.get("reinit_weights"):
+        acc.set("model.weights", None, "reinit_weights: true (random init)")
+        acc.note("reinit_weights", "mapped", "model.weights", "null: random init")
+    elif local:
+        acc.set("model.weights", cfg["base_model"], "base_model")
+    else:
+        acc.set("model.weights", None, "TODO: the downloaded HF folder of base_model (null = random init)")
+    if "reinit_weights" in cfg and not cfg.get("reinit_weights"):
+        acc.note("reinit_weights", "implied", "", "weights are loaded from model.weights")
+    for k in ("base_model", "base_model_config"):
+        if k not in cfg:
+            continue
+        if k != key:
+            acc.note(k, "implied", "", f"{key} names the model")
+        elif model_ref and local:
+            acc.note(k, "mapped", "model.config, model.weights")
+        elif model_ref:
+            acc.note(k, "approximated", "model.config",
+                     f"architecture from {model_ref!r}; meshbake reads no hub, so model.weights must name the "
+                     "downloaded HF folder (until set, the run starts from random weights)")
+        else:
+            acc.note(k, "not mapped", "model.config",
+                     f"{base!r} is not in meshbake's catalog and not a local folder: set model.config to its "
+                     "config.json (or pass --model); `meshbake check` fails until then")
+    dtype = "bfloat16" if lora_on and bf16 else "float32"
+    acc.set("model.dtype", dtype, "frozen LoRA base in bf16, as Axolotl loads it" if dtype == "bfloat16" else
+            "fp32 master weights + AdamW state, as FSDP mixed precision keeps them")
+    if "model_type" in cfg:
+        acc.note("model_type", "implied", "", "the architecture comes from config.json")
+    for k in ("load_in_8bit", "load_in_4bit"):
+        if k in cfg:
+            acc.note(k, "not mapped" if cfg[k] else "implied", "",
+                     "quantized base weights (bitsandbytes) are not supported; the frozen base is kept in "
+                     "model.dtype" if cfg[k] else "meshbake does not quantize")
+    if "trust_remote_code" in cfg:
+        acc.note("trust_remote_code", "not mapped" if cfg["trust_remote_code"] else "implied", "",
+                 "meshbake builds transformers' own class for config.json's model_type; remote code never runs")
+
+
+def _world(cfg: Mapping[str, Any], nodes: int | None, gpn: int | None) -> tuple[int, int, str]:
+    """(nodes, gpus_per_node, why). Axolotl takes the world size from its launcher, so it is
+    the product of the parallel sizes when dp_shard_size is given, else one 8-GPU node."""
+    sizes = [int(cfg.get(k) or 1) for k in ("dp_replicate_size", "context_parallel_size", "tensor_parallel_size")]
+    world = sizes[0] * sizes[1] * sizes[2] * int(cfg["dp_shard_size"]) if cfg.get("dp_shard_size") else None
+    if nodes and gpn:
+        return nodes, gpn, "from --nodes / --gpus-per-node"
+    if world is None:
+        g = gpn or 8
+        return nodes or 1, g, "Axolotl takes the world size from its launcher: set your allocation"
+    g = gpn or (8 if world % 8 == 0 else world)
+    return nodes or max(1, world // g), g, f"world {world} = product of the Axolotl parallel sizes"
+
+
+def _mesh(cfg: Mapping[str, Any], acc: _Acc, nodes: int | None, gpn: int | None) -> dict[str, int]:
+    axes = {"dp_replicate": "dp_replicate_size", "dp_shard": "dp_shard_size", "cp": "context_parallel_size",
+            "tp": "tensor_parallel_size"}
+    mesh = {}
+    for ax, key in axes.items():
+        v = cfg.get(key)
+        mesh[ax] = int(v) if v else (-1 if ax == "dp_shard" else 1)
+        acc.set(f"mesh.{ax}", mesh[ax], key if v else "inferred from the world size" if ax == "dp_shard" else "")
+        if key in cfg:
+            acc.note(key, "mapped", f"mesh.{ax}")
+    n, g, why = _world(cfg, nodes, gpn)
+    if mesh["tp"] > 1:
+        acc.set("tp.sequence_parallel", True, "meshbake's choice, no Axolotl key: norms on sequence shards")
+        acc.set("tp.loss_parallel", True, "meshbake's choice: vocab-parallel cross-entropy")
+    acc.set("cluster.nodes", n, why)
+    acc.set("cluster.gpus_per_node", g)
+    acc.set("cluster.gpu_memory_gb", 80, "assumed A100/H100 80GB: set yours")
+    world = n * g
+    dp_shard = mesh["dp_shard"] if mesh["dp_shard"] > 0 else max(1, world // max(1, mesh["dp_replicate"] * mesh["cp"]
+                                                                                   * mesh["tp"]))
+    mesh["dp"] = mesh["dp_replicate"] * dp_shard
+    _fsdp(cfg, acc)
+    return mesh
+
+
+def _fsdp(cfg: Mapping[str, Any], acc: _Acc) -> None:
+    if "fsdp_version" in cfg:
+        v = cfg["fsdp_version"]
+        acc.note("fsdp_version", "implied" if str(v) == "2" else "approximated", "",
+                 "meshbake runs FSDP2" + ("" if str(v) == "2" else f" (not FSDP{v})"))
+    if "fsdp" in cfg:
+        opts = cfg["fsdp"] if isinstance(cfg["fsdp"], list) else str(cfg["fsdp"]).split()
+        odd = [o for o in opts if o not in ("full_shard", "auto_wrap", "hybrid_shard")]
+        acc.note("fsdp", "not mapped" if odd else "implied", "",
+                 f"{odd} not supported (meshbake: FSDP2 full sharding per block)" if odd else
+                 "FSDP2 full sharding per decoder block (hybrid = mesh.dp_replicate)")
+    fc = cfg.get("fsdp_config") if isinstance(cfg.get("fsdp_config"), Mapping) else {}
+    # old style: top-level fsdp_* keys beside fsdp_config
+    items = [(f"fsdp_config.{k}", k, v) for k, v in fc.items()]
+    items += [(k, k, v) for k, v in cfg.items() if k.startswith("fsdp_") and k not in ("fsdp_config", "fsdp_version")]
+    if "fsdp_config" in cfg and not fc:
+        acc.note("fsdp_config", "empty")
+    for key, k, v in items:
+        k = k.removeprefix("fsdp_")
+        if v is None:
+            acc.note(key, "empty")
+        elif k in _FSDP_IMPLIED:
+            acc.note(key, "implied", "", _FSDP_IMPLIED[k])
+        elif k == "reshard_after_forward":
+            acc.note(key, "implied" if v else "not mapped", "",
+                     "meshbake reshards after forward (ZeRO-3 style)" if v else
+                     "meshbake always reshards after forward (keeping gathered params is not supported)")
+        elif k == "offload_params":
+            acc.note(key, "not mapped" if v else "implied", "",
+                     "CPU offload is not supported: parameters stay on the GPU (the memory check counts them)"
+                     if v else "no offload")
+        elif k == "sharding_strategy":
+            ok = str(v).upper() in ("FULL_SHARD", "HYBRID_SHARD", "1", "4")
+            acc.note(key, "implied" if ok else "not mapped", "",
+                     "full sharding over mesh.dp_shard (HYBRID = mesh.dp_replicate)" if ok else
+                     f"{v} is not supported: meshbake shards parameters, grads and optimizer state (FULL_SHARD)")
+        elif k == "activation_checkpointing":
+            acc.set("train.activation_checkpointing", "full" if v else "none", key)
+            acc.note(key, "mapped", "train.activation_checkpointing")
+        else:
+            acc.note(key, "not mapped", "", "FSDP option unknown to the importer")
+
+
+def _steps(cfg: Mapping[str, Any], acc: _Acc) -> int:
+    if cfg.get("max_steps"):
+        steps = int(cfg["max_steps"])
+        acc.set("train.steps", steps, "max_steps")
+        acc.note("max_steps", "mapped", "train.steps")
+        if "num_epochs" in cfg:
+            acc.note("num_epochs", "implied", "", "max_steps takes precedence over num_epochs in Axolotl too")
+        return steps
+    steps = 1000
+    acc.set("train.steps", steps, f"TODO: num_epochs {cfg.get('num_epochs', 1)} x samples / global_batch_size")
+    acc.note("num_epochs", "pending", "train.steps",
+             f"{PENDING_DATA}: meshbake counts optimizer steps and an epoch's length needs the prepared dataset; "
+             "train.steps is a placeholder (1000)")
+    return steps
+
+
+def _schedule(cfg: Mapping[str, Any], acc: _Acc, lr: float, steps: int) -> None:
+    sched = cfg.get("lr_scheduler") or "cosine"
+    ours = _SCHEDULES.get(str(sched))
+    acc.set("train.lr_schedule", ours or "cosine", "lr_scheduler" if "lr_scheduler" in cfg else "Axolotl's default")
+    if "lr_scheduler" in cfg:
+        acc.note("lr_scheduler", "mapped" if ours else "approximated", "train.lr_schedule",
+                 "" if ours else f"{sched!r} is not supported: linear warmup then cosine decay instead")
+    ratio = cfg.get("cosine_min_lr_ratio")
+    min_lr = lr * float(ratio) if ratio is not None and ours in (None, "cosine") else 0.0
+    acc.set("train.min_lr", min_lr, f"= lr x cosine_min_lr_ratio {ratio}" if ratio is not None else
+            "HF schedules decay to 0")
+    if ratio is not None:
+        acc.note("cosine_min_lr_ratio", "mapped" if ours in (None, "cosine") else "not mapped", "train.min_lr",
+                 "" if ours in (None, "cosine") else "only applies to the cosine schedule")
+    if sched == "constant":                   # HF's `constant` has no warmup at all
+        warm, why = 0, "HF's constant schedule ignores warmup"
+    elif cfg.get("warmup_steps") is not None:
+        warm, why = int(cfg["warmup_steps"]), "warmup_steps"
+    elif cfg.get("warmup_ratio") is not None:
+        warm = round(float(cfg["warmup_ratio"]) * steps)
+        why = f"= warmup_ratio {cfg['warmup_ratio']} x {steps} steps"
+    else:
+        warm, why = 0, ""
+    acc.set("train.warmup_steps", warm, why)
+    for k in ("warmup_steps", "warmup_ratio"):
+        if k in cfg and cfg[k] is not None:
+            approx = k == "warmup_ratio" and not cfg.get("max_steps")
+            acc.note(k, "approximated" if approx else "mapped", "train.warmup_steps",
+                     "computed from the placeholder train.steps: recompute with the real step count" if approx
+                     else "")
+
+
+def _optimizer(cfg: Mapping[str, Any], acc: _Acc) -> None:
+    opt = str(cfg.get("optimizer") or "adamw_torch_fused")
+    if "optimizer" in cfg:
+        if opt in _ADAMW_SAME:
+            acc.note("optimizer", "mapped", "train (AdamW)", "meshbake's AdamW (torch, foreach kernels)")
+        elif opt in _ADAMW_LOWBIT:
+            acc.note("optimizer", "approximated", "train (AdamW)",
+                     f"{opt}: low-bit / paged optimizer state is not supported; AdamW keeps fp32 state "
+                     "(8 bytes per trainable param, counted by the memory check)")
+        else:
+            acc.note("optimizer", "not mapped", "train (AdamW)",
+                     f"{opt} is not supported: meshbake trains with AdamW")
+    b1, b2 = float(_num(cfg.get("adam_beta1") or 0.9)), float(_num(cfg.get("adam_beta2") or 0.999))
+    acc.set("train.betas", [b1, b2], "adam_beta1/2 (HF Trainer default 0.9, 0.999)")
+    eps = float(_num(cfg.get("adam_epsilon") or 1e-8))
+    acc.set("train.eps", eps, "adam_epsilon" if "adam_epsilon" in cfg else "")
+    wd = float(_num(cfg.get("weight_decay") or 0.0))
+    acc.set("train.weight_decay", wd, "weight_decay (Axolotl default 0.0)")
+    clip = cfg.get("max_grad_norm")
+    acc.set("train.grad_clip", float(_num(clip)) if clip is not None else 1.0,
+            "max_grad_norm" if clip is not None else "HF Trainer default max_grad_norm 1.0")
+    for k, t in (("adam_beta1", "train.betas"), ("adam_beta2", "train.betas"), ("adam_epsilon", "train.eps"),
+                 ("weight_decay", "train.weight_decay"), ("max_grad_norm", "train.grad_clip")):
+        if k in cfg and cfg[k] is not None:
+            acc.note(k, "mapped", t)
+
+
+def _precision(cfg: Mapping[str, Any], acc: _Acc) -> bool:
+    bf16, fp16 = cfg.get("bf16"), cfg.get("fp16")
+    if bf16 in (True, "auto", "true"):
+        dt, why = "bfloat16", "bf16: " + str(bf16).lower()
+    elif fp16:
+        dt, why = "float16", "fp16: true"
+    else:
+        dt, why = "float32", "no bf16/fp16: fp32 training"
+    acc.set("train.mixed_precision.param_dtype", dt, why)
+    acc.set("train.mixed_precision.reduce_dtype", "float32", "gradients reduce-scattered in fp32")
+    if "bf16" in cfg and cfg["bf16"] is not None:
+        acc.note("bf16", "approximated" if bf16 == "auto" else "mapped", "train.mixed_precision.param_dtype",
+                 "auto = bf16 where the GPU has it (A100/H100 do): written as bfloat16" if bf16 == "auto" else "")
+    if "fp16" in cfg and cfg["fp16"] is not None:
+        acc.note("fp16", "mapped", "train.mixed_precision.param_dtype")
+    return dt == "bfloat16"
+
+
+def _train(cfg: Mapping[str, Any], acc: _Acc, mesh: Mapping[str, int]) -> None:
+    seq = int(cfg.get("sequence_len") or 512)
+    acc.set("train.seq_len", seq, "sequence_len" if cfg.get("sequence_len") else "Axolotl's default sequence_len")
+    mbs, ga = int(cfg.get("micro_batch_size") or 1), int(cfg.get("gradient_accumulation_steps") or 1)
+    acc.set("train.micro_batch_size", mbs, "micro_batch_size")
+    acc.set("train.global_batch_size", mbs * ga * mesh["dp"],
+            f"= micro_batch_size {mbs} x gradient_accumulation_steps {ga} x dp {mesh['dp']}")
+    acc.set("train.grad_accum", ga, "gradient_accumulation_steps")
+    for k, t in (("sequence_len", "train.seq_len"), ("micro_batch_size", "train.micro_batch_size"),
+                 ("gradient_accumulation_steps", "train.grad_accum, train.global_batch_size")):
+        if k in cfg and cfg[k] is not None:
+            acc.note(k, "mapped", t)
+    if cfg.get("batch_size"):
+        acc.note("batch_size", "not mapped", "",
+                 "deprecated in Axolotl; meshbake derives the global batch from micro_batch_size and accumulation")
+    steps = _steps(cfg, acc)
+    lr = float(_num(cfg.get("learning_rate") or 3e-4))
+    acc.set("train.lr", lr, "learning_rate")
+    if "learning_rate" in cfg:
+        acc.note("learning_rate", "mapped", "train.lr")
+    _schedule(cfg, acc, lr, steps)
+    _optimizer(cfg, acc)
+    seed = cfg.get("seed")
+    acc.set("train.seed", int(seed) if seed is not None else 42,
+            "seed" if seed is not None else "HF Trainer default seed")
+    if seed is not None:
+        acc.note("seed", "mapped", "train.seed")
+    gc = cfg.get("gradient_checkpointing")
+    if "gradient_checkpointing" in cfg and gc is not None:
+        acc.set("train.activation_checkpointing", "full" if gc else "none", "gradient_checkpointing")
+        off = gc == "offload"
+        acc.note("gradient_checkpointing", "approximated" if off else "mapped", "train.activation_checkpointing",
+                 "activations are recomputed, not offloaded" if off else "")
+    if "gradient_checkpointing_kwargs" in cfg:
+        acc.note("gradient_checkpointing_kwargs", "implied", "",
+                 "meshbake's activation checkpointing is torch's non-reentrant checkpoint per block")
+    if "torch_compile" in cfg and cfg["torch_compile"] is not None:
+        acc.set("train.compile", bool(cfg["torch_compile"]) and cfg["torch_compile"] != "auto", "torch_compile")
+        acc.note("torch_compile", "mapped", "train.compile")
+    if cfg.get("logging_steps"):
+        acc.set("train.log_every", int(cfg["logging_steps"]), "logging_steps")
+        acc.note("logging_steps", "mapped", "train.log_every")
+
+
+def _lora(cfg: Mapping[str, Any], acc: _Acc, linears: Sequence[str]) -> bool:
+    adapter = cfg.get("adapter")
+    if not adapter:
+        for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_linear"):
+            if k in cfg and cfg[k] is not None:
+                acc.note(k, "implied", "", "no adapter: full fine-tuning")
+        if "adapter" in cfg:
+            acc.note("adapter", "empty")
+        return False
+    if adapter not in ("lora", "qlora") or not cfg.get("lora_r"):
+        acc.note("adapter", "not mapped", "",
+                 f"adapter {adapter!r} is not supported (LoRA only)" if adapter not in ("lora", "qlora") else
+                 "lora_r is missing: no LoRA rank to carry over")
+        return False
+    acc.note("adapter", "approximated" if adapter == "qlora" else "mapped", "lora.rank",
+             "QLoRA's 4-bit base becomes a bf16 base (LoRA): 2 bytes per frozen param instead of ~0.5" if
+             adapter == "qlora" else "")
+    acc.set("lora.rank", int(cfg["lora_r"]), "lora_r")
+    acc.note("lora_r", "mapped", "lora.rank")
+    acc.set("lora.alpha", float(_num(cfg.get("lora_alpha") or cfg["lora_r"])),
+            "lora_alpha" if cfg.get("lora_alpha") else "PEFT's default alpha = r")
+    if cfg.get("lora_alpha") is not None:
+        acc.note("lora_alpha", "mapped", "lora.alpha")
+    drop = float(_num(cfg.get("lora_dropout") or 0.0))
+    acc.set("lora.dropout", 0.0, f"lora_dropout {drop} not supported" if drop else "lora_dropout")
+    if cfg.get("lora_dropout") is not None:
+        acc.note("lora_dropout", "approximated" if drop else "mapped", "lora.dropout",
+                 "adapter-input dropout is not supported (the runtime adds s*B*A to the weight, so there is no "
+                 "separate adapter input): written as 0.0" if drop else "")
+    mods = cfg.get("lora_target_modules") or []
+    mods = [mods] if isinstance(mods, str) else list(mods)
+    targets = list(dict.fromkeys(mods + (list(linears) if cfg.get("lora_target_linear") else [])))
+    if not targets:
+        targets = ["q_proj", "v_proj"]          # PEFT's default for Llama-family models
+    acc.set("lora.targets", targets, "lora_target_linear: every Linear of the blocks" if cfg.get("lora_target_linear")
+            else "lora_target_modules" if mods else "PEFT's default q_proj, v_proj")
+    for k in ("lora_target_modules", "lora_target_linear"):
+        if k in cfg and cfg[k] is not None:
+            acc.note(k, "mapped" if cfg[k] else "implied", "lora.targets")
+    return True
+
+
+def _data(cfg: Mapping[str, Any], acc: _Acc, is_dir: Callable[[str], bool]) -> None:
+    """Today's data section has one jsonl/text source and no formats: a single local
+    completion / pretrain file maps; everything else waits for the data redesign."""
+    ds = cfg.get("datasets") or cfg.get("pretraining_dataset") or []
+    ds = ds if isinstance(ds, list) else [ds]
+    one = ds[0] if len(ds) == 1 and isinstance(ds[0], Mapping) else None
+    path = str(one.get("path", "")) if one else ""
+    kind = str(one.get("type") or "completion") if one else ""
+    local = path.endswith((".jsonl", ".json", ".txt")) and kind in ("completion", "pretrain")
+    tok = cfg.get("tokenizer_config") or (cfg.get("base_model") if is_dir(str(cfg.get("base_model", ""))) else None)
+    if local:
+        acc.set("data.source", "text" if path.endswith(".txt") else "jsonl", f"datasets[0].type: {kind}")
+        acc.set("data.path", path, "datasets[0].path")
+        if path.endswith((".jsonl", ".json")):
+            acc.set("data.text_field", str(one.get("field") or "text"), "datasets[0].field")
+    else:
+        acc.set("data.source", "synthetic", "TODO: datasets are not mapped yet (data formats pending): "
+                "until then this trains on seeded random tokens")
+    if tok:
+        acc.set("data.tokenizer", tok, "tokenizer_config" if cfg.get("tokenizer_config") else "base_model")
+    for k in sorted(_DATA_KEYS & set(cfg)):
+        if cfg[k] is None:
+            acc.note(k, "empty")
+        elif k in ("datasets", "pretraining_dataset") and local:
+            acc.note(k, "mapped", "data.source, data.path", f"one local {kind} file")
+        elif k == "tokenizer_config" and tok:
+            acc.note(k, "mapped", "data.tokenizer")
+        else:
+            acc.note(k, "pending", "", _pending_why(k, cfg[k]))
+
+
+def _pending_why(k: str, v: Any) -> str:
+    if k in ("datasets", "pretraining_dataset", "test_datasets") and isinstance(v, list):
+        what = ", ".join(f"{d.get('path')} ({d.get('type', 'completion')})" for d in v if isinstance(d, Mapping))
+        return f"{PENDING_DATA}: {what}"
+    return PENDING_DATA
+
+
+def _checkpoint(cfg: Mapping[str, Any], acc: _Acc, steps_known: bool) -> None:
+    if cfg.get("output_dir"):
+        acc.set("run_dir", str(cfg["output_dir"]).rstrip("/") or ".", "output_dir (metrics + DCP checkpoints; "
+                "`meshbake export` writes the HF folder)")
+        acc.note("output_dir", "mapped", "run_dir")
+    save_steps, strat = cfg.get("save_steps"), cfg.get("save_strategy")
+    if strat == "no":
+        acc.set("checkpoint.every_steps", 0, "save_strategy: no (the final model is still saved)")
+    elif isinstance(save_steps, int) and save_steps >= 1:
+        acc.set("checkpoint.every_steps", save_steps, "save_steps")
+    elif isinstance(save_steps, float) and 0 < save_steps < 1 and steps_known:
+        acc.set("checkpoint.every_steps", max(1, round(save_steps * cfg["max_steps"])),
+                f"= save_steps {save_steps} x max_steps")
+    if save_steps is not None:
+        ok = isinstance(save_steps, int) or steps_known
+        acc.note("save_steps", "mapped" if ok else "pending", "checkpoint.every_steps",
+                 "" if ok else f"{PENDING_DATA}: a fraction of an unknown step count")
+    if strat is not None:
+        acc.note("save_strategy", "mapped" if strat in ("no", "steps") else "pending", "checkpoint.every_steps",
+                 "" if strat in ("no", "steps") else f"{PENDING_DATA}: per-epoch saves need the epoch length")
+    if cfg.get("saves_per_epoch") is not None:
+        acc.note("saves_per_epoch", "pending", "checkpoint.every_steps",
+                 f"{PENDING_DATA}: per-epoch saves need the epoch length; meshbake saves at the end "
+                 "(checkpoint.save_on_exit) and on preemption")
+    if cfg.get("save_total_limit"):
+        acc.set("checkpoint.keep", int(cfg["save_total_limit"]), "save_total_limit")
+        acc.note("save_total_limit", "mapped", "checkpoint.keep")
+
+
+def _tracking(cfg: Mapping[str, Any], acc: _Acc) -> None:
+    keys = sorted(k for k in cfg if k.startswith("wandb_") or k in ("use_tensorboard", "use_mlflow",
+                                                                     "mlflow_tracking_uri", "use_comet"))
+    project, mode = cfg.get("wandb_project"), str(cfg.get("wandb_mode") or "online")
+    if cfg.get("use_tensorboard"):
+        acc.set("tracking.tensorboard", True, "use_tensorboard (<run_dir>/tensorboard/)")
+    on = bool(project) and mode != "disabled"
+    if on:
+        acc.set("tracking.wandb.project", str(project), "wandb_project")
+        for k in ("entity", "name"):
+            if cfg.get(f"wandb_{k}"):
+                acc.set(f"tracking.wandb.{k}", str(cfg[f"wandb_{k}"]), f"wandb_{k}")
+        acc.set("tracking.wandb.mode", "offline" if mode == "offline" else "online",
+                "wandb_mode" if cfg.get("wandb_mode") else
+                "Axolotl's default: online (WANDB_API_KEY via cluster.env_pass)")
+    direct = {"use_tensorboard": "tracking.tensorboard", "wandb_project": "tracking.wandb.project",
+              "wandb_entity": "tracking.wandb.entity", "wandb_name": "tracking.wandb.name",
+              "wandb_mode": "tracking.wandb.mode"}
+    for k in keys:
+        v = cfg[k]
+        if v is None or v is False or v == "":
+            acc.note(k, "empty")
+        elif k in direct and (on or k == "use_tensorboard"):
+            approx = k == "wandb_mode" and mode not in ("online", "offline")
+            acc.note(k, "approximated" if approx else "mapped", direct[k],
+                     f"mode {mode!r} written as online" if approx else "")
+        elif k == "wandb_mode" and mode == "disabled":
+            acc.note(k, "mapped", "", "W&B off: no tracking.wandb section")
+        elif k == "wandb_log_model":
+            acc.note(k, "not mapped", "", "models are not uploaded to W&B; `meshbake export` writes the HF folder")
+        elif k == "wandb_watch":
+            acc.note(k, "not mapped", "", "gradient / parameter histograms are not logged (grad norm is)")
+        else:
+            acc.note(k, "not mapped", "", "tracker option not supported (meshbake: TensorBoard and W&B)")
+
+
+def _linear_leaves(model_config: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """Leaf names of the Linear layers inside the decoder blocks (Axolotl's lora_target_linear
+    targets all of them but lm_head); a Llama-family list when the model is unknown."""
+    if not model_config:
+        return LLAMA_LINEARS
+    from compiler.errors import Err
+    from compiler.model import model_spec
+
+    spec = model_spec(model_config, "import")
+    if isinstance(spec, Err):
+        return LLAMA_LINEARS
+    pre = spec.block_prefix + "."
+    return tuple(dict.fromkeys(m.fqn.rpartition(".")[2] for m in spec.modules
+                               if m.kind == "linear" and m.fqn.startswith(pre)))
+
+
+# ------------------------------------------------------------------------------ entry point
+def import_axolotl(cfg: Mapping[str, Any], name: str, *, source: str, model_ref: str | None,
+                   model_config: Mapping[str, Any] | None = None, nodes: int | None = None,
+                   gpus_per_node: int | None = None, is_dir: Callable[[str], bool] = lambda p: False) -> Imported:
+    """Axolotl config dict -> Imported (recipe text + a note for every key). `model_ref` is
+    the model.config to write (guess_model's answer or --model), `model_config` its config.json."""
+    acc = _Acc()
+    name = _name(name)
+    acc.set("name", name, f"from {source}")
+    lora_on = bool(cfg.get("adapter") in ("lora", "qlora") and cfg.get("lora_r"))
+    bf16 = cfg.get("bf16") in (True, "auto", "true")
+    _model(cfg, acc, model_ref, lora_on, bf16, is_dir)
+    mesh = _mesh(cfg, acc, nodes, gpus_per_node)
+    _train(cfg, acc, mesh)
+    _precision(cfg, acc)
+    _lora(cfg, acc, _linear_leaves(model_config))
+    _data(cfg, acc, is_dir)
+    _checkpoint(cfg, acc, bool(cfg.get("max_steps")))
+    _tracking(cfg, acc)
+    _rest(cfg, acc)
+    notes = _complete(cfg, acc.notes)
+    return Imported(name, render(acc.values, notes, source), notes)
+
+
+def _rest(cfg: Mapping[str, Any], acc: _Acc) -> None:
+    """Every key no group handled: empty, implied, or not mapped with the reason."""
+    seen = {n.key for n in acc.notes}
+    for k in cfg:
+        if k in seen or k.startswith("fsdp_"):
+            continue
+        v = cfg[k]
+        if v is None or v == "" or v == [] or v == {}:
+            acc.note(k, "empty")
+        elif k in _IMPLIED_TRUE:
+            acc.note(k, "implied" if v else "not mapped", "", _IMPLIED_TRUE[k])
+        elif k == "attn_implementation":
+            acc.note(k, "implied" if v in _ATTN_IMPLEMENTATIONS else "not mapped", "", _ATTN)
+        elif k.startswith("liger_"):
+            acc.note(k, "not mapped", "", _PLUGIN)
+        elif k in _NOT_MAPPED:
+            implied = _NOT_MAPPED[k].startswith("implied")
+            acc.note(k, "implied" if implied else "not mapped", "", _NOT_MAPPED[k].removeprefix("implied: "))
+        else:
+            acc.note(k, "not mapped", "", "no meshbake equivalent known to the importer")
+
+
+def _complete(cfg: Mapping[str, Any], notes: list[KeyNote]) -> tuple[KeyNote, ...]:
+    """One note per top-level key (nested fsdp_config.* notes kept too), in the config's order."""
+    by_key: dict[str, KeyNote] = {}
+    for n in notes:
+        by_key.setdefault(n.key, n)
+    order = {k: i for i, k in enumerate(cfg)}
+    return tuple(sorted(by_key.values(), key=lambda n: (order.get(n.key.split(".")[0], len(order)), n.key)))
+
+
+# -------------------------------------------------------------------------------- rendering
+def _fmt(v: Any) -> str:
+    """One YAML flow value that meshbake's strict loader reads back as the same value."""
+    if isinstance(v, bool) or v is None:
+        return {True: "true", False: "false", None: "null"}[v]
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        r = repr(v)
+        mant, e, exp = r.partition("e")
+        return f"{mant}.0e{exp}" if e and "." not in mant else r
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return yaml.safe_dump(str(v), width=10_000).splitlines()[0]
+
+
+def render(values: Mapping[str, tuple[Any, str]], notes: Sequence[KeyNote], source: str) -> str:
+    tree: dict[str, Any] = {}
+    for path, vc in values.items():
+        node = tree
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = vc
+    counts = {s: sum(n.status == s for n in notes) for s in STATUSES}
+    lines = [f"# imported from the Axolotl config {source} by `meshbake import axolotl`.",
+             f"# {len(notes)} Axolotl keys: " + ", ".join(f"{c} {s}" for s, c in counts.items() if c) + ";",
+             "# each is listed at the end with the reason. Lines marked TODO need your input.",
+             "# Check the result with: meshbake check THIS_FILE"]
+    for sec in SECTIONS:
+        if sec in tree:
+            lines += _render_node(sec, tree[sec], 0)
+    lines += ["", "# ---- Axolotl keys and what became of them ----"]
+    for s in STATUSES:
+        for n in (n for n in notes if n.status == s):
+            tgt = f" -> {n.target}" if n.target else ""
+            why = f": {n.reason}" if n.reason else ""
+            lines.append(f"# {s:<12} {n.key}{tgt}{why}")
+    return "\n".join(lines) + "\n"
+
+
+def _render_node(key: str, node: Any, depth: int) -> list[str]:
+    pad = "  " * depth
+    if isinstance(node, dict):
+        out = [f"{pad}{key}:"]
+        for k, v in node.items():
+            out += _render_node(k, v, depth + 1)
+        return out
+    value, comment = node
+    line = f"{pad}{key}: {_fmt(value)}"
+    return [f"{line:<34}  # {comment}" if comment else line]
+
+
+__all__ = ["Imported", "KeyNote", "STATUSES", "guess_model", "import_axolotl", "render"]

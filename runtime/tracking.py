@@ -1,0 +1,99 @@
+"""Experiment trackers fed by MetricsLog on rank 0: TensorBoard event files and Weights & Biases.
+
+Both packages are optional: they are imported only when plan.tracking turns them on (preflight
+refuses to start a run whose python lacks them), so a bundle with tracking off runs with torch +
+transformers alone. Every numeric field of a metrics.jsonl record becomes a scalar: `loss` ->
+`train/loss`, `eval_loss` -> `eval/loss`, at the record's optimizer step.
+
+W&B: the run id is kept in <run_dir>/wandb-run-id, so a requeued or restarted job continues
+the same W&B run (resume="allow") instead of starting a new one per preemption. Offline mode
+writes <run_dir>/wandb/offline-run-*/ without any network; `wandb sync` uploads it later. The
+API key is read by wandb from WANDB_API_KEY in the job's environment, never from the plan.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from runtime.plan import Plan, plan_to_dict
+
+
+def tag(key: str) -> str:
+    """metrics.jsonl key -> tracker tag: eval_* under eval/, everything else under train/."""
+    return f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+
+
+def scalars(rec: dict[str, Any]) -> dict[str, float]:
+    return {tag(k): float(v) for k, v in rec.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def run_config(plan: Plan) -> dict[str, Any]:
+    """The plan summary as the run's config: everything but the per-module placement table
+    and the full config.json (hundreds of keys nobody filters runs by)."""
+    d = plan_to_dict(plan)
+    d["tp"].pop("placements", None)
+    cfg = d["model"].pop("config", {})
+    d["model"].update({k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers",
+                                               "num_attention_heads", "num_key_value_heads", "vocab_size")})
+    return d
+
+
+def summary_text(plan: Plan) -> str:
+    m, t = plan.mesh, plan.train
+    return (f"{plan.name}: {plan.model.source} ({plan.model.num_params:,} params), world {m.world} = "
+            f"dp_replicate {m.dp_replicate} x dp_shard {m.dp_shard} x cp {m.cp} x tp {m.tp} on {m.nodes} x "
+            f"{m.procs_per_node} {m.device}; {t.steps} steps x {t.global_batch_size} x {t.seq_len} tokens, "
+            f"lr {t.lr:g} {t.lr_schedule}; lora rank {plan.lora.rank}")
+
+
+def _wandb_id(run_dir: Path) -> str:
+    path = run_dir / "wandb-run-id"
+    if path.is_file():
+        return path.read_text().strip()
+    rid = os.urandom(6).hex()
+    path.write_text(rid + "\n")
+    return rid
+
+
+class Trackers:
+    """Open on rank 0 only (MetricsLog creates it when enabled)."""
+
+    def __init__(self, plan: Plan, run_dir: Path, info: Callable[[str], None]):
+        t = plan.tracking
+        self.tb = self.wb = None
+        if t.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.tb.add_text("plan", summary_text(plan), 0)
+            info(f"tensorboard: writing {run_dir / 'tensorboard'}")
+        if t.wandb_project:
+            os.environ.setdefault("WANDB_SILENT", "true")
+            try:
+                import wandb
+
+                self.wb = wandb.init(project=t.wandb_project, entity=t.wandb_entity, name=t.wandb_name or plan.name,
+                                     mode=t.wandb_mode, dir=str(run_dir), id=_wandb_id(run_dir), resume="allow",
+                                     config=run_config(plan), tags=list(t.wandb_tags))
+                info(f"wandb: {t.wandb_mode} run {self.wb.id} in project {t.wandb_project}")
+            except Exception as e:     # noqa: BLE001  a tracker must never stop a training job
+                info(f"wandb: could not start ({type(e).__name__}: {e}); training continues without it")
+
+    def log(self, rec: dict[str, Any]) -> None:
+        vals, step = scalars(rec), int(rec["step"])
+        if self.tb is not None:
+            for k, v in vals.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()            # an event file complete after every logged step (jobs get killed)
+        if self.wb is not None:
+            self.wb.log(vals, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self.wb is not None:
+            self.wb.finish()
+            self.wb = None

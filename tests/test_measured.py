@@ -1,0 +1,81 @@
+"""What PyTorch really does per rank, measured in one real torchrun (gloo, CPU, world 4):
+the dtype of every gradient collective as issued, and (later cases) peak tensor memory.
+
+One launch runs every case (tests/dist/measure.py); a torchrun start costs 5-10 s here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.dist
+WORLD = 4
+
+
+def plan_dict(name: str, *, dp_replicate=1, dp_shard=1, tp=1, cp=1, sp=False, lp=False, model="tiny-llama",
+              seq=32, mbs=2, gbs=None, ac="none", param_dtype="float32", reduce_dtype="float32", lora=0) -> dict:
+    from compiler.pipeline import compile_recipe
+
+    dp = dp_replicate * dp_shard
+    recipe = {
+        "name": name,
+        "model": {"config": model, "dtype": "float32"},
+        "mesh": {"dp_replicate": dp_replicate, "dp_shard": dp_shard, "cp": cp, "tp": tp},
+        "tp": {"sequence_parallel": sp, "loss_parallel": lp},
+        "cluster": {"nodes": 1, "gpus_per_node": WORLD, "device": "cpu", "gpu_memory_gb": 8},
+        "train": {"seq_len": seq, "micro_batch_size": mbs, "global_batch_size": gbs or mbs * dp, "steps": 2,
+                  "lr": 1e-3, "warmup_steps": 1, "activation_checkpointing": ac,
+                  "mixed_precision": {"param_dtype": param_dtype, "reduce_dtype": reduce_dtype}},
+        "data": {"source": "synthetic"},
+        "checkpoint": {"every_steps": 0, "save_on_exit": False},
+        "lora": {"rank": lora, "alpha": 8, "targets": ["q_proj", "v_proj", "o_proj", "down_proj"]},
+    }
+    b = compile_recipe(yaml.safe_dump(recipe), source=name)
+    assert hasattr(b, "files"), b
+    return json.loads(b.files["plan.json"])
+
+
+CASES = {
+    # bf16 compute over fp32 masters, gradients reduced in fp32 (the 70B recipes' policy)
+    "reduce_fp32_fsdp": dict(dp_shard=2, tp=2, sp=True, lp=True, param_dtype="bfloat16"),
+    "reduce_fp32_hsdp": dict(dp_replicate=2, dp_shard=2, param_dtype="bfloat16"),
+}
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("measure")
+    cases = [{"name": n, "plan": plan_dict(n, **kw)} for n, kw in CASES.items()]
+    (tmp / "cases.json").write_text(json.dumps(cases))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
+           str(ROOT / "tests/dist/measure.py"), str(tmp / "cases.json"), str(tmp / "out.json")]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp)
+    assert p.returncode == 0, p.stderr[-6000:]
+    out = json.loads((tmp / "out.json").read_text())
+    return {c["name"]: dict(out[c["name"]], plan=c["plan"]) for c in cases}
+
+
+@pytest.mark.parametrize("name", ["reduce_fp32_fsdp", "reduce_fp32_hsdp"])
+def test_gradients_are_reduced_in_reduce_dtype(measured, name):
+    """plan.json says reduce_dtype float32 with param_dtype bfloat16: the gradient
+    reduce-scatter (and HSDP's all-reduce across replicas) must run in float32 as issued.
+    FSDP2 reads reduce_dtype=None as 'reduce in param_dtype', i.e. bf16."""
+    r = measured[name]
+    assert r["plan"]["train"]["mixed_precision"] == {"param_dtype": "bfloat16", "reduce_dtype": "float32"}
+    for rank in r["ranks"]:
+        rs = [c for c in rank["collectives"] if c["op"].startswith("reduce_scatter")]
+        assert rs, rank["collectives"]
+        assert {c["dtype"] for c in rs} == {"float32"}, rs
+        if r["plan"]["mesh"]["dp_replicate"] > 1:    # HSDP: the replica all-reduce of the same grads
+            ar = [c for c in rank["collectives"] if c["op"] == "all_reduce" and c["group_size"] == 2
+                  and c["numel"] > 2]
+            assert ar and {c["dtype"] for c in ar} == {"float32"}, ar

@@ -2,7 +2,8 @@
 
     torchrun --standalone --nproc-per-node 4 tests/dist/packed_worker.py CASES_JSON OUT_DIR
 
-CASES_JSON: [{"name", "plan": plan.json dict, "input_ids", "labels", "position_ids": [[...T]]}]
+CASES_JSON: [{"name", "plan": plan.json dict, "input_ids", "labels", "position_ids": [[...T]]}
+             | {"name", "kind": "resume", "plans": [full, first, second], "dir": run root}]
 Every rank feeds the same row (dp copies average to the same gradient). Rank 0 saves, per case,
 OUT_DIR/<name>.pt = {"tok_loss": (T,) per-token loss in global order, "grads": {fqn: full grad}}
 of sum(token losses) -- what test_packing.py compares with each document run alone.
@@ -60,12 +61,28 @@ def run_case(case: dict, out: Path) -> None:
     dist.barrier()
 
 
+def resume_case(case: dict, out: Path) -> None:
+    """Prepared data, a run straight through (full) vs. the same run stopped after a checkpoint on
+    one mesh (first) and resumed on another dp size (second): the resumed steps must read the
+    next unseen samples, so their losses equal the straight run's."""
+    from runtime.train import run
+
+    full, first, second = (P.from_dict(d) for d in case["plans"])
+    root = Path(case["dir"])
+    a = run(full, root / "full")
+    run(first, root / "split")
+    b = run(second, root / "split")
+    if dist.get_rank() == 0:
+        (out / f"{case['name']}.json").write_text(json.dumps({"full": a.losses, "resumed": b.losses}))
+    dist.barrier()
+
+
 def main(cases_path: str, out_dir: str) -> int:
     cases = json.loads(Path(cases_path).read_text())
     init_distributed(cases[0]["plan"]["mesh"]["backend"])
     try:
         for case in cases:
-            run_case(case, Path(out_dir))
+            (resume_case if case.get("kind") == "resume" else run_case)(case, Path(out_dir))
     finally:
         dist.destroy_process_group()
     return 0

@@ -2,7 +2,7 @@
 restarting at 0 each, some labels masked as prompts) gives the same per-document losses and
 the same gradients as running each document alone, fp32 on CPU, rtol 1e-5:
   - single process, HF sdpa with position_ids (transformers builds the block-causal mask);
-  - torchrun world 4: dp_shard 2 x tp 2 with sequence parallel, dp_shard 2 x cp 2 and
+  - torchrun world 4: dp_shard 2 x tp 2 with sequence + loss parallel, dp_shard 2 x cp 2 and
     cp 2 x tp 2 (runtime/cp.py's document-aware mask), one launch for all three.
 A control without position_ids (one causal sequence) must differ, so the test can fail.
 The same launch resumes a run on prepared data after a dp reshard (dp_shard 4 -> dp_shard 2 x
@@ -31,9 +31,9 @@ RTOL = 1e-5
 def plan_for(name: str, world: int, **mesh) -> dict:
     from compiler.pipeline import compile_recipe
 
-    sp = mesh.pop("sp", False)
+    sp, lp = mesh.pop("sp", False), mesh.pop("lp", False)
     r = {"name": name, "model": {"config": "tiny-llama", "dtype": "float32"}, "mesh": {"dp_shard": 1, **mesh},
-         "tp": {"sequence_parallel": sp, "loss_parallel": False},
+         "tp": {"sequence_parallel": sp, "loss_parallel": lp},
          "cluster": {"nodes": 1, "gpus_per_node": world, "device": "cpu", "gpu_memory_gb": 8},
          "train": {"seq_len": T, "micro_batch_size": 1, "global_batch_size": mesh.get("dp_shard", 1), "steps": 1,
                    "mixed_precision": {"param_dtype": "float32", "reduce_dtype": "float32"}},
@@ -114,7 +114,7 @@ def test_packed_row_equals_documents_alone_single_process(reference):
     assert float(((per_doc(leak_tok) - want_loss).abs() / want_loss.abs())[1:].min()) > 1e-3
 
 
-CASES = {"dp_shard2_tp2_sp": dict(dp_shard=2, tp=2, sp=True), "dp_shard2_cp2": dict(dp_shard=2, cp=2),
+CASES = {"dp_shard2_tp2_sp_lp": dict(dp_shard=2, tp=2, sp=True, lp=True), "dp_shard2_cp2": dict(dp_shard=2, cp=2),
          "cp2_tp2_sp": dict(cp=2, tp=2, sp=True)}
 
 
@@ -159,6 +159,8 @@ def test_packed_row_equals_documents_alone_under_tp_sp_and_cp(reference, tmp_pat
         rel_grad = max_rel(got["grads"], want_grads)
         print(f"{name}: max rel per-document loss diff {rel_loss:.1e}, grad diff {rel_grad:.1e}")
         assert rel_loss < RTOL and rel_grad < RTOL, (name, rel_loss, rel_grad)
+        if got["lp_sum"] is not None:     # loss parallel's vocab-sharded CE skips the -100 labels too
+            assert abs(got["lp_sum"] - float(want_loss.sum())) / float(want_loss.sum()) < RTOL, got["lp_sum"]
     r = json.loads((tmp_path / "resume.json").read_text())
     full, resumed = r["full"], r["resumed"]
     assert sorted(resumed) == ["4", "5", "6"]                         # it resumed at step 4, on dp 2

@@ -37,7 +37,13 @@ def run_case(case: dict, out: Path) -> None:
         pos = cp.set_batch(mesh["cp"], T, pos)
         x, y = (cp.shard_sequence(t, ncp, rank) for t in (x, y))
         order = cp.local_positions(T, ncp, rank)
-    logits = model(input_ids=x, position_ids=pos, use_cache=False).logits          # (1, T/cp, V)
+    logits = model(input_ids=x, position_ids=pos, use_cache=False).logits          # (1, T/cp, V[/tp])
+    lp_sum = None
+    if plan.tp.loss_parallel:             # the training loss: vocab-sharded CE, -100 ignored, summed
+        from runtime.train import forward_loss_sum
+        with torch.no_grad():
+            s = forward_loss_sum(model, x, y, True, pos)
+        lp_sum = float(s.full_tensor() if isinstance(s, DTensor) else s)
     logits = logits.full_tensor() if isinstance(logits, DTensor) else logits
     tok = F.cross_entropy(logits[0].float(), y[0], reduction="none", ignore_index=-100)    # (T/cp,)
     # FSDP averages grads over dp_shard x cp: the dp copies are equal, the cp parts add up
@@ -57,7 +63,7 @@ def run_case(case: dict, out: Path) -> None:
         g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
         grads[name] = g.detach().clone()
     if dist.get_rank() == 0:
-        torch.save({"tok_loss": full, "grads": grads}, out / f"{case['name']}.pt")
+        torch.save({"tok_loss": full, "grads": grads, "lp_sum": lp_sum}, out / f"{case['name']}.pt")
     dist.barrier()
 
 

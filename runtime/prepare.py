@@ -467,7 +467,8 @@ def encode_sources(data: DataPlan, sources: tuple[dict, ...], enc: Encoder, cach
     datasets.logging.set_verbosity_error()
     loaded = []
     for s_idx, src in enumerate(sources):
-        kind, files = source_files(src["path"], f"{key}[{s_idx}].path" if len(sources) > 1 else key)
+        kind, files = source_files(src["path"], f"{key}[{s_idx}].path" if len(sources) > 1 else
+                                   "data.path" if key == "data.sources" else f"{key}[0].path")
         for f in files:
             loaded.append((s_idx, f, load_records(kind, f, data.format, cache_dir)))
     parts, src_of, t0, tokens = [], [], time.perf_counter(), 0

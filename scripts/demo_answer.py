@@ -1,8 +1,8 @@
 """The end of `make demo`: export the fine-tuned chat model and answer one question with it.
 
-    python scripts/demo_answer.py RUN_DIR "What is AI?"
+    python scripts/demo_answer.py RUN_DIR HF_DIR "What is AI?"
 
-Exports the run's last checkpoint to RUN_DIR/hf (a plain Hugging Face folder, tokenizer and
+Exports the run's last checkpoint to HF_DIR (a plain Hugging Face folder, tokenizer and
 chat template included), then greedy-decodes one reply through the chat template, as a user of
 the exported model would. Also prints the first and last train / eval losses of metrics.jsonl.
 """
@@ -22,14 +22,14 @@ def losses(run_dir: Path) -> str:
     return out
 
 
-def main(run_dir: str, question: str) -> int:
+def main(run_dir: str, hf_dir: str, question: str) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from runtime.export import export
 
     run = Path(run_dir)
-    hf = export(run, None, run / "hf", force=True)
+    hf = export(run, None, Path(hf_dir), force=True)
     tok = AutoTokenizer.from_pretrained(hf)
     model = AutoModelForCausalLM.from_pretrained(hf).eval()
     prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
@@ -45,4 +45,4 @@ def main(run_dir: str, question: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:3]))
+    sys.exit(main(*sys.argv[1:4]))

@@ -317,3 +317,23 @@ def test_old_plan_json_data_section_still_loads(base):
                  "text_field": "text", "vocab_size": 4096}
     old = P.from_dict(d).data
     assert (old.format, old.sources[0]["path"], old.tokenizer) == ("text", "data/shakespeare.txt", "data/tokenizer")
+
+
+def test_tokenized_parquet_and_completion_csv_sources(tmp_path, base):
+    import pandas as pd
+
+    rows = [{"input_ids": list(range(5, 5 + n)), "labels": [-100] * 2 + list(range(7, 5 + n))} for n in (6, 9, 12)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "tok.parquet")
+    folder = prepare(with_data(base, tmp_path, "tokenized", tmp_path / "tok.parquet", tokenizer=None),
+                     quiet=True, log=lambda s: None)
+    lab = np.load(folder / "train/labels.npy")
+    assert sorted(lab[lab != IGNORE].tolist()) == sorted(t for r in rows for t in r["labels"][2:])
+    pd.DataFrame({"q": ["Who wrote Hamlet?", "Who wrote Faust?"], "a": [" Shakespeare", " Goethe"]}).to_csv(
+        tmp_path / "c.csv", index=False)
+    plan = with_data(base, tmp_path / "csv", "completion", tmp_path / "c.csv", fields={"prompt": "q", "completion": "a"})
+    folder = prepare(plan, quiet=True, log=lambda s: None)
+    from transformers import AutoTokenizer
+
+    lab = np.load(folder / "train/labels.npy")
+    text = AutoTokenizer.from_pretrained(TOK).decode(lab[lab != IGNORE].tolist())
+    assert sorted(text.split("<|endoftext|>")) == ["", " Goethe", " Shakespeare"]

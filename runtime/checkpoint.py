@@ -249,7 +249,8 @@ def _disk_full(e: BaseException, root: Path, tmp: Path, step: int) -> None:
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     found = list_checkpoints(root)
-    kept = f"the last committed checkpoint {found[-1][1].name} is intact" if found else "no checkpoint was committed yet"
+    kept = (f"the last committed checkpoint {found[-1][1].name} is intact" if found
+            else "no checkpoint was committed yet")
     what = user.problem if user is not None else "no space left on device"
     left = f"{free / 1e6:.1f} MB were free; " if free is not None else ""
     raise UserError(root, f"{what} while saving step {step} ({left}{tmp.name} removed); {kept}",

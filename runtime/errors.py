@@ -23,7 +23,8 @@ class UserError(Exception):
 
 
 _FIX = {
-    errno.ENOSPC: "free space there (or lower checkpoint.keep), then run again: it resumes from the last committed checkpoint",
+    errno.ENOSPC: "free space there (or lower checkpoint.keep), then run again: it resumes from the last "
+                  "committed checkpoint",
     errno.EDQUOT: "raise the quota or free space (or lower checkpoint.keep), then run again: it resumes from the "
                   "last committed checkpoint",
     errno.EROFS: "set MESHBAKE_RUN_DIR to a directory on a writable filesystem",

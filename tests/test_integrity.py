@@ -211,7 +211,8 @@ def test_a_corrupted_step_is_skipped_for_the_previous_one(saved, tmp_path, how):
     assert len(logs) == 1 and logs[0].startswith("checkpoint step-3 failed verification: ") \
         and "trying step-2" in logs[0], logs
     word = {"bitrot": "corrupted", "truncated_shard": "truncated", "missing_shard": "missing",
-            "missing_train_state": "train_state.json is missing", "truncated_train_state": "train_state.json is 10 bytes",
+            "missing_train_state": "train_state.json is missing",
+            "truncated_train_state": "train_state.json is 10 bytes",
             "only_committed": "no manifest.json"}[how]
     assert word in logs[0], logs
     assert [s for s, _ in list_checkpoints(root)] == [1, 2] and (root / "step-3.corrupt").is_dir()

@@ -84,7 +84,14 @@ def test_sbatch_wait_trains_on_two_nodes(slurm, tmp_path):
     assert "job.sbatch: job" in out and "restart 0 on n[1-2]" in out
 
 
-def test_preemption_requeues_and_resumes(slurm, tmp_path):
+@pytest.mark.parametrize("signal", [("--signal=USR1", "--batch"), ("--signal=TERM", "--batch"), ("--signal=TERM",)],
+                         ids=["usr1-batch-shell", "term-batch-shell", "term-every-step-process"])
+def test_preemption_requeues_and_resumes(slurm, tmp_path, signal):
+    """USR1 to the batch shell: what --signal=B:USR1@N does before the time limit. TERM to the
+    batch shell (passed to srun as USR1: srun SIGKILLs its tasks on a TERM of its own). TERM to
+    every process of the step (launch.sh, torchrun, the workers): torchrun must not die of it
+    (issue 9). Not covered, a Slurm limit: TERM to srun itself (scancel --full, or a time limit
+    without the USR1 warning) makes srun SIGKILL the tasks at once."""
     d = submit_dir(tmp_path, "train.steps=40")
     run = d / "runs/tiny_slurm"
     jid = subprocess.run(["sbatch", "--parsable", "out/job.sbatch"], cwd=d, env=slurm, capture_output=True,
@@ -93,8 +100,7 @@ def test_preemption_requeues_and_resumes(slurm, tmp_path):
     while not ((run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
         assert time.time() < deadline, "job did not start training"
         time.sleep(0.2)
-    # what Slurm does `signal_seconds` before the time limit (--signal=B:USR1@N)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", jid], env=slurm, check=True)
+    subprocess.run(["scancel", *signal, jid], env=slurm, check=True)
     deadline = time.time() + 240
     requeued = False
     while True:

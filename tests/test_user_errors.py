@@ -45,7 +45,8 @@ def launch(b: Path, run: Path, mount: str = "", after: str = "true") -> subproce
                OMP_NUM_THREADS="1")
     cmd = ["bash", str(b / "launch.sh")]
     if mount:
-        cmd = ["unshare", "--mount", "bash", "-c", f"{mount} && {{ bash {b / 'launch.sh'}; rc=$?; {after}; exit $rc; }}"]
+        script = f"{mount} && {{ bash {b / 'launch.sh'}; rc=$?; {after}; exit $rc; }}"
+        cmd = ["unshare", "--mount", "bash", "-c", script]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=b.parent)
 
 

@@ -95,7 +95,13 @@ def verify(path: Path, part: tuple[int, int] = (0, 1)) -> str | None:
         files = json.loads((path / MANIFEST).read_text())["files"]
         items = sorted((str(k), int(v["bytes"]), str(v["sha256"])) for k, v in files.items())
     except FileNotFoundError:
-        return f"no {MANIFEST} (only COMMITTED, or saved before digests existed)"
+        # a step saved before digests existed (an older meshbake) is whole when DCP's metadata and
+        # the train state are there: loaded unverified rather than skipped, or upgrading meshbake
+        # would send a run back to step 0 and `keep` would then prune its real checkpoints
+        if (path / ".metadata").is_file() and (path / "train_state.json").is_file() and not any(
+                p.name.endswith(".tmp") for p in path.iterdir()):
+            return None
+        return f"no {MANIFEST} and no DCP .metadata / train_state.json (only {COMMITTED})"
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{MANIFEST} unreadable ({type(e).__name__}: {e})"
     rank, world = part

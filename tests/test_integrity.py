@@ -230,3 +230,20 @@ def test_pruning_keeps_the_step_just_saved(tmp_path):
     assert prunable(root, 20, 2) == [root / "step-10"]
     assert prunable(root, 20, 1) == [root / "step-10", root / "step-30"]
     assert prunable(root, 30, 2) == [root / "step-10"] and prunable(root, 30, 0) == []
+
+
+def test_a_step_saved_before_digests_is_loaded_not_skipped(tmp_path):
+    """A checkpoint of an older meshbake has no manifest.json: skipping it would restart the run
+    at step 0 after an upgrade (and `keep` would prune the real checkpoints). It is whole when
+    DCP's .metadata and train_state.json are there; one holding only COMMITTED is still refused."""
+    from runtime.checkpoint import COMMITTED, verify
+
+    legacy, bare = tmp_path / "step-5", tmp_path / "step-6"
+    for d in (legacy, bare):
+        d.mkdir()
+        (d / COMMITTED).write_text(f"{d.name[5:]}\n")
+    (legacy / ".metadata").write_bytes(b"\x80meta")
+    (legacy / "__0_0.distcp").write_bytes(b"shard")
+    (legacy / "train_state.json").write_text('{"step": 5}\n')
+    assert verify(legacy) is None
+    assert "no manifest.json" in (verify(bare) or "")

@@ -158,6 +158,19 @@ def test_local_completion_file_and_pretraining_text():
     assert not isinstance(check_text(imp.text, "t"), Err)
 
 
+def test_cluster_profile_replaces_the_hardware_keys(tmp_path, capsys):
+    from compiler.cli import main
+
+    out = tmp_path / "r.yaml"
+    rc = main(["import", "axolotl", str(FIX / "distributed-parallel_llama-3_1-8b-hsdp-tp.yaml"), "-o", str(out),
+               "--cluster", "gres-a100-modules"])
+    assert rc == 0, capsys.readouterr()
+    d = yaml.safe_load(out.read_text())
+    assert d["cluster"] == {"profile": "gres-a100-modules", "nodes": 4}       # world 16 on 4-GPU nodes
+    res = check_text(out.read_text(), "r")
+    assert res.recipe.cluster.gpu_request == "gres" and res.plan.mesh.procs_per_node == 4
+
+
 def test_wandb_and_tensorboard_keys_become_the_tracking_section():
     _, imp = _import(FIX / "qwen2_adamw-pretrain-fsdp2.yaml")      # wandb_project: dist_muon, wandb_name: adamw
     d = _recipe(imp)

@@ -229,7 +229,8 @@ def _world(cfg: Mapping[str, Any], nodes: int | None, gpn: int | None) -> tuple[
     return nodes or max(1, world // g), g, f"world {world} = product of the Axolotl parallel sizes"
 
 
-def _mesh(cfg: Mapping[str, Any], acc: _Acc, nodes: int | None, gpn: int | None) -> dict[str, int]:
+def _mesh(cfg: Mapping[str, Any], acc: _Acc, nodes: int | None, gpn: int | None,
+          profile: tuple[str, Mapping[str, Any]] | None = None) -> dict[str, int]:
     axes = {"dp_replicate": "dp_replicate_size", "dp_shard": "dp_shard_size", "cp": "context_parallel_size",
             "tp": "tensor_parallel_size"}
     mesh = {}
@@ -239,13 +240,18 @@ def _mesh(cfg: Mapping[str, Any], acc: _Acc, nodes: int | None, gpn: int | None)
         acc.set(f"mesh.{ax}", mesh[ax], key if v else "inferred from the world size" if ax == "dp_shard" else "")
         if key in cfg:
             acc.note(key, "mapped", f"mesh.{ax}")
-    n, g, why = _world(cfg, nodes, gpn)
+    pgpn = int(profile[1].get("gpus_per_node") or 8) if profile else None
+    n, g, why = _world(cfg, nodes, gpn or pgpn)
     if mesh["tp"] > 1:
         acc.set("tp.sequence_parallel", True, "meshbake's choice, no Axolotl key: norms on sequence shards")
         acc.set("tp.loss_parallel", True, "meshbake's choice: vocab-parallel cross-entropy")
+    if profile:          # the profile knows the hardware; the recipe only says how many nodes
+        acc.set("cluster.profile", profile[0], "clusters/<profile>.yaml: GPUs, memory, container, network")
     acc.set("cluster.nodes", n, why)
-    acc.set("cluster.gpus_per_node", g)
-    acc.set("cluster.gpu_memory_gb", 80, "assumed A100/H100 80GB: set yours")
+    if not profile or g != pgpn:
+        acc.set("cluster.gpus_per_node", g)
+    if not profile or "gpu_memory_gb" not in profile[1]:
+        acc.set("cluster.gpu_memory_gb", 80, "assumed A100/H100 80GB: set yours")
     world = n * g
     dp_shard = mesh["dp_shard"] if mesh["dp_shard"] > 0 else max(1, world // max(1, mesh["dp_replicate"] * mesh["cp"]
                                                                                    * mesh["tp"]))
@@ -707,16 +713,18 @@ def _linear_leaves(model_config: Mapping[str, Any] | None) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------ entry point
 def import_axolotl(cfg: Mapping[str, Any], name: str, *, source: str, model_ref: str | None,
                    model_config: Mapping[str, Any] | None = None, nodes: int | None = None,
-                   gpus_per_node: int | None = None, is_dir: Callable[[str], bool] = lambda p: False) -> Imported:
+                   gpus_per_node: int | None = None, is_dir: Callable[[str], bool] = lambda p: False,
+                   profile: tuple[str, Mapping[str, Any]] | None = None) -> Imported:
     """Axolotl config dict -> Imported (recipe text + a note for every key). `model_ref` is
-    the model.config to write (guess_model's answer or --model), `model_config` its config.json."""
+    the model.config to write (guess_model's answer or --model), `model_config` its config.json,
+    `profile` (name, its cluster dict) a cluster profile the recipe names instead of hardware keys."""
     acc = _Acc()
     name = _name(name)
     acc.set("name", name, f"from {source}")
     lora_on = bool(cfg.get("adapter") in ("lora", "qlora") and cfg.get("lora_r"))
     bf16 = cfg.get("bf16") in (True, "auto", "true")
     _model(cfg, acc, model_ref, lora_on, bf16, is_dir)
-    mesh = _mesh(cfg, acc, nodes, gpus_per_node)
+    mesh = _mesh(cfg, acc, nodes, gpus_per_node, profile)
     _train(cfg, acc, mesh)
     _precision(cfg, acc)
     _lora(cfg, acc, _linear_leaves(model_config))

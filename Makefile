@@ -26,10 +26,13 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $@
 
 demo: install
-	@# the demo starts fresh every time (a real run in the same run dir would resume instead)
-	rm -rf runs/tiny_cpu
-	$(VENV)/bin/meshbake bundle tiny_cpu -o $(OUT)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash $(OUT)/launch.sh
+	@# chat fine-tuning of the tiny model on data/chat (2,025 conversations): prepare (tokenize +
+	@# pack once) and train via the bundle's launch.sh, then export and answer one question.
+	@# Starts fresh every time (a real run in the same run dir would resume instead).
+	rm -rf runs/tiny_chat runs/tiny_chat-hf
+	$(VENV)/bin/meshbake bundle tiny_chat -o $(OUT)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=1 bash $(OUT)/launch.sh
+	PYTHONPATH=$(CURDIR) $(PY) scripts/demo_answer.py runs/tiny_chat runs/tiny_chat-hf "What is AI?"
 
 bundle: install
 	$(VENV)/bin/meshbake bundle $(RECIPE) -o $(OUT)
@@ -47,6 +50,7 @@ golden: install
 	$(PY) -m tests.golden_refresh
 
 bench: install
+	$(PY) -m bench.data
 	$(PY) -m bench.run
 
 clean:

@@ -32,12 +32,16 @@ def plan_for(world: int, tp: int) -> str:
               "train": {"seq_len": 128, "micro_batch_size": 4, "global_batch_size": 16 if world > 1 else 8,
                         "steps": STEPS, "lr": 1e-3, "warmup_steps": 2,
                         "mixed_precision": {"param_dtype": "float32", "reduce_dtype": "float32"}},
-              "data": {"source": "text", "path": str(ROOT / "data/shakespeare.txt"),
-                       "tokenizer": str(ROOT / "data/tokenizer")},
+              "data": {"format": "text", "path": str(ROOT / "data/shakespeare.txt"),
+                       "tokenizer": str(ROOT / "data/tokenizer"), "prepared_dir": str(ROOT / "prepared")},
               "checkpoint": {"every_steps": 0, "save_on_exit": False}}
     b = compile_recipe(yaml.safe_dump(recipe), source="bench")
     if not hasattr(b, "files"):
         raise SystemExit(f"bench recipe does not compile: {b}")
+    from runtime import plan as P
+    from runtime.prepare import prepare
+
+    prepare(P.from_dict(json.loads(b.files["plan.json"])), quiet=True, log=lambda s: None)   # tokenize once
     return b.files["plan.json"].decode()
 
 

@@ -104,6 +104,7 @@ def _summary(res) -> None:
 
 def _prepare(plan, quiet: bool) -> int:
     """The bundle's `python -m runtime.prepare plan.json`, from the recipe (paths relative to cwd)."""
+    from runtime.errors import EXIT_USER
     from runtime.prepare import DataError, prepare
 
     if plan.data.format == "synthetic":
@@ -112,9 +113,10 @@ def _prepare(plan, quiet: bool) -> int:
     try:
         prepare(plan, quiet=quiet)
     except DataError as e:
-        print(f"meshbake: {e}", file=sys.stderr)
-        return EXIT_RECIPE
+        print(e.line(), file=sys.stderr)
+        return EXIT_USER
     return 0
+EXIT_INTERNAL = 70         # EX_SOFTWARE: a bug in meshbake, not in the recipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +132,19 @@ def main(argv: list[str] | None = None) -> int:
         argv2 = ([args.run_dir, "-o", args.out] + ([] if args.step is None else ["--step", str(args.step)])
                  + (["--force"] if args.force else []))
         return export_main(argv2)
+    try:
+        return _compile_cmd(args)
+    except Exception as e:      # noqa: BLE001 last resort: every recipe mistake is a RecipeError
+        import os
+        if os.environ.get("MESHBAKE_DEBUG"):
+            raise
+        print(f"meshbake: internal error ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}) "
+              f"while compiling {args.recipe}; this is a meshbake bug: please report it with the recipe "
+              "(MESHBAKE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _compile_cmd(args) -> int:
     t0 = time.perf_counter()
     if args.cmd == "bundle":             # refuse a bad -o before the 3 s of resolving
         from compiler.bundle import check_target

@@ -99,12 +99,14 @@ def rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int) -> li
         loc = local_shape(m.shape, m.kind, style, tp)
         out.append(RankParam(loc[0], _numel(loc[1:]), where, not lora, m.kind == "embedding"))
         bias = m.numel - _numel(m.shape)
-        if bias:
-            out.append(RankParam(bias // tp if style == "colwise" else bias, 1, where, not lora))
+        if bias and style == "experts":               # down_proj (E, H, I): split on each expert's I like gate_up
+            out.append(RankParam(m.shape[0], bias // m.shape[0] // tp, where, not lora))
+        elif bias:
+            out.append(RankParam(bias // tp if style.startswith("colwise") else bias, 1, where, not lora))
         covered += m.numel
         if lora and m.kind == "linear" and m.fqn.rpartition(".")[2] in recipe.lora.targets:
             o, i = m.shape
-            a, b = ((lora, i), (o // tp, lora)) if style == "colwise" else \
+            a, b = ((lora, i), (o // tp, lora)) if style.startswith("colwise") else \
                 ((lora, i // tp), (o, lora)) if style == "rowwise" else ((lora, i), (o, lora))
             out += [RankParam(a[0], a[1], where, True), RankParam(b[0], b[1], where, True)]
     rest = model.num_params - covered + (model.vocab_size * model.hidden_size if model.tie_word_embeddings else 0)

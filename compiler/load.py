@@ -128,8 +128,31 @@ def _check_tree(root: yaml.Node) -> None:
     walk(root, (), 0)
 
 
+MAX_TEXT = 200_000          # characters; recipes are a few KB (PyYAML reads ~1 MB/s)
+
+
+def _flow_depth(text: str) -> int:
+    """Most [ and { open at once, counted over the raw text (quotes ignored: an over-count only
+    refuses a value holding dozens of brackets). PyYAML's scanner is quadratic in flow nesting
+    (1000 levels: 2.5 s before the composer's RecursionError), so this is checked first."""
+    depth = top = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            top = max(top, depth)
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+    return top
+
+
 def _load(text: str) -> Any:
     """yaml.load with _StrictLoader, after _check_tree has passed the composed tree."""
+    if len(text) > MAX_TEXT:
+        raise _Refused("$", f"{len(text):,} characters; a recipe is a few KB (limit {MAX_TEXT:,})",
+                       "put data in files the recipe names, not in the recipe")
+    if _flow_depth(text) > 2 * MAX_DEPTH:
+        raise _Refused("$", f"more than {2 * MAX_DEPTH} [ or {{ open at once (nested more than "
+                       f"{MAX_DEPTH} levels deep)", "a recipe is a few levels of sections and values")
     loader = _StrictLoader(text)
     try:
         try:
@@ -297,6 +320,10 @@ def load_recipe(name_or_path: str, overrides: tuple[str, ...] = (),
     return apply_cluster_profile(d, cluster)
 
 
+MAX_CONFIG_BYTES = 1_000_000
+MAX_TOKENIZER_BYTES = 200_000_000    # Llama-3's tokenizer.json is 9 MB
+
+
 def _no_constant(name: str):
     """json.loads accepts NaN and Infinity, which are not JSON: plan.json would carry them on."""
     raise ValueError(f"{name} is not a JSON number")
@@ -315,6 +342,9 @@ def read_model_config(ref: str) -> Result[dict[str, Any]]:
                                 f"did you mean {' or '.join(near)}?" if near else
                                 f"catalog: {', '.join(catalog_names())}"),))
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            return Err((RecipeError("model.config", f"{path}: {path.stat().st_size:,} bytes is not a config.json "
+                                    f"(real ones are a few KB; limit {MAX_CONFIG_BYTES:,})", "check the path"),))
         cfg = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
     except (OSError, ValueError, RecursionError) as e:   # ValueError: JSONDecodeError, UnicodeDecodeError
         why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:200]
@@ -333,6 +363,8 @@ def tokenizer_vocab(folder: str) -> Result[int | None]:
     fast, slow = p / "tokenizer.json", p / "vocab.json"
     try:
         if fast.is_file():
+            if fast.stat().st_size > MAX_TOKENIZER_BYTES:
+                return None              # not judged here; the runtime loads it
             tj = json.loads(fast.read_text(encoding="utf-8"))
             vocab = (tj.get("model") or {}).get("vocab")
             ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab or [])))
@@ -344,7 +376,7 @@ def tokenizer_vocab(folder: str) -> Result[int | None]:
                 ids += list(json.loads(added.read_text(encoding="utf-8")).values())
         else:
             return None
-    except (OSError, ValueError, AttributeError, TypeError) as e:
+    except (OSError, ValueError, AttributeError, TypeError, RecursionError) as e:
         return Err((RecipeError("data.tokenizer", f"{folder}: cannot read the tokenizer ({e})",
                                 "point data.tokenizer at a Hugging Face tokenizer folder"),))
     ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]

@@ -7,7 +7,7 @@ module is what later stages need: its kind, its weight shape and its parameter c
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,9 +19,10 @@ CATALOG_DIR = Path(__file__).parent / "catalog"
 @dataclass(frozen=True)
 class ModuleInfo:
     fqn: str                      # "model.layers.3.self_attn.q_proj"
-    kind: str                     # "linear" | "embedding" | "norm"
-    shape: tuple[int, ...]        # weight shape: Linear (out, in), Embedding (vocab, hidden)
-    numel: int                    # parameters directly owned (weight + bias)
+    kind: str                     # "linear" | "embedding" | "norm" | "experts" | "router" | "other"
+    shape: tuple[int, ...]        # weight shape: Linear (out, in), Embedding (vocab, hidden);
+                                  # experts: gate_up_proj (E, 2I, H); other: its first parameter
+    numel: int                    # parameters directly owned (weight + bias; experts: gate_up + down)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,12 @@ class ModelSpec:
     modules: tuple[ModuleInfo, ...]
     hf_tp_plan: Mapping[str, str]  # transformers' own plan: {fqn pattern: hf style}
     block_prefix: str             # "model.layers": children are the FSDP units
+    # --- added for the model matrix (issue 11); defaults keep older callers valid
+    attn_implementation: str = "sdpa"        # what transformers supports for this class (sdpa, else eager)
+    layouts: Mapping[str, str] = field(default_factory=dict)  # fused fqn -> "qkv" | "gate_up" | "experts"
+    active_params: int = 0        # parameters one token goes through (MoE: top-k of E experts); 0 = num_params
+    num_experts: int = 0
+    experts_per_token: int = 0
 
     @property
     def block_params(self) -> int:
@@ -61,8 +68,11 @@ def catalog_config(name: str) -> dict[str, Any] | None:
 
 
 def _kind(module) -> str | None:
+    """What a module that owns parameters is; None if it owns none (containers)."""
     import torch.nn as nn
 
+    if not any(True for _ in module.parameters(recurse=False)):
+        return None
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Embedding):
@@ -70,7 +80,57 @@ def _kind(module) -> str | None:
     name = type(module).__name__
     if name.endswith(("RMSNorm", "LayerNorm")):
         return "norm"
-    return None
+    own = dict(module.named_parameters(recurse=False))
+    # transformers 5 grouped experts: one module, 3-D gate_up_proj (E, 2I, H) + down_proj (E, H, I)
+    if set(own) == {"gate_up_proj", "down_proj"} and own["gate_up_proj"].ndim == 3:
+        return "experts"
+    if name.endswith("Router") and set(own) <= {"weight", "bias"}:
+        return "router"
+    return "other"
+
+
+def _shape(module, kind: str) -> tuple[int, ...]:
+    if kind == "experts":
+        return tuple(module.gate_up_proj.shape)
+    w = getattr(module, "weight", None)
+    return tuple(w.shape) if w is not None else tuple(next(module.parameters(recurse=False)).shape)
+
+
+def _layouts(model, modules) -> dict[str, str]:
+    """Fused parameters meshbake stores in its own TP-friendly row order (runtime/fused.py):
+    a qkv_proj [q | k | v] (out = (H + 2 KV) x D), a gate_up_proj [gate | up] (out = 2 I), and
+    grouped experts. Recognised by their shapes against the config, not by class names."""
+    c = model.config
+    heads = c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    hd = getattr(c, "head_dim", None) or c.hidden_size // heads
+    out = {}
+    for m in modules:
+        leaf = m.fqn.rpartition(".")[2]
+        if m.kind == "experts":
+            out[m.fqn] = "experts"
+        elif m.kind == "linear" and leaf == "qkv_proj" and m.shape[0] == (heads + 2 * kv) * hd:
+            out[m.fqn] = "qkv"
+        elif m.kind == "linear" and leaf == "gate_up_proj" and m.shape[0] == 2 * c.intermediate_size:
+            out[m.fqn] = "gate_up"
+    return out
+
+
+def _attn_implementation(model) -> str:
+    """sdpa where transformers supports it; else eager (Gemma-2: sdpa has no logit
+    soft-capping, and flex attention has no CPU backward)."""
+    return "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
+
+
+def _moe_facts(model, modules, num_params: int) -> tuple[int, int, int]:
+    """(active params per token, experts, experts per token): a token runs k of E experts."""
+    c = model.config
+    e = next((m.shape[0] for m in modules if m.kind == "experts"), 0)
+    k = getattr(c, "num_experts_per_tok", 0) or 0
+    if not e or not k:
+        return num_params, 0, 0
+    experts = sum(m.numel for m in modules if m.kind == "experts")
+    return num_params - experts + experts * k // e, e, k
 
 
 # The facts every later stage reads, with bounds. Without them transformers fills in its own
@@ -81,6 +141,14 @@ def _kind(module) -> str | None:
 FACTS = {"hidden_size": 65536, "num_hidden_layers": 256, "num_attention_heads": 1024,
          "intermediate_size": 262144, "vocab_size": 4194304}
 OPTIONAL_FACTS = {"num_key_value_heads": 1024, "head_dim": 4096, "max_position_embeddings": 1 << 24}
+
+
+# model_types whose module tree the runtime drives and whose parity the dist tests cover
+# (tests/models/<model_type>/, README "Model families"). Others fail late: BERT's
+# BertLMHeadModel has no model.layers; a family nobody ran may hold a plain tensor the TP
+# DTensors cannot mix with. Adding one here means adding its tests/models fixture.
+SUPPORTED_TYPES = ("gemma2", "gemma3_text", "llama", "mistral", "mixtral", "olmo2", "phi3", "qwen2", "qwen3",
+                   "qwen3_moe")
 
 
 def _is_int(v: Any) -> bool:
@@ -109,22 +177,10 @@ def _type_errors(model_type: Any, source: str) -> list[RecipeError]:
         return [RecipeError("model.config", f"{source}: model_type {model_type!r} is not a causal LM "
                             "(encoder, encoder-decoder or vision model)",
                             "meshbake trains decoder-only CausalLM architectures (llama, mistral, qwen2, ...)")]
-    from transformers import CONFIG_MAPPING
-
-    try:
-        default = CONFIG_MAPPING[model_type]()      # a config object only: cheap, no model
-    except Exception:       # noqa: BLE001 some config classes need arguments; judged after the build
-        return []
-    if getattr(default, "text_config", None) is not None:
-        return [RecipeError("model.config", f"{source}: model_type {model_type!r} is a multimodal config "
-                            "(the decoder's facts are under text_config)",
-                            "write its text_config as a config.json of its own (model_type e.g. gemma3_text) "
-                            "and point model.config at it")]
-    lacking = [k for k in FACTS if not hasattr(default, k)]
-    if lacking:
-        return [RecipeError("model.config", f"{source}: model_type {model_type!r} is not a Llama-style decoder "
-                            f"(its config has no {', '.join(lacking)})",
-                            "meshbake trains decoders such as llama, mistral, qwen2")]
+    if model_type not in SUPPORTED_TYPES:
+        return [RecipeError("model.config", f"{source}: model_type {model_type!r} is not one meshbake runs",
+                            f"supported: {', '.join(SUPPORTED_TYPES)} (the decoders the runtime's TP plan and "
+                            "parity tests cover)")]
     return []
 
 
@@ -205,12 +261,14 @@ def model_spec(config: Mapping[str, Any], source: str) -> Result[ModelSpec]:
     if bad is not None:
         return Err((bad,))
     modules = tuple(
-        ModuleInfo(fqn, kind, tuple(mod.weight.shape), sum(p.numel() for p in mod.parameters(recurse=False)))
+        ModuleInfo(fqn, kind, _shape(mod, kind), sum(p.numel() for p in mod.parameters(recurse=False)))
         for fqn, mod in model.named_modules()
-        if (kind := _kind(mod)) is not None and getattr(mod, "weight", None) is not None
+        if (kind := _kind(mod)) is not None
     )
     c = model.config
     heads = c.num_attention_heads
+    num_params = sum(p.numel() for p in model.parameters())
+    active, n_exp, k_exp = _moe_facts(model, modules, num_params)
     return ModelSpec(
         source=source,
         config=_portable(config),
@@ -221,14 +279,19 @@ def model_spec(config: Mapping[str, Any], source: str) -> Result[ModelSpec]:
         num_heads=heads,
         num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
         head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
-        intermediate_size=c.intermediate_size,
+        intermediate_size=_intermediate(c),
         vocab_size=c.vocab_size,
         max_position_embeddings=getattr(c, "max_position_embeddings", 0) or 0,
         tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
-        num_params=sum(p.numel() for p in model.parameters()),
+        num_params=num_params,
         modules=modules,
         hf_tp_plan=dict(getattr(model, "_tp_plan", None) or {}),
         block_prefix=_block_prefix(model),
+        attn_implementation=_attn_implementation(model),
+        layouts=_layouts(model, modules),
+        active_params=active,
+        num_experts=n_exp,
+        experts_per_token=k_exp,
     )
 
 
@@ -237,6 +300,10 @@ def _portable(config: Mapping[str, Any]) -> dict[str, Any]:
     `_name_or_path` (a user's home path), `_commit_hash` and other `_` keys, transformers_version.
     The runtime drops these keys before building the model anyway."""
     return {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
+def _intermediate(c) -> int:
+    """The dim TP splits in the MLP: Qwen3-MoE experts use moe_intermediate_size (its
+    intermediate_size belongs to dense layers, which must divide too)."""
+    return getattr(c, "moe_intermediate_size", None) or c.intermediate_size
 
 
 def _block_prefix(model) -> str:

@@ -18,11 +18,17 @@ from compiler.mesh import MeshSpec
 from compiler.model import ModelSpec, ModuleInfo
 from compiler.recipe import Recipe
 
-# transformers' style names -> ours; anything else (MoE, local_*) is refused with its name
-HF_STYLES = {"colwise": "colwise", "colwise_gather_output": "colwise", "rowwise": "rowwise",
-             "embedding_rowwise": "rowwise"}
+# transformers' style names -> ours; anything else (local_*, ep_*) is refused with its name.
+# colwise_gather_output / rowwise_split_input are transformers' way around a fused [q|k|v] or
+# [gate|up] (or a norm over the whole projection): every rank computes the full attention. We
+# take them only where we split the real thing instead (_gathered), and refuse them elsewhere.
+HF_STYLES = {"colwise": "colwise", "rowwise": "rowwise", "embedding_rowwise": "rowwise"}
+HF_GATHERED = {"colwise_gather_output": "colwise", "rowwise_split_input": "rowwise"}
 ALLOWED = {"linear": ("colwise", "rowwise", "replicate"), "embedding": ("rowwise", "replicate"),
-           "norm": ("sequence_parallel", "replicate")}
+           "norm": ("sequence_parallel", "replicate"), "experts": ("experts",), "router": ("replicate",),
+           "other": ("replicate",)}
+# styles of fused layouts (runtime/fused.py): what a tp rank holds of a qkv_proj / gate_up_proj
+FUSED_STYLES = {"qkv": "colwise_qkv", "gate_up": "colwise_gate_up", "experts": "experts"}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # replicated modules at or above this size are reported: 16 MiB is ~1 ms of NVLink time per copy
 WARN_BYTES = 16 * 2**20
@@ -39,27 +45,61 @@ def group_name(fqn: str) -> str:
 
 
 def local_shape(shape: tuple[int, ...], kind: str, style: str, tp: int) -> tuple[int, ...]:
-    if style == "colwise" or (style == "rowwise" and kind == "embedding"):
-        return (shape[0] // tp, *shape[1:])        # Linear out dim / embedding vocab dim
+    if style in ("colwise", "colwise_qkv", "colwise_gate_up", "colwise_norm") or (
+            style == "rowwise" and kind == "embedding"):
+        return (shape[0] // tp, *shape[1:])        # Linear out dim / embedding vocab dim / norm width
+    if style == "experts":
+        return (shape[0], shape[1] // tp, *shape[2:])   # gate_up (E, 2I/tp, H); down (E, H, I/tp) alike
     if style == "rowwise":
         return (shape[0], shape[1] // tp)          # Linear in dim
     return shape
 
 
+def _attn_norm(model: ModelSpec, m: ModuleInfo) -> str | None:
+    """A norm inside the attention, on the q/k projections. Over head_dim (Qwen3, Gemma-3) it
+    works on each rank's local heads: weight replicated, its gradient summed over tp. Over the
+    whole projection (OLMo-2: H x D or KV x D) it is split like q/k and its variance all-reduced."""
+    parent = m.fqn.rpartition(".")[0]
+    if not any(x.kind == "linear" and x.fqn.rpartition(".")[0] == parent
+               and x.fqn.rpartition(".")[2] in ("q_proj", "k_proj", "qkv_proj") for x in model.modules):
+        return None                                # not beside the attention projections
+    width = m.shape[0] if m.shape else 0
+    if width == model.head_dim:
+        return "local_heads"
+    if width in (model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim):
+        return "colwise_norm"
+    return None
+
+
+def _gathered_ok(model: ModelSpec, m: ModuleInfo) -> bool:
+    """transformers gathers this Linear's output only because of a fused sibling or a
+    whole-projection q/k norm; both are split for real here (runtime/fused.py, colwise_norm)."""
+    parent = m.fqn.rpartition(".")[0]
+    sib = [x for x in model.modules if x.fqn.rpartition(".")[0] == parent]
+    return any(x.fqn in model.layouts or (x.kind == "norm" and _attn_norm(model, x) == "colwise_norm") for x in sib)
+
+
 def _auto(model: ModelSpec, m: ModuleInfo, sp: bool) -> str | RecipeError:
     if m.kind == "norm":
-        return "sequence_parallel" if sp else "replicate"
+        return _attn_norm(model, m) or ("sequence_parallel" if sp else "replicate")
     if m.kind == "embedding":
         return "rowwise"
+    if m.fqn in model.layouts:
+        return FUSED_STYLES[model.layouts[m.fqn]]
+    if m.kind in ("router", "other"):      # small (router E x H) or unknown: whole on every tp rank
+        return "replicate"
+    if m.shape[0] == model.vocab_size and not m.fqn.startswith(model.block_prefix):
+        return "colwise"                           # the output embedding (lm_head): vocab-sharded logits
     for pattern, hf_style in model.hf_tp_plan.items():
         if fnmatchcase(m.fqn, pattern):
+            if hf_style in HF_GATHERED and _gathered_ok(model, m):
+                return HF_GATHERED[hf_style]
             if hf_style not in HF_STYLES:
                 return RecipeError("tp.plan", f"{model.architecture} asks for TP style {hf_style!r} on "
                                    f"{m.fqn}, which meshbake does not implement",
-                                   f"set tp.plan {{'{pattern}': replicate}} or use mesh.tp: 1")
+                                   f"set tp.plan {{'{group_name(m.fqn.rpartition('.')[0])}.*': replicate}} "
+                                   "(that block whole on every tp rank) or use mesh.tp: 1")
             return HF_STYLES[hf_style]
-    if m.shape[0] == model.vocab_size:             # the output embedding (lm_head)
-        return "colwise"
     return "replicate"
 
 
@@ -79,6 +119,12 @@ def _overrides(recipe: Recipe, model: ModelSpec, styles: dict[str, str]) -> list
                                     else "patterns are fnmatch globs over module names, e.g. "
                                     "'model.layers.*.mlp.*'"))
             continue
+        fused = sorted(f for f in hits if f in model.layouts and style not in ("replicate", styles[f]))
+        if fused:
+            errs.append(RecipeError(path, f"{group_name(fused[0])} is a fused {model.layouts[fused[0]]} projection: "
+                                    f"{style!r} would give a rank rows of q, k and v (or gate and up) that "
+                                    "do not belong together", f"use 'replicate' or remove the override"))
+            continue
         bad = sorted({kinds[f] for f in hits if style not in ALLOWED[kinds[f]]})
         if bad:
             errs.append(RecipeError(path, f"style {style!r} does not apply to {'/'.join(bad)} modules",
@@ -97,7 +143,8 @@ def _consistency(recipe: Recipe, model: ModelSpec, auto: dict[str, str], styles:
     for f in styles:
         parents.setdefault(f.rpartition(".")[0], []).append(f)
     for parent, kids in parents.items():
-        lin = [f for f in kids if auto[f] in ("colwise", "rowwise") and f.startswith(model.block_prefix)]
+        lin = [f for f in kids if auto[f].startswith(("colwise", "rowwise")) and auto[f] != "colwise_norm"
+               and f.startswith(model.block_prefix)]
         changed = [f for f in lin if styles[f] != auto[f]]
         if changed and (sp or len(changed) != len(lin) or any(styles[f] != "replicate" for f in changed)):
             why = ("with tp.sequence_parallel the residual stream is sequence-sharded between blocks, "
@@ -149,7 +196,32 @@ def _lora_errors(recipe: Recipe, model: ModelSpec) -> list[RecipeError]:
     return errs
 
 
+def _architecture_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeError]:
+    """What a family does that a parallel form cannot reproduce exactly: refused, never run wrong."""
+    c, errs = model.config, []
+    if mesh.cp > 1:
+        why = []
+        if c.get("attn_logit_softcapping"):
+            why.append(f"soft-caps attention logits (attn_logit_softcapping {c['attn_logit_softcapping']})")
+        window = c.get("sliding_window")
+        if isinstance(window, int) and window < recipe.train.seq_len and c.get("use_sliding_window", True) is not False:
+            why.append(f"uses sliding-window attention (window {window} < seq_len {recipe.train.seq_len})")
+        if why:
+            errs.append(RecipeError("mesh.cp", f"{model.architecture} {' and '.join(why)}; context parallel "
+                                    "attention (all-gathered K/V under a plain causal mask) would compute "
+                                    "something else", "set mesh.cp: 1 (long sequences: raise tp with "
+                                    "sequence parallel, or activation_checkpointing: full)"))
+    if mesh.tp > 1 and model.num_experts and (c.get("router_jitter_noise") or 0) > 0:
+        errs.append(RecipeError("model.config", f"router_jitter_noise {c['router_jitter_noise']}: each tp rank would "
+                                "draw its own noise and route the same token to different experts",
+                                "set router_jitter_noise: 0 in the config.json (Mixtral-8x7B ships 0) or mesh.tp: 1"))
+    return errs
+
+
 def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> Result[Placements]:
+    arch_errs = _architecture_errors(recipe, model, mesh)
+    if arch_errs:
+        return Err(tuple(arch_errs))
     lora_errs = _lora_errors(recipe, model)
     if lora_errs:
         return Err(tuple(lora_errs))
@@ -168,10 +240,22 @@ def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> Resu
         return Err(tuple(errs[:1]))   # one unsupported style is enough to say
     styles = dict(auto)
     errs = _overrides(recipe, model, styles)
+    _follow_projections(model, styles)
     errs += [] if errs else _consistency(recipe, model, auto, styles)
     if errs:
         return Err(tuple(errs))
     return Placements(styles, _warnings(recipe, model, mesh, styles))
+
+
+def _follow_projections(model: ModelSpec, styles: dict[str, str]) -> None:
+    """q/k norms follow their projections: in an attention replicated by a tp.plan override
+    they see all heads, so they are plain replicated norms too."""
+    for m in model.modules:
+        if styles.get(m.fqn) in ("local_heads", "colwise_norm"):
+            parent = m.fqn.rpartition(".")[0]
+            projs = [f for f in styles if f.startswith(parent + ".") and f.endswith(("q_proj", "qkv_proj"))]
+            if projs and all(styles[f] == "replicate" for f in projs):
+                styles[m.fqn] = "replicate"
 
 
 def _warnings(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, styles: Mapping[str, str]) -> tuple[str, ...]:
@@ -180,7 +264,11 @@ def _warnings(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, styles: Mapping[
     for m in model.modules:
         if styles[m.fqn] == "replicate" and m.numel * nbytes >= WARN_BYTES:
             out.setdefault(group_name(m.fqn), []).append(m.numel * nbytes)
-    return tuple(
+    extra = []
+    if model.num_experts and model.config.get("output_router_logits"):
+        extra.append("model.config: output_router_logits is true, but the runtime trains on the cross-entropy "
+                     "only; the router's auxiliary (load-balancing) loss is not added")
+    return tuple(extra) + tuple(
         f"{g}: replicated on all {mesh.tp} tp ranks ({len(b)} x {b[0] / 1e6:,.1f} MB of {recipe.model.dtype} "
         f"weights per rank before FSDP; sharded it would be {sum(b) / mesh.tp / 1e6:,.1f} MB)"
         for g, b in out.items())

@@ -120,18 +120,27 @@ def _mesh_rows(plan: P.Plan) -> list[dict[str, Any]]:
 
 
 def _placement_rows(res) -> list[dict[str, Any]]:
-    from compiler.placements import group_name, local_shape
+    import math
+
+    from compiler.placements import DTYPE_BYTES, group_name, local_shape
 
     rows: dict[str, dict[str, Any]] = {}
+    nbytes = DTYPE_BYTES[res.recipe.model.dtype]
     for m in res.model.modules:
         style = res.placements.styles[m.fqn]
         g = group_name(m.fqn)
+        loc = local_shape(m.shape, m.kind, style, res.mesh.tp)
+        # every parameter the module owns (bias, an expert's down_proj) is split like its weight
+        b = m.numel * math.prod(loc) // max(1, math.prod(m.shape)) * nbytes
         if g in rows:
             rows[g]["count"] += 1
+            rows[g]["nbytes"] += b
             continue
         fmt = lambda s: " x ".join(map(str, s))  # noqa: E731
         rows[g] = {"group": g, "count": 1, "kind": m.kind, "shape": fmt(m.shape), "style": style,
-                   "local": fmt(local_shape(m.shape, m.kind, style, res.mesh.tp))}
+                   "local": fmt(loc), "nbytes": b}
+    for r in rows.values():
+        r["bytes"] = f"{r['nbytes'] / 1e6:,.1f} MB" if r["nbytes"] >= 1e5 else f"{r['nbytes'] / 1e3:,.1f} kB"
     return list(rows.values())
 
 

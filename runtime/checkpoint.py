@@ -191,8 +191,12 @@ def save(root: Path, step: int, model, optim, train_state: dict[str, Any], keep:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     msd, osd = get_state_dict(model, optim)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-    torch.save(torch.get_rng_state(), tmp / f"rng-rank{rank}.pt")
+    try:
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+        torch.save(torch.get_rng_state(), tmp / f"rng-rank{rank}.pt")
+    except BaseException as e:          # DCP raises CheckpointException (a BaseException) on every rank
+        _disk_full(e, root, tmp, step)
+        raise
     fault("save")                       # test hook: a rank dying mid-write
     dist.barrier()
     # each rank hashes what it wrote while it is in its page cache (see the module docstring)
@@ -224,6 +228,33 @@ def save(root: Path, step: int, model, optim, train_state: dict[str, Any], keep:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _disk_full(e: BaseException, root: Path, tmp: Path, step: int) -> None:
+    """Disk full / quota while writing step-N.tmp: remove the partial step (frees what it took;
+    never resumed from anyway) and raise a UserError saying that the last commit is intact."""
+    from runtime.errors import UserError, from_os_error
+
+    user = from_os_error(e)
+    try:
+        st = os.statvfs(root)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    # torch.save's zip writer loses the errno ("RuntimeError: [enforce fail at
+    # inline_container.cc] unexpected pos"): a failed save with < 64 MiB left is the disk
+    full = user is not None and any(w in user.problem for w in ("space", "quota"))
+    if not (full or (user is None and free is not None and free < 64 << 20)):
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    found = list_checkpoints(root)
+    kept = f"the last committed checkpoint {found[-1][1].name} is intact" if found else "no checkpoint was committed yet"
+    what = user.problem if user is not None else "no space left on device"
+    left = f"{free / 1e6:.1f} MB were free; " if free is not None else ""
+    raise UserError(root, f"{what} while saving step {step} ({left}{tmp.name} removed); {kept}",
+                    "free space there (or lower checkpoint.keep), then run again: it resumes from the last "
+                    "committed checkpoint") from None
 
 
 def prunable(root: Path, step: int, keep: int) -> list[Path]:

@@ -26,7 +26,7 @@ _FIX = {
     errno.ENOSPC: "free space there (or lower checkpoint.keep), then run again: it resumes from the last committed checkpoint",
     errno.EDQUOT: "raise the quota or free space (or lower checkpoint.keep), then run again: it resumes from the "
                   "last committed checkpoint",
-    errno.EROFS: "the filesystem is read-only; set MESHBAKE_RUN_DIR to a writable directory",
+    errno.EROFS: "set MESHBAKE_RUN_DIR to a directory on a writable filesystem",
     errno.EACCES: "make it writable/readable for this user, or set MESHBAKE_RUN_DIR (data.path) to one that is",
     errno.EPERM: "make it writable/readable for this user, or set MESHBAKE_RUN_DIR (data.path) to one that is",
 }

@@ -95,6 +95,17 @@ def check_out(run_dir: Path, ckpt_dir: Path, out: Path, force: bool) -> tuple[Pa
     return out, tmp
 
 
+def _hf_order(model, plan) -> None:
+    """Fused projections and experts were trained in meshbake's row order (runtime/fused.py;
+    adapters merged above in that order too): write HF's order back."""
+    from runtime.fused import param_layouts, to_hf
+
+    params = dict(model.named_parameters())
+    for name, kind in param_layouts(plan.model.layouts).items():
+        if name in params:
+            params[name].copy_(to_hf(kind, params[name], model.config))
+
+
 def export(run_dir: Path, step: int | None, out: Path, force: bool = False) -> Path:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -131,6 +142,7 @@ def export(run_dir: Path, step: int | None, out: Path, force: bool = False) -> P
     model.load_state_dict(sd["model"])
     if adapters:
         _merge_adapters(model, adapters, lora_scale(plan.lora))
+    _hf_order(model, plan)
     step_n = int(path.name.split("-")[1])
     if tmp.exists():                     # a killed export's (check_out: marker or empty)
         shutil.rmtree(tmp)

@@ -44,7 +44,7 @@ def meta_model(plan: Plan) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     cfg = hf_config(plan.model.config)
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = plan.model.attn_implementation
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[plan.train.dtype])
     model.config.use_cache = False
@@ -87,6 +87,8 @@ def tp_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
             styles[fqn] = RowwiseParallel(output_layouts=resid, use_local_output=not sp)
         elif style == "sequence_parallel":
             styles[fqn] = SequenceParallel()
+        elif style in EXTRA_STYLES:
+            styles[fqn] = EXTRA_STYLES[style]()
     if sp:
         for layer in decoder_layers(model):
             name = _fqn_of(model, layer)
@@ -100,6 +102,68 @@ def tp_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
             styles[f"{name}.mlp"] = PrepareModuleInput(input_layouts=(Shard(1),),
                                                        desired_input_layouts=(Replicate(),), use_local_output=False)
     return styles
+
+
+def _sharded_norm():
+    """colwise_norm: a norm over a whole colwise projection (OLMo-2 q_norm over H x D). The
+    rank's local (..., HD/tp) output becomes a Shard(-1) DTensor, the weight Shard(0): the
+    mean of squares over the sharded dim is an all-reduce (DTensor's Partial avg), the rest
+    elementwise; the output goes back to a local tensor for the local heads."""
+    from torch.distributed.tensor import distribute_module
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    def part(name, mod, mesh):
+        for n, p in list(mod.named_parameters(recurse=False)):
+            mod.register_parameter(n, nn.Parameter(distribute_tensor(p, mesh, [Shard(0)])))
+
+    def inp(mod, inputs, mesh):
+        x = inputs[0]
+        return (x if isinstance(x, DTensor) else DTensor.from_local(x, mesh, [Shard(x.ndim - 1)], run_check=False),
+                *inputs[1:])
+
+    class _Style(ParallelStyle):
+        def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+            return distribute_module(module, mesh, part, inp, lambda mod, out, mesh: out.to_local())
+
+    return _Style()
+
+
+def _local_heads():
+    """local_heads: a norm over head_dim applied to the rank's own heads (Qwen3 q/k norm). The
+    local input is declared Shard(0) (any non-normalised dim would do: the norm is per row),
+    the weight Replicate: its gradient is a Partial sum over tp, all-reduced like any
+    replicated weight. Output back to local. A plain replicated weight instead would leave the
+    tp ranks with different gradients (each sees only its heads), then different weights."""
+    from torch.distributed.tensor.parallel import SequenceParallel
+
+    return SequenceParallel(sequence_dim=0, use_local_output=True)
+
+
+def _experts():
+    """experts: each expert's intermediate dim over tp; gate_up (E, 2I, H) rows are (gate, up)
+    pairs (runtime/fused.py) so Shard(1) keeps pairs together; down (E, H, I) Shard(2)."""
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class _Style(ParallelStyle):
+        def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+            for n, dim in (("gate_up_proj", 1), ("down_proj", 2)):
+                p = getattr(module, n)
+                module.register_parameter(n, nn.Parameter(distribute_tensor(p, mesh, [Shard(dim)])))
+            return module
+
+    return _Style()
+
+
+def _colwise():
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    return ColwiseParallel()
+
+
+# styles beyond the four basic ones (issue 11); fused rows are in meshbake order, so a plain
+# colwise split is right for them
+EXTRA_STYLES = {"colwise_qkv": _colwise, "colwise_gate_up": _colwise, "colwise_norm": _sharded_norm,
+                "local_heads": _local_heads, "experts": _experts}
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: Plan) -> None:
@@ -215,11 +279,47 @@ def set_full(param: torch.Tensor, full: torch.Tensor) -> None:
             param.copy_(full)
 
 
-def init_weights(model: nn.Module, seed: int) -> None:
+def init_weights(model: nn.Module, seed: int, layouts: dict[str, str] | None = None) -> None:
     std = getattr(model.config, "initializer_range", 0.02)
+    fused = _fused_params(layouts)
     for name, p in model.named_parameters():      # a tied weight appears once
-        set_full(p, init_tensor(name, p.shape, seed, std))
+        full = init_tensor(name, p.shape, seed, std)   # HF order: the same values a plain HF model gets
+        set_full(p, _to_runtime(name, full, fused, model.config))
+    _reset_buffers(model)
     _reset_rotary(model)
+
+
+def _fused_params(layouts: dict[str, str] | None) -> dict[str, str]:
+    from runtime.fused import param_layouts
+
+    return param_layouts(layouts or {})
+
+
+def _to_runtime(name: str, full: torch.Tensor, fused: dict[str, str], cfg) -> torch.Tensor:
+    from runtime.fused import to_runtime
+
+    return to_runtime(fused[name], full, cfg) if name in fused else full
+
+
+def _reset_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers (Gemma's embed_scale = sqrt(hidden), ...) are garbage after
+    to_empty and in no checkpoint; transformers sets them in _init_weights. Run that per
+    module with its parameters swapped for meta placeholders, so only the buffers are
+    written (parameter init there is a no-op on meta; ours comes after)."""
+    init = getattr(model, "_init_weights", None)
+    if init is None:
+        return
+    for mod in model.modules():
+        if not getattr(mod, "_non_persistent_buffers_set", None):
+            continue
+        saved = dict(mod._parameters)
+        mod._parameters = {n: (nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), p.requires_grad)
+                               if p is not None else None) for n, p in saved.items()}
+        try:
+            with torch.no_grad():
+                init(mod)
+        finally:
+            mod._parameters = saved
 
 
 def _reset_rotary(model: nn.Module) -> None:
@@ -269,33 +369,48 @@ def local_slice(param: torch.Tensor) -> tuple[slice, ...] | None:
 LOAD_STATS = {"block": 0, "full": 0}    # how the last load_weights read its tensors (tests)
 
 
-def load_weights(model: nn.Module, folder: str, seed: int) -> None:
+def load_weights(model: nn.Module, folder: str, seed: int, layouts: dict[str, str] | None = None) -> None:
     """The base model from the user's safetensors, each rank reading only its own block where
-    possible (safetensors slices lazily); LoRA adapters (not in them) start fresh."""
+    possible (safetensors slices lazily); LoRA adapters (not in them) start fresh. Grouped MoE
+    experts are assembled from the per-expert tensors hub checkpoints hold."""
+    from contextlib import ExitStack
+
     from safetensors import safe_open
+
+    from runtime.fused import assemble, legacy_sources
 
     params = dict(model.named_parameters())
     base = [n for n in params if ".lora_" not in n]
     index = safetensors_index(folder)
-    missing = [n for n in base if n not in index]
+    n_exp = getattr(model.config, "num_local_experts", None) or getattr(model.config, "num_experts", 0) or 0
+    sources = {n: [[n]] if n in index else legacy_sources(n, n_exp, index.__contains__) for n in base}
+    missing = [n for n, src in sources.items() if src is None]
     if missing:
         raise KeyError(f"model.weights {folder}: missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
-    by_file: dict[Path, list[str]] = {}
-    for n in base:
-        by_file.setdefault(index[n], []).append(n)
     LOAD_STATS.update(block=0, full=0)
-    with torch.no_grad():
-        for f, names in by_file.items():
-            with safe_open(str(f), framework="pt") as st:
-                for name in names:
-                    p, block = params[name], local_slice(params[name])
-                    if block is None:
-                        set_full(p, st.get_tensor(name))
-                    else:
-                        (p.to_local() if isinstance(p, DTensor) else p).copy_(st.get_slice(name)[block])
-                    LOAD_STATS["full" if block is None else "block"] += 1
+    fused = _fused_params(layouts)
+    with torch.no_grad(), ExitStack() as stack:
+        files: dict[Path, Any] = {}
+
+        def st(key: str):
+            f = index[key]
+            if f not in files:
+                files[f] = stack.enter_context(safe_open(str(f), framework="pt"))
+            return files[f]
+
+        for name in base:
+            p, src = params[name], sources[name]
+            # a fused tensor's rows are reordered (runtime/fused.py): read whole, reorder
+            block = local_slice(p) if src == [[name]] and name not in fused else None
+            if block is None:
+                full = assemble([[st(k).get_tensor(k) for k in ks] for ks in src])
+                set_full(p, _to_runtime(name, full, fused, model.config))
+            else:
+                (p.to_local() if isinstance(p, DTensor) else p).copy_(st(name).get_slice(name)[block])
+            LOAD_STATS["full" if block is None else "block"] += 1
     for name in sorted(set(params) - set(base)):
         set_full(params[name], init_tensor(name, params[name].shape, seed, 0.0))
+    _reset_buffers(model)
     _reset_rotary(model)
 
 
@@ -317,6 +432,10 @@ def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> nn.Module:
         cp.install(model)
     if plan.mesh.tp > 1:
         apply_tp(model, mesh["tp"], plan)
+    if plan.model.layouts:     # after TP: the fused hooks must see the local (to_local'd) outputs
+        from runtime import fused
+
+        fused.install(model, plan.model.layouts, mesh["tp"] if plan.mesh.tp > 1 else None)
     if plan.lora.rank > 0:
         from runtime.lora import apply_lora
 
@@ -335,8 +454,8 @@ def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> nn.Module:
         apply_fsdp(model, dp_mesh, plan)
     model.to_empty(device=device)
     if plan.model.weights:
-        load_weights(model, plan.model.weights, plan.train.seed)
+        load_weights(model, plan.model.weights, plan.train.seed, plan.model.layouts)
     else:
-        init_weights(model, plan.train.seed)
+        init_weights(model, plan.train.seed, plan.model.layouts)
     model.train()
     return model

@@ -9,6 +9,15 @@ Placement styles (tp.placements maps a module fqn to one of these):
   rowwise            Linear sharded on its input dim (o_proj/down_proj); Embedding on vocab dim 0
   sequence_parallel  norm computed on a sequence shard (only with tp.sequence_parallel)
   replicate          kept whole on every tp rank (its bytes are counted in the estimate)
+  colwise_qkv        fused [q|k|v] Linear stored interleaved by kv group (runtime/fused.py), rows sharded:
+                     each rank holds its own heads' q, k and v
+  colwise_gate_up    fused [gate|up] Linear stored as (gate_i, up_i) row pairs, rows sharded
+  experts            grouped MoE experts: each expert's intermediate dim sharded (gate_up rows as pairs,
+                     down columns); output all-reduced (reduce-scattered under sequence parallel)
+  local_heads        norm over head_dim on the rank's local heads (Qwen3 q/k norm): weight replicated,
+                     gradient summed over tp
+  colwise_norm       norm over a whole colwise projection (OLMo-2 q/k norm): weight sharded like the
+                     projection's rows, variance all-reduced
 """
 from __future__ import annotations
 
@@ -17,7 +26,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 PLAN_VERSION = 1
-STYLES = ("colwise", "rowwise", "sequence_parallel", "replicate")
+STYLES = ("colwise", "rowwise", "sequence_parallel", "replicate", "colwise_qkv", "colwise_gate_up", "experts",
+          "local_heads", "colwise_norm")
 MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")  # outer -> inner; tp innermost = one node
 
 
@@ -29,6 +39,9 @@ class ModelPlan:
     weights: str | None             # HF folder with *.safetensors, or None = random init
     num_params: int
     tie_word_embeddings: bool
+    attn_implementation: str = "sdpa"   # transformers attention kernel for this class: sdpa | eager
+    layouts: dict[str, str] = field(default_factory=dict)   # fused fqn -> "qkv" | "gate_up" | "experts"
+    active_params: int = 0              # params a token goes through (MoE: k of E experts); 0 = num_params
 
 
 @dataclass(frozen=True)
@@ -175,6 +188,10 @@ def _build(cls, d: dict[str, Any]):
 
 def _data_plan(d: dict[str, Any]) -> DataPlan:
     d = dict(d)
+    if "format" not in d:              # plan.json of meshbake before the data redesign (runs being exported)
+        d = {"format": "synthetic" if d.get("source") == "synthetic" else "text", "tokenizer": d.get("tokenizer"),
+             "sources": [{"path": d["path"], "weight": 1.0}] if d.get("path") else [],
+             "fields": {"text": d.get("text_field", "text")}, "vocab_size": d["vocab_size"]}
     for k in ("sources", "eval_sources"):
         d[k] = tuple(d.get(k, ()))
     return _build(DataPlan, d)

@@ -36,11 +36,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-try:                       # issue 9's one-line runtime error, once it has landed
-    from runtime.errors import UserError as _Base    # type: ignore[import-not-found]
-except ImportError:        # pragma: no cover - until then a ValueError subclass
-    _Base = ValueError
-
+from runtime.errors import EXIT_USER, UserError
 from runtime.plan import DataPlan, Plan, load_plan
 
 PREPARE_VERSION = 1        # bump when the on-disk layout or the tokenization rules change
@@ -52,8 +48,14 @@ ALPACA = ("Below is an instruction that describes a task{ctx}. Write a response 
           "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
 
 
-class DataError(_Base):
-    """One line for the user: which file / record / key, and what to do."""
+class DataError(UserError):
+    """One line for the user: which file / record / key, what is wrong and what to do (a
+    UserError: runtime.train and the CLI print it without a traceback)."""
+
+    def __init__(self, message: str):
+        Exception.__init__(self, message)
+        where, _, rest = message.partition(": ")
+        self.path, self.problem, self.fix = where, rest or message, ""
 
 
 # ------------------------------------------------------------------------------ fingerprints
@@ -281,21 +283,22 @@ class Encoder:
                 head = self._render(msgs[:i], True, where) if i else ""
             except DataError:
                 head = self._render(msgs[:i], False, where) if i else ""
-            upto = self._render(msgs[:i + 1], False, where)
+            upto = full if i == len(msgs) - 1 else self._render(msgs[:i + 1], False, where)
             if not (full.startswith(upto) and upto.startswith(head)):
                 raise DataError(f"{where}: the chat template does not render a conversation's prefix as a prefix of "
                                 f"it (at message {i + 1}), so assistant turns cannot be located; use train_on: all")
             spans.append((len(head), len(upto)))
         enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offs = enc["input_ids"], enc["offset_mapping"]
-        mask = np.zeros(len(ids), bool)
-        if self.data.train_on == "all":
-            mask[:] = True
+        ids = np.asarray(enc["input_ids"], np.int32)
+        offs = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
+        mask = np.full(len(ids), self.data.train_on == "all")
+        special = np.isin(ids, list(self.special))
         for s, e in spans[-1:] if self.data.train_on == "last_turn" else spans:
-            inside = [k for k, (a, b) in enumerate(offs) if a >= s and b <= e and b > a]
-            cut = next((j + 1 for j, k in enumerate(inside) if ids[k] in self.special), len(inside))
-            mask[inside[:cut]] = True
-        return np.asarray(ids, np.int32), mask
+            inside = np.flatnonzero((offs[:, 0] >= s) & (offs[:, 1] <= e) & (offs[:, 1] > offs[:, 0]))
+            ends = inside[special[inside]]
+            last = ends[0] if ends.size else (inside[-1] if inside.size else -1)
+            mask[inside[inside <= last]] = True      # the reply up to its end-of-turn token
+        return ids, mask
 
 
 # --------------------------------------------------------------------------------- packing
@@ -464,7 +467,8 @@ def encode_sources(data: DataPlan, sources: tuple[dict, ...], enc: Encoder, cach
     datasets.logging.set_verbosity_error()
     loaded = []
     for s_idx, src in enumerate(sources):
-        kind, files = source_files(src["path"], f"{key}[{s_idx}].path" if len(sources) > 1 else key)
+        kind, files = source_files(src["path"], f"{key}[{s_idx}].path" if len(sources) > 1 else
+                                   "data.path" if key == "data.sources" else f"{key}[0].path")
         for f in files:
             loaded.append((s_idx, f, load_records(kind, f, data.format, cache_dir)))
     parts, src_of, t0, tokens = [], [], time.perf_counter(), 0
@@ -619,6 +623,10 @@ def _prepare_into(plan: Plan, tmp: Path, cache: dict, quiet: bool, log: Callable
                         f"{s['no_loss_pieces']} without any trained token; use overlong: truncate or split")
     if eval_docs is not None:
         stats["eval"] = write_split(tmp / "eval", eval_docs, T, data.packing, data.overlong, pad)
+        if stats["eval"]["windows"] == 0:
+            raise DataError(f"data: the eval split is empty ({len(eval_docs.lengths)} documents held out of "
+                            f"{len(eval_docs.lengths) + len(docs.lengths)}, none trainable); a text file is one "
+                            f"document: give data.eval_sources, or more documents")
     shutil.rmtree(tmp / ".hf-cache", ignore_errors=True)
     facts = file_facts(files, cache)
     tok_facts = file_facts(_all_files(data.tokenizer), cache)
@@ -682,8 +690,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepare(plan, quiet=args.quiet, log=lambda s: print(s, file=sys.stderr))
     except DataError as e:
-        print(f"meshbake: {e}", file=sys.stderr)
-        return 2
+        print(e.line(), file=sys.stderr)
+        return EXIT_USER
     return 0
 
 

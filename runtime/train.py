@@ -30,6 +30,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from runtime import checkpoint as ckpt
 from runtime import cp, preflight
 from runtime.data import IGNORE, Batch, PackedData, Stream, load_data
+from runtime.errors import EXIT_USER, UserError, from_os_error
 from runtime.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory
 from runtime.parallel import build, compute_context, set_gradient_sync
 from runtime.plan import MESH_DIMS, Plan, load_plan
@@ -52,7 +53,31 @@ def init_distributed(backend: str) -> None:
                           timeout=__import__("datetime").timedelta(minutes=10))
     prefix = f"meshbake/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     kw = {"device_id": torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))} if backend == "nccl" else {}
-    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world, **kw)
+    _STORE[:] = [dist.PrefixStore(prefix, store)]
+    dist.init_process_group(backend, store=_STORE[0], rank=rank, world_size=world, **kw)
+
+
+_STORE: list = []          # the rendezvous store, for reporting a user error without a collective
+
+
+def report_user_error(e: UserError | None) -> None:
+    """The user's error, printed once for the whole job: the first rank to claim it in the
+    store prints the line. Ranks that fail only because a peer stopped (e is None: a gloo/NCCL
+    error after the reporting rank exited) stay silent when a line was printed."""
+    key = "meshbake/user_error"
+    try:
+        first = _STORE[0].add(key, 1 if e is not None else 0) == 1 if _STORE else e is not None
+    except Exception:                  # store gone: fall back to rank 0 of the job
+        first = e is not None and os.environ.get("RANK", "0") == "0"
+    if e is not None and first:
+        print(e.line(), file=sys.stderr, flush=True)
+
+
+def user_error_reported() -> bool:
+    try:
+        return bool(_STORE) and _STORE[0].add("meshbake/user_error", 0) > 0
+    except Exception:
+        return False
 
 
 def device_for(plan: Plan) -> torch.device:
@@ -492,8 +517,16 @@ def main(argv: list[str] | None = None) -> int:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "plan.json").write_text(Path(args.plan).read_text())
         run(plan, run_dir, signals)
-    finally:
-        dist.destroy_process_group()
+    except BaseException as e:         # BaseException: DCP's CheckpointException is one
+        user = e if isinstance(e, UserError) else from_os_error(e)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)) or (user is None and not user_error_reported()):
+            raise                      # a bug, or a fault that is not the user's: the traceback is the report
+        # the user's data, paths, permissions or disk: one line from one rank, no traceback on
+        # any rank (peers that failed because this rank stopped exit quietly with it)
+        report_user_error(user)
+        sys.stderr.flush()
+        os._exit(EXIT_USER)            # no process-group teardown: peers may be gone
+    dist.destroy_process_group()
     return 0
 
 

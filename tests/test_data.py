@@ -295,3 +295,45 @@ def test_loss_tokens_count_the_whole_global_batch(packed):
     assert data.loss_tokens(2) == int((np.load(folder / "train/labels.npy")[rows] != IGNORE).sum())
     syn = TokenData(plan.data, plan.train, dp=2)
     assert syn.loss_tokens(0) == plan.train.global_batch_size * plan.train.seq_len
+
+
+def test_training_refuses_missing_prepared_data_before_any_process_group(tmp_path, base, capsys, monkeypatch):
+    import torch.distributed as dist
+
+    from runtime.train import main
+
+    plan = with_data(base, tmp_path, "text", jsonl(tmp_path / "t.jsonl", [{"text": "a b c d e"}] * 20))
+    (tmp_path / "plan.json").write_text(P.dumps(plan))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert main([str(tmp_path / "plan.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "meshbake: prepared data for d is missing" in err and "Traceback" not in err
+    assert not dist.is_initialized()
+
+
+def test_old_plan_json_data_section_still_loads(base):
+    d = json.loads(P.dumps(base))
+    d["data"] = {"source": "text", "path": "data/shakespeare.txt", "tokenizer": "data/tokenizer",
+                 "text_field": "text", "vocab_size": 4096}
+    old = P.from_dict(d).data
+    assert (old.format, old.sources[0]["path"], old.tokenizer) == ("text", "data/shakespeare.txt", "data/tokenizer")
+
+
+def test_tokenized_parquet_and_completion_csv_sources(tmp_path, base):
+    import pandas as pd
+
+    rows = [{"input_ids": list(range(5, 5 + n)), "labels": [-100] * 2 + list(range(7, 5 + n))} for n in (6, 9, 12)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "tok.parquet")
+    folder = prepare(with_data(base, tmp_path, "tokenized", tmp_path / "tok.parquet", tokenizer=None),
+                     quiet=True, log=lambda s: None)
+    lab = np.load(folder / "train/labels.npy")
+    assert sorted(lab[lab != IGNORE].tolist()) == sorted(t for r in rows for t in r["labels"][2:])
+    pd.DataFrame({"q": ["Who wrote Hamlet?", "Who wrote Faust?"], "a": [" Shakespeare", " Goethe"]}).to_csv(
+        tmp_path / "c.csv", index=False)
+    plan = with_data(base, tmp_path / "csv", "completion", tmp_path / "c.csv", fields={"prompt": "q", "completion": "a"})
+    folder = prepare(plan, quiet=True, log=lambda s: None)
+    from transformers import AutoTokenizer
+
+    lab = np.load(folder / "train/labels.npy")
+    text = AutoTokenizer.from_pretrained(TOK).decode(lab[lab != IGNORE].tolist())
+    assert sorted(text.split("<|endoftext|>")) == ["", " Goethe", " Shakespeare"]

@@ -61,17 +61,30 @@ def test_bad_size_facts_are_errors(tmp_path, key, value, says):
 
 
 @pytest.mark.parametrize("cfg,says", [
-    ({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 4096}, "not a Llama-style decoder"),
-    ({"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 4096}, "not a Llama-style"),
+    ({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 4096}, "not one meshbake runs"),
+    ({"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 4096}, "not one meshbake"),
     ({"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-      "intermediate_size": 128, "vocab_size": 4096}, "builds BertLMHeadModel"),     # was a runtime failure
-    ({"model_type": "gemma3", "text_config": {"hidden_size": 64}}, "multimodal"),
+      "intermediate_size": 128, "vocab_size": 4096}, "not one meshbake runs"),     # was a runtime failure
+    ({"model_type": "gpt_neox", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+      "intermediate_size": 128, "vocab_size": 4096}, "not one meshbake runs"),
+    ({"model_type": "gemma3", "text_config": {"hidden_size": 64}}, "not one meshbake runs"),
     ({"model_type": "t5", "d_model": 64}, "not a causal LM"),
     ({"model_type": "lama", "hidden_size": 64}, "did you mean 'llama'"),
 ])
 def test_unsupported_model_types_are_refused_at_compile_time(tmp_path, cfg, says):
     msgs = errors_at(with_config(tmp_path, cfg), "model.config")
     assert any(says in m for m in msgs), msgs
+
+
+def test_a_model_without_model_layers_is_refused_after_the_build():
+    """The structural check behind the allow-list: BertLMHeadModel has bert.encoder.layer, not model.layers."""
+    from compiler.model import _meta_model, _structure_error
+
+    cfg = {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "intermediate_size": 128, "vocab_size": 4096}
+    err = _structure_error(_meta_model(cfg), 2, "bert", "x.json")
+    assert err is not None and "BertLMHeadModel" in err.message
+    assert _structure_error(_meta_model(catalog_config("tiny-llama")), 2, "llama", "x") is None
 
 
 def test_unknown_model_type_hint_is_short(tmp_path):
@@ -105,6 +118,26 @@ def test_config_json_with_nan_or_deep_nesting_is_an_error(tmp_path, text):
     p.write_text(text)
     msgs = errors_at(resolve(tiny_text(model={"config": str(p)})), "model.config")
     assert any("cannot read config.json" in m for m in msgs), msgs
+
+
+@pytest.mark.parametrize("text,says", [
+    ("name: " + "[" * 1000 + "]" * 1000 + "\n", "nested more than"),   # PyYAML's scanner: quadratic, 2.5 s
+    ("name: x\n" + "# pad\n" * 100000, "a recipe is a few KB"),
+])
+def test_pathological_yaml_is_refused_before_parsing(text, says):
+    from compiler.load import parse_yaml
+
+    t0 = time.perf_counter()
+    r = parse_yaml(text, "r.yaml")
+    assert isinstance(r, Err) and says in str(r.errors[0]), r
+    assert time.perf_counter() - t0 < 2.0       # generous: it is a linear pre-scan (measured 0.05 s)
+
+
+def test_huge_config_json_is_refused_unread(tmp_path):
+    p = tmp_path / "config.json"
+    p.write_text('{"model_type": "llama", "pad": "' + "x" * 2_000_000 + '"}')
+    msgs = errors_at(resolve(tiny_text(model={"config": str(p)})), "model.config")
+    assert any("is not a config.json" in m for m in msgs), msgs
 
 
 def test_cli_deeply_nested_file_exits_2(tmp_path):
@@ -190,3 +223,26 @@ def test_hf_folder_private_keys_stay_out_of_plan_json(tmp_path):
     plan = json.loads(b.files["plan.json"])
     assert not {"_name_or_path", "_commit_hash", "transformers_version"} & set(plan["model"]["config"])
     assert b"/home/alice" not in b"".join(b.files.values())
+
+
+def test_an_internal_bug_is_one_line_and_exit_70(tmp_path, monkeypatch):
+    """The last resort: whatever slips past the checks is one line naming it a bug, no traceback."""
+    import compiler.cli as cli_mod
+
+    def boom(args):
+        raise KeyError("x")
+    monkeypatch.setattr(cli_mod, "_resolve", boom)
+    monkeypatch.delenv("MESHBAKE_DEBUG", raising=False)
+    p = tmp_path / "r.yaml"
+    p.write_text(tiny_text())
+    rc, err = cli(["check", str(p)])
+    assert rc == 70 and "internal error (KeyError" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_every_supported_type_has_a_model_fixture():
+    """The allow-list and the parity matrix (tests/models/<model_type>/) name the same families."""
+    from compiler.model import SUPPORTED_TYPES
+    from tests.helpers import ROOT
+
+    fixtures = sorted(p.name for p in (ROOT / "tests/models").iterdir() if (p / "config.json").is_file())
+    assert sorted(SUPPORTED_TYPES) == fixtures

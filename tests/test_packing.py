@@ -2,9 +2,11 @@
 restarting at 0 each, some labels masked as prompts) gives the same per-document losses and
 the same gradients as running each document alone, fp32 on CPU, rtol 1e-5:
   - single process, HF sdpa with position_ids (transformers builds the block-causal mask);
-  - torchrun world 4: dp_shard 2 x tp 2 with sequence parallel, dp_shard 2 x cp 2 and
+  - torchrun world 4: dp_shard 2 x tp 2 with sequence + loss parallel, dp_shard 2 x cp 2 and
     cp 2 x tp 2 (runtime/cp.py's document-aware mask), one launch for all three.
-A control without position_ids (one causal sequence) must differ, so the test can fail."""
+A control without position_ids (one causal sequence) must differ, so the test can fail.
+The same launch resumes a run on prepared data after a dp reshard (dp_shard 4 -> dp_shard 2 x
+tp 2): the resumed steps read the next unseen samples (losses equal the uninterrupted run's)."""
 from __future__ import annotations
 
 import json
@@ -29,9 +31,9 @@ RTOL = 1e-5
 def plan_for(name: str, world: int, **mesh) -> dict:
     from compiler.pipeline import compile_recipe
 
-    sp = mesh.pop("sp", False)
+    sp, lp = mesh.pop("sp", False), mesh.pop("lp", False)
     r = {"name": name, "model": {"config": "tiny-llama", "dtype": "float32"}, "mesh": {"dp_shard": 1, **mesh},
-         "tp": {"sequence_parallel": sp, "loss_parallel": False},
+         "tp": {"sequence_parallel": sp, "loss_parallel": lp},
          "cluster": {"nodes": 1, "gpus_per_node": world, "device": "cpu", "gpu_memory_gb": 8},
          "train": {"seq_len": T, "micro_batch_size": 1, "global_batch_size": mesh.get("dp_shard", 1), "steps": 1,
                    "mixed_precision": {"param_dtype": "float32", "reduce_dtype": "float32"}},
@@ -112,14 +114,39 @@ def test_packed_row_equals_documents_alone_single_process(reference):
     assert float(((per_doc(leak_tok) - want_loss).abs() / want_loss.abs())[1:].min()) > 1e-3
 
 
-CASES = {"dp_shard2_tp2_sp": dict(dp_shard=2, tp=2, sp=True), "dp_shard2_cp2": dict(dp_shard=2, cp=2),
+CASES = {"dp_shard2_tp2_sp_lp": dict(dp_shard=2, tp=2, sp=True, lp=True), "dp_shard2_cp2": dict(dp_shard=2, cp=2),
          "cp2_tp2_sp": dict(cp=2, tp=2, sp=True)}
+
+
+def resume_plans(tmp: Path) -> list[dict]:
+    """Three plans over one prepared chat dataset (seq 64): 6 steps on dp_shard 4; 3 steps on
+    dp_shard 4 with a checkpoint; 6 steps on dp_shard 2 x tp 2 resuming from it. A constant LR:
+    a cosine over 3 steps would differ from one over 6 whatever the data."""
+    from compiler.pipeline import compile_recipe
+
+    from runtime.prepare import prepare
+
+    def one(steps: int, mesh: dict, sp: bool) -> dict:
+        r = {"name": "resume", "model": {"config": "tiny-llama", "dtype": "float32"}, "mesh": mesh,
+             "tp": {"sequence_parallel": sp, "loss_parallel": sp},
+             "cluster": {"nodes": 1, "gpus_per_node": 4, "device": "cpu", "gpu_memory_gb": 8},
+             "train": {"seq_len": T, "micro_batch_size": 2, "global_batch_size": 8, "steps": steps, "lr": 2e-3,
+                       "lr_schedule": "constant", "mixed_precision": {"param_dtype": "float32", "reduce_dtype": "float32"}},
+             "data": {"format": "chat", "path": str(ROOT / "data/chat/chatterbot_en.jsonl"),
+                      "tokenizer": str(ROOT / "data/chat_tokenizer"), "prepared_dir": str(tmp / "prepared")},
+             "checkpoint": {"every_steps": 3, "keep": 1, "save_on_exit": False}}
+        return json.loads(compile_recipe(yaml.safe_dump(r)).files["plan.json"])
+    plans = [one(6, {"dp_shard": 4}, False), one(3, {"dp_shard": 4}, False),
+             one(6, {"dp_shard": 2, "tp": 2}, True)]
+    prepare(P.from_dict(plans[0]), quiet=True, log=lambda s: None)    # one dataset: the options are equal
+    return plans
 
 
 @pytest.mark.dist
 def test_packed_row_equals_documents_alone_under_tp_sp_and_cp(reference, tmp_path):
     _, (want_loss, want_grads) = reference
     cases = [{"name": n, "plan": plan_for(n, 4, **kw), **packed_row()} for n, kw in CASES.items()]
+    cases.append({"name": "resume", "kind": "resume", "plans": resume_plans(tmp_path), "dir": str(tmp_path / "runs")})
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
@@ -132,3 +159,13 @@ def test_packed_row_equals_documents_alone_under_tp_sp_and_cp(reference, tmp_pat
         rel_grad = max_rel(got["grads"], want_grads)
         print(f"{name}: max rel per-document loss diff {rel_loss:.1e}, grad diff {rel_grad:.1e}")
         assert rel_loss < RTOL and rel_grad < RTOL, (name, rel_loss, rel_grad)
+        if got["lp_sum"] is not None:     # loss parallel's vocab-sharded CE skips the -100 labels too
+            assert abs(got["lp_sum"] - float(want_loss.sum())) / float(want_loss.sum()) < RTOL, got["lp_sum"]
+    r = json.loads((tmp_path / "resume.json").read_text())
+    full, resumed = r["full"], r["resumed"]
+    assert sorted(resumed) == ["4", "5", "6"]                         # it resumed at step 4, on dp 2
+    rel = max(abs(resumed[k] - full[k]) / full[k] for k in resumed)
+    print(f"resume after dp reshard: max rel loss diff vs uninterrupted {rel:.1e}")
+    assert rel < 1e-4
+    state = json.loads((tmp_path / "runs/split/checkpoints/step-6/train_state.json").read_text())
+    assert state["data"]["samples_consumed"] == 6 * 8

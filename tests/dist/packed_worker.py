@@ -2,7 +2,8 @@
 
     torchrun --standalone --nproc-per-node 4 tests/dist/packed_worker.py CASES_JSON OUT_DIR
 
-CASES_JSON: [{"name", "plan": plan.json dict, "input_ids", "labels", "position_ids": [[...T]]}]
+CASES_JSON: [{"name", "plan": plan.json dict, "input_ids", "labels", "position_ids": [[...T]]}
+             | {"name", "kind": "resume", "plans": [full, first, second], "dir": run root}]
 Every rank feeds the same row (dp copies average to the same gradient). Rank 0 saves, per case,
 OUT_DIR/<name>.pt = {"tok_loss": (T,) per-token loss in global order, "grads": {fqn: full grad}}
 of sum(token losses) -- what test_packing.py compares with each document run alone.
@@ -36,7 +37,13 @@ def run_case(case: dict, out: Path) -> None:
         pos = cp.set_batch(mesh["cp"], T, pos)
         x, y = (cp.shard_sequence(t, ncp, rank) for t in (x, y))
         order = cp.local_positions(T, ncp, rank)
-    logits = model(input_ids=x, position_ids=pos, use_cache=False).logits          # (1, T/cp, V)
+    logits = model(input_ids=x, position_ids=pos, use_cache=False).logits          # (1, T/cp, V[/tp])
+    lp_sum = None
+    if plan.tp.loss_parallel:             # the training loss: vocab-sharded CE, -100 ignored, summed
+        from runtime.train import forward_loss_sum
+        with torch.no_grad():
+            s = forward_loss_sum(model, x, y, True, pos)
+        lp_sum = float(s.full_tensor() if isinstance(s, DTensor) else s)
     logits = logits.full_tensor() if isinstance(logits, DTensor) else logits
     tok = F.cross_entropy(logits[0].float(), y[0], reduction="none", ignore_index=-100)    # (T/cp,)
     # FSDP averages grads over dp_shard x cp: the dp copies are equal, the cp parts add up
@@ -56,7 +63,23 @@ def run_case(case: dict, out: Path) -> None:
         g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
         grads[name] = g.detach().clone()
     if dist.get_rank() == 0:
-        torch.save({"tok_loss": full, "grads": grads}, out / f"{case['name']}.pt")
+        torch.save({"tok_loss": full, "grads": grads, "lp_sum": lp_sum}, out / f"{case['name']}.pt")
+    dist.barrier()
+
+
+def resume_case(case: dict, out: Path) -> None:
+    """Prepared data, a run straight through (full) vs. the same run stopped after a checkpoint on
+    one mesh (first) and resumed on another dp size (second): the resumed steps must read the
+    next unseen samples, so their losses equal the straight run's."""
+    from runtime.train import run
+
+    full, first, second = (P.from_dict(d) for d in case["plans"])
+    root = Path(case["dir"])
+    a = run(full, root / "full")
+    run(first, root / "split")
+    b = run(second, root / "split")
+    if dist.get_rank() == 0:
+        (out / f"{case['name']}.json").write_text(json.dumps({"full": a.losses, "resumed": b.losses}))
     dist.barrier()
 
 
@@ -65,7 +88,7 @@ def main(cases_path: str, out_dir: str) -> int:
     init_distributed(cases[0]["plan"]["mesh"]["backend"])
     try:
         for case in cases:
-            run_case(case, Path(out_dir))
+            (resume_case if case.get("kind") == "resume" else run_case)(case, Path(out_dir))
     finally:
         dist.destroy_process_group()
     return 0

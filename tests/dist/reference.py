@@ -16,7 +16,7 @@ def hf_model(plan: P.Plan) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     cfg = hf_config(plan.model.config)
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = plan.model.attn_implementation
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[plan.train.dtype])
     if plan.lora.rank:

@@ -21,6 +21,15 @@ export MESHBAKE_RUN_DIR="${MESHBAKE_RUN_DIR:-${default_run_dir}}"
 # python deps and the plan's data/weights paths, checked once, before any process starts
 "${PYTHON}" -m runtime.preflight "${BUNDLE_DIR}/plan.json"
 
+# tokenize + pack the data once (a no-op when the prepared copy is up to date), in ONE process
+# per job before torchrun, never inside a process group whose collectives could time out
+# meanwhile: under Slurm node 0 prepares and the other nodes wait for its atomic rename
+if [[ "${SLURM_NODEID:-0}" == 0 ]]; then
+  "${PYTHON}" -m runtime.prepare "${BUNDLE_DIR}/plan.json"
+else
+  "${PYTHON}" -m runtime.prepare "${BUNDLE_DIR}/plan.json" --wait 7200
+fi
+
 NNODES=4
 NPROC=8
 rdzv=()
@@ -65,7 +74,9 @@ forward() {
 # and SIGKILLs the workers 30 s later, mid-save. The training processes install their own
 # handlers; INT (Ctrl-C) still stops torchrun and its workers at once.
 trap '' USR1 TERM
-"${PYTHON}" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node="${NPROC}" \
+# runtime.launch is torchrun (torch.distributed.run) that ends a user error (exit 3, reported
+# in one line by a worker) without torchrun's traceback and summary burying that line
+"${PYTHON}" -m runtime.launch "${rdzv[@]}" --nproc-per-node="${NPROC}" \
   --max-restarts=3 --signals-to-handle=SIGINT,SIGHUP,SIGQUIT \
   -m runtime.train "${BUNDLE_DIR}/plan.json" &
 torchrun_pid=$!

@@ -38,7 +38,8 @@ if [[ -n "${SLURM_JOB_ID:-}" ]]; then
     echo "launch.sh: SLURM_JOB_ID is set but SLURM_JOB_NODELIST is not; run it through job.sbatch (srun)" >&2
     exit 1
   fi
-  head_node="$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)"
+  # job.sbatch passes the head node (scontrol may be missing inside a container)
+  head_node="${MESHBAKE_HEAD_NODE:-$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)}"
   if [[ -z "${head_node}" ]]; then
     echo "launch.sh: scontrol show hostnames returned nothing for ${SLURM_JOB_NODELIST}" >&2
     exit 1
@@ -71,7 +72,9 @@ forward() {
 # and SIGKILLs the workers 30 s later, mid-save. The training processes install their own
 # handlers; INT (Ctrl-C) still stops torchrun and its workers at once.
 trap '' USR1 TERM
-"${PYTHON}" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node="${NPROC}" \
+# runtime.launch is torchrun (torch.distributed.run) that ends a user error (exit 3, reported
+# in one line by a worker) without torchrun's traceback and summary burying that line
+"${PYTHON}" -m runtime.launch "${rdzv[@]}" --nproc-per-node="${NPROC}" \
   --max-restarts=0 --signals-to-handle=SIGINT,SIGHUP,SIGQUIT \
   -m runtime.train "${BUNDLE_DIR}/plan.json" &
 torchrun_pid=$!

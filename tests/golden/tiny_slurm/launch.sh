@@ -72,7 +72,9 @@ forward() {
 # and SIGKILLs the workers 30 s later, mid-save. The training processes install their own
 # handlers; INT (Ctrl-C) still stops torchrun and its workers at once.
 trap '' USR1 TERM
-"${PYTHON}" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node="${NPROC}" \
+# runtime.launch is torchrun (torch.distributed.run) that ends a user error (exit 3, reported
+# in one line by a worker) without torchrun's traceback and summary burying that line
+"${PYTHON}" -m runtime.launch "${rdzv[@]}" --nproc-per-node="${NPROC}" \
   --max-restarts=0 --signals-to-handle=SIGINT,SIGHUP,SIGQUIT \
   -m runtime.train "${BUNDLE_DIR}/plan.json" &
 torchrun_pid=$!

@@ -1,0 +1,201 @@
+"""Fused projections and grouped MoE experts, stored in a row order that tensor parallel can
+split (torchtitan and NeMo AutoModel do the same; a plain Shard(0) of HF's [q|k|v] would give
+rank 0 all of q and rank 1 k and v: silently wrong).
+
+Layouts (independent of tp, so DCP checkpoints reshard across tp sizes; export undoes them):
+  qkv      HF rows [q (H*D) | k (KV*D) | v (KV*D)]  ->  per kv group g (KV groups, G = H/KV):
+           [q heads gG..gG+G-1 | k_g | v_g], i.e. (KV, G+2, D, in). A Shard(0) over tp (tp | KV)
+           gives each rank whole groups: its own heads' q with the k and v they attend to.
+  gate_up  HF rows [gate (I) | up (I)]  ->  pairs (gate_i, up_i): (I, 2, in). Shard(0) gives a
+           rank gate AND up rows of one slice of the intermediate dim.
+  experts  gate_up_proj (E, 2I, H) as pairs along dim 1 (same as gate_up, per expert); down_proj
+           (E, H, I) unchanged. Sharded on I: each rank runs every expert on its slice.
+At run time a forward hook turns the local output of a fused Linear back into HF's local
+order ([q_l | k_l | v_l], [gate_l | up_l]) so transformers' own attention / MLP code runs on
+the local heads; the attention gets its local head counts. The MoE block forward is replaced:
+router replicated (every tp rank routes the same tokens), experts on local slices, partial
+outputs summed over tp (all-reduce, or reduce-scatter to the sequence shard under SP).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+
+def _heads(cfg) -> tuple[int, int, int]:
+    h = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or h
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
+    return h, kv, d
+
+
+def param_layouts(layouts: dict[str, str]) -> dict[str, str]:
+    """{parameter name: layout} of the parameters stored in meshbake order."""
+    out = {}
+    for fqn, kind in layouts.items():
+        if kind == "experts":
+            out[f"{fqn}.gate_up_proj"] = "experts"
+        else:
+            out[f"{fqn}.weight"] = kind
+            out[f"{fqn}.bias"] = kind
+    return out
+
+
+def to_runtime(kind: str, t: torch.Tensor, cfg) -> torch.Tensor:
+    """HF order -> meshbake order (full tensors)."""
+    if kind == "qkv":
+        h, kv, d = _heads(cfg)
+        rest = t.shape[1:]
+        q = t[:h * d].reshape(kv, h // kv, d, *rest)
+        k = t[h * d:(h + kv) * d].reshape(kv, 1, d, *rest)
+        v = t[(h + kv) * d:].reshape(kv, 1, d, *rest)
+        return torch.cat([q, k, v], dim=1).reshape(t.shape).contiguous()
+    dim = 1 if kind == "experts" else 0
+    gate, up = t.chunk(2, dim=dim)
+    return torch.stack([gate, up], dim=dim + 1).reshape(t.shape).contiguous()
+
+
+def to_hf(kind: str, t: torch.Tensor, cfg) -> torch.Tensor:
+    """meshbake order -> HF order (full tensors): the inverse of to_runtime."""
+    if kind == "qkv":
+        h, kv, d = _heads(cfg)
+        g = t.reshape(kv, h // kv + 2, d, *t.shape[1:])
+        q, k, v = g[:, :h // kv], g[:, h // kv], g[:, h // kv + 1]
+        return torch.cat([q.reshape(h * d, *t.shape[1:]), k.reshape(kv * d, *t.shape[1:]),
+                          v.reshape(kv * d, *t.shape[1:])]).contiguous()
+    dim = 1 if kind == "experts" else 0
+    pairs = t.reshape(*t.shape[:dim], t.shape[dim] // 2, 2, *t.shape[dim + 1:])
+    return torch.cat([pairs.select(dim + 1, 0), pairs.select(dim + 1, 1)], dim=dim).contiguous()
+
+
+# ----------------------------------------------------------------------------- forward
+def _qkv_hook(group_heads: int, head_dim: int):
+    """Local qkv_proj output (..., KV_l * (G+2) * D) -> HF's local order [q_l | k_l | v_l]."""
+    def hook(module, args, out):
+        g = out.unflatten(-1, (-1, group_heads + 2, head_dim))            # (..., KV_l, G+2, D)
+        q, k, v = g[..., :group_heads, :], g[..., group_heads, :], g[..., group_heads + 1, :]
+        return torch.cat([q.flatten(-3), k.flatten(-2), v.flatten(-2)], dim=-1)
+    return hook
+
+
+def _gate_up_hook(module, args, out):
+    """Local gate_up_proj output (..., I_l * 2) as pairs -> [gate_l | up_l]; HF chunks it in 2."""
+    p = out.unflatten(-1, (-1, 2))
+    return torch.cat([p[..., 0], p[..., 1]], dim=-1)
+
+
+class _SumGrad(torch.autograd.Function):
+    """Identity forward, gradient summed over the tp group backward (Megatron's `f`): for a
+    tensor every tp rank holds whole but whose users on each rank see only part of the work."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def experts_forward(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """transformers' grouped-experts loop on this rank's slice of every expert (pairs layout):
+    the sum over tp ranks of the outputs is the full output. x (N, H), idx / w (N, k)."""
+    gu, dn = _local(experts.gate_up_proj), _local(experts.down_proj)    # (E, 2I_l, H), (E, H, I_l)
+    n_exp = gu.shape[0]
+    out = torch.zeros_like(x)
+    with torch.no_grad():
+        mask = F.one_hot(idx, num_classes=n_exp).permute(2, 1, 0)          # (E, k, N)
+        hit = mask.sum(dim=(-1, -2)).nonzero().flatten().tolist()
+    for e in hit:
+        pos, tok = torch.where(mask[e])
+        h = F.linear(x[tok], gu[e]).unflatten(-1, (-1, 2))                  # (n, I_l, 2)
+        h = experts.act_fn(h[..., 0]) * h[..., 1]
+        h = F.linear(h, dn[e]) * w[tok, pos, None]
+        out.index_add_(0, tok, h.to(out.dtype))
+    return out
+
+
+def moe_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) -> (B, T, H). Under SP the input is the gathered Replicate DTensor and the
+    output a Shard(1) DTensor (reduce-scatter of the partial sums); else plain tensors."""
+    mesh = getattr(self, "_meshbake_tp", None)
+    sp = isinstance(hidden_states, DTensor)
+    x = hidden_states.to_local() if sp else hidden_states
+    b, t, h = x.shape
+    flat = x.reshape(-1, h)
+    _, w, idx = self.gate(flat)
+    if mesh is not None:
+        group = mesh.get_group()
+        w, flat = _SumGrad.apply(w, group), _SumGrad.apply(flat, group)
+    y = experts_forward(self.experts, flat, idx, w).reshape(b, t, h)
+    if mesh is None:
+        return y
+    y = DTensor.from_local(y, mesh, [Partial()], run_check=False)
+    return y.redistribute(mesh, [Shard(1)]) if sp else y.redistribute(mesh, [Replicate()]).to_local()
+
+
+def install(model: nn.Module, layouts: dict[str, str], tp_mesh: Any) -> None:
+    """Hooks and forwards for the fused modules of plan.model.layouts (also at tp 1: the
+    weights are in meshbake order whatever the mesh)."""
+    tp = tp_mesh.size() if tp_mesh is not None else 1
+    h, kv, d = _heads(model.config)
+    for fqn, kind in layouts.items():
+        mod = model.get_submodule(fqn)
+        if kind == "qkv":
+            mod.register_forward_hook(_qkv_hook(h // kv, d))
+            attn = model.get_submodule(fqn.rpartition(".")[0])
+            if tp > 1:      # transformers splits the local [q|k|v] with these counts
+                attn.config = copy.copy(attn.config)
+                attn.config.num_attention_heads = h // tp
+                attn.num_key_value_heads = kv // tp
+        elif kind == "gate_up":
+            mod.register_forward_hook(_gate_up_hook)
+        elif kind == "experts":
+            block = model.get_submodule(fqn.rpartition(".")[0])
+            block._meshbake_tp = tp_mesh
+            block.forward = moe_block_forward.__get__(block)
+
+
+# ---------------------------------------------------------------------- checkpoint names
+def _expert_keys(prefix: str, leaf: str, e: int) -> list[str]:
+    """Per-expert keys a hub checkpoint (and transformers' save_pretrained) uses for expert e
+    of the grouped `prefix` (...mlp.experts): Qwen-MoE names and Mixtral's w1/w3/w2, as in
+    transformers' conversion_mapping.py."""
+    mixtral = prefix.replace(".mlp.", ".block_sparse_moe.")
+    names = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}[leaf]
+    return [f"{prefix}.{e}.{names[0]}.weight", f"{mixtral}.{e}.{names[1]}.weight"]
+
+
+def legacy_sources(name: str, n_experts: int, have) -> list[list[str]] | None:
+    """Where a parameter missing under its own name lives in an HF checkpoint: a list of key
+    lists (concatenated per expert, then stacked), or None. `have(key)` says if a key exists."""
+    def first(cands):
+        return next((k for k in cands if have(k)), None)
+
+    if name.endswith(".experts.gate_up_proj") or name.endswith(".experts.down_proj"):
+        prefix, leaf = name.rsplit(".", 1)
+        parts = ("gate", "up") if leaf == "gate_up_proj" else ("down",)
+        keys = [[first(_expert_keys(prefix, p, e)) for p in parts] for e in range(n_experts)]
+        return keys if all(k for ks in keys for k in ks) else None
+    alt = name.replace(".mlp.", ".block_sparse_moe.")        # Mixtral's router
+    return [[alt]] if alt != name and have(alt) else None
+
+
+def assemble(groups: list[list[torch.Tensor]]) -> torch.Tensor:
+    """[[gate_e, up_e] per expert] -> (E, 2I, H); [[down_e]] -> (E, H, I); [[t]] -> t."""
+    if len(groups) == 1 and len(groups[0]) == 1:
+        return groups[0][0]
+    return torch.stack([torch.cat(g, dim=0) for g in groups])

@@ -1,0 +1,53 @@
+"""Write tests/models/<model_type>/config.json: tiny random-init configs of real architectures.
+
+Each is built by the real transformers config class (so every family-specific field is valid
+and present), with the sizes shrunk: hidden 64, 2 layers, 4 heads / 2 kv heads of head_dim 16,
+vocab 1024 (tp 2 divides every sharded dim). A few hundred thousand parameters each.
+    python scripts/make_model_fixtures.py        (rewrites the fixtures; review the diff)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent.parent / "tests" / "models"
+COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=128, vocab_size=1024, max_position_embeddings=256, pad_token_id=0,
+              bos_token_id=1, eos_token_id=2, initializer_range=0.02)
+MODELS = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {"tie_word_embeddings": True},                        # q/k/v carry a bias
+    "qwen3": {"head_dim": 16, "tie_word_embeddings": True},         # q_norm/k_norm per head
+    # soft-capped attention logits and lm_head, sliding window 8 < seq_len 32 on even layers
+    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8, "attn_logit_softcapping": 50.0,
+               "final_logit_softcapping": 30.0, "tie_word_embeddings": True},
+    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
+                    "layer_types": ["sliding_attention", "full_attention"], "tie_word_embeddings": True},
+    "phi3": {"tie_word_embeddings": False},                         # fused qkv_proj and gate_up_proj
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 64},
+    "qwen3_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                  "decoder_sparse_step": 1, "mlp_only_layers": [1], "tie_word_embeddings": False},
+    "olmo2": {"tie_word_embeddings": False},                       # q_norm/k_norm over the whole projection
+}
+
+
+def main() -> None:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    for model_type, extra in MODELS.items():
+        cfg = AutoConfig.for_model(model_type, **{**COMMON, **extra})
+        d = cfg.to_diff_dict()          # only what differs from the class defaults, like a hub config.json
+        d["model_type"] = model_type
+        d["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
+        for k in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+            d.pop(k, None)
+        path = OUT / model_type / "config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+        print(path, d.get("architectures"))
+
+
+if __name__ == "__main__":
+    main()

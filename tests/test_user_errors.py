@@ -1,0 +1,129 @@
+"""Runtime failures that are the user's (issue 9, finding 8): bad data, a read-only run dir, a
+full disk. Each is ONE line naming the file and the fix, printed once (not per rank), no
+traceback, no torchrun failure summary after it, exit 3. Through the real bundle:
+`bash launch.sh` with 2 gloo processes; the read-only and full filesystems are real mounts in a
+private mount namespace (`unshare --mount`), gone when the launch ends.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from runtime.checkpoint import list_checkpoints, verify
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.dist
+
+
+def bundle(tmp: Path, data: Path) -> Path:
+    from compiler.bundle import write_bundle
+    from compiler.pipeline import compile_recipe
+
+    recipe = {"name": "usererr", "model": {"config": "tiny-llama", "dtype": "float32"}, "mesh": {"dp_shard": 2},
+              "cluster": {"nodes": 1, "gpus_per_node": 2, "device": "cpu", "gpu_memory_gb": 8},
+              "train": {"seq_len": 32, "micro_batch_size": 1, "global_batch_size": 2, "steps": 20, "warmup_steps": 1,
+                        "mixed_precision": {"param_dtype": "float32", "reduce_dtype": "float32"}},
+              "data": {"source": "jsonl", "path": str(data), "tokenizer": str(ROOT / "data/tokenizer")},
+              "checkpoint": {"every_steps": 10, "keep": 2}}
+    b = compile_recipe(yaml.safe_dump(recipe), source="usererr")
+    assert hasattr(b, "files"), b
+    write_bundle(b.files, tmp / "bundle")
+    return tmp / "bundle"
+
+
+def launch(b: Path, run: Path, mount: str = "", after: str = "true") -> subprocess.CompletedProcess:
+    """bash launch.sh, after `mount` (a shell command) in a private mount namespace if given,
+    then `after` (in the namespace still)."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", MESHBAKE_RUN_DIR=str(run),
+               OMP_NUM_THREADS="1")
+    cmd = ["bash", str(b / "launch.sh")]
+    if mount:
+        cmd = ["unshare", "--mount", "bash", "-c", f"{mount} && {{ bash {b / 'launch.sh'}; rc=$?; {after}; exit $rc; }}"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=b.parent)
+
+
+def one_line(p: subprocess.CompletedProcess, *words: str) -> str:
+    """Exit 3; exactly one stderr line names the problem; no traceback or torchrun summary."""
+    assert p.returncode == 3, p.stderr[-5000:]
+    mine = [line for line in p.stderr.splitlines() if line.startswith("meshbake: ")]
+    assert len(mine) == 1 and all(w in mine[0] for w in words), p.stderr[-5000:]
+    for noise in ("Traceback", "ChildFailedError", "Root Cause"):
+        assert noise not in p.stderr, p.stderr[-5000:]
+    print(f"stderr, {len(p.stderr.splitlines())} lines:\n{p.stderr}")
+    return mine[0]
+
+
+def records(n: int) -> list[str]:
+    return [json.dumps({"text": f"To be, or not to be, that is the question {i}."}) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("usererr")
+    data = tmp / "d.jsonl"
+    return tmp, data, bundle(tmp, data)
+
+
+def test_invalid_utf8_names_file_byte_and_line(setup):
+    tmp, data, b = setup
+    lines = records(40)
+    data.write_bytes(("\n".join(lines[:2]) + "\n").encode() + b'{"text": "caf\xe9"}\n' + "\n".join(lines).encode())
+    offset = len(("\n".join(lines[:2]) + "\n").encode()) + len(b'{"text": "caf')
+    one_line(launch(b, tmp / "run-utf8"), f"{data}: not valid UTF-8 at byte {offset} (line 3", "iconv")
+
+
+def test_bad_jsonl_line_names_file_and_true_line_number(setup):
+    """Line 1's text holds U+2028 and a form feed, which str.splitlines() also splits on: the
+    reported number must still be the file's line 4."""
+    tmp, data, b = setup
+    lines = [json.dumps({"text": "one\u2028two\x0cthree"}, ensure_ascii=False)] + records(2) + ['{"text": "broken'] \
+        + records(40)
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    one_line(launch(b, tmp / "run-jsonl"), f"{data}:4: not a JSON record", "fix or remove that line")
+
+
+@pytest.fixture
+def good_data(setup):
+    _, data, _ = setup
+    data.write_text("\n".join(records(200)) + "\n")
+    return setup
+
+
+def test_read_only_run_dir(good_data):
+    tmp, _, b = good_data
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare")
+    ro = tmp / "ro"
+    ro.mkdir()
+    run = ro / "run"
+    p = launch(b, run, f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro}")
+    if "mount:" in p.stderr or "unshare:" in p.stderr:
+        pytest.skip(f"no private mounts here: {p.stderr[:200]}")
+    one_line(p, str(run), "read-only", "MESHBAKE_RUN_DIR")
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(good_data):
+    """A 12 MB filesystem: step-10 (8 MB of model + AdamW state) fits, step-20 does not."""
+    tmp, _, b = good_data
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare")
+    full = tmp / "full"
+    full.mkdir()
+    run = full / "run"
+    # the run dir is copied out before the namespace (and its tmpfs) goes away
+    p = launch(b, run, f"mount -t tmpfs -o size=12m tmpfs {full}", after=f"cp -r {run} {tmp}/after")
+    if "mount:" in p.stderr or "unshare:" in p.stderr:
+        pytest.skip(f"no private mounts here: {p.stderr[:200]}")
+    one_line(p, "no space left on device while saving step 20", "step-20.tmp removed", "step-10 is intact",
+             "free space")
+    after = tmp / "after"
+    kept = list_checkpoints(after / "checkpoints")
+    assert [s for s, _ in kept] == [10] and verify(kept[0][1]) is None
+    assert not (after / "checkpoints/step-20.tmp").exists()

@@ -64,6 +64,15 @@ def test_every_key_is_accounted_for_and_the_recipe_checks(path):
         assert res.plan.mesh.world == d["cluster"]["nodes"] * d["cluster"]["gpus_per_node"]
 
 
+def test_guess_model_from_hub_ids():
+    cat = ["llama-3.1-8b", "phi-3-mini-4k", "qwen3-8b"]
+    assert guess_model("NousResearch/Meta-Llama-3.1-8B", cat, lambda p: False) == "llama-3.1-8b"
+    assert guess_model("microsoft/Phi-3-mini-4k-instruct", cat, lambda p: False) == "phi-3-mini-4k"
+    assert guess_model("Qwen/Qwen3-8B", cat, lambda p: False) == "qwen3-8b"
+    assert guess_model("meta-llama/Llama-3.2-1B", cat, lambda p: False) is None
+    assert guess_model("/models/my-llama", cat, lambda p: p == "/models/my-llama") == "/models/my-llama"
+
+
 def test_hsdp_tp_example_maps_mesh_batch_and_optimizer_defaults():
     cfg, imp = _import(FIX / "distributed-parallel_llama-3_1-8b-hsdp-tp.yaml")
     d = _recipe(imp)

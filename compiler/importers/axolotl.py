@@ -145,9 +145,11 @@ def guess_model(base_model: str | None, catalog: Sequence[str], is_dir: Callable
     if is_dir(base_model):
         return base_model
     base = PurePosixPath(str(base_model)).name.lower()
-    for cand in (base, base.removeprefix("meta-")):
-        if cand in catalog:
-            return cand
+    # an -Instruct / -hf variant has its base model's architecture (config.json facts)
+    for stem in (base, base.removesuffix("-instruct"), base.removesuffix("-hf")):
+        for cand in (stem, stem.removeprefix("meta-")):
+            if cand in catalog:
+                return cand
     return None
 
 

@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--nodes", type=int, default=None, help="cluster.nodes (Axolotl takes it from its launcher)")
     i.add_argument("--gpus-per-node", type=int, default=None, help="cluster.gpus_per_node")
     i.add_argument("--force", action="store_true", help="replace an existing -o file")
+    i.add_argument("--cluster", default=None, help="cluster profile the recipe names (clusters/NAME.yaml or a path)")
     return p
 
 

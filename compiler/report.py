@@ -228,6 +228,8 @@ def summary_lines(run: Run) -> list[str]:
     if mem:
         est = p.estimate.get("total_bytes")
         line += f"  peak mem {gib(max(v for _, v in mem))}" + (f" (plan estimate {gib(est)})" if est else "")
+    else:
+        line += "  peak mem n/a" + (" (not measured on CPU)" if m.device == "cpu" else "")
     out.append(line)
     counts = {k: kinds.count(k) for k in ("checkpoint", "resume", "preemption", "error")}
     counts["restart"] = max(0, kinds.count("start") - 1)
@@ -301,7 +303,6 @@ def charts(run: Run) -> list[str]:
                                                        key=lambda e: order.index(e.kind))]
     xm = plan.train.steps
     est = plan.estimate.get("total_bytes")
-    mem_note = " (CPU: process RSS)" if plan.mesh.device == "cpu" else ""
     tps = series(recs, "tokens_per_s")
     return [
         svg_chart("loss", [Line("train", COLORS["train"], tuple(series(recs, "loss"))),
@@ -316,10 +317,10 @@ def charts(run: Run) -> list[str]:
                   fmt=lambda v: f"{v * 100:.0f}%", vmarks=marks, x_max=xm,
                   empty="MFU not reported: no known peak FLOPs (set MESHBAKE_PEAK_TFLOPS)"),
         svg_chart("peak memory per rank, GiB",
-                  [Line(f"measured{mem_note}", COLORS["train"],
+                  [Line("measured", COLORS["train"],
                         tuple((s, v / 2**30) for s, v in series(recs, "peak_mem_bytes")))],
                   hlines=[(est / 2**30, f"plan estimate {gib(est)}", COLORS["estimate"])] if est else (),
-                  vmarks=marks, x_max=xm)]
+                  vmarks=marks, x_max=xm, empty="peak memory not measured (CPU: no allocator counter)")]
 
 
 def render_html(run: Run) -> str:

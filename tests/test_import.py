@@ -49,7 +49,7 @@ def test_every_key_is_accounted_for_and_the_recipe_checks(path):
     top = {n.key.split(".")[0] for n in imp.notes}
     assert set(cfg) <= top | {k for k in cfg if k.startswith("fsdp_")}, set(cfg) - top
     assert {n.status for n in imp.notes} <= set(STATUSES)
-    assert all(n.reason for n in imp.notes if n.status in ("not mapped", "approximated", "pending"))
+    assert all(n.reason for n in imp.notes if n.status in ("not mapped", "approximated"))
     for n in imp.notes:          # each key is listed in the recipe file itself, with its status
         assert f"# {n.status:<12} {n.key}" in imp.text
     d = _recipe(imp)
@@ -62,6 +62,15 @@ def test_every_key_is_accounted_for_and_the_recipe_checks(path):
             assert "TODO" in imp.text and d["model"]["config"] == cfg["base_model"]
     else:
         assert res.plan.mesh.world == d["cluster"]["nodes"] * d["cluster"]["gpus_per_node"]
+
+
+def test_guess_model_from_hub_ids():
+    cat = ["llama-3.1-8b", "phi-3-mini-4k", "qwen3-8b"]
+    assert guess_model("NousResearch/Meta-Llama-3.1-8B", cat, lambda p: False) == "llama-3.1-8b"
+    assert guess_model("microsoft/Phi-3-mini-4k-instruct", cat, lambda p: False) == "phi-3-mini-4k"
+    assert guess_model("Qwen/Qwen3-8B", cat, lambda p: False) == "qwen3-8b"
+    assert guess_model("meta-llama/Llama-3.2-1B", cat, lambda p: False) is None
+    assert guess_model("/models/my-llama", cat, lambda p: p == "/models/my-llama") == "/models/my-llama"
 
 
 def test_hsdp_tp_example_maps_mesh_batch_and_optimizer_defaults():
@@ -78,7 +87,10 @@ def test_hsdp_tp_example_maps_mesh_batch_and_optimizer_defaults():
     assert t["mixed_precision"]["param_dtype"] == "bfloat16"
     assert d["run_dir"] == "./outputs/ndp-out"
     status = {n.key: n.status for n in imp.notes}
-    assert status["plugins"] == "not mapped" and status["datasets"] == "pending"
+    assert status["plugins"] == "not mapped" and status["datasets"] == "mapped"
+    assert status["datasets[0].path"] == "approximated"               # tatsu-lab/alpaca: a Hub id
+    assert d["data"] == {"format": "alpaca", "sources": [{"path": "tatsu-lab/alpaca"}],
+                         "tokenizer": "meta-llama/Llama-3.1-8B", "packing": True, "prepared_dir": "last_run_prepared"}
     assert status["fsdp_config.reshard_after_forward"] == "implied"
     res = check_text(imp.text, "x")
     assert not isinstance(res, Err), res
@@ -123,6 +135,49 @@ def test_unknown_keys_and_odd_values_are_listed_not_dropped():
     assert d["train"]["steps"] == 50 and d["train"]["warmup_steps"] == 5 and d["train"]["seed"] == 7
     assert d["checkpoint"] == {"every_steps": 10, "keep": 3}
     assert d["train"]["lr"] == pytest.approx(3e-5)
+
+
+def test_chat_dataset_maps_fields_roles_split_and_eval():
+    _, imp = _import(FIX / "llama-3_fft-8b-liger-fsdp.yaml")       # FineTome: conversations / from / value
+    d = _recipe(imp)["data"]
+    assert d["format"] == "chat"
+    assert d["sources"] == [{"path": "mlabonne/FineTome-100k", "weight": 0.2}]          # split: train[:20%]
+    assert d["fields"] == {"messages": "conversations", "role": "from", "content": "value"}
+    assert d["roles"] == {"human": "user", "gpt": "assistant"}
+    assert d["eval_fraction"] == 0.02 and d["packing"] is True
+    status = {n.key: n.status for n in imp.notes}
+    assert status["chat_template"] == "approximated" and status["special_tokens"] == "not mapped"
+    assert status["evals_per_epoch"] == status["saves_per_epoch"] == status["num_epochs"] == "not mapped"
+    res = check_text(imp.text, "x")
+    assert not isinstance(res, Err), res
+    assert res.plan.data.format == "chat" and res.plan.data.eval_fraction == 0.02
+
+
+def test_local_completion_file_and_pretraining_text():
+    cfg = {"base_model": "meta-llama/Llama-3.1-8B", "max_steps": 100, "eval_steps": 20, "val_set_size": 0.1,
+           "datasets": [{"path": "data/corpus.jsonl", "type": "completion", "field": "body"},
+                        {"path": "org/chat", "type": "chat_template"}], "train_on_inputs": False}
+    imp = import_axolotl(cfg, "t", source="t.yml", model_ref="llama-3.1-8b")
+    d = _recipe(imp)
+    assert d["data"]["format"] == "text" and d["data"]["fields"] == {"text": "body"}     # Axolotl completion = raw text
+    assert d["data"]["sources"] == [{"path": "data/corpus.jsonl"}] and d["train"]["eval_every"] == 20
+    notes = {n.key: n for n in imp.notes}
+    assert notes["datasets"].status == "approximated" and "org/chat (chat_template) left out" in notes["datasets"].reason
+    assert "datasets[0].path" not in notes                     # a local file: nothing to download
+    assert not isinstance(check_text(imp.text, "t"), Err)
+
+
+def test_cluster_profile_replaces_the_hardware_keys(tmp_path, capsys):
+    from compiler.cli import main
+
+    out = tmp_path / "r.yaml"
+    rc = main(["import", "axolotl", str(FIX / "distributed-parallel_llama-3_1-8b-hsdp-tp.yaml"), "-o", str(out),
+               "--cluster", "gres-a100-modules"])
+    assert rc == 0, capsys.readouterr()
+    d = yaml.safe_load(out.read_text())
+    assert d["cluster"] == {"profile": "gres-a100-modules", "nodes": 4}       # world 16 on 4-GPU nodes
+    res = check_text(out.read_text(), "r")
+    assert res.recipe.cluster.gpu_request == "gres" and res.plan.mesh.procs_per_node == 4
 
 
 def test_wandb_and_tensorboard_keys_become_the_tracking_section():

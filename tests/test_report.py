@@ -1,7 +1,8 @@
-"""`meshbake report`: the recorded run tests/fixtures/run_tiny_demo (a real 2-process tiny_cpu
-run: 40 steps, checkpoints every 10, a rank killed at step 15 and restarted by torchrun from
-step-10, a SIGUSR1 preemption at step 26 and a relaunch that resumed from step-26) becomes a
-self-contained HTML page and a terminal summary with the right numbers and events."""
+"""`meshbake report`: the recorded run tests/fixtures/run_tiny_demo (a real 2-process tiny_chat
+run, see its SOURCE.md: 40 steps, eval every 10, checkpoints every 10, a rank killed at step 15
+and restarted by torchrun from step-10, a SIGUSR1 preemption at step 26 and a relaunch that
+resumed from step-26) becomes a self-contained HTML page and a terminal summary with the right
+numbers and events."""
 from __future__ import annotations
 
 import json
@@ -50,7 +51,10 @@ def test_summary_counts_the_runs_real_events_and_numbers():
     assert "steps 40/40 done" in text
     assert f"loss {recs[0]['loss']:.4f} -> {recs[-1]['loss']:.4f}" in text
     assert "5 checkpoints, 2 resumes, 1 preemption, 2 restarts" in text
-    assert "MFU n/a" in text                    # CPU: no peak FLOPs
+    mfu = sorted(r["mfu"] for r in run.records[2:])
+    assert f"MFU {mfu[len(mfu) // 2] * 100:.1f}%" in text            # median after warm-up
+    assert f"eval loss {recs[-1]['eval_loss']:.4f} at step 40" in text
+    assert "peak mem n/a (not measured on CPU)" in text
 
 
 def test_html_is_self_contained_with_six_plots_and_the_event_table(tmp_path):
@@ -64,25 +68,26 @@ def test_html_is_self_contained_with_six_plots_and_the_event_table(tmp_path):
     lines = [a["points"].split() for t, a in p.tags if t == "polyline"]
     assert len(lines[0]) == 40                  # loss: one vertex per step (re-run steps once)
     marks = [a for t, a in p.tags if t == "line" and a.get("class") == "mark"]
-    assert len(marks) == 5 * (5 + 2 + 1)        # checkpoint, resume, preemption on each plot with data (MFU: none)
+    assert len(marks) == 5 * (5 + 2 + 1)        # checkpoint, resume, preemption on each plot with data (memory: none)
     body = "".join(p.text)
     for s in ("resumed from step-26", "stop signal: saved at step 26", "checkpoint step-40 committed",
-              "plan estimate", "dp_replicate 1 x dp_shard 1 x cp 1 x tp 2", "MFU not reported"):
+              "memory estimate", "dp_replicate 1 x dp_shard 1 x cp 1 x tp 2", "peak memory not measured",
+              "chat data/chat/chatterbot_en.jsonl"):
         assert s in body, s
 
 
-def test_eval_loss_records_get_their_own_series_and_summary(tmp_path):
-    run_dir = tmp_path / "run"
+def test_eval_points_and_eval_only_records(tmp_path):
+    run = load_run(RUN)
+    evals = [(r["step"], r["eval_loss"]) for r in run.records if "eval_loss" in r]
+    assert [s for s, _ in evals] == [10, 20, 30, 40] and evals[-1][1] < evals[0][1]
+    assert len(re.findall(r'<circle [^>]*fill="#d62728"', render_html(run))) == 4      # one dot per eval
+    run_dir = tmp_path / "run"                   # an eval-only record merges into its step
     shutil.copytree(RUN, run_dir)
-    with (run_dir / "metrics.jsonl").open("a") as f:     # eval records as the runtime writes them
-        for s, v in ((20, 6.9), (40, 6.4)):
-            f.write(json.dumps({"step": s, "eval_loss": v}) + "\n")
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 35, "eval_loss": 4.5}) + "\n")
     run = load_run(run_dir)
-    assert run.records[19]["eval_loss"] == 6.9 and "loss" in run.records[19]
-    assert "eval loss 6.4000 at step 40" in "\n".join(summary_lines(run))
-    page = render_html(run)
-    circles = re.findall(r'<circle [^>]*fill="#d62728"', page)
-    assert len(circles) == 2
+    assert run.records[34]["eval_loss"] == 4.5 and "loss" in run.records[34]
+    assert len(re.findall(r'<circle [^>]*fill="#d62728"', render_html(run))) == 5
 
 
 def test_train_log_parsing_and_ticks():

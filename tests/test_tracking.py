@@ -18,9 +18,9 @@ from tests.helpers import ROOT
 
 
 def _tiny(steps: int, **extra) -> str:
-    d = yaml.safe_load((ROOT / "recipes/tiny_cpu.yaml").read_text())
+    d = yaml.safe_load((ROOT / "recipes/tiny_chat.yaml").read_text())      # chat data with an eval split
     d["cluster"]["gpus_per_node"] = 2
-    d["train"].update(steps=steps, warmup_steps=2)
+    d["train"].update(steps=steps, warmup_steps=2, eval_every=3)
     d["checkpoint"] = {"every_steps": 0, "keep": 1}
     d.update(extra)
     return yaml.safe_dump(d, sort_keys=False)
@@ -42,7 +42,7 @@ def tracked_run(tmp_path_factory):
     p = subprocess.run(["bash", str(tmp / "out/launch.sh")], cwd=tmp, env=env, capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return tmp / "runs/tiny_cpu", p.stdout
+    return tmp / "runs/tiny_chat", p.stdout
 
 
 @pytest.mark.dist
@@ -60,6 +60,10 @@ def test_tensorboard_event_files_read_back_with_tensorboards_reader(tracked_run)
         assert [s for s, _ in got] == [r["step"] for r in recs] == list(range(1, 7))
         assert [v for _, v in got] == pytest.approx([r[key] for r in recs], rel=1e-6)   # float32 in events
     assert "train/mfu" not in tags and "train/peak_mem_bytes" not in tags   # None on CPU: not logged
+    ev = [(e.step, e.value) for e in ea.Scalars("eval/loss")]
+    want = [(r["step"], r["eval_loss"]) for r in recs if "eval_loss" in r]
+    assert [s for s, _ in ev] == [s for s, _ in want] == [3, 6]
+    assert [v for _, v in ev] == pytest.approx([v for _, v in want], rel=1e-6)
     plan_text = ea.Tensors("plan/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "world 2" in plan_text and "tiny-llama" in plan_text
 
@@ -72,7 +76,7 @@ def test_wandb_offline_run_directory_is_written_with_the_metrics(tracked_run):
     assert len(runs) == 1, list((run / "wandb").iterdir())
     blob = (runs[0] / f"run-{rid}.wandb").read_bytes()
     # the transaction log holds the history rows and the config: look for the keys and the plan
-    for needle in (b"train/loss", b"train/grad_norm", b"meshbake-test", b"dp_shard", b"tiny_cpu"):
+    for needle in (b"train/loss", b"train/grad_norm", b"eval/loss", b"meshbake-test", b"dp_shard", b"tiny_chat"):
         assert needle in blob, needle
     assert f"wandb: offline run {rid}" in out
 

@@ -5,7 +5,6 @@ Axolotl key, so nothing is dropped silently. Statuses:
   mapped        same meaning in meshbake (the target key is written, with the source in a comment)
   implied       meshbake always does this; no key needed (fsdp_version: 2, auto_wrap, sdpa ...)
   approximated  written, but the run differs in a stated way (8-bit AdamW -> fp32 AdamW state)
-  pending       data keys: meshbake's data section is being redesigned (formats, packing, eval)
   not mapped    no meshbake equivalent; the reason says what the run does instead
   empty         the key is present with no value (Axolotl's default applies): nothing to carry
 Where Axolotl (and the HF Trainer under it) defaults differ from meshbake's, the Axolotl value is
@@ -21,9 +20,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-STATUSES = ("mapped", "implied", "approximated", "pending", "not mapped", "empty")
+STATUSES = ("mapped", "implied", "approximated", "not mapped", "empty")
 SECTIONS = ("name", "model", "mesh", "tp", "cluster", "train", "lora", "data", "checkpoint", "tracking", "run_dir")
-PENDING_DATA = "not mapped yet (data formats pending)"
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -107,14 +105,6 @@ _IMPLIED_TRUE = {   # key: why meshbake already behaves like `key: true`
     "strict": "Axolotl's config leniency; a meshbake recipe is always validated strictly",
 }
 _ATTN_IMPLEMENTATIONS = {"flash_attention_2", "flash_attention_3", "sdpa", "flex_attention", "eager"}
-_DATA_KEYS = {"datasets", "pretraining_dataset", "test_datasets", "dataset_prepared_path", "val_set_size",
-              "sample_packing", "eval_sample_packing", "pad_to_sequence_len", "train_on_inputs", "chat_template",
-              "chat_template_jinja", "special_tokens", "tokens", "tokenizer_type", "tokenizer_config",
-              "tokenizer_use_fast", "tokenizer_legacy", "shuffle_merged_datasets", "streaming",
-              "streaming_multipack_buffer_size", "dataset_processes", "dataset_num_proc", "group_by_length",
-              "evals_per_epoch", "eval_steps", "eval_strategy", "eval_batch_size", "sample_packing_sequentially",
-              "sample_packing_eff_est", "roles_to_train", "train_on_eos", "default_system_message",
-              "dataset_exact_deduplication", "skip_prepare_dataset", "pretrain_multipack_attn"}
 _FSDP_IMPLIED = {   # fsdp_config keys (fsdp_ prefix stripped) meshbake's FSDP2 already does
     "auto_wrap_policy": "every decoder block is one FSDP2 unit, then the root",
     "transformer_layer_cls_to_wrap": "every decoder block is one FSDP2 unit, then the root",
@@ -155,9 +145,11 @@ def guess_model(base_model: str | None, catalog: Sequence[str], is_dir: Callable
     if is_dir(base_model):
         return base_model
     base = PurePosixPath(str(base_model)).name.lower()
-    for cand in (base, base.removeprefix("meta-")):
-        if cand in catalog:
-            return cand
+    # an -Instruct / -hf variant has its base model's architecture (config.json facts)
+    for stem in (base, base.removesuffix("-instruct"), base.removesuffix("-hf")):
+        for cand in (stem, stem.removeprefix("meta-")):
+            if cand in catalog:
+                return cand
     return None
 
 
@@ -239,7 +231,8 @@ def _world(cfg: Mapping[str, Any], nodes: int | None, gpn: int | None) -> tuple[
     return nodes or max(1, world // g), g, f"world {world} = product of the Axolotl parallel sizes"
 
 
-def _mesh(cfg: Mapping[str, Any], acc: _Acc, nodes: int | None, gpn: int | None) -> dict[str, int]:
+def _mesh(cfg: Mapping[str, Any], acc: _Acc, nodes: int | None, gpn: int | None,
+          profile: tuple[str, Mapping[str, Any]] | None = None) -> dict[str, int]:
     axes = {"dp_replicate": "dp_replicate_size", "dp_shard": "dp_shard_size", "cp": "context_parallel_size",
             "tp": "tensor_parallel_size"}
     mesh = {}
@@ -249,13 +242,18 @@ def _mesh(cfg: Mapping[str, Any], acc: _Acc, nodes: int | None, gpn: int | None)
         acc.set(f"mesh.{ax}", mesh[ax], key if v else "inferred from the world size" if ax == "dp_shard" else "")
         if key in cfg:
             acc.note(key, "mapped", f"mesh.{ax}")
-    n, g, why = _world(cfg, nodes, gpn)
+    pgpn = int(profile[1].get("gpus_per_node") or 8) if profile else None
+    n, g, why = _world(cfg, nodes, gpn or pgpn)
     if mesh["tp"] > 1:
         acc.set("tp.sequence_parallel", True, "meshbake's choice, no Axolotl key: norms on sequence shards")
         acc.set("tp.loss_parallel", True, "meshbake's choice: vocab-parallel cross-entropy")
+    if profile:          # the profile knows the hardware; the recipe only says how many nodes
+        acc.set("cluster.profile", profile[0], "clusters/<profile>.yaml: GPUs, memory, container, network")
     acc.set("cluster.nodes", n, why)
-    acc.set("cluster.gpus_per_node", g)
-    acc.set("cluster.gpu_memory_gb", 80, "assumed A100/H100 80GB: set yours")
+    if not profile or g != pgpn:
+        acc.set("cluster.gpus_per_node", g)
+    if not profile or "gpu_memory_gb" not in profile[1]:
+        acc.set("cluster.gpu_memory_gb", 80, "assumed A100/H100 80GB: set yours")
     world = n * g
     dp_shard = mesh["dp_shard"] if mesh["dp_shard"] > 0 else max(1, world // max(1, mesh["dp_replicate"] * mesh["cp"]
                                                                                    * mesh["tp"]))
@@ -316,10 +314,8 @@ def _steps(cfg: Mapping[str, Any], acc: _Acc) -> int:
             acc.note("num_epochs", "implied", "", "max_steps takes precedence over num_epochs in Axolotl too")
         return steps
     steps = 1000
-    acc.set("train.steps", steps, f"TODO: num_epochs {cfg.get('num_epochs', 1)} x samples / global_batch_size")
-    acc.note("num_epochs", "pending", "train.steps",
-             f"{PENDING_DATA}: meshbake counts optimizer steps and an epoch's length needs the prepared dataset; "
-             "train.steps is a placeholder (1000)")
+    acc.set("train.steps", steps, f"TODO: num_epochs {cfg.get('num_epochs', 1)} x windows / global_batch_size")
+    acc.note("num_epochs", "not mapped", "train.steps", f"{_EPOCHS}; train.steps is a placeholder (1000)")
     return steps
 
 
@@ -486,45 +482,156 @@ def _lora(cfg: Mapping[str, Any], acc: _Acc, linears: Sequence[str]) -> bool:
     return True
 
 
+_EPOCHS = ("meshbake counts optimizer steps, not epochs: `meshbake prepare RECIPE` reports the packed windows; "
+           "an epoch is windows / global_batch_size steps")
+# Axolotl dataset type -> meshbake data.format. Axolotl's `completion` is raw text trained on
+# every token (split into sequence_len chunks): meshbake's `text`, not its prompt/completion format.
+_FORMATS = {"alpaca": "alpaca", "chat_template": "chat", "completion": "text", "pretrain": "text"}
+_AXOLOTL_ROLES = {"human": "user", "gpt": "assistant"}      # Axolotl's default role aliases (ShareGPT)
+
+
+def _local(path: str, is_dir: Callable[[str], bool]) -> bool:
+    """A path meshbake can read: an existing folder, an absolute/relative path, or a file name
+    with a data extension; 'org/name' alone is a Hugging Face Hub dataset id."""
+    return (is_dir(path) or path.startswith(("/", "./", "../", "~"))
+            or path.endswith((".jsonl", ".json", ".parquet", ".csv", ".txt", ".md")))
+
+
+def _source(d: Mapping[str, Any], i: int, key: str, acc: _Acc, is_dir: Callable[[str], bool]) -> dict[str, Any]:
+    path = str(d.get("data_files") or d.get("path"))
+    src: dict[str, Any] = {"path": path}
+    m = re.fullmatch(r"train\[:(\d+)%\]", str(d.get("split") or ""))
+    if m:
+        src["weight"] = int(m.group(1)) / 100       # a seeded share of the documents per epoch
+    if not _local(path, is_dir):
+        acc.note(f"{key}[{i}].path", "approximated", f"data.sources[{i}].path",
+                 f"{path!r} is a Hub dataset id: meshbake reads local files only; download it (e.g. `hf download "
+                 f"--repo-type dataset {path} --local-dir data/{PurePosixPath(path).name}`) and point the path there")
+    for k in sorted(set(d) - {"path", "type", "data_files", "ds_type", "split", "field", "field_messages",
+                               "message_property_mappings", "message_field_role", "message_field_content",
+                               "roles", "roles_to_train", "train_on_eos"}):
+        acc.note(f"{key}[{i}].{k}", "not mapped", "", "the Hub dataset's config name: meshbake reads local files"
+                 if k == "name" else "dataset option unknown to the importer")
+    if d.get("split") and not m and d.get("split") != "train":
+        acc.note(f"{key}[{i}].split", "not mapped", "", "only train / train[:N%] splits map (to a weight)")
+    return src
+
+
+def _chat_fields(d: Mapping[str, Any], acc: _Acc, key: str) -> None:
+    mp = d.get("message_property_mappings") or {}
+    fields = {"messages": d.get("field_messages"), "role": mp.get("role") or d.get("message_field_role"),
+              "content": mp.get("content") or d.get("message_field_content")}
+    for k, v in fields.items():
+        if v:
+            acc.set(f"data.fields.{k}", str(v), key)
+    roles = dict(_AXOLOTL_ROLES)
+    for ours, theirs in (d.get("roles") or {}).items():
+        for t in theirs if isinstance(theirs, list) else [theirs]:
+            if ours in ("system", "user", "assistant", "tool"):
+                roles[str(t)] = ours
+    acc.set("data.roles", roles, "Axolotl's role aliases" + (" + roles" if d.get("roles") else ""))
+    rtt = d.get("roles_to_train")
+    if rtt and sorted(rtt) != ["assistant"]:
+        acc.note(f"{key}.roles_to_train", "approximated", "data.train_on",
+                 f"{rtt}: meshbake trains on assistant replies, all tokens, or the last reply")
+
+
 def _data(cfg: Mapping[str, Any], acc: _Acc, is_dir: Callable[[str], bool]) -> None:
-    """Today's data section has one jsonl/text source and no formats: a single local
-    completion / pretrain file maps; everything else waits for the data redesign."""
-    ds = cfg.get("datasets") or cfg.get("pretraining_dataset") or []
-    ds = ds if isinstance(ds, list) else [ds]
-    one = ds[0] if len(ds) == 1 and isinstance(ds[0], Mapping) else None
-    path = str(one.get("path", "")) if one else ""
-    kind = str(one.get("type") or "completion") if one else ""
-    local = path.endswith((".jsonl", ".json", ".txt")) and kind in ("completion", "pretrain")
-    tok = cfg.get("tokenizer_config") or (cfg.get("base_model") if is_dir(str(cfg.get("base_model", ""))) else None)
-    if local:
-        acc.set("data.source", "text" if path.endswith(".txt") else "jsonl", f"datasets[0].type: {kind}")
-        acc.set("data.path", path, "datasets[0].path")
-        if path.endswith((".jsonl", ".json")):
-            acc.set("data.text_field", str(one.get("field") or "text"), "datasets[0].field")
+    """datasets / pretraining_dataset -> data.format + data.sources (local files only), with the
+    field names, roles, packing, eval split and prepared dir."""
+    key = "datasets" if cfg.get("datasets") else "pretraining_dataset"
+    ds = cfg.get(key) or []
+    ds = [d for d in (ds if isinstance(ds, list) else [ds]) if isinstance(d, Mapping) and d.get("path")]
+    types = [str(d.get("type") or ("pretrain" if key == "pretraining_dataset" else "alpaca")) for d in ds]
+    fmt = _FORMATS.get(types[0].split(":")[0]) if ds else None
+    if fmt:
+        keep = [i for i, t in enumerate(types) if _FORMATS.get(t.split(":")[0]) == fmt]
+        acc.set("data.format", fmt, f"{key}[].type: {types[0]}")
+        acc.set("data.sources", [_source(ds[i], i, key, acc, is_dir) for i in keep], f"{key}[].path")
+        field = ds[0].get("field")
+        if fmt == "text" and field:
+            acc.set("data.fields.text", str(field), f"{key}[0].field")
+        if fmt == "chat":
+            _chat_fields(ds[0], acc, f"{key}[0]")
+        dropped = [f"{ds[i].get('path')} ({types[i]})" for i in range(len(ds)) if i not in keep]
+        variant = ":" in types[0]
+        acc.note(key, "approximated" if dropped or variant else "mapped", "data.format, data.sources",
+                 (f"one format per recipe: {', '.join(dropped)} left out; " if dropped else "")
+                 + (f"{types[0]}: the {types[0].split(':')[1]} prompt variant is not supported (meshbake's alpaca "
+                    "prompt)" if variant else ""))
+    elif key in cfg:
+        acc.set("data.format", "synthetic", f"TODO: {key} type {types[0] if types else '?'} has no meshbake format: "
+                "until set, this trains on seeded random tokens")
+        acc.note(key, "not mapped", "data.format", f"dataset type {types[0] if types else '(none)'} is not "
+                 "supported (meshbake: text, completion, alpaca, chat, tokenized)")
+    if fmt:
+        tok = cfg.get("tokenizer_config") or cfg.get("base_model_config") or cfg.get("base_model")
+        local = bool(tok) and is_dir(str(tok))
+        acc.set("data.tokenizer", str(tok or "TODO"), "tokenizer_config" if cfg.get("tokenizer_config") else
+                "base_model's tokenizer" + ("" if local else ": TODO the downloaded HF folder (preflight checks it)"))
+    _data_keys(cfg, acc, fmt)
+
+
+def _data_keys(cfg: Mapping[str, Any], acc: _Acc, fmt: str | None) -> None:
+    def note(k: str, status: str, target: str = "", reason: str = "") -> None:
+        if k in cfg:
+            acc.note(k, "empty" if cfg[k] is None else status, target, reason)
+
+    vs = cfg.get("val_set_size")
+    if vs:
+        frac = float(_num(vs))
+        acc.set("data.eval_fraction", min(frac, 0.5), "val_set_size" + (" (a count in Axolotl)" if frac >= 1 else ""))
+        note("val_set_size", "approximated" if frac > 0.5 else "mapped", "data.eval_fraction",
+             "a count or a share above 0.5: written as the largest share, 0.5" if frac > 0.5 else "")
+    elif "val_set_size" in cfg:
+        note("val_set_size", "mapped", "data.eval_fraction", "0: no eval split")
+    if cfg.get("sample_packing") is not None:
+        acc.set("data.packing", bool(cfg["sample_packing"]), "sample_packing (documents never attend across)")
+        note("sample_packing", "mapped", "data.packing")
+    if cfg.get("dataset_prepared_path"):
+        acc.set("data.prepared_dir", str(cfg["dataset_prepared_path"]), "dataset_prepared_path")
+        note("dataset_prepared_path", "mapped", "data.prepared_dir")
+    prompts = fmt in ("alpaca", "chat", "completion")      # formats with a prompt to mask
+    if cfg.get("train_on_inputs") and prompts:
+        acc.set("data.train_on", "all", "train_on_inputs: true")
+    note("train_on_inputs", "mapped" if prompts else "implied", "data.train_on" if prompts else "",
+         "" if prompts else "format text trains on every token")
+    es = cfg.get("eval_steps")
+    if isinstance(es, int) and es >= 1:
+        acc.set("train.eval_every", es, "eval_steps")
+        note("eval_steps", "mapped", "train.eval_every")
     else:
-        acc.set("data.source", "synthetic", "TODO: datasets are not mapped yet (data formats pending): "
-                "until then this trains on seeded random tokens")
-    if tok:
-        acc.set("data.tokenizer", tok, "tokenizer_config" if cfg.get("tokenizer_config") else "base_model")
-    for k in sorted(_DATA_KEYS & set(cfg)):
-        if cfg[k] is None:
-            acc.note(k, "empty")
-        elif k in ("datasets", "pretraining_dataset") and local:
-            acc.note(k, "mapped", "data.source, data.path", f"one local {kind} file")
-        elif k == "tokenizer_config" and tok:
-            acc.note(k, "mapped", "data.tokenizer")
-        else:
-            acc.note(k, "pending", "", _pending_why(k, cfg[k]))
-
-
-def _pending_why(k: str, v: Any) -> str:
-    if k in ("datasets", "pretraining_dataset", "test_datasets") and isinstance(v, list):
-        what = ", ".join(f"{d.get('path')} ({d.get('type', 'completion')})" for d in v if isinstance(d, Mapping))
-        return f"{PENDING_DATA}: {what}"
-    return PENDING_DATA
+        note("eval_steps", "not mapped", "", "a fraction of the run: " + _EPOCHS)
+    note("evals_per_epoch", "not mapped", "train.eval_every", _EPOCHS + "; meshbake evaluates at the end "
+         "(and every train.eval_every steps)")
+    note("eval_strategy", "not mapped", "train.eval_every", _EPOCHS)
+    note("eval_sample_packing", "implied", "", "eval windows are packed like the training windows")
+    note("pad_to_sequence_len", "implied", "", "every window is seq_len tokens")
+    note("tokenizer_type", "implied", "", "the tokenizer folder's own class (AutoTokenizer)")
+    note("tokenizer_use_fast", "implied", "", "the tokenizer folder's fast tokenizer")
+    note("tokenizer_config", "mapped", "data.tokenizer")
+    note("shuffle_merged_datasets", "implied", "", "a seeded shuffle per epoch over all sources")
+    note("chat_template", "approximated" if fmt == "chat" else "implied", "data.tokenizer",
+         "meshbake applies the tokenizer's own chat template; Axolotl's built-in template of that name is the "
+         "model family's, so keep the tokenizer of the model it names" if fmt == "chat" else "no chat format")
+    for k in ("special_tokens", "tokens"):
+        note(k, "not mapped", "", "tokens are not added or changed: the tokenizer folder's own (padding is masked "
+             "with ignore labels, packing needs no pad token)")
+    for k in ("streaming", "streaming_multipack_buffer_size"):
+        note(k, "not mapped", "", "meshbake tokenizes once (meshbake prepare) into memory-mapped files; no streaming")
+    for k in ("dataset_processes", "dataset_num_proc"):
+        note(k, "not mapped", "", "prepare runs once, in one process, before torchrun")
+    note("group_by_length", "not mapped", "", "windows are packed, not grouped by length")
+    note("sample_packing_sequentially", "not mapped", "", "packing is best-fit decreasing")
+    note("sample_packing_eff_est", "implied", "", "prepare reports the packing efficiency it measured")
+    note("test_datasets", "not mapped", "data.eval_sources", "set data.eval_sources to the local eval files")
+    for k in ("roles_to_train", "train_on_eos", "default_system_message", "chat_template_jinja",
+              "dataset_exact_deduplication", "skip_prepare_dataset", "pretrain_multipack_attn"):
+        note(k, "not mapped", "", "data option unknown to the importer")
 
 
 def _checkpoint(cfg: Mapping[str, Any], acc: _Acc, steps_known: bool) -> None:
+    """output_dir, save_* -> run_dir and the checkpoint section."""
     if cfg.get("output_dir"):
         acc.set("run_dir", str(cfg["output_dir"]).rstrip("/") or ".", "output_dir (metrics + DCP checkpoints; "
                 "`meshbake export` writes the HF folder)")
@@ -539,14 +646,14 @@ def _checkpoint(cfg: Mapping[str, Any], acc: _Acc, steps_known: bool) -> None:
                 f"= save_steps {save_steps} x max_steps")
     if save_steps is not None:
         ok = isinstance(save_steps, int) or steps_known
-        acc.note("save_steps", "mapped" if ok else "pending", "checkpoint.every_steps",
-                 "" if ok else f"{PENDING_DATA}: a fraction of an unknown step count")
+        acc.note("save_steps", "mapped" if ok else "not mapped", "checkpoint.every_steps",
+                 "" if ok else f"a fraction of the run: {_EPOCHS}")
     if strat is not None:
-        acc.note("save_strategy", "mapped" if strat in ("no", "steps") else "pending", "checkpoint.every_steps",
-                 "" if strat in ("no", "steps") else f"{PENDING_DATA}: per-epoch saves need the epoch length")
+        acc.note("save_strategy", "mapped" if strat in ("no", "steps") else "not mapped", "checkpoint.every_steps",
+                 "" if strat in ("no", "steps") else _EPOCHS)
     if cfg.get("saves_per_epoch") is not None:
-        acc.note("saves_per_epoch", "pending", "checkpoint.every_steps",
-                 f"{PENDING_DATA}: per-epoch saves need the epoch length; meshbake saves at the end "
+        acc.note("saves_per_epoch", "not mapped", "checkpoint.every_steps",
+                 f"{_EPOCHS}; meshbake saves at the end "
                  "(checkpoint.save_on_exit) and on preemption")
     if cfg.get("save_total_limit"):
         acc.set("checkpoint.keep", int(cfg["save_total_limit"]), "save_total_limit")
@@ -608,16 +715,18 @@ def _linear_leaves(model_config: Mapping[str, Any] | None) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------ entry point
 def import_axolotl(cfg: Mapping[str, Any], name: str, *, source: str, model_ref: str | None,
                    model_config: Mapping[str, Any] | None = None, nodes: int | None = None,
-                   gpus_per_node: int | None = None, is_dir: Callable[[str], bool] = lambda p: False) -> Imported:
+                   gpus_per_node: int | None = None, is_dir: Callable[[str], bool] = lambda p: False,
+                   profile: tuple[str, Mapping[str, Any]] | None = None) -> Imported:
     """Axolotl config dict -> Imported (recipe text + a note for every key). `model_ref` is
-    the model.config to write (guess_model's answer or --model), `model_config` its config.json."""
+    the model.config to write (guess_model's answer or --model), `model_config` its config.json,
+    `profile` (name, its cluster dict) a cluster profile the recipe names instead of hardware keys."""
     acc = _Acc()
     name = _name(name)
     acc.set("name", name, f"from {source}")
     lora_on = bool(cfg.get("adapter") in ("lora", "qlora") and cfg.get("lora_r"))
     bf16 = cfg.get("bf16") in (True, "auto", "true")
     _model(cfg, acc, model_ref, lora_on, bf16, is_dir)
-    mesh = _mesh(cfg, acc, nodes, gpus_per_node)
+    mesh = _mesh(cfg, acc, nodes, gpus_per_node, profile)
     _train(cfg, acc, mesh)
     _precision(cfg, acc)
     _lora(cfg, acc, _linear_leaves(model_config))
@@ -673,6 +782,8 @@ def _fmt(v: Any) -> str:
         return f"{mant}.0e{exp}" if e and "." not in mant else r
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{" + ", ".join(f"{_fmt(str(k))}: {_fmt(x)}" for k, x in v.items()) + "}"
     return yaml.safe_dump(str(v), width=10_000).splitlines()[0]
 
 

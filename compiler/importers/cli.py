@@ -55,11 +55,17 @@ def import_main(args) -> int:
     if out is not None and out.exists() and not args.force:
         return _fail((RecipeError("-o", f"{out} exists", "choose another file or pass --force"),), args.config)
     is_dir = lambda p: Path(p).is_dir()     # noqa: E731
+    profile = None
+    if args.cluster:
+        merged = load.apply_cluster_profile({"cluster": {}}, args.cluster)
+        if isinstance(merged, Err):
+            return _fail(merged.errors, args.config)
+        profile = (args.cluster, merged["cluster"])
     ref = args.model or guess_model(cfg.get("base_model_config") or cfg.get("base_model"), catalog_names(), is_dir)
     model_cfg = load.read_model_config(ref) if ref else None
     imp = import_axolotl(cfg, out.stem if out else src.stem, source=src.name, model_ref=ref,
                          model_config=None if isinstance(model_cfg, Err) else model_cfg,
-                         nodes=args.nodes, gpus_per_node=args.gpus_per_node, is_dir=is_dir)
+                         nodes=args.nodes, gpus_per_node=args.gpus_per_node, is_dir=is_dir, profile=profile)
     report = sys.stdout
     if out is None:
         sys.stdout.write(imp.text)

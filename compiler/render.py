@@ -80,7 +80,7 @@ def _memory_rows(res) -> list[dict[str, str]]:
            "optimizer": "AdamW exp_avg + exp_avg_sq, sharded",
            "accum_grads": f"unsharded grads held between the {m.grad_accum} micro-steps (no reduce-scatter until the last)"
                           if e.accum_grads_bytes else "none: no FSDP gradient accumulation without sync",
-           "gathered": f"root (embeddings, final norm, lm_head) + last block kept gathered in {pd}" if fsdp
+           "gathered": f"top-level modules (embeddings, final norm, lm_head) + last block kept gathered in {pd}" if fsdp
                        else "none: no FSDP",
            "activations": f"{res.model.num_layers} layers, mbs {t.micro_batch_size} x seq {t.seq_len}"
                           f"{' / cp ' + str(m.cp) if m.cp > 1 else ''}, AC {t.activation_checkpointing}",

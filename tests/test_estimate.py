@@ -64,3 +64,24 @@ def test_oom_hint_names_the_smallest_node_count_that_fits():
     assert not isinstance(resolve(text, f"cluster.nodes={nodes}"), Err)
     fewer = resolve(text, f"cluster.nodes={nodes - 1}")
     assert isinstance(fewer, Err) and paths(fewer) == ["cluster.gpu_memory_gb"]
+
+
+def test_grad_sync_trades_held_gradients_for_reduce_scatter_traffic():
+    """grad_sync last_micro_step: every rank holds its unsharded TP-local gradients between
+    micro-steps (70B / tp 8 x 4 B = 35 GB) and reduce-scatters once; every_micro_step keeps
+    them sharded and reduce-scatters grad_accum times."""
+    text = recipe_text(model={"config": "llama-3.1-70b"}, mesh={"dp_replicate": 2, "dp_shard": 4, "tp": 8},
+                       tp={"sequence_parallel": True, "loss_parallel": True},
+                       cluster={"nodes": 8, "gpus_per_node": 8, "gpu_memory_gb": 80},
+                       train={"seq_len": 8192, "global_batch_size": 64, "activation_checkpointing": "full"})
+    every = resolve(text).estimate
+    last = resolve(text, "train.grad_sync=last_micro_step", "cluster.gpu_memory_gb=200").estimate
+    assert every.accum_grads_bytes == 0
+    tp_local = N70 // 8 + (2 * 80 + 1) * 8192 * 7 // 8     # norms are replicated over tp
+    assert abs(last.accum_grads_bytes - tp_local * 4) < 4 * 8192 * 8
+    # reduce-scatter: 8 micro-steps x the fp32 shard-local grads x 3/4 leave each rank, vs once
+    rs = (every.fsdp_comm_bytes - last.fsdp_comm_bytes) / (7 * tp_local * 4 * 3 / 4)
+    assert abs(rs - 1) < 0.01
+    # the held grads are all alive at the last micro-step's loss backward: that is the peak now
+    assert last.peak_phase == "loss backward" and every.peak_phase == "optimizer step"
+    assert dict(last.phases)["loss backward"] - dict(every.phases)["loss backward"] == last.accum_grads_bytes

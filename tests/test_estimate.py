@@ -85,3 +85,29 @@ def test_grad_sync_trades_held_gradients_for_reduce_scatter_traffic():
     # the held grads are all alive at the last micro-step's loss backward: that is the peak now
     assert last.peak_phase == "loss backward" and every.peak_phase == "optimizer step"
     assert dict(last.phases)["loss backward"] - dict(every.phases)["loss backward"] == last.accum_grads_bytes
+
+
+def test_one_flops_per_token_for_plan_and_mfu():
+    """torchtitan's 6 N + 12 L H Dh T with N = every parameter but the input embedding; the
+    runtime's MFU reads the same number from plan.json (and its fallback gives it too)."""
+    from runtime import plan as P
+    from runtime.metrics import flops_per_token
+
+    r = resolve(recipe_text(train={"seq_len": 8192, "global_batch_size": 8}))
+    n = 8_030_261_248 - 128256 * 4096
+    want = 6 * n + 12 * 32 * 32 * 128 * 8192
+    assert r.estimate.flops_per_token == want          # 57.91e9 (PLAN.md said 61.07e9 before)
+    assert flops_per_token(r.plan) == want
+    bare = P.from_dict({**P.plan_to_dict(r.plan), "estimate": {}})
+    assert flops_per_token(bare) == want
+
+
+def test_lora_flops_skip_the_frozen_weight_gradients():
+    """Frozen, not adapted: 4 per parameter; adapted: 6 (autograd forms d(W + sBA)); plus the
+    adapters' B @ A, 6 out r in per micro-step over its mbs x seq tokens."""
+    r = resolve(recipe_text(model={"config": "llama-3.1-8b", "dtype": "bfloat16"}, lora={"rank": 16, "targets": ["q_proj"]},
+                            train={"seq_len": 4096, "global_batch_size": 8, "activation_checkpointing": "full"}))
+    n = 8_030_261_248 - 128256 * 4096
+    q = 32 * 4096 * 4096
+    want = 4 * n + 2 * q + 12 * 32 * 4096 * 4096 + 32 * 6 * 4096 * 16 * 4096 // 4096
+    assert r.estimate.flops_per_token == want

@@ -1,4 +1,4 @@
-"""meshbake CLI: check | bundle | plan --json | prepare | export | import | report. Exit 2 on recipe errors, never a traceback."""
+"""meshbake CLI: check | bundle | plan --json | dryrun | prepare | export | import | report. Exit 2 on recipe errors, never a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", required=True, help="print plan.json to stdout")
     pr = recipe_cmd("prepare", "tokenize and pack the recipe's data once (launch.sh also does this)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    dr = recipe_cmd("dryrun", "build the job's model for the real world size on a fake process group (meta "
+                    "tensors): start-up errors and per-rank parameters vs the estimate")
+    dr.add_argument("--ranks", default="0,-1", help="ranks to build, comma-separated; -1 = the last (default 0,-1)")
+    dr.add_argument("--json", action="store_true", help="print the per-rank results as JSON")
     e = sub.add_parser("export", help="consolidate a run's checkpoint into a Hugging Face folder")
     e.add_argument("run_dir")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
@@ -116,7 +120,50 @@ def _prepare(plan, quiet: bool) -> int:
         print(e.line(), file=sys.stderr)
         return EXIT_USER
     return 0
+
+
 EXIT_INTERNAL = 70         # EX_SOFTWARE: a bug in meshbake, not in the recipe
+
+
+# the recipe key behind each build step of runtime/parallel.py (an error there traces back to it)
+_STAGE_PATHS = {"process group": "mesh", "mesh": "mesh", "model": "model.config", "cp": "mesh.cp", "tp": "tp.plan",
+                "lora": "lora", "ac": "train.activation_checkpointing", "compile": "train.compile",
+                "fsdp": "mesh.dp_shard"}
+
+
+def _dryrun(res, args) -> int:
+    """Exit 0: every rank built and rank 0 holds exactly the estimated parameters; 1: a count
+    differs from the estimate; 2: the build fails (the job would fail at start-up)."""
+    import json
+
+    from runtime.dryrun import dryrun
+
+    t0 = time.perf_counter()
+    out = dryrun(res.plan, [int(r) for r in args.ranks.split(",")])
+    est = res.estimate
+    for r in out:
+        if r["ok"] and r["rank"] == 0:
+            r["estimate"] = {"params": est.params_per_rank, "param_bytes": est.params_bytes}
+            r["matches_estimate"] = r["params"] == est.params_per_rank and r["param_bytes"] == est.params_bytes
+    seconds = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps({"world": res.plan.mesh.world, "seconds": round(seconds, 2), "ranks": out}, indent=1))
+    failed = [r for r in out if not r["ok"]]
+    if failed:
+        errs = tuple(RecipeError(_STAGE_PATHS.get(r["stage"], "mesh"), f"rank {r['rank']} of {res.plan.mesh.world}: "
+                                 f"building the model fails at the {r['stage']} step: {r['error']}",
+                                 "the job would stop here at start-up; change the recipe value named") for r in failed)
+        return _report(Err(errs), args.recipe)
+    if not args.json:
+        for r in out:
+            cmp = ""
+            if "estimate" in r:
+                cmp = (f" = estimate" if r["matches_estimate"] else
+                       f" != estimate {r['estimate']['params']:,} params / {_gb(r['estimate']['param_bytes'])}")
+            print(f"rank {r['rank']:>5}: {r['params']:,} params ({r['trainable']:,} trainable), "
+                  f"{_gb(r['param_bytes'])} allocated{cmp}")
+        print(f"dry run of world {res.plan.mesh.world}: {len(out)} rank(s) built in {seconds:.1f} s")
+    return 0 if all(r.get("matches_estimate", True) for r in out) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,6 +206,8 @@ def _compile_cmd(args) -> int:
         return 0
     if args.cmd == "prepare":
         return _prepare(res.plan, args.quiet)
+    if args.cmd == "dryrun":
+        return _dryrun(res, args)
     if args.cmd == "plan":
         from runtime.plan import dumps
         sys.stdout.write(dumps(res.plan))

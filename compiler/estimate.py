@@ -135,9 +135,13 @@ def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[int,
     q, kv = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
     norm = ((4 + pb) * h // tp + pb * h) if sp else (4 + 2 * pb) * h
     sharded = (2 * q + 2 * kv + 4 * inter) * pb // tp
-    layer = tokens * (2 * norm + sharded)
+    # small per-token tensors: RMSNorm's rsqrt (4 B per norm), SDPA's logsumexp (4 B per local
+    # head), once per forward RoPE cos + sin (2 Dh pb) and input ids, labels, positions (int64)
+    small = 2 * 4 // (tp if sp else 1) + 4 * model.num_heads // tp
+    layer = tokens * (2 * norm + sharded + small)
     block_in = tokens * h * pb // (tp if sp else 1)
-    final = tokens * norm                         # final norm (its output is lm_head's saved input)
+    # final norm (its output is lm_head's saved input) and the per-forward tensors
+    final = tokens * (norm + 2 * model.head_dim * pb + 3 * 8)
     ac = t.activation_checkpointing
     if ac == "full":
         acts = model.num_layers * block_in + final
@@ -175,9 +179,11 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     accum = sum(p.rows * p.rest for p in train) * rb if no_sync else 0
     grads = n_train * mb
     # alive from the forward through the loss backward: the root module (never resharded after
-    # forward) and the last block (reshard_after_forward=False)
-    kept = sum(gathered(p) for p in params if p.where in ("root", "last")) * pb
-    block = max(sum(gathered(p) for p in params if p.where == "last"), 0) * pb
+    # forward), the last block (reshard_after_forward=False) and, once more, the last block's
+    # flat all-gather output, which FSDP2 keeps (comm_ctx.all_gather_state) until the next
+    # forward all-gather frees it
+    block = sum(gathered(p) for p in params if p.where == "last") * pb
+    kept = sum(gathered(p) for p in params if p.where == "root") * pb + 2 * block
     root_train = [p for p in train if p.where == "root"]
     # the embedding's backward under TP: a full vocab x hidden gradient on every tp rank
     # (DTensor's embedding backward is Replicate), next to the root's unsharded grads
@@ -188,8 +194,11 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     phases = (("loss backward", state - grads + accum + (0 if fsdp else grads * (mesh.grad_accum > 1))
                + kept + acts + logits),
               ("recompute", state - grads + accum + kept + 2 * block + acts + recompute) if recompute else None,
-              ("embedding backward", state + accum + kept + root_grads + emb_full),
-              ("optimizer step", state + grads))
+              # the last micro-step's backward has reduce-scattered (and freed) the blocks'
+              # held grads by now; the root's are reduced last
+              ("embedding backward", state + kept + root_grads + emb_full
+               + (sum(p.rows * p.rest for p in root_train) * rb if no_sync else 0)),
+              ("optimizer step", state + 2 * grads))
     return {"params": n_shard * mb, "grads": grads, "optimizer": 2 * grads, "accum": accum, "gathered": kept,
             "block": block, "acts": acts, "logits": logits, "params_per_rank": n_shard,
             "phases": tuple(ph for ph in phases if ph)}

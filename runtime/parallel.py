@@ -424,13 +424,18 @@ def iter_full_weights(folder: str, names: list[str]) -> Iterator[tuple[str, torc
             yield n, st.get_tensor(n)
 
 
-def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> nn.Module:
+def parallelize(plan: Plan, mesh: DeviceMesh, stage=lambda name: None) -> nn.Module:
+    """The model on the meta device with every parallelism applied, nothing allocated.
+    stage(name) is called before each step (the dry run names the step that failed)."""
+    stage("model")
     model = meta_model(plan)
     if plan.mesh.cp > 1:
         from runtime import cp
 
+        stage("cp")
         cp.install(model)
     if plan.mesh.tp > 1:
+        stage("tp")
         apply_tp(model, mesh["tp"], plan)
     if plan.model.layouts:     # after TP: the fused hooks must see the local (to_local'd) outputs
         from runtime import fused
@@ -439,12 +444,16 @@ def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> nn.Module:
     if plan.lora.rank > 0:
         from runtime.lora import apply_lora
 
+        stage("lora")
         apply_lora(model, plan)
+    stage("ac")
     apply_ac(model, plan.train.activation_checkpointing)
     if plan.train.compile:
+        stage("compile")
         apply_compile(model)
     # FSDP shards over dp_shard x cp (cp ranks hold the same weights, different tokens); HSDP
     # adds the dp_replicate dim (all-reduce across replicas)
+    stage("fsdp")
     if plan.mesh.cp > 1:
         shard = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
         dp_mesh = mesh["dp_replicate", "dp_shard_cp"] if plan.mesh.dp_replicate > 1 else shard
@@ -452,6 +461,11 @@ def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> nn.Module:
         dp_mesh = mesh["dp_replicate", "dp_shard"] if plan.mesh.dp_replicate > 1 else mesh["dp_shard"]
     if uses_fsdp(plan):
         apply_fsdp(model, dp_mesh, plan)
+    return model
+
+
+def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> nn.Module:
+    model = parallelize(plan, mesh)
     model.to_empty(device=device)
     if plan.model.weights:
         load_weights(model, plan.model.weights, plan.train.seed, plan.model.layouts)

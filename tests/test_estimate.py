@@ -83,3 +83,50 @@ def test_a_save_longer_than_killwait_is_a_plan_warning():
     assert "does not leave room for it either: raise signal_seconds" in w
     assert save_warnings("checkpoint.every_steps=0", "checkpoint.save_on_exit=false") == []
     assert save_warnings("model.config=tiny-llama", "mesh.tp=1", "mesh.dp_shard=8") == []
+
+
+def test_grad_sync_trades_held_gradients_for_reduce_scatter_traffic():
+    """grad_sync last_micro_step: every rank holds its unsharded TP-local gradients between
+    micro-steps (70B / tp 8 x 4 B = 35 GB) and reduce-scatters once; every_micro_step keeps
+    them sharded and reduce-scatters grad_accum times."""
+    text = recipe_text(model={"config": "llama-3.1-70b"}, mesh={"dp_replicate": 2, "dp_shard": 4, "tp": 8},
+                       tp={"sequence_parallel": True, "loss_parallel": True},
+                       cluster={"nodes": 8, "gpus_per_node": 8, "gpu_memory_gb": 80},
+                       train={"seq_len": 8192, "global_batch_size": 64, "activation_checkpointing": "full"})
+    every = resolve(text).estimate
+    last = resolve(text, "train.grad_sync=last_micro_step", "cluster.gpu_memory_gb=200").estimate
+    assert every.accum_grads_bytes == 0
+    tp_local = N70 // 8 + (2 * 80 + 1) * 8192 * 7 // 8     # norms are replicated over tp
+    assert abs(last.accum_grads_bytes - tp_local * 4) < 4 * 8192 * 8
+    # reduce-scatter: 8 micro-steps x the fp32 shard-local grads x 3/4 leave each rank, vs once
+    rs = (every.fsdp_comm_bytes - last.fsdp_comm_bytes) / (7 * tp_local * 4 * 3 / 4)
+    assert abs(rs - 1) < 0.01
+    # the held grads are all alive at the last micro-step's loss backward: that is the peak now
+    assert last.peak_phase == "loss backward" and every.peak_phase == "optimizer step"
+    assert dict(last.phases)["loss backward"] - dict(every.phases)["loss backward"] == last.accum_grads_bytes
+
+
+def test_one_flops_per_token_for_plan_and_mfu():
+    """torchtitan's 6 N + 12 L H Dh T with N = every parameter but the input embedding; the
+    runtime's MFU reads the same number from plan.json (and its fallback gives it too)."""
+    from runtime import plan as P
+    from runtime.metrics import flops_per_token
+
+    r = resolve(recipe_text(train={"seq_len": 8192, "global_batch_size": 8}))
+    n = 8_030_261_248 - 128256 * 4096
+    want = 6 * n + 12 * 32 * 32 * 128 * 8192
+    assert r.estimate.flops_per_token == want          # 57.91e9 (PLAN.md said 61.07e9 before)
+    assert flops_per_token(r.plan) == want
+    bare = P.from_dict({**P.plan_to_dict(r.plan), "estimate": {}})
+    assert flops_per_token(bare) == want
+
+
+def test_lora_flops_skip_the_frozen_weight_gradients():
+    """Frozen, not adapted: 4 per parameter; adapted: 6 (autograd forms d(W + sBA)); plus the
+    adapters' B @ A, 6 out r in per micro-step over its mbs x seq tokens."""
+    r = resolve(recipe_text(model={"config": "llama-3.1-8b", "dtype": "bfloat16"}, lora={"rank": 16, "targets": ["q_proj"]},
+                            train={"seq_len": 4096, "global_batch_size": 8, "activation_checkpointing": "full"}))
+    n = 8_030_261_248 - 128256 * 4096
+    q = 32 * 4096 * 4096
+    want = 4 * n + 2 * q + 12 * 32 * 4096 * 4096 + 32 * 6 * 4096 * 16 * 4096 // 4096
+    assert r.estimate.flops_per_token == want

@@ -21,7 +21,8 @@ WORLD = 4
 
 
 def plan_dict(name: str, *, dp_replicate=1, dp_shard=1, tp=1, cp=1, sp=False, lp=False, model="tiny-llama",
-              seq=32, mbs=2, gbs=None, ac="none", param_dtype="float32", reduce_dtype="float32", lora=0) -> dict:
+              seq=32, mbs=2, gbs=None, ac="none", param_dtype="float32", reduce_dtype="float32", lora=0,
+              grad_sync="every_micro_step") -> dict:
     from compiler.pipeline import compile_recipe
 
     dp = dp_replicate * dp_shard
@@ -32,7 +33,7 @@ def plan_dict(name: str, *, dp_replicate=1, dp_shard=1, tp=1, cp=1, sp=False, lp
         "tp": {"sequence_parallel": sp, "loss_parallel": lp},
         "cluster": {"nodes": 1, "gpus_per_node": WORLD, "device": "cpu", "gpu_memory_gb": 8},
         "train": {"seq_len": seq, "micro_batch_size": mbs, "global_batch_size": gbs or mbs * dp, "steps": 2,
-                  "lr": 1e-3, "warmup_steps": 1, "activation_checkpointing": ac,
+                  "lr": 1e-3, "warmup_steps": 1, "activation_checkpointing": ac, "grad_sync": grad_sync,
                   "mixed_precision": {"param_dtype": param_dtype, "reduce_dtype": reduce_dtype}},
         "data": {"source": "synthetic"},
         "checkpoint": {"every_steps": 0, "save_on_exit": False},
@@ -48,6 +49,21 @@ CASES = {
     "reduce_fp32_fsdp": dict(dp_shard=2, tp=2, sp=True, lp=True, param_dtype="bfloat16"),
     "reduce_fp32_hsdp": dict(dp_replicate=2, dp_shard=2, param_dtype="bfloat16"),
 }
+# peak tensor memory per rank: seq 256 x micro-batch 2 makes activations and logits as large
+# as the sharded state (tiny-llama: 647K params, vocab 4096)
+MEM = dict(seq=256, mbs=2)
+MEMORY = {
+    "mem_tp2_sp_lp": dict(dp_shard=2, tp=2, sp=True, lp=True, **MEM),
+    "mem_tp2": dict(dp_shard=2, tp=2, **MEM),
+    "mem_ac_selective": dict(dp_shard=2, tp=2, sp=True, lp=True, ac="selective", **MEM),
+    "mem_ac_full": dict(dp_shard=2, tp=2, sp=True, lp=True, ac="full", **MEM),
+    "mem_accum4": dict(dp_shard=2, tp=2, sp=True, lp=True, gbs=16, **MEM),
+    "mem_accum4_nosync": dict(dp_shard=2, tp=2, sp=True, lp=True, gbs=16, grad_sync="last_micro_step", **MEM),
+    "mem_lora": dict(dp_shard=2, tp=2, sp=True, lp=True, lora=4, **MEM),
+    "mem_cp2": dict(dp_shard=2, cp=2, **MEM),
+    "mem_dp4": dict(dp_shard=4, **MEM),
+}
+CASES.update(MEMORY)
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +95,22 @@ def test_gradients_are_reduced_in_reduce_dtype(measured, name):
             ar = [c for c in rank["collectives"] if c["op"] == "all_reduce" and c["group_size"] == 2
                   and c["numel"] > 2]
             assert ar and {c["dtype"] for c in ar} == {"float32"}, ar
+
+
+def _mb(b: float) -> str:
+    return f"{b / 1e6:.2f} MB"
+
+
+@pytest.mark.parametrize("name", list(MEMORY))
+def test_memory_estimate_holds_the_measured_peak(measured, name):
+    """PLAN.md's per-rank peak vs the real peak tensor memory of one training step: within
+    +10% / -5%. Every dim here divides by dp_shard x cp, so all ranks hold the same shards and
+    the least of their measured peaks is taken (an unseen free can only inflate a measurement,
+    see tests/dist/measure.py)."""
+    r = measured[name]
+    est = r["plan"]["estimate"]
+    got = min(rank["peak_bytes"] for rank in r["ranks"])
+    err = est["total_bytes"] / got - 1
+    print(f"{name}: estimate {_mb(est['total_bytes'])} at the {est['peak_phase']}, measured {_mb(got)} "
+          f"({err:+.1%}), peak in {r['ranks'][0]['peak_in'][-2:]}")
+    assert -0.05 <= err <= 0.10, (name, est["total_bytes"], got, est["phases"])

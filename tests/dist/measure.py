@@ -5,14 +5,15 @@
 For each case (a plan.json dict) the runtime's own setup + train_step run twice (step 1 creates
 the AdamW state); step 2 is measured:
   peak_bytes      the highest live tensor memory of this rank during step 2, from the profiler's
-                  allocator events (profile_memory=True) recorded from before the model is built,
-                  so the level at any time is the sum of every allocation minus every free
+                  allocator events (profile_memory=True, with addresses) recorded from before the
+                  model is built, so the level at any time is every allocation minus every free
   collectives     every c10d collective issued in step 2 by the torch.distributed Python API
                   (as FSDP2 calls it): op, dtype, numel, group size
 OUT_JSON (rank 0): {name: {"ranks": [per-rank result, ...]}}
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -57,33 +58,91 @@ def logged_collectives(log: list):
             setattr(dist, n, fn)
 
 
+def allocations(prof) -> list[tuple[int, int, int]]:
+    """(time, ptr, +/-bytes) of every CPU allocator event the profiler saw, in time order."""
+    from torch._C._profiler import _EventType
+
+    out, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            out.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
+    return sorted(out)
+
+
 def peak_from_events(prof, window: str) -> dict:
-    """Live tensor bytes: running sum of the allocator's +/- events; peak inside `window`."""
+    """Live tensor bytes in `window` (a record_function range) and their peak. The profiler
+    records allocator events of the threads it profiles only, and gloo's worker threads free
+    collective buffers (the functional collectives' inputs and outputs) unseen. Two rules keep
+    such buffers from counting as live: an address handed out again was freed before; and an
+    allocation of the step still "live" when the step ends was freed unseen (in a steady-state
+    step everything the step allocates is freed by its end: grads are set to None, the AdamW
+    state exists from step 1), so it is not counted at the peak either."""
     events = prof.profiler.kineto_results.events()
     win = next(e for e in events if e.name() == window)
     t0, t1 = win.start_ns(), win.start_ns() + win.duration_ns()
-    level = start = peak = 0
-    for ts, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+    live: dict[int, tuple[int, int]] = {}         # ptr -> (allocation id, bytes)
+    level = start = peak = first = 0
+    at, at_peak = t0, {}
+    for n, (ts, ptr, nbytes) in enumerate(allocations(prof)):
         if ts > t1:
             break
-        level += nbytes
+        level -= live.pop(ptr, (0, 0))[1]         # a free, or an address reused after an unseen free
+        if nbytes > 0:
+            live[ptr] = (n, nbytes)
+            level += nbytes
         if ts < t0:
             start = peak = level
-        else:
-            peak = max(peak, level)
-    return {"start_bytes": start, "peak_bytes": peak}
+            first = n + 1
+        elif level > peak:
+            peak, at, at_peak = level, ts, dict(live)
+    unseen = sum(b for ptr, (n, b) in at_peak.items() if n >= first and live.get(ptr, (None,))[0] == n)
+    # the ops running when the peak was reached, outermost first (where in the step it is)
+    where = sorted((e.start_ns(), e.name()) for e in events
+                   if e.name() != "[memory]" and e.start_ns() <= at <= e.start_ns() + e.duration_ns())
+    return {"start_bytes": start, "rise_bytes": peak - unseen - start, "unseen_free_bytes": unseen,
+            "peak_in": [n for _, n in where][-6:]}
+
+
+def python_live_bytes() -> int:
+    """Bytes of every CPU tensor storage Python can reach (parameters, FSDP2's padded shards,
+    AdamW state, data), each storage once: the exact live level at a quiet point. The
+    profiler's running sum cannot give it: frees on gloo threads before the window are unseen."""
+    from torch.distributed.tensor import DTensor
+
+    storages = {}
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor) and not isinstance(o, DTensor) and o.device.type == "cpu":
+            try:
+                st = o.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                continue
+            storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
 
 
 def run_case(plan: P.Plan, run_dir: Path) -> dict:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     log: list = []
+    gc.collect()      # the previous case's garbage goes before the window (its frees would count here)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         job = setup(plan, run_dir)
         train_step(job, 0, False)
-        with record_function("measured_step"), logged_collectives(log):
-            out = train_step(job, 1, False)
-    return {**peak_from_events(prof, "measured_step"), "collectives": log, "loss": out.loss}
+        # cyclic garbage of step 1 (autograd graph nodes holding tensors) goes now, not at a
+        # random point of the measured step: the peak is the step's own
+        gc.collect()
+        base = python_live_bytes()
+        gc.disable()
+        try:
+            with record_function("measured_step"), logged_collectives(log):
+                out = train_step(job, 1, False)
+        finally:
+            gc.enable()
+    mem = peak_from_events(prof, "measured_step")
+    # the step's peak = the exact level at its start + the highest rise above it during the step
+    return {**mem, "base_bytes": base, "peak_bytes": base + mem["rise_bytes"], "collectives": log, "loss": out.loss}
 
 
 def main(cases_path: str, out_path: str) -> int:

@@ -1,0 +1,74 @@
+"""python -m runtime.dryrun PLAN_JSON [--ranks 0,-1]: the job's own model build, for the real
+world size, without GPUs and without memory.
+
+Each rank listed joins a fake process group (torch's FakeProcessGroup: collectives return at
+once) of plan.mesh.world ranks and builds the model exactly as runtime/parallel.py does for
+the job (meta model -> CP -> TP -> LoRA -> AC -> compile -> FSDP2/HSDP), on meta tensors. An
+error the job would hit at start-up is reported with the step it came from; otherwise, per
+rank, the parameters it holds: elements (the rank's own rows) and bytes allocated (FSDP2
+allocates every shard padded to ceil(rows / (dp_shard x cp)) rows). Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from runtime.plan import MESH_DIMS, Plan, load_plan
+
+
+def held(model: torch.nn.Module) -> dict[str, int]:
+    out = {"params": 0, "param_bytes": 0, "trainable": 0}
+    for p in model.parameters():                   # a tied weight once
+        local = p._local_tensor if isinstance(p, DTensor) else p
+        out["params"] += local.numel()
+        # the storage under the view: FSDP2's padded shard (meta tensors keep their sizes)
+        out["param_bytes"] += local.untyped_storage().nbytes()
+        out["trainable"] += local.numel() if p.requires_grad else 0
+    return out
+
+
+def build_rank(plan: Plan, rank: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from runtime.parallel import parallelize
+
+    where = {"stage": "process group"}
+    t0 = time.perf_counter()
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=plan.mesh.world)
+    try:
+        where["stage"] = "mesh"
+        mesh = init_device_mesh("cpu", plan.mesh.shape, mesh_dim_names=MESH_DIMS)
+        model = parallelize(plan, mesh, stage=lambda name: where.update(stage=name))
+        return {"rank": rank, "ok": True, **held(model), "seconds": round(time.perf_counter() - t0, 2)}
+    except Exception as e:   # noqa: BLE001 — the point is to report it, with the step it came from
+        return {"rank": rank, "ok": False, "stage": where["stage"], "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(limit=-3)}
+    finally:
+        dist.destroy_process_group()
+
+
+def dryrun(plan: Plan, ranks: list[int]) -> list[dict]:
+    world = plan.mesh.world
+    return [build_rank(plan, r % world) for r in dict.fromkeys(ranks)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime.dryrun", description=__doc__.splitlines()[0])
+    ap.add_argument("plan")
+    ap.add_argument("--ranks", default="0,-1", help="comma-separated; negative counts from the last rank")
+    args = ap.parse_args(argv)
+    res = dryrun(load_plan(args.plan), [int(r) for r in args.ranks.split(",")])
+    print(json.dumps(res, indent=1))
+    return 0 if all(r["ok"] for r in res) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,6 +24,7 @@ Imports: stdlib + numpy at module level; `datasets`, `transformers`, `rich` insi
 from __future__ import annotations
 
 import argparse
+import codecs
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -135,11 +136,53 @@ def load_records(kind: str, path: Path, fmt: str, cache_dir: Path):
     kw: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file (no records)")
+    if builder in ("json", "csv", "text"):
+        _check_text(path)              # datasets' own errors name neither the byte nor the line
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir), **kw)
     except Exception as e:  # noqa: BLE001 - datasets wraps parse errors in several types
         raise DataError(f"{path}: cannot be read as {builder}{_bad_json_line(path)}: "
                         f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
+
+
+def _check_text(path: Path) -> None:
+    """UTF-8 throughout (the byte offset and line of the first bad byte), and for jsonl one JSON
+    object per line (the file's own line number: split on \n only, as str.splitlines would also
+    split on U+2028 or a form feed inside a record's text and the numbers would drift)."""
+    dec, off, line = codecs.getincrementaldecoder("utf-8")(), 0, 1
+    jsonl, pending = path.suffix == ".jsonl", ""
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            held = len(dec.getstate()[0])      # bytes of a split character from the last chunk
+            try:
+                text = dec.decode(chunk)
+            except UnicodeDecodeError as e:
+                at = off - held + e.start      # e.start counts from the held bytes
+                with path.open("rb") as g:
+                    head = g.read(at + 4)
+                lines = head.count(b"\n", 0, at) + 1
+                raise DataError(f"{path}: not valid UTF-8 at byte {at} (line {lines}: {head[at:at + 4]!r}); "
+                                f"convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove that byte") from None
+            off += len(chunk)
+            if jsonl:
+                *done, pending = (pending + text).split("\n")
+                for rec in done:
+                    _json_line(path, line, rec)
+                    line += 1
+    if jsonl:
+        _json_line(path, line, pending)
+
+
+def _json_line(path: Path, n: int, rec: str) -> None:
+    if not rec.strip():
+        return
+    try:
+        obj = json.loads(rec)
+    except ValueError as e:
+        raise DataError(f"{path}:{n}: not a JSON record ({getattr(e, 'msg', e)}, column {getattr(e, 'colno', '?')}); "
+                        f"fix or remove that line (one JSON object per line)") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}:{n}: a JSON {type(obj).__name__}, not a record (an object); fix or remove that line")
 
 
 def _bad_json_line(path: Path) -> str:
@@ -641,9 +684,14 @@ def _prepare_into(plan: Plan, tmp: Path, cache: dict, quiet: bool, log: Callable
     final = prepared_root(data) / f"{plan.name}-{fp[:16]}"
     try:
         os.rename(tmp, final)           # atomic: a reader sees all of it or nothing
-    except OSError:                     # another process (node) finished the same data first
+    except OSError:                     # the same content was prepared before (or by another node)
         if _read_json(final / "index.json") is None:
             raise
+        # same fingerprint = same bytes in; only the files' mtimes moved (a source rewritten with
+        # the same content): record them, or every later locate() would call this dir stale
+        idx_tmp = final / f"index.json.tmp{os.getpid()}"
+        idx_tmp.write_text(json.dumps(idx, indent=1, sort_keys=True) + "\n")
+        os.replace(idx_tmp, final / "index.json")
     ptr_tmp = pointer_path(plan).with_suffix(f".tmp{os.getpid()}")
     ptr_tmp.write_text(json.dumps({"dir": final.name, "fingerprint": fp}) + "\n")
     os.replace(ptr_tmp, pointer_path(plan))

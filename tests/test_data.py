@@ -237,7 +237,7 @@ def test_bad_input_is_one_line_before_any_process_group(tmp_path, base):
     bad(tmp_path, base, "tokenized", [{"input_ids": [1, 2, 5000]}], r"token id 5000 >= the model's vocab_size 4096")
     bad(tmp_path, base, "text", [{"text": "word " * 200}] * 3, r"3 of 3 are longer than seq_len 64", overlong="drop")
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')
-    bad(tmp_path, base, "text", tmp_path / "broken.jsonl", r"broken.jsonl: cannot be read as json \(line 2 is not JSON\)")
+    bad(tmp_path, base, "text", tmp_path / "broken.jsonl", r"broken.jsonl:2: not a JSON record")
 
 
 # ------------------------------------------------------------------- the sample stream
@@ -337,3 +337,16 @@ def test_tokenized_parquet_and_completion_csv_sources(tmp_path, base):
     lab = np.load(folder / "train/labels.npy")
     text = AutoTokenizer.from_pretrained(TOK).decode(lab[lab != IGNORE].tolist())
     assert sorted(text.split("<|endoftext|>")) == ["", " Goethe", " Shakespeare"]
+
+
+def test_a_source_rewritten_with_the_same_content_is_not_stale_forever(base, tmp_path):
+    """Rewriting a source with the same bytes moves its mtime: prepare re-hashes it, finds the
+    content-keyed folder already there and must record the new mtime, or locate() calls the
+    data stale on every launch (a real loop: prepare says done, train says stale)."""
+    src = jsonl(tmp_path / "d.jsonl", [{"text": f"To be or not to be, record {i}."} for i in range(50)])
+    plan = with_data(base, tmp_path, "text", src)
+    first = prepare(plan, quiet=True, log=lambda s: None)
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    again = prepare(plan, quiet=True, log=lambda s: None)
+    assert again == first and locate(plan) == first

@@ -82,7 +82,8 @@ def _count(n: float) -> str:
 
 
 def _gb(n: float) -> str:
-    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+    from runtime.units import fmt_bytes
+    return fmt_bytes(n)
 
 
 def _summary(res) -> None:

@@ -26,6 +26,7 @@ from compiler.model import ModelSpec
 from compiler.placements import DTYPE_BYTES, Placements, local_shape
 from compiler.recipe import Recipe
 from runtime import flops as F
+from runtime.units import fmt_bytes
 
 USABLE = 0.9
 
@@ -274,7 +275,7 @@ _FIXES = {
 
 
 def _gb(x: float) -> str:
-    return f"{x / 1e9:,.1f} GB"
+    return fmt_bytes(x)
 
 
 def _shard_fix(est: Estimate, recipe: Recipe, mesh: MeshSpec) -> str | None:

@@ -21,6 +21,7 @@ import jinja2
 import yaml
 
 from runtime import plan as P
+from runtime.units import fmt_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"
@@ -90,7 +91,7 @@ def _md_finalize(v: Any) -> Any:
 
 
 def _gb(x: float) -> str:
-    return f"{x / 1e9:,.2f}"
+    return fmt_bytes(x, digits=2)
 
 
 def environment(shell: bool = False) -> jinja2.Environment:

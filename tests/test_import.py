@@ -209,9 +209,11 @@ def test_cli_writes_the_recipe_and_exit_code_follows_check(tmp_path, capsys):
     # = 64 GB per rank, not the tutorial's 28 GB (it counts bf16 weights)
     rc = main(["import", "axolotl", str(FIX / "tutorial_tensor-parallel-simple.yaml"), "-o", str(out),
                "--gpus-per-node", "2", "--force"])
-    text = capsys.readouterr().out
-    gb = float(re.search(r"\(world 2, ([\d.]+) GB per rank\)", text).group(1))
-    assert rc == 0 and 64 <= gb < 72, text
+    text = "".join(capsys.readouterr())
+    # 64 GB of state + activations and the loss-parallel logits at the peak phase: over the
+    # 72 GB budget of an 80 GB GPU, so the import reports it instead of a plan that OOMs
+    gb = float(re.search(r"estimated ([\d.]+) GB per rank exceeds", text).group(1))
+    assert rc == 2 and 72 < gb < 90 and "largest term: optimizer" in text, text
     # refuses to overwrite; a config with an unknown model is written but exits 2 with the reason
     assert main(["import", "axolotl", str(FIX / "streaming_sft.yaml"), "-o", str(out)]) == 2
     assert "exists" in capsys.readouterr().err

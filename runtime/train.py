@@ -30,6 +30,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from runtime import checkpoint as ckpt
 from runtime import cp, preflight
 from runtime.data import TokenData
+from runtime.fused import moe_metrics
 from runtime.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_bytes
 from runtime.parallel import build
 from runtime.plan import MESH_DIMS, Plan, load_plan
@@ -337,7 +338,7 @@ def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
                           "step_time_s": out.seconds, "tokens_per_s": tps,
                           "tokens_per_s_per_device": tps / plan.mesh.world,
                           "mfu": (fpt * tps / plan.mesh.world / peak) if peak else None,
-                          "peak_mem_bytes": peak_memory_bytes(job.device)})
+                          "peak_mem_bytes": peak_memory_bytes(job.device), **moe_metrics(job.model)})
         if checkpoint_due(plan, n, out.stop):
             path = ckpt.save(job.ckpt_root, n, job.model, job.opt, {"step": n, "scheduler": job.sched.state_dict()},
                              plan.checkpoint.keep, lambda where: fault_hook(where, n))

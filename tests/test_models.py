@@ -272,3 +272,16 @@ def test_variants_parity(results, name):
     assert rel < RTOL, (name, got, ref)
     if r["plan"]["mesh"]["cp"] > 1:
         assert r["cp_attention_calls"] > 0
+
+
+@pytest.mark.dist
+def test_moe_metrics_in_metrics_jsonl(results):
+    """Per-expert load and the router's load-balancing loss, logged every step (all ranks'
+    tokens): fractions over the 4 experts sum to 1; the aux loss is E * sum f_e P_e >= 0."""
+    rows = [json.loads(x) for x in (Path(results["export-qwen3_moe"]["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for r in rows:
+        assert len(r["expert_load"]) == 4 and abs(sum(r["expert_load"]) - 1) < 1e-4, r["expert_load"]
+        assert r["expert_load_max"] >= 1.0 and 0 < r["router_aux_loss"] < 4 * 2, r
+    dense = Path(results["export-phi3"]["run_dir"]) / "metrics.jsonl"
+    assert "expert_load" not in dense.read_text()

@@ -108,12 +108,22 @@ def _layouts(model, modules) -> dict[str, str]:
     for m in modules:
         leaf = m.fqn.rpartition(".")[2]
         if m.kind == "experts":
-            out[m.fqn] = "experts"
+            if _plain_moe_block(model.get_submodule(m.fqn.rpartition(".")[0])):
+                out[m.fqn] = "experts"
         elif m.kind == "linear" and leaf == "qkv_proj" and m.shape[0] == (heads + 2 * kv) * hd:
             out[m.fqn] = "qkv"
         elif m.kind == "linear" and leaf == "gate_up_proj" and m.shape[0] == 2 * c.intermediate_size:
             out[m.fqn] = "gate_up"
     return out
+
+
+def _plain_moe_block(block) -> bool:
+    """Mixtral / Qwen3-MoE shape: the block is a top-k router `gate` + grouped `experts` and
+    nothing else (no shared experts, no score-correction bias). runtime/fused.py replaces such
+    a block's forward; any other MoE block is left to transformers and refused under tp."""
+    kids = dict(block.named_children())
+    return (set(kids) == {"gate", "experts"} and type(kids["gate"]).__name__.endswith("TopKRouter")
+            and not any(True for _ in block.parameters(recurse=False)) and hasattr(kids["experts"], "act_fn"))
 
 
 def _attn_implementation(model) -> str:

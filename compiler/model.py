@@ -164,7 +164,7 @@ def model_spec(config: Mapping[str, Any], source: str) -> Result[ModelSpec]:
                                 "point model.config at a Hugging Face config.json"),))
     try:
         model = _meta_model(config)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, ImportError, RuntimeError, NotImplementedError) as e:
         return Err((RecipeError("model.config", f"{source}: transformers cannot build "
                                 f"model_type {model_type!r} as a causal LM ({e})",
                                 "meshbake supports decoder-only CausalLM architectures"),))
@@ -173,6 +173,15 @@ def model_spec(config: Mapping[str, Any], source: str) -> Result[ModelSpec]:
         for fqn, mod in model.named_modules()
         if (kind := _kind(mod)) is not None
     )
+    try:
+        return _spec(model, config, source, model_type, modules)
+    except (AttributeError, TypeError) as e:     # a config without the decoder facts we read
+        return Err((RecipeError("model.config", f"{source}: {model_type} config lacks a fact meshbake needs ({e})",
+                                "meshbake supports decoder-only CausalLM configs with hidden_size, "
+                                "num_attention_heads and num_hidden_layers"),))
+
+
+def _spec(model, config, source: str, model_type: str, modules) -> ModelSpec:
     c = model.config
     heads = c.num_attention_heads
     num_params = sum(p.numel() for p in model.parameters())
@@ -206,7 +215,11 @@ def model_spec(config: Mapping[str, Any], source: str) -> Result[ModelSpec]:
 def _intermediate(c) -> int:
     """The dim TP splits in the MLP: Qwen3-MoE experts use moe_intermediate_size (its
     intermediate_size belongs to dense layers, which must divide too)."""
-    return getattr(c, "moe_intermediate_size", None) or c.intermediate_size
+    for k in ("moe_intermediate_size", "intermediate_size", "n_inner", "ffn_dim"):
+        v = getattr(c, k, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return 4 * c.hidden_size          # GPT-2 style configs: n_inner None means 4 x hidden
 
 
 def _block_prefix(model) -> str:

@@ -85,7 +85,12 @@ def main(argv: list[str]) -> int:
             continue
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "config.json").write_text(json.dumps(cfg))
-            b = compile_type(t, Path(d) / "config.json")
+            try:
+                b = compile_type(t, Path(d) / "config.json")
+            except Exception as e:  # noqa: BLE001 — a compiler traceback is a bug: record it, go on
+                rows.append([t, "COMPILER TRACEBACK", f"{type(e).__name__}: {str(e)[:150]}", ""])
+                print(*rows[-1], sep=" | ", flush=True)
+                continue
         if hasattr(b, "files"):
             plans[t] = json.loads(b.files["plan.json"])
             rows.append([t, "compiled", "", "not run yet"])
@@ -112,6 +117,7 @@ def write(rows) -> None:
     pending = sum(r[3] == "not run yet" for r in rows)
     refused = sum(r[1] == "refused" for r in rows)
     nocfg = sum(r[1] == "no tiny config" for r in rows)
+    tb = sum(r[1] == "COMPILER TRACEBACK" for r in rows)
     esc = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
     lines = [f"# Model zoo (transformers {transformers.__version__})", "",
              "`make zoo` (scripts/zoo.py): every causal-LM model type with a `base_model_tp_plan`, as a tiny config",
@@ -119,7 +125,7 @@ def write(rows) -> None:
              "compile train 2 steps on CPU (torchrun, world 4). Training here checks that they run, not parity",
              "(parity is `tests/test_models.py`).", "",
              f"{len(rows)} types: **{ok} compiled and trained, {refused} refused at compile time, {crashed} compiled "
-             f"then crashed**, {nocfg} without a tiny config (the generic shrink broke a family field)"
+             f"then crashed**, {tb} compiler tracebacks, {nocfg} without a tiny config (the generic shrink broke a family field)"
              + (f"; {pending} compiled but not run yet (sweep interrupted)." if pending else "."), "",
              "| type | compile | reason | run |", "|---|---|---|---|"]
     lines += [f"| {t} | {c} | {esc(r)} | {esc(run)} |" for t, c, r, run in rows]

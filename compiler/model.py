@@ -96,6 +96,12 @@ def _shape(module, kind: str) -> tuple[int, ...]:
     return tuple(w.shape) if w is not None else tuple(next(module.parameters(recurse=False)).shape)
 
 
+# classes whose forward splits a fused [q|k|v] / [gate|up] contiguously (read in transformers
+# 5.24); other fused projections (CodeGen's mp-interleaved qkv, ...) are refused under tp
+FUSED_OWNERS = {"Phi3Attention", "Phi3MLP"}
+FUSED_NAMES = ("qkv_proj", "gate_up_proj", "query_key_value", "c_attn", "Wqkv", "W_pack")
+
+
 def _layouts(model, modules) -> dict[str, str]:
     """Fused parameters meshbake stores in its own TP-friendly row order (runtime/fused.py):
     a qkv_proj [q | k | v] (out = (H + 2 KV) x D), a gate_up_proj [gate | up] (out = 2 I), and
@@ -107,6 +113,9 @@ def _layouts(model, modules) -> dict[str, str]:
     out = {}
     for m in modules:
         leaf = m.fqn.rpartition(".")[2]
+        owner = type(model.get_submodule(m.fqn.rpartition(".")[0])).__name__
+        if m.kind == "linear" and owner not in FUSED_OWNERS:
+            continue          # a fused layout is only assumed where its forward was read (below)
         if m.kind == "experts":
             if _plain_moe_block(model.get_submodule(m.fqn.rpartition(".")[0])):
                 out[m.fqn] = "experts"

@@ -130,9 +130,15 @@ def _plain_moe_block(block) -> bool:
     """Mixtral / Qwen3-MoE shape: the block is a top-k router `gate` + grouped `experts` and
     nothing else (no shared experts, no score-correction bias). runtime/fused.py replaces such
     a block's forward; any other MoE block is left to transformers and refused under tp."""
+    import inspect
+
     kids = dict(block.named_children())
-    return (set(kids) == {"gate", "experts"} and type(kids["gate"]).__name__.endswith("TopKRouter")
-            and not any(True for _ in block.parameters(recurse=False)) and hasattr(kids["experts"], "act_fn"))
+    if set(kids) != {"gate", "experts"} or not type(kids["gate"]).__name__.endswith("TopKRouter"):
+        return False
+    # router(hidden_states) alone (MiniMax-M2's also wants a score-correction bias buffer)
+    router_args = list(inspect.signature(type(kids["gate"]).forward).parameters)[1:]
+    return (router_args == ["hidden_states"] and not any(True for _ in block.parameters(recurse=False))
+            and not any(True for _ in block.buffers(recurse=False)) and hasattr(kids["experts"], "act_fn"))
 
 
 def _attn_implementation(model) -> str:

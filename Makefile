@@ -9,7 +9,7 @@ SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # one set of apt packages for the whole suite: shellcheck (generated scripts), Slurm + munge (e2e)
 APT_PKGS := shellcheck slurmctld slurmd slurm-client munge
 
-.PHONY: install demo bundle check test test-fast golden bench slurm-up slurm-down clean
+.PHONY: install demo bundle check test test-fast golden bench zoo slurm-up slurm-down clean
 
 install: $(STAMP)
 
@@ -52,6 +52,11 @@ golden: install
 bench: install
 	$(PY) -m bench.data
 	$(PY) -m bench.run
+
+# every causal-LM type with a base_model_tp_plan: tiny config, compile, 2 CPU steps -> docs/MODELS.md
+# (one torchrun per compiled type: ~10-20 min on 2 cores; not part of `make test`)
+zoo: install
+	PYTHONPATH=. $(PY) scripts/zoo.py
 
 clean:
 	rm -rf $(OUT) runs

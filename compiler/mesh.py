@@ -76,6 +76,9 @@ def _tp_errors(recipe: Recipe, model: ModelSpec, tp: int) -> list[RecipeError]:
                                 f"use tp in {divisors(gpn)} or set mesh.allow_cross_node_tp: true"))
     dims = {"num_attention_heads": model.num_heads, "num_key_value_heads": model.num_kv_heads,
             "intermediate_size": model.intermediate_size}
+    dense = model.config.get("intermediate_size")
+    if isinstance(dense, int) and dense != model.intermediate_size:   # MoE: experts' I above, dense layers' here
+        dims = {**dims, "moe_intermediate_size": model.intermediate_size, "intermediate_size": dense}
     bad = [f"{k}={v}" for k, v in dims.items() if v % tp]
     if bad:
         ok = [d for d in divisors(min(gpn, model.num_kv_heads))

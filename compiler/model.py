@@ -96,6 +96,12 @@ def _shape(module, kind: str) -> tuple[int, ...]:
     return tuple(w.shape) if w is not None else tuple(next(module.parameters(recurse=False)).shape)
 
 
+# classes whose forward splits a fused [q|k|v] / [gate|up] contiguously (read in transformers
+# 5.24); other fused projections (CodeGen's mp-interleaved qkv, ...) are refused under tp
+FUSED_OWNERS = {"Phi3Attention", "Phi3MLP"}
+FUSED_NAMES = ("qkv_proj", "gate_up_proj", "query_key_value", "c_attn", "Wqkv", "W_pack")
+
+
 def _layouts(model, modules) -> dict[str, str]:
     """Fused parameters meshbake stores in its own TP-friendly row order (runtime/fused.py):
     a qkv_proj [q | k | v] (out = (H + 2 KV) x D), a gate_up_proj [gate | up] (out = 2 I), and
@@ -107,13 +113,32 @@ def _layouts(model, modules) -> dict[str, str]:
     out = {}
     for m in modules:
         leaf = m.fqn.rpartition(".")[2]
+        owner = type(model.get_submodule(m.fqn.rpartition(".")[0])).__name__
+        if m.kind == "linear" and owner not in FUSED_OWNERS:
+            continue          # a fused layout is only assumed where its forward was read (below)
         if m.kind == "experts":
-            out[m.fqn] = "experts"
+            if _plain_moe_block(model.get_submodule(m.fqn.rpartition(".")[0])):
+                out[m.fqn] = "experts"
         elif m.kind == "linear" and leaf == "qkv_proj" and m.shape[0] == (heads + 2 * kv) * hd:
             out[m.fqn] = "qkv"
         elif m.kind == "linear" and leaf == "gate_up_proj" and m.shape[0] == 2 * c.intermediate_size:
             out[m.fqn] = "gate_up"
     return out
+
+
+def _plain_moe_block(block) -> bool:
+    """Mixtral / Qwen3-MoE shape: the block is a top-k router `gate` + grouped `experts` and
+    nothing else (no shared experts, no score-correction bias). runtime/fused.py replaces such
+    a block's forward; any other MoE block is left to transformers and refused under tp."""
+    import inspect
+
+    kids = dict(block.named_children())
+    if set(kids) != {"gate", "experts"} or not type(kids["gate"]).__name__.endswith("TopKRouter"):
+        return False
+    # router(hidden_states) alone (MiniMax-M2's also wants a score-correction bias buffer)
+    router_args = list(inspect.signature(type(kids["gate"]).forward).parameters)[1:]
+    return (router_args == ["hidden_states"] and not any(True for _ in block.parameters(recurse=False))
+            and not any(True for _ in block.buffers(recurse=False)) and hasattr(kids["experts"], "act_fn"))
 
 
 def _attn_implementation(model) -> str:
@@ -265,6 +290,15 @@ def model_spec(config: Mapping[str, Any], source: str) -> Result[ModelSpec]:
         for fqn, mod in model.named_modules()
         if (kind := _kind(mod)) is not None
     )
+    try:
+        return _spec(model, config, source, model_type, modules)
+    except (AttributeError, TypeError) as e:     # a config without the decoder facts we read
+        return Err((RecipeError("model.config", f"{source}: {model_type} config lacks a fact meshbake needs ({e})",
+                                "meshbake supports decoder-only CausalLM configs with hidden_size, "
+                                "num_attention_heads and num_hidden_layers"),))
+
+
+def _spec(model, config, source: str, model_type: str, modules) -> ModelSpec:
     c = model.config
     heads = c.num_attention_heads
     num_params = sum(p.numel() for p in model.parameters())
@@ -303,7 +337,11 @@ def _portable(config: Mapping[str, Any]) -> dict[str, Any]:
 def _intermediate(c) -> int:
     """The dim TP splits in the MLP: Qwen3-MoE experts use moe_intermediate_size (its
     intermediate_size belongs to dense layers, which must divide too)."""
-    return getattr(c, "moe_intermediate_size", None) or c.intermediate_size
+    for k in ("moe_intermediate_size", "intermediate_size", "n_inner", "ffn_dim"):
+        v = getattr(c, k, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return 4 * c.hidden_size          # GPT-2 style configs: n_inner None means 4 x hidden
 
 
 def _block_prefix(model) -> str:

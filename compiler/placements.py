@@ -211,6 +211,36 @@ def _architecture_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> li
                                     "attention (all-gathered K/V under a plain causal mask) would compute "
                                     "something else", "set mesh.cp: 1 (long sequences: raise tp with "
                                     "sequence parallel, or activation_checkpointing: full)"))
+    if mesh.tp > 1:
+        # a plan that compiles must run: parameters meshbake cannot place are refused, not left
+        # as plain tensors beside DTensors (the "mixed torch.Tensor and DTensor" crash)
+        odd = [m for m in model.modules if m.fqn.startswith(model.block_prefix + ".")
+               and (m.kind == "other" or (m.kind == "experts" and m.fqn not in model.layouts))]
+        if odd:
+            m = odd[0]
+            groups = sorted({group_name(x.fqn) for x in odd})
+            errs.append(RecipeError("mesh.tp", f"{model.architecture}: {', '.join(groups[:3])}"
+                                    f"{' ...' if len(groups) > 3 else ''} ({m.kind}, {m.shape}) has no tensor-parallel "
+                                    "form in meshbake (only router + grouped experts MoE blocks and Linear / "
+                                    "Embedding / norm modules are split)", "use mesh.tp: 1 (FSDP over dp_shard "
+                                    "shards these weights too)"))
+    if mesh.tp > 1:
+        from compiler.model import FUSED_NAMES
+
+        fused = sorted({group_name(m.fqn) for m in model.modules if m.kind == "linear" and m.fqn not in model.layouts
+                        and m.fqn.rpartition(".")[2] in FUSED_NAMES})
+        if fused:
+            errs.append(RecipeError("mesh.tp", f"{model.architecture}: {', '.join(fused[:2])} is a fused projection "
+                                    "whose row order meshbake has not mapped (splitting its rows would mix q, k and "
+                                    "v)", "use mesh.tp: 1"))
+        blocks = {m.fqn.split(".")[len(model.block_prefix.split("."))] for m in model.modules
+                  if m.fqn.startswith(model.block_prefix + ".")}
+        kids = {m.fqn.split(".")[len(model.block_prefix.split(".")) + 1] for m in model.modules
+                if m.fqn.startswith(model.block_prefix + ".") and m.fqn.count(".") > model.block_prefix.count(".") + 1}
+        if recipe.tp.sequence_parallel and blocks and not {"self_attn", "mlp"} <= kids:
+            errs.append(RecipeError("tp.sequence_parallel", f"{model.architecture} blocks hold {sorted(kids)}; "
+                                    "sequence parallel gathers the inputs of `self_attn` and `mlp`",
+                                    "set tp.sequence_parallel: false (and tp.loss_parallel: false)"))
     if mesh.tp > 1 and model.num_experts and (c.get("router_jitter_noise") or 0) > 0:
         errs.append(RecipeError("model.config", f"router_jitter_noise {c['router_jitter_noise']}: each tp rank would "
                                 "draw its own noise and route the same token to different experts",

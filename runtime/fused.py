@@ -136,7 +136,9 @@ def moe_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     x = hidden_states.to_local() if sp else hidden_states
     b, t, h = x.shape
     flat = x.reshape(-1, h)
-    _, w, idx = self.gate(flat)
+    logits, w, idx = self.gate(flat)
+    if torch.is_grad_enabled():
+        _count(self, logits, idx)
     if mesh is not None:
         group = mesh.get_group()
         w, flat = _SumGrad.apply(w, group), _SumGrad.apply(flat, group)
@@ -145,6 +147,47 @@ def moe_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return y
     y = DTensor.from_local(y, mesh, [Partial()], run_check=False)
     return y.redistribute(mesh, [Shard(1)]) if sp else y.redistribute(mesh, [Replicate()]).to_local()
+
+
+def _count(block: nn.Module, logits: torch.Tensor, idx: torch.Tensor) -> None:
+    """Per-expert routed token counts and summed router probabilities, since the last read."""
+    with torch.no_grad():
+        n_exp = logits.shape[-1]
+        stats = torch.cat([torch.bincount(idx.flatten(), minlength=n_exp).double(),
+                           torch.softmax(logits.detach().double(), dim=-1).sum(0),
+                           torch.tensor([float(idx.shape[0])], dtype=torch.float64, device=logits.device)])
+        prev = getattr(block, "_meshbake_stats", None)
+        block._meshbake_stats = stats if prev is None else prev + stats
+
+
+def moe_metrics(model: nn.Module) -> dict[str, Any]:
+    """{} for dense models; else, over the steps since the last call and every rank (a
+    collective: call it on all ranks):
+      expert_load        per expert, the fraction of routed token slots it got (mean over MoE
+                         layers; 1/E each when balanced)
+      expert_load_max    max over layers and experts of fraction x E (1.0 = perfectly balanced)
+      router_aux_loss    the load-balancing loss E * sum_e f_e P_e (Switch / Mixtral; f_e routed
+                         fraction x k, P_e mean router probability), mean over layers. Reported
+                         only: the runtime does not add it to the training loss."""
+    blocks = [m for m in model.modules() if hasattr(m, "_meshbake_tp")]
+    if not blocks:
+        return {}
+    n_exp = blocks[0].experts.gate_up_proj.shape[0]
+    zero = torch.zeros(2 * n_exp + 1, dtype=torch.float64)
+    stats = torch.stack([getattr(b, "_meshbake_stats", zero).cpu() for b in blocks])   # (L, 2E + 1)
+    for b in blocks:
+        b._meshbake_stats = None
+    if dist.is_initialized():
+        dev = next(model.parameters()).device
+        stats = stats.to(dev)
+        dist.all_reduce(stats)           # tp ranks count the same tokens: fractions are unaffected
+        stats = stats.cpu()
+    counts, probs, tokens = stats[:, :n_exp], stats[:, n_exp:2 * n_exp], stats[:, -1:].clamp(min=1)
+    frac = counts / counts.sum(-1, keepdim=True).clamp(min=1)          # (L, E), rows sum to 1
+    k = counts.sum(-1, keepdim=True) / tokens
+    aux = n_exp * ((frac * k) * (probs / tokens)).sum(-1)              # (L,)
+    return {"expert_load": [round(x, 6) for x in frac.mean(0).tolist()],
+            "expert_load_max": float((frac * n_exp).max()), "router_aux_loss": float(aux.mean())}
 
 
 def install(model: nn.Module, layouts: dict[str, str], tp_mesh: Any) -> None:

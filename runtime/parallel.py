@@ -52,7 +52,9 @@ def meta_model(plan: Plan) -> nn.Module:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    return list(model.model.layers)
+    """The decoder blocks: the first ModuleList (model.layers in Llama-style classes,
+    transformer.h in GPT-J / CodeGen), the same rule as the compiler's block_prefix."""
+    return list(next(m for m in model.modules() if isinstance(m, nn.ModuleList)))
 
 
 def _fqn_of(model: nn.Module, target: nn.Module) -> str:

@@ -31,6 +31,7 @@ from runtime import checkpoint as ckpt
 from runtime import cp, preflight
 from runtime.data import IGNORE, Batch, PackedData, Stream, load_data
 from runtime.errors import EXIT_USER, UserError, from_os_error
+from runtime.fused import moe_metrics
 from runtime.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory
 from runtime.parallel import build, compute_context, set_gradient_sync
 from runtime.plan import MESH_DIMS, Plan, load_plan
@@ -469,7 +470,7 @@ def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
                           "step_time_s": seconds, "tokens_per_s": tps,
                           "tokens_per_s_per_device": tps / plan.mesh.world,
                           "mfu": (fpt * tps / plan.mesh.world / peak) if peak else None,
-                          **peak_memory(job.device), **(ev or {})})
+                          **peak_memory(job.device), **moe_metrics(job.model), **(ev or {})})
             window_t0, window_steps = time.perf_counter(), 0
         if checkpoint_due(plan, n, stop):
             data_state = dict(job.data.state(n), fingerprint=job.data_index.get("fingerprint"))

@@ -272,3 +272,45 @@ def test_variants_parity(results, name):
     assert rel < RTOL, (name, got, ref)
     if r["plan"]["mesh"]["cp"] > 1:
         assert r["cp_attention_calls"] > 0
+
+
+@pytest.mark.dist
+def test_moe_metrics_in_metrics_jsonl(results):
+    """Per-expert load and the router's load-balancing loss, logged every step (all ranks'
+    tokens): fractions over the 4 experts sum to 1; the aux loss is E * sum f_e P_e >= 0."""
+    rows = [json.loads(x) for x in (Path(results["export-qwen3_moe"]["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for r in rows:
+        assert len(r["expert_load"]) == 4 and abs(sum(r["expert_load"]) - 1) < 1e-4, r["expert_load"]
+        assert r["expert_load_max"] >= 1.0 and 0 < r["router_aux_loss"] < 4 * 2, r
+    dense = Path(results["export-phi3"]["run_dir"]) / "metrics.jsonl"
+    assert "expert_load" not in dense.read_text()
+
+
+def test_moe_block_with_shared_experts_is_refused_under_tp(tmp_path):
+    """Qwen2-MoE adds shared experts beside the routed ones: meshbake's MoE forward does not
+    model them, so tp is refused at compile time (tp 1 runs transformers' own forward)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model("qwen2_moe", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=1024, num_experts=4, num_experts_per_tok=2,
+                               moe_intermediate_size=64, shared_expert_intermediate_size=64, intermediate_size=128)
+    d = cfg.to_diff_dict()
+    d["model_type"] = "qwen2_moe"
+    (tmp_path / "config.json").write_text(json.dumps(d))
+
+    def use(r):
+        r["model"]["config"] = str(tmp_path / "config.json")
+    e = _errors("qwen2_moe", use)
+    assert e[0].path == "mesh.tp" and "mlp.experts" in e[0].message and "mesh.tp: 1" in e[0].hint
+
+    def tp1(r):
+        use(r)
+        r["mesh"] = {"dp_shard": 4, "tp": 1}
+        r["tp"] = {"sequence_parallel": False, "loss_parallel": False}
+    from compiler.pipeline import compile_recipe
+
+    r = recipe("tp1", "llama")
+    tp1(r)
+    b = compile_recipe(yaml.safe_dump(r))
+    assert hasattr(b, "files") and json.loads(b.files["plan.json"])["model"]["layouts"] == {}

@@ -40,8 +40,11 @@ bundle: install
 check: install
 	$(VENV)/bin/meshbake check $(RECIPE)
 
-test: install
+test: install lint
 	$(PY) -m pytest -q --durations=12 tests
+
+lint: install
+	$(VENV)/bin/ruff check .
 
 test-fast: install
 	$(PY) -m pytest -q tests -m "not dist and not slurm"

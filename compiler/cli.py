@@ -1,4 +1,7 @@
-"""meshbake CLI: check | bundle | plan --json | dryrun | prepare | export | import | report. Exit 2 on recipe errors, never a traceback."""
+"""meshbake CLI: check | bundle | plan --json | dryrun | prepare | export | import | report.
+
+Exit 2 on recipe errors, 3 on the user's data/paths at run time, 70 on a meshbake bug; never a traceback.
+"""
 from __future__ import annotations
 
 import argparse
@@ -159,7 +162,7 @@ def _dryrun(res, args) -> int:
         for r in out:
             cmp = ""
             if "estimate" in r:
-                cmp = (f" = estimate" if r["matches_estimate"] else
+                cmp = (" = estimate" if r["matches_estimate"] else
                        f" != estimate {r['estimate']['params']:,} params / {_gb(r['estimate']['param_bytes'])}")
             print(f"rank {r['rank']:>5}: {r['params']:,} params ({r['trainable']:,} trainable), "
                   f"{_gb(r['param_bytes'])} allocated{cmp}")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeVar, Union
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -24,4 +24,4 @@ class Err:
 
 
 # A stage returns its value or Err(all errors it found): `x = stage(...); if isinstance(x, Err): ...`
-Result = Union[T, Err]
+Result = T | Err

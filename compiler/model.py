@@ -7,9 +7,10 @@ module is what later stages need: its kind, its weight shape and its parameter c
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from compiler.errors import Err, RecipeError, Result
 

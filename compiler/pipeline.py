@@ -6,8 +6,9 @@ its value), but every stage reports all of its own errors at once.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any
 
 from compiler.errors import Err, RecipeError, Result
 from compiler.estimate import Estimate, check_memory, estimate
@@ -152,7 +153,8 @@ def resolve(recipe: Recipe, model_config: Mapping[str, Any], source: str) -> Res
 
 def resolve_dict(d: Mapping[str, Any]) -> Result[Resolved]:
     """Validated-or-not recipe dict -> Resolved (reads the model config.json / catalog)."""
-    from compiler import load, validate as validate_mod
+    from compiler import load
+    from compiler import validate as validate_mod
 
     recipe, errs = validate_mod.validate_all(dict(d))
     if recipe is None:

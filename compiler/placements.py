@@ -8,10 +8,10 @@ tp.sequence_parallel else replicate. `tp.plan` overrides apply on top, in the or
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from difflib import get_close_matches
 from fnmatch import fnmatchcase
-from typing import Mapping
 
 from compiler.errors import Err, RecipeError, Result
 from compiler.mesh import MeshSpec
@@ -123,7 +123,7 @@ def _overrides(recipe: Recipe, model: ModelSpec, styles: dict[str, str]) -> list
         if fused:
             errs.append(RecipeError(path, f"{group_name(fused[0])} is a fused {model.layouts[fused[0]]} projection: "
                                     f"{style!r} would give a rank rows of q, k and v (or gate and up) that "
-                                    "do not belong together", f"use 'replicate' or remove the override"))
+                                    "do not belong together", "use 'replicate' or remove the override"))
             continue
         bad = sorted({kinds[f] for f in hits if style not in ALLOWED[kinds[f]]})
         if bad:
@@ -150,7 +150,8 @@ def _consistency(recipe: Recipe, model: ModelSpec, auto: dict[str, str], styles:
             why = ("with tp.sequence_parallel the residual stream is sequence-sharded between blocks, "
                    "so every block must keep the colwise/rowwise pair" if sp else
                    "a block is either TP-sharded as a colwise/rowwise pair or replicated as a whole")
-            errs.append(RecipeError("tp.plan", f"{group_name(parent)}: {', '.join(group_name(f).rpartition('.')[2] for f in changed)} "
+            names = ", ".join(group_name(f).rpartition(".")[2] for f in changed)
+            errs.append(RecipeError("tp.plan", f"{group_name(parent)}: {names} "
                                     f"changed to {sorted({styles[f] for f in changed})}; {why}",
                                     f"set '{group_name(parent)}.*': replicate, or remove the override"))
     embed = next((m.fqn for m in model.modules if m.kind == "embedding"), None)

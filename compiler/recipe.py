@@ -5,8 +5,8 @@ every later stage reads these, never the raw dict.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ import math
 import re
 import statistics
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from runtime.plan import Plan, from_dict
 

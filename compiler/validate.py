@@ -11,13 +11,25 @@ import difflib
 import json
 import math
 import re
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from compiler.errors import Err, RecipeError, Result
-from compiler.recipe import (CheckpointSection, ClusterSection, DataSection, LoraSection, MeshSection,
-                             MixedPrecisionSection, ModelSection, Recipe, TPSection, TrackingSection, TrainSection)
+from compiler.recipe import (
+    CheckpointSection,
+    ClusterSection,
+    DataSection,
+    LoraSection,
+    MeshSection,
+    MixedPrecisionSection,
+    ModelSection,
+    Recipe,
+    TPSection,
+    TrackingSection,
+    TrainSection,
+)
 
 SCHEMA_PATH = Path(__file__).with_name("recipe.schema.json")
 

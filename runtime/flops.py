@@ -21,7 +21,7 @@ Stdlib only: the compiler imports this module; the runtime reads the number from
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def attention_flops(layers: int, heads: int, head_dim: int, seq_len: int) -> int:

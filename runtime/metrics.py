@@ -11,8 +11,9 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -112,7 +113,7 @@ class MetricsLog:
             except ImportError:
                 self.console, self.escape = _Plain(), lambda m: m.replace("[", "\\[")
             if plan is not None and (plan.tracking.tensorboard or plan.tracking.wandb_project):
-                from runtime.tracking import Trackers     # imports tensorboard / wandb only when asked
+                from runtime.tracking import Trackers  # imports tensorboard / wandb only when asked
 
                 self.trackers = Trackers(plan, run_dir, self.info)
 

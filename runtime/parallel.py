@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -67,8 +68,7 @@ def tp_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
     tokens, tp ranks: with sequence parallel the residual stream between blocks is a DTensor
     Shard(1) (B, T/tp, H), kept as a DTensor (use_local_output=False) so HF derives positions
     and the causal mask from the global T; each block gathers it to (B, T, H) on entry."""
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                   SequenceParallel)
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
 
     sp, lp = plan.tp.sequence_parallel, plan.tp.loss_parallel
     head = _fqn_of(model, model.get_output_embeddings())

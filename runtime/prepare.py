@@ -31,9 +31,10 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -407,14 +408,14 @@ class Docs:
     source: np.ndarray            # source index per document
 
     @staticmethod
-    def join(parts: list[tuple[np.ndarray, np.ndarray]], source: list[int]) -> "Docs":
+    def join(parts: list[tuple[np.ndarray, np.ndarray]], source: list[int]) -> Docs:
         lens = np.array([len(i) for i, _ in parts], np.int64)
         starts = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
         ids = np.concatenate([i for i, _ in parts]) if parts else np.zeros(0, np.int32)
         mask = np.concatenate([m for _, m in parts]) if parts else np.zeros(0, bool)
         return Docs(ids, mask, starts, np.asarray(source, np.int64))
 
-    def take(self, which: np.ndarray) -> "Docs":
+    def take(self, which: np.ndarray) -> Docs:
         return Docs.join([(self.ids[self.starts[d]:self.starts[d + 1]], self.mask[self.starts[d]:self.starts[d + 1]])
                           for d in which.tolist()], self.source[which].tolist())
 
@@ -602,7 +603,7 @@ def locate(plan: Plan) -> Path:
 
 def prepare(plan: Plan, quiet: bool = False, log: Callable[[str], None] = print) -> Path:
     """Prepare the plan's data unless an up-to-date copy exists; returns its directory."""
-    data, T = plan.data, plan.train.seq_len
+    data = plan.data
     if data.format == "synthetic":
         raise DataError("data.format is synthetic: nothing to prepare")
     have = current(plan)

@@ -13,8 +13,9 @@ API key is read by wandb from WANDB_API_KEY in the job's environment, never from
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from runtime.plan import Plan, plan_to_dict
 

@@ -36,7 +36,6 @@ from runtime.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory
 from runtime.parallel import build, compute_context, set_gradient_sync
 from runtime.plan import MESH_DIMS, Plan, load_plan
 
-
 # the per-mesh grad norm reduces a 2-D (dp_shard, tp) partial in two all-reduces; torch warns
 # about it once per rank per step, which drowns the console on CPU. It is correct, just 2 ops.
 logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
@@ -200,7 +199,7 @@ def forward_loss_sum(model, x, y, lp: bool, position_ids=None) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(0, 1), ignore_index=IGNORE, reduction="sum")
 
 
-def place_batch(job: "Job", b: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def place_batch(job: Job, b: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(input_ids, labels, position_ids) of this rank, on its device: under cp its two load-balanced
     chunks, with their (per-document) positions and the cp attention mask set for them."""
     x, y, pos = b.input_ids, b.labels, b.position_ids
@@ -476,7 +475,7 @@ def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
             data_state = dict(job.data.state(n), fingerprint=job.data_index.get("fingerprint"))
             path = ckpt.save(job.ckpt_root, n, job.model, job.opt,
                              {"step": n, "scheduler": job.sched.state_dict(), "data": data_state},
-                             plan.checkpoint.keep, lambda where: fault_hook(where, n))
+                             plan.checkpoint.keep, lambda where, n=n: fault_hook(where, n))
             job.log.info(f"checkpoint {path.name} committed")
             window_t0, window_steps = time.perf_counter(), 0
         if stop:

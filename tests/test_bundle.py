@@ -3,7 +3,6 @@ import getpass
 import hashlib
 import os
 import re
-from pathlib import Path
 
 import pytest
 
@@ -100,8 +99,9 @@ def test_launch_scripts_are_executable(tmp_path):
 
 
 def test_runtime_plan_roundtrip():
-    from runtime.plan import from_dict, dumps
     import json
+
+    from runtime.plan import dumps, from_dict
     files = bundle_of("70b_hsdp_tp").files
     plan = from_dict(json.loads(files["plan.json"]))
     assert dumps(plan).encode() == files["plan.json"]

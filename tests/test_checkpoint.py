@@ -18,7 +18,6 @@ import pytest
 import yaml
 
 from runtime.checkpoint import list_checkpoints, verify
-from tests.helpers import ROOT
 
 pytestmark = pytest.mark.dist
 STEPS = 30

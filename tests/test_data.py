@@ -25,8 +25,9 @@ FIELDS = {k: k for k in ("text", "prompt", "completion", "instruction", "input",
 
 @pytest.fixture(scope="module")
 def base() -> P.Plan:
-    from compiler.pipeline import compile_recipe
     import yaml
+
+    from compiler.pipeline import compile_recipe
 
     r = {"name": "d", "model": {"config": "tiny-llama", "dtype": "float32"}, "mesh": {"dp_shard": 2},
          "cluster": {"nodes": 1, "gpus_per_node": 2, "device": "cpu", "gpu_memory_gb": 8},

@@ -1,6 +1,5 @@
 """estimate stage: per-rank bytes from placements and sharding; over budget is an error."""
 from compiler.errors import Err
-
 from tests.helpers import paths, recipe_text, resolve
 
 N70 = 70_553_706_496

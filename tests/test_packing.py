@@ -123,7 +123,6 @@ def resume_plans(tmp: Path) -> list[dict]:
     dp_shard 4 with a checkpoint; 6 steps on dp_shard 2 x tp 2 resuming from it. A constant LR:
     a cosine over 3 steps would differ from one over 6 whatever the data."""
     from compiler.pipeline import compile_recipe
-
     from runtime.prepare import prepare
 
     def one(steps: int, mesh: dict, sp: bool) -> dict:

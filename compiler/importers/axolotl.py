@@ -14,9 +14,10 @@ not 0, lr_scheduler cosine, sequence_len 512.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import yaml
 

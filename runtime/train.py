@@ -393,7 +393,9 @@ def evaluate(job: Job) -> dict[str, float] | None:
             acc[1] += (y != IGNORE).sum().double()
     job.model.train()
     dist.all_reduce(acc)           # tp ranks repeat the same sums: the ratio is unaffected
-    loss = (acc[0] / acc[1].clamp(min=1)).item()
+    if acc[1].item() == 0:         # no labelled eval token: no number beats a made-up 0.0 / ppl 1.0
+        return None
+    loss = (acc[0] / acc[1]).item()
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(acc[1].item()) // job.plan.mesh.tp}
 
 

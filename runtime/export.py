@@ -174,9 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-o", "--out", required=True)
     ap.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     args = ap.parse_args(argv)
-    torch.set_grad_enabled(False)
     try:
-        export(Path(args.run_dir), args.step, Path(args.out), args.force)
+        with torch.no_grad():          # scoped: `meshbake export` runs in-process from the CLI and tests
+            export(Path(args.run_dir), args.step, Path(args.out), args.force)
     except UserError as e:
         print(f"meshbake export: {e}", file=sys.stderr)
         return EXIT_USER

@@ -181,10 +181,8 @@ def test_export_writes_hf_layout_back(results, tmp_path, model_type):
     from runtime.export import main as export_main
 
     run_dir = Path(results[f"export-{model_type}"]["run_dir"])
-    try:
-        assert export_main([str(run_dir), "-o", str(tmp_path / "hf")]) == 0
-    finally:
-        torch.set_grad_enabled(True)      # export's main turns autograd off process-wide
+    assert export_main([str(run_dir), "-o", str(tmp_path / "hf")]) == 0
+    assert torch.is_grad_enabled()        # export leaves the process's autograd state alone
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         got = hf(input_ids=torch.tensor(INPUT)).logits

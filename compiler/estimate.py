@@ -232,14 +232,14 @@ _RANK_PARAMS: dict = {}
 def _rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int) -> list[RankParam]:
     """rank_params memoized: `meshbake suggest` estimates thousands of candidates that share a
     few (model, lora, styles, tp); one call walks every module (~4 ms for an 80-layer model).
-    The cached entry holds the model, so its id is not reused while the entry lives."""
-    key = (id(model), recipe.lora, tuple(sorted(pl.styles.items())), tp)
+    The cached entry holds the model and placements, so their ids are not reused while it lives."""
+    key = (id(model), recipe.lora, id(pl), tp)
     hit = _RANK_PARAMS.get(key)
-    if hit is None or hit[0] is not model:
+    if hit is None or hit[0] is not model or hit[1] is not pl:
         if len(_RANK_PARAMS) > 256:
             _RANK_PARAMS.clear()
-        hit = _RANK_PARAMS[key] = (model, rank_params(recipe, model, pl, tp))
-    return hit[1]
+        hit = _RANK_PARAMS[key] = (model, pl, rank_params(recipe, model, pl, tp))
+    return hit[2]
 
 
 def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> Estimate:

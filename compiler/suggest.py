@@ -171,11 +171,11 @@ _TERMS = {"recompute_s": "recompute", "tp_s": "more exposed TP traffic", "fsdp_s
 
 
 def lost_because(best: StepTime, other: StepTime) -> str:
-    """The step-time term that grew most against the winner, with its size."""
+    """The step-time term that grew most against the winner, with its size ("" for a tie)."""
     diffs = {k: getattr(other, k) - getattr(best, k) for k in _TERMS}
     k = max(diffs, key=lambda k: diffs[k])
-    if diffs[k] <= 0:
-        return "ties the best"
+    if diffs[k] <= 1e-9:
+        return ""
     if k == "recompute_s":
         return f"recompute costs {other.recompute_s / other.compute_s:.0%}"
     return f"{_TERMS[k]} +{diffs[k] * 1e3:.0f} ms"
@@ -213,7 +213,8 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
     ranked = tuple(
         Ranked(k, mesh.grad_accum, est.total_bytes, est.budget_bytes, st, st.tokens_per_rank / st.step_s,
                est.flops_per_token * st.tokens_per_rank / st.step_s / (c.peak_tflops * 1e12),
-               "" if i == 0 else lost_because(best, st))
+               "" if i == 0 else lost_because(best, st) or
+               ("same speed, more memory" if est.total_bytes > ok[0][2].total_bytes else "ties the best"))
         for i, (k, mesh, est, st) in enumerate(ok))
     own_mesh = resolve_mesh(recipe, model)
     m = own_mesh if not isinstance(own_mesh, Err) else recipe.mesh

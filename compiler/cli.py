@@ -206,6 +206,9 @@ def _suggest(args, t0: float) -> int:
     con.print("mesh = dp_replicate x dp_shard x cp x tp; * = the recipe's own choice; step-time model and its "
               "assumptions: compiler/suggest.py")
     con.print(t)
+    if s.device != "cuda":
+        con.print(f"[yellow]note[/] cluster.device is {s.device}: the ranking uses the cluster's hardware keys "
+                  "(peak_tflops, *_gbps; H100 defaults unless set), not this machine")
     own = [i for i, r in enumerate(s.ranked, 1) if r.cand == s.own]
     why = [x for x in s.dropped if x.cand == s.own]
     con.print(f"{len(s.ranked)} feasible, {len(s.dropped)} dropped of world {s.world}; the recipe's own choice: "

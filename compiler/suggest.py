@@ -103,6 +103,7 @@ class Suggestion:
     dropped: tuple[Dropped, ...]
     world: int
     own: Candidate                      # the recipe's own choice (resolved)
+    device: str = "cuda"
 
 
 def candidates(recipe: Recipe) -> list[Candidate]:
@@ -221,7 +222,7 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
     own = Candidate(m.dp_replicate, m.dp_shard, m.cp, m.tp, recipe.train.activation_checkpointing,
                     recipe.train.micro_batch_size, recipe.tp.sequence_parallel and m.tp > 1,
                     recipe.tp.loss_parallel and m.tp > 1)
-    return Suggestion(ranked, tuple(dropped), c.nodes * c.gpus_per_node, own)
+    return Suggestion(ranked, tuple(dropped), c.nodes * c.gpus_per_node, own, c.device)
 
 
 def suggest_dict(d: Mapping[str, Any]) -> Result[Suggestion]:

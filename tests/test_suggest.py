@@ -94,3 +94,26 @@ def test_json_and_table(capsys):
 def test_recipe_error_exits_2(capsys):
     assert main(["suggest", RECIPE, "--set", "train.seq_len=-5"]) == 2
     assert "train.seq_len" in capsys.readouterr().err
+
+
+def test_cluster_hardware_keys_drive_the_model(sg):
+    """A slower network (cluster.inter_node_gbps) moves FSDP traffic of the recipe's own mesh
+    (its dp_shard group spans 4 nodes) up by exactly the bandwidth ratio; keys pass validation."""
+    from dataclasses import replace
+
+    from compiler import validate
+    from compiler.suggest import step_time, with_candidate
+
+    d, s = sg
+    slow = {**d, "cluster": {**d["cluster"], "inter_node_gbps": 5}}
+    recipe, errs = validate.validate_all(slow)
+    assert recipe is not None and not errs and recipe.cluster.inter_node_gbps == 5.0
+    res = resolve_dict(d)
+    r = with_candidate(res.recipe, s.own)
+    fast_t = step_time(r, res.model, res.mesh, res.estimate)
+    slow_t = step_time(replace(r, cluster=replace(r.cluster, inter_node_gbps=5.0)), res.model, res.mesh, res.estimate)
+    assert slow_t.compute_s == fast_t.compute_s and slow_t.tp_s == fast_t.tp_s
+    assert slow_t.hsdp_s == pytest.approx(10 * fast_t.hsdp_s)
+    assert slow_t.fsdp_s > fast_t.fsdp_s
+    bad, errs = validate.validate_all({**d, "cluster": {**d["cluster"], "peak_tflops": -1}})
+    assert bad is None and any(e.path == "cluster.peak_tflops" for e in errs)

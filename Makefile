@@ -55,6 +55,7 @@ golden: install
 bench: install
 	$(PY) -m bench.data
 	$(PY) -m bench.run
+	$(PY) -m bench.compiler
 
 # every causal-LM type with a base_model_tp_plan: tiny config, compile, 2 CPU steps -> docs/MODELS.md
 # (one torchrun per compiled type: ~10-20 min on 2 cores; not part of `make test`)

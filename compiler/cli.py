@@ -1,4 +1,4 @@
-"""meshbake CLI: check | bundle | plan --json | dryrun | prepare | export | import | report.
+"""meshbake CLI: check | bundle | plan --json | dryrun | suggest | prepare | export | import | report.
 
 Exit 2 on recipe errors, 3 on the user's data/paths at run time, 70 on a meshbake bug; never a traceback.
 """
@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
                     "tensors): start-up errors and per-rank parameters vs the estimate")
     dr.add_argument("--ranks", default="0,-1", help="ranks to build, comma-separated; -1 = the last (default 0,-1)")
     dr.add_argument("--json", action="store_true", help="print the per-rank results as JSON")
+    sg = recipe_cmd("suggest", "rank every valid mesh / AC / micro-batch / SP-LP for the recipe's cluster by "
+                    "predicted tokens/s (infeasible ones dropped with the reason)")
+    sg.add_argument("--top", type=int, default=10, help="rows to show (default 10)")
+    sg.add_argument("--json", action="store_true", help="print every candidate, ranked and dropped, as JSON")
     e = sub.add_parser("export", help="consolidate a run's checkpoint into a Hugging Face folder")
     e.add_argument("run_dir")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
@@ -170,6 +174,49 @@ def _dryrun(res, args) -> int:
     return 0 if all(r.get("matches_estimate", True) for r in out) else 1
 
 
+def _suggest(args, t0: float) -> int:
+    """Every candidate through the compiler's own stages; the recipe's own choice may be infeasible."""
+    import json
+
+    from compiler import load
+    from compiler.suggest import suggest_dict, to_json
+
+    d = load.load_recipe(args.recipe, tuple(args.overrides), args.cluster)
+    s = d if isinstance(d, Err) else suggest_dict(d)
+    if isinstance(s, Err):
+        return _report(s, args.recipe)
+    if args.json:
+        print(json.dumps({**to_json(s), "seconds": round(time.perf_counter() - t0, 2)}, indent=1))
+        return 0
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1), collapse_padding=True)
+    # rep x shard x cp x tp in one column, so the table and its reasons fit 80 columns
+    for h in ("#", "mesh", "AC", "mbs", "SP/LP", "per rank", "tok/s/GPU", "MFU", "why not first"):
+        t.add_column(h, no_wrap=h != "why not first")
+    for i, r in enumerate(s.ranked[:max(0, args.top)], 1):
+        k = r.cand
+        t.add_row(f"{i}*" if k == s.own else str(i), f"{k.dp_replicate}x{k.dp_shard}x{k.cp}x{k.tp}",
+                  k.activation_checkpointing, str(k.micro_batch_size),
+                  f"{int(k.sequence_parallel)}/{int(k.loss_parallel)}" if k.tp > 1 else "-",
+                  _gb(r.mem_bytes), f"{r.tokens_per_s_gpu:,.0f}", f"{r.mfu:.1%}", r.lost_because or "best")
+    con.print("mesh = dp_replicate x dp_shard x cp x tp; * = the recipe's own choice; step-time model and its "
+              "assumptions: compiler/suggest.py")
+    con.print(t)
+    if s.device != "cuda":
+        con.print(f"[yellow]note[/] cluster.device is {s.device}: the ranking uses the cluster's hardware keys "
+                  "(peak_tflops, *_gbps; H100 defaults unless set), not this machine")
+    own = [i for i, r in enumerate(s.ranked, 1) if r.cand == s.own]
+    why = [x for x in s.dropped if x.cand == s.own]
+    con.print(f"{len(s.ranked)} feasible, {len(s.dropped)} dropped of world {s.world}; the recipe's own choice: "
+              + (f"#{own[0]}" if own else f"infeasible ({why[0].path}: {why[0].reason})" if why else "not enumerated")
+              + f" ({time.perf_counter() - t0:.1f} s; --json lists every candidate with its reason)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "report":
@@ -202,6 +249,8 @@ def _compile_cmd(args) -> int:
         refused = check_target(args.out)
         if refused is not None:
             return _report(Err((refused,)), args.recipe)
+    if args.cmd == "suggest":
+        return _suggest(args, t0)
     res = _resolve(args)
     if isinstance(res, Err):
         return _report(res, args.recipe)

@@ -57,6 +57,12 @@ class ClusterSection:
     container_image: str | None = None  # pyxis/enroot: srun --container-image
     container_mounts: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()   # (NAME, value) exported before srun, sorted by name
+    # step-time model of `meshbake suggest` (H100 SXM defaults; see the schema descriptions)
+    peak_tflops: float = 989.0          # dense bf16 TFLOP/s per GPU
+    hbm_gbps: float = 3350.0            # HBM GB/s per GPU
+    intra_node_gbps: float = 450.0      # NVLink GB/s per direction per GPU
+    inter_node_gbps: float = 50.0       # GB/s per NIC (400 Gb/s)
+    nics_per_node: int = 8
 
 
 @dataclass(frozen=True)

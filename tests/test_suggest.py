@@ -1,0 +1,119 @@
+"""meshbake suggest: candidates through the compiler's own stages, ranked by the step-time model
+(compile-level: no process groups)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from compiler import load
+from compiler.cli import main
+from compiler.errors import Err
+from compiler.pipeline import resolve_dict
+from compiler.suggest import FSDP_OVERLAP, MFU_CEILING, Candidate, suggest_dict
+
+RECIPE = "recipes/70b_hsdp_tp.yaml"
+
+
+@pytest.fixture(scope="module")
+def sg():
+    d = load.load_recipe(RECIPE, (), None)
+    s = suggest_dict(d)
+    assert not isinstance(s, Err), s
+    return d, s
+
+
+def test_own_mesh_is_feasible_and_ranked(sg):
+    d, s = sg
+    res = resolve_dict(d)
+    m, t, tp = res.plan.mesh, res.plan.train, res.plan.tp
+    own = Candidate(m.dp_replicate, m.dp_shard, m.cp, m.tp, t.activation_checkpointing, t.micro_batch_size,
+                    tp.sequence_parallel, tp.loss_parallel)
+    assert s.own == own
+    hit = [r for r in s.ranked if r.cand == own]
+    assert len(hit) == 1
+    # the candidate's memory is the pipeline's own estimate for the recipe
+    assert hit[0].mem_bytes == res.estimate.total_bytes
+    assert own not in {x.cand for x in s.dropped}
+
+
+def test_infeasible_dropped_with_reason(sg):
+    _, s = sg
+    cross = [x for x in s.dropped if x.cand.tp == 16]       # 8 GPUs per node: TP 16 crosses nodes
+    assert cross and all(x.path == "mesh.tp" and "does not divide cluster.gpus_per_node" in x.reason for x in cross)
+    assert not any(r.cand.tp > 8 for r in s.ranked)
+    # 70B in fp32 on one TP group x no FSDP cannot fit 80 GB: the memory check drops it
+    oom = [x for x in s.dropped if x.cand.tp == 1 and x.cand.dp_shard == 1 and x.cand.cp == 1]
+    assert oom and all("GB" in x.reason for x in oom), oom[:2]
+    assert not any(r.cand.tp == 1 and r.cand.dp_shard * r.cand.cp == 1 for r in s.ranked)
+
+
+def test_ranked_by_tokens_per_s(sg):
+    _, s = sg
+    tps = [r.tokens_per_s_gpu for r in s.ranked]
+    assert len(tps) > 10 and tps == sorted(tps, reverse=True) and tps[0] > tps[-1]
+    assert s.ranked[0].lost_because == "" and all(r.lost_because for r in s.ranked[1:])
+    full = [r for r in s.ranked if r.cand.activation_checkpointing == "full" and r.lost_because.startswith("recompute")]
+    assert full and full[0].lost_because == "recompute costs 33%"
+
+
+def test_step_time_arithmetic_by_hand(sg):
+    """The recipe's own candidate, re-derived from the formula in compiler/suggest.py."""
+    d, s = sg
+    res = resolve_dict(d)
+    est, r = res.estimate, next(r for r in s.ranked if r.cand == s.own)
+    c, mesh = res.recipe.cluster, res.mesh
+    # 70b_hsdp_tp: 64 GPUs, gbs 64 x seq 8192 -> 8192 tokens per rank; H100 defaults
+    tokens = 64 * 8192 / 64
+    assert (c.peak_tflops, c.intra_node_gbps, c.inter_node_gbps, c.nics_per_node) == (989, 450, 50, 8)
+    compute = est.flops_per_token * tokens / (989e12 * MFU_CEILING)
+    recompute = compute / 3                                    # full AC
+    tp = est.tp_comm_bytes * 1.5 / 450e9                       # intra-node, exposed; +50% under full AC
+    # dp_shard 4 x cp 1 x tp 8 = 32 ranks span 4 nodes: 8 NICs x 50 GB/s shared by 8 GPUs
+    fsdp_t = est.fsdp_comm_bytes / (8 * 50e9 / 8)
+    fsdp = max((1 - FSDP_OVERLAP) * fsdp_t, fsdp_t - compute)
+    hsdp = 2 * (2 - 1) / 2 * est.grads_bytes / 50e9            # fp32 grads, dp_replicate 2 across nodes
+    step = compute + recompute + tp + fsdp + hsdp
+    assert mesh.dp_replicate == 2 and mesh.dp_shard == 4 and mesh.tp == 8
+    assert r.time.step_s == pytest.approx(step, rel=1e-9)
+    assert r.tokens_per_s_gpu == pytest.approx(tokens / step, rel=1e-9)
+    assert r.mfu == pytest.approx(est.flops_per_token * tokens / step / 989e12, rel=1e-9)
+
+
+def test_json_and_table(capsys):
+    assert main(["suggest", RECIPE, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["world"] == 64 and out["ranked"] and out["dropped"]
+    assert out["ranked"][0]["tokens_per_s_gpu"] >= out["ranked"][-1]["tokens_per_s_gpu"]
+    assert {"path", "reason", "tp"} <= set(out["dropped"][0])
+    assert main(["suggest", RECIPE, "--top", "3"]) == 0
+    table = capsys.readouterr().out
+    assert "tok/s/GPU" in table and "feasible" in table
+
+
+def test_recipe_error_exits_2(capsys):
+    assert main(["suggest", RECIPE, "--set", "train.seq_len=-5"]) == 2
+    assert "train.seq_len" in capsys.readouterr().err
+
+
+def test_cluster_hardware_keys_drive_the_model(sg):
+    """A slower network (cluster.inter_node_gbps) moves FSDP traffic of the recipe's own mesh
+    (its dp_shard group spans 4 nodes) up by exactly the bandwidth ratio; keys pass validation."""
+    from dataclasses import replace
+
+    from compiler import validate
+    from compiler.suggest import step_time, with_candidate
+
+    d, s = sg
+    slow = {**d, "cluster": {**d["cluster"], "inter_node_gbps": 5}}
+    recipe, errs = validate.validate_all(slow)
+    assert recipe is not None and not errs and recipe.cluster.inter_node_gbps == 5.0
+    res = resolve_dict(d)
+    r = with_candidate(res.recipe, s.own)
+    fast_t = step_time(r, res.model, res.mesh, res.estimate)
+    slow_t = step_time(replace(r, cluster=replace(r.cluster, inter_node_gbps=5.0)), res.model, res.mesh, res.estimate)
+    assert slow_t.compute_s == fast_t.compute_s and slow_t.tp_s == fast_t.tp_s
+    assert slow_t.hsdp_s == pytest.approx(10 * fast_t.hsdp_s)
+    assert slow_t.fsdp_s > fast_t.fsdp_s
+    bad, errs = validate.validate_all({**d, "cluster": {**d["cluster"], "peak_tflops": -1}})
+    assert bad is None and any(e.path == "cluster.peak_tflops" for e in errs)

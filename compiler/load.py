@@ -311,7 +311,14 @@ def load_recipe(name_or_path: str, overrides: tuple[str, ...] = (),
     text = read_text(path, "$")
     if isinstance(text, Err):
         return text
-    d = parse_yaml(text, str(path))
+    return recipe_from_text(text, str(path), overrides, cluster)
+
+
+def recipe_from_text(text: str, source: str, overrides: tuple[str, ...] = (),
+                     cluster: str | None = None) -> Result[dict[str, Any]]:
+    """Recipe text -> dict: parse, --set overrides, cluster profile. The one chain that the CLI,
+    compile_recipe, the importer's check and the tests all go through."""
+    d = parse_yaml(text, source)
     if isinstance(d, Err):
         return d
     d = apply_overrides(d, list(overrides))

@@ -171,22 +171,21 @@ def resolve_dict(d: Mapping[str, Any]) -> Result[Resolved]:
 def compile_recipe(text: str, overrides: tuple[str, ...] = (), cluster: str | None = None,
                    source: str = "<recipe>") -> Result[Bundle]:
     """Recipe text -> Bundle, without writing anything (tests call this)."""
-    from compiler import load
     from compiler.render import render_bundle
 
-    d = load.parse_yaml(text, source)
-    if isinstance(d, Err):
-        return d
-    d = load.apply_overrides(d, list(overrides))
-    if isinstance(d, Err):
-        return d
-    d = load.apply_cluster_profile(d, cluster)
-    if isinstance(d, Err):
-        return d
-    res = resolve_dict(d)
+    res = resolve_text(text, overrides, cluster, source)
     if isinstance(res, Err):
         return res
     return Bundle(res, render_bundle(res))
 
 
-__all__ = ["Bundle", "Resolved", "RecipeError", "compile_recipe", "resolve", "resolve_dict", "build_plan"]
+def resolve_text(text: str, overrides: tuple[str, ...] = (), cluster: str | None = None,
+                 source: str = "<recipe>") -> Result[Resolved]:
+    """Recipe text -> Resolved or Err (no rendering)."""
+    from compiler import load
+
+    d = load.recipe_from_text(text, source, tuple(overrides), cluster)
+    return d if isinstance(d, Err) else resolve_dict(d)
+
+
+__all__ = ["Bundle", "Resolved", "RecipeError", "compile_recipe", "resolve", "resolve_dict", "resolve_text", "build_plan"]

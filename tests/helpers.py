@@ -29,18 +29,10 @@ def compile_(text: str, *overrides: str):
 
 
 def resolve(text: str, *overrides: str):
-    """-> Resolved or Err (no rendering)."""
-    from compiler import load
-    from compiler.errors import Err
-    from compiler.pipeline import resolve_dict
+    """-> Resolved or Err (no rendering), through the CLI's own load chain."""
+    from compiler.pipeline import resolve_text
 
-    d = load.parse_yaml(text, "<test>")
-    if isinstance(d, Err):
-        return d
-    d = load.apply_overrides(d, list(overrides))
-    if isinstance(d, Err):
-        return d
-    return resolve_dict(d)
+    return resolve_text(text, overrides, source="<test>")
 
 
 def paths(err) -> list[str]:

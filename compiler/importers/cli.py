@@ -32,14 +32,9 @@ def _read(path: Path):
 
 def check_text(text: str, source: str):
     """The imported recipe through the same pipeline as `meshbake check`: Resolved or Err."""
-    from compiler import load
-    from compiler.pipeline import resolve_dict
+    from compiler.pipeline import resolve_text
 
-    d = load.parse_yaml(text, source)
-    if isinstance(d, Err):
-        return d
-    d = load.apply_cluster_profile(d, None)
-    return d if isinstance(d, Err) else resolve_dict(d)
+    return resolve_text(text, source=source)
 
 
 def import_main(args) -> int:

@@ -9,6 +9,7 @@ import sys
 import time
 
 from compiler.errors import Err, RecipeError
+from runtime.units import fmt_bytes
 
 EXIT_RECIPE = 2
 
@@ -88,11 +89,6 @@ def _count(n: float) -> str:
     return str(int(n))
 
 
-def _gb(n: float) -> str:
-    from runtime.units import fmt_bytes
-    return fmt_bytes(n)
-
-
 def _summary(res) -> None:
     from rich import box
     from rich.console import Console
@@ -108,7 +104,7 @@ def _summary(res) -> None:
     for h in ("dp_replicate", "dp_shard", "cp", "tp", "grad_accum", "tokens/step", "per rank", "budget"):
         t.add_column(h, no_wrap=True, min_width=len(h))
     t.add_row(*map(str, (m.dp_replicate, m.dp_shard, m.cp, m.tp, plan.train.grad_accum)),
-              f"{res.mesh.tokens_per_step:,}", _gb(est.total_bytes), _gb(est.budget_bytes))
+              f"{res.mesh.tokens_per_step:,}", fmt_bytes(est.total_bytes), fmt_bytes(est.budget_bytes))
     con.print(t)
     for w in plan.warnings:
         con.print(f"[yellow]warning[/] {w}")
@@ -167,9 +163,9 @@ def _dryrun(res, args) -> int:
             cmp = ""
             if "estimate" in r:
                 cmp = (" = estimate" if r["matches_estimate"] else
-                       f" != estimate {r['estimate']['params']:,} params / {_gb(r['estimate']['param_bytes'])}")
+                       f" != estimate {r['estimate']['params']:,} params / {fmt_bytes(r['estimate']['param_bytes'])}")
             print(f"rank {r['rank']:>5}: {r['params']:,} params ({r['trainable']:,} trainable), "
-                  f"{_gb(r['param_bytes'])} allocated{cmp}")
+                  f"{fmt_bytes(r['param_bytes'])} allocated{cmp}")
         print(f"dry run of world {res.plan.mesh.world}: {len(out)} rank(s) built in {seconds:.1f} s")
     return 0 if all(r.get("matches_estimate", True) for r in out) else 1
 
@@ -202,7 +198,7 @@ def _suggest(args, t0: float) -> int:
         t.add_row(f"{i}*" if k == s.own else str(i), f"{k.dp_replicate}x{k.dp_shard}x{k.cp}x{k.tp}",
                   k.activation_checkpointing, str(k.micro_batch_size),
                   f"{int(k.sequence_parallel)}/{int(k.loss_parallel)}" if k.tp > 1 else "-",
-                  _gb(r.mem_bytes), f"{r.tokens_per_s_gpu:,.0f}", f"{r.mfu:.1%}", r.lost_because or "best")
+                  fmt_bytes(r.mem_bytes), f"{r.tokens_per_s_gpu:,.0f}", f"{r.mfu:.1%}", r.lost_because or "best")
     con.print("mesh = dp_replicate x dp_shard x cp x tp; * = the recipe's own choice; step-time model and its "
               "assumptions: compiler/suggest.py")
     con.print(t)

@@ -290,10 +290,6 @@ _FIXES = {
 }
 
 
-def _gb(x: float) -> str:
-    return fmt_bytes(x)
-
-
 def _shard_fix(est: Estimate, recipe: Recipe, mesh: MeshSpec) -> str | None:
     """How many nodes make the sharded state fit. params + grads + AdamW shrink as 1/(dp_shard*cp);
     the other terms do not, so FSDP must cover state * fsdp / (budget - other) ranks."""
@@ -312,13 +308,13 @@ def _shard_fix(est: Estimate, recipe: Recipe, mesh: MeshSpec) -> str | None:
             rest["gathered"] = est.block_gather_bytes
             name, big = max(rest.items(), key=lambda kv: kv[1])
             return (f"sharding over more ranks is not enough: at the {phase} the unsharded terms alone are "
-                    f"{_gb(other)} per rank, largest {name} {_gb(big)}; {_FIXES[name]}; then add nodes")
+                    f"{fmt_bytes(other)} per rank, largest {name} {fmt_bytes(big)}; {_FIXES[name]}; then add nodes")
         fsdp = max(fsdp, math.ceil(st * mesh.fsdp / room))
     dp_shard = math.ceil(fsdp / mesh.cp)
     nodes = math.ceil(mesh.dp_replicate * dp_shard * mesh.cp * mesh.tp / recipe.cluster.gpus_per_node)
     if nodes <= recipe.cluster.nodes:
         return None
-    return (f"params + grads + AdamW state are {_gb(state)} per rank sharded over dp_shard x cp = {mesh.fsdp}; "
+    return (f"params + grads + AdamW state are {fmt_bytes(state)} per rank sharded over dp_shard x cp = {mesh.fsdp}; "
             f"they need >= {fsdp} ranks: cluster.nodes: {nodes} (or more) with mesh.dp_shard: -1 (then "
             f"re-check global_batch_size), or train LoRA (lora.rank) so only adapters have AdamW state")
 
@@ -329,5 +325,5 @@ def check_memory(est: Estimate, recipe: Recipe, mesh: MeshSpec) -> Result[Estima
     name, big = max(est.terms.items(), key=lambda kv: kv[1])
     fix = (_shard_fix(est, recipe, mesh) if name in ("params", "grads", "optimizer") else None) or _FIXES[name]
     return Err((RecipeError("cluster.gpu_memory_gb",
-                            f"estimated {_gb(est.total_bytes)} per rank exceeds {_gb(est.budget_bytes)} "
-                            f"({USABLE:.0%} of the GPU); largest term: {name} {_gb(big)}", fix),))
+                            f"estimated {fmt_bytes(est.total_bytes)} per rank exceeds {fmt_bytes(est.budget_bytes)} "
+                            f"({USABLE:.0%} of the GPU); largest term: {name} {fmt_bytes(big)}", fix),))

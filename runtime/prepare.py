@@ -142,7 +142,7 @@ def load_records(kind: str, path: Path, fmt: str, cache_dir: Path):
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir), **kw)
     except Exception as e:  # noqa: BLE001 - datasets wraps parse errors in several types
-        raise DataError(f"{path}: cannot be read as {builder}{_bad_json_line(path)}: "
+        raise DataError(f"{path}: cannot be read as {builder}: "
                         f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
 
 
@@ -184,19 +184,6 @@ def _json_line(path: Path, n: int, rec: str) -> None:
                         f"fix or remove that line (one JSON object per line)") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}:{n}: a JSON {type(obj).__name__}, not a record (an object); fix or remove that line")
-
-
-def _bad_json_line(path: Path) -> str:
-    if path.suffix != ".jsonl":
-        return ""
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                if line.strip():
-                    json.loads(line)
-            except ValueError:
-                return f" (line {n} is not JSON)"
-    return ""
 
 
 # --------------------------------------------------------------------------------- encoding

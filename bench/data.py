@@ -23,9 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def base_plan(seq_len: int):
     import yaml
-
-    from compiler.pipeline import compile_recipe
-    from runtime import plan as P
+    from meshbake.compiler.pipeline import compile_recipe
+    from meshbake.runtime import plan as P
 
     r = yaml.safe_load((ROOT / "recipes/tiny_chat.yaml").read_text())
     r["train"]["seq_len"] = seq_len
@@ -53,7 +52,7 @@ def plain_map(path: Path, fmt: str, tokenizer: str) -> tuple[int, float]:
 
 
 def bench_prepare(name: str, path: Path, fmt: str, tmp: Path) -> dict:
-    from runtime.prepare import prepare
+    from meshbake.runtime.prepare import prepare
 
     plan = base_plan(256)
     d = replace(plan.data, format=fmt, sources=({"path": str(path), "weight": 1.0},),
@@ -73,8 +72,8 @@ def bench_prepare(name: str, path: Path, fmt: str, tmp: Path) -> dict:
 
 
 def bench_loader(folder: Path) -> dict:
-    from runtime.data import PackedData
-    from runtime.plan import MixedPrecision, TrainPlan
+    from meshbake.runtime.data import PackedData
+    from meshbake.runtime.plan import MixedPrecision, TrainPlan
 
     t = TrainPlan(256, 4, 16, 2, 1000, 1e-3, 0.0, 0, "cosine", 0.1, (0.9, 0.95), 1e-8, 1.0, 0, "float32",
                   MixedPrecision("float32", "float32"), "none", False, 1)

@@ -24,7 +24,7 @@ GOAL = 0.97
 
 
 def plan_for(world: int, tp: int) -> str:
-    from compiler.pipeline import compile_recipe
+    from meshbake.compiler.pipeline import compile_recipe
 
     recipe = {"name": f"bench_w{world}", "model": {"config": "tiny-llama", "dtype": "float32"},
               "mesh": {"dp_shard": -1, "tp": tp}, "tp": {"sequence_parallel": tp > 1, "loss_parallel": tp > 1},
@@ -38,8 +38,8 @@ def plan_for(world: int, tp: int) -> str:
     b = compile_recipe(yaml.safe_dump(recipe), source="bench")
     if not hasattr(b, "files"):
         raise SystemExit(f"bench recipe does not compile: {b}")
-    from runtime import plan as P
-    from runtime.prepare import prepare
+    from meshbake.runtime import plan as P
+    from meshbake.runtime.prepare import prepare
 
     prepare(P.from_dict(json.loads(b.files["plan.json"])), quiet=True, log=lambda s: None)   # tokenize once
     return b.files["plan.json"].decode()

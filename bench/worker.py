@@ -9,11 +9,11 @@ import tempfile
 from pathlib import Path
 
 import torch.distributed as dist
+from meshbake.runtime import plan as P
+from meshbake.runtime.parallel import hf_config
+from meshbake.runtime.train import init_distributed, run, world_mesh
 
 from bench.baseline import train as baseline_train
-from runtime import plan as P
-from runtime.parallel import hf_config
-from runtime.train import init_distributed, run, world_mesh
 
 WARMUP = 5
 

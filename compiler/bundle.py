@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from compiler.errors import Err, RecipeError, Result
+from meshbake.compiler.errors import Err, RecipeError, Result
 
 EXECUTABLE = {"launch.sh", "job.sbatch"}
 MANIFEST = "MANIFEST.sha256"

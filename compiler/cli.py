@@ -8,8 +8,8 @@ import argparse
 import sys
 import time
 
-from compiler.errors import Err, RecipeError
-from runtime.units import fmt_bytes
+from meshbake.compiler.errors import Err, RecipeError
+from meshbake.runtime.units import fmt_bytes
 
 EXIT_RECIPE = 2
 
@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _report(errs: Err, source: str) -> int:
-    from compiler.validate import format_errors
+    from meshbake.compiler.validate import format_errors
 
     n = len(errs.errors)
     print(f"meshbake: {n} problem{'s' if n != 1 else ''} in {source}:", file=sys.stderr)
@@ -72,8 +72,8 @@ def _report(errs: Err, source: str) -> int:
 
 
 def _resolve(args):
-    from compiler import load
-    from compiler.pipeline import resolve_dict
+    from meshbake.compiler import load
+    from meshbake.compiler.pipeline import resolve_dict
 
     d = load.load_recipe(args.recipe, tuple(args.overrides), args.cluster)
     if isinstance(d, Err):
@@ -112,8 +112,8 @@ def _summary(res) -> None:
 
 def _prepare(plan, quiet: bool) -> int:
     """The bundle's `python -m runtime.prepare plan.json`, from the recipe (paths relative to cwd)."""
-    from runtime.errors import EXIT_USER
-    from runtime.prepare import DataError, prepare
+    from meshbake.runtime.errors import EXIT_USER
+    from meshbake.runtime.prepare import DataError, prepare
 
     if plan.data.format == "synthetic":
         print("data.format is synthetic: nothing to prepare")
@@ -140,7 +140,7 @@ def _dryrun(res, args) -> int:
     differs from the estimate; 2: the build fails (the job would fail at start-up)."""
     import json
 
-    from runtime.dryrun import dryrun
+    from meshbake.runtime.dryrun import dryrun
 
     t0 = time.perf_counter()
     out = dryrun(res.plan, [int(r) for r in args.ranks.split(",")])
@@ -174,8 +174,8 @@ def _suggest(args, t0: float) -> int:
     """Every candidate through the compiler's own stages; the recipe's own choice may be infeasible."""
     import json
 
-    from compiler import load
-    from compiler.suggest import suggest_dict, to_json
+    from meshbake.compiler import load
+    from meshbake.compiler.suggest import suggest_dict, to_json
 
     d = load.load_recipe(args.recipe, tuple(args.overrides), args.cluster)
     s = d if isinstance(d, Err) else suggest_dict(d)
@@ -216,13 +216,13 @@ def _suggest(args, t0: float) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "report":
-        from compiler.report import main as report_main
+        from meshbake.compiler.report import main as report_main
         return report_main(args.run_dir, args.out)
     if args.cmd == "import":
-        from compiler.importers.cli import import_main
+        from meshbake.compiler.importers.cli import import_main
         return import_main(args)
     if args.cmd == "export":
-        from runtime.export import main as export_main
+        from meshbake.runtime.export import main as export_main
         argv2 = ([args.run_dir, "-o", args.out] + ([] if args.step is None else ["--step", str(args.step)])
                  + (["--force"] if args.force else []))
         return export_main(argv2)
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
 def _compile_cmd(args) -> int:
     t0 = time.perf_counter()
     if args.cmd == "bundle":             # refuse a bad -o before the 3 s of resolving
-        from compiler.bundle import check_target
+        from meshbake.compiler.bundle import check_target
         refused = check_target(args.out)
         if refused is not None:
             return _report(Err((refused,)), args.recipe)
@@ -258,11 +258,11 @@ def _compile_cmd(args) -> int:
     if args.cmd == "dryrun":
         return _dryrun(res, args)
     if args.cmd == "plan":
-        from runtime.plan import dumps
+        from meshbake.runtime.plan import dumps
         sys.stdout.write(dumps(res.plan))
         return 0
-    from compiler.bundle import write_bundle
-    from compiler.render import render_bundle
+    from meshbake.compiler.bundle import write_bundle
+    from meshbake.compiler.render import render_bundle
 
     out = write_bundle(render_bundle(res), args.out)
     if isinstance(out, Err):

@@ -20,13 +20,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from compiler.errors import Err, RecipeError, Result
-from compiler.mesh import MeshSpec
-from compiler.model import ModelSpec
-from compiler.placements import DTYPE_BYTES, Placements, local_shape
-from compiler.recipe import Recipe
-from runtime import flops as F
-from runtime.units import fmt_bytes
+from meshbake.compiler.errors import Err, RecipeError, Result
+from meshbake.compiler.mesh import MeshSpec
+from meshbake.compiler.model import ModelSpec
+from meshbake.compiler.placements import DTYPE_BYTES, Placements, local_shape
+from meshbake.compiler.recipe import Recipe
+from meshbake.runtime import flops as F
+from meshbake.runtime.units import fmt_bytes
 
 USABLE = 0.9
 

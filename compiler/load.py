@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from compiler.errors import Err, RecipeError, Result
+from meshbake.compiler.errors import Err, RecipeError, Result
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -76,7 +75,7 @@ class _Refused(Exception):
 
 
 def _key_name(key: yaml.Node, path: tuple) -> str:
-    from compiler.validate import json_path
+    from meshbake.compiler.validate import json_path
 
     where = f"line {key.start_mark.line + 1}"
     if not isinstance(key, yaml.ScalarNode):
@@ -92,7 +91,7 @@ def _key_name(key: yaml.Node, path: tuple) -> str:
 
 def _check_tree(root: yaml.Node) -> None:
     """Raise _Refused for non-JSON tags, non-string keys, recursive aliases, too deep or too big."""
-    from compiler.validate import json_path
+    from meshbake.compiler.validate import json_path
 
     sizes: dict[int, int] = {}       # id(node) -> values it expands to
     open_: set[int] = set()          # nodes on the current path (an alias back to one is a cycle)
@@ -174,7 +173,7 @@ def _load(text: str) -> Any:
 
 def _dup_path(node: yaml.Node, prefix: tuple = ()) -> str | None:
     """JSON path of the first duplicated key in a composed YAML tree."""
-    from compiler.validate import json_path
+    from meshbake.compiler.validate import json_path
 
     if isinstance(node, yaml.MappingNode):
         seen = set()
@@ -338,7 +337,7 @@ def _no_constant(name: str):
 
 def read_model_config(ref: str) -> Result[dict[str, Any]]:
     """model.config: a catalog name, a config.json path, or an HF model folder."""
-    from compiler.model import CATALOG_DIR, catalog_names
+    from meshbake.compiler.model import CATALOG_DIR, catalog_names
 
     cat = CATALOG_DIR / f"{ref}.json"
     p = Path(ref)

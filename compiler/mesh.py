@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from compiler.errors import Err, RecipeError, Result
-from compiler.model import ModelSpec
-from compiler.recipe import Recipe
+from meshbake.compiler.errors import Err, RecipeError, Result
+from meshbake.compiler.model import ModelSpec
+from meshbake.compiler.recipe import Recipe
 
 AXES = ("dp_replicate", "dp_shard", "cp", "tp")
 

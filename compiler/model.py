@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compiler.errors import Err, RecipeError, Result
+from meshbake.compiler.errors import Err, RecipeError, Result
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
 

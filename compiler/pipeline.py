@@ -10,13 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from compiler.errors import Err, RecipeError, Result
-from compiler.estimate import Estimate, check_memory, estimate
-from compiler.mesh import MeshSpec, resolve_mesh
-from compiler.model import ModelSpec, model_spec
-from compiler.placements import Placements, resolve_placements
-from compiler.recipe import Recipe
-from runtime import plan as P
+from meshbake.compiler.errors import Err, RecipeError, Result
+from meshbake.compiler.estimate import Estimate, check_memory, estimate
+from meshbake.compiler.mesh import MeshSpec, resolve_mesh
+from meshbake.compiler.model import ModelSpec, model_spec
+from meshbake.compiler.placements import Placements, resolve_placements
+from meshbake.compiler.recipe import Recipe
+from meshbake.runtime import plan as P
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
 
 
 def data_plan(recipe: Recipe, vocab_size: int, version: str) -> P.DataPlan:
-    from runtime.prepare import options_fingerprint
+    from meshbake.runtime.prepare import options_fingerprint
 
     da = recipe.data
     d = P.DataPlan(da.format, tuple(dict(s) for s in da.sources), da.tokenizer, dict(da.fields), vocab_size,
@@ -129,8 +129,7 @@ def data_plan(recipe: Recipe, vocab_size: int, version: str) -> P.DataPlan:
 def versions() -> dict[str, str]:
     import torch
     import transformers
-
-    from compiler import __version__
+    from meshbake.compiler import __version__
     return {"meshbake": __version__, "torch": torch.__version__.split("+")[0],
             "transformers": transformers.__version__}
 
@@ -153,8 +152,8 @@ def resolve(recipe: Recipe, model_config: Mapping[str, Any], source: str) -> Res
 
 def resolve_dict(d: Mapping[str, Any]) -> Result[Resolved]:
     """Validated-or-not recipe dict -> Resolved (reads the model config.json / catalog)."""
-    from compiler import load
-    from compiler import validate as validate_mod
+    from meshbake.compiler import load
+    from meshbake.compiler import validate as validate_mod
 
     recipe, errs = validate_mod.validate_all(dict(d))
     if recipe is None:
@@ -171,7 +170,7 @@ def resolve_dict(d: Mapping[str, Any]) -> Result[Resolved]:
 def compile_recipe(text: str, overrides: tuple[str, ...] = (), cluster: str | None = None,
                    source: str = "<recipe>") -> Result[Bundle]:
     """Recipe text -> Bundle, without writing anything (tests call this)."""
-    from compiler.render import render_bundle
+    from meshbake.compiler.render import render_bundle
 
     res = resolve_text(text, overrides, cluster, source)
     if isinstance(res, Err):
@@ -182,7 +181,7 @@ def compile_recipe(text: str, overrides: tuple[str, ...] = (), cluster: str | No
 def resolve_text(text: str, overrides: tuple[str, ...] = (), cluster: str | None = None,
                  source: str = "<recipe>") -> Result[Resolved]:
     """Recipe text -> Resolved or Err (no rendering)."""
-    from compiler import load
+    from meshbake.compiler import load
 
     d = load.recipe_from_text(text, source, tuple(overrides), cluster)
     return d if isinstance(d, Err) else resolve_dict(d)

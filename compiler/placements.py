@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from difflib import get_close_matches
 from fnmatch import fnmatchcase
 
-from compiler.errors import Err, RecipeError, Result
-from compiler.mesh import MeshSpec
-from compiler.model import ModelSpec, ModuleInfo
-from compiler.recipe import Recipe
+from meshbake.compiler.errors import Err, RecipeError, Result
+from meshbake.compiler.mesh import MeshSpec
+from meshbake.compiler.model import ModelSpec, ModuleInfo
+from meshbake.compiler.recipe import Recipe
 
 # transformers' style names -> ours; anything else (local_*, ep_*) is refused with its name.
 # colwise_gather_output / rowwise_split_input are transformers' way around a fused [q|k|v] or
@@ -226,7 +226,7 @@ def _architecture_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> li
                                     "Embedding / norm modules are split)", "use mesh.tp: 1 (FSDP over dp_shard "
                                     "shards these weights too)"))
     if mesh.tp > 1:
-        from compiler.model import FUSED_NAMES
+        from meshbake.compiler.model import FUSED_NAMES
 
         fused = sorted({group_name(m.fqn) for m in model.modules if m.kind == "linear" and m.fqn not in model.layouts
                         and m.fqn.rpartition(".")[2] in FUSED_NAMES})

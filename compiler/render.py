@@ -19,9 +19,8 @@ from typing import Any
 
 import jinja2
 import yaml
-
-from runtime import plan as P
-from runtime.units import fmt_bytes
+from meshbake.runtime import plan as P
+from meshbake.runtime.units import fmt_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"
@@ -123,7 +122,7 @@ def _mesh_rows(plan: P.Plan) -> list[dict[str, Any]]:
 def _placement_rows(res) -> list[dict[str, Any]]:
     import math
 
-    from compiler.placements import DTYPE_BYTES, group_name, local_shape
+    from meshbake.compiler.placements import DTYPE_BYTES, group_name, local_shape
 
     rows: dict[str, dict[str, Any]] = {}
     nbytes = DTYPE_BYTES[res.recipe.model.dtype]

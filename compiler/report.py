@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.plan import Plan, from_dict
+from meshbake.runtime.plan import Plan, from_dict
 
 COLORS = {"train": "#1f77b4", "eval": "#d62728", "estimate": "#7f7f7f", "checkpoint": "#2ca02c",
           "resume": "#ff7f0e", "preemption": "#9467bd", "start": "#8c564b", "error": "#d62728"}

@@ -32,12 +32,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from compiler.errors import Err, RecipeError, Result
-from compiler.estimate import check_memory, estimate
-from compiler.mesh import divisors, resolve_mesh
-from compiler.model import ModelSpec
-from compiler.placements import DTYPE_BYTES, resolve_placements
-from compiler.recipe import Recipe
+from meshbake.compiler.errors import Err, RecipeError, Result
+from meshbake.compiler.estimate import check_memory, estimate
+from meshbake.compiler.mesh import divisors, resolve_mesh
+from meshbake.compiler.model import ModelSpec
+from meshbake.compiler.placements import DTYPE_BYTES, resolve_placements
+from meshbake.compiler.recipe import Recipe
 
 MFU_CEILING = 0.6            # the best sustained fraction of peak a dense bf16 step reaches on H100
 FSDP_OVERLAP = 0.8           # share of FSDP/CP traffic hidden behind compute by prefetching
@@ -227,9 +227,9 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
 
 def suggest_dict(d: Mapping[str, Any]) -> Result[Suggestion]:
     """Recipe dict -> Suggestion; validation errors (and a model config that does not load) as Err."""
-    from compiler import load
-    from compiler import validate as validate_mod
-    from compiler.model import model_spec
+    from meshbake.compiler import load
+    from meshbake.compiler import validate as validate_mod
+    from meshbake.compiler.model import model_spec
 
     recipe, errs = validate_mod.validate_all(dict(d))
     if recipe is None or errs:

@@ -16,8 +16,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from compiler.errors import Err, RecipeError, Result
-from compiler.recipe import (
+from meshbake.compiler.errors import Err, RecipeError, Result
+from meshbake.compiler.recipe import (
     CheckpointSection,
     ClusterSection,
     DataSection,

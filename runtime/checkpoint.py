@@ -155,7 +155,7 @@ def find_resume(root: Path, resume: str, log: Callable[[str], None],
         raise FileNotFoundError(f"checkpoint.resume: {resume} is not a committed checkpoint (no {COMMITTED})")
     problem = check(p)
     if problem is not None:
-        from runtime.errors import UserError
+        from .errors import UserError
         raise UserError(p, f"failed verification: {problem}", "point checkpoint.resume at an intact checkpoint")
     return p
 
@@ -240,7 +240,7 @@ def save(root: Path, step: int, model, optim, train_state: dict[str, Any], keep:
 def _disk_full(e: BaseException, root: Path, tmp: Path, step: int) -> None:
     """Disk full / quota while writing step-N.tmp: remove the partial step (frees what it took;
     never resumed from anyway) and raise a UserError saying that the last commit is intact."""
-    from runtime.errors import UserError, from_os_error
+    from .errors import UserError, from_os_error
 
     user = from_os_error(e)
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.plan import DataPlan, Plan, TrainPlan
+from .plan import DataPlan, Plan, TrainPlan
 
 IGNORE = -100
 
@@ -153,7 +153,7 @@ def load_data(plan: Plan, dp: int, folder: Path | None = None) -> tuple[Stream, 
         return TokenData(plan.data, plan.train, dp), None, {}
     import json
 
-    from runtime.prepare import locate
+    from .prepare import locate
 
     folder = Path(folder) if folder is not None else locate(plan)
     index = json.loads((folder / "index.json").read_text())

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from runtime.plan import MESH_DIMS, Plan, load_plan
+from .plan import MESH_DIMS, Plan, load_plan
 
 
 def held(model: torch.nn.Module) -> dict[str, int]:
@@ -38,7 +38,7 @@ def build_rank(plan: Plan, rank: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from runtime.parallel import parallelize
+    from .parallel import parallelize
 
     where = {"stage": "process group"}
     t0 = time.perf_counter()

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from runtime import checkpoint as ckpt
-from runtime.errors import EXIT_USER, UserError
-from runtime.lora import lora_scale, lora_targets
-from runtime.parallel import DTYPES, hf_config
-from runtime.plan import load_plan
+from . import checkpoint as ckpt
+from .errors import EXIT_USER, UserError
+from .lora import lora_scale, lora_targets
+from .parallel import DTYPES, hf_config
+from .plan import load_plan
 
 
 def _adapter_slots(model, plan) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -98,7 +98,7 @@ def check_out(run_dir: Path, ckpt_dir: Path, out: Path, force: bool) -> tuple[Pa
 def _hf_order(model, plan) -> None:
     """Fused projections and experts were trained in meshbake's row order (runtime/fused.py;
     adapters merged above in that order too): write HF's order back."""
-    from runtime.fused import param_layouts, to_hf
+    from .fused import param_layouts, to_hf
 
     params = dict(model.named_parameters())
     for name, kind in param_layouts(plan.model.layouts).items():

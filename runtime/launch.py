@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from runtime.errors import EXIT_USER
+from .errors import EXIT_USER
 
 
 def _not_a_user_error(record: logging.LogRecord) -> bool:

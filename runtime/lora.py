@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from runtime.plan import Plan
+from .plan import Plan
 
 
 class LoraLinear(nn.Linear):

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from runtime.flops import dense_from_config
-from runtime.plan import Plan
+from .flops import dense_from_config
+from .plan import Plan
 
 # dense bf16 peak per device (vendor datasheets, no sparsity)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "B200": 2250e12}
@@ -113,7 +113,7 @@ class MetricsLog:
             except ImportError:
                 self.console, self.escape = _Plain(), lambda m: m.replace("[", "\\[")
             if plan is not None and (plan.tracking.tensorboard or plan.tracking.wandb_project):
-                from runtime.tracking import Trackers  # imports tensorboard / wandb only when asked
+                from .tracking import Trackers  # imports tensorboard / wandb only when asked
 
                 self.trackers = Trackers(plan, run_dir, self.info)
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from runtime.plan import Plan
+from .plan import Plan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -259,7 +259,7 @@ def set_gradient_sync(model: nn.Module, on: bool) -> None:
 # ---------------------------------------------------------------------------------- weights
 def init_tensor(name: str, shape: torch.Size, seed: int, std: float) -> torch.Tensor:
     """The full value of parameter `name`: independent of mesh, rank and creation order."""
-    from runtime.lora import lora_init
+    from .lora import lora_init
 
     if name.endswith("norm.weight"):
         return torch.ones(shape)
@@ -292,13 +292,13 @@ def init_weights(model: nn.Module, seed: int, layouts: dict[str, str] | None = N
 
 
 def _fused_params(layouts: dict[str, str] | None) -> dict[str, str]:
-    from runtime.fused import param_layouts
+    from .fused import param_layouts
 
     return param_layouts(layouts or {})
 
 
 def _to_runtime(name: str, full: torch.Tensor, fused: dict[str, str], cfg) -> torch.Tensor:
-    from runtime.fused import to_runtime
+    from .fused import to_runtime
 
     return to_runtime(fused[name], full, cfg) if name in fused else full
 
@@ -379,7 +379,7 @@ def load_weights(model: nn.Module, folder: str, seed: int, layouts: dict[str, st
 
     from safetensors import safe_open
 
-    from runtime.fused import assemble, legacy_sources
+    from .fused import assemble, legacy_sources
 
     params = dict(model.named_parameters())
     base = [n for n in params if ".lora_" not in n]
@@ -432,7 +432,7 @@ def parallelize(plan: Plan, mesh: DeviceMesh, stage=lambda name: None) -> nn.Mod
     stage("model")
     model = meta_model(plan)
     if plan.mesh.cp > 1:
-        from runtime import cp
+        from . import cp
 
         stage("cp")
         cp.install(model)
@@ -440,11 +440,11 @@ def parallelize(plan: Plan, mesh: DeviceMesh, stage=lambda name: None) -> nn.Mod
         stage("tp")
         apply_tp(model, mesh["tp"], plan)
     if plan.model.layouts:     # after TP: the fused hooks must see the local (to_local'd) outputs
-        from runtime import fused
+        from . import fused
 
         fused.install(model, plan.model.layouts, mesh["tp"] if plan.mesh.tp > 1 else None)
     if plan.lora.rank > 0:
-        from runtime.lora import apply_lora
+        from .lora import apply_lora
 
         stage("lora")
         apply_lora(model, plan)

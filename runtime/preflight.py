@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from runtime.plan import Plan, load_plan
+from .plan import Plan, load_plan
 
 
 def problems(plan: Plan) -> list[str]:

@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.errors import EXIT_USER, UserError
-from runtime.plan import DataPlan, Plan, load_plan
+from .errors import EXIT_USER, UserError
+from .plan import DataPlan, Plan, load_plan
 
 PREPARE_VERSION = 1        # bump when the on-disk layout or the tokenization rules change
 IGNORE = -100              # label of a position without loss (torch cross_entropy's ignore_index)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from runtime.plan import Plan, plan_to_dict
+from .plan import Plan, plan_to_dict
 
 
 def tag(key: str) -> str:

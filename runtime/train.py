@@ -27,14 +27,14 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from runtime import checkpoint as ckpt
-from runtime import cp, preflight
-from runtime.data import IGNORE, Batch, PackedData, Stream, load_data
-from runtime.errors import EXIT_USER, UserError, from_os_error
-from runtime.fused import moe_metrics
-from runtime.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory
-from runtime.parallel import build, compute_context, set_gradient_sync
-from runtime.plan import MESH_DIMS, Plan, load_plan
+from . import checkpoint as ckpt
+from . import cp, preflight
+from .data import IGNORE, Batch, PackedData, Stream, load_data
+from .errors import EXIT_USER, UserError, from_os_error
+from .fused import moe_metrics
+from .metrics import MetricsLog, flops_per_token, peak_flops, peak_memory
+from .parallel import build, compute_context, set_gradient_sync
+from .plan import MESH_DIMS, Plan, load_plan
 
 # the per-mesh grad norm reduces a 2-D (dp_shard, tp) partial in two all-reduces; torch warns
 # about it once per rank per step, which drowns the console on CPU. It is correct, just 2 ops.
@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(f"meshbake: {p}" for p in problems), file=sys.stderr, flush=True)
         return 2
     if plan.data.format != "synthetic":      # prepared, complete, and not stale: or one line, no group
-        from runtime.prepare import DataError, locate
+        from .prepare import DataError, locate
         try:
             locate(plan)
         except DataError as e:

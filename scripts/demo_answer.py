@@ -24,9 +24,8 @@ def losses(run_dir: Path) -> str:
 
 def main(run_dir: str, hf_dir: str, question: str) -> int:
     import torch
+    from meshbake.runtime.export import export
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from runtime.export import export
 
     run = Path(run_dir)
     hf = export(run, None, Path(hf_dir), force=True)

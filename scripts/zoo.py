@@ -45,7 +45,8 @@ def tiny_config(model_type: str) -> dict:
 
 
 def compile_type(model_type: str, cfg_path: Path):
-    from compiler.pipeline import compile_recipe
+    from meshbake.compiler.pipeline import compile_recipe
+
     from tests.test_models import recipe
 
     r = recipe(f"zoo-{model_type}", "llama")

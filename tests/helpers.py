@@ -23,14 +23,14 @@ def recipe_text(**sections) -> str:
 
 
 def compile_(text: str, *overrides: str):
-    from compiler.pipeline import compile_recipe
+    from meshbake.compiler.pipeline import compile_recipe
 
     return compile_recipe(text, overrides=tuple(overrides))
 
 
 def resolve(text: str, *overrides: str):
     """-> Resolved or Err (no rendering), through the CLI's own load chain."""
-    from compiler.pipeline import resolve_text
+    from meshbake.compiler.pipeline import resolve_text
 
     return resolve_text(text, overrides, source="<test>")
 

@@ -5,10 +5,10 @@ import os
 import re
 
 import pytest
+from meshbake.compiler.bundle import write_bundle
+from meshbake.compiler.errors import Err
+from meshbake.compiler.pipeline import compile_recipe
 
-from compiler.bundle import write_bundle
-from compiler.errors import Err
-from compiler.pipeline import compile_recipe
 from tests.helpers import ROOT
 
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
@@ -101,7 +101,7 @@ def test_launch_scripts_are_executable(tmp_path):
 def test_runtime_plan_roundtrip():
     import json
 
-    from runtime.plan import dumps, from_dict
+    from meshbake.runtime.plan import dumps, from_dict
     files = bundle_of("70b_hsdp_tp").files
     plan = from_dict(json.loads(files["plan.json"]))
     assert dumps(plan).encode() == files["plan.json"]

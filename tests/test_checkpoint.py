@@ -16,16 +16,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from runtime.checkpoint import list_checkpoints, verify
+from meshbake.runtime.checkpoint import list_checkpoints, verify
 
 pytestmark = pytest.mark.dist
 STEPS = 30
 
 
 def bundle(tmp: Path, name: str, *, mesh: dict, sp=False, every=10, keep=2, max_restarts=0, resume="auto") -> Path:
-    from compiler.bundle import write_bundle
-    from compiler.pipeline import compile_recipe
+    from meshbake.compiler.bundle import write_bundle
+    from meshbake.compiler.pipeline import compile_recipe
 
     recipe = {"name": name, "model": {"config": "tiny-llama", "dtype": "float32"}, "mesh": {**mesh, "cp": 1},
               "tp": {"sequence_parallel": sp, "loss_parallel": sp},

@@ -8,7 +8,7 @@ from tests.helpers import ROOT, recipe_text
 
 
 def meshbake(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "compiler", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "meshbake.compiler", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def test_check_reports_three_schema_mistakes_and_exits_2(tmp_path):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from meshbake.compiler.errors import Err
+from meshbake.compiler.pipeline import compile_recipe
 
-from compiler.errors import Err
-from compiler.pipeline import compile_recipe
 from tests.golden_refresh import PROFILE_GOLDENS, golden_files
 from tests.helpers import ROOT
 

@@ -7,10 +7,10 @@ import json
 import re
 
 import pytest
+from meshbake.compiler.pipeline import compile_recipe
+from meshbake.runtime.metrics import MetricsLog, duration
+from meshbake.runtime.plan import from_dict
 
-from compiler.pipeline import compile_recipe
-from runtime.metrics import MetricsLog, duration
-from runtime.plan import from_dict
 from tests.helpers import ROOT
 
 
@@ -100,7 +100,7 @@ def test_eval_merged_into_a_step_record_gets_its_own_line(tmp_path, plan, capsys
 
 
 def test_the_report_reads_the_new_console_lines(tmp_path, plan, monkeypatch):
-    from compiler.report import parse_events
+    from meshbake.compiler.report import parse_events
 
     monkeypatch.setenv("MESHBAKE_CONSOLE_INTERVAL", "0")
     log = MetricsLog(tmp_path, True, plan, clock=Clock())

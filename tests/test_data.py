@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from meshbake.runtime import plan as P
+from meshbake.runtime.data import IGNORE, PackedData, TokenData, load_data
+from meshbake.runtime.prepare import DataError, Encoder, fit_documents, locate, pack, prepare
 
-from runtime import plan as P
-from runtime.data import IGNORE, PackedData, TokenData, load_data
-from runtime.prepare import DataError, Encoder, fit_documents, locate, pack, prepare
 from tests.helpers import ROOT
 
 TOK = str(ROOT / "data/tokenizer")
@@ -26,8 +26,7 @@ FIELDS = {k: k for k in ("text", "prompt", "completion", "instruction", "input",
 @pytest.fixture(scope="module")
 def base() -> P.Plan:
     import yaml
-
-    from compiler.pipeline import compile_recipe
+    from meshbake.compiler.pipeline import compile_recipe
 
     r = {"name": "d", "model": {"config": "tiny-llama", "dtype": "float32"}, "mesh": {"dp_shard": 2},
          "cluster": {"nodes": 1, "gpus_per_node": 2, "device": "cpu", "gpu_memory_gb": 8},
@@ -300,8 +299,7 @@ def test_loss_tokens_count_the_whole_global_batch(packed):
 
 def test_training_refuses_missing_prepared_data_before_any_process_group(tmp_path, base, capsys, monkeypatch):
     import torch.distributed as dist
-
-    from runtime.train import main
+    from meshbake.runtime.train import main
 
     plan = with_data(base, tmp_path, "text", jsonl(tmp_path / "t.jsonl", [{"text": "a b c d e"}] * 20))
     (tmp_path / "plan.json").write_text(P.dumps(plan))

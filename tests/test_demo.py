@@ -17,8 +17,8 @@ pytestmark = pytest.mark.dist
 
 
 def test_tiny_chat_bundle_prepares_and_trains_via_launch_sh(tmp_path):
-    from compiler.bundle import write_bundle
-    from compiler.pipeline import compile_recipe
+    from meshbake.compiler.bundle import write_bundle
+    from meshbake.compiler.pipeline import compile_recipe
 
     venv = Path(sys.executable).parent
     b = compile_recipe((ROOT / "recipes/tiny_chat.yaml").read_text(), source="tiny_chat",
@@ -49,8 +49,8 @@ def test_tiny_chat_bundle_prepares_and_trains_via_launch_sh(tmp_path):
 
 
 def test_missing_data_is_one_clear_line_not_a_traceback(tmp_path):
-    from compiler.bundle import write_bundle
-    from compiler.pipeline import compile_recipe
+    from meshbake.compiler.bundle import write_bundle
+    from meshbake.compiler.pipeline import compile_recipe
 
     b = compile_recipe((ROOT / "recipes/tiny_cpu.yaml").read_text(), source="tiny_cpu")
     write_bundle(b.files, tmp_path / "out")

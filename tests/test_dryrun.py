@@ -10,7 +10,7 @@ from tests.helpers import ROOT
 
 
 def dryrun(*args: str) -> tuple[int, dict]:
-    p = subprocess.run([sys.executable, "-m", "compiler", "dryrun", *args, "--json"], cwd=ROOT, capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "meshbake.compiler", "dryrun", *args, "--json"], cwd=ROOT, capture_output=True,
                        text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     return p.returncode, (json.loads(p.stdout) if p.stdout.strip() else {"stderr": p.stderr})
 

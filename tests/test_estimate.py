@@ -1,5 +1,6 @@
 """estimate stage: per-rank bytes from placements and sharding; over budget is an error."""
-from compiler.errors import Err
+from meshbake.compiler.errors import Err
+
 from tests.helpers import paths, recipe_text, resolve
 
 N70 = 70_553_706_496
@@ -68,7 +69,7 @@ def test_oom_hint_names_the_smallest_node_count_that_fits():
 def test_a_save_longer_than_killwait_is_a_plan_warning():
     """Preemption/scancel: SIGTERM to every process, SIGKILL KillWait (30 s by default) later.
     8B on tp 8: 12.0 GB per rank x 8 per node / 2 GB/s + 12.0 GB / 1.5 GB/s of sha256 = ~56 s."""
-    from compiler.pipeline import KILL_WAIT_S
+    from meshbake.compiler.pipeline import KILL_WAIT_S
 
     def save_warnings(*overrides):
         r = resolve(recipe_text(), *overrides)
@@ -108,8 +109,8 @@ def test_grad_sync_trades_held_gradients_for_reduce_scatter_traffic():
 def test_one_flops_per_token_for_plan_and_mfu():
     """torchtitan's 6 N + 12 L H Dh T with N = every parameter but the input embedding; the
     runtime's MFU reads the same number from plan.json (and its fallback gives it too)."""
-    from runtime import plan as P
-    from runtime.metrics import flops_per_token
+    from meshbake.runtime import plan as P
+    from meshbake.runtime.metrics import flops_per_token
 
     r = resolve(recipe_text(train={"seq_len": 8192, "global_batch_size": 8}))
     n = 8_030_261_248 - 128256 * 4096

@@ -16,9 +16,8 @@ import time
 
 import pytest
 import yaml
-
-from compiler.cli import main
-from compiler.model import catalog_config
+from meshbake.compiler.cli import main
+from meshbake.compiler.model import catalog_config
 
 SEED = 20269
 CASE_SECONDS = 20          # generous: the machine is shared; a hang was minutes (billion laughs > 120 s)

@@ -9,10 +9,10 @@ import time
 
 import pytest
 import yaml
+from meshbake.compiler.cli import main
+from meshbake.compiler.errors import Err
+from meshbake.compiler.model import catalog_config
 
-from compiler.cli import main
-from compiler.errors import Err
-from compiler.model import catalog_config
 from tests.helpers import resolve
 
 TINY = {"name": "t", "model": {"config": "tiny-llama"}, "mesh": {"tp": 2},
@@ -78,7 +78,7 @@ def test_unsupported_model_types_are_refused_at_compile_time(tmp_path, cfg, says
 
 def test_a_model_without_model_layers_is_refused_after_the_build():
     """The structural check behind the allow-list: BertLMHeadModel has bert.encoder.layer, not model.layers."""
-    from compiler.model import _meta_model, _structure_error
+    from meshbake.compiler.model import _meta_model, _structure_error
 
     cfg = {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
            "intermediate_size": 128, "vocab_size": 4096}
@@ -125,7 +125,7 @@ def test_config_json_with_nan_or_deep_nesting_is_an_error(tmp_path, text):
     ("name: x\n" + "# pad\n" * 100000, "a recipe is a few KB"),
 ])
 def test_pathological_yaml_is_refused_before_parsing(text, says):
-    from compiler.load import parse_yaml
+    from meshbake.compiler.load import parse_yaml
 
     t0 = time.perf_counter()
     r = parse_yaml(text, "r.yaml")
@@ -186,7 +186,7 @@ def test_tokenizer_larger_than_model_vocab_is_a_compile_error(tmp_path):
 
 
 def test_slow_tokenizer_vocab_json_is_read(tmp_path):
-    from compiler.load import tokenizer_vocab
+    from meshbake.compiler.load import tokenizer_vocab
 
     (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": 7}))
     (tmp_path / "added_tokens.json").write_text(json.dumps({"<pad>": 9}))
@@ -197,8 +197,7 @@ def test_slow_tokenizer_vocab_json_is_read(tmp_path):
 def test_plan_md_cannot_be_hidden_by_html_or_markdown(tmp_path):
     """An unclosed `<!--` in model.weights hid the rest of PLAN.md when rendered."""
     from markdown_it import MarkdownIt
-
-    from compiler.pipeline import compile_recipe
+    from meshbake.compiler.pipeline import compile_recipe
 
     b = compile_recipe(tiny_text(model={"config": "tiny-llama", "weights": "w<!--`x|y"},
                                  run_dir="runs/<!-- `|` *a* -->", lora={"rank": 0, "targets": ["q_proj<b>"]}))
@@ -213,7 +212,7 @@ def test_plan_md_cannot_be_hidden_by_html_or_markdown(tmp_path):
 
 def test_hf_folder_private_keys_stay_out_of_plan_json(tmp_path):
     """`_name_or_path` (a user's home path) was copied into plan.json."""
-    from compiler.pipeline import compile_recipe
+    from meshbake.compiler.pipeline import compile_recipe
 
     cfg = {**catalog_config("tiny-llama"), "_name_or_path": "/home/alice/models/secret",
            "_commit_hash": "abc", "transformers_version": "4.44.0"}
@@ -227,7 +226,7 @@ def test_hf_folder_private_keys_stay_out_of_plan_json(tmp_path):
 
 def test_an_internal_bug_is_one_line_and_exit_70(tmp_path, monkeypatch):
     """The last resort: whatever slips past the checks is one line naming it a bug, no traceback."""
-    import compiler.cli as cli_mod
+    import meshbake.compiler.cli as cli_mod
 
     def boom(args):
         raise KeyError("x")
@@ -241,7 +240,8 @@ def test_an_internal_bug_is_one_line_and_exit_70(tmp_path, monkeypatch):
 
 def test_every_supported_type_has_a_model_fixture():
     """The allow-list and the parity matrix (tests/models/<model_type>/) name the same families."""
-    from compiler.model import SUPPORTED_TYPES
+    from meshbake.compiler.model import SUPPORTED_TYPES
+
     from tests.helpers import ROOT
 
     fixtures = sorted(p.name for p in (ROOT / "tests/models").iterdir() if (p / "config.json").is_file())

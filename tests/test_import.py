@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from compiler import load
-from compiler.errors import Err
-from compiler.importers.axolotl import STATUSES, guess_model, import_axolotl
-from compiler.importers.cli import check_text
-from compiler.model import catalog_names
+from meshbake.compiler import load
+from meshbake.compiler.errors import Err
+from meshbake.compiler.importers.axolotl import STATUSES, guess_model, import_axolotl
+from meshbake.compiler.importers.cli import check_text
+from meshbake.compiler.model import catalog_names
 
 FIX = Path(__file__).parent / "fixtures" / "axolotl"
 CONFIGS = sorted(p for p in FIX.iterdir() if p.suffix in (".yml", ".yaml"))
@@ -168,7 +167,7 @@ def test_local_completion_file_and_pretraining_text():
 
 
 def test_cluster_profile_replaces_the_hardware_keys(tmp_path, capsys):
-    from compiler.cli import main
+    from meshbake.compiler.cli import main
 
     out = tmp_path / "r.yaml"
     rc = main(["import", "axolotl", str(FIX / "distributed-parallel_llama-3_1-8b-hsdp-tp.yaml"), "-o", str(out),
@@ -196,7 +195,7 @@ def test_wandb_and_tensorboard_keys_become_the_tracking_section():
 
 
 def test_cli_writes_the_recipe_and_exit_code_follows_check(tmp_path, capsys):
-    from compiler.cli import main
+    from meshbake.compiler.cli import main
 
     out = tmp_path / "tp.yaml"
     rc = main(["import", "axolotl", str(FIX / "tutorial_tensor-parallel-simple.yaml"), "-o", str(out)])

@@ -22,9 +22,9 @@ SAVE = r"""
 import sys, torch, torch.distributed as dist
 from pathlib import Path
 from transformers import AutoModelForCausalLM
-from runtime import checkpoint as ck
-from runtime.parallel import hf_config
-from runtime.plan import load_plan
+from meshbake.runtime import checkpoint as ck
+from meshbake.runtime.parallel import hf_config
+from meshbake.runtime.plan import load_plan
 run = Path(sys.argv[1])
 plan = load_plan(str(run / "plan.json"))
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -39,7 +39,7 @@ for step in (1, 2, 3):
 
 
 def make_run(run: Path, keep: int = 3) -> Path:
-    from compiler.pipeline import compile_recipe
+    from meshbake.compiler.pipeline import compile_recipe
 
     recipe = {"name": "integrity", "model": {"config": "tiny-llama", "dtype": "float32"},
               "cluster": {"nodes": 1, "gpus_per_node": 1, "device": "cpu", "gpu_memory_gb": 8},
@@ -84,7 +84,7 @@ def export(*args: str, cwd: Path) -> Ran:
     import io
     import os
 
-    from compiler.cli import main
+    from meshbake.compiler.cli import main
 
     err, here = io.StringIO(), os.getcwd()
     os.chdir(cwd)
@@ -181,7 +181,7 @@ HOW = ["bitrot", "truncated_shard", "missing_shard", "missing_train_state", "tru
 
 
 def test_saved_steps_carry_a_digest_of_every_file(saved):
-    from runtime.checkpoint import sha256_file, verify
+    from meshbake.runtime.checkpoint import sha256_file, verify
 
     step = saved / "runs/runA/checkpoints/step-3"
     files = json.loads((step / "manifest.json").read_text())["files"]
@@ -197,7 +197,7 @@ def test_a_corrupted_step_is_skipped_for_the_previous_one(saved, tmp_path, how):
     """find_resume (what every rank runs, here with the one-process check) falls back to
     step-2 with one line naming the step and the problem, and sets step-3 aside; export of the
     corrupted step is refused with the step to use instead."""
-    from runtime.checkpoint import find_resume, list_checkpoints, set_aside
+    from meshbake.runtime.checkpoint import find_resume, list_checkpoints, set_aside
 
     w = fresh(saved, tmp_path)
     root = w / "runs/runA/checkpoints"
@@ -221,7 +221,7 @@ def test_a_corrupted_step_is_skipped_for_the_previous_one(saved, tmp_path, how):
 def test_pruning_keeps_the_step_just_saved(tmp_path):
     """keep: 2 after a resume from an older step: the old rule (drop all but the two highest
     step numbers) deleted the step just written when a higher-numbered one was on disk."""
-    from runtime.checkpoint import prunable
+    from meshbake.runtime.checkpoint import prunable
 
     root = tmp_path / "ck"
     for s in (10, 20, 30):
@@ -236,7 +236,7 @@ def test_a_step_saved_before_digests_is_loaded_not_skipped(tmp_path):
     """A checkpoint of an older meshbake has no manifest.json: skipping it would restart the run
     at step 0 after an upgrade (and `keep` would prune the real checkpoints). It is whole when
     DCP's .metadata and train_state.json are there; one holding only COMMITTED is still refused."""
-    from runtime.checkpoint import COMMITTED, verify
+    from meshbake.runtime.checkpoint import COMMITTED, verify
 
     legacy, bare = tmp_path / "step-5", tmp_path / "step-6"
     for d in (legacy, bare):

@@ -22,7 +22,7 @@ WORLD = 4
 def plan_dict(name: str, *, dp_replicate=1, dp_shard=1, tp=1, cp=1, sp=False, lp=False, model="tiny-llama",
               seq=32, mbs=2, gbs=None, ac="none", param_dtype="float32", reduce_dtype="float32", lora=0,
               grad_sync="every_micro_step") -> dict:
-    from compiler.pipeline import compile_recipe
+    from meshbake.compiler.pipeline import compile_recipe
 
     dp = dp_replicate * dp_shard
     recipe = {

@@ -1,5 +1,6 @@
 """mesh stage: every rule of DESIGN.md, each an error with its path and a hint."""
-from compiler.errors import Err
+from meshbake.compiler.errors import Err
+
 from tests.helpers import paths, recipe_text, resolve
 
 

@@ -1,8 +1,7 @@
 """model stage: facts come from the real transformers classes built on the meta device."""
 import pytest
-
-from compiler.errors import Err
-from compiler.model import catalog_config, catalog_names, model_spec
+from meshbake.compiler.errors import Err
+from meshbake.compiler.model import catalog_config, catalog_names, model_spec
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from meshbake.runtime import plan as P
 
-from runtime import plan as P
 from tests.helpers import ROOT
 
 T = 64
@@ -29,7 +29,7 @@ RTOL = 1e-5
 
 
 def plan_for(name: str, world: int, **mesh) -> dict:
-    from compiler.pipeline import compile_recipe
+    from meshbake.compiler.pipeline import compile_recipe
 
     sp, lp = mesh.pop("sp", False), mesh.pop("lp", False)
     r = {"name": name, "model": {"config": "tiny-llama", "dtype": "float32"}, "mesh": {"dp_shard": 1, **mesh},
@@ -122,8 +122,8 @@ def resume_plans(tmp: Path) -> list[dict]:
     """Three plans over one prepared chat dataset (seq 64): 6 steps on dp_shard 4; 3 steps on
     dp_shard 4 with a checkpoint; 6 steps on dp_shard 2 x tp 2 resuming from it. A constant LR:
     a cosine over 3 steps would differ from one over 6 whatever the data."""
-    from compiler.pipeline import compile_recipe
-    from runtime.prepare import prepare
+    from meshbake.compiler.pipeline import compile_recipe
+    from meshbake.runtime.prepare import prepare
 
     def one(steps: int, mesh: dict, sp: bool) -> dict:
         r = {"name": "resume", "model": {"config": "tiny-llama", "dtype": "float32"}, "mesh": mesh,

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from meshbake.runtime import plan as P
+from meshbake.runtime.checkpoint import list_checkpoints
 
-from runtime import plan as P
-from runtime.checkpoint import list_checkpoints
 from tests.dist.reference import reference_losses
 from tests.helpers import ROOT
 
@@ -30,7 +30,7 @@ STEPS = 6
 def plan_dict(name: str, world: int, *, dp_replicate=1, dp_shard=1, tp=1, cp=1, sp=False, lp=False,
               model="tiny-llama", mbs=2, gbs=8, ac="none", compile_=False, param_dtype="float32",
               lora=0) -> dict:
-    from compiler.pipeline import compile_recipe
+    from meshbake.compiler.pipeline import compile_recipe
 
     recipe = {
         "name": name,
@@ -112,9 +112,8 @@ def torchrun(world: int, cases: list[dict], tmp: Path) -> dict:
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> str:
     """A tiny Llama written by save_pretrained (safetensors), as a user's checkpoint would be."""
+    from meshbake.runtime.parallel import hf_config
     from transformers import AutoModelForCausalLM
-
-    from runtime.parallel import hf_config
 
     cfg = hf_config(json.loads((ROOT / "compiler/catalog/tiny-llama.json").read_text()))
     torch.manual_seed(1234)
@@ -229,9 +228,8 @@ def test_weights_from_disk_match_hf_forward(results, weights, name):
 def test_export_gives_hf_folder_with_the_trained_logits(results, tmp_path, name):
     """meshbake export: DCP shards of a TP run -> one HF folder; from_pretrained gives the
     logits the sharded model computed after training (tied embeddings; LoRA adapters merged)."""
+    from meshbake.runtime.export import main as export_main
     from transformers import AutoModelForCausalLM
-
-    from runtime.export import main as export_main
 
     run_dir = Path(results[name]["run_dir"])
     assert (run_dir / "checkpoints" / f"step-{STEPS}" / "COMMITTED").is_file()

@@ -1,5 +1,6 @@
 """placements stage: a style for every Linear/Embedding/norm, overrides checked."""
-from compiler.errors import Err
+from meshbake.compiler.errors import Err
+
 from tests.helpers import paths, recipe_text, resolve
 
 

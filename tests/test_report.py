@@ -11,7 +11,7 @@ import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
-from compiler.report import load_run, nice_ticks, parse_events, render_html, summary_lines
+from meshbake.compiler.report import load_run, nice_ticks, parse_events, render_html, summary_lines
 
 RUN = Path(__file__).parent / "fixtures" / "run_tiny_demo"
 
@@ -105,7 +105,7 @@ def test_train_log_parsing_and_ticks():
 
 
 def test_cli_writes_the_page_and_refuses_a_non_run_dir(tmp_path, capsys):
-    from compiler.cli import main
+    from meshbake.compiler.cli import main
 
     out = tmp_path / "r.html"
     assert main(["report", str(RUN), "-o", str(out)]) == 0

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import jinja2
 import pytest
-
-from compiler import render
-from compiler.errors import Err
-from compiler.pipeline import resolve_dict
-from compiler.validate import schema
+from meshbake.compiler import render
+from meshbake.compiler.errors import Err
+from meshbake.compiler.pipeline import resolve_dict
+from meshbake.compiler.validate import schema
 
 BASE = {
     "name": "t",
@@ -52,7 +51,7 @@ def _resolve_fast(d: dict):
     (the property test below compiles hundreds of recipes; the schema still judges each one)."""
     from dataclasses import replace
 
-    from compiler.validate import validate_all
+    from meshbake.compiler.validate import validate_all
 
     if "res" not in _BASE_RES:
         _BASE_RES["res"] = resolve_dict(BASE)

@@ -41,8 +41,8 @@ def slurm(tmp_path_factory):
 
 def submit_dir(tmp: Path, *overrides: str) -> Path:
     """A submission directory as a user has it: data/ beside the bundle in out/."""
-    from compiler.bundle import write_bundle
-    from compiler.pipeline import compile_recipe
+    from meshbake.compiler.bundle import write_bundle
+    from meshbake.compiler.pipeline import compile_recipe
 
     (tmp / "data").symlink_to(ROOT / "data")
     b = compile_recipe((ROOT / "recipes/tiny_slurm.yaml").read_text(), overrides=overrides, source="tiny_slurm")

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from compiler import load
-from compiler.cli import main
-from compiler.errors import Err
-from compiler.pipeline import resolve_dict
-from compiler.suggest import FSDP_OVERLAP, MFU_CEILING, Candidate, suggest_dict
+from meshbake.compiler import load
+from meshbake.compiler.cli import main
+from meshbake.compiler.errors import Err
+from meshbake.compiler.pipeline import resolve_dict
+from meshbake.compiler.suggest import FSDP_OVERLAP, MFU_CEILING, Candidate, suggest_dict
 
 RECIPE = "recipes/70b_hsdp_tp.yaml"
 
@@ -101,8 +100,8 @@ def test_cluster_hardware_keys_drive_the_model(sg):
     (its dp_shard group spans 4 nodes) up by exactly the bandwidth ratio; keys pass validation."""
     from dataclasses import replace
 
-    from compiler import validate
-    from compiler.suggest import step_time, with_candidate
+    from meshbake.compiler import validate
+    from meshbake.compiler.suggest import step_time, with_candidate
 
     d, s = sg
     slow = {**d, "cluster": {**d["cluster"], "inter_node_gbps": 5}}

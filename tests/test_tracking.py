@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from meshbake.compiler.errors import Err
 
-from compiler.errors import Err
 from tests.helpers import ROOT
 
 
@@ -28,8 +28,8 @@ def _tiny(steps: int, **extra) -> str:
 
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory):
-    from compiler.bundle import write_bundle
-    from compiler.pipeline import compile_recipe
+    from meshbake.compiler.bundle import write_bundle
+    from meshbake.compiler.pipeline import compile_recipe
 
     tmp = tmp_path_factory.mktemp("tracked")
     b = compile_recipe(_tiny(6, tracking={"tensorboard": True, "wandb": {"project": "meshbake-test",
@@ -84,7 +84,7 @@ def test_wandb_offline_run_directory_is_written_with_the_metrics(tracked_run):
 def test_runtime_with_tracking_off_never_imports_tensorboard_or_wandb(tmp_path):
     """A bundle runs with torch + transformers alone: with tracking off MetricsLog must not
     import the trackers (they are made unimportable here), and preflight names a missing one."""
-    from compiler.pipeline import compile_recipe
+    from meshbake.compiler.pipeline import compile_recipe
 
     for name, tracking in (("off", {}), ("on", {"tensorboard": True})):
         b = compile_recipe(_tiny(2, tracking=tracking), source="t")
@@ -94,9 +94,9 @@ import sys
 for m in ("tensorboard", "wandb", "torch.utils.tensorboard"):
     sys.modules[m] = None                      # import of any of them raises ImportError
 from pathlib import Path
-from runtime.plan import load_plan
-from runtime.metrics import MetricsLog
-from runtime import preflight
+from meshbake.runtime.plan import load_plan
+from meshbake.runtime.metrics import MetricsLog
+from meshbake.runtime import preflight
 d = Path({str(tmp_path)!r})
 log = MetricsLog(d, True, load_plan(str(d / "off.json")))
 log.step({{"step": 1, "loss": 2.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 10.0,

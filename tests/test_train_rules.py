@@ -3,9 +3,9 @@ import dataclasses
 import json
 
 import pytest
+from meshbake.runtime import plan as P
+from meshbake.runtime.train import checkpoint_due, lr_factor
 
-from runtime import plan as P
-from runtime.train import checkpoint_due, lr_factor
 from tests.helpers import ROOT, compile_
 
 
@@ -51,7 +51,7 @@ def test_lr_warms_up_then_decays_to_min_lr(plan):
 def test_resume_path_is_a_start_point_not_a_loop(tmp_path):
     """checkpoint.resume: PATH starts a new run there; after a restart or requeue the run's own
     newer checkpoint wins, or every preemption would go back to PATH."""
-    from runtime.checkpoint import COMMITTED, MANIFEST, find_resume
+    from meshbake.runtime.checkpoint import COMMITTED, MANIFEST, find_resume
 
     def committed(d):          # a whole step as verify() sees it: COMMITTED + a manifest of no files
         d.mkdir(parents=True)
@@ -78,7 +78,7 @@ def test_resume_path_is_a_start_point_not_a_loop(tmp_path):
 RESAVE = r"""
 import sys, torch, torch.distributed as dist
 from pathlib import Path
-from runtime import checkpoint as ck
+from meshbake.runtime import checkpoint as ck
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 m = torch.nn.Linear(4, 4)
 opt = torch.optim.AdamW(m.parameters())

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from meshbake.runtime.checkpoint import list_checkpoints, verify
 
-from runtime.checkpoint import list_checkpoints, verify
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.dist
 
 
 def bundle(tmp: Path, data: Path) -> Path:
-    from compiler.bundle import write_bundle
-    from compiler.pipeline import compile_recipe
+    from meshbake.compiler.bundle import write_bundle
+    from meshbake.compiler.pipeline import compile_recipe
 
     recipe = {"name": "usererr", "model": {"config": "tiny-llama", "dtype": "float32"}, "mesh": {"dp_shard": 2},
               "cluster": {"nodes": 1, "gpus_per_node": 2, "device": "cpu", "gpu_memory_gb": 8},

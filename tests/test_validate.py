@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 
-from compiler.errors import Err
+from meshbake.compiler.errors import Err
+
 from tests.helpers import compile_, paths, recipe_text
 
 

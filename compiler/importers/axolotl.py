@@ -702,8 +702,8 @@ def _linear_leaves(model_config: Mapping[str, Any] | None) -> tuple[str, ...]:
     targets all of them but lm_head); a Llama-family list when the model is unknown."""
     if not model_config:
         return LLAMA_LINEARS
-    from compiler.errors import Err
-    from compiler.model import model_spec
+    from meshbake.compiler.errors import Err
+    from meshbake.compiler.model import model_spec
 
     spec = model_spec(model_config, "import")
     if isinstance(spec, Err):

@@ -8,13 +8,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from compiler.errors import Err, RecipeError
+from meshbake.compiler.errors import Err, RecipeError
 
 EXIT_RECIPE = 2
 
 
 def _fail(errs: tuple[RecipeError, ...], source: str) -> int:
-    from compiler.validate import format_errors
+    from meshbake.compiler.validate import format_errors
 
     print(f"meshbake import: {len(errs)} problem{'s' if len(errs) != 1 else ''} in {source}:", file=sys.stderr)
     print(format_errors(errs), file=sys.stderr)
@@ -22,7 +22,7 @@ def _fail(errs: tuple[RecipeError, ...], source: str) -> int:
 
 
 def _read(path: Path):
-    from compiler import load
+    from meshbake.compiler import load
 
     if not path.is_file():
         return Err((RecipeError("$", f"no Axolotl config {str(path)!r}", "give the path of its .yml file"),))
@@ -32,15 +32,15 @@ def _read(path: Path):
 
 def check_text(text: str, source: str):
     """The imported recipe through the same pipeline as `meshbake check`: Resolved or Err."""
-    from compiler.pipeline import resolve_text
+    from meshbake.compiler.pipeline import resolve_text
 
     return resolve_text(text, source=source)
 
 
 def import_main(args) -> int:
-    from compiler import load
-    from compiler.importers.axolotl import guess_model, import_axolotl
-    from compiler.model import catalog_names
+    from meshbake.compiler import load
+    from meshbake.compiler.importers.axolotl import guess_model, import_axolotl
+    from meshbake.compiler.model import catalog_names
 
     src = Path(args.config)
     cfg = _read(src)
@@ -76,7 +76,7 @@ def import_main(args) -> int:
     if isinstance(res, Err):
         print(f"{'wrote ' + str(out) + ': ' if out else ''}{where} does not pass `meshbake check` yet:",
               file=report)
-        from compiler.validate import format_errors
+        from meshbake.compiler.validate import format_errors
         print(format_errors(res.errors), file=report)
         return EXIT_RECIPE
     print(f"{'wrote ' + str(out) + '; ' if out else ''}it passes `meshbake check` (world {res.plan.mesh.world}, "
@@ -85,7 +85,7 @@ def import_main(args) -> int:
 
 
 def _print_notes(imp, f) -> None:
-    from compiler.importers.axolotl import STATUSES
+    from meshbake.compiler.importers.axolotl import STATUSES
 
     print(f"{len(imp.notes)} Axolotl keys: " + ", ".join(f"{imp.count(s)} {s}" for s in STATUSES if imp.count(s)),
           file=f)

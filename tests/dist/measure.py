@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from runtime import plan as P
-from runtime.train import init_distributed, setup, train_step
+from meshbake.runtime import plan as P
+from meshbake.runtime.train import init_distributed, setup, train_step
 
 # the names FSDP2 / the train loop call through the dist module (looked up at call time), and
 # where each finds the tensor it sends: (positional index, keyword)

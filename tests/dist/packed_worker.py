@@ -19,10 +19,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from runtime import cp
-from runtime import plan as P
-from runtime.parallel import build
-from runtime.train import device_for, init_distributed, world_mesh
+from meshbake.runtime import cp
+from meshbake.runtime import plan as P
+from meshbake.runtime.parallel import build
+from meshbake.runtime.train import device_for, init_distributed, world_mesh
 
 
 def run_case(case: dict, out: Path) -> None:
@@ -40,7 +40,7 @@ def run_case(case: dict, out: Path) -> None:
     logits = model(input_ids=x, position_ids=pos, use_cache=False).logits          # (1, T/cp, V[/tp])
     lp_sum = None
     if plan.tp.loss_parallel:             # the training loss: vocab-sharded CE, -100 ignored, summed
-        from runtime.train import forward_loss_sum
+        from meshbake.runtime.train import forward_loss_sum
         with torch.no_grad():
             s = forward_loss_sum(model, x, y, True, pos)
         lp_sum = float(s.full_tensor() if isinstance(s, DTensor) else s)
@@ -71,7 +71,7 @@ def resume_case(case: dict, out: Path) -> None:
     """Prepared data, a run straight through (full) vs. the same run stopped after a checkpoint on
     one mesh (first) and resumed on another dp size (second): the resumed steps must read the
     next unseen samples, so their losses equal the straight run's."""
-    from runtime.train import run
+    from meshbake.runtime.train import run
 
     full, first, second = (P.from_dict(d) for d in case["plans"])
     root = Path(case["dir"])

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from runtime import plan as P
-from runtime.data import TokenData
-from runtime.parallel import DTYPES, hf_config, init_tensor, iter_full_weights
-from runtime.train import lr_factor
+from meshbake.runtime import plan as P
+from meshbake.runtime.data import TokenData
+from meshbake.runtime.parallel import DTYPES, hf_config, init_tensor, iter_full_weights
+from meshbake.runtime.train import lr_factor
 
 
 def hf_model(plan: P.Plan) -> torch.nn.Module:

@@ -19,13 +19,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from runtime import plan as P
-from runtime.parallel import build
-from runtime.train import device_for, init_distributed, run, world_mesh
+from meshbake.runtime import plan as P
+from meshbake.runtime.parallel import build
+from meshbake.runtime.train import device_for, init_distributed, run, world_mesh
 
 
 def train_case(plan: P.Plan, run_dir: Path, logits_input=None) -> dict:
-    from runtime import cp
+    from meshbake.runtime import cp
 
     cp._STATE["calls"] = 0
     res = run(plan, run_dir)
@@ -58,14 +58,14 @@ def logits_case(plan: P.Plan, ids: list[list[int]], out: Path) -> dict:
     logits = logits.full_tensor() if isinstance(logits, DTensor) else logits
     if dist.get_rank() == 0:
         torch.save(logits, out)
-    from runtime.parallel import LOAD_STATS
+    from meshbake.runtime.parallel import LOAD_STATS
 
     return {"logits": str(out), "load": dict(LOAD_STATS)}
 
 
 def shared_dir_case(own_dir: Path, shared_dir: Path) -> dict:
     """own_dir differs per rank (a node-local disk); shared_dir is one directory for all."""
-    from runtime.train import check_shared_run_dir
+    from meshbake.runtime.train import check_shared_run_dir
 
     def error_of(d: Path) -> str | None:
         d.mkdir(parents=True, exist_ok=True)

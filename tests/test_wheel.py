@@ -34,7 +34,8 @@ def test_wheel_installs_bundles_and_trains_from_another_directory(tmp_path):
         if (ROOT / f).is_file():
             (src / f).parent.mkdir(parents=True, exist_ok=True)
             (src / f).write_bytes((ROOT / f).read_bytes())
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)])
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+          "-w", str(tmp_path / "dist"), str(src)])
     (wheel,) = (tmp_path / "dist").glob("meshbake-*.whl")
 
     env_dir = tmp_path / "venv"

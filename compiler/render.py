@@ -10,7 +10,6 @@ newline ends a comment). Any other string in a `{{ }}` of a shell template is a 
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import re
 import shlex
@@ -20,6 +19,7 @@ from typing import Any
 import jinja2
 import yaml
 from meshbake.runtime import plan as P
+from meshbake.runtime.sections import SCHEMA_PATH, to_dict
 from meshbake.runtime.units import fmt_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,24 +171,14 @@ def _phase_rows(res) -> list[dict[str, str]]:
 
 def recipe_yaml(recipe) -> str:
     """The normalized recipe: every key with its resolved default, in schema order."""
-    d = dataclasses.asdict(recipe)
-    d["train"]["betas"] = list(d["train"]["betas"])
-    d["lora"]["targets"] = list(d["lora"]["targets"])
-    d["cluster"]["env_pass"] = list(d["cluster"]["env_pass"])
-    d["cluster"]["container_mounts"] = list(d["cluster"]["container_mounts"])
-    d["cluster"]["env"] = dict(d["cluster"]["env"])
-    tr = d.pop("tracking")            # in the schema's shape: tracking.wandb.project, not wandb_project
-    d["tracking"] = {"tensorboard": tr["tensorboard"],
-                     "wandb": {k.removeprefix("wandb_"): list(v) if k == "wandb_tags" else v
-                               for k, v in tr.items() if k.startswith("wandb_")}}
-    if not isinstance(d["tp"]["plan"], str):
-        d["tp"]["plan"] = dict(d["tp"]["plan"])
-    return "# normalized by meshbake: every default filled in\n" + yaml.safe_dump(d, sort_keys=False, width=100)
+    return "# normalized by meshbake: every default filled in\n" + yaml.safe_dump(to_dict(recipe), sort_keys=False,
+                                                                                 width=100)
 
 
 def runtime_files() -> dict[str, bytes]:
+    """The runtime's sources and the recipe schema its plan classes are generated from."""
     return {f"runtime/{p.relative_to(RUNTIME).as_posix()}": p.read_bytes()
-            for p in sorted(RUNTIME.rglob("*.py")) if "__pycache__" not in p.parts}
+            for p in sorted([*RUNTIME.rglob("*.py"), RUNTIME / SCHEMA_PATH.name]) if "__pycache__" not in p.parts}
 
 
 def render_bundle(res) -> dict[str, bytes]:

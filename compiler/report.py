@@ -283,7 +283,7 @@ def _plan_table(plan: Plan) -> str:
                           f"{t.mixed_precision.reduce_dtype}; activation checkpointing {t.activation_checkpointing}"),
             ("lora", f"rank {plan.lora.rank} alpha {plan.lora.alpha:g} on {', '.join(plan.lora.targets)}"
              if plan.lora.rank else "off (full fine-tuning)"),
-            ("data", f"{plan.data.format} " + ", ".join(str(src["path"]) for src in plan.data.sources)),
+            ("data", f"{plan.data.format} " + ", ".join(str(src.path) for src in plan.data.sources)),
             ("checkpoints", f"every {plan.checkpoint.every_steps or '-'} steps, keep {plan.checkpoint.keep}, "
                             f"resume {plan.checkpoint.resume}")]
     terms = [(k.removesuffix("_bytes"), v) for k, v in sorted(e.items())

@@ -40,7 +40,7 @@ def _warnings(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) 
     if model.max_position_embeddings and recipe.train.seq_len > model.max_position_embeddings:
         w.append(f"train.seq_len: {recipe.train.seq_len} > max_position_embeddings "
                  f"{model.max_position_embeddings} of {model.source}")
-    if mesh.tp == 1 and (recipe.tp.sequence_parallel or recipe.tp.loss_parallel):
+    if (recipe.tp.sequence_parallel, recipe.tp.loss_parallel) != (mesh.sequence_parallel, mesh.loss_parallel):
         w.append("tp: sequence_parallel / loss_parallel have no effect with tp = 1 (turned off in plan.json)")
     if model.tie_word_embeddings and mesh.tp > 1:
         w.append(f"tied embeddings: lm_head uses {model.block_prefix.rsplit('.', 1)[0]}.embed_tokens.weight, "
@@ -78,7 +78,7 @@ def _save_warning(recipe: Recipe, mesh: MeshSpec, est: Estimate) -> tuple[str, .
 
 def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements, est: Estimate,
                versions: Mapping[str, str]) -> P.Plan:
-    t, c, tpon = recipe.train, recipe.cluster, mesh.tp > 1
+    t, c = recipe.train, recipe.cluster
     # block_gather_bytes only feeds the compile-time OOM hint; plan.json keeps the terms themselves
     est_d = {k: getattr(est, k) for k in est.__dataclass_fields__ if k != "block_gather_bytes"}
     est_d["total_bytes"] = est.total_bytes
@@ -90,9 +90,8 @@ def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
         model=P.ModelPlan(dict(model.config), model.architecture, model.source, recipe.model.weights,
                           model.num_params, model.tie_word_embeddings, model.attn_implementation,
                           dict(model.layouts), model.active_params or model.num_params),
-        mesh=P.MeshPlan(mesh.dp_replicate, mesh.dp_shard, mesh.cp, mesh.tp, mesh.nodes, mesh.procs_per_node,
-                        c.device, "nccl" if c.device == "cuda" else "gloo"),
-        tp=P.TPPlan(recipe.tp.sequence_parallel and tpon, recipe.tp.loss_parallel and tpon, dict(pl.styles)),
+        mesh=mesh.dims,
+        tp=P.TPPlan(mesh.sequence_parallel, mesh.loss_parallel, dict(pl.styles)),
         train=P.TrainPlan(
             seq_len=t.seq_len, micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
             grad_accum=mesh.grad_accum, steps=t.steps, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,

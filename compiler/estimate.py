@@ -129,7 +129,7 @@ def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[int,
     its incoming gradient and the gradient being written, fp32: 12 B per token x vocab; with
     loss parallel 16 B per token x vocab / tp (the sharded logits are kept too)."""
     t, tp = recipe.train, mesh.tp
-    sp = recipe.tp.sequence_parallel and tp > 1
+    sp = mesh.sequence_parallel
     tokens = t.micro_batch_size * t.seq_len // mesh.cp
     pb = DTYPE_BYTES[t.mixed_precision.param_dtype]
     h, inter = model.hidden_size, model.intermediate_size
@@ -150,7 +150,7 @@ def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[int,
         acts = model.num_layers * (block_in + tokens * (2 * q + 2 * kv + 2 * inter) * pb // tp) + final
     else:
         acts = model.num_layers * layer + final
-    lp = recipe.tp.loss_parallel and tp > 1
+    lp = mesh.loss_parallel
     logits = tokens * model.vocab_size * (16 // tp if lp else 12)
     return acts, (layer if ac != "none" else 0), logits
 
@@ -163,7 +163,7 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     mb, pb = DTYPE_BYTES[recipe.model.dtype], DTYPE_BYTES[t.mixed_precision.param_dtype]
     rb = DTYPE_BYTES[t.mixed_precision.reduce_dtype]
     f = mesh.fsdp
-    fsdp = mesh.dp_replicate * f > 1                  # runtime/parallel.py uses_fsdp
+    fsdp = mesh.fsdp_enabled
 
     def shard(p: RankParam) -> int:
         return -(-p.rows // f) * p.rest if fsdp else p.rows * p.rest
@@ -327,3 +327,31 @@ def check_memory(est: Estimate, recipe: Recipe, mesh: MeshSpec) -> Result[Estima
     return Err((RecipeError("cluster.gpu_memory_gb",
                             f"estimated {fmt_bytes(est.total_bytes)} per rank exceeds {fmt_bytes(est.budget_bytes)} "
                             f"({USABLE:.0%} of the GPU); largest term: {name} {fmt_bytes(big)}", fix),))
+
+
+def view(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, est: Estimate) -> dict[str, object]:
+    """What PLAN.md prints of this stage, as plain values: each memory term with how it is
+    counted, the live bytes per phase, the peak against the budget, traffic and FLOPs."""
+    t = recipe.train
+    pd = t.mixed_precision.param_dtype
+    shard = (f"FSDP shards padded to ceil(rows / {mesh.fsdp}) rows (rank 0, the peak rank)" if mesh.fsdp_enabled
+             else "no FSDP (one-rank data-parallel mesh)")
+    how = {"params": f"{est.params_per_rank:,} params x {recipe.model.dtype}, after TP; {shard}",
+           "grads": "trainable params, sharded like params (from the backward on)",
+           "optimizer": "AdamW exp_avg + exp_avg_sq, sharded",
+           "accum_grads": f"unsharded grads held between the {mesh.grad_accum} micro-steps (no reduce-scatter until "
+                          "the last)" if est.accum_grads_bytes else "none: no FSDP gradient accumulation without sync",
+           "gathered": f"top-level module (embeddings, final norm, lm_head) + last block kept gathered in {pd}"
+                       if mesh.fsdp_enabled else "none: no FSDP",
+           "activations": f"{model.num_layers} layers, mbs {t.micro_batch_size} x seq {t.seq_len}"
+                          f"{' / cp ' + str(mesh.cp) if mesh.cp_enabled else ''}, AC {t.activation_checkpointing}",
+           "logits": ("tokens x vocab / tp x 16 B (loss parallel)" if mesh.loss_parallel
+                      else "tokens x vocab x 12 B (fp32 log-softmax, its grad in and out)")}
+    flops_how = ("6N + 12 x layers x heads x head_dim x seq_len; N = matmul parameters, input embedding excluded"
+                 + ("; LoRA: 4 per frozen weight, 6 per adapted one, + the adapters' B x A" if recipe.lora.rank else ""))
+    return {"memory_rows": [{"name": k, "bytes": v, "how": how[k]} for k, v in est.terms.items()],
+            "phase_rows": [{"name": name, "bytes": b, "peak": name == est.peak_phase} for name, b in est.phases],
+            "total_bytes": est.total_bytes, "peak_phase": est.peak_phase, "budget_bytes": est.budget_bytes,
+            "usable": f"{USABLE:.0%}", "trainable_total": est.trainable_total,
+            "fsdp_comm_bytes": est.fsdp_comm_bytes, "tp_comm_bytes": est.tp_comm_bytes,
+            "flops_per_token": est.flops_per_token, "flops_how": flops_how}

@@ -303,3 +303,28 @@ def _warnings(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, styles: Mapping[
         f"{g}: replicated on all {mesh.tp} tp ranks ({len(b)} x {b[0] / 1e6:,.1f} MB of {recipe.model.dtype} "
         f"weights per rank before FSDP; sharded it would be {sum(b) / mesh.tp / 1e6:,.1f} MB)"
         for g, b in out.items())
+
+
+def placement_rows(model: ModelSpec, pl: Placements, tp: int, dtype: str) -> list[dict[str, object]]:
+    """PLAN.md's placement table: one row per module group (model.layers.*.mlp.up_proj) with its
+    count, kind, weight shape, style, shape per tp rank and bytes per tp rank (all its modules)."""
+    import math
+
+    rows: dict[str, dict[str, object]] = {}
+    nbytes = DTYPE_BYTES[dtype]
+    for m in model.modules:
+        style = pl.styles[m.fqn]
+        g = group_name(m.fqn)
+        loc = local_shape(m.shape, m.kind, style, tp)
+        # every parameter the module owns (bias, an expert's down_proj) is split like its weight
+        b = m.numel * math.prod(loc) // max(1, math.prod(m.shape)) * nbytes
+        if g in rows:
+            rows[g]["count"] += 1
+            rows[g]["nbytes"] += b
+            continue
+        fmt = lambda s: " x ".join(map(str, s))  # noqa: E731
+        rows[g] = {"group": g, "count": 1, "kind": m.kind, "shape": fmt(m.shape), "style": style,
+                   "local": fmt(loc), "nbytes": b}
+    for r in rows.values():
+        r["bytes"] = f"{r['nbytes'] / 1e6:,.1f} MB" if r["nbytes"] >= 1e5 else f"{r['nbytes'] / 1e3:,.1f} kB"
+    return list(rows.values())

@@ -25,7 +25,7 @@ def _warnings(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) 
     if model.max_position_embeddings and recipe.train.seq_len > model.max_position_embeddings:
         w.append(f"train.seq_len: {recipe.train.seq_len} > max_position_embeddings "
                  f"{model.max_position_embeddings} of {model.source}")
-    if mesh.tp == 1 and (recipe.tp.sequence_parallel or recipe.tp.loss_parallel):
+    if (recipe.tp.sequence_parallel, recipe.tp.loss_parallel) != (mesh.sequence_parallel, mesh.loss_parallel):
         w.append("tp: sequence_parallel / loss_parallel have no effect with tp = 1 (turned off in plan.json)")
     if model.tie_word_embeddings and mesh.tp > 1:
         w.append(f"tied embeddings: lm_head uses {model.block_prefix.rsplit('.', 1)[0]}.embed_tokens.weight, "
@@ -72,7 +72,7 @@ def _estimate(est: Estimate) -> dict:
 
 def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements, est: Estimate,
                versions: Mapping[str, str]) -> P.Plan:
-    c, tpon = recipe.cluster, mesh.tp > 1
+    c = recipe.cluster
     return P.Plan(
         version=P.PLAN_VERSION,
         name=recipe.name,
@@ -80,11 +80,9 @@ def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
                           weights=recipe.model.weights, num_params=model.num_params,
                           tie_word_embeddings=model.tie_word_embeddings, attn_implementation=model.attn_implementation,
                           layouts=dict(model.layouts), active_params=model.active_params or model.num_params),
-        mesh=P.MeshPlan(dp_replicate=mesh.dp_replicate, dp_shard=mesh.dp_shard, cp=mesh.cp, tp=mesh.tp,
-                        nodes=mesh.nodes, procs_per_node=mesh.procs_per_node, device=c.device,
-                        backend="nccl" if c.device == "cuda" else "gloo"),
-        tp=derive(P.TPPlan, recipe.tp, sequence_parallel=recipe.tp.sequence_parallel and tpon,
-                  loss_parallel=recipe.tp.loss_parallel and tpon, placements=dict(pl.styles)),
+        mesh=mesh.dims,
+        tp=derive(P.TPPlan, recipe.tp, sequence_parallel=mesh.sequence_parallel,
+                  loss_parallel=mesh.loss_parallel, placements=dict(pl.styles)),
         train=derive(P.TrainPlan, recipe.train, grad_accum=mesh.grad_accum, dtype=recipe.model.dtype),
         data=data_plan(recipe, model.vocab_size, versions.get("meshbake", "")),
         checkpoint=recipe.checkpoint,

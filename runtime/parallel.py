@@ -2,7 +2,7 @@
 
 Order (torchtitan's): meta model -> TP (parallelize_module with the plan's placements) ->
 activation checkpointing -> torch.compile per block -> FSDP2 fully_shard per block, then the
-root (skipped when the data-parallel mesh is one rank: uses_fsdp) -> materialize (to_empty)
+root (skipped when the data-parallel mesh is one rank: ParallelDims.fsdp_enabled) -> materialize (to_empty)
 -> weights: deterministic init or the user's safetensors.
 
 Random init produces each tensor FULL, one at a time, and every rank keeps its own slice
@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
+from .dims import SHARD_CP, ParallelDims
 from .plan import Plan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -229,23 +230,24 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, plan: Plan) -> None:
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)   # root: embeddings, final norm, lm_head
 
 
-def uses_fsdp(plan: Plan) -> bool:
-    """FSDP2 only when some rank holds another shard or another batch of the same weights.
-    Over a one-rank data-parallel mesh (world 1, TP-only plans like 8b_tp) fully_shard would
-    only add its per-block hooks, copies and a no-op reduce-scatter: 0.81-0.87 of a plain
-    loop's tokens/s at world 1 on CPU. torchtitan skips it there too; mixed precision is then
-    autocast (compute_context)."""
-    m = plan.mesh
-    return m.dp_replicate * m.dp_shard * m.cp > 1
+def dp_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
+    """The mesh fully_shard gets, dims.fsdp_mesh_dims: FSDP shards over dp_shard x cp (cp ranks
+    hold the same weights, different tokens), flattened to one dim; HSDP adds dp_replicate
+    (all-reduce across replicas)."""
+    if dims.cp_enabled:
+        mesh[dims.fsdp_shard_dims]._flatten(SHARD_CP)
+    names = dims.fsdp_mesh_dims
+    return mesh[names[0]] if len(names) == 1 else mesh[names]
 
 
 def compute_context(plan: Plan, device: torch.device):
-    """Forward in param_dtype: FSDP2 casts the gathered params itself; without FSDP, autocast
-    (matmuls in param_dtype, reductions such as norms and softmax kept in float32)."""
+    """Forward in param_dtype: FSDP2 casts the gathered params itself; without FSDP (a one-rank
+    data-parallel mesh, ParallelDims.fsdp_enabled), autocast (matmuls in param_dtype, reductions
+    such as norms and softmax kept in float32)."""
     from contextlib import nullcontext
 
     param = DTYPES[plan.train.mixed_precision.param_dtype]
-    if uses_fsdp(plan) or param == DTYPES[plan.train.dtype]:
+    if plan.mesh.fsdp_enabled or param == DTYPES[plan.train.dtype]:
         return nullcontext()
     return torch.autocast(device.type, dtype=param)
 
@@ -431,18 +433,18 @@ def parallelize(plan: Plan, mesh: DeviceMesh, stage=lambda name: None) -> nn.Mod
     stage(name) is called before each step (the dry run names the step that failed)."""
     stage("model")
     model = meta_model(plan)
-    if plan.mesh.cp > 1:
+    if plan.mesh.cp_enabled:
         from . import cp
 
         stage("cp")
         cp.install(model)
-    if plan.mesh.tp > 1:
+    if plan.mesh.tp_enabled:
         stage("tp")
         apply_tp(model, mesh["tp"], plan)
     if plan.model.layouts:     # after TP: the fused hooks must see the local (to_local'd) outputs
         from . import fused
 
-        fused.install(model, plan.model.layouts, mesh["tp"] if plan.mesh.tp > 1 else None)
+        fused.install(model, plan.model.layouts, mesh["tp"] if plan.mesh.tp_enabled else None)
     if plan.lora.rank > 0:
         from .lora import apply_lora
 
@@ -453,16 +455,9 @@ def parallelize(plan: Plan, mesh: DeviceMesh, stage=lambda name: None) -> nn.Mod
     if plan.train.compile:
         stage("compile")
         apply_compile(model)
-    # FSDP shards over dp_shard x cp (cp ranks hold the same weights, different tokens); HSDP
-    # adds the dp_replicate dim (all-reduce across replicas)
     stage("fsdp")
-    if plan.mesh.cp > 1:
-        shard = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-        dp_mesh = mesh["dp_replicate", "dp_shard_cp"] if plan.mesh.dp_replicate > 1 else shard
-    else:
-        dp_mesh = mesh["dp_replicate", "dp_shard"] if plan.mesh.dp_replicate > 1 else mesh["dp_shard"]
-    if uses_fsdp(plan):
-        apply_fsdp(model, dp_mesh, plan)
+    if plan.mesh.fsdp_enabled:
+        apply_fsdp(model, dp_mesh(mesh, plan.mesh), plan)
     return model
 
 

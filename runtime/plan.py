@@ -25,12 +25,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .dims import ParallelDims
 from .sections import build, section, to_dict
 
 PLAN_VERSION = 1
 STYLES = ("colwise", "rowwise", "sequence_parallel", "replicate", "colwise_qkv", "colwise_gate_up", "experts",
           "local_heads", "colwise_norm")
-MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")  # outer -> inner; tp innermost = one node
 
 
 @dataclass(frozen=True)
@@ -44,31 +44,6 @@ class ModelPlan:
     attn_implementation: str = "sdpa"   # transformers attention kernel for this class: sdpa | eager
     layouts: dict[str, str] = field(default_factory=dict)   # fused fqn -> "qkv" | "gate_up" | "experts"
     active_params: int = 0              # params a token goes through (MoE: k of E experts); 0 = num_params
-
-
-@dataclass(frozen=True)
-class MeshPlan:
-    dp_replicate: int
-    dp_shard: int
-    cp: int
-    tp: int
-    nodes: int
-    procs_per_node: int
-    device: str                     # "cuda" or "cpu"
-    backend: str                    # "nccl" or "gloo"
-
-    @property
-    def world(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.cp * self.tp
-
-    @property
-    def dp(self) -> int:
-        """Ranks that see different data: dp_replicate * dp_shard."""
-        return self.dp_replicate * self.dp_shard
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(getattr(self, d) for d in MESH_DIMS)
 
 
 # Recipe sections the runtime reads as they are ARE the generated classes (runtime/sections.py);
@@ -105,7 +80,7 @@ class Plan:
     version: int
     name: str
     model: ModelPlan
-    mesh: MeshPlan
+    mesh: ParallelDims             # runtime/dims.py: the mesh and its derived facts
     tp: TPPlan
     train: TrainPlan
     data: DataPlan

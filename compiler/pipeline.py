@@ -42,8 +42,8 @@ def _warnings(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) 
                  f"{model.max_position_embeddings} of {model.source}")
     if mesh.tp == 1 and (recipe.tp.sequence_parallel or recipe.tp.loss_parallel):
         w.append("tp: sequence_parallel / loss_parallel have no effect with tp = 1 (turned off in plan.json)")
-    if model.tie_word_embeddings and mesh.tp > 1:
-        w.append(f"tied embeddings: lm_head uses {model.block_prefix.rsplit('.', 1)[0]}.embed_tokens.weight, "
+    if model.roles.tied and mesh.tp > 1:
+        w.append(f"tied embeddings: {model.roles.lm_head} uses {model.roles.embedding}.weight, "
                  f"one parameter sharded on the vocab dim (vocab {model.vocab_size} / tp {mesh.tp} = "
                  f"{model.vocab_size // mesh.tp} rows per rank) for both uses")
     return tuple(w)
@@ -89,7 +89,8 @@ def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
         name=recipe.name,
         model=P.ModelPlan(dict(model.config), model.architecture, model.source, recipe.model.weights,
                           model.num_params, model.tie_word_embeddings, model.attn_implementation,
-                          dict(model.layouts), model.active_params or model.num_params),
+                          dict(model.layouts), model.active_params or model.num_params,
+                          model.roles.with_lora(pl.lora_targets)),
         mesh=P.MeshPlan(mesh.dp_replicate, mesh.dp_shard, mesh.cp, mesh.tp, mesh.nodes, mesh.procs_per_node,
                         c.device, "nccl" if c.device == "cuda" else "gloo"),
         tp=P.TPPlan(recipe.tp.sequence_parallel and tpon, recipe.tp.loss_parallel and tpon, dict(pl.styles)),

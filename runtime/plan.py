@@ -25,6 +25,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .roles import ModelRoles
+
 PLAN_VERSION = 1
 STYLES = ("colwise", "rowwise", "sequence_parallel", "replicate", "colwise_qkv", "colwise_gate_up", "experts",
           "local_heads", "colwise_norm")
@@ -42,6 +44,8 @@ class ModelPlan:
     attn_implementation: str = "sdpa"   # transformers attention kernel for this class: sdpa | eager
     layouts: dict[str, str] = field(default_factory=dict)   # fused fqn -> "qkv" | "gate_up" | "experts"
     active_params: int = 0              # params a token goes through (MoE: k of E experts); 0 = num_params
+    roles: ModelRoles | None = None     # embedding, lm_head, blocks, LoRA target fqns (runtime/roles.py;
+                                        # None in plan.json before roles: roles.plan_roles derives them)
 
 
 @dataclass(frozen=True)

@@ -708,7 +708,7 @@ def _linear_leaves(model_config: Mapping[str, Any] | None) -> tuple[str, ...]:
     spec = model_spec(model_config, "import")
     if isinstance(spec, Err):
         return LLAMA_LINEARS
-    pre = spec.block_prefix + "."
+    pre = spec.roles.block_prefix + "."
     return tuple(dict.fromkeys(m.fqn.rpartition(".")[2] for m in spec.modules
                                if m.kind == "linear" and m.fqn.startswith(pre)))
 

@@ -61,3 +61,14 @@ def test_a_plan_json_from_before_roles_gets_the_same_roles(name):
     new, derived = ModelRoles.from_dict(d["model"]["roles"]), plan_roles(P.from_dict(old))
     # the same modules (placements in plan.json are sorted by name, not in module order)
     assert derived.with_lora(sorted(derived.lora_targets)) == new.with_lora(sorted(new.lora_targets))
+
+
+def test_plan_and_roles_are_stdlib_only():
+    """runtime/plan.py imports roles; neither may need torch (the compiler reads them too)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules.update(torch=None, transformers=None, numpy=None); "
+            "import meshbake.runtime.plan, meshbake.runtime.roles")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr

@@ -27,8 +27,8 @@ def _warnings(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) 
                  f"{model.max_position_embeddings} of {model.source}")
     if (recipe.tp.sequence_parallel, recipe.tp.loss_parallel) != (mesh.sequence_parallel, mesh.loss_parallel):
         w.append("tp: sequence_parallel / loss_parallel have no effect with tp = 1 (turned off in plan.json)")
-    if model.tie_word_embeddings and mesh.tp > 1:
-        w.append(f"tied embeddings: lm_head uses {model.block_prefix.rsplit('.', 1)[0]}.embed_tokens.weight, "
+    if model.roles.tied and mesh.tp > 1:
+        w.append(f"tied embeddings: {model.roles.lm_head} uses {model.roles.embedding}.weight, "
                  f"one parameter sharded on the vocab dim (vocab {model.vocab_size} / tp {mesh.tp} = "
                  f"{model.vocab_size // mesh.tp} rows per rank) for both uses")
     return tuple(w)
@@ -79,7 +79,8 @@ def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
         model=P.ModelPlan(config=dict(model.config), architecture=model.architecture, source=model.source,
                           weights=recipe.model.weights, num_params=model.num_params,
                           tie_word_embeddings=model.tie_word_embeddings, attn_implementation=model.attn_implementation,
-                          layouts=dict(model.layouts), active_params=model.active_params or model.num_params),
+                          layouts=dict(model.layouts), active_params=model.active_params or model.num_params,
+                          roles=model.roles.with_lora(pl.lora_targets)),
         mesh=mesh.dims,
         tp=derive(P.TPPlan, recipe.tp, sequence_parallel=mesh.sequence_parallel,
                   loss_parallel=mesh.loss_parallel, placements=dict(pl.styles)),

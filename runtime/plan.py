@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .dims import ParallelDims
+from .roles import ModelRoles
 from .sections import build, section, to_dict
 
 PLAN_VERSION = 1
@@ -44,6 +45,8 @@ class ModelPlan:
     attn_implementation: str = "sdpa"   # transformers attention kernel for this class: sdpa | eager
     layouts: dict[str, str] = field(default_factory=dict)   # fused fqn -> "qkv" | "gate_up" | "experts"
     active_params: int = 0              # params a token goes through (MoE: k of E experts); 0 = num_params
+    roles: ModelRoles | None = None     # embedding, lm_head, blocks, LoRA target fqns (runtime/roles.py;
+                                        # None in plan.json before roles: roles.plan_roles derives them)
 
 
 # Recipe sections the runtime reads as they are ARE the generated classes (runtime/sections.py);

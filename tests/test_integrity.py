@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, cli
 
 SAVE = r"""
 import sys, torch, torch.distributed as dist
@@ -73,27 +73,9 @@ def fresh(saved: Path, tmp: Path) -> Path:
     return tmp / "w"
 
 
-class Ran:
-    def __init__(self, returncode: int, stderr: str):
-        self.returncode, self.stderr = returncode, stderr
-
-
-def export(*args: str, cwd: Path) -> Ran:
-    """`meshbake export ARGS` run in this process from cwd (a subprocess costs seconds of imports)."""
-    import contextlib
-    import io
-    import os
-
-    from meshbake.compiler.cli import main
-
-    err, here = io.StringIO(), os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            rc = main(["export", *args])
-    finally:
-        os.chdir(here)
-    return Ran(rc, err.getvalue())
+def export(*args: str, cwd: Path):
+    """`meshbake export ARGS` run in this process from cwd."""
+    return cli("export", *args, cwd=cwd)
 
 
 def tree(d: Path) -> list[str]:

@@ -133,3 +133,15 @@ def cli(*args: str, cwd: Path | str = ROOT) -> Ran:
     finally:
         os.chdir(here)
     return Ran(rc, out.getvalue(), err.getvalue())
+
+
+def torchrun(world: int, script: Path, *args: str, cwd: Path, timeout: int = 900) -> None:
+    """`torchrun --standalone --nproc-per-node WORLD script ARGS` (gloo, CPU): the test workers of
+    tests/dist, which import tests.*; a failed launch fails the test with the ranks' stderr."""
+    import subprocess
+
+    env = launch_env(PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", str(script),
+           *args]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    assert p.returncode == 0, p.stderr[-6000:]

@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.helpers import ROOT, cli
+from tests.helpers import ROOT, cli, compiled, tiny_recipe
 
 SAVE = r"""
 import sys, torch, torch.distributed as dist
@@ -39,15 +38,8 @@ for step in (1, 2, 3):
 
 
 def make_run(run: Path, keep: int = 3) -> Path:
-    from meshbake.compiler.pipeline import compile_recipe
-
-    recipe = {"name": "integrity", "model": {"config": "tiny-llama", "dtype": "float32"},
-              "cluster": {"nodes": 1, "gpus_per_node": 1, "device": "cpu", "gpu_memory_gb": 8},
-              "train": {"seq_len": 32, "micro_batch_size": 1, "global_batch_size": 1, "steps": 3,
-                        "mixed_precision": {"param_dtype": "float32", "reduce_dtype": "float32"}},
-              "data": {"source": "synthetic"}}
-    b = compile_recipe(yaml.safe_dump(recipe), source="integrity")
-    assert hasattr(b, "files"), b
+    b = compiled(tiny_recipe("integrity", 1, tp=None, checkpoint=None,
+                             train={"micro_batch_size": 1, "global_batch_size": 1, "steps": 3}))
     run.mkdir(parents=True)
     (run / "plan.json").write_bytes(b.files["plan.json"])
     p = subprocess.run([sys.executable, "-c", SAVE, str(run), str(keep)], capture_output=True, text=True, cwd=ROOT,

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, launch_env
 
 pytestmark = pytest.mark.slurm
 UP, DOWN = ROOT / "scripts/slurm-local/up.sh", ROOT / "scripts/slurm-local/down.sh"
@@ -27,8 +25,7 @@ def slurm(tmp_path_factory):
     missing = [b for b in ("slurmctld", "slurmd", "munged", "sbatch") if not shutil.which(b)]
     assert not missing, f"Slurm is not installed ({missing}); `make install` installs it from Debian"
     state = tmp_path_factory.mktemp("slurm") / "cluster"
-    env = dict(os.environ, SLURM_CONF=str(state / "slurm.conf"),
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")   # the python on PATH on the nodes
+    env = launch_env(SLURM_CONF=str(state / "slurm.conf"))    # the venv's python first on PATH on the nodes
     t0 = time.perf_counter()
     try:
         up = subprocess.run([str(UP), str(state)], capture_output=True, text=True, timeout=120)

@@ -145,3 +145,17 @@ def torchrun(world: int, script: Path, *args: str, cwd: Path, timeout: int = 900
            *args]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     assert p.returncode == 0, p.stderr[-6000:]
+
+
+@contextlib.contextmanager
+def one_process_group():
+    """A 1-rank gloo process group in this process (DCP save/load needs one), destroyed after:
+    later tests see no process group, as in a fresh interpreter."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -1,50 +1,42 @@
 """Nothing is lost: export never deletes what it did not write (issue 9, finding 2), and a
 checkpoint is verified against the digests written at save (finding 3).
 
-One real checkpoint, made once per module: a 1-process gloo group saves the tiny-llama of a
-compiled plan through runtime.checkpoint.save (the same code the ranks run), so export reads
-real DCP shards.
+One real checkpoint, made once per module: a 1-process gloo group (in this process) saves the
+tiny-llama of a compiled plan through runtime.checkpoint.save (the same code the ranks run), so
+export reads real DCP shards.
 """
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, cli, compiled, tiny_recipe
-
-SAVE = r"""
-import sys, torch, torch.distributed as dist
-from pathlib import Path
-from transformers import AutoModelForCausalLM
-from meshbake.runtime import checkpoint as ck
-from meshbake.runtime.parallel import hf_config
-from meshbake.runtime.plan import load_plan
-run = Path(sys.argv[1])
-plan = load_plan(str(run / "plan.json"))
-dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-torch.manual_seed(0)
-m = AutoModelForCausalLM.from_config(hf_config(plan.model.config), dtype=torch.float32)
-opt = torch.optim.AdamW(m.parameters())
-for step in (1, 2, 3):
-    m(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
-    opt.step()
-    ck.save(run / "checkpoints", step, m, opt, {"step": step, "scheduler": {}}, keep=int(sys.argv[2]))
-"""
+from tests.helpers import cli, compiled, one_process_group, tiny_recipe
 
 
 def make_run(run: Path, keep: int = 3) -> Path:
+    """A 1-process gloo group saves 3 steps of the plan's tiny-llama through checkpoint.save."""
+    import torch
+    from meshbake.runtime import checkpoint as ck
+    from meshbake.runtime.parallel import hf_config
+    from meshbake.runtime.plan import load_plan
+    from transformers import AutoModelForCausalLM
+
     b = compiled(tiny_recipe("integrity", 1, tp=None, checkpoint=None,
                              train={"micro_batch_size": 1, "global_batch_size": 1, "steps": 3}))
     run.mkdir(parents=True)
     (run / "plan.json").write_bytes(b.files["plan.json"])
-    p = subprocess.run([sys.executable, "-c", SAVE, str(run), str(keep)], capture_output=True, text=True, cwd=ROOT,
-                       timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
-    assert p.returncode == 0, p.stderr[-3000:]
+    plan = load_plan(str(run / "plan.json"))
+    with one_process_group(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_config(hf_config(plan.model.config), dtype=torch.float32)
+        opt = torch.optim.AdamW(m.parameters())
+        for step in (1, 2, 3):
+            m(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
+            opt.step()
+            ck.save(run / "checkpoints", step, m, opt, {"step": step, "scheduler": {}}, keep=keep)
     return run
 
 

@@ -4,8 +4,9 @@ holds 2 of the 2*cp sequence chunks, load-balanced for the causal mask (rank i: 
 and attends with its local queries under the causal mask of their GLOBAL positions.
 
 Needs only all_gather (autograd: reduce-scatter in backward) and a masked SDPA, so it runs on
-any device and attention kernel; PyTorch's ring attention covers CUDA kernels only
-(notes/torch-cpu.md). K/V memory per rank: the full sequence of K and V for one layer at a time.
+any device and attention kernel; PyTorch's ring attention (experimental context_parallel) covers
+CUDA kernels only (on CPU, torch 2.13: "_scaled_dot_product_flash_attention_for_cpu does not have a
+sharding strategy registered"). K/V memory per rank: the full sequence of K and V for one layer at a time.
 Shapes: T global, cp ranks, Tl = T / cp local tokens; q (B, H, Tl, D), k/v (B, Hkv, Tl, D).
 """
 from __future__ import annotations

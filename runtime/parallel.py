@@ -162,8 +162,8 @@ def _colwise():
     return ColwiseParallel()
 
 
-# styles beyond the four basic ones (issue 11); fused rows are in meshbake order, so a plain
-# colwise split is right for them
+# styles beyond the four basic ones (fused projections, sharded norms, local heads, MoE experts);
+# fused rows are in meshbake order, so a plain colwise split is right for them
 EXTRA_STYLES = {"colwise_qkv": _colwise, "colwise_gate_up": _colwise, "colwise_norm": _sharded_norm,
                 "local_heads": _local_heads, "experts": _experts}
 

@@ -6,9 +6,12 @@ edit and are covered by the determinism and manifest tests instead.
 """
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
@@ -22,9 +25,12 @@ PROFILE_GOLDENS = {
 }
 
 
-def golden_files(name: str) -> dict[str, bytes]:
-    from compiler.errors import Err
-    from compiler.pipeline import compile_recipe
+@functools.cache
+def golden_files(name: str) -> Mapping[str, bytes]:
+    """The bundle of golden `name` as compiled now (once per process: test_golden and
+    test_shell read the same compile, read-only)."""
+    from meshbake.compiler.errors import Err
+    from meshbake.compiler.pipeline import compile_recipe
 
     profile = name.removeprefix("cluster_") if name.startswith("cluster_") else None
     recipe, overrides = PROFILE_GOLDENS[profile] if profile else (name, ())
@@ -32,7 +38,7 @@ def golden_files(name: str) -> dict[str, bytes]:
     b = compile_recipe(path.read_text(), overrides=overrides, cluster=profile, source=str(path.relative_to(ROOT)))
     if isinstance(b, Err):
         raise SystemExit(f"{name}: " + "; ".join(map(str, b.errors)))
-    return {k: v for k, v in b.files.items() if not k.startswith("runtime/") and k != "MANIFEST.sha256"}
+    return MappingProxyType({k: v for k, v in b.files.items() if not k.startswith("runtime/") and k != "MANIFEST.sha256"})
 
 
 def recipe_names() -> list[str]:

@@ -10,47 +10,27 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 from meshbake.runtime.checkpoint import list_checkpoints, verify
+
+from tests.helpers import launch_env, tiny_recipe, write_bundle_of
 
 pytestmark = pytest.mark.dist
 STEPS = 30
 
 
 def bundle(tmp: Path, name: str, *, mesh: dict, sp=False, every=10, keep=2, max_restarts=0, resume="auto") -> Path:
-    from meshbake.compiler.bundle import write_bundle
-    from meshbake.compiler.pipeline import compile_recipe
-
-    recipe = {"name": name, "model": {"config": "tiny-llama", "dtype": "float32"}, "mesh": {**mesh, "cp": 1},
-              "tp": {"sequence_parallel": sp, "loss_parallel": sp},
-              "cluster": {"nodes": 1, "gpus_per_node": 4, "device": "cpu", "gpu_memory_gb": 8,
-                          "max_restarts": max_restarts},
-              "train": {"seq_len": 64, "micro_batch_size": 2, "global_batch_size": 8, "steps": STEPS, "lr": 2e-3,
-                        "warmup_steps": 3, "min_lr": 2e-4,
-                        "mixed_precision": {"param_dtype": "float32", "reduce_dtype": "float32"}},
-              "data": {"source": "synthetic"},
-              "checkpoint": {"every_steps": every, "keep": keep, "resume": resume}}
-    b = compile_recipe(yaml.safe_dump(recipe), source=name)
-    assert hasattr(b, "files"), b
-    out = tmp / f"bundle-{name}"
-    write_bundle(b.files, out)
-    return out
-
-
-def env(run_dir: Path, **extra) -> dict:
-    e = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", MESHBAKE_RUN_DIR=str(run_dir),
-             OMP_NUM_THREADS="1")
-    e.pop("MESHBAKE_FAULT", None)
-    return {**e, **extra}
+    return write_bundle_of(tiny_recipe(
+        name, 4, mesh={**mesh, "cp": 1}, sp=sp, lp=sp, cluster={"max_restarts": max_restarts},
+        train={"seq_len": 64, "steps": STEPS, "lr": 2e-3, "warmup_steps": 3, "min_lr": 2e-4},
+        checkpoint={"every_steps": every, "keep": keep, "resume": resume}), tmp / f"bundle-{name}")
 
 
 def launch(b: Path, run_dir: Path, expect_rc=0, **extra) -> subprocess.CompletedProcess:
-    p = subprocess.run(["bash", str(b / "launch.sh")], env=env(run_dir, **extra), capture_output=True, text=True,
+    p = subprocess.run(["bash", str(b / "launch.sh")], env=launch_env(run_dir, **extra), capture_output=True, text=True,
                        timeout=600, cwd=b.parent)
     assert p.returncode == expect_rc, p.stderr[-5000:]
     return p
@@ -145,7 +125,7 @@ def test_preemption_signal_saves_and_resume_continues(base):
     finishes, a checkpoint is written, PREEMPTED names the step, exit 0; the next launch resumes."""
     tmp, p, _, ref = base
     run = tmp / "run-preempt"
-    proc = subprocess.Popen(["bash", str(p / "launch.sh")], env=env(run), cwd=p.parent,
+    proc = subprocess.Popen(["bash", str(p / "launch.sh")], env=launch_env(run), cwd=p.parent,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -197,7 +177,7 @@ def test_sigterm_to_the_whole_process_group_saves_and_exits_0(base):
     workers finish the step, commit a checkpoint, write PREEMPTED, and everything exits 0."""
     tmp, p, _, _ = base
     run = tmp / "run-sigterm"
-    proc = subprocess.Popen(["bash", str(p / "launch.sh")], env=env(run), cwd=p.parent, start_new_session=True,
+    proc = subprocess.Popen(["bash", str(p / "launch.sh")], env=launch_env(run), cwd=p.parent, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline:

@@ -1,13 +1,17 @@
-"""The CLI as users run it: exit codes, all errors with their paths, no traceback."""
+"""The CLI as users run it: exit codes, all errors with their paths, no traceback.
+
+Most tests call the CLI's main() in this process (tests.helpers.cli); two smoke tests run
+`python -m meshbake.compiler` as a user's shell does: the exit code through sys.exit, a cold start."""
 import json
 import subprocess
 import sys
 import time
 
-from tests.helpers import ROOT, recipe_text
+from tests.helpers import ROOT, cli, recipe_text
 
 
 def meshbake(*args, cwd=ROOT):
+    """A real process (the smoke tests only)."""
     return subprocess.run([sys.executable, "-m", "meshbake.compiler", *args], capture_output=True, text=True, cwd=cwd)
 
 
@@ -15,7 +19,7 @@ def test_check_reports_three_schema_mistakes_and_exits_2(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text(recipe_text().replace("seq_len: 4096", "seq_len: 4096\n  sequence_len: 4096")
                  + "checkpoint:\n  keep: -1\ndata:\n  source: parquet\n")
-    r = meshbake("check", str(p))
+    r = meshbake("check", str(p))          # smoke test: a real process
     assert r.returncode == 2, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
     for path in ("train.sequence_len", "checkpoint.keep", "data.source"):
@@ -27,7 +31,7 @@ def test_check_reports_three_mesh_mistakes_and_exits_2(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text(recipe_text(mesh={"dp_shard": 2, "tp": 8}, cluster={"nodes": 2, "gpus_per_node": 8},
                              tp={"sequence_parallel": True}, train={"seq_len": 4100, "global_batch_size": 3}))
-    r = meshbake("check", str(p))
+    r = cli("check", str(p))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     for path in ("train.seq_len", "train.global_batch_size"):
         assert f"{path}:" in r.stderr, r.stderr
@@ -39,20 +43,20 @@ def test_typo_and_mesh_mistakes_reported_in_one_run(tmp_path):
     p.write_text(recipe_text(mesh={"tp": 16}, cluster={"nodes": 2, "gpus_per_node": 8},
                              tp={"sequence_parallel": True},
                              train={"seq_len": 4100, "sequence_len": 4096, "global_batch_size": 8}))
-    r = meshbake("check", str(p))
+    r = cli("check", str(p))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     for path in ("train.sequence_len", "mesh.tp", "train.seq_len"):
         assert f"  {path}:" in r.stderr, r.stderr
 
 
 def test_check_ok_by_name():
-    r = meshbake("check", "70b_hsdp_tp")
+    r = cli("check", "70b_hsdp_tp")
     assert r.returncode == 0, r.stderr
     assert "70b_hsdp_tp" in r.stdout
 
 
 def test_plan_json_and_set_override():
-    r = meshbake("plan", "8b_tp", "--json", "--set", "mesh.tp=4", "--set", "mesh.dp_shard=2")
+    r = cli("plan", "8b_tp", "--json", "--set", "mesh.tp=4", "--set", "mesh.dp_shard=2")
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     assert plan["mesh"]["tp"] == 4 and plan["mesh"]["dp_shard"] == 2 and plan["mesh"]["world"] == 8
@@ -61,7 +65,7 @@ def test_plan_json_and_set_override():
 
 def test_bundle_writes_out_dir(tmp_path):
     t = time.perf_counter()
-    r = meshbake("bundle", "70b_hsdp_tp", "-o", str(tmp_path / "out"))
+    r = meshbake("bundle", "70b_hsdp_tp", "-o", str(tmp_path / "out"))     # smoke test: a cold process
     elapsed = time.perf_counter() - t
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "job.sbatch").is_file() and (tmp_path / "out" / "PLAN.md").is_file()
@@ -69,7 +73,7 @@ def test_bundle_writes_out_dir(tmp_path):
 
 
 def test_unknown_recipe_name_is_a_clean_error():
-    r = meshbake("check", "70b_hsdp")
+    r = cli("check", "70b_hsdp")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "70b_hsdp_tp" in r.stderr        # did-you-mean
 
@@ -85,13 +89,13 @@ def test_unreadable_inputs_are_clean_errors(tmp_path):
              (("bundle", "tiny_cpu", "-o", str(tmp_path / "afile")), "-o: ", "not a directory"),
              (("bundle", "tiny_cpu", "-o", str(tmp_path)), "-o: ", "did not write")]
     for args, path, words in cases:
-        r = meshbake(*args)
+        r = cli(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
         assert f"  {path}" in r.stderr and words in r.stderr, (args, r.stderr)
     assert (tmp_path / "afile").read_text() == "x" and (tmp_path / "bin.yaml").is_file()
 
 
 def test_export_of_a_non_run_dir_says_so(tmp_path):
-    r = meshbake("export", str(tmp_path), "-o", str(tmp_path / "hf"))
+    r = cli("export", str(tmp_path), "-o", str(tmp_path / "hf"))
     assert r.returncode != 0 and "Traceback" not in r.stderr and "not a run dir" in r.stderr, r.stderr
     assert not (tmp_path / "hf").exists()

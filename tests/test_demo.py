@@ -4,14 +4,11 @@ from another directory with the recipe's env set-up line; train and eval loss fa
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, VENV_BIN, launch_env
 
 pytestmark = pytest.mark.dist
 
@@ -20,17 +17,15 @@ def test_tiny_chat_bundle_prepares_and_trains_via_launch_sh(tmp_path):
     from meshbake.compiler.bundle import write_bundle
     from meshbake.compiler.pipeline import compile_recipe
 
-    venv = Path(sys.executable).parent
     b = compile_recipe((ROOT / "recipes/tiny_chat.yaml").read_text(), source="tiny_chat",
                        overrides=("train.steps=12", "checkpoint.every_steps=6", "train.eval_every=6",
-                                  f"cluster.env_setup='export PATH={venv}:$PATH'"))
+                                  f"cluster.env_setup='export PATH={VENV_BIN}:$PATH'"))
     assert hasattr(b, "files"), b
     write_bundle(b.files, tmp_path / "bundle" / "out")
     work = tmp_path / "work"                 # launched from elsewhere; data/ relative to it
     work.mkdir()
     (work / "data").symlink_to(ROOT / "data")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHBAKE")}
-    env["PATH"] = "/usr/bin:/bin"            # no venv on PATH: the env_setup line provides it
+    env = launch_env(PATH="/usr/bin:/bin")  # no venv on PATH: the env_setup line provides it
     p = subprocess.run(["bash", str(tmp_path / "bundle/out/launch.sh")], cwd=work, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
@@ -54,8 +49,7 @@ def test_missing_data_is_one_clear_line_not_a_traceback(tmp_path):
 
     b = compile_recipe((ROOT / "recipes/tiny_cpu.yaml").read_text(), source="tiny_cpu")
     write_bundle(b.files, tmp_path / "out")
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    p = subprocess.run(["bash", str(tmp_path / "out/launch.sh")], cwd=tmp_path, env=env,   # no data/ here
+    p = subprocess.run(["bash", str(tmp_path / "out/launch.sh")], cwd=tmp_path, env=launch_env(),   # no data/ here
                        capture_output=True, text=True, timeout=300)
     assert p.returncode != 0
     assert "meshbake: data.path: 'data/shakespeare.txt' not found" in p.stderr

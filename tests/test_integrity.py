@@ -1,58 +1,42 @@
 """Nothing is lost: export never deletes what it did not write (issue 9, finding 2), and a
 checkpoint is verified against the digests written at save (finding 3).
 
-One real checkpoint, made once per module: a 1-process gloo group saves the tiny-llama of a
-compiled plan through runtime.checkpoint.save (the same code the ranks run), so export reads
-real DCP shards.
+One real checkpoint, made once per module: a 1-process gloo group (in this process) saves the
+tiny-llama of a compiled plan through runtime.checkpoint.save (the same code the ranks run), so
+export reads real DCP shards.
 """
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.helpers import ROOT
-
-SAVE = r"""
-import sys, torch, torch.distributed as dist
-from pathlib import Path
-from transformers import AutoModelForCausalLM
-from meshbake.runtime import checkpoint as ck
-from meshbake.runtime.parallel import hf_config
-from meshbake.runtime.plan import load_plan
-run = Path(sys.argv[1])
-plan = load_plan(str(run / "plan.json"))
-dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-torch.manual_seed(0)
-m = AutoModelForCausalLM.from_config(hf_config(plan.model.config), dtype=torch.float32)
-opt = torch.optim.AdamW(m.parameters())
-for step in (1, 2, 3):
-    m(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
-    opt.step()
-    ck.save(run / "checkpoints", step, m, opt, {"step": step, "scheduler": {}}, keep=int(sys.argv[2]))
-"""
+from tests.helpers import cli, compiled, one_process_group, tiny_recipe
 
 
 def make_run(run: Path, keep: int = 3) -> Path:
-    from meshbake.compiler.pipeline import compile_recipe
+    """A 1-process gloo group saves 3 steps of the plan's tiny-llama through checkpoint.save."""
+    import torch
+    from meshbake.runtime import checkpoint as ck
+    from meshbake.runtime.parallel import hf_config
+    from meshbake.runtime.plan import load_plan
+    from transformers import AutoModelForCausalLM
 
-    recipe = {"name": "integrity", "model": {"config": "tiny-llama", "dtype": "float32"},
-              "cluster": {"nodes": 1, "gpus_per_node": 1, "device": "cpu", "gpu_memory_gb": 8},
-              "train": {"seq_len": 32, "micro_batch_size": 1, "global_batch_size": 1, "steps": 3,
-                        "mixed_precision": {"param_dtype": "float32", "reduce_dtype": "float32"}},
-              "data": {"source": "synthetic"}}
-    b = compile_recipe(yaml.safe_dump(recipe), source="integrity")
-    assert hasattr(b, "files"), b
+    b = compiled(tiny_recipe("integrity", 1, tp=None, checkpoint=None,
+                             train={"micro_batch_size": 1, "global_batch_size": 1, "steps": 3}))
     run.mkdir(parents=True)
     (run / "plan.json").write_bytes(b.files["plan.json"])
-    p = subprocess.run([sys.executable, "-c", SAVE, str(run), str(keep)], capture_output=True, text=True, cwd=ROOT,
-                       timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
-    assert p.returncode == 0, p.stderr[-3000:]
+    plan = load_plan(str(run / "plan.json"))
+    with one_process_group(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_config(hf_config(plan.model.config), dtype=torch.float32)
+        opt = torch.optim.AdamW(m.parameters())
+        for step in (1, 2, 3):
+            m(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
+            opt.step()
+            ck.save(run / "checkpoints", step, m, opt, {"step": step, "scheduler": {}}, keep=keep)
     return run
 
 
@@ -73,27 +57,9 @@ def fresh(saved: Path, tmp: Path) -> Path:
     return tmp / "w"
 
 
-class Ran:
-    def __init__(self, returncode: int, stderr: str):
-        self.returncode, self.stderr = returncode, stderr
-
-
-def export(*args: str, cwd: Path) -> Ran:
-    """`meshbake export ARGS` run in this process from cwd (a subprocess costs seconds of imports)."""
-    import contextlib
-    import io
-    import os
-
-    from meshbake.compiler.cli import main
-
-    err, here = io.StringIO(), os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            rc = main(["export", *args])
-    finally:
-        os.chdir(here)
-    return Ran(rc, err.getvalue())
+def export(*args: str, cwd: Path):
+    """`meshbake export ARGS` run in this process from cwd."""
+    return cli("export", *args, cwd=cwd)
 
 
 def tree(d: Path) -> list[str]:

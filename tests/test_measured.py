@@ -6,14 +6,10 @@ One launch runs every case (tests/dist/measure.py); a torchrun start costs 5-10 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-import yaml
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, plan_of, tiny_recipe, torchrun
 
 pytestmark = pytest.mark.dist
 WORLD = 4
@@ -22,25 +18,14 @@ WORLD = 4
 def plan_dict(name: str, *, dp_replicate=1, dp_shard=1, tp=1, cp=1, sp=False, lp=False, model="tiny-llama",
               seq=32, mbs=2, gbs=None, ac="none", param_dtype="float32", reduce_dtype="float32", lora=0,
               grad_sync="every_micro_step") -> dict:
-    from meshbake.compiler.pipeline import compile_recipe
-
     dp = dp_replicate * dp_shard
-    recipe = {
-        "name": name,
-        "model": {"config": model, "dtype": "float32"},
-        "mesh": {"dp_replicate": dp_replicate, "dp_shard": dp_shard, "cp": cp, "tp": tp},
-        "tp": {"sequence_parallel": sp, "loss_parallel": lp},
-        "cluster": {"nodes": 1, "gpus_per_node": WORLD, "device": "cpu", "gpu_memory_gb": 8},
-        "train": {"seq_len": seq, "micro_batch_size": mbs, "global_batch_size": gbs or mbs * dp, "steps": 2,
-                  "lr": 1e-3, "warmup_steps": 1, "activation_checkpointing": ac, "grad_sync": grad_sync,
-                  "mixed_precision": {"param_dtype": param_dtype, "reduce_dtype": reduce_dtype}},
-        "data": {"source": "synthetic"},
-        "checkpoint": {"every_steps": 0, "save_on_exit": False},
-        "lora": {"rank": lora, "alpha": 8, "targets": ["q_proj", "v_proj", "o_proj", "down_proj"]},
-    }
-    b = compile_recipe(yaml.safe_dump(recipe), source=name)
-    assert hasattr(b, "files"), b
-    return json.loads(b.files["plan.json"])
+    return plan_of(tiny_recipe(
+        name, WORLD, mesh={"dp_replicate": dp_replicate, "dp_shard": dp_shard, "cp": cp, "tp": tp}, sp=sp, lp=lp,
+        model=model,
+        train={"seq_len": seq, "micro_batch_size": mbs, "global_batch_size": gbs or mbs * dp, "steps": 2,
+               "lr": 1e-3, "warmup_steps": 1, "activation_checkpointing": ac, "grad_sync": grad_sync,
+               "mixed_precision": {"param_dtype": param_dtype, "reduce_dtype": reduce_dtype}},
+        lora={"rank": lora, "alpha": 8, "targets": ["q_proj", "v_proj", "o_proj", "down_proj"]}))
 
 
 CASES = {
@@ -70,11 +55,7 @@ def measured(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("measure")
     cases = [{"name": n, "plan": plan_dict(n, **kw)} for n, kw in CASES.items()]
     (tmp / "cases.json").write_text(json.dumps(cases))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
-           str(ROOT / "tests/dist/measure.py"), str(tmp / "cases.json"), str(tmp / "out.json")]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp)
-    assert p.returncode == 0, p.stderr[-6000:]
+    torchrun(WORLD, ROOT / "tests/dist/measure.py", str(tmp / "cases.json"), str(tmp / "out.json"), cwd=tmp)
     out = json.loads((tmp / "out.json").read_text())
     return {c["name"]: dict(out[c["name"]], plan=c["plan"]) for c in cases}
 

@@ -17,7 +17,7 @@ import yaml
 from meshbake.runtime import plan as P
 
 from tests.dist.reference import reference_losses
-from tests.helpers import ROOT
+from tests.helpers import ROOT, tiny_recipe
 
 MODELS = ROOT / "tests" / "models"
 TYPES = sorted(p.name for p in MODELS.iterdir() if (p / "config.json").is_file())
@@ -47,18 +47,9 @@ def config_path(model_type: str) -> str:
 
 
 def recipe(name: str, model_type: str, *, dp_shard=2, tp=2, sp=True, lp=True) -> dict:
-    return {
-        "name": name,
-        "model": {"config": config_path(model_type), "dtype": "float32"},
-        "mesh": {"dp_shard": dp_shard, "tp": tp},
-        "tp": {"sequence_parallel": sp, "loss_parallel": lp},
-        "cluster": {"nodes": 1, "gpus_per_node": dp_shard * tp, "device": "cpu", "gpu_memory_gb": 8},
-        "train": {"seq_len": 32, "micro_batch_size": 2, "global_batch_size": 8, "steps": STEPS, "lr": 2e-3,
-                  "min_lr": 2e-4, "warmup_steps": 1, "grad_clip": 1.0,
-                  "mixed_precision": {"param_dtype": "float32", "reduce_dtype": "float32"}},
-        "data": {"source": "synthetic"},
-        "checkpoint": {"every_steps": 0, "save_on_exit": False},
-    }
+    return tiny_recipe(name, dp_shard * tp, mesh={"dp_shard": dp_shard, "tp": tp}, sp=sp, lp=lp,
+                       model=config_path(model_type),
+                       train={"steps": STEPS, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 1, "grad_clip": 1.0})
 
 
 def compile_model(model_type: str, **kw):

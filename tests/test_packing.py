@@ -10,18 +10,14 @@ tp 2): the resumed steps read the next unseen samples (losses equal the uninterr
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from meshbake.runtime import plan as P
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, plan_of, tiny_recipe, torchrun
 
 T = 64
 LENGTHS = [9, 17, 6, 20, 12]           # positions per document: 64 = one full window
@@ -29,18 +25,10 @@ RTOL = 1e-5
 
 
 def plan_for(name: str, world: int, **mesh) -> dict:
-    from meshbake.compiler.pipeline import compile_recipe
-
     sp, lp = mesh.pop("sp", False), mesh.pop("lp", False)
-    r = {"name": name, "model": {"config": "tiny-llama", "dtype": "float32"}, "mesh": {"dp_shard": 1, **mesh},
-         "tp": {"sequence_parallel": sp, "loss_parallel": lp},
-         "cluster": {"nodes": 1, "gpus_per_node": world, "device": "cpu", "gpu_memory_gb": 8},
-         "train": {"seq_len": T, "micro_batch_size": 1, "global_batch_size": mesh.get("dp_shard", 1), "steps": 1,
-                   "mixed_precision": {"param_dtype": "float32", "reduce_dtype": "float32"}},
-         "checkpoint": {"every_steps": 0, "save_on_exit": False}}
-    b = compile_recipe(yaml.safe_dump(r), source=name)
-    assert hasattr(b, "files"), b
-    return json.loads(b.files["plan.json"])
+    return plan_of(tiny_recipe(name, world, mesh={"dp_shard": 1, **mesh}, sp=sp, lp=lp, data=None,
+                               train={"seq_len": T, "micro_batch_size": 1, "global_batch_size": mesh.get("dp_shard", 1),
+                                      "steps": 1}))
 
 
 def documents() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -122,19 +110,15 @@ def resume_plans(tmp: Path) -> list[dict]:
     """Three plans over one prepared chat dataset (seq 64): 6 steps on dp_shard 4; 3 steps on
     dp_shard 4 with a checkpoint; 6 steps on dp_shard 2 x tp 2 resuming from it. A constant LR:
     a cosine over 3 steps would differ from one over 6 whatever the data."""
-    from meshbake.compiler.pipeline import compile_recipe
     from meshbake.runtime.prepare import prepare
 
     def one(steps: int, mesh: dict, sp: bool) -> dict:
-        r = {"name": "resume", "model": {"config": "tiny-llama", "dtype": "float32"}, "mesh": mesh,
-             "tp": {"sequence_parallel": sp, "loss_parallel": sp},
-             "cluster": {"nodes": 1, "gpus_per_node": 4, "device": "cpu", "gpu_memory_gb": 8},
-             "train": {"seq_len": T, "micro_batch_size": 2, "global_batch_size": 8, "steps": steps, "lr": 2e-3,
-                       "lr_schedule": "constant", "mixed_precision": {"param_dtype": "float32", "reduce_dtype": "float32"}},
-             "data": {"format": "chat", "path": str(ROOT / "data/chat/chatterbot_en.jsonl"),
-                      "tokenizer": str(ROOT / "data/chat_tokenizer"), "prepared_dir": str(tmp / "prepared")},
-             "checkpoint": {"every_steps": 3, "keep": 1, "save_on_exit": False}}
-        return json.loads(compile_recipe(yaml.safe_dump(r)).files["plan.json"])
+        return plan_of(tiny_recipe(
+            "resume", 4, mesh=mesh, sp=sp, lp=sp,
+            train={"seq_len": T, "steps": steps, "lr": 2e-3, "lr_schedule": "constant"},
+            data={"format": "chat", "path": str(ROOT / "data/chat/chatterbot_en.jsonl"),
+                  "tokenizer": str(ROOT / "data/chat_tokenizer"), "prepared_dir": str(tmp / "prepared")},
+            checkpoint={"every_steps": 3, "keep": 1, "save_on_exit": False}))
     plans = [one(6, {"dp_shard": 4}, False), one(3, {"dp_shard": 4}, False),
              one(6, {"dp_shard": 2, "tp": 2}, True)]
     prepare(P.from_dict(plans[0]), quiet=True, log=lambda s: None)    # one dataset: the options are equal
@@ -147,11 +131,7 @@ def test_packed_row_equals_documents_alone_under_tp_sp_and_cp(reference, tmp_pat
     cases = [{"name": n, "plan": plan_for(n, 4, **kw), **packed_row()} for n, kw in CASES.items()]
     cases.append({"name": "resume", "kind": "resume", "plans": resume_plans(tmp_path), "dir": str(tmp_path / "runs")})
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-           str(ROOT / "tests/dist/packed_worker.py"), str(tmp_path / "cases.json"), str(tmp_path)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-6000:]
+    torchrun(4, ROOT / "tests/dist/packed_worker.py", str(tmp_path / "cases.json"), str(tmp_path), cwd=tmp_path)
     for name in CASES:
         got = torch.load(tmp_path / f"{name}.pt")
         rel_loss = float(((per_doc(got["tok_loss"]) - want_loss).abs() / want_loss.abs()).max())

@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from meshbake.runtime import plan as P
 from meshbake.runtime.checkpoint import list_checkpoints
 
 from tests.dist.reference import reference_losses
-from tests.helpers import ROOT
+from tests.helpers import ROOT, plan_of, tiny_recipe
+from tests.helpers import torchrun as launch
 
 pytestmark = pytest.mark.dist
 RTOL = 1e-4          # the bar for fp32; Adam amplifies rounding differences step by step
@@ -30,24 +27,13 @@ STEPS = 6
 def plan_dict(name: str, world: int, *, dp_replicate=1, dp_shard=1, tp=1, cp=1, sp=False, lp=False,
               model="tiny-llama", mbs=2, gbs=8, ac="none", compile_=False, param_dtype="float32",
               lora=0) -> dict:
-    from meshbake.compiler.pipeline import compile_recipe
-
-    recipe = {
-        "name": name,
-        "model": {"config": model, "dtype": "float32"},
-        "mesh": {"dp_replicate": dp_replicate, "dp_shard": dp_shard, "cp": cp, "tp": tp},
-        "tp": {"sequence_parallel": sp, "loss_parallel": lp},
-        "cluster": {"nodes": 1, "gpus_per_node": world, "device": "cpu", "gpu_memory_gb": 8},
-        "train": {"seq_len": 32, "micro_batch_size": mbs, "global_batch_size": gbs, "steps": STEPS,
-                  "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 2, "grad_clip": 1.0, "activation_checkpointing": ac,
-                  "compile": compile_, "mixed_precision": {"param_dtype": param_dtype, "reduce_dtype": "float32"}},
-        "data": {"source": "synthetic"},
-        "checkpoint": {"every_steps": 0, "save_on_exit": False},
-        "lora": {"rank": lora, "alpha": 8, "targets": ["q_proj", "v_proj", "o_proj", "down_proj"]},
-    }
-    b = compile_recipe(yaml.safe_dump(recipe), source=name)
-    assert hasattr(b, "files"), b
-    return json.loads(b.files["plan.json"])
+    return plan_of(tiny_recipe(
+        name, world, mesh={"dp_replicate": dp_replicate, "dp_shard": dp_shard, "cp": cp, "tp": tp}, sp=sp, lp=lp,
+        model=model,
+        train={"micro_batch_size": mbs, "global_batch_size": gbs, "steps": STEPS, "lr": 2e-3, "min_lr": 2e-4,
+               "warmup_steps": 2, "grad_clip": 1.0, "activation_checkpointing": ac, "compile": compile_,
+               "mixed_precision": {"param_dtype": param_dtype, "reduce_dtype": "float32"}},
+        lora={"rank": lora, "alpha": 8, "targets": ["q_proj", "v_proj", "o_proj", "down_proj"]}))
 
 
 def cases_world4(weights: str) -> list[dict]:
@@ -101,11 +87,7 @@ INPUT = [[(7 * i + 3 * j) % 4096 for i in range(32)] for j in range(2)]
 
 def torchrun(world: int, cases: list[dict], tmp: Path) -> dict:
     (tmp / "cases.json").write_text(json.dumps(cases))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-           str(ROOT / "tests/dist/worker.py"), str(tmp / "cases.json"), str(tmp / "out.json")]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp)
-    assert p.returncode == 0, p.stderr[-6000:]
+    launch(world, ROOT / "tests/dist/worker.py", str(tmp / "cases.json"), str(tmp / "out.json"), cwd=tmp)
     return json.loads((tmp / "out.json").read_text())
 
 

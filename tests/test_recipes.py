@@ -2,15 +2,13 @@
 realistic mistake whose first line `# expect: <json.path>` names where it must be reported."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from meshbake.compiler.errors import Err
 from meshbake.compiler.pipeline import compile_recipe
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, cli
 
 VALID = sorted((ROOT / "tests/recipes/valid").glob("*.yaml"))
 INVALID = sorted((ROOT / "tests/recipes/invalid").glob("*.yaml"))
@@ -49,8 +47,7 @@ def test_invalid_recipe_reports_its_path(path, monkeypatch):
 @pytest.mark.parametrize("name", ["typo_key", "tp_cross_node", "duplicate_key"])
 def test_cli_exit_2_with_path_and_no_traceback(name):
     path = ROOT / "tests/recipes/invalid" / f"{name}.yaml"
-    p = subprocess.run([sys.executable, "-m", "meshbake.compiler", "check", str(path)], capture_output=True, text=True,
-                       cwd=ROOT, timeout=60)
+    p = cli("check", str(path))
     assert p.returncode == 2
     assert f"  {expected(path)}:" in p.stderr
     assert "Traceback" not in p.stderr + p.stdout

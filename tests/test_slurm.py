@@ -2,21 +2,26 @@
 recipe bundled for the local-cpu profile, `sbatch --wait out/job.sbatch`; then a preemption:
 USR1 to the batch shell -> checkpoint -> `scontrol requeue` -> the job resumes and finishes.
 The cluster is stopped (daemons by pid, state dir removed) even when a test fails.
+
+One cluster start for the module, and the four jobs (sbatch --wait and three preemption
+variants) run at the same time on it: each takes 2 CPUs and 2 GPUs of each node's 16 and 8, so
+the scheduler starts them together, and Slurm's waits (scheduling, the requeue hold, the
+steps' start) overlap instead of adding up. Each job has its own submit dir, run dir and
+rendezvous port (20000 + job id).
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
-import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, launch_env
 
 pytestmark = pytest.mark.slurm
 UP, DOWN = ROOT / "scripts/slurm-local/up.sh", ROOT / "scripts/slurm-local/down.sh"
@@ -27,8 +32,7 @@ def slurm(tmp_path_factory):
     missing = [b for b in ("slurmctld", "slurmd", "munged", "sbatch") if not shutil.which(b)]
     assert not missing, f"Slurm is not installed ({missing}); `make install` installs it from Debian"
     state = tmp_path_factory.mktemp("slurm") / "cluster"
-    env = dict(os.environ, SLURM_CONF=str(state / "slurm.conf"),
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")   # the python on PATH on the nodes
+    env = launch_env(SLURM_CONF=str(state / "slurm.conf"))    # the venv's python first on PATH on the nodes
     t0 = time.perf_counter()
     try:
         up = subprocess.run([str(UP), str(state)], capture_output=True, text=True, timeout=120)
@@ -66,42 +70,24 @@ def metrics(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
-def test_sbatch_wait_trains_on_two_nodes(slurm, tmp_path):
-    d = submit_dir(tmp_path, "train.steps=10")
+def sbatch_wait(slurm, d: Path) -> dict:
     t0 = time.perf_counter()
     p = subprocess.run(["sbatch", "--wait", "--parsable", "out/job.sbatch"], cwd=d, env=slurm,
-                       capture_output=True, text=True, timeout=300)
-    out = "".join(f.read_text() for f in d.glob("meshbake-tiny_slurm-*.*"))
-    assert p.returncode == 0, f"{p.stderr}{out}\n{daemon_logs(slurm)}"
-    print(f"sbatch --wait: {time.perf_counter() - t0:.1f} s")
-    run = d / "runs/tiny_slurm"
-    log = (run / "train.log").read_text()
-    assert "ranks by host: n1: [0, 1], n2: [2, 3]" in log, log      # 4 ranks, 2 per node, tp in a node
-    losses = metrics(run)
-    assert sorted(losses) == list(range(1, 11)) and all(math.isfinite(v) for v in losses.values())
-    assert losses[10] < losses[1]
-    assert (run / "checkpoints/step-10/COMMITTED").is_file()
-    assert "job.sbatch: job" in out and "restart 0 on n[1-2]" in out
+                       capture_output=True, text=True, timeout=900)
+    return {"returncode": p.returncode, "stderr": p.stderr, "seconds": time.perf_counter() - t0}
 
 
-@pytest.mark.parametrize("signal", [("--signal=USR1", "--batch"), ("--signal=TERM", "--batch"), ("--signal=TERM",)],
-                         ids=["usr1-batch-shell", "term-batch-shell", "term-every-step-process"])
-def test_preemption_requeues_and_resumes(slurm, tmp_path, signal):
-    """USR1 to the batch shell: what --signal=B:USR1@N does before the time limit. TERM to the
-    batch shell (passed to srun as USR1: srun SIGKILLs its tasks on a TERM of its own). TERM to
-    every process of the step (launch.sh, torchrun, the workers): torchrun must not die of it
-    (issue 9). Not covered, a Slurm limit: TERM to srun itself (scancel --full, or a time limit
-    without the USR1 warning) makes srun SIGKILL the tasks at once."""
-    d = submit_dir(tmp_path, "train.steps=40")
+def preempt(slurm, d: Path, signal: tuple[str, ...]) -> dict:
+    """Submit, signal once >= 3 steps are logged, let the requeued job start 3 s later, wait for the end."""
     run = d / "runs/tiny_slurm"
     jid = subprocess.run(["sbatch", "--parsable", "out/job.sbatch"], cwd=d, env=slurm, capture_output=True,
                          text=True, check=True).stdout.strip().split(";")[0]
-    deadline = time.time() + 120
+    deadline = time.time() + 600          # generous: the module's four jobs share this machine's cores
     while not ((run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
         assert time.time() < deadline, "job did not start training"
         time.sleep(0.2)
     subprocess.run(["scancel", *signal, jid], env=slurm, check=True)
-    deadline = time.time() + 240
+    deadline = time.time() + 900
     requeued = False
     while True:
         info = job(slurm, jid)
@@ -116,8 +102,62 @@ def test_preemption_requeues_and_resumes(slurm, tmp_path, signal):
             break
         assert time.time() < deadline, info
         time.sleep(0.5)
+    return {"info": info, "requeued": requeued}
+
+
+SIGNALS = {"usr1-batch-shell": ("--signal=USR1", "--batch"), "term-batch-shell": ("--signal=TERM", "--batch"),
+           "term-every-step-process": ("--signal=TERM",)}
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm, tmp_path_factory) -> dict[str, tuple[Path, dict | BaseException]]:
+    """All four jobs at once: name -> (submit dir, outcome or the exception the driver raised)."""
+    dirs = {"sbatch-wait": submit_dir(tmp_path_factory.mktemp("sbatch-wait"), "train.steps=10")}
+    for name in SIGNALS:
+        dirs[name] = submit_dir(tmp_path_factory.mktemp(name), "train.steps=40")
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(dirs)) as pool:
+        futures = {"sbatch-wait": pool.submit(sbatch_wait, slurm, dirs["sbatch-wait"])}
+        futures.update({name: pool.submit(preempt, slurm, dirs[name], sig) for name, sig in SIGNALS.items()})
+        out = {name: (dirs[name], f.exception() or f.result()) for name, f in futures.items()}
+    print(f"four Slurm jobs at once: {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def outcome(jobs, name: str) -> tuple[Path, dict]:
+    d, r = jobs[name]
+    if isinstance(r, BaseException):
+        raise r
+    return d, r
+
+
+def test_sbatch_wait_trains_on_two_nodes(slurm, jobs):
+    d, p = outcome(jobs, "sbatch-wait")
     out = "".join(f.read_text() for f in d.glob("meshbake-tiny_slurm-*.*"))
-    assert requeued and info.get("JobState", "COMPLETED") == "COMPLETED", f"{info}\n{out[-3000:]}\n{daemon_logs(slurm)}"
+    assert p["returncode"] == 0, f"{p['stderr']}{out}\n{daemon_logs(slurm)}"
+    print(f"sbatch --wait: {p['seconds']:.1f} s")
+    run = d / "runs/tiny_slurm"
+    log = (run / "train.log").read_text()
+    assert "ranks by host: n1: [0, 1], n2: [2, 3]" in log, log      # 4 ranks, 2 per node, tp in a node
+    losses = metrics(run)
+    assert sorted(losses) == list(range(1, 11)) and all(math.isfinite(v) for v in losses.values())
+    assert losses[10] < losses[1]
+    assert (run / "checkpoints/step-10/COMMITTED").is_file()
+    assert "job.sbatch: job" in out and "restart 0 on n[1-2]" in out
+
+
+@pytest.mark.parametrize("variant", list(SIGNALS))
+def test_preemption_requeues_and_resumes(slurm, jobs, variant):
+    """USR1 to the batch shell: what --signal=B:USR1@N does before the time limit. TERM to the
+    batch shell (passed to srun as USR1: srun SIGKILLs its tasks on a TERM of its own). TERM to
+    every process of the step (launch.sh, torchrun, the workers): torchrun must not die of it
+    (issue 9). Not covered, a Slurm limit: TERM to srun itself (scancel --full, or a time limit
+    without the USR1 warning) makes srun SIGKILL the tasks at once."""
+    d, r = outcome(jobs, variant)
+    info, run = r["info"], d / "runs/tiny_slurm"
+    out = "".join(f.read_text() for f in d.glob("meshbake-tiny_slurm-*.*"))
+    assert r["requeued"] and info.get("JobState", "COMPLETED") == "COMPLETED", \
+        f"{info}\n{out[-3000:]}\n{daemon_logs(slurm)}"
     stopped = int(next(line for line in (run / "train.log").read_text().splitlines()
                        if line.startswith("stop signal")).split("step ")[1].split(",")[0])
     assert f"resumed from step-{stopped}" in (run / "train.log").read_text()

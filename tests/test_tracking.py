@@ -8,13 +8,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 from meshbake.compiler.errors import Err
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, launch_env
 
 
 def _tiny(steps: int, **extra) -> str:
@@ -37,8 +36,8 @@ def tracked_run(tmp_path_factory):
     assert not isinstance(b, Err), b
     write_bundle(b.files, tmp / "out")
     (tmp / "data").symlink_to(ROOT / "data")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHBAKE", "WANDB"))}
-    env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", OMP_NUM_THREADS="1", WANDB_SILENT="true")
+    env = {k: v for k, v in launch_env().items() if not k.startswith("WANDB")}
+    env["WANDB_SILENT"] = "true"
     p = subprocess.run(["bash", str(tmp / "out/launch.sh")], cwd=tmp, env=env, capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

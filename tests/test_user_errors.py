@@ -7,42 +7,30 @@ private mount namespace (`unshare --mount`), gone when the launch ends.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from meshbake.runtime.checkpoint import list_checkpoints, verify
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, launch_env, tiny_recipe, write_bundle_of
 
 pytestmark = pytest.mark.dist
 
 
 def bundle(tmp: Path, data: Path) -> Path:
-    from meshbake.compiler.bundle import write_bundle
-    from meshbake.compiler.pipeline import compile_recipe
-
-    recipe = {"name": "usererr", "model": {"config": "tiny-llama", "dtype": "float32"}, "mesh": {"dp_shard": 2},
-              "cluster": {"nodes": 1, "gpus_per_node": 2, "device": "cpu", "gpu_memory_gb": 8},
-              "train": {"seq_len": 32, "micro_batch_size": 1, "global_batch_size": 2, "steps": 20, "warmup_steps": 1,
-                        "mixed_precision": {"param_dtype": "float32", "reduce_dtype": "float32"}},
-              "data": {"source": "jsonl", "path": str(data), "tokenizer": str(ROOT / "data/tokenizer")},
-              "checkpoint": {"every_steps": 10, "keep": 2}}
-    b = compile_recipe(yaml.safe_dump(recipe), source="usererr")
-    assert hasattr(b, "files"), b
-    write_bundle(b.files, tmp / "bundle")
-    return tmp / "bundle"
+    return write_bundle_of(tiny_recipe(
+        "usererr", 2, tp=None,
+        train={"micro_batch_size": 1, "global_batch_size": 2, "steps": 20, "warmup_steps": 1},
+        data={"source": "jsonl", "path": str(data), "tokenizer": str(ROOT / "data/tokenizer")},
+        checkpoint={"every_steps": 10, "keep": 2}), tmp / "bundle")
 
 
 def launch(b: Path, run: Path, mount: str = "", after: str = "true") -> subprocess.CompletedProcess:
     """bash launch.sh, after `mount` (a shell command) in a private mount namespace if given,
     then `after` (in the namespace still)."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", MESHBAKE_RUN_DIR=str(run),
-               OMP_NUM_THREADS="1")
+    env = launch_env(run)
     cmd = ["bash", str(b / "launch.sh")]
     if mount:
         script = f"{mount} && {{ bash {b / 'launch.sh'}; rc=$?; {after}; exit $rc; }}"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, cli
 
 pytestmark = pytest.mark.dist
 
@@ -59,8 +59,9 @@ def test_wheel_installs_bundles_and_trains_from_another_directory(tmp_path):
     sets = ["--set", "train.steps=3", "--set", "train.warmup_steps=1", "--set", "checkpoint.every_steps=0"]
     _run([meshbake, "bundle", "tiny_cpu", "-o", "out", *sets], cwd=work, env=env)
     # the wheel's bundle is the checkout's bundle (templates, runtime, catalog all came along)
-    ref = _run([sys.executable, "-m", "meshbake.compiler", "plan", "tiny_cpu", "--json", *sets], cwd=ROOT).stdout
-    assert (work / "out" / "plan.json").read_text() == ref
+    ref = cli("plan", "tiny_cpu", "--json", *sets)
+    assert ref.returncode == 0, ref.stderr
+    assert (work / "out" / "plan.json").read_text() == ref.stdout
     _run(["bash", "out/launch.sh"], cwd=work, env={**env, "MESHBAKE_PYTHON": str(py)}, timeout=600)
     metrics = list(work.glob("runs/*/metrics.jsonl"))
     assert metrics and len(metrics[0].read_text().splitlines()) >= 3, metrics

@@ -5,7 +5,7 @@ import json
 
 import torch.distributed as dist
 
-from tests.helpers import cli
+from tests.helpers import ROOT, cli
 
 
 def dryrun(*args: str) -> tuple[int, dict]:

@@ -230,6 +230,10 @@ def derive(cls: type, base: Any, **facts: Any):
 def _generate() -> dict[str, type]:
     g = _Generator()
     g.object_class(schema(), "", "Recipe")
+    names: dict[str, type] = {}
+    for path, cls in g.by_path.items():
+        if names.setdefault(cls.__name__, cls) is not cls:     # two different objects named alike
+            raise ValueError(f"recipe.schema.json: {path} would be a second class {cls.__name__}; rename the key")
     return dict(g.by_path)
 
 

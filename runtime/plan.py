@@ -4,7 +4,8 @@ The compiler builds a `Plan` and writes `plan.json`; the runtime reads it back w
 `load_plan`. This module is stdlib only, so a bundle runs with torch + transformers and
 nothing of the compiler. Every field the runtime acts on is here; nothing is re-derived.
 
-Placement styles (tp.placements maps a module fqn to one of these):
+Placement styles (tp.placements maps a module fqn to one of these; runtime/roles.SHARD_DIM is the
+table of which dim each splits):
   colwise            Linear sharded on its output dim (q/k/v/gate/up; lm_head = vocab dim)
   rowwise            Linear sharded on its input dim (o_proj/down_proj); Embedding on vocab dim 0
   sequence_parallel  norm computed on a sequence shard (only with tp.sequence_parallel)
@@ -30,8 +31,6 @@ from .roles import ModelRoles
 from .sections import build, section, to_dict
 
 PLAN_VERSION = 1
-STYLES = ("colwise", "rowwise", "sequence_parallel", "replicate", "colwise_qkv", "colwise_gate_up", "experts",
-          "local_heads", "colwise_norm")
 
 
 @dataclass(frozen=True)

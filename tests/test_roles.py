@@ -80,6 +80,7 @@ def _placed(model_type: str, lora: tuple[str, ...]) -> tuple[P.Plan, dict]:
     import torch.distributed as dist
     import yaml
     from meshbake.compiler.pipeline import compile_recipe
+    from meshbake.runtime.dims import DIMS
     from meshbake.runtime.parallel import parallelize
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
@@ -93,7 +94,7 @@ def _placed(model_type: str, lora: tuple[str, ...]) -> tuple[P.Plan, dict]:
     plan = P.from_dict(json.loads(compile_recipe(yaml.safe_dump(r)).files["plan.json"]))
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     try:
-        model = parallelize(plan, init_device_mesh("cpu", plan.mesh.shape, mesh_dim_names=P.MESH_DIMS))
+        model = parallelize(plan, init_device_mesh("cpu", plan.mesh.shape, mesh_dim_names=DIMS))
         dims = {n: next((p.dim for p in t.placements if isinstance(p, Shard)), None) if isinstance(t, DTensor)
                 else None for n, t in model.named_parameters()}
     finally:

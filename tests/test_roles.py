@@ -72,3 +72,57 @@ def test_plan_and_roles_are_stdlib_only():
             "import meshbake.runtime.plan, meshbake.runtime.roles")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
+
+
+def _placed(model_type: str, lora: tuple[str, ...]) -> tuple[P.Plan, dict]:
+    """{param name: (style, tensor, its tp Shard dim or None)} of the job's own build at tp 2
+    (runtime/parallel.parallelize on a fake process group, meta tensors)."""
+    import torch.distributed as dist
+    from meshbake.runtime.parallel import parallelize
+    from meshbake.runtime.train import world_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from tests.helpers import plan_of, tiny_recipe
+
+    lo = {"rank": 4, "alpha": 8, "targets": list(lora)} if lora else None
+    plan = P.from_dict(plan_of(tiny_recipe(model_type, 2, mesh={"dp_shard": 1, "tp": 2}, sp=True, lp=True, lora=lo,
+                                           model=str(ROOT / "tests" / "models" / model_type / "config.json"))))
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        model = parallelize(plan, world_mesh(plan))
+        dims = {n: next((p.dim for p in t.placements if isinstance(p, Shard)), None) if isinstance(t, DTensor)
+                else None for n, t in model.named_parameters()}
+    finally:
+        dist.destroy_process_group()
+    return plan, dims
+
+
+@pytest.mark.parametrize("model_type,lora", [
+    ("llama", ("q_proj", "o_proj", "down_proj")), ("phi3", ("qkv_proj", "o_proj", "gate_up_proj")),
+    ("olmo2", ()), ("qwen3_moe", ()), ("qwen2", ("k_proj",))])      # qwen2: colwise biases, tied
+def test_the_runtime_splits_what_the_table_says(model_type, lora):
+    """Every parameter the runtime builds is split on the dim SHARD_DIM gives its style (and
+    a LoRA factor on lora_dims'), so the compiler's shapes are the runtime's."""
+    from meshbake.runtime.roles import lora_dims, shard_dim
+
+    plan, dims = _placed(model_type, lora)
+    kinds = {"experts": {"gate_up_proj": "experts", "down_proj": "experts.down_proj"}}
+    seen = set()
+    for name, dim in dims.items():
+        fqn, _, leaf = name.rpartition(".")
+        style = plan.tp.placements.get(fqn)
+        if style is None:
+            continue                                   # a tied lm_head.weight is listed under the embedding
+        if leaf in ("lora_A", "lora_B"):
+            want = lora_dims(style)[leaf == "lora_B"]
+        elif style == "experts":
+            want = shard_dim(style, kinds["experts"][leaf])
+        else:
+            kind = "norm" if "norm" in fqn.rpartition(".")[2] else "embedding" if fqn == plan_roles(plan).embedding \
+                else "linear.bias" if leaf == "bias" else "linear"
+            want = shard_dim(style, kind)
+        assert dim == want, (name, style, dim, want)
+        seen.add(style)
+    assert {"colwise", "rowwise"} <= seen
+    assert any(n.endswith("lora_A") for n in dims) == bool(lora)

@@ -17,7 +17,7 @@ from meshbake.compiler.errors import Err, RecipeError, Result
 from meshbake.compiler.mesh import MeshSpec
 from meshbake.compiler.model import ModelSpec, ModuleInfo
 from meshbake.compiler.recipe import Recipe
-from meshbake.runtime.roles import local_shape, shard_dim  # noqa: F401 (local_shape: render.py imports it here)
+from meshbake.runtime.roles import local_shape, shard_dim
 
 # transformers' style names -> ours; anything else (local_*, ep_*) is refused with its name.
 # colwise_gather_output / rowwise_split_input are transformers' way around a fused [q|k|v] or

@@ -78,23 +78,19 @@ def _placed(model_type: str, lora: tuple[str, ...]) -> tuple[P.Plan, dict]:
     """{param name: (style, tensor, its tp Shard dim or None)} of the job's own build at tp 2
     (runtime/parallel.parallelize on a fake process group, meta tensors)."""
     import torch.distributed as dist
-    import yaml
-    from meshbake.compiler.pipeline import compile_recipe
-    from meshbake.runtime.dims import DIMS
     from meshbake.runtime.parallel import parallelize
-    from torch.distributed.device_mesh import init_device_mesh
+    from meshbake.runtime.train import world_mesh
     from torch.distributed.tensor import DTensor, Shard
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from tests.test_models import recipe
+    from tests.helpers import plan_of, tiny_recipe
 
-    r = recipe(model_type, model_type, dp_shard=1, tp=2)
-    if lora:
-        r["lora"] = {"rank": 4, "alpha": 8, "targets": list(lora)}
-    plan = P.from_dict(json.loads(compile_recipe(yaml.safe_dump(r)).files["plan.json"]))
+    lo = {"rank": 4, "alpha": 8, "targets": list(lora)} if lora else None
+    plan = P.from_dict(plan_of(tiny_recipe(model_type, 2, mesh={"dp_shard": 1, "tp": 2}, sp=True, lp=True, lora=lo,
+                                           model=str(ROOT / "tests" / "models" / model_type / "config.json"))))
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     try:
-        model = parallelize(plan, init_device_mesh("cpu", plan.mesh.shape, mesh_dim_names=DIMS))
+        model = parallelize(plan, world_mesh(plan))
         dims = {n: next((p.dim for p in t.placements if isinstance(p, Shard)), None) if isinstance(t, DTensor)
                 else None for n, t in model.named_parameters()}
     finally:

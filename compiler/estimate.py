@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from meshbake.compiler.errors import Err, RecipeError, Result
+from meshbake.compiler.errors import Err, RecipeError, Result, reads
 from meshbake.compiler.mesh import MeshSpec
 from meshbake.compiler.model import ModelSpec
 from meshbake.compiler.placements import DTYPE_BYTES, Placements
@@ -356,3 +356,13 @@ def view(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, est: Estimate) -> dic
             "usable": f"{USABLE:.0%}", "trainable_total": est.trainable_total,
             "fsdp_comm_bytes": est.fsdp_comm_bytes, "tp_comm_bytes": est.tp_comm_bytes,
             "flops_per_token": est.flops_per_token, "flops_how": flops_how}
+
+
+# derived inputs: the mesh (its axes are checked before, so they are never set aside here; its
+# grad_accum comes from the batch sizes) and the placements (tp.plan, tp.sequence_parallel)
+@reads("train.seq_len", "train.micro_batch_size", "train.global_batch_size", "train.grad_accum",
+       "train.mixed_precision", "train.activation_checkpointing", "train.grad_sync", "model.dtype", "tp",
+       "lora.rank", "lora.targets", "cluster.gpu_memory_gb", "cluster.nodes", "cluster.gpus_per_node")
+def checked_estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> Result[Estimate]:
+    """estimate + check_memory: the memory check reads every field the estimate is computed from."""
+    return check_memory(estimate(recipe, model, mesh, pl), recipe, mesh)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from difflib import get_close_matches
 from fnmatch import fnmatchcase
 
-from meshbake.compiler.errors import Err, RecipeError, Result
+from meshbake.compiler.errors import Err, RecipeError, Result, reads, run
 from meshbake.compiler.mesh import MeshSpec
 from meshbake.compiler.model import ModelSpec, ModuleInfo
 from meshbake.compiler.recipe import Recipe
@@ -94,6 +94,7 @@ def _auto(model: ModelSpec, m: ModuleInfo, sp: bool) -> str | RecipeError:
     return "replicate"
 
 
+@reads("tp.plan")
 def _overrides(recipe: Recipe, model: ModelSpec, styles: dict[str, str]) -> list[RecipeError]:
     plan = recipe.tp.plan
     if not isinstance(plan, Mapping):
@@ -126,6 +127,7 @@ def _overrides(recipe: Recipe, model: ModelSpec, styles: dict[str, str]) -> list
     return errs
 
 
+@reads("tp.plan", "tp.sequence_parallel", "tp.loss_parallel")
 def _consistency(recipe: Recipe, model: ModelSpec, auto: dict[str, str], styles: dict[str, str]) -> list[RecipeError]:
     """A block's linears are either all as transformers plans them or all replicated: a
     replicated k_proj beside a colwise q_proj would mix local and global head counts."""
@@ -158,6 +160,7 @@ def _consistency(recipe: Recipe, model: ModelSpec, auto: dict[str, str], styles:
     return list(dict.fromkeys(errs))   # one error per block group, not one per layer
 
 
+@reads("lora.rank", "lora.targets")
 def _lora_errors(recipe: Recipe, model: ModelSpec) -> list[RecipeError]:
     """Adapters go on Linear layers named by their leaf name (q_proj, ...), never lm_head."""
     lo = recipe.lora
@@ -178,28 +181,31 @@ def _lora_errors(recipe: Recipe, model: ModelSpec) -> list[RecipeError]:
         errs.append(RecipeError("lora.rank", f"rank {lo.rank} exceeds the smallest dimension ({smallest}) of the "
                                 f"targeted layers of {model.architecture}, so the adapters cannot add rank",
                                 f"use a rank <= {smallest} (8 to 64 is usual)"))
-    if lo.dropout > 0:
-        errs.append(RecipeError("lora.dropout", f"{lo.dropout}: the runtime adds the adapters to the weight "
-                                "(W + s*B*A, which keeps TP layouts free of extra communication), so there is "
-                                "no separate adapter input to drop out", "set lora.dropout: 0.0"))
     return errs
 
 
+# What a family does that a parallel form cannot reproduce exactly: refused, never run wrong.
+@reads("train.seq_len")
+def _cp_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeError]:
+    c, why = model.config, []
+    if mesh.cp == 1:
+        return []
+    if c.get("attn_logit_softcapping"):
+        why.append(f"soft-caps attention logits (attn_logit_softcapping {c['attn_logit_softcapping']})")
+    window = c.get("sliding_window")
+    if isinstance(window, int) and window < recipe.train.seq_len and c.get("use_sliding_window", True) is not False:
+        why.append(f"uses sliding-window attention (window {window} < seq_len {recipe.train.seq_len})")
+    if not why:
+        return []
+    return [RecipeError("mesh.cp", f"{model.architecture} {' and '.join(why)}; context parallel "
+                        "attention (all-gathered K/V under a plain causal mask) would compute "
+                        "something else", "set mesh.cp: 1 (long sequences: raise tp with "
+                        "sequence parallel, or activation_checkpointing: full)")]
+
+
+@reads()
 def _architecture_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeError]:
-    """What a family does that a parallel form cannot reproduce exactly: refused, never run wrong."""
     c, errs = model.config, []
-    if mesh.cp > 1:
-        why = []
-        if c.get("attn_logit_softcapping"):
-            why.append(f"soft-caps attention logits (attn_logit_softcapping {c['attn_logit_softcapping']})")
-        window = c.get("sliding_window")
-        if isinstance(window, int) and window < recipe.train.seq_len and c.get("use_sliding_window", True) is not False:
-            why.append(f"uses sliding-window attention (window {window} < seq_len {recipe.train.seq_len})")
-        if why:
-            errs.append(RecipeError("mesh.cp", f"{model.architecture} {' and '.join(why)}; context parallel "
-                                    "attention (all-gathered K/V under a plain causal mask) would compute "
-                                    "something else", "set mesh.cp: 1 (long sequences: raise tp with "
-                                    "sequence parallel, or activation_checkpointing: full)"))
     if mesh.tp > 1:
         # a plan that compiles must run: parameters meshbake cannot place are refused, not left
         # as plain tensors beside DTensors (the "mixed torch.Tensor and DTensor" crash)
@@ -229,16 +235,20 @@ def _architecture_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> li
     return errs
 
 
-def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> Result[Placements]:
-    arch_errs = _architecture_errors(recipe, model, mesh)
-    if arch_errs:
-        return Err(tuple(arch_errs))
-    lora_errs = _lora_errors(recipe, model)
-    if lora_errs:
-        return Err(tuple(lora_errs))
+def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec,
+                       aside: frozenset[str] = frozenset()) -> Result[Placements]:
+    """A check that reads a field validate set aside is skipped (errors.reads)."""
+    errs = [e for check in (_cp_errors, _architecture_errors) for e in run(check, aside, recipe, model, mesh)]
+    errs += run(_lora_errors, aside, recipe, model)
+    if errs:
+        return Err(tuple(errs))
     lora = model.lora_targets(recipe.lora.targets) if recipe.lora.rank else ()
-    if mesh.tp == 1:   # no TP: nothing is split, nothing to warn about
-        return Placements({m.fqn: "replicate" for m in model.modules}, (), lora)
+    if mesh.tp == 1:
+        # nothing is split, nothing to warn about; but tp.plan must still name real modules and
+        # styles their kind can take: an override that is wrong at tp 1 is wrong at tp 8
+        replicated = {m.fqn: "replicate" for m in model.modules}
+        errs = run(_overrides, aside, recipe, model, dict(replicated))
+        return Err(tuple(errs)) if errs else Placements(replicated, (), lora)
     sp = recipe.tp.sequence_parallel
     auto: dict[str, str] = {}
     errs: list[RecipeError] = []
@@ -251,9 +261,9 @@ def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> Resu
     if errs:
         return Err(tuple(errs[:1]))   # one unsupported style is enough to say
     styles = dict(auto)
-    errs = _overrides(recipe, model, styles)
+    errs = run(_overrides, aside, recipe, model, styles)
     _follow_projections(model, styles)
-    errs += [] if errs else _consistency(recipe, model, auto, styles)
+    errs += [] if errs else run(_consistency, aside, recipe, model, auto, styles)
     if errs:
         return Err(tuple(errs))
     return Placements(styles, _warnings(recipe, model, mesh, styles), lora)

@@ -4,6 +4,7 @@ set-aside field is skipped, so a stand-in causes no follow-on error. Each check 
 fields it reads (errors.reads); the audit at the end holds every declaration to the reads."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,107 +12,100 @@ from pathlib import Path
 import pytest
 import yaml
 from meshbake.compiler import estimate, mesh, pipeline, placements, validate
-from meshbake.compiler.cli import main
 from meshbake.compiler.errors import Err, reads, run, skipped
 
-from tests.helpers import ROOT, paths, resolve
-
-TINY = {"name": "co", "model": {"config": "tiny-llama", "dtype": "float32"}, "mesh": {"tp": 2, "dp_shard": -1},
-        "cluster": {"nodes": 1, "gpus_per_node": 4, "device": "cpu", "gpu_memory_gb": 2},
-        "train": {"seq_len": 128, "micro_batch_size": 1, "global_batch_size": 4, "steps": 10, "warmup_steps": 1,
-                  "mixed_precision": {"param_dtype": "float32", "reduce_dtype": "float32"}}}
+from tests.helpers import ROOT, cli, paths, resolve, tiny_recipe
 
 
-def tiny(**sections) -> str:
-    """TINY with keys of its sections replaced: tiny(train={"seq_len": "abc"})."""
-    d = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY.items()}
-    for k, v in sections.items():
-        d[k] = {**d[k], **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
-    return yaml.safe_dump(d, sort_keys=False)
+def res(d: dict):
+    return resolve(yaml.safe_dump(d))
+
+
+def with_field(d: dict, field: str, value) -> dict:
+    section, key = field.split(".")
+    d = copy.deepcopy(d)
+    d[section] = {**d.get(section, {}), key: value}
+    return d
 
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("  ") and not line.startswith("      fix:")]
 
 
-def test_a_type_error_does_not_hide_the_mesh_errors(capsys, monkeypatch):
-    """The issue's example through the real CLI entry: the seq_len type error, the unknown key
-    and tp 16 (crosses nodes of 8, does not divide the 8 kv heads), each once; no seq_len rule
-    is computed from the stand-in seq_len."""
-    monkeypatch.chdir(ROOT)
-    rc = main(["check", "70b_hsdp_tp", "--set", "mesh.tp=16", "--set", "train.seq_len=abc",
-               "--set", "mesh.tensor_parallel_size=2"])
-    err = capsys.readouterr().err
-    lines = error_lines(err)
-    assert rc == 2 and "Traceback" not in err
-    assert len(lines) == len(set(lines)) == 4 and "4 problems" in err, err
+# tp 3 divides no head count of tiny-llama (4 heads, 2 kv heads): a mesh.tp error of its own
+TP3 = {"mesh": {"tp": 3, "dp_shard": 2}}
+
+
+def test_a_type_error_does_not_hide_the_mesh_errors():
+    """The issue's example through the real CLI entry (in process): the seq_len type error, the
+    unknown key and tp 16 (crosses nodes of 8, does not divide the 8 kv heads), each once; no
+    seq_len rule is computed from the stand-in seq_len."""
+    r = cli("check", "70b_hsdp_tp", "--set", "mesh.tp=16", "--set", "train.seq_len=abc",
+            "--set", "mesh.tensor_parallel_size=2")
+    lines = error_lines(r.stderr)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(lines) == len(set(lines)) == 4 and "4 problems" in r.stderr, r.stderr
     by_path = sorted(line.split(":")[0].strip() for line in lines)
-    assert by_path == ["mesh.tensor_parallel_size", "mesh.tp", "mesh.tp", "train.seq_len"], err
+    assert by_path == ["mesh.tensor_parallel_size", "mesh.tp", "mesh.tp", "train.seq_len"], r.stderr
     assert any("does not divide cluster.gpus_per_node=8" in x for x in lines)
     assert any("does not divide num_key_value_heads=8" in x for x in lines)
     assert [x for x in lines if "train.seq_len" in x] == ['  train.seq_len: "abc" is not of type integer']
 
 
 def test_tp_plan_overrides_are_checked_at_tp_1():
-    bad = resolve(tiny(mesh={"tp": 1}, tp={"plan": {"model.nope.*": "colwise", "model.norm": "colwise"}}))
+    bad = res(tiny_recipe("co", 2, tp={"plan": {"model.nope.*": "colwise", "model.norm": "colwise"}}))
     assert isinstance(bad, Err) and paths(bad) == ["tp.plan['model.nope.*']", "tp.plan['model.norm']"], bad
     nope, norm = bad.errors
     assert "matches no" in nope.message and nope.hint
     assert "'colwise' does not apply to norm" in norm.message and "sequence_parallel, replicate" in norm.hint
-    ok = resolve(tiny(mesh={"tp": 1}, tp={"plan": {"model.norm": "replicate"}}))
+    ok = res(tiny_recipe("co", 2, tp={"plan": {"model.norm": "replicate"}}))
     assert not isinstance(ok, Err), ok
-    assert set(ok.placements.styles.values()) == {"replicate"}       # at tp 1 nothing is split
+    assert ok.mesh.tp == 1 and set(ok.placements.styles.values()) == {"replicate"}   # nothing is split
 
 
 def test_a_bad_micro_batch_size_gives_no_batch_arithmetic():
     """dp 2: with the stand-in micro_batch_size 1, global 3 would not divide 1 x 2 = 2; that
     error would be about a value the user did not write. The mesh.tp error is independent."""
     for micro in ("abc", 0):
-        err = resolve(tiny(mesh={"tp": 3, "dp_shard": 2, "allow_cross_node_tp": True}, cluster={"gpus_per_node": 6},
-                           train={"micro_batch_size": micro, "global_batch_size": 3}))
+        err = res(tiny_recipe("co", 6, **TP3, train={"micro_batch_size": micro, "global_batch_size": 3}))
         assert isinstance(err, Err) and paths(err)[0] == "train.micro_batch_size", err
         assert "train.global_batch_size" not in paths(err) and "mesh.tp" in paths(err), err
     # the same recipe with a valid micro_batch_size: the arithmetic error is real and reported
-    err = resolve(tiny(mesh={"tp": 3, "dp_shard": 2, "allow_cross_node_tp": True}, cluster={"gpus_per_node": 6},
-                       train={"micro_batch_size": 1, "global_batch_size": 3}))
+    err = res(tiny_recipe("co", 6, **TP3, train={"micro_batch_size": 1, "global_batch_size": 3}))
     assert "train.global_batch_size" in paths(err), err
 
 
 def test_no_memory_error_from_a_stand_in_seq_len():
-    """seq_len 512 fits 0.05 GB; the stand-in (the default 2048) does not: a set-aside seq_len
+    """seq_len 512 fits 0.1 GB; the stand-in (the default 2048) does not: a set-aside seq_len
     must not produce the memory error."""
-    fits = resolve(tiny(cluster={"gpu_memory_gb": 0.05}, train={"seq_len": 512}))
-    assert not isinstance(fits, Err), fits
-    assert isinstance(resolve(tiny(cluster={"gpu_memory_gb": 0.05}, train={"seq_len": 2048})), Err)
-    err = resolve(tiny(cluster={"gpu_memory_gb": 0.05}, train={"seq_len": "512 tokens"}))
+    assert not isinstance(res(tiny_recipe("co", 2, cluster={"gpu_memory_gb": 0.1}, train={"seq_len": 512})), Err)
+    too_big = res(tiny_recipe("co", 2, cluster={"gpu_memory_gb": 0.1}, train={"seq_len": 2048}))
+    assert paths(too_big) == ["cluster.gpu_memory_gb"]
+    err = res(tiny_recipe("co", 2, cluster={"gpu_memory_gb": 0.1}, train={"seq_len": "512 tokens"}))
     assert isinstance(err, Err) and paths(err) == ["train.seq_len"], err
 
 
 def test_cross_field_and_lora_rules_do_not_stop_the_stages():
     """min_lr > lr and lora.dropout (a validate rule now, not a placements one) are reported
-    together with the mesh and placement errors."""
-    err = resolve(tiny(mesh={"tp": 3}, cluster={"gpus_per_node": 6}, train={"lr": 1e-4, "min_lr": 1e-3},
-                       lora={"rank": 4, "dropout": 0.1}))
+    together with the mesh error."""
+    err = res(tiny_recipe("co", 6, **TP3, train={"lr": 1e-4, "min_lr": 1e-3}, lora={"rank": 4, "dropout": 0.1}))
     assert isinstance(err, Err)
     assert {"train.min_lr", "lora.dropout", "mesh.tp"} <= set(paths(err)), err
-    v = validate.validate_fields(yaml.safe_load(tiny(lora={"rank": 4, "dropout": 0.1})))
+    v = validate.validate_fields(tiny_recipe("co", 2, lora={"rank": 4, "dropout": 0.1}))
     assert [e.path for e in v.errors] == ["lora.dropout"] and v.recipe is not None
     # dropout without adapters trains nothing: no error, as before
-    assert not isinstance(resolve(tiny(lora={"rank": 0, "dropout": 0.1})), Err)
+    assert not isinstance(res(tiny_recipe("co", 2, lora={"rank": 0, "dropout": 0.1})), Err)
 
 
-def test_a_whole_section_of_the_wrong_type_is_set_aside(capsys, monkeypatch, tmp_path: Path):
+def test_a_whole_section_of_the_wrong_type_is_set_aside(tmp_path: Path):
     """`train: 5`: train is set aside as a whole (defaults + a stand-in global_batch_size); the
     mesh does not read it and still reports tp 3."""
-    d = yaml.safe_load(tiny(mesh={"tp": 3}, cluster={"gpus_per_node": 6}))
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**d, "train": 5}))
-    monkeypatch.chdir(ROOT)
-    rc = main(["check", str(tmp_path / "r.yaml")])
-    err = capsys.readouterr().err
-    assert rc == 2 and "Traceback" not in err
-    assert [line.split(":")[0].strip() for line in error_lines(err)][:1] == ["train"], err
-    assert "  mesh.tp: tp=3 does not divide" in err, err
-    assert "train.global_batch_size" not in err and "train.seq_len" not in err
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**tiny_recipe("co", 6, **TP3), "train": 5}))
+    r = cli("check", str(tmp_path / "r.yaml"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert [line.split(":")[0].strip() for line in error_lines(r.stderr)][:1] == ["train"], r.stderr
+    assert "  mesh.tp: tp=3 does not divide" in r.stderr, r.stderr
+    assert "train.global_batch_size" not in r.stderr and "train.seq_len" not in r.stderr
 
 
 def test_validate_fields_sets_aside_fields_not_keys():
@@ -122,7 +116,7 @@ def test_validate_fields_sets_aside_fields_not_keys():
     assert v.aside == {"train.betas", "mesh.tp", "tp.plan", "cluster.env"}
     assert "mesh.typo" in [e.path for e in v.errors]           # reported, dropped, nothing set aside for it
     r = v.recipe
-    assert (r.train.betas, r.mesh.tp, r.tp.plan, r.cluster.env) == ((0.9, 0.95), 1, "auto", ())
+    assert (tuple(r.train.betas), r.mesh.tp, r.tp.plan, dict(r.cluster.env)) == ((0.9, 0.95), 1, "auto", {})
     assert validate.validate_all(d)[0] is None                  # the strict answers are unchanged
     assert isinstance(validate.validate(d), Err)
     missing = validate.validate_fields({"model": 3})
@@ -214,13 +208,13 @@ def _patch_checks(monkeypatch, seen: dict, modules) -> set:
     return checks
 
 
-AUDIT_RECIPES = [(p.name, p.read_text(), ()) for p in sorted((ROOT / "recipes").glob("*.yaml"))] + [
-    ("tiny+lora", tiny(lora={"rank": 4, "targets": ["q_proj", "v_proj"]}), ()),
-    ("tiny+wandb", tiny(tracking={"wandb": {"project": "p"}}, cluster={"env_pass": ["WANDB_API_KEY"]}), ()),
-    ("tiny+tp1 plan", tiny(mesh={"tp": 1}, tp={"plan": {"model.norm": "replicate"}}), ()),
-    ("tiny+plan", tiny(tp={"plan": {"model.layers.*.mlp.*": "replicate"}, "sequence_parallel": False}), ()),
-    ("gemma cp", tiny(model={"config": "gemma-2-9b"}, mesh={"tp": 1, "cp": 2}, train={"seq_len": 8192}), ()),
-    ("tiny bad", tiny(mesh={"tp": 3}, cluster={"gpus_per_node": 6}, train={"micro_batch_size": 3, "grad_accum": 5, "min_lr": 1.0}), ()),
+AUDIT_RECIPES = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "recipes").glob("*.yaml"))] + [
+    tiny_recipe("lora", 2, lora={"rank": 4, "targets": ["q_proj", "v_proj"]}),
+    tiny_recipe("wandb", 2, tracking={"wandb": {"project": "p"}}, cluster={"env_pass": ["WANDB_API_KEY"]}),
+    tiny_recipe("tp1-plan", 2, tp={"plan": {"model.norm": "replicate"}}),
+    tiny_recipe("tp2-plan", 2, mesh={"tp": 2}, tp={"plan": {"model.layers.*.mlp.*": "replicate"}}),
+    tiny_recipe("gemma-cp", 2, model="gemma-2-9b", mesh={"cp": 2}, train={"seq_len": 8192}),
+    tiny_recipe("bad", 6, **TP3, train={"micro_batch_size": 3, "grad_accum": 5, "min_lr": 1.0}),
 ]
 
 
@@ -229,8 +223,8 @@ def test_every_check_reads_only_what_it_declares(monkeypatch):
     seen: dict = {}
     checks = _patch_checks(monkeypatch, seen, (validate, mesh, placements, estimate, pipeline))
     assert len(checks) >= 20
-    for name, text, overrides in AUDIT_RECIPES:
-        resolve(text, *overrides)
+    for d in AUDIT_RECIPES:
+        res(d)
     assert _undeclared(seen) == {}
     assert {c.__qualname__ for c in checks} - {c.__qualname__ for c in seen} == set()   # every check ran
     assert all(seen[c] for c in seen if c.reads), "a check that declares reads but read nothing"
@@ -246,20 +240,19 @@ def test_the_audit_catches_a_wrong_declaration(monkeypatch):
     mod = types.SimpleNamespace(sloppy=sloppy)
     seen: dict = {}
     _patch_checks(monkeypatch, seen, (mod,))
-    mod.sloppy(validate.validate(yaml.safe_load(tiny())))
+    mod.sloppy(validate.validate(tiny_recipe("co", 2)))
     assert _undeclared(seen) == {"test_the_audit_catches_a_wrong_declaration.<locals>.sloppy": ["train.seq_len"]}
 
 
 @pytest.mark.parametrize("field,value", [("train.seq_len", "abc"), ("model.dtype", "fp8"), ("tp.plan", 3),
                                          ("cluster.gpus_per_node", 0), ("model.config", 7), ("lora.targets", "q")])
 def test_a_set_aside_field_skips_exactly_its_readers(monkeypatch, field, value):
-    """With one field set aside, no check that declares it runs, and every error reported is
-    the field's own or comes from a check that does not read it."""
+    """With one field set aside, no check that declares it runs, and the field's own error is
+    the first reported."""
     monkeypatch.chdir(ROOT)
-    section, key = field.split(".")
     seen: dict = {}
     checks = _patch_checks(monkeypatch, seen, (validate, mesh, placements, estimate, pipeline))
-    err = resolve(tiny(**{section: {key: value}}))
+    err = res(with_field(tiny_recipe("co", 2, mesh={"tp": 2}), field, value))
     assert isinstance(err, Err) and paths(err)[0] == field, err
     readers = {c for c in checks if skipped(c, frozenset({field}))}
     assert readers and not readers & set(seen), sorted(c.__qualname__ for c in readers & set(seen))

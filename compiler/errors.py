@@ -34,7 +34,7 @@ Result = T | Err
 def reads(*fields: str):
     """Declare the fields a check reads: dotted recipe fields ('train.seq_len') or a whole
     section ('data'). The check's first argument is the recipe (the dict in validate, the
-    Recipe after it); tests/test_errors_carry_on.py checks the declarations against the reads."""
+    Recipe after it); tests/test_carry_on.py checks the declarations against the reads."""
     def mark(check):
         check.reads = fields
         return check

@@ -14,6 +14,7 @@ from meshbake.compiler.errors import Err, RecipeError, Result
 from meshbake.compiler.estimate import Estimate, check_memory, estimate
 from meshbake.compiler.mesh import MeshSpec, resolve_mesh
 from meshbake.compiler.model import ModelSpec, model_spec
+from meshbake.compiler.moe import router_aux_coef
 from meshbake.compiler.placements import Placements, resolve_placements
 from meshbake.compiler.recipe import Recipe
 from meshbake.runtime import plan as P
@@ -36,7 +37,9 @@ class Bundle:
 
 
 def _warnings(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> tuple[str, ...]:
-    w = list(pl.warnings)
+    from meshbake.compiler.moe import aux_note
+
+    w = list(aux_note(recipe, model)) + list(pl.warnings)
     if model.max_position_embeddings and recipe.train.seq_len > model.max_position_embeddings:
         w.append(f"train.seq_len: {recipe.train.seq_len} > max_position_embeddings "
                  f"{model.max_position_embeddings} of {model.source}")
@@ -100,7 +103,7 @@ def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
             grad_clip=t.grad_clip, seed=t.seed, dtype=recipe.model.dtype,
             mixed_precision=P.MixedPrecision(t.mixed_precision.param_dtype, t.mixed_precision.reduce_dtype),
             activation_checkpointing=t.activation_checkpointing, compile=t.compile, log_every=t.log_every,
-            grad_sync=t.grad_sync, eval_every=t.eval_every),
+            grad_sync=t.grad_sync, eval_every=t.eval_every, router_aux_loss_coef=router_aux_coef(recipe, model)),
         data=data_plan(recipe, model.vocab_size, versions.get("meshbake", "")),
         checkpoint=P.CheckpointPlan(recipe.checkpoint.dir, recipe.checkpoint.every_steps, recipe.checkpoint.keep,
                                     recipe.checkpoint.resume, recipe.checkpoint.save_on_exit),

@@ -246,7 +246,8 @@ def _architecture_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> li
         errs.append(RecipeError("model.config", f"router_jitter_noise {c['router_jitter_noise']}: each tp rank would "
                                 "draw its own noise and route the same token to different experts",
                                 "set router_jitter_noise: 0 in the config.json (Mixtral-8x7B ships 0) or mesh.tp: 1"))
-    return errs
+    from meshbake.compiler.moe import aux_errors
+    return errs + aux_errors(recipe, model)
 
 
 def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> Result[Placements]:
@@ -295,11 +296,7 @@ def _warnings(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, styles: Mapping[
     for m in model.modules:
         if styles[m.fqn] == "replicate" and m.numel * nbytes >= WARN_BYTES:
             out.setdefault(group_name(m.fqn), []).append(m.numel * nbytes)
-    extra = []
-    if model.num_experts and model.config.get("output_router_logits"):
-        extra.append("model.config: output_router_logits is true, but the runtime trains on the cross-entropy "
-                     "only; the router's auxiliary (load-balancing) loss is not added")
-    return tuple(extra) + tuple(
+    return tuple(
         f"{g}: replicated on all {mesh.tp} tp ranks ({len(b)} x {b[0] / 1e6:,.1f} MB of {recipe.model.dtype} "
         f"weights per rank before FSDP; sharded it would be {sum(b) / mesh.tp / 1e6:,.1f} MB)"
         for g, b in out.items())

@@ -23,6 +23,7 @@ class MeshSection:
     cp: int
     tp: int
     allow_cross_node_tp: bool
+    ep: int = 1                         # expert parallel, carved from dp_shard x cp (MoE only)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class TrainSection:
     log_every: int
     grad_sync: str = "every_micro_step"  # every_micro_step | last_micro_step (FSDP + grad_accum > 1)
     eval_every: int = 0                 # 0: eval only at the end (when there is an eval split)
+    router_aux_loss_coef: float | None = None   # MoE load-balancing loss; None = as config.json (HF)
 
 
 @dataclass(frozen=True)

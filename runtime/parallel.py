@@ -49,6 +49,7 @@ def meta_model(plan: Plan) -> nn.Module:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[plan.train.dtype])
     model.config.use_cache = False
+    model.config.output_router_logits = False    # MoE: the runtime adds the aux loss itself (runtime/fused.py)
     return model
 
 
@@ -442,7 +443,8 @@ def parallelize(plan: Plan, mesh: DeviceMesh, stage=lambda name: None) -> nn.Mod
     if plan.model.layouts:     # after TP: the fused hooks must see the local (to_local'd) outputs
         from . import fused
 
-        fused.install(model, plan.model.layouts, mesh["tp"] if plan.mesh.tp > 1 else None)
+        fused.install(model, plan.model.layouts, mesh["tp"] if plan.mesh.tp > 1 else None,
+                      aux=plan.train.router_aux_loss_coef > 0)
     if plan.lora.rank > 0:
         from .lora import apply_lora
 

@@ -105,6 +105,7 @@ class TrainPlan:
     log_every: int
     grad_sync: str = "every_micro_step"   # FSDP reduce-scatter: "every_micro_step" | "last_micro_step"
     eval_every: int = 0             # eval loss every N steps (0: only at the end), with an eval split
+    router_aux_loss_coef: float = 0.0   # MoE: loss += coef x transformers' load-balancing loss (0: off)
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,18 @@ def _cp(r):
     r["train"]["global_batch_size"] = 4
 
 
-# LoRA on Phi-3's fused projections; context parallel x tp on q/k-normed and MoE families
-VARIANTS = [("lora-phi3", "phi3", _lora), ("cp2-tp2-qwen3", "qwen3", _cp), ("cp2-tp2-mixtral", "mixtral", _cp),
-            ("cp2-tp2-olmo2", "olmo2", _cp)]
+def _aux(r):
+    r["train"]["router_aux_loss_coef"] = AUX_COEF
+
+
+AUX_COEF = 0.1
+
+
+# LoRA on Phi-3's fused projections; context parallel x tp on q/k-normed and MoE families (the
+# MoE one with the router's aux loss); the aux loss at dp_shard 2 x tp 2 + SP + LP (grad_accum 2)
+VARIANTS = [("lora-phi3", "phi3", _lora), ("cp2-tp2-qwen3", "qwen3", _cp),
+            ("cp2-tp2-mixtral", "mixtral", lambda r: (_cp(r), _aux(r))), ("cp2-tp2-olmo2", "olmo2", _cp),
+            ("aux-mixtral", "mixtral", _aux), ("aux-qwen3_moe", "qwen3_moe", _aux)]
 INPUT = [[(7 * i + 3 * j) % 1024 for i in range(32)] for j in range(2)]
 
 
@@ -281,6 +290,39 @@ def test_moe_metrics_in_metrics_jsonl(results):
         assert r["expert_load_max"] >= 1.0 and 0 < r["router_aux_loss"] < 4 * 2, r
     dense = Path(results["export-phi3"]["run_dir"]) / "metrics.jsonl"
     assert "expert_load" not in dense.read_text()
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_router_aux_loss_is_in_the_loss(results, model_type):
+    """With train.router_aux_loss_coef the loss is transformers' (CE + coef x aux_loss of
+    output_router_logits, parity in test_variants_parity); here: the term is really there (the
+    run differs from the CE-only one by about coef x aux, aux ~ k = 2 at random init) and the
+    metrics line shows the CE part apart."""
+    aux, plain = results[f"aux-{model_type}"], results[f"train-{model_type}"]
+    assert aux["plan"]["train"]["router_aux_loss_coef"] == AUX_COEF
+    assert plain["plan"]["train"]["router_aux_loss_coef"] == 0.0      # config.json: output_router_logits false
+    d = aux["losses"]["1"] - plain["losses"]["1"]
+    assert 0.5 * AUX_COEF < d < 4 * AUX_COEF, d
+
+
+def test_router_aux_loss_is_a_recipe_choice():
+    from meshbake.compiler.pipeline import compile_recipe
+
+    def compiled(model_type, **train):
+        r = recipe("a", model_type)
+        r["train"].update(train)
+        return compile_recipe(yaml.safe_dump(r), source="a")
+
+    b = compiled("mixtral")
+    md = b.files["PLAN.md"].decode()
+    assert "router aux loss: off (config.json output_router_logits false" in md
+    assert "train.router_aux_loss_coef: 0.001" in md                    # the config's own coefficient as the fix
+    b = compiled("mixtral", router_aux_loss_coef=0.02)
+    assert json.loads(b.files["plan.json"])["train"]["router_aux_loss_coef"] == 0.02
+    assert "cross-entropy + 0.02 x load-balancing loss" in b.files["PLAN.md"].decode()
+    e = compiled("llama", router_aux_loss_coef=0.02)
+    assert [x.path for x in e.errors] == ["train.router_aux_loss_coef"], e
 
 
 def _errors_without_patch(tmp_path) -> str:

@@ -26,6 +26,7 @@ class MeshSpec:
     inferred: str | None          # the axis that was -1
     grad_accum: int
     tokens_per_step: int          # global_batch_size * seq_len
+    ep: int = 1                   # expert parallel, carved from dp_shard (compiler/moe.py ep_errors)
 
     @property
     def world(self) -> int:
@@ -137,7 +138,10 @@ def resolve_mesh(recipe: Recipe, model: ModelSpec) -> Result[MeshSpec]:
     axes = _axes(recipe, world)
     if isinstance(axes, Err):
         return axes
+    from meshbake.compiler.moe import ep_errors
+
     errs = _tp_errors(recipe, model, axes["tp"]) + _seq_errors(recipe, model, axes["cp"], axes["tp"])
+    errs += ep_errors(recipe, model, axes)
     ga = _batch(recipe, axes["dp_replicate"] * axes["dp_shard"])
     if isinstance(ga, Err):
         errs += ga.errors
@@ -146,4 +150,4 @@ def resolve_mesh(recipe: Recipe, model: ModelSpec) -> Result[MeshSpec]:
     free = [a for a in AXES if getattr(recipe.mesh, a) == -1]
     return MeshSpec(**axes, nodes=recipe.cluster.nodes, procs_per_node=recipe.cluster.gpus_per_node,
                     inferred=free[0] if free else None, grad_accum=ga,
-                    tokens_per_step=recipe.train.global_batch_size * recipe.train.seq_len)
+                    tokens_per_step=recipe.train.global_batch_size * recipe.train.seq_len, ep=recipe.mesh.ep)

@@ -13,6 +13,8 @@ Mixtral-8x7B's and Qwen3-30B-A3B's config.json, so HF fine-tunes without it by d
 """
 from __future__ import annotations
 
+import math
+
 from meshbake.compiler.errors import RecipeError
 from meshbake.compiler.model import ModelSpec
 from meshbake.compiler.recipe import Recipe
@@ -50,3 +52,38 @@ def aux_note(recipe: Recipe, model: ModelSpec) -> tuple[str, ...]:
     hint = c.get("router_aux_loss_coef") or 0.01
     return (f"router aux loss: off ({src}); the router trains on the cross-entropy only. To add "
             f"transformers' load-balancing loss set train.router_aux_loss_coef: {hint:g}",)
+
+
+def ep_errors(recipe: Recipe, model: ModelSpec, axes: dict[str, int]) -> list[RecipeError]:
+    """mesh.ep: experts split by expert index over ep ranks carved from dp_shard (runtime/ep.py).
+    Built and parity-tested with dp_shard (and dp_replicate) only; with tp or cp it is refused
+    (docs/EXPERT_PARALLEL.md says what is missing)."""
+    from meshbake.compiler.mesh import divisors
+
+    ep = recipe.mesh.ep
+    if ep == 1:
+        return []
+    if not model.num_experts:
+        return [RecipeError("mesh.ep", f"ep={ep}: {model.architecture} has no experts (not a mixture-of-experts "
+                            "model)", "remove mesh.ep")]
+    errs, e, ds = [], model.num_experts, axes["dp_shard"]
+    ok = [d for d in divisors(math.gcd(e, ds)) if d > 1] or [1]
+    if e % ep:
+        errs.append(RecipeError("mesh.ep", f"ep={ep} does not divide the {e} experts of {model.source} (each ep "
+                                "rank holds num_experts / ep of them)", f"use mesh.ep in {ok}"))
+    if ds % ep:
+        errs.append(RecipeError("mesh.ep", f"ep={ep} does not divide dp_shard={ds}: ep is carved from dp_shard "
+                                "(ep ranks see different tokens and hold different experts; FSDP shards each "
+                                "expert over dp_shard / ep)", f"use mesh.ep in {ok}, or a dp_shard that ep divides"))
+    for axis, why in (("tp", "experts are split either by their intermediate dim over tp (mesh.ep: 1) or by "
+                       "expert index over ep, and the ep x tp token layout (torchtitan's ETP) is not built"),
+                      ("cp", "the ep group would have to span the cp ranks of a sequence; not built")):
+        if axes[axis] > 1:
+            errs.append(RecipeError("mesh.ep", f"ep={ep} with {axis}={axes[axis]}: {why}",
+                                    f"use mesh.{axis}: 1 with mesh.ep, or mesh.ep: 1 (experts sharded over tp)"
+                                    if axis == "tp" else f"use mesh.{axis}: 1 with mesh.ep, or mesh.ep: 1"))
+    if recipe.train.compile:
+        errs.append(RecipeError("train.compile", f"mesh.ep={ep}: the all-to-all dispatch has data-dependent "
+                                "split sizes (a graph break per MoE layer) and is not tested under torch.compile",
+                                "set train.compile: false with mesh.ep"))
+    return errs

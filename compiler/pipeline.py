@@ -94,7 +94,7 @@ def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
                           model.num_params, model.tie_word_embeddings, model.attn_implementation,
                           dict(model.layouts), model.active_params or model.num_params),
         mesh=P.MeshPlan(mesh.dp_replicate, mesh.dp_shard, mesh.cp, mesh.tp, mesh.nodes, mesh.procs_per_node,
-                        c.device, "nccl" if c.device == "cuda" else "gloo"),
+                        c.device, "nccl" if c.device == "cuda" else "gloo", mesh.ep),
         tp=P.TPPlan(recipe.tp.sequence_parallel and tpon, recipe.tp.loss_parallel and tpon, dict(pl.styles)),
         train=P.TrainPlan(
             seq_len=t.seq_len, micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,

@@ -224,6 +224,10 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, plan: Plan) -> None:
     # fp32 masters), not "reduce in the master dtype"
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[mp.param_dtype], reduce_dtype=DTYPES[mp.reduce_dtype])
     layers = decoder_layers(model)
+    if plan.mesh.ep > 1:       # experts first, on their own mesh; the blocks' FSDP then skips them
+        from . import ep
+
+        ep.shard_experts(model, model._meshbake_experts_mesh, policy)
     for i, layer in enumerate(layers):
         # the last block's params are needed again at once by backward: keep them gathered
         fully_shard(layer, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=i < len(layers) - 1)
@@ -445,6 +449,12 @@ def parallelize(plan: Plan, mesh: DeviceMesh, stage=lambda name: None) -> nn.Mod
 
         fused.install(model, plan.model.layouts, mesh["tp"] if plan.mesh.tp > 1 else None,
                       aux=plan.train.router_aux_loss_coef > 0)
+    if plan.mesh.ep > 1:       # experts by index over ep, all-to-all dispatch (runtime/ep.py)
+        from . import ep
+
+        stage("ep")
+        model._meshbake_experts_mesh = ep.experts_mesh(plan)
+        ep.install(model, model._meshbake_experts_mesh)
     if plan.lora.rank > 0:
         from .lora import apply_lora
 

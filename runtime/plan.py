@@ -54,6 +54,7 @@ class MeshPlan:
     procs_per_node: int
     device: str                     # "cuda" or "cpu"
     backend: str                    # "nccl" or "gloo"
+    ep: int = 1                     # expert parallel: carved from dp_shard (not a factor of world)
 
     @property
     def world(self) -> int:

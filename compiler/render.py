@@ -116,6 +116,12 @@ def _mesh_rows(plan: P.Plan) -> list[dict[str, Any]]:
         ranks = [i * strides[axis] for i in range(min(size, 4))]
         example = ", ".join(map(str, ranks)) + (", ..." if size > 4 else "")
         rows.append({"axis": axis, "size": size, "example": example, "role": roles[axis]})
+    if m.ep > 1:       # carved from dp_shard: ep consecutive dp_shard ranks (tp = cp = 1 under ep)
+        stride = strides["dp_shard"]
+        rows.append({"axis": "ep (within dp_shard)", "size": m.ep,
+                     "example": ", ".join(str(i * stride) for i in range(min(m.ep, 4))) + (", ..." if m.ep > 4 else ""),
+                     "role": f"expert parallel: experts split by index, tokens sent to them all-to-all; experts "
+                             f"FSDP-sharded over dp_shard / ep = {m.dp_shard // m.ep}"})
     return rows
 
 
@@ -130,6 +136,8 @@ def _placement_rows(res) -> list[dict[str, Any]]:
         style = res.placements.styles[m.fqn]
         g = group_name(m.fqn)
         loc = local_shape(m.shape, m.kind, style, res.mesh.tp)
+        if res.mesh.ep > 1 and m.kind == "experts":     # split by expert index over ep (runtime/ep.py)
+            style, loc = f"expert parallel (ep {res.mesh.ep})", (m.shape[0] // res.mesh.ep, *m.shape[1:])
         # every parameter the module owns (bias, an expert's down_proj) is split like its weight
         b = m.numel * math.prod(loc) // max(1, math.prod(m.shape)) * nbytes
         if g in rows:

@@ -43,11 +43,28 @@ def _aux(r):
 AUX_COEF = 0.1
 
 
+def _ep(ep, dp_shard=4, dp_replicate=1, aux=False, ac="none"):
+    """Expert parallel (tp 1): ep carved from dp_shard, each rank E/ep experts."""
+    def edit(r):
+        r["mesh"] = {"dp_replicate": dp_replicate, "dp_shard": dp_shard, "tp": 1, "ep": ep}
+        r["tp"] = {"sequence_parallel": False, "loss_parallel": False}
+        r["train"]["activation_checkpointing"] = ac
+        if aux:
+            _aux(r)
+    return edit
+
+
+# mesh.ep: both families, ep 2 and 4, FSDP of the experts over dp_shard / ep = 2 and 1, HSDP with
+# the aux loss and full activation checkpointing (the all-to-alls run again in the recompute)
+EP_VARIANTS = [("ep2-dp4-qwen3_moe", "qwen3_moe", _ep(2)), ("ep4-dp4-mixtral", "mixtral", _ep(4)),
+               ("ep2-hsdp-mixtral", "mixtral", _ep(2, dp_shard=2, dp_replicate=2, aux=True, ac="full"))]
+
+
 # LoRA on Phi-3's fused projections; context parallel x tp on q/k-normed and MoE families (the
 # MoE one with the router's aux loss); the aux loss at dp_shard 2 x tp 2 + SP + LP (grad_accum 2)
 VARIANTS = [("lora-phi3", "phi3", _lora), ("cp2-tp2-qwen3", "qwen3", _cp),
             ("cp2-tp2-mixtral", "mixtral", lambda r: (_cp(r), _aux(r))), ("cp2-tp2-olmo2", "olmo2", _cp),
-            ("aux-mixtral", "mixtral", _aux), ("aux-qwen3_moe", "qwen3_moe", _aux)]
+            ("aux-mixtral", "mixtral", _aux), ("aux-qwen3_moe", "qwen3_moe", _aux), *EP_VARIANTS]
 INPUT = [[(7 * i + 3 * j) % 1024 for i in range(32)] for j in range(2)]
 
 
@@ -137,16 +154,21 @@ def results(tmp_path_factory, weights) -> dict:
         logits = json.loads(json.dumps(plan))
         logits["model"]["weights"] = weights[t]
         cases.append({"name": f"logits-{t}", "kind": "logits", "plan": logits, "input": INPUT})
+    from meshbake.compiler.pipeline import compile_recipe
     for name, t, edit in VARIANTS:
         r = recipe(name, t)
         edit(r)
-        from meshbake.compiler.pipeline import compile_recipe
         cases.append({"name": name, "kind": "train",
                       "plan": json.loads(compile_recipe(yaml.safe_dump(r), source=name).files["plan.json"])})
     for t in EXPORTED:         # fused layouts: trained in meshbake order, exported in HF order
         plan = json.loads(compile_model(t).files["plan.json"])
         plan["checkpoint"].update(every_steps=STEPS, keep=1)
         cases.append({"name": f"export-{t}", "kind": "train", "plan": plan, "keep_run": True, "input": INPUT})
+    r = recipe("export-ep", "mixtral")        # an EP checkpoint (experts on the ep mesh) exported to HF
+    _ep(2, dp_shard=2, dp_replicate=2)(r)
+    r["checkpoint"] = {"every_steps": STEPS, "keep": 1, "save_on_exit": False}
+    cases.append({"name": "export-ep", "kind": "train", "keep_run": True, "input": INPUT,
+                  "plan": json.loads(compile_recipe(yaml.safe_dump(r), source="export-ep").files["plan.json"])})
     out = torchrun(4, cases, tmp_path_factory.mktemp("models4"))
     return {c["name"]: dict(out[c["name"]], plan=c["plan"]) for c in cases}
 
@@ -180,7 +202,7 @@ def test_safetensors_load_and_match_hf_logits(results, weights, model_type):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("model_type", EXPORTED)
+@pytest.mark.parametrize("model_type", [*EXPORTED, "ep"])
 def test_export_writes_hf_layout_back(results, tmp_path, model_type):
     """A dp_shard 2 x tp 2 run of a fused / MoE model, checkpointed (DCP), exported by one
     process: from_pretrained gives the logits the sharded model computed after training."""
@@ -323,6 +345,15 @@ def test_router_aux_loss_is_a_recipe_choice():
     assert "cross-entropy + 0.02 x load-balancing loss" in b.files["PLAN.md"].decode()
     e = compiled("llama", router_aux_loss_coef=0.02)
     assert [x.path for x in e.errors] == ["train.router_aux_loss_coef"], e
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name", [v[0] for v in EP_VARIANTS])
+def test_expert_parallel_holds_num_experts_over_ep(results, name):
+    """Under mesh.ep each rank really holds E / ep experts (parity: test_variants_parity)."""
+    r = results[name]
+    ep, n_exp = r["plan"]["mesh"]["ep"], 4
+    assert ep > 1 and r["ep_local_experts"] == n_exp // ep, r["ep_local_experts"]
 
 
 def _errors_without_patch(tmp_path) -> str:

@@ -169,6 +169,29 @@ def _consistency(recipe: Recipe, model: ModelSpec, auto: dict[str, str], styles:
     return list(dict.fromkeys(errs))   # one error per block group, not one per layer
 
 
+def _replicated_under_sp(recipe: Recipe, model: ModelSpec, auto: Mapping[str, str]) -> list[RecipeError]:
+    """Sequence parallel hands each block's self_attn and mlp the gathered sequence as a DTensor
+    (runtime/parallel.py tp_plan); a Linear transformers' tp plan gives no style (replicated)
+    cannot take it. Found by the zoo: HunYuan-V1-Dense (its plan covers only the embedding) and
+    Youtu (MLA attention outside its plan) compiled, then crashed on the first forward."""
+    if not recipe.tp.sequence_parallel:
+        return []
+    pre = model.block_prefix + "."
+    bad: dict[str, None] = {}
+    for m in model.modules:
+        parts = m.fqn[len(pre):].split(".") if m.fqn.startswith(pre) else []
+        if m.kind == "linear" and len(parts) > 2 and parts[1] in ("self_attn", "mlp") and auto[m.fqn] == "replicate":
+            bad[group_name(m.fqn)] = None
+    if not bad:
+        return []
+    names = list(bad)
+    return [RecipeError("tp.sequence_parallel", f"{model.architecture}: {', '.join(names[:3])}"
+                        f"{' ...' if len(names) > 3 else ''} has no style in transformers' tp plan (replicated); "
+                        "under sequence parallel its input is the gathered sequence as a DTensor, which a "
+                        "replicated module cannot take",
+                        "set tp.sequence_parallel: false (the replicated modules then run whole on every tp rank)")]
+
+
 def _lora_errors(recipe: Recipe, model: ModelSpec) -> list[RecipeError]:
     """Adapters go on Linear layers named by their leaf name (q_proj, ...), never lm_head."""
     lo = recipe.lora
@@ -274,6 +297,7 @@ def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> Resu
     errs = _overrides(recipe, model, styles)
     _follow_projections(model, styles)
     errs += [] if errs else _consistency(recipe, model, auto, styles)
+    errs += [] if errs else _replicated_under_sp(recipe, model, auto)
     if errs:
         return Err(tuple(errs))
     return Placements(styles, _warnings(recipe, model, mesh, styles))

@@ -356,6 +356,31 @@ def test_expert_parallel_holds_num_experts_over_ep(results, name):
     assert ep > 1 and r["ep_local_experts"] == n_exp // ep, r["ep_local_experts"]
 
 
+@pytest.mark.parametrize("sp", [True, False])
+def test_replicated_attention_is_refused_under_sequence_parallel(monkeypatch, tmp_path, sp):
+    """HunYuan-V1-Dense: transformers' tp plan covers only the embedding, so attention and MLP
+    Linears are replicated; sequence parallel would hand them a DTensor (the zoo's compiled-
+    then-crashed). Behind the model_type allow-list, widened here as in scripts/zoo.py."""
+    from meshbake.compiler import model as M
+    from meshbake.compiler.pipeline import compile_recipe
+    from transformers import AutoConfig
+
+    monkeypatch.setattr(M, "SUPPORTED_TYPES", (*M.SUPPORTED_TYPES, "hunyuan_v1_dense"))
+    cfg = AutoConfig.for_model("hunyuan_v1_dense", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=1024,
+                               max_position_embeddings=256).to_diff_dict()
+    cfg["model_type"] = "hunyuan_v1_dense"
+    r = recipe("hy", "llama", sp=sp, lp=sp)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    r["model"]["config"] = str(tmp_path / "config.json")
+    b = compile_recipe(yaml.safe_dump(r), source="hy")
+    if not sp:
+        assert hasattr(b, "files"), b
+        return
+    assert [e.path for e in b.errors] == ["tp.sequence_parallel"], b
+    assert "self_attn.q_proj" in b.errors[0].message and "sequence_parallel: false" in b.errors[0].hint
+
+
 def _errors_without_patch(tmp_path) -> str:
     from meshbake.compiler import model as M
     from meshbake.compiler.errors import Err

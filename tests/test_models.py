@@ -347,6 +347,27 @@ def test_router_aux_loss_is_a_recipe_choice():
     assert [x.path for x in e.errors] == ["train.router_aux_loss_coef"], e
 
 
+def test_router_aux_loss_follows_output_router_logits_like_transformers(tmp_path):
+    """null (the default) resolves as transformers does: coef x aux only when config.json says
+    output_router_logits: true; an explicit 0 turns it off whatever the config says."""
+    from meshbake.compiler.pipeline import compile_recipe
+
+    cfg = json.loads(Path(config_path("qwen3_moe")).read_text())
+    cfg.update(output_router_logits=True, router_aux_loss_coef=0.02)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+
+    def coef(**train):
+        r = recipe("a", "qwen3_moe")
+        r["model"]["config"] = str(tmp_path / "config.json")
+        r["train"].update(train)
+        b = compile_recipe(yaml.safe_dump(r), source="a")
+        return json.loads(b.files["plan.json"])["train"]["router_aux_loss_coef"], b.files["PLAN.md"].decode()
+
+    on, md = coef()
+    assert on == 0.02 and "config.json output_router_logits true, as in transformers" in md
+    assert coef(router_aux_loss_coef=0)[0] == 0.0
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("name", [v[0] for v in EP_VARIANTS])
 def test_expert_parallel_holds_num_experts_over_ep(results, name):

@@ -368,10 +368,11 @@ def train_step(job: Job, step: int, stop_requested: bool) -> StepOut:
             loss = forward_loss_sum(job.model, x, y, lp, pos)
         aux = router_aux_loss(job.model, plan.mesh.tp) if coef > 0 else None
         with loss_parallel() if lp else nullcontext():
-            if aux is None:
+            if aux is None or not aux[0].requires_grad:     # (LoRA: a frozen router's aux has no gradient)
                 (loss * scale).backward()
             else:       # one backward for both; the local aux term is scaled like the CE for FSDP's mean
                 torch.autograd.backward([loss * scale, aux[0] * (coef * plan.mesh.dp * plan.mesh.cp / accum)])
+            if aux is not None:
                 aux_sum += aux[1].detach().to(aux_sum.device) * (coef / accum)
         loss_sum += (loss.full_tensor() if isinstance(loss, DTensor) else loss).detach().double()
     # one all-reduce over the world: [loss sum, stop], in flight while clipping and the optimizer

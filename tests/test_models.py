@@ -169,6 +169,12 @@ def results(tmp_path_factory, weights) -> dict:
     r["checkpoint"] = {"every_steps": STEPS, "keep": 1, "save_on_exit": False}
     cases.append({"name": "export-ep", "kind": "train", "keep_run": True, "input": INPUT,
                   "plan": json.loads(compile_recipe(yaml.safe_dump(r), source="export-ep").files["plan.json"])})
+    for name, t, edit in EP_VARIANTS[:2]:      # the user's safetensors into E / ep experts per rank
+        r = recipe(name, t)
+        edit(r)
+        plan = json.loads(compile_recipe(yaml.safe_dump(r), source=name).files["plan.json"])
+        plan["model"]["weights"] = weights[t]
+        cases.append({"name": f"logits-{name}", "kind": "logits", "plan": plan, "input": INPUT})
     out = torchrun(4, cases, tmp_path_factory.mktemp("models4"))
     return {c["name"]: dict(out[c["name"]], plan=c["plan"]) for c in cases}
 
@@ -187,11 +193,12 @@ def test_parity_dp_shard2_tp2_sp_lp(results, model_type):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("model_type", [t for t in TYPES if t not in REFUSED])
+@pytest.mark.parametrize("model_type", [t for t in TYPES if t not in REFUSED] + [v[0] for v in EP_VARIANTS[:2]])
 def test_safetensors_load_and_match_hf_logits(results, weights, model_type):
     from transformers import AutoModelForCausalLM
 
     r = results[f"logits-{model_type}"]
+    model_type = r["plan"]["model"]["config"]["model_type"]        # an EP case: its family's weights
     hf = AutoModelForCausalLM.from_pretrained(weights[model_type],
                                               attn_implementation=r["plan"]["model"]["attn_implementation"]).eval()
     with torch.no_grad():

@@ -52,6 +52,8 @@ def install(model: nn.Module, mesh: DeviceMesh) -> None:
     """Experts Shard(0) over mesh['ep'], the MoE block forwards replaced by the dispatching one.
     After fused.install (the MoE blocks carry its routing statistics and aux-loss hooks)."""
     ep_mesh = mesh["ep"]
+    if not _moe_blocks(model):
+        raise RuntimeError("mesh.ep > 1 but the model has no MoE block in the grouped-experts layout")
     for block in _moe_blocks(model):
         ex = block.experts
         for n in ("gate_up_proj", "down_proj"):

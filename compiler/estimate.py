@@ -13,6 +13,7 @@ Memory model (bytes per rank), from the resolved placements and sharding:
              replicated tensors  2 norm inputs + qkv input + mlp input (4h)  /tp only with SP
              tokens per rank = micro_batch_size * seq_len / cp; full AC keeps only the block input
   logits     tokens x vocab x 8 bytes (bf16 logits, fp32 upcast, fp32 grad ~ 2+4+2), /tp under loss parallel
+  experts    under mesh.ep: E / ep experts per rank, FSDP over dp_shard / ep (gathered: E / ep per block)
 The usable budget is 90% of cluster.gpu_memory_gb (CUDA context, NCCL buffers, fragmentation).
 """
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Estimate:
     tp_comm_bytes: int
     accum_grads_bytes: int = 0     # unsharded grads held between micro-steps (FSDP, grad_accum > 1)
     phases: tuple[tuple[str, int], ...] = ()   # live bytes at the candidate peaks; total = the largest
+    ep_comm_bytes: int = 0         # mesh.ep all-to-all (token dispatch + combine), per rank per step
 
     @property
     def terms(self) -> dict[str, int]:
@@ -76,6 +78,7 @@ class RankParam:
     where: str                     # "root" (embedding, final norm, lm_head) | "block" | "last" (last block)
     trainable: bool
     embedding: bool = False
+    ep: int = 1                    # mesh.ep: experts split by index (rows = E / ep), FSDP over fsdp / ep
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -85,7 +88,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int) -> list[RankParam]:
+def rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, ep: int = 1) -> list[RankParam]:
     """Every parameter's TP-local shape. Biases follow their Linear: a colwise Linear's bias is
     split with its output rows (Qwen2 q/k/v), a rowwise one's is whole. LoRA adds A (r x in)
     and B (out x r) beside each target, split by the table runtime/lora.py uses too
@@ -99,8 +102,14 @@ def rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int) -> li
             continue                                  # the tied lm_head is the embedding's weight
         style, where = pl.styles[m.fqn], roles.where(m.fqn)
         loc = local_shape(m.shape, m.kind, style, tp)
-        out.append(RankParam(loc[0], _numel(loc[1:]), where, not lora, m.fqn == roles.embedding))
         bias = m.numel - _numel(m.shape)
+        if ep > 1 and m.kind == "experts":            # gate_up and down: E / ep experts each (tp is 1)
+            e = m.shape[0]
+            out += [RankParam(e // ep, _numel(m.shape[1:]), where, not lora, ep=ep),
+                    RankParam(e // ep, bias // e, where, not lora, ep=ep)]
+            covered += m.numel
+            continue
+        out.append(RankParam(loc[0], _numel(loc[1:]), where, not lora, m.fqn == roles.embedding))
         if bias and style == "experts":               # down_proj (E, H, I) beside gate_up (E, 2I, H)
             e, h = m.shape[0], m.shape[2]
             down = local_shape((e, h, bias // e // h), "experts.down_proj", style, tp)
@@ -167,10 +176,12 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     fsdp = mesh.fsdp_enabled
 
     def shard(p: RankParam) -> int:
-        return -(-p.rows // f) * p.rest if fsdp else p.rows * p.rest
+        fp = f // p.ep                                # experts under ep: FSDP over the other dp_shard ranks
+        return -(-p.rows // fp) * p.rest if fsdp else p.rows * p.rest
 
     def gathered(p: RankParam) -> int:                # FSDP2's unsharded copy: padded rows x f
-        return -(-p.rows // f) * f * p.rest if fsdp else 0
+        fp = f // p.ep
+        return -(-p.rows // fp) * fp * p.rest if fsdp else 0
 
     train = [p for p in params if p.trainable]
     n_shard, n_train = sum(map(shard, params)), sum(map(shard, train))
@@ -230,16 +241,16 @@ def flops_per_token(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placem
 _RANK_PARAMS: dict = {}
 
 
-def _rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int) -> list[RankParam]:
+def _rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, ep: int = 1) -> list[RankParam]:
     """rank_params memoized: `meshbake suggest` estimates thousands of candidates that share a
     few (model, lora, styles, tp); one call walks every module (~4 ms for an 80-layer model).
     The cached entry holds the model and placements, so their ids are not reused while it lives."""
-    key = (id(model), recipe.lora, id(pl), tp)
+    key = (id(model), recipe.lora, id(pl), tp, ep)
     hit = _RANK_PARAMS.get(key)
     if hit is None or hit[0] is not model or hit[1] is not pl:
         if len(_RANK_PARAMS) > 256:
             _RANK_PARAMS.clear()
-        hit = _RANK_PARAMS[key] = (model, pl, rank_params(recipe, model, pl, tp))
+        hit = _RANK_PARAMS[key] = (model, pl, rank_params(recipe, model, pl, tp, ep))
     return hit[2]
 
 
@@ -247,7 +258,7 @@ def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -
     tp, f = mesh.tp, mesh.fsdp
     pb = DTYPE_BYTES[recipe.train.mixed_precision.param_dtype]
     rb = DTYPE_BYTES[recipe.train.mixed_precision.reduce_dtype]
-    params = _rank_params(recipe, model, pl, tp)
+    params = _rank_params(recipe, model, pl, tp, mesh.ep)
     mem = _memory(recipe, model, mesh, params)
     local = sum(p.rows * p.rest for p in params)
     trainable_local = sum(p.rows * p.rest for p in params if p.trainable)
@@ -272,12 +283,39 @@ def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -
         # all-gather in forward and again in backward per micro-step; reduce-scatter per micro-step
         # (grad_sync every_micro_step) or once per step
         fsdp_comm_bytes=int((2 * ga * local * pb + trainable_local * rb * (
-            1 if recipe.train.grad_sync == "last_micro_step" else ga)) * frac),
+            1 if recipe.train.grad_sync == "last_micro_step" else ga)) * frac) - _ep_fsdp_saving(recipe, mesh, params),
         # 2 all-reduces (or all-gather + reduce-scatter under SP) forward + 2 backward per layer
         tp_comm_bytes=int(4 * model.num_layers * ga * tokens * model.hidden_size * pb * 2 * (tp - 1) / tp),
         accum_grads_bytes=mem["accum"],
         phases=mem["phases"],
+        ep_comm_bytes=_ep_comm(recipe, model, mesh),
     )
+
+
+def _ep_fsdp_saving(recipe: Recipe, mesh: MeshSpec, params: list[RankParam]) -> int:
+    """Experts under ep are all-gathered / reduce-scattered over fsdp / ep ranks, not fsdp: the
+    FSDP traffic above counted their E / ep rows at the fraction (f-1)/f; at (f/ep - 1)/(f/ep) it is less."""
+    if mesh.ep == 1:
+        return 0
+    t, f, fe = recipe.train, mesh.fsdp, mesh.fsdp // mesh.ep
+    pb, rb = DTYPE_BYTES[t.mixed_precision.param_dtype], DTYPE_BYTES[t.mixed_precision.reduce_dtype]
+    n = sum(p.rows * p.rest for p in params if p.ep > 1)
+    per = 2 * mesh.grad_accum * n * pb + n * rb * (1 if t.grad_sync == "last_micro_step" else mesh.grad_accum)
+    return int(per * ((f - 1) / f - (fe - 1) / fe))
+
+
+def _ep_comm(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> int:
+    """All-to-all bytes per rank per optimizer step (runtime/ep.py): per MoE layer and micro-step
+    the k copies of each token go out and come back (dispatch + combine) in forward and the
+    same two in backward, a share (ep-1)/ep of them to other ranks under uniform routing:
+    4 x layers x tokens x k x hidden x param bytes x (ep-1)/ep."""
+    if mesh.ep == 1:
+        return 0
+    t = recipe.train
+    layers = sum(1 for m in model.modules if m.kind == "experts")
+    tokens = t.micro_batch_size * t.seq_len // mesh.cp
+    return int(4 * layers * mesh.grad_accum * tokens * model.experts_per_token * model.hidden_size
+               * DTYPE_BYTES[t.mixed_precision.param_dtype] * (mesh.ep - 1) / mesh.ep)
 
 
 _FIXES = {
@@ -355,6 +393,7 @@ def view(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, est: Estimate) -> dic
             "total_bytes": est.total_bytes, "peak_phase": est.peak_phase, "budget_bytes": est.budget_bytes,
             "usable": f"{USABLE:.0%}", "trainable_total": est.trainable_total,
             "fsdp_comm_bytes": est.fsdp_comm_bytes, "tp_comm_bytes": est.tp_comm_bytes,
+            "ep_comm_bytes": est.ep_comm_bytes, "experts_per_rank": model.num_experts // mesh.ep,
             "flops_per_token": est.flops_per_token, "flops_how": flops_how}
 
 

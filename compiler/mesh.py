@@ -17,7 +17,7 @@ from meshbake.compiler.recipe import Recipe
 from meshbake.runtime.dims import DIMS, ParallelDims, backend_for, tokens_per_step
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MeshSpec(ParallelDims):
     inferred: str | None          # the axis that was -1
     grad_accum: int
@@ -133,10 +133,13 @@ def resolve_mesh(recipe: Recipe, model: ModelSpec, aside: frozenset[str] = froze
     axes = _axes(recipe, world)
     if isinstance(axes, Err):
         return axes
+    from meshbake.compiler.moe import ep_errors
+
     dims = ParallelDims(**axes, nodes=c.nodes, procs_per_node=c.gpus_per_node, device=c.device,
-                        backend=backend_for(c.device))
+                        backend=backend_for(c.device), ep=recipe.mesh.ep)
     sp, lp = dims.tp_flags(recipe.tp.sequence_parallel, recipe.tp.loss_parallel)
     errs = run(_tp_errors, aside, recipe, model, dims.tp) + run(_seq_errors, aside, recipe, dims, sp)
+    errs += run(ep_errors, aside, recipe, model, axes)
     # a stand-in when a batch size is set aside: the checks that would read it are skipped too
     ga = 1 if skipped(_batch, aside) else _batch(recipe, dims.dp)
     if isinstance(ga, Err):
@@ -161,6 +164,12 @@ def mesh_rows(dims: ParallelDims) -> list[dict[str, Any]]:
         size, stride = getattr(dims, axis), dims.strides[axis]
         example = ", ".join(str(i * stride) for i in range(min(size, 4))) + (", ..." if size > 4 else "")
         rows.append({"axis": axis, "size": size, "example": example, "role": _ROLES[axis]})
+    if dims.ep_enabled:       # carved from dp_shard: ep consecutive dp_shard ranks (tp = cp = 1 under ep)
+        stride = dims.strides["dp_shard"]
+        rows.append({"axis": "ep (within dp_shard)", "size": dims.ep,
+                     "example": ", ".join(str(i * stride) for i in range(min(dims.ep, 4))) + (", ..." if dims.ep > 4 else ""),
+                     "role": "expert parallel: experts split by index, tokens sent to them all-to-all; experts "
+                             f"FSDP-sharded over dp_shard / ep = {dims.experts_fsdp}"})
     return rows
 
 

@@ -160,6 +160,30 @@ def _consistency(recipe: Recipe, model: ModelSpec, auto: dict[str, str], styles:
     return list(dict.fromkeys(errs))   # one error per block group, not one per layer
 
 
+@reads("tp.sequence_parallel")
+def _replicated_under_sp(recipe: Recipe, model: ModelSpec, auto: Mapping[str, str]) -> list[RecipeError]:
+    """Sequence parallel hands each block's self_attn and mlp the gathered sequence as a DTensor
+    (runtime/parallel.py tp_plan); a Linear transformers' tp plan gives no style (replicated)
+    cannot take it. Found by the zoo: HunYuan-V1-Dense (its plan covers only the embedding) and
+    Youtu (MLA attention outside its plan) compiled, then crashed on the first forward."""
+    if not recipe.tp.sequence_parallel:
+        return []
+    pre = model.roles.block_prefix + "."
+    bad: dict[str, None] = {}
+    for m in model.modules:
+        parts = m.fqn[len(pre):].split(".") if m.fqn.startswith(pre) else []
+        if m.kind == "linear" and len(parts) > 2 and parts[1] in ("self_attn", "mlp") and auto[m.fqn] == "replicate":
+            bad[group_name(m.fqn)] = None
+    if not bad:
+        return []
+    names = list(bad)
+    return [RecipeError("tp.sequence_parallel", f"{model.architecture}: {', '.join(names[:3])}"
+                        f"{' ...' if len(names) > 3 else ''} has no style in transformers' tp plan (replicated); "
+                        "under sequence parallel its input is the gathered sequence as a DTensor, which a "
+                        "replicated module cannot take",
+                        "set tp.sequence_parallel: false (the replicated modules then run whole on every tp rank)")]
+
+
 @reads("lora.rank", "lora.targets")
 def _lora_errors(recipe: Recipe, model: ModelSpec) -> list[RecipeError]:
     """Adapters go on Linear layers named by their leaf name (q_proj, ...), never lm_head."""
@@ -203,7 +227,7 @@ def _cp_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeE
                         "sequence parallel, or activation_checkpointing: full)")]
 
 
-@reads()
+@reads("train.router_aux_loss_coef")
 def _architecture_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeError]:
     c, errs = model.config, []
     if mesh.tp > 1:
@@ -232,7 +256,8 @@ def _architecture_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> li
         errs.append(RecipeError("model.config", f"router_jitter_noise {c['router_jitter_noise']}: each tp rank would "
                                 "draw its own noise and route the same token to different experts",
                                 "set router_jitter_noise: 0 in the config.json (Mixtral-8x7B ships 0) or mesh.tp: 1"))
-    return errs
+    from meshbake.compiler.moe import aux_errors
+    return errs + aux_errors(recipe, model)
 
 
 def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec,
@@ -264,6 +289,7 @@ def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec,
     errs = run(_overrides, aside, recipe, model, styles)
     _follow_projections(model, styles)
     errs += [] if errs else run(_consistency, aside, recipe, model, auto, styles)
+    errs += [] if errs else run(_replicated_under_sp, aside, recipe, model, auto)
     if errs:
         return Err(tuple(errs))
     return Placements(styles, _warnings(recipe, model, mesh, styles), lora)
@@ -286,17 +312,13 @@ def _warnings(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, styles: Mapping[
     for m in model.modules:
         if styles[m.fqn] == "replicate" and m.numel * nbytes >= WARN_BYTES:
             out.setdefault(group_name(m.fqn), []).append(m.numel * nbytes)
-    extra = []
-    if model.num_experts and model.config.get("output_router_logits"):
-        extra.append("model.config: output_router_logits is true, but the runtime trains on the cross-entropy "
-                     "only; the router's auxiliary (load-balancing) loss is not added")
-    return tuple(extra) + tuple(
+    return tuple(
         f"{g}: replicated on all {mesh.tp} tp ranks ({len(b)} x {b[0] / 1e6:,.1f} MB of {recipe.model.dtype} "
         f"weights per rank before FSDP; sharded it would be {sum(b) / mesh.tp / 1e6:,.1f} MB)"
         for g, b in out.items())
 
 
-def placement_rows(model: ModelSpec, pl: Placements, tp: int, dtype: str) -> list[dict[str, object]]:
+def placement_rows(model: ModelSpec, pl: Placements, tp: int, dtype: str, ep: int = 1) -> list[dict[str, object]]:
     """PLAN.md's placement table: one row per module group (model.layers.*.mlp.up_proj) with its
     count, kind, weight shape, style, shape per tp rank and bytes per tp rank (all its modules)."""
     import math
@@ -307,6 +329,8 @@ def placement_rows(model: ModelSpec, pl: Placements, tp: int, dtype: str) -> lis
         style = pl.styles[m.fqn]
         g = group_name(m.fqn)
         loc = local_shape(m.shape, m.kind, style, tp)
+        if ep > 1 and m.kind == "experts":     # split by expert index over ep (runtime/ep.py)
+            style, loc = f"expert parallel (ep {ep})", (m.shape[0] // ep, *m.shape[1:])
         # every parameter the module owns (bias, an expert's down_proj) is split like its weight
         b = m.numel * math.prod(loc) // max(1, math.prod(m.shape)) * nbytes
         if g in rows:

@@ -51,6 +51,7 @@ def meta_model(plan: Plan) -> nn.Module:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[plan.train.dtype])
     model.config.use_cache = False
+    model.config.output_router_logits = False    # MoE: the runtime adds the aux loss itself (runtime/fused.py)
     return model
 
 
@@ -223,6 +224,10 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, plan: Plan) -> None:
     # fp32 masters), not "reduce in the master dtype"
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[mp.param_dtype], reduce_dtype=DTYPES[mp.reduce_dtype])
     layers = decoder_layers(model, plan)
+    if plan.mesh.ep_enabled:       # experts first, on their own mesh; the blocks' FSDP then skips them
+        from . import ep
+
+        ep.shard_experts(model, model._meshbake_experts_mesh, policy)
     for i, layer in enumerate(layers):
         # the last block's params are needed again at once by backward: keep them gathered
         fully_shard(layer, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=i < len(layers) - 1)
@@ -443,7 +448,14 @@ def parallelize(plan: Plan, mesh: DeviceMesh, stage=lambda name: None) -> nn.Mod
     if plan.model.layouts:     # after TP: the fused hooks must see the local (to_local'd) outputs
         from . import fused
 
-        fused.install(model, plan.model.layouts, mesh["tp"] if plan.mesh.tp_enabled else None)
+        fused.install(model, plan.model.layouts, mesh["tp"] if plan.mesh.tp_enabled else None,
+                      aux=plan.train.router_aux_loss_coef > 0)
+    if plan.mesh.ep_enabled:       # experts by index over ep, all-to-all dispatch (runtime/ep.py)
+        from . import ep
+
+        stage("ep")
+        model._meshbake_experts_mesh = ep.experts_mesh(plan)
+        ep.install(model, model._meshbake_experts_mesh)
     if plan.lora.rank > 0:
         from .lora import apply_lora
 

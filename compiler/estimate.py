@@ -45,9 +45,10 @@ class Estimate:
     budget_bytes: int
     block_gather_bytes: int        # what `gathered` is as soon as FSDP shards (dp_shard x cp > 1)
     flops_per_token: int           # runtime/flops.py: 6N (non-embedding; LoRA: 4N frozen) + 12 L H Dh T
-    fsdp_comm_bytes: int           # per rank per optimizer step
-    tp_comm_bytes: int
+    fsdp_comm_bytes: int           # per rank per optimizer step on the wire (ring): dp_shard (x cp) + dp_replicate
+    tp_comm_bytes: int             # ... on tp (the rows are in `traffic`)
     accum_grads_bytes: int = 0     # unsharded grads held between micro-steps (FSDP, grad_accum > 1)
+    traffic: tuple[Collective, ...] = ()   # every collective of one optimizer step, per rank
     phases: tuple[tuple[str, int], ...] = ()   # live bytes at the candidate peaks; total = the largest
 
     @property
@@ -110,7 +111,7 @@ def rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int) -> li
             a, b = ((lora, i), (o // tp, lora)) if style.startswith("colwise") else \
                 ((lora, i // tp), (o, lora)) if style == "rowwise" else ((lora, i), (o, lora))
             out += [RankParam(a[0], a[1], where, True), RankParam(b[0], b[1], where, True)]
-    rest = model.num_params - covered + (model.vocab_size * model.hidden_size if model.tie_word_embeddings else 0)
+    rest = model.num_params - covered               # num_params counts a tied weight once, as covered does
     if rest > 0:                                      # parameters of no Linear/Embedding/norm: whole
         out.append(RankParam(rest, 1, "root", not lora))
     return out
@@ -243,18 +244,14 @@ def _rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int) -> l
 
 
 def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> Estimate:
-    tp, f = mesh.tp, mesh.fsdp
+    tp = mesh.tp
     pb = DTYPE_BYTES[recipe.train.mixed_precision.param_dtype]
-    rb = DTYPE_BYTES[recipe.train.mixed_precision.reduce_dtype]
     params = _rank_params(recipe, model, pl, tp)
     mem = _memory(recipe, model, mesh, params)
-    local = sum(p.rows * p.rest for p in params)
-    trainable_local = sum(p.rows * p.rest for p in params if p.trainable)
     trainable_total = sum(p.rows * p.rest for p in _rank_params(recipe, model, pl, 1) if p.trainable)
-    ga, frac = mesh.grad_accum, (f - 1) / f
-    tokens = recipe.train.micro_batch_size * recipe.train.seq_len // mesh.cp
     # what FSDP keeps gathered once it shards (for the OOM hint of a plan that does not shard yet)
     kept = sum(p.rows * p.rest for p in params if p.where in ("root", "last")) * pb
+    comm = traffic(recipe, model, mesh, pl, params)
     return Estimate(
         params_total=model.num_params,
         trainable_total=trainable_total,
@@ -268,13 +265,10 @@ def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -
         logits_bytes=mem["logits"],
         budget_bytes=int(recipe.cluster.gpu_memory_gb * 1e9 * USABLE),
         flops_per_token=flops_per_token(recipe, model, mesh),
-        # all-gather in forward and again in backward per micro-step; reduce-scatter per micro-step
-        # (grad_sync every_micro_step) or once per step
-        fsdp_comm_bytes=int((2 * ga * local * pb + trainable_local * rb * (
-            1 if recipe.train.grad_sync == "last_micro_step" else ga)) * frac),
-        # 2 all-reduces (or all-gather + reduce-scatter under SP) forward + 2 backward per layer
-        tp_comm_bytes=int(4 * model.num_layers * ga * tokens * model.hidden_size * pb * 2 * (tp - 1) / tp),
+        fsdp_comm_bytes=sum(c.wire_bytes for c in comm if c.axis.startswith("dp_")),
+        tp_comm_bytes=sum(c.wire_bytes for c in comm if c.axis == "tp"),
         accum_grads_bytes=mem["accum"],
+        traffic=comm,
         phases=mem["phases"],
     )
 
@@ -327,3 +321,236 @@ def check_memory(est: Estimate, recipe: Recipe, mesh: MeshSpec) -> Result[Estima
     return Err((RecipeError("cluster.gpu_memory_gb",
                             f"estimated {fmt_bytes(est.total_bytes)} per rank exceeds {fmt_bytes(est.budget_bytes)} "
                             f"({USABLE:.0%} of the GPU); largest term: {name} {fmt_bytes(big)}", fix),))
+
+
+# ------------------------------------------------------------------------------------ traffic
+@dataclass(frozen=True)
+class Collective:
+    """The collectives of one kind on one mesh axis in one optimizer step, per rank, as the
+    runtime issues them (tests/dist/collectives.py logs every one on CPU; tests/test_measured.py
+    holds these rows to the byte). bytes: the full buffers summed (an all-gather's output, a
+    reduce-scatter's input, an all-reduce's tensor); a ring moves (n-1)/n of that per rank for
+    all-gather / reduce-scatter and 2 (n-1)/n for all-reduce (wire_bytes)."""
+    axis: str                      # tp | cp | dp_shard (dp_shard_cp when cp > 1) | dp_replicate | world
+    ranks: int                     # group size
+    op: str                        # all_gather | reduce_scatter | all_reduce
+    what: str
+    count: int
+    bytes: int
+
+    @property
+    def wire_bytes(self) -> int:
+        return self.bytes * (2 if self.op == "all_reduce" else 1) * (self.ranks - 1) // self.ranks
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What the traffic needs from the model, its placements and LoRA (cached: see _shape).
+    Layers "needing" a gradient: the backward collective of an activation runs only where the
+    activation requires grad. Full fine-tuning: every layer. LoRA: the embedding and norms are
+    frozen, so layer 0's attention input needs no gradient (nor its q/k/v input all-reduce /
+    reduce-scatter), its attention output only if the attention is adapted; but with activation
+    checkpointing transformers makes the embedding output require grad (enable_input_require_grads),
+    and every layer is as under full fine-tuning again (the embedding weight still gets none)."""
+    attn_colwise: int              # colwise Linears of one block's attention (q, k, v: 3; fused qkv: 1)
+    mlp_colwise: int
+    rowwise: int                   # rowwise Linears of one block (o, down)
+    emb_tp: bool                   # embedding vocab-sharded
+    emb_trainable: bool
+    head_tp: bool                  # lm_head colwise
+    n_before: int                  # layers whose attention input needs a gradient
+    n_after_attn: int              # ... whose attention output (= MLP input) does
+    n_after_mlp: int               # ... whose output does (their backward, and AC recompute, runs)
+    k_layers: int                  # layers whose K / V need a gradient (CP's reduce-scatter)
+    v_layers: int
+    rep: tuple[int, int]           # trainable params replicated over tp (Partial grads): tensors, numel
+    tp_tensors: int                # trainable tensors that are TP DTensors (one grad-norm group)
+    plain_tensors: int             # trainable tensors that are not (another group)
+
+
+def _is_attn(fqn: str, prefix: str) -> bool:
+    """A module of the block's attention (self_attn.*, attention.*), not of its MLP."""
+    return "att" in fqn[len(prefix):].partition(".")[0]
+
+
+def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int) -> _Shape:
+    lo, sp = recipe.lora, recipe.tp.sequence_parallel and tp > 1
+    pre = f"{model.block_prefix}.0."
+    block = [m for m in model.modules if m.fqn.startswith(pre)]
+    leaf = lambda m: m.fqn.rpartition(".")[2]  # noqa: E731
+    adapted = {m.fqn for m in model.modules if lo.rank and m.kind == "linear" and leaf(m) in lo.targets}
+    lin = [m for m in block if m.kind == "linear"]
+    attn_ad = any(m.fqn in adapted for m in lin if _is_attn(m.fqn, pre))
+    mlp_ad = any(m.fqn in adapted for m in lin if not _is_attn(m.fqn, pre))
+    L = model.num_layers
+    if not lo.rank or recipe.train.activation_checkpointing != "none":
+        n_before = n_attn = n_mlp = k_l = v_l = L
+    else:
+        any_ad = attn_ad or mlp_ad
+        later = (L - 1) * any_ad
+        n_before, n_attn, n_mlp = later, int(attn_ad) + later, L * any_ad
+        ad = {leaf(m) for m in lin if m.fqn in adapted}
+        k_l, v_l = (later + bool(ad & {"k_proj", "qkv_proj"}), later + bool(ad & {"v_proj", "qkv_proj"}))
+    rep = [0, 0]
+    tp_t = plain_t = 0
+    for m in model.modules:
+        if model.tie_word_embeddings and m.kind == "linear" and m.shape[0] == model.vocab_size:
+            continue                                   # the tied lm_head is the embedding's weight
+        style = pl.styles[m.fqn] if tp > 1 else "replicate"
+        w = _numel(m.shape)
+        tensors = 2 if m.numel > w else 1              # weight (+ bias; experts: gate_up + down)
+        if m.fqn in adapted:
+            if style.startswith(("colwise", "rowwise")):   # A (colwise) / B (rowwise) replicated
+                rep[0] += 1
+                rep[1] += lo.rank * (m.shape[1] if style.startswith("colwise") else m.shape[0])
+                tp_t += 2
+            else:
+                plain_t += 2
+            continue
+        if lo.rank:
+            continue                                   # frozen base
+        if style == "replicate":
+            plain_t += tensors
+            continue
+        tp_t += tensors
+        if style in ("sequence_parallel", "local_heads"):
+            rep[0] += tensors                          # norm weight (+ bias) over local tokens / heads
+            rep[1] += m.numel
+        elif style == "rowwise" and m.kind == "linear" and tensors == 2 and sp:
+            rep[0] += 1                                # the bias after a sequence-sharded output
+            rep[1] += m.numel - w
+    covered = sum(m.numel for m in model.modules)
+    if not lo.rank and model.num_params - covered + (model.vocab_size * model.hidden_size
+                                                     if model.tie_word_embeddings else 0) > 0:
+        plain_t += 1                                   # parameters of no Linear/Embedding/norm
+    emb = [m for m in model.modules if m.kind == "embedding"]
+    head = [m for m in model.modules if m.kind == "linear" and not m.fqn.startswith(model.block_prefix + ".")
+            and m.shape[0] == model.vocab_size]
+    style_of = lambda ms: pl.styles[ms[0].fqn] if ms and tp > 1 else "replicate"  # noqa: E731
+    return _Shape(
+        attn_colwise=sum(1 for m in lin if _is_attn(m.fqn, pre) and pl.styles[m.fqn].startswith("colwise")),
+        mlp_colwise=sum(1 for m in lin if not _is_attn(m.fqn, pre) and pl.styles[m.fqn].startswith("colwise")),
+        rowwise=sum(1 for m in lin if pl.styles[m.fqn] == "rowwise"),
+        emb_tp=style_of(emb) == "rowwise", emb_trainable=not lo.rank, head_tp=style_of(head).startswith("colwise"),
+        n_before=n_before, n_after_attn=n_attn, n_after_mlp=n_mlp, k_layers=k_l, v_layers=v_l,
+        rep=(rep[0], rep[1]), tp_tensors=tp_t if tp > 1 else 0, plain_tensors=plain_t + (0 if tp > 1 else tp_t))
+
+
+_SHAPES: dict = {}
+
+
+def _shape_cached(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int) -> _Shape:
+    key = (id(model), recipe.lora, recipe.tp.sequence_parallel, recipe.train.activation_checkpointing, id(pl), tp)
+    hit = _SHAPES.get(key)
+    if hit is None or hit[0] is not model or hit[1] is not pl:
+        if len(_SHAPES) > 256:
+            _SHAPES.clear()
+        hit = _SHAPES[key] = (model, pl, _shape(recipe, model, pl, tp))
+    return hit[2]
+
+
+def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
+            params: list[RankParam]) -> tuple[Collective, ...]:
+    """Every collective of one optimizer step, per rank, grouped by axis and purpose. Rules
+    (measured on CPU, gloo, world 4; a = tokens x hidden x param bytes, tokens = mbs x seq / cp):
+      FSDP2 (dp_shard x cp; groups: root = embedding + final norm + lm_head, one per block)
+        all-gather in param_dtype, padded rows: per micro-step root + every block in forward,
+        every block but the last again in backward (the root and the last block stay gathered);
+        AC recompute gathers nothing (FSDP2 skips its pre-forward during backward)
+        reduce-scatter in reduce_dtype, trainable params only, per group with any, per synced
+        micro-step (every one, or the last with grad_sync last_micro_step)
+      HSDP  all-reduce of each reduce-scattered shard across dp_replicate (of the whole gradient
+        when dp_shard x cp is 1: FSDP2 then issues no all-gather / reduce-scatter at all)
+      TP, per micro-step. Sequence parallel: forward: the embedding's reduce-scatter, per layer
+        an all-gather into attention and MLP and a reduce-scatter out of each rowwise Linear,
+        lm_head's input all-gather; backward the transposes where a gradient is needed; AC
+        recomputes each layer's forward up to its last saved tensor: +2 all-gathers and +1
+        reduce-scatter (the down_proj output is never recomputed). Without SP: an all-reduce
+        after the embedding and each rowwise Linear; in backward one per colwise Linear's input
+        and lm_head's; AC +1 per layer. Logits all-gathered (tokens x vocab) without loss
+        parallel; loss parallel: 3 all-reduces of tokens x fp32 (max, sum of exp, target logit)
+      TP, replicated params (SP norms, LoRA's A of colwise / B of rowwise targets): their Partial
+        gradients all-reduced, in param_dtype, when FSDP2 reduces (per synced micro-step); without
+        FSDP once per step (runtime/parallel.reduce_partial_grads)
+      CP (all-gather form, runtime/cp.py): K and V all-gathered per layer (their local kv heads,
+        the whole sequence), reduce-scattered in backward; AC +2 all-gathers per layer
+      clipping: one all-reduce per parameter mesh group and sharded axis of the per-tensor norms
+        (model dtype); the step's [loss sum, stop] all-reduce over the world (2 x float64).
+    Not modelled: colwise_norm's statistics all-reduce (OLMo-2), MoE experts, and the dtypes under
+    autocast (TP without FSDP, param_dtype != model.dtype: counted in param_dtype)."""
+    t, mp = recipe.train, recipe.train.mixed_precision
+    tp, cp, f, r, ga = mesh.tp, mesh.cp, mesh.fsdp, mesh.dp_replicate, mesh.grad_accum
+    pb, rb, mb = DTYPE_BYTES[mp.param_dtype], DTYPE_BYTES[mp.reduce_dtype], DTYPE_BYTES[recipe.model.dtype]
+    fsdp = r * f > 1
+    syncs = ga if t.grad_sync == "every_micro_step" or not fsdp else 1
+    sh = _shape_cached(recipe, model, pl, tp)
+    L, tokens = model.num_layers, t.micro_batch_size * t.seq_len // cp
+    out: list[Collective] = []
+
+    def add(axis: str, n: int, op: str, what: str, count: int, nbytes: int) -> None:
+        if n > 1 and count > 0:
+            out.append(Collective(axis, n, op, what, count, nbytes))
+
+    fax = "dp_shard_cp" if cp > 1 else "dp_shard"
+    if fsdp:
+        padded = lambda p: -(-p.rows // f) * f * p.rest  # noqa: E731
+        root = sum(padded(p) for p in params if p.where == "root")
+        blocks = sum(padded(p) for p in params if p.where != "root")
+        last = sum(padded(p) for p in params if p.where == "last")
+        add(fax, f, "all_gather", "params: root + every block forward, blocks but the last again in backward",
+            ga * (1 + L + L - 1), ga * (root + 2 * blocks - last) * pb)
+        train = [p for p in params if p.trainable]
+        groups = any(p.where == "root" for p in train) + L * any(p.where != "root" for p in train)
+        add(fax, f, "reduce_scatter", f"gradients, {syncs} synced micro-step(s)", syncs * groups,
+            syncs * sum(padded(p) for p in train) * rb)
+        shard = sum(-(-p.rows // f) * p.rest for p in train)
+        add("dp_replicate", r, "all_reduce", "gradient shards across replicas (HSDP)", syncs * groups,
+            syncs * shard * rb)
+    if tp > 1:
+        a, sp = tokens * model.hidden_size * pb, recipe.tp.sequence_parallel
+        ac = (t.activation_checkpointing != "none") * sh.n_after_mlp
+        head_in = sh.head_tp * (sh.n_after_mlp > 0 or not L)
+        if sp:
+            ag = sh.emb_tp * sh.emb_trainable + L * 2 + sh.head_tp + sh.n_after_attn + sh.n_after_mlp + 2 * ac
+            rs = sh.emb_tp + L * sh.rowwise + sh.n_before + sh.n_after_attn + head_in + ac
+            add("tp", tp, "all_gather", "activations (sequence parallel), forward + backward"
+                + (" + AC recompute" if ac else ""), ga * ag, ga * ag * a)
+            add("tp", tp, "reduce_scatter", "activations (sequence parallel), forward + backward"
+                + (" + AC recompute" if ac else ""), ga * rs, ga * rs * a)
+        else:
+            ar = sh.emb_tp + L * sh.rowwise + sh.attn_colwise * sh.n_before + sh.mlp_colwise * sh.n_after_attn \
+                + head_in + ac * max(0, sh.rowwise - 1)
+            add("tp", tp, "all_reduce", "activations, forward + backward" + (" + AC recompute" if ac else ""),
+                ga * ar, ga * ar * a)
+        if sh.head_tp and not recipe.tp.loss_parallel:
+            add("tp", tp, "all_gather", "logits (no loss parallel)", ga, ga * tokens * model.vocab_size * pb)
+        if recipe.tp.loss_parallel:
+            add("tp", tp, "all_reduce", "loss parallel: max, sum of exp, target logit", 3 * ga, 3 * ga * tokens * 4)
+        add("tp", tp, "all_reduce", "Partial grads of replicated params (norms, LoRA A/B)",
+            syncs * sh.rep[0] if fsdp else sh.rep[0], syncs * sh.rep[1] * pb if fsdp else sh.rep[1] * mb)
+    if cp > 1:
+        kv = t.micro_batch_size * t.seq_len * model.num_kv_heads * model.head_dim // tp * pb
+        ac = 2 * (t.activation_checkpointing != "none") * sh.n_after_mlp
+        add("cp", cp, "all_gather", "K, V per layer" + (" + AC recompute" if ac else ""), ga * (2 * L + ac),
+            ga * (2 * L + ac) * kv)
+        add("cp", cp, "reduce_scatter", "K, V gradients", ga * (sh.k_layers + sh.v_layers),
+            ga * (sh.k_layers + sh.v_layers) * kv)
+    # gradient clipping: the per-tensor norms of each mesh group, reduced over its sharded axes
+    for n_t in (sh.tp_tensors, sh.plain_tensors):
+        if n_t:
+            add(fax, f if fsdp else 1, "all_reduce", "grad-norm partials", 1, n_t * mb)
+    add("tp", tp, "all_reduce", "grad-norm partials", 1 if sh.tp_tensors else 0, sh.tp_tensors * mb)
+    add("world", mesh.world, "all_reduce", "loss sum + stop flag", 1, 16)
+    return _merge(out)
+
+
+def _merge(rows: list[Collective]) -> tuple[Collective, ...]:
+    """One row per (axis, op, what), in a fixed axis order."""
+    order = {a: i for i, a in enumerate(("dp_replicate", "dp_shard", "dp_shard_cp", "cp", "tp", "world"))}
+    merged: dict[tuple[str, str, str], Collective] = {}
+    for c in rows:
+        k = (c.axis, c.op, c.what)
+        m = merged.get(k)
+        merged[k] = c if m is None else Collective(c.axis, c.ranks, c.op, c.what, m.count + c.count,
+                                                    m.bytes + c.bytes)
+    return tuple(sorted(merged.values(), key=lambda c: order[c.axis]))

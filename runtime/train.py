@@ -33,7 +33,7 @@ from .data import IGNORE, Batch, PackedData, Stream, load_data
 from .errors import EXIT_USER, UserError, from_os_error
 from .fused import moe_metrics
 from .metrics import MetricsLog, flops_per_token, peak_flops, peak_memory
-from .parallel import build, compute_context, set_gradient_sync
+from .parallel import build, compute_context, reduce_partial_grads, set_gradient_sync, uses_fsdp
 from .plan import MESH_DIMS, Plan, load_plan
 
 # the per-mesh grad norm reduces a 2-D (dp_shard, tp) partial in two all-reduces; torch warns
@@ -360,6 +360,8 @@ def train_step(job: Job, step: int, stop_requested: bool) -> StepOut:
         with loss_parallel() if lp else nullcontext():
             (loss * scale).backward()
         loss_sum += (loss.full_tensor() if isinstance(loss, DTensor) else loss).detach().double()
+    if plan.mesh.tp > 1 and not uses_fsdp(plan):
+        reduce_partial_grads(job.model)
     # one all-reduce over the world: [loss sum, stop], in flight while clipping and the optimizer
     # step run. The sum is the same on the tp ranks of a dp x cp coordinate, so
     # world-sum / tp / N = the global token mean; any rank's stop flag stops every rank.

@@ -113,3 +113,43 @@ def test_memory_estimate_holds_the_measured_peak(measured, name):
     print(f"{name}: estimate {_mb(est['total_bytes'])} at the {est['peak_phase']}, measured {_mb(got)} "
           f"({err:+.1%}), peak in {r['ranks'][0]['peak_in'][-2:]}")
     assert -0.05 <= err <= 0.10, (name, est["total_bytes"], got, est["phases"])
+
+
+def axis_ranks(mesh: dict, rank: int, axis: str) -> frozenset[int]:
+    """The ranks of `rank`'s group along a mesh axis (dp_replicate, dp_shard, cp, tp
+    row-major, tp innermost; dp_shard_cp = dp_shard x cp flattened; world = all)."""
+    dims = ("dp_replicate", "dp_shard", "cp", "tp")
+    sizes = [mesh[d] for d in dims]
+    coord, rest = [], rank
+    for s in reversed(sizes):
+        coord.insert(0, rest % s)
+        rest //= s
+    free = {"dp_shard_cp": ("dp_shard", "cp"), "world": dims}.get(axis, (axis,))
+    out = []
+    for r in range(mesh["dp_replicate"] * mesh["dp_shard"] * mesh["cp"] * mesh["tp"]):
+        c, rest = [], r
+        for s in reversed(sizes):
+            c.insert(0, rest % s)
+            rest //= s
+        if all(c[i] == coord[i] for i, d in enumerate(dims) if d not in free):
+            out.append(r)
+    return frozenset(out)
+
+
+def traffic_by_group(plan: dict, rank: int, logged: list[dict]) -> tuple[dict, dict]:
+    """(estimate, measured): {(group's ranks, op): [count, bytes]}, compared by the ranks of the
+    group rather than by axis name: two axes can be the same ranks (dp_shard_cp and world at
+    dp_shard 2 x cp 2), and the runtime may reach one group through several process groups."""
+    est: dict = {}
+    for c in plan["estimate"]["traffic"]:
+        k = (axis_ranks(plan["mesh"], rank, c["axis"]), c["op"])
+        e = est.setdefault(k, [0, 0])
+        e[0] += c["count"]
+        e[1] += c["bytes"]
+    got: dict = {}
+    for c in logged:
+        if c["group_size"] > 1:
+            g = got.setdefault((frozenset(c["ranks"]), c["op"]), [0, 0])
+            g[0] += 1
+            g[1] += c["bytes"]
+    return est, got

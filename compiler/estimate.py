@@ -18,7 +18,7 @@ The usable budget is 90% of cluster.gpu_memory_gb (CUDA context, NCCL buffers, f
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from meshbake.compiler.errors import Err, RecipeError, Result
 from meshbake.compiler.mesh import MeshSpec
@@ -49,6 +49,7 @@ class Estimate:
     tp_comm_bytes: int             # ... on tp (the rows are in `traffic`)
     accum_grads_bytes: int = 0     # unsharded grads held between micro-steps (FSDP, grad_accum > 1)
     traffic: tuple[Collective, ...] = ()   # every collective of one optimizer step, per rank
+    time: StepTime | None = None           # the step-time model (cluster.device cuda)
     phases: tuple[tuple[str, int], ...] = ()   # live bytes at the candidate peaks; total = the largest
 
     @property
@@ -56,6 +57,17 @@ class Estimate:
         return {"params": self.params_bytes, "grads": self.grads_bytes, "optimizer": self.optimizer_bytes,
                 "accum_grads": self.accum_grads_bytes, "gathered": self.gathered_bytes,
                 "activations": self.activations_bytes, "logits": self.logits_bytes}
+
+    @property
+    def traffic_by_axis(self) -> tuple[tuple[str, int, int, int, int], ...]:
+        """(axis, ranks, collectives, bytes, wire bytes) per mesh axis, per rank and optimizer step."""
+        out: dict[str, list[int]] = {}
+        for c in self.traffic:
+            a = out.setdefault(c.axis, [c.ranks, 0, 0, 0])
+            a[1] += c.count
+            a[2] += c.bytes
+            a[3] += c.wire_bytes
+        return tuple((k, *v) for k, v in out.items())
 
     @property
     def peak_phase(self) -> str:
@@ -252,7 +264,7 @@ def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -
     # what FSDP keeps gathered once it shards (for the OOM hint of a plan that does not shard yet)
     kept = sum(p.rows * p.rest for p in params if p.where in ("root", "last")) * pb
     comm = traffic(recipe, model, mesh, pl, params)
-    return Estimate(
+    est = Estimate(
         params_total=model.num_params,
         trainable_total=trainable_total,
         params_per_rank=mem["params_per_rank"],
@@ -271,6 +283,7 @@ def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -
         traffic=comm,
         phases=mem["phases"],
     )
+    return replace(est, time=step_time(recipe, mesh, est)) if recipe.cluster.device == "cuda" else est
 
 
 _FIXES = {
@@ -554,3 +567,113 @@ def _merge(rows: list[Collective]) -> tuple[Collective, ...]:
         merged[k] = c if m is None else Collective(c.axis, c.ranks, c.op, c.what, m.count + c.count,
                                                     m.bytes + c.bytes)
     return tuple(sorted(merged.values(), key=lambda c: order[c.axis]))
+
+
+# ---------------------------------------------------------------------------------- step time
+MFU_CEILING = 0.6            # the best sustained fraction of peak a dense bf16 step's matmuls reach (H100)
+FSDP_OVERLAP = 0.8           # share of FSDP / HSDP traffic prefetch and async reduce hide behind compute
+SELECTIVE_RECOMPUTE = 0.02   # selective AC: element-wise recompute, ~2% of the step's FLOPs
+LATENCY_S = {"intra": 10e-6, "inter": 25e-6}   # per collective (NCCL ring start-up); no cluster key yet
+ADAMW_PASSES = 12            # HBM passes over the trainable shard: clip (norm read, scale r+w), AdamW
+                             # foreach (param, grad, exp_avg, exp_avg_sq read; param, both states written;
+                             # its sqrt temporary written and read)
+AXIS_INNER = {"tp": ("tp",), "cp": ("cp", "tp"), "dp_shard": ("dp_shard", "cp", "tp"),
+              "dp_shard_cp": ("dp_shard", "cp", "tp"), "dp_replicate": ("dp_replicate", "dp_shard", "cp", "tp"),
+              "world": ("dp_replicate", "dp_shard", "cp", "tp")}
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds of one optimizer step per rank (see step_time for the model)."""
+    compute_s: float
+    recompute_s: float
+    tp_s: float              # TP collectives: all exposed
+    fsdp_s: float            # exposed share of the dp_shard (x cp) traffic
+    hsdp_s: float            # exposed share of the all-reduce across dp_replicate
+    cp_s: float              # CP's K/V all-gathers and reduce-scatters: all exposed
+    tokens_per_rank: float
+    optimizer_s: float = 0.0
+    mfu: float = 0.0         # useful FLOPs (recompute excluded) / (step x peak)
+
+    @property
+    def step_s(self) -> float:
+        return (self.compute_s + self.recompute_s + self.tp_s + self.fsdp_s + self.hsdp_s + self.cp_s
+                + self.optimizer_s)
+
+    @property
+    def tokens_per_s_gpu(self) -> float:
+        return self.tokens_per_rank / self.step_s
+
+
+def axis_gbps(recipe: Recipe, mesh: MeshSpec, axis: str) -> tuple[float, str]:
+    """(GB/s per rank, "intra" | "inter") of a group along `axis`: its ranks span the axis and
+    every inner one (consecutive ranks), so it stays in one node iff that span fits the node's
+    GPUs (NVLink); otherwise the node's NICs are shared by its GPUs, each in its own group."""
+    c = recipe.cluster
+    span = math.prod(getattr(mesh, a) for a in AXIS_INNER[axis])
+    if span <= c.gpus_per_node:
+        return c.intra_node_gbps, "intra"
+    return c.nics_per_node * c.inter_node_gbps / c.gpus_per_node, "inter"
+
+
+def comm_seconds(recipe: Recipe, mesh: MeshSpec, rows: tuple[Collective, ...], axes: tuple[str, ...]) -> float:
+    """Ring time of the rows on these axes: wire bytes / bandwidth + a start-up latency each."""
+    s = 0.0
+    for c in rows:
+        if c.axis in axes:
+            gbps, where = axis_gbps(recipe, mesh, c.axis)
+            s += c.wire_bytes / (gbps * 1e9) + c.count * LATENCY_S[where]
+    return s
+
+
+def step_time(recipe: Recipe, mesh: MeshSpec, est: Estimate) -> StepTime:
+    """Per rank per optimizer step, from cluster.* (peak_tflops, hbm_gbps, intra_node_gbps,
+    inter_node_gbps, nics_per_node) and the estimate's FLOPs and traffic rows:
+      compute    flops_per_token x tokens per rank / (peak x MFU_CEILING); tokens per rank =
+                 global_batch_size x seq_len / world (dp splits the batch, cp the sequence, tp
+                 the matmuls of the same tokens)
+      recompute  full AC repeats the forward: + 1/3 of the compute (forward 2N of 6N); selective
+                 recomputes element-wise ops only: + SELECTIVE_RECOMPUTE of it
+      TP, CP     exposed: every one sits between two dependent ops (the runtime has no async TP;
+                 CP gathers K/V right before the attention that reads them). AC's recompute
+                 collectives are in the rows already
+      FSDP, HSDP FSDP2 prefetches the next block's all-gather and reduces (across replicas too)
+                 while the backward goes on: at most FSDP_OVERLAP of that traffic hides, and no
+                 more than the compute it overlaps: exposed = max((1 - FSDP_OVERLAP) t, t - compute)
+      optimizer  memory-bound: ADAMW_PASSES x the trainable shard over hbm_gbps
+      (the step's stats all-reduce is in flight during clipping and AdamW: not counted)
+    Each collective: wire bytes (ring) / the bandwidth of its group (axis_gbps) + LATENCY_S.
+    MFU = flops_per_token x tokens/s per GPU / peak (the recompute is not useful work)."""
+    c, t = recipe.cluster, recipe.train
+    tokens = t.global_batch_size * t.seq_len / mesh.world
+    compute = est.flops_per_token * tokens / (c.peak_tflops * 1e12 * MFU_CEILING)
+    ac = t.activation_checkpointing
+    recompute = compute / 3 if ac == "full" else compute * SELECTIVE_RECOMPUTE if ac == "selective" else 0.0
+    rows = est.traffic
+    shard = comm_seconds(recipe, mesh, rows, ("dp_shard", "dp_shard_cp"))
+    rep = comm_seconds(recipe, mesh, rows, ("dp_replicate",))
+    dp = shard + rep
+    exposed = max((1 - FSDP_OVERLAP) * dp, dp - compute - recompute) if dp else 0.0
+    st = StepTime(compute_s=compute, recompute_s=recompute, tp_s=comm_seconds(recipe, mesh, rows, ("tp",)),
+                  fsdp_s=exposed * shard / dp if dp else 0.0, hsdp_s=exposed * rep / dp if dp else 0.0,
+                  cp_s=comm_seconds(recipe, mesh, rows, ("cp",)), tokens_per_rank=tokens,
+                  optimizer_s=ADAMW_PASSES * est.grads_bytes / (c.hbm_gbps * 1e9))
+    return replace(st, mfu=est.flops_per_token * st.tokens_per_s_gpu / (c.peak_tflops * 1e12))
+
+
+def step_rows(recipe: Recipe, mesh: MeshSpec, st: StepTime) -> tuple[tuple[str, float, str], ...]:
+    """PLAN.md's step-time table: (term, seconds, what it assumes)."""
+    c = recipe.cluster
+    gb = {a: axis_gbps(recipe, mesh, a) for a in ("tp", "cp", "dp_shard_cp" if mesh.cp > 1 else "dp_shard",
+                                                   "dp_replicate")}
+    bw = {a: f"{g:g} GB/s per rank ({'NVLink' if w == 'intra' else 'NICs shared by the node'})"
+          for a, (g, w) in gb.items()}
+    fsdp_ax = "dp_shard_cp" if mesh.cp > 1 else "dp_shard"
+    return (("compute", st.compute_s, f"FLOPs / ({c.peak_tflops:g} TFLOP/s x {MFU_CEILING:.0%} matmul efficiency)"),
+            ("recompute", st.recompute_s, f"activation checkpointing {recipe.train.activation_checkpointing}"),
+            ("TP", st.tp_s, f"exposed, {bw['tp']}" if mesh.tp > 1 else "no TP"),
+            ("CP", st.cp_s, f"exposed, {bw['cp']}" if mesh.cp > 1 else "no CP"),
+            ("FSDP", st.fsdp_s, f"{bw[fsdp_ax]}; at most {FSDP_OVERLAP:.0%} hidden behind compute"
+             if mesh.fsdp > 1 else "no FSDP traffic"),
+            ("HSDP", st.hsdp_s, f"{bw['dp_replicate']}; overlapped like FSDP" if mesh.dp_replicate > 1 else "no replicas"),
+            ("optimizer", st.optimizer_s, f"{ADAMW_PASSES} passes over the trainable shard at {c.hbm_gbps:g} GB/s HBM"))

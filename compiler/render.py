@@ -169,6 +169,12 @@ def _phase_rows(res) -> list[dict[str, str]]:
     return [{"name": name, "gb": _gb(b), "peak": name == e.peak_phase} for name, b in e.phases]
 
 
+def _step_rows(res) -> tuple:
+    from meshbake.compiler.estimate import step_rows
+
+    return step_rows(res.recipe, res.mesh, res.estimate.time) if res.estimate.time else ()
+
+
 def recipe_yaml(recipe) -> str:
     """The normalized recipe: every key with its resolved default, in schema order."""
     d = dataclasses.asdict(recipe)
@@ -196,7 +202,7 @@ def render_bundle(res) -> dict[str, bytes]:
     ctx = {"plan": res.plan, "cluster": res.recipe.cluster, "model": res.model, "mesh": res.mesh,
            "est": res.estimate, "job_name": f"meshbake-{res.plan.name}", "mesh_rows": _mesh_rows(res.plan),
            "placement_rows": _placement_rows(res), "memory_rows": _memory_rows(res),
-               "phase_rows": _phase_rows(res)}
+               "phase_rows": _phase_rows(res), "step_rows": _step_rows(res)}
     files = {"plan.json": P.dumps(res.plan).encode(), "recipe.yaml": recipe_yaml(res.recipe).encode(),
              "PLAN.md": env.get_template("PLAN.md.j2").render(ctx).encode()}
     shell = environment(shell=True)

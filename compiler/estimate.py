@@ -260,7 +260,7 @@ def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -
     pb = DTYPE_BYTES[recipe.train.mixed_precision.param_dtype]
     params = _rank_params(recipe, model, pl, tp)
     mem = _memory(recipe, model, mesh, params)
-    trainable_total = sum(p.rows * p.rest for p in _rank_params(recipe, model, pl, 1) if p.trainable)
+    trainable_total = _fsdp_sums(_rank_params(recipe, model, pl, 1), 1, model.num_layers)[3]
     # what FSDP keeps gathered once it shards (for the OOM hint of a plan that does not shard yet)
     kept = sum(p.rows * p.rest for p in params if p.where in ("root", "last")) * pb
     comm = traffic(recipe, model, mesh, pl, params)
@@ -462,6 +462,29 @@ def _shape_cached(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int) -> 
     return hit[2]
 
 
+_FSDP_SUMS: dict = {}
+
+
+def _fsdp_sums(params: list[RankParam], f: int, layers: int) -> tuple[int, ...]:
+    """FSDP2's padded numels (ceil(rows / f) x f rows): (root, blocks, last block, trainable),
+    the trainable shard (ceil(rows / f) rows), and the groups with trainable params. Memoized
+    per (params list, f): `suggest` asks for a few f per cached params list, thousands of times."""
+    key = (id(params), f, layers)
+    hit = _FSDP_SUMS.get(key)
+    if hit is not None and hit[0] is params:
+        return hit[1]
+    padded = [(-(-p.rows // f) * f * p.rest, p) for p in params]
+    train = [(n, p) for n, p in padded if p.trainable]
+    out = (sum(n for n, p in padded if p.where == "root"), sum(n for n, p in padded if p.where != "root"),
+           sum(n for n, p in padded if p.where == "last"), sum(n for n, _ in train),
+           sum(-(-p.rows // f) * p.rest for _, p in train),
+           any(p.where == "root" for _, p in train) + layers * any(p.where != "root" for _, p in train))
+    if len(_FSDP_SUMS) > 1024:
+        _FSDP_SUMS.clear()
+    _FSDP_SUMS[key] = (params, out)
+    return out
+
+
 def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
             params: list[RankParam]) -> tuple[Collective, ...]:
     """Every collective of one optimizer step, per rank, grouped by axis and purpose. Rules
@@ -506,17 +529,11 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
 
     fax = "dp_shard_cp" if cp > 1 else "dp_shard"
     if fsdp:
-        padded = lambda p: -(-p.rows // f) * f * p.rest  # noqa: E731
-        root = sum(padded(p) for p in params if p.where == "root")
-        blocks = sum(padded(p) for p in params if p.where != "root")
-        last = sum(padded(p) for p in params if p.where == "last")
+        root, blocks, last, train, shard, groups = _fsdp_sums(params, f, L)
         add(fax, f, "all_gather", "params: root + every block forward, blocks but the last again in backward",
             ga * (1 + L + L - 1), ga * (root + 2 * blocks - last) * pb)
-        train = [p for p in params if p.trainable]
-        groups = any(p.where == "root" for p in train) + L * any(p.where != "root" for p in train)
         add(fax, f, "reduce_scatter", f"gradients, {syncs} synced micro-step(s)", syncs * groups,
-            syncs * sum(padded(p) for p in train) * rb)
-        shard = sum(-(-p.rows // f) * p.rest for p in train)
+            syncs * train * rb)
         add("dp_replicate", r, "all_reduce", "gradient shards across replicas (HSDP)", syncs * groups,
             syncs * shard * rb)
     if tp > 1:

@@ -530,7 +530,7 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
     fax = "dp_shard_cp" if cp > 1 else "dp_shard"
     if fsdp:
         root, blocks, last, train, shard, groups = _fsdp_sums(params, f, L)
-        add(fax, f, "all_gather", "params: root + every block forward, blocks but the last again in backward",
+        add(fax, f, "all_gather", "params: top-level module + every block forward, all but the last block again in backward",
             ga * (1 + L + L - 1), ga * (root + 2 * blocks - last) * pb)
         add(fax, f, "reduce_scatter", f"gradients, {syncs} synced micro-step(s)", syncs * groups,
             syncs * train * rb)

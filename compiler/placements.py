@@ -46,13 +46,27 @@ def group_name(fqn: str) -> str:
     return re.sub(r"\.\d+(?=\.|$)", ".*", fqn)
 
 
+_ATTN_PARENTS: dict = {}
+
+
+def _attn_parents(model: ModelSpec) -> frozenset[str]:
+    """Modules holding q/k projections (one scan per model, not one per norm: `suggest`
+    resolves placements for dozens of candidates of an 80-layer model)."""
+    hit = _ATTN_PARENTS.get(id(model))
+    if hit is None or hit[0] is not model:
+        if len(_ATTN_PARENTS) > 64:
+            _ATTN_PARENTS.clear()
+        hit = _ATTN_PARENTS[id(model)] = (model, frozenset(
+            x.fqn.rpartition(".")[0] for x in model.modules
+            if x.kind == "linear" and x.fqn.rpartition(".")[2] in ("q_proj", "k_proj", "qkv_proj")))
+    return hit[1]
+
+
 def _attn_norm(model: ModelSpec, m: ModuleInfo) -> str | None:
     """A norm inside the attention, on the q/k projections. Over head_dim (Qwen3, Gemma-3) it
     works on each rank's local heads: weight replicated, its gradient summed over tp. Over the
     whole projection (OLMo-2: H x D or KV x D) it is split like q/k and its variance all-reduced."""
-    parent = m.fqn.rpartition(".")[0]
-    if not any(x.kind == "linear" and x.fqn.rpartition(".")[0] == parent
-               and x.fqn.rpartition(".")[2] in ("q_proj", "k_proj", "qkv_proj") for x in model.modules):
+    if m.fqn.rpartition(".")[0] not in _attn_parents(model):
         return None                                # not beside the attention projections
     width = m.shape[0] if m.shape else 0
     if width == model.head_dim:

@@ -256,6 +256,18 @@ def compute_context(plan: Plan, device: torch.device):
     return torch.autocast(device.type, dtype=param)
 
 
+def reduce_partial_grads(model: nn.Module) -> None:
+    """Without FSDP, a parameter replicated over tp (sequence-parallel norms, LoRA's A beside a
+    colwise / B beside a rowwise Linear) gets a Partial gradient: each rank's sum over its own
+    tokens or heads. Reduce it once, after the last micro-step; left Partial, the clipping norm
+    and each AdamW op would all-reduce it again (4 all-reduces per parameter and step instead
+    of 1). FSDP2 reduces such gradients itself before its reduce-scatter."""
+    for p in model.parameters():
+        g = p.grad
+        if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
+            p.grad = g.redistribute(g.device_mesh, p.placements)
+
+
 def set_gradient_sync(model: nn.Module, on: bool) -> None:
     """FSDP2: reduce-scatter only on the last micro-step. Without FSDP gradients just add up."""
     if hasattr(model, "set_requires_gradient_sync"):

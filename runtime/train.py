@@ -34,7 +34,7 @@ from .dims import DIMS, tokens_per_step
 from .errors import EXIT_USER, UserError, from_os_error
 from .fused import moe_metrics, router_aux_loss
 from .metrics import MetricsLog, flops_per_token, peak_flops, peak_memory
-from .parallel import build, compute_context, set_gradient_sync
+from .parallel import build, compute_context, reduce_partial_grads, set_gradient_sync
 from .plan import Plan, load_plan
 
 # the per-mesh grad norm reduces a 2-D (dp_shard, tp) partial in two all-reduces; torch warns
@@ -378,6 +378,8 @@ def train_step(job: Job, step: int, stop_requested: bool) -> StepOut:
             if aux is not None:
                 aux_sum += aux[1].detach().to(aux_sum.device) * (coef / accum)
         loss_sum += (loss.full_tensor() if isinstance(loss, DTensor) else loss).detach().double()
+    if plan.mesh.tp_enabled and not plan.mesh.fsdp_enabled:
+        reduce_partial_grads(job.model)
     # one all-reduce over the world: [loss sum, stop], in flight while clipping and the optimizer
     # step run. The sum is the same on the tp ranks of a dp x cp coordinate, so
     # world-sum / tp / N = the global token mean; any rank's stop flag stops every rank.

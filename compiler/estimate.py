@@ -199,7 +199,8 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     # state - grads here (params + one AdamW moment) put every loss-backward peak one grads
     # term low: TP-only tp 4 + SP + LP, tiny-llama-mha, seq 256 x mbs 2, fp32: params 656,640 +
     # AdamW 1,313,280 + acts 2,377,728 + logits 512 x 4096 / 4 x 16 = 8,388,608 -> 12,736,256 B
-    # vs the measured 12,717,008 (+0.2%); without the grads term 12,079,616 (-5.0%)
+    # vs the measured 12.72-12.75 MB per rank (tests/test_measured.py); with state - grads it was
+    # 12,079,616 B (-5.0%)
     live_grads = grads if mesh.grad_accum > 1 and not no_sync else 0
     # AdamW (foreach) allocates sqrt(exp_avg_sq) for a whole param group: ~ the grads once more
     phases = (("loss backward", state + live_grads + accum + kept + acts + logits),

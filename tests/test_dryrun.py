@@ -95,7 +95,7 @@ def _layout(plan, rank: int, shared: bool) -> list[tuple]:
 def test_shared_submeshes_build_the_same_layout():
     """The dry run derives FSDP2's per-parameter dp x tp mesh once per build (its CPU time);
     every parameter must still get the mesh, placements and shard the job's build gives it:
-    HSDP 2 x dp_shard 3 x tp 2 (uneven shards of 64 rows over 3), the last rank."""
+    HSDP 2 x dp_shard 3 x tp 2 (no TP-local row count divides by 3: uneven shards), the last rank."""
     from meshbake.runtime import plan as P
 
     from tests.helpers import plan_of, tiny_recipe

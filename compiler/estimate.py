@@ -216,14 +216,23 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     # (DTensor's embedding backward is Replicate), next to the root's unsharded grads
     emb_full = model.vocab_size * model.hidden_size * pb if mesh.tp > 1 and any(p.embedding for p in root_train) else 0
     root_grads = sum(p.rows * p.rest for p in root_train) * pb if fsdp else 0
+    # params + AdamW's exp_avg and exp_avg_sq: alive all step (the grads are not in it)
     state = n_shard * mb + 2 * grads
+    # the sharded grads alive in the forward and loss backward: none in the first micro-step
+    # (zero_grad sets them to None); from the second on they hold the sum so far, unless FSDP2
+    # skips the reduce-scatter (last_micro_step: the unsharded `accum` instead). Counting
+    # state - grads here (params + one AdamW moment) put every loss-backward peak one grads
+    # term low: TP-only tp 4 + SP + LP, tiny-llama-mha, seq 256 x mbs 2, fp32: params 656,640 +
+    # AdamW 1,313,280 + acts 2,377,728 + logits 512 x 4096 / 4 x 16 = 8,388,608 -> 12,736,256 B
+    # vs the measured 12.72-12.75 MB per rank (tests/test_measured.py); with state - grads it was
+    # 12,079,616 B (-5.0%)
+    live_grads = grads if mesh.grad_accum > 1 and not no_sync else 0
     # AdamW (foreach) allocates sqrt(exp_avg_sq) for a whole param group: ~ the grads once more
-    phases = (("loss backward", state - grads + accum + (0 if fsdp else grads * (mesh.grad_accum > 1))
-               + kept + acts + logits),
-              ("recompute", state - grads + accum + kept + 2 * block + acts + recompute) if recompute else None,
+    phases = (("loss backward", state + live_grads + accum + kept + acts + logits),
+              ("recompute", state + live_grads + accum + kept + 2 * block + acts + recompute) if recompute else None,
               # the last micro-step's backward has reduce-scattered (and freed) the blocks'
-              # held grads by now; the root's are reduced last
-              ("embedding backward", state + kept + root_grads + emb_full
+              # held grads by now, so the blocks' sharded grads exist; the root's are reduced last
+              ("embedding backward", state + grads + kept + root_grads + emb_full
                + (sum(p.rows * p.rest for p in root_train) * rb if no_sync else 0)),
               ("optimizer step", state + 2 * grads))
     return {"params": n_shard * mb, "grads": grads, "optimizer": 2 * grads, "accum": accum, "gathered": kept,
@@ -343,12 +352,14 @@ def _shard_fix(est: Estimate, recipe: Recipe, mesh: MeshSpec) -> str | None:
     the other terms do not, so FSDP must cover state * fsdp / (budget - other) ranks."""
     state = est.params_bytes + est.grads_bytes + est.optimizer_bytes
     fsdp = 1
+    # the sharded grads are alive in the forward too from the second micro-step on (_memory)
+    held = int(mesh.grad_accum > 1 and not (mesh.fsdp_enabled and recipe.train.grad_sync == "last_micro_step"))
     for phase, live in est.phases:
         # per phase: the sharded state alive then (grads exist from the backward on, and AdamW's
         # temporaries are grads-sized), and the rest, which more FSDP ranks do not shrink; once
         # FSDP shards, its gathered root + last block appear (0 while nothing is sharded)
         st = est.params_bytes + est.optimizer_bytes + {"optimizer step": 2, "embedding backward": 1}.get(
-            phase, 0) * est.grads_bytes
+            phase, held) * est.grads_bytes
         other = live - st + (0 if phase == "optimizer step" else est.block_gather_bytes - est.gathered_bytes)
         room = est.budget_bytes - other
         if room <= 0:     # sharding alone cannot help: say what else is too big

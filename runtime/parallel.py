@@ -173,7 +173,11 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: Plan) -> None:
     from torch.distributed.tensor.parallel import parallelize_module
 
     roles = plan_roles(plan)
-    parallelize_module(model, tp_mesh, tp_plan(model, plan))
+    # each style straight onto its module: the same calls parallelize_module(model, mesh, plan)
+    # makes, without matching every key's path against the children at each level by fnmatch
+    # (4,000 keys x 80 blocks for a 70B: a quarter of the TP step)
+    for fqn, style in tp_plan(model, plan).items():
+        parallelize_module(model.get_submodule(fqn), tp_mesh, style)
     if roles.tied:
         # distribute_module gave embed_tokens and lm_head separate DTensor parameters; both
         # are Shard(0) over the vocab (rowwise table, colwise head), so one parameter serves

@@ -6,6 +6,7 @@ One launch runs every case (tests/dist/measure.py); a torchrun start costs 5-10 
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -36,9 +37,12 @@ CASES = {
 # peak tensor memory per rank: seq 256 x micro-batch 2 makes activations and logits as large
 # as the sharded state (tiny-llama: 647K params, vocab 4096)
 MEM = dict(seq=256, mbs=2)
+MHA = str(ROOT / "tests/dist/configs/tiny-llama-mha.json")    # 4 kv heads: tp 4 divides them
 MEMORY = {
     "mem_tp2_sp_lp": dict(dp_shard=2, tp=2, sp=True, lp=True, **MEM),
     "mem_tp2": dict(dp_shard=2, tp=2, **MEM),
+    # TP only (no FSDP: a one-rank data-parallel mesh): the whole TP-local state on each rank
+    "mem_tp4_sp_lp": dict(tp=4, sp=True, lp=True, model=MHA, **MEM),
     "mem_ac_selective": dict(dp_shard=2, tp=2, sp=True, lp=True, ac="selective", **MEM),
     "mem_ac_full": dict(dp_shard=2, tp=2, sp=True, lp=True, ac="full", **MEM),
     "mem_accum4": dict(dp_shard=2, tp=2, sp=True, lp=True, gbs=16, **MEM),
@@ -100,14 +104,18 @@ def _mb(b: float) -> str:
 def test_memory_estimate_holds_the_measured_peak(measured, name):
     """PLAN.md's per-rank peak vs the real peak tensor memory of one training step: within
     +10% / -5%. Every dim here divides by dp_shard x cp, so all ranks hold the same shards and
-    the least of their measured peaks is taken (an unseen free can only inflate a measurement,
-    see tests/dist/measure.py)."""
+    the median of their measured peaks is taken: a rank's measurement can be off either way (an
+    allocator event of a gloo thread the profiler does not see, tests/dist/measure.py). The least
+    was taken before and picked such outliers: mem_dp4 ranks 36.53, 36.53, 36.53, 34.43 MB (the
+    last without the root's gathered 2 x 1 MB embedding and lm_head), mem_cp2 20.80, 18.64,
+    20.74, 20.74 MB."""
     r = measured[name]
     est = r["plan"]["estimate"]
-    got = min(rank["peak_bytes"] for rank in r["ranks"])
+    got = statistics.median(rank["peak_bytes"] for rank in r["ranks"])
     err = est["total_bytes"] / got - 1
     print(f"{name}: estimate {_mb(est['total_bytes'])} at the {est['peak_phase']}, measured {_mb(got)} "
-          f"({err:+.1%}), peak in {r['ranks'][0]['peak_in'][-2:]}")
+          f"({err:+.1%}; ranks {', '.join(_mb(rank['peak_bytes']) for rank in r['ranks'])}), "
+          f"peak in {r['ranks'][0]['peak_in'][-2:]}")
     assert -0.05 <= err <= 0.10, (name, est["total_bytes"], got, est["phases"])
 
 

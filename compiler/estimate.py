@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass, replace
 
 from meshbake.compiler.errors import Err, RecipeError, Result, reads
+from meshbake.compiler.memo import cached
 from meshbake.compiler.mesh import MeshSpec
 from meshbake.compiler.model import ModelSpec
 from meshbake.compiler.placements import DTYPE_BYTES, Placements
@@ -268,13 +269,8 @@ def _rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, ep: 
     """rank_params memoized: `meshbake suggest` estimates thousands of candidates that share a
     few (model, lora, styles, tp); one call walks every module (~4 ms for an 80-layer model).
     The cached entry holds the model and placements, so their ids are not reused while it lives."""
-    key = (id(model), recipe.lora, id(pl), tp, ep)
-    hit = _RANK_PARAMS.get(key)
-    if hit is None or hit[0] is not model or hit[1] is not pl:
-        if len(_RANK_PARAMS) > 256:
-            _RANK_PARAMS.clear()
-        hit = _RANK_PARAMS[key] = (model, pl, rank_params(recipe, model, pl, tp, ep))
-    return hit[2]
+    return cached(_RANK_PARAMS, (id(model), recipe.lora, id(pl), tp, ep), (model, pl),
+                  lambda: rank_params(recipe, model, pl, tp, ep))
 
 
 def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> Estimate:
@@ -553,12 +549,7 @@ _SHAPES: dict = {}
 
 def _shape_cached(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: bool) -> _Shape:
     key = (id(model), recipe.lora, recipe.tp.sequence_parallel, recipe.train.activation_checkpointing, id(pl), tp)
-    hit = _SHAPES.get(key)
-    if hit is None or hit[0] is not model or hit[1] is not pl:
-        if len(_SHAPES) > 256:
-            _SHAPES.clear()
-        hit = _SHAPES[key] = (model, pl, _shape(recipe, model, pl, tp, sp_on))
-    return hit[2]
+    return cached(_SHAPES, key, (model, pl), lambda: _shape(recipe, model, pl, tp, sp_on))
 
 
 _FSDP_SUMS: dict = {}
@@ -568,20 +559,16 @@ def _fsdp_sums(params: list[RankParam], f: int, layers: int) -> tuple[int, ...]:
     """FSDP2's padded numels (ceil(rows / f) x f rows): (root, blocks, last block, trainable),
     the trainable shard (ceil(rows / f) rows), and the groups with trainable params. Memoized
     per (params list, f): `suggest` asks for a few f per cached params list, thousands of times."""
-    key = (id(params), f, layers)
-    hit = _FSDP_SUMS.get(key)
-    if hit is not None and hit[0] is params:
-        return hit[1]
+    return cached(_FSDP_SUMS, (id(params), f, layers), (params,), lambda: _fsdp_sums_of(params, f, layers), size=1024)
+
+
+def _fsdp_sums_of(params: list[RankParam], f: int, layers: int) -> tuple[int, ...]:
     padded = [(-(-p.rows // f) * f * p.rest, p) for p in params]
     train = [(n, p) for n, p in padded if p.trainable]
-    out = (sum(n for n, p in padded if p.where == "root"), sum(n for n, p in padded if p.where != "root"),
-           sum(n for n, p in padded if p.where == "last"), sum(n for n, _ in train),
-           sum(-(-p.rows // f) * p.rest for _, p in train),
-           any(p.where == "root" for _, p in train) + layers * any(p.where != "root" for _, p in train))
-    if len(_FSDP_SUMS) > 1024:
-        _FSDP_SUMS.clear()
-    _FSDP_SUMS[key] = (params, out)
-    return out
+    return (sum(n for n, p in padded if p.where == "root"), sum(n for n, p in padded if p.where != "root"),
+            sum(n for n, p in padded if p.where == "last"), sum(n for n, _ in train),
+            sum(-(-p.rows // f) * p.rest for _, p in train),
+            any(p.where == "root" for _, p in train) + layers * any(p.where != "root" for _, p in train))
 
 
 def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,

@@ -14,6 +14,7 @@ from difflib import get_close_matches
 from fnmatch import fnmatchcase
 
 from meshbake.compiler.errors import Err, RecipeError, Result, reads, run
+from meshbake.compiler.memo import cached
 from meshbake.compiler.mesh import MeshSpec
 from meshbake.compiler.model import ModelSpec, ModuleInfo
 from meshbake.compiler.recipe import Recipe
@@ -52,14 +53,9 @@ _ATTN_PARENTS: dict = {}
 def _attn_parents(model: ModelSpec) -> frozenset[str]:
     """Modules holding q/k projections (one scan per model, not one per norm: `suggest`
     resolves placements for dozens of candidates of an 80-layer model)."""
-    hit = _ATTN_PARENTS.get(id(model))
-    if hit is None or hit[0] is not model:
-        if len(_ATTN_PARENTS) > 64:
-            _ATTN_PARENTS.clear()
-        hit = _ATTN_PARENTS[id(model)] = (model, frozenset(
-            x.fqn.rpartition(".")[0] for x in model.modules
-            if x.kind == "linear" and x.fqn.rpartition(".")[2] in ("q_proj", "k_proj", "qkv_proj")))
-    return hit[1]
+    return cached(_ATTN_PARENTS, id(model), (model,), lambda: frozenset(
+        x.fqn.rpartition(".")[0] for x in model.modules
+        if x.kind == "linear" and x.fqn.rpartition(".")[2] in ("q_proj", "k_proj", "qkv_proj")), size=64)
 
 
 def _attn_norm(model: ModelSpec, m: ModuleInfo) -> str | None:

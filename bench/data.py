@@ -52,10 +52,11 @@ def plain_map(path: Path, fmt: str, tokenizer: str) -> tuple[int, float]:
 
 
 def bench_prepare(name: str, path: Path, fmt: str, tmp: Path) -> dict:
+    from meshbake.runtime import plan as P
     from meshbake.runtime.prepare import prepare
 
     plan = base_plan(256)
-    d = replace(plan.data, format=fmt, sources=({"path": str(path), "weight": 1.0},),
+    d = replace(plan.data, format=fmt, sources=(P.Source(path=str(path), weight=1.0),),
                 tokenizer=str(ROOT / "data/chat_tokenizer"), prepared_dir=str(tmp / name),
                 train_on="assistant" if fmt == "chat" else "assistant", eval_fraction=0.0)
     plan = replace(plan, data=d)
@@ -75,8 +76,9 @@ def bench_loader(folder: Path) -> dict:
     from meshbake.runtime.data import PackedData
     from meshbake.runtime.plan import MixedPrecision, TrainPlan
 
-    t = TrainPlan(256, 4, 16, 2, 1000, 1e-3, 0.0, 0, "cosine", 0.1, (0.9, 0.95), 1e-8, 1.0, 0, "float32",
-                  MixedPrecision("float32", "float32"), "none", False, 1)
+    # the other fields are the schema's defaults (steps 1000, cosine, AdamW 0.9/0.95, clip 1.0, ...)
+    t = TrainPlan(seq_len=256, micro_batch_size=4, global_batch_size=16, grad_accum=2, lr=1e-3, dtype="float32",
+                  mixed_precision=MixedPrecision(param_dtype="float32", reduce_dtype="float32"))
     data = PackedData(folder / "train", t, dp=2)
     steps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < 3.0:

@@ -136,19 +136,22 @@ _STAGE_PATHS = {"process group": "mesh", "mesh": "mesh", "model": "model.config"
 
 
 def _dryrun(res, args) -> int:
-    """Exit 0: every rank built and rank 0 holds exactly the estimated parameters; 1: a count
+    """Exit 0: every rank built and rank 0 holds exactly the estimated (trainable) parameters; 1: a count
     differs from the estimate; 2: the build fails (the job would fail at start-up)."""
     import json
 
+    from meshbake.compiler.placements import DTYPE_BYTES
     from meshbake.runtime.dryrun import dryrun
 
     t0 = time.perf_counter()
     out = dryrun(res.plan, [int(r) for r in args.ranks.split(",")])
     est = res.estimate
+    want = {"params": est.params_per_rank, "param_bytes": est.params_bytes,
+            "trainable": est.grads_bytes // DTYPE_BYTES[res.recipe.model.dtype]}   # grads: one per trainable
     for r in out:
         if r["ok"] and r["rank"] == 0:
-            r["estimate"] = {"params": est.params_per_rank, "param_bytes": est.params_bytes}
-            r["matches_estimate"] = r["params"] == est.params_per_rank and r["param_bytes"] == est.params_bytes
+            r["estimate"] = want
+            r["matches_estimate"] = all(r[k] == v for k, v in want.items())
     seconds = time.perf_counter() - t0
     if args.json:
         print(json.dumps({"world": res.plan.mesh.world, "seconds": round(seconds, 2), "ranks": out}, indent=1))
@@ -163,7 +166,8 @@ def _dryrun(res, args) -> int:
             cmp = ""
             if "estimate" in r:
                 cmp = (" = estimate" if r["matches_estimate"] else
-                       f" != estimate {r['estimate']['params']:,} params / {fmt_bytes(r['estimate']['param_bytes'])}")
+                       f" != estimate {r['estimate']['params']:,} params ({r['estimate']['trainable']:,} trainable) / "
+                       f"{fmt_bytes(r['estimate']['param_bytes'])}")
             print(f"rank {r['rank']:>5}: {r['params']:,} params ({r['trainable']:,} trainable), "
                   f"{fmt_bytes(r['param_bytes'])} allocated{cmp}")
         print(f"dry run of world {res.plan.mesh.world}: {len(out)} rank(s) built in {seconds:.1f} s")

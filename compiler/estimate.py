@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from meshbake.compiler.errors import Err, RecipeError, Result
 from meshbake.compiler.mesh import MeshSpec
 from meshbake.compiler.model import ModelSpec
-from meshbake.compiler.placements import DTYPE_BYTES, Placements, local_shape
+from meshbake.compiler.placements import DTYPE_BYTES, Placements
 from meshbake.compiler.recipe import Recipe
 from meshbake.runtime import flops as F
+from meshbake.runtime.roles import local_shape, lora_shapes
 from meshbake.runtime.units import fmt_bytes
 
 USABLE = 0.9
@@ -87,30 +88,30 @@ def _numel(shape: tuple[int, ...]) -> int:
 def rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int) -> list[RankParam]:
     """Every parameter's TP-local shape. Biases follow their Linear: a colwise Linear's bias is
     split with its output rows (Qwen2 q/k/v), a rowwise one's is whole. LoRA adds A (r x in)
-    and B (out x r) beside each target, split like runtime/lora.py; the base is then frozen."""
-    lora = recipe.lora.rank
-    last = f"{model.block_prefix}.{model.num_layers - 1}."
+    and B (out x r) beside each target, split by the table runtime/lora.py uses too
+    (runtime/roles.py: one of the two stays whole); the base is then frozen."""
+    lora, roles = recipe.lora.rank, model.roles
+    adapted = set(pl.lora_targets) if lora else set()
     out: list[RankParam] = []
     covered = 0
     for m in model.modules:
-        if model.tie_word_embeddings and m.kind == "linear" and m.shape[0] == model.vocab_size:
+        if roles.tied and m.fqn == roles.lm_head:
             continue                                  # the tied lm_head is the embedding's weight
-        style = pl.styles[m.fqn]
-        where = "last" if m.fqn.startswith(last) else "block" if m.fqn.startswith(model.block_prefix + ".") else "root"
+        style, where = pl.styles[m.fqn], roles.where(m.fqn)
         loc = local_shape(m.shape, m.kind, style, tp)
-        out.append(RankParam(loc[0], _numel(loc[1:]), where, not lora, m.kind == "embedding"))
+        out.append(RankParam(loc[0], _numel(loc[1:]), where, not lora, m.fqn == roles.embedding))
         bias = m.numel - _numel(m.shape)
-        if bias and style == "experts":               # down_proj (E, H, I): split on each expert's I like gate_up
-            out.append(RankParam(m.shape[0], bias // m.shape[0] // tp, where, not lora))
-        elif bias:
-            out.append(RankParam(bias // tp if style.startswith("colwise") else bias, 1, where, not lora))
+        if bias and style == "experts":               # down_proj (E, H, I) beside gate_up (E, 2I, H)
+            e, h = m.shape[0], m.shape[2]
+            down = local_shape((e, h, bias // e // h), "experts.down_proj", style, tp)
+            out.append(RankParam(down[0], down[1] * down[2], where, not lora))
+        elif bias:                                    # a Linear's bias (out,)
+            out.append(RankParam(local_shape((bias,), "linear.bias", style, tp)[0], 1, where, not lora))
         covered += m.numel
-        if lora and m.kind == "linear" and m.fqn.rpartition(".")[2] in recipe.lora.targets:
-            o, i = m.shape
-            a, b = ((lora, i), (o // tp, lora)) if style.startswith("colwise") else \
-                ((lora, i // tp), (o, lora)) if style == "rowwise" else ((lora, i), (o, lora))
-            out += [RankParam(a[0], a[1], where, True), RankParam(b[0], b[1], where, True)]
-    rest = model.num_params - covered + (model.vocab_size * model.hidden_size if model.tie_word_embeddings else 0)
+        if m.fqn in adapted:
+            for a in lora_shapes(m.shape, style, lora, tp):     # lora_A (r x in), lora_B (out x r)
+                out.append(RankParam(a[0], a[1], where, True))
+    rest = model.num_params - covered               # num_params counts a tied weight once, as covered does
     if rest > 0:                                      # parameters of no Linear/Embedding/norm: whole
         out.append(RankParam(rest, 1, "root", not lora))
     return out
@@ -129,7 +130,7 @@ def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[int,
     its incoming gradient and the gradient being written, fp32: 12 B per token x vocab; with
     loss parallel 16 B per token x vocab / tp (the sharded logits are kept too)."""
     t, tp = recipe.train, mesh.tp
-    sp = recipe.tp.sequence_parallel and tp > 1
+    sp = mesh.sequence_parallel
     tokens = t.micro_batch_size * t.seq_len // mesh.cp
     pb = DTYPE_BYTES[t.mixed_precision.param_dtype]
     h, inter = model.hidden_size, model.intermediate_size
@@ -150,7 +151,7 @@ def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[int,
         acts = model.num_layers * (block_in + tokens * (2 * q + 2 * kv + 2 * inter) * pb // tp) + final
     else:
         acts = model.num_layers * layer + final
-    lp = recipe.tp.loss_parallel and tp > 1
+    lp = mesh.loss_parallel
     logits = tokens * model.vocab_size * (16 // tp if lp else 12)
     return acts, (layer if ac != "none" else 0), logits
 
@@ -163,7 +164,7 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     mb, pb = DTYPE_BYTES[recipe.model.dtype], DTYPE_BYTES[t.mixed_precision.param_dtype]
     rb = DTYPE_BYTES[t.mixed_precision.reduce_dtype]
     f = mesh.fsdp
-    fsdp = mesh.dp_replicate * f > 1                  # runtime/parallel.py uses_fsdp
+    fsdp = mesh.fsdp_enabled
 
     def shard(p: RankParam) -> int:
         return -(-p.rows // f) * p.rest if fsdp else p.rows * p.rest
@@ -210,14 +211,14 @@ def matmul_params(model: ModelSpec) -> int:
     tied table is lm_head's weight too, a matmul, and stays. MoE: the active ones (a
     ModelSpec.active_params fact, when the model stage provides one)."""
     n = getattr(model, "active_params", None) or model.num_params
-    emb = sum(m.numel for m in model.modules if m.kind == "embedding")
-    return n - (0 if model.tie_word_embeddings else emb)
+    emb = next(m.numel for m in model.modules if m.fqn == model.roles.embedding)
+    return n - (0 if model.roles.tied else emb)
 
 
-def flops_per_token(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> int:
+def flops_per_token(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> int:
     t, lo = recipe.train, recipe.lora
-    adapted = [m for m in model.modules if m.kind == "linear" and m.fqn.rpartition(".")[2] in lo.targets] \
-        if lo.rank > 0 else []
+    targets = set(pl.lora_targets) if lo.rank > 0 else set()
+    adapted = [m for m in model.modules if m.fqn in targets]
     n = matmul_params(model)
     return F.flops_per_token(
         matmul_params=n, layers=model.num_layers, heads=model.num_heads, head_dim=model.head_dim,
@@ -267,7 +268,7 @@ def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -
         activations_bytes=mem["acts"],
         logits_bytes=mem["logits"],
         budget_bytes=int(recipe.cluster.gpu_memory_gb * 1e9 * USABLE),
-        flops_per_token=flops_per_token(recipe, model, mesh),
+        flops_per_token=flops_per_token(recipe, model, mesh, pl),
         # all-gather in forward and again in backward per micro-step; reduce-scatter per micro-step
         # (grad_sync every_micro_step) or once per step
         fsdp_comm_bytes=int((2 * ga * local * pb + trainable_local * rb * (
@@ -327,3 +328,31 @@ def check_memory(est: Estimate, recipe: Recipe, mesh: MeshSpec) -> Result[Estima
     return Err((RecipeError("cluster.gpu_memory_gb",
                             f"estimated {fmt_bytes(est.total_bytes)} per rank exceeds {fmt_bytes(est.budget_bytes)} "
                             f"({USABLE:.0%} of the GPU); largest term: {name} {fmt_bytes(big)}", fix),))
+
+
+def view(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, est: Estimate) -> dict[str, object]:
+    """What PLAN.md prints of this stage, as plain values: each memory term with how it is
+    counted, the live bytes per phase, the peak against the budget, traffic and FLOPs."""
+    t = recipe.train
+    pd = t.mixed_precision.param_dtype
+    shard = (f"FSDP shards padded to ceil(rows / {mesh.fsdp}) rows (rank 0, the peak rank)" if mesh.fsdp_enabled
+             else "no FSDP (one-rank data-parallel mesh)")
+    how = {"params": f"{est.params_per_rank:,} params x {recipe.model.dtype}, after TP; {shard}",
+           "grads": "trainable params, sharded like params (from the backward on)",
+           "optimizer": "AdamW exp_avg + exp_avg_sq, sharded",
+           "accum_grads": f"unsharded grads held between the {mesh.grad_accum} micro-steps (no reduce-scatter until "
+                          "the last)" if est.accum_grads_bytes else "none: no FSDP gradient accumulation without sync",
+           "gathered": f"top-level module (embeddings, final norm, lm_head) + last block kept gathered in {pd}"
+                       if mesh.fsdp_enabled else "none: no FSDP",
+           "activations": f"{model.num_layers} layers, mbs {t.micro_batch_size} x seq {t.seq_len}"
+                          f"{' / cp ' + str(mesh.cp) if mesh.cp_enabled else ''}, AC {t.activation_checkpointing}",
+           "logits": ("tokens x vocab / tp x 16 B (loss parallel)" if mesh.loss_parallel
+                      else "tokens x vocab x 12 B (fp32 log-softmax, its grad in and out)")}
+    flops_how = ("6N + 12 x layers x heads x head_dim x seq_len; N = matmul parameters, input embedding excluded"
+                 + ("; LoRA: 4 per frozen weight, 6 per adapted one, + the adapters' B x A" if recipe.lora.rank else ""))
+    return {"memory_rows": [{"name": k, "bytes": v, "how": how[k]} for k, v in est.terms.items()],
+            "phase_rows": [{"name": name, "bytes": b, "peak": name == est.peak_phase} for name, b in est.phases],
+            "total_bytes": est.total_bytes, "peak_phase": est.peak_phase, "budget_bytes": est.budget_bytes,
+            "usable": f"{USABLE:.0%}", "trainable_total": est.trainable_total,
+            "fsdp_comm_bytes": est.fsdp_comm_bytes, "tp_comm_bytes": est.tp_comm_bytes,
+            "flops_per_token": est.flops_per_token, "flops_how": flops_how}

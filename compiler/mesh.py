@@ -1,44 +1,34 @@
 """mesh stage: resolve (dp_replicate, dp_shard, cp, tp) and the batch arithmetic.
 
-Axis order is fixed outer -> inner: dp_replicate, dp_shard, cp, tp. TP is innermost, so a
-TP group is `tp` consecutive ranks and stays on one node when tp divides gpus_per_node.
+Axis order is fixed outer -> inner: dp_replicate, dp_shard, cp, tp (runtime/dims.DIMS). TP is
+innermost, so a TP group is `tp` consecutive ranks and stays on one node when tp divides
+gpus_per_node. The mesh facts (dp, fsdp dims, tp/cp enabled, seq_len divisor, SP/LP off at
+tp = 1) are runtime/dims.ParallelDims's; MeshSpec adds what only the compiler needs.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from meshbake.compiler.errors import Err, RecipeError, Result
 from meshbake.compiler.model import ModelSpec
 from meshbake.compiler.recipe import Recipe
-
-AXES = ("dp_replicate", "dp_shard", "cp", "tp")
+from meshbake.runtime.dims import DIMS, ParallelDims, backend_for, tokens_per_step
 
 
 @dataclass(frozen=True)
-class MeshSpec:
-    dp_replicate: int
-    dp_shard: int
-    cp: int
-    tp: int
-    nodes: int
-    procs_per_node: int
+class MeshSpec(ParallelDims):
     inferred: str | None          # the axis that was -1
     grad_accum: int
     tokens_per_step: int          # global_batch_size * seq_len
+    sequence_parallel: bool       # effective: ParallelDims.tp_flags (off at tp = 1)
+    loss_parallel: bool
 
     @property
-    def world(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.cp * self.tp
-
-    @property
-    def dp(self) -> int:
-        return self.dp_replicate * self.dp_shard
-
-    @property
-    def fsdp(self) -> int:
-        """Ranks a parameter is sharded over by FSDP: dp_shard x cp (cp ranks hold the same weights)."""
-        return self.dp_shard * self.cp
+    def dims(self) -> ParallelDims:
+        """The plan.json part: the ParallelDims fields only."""
+        return ParallelDims(**{f.name: getattr(self, f.name) for f in fields(ParallelDims)})
 
 
 def divisors(n: int) -> list[int]:
@@ -48,7 +38,7 @@ def divisors(n: int) -> list[int]:
 
 
 def _axes(recipe: Recipe, world: int) -> Result[dict[str, int]]:
-    given = {a: getattr(recipe.mesh, a) for a in AXES}
+    given = {a: getattr(recipe.mesh, a) for a in DIMS}
     free = [a for a, v in given.items() if v == -1]
     fixed = math.prod(v for v in given.values() if v != -1)
     w = f"cluster.nodes x cluster.gpus_per_node = {recipe.cluster.nodes} x {recipe.cluster.gpus_per_node} = {world}"
@@ -61,7 +51,7 @@ def _axes(recipe: Recipe, world: int) -> Result[dict[str, int]]:
                                     f"other axes ({fixed})", f"pick axes whose product divides {world}"),))
         given[free[0]] = world // fixed
     elif fixed != world:
-        prod = " x ".join(str(given[a]) for a in AXES)
+        prod = " x ".join(str(given[a]) for a in DIMS)
         return Err((RecipeError("mesh", f"dp_replicate x dp_shard x cp x tp = {prod} = {fixed}, but {w}",
                                 "make the product equal the world size, or set dp_shard: -1 to infer it"),))
     return given
@@ -98,17 +88,15 @@ def _tp_errors(recipe: Recipe, model: ModelSpec, tp: int) -> list[RecipeError]:
     return errs
 
 
-def _seq_errors(recipe: Recipe, model: ModelSpec, cp: int, tp: int) -> list[RecipeError]:
-    s = recipe.train.seq_len
-    # load-balanced CP splits the sequence into 2*cp chunks; SP then splits each cp shard over tp
-    need = (2 * cp if cp > 1 else 1) * (tp if recipe.tp.sequence_parallel else 1)
+def _seq_errors(recipe: Recipe, dims: ParallelDims, sp: bool) -> list[RecipeError]:
+    s, need = recipe.train.seq_len, dims.seq_len_divisor(sp)
     if s % need == 0:
         return []
     why = []
-    if cp > 1:
-        why.append(f"2 x cp = {2 * cp} (load-balanced context parallel)")
-    if recipe.tp.sequence_parallel and tp > 1:
-        why.append(f"tp = {tp} (sequence parallel)")
+    if dims.cp_enabled:
+        why.append(f"2 x cp = {dims.cp_chunks} (load-balanced context parallel)")
+    if sp:
+        why.append(f"tp = {dims.tp} (sequence parallel)")
     by = why[0] if len(why) == 1 else f"{' x '.join(why)} = {need}"
     return [RecipeError("train.seq_len", f"seq_len={s} is not divisible by {by}",
                         f"use a multiple of {need}, e.g. {max(need, s - s % need)}")]
@@ -133,17 +121,41 @@ def _batch(recipe: Recipe, dp: int) -> Result[int]:
 
 def resolve_mesh(recipe: Recipe, model: ModelSpec) -> Result[MeshSpec]:
     """All mesh rules at once: every error is collected, none stops the others."""
-    world = recipe.cluster.nodes * recipe.cluster.gpus_per_node
+    c = recipe.cluster
+    world = c.nodes * c.gpus_per_node
     axes = _axes(recipe, world)
     if isinstance(axes, Err):
         return axes
-    errs = _tp_errors(recipe, model, axes["tp"]) + _seq_errors(recipe, model, axes["cp"], axes["tp"])
-    ga = _batch(recipe, axes["dp_replicate"] * axes["dp_shard"])
+    dims = ParallelDims(**axes, nodes=c.nodes, procs_per_node=c.gpus_per_node, device=c.device,
+                        backend=backend_for(c.device))
+    sp, lp = dims.tp_flags(recipe.tp.sequence_parallel, recipe.tp.loss_parallel)
+    errs = _tp_errors(recipe, model, dims.tp) + _seq_errors(recipe, dims, sp)
+    ga = _batch(recipe, dims.dp)
     if isinstance(ga, Err):
         errs += ga.errors
     if errs:
         return Err(tuple(errs))
-    free = [a for a in AXES if getattr(recipe.mesh, a) == -1]
-    return MeshSpec(**axes, nodes=recipe.cluster.nodes, procs_per_node=recipe.cluster.gpus_per_node,
-                    inferred=free[0] if free else None, grad_accum=ga,
-                    tokens_per_step=recipe.train.global_batch_size * recipe.train.seq_len)
+    free = [a for a in DIMS if getattr(recipe.mesh, a) == -1]
+    return MeshSpec(**vars(dims), inferred=free[0] if free else None, grad_accum=ga,
+                    tokens_per_step=tokens_per_step(recipe.train), sequence_parallel=sp, loss_parallel=lp)
+
+
+_ROLES = {"dp_replicate": "replicas of the sharded model; gradients all-reduced (HSDP)",
+          "dp_shard": "FSDP: parameters, gradients, optimizer state sharded",
+          "cp": "context parallel: sequence split, K/V gathered; weights FSDP-sharded with dp_shard",
+          "tp": "tensor parallel: every block's matmuls split; consecutive ranks, one node"}
+
+
+def mesh_rows(dims: ParallelDims) -> list[dict[str, Any]]:
+    """PLAN.md's mesh table: per axis its size, the first ranks of rank 0's group, its role."""
+    rows = []
+    for axis in DIMS:
+        size, stride = getattr(dims, axis), dims.strides[axis]
+        example = ", ".join(str(i * stride) for i in range(min(size, 4))) + (", ..." if size > 4 else "")
+        rows.append({"axis": axis, "size": size, "example": example, "role": _ROLES[axis]})
+    return rows
+
+
+def view(mesh: MeshSpec) -> dict[str, Any]:
+    """What PLAN.md prints of this stage beyond plan.mesh, as plain values."""
+    return {"inferred": mesh.inferred, "tokens_per_step": mesh.tokens_per_step, "rows": mesh_rows(mesh)}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from meshbake.compiler.errors import Err, RecipeError, Result
+from meshbake.runtime.roles import ModelRoles, lora_target_fqns
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
 
@@ -44,7 +45,7 @@ class ModelSpec:
     num_params: int               # unique parameters (a tied weight counted once)
     modules: tuple[ModuleInfo, ...]
     hf_tp_plan: Mapping[str, str]  # transformers' own plan: {fqn pattern: hf style}
-    block_prefix: str             # "model.layers": children are the FSDP units
+    roles: ModelRoles             # embedding, lm_head, final norm, decoder blocks (no LoRA targets yet)
     # --- added for the model matrix (issue 11); defaults keep older callers valid
     attn_implementation: str = "sdpa"        # what transformers supports for this class (sdpa, else eager)
     layouts: Mapping[str, str] = field(default_factory=dict)  # fused fqn -> "qkv" | "gate_up" | "experts"
@@ -52,20 +53,14 @@ class ModelSpec:
     num_experts: int = 0
     experts_per_token: int = 0
 
-    @property
-    def block_params(self) -> int:
-        """Parameters of one decoder block (all blocks are equal in these architectures)."""
-        pre = f"{self.block_prefix}.0."
-        return sum(m.numel for m in self.modules if m.fqn.startswith(pre))
+    def lora_targets(self, leaves: tuple[str, ...] | None) -> tuple[str, ...]:
+        """The fqns recipe lora.targets (leaf names) adapt (runtime/roles.py's rule); None:
+        every Linear that may carry an adapter."""
+        return lora_target_fqns((m.fqn for m in self.modules if m.kind == "linear"), leaves, self.roles.lm_head)
 
 
 def catalog_names() -> list[str]:
     return sorted(p.stem for p in CATALOG_DIR.glob("*.json"))
-
-
-def catalog_config(name: str) -> dict[str, Any] | None:
-    path = CATALOG_DIR / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _kind(module) -> str | None:
@@ -304,6 +299,7 @@ def _spec(model, config, source: str, model_type: str, modules) -> ModelSpec:
     heads = c.num_attention_heads
     num_params = sum(p.numel() for p in model.parameters())
     active, n_exp, k_exp = _moe_facts(model, modules, num_params)
+    tied = bool(getattr(c, "tie_word_embeddings", False))
     return ModelSpec(
         source=source,
         config=_portable(config),
@@ -317,11 +313,11 @@ def _spec(model, config, source: str, model_type: str, modules) -> ModelSpec:
         intermediate_size=_intermediate(c),
         vocab_size=c.vocab_size,
         max_position_embeddings=getattr(c, "max_position_embeddings", 0) or 0,
-        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        tie_word_embeddings=tied,
         num_params=num_params,
         modules=modules,
         hf_tp_plan=dict(getattr(model, "_tp_plan", None) or {}),
-        block_prefix=_block_prefix(model),
+        roles=_roles(model, modules, tied),
         attn_implementation=_attn_implementation(model),
         layouts=_layouts(model, modules),
         active_params=active,
@@ -345,10 +341,14 @@ def _intermediate(c) -> int:
     return 4 * c.hidden_size          # GPT-2 style configs: n_inner None means 4 x hidden
 
 
-def _block_prefix(model) -> str:
-    import torch.nn as nn
-
-    for fqn, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList):
-            return fqn
-    return "model.layers"
+def _roles(model, modules, tied: bool) -> ModelRoles:
+    """Read off the transformers model: its input / output embeddings, the decoder blocks
+    (_structure_error proved them model.model.layers, one per num_hidden_layers) and the
+    norm lm_head reads (the last norm outside the blocks)."""
+    names = {id(mod): fqn for fqn, mod in model.named_modules()}
+    blocks = names[id(model.model.layers)]
+    norm = [m.fqn for m in modules if m.kind == "norm" and not m.fqn.startswith(blocks + ".")]
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    return ModelRoles(embedding=names[id(emb)], lm_head=names[id(head)], final_norm=norm[-1] if norm else "",
+                      block_prefix=blocks, num_blocks=len(model.model.layers),
+                      tied=tied)

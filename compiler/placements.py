@@ -17,6 +17,7 @@ from meshbake.compiler.errors import Err, RecipeError, Result
 from meshbake.compiler.mesh import MeshSpec
 from meshbake.compiler.model import ModelSpec, ModuleInfo
 from meshbake.compiler.recipe import Recipe
+from meshbake.runtime.roles import local_shape, shard_dim
 
 # transformers' style names -> ours; anything else (local_*, ep_*) is refused with its name.
 # colwise_gather_output / rowwise_split_input are transformers' way around a fused [q|k|v] or
@@ -37,22 +38,12 @@ WARN_BYTES = 16 * 2**20
 class Placements:
     styles: Mapping[str, str]               # fqn -> style, in module order
     warnings: tuple[str, ...]
+    lora_targets: tuple[str, ...] = ()      # fqns of the adapted Linears (recipe lora.targets resolved)
 
 
 def group_name(fqn: str) -> str:
     """model.layers.17.mlp.up_proj -> model.layers.*.mlp.up_proj (rows of the PLAN.md table)."""
     return re.sub(r"\.\d+(?=\.|$)", ".*", fqn)
-
-
-def local_shape(shape: tuple[int, ...], kind: str, style: str, tp: int) -> tuple[int, ...]:
-    if style in ("colwise", "colwise_qkv", "colwise_gate_up", "colwise_norm") or (
-            style == "rowwise" and kind == "embedding"):
-        return (shape[0] // tp, *shape[1:])        # Linear out dim / embedding vocab dim / norm width
-    if style == "experts":
-        return (shape[0], shape[1] // tp, *shape[2:])   # gate_up (E, 2I/tp, H); down (E, H, I/tp) alike
-    if style == "rowwise":
-        return (shape[0], shape[1] // tp)          # Linear in dim
-    return shape
 
 
 def _attn_norm(model: ModelSpec, m: ModuleInfo) -> str | None:
@@ -88,8 +79,8 @@ def _auto(model: ModelSpec, m: ModuleInfo, sp: bool) -> str | RecipeError:
         return FUSED_STYLES[model.layouts[m.fqn]]
     if m.kind in ("router", "other"):      # small (router E x H) or unknown: whole on every tp rank
         return "replicate"
-    if m.shape[0] == model.vocab_size and not m.fqn.startswith(model.block_prefix):
-        return "colwise"                           # the output embedding (lm_head): vocab-sharded logits
+    if m.fqn == model.roles.lm_head:
+        return "colwise"                           # vocab-sharded logits
     for pattern, hf_style in model.hf_tp_plan.items():
         if fnmatchcase(m.fqn, pattern):
             if hf_style in HF_GATHERED and _gathered_ok(model, m):
@@ -143,8 +134,7 @@ def _consistency(recipe: Recipe, model: ModelSpec, auto: dict[str, str], styles:
     for f in styles:
         parents.setdefault(f.rpartition(".")[0], []).append(f)
     for parent, kids in parents.items():
-        lin = [f for f in kids if auto[f].startswith(("colwise", "rowwise")) and auto[f] != "colwise_norm"
-               and f.startswith(model.block_prefix)]
+        lin = [f for f in kids if shard_dim(auto[f], "linear") is not None and model.roles.in_block(f)]
         changed = [f for f in lin if styles[f] != auto[f]]
         if changed and (sp or len(changed) != len(lin) or any(styles[f] != "replicate" for f in changed)):
             why = ("with tp.sequence_parallel the residual stream is sequence-sharded between blocks, "
@@ -154,15 +144,14 @@ def _consistency(recipe: Recipe, model: ModelSpec, auto: dict[str, str], styles:
             errs.append(RecipeError("tp.plan", f"{group_name(parent)}: {names} "
                                     f"changed to {sorted({styles[f] for f in changed})}; {why}",
                                     f"set '{group_name(parent)}.*': replicate, or remove the override"))
-    embed = next((m.fqn for m in model.modules if m.kind == "embedding"), None)
-    head = next((m.fqn for m in model.modules if m.kind == "linear" and m.shape[0] == model.vocab_size), None)
-    if sp and embed and head and (styles[embed], styles[head]) != ("rowwise", "colwise"):
+    embed, head = model.roles.embedding, model.roles.lm_head
+    if sp and (styles[embed], styles[head]) != ("rowwise", "colwise"):
         errs.append(RecipeError("tp.plan", f"{embed}/{head} must stay rowwise/colwise with tp.sequence_parallel",
                                 "remove their overrides or set tp.sequence_parallel: false"))
-    if recipe.tp.loss_parallel and head and styles[head] != "colwise":
+    if recipe.tp.loss_parallel and styles[head] != "colwise":
         errs.append(RecipeError("tp.loss_parallel", f"loss parallel needs vocab-sharded logits, but {head} is "
                                 f"{styles[head]}", f"set tp.loss_parallel: false or keep {head} colwise"))
-    if model.tie_word_embeddings and embed and head and (styles[embed] == "replicate") != (styles[head] == "replicate"):
+    if model.roles.tied and (styles[embed] == "replicate") != (styles[head] == "replicate"):
         errs.append(RecipeError("tp.plan", f"tied embeddings: {embed} and {head} share one weight, placed "
                                 f"{styles[embed]} and {styles[head]}", "shard both (rowwise embedding + colwise "
                                 "lm_head both split the vocab dim) or replicate both"))
@@ -174,16 +163,15 @@ def _lora_errors(recipe: Recipe, model: ModelSpec) -> list[RecipeError]:
     lo = recipe.lora
     if lo.rank == 0:
         return []
-    head = next((m.fqn for m in model.modules if m.kind == "linear" and m.shape[0] == model.vocab_size), None)
-    leaves = sorted({m.fqn.rpartition(".")[2] for m in model.modules if m.kind == "linear" and m.fqn != head})
+    leaves = sorted({f.rpartition(".")[2] for f in model.lora_targets(None)})
     errs = []
     for i, t in enumerate(lo.targets):
         if t not in leaves:
             near = get_close_matches(t, leaves, n=1)
             errs.append(RecipeError(f"lora.targets[{i}]", f"{t!r} is no Linear layer of {model.architecture}",
                                     f"did you mean {near[0]!r}?" if near else f"choose from {', '.join(leaves)}"))
-    shapes = [m.shape for m in model.modules if m.kind == "linear" and m.fqn != head
-              and m.fqn.rpartition(".")[2] in lo.targets]
+    targets = set(model.lora_targets(lo.targets))
+    shapes = [m.shape for m in model.modules if m.fqn in targets]
     smallest = min((min(sh) for sh in shapes), default=0)
     if shapes and lo.rank > smallest:
         # B (out x r) @ A (r x in) has rank <= min(out, in): a larger r only adds parameters
@@ -215,7 +203,7 @@ def _architecture_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> li
     if mesh.tp > 1:
         # a plan that compiles must run: parameters meshbake cannot place are refused, not left
         # as plain tensors beside DTensors (the "mixed torch.Tensor and DTensor" crash)
-        odd = [m for m in model.modules if m.fqn.startswith(model.block_prefix + ".")
+        odd = [m for m in model.modules if model.roles.in_block(m.fqn)
                and (m.kind == "other" or (m.kind == "experts" and m.fqn not in model.layouts))]
         if odd:
             m = odd[0]
@@ -234,14 +222,6 @@ def _architecture_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> li
             errs.append(RecipeError("mesh.tp", f"{model.architecture}: {', '.join(fused[:2])} is a fused projection "
                                     "whose row order meshbake has not mapped (splitting its rows would mix q, k and "
                                     "v)", "use mesh.tp: 1"))
-        blocks = {m.fqn.split(".")[len(model.block_prefix.split("."))] for m in model.modules
-                  if m.fqn.startswith(model.block_prefix + ".")}
-        kids = {m.fqn.split(".")[len(model.block_prefix.split(".")) + 1] for m in model.modules
-                if m.fqn.startswith(model.block_prefix + ".") and m.fqn.count(".") > model.block_prefix.count(".") + 1}
-        if recipe.tp.sequence_parallel and blocks and not {"self_attn", "mlp"} <= kids:
-            errs.append(RecipeError("tp.sequence_parallel", f"{model.architecture} blocks hold {sorted(kids)}; "
-                                    "sequence parallel gathers the inputs of `self_attn` and `mlp`",
-                                    "set tp.sequence_parallel: false (and tp.loss_parallel: false)"))
     if mesh.tp > 1 and model.num_experts and (c.get("router_jitter_noise") or 0) > 0:
         errs.append(RecipeError("model.config", f"router_jitter_noise {c['router_jitter_noise']}: each tp rank would "
                                 "draw its own noise and route the same token to different experts",
@@ -256,8 +236,9 @@ def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> Resu
     lora_errs = _lora_errors(recipe, model)
     if lora_errs:
         return Err(tuple(lora_errs))
+    lora = model.lora_targets(recipe.lora.targets) if recipe.lora.rank else ()
     if mesh.tp == 1:   # no TP: nothing is split, nothing to warn about
-        return Placements({m.fqn: "replicate" for m in model.modules}, ())
+        return Placements({m.fqn: "replicate" for m in model.modules}, (), lora)
     sp = recipe.tp.sequence_parallel
     auto: dict[str, str] = {}
     errs: list[RecipeError] = []
@@ -275,7 +256,7 @@ def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> Resu
     errs += [] if errs else _consistency(recipe, model, auto, styles)
     if errs:
         return Err(tuple(errs))
-    return Placements(styles, _warnings(recipe, model, mesh, styles))
+    return Placements(styles, _warnings(recipe, model, mesh, styles), lora)
 
 
 def _follow_projections(model: ModelSpec, styles: dict[str, str]) -> None:
@@ -303,3 +284,28 @@ def _warnings(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, styles: Mapping[
         f"{g}: replicated on all {mesh.tp} tp ranks ({len(b)} x {b[0] / 1e6:,.1f} MB of {recipe.model.dtype} "
         f"weights per rank before FSDP; sharded it would be {sum(b) / mesh.tp / 1e6:,.1f} MB)"
         for g, b in out.items())
+
+
+def placement_rows(model: ModelSpec, pl: Placements, tp: int, dtype: str) -> list[dict[str, object]]:
+    """PLAN.md's placement table: one row per module group (model.layers.*.mlp.up_proj) with its
+    count, kind, weight shape, style, shape per tp rank and bytes per tp rank (all its modules)."""
+    import math
+
+    rows: dict[str, dict[str, object]] = {}
+    nbytes = DTYPE_BYTES[dtype]
+    for m in model.modules:
+        style = pl.styles[m.fqn]
+        g = group_name(m.fqn)
+        loc = local_shape(m.shape, m.kind, style, tp)
+        # every parameter the module owns (bias, an expert's down_proj) is split like its weight
+        b = m.numel * math.prod(loc) // max(1, math.prod(m.shape)) * nbytes
+        if g in rows:
+            rows[g]["count"] += 1
+            rows[g]["nbytes"] += b
+            continue
+        fmt = lambda s: " x ".join(map(str, s))  # noqa: E731
+        rows[g] = {"group": g, "count": 1, "kind": m.kind, "shape": fmt(m.shape), "style": style,
+                   "local": fmt(loc), "nbytes": b}
+    for r in rows.values():
+        r["bytes"] = f"{r['nbytes'] / 1e6:,.1f} MB" if r["nbytes"] >= 1e5 else f"{r['nbytes'] / 1e3:,.1f} kB"
+    return list(rows.values())

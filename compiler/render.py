@@ -10,7 +10,6 @@ newline ends a comment). Any other string in a `{{ }}` of a shell template is a 
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import re
 import shlex
@@ -19,7 +18,11 @@ from typing import Any
 
 import jinja2
 import yaml
+from meshbake.compiler.estimate import view as estimate_view
+from meshbake.compiler.mesh import view as mesh_view
+from meshbake.compiler.placements import placement_rows
 from meshbake.runtime import plan as P
+from meshbake.runtime.sections import SCHEMA_PATH, to_dict
 from meshbake.runtime.units import fmt_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,100 +106,37 @@ def environment(shell: bool = False) -> jinja2.Environment:
     return env
 
 
-def _mesh_rows(plan: P.Plan) -> list[dict[str, Any]]:
-    m = plan.mesh
-    strides = {"tp": 1, "cp": m.tp, "dp_shard": m.tp * m.cp, "dp_replicate": m.tp * m.cp * m.dp_shard}
-    roles = {"dp_replicate": "replicas of the sharded model; gradients all-reduced (HSDP)",
-             "dp_shard": "FSDP: parameters, gradients, optimizer state sharded",
-             "cp": "context parallel: sequence split, K/V gathered; weights FSDP-sharded with dp_shard",
-             "tp": "tensor parallel: every block's matmuls split; consecutive ranks, one node"}
-    rows = []
-    for axis in P.MESH_DIMS:
-        size = getattr(m, axis)
-        ranks = [i * strides[axis] for i in range(min(size, 4))]
-        example = ", ".join(map(str, ranks)) + (", ..." if size > 4 else "")
-        rows.append({"axis": axis, "size": size, "example": example, "role": roles[axis]})
-    return rows
-
-
-def _placement_rows(res) -> list[dict[str, Any]]:
-    import math
-
-    from meshbake.compiler.placements import DTYPE_BYTES, group_name, local_shape
-
-    rows: dict[str, dict[str, Any]] = {}
-    nbytes = DTYPE_BYTES[res.recipe.model.dtype]
-    for m in res.model.modules:
-        style = res.placements.styles[m.fqn]
-        g = group_name(m.fqn)
-        loc = local_shape(m.shape, m.kind, style, res.mesh.tp)
-        # every parameter the module owns (bias, an expert's down_proj) is split like its weight
-        b = m.numel * math.prod(loc) // max(1, math.prod(m.shape)) * nbytes
-        if g in rows:
-            rows[g]["count"] += 1
-            rows[g]["nbytes"] += b
-            continue
-        fmt = lambda s: " x ".join(map(str, s))  # noqa: E731
-        rows[g] = {"group": g, "count": 1, "kind": m.kind, "shape": fmt(m.shape), "style": style,
-                   "local": fmt(loc), "nbytes": b}
-    for r in rows.values():
-        r["bytes"] = f"{r['nbytes'] / 1e6:,.1f} MB" if r["nbytes"] >= 1e5 else f"{r['nbytes'] / 1e3:,.1f} kB"
-    return list(rows.values())
-
-
-def _memory_rows(res) -> list[dict[str, str]]:
-    e, t, m = res.estimate, res.recipe.train, res.mesh
-    pd = t.mixed_precision.param_dtype
-    fsdp = m.dp_replicate * m.fsdp > 1
-    shard = (f"FSDP shards padded to ceil(rows / {m.fsdp}) rows (rank 0, the peak rank)" if fsdp
-             else "no FSDP (one-rank data-parallel mesh)")
-    how = {"params": f"{e.params_per_rank:,} params x {res.recipe.model.dtype}, after TP; {shard}",
-           "grads": "trainable params, sharded like params (from the backward on)",
-           "optimizer": "AdamW exp_avg + exp_avg_sq, sharded",
-           "accum_grads": f"unsharded grads held between the {m.grad_accum} micro-steps (no reduce-scatter until the last)"
-                          if e.accum_grads_bytes else "none: no FSDP gradient accumulation without sync",
-           "gathered": f"top-level module (embeddings, final norm, lm_head) + last block kept gathered in {pd}" if fsdp
-                       else "none: no FSDP",
-           "activations": f"{res.model.num_layers} layers, mbs {t.micro_batch_size} x seq {t.seq_len}"
-                          f"{' / cp ' + str(m.cp) if m.cp > 1 else ''}, AC {t.activation_checkpointing}",
-           "logits": ("tokens x vocab / tp x 16 B (loss parallel)" if res.plan.tp.loss_parallel
-                      else "tokens x vocab x 12 B (fp32 log-softmax, its grad in and out)")}
-    return [{"name": k, "gb": _gb(v), "how": how[k]} for k, v in e.terms.items()]
-
-
-def _phase_rows(res) -> list[dict[str, str]]:
-    e = res.estimate
-    return [{"name": name, "gb": _gb(b), "peak": name == e.peak_phase} for name, b in e.phases]
-
-
 def recipe_yaml(recipe) -> str:
     """The normalized recipe: every key with its resolved default, in schema order."""
-    d = dataclasses.asdict(recipe)
-    d["train"]["betas"] = list(d["train"]["betas"])
-    d["lora"]["targets"] = list(d["lora"]["targets"])
-    d["cluster"]["env_pass"] = list(d["cluster"]["env_pass"])
-    d["cluster"]["container_mounts"] = list(d["cluster"]["container_mounts"])
-    d["cluster"]["env"] = dict(d["cluster"]["env"])
-    tr = d.pop("tracking")            # in the schema's shape: tracking.wandb.project, not wandb_project
-    d["tracking"] = {"tensorboard": tr["tensorboard"],
-                     "wandb": {k.removeprefix("wandb_"): list(v) if k == "wandb_tags" else v
-                               for k, v in tr.items() if k.startswith("wandb_")}}
-    if not isinstance(d["tp"]["plan"], str):
-        d["tp"]["plan"] = dict(d["tp"]["plan"])
-    return "# normalized by meshbake: every default filled in\n" + yaml.safe_dump(d, sort_keys=False, width=100)
+    return "# normalized by meshbake: every default filled in\n" + yaml.safe_dump(to_dict(recipe), sort_keys=False,
+                                                                                 width=100)
 
 
 def runtime_files() -> dict[str, bytes]:
+    """The runtime's sources and the recipe schema its plan classes are generated from."""
     return {f"runtime/{p.relative_to(RUNTIME).as_posix()}": p.read_bytes()
-            for p in sorted(RUNTIME.rglob("*.py")) if "__pycache__" not in p.parts}
+            for p in sorted([*RUNTIME.rglob("*.py"), RUNTIME / SCHEMA_PATH.name]) if "__pycache__" not in p.parts}
+
+
+_MODEL_FACTS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+                "vocab_size")
+
+
+def context(res) -> dict[str, Any]:
+    """The templates' whole input, plain values: the plan (the contract: what runs), the
+    recipe's cluster section, and each stage's view (rows and numbers it computed). The
+    templates print these; they compute nothing (docs/CONTRACTS.md, Templates)."""
+    return {"plan": res.plan, "cluster": to_dict(res.recipe.cluster),
+            "job_name": f"meshbake-{res.plan.name}",
+            "model": {k: getattr(res.model, k) for k in _MODEL_FACTS},
+            "mesh": mesh_view(res.mesh),
+            "placements": {"rows": placement_rows(res.model, res.placements, res.mesh.tp, res.recipe.model.dtype)},
+            "est": estimate_view(res.recipe, res.model, res.mesh, res.estimate)}
 
 
 def render_bundle(res) -> dict[str, bytes]:
     env = environment()
-    ctx = {"plan": res.plan, "cluster": res.recipe.cluster, "model": res.model, "mesh": res.mesh,
-           "est": res.estimate, "job_name": f"meshbake-{res.plan.name}", "mesh_rows": _mesh_rows(res.plan),
-           "placement_rows": _placement_rows(res), "memory_rows": _memory_rows(res),
-               "phase_rows": _phase_rows(res)}
+    ctx = context(res)
     files = {"plan.json": P.dumps(res.plan).encode(), "recipe.yaml": recipe_yaml(res.recipe).encode(),
              "PLAN.md": env.get_template("PLAN.md.j2").render(ctx).encode()}
     shell = environment(shell=True)

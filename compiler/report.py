@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshbake.runtime.dims import tokens_per_step
 from meshbake.runtime.plan import Plan, from_dict
 
 COLORS = {"train": "#1f77b4", "eval": "#d62728", "estimate": "#7f7f7f", "checkpoint": "#2ca02c",
@@ -275,7 +276,7 @@ def _plan_table(plan: Plan) -> str:
                      f"{m.world} on {m.nodes} x {m.procs_per_node} {m.device} ({m.backend})"),
             ("tensor parallel", f"sequence_parallel {plan.tp.sequence_parallel}, "
                                 f"loss_parallel {plan.tp.loss_parallel}"),
-            ("batch", f"{t.global_batch_size} sequences x {t.seq_len} tokens = {t.global_batch_size * t.seq_len:,} "
+            ("batch", f"{t.global_batch_size} sequences x {t.seq_len} tokens = {tokens_per_step(t):,} "
                       f"tokens per step (micro {t.micro_batch_size} x grad_accum {t.grad_accum} x dp {m.dp})"),
             ("optimizer", f"AdamW lr {t.lr:g} -> {t.min_lr:g} {t.lr_schedule}, warmup {t.warmup_steps}, "
                           f"weight_decay {t.weight_decay:g}, grad_clip {t.grad_clip:g}"),
@@ -283,7 +284,7 @@ def _plan_table(plan: Plan) -> str:
                           f"{t.mixed_precision.reduce_dtype}; activation checkpointing {t.activation_checkpointing}"),
             ("lora", f"rank {plan.lora.rank} alpha {plan.lora.alpha:g} on {', '.join(plan.lora.targets)}"
              if plan.lora.rank else "off (full fine-tuning)"),
-            ("data", f"{plan.data.format} " + ", ".join(str(src["path"]) for src in plan.data.sources)),
+            ("data", f"{plan.data.format} " + ", ".join(str(src.path) for src in plan.data.sources)),
             ("checkpoints", f"every {plan.checkpoint.every_steps or '-'} steps, keep {plan.checkpoint.keep}, "
                             f"resume {plan.checkpoint.resume}")]
     terms = [(k.removesuffix("_bytes"), v) for k, v in sorted(e.items())

@@ -1,6 +1,6 @@
 """validate stage: loaded dict -> Recipe (frozen dataclasses) or Err with EVERY problem.
 
-JSON Schema 2020-12 (compiler/recipe.schema.json) checks shapes and ranges; `iter_errors`
+JSON Schema 2020-12 (runtime/recipe.schema.json) checks shapes and ranges; `iter_errors`
 yields all violations, each reported at its JSON path (`train.betas[1]`, `tp.plan['x']`).
 Unknown keys get a did-you-mean, also across sections (`train.gpus_per_node` ->
 `cluster.gpus_per_node`). A few cross-field rules the schema cannot say follow.
@@ -12,31 +12,11 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from meshbake.compiler.errors import Err, RecipeError, Result
-from meshbake.compiler.recipe import (
-    CheckpointSection,
-    ClusterSection,
-    DataSection,
-    LoraSection,
-    MeshSection,
-    MixedPrecisionSection,
-    ModelSection,
-    Recipe,
-    TPSection,
-    TrackingSection,
-    TrainSection,
-)
-
-SCHEMA_PATH = Path(__file__).with_name("recipe.schema.json")
-
-
-@lru_cache(maxsize=1)
-def schema() -> dict[str, Any]:
-    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+from meshbake.compiler.recipe import Recipe
+from meshbake.runtime.sections import build, is_field, schema
 
 
 def json_path(parts: Iterable[Any]) -> str:
@@ -176,7 +156,7 @@ def _fix(err, path: list[Any]) -> str:
             "maxItems": lambda: f"give at most {vv} items", "minLength": lambda: "it must not be empty",
             "uniqueItems": lambda: "remove the repeated item"}.get(v)
     parts = [p for p in (desc.rstrip(".") if desc else "", rule() if rule else "") if p]
-    return "; ".join(parts) or "see compiler/recipe.schema.json"
+    return "; ".join(parts) or "see runtime/recipe.schema.json"
 
 
 def schema_errors(d: Mapping[str, Any]) -> list[RecipeError]:
@@ -341,59 +321,34 @@ def _cluster_env(c: dict[str, Any]) -> list[RecipeError]:
     return errs
 
 
-def _build(d: dict[str, Any]) -> Recipe:
-    m, me, tp, c, t, da, ck, lo = (d[k] for k in ("model", "mesh", "tp", "cluster", "train", "data",
-                                                  "checkpoint", "lora"))
-    weights = m.get("weights")
-    plan = tp["plan"] if tp["plan"] == "auto" else dict(sorted(tp["plan"].items()))
-    return Recipe(
-        name=d["name"],
-        model=ModelSection(m["config"], None if weights in (None, "none") else weights, m["dtype"]),
-        mesh=MeshSection(me["dp_replicate"], me["dp_shard"], me["cp"], me["tp"], me["allow_cross_node_tp"]),
-        tp=TPSection(tp["sequence_parallel"], tp["loss_parallel"], plan),
-        cluster=ClusterSection(c["profile"], c["nodes"], c["gpus_per_node"], float(c["gpu_memory_gb"]),
-                               c["device"], c["partition"], c["account"], c["qos"], c["constraint"],
-                               str(c["time"]), c["cpus_per_task"], None if c["mem"] is None else str(c["mem"]),
-                               c["env_setup"], tuple(c["env_pass"]), c["max_restarts"],
-                               c["signal_seconds"], c["requeue"], c["gpu_request"], c["gpu_type"],
-                               c["exclusive"], c["container_image"], tuple(c["container_mounts"]),
-                               tuple(sorted((k, str(v)) for k, v in c["env"].items())),
-                               float(c["peak_tflops"]), float(c["hbm_gbps"]), float(c["intra_node_gbps"]),
-                               float(c["inter_node_gbps"]), c["nics_per_node"]),
-        train=TrainSection(t["seq_len"], t["micro_batch_size"], t["global_batch_size"], t["grad_accum"],
-                           t["steps"], float(t["lr"]), float(t["min_lr"]), t["warmup_steps"],
-                           t["lr_schedule"], float(t["weight_decay"]), (float(t["betas"][0]), float(t["betas"][1])),
-                           float(t["eps"]), float(t["grad_clip"]), t["seed"],
-                           MixedPrecisionSection(t["mixed_precision"]["param_dtype"],
-                                                 t["mixed_precision"]["reduce_dtype"]),
-                           t["activation_checkpointing"], t["compile"], t["log_every"], t["grad_sync"],
-                           t["eval_every"]),
-        data=_data_section(da),
-        checkpoint=CheckpointSection(ck["dir"], ck["every_steps"], ck["keep"], str(ck["resume"]),
-                                     ck["save_on_exit"]),
-        lora=LoraSection(lo["rank"], float(lo["alpha"]), float(lo["dropout"]), tuple(lo["targets"])),
-        run_dir=d.get("run_dir") or f"runs/{d['name']}",
-        tracking=_tracking(d["tracking"]),
-    )
+def _normalize(d: dict[str, Any]) -> dict[str, Any]:
+    """The few values the schema cannot say (defaults already filled in), in the Recipe's shape."""
+    d = {**d, "model": dict(d["model"]), "tp": dict(d["tp"]), "cluster": dict(d["cluster"])}
+    if d["model"]["weights"] == "none":
+        d["model"]["weights"] = None
+    if d["tp"]["plan"] != "auto":
+        d["tp"]["plan"] = dict(sorted(d["tp"]["plan"].items()))
+    # environment values are strings (NCCL_IB_TIMEOUT: 22 is written '22')
+    d["cluster"]["env"] = {k: str(v) for k, v in sorted(d["cluster"]["env"].items())}
+    d["data"] = _data_normal(d["data"])
+    d["run_dir"] = d.get("run_dir") or f"runs/{d['name']}"
+    return d
 
 
-def _tracking(tr: dict[str, Any]) -> TrackingSection:
-    w = tr["wandb"]
-    return TrackingSection(tr["tensorboard"], w["project"], w["entity"], w["name"], w["mode"], tuple(w["tags"]))
-
-
-def _data_section(da: dict[str, Any]) -> DataSection:
+def _data_normal(da: dict[str, Any]) -> dict[str, Any]:
+    """The input-only keys (schema "x-normalized-into": path, source, text_field) rewritten into
+    the fields they stand for; format and overlong resolved."""
     fmt = _data_format(da)
-    fields = dict(da["fields"])
+    out = {k: v for k, v in da.items() if is_field(schema()["properties"]["data"]["properties"][k])}
     if da.get("text_field"):
-        fields["text"] = da["text_field"]
-    sources = [{"path": da["path"], "weight": 1.0}] if da.get("path") else da["sources"]
-    overlong = da["overlong"] if da["overlong"] != "auto" else ("split" if fmt in ("text", "tokenized") else "truncate")
-    return DataSection(fmt, tuple({"path": s["path"], "weight": float(s["weight"])} for s in sources),
-                       da["tokenizer"], dict(sorted(fields.items())), dict(sorted(da["roles"].items())),
-                       da["train_on"], da["packing"], overlong, float(da["eval_fraction"]),
-                       tuple({"path": s["path"], "weight": float(s["weight"])} for s in da["eval_sources"]),
-                       da["prepared_dir"])
+        out["fields"] = {**da["fields"], "text": da["text_field"]}
+    if da.get("path"):
+        out["sources"] = [{"path": da["path"], "weight": 1.0}]
+    out["format"] = fmt
+    if da["overlong"] == "auto":
+        out["overlong"] = "split" if fmt in ("text", "tokenized") else "truncate"
+    out["roles"] = dict(sorted(da["roles"].items()))
+    return out
 
 
 def validate(d: Mapping[str, Any]) -> Result[Recipe]:
@@ -404,7 +359,7 @@ def validate(d: Mapping[str, Any]) -> Result[Recipe]:
     errs = _cross_field(full)
     if errs:
         return Err(tuple(errs))
-    return _build(full)
+    return build(Recipe, _normalize(full))
 
 
 UNKNOWN = "unknown key"

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from .plan import MESH_DIMS, Plan, load_plan
+from .dims import DIMS
+from .plan import Plan, load_plan
 
 
 def held(model: torch.nn.Module) -> dict[str, int]:
@@ -45,7 +46,7 @@ def build_rank(plan: Plan, rank: int) -> dict:
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=plan.mesh.world)
     try:
         where["stage"] = "mesh"
-        mesh = init_device_mesh("cpu", plan.mesh.shape, mesh_dim_names=MESH_DIMS)
+        mesh = init_device_mesh("cpu", plan.mesh.shape, mesh_dim_names=DIMS)
         model = parallelize(plan, mesh, stage=lambda name: where.update(stage=name))
         return {"rank": rank, "ok": True, **held(model), "seconds": round(time.perf_counter() - t0, 2)}
     except Exception as e:   # noqa: BLE001 — the point is to report it, with the step it came from

@@ -26,6 +26,7 @@ from .errors import EXIT_USER, UserError
 from .lora import lora_scale, lora_targets
 from .parallel import DTYPES, hf_config
 from .plan import load_plan
+from .roles import plan_roles
 
 
 def _adapter_slots(model, plan) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -36,7 +37,7 @@ def _adapter_slots(model, plan) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {}
     dtype = DTYPES[plan.train.dtype]
     return {fqn: (torch.empty(lo.rank, m.in_features, dtype=dtype), torch.empty(m.out_features, lo.rank, dtype=dtype))
-            for fqn, m in lora_targets(model, lo)}
+            for fqn, m in lora_targets(model, plan)}
 
 
 def _merge_adapters(model, adapters: dict, scale: float) -> None:
@@ -136,7 +137,7 @@ def export(run_dir: Path, step: int | None, out: Path, force: bool = False) -> P
     for fqn, (a, b) in adapters.items():
         sd["model"][f"{fqn}.lora_A"], sd["model"][f"{fqn}.lora_B"] = a, b
     # a tied lm_head.weight is the embedding: whichever key the checkpoint holds fills both
-    dcp.load(sd, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=plan.model.tie_word_embeddings))
+    dcp.load(sd, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=plan_roles(plan).tied))
     for fqn in adapters:
         del sd["model"][f"{fqn}.lora_A"], sd["model"][f"{fqn}.lora_B"]
     model.load_state_dict(sd["model"])

@@ -1,8 +1,10 @@
 """LoRA adapters that compose with TP and FSDP2 by construction.
 
-A target Linear (weight W: out x in) gets two parameters on the SAME module, lora_A (r x in)
-and lora_B (out x r), and computes  y = x (W + s B A)^T + b,  s = alpha / r. Because B A has
-W's shape, it takes W's tensor-parallel layout with no new communication:
+A target Linear (weight W: out x in; plan.json model.roles.lora_targets, resolved by the
+compiler) gets two parameters on the SAME module, lora_A (r x in) and lora_B (out x r), and
+computes  y = x (W + s B A)^T + b,  s = alpha / r. Because B A has W's shape, it takes W's
+tensor-parallel layout with no new communication (runtime/roles.py lora_dims, which the
+compiler's memory estimate reads too):
     colwise  W Shard(0): B Shard(0) (out rows), A Replicate   -> B A is Shard(0)
     rowwise  W Shard(1): A Shard(1) (in cols),  B Replicate   -> B A is Shard(1)
     replicate           : both Replicate (plain tensors without TP)
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from .plan import Plan
+from .roles import lora_dims, plan_roles
 
 
 class LoraLinear(nn.Linear):
@@ -31,10 +34,9 @@ class LoraLinear(nn.Linear):
         return F.linear(x, self.weight + self.lora_scale * (self.lora_B @ self.lora_A), self.bias)
 
 
-def lora_targets(model: nn.Module, lo) -> list[tuple[str, nn.Linear]]:
-    """The Linear layers a LoRA plan adapts: those whose leaf name is in lora.targets."""
-    return [(fqn, m) for fqn, m in model.named_modules()
-            if isinstance(m, nn.Linear) and fqn.rpartition(".")[2] in lo.targets]
+def lora_targets(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Linear]]:
+    """The Linear layers a LoRA plan adapts (the compiler resolved lora.targets to fqns)."""
+    return [(fqn, model.get_submodule(fqn)) for fqn in plan_roles(plan).lora_targets]
 
 
 def lora_scale(lo) -> float:
@@ -47,7 +49,7 @@ def apply_lora(model: nn.Module, plan: Plan) -> list[str]:
     for p in model.parameters():
         p.requires_grad_(False)
     done = []
-    for fqn, mod in lora_targets(model, lo):
+    for fqn, mod in lora_targets(model, plan):
         out_f, in_f = mod.weight.shape
         dev, dtype = mod.weight.device, mod.weight.dtype
         a = torch.empty(lo.rank, in_f, device=dev, dtype=dtype)
@@ -55,16 +57,16 @@ def apply_lora(model: nn.Module, plan: Plan) -> list[str]:
         w = mod.weight
         if isinstance(w, DTensor):
             mesh = w.device_mesh
-            col = w.placements == (Shard(0),)
-            a = distribute_tensor(a, mesh, [Replicate()] if col else [Shard(1)], src_data_rank=None)
-            b = distribute_tensor(b, mesh, [Shard(0)] if col else [Replicate()], src_data_rank=None)
+            a_dim, b_dim = lora_dims(plan.tp.placements[fqn])
+            a = distribute_tensor(a, mesh, [Replicate() if a_dim is None else Shard(a_dim)], src_data_rank=None)
+            b = distribute_tensor(b, mesh, [Replicate() if b_dim is None else Shard(b_dim)], src_data_rank=None)
         mod.lora_A = nn.Parameter(a)
         mod.lora_B = nn.Parameter(b)
         mod.__class__ = LoraLinear
         mod.lora_scale = lora_scale(lo)
         done.append(fqn)
     if not done:
-        raise ValueError(f"lora.targets {list(lo.targets)} match no Linear of the model")
+        raise ValueError(f"lora.targets {list(lo.targets)}: plan.json names no module to adapt")
     return done
 
 

@@ -112,7 +112,7 @@ class MetricsLog:
                 self.console, self.escape = Console(file=sys.stdout, highlight=False, soft_wrap=True), escape
             except ImportError:
                 self.console, self.escape = _Plain(), lambda m: m.replace("[", "\\[")
-            if plan is not None and (plan.tracking.tensorboard or plan.tracking.wandb_project):
+            if plan is not None and (plan.tracking.tensorboard or plan.tracking.wandb.project):
                 from .tracking import Trackers  # imports tensorboard / wandb only when asked
 
                 self.trackers = Trackers(plan, run_dir, self.info)

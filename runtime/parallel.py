@@ -2,7 +2,7 @@
 
 Order (torchtitan's): meta model -> TP (parallelize_module with the plan's placements) ->
 activation checkpointing -> torch.compile per block -> FSDP2 fully_shard per block, then the
-root (skipped when the data-parallel mesh is one rank: uses_fsdp) -> materialize (to_empty)
+root (skipped when the data-parallel mesh is one rank: ParallelDims.fsdp_enabled) -> materialize (to_empty)
 -> weights: deterministic init or the user's safetensors.
 
 Random init produces each tensor FULL, one at a time, and every rank keeps its own slice
@@ -25,7 +25,9 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
+from .dims import SHARD_CP, ParallelDims
 from .plan import Plan
+from .roles import SHARD_DIM, plan_roles
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -52,14 +54,9 @@ def meta_model(plan: Plan) -> nn.Module:
     return model
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder blocks: the first ModuleList (model.layers in Llama-style classes,
-    transformer.h in GPT-J / CodeGen), the same rule as the compiler's block_prefix."""
-    return list(next(m for m in model.modules() if isinstance(m, nn.ModuleList)))
-
-
-def _fqn_of(model: nn.Module, target: nn.Module) -> str:
-    return next(n for n, m in model.named_modules() if m is target)
+def decoder_layers(model: nn.Module, plan: Plan) -> list[nn.Module]:
+    """The decoder blocks the compiler found (plan.json model.roles: model.layers.0 ...)."""
+    return [model.get_submodule(b) for b in plan_roles(plan).blocks]
 
 
 # ---------------------------------------------------------------------------------------- TP
@@ -71,7 +68,7 @@ def tp_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
     from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
 
     sp, lp = plan.tp.sequence_parallel, plan.tp.loss_parallel
-    head = _fqn_of(model, model.get_output_embeddings())
+    roles = plan_roles(plan)
     resid = Shard(1) if sp else Replicate()
     styles: dict[str, Any] = {}
     for fqn, style in plan.tp.placements.items():
@@ -80,7 +77,7 @@ def tp_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
             continue
         if isinstance(mod, nn.Embedding):          # vocab-sharded table, partial sums reduced (-scattered)
             styles[fqn] = RowwiseParallel(input_layouts=Replicate(), output_layouts=resid, use_local_output=not sp)
-        elif fqn == head:                          # logits (B, T, V/tp) stay sharded for loss parallel
+        elif fqn == roles.lm_head:                 # logits (B, T, V/tp) stay sharded for loss parallel
             styles[fqn] = ColwiseParallel(input_layouts=resid, output_layouts=Shard(-1) if lp else Replicate(),
                                           use_local_output=not lp)
         elif style == "colwise":
@@ -92,8 +89,7 @@ def tp_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
         elif style in EXTRA_STYLES:
             styles[fqn] = EXTRA_STYLES[style]()
     if sp:
-        for layer in decoder_layers(model):
-            name = _fqn_of(model, layer)
+        for name in roles.blocks:
             # HF calls self_attn(hidden_states=...) by keyword and mlp(x) positionally. The gathered
             # input stays a DTensor: in backward the q/k/v (gate/up) input grads are Partial sums
             # that add up locally and reduce-scatter ONCE; a local tensor here would make every
@@ -114,9 +110,11 @@ def _sharded_norm():
     from torch.distributed.tensor import distribute_module
     from torch.distributed.tensor.parallel import ParallelStyle
 
+    dim = SHARD_DIM["colwise_norm"]["norm"]
+
     def part(name, mod, mesh):
         for n, p in list(mod.named_parameters(recurse=False)):
-            mod.register_parameter(n, nn.Parameter(distribute_tensor(p, mesh, [Shard(0)])))
+            mod.register_parameter(n, nn.Parameter(distribute_tensor(p, mesh, [Shard(dim)])))
 
     def inp(mod, inputs, mesh):
         x = inputs[0]
@@ -146,9 +144,11 @@ def _experts():
     pairs (runtime/fused.py) so Shard(1) keeps pairs together; down (E, H, I) Shard(2)."""
     from torch.distributed.tensor.parallel import ParallelStyle
 
+    dims = SHARD_DIM["experts"]
+
     class _Style(ParallelStyle):
         def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
-            for n, dim in (("gate_up_proj", 1), ("down_proj", 2)):
+            for n, dim in (("gate_up_proj", dims["experts"]), ("down_proj", dims["experts.down_proj"])):
                 p = getattr(module, n)
                 module.register_parameter(n, nn.Parameter(distribute_tensor(p, mesh, [Shard(dim)])))
             return module
@@ -171,13 +171,13 @@ EXTRA_STYLES = {"colwise_qkv": _colwise, "colwise_gate_up": _colwise, "colwise_n
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: Plan) -> None:
     from torch.distributed.tensor.parallel import parallelize_module
 
-    tied = plan.model.tie_word_embeddings
+    roles = plan_roles(plan)
     parallelize_module(model, tp_mesh, tp_plan(model, plan))
-    if tied:
+    if roles.tied:
         # distribute_module gave embed_tokens and lm_head separate DTensor parameters; both
         # are Shard(0) over the vocab (rowwise table, colwise head), so one parameter serves
         # both again: one weight, one gradient, exactly as in the unsharded model
-        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        emb, head = model.get_submodule(roles.embedding), model.get_submodule(roles.lm_head)
         if type(emb.weight) is not type(head.weight) or (
                 isinstance(emb.weight, DTensor) and emb.weight.placements != head.weight.placements):
             raise RuntimeError("tied embeddings need the same placement on embed_tokens and lm_head")
@@ -209,8 +209,8 @@ def apply_ac(model: nn.Module, mode: str) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def apply_compile(model: nn.Module) -> None:
-    for layer in decoder_layers(model):   # per block: same graph for every layer, compiled once
+def apply_compile(model: nn.Module, plan: Plan) -> None:
+    for layer in decoder_layers(model, plan):   # per block: same graph for every layer, compiled once
         layer.compile()
 
 
@@ -222,30 +222,31 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, plan: Plan) -> None:
     # reduce_dtype of None means "reduce in param_dtype" (bf16 gradients for bf16 compute over
     # fp32 masters), not "reduce in the master dtype"
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[mp.param_dtype], reduce_dtype=DTYPES[mp.reduce_dtype])
-    layers = decoder_layers(model)
+    layers = decoder_layers(model, plan)
     for i, layer in enumerate(layers):
         # the last block's params are needed again at once by backward: keep them gathered
         fully_shard(layer, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=i < len(layers) - 1)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)   # root: embeddings, final norm, lm_head
 
 
-def uses_fsdp(plan: Plan) -> bool:
-    """FSDP2 only when some rank holds another shard or another batch of the same weights.
-    Over a one-rank data-parallel mesh (world 1, TP-only plans like 8b_tp) fully_shard would
-    only add its per-block hooks, copies and a no-op reduce-scatter: 0.81-0.87 of a plain
-    loop's tokens/s at world 1 on CPU. torchtitan skips it there too; mixed precision is then
-    autocast (compute_context)."""
-    m = plan.mesh
-    return m.dp_replicate * m.dp_shard * m.cp > 1
+def dp_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
+    """The mesh fully_shard gets, dims.fsdp_mesh_dims: FSDP shards over dp_shard x cp (cp ranks
+    hold the same weights, different tokens), flattened to one dim; HSDP adds dp_replicate
+    (all-reduce across replicas)."""
+    if dims.cp_enabled:
+        mesh[dims.fsdp_shard_dims]._flatten(SHARD_CP)
+    names = dims.fsdp_mesh_dims
+    return mesh[names[0]] if len(names) == 1 else mesh[names]
 
 
 def compute_context(plan: Plan, device: torch.device):
-    """Forward in param_dtype: FSDP2 casts the gathered params itself; without FSDP, autocast
-    (matmuls in param_dtype, reductions such as norms and softmax kept in float32)."""
+    """Forward in param_dtype: FSDP2 casts the gathered params itself; without FSDP (a one-rank
+    data-parallel mesh, ParallelDims.fsdp_enabled), autocast (matmuls in param_dtype, reductions
+    such as norms and softmax kept in float32)."""
     from contextlib import nullcontext
 
     param = DTYPES[plan.train.mixed_precision.param_dtype]
-    if uses_fsdp(plan) or param == DTYPES[plan.train.dtype]:
+    if plan.mesh.fsdp_enabled or param == DTYPES[plan.train.dtype]:
         return nullcontext()
     return torch.autocast(device.type, dtype=param)
 
@@ -431,18 +432,18 @@ def parallelize(plan: Plan, mesh: DeviceMesh, stage=lambda name: None) -> nn.Mod
     stage(name) is called before each step (the dry run names the step that failed)."""
     stage("model")
     model = meta_model(plan)
-    if plan.mesh.cp > 1:
+    if plan.mesh.cp_enabled:
         from . import cp
 
         stage("cp")
         cp.install(model)
-    if plan.mesh.tp > 1:
+    if plan.mesh.tp_enabled:
         stage("tp")
         apply_tp(model, mesh["tp"], plan)
     if plan.model.layouts:     # after TP: the fused hooks must see the local (to_local'd) outputs
         from . import fused
 
-        fused.install(model, plan.model.layouts, mesh["tp"] if plan.mesh.tp > 1 else None)
+        fused.install(model, plan.model.layouts, mesh["tp"] if plan.mesh.tp_enabled else None)
     if plan.lora.rank > 0:
         from .lora import apply_lora
 
@@ -452,17 +453,10 @@ def parallelize(plan: Plan, mesh: DeviceMesh, stage=lambda name: None) -> nn.Mod
     apply_ac(model, plan.train.activation_checkpointing)
     if plan.train.compile:
         stage("compile")
-        apply_compile(model)
-    # FSDP shards over dp_shard x cp (cp ranks hold the same weights, different tokens); HSDP
-    # adds the dp_replicate dim (all-reduce across replicas)
+        apply_compile(model, plan)
     stage("fsdp")
-    if plan.mesh.cp > 1:
-        shard = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-        dp_mesh = mesh["dp_replicate", "dp_shard_cp"] if plan.mesh.dp_replicate > 1 else shard
-    else:
-        dp_mesh = mesh["dp_replicate", "dp_shard"] if plan.mesh.dp_replicate > 1 else mesh["dp_shard"]
-    if uses_fsdp(plan):
-        apply_fsdp(model, dp_mesh, plan)
+    if plan.mesh.fsdp_enabled:
+        apply_fsdp(model, dp_mesh(mesh, plan.mesh), plan)
     return model
 
 

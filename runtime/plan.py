@@ -4,7 +4,8 @@ The compiler builds a `Plan` and writes `plan.json`; the runtime reads it back w
 `load_plan`. This module is stdlib only, so a bundle runs with torch + transformers and
 nothing of the compiler. Every field the runtime acts on is here; nothing is re-derived.
 
-Placement styles (tp.placements maps a module fqn to one of these):
+Placement styles (tp.placements maps a module fqn to one of these; runtime/roles.SHARD_DIM is the
+table of which dim each splits):
   colwise            Linear sharded on its output dim (q/k/v/gate/up; lm_head = vocab dim)
   rowwise            Linear sharded on its input dim (o_proj/down_proj); Embedding on vocab dim 0
   sequence_parallel  norm computed on a sequence shard (only with tp.sequence_parallel)
@@ -22,13 +23,14 @@ Placement styles (tp.placements maps a module fqn to one of these):
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
+from .dims import ParallelDims
+from .roles import ModelRoles
+from .sections import build, section, to_dict
+
 PLAN_VERSION = 1
-STYLES = ("colwise", "rowwise", "sequence_parallel", "replicate", "colwise_qkv", "colwise_gate_up", "experts",
-          "local_heads", "colwise_norm")
-MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")  # outer -> inner; tp innermost = one node
 
 
 @dataclass(frozen=True)
@@ -42,113 +44,37 @@ class ModelPlan:
     attn_implementation: str = "sdpa"   # transformers attention kernel for this class: sdpa | eager
     layouts: dict[str, str] = field(default_factory=dict)   # fused fqn -> "qkv" | "gate_up" | "experts"
     active_params: int = 0              # params a token goes through (MoE: k of E experts); 0 = num_params
+    roles: ModelRoles | None = None     # embedding, lm_head, blocks, LoRA target fqns (runtime/roles.py;
+                                        # None in plan.json before roles: roles.plan_roles derives them)
 
 
-@dataclass(frozen=True)
-class MeshPlan:
-    dp_replicate: int
-    dp_shard: int
-    cp: int
-    tp: int
-    nodes: int
-    procs_per_node: int
-    device: str                     # "cuda" or "cpu"
-    backend: str                    # "nccl" or "gloo"
-
-    @property
-    def world(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.cp * self.tp
-
-    @property
-    def dp(self) -> int:
-        """Ranks that see different data: dp_replicate * dp_shard."""
-        return self.dp_replicate * self.dp_shard
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(getattr(self, d) for d in MESH_DIMS)
+# Recipe sections the runtime reads as they are ARE the generated classes (runtime/sections.py);
+# sections with facts the compiler resolved extend them with those fields (keyword-only).
+MixedPrecision = section("train.mixed_precision")   # param_dtype (FSDP compute), reduce_dtype (grad reduce-scatter)
+CheckpointPlan = section("checkpoint")        # dir (relative to the run dir), every_steps (0: off), keep, resume
+LoraPlan = section("lora")                    # rank (0: off), alpha, dropout, targets (leaf module names)
+TrackingPlan = section("tracking")            # tensorboard, wandb {project (None: off), entity, name, mode, tags}
+Source = section("data.sources[]")            # one data source: path, weight (data.eval_sources items too)
 
 
-@dataclass(frozen=True)
-class TPPlan:
-    sequence_parallel: bool
-    loss_parallel: bool
+@dataclass(frozen=True, kw_only=True)
+class TPPlan(section("tp")):
+    """sequence_parallel / loss_parallel as in effect (off when tp = 1); plan as the recipe gave it."""
     placements: dict[str, str]      # module fqn -> style, every Linear/Embedding/norm
 
 
-@dataclass(frozen=True)
-class MixedPrecision:
-    param_dtype: str                # dtype FSDP all-gathers and computes in
-    reduce_dtype: str               # dtype of gradient reduce-scatter
-
-
-@dataclass(frozen=True)
-class TrainPlan:
-    seq_len: int
-    micro_batch_size: int           # sequences per dp rank per micro-step
-    global_batch_size: int          # sequences per optimizer step, all ranks
+@dataclass(frozen=True, kw_only=True)
+class TrainPlan(section("train")):
     grad_accum: int                 # = global / (micro * dp), resolved by the compiler
-    steps: int
-    lr: float
-    min_lr: float
-    warmup_steps: int
-    lr_schedule: str                # "cosine" | "linear" | "constant"
-    weight_decay: float
-    betas: tuple[float, float]
-    eps: float
-    grad_clip: float                # 0 disables clipping
-    seed: int
-    dtype: str                      # dtype of the master weights and optimizer state
-    mixed_precision: MixedPrecision
-    activation_checkpointing: str   # "none" | "full" | "selective"
-    compile: bool
-    log_every: int
-    grad_sync: str = "every_micro_step"   # FSDP reduce-scatter: "every_micro_step" | "last_micro_step"
-    eval_every: int = 0             # eval loss every N steps (0: only at the end), with an eval split
+    dtype: str                      # dtype of the master weights and optimizer state (recipe model.dtype)
 
 
-@dataclass(frozen=True)
-class DataPlan:
-    """What runtime/prepare.py turns into packed token windows (see its docstring)."""
-    format: str                     # synthetic | text | completion | alpaca | chat | tokenized
-    sources: tuple[dict[str, Any], ...]   # ({"path": file or folder, "weight": mixing weight}, ...)
-    tokenizer: str | None           # HF tokenizer folder (its chat template for format chat)
-    fields: dict[str, str]          # record field names: text, prompt, completion, messages, role, ...
+@dataclass(frozen=True, kw_only=True)
+class DataPlan(section("data")):
+    """What runtime/prepare.py turns into packed token windows (see its docstring); format and
+    overlong resolved (never None / auto), data.path already one of the sources."""
     vocab_size: int                 # token ids must be < vocab_size (the model's)
-    roles: dict[str, str] = field(default_factory=dict)   # record role value -> system/user/assistant/tool
-    train_on: str = "assistant"     # chat: assistant | all | last_turn
-    packing: bool = True            # several documents per window, attention kept within each
-    overlong: str = "split"         # a document longer than seq_len: split | truncate | drop
-    eval_fraction: float = 0.0      # seeded share of documents held out for eval
-    eval_sources: tuple[dict[str, Any], ...] = ()   # or a separate eval set
-    prepared_dir: str = "prepared"  # where tokenized data goes, relative to the launch directory
     fingerprint: str = ""           # options fingerprint (runtime/prepare.options_fingerprint)
-
-@dataclass(frozen=True)
-class CheckpointPlan:
-    dir: str                        # relative to the run dir unless absolute
-    every_steps: int                # 0 disables periodic saves
-    keep: int
-    resume: str                     # "auto" | "never" | a checkpoint path
-    save_on_exit: bool
-
-
-@dataclass(frozen=True)
-class LoraPlan:
-    rank: int                       # 0 disables LoRA
-    alpha: float
-    dropout: float
-    targets: tuple[str, ...]        # leaf module names, e.g. ("q_proj", "v_proj")
-
-
-@dataclass(frozen=True)
-class TrackingPlan:
-    tensorboard: bool = False       # rank 0 writes <run_dir>/tensorboard/ (needs the tensorboard package)
-    wandb_project: str | None = None  # None = W&B off (needs the wandb package)
-    wandb_entity: str | None = None
-    wandb_name: str | None = None   # None = plan.name
-    wandb_mode: str = "offline"     # "offline" (no network) | "online"
-    wandb_tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -156,7 +82,7 @@ class Plan:
     version: int
     name: str
     model: ModelPlan
-    mesh: MeshPlan
+    mesh: ParallelDims             # runtime/dims.py: the mesh and its derived facts
     tp: TPPlan
     train: TrainPlan
     data: DataPlan
@@ -171,7 +97,7 @@ class Plan:
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
-    d = asdict(plan)
+    d = to_dict(plan)
     d["mesh"]["world"] = plan.mesh.world   # derived, written for readers of plan.json
     return d
 
@@ -181,52 +107,27 @@ def dumps(plan: Plan) -> str:
     return json.dumps(plan_to_dict(plan), indent=2, sort_keys=True) + "\n"
 
 
-def _build(cls, d: dict[str, Any]):
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def _data_plan(d: dict[str, Any]) -> DataPlan:
+def _older(d: dict[str, Any]) -> dict[str, Any]:
+    """plan.json of earlier meshbake versions (runs being exported) in today's shape."""
     d = dict(d)
-    if "format" not in d:              # plan.json of meshbake before the data redesign (runs being exported)
-        d = {"format": "synthetic" if d.get("source") == "synthetic" else "text", "tokenizer": d.get("tokenizer"),
-             "sources": [{"path": d["path"], "weight": 1.0}] if d.get("path") else [],
-             "fields": {"text": d.get("text_field", "text")}, "vocab_size": d["vocab_size"]}
-    for k in ("sources", "eval_sources"):
-        d[k] = tuple(d.get(k, ()))
-    return _build(DataPlan, d)
+    da = d["data"]
+    if "format" not in da:             # before the data redesign: source/path/text_field
+        d["data"] = {"format": "synthetic" if da.get("source") == "synthetic" else "text",
+                     "tokenizer": da.get("tokenizer"),
+                     "sources": [{"path": da["path"], "weight": 1.0}] if da.get("path") else [],
+                     "fields": {"text": da.get("text_field", "text")}, "vocab_size": da["vocab_size"]}
+    tr = d.get("tracking", {})
+    if any(k.startswith("wandb_") for k in tr):   # before tracking.wandb was nested as in the recipe
+        d["tracking"] = {"tensorboard": tr.get("tensorboard", False),
+                         "wandb": {k.removeprefix("wandb_"): v for k, v in tr.items() if k.startswith("wandb_")}}
+    return d
 
 
 def from_dict(d: dict[str, Any]) -> Plan:
     if d.get("version") != PLAN_VERSION:
         raise ValueError(f"plan.json version {d.get('version')!r}, this runtime reads {PLAN_VERSION}")
-    t = dict(d["train"])
-    t["betas"] = tuple(t["betas"])
-    t["mixed_precision"] = _build(MixedPrecision, t["mixed_precision"])
-    lora = dict(d["lora"])
-    lora["targets"] = tuple(lora["targets"])
-    return Plan(
-        version=d["version"],
-        name=d["name"],
-        model=_build(ModelPlan, d["model"]),
-        mesh=_build(MeshPlan, d["mesh"]),
-        tp=_build(TPPlan, d["tp"]),
-        train=_build(TrainPlan, t),
-        data=_data_plan(d["data"]),
-        checkpoint=_build(CheckpointPlan, d["checkpoint"]),
-        lora=_build(LoraPlan, lora),
-        run_dir=d["run_dir"],
-        max_restarts=d["max_restarts"],
-        estimate=d.get("estimate", {}),
-        warnings=tuple(d.get("warnings", ())),
-        versions=d.get("versions", {}),
-        tracking=_tracking(d.get("tracking", {})),
-    )
-
-
-def _tracking(d: dict[str, Any]) -> TrackingPlan:
-    t = _build(TrackingPlan, d)
-    return TrackingPlan(**{**asdict(t), "wandb_tags": tuple(t.wandb_tags)})
+    # keys this runtime does not know (mesh.world, derived) are dropped; missing ones take defaults
+    return build(Plan, _older(d), strict=False)
 
 
 def load_plan(path: str) -> Plan:

@@ -21,14 +21,14 @@ def problems(plan: Plan) -> list[str]:
         if importlib.util.find_spec(mod) is None:
             out.append(f"{sys.executable} cannot import {mod}; activate the training environment "
                        f"(cluster.env_setup) or set MESHBAKE_PYTHON")
-    for on, mod in ((plan.tracking.tensorboard, "tensorboard"), (plan.tracking.wandb_project, "wandb")):
+    for on, mod in ((plan.tracking.tensorboard, "tensorboard"), (plan.tracking.wandb.project, "wandb")):
         if on and importlib.util.find_spec(mod) is None:
             out.append(f"tracking: {sys.executable} cannot import {mod}; pip install {mod} in the training "
                        f"environment, or turn it off in the recipe's tracking section")
     d = plan.data
     one = len(d.sources) == 1 and not d.eval_sources
-    srcs = [("data.path" if one else f"data.sources[{i}].path", s["path"]) for i, s in enumerate(d.sources)]
-    srcs += [(f"data.eval_sources[{i}].path", s["path"]) for i, s in enumerate(d.eval_sources)]
+    srcs = [("data.path" if one else f"data.sources[{i}].path", s.path) for i, s in enumerate(d.sources)]
+    srcs += [(f"data.eval_sources[{i}].path", s.path) for i, s in enumerate(d.eval_sources)]
     if d.format not in ("synthetic",) and importlib.util.find_spec("datasets") is None:
         out.append(f"{sys.executable} cannot import datasets (needed to prepare data.format {d.format}); "
                    f"pip install datasets, or run `meshbake prepare` where it is installed")

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from .errors import EXIT_USER, UserError
-from .plan import DataPlan, Plan, load_plan
+from .plan import DataPlan, Plan, Source, load_plan
 
 PREPARE_VERSION = 1        # bump when the on-disk layout or the tokenization rules change
 IGNORE = -100              # label of a position without loss (torch cross_entropy's ignore_index)
@@ -213,7 +213,7 @@ class Encoder:
                             f"format completion / alpaca")
 
     def field(self, batch: dict, key: str, where: Where, start: int, optional: bool = False) -> list:
-        name = self.f[key]
+        name = getattr(self.f, key)
         col = batch.get(name)
         if col is None:
             if optional:
@@ -266,12 +266,12 @@ class Encoder:
 
     def _tokenized(self, batch: dict, where: Where, start: int) -> list[tuple[np.ndarray, np.ndarray]]:
         ids_col = self.field(batch, "input_ids", where, start)
-        labels = batch.get(self.f["labels"])
+        labels = batch.get(self.f.labels)
         out = []
         for i, ids in enumerate(ids_col):
             a = np.asarray(ids, np.int64)
             if a.ndim != 1 or (a.size and a.min() < 0):
-                raise DataError(f"{where(start + i)}: {self.f['input_ids']!r} must be a list of token ids >= 0")
+                raise DataError(f"{where(start + i)}: {self.f.input_ids!r} must be a list of token ids >= 0")
             m = np.ones(len(a), bool) if labels is None else np.asarray(labels[i]) != IGNORE
             out.append((a.astype(np.int32) if a.size and a.max() < 2**31 else a, m))
         return out
@@ -279,17 +279,17 @@ class Encoder:
     # ------------------------------------------------------------------------------ chat
     def _messages(self, raw, where: str) -> list[dict[str, str]]:
         if not isinstance(raw, list) or not raw:
-            raise DataError(f"{where}: {self.f['messages']!r} must be a non-empty list of messages")
+            raise DataError(f"{where}: {self.f.messages!r} must be a non-empty list of messages")
         out = []
         for j, m in enumerate(raw):
-            if not isinstance(m, dict) or self.f["role"] not in m or self.f["content"] not in m:
-                raise DataError(f"{where}: message {j + 1} has no {self.f['role']!r} / {self.f['content']!r} "
+            if not isinstance(m, dict) or self.f.role not in m or self.f.content not in m:
+                raise DataError(f"{where}: message {j + 1} has no {self.f.role!r} / {self.f.content!r} "
                                 f"(data.fields.role / data.fields.content)")
-            role = self.data.roles.get(m[self.f["role"]], m[self.f["role"]])
+            role = self.data.roles.get(m[self.f.role], m[self.f.role])
             if role not in ROLES:
-                raise DataError(f"{where}: message {j + 1}: unknown role {m[self.f['role']]!r}; map it with "
+                raise DataError(f"{where}: message {j + 1}: unknown role {m[self.f.role]!r}; map it with "
                                 f"data.roles (e.g. {{human: user, gpt: assistant}}) to one of {', '.join(ROLES)}")
-            out.append({"role": role, "content": str(m[self.f["content"]] or "")})
+            out.append({"role": role, "content": str(m[self.f.content] or "")})
         return out
 
     def _render(self, msgs: list[dict], gen: bool, where: str) -> str:
@@ -490,7 +490,7 @@ def _progress(total: int, quiet: bool):
     return Bar()
 
 
-def encode_sources(data: DataPlan, sources: tuple[dict, ...], enc: Encoder, cache_dir: Path, key: str,
+def encode_sources(data: DataPlan, sources: tuple[Source, ...], enc: Encoder, cache_dir: Path, key: str,
                    quiet: bool) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[int], list[Path], float]:
     import datasets
 
@@ -498,7 +498,7 @@ def encode_sources(data: DataPlan, sources: tuple[dict, ...], enc: Encoder, cach
     datasets.logging.set_verbosity_error()
     loaded = []
     for s_idx, src in enumerate(sources):
-        kind, files = source_files(src["path"], f"{key}[{s_idx}].path" if len(sources) > 1 else
+        kind, files = source_files(src.path, f"{key}[{s_idx}].path" if len(sources) > 1 else
                                    "data.path" if key == "data.sources" else f"{key}[0].path")
         for f in files:
             loaded.append((s_idx, f, load_records(kind, f, data.format, cache_dir)))
@@ -627,7 +627,7 @@ def _prepare_into(plan: Plan, tmp: Path, cache: dict, quiet: bool, log: Callable
     parts, src, files, tps = encode_sources(data, data.sources, enc, tmp / ".hf-cache", "data.sources", quiet)
     docs = Docs.join(parts, src)
     if not len(docs.lengths):
-        raise DataError(f"data.sources: no records in {', '.join(s['path'] for s in data.sources)} (empty dataset)")
+        raise DataError(f"data.sources: no records in {', '.join(s.path for s in data.sources)} (empty dataset)")
     if docs.ids.size and int(docs.ids.max()) >= data.vocab_size:
         bad = int(docs.ids.max())
         raise DataError(f"token id {bad} >= the model's vocab_size {data.vocab_size} (data.tokenizer "
@@ -644,7 +644,7 @@ def _prepare_into(plan: Plan, tmp: Path, cache: dict, quiet: bool, log: Callable
         held = np.sort(rng.choice(n, k, replace=False))
         keep = np.setdiff1d(np.arange(n), held)
         docs, eval_docs = docs.take(keep), docs.take(held)
-    docs = weigh(docs, [float(s.get("weight", 1.0)) for s in data.sources], seed)
+    docs = weigh(docs, [s.weight for s in data.sources], seed)
     pad = enc.eos if enc.eos is not None else 0
     stats = {"train": write_split(tmp / "train", docs, T, data.packing, data.overlong, pad)}
     if stats["train"]["windows"] == 0:

@@ -70,15 +70,16 @@ class Trackers:
             self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
             self.tb.add_text("plan", summary_text(plan), 0)
             info(f"tensorboard: writing {run_dir / 'tensorboard'}")
-        if t.wandb_project:
+        if t.wandb.project:
             os.environ.setdefault("WANDB_SILENT", "true")
             try:
                 import wandb
 
-                self.wb = wandb.init(project=t.wandb_project, entity=t.wandb_entity, name=t.wandb_name or plan.name,
-                                     mode=t.wandb_mode, dir=str(run_dir), id=_wandb_id(run_dir), resume="allow",
-                                     config=run_config(plan), tags=list(t.wandb_tags))
-                info(f"wandb: {t.wandb_mode} run {self.wb.id} in project {t.wandb_project}")
+                wb = t.wandb
+                self.wb = wandb.init(project=wb.project, entity=wb.entity, name=wb.name or plan.name,
+                                     mode=wb.mode, dir=str(run_dir), id=_wandb_id(run_dir), resume="allow",
+                                     config=run_config(plan), tags=list(wb.tags))
+                info(f"wandb: {wb.mode} run {self.wb.id} in project {wb.project}")
             except Exception as e:     # noqa: BLE001  a tracker must never stop a training job
                 info(f"wandb: could not start ({type(e).__name__}: {e}); training continues without it")
 

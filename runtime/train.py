@@ -30,11 +30,12 @@ from torch.distributed.tensor.parallel import loss_parallel
 from . import checkpoint as ckpt
 from . import cp, preflight
 from .data import IGNORE, Batch, PackedData, Stream, load_data
+from .dims import DIMS, tokens_per_step
 from .errors import EXIT_USER, UserError, from_os_error
 from .fused import moe_metrics
 from .metrics import MetricsLog, flops_per_token, peak_flops, peak_memory
 from .parallel import build, compute_context, set_gradient_sync
-from .plan import MESH_DIMS, Plan, load_plan
+from .plan import Plan, load_plan
 
 # the per-mesh grad norm reduces a 2-D (dp_shard, tp) partial in two all-reduces; torch warns
 # about it once per rank per step, which drowns the console on CPU. It is correct, just 2 ops.
@@ -95,7 +96,7 @@ def world_mesh(plan: Plan) -> DeviceMesh:
     if dist.get_world_size() != plan.mesh.world:
         raise RuntimeError(f"plan.json is for world {plan.mesh.world} {plan.mesh.shape}, torchrun started "
                            f"{dist.get_world_size()} processes")
-    return init_device_mesh(plan.mesh.device, plan.mesh.shape, mesh_dim_names=MESH_DIMS)
+    return init_device_mesh(plan.mesh.device, plan.mesh.shape, mesh_dim_names=DIMS)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -205,7 +206,7 @@ def place_batch(job: Job, b: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.T
     """(input_ids, labels, position_ids) of this rank, on its device: under cp its two load-balanced
     chunks, with their (per-document) positions and the cp attention mask set for them."""
     x, y, pos = b.input_ids, b.labels, b.position_ids
-    if job.plan.mesh.cp > 1:
+    if job.plan.mesh.cp_enabled:
         cp_mesh = job.mesh["cp"]
         pos = cp.set_batch(cp_mesh, job.plan.train.seq_len, pos)
         pos = pos[None, :] if pos.dim() == 1 else pos
@@ -304,9 +305,9 @@ def log_layout(job: Job) -> None:
         by_host.setdefault(h, []).append(r)
     p = job.plan
     job.log.info("ranks by host: " + ", ".join(f"{h}: {rs}" for h, rs in by_host.items()))
-    job.log.info(f"{p.name}: world {p.mesh.world} mesh {dict(zip(MESH_DIMS, p.mesh.shape))}, "
+    job.log.info(f"{p.name}: world {p.mesh.world} mesh {dict(zip(DIMS, p.mesh.shape))}, "
                  f"{p.model.num_params:,} params, {p.train.steps} steps x "
-                 f"{p.train.global_batch_size * p.train.seq_len:,} tokens")
+                 f"{tokens_per_step(p.train):,} tokens")
     if job.data_index:
         tr, w = job.data_index["splits"]["train"], job.data.windows or 0
         job.log.info(f"data {p.data.format} {job.data_index['fingerprint'][:16]}: {w:,} windows "
@@ -347,7 +348,7 @@ def train_step(job: Job, step: int, stop_requested: bool) -> StepOut:
     grad_sync last_micro_step after the last only, holding unsharded grads in between),
     global-norm clipping, AdamW, LR schedule."""
     plan, device, accum = job.plan, job.device, job.plan.train.grad_accum
-    lp = plan.tp.loss_parallel and plan.mesh.tp > 1
+    lp = plan.tp.loss_parallel        # the compiler's decision (off at tp = 1: ParallelDims.tp_flags)
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     # loss = sum of token losses / labelled tokens of the whole global batch; FSDP averages the
@@ -383,7 +384,7 @@ def evaluate(job: Job) -> dict[str, float] | None:
     same number of forwards): sum of token losses / labelled tokens, all-reduced."""
     if job.eval_data is None:
         return None
-    lp = job.plan.tp.loss_parallel and job.plan.mesh.tp > 1
+    lp = job.plan.tp.loss_parallel
     acc = torch.zeros(2, dtype=torch.float64, device=job.device)
     job.model.eval()
     with torch.no_grad():
@@ -437,7 +438,7 @@ def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
     job = setup(plan, run_dir)
     start = resume(job)
     log_layout(job)
-    tokens_per_step = plan.train.global_batch_size * plan.train.seq_len
+    step_tokens = tokens_per_step(plan.train)
     fpt, peak = flops_per_token(plan), peak_flops(job.device)
     res = Result({}, {}, {}, False, job.model, job.mesh)
     peak_memory(job.device)       # peaks per log window: start-up (full-tensor init) is not training
@@ -468,7 +469,7 @@ def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
             res.evals[n] = ev["eval_loss"]
         if n % plan.train.log_every == 0 or n == plan.train.steps or ev:
             seconds = (time.perf_counter() - window_t0) / window_steps   # mean over the steps since the last line
-            tps = tokens_per_step / seconds
+            tps = step_tokens / seconds
             job.log.step({"step": n, "loss": loss, "lr": out.lr, "grad_norm": gnorm,
                           "step_time_s": seconds, "tokens_per_s": tps,
                           "tokens_per_s_per_device": tps / plan.mesh.world,

@@ -139,3 +139,41 @@ def test_runtime_plan_roundtrip():
     assert dumps(plan).encode() == files["plan.json"]
     assert plan.mesh.world == 64 and plan.train.grad_accum == 8
     assert len(plan.tp.placements) == 80 * 9 + 3
+
+
+def test_template_context_is_plain_values():
+    """render is a view: the templates get the plan (the contract the runtime executes) and the
+    stages' views as plain values, never a compiler object to compute from."""
+    from meshbake.compiler.render import context
+    from meshbake.runtime.plan import Plan
+
+    ctx = context(bundle_of("70b_hsdp_tp_cp").resolved)
+
+    def walk(v, where):
+        if isinstance(v, dict):
+            # Jinja's `row.items` is dict.items before the key: a view key may not shadow a method
+            assert not set(v) & set(dir(dict)), where
+            for k, x in v.items():
+                walk(x, f"{where}.{k}")
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                walk(x, f"{where}[{i}]")
+        else:
+            assert v is None or isinstance(v, (str, int, float)), f"{where}: {type(v).__name__}"
+
+    assert isinstance(ctx.pop("plan"), Plan)
+    walk(ctx, "context")
+    assert {"model", "mesh", "placements", "est", "cluster", "job_name"} <= set(ctx)
+
+
+def test_templates_do_no_arithmetic():
+    """Every number a template prints comes computed from a stage (or a ParallelDims fact)."""
+    from jinja2 import nodes
+    from meshbake.compiler.render import TEMPLATES, environment
+
+    env = environment()
+    for path in sorted(TEMPLATES.glob("*.j2")):
+        ast = env.parse(path.read_text())
+        ops = [f"line {n.lineno}: {type(n).__name__}" for n in ast.find_all((nodes.BinExpr, nodes.UnaryExpr))
+               if not isinstance(n, nodes.Not)]
+        assert not ops, f"{path.name}: {ops}"

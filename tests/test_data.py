@@ -14,13 +14,18 @@ import torch
 from meshbake.runtime import plan as P
 from meshbake.runtime.data import IGNORE, PackedData, TokenData, load_data
 from meshbake.runtime.prepare import DataError, Encoder, fit_documents, locate, pack, prepare
+from meshbake.runtime.sections import build
 
 from tests.helpers import ROOT
 
 TOK = str(ROOT / "data/tokenizer")
 CHAT_TOK = str(ROOT / "data/chat_tokenizer")
-FIELDS = {k: k for k in ("text", "prompt", "completion", "instruction", "input", "output", "messages", "role",
-                         "content", "input_ids", "labels")}
+
+
+def data_plan(fmt: str, paths=(), tokenizer=TOK, vocab_size=4096, **kw) -> P.DataPlan:
+    """A DataPlan from plain values (sources as paths, fields as a dict), by the plan's own builder."""
+    return build(P.DataPlan, {"format": fmt, "sources": [{"path": str(p), "weight": 1.0} for p in paths],
+                              "tokenizer": tokenizer, "vocab_size": vocab_size, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +42,7 @@ def base() -> P.Plan:
 
 def with_data(base: P.Plan, tmp: Path, fmt: str, paths, seq_len=64, gbs=8, **kw) -> P.Plan:
     paths = [paths] if isinstance(paths, (str, Path)) else paths
-    d = P.DataPlan(fmt, tuple({"path": str(p), "weight": 1.0} for p in paths), kw.pop("tokenizer", TOK),
-                   dict(FIELDS, **kw.pop("fields", {})), kw.pop("vocab_size", 4096),
-                   prepared_dir=str(tmp / "prepared"), **kw)
+    d = data_plan(fmt, paths, prepared_dir=str(tmp / "prepared"), **kw)
     return replace(base, data=d, train=replace(base.train, seq_len=seq_len, global_batch_size=gbs,
                                                grad_accum=gbs // (base.train.micro_batch_size * 2)))
 
@@ -80,7 +83,7 @@ CONV = [{"role": "system", "content": "Answer briefly."},
 @pytest.mark.parametrize("train_on", ["assistant", "last_turn", "all"])
 def test_chat_mask_is_exactly_the_assistant_replies_and_their_end_of_turn(tmp_path, name, eot, train_on):
     tok = fixture_tokenizer(tmp_path, name)
-    plan_data = P.DataPlan("chat", (), "x", FIELDS, 8192, train_on=train_on)
+    plan_data = data_plan("chat", tokenizer="x", vocab_size=8192, train_on=train_on)
     for conv in (CONV, CONV[1:]):                          # with and without a system message
         ids, mask = Encoder(plan_data, tok).chat(conv, "rec")
         full = tok(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False)["input_ids"]
@@ -98,7 +101,7 @@ def test_chat_mask_is_exactly_the_assistant_replies_and_their_end_of_turn(tmp_pa
 def test_chat_without_a_template_and_unknown_roles_are_one_line_errors(tmp_path):
     from transformers import AutoTokenizer
 
-    d = P.DataPlan("chat", (), TOK, FIELDS, 4096)
+    d = data_plan("chat")
     with pytest.raises(DataError, match="has no chat template"):
         Encoder(d, AutoTokenizer.from_pretrained(TOK))
     tok = AutoTokenizer.from_pretrained(CHAT_TOK)
@@ -113,11 +116,11 @@ def test_completion_and_alpaca_mask_the_prompt(tmp_path, base):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(TOK)
-    comp = Encoder(P.DataPlan("completion", (), TOK, FIELDS, 4096), tok)
+    comp = Encoder(data_plan("completion"), tok)
     [(ids, mask)] = comp.batch({"prompt": ["Q: who wrote Hamlet?\nA:"], "completion": [" Shakespeare."]}, None, 0)
     assert tok.decode(ids[mask].tolist()) == " Shakespeare.<|endoftext|>"
     assert tok.decode(ids[~mask].tolist()) == "Q: who wrote Hamlet?\nA:"
-    alp = Encoder(P.DataPlan("alpaca", (), TOK, dict(FIELDS, output="answer"), 4096), tok)
+    alp = Encoder(data_plan("alpaca", fields={"output": "answer"}), tok)
     [(ids, mask)] = alp.batch({"instruction": ["Name a play."], "input": [""], "answer": ["Hamlet"]}, None, 0)
     assert tok.decode(ids[mask].tolist()) == "Hamlet<|endoftext|>"
     assert "### Instruction:\nName a play." in tok.decode(ids[~mask].tolist())
@@ -201,9 +204,9 @@ def test_sources_mix_by_weight_and_eval_fraction_holds_documents_out(tmp_path, b
     import datasets
     datasets.Dataset.from_dict({"text": [f"gamma {i}" for i in range(20)]}).save_to_disk(str(tmp_path / "g"))
     plan = with_data(base, tmp_path, "text", [a, bdir, tmp_path / "g"], eval_fraction=0.1)
-    plan = replace(plan, data=replace(plan.data, sources=({"path": str(a), "weight": 0.5},
-                                                          {"path": str(bdir), "weight": 2.0},
-                                                          {"path": str(tmp_path / "g"), "weight": 1.0})))
+    plan = replace(plan, data=replace(plan.data, sources=(P.Source(path=str(a), weight=0.5),
+                                                          P.Source(path=str(bdir), weight=2.0),
+                                                          P.Source(path=str(tmp_path / "g"), weight=1.0))))
     folder = prepare(plan, quiet=True, log=lambda s: None)
     idx = json.loads((folder / "index.json").read_text())
     docs = np.load(folder / "train/docs.npy")
@@ -315,7 +318,7 @@ def test_old_plan_json_data_section_still_loads(base):
     d["data"] = {"source": "text", "path": "data/shakespeare.txt", "tokenizer": "data/tokenizer",
                  "text_field": "text", "vocab_size": 4096}
     old = P.from_dict(d).data
-    assert (old.format, old.sources[0]["path"], old.tokenizer) == ("text", "data/shakespeare.txt", "data/tokenizer")
+    assert (old.format, old.sources[0].path, old.tokenizer) == ("text", "data/shakespeare.txt", "data/tokenizer")
 
 
 def test_tokenized_parquet_and_completion_csv_sources(tmp_path, base):

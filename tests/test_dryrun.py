@@ -5,7 +5,7 @@ import json
 
 import torch.distributed as dist
 
-from tests.helpers import cli
+from tests.helpers import ROOT, cli
 
 
 def dryrun(*args: str) -> tuple[int, dict]:
@@ -36,3 +36,35 @@ def test_uneven_shards_pad_every_rank_to_rank_0():
     r0, last = out["ranks"]
     assert r0["matches_estimate"], r0
     assert last["params"] < r0["params"] and last["param_bytes"] == r0["param_bytes"], (r0, last)
+
+
+def _built(recipe: str, *overrides: str) -> tuple[dict, object]:
+    """Rank 0 of the job's own build (runtime/dryrun.py, fake process group, meta tensors) and
+    the compiler's estimate of the same plan, in this process."""
+    from meshbake.runtime.dryrun import build_rank
+
+    from tests.helpers import resolve
+
+    res = resolve((ROOT / "recipes" / f"{recipe}.yaml").read_text(), *overrides)
+    r0 = build_rank(res.plan, 0)
+    assert r0["ok"], r0
+    return r0, res.estimate
+
+
+def test_lora_adapters_per_rank_are_what_the_runtime_allocates():
+    """At tp 8 one adapter factor is split and the other stays whole (runtime/roles.py
+    lora_dims): colwise q_proj 8192 x 8192, r 16: A 16 x 8192 whole + B 1024 x 16; k/v
+    (1024 x 8192): A whole + B 128 x 16; rowwise o_proj: A 16 x 1024 + B 8192 x 16 whole.
+    (147,456 + 2 x 133,120 + 147,456) x 80 blocks = 44,892,160 trainable per rank; dividing
+    both factors by tp (the bug issue 10 names) gives 4.5x fewer on q and o."""
+    r0, est = _built("70b_lora_fsdp_tp", "mesh.tp=8", "mesh.dp_shard=1")
+    assert r0["trainable"] == 44_892_160
+    assert est.grads_bytes == r0["trainable"] * 2              # bf16 gradients of exactly those
+    assert (r0["params"], r0["param_bytes"]) == (est.params_per_rank, est.params_bytes)
+
+
+def test_tied_embedding_counted_once_per_rank():
+    """qwen2.5-0.5b ties lm_head to the embedding: the rank holds that table once (the
+    estimate counted 151,936 x 896 = 136M parameters a second time)."""
+    r0, est = _built("8b_tp", "model.config=qwen2.5-0.5b", "mesh.tp=2", "mesh.dp_shard=2", "cluster.gpus_per_node=4")
+    assert (r0["params"], r0["param_bytes"]) == (est.params_per_rank, est.params_bytes)

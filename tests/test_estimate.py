@@ -69,7 +69,7 @@ def test_oom_hint_names_the_smallest_node_count_that_fits():
 def test_a_save_longer_than_killwait_is_a_plan_warning():
     """Preemption/scancel: SIGTERM to every process, SIGKILL KillWait (30 s by default) later.
     8B on tp 8: 12.0 GB per rank x 8 per node / 2 GB/s + 12.0 GB / 1.5 GB/s of sha256 = ~56 s."""
-    from meshbake.compiler.pipeline import KILL_WAIT_S
+    from meshbake.compiler.plan import KILL_WAIT_S
 
     def save_warnings(*overrides):
         r = resolve(recipe_text(), *overrides)

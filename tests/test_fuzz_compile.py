@@ -17,7 +17,7 @@ import time
 import pytest
 import yaml
 from meshbake.compiler.cli import main
-from meshbake.compiler.model import catalog_config
+from meshbake.compiler.load import read_model_config
 
 SEED = 20269
 CASE_SECONDS = 20          # generous: the machine is shared; a hang was minutes (billion laughs > 120 s)
@@ -109,7 +109,7 @@ def rand_set(rng: random.Random) -> str:
 
 
 def rand_config(rng: random.Random) -> dict:
-    cfg = catalog_config("tiny-llama")
+    cfg = read_model_config("tiny-llama")
     for _ in range(rng.randint(1, 3)):
         key = rng.choice(FACTS)
         if rng.random() < 0.1:

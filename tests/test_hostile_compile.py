@@ -11,7 +11,7 @@ import pytest
 import yaml
 from meshbake.compiler.cli import main
 from meshbake.compiler.errors import Err
-from meshbake.compiler.model import catalog_config
+from meshbake.compiler.load import read_model_config
 
 from tests.helpers import resolve
 
@@ -55,7 +55,7 @@ def errors_at(res, path: str) -> list[str]:
     ("num_hidden_layers", 2.5, "num_hidden_layers is 2.5"),
 ])
 def test_bad_size_facts_are_errors(tmp_path, key, value, says):
-    cfg = {**catalog_config("tiny-llama"), key: value}
+    cfg = {**read_model_config("tiny-llama"), key: value}
     msgs = errors_at(with_config(tmp_path, cfg), "model.config")
     assert any(says in m for m in msgs), msgs
 
@@ -84,7 +84,7 @@ def test_a_model_without_model_layers_is_refused_after_the_build():
            "intermediate_size": 128, "vocab_size": 4096}
     err = _structure_error(_meta_model(cfg), 2, "bert", "x.json")
     assert err is not None and "BertLMHeadModel" in err.message
-    assert _structure_error(_meta_model(catalog_config("tiny-llama")), 2, "llama", "x") is None
+    assert _structure_error(_meta_model(read_model_config("tiny-llama")), 2, "llama", "x") is None
 
 
 def test_unknown_model_type_hint_is_short(tmp_path):
@@ -152,7 +152,7 @@ def test_cli_deeply_nested_file_exits_2(tmp_path):
 def test_hundred_thousand_layers_is_refused_quickly(tmp_path):
     """The meta-device module tree of 100000 layers took minutes; the bound is checked first."""
     t0 = time.perf_counter()
-    msgs = errors_at(with_config(tmp_path, {**catalog_config("tiny-llama"), "num_hidden_layers": 100000}),
+    msgs = errors_at(with_config(tmp_path, {**read_model_config("tiny-llama"), "num_hidden_layers": 100000}),
                      "model.config")
     assert any("num_hidden_layers is 100000" in m for m in msgs), msgs
     assert time.perf_counter() - t0 < 30        # generous: the machine is shared; it was minutes
@@ -162,7 +162,7 @@ def test_hundred_thousand_layers_is_refused_quickly(tmp_path):
 
 @pytest.mark.parametrize("key", ["vocab_size", "num_hidden_layers"])
 def test_zero_sizes_are_errors(tmp_path, key):
-    msgs = errors_at(with_config(tmp_path, {**catalog_config("tiny-llama"), key: 0}), "model.config")
+    msgs = errors_at(with_config(tmp_path, {**read_model_config("tiny-llama"), key: 0}), "model.config")
     assert any(f"{key} is 0" in m for m in msgs), msgs
 
 
@@ -178,10 +178,10 @@ def test_tokenizer_larger_than_model_vocab_is_a_compile_error(tmp_path):
     from tests.helpers import ROOT
 
     data = {"source": "text", "path": str(ROOT / "data/shakespeare.txt"), "tokenizer": str(ROOT / "data/tokenizer")}
-    msgs = errors_at(with_config(tmp_path, {**catalog_config("tiny-llama"), "vocab_size": 1024}, data=data),
+    msgs = errors_at(with_config(tmp_path, {**read_model_config("tiny-llama"), "vocab_size": 1024}, data=data),
                      "data.tokenizer")
     assert any("up to 4095" in m and "vocab_size is 1024" in m for m in msgs), msgs
-    ok = with_config(tmp_path, catalog_config("tiny-llama"), data=data)
+    ok = with_config(tmp_path, read_model_config("tiny-llama"), data=data)
     assert not isinstance(ok, Err), ok
 
 
@@ -214,7 +214,7 @@ def test_hf_folder_private_keys_stay_out_of_plan_json(tmp_path):
     """`_name_or_path` (a user's home path) was copied into plan.json."""
     from meshbake.compiler.pipeline import compile_recipe
 
-    cfg = {**catalog_config("tiny-llama"), "_name_or_path": "/home/alice/models/secret",
+    cfg = {**read_model_config("tiny-llama"), "_name_or_path": "/home/alice/models/secret",
            "_commit_hash": "abc", "transformers_version": "4.44.0"}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     b = compile_recipe(tiny_text(model={"config": str(tmp_path)}))

@@ -191,7 +191,7 @@ def test_wandb_and_tensorboard_keys_become_the_tracking_section():
     assert _recipe(imp)["tracking"] == {"tensorboard": True, "wandb": {"project": "p", "mode": "offline"}}
     assert {n.key: n.status for n in imp.notes}["wandb_watch"] == "not mapped"
     res = check_text(imp.text, "t")
-    assert not isinstance(res, Err) and res.plan.tracking.wandb_mode == "offline"
+    assert not isinstance(res, Err) and res.plan.tracking.wandb.mode == "offline"
 
 
 def test_cli_writes_the_recipe_and_exit_code_follows_check(tmp_path, capsys):

@@ -93,3 +93,59 @@ def test_vocab_not_divisible_by_tp_says_how_to_pad(tmp_path):
     r = resolve(recipe_text(mesh={"tp": 4, "dp_shard": 2}), f"model.config={tmp_path / 'config.json'}")
     assert isinstance(r, Err) and paths(r) == ["mesh.tp", "mesh.tp"], r
     assert r.errors[0].hint == "try tp in [1]" and "vocab_size=4097" in r.errors[1].message
+
+
+def _dims(dp_replicate=1, dp_shard=1, cp=1, tp=1):
+    from meshbake.runtime.dims import ParallelDims
+
+    return ParallelDims(dp_replicate, dp_shard, cp, tp, nodes=1, procs_per_node=dp_replicate * dp_shard * cp * tp,
+                        device="cpu", backend="gloo")
+
+
+def test_parallel_dims_strides_are_the_device_mesh_layout():
+    """init_device_mesh lays ranks out as arange(world).view(shape): the strides PLAN.md's
+    rank examples use must be that tensor's, for every axis."""
+    import torch
+    from meshbake.runtime.dims import DIMS
+
+    for shape in ((2, 3, 2, 4), (1, 4, 1, 2), (3, 1, 2, 1)):
+        d = _dims(*shape)
+        grid = torch.arange(d.world).view(d.shape)
+        assert d.shape == shape and d.world == grid.numel()
+        assert tuple(d.strides[a] for a in DIMS) == grid.stride()
+
+
+def test_parallel_dims_fsdp_mesh_follows_the_axes():
+    assert _dims(dp_shard=4).fsdp_mesh_dims == ("dp_shard",)
+    assert _dims(dp_replicate=2, dp_shard=2).fsdp_mesh_dims == ("dp_replicate", "dp_shard")
+    assert _dims(dp_shard=2, cp=2).fsdp_mesh_dims == ("dp_shard_cp",)
+    h = _dims(dp_replicate=2, dp_shard=2, cp=2, tp=2)
+    assert h.fsdp_mesh_dims == ("dp_replicate", "dp_shard_cp") and h.fsdp_dims == ("dp_replicate", "dp_shard", "cp")
+    assert (h.dp, h.fsdp, h.cp_chunks) == (4, 4, 4)
+    # FSDP2 whenever another rank holds the same weights: not for TP alone (world 1 of dp x cp)
+    assert not _dims(tp=4).fsdp_enabled and _dims(dp_replicate=2).fsdp_enabled and _dims(cp=2).fsdp_enabled
+
+
+def test_sp_lp_are_off_at_tp_1_in_the_plan_with_a_warning():
+    r = resolve(recipe_text(mesh={"dp_shard": 8, "tp": 1}, tp={"sequence_parallel": True, "loss_parallel": True},
+                            train={"seq_len": 4098, "global_batch_size": 8}))
+    assert not isinstance(r, Err), r        # 4098 is not a multiple of 4: SP off, nothing to divide
+    assert (r.mesh.sequence_parallel, r.mesh.loss_parallel) == (False, False)
+    assert (r.plan.tp.sequence_parallel, r.plan.tp.loss_parallel) == (False, False)
+    assert any("no effect with tp = 1" in w for w in r.plan.warnings)
+    assert _dims(cp=2, tp=4).seq_len_divisor(True) == 16 and _dims(cp=2, tp=4).seq_len_divisor(False) == 4
+
+
+def test_plan_json_mesh_is_parallel_dims_only():
+    """plan.json's mesh holds the ParallelDims fields + world, none of MeshSpec's compile-only ones."""
+    import json
+
+    from meshbake.runtime import plan as P
+    from meshbake.runtime.dims import ParallelDims
+
+    r = resolve(recipe_text())
+    assert not isinstance(r, Err), r
+    assert type(r.plan.mesh) is ParallelDims
+    mesh = json.loads(P.dumps(r.plan))["mesh"]
+    assert set(mesh) == set(ParallelDims.__dataclass_fields__) | {"world"}
+    assert P.from_dict(json.loads(P.dumps(r.plan))).mesh == r.plan.mesh == r.mesh.dims

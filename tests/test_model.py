@@ -1,12 +1,13 @@
 """model stage: facts come from the real transformers classes built on the meta device."""
 import pytest
 from meshbake.compiler.errors import Err
-from meshbake.compiler.model import catalog_config, catalog_names, model_spec
+from meshbake.compiler.load import read_model_config
+from meshbake.compiler.model import catalog_names, model_spec
 
 
 @pytest.fixture(scope="module")
 def llama70b():
-    return model_spec(catalog_config("llama-3.1-70b"), "llama-3.1-70b")
+    return model_spec(read_model_config("llama-3.1-70b"), "llama-3.1-70b")
 
 
 def test_catalog_has_the_real_architectures():
@@ -34,13 +35,27 @@ def test_module_tree_from_transformers(llama70b):
     assert by["model.layers.0.self_attn.k_proj"].shape == (1024, 8192)      # 8 kv heads x 128
     assert by["model.layers.79.mlp.down_proj"].shape == (8192, 28672)
     assert by["lm_head"].shape == (128256, 8192)
-    assert llama70b.block_params == 4 * 8192 * 8192 // 4 * 2 + 2 * 1024 * 8192 + 3 * 8192 * 28672 + 2 * 8192
     assert llama70b.hf_tp_plan["model.layers.*.self_attn.o_proj"] == "rowwise"
 
 
+def test_roles_are_read_off_the_transformers_model(llama70b):
+    """Decided once here, carried in plan.json: the runtime and the later stages read them."""
+    r = llama70b.roles
+    assert (r.embedding, r.lm_head, r.final_norm, r.block_prefix, r.num_blocks, r.tied) == (
+        "model.embed_tokens", "lm_head", "model.norm", "model.layers", 80, False)
+    assert r.blocks[-1] == "model.layers.79" and r.lora_targets == ()
+    assert [r.where(f) for f in ("model.embed_tokens", "model.layers.3.mlp.up_proj", "model.layers.79.mlp.up_proj",
+                                 "model.layers.7", "lm_head")] == ["root", "block", "last", "block", "root"]
+    # LoRA targets by leaf name, resolved to fqns; the lm_head never, even if asked for
+    assert llama70b.lora_targets(("q_proj", "lm_head"))[:2] == ("model.layers.0.self_attn.q_proj",
+                                                                "model.layers.1.self_attn.q_proj")
+    assert len(llama70b.lora_targets(("q_proj", "lm_head"))) == 80
+    assert len(llama70b.lora_targets(None)) == 80 * 7
+
+
 def test_qwen_tied_embeddings_counted_once():
-    m = model_spec(catalog_config("qwen2.5-0.5b"), "qwen2.5-0.5b")
-    assert m.tie_word_embeddings and m.architecture == "Qwen2ForCausalLM"
+    m = model_spec(read_model_config("qwen2.5-0.5b"), "qwen2.5-0.5b")
+    assert m.tie_word_embeddings and m.roles.tied and m.architecture == "Qwen2ForCausalLM"
     assert m.num_params == 494_032_768        # the published 0.49B: the tied lm_head is not counted twice
     assert (m.num_heads, m.num_kv_heads) == (14, 2)
 

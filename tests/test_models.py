@@ -248,9 +248,10 @@ def test_moe_placements_and_memory_count_the_experts():
 ])
 def test_catalog_families_have_their_published_sizes(name, arch, params, active):
     """Real config.json facts: the parameter counts the model cards publish."""
-    from meshbake.compiler.model import catalog_config, model_spec
+    from meshbake.compiler.load import read_model_config
+    from meshbake.compiler.model import model_spec
 
-    m = model_spec(catalog_config(name), name)
+    m = model_spec(read_model_config(name), name)
     assert (m.architecture, m.num_params, m.active_params) == (arch, params, active or params)
     assert m.attn_implementation == ("eager" if name.startswith("gemma-2") else "sdpa")
 

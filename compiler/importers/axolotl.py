@@ -698,8 +698,8 @@ def _tracking(cfg: Mapping[str, Any], acc: _Acc) -> None:
 
 
 def _linear_leaves(model_config: Mapping[str, Any] | None) -> tuple[str, ...]:
-    """Leaf names of the Linear layers inside the decoder blocks (Axolotl's lora_target_linear
-    targets all of them but lm_head); a Llama-family list when the model is unknown."""
+    """Leaf names of every Linear layer but lm_head (Axolotl's lora_target_linear targets all
+    of them); a Llama-family list when the model is unknown."""
     if not model_config:
         return LLAMA_LINEARS
     from meshbake.compiler.errors import Err
@@ -708,9 +708,7 @@ def _linear_leaves(model_config: Mapping[str, Any] | None) -> tuple[str, ...]:
     spec = model_spec(model_config, "import")
     if isinstance(spec, Err):
         return LLAMA_LINEARS
-    pre = spec.block_prefix + "."
-    return tuple(dict.fromkeys(m.fqn.rpartition(".")[2] for m in spec.modules
-                               if m.kind == "linear" and m.fqn.startswith(pre)))
+    return tuple(dict.fromkeys(f.rpartition(".")[2] for f in spec.lora_targets(None)))
 
 
 # ------------------------------------------------------------------------------ entry point

@@ -1,0 +1,114 @@
+"""plan stage: Recipe + ModelSpec + MeshSpec + Placements + Estimate -> Plan (runtime/plan.py).
+
+The recipe sections the runtime reads unchanged (checkpoint, lora, tracking) go into the plan
+as they are: they are the same generated classes. train, data and tp are extended with what
+the compiler resolved (grad_accum and the master dtype; vocab_size and the options
+fingerprint; sequence/loss parallel as in effect and the placements). The warnings here are
+the plan's own: facts of the combination, not errors of any one stage.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+from meshbake.compiler.estimate import Estimate
+from meshbake.compiler.mesh import MeshSpec
+from meshbake.compiler.model import ModelSpec
+from meshbake.compiler.placements import Placements
+from meshbake.compiler.recipe import Recipe
+from meshbake.runtime import plan as P
+from meshbake.runtime.sections import derive
+
+
+def _warnings(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> tuple[str, ...]:
+    w = list(pl.warnings)
+    if model.max_position_embeddings and recipe.train.seq_len > model.max_position_embeddings:
+        w.append(f"train.seq_len: {recipe.train.seq_len} > max_position_embeddings "
+                 f"{model.max_position_embeddings} of {model.source}")
+    if (recipe.tp.sequence_parallel, recipe.tp.loss_parallel) != (mesh.sequence_parallel, mesh.loss_parallel):
+        w.append("tp: sequence_parallel / loss_parallel have no effect with tp = 1 (turned off in plan.json)")
+    if model.roles.tied and mesh.tp > 1:
+        w.append(f"tied embeddings: {model.roles.lm_head} uses {model.roles.embedding}.weight, "
+                 f"one parameter sharded on the vocab dim (vocab {model.vocab_size} / tp {mesh.tp} = "
+                 f"{model.vocab_size // mesh.tp} rows per rank) for both uses")
+    return tuple(w)
+
+
+# Assumptions for the save-time risk (not facts of any cluster; stated in the warning itself):
+# Slurm's default KillWait (slurm.conf) is 30 s between SIGTERM and SIGKILL; a node writes a
+# checkpoint to a parallel filesystem at ~2 GB/s; sha256 runs at ~1.5 GB/s per core (SHA-NI).
+KILL_WAIT_S, WRITE_GBPS_PER_NODE, SHA256_GBPS = 30, 2.0, 1.5
+
+
+def _save_warning(recipe: Recipe, mesh: MeshSpec, est: Estimate) -> tuple[str, ...]:
+    """A save that outlasts KillWait is SIGKILLed on preemption/scancel (SIGTERM to every
+    process, then SIGKILL KillWait later): its step is lost and the run resumes from the one
+    before. recipes/70b_fsdp_tp: params + AdamW 26.5 GB per rank x 8 per node = 212 GB per node
+    / 2 GB/s = 106 s, + 26.5 GB / 1.5 GB/s = 18 s of hashing: ~123 s > 30 s."""
+    ck = recipe.checkpoint
+    if not (ck.every_steps > 0 or ck.save_on_exit):
+        return ()
+    per_rank = est.params_bytes + est.optimizer_bytes          # what DCP writes per rank
+    save_s = per_rank * mesh.procs_per_node / (WRITE_GBPS_PER_NODE * 1e9) + per_rank / (SHA256_GBPS * 1e9)
+    if save_s <= KILL_WAIT_S:
+        return ()
+    limit = recipe.cluster.signal_seconds + KILL_WAIT_S
+    return (f"checkpoint save ~{save_s:.0f} s ({per_rank / 1e9:.1f} GB per rank x {mesh.procs_per_node} per node, "
+            f"assuming {WRITE_GBPS_PER_NODE:g} GB/s per node and sha256 at {SHA256_GBPS:g} GB/s) outlasts Slurm's "
+            f"KillWait (assumed default {KILL_WAIT_S} s): a preemption or scancel (SIGTERM) SIGKILLs it and the "
+            f"run resumes from the checkpoint before; the time limit (USR1 at cluster.signal_seconds "
+            f"{recipe.cluster.signal_seconds} + KillWait = {limit} s) "
+            + ("leaves room for it" if save_s <= limit else "does not leave room for it either: raise signal_seconds"),)
+
+
+def _estimate(est: Estimate) -> dict:
+    # block_gather_bytes only feeds the compile-time OOM hint; plan.json keeps the terms themselves
+    d = {k: getattr(est, k) for k in est.__dataclass_fields__ if k != "block_gather_bytes"}
+    d["total_bytes"] = est.total_bytes
+    d["phases"] = {name: b for name, b in est.phases}
+    d["peak_phase"] = est.peak_phase
+    return d
+
+
+def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements, est: Estimate,
+               versions: Mapping[str, str]) -> P.Plan:
+    c = recipe.cluster
+    return P.Plan(
+        version=P.PLAN_VERSION,
+        name=recipe.name,
+        model=P.ModelPlan(config=dict(model.config), architecture=model.architecture, source=model.source,
+                          weights=recipe.model.weights, num_params=model.num_params,
+                          tie_word_embeddings=model.tie_word_embeddings, attn_implementation=model.attn_implementation,
+                          layouts=dict(model.layouts), active_params=model.active_params or model.num_params,
+                          roles=model.roles.with_lora(pl.lora_targets)),
+        mesh=mesh.dims,
+        tp=derive(P.TPPlan, recipe.tp, sequence_parallel=mesh.sequence_parallel,
+                  loss_parallel=mesh.loss_parallel, placements=dict(pl.styles)),
+        train=derive(P.TrainPlan, recipe.train, grad_accum=mesh.grad_accum, dtype=recipe.model.dtype),
+        data=data_plan(recipe, model.vocab_size, versions.get("meshbake", "")),
+        checkpoint=recipe.checkpoint,
+        lora=recipe.lora,
+        run_dir=recipe.run_dir,
+        max_restarts=c.max_restarts,
+        estimate=_estimate(est),
+        warnings=_warnings(recipe, model, mesh, pl) + _save_warning(recipe, mesh, est),
+        versions=dict(versions),
+        tracking=recipe.tracking,
+    )
+
+
+def data_plan(recipe: Recipe, vocab_size: int, version: str) -> P.DataPlan:
+    from meshbake.runtime.prepare import options_fingerprint
+
+    d = derive(P.DataPlan, recipe.data, vocab_size=vocab_size)
+    if d.format == "synthetic":
+        return d
+    return replace(d, fingerprint=options_fingerprint(d, recipe.train.seq_len, recipe.train.seed, version))
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+    from meshbake.compiler import __version__
+    return {"meshbake": __version__, "torch": torch.__version__.split("+")[0],
+            "transformers": transformers.__version__}

@@ -13,14 +13,16 @@ Memory model (bytes per rank), from the resolved placements and sharding:
              replicated tensors  2 norm inputs + qkv input + mlp input (4h)  /tp only with SP
              tokens per rank = micro_batch_size * seq_len / cp; full AC keeps only the block input
   logits     tokens x vocab x 8 bytes (bf16 logits, fp32 upcast, fp32 grad ~ 2+4+2), /tp under loss parallel
+  experts    under mesh.ep: E / ep experts per rank, FSDP over dp_shard / ep (gathered: E / ep per block)
 The usable budget is 90% of cluster.gpu_memory_gb (CUDA context, NCCL buffers, fragmentation).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from meshbake.compiler.errors import Err, RecipeError, Result
+from meshbake.compiler.errors import Err, RecipeError, Result, reads
 from meshbake.compiler.mesh import MeshSpec
 from meshbake.compiler.model import ModelSpec
 from meshbake.compiler.placements import DTYPE_BYTES, Placements
@@ -46,16 +48,30 @@ class Estimate:
     budget_bytes: int
     block_gather_bytes: int        # what `gathered` is as soon as FSDP shards (dp_shard x cp > 1)
     flops_per_token: int           # runtime/flops.py: 6N (non-embedding; LoRA: 4N frozen) + 12 L H Dh T
-    fsdp_comm_bytes: int           # per rank per optimizer step
-    tp_comm_bytes: int
+    fsdp_comm_bytes: int           # per rank per optimizer step on the wire (ring): dp_shard (x cp) + dp_replicate
+    tp_comm_bytes: int             # ... on tp (the rows are in `traffic`)
     accum_grads_bytes: int = 0     # unsharded grads held between micro-steps (FSDP, grad_accum > 1)
+    traffic: tuple[Collective, ...] = ()   # every collective of one optimizer step, per rank
+    time: StepTime | None = None           # the step-time model (cluster.device cuda)
     phases: tuple[tuple[str, int], ...] = ()   # live bytes at the candidate peaks; total = the largest
+    ep_comm_bytes: int = 0         # mesh.ep all-to-all (token dispatch + combine), per rank per step
 
     @property
     def terms(self) -> dict[str, int]:
         return {"params": self.params_bytes, "grads": self.grads_bytes, "optimizer": self.optimizer_bytes,
                 "accum_grads": self.accum_grads_bytes, "gathered": self.gathered_bytes,
                 "activations": self.activations_bytes, "logits": self.logits_bytes}
+
+    @property
+    def traffic_by_axis(self) -> tuple[tuple[str, int, int, int, int], ...]:
+        """(axis, ranks, collectives, bytes, wire bytes) per mesh axis, per rank and optimizer step."""
+        out: dict[str, list[int]] = {}
+        for c in self.traffic:
+            a = out.setdefault(c.axis, [c.ranks, 0, 0, 0])
+            a[1] += c.count
+            a[2] += c.bytes
+            a[3] += c.wire_bytes
+        return tuple((k, *v) for k, v in out.items())
 
     @property
     def peak_phase(self) -> str:
@@ -76,6 +92,7 @@ class RankParam:
     where: str                     # "root" (embedding, final norm, lm_head) | "block" | "last" (last block)
     trainable: bool
     embedding: bool = False
+    ep: int = 1                    # mesh.ep: experts split by index (rows = E / ep), FSDP over fsdp / ep
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -85,7 +102,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int) -> list[RankParam]:
+def rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, ep: int = 1) -> list[RankParam]:
     """Every parameter's TP-local shape. Biases follow their Linear: a colwise Linear's bias is
     split with its output rows (Qwen2 q/k/v), a rowwise one's is whole. LoRA adds A (r x in)
     and B (out x r) beside each target, split by the table runtime/lora.py uses too
@@ -99,8 +116,14 @@ def rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int) -> li
             continue                                  # the tied lm_head is the embedding's weight
         style, where = pl.styles[m.fqn], roles.where(m.fqn)
         loc = local_shape(m.shape, m.kind, style, tp)
-        out.append(RankParam(loc[0], _numel(loc[1:]), where, not lora, m.fqn == roles.embedding))
         bias = m.numel - _numel(m.shape)
+        if ep > 1 and m.kind == "experts":            # gate_up and down: E / ep experts each (tp is 1)
+            e = m.shape[0]
+            out += [RankParam(e // ep, _numel(m.shape[1:]), where, not lora, ep=ep),
+                    RankParam(e // ep, bias // e, where, not lora, ep=ep)]
+            covered += m.numel
+            continue
+        out.append(RankParam(loc[0], _numel(loc[1:]), where, not lora, m.fqn == roles.embedding))
         if bias and style == "experts":               # down_proj (E, H, I) beside gate_up (E, 2I, H)
             e, h = m.shape[0], m.shape[2]
             down = local_shape((e, h, bias // e // h), "experts.down_proj", style, tp)
@@ -167,10 +190,12 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     fsdp = mesh.fsdp_enabled
 
     def shard(p: RankParam) -> int:
-        return -(-p.rows // f) * p.rest if fsdp else p.rows * p.rest
+        fp = f // p.ep                                # experts under ep: FSDP over the other dp_shard ranks
+        return -(-p.rows // fp) * p.rest if fsdp else p.rows * p.rest
 
     def gathered(p: RankParam) -> int:                # FSDP2's unsharded copy: padded rows x f
-        return -(-p.rows // f) * f * p.rest if fsdp else 0
+        fp = f // p.ep
+        return -(-p.rows // fp) * fp * p.rest if fsdp else 0
 
     train = [p for p in params if p.trainable]
     n_shard, n_train = sum(map(shard, params)), sum(map(shard, train))
@@ -191,14 +216,23 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     # (DTensor's embedding backward is Replicate), next to the root's unsharded grads
     emb_full = model.vocab_size * model.hidden_size * pb if mesh.tp > 1 and any(p.embedding for p in root_train) else 0
     root_grads = sum(p.rows * p.rest for p in root_train) * pb if fsdp else 0
+    # params + AdamW's exp_avg and exp_avg_sq: alive all step (the grads are not in it)
     state = n_shard * mb + 2 * grads
+    # the sharded grads alive in the forward and loss backward: none in the first micro-step
+    # (zero_grad sets them to None); from the second on they hold the sum so far, unless FSDP2
+    # skips the reduce-scatter (last_micro_step: the unsharded `accum` instead). Counting
+    # state - grads here (params + one AdamW moment) put every loss-backward peak one grads
+    # term low: TP-only tp 4 + SP + LP, tiny-llama-mha, seq 256 x mbs 2, fp32: params 656,640 +
+    # AdamW 1,313,280 + acts 2,377,728 + logits 512 x 4096 / 4 x 16 = 8,388,608 -> 12,736,256 B
+    # vs the measured 12.72-12.75 MB per rank (tests/test_measured.py); with state - grads it was
+    # 12,079,616 B (-5.0%)
+    live_grads = grads if mesh.grad_accum > 1 and not no_sync else 0
     # AdamW (foreach) allocates sqrt(exp_avg_sq) for a whole param group: ~ the grads once more
-    phases = (("loss backward", state - grads + accum + (0 if fsdp else grads * (mesh.grad_accum > 1))
-               + kept + acts + logits),
-              ("recompute", state - grads + accum + kept + 2 * block + acts + recompute) if recompute else None,
+    phases = (("loss backward", state + live_grads + accum + kept + acts + logits),
+              ("recompute", state + live_grads + accum + kept + 2 * block + acts + recompute) if recompute else None,
               # the last micro-step's backward has reduce-scattered (and freed) the blocks'
-              # held grads by now; the root's are reduced last
-              ("embedding backward", state + kept + root_grads + emb_full
+              # held grads by now, so the blocks' sharded grads exist; the root's are reduced last
+              ("embedding backward", state + grads + kept + root_grads + emb_full
                + (sum(p.rows * p.rest for p in root_train) * rb if no_sync else 0)),
               ("optimizer step", state + 2 * grads))
     return {"params": n_shard * mb, "grads": grads, "optimizer": 2 * grads, "accum": accum, "gathered": kept,
@@ -230,33 +264,29 @@ def flops_per_token(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placem
 _RANK_PARAMS: dict = {}
 
 
-def _rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int) -> list[RankParam]:
+def _rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, ep: int = 1) -> list[RankParam]:
     """rank_params memoized: `meshbake suggest` estimates thousands of candidates that share a
     few (model, lora, styles, tp); one call walks every module (~4 ms for an 80-layer model).
     The cached entry holds the model and placements, so their ids are not reused while it lives."""
-    key = (id(model), recipe.lora, id(pl), tp)
+    key = (id(model), recipe.lora, id(pl), tp, ep)
     hit = _RANK_PARAMS.get(key)
     if hit is None or hit[0] is not model or hit[1] is not pl:
         if len(_RANK_PARAMS) > 256:
             _RANK_PARAMS.clear()
-        hit = _RANK_PARAMS[key] = (model, pl, rank_params(recipe, model, pl, tp))
+        hit = _RANK_PARAMS[key] = (model, pl, rank_params(recipe, model, pl, tp, ep))
     return hit[2]
 
 
 def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> Estimate:
-    tp, f = mesh.tp, mesh.fsdp
+    tp = mesh.tp
     pb = DTYPE_BYTES[recipe.train.mixed_precision.param_dtype]
-    rb = DTYPE_BYTES[recipe.train.mixed_precision.reduce_dtype]
-    params = _rank_params(recipe, model, pl, tp)
+    params = _rank_params(recipe, model, pl, tp, mesh.ep)
     mem = _memory(recipe, model, mesh, params)
-    local = sum(p.rows * p.rest for p in params)
-    trainable_local = sum(p.rows * p.rest for p in params if p.trainable)
-    trainable_total = sum(p.rows * p.rest for p in _rank_params(recipe, model, pl, 1) if p.trainable)
-    ga, frac = mesh.grad_accum, (f - 1) / f
-    tokens = recipe.train.micro_batch_size * recipe.train.seq_len // mesh.cp
+    trainable_total = _fsdp_sums(_rank_params(recipe, model, pl, 1), 1, model.num_layers)[3]
     # what FSDP keeps gathered once it shards (for the OOM hint of a plan that does not shard yet)
     kept = sum(p.rows * p.rest for p in params if p.where in ("root", "last")) * pb
-    return Estimate(
+    comm = traffic(recipe, model, mesh, pl, params)
+    est = Estimate(
         params_total=model.num_params,
         trainable_total=trainable_total,
         params_per_rank=mem["params_per_rank"],
@@ -269,15 +299,41 @@ def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -
         logits_bytes=mem["logits"],
         budget_bytes=int(recipe.cluster.gpu_memory_gb * 1e9 * USABLE),
         flops_per_token=flops_per_token(recipe, model, mesh, pl),
-        # all-gather in forward and again in backward per micro-step; reduce-scatter per micro-step
-        # (grad_sync every_micro_step) or once per step
-        fsdp_comm_bytes=int((2 * ga * local * pb + trainable_local * rb * (
-            1 if recipe.train.grad_sync == "last_micro_step" else ga)) * frac),
-        # 2 all-reduces (or all-gather + reduce-scatter under SP) forward + 2 backward per layer
-        tp_comm_bytes=int(4 * model.num_layers * ga * tokens * model.hidden_size * pb * 2 * (tp - 1) / tp),
+        # the exact rows of traffic(); experts under ep are gathered over fsdp / ep ranks (runtime/ep.py)
+        fsdp_comm_bytes=sum(c.wire_bytes for c in comm if c.axis.startswith("dp_")) - _ep_fsdp_saving(recipe, mesh, params),
+        tp_comm_bytes=sum(c.wire_bytes for c in comm if c.axis == "tp"),
         accum_grads_bytes=mem["accum"],
+        traffic=comm,
         phases=mem["phases"],
+        ep_comm_bytes=_ep_comm(recipe, model, mesh),
     )
+    return replace(est, time=step_time(recipe, mesh, est)) if recipe.cluster.device == "cuda" else est
+
+
+def _ep_fsdp_saving(recipe: Recipe, mesh: MeshSpec, params: list[RankParam]) -> int:
+    """Experts under ep are all-gathered / reduce-scattered over fsdp / ep ranks, not fsdp: the
+    FSDP traffic above counted their E / ep rows at the fraction (f-1)/f; at (f/ep - 1)/(f/ep) it is less."""
+    if mesh.ep == 1:
+        return 0
+    t, f, fe = recipe.train, mesh.fsdp, mesh.fsdp // mesh.ep
+    pb, rb = DTYPE_BYTES[t.mixed_precision.param_dtype], DTYPE_BYTES[t.mixed_precision.reduce_dtype]
+    n = sum(p.rows * p.rest for p in params if p.ep > 1)
+    per = 2 * mesh.grad_accum * n * pb + n * rb * (1 if t.grad_sync == "last_micro_step" else mesh.grad_accum)
+    return int(per * ((f - 1) / f - (fe - 1) / fe))
+
+
+def _ep_comm(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> int:
+    """All-to-all bytes per rank per optimizer step (runtime/ep.py): per MoE layer and micro-step
+    the k copies of each token go out and come back (dispatch + combine) in forward and the
+    same two in backward, a share (ep-1)/ep of them to other ranks under uniform routing:
+    4 x layers x tokens x k x hidden x param bytes x (ep-1)/ep."""
+    if mesh.ep == 1:
+        return 0
+    t = recipe.train
+    layers = sum(1 for m in model.modules if m.kind == "experts")
+    tokens = t.micro_batch_size * t.seq_len // mesh.cp
+    return int(4 * layers * mesh.grad_accum * tokens * model.experts_per_token * model.hidden_size
+               * DTYPE_BYTES[t.mixed_precision.param_dtype] * (mesh.ep - 1) / mesh.ep)
 
 
 _FIXES = {
@@ -296,12 +352,14 @@ def _shard_fix(est: Estimate, recipe: Recipe, mesh: MeshSpec) -> str | None:
     the other terms do not, so FSDP must cover state * fsdp / (budget - other) ranks."""
     state = est.params_bytes + est.grads_bytes + est.optimizer_bytes
     fsdp = 1
+    # the sharded grads are alive in the forward too from the second micro-step on (_memory)
+    held = int(mesh.grad_accum > 1 and not (mesh.fsdp_enabled and recipe.train.grad_sync == "last_micro_step"))
     for phase, live in est.phases:
         # per phase: the sharded state alive then (grads exist from the backward on, and AdamW's
         # temporaries are grads-sized), and the rest, which more FSDP ranks do not shrink; once
         # FSDP shards, its gathered root + last block appear (0 while nothing is sharded)
         st = est.params_bytes + est.optimizer_bytes + {"optimizer step": 2, "embedding backward": 1}.get(
-            phase, 0) * est.grads_bytes
+            phase, held) * est.grads_bytes
         other = live - st + (0 if phase == "optimizer step" else est.block_gather_bytes - est.gathered_bytes)
         room = est.budget_bytes - other
         if room <= 0:     # sharding alone cannot help: say what else is too big
@@ -355,4 +413,387 @@ def view(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, est: Estimate) -> dic
             "total_bytes": est.total_bytes, "peak_phase": est.peak_phase, "budget_bytes": est.budget_bytes,
             "usable": f"{USABLE:.0%}", "trainable_total": est.trainable_total,
             "fsdp_comm_bytes": est.fsdp_comm_bytes, "tp_comm_bytes": est.tp_comm_bytes,
-            "flops_per_token": est.flops_per_token, "flops_how": flops_how}
+            "ep_comm_bytes": est.ep_comm_bytes, "experts_per_rank": model.num_experts // mesh.ep,
+            "flops_per_token": est.flops_per_token, "flops_how": flops_how,
+            "traffic": [{**dataclasses.asdict(c), "wire_bytes": c.wire_bytes} for c in est.traffic],
+            "traffic_by_axis": est.traffic_by_axis,
+            "time": None if est.time is None else {"tokens_per_rank": est.time.tokens_per_rank,
+                                                   "step_s": est.time.step_s, "mfu": est.time.mfu,
+                                                   "tokens_per_s_gpu": est.time.tokens_per_s_gpu},
+            "step_rows": step_rows(recipe, mesh, est.time) if est.time else ()}
+
+
+# derived inputs: the mesh (its axes are checked before, so they are never set aside here; its
+# grad_accum comes from the batch sizes) and the placements (tp.plan, tp.sequence_parallel)
+@reads("train.seq_len", "train.micro_batch_size", "train.global_batch_size", "train.grad_accum",
+       "train.mixed_precision", "train.activation_checkpointing", "train.grad_sync", "model.dtype", "tp",
+       "lora.rank", "lora.targets", "cluster.gpu_memory_gb", "cluster.nodes", "cluster.gpus_per_node",
+       # the step-time model (cuda clusters): the hardware facts
+       "cluster.device", "cluster.peak_tflops", "cluster.hbm_gbps", "cluster.intra_node_gbps",
+       "cluster.inter_node_gbps", "cluster.nics_per_node")
+def checked_estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> Result[Estimate]:
+    """estimate + check_memory: the memory check reads every field the estimate is computed from."""
+    return check_memory(estimate(recipe, model, mesh, pl), recipe, mesh)
+
+# ------------------------------------------------------------------------------------ traffic
+@dataclass(frozen=True)
+class Collective:
+    """The collectives of one kind on one mesh axis in one optimizer step, per rank, as the
+    runtime issues them (tests/dist/collectives.py logs every one on CPU; tests/test_measured.py
+    holds these rows to the byte). bytes: the full buffers summed (an all-gather's output, a
+    reduce-scatter's input, an all-reduce's tensor); a ring moves (n-1)/n of that per rank for
+    all-gather / reduce-scatter and 2 (n-1)/n for all-reduce (wire_bytes)."""
+    axis: str                      # tp | cp | dp_shard (dp_shard_cp when cp > 1) | dp_replicate | world
+    ranks: int                     # group size
+    op: str                        # all_gather | reduce_scatter | all_reduce
+    what: str
+    count: int
+    bytes: int
+
+    @property
+    def wire_bytes(self) -> int:
+        return self.bytes * (2 if self.op == "all_reduce" else 1) * (self.ranks - 1) // self.ranks
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What the traffic needs from the model, its placements and LoRA (cached: see _shape).
+    Layers "needing" a gradient: the backward collective of an activation runs only where the
+    activation requires grad. Full fine-tuning: every layer. LoRA: the embedding and norms are
+    frozen, so layer 0's attention input needs no gradient (nor its q/k/v input all-reduce /
+    reduce-scatter), its attention output only if the attention is adapted; but with activation
+    checkpointing transformers makes the embedding output require grad (enable_input_require_grads),
+    and every layer is as under full fine-tuning again (the embedding weight still gets none)."""
+    attn_colwise: int              # colwise Linears of one block's attention (q, k, v: 3; fused qkv: 1)
+    mlp_colwise: int
+    rowwise: int                   # rowwise Linears of one block (o, down)
+    emb_tp: bool                   # embedding vocab-sharded
+    emb_trainable: bool
+    head_tp: bool                  # lm_head colwise
+    n_before: int                  # layers whose attention input needs a gradient
+    n_after_attn: int              # ... whose attention output (= MLP input) does
+    n_after_mlp: int               # ... whose output does (their backward, and AC recompute, runs)
+    k_layers: int                  # layers whose K / V need a gradient (CP's reduce-scatter)
+    v_layers: int
+    rep: tuple[int, int]           # trainable params replicated over tp (Partial grads): tensors, numel
+    tp_tensors: int                # trainable tensors that are TP DTensors (one grad-norm group)
+    plain_tensors: int             # trainable tensors that are not (another group)
+
+
+def _is_attn(fqn: str, prefix: str) -> bool:
+    """A module of the block's attention (self_attn.*, attention.*), not of its MLP."""
+    return "att" in fqn[len(prefix):].partition(".")[0]
+
+
+def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: bool) -> _Shape:
+    lo, sp = recipe.lora, sp_on
+    roles = model.roles
+    pre = f"{roles.block_prefix}.0."
+    block = [m for m in model.modules if m.fqn.startswith(pre)]
+    leaf = lambda m: m.fqn.rpartition(".")[2]  # noqa: E731
+    adapted = set(pl.lora_targets) if lo.rank else set()
+    lin = [m for m in block if m.kind == "linear"]
+    attn_ad = any(m.fqn in adapted for m in lin if _is_attn(m.fqn, pre))
+    mlp_ad = any(m.fqn in adapted for m in lin if not _is_attn(m.fqn, pre))
+    L = model.num_layers
+    if not lo.rank or recipe.train.activation_checkpointing != "none":
+        n_before = n_attn = n_mlp = k_l = v_l = L
+    else:
+        any_ad = attn_ad or mlp_ad
+        later = (L - 1) * any_ad
+        n_before, n_attn, n_mlp = later, int(attn_ad) + later, L * any_ad
+        ad = {leaf(m) for m in lin if m.fqn in adapted}
+        k_l, v_l = (later + bool(ad & {"k_proj", "qkv_proj"}), later + bool(ad & {"v_proj", "qkv_proj"}))
+    rep = [0, 0]
+    tp_t = plain_t = 0
+    for m in model.modules:
+        if roles.tied and m.fqn == roles.lm_head:
+            continue                                   # the tied lm_head is the embedding's weight
+        style = pl.styles[m.fqn] if tp > 1 else "replicate"
+        w = _numel(m.shape)
+        tensors = 2 if m.numel > w else 1              # weight (+ bias; experts: gate_up + down)
+        if m.fqn in adapted:
+            if style.startswith(("colwise", "rowwise")):   # A (colwise) / B (rowwise) replicated
+                rep[0] += 1
+                rep[1] += lo.rank * (m.shape[1] if style.startswith("colwise") else m.shape[0])
+                tp_t += 2
+            else:
+                plain_t += 2
+            continue
+        if lo.rank:
+            continue                                   # frozen base
+        if style == "replicate":
+            plain_t += tensors
+            continue
+        tp_t += tensors
+        if style in ("sequence_parallel", "local_heads"):
+            rep[0] += tensors                          # norm weight (+ bias) over local tokens / heads
+            rep[1] += m.numel
+        elif style == "rowwise" and m.kind == "linear" and tensors == 2 and sp:
+            rep[0] += 1                                # the bias after a sequence-sharded output
+            rep[1] += m.numel - w
+    covered = sum(m.numel for m in model.modules)
+    if not lo.rank and model.num_params - covered + (model.vocab_size * model.hidden_size
+                                                     if roles.tied else 0) > 0:
+        plain_t += 1                                   # parameters of no Linear/Embedding/norm
+    emb = [m for m in model.modules if m.fqn == roles.embedding]
+    head = [m for m in model.modules if m.fqn == roles.lm_head]
+    style_of = lambda ms: pl.styles[ms[0].fqn] if ms and tp > 1 else "replicate"  # noqa: E731
+    return _Shape(
+        attn_colwise=sum(1 for m in lin if _is_attn(m.fqn, pre) and pl.styles[m.fqn].startswith("colwise")),
+        mlp_colwise=sum(1 for m in lin if not _is_attn(m.fqn, pre) and pl.styles[m.fqn].startswith("colwise")),
+        rowwise=sum(1 for m in lin if pl.styles[m.fqn] == "rowwise"),
+        emb_tp=style_of(emb) == "rowwise", emb_trainable=not lo.rank, head_tp=style_of(head).startswith("colwise"),
+        n_before=n_before, n_after_attn=n_attn, n_after_mlp=n_mlp, k_layers=k_l, v_layers=v_l,
+        rep=(rep[0], rep[1]), tp_tensors=tp_t if tp > 1 else 0, plain_tensors=plain_t + (0 if tp > 1 else tp_t))
+
+
+_SHAPES: dict = {}
+
+
+def _shape_cached(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: bool) -> _Shape:
+    key = (id(model), recipe.lora, recipe.tp.sequence_parallel, recipe.train.activation_checkpointing, id(pl), tp)
+    hit = _SHAPES.get(key)
+    if hit is None or hit[0] is not model or hit[1] is not pl:
+        if len(_SHAPES) > 256:
+            _SHAPES.clear()
+        hit = _SHAPES[key] = (model, pl, _shape(recipe, model, pl, tp, sp_on))
+    return hit[2]
+
+
+_FSDP_SUMS: dict = {}
+
+
+def _fsdp_sums(params: list[RankParam], f: int, layers: int) -> tuple[int, ...]:
+    """FSDP2's padded numels (ceil(rows / f) x f rows): (root, blocks, last block, trainable),
+    the trainable shard (ceil(rows / f) rows), and the groups with trainable params. Memoized
+    per (params list, f): `suggest` asks for a few f per cached params list, thousands of times."""
+    key = (id(params), f, layers)
+    hit = _FSDP_SUMS.get(key)
+    if hit is not None and hit[0] is params:
+        return hit[1]
+    padded = [(-(-p.rows // f) * f * p.rest, p) for p in params]
+    train = [(n, p) for n, p in padded if p.trainable]
+    out = (sum(n for n, p in padded if p.where == "root"), sum(n for n, p in padded if p.where != "root"),
+           sum(n for n, p in padded if p.where == "last"), sum(n for n, _ in train),
+           sum(-(-p.rows // f) * p.rest for _, p in train),
+           any(p.where == "root" for _, p in train) + layers * any(p.where != "root" for _, p in train))
+    if len(_FSDP_SUMS) > 1024:
+        _FSDP_SUMS.clear()
+    _FSDP_SUMS[key] = (params, out)
+    return out
+
+
+def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
+            params: list[RankParam]) -> tuple[Collective, ...]:
+    """Every collective of one optimizer step, per rank, grouped by axis and purpose. Rules
+    (measured on CPU, gloo, world 4; a = tokens x hidden x param bytes, tokens = mbs x seq / cp):
+      FSDP2 (dp_shard x cp; groups: root = embedding + final norm + lm_head, one per block)
+        all-gather in param_dtype, padded rows: per micro-step root + every block in forward,
+        every block but the last again in backward (the root and the last block stay gathered);
+        AC recompute gathers nothing (FSDP2 skips its pre-forward during backward)
+        reduce-scatter in reduce_dtype, trainable params only, per group with any, per synced
+        micro-step (every one, or the last with grad_sync last_micro_step)
+      HSDP  all-reduce of each reduce-scattered shard across dp_replicate (of the whole gradient
+        when dp_shard x cp is 1: FSDP2 then issues no all-gather / reduce-scatter at all)
+      TP, per micro-step. Sequence parallel: forward: the embedding's reduce-scatter, per layer
+        an all-gather into attention and MLP and a reduce-scatter out of each rowwise Linear,
+        lm_head's input all-gather; backward the transposes where a gradient is needed; AC
+        recomputes each layer's forward up to its last saved tensor: +2 all-gathers and +1
+        reduce-scatter (the down_proj output is never recomputed). Without SP: an all-reduce
+        after the embedding and each rowwise Linear; in backward one per colwise Linear's input
+        and lm_head's; AC +1 per layer. Logits all-gathered (tokens x vocab) without loss
+        parallel; loss parallel: 3 all-reduces of tokens x fp32 (max, sum of exp, target logit)
+      TP, replicated params (SP norms, LoRA's A of colwise / B of rowwise targets): their Partial
+        gradients all-reduced, in param_dtype, when FSDP2 reduces (per synced micro-step); without
+        FSDP once per step (runtime/parallel.reduce_partial_grads)
+      CP (all-gather form, runtime/cp.py): K and V all-gathered per layer (their local kv heads,
+        the whole sequence), reduce-scattered in backward; AC +2 all-gathers per layer
+      clipping: one all-reduce per parameter mesh group and sharded axis of the per-tensor norms
+        (model dtype); the step's [loss sum, stop] all-reduce over the world (2 x float64).
+    Not modelled: colwise_norm's statistics all-reduce (OLMo-2), MoE experts, and the dtypes under
+    autocast (TP without FSDP, param_dtype != model.dtype: counted in param_dtype)."""
+    t, mp = recipe.train, recipe.train.mixed_precision
+    tp, cp, f, r, ga = mesh.tp, mesh.cp, mesh.fsdp, mesh.dp_replicate, mesh.grad_accum
+    pb, rb, mb = DTYPE_BYTES[mp.param_dtype], DTYPE_BYTES[mp.reduce_dtype], DTYPE_BYTES[recipe.model.dtype]
+    fsdp = r * f > 1
+    syncs = ga if t.grad_sync == "every_micro_step" or not fsdp else 1
+    sh = _shape_cached(recipe, model, pl, tp, mesh.sequence_parallel)
+    L, tokens = model.num_layers, t.micro_batch_size * t.seq_len // cp
+    out: list[Collective] = []
+
+    def add(axis: str, n: int, op: str, what: str, count: int, nbytes: int) -> None:
+        if n > 1 and count > 0:
+            out.append(Collective(axis, n, op, what, count, nbytes))
+
+    fax = "dp_shard_cp" if cp > 1 else "dp_shard"
+    if fsdp:
+        root, blocks, last, train, shard, groups = _fsdp_sums(params, f, L)
+        add(fax, f, "all_gather", "params: top-level module + every block forward, all but the last block again in backward",
+            ga * (1 + L + L - 1), ga * (root + 2 * blocks - last) * pb)
+        add(fax, f, "reduce_scatter", f"gradients, {syncs} synced micro-step(s)", syncs * groups,
+            syncs * train * rb)
+        add("dp_replicate", r, "all_reduce", "gradient shards across replicas (HSDP)", syncs * groups,
+            syncs * shard * rb)
+    if tp > 1:
+        a, sp = tokens * model.hidden_size * pb, recipe.tp.sequence_parallel
+        ac = (t.activation_checkpointing != "none") * sh.n_after_mlp
+        head_in = sh.head_tp * (sh.n_after_mlp > 0 or not L)
+        if sp:
+            ag = sh.emb_tp * sh.emb_trainable + L * 2 + sh.head_tp + sh.n_after_attn + sh.n_after_mlp + 2 * ac
+            rs = sh.emb_tp + L * sh.rowwise + sh.n_before + sh.n_after_attn + head_in + ac
+            add("tp", tp, "all_gather", "activations (sequence parallel), forward + backward"
+                + (" + AC recompute" if ac else ""), ga * ag, ga * ag * a)
+            add("tp", tp, "reduce_scatter", "activations (sequence parallel), forward + backward"
+                + (" + AC recompute" if ac else ""), ga * rs, ga * rs * a)
+        else:
+            ar = sh.emb_tp + L * sh.rowwise + sh.attn_colwise * sh.n_before + sh.mlp_colwise * sh.n_after_attn \
+                + head_in + ac * max(0, sh.rowwise - 1)
+            add("tp", tp, "all_reduce", "activations, forward + backward" + (" + AC recompute" if ac else ""),
+                ga * ar, ga * ar * a)
+        if sh.head_tp and not recipe.tp.loss_parallel:
+            add("tp", tp, "all_gather", "logits (no loss parallel)", ga, ga * tokens * model.vocab_size * pb)
+        if recipe.tp.loss_parallel:
+            add("tp", tp, "all_reduce", "loss parallel: max, sum of exp, target logit", 3 * ga, 3 * ga * tokens * 4)
+        add("tp", tp, "all_reduce", "Partial grads of replicated params (norms, LoRA A/B)",
+            syncs * sh.rep[0] if fsdp else sh.rep[0], syncs * sh.rep[1] * pb if fsdp else sh.rep[1] * mb)
+    if cp > 1:
+        kv = t.micro_batch_size * t.seq_len * model.num_kv_heads * model.head_dim // tp * pb
+        ac = 2 * (t.activation_checkpointing != "none") * sh.n_after_mlp
+        add("cp", cp, "all_gather", "K, V per layer" + (" + AC recompute" if ac else ""), ga * (2 * L + ac),
+            ga * (2 * L + ac) * kv)
+        add("cp", cp, "reduce_scatter", "K, V gradients", ga * (sh.k_layers + sh.v_layers),
+            ga * (sh.k_layers + sh.v_layers) * kv)
+    # gradient clipping: the per-tensor norms of each mesh group, reduced over its sharded axes
+    for n_t in (sh.tp_tensors, sh.plain_tensors):
+        if n_t:
+            add(fax, f if fsdp else 1, "all_reduce", "grad-norm partials", 1, n_t * mb)
+    add("tp", tp, "all_reduce", "grad-norm partials", 1 if sh.tp_tensors else 0, sh.tp_tensors * mb)
+    add("world", mesh.world, "all_reduce", "loss sum + stop flag", 1, 16)
+    return _merge(out)
+
+
+def _merge(rows: list[Collective]) -> tuple[Collective, ...]:
+    """One row per (axis, op, what), in a fixed axis order."""
+    order = {a: i for i, a in enumerate(("dp_replicate", "dp_shard", "dp_shard_cp", "cp", "tp", "world"))}
+    merged: dict[tuple[str, str, str], Collective] = {}
+    for c in rows:
+        k = (c.axis, c.op, c.what)
+        m = merged.get(k)
+        merged[k] = c if m is None else Collective(c.axis, c.ranks, c.op, c.what, m.count + c.count,
+                                                    m.bytes + c.bytes)
+    return tuple(sorted(merged.values(), key=lambda c: order[c.axis]))
+
+
+# ---------------------------------------------------------------------------------- step time
+# the fraction of peak a step's FLOPs run at, non-matmul kernels and launch gaps included: fitted
+# to torchtitan's eager bf16 Llama 3.1 8B on 8 H100 (5,762 tok/s/GPU, FSDP 8, selective AC;
+# docs/PERFORMANCE.md), where this model's communication is all but hidden
+MFU_CEILING = 0.35
+FSDP_OVERLAP = 0.8           # share of FSDP / HSDP traffic prefetch and async reduce hide behind compute
+SELECTIVE_RECOMPUTE = 0.02   # selective AC: element-wise recompute, ~2% of the step's FLOPs
+LATENCY_S = {"intra": 10e-6, "inter": 25e-6}   # per collective (NCCL ring start-up); no cluster key yet
+ADAMW_PASSES = 12            # HBM passes over the trainable shard: clip (norm read, scale r+w), AdamW
+                             # foreach (param, grad, exp_avg, exp_avg_sq read; param, both states written;
+                             # its sqrt temporary written and read)
+AXIS_INNER = {"tp": ("tp",), "cp": ("cp", "tp"), "dp_shard": ("dp_shard", "cp", "tp"),
+              "dp_shard_cp": ("dp_shard", "cp", "tp"), "dp_replicate": ("dp_replicate", "dp_shard", "cp", "tp"),
+              "world": ("dp_replicate", "dp_shard", "cp", "tp")}
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds of one optimizer step per rank (see step_time for the model)."""
+    compute_s: float
+    recompute_s: float
+    tp_s: float              # TP collectives: all exposed
+    fsdp_s: float            # exposed share of the dp_shard (x cp) traffic
+    hsdp_s: float            # exposed share of the all-reduce across dp_replicate
+    cp_s: float              # CP's K/V all-gathers and reduce-scatters: all exposed
+    tokens_per_rank: float
+    optimizer_s: float = 0.0
+    mfu: float = 0.0         # useful FLOPs (recompute excluded) / (step x peak)
+
+    @property
+    def step_s(self) -> float:
+        return (self.compute_s + self.recompute_s + self.tp_s + self.fsdp_s + self.hsdp_s + self.cp_s
+                + self.optimizer_s)
+
+    @property
+    def tokens_per_s_gpu(self) -> float:
+        return self.tokens_per_rank / self.step_s
+
+
+def axis_gbps(recipe: Recipe, mesh: MeshSpec, axis: str) -> tuple[float, str]:
+    """(GB/s per rank, "intra" | "inter") of a group along `axis`: its ranks span the axis and
+    every inner one (consecutive ranks), so it stays in one node iff that span fits the node's
+    GPUs (NVLink); otherwise the node's NICs are shared by its GPUs, each in its own group."""
+    c = recipe.cluster
+    span = math.prod(getattr(mesh, a) for a in AXIS_INNER[axis])
+    if span <= c.gpus_per_node:
+        return c.intra_node_gbps, "intra"
+    return c.nics_per_node * c.inter_node_gbps / c.gpus_per_node, "inter"
+
+
+def comm_seconds(recipe: Recipe, mesh: MeshSpec, rows: tuple[Collective, ...], axes: tuple[str, ...]) -> float:
+    """Ring time of the rows on these axes: wire bytes / bandwidth + a start-up latency each."""
+    s = 0.0
+    for c in rows:
+        if c.axis in axes:
+            gbps, where = axis_gbps(recipe, mesh, c.axis)
+            s += c.wire_bytes / (gbps * 1e9) + c.count * LATENCY_S[where]
+    return s
+
+
+def step_time(recipe: Recipe, mesh: MeshSpec, est: Estimate) -> StepTime:
+    """Per rank per optimizer step, from cluster.* (peak_tflops, hbm_gbps, intra_node_gbps,
+    inter_node_gbps, nics_per_node) and the estimate's FLOPs and traffic rows:
+      compute    flops_per_token x tokens per rank / (peak x MFU_CEILING); tokens per rank =
+                 global_batch_size x seq_len / world (dp splits the batch, cp the sequence, tp
+                 the matmuls of the same tokens)
+      recompute  full AC repeats the forward: + 1/3 of the compute (forward 2N of 6N); selective
+                 recomputes element-wise ops only: + SELECTIVE_RECOMPUTE of it
+      TP, CP     exposed: every one sits between two dependent ops (the runtime has no async TP;
+                 CP gathers K/V right before the attention that reads them). AC's recompute
+                 collectives are in the rows already
+      FSDP, HSDP FSDP2 prefetches the next block's all-gather and reduces (across replicas too)
+                 while the backward goes on: at most FSDP_OVERLAP of that traffic hides, and no
+                 more than the compute it overlaps: exposed = max((1 - FSDP_OVERLAP) t, t - compute)
+      optimizer  memory-bound: ADAMW_PASSES x the trainable shard over hbm_gbps
+      (the step's stats all-reduce is in flight during clipping and AdamW: not counted)
+    Each collective: wire bytes (ring) / the bandwidth of its group (axis_gbps) + LATENCY_S.
+    MFU = flops_per_token x tokens/s per GPU / peak (the recompute is not useful work)."""
+    c, t = recipe.cluster, recipe.train
+    tokens = t.global_batch_size * t.seq_len / mesh.world
+    compute = est.flops_per_token * tokens / (c.peak_tflops * 1e12 * MFU_CEILING)
+    ac = t.activation_checkpointing
+    recompute = compute / 3 if ac == "full" else compute * SELECTIVE_RECOMPUTE if ac == "selective" else 0.0
+    rows = est.traffic
+    shard = comm_seconds(recipe, mesh, rows, ("dp_shard", "dp_shard_cp"))
+    rep = comm_seconds(recipe, mesh, rows, ("dp_replicate",))
+    dp = shard + rep
+    exposed = max((1 - FSDP_OVERLAP) * dp, dp - compute - recompute) if dp else 0.0
+    st = StepTime(compute_s=compute, recompute_s=recompute, tp_s=comm_seconds(recipe, mesh, rows, ("tp",)),
+                  fsdp_s=exposed * shard / dp if dp else 0.0, hsdp_s=exposed * rep / dp if dp else 0.0,
+                  cp_s=comm_seconds(recipe, mesh, rows, ("cp",)), tokens_per_rank=tokens,
+                  optimizer_s=ADAMW_PASSES * est.grads_bytes / (c.hbm_gbps * 1e9))
+    return replace(st, mfu=est.flops_per_token * st.tokens_per_s_gpu / (c.peak_tflops * 1e12))
+
+
+def step_rows(recipe: Recipe, mesh: MeshSpec, st: StepTime) -> tuple[tuple[str, float, str], ...]:
+    """PLAN.md's step-time table: (term, seconds, what it assumes)."""
+    c = recipe.cluster
+    gb = {a: axis_gbps(recipe, mesh, a) for a in ("tp", "cp", "dp_shard_cp" if mesh.cp > 1 else "dp_shard",
+                                                   "dp_replicate")}
+    bw = {a: f"{g:g} GB/s per rank ({'NVLink' if w == 'intra' else 'NICs shared by the node'})"
+          for a, (g, w) in gb.items()}
+    fsdp_ax = "dp_shard_cp" if mesh.cp > 1 else "dp_shard"
+    return (("compute", st.compute_s, f"FLOPs / ({c.peak_tflops:g} TFLOP/s x {MFU_CEILING:.0%}, the efficiency of "
+                                      "torchtitan's eager bf16 8B run)"),
+            ("recompute", st.recompute_s, f"activation checkpointing {recipe.train.activation_checkpointing}"),
+            ("TP", st.tp_s, f"exposed, {bw['tp']}" if mesh.tp > 1 else "no TP"),
+            ("CP", st.cp_s, f"exposed, {bw['cp']}" if mesh.cp > 1 else "no CP"),
+            ("FSDP", st.fsdp_s, f"{bw[fsdp_ax]}; at most {FSDP_OVERLAP:.0%} hidden behind compute"
+             if mesh.fsdp > 1 else "no FSDP traffic"),
+            ("HSDP", st.hsdp_s, f"{bw['dp_replicate']}; overlapped like FSDP" if mesh.dp_replicate > 1 else "no replicas"),
+            ("optimizer", st.optimizer_s, f"{ADAMW_PASSES} passes over the trainable shard at {c.hbm_gbps:g} GB/s HBM"))

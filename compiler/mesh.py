@@ -11,13 +11,13 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from meshbake.compiler.errors import Err, RecipeError, Result
+from meshbake.compiler.errors import Err, RecipeError, Result, reads, run, skipped
 from meshbake.compiler.model import ModelSpec
 from meshbake.compiler.recipe import Recipe
 from meshbake.runtime.dims import DIMS, ParallelDims, backend_for, tokens_per_step
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MeshSpec(ParallelDims):
     inferred: str | None          # the axis that was -1
     grad_accum: int
@@ -37,6 +37,7 @@ def divisors(n: int) -> list[int]:
     return sorted({*small, *(n // d for d in small)})
 
 
+@reads("mesh.dp_replicate", "mesh.dp_shard", "mesh.cp", "mesh.tp", "cluster.nodes", "cluster.gpus_per_node")
 def _axes(recipe: Recipe, world: int) -> Result[dict[str, int]]:
     given = {a: getattr(recipe.mesh, a) for a in DIMS}
     free = [a for a, v in given.items() if v == -1]
@@ -57,6 +58,7 @@ def _axes(recipe: Recipe, world: int) -> Result[dict[str, int]]:
     return given
 
 
+@reads("cluster.gpus_per_node", "mesh.allow_cross_node_tp")
 def _tp_errors(recipe: Recipe, model: ModelSpec, tp: int) -> list[RecipeError]:
     errs = []
     gpn = recipe.cluster.gpus_per_node
@@ -88,6 +90,7 @@ def _tp_errors(recipe: Recipe, model: ModelSpec, tp: int) -> list[RecipeError]:
     return errs
 
 
+@reads("train.seq_len", "tp.sequence_parallel")      # sp: the effective tp.sequence_parallel
 def _seq_errors(recipe: Recipe, dims: ParallelDims, sp: bool) -> list[RecipeError]:
     s, need = recipe.train.seq_len, dims.seq_len_divisor(sp)
     if s % need == 0:
@@ -102,6 +105,7 @@ def _seq_errors(recipe: Recipe, dims: ParallelDims, sp: bool) -> list[RecipeErro
                         f"use a multiple of {need}, e.g. {max(need, s - s % need)}")]
 
 
+@reads("train.micro_batch_size", "train.global_batch_size", "train.grad_accum")
 def _batch(recipe: Recipe, dp: int) -> Result[int]:
     t = recipe.train
     per_step = t.micro_batch_size * dp
@@ -119,18 +123,25 @@ def _batch(recipe: Recipe, dp: int) -> Result[int]:
     return ga
 
 
-def resolve_mesh(recipe: Recipe, model: ModelSpec) -> Result[MeshSpec]:
-    """All mesh rules at once: every error is collected, none stops the others."""
+def resolve_mesh(recipe: Recipe, model: ModelSpec, aside: frozenset[str] = frozenset()) -> Result[MeshSpec]:
+    """All mesh rules at once: every error is collected, none stops the others. A rule that reads
+    a field validate set aside is skipped; without the axes there is no mesh (Err(()))."""
+    if skipped(_axes, aside):
+        return Err(())
     c = recipe.cluster
     world = c.nodes * c.gpus_per_node
     axes = _axes(recipe, world)
     if isinstance(axes, Err):
         return axes
+    from meshbake.compiler.moe import ep_errors
+
     dims = ParallelDims(**axes, nodes=c.nodes, procs_per_node=c.gpus_per_node, device=c.device,
-                        backend=backend_for(c.device))
+                        backend=backend_for(c.device), ep=recipe.mesh.ep)
     sp, lp = dims.tp_flags(recipe.tp.sequence_parallel, recipe.tp.loss_parallel)
-    errs = _tp_errors(recipe, model, dims.tp) + _seq_errors(recipe, dims, sp)
-    ga = _batch(recipe, dims.dp)
+    errs = run(_tp_errors, aside, recipe, model, dims.tp) + run(_seq_errors, aside, recipe, dims, sp)
+    errs += run(ep_errors, aside, recipe, model, axes)
+    # a stand-in when a batch size is set aside: the checks that would read it are skipped too
+    ga = 1 if skipped(_batch, aside) else _batch(recipe, dims.dp)
     if isinstance(ga, Err):
         errs += ga.errors
     if errs:
@@ -153,6 +164,12 @@ def mesh_rows(dims: ParallelDims) -> list[dict[str, Any]]:
         size, stride = getattr(dims, axis), dims.strides[axis]
         example = ", ".join(str(i * stride) for i in range(min(size, 4))) + (", ..." if size > 4 else "")
         rows.append({"axis": axis, "size": size, "example": example, "role": _ROLES[axis]})
+    if dims.ep_enabled:       # carved from dp_shard: ep consecutive dp_shard ranks (tp = cp = 1 under ep)
+        stride = dims.strides["dp_shard"]
+        rows.append({"axis": "ep (within dp_shard)", "size": dims.ep,
+                     "example": ", ".join(str(i * stride) for i in range(min(dims.ep, 4))) + (", ..." if dims.ep > 4 else ""),
+                     "role": "expert parallel: experts split by index, tokens sent to them all-to-all; experts "
+                             f"FSDP-sharded over dp_shard / ep = {dims.experts_fsdp}"})
     return rows
 
 

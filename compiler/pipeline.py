@@ -3,7 +3,8 @@
 load -> validate -> model -> mesh -> placements -> estimate -> plan -> render, one module per
 stage (the plan stage is compiler/plan.py). Each stage returns its value or Err; the first
 stage that fails stops the pipeline (later stages need its value), but every stage reports
-all of its own errors at once.
+all of its own errors at once. validate does not stop it: a field with an error is set aside
+(validate.Validated) and the later stages run every check that does not read it (errors.reads).
 """
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meshbake.compiler.errors import Err, RecipeError, Result
-from meshbake.compiler.estimate import Estimate, check_memory, estimate
+from meshbake.compiler.errors import Err, RecipeError, Result, reads, run, skipped
+from meshbake.compiler.estimate import Estimate, checked_estimate
 from meshbake.compiler.mesh import MeshSpec, resolve_mesh
 from meshbake.compiler.model import ModelSpec, model_spec
 from meshbake.compiler.placements import Placements, resolve_placements
@@ -37,38 +38,60 @@ class Bundle:
     files: Mapping[str, bytes]     # relative path -> content, sorted
 
 
-def resolve(recipe: Recipe, model_config: Mapping[str, Any], source: str) -> Result[Resolved]:
+def resolve(recipe: Recipe, model_config: Mapping[str, Any], source: str,
+            aside: frozenset[str] = frozenset()) -> Result[Resolved]:
+    """The stages after validate. `aside`: fields validate set aside (their errors are already
+    reported); the checks that read them are skipped, and without a mesh or an estimate to trust
+    the pipeline stops with nothing more to say (Err(()))."""
     model = model_spec(model_config, source)
     if isinstance(model, Err):
         return model
-    mesh = resolve_mesh(recipe, model)
+    mesh = resolve_mesh(recipe, model, aside)
     if isinstance(mesh, Err):
         return mesh
-    pl = resolve_placements(recipe, model, mesh)
+    pl = resolve_placements(recipe, model, mesh, aside)
     if isinstance(pl, Err):
         return pl
-    est = check_memory(estimate(recipe, model, mesh, pl), recipe, mesh)
+    if skipped(checked_estimate, aside):
+        return Err(())
+    est = checked_estimate(recipe, model, mesh, pl)
     if isinstance(est, Err):
         return est
     return Resolved(recipe=recipe, model=model, mesh=mesh, placements=pl, estimate=est,
                     plan=build_plan(recipe, model, mesh, pl, est, versions()))
 
 
-def resolve_dict(d: Mapping[str, Any]) -> Result[Resolved]:
-    """Validated-or-not recipe dict -> Resolved (reads the model config.json / catalog)."""
+@reads("model.config")
+def _model_config(recipe: Recipe) -> Result[dict[str, Any]]:
     from meshbake.compiler import load
+
+    return load.read_model_config(recipe.model.config)
+
+
+@reads("data")
+def _tokenizer_errors(recipe: Recipe, cfg: Mapping[str, Any]) -> tuple[RecipeError, ...]:
+    from meshbake.compiler import load
+
+    return load.tokenizer_errors(recipe.data.format, recipe.data.tokenizer, cfg)
+
+
+def resolve_dict(d: Mapping[str, Any]) -> Result[Resolved]:
+    """Validated-or-not recipe dict -> Resolved (reads the model config.json / catalog). Every
+    independent error at once: a field with an error is set aside (validate.Validated) and the
+    later stages still run the checks that do not read it."""
     from meshbake.compiler import validate as validate_mod
 
-    recipe, errs = validate_mod.validate_all(dict(d))
-    if recipe is None:
-        return Err(tuple(errs))
-    cfg = load.read_model_config(recipe.model.config)
+    v = validate_mod.validate_fields(dict(d))
+    if v.recipe is None or skipped(_model_config, v.aside):
+        return Err(v.errors)
+    recipe, errs = v.recipe, v.errors
+    cfg = _model_config(recipe)
     if not isinstance(cfg, Err):
-        errs = tuple(errs) + load.tokenizer_errors(recipe.data.format, recipe.data.tokenizer, cfg)
-    res = cfg if isinstance(cfg, Err) else resolve(recipe, cfg, recipe.model.config)
+        errs += tuple(run(_tokenizer_errors, v.aside, recipe, cfg))
+    res = cfg if isinstance(cfg, Err) else resolve(recipe, cfg, recipe.model.config, v.aside)
     if isinstance(res, Err):
-        return Err(tuple(errs) + res.errors)
-    return Err(tuple(errs)) if errs else res
+        return Err(tuple(dict.fromkeys(errs + res.errors)))
+    return Err(errs) if errs else res
 
 
 def compile_recipe(text: str, overrides: tuple[str, ...] = (), cluster: str | None = None,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from difflib import get_close_matches
 from fnmatch import fnmatchcase
 
-from meshbake.compiler.errors import Err, RecipeError, Result
+from meshbake.compiler.errors import Err, RecipeError, Result, reads, run
 from meshbake.compiler.mesh import MeshSpec
 from meshbake.compiler.model import ModelSpec, ModuleInfo
 from meshbake.compiler.recipe import Recipe
@@ -46,13 +46,27 @@ def group_name(fqn: str) -> str:
     return re.sub(r"\.\d+(?=\.|$)", ".*", fqn)
 
 
+_ATTN_PARENTS: dict = {}
+
+
+def _attn_parents(model: ModelSpec) -> frozenset[str]:
+    """Modules holding q/k projections (one scan per model, not one per norm: `suggest`
+    resolves placements for dozens of candidates of an 80-layer model)."""
+    hit = _ATTN_PARENTS.get(id(model))
+    if hit is None or hit[0] is not model:
+        if len(_ATTN_PARENTS) > 64:
+            _ATTN_PARENTS.clear()
+        hit = _ATTN_PARENTS[id(model)] = (model, frozenset(
+            x.fqn.rpartition(".")[0] for x in model.modules
+            if x.kind == "linear" and x.fqn.rpartition(".")[2] in ("q_proj", "k_proj", "qkv_proj")))
+    return hit[1]
+
+
 def _attn_norm(model: ModelSpec, m: ModuleInfo) -> str | None:
     """A norm inside the attention, on the q/k projections. Over head_dim (Qwen3, Gemma-3) it
     works on each rank's local heads: weight replicated, its gradient summed over tp. Over the
     whole projection (OLMo-2: H x D or KV x D) it is split like q/k and its variance all-reduced."""
-    parent = m.fqn.rpartition(".")[0]
-    if not any(x.kind == "linear" and x.fqn.rpartition(".")[0] == parent
-               and x.fqn.rpartition(".")[2] in ("q_proj", "k_proj", "qkv_proj") for x in model.modules):
+    if m.fqn.rpartition(".")[0] not in _attn_parents(model):
         return None                                # not beside the attention projections
     width = m.shape[0] if m.shape else 0
     if width == model.head_dim:
@@ -94,6 +108,7 @@ def _auto(model: ModelSpec, m: ModuleInfo, sp: bool) -> str | RecipeError:
     return "replicate"
 
 
+@reads("tp.plan")
 def _overrides(recipe: Recipe, model: ModelSpec, styles: dict[str, str]) -> list[RecipeError]:
     plan = recipe.tp.plan
     if not isinstance(plan, Mapping):
@@ -126,6 +141,7 @@ def _overrides(recipe: Recipe, model: ModelSpec, styles: dict[str, str]) -> list
     return errs
 
 
+@reads("tp.plan", "tp.sequence_parallel", "tp.loss_parallel")
 def _consistency(recipe: Recipe, model: ModelSpec, auto: dict[str, str], styles: dict[str, str]) -> list[RecipeError]:
     """A block's linears are either all as transformers plans them or all replicated: a
     replicated k_proj beside a colwise q_proj would mix local and global head counts."""
@@ -158,6 +174,31 @@ def _consistency(recipe: Recipe, model: ModelSpec, auto: dict[str, str], styles:
     return list(dict.fromkeys(errs))   # one error per block group, not one per layer
 
 
+@reads("tp.sequence_parallel")
+def _replicated_under_sp(recipe: Recipe, model: ModelSpec, auto: Mapping[str, str]) -> list[RecipeError]:
+    """Sequence parallel hands each block's self_attn and mlp the gathered sequence as a DTensor
+    (runtime/parallel.py tp_plan); a Linear transformers' tp plan gives no style (replicated)
+    cannot take it. Found by the zoo: HunYuan-V1-Dense (its plan covers only the embedding) and
+    Youtu (MLA attention outside its plan) compiled, then crashed on the first forward."""
+    if not recipe.tp.sequence_parallel:
+        return []
+    pre = model.roles.block_prefix + "."
+    bad: dict[str, None] = {}
+    for m in model.modules:
+        parts = m.fqn[len(pre):].split(".") if m.fqn.startswith(pre) else []
+        if m.kind == "linear" and len(parts) > 2 and parts[1] in ("self_attn", "mlp") and auto[m.fqn] == "replicate":
+            bad[group_name(m.fqn)] = None
+    if not bad:
+        return []
+    names = list(bad)
+    return [RecipeError("tp.sequence_parallel", f"{model.architecture}: {', '.join(names[:3])}"
+                        f"{' ...' if len(names) > 3 else ''} has no style in transformers' tp plan (replicated); "
+                        "under sequence parallel its input is the gathered sequence as a DTensor, which a "
+                        "replicated module cannot take",
+                        "set tp.sequence_parallel: false (the replicated modules then run whole on every tp rank)")]
+
+
+@reads("lora.rank", "lora.targets")
 def _lora_errors(recipe: Recipe, model: ModelSpec) -> list[RecipeError]:
     """Adapters go on Linear layers named by their leaf name (q_proj, ...), never lm_head."""
     lo = recipe.lora
@@ -178,28 +219,31 @@ def _lora_errors(recipe: Recipe, model: ModelSpec) -> list[RecipeError]:
         errs.append(RecipeError("lora.rank", f"rank {lo.rank} exceeds the smallest dimension ({smallest}) of the "
                                 f"targeted layers of {model.architecture}, so the adapters cannot add rank",
                                 f"use a rank <= {smallest} (8 to 64 is usual)"))
-    if lo.dropout > 0:
-        errs.append(RecipeError("lora.dropout", f"{lo.dropout}: the runtime adds the adapters to the weight "
-                                "(W + s*B*A, which keeps TP layouts free of extra communication), so there is "
-                                "no separate adapter input to drop out", "set lora.dropout: 0.0"))
     return errs
 
 
+# What a family does that a parallel form cannot reproduce exactly: refused, never run wrong.
+@reads("train.seq_len")
+def _cp_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeError]:
+    c, why = model.config, []
+    if mesh.cp == 1:
+        return []
+    if c.get("attn_logit_softcapping"):
+        why.append(f"soft-caps attention logits (attn_logit_softcapping {c['attn_logit_softcapping']})")
+    window = c.get("sliding_window")
+    if isinstance(window, int) and window < recipe.train.seq_len and c.get("use_sliding_window", True) is not False:
+        why.append(f"uses sliding-window attention (window {window} < seq_len {recipe.train.seq_len})")
+    if not why:
+        return []
+    return [RecipeError("mesh.cp", f"{model.architecture} {' and '.join(why)}; context parallel "
+                        "attention (all-gathered K/V under a plain causal mask) would compute "
+                        "something else", "set mesh.cp: 1 (long sequences: raise tp with "
+                        "sequence parallel, or activation_checkpointing: full)")]
+
+
+@reads("train.router_aux_loss_coef")
 def _architecture_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeError]:
-    """What a family does that a parallel form cannot reproduce exactly: refused, never run wrong."""
     c, errs = model.config, []
-    if mesh.cp > 1:
-        why = []
-        if c.get("attn_logit_softcapping"):
-            why.append(f"soft-caps attention logits (attn_logit_softcapping {c['attn_logit_softcapping']})")
-        window = c.get("sliding_window")
-        if isinstance(window, int) and window < recipe.train.seq_len and c.get("use_sliding_window", True) is not False:
-            why.append(f"uses sliding-window attention (window {window} < seq_len {recipe.train.seq_len})")
-        if why:
-            errs.append(RecipeError("mesh.cp", f"{model.architecture} {' and '.join(why)}; context parallel "
-                                    "attention (all-gathered K/V under a plain causal mask) would compute "
-                                    "something else", "set mesh.cp: 1 (long sequences: raise tp with "
-                                    "sequence parallel, or activation_checkpointing: full)"))
     if mesh.tp > 1:
         # a plan that compiles must run: parameters meshbake cannot place are refused, not left
         # as plain tensors beside DTensors (the "mixed torch.Tensor and DTensor" crash)
@@ -226,19 +270,24 @@ def _architecture_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> li
         errs.append(RecipeError("model.config", f"router_jitter_noise {c['router_jitter_noise']}: each tp rank would "
                                 "draw its own noise and route the same token to different experts",
                                 "set router_jitter_noise: 0 in the config.json (Mixtral-8x7B ships 0) or mesh.tp: 1"))
-    return errs
+    from meshbake.compiler.moe import aux_errors
+    return errs + aux_errors(recipe, model)
 
 
-def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> Result[Placements]:
-    arch_errs = _architecture_errors(recipe, model, mesh)
-    if arch_errs:
-        return Err(tuple(arch_errs))
-    lora_errs = _lora_errors(recipe, model)
-    if lora_errs:
-        return Err(tuple(lora_errs))
+def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec,
+                       aside: frozenset[str] = frozenset()) -> Result[Placements]:
+    """A check that reads a field validate set aside is skipped (errors.reads)."""
+    errs = [e for check in (_cp_errors, _architecture_errors) for e in run(check, aside, recipe, model, mesh)]
+    errs += run(_lora_errors, aside, recipe, model)
+    if errs:
+        return Err(tuple(errs))
     lora = model.lora_targets(recipe.lora.targets) if recipe.lora.rank else ()
-    if mesh.tp == 1:   # no TP: nothing is split, nothing to warn about
-        return Placements({m.fqn: "replicate" for m in model.modules}, (), lora)
+    if mesh.tp == 1:
+        # nothing is split, nothing to warn about; but tp.plan must still name real modules and
+        # styles their kind can take: an override that is wrong at tp 1 is wrong at tp 8
+        replicated = {m.fqn: "replicate" for m in model.modules}
+        errs = run(_overrides, aside, recipe, model, dict(replicated))
+        return Err(tuple(errs)) if errs else Placements(replicated, (), lora)
     sp = recipe.tp.sequence_parallel
     auto: dict[str, str] = {}
     errs: list[RecipeError] = []
@@ -251,9 +300,10 @@ def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> Resu
     if errs:
         return Err(tuple(errs[:1]))   # one unsupported style is enough to say
     styles = dict(auto)
-    errs = _overrides(recipe, model, styles)
+    errs = run(_overrides, aside, recipe, model, styles)
     _follow_projections(model, styles)
-    errs += [] if errs else _consistency(recipe, model, auto, styles)
+    errs += [] if errs else run(_consistency, aside, recipe, model, auto, styles)
+    errs += [] if errs else run(_replicated_under_sp, aside, recipe, model, auto)
     if errs:
         return Err(tuple(errs))
     return Placements(styles, _warnings(recipe, model, mesh, styles), lora)
@@ -276,17 +326,13 @@ def _warnings(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, styles: Mapping[
     for m in model.modules:
         if styles[m.fqn] == "replicate" and m.numel * nbytes >= WARN_BYTES:
             out.setdefault(group_name(m.fqn), []).append(m.numel * nbytes)
-    extra = []
-    if model.num_experts and model.config.get("output_router_logits"):
-        extra.append("model.config: output_router_logits is true, but the runtime trains on the cross-entropy "
-                     "only; the router's auxiliary (load-balancing) loss is not added")
-    return tuple(extra) + tuple(
+    return tuple(
         f"{g}: replicated on all {mesh.tp} tp ranks ({len(b)} x {b[0] / 1e6:,.1f} MB of {recipe.model.dtype} "
         f"weights per rank before FSDP; sharded it would be {sum(b) / mesh.tp / 1e6:,.1f} MB)"
         for g, b in out.items())
 
 
-def placement_rows(model: ModelSpec, pl: Placements, tp: int, dtype: str) -> list[dict[str, object]]:
+def placement_rows(model: ModelSpec, pl: Placements, tp: int, dtype: str, ep: int = 1) -> list[dict[str, object]]:
     """PLAN.md's placement table: one row per module group (model.layers.*.mlp.up_proj) with its
     count, kind, weight shape, style, shape per tp rank and bytes per tp rank (all its modules)."""
     import math
@@ -297,6 +343,8 @@ def placement_rows(model: ModelSpec, pl: Placements, tp: int, dtype: str) -> lis
         style = pl.styles[m.fqn]
         g = group_name(m.fqn)
         loc = local_shape(m.shape, m.kind, style, tp)
+        if ep > 1 and m.kind == "experts":     # split by expert index over ep (runtime/ep.py)
+            style, loc = f"expert parallel (ep {ep})", (m.shape[0] // ep, *m.shape[1:])
         # every parameter the module owns (bias, an expert's down_proj) is split like its weight
         b = m.numel * math.prod(loc) // max(1, math.prod(m.shape)) * nbytes
         if g in rows:

@@ -14,6 +14,7 @@ from dataclasses import replace
 from meshbake.compiler.estimate import Estimate
 from meshbake.compiler.mesh import MeshSpec
 from meshbake.compiler.model import ModelSpec
+from meshbake.compiler.moe import aux_note, router_aux_coef
 from meshbake.compiler.placements import Placements
 from meshbake.compiler.recipe import Recipe
 from meshbake.runtime import plan as P
@@ -21,7 +22,7 @@ from meshbake.runtime.sections import derive
 
 
 def _warnings(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> tuple[str, ...]:
-    w = list(pl.warnings)
+    w = list(aux_note(recipe, model)) + list(pl.warnings)
     if model.max_position_embeddings and recipe.train.seq_len > model.max_position_embeddings:
         w.append(f"train.seq_len: {recipe.train.seq_len} > max_position_embeddings "
                  f"{model.max_position_embeddings} of {model.source}")
@@ -84,7 +85,8 @@ def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
         mesh=mesh.dims,
         tp=derive(P.TPPlan, recipe.tp, sequence_parallel=mesh.sequence_parallel,
                   loss_parallel=mesh.loss_parallel, placements=dict(pl.styles)),
-        train=derive(P.TrainPlan, recipe.train, grad_accum=mesh.grad_accum, dtype=recipe.model.dtype),
+        train=derive(P.TrainPlan, recipe.train, grad_accum=mesh.grad_accum, dtype=recipe.model.dtype,
+                     router_aux_loss_coef=router_aux_coef(recipe, model)),
         data=data_plan(recipe, model.vocab_size, versions.get("meshbake", "")),
         checkpoint=recipe.checkpoint,
         lora=recipe.lora,

@@ -119,7 +119,7 @@ def runtime_files() -> dict[str, bytes]:
 
 
 _MODEL_FACTS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
-                "vocab_size")
+                "vocab_size", "num_experts")
 
 
 def context(res) -> dict[str, Any]:
@@ -130,7 +130,8 @@ def context(res) -> dict[str, Any]:
             "job_name": f"meshbake-{res.plan.name}",
             "model": {k: getattr(res.model, k) for k in _MODEL_FACTS},
             "mesh": mesh_view(res.mesh),
-            "placements": {"rows": placement_rows(res.model, res.placements, res.mesh.tp, res.recipe.model.dtype)},
+            "placements": {"rows": placement_rows(res.model, res.placements, res.mesh.tp, res.recipe.model.dtype,
+                                                    res.mesh.ep)},
             "est": estimate_view(res.recipe, res.model, res.mesh, res.estimate)}
 
 

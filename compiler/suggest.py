@@ -5,25 +5,9 @@ The model spec (the slow part: the meta-device build) is resolved once; each can
 validated Recipe with its mesh, tp and train sections replaced, so the rules that drop a
 candidate are exactly the ones `meshbake check` applies (the first error is its reason).
 
-Step-time model, per rank per optimizer step (cluster.* facts, H100 defaults in the schema):
-  compute    flops_per_token x tokens per rank / (peak_tflops x MFU_CEILING)
-             tokens per rank = global_batch_size x seq_len / world (dp splits the batch, cp the
-             sequence, tp the matmuls of the same tokens)
-  recompute  full AC repeats the forward: + 1/3 of the compute (forward 2N of 6N); selective
-             recomputes no matmul, only element-wise ops: + SELECTIVE_RECOMPUTE of it
-  TP         estimate.tp_comm_bytes (x 1.5 under full AC: the forward's 2 collectives per layer
-             run again) over intra_node_gbps, not overlapped (the next matmul waits for it)
-  FSDP       estimate.fsdp_comm_bytes over the bandwidth of the dp_shard x cp group: NVLink when
-             it lies in one node (dp_shard x cp x tp <= gpus_per_node), else the node's NICs
-             shared by its GPUs (nics_per_node x inter_node_gbps / gpus_per_node); prefetch hides
-             at most FSDP_OVERLAP of it and never more than the compute it overlaps:
-             exposed = max((1 - FSDP_OVERLAP) x t, t - compute)
-  HSDP       the gradient all-reduce across dp_replicate, 2 (r-1)/r x the gradient shard in
-             reduce_dtype, once per step at the end of backward: not overlapped
-  CP         ring attention passes K and V around the cp ranks, 3 x (cp-1) x tokens x 2 kv_dim
-             per layer and micro-step (forward + backward twice), overlapped like FSDP
-  step = compute + recompute + exposed comm; tokens/s per GPU = tokens per rank / step;
-  MFU = flops_per_token x tokens/s per GPU / peak (the recompute is not useful work).
+The step-time model is the estimate stage's (compiler/estimate.step_time: compute from FLOPs,
+exposed communication per axis from the exact traffic rows, the optimizer's HBM passes), so a
+candidate's time here is the one its PLAN.md shows.
 """
 from __future__ import annotations
 
@@ -32,32 +16,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from meshbake.compiler import estimate as E
 from meshbake.compiler.errors import Err, RecipeError, Result
-from meshbake.compiler.estimate import check_memory, estimate
+from meshbake.compiler.estimate import FSDP_OVERLAP, MFU_CEILING, SELECTIVE_RECOMPUTE, StepTime, check_memory, estimate
 from meshbake.compiler.mesh import divisors, resolve_mesh
 from meshbake.compiler.model import ModelSpec
-from meshbake.compiler.placements import DTYPE_BYTES, resolve_placements
+from meshbake.compiler.placements import resolve_placements
 from meshbake.compiler.recipe import Recipe
+from meshbake.runtime.dims import ParallelDims
 
-MFU_CEILING = 0.6            # the best sustained fraction of peak a dense bf16 step reaches on H100
-FSDP_OVERLAP = 0.8           # share of FSDP/CP traffic hidden behind compute by prefetching
-SELECTIVE_RECOMPUTE = 0.02   # selective AC: element-wise recompute, ~2% of the step's FLOPs
 AC_MODES = ("none", "selective", "full")
-
-
-@dataclass(frozen=True)
-class StepTime:
-    compute_s: float
-    recompute_s: float
-    tp_s: float
-    fsdp_s: float            # exposed
-    hsdp_s: float
-    cp_s: float              # exposed
-    tokens_per_rank: float
-
-    @property
-    def step_s(self) -> float:
-        return self.compute_s + self.recompute_s + self.tp_s + self.fsdp_s + self.hsdp_s + self.cp_s
+__all__ = ["FSDP_OVERLAP", "MFU_CEILING", "SELECTIVE_RECOMPUTE", "StepTime", "step_time", "suggest", "suggest_dict"]
 
 
 @dataclass(frozen=True)
@@ -134,39 +103,13 @@ def with_candidate(recipe: Recipe, k: Candidate) -> Recipe:
                                  micro_batch_size=k.micro_batch_size, grad_accum=None))
 
 
-def _group_gbps(recipe: Recipe, span: int) -> float:
-    """Per-rank bandwidth of a group spanning `span` consecutive ranks (inner axes included)."""
-    c = recipe.cluster
-    if span <= c.gpus_per_node:
-        return c.intra_node_gbps
-    return c.nics_per_node * c.inter_node_gbps / c.gpus_per_node
-
-
 def step_time(recipe: Recipe, model: ModelSpec, mesh, est) -> StepTime:
-    c, t = recipe.cluster, recipe.train
-    world = mesh.world
-    tokens_per_rank = t.global_batch_size * t.seq_len / world
-    compute = est.flops_per_token * tokens_per_rank / (c.peak_tflops * 1e12 * MFU_CEILING)
-    ac = t.activation_checkpointing
-    recompute = compute / 3 if ac == "full" else compute * SELECTIVE_RECOMPUTE if ac == "selective" else 0.0
-    tp = est.tp_comm_bytes * (1.5 if ac == "full" else 1.0) / (c.intra_node_gbps * 1e9)
-    fsdp_t = est.fsdp_comm_bytes / (_group_gbps(recipe, mesh.dp_shard * mesh.cp * mesh.tp) * 1e9)
-    fsdp = max((1 - FSDP_OVERLAP) * fsdp_t, fsdp_t - compute)
-    r = mesh.dp_replicate
-    grad_shard = est.grads_bytes * DTYPE_BYTES[t.mixed_precision.reduce_dtype] / DTYPE_BYTES[recipe.model.dtype]
-    hsdp = 2 * (r - 1) / r * grad_shard / (_group_gbps(recipe, world) * 1e9) if r > 1 else 0.0
-    cp_t = 0.0
-    if mesh.cp > 1:
-        kv_dim = model.num_kv_heads * model.head_dim
-        tokens = t.micro_batch_size * t.seq_len // mesh.cp
-        cp_bytes = 3 * (mesh.cp - 1) * model.num_layers * mesh.grad_accum * tokens * 2 * kv_dim * \
-            DTYPE_BYTES[t.mixed_precision.param_dtype]
-        cp_t = cp_bytes / (_group_gbps(recipe, mesh.cp * mesh.tp) * 1e9)
-    cp = max((1 - FSDP_OVERLAP) * cp_t, cp_t - compute)
-    return StepTime(compute, recompute, tp, fsdp, hsdp, cp, tokens_per_rank)
+    """The estimate stage's model (kept here under its old signature)."""
+    return E.step_time(recipe, mesh, est)
 
 
-_TERMS = {"recompute_s": "recompute", "tp_s": "more exposed TP traffic", "fsdp_s": "more exposed FSDP traffic",
+_TERMS = {"recompute_s": "recompute", "optimizer_s": "a longer optimizer step",
+          "tp_s": "more exposed TP traffic", "fsdp_s": "more exposed FSDP traffic",
           "hsdp_s": "HSDP all-reduce across replicas", "cp_s": "more exposed CP traffic",
           "compute_s": "more compute per rank"}
 
@@ -206,7 +149,7 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
             e = res.errors[0]
             dropped.append(Dropped(k, e.path, _short(e)))
             continue
-        ok.append((k, mesh, res, step_time(r, model, mesh, res)))
+        ok.append((k, mesh, res, res.time or E.step_time(r, mesh, res)))
     # best first; ties (CP or SP/LP often cost nothing in this model) go to less memory per rank
     ok.sort(key=lambda x: (x[3].step_s, x[2].total_bytes))
     best = ok[0][3] if ok else None
@@ -219,9 +162,11 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
         for i, (k, mesh, est, st) in enumerate(ok))
     own_mesh = resolve_mesh(recipe, model)
     m = own_mesh if not isinstance(own_mesh, Err) else recipe.mesh
+    # the recipe's own mesh may not resolve (then its axes as written): SP/LP by the one rule
+    sp, lp = ParallelDims(m.dp_replicate, m.dp_shard, m.cp, m.tp, c.nodes, c.gpus_per_node, c.device,
+                          "").tp_flags(recipe.tp.sequence_parallel, recipe.tp.loss_parallel)
     own = Candidate(m.dp_replicate, m.dp_shard, m.cp, m.tp, recipe.train.activation_checkpointing,
-                    recipe.train.micro_batch_size, recipe.tp.sequence_parallel and m.tp > 1,
-                    recipe.tp.loss_parallel and m.tp > 1)
+                    recipe.train.micro_batch_size, sp, lp)
     return Suggestion(ranked, tuple(dropped), c.nodes * c.gpus_per_node, own, c.device)
 
 

@@ -12,9 +12,10 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from meshbake.compiler.errors import Err, RecipeError, Result
+from meshbake.compiler.errors import Err, RecipeError, Result, reads, run
 from meshbake.compiler.recipe import Recipe
 from meshbake.runtime.sections import build, is_field, schema
 
@@ -253,23 +254,54 @@ def _data_errors(da: dict[str, Any], train: dict[str, Any]) -> list[RecipeError]
     return errs
 
 
-def _cross_field(d: dict[str, Any]) -> list[RecipeError]:
-    errs = []
-    data, train = d["data"], d["train"]
-    errs += _data_errors(data, train)
+def _cross_field(d: dict[str, Any], aside: frozenset[str] = frozenset()) -> list[RecipeError]:
+    """The rules the schema cannot say, over the defaults-filled dict. Each names the fields it
+    reads (errors.reads) and is skipped when one of them was set aside."""
+    checks = (_data_rules, _lr_floor, _requeue_signal, _resume_keyword, _cluster_env, _container_mounts,
+              _wandb_key, _warmup, _lora_dropout)
+    return [e for check in checks for e in run(check, aside, d)]
+
+
+@reads("data", "train.eval_every")
+def _data_rules(d: dict[str, Any]) -> list[RecipeError]:
+    return _data_errors(d["data"], d["train"])
+
+
+@reads("train.min_lr", "train.lr")
+def _lr_floor(d: dict[str, Any]) -> list[RecipeError]:
+    train = d["train"]
     if train["min_lr"] > train["lr"]:
-        errs.append(RecipeError("train.min_lr", f"{train['min_lr']} is above train.lr={train['lr']}",
-                                "min_lr is the floor the schedule decays to; set it <= lr"))
-    errs.extend(_cluster_and_checkpoint(d))
-    errs += _cluster_env(d["cluster"])
+        return [RecipeError("train.min_lr", f"{train['min_lr']} is above train.lr={train['lr']}",
+                            "min_lr is the floor the schedule decays to; set it <= lr")]
+    return []
+
+
+@reads("tracking.wandb.project", "tracking.wandb.mode", "cluster.env_pass")
+def _wandb_key(d: dict[str, Any]) -> list[RecipeError]:
     wb = d["tracking"]["wandb"]
     if wb["project"] and wb["mode"] == "online" and "WANDB_API_KEY" not in d["cluster"]["env_pass"]:
-        errs.append(RecipeError("tracking.wandb.mode", "online W&B needs WANDB_API_KEY, and cluster.env_pass does "
-                                "not pass it to the job", "add WANDB_API_KEY to cluster.env_pass, or use mode: offline"))
+        return [RecipeError("tracking.wandb.mode", "online W&B needs WANDB_API_KEY, and cluster.env_pass does "
+                            "not pass it to the job", "add WANDB_API_KEY to cluster.env_pass, or use mode: offline")]
+    return []
+
+
+@reads("train.warmup_steps", "train.steps")
+def _warmup(d: dict[str, Any]) -> list[RecipeError]:
+    train = d["train"]
     if train["warmup_steps"] > train["steps"]:
-        errs.append(RecipeError("train.warmup_steps", f"{train['warmup_steps']} exceeds train.steps={train['steps']}",
-                                "warm up over a fraction of the run (e.g. 1-5%)"))
-    return errs
+        return [RecipeError("train.warmup_steps", f"{train['warmup_steps']} exceeds train.steps={train['steps']}",
+                            "warm up over a fraction of the run (e.g. 1-5%)")]
+    return []
+
+
+@reads("lora.rank", "lora.dropout")
+def _lora_dropout(d: dict[str, Any]) -> list[RecipeError]:
+    lo = d["lora"]
+    if lo["rank"] > 0 and lo["dropout"] > 0:
+        return [RecipeError("lora.dropout", f"{lo['dropout']}: the runtime adds the adapters to the weight "
+                            "(W + s*B*A, which keeps TP layouts free of extra communication), so there is "
+                            "no separate adapter input to drop out", "set lora.dropout: 0.0")]
+    return []
 
 
 def time_seconds(t: str) -> int:
@@ -279,19 +311,25 @@ def time_seconds(t: str) -> int:
     return (int(days) if days else 0) * 86400 + h * 3600 + m * 60 + sec
 
 
-def _cluster_and_checkpoint(d: dict[str, Any]) -> list[RecipeError]:
-    errs = []
-    c, resume = d["cluster"], d["checkpoint"]["resume"]
+@reads("cluster.requeue", "cluster.signal_seconds", "cluster.time")
+def _requeue_signal(d: dict[str, Any]) -> list[RecipeError]:
+    c = d["cluster"]
     limit = time_seconds(str(c["time"]))
     if c["requeue"] and c["signal_seconds"] >= limit:
-        errs.append(RecipeError("cluster.signal_seconds", f"{c['signal_seconds']} s is not shorter than the time "
-                                f"limit cluster.time={c['time']} ({limit} s): the USR1 would come at the start",
-                                "give the save time the job needs (e.g. 120-600), less than cluster.time"))
+        return [RecipeError("cluster.signal_seconds", f"{c['signal_seconds']} s is not shorter than the time "
+                            f"limit cluster.time={c['time']} ({limit} s): the USR1 would come at the start",
+                            "give the save time the job needs (e.g. 120-600), less than cluster.time")]
+    return []
+
+
+@reads("checkpoint.resume")
+def _resume_keyword(d: dict[str, Any]) -> list[RecipeError]:
     # resume is auto | never | a path; `Auto` would silently be read as a checkpoint path
+    resume = d["checkpoint"]["resume"]
     if isinstance(resume, str) and resume.lower() in ("auto", "never") and resume not in ("auto", "never"):
-        errs.append(RecipeError("checkpoint.resume", f"{resume!r} is not a keyword (they are lower case) and "
-                                "not meant as a path", f"did you mean {resume.lower()!r}?"))
-    return errs
+        return [RecipeError("checkpoint.resume", f"{resume!r} is not a keyword (they are lower case) and "
+                            "not meant as a path", f"did you mean {resume.lower()!r}?")]
+    return []
 
 
 # names the launcher and torch set, or that change how every later line of the job runs
@@ -302,10 +340,11 @@ _ENV_RESERVED_PREFIX = ("MESHBAKE_", "SLURM_", "SBATCH_", "SRUN_", "TORCHELASTIC
 _SECRET = re.compile(r"TOKEN|SECRET|PASSW|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL")
 
 
-def _cluster_env(c: dict[str, Any]) -> list[RecipeError]:
+@reads("cluster.env", "cluster.env_pass")
+def _cluster_env(d: dict[str, Any]) -> list[RecipeError]:
     """cluster.env holds site settings written into job.sbatch: never a secret, never a name
     the launcher, Slurm or torch owns (a profile must not redirect PATH or preload a library)."""
-    errs = []
+    errs, c = [], d["cluster"]
     for name in c["env"]:
         where = f"cluster.env.{name}"
         if name in _ENV_RESERVED or name.startswith(_ENV_RESERVED_PREFIX):
@@ -315,10 +354,16 @@ def _cluster_env(c: dict[str, Any]) -> list[RecipeError]:
             errs.append(RecipeError(where, f"{name} looks like a secret; cluster.env values are written into "
                                     "job.sbatch", "list the name in cluster.env_pass and export it where you "
                                     "run sbatch"))
-    if c["container_mounts"] and not c["container_image"]:
-        errs.append(RecipeError("cluster.container_mounts", "container mounts without cluster.container_image",
-                                "set cluster.container_image, or remove the mounts"))
     return errs
+
+
+@reads("cluster.container_mounts", "cluster.container_image")
+def _container_mounts(d: dict[str, Any]) -> list[RecipeError]:
+    c = d["cluster"]
+    if c["container_mounts"] and not c["container_image"]:
+        return [RecipeError("cluster.container_mounts", "container mounts without cluster.container_image",
+                            "set cluster.container_image, or remove the mounts")]
+    return []
 
 
 def _normalize(d: dict[str, Any]) -> dict[str, Any]:
@@ -351,43 +396,128 @@ def _data_normal(da: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def validate(d: Mapping[str, Any]) -> Result[Recipe]:
+@dataclass(frozen=True)
+class Validated:
+    """The validate stage's whole answer. A field with an error is set aside: an invalid value is
+    replaced by its schema default (a stand-in where it has none), so the Recipe is still built and
+    the later stages run and report the other fields' errors; every check that reads a set-aside
+    field is skipped (errors.reads), so a stand-in causes no follow-on error. Unknown keys are
+    dropped (nothing reads them)."""
+    recipe: Recipe | None                  # None: nothing to carry on with (e.g. the input is no mapping)
+    errors: tuple[RecipeError, ...]
+    aside: frozenset[str] = frozenset()    # fields: "train.seq_len", "tp.plan", a whole section "train"
+
+
+def validate_fields(d: Mapping[str, Any]) -> Validated:
+    """Every error of the schema and of the cross-field rules, and the Recipe to carry on with."""
     errs = schema_errors(d)
-    if errs:
-        return Err(tuple(errs))
-    full = _defaults(schema(), dict(d))
-    errs = _cross_field(full)
-    if errs:
-        return Err(tuple(errs))
-    return build(Recipe, _normalize(full))
+    repaired = _set_aside(d, errs)
+    if repaired is None:
+        return Validated(None, tuple(errs))
+    full, aside = repaired
+    cross = _cross_field(full, aside)
+    # a field a rule refused keeps its value, but the checks after validate do not read it either
+    aside |= {f for f in (_field(e.path) for e in cross) if f}
+    return Validated(build(Recipe, _normalize(full)), tuple(errs + cross), frozenset(aside))
+
+
+def validate(d: Mapping[str, Any]) -> Result[Recipe]:
+    """The Recipe when there is no error at all."""
+    v = validate_fields(d)
+    return v.recipe if v.recipe is not None and not v.errors else Err(v.errors)
 
 
 UNKNOWN = "unknown key"
 
 
-def _strip(d: Any, path: list[str]) -> None:
-    for p in path[:-1]:
-        d = d.get(p, {}) if isinstance(d, dict) else {}
-    if isinstance(d, dict):
-        d.pop(path[-1], None)
-
-
 def validate_all(d: Mapping[str, Any]) -> tuple[Recipe | None, tuple[RecipeError, ...]]:
-    """validate(), but when the only schema problems are unknown keys (typos, keys in the wrong
-    section) the recipe is also validated without them, so the later stages (mesh, placements,
-    memory) can report their errors in the same run: every mistake at once, not one per attempt.
-    Returns (recipe or None, errors so far)."""
-    import copy
+    """validate_fields as (recipe or None, every error): the recipe when the only errors are
+    unknown keys (typos, keys in the wrong section), which are dropped; None otherwise."""
+    v = validate_fields(d)
+    ok = v.recipe is not None and all(e.message == UNKNOWN for e in v.errors)
+    return (v.recipe if ok else None), v.errors
 
-    errs = schema_errors(d)
-    if errs and all(e.message == UNKNOWN for e in errs):
-        stripped = copy.deepcopy(dict(d))
-        for e in errs:
-            _strip(stripped, [p.strip("'[]") for p in e.path.replace("[", ".[").split(".")])
-        rec = validate(stripped)
-        return (None, errs + list(rec.errors)) if isinstance(rec, Err) else (rec, tuple(errs))
-    rec = validate(d)
-    return (None, rec.errors) if isinstance(rec, Err) else (rec, ())
+
+def _field(path: str) -> str:
+    """The recipe field an error is in: the longest run of schema properties its JSON path starts
+    with. 'train.betas[1]' -> 'train.betas', "tp.plan['x.*']" -> 'tp.plan', 'cluster.env.X' ->
+    'cluster.env', 'mesh.typo' -> 'mesh', '$' -> '' (property names are identifiers: no . or [)."""
+    node, out = schema(), []
+    for part in path.split("[", 1)[0].split("."):
+        props = node.get("properties", {})
+        if part not in props:
+            break
+        out.append(part)
+        node = props[part]
+    return ".".join(out)
+
+
+def _parts(field: str) -> list[str]:
+    return field.split(".") if field else []
+
+
+def _unknown_key(d: Mapping[str, Any], field: str, path: str) -> Any:
+    """The key of d that `path` names when it is a key of the section `field` that the schema
+    does not have (an unknown key, or a value under one); None otherwise."""
+    parts, node = _parts(field), d
+    if "properties" not in _section_schema(parts):
+        return None
+    for p in parts:
+        node = node.get(p) if isinstance(node, Mapping) else None
+    if not isinstance(node, Mapping):
+        return None
+    return next((k for k in node if json_path([*parts, k]) == path), None)
+
+
+def _without(d: Any, parts: list[Any]) -> Any:
+    """A copy of d without the key at parts (copies only the dicts along the way)."""
+    if not isinstance(d, Mapping) or parts[0] not in d:
+        return d
+    if len(parts) == 1:
+        return {k: v for k, v in d.items() if k != parts[0]}
+    return {**d, parts[0]: _without(d[parts[0]], parts[1:])}
+
+
+def _with(d: dict[str, Any], parts: list[str], value: Any) -> dict[str, Any]:
+    if len(parts) == 1:
+        return {**d, parts[0]: value}
+    return {**d, parts[0]: _with(d.get(parts[0], {}), parts[1:], value)}
+
+
+# stand-ins for a set-aside field the schema gives no default (name, model.config, global_batch_size):
+# valid, so the Recipe can be built; never read, because the checks that read the field are skipped
+_STAND_IN = {"string": "unset", "integer": 1, "number": 1.0, "boolean": False, "object": {}}
+
+
+def _set_aside(d: Mapping[str, Any], errs: list[RecipeError]) -> tuple[dict[str, Any], set[str]] | None:
+    """d with unknown keys dropped and every field with an error taken out, defaults filled in
+    (a stand-in for a required field without one) -> (defaults-filled dict, fields set aside);
+    None when that does not give a valid recipe."""
+    if not isinstance(d, Mapping):
+        return None
+    out, aside = dict(d), set()
+    for e in errs:
+        field = _field(e.path)
+        key = _unknown_key(d, field, e.path)
+        if key is not None:
+            out = _without(out, [*_parts(field), key])
+        elif field:
+            aside.add(field)
+            out = _without(out, _parts(field))
+        else:
+            return None
+    for _ in range(3):                         # a stand-in section {} can lack a required key in turn
+        left = schema_errors(out) if errs else []
+        if not left:
+            return _defaults(schema(), out), aside
+        for e in left:
+            field = _field(e.path)
+            node = _section_schema(_parts(field))
+            if e.message != "required key is missing" or not field or node.get("type") not in _STAND_IN:
+                return None
+            out = _with(out, _parts(field), _STAND_IN[node["type"]])
+            aside.add(field)
+    return None
 
 
 def format_errors(errors: Iterable[RecipeError]) -> str:

@@ -34,6 +34,7 @@ class ParallelDims:
     procs_per_node: int
     device: str                     # "cuda" or "cpu"
     backend: str                    # "nccl" or "gloo" (backend_for(device))
+    ep: int = 1                     # expert parallel: carved from dp_shard (not a factor of world; runtime/ep.py)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -61,6 +62,15 @@ class ParallelDims:
     def fsdp(self) -> int:
         """Ranks a parameter is sharded over by FSDP: dp_shard x cp (cp ranks hold the same weights)."""
         return self.dp_shard * self.cp
+
+    @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
+
+    @property
+    def experts_fsdp(self) -> int:
+        """Ranks one expert is FSDP-sharded over under expert parallelism: dp_shard / ep."""
+        return self.dp_shard // self.ep
 
     @property
     def tp_enabled(self) -> bool:

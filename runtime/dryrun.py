@@ -11,10 +11,13 @@ allocates every shard padded to ceil(rows / (dp_shard x cp)) rows). Prints one J
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -35,6 +38,37 @@ def held(model: torch.nn.Module) -> dict[str, int]:
     return out
 
 
+@contextmanager
+def shared_submeshes() -> Iterator[None]:
+    """FSDP2 derives two meshes per parameter (fully_shard -> FSDPParam): the dp x tp mesh of a
+    TP DTensor (DeviceMesh._concatenate) and, under HSDP, the dp_shard sub-mesh (mesh[name]),
+    each a new DeviceMesh with its layout recomputed: half of a 70B build's CPU time for 723
+    parameters per rank that all get the same two. Here each (mesh, key) is derived once and
+    shared, as equal meshes; FSDP2's checks on them (orthogonal dims, one root mesh) still run."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    concat, getitem = DeviceMesh.__dict__["_concatenate"], DeviceMesh.__dict__["__getitem__"]
+    memo: dict = {}          # key -> (the meshes it came from, kept alive so their ids stay theirs; result)
+
+    def _concatenate(meshes):
+        key = ("concat", *map(id, meshes))
+        if key not in memo:
+            memo[key] = (tuple(meshes), concat.__func__(meshes))
+        return memo[key][1]
+
+    def _getitem(self, names):
+        key = ("item", id(self), names if isinstance(names, str) else tuple(names))
+        if key not in memo:
+            memo[key] = ((self,), getitem(self, names))
+        return memo[key][1]
+
+    DeviceMesh._concatenate, DeviceMesh.__getitem__ = staticmethod(_concatenate), _getitem
+    try:
+        yield
+    finally:
+        DeviceMesh._concatenate, DeviceMesh.__getitem__ = concat, getitem
+
+
 def build_rank(plan: Plan, rank: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -43,17 +77,25 @@ def build_rank(plan: Plan, rank: int) -> dict:
 
     where = {"stage": "process group"}
     t0 = time.perf_counter()
+    # cyclic garbage collection off during the build: a 70B build makes ~10^5 modules, parameters
+    # and hooks, and the collector's passes over them (all still alive) were a third of its CPU
+    # time; a meta model holds no memory, so its garbage can wait for the next collection
+    gc_was = gc.isenabled()
+    gc.disable()
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=plan.mesh.world)
     try:
         where["stage"] = "mesh"
         mesh = init_device_mesh("cpu", plan.mesh.shape, mesh_dim_names=DIMS)
-        model = parallelize(plan, mesh, stage=lambda name: where.update(stage=name))
+        with shared_submeshes():
+            model = parallelize(plan, mesh, stage=lambda name: where.update(stage=name))
         return {"rank": rank, "ok": True, **held(model), "seconds": round(time.perf_counter() - t0, 2)}
     except Exception as e:   # noqa: BLE001 — the point is to report it, with the step it came from
         return {"rank": rank, "ok": False, "stage": where["stage"], "error": f"{type(e).__name__}: {e}",
                 "traceback": traceback.format_exc(limit=-3)}
     finally:
         dist.destroy_process_group()
+        if gc_was:
+            gc.enable()
 
 
 def dryrun(plan: Plan, ranks: list[int]) -> list[dict]:

@@ -138,7 +138,11 @@ def moe_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1, h)
     logits, w, idx = self.gate(flat)
     if torch.is_grad_enabled():
-        _count(self, logits, idx)
+        replay = torch._C._current_graph_task_id() != -1     # activation checkpointing's recompute
+        if not replay:
+            _count(self, logits, idx)
+        if getattr(self, "_meshbake_aux", None) is not None:
+            _aux_terms(self, logits, idx.shape[-1], replay)
     if mesh is not None:
         group = mesh.get_group()
         w, flat = _SumGrad.apply(w, group), _SumGrad.apply(flat, group)
@@ -160,15 +164,59 @@ def _count(block: nn.Module, logits: torch.Tensor, idx: torch.Tensor) -> None:
         block._meshbake_stats = stats if prev is None else prev + stats
 
 
+def _aux_terms(block: nn.Module, logits: torch.Tensor, k: int, replay: bool) -> None:
+    """This layer's share of transformers' load_balancing_loss_func (no attention mask: every
+    row counts, as in the HF forward the runtime mirrors): top-k slot counts per expert (no
+    gradient), the router's softmax probabilities summed over rows (with gradient), the rows.
+    Recorded once per forward; under activation checkpointing the recompute runs the same
+    ops (the recompute must save what the forward saved) but records nothing."""
+    probs = torch.softmax(logits, dim=-1)                                  # (N, E)
+    _, sel = torch.topk(probs, k, dim=-1)
+    with torch.no_grad():
+        counts = torch.bincount(sel.flatten(), minlength=probs.shape[-1]).to(torch.float32)
+    if not replay:
+        block._meshbake_aux.append((counts, probs.float().sum(0), probs.shape[0]))
+
+
+def router_aux_loss(model: nn.Module, tp: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The aux loss of the forward just run, over every rank's tokens (a collective: call it on
+    all ranks), or None if nothing was recorded. HF's formula on one process over the union
+    of the tokens of all dp x cp ranks: with C_e the top-k counts and P_e the summed
+    probabilities over all layers and all ranks, R the rows (layers x tokens),
+        aux = E * sum_e (C_e / R) (P_e / R).
+    C and R carry no gradient, and P is a sum over ranks, so the gradient of aux is the sum over
+    ranks of the gradient of  E * sum_e (C_e / R) (P_e,rank / R)  -- the local term returned
+    (differentiable), beside the global value (detached). tp ranks route the same tokens: the
+    world sum counts them tp times."""
+    blocks = [m for m in model.modules() if getattr(m, "_meshbake_aux", None)]
+    if not blocks:
+        return None
+    terms = [t for b in blocks for t in b._meshbake_aux]
+    for b in blocks:
+        b._meshbake_aux = []
+    counts, probs = sum(t[0] for t in terms), sum(t[1] for t in terms)    # (E,), (E,)
+    n_exp = counts.shape[0]
+    stats = torch.cat([counts.double(), probs.detach().double(),
+                       torch.tensor([float(sum(t[2] for t in terms))], dtype=torch.float64, device=counts.device)])
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+    stats = stats / tp
+    c_glob, p_glob, rows = stats[:n_exp], stats[n_exp:2 * n_exp], stats[-1]
+    f = c_glob / rows
+    local = n_exp * (f.to(probs.dtype) * probs).sum() / rows.to(probs.dtype)
+    return local, n_exp * (f * p_glob / rows).sum()
+
+
 def moe_metrics(model: nn.Module) -> dict[str, Any]:
     """{} for dense models; else, over the steps since the last call and every rank (a
     collective: call it on all ranks):
       expert_load        per expert, the fraction of routed token slots it got (mean over MoE
                          layers; 1/E each when balanced)
       expert_load_max    max over layers and experts of fraction x E (1.0 = perfectly balanced)
-      router_aux_loss    the load-balancing loss E * sum_e f_e P_e (Switch / Mixtral; f_e routed
-                         fraction x k, P_e mean router probability), mean over layers. Reported
-                         only: the runtime does not add it to the training loss."""
+      router_aux_loss    transformers' load-balancing loss E * sum_e f_e P_e over all layers (f_e
+                         top-k slots of e / rows, P_e summed router probability of e / rows, rows =
+                         layers x tokens; load_balancing_loss_func), over the tokens since the last
+                         call. Added to the training loss only with train.router_aux_loss_coef."""
     blocks = [m for m in model.modules() if hasattr(m, "_meshbake_tp")]
     if not blocks:
         return {}
@@ -184,15 +232,16 @@ def moe_metrics(model: nn.Module) -> dict[str, Any]:
         stats = stats.cpu()
     counts, probs, tokens = stats[:, :n_exp], stats[:, n_exp:2 * n_exp], stats[:, -1:].clamp(min=1)
     frac = counts / counts.sum(-1, keepdim=True).clamp(min=1)          # (L, E), rows sum to 1
-    k = counts.sum(-1, keepdim=True) / tokens
-    aux = n_exp * ((frac * k) * (probs / tokens)).sum(-1)              # (L,)
+    rows = tokens.sum()
+    aux = n_exp * ((counts.sum(0) / rows) * (probs.sum(0) / rows)).sum()
     return {"expert_load": [round(x, 6) for x in frac.mean(0).tolist()],
-            "expert_load_max": float((frac * n_exp).max()), "router_aux_loss": float(aux.mean())}
+            "expert_load_max": float((frac * n_exp).max()), "router_aux_loss": float(aux)}
 
 
-def install(model: nn.Module, layouts: dict[str, str], tp_mesh: Any) -> None:
+def install(model: nn.Module, layouts: dict[str, str], tp_mesh: Any, aux: bool = False) -> None:
     """Hooks and forwards for the fused modules of plan.model.layouts (also at tp 1: the
-    weights are in meshbake order whatever the mesh)."""
+    weights are in meshbake order whatever the mesh). aux: MoE blocks record the router's
+    load-balancing terms (router_aux_loss reads them)."""
     tp = tp_mesh.size() if tp_mesh is not None else 1
     h, kv, d = _heads(model.config)
     for fqn, kind in layouts.items():
@@ -209,6 +258,7 @@ def install(model: nn.Module, layouts: dict[str, str], tp_mesh: Any) -> None:
         elif kind == "experts":
             block = model.get_submodule(fqn.rpartition(".")[0])
             block._meshbake_tp = tp_mesh
+            block._meshbake_aux = [] if aux else None
             block.forward = moe_block_forward.__get__(block)
 
 

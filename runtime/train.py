@@ -32,9 +32,9 @@ from . import cp, preflight
 from .data import IGNORE, Batch, PackedData, Stream, load_data
 from .dims import DIMS, tokens_per_step
 from .errors import EXIT_USER, UserError, from_os_error
-from .fused import moe_metrics
+from .fused import moe_metrics, router_aux_loss
 from .metrics import MetricsLog, flops_per_token, peak_flops, peak_memory
-from .parallel import build, compute_context, set_gradient_sync
+from .parallel import build, compute_context, reduce_partial_grads, set_gradient_sync
 from .plan import Plan, load_plan
 
 # the per-mesh grad norm reduces a 2-D (dp_shard, tp) partial in two all-reduces; torch warns
@@ -320,15 +320,21 @@ class StepOut:
     """One step's results. `stats` stays on the device until read: reading waits for the step
     to finish (a host sync on CUDA), so the loop reads it only when a log line, a checkpoint
     or the stop/finite checks need it (on CUDA the latter one step late, see run)."""
-    stats: torch.Tensor               # [world-sum of the token-loss sums, stop flags, grad norm before clipping]
+    stats: torch.Tensor               # [world-sum of the token-loss sums, stop flags, coef x router aux loss,
+    #                                    grad norm before clipping]
     loss_div: float                   # tp x labelled tokens of the global batch: world-sum / loss_div = mean
     lr: float
     seconds: float                    # host time of the step (its wall time whenever stats were read)
 
     @property
     def values(self) -> tuple[float, bool, float]:
-        loss_sum, flag, gnorm = self.stats.tolist()
-        return loss_sum / self.loss_div, flag > 0, gnorm
+        """(loss, stop, grad norm); the loss is transformers': cross-entropy + coef x aux."""
+        loss_sum, flag, aux, gnorm = self.stats.tolist()
+        return loss_sum / self.loss_div + aux, flag > 0, gnorm
+
+    @property
+    def aux(self) -> float:           # coef x router aux loss (0 when not added)
+        return self.stats[2].item()
 
     @property
     def loss(self) -> float:          # global mean over every token of the global batch
@@ -355,19 +361,30 @@ def train_step(job: Job, step: int, stop_requested: bool) -> StepOut:
     # gradients over the dp x cp ranks, so each rank's backward is scaled by dp * cp / N
     n_tokens = max(1, job.data.loss_tokens(step))
     scale = plan.mesh.dp * plan.mesh.cp / n_tokens
+    # MoE with train.router_aux_loss_coef: + coef x the load-balancing loss of each global
+    # micro-step (all ranks' tokens, runtime/fused.py), averaged over the micro-steps
+    coef, aux_sum = plan.train.router_aux_loss_coef, torch.zeros((), dtype=torch.float64, device=device)
     for micro in range(accum):
         set_gradient_sync(job.model, micro == accum - 1 or plan.train.grad_sync == "every_micro_step")
         x, y, pos = place_batch(job, job.data.micro_batch(step, micro, job.dp_rank))      # (mbs, T[/cp])
         with compute_context(plan, device):
             loss = forward_loss_sum(job.model, x, y, lp, pos)
+        aux = router_aux_loss(job.model, plan.mesh.tp) if coef > 0 else None
         with loss_parallel() if lp else nullcontext():
-            (loss * scale).backward()
+            if aux is None or not aux[0].requires_grad:     # (LoRA: a frozen router's aux has no gradient)
+                (loss * scale).backward()
+            else:       # one backward for both; the local aux term is scaled like the CE for FSDP's mean
+                torch.autograd.backward([loss * scale, aux[0] * (coef * plan.mesh.dp * plan.mesh.cp / accum)])
+            if aux is not None:
+                aux_sum += aux[1].detach().to(aux_sum.device) * (coef / accum)
         loss_sum += (loss.full_tensor() if isinstance(loss, DTensor) else loss).detach().double()
+    if plan.mesh.tp_enabled and not plan.mesh.fsdp_enabled:
+        reduce_partial_grads(job.model)
     # one all-reduce over the world: [loss sum, stop], in flight while clipping and the optimizer
     # step run. The sum is the same on the tp ranks of a dp x cp coordinate, so
     # world-sum / tp / N = the global token mean; any rank's stop flag stops every rank.
     flag = torch.tensor(float(stop_requested), dtype=torch.float64, device=device)
-    stats = torch.stack([loss_sum, flag])
+    stats = torch.stack([loss_sum, flag, aux_sum / plan.mesh.world])    # aux: the same on every rank
     pending = dist.all_reduce(stats, async_op=True)
     gnorm = clip_grad_norm([p for p in job.model.parameters() if p.requires_grad], plan.train.grad_clip)
     lr = job.sched.get_last_lr()[0]
@@ -474,7 +491,8 @@ def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
                           "step_time_s": seconds, "tokens_per_s": tps,
                           "tokens_per_s_per_device": tps / plan.mesh.world,
                           "mfu": (fpt * tps / plan.mesh.world / peak) if peak else None,
-                          **peak_memory(job.device), **moe_metrics(job.model), **(ev or {})})
+                          **peak_memory(job.device), **moe_metrics(job.model), **(ev or {}),
+                          **({"lm_loss": loss - out.aux} if plan.train.router_aux_loss_coef > 0 else {})})
             window_t0, window_steps = time.perf_counter(), 0
         if checkpoint_due(plan, n, stop):
             data_state = dict(job.data.state(n), fingerprint=job.data_index.get("fingerprint"))

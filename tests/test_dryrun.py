@@ -68,3 +68,40 @@ def test_tied_embedding_counted_once_per_rank():
     estimate counted 151,936 x 896 = 136M parameters a second time)."""
     r0, est = _built("8b_tp", "model.config=qwen2.5-0.5b", "mesh.tp=2", "mesh.dp_shard=2", "cluster.gpus_per_node=4")
     assert (r0["params"], r0["param_bytes"]) == (est.params_per_rank, est.params_bytes)
+
+
+def _layout(plan, rank: int, shared: bool) -> list[tuple]:
+    """Every parameter of rank `rank`'s build as FSDP2 leaves it: its mesh (dims and ranks),
+    placements and local shape; with or without runtime/dryrun.py's shared sub-meshes."""
+    from contextlib import nullcontext
+
+    from meshbake.runtime.dims import DIMS
+    from meshbake.runtime.dryrun import shared_submeshes
+    from meshbake.runtime.parallel import parallelize
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=plan.mesh.world)
+    try:
+        mesh = init_device_mesh("cpu", plan.mesh.shape, mesh_dim_names=DIMS)
+        with shared_submeshes() if shared else nullcontext():
+            model = parallelize(plan, mesh)
+        return [(n, p.device_mesh.mesh_dim_names, p.device_mesh.mesh.tolist(), p.placements,
+                 tuple(p._local_tensor.shape)) for n, p in model.named_parameters()]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shared_submeshes_build_the_same_layout():
+    """The dry run derives FSDP2's per-parameter dp x tp mesh once per build (its CPU time);
+    every parameter must still get the mesh, placements and shard the job's build gives it:
+    HSDP 2 x dp_shard 3 x tp 2 (no TP-local row count divides by 3: uneven shards), the last rank."""
+    from meshbake.runtime import plan as P
+
+    from tests.helpers import plan_of, tiny_recipe
+
+    plan = P.from_dict(plan_of(tiny_recipe("t", 12, mesh={"dp_replicate": 2, "dp_shard": 3, "tp": 2}, sp=True,
+                                           lp=True, train={"global_batch_size": 12})))
+    shared, own = _layout(plan, 11, True), _layout(plan, 11, False)
+    assert shared == own
+    assert {m for _, m, *_ in own} == {("dp_replicate", "dp_shard", "tp")}, own[:3]

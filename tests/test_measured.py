@@ -6,6 +6,7 @@ One launch runs every case (tests/dist/measure.py); a torchrun start costs 5-10 
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -36,9 +37,12 @@ CASES = {
 # peak tensor memory per rank: seq 256 x micro-batch 2 makes activations and logits as large
 # as the sharded state (tiny-llama: 647K params, vocab 4096)
 MEM = dict(seq=256, mbs=2)
+MHA = str(ROOT / "tests/dist/configs/tiny-llama-mha.json")    # 4 kv heads: tp 4 divides them
 MEMORY = {
     "mem_tp2_sp_lp": dict(dp_shard=2, tp=2, sp=True, lp=True, **MEM),
     "mem_tp2": dict(dp_shard=2, tp=2, **MEM),
+    # TP only (no FSDP: a one-rank data-parallel mesh): the whole TP-local state on each rank
+    "mem_tp4_sp_lp": dict(tp=4, sp=True, lp=True, model=MHA, **MEM),
     "mem_ac_selective": dict(dp_shard=2, tp=2, sp=True, lp=True, ac="selective", **MEM),
     "mem_ac_full": dict(dp_shard=2, tp=2, sp=True, lp=True, ac="full", **MEM),
     "mem_accum4": dict(dp_shard=2, tp=2, sp=True, lp=True, gbs=16, **MEM),
@@ -48,6 +52,19 @@ MEMORY = {
     "mem_dp4": dict(dp_shard=4, **MEM),
 }
 CASES.update(MEMORY)
+# traffic only (seq 32): meshes and settings the memory cases do not cover
+MHA = str(ROOT / "tests/dist/configs/tiny-llama-mha.json")        # 4 kv heads: tp 4
+QWEN = str(ROOT / "tests/dist/configs/tiny-qwen-mha.json")        # tied embeddings, q/k/v biases
+TRAFFIC_ONLY = {
+    "comm_r2_tp2": dict(dp_replicate=2, tp=2, sp=True, lp=True),                 # HSDP, dp_shard 1
+    "comm_tp4_accum2": dict(tp=4, sp=True, lp=True, model=MHA, gbs=4),           # no FSDP, accumulation
+    "comm_tp4_lora": dict(tp=4, sp=True, lp=True, model=MHA, lora=4),
+    "comm_cp2_tp2_ac_full": dict(cp=2, tp=2, sp=True, lp=True, ac="full"),
+    "comm_qwen_tied_accum2": dict(dp_shard=2, tp=2, model=QWEN, gbs=8),          # no SP, no LP
+    "comm_lora_ac_full": dict(dp_shard=2, tp=2, sp=True, lp=True, lora=4, ac="full"),
+    "comm_hsdp_accum2_nosync": dict(dp_replicate=2, dp_shard=2, gbs=8, grad_sync="last_micro_step"),
+}
+CASES.update(TRAFFIC_ONLY)
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +85,14 @@ def test_gradients_are_reduced_in_reduce_dtype(measured, name):
     r = measured[name]
     assert r["plan"]["train"]["mixed_precision"] == {"param_dtype": "bfloat16", "reduce_dtype": "float32"}
     for rank in r["ranks"]:
-        rs = [c for c in rank["collectives"] if c["op"].startswith("reduce_scatter")]
+        # FSDP2's own collectives go through torch.distributed (c10d ops); TP's activations
+        # (bf16 here, rightly) through functional collectives
+        rs = [c for c in rank["collectives"] if c["op"].startswith("reduce_scatter") and c["name"].startswith("c10d.")]
         assert rs, rank["collectives"]
         assert {c["dtype"] for c in rs} == {"float32"}, rs
         if r["plan"]["mesh"]["dp_replicate"] > 1:    # HSDP: the replica all-reduce of the same grads
             ar = [c for c in rank["collectives"] if c["op"] == "all_reduce" and c["group_size"] == 2
-                  and c["numel"] > 2]
+                  and c["numel"] > 2 and c["name"].startswith("c10d.")]
             assert ar and {c["dtype"] for c in ar} == {"float32"}, ar
 
 
@@ -85,12 +104,71 @@ def _mb(b: float) -> str:
 def test_memory_estimate_holds_the_measured_peak(measured, name):
     """PLAN.md's per-rank peak vs the real peak tensor memory of one training step: within
     +10% / -5%. Every dim here divides by dp_shard x cp, so all ranks hold the same shards and
-    the least of their measured peaks is taken (an unseen free can only inflate a measurement,
-    see tests/dist/measure.py)."""
+    the median of their measured peaks is taken: a rank's measurement can be off either way (an
+    allocator event of a gloo thread the profiler does not see, tests/dist/measure.py). The least
+    was taken before and picked such outliers: mem_dp4 ranks 36.53, 36.53, 36.53, 34.43 MB (the
+    last without the root's gathered 2 x 1 MB embedding and lm_head), mem_cp2 20.80, 18.64,
+    20.74, 20.74 MB."""
     r = measured[name]
     est = r["plan"]["estimate"]
-    got = min(rank["peak_bytes"] for rank in r["ranks"])
+    got = statistics.median(rank["peak_bytes"] for rank in r["ranks"])
     err = est["total_bytes"] / got - 1
     print(f"{name}: estimate {_mb(est['total_bytes'])} at the {est['peak_phase']}, measured {_mb(got)} "
-          f"({err:+.1%}), peak in {r['ranks'][0]['peak_in'][-2:]}")
+          f"({err:+.1%}; ranks {', '.join(_mb(rank['peak_bytes']) for rank in r['ranks'])}), "
+          f"peak in {r['ranks'][0]['peak_in'][-2:]}")
     assert -0.05 <= err <= 0.10, (name, est["total_bytes"], got, est["phases"])
+
+
+def axis_ranks(mesh: dict, rank: int, axis: str) -> frozenset[int]:
+    """The ranks of `rank`'s group along a mesh axis (dp_replicate, dp_shard, cp, tp
+    row-major, tp innermost; dp_shard_cp = dp_shard x cp flattened; world = all)."""
+    dims = ("dp_replicate", "dp_shard", "cp", "tp")
+    sizes = [mesh[d] for d in dims]
+    coord, rest = [], rank
+    for s in reversed(sizes):
+        coord.insert(0, rest % s)
+        rest //= s
+    free = {"dp_shard_cp": ("dp_shard", "cp"), "world": dims}.get(axis, (axis,))
+    out = []
+    for r in range(mesh["dp_replicate"] * mesh["dp_shard"] * mesh["cp"] * mesh["tp"]):
+        c, rest = [], r
+        for s in reversed(sizes):
+            c.insert(0, rest % s)
+            rest //= s
+        if all(c[i] == coord[i] for i, d in enumerate(dims) if d not in free):
+            out.append(r)
+    return frozenset(out)
+
+
+def traffic_by_group(plan: dict, rank: int, logged: list[dict]) -> tuple[dict, dict]:
+    """(estimate, measured): {(group's ranks, op): [count, bytes]}, compared by the ranks of the
+    group rather than by axis name: two axes can be the same ranks (dp_shard_cp and world at
+    dp_shard 2 x cp 2), and the runtime may reach one group through several process groups."""
+    est: dict = {}
+    for c in plan["estimate"]["traffic"]:
+        k = (axis_ranks(plan["mesh"], rank, c["axis"]), c["op"])
+        e = est.setdefault(k, [0, 0])
+        e[0] += c["count"]
+        e[1] += c["bytes"]
+    got: dict = {}
+    for c in logged:
+        if c["group_size"] > 1:
+            g = got.setdefault((frozenset(c["ranks"]), c["op"]), [0, 0])
+            g[0] += 1
+            g[1] += c["bytes"]
+    return est, got
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_traffic_estimate_is_every_collective_issued(measured, name):
+    """plan.json's traffic rows vs every collective each rank issues in one optimizer step
+    (tests/dist/collectives.py): the same count and bytes per process group and op, exactly."""
+    r = measured[name]
+    for rank, got_rank in enumerate(r["ranks"]):
+        est, got = traffic_by_group(r["plan"], rank, got_rank["collectives"])
+        diff = {(sorted(k[0]), k[1]): (est.get(k), got.get(k)) for k in est.keys() | got.keys()
+                if est.get(k) != got.get(k)}
+        assert not diff, (name, rank, diff)
+    if name.startswith(("mem_tp2_sp_lp", "comm_")):
+        rows = [(c["axis"], c["op"], c["count"], c["bytes"]) for c in r["plan"]["estimate"]["traffic"]]
+        print(name, rows)

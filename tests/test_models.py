@@ -37,9 +37,35 @@ def _cp(r):
     r["train"]["global_batch_size"] = 4
 
 
-# LoRA on Phi-3's fused projections; context parallel x tp on q/k-normed and MoE families
-VARIANTS = [("lora-phi3", "phi3", _lora), ("cp2-tp2-qwen3", "qwen3", _cp), ("cp2-tp2-mixtral", "mixtral", _cp),
-            ("cp2-tp2-olmo2", "olmo2", _cp)]
+def _aux(r):
+    r["train"]["router_aux_loss_coef"] = AUX_COEF
+
+
+AUX_COEF = 0.1
+
+
+def _ep(ep, dp_shard=4, dp_replicate=1, aux=False, ac="none"):
+    """Expert parallel (tp 1): ep carved from dp_shard, each rank E/ep experts."""
+    def edit(r):
+        r["mesh"] = {"dp_replicate": dp_replicate, "dp_shard": dp_shard, "tp": 1, "ep": ep}
+        r["tp"] = {"sequence_parallel": False, "loss_parallel": False}
+        r["train"]["activation_checkpointing"] = ac
+        if aux:
+            _aux(r)
+    return edit
+
+
+# mesh.ep: both families, ep 2 and 4, FSDP of the experts over dp_shard / ep = 2 and 1, HSDP with
+# the aux loss and full activation checkpointing (the all-to-alls run again in the recompute)
+EP_VARIANTS = [("ep2-dp4-qwen3_moe", "qwen3_moe", _ep(2)), ("ep4-dp4-mixtral", "mixtral", _ep(4)),
+               ("ep2-hsdp-mixtral", "mixtral", _ep(2, dp_shard=2, dp_replicate=2, aux=True, ac="full"))]
+
+
+# LoRA on Phi-3's fused projections; context parallel x tp on q/k-normed and MoE families (the
+# MoE one with the router's aux loss); the aux loss at dp_shard 2 x tp 2 + SP + LP (grad_accum 2)
+VARIANTS = [("lora-phi3", "phi3", _lora), ("cp2-tp2-qwen3", "qwen3", _cp),
+            ("cp2-tp2-mixtral", "mixtral", lambda r: (_cp(r), _aux(r))), ("cp2-tp2-olmo2", "olmo2", _cp),
+            ("aux-mixtral", "mixtral", _aux), ("aux-qwen3_moe", "qwen3_moe", _aux), *EP_VARIANTS]
 INPUT = [[(7 * i + 3 * j) % 1024 for i in range(32)] for j in range(2)]
 
 
@@ -120,16 +146,27 @@ def results(tmp_path_factory, weights) -> dict:
         logits = json.loads(json.dumps(plan))
         logits["model"]["weights"] = weights[t]
         cases.append({"name": f"logits-{t}", "kind": "logits", "plan": logits, "input": INPUT})
+    from meshbake.compiler.pipeline import compile_recipe
     for name, t, edit in VARIANTS:
         r = recipe(name, t)
         edit(r)
-        from meshbake.compiler.pipeline import compile_recipe
         cases.append({"name": name, "kind": "train",
                       "plan": json.loads(compile_recipe(yaml.safe_dump(r), source=name).files["plan.json"])})
     for t in EXPORTED:         # fused layouts: trained in meshbake order, exported in HF order
         plan = json.loads(compile_model(t).files["plan.json"])
         plan["checkpoint"].update(every_steps=STEPS, keep=1)
         cases.append({"name": f"export-{t}", "kind": "train", "plan": plan, "keep_run": True, "input": INPUT})
+    r = recipe("export-ep", "mixtral")        # an EP checkpoint (experts on the ep mesh) exported to HF
+    _ep(2, dp_shard=2, dp_replicate=2)(r)
+    r["checkpoint"] = {"every_steps": STEPS, "keep": 1, "save_on_exit": False}
+    cases.append({"name": "export-ep", "kind": "train", "keep_run": True, "input": INPUT,
+                  "plan": json.loads(compile_recipe(yaml.safe_dump(r), source="export-ep").files["plan.json"])})
+    for name, t, edit in EP_VARIANTS[:2]:      # the user's safetensors into E / ep experts per rank
+        r = recipe(name, t)
+        edit(r)
+        plan = json.loads(compile_recipe(yaml.safe_dump(r), source=name).files["plan.json"])
+        plan["model"]["weights"] = weights[t]
+        cases.append({"name": f"logits-{name}", "kind": "logits", "plan": plan, "input": INPUT})
     # the single-process references are computed here while the launch runs (its ranks leave
     # cores idle while they wait for each other)
     with ThreadPoolExecutor(1) as pool:
@@ -154,11 +191,12 @@ def test_parity_dp_shard2_tp2_sp_lp(results, model_type):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("model_type", [t for t in TYPES if t not in REFUSED])
+@pytest.mark.parametrize("model_type", [t for t in TYPES if t not in REFUSED] + [v[0] for v in EP_VARIANTS[:2]])
 def test_safetensors_load_and_match_hf_logits(results, weights, model_type):
     from transformers import AutoModelForCausalLM
 
     r = results[f"logits-{model_type}"]
+    model_type = r["plan"]["model"]["config"]["model_type"]        # an EP case: its family's weights
     hf = AutoModelForCausalLM.from_pretrained(weights[model_type],
                                               attn_implementation=r["plan"]["model"]["attn_implementation"]).eval()
     with torch.no_grad():
@@ -169,7 +207,7 @@ def test_safetensors_load_and_match_hf_logits(results, weights, model_type):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("model_type", EXPORTED)
+@pytest.mark.parametrize("model_type", [*EXPORTED, "ep"])
 def test_export_writes_hf_layout_back(results, tmp_path, model_type):
     """A dp_shard 2 x tp 2 run of a fused / MoE model, checkpointed (DCP), exported by one
     process: from_pretrained gives the logits the sharded model computed after training."""
@@ -280,6 +318,94 @@ def test_moe_metrics_in_metrics_jsonl(results):
         assert r["expert_load_max"] >= 1.0 and 0 < r["router_aux_loss"] < 4 * 2, r
     dense = Path(results["export-phi3"]["run_dir"]) / "metrics.jsonl"
     assert "expert_load" not in dense.read_text()
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_router_aux_loss_is_in_the_loss(results, model_type):
+    """With train.router_aux_loss_coef the loss is transformers' (CE + coef x aux_loss of
+    output_router_logits, parity in test_variants_parity); here: the term is really there (the
+    run differs from the CE-only one by about coef x aux, aux ~ k = 2 at random init) and the
+    metrics line shows the CE part apart."""
+    aux, plain = results[f"aux-{model_type}"], results[f"train-{model_type}"]
+    assert aux["plan"]["train"]["router_aux_loss_coef"] == AUX_COEF
+    assert plain["plan"]["train"]["router_aux_loss_coef"] == 0.0      # config.json: output_router_logits false
+    d = aux["losses"]["1"] - plain["losses"]["1"]
+    assert 0.5 * AUX_COEF < d < 4 * AUX_COEF, d
+
+
+def test_router_aux_loss_is_a_recipe_choice():
+    from meshbake.compiler.pipeline import compile_recipe
+
+    def compiled(model_type, **train):
+        r = recipe("a", model_type)
+        r["train"].update(train)
+        return compile_recipe(yaml.safe_dump(r), source="a")
+
+    b = compiled("mixtral")
+    md = b.files["PLAN.md"].decode()
+    assert "router aux loss: off (config.json output_router_logits false" in md
+    assert "train.router_aux_loss_coef: 0.001" in md                    # the config's own coefficient as the fix
+    b = compiled("mixtral", router_aux_loss_coef=0.02)
+    assert json.loads(b.files["plan.json"])["train"]["router_aux_loss_coef"] == 0.02
+    assert "cross-entropy + 0.02 x load-balancing loss" in b.files["PLAN.md"].decode()
+    e = compiled("llama", router_aux_loss_coef=0.02)
+    assert [x.path for x in e.errors] == ["train.router_aux_loss_coef"], e
+
+
+def test_router_aux_loss_follows_output_router_logits_like_transformers(tmp_path):
+    """null (the default) resolves as transformers does: coef x aux only when config.json says
+    output_router_logits: true; an explicit 0 turns it off whatever the config says."""
+    from meshbake.compiler.pipeline import compile_recipe
+
+    cfg = json.loads(Path(config_path("qwen3_moe")).read_text())
+    cfg.update(output_router_logits=True, router_aux_loss_coef=0.02)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+
+    def coef(**train):
+        r = recipe("a", "qwen3_moe")
+        r["model"]["config"] = str(tmp_path / "config.json")
+        r["train"].update(train)
+        b = compile_recipe(yaml.safe_dump(r), source="a")
+        return json.loads(b.files["plan.json"])["train"]["router_aux_loss_coef"], b.files["PLAN.md"].decode()
+
+    on, md = coef()
+    assert on == 0.02 and "config.json output_router_logits true, as in transformers" in md
+    assert coef(router_aux_loss_coef=0)[0] == 0.0
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name", [v[0] for v in EP_VARIANTS])
+def test_expert_parallel_holds_num_experts_over_ep(results, name):
+    """Under mesh.ep each rank really holds E / ep experts (parity: test_variants_parity)."""
+    r = results[name]
+    ep, n_exp = r["plan"]["mesh"]["ep"], 4
+    assert ep > 1 and r["ep_local_experts"] == n_exp // ep, r["ep_local_experts"]
+
+
+@pytest.mark.parametrize("sp", [True, False])
+def test_replicated_attention_is_refused_under_sequence_parallel(monkeypatch, tmp_path, sp):
+    """HunYuan-V1-Dense: transformers' tp plan covers only the embedding, so attention and MLP
+    Linears are replicated; sequence parallel would hand them a DTensor (the zoo's compiled-
+    then-crashed). Behind the model_type allow-list, widened here as in scripts/zoo.py."""
+    from meshbake.compiler import model as M
+    from meshbake.compiler.pipeline import compile_recipe
+    from transformers import AutoConfig
+
+    monkeypatch.setattr(M, "SUPPORTED_TYPES", (*M.SUPPORTED_TYPES, "hunyuan_v1_dense"))
+    cfg = AutoConfig.for_model("hunyuan_v1_dense", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=1024,
+                               max_position_embeddings=256).to_diff_dict()
+    cfg["model_type"] = "hunyuan_v1_dense"
+    r = recipe("hy", "llama", sp=sp, lp=sp)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    r["model"]["config"] = str(tmp_path / "config.json")
+    b = compile_recipe(yaml.safe_dump(r), source="hy")
+    if not sp:
+        assert hasattr(b, "files"), b
+        return
+    assert [e.path for e in b.errors] == ["tp.sequence_parallel"], b
+    assert "self_attn.q_proj" in b.errors[0].message and "sequence_parallel: false" in b.errors[0].hint
 
 
 def _errors_without_patch(tmp_path) -> str:

@@ -57,24 +57,30 @@ def test_ranked_by_tokens_per_s(sg):
 
 
 def test_step_time_arithmetic_by_hand(sg):
-    """The recipe's own candidate, re-derived from the formula in compiler/suggest.py."""
+    """The recipe's own candidate, re-derived from the model in compiler/estimate.step_time."""
     d, s = sg
     res = resolve_dict(d)
     est, r = res.estimate, next(r for r in s.ranked if r.cand == s.own)
     c, mesh = res.recipe.cluster, res.mesh
     # 70b_hsdp_tp: 64 GPUs, gbs 64 x seq 8192 -> 8192 tokens per rank; H100 defaults
     tokens = 64 * 8192 / 64
-    assert (c.peak_tflops, c.intra_node_gbps, c.inter_node_gbps, c.nics_per_node) == (989, 450, 50, 8)
+    assert (c.peak_tflops, c.hbm_gbps, c.intra_node_gbps, c.inter_node_gbps, c.nics_per_node) == (989, 3350, 450, 50, 8)
     compute = est.flops_per_token * tokens / (989e12 * MFU_CEILING)
     recompute = compute / 3                                    # full AC
-    tp = est.tp_comm_bytes * 1.5 / 450e9                       # intra-node, exposed; +50% under full AC
-    # dp_shard 4 x cp 1 x tp 8 = 32 ranks span 4 nodes: 8 NICs x 50 GB/s shared by 8 GPUs
-    fsdp_t = est.fsdp_comm_bytes / (8 * 50e9 / 8)
-    fsdp = max((1 - FSDP_OVERLAP) * fsdp_t, fsdp_t - compute)
-    hsdp = 2 * (2 - 1) / 2 * est.grads_bytes / 50e9            # fp32 grads, dp_replicate 2 across nodes
-    step = compute + recompute + tp + fsdp + hsdp
+
+    def ring(axis, gbps, latency):                             # wire bytes / bandwidth + start-up each
+        return sum(x.wire_bytes / gbps + x.count * latency for x in est.traffic if x.axis == axis)
+
+    tp = ring("tp", 450e9, 10e-6)                              # 8 consecutive ranks: NVLink, exposed
+    # dp_shard 4 x cp 1 x tp 8 = 32 ranks span 4 nodes: 8 NICs x 50 GB/s shared by 8 GPUs;
+    # dp_replicate spans all 8 nodes, the same share
+    dp = ring("dp_shard", 8 * 50e9 / 8, 25e-6) + ring("dp_replicate", 50e9, 25e-6)
+    exposed = max((1 - FSDP_OVERLAP) * dp, dp - compute - recompute)
+    optimizer = 12 * est.grads_bytes / 3350e9
+    step = compute + recompute + tp + exposed + optimizer
     assert mesh.dp_replicate == 2 and mesh.dp_shard == 4 and mesh.tp == 8
     assert r.time.step_s == pytest.approx(step, rel=1e-9)
+    assert r.time == est.time                                  # suggest and PLAN.md share the model
     assert r.tokens_per_s_gpu == pytest.approx(tokens / step, rel=1e-9)
     assert r.mfu == pytest.approx(est.flops_per_token * tokens / step / 989e12, rel=1e-9)
 
@@ -112,7 +118,15 @@ def test_cluster_hardware_keys_drive_the_model(sg):
     fast_t = step_time(r, res.model, res.mesh, res.estimate)
     slow_t = step_time(replace(r, cluster=replace(r.cluster, inter_node_gbps=5.0)), res.model, res.mesh, res.estimate)
     assert slow_t.compute_s == fast_t.compute_s and slow_t.tp_s == fast_t.tp_s
-    assert slow_t.hsdp_s == pytest.approx(10 * fast_t.hsdp_s)
-    assert slow_t.fsdp_s > fast_t.fsdp_s
+    # the all-reduce across replicas: 10x the wire time, the same start-up latencies
+    from meshbake.compiler.estimate import LATENCY_S, comm_seconds
+
+    rows, lat = res.estimate.traffic, sum(x.count for x in res.estimate.traffic if x.axis == "dp_replicate")
+    lat *= LATENCY_S["inter"]
+    fast_rep = comm_seconds(r, res.mesh, rows, ("dp_replicate",))
+    slow_rep = comm_seconds(replace(r, cluster=replace(r.cluster, inter_node_gbps=5.0)), res.mesh, rows,
+                            ("dp_replicate",))
+    assert slow_rep - lat == pytest.approx(10 * (fast_rep - lat))
+    assert slow_t.fsdp_s > fast_t.fsdp_s and slow_t.hsdp_s > fast_t.hsdp_s
     bad, errs = validate.validate_all({**d, "cluster": {**d["cluster"], "peak_tflops": -1}})
     assert bad is None and any(e.path == "cluster.peak_tflops" for e in errs)

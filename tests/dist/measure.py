@@ -7,8 +7,8 @@ the AdamW state); step 2 is measured:
   peak_bytes      the highest live tensor memory of this rank during step 2, from the profiler's
                   allocator events (profile_memory=True, with addresses) recorded from before the
                   model is built, so the level at any time is every allocation minus every free
-  collectives     every c10d collective issued in step 2 by the torch.distributed Python API
-                  (as FSDP2 calls it): op, dtype, numel, group size
+  collectives     every collective issued in step 2 (tests/dist/collectives.py: FSDP2's, DTensor's,
+                  loss and context parallel's, the train loop's): op, mesh axis, dtype, bytes
 OUT_JSON (rank 0): {name: {"ranks": [per-rank result, ...]}}
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ import os
 import sys
 import tempfile
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,36 +26,7 @@ import torch.distributed as dist
 
 from meshbake.runtime import plan as P
 from meshbake.runtime.train import init_distributed, setup, train_step
-
-# the names FSDP2 / the train loop call through the dist module (looked up at call time), and
-# where each finds the tensor it sends: (positional index, keyword)
-COLLECTIVES = {"reduce_scatter_single": (1, "input"), "reduce_scatter_tensor": (1, "input"),
-               "all_reduce": (0, "tensor"), "all_gather_into_tensor": (1, "input_tensor"),
-               "all_gather_single": (1, "input_tensor"), "broadcast": (0, "tensor")}
-
-
-@contextmanager
-def logged_collectives(log: list):
-    saved = {n: getattr(dist, n) for n in COLLECTIVES}
-
-    def wrap(name, fn):
-        pos, key = COLLECTIVES[name]
-
-        def inner(*args, **kw):
-            t = kw[key] if key in kw else args[pos]
-            log.append({"op": name, "dtype": str(t.dtype).removeprefix("torch."), "numel": t.numel(),
-                        "group_size": dist.get_world_size(kw.get("group"))})
-            return fn(*args, **kw)
-        return inner
-
-    for n, fn in saved.items():
-        setattr(dist, n, wrap(n, fn))
-    try:
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(dist, n, fn)
-
+from tests.dist.collectives import CollectiveLog, mesh_axes
 
 def allocations(prof) -> list[tuple[int, int, int]]:
     """(time, ptr, +/-bytes) of every CPU allocator event the profiler saw, in time order."""
@@ -125,7 +95,6 @@ def python_live_bytes() -> int:
 def run_case(plan: P.Plan, run_dir: Path) -> dict:
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    log: list = []
     gc.collect()      # the previous case's garbage goes before the window (its frees would count here)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         job = setup(plan, run_dir)
@@ -136,13 +105,13 @@ def run_case(plan: P.Plan, run_dir: Path) -> dict:
         base = python_live_bytes()
         gc.disable()
         try:
-            with record_function("measured_step"), logged_collectives(log):
+            with record_function("measured_step"), CollectiveLog(mesh_axes(job.mesh)) as log:
                 out = train_step(job, 1, False)
         finally:
             gc.enable()
     mem = peak_from_events(prof, "measured_step")
     # the step's peak = the exact level at its start + the highest rise above it during the step
-    return {**mem, "base_bytes": base, "peak_bytes": base + mem["rise_bytes"], "collectives": log, "loss": out.loss}
+    return {**mem, "base_bytes": base, "peak_bytes": base + mem["rise_bytes"], "collectives": log.records, "loss": out.loss}
 
 
 def main(cases_path: str, out_path: str) -> int:

@@ -58,9 +58,12 @@ def reference_losses(plan: P.Plan) -> tuple[dict[int, float], dict[int, float]]:
     losses, norms = {}, {}
     for step in range(t.steps):
         x = data.global_batch_tokens(step)                       # (G, T+1): every rank's samples
-        logits = model(input_ids=x[:, :-1], use_cache=False).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(0, 1))
-        loss.backward()
+        if t.router_aux_loss_coef > 0:
+            loss = moe_step(model, x, t)
+        else:
+            logits = model(input_ids=x[:, :-1], use_cache=False).logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(0, 1))
+            loss.backward()
         norm = torch.nn.utils.get_total_norm([p.grad for p in trainable])
         if t.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(trainable, t.grad_clip, norm)
@@ -70,3 +73,19 @@ def reference_losses(plan: P.Plan) -> tuple[dict[int, float], dict[int, float]]:
         opt.zero_grad(set_to_none=True)
         losses[step + 1] = loss.item()
     return losses, norms
+
+
+def moe_step(model: torch.nn.Module, x: torch.Tensor, t: P.TrainPlan) -> torch.Tensor:
+    """transformers' own MoE loss with gradient accumulation over the global micro-batches
+    (micro-step m = samples [m G/accum, (m+1) G/accum) of every rank, runtime/data.py):
+    cross-entropy over the global batch + coef x HF's aux_loss (output_router_logits) of each
+    micro-batch, averaged over the micro-steps. Backward per micro-step."""
+    per, total = x.shape[0] // t.grad_accum, torch.zeros(())
+    for m in range(t.grad_accum):
+        xm = x[m * per:(m + 1) * per]
+        out = model(input_ids=xm[:, :-1], use_cache=False, output_router_logits=True)
+        ce = F.cross_entropy(out.logits.flatten(0, 1).float(), xm[:, 1:].flatten(0, 1), reduction="sum")
+        loss = ce / x[:, 1:].numel() + t.router_aux_loss_coef * out.aux_loss / t.grad_accum
+        loss.backward()
+        total += loss.detach()
+    return total

@@ -36,8 +36,11 @@ def train_case(plan: P.Plan, run_dir: Path, logits_input=None) -> dict:
         tied = {"same_param": emb is head, "n_params": len(names),
                 "lm_head_listed": any(n.startswith("lm_head") for n in names)}
     compiled = all(getattr(layer, "_compiled_call_impl", None) is not None for layer in res.model.model.layers)
+    ep_blocks = [m for m in res.model.modules() if hasattr(m, "_meshbake_ep")]
     out = {"losses": res.losses, "grad_norms": res.grad_norms, "tied": tied, "compiled": compiled,
-           "cp_attention_calls": cp._STATE["calls"]}
+           "cp_attention_calls": cp._STATE["calls"],
+           # experts this rank holds (mesh.ep: E / ep), after FSDP's own dim-1 shard
+           "ep_local_experts": ep_blocks[0].experts.gate_up_proj.to_local().shape[0] if ep_blocks else None}
     if logits_input is not None:     # the trained sharded model's logits, for the export test
         res.model.eval()
         with torch.no_grad():

@@ -1,0 +1,93 @@
+"""Mixture-of-experts choices the compiler resolves: the router's auxiliary loss and expert
+parallelism (mesh.ep). Pure functions of (Recipe, ModelSpec[, MeshSpec]); the pipeline
+stages call them (mesh rules from compiler/mesh.py, the coefficient from build_plan).
+
+Router auxiliary (load-balancing) loss, as transformers 5 computes it for Mixtral and
+Qwen3-MoE (`load_balancing_loss_func`): over the router logits of all L MoE layers of one
+forward, N token rows each,
+    f_e = (top-k slots routed to e, summed over layers) / (L N)
+    P_e = (softmax probability of e, summed over layers and tokens) / (L N)
+    aux = E * sum_e f_e P_e
+and `loss += router_aux_loss_coef * aux` only when `output_router_logits` is true (false in
+Mixtral-8x7B's and Qwen3-30B-A3B's config.json, so HF fine-tunes without it by default).
+"""
+from __future__ import annotations
+
+import math
+
+from meshbake.compiler.errors import RecipeError, reads
+from meshbake.compiler.model import ModelSpec
+from meshbake.compiler.recipe import Recipe
+
+
+def router_aux_coef(recipe: Recipe, model: ModelSpec) -> float:
+    """The coefficient the runtime multiplies the aux loss by (0.0 = not added)."""
+    if not model.num_experts:
+        return 0.0
+    given = recipe.train.router_aux_loss_coef
+    if given is not None:
+        return float(given)
+    c = model.config
+    return float(c.get("router_aux_loss_coef") or 0.0) if c.get("output_router_logits") else 0.0
+
+
+def aux_errors(recipe: Recipe, model: ModelSpec) -> list[RecipeError]:
+    given = recipe.train.router_aux_loss_coef
+    if given and not model.num_experts:
+        return [RecipeError("train.router_aux_loss_coef", f"{given}: {model.architecture} has no router "
+                            "(not a mixture-of-experts model)", "remove train.router_aux_loss_coef")]
+    return []
+
+
+def aux_note(recipe: Recipe, model: ModelSpec) -> tuple[str, ...]:
+    """PLAN.md line for MoE models: whether the aux loss is in the training loss, and why."""
+    if not model.num_experts:
+        return ()
+    coef, c = router_aux_coef(recipe, model), model.config
+    src = ("train.router_aux_loss_coef" if recipe.train.router_aux_loss_coef is not None
+           else f"config.json output_router_logits {str(bool(c.get('output_router_logits'))).lower()}, as in transformers")
+    if coef > 0:
+        return (f"router aux loss: loss = cross-entropy + {coef:g} x load-balancing loss ({src}; transformers' "
+                "formula over every rank's tokens of each micro-step)",)
+    hint = c.get("router_aux_loss_coef") or 0.01
+    return (f"router aux loss: off ({src}); the router trains on the cross-entropy only. To add "
+            f"transformers' load-balancing loss set train.router_aux_loss_coef: {hint:g}",)
+
+
+@reads("mesh.ep", "train.compile")
+def ep_errors(recipe: Recipe, model: ModelSpec, axes: dict[str, int]) -> list[RecipeError]:
+    """mesh.ep: experts split by expert index over ep ranks carved from dp_shard (runtime/ep.py).
+    Built and parity-tested with dp_shard (and dp_replicate) only; with tp or cp it is refused
+    (docs/EXPERT_PARALLEL.md says what is missing)."""
+    from meshbake.compiler.mesh import divisors
+
+    ep = recipe.mesh.ep
+    if ep == 1:
+        return []
+    if not model.num_experts:
+        return [RecipeError("mesh.ep", f"ep={ep}: {model.architecture} has no experts (not a mixture-of-experts "
+                            "model)", "remove mesh.ep")]
+    if "experts" not in model.layouts.values():
+        return [RecipeError("mesh.ep", f"ep={ep}: {model.architecture}'s MoE blocks are not the plain router + "
+                            "grouped experts form the expert-parallel dispatch runs", "remove mesh.ep")]
+    errs, e, ds = [], model.num_experts, axes["dp_shard"]
+    ok = [d for d in divisors(math.gcd(e, ds)) if d > 1] or [1]
+    if e % ep:
+        errs.append(RecipeError("mesh.ep", f"ep={ep} does not divide the {e} experts of {model.source} (each ep "
+                                "rank holds num_experts / ep of them)", f"use mesh.ep in {ok}"))
+    if ds % ep:
+        errs.append(RecipeError("mesh.ep", f"ep={ep} does not divide dp_shard={ds}: ep is carved from dp_shard "
+                                "(ep ranks see different tokens and hold different experts; FSDP shards each "
+                                "expert over dp_shard / ep)", f"use mesh.ep in {ok}, or a dp_shard that ep divides"))
+    for axis, why in (("tp", "experts are split either by their intermediate dim over tp (mesh.ep: 1) or by "
+                       "expert index over ep, and the ep x tp token layout (torchtitan's ETP) is not built"),
+                      ("cp", "the ep group would have to span the cp ranks of a sequence; not built")):
+        if axes[axis] > 1:
+            errs.append(RecipeError("mesh.ep", f"ep={ep} with {axis}={axes[axis]}: {why}",
+                                    f"use mesh.{axis}: 1 with mesh.ep, or mesh.ep: 1 (experts sharded over tp)"
+                                    if axis == "tp" else f"use mesh.{axis}: 1 with mesh.ep, or mesh.ep: 1"))
+    if recipe.train.compile:
+        errs.append(RecipeError("train.compile", f"mesh.ep={ep}: the all-to-all dispatch has data-dependent "
+                                "split sizes (a graph break per MoE layer) and is not tested under torch.compile",
+                                "set train.compile: false with mesh.ep"))
+    return errs

@@ -1,0 +1,143 @@
+"""Expert parallelism: MoE experts split by expert index over an `ep` axis carved from dp_shard,
+tokens dispatched to their experts' ranks with all-to-all (torchtitan / NeMo AutoModel style;
+docs/EXPERT_PARALLEL.md).
+
+Mesh: dp_shard = (dp_shard / ep) x ep with ep inner, so an ep group is ep consecutive dp_shard
+ranks (the compiler refuses ep with tp or cp > 1, so those are consecutive world ranks). A
+second device mesh over the same ranks, (dp_replicate, efsdp = dp_shard / ep, ep), holds the
+experts: gate_up_proj (E, 2I, H) and down_proj (E, H, I) are Shard(0) over ep (rank r keeps
+experts [r E/ep, (r+1) E/ep)) and FSDP-sharded on dim 1 over efsdp (x dp_replicate for HSDP).
+Every other weight is FSDP over dp_shard as without ep. An expert's gradient is the sum over
+the ep group's tokens (the all-to-all's backward brings them home), so it must be divided by
+the whole data-parallel size dp_replicate x dp_shard, while its FSDP averages over dp_replicate x
+efsdp only: the local experts' gradients are scaled by 1/ep in backward (_ScaleGrad; FSDP2's
+set_gradient_divide_factor needs ReduceOp.PREMUL_SUM, which gloo lacks), so each token's loss
+weighs the same as without ep.
+
+Forward of one MoE block, N tokens (B x T) on this rank, k experts per token, router replicated:
+  1. route: (N, k) expert ids and weights; the N k token copies sorted by expert;
+  2. per-expert counts exchanged (all_to_all_single of E integers), then the copies themselves
+     (all_to_all_single, uneven splits, autograd: its backward is the reverse all-to-all);
+  3. this rank's E/ep experts run on the rows received (grouped by source rank, then expert);
+  4. the outputs go back (reverse all-to-all), are scaled by the routing weight and added into
+     their token's row (index_add_), exactly transformers' grouped-experts loop.
+Traffic per MoE layer and rank, forward: 2 x N k H x bytes x (ep-1)/ep (dispatch + combine, for
+uniform routing); the same in backward.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+DIMS = ("dp_replicate", "efsdp", "ep")
+
+
+def experts_mesh(plan) -> DeviceMesh:
+    """(dp_replicate, dp_shard / ep, ep) over the world (tp = cp = 1 under ep)."""
+    m = plan.mesh
+    return init_device_mesh(m.device, (m.dp_replicate, m.dp_shard // m.ep, m.ep), mesh_dim_names=DIMS)
+
+
+def _moe_blocks(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "_meshbake_tp")]
+
+
+def install(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Experts Shard(0) over mesh['ep'], the MoE block forwards replaced by the dispatching one.
+    After fused.install (the MoE blocks carry its routing statistics and aux-loss hooks)."""
+    ep_mesh = mesh["ep"]
+    if not _moe_blocks(model):
+        raise RuntimeError("mesh.ep > 1 but the model has no MoE block in the grouped-experts layout")
+    for block in _moe_blocks(model):
+        ex = block.experts
+        for n in ("gate_up_proj", "down_proj"):
+            p = getattr(ex, n)
+            ex.register_parameter(n, nn.Parameter(distribute_tensor(p, ep_mesh, [Shard(0)])))
+        ex.forward = _local_experts.__get__(ex)
+        block._meshbake_ep = ep_mesh
+        block.forward = block_forward.__get__(block)
+
+
+def shard_experts(model: nn.Module, mesh: DeviceMesh, policy: Any) -> None:
+    """FSDP2 on each experts module over (dp_replicate,) efsdp, before the blocks' own fully_shard
+    (which then leaves these parameters alone). Dim 1: dim 0 is the ep shard already."""
+    from torch.distributed.fsdp import fully_shard
+
+    dp_mesh = mesh["dp_replicate", "efsdp"] if mesh["dp_replicate"].size() > 1 else mesh["efsdp"]
+    for block in _moe_blocks(model):
+        fully_shard(block.experts, mesh=dp_mesh, mp_policy=policy, shard_placement_fn=lambda p: Shard(1))
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; gradient times `factor` backward."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.factor, None
+
+
+def _local_experts(self, x: torch.Tensor, rows_per_expert: list[int]) -> torch.Tensor:
+    """This rank's E/ep experts on the rows received, in expert order (runtime/fused.py pairs
+    layout for gate_up). Every local expert runs, even on 0 rows: its weights then get a zero
+    gradient, so every rank's FSDP reduce-scatters the same parameters."""
+    gu, dn = self.gate_up_proj, self.down_proj
+    ep = gu.device_mesh.size() if isinstance(gu, DTensor) else 1
+    gu, dn = (gu.to_local() if isinstance(gu, DTensor) else gu), (dn.to_local() if isinstance(dn, DTensor) else dn)
+    gu, dn = _ScaleGrad.apply(gu, 1.0 / ep), _ScaleGrad.apply(dn, 1.0 / ep)
+    outs = []
+    for e, xe in enumerate(torch.split(x, rows_per_expert)):
+        h = F.linear(xe, gu[e]).unflatten(-1, (-1, 2))                       # (n, I, 2)
+        outs.append(F.linear(self.act_fn(h[..., 0]) * h[..., 1], dn[e]))      # (n, H)
+    return torch.cat(outs)
+
+
+def block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) -> (B, T, H): route, dispatch, run the local experts, combine."""
+    from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+    from .fused import _aux_terms, _count
+
+    ep_mesh = self._meshbake_ep
+    group, ep = ep_mesh.get_group(), ep_mesh.size()
+    b, t, h = hidden_states.shape
+    flat = hidden_states.reshape(-1, h)
+    logits, w, idx = self.gate(flat)                                          # (N, E), (N, k), (N, k)
+    if torch.is_grad_enabled():
+        replay = torch._C._current_graph_task_id() != -1
+        if not replay:
+            _count(self, logits, idx)
+        if getattr(self, "_meshbake_aux", None) is not None:
+            _aux_terms(self, logits, idx.shape[-1], replay)
+    n_exp, k = logits.shape[-1], idx.shape[-1]
+    local = n_exp // ep
+    with torch.no_grad():
+        order = torch.argsort(idx.flatten(), stable=True)                    # (N k,) copies by expert
+        sent = torch.bincount(idx.flatten(), minlength=n_exp)                # (E,) copies per expert
+        got = torch.empty_like(sent)                                          # (ep x E/ep,) per source, expert
+        dist.all_to_all_single(got, sent, group=group)
+        send_splits = sent.view(ep, local).sum(1).tolist()
+        recv_splits = got.view(ep, local).sum(1).tolist()
+        by_src = got.view(ep, local)
+        # received rows are grouped by source rank, then local expert: regroup by expert
+        expert_of_row = torch.repeat_interleave(torch.arange(local, device=got.device).repeat(ep), by_src.flatten())
+        regroup = torch.argsort(expert_of_row, stable=True)
+        rows_per_expert = by_src.sum(0).tolist()
+    tok = order // k                                                          # source token of each copy
+    x = all_to_all_single_autograd(flat[tok], recv_splits, send_splits, group)
+    y = self.experts(x[regroup], rows_per_expert)                             # FSDP unshards here
+    y = y[torch.argsort(regroup)]                                             # back to source order
+    y = all_to_all_single_autograd(y, send_splits, recv_splits, group)       # (N k, H) in `order`
+    y = y * w.flatten()[order, None].to(y.dtype)
+    out = torch.zeros_like(flat).index_add_(0, tok, y.to(flat.dtype))
+    return out.reshape(b, t, h)

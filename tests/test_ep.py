@@ -1,0 +1,85 @@
+"""mesh.ep at compile time: the rules (each a RecipeError with a path and a fix), the estimate
+(experts / ep per rank, all-to-all bytes) and PLAN.md. Parity of the runtime (runtime/ep.py)
+is in tests/test_models.py (EP_VARIANTS, one world-4 torchrun launch with the model matrix)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.test_models import _ep, recipe
+
+
+def compiled(model_type="mixtral", **mesh):
+    from meshbake.compiler.pipeline import compile_recipe
+
+    r = recipe("ep", model_type)
+    _ep(mesh.pop("ep", 2), **{k: mesh.pop(k) for k in ("dp_shard", "dp_replicate") if k in mesh})(r)
+    r["mesh"].update(mesh)
+    r["cluster"]["gpus_per_node"] = r["mesh"].get("dp_replicate", 1) * r["mesh"]["dp_shard"] * \
+        r["mesh"].get("cp", 1) * r["mesh"]["tp"]
+    return compile_recipe(yaml.safe_dump(r), source="ep")
+
+
+def errors(b) -> list[tuple[str, str]]:
+    assert not hasattr(b, "files"), "compiled"
+    assert all(e.hint for e in b.errors)
+    return [(e.path, f"{e.message} {e.hint}") for e in b.errors]
+
+
+def test_ep_one_changes_nothing():
+    from meshbake.compiler.pipeline import compile_recipe
+
+    plain = compile_recipe(yaml.safe_dump(recipe("ep", "mixtral")), source="ep")
+    r = recipe("ep", "mixtral")
+    r["mesh"]["ep"] = 1
+    same = compile_recipe(yaml.safe_dump(r), source="ep")
+    assert plain.files == same.files
+    assert json.loads(plain.files["plan.json"])["mesh"]["ep"] == 1
+    assert "ep" not in plain.files["PLAN.md"].decode().split("## Mesh")[1].split("## Batch")[0].replace("rep", "")
+
+
+@pytest.mark.parametrize("mesh, path, words", [
+    ({"ep": 3, "dp_shard": 6}, "mesh.ep", "does not divide the 4 experts"),
+    ({"ep": 4, "dp_shard": 2}, "mesh.ep", "does not divide dp_shard=2"),
+    ({"ep": 2, "dp_shard": 2, "tp": 2}, "mesh.ep", "with tp=2"),
+    ({"ep": 2, "dp_shard": 2, "cp": 2}, "mesh.ep", "with cp=2"),
+])
+def test_ep_rules(mesh, path, words):
+    errs = errors(compiled(**mesh))
+    assert any(p == path and words in text for p, text in errs), errs
+
+
+def test_ep_needs_experts_and_no_compile():
+    b = compiled("llama", ep=2, dp_shard=4)
+    assert any(p == "mesh.ep" and "has no experts" in t for p, t in errors(b))
+    from meshbake.compiler.pipeline import compile_recipe
+
+    r = recipe("ep", "mixtral")
+    _ep(2)(r)
+    r["cluster"]["gpus_per_node"] = 4
+    r["train"]["compile"] = True
+    assert [p for p, _ in errors(compile_recipe(yaml.safe_dump(r), source="ep"))] == ["train.compile"]
+
+
+def test_ep_estimate_and_plan_md():
+    """dp_shard 4, ep 2, Mixtral tiny (4 experts of 2 x 64 x 64 + 64 x 64 per layer, 2 layers):
+    per rank the experts' params stay 1/4 (E/ep x 1/(dp_shard/ep)), the gathered last block holds
+    2 of 4 experts, and the all-to-all bytes are counted."""
+    ep = compiled(ep=2, dp_shard=4)
+    plain = compiled(ep=1, dp_shard=4)
+    pe, pp = json.loads(ep.files["plan.json"]), json.loads(plain.files["plan.json"])
+    assert pe["mesh"]["ep"] == 2 and pe["mesh"]["world"] == 4
+    est, base = pe["estimate"], pp["estimate"]
+    expert_bytes_block = 4 * (2 * 64 * 64 + 64 * 64) * 4            # fp32, one layer's experts
+    assert est["params_bytes"] == base["params_bytes"]              # 1/4 of the experts either way
+    # the last block is kept gathered (2 copies counted): half its experts under ep 2
+    assert base["gathered_bytes"] - est["gathered_bytes"] == 2 * expert_bytes_block // 2
+    # 4 x 2 layers x 1 micro-step (8 = 2 x 4 dp) x 64 tokens x k 2 x hidden 64 x 4 B x 1/2
+    assert est["ep_comm_bytes"] == 4 * 2 * 1 * 64 * 2 * 64 * 4 // 2 and base["ep_comm_bytes"] == 0
+    assert est["fsdp_comm_bytes"] < base["fsdp_comm_bytes"]
+    md = ep.files["PLAN.md"].decode()
+    assert "ep 2 carved from dp_shard (2 x 2)" in md and "| ep (within dp_shard) | 2 | 0, 1 |" in md
+    assert "expert parallel (ep 2)" in md and "EP all-to-all" in md
+    assert "each rank holds 2 of 4 experts" in md

@@ -40,14 +40,15 @@ bundle: install
 check: install
 	$(VENV)/bin/meshbake check $(RECIPE)
 
+# --cpu-times: CPU seconds per test file (tests/conftest.py), the number a loaded machine cannot distort
 test: install lint
-	$(PY) -m pytest -q --durations=12 tests
+	$(PY) -m pytest -q --durations=12 --cpu-times tests
 
 lint: install
 	$(VENV)/bin/ruff check .
 
 test-fast: install
-	$(PY) -m pytest -q tests -m "not dist and not slurm"
+	$(PY) -m pytest -q --durations=8 --cpu-times tests -m "not dist and not slurm"
 
 golden: install
 	$(PY) -m tests.golden_refresh

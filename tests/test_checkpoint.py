@@ -2,6 +2,11 @@
 `bash out/launch.sh` (torchrun, 4 gloo processes) exactly as a user runs it.
 
 Plan P: dp_shard 4; plan Q: dp_shard 2 x tp 2 (+SP, LP). 30 steps, checkpoint every 10, keep 2.
+
+The ten launches run two at a time (one module fixture, `launched`): a launch leaves a core idle
+while launch.sh's preflight, prepare and the torchrun agent start one after the other, so two
+interleave well on two cores. Each scenario has its own bundle and run dir; the tests below
+assert on what their scenario left.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -49,18 +55,124 @@ def log(run_dir: Path) -> str:
     return (run_dir / "train.log").read_text()
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def signal_mid_run(b: Path, run: Path, send) -> tuple[subprocess.Popen, str, str]:
+    """launch.sh in the background; once 3 steps are logged, send(proc); wait for the exit."""
+    proc = subprocess.Popen(["bash", str(b / "launch.sh")], env=launch_env(run), cwd=b.parent, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        m = run / "metrics.jsonl"
+        if m.is_file() and len(m.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    send(proc)
+    out, err = proc.communicate(timeout=600)
+    return proc, out, err
+
+
+# ------------------------------------------------------------------ the scenarios' launches
+def run_base(tmp: Path, p: Path) -> Path:
     """The uninterrupted run of P (the reference for every other test)."""
-    tmp = tmp_path_factory.mktemp("ckpt")
-    p = bundle(tmp, "p", mesh={"dp_shard": 4, "tp": 1})
     run = tmp / "run-base"
     launch(p, run)
-    return tmp, p, run, losses(run)
+    return run
+
+
+def run_restart(tmp: Path) -> Path:
+    b = bundle(tmp, "p_restart", mesh={"dp_shard": 4, "tp": 1}, max_restarts=1)
+    run = tmp / "run-restart"
+    launch(b, run, MESHBAKE_FAULT="step:1:25")
+    return run
+
+
+def run_killsave(tmp: Path) -> Path:
+    b = bundle(tmp, "p_killsave", mesh={"dp_shard": 4, "tp": 1}, max_restarts=1, keep=5)
+    run = tmp / "run-killsave"
+    launch(b, run, MESHBAKE_FAULT="save:2:20")
+    return run
+
+
+def run_reshard(tmp: Path, base: Future) -> tuple[Path, Path]:
+    run0 = base.result()
+    q = bundle(tmp, "q", mesh={"dp_shard": 2, "tp": 2}, sp=True, every=5, resume=str(run0 / "checkpoints/step-20"))
+    run_q = tmp / "run-q"
+    launch(q, run_q)
+    # and back: dp_shard 4 resumes from the dp2 x tp2 checkpoint at step 25
+    p2 = bundle(tmp, "p_back", mesh={"dp_shard": 4, "tp": 1}, resume=str(run_q / "checkpoints/step-25"))
+    run_p2 = tmp / "run-back"
+    launch(p2, run_p2)
+    return run_q, run_p2
+
+
+def run_preempt(tmp: Path, p: Path) -> dict:
+    run = tmp / "run-preempt"
+    proc, _, err = signal_mid_run(p, run, lambda proc: proc.send_signal(signal.SIGUSR1))
+    r = {"run": run, "returncode": proc.returncode, "stderr": err, "stopped": None, "committed": False}
+    if proc.returncode == 0:
+        r["stopped"] = stopped = int((run / "PREEMPTED").read_text())
+        r["committed"] = (run / f"checkpoints/step-{stopped}/COMMITTED").is_file()    # before the resume prunes
+        launch(p, run)                # the next launch resumes
+    return r
+
+
+def corrupted_copy(run0: Path, run: Path) -> bytes:
+    """40 KB overwritten in the middle of rank 1's shard of step-30, size unchanged."""
+    shutil.copytree(run0, run)
+    shard = run / "checkpoints/step-30/__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    mid = len(data) // 2
+    data[mid - 20480:mid + 20480] = b"\xa5" * 40960
+    shard.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def run_corrupt(tmp: Path, p: Path, base: Future) -> tuple[Path, bytes]:
+    run = tmp / "run-corrupt"
+    data = corrupted_copy(base.result(), run)
+    launch(p, run)
+    return run, data
+
+
+def run_sigterm(tmp: Path, p: Path) -> tuple[Path, subprocess.Popen, str]:
+    run = tmp / "run-sigterm"
+    proc, _, err = signal_mid_run(p, run, lambda proc: os.killpg(proc.pid, signal.SIGTERM))
+    return run, proc, err
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> dict:
+    """Every scenario's launches, two at a time: name -> its result, or the exception it raised
+    (re-raised by the test that reads it). The base run goes first; the two scenarios that start
+    from its checkpoints wait for it, the others do not need it until their assertions."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    p = bundle(tmp, "p", mesh={"dp_shard": 4, "tp": 1})
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        base = pool.submit(run_base, tmp, p)
+        futures = {"base": base, "reshard": pool.submit(run_reshard, tmp, base),
+                   "restart": pool.submit(run_restart, tmp), "killsave": pool.submit(run_killsave, tmp),
+                   "preempt": pool.submit(run_preempt, tmp, p), "corrupt": pool.submit(run_corrupt, tmp, p, base),
+                   "sigterm": pool.submit(run_sigterm, tmp, p)}
+        out = {name: f.exception() or f.result() for name, f in futures.items()}
+    print(f"checkpoint scenarios, 10 launches two at a time: {time.perf_counter() - t0:.1f} s")
+    return {**out, "p": p}
+
+
+def result(launched: dict, name: str):
+    r = launched[name]
+    if isinstance(r, BaseException):
+        raise r
+    return r
+
+
+@pytest.fixture(scope="module")
+def base(launched):
+    run = result(launched, "base")
+    return run, losses(run)
 
 
 def test_checkpoints_are_committed_and_pruned(base):
-    _, _, run, ref = base
+    run, ref = base
     assert sorted(ref) == list(range(1, STEPS + 1))
     kept = [s for s, _ in list_checkpoints(run / "checkpoints")]
     assert kept == [20, 30]                                   # keep: 2, step-10 pruned
@@ -71,13 +183,11 @@ def test_checkpoints_are_committed_and_pruned(base):
     assert not list((run / "checkpoints").glob("*.tmp"))
 
 
-def test_rank_death_restarts_and_resumes_exactly(base):
+def test_rank_death_restarts_and_resumes_exactly(base, launched):
     """Rank 1 os._exit()s at step 25; torchrun --max-restarts 1 restarts the group, which
     resumes from step-20 and reproduces steps 21-30 bit for bit."""
-    tmp, _, run0, ref = base
-    b = bundle(tmp, "p_restart", mesh={"dp_shard": 4, "tp": 1}, max_restarts=1)
-    run = tmp / "run-restart"
-    launch(b, run, MESHBAKE_FAULT="step:1:25")
+    _, ref = base
+    run = result(launched, "restart")
     assert "resumed from step-20" in log(run)
     got = losses(run)
     diff = max(abs(got[s] - ref[s]) for s in range(21, STEPS + 1))
@@ -85,13 +195,11 @@ def test_rank_death_restarts_and_resumes_exactly(base):
     assert diff <= 1e-6
 
 
-def test_killed_writer_leaves_previous_checkpoint_usable(base):
+def test_killed_writer_leaves_previous_checkpoint_usable(base, launched):
     """Rank 2 dies while step-20 is being written: step-20.tmp is left behind, never used;
     the restart skips it (log line) and resumes from step-10."""
-    tmp, _, _, ref = base
-    b = bundle(tmp, "p_killsave", mesh={"dp_shard": 4, "tp": 1}, max_restarts=1, keep=5)
-    run = tmp / "run-killsave"
-    launch(b, run, MESHBAKE_FAULT="save:2:20")
+    _, ref = base
+    run = result(launched, "killsave")
     text = log(run)
     assert "step-20.tmp: incomplete" in text and "resumed from step-10" in text, text
     got = losses(run)
@@ -99,20 +207,13 @@ def test_killed_writer_leaves_previous_checkpoint_usable(base):
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [10, 20, 30]
 
 
-def test_reshard_dp_shard4_to_dp2_tp2_and_back(base):
-    tmp, _, run0, ref = base
-    q = bundle(tmp, "q", mesh={"dp_shard": 2, "tp": 2}, sp=True, every=5,
-               resume=str(run0 / "checkpoints/step-20"))
-    run_q = tmp / "run-q"
-    launch(q, run_q)
+def test_reshard_dp_shard4_to_dp2_tp2_and_back(base, launched):
+    _, ref = base
+    run_q, run_p2 = result(launched, "reshard")
     assert "resumed from step-20 (saved on world 4)" in log(run_q)
     got = losses(run_q)
     assert sorted(got) == list(range(21, STEPS + 1))
     d1 = max(abs(got[s] - ref[s]) / ref[s] for s in got)
-    # and back: dp_shard 4 resumes from the dp2 x tp2 checkpoint at step 25
-    p2 = bundle(tmp, "p_back", mesh={"dp_shard": 4, "tp": 1}, resume=str(run_q / "checkpoints/step-25"))
-    run_p2 = tmp / "run-back"
-    launch(p2, run_p2)
     back = losses(run_p2)
     d2 = max(abs(back[s] - ref[s]) / ref[s] for s in back)
     print(f"reshard dp4 -> dp2xtp2: max rel {d1:.1e}; dp2xtp2 -> dp4: max rel {d2:.1e}")
@@ -120,44 +221,26 @@ def test_reshard_dp_shard4_to_dp2_tp2_and_back(base):
     assert d1 < 1e-5 and d2 < 1e-5
 
 
-def test_preemption_signal_saves_and_resume_continues(base):
+def test_preemption_signal_saves_and_resume_continues(base, launched):
     """SIGUSR1 to launch.sh (what job.sbatch forwards before the time limit): the step
     finishes, a checkpoint is written, PREEMPTED names the step, exit 0; the next launch resumes."""
-    tmp, p, _, ref = base
-    run = tmp / "run-preempt"
-    proc = subprocess.Popen(["bash", str(p / "launch.sh")], env=launch_env(run), cwd=p.parent,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        m = run / "metrics.jsonl"
-        if m.is_file() and len(m.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-4000:]
-    stopped = int((run / "PREEMPTED").read_text())
+    _, ref = base
+    r = result(launched, "preempt")
+    run, stopped = r["run"], r["stopped"]
+    assert r["returncode"] == 0, r["stderr"][-4000:]
     assert 3 <= stopped < STEPS, "the signal should land mid-run"
-    assert (run / f"checkpoints/step-{stopped}/COMMITTED").is_file()
-    launch(p, run)
+    assert r["committed"], f"step-{stopped} (PREEMPTED) was not committed"
     assert f"resumed from step-{stopped}" in log(run) and not (run / "PREEMPTED").exists()
     got = losses(run)
     assert max(abs(got[s] - ref[s]) for s in range(1, STEPS + 1)) <= 1e-6
 
 
-def test_corrupted_newest_checkpoint_falls_back_to_the_previous_one(base):
+def test_corrupted_newest_checkpoint_falls_back_to_the_previous_one(base, launched):
     """40 KB overwritten in the middle of a rank's shard of step-30, size unchanged (issue 9):
     the restart says so in one line, sets step-30 aside, resumes from step-20 and reproduces
     steps 21-30; keep 2 then holds step-20's successor and the new step-30, both verified."""
-    tmp, p, run0, ref = base
-    run = tmp / "run-corrupt"
-    shutil.copytree(run0, run)
-    shard = run / "checkpoints/step-30/__1_0.distcp"
-    data = bytearray(shard.read_bytes())
-    mid = len(data) // 2
-    data[mid - 20480:mid + 20480] = b"\xa5" * 40960
-    shard.write_bytes(bytes(data))
-    launch(p, run)
+    _, ref = base
+    run, data = result(launched, "corrupt")
     text = log(run)
     bad = [line for line in text.splitlines() if "failed verification" in line]
     assert bad == ["checkpoint step-30 failed verification: __1_0.distcp differs from the sha256 written at save "
@@ -167,26 +250,15 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous_one(base):
     assert max(abs(got[s] - ref[s]) for s in range(21, STEPS + 1)) <= 1e-6
     kept = list_checkpoints(run / "checkpoints")
     assert [s for s, _ in kept] == [20, 30] and all(verify(path) is None for _, path in kept)
-    assert (run / "checkpoints/step-30.corrupt/__1_0.distcp").read_bytes() == bytes(data)
+    assert (run / "checkpoints/step-30.corrupt/__1_0.distcp").read_bytes() == data
 
 
-def test_sigterm_to_the_whole_process_group_saves_and_exits_0(base):
+def test_sigterm_to_the_whole_process_group_saves_and_exits_0(launched):
     """How Slurm delivers scancel, preemption and the time limit: SIGTERM to every process of
     the step at once (launch.sh, torchrun, the workers), here os.killpg. torchrun must not
     turn it into SignalException + exit 1 (no requeue) and SIGKILL the workers mid-save: the
     workers finish the step, commit a checkpoint, write PREEMPTED, and everything exits 0."""
-    tmp, p, _, _ = base
-    run = tmp / "run-sigterm"
-    proc = subprocess.Popen(["bash", str(p / "launch.sh")], env=launch_env(run), cwd=p.parent, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        m = run / "metrics.jsonl"
-        if m.is_file() and len(m.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
+    run, proc, err = result(launched, "sigterm")
     assert proc.returncode == 0, err[-4000:]
     assert "SignalException" not in err and "Traceback" not in err, err[-4000:]
     stopped = int((run / "PREEMPTED").read_text())

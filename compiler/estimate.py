@@ -26,6 +26,7 @@ from meshbake.compiler.errors import Err, RecipeError, Result, reads
 from meshbake.compiler.memo import cached
 from meshbake.compiler.mesh import MeshSpec
 from meshbake.compiler.model import ModelSpec
+from meshbake.compiler.moe import router_aux_coef
 from meshbake.compiler.placements import DTYPE_BYTES, Placements
 from meshbake.compiler.recipe import Recipe
 from meshbake.runtime import flops as F
@@ -295,41 +296,15 @@ def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -
         logits_bytes=mem["logits"],
         budget_bytes=int(recipe.cluster.gpu_memory_gb * 1e9 * USABLE),
         flops_per_token=flops_per_token(recipe, model, mesh, pl),
-        # the exact rows of traffic(); experts under ep are gathered over fsdp / ep ranks (runtime/ep.py)
-        fsdp_comm_bytes=sum(c.wire_bytes for c in comm if c.axis.startswith("dp_")) - _ep_fsdp_saving(recipe, mesh, params),
+        # the exact rows of traffic(); experts under ep are FSDP over efsdp = dp_shard / ep (runtime/ep.py)
+        fsdp_comm_bytes=sum(c.wire_bytes for c in comm if c.axis.startswith("dp_") or c.axis == "efsdp"),
         tp_comm_bytes=sum(c.wire_bytes for c in comm if c.axis == "tp"),
         accum_grads_bytes=mem["accum"],
         traffic=comm,
         phases=mem["phases"],
-        ep_comm_bytes=_ep_comm(recipe, model, mesh),
+        ep_comm_bytes=sum(c.wire_bytes for c in comm if c.op == "all_to_all"),
     )
     return replace(est, time=step_time(recipe, mesh, est)) if recipe.cluster.device == "cuda" else est
-
-
-def _ep_fsdp_saving(recipe: Recipe, mesh: MeshSpec, params: list[RankParam]) -> int:
-    """Experts under ep are all-gathered / reduce-scattered over fsdp / ep ranks, not fsdp: the
-    FSDP traffic above counted their E / ep rows at the fraction (f-1)/f; at (f/ep - 1)/(f/ep) it is less."""
-    if mesh.ep == 1:
-        return 0
-    t, f, fe = recipe.train, mesh.fsdp, mesh.fsdp // mesh.ep
-    pb, rb = DTYPE_BYTES[t.mixed_precision.param_dtype], DTYPE_BYTES[t.mixed_precision.reduce_dtype]
-    n = sum(p.rows * p.rest for p in params if p.ep > 1)
-    per = 2 * mesh.grad_accum * n * pb + n * rb * (1 if t.grad_sync == "last_micro_step" else mesh.grad_accum)
-    return int(per * ((f - 1) / f - (fe - 1) / fe))
-
-
-def _ep_comm(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> int:
-    """All-to-all bytes per rank per optimizer step (runtime/ep.py): per MoE layer and micro-step
-    the k copies of each token go out and come back (dispatch + combine) in forward and the
-    same two in backward, a share (ep-1)/ep of them to other ranks under uniform routing:
-    4 x layers x tokens x k x hidden x param bytes x (ep-1)/ep."""
-    if mesh.ep == 1:
-        return 0
-    t = recipe.train
-    layers = sum(1 for m in model.modules if m.kind == "experts")
-    tokens = t.micro_batch_size * t.seq_len // mesh.cp
-    return int(4 * layers * mesh.grad_accum * tokens * model.experts_per_token * model.hidden_size
-               * DTYPE_BYTES[t.mixed_precision.param_dtype] * (mesh.ep - 1) / mesh.ep)
 
 
 _FIXES = {
@@ -422,7 +397,8 @@ def view(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, est: Estimate) -> dic
 # derived inputs: the mesh (its axes are checked before, so they are never set aside here; its
 # grad_accum comes from the batch sizes) and the placements (tp.plan, tp.sequence_parallel)
 @reads("train.seq_len", "train.micro_batch_size", "train.global_batch_size", "train.grad_accum",
-       "train.mixed_precision", "train.activation_checkpointing", "train.grad_sync", "model.dtype", "tp",
+       "train.mixed_precision", "train.activation_checkpointing", "train.grad_sync", "train.router_aux_loss_coef",
+       "model.dtype", "tp",
        "lora.rank", "lora.targets", "cluster.gpu_memory_gb", "cluster.nodes", "cluster.gpus_per_node",
        # the step-time model (cuda clusters): the hardware facts
        "cluster.device", "cluster.peak_tflops", "cluster.hbm_gbps", "cluster.intra_node_gbps",
@@ -440,15 +416,17 @@ class Collective:
     reduce-scatter's input, an all-reduce's tensor); a ring moves (n-1)/n of that per rank for
     all-gather / reduce-scatter and 2 (n-1)/n for all-reduce (wire_bytes)."""
     axis: str                      # tp | cp | dp_shard (dp_shard_cp when cp > 1) | dp_replicate | world
+    #                                | ep | efsdp (mesh.ep: dp_shard = efsdp x ep, ep inner; runtime/ep.py)
     ranks: int                     # group size
-    op: str                        # all_gather | reduce_scatter | all_reduce
+    op: str                        # all_gather | reduce_scatter | all_reduce | all_to_all
     what: str
     count: int
     bytes: int
 
     @property
     def wire_bytes(self) -> int:
-        return self.bytes * (2 if self.op == "all_reduce" else 1) * (self.ranks - 1) // self.ranks
+        return self.bytes * (2 if self.op == "all_reduce" else 1) * (self.ranks - 1) // self.ranks    # all_to_all:
+        # uniform routing sends (ranks - 1) / ranks of the rows away
 
 
 @dataclass(frozen=True)
@@ -474,6 +452,11 @@ class _Shape:
     rep: tuple[int, int]           # trainable params replicated over tp (Partial grads): tensors, numel
     tp_tensors: int                # trainable tensors that are TP DTensors (one grad-norm group)
     plain_tensors: int             # trainable tensors that are not (another group)
+    # per-block sums over every block (blocks can differ: Qwen3-MoE's mlp_only_layers are dense)
+    rowwise_sum: int = 0           # rowwise Linears of all blocks
+    mlp_colwise_sum: int = 0       # colwise Linears of all blocks' MLPs
+    moe: int = 0                   # MoE blocks (a grouped `experts` module, runtime/fused.py)
+    norm_stats: tuple[int, int] = (0, 0)   # colwise_norm modules of all blocks (OLMo-2 q/k norm): count, numel
 
 
 def _is_attn(fqn: str, prefix: str) -> bool:
@@ -528,6 +511,9 @@ def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: boo
         elif style == "rowwise" and m.kind == "linear" and tensors == 2 and sp:
             rep[0] += 1                                # the bias after a sequence-sharded output
             rep[1] += m.numel - w
+    blocks = [m for m in model.modules if roles.in_block(m.fqn)]
+    bpre = lambda m: m.fqn[:len(roles.block_prefix) + 1] + m.fqn[len(roles.block_prefix) + 1:].partition(".")[0] + "."  # noqa: E731
+    colnorm = [m for m in blocks if pl.styles.get(m.fqn) == "colwise_norm"] if tp > 1 else []
     covered = sum(m.numel for m in model.modules)
     if not lo.rank and model.num_params - covered + (model.vocab_size * model.hidden_size
                                                      if roles.tied else 0) > 0:
@@ -541,7 +527,12 @@ def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: boo
         rowwise=sum(1 for m in lin if pl.styles[m.fqn] == "rowwise"),
         emb_tp=style_of(emb) == "rowwise", emb_trainable=not lo.rank, head_tp=style_of(head).startswith("colwise"),
         n_before=n_before, n_after_attn=n_attn, n_after_mlp=n_mlp, k_layers=k_l, v_layers=v_l,
-        rep=(rep[0], rep[1]), tp_tensors=tp_t if tp > 1 else 0, plain_tensors=plain_t + (0 if tp > 1 else tp_t))
+        rep=(rep[0], rep[1]), tp_tensors=tp_t if tp > 1 else 0, plain_tensors=plain_t + (0 if tp > 1 else tp_t),
+        rowwise_sum=sum(1 for m in blocks if m.kind == "linear" and pl.styles[m.fqn] == "rowwise"),
+        mlp_colwise_sum=sum(1 for m in blocks if m.kind == "linear" and not _is_attn(m.fqn, bpre(m))
+                            and pl.styles[m.fqn].startswith("colwise")),
+        moe=sum(1 for m in model.modules if m.kind == "experts"),
+        norm_stats=(len(colnorm), sum(m.numel for m in colnorm)))
 
 
 _SHAPES: dict = {}
@@ -614,30 +605,49 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
             out.append(Collective(axis, n, op, what, count, nbytes))
 
     fax = "dp_shard_cp" if cp > 1 else "dp_shard"
+    ep, coef = mesh.ep, router_aux_coef(recipe, model)
     if fsdp:
-        root, blocks, last, train, shard, groups = _fsdp_sums(params, f, L)
+        # under ep the experts are FSDP-sharded on their own mesh (below), not in their block's group
+        root, blocks, last, train, shard, groups = _fsdp_sums(params if ep == 1 else [p for p in params if p.ep == 1], f, L)
         add(fax, f, "all_gather", "params: top-level module + every block forward, all but the last block again in backward",
             ga * (1 + L + L - 1), ga * (root + 2 * blocks - last) * pb)
         add(fax, f, "reduce_scatter", f"gradients, {syncs} synced micro-step(s)", syncs * groups,
             syncs * train * rb)
         add("dp_replicate", r, "all_reduce", "gradient shards across replicas (HSDP)", syncs * groups,
             syncs * shard * rb)
+    if ep > 1:
+        _ep_rows(add, recipe, model, mesh, syncs, tokens)
     if tp > 1:
         a, sp = tokens * model.hidden_size * pb, recipe.tp.sequence_parallel
         ac = (t.activation_checkpointing != "none") * sh.n_after_mlp
         head_in = sh.head_tp * (sh.n_after_mlp > 0 or not L)
+        mlp_bwd = sh.mlp_colwise_sum if sh.n_after_attn == L else sh.mlp_colwise * sh.n_after_attn
         if sp:
             ag = sh.emb_tp * sh.emb_trainable + L * 2 + sh.head_tp + sh.n_after_attn + sh.n_after_mlp + 2 * ac
-            rs = sh.emb_tp + L * sh.rowwise + sh.n_before + sh.n_after_attn + head_in + ac
+            # a MoE block reduce-scatters its output (+1) and its input's gradient is all-reduced
+            # instead (-1, below): n_after_attn counts both
+            rs = sh.emb_tp + sh.rowwise_sum + sh.n_before + sh.n_after_attn + head_in + ac
             add("tp", tp, "all_gather", "activations (sequence parallel), forward + backward"
                 + (" + AC recompute" if ac else ""), ga * ag, ga * ag * a)
             add("tp", tp, "reduce_scatter", "activations (sequence parallel), forward + backward"
                 + (" + AC recompute" if ac else ""), ga * rs, ga * rs * a)
         else:
-            ar = sh.emb_tp + L * sh.rowwise + sh.attn_colwise * sh.n_before + sh.mlp_colwise * sh.n_after_attn \
+            ar = sh.emb_tp + sh.rowwise_sum + sh.moe + sh.attn_colwise * sh.n_before + mlp_bwd \
                 + head_in + ac * max(0, sh.rowwise - 1)
             add("tp", tp, "all_reduce", "activations, forward + backward" + (" + AC recompute" if ac else ""),
                 ga * ar, ga * ar * a)
+        if sh.moe:          # runtime/fused.py moe_block_forward: router replicated, _SumGrad backward
+            wb = 4 if model.model_type in ROUTER_FP32 else pb
+            add("tp", tp, "all_reduce", "MoE: gradient of the block input (router + experts), backward",
+                ga * sh.moe, ga * sh.moe * a)
+            add("tp", tp, "all_reduce", "MoE: gradient of the routing weights, backward", ga * sh.moe,
+                ga * sh.moe * tokens * model.experts_per_token * wb)
+        if sh.norm_stats[0]:  # colwise_norm (runtime/parallel._sharded_norm): the norm over a sharded dim
+            n_norm, numel = sh.norm_stats
+            add("tp", tp, "all_reduce", "colwise_norm statistics (fp32 mean of squares), forward",
+                ga * n_norm, ga * n_norm * tokens * 4)
+            add("tp", tp, "reduce_scatter", "colwise_norm input gradients, backward", ga * n_norm,
+                ga * tokens * numel * pb)
         if sh.head_tp and not recipe.tp.loss_parallel:
             add("tp", tp, "all_gather", "logits (no loss parallel)", ga, ga * tokens * model.vocab_size * pb)
         if recipe.tp.loss_parallel:
@@ -652,17 +662,59 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
         add("cp", cp, "reduce_scatter", "K, V gradients", ga * (sh.k_layers + sh.v_layers),
             ga * (sh.k_layers + sh.v_layers) * kv)
     # gradient clipping: the per-tensor norms of each mesh group, reduced over its sharded axes
-    for n_t in (sh.tp_tensors, sh.plain_tensors):
+    # (under ep the experts' tensors are a group of their own: see _ep_rows)
+    ex_t = 2 * sh.moe * (not recipe.lora.rank) if ep > 1 else 0
+    for n_t in (sh.tp_tensors, sh.plain_tensors - ex_t):
         if n_t:
             add(fax, f if fsdp else 1, "all_reduce", "grad-norm partials", 1, n_t * mb)
     add("tp", tp, "all_reduce", "grad-norm partials", 1 if sh.tp_tensors else 0, sh.tp_tensors * mb)
-    add("world", mesh.world, "all_reduce", "loss sum + stop flag", 1, 16)
+    if coef > 0:            # runtime/fused.router_aux_loss: top-k counts, probabilities, rows (float64)
+        add("world", mesh.world, "all_reduce", "router aux loss: expert counts + probabilities", ga,
+            ga * (2 * model.num_experts + 1) * 8)
+    add("world", mesh.world, "all_reduce", "loss sum + stop flag" + (" + aux loss" if coef > 0 else ""), 1,
+        24 if coef > 0 else 16)
     return _merge(out)
+
+
+# routers whose routing weights stay fp32 whatever the compute dtype (transformers' MixtralTopKRouter);
+# Qwen3-MoE's cast them back to the logits' dtype
+ROUTER_FP32 = frozenset({"mixtral"})
+
+
+def _ep_rows(add, recipe: Recipe, model: ModelSpec, mesh: MeshSpec, syncs: int, tokens: int) -> None:
+    """mesh.ep (runtime/ep.py; tp = cp = 1): per MoE layer and micro-step, the per-expert counts
+    (E int64) and four all-to-alls of token rows x hidden (dispatch, combine; their backward
+    the reverse). The experts' FSDP runs over efsdp = dp_shard / ep (x dp_replicate)."""
+    mp = recipe.train.mixed_precision
+    pb, rb, mb = DTYPE_BYTES[mp.param_dtype], DTYPE_BYTES[mp.reduce_dtype], DTYPE_BYTES[recipe.model.dtype]
+    ep, fe, r, ga = mesh.ep, mesh.fsdp // mesh.ep, mesh.dp_replicate, mesh.grad_accum
+    ex = [m for m in model.modules if m.kind == "experts"]
+    k, h, n = model.experts_per_token, model.hidden_size, len(ex)
+    add("ep", ep, "all_to_all", "MoE: tokens per expert (int64), forward", ga * n, ga * n * model.num_experts * 8)
+    add("ep", ep, "all_to_all", "MoE: token rows dispatched + combined, forward + backward "
+        "(bytes: the ep group's mean, see the rules)", 4 * ga * n, 4 * ga * n * tokens * k * h * pb)
+    full = shard = 0
+    for m in ex:                      # gate_up (E/ep, 2I, H), down (E/ep, H, I): Shard(1) over efsdp
+        e, two_i = m.shape[0] // ep, m.shape[1]
+        i = two_i // 2
+        full += e * (-(-two_i // fe) * fe * h + -(-h // fe) * fe * i)
+        shard += e * (-(-two_i // fe) * h + -(-h // fe) * i)
+    trainable = not recipe.lora.rank
+    add("efsdp", fe, "all_gather", "experts: every MoE layer forward and again in backward", 2 * ga * n,
+        2 * ga * full * pb)
+    add("efsdp", fe, "reduce_scatter", f"experts' gradients, {syncs} synced micro-step(s)", syncs * n * trainable,
+        syncs * full * rb)
+    add("dp_replicate", r, "all_reduce", "experts' gradient shards across replicas (HSDP)", syncs * n * trainable,
+        syncs * shard * rb)
+    if trainable:                     # the experts' own mesh group: Partial over efsdp and ep
+        add("efsdp", fe, "all_reduce", "grad-norm partials (experts)", 1, 2 * n * mb)
+        add("ep", ep, "all_reduce", "grad-norm partials (experts)", 1, 2 * n * mb)
 
 
 def _merge(rows: list[Collective]) -> tuple[Collective, ...]:
     """One row per (axis, op, what), in a fixed axis order."""
-    order = {a: i for i, a in enumerate(("dp_replicate", "dp_shard", "dp_shard_cp", "cp", "tp", "world"))}
+    order = {a: i for i, a in enumerate(("dp_replicate", "dp_shard", "dp_shard_cp", "efsdp", "ep", "cp", "tp",
+                                          "world"))}
     merged: dict[tuple[str, str, str], Collective] = {}
     for c in rows:
         k = (c.axis, c.op, c.what)
@@ -685,7 +737,7 @@ ADAMW_PASSES = 12            # HBM passes over the trainable shard: clip (norm r
                              # its sqrt temporary written and read)
 AXIS_INNER = {"tp": ("tp",), "cp": ("cp", "tp"), "dp_shard": ("dp_shard", "cp", "tp"),
               "dp_shard_cp": ("dp_shard", "cp", "tp"), "dp_replicate": ("dp_replicate", "dp_shard", "cp", "tp"),
-              "world": ("dp_replicate", "dp_shard", "cp", "tp")}
+              "world": ("dp_replicate", "dp_shard", "cp", "tp"), "ep": ("ep",), "efsdp": ("dp_shard",)}
 
 
 @dataclass(frozen=True)
@@ -756,7 +808,7 @@ def step_time(recipe: Recipe, mesh: MeshSpec, est: Estimate) -> StepTime:
     ac = t.activation_checkpointing
     recompute = compute / 3 if ac == "full" else compute * SELECTIVE_RECOMPUTE if ac == "selective" else 0.0
     rows = est.traffic
-    shard = comm_seconds(recipe, mesh, rows, ("dp_shard", "dp_shard_cp"))
+    shard = comm_seconds(recipe, mesh, rows, ("dp_shard", "dp_shard_cp", "efsdp"))
     rep = comm_seconds(recipe, mesh, rows, ("dp_replicate",))
     dp = shard + rep
     exposed = max((1 - FSDP_OVERLAP) * dp, dp - compute - recompute) if dp else 0.0

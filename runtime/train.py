@@ -320,8 +320,8 @@ class StepOut:
     """One step's results. `stats` stays on the device until read: reading waits for the step
     to finish (a host sync on CUDA), so the loop reads it only when a log line, a checkpoint
     or the stop/finite checks need it (on CUDA the latter one step late, see run)."""
-    stats: torch.Tensor               # [world-sum of the token-loss sums, stop flags, coef x router aux loss,
-    #                                    grad norm before clipping]
+    stats: torch.Tensor               # [world-sum of the token-loss sums, stop flags, (coef x router aux
+    #                                    loss, with train.router_aux_loss_coef > 0), grad norm before clipping]
     loss_div: float                   # tp x labelled tokens of the global batch: world-sum / loss_div = mean
     lr: float
     seconds: float                    # host time of the step (its wall time whenever stats were read)
@@ -329,12 +329,13 @@ class StepOut:
     @property
     def values(self) -> tuple[float, bool, float]:
         """(loss, stop, grad norm); the loss is transformers': cross-entropy + coef x aux."""
-        loss_sum, flag, aux, gnorm = self.stats.tolist()
+        v = self.stats.tolist()
+        loss_sum, flag, aux, gnorm = v if len(v) == 4 else (v[0], v[1], 0.0, v[2])
         return loss_sum / self.loss_div + aux, flag > 0, gnorm
 
     @property
     def aux(self) -> float:           # coef x router aux loss (0 when not added)
-        return self.stats[2].item()
+        return self.stats[2].item() if self.stats.numel() == 4 else 0.0
 
     @property
     def loss(self) -> float:          # global mean over every token of the global batch
@@ -384,7 +385,8 @@ def train_step(job: Job, step: int, stop_requested: bool) -> StepOut:
     # step run. The sum is the same on the tp ranks of a dp x cp coordinate, so
     # world-sum / tp / N = the global token mean; any rank's stop flag stops every rank.
     flag = torch.tensor(float(stop_requested), dtype=torch.float64, device=device)
-    stats = torch.stack([loss_sum, flag, aux_sum / plan.mesh.world])    # aux: the same on every rank
+    # aux: the same on every rank; only with the aux loss on (a dense step's all-reduce stays 16 B)
+    stats = torch.stack([loss_sum, flag] + ([aux_sum / plan.mesh.world] if coef > 0 else []))
     pending = dist.all_reduce(stats, async_op=True)
     gnorm = clip_grad_norm([p for p in job.model.parameters() if p.requires_grad], plan.train.grad_clip)
     lr = job.sched.get_last_lr()[0]

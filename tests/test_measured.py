@@ -18,13 +18,14 @@ WORLD = 4
 
 def plan_dict(name: str, *, dp_replicate=1, dp_shard=1, tp=1, cp=1, sp=False, lp=False, model="tiny-llama",
               seq=32, mbs=2, gbs=None, ac="none", param_dtype="float32", reduce_dtype="float32", lora=0,
-              grad_sync="every_micro_step") -> dict:
+              grad_sync="every_micro_step", ep=1, aux=0.0) -> dict:
     dp = dp_replicate * dp_shard
     return plan_of(tiny_recipe(
-        name, WORLD, mesh={"dp_replicate": dp_replicate, "dp_shard": dp_shard, "cp": cp, "tp": tp}, sp=sp, lp=lp,
-        model=model,
+        name, WORLD, mesh={"dp_replicate": dp_replicate, "dp_shard": dp_shard, "cp": cp, "tp": tp, "ep": ep},
+        sp=sp, lp=lp, model=model,
         train={"seq_len": seq, "micro_batch_size": mbs, "global_batch_size": gbs or mbs * dp, "steps": 2,
                "lr": 1e-3, "warmup_steps": 1, "activation_checkpointing": ac, "grad_sync": grad_sync,
+               "router_aux_loss_coef": aux,
                "mixed_precision": {"param_dtype": param_dtype, "reduce_dtype": reduce_dtype}},
         lora={"rank": lora, "alpha": 8, "targets": ["q_proj", "v_proj", "o_proj", "down_proj"]}))
 
@@ -65,6 +66,20 @@ TRAFFIC_ONLY = {
     "comm_hsdp_accum2_nosync": dict(dp_replicate=2, dp_shard=2, gbs=8, grad_sync="last_micro_step"),
 }
 CASES.update(TRAFFIC_ONLY)
+# MoE (style experts: every expert's intermediate dim split over tp, router replicated; mesh.ep:
+# experts split by index over ep, tokens dispatched by all-to-all) and OLMo-2's colwise_norm
+MIXTRAL, QWEN_MOE = str(ROOT / "tests/models/mixtral/config.json"), str(ROOT / "tests/models/qwen3_moe/config.json")
+OLMO2 = str(ROOT / "tests/models/olmo2/config.json")
+MOE = {
+    "moe_mixtral_tp2_sp_lp": dict(dp_shard=2, tp=2, sp=True, lp=True, model=MIXTRAL),
+    "moe_qwen3_tp2": dict(dp_shard=2, tp=2, model=QWEN_MOE),
+    "moe_qwen3_tp2_sp_lp_aux": dict(dp_shard=2, tp=2, sp=True, lp=True, model=QWEN_MOE, aux=0.1),
+    "moe_mixtral_tp2_aux_accum2": dict(tp=2, dp_shard=2, model=MIXTRAL, aux=0.1, gbs=8),
+    "moe_mixtral_ep2": dict(dp_shard=4, ep=2, model=MIXTRAL),                     # experts FSDP over 2
+    "moe_qwen3_ep2_hsdp_aux": dict(dp_replicate=2, dp_shard=2, ep=2, model=QWEN_MOE, aux=0.1),   # over 1
+    "olmo2_tp2_sp_lp": dict(dp_shard=2, tp=2, sp=True, lp=True, model=OLMO2),
+}
+CASES.update(MOE)
 
 
 @pytest.fixture(scope="module")
@@ -121,14 +136,16 @@ def test_memory_estimate_holds_the_measured_peak(measured, name):
 
 def axis_ranks(mesh: dict, rank: int, axis: str) -> frozenset[int]:
     """The ranks of `rank`'s group along a mesh axis (dp_replicate, dp_shard, cp, tp
-    row-major, tp innermost; dp_shard_cp = dp_shard x cp flattened; world = all)."""
-    dims = ("dp_replicate", "dp_shard", "cp", "tp")
-    sizes = [mesh[d] for d in dims]
+    row-major, tp innermost; dp_shard = efsdp x ep, ep inner (runtime/ep.py); dp_shard_cp =
+    dp_shard x cp flattened; world = all)."""
+    ep = mesh.get("ep", 1)
+    dims = ("dp_replicate", "efsdp", "ep", "cp", "tp")
+    sizes = [mesh["dp_replicate"], mesh["dp_shard"] // ep, ep, mesh["cp"], mesh["tp"]]
     coord, rest = [], rank
     for s in reversed(sizes):
         coord.insert(0, rest % s)
         rest //= s
-    free = {"dp_shard_cp": ("dp_shard", "cp"), "world": dims}.get(axis, (axis,))
+    free = {"dp_shard": ("efsdp", "ep"), "dp_shard_cp": ("efsdp", "ep", "cp"), "world": dims}.get(axis, (axis,))
     out = []
     for r in range(mesh["dp_replicate"] * mesh["dp_shard"] * mesh["cp"] * mesh["tp"]):
         c, rest = [], r
@@ -143,7 +160,8 @@ def axis_ranks(mesh: dict, rank: int, axis: str) -> frozenset[int]:
 def traffic_by_group(plan: dict, rank: int, logged: list[dict]) -> tuple[dict, dict]:
     """(estimate, measured): {(group's ranks, op): [count, bytes]}, compared by the ranks of the
     group rather than by axis name: two axes can be the same ranks (dp_shard_cp and world at
-    dp_shard 2 x cp 2), and the runtime may reach one group through several process groups."""
+    dp_shard 2 x cp 2; dp_shard and ep at dp_shard = ep), and the runtime may reach one group
+    through several process groups."""
     est: dict = {}
     for c in plan["estimate"]["traffic"]:
         k = (axis_ranks(plan["mesh"], rank, c["axis"]), c["op"])
@@ -164,11 +182,24 @@ def test_traffic_estimate_is_every_collective_issued(measured, name):
     """plan.json's traffic rows vs every collective each rank issues in one optimizer step
     (tests/dist/collectives.py): the same count and bytes per process group and op, exactly."""
     r = measured[name]
+    a2a: dict = {}
     for rank, got_rank in enumerate(r["ranks"]):
         est, got = traffic_by_group(r["plan"], rank, got_rank["collectives"])
+        for k in [k for k in est.keys() | got.keys() if k[1] == "all_to_all"]:
+            # the bytes of two of the four token all-to-alls of a MoE layer are the rows this rank
+            # receives, which routing decides: exact per rank is the count, the bytes over the group
+            e, g = est.pop(k, [0, 0]), got.pop(k, [0, 0])
+            assert e[0] == g[0], (name, rank, sorted(k[0]), e, g)
+            s = a2a.setdefault(k[0], [0, 0])
+            s[0] += e[1]
+            s[1] += g[1]
         diff = {(sorted(k[0]), k[1]): (est.get(k), got.get(k)) for k in est.keys() | got.keys()
                 if est.get(k) != got.get(k)}
         assert not diff, (name, rank, diff)
-    if name.startswith(("mem_tp2_sp_lp", "comm_")):
+    # every row one rank receives another sent: over the ep group, received = sent = its tokens x k
+    assert all(e == g for e, g in a2a.values()), (name, {tuple(sorted(k)): v for k, v in a2a.items()})
+    if r["plan"]["mesh"].get("ep", 1) > 1:
+        assert a2a, name
+    if name.startswith(("mem_tp2_sp_lp", "comm_", "moe_", "olmo2_")):
         rows = [(c["axis"], c["op"], c["count"], c["bytes"]) for c in r["plan"]["estimate"]["traffic"]]
         print(name, rows)

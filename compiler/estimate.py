@@ -587,10 +587,34 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
         FSDP once per step (runtime/parallel.reduce_partial_grads)
       CP (all-gather form, runtime/cp.py): K and V all-gathered per layer (their local kv heads,
         the whole sequence), reduce-scattered in backward; AC +2 all-gathers per layer
+      TP, MoE blocks (style experts, runtime/fused.py; blocks may differ: Qwen3-MoE's mlp_only_layers
+        are dense, so the Linear counts are summed over every block): the router runs replicated, each
+        expert on its slice of the intermediate dim; the output's partial sums are all-reduced
+        (reduce-scattered under SP: the block input's backward reduce-scatter is gone instead), and in
+        backward the block input's gradient (a) and the routing weights' (tokens x k, fp32 for Mixtral,
+        param_dtype for Qwen3-MoE) are all-reduced (_SumGrad)
+      TP, colwise_norm (OLMo-2 q/k norm over the whole projection): per norm and layer a forward
+        all-reduce of the fp32 mean of squares (tokens x 4 B) and a backward reduce-scatter of its
+        input gradient (tokens x the norm's dim)
+      EP (mesh.ep, tp = cp = 1, runtime/ep.py) per MoE layer and micro-step over ep: the per-expert
+        counts (E int64) and four all-to-alls of token rows x hidden x param bytes, the dispatch and
+        the combine forward, their reverse backward. The dispatch forward and the combine backward
+        send this rank's tokens x k rows (exact); the combine forward and the dispatch backward send
+        back the rows this rank received, which routing decides: the rows give the ep group's mean
+        (every row one rank receives another sent), exact summed over the group. The experts are
+        FSDP'd on their own mesh over efsdp = dp_shard / ep (Shard(1), padded on dim 1): all-gathered
+        per MoE layer forward and again in backward (the last too), reduce-scattered per synced
+        micro-step, all-reduced across dp_replicate (whole when efsdp is 1); their blocks' groups
+        over dp_shard exclude them; their grad norms are a mesh group of their own (efsdp, ep)
+      router aux loss (train.router_aux_loss_coef > 0): per micro-step a world all-reduce of the top-k
+        counts, probabilities and rows (2E + 1 float64); the step's stats all-reduce carries it (+8 B)
       clipping: one all-reduce per parameter mesh group and sharded axis of the per-tensor norms
         (model dtype); the step's [loss sum, stop] all-reduce over the world (2 x float64).
-    Not modelled: colwise_norm's statistics all-reduce (OLMo-2), MoE experts, and the dtypes under
-    autocast (TP without FSDP, param_dtype != model.dtype: counted in param_dtype)."""
+    Not modelled: the dtypes under autocast (TP without FSDP, param_dtype != model.dtype: counted in
+    param_dtype); measured in fp32 only: the MoE and colwise_norm rows (their bf16 dtypes follow the
+    code: the fp32 norm statistics and Mixtral's fp32 routing weights); AC recompute of MoE blocks and
+    colwise_norm, LoRA on MoE / OLMo-2 models (the dense rules are applied) and MoE x CP (no
+    measurement); colwise_norm without sequence parallel (same rule, not measured)."""
     t, mp = recipe.train, recipe.train.mixed_precision
     tp, cp, f, r, ga = mesh.tp, mesh.cp, mesh.fsdp, mesh.dp_replicate, mesh.grad_accum
     pb, rb, mb = DTYPE_BYTES[mp.param_dtype], DTYPE_BYTES[mp.reduce_dtype], DTYPE_BYTES[recipe.model.dtype]

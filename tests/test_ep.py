@@ -76,10 +76,34 @@ def test_ep_estimate_and_plan_md():
     assert est["params_bytes"] == base["params_bytes"]              # 1/4 of the experts either way
     # the last block is kept gathered (2 copies counted): half its experts under ep 2
     assert base["gathered_bytes"] - est["gathered_bytes"] == 2 * expert_bytes_block // 2
-    # 4 x 2 layers x 1 micro-step (8 = 2 x 4 dp) x 64 tokens x k 2 x hidden 64 x 4 B x 1/2
-    assert est["ep_comm_bytes"] == 4 * 2 * 1 * 64 * 2 * 64 * 4 // 2 and base["ep_comm_bytes"] == 0
+    # 4 x 2 layers x 1 micro-step (8 = 2 x 4 dp) x 64 tokens x k 2 x hidden 64 x 4 B x 1/2, + the
+    # per-expert counts (4 int64) of each layer x 1/2
+    assert est["ep_comm_bytes"] == 4 * 2 * 1 * 64 * 2 * 64 * 4 // 2 + 2 * 4 * 8 // 2 and base["ep_comm_bytes"] == 0
     assert est["fsdp_comm_bytes"] < base["fsdp_comm_bytes"]
     md = ep.files["PLAN.md"].decode()
     assert "ep 2 carved from dp_shard (2 x 2)" in md and "| ep (within dp_shard) | 2 | 0, 1 |" in md
     assert "expert parallel (ep 2)" in md and "EP all-to-all" in md
     assert "each rank holds 2 of 4 experts" in md
+
+
+def test_ep_traffic_rows_by_hand():
+    """The rows estimate.traffic lists for mesh.ep (held to the collectives of a real run in
+    tests/test_measured.py), re-derived: Mixtral tiny, dp_shard 4 = efsdp 2 x ep 2, 2 MoE layers,
+    1 micro-step of 2 x 32 tokens, k 2, hidden 64, fp32; 2 of the 4 experts per rank."""
+    est = json.loads(compiled(ep=2, dp_shard=4).files["plan.json"])["estimate"]
+    rows = {}
+    for c in est["traffic"]:
+        r = rows.setdefault((c["axis"], c["op"]), [0, 0])
+        r[0] += c["count"]
+        r[1] += c["bytes"]
+    # per layer: the counts (4 int64), dispatch + combine forward and their reverse backward
+    assert rows["ep", "all_to_all"] == [2 * (1 + 4), 2 * 4 * 8 + 2 * 4 * 64 * 2 * 64 * 4]
+    experts = 2 * (2 * 64 * 64 + 64 * 64) * 4            # one layer's local experts, gathered, fp32
+    assert rows["efsdp", "all_gather"] == [2 * 2, 2 * 2 * experts]      # forward + backward, each layer
+    assert rows["efsdp", "reduce_scatter"] == [2, 2 * experts]
+    # clipping: the experts' 4 tensors are a mesh group of their own, Partial over efsdp and ep
+    assert rows["efsdp", "all_reduce"] == [1, 4 * 4] and rows["ep", "all_reduce"] == [1, 4 * 4]
+    # the blocks' FSDP over dp_shard 4 no longer carries the experts: attention, norms, router
+    block = 2 * 64 * 64 + 2 * 32 * 64 + 2 * 64 + 4 * 64     # q, o; k, v (2 kv heads x 16); norms; router
+    root = 2 * 1024 * 64 + 64
+    assert rows["dp_shard", "all_gather"] == [1 + 2 + 1, (root + 2 * 2 * block - block) * 4]

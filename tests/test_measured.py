@@ -180,7 +180,10 @@ def traffic_by_group(plan: dict, rank: int, logged: list[dict]) -> tuple[dict, d
 @pytest.mark.parametrize("name", list(CASES))
 def test_traffic_estimate_is_every_collective_issued(measured, name):
     """plan.json's traffic rows vs every collective each rank issues in one optimizer step
-    (tests/dist/collectives.py): the same count and bytes per process group and op, exactly."""
+    (tests/dist/collectives.py): the same count and bytes per process group and op, exactly. The
+    all-to-alls of mesh.ep: two of a MoE layer's four send the rows the rank received, which the
+    routing decides, so per rank their count is exact and their bytes are exact summed over the
+    ep group (every row one rank receives, another sent: the estimate's rows are the group's mean)."""
     r = measured[name]
     a2a: dict = {}
     for rank, got_rank in enumerate(r["ranks"]):

@@ -196,7 +196,7 @@ def test_traffic_estimate_is_every_collective_issued(measured, name):
             s = a2a.setdefault(k[0], [0, 0])
             s[0] += e[1]
             s[1] += g[1]
-        diff = {(sorted(k[0]), k[1]): (est.get(k), got.get(k)) for k in est.keys() | got.keys()
+        diff = {(tuple(sorted(k[0])), k[1]): (est.get(k), got.get(k)) for k in est.keys() | got.keys()
                 if est.get(k) != got.get(k)}
         assert not diff, (name, rank, diff)
     # every row one rank receives another sent: over the ep group, received = sent = its tokens x k

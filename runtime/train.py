@@ -551,6 +551,10 @@ def main(argv: list[str] | None = None) -> int:
         report_user_error(user)
         sys.stderr.flush()
         os._exit(EXIT_USER)            # no process-group teardown: peers may be gone
+    # every rank leaves its last collective before any rank closes its gloo pairs: a rank that
+    # tore down while a peer was still in one aborted that peer at exit ("terminate called
+    # without an active exception", SIGABRT, exit 1 after a complete run; seen once under load)
+    dist.barrier()
     dist.destroy_process_group()
     return 0
 

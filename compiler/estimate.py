@@ -30,6 +30,7 @@ from meshbake.compiler.moe import router_aux_coef
 from meshbake.compiler.placements import DTYPE_BYTES, Placements
 from meshbake.compiler.recipe import Recipe
 from meshbake.runtime import flops as F
+from meshbake.runtime.dims import tokens_per_rank
 from meshbake.runtime.roles import local_shape, lora_shapes
 from meshbake.runtime.units import fmt_bytes
 
@@ -156,7 +157,7 @@ def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[int,
     loss parallel 16 B per token x vocab / tp (the sharded logits are kept too)."""
     t, tp = recipe.train, mesh.tp
     sp = mesh.sequence_parallel
-    tokens = t.micro_batch_size * t.seq_len // mesh.cp
+    tokens = tokens_per_rank(t, mesh)
     pb = DTYPE_BYTES[t.mixed_precision.param_dtype]
     h, inter = model.hidden_size, model.intermediate_size
     q, kv = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
@@ -260,7 +261,7 @@ def flops_per_token(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placem
         matmul_params=n, layers=model.num_layers, heads=model.num_heads, head_dim=model.head_dim,
         seq_len=t.seq_len, frozen_params=n - sum(m.shape[0] * m.shape[1] for m in adapted) if adapted else 0,
         adapters=[(m.shape[0], lo.rank, m.shape[1]) for m in adapted],
-        tokens_per_micro_step=t.micro_batch_size * t.seq_len // mesh.cp)
+        tokens_per_micro_step=tokens_per_rank(t, mesh))
 
 
 _RANK_PARAMS: dict = {}
@@ -621,7 +622,7 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
     fsdp = r * f > 1
     syncs = ga if t.grad_sync == "every_micro_step" or not fsdp else 1
     sh = _shape_cached(recipe, model, pl, tp, mesh.sequence_parallel)
-    L, tokens = model.num_layers, t.micro_batch_size * t.seq_len // cp
+    L, tokens = model.num_layers, tokens_per_rank(t, mesh)
     out: list[Collective] = []
 
     def add(axis: str, n: int, op: str, what: str, count: int, nbytes: int) -> None:

@@ -23,7 +23,7 @@ from meshbake.compiler.mesh import divisors, resolve_mesh
 from meshbake.compiler.model import ModelSpec
 from meshbake.compiler.placements import resolve_placements
 from meshbake.compiler.recipe import Recipe
-from meshbake.runtime.dims import ParallelDims
+from meshbake.runtime.dims import tp_flags
 
 AC_MODES = ("none", "selective", "full")
 __all__ = ["FSDP_OVERLAP", "MFU_CEILING", "SELECTIVE_RECOMPUTE", "StepTime", "step_time", "suggest", "suggest_dict"]
@@ -163,8 +163,7 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
     own_mesh = resolve_mesh(recipe, model)
     m = own_mesh if not isinstance(own_mesh, Err) else recipe.mesh
     # the recipe's own mesh may not resolve (then its axes as written): SP/LP by the one rule
-    sp, lp = ParallelDims(m.dp_replicate, m.dp_shard, m.cp, m.tp, c.nodes, c.gpus_per_node, c.device,
-                          "").tp_flags(recipe.tp.sequence_parallel, recipe.tp.loss_parallel)
+    sp, lp = tp_flags(m.tp, recipe.tp.sequence_parallel, recipe.tp.loss_parallel)
     own = Candidate(m.dp_replicate, m.dp_shard, m.cp, m.tp, recipe.train.activation_checkpointing,
                     recipe.train.micro_batch_size, sp, lp)
     return Suggestion(ranked, tuple(dropped), c.nodes * c.gpus_per_node, own, c.device)

@@ -117,14 +117,25 @@ class ParallelDims:
         return 2 * self.cp if self.cp_enabled else 1
 
     def tp_flags(self, sequence_parallel: bool, loss_parallel: bool) -> tuple[bool, bool]:
-        """The effective (sequence_parallel, loss_parallel): both split over tp ranks, so with
-        tp = 1 there is nothing to split and both are off. The one place this is decided."""
-        return sequence_parallel and self.tp_enabled, loss_parallel and self.tp_enabled
+        """The effective (sequence_parallel, loss_parallel) on this mesh (see tp_flags below)."""
+        return tp_flags(self.tp, sequence_parallel, loss_parallel)
 
     def seq_len_divisor(self, sequence_parallel: bool) -> int:
         """seq_len must be a multiple of this: 2 x cp chunks (load-balanced CP), and sequence
         parallel then splits each cp shard over tp. `sequence_parallel` is the effective flag."""
         return self.cp_chunks * (self.tp if sequence_parallel and self.tp_enabled else 1)
+
+
+def tp_flags(tp: int, sequence_parallel: bool, loss_parallel: bool) -> tuple[bool, bool]:
+    """The effective (sequence_parallel, loss_parallel): both split over tp ranks, so with
+    tp = 1 there is nothing to split and both are off. The one place this is decided."""
+    return sequence_parallel and tp > 1, loss_parallel and tp > 1
+
+
+def tokens_per_rank(train, dims: ParallelDims) -> int:
+    """Tokens one rank runs per micro-step: micro_batch_size x seq_len / cp (cp ranks split
+    each sequence; tp ranks see the same tokens)."""
+    return train.micro_batch_size * train.seq_len // dims.cp
 
 
 def tokens_per_step(train) -> int:

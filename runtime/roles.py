@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -44,10 +43,6 @@ class ModelRoles:
     def with_lora(self, targets: Iterable[str]) -> ModelRoles:
         return replace(self, lora_targets=tuple(targets))
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ModelRoles:
-        return cls(**{**d, "lora_targets": tuple(d.get("lora_targets", ()))})
-
 
 def lora_target_fqns(linears: Iterable[str], leaves: Iterable[str] | None, lm_head: str) -> tuple[str, ...]:
     """The rule for recipe lora.targets: every Linear whose leaf name (q_proj, ...) is listed,
@@ -63,10 +58,8 @@ def plan_roles(plan) -> ModelRoles:
     an output embedding, which transformers names lm_head in each supported family; the LoRA
     targets by the same leaf-name rule over the placements (which list every Linear)."""
     r = getattr(plan.model, "roles", None)
-    if isinstance(r, ModelRoles):
+    if r is not None:              # runtime.plan.from_dict built it (sections.build)
         return r
-    if isinstance(r, Mapping):
-        return ModelRoles.from_dict(r)
     legacy = ModelRoles("model.embed_tokens", "lm_head", "model.norm", "model.layers",
                         plan.model.config["num_hidden_layers"], plan.model.tie_word_embeddings)
     if not plan.lora.rank:

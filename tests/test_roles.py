@@ -8,6 +8,7 @@ import pytest
 from meshbake.compiler.placements import ALLOWED, FUSED_STYLES
 from meshbake.runtime import plan as P
 from meshbake.runtime.roles import SHARD_DIM, ModelRoles, local_shape, lora_shapes, plan_roles
+from meshbake.runtime.sections import build
 
 from tests.helpers import ROOT
 
@@ -58,7 +59,7 @@ def test_a_plan_json_from_before_roles_gets_the_same_roles(name):
     place (roles.plan_roles) and come out as the compiler decides them today."""
     d = _golden(name)
     old = {**d, "model": {k: v for k, v in d["model"].items() if k != "roles"}}
-    new, derived = ModelRoles.from_dict(d["model"]["roles"]), plan_roles(P.from_dict(old))
+    new, derived = build(ModelRoles, d["model"]["roles"]), plan_roles(P.from_dict(old))
     # the same modules (placements in plan.json are sorted by name, not in module order)
     assert derived.with_lora(sorted(derived.lora_targets)) == new.with_lora(sorted(new.lora_targets))
 

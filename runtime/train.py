@@ -536,8 +536,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"meshbake: {e}", file=sys.stderr, flush=True)
             return 2
     run_dir = Path(args.run_dir or os.environ.get("MESHBAKE_RUN_DIR") or plan.run_dir)
-    init_distributed(plan.mesh.backend)
     try:
+        # inside the try: gloo's connectFullMesh returns on one rank before its peers finish
+        # theirs, so rank 0 can hit a user error (a read-only run dir) and exit while rank 1 is
+        # still connecting; rank 1's "Connection closed by peer" is then that error, not a bug
+        # (one CI run printed rank 1's traceback under rank 0's one line)
+        init_distributed(plan.mesh.backend)
         if dist.get_rank() == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "plan.json").write_text(Path(args.plan).read_text())

@@ -113,15 +113,16 @@ def export(run_dir: Path, step: int | None, out: Path, force: bool = False) -> P
     from transformers import AutoModelForCausalLM
 
     if not (run_dir / "plan.json").is_file():
-        raise SystemExit(f"meshbake export: {run_dir} is not a run dir (no plan.json); give the directory "
-                         "the run wrote its metrics and checkpoints to, e.g. runs/<name>")
+        raise UserError(run_dir, "is not a run dir (no plan.json)",
+                        "give the directory the run wrote its metrics and checkpoints to, e.g. runs/<name>")
     plan = load_plan(str(run_dir / "plan.json"))
     root = ckpt.ckpt_root(run_dir, plan.checkpoint.dir)
     found = dict(ckpt.list_checkpoints(root, lambda s: print(f"meshbake export: {s}", file=sys.stderr)))
     if not found:
-        raise SystemExit(f"meshbake export: no committed checkpoint under {root}")
+        raise UserError(root, "holds no committed checkpoint",
+                        "export after the run has saved one (checkpoint.every), or give the run dir that did")
     if step is not None and step not in found:
-        raise SystemExit(f"meshbake export: no committed step-{step} under {root}; have {sorted(found)}")
+        raise UserError(root, f"holds no committed step-{step}", f"pass --step one of {sorted(found)}")
     out, tmp = check_out(run_dir, root, out, force)
     path = found[step if step is not None else max(found)]
     problem = ckpt.verify(path)          # never write corrupted weights as a clean HF folder

@@ -97,5 +97,7 @@ def test_unreadable_inputs_are_clean_errors(tmp_path):
 
 def test_export_of_a_non_run_dir_says_so(tmp_path):
     r = cli("export", str(tmp_path), "-o", str(tmp_path / "hf"))
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "not a run dir" in r.stderr, r.stderr
+    # exit 3 like every other export refusal (the user's path), one line: path, problem, fix
+    assert r.returncode == 3 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{tmp_path}: is not a run dir (no plan.json); give the directory" in r.stderr, r.stderr
     assert not (tmp_path / "hf").exists()

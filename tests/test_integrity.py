@@ -89,6 +89,9 @@ def test_export_force_replaces_only_a_previous_export(saved, tmp_path):
     marker = json.loads((w / "hf/meshbake-export.json").read_text())
     assert "config.json" in marker["files"] and marker["step"] == 3
     assert export("runs/runA", "-o", "hf", "--step", "2", "--force", cwd=w).returncode == 0
+    r = export("runs/runA", "-o", "hf9", "--step", "9", cwd=w)      # a step that was never committed
+    assert r.returncode == 3 and "holds no committed step-9; pass --step one of [1, 2, 3]" in r.stderr, r.stderr
+    assert not (w / "hf9").exists()
     assert json.loads((w / "hf/meshbake-export.json").read_text())["step"] == 2
     (w / "hf/notes.txt").write_text("mine\n")           # a user file: no longer only the export's
     (w / "mine").mkdir()

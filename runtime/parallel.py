@@ -211,7 +211,13 @@ def apply_ac(model: nn.Module, mode: str) -> None:
             return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
 
         kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, policy)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers 5.24 renamed it (the old name warns a FutureWarning into every AC run's log and
+    # `meshbake dryrun`'s output); the old name stays for the earlier 5.x that pyproject admits
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def apply_compile(model: nn.Module, plan: Plan) -> None:

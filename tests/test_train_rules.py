@@ -98,3 +98,21 @@ def test_a_step_saved_again_replaces_the_old_copy_atomically(tmp_path):
         ck.load(root / "step-5", m, opt)
     assert torch.equal(m.weight, want), "step-5 is not the second save"
     assert sorted(p.name for p in root.iterdir()) == ["step-5"]
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_is_on_without_a_deprecation_warning(mode):
+    """apply_ac turns HF's checkpointing on through transformers' current name: the old
+    gradient_checkpointing_enable warned a FutureWarning into every AC run's log."""
+    import warnings
+
+    import transformers
+    from meshbake.runtime.parallel import apply_ac
+
+    cfg = transformers.AutoConfig.from_pretrained(ROOT / "tests/models/llama")
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        apply_ac(model, mode)
+    assert model.is_gradient_checkpointing
+    assert not [w for w in seen if issubclass(w.category, FutureWarning)], [str(w.message) for w in seen]

@@ -777,11 +777,12 @@ class StepTime:
     tokens_per_rank: float
     optimizer_s: float = 0.0
     mfu: float = 0.0         # useful FLOPs (recompute excluded) / (step x peak)
+    ep_s: float = 0.0        # mesh.ep's token all-to-alls (and their counts): all exposed
 
     @property
     def step_s(self) -> float:
         return (self.compute_s + self.recompute_s + self.tp_s + self.fsdp_s + self.hsdp_s + self.cp_s
-                + self.optimizer_s)
+                + self.ep_s + self.optimizer_s)
 
     @property
     def tokens_per_s_gpu(self) -> float:
@@ -820,6 +821,9 @@ def step_time(recipe: Recipe, mesh: MeshSpec, est: Estimate) -> StepTime:
       TP, CP     exposed: every one sits between two dependent ops (the runtime has no async TP;
                  CP gathers K/V right before the attention that reads them). AC's recompute
                  collectives are in the rows already
+      EP         exposed: runtime/ep.py dispatches a MoE layer's tokens, computes its experts and
+                 combines them in order, nothing to overlap with (the experts' FSDP over efsdp is
+                 counted with FSDP)
       FSDP, HSDP FSDP2 prefetches the next block's all-gather and reduces (across replicas too)
                  while the backward goes on: at most FSDP_OVERLAP of that traffic hides, and no
                  more than the compute it overlaps: exposed = max((1 - FSDP_OVERLAP) t, t - compute)
@@ -839,7 +843,8 @@ def step_time(recipe: Recipe, mesh: MeshSpec, est: Estimate) -> StepTime:
     exposed = max((1 - FSDP_OVERLAP) * dp, dp - compute - recompute) if dp else 0.0
     st = StepTime(compute_s=compute, recompute_s=recompute, tp_s=comm_seconds(recipe, mesh, rows, ("tp",)),
                   fsdp_s=exposed * shard / dp if dp else 0.0, hsdp_s=exposed * rep / dp if dp else 0.0,
-                  cp_s=comm_seconds(recipe, mesh, rows, ("cp",)), tokens_per_rank=tokens,
+                  cp_s=comm_seconds(recipe, mesh, rows, ("cp",)), ep_s=comm_seconds(recipe, mesh, rows, ("ep",)),
+                  tokens_per_rank=tokens,
                   optimizer_s=ADAMW_PASSES * est.grads_bytes / (c.hbm_gbps * 1e9))
     return replace(st, mfu=est.flops_per_token * st.tokens_per_s_gpu / (c.peak_tflops * 1e12))
 
@@ -847,7 +852,7 @@ def step_time(recipe: Recipe, mesh: MeshSpec, est: Estimate) -> StepTime:
 def step_rows(recipe: Recipe, mesh: MeshSpec, st: StepTime) -> tuple[tuple[str, float, str], ...]:
     """PLAN.md's step-time table: (term, seconds, what it assumes)."""
     c = recipe.cluster
-    gb = {a: axis_gbps(recipe, mesh, a) for a in ("tp", "cp", "dp_shard_cp" if mesh.cp > 1 else "dp_shard",
+    gb = {a: axis_gbps(recipe, mesh, a) for a in ("tp", "cp", "ep", "dp_shard_cp" if mesh.cp > 1 else "dp_shard",
                                                    "dp_replicate")}
     bw = {a: f"{g:g} GB/s per rank ({'NVLink' if w == 'intra' else 'NICs shared by the node'})"
           for a, (g, w) in gb.items()}
@@ -860,4 +865,6 @@ def step_rows(recipe: Recipe, mesh: MeshSpec, st: StepTime) -> tuple[tuple[str, 
             ("FSDP", st.fsdp_s, f"{bw[fsdp_ax]}; at most {FSDP_OVERLAP:.0%} hidden behind compute"
              if mesh.fsdp > 1 else "no FSDP traffic"),
             ("HSDP", st.hsdp_s, f"{bw['dp_replicate']}; overlapped like FSDP" if mesh.dp_replicate > 1 else "no replicas"),
+            # a row only under mesh.ep: a dense plan's table stays as it was
+            *((("EP", st.ep_s, f"token all-to-alls, exposed, {bw['ep']}"),) if mesh.ep > 1 else ()),
             ("optimizer", st.optimizer_s, f"{ADAMW_PASSES} passes over the trainable shard at {c.hbm_gbps:g} GB/s HBM"))

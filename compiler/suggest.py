@@ -111,6 +111,7 @@ def step_time(recipe: Recipe, model: ModelSpec, mesh, est) -> StepTime:
 _TERMS = {"recompute_s": "recompute", "optimizer_s": "a longer optimizer step",
           "tp_s": "more exposed TP traffic", "fsdp_s": "more exposed FSDP traffic",
           "hsdp_s": "HSDP all-reduce across replicas", "cp_s": "more exposed CP traffic",
+          "ep_s": "more exposed EP all-to-all traffic",
           "compute_s": "more compute per rank"}
 
 

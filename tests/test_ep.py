@@ -11,10 +11,11 @@ import yaml
 from tests.test_models import _ep, recipe
 
 
-def compiled(model_type="mixtral", **mesh):
+def compiled(model_type="mixtral", device="cpu", **mesh):
     from meshbake.compiler.pipeline import compile_recipe
 
     r = recipe("ep", model_type)
+    r["cluster"]["device"] = device
     _ep(mesh.pop("ep", 2), **{k: mesh.pop(k) for k in ("dp_shard", "dp_replicate") if k in mesh})(r)
     r["mesh"].update(mesh)
     r["cluster"]["gpus_per_node"] = r["mesh"].get("dp_replicate", 1) * r["mesh"]["dp_shard"] * \
@@ -107,3 +108,32 @@ def test_ep_traffic_rows_by_hand():
     block = 2 * 64 * 64 + 2 * 32 * 64 + 2 * 64 + 4 * 64     # q, o; k, v (2 kv heads x 16); norms; router
     root = 2 * 1024 * 64 + 64
     assert rows["dp_shard", "all_gather"] == [1 + 2 + 1, (root + 2 * 2 * block - block) * 4]
+
+
+def test_ep_all_to_all_in_the_step_time_model():
+    """On a cuda cluster the step-time model counts mesh.ep's all-to-alls as exposed time (the
+    runtime dispatches, computes the experts and combines in order): ep_s = the ep rows' wire
+    bytes over the ep group's bandwidth + a start-up latency each, inside step_s, and a PLAN.md
+    row. ep = 1 has no such row and ep_s = 0."""
+    from meshbake.compiler.estimate import LATENCY_S
+
+    def plan(ep):
+        b = compiled(ep=ep, dp_shard=4, device="cuda")
+        assert hasattr(b, "files"), errors(b)
+        return json.loads(b.files["plan.json"]), b.files["PLAN.md"].decode(), yaml.safe_load(b.files["recipe.yaml"])
+
+    (pe, md, r), (pp, md1, _) = plan(2), plan(1)
+    t, c = pe["estimate"]["time"], r["cluster"]
+    rows = [x for x in pe["estimate"]["traffic"] if x["axis"] == "ep"]
+    assert {x["op"] for x in rows} == {"all_to_all", "all_reduce"} and all(x["ranks"] == 2 for x in rows)
+    # a ring all-reduce moves 2 (n - 1) / n of its bytes, an all-to-all (n - 1) / n (uniform routing)
+    wire = sum(x["bytes"] * (2 if x["op"] == "all_reduce" else 1) // 2 for x in rows)
+    # ep 2 is two consecutive GPUs of one node: NVLink
+    want = wire / (c["intra_node_gbps"] * 1e9) + sum(x["count"] for x in rows) * LATENCY_S["intra"]
+    assert t["ep_s"] == pytest.approx(want, rel=1e-12) and t["ep_s"] > 0
+    # inside step_s: the table's seconds add up to it, EP row included
+    from meshbake.compiler.estimate import StepTime
+    st = StepTime(**t)
+    assert st.step_s - StepTime(**{**t, "ep_s": 0.0}).step_s == pytest.approx(t["ep_s"], rel=1e-9)
+    assert "| EP |" in md and "token all-to-alls, exposed" in md
+    assert pp["estimate"]["time"]["ep_s"] == 0.0 and "| EP |" not in md1

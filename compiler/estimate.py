@@ -182,16 +182,29 @@ def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[int,
     return acts, (layer if ac != "none" else 0), logits
 
 
-def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankParam]) -> dict[str, int]:
-    """Bytes of rank 0, the peak rank: FSDP2 splits dim 0 into dp_shard x cp chunks of
-    ceil(rows / f) rows, allocates every shard padded to that size, and rank 0's chunk is
-    always a full one (the last ranks' may be short or empty), so its AdamW state is largest."""
-    t = recipe.train
-    mb, pb = DTYPE_BYTES[recipe.model.dtype], DTYPE_BYTES[t.mixed_precision.param_dtype]
-    rb = DTYPE_BYTES[t.mixed_precision.reduce_dtype]
-    f = mesh.fsdp
-    fsdp = mesh.fsdp_enabled
+@dataclass(frozen=True)
+class _Sums:
+    """The numels _memory reads off a rank's parameter list for one FSDP size f (see _sums)."""
+    shard: int                     # the rank's shard of every parameter (padded rows: ceil(rows / f))
+    shard_train: int               # ... of the trainable ones
+    train: int                     # trainable, unsharded
+    root_train: int                # trainable in the root module (embedding, final norm, lm_head), unsharded
+    root_emb_train: bool           # the embedding is among them
+    gathered_last: int             # FSDP2's unsharded copy (padded rows x f) of the last block
+    gathered_root: int             # ... of the root module
+    kept_whole: int                # root + last block, unpadded (the OOM hint of a plan that does not shard)
 
+
+_SUMS: dict = {}
+
+
+def _sums(params: list[RankParam], f: int, fsdp: bool) -> _Sums:
+    """_Sums memoized per (params list, f): `suggest` estimates thousands of candidates over a
+    few cached params lists (~700 entries for 80 layers), which made these walks most of its time."""
+    return cached(_SUMS, (id(params), f, fsdp), (params,), lambda: _sums_of(params, f, fsdp), size=1024)
+
+
+def _sums_of(params: list[RankParam], f: int, fsdp: bool) -> _Sums:
     def shard(p: RankParam) -> int:
         fp = f // p.ep                                # experts under ep: FSDP over the other dp_shard ranks
         return -(-p.rows // fp) * p.rest if fsdp else p.rows * p.rest
@@ -201,24 +214,41 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
         return -(-p.rows // fp) * fp * p.rest if fsdp else 0
 
     train = [p for p in params if p.trainable]
-    n_shard, n_train = sum(map(shard, params)), sum(map(shard, train))
+    root_train = [p for p in train if p.where == "root"]
+    return _Sums(shard=sum(map(shard, params)), shard_train=sum(map(shard, train)),
+                 train=sum(p.rows * p.rest for p in train), root_train=sum(p.rows * p.rest for p in root_train),
+                 root_emb_train=any(p.embedding for p in root_train),
+                 gathered_last=sum(gathered(p) for p in params if p.where == "last"),
+                 gathered_root=sum(gathered(p) for p in params if p.where == "root"),
+                 kept_whole=sum(p.rows * p.rest for p in params if p.where in ("root", "last")))
+
+
+def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankParam]) -> dict[str, int]:
+    """Bytes of rank 0, the peak rank: FSDP2 splits dim 0 into dp_shard x cp chunks of
+    ceil(rows / f) rows, allocates every shard padded to that size, and rank 0's chunk is
+    always a full one (the last ranks' may be short or empty), so its AdamW state is largest."""
+    t = recipe.train
+    mb, pb = DTYPE_BYTES[recipe.model.dtype], DTYPE_BYTES[t.mixed_precision.param_dtype]
+    rb = DTYPE_BYTES[t.mixed_precision.reduce_dtype]
+    fsdp = mesh.fsdp_enabled
+    s = _sums(params, mesh.fsdp, fsdp)
+    n_shard, n_train = s.shard, s.shard_train
     acts, recompute, logits = _activations(recipe, model, mesh)
     # between micro-steps FSDP2 skips the reduce-scatter and keeps each parameter's unsharded
     # gradient (reduce dtype); without FSDP gradients just add up in .grad (the grads term)
     no_sync = fsdp and mesh.grad_accum > 1 and t.grad_sync == "last_micro_step"
-    accum = sum(p.rows * p.rest for p in train) * rb if no_sync else 0
+    accum = s.train * rb if no_sync else 0
     grads = n_train * mb
     # alive from the forward through the loss backward: the root module (never resharded after
     # forward), the last block (reshard_after_forward=False) and, once more, the last block's
     # flat all-gather output, which FSDP2 keeps (comm_ctx.all_gather_state) until the next
     # forward all-gather frees it
-    block = sum(gathered(p) for p in params if p.where == "last") * pb
-    kept = sum(gathered(p) for p in params if p.where == "root") * pb + 2 * block
-    root_train = [p for p in train if p.where == "root"]
+    block = s.gathered_last * pb
+    kept = s.gathered_root * pb + 2 * block
     # the embedding's backward under TP: a full vocab x hidden gradient on every tp rank
     # (DTensor's embedding backward is Replicate), next to the root's unsharded grads
-    emb_full = model.vocab_size * model.hidden_size * pb if mesh.tp > 1 and any(p.embedding for p in root_train) else 0
-    root_grads = sum(p.rows * p.rest for p in root_train) * pb if fsdp else 0
+    emb_full = model.vocab_size * model.hidden_size * pb if mesh.tp > 1 and s.root_emb_train else 0
+    root_grads = s.root_train * pb if fsdp else 0
     # params + AdamW's exp_avg and exp_avg_sq: alive all step (the grads are not in it)
     state = n_shard * mb + 2 * grads
     # the sharded grads alive in the forward and loss backward: none in the first micro-step
@@ -236,10 +266,10 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
               # the last micro-step's backward has reduce-scattered (and freed) the blocks'
               # held grads by now, so the blocks' sharded grads exist; the root's are reduced last
               ("embedding backward", state + grads + kept + root_grads + emb_full
-               + (sum(p.rows * p.rest for p in root_train) * rb if no_sync else 0)),
+               + (s.root_train * rb if no_sync else 0)),
               ("optimizer step", state + 2 * grads))
     return {"params": n_shard * mb, "grads": grads, "optimizer": 2 * grads, "accum": accum, "gathered": kept,
-            "block": block, "acts": acts, "logits": logits, "params_per_rank": n_shard,
+            "block": block, "acts": acts, "logits": logits, "params_per_rank": n_shard, "kept_whole": s.kept_whole,
             "phases": tuple(ph for ph in phases if ph)}
 
 
@@ -282,7 +312,7 @@ def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -
     mem = _memory(recipe, model, mesh, params)
     trainable_total = _fsdp_sums(_rank_params(recipe, model, pl, 1), 1, model.num_layers)[3]
     # what FSDP keeps gathered once it shards (for the OOM hint of a plan that does not shard yet)
-    kept = sum(p.rows * p.rest for p in params if p.where in ("root", "last")) * pb
+    kept = mem["kept_whole"] * pb
     comm = traffic(recipe, model, mesh, pl, params)
     est = Estimate(
         params_total=model.num_params,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from difflib import get_close_matches
 from fnmatch import fnmatchcase
 
@@ -282,7 +282,7 @@ def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec,
         # nothing is split, nothing to warn about; but tp.plan must still name real modules and
         # styles their kind can take: an override that is wrong at tp 1 is wrong at tp 8
         replicated = {m.fqn: "replicate" for m in model.modules}
-        errs = run(_overrides, aside, recipe, model, dict(replicated))
+        errs = run(_overrides, aside, recipe, model, dict(replicated)) or _consistency_at_tp1(recipe, model, aside)
         return Err(tuple(errs)) if errs else Placements(replicated, (), lora)
     sp = recipe.tp.sequence_parallel
     auto: dict[str, str] = {}
@@ -303,6 +303,25 @@ def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec,
     if errs:
         return Err(tuple(errs))
     return Placements(styles, _warnings(recipe, model, mesh, styles), lora)
+
+
+def _consistency_at_tp1(recipe: Recipe, model: ModelSpec, aside: frozenset[str]) -> list[RecipeError]:
+    """The block rules of _consistency on the plan the overrides make of the model's own TP plan
+    (a q_proj changed to rowwise beside a colwise k_proj; a tied embedding replicated beside a
+    colwise lm_head): wrong at every tp > 1, so said at tp 1 too, where the recipe is written
+    before it is scaled out. Sequence and loss parallel are off at tp 1 (ParallelDims.tp_flags),
+    so only the rules that hold without them run. A model whose own plan has a style meshbake
+    cannot split is refused at tp > 1 for that reason; nothing to check here then."""
+    plain = replace(recipe, tp=replace(recipe.tp, sequence_parallel=False, loss_parallel=False))
+    auto = {m.fqn: _auto(model, m, False) for m in model.modules}
+    if any(isinstance(s, RecipeError) for s in auto.values()):
+        return []
+    styles = dict(auto)
+    if run(_overrides, aside, plain, model, styles):
+        return []
+    _follow_projections(model, styles)
+    return [replace(e, message=f"{e.message} (nothing is split at tp 1, but this plan would not run at any tp > 1)")
+            for e in run(_consistency, aside, plain, model, auto, styles)]
 
 
 def _follow_projections(model: ModelSpec, styles: dict[str, str]) -> None:

@@ -63,6 +63,24 @@ def test_tp_plan_overrides_are_checked_at_tp_1():
     assert ok.mesh.tp == 1 and set(ok.placements.styles.values()) == {"replicate"}   # nothing is split
 
 
+def test_tp_plan_block_rules_are_checked_at_tp_1():
+    """A q_proj override beside the block's other projections, or a tied embedding replicated
+    beside its colwise lm_head, would not run at any tp > 1: said at tp 1 too, with the same
+    error as at tp 2 (sequence parallel off either way). A consistent override compiles at both."""
+    q_row = {"plan": {"model.layers.0.self_attn.q_proj": "rowwise"}}
+    for mesh_ in ({"dp_shard": 2}, {"dp_shard": 1, "tp": 2}):
+        bad = res(tiny_recipe("co", 2, mesh=mesh_, tp=q_row))
+        assert isinstance(bad, Err) and paths(bad) == ["tp.plan"], (mesh_, bad)
+        assert "q_proj changed to ['rowwise']" in bad.errors[0].message and "'model.layers.*.self_attn.*'" \
+            in bad.errors[0].hint
+        assert ("nothing is split at tp 1" in bad.errors[0].message) == ("tp" not in mesh_)
+    tied = res(tiny_recipe("co", 2, model="tiny-qwen", tp={"plan": {"model.embed_tokens": "replicate"}}))
+    assert isinstance(tied, Err) and "tied embeddings" in tied.errors[0].message, tied
+    for mesh_ in ({"dp_shard": 2}, {"dp_shard": 1, "tp": 2}):
+        ok = res(tiny_recipe("co", 2, mesh=mesh_, tp={"plan": {"model.layers.1.self_attn.*": "replicate"}}))
+        assert not isinstance(ok, Err), (mesh_, ok)
+
+
 def test_a_bad_micro_batch_size_gives_no_batch_arithmetic():
     """dp 2: with the stand-in micro_batch_size 1, global 3 would not divide 1 x 2 = 2; that
     error would be about a value the user did not write. The mesh.tp error is independent."""

@@ -23,6 +23,15 @@ only its own files right after writing them, from the page cache (no extra disk 
 per rank in parallel, beside 847 GB / ~20 GB/s = 42 s of writing to a parallel filesystem.
 At resume the same 847 GB are read once more, split over all ranks (the load reads them again).
 
+Untrusted bytes: DCP writes .metadata with pickle, and its FileSystemReader reads it back with a
+bare pickle.load; its default planner torch.load()s the non-tensor entries (the optimizer's
+param_groups) with weights_only=False. A checkpoint someone else wrote (checkpoint.resume: PATH,
+`meshbake export RUN_DIR`, a shared run dir) could so run any code on every rank; the sha256
+manifest does not help, whoever wrote the pickle wrote the manifest too. Every load here goes
+through `load_dcp`: .metadata is unpickled with only the classes a DCP metadata file holds
+(SAFE_METADATA_GLOBALS; any other global is refused before it is imported or called) and
+the byte entries with torch.load(weights_only=True). A refused checkpoint is a UserError (exit 3).
+
 Model and optimizer go through get_state_dict/set_state_dict, whose keys are the model's own
 fqns whatever the FSDP/TP wrapping: a checkpoint saved on dp_shard 4 loads on dp_shard 2 x
 tp 2 (DCP reshards on load). RNG states are per rank and restored only on the same world size.
@@ -30,8 +39,10 @@ tp 2 (DCP reshards on load). RNG states are per rank and restored only on the sa
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable
@@ -41,7 +52,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from .errors import UserError
 
 COMMITTED = "COMMITTED"
 MANIFEST = "manifest.json"       # {"step": N, "files": {name: {"bytes": n, "sha256": hex}}}
@@ -275,10 +292,90 @@ def prunable(root: Path, step: int, keep: int) -> list[Path]:
     return others[:max(0, len(others) - (keep - 1))]
 
 
+# what torch 2.13's DCP pickles into .metadata (found by tracing find_class over real FSDP x TP
+# checkpoints with AdamW state); torch dtypes are let through by type, not by name
+SAFE_METADATA_GLOBALS = frozenset({
+    ("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict")})
+
+
+class UnsafeCheckpoint(pickle.UnpicklingError):
+    """A checkpoint file asked to unpickle something no checkpoint holds."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in SAFE_METADATA_GLOBALS or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise UnsafeCheckpoint(f".metadata names {module}.{name}, which no DCP checkpoint's metadata holds")
+
+
+class SafeReader(FileSystemReader):
+    """FileSystemReader whose .metadata is unpickled with the allow-list above. A refusal is
+    kept in `refused` too: DCP re-raises a failed metadata read as an AssertionError of strings."""
+    refused: UnsafeCheckpoint | None = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f).load()
+            except UnsafeCheckpoint as e:
+                self.refused = e
+                raise
+        if not isinstance(metadata, Metadata):
+            self.refused = UnsafeCheckpoint(f".metadata holds a {type(metadata).__name__}, not DCP Metadata")
+            raise self.refused
+        if getattr(metadata, "storage_meta", None) is None:       # as FileSystemReader does
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner whose byte entries (param_groups: numbers, bools, strings, lists) are
+    read with torch.load(weights_only=True) instead of a full unpickle (a refusal is kept in
+    `refused`, like SafeReader's)."""
+    refused: UnsafeCheckpoint | None = None
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            # torch's message names the global it refused, e.g. "Unsupported global: GLOBAL posix.system"
+            what = next((x.strip() for x in str(e).splitlines() if "Unsupported global" in x), "")
+            self.refused = UnsafeCheckpoint(f"entry {read_item.dest_index.fqn} is not plain data"
+                                            + (f" ({what[:200]})" if what else ""))
+            raise self.refused from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def load_dcp(sd: dict[str, Any], path: Path, allow_partial_load: bool = False) -> None:
+    """dcp.load through SafeReader and SafeLoadPlanner; a refused file is a UserError."""
+    reader, planner = SafeReader(str(path)), SafeLoadPlanner(allow_partial_load=allow_partial_load)
+    try:
+        dcp.load(sd, storage_reader=reader, planner=planner)
+    except BaseException:
+        unsafe = reader.refused or planner.refused
+        if unsafe is None:
+            raise
+        raise UserError(path, f"{unsafe}: refusing to unpickle it (it could run code)",
+                        "resume or export only checkpoints meshbake wrote, from a directory only you can write "
+                        "(its manifest cannot vouch for it: whoever wrote the pickle wrote the digests)") from None
+
+
 def load(path: Path, model, optim) -> dict[str, Any]:
     msd, osd = get_state_dict(model, optim)
     sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=str(path))
+    load_dcp(sd, path)
     set_state_dict(model, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     state = json.loads((path / "train_state.json").read_text())
     rng = path / f"rng-rank{dist.get_rank()}.pt"

@@ -108,8 +108,6 @@ def _hf_order(model, plan) -> None:
 
 
 def export(run_dir: Path, step: int | None, out: Path, force: bool = False) -> Path:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from transformers import AutoModelForCausalLM
 
     if not (run_dir / "plan.json").is_file():
@@ -138,7 +136,7 @@ def export(run_dir: Path, step: int | None, out: Path, force: bool = False) -> P
     for fqn, (a, b) in adapters.items():
         sd["model"][f"{fqn}.lora_A"], sd["model"][f"{fqn}.lora_B"] = a, b
     # a tied lm_head.weight is the embedding: whichever key the checkpoint holds fills both
-    dcp.load(sd, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=plan_roles(plan).tied))
+    ckpt.load_dcp(sd, path, allow_partial_load=plan_roles(plan).tied)
     for fqn in adapters:
         del sd["model"][f"{fqn}.lora_A"], sd["model"][f"{fqn}.lora_B"]
     model.load_state_dict(sd["model"])

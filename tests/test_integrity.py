@@ -216,3 +216,100 @@ def test_a_step_saved_before_digests_is_loaded_not_skipped(tmp_path):
     (legacy / "train_state.json").write_text('{"step": 5}\n')
     assert verify(legacy) is None
     assert "no manifest.json" in (verify(bare) or "")
+
+
+# ----------------------------------------------------------- a checkpoint someone else wrote
+class _Payload:
+    """Unpickled, it touches a marker file: what a hostile checkpoint would do with os.system."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def _rehash(step: Path, *names: str) -> None:
+    """The attacker rewrites the manifest too: the digests vouch for nothing then."""
+    from meshbake.runtime.checkpoint import MANIFEST, sha256_file
+
+    m = json.loads((step / MANIFEST).read_text())
+    for n in names:
+        size, digest = sha256_file(step / n)
+        m["files"][n] = {"bytes": size, "sha256": digest}
+    (step / MANIFEST).write_text(json.dumps(m))
+
+
+def _hostile_byte_entry(step: Path, marker: Path) -> None:
+    """Replace one of the optimizer's byte entries (param_groups.0.lr) by a torch.save'd payload
+    appended to its shard, and point the (legitimately pickled) metadata at it."""
+    import pickle
+
+    import torch
+
+    md = pickle.loads((step / ".metadata").read_bytes())     # our own file: a trusted load
+    key = next(k for k in md.storage_data if k.fqn == "optim.param_groups.0.lr")
+    info = md.storage_data[key]
+    buf = __import__("io").BytesIO()
+    torch.save(_Payload(marker), buf)
+    shard = step / info.relative_path
+    offset = shard.stat().st_size
+    with shard.open("ab") as f:
+        f.write(buf.getvalue())
+    md.storage_data[key] = type(info)(info.relative_path, offset, len(buf.getvalue()), info.transform_descriptors)
+    (step / ".metadata").write_bytes(pickle.dumps(md))
+    _rehash(step, ".metadata", info.relative_path)
+
+
+def test_a_hostile_checkpoint_runs_no_code_at_export(saved, tmp_path):
+    """DCP's own reader pickle.load()s .metadata: a checkpoint from someone else ran their code at
+    `meshbake export`. Refused (exit 3, one line naming the global), nothing runs, and another
+    step of the same run still exports."""
+    import pickle
+
+    w = fresh(saved, tmp_path)
+    step, marker = w / "runs/runA/checkpoints/step-3", tmp_path / "pwned"
+    (step / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    _rehash(step, ".metadata")
+    from meshbake.runtime.checkpoint import verify
+    assert verify(step) is None                              # the manifest matches: no help here
+    r = export("runs/runA", "-o", "hf", cwd=w)
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "step-3" in r.stderr and "posix.system" in r.stderr and "refusing to unpickle it (it could run code)" \
+        in r.stderr, r.stderr
+    assert not marker.exists() and not (w / "hf").exists()
+    assert export("runs/runA", "-o", "hf2", "--step", "2", cwd=w).returncode == 0
+
+
+@pytest.mark.parametrize("where", ["metadata", "byte entry"])
+def test_resume_from_a_hostile_checkpoint_runs_no_code(saved, tmp_path, where):
+    """The training side: checkpoint.load (runtime.train's resume) refuses a hostile .metadata and
+    a hostile optimizer byte entry (DCP's planner torch.load()s those with weights_only=False);
+    the run's other steps still load."""
+    import pickle
+
+    import torch
+    from meshbake.runtime import checkpoint as ck
+    from meshbake.runtime.errors import UserError
+    from meshbake.runtime.parallel import hf_config
+    from meshbake.runtime.plan import load_plan
+    from transformers import AutoModelForCausalLM
+
+    w = fresh(saved, tmp_path)
+    step, marker = w / "runs/runA/checkpoints/step-3", tmp_path / "pwned"
+    if where == "metadata":
+        (step / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    else:
+        _hostile_byte_entry(step, marker)
+    words = "posix.system" if where == "metadata" else "optim.param_groups.0.lr is not plain data"
+    plan = load_plan(str(w / "runs/runA/plan.json"))
+    with one_process_group(), torch.random.fork_rng():
+        m = AutoModelForCausalLM.from_config(hf_config(plan.model.config), dtype=torch.float32)
+        opt = torch.optim.AdamW(m.parameters())
+        with pytest.raises(UserError, match="refusing to unpickle") as e:
+            ck.load(step, m, opt)
+        assert words in str(e.value) and str(step) in str(e.value), e.value
+        assert not marker.exists()
+        assert ck.load(w / "runs/runA/checkpoints/step-2", m, opt)["step"] == 2

@@ -352,3 +352,27 @@ def test_a_source_rewritten_with_the_same_content_is_not_stale_forever(base, tmp
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
     again = prepare(plan, quiet=True, log=lambda s: None)
     assert again == first and locate(plan) == first
+
+
+def test_a_tokenizer_with_custom_code_is_refused_and_never_run(tmp_path, base):
+    """A tokenizer folder whose tokenizer_config.json has an auto_map (a tokenizer.py beside it):
+    transformers would ask on a terminal to run it (one 'y' runs code from the data folder) and
+    otherwise raise, which meshbake reported as its own bug. Now one line naming data.tokenizer,
+    no prompt, the module never imported; a tokenizer folder that does not load is one line too."""
+    import shutil
+
+    tok = tmp_path / "tok"
+    shutil.copytree(TOK, tok)
+    cfg = json.loads((tok / "tokenizer_config.json").read_text())
+    cfg.update(auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]}, tokenizer_class="EvilTokenizer")
+    (tok / "tokenizer_config.json").write_text(json.dumps(cfg))
+    marker = tmp_path / "pwned"
+    (tok / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+                                 "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    corpus = jsonl(tmp_path / "t.jsonl", [{"text": "a b c d e"}] * 20)
+    bad(tmp_path, base, "text", corpus, r"data.tokenizer: .* asks to run its own Python code .* never runs",
+        tokenizer=str(tok))
+    assert not marker.exists()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk/tokenizer_config.json").write_text("{}")
+    bad(tmp_path, base, "text", corpus, r"data.tokenizer: .* does not load as a tokenizer", tokenizer=str(tmp_path / "junk"))

@@ -284,17 +284,9 @@ def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec,
         replicated = {m.fqn: "replicate" for m in model.modules}
         errs = run(_overrides, aside, recipe, model, dict(replicated)) or _consistency_at_tp1(recipe, model, aside)
         return Err(tuple(errs)) if errs else Placements(replicated, (), lora)
-    sp = recipe.tp.sequence_parallel
-    auto: dict[str, str] = {}
-    errs: list[RecipeError] = []
-    for m in model.modules:
-        s = _auto(model, m, sp)
-        if isinstance(s, RecipeError):
-            errs.append(s)
-        else:
-            auto[m.fqn] = s
-    if errs:
-        return Err(tuple(errs[:1]))   # one unsupported style is enough to say
+    auto = _auto_styles(model, recipe.tp.sequence_parallel)
+    if isinstance(auto, RecipeError):
+        return Err((auto,))           # one unsupported style is enough to say
     styles = dict(auto)
     errs = run(_overrides, aside, recipe, model, styles)
     _follow_projections(model, styles)
@@ -305,6 +297,18 @@ def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec,
     return Placements(styles, _warnings(recipe, model, mesh, styles), lora)
 
 
+def _auto_styles(model: ModelSpec, sp: bool) -> dict[str, str] | RecipeError:
+    """Every module's style by transformers' plan and meshbake's policy (_auto), or the first
+    one meshbake cannot run."""
+    auto: dict[str, str] = {}
+    for m in model.modules:
+        s = _auto(model, m, sp)
+        if isinstance(s, RecipeError):
+            return s
+        auto[m.fqn] = s
+    return auto
+
+
 def _consistency_at_tp1(recipe: Recipe, model: ModelSpec, aside: frozenset[str]) -> list[RecipeError]:
     """The block rules of _consistency on the plan the overrides make of the model's own TP plan
     (a q_proj changed to rowwise beside a colwise k_proj; a tied embedding replicated beside a
@@ -313,8 +317,8 @@ def _consistency_at_tp1(recipe: Recipe, model: ModelSpec, aside: frozenset[str])
     so only the rules that hold without them run. A model whose own plan has a style meshbake
     cannot split is refused at tp > 1 for that reason; nothing to check here then."""
     plain = replace(recipe, tp=replace(recipe.tp, sequence_parallel=False, loss_parallel=False))
-    auto = {m.fqn: _auto(model, m, False) for m in model.modules}
-    if any(isinstance(s, RecipeError) for s in auto.values()):
+    auto = _auto_styles(model, False)
+    if isinstance(auto, RecipeError):
         return []
     styles = dict(auto)
     if run(_overrides, aside, plain, model, styles):

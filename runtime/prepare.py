@@ -622,15 +622,11 @@ def _tokenizer(data: DataPlan):
         # on a terminal when the folder's tokenizer_config.json has an auto_map (a tokenizer.py
         # beside it), and one keystroke runs code from the data folder
         return AutoTokenizer.from_pretrained(data.tokenizer, trust_remote_code=False)
-    except ValueError as e:
-        if "custom code" in str(e) or "trust_remote_code" in str(e):
+    except (ValueError, OSError) as e:
+        if isinstance(e, ValueError) and ("custom code" in str(e) or "trust_remote_code" in str(e)):
             raise DataError(f"data.tokenizer: {data.tokenizer!r} asks to run its own Python code (auto_map in "
                             "tokenizer_config.json), which meshbake never runs; use a folder with the "
                             "tokenizer.json (fast tokenizer) and a tokenizer_config.json without auto_map") from None
-        raise DataError(f"data.tokenizer: {data.tokenizer!r} does not load as a tokenizer "
-                        f"({(str(e).splitlines() or [''])[0][:200]}); point it at a folder written by "
-                        "save_pretrained (tokenizer.json + tokenizer_config.json)") from None
-    except OSError as e:
         raise DataError(f"data.tokenizer: {data.tokenizer!r} does not load as a tokenizer "
                         f"({(str(e).splitlines() or [''])[0][:200]}); point it at a folder written by "
                         "save_pretrained (tokenizer.json + tokenizer_config.json)") from None

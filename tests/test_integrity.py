@@ -244,6 +244,7 @@ def _rehash(step: Path, *names: str) -> None:
 def _hostile_byte_entry(step: Path, marker: Path) -> None:
     """Replace one of the optimizer's byte entries (param_groups.0.lr) by a torch.save'd payload
     appended to its shard, and point the (legitimately pickled) metadata at it."""
+    import io
     import pickle
 
     import torch
@@ -251,7 +252,7 @@ def _hostile_byte_entry(step: Path, marker: Path) -> None:
     md = pickle.loads((step / ".metadata").read_bytes())     # our own file: a trusted load
     key = next(k for k in md.storage_data if k.fqn == "optim.param_groups.0.lr")
     info = md.storage_data[key]
-    buf = __import__("io").BytesIO()
+    buf = io.BytesIO()
     torch.save(_Payload(marker), buf)
     shard = step / info.relative_path
     offset = shard.stat().st_size

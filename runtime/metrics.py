@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import safeio
 from .flops import dense_from_config
 from .plan import Plan
 
@@ -123,14 +124,20 @@ class MetricsLog:
             self.trackers = None
 
     def _write(self, line: str) -> None:
-        with self.log.open("a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        # one line, whatever the message holds: a newline from a plan name or a checkpoint dir
+        # name must not start a line of its own (train.log may be a planted link to a .pth file:
+        # append_text refuses that, printable is the second wall) and ESC must not reach a
+        # terminal that `tail -f`s the log. A per-call open (no symlink followed, fstat regular)
+        # costs about what the plain open("a") did.
+        safeio.append_text(self.log, safeio.printable(line) + "\n")
 
     def info(self, msg: str) -> None:
-        """A run event: train.log gets the message as is; the console marks checkpoints,
-        resumes, preemptions and warnings with a coloured tag."""
+        """A run event: train.log gets the message (control and format characters shown as
+        escapes: no message of ours spans lines, so a line break in one came from disk or the
+        plan); the console marks checkpoints, resumes, preemptions and warnings with a coloured tag."""
         if not self.enabled:
             return
+        msg = safeio.printable(msg)
         tag = next(((t, c) for rx, t, c in EVENT_STYLES if rx.search(msg)), None)
         head = f"[bold {tag[1]}]{tag[0]:>10}[/]" if tag else "[dim]meshbake[/dim]"
         self.console.print(f"{head} {self.escape(msg)}")
@@ -152,8 +159,9 @@ class MetricsLog:
         whenever the record holds eval_* numbers (merged into a step record, or alone)."""
         if not self.enabled:
             return
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
+        # json.dumps (ensure_ascii) escapes every control and non-ASCII character, U+2028 included:
+        # a record is one line whatever it holds
+        safeio.append_text(self.path, json.dumps(rec, sort_keys=True) + "\n")
         if self.trackers is not None:
             self.trackers.log(rec)
         n = int(rec["step"])
@@ -163,7 +171,7 @@ class MetricsLog:
         if evals:                 # the train loop merges eval numbers into that step's record
             text = "  ".join(f"{k[5:]} {v:.4f}" if isinstance(v, float) else f"{k[5:]} {v}" for k, v in evals.items())
             line = f"eval {n}" + (f"/{self.total}" if self.total else "") + f"  {text}"
-            self.console.print(f"[bold yellow]{'EVAL':>10}[/] {self.escape(line)}")
+            self.console.print(f"[bold yellow]{'EVAL':>10}[/] {self.escape(safeio.printable(line))}")
             self._write(line)
 
     def _step_line(self, n: int, rec: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .plan import Plan, load_plan
+from .safeio import printable
 
 
 def problems(plan: Plan) -> list[str]:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     found = problems(load_plan(args[0]))
     for p in found:
-        print(f"meshbake: {p}", file=sys.stderr)
+        print(f"meshbake: {printable(p)}", file=sys.stderr)      # a path or the cwd may hold a newline
     return 2 if found else 0
 
 

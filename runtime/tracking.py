@@ -13,11 +13,18 @@ API key is read by wandb from WANDB_API_KEY in the job's environment, never from
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import safeio
+from .errors import UserError
 from .plan import Plan, plan_to_dict
+
+# what _wandb_id writes (12 hex digits) and what W&B itself generates (8 of [a-z0-9]); anything
+# else in the file was not written by meshbake
+_WANDB_ID = re.compile(r"[a-z0-9]{1,64}")
 
 
 def tag(key: str) -> str:
@@ -43,18 +50,35 @@ def run_config(plan: Plan) -> dict[str, Any]:
 
 def summary_text(plan: Plan) -> str:
     m, t = plan.mesh, plan.train
-    return (f"{plan.name}: {plan.model.source} ({plan.model.num_params:,} params), world {m.world} = "
+    text = (f"{plan.name}: {plan.model.source} ({plan.model.num_params:,} params), world {m.world} = "
             f"dp_replicate {m.dp_replicate} x dp_shard {m.dp_shard} x cp {m.cp} x tp {m.tp} on {m.nodes} x "
             f"{m.procs_per_node} {m.device}; {t.steps} steps x {t.global_batch_size} x {t.seq_len} tokens, "
             f"lr {t.lr:g} {t.lr_schedule}; lora rank {plan.lora.rank}")
+    return safeio.printable(text)          # the name and source come from plan.json
+
+
+def parse_wandb_id(text: str) -> str | None:
+    """The id in a wandb-run-id file's text (one line, [a-z0-9]{1,64}), or None."""
+    rid = text.strip()
+    return rid if _WANDB_ID.fullmatch(rid) else None
 
 
 def _wandb_id(run_dir: Path) -> str:
+    """The W&B run id kept in run_dir/wandb-run-id (created on the first start). A symlink,
+    FIFO or directory there, or text that is not an id, is refused: the id goes to wandb.init
+    and into train.log, and a planted file is a sign the run dir is not this job's alone."""
     path = run_dir / "wandb-run-id"
-    if path.is_file():
-        return path.read_text().strip()
-    rid = os.urandom(6).hex()
-    path.write_text(rid + "\n")
+    try:
+        text = safeio.read_text_bounded(path, limit=256)
+    except FileNotFoundError:
+        rid = os.urandom(6).hex()
+        # a fresh temp file renamed over the name: a crash never leaves an empty (refused) id file
+        safeio.write_atomic(path, rid + "\n")
+        return rid
+    rid = parse_wandb_id(text)
+    if rid is None:
+        raise UserError(safeio.printable(path), "does not hold a W&B run id ([a-z0-9], at most 64 characters)",
+                        "remove it (a new run id is then made), or use a run dir only you write to")
     return rid
 
 
@@ -67,17 +91,22 @@ class Trackers:
         if t.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            tb_dir = safeio.subdir(run_dir, "tensorboard")      # a planted link to elsewhere is refused
+            self.tb = SummaryWriter(log_dir=str(tb_dir))
             self.tb.add_text("plan", summary_text(plan), 0)
-            info(f"tensorboard: writing {run_dir / 'tensorboard'}")
+            info(f"tensorboard: writing {tb_dir}")
         if t.wandb.project:
             os.environ.setdefault("WANDB_SILENT", "true")
+            # outside the try below: a planted wandb/ link or wandb-run-id is the user's to fix
+            # (exit 3), not a tracker hiccup to train through
+            safeio.subdir(run_dir, "wandb")
+            rid = _wandb_id(run_dir)
             try:
                 import wandb
 
                 wb = t.wandb
                 self.wb = wandb.init(project=wb.project, entity=wb.entity, name=wb.name or plan.name,
-                                     mode=wb.mode, dir=str(run_dir), id=_wandb_id(run_dir), resume="allow",
+                                     mode=wb.mode, dir=str(run_dir), id=rid, resume="allow",
                                      config=run_config(plan), tags=list(wb.tags))
                 info(f"wandb: {wb.mode} run {self.wb.id} in project {wb.project}")
             except Exception as e:     # noqa: BLE001  a tracker must never stop a training job

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from . import checkpoint as ckpt
-from . import cp, preflight
+from . import cp, preflight, safeio
 from .data import IGNORE, Batch, PackedData, Stream, load_data
 from .dims import DIMS, tokens_per_step
 from .errors import EXIT_USER, UserError, from_os_error
@@ -69,11 +69,16 @@ def report_user_error(e: UserError | None) -> None:
     error after the reporting rank exited) stay silent when a line was printed."""
     key = "meshbake/user_error"
     try:
-        first = _STORE[0].add(key, 1 if e is not None else 0) == 1 if _STORE else e is not None
+        # no store yet (before the process group): every rank of a node read the same plan and
+        # files, so its local rank 0 speaks for it, as for preflight's lines
+        first = (_STORE[0].add(key, 1 if e is not None else 0) == 1 if _STORE
+                 else e is not None and os.environ.get("LOCAL_RANK", "0") == "0")
     except Exception:                  # store gone: fall back to rank 0 of the job
         first = e is not None and os.environ.get("RANK", "0") == "0"
     if e is not None and first:
-        print(e.line(), file=sys.stderr, flush=True)
+        # the line names a file whose name came from disk or the plan: a newline in it must not
+        # start a second line, an escape sequence must not reach the terminal
+        print(safeio.printable(e.line()), file=sys.stderr, flush=True)
 
 
 def user_error_reported() -> bool:
@@ -232,6 +237,15 @@ class Job:
     data_index: dict = field(default_factory=dict)
 
 
+def read_marker(path: Path) -> str | None:
+    """The text of .shared-check (a 16-hex-digit token), None while it is not there (yet). A
+    symlink, FIFO or oversized file at the name is refused (UserError): it was not rank 0's."""
+    try:
+        return safeio.read_text_bounded(path, limit=64)
+    except FileNotFoundError:
+        return None
+
+
 def check_shared_run_dir(run_dir: Path, wait_s: float = 30.0) -> None:
     """Every rank must see rank 0's run dir: all ranks write their DCP shards into one step-N
     dir that rank 0 commits. On node-local disks each node would keep a part of every
@@ -240,11 +254,11 @@ def check_shared_run_dir(run_dir: Path, wait_s: float = 30.0) -> None:
     marker = run_dir / ".shared-check"
     token = [os.urandom(8).hex() if dist.get_rank() == 0 else None]
     if dist.get_rank() == 0:
-        marker.write_text(token[0])
+        safeio.write_atomic(marker, token[0])      # a planted link there is refused, not followed
     dist.broadcast_object_list(token, src=0)
     deadline = time.monotonic() + wait_s
     while True:
-        seen = marker.read_text() if marker.is_file() else None
+        seen = read_marker(marker)
         if seen == token[0] or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -252,7 +266,8 @@ def check_shared_run_dir(run_dir: Path, wait_s: float = 30.0) -> None:
     dist.all_gather_object(views, (socket.gethostname(), seen == token[0]))
     blind = sorted({h for h, ok in views if not ok})
     if blind:
-        raise RuntimeError(f"run dir {run_dir} is not shared: ranks on {', '.join(blind)} do not see the files rank 0 "
+        raise RuntimeError(f"run dir {safeio.printable(run_dir)} is not shared: ranks on "
+                           f"{safeio.printable(', '.join(blind))} do not see the files rank 0 "
                            f"writes there, so checkpoints would be split across node-local disks; set "
                            f"MESHBAKE_RUN_DIR to a directory on a shared filesystem")
     dist.barrier()
@@ -260,11 +275,30 @@ def check_shared_run_dir(run_dir: Path, wait_s: float = 30.0) -> None:
         marker.unlink()
 
 
+def clear_preempted(run_dir: Path) -> None:
+    """Remove the last attempt's PREEMPTED (rank 0, at start). Only a regular file is ours to
+    remove: a link or FIFO there is refused (the run dir is not this job's alone)."""
+    safeio.refuse_odd(run_dir / "PREEMPTED")
+    (run_dir / "PREEMPTED").unlink(missing_ok=True)
+
+
+def mark_preempted(run_dir: Path, step: int) -> None:
+    """<run_dir>/PREEMPTED holding the step (job.sbatch requeues when it exists): a fresh file
+    renamed over the name, never written through a planted link."""
+    safeio.write_atomic(run_dir / "PREEMPTED", f"{step}\n")
+
+
+def copy_plan(plan_path: Path, run_dir: Path) -> None:
+    """The plan the user named (their path, read as given) into <run_dir>/plan.json as a whole:
+    a planted plan.json link there is refused, not written through."""
+    safeio.write_atomic(run_dir / "plan.json", Path(plan_path).read_bytes())
+
+
 def setup(plan: Plan, run_dir: Path) -> Job:
     device, mesh = device_for(plan), world_mesh(plan)
     if dist.get_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "PREEMPTED").unlink(missing_ok=True)
+        clear_preempted(run_dir)
     dist.barrier()
     if plan.checkpoint.every_steps > 0 or plan.checkpoint.save_on_exit:
         check_shared_run_dir(run_dir)
@@ -505,7 +539,7 @@ def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
             window_t0, window_steps = time.perf_counter(), 0
         if stop:
             if dist.get_rank() == 0:
-                (run_dir / "PREEMPTED").write_text(f"{n}\n")
+                mark_preempted(run_dir, n)
             saved = "saved" if plan.checkpoint.save_on_exit else "NOT saved (checkpoint.save_on_exit: false)"
             job.log.info(f"stop signal: {saved} at step {n}, exiting for requeue")
             res.preempted = True
@@ -521,20 +555,24 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     signals = Signals()
     signals.install()
-    plan = load_plan(args.plan)
-    problems = preflight.problems(plan)
-    if problems:
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print("\n".join(f"meshbake: {p}" for p in problems), file=sys.stderr, flush=True)
-        return 2
-    if plan.data.format != "synthetic":      # prepared, complete, and not stale: or one line, no group
-        from .prepare import DataError, locate
-        try:
-            locate(plan)
-        except DataError as e:
+    try:          # before the process group: a user error is one line (local rank 0) and exit 3, no group to leave
+        plan = load_plan(args.plan)
+        problems = preflight.problems(plan)
+        if problems:
             if os.environ.get("LOCAL_RANK", "0") == "0":
-                print(f"meshbake: {e}", file=sys.stderr, flush=True)
+                print("\n".join(f"meshbake: {safeio.printable(p)}" for p in problems), file=sys.stderr, flush=True)
             return 2
+        if plan.data.format != "synthetic":      # prepared, complete, and not stale: or one line, no group
+            from .prepare import DataError, locate
+            try:
+                locate(plan)
+            except DataError as e:
+                if os.environ.get("LOCAL_RANK", "0") == "0":
+                    print(f"meshbake: {safeio.printable(e)}", file=sys.stderr, flush=True)
+                return 2
+    except UserError as e:
+        report_user_error(e)
+        return EXIT_USER
     run_dir = Path(args.run_dir or os.environ.get("MESHBAKE_RUN_DIR") or plan.run_dir)
     try:
         # inside the try: gloo's connectFullMesh returns on one rank before its peers finish
@@ -544,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         init_distributed(plan.mesh.backend)
         if dist.get_rank() == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "plan.json").write_text(Path(args.plan).read_text())
+            copy_plan(Path(args.plan), run_dir)
         run(plan, run_dir, signals)
     except BaseException as e:         # BaseException: DCP's CheckpointException is one
         user = e if isinstance(e, UserError) else from_os_error(e)

@@ -4,23 +4,48 @@ Reads what the runtime leaves in the run dir (docs/CONTRACTS.md): plan.json, met
 (one record per logged step; a step re-run after a resume appears twice, the later record
 wins), train.log (the events: starts, resumes, checkpoints, preemptions). Plots are inline SVG
 drawn here (no JavaScript, no CDN): the page opens offline and in a CI artifact viewer.
-Pure functions from text to text; only `main` reads and writes files.
+Pure functions from text to text; only `load_run` reads and `main` writes files.
+
+Everything in a run dir is someone else's bytes (a shared or handed-over run, a requeued job's):
+plan.json is read through runtime.plan.load_plan (schema-checked, size-capped, no symlink or
+FIFO); metrics.jsonl and train.log are streamed through runtime.safeio.open_regular line by line,
+a line longer than LINE_MAX skipped and counted, at most MAX_STEPS steps kept (decimated by a
+doubling stride past that), so memory is bounded whatever their size; report.html is written with
+safeio.write_atomic (a symlink planted at it, e.g. to a .pth file, is refused, not written
+through); every string from those files goes through safeio.printable before the terminal and
+through printable + html.escape into the page.
 """
 from __future__ import annotations
 
 import html
 import json
 import math
+import os
 import re
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from meshbake.runtime.dims import tokens_per_step
-from meshbake.runtime.plan import Plan, from_dict
+from meshbake.runtime.errors import EXIT_USER, UserError, from_os_error
+from meshbake.runtime.plan import Plan, load_plan
+from meshbake.runtime.safeio import open_regular, printable, write_atomic
+
+LINE_MAX = 64 << 10      # a metrics record is ~400 bytes, a train.log line < 1 KB: longer ones are not ours
+MAX_STEPS = 4096         # steps kept for plots and the summary: a plot is 520 px wide; past it, decimated
+MAX_KEYS = 64            # numeric keys kept per record (the runtime logs ~12)
+MAX_EVENTS = 2000        # train.log events kept (the last ones): a checkpoint every 10 steps for 20k steps
+EVENT_CHARS = 300        # an event's text as shown
+
+
+def _h(s: object) -> str:
+    """A string from a file of the run dir, for the page: control/format characters shown as
+    escapes (printable), then HTML-escaped."""
+    return html.escape(printable(s))
 
 COLORS = {"train": "#1f77b4", "eval": "#d62728", "estimate": "#7f7f7f", "checkpoint": "#2ca02c",
           "resume": "#ff7f0e", "preemption": "#9467bd", "start": "#8c564b", "error": "#d62728"}
@@ -40,6 +65,7 @@ class Run:
     relogged: int                           # steps logged more than once (re-run after a resume)
     events: tuple[Event, ...]
     preempted: bool                         # PREEMPTED present: stopped, waiting for the requeue
+    notes: tuple[str, ...] = ()             # what was skipped reading the files (said once, in summary and page)
 
 
 # ------------------------------------------------------------------------------ reading
@@ -50,10 +76,12 @@ _EVENTS = ((re.compile(r"^ranks by host"), "start"), (re.compile(r"^resumed from
            (re.compile(r"not finite"), "error"), (re.compile(r"^checkpoint step-(\d+)(\.tmp)?: "), "skipped"))
 
 
-def parse_events(log_text: str) -> tuple[Event, ...]:
-    """train.log lines -> events; step lines only advance the current step."""
-    out, step = [], 0
-    for line in log_text.splitlines():
+def parse_events(log: str | Iterable[str]) -> tuple[Event, ...]:
+    """train.log lines (its text, or its lines one by one) -> events, the last MAX_EVENTS of them;
+    step lines only advance the current step."""
+    out: deque[Event] = deque(maxlen=MAX_EVENTS)
+    step = 0
+    for line in (log.splitlines() if isinstance(log, str) else log):
         line = line.strip()
         m = _STEP_LINE.match(line)
         if m:
@@ -65,37 +93,154 @@ def parse_events(log_text: str) -> tuple[Event, ...]:
                 at = int(m.group(1)) if m.groups() and m.group(1) else step
                 if kind == "resume":
                     step = at
-                out.append(Event(kind, at, line))
+                if at >= 2**62:
+                    break                  # a step number no run reaches: not an event of ours
+                if kind == "resume":
+                    step = at
+                out.append(Event(kind, at, line[:EVENT_CHARS]))
                 break
     return tuple(out)
 
 
-def parse_metrics(text: str) -> tuple[tuple[dict[str, Any], ...], int]:
-    """metrics.jsonl -> the last record of every step, sorted by step; and how many steps repeat.
-    Eval records (eval_* keys) are merged into their step's record."""
+def _record(raw: Any) -> dict[str, Any] | None:
+    """One metrics.jsonl value -> the record kept: its step (an int in [0, 2**62)) and at most
+    MAX_KEYS keys holding numbers or null (what the plots and the summary read; a key of a
+    string, list or object is dropped, so a kept record is ~MAX_KEYS x 100 bytes at most);
+    None if it is not a record of ours."""
+    if not isinstance(raw, dict):
+        return None
+    s = raw.get("step")
+    if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2**62:
+        return None
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        if len(out) >= MAX_KEYS:
+            break
+        if len(k) <= 64 and (v is None or isinstance(v, float)
+                             or (isinstance(v, int) and not isinstance(v, bool) and -2**63 <= v < 2**63)):
+            out[k] = v
+    out["step"] = s
+    return out
+
+
+@dataclass(frozen=True)
+class Metrics:
+    records: tuple[dict[str, Any], ...]     # the last record of every kept step, by step
+    relogged: int                           # kept steps logged more than once
+    long_lines: int                         # lines longer than LINE_MAX, skipped
+    bad_lines: int                          # lines that are no JSON record with a step, skipped
+    stride: int                             # 1, or the decimation: only steps that are multiples of it kept
+
+
+def _merge(old: dict[str, Any] | None, rec: dict[str, Any]) -> dict[str, Any]:
+    """A step's record after rec: an eval record (eval_* keys, no loss) merges into it; a train
+    record replaces it, keeping its eval_* keys."""
+    if any(k.startswith("eval_") for k in rec) and "loss" not in rec:
+        return {**(old or {"step": rec["step"]}), **rec}
+    return {**rec, **{k: v for k, v in (old or {}).items() if k.startswith("eval_")}}
+
+
+def parse_metrics(lines: str | Iterable[str | None]) -> Metrics:
+    """metrics.jsonl (its text, or its lines; None = a line too long, counted) -> the last record
+    of every step, sorted by step. Eval records (eval_* keys) are merged into their step's record.
+    Memory is bounded: at most MAX_STEPS steps are held; one more and the stride doubles (only
+    steps that are multiples of it are kept), so a run of 10**6 steps keeps every 256th
+    (10**6 / 256 = 3907 <= 4096); the lowest and the highest step are kept besides (the
+    summary's first and last loss)."""
     by_step: dict[int, dict[str, Any]] = {}
     seen: dict[int, int] = {}
-    for line in text.splitlines():
+    ends: dict[int, dict[str, Any]] = {}     # the lowest and the highest step seen, whatever the stride
+    stride, long_lines, bad, relogged_dropped = 1, 0, 0, 0
+    for line in (lines.splitlines() if isinstance(lines, str) else lines):
+        if line is None:
+            long_lines += 1
+            continue
         if not line.strip():
             continue
-        rec = json.loads(line)
-        s = int(rec["step"])
-        if any(k.startswith("eval_") for k in rec) and "loss" not in rec:
-            by_step[s] = {**by_step.get(s, {"step": s}), **rec}
+        try:
+            # NaN/Infinity are Python's json defaults, kept: the runtime logs a diverged loss as NaN
+            # (series() drops non-finite values); RecursionError: "[[[[...", ValueError: an int of 5000 digits
+            rec = _record(json.loads(line))
+        except (ValueError, RecursionError):
+            rec = None
+        if rec is None:
+            bad += 1
             continue
-        seen[s] = seen.get(s, 0) + 1
-        evals = {k: v for k, v in by_step.get(s, {}).items() if k.startswith("eval_")}
-        by_step[s] = {**rec, **evals}
-    return tuple(by_step[s] for s in sorted(by_step)), sum(1 for n in seen.values() if n > 1)
+        s = rec["step"]
+        if not ends or s <= min(ends) or s >= max(ends):
+            ends[s] = _merge(ends.get(s), rec)
+            lo, hi = min(ends), max(ends)
+            for k in [k for k in ends if k not in (lo, hi)]:
+                del ends[k]
+        if s % stride:
+            continue
+        if "loss" in rec or not any(k.startswith("eval_") for k in rec):
+            seen[s] = seen.get(s, 0) + 1
+        by_step[s] = _merge(by_step.get(s), rec)
+        while len(by_step) > MAX_STEPS:        # halve what is held: at most log2(2**62) = 62 times in all
+            stride *= 2
+            for k in [k for k in by_step if k % stride]:
+                del by_step[k]
+                relogged_dropped += seen.pop(k, 0) > 1
+    by_step.update({k: v for k, v in ends.items() if k not in by_step})
+    return Metrics(tuple(by_step[s] for s in sorted(by_step)),
+                   relogged_dropped + sum(1 for n in seen.values() if n > 1), long_lines, bad, stride)
+
+
+def read_lines(f: IO[bytes], limit: int = LINE_MAX) -> Iterator[str | None]:
+    """The lines of a binary file, decoded (bad UTF-8 replaced), without their newline; None for a
+    line longer than limit bytes, which is read in limit-sized pieces and dropped (never held
+    whole). Reads no further than the file's size when opened: a file something keeps appending
+    to still ends."""
+    budget = os.fstat(f.fileno()).st_size
+    while budget > 0:
+        chunk = f.readline(limit + 1)
+        if not chunk:
+            return
+        budget -= len(chunk)
+        if len(chunk) > limit and not chunk.endswith(b"\n"):
+            while chunk and not chunk.endswith(b"\n") and budget > 0:   # the rest of the long line
+                chunk = f.readline(limit + 1)
+                budget -= len(chunk)
+            yield None
+            continue
+        yield chunk.rstrip(b"\r\n").decode("utf-8", errors="replace")
+
+
+def _present(path: Path) -> bool:
+    """Something is at path (a symlink or FIFO too: open_regular then refuses it in one line)."""
+    return os.path.lexists(path)
 
 
 def load_run(run_dir: Path) -> Run:
-    plan = from_dict(json.loads((run_dir / "plan.json").read_text(encoding="utf-8")))
-    m = run_dir / "metrics.jsonl"
-    recs, relogged = parse_metrics(m.read_text(encoding="utf-8")) if m.is_file() else ((), 0)
+    plan = load_plan(str(run_dir / "plan.json"))
+    m, notes = run_dir / "metrics.jsonl", []
+    met = Metrics((), 0, 0, 0, 1)
+    if _present(m):
+        with open_regular(m) as f:
+            met = parse_metrics(read_lines(f))
     log = run_dir / "train.log"
-    events = parse_events(log.read_text(encoding="utf-8", errors="replace")) if log.is_file() else ()
-    return Run(plan, recs, relogged, events, (run_dir / "PREEMPTED").is_file())
+    events: tuple[Event, ...] = ()
+    long_log = 0
+    if _present(log):
+        with open_regular(log) as f:
+            def counted(lines: Iterable[str | None]) -> Iterator[str]:
+                nonlocal long_log
+                for x in lines:
+                    if x is None:
+                        long_log += 1
+                    else:
+                        yield x
+            events = parse_events(counted(read_lines(f)))
+    kib = LINE_MAX >> 10
+    for n, what in ((met.long_lines, f"metrics.jsonl lines longer than {kib} KiB"),
+                    (met.bad_lines, "metrics.jsonl lines that are no record with a step"),
+                    (long_log, f"train.log lines longer than {kib} KiB")):
+        if n:
+            notes.append(f"skipped {n:,} {what}")
+    if met.stride > 1:
+        notes.append(f"more than {MAX_STEPS:,} steps logged: every {met.stride}th step kept")
+    return Run(plan, met.records, met.relogged, events, os.path.isfile(run_dir / "PREEMPTED"), tuple(notes))
 
 
 # ---------------------------------------------------------------------------- numbers
@@ -111,6 +256,11 @@ def si(v: float) -> str:
     if a < 1e-2:
         return f"{v:.2g}"
     return f"{v:.3g}"
+
+
+def _num(v: Any) -> float | None:
+    """A number of plan.json's free-form estimate (any JSON there; only numbers are used)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
 def gib(v: float) -> str:
@@ -129,17 +279,31 @@ def _median_after_warmup(pts: list[tuple[int, float]]) -> float | None:
 
 # ------------------------------------------------------------------------------ plots
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """Round tick values covering [lo, hi]: steps of 1, 2, 2.5 or 5 x 10^k."""
-    if hi <= lo:
-        lo, hi = lo - (abs(lo) * 0.1 or 1), hi + (abs(hi) * 0.1 or 1)
-    raw = (hi - lo) / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    t, out = math.floor(lo / step) * step, []
-    while t < hi + step * 0.999:
-        out.append(round(t, 12))
-        t += step
-    return out
+    """Round tick values covering [lo, hi]: steps of 1, 2, 2.5 or 5 x 10^k.
+
+    Ticks are k * step for the integers k from floor(lo / step) to ceil(hi / step): no float
+    accumulation (t += step never moves t when step is below t's spacing: 1e16 + 1.0 == 1e16, and
+    the old loop on losses 1e16 and 1e16 + 4 never ended), and since step >= (hi - lo) / n there
+    are at most n + 2 of them. The step is also at least two float spacings of the larger end
+    (1e16: ulp 2, step >= 4), so the ticks differ. Anything the arithmetic cannot serve (a
+    non-finite end, a span that overflows, a step that underflows to 0) gets [lo, hi]."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return [0.0, 1.0]
+    lo, hi = min(lo, hi), max(lo, hi)
+    if hi - lo <= 4 * math.ulp(max(abs(lo), abs(hi))):       # one value (or float-indistinguishable)
+        pad = abs(lo) * 0.1 or 1.0
+        lo, hi = lo - pad, hi + pad
+    try:
+        raw = max((hi - lo) / n, 2 * math.ulp(max(abs(lo), abs(hi))))
+        mag = 10.0 ** math.floor(math.log10(raw))
+        step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+        k0, k1 = math.floor(lo / step), math.ceil(hi / step)
+    except (ValueError, OverflowError, ZeroDivisionError):
+        return [lo, hi]
+    if not (math.isfinite(step) and step > 0) or k1 - k0 > n + 2:
+        return [lo, hi]
+    out = sorted({round(k * step, 12) for k in range(k0, k1 + 1)})
+    return out if len(out) >= 2 and all(map(math.isfinite, out)) else [lo, hi]
 
 
 @dataclass(frozen=True)
@@ -161,20 +325,23 @@ def svg_chart(title: str, lines: Sequence[Line], fmt: Callable[[float], str] = s
     if not pts:
         return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img">'
                 f'<text x="{w / 2}" y="{h / 2}" text-anchor="middle" class="empty">'
-                f'{html.escape(empty or title + ": no data")}</text></svg>')
+                f'{_h(empty or title + ": no data")}</text></svg>')
     ys = [y for _, y in pts] + [v for v, _, _ in hlines]
     yt = nice_ticks(min(ys), max(ys))
     xt = nice_ticks(0, max(x_max or 0, max(x for x, _ in pts)), 6)
     y0, y1, x0, x1 = yt[0], yt[-1], xt[0], xt[-1]
 
+    xs = x1 - x0 if math.isfinite(x1 - x0) and x1 > x0 else 1.0      # never 0 or inf (ticks are [lo, hi] at worst)
+    ys_ = y1 - y0 if math.isfinite(y1 - y0) and y1 > y0 else 1.0
+
     def X(x: float) -> float:
-        return ml + (x - x0) / (x1 - x0) * pw
+        return ml + (x - x0) / xs * pw
 
     def Y(y: float) -> float:
-        return mt + ph - (y - y0) / (y1 - y0) * ph
+        return mt + ph - (y - y0) / ys_ * ph
 
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img">',
-           f'<text x="{ml}" y="18" class="title">{html.escape(title)}</text>']
+           f'<text x="{ml}" y="18" class="title">{_h(title)}</text>']
     for t in yt:
         out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{Y(t):.1f}" y2="{Y(t):.1f}" class="grid"/>'
                    f'<text x="{ml - 6}" y="{Y(t) + 4:.1f}" text-anchor="end" class="tick">{fmt(t)}</text>')
@@ -188,7 +355,7 @@ def svg_chart(title: str, lines: Sequence[Line], fmt: Callable[[float], str] = s
     for v, label, color in hlines:
         out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{Y(v):.1f}" y2="{Y(v):.1f}" stroke="{color}" class="ref"/>'
                    f'<text x="{ml + pw - 4}" y="{Y(v) - 4:.1f}" text-anchor="end" class="tick" fill="{color}">'
-                   f'{html.escape(label)}</text>')
+                   f'{_h(label)}</text>')
     lx = ml + 6
     for ln in lines:
         if not ln.points:
@@ -198,7 +365,7 @@ def svg_chart(title: str, lines: Sequence[Line], fmt: Callable[[float], str] = s
         if ln.dots or len(ln.points) == 1:
             out += [f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="2.6" fill="{ln.color}"/>' for x, y in ln.points]
         out.append(f'<rect x="{lx}" y="{mt + 6}" width="10" height="3" fill="{ln.color}"/>'
-                   f'<text x="{lx + 14}" y="{mt + 11}" class="legend">{html.escape(ln.label)}</text>')
+                   f'<text x="{lx + 14}" y="{mt + 11}" class="legend">{_h(ln.label)}</text>')
         lx += 22 + 7 * len(ln.label)
     out.append("</svg>")
     return "".join(out)
@@ -228,7 +395,7 @@ def summary_lines(run: Run) -> list[str]:
     mm = _median_after_warmup(mfu)
     line += f"  MFU {mm * 100:.1f}%" if mm is not None else "  MFU n/a"
     if mem:
-        est = p.estimate.get("total_bytes")
+        est = _num(p.estimate.get("total_bytes"))
         line += f"  peak mem {gib(max(v for _, v in mem))}" + (f" (plan estimate {gib(est)})" if est else "")
     else:
         line += "  peak mem n/a" + (" (not measured on CPU)" if m.device == "cpu" else "")
@@ -240,6 +407,7 @@ def summary_lines(run: Run) -> list[str]:
                                                                 "error")) if n or k != "error")
                + (f"; {run.relogged} steps re-run after a resume (the later record is plotted)"
                   if run.relogged else ""))
+    out += [f"note: {n}" for n in run.notes]
     return out
 
 
@@ -261,7 +429,7 @@ th{color:#555;font-weight:600} .k{display:inline-block;width:10px;height:10px;bo
 
 def _events_table(run: Run) -> str:
     rows = [f'<tr><td><span class="k" style="background:{COLORS.get(e.kind, "#999")}"></span>{e.kind}</td>'
-            f"<td>{e.step}</td><td>{html.escape(e.text)}</td></tr>" for e in run.events if e.kind != "info"]
+            f"<td>{e.step}</td><td>{_h(e.text)}</td></tr>" for e in run.events if e.kind != "info"]
     if run.preempted:
         rows.append("<tr><td>preempted</td><td></td><td>PREEMPTED is present: the last run stopped after its "
                     "checkpoint and waits for the requeue</td></tr>")
@@ -288,13 +456,14 @@ def _plan_table(plan: Plan) -> str:
             ("checkpoints", f"every {plan.checkpoint.every_steps or '-'} steps, keep {plan.checkpoint.keep}, "
                             f"resume {plan.checkpoint.resume}")]
     terms = [(k.removesuffix("_bytes"), v) for k, v in sorted(e.items())
-             if k.endswith("_bytes") and k not in ("total_bytes", "budget_bytes") and "comm" not in k]
-    if e.get("total_bytes"):
-        rows.append(("memory estimate", f"{gib(e['total_bytes'])} per rank of {gib(e.get('budget_bytes', 0))} "
+             if k.endswith("_bytes") and k not in ("total_bytes", "budget_bytes") and "comm" not in k
+             and _num(v) is not None]
+    if _num(e.get("total_bytes")):
+        rows.append(("memory estimate", f"{gib(e['total_bytes'])} per rank of {gib(_num(e.get('budget_bytes')) or 0)} "
                      "budget: " + ", ".join(f"{k} {gib(v)}" for k, v in terms)))
     if plan.versions:
         rows.append(("versions", ", ".join(f"{k} {v}" for k, v in sorted(plan.versions.items()))))
-    return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+    return "<table>" + "".join(f"<tr><th>{_h(k)}</th><td>{_h(v)}</td></tr>"
                                for k, v in rows) + "</table>"
 
 
@@ -304,7 +473,7 @@ def charts(run: Run) -> list[str]:
     marks = [(e.step, COLORS[e.kind]) for e in sorted((e for e in run.events if e.kind in order),
                                                        key=lambda e: order.index(e.kind))]
     xm = plan.train.steps
-    est = plan.estimate.get("total_bytes")
+    est = _num(plan.estimate.get("total_bytes"))
     tps = series(recs, "tokens_per_s")
     return [
         svg_chart("loss", [Line("train", COLORS["train"], tuple(series(recs, "loss"))),
@@ -331,33 +500,39 @@ def render_html(run: Run) -> str:
                       for k in ("checkpoint", "resume", "preemption"))
     plots = "".join(f"<div>{c}</div>" for c in charts(run))
     return (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>meshbake report: "
-            f"{html.escape(p.name)}</title><style>{_CSS}</style></head><body>"
-            f"<h1>meshbake run report: {html.escape(p.name)}</h1>"
-            f"<div class=\"sub\">{html.escape(p.model.source)} &middot; world {p.mesh.world} &middot; "
+            f"{_h(p.name)}</title><style>{_CSS}</style></head><body>"
+            f"<h1>meshbake run report: {_h(p.name)}</h1>"
+            f"<div class=\"sub\">{_h(p.model.source)} &middot; world {p.mesh.world} &middot; "
             f"{len(run.records)} logged steps</div>"
-            f"<pre class=\"sum\">{html.escape(chr(10).join(summary_lines(run)))}</pre>"
+            f"<pre class=\"sum\">{chr(10).join(_h(x) for x in summary_lines(run))}</pre>"
             f"<h2>Metrics</h2><div class=\"sub\">dashed lines: {legend}</div><div class=\"grid2\">{plots}</div>"
             f"<h2>Events (train.log)</h2>{_events_table(run)}"
             f"<h2>Plan</h2>{_plan_table(p)}</body></html>\n")
 
 
 def main(run_dir: str, out: str | None) -> int:
+    """Exit 0; 2 when RUN_DIR holds no plan.json at all (not a run dir); 3 (EXIT_USER, one line)
+    when a file of it is not one meshbake wrote (plan.json outside its schema, a symlink or FIFO
+    where a file belongs, report.html a symlink) or the disk refuses."""
     rd = Path(run_dir)
-    if not (rd / "plan.json").is_file():
-        print(f"meshbake report: {run_dir} is not a run dir (no plan.json); give the directory a run wrote "
-              "(runs/<name> or MESHBAKE_RUN_DIR)", file=sys.stderr)
+    if not _present(rd / "plan.json"):
+        print(f"meshbake report: {printable(run_dir)} is not a run dir (no plan.json); give the directory a run "
+              "wrote (runs/<name> or MESHBAKE_RUN_DIR)", file=sys.stderr)
         return 2
-    try:
-        run = load_run(rd)
-    except (ValueError, KeyError) as e:
-        print(f"meshbake report: cannot read {run_dir} ({type(e).__name__}: {e})", file=sys.stderr)
-        return 2
+    # a user-given -o is the user's choice of place, but its last component is still never followed
+    # if it is a symlink (write_atomic refuses it): the same planted-link risk, one level up
     target = Path(out) if out else rd / "report.html"
     try:
-        target.write_text(render_html(run), encoding="utf-8")
+        run = load_run(rd)
+        write_atomic(target, render_html(run))
+    except UserError as e:
+        print(f"meshbake report: {printable(e)}", file=sys.stderr)
+        return EXIT_USER
     except OSError as e:
-        print(f"meshbake report: cannot write {target} ({e.strerror})", file=sys.stderr)
-        return 2
-    print("\n".join(summary_lines(run)))
-    print(f"wrote {target}")
+        user = from_os_error(e)
+        print(f"meshbake report: {printable(user) if user else printable(f'{e.filename or target}: {e.strerror}')}",
+              file=sys.stderr)
+        return EXIT_USER
+    print("\n".join(printable(x) for x in summary_lines(run)))
+    print(f"wrote {printable(target)}")
     return 0

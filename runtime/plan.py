@@ -23,12 +23,16 @@ table of which dim each splits):
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .dims import ParallelDims
+from .errors import UserError
 from .roles import ModelRoles
-from .sections import build, section, to_dict
+from .safeio import printable, read_text_bounded
+from .sections import SCHEMA_OF, SchemaError, build, schema, section, show, to_dict
 
 PLAN_VERSION = 1
 
@@ -123,13 +127,144 @@ def _older(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def from_dict(d: dict[str, Any]) -> Plan:
+# ------------------------------------------------------------------------ reading plan.json back
+# plan.json is read back from a run dir (report, export, resume, a requeued job): a file someone
+# else may have written or edited. Every value is held to the schema node it came from (the
+# recipe's: name, run_dir, train.*, data.*, ...; a `name` of "x\nimport os" is a str, and is then
+# written into scripts, logs and HTML) and every plan-only field to its own node below, so a
+# string the runtime builds names, paths or log lines from holds no control character.
+PLAN_MAX_BYTES = 8 << 20        # the largest golden plan.json (70B, 80 blocks of placements) is 60 KB
+# one line of text: no control characters (C0, DEL, C1), no line separators, no bidi overrides
+_LINE = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029\\u202a-\\u202e\\u2066-\\u2069]*$(?!\\n)"
+_FQN = "^[A-Za-z0-9_.]*$(?!\\n)"                    # a module name ("" = none, e.g. final_norm)
+_WORD = "^[A-Za-z0-9_]+$(?!\\n)"                    # a class name, a style, an attention kernel
+_COUNT = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
+_AXIS = {"type": "integer", "minimum": 1, "maximum": 2**20}      # one mesh axis, nodes, processes per node
+_TEXT = {"type": "string", "maxLength": 4096, "pattern": _LINE}
+_PATH = {"type": "string", "minLength": 1, "maxLength": 4096, "pattern": _LINE}
+
+
+def _with(path: str, **extra: Any) -> dict[str, Any]:
+    """The recipe schema's node at path (dotted) with plan-only properties added."""
+    node: Any = schema()
+    for part in path.split(".") if path else ():
+        node = node["properties"][part]
+    return {**node, "properties": {**node.get("properties", {}), **extra}}
+
+
+def _declare() -> None:
+    """The schema nodes of the plan's classes (sections.SCHEMA_OF; the generated ones are there)."""
+    recipe = schema()["properties"]
+    SCHEMA_OF[ParallelDims] = {"type": "object", "properties": {
+        **{k: _AXIS for k in ("dp_replicate", "dp_shard", "cp", "tp", "nodes", "procs_per_node", "ep")},
+        "device": recipe["cluster"]["properties"]["device"], "backend": {"enum": ["nccl", "gloo"]}}}
+    SCHEMA_OF[ModelRoles] = {"type": "object", "properties": {
+        **{k: {"type": "string", "maxLength": 512, "pattern": _FQN}
+           for k in ("embedding", "lm_head", "final_norm", "block_prefix")},
+        "num_blocks": {"type": "integer", "minimum": 0, "maximum": 2**20},
+        "lora_targets": {"type": "array", "items": {"type": "string", "maxLength": 512, "pattern": _FQN}}}}
+    SCHEMA_OF[ModelPlan] = {"type": "object", "properties": {
+        "config": {"type": "object", "propertyNames": {"maxLength": 256, "pattern": _LINE}},
+        "architecture": {"type": "string", "maxLength": 256, "pattern": _WORD},
+        "source": _PATH, "weights": {**_PATH, "type": ["string", "null"]},
+        "num_params": _COUNT, "active_params": _COUNT,
+        "attn_implementation": {"type": "string", "maxLength": 64, "pattern": _WORD},
+        "layouts": {"type": "object", "propertyNames": {"maxLength": 512, "pattern": _FQN},
+                    "additionalProperties": {"enum": ["qkv", "gate_up", "experts"]}}}}
+    SCHEMA_OF[TPPlan] = _with("tp", placements={
+        "type": "object", "propertyNames": {"maxLength": 512, "pattern": _FQN},
+        "additionalProperties": {"type": "string", "maxLength": 64, "pattern": _WORD}})
+    SCHEMA_OF[TrainPlan] = _with("train", grad_accum={"type": "integer", "minimum": 1, "maximum": 2**30},
+                                 dtype=recipe["model"]["properties"]["dtype"])
+    SCHEMA_OF[DataPlan] = _with("data", vocab_size={"type": "integer", "minimum": 1, "maximum": 2**31},
+                                fingerprint={"type": "string", "maxLength": 128, "pattern": "^[0-9a-f]*$(?!\\n)"})
+    SCHEMA_OF[Plan] = {"type": "object", "properties": {
+        "version": {"const": PLAN_VERSION}, "name": recipe["name"], "run_dir": recipe["run_dir"],
+        "max_restarts": recipe["cluster"]["properties"]["max_restarts"],
+        "estimate": {"type": "object", "propertyNames": {"maxLength": 256, "pattern": _LINE}},
+        "warnings": {"type": "array", "maxItems": 1000, "items": {**_TEXT, "maxLength": 65536}},
+        "versions": {"type": "object", "maxProperties": 64, "propertyNames": {"maxLength": 64, "pattern": _WORD},
+                     "additionalProperties": {**_TEXT, "maxLength": 256}}}}
+
+
+_declare()
+
+
+class PlanError(UserError, ValueError):
+    """plan.json is not one meshbake wrote: one line naming the file and the JSON path. A
+    UserError (report and export: exit 3) and a ValueError (callers that caught ValueError)."""
+
+    def __init__(self, where: object, problem: str):
+        super().__init__(printable(where), problem,
+                         "it is not a plan.json this meshbake wrote (or was edited): compile the recipe again "
+                         "(meshbake bundle), or use a run dir only you write to")
+
+
+def _free_form(v: Any, path: str, depth: int = 0) -> None:
+    """The fields without a schema of their own (model.config, estimate): plain JSON, nested at
+    most 32 deep, integers within int64 (10**4000 parses, then overflows float() downstream), keys
+    and strings of printable text (json.loads already refused NaN/Infinity)."""
+    if depth > 32:
+        raise SchemaError(path, "is nested more than 32 deep")
+    if isinstance(v, Mapping):
+        for k, x in v.items():
+            _free_form(x, f"{path}.{printable(k)}", depth + 1)
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            _free_form(x, f"{path}[{i}]", depth + 1)
+    elif isinstance(v, int) and not isinstance(v, bool) and not -2**63 <= v < 2**63:
+        raise SchemaError(path, f"{show(v)} is outside the 64-bit integers")
+    elif isinstance(v, str) and len(v) > 65536:
+        raise SchemaError(path, f"is a string of {len(v):,} characters")
+
+
+def from_dict(d: Any, where: object = "plan.json") -> Plan:
+    """A Plan from plan.json's parsed dict, every value held to its schema node (see _declare);
+    anything else is a PlanError naming `where` and the JSON path."""
+    if not isinstance(d, Mapping):
+        raise PlanError(where, f"holds {show(d)}, not an object")
     if d.get("version") != PLAN_VERSION:
-        raise ValueError(f"plan.json version {d.get('version')!r}, this runtime reads {PLAN_VERSION}")
-    # keys this runtime does not know (mesh.world, derived) are dropped; missing ones take defaults
-    return build(Plan, _older(d), strict=False)
+        raise PlanError(where, f"version {show(d.get('version'))}, this runtime reads {PLAN_VERSION}")
+    try:
+        d = _older(d)
+        for key in ("estimate",):
+            _free_form(d.get(key), key)
+        if isinstance(d.get("model"), Mapping):
+            _free_form(d["model"].get("config"), "model.config")
+        # keys this runtime does not know (mesh.world, derived) are dropped; missing ones take defaults
+        return build(Plan, d, strict=False, validate=True)
+    except SchemaError as e:
+        raise PlanError(where, str(e)) from None
+    except (TypeError, KeyError, AttributeError) as e:     # wrong shapes (build's TypeError names the path)
+        msg = str(e) if isinstance(e, TypeError) else f"wrong shape ({type(e).__name__}: {e})"
+        raise PlanError(where, printable(msg)[:300]) from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):       # 1e999 parses to inf: as much a non-number as Infinity
+        raise ValueError(f"{text[:40]} overflows a float")
+    return v
+
+
+def loads(text: str, where: object = "plan.json") -> Plan:
+    """plan.json text -> Plan: strict JSON (NaN, Infinity, -Infinity and numbers that overflow
+    to inf refused; json.loads takes them by default) then from_dict."""
+    try:
+        d = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise PlanError(where, "is nested too deep to be a plan") from None
+    except ValueError as e:        # JSONDecodeError, our refusals, an int of more than 4300 digits
+        raise PlanError(where, f"is not valid JSON ({printable(str(e))[:200]})") from None
+    return from_dict(d, where)
 
 
 def load_plan(path: str) -> Plan:
-    with open(path, encoding="utf-8") as f:
-        return from_dict(json.load(f))
+    """plan.json at path: a regular file (no symlink followed, a FIFO does not block), at most
+    PLAN_MAX_BYTES, UTF-8, strict JSON, every value within its schema. Refusals are PlanErrors
+    (UserError: one line naming the file and the JSON path)."""
+    return loads(read_text_bounded(path, PLAN_MAX_BYTES), path)

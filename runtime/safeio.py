@@ -193,7 +193,12 @@ def read_bounded(path: Path, limit: int = 16 << 20) -> bytes:
     """The whole of a small regular file (metadata: plan.json, manifest.json, index.json, pointers),
     at most limit bytes (read limit + 1 to catch a file that grows)."""
     with open_regular(path, limit) as f:
-        data = f.read(limit + 1)
+        # read(n) allocates n bytes up front: read the file's size (+1 to see growth), not the limit
+        # (a 5 KB plan.json cost a 16 MiB buffer); a file that grew since its fstat is read on to the limit
+        size = min(os.fstat(f.fileno()).st_size, limit)
+        data = f.read(size + 1)
+        if len(data) > size:
+            data += f.read(limit + 1 - len(data))
     if len(data) > limit:
         raise UserError(printable(path), f"is more than {limit:,} bytes", "it was not written by meshbake; remove it")
     return data

@@ -26,14 +26,26 @@ not a field.
 plain mapping by keyword, recursively, checking each value against its annotation; `to_dict` is
 its inverse (the schema's shape: lists, dicts, scalars). `derive(cls, section, **facts)` extends a
 recipe section with facts resolved later (runtime/plan.py's TrainPlan, DataPlan, TPPlan).
+
+`build(..., validate=True)` (runtime/plan.py's reader of plan.json: a file on disk someone else
+may have written) also holds every value to its schema node's keywords, not only its type: a
+`name` with a newline in it type-checks as a str, and is then written into scripts and logs.
+`check(node, value)` is that small stdlib validator of the keywords the schema uses (type, enum,
+const, anyOf, pattern, min/maxLength, minimum/maximum and their exclusive forms, items,
+prefixItems, min/maxItems, uniqueItems, properties, required, additionalProperties,
+propertyNames, min/maxProperties); the recipe side needs none of it (compiler/validate.py runs
+the full JSON Schema validator first). A violation is a `SchemaError` (a TypeError) naming the
+JSON path.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -76,6 +88,7 @@ class _Generator:
                     specs.append(self._field(prop, sub, f"{path}.{prop}" if path else prop))
             cls = dataclasses.make_dataclass(name, specs, frozen=True, kw_only=True)
             cls.__module__, cls.__doc__ = __name__, node.get("description", "")
+            SCHEMA_OF[cls] = node
             self._by_node[key] = cls
         self.by_path[path] = cls
         return cls
@@ -138,24 +151,182 @@ def _all_defaulted(cls: type) -> bool:
                for f in dataclasses.fields(cls))
 
 
+# ----------------------------------------------------------------------------- check (schema keywords)
+# class -> its schema node: the generated classes register themselves; runtime/plan.py declares
+# the nodes of its hand-written ones (the plan-only fields: mesh, model, placements, ...)
+SCHEMA_OF: dict[type, Mapping[str, Any]] = {}
+
+
+class SchemaError(TypeError):
+    """A value outside its schema node; str() = 'path: problem' (one line: the value is shown
+    escaped and cut, see show)."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"{path or '(top)'}: {problem}")
+        self.path, self.problem = path, problem
+
+
+def show(v: Any, limit: int = 60) -> str:
+    """v for an error line: repr (escapes newlines, ESC, U+202E: str.isprintable() is False for
+    them), at most ~limit characters (a 1 MB string in a plan.json is not echoed whole)."""
+    r = repr(v) if not isinstance(v, (dict, list, tuple)) else f"<{type(v).__name__} of {len(v)}>"
+    r = r if r.isprintable() else r.encode("ascii", "backslashreplace").decode("ascii")
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
+@lru_cache(maxsize=256)
+def _regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def _is(kind: str, v: Any) -> bool:
+    if kind in ("integer", "number"):
+        if isinstance(v, bool) or not isinstance(v, (int, float) if kind == "number" else int):
+            return False
+        return not isinstance(v, float) or math.isfinite(v)     # JSON has no NaN/Infinity
+    return isinstance(v, {"string": str, "boolean": bool, "null": type(None), "array": (list, tuple),
+                          "object": Mapping}[kind])
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality: true is not 1 (Python's True == 1 is)."""
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
+def _key(v: Any) -> str:
+    return json.dumps(v, sort_keys=True, default=str)
+
+
+def check(node: Mapping[str, Any], v: Any, path: str = "") -> None:
+    """SchemaError unless v satisfies node's keywords (the subset of JSON Schema 2020-12 the recipe
+    schema uses; see the module docstring). As in JSON Schema, a keyword of one type (pattern,
+    minimum, items) says nothing about a value of another type: "type" decides which apply."""
+    if "anyOf" in node:
+        why = []
+        for arm in node["anyOf"]:
+            try:
+                check(arm, v, path)
+                break
+            except SchemaError as e:
+                why.append(e.problem)
+        else:
+            raise SchemaError(path, f"{show(v)} fits none of its forms ({'; '.join(why)})")
+    kinds = node.get("type")
+    if kinds is not None:
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        if not any(_is(k, v) for k in kinds):
+            raise SchemaError(path, f"{show(v)} is not of type {' or '.join(kinds)}")
+    if "const" in node and not _same(v, node["const"]):
+        raise SchemaError(path, f"{show(v)} is not {show(node['const'])}")
+    if "enum" in node and not any(_same(v, e) for e in node["enum"]):
+        raise SchemaError(path, f"{show(v)} is not one of {', '.join(show(e) for e in node['enum'])}")
+    if isinstance(v, str):
+        _check_string(node, v, path)
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+        _check_number(node, v, path)
+    elif isinstance(v, (list, tuple)):
+        _check_array(node, v, path)
+    elif isinstance(v, Mapping):
+        _check_object(node, v, path)
+
+
+def _check_string(node: Mapping[str, Any], v: str, path: str) -> None:
+    # lengths in code points, as JSON Schema counts them (len of a Python str)
+    if len(v) < node.get("minLength", 0):
+        raise SchemaError(path, f"{show(v)} is shorter than {node['minLength']} characters")
+    if "maxLength" in node and len(v) > node["maxLength"]:
+        raise SchemaError(path, f"{show(v)} is longer than {node['maxLength']} characters")
+    # pattern: a search, not a full match (JSON Schema); the schema's patterns anchor themselves
+    # with ^...$(?!\n), so a trailing newline does not slip past $
+    if "pattern" in node and not _regex(node["pattern"]).search(v):
+        raise SchemaError(path, f"{show(v)} does not match {node['pattern']}")
+
+
+def _check_number(node: Mapping[str, Any], v: float, path: str) -> None:
+    if isinstance(v, float) and not math.isfinite(v):
+        raise SchemaError(path, f"{show(v)} is not a finite number")
+    for kw, bad, says in (("minimum", lambda b: v < b, "less than the minimum"),
+                          ("exclusiveMinimum", lambda b: v <= b, "not more than"),
+                          ("maximum", lambda b: v > b, "more than the maximum"),
+                          ("exclusiveMaximum", lambda b: v >= b, "not less than")):
+        if kw in node and bad(node[kw]):
+            raise SchemaError(path, f"{show(v)} is {says} {node[kw]}")
+
+
+def _check_array(node: Mapping[str, Any], v: Sequence[Any], path: str) -> None:
+    if len(v) < node.get("minItems", 0):
+        raise SchemaError(path, f"has {len(v)} items, fewer than {node['minItems']}")
+    if "maxItems" in node and len(v) > node["maxItems"]:
+        raise SchemaError(path, f"has {len(v)} items, more than {node['maxItems']}")
+    if node.get("uniqueItems") and len({_key(x) for x in v}) < len(v):
+        raise SchemaError(path, "holds an item twice")
+    prefix = node.get("prefixItems", [])
+    for i, x in enumerate(v):
+        sub = prefix[i] if i < len(prefix) else node.get("items")    # 2020-12: items = after the prefix
+        if sub is False:
+            raise SchemaError(f"{path}[{i}]", "is one item too many")
+        if isinstance(sub, Mapping):
+            check(sub, x, f"{path}[{i}]")
+
+
+def _check_object(node: Mapping[str, Any], v: Mapping[str, Any], path: str) -> None:
+    if len(v) < node.get("minProperties", 0):
+        raise SchemaError(path, f"has {len(v)} keys, fewer than {node['minProperties']}")
+    if "maxProperties" in node and len(v) > node["maxProperties"]:
+        raise SchemaError(path, f"has {len(v)} keys, more than {node['maxProperties']}")
+    for k in node.get("required", ()):
+        if k not in v:
+            raise SchemaError(path, f"has no {k!r}")
+    props, extra = node.get("properties", {}), node.get("additionalProperties", True)
+    for k, x in v.items():
+        at = f"{path}.{k}" if path else str(k)
+        if "propertyNames" in node:
+            check(node["propertyNames"], k, f"{path} key {show(k)}")
+        if k in props:
+            if isinstance(props[k], Mapping):
+                check(props[k], x, at)
+        elif extra is False:
+            raise SchemaError(path or "(top)", f"unknown key {show(k)}")
+        elif isinstance(extra, Mapping):
+            check(extra, x, at)
+
+
 # ----------------------------------------------------------------------------- build / to_dict
 @cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def build(cls: type, value: Mapping[str, Any], *, strict: bool = True, path: str = ""):
+def _builds(ann: Any) -> bool:
+    """ann is (an optional) dataclass: build checks that value against its own class's node."""
+    if dataclasses.is_dataclass(ann):
+        return True
+    return typing.get_origin(ann) in (Union, types.UnionType) and all(
+        a is type(None) or dataclasses.is_dataclass(a) for a in typing.get_args(ann))
+
+
+def build(cls: type, value: Mapping[str, Any], *, strict: bool = True, path: str = "", validate: bool = False):
     """cls(**value) by keyword, recursively: nested mappings become their dataclasses, lists
     tuples, ints given for floats floats. A value that does not fit its annotation is a
-    TypeError naming its path. strict=False drops unknown keys (plan.json of another version)."""
+    TypeError naming its path. strict=False drops unknown keys (plan.json of another version).
+    validate=True also holds each value to the schema node of its class (SCHEMA_OF: pattern,
+    enum, bounds, lengths; see check): a SchemaError (a TypeError) naming its path."""
     if not isinstance(value, Mapping):
-        raise TypeError(f"{path or cls.__name__}: expected a mapping for {cls.__name__}, got {value!r}")
+        raise TypeError(f"{path or cls.__name__}: expected a mapping for {cls.__name__}, got {show(value)}")
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(value) - names)
     if unknown and strict:
-        raise TypeError(f"{path or cls.__name__}: unknown keys {unknown} for {cls.__name__}")
-    kw = {k: _convert(hints[k], v, f"{path}.{k}" if path else k, strict) for k, v in value.items() if k in names}
+        raise TypeError(f"{path or cls.__name__}: unknown keys {[show(k) for k in unknown]} for {cls.__name__}")
+    props = SCHEMA_OF.get(cls, {}).get("properties", {}) if validate else {}
+    kw = {}
+    for k, v in value.items():
+        if k not in names:
+            continue
+        at = f"{path}.{k}" if path else k
+        if k in props and not _builds(hints[k]):     # a nested class checks its own fields (no double work)
+            check(props[k], v, at)
+        kw[k] = _convert(hints[k], v, at, strict, validate)
     try:
         return cls(**kw)
     except TypeError as e:              # a required field missing
@@ -167,38 +338,41 @@ def convert(ann: Any, value: Any, path: str = "") -> Any:
     return _convert(ann, value, path, True)
 
 
-def _convert(ann: Any, v: Any, path: str, strict: bool) -> Any:
+def _convert(ann: Any, v: Any, path: str, strict: bool, validate: bool = False) -> Any:
     if ann is Any:
         return v
     if dataclasses.is_dataclass(ann):
-        return v if isinstance(v, ann) else build(ann, v, strict=strict, path=path)
+        return v if isinstance(v, ann) else build(ann, v, strict=strict, path=path, validate=validate)
     origin, args = typing.get_origin(ann), typing.get_args(ann)
     if origin in (Union, types.UnionType):
         if v is None and type(None) in args:
             return None
         for arm in (a for a in args if a is not type(None)):
             try:
-                return _convert(arm, v, path, strict)
+                return _convert(arm, v, path, strict, validate)
+            except SchemaError:
+                raise                  # the right shape, a value outside its schema: say that, not "fits none"
             except TypeError:
                 pass
-        raise TypeError(f"{path}: {v!r} fits none of {ann}") from None
+        raise TypeError(f"{path}: {show(v)} fits none of {ann}") from None
     if origin is Literal:
         if v in args and type(v) in {type(a) for a in args}:
             return v
-        raise TypeError(f"{path}: {v!r} is not one of {args}")
+        raise TypeError(f"{path}: {show(v)} is not one of {args}")
     if origin is tuple:
         if not isinstance(v, (list, tuple)):
-            raise TypeError(f"{path}: expected a list, got {v!r}")
+            raise TypeError(f"{path}: expected a list, got {show(v)}")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], x, f"{path}[{i}]", strict) for i, x in enumerate(v))
+            return tuple(_convert(args[0], x, f"{path}[{i}]", strict, validate) for i, x in enumerate(v))
         if len(v) != len(args):
-            raise TypeError(f"{path}: expected {len(args)} items, got {v!r}")
-        return tuple(_convert(a, x, f"{path}[{i}]", strict) for i, (a, x) in enumerate(zip(args, v)))
+            raise TypeError(f"{path}: expected {len(args)} items, got {show(v)}")
+        return tuple(_convert(a, x, f"{path}[{i}]", strict, validate) for i, (a, x) in enumerate(zip(args, v)))
     if origin in (dict, Mapping):
         if not isinstance(v, Mapping):
-            raise TypeError(f"{path}: expected a mapping, got {v!r}")
+            raise TypeError(f"{path}: expected a mapping, got {show(v)}")
         kt, vt = args or (Any, Any)
-        return {_convert(kt, k, path, strict): _convert(vt, x, f"{path}.{k}", strict) for k, x in v.items()}
+        return {_convert(kt, k, path, strict, validate): _convert(vt, x, f"{path}.{k}", strict, validate)
+                for k, x in v.items()}
     if ann is float and isinstance(v, int) and not isinstance(v, bool):
         return float(v)
     if ann is type(None):
@@ -206,7 +380,7 @@ def _convert(ann: Any, v: Any, path: str, strict: bool) -> Any:
             return v
     elif isinstance(v, ann) and not (ann is int and isinstance(v, bool)):
         return v
-    raise TypeError(f"{path}: expected {getattr(ann, '__name__', ann)}, got {v!r}")
+    raise TypeError(f"{path}: expected {getattr(ann, '__name__', ann)}, got {show(v)}")
 
 
 def to_dict(obj: Any) -> Any:

@@ -147,9 +147,10 @@ _MODEL_FACTS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_
                 "vocab_size", "num_experts")
 
 
-# names that change which program runs or where it writes: a reviewer should look twice when
-# cluster.env sets one or env_setup mentions one (MESHBAKE_RUN_DIR moves the run dir, PYTHONPATH
-# or LD_PRELOAD put other code in front of the bundle's runtime/)
+# names that change which program runs or where it reads, writes and sends: a reviewer should look
+# twice when cluster.env sets one (validate refuses the worst there: PATH, PYTHONPATH, LD_PRELOAD,
+# MESHBAKE_*) or env_setup mentions one (nothing can refuse a shell line: MESHBAKE_RUN_DIR moves
+# the run dir, PYTHONPATH puts other code in front of the bundle's runtime/)
 _RUNS_WHAT = ("PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "LD_PRELOAD",
               "LD_LIBRARY_PATH", "BASH_ENV", "ENV", "WANDB_BASE_URL", "HF_ENDPOINT", "HF_HOME")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -184,7 +185,6 @@ def job_view(plan, cluster: dict[str, Any]) -> dict[str, Any]:
         "image": cluster["container_image"],
         "mounts": [_mount(m) for m in cluster["container_mounts"]],
         "run_dir": plan.run_dir,
-        "run_dir_env": env.get("MESHBAKE_RUN_DIR"),
         # runtime/checkpoint.py ckpt_root: an absolute checkpoint.dir is used as it is
         "ckpt_dir": ck if ck.startswith("/") else f"{plan.run_dir.rstrip('/')}/{ck}",
         "ckpt_outside": ck.startswith("/") or ".." in ck.split("/"),

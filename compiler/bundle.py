@@ -6,6 +6,12 @@ interrupted or failed compile never leaves a half-written bundle (the old one st
 Only a previous bundle is ever replaced: `-o .` or `-o ~/project` must not delete a user's
 directory. A directory is a previous bundle when every file in it is listed in its
 MANIFEST.sha256 (plus the `__pycache__/` Python writes when the bundle's runtime runs).
+
+Nothing is written through a symlink planted in a previous bundle (`out/launch.sh ->
+~/.bashrc`): files are written only into a fresh mkdtemp directory (mode 0700, no entry in it
+but ours), which one rename puts in place; the old directory is renamed aside and removed with
+rmtree, which unlinks symlinks and never follows them. The scan of the old directory does not
+follow symlinks either: a symlink is an entry of its own that the manifest must list.
 """
 from __future__ import annotations
 
@@ -16,21 +22,46 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from meshbake.compiler.errors import Err, RecipeError, Result
+from meshbake.runtime.errors import UserError
+from meshbake.runtime.safeio import read_text_bounded
 
 EXECUTABLE = {"launch.sh", "job.sbatch"}
 MANIFEST = "MANIFEST.sha256"
 
 
+def _present(out: Path) -> list[str]:
+    """Every entry of `out` that is not a real directory, as a relative path, without following a
+    symlink: a symlink (to a file or a directory) is one entry of its own, never walked through.
+    Python's own `__pycache__/` directories are skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(out, followlinks=False):
+        # os.walk lists a symlink to a directory under dirnames and does not enter it: an entry
+        dirnames[:] = [d for d in dirnames if d != "__pycache__" or os.path.islink(os.path.join(dirpath, d))]
+        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        dirnames[:] = [d for d in dirnames if d not in links]
+        rel = Path(dirpath).relative_to(out)
+        found += [(rel / n).as_posix() for n in (*filenames, *links)]
+    return sorted(found)
+
+
+def _listed(manifest: Path) -> set[str] | None:
+    """The paths MANIFEST.sha256 lists, or None when it is not a small regular file (a symlink or
+    a FIFO planted under that name is not a manifest: read through, it could block or lie)."""
+    try:
+        text = read_text_bounded(manifest, 1 << 20)
+    except (OSError, UserError):
+        return None
+    return {line.split("  ", 1)[1] for line in text.splitlines() if "  " in line}
+
+
 def _foreign_files(out: Path) -> list[str]:
     """Files in `out` that no bundle wrote (empty list: safe to replace)."""
-    present = sorted(str(p.relative_to(out)) for p in out.rglob("*")
-                     if not p.is_dir() and "__pycache__" not in p.parts)
+    present = _present(out)
     if not present:
         return []
-    manifest = out / MANIFEST
-    if not manifest.is_file():
+    listed = _listed(out / MANIFEST)
+    if listed is None:
         return present
-    listed = {line.split("  ", 1)[1] for line in manifest.read_text(errors="replace").splitlines() if "  " in line}
     return [p for p in present if p not in listed and p != MANIFEST]
 
 

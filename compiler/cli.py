@@ -1,6 +1,11 @@
-"""meshbake CLI: check | bundle | plan --json | dryrun | suggest | prepare | export | import | report.
+"""meshbake CLI: check | bundle | plan --json | dryrun | suggest | prepare | verify | export | import | report.
 
 Exit 2 on recipe errors, 3 on the user's data/paths at run time, 70 on a meshbake bug; never a traceback.
+
+Every string that came from a recipe or the disk (a model folder name, a warning quoting one, a
+path) goes through `_con` before it reaches the rich console: rich reads `[...]` as markup (a
+folder named `ra[/zz]` raised MarkupError after the bundle was written: exit 70) and a terminal
+reads escape sequences. Plain prints go through `printable`.
 """
 from __future__ import annotations
 
@@ -9,9 +14,22 @@ import sys
 import time
 
 from meshbake.compiler.errors import Err, RecipeError
+from meshbake.runtime.safeio import printable
 from meshbake.runtime.units import fmt_bytes
 
 EXIT_RECIPE = 2
+
+
+def _con(v: object) -> str:
+    """A value for a rich console string or table cell: shown as text, never read as markup."""
+    from rich.markup import escape
+
+    return escape(printable(v))
+
+
+def _lines(text: str) -> str:
+    """Multi-line text for a plain print: each line through printable, the newlines kept."""
+    return "\n".join(printable(line) for line in text.split("\n"))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--gpus-per-node", type=int, default=None, help="cluster.gpus_per_node")
     i.add_argument("--force", action="store_true", help="replace an existing -o file")
     i.add_argument("--cluster", default=None, help="cluster profile the recipe names (clusters/NAME.yaml or a path)")
+    v = sub.add_parser("verify", help="recompile a bundle from its own recipe.yaml and compare every file byte for "
+                       "byte: exit 0 identical, 1 different, 2 the recipe does not compile, 3 not a bundle")
+    v.add_argument("bundle_dir", help="the bundle directory (run from where `meshbake bundle` ran: relative "
+                   "paths in the recipe, e.g. model.config, are relative to it)")
     return p
 
 
@@ -66,8 +88,8 @@ def _report(errs: Err, source: str) -> int:
     from meshbake.compiler.validate import format_errors
 
     n = len(errs.errors)
-    print(f"meshbake: {n} problem{'s' if n != 1 else ''} in {source}:", file=sys.stderr)
-    print(format_errors(errs.errors), file=sys.stderr)
+    print(f"meshbake: {n} problem{'s' if n != 1 else ''} in {printable(source)}:", file=sys.stderr)
+    print(_lines(format_errors(errs.errors)), file=sys.stderr)
     return EXIT_RECIPE
 
 
@@ -97,17 +119,17 @@ def _summary(res) -> None:
     plan, est = res.plan, res.estimate
     m = plan.mesh
     con = Console()
-    con.print(f"[bold]{plan.name}[/]: {plan.model.source} ({_count(plan.model.num_params)} params) on "
+    con.print(f"[bold]{_con(plan.name)}[/]: {_con(plan.model.source)} ({_count(plan.model.num_params)} params) on "
               f"{m.nodes} x {m.procs_per_node} {m.device} = world {m.world}")
     # SIMPLE_HEAD and no edge padding: fits 80 columns (a pipe, CI log) without cutting headers
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1), collapse_padding=True)
     for h in ("dp_replicate", "dp_shard", "cp", "tp", "grad_accum", "tokens/step", "per rank", "budget"):
         t.add_column(h, no_wrap=True, min_width=len(h))
-    t.add_row(*map(str, (m.dp_replicate, m.dp_shard, m.cp, m.tp, plan.train.grad_accum)),
+    t.add_row(*map(_con, (m.dp_replicate, m.dp_shard, m.cp, m.tp, plan.train.grad_accum)),
               f"{res.mesh.tokens_per_step:,}", fmt_bytes(est.total_bytes), fmt_bytes(est.budget_bytes))
     con.print(t)
     for w in plan.warnings:
-        con.print(f"[yellow]warning[/] {w}")
+        con.print(f"[yellow]warning[/] {_con(w)}")
 
 
 def _prepare(plan, quiet: bool) -> int:
@@ -199,20 +221,21 @@ def _suggest(args, t0: float) -> int:
         t.add_column(h, no_wrap=h != "why not first")
     for i, r in enumerate(s.ranked[:max(0, args.top)], 1):
         k = r.cand
-        t.add_row(f"{i}*" if k == s.own else str(i), f"{k.dp_replicate}x{k.dp_shard}x{k.cp}x{k.tp}",
+        t.add_row(*map(_con, (f"{i}*" if k == s.own else str(i), f"{k.dp_replicate}x{k.dp_shard}x{k.cp}x{k.tp}",
                   k.activation_checkpointing, str(k.micro_batch_size),
                   f"{int(k.sequence_parallel)}/{int(k.loss_parallel)}" if k.tp > 1 else "-",
-                  fmt_bytes(r.mem_bytes), f"{r.tokens_per_s_gpu:,.0f}", f"{r.mfu:.1%}", r.lost_because or "best")
+                  fmt_bytes(r.mem_bytes), f"{r.tokens_per_s_gpu:,.0f}", f"{r.mfu:.1%}", r.lost_because or "best")))
     con.print("mesh = dp_replicate x dp_shard x cp x tp; * = the recipe's own choice; step-time model and its "
               "assumptions: compiler/suggest.py")
     con.print(t)
     if s.device != "cuda":
-        con.print(f"[yellow]note[/] cluster.device is {s.device}: the ranking uses the cluster's hardware keys "
+        con.print(f"[yellow]note[/] cluster.device is {_con(s.device)}: the ranking uses the cluster's hardware keys "
                   "(peak_tflops, *_gbps; H100 defaults unless set), not this machine")
     own = [i for i, r in enumerate(s.ranked, 1) if r.cand == s.own]
     why = [x for x in s.dropped if x.cand == s.own]
     con.print(f"{len(s.ranked)} feasible, {len(s.dropped)} dropped of world {s.world}; the recipe's own choice: "
-              + (f"#{own[0]}" if own else f"infeasible ({why[0].path}: {why[0].reason})" if why else "not enumerated")
+              + (f"#{own[0]}" if own else f"infeasible ({_con(why[0].path)}: {_con(why[0].reason)})" if why
+                 else "not enumerated")
               + f" ({time.perf_counter() - t0:.1f} s; --json lists every candidate with its reason)")
     return 0
 
@@ -231,15 +254,76 @@ def main(argv: list[str] | None = None) -> int:
                  + (["--force"] if args.force else []))
         return export_main(argv2)
     try:
-        return _compile_cmd(args)
+        return _verify(args.bundle_dir) if args.cmd == "verify" else _compile_cmd(args)
     except Exception as e:      # noqa: BLE001 last resort: every recipe mistake is a RecipeError
         import os
         if os.environ.get("MESHBAKE_DEBUG"):
             raise
-        print(f"meshbake: internal error ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}) "
-              f"while compiling {args.recipe}; this is a meshbake bug: please report it with the recipe "
-              "(MESHBAKE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        what = args.bundle_dir if args.cmd == "verify" else args.recipe
+        print(f"meshbake: internal error ({type(e).__name__}: "
+              f"{printable(str(e).splitlines()[0][:300]) if str(e) else ''}) while compiling {printable(what)}; "
+              "this is a meshbake bug: please report it with the recipe (MESHBAKE_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
         return EXIT_INTERNAL
+
+
+EXIT_DIFFERS, EXIT_NOT_A_BUNDLE = 1, 3
+
+
+def _verify(bundle_dir: str) -> int:
+    """Recompile BUNDLE_DIR from its recipe.yaml (here, in this working directory: the recipe's
+    relative paths mean what they meant to `meshbake bundle` run from the same place) and compare
+    every file. 0 identical, 1 any byte differs, 2 the recipe does not compile, 3 not a bundle."""
+    import json
+
+    from meshbake.compiler import load
+    from meshbake.compiler.pipeline import resolve_dict
+    from meshbake.compiler.plan import versions
+    from meshbake.compiler.render import render_bundle
+    from meshbake.compiler.verify import differences, is_bundle, read_bundle, version_mismatch
+
+    shown = printable(bundle_dir)
+    try:
+        files = read_bundle(bundle_dir)
+    except OSError as e:
+        print(f"meshbake verify: cannot read {shown} ({printable(e.strerror or e)})", file=sys.stderr)
+        return EXIT_NOT_A_BUNDLE
+    if not is_bundle(files):
+        print(f"meshbake verify: {shown} is not a bundle (no recipe.yaml and plan.json files in it)", file=sys.stderr)
+        return EXIT_NOT_A_BUNDLE
+    source = f"{bundle_dir.rstrip('/')}/recipe.yaml"
+    try:
+        recorded = json.loads(files["plan.json"]).get("versions")
+    except (ValueError, AttributeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        print(f"meshbake verify: {shown}/plan.json records no versions; comparing anyway", file=sys.stderr)
+    else:
+        off = version_mismatch(recorded, versions())
+        if off:
+            print(f"meshbake verify: {shown} was compiled with {', '.join(off)}: the recompiled bundle differs at "
+                  "least in plan.json and PLAN.md; install the recorded versions to verify it", file=sys.stderr)
+    try:
+        text = files["recipe.yaml"].decode("utf-8")
+    except UnicodeDecodeError as e:
+        return _report(Err((RecipeError("$", f"recipe.yaml is not UTF-8 text (byte {e.start})", "recompile the "
+                                        "bundle with meshbake bundle"),)), source)
+    # the normalized recipe already holds every cluster key of its profile (the recipe wins over
+    # the profile for each key), so the profile file is not read again: the bundle verifies
+    # without clusters/ and a changed profile cannot change the result
+    d = load.parse_yaml(text, source)
+    res = d if isinstance(d, Err) else resolve_dict(d)
+    if isinstance(res, Err):
+        return _report(res, source)
+    diffs = differences(files, render_bundle(res))
+    for diff in diffs:
+        print("\n".join(diff.lines()))
+    if diffs:
+        print(f"meshbake verify: {len(diffs)} path{'s' if len(diffs) != 1 else ''} of {shown} differ from what its "
+              "recipe.yaml compiles to", file=sys.stderr)
+        return EXIT_DIFFERS
+    print(f"{shown}: identical to what its recipe.yaml compiles to ({len(files)} files)")
+    return 0
 
 
 def _compile_cmd(args) -> int:
@@ -272,7 +356,7 @@ def _compile_cmd(args) -> int:
     if isinstance(out, Err):
         return _report(out, args.recipe)
     _summary(res)
-    print(f"wrote {out}/ ({time.perf_counter() - t0:.1f} s)")
+    print(f"wrote {printable(out)}/ ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 

@@ -22,6 +22,7 @@ from meshbake.compiler.estimate import view as estimate_view
 from meshbake.compiler.mesh import view as mesh_view
 from meshbake.compiler.placements import placement_rows
 from meshbake.runtime import plan as P
+from meshbake.runtime.safeio import printable
 from meshbake.runtime.sections import SCHEMA_PATH, to_dict
 from meshbake.runtime.units import fmt_bytes
 
@@ -66,24 +67,48 @@ class MdSafe(str):
 # links, raw HTML (an unclosed `<!--` in model.weights hid the rest of PLAN.md), table cells.
 # `_` only at a word boundary (intraword underscores never open emphasis: lm_head stays lm_head).
 _MD_SPECIAL = re.compile(r"[\\`*\[\]<>&|~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+
+
+def _u(ch: str) -> str:
+    return f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}"
+
+
+def _visible(s: str, esc=_u, keep: str = "") -> str:
+    """s with every character runtime.safeio.printable would escape (control Cc, format Cf such
+    as U+202E right-to-left override and U+200B zero width space, line/paragraph separators
+    Zl/Zp, surrogates, private use, unassigned) shown as \\uXXXX: a reviewer sees them, and
+    they cannot reorder or hide the text around them. `keep`: characters left as they are (a
+    code block keeps its newlines and tabs). printable decides what is invisible; the \\uXXXX
+    spelling stays the one PLAN.md always used for control characters."""
+    if s.isprintable() and not keep:
+        return s
+    return "".join(ch if ch in keep or printable(ch) == ch else esc(ch) for ch in s)
 
 
 def md(v: Any) -> MdSafe:
-    """Text: markup characters backslash-escaped, control characters shown as \\uXXXX."""
+    """Text: markup characters backslash-escaped, invisible characters shown as \\uXXXX."""
     s = _MD_SPECIAL.sub(lambda m: "\\" + m.group(), str(v))
-    return MdSafe(_CONTROL.sub(lambda m: f"\\\\u{ord(m.group()):04x}", s))
+    return MdSafe(_visible(s, lambda ch: "\\" + _u(ch)))     # "\\" + "\\u..": markdown shows one backslash
 
 
 def md_code(v: Any, table: bool = False) -> MdSafe:
     """A code span that nothing inside can end: the fence is one backtick longer than the
     longest run in the value; `|` is escaped in table cells (GFM splits cells first)."""
-    s = _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", str(v))
+    s = _visible(str(v))
     if table:
         s = s.replace("|", "\\|")
     fence = "`" * (max((len(r) for r in re.findall("`+", s)), default=0) + 1)
     pad = " " if s.startswith("`") or s.endswith("`") else ""
     return MdSafe(f"{fence}{pad}{s}{pad}{fence}")
+
+
+def md_block(v: Any, info: str = "") -> MdSafe:
+    """A fenced code block shown verbatim (newlines and tabs kept, invisible characters as
+    \\uXXXX) that no line inside can close: the fence is at least three backticks and one
+    longer than the longest backtick run in the value (a closing fence must be as long)."""
+    s = _visible(str(v), keep="\n\t")
+    fence = "`" * max(3, max((len(r) for r in re.findall("`+", s)), default=0) + 1)
+    return MdSafe(f"{fence}{info}\n{s}\n{fence}")
 
 
 def _md_finalize(v: Any) -> Any:
@@ -102,7 +127,7 @@ def environment(shell: bool = False) -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True, autoescape=False,
                              **extra)
-    env.filters.update(shquote=shquote, token=token, md_code=md_code, gb=_gb, num=lambda n: f"{n:,}")
+    env.filters.update(shquote=shquote, token=token, md_code=md_code, md_block=md_block, gb=_gb, num=lambda n: f"{n:,}")
     return env
 
 
@@ -122,11 +147,67 @@ _MODEL_FACTS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_
                 "vocab_size", "num_experts")
 
 
+# names that change which program runs or where it reads, writes and sends: a reviewer should look
+# twice when cluster.env sets one (validate refuses the worst there: PATH, PYTHONPATH, LD_PRELOAD,
+# MESHBAKE_*) or env_setup mentions one (nothing can refuse a shell line: MESHBAKE_RUN_DIR moves
+# the run dir, PYTHONPATH puts other code in front of the bundle's runtime/)
+_RUNS_WHAT = ("PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "LD_PRELOAD",
+              "LD_LIBRARY_PATH", "BASH_ENV", "ENV", "WANDB_BASE_URL", "HF_ENDPOINT", "HF_HOME")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _notable(name: str) -> bool:
+    return name.startswith("MESHBAKE_") or name in _RUNS_WHAT
+
+
+def _mount(m: str) -> dict[str, Any]:
+    """pyxis SRC:DST[:FLAGS] -> its parts; read-write unless a flag says ro."""
+    src, _, rest = m.partition(":")
+    dst, _, flags = rest.partition(":")
+    return {"spec": m, "src": src, "dst": dst or src, "ro": "ro" in flags.split("+"),
+            "root": src.rstrip("/") == ""}
+
+
+def job_view(plan, cluster: dict[str, Any]) -> dict[str, Any]:
+    """Everything besides the plan's numbers that decides what the job runs and where it reads
+    and writes, as plain values for PLAN.md's "What the job runs": the shell set-up, the
+    environment, the container, the paths (each as the runtime joins it), the trackers."""
+    setup = cluster["env_setup"]
+    ck = plan.checkpoint.dir
+    wb = plan.tracking.wandb
+    env = {str(k): str(v) for k, v in cluster["env"].items()}
+    return {
+        "env_setup": setup,
+        # a shell line cannot be judged by reading names out of it; these only point at what to read first
+        "setup_names": sorted({n for n in _NAME.findall(setup or "") if _notable(n)}),
+        "env": [{"name": k, "value": v, "notable": _notable(k)} for k, v in env.items()],
+        "env_pass": list(cluster["env_pass"]),
+        "image": cluster["container_image"],
+        "mounts": [_mount(m) for m in cluster["container_mounts"]],
+        "run_dir": plan.run_dir,
+        # runtime/checkpoint.py ckpt_root: an absolute checkpoint.dir is used as it is
+        "ckpt_dir": ck if ck.startswith("/") else f"{plan.run_dir.rstrip('/')}/{ck}",
+        "ckpt_outside": ck.startswith("/") or ".." in ck.split("/"),
+        "resume": plan.checkpoint.resume,
+        "prepared_dir": plan.data.prepared_dir,
+        "synthetic": plan.data.format == "synthetic",
+        "sources": [(s.path, s.weight) for s in plan.data.sources],
+        "eval_sources": [(s.path, s.weight) for s in plan.data.eval_sources],
+        "tokenizer": plan.data.tokenizer,
+        "tensorboard": plan.tracking.tensorboard,
+        "wandb": None if not wb.project else {
+            "project": wb.project, "entity": wb.entity, "name": wb.name or plan.name, "mode": wb.mode,
+            "tags": list(wb.tags),
+            "endpoint": env.get("WANDB_BASE_URL")},
+    }
+
+
 def context(res) -> dict[str, Any]:
     """The templates' whole input, plain values: the plan (the contract: what runs), the
     recipe's cluster section, and each stage's view (rows and numbers it computed). The
     templates print these; they compute nothing (docs/CONTRACTS.md, Templates)."""
-    return {"plan": res.plan, "cluster": to_dict(res.recipe.cluster),
+    cluster = to_dict(res.recipe.cluster)
+    return {"plan": res.plan, "cluster": cluster, "job": job_view(res.plan, cluster),
             "job_name": f"meshbake-{res.plan.name}",
             "model": {k: getattr(res.model, k) for k in _MODEL_FACTS},
             "mesh": mesh_view(res.mesh),

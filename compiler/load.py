@@ -337,7 +337,7 @@ def _no_constant(name: str):
 
 def read_model_config(ref: str) -> Result[dict[str, Any]]:
     """model.config: a catalog name, a config.json path, or an HF model folder."""
-    from meshbake.compiler.model import CATALOG_DIR, catalog_names
+    from meshbake.compiler.model import CATALOG_DIR, catalog_names, without_kernel_keys
 
     cat = CATALOG_DIR / f"{ref}.json"
     p = Path(ref)
@@ -357,7 +357,8 @@ def read_model_config(ref: str) -> Result[dict[str, Any]]:
         return Err((RecipeError("model.config", f"{path}: cannot read config.json ({why})", "check the file"),))
     if not isinstance(cfg, dict):
         return Err((RecipeError("model.config", f"{path}: config.json is not an object", "check the file"),))
-    return cfg
+    # an attn_implementation "org/repo" would make transformers fetch and run a Hub kernel
+    return without_kernel_keys(cfg)
 
 
 def tokenizer_vocab(folder: str) -> Result[int | None]:

@@ -252,11 +252,36 @@ def _structure_error(model, num_layers: int, model_type: str, source: str) -> Re
                        "meshbake trains decoders such as llama, mistral, qwen2")
 
 
+# config.json keys transformers resolves to code: an attention or experts implementation of the
+# form "org/repo" is a Hub kernel that building the model downloads and runs (transformers'
+# integrations/hub_kernels.is_kernel). meshbake picks the attention itself (ModelSpec.attn_implementation,
+# set on the config by the runtime), so these keys are dropped when config.json is read and
+# before every transformers build, and never recorded in plan.json. The runtime drops the same
+# set (runtime/parallel.py KERNEL_KEYS; a test holds the two equal).
+KERNEL_KEYS = frozenset({"attn_implementation", "_attn_implementation", "_attn_implementation_internal",
+                         "experts_implementation", "_experts_implementation", "_experts_implementation_internal"})
+
+
+def without_kernel_keys(config: Mapping[str, Any]) -> dict[str, Any]:
+    """config without KERNEL_KEYS, in nested sub-configs too (transformers sets them recursively).
+    A copy of the top level; a nested dict is copied only when it held such a key, else it is the
+    same object, as before (transformers normalizes rope_scaling in place, and plan.json records
+    the result: the goldens hold rope_theta inside it)."""
+    return {k: _nested(v) for k, v in config.items() if k not in KERNEL_KEYS}
+
+
+def _nested(v: Any) -> Any:
+    if not isinstance(v, Mapping):
+        return v
+    out = without_kernel_keys(v)
+    return v if out == v else out
+
+
 def _meta_model(config: Mapping[str, Any]):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = dict(config)
+    cfg = without_kernel_keys(config)
     model_type = cfg.pop("model_type")
     for k in ("architectures", "transformers_version", "_name_or_path"):
         cfg.pop(k, None)
@@ -328,9 +353,11 @@ def _spec(model, config, source: str, model_type: str, modules) -> ModelSpec:
 
 def _portable(config: Mapping[str, Any]) -> dict[str, Any]:
     """The config.json as plan.json carries it, minus what describes the machine it was saved on:
-    `_name_or_path` (a user's home path), `_commit_hash` and other `_` keys, transformers_version.
+    `_name_or_path` (a user's home path), `_commit_hash` and other `_` keys, transformers_version;
+    and the KERNEL_KEYS, which name code, not facts.
     The runtime drops these keys before building the model anyway."""
-    return {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
+    return {k: v for k, v in without_kernel_keys(config).items()
+            if not k.startswith("_") and k != "transformers_version"}
 def _intermediate(c) -> int:
     """The dim TP splits in the MLP: Qwen3-MoE experts use moe_intermediate_size (its
     intermediate_size belongs to dense layers, which must divide too)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import posixpath
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -258,7 +259,7 @@ def _cross_field(d: dict[str, Any], aside: frozenset[str] = frozenset()) -> list
     """The rules the schema cannot say, over the defaults-filled dict. Each names the fields it
     reads (errors.reads) and is skipped when one of them was set aside."""
     checks = (_data_rules, _lr_floor, _requeue_signal, _resume_keyword, _cluster_env, _container_mounts,
-              _wandb_key, _warmup, _lora_dropout)
+              _wandb_key, _warmup, _lora_dropout, _inside_dirs)
     return [e for check in checks for e in run(check, aside, d)]
 
 
@@ -304,6 +305,32 @@ def _lora_dropout(d: dict[str, Any]) -> list[RecipeError]:
     return []
 
 
+def _escapes(path: str) -> bool:
+    """Absolute, or out of its parent once '..' is resolved ('a/../../b', '..')."""
+    norm = posixpath.normpath(path)
+    return path.startswith("/") or norm == ".." or norm.startswith("../")
+
+
+@reads("checkpoint.dir", "data.prepared_dir")
+def _inside_dirs(d: dict[str, Any]) -> list[RecipeError]:
+    """The folders the runtime deletes in stay inside their parent: checkpoint.keep prunes old
+    steps under checkpoint.dir (an absolute or ../.. one could be another run's), and prepare
+    replaces datasets under data.prepared_dir. run_dir, the parent, is the user's to place."""
+    errs = []
+    ck, prep = d["checkpoint"]["dir"], d["data"]["prepared_dir"]
+    if _escapes(ck):
+        errs.append(RecipeError("checkpoint.dir", f"{ck!r} is outside the run dir; checkpoint.keep deletes old "
+                                "steps there, which could be another run's",
+                                "give a folder inside the run dir, e.g. checkpoints (no leading / and no .. "
+                                "out of it); to put the checkpoints elsewhere, move run_dir"))
+    if _escapes(prep):
+        errs.append(RecipeError("data.prepared_dir", f"{prep!r} is outside the launch directory; prepare "
+                                "replaces datasets there", "give a folder relative to the launch directory, e.g. "
+                                "prepared (no leading / and no .. out of it); launch from the filesystem that "
+                                "should hold it"))
+    return errs
+
+
 def time_seconds(t: str) -> int:
     """Slurm time 'D-HH:MM:SS' or 'HH:MM:SS' (already schema-checked) -> seconds."""
     days, _, hms = t.rpartition("-")
@@ -337,24 +364,167 @@ _ENV_RESERVED = {"PATH", "PYTHONPATH", "LD_PRELOAD", "LD_AUDIT", "BASH_ENV", "EN
                  "BASHOPTS", "HOME", "USER", "SHELL", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                  "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "PYTHONSTARTUP", "PYTHONHOME"}
 _ENV_RESERVED_PREFIX = ("MESHBAKE_", "SLURM_", "SBATCH_", "SRUN_", "TORCHELASTIC_", "BASH_FUNC_", "PMI_", "PMIX_")
-_SECRET = re.compile(r"TOKEN|SECRET|PASSW|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL")
+# a secret's name: matched by whole '_' parts (TOKENIZERS_PARALLELISM is no token, MONKEY no key)
+_SECRET = re.compile(r"PASSW|SECRET|CREDENTIAL|PASSPHRASE|(?:^|_)(?:TOKENS?|KEYS?|API_?KEY|ACCESS_KEY|PRIVATE_KEY)"
+                     r"(?:_|$)")
+
+# cluster.env is an allow-list. Its values are written into job.sbatch, which reviewers read as
+# settings, not code: so it takes the tuning variables of the communication libraries and the
+# frameworks, and nothing that loads code, redirects where the job's credentials are sent, or
+# changes how the shell and python start (those go in cluster.env_setup, a line read as code).
+_ENV_TUNING_PREFIX = (
+    "NCCL_", "FI_", "UCX_", "GLOO_",            # collectives and their transports (EFA, InfiniBand, sockets)
+    "TORCH_", "PYTORCH_", "TORCHINDUCTOR_",     # TORCH_NCCL_*, TORCH_DISTRIBUTED_DEBUG, PYTORCH_CUDA_ALLOC_CONF
+    "TRITON_", "CUDA_", "CUBLAS_", "CUDNN_",    # CUDA_DEVICE_MAX_CONNECTIONS, CUBLAS_WORKSPACE_CONFIG
+    "NVTE_",                                    # Transformer Engine switches, set by NVIDIA containers' users
+    "OMP_", "MKL_")                             # CPU threads (OMP_NUM_THREADS)
+# single names outside those prefixes: offline switches for a cluster without internet access
+_ENV_TUNING_NAMES = {"HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM"}
+# names that load code from where the value points (a shared library, plugin, executable or
+# python module), under any prefix: LD_LIBRARY_PATH, GCONV_PATH, NCCL_NET_PLUGIN, FI_PROVIDER_PATH,
+# TRITON_LIBCUDA_PATH, TRITON_PTXAS_PATH, OMP_TOOL_LIBRARIES, CUDA_INJECTION64_PATH
+_ENV_CODE = re.compile(r"(?:^|_)(?:PLUGINS?|LIBRARY|LIBRARIES|LIBS?|PATHS?|PRELOAD|AUDIT|HOOKS?|EXTENSIONS?)(?:_|$)")
+# and, within the allowed prefixes, folders and caches compiled kernels are loaded from
+# (TORCH_EXTENSIONS_DIR, TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR, UCX_MODULE_DIR, TORCH_HOME),
+# remote kernel caches, and python classes named in a value (TRITON_CACHE_MANAGER)
+_ENV_CODE_TUNING = re.compile(r"(?:^|_)(?:DIRS?|HOME|SO|MANAGER|BACKEND|OVERRIDE|REMOTE)(?:_|$)")
+_ENV_CODE_NAMES = {
+    "NCCL_CONF_FILE",                    # reads further NCCL_* settings (NCCL_NET_PLUGIN) from a file
+    "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",  # torch.load would unpickle (run) whatever a checkpoint holds
+    "OMP_TOOL",                          # with OMP_TOOL_LIBRARIES: an OMPT tool library in every process
+}
+# PYTHONUSERBASE, PYTHONPYCACHEPREFIX, PYTHONBREAKPOINT, PYTHONWARNINGS import code from where they point
+_ENV_PYTHON = "PYTHON"
+# where the job connects: HF_ENDPOINT, WANDB_BASE_URL, HTTPS_PROXY, REQUESTS_CA_BUNDLE, SSL_CERT_FILE
+_ENV_ENDPOINT = re.compile(r"(?:^|_)(?:URL|URI|ENDPOINT|HOST|PROXY|SERVER|CA_BUNDLE|CERT|CERTS)(?:_|$)")
 
 
-@reads("cluster.env", "cluster.env_pass")
+def _env_refusal(name: str, env_pass: list[str]) -> tuple[str, str] | None:
+    """(why, fix) when cluster.env may not set `name`, else None."""
+    if name in _ENV_RESERVED or name.startswith(_ENV_RESERVED_PREFIX):
+        return (f"{name} is set by the launcher, Slurm or the shell, not by a profile",
+                "remove it; to change the python, use cluster.env_setup or MESHBAKE_PYTHON")
+    if name in env_pass or _SECRET.search(name):
+        return (f"{name} looks like a secret; cluster.env values are written into job.sbatch",
+                "list the name in cluster.env_pass and export it in the job's environment (where you run sbatch)")
+    allowed = name in _ENV_TUNING_NAMES or name.startswith(_ENV_TUNING_PREFIX)
+    if name.startswith(_ENV_PYTHON):
+        return (f"{name} changes how every python of the job starts, and variables of this kind load code "
+                "(PYTHONUSERBASE, PYTHONPYCACHEPREFIX, PYTHONBREAKPOINT, PYTHONWARNINGS)",
+                f"remove it; if your site really needs it, set it in cluster.env_setup (e.g. 'export {name}=...'), "
+                "the line reviewers read as code")
+    if name in _ENV_CODE_NAMES or _ENV_CODE.search(name) or (allowed and _ENV_CODE_TUNING.search(name)):
+        return (f"{name} makes the job load code (a library, plugin, executable or compiled kernels) from "
+                "where the value points, and job.sbatch reads as settings, not code",
+                f"remove it; if your site really needs it, set it in cluster.env_setup (e.g. 'export {name}=...'), "
+                "the line reviewers read as code")
+    if _ENV_ENDPOINT.search(name):
+        return (f"{name} redirects where the job connects, and with it where the credentials of "
+                "cluster.env_pass (HF_TOKEN, WANDB_API_KEY) are sent",
+                "remove it; a site that runs its own server sets it in the job's environment, not in a profile")
+    if not allowed:
+        return (f"{name} is not a tuning variable: cluster.env takes names starting with "
+                f"{', '.join(_ENV_TUNING_PREFIX)} or one of {', '.join(sorted(_ENV_TUNING_NAMES))}",
+                "set anything else in cluster.env_setup (e.g. 'export NAME=value'), or remove it")
+    return None
+
+
+# `NAME=value` / `export NAME=value` in a shell line; the value up to the next blank or ;&|)
+_ASSIGN = re.compile(r"(?:^|[\s;&|(`])(?:export\s+|declare\s+-x\s+|readonly\s+)?[\"']?([A-Za-z_][A-Za-z0-9_]*)="
+                     r"(\S*)")
+_EXPANSION = re.compile(r"\$[({A-Za-z_]")     # $(cat FILE), ${VAR}, $VAR; not $'literal'
+
+
+
+def _setup_secrets(line: str) -> list[str]:
+    """Secret-named variables env_setup assigns a literal to. `HF_TOKEN=$(cat ~/.hf_token)` or
+    `HF_TOKEN="$SITE_TOKEN"` write no secret (the value comes at run time) and pass."""
+    out = []
+    for m in _ASSIGN.finditer(line):
+        name, value = m.group(1), m.group(2).lstrip("\"'")
+        if _SECRET.search(name.upper()) and value and not _EXPANSION.match(value):
+            out.append(name)
+    return out
+
+
+@reads("cluster.env", "cluster.env_pass", "cluster.env_setup")
 def _cluster_env(d: dict[str, Any]) -> list[RecipeError]:
-    """cluster.env holds site settings written into job.sbatch: never a secret, never a name
-    the launcher, Slurm or torch owns (a profile must not redirect PATH or preload a library)."""
+    """cluster.env holds site settings written into job.sbatch: tuning variables only (the
+    allow-list above), never a secret, never a name the launcher, Slurm or torch owns.
+    cluster.env_setup is the user's own shell line, but a secret written into it would still
+    be committed with launch.sh and recipe.yaml."""
     errs, c = [], d["cluster"]
     for name in c["env"]:
-        where = f"cluster.env.{name}"
-        if name in _ENV_RESERVED or name.startswith(_ENV_RESERVED_PREFIX):
-            errs.append(RecipeError(where, f"{name} is set by the launcher, Slurm or the shell, not by a profile",
-                                    "remove it; to change the python, use cluster.env_setup or MESHBAKE_PYTHON"))
-        elif name in c["env_pass"] or _SECRET.search(name):
-            errs.append(RecipeError(where, f"{name} looks like a secret; cluster.env values are written into "
-                                    "job.sbatch", "list the name in cluster.env_pass and export it where you "
-                                    "run sbatch"))
+        bad = _env_refusal(name, c["env_pass"])
+        if bad:
+            errs.append(RecipeError(f"cluster.env.{name}", *bad))
+    for name in _setup_secrets(c["env_setup"] or ""):
+        errs.append(RecipeError("cluster.env_setup", f"sets {name} to a value written in the recipe; launch.sh "
+                                "and recipe.yaml, which get committed, would hold the secret",
+                                f"list {name} in cluster.env_pass and export it in the job's environment"))
     return errs
+
+
+# secrets by their shape, wherever they are in the recipe or its cluster profile: the known
+# prefixes of HF, GitHub, OpenAI-style, AWS and Slack tokens and PEM private keys. A bare 40-hex
+# string is a W&B key only under a secret- or wandb-named key (elsewhere it is a commit id or a
+# sha1, e.g. a model revision)
+_TOKEN_SHAPES = (
+    ("a Hugging Face token", re.compile(r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{30,}(?![A-Za-z0-9])")),
+    ("a GitHub token", re.compile(r"(?<![A-Za-z0-9])(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})")),
+    ("an API key (sk-...)", re.compile(r"(?<![A-Za-z0-9-])sk-(?:[A-Za-z0-9]+-)?[A-Za-z0-9_-]{20,}")),
+    ("an AWS access key id", re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA)[0-9A-Z]{16}(?![A-Z0-9])")),
+    ("a Slack token", re.compile(r"(?<![A-Za-z0-9])xox[abposr]-[A-Za-z0-9-]{10,}")),
+    ("a private key", re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")),
+)
+_HEX40 = re.compile(r"(?<![0-9A-Fa-f])[0-9a-f]{40}(?![0-9A-Fa-f])")
+# `WANDB_API_KEY=<hex>`, `api_key: <hex>`, `wandb login --relogin <hex>`
+_WANDB_ASSIGN = re.compile(r"(?i)(?<![a-z0-9])(?:wandb|api)[a-z0-9_]*(?:['\"]?\s*[=:]\s*['\"]?|\s+login\s+(?:--\S+\s+)*)"
+                           r"[0-9a-f]{40}(?![0-9a-f])")
+
+
+def _random(s: str) -> bool:
+    """A random token mixes cases and digits; a long name like sk-learn-baseline-experiments does not."""
+    return any(c.isdigit() for c in s) and any(c.isupper() for c in s) and any(c.islower() for c in s)
+
+
+def _token_kind(text: str, key: str) -> str | None:
+    for kind, pattern in _TOKEN_SHAPES:
+        m = pattern.search(text)
+        if m and (kind in ("a private key", "an AWS access key id") or _random(m.group(0))):
+            return kind
+    wandbish = _SECRET.search(key.upper()) or "WANDB" in key.upper()     # not data.tokenizer (a snapshot path)
+    if (wandbish and _HEX40.search(text)) or _WANDB_ASSIGN.search(text):
+        return "a W&B API key (40 hex digits after a key-like name)"
+    return None
+
+
+def secret_values(value: Any, path: tuple[Any, ...] = ()) -> list[RecipeError]:
+    """Every token-shaped string in the recipe (keys too), at its JSON path. recipe.yaml,
+    launch.sh and job.sbatch are committed: a secret is passed by name (cluster.env_pass)."""
+    out: list[RecipeError] = []
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            kind = _token_kind(str(k), "")
+            if kind:        # reported at the mapping (a path with the key in it would print the secret)
+                out.append(_secret_error(json_path(path), f"{kind} as a key name"))
+            out += secret_values(v, (*path, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out += secret_values(v, (*path, i))
+    elif isinstance(value, str):
+        key = next((str(p) for p in reversed(path) if not isinstance(p, int)), "")
+        kind = _token_kind(value, key)
+        if kind:
+            out.append(_secret_error(json_path(path), kind))
+    return out
+
+
+def _secret_error(where: str, kind: str) -> RecipeError:
+    return RecipeError(where, f"holds what looks like {kind}; recipe.yaml, launch.sh and job.sbatch are "
+                       "committed, so the secret would be too",
+                       "remove it: list the name in cluster.env_pass and export it in the job's environment "
+                       "(where you run sbatch)")
 
 
 @reads("cluster.container_mounts", "cluster.container_image")
@@ -415,7 +585,7 @@ def validate_fields(d: Mapping[str, Any]) -> Validated:
     if repaired is None:
         return Validated(None, tuple(errs))
     full, aside = repaired
-    cross = _cross_field(full, aside)
+    cross = _cross_field(full, aside) + secret_values(d)
     # a field a rule refused keeps its value, but the checks after validate do not read it either
     aside |= {f for f in (_field(e.path) for e in cross) if f}
     return Validated(build(Recipe, _normalize(full)), tuple(errs + cross), frozenset(aside))

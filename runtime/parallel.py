@@ -33,10 +33,28 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
           "float64": torch.float64}
 
 
+# config keys transformers resolves to code: an attention / experts implementation "org/repo" is a
+# Hub kernel that from_config downloads and runs. The plan's attention (plan.model.attn_implementation)
+# is set on the config by the caller; a plan.json carrying these keys (written by hand, or by an
+# older compiler) must not reach the kernel loader, here or in export. Same set as compiler/model.py.
+KERNEL_KEYS = frozenset({"attn_implementation", "_attn_implementation", "_attn_implementation_internal",
+                         "experts_implementation", "_experts_implementation", "_experts_implementation_internal"})
+
+
+def _without_kernel_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy without KERNEL_KEYS, in sub-configs too; a nested dict without them stays the same object."""
+    def nested(v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        out = _without_kernel_keys(v)
+        return v if out == v else out
+    return {k: nested(v) for k, v in config.items() if k not in KERNEL_KEYS}
+
+
 def hf_config(config: dict[str, Any]):
     from transformers import AutoConfig
 
-    cfg = dict(config)
+    cfg = _without_kernel_keys(config)
     model_type = cfg.pop("model_type")
     for k in ("architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype"):
         cfg.pop(k, None)

@@ -96,6 +96,8 @@ def test_pyxis_container_arguments(tmp_path):
                                        ({"MESHBAKE_RUN_DIR": "/x"}, "cluster.env.MESHBAKE_RUN_DIR"),
                                        ({"WANDB_API_KEY": "abc"}, "cluster.env.WANDB_API_KEY"),
                                        ({"MY_PASSWORD": "abc"}, "cluster.env.MY_PASSWORD"),
+                                       ({"PYTHONUSERBASE": "/tmp/u"}, "cluster.env.PYTHONUSERBASE"),
+                                       ({"WANDB_BASE_URL": "https://x"}, "cluster.env.WANDB_BASE_URL"),
                                        ({"nccl_debug": "INFO"}, "cluster.env")])
 def test_env_names_refused(env, path):
     d = {"name": "p", "model": {"config": "llama-3.1-8b"}, "mesh": {"tp": 8},

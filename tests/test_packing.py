@@ -113,12 +113,15 @@ def resume_plans(tmp: Path) -> list[dict]:
     from meshbake.runtime.prepare import prepare
 
     def one(steps: int, mesh: dict, sp: bool) -> dict:
-        return plan_of(tiny_recipe(
+        plan = plan_of(tiny_recipe(
             "resume", 4, mesh=mesh, sp=sp, lp=sp,
             train={"seq_len": T, "steps": steps, "lr": 2e-3, "lr_schedule": "constant"},
             data={"format": "chat", "path": str(ROOT / "data/chat/chatterbot_en.jsonl"),
-                  "tokenizer": str(ROOT / "data/chat_tokenizer"), "prepared_dir": str(tmp / "prepared")},
+                  "tokenizer": str(ROOT / "data/chat_tokenizer")},
             checkpoint={"every_steps": 3, "keep": 1, "save_on_exit": False}))
+        # a recipe's prepared_dir stays inside the launch directory; the test's is in tmp
+        plan["data"]["prepared_dir"] = str(tmp / "prepared")
+        return plan
     plans = [one(6, {"dp_shard": 4}, False), one(3, {"dp_shard": 4}, False),
              one(6, {"dp_shard": 2, "tp": 2}, True)]
     prepare(P.from_dict(plans[0]), quiet=True, log=lambda s: None)    # one dataset: the options are equal

@@ -29,8 +29,8 @@ BASE = {
 }
 
 STUB = """#!/usr/bin/env bash
-# what the stubbed command saw: its name, the run dir, cluster.env's FUZZ_ENV, its arguments
-printf '%s\\0' "$(basename "$0")" "${MESHBAKE_RUN_DIR-<unset>}" "${FUZZ_ENV-<unset>}" "$@" > "${STUB_OUT}/$(basename "$0").$$"
+# what the stubbed command saw: its name, the run dir, cluster.env's NCCL_FUZZ, its arguments
+printf '%s\\0' "$(basename "$0")" "${MESHBAKE_RUN_DIR-<unset>}" "${NCCL_FUZZ-<unset>}" "$@" > "${STUB_OUT}/$(basename "$0").$$"
 """
 
 
@@ -239,7 +239,7 @@ def test_random_strings_are_refused_or_reach_the_script_exactly(stubs, tmp_path)
         elif field in ("cluster__env_pass", "cluster__container_mounts"):
             value = [s]
         elif field == "cluster__env":
-            value = {"FUZZ_ENV": s}
+            value = {"NCCL_FUZZ": s}
         else:
             value = s
         out = bundle(case, **{field: value})

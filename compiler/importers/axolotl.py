@@ -13,6 +13,7 @@ not 0, lr_scheduler cosine, sequence_len 512.
 """
 from __future__ import annotations
 
+import posixpath
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import yaml
+from meshbake.runtime.safeio import printable
 
 STATUSES = ("mapped", "implied", "approximated", "not mapped", "empty")
 SECTIONS = ("name", "model", "mesh", "tp", "cluster", "train", "lora", "data", "checkpoint", "tracking", "run_dir")
@@ -491,6 +493,12 @@ _FORMATS = {"alpaca": "alpaca", "chat_template": "chat", "completion": "text", "
 _AXOLOTL_ROLES = {"human": "user", "gpt": "assistant"}      # Axolotl's default role aliases (ShareGPT)
 
 
+def _inside(path: str) -> bool:
+    """A relative path that stays in its parent (what data.prepared_dir must be)."""
+    norm = PurePosixPath(posixpath.normpath(path))
+    return not path.startswith("/") and (not norm.parts or norm.parts[0] != "..")
+
+
 def _local(path: str, is_dir: Callable[[str], bool]) -> bool:
     """A path meshbake can read: an existing folder, an absolute/relative path, or a file name
     with a data extension; 'org/name' alone is a Hugging Face Hub dataset id."""
@@ -589,8 +597,12 @@ def _data_keys(cfg: Mapping[str, Any], acc: _Acc, fmt: str | None) -> None:
     if cfg.get("sample_packing") is not None:
         acc.set("data.packing", bool(cfg["sample_packing"]), "sample_packing (documents never attend across)")
         note("sample_packing", "mapped", "data.packing")
-    if cfg.get("dataset_prepared_path"):
-        acc.set("data.prepared_dir", str(cfg["dataset_prepared_path"]), "dataset_prepared_path")
+    prep = cfg.get("dataset_prepared_path")
+    if prep and not _inside(str(prep)):
+        note("dataset_prepared_path", "not mapped", "data.prepared_dir", "meshbake keeps prepared data in a "
+             "folder inside the launch directory (default prepared/): launch from the filesystem that should hold it")
+    elif prep:
+        acc.set("data.prepared_dir", str(prep), "dataset_prepared_path")
         note("dataset_prepared_path", "mapped", "data.prepared_dir")
     prompts = fmt in ("alpaca", "chat", "completion")      # formats with a prompt to mask
     if cfg.get("train_on_inputs") and prompts:
@@ -783,7 +795,34 @@ def _fmt(v: Any) -> str:
         return "[" + ", ".join(_fmt(x) for x in v) + "]"
     if isinstance(v, Mapping):
         return "{" + ", ".join(f"{_fmt(str(k))}: {_fmt(x)}" for k, x in v.items()) + "}"
-    return yaml.safe_dump(str(v), width=10_000).splitlines()[0]
+    return _yaml_str(str(v))
+
+
+def _yaml_str(s: str) -> str:
+    """s as one YAML scalar on one line, written by yaml.safe_dump: plain or quoted as it
+    chooses, double-quoted (every line break an escape) when its choice spans lines. Nothing
+    in an Axolotl value can end the line and start a key of its own."""
+    text = yaml.safe_dump(s, width=float("inf")).removesuffix("\n...\n").rstrip("\n")
+    if "\n" in text:
+        text = yaml.safe_dump(s, width=float("inf"), default_style='"').rstrip("\n")
+    return text
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.\[\]-]+")
+
+
+def shown(key: str) -> str:
+    """An Axolotl key as the recipe's comments and the terminal list show it: as is when plain
+    (dotted / indexed identifiers), else quoted with every control character escaped, so a key
+    holding a newline cannot start a live line of the recipe (or move the cursor in a terminal)."""
+    return key if _PLAIN_KEY.fullmatch(key) else printable(repr(key))
+
+
+def note_line(n: KeyNote, reason: bool = True) -> str:
+    """'key -> target: reason', one line whatever the Axolotl file held."""
+    tgt = f" -> {n.target}" if n.target else ""
+    why = f": {printable(n.reason)}" if n.reason and reason else ""
+    return f"{shown(n.key)}{tgt}{why}"
 
 
 def render(values: Mapping[str, tuple[Any, str]], notes: Sequence[KeyNote], source: str) -> str:
@@ -795,7 +834,7 @@ def render(values: Mapping[str, tuple[Any, str]], notes: Sequence[KeyNote], sour
             node = node.setdefault(p, {})
         node[leaf] = vc
     counts = {s: sum(n.status == s for n in notes) for s in STATUSES}
-    lines = [f"# imported from the Axolotl config {source} by `meshbake import axolotl`.",
+    lines = [f"# imported from the Axolotl config {printable(source)} by `meshbake import axolotl`.",
              f"# {len(notes)} Axolotl keys: " + ", ".join(f"{c} {s}" for s, c in counts.items() if c) + ";",
              "# each is listed at the end with the reason. Lines marked TODO need your input.",
              "# Check the result with: meshbake check THIS_FILE"]
@@ -805,9 +844,7 @@ def render(values: Mapping[str, tuple[Any, str]], notes: Sequence[KeyNote], sour
     lines += ["", "# ---- Axolotl keys and what became of them ----"]
     for s in STATUSES:
         for n in (n for n in notes if n.status == s):
-            tgt = f" -> {n.target}" if n.target else ""
-            why = f": {n.reason}" if n.reason else ""
-            lines.append(f"# {s:<12} {n.key}{tgt}{why}")
+            lines.append(f"# {s:<12} {note_line(n)}")
     return "\n".join(lines) + "\n"
 
 
@@ -820,7 +857,7 @@ def _render_node(key: str, node: Any, depth: int) -> list[str]:
         return out
     value, comment = node
     line = f"{pad}{key}: {_fmt(value)}"
-    return [f"{line:<34}  # {comment}" if comment else line]
+    return [f"{line:<34}  # {printable(comment)}" if comment else line]
 
 
-__all__ = ["Imported", "KeyNote", "STATUSES", "guess_model", "import_axolotl", "render"]
+__all__ = ["Imported", "KeyNote", "STATUSES", "guess_model", "import_axolotl", "note_line", "render", "shown"]

@@ -85,16 +85,15 @@ def import_main(args) -> int:
 
 
 def _print_notes(imp, f) -> None:
-    from meshbake.compiler.importers.axolotl import STATUSES
+    from meshbake.compiler.importers.axolotl import STATUSES, note_line, shown
 
     print(f"{len(imp.notes)} Axolotl keys: " + ", ".join(f"{imp.count(s)} {s}" for s in STATUSES if imp.count(s)),
           file=f)
     for s in STATUSES:
         if s == "empty":
-            keys = [n.key for n in imp.notes if n.status == s]
+            keys = [shown(n.key) for n in imp.notes if n.status == s]
             if keys:
                 print(f"  {'empty':<12} {', '.join(keys)}", file=f)
             continue
         for n in (n for n in imp.notes if n.status == s):
-            tgt = f" -> {n.target}" if n.target else ""
-            print(f"  {s:<12} {n.key}{tgt}" + (f": {n.reason}" if n.reason and s != "mapped" else ""), file=f)
+            print(f"  {s:<12} {note_line(n, reason=s != 'mapped')}", file=f)

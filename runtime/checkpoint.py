@@ -198,11 +198,12 @@ def storage_problem(metadata: Metadata, step: Path) -> str | None:
 
 def metadata_problem(step: Path) -> str | None:
     """verify()'s look at .metadata: where its storage entries point. A .metadata naming a global
-    outside the allow-list is left to load_dcp, which refuses it loudly (exit 3, naming it)."""
+    outside the allow-list is left to load_dcp, which refuses it loudly (exit 3, naming it), as
+    is a missing one (DCP's load says so)."""
     try:
         return storage_problem(_read_metadata(step / ".metadata"), step)
-    except FileNotFoundError:
-        return "DCP .metadata is missing"
+    except FileNotFoundError:        # nothing points anywhere; the manifest (or the legacy check) vouches for presence
+        return None
     except UserError as e:                       # a link, a FIFO, too large
         return f".metadata {e.problem}"
     except UnsafeCheckpoint:

@@ -32,6 +32,15 @@ through `load_dcp`: .metadata is unpickled with only the classes a DCP metadata 
 (SAFE_METADATA_GLOBALS; any other global is refused before it is imported or called) and
 the byte entries with torch.load(weights_only=True). A refused checkpoint is a UserError (exit 3).
 
+Untrusted names: every name a checkpoint holds (manifest.json's files, .metadata's storage paths,
+the entries of the checkpoint dir) stays inside its step dir and names a regular file: DCP opens
+step / relative_path and seeks to offset, so '../../x', '/home/me/.ssh/id_rsa' or a FIFO
+(open() blocks forever) would be read; a verify() that fails on one is a failing step (skipped
+as corrupt at resume, refused by export). Reads go through safeio.open_regular (no symlink, no
+FIFO, bounded), writes through safeio (a planted symlink is refused, never written through), and
+every name that reaches a log line goes through safeio.printable (a dir named "step-1\nok" cannot
+forge a line of train.log).
+
 Model and optimizer go through get_state_dict/set_state_dict, whose keys are the model's own
 fqns whatever the FSDP/TP wrapping: a checkpoint saved on dp_shard 4 loads on dp_shard 2 x
 tp 2 (DCP reshards on load). RNG states are per rank and restored only on the same world size.
@@ -45,7 +54,9 @@ import os
 import pickle
 import re
 import shutil
+import stat
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,85 +66,187 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from . import safeio
 from .errors import UserError
+from .safeio import printable
 
 COMMITTED = "COMMITTED"
 MANIFEST = "manifest.json"       # {"step": N, "files": {name: {"bytes": n, "sha256": hex}}}
 _STEP = re.compile(r"^step-(\d+)$")
 _WRITER = re.compile(r"^(?:__(\d+)_\d+\.distcp|rng-rank(\d+)\.pt)$")
 _CHUNK = 16 << 20                # hashlib releases the GIL on buffers this size
+_JSON_LIMIT = 64 << 20           # manifest.json / train_state.json: a line per file, a few numbers
+_META_LIMIT = 1 << 30            # .metadata: an entry per chunk; a 70B FSDP x TP run's is tens of MB
+_RNG_LIMIT = 1 << 20             # rng-rank<r>.pt: a CPU generator state, ~5 KB
+_FIX = "resume or export only checkpoints meshbake wrote, from a directory only you can write"
 
 
 def ckpt_root(run_dir: Path, dir_: str) -> Path:
+    """checkpoint.dir: below the run dir every part of it is a real directory (or missing): a
+    planted `checkpoints -> elsewhere` is refused, or saves would write and pruning delete there.
+    An absolute checkpoint.dir is the user's own choice and may be a link (to scratch space):
+    resolved here, so the checks at save see the directory it names."""
     p = Path(dir_)
-    return p if p.is_absolute() else run_dir / p
+    return p.resolve() if p.is_absolute() else safeio.subdir(run_dir, *p.parts, create=False)
+
+
+def _mode(p: Path) -> int | None:
+    try:
+        return os.lstat(p).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _is_regular(p: Path) -> bool:
+    """A regular file itself, not a link to one (is_file() follows links)."""
+    mode = _mode(p)
+    return mode is not None and stat.S_ISREG(mode)
 
 
 def list_checkpoints(root: Path, log: Callable[[str], None] = lambda s: None) -> list[tuple[int, Path]]:
-    """Committed checkpoints, oldest first; incomplete ones are reported and skipped."""
+    """Committed checkpoints (real step-N directories holding a regular COMMITTED), oldest first;
+    incomplete ones and links are reported and skipped. Names are logged through printable:
+    they are whatever someone could create in the directory."""
     out = []
     if not root.is_dir():
         return out
     for p in sorted(root.iterdir()):
-        m = _STEP.match(p.name)
-        if p.name.endswith(".tmp"):
-            log(f"checkpoint {p.name}: incomplete (writer stopped before commit), skipped")
-        elif m and (p / COMMITTED).is_file():
+        name, mode, m = printable(p.name), _mode(p), _STEP.fullmatch(p.name)
+        if mode is None:
+            continue
+        if stat.S_ISLNK(mode):      # meshbake never makes one: resuming or pruning through it reads/deletes elsewhere
+            log(f"checkpoint {name}: a symbolic link (meshbake writes real directories here), skipped")
+        elif p.name.endswith(".tmp"):
+            log(f"checkpoint {name}: incomplete (writer stopped before commit), skipped")
+        elif m and stat.S_ISDIR(mode) and _is_regular(p / COMMITTED):
             out.append((int(m.group(1)), p))
         elif m:
-            log(f"checkpoint {p.name}: no {COMMITTED} marker, skipped")
+            log(f"checkpoint {name}: no {COMMITTED} marker, skipped")
     return sorted(out)
 
 
-def sha256_file(p: Path) -> tuple[int, str]:
+def sha256_file(p: Path, size: int | None = None) -> tuple[int, str]:
+    """(bytes, sha256) of a regular file (never a link or a FIFO: safeio.open_regular); with
+    size, a larger file is refused and at most size bytes are read."""
     h, n = hashlib.sha256(), 0
-    with open(p, "rb") as f:
-        while chunk := f.read(_CHUNK):
+    left = size if size is not None else float("inf")
+    with safeio.open_regular(p, size) as f:
+        while left > 0 and (chunk := f.read(int(min(_CHUNK, left)))):
             h.update(chunk)
             n += len(chunk)
+            left -= len(chunk)
     return n, h.hexdigest()
 
 
 def writer_rank(name: str) -> int:
     """The rank that wrote a file of a step: DCP names shards __<rank>_<i>.distcp; the rest
     (.metadata, train_state.json) is rank 0's."""
-    m = _WRITER.match(name)
+    m = _WRITER.fullmatch(name)
     return int(m.group(1) or m.group(2)) if m else 0
+
+
+def _listed_problem(step: Path, name: str, size: int) -> str | None:
+    """What is wrong with a file the manifest lists, short of its digest."""
+    if not safeio.plain_name(name):
+        return f"{MANIFEST} names '{printable(name)}', not a file name inside the step dir"
+    mode = _mode(step / name)
+    if mode is None:
+        return f"{name} is missing"
+    if not stat.S_ISREG(mode):
+        return f"{name} is {safeio._kind(mode)}, not a regular file"
+    have = os.lstat(step / name).st_size
+    if have != size:
+        return f"{name} is {have} bytes, {size} were written (truncated or replaced)"
+    return None
+
+
+def _read_metadata(path: Path) -> Metadata:
+    """.metadata through the allow-list unpickler, opened as a regular file of bounded size."""
+    with safeio.open_regular(path, _META_LIMIT) as f:
+        metadata = _MetadataUnpickler(f).load()
+    if not isinstance(metadata, Metadata):
+        raise UnsafeCheckpoint(f".metadata holds a {type(metadata).__name__}, not DCP Metadata")
+    return metadata
+
+
+def storage_problem(metadata: Metadata, step: Path) -> str | None:
+    """None if every storage entry of .metadata is a slice of a regular file directly in the step
+    dir, else what is not: DCP reads step / relative_path from offset for length bytes."""
+    data = getattr(metadata, "storage_data", None)
+    if not isinstance(data, dict):
+        return ".metadata has no storage_data mapping"
+    sizes: dict[str, int] = {}
+    for info in data.values():
+        rel, off, n = (getattr(info, k, None) for k in ("relative_path", "offset", "length"))
+        if not isinstance(rel, str) or not safeio.plain_name(rel):
+            return f".metadata points DCP at '{printable(rel)}', not a file name inside the step dir"
+        if rel not in sizes:
+            mode = _mode(step / rel)
+            if mode is None or not stat.S_ISREG(mode):
+                return f".metadata points DCP at {rel}, which is " + (
+                    "missing" if mode is None else f"{safeio._kind(mode)}, not a regular file")
+            sizes[rel] = os.lstat(step / rel).st_size
+        if type(off) is not int or type(n) is not int or off < 0 or n < 0 or off + n > sizes[rel]:
+            return (f".metadata reads bytes {printable(off)}+{printable(n)} of {rel}, which holds "
+                    f"{sizes[rel]} (not a slice of the file)")
+    return None
+
+
+def metadata_problem(step: Path) -> str | None:
+    """verify()'s look at .metadata: where its storage entries point. A .metadata naming a global
+    outside the allow-list is left to load_dcp, which refuses it loudly (exit 3, naming it), as
+    is a missing one (DCP's load says so)."""
+    try:
+        return storage_problem(_read_metadata(step / ".metadata"), step)
+    except FileNotFoundError:        # nothing points anywhere; the manifest (or the legacy check) vouches for presence
+        return None
+    except UserError as e:                       # a link, a FIFO, too large
+        return f".metadata {e.problem}"
+    except UnsafeCheckpoint:
+        return None
+    except Exception as e:                       # any bytes reach the unpickler: any error can come out
+        return f".metadata does not unpickle as DCP metadata ({type(e).__name__})"
 
 
 def verify(path: Path, part: tuple[int, int] = (0, 1)) -> str | None:
     """None if the step is whole, else what is wrong (a short phrase). Every rank checks that
     every listed file exists with its size; rank r of world hashes every world-th file."""
-    if not (path / COMMITTED).is_file():
+    if not _is_regular(path / COMMITTED):
         return f"no {COMMITTED}"
     try:
-        files = json.loads((path / MANIFEST).read_text())["files"]
+        files = json.loads(safeio.read_text_bounded(path / MANIFEST, _JSON_LIMIT))["files"]
         items = sorted((str(k), int(v["bytes"]), str(v["sha256"])) for k, v in files.items())
     except FileNotFoundError:
         # a step saved before digests existed (an older meshbake) is whole when DCP's metadata and
         # the train state are there: loaded unverified rather than skipped, or upgrading meshbake
         # would send a run back to step 0 and `keep` would then prune its real checkpoints
-        if (path / ".metadata").is_file() and (path / "train_state.json").is_file() and not any(
+        if _is_regular(path / ".metadata") and _is_regular(path / "train_state.json") and not any(
                 p.name.endswith(".tmp") for p in path.iterdir()):
-            return None
+            return metadata_problem(path)
         return f"no {MANIFEST} and no DCP .metadata / train_state.json (only {COMMITTED})"
+    except UserError as e:
+        return f"{MANIFEST} {e.problem}"
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return f"{MANIFEST} unreadable ({type(e).__name__}: {e})"
+        return printable(f"{MANIFEST} unreadable ({type(e).__name__}: {e})")
+    # every rank checks every name, kind and size (cheap) and where .metadata points, before any
+    # byte is hashed: a FIFO or a name outside the step dir is never opened
+    problem = next((p for name, size, _ in items if (p := _listed_problem(path, name, size))), None)
+    if problem is None:
+        problem = metadata_problem(path)
+    if problem is not None:
+        return problem
     rank, world = part
     for i, (name, size, digest) in enumerate(items):
-        try:
-            have = (path / name).stat().st_size
-        except FileNotFoundError:
-            return f"{name} is missing"
-        if have != size:
-            return f"{name} is {have} bytes, {size} were written (truncated or replaced)"
         if i % world == rank:
             try:
-                if sha256_file(path / name)[1] != digest:
+                if sha256_file(path / name, size)[1] != digest:
                     return f"{name} differs from the sha256 written at save (corrupted)"
+            except UserError as e:               # replaced by a link or a FIFO since the check above
+                return f"{name} {e.problem}"
             except OSError as e:
                 return f"{name} unreadable ({e.strerror})"
     return None
@@ -161,26 +274,38 @@ def find_resume(root: Path, resume: str, log: Callable[[str], None],
                 log(f"checkpoint.resume {resume}: this run has its own {p.name}, continuing from it")
             return p
         older = found[-2 - i][1].name if i + 1 < len(found) else None
-        log(f"checkpoint {p.name} failed verification: {problem}; renamed to {p.name}.corrupt, "
+        log(f"checkpoint {p.name} failed verification: {printable(problem)}; renamed to {p.name}.corrupt, "
             + (f"trying {older}" if older else "no older checkpoint: starting from "
                + ("step 0" if resume == "auto" else resume)))
         discard(p)
     if resume == "auto":
         return None
     p = Path(resume)
-    if not (p / COMMITTED).is_file():
+    if not _is_regular(p / COMMITTED):
         raise FileNotFoundError(f"checkpoint.resume: {resume} is not a committed checkpoint (no {COMMITTED})")
     problem = check(p)
     if problem is not None:
-        from .errors import UserError
-        raise UserError(p, f"failed verification: {problem}", "point checkpoint.resume at an intact checkpoint")
+        raise UserError(printable(p), f"failed verification: {printable(problem)}",
+                        "point checkpoint.resume at an intact checkpoint")
     return p
+
+
+def _remove(p: Path) -> None:
+    """Remove what meshbake put at p (a name it computed inside the checkpoint root): a real
+    directory with everything in it; a link or a file only itself (rmtree never goes through one)."""
+    mode = _mode(p)
+    if mode is None:
+        return
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        os.unlink(p)
 
 
 def set_aside(p: Path) -> None:
     """step-N -> step-N.corrupt (replacing an older one): out of resume and pruning, kept."""
     aside = p.with_name(p.name + ".corrupt")
-    shutil.rmtree(aside, ignore_errors=True)
+    _remove(aside)
     os.replace(p, aside)
 
 
@@ -206,18 +331,35 @@ def _fsync_dir(p: Path) -> None:
         os.close(fd)
 
 
+def _fresh_step_dir(root: Path, name: str) -> Path:
+    """root/name as a new, empty real directory, the root a real directory too (both created by
+    safeio.subdir): a stale one of a killed writer is removed first; a link planted at either
+    name is refused, never written or deleted through."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    safeio.subdir(root.parent, root.name)
+    mode = _mode(root / name)
+    if mode is not None and stat.S_ISDIR(mode):
+        shutil.rmtree(root / name)
+    return safeio.subdir(root, name)
+
+
+def _rng_bytes() -> bytes:
+    buf = io.BytesIO()
+    torch.save(torch.get_rng_state(), buf)
+    return buf.getvalue()
+
+
 def save(root: Path, step: int, model, optim, train_state: dict[str, Any], keep: int,
          fault: Callable[[str], None] = lambda where: None) -> Path:
     rank = dist.get_rank()
     final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _fresh_step_dir(root, tmp.name)
     dist.barrier()
     msd, osd = get_state_dict(model, optim)
     try:
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-        torch.save(torch.get_rng_state(), tmp / f"rng-rank{rank}.pt")
+        safeio.create_new(tmp / f"rng-rank{rank}.pt", _rng_bytes())
     except BaseException as e:          # DCP raises CheckpointException (a BaseException) on every rank
         _disk_full(e, root, tmp, step)
         raise
@@ -229,26 +371,23 @@ def save(root: Path, step: int, model, optim, train_state: dict[str, Any], keep:
     dist.all_gather_object(every, mine)
     if rank == 0:
         state = dict(train_state, world=dist.get_world_size())
-        (tmp / "train_state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        safeio.write_atomic(tmp / "train_state.json", json.dumps(state, indent=2, sort_keys=True) + "\n")
         files = {k: v for d in every for k, v in d.items()}
         files["train_state.json"] = sha256_file(tmp / "train_state.json")
         manifest = {"step": step, "files": {k: {"bytes": n, "sha256": h} for k, (n, h) in sorted(files.items())}}
         for name, text in ((MANIFEST, json.dumps(manifest, indent=1) + "\n"), (COMMITTED, f"{step}\n")):
-            with open(tmp / name, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
+            safeio.write_atomic(tmp / name, text, fsync=True)
         _fsync_dir(tmp)
         aside = root / f"step-{step}.old"
-        if final.exists():               # the same step saved again (a resume from an older step)
+        if os.path.lexists(final):       # the same step saved again (a resume from an older step)
             # renamed aside, never rmtree'd in place: a crash mid-rmtree could leave a step-N
             # that still has COMMITTED but lost shards, and resume would pick it
-            shutil.rmtree(aside, ignore_errors=True)
+            _remove(aside)
             os.replace(final, aside)
         os.replace(tmp, final)
         _fsync_dir(root)
-        shutil.rmtree(aside, ignore_errors=True)
-        for old in prunable(root, step, keep):
+        _remove(aside)
+        for old in prunable(root, step, keep):   # real step-N dirs of root only (list_checkpoints)
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
@@ -315,26 +454,55 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise UnsafeCheckpoint(f".metadata names {module}.{name}, which no DCP checkpoint's metadata holds")
 
 
+class UnconfinedCheckpoint(Exception):
+    """.metadata points DCP outside its step dir, at something not a regular file, or past a
+    file's end."""
+
+
+class _RegularFilesOnly(FileSystem):
+    """DCP's file system for reading: every file it opens is a regular file, opened without
+    following a link and without blocking on a FIFO (the check in read_metadata ran first; this
+    holds even if a name is swapped after it)."""
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str):
+        if mode != "rb":
+            raise UnconfinedCheckpoint(f"DCP asked to open {printable(path)} with mode {mode!r} while loading")
+        with safeio.open_regular(Path(path)) as f:
+            yield f
+
+
 class SafeReader(FileSystemReader):
-    """FileSystemReader whose .metadata is unpickled with the allow-list above. A refusal is
-    kept in `refused` too: DCP re-raises a failed metadata read as an AssertionError of strings."""
-    refused: UnsafeCheckpoint | None = None
+    """FileSystemReader whose .metadata is unpickled with the allow-list above and whose storage
+    paths are confined to the step dir before any shard is opened. A refusal is kept in
+    `refused` too: DCP re-raises a failed metadata read as an AssertionError of strings."""
+    refused: Exception | None = None
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(path)
+        self.fs = _RegularFilesOnly()
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as f:
-            try:
-                metadata = _MetadataUnpickler(f).load()
-            except UnsafeCheckpoint as e:
-                self.refused = e
-                raise
-        if not isinstance(metadata, Metadata):
-            self.refused = UnsafeCheckpoint(f".metadata holds a {type(metadata).__name__}, not DCP Metadata")
-            raise self.refused
+        path = Path(self._get_metadata_path(kwargs.get("rank")))
+        try:
+            metadata = _read_metadata(path)
+            problem = storage_problem(metadata, Path(self.path))
+            if problem is not None:
+                raise UnconfinedCheckpoint(problem)
+        except (UnsafeCheckpoint, UnconfinedCheckpoint, UserError) as e:
+            self.refused = e
+            raise
         if getattr(metadata, "storage_meta", None) is None:       # as FileSystemReader does
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+    def read_data(self, *args: Any, **kwargs: Any):
+        try:
+            return super().read_data(*args, **kwargs)
+        except (UnconfinedCheckpoint, UserError) as e:      # a name swapped for a link or FIFO after the check
+            self.refused = e
+            raise
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -367,9 +535,12 @@ def load_dcp(sd: dict[str, Any], path: Path, allow_partial_load: bool = False) -
         unsafe = reader.refused or planner.refused
         if unsafe is None:
             raise
-        raise UserError(path, f"{unsafe}: refusing to unpickle it (it could run code)",
-                        "resume or export only checkpoints meshbake wrote, from a directory only you can write "
-                        "(its manifest cannot vouch for it: whoever wrote the pickle wrote the digests)") from None
+        if isinstance(unsafe, UserError):
+            raise unsafe from None
+        if isinstance(unsafe, UnconfinedCheckpoint):
+            raise UserError(printable(path), f"{unsafe}: refusing to read it", _FIX) from None
+        raise UserError(printable(path), f"{unsafe}: refusing to unpickle it (it could run code)",
+                        _FIX + " (its manifest cannot vouch for it: whoever wrote the pickle wrote the digests)") from None
 
 
 def load(path: Path, model, optim) -> dict[str, Any]:
@@ -377,8 +548,9 @@ def load(path: Path, model, optim) -> dict[str, Any]:
     sd = {"model": msd, "optim": osd}
     load_dcp(sd, path)
     set_state_dict(model, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    state = json.loads((path / "train_state.json").read_text())
+    state = json.loads(safeio.read_text_bounded(path / "train_state.json", _JSON_LIMIT))
     rng = path / f"rng-rank{dist.get_rank()}.pt"
-    if state.get("world") == dist.get_world_size() and rng.is_file():
-        torch.set_rng_state(torch.load(rng, weights_only=True))
+    if state.get("world") == dist.get_world_size() and _is_regular(rng):
+        with safeio.open_regular(rng, _RNG_LIMIT) as f:
+            torch.set_rng_state(torch.load(f, weights_only=True))
     return state

@@ -10,18 +10,28 @@ What it may delete: only a previous export (OUT holding meshbake-export.json and
 file does not list) under --force, and a stale OUT.tmp of a killed export (it holds the
 marker). OUT may not be, contain or lie inside the run dir or its checkpoint dir (compared
 after resolving symlinks): `export runs/a -o runs --force` would delete the run it exports.
+
+What it writes: the model's save_pretrained into OUT.tmp (a folder this export created), the
+data.tokenizer folder's tokenizer files (TOKENIZER_FILES) when each is a regular file, copied
+through safeio (never a link: a tokenizer folder from elsewhere holding `tokenizer.model ->
+~/.ssh/id_rsa` or `x -> /proc/self/environ` put the key and HF_TOKEN into the folder the user
+uploads), and meshbake-export.json listing exactly those files.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt
+from . import safeio
 from .errors import EXIT_USER, UserError
 from .lora import lora_scale, lora_targets
 from .parallel import DTYPES, hf_config
@@ -47,6 +57,18 @@ def _merge_adapters(model, adapters: dict, scale: float) -> None:
 
 
 MARKER = "meshbake-export.json"      # {"files": [...], "step": N}: what this export wrote
+_MARKER_LIMIT = 1 << 20
+
+# What a tokenizer's save_pretrained writes (fast and sentencepiece tokenizers, chat templates):
+# only these are copied from data.tokenizer. An allow-list, not the folder: a model folder used
+# as the tokenizer would overwrite the export's config.json and weights with the base model's,
+# and a README, a tokenizer.py (auto_map: code) or a stray secret is not the tokenizer. Not the
+# tokenizer library's own save either: transformers' save_pretrained copies a sentencepiece
+# tokenizer.model with shutil.copyfile, which follows a link to anything.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json")
+_TOKENIZER_LIMIT = 1 << 30           # a tokenizer.json of a 256k vocabulary is ~35 MB
 
 
 def _related(a: Path, b: Path) -> bool:
@@ -57,8 +79,8 @@ def _related(a: Path, b: Path) -> bool:
 def _is_previous_export(d: Path) -> bool:
     """d holds a meshbake-export.json listing every file in d, and no directories."""
     try:
-        listed = set(json.loads((d / MARKER).read_text())["files"])
-    except (OSError, ValueError, KeyError, TypeError):
+        listed = set(json.loads(safeio.read_text_bounded(d / MARKER, _MARKER_LIMIT))["files"])
+    except (OSError, ValueError, KeyError, TypeError, UserError):
         return False
     return all(p.is_file() and not p.is_symlink() and (p.name in listed or p.name == MARKER) for p in d.iterdir())
 
@@ -66,8 +88,8 @@ def _is_previous_export(d: Path) -> bool:
 def _is_export_tmp(d: Path) -> bool:
     """A killed export's temp folder: the marker (written first) and plain files only."""
     try:
-        json.loads((d / MARKER).read_text())
-    except (OSError, ValueError):
+        json.loads(safeio.read_text_bounded(d / MARKER, _MARKER_LIMIT))
+    except (OSError, ValueError, UserError):
         return False
     return all(p.is_file() and not p.is_symlink() for p in d.iterdir())
 
@@ -90,6 +112,8 @@ def check_out(run_dir: Path, ckpt_dir: Path, out: Path, force: bool) -> tuple[Pa
         if not _is_previous_export(out):
             raise UserError(out, f"is not a previous meshbake export (no {MARKER} listing all its files), and "
                                  "--force replaces only those", "choose a new -o, or remove it yourself")
+    if tmp.is_symlink():             # removing or writing it would act on wherever it points
+        raise UserError(tmp, "is a symbolic link where the export's temp folder goes", "remove it, or choose another -o")
     if tmp.exists() and not (tmp.is_dir() and (_is_export_tmp(tmp) or not any(tmp.iterdir()))):
         raise UserError(tmp, "exists and holds files meshbake did not write (the export's temp folder)",
                         "remove or rename it, or choose another -o")
@@ -105,6 +129,32 @@ def _hf_order(model, plan) -> None:
     for name, kind in param_layouts(plan.model.layouts).items():
         if name in params:
             params[name].copy_(to_hf(kind, params[name], model.config))
+
+
+def copy_tokenizer(src: Path, dst: Path, log: Callable[[str], None]) -> list[str]:
+    """The TOKENIZER_FILES of src that are regular files, copied into dst (a folder the caller
+    created) through safeio: no link followed, no FIFO opened, bounded. -> the names written;
+    what was left out is said in one line each (names through printable: they are src's)."""
+    written, links = [], []
+    for name in TOKENIZER_FILES:
+        try:
+            mode = os.lstat(src / name).st_mode
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(mode):
+            links.append(f"{name} ({safeio._kind(mode)})")
+            continue
+        with safeio.open_regular(src / name, _TOKENIZER_LIMIT) as f:
+            safeio.create_new(dst / name, f.read(_TOKENIZER_LIMIT + 1))
+        written.append(name)
+    if links:
+        log(f"data.tokenizer {safeio.printable(src)}: not copied, not regular files: {', '.join(links)}; copy the "
+            "files themselves into the folder (cp -L) if they are the tokenizer's")
+    others = sorted(safeio.printable(n) for n in os.listdir(src) if n not in TOKENIZER_FILES)
+    if others:
+        log(f"data.tokenizer {safeio.printable(src)}: not copied, not tokenizer files: "
+            f"{', '.join(others[:8])}{f' and {len(others) - 8} more' if len(others) > 8 else ''}")
+    return written
 
 
 def export(run_dir: Path, step: int | None, out: Path, force: bool = False) -> Path:
@@ -144,19 +194,18 @@ def export(run_dir: Path, step: int | None, out: Path, force: bool = False) -> P
         _merge_adapters(model, adapters, lora_scale(plan.lora))
     _hf_order(model, plan)
     step_n = int(path.name.split("-")[1])
-    if tmp.exists():                     # a killed export's (check_out: marker or empty)
+    if tmp.exists():                     # a killed export's (check_out: marker or empty, not a link)
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    os.mkdir(tmp)                        # made here, now: nothing in it but what this export writes
     # the marker first: a killed export leaves a tmp that the next export may remove
-    (tmp / MARKER).write_text(json.dumps({"files": [], "step": step_n}) + "\n")
+    safeio.create_new(tmp / MARKER, json.dumps({"files": [], "step": step_n}) + "\n")
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok = Path(plan.data.tokenizer) if plan.data.tokenizer else None
     if tok is not None and tok.is_dir():
-        for f in tok.iterdir():
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
+        copy_tokenizer(tok, tmp, lambda s: print(f"meshbake export: {s}", file=sys.stderr))
     files = sorted(p.name for p in tmp.iterdir() if p.name != MARKER)
-    (tmp / MARKER).write_text(json.dumps({"files": files, "step": step_n}, indent=1) + "\n")
+    safeio.write_atomic(tmp / MARKER, json.dumps({"files": files, "step": step_n}, indent=1) + "\n")
     if out.exists():
         # check_out proved it empty or a previous export; re-checked against a race
         if any(out.iterdir()) and not _is_previous_export(out):

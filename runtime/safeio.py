@@ -80,15 +80,16 @@ def subdir(root: Path, *parts: str, create: bool = True) -> Path:
     `create`), never a symlink: a planted `checkpoints -> /elsewhere` is refused, not written through.
     root itself is the user's choice (it may be a symlink to scratch space)."""
     p = Path(root)
-    for part in parts:
+    for part in parts:             # every name checked before any is used
         if part in ("", ".", "..") or "/" in part or "\0" in part:
             raise UserError(printable(p / part), "is not a plain name inside its directory", _FIX)
+    for part in parts:
         p = p / part
         try:
             st = os.lstat(p)
         except FileNotFoundError:
-            if not create:
-                return p
+            if not create:         # the whole path, not the first missing part of it
+                return Path(root).joinpath(*parts)
             try:
                 os.mkdir(p)
             except FileExistsError:

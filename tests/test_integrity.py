@@ -204,14 +204,20 @@ def test_pruning_keeps_the_step_just_saved(tmp_path):
 def test_a_step_saved_before_digests_is_loaded_not_skipped(tmp_path):
     """A checkpoint of an older meshbake has no manifest.json: skipping it would restart the run
     at step 0 after an upgrade (and `keep` would prune the real checkpoints). It is whole when
-    DCP's .metadata and train_state.json are there; one holding only COMMITTED is still refused."""
+    DCP's .metadata and train_state.json are there; one holding only COMMITTED is still refused.
+    (.metadata is a real one: where it points is checked, manifest or not.)"""
+    import pickle
+
     from meshbake.runtime.checkpoint import COMMITTED, verify
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 
     legacy, bare = tmp_path / "step-5", tmp_path / "step-6"
     for d in (legacy, bare):
         d.mkdir()
         (d / COMMITTED).write_text(f"{d.name[5:]}\n")
-    (legacy / ".metadata").write_bytes(b"\x80meta")
+    md = Metadata(state_dict_metadata={}, storage_data={MetadataIndex("model.w"): _StorageInfo("__0_0.distcp", 0, 5)})
+    (legacy / ".metadata").write_bytes(pickle.dumps(md))
     (legacy / "__0_0.distcp").write_bytes(b"shard")
     (legacy / "train_state.json").write_text('{"step": 5}\n')
     assert verify(legacy) is None

@@ -485,7 +485,12 @@ class _BoundedTemplate:
 
         self.tok = tok
         src = tok.get_chat_template() if hasattr(tok, "get_chat_template") else tok.chat_template
-        ref = _compile_jinja_template(src).environment
+        # transformers' environment, from an empty template: compiling `src` there would let jinja's
+        # optimizer fold constants ('x' * 10**10, 'x' | center(10**10)) at compile time, unguarded.
+        # Ours folds nothing big: intercepted operators are never folded, and a guarded filter
+        # raises under the compile-time budget (cap 0, deadline passed), which jinja takes as
+        # "not a constant"
+        ref = _compile_jinja_template("").environment
         self.budget = _Budget()
         env = _bounded_env_class()(
             trim_blocks=ref.trim_blocks, lstrip_blocks=ref.lstrip_blocks, keep_trailing_newline=ref.keep_trailing_newline,

@@ -18,12 +18,16 @@ runtime/prepare.py (a rank reads only its own rows).
 """
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import safeio
+from .errors import UserError
 from .plan import DataPlan, Plan, TrainPlan
 
 IGNORE = -100
@@ -109,13 +113,15 @@ class PackedData(Stream):
     def __init__(self, folder: Path, train: TrainPlan, dp: int):
         super().__init__(train, dp)
         self.folder = Path(folder)
-        self.input_ids = np.load(self.folder / "input_ids.npy", mmap_mode="r")      # (W, T) int32
-        self.labels = np.load(self.folder / "labels.npy", mmap_mode="r")
-        self.position_ids = np.load(self.folder / "position_ids.npy", mmap_mode="r")
+        self.input_ids = windows_npy(self.folder / "input_ids.npy")      # (W, T) int32
+        self.labels = windows_npy(self.folder / "labels.npy")
+        self.position_ids = windows_npy(self.folder / "position_ids.npy")
         self.windows = int(self.input_ids.shape[0])
-        if self.input_ids.shape[1] != self.seq_len:
-            raise ValueError(f"{self.folder}: windows of {self.input_ids.shape[1]} tokens, the plan's seq_len is "
-                             f"{self.seq_len}; prepare again")
+        if self.input_ids.shape[1] != self.seq_len or self.labels.shape != self.input_ids.shape \
+                or self.position_ids.shape != self.input_ids.shape:
+            raise UserError(self.folder, f"windows of {self.input_ids.shape[1]} tokens (labels {self.labels.shape}, "
+                            f"position_ids {self.position_ids.shape}), the plan's seq_len is {self.seq_len}",
+                            "run `meshbake prepare RECIPE` again")
         self._count: dict[int, int] = {}
 
     def rows(self, idx: list[int]) -> Batch:
@@ -146,19 +152,58 @@ class PackedData(Stream):
         return out
 
 
+def windows_npy(path: Path) -> np.ndarray:
+    """One (W, T) int32 array of a prepared split, memory-mapped read-only from a regular file
+    opened without following a symlink (np.load(path, mmap_mode=) opens the path itself and
+    follows one planted there: training would read whatever file it names). The header is
+    checked before mapping: 2-D C-order int32, and the file as long as the header says."""
+    with safeio.open_regular(path) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read:
+                raise ValueError(f"format version {version}")
+            shape, fortran, dtype = read[version](f)
+        except ValueError as e:
+            raise UserError(safeio.printable(path), f"is not a .npy file meshbake wrote ({e})",
+                            "run `meshbake prepare RECIPE` again") from None
+        size = os.fstat(f.fileno()).st_size
+        if dtype != np.int32 or fortran or len(shape) != 2 or size < f.tell() + shape[0] * shape[1] * 4:
+            raise UserError(safeio.printable(path), f"holds {dtype} {shape} in {size} bytes, not the (windows, "
+                            "seq_len) int32 meshbake writes", "run `meshbake prepare RECIPE` again")
+        if shape[0] * shape[1] == 0:
+            return np.zeros(shape, np.int32)
+        return np.memmap(f, dtype=np.int32, mode="r", offset=f.tell(), shape=shape)   # maps a dup of the fd
+
+
 def load_data(plan: Plan, dp: int, folder: Path | None = None) -> tuple[Stream, PackedData | None, dict]:
     """(train stream, eval split or None, index.json) for the plan; prepared data is located
     (and checked against the plan and the sources) unless `folder` is given."""
     if plan.data.format == "synthetic":
         return TokenData(plan.data, plan.train, dp), None, {}
-    import json
-
-    from .prepare import locate
+    from .prepare import locate, read_index
 
     folder = Path(folder) if folder is not None else locate(plan)
-    index = json.loads((folder / "index.json").read_text())
-    ev = PackedData(folder / "eval", plan.train, dp) if (folder / "eval").is_dir() else None
-    return PackedData(folder / "train", plan.train, dp), ev, index
+    index = read_index(folder)          # bounded, a regular file, the shape meshbake writes
+    if index is None:
+        raise UserError(safeio.printable(folder / "index.json"), "is missing", "run `meshbake prepare RECIPE` again")
+    split = {name: _split_dir(folder, name) for name in ("train", "eval")}
+    if split["train"] is None:
+        raise UserError(safeio.printable(folder / "train"), "is missing", "run `meshbake prepare RECIPE` again")
+    ev = PackedData(split["eval"], plan.train, dp) if split["eval"] is not None else None
+    return PackedData(split["train"], plan.train, dp), ev, index
+
+
+def _split_dir(folder: Path, name: str) -> Path | None:
+    """folder/name if a real directory (lstat: a symlink there is refused), None if absent."""
+    try:
+        st = os.lstat(folder / name)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UserError(safeio.printable(folder / name), "is not a directory meshbake prepared (a symbolic link or "
+                        "a file)", "remove it and run `meshbake prepare RECIPE` again")
+    return folder / name
 
 
 def synthetic(i: int, n: int, table: torch.Tensor, seed: int) -> torch.Tensor:

@@ -28,7 +28,9 @@ import codecs
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -38,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from . import safeio
 from .errors import EXIT_USER, UserError
 from .plan import DataPlan, Plan, Source, load_plan
 
@@ -146,32 +149,45 @@ def load_records(kind: str, path: Path, fmt: str, cache_dir: Path):
                         f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
 
 
+_CHUNK = 1 << 20           # bytes per read in _check_text (a module constant: the linearity test shrinks it)
+
+
 def _check_text(path: Path) -> None:
     """UTF-8 throughout (the byte offset and line of the first bad byte), and for jsonl one JSON
     object per line (the file's own line number: split on \n only, as str.splitlines would also
     split on U+2028 or a form feed inside a record's text and the numbers would drift)."""
     dec, off, line = codecs.getincrementaldecoder("utf-8")(), 0, 1
-    jsonl, pending = path.suffix == ".jsonl", ""
+    # pending: the pieces of the current (unfinished) line, joined once when its newline comes.
+    # Re-joining `pending + text` per 1 MiB chunk copied the whole line so far each time: a line
+    # of n MiB cost n^2 / 2 MiB of copying and splitting (128 MiB: 8 GiB, 49 s; 10 GB: days).
+    jsonl, pending = path.suffix == ".jsonl", []
     with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
+        while chunk := f.read(_CHUNK):
             held = len(dec.getstate()[0])      # bytes of a split character from the last chunk
             try:
                 text = dec.decode(chunk)
             except UnicodeDecodeError as e:
                 at = off - held + e.start      # e.start counts from the held bytes
+                lines, left = 1, at            # counted in 1 MiB blocks: the bad byte may be 10 GB in
                 with path.open("rb") as g:
-                    head = g.read(at + 4)
-                lines = head.count(b"\n", 0, at) + 1
-                raise DataError(f"{path}: not valid UTF-8 at byte {at} (line {lines}: {head[at:at + 4]!r}); "
+                    while left > 0 and (block := g.read(min(left, 1 << 20))):
+                        lines, left = lines + block.count(b"\n"), left - len(block)
+                    bad = g.read(4)
+                raise DataError(f"{path}: not valid UTF-8 at byte {at} (line {lines}: {bad!r}); "
                                 f"convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove that byte") from None
             off += len(chunk)
             if jsonl:
-                *done, pending = (pending + text).split("\n")
-                for rec in done:
+                if "\n" not in text:          # the middle of a long line: keep the piece, copy nothing
+                    pending.append(text)
+                    continue
+                first, *done, last = text.split("\n")
+                pending.append(first)
+                for rec in ["".join(pending), *done]:
                     _json_line(path, line, rec)
                     line += 1
+                pending = [last]
     if jsonl:
-        _json_line(path, line, pending)
+        _json_line(path, line, "".join(pending))
 
 
 def _json_line(path: Path, n: int, rec: str) -> None:
@@ -203,6 +219,7 @@ class Encoder:
 
     def __init__(self, data: DataPlan, tok):
         self.data, self.tok, self.f = data, tok, data.fields
+        self._template: _BoundedTemplate | None = None
         self.eos = None if tok is None else (tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id)
         self.special: set[int] = set()
         if tok is not None:
@@ -293,10 +310,19 @@ class Encoder:
         return out
 
     def _render(self, msgs: list[dict], gen: bool, where: str) -> str:
+        if self._template is None:
+            self._template = _BoundedTemplate(self.tok)
+        cap = max(RENDER_CHARS_PER_INPUT * sum(len(m["role"]) + len(m["content"]) for m in msgs), RENDER_MIN_CHARS)
         try:
-            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            return self._template.render(msgs, gen, cap, RENDER_SECONDS)
+        except RenderLimit as e:
+            raise DataError(f"{where}: the chat template {e} rendering this conversation (the cap per record: "
+                            f"{RENDER_CHARS_PER_INPUT} x its characters, at least {RENDER_MIN_CHARS:,}; "
+                            f"{RENDER_SECONDS:g} s); fix the chat_template of data.tokenizer (it loops without "
+                            f"bound) or remove that record") from None
         except Exception as e:  # noqa: BLE001 - a template's raise_exception() (e.g. roles must alternate)
-            raise DataError(f"{where}: the chat template refused this conversation: {str(e).splitlines()[0]}") from None
+            raise DataError(f"{where}: the chat template refused this conversation: "
+                            f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
 
     def chat(self, raw, where: str) -> tuple[np.ndarray, np.ndarray]:
         """Loss mask by prefix rendering (works for templates without {% generation %} markers):
@@ -330,6 +356,210 @@ class Encoder:
             last = ends[0] if ends.size else (inside[-1] if inside.size else -1)
             mask[inside[inside <= last]] = True      # the reply up to its end-of-turn token
         return ids, mask
+
+
+# ------------------------------------------------------------------- bounded chat rendering
+# A chat template is code from the tokenizer folder, run once per record (and per assistant turn).
+# transformers renders it in a jinja2 sandbox, which stops it reaching Python internals but not
+# looping: two nested range(100000) loops wrote 2.6 GB in 45 s before anything looked at it.
+# Real templates write the messages plus a header per message: llama3's ~60 characters, ChatML's
+# ~20, a tool-use preamble a few KB once. So the output of one render is capped at
+# RENDER_CHARS_PER_INPUT (64) x the record's characters (a 3-character "hi" message still gets a
+# header 20x its size) and never below RENDER_MIN_CHARS (1 MiB: long default system prompts,
+# tool schemas), and each render gets RENDER_SECONDS (2 s; real templates take < 10 ms for 100
+# messages). Memory stays within a small multiple of the cap: output is counted as it is
+# produced (Template.generate, a StringIO), every string the template builds on the way (~, +,
+# *, %, filters, method calls) is size-checked before or as it is made, and a loop that builds
+# nothing is stopped by the clock (checked at every sandbox hook and output chunk, and by
+# SIGALRM on the main thread for a loop with neither).
+RENDER_CHARS_PER_INPUT = 64
+RENDER_MIN_CHARS = 1 << 20
+RENDER_SECONDS = 2.0
+
+
+class RenderLimit(Exception):
+    """A render passed its output cap or its time budget (str(): what it passed)."""
+
+
+class _Budget:
+    def __init__(self) -> None:
+        self.cap, self.deadline, self.seconds = 0, 0.0, 0.0
+
+    def check(self, n: int = 0) -> None:
+        if n > self.cap:
+            raise RenderLimit(f"built a string of more than {self.cap:,} characters")
+        if time.monotonic() > self.deadline:
+            raise RenderLimit(f"took more than {self.seconds:g} s")
+
+    def size(self, v) -> None:
+        if isinstance(v, (str, bytes, list, tuple, dict)):
+            self.check(len(v))
+        elif isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
+            raise RenderLimit("computed an integer of more than 64 bits")
+        else:
+            self.check()
+
+    def args(self, args, kwargs) -> None:
+        """An integer argument beyond the cap (center(10**10), a width, a repeat count) would make
+        one C call allocate that much before any check runs: refused before the call."""
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, int) and not isinstance(a, bool) and abs(a) > self.cap:
+                raise RenderLimit(f"passed a number beyond the {self.cap:,}-character cap ({a:,})")
+
+    def _widths(self, fmt: str) -> None:
+        """A width/precision in a format string ('%0999999999d', '{:999999999}') allocates it."""
+        if any(int(d) > self.cap for d in re.findall(r"\d{7,}", fmt)):
+            raise RenderLimit(f"used a format width beyond the {self.cap:,}-character cap")
+
+
+def _bounded_env_class():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Env(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "+", "%", "**", "//"})
+
+        def call_binop(self, context, operator, left, right):
+            b = self.budget
+            b.check()
+            if operator == "*":             # 'x' * n, [..] * n: predict the length before allocating
+                seq, n = (left, right) if isinstance(right, int) else (right, left)
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                    b.check(len(seq) * max(n, 0))
+                elif isinstance(left, int) and isinstance(right, int):
+                    if left.bit_length() + right.bit_length() > 128:
+                        raise RenderLimit("computed an integer of more than 128 bits")
+            elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, type(left)):
+                b.check(len(left) + len(right))
+            elif operator == "%" and isinstance(left, str):
+                b._widths(left)
+            elif operator == "**" and isinstance(left, int) and isinstance(right, int) \
+                    and abs(left) > 1 and right > 0 and (abs(left).bit_length() * right > 128):
+                raise RenderLimit("computed an integer of more than 128 bits")
+            out = super().call_binop(context, operator, left, right)
+            b.size(out)
+            return out
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's own signature
+            __self.budget.check()
+            __self.budget.args(args, kwargs)
+            fmt = getattr(getattr(__obj, "__wrapped__", None), "__self__", None)   # the sandbox's str.format
+            if isinstance(fmt, str) and getattr(__obj, "__name__", "") in ("format", "format_map"):
+                __self.budget._widths(fmt)
+            out = super().call(__context, __obj, *args, **kwargs)
+            __self.budget.size(out)
+            return out
+
+        def getattr(self, obj, attribute):
+            self.budget.check()
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj, argument):
+            self.budget.check()
+            return super().getitem(obj, argument)
+
+    return Env
+
+
+def _guard_filter(f, budget: _Budget):
+    import functools
+
+    @functools.wraps(f)                 # keeps jinja_pass_arg (pass_context / pass_environment)
+    def guarded(*args, **kwargs):
+        budget.check()
+        budget.args(args[1:], kwargs)   # args[0]: the value filtered (or the context)
+        if f.__name__ == "do_format" and args and isinstance(args[0], str):
+            budget._widths(args[0])     # "%0999999999d" | format(1)
+        out = f(*args, **kwargs)
+        budget.size(out)
+        return out
+    return guarded
+
+
+class _BoundedTemplate:
+    """The tokenizer's chat template, compiled as transformers compiles it (its sandbox, its
+    extensions, filters and globals, copied from transformers' own environment so the output is
+    the same as apply_chat_template's) into a sandbox whose hooks keep the _Budget."""
+
+    def __init__(self, tok):
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        self.tok = tok
+        src = tok.get_chat_template() if hasattr(tok, "get_chat_template") else tok.chat_template
+        # transformers' environment, from an empty template: compiling `src` there would let jinja's
+        # optimizer fold constants ('x' * 10**10, 'x' | center(10**10)) at compile time, unguarded.
+        # Ours folds nothing big: intercepted operators are never folded, and a guarded filter
+        # raises under the compile-time budget (cap 0, deadline passed), which jinja takes as
+        # "not a constant"
+        ref = _compile_jinja_template("").environment
+        self.budget = _Budget()
+        env = _bounded_env_class()(
+            trim_blocks=ref.trim_blocks, lstrip_blocks=ref.lstrip_blocks, keep_trailing_newline=ref.keep_trailing_newline,
+            extensions=[type(x) for x in ref.extensions.values()])
+        env.budget = self.budget
+        env.filters = {k: _guard_filter(f, self.budget) for k, f in ref.filters.items()}
+        env.tests = dict(ref.tests)
+        env.globals.update(ref.globals)
+        self.template = env.from_string(src)
+        ns = self.template.root_render_func.__globals__      # the compiled module: `~` calls str_join
+        for name in ("str_join", "markup_join"):
+            if name in ns:
+                ns[name] = self._joiner(ns[name])
+        from transformers.utils.chat_template_utils import _plain_template_data
+
+        self.extra = _plain_template_data(dict(tok.special_tokens_map))
+
+    def _joiner(self, join):
+        budget = self.budget
+
+        def bounded(seq):
+            parts = [str(x) for x in seq]
+            budget.check(sum(map(len, parts)))
+            return join(parts)
+        return bounded
+
+    def render(self, msgs: list[dict], gen: bool, cap: int, seconds: float) -> str:
+        import io
+
+        b = self.budget
+        b.cap, b.seconds, b.deadline = cap, seconds, time.monotonic() + seconds
+        out, n = io.StringIO(), 0
+        with _alarm(seconds + 0.5):
+            for chunk in self.template.generate(messages=[dict(m) for m in msgs], tools=None, documents=None,
+                                                add_generation_prompt=gen, **self.extra):
+                n += len(chunk)
+                b.check(n)
+                out.write(chunk)
+        return out.getvalue()
+
+
+class _alarm:
+    """SIGALRM after `seconds` raises RenderLimit: the backstop for a loop that calls, reads and
+    writes nothing (no hook runs). Main thread only, and only if no other timer is armed."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.armed = seconds, False
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+            if signal.getitimer(signal.ITIMER_REAL)[0] == 0:
+                self.old = signal.signal(signal.SIGALRM, self._fire)
+                signal.setitimer(signal.ITIMER_REAL, self.seconds)
+                self.armed = True
+        return self
+
+    def _fire(self, signum, frame):
+        raise RenderLimit(f"took more than {self.seconds:g} s")
+
+    def __exit__(self, *exc):
+        if self.armed:
+            import signal
+
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.old)
+        return False
 
 
 # --------------------------------------------------------------------------------- packing
@@ -411,16 +641,45 @@ class Docs:
         return np.diff(self.starts)
 
 
+_NEW_FILE = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _create(path: Path):
+    """A file that did not exist, opened read/write: O_EXCL fails on anything already there (a
+    planted symlink included, which O_CREAT alone would follow), O_NOFOLLOW says it twice."""
+    try:
+        return os.fdopen(os.open(path, _NEW_FILE, 0o644), "w+b")
+    except FileExistsError:
+        raise DataError(f"{safeio.printable(path)}: something else created this file while prepare wrote it; "
+                        f"use a data.prepared_dir only you write to") from None
+
+
+def _new_npy(path: Path, dtype, shape: tuple[int, ...]):
+    """(file, array) for a new .npy file of that dtype and shape, memory-mapped for writing (the
+    windows of a large dataset do not fit in memory); the file is ours (_create), not a path
+    numpy opens itself (np.lib.format.open_memmap would follow a symlink planted there)."""
+    f = _create(path)
+    dt = np.dtype(dtype)
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dt), "fortran_order": False,
+                                             "shape": shape})
+    offset, nbytes = f.tell(), int(np.prod(shape)) * dt.itemsize
+    f.truncate(offset + nbytes)
+    if not nbytes:                     # mmap cannot map 0 bytes; an empty split is refused later anyway
+        return f, np.zeros(shape, dt)
+    return f, np.memmap(f, dtype=dt, mode="r+", offset=offset, shape=shape)
+
+
 def write_split(out: Path, docs: Docs, seq_len: int, packing: bool, overlong: str, pad_id: int) -> dict:
     pieces, stats = fit_documents(docs.lengths, seq_len, overlong)
     kept = [p for p in pieces if docs.mask[docs.starts[p[0]] + p[1] + 1:docs.starts[p[0]] + p[1] + p[2]].any()]
     stats["no_loss_pieces"] = len(pieces) - len(kept)    # e.g. a chat without an assistant turn
     pieces = kept
     windows = pack([n - 1 for _, _, n in pieces], seq_len, packing)
-    out.mkdir(parents=True)
+    os.mkdir(out)                      # inside our fresh .tmp-* dir: fails rather than enter anything there
     shape = (len(windows), seq_len)
-    mm = {k: np.lib.format.open_memmap(out / f"{k}.npy", mode="w+", dtype=np.int32, shape=shape)
-          for k in ("input_ids", "labels", "position_ids")}
+    files, mm = {}, {}
+    for k in ("input_ids", "labels", "position_ids"):
+        files[k], mm[k] = _new_npy(out / f"{k}.npy", np.int32, shape)
     index = np.zeros((len(pieces), 4), np.int64)
     used = 0
     for w, members in enumerate(windows):
@@ -440,9 +699,12 @@ def write_split(out: Path, docs: Docs, seq_len: int, packing: bool, overlong: st
         row_pos[off:] = np.arange(seq_len - off)      # padding: a "document" of its own, no loss
         used += off
         mm["input_ids"][w], mm["labels"][w], mm["position_ids"][w] = row_ids, row_lab, row_pos
-    for a in mm.values():
-        a.flush()
-    np.save(out / "docs.npy", index)
+    for k, a in mm.items():
+        if isinstance(a, np.memmap):
+            a.flush()
+        files[k].close()
+    with _create(out / "docs.npy") as f:
+        np.save(f, index)
     total = len(windows) * seq_len
     stats.update(windows=len(windows), pieces=len(pieces), tokens=int(used), slots=int(total),
                  loss_tokens=int(sum(int((mm["labels"][w] != IGNORE).sum()) for w in range(len(windows)))),
@@ -498,8 +760,7 @@ def encode_sources(data: DataPlan, sources: tuple[Source, ...], enc: Encoder, ca
     datasets.logging.set_verbosity_error()
     loaded = []
     for s_idx, src in enumerate(sources):
-        kind, files = source_files(src.path, f"{key}[{s_idx}].path" if len(sources) > 1 else
-                                   "data.path" if key == "data.sources" else f"{key}[0].path")
+        kind, files = source_files(src.path, _source_key(key, s_idx, len(sources)))
         for f in files:
             loaded.append((s_idx, f, load_records(kind, f, data.format, cache_dir)))
     parts, src_of, t0, tokens = [], [], time.perf_counter(), 0
@@ -555,22 +816,101 @@ def plan_options_fingerprint(plan: Plan) -> str:
     return options_fingerprint(plan.data, plan.train.seq_len, plan.train.seed, plan.versions.get("meshbake", ""))
 
 
-def _read_json(p: Path) -> dict | None:
+_POINTER_LIMIT = 4096        # {"dir": "<name>-<16 hex>", "fingerprint": "<64 hex>"}: ~150 bytes
+_INDEX_LIMIT = 64 << 20      # index.json: ~200 bytes per source/tokenizer file, i.e. ~300k files
+_REMOVE = "remove it and run `meshbake prepare RECIPE` again (meshbake writes only what it names itself)"
+
+
+def _source_key(key: str, i: int, n: int) -> str:
+    return f"{key}[{i}].path" if n > 1 else "data.path" if key == "data.sources" else f"{key}[0].path"
+
+
+def source_paths(data: DataPlan) -> list[str]:
+    """Every file the plan's sources resolve to now, as prepare records them in index.json
+    ("files"): a save_to_disk folder counts as all the files in it."""
+    out = []
+    for key, srcs in (("data.sources", data.sources), ("data.eval_sources", data.eval_sources)):
+        for i, src in enumerate(srcs):
+            _, files = source_files(src.path, _source_key(key, i, len(srcs)))
+            out += [str(g) for f in files for g in (_all_files(str(f)) if f.is_dir() else [f])]
+    return out
+
+
+def _read_pointer(plan: Plan) -> dict | None:
+    """The pointer's {"dir", "fingerprint"}, None if there is none. Its "dir" is one plain name of
+    the shape prepare writes (<name>-<16 hex> = the fingerprint's head): a pointer naming
+    /etc, ../x or anything else was not written by meshbake and is refused, not followed."""
+    p = pointer_path(plan)
     try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
+        text = safeio.read_text_bounded(p, _POINTER_LIMIT)        # a symlink/FIFO/device: refused
+    except FileNotFoundError:
         return None
+    try:
+        ptr = json.loads(text)
+    except ValueError:
+        ptr = None
+    name, fp = (ptr.get("dir"), ptr.get("fingerprint")) if isinstance(ptr, dict) else (None, None)
+    if not (isinstance(name, str) and isinstance(fp, str) and re.fullmatch(r"[0-9a-f]{64}", fp)
+            and safeio.plain_name(name) and name == f"{plan.name}-{fp[:16]}"):
+        raise DataError(f"{safeio.printable(p)}: does not name a prepared directory of {plan.name} inside "
+                        f"{safeio.printable(prepared_root(plan.data))} (it holds {safeio.printable(text[:80])!r}); "
+                        f"{_REMOVE}")
+    return {"dir": name, "fingerprint": fp}
+
+
+def _prepared_dir(plan: Plan, name: str) -> Path | None:
+    """prepared_dir/name if it is a real directory (lstat: a symlink there is refused), None if missing."""
+    d = prepared_root(plan.data) / name
+    try:
+        st = os.lstat(d)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
+        raise DataError(f"{safeio.printable(d)}: is {kind}, not a directory meshbake prepared; {_REMOVE}")
+    return d
+
+
+def _facts_ok(facts) -> bool:
+    return isinstance(facts, list) and all(
+        isinstance(f, dict) and isinstance(f.get("path"), str) and type(f.get("size")) is int
+        and type(f.get("mtime_ns")) is int and isinstance(f.get("sha256"), str) for f in facts)
+
+
+def read_index(d: Path) -> dict | None:
+    """d/index.json (bounded, a regular file), None if missing; a file that is not an index
+    meshbake wrote (not JSON, files / tokenizer_files not lists of facts) is refused."""
+    p = d / "index.json"
+    try:
+        text = safeio.read_text_bounded(p, _INDEX_LIMIT)
+    except FileNotFoundError:
+        return None
+    try:
+        idx = json.loads(text)
+    except ValueError:
+        idx = None
+    if not (isinstance(idx, dict) and _facts_ok(idx.get("files")) and _facts_ok(idx.get("tokenizer_files"))
+            and isinstance(idx.get("splits"), dict)):
+        raise DataError(f"{safeio.printable(p)}: is not an index meshbake wrote (files / tokenizer_files / splits); "
+                        f"remove {safeio.printable(d)} and run `meshbake prepare RECIPE` again")
+    return idx
 
 
 def current(plan: Plan) -> Path | None:
-    """The prepared directory of this plan, if complete and up to date (sources and tokenizer
-    unchanged by size and mtime), else None."""
-    ptr = _read_json(pointer_path(plan))
-    if not ptr:
+    """The prepared directory of this plan, if complete and up to date, else None. Up to date:
+    its index covers exactly the files the sources and the tokenizer resolve to now (an index
+    listing fewer, more or no files is stale: an empty list must not switch the check off) and
+    each of them has the size and mtime recorded. Planted pointers/dirs/indexes: DataError."""
+    ptr = _read_pointer(plan)
+    if ptr is None:
         return None
-    d = prepared_root(plan.data) / ptr["dir"]
-    idx = _read_json(d / "index.json")
-    if not idx or idx.get("options_fingerprint") != plan_options_fingerprint(plan):
+    d = _prepared_dir(plan, ptr["dir"])
+    idx = None if d is None else read_index(d)
+    if not idx or idx.get("options_fingerprint") != plan_options_fingerprint(plan) \
+            or idx.get("fingerprint") != ptr["fingerprint"]:
+        return None
+    if sorted(f["path"] for f in idx["files"]) != sorted(source_paths(plan.data)) \
+            or sorted(f["path"] for f in idx["tokenizer_files"]) != sorted(map(str, _all_files(plan.data.tokenizer))):
         return None
     if stale_files(idx["files"] + idx["tokenizer_files"]):
         return None
@@ -598,16 +938,32 @@ def prepare(plan: Plan, quiet: bool = False, log: Callable[[str], None] = print)
         log(f"prepared data up to date: {have}")
         return have
     root = prepared_root(data)
+    # data.prepared_dir is the user's path, all of it (it may be a symlink to scratch space); what
+    # meshbake keeps inside it (pointers, <name>-<fp>/, .tmp-*) is checked and never followed
     root.mkdir(parents=True, exist_ok=True)
-    old = _read_json(pointer_path(plan)) or {}
-    old_idx = _read_json(root / old.get("dir", "-") / "index.json") or {}
+    old = _read_pointer(plan)           # the last prepare's hashes, by size + mtime (a planted pointer: refused)
+    old_dir = _prepared_dir(plan, old["dir"]) if old else None
+    old_idx = (read_index(old_dir) if old_dir else None) or {}
     cache = {f["path"]: f for f in old_idx.get("files", []) + old_idx.get("tokenizer_files", [])}
     tmp = root / f".tmp-{plan.name}-{os.getpid()}-{os.urandom(4).hex()}"
     try:
-        tmp.mkdir()
+        # fresh (mkdir fails on anything already there, a symlink included) and 0700 while we
+        # write: nobody else can put a symlink where numpy / datasets are about to create a file;
+        # opened to the umask's mode just before the rename (colleagues may read prepared data)
+        os.mkdir(tmp, 0o700)
+    except FileExistsError:
+        raise DataError(f"{safeio.printable(tmp)}: already exists (a fresh random name); "
+                        f"use a data.prepared_dir only you write to") from None
+    try:
         return _prepare_into(plan, tmp, cache, quiet, log)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)     # refuses (ignored) to follow a symlink
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _tokenizer(data: DataPlan):
@@ -680,21 +1036,20 @@ def _prepare_into(plan: Plan, tmp: Path, cache: dict, quiet: bool, log: Callable
     idx = {"fingerprint": fp, "options_fingerprint": opts, "seq_len": T, "format": data.format,
            "files": facts, "tokenizer_files": tok_facts, "splits": stats, "prepare_version": PREPARE_VERSION,
            "encode_tokens_per_s": round(tps), "seconds": round(time.perf_counter() - t0, 3)}
-    (tmp / "index.json").write_text(json.dumps(idx, indent=1, sort_keys=True) + "\n")
+    idx_text = json.dumps(idx, indent=1, sort_keys=True) + "\n"
+    safeio.create_new(tmp / "index.json", idx_text)
     final = prepared_root(data) / f"{plan.name}-{fp[:16]}"
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         os.rename(tmp, final)           # atomic: a reader sees all of it or nothing
     except OSError:                     # the same content was prepared before (or by another node)
-        if _read_json(final / "index.json") is None:
+        # (a symlink at final: rename says ENOTDIR and _prepared_dir refuses it, never writes through)
+        if (d := _prepared_dir(plan, final.name)) is None or read_index(d) is None:
             raise
         # same fingerprint = same bytes in; only the files' mtimes moved (a source rewritten with
         # the same content): record them, or every later locate() would call this dir stale
-        idx_tmp = final / f"index.json.tmp{os.getpid()}"
-        idx_tmp.write_text(json.dumps(idx, indent=1, sort_keys=True) + "\n")
-        os.replace(idx_tmp, final / "index.json")
-    ptr_tmp = pointer_path(plan).with_suffix(f".tmp{os.getpid()}")
-    ptr_tmp.write_text(json.dumps({"dir": final.name, "fingerprint": fp}) + "\n")
-    os.replace(ptr_tmp, pointer_path(plan))
+        safeio.write_atomic(final / "index.json", idx_text)
+    safeio.write_atomic(pointer_path(plan), json.dumps({"dir": final.name, "fingerprint": fp}) + "\n")
     log(report(idx, final))
     return final
 
@@ -726,6 +1081,14 @@ def main(argv: list[str] | None = None) -> int:
     plan = load_plan(args.plan)
     if plan.data.format == "synthetic":
         return 0
+    try:
+        return _main(plan, args)
+    except UserError as e:              # DataError and safeio's refusals (a planted symlink): one line
+        print(e.line(), file=sys.stderr)
+        return EXIT_USER
+
+
+def _main(plan: Plan, args: argparse.Namespace) -> int:
     if args.wait is not None:
         deadline = time.monotonic() + args.wait
         while current(plan) is None:
@@ -735,11 +1098,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             time.sleep(5)
         return 0
-    try:
-        prepare(plan, quiet=args.quiet, log=lambda s: print(s, file=sys.stderr))
-    except DataError as e:
-        print(e.line(), file=sys.stderr)
-        return EXIT_USER
+    prepare(plan, quiet=args.quiet, log=lambda s: print(s, file=sys.stderr))
     return 0
 
 

@@ -940,7 +940,11 @@ def prepare(plan: Plan, quiet: bool = False, log: Callable[[str], None] = print)
     root = prepared_root(data)
     # data.prepared_dir is the user's path, all of it (it may be a symlink to scratch space); what
     # meshbake keeps inside it (pointers, <name>-<fp>/, .tmp-*) is checked and never followed
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):     # a file, FIFO or link to one where the directory goes
+        raise DataError(f"data.prepared_dir {safeio.printable(root)} is not a directory; remove what is there, "
+                        "or set data.prepared_dir to a directory") from None
     old = _read_pointer(plan)           # the last prepare's hashes, by size + mtime (a planted pointer: refused)
     old_dir = _prepared_dir(plan, old["dir"]) if old else None
     old_idx = (read_index(old_dir) if old_dir else None) or {}

@@ -100,9 +100,16 @@ def subdir(root: Path, *parts: str, create: bool = True) -> Path:
     return p
 
 
+def _not_dir(path: Path) -> UserError:
+    """ENOTDIR: something on the way to path that should be a directory is a file, FIFO or link to one."""
+    return UserError(printable(path.parent), "is not a directory (a file, FIFO or link to one is in its place)", _FIX)
+
+
 def _open_write(path: Path, flags: int):
     try:
         fd = os.open(path, flags | os.O_WRONLY | _NOFOLLOW | _CLOEXEC | _NONBLOCK, 0o644)
+    except NotADirectoryError:
+        raise _not_dir(path) from None
     except OSError as e:
         # ELOOP: a symlink (O_NOFOLLOW); ENXIO: a FIFO without a reader (O_NONBLOCK); EEXIST: O_EXCL
         try:
@@ -167,6 +174,8 @@ def open_regular(path: Path, limit: int | None = None):
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _NONBLOCK)
+    except NotADirectoryError:
+        raise _not_dir(path) from None
     except OSError as e:
         try:
             st = os.lstat(path)

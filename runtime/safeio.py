@@ -105,29 +105,35 @@ def _not_dir(path: Path) -> UserError:
     return UserError(printable(path.parent), "is not a directory (a file, FIFO or link to one is in its place)", _FIX)
 
 
-def _open_write(path: Path, flags: int):
+def _open_regular_fd(path: Path, flags: int, what: str) -> int:
+    """os.open(path, flags) of a regular file only: O_NOFOLLOW (a symlink at the last component fails
+    with ELOOP), O_NONBLOCK (a FIFO neither blocks the open nor is opened for writing: ENXIO), then
+    fstat to be sure; the descriptor goes back to blocking mode for the caller."""
     try:
-        fd = os.open(path, flags | os.O_WRONLY | _NOFOLLOW | _CLOEXEC | _NONBLOCK, 0o644)
+        fd = os.open(path, flags | _NOFOLLOW | _CLOEXEC | _NONBLOCK, 0o644)
     except NotADirectoryError:
         raise _not_dir(path) from None
-    except OSError as e:
-        # ELOOP: a symlink (O_NOFOLLOW); ENXIO: a FIFO without a reader (O_NONBLOCK); EEXIST: O_EXCL
+    except OSError as e:             # ELOOP, ENXIO, EEXIST (O_EXCL), EISDIR: say what is there, if odd
         try:
             st = os.lstat(path)
         except OSError:
             raise e from None
         if not stat.S_ISREG(st.st_mode):
-            raise UserError(printable(path), f"is {_kind(st.st_mode)}, not a file meshbake wrote", _FIX) from None
+            raise UserError(printable(path), f"is {_kind(st.st_mode)}, {what}", _FIX) from None
         raise
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise UserError(printable(path), f"is {_kind(st.st_mode)}, not a file meshbake wrote", _FIX)
+        raise UserError(printable(path), f"is {_kind(st.st_mode)}, {what}", _FIX)
     if _NONBLOCK:
         import fcntl
 
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_NONBLOCK)
     return fd
+
+
+def _open_write(path: Path, flags: int) -> int:
+    return _open_regular_fd(path, flags | os.O_WRONLY, "not a file meshbake wrote")
 
 
 def append_text(path: Path, text: str) -> None:
@@ -172,30 +178,12 @@ def open_regular(path: Path, limit: int | None = None):
     """A binary file object for reading a regular file: no symlink followed at the last component,
     a FIFO neither blocks nor is read, and (with limit) a file larger than limit bytes is refused."""
     path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _NONBLOCK)
-    except NotADirectoryError:
-        raise _not_dir(path) from None
-    except OSError as e:
-        try:
-            st = os.lstat(path)
-        except OSError:
-            raise e from None
-        if not stat.S_ISREG(st.st_mode):
-            raise UserError(printable(path), f"is {_kind(st.st_mode)}, not a regular file", _FIX) from None
-        raise
+    fd = _open_regular_fd(path, os.O_RDONLY, "not a regular file")
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise UserError(printable(path), f"is {_kind(st.st_mode)}, not a regular file", _FIX)
     if limit is not None and st.st_size > limit:
         os.close(fd)
         raise UserError(printable(path), f"is {st.st_size:,} bytes, more than the {limit:,} such a file can hold",
                         "it was not written by meshbake; remove it or use a run dir only you write to")
-    if _NONBLOCK:
-        import fcntl
-
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_NONBLOCK)
     return os.fdopen(fd, "rb")
 
 

@@ -34,7 +34,7 @@ the byte entries with torch.load(weights_only=True). A refused checkpoint is a U
 
 Untrusted names: every name a checkpoint holds (manifest.json's files, .metadata's storage paths,
 the entries of the checkpoint dir) stays inside its step dir and names a regular file: DCP opens
-step / relative_path and seeks to offset, so '../../x', '/home/me/.ssh/id_rsa' or a FIFO
+step / relative_path and seeks to offset, so '../../x', '~/.ssh/id_rsa' (absolute) or a FIFO
 (open() blocks forever) would be read; a verify() that fails on one is a failing step (skipped
 as corrupt at resume, refused by export). Reads go through safeio.open_regular (no symlink, no
 FIFO, bounded), writes through safeio (a planted symlink is refused, never written through), and

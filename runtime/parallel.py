@@ -3,7 +3,7 @@
 Order (torchtitan's): meta model -> TP (parallelize_module with the plan's placements) ->
 activation checkpointing -> torch.compile per block -> FSDP2 fully_shard per block, then the
 root (skipped when the data-parallel mesh is one rank: ParallelDims.fsdp_enabled) -> materialize (to_empty)
--> weights: deterministic init or the user's safetensors.
+-> a tied lm_head made the embedding's parameter again (retie) -> weights: deterministic init or the user's safetensors.
 
 Random init produces each tensor FULL, one at a time, and every rank keeps its own slice
 (`distribute_tensor(..., src_data_rank=None)` slices locally, no communication). So a run
@@ -512,9 +512,28 @@ def parallelize(plan: Plan, mesh: DeviceMesh, stage=lambda name: None) -> nn.Mod
     return model
 
 
+def retie(model: nn.Module, plan: Plan) -> None:
+    """A tied lm_head is the embedding's parameter again after to_empty. nn.Module._apply
+    cannot move a plain meta tensor to a device in place, so it gives embed_tokens and lm_head
+    each a new Parameter: without TP or FSDP on the embedding (world 1, or a tp-replicated table
+    without FSDP) the tie was silently gone, and init_weights then seeded lm_head.weight by its
+    own name, other values than on a mesh where the tie survived (DTensor parameters are moved
+    in place), and training ran an untied model. Tied here, before any weight is written, the
+    pair is one parameter named by the embedding (first in named_parameters) on every mesh."""
+    roles = plan_roles(plan)
+    if not roles.tied:
+        return
+    emb, head = model.get_submodule(roles.embedding), model.get_submodule(roles.lm_head)
+    if head.weight is not emb.weight:
+        if isinstance(emb.weight, DTensor) or isinstance(head.weight, DTensor):
+            raise RuntimeError("tied embeddings: embed_tokens and lm_head are separate sharded parameters")
+        head.weight = emb.weight
+
+
 def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> nn.Module:
     model = parallelize(plan, mesh)
     model.to_empty(device=device)
+    retie(model, plan)
     if plan.model.weights:
         load_weights(model, plan.model.weights, plan.train.seed, plan.model.layouts)
     else:

@@ -218,23 +218,38 @@ def _suggest(args, t0: float) -> int:
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1), collapse_padding=True)
     # rep x shard x cp x tp in one column, so the table and its reasons fit 80 columns
     for h in ("#", "mesh", "AC", "mbs", "SP/LP", "per rank", "tok/s/GPU", "MFU", "why not first"):
-        t.add_column(h, no_wrap=h != "why not first")
-    for i, r in enumerate(s.ranked[:max(0, args.top)], 1):
-        k = r.cand
-        t.add_row(*map(_con, (f"{i}*" if k == s.own else str(i), f"{k.dp_replicate}x{k.dp_shard}x{k.cp}x{k.tp}",
-                  k.activation_checkpointing, str(k.micro_batch_size),
-                  f"{int(k.sequence_parallel)}/{int(k.loss_parallel)}" if k.tp > 1 else "-",
-                  fmt_bytes(r.mem_bytes), f"{r.tokens_per_s_gpu:,.0f}", f"{r.mfu:.1%}", r.lost_because or "best")))
-    con.print("mesh = dp_replicate x dp_shard x cp x tp; * = the recipe's own choice; step-time model and its "
-              "assumptions: compiler/suggest.py")
+        t.add_column(h, no_wrap=h != "why not first", overflow="fold" if h == "why not first" else "ellipsis")
+    def cells(k, *rest: str) -> list[str]:
+        return [_con(x) for x in (f"{k.dp_replicate}x{k.dp_shard}x{k.cp}x{k.tp}", k.activation_checkpointing,
+                                  str(k.micro_batch_size),
+                                  f"{int(k.sequence_parallel)}/{int(k.loss_parallel)}" if k.tp > 1 else "-", *rest)]
+
+    def row(i: int, r) -> None:
+        t.add_row(f"{i}*" if r.cand == s.own else str(i),
+                  *cells(r.cand, fmt_bytes(r.mem_bytes), f"{r.tokens_per_s_gpu:,.0f}", f"{r.mfu:.1%}",
+                         r.lost_because or "best"))
+
+    top = max(0, args.top)
+    for i, r in enumerate(s.ranked[:top], 1):
+        row(i, r)
+    # the recipe's own choice always has its row: ranked below --top, or why it is infeasible
+    own_i, own_x = s.own_rank, s.own_dropped
+    if own_i is not None and own_i > top:
+        t.add_row("...", *[""] * 8)
+        row(own_i, s.ranked[own_i - 1])
+    elif own_i is None:
+        t.add_row("-*", *cells(s.own, "-", "-", "-", f"infeasible: {own_x.path}: {own_x.reason}" if own_x
+                               else "not enumerated"))
+    con.print("mesh = dp_replicate x dp_shard x cp x tp; * = the recipe's own choice; why not first = step time "
+              "beyond #1 in ms (%), split by term in ms; step-time model and its assumptions: compiler/suggest.py")
     con.print(t)
     if s.device != "cuda":
         con.print(f"[yellow]note[/] cluster.device is {_con(s.device)}: the ranking uses the cluster's hardware keys "
                   "(peak_tflops, *_gbps; H100 defaults unless set), not this machine")
-    own = [i for i, r in enumerate(s.ranked, 1) if r.cand == s.own]
-    why = [x for x in s.dropped if x.cand == s.own]
+    gap = "" if own_i is None else (" (the best)" if own_i == 1 else
+                                    f" ({s.slower_than_best(s.ranked[own_i - 1]):.1%} slower than #1)")
     con.print(f"{len(s.ranked)} feasible, {len(s.dropped)} dropped of world {s.world}; the recipe's own choice: "
-              + (f"#{own[0]}" if own else f"infeasible ({_con(why[0].path)}: {_con(why[0].reason)})" if why
+              + (f"#{own_i}{gap}" if own_i else f"infeasible ({_con(own_x.path)}: {_con(own_x.reason)})" if own_x
                  else "not enumerated")
               + f" ({time.perf_counter() - t0:.1f} s; --json lists every candidate with its reason)")
     return 0

@@ -8,12 +8,16 @@ Memory model (bytes per rank), from the resolved placements and sharding:
              -> full fine-tuning in fp32 is 4 + 4 + 8 = 16 bytes per parameter / (tp * dp_shard * cp)
   gathered   FSDP all-gathers one block in param_dtype and prefetches the next: 2 blocks,
              + one block of unsharded gradients in reduce_dtype during backward
-  activations per decoder layer and token (param_dtype bytes, flash attention: no s^2 term):
+  activations per decoder layer and token (param_dtype bytes; the attention's T^2 tensors are attn_mask):
              TP-sharded tensors  q, k, v, attn-out (2h + 2 kv_dim) + gate, up, act, gate*up (4I)   /tp
              replicated tensors  2 norm inputs + qkv input + mlp input (4h)  /tp only with SP
              tokens per rank = micro_batch_size * seq_len / cp; full AC keeps only the block input
   logits     tokens x vocab x 8 bytes (bf16 logits, fp32 upcast, fp32 grad ~ 2+4+2), /tp under loss parallel
   experts    under mesh.ep: E / ep experts per rank, FSDP over dp_shard / ep (gathered: E / ep per block)
+  attn_mask  the attention's T^2 tensors (attention_memory): none for sdpa on causal rows (is_causal,
+             flash kernel); packed documents (any data.format but synthetic), context parallel and
+             eager attention pass an explicit mask, which SDPA converts to the query dtype and
+             saves for backward in every layer
 The usable budget is 90% of cluster.gpu_memory_gb (CUDA context, NCCL buffers, fragmentation).
 """
 from __future__ import annotations
@@ -58,12 +62,14 @@ class Estimate:
     time: StepTime | None = None           # the step-time model (cluster.device cuda)
     phases: tuple[tuple[str, int], ...] = ()   # live bytes at the candidate peaks; total = the largest
     ep_comm_bytes: int = 0         # mesh.ep all-to-all (token dispatch + combine), per rank per step
+    attn_mask_bytes: int = 0       # the attention's T^2 tensors at their peak phase (attention_memory)
 
     @property
     def terms(self) -> dict[str, int]:
         return {"params": self.params_bytes, "grads": self.grads_bytes, "optimizer": self.optimizer_bytes,
                 "accum_grads": self.accum_grads_bytes, "gathered": self.gathered_bytes,
-                "activations": self.activations_bytes, "logits": self.logits_bytes}
+                "activations": self.activations_bytes, "logits": self.logits_bytes,
+                "attn_mask": self.attn_mask_bytes}
 
     @property
     def traffic_by_axis(self) -> tuple[tuple[str, int, int, int, int], ...]:
@@ -183,6 +189,79 @@ def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[int,
 
 
 @dataclass(frozen=True)
+class AttnMemory:
+    """What the attention allocates beyond the per-token activations (attention_memory)."""
+    kernel: str                    # what runs, for PLAN.md
+    why: str                       # why that kernel and that mask
+    held: int                      # bytes alive from the forward through the loss backward
+    layer: int                     # + one layer's, alive while AC recomputes it
+    always: int                    # of `held`, alive all step (runtime/cp.py keeps its mask between steps)
+
+    @property
+    def peak(self) -> int:
+        return self.held + self.layer
+
+
+def attention_memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> AttnMemory:
+    """The attention's T^2 tensors, per rank (O(1): `suggest` calls it per candidate). B = micro-batch,
+    Tq = seq_len / cp query rows of this rank, T = seq_len keys, pb = compute dtype bytes:
+      sdpa, causal rows (synthetic data: no position_ids): transformers passes is_causal and no mask
+        (flash attention on GPU, its CPU kernel here): nothing
+      sdpa, packed rows (every other data.format: prepared windows carry position_ids restarting per
+        document, and padding counts as one): transformers builds a bool (B, 1, T, T) document mask;
+        SDPA converts it to the query dtype in every layer and saves that copy for backward (CPU
+        flash kernel; on GPU flash takes no mask, so the memory-efficient kernel runs, saving it too):
+        B T^2 pb per layer. With a mask transformers repeats K and V to every head (no enable_gqa):
+        + 2 B T (H - Hkv) Dh pb / tp per layer
+      CP (runtime/cp.py, any data): its own bool mask (Tq, T), or (B, 1, Tq, T) for packed rows, kept
+        in its state all step; SDPA's query-dtype copy saved per layer as above; K/V stay grouped
+      eager (classes without sdpa): scores softmaxed in fp32, cast to the compute dtype: B H/tp Tq T
+        (4 + pb; fp32: 4) saved per layer, K/V repeated to every head
+    Under activation checkpointing a layer's saved tensors are recomputed: what stays is the mask
+    every checkpointed layer was called with (bool B T^2 for sdpa, pb for eager's float mask), and
+    one layer's again while it is recomputed (selective AC keeps eager's score matmul outputs: B H/tp
+    Tq T pb per layer). TP does not split the mask (it covers every head); CP splits its rows."""
+    t, tp, cp = recipe.train, mesh.tp, mesh.cp
+    b, seq, pb = t.micro_batch_size, t.seq_len, DTYPE_BYTES[t.mixed_precision.param_dtype]
+    tq, L, ac = seq // cp, model.num_layers, t.activation_checkpointing
+    packed = recipe.data.format != "synthetic"
+    heads = model.num_heads // tp
+    rep = 2 * b * tq * (model.num_heads - model.num_kv_heads) * model.head_dim * pb // tp   # repeat_kv, per layer
+    gpu = recipe.cluster.device == "cuda"
+    if cp > 1:
+        bm = b if packed else 1
+        state = bm * tq * seq
+        per = state * pb
+        why = (f"meshbake's CP attention (runtime/cp.py): SDPA with its own bool mask of the global positions "
+               f"({bm} x {tq} x {seq}{', per document' if packed else ''}), kept in its state; SDPA converts it to "
+               f"{t.mixed_precision.param_dtype} per layer" + ("" if not gpu else "; on GPU the memory-efficient kernel "
+                                                              "(flash takes no mask)"))
+        return AttnMemory("sdpa + explicit mask (context parallel)", why,
+                          state + (L * per if ac == "none" else 0), per if ac != "none" else 0, state)
+    if model.attn_implementation == "eager":
+        mask = b * tq * seq * pb
+        per = b * heads * tq * seq * (4 + (pb if pb != 4 else 0)) + rep
+        keep = mask + (L * b * heads * tq * seq * pb if ac == "selective" else 0)
+        why = ("eager: this class has no sdpa; it materializes the scores and a float mask "
+               f"({b} x 1 x {tq} x {seq} x {pb} B)")
+        return AttnMemory("eager (scores materialized)", why, keep if ac != "none" else L * per, per if ac != "none"
+                          else 0, 0)
+    if not packed:
+        return AttnMemory("sdpa, is_causal" + (" (flash attention)" if gpu else ""),
+                          "synthetic rows are one causal sequence each: transformers passes is_causal and no mask, "
+                          "so no T^2 tensor exists", 0, 0, 0)
+    mask = b * seq * seq
+    per = mask * pb + rep
+    why = (f"packed documents (data.format {recipe.data.format}: position_ids restart per document): transformers "
+           f"builds a bool document mask ({b} x 1 x {seq} x {seq}); SDPA converts it to "
+           f"{t.mixed_precision.param_dtype} in every layer and saves that copy for backward"
+           + (", and K/V are repeated to every head" if rep else "")
+           + ("; on GPU the memory-efficient kernel runs (flash takes no mask)" if gpu else ""))
+    return AttnMemory("sdpa + explicit document mask" + (" (memory-efficient kernel)" if gpu else ""), why,
+                      L * per if ac == "none" else mask, per if ac != "none" else 0, 0)
+
+
+@dataclass(frozen=True)
 class _Sums:
     """The numels _memory reads off a rank's parameter list for one FSDP size f (see _sums)."""
     shard: int                     # the rank's shard of every parameter (padded rows: ceil(rows / f))
@@ -260,16 +339,21 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     # vs the measured 12.72-12.75 MB per rank (tests/test_measured.py); with state - grads it was
     # 12,079,616 B (-5.0%)
     live_grads = grads if mesh.grad_accum > 1 and not no_sync else 0
+    # the attention's T^2 tensors: held through the loss backward, one layer's more in a recompute,
+    # CP's mask all step
+    am = attention_memory(recipe, model, mesh)
     # AdamW (foreach) allocates sqrt(exp_avg_sq) for a whole param group: ~ the grads once more
-    phases = (("loss backward", state + live_grads + accum + kept + acts + logits),
-              ("recompute", state + live_grads + accum + kept + 2 * block + acts + recompute) if recompute else None,
+    phases = (("loss backward", state + live_grads + accum + kept + acts + logits + am.held),
+              ("recompute", state + live_grads + accum + kept + 2 * block + acts + recompute + am.peak)
+              if recompute else None,
               # the last micro-step's backward has reduce-scattered (and freed) the blocks'
               # held grads by now, so the blocks' sharded grads exist; the root's are reduced last
               ("embedding backward", state + grads + kept + root_grads + emb_full
-               + (s.root_train * rb if no_sync else 0)),
-              ("optimizer step", state + 2 * grads))
+               + (s.root_train * rb if no_sync else 0) + am.always),
+              ("optimizer step", state + 2 * grads + am.always))
     return {"params": n_shard * mb, "grads": grads, "optimizer": 2 * grads, "accum": accum, "gathered": kept,
             "block": block, "acts": acts, "logits": logits, "params_per_rank": n_shard, "kept_whole": s.kept_whole,
+            "attn_mask": am.peak if recompute else am.held,
             "phases": tuple(ph for ph in phases if ph)}
 
 
@@ -334,6 +418,7 @@ def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -
         traffic=comm,
         phases=mem["phases"],
         ep_comm_bytes=sum(c.wire_bytes for c in comm if c.op == "all_to_all"),
+        attn_mask_bytes=mem["attn_mask"],
     )
     return replace(est, time=step_time(recipe, mesh, est)) if recipe.cluster.device == "cuda" else est
 
@@ -346,6 +431,9 @@ _FIXES = {
     "accum_grads": "raise micro_batch_size and lower grad_accum (unsharded gradients are held between micro-steps)",
     "activations": "set train.activation_checkpointing: full, lower train.micro_batch_size, or raise cp/tp",
     "logits": "set tp.loss_parallel: true (logits stay vocab-sharded) or lower train.micro_batch_size",
+    "attn_mask": "the attention mask is seq_len^2 per sequence and saved in every layer: set "
+                 "train.activation_checkpointing (one mask is kept, not one per layer), lower "
+                 "train.micro_batch_size or train.seq_len, or raise mesh.cp (each rank holds seq_len / cp rows)",
 }
 
 
@@ -395,6 +483,7 @@ def view(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, est: Estimate) -> dic
     counted, the live bytes per phase, the peak against the budget, traffic and FLOPs."""
     t = recipe.train
     pd = t.mixed_precision.param_dtype
+    am = attention_memory(recipe, model, mesh)
     shard = (f"FSDP shards padded to ceil(rows / {mesh.fsdp}) rows (rank 0, the peak rank)" if mesh.fsdp_enabled
              else "no FSDP (one-rank data-parallel mesh)")
     how = {"params": f"{est.params_per_rank:,} params x {recipe.model.dtype}, after TP; {shard}",
@@ -407,7 +496,8 @@ def view(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, est: Estimate) -> dic
            "activations": f"{model.num_layers} layers, mbs {t.micro_batch_size} x seq {t.seq_len}"
                           f"{' / cp ' + str(mesh.cp) if mesh.cp_enabled else ''}, AC {t.activation_checkpointing}",
            "logits": ("tokens x vocab / tp x 16 B (loss parallel)" if mesh.loss_parallel
-                      else "tokens x vocab x 12 B (fp32 log-softmax, its grad in and out)")}
+                      else "tokens x vocab x 12 B (fp32 log-softmax, its grad in and out)"),
+           "attn_mask": _mask_how(recipe, model, mesh, am)}
     flops_how = ("6N + 12 x layers x heads x head_dim x seq_len; N = matmul parameters, input embedding excluded"
                  + ("; LoRA: 4 per frozen weight, 6 per adapted one, + the adapters' B x A" if recipe.lora.rank else ""))
     return {"memory_rows": [{"name": k, "bytes": v, "how": how[k]} for k, v in est.terms.items()],
@@ -422,14 +512,29 @@ def view(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, est: Estimate) -> dic
             "time": None if est.time is None else {"tokens_per_rank": est.time.tokens_per_rank,
                                                    "step_s": est.time.step_s, "mfu": est.time.mfu,
                                                    "tokens_per_s_gpu": est.time.tokens_per_s_gpu},
-            "step_rows": step_rows(recipe, mesh, est.time) if est.time else ()}
+            "step_rows": step_rows(recipe, mesh, est.time) if est.time else (),
+            "attention": {"kernel": am.kernel, "why": am.why}}
+
+
+def _mask_how(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, am: AttnMemory) -> str:
+    """PLAN.md's attn_mask row: how the bytes are counted."""
+    if not am.peak:
+        return "none: causal rows, sdpa with is_causal (no T^2 tensor)"
+    t = recipe.train
+    L, ac = model.num_layers, t.activation_checkpointing
+    if ac == "none":
+        where = f"saved in each of the {L} layers for backward"
+    else:
+        where = f"AC {ac}: the mask the checkpointed layers were called with, + one layer's copy while recomputed"
+    cp = " (CP keeps its bool mask all step)" if am.always else ""
+    return f"{am.kernel}: mbs {t.micro_batch_size} x {t.seq_len // mesh.cp} x {t.seq_len} per layer, {where}{cp}"
 
 
 # derived inputs: the mesh (its axes are checked before, so they are never set aside here; its
 # grad_accum comes from the batch sizes) and the placements (tp.plan, tp.sequence_parallel)
 @reads("train.seq_len", "train.micro_batch_size", "train.global_batch_size", "train.grad_accum",
        "train.mixed_precision", "train.activation_checkpointing", "train.grad_sync", "train.router_aux_loss_coef",
-       "model.dtype", "tp",
+       "model.dtype", "tp", "data.format",
        "lora.rank", "lora.targets", "cluster.gpu_memory_gb", "cluster.nodes", "cluster.gpus_per_node",
        # the step-time model (cuda clusters): the hardware facts
        "cluster.device", "cluster.peak_tflops", "cluster.hbm_gbps", "cluster.intra_node_gbps",

@@ -74,6 +74,19 @@ class Suggestion:
     own: Candidate                      # the recipe's own choice (resolved)
     device: str = "cuda"
 
+    @property
+    def own_rank(self) -> int | None:
+        """1-based rank of the recipe's own choice among the feasible ones (None: not feasible)."""
+        return next((i for i, r in enumerate(self.ranked, 1) if r.cand == self.own), None)
+
+    @property
+    def own_dropped(self) -> Dropped | None:
+        return next((x for x in self.dropped if x.cand == self.own), None)
+
+    def slower_than_best(self, r: Ranked) -> float:
+        """How much longer r's step is than the best's, as a fraction (0.21 = 21% slower)."""
+        return r.time.step_s / self.ranked[0].time.step_s - 1
+
 
 def candidates(recipe: Recipe) -> list[Candidate]:
     """Every (dp_replicate, dp_shard, cp, tp) with product = world, x AC x micro-batch sizes
@@ -108,22 +121,33 @@ def step_time(recipe: Recipe, model: ModelSpec, mesh, est) -> StepTime:
     return E.step_time(recipe, mesh, est)
 
 
-_TERMS = {"recompute_s": "recompute", "optimizer_s": "a longer optimizer step",
-          "tp_s": "more exposed TP traffic", "fsdp_s": "more exposed FSDP traffic",
-          "hsdp_s": "HSDP all-reduce across replicas", "cp_s": "more exposed CP traffic",
-          "ep_s": "more exposed EP all-to-all traffic",
-          "compute_s": "more compute per rank"}
+_TERMS = {"compute_s": "compute", "recompute_s": "recompute", "tp_s": "TP", "cp_s": "CP", "fsdp_s": "FSDP",
+          "hsdp_s": "HSDP", "ep_s": "EP", "optimizer_s": "optimizer"}   # StepTime.step_s is their sum
+
+
+def gap_terms(best: StepTime, other: StepTime) -> dict[str, float]:
+    """Seconds per step `other` spends beyond `best`, per step-time term; they sum to the net gap
+    (other.step_s - best.step_s), a term where `other` is faster negative."""
+    return {k: getattr(other, k) - getattr(best, k) for k in _TERMS}
+
+
+def _ms(s: float) -> str:
+    ms = s * 1e3
+    return f"{ms:+,.0f}" if abs(ms) >= 10 else f"{ms:+.1f}"
 
 
 def lost_because(best: StepTime, other: StepTime) -> str:
-    """The step-time term that grew most against the winner, with its size ("" for a tie)."""
-    diffs = {k: getattr(other, k) - getattr(best, k) for k in _TERMS}
-    k = max(diffs, key=lambda k: diffs[k])
-    if diffs[k] <= 1e-9:
+    """The net step-time gap to the winner in ms and percent, split by term in ms, largest first
+    ("+753 ms (+26.3%): TP +801, FSDP -48"): the terms shown sum to the net (terms under 0.05 ms
+    are folded into "other" when they add up to that much); "" for a tie."""
+    d = gap_terms(best, other)
+    if all(abs(v) <= 1e-9 for v in d.values()):
         return ""
-    if k == "recompute_s":
-        return f"recompute costs {other.recompute_s / other.compute_s:.0%}"
-    return f"{_TERMS[k]} +{diffs[k] * 1e3:.0f} ms"
+    net = other.step_s - best.step_s
+    shown = sorted(((k, v) for k, v in d.items() if abs(v) >= 5e-5), key=lambda kv: -abs(kv[1]))
+    rest = net - sum(v for _, v in shown)
+    parts = [f"{_TERMS[k]} {_ms(v)}" for k, v in shown] + ([f"other {_ms(rest)}"] if abs(rest) >= 5e-5 else [])
+    return f"{_ms(net)} ms ({net / best.step_s:+.1%}): " + ", ".join(parts)
 
 
 def _short(e: RecipeError, n: int = 160) -> str:
@@ -196,10 +220,16 @@ def to_json(s: Suggestion) -> dict[str, Any]:
         "own": cand(s.own),
         "model": {"mfu_ceiling": MFU_CEILING, "fsdp_overlap": FSDP_OVERLAP,
                   "selective_recompute": SELECTIVE_RECOMPUTE},
+        # the recipe's own choice: its rank and how much slower than #1, or why it is infeasible
+        "own_rank": s.own_rank,
+        "own_slower_than_best": None if s.own_rank is None else round(s.slower_than_best(s.ranked[s.own_rank - 1]), 6),
+        "own_dropped": None if s.own_dropped is None else {"path": s.own_dropped.path, "reason": s.own_dropped.reason},
         "ranked": [{**cand(r.cand), "grad_accum": r.grad_accum, "mem_bytes": r.mem_bytes,
                     "budget_bytes": r.budget_bytes, "tokens_per_s_gpu": round(r.tokens_per_s_gpu, 3),
                     "mfu": round(r.mfu, 4), "step_s": round(r.time.step_s, 6),
                     "terms_s": {k: round(getattr(r.time, k), 6) for k in _TERMS},
+                    # beyond #1's step, per term: they sum to step_s - #1's step_s
+                    "gap_terms_s": {k: round(v, 9) for k, v in gap_terms(s.ranked[0].time, r.time).items()},
                     "lost_because": r.lost_because} for r in s.ranked],
         "dropped": [{**cand(x.cand), "path": x.path, "reason": x.reason} for x in s.dropped],
     }

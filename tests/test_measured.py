@@ -18,8 +18,11 @@ WORLD = 4
 
 def plan_dict(name: str, *, dp_replicate=1, dp_shard=1, tp=1, cp=1, sp=False, lp=False, model="tiny-llama",
               seq=32, mbs=2, gbs=None, ac="none", param_dtype="float32", reduce_dtype="float32", lora=0,
-              grad_sync="every_micro_step", ep=1, aux=0.0) -> dict:
+              grad_sync="every_micro_step", ep=1, aux=0.0, packed_docs=0) -> dict:
     dp = dp_replicate * dp_shard
+    # packed: a text-format recipe (the estimate counts the document mask); measure.py feeds the
+    # synthetic rows with position_ids restarting every seq / packed_docs tokens
+    data = {"data": {"format": "text", "path": "corpus.txt", "tokenizer": "tok"}} if packed_docs else {}
     return plan_of(tiny_recipe(
         name, WORLD, mesh={"dp_replicate": dp_replicate, "dp_shard": dp_shard, "cp": cp, "tp": tp, "ep": ep},
         sp=sp, lp=lp, model=model,
@@ -27,7 +30,7 @@ def plan_dict(name: str, *, dp_replicate=1, dp_shard=1, tp=1, cp=1, sp=False, lp
                "lr": 1e-3, "warmup_steps": 1, "activation_checkpointing": ac, "grad_sync": grad_sync,
                "router_aux_loss_coef": aux,
                "mixed_precision": {"param_dtype": param_dtype, "reduce_dtype": reduce_dtype}},
-        lora={"rank": lora, "alpha": 8, "targets": ["q_proj", "v_proj", "o_proj", "down_proj"]}))
+        lora={"rank": lora, "alpha": 8, "targets": ["q_proj", "v_proj", "o_proj", "down_proj"]}, **data))
 
 
 CASES = {
@@ -51,6 +54,11 @@ MEMORY = {
     "mem_lora": dict(dp_shard=2, tp=2, sp=True, lp=True, lora=4, **MEM),
     "mem_cp2": dict(dp_shard=2, cp=2, **MEM),
     "mem_dp4": dict(dp_shard=4, **MEM),
+    # packed documents (issue 25): transformers' bool document mask, converted by SDPA to the
+    # compute dtype and saved in every layer, + K/V repeated to every head; seq 512 so the
+    # (B, 1, T, T) copies (2 x 512^2 x 4 B = 2.1 MB per layer) weigh against the rest
+    "mem_packed_tp2_sp_lp": dict(dp_shard=2, tp=2, sp=True, lp=True, seq=512, mbs=2, packed_docs=4),
+    "mem_packed_ac_full": dict(dp_shard=2, tp=2, sp=True, lp=True, seq=512, mbs=2, packed_docs=4, ac="full"),
 }
 CASES.update(MEMORY)
 # traffic only (seq 32): meshes and settings the memory cases do not cover
@@ -85,7 +93,7 @@ CASES.update(MOE)
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("measure")
-    cases = [{"name": n, "plan": plan_dict(n, **kw)} for n, kw in CASES.items()]
+    cases = [{"name": n, "plan": plan_dict(n, **kw), "packed_docs": kw.get("packed_docs", 0)} for n, kw in CASES.items()]
     (tmp / "cases.json").write_text(json.dumps(cases))
     torchrun(WORLD, ROOT / "tests/dist/measure.py", str(tmp / "cases.json"), str(tmp / "out.json"), cwd=tmp)
     out = json.loads((tmp / "out.json").read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from meshbake.compiler import load
@@ -52,8 +53,54 @@ def test_ranked_by_tokens_per_s(sg):
     tps = [r.tokens_per_s_gpu for r in s.ranked]
     assert len(tps) > 10 and tps == sorted(tps, reverse=True) and tps[0] > tps[-1]
     assert s.ranked[0].lost_because == "" and all(r.lost_because for r in s.ranked[1:])
-    full = [r for r in s.ranked if r.cand.activation_checkpointing == "full" and r.lost_because.startswith("recompute")]
-    assert full and full[0].lost_because == "recompute costs 33%"
+    # "why not first": the net gap, then the terms, largest first (full AC: its recompute)
+    full = [r for r in s.ranked if r.cand.activation_checkpointing == "full" and ": recompute +" in r.lost_because]
+    assert full and " ms (+" in full[0].lost_because
+
+
+def test_why_not_first_splits_the_net_gap_by_term(sg):
+    """Issue 25: the terms of "why not first" sum to the net gap (not one term beside a 0.5% net)."""
+    import re
+
+    from meshbake.compiler.suggest import _TERMS, gap_terms
+
+    _, s = sg
+    best = s.ranked[0].time
+    for r in s.ranked[1:]:
+        d = gap_terms(best, r.time)
+        assert set(d) == set(_TERMS)
+        assert sum(d.values()) == pytest.approx(r.time.step_s - best.step_s, abs=1e-9)
+        if not r.lost_because or r.lost_because.startswith(("same speed", "ties")):
+            continue
+        head, _, terms = r.lost_because.partition(": ")
+        net = float(head.split(" ms")[0].replace(",", ""))
+        shown = [float(v.replace(",", "")) for v in re.findall(r" ([+-][\d,.]+)(?:,|$)", terms)]
+        assert shown and net == pytest.approx((r.time.step_s - best.step_s) * 1e3, abs=0.5)
+        # rounding of each shown term (to 1 ms, 0.1 ms under 10 ms) is all that separates them
+        assert sum(shown) == pytest.approx(net, abs=0.5 * len(shown) + 0.05), r.lost_because
+
+
+def test_own_row_is_shown_outside_top_with_rank_and_gap(capsys):
+    """8b_tp's own mesh (tp 8, no FSDP) ranks far below --top: its row is shown anyway, with its
+    rank, and the summary says how much slower than #1 it is."""
+    assert main(["suggest", "8b_tp", "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    star = [ln for ln in out.splitlines() if re.match(r"^\d+\*", ln)]
+    assert star and int(star[0].split("*")[0]) > 2, out
+    rank = int(star[0].split("*")[0])
+    assert re.search(rf"the recipe's own choice: #{rank} \(\d+\.\d%\s+slower\s+than\s+#1\)", out), out
+    assert main(["suggest", "8b_tp", "--json"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    assert js["own_rank"] == rank and js["own_slower_than_best"] > 0.1 and js["own_dropped"] is None
+    r = js["ranked"][rank - 1]
+    assert sum(r["gap_terms_s"].values()) == pytest.approx(r["step_s"] - js["ranked"][0]["step_s"], abs=1e-5)
+
+
+def test_infeasible_own_row_says_why(capsys):
+    assert main(["suggest", "8b_tp", "--top", "2", "--set", "cluster.gpu_memory_gb=12"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^-\*\s+1x1x1x8 .*infeasible:", out, re.M), out
+    assert "cluster.gpu_memor" in re.sub(r"\s+", "", out.split("infeasible:", 1)[1]), out
 
 
 def test_step_time_arithmetic_by_hand(sg):

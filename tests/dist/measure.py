@@ -92,9 +92,29 @@ def python_live_bytes() -> int:
     return sum(storages.values())
 
 
-def run_case(plan: P.Plan, run_dir: Path) -> dict:
+def packed_rows(plan: P.Plan, docs: int):
+    """A load_data stand-in for a packed case (the plan's data.format is text, so the estimate
+    counts the document mask): the synthetic stream's rows, each `docs` documents long, with
+    position_ids restarting per document as prepared windows carry them (runtime/prepare.py)."""
+    from dataclasses import replace as dc_replace
+
+    from meshbake.runtime.data import TokenData
+
+    def load(plan_, dp, folder=None):
+        data = TokenData(dc_replace(plan_.data, format="synthetic"), plan_.train, dp)
+        rows, n = data.rows, plan_.train.seq_len
+        pos = torch.arange(n) % (n // docs)
+        data.rows = lambda idx: dc_replace(rows(idx), position_ids=pos.expand(len(idx), n).clone())
+        return data, None, {}
+    return load
+
+
+def run_case(plan: P.Plan, run_dir: Path, packed_docs: int = 0) -> dict:
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    if packed_docs:
+        import meshbake.runtime.train as T
+        T.load_data = packed_rows(plan, packed_docs)
     gc.collect()      # the previous case's garbage goes before the window (its frees would count here)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         job = setup(plan, run_dir)
@@ -121,7 +141,7 @@ def main(cases_path: str, out_path: str) -> int:
     for case in cases:
         with tempfile.TemporaryDirectory() as d:
             try:
-                r = run_case(P.from_dict(case["plan"]), Path(d) / "run")
+                r = run_case(P.from_dict(case["plan"]), Path(d) / "run", case.get("packed_docs", 0))
             except Exception:   # noqa: BLE001 — a failed rank must not leave the others in a collective
                 print(f"case {case['name']} failed on rank {dist.get_rank()}:\n{traceback.format_exc()}",
                       file=sys.stderr, flush=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 from meshbake.compiler.errors import Err, RecipeError, Result, reads
 from meshbake.compiler.memo import cached
@@ -423,24 +424,133 @@ def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -
     return replace(est, time=step_time(recipe, mesh, est)) if recipe.cluster.device == "cuda" else est
 
 
-_FIXES = {
-    "params": "shard further (raise dp_shard with more nodes or tp) or train LoRA (lora.rank) on bfloat16 weights",
-    "grads": "shard further (more ranks in dp_shard) or use LoRA (lora.rank)",
-    "optimizer": "shard further (more ranks in dp_shard) or use LoRA (lora.rank) so only adapters have AdamW state",
-    "gathered": "raise tp so each block is smaller per rank",
-    "accum_grads": "raise micro_batch_size and lower grad_accum (unsharded gradients are held between micro-steps)",
-    "activations": "set train.activation_checkpointing: full, lower train.micro_batch_size, or raise cp/tp",
-    "logits": "set tp.loss_parallel: true (logits stay vocab-sharded) or lower train.micro_batch_size",
-    "attn_mask": "the attention mask is seq_len^2 per sequence and saved in every layer: set "
-                 "train.activation_checkpointing (one mask is kept, not one per layer), lower "
-                 "train.micro_batch_size or train.seq_len, or raise mesh.cp (each rank holds seq_len / cp rows)",
-}
+@dataclass(frozen=True)
+class MemFix:
+    """One fix for a memory error: `--set` overrides and what they do. Offered only when it
+    applies to the recipe (no loss_parallel at tp 1, no LoRA when LoRA is on) and, with the model
+    at hand, only when the re-run mesh/placements/estimate accepts it and the estimate drops."""
+    sets: tuple[tuple[str, Any], ...]
+    why: str
+    total_bytes: int = 0            # the estimate with the fix (0: not re-estimated)
+
+    @property
+    def args(self) -> str:
+        return " ".join(f"--set {k}={_yaml_value(v)}" for k, v in self.sets)
 
 
-def _shard_fix(est: Estimate, recipe: Recipe, mesh: MeshSpec) -> str | None:
-    """How many nodes make the sharded state fit. params + grads + AdamW shrink as 1/(dp_shard*cp);
-    the other terms do not, so FSDP must cover state * fsdp / (budget - other) ranks."""
-    state = est.params_bytes + est.grads_bytes + est.optimizer_bytes
+def _yaml_value(v: Any) -> str:
+    return {True: "true", False: "false", None: "null"}[v] if v is None or isinstance(v, bool) else str(v)
+
+
+def _with_sets(recipe: Recipe, sets: tuple[tuple[str, Any], ...]) -> Recipe:
+    """The recipe with dotted `section.field` values replaced (what `--set` would give)."""
+    for key, v in sets:
+        *parents, leaf = key.split(".")
+        nodes = [recipe]
+        for p in parents:
+            nodes.append(getattr(nodes[-1], p))
+        new = replace(nodes[-1], **{leaf: v})
+        for p, parent in zip(reversed(parents), reversed(nodes[:-1])):
+            new = replace(parent, **{p: new})
+        recipe = new
+    return recipe
+
+
+def _batch_sets(recipe: Recipe, dp: int, mbs: int) -> tuple[tuple[str, Any], ...] | None:
+    """The batch keys a fix that changes dp or micro_batch_size also needs: none if grad_accum is
+    derived and still whole, `train.grad_accum=null` if the recipe pins it; None if the global
+    batch does not split into mbs x dp any more."""
+    if recipe.train.global_batch_size % (mbs * dp):
+        return None
+    return (("train.grad_accum", None),) if recipe.train.grad_accum is not None else ()
+
+
+def _fix_candidates(est: Estimate, recipe: Recipe, mesh: MeshSpec, name: str) -> list[MemFix]:
+    """Fixes that apply to this recipe, the largest term's first (each is re-checked by the caller)."""
+    t, c = recipe.train, recipe.cluster
+    act = []
+    if t.activation_checkpointing != "full":
+        act.append(MemFix((("train.activation_checkpointing", "full"),),
+                          "train.activation_checkpointing: full (recompute each block in the backward)"))
+    if t.micro_batch_size > 1:
+        mbs = max(d for d in range(1, t.micro_batch_size) if t.micro_batch_size % d == 0)
+        extra = _batch_sets(recipe, mesh.dp, mbs)
+        if extra is not None:
+            act.append(MemFix((("train.micro_batch_size", mbs),) + extra,
+                              f"train.micro_batch_size: {mbs} (more accumulation steps, same global batch)"))
+    lp = []
+    if mesh.tp > 1 and not recipe.tp.loss_parallel:
+        lp.append(MemFix((("tp.loss_parallel", True),), "tp.loss_parallel: true (logits stay vocab-sharded)"))
+    lora = []
+    if not recipe.lora.rank:
+        sets: tuple[tuple[str, Any], ...] = (("lora.rank", 16),)
+        if recipe.model.dtype == "float32":
+            sets += (("model.dtype", "bfloat16"),)
+        lora.append(MemFix(sets, "train LoRA (lora.rank: 16) on bfloat16 weights: AdamW state for the adapters "
+                           "only"))
+    tp = []
+    tp2 = mesh.tp * 2
+    if tp2 <= c.gpus_per_node and c.gpus_per_node % tp2 == 0:
+        world = c.nodes * c.gpus_per_node
+        dp = world // (tp2 * mesh.cp)
+        extra = _batch_sets(recipe, dp, t.micro_batch_size) if world % (tp2 * mesh.cp * mesh.dp_replicate) == 0 \
+            else None
+        if extra is not None:
+            tp.append(MemFix((("mesh.tp", tp2), ("mesh.dp_shard", -1)) + extra,
+                             f"mesh.tp: {tp2} with mesh.dp_shard: -1 (each rank holds less of every block)"))
+    nodes = []
+    n = _shard_nodes(est, recipe, mesh)
+    if n:
+        for k in range(n, 4 * n + 1):
+            ranks = k * c.gpus_per_node
+            if ranks % (mesh.dp_replicate * mesh.cp * mesh.tp):
+                continue
+            extra = _batch_sets(recipe, ranks // (mesh.cp * mesh.tp), t.micro_batch_size)
+            if extra is not None:
+                nodes.append(MemFix((("cluster.nodes", k), ("mesh.dp_shard", -1)) + extra,
+                                    f"cluster.nodes: {k} with mesh.dp_shard: -1 (params + grads + AdamW state "
+                                    f"sharded over more ranks)"))
+                break
+    accum = []
+    if est.accum_grads_bytes and t.grad_sync == "last_micro_step":
+        accum.append(MemFix((("train.grad_sync", "every_micro_step"),),
+                            "train.grad_sync: every_micro_step (gradients stay sharded between micro-steps)"))
+    order = {"params": nodes + lora + tp, "grads": nodes + lora + tp, "optimizer": nodes + lora + tp,
+             "gathered": tp + act + lora, "accum_grads": accum + act + lora,
+             "activations": act + tp + lora, "logits": lp + act + tp, "attn_mask": act}[name]
+    rest = nodes + lora + tp + act + lp + accum
+    return list(dict.fromkeys(order + rest))
+
+
+def memory_fixes(est: Estimate, recipe: Recipe, mesh: MeshSpec, model: ModelSpec | None) -> list[MemFix]:
+    """The fixes to offer for an over-budget estimate. With the model, each is re-run through the
+    mesh, placements and estimate stages: kept only if they accept it and the estimate drops,
+    best (lowest) first; without it (suggest's many candidates) the ones that apply, unchecked."""
+    name = max(est.terms.items(), key=lambda kv: kv[1])[0]
+    cands = _fix_candidates(est, recipe, mesh, name)
+    if model is None:
+        return cands
+    from meshbake.compiler.mesh import resolve_mesh
+    from meshbake.compiler.placements import resolve_placements
+
+    kept = []
+    for f in cands:
+        r = _with_sets(recipe, f.sets)
+        m = resolve_mesh(r, model)
+        pl = m if isinstance(m, Err) else resolve_placements(r, model, m)
+        if isinstance(pl, Err):
+            continue
+        total = estimate(r, model, m, pl).total_bytes
+        if total < est.total_bytes:
+            kept.append(replace(f, total_bytes=total))
+    fits = [f for f in kept if f.total_bytes <= est.budget_bytes]
+    return sorted(fits, key=lambda f: f.total_bytes) + [f for f in kept if f not in fits]
+
+
+def _shard_nodes(est: Estimate, recipe: Recipe, mesh: MeshSpec) -> int | None:
+    """How many nodes make the sharded state fit (None: sharding alone cannot, or the recipe's
+    nodes already would). params + grads + AdamW shrink as 1/(dp_shard*cp); the other terms do
+    not, so FSDP must cover state * fsdp / (budget - other) ranks."""
     fsdp = 1
     # the sharded grads are alive in the forward too from the second micro-step on (_memory)
     held = int(mesh.grad_accum > 1 and not (mesh.fsdp_enabled and recipe.train.grad_sync == "last_micro_step"))
@@ -452,30 +562,33 @@ def _shard_fix(est: Estimate, recipe: Recipe, mesh: MeshSpec) -> str | None:
             phase, held) * est.grads_bytes
         other = live - st + (0 if phase == "optimizer step" else est.block_gather_bytes - est.gathered_bytes)
         room = est.budget_bytes - other
-        if room <= 0:     # sharding alone cannot help: say what else is too big
-            rest = {k: v for k, v in est.terms.items() if k not in ("params", "grads", "optimizer")}
-            rest["gathered"] = est.block_gather_bytes
-            name, big = max(rest.items(), key=lambda kv: kv[1])
-            return (f"sharding over more ranks is not enough: at the {phase} the unsharded terms alone are "
-                    f"{fmt_bytes(other)} per rank, largest {name} {fmt_bytes(big)}; {_FIXES[name]}; then add nodes")
+        if room <= 0:     # sharding alone cannot help
+            return None
         fsdp = max(fsdp, math.ceil(st * mesh.fsdp / room))
     dp_shard = math.ceil(fsdp / mesh.cp)
     nodes = math.ceil(mesh.dp_replicate * dp_shard * mesh.cp * mesh.tp / recipe.cluster.gpus_per_node)
-    if nodes <= recipe.cluster.nodes:
-        return None
-    return (f"params + grads + AdamW state are {fmt_bytes(state)} per rank sharded over dp_shard x cp = {mesh.fsdp}; "
-            f"they need >= {fsdp} ranks: cluster.nodes: {nodes} (or more) with mesh.dp_shard: -1 (then "
-            f"re-check global_batch_size), or train LoRA (lora.rank) so only adapters have AdamW state")
+    return nodes if nodes > recipe.cluster.nodes else None
 
 
-def check_memory(est: Estimate, recipe: Recipe, mesh: MeshSpec) -> Result[Estimate]:
+def memory_hint(est: Estimate, recipe: Recipe, mesh: MeshSpec, model: ModelSpec | None = None) -> str:
+    fixes = memory_fixes(est, recipe, mesh, model)
+    if not fixes:
+        return ("no single setting of this recipe brings the estimate down: use GPUs with more memory "
+                "(cluster.gpu_memory_gb), a smaller model or a shorter train.seq_len")
+    def one(f: MemFix) -> str:
+        gb = f" (estimate {fmt_bytes(f.total_bytes)})" if f.total_bytes else ""
+        return f"{f.why}, i.e. {f.args}{gb}"
+    return "; or ".join(one(f) for f in fixes[:4])
+
+
+def check_memory(est: Estimate, recipe: Recipe, mesh: MeshSpec, model: ModelSpec | None = None) -> Result[Estimate]:
     if est.total_bytes <= est.budget_bytes:
         return est
     name, big = max(est.terms.items(), key=lambda kv: kv[1])
-    fix = (_shard_fix(est, recipe, mesh) if name in ("params", "grads", "optimizer") else None) or _FIXES[name]
     return Err((RecipeError("cluster.gpu_memory_gb",
                             f"estimated {fmt_bytes(est.total_bytes)} per rank exceeds {fmt_bytes(est.budget_bytes)} "
-                            f"({USABLE:.0%} of the GPU); largest term: {name} {fmt_bytes(big)}", fix),))
+                            f"({USABLE:.0%} of the GPU); largest term: {name} {fmt_bytes(big)}",
+                            memory_hint(est, recipe, mesh, model)),))
 
 
 def view(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, est: Estimate) -> dict[str, object]:
@@ -541,7 +654,7 @@ def _mask_how(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, am: AttnMemory) 
        "cluster.inter_node_gbps", "cluster.nics_per_node")
 def checked_estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> Result[Estimate]:
     """estimate + check_memory: the memory check reads every field the estimate is computed from."""
-    return check_memory(estimate(recipe, model, mesh, pl), recipe, mesh)
+    return check_memory(estimate(recipe, model, mesh, pl), recipe, mesh, model)
 
 # ------------------------------------------------------------------------------------ traffic
 @dataclass(frozen=True)

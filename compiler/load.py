@@ -337,15 +337,17 @@ def _no_constant(name: str):
 
 def read_model_config(ref: str) -> Result[dict[str, Any]]:
     """model.config: a catalog name, a config.json path, or an HF model folder."""
-    from meshbake.compiler.model import CATALOG_DIR, catalog_names, without_kernel_keys
+    from meshbake.compiler.model import CATALOG_DIR, catalog_names, catalog_near, without_kernel_keys
 
     cat = CATALOG_DIR / f"{ref}.json"
     p = Path(ref)
     path = cat if cat.is_file() else p / "config.json" if p.is_dir() else p
     if not path.is_file():
-        near = difflib.get_close_matches(ref, catalog_names(), n=2, cutoff=0.5)
+        near = catalog_near(ref, catalog_names())        # same family and version only
         return Err((RecipeError("model.config", f"{ref!r} is not a catalog model, a config.json or an HF folder",
                                 f"did you mean {' or '.join(near)}?" if near else
+                                "no catalog model of the same family and version (another one has other "
+                                "config.json facts): point model.config at the model's config.json or HF folder; "
                                 f"catalog: {', '.join(catalog_names())}"),))
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:

@@ -7,6 +7,7 @@ module is what later stages need: its kind, its weight shape and its parameter c
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,68 @@ class ModelSpec:
 
 def catalog_names() -> list[str]:
     return sorted(p.stem for p in CATALOG_DIR.glob("*.json"))
+
+
+# tokens of a model name that do not change the architecture (config.json facts)
+_VARIANT_TOKENS = {"instruct", "it", "hf", "chat", "base", "sft", "dpo", "pt", "meta"}
+_SIZE = re.compile(r"\d+(\.\d+)?[bm]|\d+x\d+(\.\d+)?b")
+_VERSION = re.compile(r"v?\d+(\.\d+)*")
+
+
+@dataclass(frozen=True)
+class NameKey:
+    """A model name parsed into family, version, size and the other tokens:
+    'NousResearch/Meta-Llama-3.1-8B-Instruct' -> (llama, 3.1, 8b, {}), 'Mixtral-8x7B-v0.1' ->
+    (mixtral, 0.1, 8x7b, {}), 'qwen2.5-7b' -> (qwen, 2.5, 7b, {}), 'phi-3-mini-4k' -> (phi, 3, '', {mini, 4k})."""
+    family: str
+    version: str | None
+    size: str
+    rest: frozenset[str]
+
+
+def name_key(name: str) -> NameKey:
+    base = str(name).replace("\\", "/").rstrip("/").rpartition("/")[2].lower()
+    family, version, size, rest = "", None, "", set()
+    for tok in (t for t in re.split(r"[-_ ]+", base) if t):
+        if tok in _VARIANT_TOKENS:
+            continue
+        if not family:
+            m = re.fullmatch(r"([a-z]+)(\d+(\.\d+)*)?", tok)
+            if m:
+                family, version = m.group(1), m.group(2) or version
+                continue
+        if not size and _SIZE.fullmatch(tok):
+            size = tok
+        elif version is None and _VERSION.fullmatch(tok):
+            version = tok.removeprefix("v")
+        else:
+            rest.add(tok)
+    return NameKey(family or base, version, size, frozenset(rest))
+
+
+def _same_line(a: NameKey, b: NameKey) -> bool:
+    """Same family and version (an unversioned name is every version of its family)."""
+    return a.family == b.family and (a.version is None or b.version is None or a.version == b.version)
+
+
+def catalog_match(name: str, names: list[str]) -> str | None:
+    """The catalog entry that is `name`'s architecture: same family, version and size, and every
+    distinguishing token of the entry present in the name ('Mixtral-8x7B-v0.1' -> 'mixtral-8x7b';
+    'Mistral-7B-v0.1' is not 'mistral-7b-v0.3': another version, another vocab)."""
+    k = name_key(name)
+    hits = [c for c in names if _same_line(k, ck := name_key(c)) and ck.size == k.size and ck.rest <= k.rest
+            and (k.size or ck.rest)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def catalog_near(name: str, names: list[str], n: int = 2) -> list[str]:
+    """'did you mean' candidates for a name that is not in the catalog: only entries of the same
+    family and version (another family or version has other config.json facts: vocab, rope, heads)."""
+    import difflib
+
+    k = name_key(name)
+    same = [c for c in names if _same_line(k, name_key(c))]
+    return difflib.get_close_matches(str(name).lower(), same, n=n, cutoff=0.0) if k.family else []
 
 
 def _kind(module) -> str | None:

@@ -286,9 +286,12 @@ def _wandb_key(d: dict[str, Any]) -> list[RecipeError]:
     return []
 
 
-@reads("train.warmup_steps", "train.steps")
+@reads("train.warmup_steps", "train.warmup_ratio", "train.steps")
 def _warmup(d: dict[str, Any]) -> list[RecipeError]:
     train = d["train"]
+    if train.get("warmup_ratio") is not None and train["warmup_steps"]:
+        return [RecipeError("train.warmup_ratio", f"given together with train.warmup_steps={train['warmup_steps']}",
+                            "give one: warmup_ratio (a share of train.steps) or warmup_steps (a count)")]
     if train["warmup_steps"] > train["steps"]:
         return [RecipeError("train.warmup_steps", f"{train['warmup_steps']} exceeds train.steps={train['steps']}",
                             "warm up over a fraction of the run (e.g. 1-5%)")]
@@ -546,8 +549,18 @@ def _normalize(d: dict[str, Any]) -> dict[str, Any]:
     # environment values are strings (NCCL_IB_TIMEOUT: 22 is written '22')
     d["cluster"]["env"] = {k: str(v) for k, v in sorted(d["cluster"]["env"].items())}
     d["data"] = _data_normal(d["data"])
+    d["train"] = _train_normal(d["train"])
     d["run_dir"] = d.get("run_dir") or f"runs/{d['name']}"
     return d
+
+
+def _train_normal(train: dict[str, Any]) -> dict[str, Any]:
+    """train.warmup_ratio (input only) -> warmup_steps = round(ratio x steps): the runtime's
+    schedule (runtime/train.py lr_factor) and the plan count warmup in steps."""
+    out = {k: v for k, v in train.items() if k != "warmup_ratio"}
+    if train.get("warmup_ratio") is not None:
+        out["warmup_steps"] = round(train["warmup_ratio"] * train["steps"])
+    return out
 
 
 def _data_normal(da: dict[str, Any]) -> dict[str, Any]:

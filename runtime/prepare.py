@@ -761,8 +761,8 @@ def encode_sources(data: DataPlan, sources: tuple[Source, ...], enc: Encoder, ca
     loaded = []
     for s_idx, src in enumerate(sources):
         kind, files = source_files(src.path, _source_key(key, s_idx, len(sources)))
-        for f in files:
-            loaded.append((s_idx, f, load_records(kind, f, data.format, cache_dir)))
+        loaded += source_selection(src, kind, files, f"{key}[{s_idx}]",
+                                   lambda f, kind=kind: load_records(kind, f, data.format, cache_dir), s_idx)
     parts, src_of, t0, tokens = [], [], time.perf_counter(), 0
     with _progress(sum(len(ds) for _, _, ds in loaded), quiet) as bar:
         for s_idx, f, ds in loaded:
@@ -779,6 +779,45 @@ def encode_sources(data: DataPlan, sources: tuple[Source, ...], enc: Encoder, ca
                 bar.update(n, k)
     files = [g for _, f, _ in loaded for g in (_all_files(str(f)) if f.is_dir() else [f])]
     return parts, src_of, files, tokens / max(1e-9, time.perf_counter() - t0)
+
+
+def source_selection(src: Source, kind: str, files: list[Path], key: str, load: Callable[[Path], Any],
+                     s_idx: int) -> list[tuple[int, Path, Any]]:
+    """A source's data_files and split (issue 22; all of it in this one function): only the files
+    matching data_files (paths or globs relative to the source's folder), then the split's slice
+    over the records of those files in order (train[:20%] = the first 20%, datasets' own slice
+    semantics via ReadInstruction), not a random share. Local files are all the train split."""
+    import fnmatch
+
+    import datasets
+
+    if src.data_files:
+        root = Path(src.path)
+        rel = {f: f.relative_to(root).as_posix() if f != root else f.name for f in files}
+        files = [f for f in files if any(fnmatch.fnmatchcase(rel[f], pat) or rel[f] == pat.lstrip("./")
+                                         for pat in src.data_files)]
+        if not files:
+            raise DataError(f"{key}.data_files: none of {list(src.data_files)} matches a data file under "
+                            f"{src.path!r}")
+    base, _, sl = src.split.partition("[")
+    if base != "train":
+        raise DataError(f"{key}.split: {src.split!r}: local files hold one split, train (write train or train[...])")
+    loaded = [(s_idx, f, load(f)) for f in files]
+    if not sl:
+        return loaded
+    total = sum(len(ds) for _, _, ds in loaded)
+    try:
+        (absolute,) = datasets.ReadInstruction.from_spec(src.split).to_absolute({"train": total})
+        start, stop = absolute.from_, absolute.to
+    except (ValueError, AssertionError) as e:
+        raise DataError(f"{key}.split: {src.split!r} is not a datasets split slice ({e})") from None
+    out, seen = [], 0
+    for i, f, ds in loaded:
+        lo, hi = max(start - seen, 0), min(stop - seen, len(ds))
+        if hi > lo:
+            out.append((i, f, ds.select(range(lo, hi))))
+        seen += len(ds)
+    return out
 
 
 def weigh(docs: Docs, weights: list[float], seed: int) -> Docs:

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 from meshbake.runtime.safeio import printable
 
-STATUSES = ("mapped", "implied", "approximated", "not mapped", "empty")
+STATUSES = ("mapped", "implied", "approximated", "not mapped", "empty", "refused")
 SECTIONS = ("name", "model", "mesh", "tp", "cluster", "train", "lora", "data", "checkpoint", "tracking", "run_dir")
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -39,8 +39,9 @@ class KeyNote:
 @dataclass(frozen=True)
 class Imported:
     name: str
-    text: str                       # the recipe YAML with comments
+    text: str                       # the recipe YAML with comments ("" when refused)
     notes: tuple[KeyNote, ...]
+    refused: tuple[KeyNote, ...] = ()   # keys meshbake cannot train as written: no recipe (exit 2)
 
     def count(self, status: str) -> int:
         return sum(n.status == status for n in self.notes)
@@ -153,7 +154,9 @@ def guess_model(base_model: str | None, catalog: Sequence[str], is_dir: Callable
         for cand in (stem, stem.removeprefix("meta-")):
             if cand in catalog:
                 return cand
-    return None
+    from meshbake.compiler.model import catalog_match
+
+    return catalog_match(str(base_model), list(catalog))     # 'Mixtral-8x7B-v0.1' -> 'mixtral-8x7b'
 
 
 class _Acc:
@@ -239,14 +242,26 @@ def _mesh(cfg: Mapping[str, Any], acc: _Acc, nodes: int | None, gpn: int | None,
     axes = {"dp_replicate": "dp_replicate_size", "dp_shard": "dp_shard_size", "cp": "context_parallel_size",
             "tp": "tensor_parallel_size"}
     mesh = {}
+    pgpn = int(profile[1].get("gpus_per_node") or 8) if profile else None
+    n, g, why = _world(cfg, nodes, gpn or pgpn)
     for ax, key in axes.items():
         v = cfg.get(key)
         mesh[ax] = int(v) if v else (-1 if ax == "dp_shard" else 1)
-        acc.set(f"mesh.{ax}", mesh[ax], key if v else "inferred from the world size" if ax == "dp_shard" else "")
+    rest = mesh["dp_replicate"] * mesh["cp"] * mesh["tp"]
+    for ax, key in axes.items():
+        v = cfg.get(key)
+        value, comment = mesh[ax], key if v else "inferred from the world size" if ax == "dp_shard" else ""
+        if ax == "dp_shard" and v and mesh[ax] * rest == n * g:
+            # the same mesh, but a changed tp / cp (`--set mesh.tp=4`) keeps the world whole
+            value, comment = -1, f"{key} {mesh[ax]} = world / the other axes: inferred, so it follows mesh.tp / cp"
+        acc.set(f"mesh.{ax}", value, comment)
         if key in cfg:
             acc.note(key, "mapped", f"mesh.{ax}")
-    pgpn = int(profile[1].get("gpus_per_node") or 8) if profile else None
-    n, g, why = _world(cfg, nodes, gpn or pgpn)
+    ep = cfg.get("expert_parallel_size")
+    if ep:
+        acc.set("mesh.ep", int(ep), "expert_parallel_size (experts split over ep ranks of dp_shard x cp)")
+    if "expert_parallel_size" in cfg:
+        acc.note("expert_parallel_size", "mapped" if ep else "empty", "mesh.ep" if ep else "")
     if mesh["tp"] > 1:
         acc.set("tp.sequence_parallel", True, "meshbake's choice, no Axolotl key: norms on sequence shards")
         acc.set("tp.loss_parallel", True, "meshbake's choice: vocab-parallel cross-entropy")
@@ -317,8 +332,11 @@ def _steps(cfg: Mapping[str, Any], acc: _Acc) -> int:
             acc.note("num_epochs", "implied", "", "max_steps takes precedence over num_epochs in Axolotl too")
         return steps
     steps = 1000
-    acc.set("train.steps", steps, f"TODO: num_epochs {cfg.get('num_epochs', 1)} x windows / global_batch_size")
-    acc.note("num_epochs", "not mapped", "train.steps", f"{_EPOCHS}; train.steps is a placeholder (1000)")
+    acc.set("train.steps", steps, f"TODO: num_epochs {cfg.get('num_epochs', 1)} x windows / global_batch_size "
+            "(`meshbake prepare` reports the windows)")
+    acc.note("num_epochs", "not mapped", "train.steps",
+             f"{_EPOCHS}; an epoch count needs the prepared data, so train.steps is a placeholder (1000, TODO); "
+             "warmup_ratio, saves_per_epoch and evals_per_epoch are written relative to it")
     return steps
 
 
@@ -336,22 +354,29 @@ def _schedule(cfg: Mapping[str, Any], acc: _Acc, lr: float, steps: int) -> None:
     if ratio is not None:
         acc.note("cosine_min_lr_ratio", "mapped" if ours in (None, "cosine") else "not mapped", "train.min_lr",
                  "" if ours in (None, "cosine") else "only applies to the cosine schedule")
-    if sched == "constant":                   # HF's `constant` has no warmup at all
-        warm, why = 0, "HF's constant schedule ignores warmup"
-    elif cfg.get("warmup_steps") is not None:
-        warm, why = int(cfg["warmup_steps"]), "warmup_steps"
-    elif cfg.get("warmup_ratio") is not None:
-        warm = round(float(cfg["warmup_ratio"]) * steps)
-        why = f"= warmup_ratio {cfg['warmup_ratio']} x {steps} steps"
+    ws, wr = _num(cfg.get("warmup_steps")), _num(cfg.get("warmup_ratio"))
+    # HF's Trainer reads a warmup_steps below 1 as a ratio of the run (Axolotl passes it on)
+    if isinstance(ws, float) and 0 < ws < 1:
+        ws, wr, ratio_key = None, ws, "warmup_steps"
     else:
-        warm, why = 0, ""
-    acc.set("train.warmup_steps", warm, why)
+        ratio_key = "warmup_ratio"
+    if sched == "constant":                   # HF's `constant` has no warmup at all
+        acc.set("train.warmup_steps", 0, "HF's constant schedule ignores warmup")
+    elif ws is not None:
+        acc.set("train.warmup_steps", int(ws), "warmup_steps")
+    elif wr is not None:
+        acc.set("train.warmup_ratio", float(wr), f"{ratio_key}: {wr} (a share of train.steps)")
+    else:
+        acc.set("train.warmup_steps", 0, "")
     for k in ("warmup_steps", "warmup_ratio"):
         if k in cfg and cfg[k] is not None:
-            approx = k == "warmup_ratio" and not cfg.get("max_steps")
-            acc.note(k, "approximated" if approx else "mapped", "train.warmup_steps",
-                     "computed from the placeholder train.steps: recompute with the real step count" if approx
-                     else "")
+            ignored = sched == "constant" or (k == "warmup_ratio" and ws is not None)
+            as_ratio = k == ratio_key and wr is not None and not ignored
+            acc.note(k, "not mapped" if ignored else "mapped", "" if ignored else
+                     "train.warmup_ratio" if as_ratio else "train.warmup_steps",
+                     "HF's constant schedule has no warmup" if sched == "constant" else
+                     "warmup_steps takes precedence (HF Trainer)" if ignored else
+                     f"{wr} < 1 is a ratio of the run in the HF Trainer" if as_ratio and k == "warmup_steps" else "")
 
 
 def _optimizer(cfg: Mapping[str, Any], acc: _Acc) -> None:
@@ -404,13 +429,14 @@ def _train(cfg: Mapping[str, Any], acc: _Acc, mesh: Mapping[str, int]) -> None:
     acc.set("train.seq_len", seq, "sequence_len" if cfg.get("sequence_len") else "Axolotl's default sequence_len")
     mbs, ga = int(cfg.get("micro_batch_size") or 1), int(cfg.get("gradient_accumulation_steps") or 1)
     acc.set("train.micro_batch_size", mbs, "micro_batch_size")
+    # only the global batch is written: grad_accum is derived (global / (micro x dp)), so a
+    # changed mesh (`--set mesh.tp=2`) keeps the same optimizer batch with more accumulation
     acc.set("train.global_batch_size", mbs * ga * mesh["dp"],
-            f"= micro_batch_size {mbs} x gradient_accumulation_steps {ga} x dp {mesh['dp']}")
-    acc.set("train.grad_accum", ga, "gradient_accumulation_steps")
+            f"= micro_batch_size {mbs} x gradient_accumulation_steps {ga} x dp {mesh['dp']}; grad_accum derived")
     for k, t in (("sequence_len", "train.seq_len"), ("micro_batch_size", "train.micro_batch_size"),
-                 ("gradient_accumulation_steps", "train.grad_accum, train.global_batch_size")):
+                 ("gradient_accumulation_steps", "train.global_batch_size")):
         if k in cfg and cfg[k] is not None:
-            acc.note(k, "mapped", t)
+            acc.note(k, "mapped", t, "train.grad_accum is derived from it (not written)" if k.startswith("grad") else "")
     if cfg.get("batch_size"):
         acc.note("batch_size", "not mapped", "",
                  "deprecated in Axolotl; meshbake derives the global batch from micro_batch_size and accumulation")
@@ -506,24 +532,88 @@ def _local(path: str, is_dir: Callable[[str], bool]) -> bool:
             or path.endswith((".jsonl", ".json", ".parquet", ".csv", ".txt", ".md")))
 
 
+_BUILDERS = {"json", "csv", "parquet", "text", "arrow"}        # datasets' file builders: path: json + data_files
+_SOURCE_KEYS = {"path", "type", "data_files", "ds_type", "split", "name", "field", "field_messages",
+                "message_property_mappings", "message_field_role", "message_field_content", "roles", "roles_to_train",
+                "train_on_eos"}
+
+
+def _files(v: Any) -> list[str]:
+    return [str(x) for x in (v if isinstance(v, list) else [v] if v else [])]
+
+
 def _source(d: Mapping[str, Any], i: int, key: str, acc: _Acc, is_dir: Callable[[str], bool]) -> dict[str, Any]:
-    path = str(d.get("data_files") or d.get("path"))
+    """One Axolotl dataset -> one data.sources item: path (a local path or the Hub id) and
+    data_files kept apart, the split (with its slice) and the config name carried as they are."""
+    path, files = str(d.get("path")), _files(d.get("data_files"))
+    if path in _BUILDERS and files:            # `path: json, data_files: x.jsonl`: the files are the data
+        if len(files) == 1:
+            path, files = files[0], []
+        else:
+            parent = posixpath.dirname(files[0])
+            if all(posixpath.dirname(f) == parent for f in files) and parent:
+                path, files = parent, [posixpath.basename(f) for f in files]
+            else:
+                acc.note(f"{key}[{i}].data_files", "approximated", f"data.sources[{i}].path",
+                         f"files in different folders: only {files[0]!r} is read (one path per source)")
+                path, files = files[0], []
     src: dict[str, Any] = {"path": path}
-    m = re.fullmatch(r"train\[:(\d+)%\]", str(d.get("split") or ""))
-    if m:
-        src["weight"] = int(m.group(1)) / 100       # a seeded share of the documents per epoch
+    if files:
+        src["data_files"] = files
+    if d.get("data_files") is not None and f"{key}[{i}].data_files" not in {n.key for n in acc.notes}:
+        acc.note(f"{key}[{i}].data_files", "mapped", f"data.sources[{i}].data_files" if files else
+                 f"data.sources[{i}].path")
+    split = str(d.get("split") or "train")
+    if split != "train":
+        src["split"] = split            # train[:20%] = the first 20% in file order, as datasets slices it
+    if d.get("split") is not None:
+        acc.note(f"{key}[{i}].split", "mapped", f"data.sources[{i}].split")
+    if d.get("name"):
+        src["name"] = str(d["name"])
+        acc.note(f"{key}[{i}].name", "mapped", f"data.sources[{i}].name")
     if not _local(path, is_dir):
         acc.note(f"{key}[{i}].path", "approximated", f"data.sources[{i}].path",
                  f"{path!r} is a Hub dataset id: meshbake reads local files only; download it (e.g. `hf download "
                  f"--repo-type dataset {path} --local-dir data/{PurePosixPath(path).name}`) and point the path there")
-    for k in sorted(set(d) - {"path", "type", "data_files", "ds_type", "split", "field", "field_messages",
-                               "message_property_mappings", "message_field_role", "message_field_content",
-                               "roles", "roles_to_train", "train_on_eos"}):
-        acc.note(f"{key}[{i}].{k}", "not mapped", "", "the Hub dataset's config name: meshbake reads local files"
-                 if k == "name" else "dataset option unknown to the importer")
-    if d.get("split") and not m and d.get("split") != "train":
-        acc.note(f"{key}[{i}].split", "not mapped", "", "only train / train[:N%] splits map (to a weight)")
+    if d.get("ds_type"):
+        acc.note(f"{key}[{i}].ds_type", "implied", "", "the file type comes from the file name's extension")
+    for k in sorted(set(d) - _SOURCE_KEYS):
+        acc.note(f"{key}[{i}].{k}", "not mapped", "", "dataset option unknown to the importer")
     return src
+
+
+def _source_fields(d: Mapping[str, Any], fmt: str) -> dict[str, str]:
+    """A dataset's own record field names, as data.fields keys."""
+    if fmt == "text":
+        return {"text": str(d["field"])} if d.get("field") else {}
+    if fmt != "chat":
+        return {}
+    mp = d.get("message_property_mappings") or {}
+    fields = {"messages": d.get("field_messages"), "role": mp.get("role") or d.get("message_field_role"),
+              "content": mp.get("content") or d.get("message_field_content")}
+    return {k: str(v) for k, v in fields.items() if v}
+
+
+_FIELD_KEYS = {"text": "field", "messages": "field_messages", "role": "message_property_mappings.role",
+               "content": "message_property_mappings.content"}
+
+
+def _field_notes(ds: Sequence[Mapping[str, Any]], keep: Sequence[int], fmt: str, key: str, acc: _Acc) -> None:
+    """data.fields is one mapping for every source (the first dataset's): a later dataset whose
+    own field names differ is noted, key by key, with what the recipe reads instead."""
+    if not keep:
+        return
+    first = _source_fields(ds[keep[0]], fmt)
+    defaults = {"text": "text", "messages": "messages", "role": "role", "content": "content"}
+    for i in keep[1:]:
+        mine = _source_fields(ds[i], fmt)
+        for f in sorted(set(first) | set(mine)):
+            theirs, ours = mine.get(f, defaults[f]), first.get(f, defaults[f])
+            if theirs != ours:
+                acc.note(f"{key}[{i}].{_FIELD_KEYS[f]}", "not mapped", f"data.fields.{f}",
+                         f"meshbake reads one field mapping for every source: this dataset's {f} field is "
+                         f"{theirs!r}, the recipe reads {ours!r} (of {key}[{keep[0]}]); rename it in the file or "
+                         f"import the dataset as a recipe of its own")
 
 
 def _chat_fields(d: Mapping[str, Any], acc: _Acc, key: str) -> None:
@@ -545,7 +635,7 @@ def _chat_fields(d: Mapping[str, Any], acc: _Acc, key: str) -> None:
                  f"{rtt}: meshbake trains on assistant replies, all tokens, or the last reply")
 
 
-def _data(cfg: Mapping[str, Any], acc: _Acc, is_dir: Callable[[str], bool]) -> None:
+def _data(cfg: Mapping[str, Any], acc: _Acc, is_dir: Callable[[str], bool], steps: int, steps_known: bool) -> None:
     """datasets / pretraining_dataset -> data.format + data.sources (local files only), with the
     field names, roles, packing, eval split and prepared dir."""
     key = "datasets" if cfg.get("datasets") else "pretraining_dataset"
@@ -557,11 +647,12 @@ def _data(cfg: Mapping[str, Any], acc: _Acc, is_dir: Callable[[str], bool]) -> N
         keep = [i for i, t in enumerate(types) if _FORMATS.get(t.split(":")[0]) == fmt]
         acc.set("data.format", fmt, f"{key}[].type: {types[0]}")
         acc.set("data.sources", [_source(ds[i], i, key, acc, is_dir) for i in keep], f"{key}[].path")
-        field = ds[0].get("field")
+        field = ds[keep[0]].get("field")
         if fmt == "text" and field:
-            acc.set("data.fields.text", str(field), f"{key}[0].field")
+            acc.set("data.fields.text", str(field), f"{key}[{keep[0]}].field")
         if fmt == "chat":
-            _chat_fields(ds[0], acc, f"{key}[0]")
+            _chat_fields(ds[keep[0]], acc, f"{key}[{keep[0]}]")
+        _field_notes(ds, keep, fmt, key, acc)
         dropped = [f"{ds[i].get('path')} ({types[i]})" for i in range(len(ds)) if i not in keep]
         variant = ":" in types[0]
         acc.note(key, "approximated" if dropped or variant else "mapped", "data.format, data.sources",
@@ -578,10 +669,10 @@ def _data(cfg: Mapping[str, Any], acc: _Acc, is_dir: Callable[[str], bool]) -> N
         local = bool(tok) and is_dir(str(tok))
         acc.set("data.tokenizer", str(tok or "TODO"), "tokenizer_config" if cfg.get("tokenizer_config") else
                 "base_model's tokenizer" + ("" if local else ": TODO the downloaded HF folder (preflight checks it)"))
-    _data_keys(cfg, acc, fmt)
+    _data_keys(cfg, acc, fmt, steps, steps_known)
 
 
-def _data_keys(cfg: Mapping[str, Any], acc: _Acc, fmt: str | None) -> None:
+def _data_keys(cfg: Mapping[str, Any], acc: _Acc, fmt: str | None, steps: int, steps_known: bool) -> None:
     def note(k: str, status: str, target: str = "", reason: str = "") -> None:
         if k in cfg:
             acc.note(k, "empty" if cfg[k] is None else status, target, reason)
@@ -610,13 +701,25 @@ def _data_keys(cfg: Mapping[str, Any], acc: _Acc, fmt: str | None) -> None:
     note("train_on_inputs", "mapped" if prompts else "implied", "data.train_on" if prompts else "",
          "" if prompts else "format text trains on every token")
     es = cfg.get("eval_steps")
+    evals = bool(vs)            # train.eval_every needs an eval split
+    per = _per_epoch(cfg, "evals_per_epoch", steps, steps_known)
     if isinstance(es, int) and es >= 1:
         acc.set("train.eval_every", es, "eval_steps")
         note("eval_steps", "mapped", "train.eval_every")
+    elif isinstance(es, float) and 0 < es < 1 and evals:
+        acc.set("train.eval_every", max(1, round(es * steps)), f"= eval_steps {es} x train.steps")
+        note("eval_steps", "mapped" if steps_known else "approximated", "train.eval_every",
+             "" if steps_known else "a share of the placeholder train.steps: recompute it")
     else:
-        note("eval_steps", "not mapped", "", "a fraction of the run: " + _EPOCHS)
-    note("evals_per_epoch", "not mapped", "train.eval_every", _EPOCHS + "; meshbake evaluates at the end "
-         "(and every train.eval_every steps)")
+        note("eval_steps", "not mapped", "", "no eval split (val_set_size)" if not evals else "not a step count")
+    if per and evals and not es:
+        acc.set("train.eval_every", per[0], per[1])
+        note("evals_per_epoch", per[2], "train.eval_every", "" if per[2] == "mapped" else
+             "computed from the placeholder train.steps: recompute with the real step count")
+    else:
+        note("evals_per_epoch", "not mapped", "train.eval_every",
+             "no eval split (val_set_size): nothing to evaluate" if not evals else
+             "eval_steps takes precedence" if es else "not a positive count")
     note("eval_strategy", "not mapped", "train.eval_every", _EPOCHS)
     note("eval_sample_packing", "implied", "", "eval windows are packed like the training windows")
     note("pad_to_sequence_len", "implied", "", "every window is seq_len tokens")
@@ -643,7 +746,22 @@ def _data_keys(cfg: Mapping[str, Any], acc: _Acc, fmt: str | None) -> None:
         note(k, "not mapped", "", "data option unknown to the importer")
 
 
-def _checkpoint(cfg: Mapping[str, Any], acc: _Acc, steps_known: bool) -> None:
+def _per_epoch(cfg: Mapping[str, Any], key: str, steps: int, steps_known: bool) -> tuple[int, str, str] | None:
+    """saves_per_epoch / evals_per_epoch -> (every_steps, comment, status). Axolotl turns them into
+    a share of the run, 1 / (per_epoch x num_epochs), which the HF Trainer multiplies by the total
+    steps: exact with max_steps, relative to the placeholder train.steps otherwise."""
+    per = cfg.get(key)
+    if not isinstance(per, int) or isinstance(per, bool) or per < 1:
+        return None
+    epochs = float(_num(cfg.get("num_epochs") or 1))
+    every = max(1, round(steps / (per * epochs)))
+    why = f"= train.steps {steps} / ({key} {per} x num_epochs {epochs:g})"
+    if steps_known:
+        return every, why, "mapped"
+    return every, f"TODO {why}: recompute with the real train.steps", "approximated"
+
+
+def _checkpoint(cfg: Mapping[str, Any], acc: _Acc, steps_known: bool, steps: int) -> None:
     """output_dir, save_* -> run_dir and the checkpoint section."""
     if cfg.get("output_dir"):
         acc.set("run_dir", str(cfg["output_dir"]).rstrip("/") or ".", "output_dir (metrics + DCP checkpoints; "
@@ -654,20 +772,30 @@ def _checkpoint(cfg: Mapping[str, Any], acc: _Acc, steps_known: bool) -> None:
         acc.set("checkpoint.every_steps", 0, "save_strategy: no (the final model is still saved)")
     elif isinstance(save_steps, int) and save_steps >= 1:
         acc.set("checkpoint.every_steps", save_steps, "save_steps")
-    elif isinstance(save_steps, float) and 0 < save_steps < 1 and steps_known:
-        acc.set("checkpoint.every_steps", max(1, round(save_steps * cfg["max_steps"])),
-                f"= save_steps {save_steps} x max_steps")
+    elif isinstance(save_steps, float) and 0 < save_steps < 1:
+        acc.set("checkpoint.every_steps", max(1, round(save_steps * steps)),
+                f"= save_steps {save_steps} x train.steps" + ("" if steps_known else
+                                                               " (TODO: recompute with the real train.steps)"))
+    elif (per := _per_epoch(cfg, "saves_per_epoch", steps, steps_known)) and save_steps is None:
+        acc.set("checkpoint.every_steps", per[0], per[1])
     if save_steps is not None:
         ok = isinstance(save_steps, int) or steps_known
-        acc.note("save_steps", "mapped" if ok else "not mapped", "checkpoint.every_steps",
-                 "" if ok else f"a fraction of the run: {_EPOCHS}")
+        frac = isinstance(save_steps, float) and 0 < save_steps < 1
+        acc.note("save_steps", "mapped" if ok else "approximated" if frac else "not mapped",
+                 "checkpoint.every_steps", "" if ok else "a share of the placeholder train.steps: recompute it"
+                 if frac else "not a step count")
     if strat is not None:
         acc.note("save_strategy", "mapped" if strat in ("no", "steps") else "not mapped", "checkpoint.every_steps",
                  "" if strat in ("no", "steps") else _EPOCHS)
     if cfg.get("saves_per_epoch") is not None:
-        acc.note("saves_per_epoch", "not mapped", "checkpoint.every_steps",
-                 f"{_EPOCHS}; meshbake saves at the end "
-                 "(checkpoint.save_on_exit) and on preemption")
+        per = _per_epoch(cfg, "saves_per_epoch", steps, steps_known)
+        if per is None or save_steps is not None:
+            acc.note("saves_per_epoch", "not mapped", "checkpoint.every_steps",
+                     "save_steps takes precedence" if save_steps is not None else "not a positive count")
+        else:
+            acc.note("saves_per_epoch", per[2], "checkpoint.every_steps",
+                     "" if per[2] == "mapped" else "computed from the placeholder train.steps (num_epochs needs the "
+                     "prepared data): recompute with the real step count")
     if cfg.get("save_total_limit"):
         acc.set("checkpoint.keep", int(cfg["save_total_limit"]), "save_total_limit")
         acc.note("save_total_limit", "mapped", "checkpoint.keep")
@@ -733,6 +861,9 @@ def import_axolotl(cfg: Mapping[str, Any], name: str, *, source: str, model_ref:
     `profile` (name, its cluster dict) a cluster profile the recipe names instead of hardware keys."""
     acc = _Acc()
     name = _name(name)
+    refused = refusals(cfg)
+    if refused:
+        return Imported(name, "", refused, refused)
     acc.set("name", name, f"from {source}")
     lora_on = bool(cfg.get("adapter") in ("lora", "qlora") and cfg.get("lora_r"))
     bf16 = cfg.get("bf16") in (True, "auto", "true")
@@ -741,12 +872,40 @@ def import_axolotl(cfg: Mapping[str, Any], name: str, *, source: str, model_ref:
     _train(cfg, acc, mesh)
     _precision(cfg, acc)
     _lora(cfg, acc, _linear_leaves(model_config))
-    _data(cfg, acc, is_dir)
-    _checkpoint(cfg, acc, bool(cfg.get("max_steps")))
+    steps, steps_known = acc.values["train.steps"][0], bool(cfg.get("max_steps"))
+    _data(cfg, acc, is_dir, steps, steps_known)
+    _checkpoint(cfg, acc, steps_known, steps)
     _tracking(cfg, acc)
     _rest(cfg, acc)
     notes = _complete(cfg, acc.notes)
     return Imported(name, render(acc.values, notes, source), notes)
+
+
+_QUANT = ("meshbake trains unquantized weights; importing this as a bf16 base would silently change the run "
+          "(memory per frozen param x{x}, other numerics)")
+
+
+def refusals(cfg: Mapping[str, Any]) -> tuple[KeyNote, ...]:
+    """Keys that make the run something meshbake does not do: quantized base weights (bitsandbytes
+    8/4-bit, QLoRA, GPTQ) and quantization-aware training. Refused, not downgraded to bf16 LoRA."""
+    out = []
+    if cfg.get("load_in_8bit"):
+        out.append(KeyNote("load_in_8bit", "refused", "", "8-bit (bitsandbytes) base weights: " + _QUANT.format(x=2)
+                           + "; to train a bf16 LoRA instead, set load_in_8bit: false and import again"))
+    if cfg.get("load_in_4bit"):
+        out.append(KeyNote("load_in_4bit", "refused", "", "4-bit (bitsandbytes) base weights: " + _QUANT.format(x=4)
+                           + "; to train a bf16 LoRA instead, set load_in_4bit: false (and adapter: lora) and "
+                           "import again"))
+    if cfg.get("adapter") == "qlora":
+        out.append(KeyNote("adapter", "refused", "lora.rank", "QLoRA trains adapters on a 4-bit base: "
+                           + _QUANT.format(x=4) + "; to train a bf16 LoRA instead, set adapter: lora (and "
+                           "load_in_4bit: false) and import again"))
+    if cfg.get("gptq"):
+        out.append(KeyNote("gptq", "refused", "", "GPTQ-quantized base weights are not supported"))
+    if cfg.get("qat"):
+        out.append(KeyNote("qat", "refused", "", "quantization-aware training (fake-quantized weights / "
+                           "activations) is not supported; meshbake trains in train.mixed_precision.param_dtype"))
+    return tuple(out)
 
 
 def _rest(cfg: Mapping[str, Any], acc: _Acc) -> None:
@@ -781,8 +940,9 @@ def _complete(cfg: Mapping[str, Any], notes: list[KeyNote]) -> tuple[KeyNote, ..
 
 
 # -------------------------------------------------------------------------------- rendering
-def _fmt(v: Any) -> str:
-    """One YAML flow value that meshbake's strict loader reads back as the same value."""
+def _fmt(v: Any, flow: bool = False) -> str:
+    """One YAML flow value that meshbake's strict loader reads back as the same value (`flow`:
+    inside [...] / {...}, where a plain 'train[:20%]' would end the collection: quoted)."""
     if isinstance(v, bool) or v is None:
         return {True: "true", False: "false", None: "null"}[v]
     if isinstance(v, int):
@@ -792,10 +952,13 @@ def _fmt(v: Any) -> str:
         mant, e, exp = r.partition("e")
         return f"{mant}.0e{exp}" if e and "." not in mant else r
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+        return "[" + ", ".join(_fmt(x, True) for x in v) + "]"
     if isinstance(v, Mapping):
-        return "{" + ", ".join(f"{_fmt(str(k))}: {_fmt(x)}" for k, x in v.items()) + "}"
-    return _yaml_str(str(v))
+        return "{" + ", ".join(f"{_fmt(str(k), True)}: {_fmt(x, True)}" for k, x in v.items()) + "}"
+    text = _yaml_str(str(v))
+    if flow and not text.startswith(("'", '"')) and any(c in text for c in "[]{},"):
+        text = yaml.safe_dump(str(v), width=float("inf"), default_style='"').rstrip("\n")
+    return text
 
 
 def _yaml_str(s: str) -> str:
@@ -860,4 +1023,5 @@ def _render_node(key: str, node: Any, depth: int) -> list[str]:
     return [f"{line:<34}  # {printable(comment)}" if comment else line]
 
 
-__all__ = ["Imported", "KeyNote", "STATUSES", "guess_model", "import_axolotl", "note_line", "render", "shown"]
+__all__ = ["Imported", "KeyNote", "STATUSES", "guess_model", "import_axolotl", "note_line", "refusals", "render",
+           "shown"]

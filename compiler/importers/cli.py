@@ -1,7 +1,8 @@
 """`meshbake import axolotl CONFIG.yml [-o RECIPE.yaml]`: read, import, write, then `check` the result.
 
-Exit 0: the recipe was written and passes `meshbake check`. Exit 2: the config cannot be read, or
-the recipe was written but does not pass check yet (every reason printed, as `check` would).
+Exit 0: the recipe was written and passes `meshbake check`. Exit 2: the config cannot be read, it
+asks for something meshbake does not train (quantized base weights, QLoRA, QAT: refused, nothing
+written), or the recipe was written but does not pass check yet (every reason printed, as `check` would).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def check_text(text: str, source: str):
 
 def import_main(args) -> int:
     from meshbake.compiler import load
-    from meshbake.compiler.importers.axolotl import guess_model, import_axolotl
+    from meshbake.compiler.importers.axolotl import guess_model, import_axolotl, note_line
     from meshbake.compiler.model import catalog_names
 
     src = Path(args.config)
@@ -61,6 +62,12 @@ def import_main(args) -> int:
     imp = import_axolotl(cfg, out.stem if out else src.stem, source=src.name, model_ref=ref,
                          model_config=None if isinstance(model_cfg, Err) else model_cfg,
                          nodes=args.nodes, gpus_per_node=args.gpus_per_node, is_dir=is_dir, profile=profile)
+    if imp.refused:
+        print(f"meshbake import: {src.name} is refused (no recipe written): {len(imp.refused)} key"
+              f"{'s' if len(imp.refused) != 1 else ''} meshbake cannot train as written:", file=sys.stderr)
+        for n in imp.refused:
+            print(f"  refused      {note_line(n)}", file=sys.stderr)
+        return EXIT_RECIPE
     report = sys.stdout
     if out is None:
         sys.stdout.write(imp.text)

@@ -50,7 +50,7 @@ class Estimate:
     logits_bytes: int
     budget_bytes: int
     block_gather_bytes: int        # what `gathered` is as soon as FSDP shards (dp_shard x cp > 1)
-    flops_per_token: int           # runtime/flops.py: 6N (non-embedding; LoRA: 4N frozen) + 12 L H Dh T
+    flops_per_token: int           # runtime/flops.py: 6N (non-embedding; LoRA: 4N frozen + 6 per adapter param) + 12 L H Dh T
     fsdp_comm_bytes: int           # per rank per optimizer step on the wire (ring): dp_shard (x cp) + dp_replicate
     tp_comm_bytes: int             # ... on tp (the rows are in `traffic`)
     accum_grads_bytes: int = 0     # unsharded grads held between micro-steps (FSDP, grad_accum > 1)
@@ -289,9 +289,8 @@ def flops_per_token(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placem
     n = matmul_params(model)
     return F.flops_per_token(
         matmul_params=n, layers=model.num_layers, heads=model.num_heads, head_dim=model.head_dim,
-        seq_len=t.seq_len, frozen_params=n - sum(m.shape[0] * m.shape[1] for m in adapted) if adapted else 0,
-        adapters=[(m.shape[0], lo.rank, m.shape[1]) for m in adapted],
-        tokens_per_micro_step=tokens_per_rank(t, mesh))
+        seq_len=t.seq_len, frozen_params=n if lo.rank > 0 else 0,    # LoRA: no base weight has a gradient
+        adapters=[(m.shape[0], lo.rank, m.shape[1]) for m in adapted])
 
 
 _RANK_PARAMS: dict = {}
@@ -409,7 +408,7 @@ def view(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, est: Estimate) -> dic
            "logits": ("tokens x vocab / tp x 16 B (loss parallel)" if mesh.loss_parallel
                       else "tokens x vocab x 12 B (fp32 log-softmax, its grad in and out)")}
     flops_how = ("6N + 12 x layers x heads x head_dim x seq_len; N = matmul parameters, input embedding excluded"
-                 + ("; LoRA: 4 per frozen weight, 6 per adapted one, + the adapters' B x A" if recipe.lora.rank else ""))
+                 + ("; LoRA: 4 per frozen weight (no weight gradient), 6 per adapter parameter" if recipe.lora.rank else ""))
     return {"memory_rows": [{"name": k, "bytes": v, "how": how[k]} for k, v in est.terms.items()],
             "phase_rows": [{"name": name, "bytes": b, "peak": name == est.peak_phase} for name, b in est.phases],
             "total_bytes": est.total_bytes, "peak_phase": est.peak_phase, "budget_bytes": est.budget_bytes,

@@ -110,7 +110,7 @@ def test_cross_field_rules_do_not_stop_the_stages():
     assert isinstance(err, Err)
     assert {"train.min_lr", "mesh.tp"} <= set(paths(err)) and "lora.dropout" not in paths(err), err
     v = validate.validate_fields(tiny_recipe("co", 2, lora={"rank": 4, "dropout": 0.1}))
-    assert v.errors == [] and v.recipe is not None
+    assert not v.errors and v.recipe is not None
     assert not isinstance(res(tiny_recipe("co", 2, lora={"rank": 0, "dropout": 0.1})), Err)
 
 

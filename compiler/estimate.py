@@ -238,7 +238,10 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     # gradient (reduce dtype); without FSDP gradients just add up in .grad (the grads term)
     no_sync = fsdp and mesh.grad_accum > 1 and t.grad_sync == "last_micro_step"
     accum = s.train * rb if no_sync else 0
-    grads = n_train * mb
+    # LoRA: the adapters (the only trainable params) are float32 whatever model.dtype
+    # (runtime/lora.py ADAPTER_DTYPE): their params, grads and AdamW state
+    tb = DTYPE_BYTES["float32"] if recipe.lora.rank else mb
+    grads = n_train * tb
     # alive from the forward through the loss backward: the root module (never resharded after
     # forward), the last block (reshard_after_forward=False) and, once more, the last block's
     # flat all-gather output, which FSDP2 keeps (comm_ctx.all_gather_state) until the next
@@ -250,7 +253,8 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     emb_full = model.vocab_size * model.hidden_size * pb if mesh.tp > 1 and s.root_emb_train else 0
     root_grads = s.root_train * pb if fsdp else 0
     # params + AdamW's exp_avg and exp_avg_sq: alive all step (the grads are not in it)
-    state = n_shard * mb + 2 * grads
+    param_bytes = (n_shard - n_train) * mb + n_train * tb
+    state = param_bytes + 2 * grads
     # the sharded grads alive in the forward and loss backward: none in the first micro-step
     # (zero_grad sets them to None); from the second on they hold the sum so far, unless FSDP2
     # skips the reduce-scatter (last_micro_step: the unsharded `accum` instead). Counting
@@ -268,7 +272,7 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
               ("embedding backward", state + grads + kept + root_grads + emb_full
                + (s.root_train * rb if no_sync else 0)),
               ("optimizer step", state + 2 * grads))
-    return {"params": n_shard * mb, "grads": grads, "optimizer": 2 * grads, "accum": accum, "gathered": kept,
+    return {"params": param_bytes, "grads": grads, "optimizer": 2 * grads, "accum": accum, "gathered": kept,
             "block": block, "acts": acts, "logits": logits, "params_per_rank": n_shard, "kept_whole": s.kept_whole,
             "phases": tuple(ph for ph in phases if ph)}
 
@@ -396,9 +400,10 @@ def view(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, est: Estimate) -> dic
     pd = t.mixed_precision.param_dtype
     shard = (f"FSDP shards padded to ceil(rows / {mesh.fsdp}) rows (rank 0, the peak rank)" if mesh.fsdp_enabled
              else "no FSDP (one-rank data-parallel mesh)")
-    how = {"params": f"{est.params_per_rank:,} params x {recipe.model.dtype}, after TP; {shard}",
-           "grads": "trainable params, sharded like params (from the backward on)",
-           "optimizer": "AdamW exp_avg + exp_avg_sq, sharded",
+    fp32_adapters = " (LoRA adapters float32)" if recipe.lora.rank else ""
+    how = {"params": f"{est.params_per_rank:,} params x {recipe.model.dtype}{fp32_adapters}, after TP; {shard}",
+           "grads": f"trainable params{fp32_adapters}, sharded like params (from the backward on)",
+           "optimizer": f"AdamW exp_avg + exp_avg_sq{fp32_adapters}, sharded",
            "accum_grads": f"unsharded grads held between the {mesh.grad_accum} micro-steps (no reduce-scatter until "
                           "the last)" if est.accum_grads_bytes else "none: no FSDP gradient accumulation without sync",
            "gathered": f"top-level module (embeddings, final norm, lm_head) + last block kept gathered in {pd}"

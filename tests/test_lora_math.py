@@ -7,6 +7,7 @@ the adapter adds no collective under TP."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -223,7 +224,14 @@ def test_bf16_base_gets_fp32_adapters_and_the_recipe_dropout():
 def test_fsdp_tp_sp_lp_matches_the_merged_math_and_peft_with_no_new_collective(tmp_path: Path):
     plan_d = lora_plan("lora_fsdp_tp", 4, mesh={"dp_shard": 2, "tp": 2}, sp=True, lp=True)
     (tmp_path / "plan.json").write_text(json.dumps(plan_d))
-    torchrun(4, ROOT / "tests/dist/lora_worker.py", str(tmp_path / "plan.json"), str(tmp_path / "out.pt"), cwd=tmp_path)
+    # and, in the same launch, a bf16 base trained by the runtime: fp32 adapters under FSDP2's bf16
+    # policy, dropout on the adapter input, recomputed by activation checkpointing
+    bf16 = lora_plan("lora_bf16_train", 4, mesh={"dp_shard": 2, "tp": 2}, sp=True, lp=True, dtype="bfloat16",
+                     dropout=0.1, train={"steps": 3, "warmup_steps": 1, "activation_checkpointing": "full",
+                                         "mixed_precision": {"param_dtype": "bfloat16", "reduce_dtype": "float32"}})
+    (tmp_path / "train.json").write_text(json.dumps(bf16))
+    torchrun(4, ROOT / "tests/dist/lora_worker.py", str(tmp_path / "plan.json"), str(tmp_path / "out.pt"),
+             str(tmp_path / "train.json"), cwd=tmp_path)
     out = torch.load(tmp_path / "out.pt")
     plan = P.from_dict(plan_d)
     assert plan.tp.sequence_parallel and plan.tp.loss_parallel and plan.mesh.fsdp_enabled
@@ -235,6 +243,13 @@ def test_fsdp_tp_sp_lp_matches_the_merged_math_and_peft_with_no_new_collective(t
     print(f"dp_shard 2 x tp 2 + SP + LP vs PEFT: max rel {vs_peft:.2e}")
     assert vs_peft < REL
     assert out["adapter_dtypes"] == ["torch.float32"]
+    print("collectives per forward + backward of one Linear:", out["comms"])
     for style, counts in out["comms"].items():
         assert counts["lora"] == counts["base"], (style, counts)
     assert out["comms"]["rowwise"]["base"] >= 1       # the one reduction the adapter's partial sum joins
+    t = out["trained"]
+    print("bf16 base + dropout + AC full, losses:", t["losses"])
+    assert t["adapter_dtypes"] == ["torch.float32"] and t["base_dtypes"] == ["torch.bfloat16"], t
+    assert t["dropout"] == [0.1], t
+    assert sorted(t["losses"]) == [1, 2, 3] and all(math.isfinite(v) for v in t["losses"].values()), t
+    assert all(math.isfinite(v) and v > 0 for v in t["grad_norms"].values()), t

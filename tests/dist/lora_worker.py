@@ -4,7 +4,10 @@ full gradient. Every dp rank sees the same batch, so FSDP2's averaged gradient i
 single-process one. Plus the collectives one adapted Linear issues on the tp mesh, with and
 without its adapter (runtime/lora.py: the adapter adds none).
 
-    torchrun --standalone --nproc-per-node 4 tests/dist/lora_worker.py PLAN_JSON OUT_PT
+    torchrun --standalone --nproc-per-node 4 tests/dist/lora_worker.py PLAN_JSON OUT_PT [TRAIN_PLAN_JSON]
+
+TRAIN_PLAN_JSON: a plan trained for its steps by runtime/train.py run() in the same process
+group (bf16 base, fp32 adapters, dropout, activation checkpointing): its losses and dtypes.
 """
 from __future__ import annotations
 
@@ -62,7 +65,18 @@ def comm_counts(tp_mesh, style: str) -> dict[str, int]:
     return out
 
 
-def main(plan_path: str, out_path: str) -> int:
+def train_case(plan_path: str, run_dir: Path) -> dict:
+    from meshbake.runtime.train import run
+
+    res = run(P.from_dict(json.loads(Path(plan_path).read_text())), run_dir)
+    lora = [(n, p) for n, p in res.model.named_parameters() if ".lora_" in n]
+    return {"losses": res.losses, "grad_norms": res.grad_norms,
+            "adapter_dtypes": sorted({str(p.dtype) for _, p in lora}),
+            "base_dtypes": sorted({str(p.dtype) for n, p in res.model.named_parameters() if ".lora_" not in n}),
+            "dropout": sorted({m.lora_dropout for m in res.model.modules() if hasattr(m, "lora_dropout")})}
+
+
+def main(plan_path: str, out_path: str, train_plan: str | None = None) -> int:
     plan = P.from_dict(json.loads(Path(plan_path).read_text()))
     init_distributed(plan.mesh.backend)
     mesh = world_mesh(plan)
@@ -88,8 +102,9 @@ def main(plan_path: str, out_path: str) -> int:
         else:
             assert p.grad is None, name
     comms = {style: comm_counts(mesh["tp"], style) for style in ("colwise", "rowwise")}
+    trained = train_case(train_plan, Path(out_path).parent / "train_run") if train_plan else None
     if dist.get_rank() == 0:
-        torch.save({"loss": float(loss.full_tensor() if isinstance(loss, DTensor) else loss), "grads": grads,
+        torch.save({"trained": trained, "loss": float(loss.full_tensor() if isinstance(loss, DTensor) else loss), "grads": grads,
                     "comms": comms, "adapter_dtypes": sorted({str(p.dtype) for n, p in model.named_parameters()
                                                                if ".lora_" in n})}, out_path)
     dist.barrier()

@@ -55,7 +55,7 @@ class Estimate:
     logits_bytes: int
     budget_bytes: int
     block_gather_bytes: int        # what `gathered` is as soon as FSDP shards (dp_shard x cp > 1)
-    flops_per_token: int           # runtime/flops.py: 6N (non-embedding; LoRA: 4N frozen) + 12 L H Dh T
+    flops_per_token: int           # runtime/flops.py: 6N (non-embedding; LoRA: 4N frozen + 6 per adapter param) + 12 L H Dh T
     fsdp_comm_bytes: int           # per rank per optimizer step on the wire (ring): dp_shard (x cp) + dp_replicate
     tp_comm_bytes: int             # ... on tp (the rows are in `traffic`)
     accum_grads_bytes: int = 0     # unsharded grads held between micro-steps (FSDP, grad_accum > 1)
@@ -318,7 +318,10 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     # gradient (reduce dtype); without FSDP gradients just add up in .grad (the grads term)
     no_sync = fsdp and mesh.grad_accum > 1 and t.grad_sync == "last_micro_step"
     accum = s.train * rb if no_sync else 0
-    grads = n_train * mb
+    # LoRA: the adapters (the only trainable params) are float32 whatever model.dtype
+    # (runtime/lora.py ADAPTER_DTYPE): their params, grads and AdamW state
+    tb = DTYPE_BYTES["float32"] if recipe.lora.rank else mb
+    grads = n_train * tb
     # alive from the forward through the loss backward: the root module (never resharded after
     # forward), the last block (reshard_after_forward=False) and, once more, the last block's
     # flat all-gather output, which FSDP2 keeps (comm_ctx.all_gather_state) until the next
@@ -330,7 +333,8 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     emb_full = model.vocab_size * model.hidden_size * pb if mesh.tp > 1 and s.root_emb_train else 0
     root_grads = s.root_train * pb if fsdp else 0
     # params + AdamW's exp_avg and exp_avg_sq: alive all step (the grads are not in it)
-    state = n_shard * mb + 2 * grads
+    param_bytes = (n_shard - n_train) * mb + n_train * tb
+    state = param_bytes + 2 * grads
     # the sharded grads alive in the forward and loss backward: none in the first micro-step
     # (zero_grad sets them to None); from the second on they hold the sum so far, unless FSDP2
     # skips the reduce-scatter (last_micro_step: the unsharded `accum` instead). Counting
@@ -352,7 +356,7 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
               ("embedding backward", state + grads + kept + root_grads + emb_full
                + (s.root_train * rb if no_sync else 0) + am.always),
               ("optimizer step", state + 2 * grads + am.always))
-    return {"params": n_shard * mb, "grads": grads, "optimizer": 2 * grads, "accum": accum, "gathered": kept,
+    return {"params": param_bytes, "grads": grads, "optimizer": 2 * grads, "accum": accum, "gathered": kept,
             "block": block, "acts": acts, "logits": logits, "params_per_rank": n_shard, "kept_whole": s.kept_whole,
             "attn_mask": am.peak if recompute else am.held,
             "phases": tuple(ph for ph in phases if ph)}
@@ -374,9 +378,8 @@ def flops_per_token(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placem
     n = matmul_params(model)
     return F.flops_per_token(
         matmul_params=n, layers=model.num_layers, heads=model.num_heads, head_dim=model.head_dim,
-        seq_len=t.seq_len, frozen_params=n - sum(m.shape[0] * m.shape[1] for m in adapted) if adapted else 0,
-        adapters=[(m.shape[0], lo.rank, m.shape[1]) for m in adapted],
-        tokens_per_micro_step=tokens_per_rank(t, mesh))
+        seq_len=t.seq_len, frozen_params=n if lo.rank > 0 else 0,    # LoRA: no base weight has a gradient
+        adapters=[(m.shape[0], lo.rank, m.shape[1]) for m in adapted])
 
 
 _RANK_PARAMS: dict = {}
@@ -599,9 +602,10 @@ def view(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, est: Estimate) -> dic
     am = attention_memory(recipe, model, mesh)
     shard = (f"FSDP shards padded to ceil(rows / {mesh.fsdp}) rows (rank 0, the peak rank)" if mesh.fsdp_enabled
              else "no FSDP (one-rank data-parallel mesh)")
-    how = {"params": f"{est.params_per_rank:,} params x {recipe.model.dtype}, after TP; {shard}",
-           "grads": "trainable params, sharded like params (from the backward on)",
-           "optimizer": "AdamW exp_avg + exp_avg_sq, sharded",
+    fp32_adapters = " (LoRA adapters float32)" if recipe.lora.rank else ""
+    how = {"params": f"{est.params_per_rank:,} params x {recipe.model.dtype}{fp32_adapters}, after TP; {shard}",
+           "grads": f"trainable params{fp32_adapters}, sharded like params (from the backward on)",
+           "optimizer": f"AdamW exp_avg + exp_avg_sq{fp32_adapters}, sharded",
            "accum_grads": f"unsharded grads held between the {mesh.grad_accum} micro-steps (no reduce-scatter until "
                           "the last)" if est.accum_grads_bytes else "none: no FSDP gradient accumulation without sync",
            "gathered": f"top-level module (embeddings, final norm, lm_head) + last block kept gathered in {pd}"
@@ -612,7 +616,7 @@ def view(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, est: Estimate) -> dic
                       else "tokens x vocab x 12 B (fp32 log-softmax, its grad in and out)"),
            "attn_mask": _mask_how(recipe, model, mesh, am)}
     flops_how = ("6N + 12 x layers x heads x head_dim x seq_len; N = matmul parameters, input embedding excluded"
-                 + ("; LoRA: 4 per frozen weight, 6 per adapted one, + the adapters' B x A" if recipe.lora.rank else ""))
+                 + ("; LoRA: 4 per frozen weight (no weight gradient), 6 per adapter parameter" if recipe.lora.rank else ""))
     return {"memory_rows": [{"name": k, "bytes": v, "how": how[k]} for k, v in est.terms.items()],
             "phase_rows": [{"name": name, "bytes": b, "peak": name == est.peak_phase} for name, b in est.phases],
             "total_bytes": est.total_bytes, "peak_phase": est.peak_phase, "budget_bytes": est.budget_bytes,

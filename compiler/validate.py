@@ -259,7 +259,7 @@ def _cross_field(d: dict[str, Any], aside: frozenset[str] = frozenset()) -> list
     """The rules the schema cannot say, over the defaults-filled dict. Each names the fields it
     reads (errors.reads) and is skipped when one of them was set aside."""
     checks = (_data_rules, _lr_floor, _requeue_signal, _resume_keyword, _cluster_env, _container_mounts,
-              _wandb_key, _warmup, _lora_dropout, _inside_dirs)
+              _wandb_key, _warmup, _inside_dirs)
     return [e for check in checks for e in run(check, aside, d)]
 
 
@@ -295,16 +295,6 @@ def _warmup(d: dict[str, Any]) -> list[RecipeError]:
     if train["warmup_steps"] > train["steps"]:
         return [RecipeError("train.warmup_steps", f"{train['warmup_steps']} exceeds train.steps={train['steps']}",
                             "warm up over a fraction of the run (e.g. 1-5%)")]
-    return []
-
-
-@reads("lora.rank", "lora.dropout")
-def _lora_dropout(d: dict[str, Any]) -> list[RecipeError]:
-    lo = d["lora"]
-    if lo["rank"] > 0 and lo["dropout"] > 0:
-        return [RecipeError("lora.dropout", f"{lo['dropout']}: the runtime adds the adapters to the weight "
-                            "(W + s*B*A, which keeps TP layouts free of extra communication), so there is "
-                            "no separate adapter input to drop out", "set lora.dropout: 0.0")]
     return []
 
 

@@ -33,7 +33,7 @@ import torch
 from . import checkpoint as ckpt
 from . import safeio
 from .errors import EXIT_USER, UserError
-from .lora import lora_scale, lora_targets
+from .lora import ADAPTER_DTYPE, lora_scale, lora_targets
 from .parallel import DTYPES, hf_config
 from .plan import load_plan
 from .roles import plan_roles
@@ -41,19 +41,22 @@ from .roles import plan_roles
 
 def _adapter_slots(model, plan) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{fqn: (lora_A (r x in), lora_B (out x r))} for a LoRA run's targets, empty otherwise;
-    the checkpoint holds them beside the frozen base weights (runtime/lora.py)."""
+    the checkpoint holds them beside the frozen base weights (runtime/lora.py), in float32 (an
+    older run's bf16 ones load into these too)."""
     lo = plan.lora
     if not lo.rank:
         return {}
-    dtype = DTYPES[plan.train.dtype]
+    dtype = ADAPTER_DTYPE
     return {fqn: (torch.empty(lo.rank, m.in_features, dtype=dtype), torch.empty(m.out_features, lo.rank, dtype=dtype))
             for fqn, m in lora_targets(model, plan)}
 
 
 def _merge_adapters(model, adapters: dict, scale: float) -> None:
-    """W <- W + s B A: the exported folder is a plain HF model, what the LoRA run computed."""
+    """W <- W + s B A: the exported folder is a plain HF model, what the LoRA run computed
+    (x W^T + s x A^T B^T, runtime/lora.py). Summed in float32, rounded once to W's dtype."""
     for fqn, (a, b) in adapters.items():
-        model.get_submodule(fqn).weight.add_(scale * (b @ a))
+        w = model.get_submodule(fqn).weight
+        w.copy_(w.float() + scale * (b.float() @ a.float()))
 
 
 MARKER = "meshbake-export.json"      # {"files": [...], "step": N}: what this export wrote

@@ -11,12 +11,12 @@ the routed experts a token really uses (top-k of them) plus the shared ones, not
 12 L H Dh T: attention scores QK^T and the weighted sum AV, each 2 * T * H * Dh FLOPs per token
 per layer forward, x3 with backward; causal masking is not halved (torchtitan neither).
 
-LoRA (the runtime adds s*B*A to the frozen weight, runtime/lora.py):
-    frozen, not adapted        4 per parameter: forward + input gradient, no weight gradient
-    adapted weights W          6: autograd forms d(W + sBA), a full weight-gradient matmul
-    adapters                   the product B @ A (out x r x in) once per micro-step forward and
-                               twice backward (dB, dA): 6 * out * r * in per micro-step, spread
-                               over the micro-step's tokens of one rank (mbs x T / cp)
+LoRA (the unmerged form, runtime/lora.py: y = x W^T + s dropout(x) A^T B^T), per token:
+    every frozen weight W       4 per parameter: forward 2 + input gradient 2, no weight gradient,
+                                adapted or not (the adapter never touches W's gradient)
+    adapters A (r x in), B (out x r)   6 per adapter parameter, r (in + out) per Linear: forward
+                                2 (x A^T, then B), input gradients 2 (through B, then A), weight
+                                gradients 2 (dB, dA), like any trained Linear of that shape
 Stdlib only: the compiler imports this module; the runtime reads the number from plan.json.
 """
 from __future__ import annotations
@@ -29,14 +29,13 @@ def attention_flops(layers: int, heads: int, head_dim: int, seq_len: int) -> int
 
 
 def flops_per_token(*, matmul_params: int, layers: int, heads: int, head_dim: int, seq_len: int,
-                    frozen_params: int = 0, adapters: Iterable[tuple[int, int, int]] = (),
-                    tokens_per_micro_step: int = 1) -> int:
-    """matmul_params: N above (active ones for MoE), frozen ones included. frozen_params: the
-    part of N that gets no weight gradient (LoRA: the matmul weights without an adapter).
+                    frozen_params: int = 0, adapters: Iterable[tuple[int, int, int]] = ()) -> int:
+    """matmul_params: N above (active ones for MoE), frozen ones included, adapters not.
+    frozen_params: the part of N that gets no weight gradient (LoRA: all of it).
     adapters: (out, rank, in) of every adapted Linear (full, unsharded shapes)."""
-    per_step = sum(6 * o * r * i for o, r, i in adapters)
-    return (6 * matmul_params - 2 * frozen_params + attention_flops(layers, heads, head_dim, seq_len)
-            + per_step // max(1, tokens_per_micro_step))
+    adapter_params = sum(r * (o + i) for o, r, i in adapters)
+    return (6 * matmul_params - 2 * frozen_params + 6 * adapter_params
+            + attention_flops(layers, heads, head_dim, seq_len))
 
 
 def dense_from_config(config: dict, num_params: int, tied: bool, seq_len: int) -> int:

@@ -2,16 +2,45 @@
 
 A target Linear (weight W: out x in; plan.json model.roles.lora_targets, resolved by the
 compiler) gets two parameters on the SAME module, lora_A (r x in) and lora_B (out x r), and
-computes  y = x (W + s B A)^T + b,  s = alpha / r. Because B A has W's shape, it takes W's
-tensor-parallel layout with no new communication (runtime/roles.py lora_dims, which the
-compiler's memory estimate reads too):
-    colwise  W Shard(0): B Shard(0) (out rows), A Replicate   -> B A is Shard(0)
-    rowwise  W Shard(1): A Shard(1) (in cols),  B Replicate   -> B A is Shard(1)
+computes the unmerged form, as PEFT does:
+
+    y = x W^T + s * dropout(x) A^T B^T + b,      s = alpha / r
+
+W is frozen: it gets no gradient, and no out x in temporary is ever formed (the merged form
+F.linear(x, W + s B A) built one per layer in forward and a full weight-gradient matmul in
+backward, reduced to dA and dB afterwards). Backward here: dx through W (as for any frozen
+layer) plus the thin adapter matmuls. Tensor parallelism needs no new communication (layouts
+from runtime/roles.py lora_dims, which the compiler's memory estimate reads too):
+    colwise  W Shard(0): A Replicate, B Shard(0) (out rows). x is Replicate (with sequence
+             parallel the block's PrepareModuleInput has already all-gathered it, so the
+             adapter sees the same gathered x as W); x A^T is computed whole on every tp
+             rank, then B gives this rank's output columns, Shard(-1) like x W^T.
+    rowwise  W Shard(1): A Shard(1) (in cols), B Replicate. x is Shard(-1); x_local A_local^T
+             is a Partial sum over tp, B keeps it Partial, and it is added to x_local W_local^T
+             (Partial too) BEFORE RowwiseParallel's one reduction (all-reduce, or the
+             reduce-scatter of sequence parallel).
     replicate           : both Replicate (plain tensors without TP)
+The gradients of A beside a colwise / B beside a rowwise W are Partial over tp, as before
+(FSDP2 reduces them; without FSDP runtime/parallel.py reduce_partial_grads does).
+
+dtype: adapters are kept in float32 whatever the base's dtype (ADAPTER_DTYPE; PEFT does the
+same): master weights, gradients and AdamW state. FSDP2's MixedPrecisionPolicy is one per
+fully_shard call and FSDP2 decides per parameter (a param_dtype equal to the parameter's own
+dtype is dropped), so the block's one policy serves both: the frozen bf16 W is gathered as it
+is and the fp32 adapters are cast to param_dtype for the forward, their gradients reduced in
+reduce_dtype into fp32 sharded grads. FSDP2 needs one dtype only across a group's TRAINABLE
+params: all adapters, all fp32. No second policy (it would need the adapters in a module of
+their own, renaming them and adding an all-gather per adapted Linear). So the adapter path
+computes in the block's compute dtype, as PEFT's does under autocast; without FSDP the
+forward casts the adapters to the input's dtype (autocast, if on, then casts as it does for W).
+
+dropout (recipe lora.dropout, PEFT's lora_dropout) is applied to the adapter's input only, in
+training. Under TP it is a DTensor op: on CUDA DTensor's RNG tracker gives the same mask on
+every tp rank for the replicated colwise input and distinct ones per shard for the rowwise
+input; on CPU (no tracker) each rank draws from its own generator, seeded alike on every rank.
+
 The base W is frozen; FSDP2 shards A and B with the rest of the block. Names stay HF's
 ("...q_proj.weight") plus "...q_proj.lora_A", so checkpoints and base weights load as usual.
-Trade-off: the weight-gradient matmul of W + sBA is done as for full fine-tuning (LoRA's
-backward-compute saving is not taken; its memory saving is: no grads or AdamW state for W).
 B starts at zero, so step 0 is exactly the base model.
 """
 from __future__ import annotations
@@ -24,14 +53,23 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from .plan import Plan
 from .roles import lora_dims, plan_roles
 
+ADAPTER_DTYPE = torch.float32     # lora_A / lora_B, their grads and AdamW state, whatever the base dtype
+
 
 class LoraLinear(nn.Linear):
     """nn.Linear whose forward adds the adapter delta; swapped in by __class__ (no new names)."""
 
     lora_scale: float
+    lora_dropout: float
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight + self.lora_scale * (self.lora_B @ self.lora_A), self.bias)
+        y = F.linear(x, self.weight, self.bias)          # frozen W: input gradient only
+        a, b = self.lora_A, self.lora_B
+        if a.dtype != x.dtype:         # without FSDP: compute in the input's dtype (FSDP2 cast them already)
+            a, b = a.to(x.dtype), b.to(x.dtype)
+        h = F.dropout(x, self.lora_dropout, True) if self.lora_dropout and self.training else x
+        # s folded into B (out x r, the small side): no scalar op on a Partial DTensor
+        return y + F.linear(F.linear(h, a), b * self.lora_scale)
 
 
 def lora_targets(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Linear]]:
@@ -50,24 +88,32 @@ def apply_lora(model: nn.Module, plan: Plan) -> list[str]:
         p.requires_grad_(False)
     done = []
     for fqn, mod in lora_targets(model, plan):
-        out_f, in_f = mod.weight.shape
-        dev, dtype = mod.weight.device, mod.weight.dtype
-        a = torch.empty(lo.rank, in_f, device=dev, dtype=dtype)
-        b = torch.empty(out_f, lo.rank, device=dev, dtype=dtype)
-        w = mod.weight
-        if isinstance(w, DTensor):
-            mesh = w.device_mesh
-            a_dim, b_dim = lora_dims(plan.tp.placements[fqn])
-            a = distribute_tensor(a, mesh, [Replicate() if a_dim is None else Shard(a_dim)], src_data_rank=None)
-            b = distribute_tensor(b, mesh, [Replicate() if b_dim is None else Shard(b_dim)], src_data_rank=None)
-        mod.lora_A = nn.Parameter(a)
-        mod.lora_B = nn.Parameter(b)
-        mod.__class__ = LoraLinear
-        mod.lora_scale = lora_scale(lo)
+        add_adapters(mod, lo.rank, lora_scale(lo), float(lo.dropout), plan.tp.placements.get(fqn, "replicate"))
         done.append(fqn)
     if not done:
         raise ValueError(f"lora.targets {list(lo.targets)}: plan.json names no module to adapt")
     return done
+
+
+def add_adapters(mod: nn.Linear, rank: int, scale: float, dropout: float, style: str) -> LoraLinear:
+    """One Linear (already TP'd when W is a DTensor, placed `style`) becomes a LoraLinear with
+    empty fp32 lora_A / lora_B laid out beside W (runtime/roles.py lora_dims)."""
+    out_f, in_f = mod.weight.shape
+    dev = mod.weight.device
+    a = torch.empty(rank, in_f, device=dev, dtype=ADAPTER_DTYPE)
+    b = torch.empty(out_f, rank, device=dev, dtype=ADAPTER_DTYPE)
+    w = mod.weight
+    if isinstance(w, DTensor):
+        mesh = w.device_mesh
+        a_dim, b_dim = lora_dims(style)
+        a = distribute_tensor(a, mesh, [Replicate() if a_dim is None else Shard(a_dim)], src_data_rank=None)
+        b = distribute_tensor(b, mesh, [Replicate() if b_dim is None else Shard(b_dim)], src_data_rank=None)
+    mod.lora_A = nn.Parameter(a)
+    mod.lora_B = nn.Parameter(b)
+    mod.__class__ = LoraLinear
+    mod.lora_scale = scale
+    mod.lora_dropout = dropout
+    return mod
 
 
 def lora_init(name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor | None:

@@ -133,14 +133,19 @@ def test_one_flops_per_token_for_plan_and_mfu():
 
 
 def test_lora_flops_skip_the_frozen_weight_gradients():
-    """Frozen, not adapted: 4 per parameter; adapted: 6 (autograd forms d(W + sBA)); plus the
-    adapters' B @ A, 6 out r in per micro-step over its mbs x seq tokens."""
+    """The unmerged form (runtime/lora.py): every base weight 4 per parameter (forward + input
+    gradient, adapted or not: no weight gradient, no s B A temporary); the adapters 6 per
+    parameter, r (in + out) per adapted Linear, like any trained Linear."""
     r = resolve(recipe_text(model={"config": "llama-3.1-8b", "dtype": "bfloat16"}, lora={"rank": 16, "targets": ["q_proj"]},
                             train={"seq_len": 4096, "global_batch_size": 8, "activation_checkpointing": "full"}))
     n = 8_030_261_248 - 128256 * 4096
-    q = 32 * 4096 * 4096
-    want = 4 * n + 2 * q + 12 * 32 * 4096 * 4096 + 32 * 6 * 4096 * 16 * 4096 // 4096
+    want = 4 * n + 6 * 32 * 16 * (4096 + 4096) + 12 * 32 * 4096 * 4096
     assert r.estimate.flops_per_token == want
+    # the micro-batch no longer matters (the merged form spread 6 out r in per micro-step over it)
+    r2 = resolve(recipe_text(model={"config": "llama-3.1-8b", "dtype": "bfloat16"}, lora={"rank": 16, "targets": ["q_proj"]},
+                             train={"seq_len": 4096, "global_batch_size": 8, "micro_batch_size": 2,
+                                    "activation_checkpointing": "full"}))
+    assert r2.estimate.flops_per_token == want
 
 
 def _rows(est, axis: str, op: str) -> tuple[int, int]:

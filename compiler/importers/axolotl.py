@@ -492,12 +492,10 @@ def _lora(cfg: Mapping[str, Any], acc: _Acc, linears: Sequence[str]) -> bool:
             "lora_alpha" if cfg.get("lora_alpha") else "PEFT's default alpha = r")
     if cfg.get("lora_alpha") is not None:
         acc.note("lora_alpha", "mapped", "lora.alpha")
-    drop = float(_num(cfg.get("lora_dropout") or 0.0))
-    acc.set("lora.dropout", 0.0, f"lora_dropout {drop} not supported" if drop else "lora_dropout")
+    acc.set("lora.dropout", float(_num(cfg.get("lora_dropout") or 0.0)),
+            "lora_dropout" if cfg.get("lora_dropout") is not None else "PEFT's default lora_dropout = 0")
     if cfg.get("lora_dropout") is not None:
-        acc.note("lora_dropout", "approximated" if drop else "mapped", "lora.dropout",
-                 "adapter-input dropout is not supported (the runtime adds s*B*A to the weight, so there is no "
-                 "separate adapter input): written as 0.0" if drop else "")
+        acc.note("lora_dropout", "mapped", "lora.dropout")
     mods = cfg.get("lora_target_modules") or []
     mods = [mods] if isinstance(mods, str) else list(mods)
     targets = list(dict.fromkeys(mods + (list(linears) if cfg.get("lora_target_linear") else [])))

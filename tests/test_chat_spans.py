@@ -205,3 +205,22 @@ def test_real_function_calling_records(toks, family):
                 assert json.loads(m["value"])["name"] in got
             elif len(m["value"]) > 12:
                 assert m["value"] not in got
+
+
+def test_generation_markers_are_the_spans(toks):
+    """A template that marks {% generation %} spans (return_assistant_tokens_mask) is taken at its word."""
+    tok = toks["chatml"]
+    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['role'] == 'assistant' %}"
+                         "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+                         "{% else %}{{ m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    try:
+        e = enc(tok)
+        ids, mask = e.chat(CONV, "rec.jsonl:1")
+        ref = tok.apply_chat_template(CONV, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        assert e._probe().generation and ids.tolist() == list(ref["input_ids"])
+        assert mask.tolist() == [bool(x) for x in ref["assistant_masks"]]
+        assert trained(tok, ids, mask) == "".join(m["content"] + "<|im_end|>" for m in CONV if m["role"] == "assistant")
+    finally:
+        tok.chat_template = json.loads((ROOT / "tests/fixtures/chat_templates/chatml/tokenizer_config.json")
+                                       .read_text())["chat_template"]

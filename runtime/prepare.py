@@ -46,7 +46,7 @@ from .plan import DataPlan, Plan, Source, load_plan
 
 PREPARE_VERSION = 1        # bump when the on-disk layout or the tokenization rules change
 IGNORE = -100              # label of a position without loss (torch cross_entropy's ignore_index)
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "user", "assistant", "tool", "tool_call")   # tool_call: ShareGPT function_call (JSON {name, arguments})
 FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
               ".md": "text", ".text": "text"}
 ALPACA = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately "
@@ -220,6 +220,8 @@ class Encoder:
     def __init__(self, data: DataPlan, tok):
         self.data, self.tok, self.f = data, tok, data.fields
         self._template: _BoundedTemplate | None = None
+        self._facts: _TemplateFacts | None = None
+        self._special_text = None
         self.eos = None if tok is None else (tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id)
         self.special: set[int] = set()
         if tok is not None:
@@ -261,7 +263,9 @@ class Encoder:
                                      instruction=i, input=f"### Input:\n{x}\n\n" if x else "")
                        for i, x in zip(ins, inp)]
             return self._prompt_completion(prompts, out)
-        return [self.chat(m, where(start + i)) for i, m in enumerate(self.field(batch, "messages", where, start))]
+        tools = batch.get(CHAT_TOOLS) or [None] * len(batch.get(self.f.messages) or [])
+        return [self.chat(m, where(start + i), t)
+                for i, (m, t) in enumerate(zip(self.field(batch, "messages", where, start), tools))]
 
     def _ids(self, texts: list[str], special: bool) -> list[list[int]]:
         return self.tok(texts, add_special_tokens=special)["input_ids"] if texts else []
@@ -294,27 +298,46 @@ class Encoder:
         return out
 
     # ------------------------------------------------------------------------------ chat
-    def _messages(self, raw, where: str) -> list[dict[str, str]]:
+    def _messages(self, raw, where: str) -> list[dict]:
+        """The record's messages as the template expects them (transformers' form): role mapped,
+        content a string (OpenAI text parts joined), tool_calls / tool role kept, a `tool_call`
+        message (ShareGPT's function_call: content = JSON {name, arguments}) made an assistant
+        message with tool_calls."""
         if not isinstance(raw, list) or not raw:
             raise DataError(f"{where}: {self.f.messages!r} must be a non-empty list of messages")
         out = []
         for j, m in enumerate(raw):
-            if not isinstance(m, dict) or self.f.role not in m or self.f.content not in m:
+            if not isinstance(m, dict) or self.f.role not in m or (self.f.content not in m and not m.get("tool_calls")):
                 raise DataError(f"{where}: message {j + 1} has no {self.f.role!r} / {self.f.content!r} "
                                 f"(data.fields.role / data.fields.content)")
             role = self.data.roles.get(m[self.f.role], m[self.f.role])
             if role not in ROLES:
                 raise DataError(f"{where}: message {j + 1}: unknown role {m[self.f.role]!r}; map it with "
                                 f"data.roles (e.g. {{human: user, gpt: assistant}}) to one of {', '.join(ROLES)}")
-            out.append({"role": role, "content": str(m[self.f.content] or "")})
+            msg = {"role": role, "content": _content_text(m.get(self.f.content), f"{where}: message {j + 1}")}
+            if role == "tool_call":
+                msg = {"role": "assistant", "content": "",
+                       "tool_calls": [_tool_call(msg["content"], f"{where}: message {j + 1}")]}
+            elif m.get("tool_calls"):
+                if role != "assistant":
+                    raise DataError(f"{where}: message {j + 1}: tool_calls in a {role!r} message (only assistant "
+                                    f"messages call tools)")
+                msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}: message {j + 1}")
+            for k in ("name", "tool_call_id", "reasoning_content", "thinking"):
+                if isinstance(m.get(k), str) and k != self.f.content:
+                    msg[k] = m[k]
+            out.append(msg)
         return out
 
-    def _render(self, msgs: list[dict], gen: bool, where: str) -> str:
+    def _render(self, msgs: list[dict], gen: bool, where: str, tools: list | None = None,
+                track: list | None = None) -> str:
         if self._template is None:
             self._template = _BoundedTemplate(self.tok)
-        cap = max(RENDER_CHARS_PER_INPUT * sum(len(m["role"]) + len(m["content"]) for m in msgs), RENDER_MIN_CHARS)
+        chars = sum(len(m["role"]) + len(m["content"] or "") + len(json.dumps(m.get("tool_calls") or ""))
+                    for m in msgs) + (len(json.dumps(tools)) if tools else 0)
+        cap = max(RENDER_CHARS_PER_INPUT * chars, RENDER_MIN_CHARS)
         try:
-            return self._template.render(msgs, gen, cap, RENDER_SECONDS)
+            return self._template.render(msgs, gen, cap, RENDER_SECONDS, tools=tools, track=track)
         except RenderLimit as e:
             raise DataError(f"{where}: the chat template {e} rendering this conversation (the cap per record: "
                             f"{RENDER_CHARS_PER_INPUT} x its characters, at least {RENDER_MIN_CHARS:,}; "
@@ -324,38 +347,284 @@ class Encoder:
             raise DataError(f"{where}: the chat template refused this conversation: "
                             f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
 
-    def chat(self, raw, where: str) -> tuple[np.ndarray, np.ndarray]:
-        """Loss mask by prefix rendering (works for templates without {% generation %} markers):
-        the text of assistant turn i is [render(msgs[:i], add_generation_prompt), render(msgs[:i+1]))
-        in characters. The whole conversation is tokenized once with offsets and a token is in
-        that turn if its characters are; within a turn, tokens after the first special token
-        (the end-of-turn: <|im_end|>, <|eot_id|>) are not trained (ChatML's newline after it)."""
+    def _try(self, msgs: list[dict], gen: bool, tools: list | None) -> str | None:
+        try:
+            return self._render(msgs, gen, "probe", tools)
+        except DataError:
+            return None
+
+    def _probe(self) -> _TemplateFacts:
+        """What the template does, learnt once from small conversations through the same sandbox:
+        its generation prompt, the special tokens that end an assistant turn (the first after a
+        reply: <|im_end|>, <|eot_id|>, gpt-oss's <|end|> and <|return|>), whether it renders
+        tool calls (with content "" or, DeepSeek's, None) and tool schemas."""
+        if self._facts is not None:
+            return self._facts
+        u1, u2 = {"role": "user", "content": "Name a city."}, {"role": "user", "content": "Another one."}
+        a1, a2 = {"role": "assistant", "content": "Paris"}, {"role": "assistant", "content": "Rome"}
+        gen = ""
+        with_gen, without = self._try([u1], True, None), self._try([u1], False, None)
+        if with_gen is not None and without is not None and with_gen.startswith(without):
+            gen = with_gen[len(without):]
+        ends = {self.eos} - {None}
+        for conv in ([u1, a1, u2, a2], [{"role": "system", "content": "Be brief."}, u1, a1, u2, a2], [u1, a1]):
+            full = self._try(conv, False, None)
+            if full is None:
+                continue
+            enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
+            at = 0
+            for reply in ("Paris", "Rome"):
+                k = full.find(reply, at)
+                if k < 0:
+                    break
+                at = k + len(reply)
+                after = [t for t, (s, _) in zip(enc["input_ids"], enc["offset_mapping"]) if s >= at and t in self.special]
+                if after:
+                    ends.add(after[0])
+        call = {"type": "function", "function": {"name": "meshbake_probe_call", "arguments": '{"x": 1}'}}
+        call_content: Any = False
+        for empty in ("", None):
+            out = self._try([u1, {"role": "assistant", "content": empty, "tool_calls": [call]}], False, None)
+            if out is not None and "meshbake_probe_call" in out:
+                call_content = empty
+                break
+        schema = {"type": "function", "function": {"name": "meshbake_probe_tool", "description": "d",
+                                                   "parameters": {"type": "object", "properties": {}}}}
+        out = self._try([u1], False, [schema])
+        self._facts = _TemplateFacts(gen, frozenset(ends), call_content, out is not None and "meshbake_probe_tool" in out,
+                                     _GENERATION_TAG.search(self._template.source) is not None)
+        return self._facts
+
+    def _tools(self, raw, where: str) -> list | None:
+        """A record's tools column (a list of JSON schemas, or its JSON text) in transformers' form:
+        {"type": "function", "function": {name, description, parameters}}."""
+        if raw is None or raw == "" or raw == []:
+            return None
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except ValueError:
+                raise DataError(f"{where}: 'tools' is not JSON (a list of function schemas)") from None
+        if isinstance(raw, dict):
+            raw = [raw]
+        if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+            raise DataError(f"{where}: 'tools' must be a list of function schemas ({{name, description, parameters}})")
+        return [t if "function" in t or "name" not in t else {"type": "function", "function": t} for t in raw] or None
+
+    def chat(self, raw, where: str, tools=None) -> tuple[np.ndarray, np.ndarray]:
+        """ids = the conversation through the chat template (= apply_chat_template(..., tokenize=True)
+        but that message text is never read as control tokens); mask = the assistant turns as the
+        template writes them, each up to its end-of-turn token (see _turns), per train_on."""
         msgs = self._messages(raw, where)
-        full = self._render(msgs, False, where)
-        spans = []
+        tools = self._tools(tools, where)
+        facts = self._probe()
+        if tools and not facts.tools:
+            raise DataError(f"{where}: the record has tools but the chat template of data.tokenizer does not render "
+                            f"them (the model would learn to call functions it was never shown); use a tokenizer "
+                            f"whose template does, or drop the tools column")
+        for j, m in enumerate(msgs):
+            if m.get("tool_calls"):
+                if facts.call_content is False:
+                    raise DataError(f"{where}: message {j + 1} calls a tool but the chat template of data.tokenizer "
+                                    f"does not render tool calls; use a tokenizer whose template does, or remove them")
+                if not m["content"] and facts.call_content is None:
+                    m["content"] = None
+        marked: list | None = [] if facts.generation else None
+        full = self._render(msgs, False, where, tools, marked)
+        ids, offs = self._tokenize(full, msgs, where)
+        mask = np.full(len(ids), self.data.train_on == "all")
+        if self.data.train_on == "all":
+            return ids, mask
+        if marked is not None:          # {% generation %}: the template's own spans
+            turns = [(s, e, e) for s, e in marked]
+            if not turns:
+                raise DataError(f"{where}: the chat template marks {{% generation %}} spans but rendered none for "
+                                f"this conversation")
+        else:
+            turns = self._turns(msgs, tools, full, facts, where)
+        ends = np.isin(ids, list(facts.ends))
+        for s, b, stop in turns[-1:] if self.data.train_on == "last_turn" else turns:
+            inside = np.flatnonzero((offs[:, 0] >= s) & (offs[:, 1] <= b) & (offs[:, 1] > offs[:, 0]))
+            if marked is None:       # the turn up to its (last) end-of-turn token, not the newline after it
+                fin = inside[ends[inside]]
+                inside = inside[inside <= fin[-1]] if fin.size else inside[offs[inside, 1] <= stop]
+            mask[inside] = True
+        return ids, mask
+
+    def _turns(self, msgs: list[dict], tools, full: str, facts: _TemplateFacts, where: str) -> list[tuple[int, int, int]]:
+        """Per assistant message (start, bound, stop) in characters of `full`: the turn's tokens are
+        [start, bound) up to the last end-of-turn token there (else up to `stop`).
+        By prefix rendering (TRL, Axolotl): turn i is what rendering messages 0..i adds to 0..i-1 with
+        the generation prompt, used when both renderings are prefixes of the whole (the spans then
+        concatenate to it). A template that renders a turn differently once more follows (Qwen3's
+        think block on the last reply, gpt-oss's <|return|>, DeepSeek's system prompt moved to the
+        front) or a reply that opens the conversation (before it: BOS, a default system prompt) are
+        located in the whole rendering instead: the rendering with that message emptied differs from
+        the whole exactly where the template wrote it, and the turn starts after the generation
+        prompt before that (never earlier than the previous turn's end)."""
+        out: list[tuple[int, int, int]] = []
+        lo = 0
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            try:
-                head = self._render(msgs[:i], True, where) if i else ""
-            except DataError:
-                head = self._render(msgs[:i], False, where) if i else ""
-            upto = full if i == len(msgs) - 1 else self._render(msgs[:i + 1], False, where)
-            if not (full.startswith(upto) and upto.startswith(head)):
-                raise DataError(f"{where}: the chat template does not render a conversation's prefix as a prefix of "
-                                f"it (at message {i + 1}), so assistant turns cannot be located; use train_on: all")
-            spans.append((len(head), len(upto)))
-        enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(enc["input_ids"], np.int32)
-        offs = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
-        mask = np.full(len(ids), self.data.train_on == "all")
-        special = np.isin(ids, list(self.special))
-        for s, e in spans[-1:] if self.data.train_on == "last_turn" else spans:
-            inside = np.flatnonzero((offs[:, 0] >= s) & (offs[:, 1] <= e) & (offs[:, 1] > offs[:, 0]))
-            ends = inside[special[inside]]
-            last = ends[0] if ends.size else (inside[-1] if inside.size else -1)
-            mask[inside[inside <= last]] = True      # the reply up to its end-of-turn token
-        return ids, mask
+            span = None
+            if i:
+                head = self._render(msgs[:i], True, where, tools)
+                upto = full if i == len(msgs) - 1 else self._render(msgs[:i + 1], False, where, tools)
+                if full.startswith(upto) and upto.startswith(head) and len(head) >= lo:
+                    span = (len(head), len(upto), len(upto))
+            if span is None:
+                span = self._located(msgs, i, tools, full, facts, lo, where)
+            if span is not None:      # None: an empty reply the template writes nothing for
+                out.append(span)
+                lo = span[2]
+        return out
+
+    def _located(self, msgs, i, tools, full, facts, lo, where) -> tuple[int, int, int] | None:
+        blank = [dict(m) if j != i else {"role": "assistant", "content": ""} for j, m in enumerate(msgs)]
+        other = self._render(blank, False, where, tools)
+        a = _common_prefix(full, other)
+        e = len(full) - _common_prefix(full[a:][::-1], other[a:][::-1])
+        if e <= a:
+            return None
+        g = full.rfind(facts.gen, lo, a) if facts.gen else -1
+        start = g + len(facts.gen) if g >= 0 else a
+        bound = len(full)
+        for m in msgs[i + 1:]:        # the next message the template writes bounds this turn
+            text = m["content"] if isinstance(m.get("content"), str) else ""
+            k = full.find(text, e) if text else -1
+            if k >= 0:
+                bound = k
+                break
+        return start, bound, e
+
+    def _tokenize(self, full: str, msgs: list[dict], where: str) -> tuple[np.ndarray, np.ndarray]:
+        """The rendering tokenized once with offsets, as apply_chat_template(tokenize=True) does;
+        but control-token text inside a message (a reply quoting <|eot_id|>) stays text: such a
+        message's text is tokenized with split_special_tokens, the template's scaffolding with its
+        special tokens parsed, so a reply can never end its own turn early."""
+        pieces = []
+        if self._special_text is None:
+            self._special_text = _special_pattern(self.tok)
+        if self._special_text:
+            at = 0
+            for j, m in enumerate(msgs):
+                text = m.get("content")
+                if not isinstance(text, str) or not self._special_text.search(text):
+                    continue
+                for t in (text, text.strip()):
+                    k = full.find(t, at)
+                    if k < 0:
+                        k = full.find(t)
+                    if k >= 0 and not any(s < k + len(t) and k < e for s, e in pieces):
+                        pieces.append((k, k + len(t)))
+                        at = k + len(t)
+                        break
+                else:
+                    raise DataError(f"{where}: message {j + 1} contains control-token text "
+                                    f"({self._special_text.search(text).group(0)!r}) and the chat template changes "
+                                    f"the message, so it cannot be kept as text; remove that text or the record")
+        if not pieces:
+            enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
+            return (np.asarray(enc["input_ids"], np.int32),
+                    np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2))
+        ids: list[int] = []
+        offs: list[tuple[int, int]] = []
+        at = 0
+        for s, e, split in _pieces(sorted(pieces), len(full)):
+            enc = self.tok(full[s:e], add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=split)
+            ids += enc["input_ids"]
+            offs += [(a + s, b + s) for a, b in enc["offset_mapping"]]
+            at = e
+        return np.asarray(ids, np.int32), np.asarray(offs, np.int64).reshape(-1, 2)
+
+
+CHAT_TOOLS = "tools"      # format chat: a record's column of function schemas (TRL's name), passed as tools=
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+@dataclass(frozen=True)
+class _TemplateFacts:
+    gen: str                  # the generation prompt ("<|im_start|>assistant\n"), "" if unknown
+    ends: frozenset[int]      # token ids that end an assistant turn (eos + those seen after a reply)
+    call_content: Any         # content of a tool-call-only message: "" or None; False: tool calls not rendered
+    tools: bool               # the template renders tool schemas (tools=)
+    generation: bool          # the template marks {% generation %} spans
+
+
+def _content_text(content, where: str) -> str:
+    """A message's content as text: a string, or OpenAI content parts whose text parts are joined
+    with newlines (as vLLM does); a non-text part (image, audio) is refused, never its repr trained."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        texts = []
+        for p in content:
+            kind = p.get("type", "text" if "text" in p else None)
+            if kind != "text" or not isinstance(p.get("text"), str):
+                raise DataError(f"{where}: a content part of type {kind!r}; format chat trains text only (keep the "
+                                f"text parts, or remove that record)")
+            texts.append(p["text"])
+        return "\n".join(texts)
+    if isinstance(content, (int, float, bool)):
+        return str(content)
+    raise DataError(f"{where}: content must be text or a list of text parts ({{type: text, text: ...}}), not a "
+                    f"{type(content).__name__}")
+
+
+def _tool_call(text: str, where: str) -> dict:
+    """ShareGPT's function_call message (JSON {name, arguments}) as one transformers tool call."""
+    try:
+        call = json.loads(text)
+    except ValueError:
+        call = None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        raise DataError(f"{where}: a tool_call message must be JSON {{\"name\": ..., \"arguments\": {{...}}}}")
+    args = call.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            pass
+    return {"type": "function", "function": {"name": call["name"], "arguments": args}}
+
+
+def _tool_calls(calls, where: str) -> list[dict]:
+    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+        raise DataError(f"{where}: tool_calls must be a list of {{type: function, function: {{name, arguments}}}}")
+    out = []
+    for c in calls:
+        fn = c.get("function", c)
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise DataError(f"{where}: a tool call without a function name")
+        out.append({**c, "type": c.get("type", "function"), "function": fn})
+    return out
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    return next((k for k in range(n) if a[k] != b[k]), n)
+
+
+def _special_pattern(tok):
+    """A regex matching the text of every special token (added tokens marked special)."""
+    texts = {t for t in tok.all_special_tokens} | {t.content for t in tok.added_tokens_decoder.values() if t.special}
+    texts = sorted((t for t in texts if t), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, texts))) if texts else False
+
+
+def _pieces(content: list[tuple[int, int]], n: int):
+    """[0, n) cut into scaffolding (special tokens parsed) and message text (split_special_tokens)."""
+    at = 0
+    for s, e in content:
+        if s > at:
+            yield at, s, False
+        yield s, e, True
+        at = e
+    if at < n:
+        yield at, n, False
 
 
 # ------------------------------------------------------------------- bounded chat rendering
@@ -484,7 +753,7 @@ class _BoundedTemplate:
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
         self.tok = tok
-        src = tok.get_chat_template() if hasattr(tok, "get_chat_template") else tok.chat_template
+        self.source = src = tok.get_chat_template() if hasattr(tok, "get_chat_template") else tok.chat_template
         # transformers' environment, from an empty template: compiling `src` there would let jinja's
         # optimizer fold constants ('x' * 10**10, 'x' | center(10**10)) at compile time, unguarded.
         # Ours folds nothing big: intercepted operators are never folded, and a guarded filter
@@ -517,19 +786,33 @@ class _BoundedTemplate:
             return join(parts)
         return bounded
 
-    def render(self, msgs: list[dict], gen: bool, cap: int, seconds: float) -> str:
-        import io
+    def render(self, msgs: list[dict], gen: bool, cap: int, seconds: float, tools: list | None = None,
+               track: list | None = None) -> str:
+        """The rendering; with `track` (a list) the template's {% generation %} spans are appended
+        to it as (start, end) characters, as apply_chat_template(return_assistant_tokens_mask=True)."""
+        import contextlib
+
+        from transformers.utils import chat_template_utils as ctu
+
+        # as apply_chat_template passes them: keys whose value is None dropped, reasoning fields aliased
+        msgs = [{k: v for k, v in m.items() if v is not None} for m in msgs]
+        msgs = ctu._alias_reasoning_fields(msgs) if hasattr(ctu, "_alias_reasoning_fields") else msgs
 
         b = self.budget
         b.cap, b.seconds, b.deadline = cap, seconds, time.monotonic() + seconds
-        out, n = io.StringIO(), 0
-        with _alarm(seconds + 0.5):
-            for chunk in self.template.generate(messages=[dict(m) for m in msgs], tools=None, documents=None,
+        blocks: list[str] = []
+        n = 0
+        env = self.template.environment
+        tracking = env.activate_tracker(blocks, track) if track is not None and hasattr(env, "activate_tracker") \
+            else contextlib.nullcontext()
+        with _alarm(seconds + 0.5), tracking:
+            for chunk in self.template.generate(messages=ctu._plain_template_data(msgs),
+                                                tools=ctu._plain_template_data(tools), documents=None,
                                                 add_generation_prompt=gen, **self.extra):
                 n += len(chunk)
                 b.check(n)
-                out.write(chunk)
-        return out.getvalue()
+                blocks.append(chunk)
+        return "".join(blocks)
 
 
 class _alarm:

@@ -100,7 +100,8 @@ def _resolve(args):
     d = load.load_recipe(args.recipe, tuple(args.overrides), args.cluster)
     if isinstance(d, Err):
         return d
-    return resolve_dict(d)
+    # prepare tokenizes data: a model over the GPU's memory is check's and bundle's error, not its
+    return resolve_dict(d, memory=args.cmd != "prepare")
 
 
 def _count(n: float) -> str:

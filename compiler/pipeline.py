@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshbake.compiler.errors import Err, RecipeError, Result, reads, run, skipped
-from meshbake.compiler.estimate import Estimate, checked_estimate
+from meshbake.compiler.estimate import Estimate, checked_estimate, estimate
 from meshbake.compiler.mesh import MeshSpec, resolve_mesh
 from meshbake.compiler.model import ModelSpec, model_spec
 from meshbake.compiler.placements import Placements, resolve_placements
@@ -39,10 +39,11 @@ class Bundle:
 
 
 def resolve(recipe: Recipe, model_config: Mapping[str, Any], source: str,
-            aside: frozenset[str] = frozenset()) -> Result[Resolved]:
+            aside: frozenset[str] = frozenset(), memory: bool = True) -> Result[Resolved]:
     """The stages after validate. `aside`: fields validate set aside (their errors are already
     reported); the checks that read them are skipped, and without a mesh or an estimate to trust
-    the pipeline stops with nothing more to say (Err(()))."""
+    the pipeline stops with nothing more to say (Err(())). memory=False: no GPU-memory check
+    (`meshbake prepare` needs the plan's data section, not a model that fits)."""
     model = model_spec(model_config, source)
     if isinstance(model, Err):
         return model
@@ -54,7 +55,7 @@ def resolve(recipe: Recipe, model_config: Mapping[str, Any], source: str,
         return pl
     if skipped(checked_estimate, aside):
         return Err(())
-    est = checked_estimate(recipe, model, mesh, pl)
+    est = checked_estimate(recipe, model, mesh, pl) if memory else estimate(recipe, model, mesh, pl)
     if isinstance(est, Err):
         return est
     return Resolved(recipe=recipe, model=model, mesh=mesh, placements=pl, estimate=est,
@@ -75,10 +76,10 @@ def _tokenizer_errors(recipe: Recipe, cfg: Mapping[str, Any]) -> tuple[RecipeErr
     return load.tokenizer_errors(recipe.data.format, recipe.data.tokenizer, cfg)
 
 
-def resolve_dict(d: Mapping[str, Any]) -> Result[Resolved]:
+def resolve_dict(d: Mapping[str, Any], memory: bool = True) -> Result[Resolved]:
     """Validated-or-not recipe dict -> Resolved (reads the model config.json / catalog). Every
     independent error at once: a field with an error is set aside (validate.Validated) and the
-    later stages still run the checks that do not read it."""
+    later stages still run the checks that do not read it. memory=False: see resolve."""
     from meshbake.compiler import validate as validate_mod
 
     v = validate_mod.validate_fields(dict(d))
@@ -88,7 +89,7 @@ def resolve_dict(d: Mapping[str, Any]) -> Result[Resolved]:
     cfg = _model_config(recipe)
     if not isinstance(cfg, Err):
         errs += tuple(run(_tokenizer_errors, v.aside, recipe, cfg))
-    res = cfg if isinstance(cfg, Err) else resolve(recipe, cfg, recipe.model.config, v.aside)
+    res = cfg if isinstance(cfg, Err) else resolve(recipe, cfg, recipe.model.config, v.aside, memory)
     if isinstance(res, Err):
         return Err(tuple(dict.fromkeys(errs + res.errors)))
     return Err(errs) if errs else res

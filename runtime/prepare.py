@@ -33,6 +33,8 @@ import shutil
 import stat
 import sys
 import time
+from array import array
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -47,8 +49,8 @@ from .plan import DataPlan, Plan, Source, load_plan
 PREPARE_VERSION = 1        # bump when the on-disk layout or the tokenization rules change
 IGNORE = -100              # label of a position without loss (torch cross_entropy's ignore_index)
 ROLES = ("system", "user", "assistant", "tool", "tool_call")   # tool_call: ShareGPT function_call (JSON {name, arguments})
-FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
-              ".md": "text", ".text": "text"}
+FILE_KINDS = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
+              ".tsv": "csv", ".txt": "text", ".md": "text", ".text": "text"}
 ALPACA = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately "
           "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
 
@@ -61,6 +63,12 @@ class DataError(UserError):
         Exception.__init__(self, message)
         where, _, rest = message.partition(": ")
         self.path, self.problem, self.fix = where, rest or message, ""
+
+
+class TemplateLimitError(DataError):
+    """The chat template ran past its per-record bound: the tokenizer's fault, not the record's,
+    so it stops the prepare at once whatever data.bad_records says (every record would cost the
+    full time bound, 2 s each, before the bad-record list gave up)."""
 
 
 # ------------------------------------------------------------------------------ fingerprints
@@ -106,7 +114,8 @@ def stale_files(facts: list[dict]) -> list[str]:
 
 # ----------------------------------------------------------------------------------- sources
 def source_files(path: str, key: str) -> tuple[str, list[Path]]:
-    """('disk', [folder]) for a save_to_disk folder, else ('files', sorted data files)."""
+    """('disk', [folder]) for a save_to_disk folder, else ('files', sorted data files): a file, or
+    a folder's data files by the datasets library's own rules (_folder_files)."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{key}: {path!r} not found (relative to {os.getcwd()})")
@@ -114,7 +123,7 @@ def source_files(path: str, key: str) -> tuple[str, list[Path]]:
         return "disk", [p]
     if p.is_dir() and (p / "dataset_dict.json").is_file():
         return "disk", [p]
-    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in FILE_KINDS) if p.is_dir() else [p]
+    files = _folder_files(p, path, key) if p.is_dir() else [p]
     if not files:
         raise DataError(f"{key}: no data files in {path!r} (looked for {', '.join(sorted(FILE_KINDS))})")
     if files[0].suffix not in FILE_KINDS:
@@ -123,8 +132,80 @@ def source_files(path: str, key: str) -> tuple[str, list[Path]]:
     return "files", files
 
 
+# datasets' order when two kinds have as many files (infer_module_for_data_files_list): parquet first
+_KIND_RANK = {".parquet": 5, ".jsonl": 4, ".json": 3, ".ndjson": 3, ".csv": 2, ".tsv": 2}
+
+
+def _folder_files(p: Path, path: str, key: str) -> list[Path]:
+    """A folder as `datasets.load_dataset(folder)` reads it (a Hugging Face dataset folder, e.g.
+    README.md + data/train-00000-of-00001.parquet): the files of the default config's data_files
+    in its dataset card (README.md YAML `configs:`), else datasets' split patterns
+    (get_data_patterns: data/train-*-of-*, train.jsonl, a train/ folder, else every file).
+    README.md, dataset_info.json, hidden files and folders are not data (datasets' own ignore
+    rules). Split: data.sources read `train`, data.eval_sources `validation`, `test`, then `train`;
+    a folder with one split reads that one. Of those files, the most common kind (the datasets
+    order on a tie: parquet, jsonl, json, csv, then text files) is read, as load_dataset infers
+    one builder per dataset: a CHANGELOG.md beside the .jsonl files is not a record."""
+    import datasets
+    from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns, sanitize_patterns
+
+    base = str(p.resolve())
+    try:
+        patterns = _card_patterns(p) or get_data_patterns(base)
+        splits = DataFilesDict.from_patterns(sanitize_patterns(patterns), base_path=base)
+    except (EmptyDatasetError, FileNotFoundError):
+        return []
+    except Exception as e:  # noqa: BLE001 - a dataset card datasets cannot parse, a bad pattern in it
+        raise DataError(f"{key}: {path!r}: datasets cannot resolve its data files "
+                        f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}); fix its README.md "
+                        f"`configs:` or name the data file itself") from None
+    del datasets
+    want = ("validation", "test", "train") if key.startswith("data.eval_sources") else ("train",)
+    split = next((w for w in want if w in splits), next(iter(splits)) if len(splits) == 1 else None)
+    if split is None:
+        raise DataError(f"{key}: {path!r} holds the splits {', '.join(map(str, splits))} and no "
+                        f"{' / '.join(want)}; name the split's files (e.g. {path}/data/) instead")
+    files = [p / os.path.relpath(f, base) for f in splits[split]]
+    files = [f for f in files if f.suffix in FILE_KINDS and f.is_file()]
+    kinds = {FILE_KINDS[f.suffix] for f in files}
+    if len(kinds) > 1:
+        count = {k: sum(FILE_KINDS[f.suffix] == k for f in files) for k in kinds}
+        rank = {k: max(_KIND_RANK.get(f.suffix, 0) for f in files if FILE_KINDS[f.suffix] == k) for k in kinds}
+        best = max(kinds, key=lambda k: (k != "text", count[k], rank[k]))
+        files = [f for f in files if FILE_KINDS[f.suffix] == best]
+    return sorted(files)
+
+
+def _card_patterns(p: Path):
+    """The data_files of the dataset card's default config (README.md YAML, as datasets reads it), or None."""
+    readme = p / "README.md"
+    if not readme.is_file():
+        return None
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard
+
+    configs = MetadataConfigs.from_dataset_card_data(DatasetCard.load(readme).data)
+    if not configs:
+        return None
+    name = configs.get_default_config_name() or next(iter(configs))
+    return configs[name].get("data_files")
+
+
 def load_records(kind: str, path: Path, fmt: str, cache_dir: Path):
-    """One file (or save_to_disk folder) as a datasets.Dataset."""
+    """One file (or save_to_disk folder) as a datasets.Dataset; a jsonl file with malformed
+    lines raises the first as a DataError (prepare itself reads through _load, which collects them)."""
+    ds, _, bad = _load(kind, path, fmt, cache_dir)
+    if bad:
+        raise DataError(bad[0][1])
+    return ds
+
+
+def _load(kind: str, path: Path, fmt: str, cache_dir: Path):
+    """(datasets.Dataset, line of each record or None, [(line, message)] of malformed jsonl lines).
+    Text files are read as UTF-8 with or without a byte-order mark (utf-8-sig: Excel and Windows
+    tools write one); an empty CSV cell is an empty string, as "" is in JSON (pandas would make
+    it NaN, i.e. a missing field), and "NA" / "null" in a cell stay text. A jsonl file with
+    malformed lines is read without them (a copy in cache_dir): they are bad records."""
     import datasets
 
     if kind == "disk":
@@ -133,34 +214,72 @@ def load_records(kind: str, path: Path, fmt: str, cache_dir: Path):
             if "train" not in ds:
                 raise DataError(f"{path}: a DatasetDict without a 'train' split ({', '.join(ds)})")
             ds = ds["train"]
-        return ds
+        return ds, None, []
     builder = FILE_KINDS[path.suffix]
     if builder == "text" and fmt != "text":
         raise DataError(f"{path}: a plain text file holds no {fmt!r} records; use jsonl/json/parquet/csv")
     kw: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
+    if builder in ("json", "csv", "text"):
+        kw["encoding"] = "utf-8-sig"
+    if builder == "csv":
+        kw.update(na_filter=False, sep="\t" if path.suffix == ".tsv" else ",")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file (no records)")
+    lines, bad, read = None, [], path
     if builder in ("json", "csv", "text"):
-        _check_text(path)              # datasets' own errors name neither the byte nor the line
+        lines, bad = _check_text(path, collect=True)    # datasets' own errors name neither the byte nor the line
+        if bad:
+            read = _without_lines(path, {n for n, _ in bad}, cache_dir)
+            if not lines:
+                return None, None, bad
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir), **kw)
+        ds = datasets.load_dataset(builder, data_files=str(read), split="train", cache_dir=str(cache_dir), **kw)
     except Exception as e:  # noqa: BLE001 - datasets wraps parse errors in several types
         raise DataError(f"{path}: cannot be read as {builder}: "
                         f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
+    if lines is not None and len(lines) != len(ds):
+        lines = None                   # datasets counted records otherwise: number them, not lines
+    return ds, lines, bad
+
+
+def _without_lines(path: Path, drop: set[int], cache_dir: Path) -> Path:
+    """A copy of a jsonl file without the given (1-based, split on \n only) lines."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    out = cache_dir / f"clean-{os.urandom(4).hex()}-{path.name}"
+    with path.open("rb") as f, _create(out) as g:
+        for n, raw in enumerate(f, 1):
+            if n not in drop:
+                g.write(raw)
+    return out
 
 
 _CHUNK = 1 << 20           # bytes per read in _check_text (a module constant: the linearity test shrinks it)
 
 
-def _check_text(path: Path) -> None:
-    """UTF-8 throughout (the byte offset and line of the first bad byte), and for jsonl one JSON
-    object per line (the file's own line number: split on \n only, as str.splitlines would also
-    split on U+2028 or a form feed inside a record's text and the numbers would drift)."""
+def _check_text(path: Path, collect: bool = False):
+    """UTF-8 throughout, a leading byte-order mark allowed (the byte offset and line of the first
+    bad byte: a DataError), and for jsonl one JSON object per line (the file's own line number:
+    split on \n only, as str.splitlines would also split on U+2028 or a form feed inside a
+    record's text and the numbers would drift). jsonl: returns (the line of each record, blank
+    lines skipped as datasets skips them; [(line, message)] of malformed lines), the first
+    malformed line raised unless collect; other files: (None, [])."""
     dec, off, line = codecs.getincrementaldecoder("utf-8")(), 0, 1
     # pending: the pieces of the current (unfinished) line, joined once when its newline comes.
     # Re-joining `pending + text` per 1 MiB chunk copied the whole line so far each time: a line
     # of n MiB cost n^2 / 2 MiB of copying and splitting (128 MiB: 8 GiB, 49 s; 10 GB: days).
-    jsonl, pending = path.suffix == ".jsonl", []
+    jsonl, pending = path.suffix in (".jsonl", ".ndjson"), []
+    lines, bad = array("q"), []
+
+    def one(n: int, rec: str) -> None:
+        problem = _json_line(path, n, rec)
+        if problem is None:
+            if rec.strip():
+                lines.append(n)
+        elif collect:
+            bad.append((n, problem))
+        else:
+            raise DataError(problem)
+
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
             held = len(dec.getstate()[0])      # bytes of a split character from the last chunk
@@ -168,13 +287,15 @@ def _check_text(path: Path) -> None:
                 text = dec.decode(chunk)
             except UnicodeDecodeError as e:
                 at = off - held + e.start      # e.start counts from the held bytes
-                lines, left = 1, at            # counted in 1 MiB blocks: the bad byte may be 10 GB in
+                lines_, left = 1, at            # counted in 1 MiB blocks: the bad byte may be 10 GB in
                 with path.open("rb") as g:
                     while left > 0 and (block := g.read(min(left, 1 << 20))):
-                        lines, left = lines + block.count(b"\n"), left - len(block)
-                    bad = g.read(4)
-                raise DataError(f"{path}: not valid UTF-8 at byte {at} (line {lines}: {bad!r}); "
+                        lines_, left = lines_ + block.count(b"\n"), left - len(block)
+                    bad_ = g.read(4)
+                raise DataError(f"{path}: not valid UTF-8 at byte {at} (line {lines_}: {bad_!r}); "
                                 f"convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove that byte") from None
+            if off == 0 and text.startswith("\ufeff"):
+                text = text[1:]                # a byte-order mark: datasets reads the file as utf-8-sig
             off += len(chunk)
             if jsonl:
                 if "\n" not in text:          # the middle of a long line: keep the piece, copy nothing
@@ -183,35 +304,42 @@ def _check_text(path: Path) -> None:
                 first, *done, last = text.split("\n")
                 pending.append(first)
                 for rec in ["".join(pending), *done]:
-                    _json_line(path, line, rec)
+                    one(line, rec)
                     line += 1
                 pending = [last]
     if jsonl:
-        _json_line(path, line, "".join(pending))
+        one(line, "".join(pending))
+        return lines, bad
+    return None, []
 
 
-def _json_line(path: Path, n: int, rec: str) -> None:
+def _json_line(path: Path, n: int, rec: str) -> str | None:
+    """The message for a malformed jsonl line, None for a record or a blank line."""
     if not rec.strip():
-        return
+        return None
     try:
         obj = json.loads(rec)
     except ValueError as e:
-        raise DataError(f"{path}:{n}: not a JSON record ({getattr(e, 'msg', e)}, column {getattr(e, 'colno', '?')}); "
-                        f"fix or remove that line (one JSON object per line)") from None
+        return (f"{path}:{n}: not a JSON record ({getattr(e, 'msg', e)}, column {getattr(e, 'colno', '?')}); "
+                f"fix or remove that line (one JSON object per line)")
     if not isinstance(obj, dict):
-        raise DataError(f"{path}:{n}: a JSON {type(obj).__name__}, not a record (an object); fix or remove that line")
+        return f"{path}:{n}: a JSON {type(obj).__name__}, not a record (an object); fix or remove that line"
+    return None
 
 
 # --------------------------------------------------------------------------------- encoding
 @dataclass(frozen=True)
 class Where:
-    """A record's place for error messages: file and record number (= line of a jsonl file
-    without blank lines)."""
+    """A record's place for error messages: file:line of a jsonl record (its line in the file,
+    blank and malformed lines counted), else the file and record number."""
     file: str
     jsonl: bool
+    lines: Any = None              # the line of each record (jsonl: _check_text), or None
 
     def __call__(self, i: int) -> str:
-        return f"{self.file}:{i + 1}" if self.jsonl else f"{self.file} record {i + 1}"
+        if not self.jsonl:
+            return f"{self.file} record {i + 1}"
+        return f"{self.file}:{self.lines[i] if self.lines is not None and i < len(self.lines) else i + 1}"
 
 
 class Encoder:
@@ -339,7 +467,7 @@ class Encoder:
         try:
             return self._template.render(msgs, gen, cap, RENDER_SECONDS, tools=tools, track=track)
         except RenderLimit as e:
-            raise DataError(f"{where}: the chat template {e} rendering this conversation (the cap per record: "
+            raise TemplateLimitError(f"{where}: the chat template {e} rendering this conversation (the cap per record: "
                             f"{RENDER_CHARS_PER_INPUT} x its characters, at least {RENDER_MIN_CHARS:,}; "
                             f"{RENDER_SECONDS:g} s); fix the chat_template of data.tokenizer (it loops without "
                             f"bound) or remove that record") from None
@@ -1036,40 +1164,57 @@ def _progress(total: int, quiet: bool):
 
 
 def encode_sources(data: DataPlan, sources: tuple[Source, ...], enc: Encoder, cache_dir: Path, key: str,
-                   quiet: bool) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[int], list[Path], float]:
+                   quiet: bool, bad: BadRecords | None = None,
+                   ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[int], list[Path], float]:
+    """Every record of the sources as documents. A record prepare cannot use is a bad record
+    (bad: data.bad_records decides; without `bad` the first is raised)."""
     import datasets
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    bad = bad if bad is not None else BadRecords(data, first=True)
+    bad.start(key)
     loaded = []
     for s_idx, src in enumerate(sources):
         kind, files = source_files(src.path, _source_key(key, s_idx, len(sources)))
-        loaded += source_selection(src, kind, files, f"{key}[{s_idx}]",
-                                   lambda f, kind=kind: load_records(kind, f, data.format, cache_dir), s_idx)
+        picked = source_selection(src, kind, files, f"{key}[{s_idx}]",
+                                  lambda f, kind=kind: _load(kind, f, data.format, cache_dir), s_idx)
+        for _, f, (ds, lines, broken) in picked:
+            loaded.append((s_idx, f, ds, lines, broken))
+    bad.total = sum((len(ds) if ds is not None else 0) + len(broken) for *_, ds, _, broken in loaded)
+    for _, f, _, _, broken in loaded:
+        for n, message in broken:
+            bad.add(f"{f}:{n}", message)
+    loaded = [x[:4] for x in loaded]
     parts, src_of, t0, tokens = [], [], time.perf_counter(), 0
-    with _progress(sum(len(ds) for _, _, ds in loaded), quiet) as bar:
-        for s_idx, f, ds in loaded:
-            where = Where(str(f), f.suffix == ".jsonl")
+    with _progress(sum(len(ds) for _, _, ds, _ in loaded if ds is not None), quiet) as bar:
+        for s_idx, f, ds, lines in loaded:
+            if ds is None:
+                continue
+            where = Where(str(f), f.suffix in (".jsonl", ".ndjson"), lines)
             start = 0
             for batch in ds.iter(batch_size=512):
-                docs = enc.batch(batch, where, start)
-                n = len(next(iter(batch.values())))
+                docs = _encode_batch(enc, batch, where, start, bad)
+                n = len(next(iter(batch.values()))) if batch else 0
                 start += n
                 parts.extend(docs)
                 src_of.extend([s_idx] * len(docs))
                 k = sum(len(i) for i, _ in docs)
                 tokens += k
                 bar.update(n, k)
-    files = [g for _, f, _ in loaded for g in (_all_files(str(f)) if f.is_dir() else [f])]
+    bad.check(done=True)
+    files = [g for _, f, _, _ in loaded for g in (_all_files(str(f)) if f.is_dir() else [f])]
     return parts, src_of, files, tokens / max(1e-9, time.perf_counter() - t0)
 
 
 def source_selection(src: Source, kind: str, files: list[Path], key: str, load: Callable[[Path], Any],
-                     s_idx: int) -> list[tuple[int, Path, Any]]:
+                     s_idx: int) -> list[tuple[int, Path, tuple]]:
     """A source's data_files and split (issue 22; all of it in this one function): only the files
     matching data_files (paths or globs relative to the source's folder), then the split's slice
     over the records of those files in order (train[:20%] = the first 20%, datasets' own slice
-    semantics via ReadInstruction), not a random share. Local files are all the train split."""
+    semantics via ReadInstruction), not a random share. Local files are all the train split.
+    load(f) -> (Dataset or None, line of each record or None, malformed lines) as _load returns;
+    a slice keeps its records' lines (malformed lines are reported whatever the slice)."""
     import fnmatch
 
     import datasets
@@ -1088,19 +1233,170 @@ def source_selection(src: Source, kind: str, files: list[Path], key: str, load: 
     loaded = [(s_idx, f, load(f)) for f in files]
     if not sl:
         return loaded
-    total = sum(len(ds) for _, _, ds in loaded)
+    total = sum(len(ds) for _, _, (ds, _, _) in loaded if ds is not None)
     try:
         (absolute,) = datasets.ReadInstruction.from_spec(src.split).to_absolute({"train": total})
         start, stop = absolute.from_, absolute.to
     except (ValueError, AssertionError) as e:
         raise DataError(f"{key}.split: {src.split!r} is not a datasets split slice ({e})") from None
     out, seen = [], 0
-    for i, f, ds in loaded:
-        lo, hi = max(start - seen, 0), min(stop - seen, len(ds))
-        if hi > lo:
-            out.append((i, f, ds.select(range(lo, hi))))
-        seen += len(ds)
+    for i, f, (ds, lines, broken) in loaded:
+        n = len(ds) if ds is not None else 0
+        lo, hi = max(start - seen, 0), min(stop - seen, n)
+        if hi > lo or broken:
+            out.append((i, f, (ds.select(range(lo, hi)) if hi > lo else None,
+                               lines[lo:hi] if lines is not None and hi > lo else None, broken)))
+        seen += n
     return out
+
+
+def _encode_batch(enc: Encoder, batch: dict, where: Where, start: int, bad: BadRecords,
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """enc.batch, and when a record of the batch is bad, record by record: the bad ones go to
+    `bad` (which raises at once when it must), the others are encoded."""
+    empty = _empty_replies(enc.data, batch)
+    if not empty:
+        try:
+            return enc.batch(batch, where, start)
+        except TemplateLimitError:
+            raise
+        except DataError:
+            pass
+    out = []
+    for i in range(len(next(iter(batch.values()))) if batch else 0):
+        w = where(start + i)
+        if i in empty:
+            bad.add(w, f"{w}: {empty[i]}")
+            continue
+        t = time.perf_counter()
+        try:
+            out.extend(enc.batch({k: v[i:i + 1] for k, v in batch.items()}, where, start + i))
+        except TemplateLimitError:
+            raise
+        except DataError as e:
+            bad.seconds += time.perf_counter() - t
+            bad.add(w, str(e))
+    return out
+
+
+def _blank(v) -> bool:
+    return v is None or (isinstance(v, str) and not v.strip()) or (isinstance(v, (list, dict)) and not v)
+
+
+def _empty_replies(data: DataPlan, batch: dict) -> dict[int, str]:
+    """{record: problem} for records whose trained reply is empty (or only whitespace): they would
+    train the end-of-sequence / end-of-turn token alone, i.e. teach the model to answer nothing.
+    train_on: all trains the prompt too, so nothing is refused there. A chat assistant message with
+    more than its text (tool_calls, ...) is not empty."""
+    f, fmt, out = data.fields, data.format, {}
+    if data.train_on == "all" or fmt not in ("completion", "alpaca", "chat"):
+        return out
+    if fmt != "chat":
+        key = "completion" if fmt == "completion" else "output"
+        name = getattr(f, key)
+        for i, v in enumerate(batch.get(name) or ()):
+            if isinstance(v, str) and not v.strip():
+                out[i] = (f"empty reply (data.fields.{key} {name!r} is {v!r}); only the end-of-sequence token would "
+                          f"be trained: fill it in or remove the record")
+        return out
+    for i, msgs in enumerate(batch.get(f.messages) or ()):
+        if not isinstance(msgs, list):
+            continue
+        replies = []
+        for m in msgs:
+            role = m.get(f.role) if isinstance(m, dict) else None
+            if isinstance(role, str) and data.roles.get(role, role) == "assistant":
+                replies.append(m)
+        trained = replies[-1:] if data.train_on == "last_turn" else replies
+        if trained and all(_blank(m.get(f.content)) and all(_blank(v) for k, v in m.items()
+                                                           if k not in (f.role, f.content)) for m in trained):
+            out[i] = (f"empty reply (every {'last ' if data.train_on == 'last_turn' else ''}assistant message is "
+                      f"empty); only the end-of-turn token would be trained: fill it in or remove the record")
+    return out
+
+
+# ------------------------------------------------------------------------------ bad records
+BAD_LISTED = 20            # data.bad_records: error lists this many bad records, then "... and N more"
+BAD_SHOWN = 5              # skip: the first few shown in the report (all are counted by reason)
+BAD_SECONDS = 60.0         # error: with the list full, stop counting after this long spent on bad records
+#                            (a chat template that times out on every record costs 2 s each)
+
+
+def _reason(problem: str) -> str:
+    """What kind of bad record, to count by: the problem without its fix, details in
+    parentheses or the message number ("no field 'output'", "unknown role 'gpt'", "empty reply")."""
+    head = re.sub(r"\s*\([^)]*\)", "", problem.split("; ")[0])
+    return re.sub(r"^message \d+: ", "", head).strip()[:120] or "bad record"
+
+
+class BadRecords:
+    """The bad records of one prepare (data.bad_records, data.max_bad_fraction). error: all of
+    them are read and listed at the end in one DataError (raise_if_any). skip: counted by reason,
+    left out; more than max_bad_fraction of a split's records is an error, raised as soon as it is
+    certain. first=True (encode_sources without a collector): the first bad record is raised."""
+
+    def __init__(self, data: DataPlan, first: bool = False):
+        self.skip, self.fraction, self.first = data.bad_records == "skip", data.max_bad_fraction, first
+        self.listed: list[str] = []
+        self.reasons: Counter[str] = Counter()
+        self.n, self.seconds = 0, 0.0
+        self.key, self.total, self.split_bad = "data.sources", 0, 0
+        self.splits: dict[str, dict] = {}
+
+    def start(self, key: str) -> None:
+        self.key, self.total, self.split_bad = key, 0, 0
+
+    def add(self, where: str, message: str) -> None:
+        if self.first:
+            raise DataError(message)
+        problem = message[len(where) + 2:] if message.startswith(where + ": ") else message
+        self.n += 1
+        self.split_bad += 1
+        self.reasons[_reason(problem)] += 1
+        if len(self.listed) < (BAD_SHOWN if self.skip else BAD_LISTED):
+            self.listed.append(safeio.printable(message))
+        self.check()
+
+    def check(self, done: bool = False) -> None:
+        if self.skip:
+            if self.split_bad > self.fraction * self.total:
+                raise DataError(self._message(
+                    f"{self.key}: {'' if done else 'at least '}{self.split_bad:,} of {self.total:,} records are bad "
+                    f"({self.split_bad / max(1, self.total):.1%}, more than data.max_bad_fraction "
+                    f"{self.fraction:g}): fix the data (or data.fields / data.roles / the chat template), or raise "
+                    f"data.max_bad_fraction"))
+            if done and self.split_bad:
+                self.splits[self.key] = {"records": self.total, "skipped": self.split_bad}
+        elif len(self.listed) >= BAD_LISTED and self.seconds > BAD_SECONDS:
+            self.raise_if_any(stopped=True)
+
+    def raise_if_any(self, stopped: bool = False) -> None:
+        """error mode: every bad record so far in one DataError. Its first line is the first bad
+        record's own message (alone when it is the only one), then how many and the fix; the next
+        lines list the others (BAD_LISTED in all, then "... and N more")."""
+        if self.skip or not self.n:
+            return
+        if self.n == 1:
+            raise DataError(f"{self.listed[0]} (or data.bad_records: skip leaves such records out)")
+        count = f"{self.n:,}{'+' if stopped else ''}"
+        raise DataError(self._message(
+            f"{self.listed[0]} [1 of {count} bad records (data.bad_records: error): fix or remove them, or set "
+            f"data.bad_records: skip to leave them out (at most data.max_bad_fraction of the records)"
+            + (f"; stopped looking after {BAD_SECONDS:g} s on bad records" if stopped else "") + "]",
+            self.listed[1:], self.n - 1))
+
+    def _message(self, head: str, listed: list[str] | None = None, n: int | None = None) -> str:
+        listed = self.listed if listed is None else listed
+        n = self.n if n is None else n
+        by = "; ".join(f"{c:,} {r}" for r, c in self.reasons.most_common(5))
+        more = n - len(listed)
+        return "\n".join([f"{head}; by reason: {by}", *(f"  {m}" for m in listed),
+                          *([f"  ... and {more:,} more"] if more > 0 else [])])
+
+    def summary(self) -> dict:
+        """index.json's bad_records (skip mode): how many, by reason, the first few."""
+        return {"skipped": self.n, "by_reason": dict(self.reasons.most_common()), "first": self.listed,
+                "splits": self.splits}
 
 
 def weigh(docs: Docs, weights: list[float], seed: int) -> Docs:
@@ -1318,7 +1614,12 @@ def _prepare_into(plan: Plan, tmp: Path, cache: dict, quiet: bool, log: Callable
     data, T, seed = plan.data, plan.train.seq_len, plan.train.seed
     t0 = time.perf_counter()
     enc = Encoder(data, _tokenizer(data))
-    parts, src, files, tps = encode_sources(data, data.sources, enc, tmp / ".hf-cache", "data.sources", quiet)
+    bad = BadRecords(data)
+    parts, src, files, tps = encode_sources(data, data.sources, enc, tmp / ".hf-cache", "data.sources", quiet, bad)
+    if data.eval_sources:                   # before any check: every bad record of the prepare in one run
+        e_parts, e_src, e_files, _ = encode_sources(data, data.eval_sources, enc, tmp / ".hf-cache",
+                                                    "data.eval_sources", quiet, bad)
+    bad.raise_if_any()
     docs = Docs.join(parts, src)
     if not len(docs.lengths):
         raise DataError(f"data.sources: no records in {', '.join(s.path for s in data.sources)} (empty dataset)")
@@ -1328,8 +1629,6 @@ def _prepare_into(plan: Plan, tmp: Path, cache: dict, quiet: bool, log: Callable
                         f"{data.tokenizer!r} does not fit the model; use the model's own tokenizer)")
     eval_docs = None
     if data.eval_sources:
-        e_parts, e_src, e_files, _ = encode_sources(data, data.eval_sources, enc, tmp / ".hf-cache",
-                                                    "data.eval_sources", quiet)
         eval_docs, files = Docs.join(e_parts, e_src), files + e_files
     elif data.eval_fraction > 0:
         rng = np.random.default_rng(seed)
@@ -1362,6 +1661,8 @@ def _prepare_into(plan: Plan, tmp: Path, cache: dict, quiet: bool, log: Callable
     idx = {"fingerprint": fp, "options_fingerprint": opts, "seq_len": T, "format": data.format,
            "files": facts, "tokenizer_files": tok_facts, "splits": stats, "prepare_version": PREPARE_VERSION,
            "encode_tokens_per_s": round(tps), "seconds": round(time.perf_counter() - t0, 3)}
+    if bad.n:
+        idx["bad_records"] = bad.summary()
     idx_text = json.dumps(idx, indent=1, sort_keys=True) + "\n"
     safeio.create_new(tmp / "index.json", idx_text)
     final = prepared_root(data) / f"{plan.name}-{fp[:16]}"
@@ -1390,6 +1691,12 @@ def report(idx: dict, where: Path) -> str:
                      f"{tr['overlong_tokens_lost']:,} tokens lost (data.overlong)")
     if tr["too_short"] or tr["no_loss_pieces"]:
         lines.append(f"  skipped: {tr['too_short']} with < 2 tokens, {tr['no_loss_pieces']} without trained tokens")
+    if idx.get("bad_records"):
+        b = idx["bad_records"]
+        lines.append(f"  skipped {b['skipped']:,} bad records (data.bad_records: skip): "
+                     + ", ".join(f"{c:,} {r}" for r, c in b["by_reason"].items()))
+        lines += [f"    {m}" for m in b["first"]] + ([f"    ... and {b['skipped'] - len(b['first']):,} more"]
+                                                      if b["skipped"] > len(b["first"]) else [])
     if "eval" in idx["splits"]:
         ev = idx["splits"]["eval"]
         lines.append(f"  eval: {ev['windows']:,} windows from {ev['documents']:,} documents, {ev['loss_tokens']:,} "

@@ -201,8 +201,8 @@ def test_prepare_honours_data_files_and_split_slices(tmp_path):
         src = Source(path=str(d), **kw)
         kind, files = source_files(src.path, "k")
         got = source_selection(src, kind, files, "data.sources[0]",
-                               lambda f: load_records(kind, f, "text", tmp_path / "cache"), 0)
-        return [r["text"] for _, _, ds in got for r in ds]
+                               lambda f: (load_records(kind, f, "text", tmp_path / "cache"), None, []), 0)
+        return [r["text"] for _, _, (ds, _, _) in got for r in ds]
 
     assert len(texts()) == 25
     assert texts(data_files=("a.jsonl", "b.jsonl")) == [f"a.jsonl-{i}" for i in range(10)] + \

@@ -46,7 +46,7 @@ from . import safeio
 from .errors import EXIT_USER, UserError
 from .plan import DataPlan, Plan, Source, load_plan
 
-PREPARE_VERSION = 1        # bump when the on-disk layout or the tokenization rules change
+PREPARE_VERSION = 2        # bump when the on-disk layout or the tokenization rules change
 IGNORE = -100              # label of a position without loss (torch cross_entropy's ignore_index)
 ROLES = ("system", "user", "assistant", "tool", "tool_call")   # tool_call: ShareGPT function_call (JSON {name, arguments})
 FILE_KINDS = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",

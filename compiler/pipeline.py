@@ -9,7 +9,7 @@ all of its own errors at once. validate does not stop it: a field with an error 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from meshbake.compiler.errors import Err, RecipeError, Result, reads, run, skipped
@@ -30,6 +30,7 @@ class Resolved:
     placements: Placements
     estimate: Estimate
     plan: P.Plan
+    missing: tuple[str, ...] = ()     # what the run needs that is not here yet (compiler/hub.py; check's last line)
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,26 @@ def _model_config(recipe: Recipe) -> Result[dict[str, Any]]:
 
 
 @reads("data")
-def _tokenizer_errors(recipe: Recipe, cfg: Mapping[str, Any]) -> tuple[RecipeError, ...]:
-    from meshbake.compiler import load
+def _tokenizer_errors(recipe: Recipe, cfg: Mapping[str, Any], folder: str | None = None) -> tuple[RecipeError, ...]:
+    """The tokenizer against the model (vocab) and the data (a chat template for format chat);
+    folder: where the tokenizer is read (a pinned Hub tokenizer's snapshot)."""
+    from meshbake.compiler import hub, load
 
-    return load.tokenizer_errors(recipe.data.format, recipe.data.tokenizer, cfg)
+    folder = folder or recipe.data.tokenizer
+    errs = load.tokenizer_errors(recipe.data.format, folder, cfg)
+    if errs:
+        return tuple(RecipeError(e.path, e.message.replace(str(folder), str(recipe.data.tokenizer)), e.hint)
+                     for e in errs)
+    chat = hub.chat_template_error(folder) if recipe.data.format == "chat" else None
+    return (chat,) if chat else ()
+
+
+@reads("model.weights", "model.config", "lora", "data")
+def _random_weights(recipe: Recipe) -> tuple[RecipeError, ...]:
+    from meshbake.compiler import hub
+
+    e = hub.random_weights_error(recipe)
+    return (e,) if e else ()
 
 
 def resolve_dict(d: Mapping[str, Any]) -> Result[Resolved]:
@@ -84,14 +101,18 @@ def resolve_dict(d: Mapping[str, Any]) -> Result[Resolved]:
     v = validate_mod.validate_fields(dict(d))
     if v.recipe is None or skipped(_model_config, v.aside):
         return Err(v.errors)
-    recipe, errs = v.recipe, v.errors
+    from meshbake.compiler import hub
+
+    pinned = hub.pin_recipe(v.recipe)       # Hub ids -> org/name@<sha> (compiler/hub.py)
+    recipe, errs = pinned.recipe, v.errors + pinned.errors
+    errs += tuple(run(_random_weights, v.aside, recipe))
     cfg = _model_config(recipe)
     if not isinstance(cfg, Err):
-        errs += tuple(run(_tokenizer_errors, v.aside, recipe, cfg))
+        errs += tuple(run(_tokenizer_errors, v.aside, recipe, cfg, hub.tokenizer_folder(recipe.data.tokenizer, pinned)))
     res = cfg if isinstance(cfg, Err) else resolve(recipe, cfg, recipe.model.config, v.aside)
     if isinstance(res, Err):
         return Err(tuple(dict.fromkeys(errs + res.errors)))
-    return Err(errs) if errs else res
+    return Err(errs) if errs else replace(res, missing=pinned.missing)
 
 
 def compile_recipe(text: str, overrides: tuple[str, ...] = (), cluster: str | None = None,

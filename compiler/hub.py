@@ -138,10 +138,10 @@ def pin_recipe(recipe: Recipe) -> Pinned:
         tok = one("data.tokenizer", tok, "model", H.TOKENIZER_FILES, ())
         pin = next((p for p in pins if p.path == "data.tokenizer"), None)
         if pin is not None and not _has(pin.folder, _TOKENIZER_CORE):
-            errs.append(RecipeError("data.tokenizer", f"{pin.repo} (commit {pin.sha[:12]}) has no tokenizer files "
-                                    "in the Hugging Face cache (tokenizer.json, vocab.json or tokenizer.model)",
-                                    f"run {H.download_hint(H.HubRef(pin.repo, pin.revision), H.TOKENIZER_FILES[:2])}"
-                                    " or set HF_HUB_CACHE"))
+            missing.append(f"data.tokenizer: {pin.ref} has no tokenizer files in the Hugging Face cache (tokenizer.json, "
+                           "vocab.json or tokenizer.model), so check could not read it; the runtime downloads them when "
+                           f"the Hub is reachable, or run "
+                           f"{H.download_hint(H.HubRef(pin.repo, pin.revision), H.TOKENIZER_FILES[:2])}")
 
     def sources(key: str, srcs):
         out = []
@@ -162,7 +162,7 @@ def tokenizer_folder(recipe_tokenizer: str | None, pinned: Pinned) -> str | None
     return pin.folder if pin is not None else recipe_tokenizer
 
 
-def chat_template_error(folder: str | None) -> RecipeError | None:
+def chat_template_error(folder: str | None, name: str | None = None) -> RecipeError | None:
     """format chat renders every record through the tokenizer's chat template (prepare would
     refuse it on the cluster): its absence is an error now, when the folder is here."""
     if not folder or not Path(folder).is_dir():
@@ -179,8 +179,8 @@ def chat_template_error(folder: str | None) -> RecipeError | None:
         return None
     if not (p / "tokenizer.json").is_file() and not (p / "vocab.json").is_file():
         return None                      # not a tokenizer folder (yet): prepare says so
-    return RecipeError("data.tokenizer", "has no chat template (tokenizer_config.json chat_template or "
-                       "chat_template.jinja), which data.format chat needs",
+    return RecipeError("data.tokenizer", f"{name or folder} has no chat template (tokenizer_config.json "
+                       "chat_template or chat_template.jinja), which data.format chat needs",
                        "use the model's instruct/chat tokenizer, or format alpaca / completion")
 
 

@@ -80,7 +80,7 @@ def _tokenizer_errors(recipe: Recipe, cfg: Mapping[str, Any], folder: str | None
     if errs:
         return tuple(RecipeError(e.path, e.message.replace(str(folder), str(recipe.data.tokenizer)), e.hint)
                      for e in errs)
-    chat = hub.chat_template_error(folder) if recipe.data.format == "chat" else None
+    chat = hub.chat_template_error(folder, recipe.data.tokenizer) if recipe.data.format == "chat" else None
     return (chat,) if chat else ()
 
 

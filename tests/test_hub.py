@@ -258,3 +258,15 @@ def test_tiny_run_from_hub_ids_offline(hub, tmp_path):
     steps = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
              if '"loss"' in x]
     assert [s["step"] for s in steps][-1] == 2
+
+
+def test_preflight_looks_pinned_ids_up_in_the_cache_when_offline(hub, tmp_path, monkeypatch):
+    from meshbake.runtime import plan as P
+    from meshbake.runtime.preflight import problems
+
+    plan = P.loads(ok(qwen_recipe()).files["plan.json"].decode())
+    assert not [p for p in problems(plan) if "Qwen" in p or "alpaca" in p]
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    found = [p for p in problems(plan) if "HF_HUB_OFFLINE" in p]
+    assert [p.split(":")[0] for p in found] == ["data.path", "data.tokenizer", "model.weights"], found
+    assert f"hf download Qwen/Qwen3-8B --revision {hub['qwen']}" in found[1]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from meshbake.compiler.errors import Err, RecipeError
 from meshbake.runtime.safeio import printable
@@ -131,6 +132,31 @@ def _summary(res) -> None:
     con.print(t)
     for w in plan.warnings:
         con.print(f"[yellow]warning[/] {_con(w)}")
+
+
+def runnable_line(res) -> str:
+    """check's last line: runnable, or what the run needs that is not here (a Hub id in no cache,
+    a path relative to the launch directory that is not in this one)."""
+    from meshbake.runtime import hub
+
+    plan = res.plan
+    need = list(getattr(res, "missing", ()))
+    said = {m.split(":", 1)[0] for m in need}
+    d = plan.data
+    refs = [("model.weights", plan.model.weights)]
+    if d.format != "synthetic":
+        refs += [("data.tokenizer", d.tokenizer)]
+        refs += [(f"data.sources[{i}].path", s.path) for i, s in enumerate(d.sources)]
+        refs += [(f"data.eval_sources[{i}].path", s.path) for i, s in enumerate(d.eval_sources)]
+    for key, ref in refs:
+        h = hub.parse(ref)
+        if not ref or key in said or (h is not None and h.pinned) or Path(ref).exists():
+            continue            # a pinned Hub id was found in the cache (or on the Hub)
+        need.append(f"{key}: {ref!r} is not here (a path relative to the launch directory)")
+    if not need:
+        return "runnable: " + ("model, tokenizer and data found here" if d.format != "synthetic" else
+                               "synthetic data") + ("" if plan.model.weights else ", random init")
+    return f"not runnable from here yet ({len(need)} missing): " + "; ".join(printable(n) for n in need)
 
 
 def _prepare(plan, quiet: bool) -> int:
@@ -356,6 +382,7 @@ def _compile_cmd(args) -> int:
         return _report(res, args.recipe)
     if args.cmd == "check":
         _summary(res)
+        print(runnable_line(res))
         return 0
     if args.cmd == "prepare":
         return _prepare(res.plan, args.quiet)

@@ -336,15 +336,26 @@ def _no_constant(name: str):
 
 
 def read_model_config(ref: str) -> Result[dict[str, Any]]:
-    """model.config: a catalog name, a config.json path, or an HF model folder."""
+    """model.config: a catalog name, a config.json path, an HF model folder, or a Hugging Face
+    Hub id `org/name[@rev]` (compiler/hub.py: the cached or downloaded config.json of that
+    commit, also when the catalog holds a model of that name: the catalog is a convenience, not
+    a gate). A path that exists wins over a Hub id of the same spelling."""
+    from meshbake.compiler import hub
     from meshbake.compiler.model import CATALOG_DIR, catalog_names, catalog_near, without_kernel_keys
 
     cat = CATALOG_DIR / f"{ref}.json"
     p = Path(ref)
     path = cat if cat.is_file() else p / "config.json" if p.is_dir() else p
     if not path.is_file():
+        _, hub_path, err = hub.read_config(ref)
+        if err is not None:
+            return Err((err,))
+        if hub_path is not None:
+            path = hub_path
+    if not path.is_file():
         near = catalog_near(ref, catalog_names())        # same family and version only
-        return Err((RecipeError("model.config", f"{ref!r} is not a catalog model, a config.json or an HF folder",
+        return Err((RecipeError("model.config", f"{ref!r} is not a catalog model, a config.json, an HF folder "
+                                "or a Hugging Face Hub id (org/name)",
                                 f"did you mean {' or '.join(near)}?" if near else
                                 "no catalog model of the same family and version (another one has other "
                                 "config.json facts): point model.config at the model's config.json or HF folder; "

@@ -9,7 +9,7 @@ all of its own errors at once. validate does not stop it: a field with an error 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from meshbake.compiler.errors import Err, RecipeError, Result, reads, run, skipped
@@ -30,6 +30,7 @@ class Resolved:
     placements: Placements
     estimate: Estimate
     plan: P.Plan
+    missing: tuple[str, ...] = ()     # what the run needs that is not here yet (compiler/hub.py; check's last line)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def resolve(recipe: Recipe, model_config: Mapping[str, Any], source: str,
             aside: frozenset[str] = frozenset(), memory: bool = True) -> Result[Resolved]:
     """The stages after validate. `aside`: fields validate set aside (their errors are already
     reported); the checks that read them are skipped, and without a mesh or an estimate to trust
-    the pipeline stops with nothing more to say (Err(())). memory=False: no GPU-memory check
+    the pipeline stops with nothing more to say (Err(())). memory=False: no GPU-memory check and no random-weights rule
     (`meshbake prepare` needs the plan's data section, not a model that fits)."""
     model = model_spec(model_config, source)
     if isinstance(model, Err):
@@ -70,10 +71,26 @@ def _model_config(recipe: Recipe) -> Result[dict[str, Any]]:
 
 
 @reads("data")
-def _tokenizer_errors(recipe: Recipe, cfg: Mapping[str, Any]) -> tuple[RecipeError, ...]:
-    from meshbake.compiler import load
+def _tokenizer_errors(recipe: Recipe, cfg: Mapping[str, Any], folder: str | None = None) -> tuple[RecipeError, ...]:
+    """The tokenizer against the model (vocab) and the data (a chat template for format chat);
+    folder: where the tokenizer is read (a pinned Hub tokenizer's snapshot)."""
+    from meshbake.compiler import hub, load
 
-    return load.tokenizer_errors(recipe.data.format, recipe.data.tokenizer, cfg)
+    folder = folder or recipe.data.tokenizer
+    errs = load.tokenizer_errors(recipe.data.format, folder, cfg)
+    if errs:
+        return tuple(RecipeError(e.path, e.message.replace(str(folder), str(recipe.data.tokenizer)), e.hint)
+                     for e in errs)
+    chat = hub.chat_template_error(folder, recipe.data.tokenizer) if recipe.data.format == "chat" else None
+    return (chat,) if chat else ()
+
+
+@reads("model.weights", "model.config", "lora", "data")
+def _random_weights(recipe: Recipe) -> tuple[RecipeError, ...]:
+    from meshbake.compiler import hub
+
+    e = hub.random_weights_error(recipe)
+    return (e,) if e else ()
 
 
 def resolve_dict(d: Mapping[str, Any], memory: bool = True) -> Result[Resolved]:
@@ -85,14 +102,19 @@ def resolve_dict(d: Mapping[str, Any], memory: bool = True) -> Result[Resolved]:
     v = validate_mod.validate_fields(dict(d))
     if v.recipe is None or skipped(_model_config, v.aside):
         return Err(v.errors)
-    recipe, errs = v.recipe, v.errors
+    from meshbake.compiler import hub
+
+    pinned = hub.pin_recipe(v.recipe)       # Hub ids -> org/name@<sha> (compiler/hub.py)
+    recipe, errs = pinned.recipe, v.errors + pinned.errors
+    if memory:          # a model question, like the memory check: `meshbake prepare` loads no model
+        errs += tuple(run(_random_weights, v.aside, recipe))
     cfg = _model_config(recipe)
     if not isinstance(cfg, Err):
-        errs += tuple(run(_tokenizer_errors, v.aside, recipe, cfg))
+        errs += tuple(run(_tokenizer_errors, v.aside, recipe, cfg, hub.tokenizer_folder(recipe.data.tokenizer, pinned)))
     res = cfg if isinstance(cfg, Err) else resolve(recipe, cfg, recipe.model.config, v.aside, memory)
     if isinstance(res, Err):
         return Err(tuple(dict.fromkeys(errs + res.errors)))
-    return Err(errs) if errs else res
+    return Err(errs) if errs else replace(res, missing=pinned.missing)
 
 
 def compile_recipe(text: str, overrides: tuple[str, ...] = (), cluster: str | None = None,

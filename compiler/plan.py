@@ -78,7 +78,8 @@ def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
         version=P.PLAN_VERSION,
         name=recipe.name,
         model=P.ModelPlan(config=dict(model.config), architecture=model.architecture, source=model.source,
-                          weights=recipe.model.weights, num_params=model.num_params,
+                          weights=None if recipe.model.weights == "random" else recipe.model.weights,
+                          hub=_hub(recipe.model.config), num_params=model.num_params,
                           tie_word_embeddings=model.tie_word_embeddings, attn_implementation=model.attn_implementation,
                           layouts=dict(model.layouts), active_params=model.active_params or model.num_params,
                           roles=model.roles.with_lora(pl.lora_targets)),
@@ -97,6 +98,14 @@ def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
         versions=dict(versions),
         tracking=recipe.tracking,
     )
+
+
+def _hub(config: str) -> dict[str, str] | None:
+    """{repo, sha} when model.config is a pinned Hub id (compiler/hub.py wrote org/name@<sha>)."""
+    from meshbake.runtime.hub import parse
+
+    h = parse(config)
+    return {"repo": h.repo, "sha": h.revision} if h is not None and h.pinned else None
 
 
 def data_plan(recipe: Recipe, vocab_size: int, version: str) -> P.DataPlan:

@@ -204,7 +204,7 @@ def export(run_dir: Path, step: int | None, out: Path, force: bool = False) -> P
     # the marker first: a killed export leaves a tmp that the next export may remove
     safeio.create_new(tmp / MARKER, json.dumps({"files": [], "step": step_n}) + "\n")
     model.save_pretrained(str(tmp), safe_serialization=True)
-    tok = Path(plan.data.tokenizer) if plan.data.tokenizer else None
+    tok = Path(_tokenizer_folder(plan.data.tokenizer)) if plan.data.tokenizer else None
     if tok is not None and tok.is_dir():
         copy_tokenizer(tok, tmp, lambda s: print(f"meshbake export: {s}", file=sys.stderr))
     files = sorted(p.name for p in tmp.iterdir() if p.name != MARKER)
@@ -237,3 +237,13 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _tokenizer_folder(tokenizer: str) -> str:
+    """data.tokenizer's folder: a pinned Hub id's snapshot (runtime/hub.py), or the path itself."""
+    from . import hub
+
+    try:
+        return hub.local_folder(tokenizer, "model", hub.TOKENIZER_FILES)
+    except hub.HubMiss:
+        return tokenizer          # not here: nothing to copy (as a missing folder)

@@ -535,7 +535,10 @@ def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> nn.Module:
     model.to_empty(device=device)
     retie(model, plan)
     if plan.model.weights:
-        load_weights(model, plan.model.weights, plan.train.seed, plan.model.layouts)
+        from . import hub  # a Hub id pinned to its commit (org/name@sha): that revision's snapshot
+
+        load_weights(model, hub.local_folder(plan.model.weights, "model", hub.WEIGHT_FILES), plan.train.seed,
+                     plan.model.layouts)
     else:
         init_weights(model, plan.train.seed, plan.model.layouts)
     model.train()

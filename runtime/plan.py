@@ -50,6 +50,8 @@ class ModelPlan:
     active_params: int = 0              # params a token goes through (MoE: k of E experts); 0 = num_params
     roles: ModelRoles | None = None     # embedding, lm_head, blocks, LoRA target fqns (runtime/roles.py;
                                         # None in plan.json before roles: roles.plan_roles derives them)
+    hub: dict[str, str] | None = None   # model.config from the Hugging Face Hub: {repo, sha} (the commit it
+                                        # was pinned to, runtime/hub.py); absent from plan.json otherwise
 
 
 # Recipe sections the runtime reads as they are ARE the generated classes (runtime/sections.py);
@@ -103,6 +105,8 @@ class Plan:
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
     d = to_dict(plan)
     d["mesh"]["world"] = plan.mesh.world   # derived, written for readers of plan.json
+    if d["model"].get("hub") is None:        # only a Hub model says where it came from
+        d["model"].pop("hub", None)
     return d
 
 
@@ -170,7 +174,10 @@ def _declare() -> None:
         "num_params": _COUNT, "active_params": _COUNT,
         "attn_implementation": {"type": "string", "maxLength": 64, "pattern": _WORD},
         "layouts": {"type": "object", "propertyNames": {"maxLength": 512, "pattern": _FQN},
-                    "additionalProperties": {"enum": ["qkv", "gate_up", "experts"]}}}}
+                    "additionalProperties": {"enum": ["qkv", "gate_up", "experts"]}},
+        "hub": {"type": ["object", "null"], "additionalProperties": False, "required": ["repo", "sha"],
+                "properties": {"repo": {"type": "string", "maxLength": 200, "pattern": "^[A-Za-z0-9][A-Za-z0-9_./-]*$(?!\\n)"},
+                               "sha": {"type": "string", "pattern": "^[0-9a-f]{40}$(?!\\n)"}}}}}
     SCHEMA_OF[TPPlan] = _with("tp", placements={
         "type": "object", "propertyNames": {"maxLength": 512, "pattern": _FQN},
         "additionalProperties": {"type": "string", "maxLength": 64, "pattern": _WORD}})

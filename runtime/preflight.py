@@ -3,7 +3,7 @@
 Everything the plan needs from the machine it lands on, checked once with one clear line per
 problem and exit 2, instead of a traceback from every rank: torch and transformers importable
 by this python, the data / tokenizer / weights paths present (they are relative to the launch
-directory).
+directory; a pinned Hugging Face Hub id is looked up in the cache when HF_HUB_OFFLINE is set).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import hub
 from .plan import Plan, load_plan
 from .safeio import printable
 
@@ -33,7 +34,15 @@ def problems(plan: Plan) -> list[str]:
     if d.format not in ("synthetic",) and importlib.util.find_spec("datasets") is None:
         out.append(f"{sys.executable} cannot import datasets (needed to prepare data.format {d.format}); "
                    f"pip install datasets, or run `meshbake prepare` where it is installed")
+    kinds = {"data.tokenizer": "model", "model.weights": "model"}
     for key, path in (*srcs, ("data.tokenizer", d.tokenizer), ("model.weights", plan.model.weights)):
+        ref = hub.hub_ref(path)
+        if ref is not None:        # a pinned Hub id: in the cache, or downloaded when the Hub is reachable
+            if hub.offline() and hub.cached_snapshot(ref, kinds.get(key, "dataset")) is None:
+                out.append(f"{key}: {ref.text} is not in the Hugging Face cache (HF_HUB_CACHE={hub.cache_dir()}) "
+                           f"and HF_HUB_OFFLINE is set; run `hf download {ref.repo} --revision {ref.revision}"
+                           f"{'' if kinds.get(key) else ' --repo-type dataset'}` or set HF_HUB_CACHE")
+            continue
         if path and not Path(path).exists():
             out.append(f"{key}: {path!r} not found (relative to the launch directory {os.getcwd()}); "
                        f"launch from the directory it is relative to, or fix the recipe and re-bundle")

@@ -115,7 +115,9 @@ def stale_files(facts: list[dict]) -> list[str]:
 # ----------------------------------------------------------------------------------- sources
 def source_files(path: str, key: str) -> tuple[str, list[Path]]:
     """('disk', [folder]) for a save_to_disk folder, else ('files', sorted data files): a file, or
-    a folder's data files by the datasets library's own rules (_folder_files)."""
+    a folder's data files by the datasets library's own rules (_folder_files). A Hub dataset id
+    (org/name@sha, runtime/hub.py) is its snapshot, read by the same rules (not its README.md)."""
+    path, _ = _hub_path(path, key, "dataset", None)
     p = Path(path)
     if not p.exists():
         raise DataError(f"{key}: {path!r} not found (relative to {os.getcwd()})")
@@ -1415,6 +1417,30 @@ def weigh(docs: Docs, weights: list[float], seed: int) -> Docs:
     return docs.take(np.concatenate(pick) if pick else np.zeros(0, np.int64))
 
 
+def _hub_path(path: str, key: str, repo_type: str, files: tuple[str, ...] | None) -> tuple[str, bool]:
+    """(local path, whether it is a Hub snapshot): a Hub id (pinned by the compiler to its
+    commit) is read from the Hugging Face cache, or the Hub when reachable; a path that exists wins."""
+    from . import hub
+
+    if hub.hub_ref(path) is None:
+        return path, False
+    try:
+        return hub.local_folder(path, repo_type, files), True
+    except hub.HubMiss as e:
+        raise DataError(f"{key}: {e}") from None
+
+
+def _tokenizer_files(tokenizer: str | None) -> list[Path]:
+    """The files the tokenizer is read from (index.json records them): the folder's, or a Hub
+    snapshot's tokenizer files (not the weights beside them)."""
+    from . import hub
+
+    if not tokenizer:
+        return []
+    folder, from_hub = _hub_path(tokenizer, "data.tokenizer", "model", hub.TOKENIZER_FILES)
+    return hub.tokenizer_files(folder) if from_hub else _all_files(folder)
+
+
 def _all_files(folder: str | None) -> list[Path]:
     if not folder:
         return []
@@ -1528,7 +1554,7 @@ def current(plan: Plan) -> Path | None:
             or idx.get("fingerprint") != ptr["fingerprint"]:
         return None
     if sorted(f["path"] for f in idx["files"]) != sorted(source_paths(plan.data)) \
-            or sorted(f["path"] for f in idx["tokenizer_files"]) != sorted(map(str, _all_files(plan.data.tokenizer))):
+            or sorted(f["path"] for f in idx["tokenizer_files"]) != sorted(map(str, _tokenizer_files(plan.data.tokenizer))):
         return None
     if stale_files(idx["files"] + idx["tokenizer_files"]):
         return None
@@ -1589,9 +1615,12 @@ def _umask() -> int:
 
 
 def _tokenizer(data: DataPlan):
+    from . import hub
+
     if not data.tokenizer:
         return None
-    if not Path(data.tokenizer).exists():
+    folder, _ = _hub_path(data.tokenizer, "data.tokenizer", "model", hub.TOKENIZER_FILES)
+    if not Path(folder).exists():
         raise DataError(f"data.tokenizer: {data.tokenizer!r} not found (relative to {os.getcwd()})")
     from transformers import AutoTokenizer
 
@@ -1599,7 +1628,7 @@ def _tokenizer(data: DataPlan):
         # trust_remote_code=False, said: left unset, transformers asks "run the custom code? [y/N]"
         # on a terminal when the folder's tokenizer_config.json has an auto_map (a tokenizer.py
         # beside it), and one keystroke runs code from the data folder
-        return AutoTokenizer.from_pretrained(data.tokenizer, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (ValueError, OSError) as e:
         if isinstance(e, ValueError) and ("custom code" in str(e) or "trust_remote_code" in str(e)):
             raise DataError(f"data.tokenizer: {data.tokenizer!r} asks to run its own Python code (auto_map in "
@@ -1653,7 +1682,7 @@ def _prepare_into(plan: Plan, tmp: Path, cache: dict, quiet: bool, log: Callable
                             f"document: give data.eval_sources, or more documents")
     shutil.rmtree(tmp / ".hf-cache", ignore_errors=True)
     facts = file_facts(files, cache)
-    tok_facts = file_facts(_all_files(data.tokenizer), cache)
+    tok_facts = file_facts(_tokenizer_files(data.tokenizer), cache)
     opts = plan_options_fingerprint(plan)
     fp = hashlib.sha256(json.dumps({"options": opts, "files": [f["sha256"] for f in facts],
                                     "tokenizer": [(Path(f["path"]).name, f["sha256"]) for f in tok_facts]},

@@ -91,7 +91,7 @@ def test_hsdp_tp_example_maps_mesh_batch_and_optimizer_defaults():
     assert d["run_dir"] == "./outputs/ndp-out"
     status = {n.key: n.status for n in imp.notes}
     assert status["plugins"] == "not mapped" and status["datasets"] == "mapped"
-    assert status["datasets[0].path"] == "approximated"               # tatsu-lab/alpaca: a Hub id
+    assert status["datasets[0].path"] == "mapped"        # tatsu-lab/alpaca: a Hub id, pinned and read from the cache
     assert d["data"] == {"format": "alpaca", "sources": [{"path": "tatsu-lab/alpaca"}],
                          "tokenizer": "meta-llama/Llama-3.1-8B", "packing": True, "prepared_dir": "last_run_prepared"}
     assert status["fsdp_config.reshard_after_forward"] == "implied"

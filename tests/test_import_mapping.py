@@ -286,8 +286,11 @@ def test_no_loss_parallel_at_tp1_and_no_lora_when_lora_is_on(monkeypatch):
 
 # ------------------------------------------------------------------- (5) catalog hints
 def test_catalog_hints_stay_in_the_family_and_version():
-    e = load.read_model_config("google/gemma-3-1b-it").errors[0]
+    e = load.read_model_config("gemma-3-1b-it").errors[0]
     assert "did you mean" not in e.hint and "same family and version" in e.hint      # not gemma-2-9b
+    # a Hub id that is not cached: the download line, never another family's catalog model
+    e = load.read_model_config("google/gemma-3-1b-it").errors[0]
+    assert "did you mean" not in e.hint and "hf download google/gemma-3-1b-it" in e.hint
     e = load.read_model_config("mistralai/Mistral-7B-v0.1").errors[0]
     assert "did you mean" not in e.hint                                                # not mistral-7b-v0.3
     e = load.read_model_config("mistral-7b-v0.3-instruct").errors[0]

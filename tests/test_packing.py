@@ -113,12 +113,14 @@ def resume_plans(tmp: Path) -> list[dict]:
     from meshbake.runtime.prepare import prepare
 
     def one(steps: int, mesh: dict, sp: bool) -> dict:
-        plan = plan_of(tiny_recipe(
+        recipe = tiny_recipe(
             "resume", 4, mesh=mesh, sp=sp, lp=sp,
             train={"seq_len": T, "steps": steps, "lr": 2e-3, "lr_schedule": "constant"},
             data={"format": "chat", "path": str(ROOT / "data/chat/chatterbot_en.jsonl"),
                   "tokenizer": str(ROOT / "data/chat_tokenizer")},
-            checkpoint={"every_steps": 3, "keep": 1, "save_on_exit": False}))
+            checkpoint={"every_steps": 3, "keep": 1, "save_on_exit": False})
+        recipe["model"]["weights"] = "random"      # chat fine-tuning from scratch, on purpose
+        plan = plan_of(recipe)
         # a recipe's prepared_dir stays inside the launch directory; the test's is in tmp
         plan["data"]["prepared_dir"] = str(tmp / "prepared")
         return plan

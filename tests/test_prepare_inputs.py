@@ -248,4 +248,6 @@ def test_prepare_does_not_need_a_model_that_fits_check_and_bundle_do(tmp_path):
     bad = dict(r, data={**r["data"], "format": "chat"})  # prepare's own checks still run
     recipe.write_text(yaml.safe_dump(bad))
     again = cli("prepare", str(recipe), "--quiet", cwd=tmp_path)
-    assert again.returncode == 3 and "has no chat template" in again.stderr, again.stderr
+    # a chat format without a chat template: the compiler's tokenizer check (exit 2), before any record
+    assert again.returncode == 2 and "has no chat template" in again.stderr, again.stderr
+    assert "model.weights" not in again.stderr         # random weights are the model's question, not prepare's

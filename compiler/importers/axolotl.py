@@ -141,12 +141,15 @@ def _name(stem: str) -> str:
     return s or "imported"
 
 
-def guess_model(base_model: str | None, catalog: Sequence[str], is_dir: Callable[[str], bool]) -> str | None:
-    """base_model -> model.config: a local HF folder as is, else a catalog entry whose name is
-    the hub id's basename ('NousResearch/Meta-Llama-3.1-8B' -> 'llama-3.1-8b'), else None."""
+def guess_model(base_model: str | None, catalog: Sequence[str], is_dir: Callable[[str], bool],
+                in_hub: Callable[[str], bool] = lambda ref: False) -> str | None:
+    """base_model -> model.config: a local HF folder as is; a Hub id whose config.json the
+    Hugging Face cache (or the Hub) has, as is (its real config: the catalog is a convenience, not
+    a gate); else a catalog entry whose name is the hub id's basename
+    ('NousResearch/Meta-Llama-3.1-8B' -> 'llama-3.1-8b'), else None."""
     if not base_model:
         return None
-    if is_dir(base_model):
+    if is_dir(base_model) or in_hub(base_model):
         return base_model
     base = PurePosixPath(str(base_model)).name.lower()
     # an -Instruct / -hf variant has its base model's architecture (config.json facts)
@@ -183,14 +186,16 @@ def _model(cfg: Mapping[str, Any], acc: _Acc, model_ref: str | None, lora_on: bo
     else:
         acc.set("model.config", str(base or "TODO"),
                 "TODO: not in meshbake's catalog: point at its config.json or HF folder (or use --model)")
-    local = bool(cfg.get("base_model")) and is_dir(str(cfg["base_model"]))
+    weights = cfg.get("base_model")
     if cfg.get("reinit_weights"):
-        acc.set("model.weights", None, "reinit_weights: true (random init)")
-        acc.note("reinit_weights", "mapped", "model.weights", "null: random init")
-    elif local:
-        acc.set("model.weights", cfg["base_model"], "base_model")
+        acc.set("model.weights", "random", "reinit_weights: true (random init, explicitly)")
+        acc.note("reinit_weights", "mapped", "model.weights", "random: random init")
+    elif weights:
+        # a local folder or a Hub id: the Hub id is pinned to its commit at compile time and read from
+        # the Hugging Face cache (download it first where the compute nodes have no internet)
+        acc.set("model.weights", str(weights), "base_model")
     else:
-        acc.set("model.weights", None, "TODO: the downloaded HF folder of base_model (null = random init)")
+        acc.set("model.weights", "random", "TODO: no base_model: random init (set the weights' folder or Hub id)")
     if "reinit_weights" in cfg and not cfg.get("reinit_weights"):
         acc.note("reinit_weights", "implied", "", "weights are loaded from model.weights")
     for k in ("base_model", "base_model_config"):
@@ -198,16 +203,17 @@ def _model(cfg: Mapping[str, Any], acc: _Acc, model_ref: str | None, lora_on: bo
             continue
         if k != key:
             acc.note(k, "implied", "", f"{key} names the model")
-        elif model_ref and local:
+        elif model_ref == base or (model_ref and is_dir(str(base))):
             acc.note(k, "mapped", "model.config, model.weights")
         elif model_ref:
-            acc.note(k, "approximated", "model.config",
-                     f"architecture from {model_ref!r}; meshbake reads no hub, so model.weights must name the "
-                     "downloaded HF folder (until set, the run starts from random weights)")
+            acc.note(k, "approximated", "model.config, model.weights",
+                     f"architecture from the catalog's {model_ref!r} ({base!r} is not in the Hugging Face cache); "
+                     f"model.weights {base!r} is read from the cache at run time (`hf download {base}`)")
         else:
             acc.note(k, "not mapped", "model.config",
-                     f"{base!r} is not in meshbake's catalog and not a local folder: set model.config to its "
-                     "config.json (or pass --model); `meshbake check` fails until then")
+                     f"{base!r} is not in meshbake's catalog, not a local folder and not in the Hugging Face "
+                     "cache: download it (`hf download ORG/NAME config.json`), set model.config to its config.json, "
+                     "or pass --model; `meshbake check` fails until then")
     dtype = "bfloat16" if lora_on and bf16 else "float32"
     acc.set("model.dtype", dtype, "frozen LoRA base in bf16, as Axolotl loads it" if dtype == "bfloat16" else
             "fp32 master weights + AdamW state, as FSDP mixed precision keeps them")
@@ -570,9 +576,9 @@ def _source(d: Mapping[str, Any], i: int, key: str, acc: _Acc, is_dir: Callable[
         src["name"] = str(d["name"])
         acc.note(f"{key}[{i}].name", "mapped", f"data.sources[{i}].name")
     if not _local(path, is_dir):
-        acc.note(f"{key}[{i}].path", "approximated", f"data.sources[{i}].path",
-                 f"{path!r} is a Hub dataset id: meshbake reads local files only; download it (e.g. `hf download "
-                 f"--repo-type dataset {path} --local-dir data/{PurePosixPath(path).name}`) and point the path there")
+        acc.note(f"{key}[{i}].path", "mapped", f"data.sources[{i}].path",
+                 f"{path!r} is a Hub dataset id: pinned to its commit at compile time and read from the Hugging "
+                 f"Face cache (`hf download --repo-type dataset {path}` where the nodes have no internet)")
     if d.get("ds_type"):
         acc.note(f"{key}[{i}].ds_type", "implied", "", "the file type comes from the file name's extension")
     for k in sorted(set(d) - _SOURCE_KEYS):
@@ -666,7 +672,7 @@ def _data(cfg: Mapping[str, Any], acc: _Acc, is_dir: Callable[[str], bool], step
         tok = cfg.get("tokenizer_config") or cfg.get("base_model_config") or cfg.get("base_model")
         local = bool(tok) and is_dir(str(tok))
         acc.set("data.tokenizer", str(tok or "TODO"), "tokenizer_config" if cfg.get("tokenizer_config") else
-                "base_model's tokenizer" + ("" if local else ": TODO the downloaded HF folder (preflight checks it)"))
+                "base_model's tokenizer" + ("" if local else " (a Hub id: pinned and read from the Hugging Face cache)"))
     _data_keys(cfg, acc, fmt, steps, steps_known)
 
 

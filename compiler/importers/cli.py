@@ -57,7 +57,10 @@ def import_main(args) -> int:
         if isinstance(merged, Err):
             return _fail(merged.errors, args.config)
         profile = (args.cluster, merged["cluster"])
-    ref = args.model or guess_model(cfg.get("base_model_config") or cfg.get("base_model"), catalog_names(), is_dir)
+    from meshbake.compiler import hub
+
+    ref = args.model or guess_model(cfg.get("base_model_config") or cfg.get("base_model"), catalog_names(), is_dir,
+                                    lambda r: hub.read_config(r)[1] is not None)
     model_cfg = load.read_model_config(ref) if ref else None
     imp = import_axolotl(cfg, out.stem if out else src.stem, source=src.name, model_ref=ref,
                          model_config=None if isinstance(model_cfg, Err) else model_cfg,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from meshbake.compiler.errors import Err, RecipeError, Result
-from meshbake.runtime.roles import ModelRoles, lora_target_fqns
+from meshbake.runtime.roles import ModelRoles, attention_name, lora_target_fqns
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
 
@@ -49,7 +49,7 @@ class ModelSpec:
     roles: ModelRoles             # embedding, lm_head, final norm, decoder blocks (no LoRA targets yet)
     # --- added for the model matrix (issue 11); defaults keep older callers valid
     attn_implementation: str = "sdpa"        # what transformers supports for this class (sdpa, else eager)
-    layouts: Mapping[str, str] = field(default_factory=dict)  # fused fqn -> "qkv" | "gate_up" | "experts"
+    layouts: Mapping[str, str] = field(default_factory=dict)  # fused fqn -> "qkv" | "gate_up" | "experts" | "qkv_heads"
     active_params: int = 0        # parameters one token goes through (MoE: top-k of E experts); 0 = num_params
     num_experts: int = 0
     experts_per_token: int = 0
@@ -156,15 +156,21 @@ def _shape(module, kind: str) -> tuple[int, ...]:
 
 
 # classes whose forward splits a fused [q|k|v] / [gate|up] contiguously (read in transformers
-# 5.24); other fused projections (CodeGen's mp-interleaved qkv, ...) are refused under tp
-FUSED_OWNERS = {"Phi3Attention", "Phi3MLP"}
+# 5.24: Phi-3's qkv_proj.split and gate_up_proj.chunk(2, -1), GLM / GLM-4's gate_up_proj.chunk(2, -1));
+# other fused projections (CodeGen's mp-interleaved qkv, ...) are refused under tp
+FUSED_OWNERS = {"Phi3Attention", "Phi3MLP", "GlmMLP", "Glm4MLP"}
+# classes whose fused qkv rows are per head [q_h | k_h | v_h] for h in heads (GPT-NeoX:
+# query_key_value(x).view(..., -1, 3 * head_dim).chunk(3, -1)): a contiguous row block of whole
+# heads is already what a tp rank needs, so HF's order is kept and a plain colwise split is right
+HEAD_INTERLEAVED_OWNERS = {"GPTNeoXAttention"}
 FUSED_NAMES = ("qkv_proj", "gate_up_proj", "query_key_value", "c_attn", "Wqkv", "W_pack")
 
 
 def _layouts(model, modules) -> dict[str, str]:
     """Fused parameters meshbake stores in its own TP-friendly row order (runtime/fused.py):
     a qkv_proj [q | k | v] (out = (H + 2 KV) x D), a gate_up_proj [gate | up] (out = 2 I), and
-    grouped experts. Recognised by their shapes against the config, not by class names."""
+    grouped experts; and "qkv_heads", a fused qkv whose HF rows are already per head (kept in
+    HF order). Recognised by their shapes against the config, where the owner's forward was read."""
     c = model.config
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", None) or heads
@@ -173,6 +179,10 @@ def _layouts(model, modules) -> dict[str, str]:
     for m in modules:
         leaf = m.fqn.rpartition(".")[2]
         owner = type(model.get_submodule(m.fqn.rpartition(".")[0])).__name__
+        if m.kind == "linear" and owner in HEAD_INTERLEAVED_OWNERS:
+            if leaf == "query_key_value" and kv == heads and m.shape[0] == 3 * heads * hd:
+                out[m.fqn] = "qkv_heads"
+            continue
         if m.kind == "linear" and owner not in FUSED_OWNERS:
             continue          # a fused layout is only assumed where its forward was read (below)
         if m.kind == "experts":
@@ -231,8 +241,8 @@ OPTIONAL_FACTS = {"num_key_value_heads": 1024, "head_dim": 4096, "max_position_e
 # (tests/models/<model_type>/, README "Model families"). Others fail late: BERT's
 # BertLMHeadModel has no model.layers; a family nobody ran may hold a plain tensor the TP
 # DTensors cannot mix with. Adding one here means adding its tests/models fixture.
-SUPPORTED_TYPES = ("gemma2", "gemma3_text", "llama", "mistral", "mixtral", "olmo2", "phi3", "qwen2", "qwen3",
-                   "qwen3_moe")
+SUPPORTED_TYPES = ("gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "llama", "mistral", "mixtral", "olmo2",
+                   "phi3", "qwen2", "qwen3", "qwen3_moe")
 
 
 def _is_int(v: Any) -> bool:
@@ -300,13 +310,21 @@ def fact_errors(config: Mapping[str, Any], source: str) -> list[RecipeError]:
     return errs
 
 
+def _layers(model):
+    """The decoder blocks: the base model's `layers` (model.model.layers; GPT-NeoX's
+    model.gpt_neox.layers), or None."""
+    base = getattr(model, "base_model", None)
+    return getattr(base, "layers", None) if base is not model else None
+
+
 def _structure_error(model, num_layers: int, model_type: str, source: str) -> RecipeError | None:
-    """The runtime drives model.model.layers[i].self_attn / .mlp and the output embedding (lm_head)."""
+    """The runtime drives the base model's layers[i] with an attention (self_attn; GPT-NeoX's
+    attention, runtime/roles.ATTENTION_NAMES) and an mlp, and the output embedding (lm_head)."""
     import torch.nn as nn
 
-    layers = getattr(getattr(model, "model", None), "layers", None)
+    layers = _layers(model)
     ok = (isinstance(layers, nn.ModuleList) and len(layers) == num_layers
-          and all(hasattr(b, "self_attn") and hasattr(b, "mlp") for b in layers)
+          and all(attention_name(b) and hasattr(b, "mlp") for b in layers)
           and isinstance(model.get_output_embeddings(), nn.Linear))
     if ok:
         return None
@@ -433,12 +451,13 @@ def _intermediate(c) -> int:
 
 def _roles(model, modules, tied: bool) -> ModelRoles:
     """Read off the transformers model: its input / output embeddings, the decoder blocks
-    (_structure_error proved them model.model.layers, one per num_hidden_layers) and the
+    (_structure_error proved them the base model's layers, one per num_hidden_layers) and the
     norm lm_head reads (the last norm outside the blocks)."""
     names = {id(mod): fqn for fqn, mod in model.named_modules()}
-    blocks = names[id(model.model.layers)]
+    layers = _layers(model)
+    blocks = names[id(layers)]
     norm = [m.fqn for m in modules if m.kind == "norm" and not m.fqn.startswith(blocks + ".")]
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     return ModelRoles(embedding=names[id(emb)], lm_head=names[id(head)], final_norm=norm[-1] if norm else "",
-                      block_prefix=blocks, num_blocks=len(model.model.layers),
+                      block_prefix=blocks, num_blocks=len(layers),
                       tied=tied)

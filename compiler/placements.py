@@ -18,7 +18,7 @@ from meshbake.compiler.memo import cached
 from meshbake.compiler.mesh import MeshSpec
 from meshbake.compiler.model import ModelSpec, ModuleInfo
 from meshbake.compiler.recipe import Recipe
-from meshbake.runtime.roles import local_shape, shard_dim
+from meshbake.runtime.roles import ATTENTION_NAMES, local_shape, shard_dim
 
 # transformers' style names -> ours; anything else (local_*, ep_*) is refused with its name.
 # colwise_gather_output / rowwise_split_input are transformers' way around a fused [q|k|v] or
@@ -30,7 +30,8 @@ ALLOWED = {"linear": ("colwise", "rowwise", "replicate"), "embedding": ("rowwise
            "norm": ("sequence_parallel", "replicate"), "experts": ("experts",), "router": ("replicate",),
            "other": ("replicate",)}
 # styles of fused layouts (runtime/fused.py): what a tp rank holds of a qkv_proj / gate_up_proj
-FUSED_STYLES = {"qkv": "colwise_qkv", "gate_up": "colwise_gate_up", "experts": "experts"}
+# (qkv_heads: HF's own per-head rows, which a plain colwise split keeps whole)
+FUSED_STYLES = {"qkv": "colwise_qkv", "gate_up": "colwise_gate_up", "experts": "experts", "qkv_heads": "colwise"}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # replicated modules at or above this size are reported: 16 MiB is ~1 ms of NVLink time per copy
 WARN_BYTES = 16 * 2**20
@@ -124,7 +125,7 @@ def _overrides(recipe: Recipe, model: ModelSpec, styles: dict[str, str]) -> list
         fused = sorted(f for f in hits if f in model.layouts and style not in ("replicate", styles[f]))
         if fused:
             errs.append(RecipeError(path, f"{group_name(fused[0])} is a fused {model.layouts[fused[0]]} projection: "
-                                    f"{style!r} would give a rank rows of q, k and v (or gate and up) that "
+                                    f"{style!r} would give a rank rows of {_fused_parts(fused[0])} that "
                                     "do not belong together", "use 'replicate' or remove the override"))
             continue
         bad = sorted({kinds[f] for f in hits if style not in ALLOWED[kinds[f]]})
@@ -182,7 +183,7 @@ def _replicated_under_sp(recipe: Recipe, model: ModelSpec, auto: Mapping[str, st
     bad: dict[str, None] = {}
     for m in model.modules:
         parts = m.fqn[len(pre):].split(".") if m.fqn.startswith(pre) else []
-        if m.kind == "linear" and len(parts) > 2 and parts[1] in ("self_attn", "mlp") and auto[m.fqn] == "replicate":
+        if m.kind == "linear" and len(parts) > 2 and parts[1] in (*ATTENTION_NAMES, "mlp") and auto[m.fqn] == "replicate":
             bad[group_name(m.fqn)] = None
     if not bad:
         return []
@@ -259,15 +260,22 @@ def _architecture_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> li
         fused = sorted({group_name(m.fqn) for m in model.modules if m.kind == "linear" and m.fqn not in model.layouts
                         and m.fqn.rpartition(".")[2] in FUSED_NAMES})
         if fused:
+            what = sorted({_fused_parts(f) for f in fused[:2]})
             errs.append(RecipeError("mesh.tp", f"{model.architecture}: {', '.join(fused[:2])} is a fused projection "
-                                    "whose row order meshbake has not mapped (splitting its rows would mix q, k and "
-                                    "v)", "use mesh.tp: 1"))
+                                    "whose row order meshbake has not mapped (splitting its rows would mix "
+                                    f"{' or '.join(what)})", "use mesh.tp: 1"))
     if mesh.tp > 1 and model.num_experts and (c.get("router_jitter_noise") or 0) > 0:
         errs.append(RecipeError("model.config", f"router_jitter_noise {c['router_jitter_noise']}: each tp rank would "
                                 "draw its own noise and route the same token to different experts",
                                 "set router_jitter_noise: 0 in the config.json (Mixtral-8x7B ships 0) or mesh.tp: 1"))
     from meshbake.compiler.moe import aux_errors
     return errs + aux_errors(recipe, model)
+
+
+def _fused_parts(fqn: str) -> str:
+    """What rows a fused projection concatenates, by its leaf name: a gate_up_proj [gate | up],
+    every other FUSED_NAMES leaf (qkv_proj, query_key_value, c_attn, Wqkv, W_pack) [q | k | v]."""
+    return "gate and up" if fqn.rpartition(".")[2] == "gate_up_proj" else "q, k and v"
 
 
 def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec,

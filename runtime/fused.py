@@ -10,6 +10,9 @@ Layouts (independent of tp, so DCP checkpoints reshard across tp sizes; export u
            rank gate AND up rows of one slice of the intermediate dim.
   experts  gate_up_proj (E, 2I, H) as pairs along dim 1 (same as gate_up, per expert); down_proj
            (E, H, I) unchanged. Sharded on I: each rank runs every expert on its slice.
+  qkv_heads  HF rows already per head [q_h | k_h | v_h] for h in heads (GPT-NeoX query_key_value,
+           read with view(..., -1, 3 D)): kept in HF order, a plain colwise Shard(0) (tp | H) gives
+           whole heads and HF's view(-1) finds the local head count. No hook, no reorder.
 At run time a forward hook turns the local output of a fused Linear back into HF's local
 order ([q_l | k_l | v_l], [gate_l | up_l]) so transformers' own attention / MLP code runs on
 the local heads; the attention gets its local head counts. The MoE block forward is replaced:
@@ -36,9 +39,12 @@ def _heads(cfg) -> tuple[int, int, int]:
 
 
 def param_layouts(layouts: dict[str, str]) -> dict[str, str]:
-    """{parameter name: layout} of the parameters stored in meshbake order."""
+    """{parameter name: layout} of the parameters stored in meshbake order (a qkv_heads
+    projection is stored in HF's order: none of its parameters)."""
     out = {}
     for fqn, kind in layouts.items():
+        if kind == "qkv_heads":
+            continue
         if kind == "experts":
             out[f"{fqn}.gate_up_proj"] = "experts"
         else:
@@ -284,6 +290,8 @@ def legacy_sources(name: str, n_experts: int, have) -> list[list[str]] | None:
         keys = [[first(_expert_keys(prefix, p, e)) for p in parts] for e in range(n_experts)]
         return keys if all(k for ks in keys for k in ks) else None
     alt = name.replace(".mlp.", ".block_sparse_moe.")        # Mixtral's router
+    if name.startswith("lm_head."):                          # GPT-NeoX (Pythia) hub checkpoints: embed_out
+        alt = "embed_out." + name.removeprefix("lm_head.")
     return [[alt]] if alt != name and have(alt) else None
 
 

@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from .dims import SHARD_CP, ParallelDims
 from .plan import Plan
-from .roles import SHARD_DIM, plan_roles
+from .roles import SHARD_DIM, attention_name, plan_roles
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -109,16 +109,40 @@ def tp_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
             styles[fqn] = EXTRA_STYLES[style]()
     if sp:
         for name in roles.blocks:
-            # HF calls self_attn(hidden_states=...) by keyword and mlp(x) positionally. The gathered
-            # input stays a DTensor: in backward the q/k/v (gate/up) input grads are Partial sums
-            # that add up locally and reduce-scatter ONCE; a local tensor here would make every
-            # colwise Linear all-reduce its own input grad (5 extra all-reduces per block, -7% tok/s)
-            styles[f"{name}.self_attn"] = PrepareModuleInput(
-                input_kwarg_layouts={"hidden_states": Shard(1)},
-                desired_input_kwarg_layouts={"hidden_states": Replicate()}, use_local_output=False)
+            # HF calls self_attn(hidden_states=...) by keyword and mlp(x) positionally (GPT-NeoX's
+            # attention(x, ...) positionally too). The gathered input stays a DTensor: in backward
+            # the q/k/v (gate/up) input grads are Partial sums that add up locally and
+            # reduce-scatter ONCE; a local tensor here would make every colwise Linear all-reduce
+            # its own input grad (5 extra all-reduces per block, -7% tok/s)
+            block = model.get_submodule(name)
+            styles[f"{name}.{attention_name(block)}"] = _gathered_input()
             styles[f"{name}.mlp"] = PrepareModuleInput(input_layouts=(Shard(1),),
                                                        desired_input_layouts=(Replicate(),), use_local_output=False)
     return styles
+
+
+def _gathered_input():
+    """The block's attention gets the sequence-sharded residual stream (Shard(1)) gathered to a
+    Replicate DTensor, whether HF passes it by keyword (hidden_states=, Llama) or as the first
+    positional argument (GPT-NeoX)."""
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class _Style(ParallelStyle):
+        def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+            def gather(x):
+                if not isinstance(x, DTensor):
+                    x = DTensor.from_local(x, mesh, (Shard(1),), run_check=False)
+                return x.redistribute(placements=(Replicate(),))
+
+            def hook(mod, args, kwargs):
+                if args:
+                    return (gather(args[0]), *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": gather(kwargs["hidden_states"])}
+
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+            return module
+
+    return _Style()
 
 
 def _sharded_norm():

@@ -46,7 +46,7 @@ class ModelPlan:
     num_params: int
     tie_word_embeddings: bool
     attn_implementation: str = "sdpa"   # transformers attention kernel for this class: sdpa | eager
-    layouts: dict[str, str] = field(default_factory=dict)   # fused fqn -> "qkv" | "gate_up" | "experts"
+    layouts: dict[str, str] = field(default_factory=dict)   # fused fqn -> "qkv" | "gate_up" | "experts" | "qkv_heads"
     active_params: int = 0              # params a token goes through (MoE: k of E experts); 0 = num_params
     roles: ModelRoles | None = None     # embedding, lm_head, blocks, LoRA target fqns (runtime/roles.py;
                                         # None in plan.json before roles: roles.plan_roles derives them)
@@ -174,7 +174,7 @@ def _declare() -> None:
         "num_params": _COUNT, "active_params": _COUNT,
         "attn_implementation": {"type": "string", "maxLength": 64, "pattern": _WORD},
         "layouts": {"type": "object", "propertyNames": {"maxLength": 512, "pattern": _FQN},
-                    "additionalProperties": {"enum": ["qkv", "gate_up", "experts"]}},
+                    "additionalProperties": {"enum": ["qkv", "gate_up", "experts", "qkv_heads"]}},
         "hub": {"type": ["object", "null"], "additionalProperties": False, "required": ["repo", "sha"],
                 "properties": {"repo": {"type": "string", "maxLength": 200, "pattern": "^[A-Za-z0-9][A-Za-z0-9_./-]*$(?!\\n)"},
                                "sha": {"type": "string", "pattern": "^[0-9a-f]{40}$(?!\\n)"}}}}}

@@ -44,6 +44,16 @@ class ModelRoles:
         return replace(self, lora_targets=tuple(targets))
 
 
+# what a decoder block calls its attention (compiler/model.py refuses a block with neither):
+# Llama-style self_attn, GPT-NeoX attention. Sequence parallel gathers its input (runtime/parallel.py).
+ATTENTION_NAMES = ("self_attn", "attention")
+
+
+def attention_name(block) -> str | None:
+    """The attention child of a decoder block (any object with attributes), or None."""
+    return next((n for n in ATTENTION_NAMES if hasattr(block, n)), None)
+
+
 def lora_target_fqns(linears: Iterable[str], leaves: Iterable[str] | None, lm_head: str) -> tuple[str, ...]:
     """The rule for recipe lora.targets: every Linear whose leaf name (q_proj, ...) is listed,
     never the lm_head (leaves None: every Linear but the lm_head). `linears`: the fqns of the

@@ -14,6 +14,7 @@ OUT = Path(__file__).resolve().parent.parent / "tests" / "models"
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=128, vocab_size=1024, max_position_embeddings=256, pad_token_id=0,
               bos_token_id=1, eos_token_id=2, initializer_range=0.02)
+DROP = object()          # a COMMON key the family's config does not have
 MODELS = {
     "llama": {},
     "mistral": {"sliding_window": None},
@@ -29,6 +30,13 @@ MODELS = {
     "qwen3_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
                   "decoder_sparse_step": 1, "mlp_only_layers": [1], "tie_word_embeddings": False},
     "olmo2": {"tie_word_embeddings": False},                       # q_norm/k_norm over the whole projection
+    # fused gate_up_proj [gate | up], attention bias, partial rotary (0.5); GLM-4 adds post-attention
+    # and post-MLP norms
+    "glm": {"head_dim": 16},
+    "glm4": {"head_dim": 16},
+    # fused query_key_value per head [q_h | k_h | v_h], parallel residual, LayerNorm with bias,
+    # rotary on a quarter of head_dim, embed_in / lm_head (hub: embed_out); no GQA
+    "gpt_neox": {"num_key_value_heads": DROP},
 }
 
 
@@ -37,7 +45,8 @@ def main() -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     for model_type, extra in MODELS.items():
-        cfg = AutoConfig.for_model(model_type, **{**COMMON, **extra})
+        kw = {k: v for k, v in {**COMMON, **extra}.items() if v is not DROP}
+        cfg = AutoConfig.for_model(model_type, **kw)
         d = cfg.to_diff_dict()          # only what differs from the class defaults, like a hub config.json
         d["model_type"] = model_type
         d["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]

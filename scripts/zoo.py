@@ -133,9 +133,9 @@ def write(rows) -> None:
              "`make zoo` (scripts/zoo.py): every causal-LM model type with a `base_model_tp_plan`, as a tiny config",
              "from its own config class, compiled at dp_shard 2 x tp 2 with sequence and loss parallel; the ones that",
              "compile train 2 steps on CPU (torchrun, world 4). Training here checks that they run, not parity",
-             "(parity is `tests/test_models.py`). Compiled behind the model_type allow-list (a recipe outside the ten",
-             "families of `tests/models` is refused at `model.config` first): the sweep checks the structural rules",
-             "under it.", "",
+             "(parity is `tests/test_models.py`). Compiled behind the model_type allow-list (a recipe outside the",
+             "thirteen families of `tests/models` is refused at `model.config` first): the sweep checks the structural",
+             "rules under it.", "",
              f"{len(rows)} types: **{ok} compiled and trained, {refused} refused at compile time, {crashed} compiled "
              f"then crashed**, {tb} compiler tracebacks, {nocfg} without a tiny config (the generic shrink broke a family field)"
              + (f"; {pending} compiled but not run yet (sweep interrupted)." if pending else "."), "",

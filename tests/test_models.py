@@ -1,4 +1,4 @@
-"""The model matrix: tiny random-init configs of ten popular decoder families (real config
+"""The model matrix: tiny random-init configs of the supported decoder families (real config
 classes, tests/models/<model_type>/config.json, written by scripts/make_model_fixtures.py).
 
 For each: it compiles at dp_shard 2 x tp 2 with sequence and loss parallel (or is refused with
@@ -24,8 +24,11 @@ MODELS = ROOT / "tests" / "models"
 TYPES = sorted(p.name for p in MODELS.iterdir() if (p / "config.json").is_file())
 RTOL = 1e-4
 STEPS = 3
+# GLM-4's post-attention / post-MLP norms put unit-RMS random sublayer outputs on the 0.02-std
+# embeddings at init: plain HF's own loss rises over the first 3 steps (6.942, 6.947, 6.949)
+SLOW_START = {"glm4"}
 REFUSED: dict[str, str] = {}          # model_type -> words the compile error must contain
-EXPORTED = ("phi3", "qwen3_moe")
+EXPORTED = ("glm4", "gpt_neox", "phi3", "qwen3_moe")
 
 
 def _lora(r):
@@ -85,9 +88,12 @@ def compile_model(model_type: str, **kw):
     return compile_recipe(yaml.safe_dump(recipe(f"m-{model_type}", model_type, **kw)), source=model_type)
 
 
-def test_fixtures_are_the_ten_families():
-    assert TYPES == sorted(["gemma2", "gemma3_text", "llama", "mistral", "mixtral", "olmo2", "phi3", "qwen2",
-                            "qwen3", "qwen3_moe"])
+def test_fixtures_are_the_supported_families():
+    from meshbake.compiler.model import SUPPORTED_TYPES
+
+    assert TYPES == sorted(["gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "llama", "mistral", "mixtral",
+                            "olmo2", "phi3", "qwen2", "qwen3", "qwen3_moe"])
+    assert TYPES == sorted(SUPPORTED_TYPES)
 
 
 @pytest.mark.parametrize("model_type", TYPES)
@@ -187,7 +193,10 @@ def test_parity_dp_shard2_tp2_sp_lp(results, model_type):
     rel = max(abs(got[k] - ref[k]) / abs(ref[k]) for k in ref)
     print(f"{model_type}: max rel loss diff {rel:.2e}")
     assert rel < RTOL, (model_type, got, ref)
-    assert min(ref[k] for k in range(2, STEPS + 1)) < ref[1]      # it learns something
+    if model_type in SLOW_START:          # the weights move: the steps' losses differ
+        assert min(abs(ref[k] - ref[1]) for k in range(2, STEPS + 1)) > 1e-4 * ref[1], ref
+    else:
+        assert min(ref[k] for k in range(2, STEPS + 1)) < ref[1]      # it learns something
 
 
 @pytest.mark.dist
@@ -259,6 +268,39 @@ def test_plain_colwise_on_a_fused_projection_is_refused():
         r["tp"]["plan"] = {"model.layers.*.self_attn.qkv_proj": "colwise"}
     e = _errors("phi3", override)
     assert "fused qkv" in e[0].message and e[0].path.startswith("tp.plan")
+
+
+def test_fused_projections_are_split_by_their_real_row_order():
+    """GLM-4's gate_up_proj [gate | up] is stored as (gate_i, up_i) pairs (a colwise shard holds
+    both halves of its slice); GPT-NeoX's query_key_value is per head [q_h | k_h | v_h] in HF's
+    own order, so a plain colwise split by heads is right and nothing is reordered."""
+    for t, fqn, layout, style in [("glm4", "model.layers.0.mlp.gate_up_proj", "gate_up", "colwise_gate_up"),
+                                  ("glm", "model.layers.0.mlp.gate_up_proj", "gate_up", "colwise_gate_up"),
+                                  ("gpt_neox", "gpt_neox.layers.0.attention.query_key_value", "qkv_heads", "colwise")]:
+        plan = json.loads(compile_model(t).files["plan.json"])
+        assert plan["model"]["layouts"] == {fqn.replace(".0.", f".{i}."): layout for i in range(2)}, t
+        assert plan["tp"]["placements"][fqn] == style
+    plan = json.loads(compile_model("gpt_neox").files["plan.json"])
+    roles, styles = plan["model"]["roles"], plan["tp"]["placements"]
+    assert (roles["embedding"], roles["lm_head"], roles["final_norm"], roles["block_prefix"]) == (
+        "gpt_neox.embed_in", "lm_head", "gpt_neox.final_layer_norm", "gpt_neox.layers")
+    assert [styles[f"gpt_neox.layers.0.{m}"] for m in ("attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h",
+                                                        "input_layernorm")] == ["rowwise", "colwise", "rowwise",
+                                                                                "sequence_parallel"]
+    glm4 = json.loads(compile_model("glm4").files["plan.json"])["tp"]["placements"]
+    assert glm4["model.layers.0.post_self_attn_layernorm"] == glm4["model.layers.0.post_mlp_layernorm"] == \
+        "sequence_parallel"
+
+
+def test_unmapped_gate_up_fusion_is_refused_for_gate_and_up(monkeypatch):
+    """A gate_up_proj whose forward meshbake has not read is refused under tp for mixing gate
+    and up rows (not q, k and v)."""
+    from meshbake.compiler import model as M
+
+    monkeypatch.setattr(M, "FUSED_OWNERS", M.FUSED_OWNERS - {"Glm4MLP"})
+    e = _errors("glm4", lambda r: None)
+    assert [x.path for x in e] == ["mesh.tp"], e
+    assert "would mix gate and up" in e[0].message and "q, k" not in e[0].message
 
 
 def test_moe_placements_and_memory_count_the_experts():

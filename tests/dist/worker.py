@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from meshbake.runtime import plan as P
-from meshbake.runtime.parallel import build
+from meshbake.runtime.parallel import build, decoder_layers
 from meshbake.runtime.train import device_for, init_distributed, run, world_mesh
 
 
@@ -35,7 +35,7 @@ def train_case(plan: P.Plan, run_dir: Path, logits_input=None) -> dict:
         names = [n for n, _ in res.model.named_parameters()]
         tied = {"same_param": emb is head, "n_params": len(names),
                 "lm_head_listed": any(n.startswith("lm_head") for n in names)}
-    compiled = all(getattr(layer, "_compiled_call_impl", None) is not None for layer in res.model.model.layers)
+    compiled = all(getattr(layer, "_compiled_call_impl", None) is not None for layer in decoder_layers(res.model, plan))
     ep_blocks = [m for m in res.model.modules() if hasattr(m, "_meshbake_ep")]
     out = {"losses": res.losses, "grad_norms": res.grad_norms, "tied": tied, "compiled": compiled,
            "cp_attention_calls": cp._STATE["calls"],

@@ -55,6 +55,7 @@ golden: install
 
 bench: install
 	$(PY) -m bench.data
+	$(PY) -m bench.prepare
 	$(PY) -m bench.run
 	$(PY) -m bench.compiler
 

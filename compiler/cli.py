@@ -96,13 +96,15 @@ def _report(errs: Err, source: str) -> int:
 
 def _resolve(args):
     from meshbake.compiler import load
-    from meshbake.compiler.pipeline import resolve_dict
+    from meshbake.compiler.pipeline import resolve_data_dict, resolve_dict
 
     d = load.load_recipe(args.recipe, tuple(args.overrides), args.cluster)
     if isinstance(d, Err):
         return d
-    # prepare tokenizes data: a model over the GPU's memory is check's and bundle's error, not its
-    return resolve_dict(d, memory=args.cmd != "prepare")
+    # prepare tokenizes data: it needs the data section and the model's vocab_size, not the model
+    # (building it on the meta device imports torch and the modeling code: ~4 s of its start-up);
+    # a mesh that does not divide the model, or a model over the GPU's memory, is check's and bundle's error
+    return resolve_data_dict(d) if args.cmd == "prepare" else resolve_dict(d)
 
 
 def _count(n: float) -> str:
@@ -160,7 +162,8 @@ def runnable_line(res) -> str:
 
 
 def _prepare(plan, quiet: bool) -> int:
-    """The bundle's `python -m runtime.prepare plan.json`, from the recipe (paths relative to cwd)."""
+    """The bundle's `python -m runtime.prepare plan.json`, from the recipe (paths relative to cwd);
+    plan: pipeline.DataResolved (what prepare reads of a Plan)."""
     from meshbake.runtime.errors import EXIT_USER
     from meshbake.runtime.prepare import DataError, prepare
 
@@ -385,7 +388,7 @@ def _compile_cmd(args) -> int:
         print(runnable_line(res))
         return 0
     if args.cmd == "prepare":
-        return _prepare(res.plan, args.quiet)
+        return _prepare(res, args.quiet)
     if args.cmd == "dryrun":
         return _dryrun(res, args)
     if args.cmd == "plan":

@@ -15,9 +15,9 @@ from typing import Any
 from meshbake.compiler.errors import Err, RecipeError, Result, reads, run, skipped
 from meshbake.compiler.estimate import Estimate, checked_estimate, estimate
 from meshbake.compiler.mesh import MeshSpec, resolve_mesh
-from meshbake.compiler.model import ModelSpec, model_spec
+from meshbake.compiler.model import ModelSpec, _type_errors, fact_errors, model_spec
 from meshbake.compiler.placements import Placements, resolve_placements
-from meshbake.compiler.plan import build_plan, versions
+from meshbake.compiler.plan import build_plan, data_plan, versions
 from meshbake.compiler.recipe import Recipe
 from meshbake.runtime import plan as P
 
@@ -117,6 +117,41 @@ def resolve_dict(d: Mapping[str, Any], memory: bool = True) -> Result[Resolved]:
     return Err(errs) if errs else replace(res, missing=pinned.missing)
 
 
+@dataclass(frozen=True)
+class DataResolved:
+    """What `meshbake prepare` reads of a plan (runtime/prepare.py: name, data, train.seq_len and
+    train.seed, versions['meshbake']), resolved without building the model: the data section needs
+    only the config.json's vocab_size, and the meta-model build (torch + the transformers modeling
+    code, ~4 s) was most of prepare's start-up. The mesh / placement / memory errors are check's
+    and bundle's; the fingerprint is the full plan's (plan.data is the same DataPlan)."""
+    name: str
+    data: P.DataPlan
+    train: Any                     # the recipe's train section: seq_len, seed
+    versions: dict[str, str]
+
+
+def resolve_data_dict(d: Mapping[str, Any]) -> Result[DataResolved]:
+    """Recipe dict -> DataResolved or Err: every validation error, model.config unreadable or not a
+    model meshbake runs (its type and size facts, as the model stage checks them first), and the
+    tokenizer / vocab check, as resolve_dict reports them; nothing of the later stages."""
+    from meshbake.compiler import __version__
+    from meshbake.compiler import validate as validate_mod
+
+    v = validate_mod.validate_fields(dict(d))
+    if v.recipe is None or skipped(_model_config, v.aside):
+        return Err(v.errors)
+    recipe, errs = v.recipe, v.errors
+    cfg = _model_config(recipe)
+    if isinstance(cfg, Err):
+        return Err(tuple(dict.fromkeys(errs + cfg.errors)))
+    errs += tuple(run(_tokenizer_errors, v.aside, recipe, cfg))
+    errs += tuple(_type_errors(cfg.get("model_type"), recipe.model.config) or fact_errors(cfg, recipe.model.config))
+    if errs:
+        return Err(tuple(dict.fromkeys(errs)))
+    return DataResolved(name=recipe.name, data=data_plan(recipe, cfg["vocab_size"], __version__),
+                        train=recipe.train, versions={"meshbake": __version__})
+
+
 def compile_recipe(text: str, overrides: tuple[str, ...] = (), cluster: str | None = None,
                    source: str = "<recipe>") -> Result[Bundle]:
     """Recipe text -> Bundle, without writing anything (tests call this)."""
@@ -137,4 +172,5 @@ def resolve_text(text: str, overrides: tuple[str, ...] = (), cluster: str | None
     return d if isinstance(d, Err) else resolve_dict(d)
 
 
-__all__ = ["Bundle", "Resolved", "RecipeError", "compile_recipe", "resolve", "resolve_dict", "resolve_text", "build_plan"]
+__all__ = ["Bundle", "DataResolved", "Resolved", "RecipeError", "compile_recipe", "resolve", "resolve_data_dict",
+           "resolve_dict", "resolve_text", "build_plan"]

@@ -148,7 +148,7 @@ def _folder_files(p: Path, path: str, key: str) -> list[Path]:
     a folder with one split reads that one. Of those files, the most common kind (the datasets
     order on a tie: parquet, jsonl, json, csv, then text files) is read, as load_dataset infers
     one builder per dataset: a CHANGELOG.md beside the .jsonl files is not a record."""
-    import datasets
+    datasets = _datasets()
     from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns, sanitize_patterns
 
     base = str(p.resolve())
@@ -208,9 +208,8 @@ def _load(kind: str, path: Path, fmt: str, cache_dir: Path):
     tools write one); an empty CSV cell is an empty string, as "" is in JSON (pandas would make
     it NaN, i.e. a missing field), and "NA" / "null" in a cell stay text. A jsonl file with
     malformed lines is read without them (a copy in cache_dir): they are bad records."""
-    import datasets
-
     if kind == "disk":
+        datasets = _datasets()
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds:
@@ -228,12 +227,19 @@ def _load(kind: str, path: Path, fmt: str, cache_dir: Path):
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file (no records)")
     lines, bad, read = None, [], path
+    # a small jsonl file's records are the objects the line check parses anyway (no datasets import,
+    # no arrow cache: ~1.5 s of a prepare's start-up); only when datasets would give the same
+    # records (_uniform: same keys in the same order and one type per field everywhere)
+    kept: list | None = [] if path.suffix in (".jsonl", ".ndjson") and path.stat().st_size <= FAST_JSONL_BYTES else None
     if builder in ("json", "csv", "text"):
-        lines, bad = _check_text(path, collect=True)    # datasets' own errors name neither the byte nor the line
+        lines, bad = _check_text(path, collect=True, records=kept)   # datasets' errors name neither byte nor line
+        if bad and not lines:
+            return None, None, bad
+        if lines and (rows := _Rows.uniform(kept)) is not None:
+            return rows, lines, bad
         if bad:
             read = _without_lines(path, {n for n, _ in bad}, cache_dir)
-            if not lines:
-                return None, None, bad
+    datasets = _datasets()
     try:
         ds = datasets.load_dataset(builder, data_files=str(read), split="train", cache_dir=str(cache_dir), **kw)
     except Exception as e:  # noqa: BLE001 - datasets wraps parse errors in several types
@@ -242,6 +248,106 @@ def _load(kind: str, path: Path, fmt: str, cache_dir: Path):
     if lines is not None and len(lines) != len(ds):
         lines = None                   # datasets counted records otherwise: number them, not lines
     return ds, lines, bad
+
+
+FAST_JSONL_BYTES = 64 << 20    # a jsonl file up to this size is read by _Rows when it can be (a module constant: tests set 0)
+
+
+def _datasets():
+    """The datasets module, its progress bars and info logs off (imported only when a file needs it: ~1.3 s)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    return datasets
+
+
+class _Mixed(Exception):
+    """Two records give one field different shapes: datasets (arrow) would unify or refuse them."""
+
+
+_DATE = re.compile(r"\s*[+-]?\d{4,}-\d\d-\d\d")
+
+
+def _shape(v: Any):
+    """A JSON value's arrow-like type: None (null, fits any), 'bool' / 'int' / 'float' / 'str',
+    ('list', element) or ('dict', ((key, shape), ...)) in key order; _Mixed for what arrow would
+    change or refuse (an int beyond int64, NaN / Infinity, an empty object, a lone surrogate, a date)."""
+    if v is None or isinstance(v, (bool, str)):
+        if isinstance(v, str):
+            if len(v) <= 40 and _DATE.match(v):
+                raise _Mixed                  # arrow reads an ISO 8601 string as a timestamp
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _Mixed from None
+            return "str"
+        return None if v is None else "bool"
+    if isinstance(v, int):
+        if not -(1 << 63) <= v < (1 << 63):
+            raise _Mixed
+        return "int"
+    if isinstance(v, float):
+        if v != v or v in (float("inf"), float("-inf")):
+            raise _Mixed
+        return "float"
+    if isinstance(v, list):
+        el = None
+        for x in v:
+            el = _merge(el, _shape(x))
+        return ("list", el)
+    if isinstance(v, dict) and v:
+        return ("dict", tuple((k, _shape(x)) for k, x in v.items()))
+    raise _Mixed
+
+
+def _merge(a, b):
+    """One shape for two values at the same place, or _Mixed: int and float (arrow makes the ints
+    floats), other key sets or key orders (arrow fills in None / reorders the keys)."""
+    if a is None or a == b:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, tuple) and isinstance(b, tuple) and a[0] == b[0]:
+        if a[0] == "list":
+            return ("list", _merge(a[1], b[1]))
+        if [k for k, _ in a[1]] == [k for k, _ in b[1]]:
+            return ("dict", tuple((k, _merge(x, y)) for (k, x), (_, y) in zip(a[1], b[1])))
+    raise _Mixed
+
+
+class _Rows:
+    """A jsonl file's records in memory, as much of a datasets.Dataset as prepare uses: len,
+    iter(batch_size) -> {column: [values]}, select(range). Made only when datasets' json loader
+    would give the same values (uniform): every record with the same keys in the same order and
+    one type per field, nested lists and objects included."""
+
+    def __init__(self, columns: dict[str, list], n: int):
+        self.columns, self.n = columns, n
+
+    @classmethod
+    def uniform(cls, records: list | None) -> _Rows | None:
+        if not records:
+            return None
+        try:
+            shape = None
+            for r in records:
+                shape = _merge(shape, _shape(r))
+        except _Mixed:
+            return None
+        if not (isinstance(shape, tuple) and shape[0] == "dict"):
+            return None
+        return cls({k: [r[k] for r in records] for k, _ in shape[1]}, len(records))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def iter(self, batch_size: int):
+        for i in range(0, self.n, batch_size):
+            yield {k: v[i:i + batch_size] for k, v in self.columns.items()}
+
+    def select(self, idx: range) -> _Rows:
+        return _Rows({k: v[idx.start:idx.stop] for k, v in self.columns.items()}, len(idx))
 
 
 def _without_lines(path: Path, drop: set[int], cache_dir: Path) -> Path:
@@ -258,13 +364,14 @@ def _without_lines(path: Path, drop: set[int], cache_dir: Path) -> Path:
 _CHUNK = 1 << 20           # bytes per read in _check_text (a module constant: the linearity test shrinks it)
 
 
-def _check_text(path: Path, collect: bool = False):
+def _check_text(path: Path, collect: bool = False, records: list | None = None):
     """UTF-8 throughout, a leading byte-order mark allowed (the byte offset and line of the first
     bad byte: a DataError), and for jsonl one JSON object per line (the file's own line number:
     split on \n only, as str.splitlines would also split on U+2028 or a form feed inside a
     record's text and the numbers would drift). jsonl: returns (the line of each record, blank
     lines skipped as datasets skips them; [(line, message)] of malformed lines), the first
-    malformed line raised unless collect; other files: (None, [])."""
+    malformed line raised unless collect; other files: (None, []). records: a list the jsonl
+    records (the parsed objects) are appended to."""
     dec, off, line = codecs.getincrementaldecoder("utf-8")(), 0, 1
     # pending: the pieces of the current (unfinished) line, joined once when its newline comes.
     # Re-joining `pending + text` per 1 MiB chunk copied the whole line so far each time: a line
@@ -273,7 +380,7 @@ def _check_text(path: Path, collect: bool = False):
     lines, bad = array("q"), []
 
     def one(n: int, rec: str) -> None:
-        problem = _json_line(path, n, rec)
+        problem = _json_line(path, n, rec, records)
         if problem is None:
             if rec.strip():
                 lines.append(n)
@@ -315,8 +422,8 @@ def _check_text(path: Path, collect: bool = False):
     return None, []
 
 
-def _json_line(path: Path, n: int, rec: str) -> str | None:
-    """The message for a malformed jsonl line, None for a record or a blank line."""
+def _json_line(path: Path, n: int, rec: str, records: list | None = None) -> str | None:
+    """The message for a malformed jsonl line, None for a record (appended to records) or a blank line."""
     if not rec.strip():
         return None
     try:
@@ -326,6 +433,8 @@ def _json_line(path: Path, n: int, rec: str) -> str | None:
                 f"fix or remove that line (one JSON object per line)")
     if not isinstance(obj, dict):
         return f"{path}:{n}: a JSON {type(obj).__name__}, not a record (an object); fix or remove that line"
+    if records is not None:
+        records.append(obj)
     return None
 
 
@@ -1170,10 +1279,6 @@ def encode_sources(data: DataPlan, sources: tuple[Source, ...], enc: Encoder, ca
                    ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[int], list[Path], float]:
     """Every record of the sources as documents. A record prepare cannot use is a bad record
     (bad: data.bad_records decides; without `bad` the first is raised)."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
     bad = bad if bad is not None else BadRecords(data, first=True)
     bad.start(key)
     loaded = []
@@ -1219,8 +1324,6 @@ def source_selection(src: Source, kind: str, files: list[Path], key: str, load: 
     a slice keeps its records' lines (malformed lines are reported whatever the slice)."""
     import fnmatch
 
-    import datasets
-
     if src.data_files:
         root = Path(src.path)
         rel = {f: f.relative_to(root).as_posix() if f != root else f.name for f in files}
@@ -1236,6 +1339,8 @@ def source_selection(src: Source, kind: str, files: list[Path], key: str, load: 
     if not sl:
         return loaded
     total = sum(len(ds) for _, _, (ds, _, _) in loaded if ds is not None)
+    import datasets
+
     try:
         (absolute,) = datasets.ReadInstruction.from_spec(src.split).to_absolute({"train": total})
         start, stop = absolute.from_, absolute.to

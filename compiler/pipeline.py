@@ -140,11 +140,14 @@ def resolve_data_dict(d: Mapping[str, Any]) -> Result[DataResolved]:
     v = validate_mod.validate_fields(dict(d))
     if v.recipe is None or skipped(_model_config, v.aside):
         return Err(v.errors)
-    recipe, errs = v.recipe, v.errors
+    from meshbake.compiler import hub
+
+    pinned = hub.pin_recipe(v.recipe)       # Hub ids -> org/name@<sha>: prepare reads what the run will
+    recipe, errs = pinned.recipe, v.errors + pinned.errors
     cfg = _model_config(recipe)
     if isinstance(cfg, Err):
         return Err(tuple(dict.fromkeys(errs + cfg.errors)))
-    errs += tuple(run(_tokenizer_errors, v.aside, recipe, cfg))
+    errs += tuple(run(_tokenizer_errors, v.aside, recipe, cfg, hub.tokenizer_folder(recipe.data.tokenizer, pinned)))
     errs += tuple(_type_errors(cfg.get("model_type"), recipe.model.config) or fact_errors(cfg, recipe.model.config))
     if errs:
         return Err(tuple(dict.fromkeys(errs)))

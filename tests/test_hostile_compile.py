@@ -65,7 +65,7 @@ def test_bad_size_facts_are_errors(tmp_path, key, value, says):
     ({"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 4096}, "not one meshbake"),
     ({"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
       "intermediate_size": 128, "vocab_size": 4096}, "not one meshbake runs"),     # was a runtime failure
-    ({"model_type": "gpt_neox", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    ({"model_type": "gptj", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
       "intermediate_size": 128, "vocab_size": 4096}, "not one meshbake runs"),
     ({"model_type": "gemma3", "text_config": {"hidden_size": 64}}, "not one meshbake runs"),
     ({"model_type": "t5", "d_model": 64}, "not a causal LM"),

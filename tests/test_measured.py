@@ -6,7 +6,6 @@ One launch runs every case (tests/dist/measure.py); a torchrun start costs 5-10 
 from __future__ import annotations
 
 import json
-import statistics
 
 import pytest
 
@@ -126,15 +125,16 @@ def _mb(b: float) -> str:
 @pytest.mark.parametrize("name", list(MEMORY))
 def test_memory_estimate_holds_the_measured_peak(measured, name):
     """PLAN.md's per-rank peak vs the real peak tensor memory of one training step: within
-    +10% / -5%. Every dim here divides by dp_shard x cp, so all ranks hold the same shards and
-    the median of their measured peaks is taken: a rank's measurement can be off either way (an
-    allocator event of a gloo thread the profiler does not see, tests/dist/measure.py). The least
-    was taken before and picked such outliers: mem_dp4 ranks 36.53, 36.53, 36.53, 34.43 MB (the
-    last without the root's gathered 2 x 1 MB embedding and lm_head), mem_cp2 20.80, 18.64,
-    20.74, 20.74 MB."""
+    +10% / -5%. The estimate is the peak of the rank that peaks (the one that would OOM), so the
+    most any rank measured is taken. Ranks of one case differ by when a freed buffer goes relative
+    to the peak (gloo's threads, tests/dist/measure.py), and only ever below the estimate in every
+    run seen: the least picked mem_dp4 ranks 36.53, 36.53, 36.53, 34.43 MB (the last without the
+    root's gathered 2 x 1 MB embedding and lm_head); the median failed a loaded CI-like run with
+    mem_cp2 ranks 20.80, 18.80, 18.46, 18.71 MB against an estimate of 20.93 MB (earlier runs:
+    20.80, 18.64, 20.74, 20.74)."""
     r = measured[name]
     est = r["plan"]["estimate"]
-    got = statistics.median(rank["peak_bytes"] for rank in r["ranks"])
+    got = max(rank["peak_bytes"] for rank in r["ranks"])
     err = est["total_bytes"] / got - 1
     print(f"{name}: estimate {_mb(est['total_bytes'])} at the {est['peak_phase']}, measured {_mb(got)} "
           f"({err:+.1%}; ranks {', '.join(_mb(rank['peak_bytes']) for rank in r['ranks'])}), "

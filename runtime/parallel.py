@@ -472,9 +472,11 @@ def iter_full_weights(folder: str, names: list[str]) -> Iterator[tuple[str, torc
             yield n, st.get_tensor(n)
 
 
-def parallelize(plan: Plan, mesh: DeviceMesh, stage=lambda name: None) -> nn.Module:
+def parallelize(plan: Plan, mesh: DeviceMesh, stage=lambda name: None, fsdp: bool = True) -> nn.Module:
     """The model on the meta device with every parallelism applied, nothing allocated.
-    stage(name) is called before each step (the dry run names the step that failed)."""
+    stage(name) is called before each step (the dry run names the step that failed).
+    QLoRA (plan.lora.quantize_base nf4): the targets' weights become NF4 before FSDP, here on
+    meta (the dry run), or, with fsdp=False, in build() once the real weights are loaded."""
     stage("model")
     model = meta_model(plan)
     if plan.mesh.cp_enabled:
@@ -506,10 +508,24 @@ def parallelize(plan: Plan, mesh: DeviceMesh, stage=lambda name: None) -> nn.Mod
     if plan.train.compile:
         stage("compile")
         apply_compile(model, plan)
+    if fsdp:
+        quantize_and_shard(model, mesh, plan, stage)
+    return model
+
+
+def quantize_and_shard(model: nn.Module, mesh: DeviceMesh, plan: Plan, stage=lambda name: None) -> None:
+    if quantized(plan):
+        from .quant import quantize_base
+
+        stage("quantize")
+        quantize_base(model, plan)
     stage("fsdp")
     if plan.mesh.fsdp_enabled:
         apply_fsdp(model, dp_mesh(mesh, plan.mesh), plan)
-    return model
+
+
+def quantized(plan: Plan) -> bool:
+    return plan.lora.rank > 0 and plan.lora.quantize_base != "none"
 
 
 def retie(model: nn.Module, plan: Plan) -> None:
@@ -531,12 +547,23 @@ def retie(model: nn.Module, plan: Plan) -> None:
 
 
 def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> nn.Module:
-    model = parallelize(plan, mesh)
+    """QLoRA: the NF4 quantization needs the real weights, so FSDP comes after the load: each
+    rank holds the whole model in model.dtype until fully_shard shards the NF4 storage (left:
+    a per-block load that quantizes and shards one block at a time)."""
+    late = quantized(plan)
+    model = parallelize(plan, mesh, fsdp=not late)
     model.to_empty(device=device)
     retie(model, plan)
+    materialize(model, plan)
+    if late:
+        quantize_and_shard(model, mesh, plan)
+    model.train()
+    return model
+
+
+def materialize(model: nn.Module, plan: Plan) -> None:
+    """The base weights (model.weights, or the seeded init) and fresh adapters, in runtime order."""
     if plan.model.weights:
         load_weights(model, plan.model.weights, plan.train.seed, plan.model.layouts)
     else:
         init_weights(model, plan.train.seed, plan.model.layouts)
-    model.train()
-    return model

@@ -678,7 +678,7 @@ def _mask_how(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, am: AttnMemory) 
 @reads("train.seq_len", "train.micro_batch_size", "train.global_batch_size", "train.grad_accum",
        "train.mixed_precision", "train.activation_checkpointing", "train.grad_sync", "train.router_aux_loss_coef",
        "model.dtype", "tp", "data.format",
-       "lora.rank", "lora.targets", "cluster.gpu_memory_gb", "cluster.nodes", "cluster.gpus_per_node",
+       "lora.rank", "lora.targets", "lora.quantize_base", "cluster.gpu_memory_gb", "cluster.nodes", "cluster.gpus_per_node",
        # the step-time model (cuda clusters): the hardware facts
        "cluster.device", "cluster.peak_tflops", "cluster.hbm_gbps", "cluster.intra_node_gbps",
        "cluster.inter_node_gbps", "cluster.nics_per_node")

@@ -912,8 +912,14 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
     if fsdp:
         # under ep the experts are FSDP-sharded on their own mesh (below), not in their block's group
         root, blocks, last, train, shard, groups = _fsdp_sums(params if ep == 1 else [p for p in params if p.ep == 1], f, L)
+        gathered = (root + 2 * blocks - last) * pb
+        if f > 1:       # QLoRA: NF4 weights travel as their packed storage (torchao's all-gather hooks)
+            for p in params:
+                if p.nf4:
+                    n, times = p.rows * p.rest, 2 - (p.where == "last")
+                    gathered -= times * (n * pb - f * nf4_bytes(n // f, nf4_scaler_block(p.rows, n, f) or 1, mb))
         add(fax, f, "all_gather", "params: top-level module + every block forward, all but the last block again in backward",
-            ga * (1 + L + L - 1), ga * (root + 2 * blocks - last) * pb)
+            ga * (1 + L + L - 1), ga * gathered)
         add(fax, f, "reduce_scatter", f"gradients, {syncs} synced micro-step(s)", syncs * groups,
             syncs * train * rb)
         add("dp_replicate", r, "all_reduce", "gradient shards across replicas (HSDP)", syncs * groups,

@@ -555,6 +555,8 @@ def load(path: Path, model, optim) -> dict[str, Any]:
     msd, osd = get_state_dict(model, optim, options=opts)
     sd = {"model": msd, "optim": osd}
     load_dcp(sd, path)
+    if opts.ignore_frozen_params:    # the frozen base is not in sd; DCP already required every adapter key
+        opts = StateDictOptions(ignore_frozen_params=True, strict=False)
     set_state_dict(model, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=opts)
     state = json.loads(safeio.read_text_bounded(path / "train_state.json", _JSON_LIMIT))
     rng = path / f"rng-rank{dist.get_rank()}.pt"

@@ -1,11 +1,12 @@
 """QLoRA: the frozen base weights of the LoRA targets stored as NF4 (recipe lora.quantize_base: nf4).
 
-Library: torchao's NF4Tensor (torchao.dtypes.nf4tensor), the tensor torchtune's QLoRA recipes
+Library: torchao's NF4Tensor (torchao.quantization; torchao.dtypes.nf4tensor before 0.15), the tensor torchtune's QLoRA recipes
 train under FSDP2. It is a tensor subclass that implements FSDP2's fsdp_pre_all_gather /
 fsdp_post_all_gather, so fully_shard shards its packed storage by rows and all-gathers the
 packed bytes per block (never a bf16 copy on the wire), and its dequantization is plain torch
 ops, so it runs (and is tested) on CPU. bitsandbytes' Params4bit needs its CUDA kernels and
-has no FSDP2 all-gather hooks; it is not used.
+has no FSDP2 all-gather hooks (its 4-bit matmuls are CUDA-only, so nothing of it could run or be
+tested here); it is not used.
 
 Storage of one NF4 weight of n elements (torchao's layout, block 64, double quantization):
     quantized_data       uint8, n / 2           two 4-bit codes per byte
@@ -26,7 +27,7 @@ nf4_working_bytes.
 Where it composes: FSDP2 over one flat mesh (dp_shard, x cp). torchao's all-gather hooks take
 the group of a 1-D mesh (mesh.get_group()), and an NF4Tensor inside a TP DTensor has no sharding
 rules (its ops table has no matmul over a Shard placement): tp > 1 and HSDP (dp_replicate > 1)
-are refused at compile time (compiler/validate.py), as is any target whose rows do not split
+are refused at compile time (compiler/placements.py _quantize_errors), as is any target whose rows do not split
 evenly over the FSDP shards (torchao splits the packed storage by whole rows, no padding).
 """
 from __future__ import annotations
@@ -103,6 +104,12 @@ def quantize_base(model, plan) -> list[str]:
         done.append(fqn)
     model._meshbake_nf4 = True           # checkpoint.py: save and load the adapters only
     return done
+
+
+# Checkpoints (runtime/checkpoint.py _options) hold the adapters and their AdamW state only: the base
+# is rebuilt on resume and export from model.weights (or the seeded init) and quantized again with
+# the run's FSDP size. For real models S is 256 on any mesh; a tiny test model resumed on another
+# dp_shard x cp could get another S (a slightly different dequantized base).
 
 
 def dequantized(w, shards: int):

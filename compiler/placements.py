@@ -233,8 +233,9 @@ def _quantize_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[R
                             "set lora.rank (e.g. 16), or quantize_base: none")]
     why = []
     if mesh.tp > 1:
-        why.append((f"mesh.tp {mesh.tp}: torchao's NF4Tensor has no tensor-parallel sharding (a DTensor of NF4 "
-                    "codes has no matmul rules), so the 4-bit base cannot be split over tp", "set mesh.tp: 1"))
+        why.append((f"mesh.tp {mesh.tp}: torchao's NF4Tensor shards under FSDP2 over one flat mesh only (its all-gather "
+                    "hooks); its matmuls inside a tensor-parallel DTensor (colwise/rowwise, sequence parallel, FSDP x TP) "
+                    "are not verified, so the 4-bit base is not split over tp", "set mesh.tp: 1"))
     if mesh.dp_replicate > 1:
         why.append((f"mesh.dp_replicate {mesh.dp_replicate}: torchao's NF4 all-gather hooks take the group of a "
                     "1-D mesh, and HSDP gives FSDP2 a 2-D one", "set mesh.dp_replicate: 1 (shard over dp_shard)"))

@@ -25,10 +25,12 @@ dtype bytes) plus two int64 index tensors of n / 2 and two n / 2 intermediates p
 nf4_working_bytes.
 
 Where it composes: FSDP2 over one flat mesh (dp_shard, x cp). torchao's all-gather hooks take
-the group of a 1-D mesh (mesh.get_group()), and an NF4Tensor inside a TP DTensor has no sharding
-rules (its ops table has no matmul over a Shard placement): tp > 1 and HSDP (dp_replicate > 1)
-are refused at compile time (compiler/placements.py _quantize_errors), as is any target whose rows do not split
-evenly over the FSDP shards (torchao splits the packed storage by whole rows, no padding).
+the group of a 1-D mesh (mesh.get_group()), so HSDP (dp_replicate > 1) and FSDP x TP's 2-D
+parameter mesh are out; an NF4Tensor inside a TP DTensor goes through torchao's own aten table
+(t, mm as linear_nf4) whose results under colwise/rowwise placements are not verified: tp > 1
+and dp_replicate > 1 are refused at compile time (compiler/placements.py _quantize_errors), as is
+any target whose rows do not split evenly over the FSDP shards (torchao splits the packed storage
+by whole rows, no padding).
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@
 (a) world 1, in this process: loss and adapter gradients equal LoRA's on the dequantized weights
     (W_deq = the NF4 round trip of W, fp32 compute), relative 1e-5: the same math.
 (b) one torchrun launch, dp_shard 2 (FSDP2 shards and all-gathers the NF4 storage): the same
-    loss and gradients as world 1, and 3 trained steps' losses within 1e-4 of world 1's.
+    loss and gradients as world 1, and 3 trained steps' losses within 1e-4 of world 1's; so are
+    cp 2's (FSDP over the flattened dp_shard x cp mesh).
 (c) `meshbake export` of that run: a plain HF folder (dequantized base + merged adapters) giving
     the trained logits.
 (d) refused at compile time where torchao cannot shard NF4 (tp, HSDP), with the reason.
@@ -104,10 +105,12 @@ def dist2(tmp_path_factory) -> dict:
     train_plan = qlora_plan("qlora_fsdp2_train", 2, model=CFG256,
                             train={"steps": 3, "warmup_steps": 1, "lr": 1e-2},
                             checkpoint={"every_steps": 3, "keep": 1, "save_on_exit": False})
-    (tmp / "plan.json").write_text(json.dumps(grads_plan))
-    (tmp / "train.json").write_text(json.dumps(train_plan))
+    cp_plan = qlora_plan("qlora_cp2_train", 2, model=CFG256, mesh={"dp_shard": 1, "cp": 2},
+                         train={"steps": 3, "warmup_steps": 1, "lr": 1e-2})
+    for name, d in (("plan", grads_plan), ("train", train_plan), ("cp", cp_plan)):
+        (tmp / f"{name}.json").write_text(json.dumps(d))
     torchrun(2, ROOT / "tests/dist/qlora_worker.py", str(tmp / "plan.json"), str(tmp / "out.pt"),
-             str(tmp / "train.json"), cwd=tmp)
+             str(tmp / "train.json"), str(tmp / "cp.json"), cwd=tmp)
     return dict(torch.load(tmp / "out.pt"), grads_plan=grads_plan, train_plan=train_plan, tmp=tmp)
 
 
@@ -142,6 +145,11 @@ def test_fsdp2_shards_nf4_and_matches_world1(dist2):
     assert sorted(got) == [1, 2, 3] and all(math.isfinite(v) for v in got.values())
     assert worst < 1e-4
     assert abs(got[3] - got[1]) > 1e-3            # it trained
+    # cp 2 (FSDP2 over the flattened dp_shard x cp mesh, each rank half of every sequence)
+    cp = dist2["cp_losses"]
+    worst = max(abs(cp[s] - losses[s]) / abs(losses[s]) for s in (1, 2, 3))
+    print(f"3 steps, cp 2 vs world 1: losses {cp}, max rel {worst:.2e}")
+    assert worst < 1e-4
 
 
 @pytest.mark.dist

@@ -310,9 +310,9 @@ def _sums_of(params: list[RankParam], f: int, fsdp: bool, db: int = 2) -> _Sums:
     q = [p for p in params if p.nf4]
     shards = f if fsdp else 1
 
-    def nf4_shard_bytes(p: RankParam) -> int:       # one rank's NF4 storage (rows split evenly: validated)
+    def nf4_shard_bytes(p: RankParam, per_tensor: bool = True) -> int:   # one rank's NF4 storage (even rows)
         n = p.rows * p.rest
-        return nf4_bytes(n // shards, nf4_scaler_block(p.rows, n, shards) or 1, db)
+        return nf4_bytes(n // shards, nf4_scaler_block(p.rows, n, shards) or 1, db, per_tensor)
 
     last_q = [p for p in q if p.where == "last"] if fsdp else []
     return _Sums(shard=sum(map(shard, params)), shard_train=sum(map(shard, train)),
@@ -322,7 +322,8 @@ def _sums_of(params: list[RankParam], f: int, fsdp: bool, db: int = 2) -> _Sums:
                  gathered_root=sum(gathered(p) for p in params if p.where == "root"),
                  kept_whole=sum(p.rows * p.rest for p in params if p.where in ("root", "last")),
                  nf4_shard=sum(map(shard, q)), nf4_shard_bytes=sum(map(nf4_shard_bytes, q)),
-                 nf4_last=sum(map(gathered, last_q)), nf4_last_bytes=sum(nf4_shard_bytes(p) * shards for p in last_q),
+                 nf4_last=sum(map(gathered, last_q)),
+                 nf4_last_bytes=sum(nf4_shard_bytes(p, False) * shards + 17 * db for p in last_q),
                  nf4_largest=max((p.rows * p.rest for p in q), default=0))
 
 
@@ -917,7 +918,7 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
             for p in params:
                 if p.nf4:
                     n, times = p.rows * p.rest, 2 - (p.where == "last")
-                    gathered -= times * (n * pb - f * nf4_bytes(n // f, nf4_scaler_block(p.rows, n, f) or 1, mb))
+                    gathered -= times * (n * pb - f * nf4_bytes(n // f, nf4_scaler_block(p.rows, n, f) or 1, mb, False))
         add(fax, f, "all_gather", "params: top-level module + every block forward, all but the last block again in backward",
             ga * (1 + L + L - 1), ga * gathered)
         add(fax, f, "reduce_scatter", f"gradients, {syncs} synced micro-step(s)", syncs * groups,

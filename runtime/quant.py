@@ -51,11 +51,12 @@ def nf4_scaler_block(rows: int, numel: int, shards: int) -> int:
     return s
 
 
-def nf4_bytes(numel: int, scaler_block: int, dtype_bytes: int) -> int:
+def nf4_bytes(numel: int, scaler_block: int, dtype_bytes: int, per_tensor: bool = True) -> int:
     """Bytes of the NF4 storage of `numel` elements (one shard's: numel / shards): packed codes,
-    int8 scalers, one factor per scaler block, and the per-tensor mean + 16-entry table."""
+    int8 scalers, one factor per scaler block, and (per_tensor) the mean + 16-entry table each
+    shard keeps. FSDP2 all-gathers the first three only (torchao's fsdp_pre_all_gather)."""
     blocks = numel // NF4_BLOCK
-    return numel // 2 + blocks + (blocks // scaler_block) * dtype_bytes + 17 * dtype_bytes
+    return numel // 2 + blocks + (blocks // scaler_block) * dtype_bytes + (17 * dtype_bytes if per_tensor else 0)
 
 
 def nf4_working_bytes(numel: int, dtype_bytes: int) -> int:

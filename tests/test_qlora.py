@@ -241,3 +241,16 @@ def test_bf16_qlora_resumes_from_adapters_only_and_exports_bf16(tmp_path):
     assert export_main([str(tmp_path / "a"), "-o", str(tmp_path / "hf")]) == 0
     with safe_open(str(tmp_path / "hf/model.safetensors"), framework="pt") as st:
         assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"BF16"}
+
+
+def test_preflight_names_a_missing_torchao(monkeypatch):
+    """launch.sh's preflight: a QLoRA bundle on an environment without torchao fails in one line."""
+    import importlib.util
+
+    from meshbake.runtime import preflight
+
+    plan = P.from_dict(qlora_plan("qlora_pre", 1))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    assert any("torchao" in p and "meshbake[qlora]" in p for p in preflight.problems(plan))
+    assert not any("torchao" in p for p in preflight.problems(P.from_dict(qlora_plan("lora_pre", 1, quantize="none"))))

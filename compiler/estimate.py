@@ -382,7 +382,10 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
               # held grads by now, so the blocks' sharded grads exist; the root's are reduced last
               ("embedding backward", state + grads + kept + root_grads + emb_full
                + (s.root_train * rb if no_sync else 0) + am.always),
-              ("optimizer step", state + 2 * grads + am.always))
+              ("optimizer step", state + 2 * grads + am.always),
+              # QLoRA: runtime/parallel.build loads the whole model in model.dtype on each rank, then
+              # quantizes the targets and shards (NF4 needs the real weights; no per-block load yet)
+              (WEIGHT_LOAD, model.num_params * mb) if s.nf4_largest else None)
     return {"params": param_bytes, "grads": grads, "optimizer": 2 * grads, "accum": accum, "gathered": kept + dequant,
             "block": block, "acts": acts, "logits": logits, "params_per_rank": n_shard, "kept_whole": s.kept_whole,
             "attn_mask": am.peak if recompute else am.held,
@@ -410,6 +413,7 @@ def flops_per_token(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placem
 
 
 _RANK_PARAMS: dict = {}
+WEIGHT_LOAD = "weight load (QLoRA)"   # the phase of runtime/parallel.build's whole-model load before NF4
 
 
 def _rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, ep: int = 1) -> list[RankParam]:
@@ -614,6 +618,14 @@ def memory_hint(est: Estimate, recipe: Recipe, mesh: MeshSpec, model: ModelSpec 
 def check_memory(est: Estimate, recipe: Recipe, mesh: MeshSpec, model: ModelSpec | None = None) -> Result[Estimate]:
     if est.total_bytes <= est.budget_bytes:
         return est
+    if est.peak_phase == WEIGHT_LOAD:
+        return Err((RecipeError("lora.quantize_base",
+                                f"QLoRA's weight load needs {fmt_bytes(est.total_bytes)} per rank, above "
+                                f"{fmt_bytes(est.budget_bytes)} ({USABLE:.0%} of the GPU): each rank loads the whole "
+                                f"model in model.dtype before quantizing its targets to NF4 and sharding (training "
+                                f"itself peaks at {fmt_bytes(sorted(b for _, b in est.phases)[-2])})",
+                                "a model whose weights fit one GPU, or quantize_base: none (LoRA, sharded from the "
+                                "start); a per-block NF4 load is not implemented"),))
     name, big = max(est.terms.items(), key=lambda kv: kv[1])
     return Err((RecipeError("cluster.gpu_memory_gb",
                             f"estimated {fmt_bytes(est.total_bytes)} per rank exceeds {fmt_bytes(est.budget_bytes)} "

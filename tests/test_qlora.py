@@ -254,3 +254,17 @@ def test_preflight_names_a_missing_torchao(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
     assert any("torchao" in p and "meshbake[qlora]" in p for p in preflight.problems(plan))
     assert not any("torchao" in p for p in preflight.problems(P.from_dict(qlora_plan("lora_pre", 1, quantize="none"))))
+
+
+def test_whole_model_weight_load_is_a_phase_and_refuses_70b_on_80gb():
+    """runtime/parallel.build loads the whole model in model.dtype on each rank before NF4 and
+    FSDP: a phase of the estimate, and the reason a 70B QLoRA on 80 GB GPUs is refused (it would
+    fit while training), not an OOM at start-up."""
+    text = (ROOT / "recipes/70b_lora_fsdp_tp.yaml").read_text()
+    err = compile_(text, "mesh.tp=1", "mesh.dp_shard=8", "train.global_batch_size=64", "lora.quantize_base=nf4")
+    assert paths(err) == ["lora.quantize_base"], err
+    assert "weight load" in err.errors[0].message and "141.1 GB" in err.errors[0].message
+    res = resolve(text, "mesh.tp=1", "mesh.dp_shard=8", "train.global_batch_size=64", "lora.quantize_base=nf4",
+                  "cluster.gpu_memory_gb=192")
+    phases = dict(res.estimate.phases)
+    assert phases["weight load (QLoRA)"] == res.model.num_params * 2 and res.estimate.peak_phase == "weight load (QLoRA)"

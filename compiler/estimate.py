@@ -284,6 +284,7 @@ class _Sums:
     nf4_last: int = 0              # the last block's gathered NF4 weights (elements; in gathered_last too) ...
     nf4_last_bytes: int = 0        # ... and their gathered NF4 storage
     nf4_largest: int = 0           # the largest NF4 weight, whole: dequantized in each forward / backward
+    last_whole: int = 0            # one block, unpadded and unsharded (QLoRA's block-by-block load)
 
 
 _SUMS: dict = {}
@@ -324,7 +325,8 @@ def _sums_of(params: list[RankParam], f: int, fsdp: bool, db: int = 2) -> _Sums:
                  nf4_shard=sum(map(shard, q)), nf4_shard_bytes=sum(map(nf4_shard_bytes, q)),
                  nf4_last=sum(map(gathered, last_q)),
                  nf4_last_bytes=sum(nf4_shard_bytes(p, False) * shards + 17 * db for p in last_q),
-                 nf4_largest=max((p.rows * p.rest for p in q), default=0))
+                 nf4_largest=max((p.rows * p.rest for p in q), default=0),
+                 last_whole=sum(p.rows * p.rest for p in params if p.where == "last"))
 
 
 def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankParam]) -> dict[str, int]:
@@ -383,9 +385,11 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
               ("embedding backward", state + grads + kept + root_grads + emb_full
                + (s.root_train * rb if no_sync else 0) + am.always),
               ("optimizer step", state + 2 * grads + am.always),
-              # QLoRA: runtime/parallel.build loads the whole model in model.dtype on each rank, then
-              # quantizes the targets and shards (NF4 needs the real weights; no per-block load yet)
-              (WEIGHT_LOAD, model.num_params * mb) if s.nf4_largest else None)
+              # QLoRA: runtime/parallel.build_quantized allocates and loads one block (then the root) in
+              # model.dtype beside the NF4 shards, and quantizes its largest target (torchao's to_nf4:
+              # scaled copy + uint8 codes + its 1M-element chunk's 16 distances)
+              (WEIGHT_LOAD, param_bytes + max(s.last_whole, s.kept_whole - s.last_whole) * mb
+               + s.nf4_largest * (mb + 2) + NF4_CHUNK * 16 * mb) if s.nf4_largest else None)
     return {"params": param_bytes, "grads": grads, "optimizer": 2 * grads, "accum": accum, "gathered": kept + dequant,
             "block": block, "acts": acts, "logits": logits, "params_per_rank": n_shard, "kept_whole": s.kept_whole,
             "attn_mask": am.peak if recompute else am.held,
@@ -413,7 +417,8 @@ def flops_per_token(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placem
 
 
 _RANK_PARAMS: dict = {}
-WEIGHT_LOAD = "weight load (QLoRA)"   # the phase of runtime/parallel.build's whole-model load before NF4
+WEIGHT_LOAD = "weight load (QLoRA)"   # the phase of runtime/parallel.build_quantized's block-by-block load
+NF4_CHUNK = 1024 ** 2                   # torchao's to_nf4 quantizes in chunks of this many elements
 
 
 def _rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, ep: int = 1) -> list[RankParam]:
@@ -621,11 +626,10 @@ def check_memory(est: Estimate, recipe: Recipe, mesh: MeshSpec, model: ModelSpec
     if est.peak_phase == WEIGHT_LOAD:
         return Err((RecipeError("lora.quantize_base",
                                 f"QLoRA's weight load needs {fmt_bytes(est.total_bytes)} per rank, above "
-                                f"{fmt_bytes(est.budget_bytes)} ({USABLE:.0%} of the GPU): each rank loads the whole "
-                                f"model in model.dtype before quantizing its targets to NF4 and sharding (training "
-                                f"itself peaks at {fmt_bytes(sorted(b for _, b in est.phases)[-2])})",
-                                "a model whose weights fit one GPU, or quantize_base: none (LoRA, sharded from the "
-                                "start); a per-block NF4 load is not implemented"),))
+                                f"{fmt_bytes(est.budget_bytes)} ({USABLE:.0%} of the GPU): each rank loads one block "
+                                f"(and the embeddings + lm_head) whole in model.dtype before quantizing it to NF4 and "
+                                f"sharding it (training itself peaks at {fmt_bytes(sorted(b for _, b in est.phases)[-2])})",
+                                "more dp_shard ranks, or quantize_base: none (LoRA, sharded from the start)"),))
     name, big = max(est.terms.items(), key=lambda kv: kv[1])
     return Err((RecipeError("cluster.gpu_memory_gb",
                             f"estimated {fmt_bytes(est.total_bytes)} per rank exceeds {fmt_bytes(est.budget_bytes)} "

@@ -87,10 +87,11 @@ def _to_nf4():
     return to_nf4
 
 
-def quantize_base(model, plan) -> list[str]:
+def quantize_base(model, plan, modules: set[str] | None = None) -> list[str]:
     """Each LoRA target's frozen weight becomes an NF4Tensor Parameter (torchtune's QLoRA:
     embeddings, norms and lm_head stay in model.dtype). Before fully_shard, on the full plain
-    weight (tp is 1). -> the quantized module names."""
+    weight (tp is 1); modules: only these targets (parallel.build_quantized, one block at a
+    time). -> the quantized module names."""
     import torch.nn as nn
 
     from .lora import lora_targets
@@ -99,6 +100,8 @@ def quantize_base(model, plan) -> list[str]:
     shards = plan.mesh.fsdp if plan.mesh.fsdp_enabled else 1
     done = []
     for fqn, mod in lora_targets(model, plan):
+        if modules is not None and fqn not in modules:     # build_quantized: one block at a time
+            continue
         w = mod.weight.detach()
         s = nf4_scaler_block(w.shape[0], w.numel(), shards)
         if not s:

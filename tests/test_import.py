@@ -123,9 +123,7 @@ def test_qlora_maps_to_an_nf4_base_and_tutorial_70b_reports_why_it_does_not_fit(
     assert notes["adapter"] == ("mapped", "lora.rank, lora.quantize_base")
     assert notes["load_in_4bit"] == ("mapped", "lora.quantize_base")
     assert "quantize_base: nf4" in imp.text
-    res = check_text(imp.text, "x")       # trains in 8 x 80 GB, but the whole-model load before NF4 does not
-    assert isinstance(res, Err) and [e.path for e in res.errors] == ["lora.quantize_base"], res
-    assert "weight load" in res.errors[0].message
+    assert not isinstance(check_text(imp.text, "x"), Err)       # QLoRA 70B (NF4 base) on 8 x 80 GB fits
     cfg = {**load.parse_yaml((FIX / "llama-3_qlora-fsdp-70b.yaml").read_text(), "x"), "adapter": "lora",
            "load_in_4bit": False}
     imp = import_axolotl(cfg, "t", source="t.yml", model_ref="llama-3.1-70b")

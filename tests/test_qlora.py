@@ -256,15 +256,14 @@ def test_preflight_names_a_missing_torchao(monkeypatch):
     assert not any("torchao" in p for p in preflight.problems(P.from_dict(qlora_plan("lora_pre", 1, quantize="none"))))
 
 
-def test_whole_model_weight_load_is_a_phase_and_refuses_70b_on_80gb():
-    """runtime/parallel.build loads the whole model in model.dtype on each rank before NF4 and
-    FSDP: a phase of the estimate, and the reason a 70B QLoRA on 80 GB GPUs is refused (it would
-    fit while training), not an OOM at start-up."""
+def test_block_by_block_weight_load_is_a_phase_and_70b_fits_on_80gb():
+    """runtime/parallel.build_quantized allocates one block (then the root) whole in model.dtype
+    beside the NF4 shards: an estimate phase (params + the larger of one block and the root +
+    to_nf4's transient), below training's peak for a 70B QLoRA on 8 x 80 GB."""
     text = (ROOT / "recipes/70b_lora_fsdp_tp.yaml").read_text()
-    err = compile_(text, "mesh.tp=1", "mesh.dp_shard=8", "train.global_batch_size=64", "lora.quantize_base=nf4")
-    assert paths(err) == ["lora.quantize_base"], err
-    assert "weight load" in err.errors[0].message and "141.1 GB" in err.errors[0].message
-    res = resolve(text, "mesh.tp=1", "mesh.dp_shard=8", "train.global_batch_size=64", "lora.quantize_base=nf4",
-                  "cluster.gpu_memory_gb=192")
-    phases = dict(res.estimate.phases)
-    assert phases["weight load (QLoRA)"] == res.model.num_params * 2 and res.estimate.peak_phase == "weight load (QLoRA)"
+    res = resolve(text, "mesh.tp=1", "mesh.dp_shard=8", "train.global_batch_size=64", "lora.quantize_base=nf4")
+    est = res.estimate
+    load = dict(est.phases)["weight load (QLoRA)"]
+    root = 2 * 128256 * 8192 * 2                        # embed_tokens + lm_head, bf16, whole
+    assert est.params_bytes + root < load < est.params_bytes + root + 2e9
+    assert est.peak_phase == "loss backward" and load < est.total_bytes

@@ -267,3 +267,22 @@ def test_block_by_block_weight_load_is_a_phase_and_70b_fits_on_80gb():
     root = 2 * 128256 * 8192 * 2                        # embed_tokens + lm_head, bf16, whole
     assert est.params_bytes + root < load < est.params_bytes + root + 2e9
     assert est.peak_phase == "loss backward" and load < est.total_bytes
+
+
+def test_weights_from_disk_are_quantized_block_by_block(tmp_path):
+    """model.weights: build_quantized reads each block's tensors (load_weights only=) before its
+    NF4 quantization; the result is LoRA on the dequantized disk weights, exactly."""
+    from meshbake.runtime.parallel import hf_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    m = AutoModelForCausalLM.from_config(hf_config(P.from_dict(qlora_plan("x", 1)).model.config), dtype=torch.float32)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.05)
+    m.save_pretrained(tmp_path / "w")
+    q, lo = qlora_plan("qw", 1), qlora_plan("lw", 1, quantize="none")
+    q["model"]["weights"] = lo["model"]["weights"] = str(tmp_path / "w")
+    got = world1(P.from_dict(q))
+    assert _compare(got[:2], world1(P.from_dict(lo), dequantize=True)[:2]) < REL
+    assert _compare(got[:2], world1(P.from_dict(lo))[:2]) > 1e-2        # NF4 is not W

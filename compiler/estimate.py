@@ -36,6 +36,7 @@ from meshbake.compiler.placements import DTYPE_BYTES, Placements
 from meshbake.compiler.recipe import Recipe
 from meshbake.runtime import flops as F
 from meshbake.runtime.dims import tokens_per_rank
+from meshbake.runtime.quant import nf4_bytes, nf4_scaler_block, nf4_working_bytes
 from meshbake.runtime.roles import local_shape, lora_shapes
 from meshbake.runtime.units import fmt_bytes
 
@@ -103,6 +104,7 @@ class RankParam:
     trainable: bool
     embedding: bool = False
     ep: int = 1                    # mesh.ep: experts split by index (rows = E / ep), FSDP over fsdp / ep
+    nf4: int = 0                   # QLoRA: a frozen target weight stored NF4, with this scaler block (runtime/quant.py)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -119,6 +121,9 @@ def rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, ep: i
     (runtime/roles.py: one of the two stays whole); the base is then frozen."""
     lora, roles = recipe.lora.rank, model.roles
     adapted = set(pl.lora_targets) if lora else set()
+    # QLoRA: the targets' weights are NF4 (tp is 1 there; the scaler block depends on the FSDP size,
+    # recomputed in _sums_of: this records only that the weight is quantized)
+    nf4 = 1 if lora and recipe.lora.quantize_base == "nf4" else 0
     out: list[RankParam] = []
     covered = 0
     for m in model.modules:
@@ -133,7 +138,8 @@ def rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, ep: i
                     RankParam(e // ep, bias // e, where, not lora, ep=ep)]
             covered += m.numel
             continue
-        out.append(RankParam(loc[0], _numel(loc[1:]), where, not lora, m.fqn == roles.embedding))
+        out.append(RankParam(loc[0], _numel(loc[1:]), where, not lora, m.fqn == roles.embedding,
+                             nf4=nf4 if m.fqn in adapted else 0))
         if bias and style == "experts":               # down_proj (E, H, I) beside gate_up (E, 2I, H)
             e, h = m.shape[0], m.shape[2]
             down = local_shape((e, h, bias // e // h), "experts.down_proj", style, tp)
@@ -273,18 +279,25 @@ class _Sums:
     gathered_last: int             # FSDP2's unsharded copy (padded rows x f) of the last block
     gathered_root: int             # ... of the root module
     kept_whole: int                # root + last block, unpadded (the OOM hint of a plan that does not shard)
+    nf4_shard: int = 0             # QLoRA: the rank's shard of the NF4 weights (elements; in `shard` too) ...
+    nf4_shard_bytes: int = 0       # ... and its NF4 storage in bytes (runtime/quant.py nf4_bytes)
+    nf4_last: int = 0              # the last block's gathered NF4 weights (elements; in gathered_last too) ...
+    nf4_last_bytes: int = 0        # ... and their gathered NF4 storage
+    nf4_largest: int = 0           # the largest NF4 weight, whole: dequantized in each forward / backward
+    last_whole: int = 0            # one block, unpadded and unsharded (QLoRA's block-by-block load)
 
 
 _SUMS: dict = {}
 
 
-def _sums(params: list[RankParam], f: int, fsdp: bool) -> _Sums:
+def _sums(params: list[RankParam], f: int, fsdp: bool, db: int = 2) -> _Sums:
     """_Sums memoized per (params list, f): `suggest` estimates thousands of candidates over a
-    few cached params lists (~700 entries for 80 layers), which made these walks most of its time."""
-    return cached(_SUMS, (id(params), f, fsdp), (params,), lambda: _sums_of(params, f, fsdp), size=1024)
+    few cached params lists (~700 entries for 80 layers), which made these walks most of its time.
+    db: bytes of model.dtype (the NF4 scaler factors')."""
+    return cached(_SUMS, (id(params), f, fsdp, db), (params,), lambda: _sums_of(params, f, fsdp, db), size=1024)
 
 
-def _sums_of(params: list[RankParam], f: int, fsdp: bool) -> _Sums:
+def _sums_of(params: list[RankParam], f: int, fsdp: bool, db: int = 2) -> _Sums:
     def shard(p: RankParam) -> int:
         fp = f // p.ep                                # experts under ep: FSDP over the other dp_shard ranks
         return -(-p.rows // fp) * p.rest if fsdp else p.rows * p.rest
@@ -295,12 +308,25 @@ def _sums_of(params: list[RankParam], f: int, fsdp: bool) -> _Sums:
 
     train = [p for p in params if p.trainable]
     root_train = [p for p in train if p.where == "root"]
+    q = [p for p in params if p.nf4]
+    shards = f if fsdp else 1
+
+    def nf4_shard_bytes(p: RankParam, per_tensor: bool = True) -> int:   # one rank's NF4 storage (even rows)
+        n = p.rows * p.rest
+        return nf4_bytes(n // shards, nf4_scaler_block(p.rows, n, shards) or 1, db, per_tensor)
+
+    last_q = [p for p in q if p.where == "last"] if fsdp else []
     return _Sums(shard=sum(map(shard, params)), shard_train=sum(map(shard, train)),
                  train=sum(p.rows * p.rest for p in train), root_train=sum(p.rows * p.rest for p in root_train),
                  root_emb_train=any(p.embedding for p in root_train),
                  gathered_last=sum(gathered(p) for p in params if p.where == "last"),
                  gathered_root=sum(gathered(p) for p in params if p.where == "root"),
-                 kept_whole=sum(p.rows * p.rest for p in params if p.where in ("root", "last")))
+                 kept_whole=sum(p.rows * p.rest for p in params if p.where in ("root", "last")),
+                 nf4_shard=sum(map(shard, q)), nf4_shard_bytes=sum(map(nf4_shard_bytes, q)),
+                 nf4_last=sum(map(gathered, last_q)),
+                 nf4_last_bytes=sum(nf4_shard_bytes(p, False) * shards + 17 * db for p in last_q),
+                 nf4_largest=max((p.rows * p.rest for p in q), default=0),
+                 last_whole=sum(p.rows * p.rest for p in params if p.where == "last"))
 
 
 def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankParam]) -> dict[str, int]:
@@ -311,7 +337,7 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     mb, pb = DTYPE_BYTES[recipe.model.dtype], DTYPE_BYTES[t.mixed_precision.param_dtype]
     rb = DTYPE_BYTES[t.mixed_precision.reduce_dtype]
     fsdp = mesh.fsdp_enabled
-    s = _sums(params, mesh.fsdp, fsdp)
+    s = _sums(params, mesh.fsdp, fsdp, mb)
     n_shard, n_train = s.shard, s.shard_train
     acts, recompute, logits = _activations(recipe, model, mesh)
     # between micro-steps FSDP2 skips the reduce-scatter and keeps each parameter's unsharded
@@ -326,14 +352,17 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     # forward), the last block (reshard_after_forward=False) and, once more, the last block's
     # flat all-gather output, which FSDP2 keeps (comm_ctx.all_gather_state) until the next
     # forward all-gather frees it
-    block = s.gathered_last * pb
+    # QLoRA: the last block's NF4 weights are gathered as NF4 storage (torchao's all-gather hooks),
+    # and one weight at a time is dequantized (in model.dtype) in forward and backward: the largest
+    block = (s.gathered_last - s.nf4_last) * pb + s.nf4_last_bytes
+    dequant = nf4_working_bytes(s.nf4_largest, mb) if s.nf4_largest else 0
     kept = s.gathered_root * pb + 2 * block
     # the embedding's backward under TP: a full vocab x hidden gradient on every tp rank
     # (DTensor's embedding backward is Replicate), next to the root's unsharded grads
     emb_full = model.vocab_size * model.hidden_size * pb if mesh.tp > 1 and s.root_emb_train else 0
     root_grads = s.root_train * pb if fsdp else 0
     # params + AdamW's exp_avg and exp_avg_sq: alive all step (the grads are not in it)
-    param_bytes = (n_shard - n_train) * mb + n_train * tb
+    param_bytes = (n_shard - n_train - s.nf4_shard) * mb + s.nf4_shard_bytes + n_train * tb
     state = param_bytes + 2 * grads
     # the sharded grads alive in the forward and loss backward: none in the first micro-step
     # (zero_grad sets them to None); from the second on they hold the sum so far, unless FSDP2
@@ -348,15 +377,20 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     # CP's mask all step
     am = attention_memory(recipe, model, mesh)
     # AdamW (foreach) allocates sqrt(exp_avg_sq) for a whole param group: ~ the grads once more
-    phases = (("loss backward", state + live_grads + accum + kept + acts + logits + am.held),
-              ("recompute", state + live_grads + accum + kept + 2 * block + acts + recompute + am.peak)
+    phases = (("loss backward", state + live_grads + accum + kept + dequant + acts + logits + am.held),
+              ("recompute", state + live_grads + accum + kept + dequant + 2 * block + acts + recompute + am.peak)
               if recompute else None,
               # the last micro-step's backward has reduce-scattered (and freed) the blocks'
               # held grads by now, so the blocks' sharded grads exist; the root's are reduced last
               ("embedding backward", state + grads + kept + root_grads + emb_full
                + (s.root_train * rb if no_sync else 0) + am.always),
-              ("optimizer step", state + 2 * grads + am.always))
-    return {"params": param_bytes, "grads": grads, "optimizer": 2 * grads, "accum": accum, "gathered": kept,
+              ("optimizer step", state + 2 * grads + am.always),
+              # QLoRA: runtime/parallel.build_quantized allocates and loads one block (then the root) in
+              # model.dtype beside the NF4 shards, and quantizes its largest target (torchao's to_nf4:
+              # scaled copy + uint8 codes + its 1M-element chunk's 16 distances)
+              (WEIGHT_LOAD, param_bytes + max(s.last_whole, s.kept_whole - s.last_whole) * mb
+               + s.nf4_largest * (mb + 2) + NF4_CHUNK * 16 * mb) if s.nf4_largest else None)
+    return {"params": param_bytes, "grads": grads, "optimizer": 2 * grads, "accum": accum, "gathered": kept + dequant,
             "block": block, "acts": acts, "logits": logits, "params_per_rank": n_shard, "kept_whole": s.kept_whole,
             "attn_mask": am.peak if recompute else am.held,
             "phases": tuple(ph for ph in phases if ph)}
@@ -383,6 +417,8 @@ def flops_per_token(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placem
 
 
 _RANK_PARAMS: dict = {}
+WEIGHT_LOAD = "weight load (QLoRA)"   # the phase of runtime/parallel.build_quantized's block-by-block load
+NF4_CHUNK = 1024 ** 2                   # torchao's to_nf4 quantizes in chunks of this many elements
 
 
 def _rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, ep: int = 1) -> list[RankParam]:
@@ -587,6 +623,13 @@ def memory_hint(est: Estimate, recipe: Recipe, mesh: MeshSpec, model: ModelSpec 
 def check_memory(est: Estimate, recipe: Recipe, mesh: MeshSpec, model: ModelSpec | None = None) -> Result[Estimate]:
     if est.total_bytes <= est.budget_bytes:
         return est
+    if est.peak_phase == WEIGHT_LOAD:
+        return Err((RecipeError("lora.quantize_base",
+                                f"QLoRA's weight load needs {fmt_bytes(est.total_bytes)} per rank, above "
+                                f"{fmt_bytes(est.budget_bytes)} ({USABLE:.0%} of the GPU): each rank loads one block "
+                                f"(and the embeddings + lm_head) whole in model.dtype before quantizing it to NF4 and "
+                                f"sharding it (training itself peaks at {fmt_bytes(sorted(b for _, b in est.phases)[-2])})",
+                                "more dp_shard ranks, or quantize_base: none (LoRA, sharded from the start)"),))
     name, big = max(est.terms.items(), key=lambda kv: kv[1])
     return Err((RecipeError("cluster.gpu_memory_gb",
                             f"estimated {fmt_bytes(est.total_bytes)} per rank exceeds {fmt_bytes(est.budget_bytes)} "
@@ -652,7 +695,7 @@ def _mask_how(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, am: AttnMemory) 
 @reads("train.seq_len", "train.micro_batch_size", "train.global_batch_size", "train.grad_accum",
        "train.mixed_precision", "train.activation_checkpointing", "train.grad_sync", "train.router_aux_loss_coef",
        "model.dtype", "tp", "data.format",
-       "lora.rank", "lora.targets", "cluster.gpu_memory_gb", "cluster.nodes", "cluster.gpus_per_node",
+       "lora.rank", "lora.targets", "lora.quantize_base", "cluster.gpu_memory_gb", "cluster.nodes", "cluster.gpus_per_node",
        # the step-time model (cuda clusters): the hardware facts
        "cluster.device", "cluster.peak_tflops", "cluster.hbm_gbps", "cluster.intra_node_gbps",
        "cluster.inter_node_gbps", "cluster.nics_per_node")
@@ -886,8 +929,14 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
     if fsdp:
         # under ep the experts are FSDP-sharded on their own mesh (below), not in their block's group
         root, blocks, last, train, shard, groups = _fsdp_sums(params if ep == 1 else [p for p in params if p.ep == 1], f, L)
+        gathered = (root + 2 * blocks - last) * pb
+        if f > 1:       # QLoRA: NF4 weights travel as their packed storage (torchao's all-gather hooks)
+            for p in params:
+                if p.nf4:
+                    n, times = p.rows * p.rest, 2 - (p.where == "last")
+                    gathered -= times * (n * pb - f * nf4_bytes(n // f, nf4_scaler_block(p.rows, n, f) or 1, mb, False))
         add(fax, f, "all_gather", "params: top-level module + every block forward, all but the last block again in backward",
-            ga * (1 + L + L - 1), ga * (root + 2 * blocks - last) * pb)
+            ga * (1 + L + L - 1), ga * gathered)
         add(fax, f, "reduce_scatter", f"gradients, {syncs} synced micro-step(s)", syncs * groups,
             syncs * train * rb)
         add("dp_replicate", r, "all_reduce", "gradient shards across replicas (HSDP)", syncs * groups,

@@ -219,6 +219,49 @@ def _lora_errors(recipe: Recipe, model: ModelSpec) -> list[RecipeError]:
     return errs
 
 
+@reads("lora.quantize_base", "lora.rank", "lora.targets", "mesh", "train.compile")
+def _quantize_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeError]:
+    """QLoRA (runtime/quant.py): torchao's NF4Tensor shards under FSDP2 over one flat mesh only."""
+    from meshbake.runtime.quant import nf4_scaler_block
+
+    lo = recipe.lora
+    if lo.quantize_base == "none":
+        return []
+    where = "lora.quantize_base"
+    if lo.rank == 0:
+        return [RecipeError(where, f"{lo.quantize_base} quantizes the frozen base of LoRA, and lora.rank is 0 "
+                            "(full fine-tuning trains every weight, none can be 4-bit)",
+                            "set lora.rank (e.g. 16), or quantize_base: none")]
+    why = []
+    if mesh.tp > 1:
+        why.append((f"mesh.tp {mesh.tp}: torchao's NF4Tensor shards under FSDP2 over one flat mesh only (its all-gather "
+                    "hooks); its matmuls inside a tensor-parallel DTensor (colwise/rowwise, sequence parallel, FSDP x TP) "
+                    "are not verified, so the 4-bit base is not split over tp", "set mesh.tp: 1"))
+    if mesh.dp_replicate > 1:
+        why.append((f"mesh.dp_replicate {mesh.dp_replicate}: torchao's NF4 all-gather hooks take the group of a "
+                    "1-D mesh, and HSDP gives FSDP2 a 2-D one", "set mesh.dp_replicate: 1 (shard over dp_shard)"))
+    if mesh.ep > 1:
+        why.append((f"mesh.ep {mesh.ep}: expert weights are not LoRA targets; QLoRA with expert parallel is not "
+                    "supported", "set mesh.ep: 1"))
+    if recipe.train.compile:
+        why.append(("train.compile: torch.compile of blocks holding NF4 weights is not verified here",
+                    "set train.compile: false"))
+    errs = [RecipeError(where, w, h) for w, h in why]
+    if errs:
+        return errs
+    shards = mesh.fsdp if mesh.fsdp_enabled else 1
+    targets = set(model.lora_targets(lo.targets))
+    bad = [m for m in model.modules if m.fqn in targets
+           and not nf4_scaler_block(m.shape[0], m.shape[0] * m.shape[1], shards)]
+    if bad:
+        m = bad[0]
+        errs.append(RecipeError(where, f"{m.fqn} {m.shape[0]} x {m.shape[1]}: its rows do not split into "
+                                f"{shards} FSDP shards of whole 64-element NF4 blocks (torchao splits the packed "
+                                "storage by whole rows, without padding)",
+                                "choose dp_shard x cp dividing the targets' rows, or quantize_base: none"))
+    return errs
+
+
 # What a family does that a parallel form cannot reproduce exactly: refused, never run wrong.
 @reads("train.seq_len")
 def _cp_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeError]:
@@ -283,6 +326,7 @@ def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec,
     """A check that reads a field validate set aside is skipped (errors.reads)."""
     errs = [e for check in (_cp_errors, _architecture_errors) for e in run(check, aside, recipe, model, mesh)]
     errs += run(_lora_errors, aside, recipe, model)
+    errs += [] if errs else run(_quantize_errors, aside, recipe, model, mesh)
     if errs:
         return Err(tuple(errs))
     lora = model.lora_targets(recipe.lora.targets) if recipe.lora.rank else ()

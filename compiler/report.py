@@ -451,6 +451,7 @@ def _plan_table(plan: Plan) -> str:
             ("precision", f"weights {t.dtype}, compute {t.mixed_precision.param_dtype}, reduce "
                           f"{t.mixed_precision.reduce_dtype}; activation checkpointing {t.activation_checkpointing}"),
             ("lora", f"rank {plan.lora.rank} alpha {plan.lora.alpha:g} on {', '.join(plan.lora.targets)}"
+             + (f", {plan.lora.quantize_base} base (QLoRA)" if plan.lora.quantize_base != "none" else "")
              if plan.lora.rank else "off (full fine-tuning)"),
             ("data", f"{plan.data.format} " + ", ".join(str(src.path) for src in plan.data.sources)),
             ("checkpoints", f"every {plan.checkpoint.every_steps or '-'} steps, keep {plan.checkpoint.keep}, "

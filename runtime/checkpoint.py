@@ -68,7 +68,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from . import safeio
 from .errors import UserError
@@ -356,7 +356,7 @@ def save(root: Path, step: int, model, optim, train_state: dict[str, Any], keep:
     if rank == 0:
         _fresh_step_dir(root, tmp.name)
     dist.barrier()
-    msd, osd = get_state_dict(model, optim)
+    msd, osd = get_state_dict(model, optim, options=_options(model))
     try:
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
         safeio.create_new(tmp / f"rng-rank{rank}.pt", _rng_bytes())
@@ -543,11 +543,21 @@ def load_dcp(sd: dict[str, Any], path: Path, allow_partial_load: bool = False) -
                         _FIX + " (its manifest cannot vouch for it: whoever wrote the pickle wrote the digests)") from None
 
 
+def _options(model) -> StateDictOptions:
+    """QLoRA (runtime/quant.py): the checkpoint holds the adapters only. The NF4 base is frozen
+    and rebuilt exactly from model.weights (or the seeded init) on resume and export; DCP has
+    no planner for torchao's NF4Tensor shards."""
+    return StateDictOptions(ignore_frozen_params=bool(getattr(model, "_meshbake_nf4", False)))
+
+
 def load(path: Path, model, optim) -> dict[str, Any]:
-    msd, osd = get_state_dict(model, optim)
+    opts = _options(model)
+    msd, osd = get_state_dict(model, optim, options=opts)
     sd = {"model": msd, "optim": osd}
     load_dcp(sd, path)
-    set_state_dict(model, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    if opts.ignore_frozen_params:    # the frozen base is not in sd; DCP already required every adapter key
+        opts = StateDictOptions(ignore_frozen_params=True, strict=False)
+    set_state_dict(model, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=opts)
     state = json.loads(safeio.read_text_bounded(path / "train_state.json", _JSON_LIMIT))
     rng = path / f"rng-rank{dist.get_rank()}.pt"
     if state.get("world") == dist.get_world_size() and _is_regular(rng):

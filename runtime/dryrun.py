@@ -32,10 +32,18 @@ def held(model: torch.nn.Module) -> dict[str, int]:
     for p in model.parameters():                   # a tied weight once
         local = p._local_tensor if isinstance(p, DTensor) else p
         out["params"] += local.numel()
-        # the storage under the view: FSDP2's padded shard (meta tensors keep their sizes)
-        out["param_bytes"] += local.untyped_storage().nbytes()
+        # the storage under the view: FSDP2's padded shard (meta tensors keep their sizes); an
+        # NF4 weight (QLoRA, runtime/quant.py) is a wrapper: its packed codes, scalers, factors
+        out["param_bytes"] += _nbytes(local)
         out["trainable"] += local.numel() if p.requires_grad else 0
     return out
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    inner = getattr(t, "__tensor_flatten__", None)
+    if inner is not None and hasattr(t, "quantized_data"):
+        return sum(getattr(t, n).untyped_storage().nbytes() for n in inner()[0])
+    return t.untyped_storage().nbytes()
 
 
 @contextmanager

@@ -34,7 +34,7 @@ from . import checkpoint as ckpt
 from . import safeio
 from .errors import EXIT_USER, UserError
 from .lora import ADAPTER_DTYPE, lora_scale, lora_targets
-from .parallel import DTYPES, hf_config
+from .parallel import DTYPES, hf_config, quantized
 from .plan import load_plan
 from .roles import plan_roles
 
@@ -57,6 +57,21 @@ def _merge_adapters(model, adapters: dict, scale: float) -> None:
     for fqn, (a, b) in adapters.items():
         w = model.get_submodule(fqn).weight
         w.copy_(w.float() + scale * (b.float() @ a.float()))
+
+
+def _qlora_base(model, plan) -> None:
+    """The frozen base a QLoRA run computed with (runtime/quant.py): model.weights (or the seeded
+    init), in runtime order, each LoRA target's weight replaced by its NF4 round trip (the same
+    scaler blocks as the run's mesh). The adapters are then merged into that dequantized base and
+    the folder is written in model.dtype (bfloat16 for a bf16 base): a plain HF model whose logits
+    are the run's, loadable without torchao."""
+    from .parallel import materialize
+    from .quant import dequantized
+
+    materialize(model, plan)
+    shards = plan.mesh.fsdp if plan.mesh.fsdp_enabled else 1
+    for _, m in lora_targets(model, plan):
+        m.weight.copy_(dequantized(m.weight, shards))
 
 
 MARKER = "meshbake-export.json"      # {"files": [...], "step": N}: what this export wrote
@@ -184,15 +199,20 @@ def export(run_dir: Path, step: int | None, out: Path, force: bool = False) -> P
                         else "no earlier committed step to export; the run must save again")
     cfg = hf_config(plan.model.config)
     model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[plan.train.dtype])
-    sd = {"model": model.state_dict()}
     adapters = _adapter_slots(model, plan)
-    for fqn, (a, b) in adapters.items():
-        sd["model"][f"{fqn}.lora_A"], sd["model"][f"{fqn}.lora_B"] = a, b
-    # a tied lm_head.weight is the embedding: whichever key the checkpoint holds fills both
-    ckpt.load_dcp(sd, path, allow_partial_load=plan_roles(plan).tied)
-    for fqn in adapters:
-        del sd["model"][f"{fqn}.lora_A"], sd["model"][f"{fqn}.lora_B"]
-    model.load_state_dict(sd["model"])
+    if quantized(plan):
+        _qlora_base(model, plan)
+        sd = {"model": {f"{fqn}.{n}": t for fqn, ab in adapters.items() for n, t in zip(("lora_A", "lora_B"), ab)}}
+        ckpt.load_dcp(sd, path)          # a QLoRA checkpoint holds the adapters only (checkpoint._options)
+    else:
+        sd = {"model": model.state_dict()}
+        for fqn, (a, b) in adapters.items():
+            sd["model"][f"{fqn}.lora_A"], sd["model"][f"{fqn}.lora_B"] = a, b
+        # a tied lm_head.weight is the embedding: whichever key the checkpoint holds fills both
+        ckpt.load_dcp(sd, path, allow_partial_load=plan_roles(plan).tied)
+        for fqn in adapters:
+            del sd["model"][f"{fqn}.lora_A"], sd["model"][f"{fqn}.lora_B"]
+        model.load_state_dict(sd["model"])
     if adapters:
         _merge_adapters(model, adapters, lora_scale(plan.lora))
     _hf_order(model, plan)

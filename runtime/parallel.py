@@ -351,14 +351,19 @@ def set_full(param: torch.Tensor, full: torch.Tensor) -> None:
             param.copy_(full)
 
 
-def init_weights(model: nn.Module, seed: int, layouts: dict[str, str] | None = None) -> None:
+def init_weights(model: nn.Module, seed: int, layouts: dict[str, str] | None = None,
+                 only: set[str] | None = None, buffers: bool = True) -> None:
+    """only: these parameter names (QLoRA's block-by-block build); buffers: reset them too."""
     std = getattr(model.config, "initializer_range", 0.02)
     fused = _fused_params(layouts)
     for name, p in model.named_parameters():      # a tied weight appears once
+        if only is not None and name not in only:
+            continue
         full = init_tensor(name, p.shape, seed, std)   # HF order: the same values a plain HF model gets
         set_full(p, _to_runtime(name, full, fused, model.config))
-    _reset_buffers(model)
-    _reset_rotary(model)
+    if buffers:
+        _reset_buffers(model)
+        _reset_rotary(model)
 
 
 def _fused_params(layouts: dict[str, str] | None) -> dict[str, str]:
@@ -441,7 +446,8 @@ def local_slice(param: torch.Tensor) -> tuple[slice, ...] | None:
 LOAD_STATS = {"block": 0, "full": 0}    # how the last load_weights read its tensors (tests)
 
 
-def load_weights(model: nn.Module, folder: str, seed: int, layouts: dict[str, str] | None = None) -> None:
+def load_weights(model: nn.Module, folder: str, seed: int, layouts: dict[str, str] | None = None,
+                 only: set[str] | None = None, buffers: bool = True) -> None:
     """The base model from the user's safetensors, each rank reading only its own block where
     possible (safetensors slices lazily); LoRA adapters (not in them) start fresh. Grouped MoE
     experts are assembled from the per-expert tensors hub checkpoints hold."""
@@ -451,7 +457,7 @@ def load_weights(model: nn.Module, folder: str, seed: int, layouts: dict[str, st
 
     from .fused import assemble, legacy_sources
 
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if only is None or n in only}
     base = [n for n in params if ".lora_" not in n]
     index = safetensors_index(folder)
     n_exp = getattr(model.config, "num_local_experts", None) or getattr(model.config, "num_experts", 0) or 0
@@ -482,8 +488,9 @@ def load_weights(model: nn.Module, folder: str, seed: int, layouts: dict[str, st
             LOAD_STATS["full" if block is None else "block"] += 1
     for name in sorted(set(params) - set(base)):
         set_full(params[name], init_tensor(name, params[name].shape, seed, 0.0))
-    _reset_buffers(model)
-    _reset_rotary(model)
+    if buffers:
+        _reset_buffers(model)
+        _reset_rotary(model)
 
 
 def iter_full_weights(folder: str, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -496,9 +503,11 @@ def iter_full_weights(folder: str, names: list[str]) -> Iterator[tuple[str, torc
             yield n, st.get_tensor(n)
 
 
-def parallelize(plan: Plan, mesh: DeviceMesh, stage=lambda name: None) -> nn.Module:
+def parallelize(plan: Plan, mesh: DeviceMesh, stage=lambda name: None, fsdp: bool = True) -> nn.Module:
     """The model on the meta device with every parallelism applied, nothing allocated.
-    stage(name) is called before each step (the dry run names the step that failed)."""
+    stage(name) is called before each step (the dry run names the step that failed).
+    QLoRA (plan.lora.quantize_base nf4): the targets' weights become NF4 before FSDP, here on
+    meta (the dry run), or, with fsdp=False, in build() once the real weights are loaded."""
     stage("model")
     model = meta_model(plan)
     if plan.mesh.cp_enabled:
@@ -530,10 +539,24 @@ def parallelize(plan: Plan, mesh: DeviceMesh, stage=lambda name: None) -> nn.Mod
     if plan.train.compile:
         stage("compile")
         apply_compile(model, plan)
+    if fsdp:
+        quantize_and_shard(model, mesh, plan, stage)
+    return model
+
+
+def quantize_and_shard(model: nn.Module, mesh: DeviceMesh, plan: Plan, stage=lambda name: None) -> None:
+    if quantized(plan):
+        from .quant import quantize_base
+
+        stage("quantize")
+        quantize_base(model, plan)
     stage("fsdp")
     if plan.mesh.fsdp_enabled:
         apply_fsdp(model, dp_mesh(mesh, plan.mesh), plan)
-    return model
+
+
+def quantized(plan: Plan) -> bool:
+    return plan.lora.rank > 0 and plan.lora.quantize_base != "none"
 
 
 def retie(model: nn.Module, plan: Plan) -> None:
@@ -555,15 +578,59 @@ def retie(model: nn.Module, plan: Plan) -> None:
 
 
 def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> nn.Module:
-    model = parallelize(plan, mesh)
-    model.to_empty(device=device)
+    if quantized(plan):
+        model = build_quantized(plan, mesh, device)
+    else:
+        model = parallelize(plan, mesh)
+        model.to_empty(device=device)
+        retie(model, plan)
+        materialize(model, plan)
+    model.train()
+    return model
+
+
+def build_quantized(plan: Plan, mesh: DeviceMesh, device: torch.device) -> nn.Module:
+    """QLoRA: NF4 needs the real weights, so the model is materialized block by block: each
+    decoder block is allocated, loaded (model.weights or the seeded init), its targets quantized
+    and fully_shard'ed before the next; then the root (embeddings, final norm, lm_head). A rank
+    holds one block (or the root) in model.dtype at a time beside the NF4 shards (the estimate's
+    'weight load (QLoRA)' phase). Same shards and policy as apply_fsdp (tp, HSDP, ep refused)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from .quant import quantize_base
+
+    model = parallelize(plan, mesh, fsdp=False)
+    layers = decoder_layers(model, plan)
+    fsdp = plan.mesh.fsdp_enabled
+    mp = plan.train.mixed_precision
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[mp.param_dtype], reduce_dtype=DTYPES[mp.reduce_dtype])
+    shard_mesh = dp_mesh(mesh, plan.mesh) if fsdp else None
+    in_blocks = {id(m) for layer in layers for m in layer.modules()}
+    for i, (fqn, layer) in enumerate(zip(plan_roles(plan).blocks, layers)):
+        layer.to_empty(device=device)
+        mine = {f"{fqn}.{n}" for n, _ in layer.named_parameters()}
+        materialize(model, plan, mine, buffers=False)
+        quantize_base(model, plan, {n.rsplit(".", 1)[0] for n in mine})
+        if fsdp:
+            fully_shard(layer, mesh=shard_mesh, mp_policy=policy, reshard_after_forward=i < len(layers) - 1)
+    for m in model.modules():
+        if id(m) not in in_blocks:
+            m.to_empty(device=device, recurse=False)
     retie(model, plan)
+    blocks = tuple(b + "." for b in plan_roles(plan).blocks)
+    materialize(model, plan, {n for n, _ in model.named_parameters() if not n.startswith(blocks)})
+    if fsdp:
+        fully_shard(model, mesh=shard_mesh, mp_policy=policy)
+    return model
+
+
+def materialize(model: nn.Module, plan: Plan, only: set[str] | None = None, buffers: bool = True) -> None:
+    """The base weights (model.weights, or the seeded init) and fresh adapters, in runtime order;
+    only: these parameter names (the rest stays as it is)."""
     if plan.model.weights:
         from . import hub  # a Hub id pinned to its commit (org/name@sha): that revision's snapshot
 
         load_weights(model, hub.local_folder(plan.model.weights, "model", hub.WEIGHT_FILES), plan.train.seed,
-                     plan.model.layouts)
+                     plan.model.layouts, only, buffers)
     else:
-        init_weights(model, plan.train.seed, plan.model.layouts)
-    model.train()
-    return model
+        init_weights(model, plan.train.seed, plan.model.layouts, only, buffers)

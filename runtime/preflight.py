@@ -1,9 +1,10 @@
 """launch.sh runs this (stdlib only) before torchrun:  python -m runtime.preflight PLAN_JSON
 
 Everything the plan needs from the machine it lands on, checked once with one clear line per
-problem and exit 2, instead of a traceback from every rank: torch and transformers importable
-by this python, the data / tokenizer / weights paths present (they are relative to the launch
-directory; a pinned Hugging Face Hub id is looked up in the cache when HF_HUB_OFFLINE is set).
+problem and exit 2, instead of a traceback from every rank: torch and transformers (and torchao
+for a QLoRA plan) importable by this python, the data / tokenizer / weights paths present (they are
+relative to the launch directory; a pinned Hugging Face Hub id is looked up in the cache when
+HF_HUB_OFFLINE is set).
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ def problems(plan: Plan) -> list[str]:
         if on and importlib.util.find_spec(mod) is None:
             out.append(f"tracking: {sys.executable} cannot import {mod}; pip install {mod} in the training "
                        f"environment, or turn it off in the recipe's tracking section")
+    if plan.lora.rank and plan.lora.quantize_base != "none" and importlib.util.find_spec("torchao") is None:
+        out.append(f"lora.quantize_base {plan.lora.quantize_base}: {sys.executable} cannot import torchao (its NF4Tensor "
+                   "stores the 4-bit base); pip install 'meshbake[qlora]' (or torchao) in the training environment")
     d = plan.data
     one = len(d.sources) == 1 and not d.eval_sources
     srcs = [("data.path" if one else f"data.sources[{i}].path", s.path) for i, s in enumerate(d.sources)]

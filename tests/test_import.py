@@ -116,9 +116,14 @@ def test_lora_target_linear_takes_every_block_linear_of_the_model():
     assert not isinstance(check_text(imp.text, "x"), Err)
 
 
-def test_qlora_is_refused_and_tutorial_70b_reports_why_it_does_not_fit():
+def test_qlora_maps_to_an_nf4_base_and_tutorial_70b_reports_why_it_does_not_fit():
     _, imp = _import(FIX / "llama-3_qlora-fsdp-70b.yaml", model_ref="llama-3.1-70b")
-    assert {n.key for n in imp.refused} == {"adapter", "load_in_4bit"}      # not silently a bf16 LoRA
+    assert not imp.refused                                  # QLoRA is a QLoRA, not silently a bf16 LoRA
+    notes = {n.key: (n.status, n.target) for n in imp.notes}
+    assert notes["adapter"] == ("mapped", "lora.rank, lora.quantize_base")
+    assert notes["load_in_4bit"] == ("mapped", "lora.quantize_base")
+    assert "quantize_base: nf4" in imp.text
+    assert not isinstance(check_text(imp.text, "x"), Err)       # QLoRA 70B (NF4 base) on 8 x 80 GB fits
     cfg = {**load.parse_yaml((FIX / "llama-3_qlora-fsdp-70b.yaml").read_text(), "x"), "adapter": "lora",
            "load_in_4bit": False}
     imp = import_axolotl(cfg, "t", source="t.yml", model_ref="llama-3.1-70b")

@@ -167,8 +167,7 @@ def test_saves_per_epoch_become_checkpoint_every_steps():
 
 
 @pytest.mark.parametrize("extra", [{"load_in_8bit": True, "adapter": "lora", "lora_r": 8},
-                                   {"load_in_4bit": True, "adapter": "qlora", "lora_r": 8},
-                                   {"adapter": "qlora", "lora_r": 8},
+                                   {"load_in_4bit": True},           # a 4-bit base without an adapter
                                    {"qat": {"weight_dtype": "int4"}}])
 def test_quantized_and_qat_configs_are_refused(extra):
     imp = _import({**BASE, **extra})
@@ -176,14 +175,26 @@ def test_quantized_and_qat_configs_are_refused(extra):
     assert {n.key for n in imp.refused} <= QUANTIZED and all(n.reason for n in imp.refused)
 
 
+@pytest.mark.parametrize("extra", [{"load_in_4bit": True, "adapter": "qlora", "lora_r": 8},
+                                   {"adapter": "qlora", "lora_r": 8},
+                                   {"load_in_4bit": True, "adapter": "lora", "lora_r": 8}])
+def test_qlora_maps_to_quantize_base_nf4(extra):
+    """adapter: qlora / load_in_4bit with an adapter: LoRA over an NF4 base (runtime/quant.py)."""
+    imp = _import({**BASE, **extra})
+    assert not imp.refused
+    d = _recipe(imp)
+    assert d["lora"]["rank"] == 8 and d["lora"]["quantize_base"] == "nf4"
+
+
 def test_cli_refuses_quantized_configs_with_exit_2_and_writes_nothing(tmp_path, capsys):
     from meshbake.compiler.cli import main
 
-    out = tmp_path / "r.yaml"
-    rc = main(["import", "axolotl", str(FIX / "llama-3_qlora-fsdp-70b.yaml"), "-o", str(out)])
+    src, out = tmp_path / "q8.yml", tmp_path / "r.yaml"
+    src.write_text((FIX / "llama-3_qlora-fsdp-70b.yaml").read_text().replace("load_in_8bit: false", "load_in_8bit: true"))
+    rc = main(["import", "axolotl", str(src), "-o", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and not out.exists()
-    assert "refused" in err and "load_in_4bit" in err and "adapter" in err
+    assert "refused" in err and "load_in_8bit" in err
 
 
 def test_prepare_honours_data_files_and_split_slices(tmp_path):

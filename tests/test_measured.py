@@ -17,7 +17,7 @@ WORLD = 4
 
 def plan_dict(name: str, *, dp_replicate=1, dp_shard=1, tp=1, cp=1, sp=False, lp=False, model="tiny-llama",
               seq=32, mbs=2, gbs=None, ac="none", param_dtype="float32", reduce_dtype="float32", lora=0,
-              grad_sync="every_micro_step", ep=1, aux=0.0, packed_docs=0) -> dict:
+              grad_sync="every_micro_step", ep=1, aux=0.0, packed_docs=0, quantize="none") -> dict:
     dp = dp_replicate * dp_shard
     # packed: a text-format recipe (the estimate counts the document mask); measure.py feeds the
     # synthetic rows with position_ids restarting every seq / packed_docs tokens
@@ -29,7 +29,8 @@ def plan_dict(name: str, *, dp_replicate=1, dp_shard=1, tp=1, cp=1, sp=False, lp
                "lr": 1e-3, "warmup_steps": 1, "activation_checkpointing": ac, "grad_sync": grad_sync,
                "router_aux_loss_coef": aux,
                "mixed_precision": {"param_dtype": param_dtype, "reduce_dtype": reduce_dtype}},
-        lora={"rank": lora, "alpha": 8, "targets": ["q_proj", "v_proj", "o_proj", "down_proj"]}, **data))
+        lora={"rank": lora, "alpha": 8, "targets": ["q_proj", "v_proj", "o_proj", "down_proj"],
+              "quantize_base": quantize}, **data))
 
 
 CASES = {
@@ -51,6 +52,10 @@ MEMORY = {
     "mem_accum4": dict(dp_shard=2, tp=2, sp=True, lp=True, gbs=16, **MEM),
     "mem_accum4_nosync": dict(dp_shard=2, tp=2, sp=True, lp=True, gbs=16, grad_sync="last_micro_step", **MEM),
     "mem_lora": dict(dp_shard=2, tp=2, sp=True, lp=True, lora=4, **MEM),
+    # QLoRA: NF4 shards of the targets, NF4 gathered per block, one dequantized working copy
+    # (measured alone: +4.7% fp32, +3.4% bf16 compute)
+    "mem_qlora_dp4": dict(dp_shard=4, lora=4, quantize="nf4", **MEM),
+    "mem_qlora_dp4_bf16": dict(dp_shard=4, lora=4, quantize="nf4", param_dtype="bfloat16", **MEM),
     "mem_cp2": dict(dp_shard=2, cp=2, **MEM),
     "mem_dp4": dict(dp_shard=4, **MEM),
     # packed documents (issue 25): transformers' bool document mask, converted by SDPA to the

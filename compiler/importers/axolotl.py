@@ -220,10 +220,13 @@ def _model(cfg: Mapping[str, Any], acc: _Acc, model_ref: str | None, lora_on: bo
     if "model_type" in cfg:
         acc.note("model_type", "implied", "", "the architecture comes from config.json")
     for k in ("load_in_8bit", "load_in_4bit"):
-        if k in cfg:
+        if k == "load_in_4bit" and cfg.get(k) and lora_on:
+            acc.note(k, "mapped", "lora.quantize_base", "the frozen base stored 4-bit NF4 (torchao's NF4Tensor, "
+                     "block 64, double-quantized scalers) as bitsandbytes' nf4 with double quantization stores it")
+        elif k in cfg:
             acc.note(k, "not mapped" if cfg[k] else "implied", "",
                      "quantized base weights (bitsandbytes) are not supported; the frozen base is kept in "
-                     "model.dtype" if cfg[k] else "meshbake does not quantize")
+                     "model.dtype" if cfg[k] else "the base is not quantized")
     if "trust_remote_code" in cfg:
         acc.note("trust_remote_code", "not mapped" if cfg["trust_remote_code"] else "implied", "",
                  "meshbake builds transformers' own class for config.json's model_type; remote code never runs")
@@ -489,10 +492,12 @@ def _lora(cfg: Mapping[str, Any], acc: _Acc, linears: Sequence[str]) -> bool:
                  f"adapter {adapter!r} is not supported (LoRA only)" if adapter not in ("lora", "qlora") else
                  "lora_r is missing: no LoRA rank to carry over")
         return False
-    acc.note("adapter", "approximated" if adapter == "qlora" else "mapped", "lora.rank",
-             "QLoRA's 4-bit base becomes a bf16 base (LoRA): 2 bytes per frozen param instead of ~0.5" if
-             adapter == "qlora" else "")
+    acc.note("adapter", "mapped", "lora.rank, lora.quantize_base" if adapter == "qlora" else "lora.rank",
+             "QLoRA: adapters over a 4-bit NF4 base (torchao's NF4Tensor, ~0.52 byte per frozen weight); "
+             "needs mesh.tp 1 and no dp_replicate" if adapter == "qlora" else "")
     acc.set("lora.rank", int(cfg["lora_r"]), "lora_r")
+    if adapter == "qlora" or cfg.get("load_in_4bit"):
+        acc.set("lora.quantize_base", "nf4", "adapter: qlora" if adapter == "qlora" else "load_in_4bit")
     acc.note("lora_r", "mapped", "lora.rank")
     acc.set("lora.alpha", float(_num(cfg.get("lora_alpha") or cfg["lora_r"])),
             "lora_alpha" if cfg.get("lora_alpha") else "PEFT's default alpha = r")
@@ -885,25 +890,22 @@ def import_axolotl(cfg: Mapping[str, Any], name: str, *, source: str, model_ref:
     return Imported(name, render(acc.values, notes, source), notes)
 
 
-_QUANT = ("meshbake trains unquantized weights; importing this as a bf16 base would silently change the run "
-          "(memory per frozen param x{x}, other numerics)")
+_QUANT = ("meshbake keeps a frozen base in model.dtype or, for QLoRA, 4-bit NF4, never 8-bit; importing this as "
+          "a bf16 base would silently change the run (memory per frozen param x{x}, other numerics)")
 
 
 def refusals(cfg: Mapping[str, Any]) -> tuple[KeyNote, ...]:
-    """Keys that make the run something meshbake does not do: quantized base weights (bitsandbytes
-    8/4-bit, QLoRA, GPTQ) and quantization-aware training. Refused, not downgraded to bf16 LoRA."""
+    """Keys that make the run something meshbake does not do: 8-bit or GPTQ-quantized base weights,
+    a 4-bit base without an adapter, and quantization-aware training. Refused, not downgraded to bf16
+    LoRA. QLoRA (adapter: qlora / load_in_4bit with an adapter) maps to lora.quantize_base: nf4."""
     out = []
     if cfg.get("load_in_8bit"):
         out.append(KeyNote("load_in_8bit", "refused", "", "8-bit (bitsandbytes) base weights: " + _QUANT.format(x=2)
                            + "; to train a bf16 LoRA instead, set load_in_8bit: false and import again"))
-    if cfg.get("load_in_4bit"):
-        out.append(KeyNote("load_in_4bit", "refused", "", "4-bit (bitsandbytes) base weights: " + _QUANT.format(x=4)
-                           + "; to train a bf16 LoRA instead, set load_in_4bit: false (and adapter: lora) and "
-                           "import again"))
-    if cfg.get("adapter") == "qlora":
-        out.append(KeyNote("adapter", "refused", "lora.rank", "QLoRA trains adapters on a 4-bit base: "
-                           + _QUANT.format(x=4) + "; to train a bf16 LoRA instead, set adapter: lora (and "
-                           "load_in_4bit: false) and import again"))
+    if cfg.get("load_in_4bit") and cfg.get("adapter") not in ("lora", "qlora"):
+        out.append(KeyNote("load_in_4bit", "refused", "", "4-bit base weights without an adapter: meshbake "
+                           "trains a 4-bit base only as QLoRA's frozen base (lora.quantize_base: nf4); set "
+                           "adapter: qlora (with lora_r) or load_in_4bit: false and import again"))
     if cfg.get("gptq"):
         out.append(KeyNote("gptq", "refused", "", "GPTQ-quantized base weights are not supported"))
     if cfg.get("qat"):

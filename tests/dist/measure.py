@@ -84,11 +84,11 @@ def python_live_bytes() -> int:
     storages = {}
     for o in gc.get_objects():
         if isinstance(o, torch.Tensor) and not isinstance(o, DTensor) and o.device.type == "cpu":
-            try:
+            try:       # a wrapper subclass (QLoRA's NF4Tensor) has no storage: its inner tensors are counted
                 st = o.untyped_storage()
+                storages[st.data_ptr()] = st.nbytes()
             except (RuntimeError, NotImplementedError):
                 continue
-            storages[st.data_ptr()] = st.nbytes()
     return sum(storages.values())
 
 

@@ -342,6 +342,11 @@ class _Rows:
     def __len__(self) -> int:
         return self.n
 
+    def __iter__(self):             # one record at a time, as iterating a datasets.Dataset gives
+        keys = list(self.columns)
+        for i in range(self.n):
+            yield {k: self.columns[k][i] for k in keys}
+
     def iter(self, batch_size: int):
         for i in range(0, self.n, batch_size):
             yield {k: v[i:i + batch_size] for k, v in self.columns.items()}
@@ -892,6 +897,19 @@ class RenderLimit(Exception):
 class _Budget:
     def __init__(self) -> None:
         self.cap, self.deadline, self.seconds = 0, 0.0, 0.0
+        self.items = 0             # range() items handed out this render
+
+    def range(self, *args):
+        """range() counted against the cap: nested loops over ranges grow a macro's or a list's
+        memory without building one big string (3.2 GB in the 2 s time bound, measured), so the
+        items of every range a render asks for add up, and past the cap (>= 1,048,576) it stops."""
+        from jinja2.sandbox import safe_range
+
+        r = safe_range(*args)
+        self.items += len(r)
+        if self.items > self.cap:
+            raise RenderLimit(f"looped over ranges of more than {self.cap:,} items")
+        return r
 
     def check(self, n: int = 0) -> None:
         if n > self.cap:
@@ -1007,6 +1025,7 @@ class _BoundedTemplate:
         env.filters = {k: _guard_filter(f, self.budget) for k, f in ref.filters.items()}
         env.tests = dict(ref.tests)
         env.globals.update(ref.globals)
+        env.globals["range"] = self.budget.range
         self.template = env.from_string(src)
         ns = self.template.root_render_func.__globals__      # the compiled module: `~` calls str_join
         for name in ("str_join", "markup_join"):
@@ -1038,7 +1057,7 @@ class _BoundedTemplate:
         msgs = ctu._alias_reasoning_fields(msgs) if hasattr(ctu, "_alias_reasoning_fields") else msgs
 
         b = self.budget
-        b.cap, b.seconds, b.deadline = cap, seconds, time.monotonic() + seconds
+        b.cap, b.seconds, b.deadline, b.items = cap, seconds, time.monotonic() + seconds, 0
         blocks: list[str] = []
         n = 0
         env = self.template.environment

@@ -139,12 +139,16 @@ def test_memory_estimate_holds_the_measured_peak(measured, name):
     20.80, 18.64, 20.74, 20.74)."""
     r = measured[name]
     est = r["plan"]["estimate"]
+    # measure.py measures one training step; QLoRA's block-by-block weight load is a phase of its own
+    # before it (estimated, not measured here): the step's phases are what the step is held to
+    step = {k: v for k, v in est["phases"].items() if k != "weight load (QLoRA)"}
+    peak_phase = max(step, key=step.get)
     got = max(rank["peak_bytes"] for rank in r["ranks"])
-    err = est["total_bytes"] / got - 1
-    print(f"{name}: estimate {_mb(est['total_bytes'])} at the {est['peak_phase']}, measured {_mb(got)} "
+    err = step[peak_phase] / got - 1
+    print(f"{name}: estimate {_mb(step[peak_phase])} at the {peak_phase}, measured {_mb(got)} "
           f"({err:+.1%}; ranks {', '.join(_mb(rank['peak_bytes']) for rank in r['ranks'])}), "
           f"peak in {r['ranks'][0]['peak_in'][-2:]}")
-    assert -0.05 <= err <= 0.10, (name, est["total_bytes"], got, est["phases"])
+    assert -0.05 <= err <= 0.10, (name, step[peak_phase], got, est["phases"])
 
 
 def axis_ranks(mesh: dict, rank: int, axis: str) -> frozenset[int]:

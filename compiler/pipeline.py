@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from meshbake.compiler.errors import Err, RecipeError, Result, reads, run, skipped
-from meshbake.compiler.estimate import Estimate, checked_estimate, estimate
+from meshbake.compiler.estimate import Estimate, checked_estimate
 from meshbake.compiler.mesh import MeshSpec, resolve_mesh
 from meshbake.compiler.model import ModelSpec, _type_errors, fact_errors, model_spec
 from meshbake.compiler.placements import Placements, resolve_placements
@@ -40,11 +40,11 @@ class Bundle:
 
 
 def resolve(recipe: Recipe, model_config: Mapping[str, Any], source: str,
-            aside: frozenset[str] = frozenset(), memory: bool = True) -> Result[Resolved]:
+            aside: frozenset[str] = frozenset()) -> Result[Resolved]:
     """The stages after validate. `aside`: fields validate set aside (their errors are already
     reported); the checks that read them are skipped, and without a mesh or an estimate to trust
-    the pipeline stops with nothing more to say (Err(())). memory=False: no GPU-memory check and no random-weights rule
-    (`meshbake prepare` needs the plan's data section, not a model that fits)."""
+    the pipeline stops with nothing more to say (Err(())). `meshbake prepare` needs none of this
+    (resolve_data_dict)."""
     model = model_spec(model_config, source)
     if isinstance(model, Err):
         return model
@@ -56,7 +56,7 @@ def resolve(recipe: Recipe, model_config: Mapping[str, Any], source: str,
         return pl
     if skipped(checked_estimate, aside):
         return Err(())
-    est = checked_estimate(recipe, model, mesh, pl) if memory else estimate(recipe, model, mesh, pl)
+    est = checked_estimate(recipe, model, mesh, pl)
     if isinstance(est, Err):
         return est
     return Resolved(recipe=recipe, model=model, mesh=mesh, placements=pl, estimate=est,
@@ -93,25 +93,35 @@ def _random_weights(recipe: Recipe) -> tuple[RecipeError, ...]:
     return (e,) if e else ()
 
 
-def resolve_dict(d: Mapping[str, Any], memory: bool = True) -> Result[Resolved]:
-    """Validated-or-not recipe dict -> Resolved (reads the model config.json / catalog). Every
-    independent error at once: a field with an error is set aside (validate.Validated) and the
-    later stages still run the checks that do not read it. memory=False: see resolve."""
+def _validated_pinned(d: Mapping[str, Any]):
+    """validate + Hub ids pinned to org/name@<sha> (compiler/hub.py): the start resolve_dict and
+    resolve_data_dict share. -> (Validated, Pinned), or Err with validate's errors when model.config
+    itself is unusable (nothing after it can be said)."""
+    from meshbake.compiler import hub
     from meshbake.compiler import validate as validate_mod
 
     v = validate_mod.validate_fields(dict(d))
     if v.recipe is None or skipped(_model_config, v.aside):
         return Err(v.errors)
+    return v, hub.pin_recipe(v.recipe)
+
+
+def resolve_dict(d: Mapping[str, Any]) -> Result[Resolved]:
+    """Validated-or-not recipe dict -> Resolved (reads the model config.json / catalog). Every
+    independent error at once: a field with an error is set aside (validate.Validated) and the
+    later stages still run the checks that do not read it."""
     from meshbake.compiler import hub
 
-    pinned = hub.pin_recipe(v.recipe)       # Hub ids -> org/name@<sha> (compiler/hub.py)
+    vp = _validated_pinned(d)
+    if isinstance(vp, Err):
+        return vp
+    v, pinned = vp
     recipe, errs = pinned.recipe, v.errors + pinned.errors
-    if memory:          # a model question, like the memory check: `meshbake prepare` loads no model
-        errs += tuple(run(_random_weights, v.aside, recipe))
+    errs += tuple(run(_random_weights, v.aside, recipe))
     cfg = _model_config(recipe)
     if not isinstance(cfg, Err):
         errs += tuple(run(_tokenizer_errors, v.aside, recipe, cfg, hub.tokenizer_folder(recipe.data.tokenizer, pinned)))
-    res = cfg if isinstance(cfg, Err) else resolve(recipe, cfg, recipe.model.config, v.aside, memory)
+    res = cfg if isinstance(cfg, Err) else resolve(recipe, cfg, recipe.model.config, v.aside)
     if isinstance(res, Err):
         return Err(tuple(dict.fromkeys(errs + res.errors)))
     return Err(errs) if errs else replace(res, missing=pinned.missing)
@@ -134,15 +144,12 @@ def resolve_data_dict(d: Mapping[str, Any]) -> Result[DataResolved]:
     """Recipe dict -> DataResolved or Err: every validation error, model.config unreadable or not a
     model meshbake runs (its type and size facts, as the model stage checks them first), and the
     tokenizer / vocab check, as resolve_dict reports them; nothing of the later stages."""
-    from meshbake.compiler import __version__
-    from meshbake.compiler import validate as validate_mod
+    from meshbake.compiler import __version__, hub
 
-    v = validate_mod.validate_fields(dict(d))
-    if v.recipe is None or skipped(_model_config, v.aside):
-        return Err(v.errors)
-    from meshbake.compiler import hub
-
-    pinned = hub.pin_recipe(v.recipe)       # Hub ids -> org/name@<sha>: prepare reads what the run will
+    vp = _validated_pinned(d)               # pinned: prepare reads the revision the run will
+    if isinstance(vp, Err):
+        return vp
+    v, pinned = vp
     recipe, errs = pinned.recipe, v.errors + pinned.errors
     cfg = _model_config(recipe)
     if isinstance(cfg, Err):

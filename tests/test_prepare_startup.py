@@ -44,7 +44,7 @@ def test_data_plan_is_the_full_plans():
     """The plan prepare resolves is the compiled plan's data section, seq_len, seed and version: the
     same prepared directory and fingerprint that the ranks check."""
     d = load.load_recipe("tiny_chat", (), None)
-    full, light = resolve_dict(d, memory=False), resolve_data_dict(d)
+    full, light = resolve_dict(d), resolve_data_dict(d)
     assert not isinstance(full, Err) and not isinstance(light, Err)
     assert light.data == full.plan.data and light.name == full.plan.name
     assert (light.train.seq_len, light.train.seed) == (full.plan.train.seq_len, full.plan.train.seed)

@@ -185,9 +185,8 @@ def job_view(plan, cluster: dict[str, Any]) -> dict[str, Any]:
         "image": cluster["container_image"],
         "mounts": [_mount(m) for m in cluster["container_mounts"]],
         "run_dir": plan.run_dir,
-        # runtime/checkpoint.py ckpt_root: an absolute checkpoint.dir is used as it is
-        "ckpt_dir": ck if ck.startswith("/") else f"{plan.run_dir.rstrip('/')}/{ck}",
-        "ckpt_outside": ck.startswith("/") or ".." in ck.split("/"),
+        # validate keeps checkpoint.dir relative and inside the run dir (keep: N prunes there)
+        "ckpt_dir": f"{plan.run_dir.rstrip('/')}/{ck}",
         "resume": plan.checkpoint.resume,
         "prepared_dir": plan.data.prepared_dir,
         "synthetic": plan.data.format == "synthetic",
@@ -197,8 +196,7 @@ def job_view(plan, cluster: dict[str, Any]) -> dict[str, Any]:
         "tensorboard": plan.tracking.tensorboard,
         "wandb": None if not wb.project else {
             "project": wb.project, "entity": wb.entity, "name": wb.name or plan.name, "mode": wb.mode,
-            "tags": list(wb.tags),
-            "endpoint": env.get("WANDB_BASE_URL")},
+            "tags": list(wb.tags)},
     }
 
 

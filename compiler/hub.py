@@ -111,9 +111,10 @@ def pin_recipe(recipe: Recipe) -> Pinned:
                 if sure:
                     errs.append(RecipeError(path, e.message, e.hint))
                 else:
+                    fetch = tuple(f for f in files if '*' not in f and f not in _PROBES)
                     missing.append(f"{path}: {value!r} is neither a path here nor in the Hugging Face cache "
                                    f"(HF_HUB_CACHE={H.cache_dir()}); the launch directory must hold it, or run "
-                                   f"{H.download_hint(h, tuple(f for f in files if '*' not in f), repo_type)}")
+                                   f"{H.download_hint(h, fetch, repo_type)}")
                 return value
         pin = Pin(path, h.repo, h.revision or "main", folder.name, repo_type, str(folder))
         pins.append(pin)
@@ -154,6 +155,11 @@ def pin_recipe(recipe: Recipe) -> Pinned:
         data = replace(data, tokenizer=tok, sources=sources("data.sources", data.sources),
                        eval_sources=sources("data.eval_sources", data.eval_sources))
     return Pinned(replace(recipe, model=model, data=data), tuple(pins), tuple(errs), tuple(missing))
+
+
+# files looked up only to find a snapshot: never what a download hint should fetch (a dataset's
+# .gitattributes alone is useless; `hf download REPO --repo-type dataset` fetches the data)
+_PROBES = (".gitattributes",)
 
 
 def tokenizer_folder(recipe_tokenizer: str | None, pinned: Pinned) -> str | None:

@@ -374,11 +374,56 @@ def read_model_config(ref: str) -> Result[dict[str, Any]]:
     return without_kernel_keys(cfg)
 
 
+def _template_text(p: Path) -> str:
+    """The texts that name tokens a run emits besides the data's own words: the chat template(s)
+    and the bos / eos / pad / unk tokens of tokenizer_config.json (not its added_tokens_decoder,
+    which lists every token). Bounded reads; unreadable parts count as absent."""
+    out: list[str] = []
+
+    def read(name: str) -> str | None:
+        f = p / name
+        try:
+            if f.is_file() and f.stat().st_size <= MAX_TOKENIZER_BYTES:
+                return f.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            pass
+        return None
+
+    def strings(v: Any) -> list[str]:
+        if isinstance(v, str):
+            return [v]
+        if isinstance(v, dict):                 # AddedToken form {"content": ...} / template {"template": ...}
+            return [x for k in ("content", "template") if isinstance(x := v.get(k), str)]
+        if isinstance(v, list):                 # named templates [{"name", "template"}]
+            return [x for e in v for x in strings(e)]
+        return []
+
+    try:
+        tc = json.loads(read("tokenizer_config.json") or "{}")
+    except (ValueError, RecursionError):
+        tc = {}
+    if isinstance(tc, dict):
+        for k in ("chat_template", "bos_token", "eos_token", "pad_token", "unk_token"):
+            out += strings(tc.get(k))
+    out += [t for t in (read("chat_template.jinja"),) if t]
+    try:
+        out += strings(json.loads(read("chat_template.json") or "{}").get("chat_template"))
+    except (ValueError, AttributeError, RecursionError):
+        pass
+    return "\n".join(out)
+
+
 def tokenizer_vocab(folder: str) -> Result[int | None]:
-    """Ids the tokenizer in `folder` can produce (max id + 1), from tokenizer.json (fast) or
-    vocab.json + added_tokens.json (slow BPE). None when the folder is not here (data paths are
+    """Ids the tokenizer in `folder` produces for a run (max id + 1), from tokenizer.json (fast)
+    or vocab.json + added_tokens.json (slow BPE). None when the folder is not here (data paths are
     relative to the launch directory, checked again there) or holds another format
-    (SentencePiece tokenizer.model)."""
+    (SentencePiece tokenizer.model).
+
+    A special added token counts only when the run emits it: named by the chat template or as the
+    bos / eos / pad / unk token. Gemma 3's tokenizer carries `<image_soft_token>` (id 262144) that
+    only its image processor inserts, one past the text model's 262,144-row embedding; counting it
+    refused every text recipe of gemma-3 (Axolotl trains them). Such a token in the data itself is
+    still caught, by `meshbake prepare` (token id >= vocab_size), before any step."""
     p = Path(folder)
     fast, slow = p / "tokenizer.json", p / "vocab.json"
     try:
@@ -388,7 +433,12 @@ def tokenizer_vocab(folder: str) -> Result[int | None]:
             tj = json.loads(fast.read_text(encoding="utf-8"))
             vocab = (tj.get("model") or {}).get("vocab")
             ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab or [])))
-            ids += [t.get("id") for t in tj.get("added_tokens") or [] if isinstance(t, dict)]
+            added = [t for t in tj.get("added_tokens") or [] if isinstance(t, dict)]
+            special = [t for t in added if t.get("special") is True]
+            ids += [t.get("id") for t in added if t.get("special") is not True]
+            if special:
+                text = _template_text(p)
+                ids += [t.get("id") for t in special if isinstance(t.get("content"), str) and t["content"] in text]
         elif slow.is_file():
             ids = list(json.loads(slow.read_text(encoding="utf-8")).values())
             added = p / "added_tokens.json"

@@ -185,6 +185,38 @@ def test_tokenizer_larger_than_model_vocab_is_a_compile_error(tmp_path):
     assert not isinstance(ok, Err), ok
 
 
+def test_special_token_past_the_embedding_counts_only_when_the_run_emits_it(tmp_path):
+    """Gemma 3's tokenizer carries <image_soft_token> (id 262144) one past the text model's
+    262,144-row embedding; only its image processor inserts it, and counting it refused every
+    gemma-3 text recipe. A special token the chat template or eos names is still an error."""
+    import shutil
+
+    from meshbake.compiler.load import tokenizer_vocab
+
+    from tests.helpers import ROOT
+
+    tok = tmp_path / "tok"
+    shutil.copytree(ROOT / "data/tokenizer", tok)
+    tj = json.loads((tok / "tokenizer.json").read_text())
+    n = tokenizer_vocab(str(tok))
+    tj["added_tokens"].append({"id": n, "content": "<image_soft_token>", "single_word": False, "lstrip": False,
+                               "rstrip": False, "normalized": False, "special": True})
+    (tok / "tokenizer.json").write_text(json.dumps(tj))
+    tc = json.loads((tok / "tokenizer_config.json").read_text())
+    tc["added_tokens_decoder"] = {str(n): {"content": "<image_soft_token>", "special": True}}
+    (tok / "tokenizer_config.json").write_text(json.dumps(tc))
+    assert tokenizer_vocab(str(tok)) == n              # listed in added_tokens_decoder: not emitted
+    (tok / "chat_template.jinja").write_text("{% for m in messages %}<image_soft_token>{{ m.content }}{% endfor %}")
+    assert tokenizer_vocab(str(tok)) == n + 1          # the template emits it
+    (tok / "chat_template.jinja").unlink()
+    (tok / "tokenizer_config.json").write_text(json.dumps({**tc, "eos_token": {"content": "<image_soft_token>"}}))
+    assert tokenizer_vocab(str(tok)) == n + 1          # eos: appended to every document
+    tj["added_tokens"][-1]["special"] = False          # a plain added token: ordinary text produces it
+    (tok / "tokenizer.json").write_text(json.dumps(tj))
+    (tok / "tokenizer_config.json").write_text(json.dumps(tc))
+    assert tokenizer_vocab(str(tok)) == n + 1
+
+
 def test_slow_tokenizer_vocab_json_is_read(tmp_path):
     from meshbake.compiler.load import tokenizer_vocab
 

@@ -6,6 +6,7 @@ module is what later stages need: its kind, its weight shape and its parameter c
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping
@@ -240,7 +241,8 @@ OPTIONAL_FACTS = {"num_key_value_heads": 1024, "head_dim": 4096, "max_position_e
 # model_types whose module tree the runtime drives and whose parity the dist tests cover
 # (tests/models/<model_type>/, README "Model families"). Others fail late: BERT's
 # BertLMHeadModel has no model.layers; a family nobody ran may hold a plain tensor the TP
-# DTensors cannot mix with. Adding one here means adding its tests/models fixture.
+# DTensors cannot mix with. Adding one here means adding its tests/models fixture. The other
+# types accepted are the ones `make zoo` trained with parity (compiler/zoo.json, zoo_types()).
 SUPPORTED_TYPES = ("gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "llama", "mistral", "mixtral", "olmo2",
                    "phi3", "qwen2", "qwen3", "qwen3_moe")
 
@@ -271,11 +273,46 @@ def _type_errors(model_type: Any, source: str) -> list[RecipeError]:
         return [RecipeError("model.config", f"{source}: model_type {model_type!r} is not a causal LM "
                             "(encoder, encoder-decoder or vision model)",
                             "meshbake trains decoder-only CausalLM architectures (llama, mistral, qwen2, ...)")]
-    if model_type not in SUPPORTED_TYPES:
-        return [RecipeError("model.config", f"{source}: model_type {model_type!r} is not one meshbake runs",
-                            f"supported: {', '.join(SUPPORTED_TYPES)} (the decoders the runtime's TP plan and "
-                            "parity tests cover)")]
-    return []
+    if model_type in SUPPORTED_TYPES or model_type in zoo_types():
+        return []
+    zoo = _zoo()
+    row = zoo["types"].get(model_type)
+    proven = f"the parity matrix ({', '.join(SUPPORTED_TYPES)}) and the zoo's {len(zoo_types())} more (docs/MODELS.md)"
+    if row is None:
+        why = f"`make zoo` has no result for it (its last sweep ran transformers {zoo['transformers']})"
+    elif row["run"] == "parity":
+        why = (f"`make zoo` proved it on transformers {zoo['transformers']}, and transformers "
+               f"{_installed()} is installed")
+    elif row["compile"] == "refused":
+        why = f"`make zoo` refused it: {row['reason']}"
+    elif row["compile"] == "compiled":
+        why = f"`make zoo` trained it without matching one process: {row['run']} {row['reason']}".rstrip()
+    else:
+        why = f"`make zoo` could not build it: {row['compile']} {row['reason']}".rstrip()
+    return [RecipeError("model.config", f"{source}: model_type {model_type!r} is not one meshbake runs: {why}",
+                        f"meshbake runs {proven}; `make zoo` re-proves the list for the installed transformers")]
+
+
+def _installed() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+@functools.cache
+def _zoo() -> dict[str, Any]:
+    """The last `make zoo` sweep (scripts/zoo.py writes it with docs/MODELS.md): per model_type its
+    compile outcome and whether 3 steps at dp_shard 2 x tp 2 + SP + LP matched one process."""
+    return json.loads((Path(__file__).parent / "zoo.json").read_text(encoding="utf-8"))
+
+
+def zoo_types() -> frozenset[str]:
+    """Types the zoo trained with parity, accepted only under the transformers minor version the
+    sweep ran (another version may build the same type differently)."""
+    zoo = _zoo()
+    if zoo["transformers"].split(".")[:2] != _installed().split(".")[:2]:
+        return frozenset()
+    return frozenset(t for t, r in zoo["types"].items() if r["run"] == "parity")
 
 
 def fact_errors(config: Mapping[str, Any], source: str) -> list[RecipeError]:

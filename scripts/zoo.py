@@ -1,8 +1,12 @@
 """The zoo sweep (`make zoo`, not part of `make test`): every causal-LM model type of the
 installed transformers that has a base_model_tp_plan, as a tiny config built by its own config
 class (sizes shrunk, family fields kept), compiled at dp_shard 2 x tp 2 with sequence and loss
-parallel; those that compile train 2 steps on CPU (torchrun world 4, one launch per type, so a
-crash stays with its type). Writes docs/MODELS.md. The goal: zero compiled-then-crashed.
+parallel; those that compile train 3 steps on CPU (torchrun world 4, one launch per type, so a
+crash stays with its type) and their losses are held to a single-process HF run of the same
+weights and data (fp32, rel 1e-4, tests/dist/reference.py). Writes docs/MODELS.md and
+compiler/zoo.json: the compiler accepts a model_type the matrix (tests/models) covers or this
+sweep trained with parity, and refuses the others with the sweep's own reason (compiler/model.py).
+The goal: zero compiled-then-crashed, every refusal structural.
 
     PYTHONPATH=. .venv/bin/python scripts/zoo.py [TYPE ...]
 """
@@ -60,24 +64,40 @@ def compile_type(model_type: str, cfg_path: Path):
 
     r = recipe(f"zoo-{model_type}", "llama")
     r["model"]["config"] = str(cfg_path)
-    r["train"]["steps"] = 2
+    r["train"]["steps"] = STEPS
     return compile_recipe(yaml.safe_dump(r), source=model_type)
 
 
-def train(plan: dict, tmp: Path) -> str | None:
+STEPS, RTOL = 3, 1e-4
+
+
+def train(plan: dict, tmp: Path) -> tuple[str, str]:
+    """-> (run, detail): run "parity" (rel diff in detail), "no parity" or "CRASHED: ..."."""
+    from meshbake.runtime import plan as P
+
+    from tests.dist.reference import reference_losses
+
     (tmp / "cases.json").write_text(json.dumps([{"name": "zoo", "kind": "train", "plan": plan}]))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
            str(ROOT / "tests/dist/worker.py"), str(tmp / "cases.json"), str(tmp / "out.json")]
     try:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp)
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp)
     except subprocess.TimeoutExpired:
-        return "timeout after 240 s"
-    if p.returncode == 0:
-        return None
-    errs = [ln.strip() for ln in p.stderr.splitlines() if "Error" in ln and "ChildFailedError" not in ln
-            and "elastic" not in ln]
-    return (errs[0] if errs else p.stderr.strip().splitlines()[-1])[:200]
+        return "CRASHED: timeout after 300 s", ""
+    if p.returncode != 0:
+        errs = [ln.strip() for ln in p.stderr.splitlines() if "Error" in ln and "ChildFailedError" not in ln
+                and "elastic" not in ln]
+        return f"CRASHED: {(errs[0] if errs else p.stderr.strip().splitlines()[-1])[:200]}", ""
+    got = {int(k): v for k, v in json.loads((tmp / "out.json").read_text())["zoo"]["losses"].items()}
+    try:
+        ref = reference_losses(P.from_dict(plan))[0]
+    except Exception as e:  # noqa: BLE001 — the single-process HF run itself failed: no proof
+        return "no parity", f"the single-process reference failed: {type(e).__name__}: {str(e)[:120]}"
+    if sorted(got) != sorted(ref):
+        return "no parity", f"steps {sorted(got)} vs {sorted(ref)}"
+    rel = max(abs(got[k] - ref[k]) / abs(ref[k]) for k in ref)
+    return ("parity" if rel < RTOL else "no parity"), f"max rel loss diff {rel:.1e} over {STEPS} steps"
 
 
 def main(argv: list[str]) -> int:
@@ -106,23 +126,35 @@ def main(argv: list[str]) -> int:
             rows.append([t, "compiled", "", "not run yet"])
         else:
             e = b.errors[0]
-            rows.append([t, "refused", f"{e.path}: {e.message[:160]}", ""])
+            rows.append([t, "refused", f"{e.path}: {e.message[:600]}", ""])   # the compiler quotes it
         print(*rows[-1], sep=" | ", flush=True)
+    old = _previous_rows() if argv else {}
+    rows = [*(r for t, r in sorted(old.items()) if t not in {row[0] for row in rows}), *rows]
+    rows.sort(key=lambda r: r[0])
     write(rows)
     for row in rows:                  # 2: train what compiled, one torchrun per type
         if row[0] in plans:
             with tempfile.TemporaryDirectory() as d:
-                err = train(plans[row[0]], Path(d))
-            row[3] = "trained" if err is None else f"CRASHED: {err}"
+                row[3], detail = train(plans[row[0]], Path(d))
+            row[2] = detail or row[2]
             print(*row, sep=" | ", flush=True)
             write(rows)               # partial results survive an interrupted sweep
     return 0
 
 
+def _previous_rows() -> dict[str, list[str]]:
+    """The last sweep's rows (compiler/zoo.json): `zoo.py TYPE ...` re-runs those types only."""
+    f = ROOT / "compiler" / "zoo.json"
+    if not f.is_file():
+        return {}
+    return {t: [t, r["compile"], r["reason"], r["run"]] for t, r in json.loads(f.read_text())["types"].items()}
+
+
 def write(rows) -> None:
     import transformers
 
-    ok = sum(r[1] == "compiled" and r[3] == "trained" for r in rows)
+    ok = sum(r[1] == "compiled" and r[3] == "parity" for r in rows)
+    nopar = sum(r[1] == "compiled" and r[3] == "no parity" for r in rows)
     crashed = sum(r[1] == "compiled" and r[3].startswith("CRASHED") for r in rows)
     pending = sum(r[3] == "not run yet" for r in rows)
     refused = sum(r[1] == "refused" for r in rows)
@@ -132,16 +164,22 @@ def write(rows) -> None:
     lines = [f"# Model zoo (transformers {transformers.__version__})", "",
              "`make zoo` (scripts/zoo.py): every causal-LM model type with a `base_model_tp_plan`, as a tiny config",
              "from its own config class, compiled at dp_shard 2 x tp 2 with sequence and loss parallel; the ones that",
-             "compile train 2 steps on CPU (torchrun, world 4). Training here checks that they run, not parity",
-             "(parity is `tests/test_models.py`). Compiled behind the model_type allow-list (a recipe outside the",
-             "thirteen families of `tests/models` is refused at `model.config` first): the sweep checks the structural",
-             "rules under it.", "",
-             f"{len(rows)} types: **{ok} compiled and trained, {refused} refused at compile time, {crashed} compiled "
-             f"then crashed**, {tb} compiler tracebacks, {nocfg} without a tiny config (the generic shrink broke a family field)"
+             f"compile train {STEPS} steps on CPU (torchrun, world 4) and their losses are held to a single-process HF",
+             f"run of the same weights and data (fp32, rel {RTOL:g}). The compiler accepts exactly the types with",
+             "`parity` here plus the families of `tests/models` (the parity matrix of `make test`); every other",
+             "type is refused at `model.config` with its row's reason (compiler/zoo.json, written with this page).", "",
+             f"{len(rows)} types: **{ok} trained with parity, {nopar} trained without parity, {refused} refused at compile "
+             f"time, {crashed} compiled then crashed**, {tb} compiler tracebacks, {nocfg} without a tiny config (the "
+             "generic shrink broke a family field)"
              + (f"; {pending} compiled but not run yet (sweep interrupted)." if pending else "."), "",
              "| type | compile | reason | run |", "|---|---|---|---|"]
-    lines += [f"| {t} | {c} | {esc(r)} | {esc(run)} |" for t, c, r, run in rows]
+    lines += [f"| {t} | {c} | {esc(r[:160])} | {esc(run)} |" for t, c, r, run in rows]
     (ROOT / "docs" / "MODELS.md").write_text("\n".join(lines) + "\n")
+    types = {t: {"compile": c, "reason": r, "run": run} for t, c, r, run in rows}
+    (ROOT / "compiler" / "zoo.json").write_text(json.dumps(
+        {"transformers": transformers.__version__, "steps": STEPS, "rtol": RTOL,
+         "mesh": "dp_shard 2 x tp 2 + sequence parallel + loss parallel vs one process", "types": types},
+        indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

@@ -140,6 +140,9 @@ def test_prepare_prints_the_resolved_steps(runs):
     assert w >= 2 * G, f"{w} windows: too few for a mid-epoch stop"
     assert f"{w:,} training windows" in runs["prepare"]
     assert f"train.epochs {EPOCHS} -> {steps:,} steps" in runs["prepare"]
+    chk = cli("check", str(runs["tmp"] / "b-ref/recipe.yaml"), cwd=runs["tmp"])      # finds the prepared data
+    assert chk.returncode == 0 and f"prepared data: {w:,} training windows" in chk.stdout, chk.stdout
+    assert f"-> {steps:,} steps" in chk.stdout
 
 
 @pytest.mark.dist
@@ -196,4 +199,6 @@ def test_recipe_yaml_keys_round_trip(tmp_path):
     assert norm["train"]["steps"] is None and norm["train"]["epochs"] == EPOCHS
     assert norm["checkpoint"]["per_epoch"] == 1 and norm["train"]["evals_per_epoch"] == 1
     assert cli("verify", str(b), cwd=tmp_path).returncode == 0
+    chk = cli("check", str(b / "recipe.yaml"), cwd=tmp_path)                   # nothing prepared here
+    assert chk.returncode == 0 and f"train.epochs {EPOCHS}: steps known after `meshbake prepare`" in chk.stdout
     assert math.isclose(norm["train"]["warmup_ratio"], RATIO)

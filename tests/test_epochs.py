@@ -160,6 +160,9 @@ def test_steps_and_schedule_come_from_the_windows(runs):
     log = (runs["ref"] / "train.log").read_text()
     assert f"{steps} steps x" in log and f"{EPOCHS} epochs of {w} windows" in log
     assert f"epoch {recs[1]['epoch']:.2f}" in log                      # the console line shows it
+    rep = cli("report", str(runs["ref"]), "-o", str(runs["tmp"] / "report.html"))    # plan.json: steps null
+    assert rep.returncode == 0 and f"steps {steps} (epoch {steps * G / w:.2f} of {EPOCHS}) done" in rep.stdout, \
+        rep.stdout + rep.stderr
 
 
 @pytest.mark.dist

@@ -136,6 +136,24 @@ def _summary(res) -> None:
         con.print(f"[yellow]warning[/] {_con(w)}")
 
 
+def epochs_line(plan) -> str:
+    """check's line for a train.epochs recipe: the resolved steps when this directory holds the
+    recipe's prepared data, up to date (its index.json gives the windows), else when they will be
+    known. Only check reads the prepared dir: plan.json and the bundle never depend on it."""
+    from meshbake.runtime.prepare import DataError, current, length_line, read_index
+
+    try:
+        folder = current(plan)
+    except DataError:              # a planted pointer or dir: prepare and the run say what is wrong
+        folder = None
+    idx = (read_index(folder) if folder is not None else None) or {}
+    windows = ((idx.get("splits") or {}).get("train") or {}).get("windows")
+    if isinstance(windows, int) and windows > 0:
+        return "prepared data: " + length_line(plan.train, windows)
+    return (f"train.epochs {plan.train.epochs:g}: steps known after `meshbake prepare` "
+            "(ceil(epochs x windows / global_batch_size))")
+
+
 def runnable_line(res) -> str:
     """check's last line: runnable, or what the run needs that is not here (a Hub id in no cache,
     a path relative to the launch directory that is not in this one)."""
@@ -385,6 +403,8 @@ def _compile_cmd(args) -> int:
         return _report(res, args.recipe)
     if args.cmd == "check":
         _summary(res)
+        if res.plan.train.steps is None:
+            print(epochs_line(res.plan))
         print(runnable_line(res))
         return 0
     if args.cmd == "prepare":

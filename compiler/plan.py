@@ -47,7 +47,7 @@ def _save_warning(recipe: Recipe, mesh: MeshSpec, est: Estimate) -> tuple[str, .
     before. recipes/70b_fsdp_tp: params + AdamW 26.5 GB per rank x 8 per node = 212 GB per node
     / 2 GB/s = 106 s, + 26.5 GB / 1.5 GB/s = 18 s of hashing: ~123 s > 30 s."""
     ck = recipe.checkpoint
-    if not (ck.every_steps > 0 or ck.save_on_exit):
+    if not (ck.every_steps > 0 or ck.per_epoch > 0 or ck.save_on_exit):
         return ()
     per_rank = est.params_bytes + est.optimizer_bytes          # what DCP writes per rank
     save_s = per_rank * mesh.procs_per_node / (WRITE_GBPS_PER_NODE * 1e9) + per_rank / (SHA256_GBPS * 1e9)

@@ -127,7 +127,8 @@ def environment(shell: bool = False) -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True, autoescape=False,
                              **extra)
-    env.filters.update(shquote=shquote, token=token, md_code=md_code, md_block=md_block, gb=_gb, num=lambda n: f"{n:,}")
+    env.filters.update(shquote=shquote, token=token, md_code=md_code, md_block=md_block, gb=_gb, num=lambda n: f"{n:,}",
+                       g=lambda x: f"{x:g}")
     return env
 
 

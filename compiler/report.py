@@ -380,11 +380,16 @@ def summary_lines(run: Run) -> list[str]:
     tps, mfu, mem = series(recs, "tokens_per_s"), series(recs, "mfu"), series(recs, "peak_mem_bytes")
     last = recs[-1]["step"] if recs else 0
     kinds = [e.kind for e in run.events]
+    # train.epochs: plan.json has no step count (the run resolved it from the prepared windows);
+    # the records' epoch (samples consumed / windows) says how far it got
+    epoch = _num(recs[-1].get("epoch")) if recs else None
+    done = last >= t.steps if t.steps is not None else epoch is not None and epoch >= t.epochs
     out = [f"{p.name}: {p.model.source} ({si(p.model.num_params)} params), world {m.world} = dp_replicate "
            f"{m.dp_replicate} x dp_shard {m.dp_shard} x cp {m.cp} x tp {m.tp} on {m.nodes} x {m.procs_per_node} "
            f"{m.device}",
-           f"steps {last}/{t.steps}" + (" (preempted, waiting for the requeue)" if run.preempted else
-                                        " done" if last >= t.steps else " (stopped early)")]
+           (f"steps {last}/{t.steps}" if t.steps is not None else f"steps {last}")
+           + (f" (epoch {epoch:.2f} of {t.epochs:g})" if epoch is not None and t.epochs is not None else "")
+           + (" (preempted, waiting for the requeue)" if run.preempted else " done" if done else " (stopped early)")]
     if loss:
         lo = min(loss, key=lambda sv: sv[1])
         out[-1] += f"  loss {loss[0][1]:.4f} -> {loss[-1][1]:.4f} (min {lo[1]:.4f} at step {lo[0]})"
@@ -446,7 +451,11 @@ def _plan_table(plan: Plan) -> str:
                                 f"loss_parallel {plan.tp.loss_parallel}"),
             ("batch", f"{t.global_batch_size} sequences x {t.seq_len} tokens = {tokens_per_step(t):,} "
                       f"tokens per step (micro {t.micro_batch_size} x grad_accum {t.grad_accum} x dp {m.dp})"),
-            ("optimizer", f"AdamW lr {t.lr:g} -> {t.min_lr:g} {t.lr_schedule}, warmup {t.warmup_steps}, "
+            ("length", f"{t.steps} steps" if t.steps is not None else f"{t.epochs:g} epochs (steps from the prepared "
+                       "data)"),
+            ("optimizer", f"AdamW lr {t.lr:g} -> {t.min_lr:g} {t.lr_schedule}, warmup "
+                          + (f"{t.warmup_ratio:g} of the steps" if t.warmup_ratio is not None else f"{t.warmup_steps}")
+                          + ", "
                           f"weight_decay {t.weight_decay:g}, grad_clip {t.grad_clip:g}"),
             ("precision", f"weights {t.dtype}, compute {t.mixed_precision.param_dtype}, reduce "
                           f"{t.mixed_precision.reduce_dtype}; activation checkpointing {t.activation_checkpointing}"),
@@ -454,7 +463,8 @@ def _plan_table(plan: Plan) -> str:
              + (f", {plan.lora.quantize_base} base (QLoRA)" if plan.lora.quantize_base != "none" else "")
              if plan.lora.rank else "off (full fine-tuning)"),
             ("data", f"{plan.data.format} " + ", ".join(str(src.path) for src in plan.data.sources)),
-            ("checkpoints", f"every {plan.checkpoint.every_steps or '-'} steps, keep {plan.checkpoint.keep}, "
+            ("checkpoints", f"every {plan.checkpoint.every_steps or '-'} steps, {plan.checkpoint.per_epoch or '-'} per "
+                            f"epoch, keep {plan.checkpoint.keep}, "
                             f"resume {plan.checkpoint.resume}")]
     terms = [(k.removesuffix("_bytes"), v) for k, v in sorted(e.items())
              if k.endswith("_bytes") and k not in ("total_bytes", "budget_bytes") and "comm" not in k

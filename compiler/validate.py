@@ -246,9 +246,10 @@ def _data_errors(da: dict[str, Any], train: dict[str, Any]) -> list[RecipeError]
     if da.get("eval_fraction") and da.get("eval_sources"):
         errs.append(RecipeError("data.eval_fraction", "given together with data.eval_sources",
                                 "hold out a fraction of the training data or give a separate eval set, not both"))
-    if train.get("eval_every") and not (da.get("eval_fraction") or da.get("eval_sources")):
-        errs.append(RecipeError("train.eval_every", "there is no eval split to evaluate on",
-                                "set data.eval_fraction (e.g. 0.05) or data.eval_sources"))
+    for key in ("eval_every", "evals_per_epoch"):
+        if train.get(key) and not (da.get("eval_fraction") or da.get("eval_sources")):
+            errs.append(RecipeError(f"train.{key}", "there is no eval split to evaluate on",
+                                    "set data.eval_fraction (e.g. 0.05) or data.eval_sources"))
     if da.get("train_on") != "assistant" and fmt not in ("chat", "completion", "alpaca"):
         errs.append(RecipeError("data.train_on", f"has no effect with data.format {fmt!r}",
                                 "train_on chooses the trained tokens of chat / completion / alpaca records"))
@@ -259,11 +260,11 @@ def _cross_field(d: dict[str, Any], aside: frozenset[str] = frozenset()) -> list
     """The rules the schema cannot say, over the defaults-filled dict. Each names the fields it
     reads (errors.reads) and is skipped when one of them was set aside."""
     checks = (_data_rules, _lr_floor, _requeue_signal, _resume_keyword, _cluster_env, _container_mounts,
-              _wandb_key, _warmup, _inside_dirs)
+              _wandb_key, _warmup, _inside_dirs, _steps_or_epochs, _epochs_need_windows)
     return [e for check in checks for e in run(check, aside, d)]
 
 
-@reads("data", "train.eval_every")
+@reads("data", "train.eval_every", "train.evals_per_epoch")
 def _data_rules(d: dict[str, Any]) -> list[RecipeError]:
     return _data_errors(d["data"], d["train"])
 
@@ -291,11 +292,35 @@ def _warmup(d: dict[str, Any]) -> list[RecipeError]:
     train = d["train"]
     if train.get("warmup_ratio") is not None and train["warmup_steps"]:
         return [RecipeError("train.warmup_ratio", f"given together with train.warmup_steps={train['warmup_steps']}",
-                            "give one: warmup_ratio (a share of train.steps) or warmup_steps (a count)")]
-    if train["warmup_steps"] > train["steps"]:
+                            "give one: warmup_ratio (a share of the run's steps) or warmup_steps (a count)")]
+    # with train.epochs the step count is known only from the prepared data (the runtime resolves it)
+    if train["steps"] is not None and train["warmup_steps"] > train["steps"]:
         return [RecipeError("train.warmup_steps", f"{train['warmup_steps']} exceeds train.steps={train['steps']}",
                             "warm up over a fraction of the run (e.g. 1-5%)")]
     return []
+
+
+@reads("train.steps", "train.epochs")
+def _steps_or_epochs(d: dict[str, Any]) -> list[RecipeError]:
+    """One length of the run: steps (a count) or epochs (resolved from the prepared windows). Neither
+    is 1000 steps, as before epochs existed (recipes without train.steps stay valid)."""
+    train = d["train"]
+    if train["steps"] is not None and train["epochs"] is not None:
+        return [RecipeError("train.epochs", f"given together with train.steps={train['steps']}",
+                            "give one: epochs (passes over the prepared data; steps follow from it) or steps "
+                            "(a count); on the command line --set train.steps=null")]
+    return []
+
+
+@reads("train.epochs", "train.evals_per_epoch", "checkpoint.per_epoch", "data")
+def _epochs_need_windows(d: dict[str, Any]) -> list[RecipeError]:
+    """Epochs count passes over the prepared windows; synthetic data is an endless stream without any."""
+    if _data_format(d["data"]) != "synthetic":
+        return []
+    fix = "use train.steps and checkpoint.every_steps, or real data (data.format and data.sources)"
+    return [RecipeError(path, "synthetic data is an endless stream: it has no epochs", fix)
+            for path, v in (("train.epochs", d["train"]["epochs"]),
+                            ("checkpoint.per_epoch", d["checkpoint"]["per_epoch"])) if v]
 
 
 def _escapes(path: str) -> bool:
@@ -545,11 +570,16 @@ def _normalize(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train_normal(train: dict[str, Any]) -> dict[str, Any]:
-    """train.warmup_ratio (input only) -> warmup_steps = round(ratio x steps): the runtime's
-    schedule (runtime/train.py lr_factor) and the plan count warmup in steps."""
-    out = {k: v for k, v in train.items() if k != "warmup_ratio"}
-    if train.get("warmup_ratio") is not None:
-        out["warmup_steps"] = round(train["warmup_ratio"] * train["steps"])
+    """The run's length and warmup in steps where they are known at compile time: neither steps nor
+    epochs -> 1000 steps; with steps, warmup_ratio -> warmup_steps = round(ratio x steps) (ratio
+    null), the count the runtime's schedule (runtime/train.py lr_factor) and the plan use. With
+    epochs the ratio stays: the runtime resolves both once it knows the windows (runtime/plan.py
+    resolve_steps)."""
+    out = dict(train)
+    if out["steps"] is None and out["epochs"] is None:
+        out["steps"] = 1000
+    if out["steps"] is not None and out.get("warmup_ratio") is not None:
+        out["warmup_steps"], out["warmup_ratio"] = round(out["warmup_ratio"] * out["steps"]), None
     return out
 
 

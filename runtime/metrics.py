@@ -182,7 +182,8 @@ class MetricsLog:
         self._last_print = now
         mfu = f"{rec['mfu'] * 100:4.1f}%" if rec.get("mfu") is not None else "n/a"
         mem = f"{rec['peak_mem_bytes'] / 2**30:.2f} GiB" if rec.get("peak_mem_bytes") is not None else "n/a"
-        line = (f"{head}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  gnorm {rec['grad_norm']:.3f}  "
+        ep = f"  epoch {rec['epoch']:.2f}" if rec.get("epoch") is not None else ""
+        line = (f"{head}{ep}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  gnorm {rec['grad_norm']:.3f}  "
                 f"{rec['tokens_per_s']:,.0f} tok/s ({rec['tokens_per_s_per_device']:,.0f}/dev)  mfu {mfu}  "
                 f"mem {mem}")
         self.console.print(self.escape(line))

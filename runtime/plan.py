@@ -22,10 +22,12 @@ table of which dim each splits):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 from .dims import ParallelDims
@@ -100,6 +102,43 @@ class Plan:
     warnings: tuple[str, ...] = ()
     versions: dict[str, str] = field(default_factory=dict)  # torch/transformers the plan was made with
     tracking: TrackingPlan = field(default_factory=TrackingPlan)   # experiment trackers (rank 0)
+
+
+# ------------------------------------------------------------------ the run's length (train.epochs)
+def epoch_steps(train: TrainPlan, windows: int) -> int:
+    """Optimizer steps of train.epochs passes over `windows` prepared windows:
+    ceil(ceil(epochs x windows) / global_batch_size). The epoch count is read as the decimal it was
+    written as (Fraction(repr)): 0.1 x 30 windows is 3 samples, not 3.0000000000000004 -> 4. The
+    last step may run into the next epoch by up to global_batch_size - 1 samples (the stream has no
+    partial batches); e.g. 2 epochs x 37 windows / 8 = 9.25 -> 10 steps, 80 samples, epoch 2.16."""
+    samples = math.ceil(Fraction(repr(float(train.epochs))) * windows)
+    return max(1, -(-samples // train.global_batch_size))
+
+
+def resolve_steps(plan: Plan, windows: int | None) -> Plan:
+    """The plan with train.steps and warmup_steps known: with train.epochs the steps come from the
+    prepared windows (epoch_steps) and warmup_ratio becomes round(ratio x steps), as the compiler
+    does with train.steps; a plan with steps is returned as it is. The runtime calls it once it has
+    the training windows, before the optimizer's schedule and the console total are built."""
+    t = plan.train
+    if t.steps is not None and t.warmup_ratio is None:
+        return plan
+    if t.steps is None and not windows:
+        raise UserError("plan.json", f"train.epochs {t.epochs} with no prepared windows (data.format "
+                        f"{plan.data.format}) has no step count", "give train.steps, or prepare real data")
+    steps = t.steps if t.steps is not None else epoch_steps(t, windows)
+    warmup = round(t.warmup_ratio * steps) if t.warmup_ratio is not None else t.warmup_steps
+    return dataclasses.replace(plan, train=dataclasses.replace(t, steps=steps, warmup_steps=warmup, warmup_ratio=None))
+
+
+def crossed(before: int, after: int, windows: int | None, per_epoch: int) -> bool:
+    """Did the samples consumed go from `before` to `after` past one of the per_epoch marks of an
+    epoch (k x windows / per_epoch for an integer k)? floor(after x per / W) > floor(before x per / W)
+    in integers: per_epoch 1 marks the step that completes each epoch; 4 with W = 10 the steps whose
+    samples pass 2.5, 5, 7.5, 10, 12.5, ... No windows (synthetic) or per_epoch 0: never."""
+    if not per_epoch or not windows:
+        return False
+    return after * per_epoch // windows > before * per_epoch // windows
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:

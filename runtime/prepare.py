@@ -44,7 +44,7 @@ import numpy as np
 
 from . import safeio
 from .errors import EXIT_USER, UserError
-from .plan import DataPlan, Plan, Source, load_plan
+from .plan import DataPlan, Plan, Source, epoch_steps, load_plan
 
 PREPARE_VERSION = 2        # bump when the on-disk layout or the tokenization rules change
 IGNORE = -100              # label of a position without loss (torch cross_entropy's ignore_index)
@@ -1697,7 +1697,28 @@ def locate(plan: Plan) -> Path:
 
 
 def prepare(plan: Plan, quiet: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Prepare the plan's data unless an up-to-date copy exists; returns its directory."""
+    """Prepare the plan's data unless an up-to-date copy exists; returns its directory. Then says
+    what an epoch is in optimizer steps, and the run's length (train.epochs resolves here)."""
+    folder = _prepare(plan, quiet, log)
+    idx = read_index(folder) or {}
+    windows = ((idx.get("splits") or {}).get("train") or {}).get("windows")
+    if isinstance(windows, int) and windows > 0:
+        log(length_line(plan.train, windows))
+    return folder
+
+
+def length_line(train: Any, windows: int) -> str:
+    """'37 training windows = 4.62 steps of global_batch_size 8 per epoch; train.epochs 2 -> 10 steps
+    (epoch 2.16 at the end)': the numbers the runtime resolves the run from (runtime/plan.epoch_steps)."""
+    g = train.global_batch_size
+    head = f"{windows:,} training windows = {windows / g:,.2f} steps of global_batch_size {g} per epoch; "
+    if train.epochs is not None:
+        steps = epoch_steps(train, windows)
+        return head + f"train.epochs {train.epochs:g} -> {steps:,} steps (epoch {steps * g / windows:.2f} at the end)"
+    return head + f"train.steps {train.steps:,} = {train.steps * g / windows:,.2f} epochs"
+
+
+def _prepare(plan: Plan, quiet: bool, log: Callable[[str], None]) -> Path:
     data = plan.data
     if data.format == "synthetic":
         raise DataError("data.format is synthetic: nothing to prepare")

@@ -35,7 +35,7 @@ from .errors import EXIT_USER, UserError, from_os_error
 from .fused import moe_metrics, router_aux_loss
 from .metrics import MetricsLog, flops_per_token, peak_flops, peak_memory
 from .parallel import build, compute_context, reduce_partial_grads, set_gradient_sync
-from .plan import Plan, load_plan
+from .plan import Plan, crossed, load_plan, resolve_steps
 
 # the per-mesh grad norm reduces a 2-D (dp_shard, tp) partial in two all-reduces; torch warns
 # about it once per rank per step, which drowns the console on CPU. It is correct, just 2 ops.
@@ -300,14 +300,17 @@ def setup(plan: Plan, run_dir: Path) -> Job:
         run_dir.mkdir(parents=True, exist_ok=True)
         clear_preempted(run_dir)
     dist.barrier()
-    if plan.checkpoint.every_steps > 0 or plan.checkpoint.save_on_exit:
+    if plan.checkpoint.every_steps > 0 or plan.checkpoint.per_epoch > 0 or plan.checkpoint.save_on_exit:
         check_shared_run_dir(run_dir)
+    data, eval_data, index = load_data(plan, dp=plan.mesh.dp)
+    # train.epochs: the step count (and warmup_ratio's warmup) from the windows, before the LR
+    # schedule and the console total are built from it; every rank reads the same index
+    plan = resolve_steps(plan, data.windows)
     torch.manual_seed(plan.train.seed)
     model = build(plan, mesh, device)
     opt, sched = build_optimizer(model, plan)
     dp_rank = mesh["dp_replicate"].get_local_rank() * plan.mesh.dp_shard + mesh["dp_shard"].get_local_rank()
     log = MetricsLog(run_dir, enabled=dist.get_rank() == 0, plan=plan)
-    data, eval_data, index = load_data(plan, dp=plan.mesh.dp)
     return Job(plan, device, mesh, model, opt, sched, data, dp_rank, log, ckpt.ckpt_root(run_dir, plan.checkpoint.dir),
                eval_data, index)
 
@@ -339,9 +342,11 @@ def log_layout(job: Job) -> None:
         by_host.setdefault(h, []).append(r)
     p = job.plan
     job.log.info("ranks by host: " + ", ".join(f"{h}: {rs}" for h, rs in by_host.items()))
+    length = (f" ({p.train.epochs:g} epochs of {job.data.windows:,} windows / {p.train.global_batch_size} "
+              "per step, rounded up)" if p.train.epochs is not None else "")
     job.log.info(f"{p.name}: world {p.mesh.world} mesh {dict(zip(DIMS, p.mesh.shape))}, "
                  f"{p.model.num_params:,} params, {p.train.steps} steps x "
-                 f"{tokens_per_step(p.train):,} tokens")
+                 f"{tokens_per_step(p.train):,} tokens{length}")
     if job.data_index:
         tr, w = job.data_index["splits"]["train"], job.data.windows or 0
         job.log.info(f"data {p.data.format} {job.data_index['fingerprint'][:16]}: {w:,} windows "
@@ -455,25 +460,45 @@ def evaluate(job: Job) -> dict[str, float] | None:
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(acc[1].item()) // job.plan.mesh.tp}
 
 
-def eval_due(plan: Plan, n: int) -> bool:
+@dataclass(frozen=True)
+class Marks:
+    """Which per-epoch marks step n's samples crossed (train.evals_per_epoch, checkpoint.per_epoch;
+    runtime/plan.crossed) and the epoch reached after it (samples consumed / windows; None for
+    synthetic data). From the samples-consumed counter, so a resume (on any dp size) keeps them."""
+    eval: bool = False
+    save: bool = False
+    epoch: float | None = None
+
+
+def marks(job: Job, n: int) -> Marks:
+    data, plan = job.data, job.plan
+    after = data.state(n)["samples_consumed"]
+    before = after - data.global_batch
+    w = data.windows
+    return Marks(crossed(before, after, w, plan.train.evals_per_epoch),
+                 crossed(before, after, w, plan.checkpoint.per_epoch), after / w if w else None)
+
+
+def eval_due(plan: Plan, n: int, mark: Marks = Marks()) -> bool:
     every = plan.train.eval_every
-    return bool((every and n % every == 0) or n == plan.train.steps)
+    return bool((every and n % every == 0) or n == plan.train.steps or mark.eval)
 
 
-def checkpoint_due(plan: Plan, n: int, stop: bool) -> bool:
-    """Save after step n? Every `every_steps`, and with save_on_exit also at the last step and
-    on a stop signal, whatever every_steps is: every_steps 0 + save_on_exit (the defaults)
-    means "one checkpoint, of the finished model", never "no model at the end"."""
+def checkpoint_due(plan: Plan, n: int, stop: bool, mark: Marks = Marks()) -> bool:
+    """Save after step n? Every `every_steps`, at the per-epoch marks (checkpoint.per_epoch), and
+    with save_on_exit also at the last step and on a stop signal, whatever every_steps is:
+    every_steps 0 + save_on_exit (the defaults) means "one checkpoint, of the finished model",
+    never "no model at the end"."""
     every, last = plan.checkpoint.every_steps, n == plan.train.steps
-    return bool((every and n % every == 0) or (plan.checkpoint.save_on_exit and (stop or last)))
+    return bool((every and n % every == 0) or mark.save or (plan.checkpoint.save_on_exit and (stop or last)))
 
 
-def read_due(plan: Plan, device: torch.device, n: int) -> bool:
+def read_due(plan: Plan, device: torch.device, n: int, mark: Marks = Marks()) -> bool:
     """Read step n's numbers now? Always on CPU (free); on CUDA only where a log line or a
     possible checkpoint needs them, so the host keeps queueing steps ahead of the GPU."""
     t, every = plan.train, plan.checkpoint.every_steps
     return (device.type != "cuda" or n % t.log_every == 0 or n == t.steps
-            or bool(every and n % every == 0) or eval_due(plan, n))
+            or bool(every and n % every == 0) or mark.save or eval_due(plan, n, mark))
 
 
 def check_finite(job: Job, n: int, loss: float, grad_norm: float) -> None:
@@ -489,6 +514,7 @@ def check_finite(job: Job, n: int, loss: float, grad_norm: float) -> None:
 
 def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
     job = setup(plan, run_dir)
+    plan = job.plan               # train.steps resolved (train.epochs: from the prepared windows)
     start = resume(job)
     log_layout(job)
     step_tokens = tokens_per_step(plan.train)
@@ -502,6 +528,7 @@ def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
         fault_hook("step", n)
         out = train_step(job, step, bool(signals and signals.received))
         res.step_times[n], window_steps = out.seconds, window_steps + 1
+        mark = marks(job, n)
         stop = False
         if unread is not None:        # one step late: finished by now, reading it costs no stall
             m, prev = unread
@@ -509,7 +536,7 @@ def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
             res.losses[m], res.grad_norms[m] = loss, gnorm
             check_finite(job, m, loss, gnorm)
             unread = None
-        if not read_due(plan, job.device, n):
+        if not read_due(plan, job.device, n, mark):
             unread = (n, out)
             if not stop:
                 continue
@@ -517,20 +544,21 @@ def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
         stop = stop or stop_now
         res.losses[n], res.grad_norms[n] = loss, gnorm
         check_finite(job, n, loss, gnorm)
-        ev = evaluate(job) if eval_due(plan, n) else None
+        ev = evaluate(job) if eval_due(plan, n, mark) else None
         if ev:
             res.evals[n] = ev["eval_loss"]
         if n % plan.train.log_every == 0 or n == plan.train.steps or ev:
             seconds = (time.perf_counter() - window_t0) / window_steps   # mean over the steps since the last line
             tps = step_tokens / seconds
-            job.log.step({"step": n, "loss": loss, "lr": out.lr, "grad_norm": gnorm,
+            job.log.step({"step": n, **({"epoch": round(mark.epoch, 4)} if mark.epoch is not None else {}),
+                          "loss": loss, "lr": out.lr, "grad_norm": gnorm,
                           "step_time_s": seconds, "tokens_per_s": tps,
                           "tokens_per_s_per_device": tps / plan.mesh.world,
                           "mfu": (fpt * tps / plan.mesh.world / peak) if peak else None,
                           **peak_memory(job.device), **moe_metrics(job.model), **(ev or {}),
                           **({"lm_loss": loss - out.aux} if plan.train.router_aux_loss_coef > 0 else {})})
             window_t0, window_steps = time.perf_counter(), 0
-        if checkpoint_due(plan, n, stop):
+        if checkpoint_due(plan, n, stop, mark):
             data_state = dict(job.data.state(n), fingerprint=job.data_index.get("fingerprint"))
             path = ckpt.save(job.ckpt_root, n, job.model, job.opt,
                              {"step": n, "scheduler": job.sched.state_dict(), "data": data_state},

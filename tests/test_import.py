@@ -85,7 +85,8 @@ def test_hsdp_tp_example_maps_mesh_batch_and_optimizer_defaults():
     t = d["train"]
     assert t["global_batch_size"] == 1 * 1 * 2 * 4 and "grad_accum" not in t      # derived: 1
     assert t["lr"] == pytest.approx(2e-6)                   # the YAML 1.1 string '2e-6'
-    assert t["lr_schedule"] == "constant" and t["warmup_ratio"] == 0.1     # of train.steps, whatever it becomes
+    assert t["lr_schedule"] == "constant" and t["warmup_ratio"] == 0.1     # of the run's steps, whatever they become
+    assert t["epochs"] == 2 and "steps" not in t                # num_epochs: steps come from the prepared data
     assert t["betas"] == [0.9, 0.999] and t["weight_decay"] == 0.0 and t["seed"] == 42
     assert t["mixed_precision"]["param_dtype"] == "bfloat16"
     assert d["run_dir"] == "./outputs/ndp-out"
@@ -98,7 +99,11 @@ def test_hsdp_tp_example_maps_mesh_batch_and_optimizer_defaults():
     res = check_text(imp.text, "x")
     assert not isinstance(res, Err), res
     assert res.plan.mesh.shape == (2, 4, 1, 2) and res.mesh.grad_accum == 1
-    assert res.plan.train.warmup_steps == 100
+    # num_epochs 2, warmup_ratio 0.1: the runtime resolves both once it has the windows
+    from meshbake.runtime.plan import resolve_steps
+
+    assert (res.plan.train.steps, res.plan.train.epochs, res.plan.train.warmup_ratio) == (None, 2.0, 0.1)
+    assert resolve_steps(res.plan, 8000).train.warmup_steps == 200      # 2 x 8000 / 8 = 2000 steps
 
 
 def test_lora_target_linear_takes_every_block_linear_of_the_model():
@@ -163,10 +168,12 @@ def test_chat_dataset_maps_fields_roles_split_and_eval():
     assert d["eval_fraction"] == 0.02 and d["packing"] is True
     status = {n.key: n.status for n in imp.notes}
     assert status["chat_template"] == "approximated" and status["special_tokens"] == "not mapped"
-    assert status["num_epochs"] == "not mapped"       # an epoch needs the prepared data: steps TODO
-    # 1 / (per_epoch x num_epochs) of the placeholder train.steps
-    assert status["evals_per_epoch"] == status["saves_per_epoch"] == "approximated"
-    assert _recipe(imp)["train"]["eval_every"] == 500 and _recipe(imp)["checkpoint"]["every_steps"] == 1000
+    assert status["num_epochs"] == "mapped"           # train.epochs: steps resolved from the prepared windows
+    assert status["evals_per_epoch"] == status["saves_per_epoch"] == "mapped"
+    t, ck = _recipe(imp)["train"], _recipe(imp)["checkpoint"]
+    assert (t["epochs"], t["evals_per_epoch"], ck["per_epoch"]) == (1, 2, 1) and "steps" not in t
+    assert "eval_every" not in t and "every_steps" not in ck
+    assert "TODO: num_epochs" not in imp.text                # no placeholder step count left to fix
     res = check_text(imp.text, "x")
     assert not isinstance(res, Err), res
     assert res.plan.data.format == "chat" and res.plan.data.eval_fraction == 0.02

@@ -141,7 +141,8 @@ def test_fractional_warmup_is_a_ratio_the_schedule_uses():
     assert resolve(imp.text, "train.steps=400").plan.train.warmup_steps == 40     # follows the step count
     imp = _import({k: v for k, v in {**BASE, "warmup_ratio": 0.03}.items() if k != "max_steps"})
     assert _recipe(imp)["train"]["warmup_ratio"] == 0.03                          # not 30 of a placeholder
-    assert resolve(imp.text, "train.steps=2000").plan.train.warmup_steps == 60
+    assert _recipe(imp)["train"]["epochs"] == 1                                   # Axolotl's default num_epochs
+    assert resolve(imp.text, "train.epochs=null", "train.steps=2000").plan.train.warmup_steps == 60
 
 
 def test_warmup_ratio_and_steps_together_is_an_error():
@@ -160,16 +161,34 @@ def test_named_hub_config_is_kept():
     assert _recipe(imp)["data"]["sources"] == [{"path": "allenai/c4", "name": "en"}]
 
 
-def test_saves_per_epoch_become_checkpoint_every_steps():
+def test_num_epochs_and_per_epoch_cadence_map_to_epochs():
+    """max_steps wins (Axolotl: save_steps = 1 / (2 x 3) of the run); without it num_epochs is
+    train.epochs and saves/evals_per_epoch are the per-epoch keys themselves, no placeholder."""
     imp = _import({**BASE, "max_steps": 300, "num_epochs": 3, "saves_per_epoch": 2})
-    assert _recipe(imp)["checkpoint"]["every_steps"] == 50        # Axolotl: save_steps = 1 / (2 x 3) of the run
+    assert _recipe(imp)["checkpoint"]["every_steps"] == 50 and "epochs" not in _recipe(imp)["train"]
     assert {n.key: n.status for n in imp.notes}["saves_per_epoch"] == "mapped"
-    imp = _import({k: v for k, v in {**BASE, "num_epochs": 2, "saves_per_epoch": 1}.items() if k != "max_steps"})
+    no_max = {k: v for k, v in BASE.items() if k != "max_steps"}
+    imp = _import({**no_max, "num_epochs": 2, "saves_per_epoch": 1, "val_set_size": 0.05, "evals_per_epoch": 4})
+    d, status = _recipe(imp), {n.key: (n.status, n.target) for n in imp.notes}
+    assert d["train"]["epochs"] == 2 and "steps" not in d["train"]
+    assert d["checkpoint"]["per_epoch"] == 1 and d["train"]["evals_per_epoch"] == 4
+    assert status["num_epochs"] == ("mapped", "train.epochs")
+    assert status["saves_per_epoch"] == ("mapped", "checkpoint.per_epoch")
+    assert status["evals_per_epoch"] == ("mapped", "train.evals_per_epoch")
+    assert not isinstance(check_text(imp.text, "t"), Err)
+    # HF's share-of-the-run save_steps / eval_steps: 1 / (0.25 x 2) = 2 per epoch, exactly
+    imp = _import({**no_max, "num_epochs": 2, "save_steps": 0.25, "val_set_size": 0.05, "eval_steps": 0.1})
+    d, status = _recipe(imp), {n.key: n.status for n in imp.notes}
+    assert d["checkpoint"]["per_epoch"] == 2 and status["save_steps"] == "mapped"
+    assert d["train"]["evals_per_epoch"] == 5 and status["eval_steps"] == "mapped"
+    # save_strategy / eval_strategy epoch: once per epoch
+    imp = _import({**no_max, "save_strategy": "epoch", "eval_strategy": "epoch", "val_set_size": 0.05})
     d = _recipe(imp)
-    assert d["train"]["steps"] == 1000 and d["checkpoint"]["every_steps"] == 500
-    assert {n.key: n.status for n in imp.notes}["saves_per_epoch"] == "approximated"
-    imp = _import({**BASE, "val_set_size": 0.05, "evals_per_epoch": 4, "num_epochs": 1})
-    assert _recipe(imp)["train"]["eval_every"] == 25
+    assert d["checkpoint"]["per_epoch"] == 1 and d["train"]["evals_per_epoch"] == 1
+    # no dataset meshbake reads (synthetic): no epochs, the placeholder steps stay a TODO
+    imp = _import({k: v for k, v in no_max.items() if k != "datasets"} | {"num_epochs": 2})
+    assert _recipe(imp)["train"]["steps"] == 1000 and "TODO" in imp.text
+    assert {n.key: n.status for n in imp.notes}["num_epochs"] == "not mapped"
 
 
 @pytest.mark.parametrize("extra", [{"load_in_8bit": True, "adapter": "lora", "lora_r": 8},

@@ -67,7 +67,7 @@ _NOT_MAPPED = {
     "fp8_enable_fsdp_float8_all_gather": "float8 all-gather is not supported (FSDP gathers param_dtype)",
     "loss_watchdog_threshold": "no loss-threshold watchdog; meshbake stops on a non-finite loss or grad norm",
     "loss_watchdog_patience": "no loss-threshold watchdog; meshbake stops on a non-finite loss or grad norm",
-    "early_stopping_patience": "no early stopping; the run does train.steps optimizer steps",
+    "early_stopping_patience": "no early stopping; the run trains all of train.steps or train.epochs",
     "debug": "Axolotl's data debug printout; no equivalent",
     "resize_token_embeddings_to_32x": ("embeddings are not resized; `meshbake check` reports a vocab that tp does "
                                        "not divide, with the padding fix"),
@@ -332,24 +332,41 @@ def _fsdp(cfg: Mapping[str, Any], acc: _Acc) -> None:
             acc.note(key, "not mapped", "", "FSDP option unknown to the importer")
 
 
-def _steps(cfg: Mapping[str, Any], acc: _Acc) -> int:
+@dataclass(frozen=True)
+class _Length:
+    """The run's length as Axolotl meant it: max_steps (exact steps), else num_epochs (train.epochs:
+    steps resolved from the prepared windows), else, with no data meshbake reads, a placeholder."""
+    steps: int | None           # None: train.epochs (steps known after prepare)
+    epochs: float               # num_epochs (Axolotl's default 1)
+    known: bool                 # steps is max_steps, not the placeholder
+
+
+def _steps(cfg: Mapping[str, Any], acc: _Acc) -> _Length:
+    epochs = float(_num(cfg.get("num_epochs") or 1))
     if cfg.get("max_steps"):
         steps = int(cfg["max_steps"])
         acc.set("train.steps", steps, "max_steps")
         acc.note("max_steps", "mapped", "train.steps")
         if "num_epochs" in cfg:
             acc.note("num_epochs", "implied", "", "max_steps takes precedence over num_epochs in Axolotl too")
-        return steps
-    steps = 1000
-    acc.set("train.steps", steps, f"TODO: num_epochs {cfg.get('num_epochs', 1)} x windows / global_batch_size "
-            "(`meshbake prepare` reports the windows)")
+        return _Length(steps, epochs, True)
+    if _datasets(cfg)[3] is not None:
+        acc.set("train.epochs", int(epochs) if epochs.is_integer() else epochs,
+                ("num_epochs" if "num_epochs" in cfg else "Axolotl's default num_epochs")
+                + ": steps = ceil(epochs x windows / global_batch_size), from the prepared data "
+                "(`meshbake prepare` prints them)")
+        acc.note("num_epochs", "mapped", "train.epochs")
+        return _Length(None, epochs, False)
+    steps = 1000                # synthetic data (no dataset meshbake reads) has no epochs
+    acc.set("train.steps", steps, f"TODO: num_epochs {epochs:g} x windows / global_batch_size, once data is set "
+            "(then write train.epochs instead)")
     acc.note("num_epochs", "not mapped", "train.steps",
-             f"{_EPOCHS}; an epoch count needs the prepared data, so train.steps is a placeholder (1000, TODO); "
-             "warmup_ratio, saves_per_epoch and evals_per_epoch are written relative to it")
-    return steps
+             "no dataset meshbake reads, so no epochs (synthetic data is endless): train.steps is a placeholder "
+             "(1000, TODO)")
+    return _Length(steps, epochs, False)
 
 
-def _schedule(cfg: Mapping[str, Any], acc: _Acc, lr: float, steps: int) -> None:
+def _schedule(cfg: Mapping[str, Any], acc: _Acc, lr: float) -> None:
     sched = cfg.get("lr_scheduler") or "cosine"
     ours = _SCHEDULES.get(str(sched))
     acc.set("train.lr_schedule", ours or "cosine", "lr_scheduler" if "lr_scheduler" in cfg else "Axolotl's default")
@@ -374,7 +391,7 @@ def _schedule(cfg: Mapping[str, Any], acc: _Acc, lr: float, steps: int) -> None:
     elif ws is not None:
         acc.set("train.warmup_steps", int(ws), "warmup_steps")
     elif wr is not None:
-        acc.set("train.warmup_ratio", float(wr), f"{ratio_key}: {wr} (a share of train.steps)")
+        acc.set("train.warmup_ratio", float(wr), f"{ratio_key}: {wr} (a share of the run's steps)")
     else:
         acc.set("train.warmup_steps", 0, "")
     for k in ("warmup_steps", "warmup_ratio"):
@@ -433,7 +450,7 @@ def _precision(cfg: Mapping[str, Any], acc: _Acc) -> bool:
     return dt == "bfloat16"
 
 
-def _train(cfg: Mapping[str, Any], acc: _Acc, mesh: Mapping[str, int]) -> None:
+def _train(cfg: Mapping[str, Any], acc: _Acc, mesh: Mapping[str, int]) -> _Length:
     seq = int(cfg.get("sequence_len") or 512)
     acc.set("train.seq_len", seq, "sequence_len" if cfg.get("sequence_len") else "Axolotl's default sequence_len")
     mbs, ga = int(cfg.get("micro_batch_size") or 1), int(cfg.get("gradient_accumulation_steps") or 1)
@@ -449,12 +466,12 @@ def _train(cfg: Mapping[str, Any], acc: _Acc, mesh: Mapping[str, int]) -> None:
     if cfg.get("batch_size"):
         acc.note("batch_size", "not mapped", "",
                  "deprecated in Axolotl; meshbake derives the global batch from micro_batch_size and accumulation")
-    steps = _steps(cfg, acc)
+    length = _steps(cfg, acc)
     lr = float(_num(cfg.get("learning_rate") or 3e-4))
     acc.set("train.lr", lr, "learning_rate")
     if "learning_rate" in cfg:
         acc.note("learning_rate", "mapped", "train.lr")
-    _schedule(cfg, acc, lr, steps)
+    _schedule(cfg, acc, lr)
     _optimizer(cfg, acc)
     seed = cfg.get("seed")
     acc.set("train.seed", int(seed) if seed is not None else 42,
@@ -476,6 +493,7 @@ def _train(cfg: Mapping[str, Any], acc: _Acc, mesh: Mapping[str, int]) -> None:
     if cfg.get("logging_steps"):
         acc.set("train.log_every", int(cfg["logging_steps"]), "logging_steps")
         acc.note("logging_steps", "mapped", "train.log_every")
+    return length
 
 
 def _lora(cfg: Mapping[str, Any], acc: _Acc, linears: Sequence[str]) -> bool:
@@ -520,8 +538,6 @@ def _lora(cfg: Mapping[str, Any], acc: _Acc, linears: Sequence[str]) -> bool:
     return True
 
 
-_EPOCHS = ("meshbake counts optimizer steps, not epochs: `meshbake prepare RECIPE` reports the packed windows; "
-           "an epoch is windows / global_batch_size steps")
 # Axolotl dataset type -> meshbake data.format. Axolotl's `completion` is raw text trained on
 # every token (split into sequence_len chunks): meshbake's `text`, not its prompt/completion format.
 _FORMATS = {"alpaca": "alpaca", "chat_template": "chat", "completion": "text", "pretrain": "text"}
@@ -644,14 +660,19 @@ def _chat_fields(d: Mapping[str, Any], acc: _Acc, key: str) -> None:
                  f"{rtt}: meshbake trains on assistant replies, all tokens, or the last reply")
 
 
-def _data(cfg: Mapping[str, Any], acc: _Acc, is_dir: Callable[[str], bool], steps: int, steps_known: bool) -> None:
-    """datasets / pretraining_dataset -> data.format + data.sources (local files only), with the
-    field names, roles, packing, eval split and prepared dir."""
+def _datasets(cfg: Mapping[str, Any]) -> tuple[str, list, list[str], str | None]:
+    """(key, datasets with a path, their types, the meshbake format of the first or None)."""
     key = "datasets" if cfg.get("datasets") else "pretraining_dataset"
     ds = cfg.get(key) or []
     ds = [d for d in (ds if isinstance(ds, list) else [ds]) if isinstance(d, Mapping) and d.get("path")]
     types = [str(d.get("type") or ("pretrain" if key == "pretraining_dataset" else "alpaca")) for d in ds]
-    fmt = _FORMATS.get(types[0].split(":")[0]) if ds else None
+    return key, ds, types, _FORMATS.get(types[0].split(":")[0]) if ds else None
+
+
+def _data(cfg: Mapping[str, Any], acc: _Acc, is_dir: Callable[[str], bool], length: _Length) -> None:
+    """datasets / pretraining_dataset -> data.format + data.sources (local files only), with the
+    field names, roles, packing, eval split and prepared dir."""
+    key, ds, types, fmt = _datasets(cfg)
     if fmt:
         keep = [i for i, t in enumerate(types) if _FORMATS.get(t.split(":")[0]) == fmt]
         acc.set("data.format", fmt, f"{key}[].type: {types[0]}")
@@ -678,10 +699,10 @@ def _data(cfg: Mapping[str, Any], acc: _Acc, is_dir: Callable[[str], bool], step
         local = bool(tok) and is_dir(str(tok))
         acc.set("data.tokenizer", str(tok or "TODO"), "tokenizer_config" if cfg.get("tokenizer_config") else
                 "base_model's tokenizer" + ("" if local else " (a Hub id: pinned and read from the Hugging Face cache)"))
-    _data_keys(cfg, acc, fmt, steps, steps_known)
+    _data_keys(cfg, acc, fmt, length)
 
 
-def _data_keys(cfg: Mapping[str, Any], acc: _Acc, fmt: str | None, steps: int, steps_known: bool) -> None:
+def _data_keys(cfg: Mapping[str, Any], acc: _Acc, fmt: str | None, length: _Length) -> None:
     def note(k: str, status: str, target: str = "", reason: str = "") -> None:
         if k in cfg:
             acc.note(k, "empty" if cfg[k] is None else status, target, reason)
@@ -709,27 +730,7 @@ def _data_keys(cfg: Mapping[str, Any], acc: _Acc, fmt: str | None, steps: int, s
         acc.set("data.train_on", "all", "train_on_inputs: true")
     note("train_on_inputs", "mapped" if prompts else "implied", "data.train_on" if prompts else "",
          "" if prompts else "format text trains on every token")
-    es = cfg.get("eval_steps")
-    evals = bool(vs)            # train.eval_every needs an eval split
-    per = _per_epoch(cfg, "evals_per_epoch", steps, steps_known)
-    if isinstance(es, int) and es >= 1:
-        acc.set("train.eval_every", es, "eval_steps")
-        note("eval_steps", "mapped", "train.eval_every")
-    elif isinstance(es, float) and 0 < es < 1 and evals:
-        acc.set("train.eval_every", max(1, round(es * steps)), f"= eval_steps {es} x train.steps")
-        note("eval_steps", "mapped" if steps_known else "approximated", "train.eval_every",
-             "" if steps_known else "a share of the placeholder train.steps: recompute it")
-    else:
-        note("eval_steps", "not mapped", "", "no eval split (val_set_size)" if not evals else "not a step count")
-    if per and evals and not es:
-        acc.set("train.eval_every", per[0], per[1])
-        note("evals_per_epoch", per[2], "train.eval_every", "" if per[2] == "mapped" else
-             "computed from the placeholder train.steps: recompute with the real step count")
-    else:
-        note("evals_per_epoch", "not mapped", "train.eval_every",
-             "no eval split (val_set_size): nothing to evaluate" if not evals else
-             "eval_steps takes precedence" if es else "not a positive count")
-    note("eval_strategy", "not mapped", "train.eval_every", _EPOCHS)
+    _eval_cadence(cfg, acc, bool(vs), length, note)
     note("eval_sample_packing", "implied", "", "eval windows are packed like the training windows")
     note("pad_to_sequence_len", "implied", "", "every window is seq_len tokens")
     note("tokenizer_type", "implied", "", "the tokenizer folder's own class (AutoTokenizer)")
@@ -755,56 +756,129 @@ def _data_keys(cfg: Mapping[str, Any], acc: _Acc, fmt: str | None, steps: int, s
         note(k, "not mapped", "", "data option unknown to the importer")
 
 
-def _per_epoch(cfg: Mapping[str, Any], key: str, steps: int, steps_known: bool) -> tuple[int, str, str] | None:
-    """saves_per_epoch / evals_per_epoch -> (every_steps, comment, status). Axolotl turns them into
-    a share of the run, 1 / (per_epoch x num_epochs), which the HF Trainer multiplies by the total
-    steps: exact with max_steps, relative to the placeholder train.steps otherwise."""
-    per = cfg.get(key)
-    if not isinstance(per, int) or isinstance(per, bool) or per < 1:
+def _count(v: Any) -> int | None:
+    """A positive integer count (saves_per_epoch, evals_per_epoch), else None."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else None
+
+
+def _share_per_epoch(share: float, epochs: float) -> tuple[int, bool]:
+    """A share of the run (HF's save_steps / eval_steps < 1) as a count per epoch: the run is
+    `epochs` epochs, so 1 / (share x epochs) per epoch; (rounded count, whether it was whole)."""
+    x = 1.0 / (share * epochs)
+    n = max(1, round(x))
+    return n, abs(x - n) < 1e-9
+
+
+def _per_epoch(cfg: Mapping[str, Any], key: str, length: _Length) -> tuple[int, str, str] | None:
+    """saves_per_epoch / evals_per_epoch with a step count (max_steps or the placeholder) ->
+    (every_steps, comment, status). Axolotl turns them into a share of the run, 1 / (per_epoch x
+    num_epochs), which the HF Trainer multiplies by the total steps: exact with max_steps, relative to
+    the placeholder train.steps otherwise. (With num_epochs they map to the per-epoch keys as they are.)"""
+    per = _count(cfg.get(key))
+    if per is None or length.steps is None:
         return None
-    epochs = float(_num(cfg.get("num_epochs") or 1))
-    every = max(1, round(steps / (per * epochs)))
-    why = f"= train.steps {steps} / ({key} {per} x num_epochs {epochs:g})"
-    if steps_known:
+    every = max(1, round(length.steps / (per * length.epochs)))
+    why = f"= train.steps {length.steps} / ({key} {per} x num_epochs {length.epochs:g})"
+    if length.known:
         return every, why, "mapped"
     return every, f"TODO {why}: recompute with the real train.steps", "approximated"
 
 
-def _checkpoint(cfg: Mapping[str, Any], acc: _Acc, steps_known: bool, steps: int) -> None:
+def _eval_cadence(cfg: Mapping[str, Any], acc: _Acc, evals: bool, length: _Length,
+                  note: Callable[..., None]) -> None:
+    """eval_steps / evals_per_epoch / eval_strategy -> train.eval_every or train.evals_per_epoch
+    (both need an eval split, val_set_size). With train.epochs a share of the run (eval_steps < 1)
+    becomes evaluations per epoch, and evals_per_epoch is itself."""
+    es, per, by_epoch = cfg.get("eval_steps"), _count(cfg.get("evals_per_epoch")), length.steps is None
+    if isinstance(es, int) and es >= 1:
+        acc.set("train.eval_every", es, "eval_steps")
+        note("eval_steps", "mapped", "train.eval_every")
+    elif isinstance(es, float) and 0 < es < 1 and evals and by_epoch:
+        n, whole = _share_per_epoch(es, length.epochs)
+        acc.set("train.evals_per_epoch", n, f"= 1 / (eval_steps {es} x num_epochs {length.epochs:g})"
+                + ("" if whole else ", rounded"))
+        note("eval_steps", "mapped" if whole else "approximated", "train.evals_per_epoch",
+             "" if whole else f"a share of the run: {1 / (es * length.epochs):.3g} evaluations per epoch, rounded")
+    elif isinstance(es, float) and 0 < es < 1 and evals:
+        acc.set("train.eval_every", max(1, round(es * length.steps)), f"= eval_steps {es} x train.steps")
+        note("eval_steps", "mapped" if length.known else "approximated", "train.eval_every",
+             "" if length.known else "a share of the placeholder train.steps: recompute it")
+    else:
+        note("eval_steps", "not mapped", "", "no eval split (val_set_size)" if not evals else "not a step count")
+    pe = _per_epoch(cfg, "evals_per_epoch", length)
+    if per and evals and not es and by_epoch:
+        acc.set("train.evals_per_epoch", per, "evals_per_epoch")
+        note("evals_per_epoch", "mapped", "train.evals_per_epoch")
+    elif pe and evals and not es:
+        acc.set("train.eval_every", pe[0], pe[1])
+        note("evals_per_epoch", pe[2], "train.eval_every", "" if pe[2] == "mapped" else
+             "computed from the placeholder train.steps: recompute with the real step count")
+    else:
+        note("evals_per_epoch", "not mapped", "train.evals_per_epoch",
+             "no eval split (val_set_size): nothing to evaluate" if not evals else
+             "eval_steps takes precedence" if es else "not a positive count")
+    strat = cfg.get("eval_strategy")
+    if strat == "epoch" and evals and not (es or per) and _datasets(cfg)[3] is not None:
+        acc.set("train.evals_per_epoch", 1, "eval_strategy: epoch")
+    note("eval_strategy", "mapped" if strat in ("epoch", "steps") and evals else "not mapped",
+         "train.evals_per_epoch" if strat == "epoch" else "train.eval_every",
+         "" if strat in ("epoch", "steps") and evals else
+         "no eval split (val_set_size)" if not evals else
+         "meshbake evaluates at the end whenever there is an eval split" if strat == "no" else "unknown strategy")
+
+
+def _checkpoint(cfg: Mapping[str, Any], acc: _Acc, length: _Length) -> None:
     """output_dir, save_* -> run_dir and the checkpoint section."""
     if cfg.get("output_dir"):
         acc.set("run_dir", str(cfg["output_dir"]).rstrip("/") or ".", "output_dir (metrics + DCP checkpoints; "
                 "`meshbake export` writes the HF folder)")
         acc.note("output_dir", "mapped", "run_dir")
     save_steps, strat = cfg.get("save_steps"), cfg.get("save_strategy")
+    per, by_epoch = _count(cfg.get("saves_per_epoch")), length.steps is None
+    frac = isinstance(save_steps, float) and 0 < save_steps < 1
+    whole = False
     if strat == "no":
         acc.set("checkpoint.every_steps", 0, "save_strategy: no (the final model is still saved)")
     elif isinstance(save_steps, int) and save_steps >= 1:
         acc.set("checkpoint.every_steps", save_steps, "save_steps")
-    elif isinstance(save_steps, float) and 0 < save_steps < 1:
-        acc.set("checkpoint.every_steps", max(1, round(save_steps * steps)),
-                f"= save_steps {save_steps} x train.steps" + ("" if steps_known else
+    elif frac and by_epoch:
+        n, whole = _share_per_epoch(save_steps, length.epochs)
+        acc.set("checkpoint.per_epoch", n, f"= 1 / (save_steps {save_steps} x num_epochs {length.epochs:g})"
+                + ("" if whole else ", rounded"))
+    elif frac:
+        acc.set("checkpoint.every_steps", max(1, round(save_steps * length.steps)),
+                f"= save_steps {save_steps} x train.steps" + ("" if length.known else
                                                                " (TODO: recompute with the real train.steps)"))
-    elif (per := _per_epoch(cfg, "saves_per_epoch", steps, steps_known)) and save_steps is None:
-        acc.set("checkpoint.every_steps", per[0], per[1])
+    elif per and save_steps is None and by_epoch:
+        acc.set("checkpoint.per_epoch", per, "saves_per_epoch")
+    elif (pe := _per_epoch(cfg, "saves_per_epoch", length)) and save_steps is None:
+        acc.set("checkpoint.every_steps", pe[0], pe[1])
+    elif strat == "epoch" and _datasets(cfg)[3] is not None:
+        acc.set("checkpoint.per_epoch", 1, "save_strategy: epoch")
     if save_steps is not None:
-        ok = isinstance(save_steps, int) or steps_known
-        frac = isinstance(save_steps, float) and 0 < save_steps < 1
+        ok = isinstance(save_steps, int) or length.known or whole
         acc.note("save_steps", "mapped" if ok else "approximated" if frac else "not mapped",
-                 "checkpoint.every_steps", "" if ok else "a share of the placeholder train.steps: recompute it"
+                 "checkpoint.per_epoch" if frac and by_epoch else "checkpoint.every_steps",
+                 "" if ok else f"a share of the run: {1 / (save_steps * length.epochs):.3g} saves per epoch, rounded"
+                 if frac and by_epoch else "a share of the placeholder train.steps: recompute it"
                  if frac else "not a step count")
     if strat is not None:
-        acc.note("save_strategy", "mapped" if strat in ("no", "steps") else "not mapped", "checkpoint.every_steps",
-                 "" if strat in ("no", "steps") else _EPOCHS)
+        ok = strat in ("no", "steps") or (strat == "epoch" and _datasets(cfg)[3] is not None)
+        acc.note("save_strategy", "mapped" if ok else "not mapped",
+                 "checkpoint.per_epoch" if strat == "epoch" else "checkpoint.every_steps",
+                 "" if ok else "no dataset meshbake reads: synthetic data has no epochs" if strat == "epoch"
+                 else "unknown strategy")
     if cfg.get("saves_per_epoch") is not None:
-        per = _per_epoch(cfg, "saves_per_epoch", steps, steps_known)
-        if per is None or save_steps is not None:
-            acc.note("saves_per_epoch", "not mapped", "checkpoint.every_steps",
+        pe = _per_epoch(cfg, "saves_per_epoch", length)
+        if (per is None and pe is None) or save_steps is not None:
+            acc.note("saves_per_epoch", "not mapped", "checkpoint.per_epoch",
                      "save_steps takes precedence" if save_steps is not None else "not a positive count")
+        elif by_epoch:
+            acc.note("saves_per_epoch", "mapped", "checkpoint.per_epoch")
         else:
-            acc.note("saves_per_epoch", per[2], "checkpoint.every_steps",
-                     "" if per[2] == "mapped" else "computed from the placeholder train.steps (num_epochs needs the "
-                     "prepared data): recompute with the real step count")
+            acc.note("saves_per_epoch", pe[2], "checkpoint.every_steps",
+                     "" if pe[2] == "mapped" else "computed from the placeholder train.steps (no dataset meshbake "
+                     "reads, so no epochs): recompute with the real step count")
     if cfg.get("save_total_limit"):
         acc.set("checkpoint.keep", int(cfg["save_total_limit"]), "save_total_limit")
         acc.note("save_total_limit", "mapped", "checkpoint.keep")
@@ -878,12 +952,11 @@ def import_axolotl(cfg: Mapping[str, Any], name: str, *, source: str, model_ref:
     bf16 = cfg.get("bf16") in (True, "auto", "true")
     _model(cfg, acc, model_ref, lora_on, bf16, is_dir)
     mesh = _mesh(cfg, acc, nodes, gpus_per_node, profile)
-    _train(cfg, acc, mesh)
+    length = _train(cfg, acc, mesh)
     _precision(cfg, acc)
     _lora(cfg, acc, _linear_leaves(model_config))
-    steps, steps_known = acc.values["train.steps"][0], bool(cfg.get("max_steps"))
-    _data(cfg, acc, is_dir, steps, steps_known)
-    _checkpoint(cfg, acc, steps_known, steps)
+    _data(cfg, acc, is_dir, length)
+    _checkpoint(cfg, acc, length)
     _tracking(cfg, acc)
     _rest(cfg, acc)
     notes = _complete(cfg, acc.notes)

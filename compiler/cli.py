@@ -385,6 +385,8 @@ def _compile_cmd(args) -> int:
         return _report(res, args.recipe)
     if args.cmd == "check":
         _summary(res)
+        if res.weights is not None:            # model.weights' headers: verified, or why not (one line)
+            print(printable(res.weights.text))
         print(runnable_line(res))
         return 0
     if args.cmd == "prepare":

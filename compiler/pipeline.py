@@ -31,6 +31,7 @@ class Resolved:
     estimate: Estimate
     plan: P.Plan
     missing: tuple[str, ...] = ()     # what the run needs that is not here yet (compiler/hub.py; check's last line)
+    weights: Any = None               # compiler/weights.WeightsCheck: model.weights' headers (None: random init)
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,17 @@ def resolve_dict(d: Mapping[str, Any]) -> Result[Resolved]:
     res = cfg if isinstance(cfg, Err) else resolve(recipe, cfg, recipe.model.config, v.aside)
     if isinstance(res, Err):
         return Err(tuple(dict.fromkeys(errs + res.errors)))
-    return Err(errs) if errs else replace(res, missing=pinned.missing)
+    wc = None if {"model", "model.weights"} & v.aside else _weights_check(recipe, res.model, cfg, pinned)
+    if wc is not None and wc.error is not None:
+        errs += (wc.error,)
+    return Err(errs) if errs else replace(res, missing=pinned.missing, weights=wc)
+
+
+def _weights_check(recipe: Recipe, model: ModelSpec, cfg: Mapping[str, Any], pinned):
+    """model.weights' safetensors headers against the model's parameters (compiler/weights.py)."""
+    from meshbake.compiler.weights import check_weights
+
+    return check_weights(recipe.model.weights, pinned.pin("model.weights"), model.params, cfg, recipe.model.dtype)
 
 
 @dataclass(frozen=True)

@@ -207,6 +207,7 @@ def context(res) -> dict[str, Any]:
     cluster = to_dict(res.recipe.cluster)
     return {"plan": res.plan, "cluster": cluster, "job": job_view(res.plan, cluster),
             "job_name": f"meshbake-{res.plan.name}",
+            "weights_check": res.weights.line if getattr(res, "weights", None) is not None else None,
             "model": {k: getattr(res.model, k) for k in _MODEL_FACTS},
             "mesh": mesh_view(res.mesh),
             "placements": {"rows": placement_rows(res.model, res.placements, res.mesh.tp, res.recipe.model.dtype,

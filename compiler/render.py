@@ -168,6 +168,18 @@ def _mount(m: str) -> dict[str, Any]:
             "root": src.rstrip("/") == ""}
 
 
+def _hub_pinned(plan) -> bool:
+    """The runtime reads a Hugging Face Hub snapshot pinned to its commit (compiler/hub.py): weights,
+    tokenizer or a data source by Hub id. (model.config is read at compile time only: plan.json
+    holds it.)"""
+    from meshbake.runtime.hub import parse
+
+    d = plan.data
+    refs = [plan.model.weights] + ([] if d.format == "synthetic" else
+                                   [d.tokenizer, *(s.path for s in (*d.sources, *d.eval_sources))])
+    return any((h := parse(r)) is not None and h.pinned for r in refs)
+
+
 def job_view(plan, cluster: dict[str, Any]) -> dict[str, Any]:
     """Everything besides the plan's numbers that decides what the job runs and where it reads
     and writes, as plain values for PLAN.md's "What the job runs": the shell set-up, the
@@ -193,6 +205,7 @@ def job_view(plan, cluster: dict[str, Any]) -> dict[str, Any]:
         "sources": [(s.path, s.weight) for s in plan.data.sources],
         "eval_sources": [(s.path, s.weight) for s in plan.data.eval_sources],
         "tokenizer": plan.data.tokenizer,
+        "hub_pinned": _hub_pinned(plan),
         "tensorboard": plan.tracking.tensorboard,
         "wandb": None if not wb.project else {
             "project": wb.project, "entity": wb.entity, "name": wb.name or plan.name, "mode": wb.mode,

@@ -19,7 +19,6 @@ from . import hub
 from .plan import Plan, load_plan
 from .safeio import printable
 
-
 # recipe key -> (repo type, what the runtime reads of the snapshot: runtime/hub.snapshot_problems)
 _HUB_KINDS = {"data.tokenizer": ("model", "tokenizer"), "model.weights": ("model", "weights")}
 

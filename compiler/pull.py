@@ -4,7 +4,7 @@ nodes run with HF_HUB_OFFLINE=1 (launch.sh sets it for a plan with Hub ids; comp
 have no internet).
 
 What is fetched, per recipe key (the same pins check and bundle write: compiler/hub.py):
-  model.config     config.json
+  model.config     config.json (+ tokenizer.json, tokenizer_config.json: what check reads with it)
   model.weights    config.json, *.safetensors, model.safetensors.index.json (no .bin, no .gguf)
   data.tokenizer   the tokenizer files (runtime/hub.TOKENIZER_FILES)
   data sources     the dataset repo's data files runtime/prepare.py reads (runtime/hub.DATASET_FILES)
@@ -46,9 +46,14 @@ class Want:
         return f"{self.repo}@{self.sha}"
 
 
-_WHAT = {"model.config": (H.CONFIG_FILES, "config"),
+# each key's patterns cover what every reader of that snapshot asks for (offline, huggingface_hub
+# refuses a cached snapshot that lacks a file the reader's allow_patterns match): compiler/hub.py
+# reads config.json + tokenizer.json/tokenizer_config.json of model.config, config.json of
+# model.weights and .gitattributes of a dataset (to pin them); the runtime the rest
+_WHAT = {"model.config": (H.CONFIG_FILES + H.TOKENIZER_FILES[:2], "config"),
          "model.weights": (H.CONFIG_FILES + H.WEIGHT_FILES, "weights"),
          "data.tokenizer": (H.TOKENIZER_FILES, "tokenizer")}
+_DATASET = (H.DATASET_FILES + (".gitattributes",), "dataset")
 
 
 def wants(pinned) -> list[Want]:
@@ -56,7 +61,7 @@ def wants(pinned) -> list[Want]:
     weights and tokenizer is one download)."""
     groups: dict[tuple[str, str, str], dict] = {}
     for p in pinned.pins:
-        pats, kind = _WHAT.get(p.path, (H.DATASET_FILES, "dataset"))
+        pats, kind = _WHAT.get(p.path, _DATASET)
         g = groups.setdefault((p.repo_type, p.repo, p.sha), {"keys": [], "patterns": [], "kinds": []})
         g["keys"].append(p.path)
         g["patterns"] += [x for x in pats if x not in g["patterns"]]
@@ -75,10 +80,17 @@ def unpinned(recipe, pinned) -> list[str]:
         refs += [("data.tokenizer", d.tokenizer)]
         refs += [(f"data.sources[{i}].path", s.path) for i, s in enumerate(d.sources)]
         refs += [(f"data.eval_sources[{i}].path", s.path) for i, s in enumerate(d.eval_sources)]
-    out = []
+    out, seen = [], set()
     for key, ref in refs:
-        if ref in (None, "random") or H.hub_ref(ref) is None or pinned.pin(key) is not None:
-            continue
+        h = H.hub_ref(ref) if ref not in (None, "random") else None
+        if h is None or pinned.pin(key) is not None or h.text in seen:
+            continue                  # one line per Hub id (model.weights is often model.config's repo)
+        seen.add(h.text)
+        if key == "model.config" and key not in said:
+            from meshbake.compiler.hub import read_config
+
+            _, _, e = read_config(ref)              # pin_recipe leaves its error to the model stage
+            said[key] = f"{key}: {e.message}; {e.hint}" if e is not None else ""
         out.append(said.get(key) or f"{key}: {ref} could not be resolved on the Hub or in the Hugging Face cache")
     return out
 

@@ -162,7 +162,10 @@ def _headers(weights: str, pin) -> tuple[dict[str, Tensor], str]:
         raise _Unreadable(f"{weights} is not on this machine (the job reads it relative to its launch directory)")
     if p.is_file():
         raise ValueError(f"{weights} is a file; model.weights is a folder of *.safetensors (a Hugging Face model folder)")
-    return local_headers(p), weights
+    try:
+        return local_headers(p), weights
+    except _Unreadable as e:          # a folder here that lacks a shard its index names: the load would fail
+        raise ValueError(f"{weights}: {e}") from None
 
 
 def _shape(src: list[list[str]], heads: Mapping[str, Tensor]) -> tuple[int, ...] | None:
@@ -204,8 +207,8 @@ def compare(params, config: Mapping, heads: Mapping[str, Tensor], where: str, dt
             "safetensors (F32 / F16 / BF16)"))
     dts = sorted({heads[k].dtype for ks in srcs.values() for k in (x for g in ks for x in g)})
     files = len({heads[k].file for ks in srcs.values() for k in (x for g in ks for x in g)})
-    return WeightsCheck(True, f"verified: {len(names)} parameters from {len(heads)} tensors in {files} file"
-                        f"{'s' if files != 1 else ''} ({', '.join(dts)}; loaded as {dtype})")
+    return WeightsCheck(True, f"verified: {len(names)} parameters in {files} file{'s' if files != 1 else ''} "
+                        f"({', '.join(dts)}; loaded as {dtype}) of {where}")
 
 
 def check_weights(weights: str | None, pin, params, config: Mapping, dtype: str) -> WeightsCheck | None:

@@ -161,8 +161,13 @@ def snapshot_problems(folder: Path, kind: str) -> list[str]:
     one phrase per file: a file whose blob is gone (the snapshot's symlink dangles: a cleaned or
     half-copied cache), a shard model.safetensors.index.json names that is absent, no file of the
     kind at all. stdlib only: preflight runs it before torchrun; `meshbake pull` after downloading."""
-    out = [f"{p.relative_to(folder).as_posix()} (its blob is gone from the cache)"
-           for p in sorted(folder.rglob("*")) if p.is_symlink() and not p.exists()]
+    import fnmatch
+
+    # a model repo's snapshot serves several readers: the tokenizer does not need the weights
+    mine = {"weights": WEIGHT_FILES, "tokenizer": TOKENIZER_FILES, "config": CONFIG_FILES}.get(kind, ("*",))
+    out = [f"{rel} (its blob is gone from the cache)" for p in sorted(folder.rglob("*"))
+           if p.is_symlink() and not p.exists()
+           and any(fnmatch.fnmatch(rel := p.relative_to(folder).as_posix(), m) for m in mine)]
     if kind == "weights":
         index = folder / "model.safetensors.index.json"
         if index.is_file():

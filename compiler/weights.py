@@ -220,7 +220,8 @@ def check_weights(weights: str | None, pin, params, config: Mapping, dtype: str)
     except _Unreadable as e:
         return WeightsCheck(False, f"not verified ({e})")
     except (OSError, ValueError) as e:
-        msg = str(e) if isinstance(e, ValueError) else f"{weights}: {e.strerror or e}"
+        why = str(e) if isinstance(e, ValueError) else (e.strerror or str(e))
+        msg = why if why.startswith(weights) else f"{weights}: {why}"
         return WeightsCheck(False, f"unreadable: {msg}", RecipeError(
             "model.weights", msg, "re-download or re-save the checkpoint (`meshbake pull` resumes a Hub download)"))
     if not heads:

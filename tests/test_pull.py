@@ -173,4 +173,4 @@ def test_pull_refusals_are_one_line(repos, tmp_path):
         print(f"\nremote header check: {sum(g.sent for g in gets):,} B of a {size:,} B file read")
     ran = meshbake(online_env(tmp_path / "hf3", hub.url), "pull", str(ok), cwd=tmp_path)   # server stopped
     assert ran.returncode == 2 and "Traceback" not in ran.stderr, ran.stderr
-    assert ran.stderr.startswith(f"meshbake: 1 problem") or "the Hub is not reachable" in ran.stderr, ran.stderr
+    assert ran.stderr.startswith("meshbake: 1 problem") or "the Hub is not reachable" in ran.stderr, ran.stderr

@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import ROOT, tiny_recipe
+from tests.helpers import ROOT, cli, tiny_recipe
 from tests.test_hub import compile_dict, hub, hub_cache, qwen_recipe  # noqa: F401 (fixtures)
 
 LLAMA = ROOT / "tests/models/llama/config.json"       # hidden 64, 2 layers, vocab 1024, untied
@@ -151,7 +151,7 @@ def test_base_model_checkpoint_tied_loads_as_the_check_says(tmp_path):
     assert "parameter lm_head.weight" in _err(_compile(folder))
 
 
-def test_offline_and_not_cached_is_not_verified(hub):
+def test_offline_and_not_cached_is_not_verified(hub, tmp_path):  # noqa: F811 (the fixture)
     """Qwen3-8B's config and tokenizer are cached, its weights are not; HF_HUB_OFFLINE=1."""
     b = compile_dict(qwen_recipe())
     assert hasattr(b, "files"), b
@@ -159,12 +159,8 @@ def test_offline_and_not_cached_is_not_verified(hub):
     md = b.files["PLAN.md"].decode()
     row = next(x for x in md.splitlines() if x.startswith("| weights |"))
     assert "weights: not verified (Qwen/Qwen3-8B@" in row and "HF_HUB_OFFLINE is set" in row, row
-    from tests.helpers import cli
-
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-        r = Path(d) / "r.yaml"
-        r.write_text(yaml.safe_dump(qwen_recipe()))
-        ran = cli("check", str(r))
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump(qwen_recipe()))
+    ran = cli("check", str(r))
     lines = ran.stdout.strip().splitlines()
     assert ran.returncode == 0 and lines[-2].startswith("weights: not verified (Qwen/Qwen3-8B@"), ran.stdout

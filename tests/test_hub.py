@@ -265,7 +265,12 @@ def test_preflight_looks_pinned_ids_up_in_the_cache_when_offline(hub, tmp_path, 
     from meshbake.runtime.preflight import problems
 
     plan = P.loads(ok(qwen_recipe()).files["plan.json"].decode())
-    assert not [p for p in problems(plan) if "Qwen" in p or "alpaca" in p]
+    # config, tokenizer and data are cached; the weights are not (the fixture has no *.safetensors)
+    sha = hub["qwen"]
+    assert [p for p in problems(plan, "out/recipe.yaml") if "Qwen" in p or "alpaca" in p] == [
+        f"model.weights: Qwen/Qwen3-8B@{sha}: *.safetensors (no weights file) is not in the Hugging Face cache "
+        f"(HF_HUB_CACHE={hub['cache']}) and HF_HUB_OFFLINE is set; run `meshbake pull out/recipe.yaml` where the Hub "
+        "is reachable, with the same HF_HUB_CACHE"]
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
     found = [p for p in problems(plan) if "HF_HUB_OFFLINE" in p]
     assert [p.split(":")[0] for p in found] == ["data.path", "data.tokenizer", "model.weights"], found

@@ -168,7 +168,9 @@ def test_pull_refusals_are_one_line(repos, tmp_path):
         assert "weights: verified: 20 parameters" in chk.stdout and "(Hub metadata)" in chk.stdout, chk.stdout
         gets = hub.sent("model.safetensors")
         size = len(repos[("model", TINY)].files["model.safetensors"])
-        assert gets and all(g.range for g in gets) and sum(g.sent for g in gets) < size // 10, gets
+        # huggingface_hub's first range read is bytes 0-100000 (the header of a real shard fits it; the
+        # rest of the file, GBs there, is never asked for); here the whole header is in those bytes
+        assert gets and all(g.range for g in gets) and sum(g.sent for g in gets) == 100_001 < size, gets
         assert not list((tmp_path / "hf2").rglob("*.safetensors"))        # headers read, nothing downloaded
         print(f"\nremote header check: {sum(g.sent for g in gets):,} B of a {size:,} B file read")
     ran = meshbake(online_env(tmp_path / "hf3", hub.url), "pull", str(ok), cwd=tmp_path)   # server stopped

@@ -86,6 +86,14 @@ def _tokenizer_errors(recipe: Recipe, cfg: Mapping[str, Any], folder: str | None
     return (chat,) if chat else ()
 
 
+@reads("data")
+def _column_errors(recipe: Recipe, pinned) -> tuple[RecipeError, ...]:
+    """The first record of each data source that is here against data.format / data.fields."""
+    from meshbake.compiler.columns import column_errors
+
+    return tuple(column_errors(recipe, pinned))
+
+
 @reads("model.weights", "model.config", "lora", "data")
 def _random_weights(recipe: Recipe) -> tuple[RecipeError, ...]:
     from meshbake.compiler import hub
@@ -119,6 +127,7 @@ def resolve_dict(d: Mapping[str, Any]) -> Result[Resolved]:
     v, pinned = vp
     recipe, errs = pinned.recipe, v.errors + pinned.errors
     errs += tuple(run(_random_weights, v.aside, recipe))
+    errs += tuple(run(_column_errors, v.aside, recipe, pinned))
     cfg = _model_config(recipe)
     if not isinstance(cfg, Err):
         errs += tuple(run(_tokenizer_errors, v.aside, recipe, cfg, hub.tokenizer_folder(recipe.data.tokenizer, pinned)))

@@ -98,8 +98,8 @@ def _missing(rec: dict | set, fmt: str, fields) -> tuple[str, str] | None:
 
 def column_errors(recipe, pinned) -> list[RecipeError]:
     d = recipe.data
-    if d.format not in REQUIRED:
-        return []
+    if d.format not in REQUIRED or d.bad_records == "skip":
+        return []          # skip: a record without the field is one prepare leaves out (up to max_bad_fraction)
     out = []
     for group, srcs in (("data.sources", d.sources), ("data.eval_sources", d.eval_sources)):
         for i, src in enumerate(srcs):

@@ -206,7 +206,8 @@ def test_random_weights_rule(hub):
     err = compile_dict(qwen_recipe(model={"config": "Qwen/Qwen3-8B"}, lora={"rank": 0}))
     assert [e.path for e in err.errors] == ["model.weights"], err
     ok(qwen_recipe(model={"config": "Qwen/Qwen3-8B"}, lora={"rank": 0},
-                   data={"format": "text", "path": "tatsu-lab/alpaca", "tokenizer": "Qwen/Qwen3-8B"}))
+                   data={"format": "text", "path": "tatsu-lab/alpaca", "tokenizer": "Qwen/Qwen3-8B",
+                         "fields": {"text": "output"}}))   # alpaca records have no text field (compiler/columns.py)
     # synthetic smoke recipes (no data, no tokenizer) stay valid with LoRA on random init
     ok(tiny_recipe("smoke", 1, lora={"rank": 4, "alpha": 8}))
     plan = json.loads(ok(qwen_recipe(model={"config": "Qwen/Qwen3-8B", "weights": "random"})).files["plan.json"])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import ROOT, VENV_BIN, cli, launch_env, tiny_recipe
+from tests.helpers import ROOT, cli, launch_env, tiny_recipe
 from tests.hubserver import HubServer, Repo
 
 TINY = "meshbake-test/tiny-pull"
@@ -80,7 +80,7 @@ def meshbake(env: dict, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.dist
-def test_pull_resumes_then_runs_offline_and_preflight_names_a_lost_blob(repos, tmp_path, monkeypatch):
+def test_pull_resumes_then_runs_offline_and_preflight_names_a_lost_blob(repos, tmp_path, monkeypatch, capsys):
     r = tmp_path / "r.yaml"
     r.write_text(yaml.safe_dump(recipe()))
     home = tmp_path / "hf"
@@ -104,15 +104,15 @@ def test_pull_resumes_then_runs_offline_and_preflight_names_a_lost_blob(repos, t
     assert gets[1].sent == size - chunk < size
     print(f"\nresume: {size:,} B file, first response cut at {gets[0].sent:,} B, re-fetched {gets[1].sent:,} B")
 
-    # the server is gone: everything from the cache, HF_HUB_OFFLINE=1
-    env = online_env(home, "http://127.0.0.1:9", HF_HUB_OFFLINE="1")
-    again = meshbake(env, "pull", str(r), cwd=tmp_path)
-    assert again.returncode == 0 and again.stdout.splitlines()[-1].startswith("8 files, ") \
-        and "(0 B downloaded now)" in again.stdout, again.stdout + again.stderr
+    # the server is gone: everything from the cache, HF_HUB_OFFLINE=1 (in this process from here:
+    # nothing below talks to a Hub)
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for k in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         monkeypatch.delenv(k, raising=False)
+    again = cli("pull", str(r), cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.splitlines()[-1].startswith("8 files, ") \
+        and "(0 B downloaded now)" in again.stdout, again.stdout + again.stderr
     chk = cli("check", str(r), cwd=tmp_path)
     assert chk.returncode == 0, chk.stderr
     out = chk.stdout.strip().splitlines()
@@ -134,11 +134,12 @@ def test_pull_resumes_then_runs_offline_and_preflight_names_a_lost_blob(repos, t
     # a blob removed from the shared cache: preflight stops before torchrun, one line
     blob = (home / "hub" / f"models--{TINY.replace('/', '--')}" / "snapshots" / sha / "model.safetensors").resolve()
     blob.unlink()
-    pf = subprocess.run([str(VENV_BIN / "python"), "-m", "runtime.preflight", str(tmp_path / "out/plan.json")],
-                        cwd=tmp_path / "out", capture_output=True, text=True, env=launch_env(HF_HOME=str(home),
-                                                                                             HF_HUB_OFFLINE="1"))
-    err = pf.stderr.strip().splitlines()
-    assert pf.returncode == 2 and len(err) == 1, pf.stderr
+    from meshbake.runtime import preflight
+
+    capsys.readouterr()
+    rc = preflight.main([str(tmp_path / "out/plan.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
     assert err[0].startswith(f"meshbake: model.weights: {TINY}@{sha}: model.safetensors (its blob is gone from the "
                              "cache) is not in the Hugging Face cache"), err
     assert f"run `meshbake pull {tmp_path / 'out'}/recipe.yaml` where the Hub is reachable" in err[0], err

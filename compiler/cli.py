@@ -1,4 +1,4 @@
-"""meshbake CLI: check | bundle | plan --json | dryrun | suggest | prepare | verify | export | import | report.
+"""meshbake CLI: check | bundle | plan --json | dryrun | suggest | prepare | pull | verify | export | import | report.
 
 Exit 2 on recipe errors, 3 on the user's data/paths at run time, 70 on a meshbake bug; never a traceback.
 
@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--out", default="out", help="output directory (default: out/)")
     pl = recipe_cmd("plan", "print the resolved plan")
     pl.add_argument("--json", action="store_true", required=True, help="print plan.json to stdout")
+    recipe_cmd("pull", "download the Hugging Face Hub files the recipe's run reads (config, tokenizer, weights, "
+               "datasets at their pinned commits) into the cache (HF_HUB_CACHE / HF_HOME), so compute nodes "
+               "run with HF_HUB_OFFLINE=1")
     pr = recipe_cmd("prepare", "tokenize and pack the recipe's data once (launch.sh also does this)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     dr = recipe_cmd("dryrun", "build the job's model for the real world size on a fake process group (meta "
@@ -398,6 +401,9 @@ def _compile_cmd(args) -> int:
             return _report(Err((refused,)), args.recipe)
     if args.cmd == "suggest":
         return _suggest(args, t0)
+    if args.cmd == "pull":
+        from meshbake.compiler.pull import pull_main
+        return pull_main(args)
     res = _resolve(args)
     if isinstance(res, Err):
         return _report(res, args.recipe)
@@ -405,6 +411,8 @@ def _compile_cmd(args) -> int:
         _summary(res)
         if res.plan.train.steps is None:
             print(epochs_line(res.plan))
+        if res.weights is not None:            # model.weights' headers: verified, or why not (one line)
+            print(printable(res.weights.text))
         print(runnable_line(res))
         return 0
     if args.cmd == "prepare":

@@ -54,6 +54,9 @@ class ModelSpec:
     active_params: int = 0        # parameters one token goes through (MoE: top-k of E experts); 0 = num_params
     num_experts: int = 0
     experts_per_token: int = 0
+    # every parameter as named_parameters() yields it (a tied lm_head once, as the embedding) with
+    # its HF shape: what the runtime loader reads from model.weights (compiler/weights.py checks it)
+    params: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def lora_targets(self, leaves: tuple[str, ...] | None) -> tuple[str, ...]:
         """The fqns recipe lora.targets (leaf names) adapt (runtime/roles.py's rule); None:
@@ -466,6 +469,7 @@ def _spec(model, config, source: str, model_type: str, modules) -> ModelSpec:
         active_params=active,
         num_experts=n_exp,
         experts_per_token=k_exp,
+        params=tuple((n, tuple(p.shape)) for n, p in model.named_parameters()),
     )
 
 

@@ -31,6 +31,7 @@ class Resolved:
     estimate: Estimate
     plan: P.Plan
     missing: tuple[str, ...] = ()     # what the run needs that is not here yet (compiler/hub.py; check's last line)
+    weights: Any = None               # compiler/weights.WeightsCheck: model.weights' headers (None: random init)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,14 @@ def _tokenizer_errors(recipe: Recipe, cfg: Mapping[str, Any], folder: str | None
     return (chat,) if chat else ()
 
 
+@reads("data")
+def _column_errors(recipe: Recipe, pinned) -> tuple[RecipeError, ...]:
+    """The first record of each data source that is here against data.format / data.fields."""
+    from meshbake.compiler.columns import column_errors
+
+    return tuple(column_errors(recipe, pinned))
+
+
 @reads("model.weights", "model.config", "lora", "data")
 def _random_weights(recipe: Recipe) -> tuple[RecipeError, ...]:
     from meshbake.compiler import hub
@@ -118,13 +127,24 @@ def resolve_dict(d: Mapping[str, Any]) -> Result[Resolved]:
     v, pinned = vp
     recipe, errs = pinned.recipe, v.errors + pinned.errors
     errs += tuple(run(_random_weights, v.aside, recipe))
+    errs += tuple(run(_column_errors, v.aside, recipe, pinned))
     cfg = _model_config(recipe)
     if not isinstance(cfg, Err):
         errs += tuple(run(_tokenizer_errors, v.aside, recipe, cfg, hub.tokenizer_folder(recipe.data.tokenizer, pinned)))
     res = cfg if isinstance(cfg, Err) else resolve(recipe, cfg, recipe.model.config, v.aside)
     if isinstance(res, Err):
         return Err(tuple(dict.fromkeys(errs + res.errors)))
-    return Err(errs) if errs else replace(res, missing=pinned.missing)
+    wc = None if {"model", "model.weights"} & v.aside else _weights_check(recipe, res.model, cfg, pinned)
+    if wc is not None and wc.error is not None:
+        errs += (wc.error,)
+    return Err(errs) if errs else replace(res, missing=pinned.missing, weights=wc)
+
+
+def _weights_check(recipe: Recipe, model: ModelSpec, cfg: Mapping[str, Any], pinned):
+    """model.weights' safetensors headers against the model's parameters (compiler/weights.py)."""
+    from meshbake.compiler.weights import check_weights
+
+    return check_weights(recipe.model.weights, pinned.pin("model.weights"), model.params, cfg, recipe.model.dtype)
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,18 @@ def _mount(m: str) -> dict[str, Any]:
             "root": src.rstrip("/") == ""}
 
 
+def _hub_pinned(plan) -> bool:
+    """The runtime reads a Hugging Face Hub snapshot pinned to its commit (compiler/hub.py): weights,
+    tokenizer or a data source by Hub id. (model.config is read at compile time only: plan.json
+    holds it.)"""
+    from meshbake.runtime.hub import parse
+
+    d = plan.data
+    refs = [plan.model.weights] + ([] if d.format == "synthetic" else
+                                   [d.tokenizer, *(s.path for s in (*d.sources, *d.eval_sources))])
+    return any((h := parse(r)) is not None and h.pinned for r in refs)
+
+
 def job_view(plan, cluster: dict[str, Any]) -> dict[str, Any]:
     """Everything besides the plan's numbers that decides what the job runs and where it reads
     and writes, as plain values for PLAN.md's "What the job runs": the shell set-up, the
@@ -194,6 +206,7 @@ def job_view(plan, cluster: dict[str, Any]) -> dict[str, Any]:
         "sources": [(s.path, s.weight) for s in plan.data.sources],
         "eval_sources": [(s.path, s.weight) for s in plan.data.eval_sources],
         "tokenizer": plan.data.tokenizer,
+        "hub_pinned": _hub_pinned(plan),
         "tensorboard": plan.tracking.tensorboard,
         "wandb": None if not wb.project else {
             "project": wb.project, "entity": wb.entity, "name": wb.name or plan.name, "mode": wb.mode,
@@ -208,6 +221,7 @@ def context(res) -> dict[str, Any]:
     cluster = to_dict(res.recipe.cluster)
     return {"plan": res.plan, "cluster": cluster, "job": job_view(res.plan, cluster),
             "job_name": f"meshbake-{res.plan.name}",
+            "weights_check": res.weights.line if getattr(res, "weights", None) is not None else None,
             "model": {k: getattr(res.model, k) for k in _MODEL_FACTS},
             "mesh": mesh_view(res.mesh),
             "placements": {"rows": placement_rows(res.model, res.placements, res.mesh.tp, res.recipe.model.dtype,

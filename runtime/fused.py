@@ -292,7 +292,27 @@ def legacy_sources(name: str, n_experts: int, have) -> list[list[str]] | None:
     alt = name.replace(".mlp.", ".block_sparse_moe.")        # Mixtral's router
     if name.startswith("lm_head."):                          # GPT-NeoX (Pythia) hub checkpoints: embed_out
         alt = "embed_out." + name.removeprefix("lm_head.")
-    return [[alt]] if alt != name and have(alt) else None
+    if alt != name and have(alt):
+        return [[alt]]
+    # a base-model checkpoint (LlamaModel.save_pretrained, no head): its keys lack the CausalLM's
+    # base_model_prefix ("model.layers.0..." is "layers.0..."), as transformers' loader accepts;
+    # a 2-part name (lm_head.weight) has no such prefix
+    head, _, rest = name.partition(".")
+    return [[rest]] if rest.count(".") >= 1 and head and have(rest) else None
+
+
+def checkpoint_sources(names, n_experts: int, have) -> dict[str, list[list[str]] | None]:
+    """{parameter name: the checkpoint keys it is read from} (None: in no key). The one mapping
+    from parameter names to checkpoint keys: runtime/parallel.load_weights reads by it, and the
+    compiler's header check (compiler/weights.py) checks by it, so a check that passes is a load
+    that finds every tensor. A tied lm_head is not among the names (named_parameters yields a
+    tied parameter once, as the embedding), so a checkpoint without lm_head.weight is fine then."""
+    return {n: [[n]] if have(n) else legacy_sources(n, n_experts, have) for n in names}
+
+
+def n_experts(get) -> int:
+    """The experts per MoE layer a config says (get: config attribute / dict lookup); 0: dense."""
+    return get("num_local_experts") or get("num_experts") or 0
 
 
 def assemble(groups: list[list[torch.Tensor]]) -> torch.Tensor:

@@ -30,6 +30,10 @@ CONFIG_FILES = ("config.json",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
 WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
+# a dataset repo's files runtime/prepare.py can read (prepare.FILE_KINDS, save_to_disk's .arrow
+# + its json, the card whose `configs:` names the data files): what `meshbake pull` fetches
+DATASET_FILES = ("*.jsonl", "*.ndjson", "*.json", "*.parquet", "*.csv", "*.tsv", "*.txt", "*.md", "*.text",
+                 "*.arrow")
 
 
 class HubMiss(Exception):
@@ -117,7 +121,8 @@ def snapshot(ref: HubRef, repo_type: str = "model", files: tuple[str, ...] | Non
                                    cache_dir=cache, local_files_only=off,
                                    allow_patterns=list(files) if files is not None else None)
     except GatedRepoError:
-        raise HubMiss(f"{what} is gated", "accept its licence on huggingface.co and export HF_TOKEN") from None
+        raise HubMiss(f"{what} is gated", "accept its licence on huggingface.co and set HF_TOKEN in the "
+                      "environment") from None
     except RevisionNotFoundError:
         raise HubMiss(f"{ref.repo} has no revision {ref.revision!r} on the Hub", "name a branch, tag or commit it has") from None
     except RepositoryNotFoundError:
@@ -149,3 +154,35 @@ def cached_snapshot(ref: HubRef, repo_type: str = "model") -> Path | None:
 def tokenizer_files(folder: str | Path) -> list[Path]:
     """The tokenizer files of a Hub snapshot (a model repo's snapshot also holds its weights)."""
     return sorted(p for n in TOKENIZER_FILES if (p := Path(folder) / n).is_file())
+
+
+def snapshot_problems(folder: Path, kind: str) -> list[str]:
+    """What a cached snapshot lacks for its use (kind: "weights", "tokenizer", "dataset", "config"),
+    one phrase per file: a file whose blob is gone (the snapshot's symlink dangles: a cleaned or
+    half-copied cache), a shard model.safetensors.index.json names that is absent, no file of the
+    kind at all. stdlib only: preflight runs it before torchrun; `meshbake pull` after downloading."""
+    import fnmatch
+
+    # a model repo's snapshot serves several readers: the tokenizer does not need the weights
+    mine = {"weights": WEIGHT_FILES, "tokenizer": TOKENIZER_FILES, "config": CONFIG_FILES}.get(kind, ("*",))
+    out = [f"{rel} (its blob is gone from the cache)" for p in sorted(folder.rglob("*"))
+           if p.is_symlink() and not p.exists()
+           and any(fnmatch.fnmatch(rel := p.relative_to(folder).as_posix(), m) for m in mine)]
+    if kind == "weights":
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                import json
+                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                return out + ["model.safetensors.index.json (not a weight_map index)"]
+            out += [f"{f} (named by model.safetensors.index.json)" for f in shards
+                    if not (folder / f).exists() and not (folder / f).is_symlink()]
+        elif not any(p.exists() for p in folder.glob("*.safetensors")) and not out:
+            out.append("*.safetensors (no weights file)")
+    elif kind == "tokenizer" and not any((folder / n).exists() for n in ("tokenizer.json", "vocab.json",
+                                                                       "tokenizer.model")) and not out:
+        out.append("tokenizer.json (or vocab.json / tokenizer.model)")
+    elif kind == "config" and not (folder / "config.json").exists() and not out:
+        out.append("config.json")
+    return out

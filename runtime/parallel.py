@@ -455,13 +455,12 @@ def load_weights(model: nn.Module, folder: str, seed: int, layouts: dict[str, st
 
     from safetensors import safe_open
 
-    from .fused import assemble, legacy_sources
+    from .fused import assemble, checkpoint_sources, n_experts
 
     params = {n: p for n, p in model.named_parameters() if only is None or n in only}
     base = [n for n in params if ".lora_" not in n]
     index = safetensors_index(folder)
-    n_exp = getattr(model.config, "num_local_experts", None) or getattr(model.config, "num_experts", 0) or 0
-    sources = {n: [[n]] if n in index else legacy_sources(n, n_exp, index.__contains__) for n in base}
+    sources = checkpoint_sources(base, n_experts(lambda k: getattr(model.config, k, None)), index.__contains__)
     missing = [n for n, src in sources.items() if src is None]
     if missing:
         raise KeyError(f"model.weights {folder}: missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
@@ -479,12 +478,14 @@ def load_weights(model: nn.Module, folder: str, seed: int, layouts: dict[str, st
         for name in base:
             p, src = params[name], sources[name]
             # a fused tensor's rows are reordered (runtime/fused.py): read whole, reorder
-            block = local_slice(p) if src == [[name]] and name not in fused else None
+            one = len(src) == 1 and len(src[0]) == 1      # one checkpoint key (its own name or an alias)
+            block = local_slice(p) if one and name not in fused else None
             if block is None:
                 full = assemble([[st(k).get_tensor(k) for k in ks] for ks in src])
                 set_full(p, _to_runtime(name, full, fused, model.config))
             else:
-                (p.to_local() if isinstance(p, DTensor) else p).copy_(st(name).get_slice(name)[block])
+                key = src[0][0]
+                (p.to_local() if isinstance(p, DTensor) else p).copy_(st(key).get_slice(key)[block])
             LOAD_STATS["full" if block is None else "block"] += 1
     for name in sorted(set(params) - set(base)):
         set_full(params[name], init_tensor(name, params[name].shape, seed, 0.0))

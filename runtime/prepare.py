@@ -117,7 +117,11 @@ def source_files(path: str, key: str) -> tuple[str, list[Path]]:
     """('disk', [folder]) for a save_to_disk folder, else ('files', sorted data files): a file, or
     a folder's data files by the datasets library's own rules (_folder_files). A Hub dataset id
     (org/name@sha, runtime/hub.py) is its snapshot, read by the same rules (not its README.md)."""
-    path, _ = _hub_path(path, key, "dataset", None)
+    from . import hub
+
+    # its data files only (what `meshbake pull` fetched: offline, huggingface_hub refuses a snapshot
+    # that lacks a file the patterns ask for, so they must be the same ones)
+    path, _ = _hub_path(path, key, "dataset", hub.DATASET_FILES)
     p = Path(path)
     if not p.exists():
         raise DataError(f"{key}: {path!r} not found (relative to {os.getcwd()})")

@@ -206,7 +206,8 @@ def test_random_weights_rule(hub):
     err = compile_dict(qwen_recipe(model={"config": "Qwen/Qwen3-8B"}, lora={"rank": 0}))
     assert [e.path for e in err.errors] == ["model.weights"], err
     ok(qwen_recipe(model={"config": "Qwen/Qwen3-8B"}, lora={"rank": 0},
-                   data={"format": "text", "path": "tatsu-lab/alpaca", "tokenizer": "Qwen/Qwen3-8B"}))
+                   data={"format": "text", "path": "tatsu-lab/alpaca", "tokenizer": "Qwen/Qwen3-8B",
+                         "fields": {"text": "output"}}))   # alpaca records have no text field (compiler/columns.py)
     # synthetic smoke recipes (no data, no tokenizer) stay valid with LoRA on random init
     ok(tiny_recipe("smoke", 1, lora={"rank": 4, "alpha": 8}))
     plan = json.loads(ok(qwen_recipe(model={"config": "Qwen/Qwen3-8B", "weights": "random"})).files["plan.json"])
@@ -265,7 +266,12 @@ def test_preflight_looks_pinned_ids_up_in_the_cache_when_offline(hub, tmp_path, 
     from meshbake.runtime.preflight import problems
 
     plan = P.loads(ok(qwen_recipe()).files["plan.json"].decode())
-    assert not [p for p in problems(plan) if "Qwen" in p or "alpaca" in p]
+    # config, tokenizer and data are cached; the weights are not (the fixture has no *.safetensors)
+    sha = hub["qwen"]
+    assert [p for p in problems(plan, "out/recipe.yaml") if "Qwen" in p or "alpaca" in p] == [
+        f"model.weights: Qwen/Qwen3-8B@{sha}: *.safetensors (no weights file) is not in the Hugging Face cache "
+        f"(HF_HUB_CACHE={hub['cache']}) and HF_HUB_OFFLINE is set; run `meshbake pull out/recipe.yaml` where the Hub "
+        "is reachable, with the same HF_HUB_CACHE"]
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
     found = [p for p in problems(plan) if "HF_HUB_OFFLINE" in p]
     assert [p.split(":")[0] for p in found] == ["data.path", "data.tokenizer", "model.weights"], found

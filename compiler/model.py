@@ -55,9 +55,10 @@ class ModelSpec:
     experts_per_token: int = 0
 
     def lora_targets(self, leaves: tuple[str, ...] | None) -> tuple[str, ...]:
-        """The fqns recipe lora.targets (leaf names) adapt (runtime/roles.py's rule); None:
-        every Linear that may carry an adapter."""
-        return lora_target_fqns((m.fqn for m in self.modules if m.kind == "linear"), leaves, self.roles.lm_head)
+        """The fqns recipe lora.targets (leaf names, "experts.gate_up_proj") adapt (runtime/roles.py's
+        rule); None: every Linear and grouped experts parameter that may carry an adapter."""
+        return lora_target_fqns((m.fqn for m in self.modules if m.kind == "linear"), leaves, self.roles.lm_head,
+                                (m.fqn for m in self.modules if m.kind == "experts" and self.layouts.get(m.fqn) == "experts"))
 
 
 def catalog_names() -> list[str]:

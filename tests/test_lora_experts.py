@@ -1,0 +1,247 @@
+"""LoRA on grouped MoE experts and on fused projections (issue #24 item 3).
+
+Experts (lora.targets "experts.gate_up_proj", "experts.down_proj", PEFT's target_parameters
+names): per-expert pairs A (E, r, in), B (E, out, r) beside the grouped W (E, out, in), computed
+unmerged in the MoE loop (runtime/lora.py). Fused projections (GLM gate_up_proj in pairs order,
+GPT-NeoX query_key_value per head, Phi-3 qkv_proj per kv group): an ordinary LoraLinear whose B
+rows are in the fused weight's runtime order. Each is checked against the merged math (W + s B A
+in HF's order, by a parametrization) and against PEFT (target_parameters / target_modules) on
+the same weights and adapter values: fp32, the loss and every adapter gradient within REL;
+at world 1 here and in one world-4 torchrun launch over four meshes: Mixtral experts over
+tp (dp_shard 2 x tp 2 + SP + LP), Mixtral experts over ep (dp_shard 4, ep 2), GLM and GPT-NeoX
+at dp_shard 2 x tp 2 + SP + LP.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from meshbake.runtime import plan as P
+from meshbake.runtime.fused import to_hf
+from meshbake.runtime.roles import EXPERT_PARAMS, is_expert_target, plan_roles
+from torch.nn.utils import parametrize
+
+from tests.dist.lora_worker import INPUT, adapter_value, loss_and_grads
+from tests.helpers import ROOT, one_process_group, plan_of, tiny_recipe, torchrun
+from tests.test_lora_math import base_hf
+
+RANK, ALPHA = 4, 8.0
+S = ALPHA / RANK
+REL = 1e-5
+MODELS = ROOT / "tests" / "models"
+EXPERTS = ["q_proj", "k_proj", "v_proj", "o_proj", "experts.gate_up_proj", "experts.down_proj"]
+FUSED = {"glm": ["gate_up_proj", "down_proj", "q_proj", "o_proj"],
+         "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+         "phi3": ["qkv_proj", "gate_up_proj"]}
+
+
+def plan_dict(name: str, model_type: str, targets: list[str], world: int, mesh: dict | None = None,
+              sp: bool = False, lp: bool = False) -> dict:
+    r = tiny_recipe(name, world, mesh=mesh, sp=sp, lp=lp, model=str(MODELS / model_type / "config.json"),
+                    lora={"rank": RANK, "alpha": ALPHA, "targets": targets})
+    return plan_of(r)
+
+
+# ----------------------------------------------------------------------- references
+def _hf_b(plan: P.Plan, module: str, leaf: str, b: torch.Tensor) -> torch.Tensor:
+    """A B in runtime row order -> HF's (fused rows: runtime/fused.py)."""
+    kind = plan.model.layouts.get(module)
+    if kind == "experts":
+        return to_hf("experts", b, base_cfg(plan)) if leaf == "gate_up_proj" else b
+    return to_hf(kind, b, base_cfg(plan)) if kind in ("qkv", "gate_up") else b
+
+
+def base_cfg(plan: P.Plan):
+    from meshbake.runtime.parallel import hf_config
+
+    return hf_config(plan.model.config)
+
+
+def adapters_hf(plan: P.Plan) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{target fqn: (A, B) in HF's layout} from the runtime names' adapter_value."""
+    out = {}
+    for fqn in plan_roles(plan).lora_targets:
+        if is_expert_target(fqn):
+            mod, _, leaf = fqn.rpartition(".")
+            a_name, b_name = f"{mod}.lora_A_{leaf}", f"{mod}.lora_B_{leaf}"
+        else:
+            mod, leaf, a_name, b_name = fqn, "", f"{fqn}.lora_A", f"{fqn}.lora_B"
+        out[fqn] = (a_name, b_name, mod, leaf)
+    return out
+
+
+class _Delta(nn.Module):
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:          # W_e + s B_e A_e, every expert
+        return w + S * torch.einsum("eor,eri->eoi", self.b, self.a)
+
+
+def _to_ours(plan, shapes, grads_hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF-layout adapter gradients keyed by runtime name -> runtime layout (B rows reordered)."""
+    from meshbake.runtime.fused import to_runtime
+
+    out = {}
+    for fqn, (a_name, b_name, mod, leaf) in adapters_hf(plan).items():
+        out[a_name] = grads_hf[a_name]
+        kind = plan.model.layouts.get(mod)
+        g = grads_hf[b_name]
+        if kind == "experts" and leaf == "gate_up_proj":
+            g = to_runtime("experts", g, base_cfg(plan))
+        elif kind in ("qkv", "gate_up"):
+            g = to_runtime(kind, g, base_cfg(plan))
+        out[b_name] = g
+    return out
+
+
+def merged_reference(plan: P.Plan, shapes: dict) -> tuple[float, dict[str, torch.Tensor]]:
+    """Plain HF: every Linear target F.linear(x, W + s B A), every expert target W_e + s B_e A_e."""
+    model = base_hf(plan)
+    params = {}
+    for fqn, (a_name, b_name, mod, leaf) in adapters_hf(plan).items():
+        a = nn.Parameter(adapter_value(a_name, shapes[a_name]))
+        b = nn.Parameter(_hf_b(plan, mod, leaf, adapter_value(b_name, shapes[b_name])))
+        params[a_name], params[b_name] = a, b
+        m = model.get_submodule(mod)
+        if leaf:
+            parametrize.register_parametrization(m, leaf, _Delta(a, b))
+        else:
+            m.lora_A, m.lora_B = a, b
+            m.register_forward_hook(lambda m, args, out: F.linear(args[0], m.weight + S * (m.lora_B @ m.lora_A), m.bias))
+    loss = _loss(model, plan)
+    loss.backward()
+    return loss.item(), _to_ours(plan, shapes, {n: p.grad for n, p in params.items()})
+
+
+def peft_reference(plan: P.Plan, shapes: dict) -> tuple[float, dict[str, torch.Tensor]]:
+    """PEFT 0.21's LoRA: target_modules for the Linears, target_parameters (ParamWrapper: A as
+    (E r, in), B as (out, r E)) for the experts; same base weights and adapter values."""
+    import peft
+
+    targets = adapters_hf(plan)
+    linear = sorted({fqn.rpartition(".")[2] for fqn in targets if not is_expert_target(fqn)})
+    params_t = [f"experts.{p}" for p in EXPERT_PARAMS if any(f.endswith(f"experts.{p}") for f in targets)]
+    model = peft.get_peft_model(base_hf(plan), peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                                                                target_modules=linear or None,
+                                                                target_parameters=params_t or None))
+    named = dict(model.named_parameters())
+    ours_of = {}
+    for fqn, (a_name, b_name, mod, leaf) in targets.items():
+        a, b = adapter_value(a_name, shapes[a_name]), _hf_b(plan, mod, leaf, adapter_value(b_name, shapes[b_name]))
+        if leaf:        # the wrapper of this parameter: the one whose B has W's out rows
+            e, out_f = b.shape[0], b.shape[1]
+            wrappers = [p for p in (f"{mod}.base_layer", mod) if f"base_model.model.{p}.lora_B.default.weight" in named]
+            pre = next(p for p in wrappers if named[f"base_model.model.{p}.lora_B.default.weight"].shape[0] == out_f)
+            pa, pb = a.reshape(e * RANK, -1), b.permute(1, 2, 0).reshape(out_f, RANK * e)
+        else:
+            pre, pa, pb = mod, a, b
+        for ours, val, part in ((a_name, pa, "lora_A"), (b_name, pb, "lora_B")):
+            p = named[f"base_model.model.{pre}.{part}.default.weight"]
+            with torch.no_grad():
+                p.copy_(val)
+            ours_of[ours] = (p, leaf, shapes[ours])
+    loss = _loss(model, plan)
+    loss.backward()
+    grads = {}
+    for ours, (p, leaf, shape) in ours_of.items():
+        g = p.grad
+        if leaf and ".lora_A_" in ours:
+            g = g.reshape(shape)                                         # (E r, in) -> (E, r, in)
+        elif leaf:
+            g = g.reshape(shape[1], RANK, shape[0]).permute(2, 0, 1)      # (out, r E) -> (E, out, r)
+        grads[ours] = g
+    return loss.item(), _to_ours(plan, shapes, grads)
+
+
+def _loss(model: nn.Module, plan: P.Plan) -> torch.Tensor:
+    ids = torch.tensor(INPUT) % plan.model.config["vocab_size"]
+    logits = model(input_ids=ids[:, :-1], use_cache=False).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(0, 1))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def compare(got: tuple[float, dict], want: tuple[float, dict]) -> float:
+    (loss, grads), (ref_loss, ref_grads) = got, want
+    assert sorted(grads) == sorted(ref_grads)
+    worst = abs(loss - ref_loss) / abs(ref_loss)
+    for n in ref_grads:
+        assert float(ref_grads[n].norm()) > 0, n
+        assert grads[n].shape == ref_grads[n].shape, n
+        worst = max(worst, _rel(grads[n], ref_grads[n]))
+    return worst
+
+
+def world1(plan: P.Plan) -> tuple[float, dict[str, torch.Tensor]]:
+    from meshbake.runtime.train import world_mesh
+
+    with one_process_group():
+        loss, grads, _ = loss_and_grads(plan, world_mesh(plan))
+    return loss.item(), grads
+
+
+def _shapes(grads: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(g.shape) for n, g in grads.items()}
+
+
+# ----------------------------------------------------------------------------- world 1
+def test_experts_world1_match_merged_math_and_peft():
+    plan = P.from_dict(plan_dict("lx_w1", "mixtral", EXPERTS, 1))
+    assert "model.layers.0.mlp.experts.gate_up_proj" in plan_roles(plan).lora_targets
+    got = world1(plan)
+    shapes = _shapes(got[1])
+    assert shapes["model.layers.0.mlp.experts.lora_A_gate_up_proj"] == (4, RANK, 64)
+    assert shapes["model.layers.0.mlp.experts.lora_B_gate_up_proj"] == (4, 128, RANK)
+    merged = compare(got, merged_reference(plan, shapes))
+    vs_peft = compare(got, peft_reference(plan, shapes))
+    print(f"experts world 1: vs merged {merged:.2e}, vs PEFT {vs_peft:.2e}")
+    assert merged < REL and vs_peft < REL
+
+
+@pytest.mark.parametrize("model_type", sorted(FUSED))
+def test_fused_projection_world1_matches_merged_math_and_peft(model_type):
+    plan = P.from_dict(plan_dict(f"lf_{model_type}", model_type, FUSED[model_type], 1))
+    got = world1(plan)
+    shapes = _shapes(got[1])
+    merged = compare(got, merged_reference(plan, shapes))
+    vs_peft = compare(got, peft_reference(plan, shapes))
+    print(f"{model_type} fused world 1: vs merged {merged:.2e}, vs PEFT {vs_peft:.2e}")
+    assert merged < REL and vs_peft < REL
+
+
+# ------------------------------------------------------------ four meshes, one launch
+MESHES = {  # name: (model, targets, mesh, sp + lp)
+    "lx_tp": ("mixtral", EXPERTS, {"dp_shard": 2, "tp": 2}, True),
+    "lx_ep": ("mixtral", EXPERTS, {"dp_shard": 4, "tp": 1, "ep": 2}, False),
+    "lf_glm_tp": ("glm", FUSED["glm"], {"dp_shard": 2, "tp": 2}, True),
+    "lf_gpt_neox_tp": ("gpt_neox", FUSED["gpt_neox"], {"dp_shard": 2, "tp": 2}, True),
+}
+
+
+@pytest.mark.dist
+def test_experts_over_tp_and_ep_and_fused_over_tp_match_one_process(tmp_path: Path):
+    paths = []
+    for name, (model_type, targets, mesh, splp) in MESHES.items():
+        d = plan_dict(name, model_type, targets, 4, mesh, sp=splp, lp=splp)
+        (tmp_path / f"{name}.json").write_text(json.dumps(d))
+        paths.append(str(tmp_path / f"{name}.json"))
+    torchrun(4, ROOT / "tests/dist/lora_worker.py", "--many", str(tmp_path / "out.pt"), *paths, cwd=tmp_path)
+    out = torch.load(tmp_path / "out.pt")
+    for name, (model_type, targets, mesh, _) in MESHES.items():
+        plan = P.from_dict(json.loads((tmp_path / f"{name}.json").read_text()))
+        assert plan.mesh.ep == mesh.get("ep", 1) and plan.mesh.tp == mesh["tp"]
+        got = (out[name]["loss"], out[name]["grads"])
+        one = world1(P.from_dict(plan_dict(name + "_w1", model_type, targets, 1)))
+        shapes = _shapes(one[1])
+        vs_one, vs_merged = compare(got, one), compare(got, merged_reference(plan, shapes))
+        vs_peft = compare(got, peft_reference(plan, shapes))
+        print(f"{name} {mesh}: vs world 1 {vs_one:.2e}, vs merged {vs_merged:.2e}, vs PEFT {vs_peft:.2e}")
+        assert vs_one < REL and vs_merged < REL and vs_peft < REL, name

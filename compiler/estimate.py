@@ -30,14 +30,14 @@ from typing import Any
 from meshbake.compiler.errors import Err, RecipeError, Result, reads
 from meshbake.compiler.memo import cached
 from meshbake.compiler.mesh import MeshSpec
-from meshbake.compiler.model import ModelSpec
+from meshbake.compiler.model import ModelSpec, ModuleInfo, expert_matrices
 from meshbake.compiler.moe import router_aux_coef
 from meshbake.compiler.placements import DTYPE_BYTES, Placements
 from meshbake.compiler.recipe import Recipe
 from meshbake.runtime import flops as F
 from meshbake.runtime.dims import tokens_per_rank
 from meshbake.runtime.quant import nf4_bytes, nf4_scaler_block, nf4_working_bytes
-from meshbake.runtime.roles import local_shape, lora_shapes
+from meshbake.runtime.roles import expert_lora_dims, local_shape, lora_shapes
 from meshbake.runtime.units import fmt_bytes
 
 USABLE = 0.9
@@ -136,6 +136,7 @@ def rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, ep: i
             e = m.shape[0]
             out += [RankParam(e // ep, _numel(m.shape[1:]), where, not lora, ep=ep),
                     RankParam(e // ep, bias // e, where, not lora, ep=ep)]
+            out += [RankParam(e // ep, _numel(a[1:]), where, True, ep=ep) for a in _expert_adapters(m, adapted, lora, 1)]
             covered += m.numel
             continue
         out.append(RankParam(loc[0], _numel(loc[1:]), where, not lora, m.fqn == roles.embedding,
@@ -150,10 +151,29 @@ def rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, ep: i
         if m.fqn in adapted:
             for a in lora_shapes(m.shape, style, lora, tp):     # lora_A (r x in), lora_B (out x r)
                 out.append(RankParam(a[0], a[1], where, True))
+        if m.kind == "experts":
+            out += [RankParam(a[0], _numel(a[1:]), where, True) for a in _expert_adapters(m, adapted, lora, tp)]
     rest = model.num_params - covered               # num_params counts a tied weight once, as covered does
     if rest > 0:                                      # parameters of no Linear/Embedding/norm: whole
         out.append(RankParam(rest, 1, "root", not lora))
     return out
+
+
+def _expert_adapters(m: ModuleInfo, adapted: set[str], rank: int, tp: int) -> list[tuple[int, ...]]:
+    """Local shapes of the LoRA factors beside a grouped experts module's targeted parameters
+    (runtime/lora.py): A (E, r, in), B (E, out, r); under tp (experts style) B splits gate_up's
+    2I rows, A down's I columns (runtime/roles.py expert_lora_dims); under ep the caller
+    divides E."""
+    out = []
+    for name, (e, o, i) in expert_matrices(m).items():
+        if f"{m.fqn}.{name}" in adapted:
+            a_dim, b_dim = expert_lora_dims(None if tp == 1 else 1 if name == "gate_up_proj" else 2)
+            out += [_split_dim((e, rank, i), a_dim, tp), _split_dim((e, o, rank), b_dim, tp)]
+    return out
+
+
+def _split_dim(shape: tuple[int, ...], dim: int | None, tp: int) -> tuple[int, ...]:
+    return tuple(n // tp if d == dim else n for d, n in enumerate(shape))
 
 
 def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[int, int, int]:
@@ -408,12 +428,16 @@ def matmul_params(model: ModelSpec) -> int:
 def flops_per_token(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> int:
     t, lo = recipe.train, recipe.lora
     targets = set(pl.lora_targets) if lo.rank > 0 else set()
-    adapted = [m for m in model.modules if m.fqn in targets]
+    adapted = [(m.shape[0], lo.rank, m.shape[1]) for m in model.modules if m.fqn in targets]
+    # an expert adapter runs for the rows routed to its expert: k of the E per token and MoE layer
+    adapted += [(o, lo.rank, i) for m in model.modules if m.kind == "experts"
+                for name, (_, o, i) in expert_matrices(m).items() if f"{m.fqn}.{name}" in targets
+                for _ in range(model.experts_per_token)]
     n = matmul_params(model)
     return F.flops_per_token(
         matmul_params=n, layers=model.num_layers, heads=model.num_heads, head_dim=model.head_dim,
         seq_len=t.seq_len, frozen_params=n if lo.rank > 0 else 0,    # LoRA: no base weight has a gradient
-        adapters=[(m.shape[0], lo.rank, m.shape[1]) for m in adapted])
+        adapters=adapted)
 
 
 _RANK_PARAMS: dict = {}

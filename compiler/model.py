@@ -28,6 +28,13 @@ class ModuleInfo:
     numel: int                    # parameters directly owned (weight + bias; experts: gate_up + down)
 
 
+def expert_matrices(m: ModuleInfo) -> dict[str, tuple[int, int, int]]:
+    """{parameter: (E, out, in)} of a grouped experts module: gate_up_proj (E, 2I, H) is its
+    ModuleInfo shape, down_proj (E, H, I) the rest of its parameter count."""
+    e, two_i, h = m.shape
+    return {"gate_up_proj": (e, two_i, h), "down_proj": (e, h, (m.numel - e * two_i * h) // (e * h))}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     source: str                   # what the recipe said: catalog name or path

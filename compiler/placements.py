@@ -16,7 +16,7 @@ from fnmatch import fnmatchcase
 from meshbake.compiler.errors import Err, RecipeError, Result, reads, run
 from meshbake.compiler.memo import cached
 from meshbake.compiler.mesh import MeshSpec
-from meshbake.compiler.model import ModelSpec, ModuleInfo
+from meshbake.compiler.model import ModelSpec, ModuleInfo, expert_matrices
 from meshbake.compiler.recipe import Recipe
 from meshbake.runtime.roles import ATTENTION_NAMES, is_expert_target, local_shape, shard_dim, target_name
 
@@ -222,18 +222,9 @@ def _lora_errors(recipe: Recipe, model: ModelSpec) -> list[RecipeError]:
 
 
 def _expert_matrices(model: ModelSpec, targets: set[str]) -> list[tuple[int, int]]:
-    """(out, in) of one expert's matrix for each targeted grouped experts parameter: gate_up_proj
-    (2I, H), down_proj (H, I) (ModuleInfo keeps gate_up's shape; down's I from the parameter count)."""
-    out = []
-    for m in model.modules:
-        if m.kind != "experts":
-            continue
-        e, two_i, h = m.shape
-        if f"{m.fqn}.gate_up_proj" in targets:
-            out.append((two_i, h))
-        if f"{m.fqn}.down_proj" in targets:
-            out.append((h, (m.numel - e * two_i * h) // (e * h)))
-    return out
+    """(out, in) of one expert's matrix for each targeted grouped experts parameter."""
+    return [(o, i) for m in model.modules if m.kind == "experts"
+            for name, (_, o, i) in expert_matrices(m).items() if f"{m.fqn}.{name}" in targets]
 
 
 @reads("lora.quantize_base", "lora.rank", "lora.targets", "mesh", "train.compile")

@@ -88,7 +88,7 @@ def _to_ours(plan, shapes, grads_hf: dict[str, torch.Tensor]) -> dict[str, torch
     from meshbake.runtime.fused import to_runtime
 
     out = {}
-    for fqn, (a_name, b_name, mod, leaf) in adapters_hf(plan).items():
+    for a_name, b_name, mod, leaf in adapters_hf(plan).values():
         out[a_name] = grads_hf[a_name]
         kind = plan.model.layouts.get(mod)
         g = grads_hf[b_name]
@@ -104,7 +104,7 @@ def merged_reference(plan: P.Plan, shapes: dict) -> tuple[float, dict[str, torch
     """Plain HF: every Linear target F.linear(x, W + s B A), every expert target W_e + s B_e A_e."""
     model = base_hf(plan)
     params = {}
-    for fqn, (a_name, b_name, mod, leaf) in adapters_hf(plan).items():
+    for a_name, b_name, mod, leaf in adapters_hf(plan).values():
         a = nn.Parameter(adapter_value(a_name, shapes[a_name]))
         b = nn.Parameter(_hf_b(plan, mod, leaf, adapter_value(b_name, shapes[b_name])))
         params[a_name], params[b_name] = a, b
@@ -132,7 +132,7 @@ def peft_reference(plan: P.Plan, shapes: dict) -> tuple[float, dict[str, torch.T
                                                                 target_parameters=params_t or None))
     named = dict(model.named_parameters())
     ours_of = {}
-    for fqn, (a_name, b_name, mod, leaf) in targets.items():
+    for a_name, b_name, mod, leaf in targets.values():
         a, b = adapter_value(a_name, shapes[a_name]), _hf_b(plan, mod, leaf, adapter_value(b_name, shapes[b_name]))
         if leaf:        # the wrapper of this parameter: the one whose B has W's out rows
             e, out_f = b.shape[0], b.shape[1]
@@ -245,3 +245,56 @@ def test_experts_over_tp_and_ep_and_fused_over_tp_match_one_process(tmp_path: Pa
         vs_peft = compare(got, peft_reference(plan, shapes))
         print(f"{name} {mesh}: vs world 1 {vs_one:.2e}, vs merged {vs_merged:.2e}, vs PEFT {vs_peft:.2e}")
         assert vs_one < REL and vs_merged < REL and vs_peft < REL, name
+
+
+# ------------------------------------------------------------------------ compile time
+def _resolved(model_type: str, targets: list[str], world: int, mesh: dict, **lora):
+    import yaml
+
+    from tests.helpers import resolve
+
+    r = tiny_recipe("lx_c", world, mesh=mesh, model=str(MODELS / model_type / "config.json"),
+                    lora={"rank": RANK, "alpha": ALPHA, "targets": targets, **lora})
+    return resolve(yaml.safe_dump(r))
+
+
+@pytest.mark.parametrize("mesh", [{"dp_shard": 2, "tp": 2}, {"dp_shard": 4, "tp": 1, "ep": 2}, {"dp_shard": 4}])
+def test_expert_adapters_per_rank_are_what_the_runtime_allocates(mesh):
+    """The estimate's adapter params (fp32 params, grads, AdamW) are the job's own build on fake
+    ranks (runtime/dryrun.py). Tiny Mixtral, E 4, H = I = 64, 4 heads / 2 kv of 16, r 4, per layer:
+    experts gate_up A 4x4x64 + B 4x128x4, down A 4x4x64 + B 4x64x4 = 5,120; q,k,v,o 1,792.
+    tp 2: gate_up's B and down's A halved -> 3,584; q,k,v,o 1,408 (A whole beside colwise, B
+    whole beside rowwise); 2 layers / dp_shard 2 = 4,992. dp_shard 4: 2 x 6,912 / 4 = 3,456.
+    ep 2: 2 of 4 experts' adapters, FSDP over dp_shard / ep = 2 (2 x 2,560 / 2), attention
+    over dp_shard 4 (2 x 1,792 / 4): 3,456."""
+    from meshbake.runtime.dryrun import build_rank
+
+    res = _resolved("mixtral", EXPERTS, 4, mesh)
+    assert not hasattr(res, "errors"), res
+    r0 = build_rank(res.plan, 0)
+    assert r0["ok"], r0
+    print(f"{mesh}: trainable per rank {r0['trainable']}, estimate grads {res.estimate.grads_bytes} bytes")
+    assert res.estimate.grads_bytes == r0["trainable"] * 4                  # fp32 adapter gradients
+    assert res.estimate.params_per_rank == r0["params"]
+    want = {"dp_shard": 3456, "tp": 4992, "ep": 3456}
+    key = "ep" if "ep" in mesh else "tp" if mesh.get("tp", 1) > 1 else "dp_shard"
+    assert r0["trainable"] == want[key], (r0, want)
+
+
+def test_expert_flops_count_the_routed_experts_adapters():
+    """6 per adapter parameter a token passes through: k = 2 of E = 4 experts per MoE layer."""
+    with_e = _resolved("mixtral", EXPERTS, 1, {"dp_shard": 1})
+    without = _resolved("mixtral", EXPERTS[:4], 1, {"dp_shard": 1})
+    per_layer_expert = RANK * (128 + 64) + RANK * (64 + 64)       # gate_up r (2I + H) + down r (H + I)
+    assert (with_e.estimate.flops_per_token - without.estimate.flops_per_token
+            == 6 * 2 * 2 * per_layer_expert)                      # 6 x layers x k x params
+
+
+def test_expert_targets_named_wrong_or_quantized_are_refused_with_a_fix():
+    err = _resolved("mixtral", ["q_proj", "gate_up_proj"], 1, {"dp_shard": 1})
+    (e,) = err.errors
+    assert e.path == "lora.targets[1]" and "experts.gate_up_proj" in e.hint, e
+    err = _resolved("mixtral", EXPERTS, 1, {"dp_shard": 1}, quantize_base="nf4")
+    msgs = {x.path: x for x in err.errors}
+    e = msgs["lora.quantize_base"]
+    assert "experts.gate_up_proj" in e.message and "NF4" in e.message and "lora.targets" in e.hint, e

@@ -233,8 +233,15 @@ def test_experts_over_tp_and_ep_and_fused_over_tp_match_one_process(tmp_path: Pa
         d = plan_dict(name, model_type, targets, 4, mesh, sp=splp, lp=splp)
         (tmp_path / f"{name}.json").write_text(json.dumps(d))
         paths.append(str(tmp_path / f"{name}.json"))
-    torchrun(4, ROOT / "tests/dist/lora_worker.py", "--many", str(tmp_path / "out.pt"), *paths, cwd=tmp_path)
+    # and, in the same launch, the ep mesh trained 3 steps and checkpointed, for the export below
+    exp = plan_dict("lx_ep_export", "mixtral", EXPERTS, 4, MESHES["lx_ep"][2])
+    exp["train"].update(steps=3, lr=2e-3, warmup_steps=1)
+    exp["checkpoint"].update(every_steps=3, keep=1)
+    (tmp_path / "export.json").write_text(json.dumps(exp))
+    torchrun(4, ROOT / "tests/dist/lora_worker.py", "--many", str(tmp_path / "out.pt"), *paths,
+             str(tmp_path / "export.json"), cwd=tmp_path)
     out = torch.load(tmp_path / "out.pt")
+    _export_matches_the_trained_model(Path(out["lx_ep_export"]["run_dir"]), tmp_path / "hf")
     for name, (model_type, targets, mesh, _) in MESHES.items():
         plan = P.from_dict(json.loads((tmp_path / f"{name}.json").read_text()))
         assert plan.mesh.ep == mesh.get("ep", 1) and plan.mesh.tp == mesh["tp"]
@@ -245,6 +252,23 @@ def test_experts_over_tp_and_ep_and_fused_over_tp_match_one_process(tmp_path: Pa
         vs_peft = compare(got, peft_reference(plan, shapes))
         print(f"{name} {mesh}: vs world 1 {vs_one:.2e}, vs merged {vs_merged:.2e}, vs PEFT {vs_peft:.2e}")
         assert vs_one < REL and vs_merged < REL and vs_peft < REL, name
+
+
+def _export_matches_the_trained_model(run_dir: Path, out: Path) -> None:
+    """meshbake export of the ep run (experts and their adapters Shard(0) over ep in DCP): one
+    process merges W_e + s B_e A_e per expert, writes HF's layout; from_pretrained gives the
+    logits the sharded model computed after training."""
+    from meshbake.runtime.export import main as export_main
+    from transformers import AutoModelForCausalLM
+
+    assert export_main([str(run_dir), "-o", str(out)]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor(INPUT)[:, :-1] % hf.config.vocab_size
+    with torch.no_grad():
+        got = hf(input_ids=ids).logits
+    want = torch.load(run_dir / "logits.pt")
+    print(f"export of the ep 2 run: max abs logits diff {float((got - want).abs().max()):.2e}")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------ compile time

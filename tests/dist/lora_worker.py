@@ -107,11 +107,31 @@ def loss_and_grads(plan: P.Plan, mesh) -> tuple[torch.Tensor, dict[str, torch.Te
     return loss, grads, model
 
 
+def export_case(plan: P.Plan, run_dir: Path) -> dict:
+    """run() for the plan's steps (its DCP checkpoint in run_dir), then the trained model's
+    logits of INPUT: rank 0 writes run_dir/logits.pt and run_dir/plan.json."""
+    from meshbake.runtime.train import run
+
+    res = run(plan, run_dir)
+    res.model.eval()
+    ids = torch.tensor(INPUT)[:, :-1] % plan.model.config["vocab_size"]
+    with torch.no_grad():
+        logits = res.model(input_ids=ids, use_cache=False).logits
+    logits = logits.full_tensor() if isinstance(logits, DTensor) else logits
+    if dist.get_rank() == 0:
+        torch.save(logits, run_dir / "logits.pt")
+        (run_dir / "plan.json").write_text(P.dumps(plan))
+    return {"run_dir": str(run_dir), "losses": res.losses}
+
+
 def main_many(out_path: str, *plan_paths: str) -> int:
     plans = [P.from_dict(json.loads(Path(p).read_text())) for p in plan_paths]
     init_distributed(plans[0].mesh.backend)
     out = {}
     for plan in plans:
+        if plan.checkpoint.every_steps:      # trained and checkpointed: logits after it, for export
+            out[plan.name] = export_case(plan, Path(out_path).parent / plan.name)
+            continue
         loss, grads, _ = loss_and_grads(plan, world_mesh(plan))
         out[plan.name] = {"loss": float(loss.full_tensor() if isinstance(loss, DTensor) else loss), "grads": grads}
     if dist.get_rank() == 0:

@@ -37,7 +37,7 @@ from meshbake.compiler.recipe import Recipe
 from meshbake.runtime import flops as F
 from meshbake.runtime.dims import tokens_per_rank
 from meshbake.runtime.quant import nf4_bytes, nf4_scaler_block, nf4_working_bytes
-from meshbake.runtime.roles import expert_lora_dims, local_shape, lora_shapes
+from meshbake.runtime.roles import expert_lora_dims, is_expert_target, local_shape, lora_shapes
 from meshbake.runtime.units import fmt_bytes
 
 USABLE = 0.9
@@ -777,6 +777,9 @@ class _Shape:
     mlp_colwise_sum: int = 0       # colwise Linears of all blocks' MLPs
     moe: int = 0                   # MoE blocks (a grouped `experts` module, runtime/fused.py)
     norm_stats: tuple[int, int] = (0, 0)   # colwise_norm modules of all blocks (OLMo-2 q/k norm): count, numel
+    # LoRA on experts under tp: the factors replicated over tp (gate_up's A, down's B), whose
+    # gradients runtime/lora.py all-reduces in every backward: tensors, numel (E r H each)
+    expert_rep: tuple[int, int] = (0, 0)
 
 
 def _is_attn(fqn: str, prefix: str) -> bool:
@@ -793,7 +796,8 @@ def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: boo
     adapted = set(pl.lora_targets) if lo.rank else set()
     lin = [m for m in block if m.kind == "linear"]
     attn_ad = any(m.fqn in adapted for m in lin if _is_attn(m.fqn, pre))
-    mlp_ad = any(m.fqn in adapted for m in lin if not _is_attn(m.fqn, pre))
+    mlp_ad = (any(m.fqn in adapted for m in lin if not _is_attn(m.fqn, pre))
+              or any(f.startswith(pre) for f in adapted if is_expert_target(f)))
     L = model.num_layers
     if not lo.rank or recipe.train.activation_checkpointing != "none":
         n_before = n_attn = n_mlp = k_l = v_l = L
@@ -803,7 +807,7 @@ def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: boo
         n_before, n_attn, n_mlp = later, int(attn_ad) + later, L * any_ad
         ad = {leaf(m) for m in lin if m.fqn in adapted}
         k_l, v_l = (later + bool(ad & {"k_proj", "qkv_proj"}), later + bool(ad & {"v_proj", "qkv_proj"}))
-    rep = [0, 0]
+    rep, ex_rep = [0, 0], [0, 0]
     tp_t = plain_t = 0
     for m in model.modules:
         if roles.tied and m.fqn == roles.lm_head:
@@ -811,6 +815,13 @@ def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: boo
         style = pl.styles[m.fqn] if tp > 1 else "replicate"
         w = _numel(m.shape)
         tensors = 2 if m.numel > w else 1              # weight (+ bias; experts: gate_up + down)
+        ex_ad = [n for n in expert_matrices(m) if f"{m.fqn}.{n}" in adapted] if m.kind == "experts" else []
+        if ex_ad and style == "experts":               # A, B per parameter, TP DTensors; one of them replicated
+            tp_t += 2 * len(ex_ad)
+            ex_rep[0] += len(ex_ad)
+            ex_rep[1] += len(ex_ad) * m.shape[0] * lo.rank * m.shape[2]     # E r H: gate_up's A, down's B
+        elif ex_ad:
+            plain_t += 2 * len(ex_ad)
         if m.fqn in adapted:
             if style.startswith(("colwise", "rowwise")):   # A (colwise) / B (rowwise) replicated
                 rep[0] += 1
@@ -852,7 +863,7 @@ def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: boo
         mlp_colwise_sum=sum(1 for m in blocks if m.kind == "linear" and not _is_attn(m.fqn, bpre(m))
                             and pl.styles[m.fqn].startswith("colwise")),
         moe=sum(1 for m in model.modules if m.kind == "experts"),
-        norm_stats=(len(colnorm), sum(m.numel for m in colnorm)))
+        norm_stats=(len(colnorm), sum(m.numel for m in colnorm)), expert_rep=(ex_rep[0], ex_rep[1]))
 
 
 _SHAPES: dict = {}
@@ -1004,6 +1015,9 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
             add("tp", tp, "all_reduce", "loss parallel: max, sum of exp, target logit", 3 * ga, 3 * ga * tokens * 4)
         add("tp", tp, "all_reduce", "Partial grads of replicated params (norms, LoRA A/B)",
             syncs * sh.rep[0] if fsdp else sh.rep[0], syncs * sh.rep[1] * pb if fsdp else sh.rep[1] * mb)
+        if sh.expert_rep[0]:        # runtime/lora.py expert_factors: the MoE loop runs on local tensors
+            add("tp", tp, "all_reduce", "LoRA on experts: grads of the tp-replicated factors, every backward",
+                ga * sh.expert_rep[0], ga * sh.expert_rep[1] * pb)
     if cp > 1:
         kv = t.micro_batch_size * t.seq_len * model.num_kv_heads * model.head_dim // tp * pb
         ac = 2 * (t.activation_checkpointing != "none") * sh.n_after_mlp

@@ -303,6 +303,12 @@ def test_expert_adapters_per_rank_are_what_the_runtime_allocates(mesh):
     want = {"dp_shard": 3456, "tp": 4992, "ep": 3456}
     key = "ep" if "ep" in mesh else "tp" if mesh.get("tp", 1) > 1 else "dp_shard"
     assert r0["trainable"] == want[key], (r0, want)
+    assert res.estimate.trainable_total == 2 * (5120 + 1792)
+    rows = [c for c in res.estimate.traffic if c.what.startswith("LoRA on experts")]
+    if key == "tp":     # gate_up's A and down's B (E r H = 1,024 fp32 each), 2 layers x grad_accum 2
+        assert [(c.count, c.bytes) for c in rows] == [(8, 8 * 1024 * 4)], rows
+    else:
+        assert rows == []
 
 
 def test_expert_flops_count_the_routed_experts_adapters():

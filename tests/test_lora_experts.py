@@ -242,6 +242,15 @@ def test_experts_over_tp_and_ep_and_fused_over_tp_match_one_process(tmp_path: Pa
              str(tmp_path / "export.json"), cwd=tmp_path)
     out = torch.load(tmp_path / "out.pt")
     _export_matches_the_trained_model(Path(out["lx_ep_export"]["run_dir"]), tmp_path / "hf")
+    # its 3 AdamW steps (grad clipping, per-mesh groups) vs plain HF with the adapters merged by a
+    # parametrization (tests/dist/reference.py), the whole global batch in one process
+    from tests.dist.reference import reference_losses
+
+    ref, _ = reference_losses(P.from_dict(exp))
+    got = {int(k): v for k, v in out["lx_ep_export"]["losses"].items()}
+    rel = max(abs(got[k] - ref[k]) / abs(ref[k]) for k in ref)
+    print(f"ep 2 LoRA on experts, 3 steps: losses {got}, max rel vs reference {rel:.2e}")
+    assert sorted(got) == [1, 2, 3] and rel < 1e-5 and ref[3] < ref[1], (got, ref)
     for name, (model_type, targets, mesh, _) in MESHES.items():
         plan = P.from_dict(json.loads((tmp_path / f"{name}.json").read_text()))
         assert plan.mesh.ep == mesh.get("ep", 1) and plan.mesh.tp == mesh["tp"]

@@ -144,6 +144,14 @@ def test_lora_target_linear_on_mixtral_takes_the_experts_too_but_not_under_qlora
     assert not isinstance(res, Err), res.errors
     targets = res.plan.model.roles.lora_targets
     assert "model.layers.31.mlp.experts.down_proj" in targets and not any(t.endswith(".gate") for t in targets)
+    # the example's commented-out lora_target_modules list (Mixtral's hub names and the router)
+    cfg = {**cfg, "lora_target_linear": None, "lora_target_modules": ["gate", *attention, "w1", "w2", "w3"]}
+    imp = import_axolotl(cfg, "t", source="t.yml", model_ref="mixtral-8x7b",
+                         model_config=load.read_model_config("mixtral-8x7b"))
+    assert _recipe(imp)["lora"]["targets"] == [*attention, "experts.gate_up_proj", "experts.down_proj"]
+    note = {n.key: n for n in imp.notes}["lora_target_modules"]
+    assert note.status == "approximated" and "w2 -> experts.down_proj" in note.reason and "router" in note.reason
+    assert not isinstance(check_text(imp.text, "x"), Err)
 
 
 def test_qlora_maps_to_an_nf4_base_and_tutorial_70b_reports_why_it_does_not_fit():

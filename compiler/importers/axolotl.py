@@ -510,6 +510,7 @@ def _lora(cfg: Mapping[str, Any], acc: _Acc, linears: Sequence[str]) -> bool:
         acc.note("lora_dropout", "mapped", "lora.dropout")
     mods = cfg.get("lora_target_modules") or []
     mods = [mods] if isinstance(mods, str) else list(mods)
+    mods, why_mods = _expert_modules(mods, linears)
     every, why_every = _every_linear(linears, adapter == "qlora" or bool(cfg.get("load_in_4bit")))
     targets = list(dict.fromkeys(mods + (every if cfg.get("lora_target_linear") else [])))
     if not targets:
@@ -519,8 +520,30 @@ def _lora(cfg: Mapping[str, Any], acc: _Acc, linears: Sequence[str]) -> bool:
     for k in ("lora_target_modules", "lora_target_linear"):
         if k in cfg and cfg[k] is not None:
             moe = k == "lora_target_linear" and cfg[k] and why_every != _EVERY
-            acc.note(k, "mapped" if cfg[k] else "implied", "lora.targets", why_every if moe else "")
+            if k == "lora_target_modules" and why_mods:
+                acc.note(k, "approximated", "lora.targets", why_mods)
+            else:
+                acc.note(k, "mapped" if cfg[k] else "implied", "lora.targets", why_every if moe else "")
     return True
+
+
+# Mixtral's per-expert Linear names (transformers < 5, the hub checkpoint keys) and its router, as
+# Axolotl's Mixtral example lists them for lora_target_modules
+_MIXTRAL_EXPERT_NAMES = {"w1": "experts.gate_up_proj", "w3": "experts.gate_up_proj", "w2": "experts.down_proj"}
+
+
+def _expert_modules(mods: list[str], names: Sequence[str]) -> tuple[list[str], str]:
+    """lora_target_modules on a grouped-experts model: Mixtral's w1 / w3 (gate / up of each expert)
+    are one grouped experts.gate_up_proj here, w2 is experts.down_proj, and the router `gate` is
+    no target (PEFT cannot adapt a non-Linear router either). -> (targets, reason or "")."""
+    if not any(is_expert_target("." + n) for n in names) or not set(mods) & {*_MIXTRAL_EXPERT_NAMES, "gate"}:
+        return mods, ""
+    out = list(dict.fromkeys(_MIXTRAL_EXPERT_NAMES.get(m, m) for m in mods if m != "gate"))
+    why = ("Mixtral's per-expert w1 / w3 (gate / up) are one grouped experts.gate_up_proj in transformers 5, "
+           "so one adapter covers both; w2 -> experts.down_proj" if set(mods) & set(_MIXTRAL_EXPERT_NAMES) else "")
+    if "gate" in mods:
+        why += ("; " if why else "") + "the router (gate) is no Linear and gets no adapter (left out)"
+    return out, why
 
 
 _EVERY = "every Linear of the blocks"

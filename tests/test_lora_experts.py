@@ -337,3 +337,23 @@ def test_expert_targets_named_wrong_or_quantized_are_refused_with_a_fix():
     msgs = {x.path: x for x in err.errors}
     e = msgs["lora.quantize_base"]
     assert "experts.gate_up_proj" in e.message and "NF4" in e.message and "lora.targets" in e.hint, e
+
+
+def test_expert_dropout_drops_the_adapter_input_only_and_only_in_training():
+    """lora.dropout on the experts' rows (PEFT refuses dropout on target_parameters: it merges;
+    this path is unmerged, so dropout(x_e) A_e^T B_e^T is defined): p = 1 drops the whole adapter
+    term in training and leaves x W_e^T; in eval the adapter is back."""
+    from meshbake.runtime.lora import expert_factors, expert_linear
+
+    torch.manual_seed(0)
+    ex = nn.Module()
+    w = torch.randn(2, 6, 5)
+    ex.register_parameter("lora_A_down_proj", nn.Parameter(torch.randn(2, RANK, 5)))
+    ex.register_parameter("lora_B_down_proj", nn.Parameter(torch.randn(2, 6, RANK)))
+    ex.lora_scale, ex.lora_dropout = S, 1.0
+    x = torch.randn(3, 5)
+    base = F.linear(x, w[1])
+    torch.testing.assert_close(expert_linear(ex.train(), x, w[1], expert_factors(ex), "down_proj", 1), base)
+    got = expert_linear(ex.eval(), x, w[1], expert_factors(ex), "down_proj", 1)
+    torch.testing.assert_close(got, base + S * x @ ex.lora_A_down_proj[1].T @ ex.lora_B_down_proj[1].T)
+    assert float((got - base).abs().max()) > 1e-3

@@ -780,6 +780,7 @@ class _Shape:
     # LoRA on experts under tp: the factors replicated over tp (gate_up's A, down's B), whose
     # gradients runtime/lora.py all-reduces in every backward: tensors, numel (E r H each)
     expert_rep: tuple[int, int] = (0, 0)
+    expert_tensors: int = 0        # LoRA factors on grouped experts (2 per adapted parameter), all blocks
 
 
 def _is_attn(fqn: str, prefix: str) -> bool:
@@ -807,7 +808,7 @@ def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: boo
         n_before, n_attn, n_mlp = later, int(attn_ad) + later, L * any_ad
         ad = {leaf(m) for m in lin if m.fqn in adapted}
         k_l, v_l = (later + bool(ad & {"k_proj", "qkv_proj"}), later + bool(ad & {"v_proj", "qkv_proj"}))
-    rep, ex_rep = [0, 0], [0, 0]
+    rep, ex_rep, ex_tensors = [0, 0], [0, 0], 0
     tp_t = plain_t = 0
     for m in model.modules:
         if roles.tied and m.fqn == roles.lm_head:
@@ -822,6 +823,7 @@ def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: boo
             ex_rep[1] += len(ex_ad) * m.shape[0] * lo.rank * m.shape[2]     # E r H: gate_up's A, down's B
         elif ex_ad:
             plain_t += 2 * len(ex_ad)
+        ex_tensors += 2 * len(ex_ad)
         if m.fqn in adapted:
             if style.startswith(("colwise", "rowwise")):   # A (colwise) / B (rowwise) replicated
                 rep[0] += 1
@@ -863,7 +865,8 @@ def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: boo
         mlp_colwise_sum=sum(1 for m in blocks if m.kind == "linear" and not _is_attn(m.fqn, bpre(m))
                             and pl.styles[m.fqn].startswith("colwise")),
         moe=sum(1 for m in model.modules if m.kind == "experts"),
-        norm_stats=(len(colnorm), sum(m.numel for m in colnorm)), expert_rep=(ex_rep[0], ex_rep[1]))
+        norm_stats=(len(colnorm), sum(m.numel for m in colnorm)), expert_rep=(ex_rep[0], ex_rep[1]),
+        expert_tensors=ex_tensors)
 
 
 _SHAPES: dict = {}
@@ -977,7 +980,7 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
         add("dp_replicate", r, "all_reduce", "gradient shards across replicas (HSDP)", syncs * groups,
             syncs * shard * rb)
     if ep > 1:
-        _ep_rows(add, recipe, model, mesh, syncs, tokens)
+        _ep_rows(add, recipe, model, mesh, syncs, tokens, set(pl.lora_targets) if recipe.lora.rank else set())
     if tp > 1:
         a, sp = tokens * model.hidden_size * pb, recipe.tp.sequence_parallel
         ac = (t.activation_checkpointing != "none") * sh.n_after_mlp
@@ -1027,7 +1030,8 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
             ga * (sh.k_layers + sh.v_layers) * kv)
     # gradient clipping: the per-tensor norms of each mesh group, reduced over its sharded axes
     # (under ep the experts' tensors are a group of their own: see _ep_rows)
-    ex_t = 2 * sh.moe * (not recipe.lora.rank) if ep > 1 else 0
+    # the experts' own grad-norm group under ep (_ep_rows): their weights, or their LoRA factors
+    ex_t = (2 * sh.moe if not recipe.lora.rank else sh.expert_tensors) if ep > 1 else 0
     for n_t in (sh.tp_tensors, sh.plain_tensors - ex_t):
         if n_t:
             add(fax, f if fsdp else 1, "all_reduce", "grad-norm partials", 1, n_t * mb)
@@ -1045,10 +1049,13 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
 ROUTER_FP32 = frozenset({"mixtral"})
 
 
-def _ep_rows(add, recipe: Recipe, model: ModelSpec, mesh: MeshSpec, syncs: int, tokens: int) -> None:
+def _ep_rows(add, recipe: Recipe, model: ModelSpec, mesh: MeshSpec, syncs: int, tokens: int,
+             adapted: set[str] = frozenset()) -> None:
     """mesh.ep (runtime/ep.py; tp = cp = 1): per MoE layer and micro-step, the per-expert counts
     (E int64) and four all-to-alls of token rows x hidden (dispatch, combine; their backward
-    the reverse). The experts' FSDP runs over efsdp = dp_shard / ep (x dp_replicate)."""
+    the reverse). The experts' FSDP runs over efsdp = dp_shard / ep (x dp_replicate). LoRA on
+    the experts: their adapters are in the same FSDP unit (gathered with the experts), and
+    only they have gradients there."""
     mp = recipe.train.mixed_precision
     pb, rb, mb = DTYPE_BYTES[mp.param_dtype], DTYPE_BYTES[mp.reduce_dtype], DTYPE_BYTES[recipe.model.dtype]
     ep, fe, r, ga = mesh.ep, mesh.fsdp // mesh.ep, mesh.dp_replicate, mesh.grad_accum
@@ -1063,16 +1070,27 @@ def _ep_rows(add, recipe: Recipe, model: ModelSpec, mesh: MeshSpec, syncs: int, 
         i = two_i // 2
         full += e * (-(-two_i // fe) * fe * h + -(-h // fe) * fe * i)
         shard += e * (-(-two_i // fe) * h + -(-h // fe) * i)
-    trainable = not recipe.lora.rank
+    a_full = a_shard = a_tensors = 0  # LoRA factors A (E/ep, r, in), B (E/ep, out, r): Shard(1) too
+    rk = recipe.lora.rank
+    for m in ex:
+        for name, (e, o, i) in expert_matrices(m).items():
+            if f"{m.fqn}.{name}" in adapted:
+                a_full += e // ep * (-(-rk // fe) * fe * i + -(-o // fe) * fe * rk)
+                a_shard += e // ep * (-(-rk // fe) * i + -(-o // fe) * rk)
+                a_tensors += 2
+    trainable = not rk
+    g_full, g_shard = (full, shard) if trainable else (a_full, a_shard)      # what has gradients
+    g_units = n if trainable or a_tensors else 0
     add("efsdp", fe, "all_gather", "experts: every MoE layer forward and again in backward", 2 * ga * n,
-        2 * ga * full * pb)
-    add("efsdp", fe, "reduce_scatter", f"experts' gradients, {syncs} synced micro-step(s)", syncs * n * trainable,
-        syncs * full * rb)
-    add("dp_replicate", r, "all_reduce", "experts' gradient shards across replicas (HSDP)", syncs * n * trainable,
-        syncs * shard * rb)
-    if trainable:                     # the experts' own mesh group: Partial over efsdp and ep
-        add("efsdp", fe, "all_reduce", "grad-norm partials (experts)", 1, 2 * n * mb)
-        add("ep", ep, "all_reduce", "grad-norm partials (experts)", 1, 2 * n * mb)
+        2 * ga * (full + a_full) * pb)
+    add("efsdp", fe, "reduce_scatter", f"experts' gradients, {syncs} synced micro-step(s)", syncs * g_units,
+        syncs * g_full * rb)
+    add("dp_replicate", r, "all_reduce", "experts' gradient shards across replicas (HSDP)", syncs * g_units,
+        syncs * g_shard * rb)
+    g_tensors = 2 * n if trainable else a_tensors
+    if g_tensors:                     # the experts' own mesh group: Partial over efsdp and ep
+        add("efsdp", fe, "all_reduce", "grad-norm partials (experts)", 1, g_tensors * mb)
+        add("ep", ep, "all_reduce", "grad-norm partials (experts)", 1, g_tensors * mb)
 
 
 def _merge(rows: list[Collective]) -> tuple[Collective, ...]:

@@ -318,6 +318,9 @@ def test_expert_adapters_per_rank_are_what_the_runtime_allocates(mesh):
         assert [(c.count, c.bytes) for c in rows] == [(8, 8 * 1024 * 4)], rows
     else:
         assert rows == []
+    if key == "ep":     # the experts' FSDP unit reduce-scatters the adapters' gradients: 2 layers x 2,560 fp32
+        (rs,) = [c for c in res.estimate.traffic if c.what.startswith("experts' gradients")]
+        assert (rs.count, rs.bytes) == (2, 2 * 2560 * 4), rs
 
 
 def test_expert_flops_count_the_routed_experts_adapters():

@@ -2,7 +2,8 @@
 
 Experts (lora.targets "experts.gate_up_proj", "experts.down_proj", PEFT's target_parameters
 names): per-expert pairs A (E, r, in), B (E, out, r) beside the grouped W (E, out, in), computed
-unmerged in the MoE loop (runtime/lora.py). Fused projections (GLM gate_up_proj in pairs order,
+unmerged in the MoE loop (runtime/lora.py); Mixtral and Qwen3-MoE (with a dense
+mlp_only_layers block) at world 1. Fused projections (GLM gate_up_proj in pairs order,
 GPT-NeoX query_key_value per head, Phi-3 qkv_proj per kv group): an ordinary LoraLinear whose B
 rows are in the fused weight's runtime order. Each is checked against the merged math (W + s B A
 in HF's order, by a parametrization) and against PEFT (target_parameters / target_modules) on
@@ -193,16 +194,21 @@ def _shapes(grads: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
 
 
 # ----------------------------------------------------------------------------- world 1
-def test_experts_world1_match_merged_math_and_peft():
-    plan = P.from_dict(plan_dict("lx_w1", "mixtral", EXPERTS, 1))
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_experts_world1_match_merged_math_and_peft(model_type):
+    plan = P.from_dict(plan_dict(f"lx_w1_{model_type}", model_type, EXPERTS, 1))
     assert "model.layers.0.mlp.experts.gate_up_proj" in plan_roles(plan).lora_targets
     got = world1(plan)
     shapes = _shapes(got[1])
-    assert shapes["model.layers.0.mlp.experts.lora_A_gate_up_proj"] == (4, RANK, 64)
-    assert shapes["model.layers.0.mlp.experts.lora_B_gate_up_proj"] == (4, 128, RANK)
+    c = plan.model.config        # E 4, H 64; I: Qwen3-MoE's moe_intermediate_size, else intermediate_size
+    e, h = c.get("num_local_experts") or c["num_experts"], c["hidden_size"]
+    two_i = 2 * (c.get("moe_intermediate_size") or c["intermediate_size"])
+    assert shapes["model.layers.0.mlp.experts.lora_A_gate_up_proj"] == (e, RANK, h)
+    assert shapes["model.layers.0.mlp.experts.lora_B_gate_up_proj"] == (e, two_i, RANK)
+    assert shapes["model.layers.0.mlp.experts.lora_A_down_proj"] == (e, RANK, two_i // 2)
     merged = compare(got, merged_reference(plan, shapes))
     vs_peft = compare(got, peft_reference(plan, shapes))
-    print(f"experts world 1: vs merged {merged:.2e}, vs PEFT {vs_peft:.2e}")
+    print(f"{model_type} experts world 1: vs merged {merged:.2e}, vs PEFT {vs_peft:.2e}")
     assert merged < REL and vs_peft < REL
 
 

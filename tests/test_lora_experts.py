@@ -366,3 +366,16 @@ def test_expert_dropout_drops_the_adapter_input_only_and_only_in_training():
     got = expert_linear(ex.eval(), x, w[1], expert_factors(ex), "down_proj", 1)
     torch.testing.assert_close(got, base + S * x @ ex.lora_A_down_proj[1].T @ ex.lora_B_down_proj[1].T)
     assert float((got - base).abs().max()) > 1e-3
+
+
+def test_plan_md_says_how_the_expert_adapters_are_split():
+    from tests.helpers import compiled
+
+    def plan_md(mesh: dict, targets: list[str]) -> str:
+        r = tiny_recipe("lx_md", 4, mesh=mesh, model=str(MODELS / "mixtral" / "config.json"),
+                        lora={"rank": RANK, "alpha": ALPHA, "targets": targets})
+        return compiled(r).files["PLAN.md"].decode()
+
+    assert "split over ep with the experts" in plan_md({"dp_shard": 4, "tp": 1, "ep": 2}, EXPERTS)
+    assert "split over tp with each expert's intermediate dim" in plan_md({"dp_shard": 2, "tp": 2}, EXPERTS)
+    assert "MoE experts:" not in plan_md({"dp_shard": 4}, EXPERTS[:4])

@@ -30,14 +30,14 @@ from typing import Any
 from meshbake.compiler.errors import Err, RecipeError, Result, reads
 from meshbake.compiler.memo import cached
 from meshbake.compiler.mesh import MeshSpec
-from meshbake.compiler.model import ModelSpec
+from meshbake.compiler.model import ModelSpec, ModuleInfo, expert_matrices
 from meshbake.compiler.moe import router_aux_coef
 from meshbake.compiler.placements import DTYPE_BYTES, Placements
 from meshbake.compiler.recipe import Recipe
 from meshbake.runtime import flops as F
 from meshbake.runtime.dims import tokens_per_rank
 from meshbake.runtime.quant import nf4_bytes, nf4_scaler_block, nf4_working_bytes
-from meshbake.runtime.roles import local_shape, lora_shapes
+from meshbake.runtime.roles import expert_lora_dims, is_expert_target, local_shape, lora_shapes
 from meshbake.runtime.units import fmt_bytes
 
 USABLE = 0.9
@@ -136,6 +136,7 @@ def rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, ep: i
             e = m.shape[0]
             out += [RankParam(e // ep, _numel(m.shape[1:]), where, not lora, ep=ep),
                     RankParam(e // ep, bias // e, where, not lora, ep=ep)]
+            out += [RankParam(e // ep, _numel(a[1:]), where, True, ep=ep) for a in _expert_adapters(m, adapted, lora, 1)]
             covered += m.numel
             continue
         out.append(RankParam(loc[0], _numel(loc[1:]), where, not lora, m.fqn == roles.embedding,
@@ -150,10 +151,29 @@ def rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, ep: i
         if m.fqn in adapted:
             for a in lora_shapes(m.shape, style, lora, tp):     # lora_A (r x in), lora_B (out x r)
                 out.append(RankParam(a[0], a[1], where, True))
+        if m.kind == "experts":
+            out += [RankParam(a[0], _numel(a[1:]), where, True) for a in _expert_adapters(m, adapted, lora, tp)]
     rest = model.num_params - covered               # num_params counts a tied weight once, as covered does
     if rest > 0:                                      # parameters of no Linear/Embedding/norm: whole
         out.append(RankParam(rest, 1, "root", not lora))
     return out
+
+
+def _expert_adapters(m: ModuleInfo, adapted: set[str], rank: int, tp: int) -> list[tuple[int, ...]]:
+    """Local shapes of the LoRA factors beside a grouped experts module's targeted parameters
+    (runtime/lora.py): A (E, r, in), B (E, out, r); under tp (experts style) B splits gate_up's
+    2I rows, A down's I columns (runtime/roles.py expert_lora_dims); under ep the caller
+    divides E."""
+    out = []
+    for name, (e, o, i) in expert_matrices(m).items():
+        if f"{m.fqn}.{name}" in adapted:
+            a_dim, b_dim = expert_lora_dims(None if tp == 1 else 1 if name == "gate_up_proj" else 2)
+            out += [_split_dim((e, rank, i), a_dim, tp), _split_dim((e, o, rank), b_dim, tp)]
+    return out
+
+
+def _split_dim(shape: tuple[int, ...], dim: int | None, tp: int) -> tuple[int, ...]:
+    return tuple(n // tp if d == dim else n for d, n in enumerate(shape))
 
 
 def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[int, int, int]:
@@ -408,12 +428,16 @@ def matmul_params(model: ModelSpec) -> int:
 def flops_per_token(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> int:
     t, lo = recipe.train, recipe.lora
     targets = set(pl.lora_targets) if lo.rank > 0 else set()
-    adapted = [m for m in model.modules if m.fqn in targets]
+    adapted = [(m.shape[0], lo.rank, m.shape[1]) for m in model.modules if m.fqn in targets]
+    # an expert adapter runs for the rows routed to its expert: k of the E per token and MoE layer
+    adapted += [(o, lo.rank, i) for m in model.modules if m.kind == "experts"
+                for name, (_, o, i) in expert_matrices(m).items() if f"{m.fqn}.{name}" in targets
+                for _ in range(model.experts_per_token)]
     n = matmul_params(model)
     return F.flops_per_token(
         matmul_params=n, layers=model.num_layers, heads=model.num_heads, head_dim=model.head_dim,
         seq_len=t.seq_len, frozen_params=n if lo.rank > 0 else 0,    # LoRA: no base weight has a gradient
-        adapters=[(m.shape[0], lo.rank, m.shape[1]) for m in adapted])
+        adapters=adapted)
 
 
 _RANK_PARAMS: dict = {}
@@ -753,6 +777,10 @@ class _Shape:
     mlp_colwise_sum: int = 0       # colwise Linears of all blocks' MLPs
     moe: int = 0                   # MoE blocks (a grouped `experts` module, runtime/fused.py)
     norm_stats: tuple[int, int] = (0, 0)   # colwise_norm modules of all blocks (OLMo-2 q/k norm): count, numel
+    # LoRA on experts under tp: the factors replicated over tp (gate_up's A, down's B), whose
+    # gradients runtime/lora.py all-reduces in every backward: tensors, numel (E r H each)
+    expert_rep: tuple[int, int] = (0, 0)
+    expert_tensors: int = 0        # LoRA factors on grouped experts (2 per adapted parameter), all blocks
 
 
 def _is_attn(fqn: str, prefix: str) -> bool:
@@ -769,7 +797,8 @@ def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: boo
     adapted = set(pl.lora_targets) if lo.rank else set()
     lin = [m for m in block if m.kind == "linear"]
     attn_ad = any(m.fqn in adapted for m in lin if _is_attn(m.fqn, pre))
-    mlp_ad = any(m.fqn in adapted for m in lin if not _is_attn(m.fqn, pre))
+    mlp_ad = (any(m.fqn in adapted for m in lin if not _is_attn(m.fqn, pre))
+              or any(f.startswith(pre) for f in adapted if is_expert_target(f)))
     L = model.num_layers
     if not lo.rank or recipe.train.activation_checkpointing != "none":
         n_before = n_attn = n_mlp = k_l = v_l = L
@@ -779,7 +808,7 @@ def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: boo
         n_before, n_attn, n_mlp = later, int(attn_ad) + later, L * any_ad
         ad = {leaf(m) for m in lin if m.fqn in adapted}
         k_l, v_l = (later + bool(ad & {"k_proj", "qkv_proj"}), later + bool(ad & {"v_proj", "qkv_proj"}))
-    rep = [0, 0]
+    rep, ex_rep, ex_tensors = [0, 0], [0, 0], 0
     tp_t = plain_t = 0
     for m in model.modules:
         if roles.tied and m.fqn == roles.lm_head:
@@ -787,6 +816,14 @@ def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: boo
         style = pl.styles[m.fqn] if tp > 1 else "replicate"
         w = _numel(m.shape)
         tensors = 2 if m.numel > w else 1              # weight (+ bias; experts: gate_up + down)
+        ex_ad = [n for n in expert_matrices(m) if f"{m.fqn}.{n}" in adapted] if m.kind == "experts" else []
+        if ex_ad and style == "experts":               # A, B per parameter, TP DTensors; one of them replicated
+            tp_t += 2 * len(ex_ad)
+            ex_rep[0] += len(ex_ad)
+            ex_rep[1] += len(ex_ad) * m.shape[0] * lo.rank * m.shape[2]     # E r H: gate_up's A, down's B
+        elif ex_ad:
+            plain_t += 2 * len(ex_ad)
+        ex_tensors += 2 * len(ex_ad)
         if m.fqn in adapted:
             if style.startswith(("colwise", "rowwise")):   # A (colwise) / B (rowwise) replicated
                 rep[0] += 1
@@ -828,7 +865,8 @@ def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: boo
         mlp_colwise_sum=sum(1 for m in blocks if m.kind == "linear" and not _is_attn(m.fqn, bpre(m))
                             and pl.styles[m.fqn].startswith("colwise")),
         moe=sum(1 for m in model.modules if m.kind == "experts"),
-        norm_stats=(len(colnorm), sum(m.numel for m in colnorm)))
+        norm_stats=(len(colnorm), sum(m.numel for m in colnorm)), expert_rep=(ex_rep[0], ex_rep[1]),
+        expert_tensors=ex_tensors)
 
 
 _SHAPES: dict = {}
@@ -942,7 +980,7 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
         add("dp_replicate", r, "all_reduce", "gradient shards across replicas (HSDP)", syncs * groups,
             syncs * shard * rb)
     if ep > 1:
-        _ep_rows(add, recipe, model, mesh, syncs, tokens)
+        _ep_rows(add, recipe, model, mesh, syncs, tokens, set(pl.lora_targets) if recipe.lora.rank else set())
     if tp > 1:
         a, sp = tokens * model.hidden_size * pb, recipe.tp.sequence_parallel
         ac = (t.activation_checkpointing != "none") * sh.n_after_mlp
@@ -980,6 +1018,9 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
             add("tp", tp, "all_reduce", "loss parallel: max, sum of exp, target logit", 3 * ga, 3 * ga * tokens * 4)
         add("tp", tp, "all_reduce", "Partial grads of replicated params (norms, LoRA A/B)",
             syncs * sh.rep[0] if fsdp else sh.rep[0], syncs * sh.rep[1] * pb if fsdp else sh.rep[1] * mb)
+        if sh.expert_rep[0]:        # runtime/lora.py expert_factors: the MoE loop runs on local tensors
+            add("tp", tp, "all_reduce", "LoRA on experts: grads of the tp-replicated factors, every backward",
+                ga * sh.expert_rep[0], ga * sh.expert_rep[1] * pb)
     if cp > 1:
         kv = t.micro_batch_size * t.seq_len * model.num_kv_heads * model.head_dim // tp * pb
         ac = 2 * (t.activation_checkpointing != "none") * sh.n_after_mlp
@@ -989,7 +1030,8 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
             ga * (sh.k_layers + sh.v_layers) * kv)
     # gradient clipping: the per-tensor norms of each mesh group, reduced over its sharded axes
     # (under ep the experts' tensors are a group of their own: see _ep_rows)
-    ex_t = 2 * sh.moe * (not recipe.lora.rank) if ep > 1 else 0
+    # the experts' own grad-norm group under ep (_ep_rows): their weights, or their LoRA factors
+    ex_t = (2 * sh.moe if not recipe.lora.rank else sh.expert_tensors) if ep > 1 else 0
     for n_t in (sh.tp_tensors, sh.plain_tensors - ex_t):
         if n_t:
             add(fax, f if fsdp else 1, "all_reduce", "grad-norm partials", 1, n_t * mb)
@@ -1007,10 +1049,13 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
 ROUTER_FP32 = frozenset({"mixtral"})
 
 
-def _ep_rows(add, recipe: Recipe, model: ModelSpec, mesh: MeshSpec, syncs: int, tokens: int) -> None:
+def _ep_rows(add, recipe: Recipe, model: ModelSpec, mesh: MeshSpec, syncs: int, tokens: int,
+             adapted: set[str] = frozenset()) -> None:
     """mesh.ep (runtime/ep.py; tp = cp = 1): per MoE layer and micro-step, the per-expert counts
     (E int64) and four all-to-alls of token rows x hidden (dispatch, combine; their backward
-    the reverse). The experts' FSDP runs over efsdp = dp_shard / ep (x dp_replicate)."""
+    the reverse). The experts' FSDP runs over efsdp = dp_shard / ep (x dp_replicate). LoRA on
+    the experts: their adapters are in the same FSDP unit (gathered with the experts), and
+    only they have gradients there."""
     mp = recipe.train.mixed_precision
     pb, rb, mb = DTYPE_BYTES[mp.param_dtype], DTYPE_BYTES[mp.reduce_dtype], DTYPE_BYTES[recipe.model.dtype]
     ep, fe, r, ga = mesh.ep, mesh.fsdp // mesh.ep, mesh.dp_replicate, mesh.grad_accum
@@ -1025,16 +1070,27 @@ def _ep_rows(add, recipe: Recipe, model: ModelSpec, mesh: MeshSpec, syncs: int, 
         i = two_i // 2
         full += e * (-(-two_i // fe) * fe * h + -(-h // fe) * fe * i)
         shard += e * (-(-two_i // fe) * h + -(-h // fe) * i)
-    trainable = not recipe.lora.rank
+    a_full = a_shard = a_tensors = 0  # LoRA factors A (E/ep, r, in), B (E/ep, out, r): Shard(1) too
+    rk = recipe.lora.rank
+    for m in ex:
+        for name, (e, o, i) in expert_matrices(m).items():
+            if f"{m.fqn}.{name}" in adapted:
+                a_full += e // ep * (-(-rk // fe) * fe * i + -(-o // fe) * fe * rk)
+                a_shard += e // ep * (-(-rk // fe) * i + -(-o // fe) * rk)
+                a_tensors += 2
+    trainable = not rk
+    g_full, g_shard = (full, shard) if trainable else (a_full, a_shard)      # what has gradients
+    g_units = n if trainable or a_tensors else 0
     add("efsdp", fe, "all_gather", "experts: every MoE layer forward and again in backward", 2 * ga * n,
-        2 * ga * full * pb)
-    add("efsdp", fe, "reduce_scatter", f"experts' gradients, {syncs} synced micro-step(s)", syncs * n * trainable,
-        syncs * full * rb)
-    add("dp_replicate", r, "all_reduce", "experts' gradient shards across replicas (HSDP)", syncs * n * trainable,
-        syncs * shard * rb)
-    if trainable:                     # the experts' own mesh group: Partial over efsdp and ep
-        add("efsdp", fe, "all_reduce", "grad-norm partials (experts)", 1, 2 * n * mb)
-        add("ep", ep, "all_reduce", "grad-norm partials (experts)", 1, 2 * n * mb)
+        2 * ga * (full + a_full) * pb)
+    add("efsdp", fe, "reduce_scatter", f"experts' gradients, {syncs} synced micro-step(s)", syncs * g_units,
+        syncs * g_full * rb)
+    add("dp_replicate", r, "all_reduce", "experts' gradient shards across replicas (HSDP)", syncs * g_units,
+        syncs * g_shard * rb)
+    g_tensors = 2 * n if trainable else a_tensors
+    if g_tensors:                     # the experts' own mesh group: Partial over efsdp and ep
+        add("efsdp", fe, "all_reduce", "grad-norm partials (experts)", 1, g_tensors * mb)
+        add("ep", ep, "all_reduce", "grad-norm partials (experts)", 1, g_tensors * mb)
 
 
 def _merge(rows: list[Collective]) -> tuple[Collective, ...]:

@@ -29,6 +29,13 @@ class ModuleInfo:
     numel: int                    # parameters directly owned (weight + bias; experts: gate_up + down)
 
 
+def expert_matrices(m: ModuleInfo) -> dict[str, tuple[int, int, int]]:
+    """{parameter: (E, out, in)} of a grouped experts module: gate_up_proj (E, 2I, H) is its
+    ModuleInfo shape, down_proj (E, H, I) the rest of its parameter count."""
+    e, two_i, h = m.shape
+    return {"gate_up_proj": (e, two_i, h), "down_proj": (e, h, (m.numel - e * two_i * h) // (e * h))}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     source: str                   # what the recipe said: catalog name or path
@@ -59,9 +66,10 @@ class ModelSpec:
     params: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def lora_targets(self, leaves: tuple[str, ...] | None) -> tuple[str, ...]:
-        """The fqns recipe lora.targets (leaf names) adapt (runtime/roles.py's rule); None:
-        every Linear that may carry an adapter."""
-        return lora_target_fqns((m.fqn for m in self.modules if m.kind == "linear"), leaves, self.roles.lm_head)
+        """The fqns recipe lora.targets (leaf names, "experts.gate_up_proj") adapt (runtime/roles.py's
+        rule); None: every Linear and grouped experts parameter that may carry an adapter."""
+        return lora_target_fqns((m.fqn for m in self.modules if m.kind == "linear"), leaves, self.roles.lm_head,
+                                (m.fqn for m in self.modules if m.kind == "experts" and self.layouts.get(m.fqn) == "experts"))
 
 
 def catalog_names() -> list[str]:

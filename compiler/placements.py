@@ -16,9 +16,9 @@ from fnmatch import fnmatchcase
 from meshbake.compiler.errors import Err, RecipeError, Result, reads, run
 from meshbake.compiler.memo import cached
 from meshbake.compiler.mesh import MeshSpec
-from meshbake.compiler.model import ModelSpec, ModuleInfo
+from meshbake.compiler.model import ModelSpec, ModuleInfo, expert_matrices
 from meshbake.compiler.recipe import Recipe
-from meshbake.runtime.roles import ATTENTION_NAMES, local_shape, shard_dim
+from meshbake.runtime.roles import ATTENTION_NAMES, is_expert_target, local_shape, shard_dim, target_name
 
 # transformers' style names -> ours; anything else (local_*, ep_*) is refused with its name.
 # colwise_gather_output / rowwise_split_input are transformers' way around a fused [q|k|v] or
@@ -197,19 +197,21 @@ def _replicated_under_sp(recipe: Recipe, model: ModelSpec, auto: Mapping[str, st
 
 @reads("lora.rank", "lora.targets")
 def _lora_errors(recipe: Recipe, model: ModelSpec) -> list[RecipeError]:
-    """Adapters go on Linear layers named by their leaf name (q_proj, ...), never lm_head."""
+    """Adapters go on Linear layers named by their leaf name (q_proj, ...), never lm_head, and on
+    grouped MoE experts by parameter ("experts.gate_up_proj", "experts.down_proj"; runtime/lora.py)."""
     lo = recipe.lora
     if lo.rank == 0:
         return []
-    leaves = sorted({f.rpartition(".")[2] for f in model.lora_targets(None)})
+    leaves = sorted({target_name(f) for f in model.lora_targets(None)})
     errs = []
     for i, t in enumerate(lo.targets):
         if t not in leaves:
-            near = get_close_matches(t, leaves, n=1)
-            errs.append(RecipeError(f"lora.targets[{i}]", f"{t!r} is no Linear layer of {model.architecture}",
+            near = get_close_matches(t, leaves, n=1) or [n for n in leaves if n.endswith("." + t)][:1]
+            errs.append(RecipeError(f"lora.targets[{i}]", f"{t!r} is no Linear layer or grouped experts parameter "
+                                    f"of {model.architecture}",
                                     f"did you mean {near[0]!r}?" if near else f"choose from {', '.join(leaves)}"))
     targets = set(model.lora_targets(lo.targets))
-    shapes = [m.shape for m in model.modules if m.fqn in targets]
+    shapes = [m.shape for m in model.modules if m.fqn in targets] + _expert_matrices(model, targets)
     smallest = min((min(sh) for sh in shapes), default=0)
     if shapes and lo.rank > smallest:
         # B (out x r) @ A (r x in) has rank <= min(out, in): a larger r only adds parameters
@@ -217,6 +219,12 @@ def _lora_errors(recipe: Recipe, model: ModelSpec) -> list[RecipeError]:
                                 f"targeted layers of {model.architecture}, so the adapters cannot add rank",
                                 f"use a rank <= {smallest} (8 to 64 is usual)"))
     return errs
+
+
+def _expert_matrices(model: ModelSpec, targets: set[str]) -> list[tuple[int, int]]:
+    """(out, in) of one expert's matrix for each targeted grouped experts parameter."""
+    return [(o, i) for m in model.modules if m.kind == "experts"
+            for name, (_, o, i) in expert_matrices(m).items() if f"{m.fqn}.{name}" in targets]
 
 
 @reads("lora.quantize_base", "lora.rank", "lora.targets", "mesh", "train.compile")
@@ -241,8 +249,14 @@ def _quantize_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[R
         why.append((f"mesh.dp_replicate {mesh.dp_replicate}: torchao's NF4 all-gather hooks take the group of a "
                     "1-D mesh, and HSDP gives FSDP2 a 2-D one", "set mesh.dp_replicate: 1 (shard over dp_shard)"))
     if mesh.ep > 1:
-        why.append((f"mesh.ep {mesh.ep}: expert weights are not LoRA targets; QLoRA with expert parallel is not "
-                    "supported", "set mesh.ep: 1"))
+        why.append((f"mesh.ep {mesh.ep}: QLoRA with expert parallel is not supported (the NF4 base is FSDP-"
+                    "sharded over one flat mesh, and the experts live on the (efsdp, ep) mesh)", "set mesh.ep: 1"))
+    experts = sorted({target_name(f) for f in model.lora_targets(lo.targets) if is_expert_target(f)})
+    if experts:
+        why.append((f"lora.targets {', '.join(experts)}: torchao's NF4Tensor quantizes 2-D Linear weights for "
+                    "F.linear; the grouped 3-D expert tensors (E, out, in), sliced per expert in the MoE loop, are "
+                    "not an NF4 layout it runs", f"remove {', '.join(experts)} from lora.targets (the experts "
+                    "then stay frozen in model.dtype), or set lora.quantize_base: none"))
     if recipe.train.compile:
         why.append(("train.compile: torch.compile of blocks holding NF4 weights is not verified here",
                     "set train.compile: false"))

@@ -31,9 +31,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from .lora import expert_factors, expert_linear
 
 DIMS = ("dp_replicate", "efsdp", "ep")
 
@@ -95,10 +96,11 @@ def _local_experts(self, x: torch.Tensor, rows_per_expert: list[int]) -> torch.T
     ep = gu.device_mesh.size() if isinstance(gu, DTensor) else 1
     gu, dn = (gu.to_local() if isinstance(gu, DTensor) else gu), (dn.to_local() if isinstance(dn, DTensor) else dn)
     gu, dn = _ScaleGrad.apply(gu, 1.0 / ep), _ScaleGrad.apply(dn, 1.0 / ep)
+    ad = expert_factors(self, lambda t: _ScaleGrad.apply(t, 1.0 / ep))    # LoRA: Shard(0) like W, same 1/ep
     outs = []
     for e, xe in enumerate(torch.split(x, rows_per_expert)):
-        h = F.linear(xe, gu[e]).unflatten(-1, (-1, 2))                       # (n, I, 2)
-        outs.append(F.linear(self.act_fn(h[..., 0]) * h[..., 1], dn[e]))      # (n, H)
+        h = expert_linear(self, xe, gu[e], ad, "gate_up_proj", e).unflatten(-1, (-1, 2))              # (n, I, 2)
+        outs.append(expert_linear(self, self.act_fn(h[..., 0]) * h[..., 1], dn[e], ad, "down_proj", e))  # (n, H)
     return torch.cat(outs)
 
 

@@ -33,29 +33,38 @@ import torch
 from . import checkpoint as ckpt
 from . import safeio
 from .errors import EXIT_USER, UserError
-from .lora import ADAPTER_DTYPE, lora_scale, lora_targets
+from .lora import ADAPTER_DTYPE, expert_targets, lora_scale, lora_targets
 from .parallel import DTYPES, hf_config, quantized
 from .plan import load_plan
 from .roles import plan_roles
 
 
-def _adapter_slots(model, plan) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{fqn: (lora_A (r x in), lora_B (out x r))} for a LoRA run's targets, empty otherwise;
-    the checkpoint holds them beside the frozen base weights (runtime/lora.py), in float32 (an
-    older run's bf16 ones load into these too)."""
+def _adapter_slots(model, plan) -> dict[str, tuple[str, torch.Tensor, str, torch.Tensor]]:
+    """{W's parameter name: (lora_A key, A, lora_B key, B)} for a LoRA run's targets, empty
+    otherwise: a Linear's lora_A (r x in) / lora_B (out x r), a grouped experts parameter's
+    lora_A_<p> (E, r, in) / lora_B_<p> (E, out, r). The checkpoint holds them beside the frozen
+    base weights (runtime/lora.py), in float32 (an older run's bf16 ones load into these too)."""
     lo = plan.lora
     if not lo.rank:
         return {}
-    dtype = ADAPTER_DTYPE
-    return {fqn: (torch.empty(lo.rank, m.in_features, dtype=dtype), torch.empty(m.out_features, lo.rank, dtype=dtype))
-            for fqn, m in lora_targets(model, plan)}
+    dtype, r = ADAPTER_DTYPE, lo.rank
+    out = {f"{fqn}.weight": (f"{fqn}.lora_A", torch.empty(r, m.in_features, dtype=dtype),
+                             f"{fqn}.lora_B", torch.empty(m.out_features, r, dtype=dtype))
+           for fqn, m in lora_targets(model, plan)}
+    for fqn, experts, name in expert_targets(model, plan):
+        e, o, i = getattr(experts, name).shape
+        mod = fqn.rpartition(".")[0]
+        out[fqn] = (f"{mod}.lora_A_{name}", torch.empty(e, r, i, dtype=dtype),
+                    f"{mod}.lora_B_{name}", torch.empty(e, o, r, dtype=dtype))
+    return out
 
 
 def _merge_adapters(model, adapters: dict, scale: float) -> None:
-    """W <- W + s B A: the exported folder is a plain HF model, what the LoRA run computed
-    (x W^T + s x A^T B^T, runtime/lora.py). Summed in float32, rounded once to W's dtype."""
-    for fqn, (a, b) in adapters.items():
-        w = model.get_submodule(fqn).weight
+    """W <- W + s B A (per expert for grouped experts: (E, out, r) @ (E, r, in)): the exported
+    folder is a plain HF model, what the LoRA run computed (x W^T + s x A^T B^T, runtime/lora.py),
+    still in runtime row order (_hf_order follows). Summed in float32, rounded once to W's dtype."""
+    for name, (_, a, _, b) in adapters.items():
+        w = model.get_parameter(name)
         w.copy_(w.float() + scale * (b.float() @ a.float()))
 
 
@@ -202,16 +211,16 @@ def export(run_dir: Path, step: int | None, out: Path, force: bool = False) -> P
     adapters = _adapter_slots(model, plan)
     if quantized(plan):
         _qlora_base(model, plan)
-        sd = {"model": {f"{fqn}.{n}": t for fqn, ab in adapters.items() for n, t in zip(("lora_A", "lora_B"), ab)}}
+        sd = {"model": {k: t for ak, a, bk, b in adapters.values() for k, t in ((ak, a), (bk, b))}}
         ckpt.load_dcp(sd, path)          # a QLoRA checkpoint holds the adapters only (checkpoint._options)
     else:
         sd = {"model": model.state_dict()}
-        for fqn, (a, b) in adapters.items():
-            sd["model"][f"{fqn}.lora_A"], sd["model"][f"{fqn}.lora_B"] = a, b
+        for ak, a, bk, b in adapters.values():
+            sd["model"][ak], sd["model"][bk] = a, b
         # a tied lm_head.weight is the embedding: whichever key the checkpoint holds fills both
         ckpt.load_dcp(sd, path, allow_partial_load=plan_roles(plan).tied)
-        for fqn in adapters:
-            del sd["model"][f"{fqn}.lora_A"], sd["model"][f"{fqn}.lora_B"]
+        for ak, _, bk, _ in adapters.values():
+            del sd["model"][ak], sd["model"][bk]
         model.load_state_dict(sd["model"])
     if adapters:
         _merge_adapters(model, adapters, lora_scale(plan.lora))

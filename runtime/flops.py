@@ -17,6 +17,8 @@ LoRA (the unmerged form, runtime/lora.py: y = x W^T + s dropout(x) A^T B^T), per
     adapters A (r x in), B (out x r)   6 per adapter parameter, r (in + out) per Linear: forward
                                 2 (x A^T, then B), input gradients 2 (through B, then A), weight
                                 gradients 2 (dB, dA), like any trained Linear of that shape
+    adapters on MoE experts     the same per expert matrix, counted for the k routed experts of
+                                each MoE layer (a token's rows never reach the other E - k)
 Stdlib only: the compiler imports this module; the runtime reads the number from plan.json.
 """
 from __future__ import annotations

@@ -119,7 +119,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def experts_forward(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """transformers' grouped-experts loop on this rank's slice of every expert (pairs layout):
     the sum over tp ranks of the outputs is the full output. x (N, H), idx / w (N, k)."""
+    from .lora import expert_factors, expert_linear
+
     gu, dn = _local(experts.gate_up_proj), _local(experts.down_proj)    # (E, 2I_l, H), (E, H, I_l)
+    ad = expert_factors(experts)                                        # LoRA on the experts, if any
     n_exp = gu.shape[0]
     out = torch.zeros_like(x)
     with torch.no_grad():
@@ -127,9 +130,9 @@ def experts_forward(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: t
         hit = mask.sum(dim=(-1, -2)).nonzero().flatten().tolist()
     for e in hit:
         pos, tok = torch.where(mask[e])
-        h = F.linear(x[tok], gu[e]).unflatten(-1, (-1, 2))                  # (n, I_l, 2)
+        h = expert_linear(experts, x[tok], gu[e], ad, "gate_up_proj", e).unflatten(-1, (-1, 2))   # (n, I_l, 2)
         h = experts.act_fn(h[..., 0]) * h[..., 1]
-        h = F.linear(h, dn[e]) * w[tok, pos, None]
+        h = expert_linear(experts, h, dn[e], ad, "down_proj", e) * w[tok, pos, None]
         out.index_add_(0, tok, h.to(out.dtype))
     return out
 

@@ -39,6 +39,24 @@ training. Under TP it is a DTensor op: on CUDA DTensor's RNG tracker gives the s
 every tp rank for the replicated colwise input and distinct ones per shard for the rowwise
 input; on CPU (no tracker) each rank draws from its own generator, seeded alike on every rank.
 
+Grouped MoE experts (recipe lora.targets "experts.gate_up_proj" / "experts.down_proj", PEFT's
+target_parameters names): expert e's weight W_e (out x in) of the 3-D parameter W (E, out, in)
+gets its own rank-r pair, kept grouped on the experts module as lora_A_<param> (E, r, in) and
+lora_B_<param> (E, out, r); the MoE loop (runtime/fused.py experts_forward, runtime/ep.py
+_local_experts) computes, for the rows routed to e,
+    y_e = x_e W_e^T + s * dropout(x_e) A_e^T B_e^T,
+the unmerged form of PEFT's ParamWrapper (which merges W_e + s B_e A_e; its A is our A
+flattened to (E r, in), its B ours as (out, r E)). gate_up_proj's rows are in runtime/fused.py's
+pairs order, so B's rows are too (export undoes both with the same to_hf). Layouts beside W
+(runtime/roles.py expert_lora_dims, read from W's own DTensor placement):
+    ep   W Shard(0) (expert index): A, B Shard(0), each rank holds its experts' adapters; the
+         1/ep gradient scale of ep's experts applies to them too; no new collective.
+    tp   gate_up W Shard(1) (2I): A Replicate, B Shard(1); down W Shard(2) (I): A Shard(2), B
+         Replicate. The MoE loop runs on local tensors, so the replicated factor's gradient is
+         this rank's partial sum: it is all-reduced over tp in backward (_SumGrad, one
+         all-reduce of E r H floats per replicated factor and MoE layer, 2 per layer).
+Dropout on the expert rows as on a Linear's input (per routed copy of a token).
+
 The base W is frozen; FSDP2 shards A and B with the rest of the block. Names stay HF's
 ("...q_proj.weight") plus "...q_proj.lora_A", so checkpoints and base weights load as usual.
 B starts at zero, so step 0 is exactly the base model.
@@ -51,7 +69,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from .plan import Plan
-from .roles import lora_dims, plan_roles
+from .roles import EXPERT_PARAMS, expert_lora_dims, is_expert_target, lora_dims, plan_roles
 
 ADAPTER_DTYPE = torch.float32     # lora_A / lora_B, their grads and AdamW state, whatever the base dtype
 
@@ -74,7 +92,17 @@ class LoraLinear(nn.Linear):
 
 def lora_targets(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Linear]]:
     """The Linear layers a LoRA plan adapts (the compiler resolved lora.targets to fqns)."""
-    return [(fqn, model.get_submodule(fqn)) for fqn in plan_roles(plan).lora_targets]
+    return [(fqn, model.get_submodule(fqn)) for fqn in plan_roles(plan).lora_targets if not is_expert_target(fqn)]
+
+
+def expert_targets(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Module, str]]:
+    """(parameter fqn, experts module, parameter name) of every grouped experts target."""
+    out = []
+    for fqn in plan_roles(plan).lora_targets:
+        if is_expert_target(fqn):
+            mod, _, name = fqn.rpartition(".")
+            out.append((fqn, model.get_submodule(mod), name))
+    return out
 
 
 def lora_scale(lo) -> float:
@@ -89,6 +117,9 @@ def apply_lora(model: nn.Module, plan: Plan) -> list[str]:
     done = []
     for fqn, mod in lora_targets(model, plan):
         add_adapters(mod, lo.rank, lora_scale(lo), float(lo.dropout), plan.tp.placements.get(fqn, "replicate"))
+        done.append(fqn)
+    for fqn, mod, name in expert_targets(model, plan):
+        add_expert_adapters(mod, name, lo.rank, lora_scale(lo), float(lo.dropout))
         done.append(fqn)
     if not done:
         raise ValueError(f"lora.targets {list(lo.targets)}: plan.json names no module to adapt")
@@ -116,10 +147,67 @@ def add_adapters(mod: nn.Linear, rank: int, scale: float, dropout: float, style:
     return mod
 
 
+def add_expert_adapters(experts: nn.Module, name: str, rank: int, scale: float, dropout: float) -> None:
+    """lora_A_<name> (E, r, in) and lora_B_<name> (E, out, r), fp32, empty, beside the grouped
+    W = experts.<name> (E, out, in), split as W is (ep: by expert; tp: see the module doc)."""
+    w = getattr(experts, name)
+    e, out_f, in_f = w.shape
+    a = torch.empty(e, rank, in_f, device=w.device, dtype=ADAPTER_DTYPE)
+    b = torch.empty(e, out_f, rank, device=w.device, dtype=ADAPTER_DTYPE)
+    if isinstance(w, DTensor):
+        (pl,) = w.placements              # one mesh dim: tp (experts style) or ep
+        a_dim, b_dim = expert_lora_dims(pl.dim if isinstance(pl, Shard) else None)
+        a = distribute_tensor(a, w.device_mesh, [Replicate() if a_dim is None else Shard(a_dim)], src_data_rank=None)
+        b = distribute_tensor(b, w.device_mesh, [Replicate() if b_dim is None else Shard(b_dim)], src_data_rank=None)
+    experts.register_parameter(f"lora_A_{name}", nn.Parameter(a))
+    experts.register_parameter(f"lora_B_{name}", nn.Parameter(b))
+    experts.lora_scale, experts.lora_dropout = scale, dropout
+
+
+def expert_factors(experts: nn.Module, wrap=lambda t: t) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{param name: (A (E_l, r, in), s B (E_l, out, r))} as this rank's MoE loop uses them: local
+    tensors, a factor replicated over a mesh whose W is split passed through _SumGrad (its local
+    gradient is a partial sum, see the module doc), then `wrap` (ep: the 1/ep gradient scale)."""
+    from .fused import _SumGrad
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, DTensor):
+            return wrap(t)
+        loc = t.to_local()
+        if t.device_mesh.size() > 1 and all(p.is_replicate() for p in t.placements):
+            loc = _SumGrad.apply(loc, t.device_mesh.get_group())
+        return wrap(loc)
+
+    out = {}
+    for name in EXPERT_PARAMS:
+        a = getattr(experts, f"lora_A_{name}", None)
+        if a is not None:
+            out[name] = (local(a), local(getattr(experts, f"lora_B_{name}")) * experts.lora_scale)
+    return out
+
+
+def expert_linear(experts: nn.Module, x: torch.Tensor, w: torch.Tensor, factors: dict, name: str,
+                  e: int) -> torch.Tensor:
+    """x (n, in) through local expert e's W (out, in), plus its adapter when `name` has one."""
+    y = F.linear(x, w)
+    if name not in factors:
+        return y
+    a, b = factors[name]
+    p = experts.lora_dropout
+    h = F.dropout(x, p, True) if p and experts.training else x
+    return y + F.linear(F.linear(h, a[e].to(x.dtype)), b[e].to(x.dtype))
+
+
+def _is_adapter(name: str, part: str) -> bool:
+    leaf = name.rpartition(".")[2]
+    return leaf == part or leaf.startswith(part + "_")
+
+
 def lora_init(name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor | None:
-    """A ~ N(0, 1/in) (the variance of kaiming-uniform's bound), B = 0; None if not an adapter."""
-    if name.endswith(".lora_B"):
+    """A ~ N(0, 1/in) (the variance of kaiming-uniform's bound), B = 0; None if not an adapter.
+    Grouped experts' lora_A_<param> (E, r, in): the same per expert (in = the last dim)."""
+    if _is_adapter(name, "lora_B"):
         return torch.zeros(shape)
-    if name.endswith(".lora_A"):
-        return torch.randn(shape, generator=generator) / shape[1] ** 0.5
+    if _is_adapter(name, "lora_A"):
+        return torch.randn(shape, generator=generator) / shape[-1] ** 0.5
     return None

@@ -54,12 +54,34 @@ def attention_name(block) -> str | None:
     return next((n for n in ATTENTION_NAMES if hasattr(block, n)), None)
 
 
-def lora_target_fqns(linears: Iterable[str], leaves: Iterable[str] | None, lm_head: str) -> tuple[str, ...]:
+# Grouped MoE experts (transformers 5: one module, 3-D gate_up_proj (E, 2I, H) and down_proj
+# (E, H, I)) are targeted by parameter, named as PEFT's LoraConfig(target_parameters=[...]) does,
+# relative to the experts module: lora.targets "experts.gate_up_proj", "experts.down_proj". Their
+# fqn in roles.lora_targets is the parameter's: "model.layers.0.mlp.experts.gate_up_proj".
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+
+
+def is_expert_target(fqn: str) -> bool:
+    """A LoRA target fqn that is a grouped experts parameter (not a Linear module)."""
+    return any(fqn.endswith(f".experts.{p}") for p in EXPERT_PARAMS)
+
+
+def target_name(fqn: str) -> str:
+    """What recipe lora.targets calls a target: a Linear's leaf (q_proj) or "experts.gate_up_proj"."""
+    return ".".join(fqn.rsplit(".", 2)[-2:]) if is_expert_target(fqn) else fqn.rpartition(".")[2]
+
+
+def lora_target_fqns(linears: Iterable[str], leaves: Iterable[str] | None, lm_head: str,
+                     experts: Iterable[str] = ()) -> tuple[str, ...]:
     """The rule for recipe lora.targets: every Linear whose leaf name (q_proj, ...) is listed,
-    never the lm_head (leaves None: every Linear but the lm_head). `linears`: the fqns of the
-    model's Linear modules, in module order."""
+    never the lm_head, then the grouped experts parameters listed ("experts.gate_up_proj") of
+    every experts module (leaves None: every Linear but the lm_head and every experts
+    parameter; the router is no Linear and never a target, as in PEFT). `linears`, `experts`:
+    the fqns of the model's Linear and grouped experts modules, in module order."""
     want = None if leaves is None else set(leaves)
-    return tuple(f for f in linears if f != lm_head and (want is None or f.rpartition(".")[2] in want))
+    lin = tuple(f for f in linears if f != lm_head and (want is None or f.rpartition(".")[2] in want))
+    return lin + tuple(f"{e}.{p}" for e in experts for p in EXPERT_PARAMS
+                       if want is None or f"experts.{p}" in want)
 
 
 def plan_roles(plan) -> ModelRoles:
@@ -114,6 +136,13 @@ def lora_dims(style: str) -> tuple[int | None, int | None]:
     is A's columns (B whole)."""
     d = shard_dim(style, "linear")
     return (1 if d == 1 else None, 0 if d == 0 else None)
+
+
+def expert_lora_dims(w_dim: int | None) -> tuple[int | None, int | None]:
+    """(lora_A (E, r, in) dim, lora_B (E, out, r) dim) split beside a grouped expert weight
+    W (E, out, in) split on `w_dim` (None: whole): by expert index (ep, dim 0) both; on out
+    (tp, gate_up_proj's 2I) B's rows; on in (tp, down_proj's I) A's columns."""
+    return {None: (None, None), 0: (0, 0), 1: (None, 1), 2: (2, None)}[w_dim]
 
 
 def lora_shapes(weight: tuple[int, int], style: str, rank: int, tp: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -121,6 +121,44 @@ def test_lora_target_linear_takes_every_block_linear_of_the_model():
     assert not isinstance(check_text(imp.text, "x"), Err)
 
 
+def test_lora_target_linear_on_mixtral_takes_the_experts_too_but_not_under_qlora():
+    """Axolotl's real Mixtral-8x7B example (QLoRA, lora_target_linear, lora_dropout 0.05): the 4-bit
+    base keeps the experts out (NF4 is 2-D Linear weights only) and the note says so; the same
+    config as a bf16 LoRA adapts attention + the grouped experts (PEFT's target_parameters), never
+    the router, and compiles."""
+    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    for name in ("mistral_mixtral_mixtral.yml", "mistral_mistral-qlora-fsdp.yml"):
+        cfg, imp = _import(FIX / name)
+        assert cfg["adapter"] == "qlora" and cfg["lora_target_linear"] is True
+        d = _recipe(imp)
+        assert d["model"]["config"] == "mixtral-8x7b" and d["lora"]["quantize_base"] == "nf4"
+        assert d["lora"]["targets"] == attention and d["lora"]["dropout"] == 0.05
+        notes = {n.key: n for n in imp.notes}
+        assert notes["lora_target_linear"].status == "mapped" and "not the MoE experts" in notes["lora_target_linear"].reason
+        assert notes["lora_dropout"].status == "mapped"
+    cfg = {**load.parse_yaml((FIX / "mistral_mixtral_mixtral.yml").read_text(), "x"), "adapter": "lora",
+           "load_in_4bit": False}
+    imp = import_axolotl(cfg, "t", source="t.yml", model_ref="mixtral-8x7b",
+                         model_config=load.read_model_config("mixtral-8x7b"))
+    d = _recipe(imp)
+    assert d["lora"]["targets"] == [*attention, "experts.gate_up_proj", "experts.down_proj"]
+    assert "quantize_base" not in d["lora"] and d["lora"]["dropout"] == 0.05
+    reason = {n.key: n.reason for n in imp.notes}["lora_target_linear"]
+    assert "experts.gate_up_proj" in reason and "router is no target" in reason
+    res = check_text(imp.text, "x")
+    assert not isinstance(res, Err), res.errors
+    targets = res.plan.model.roles.lora_targets
+    assert "model.layers.31.mlp.experts.down_proj" in targets and not any(t.endswith(".gate") for t in targets)
+    # the example's commented-out lora_target_modules list (Mixtral's hub names and the router)
+    cfg = {**cfg, "lora_target_linear": None, "lora_target_modules": ["gate", *attention, "w1", "w2", "w3"]}
+    imp = import_axolotl(cfg, "t", source="t.yml", model_ref="mixtral-8x7b",
+                         model_config=load.read_model_config("mixtral-8x7b"))
+    assert _recipe(imp)["lora"]["targets"] == [*attention, "experts.gate_up_proj", "experts.down_proj"]
+    note = {n.key: n for n in imp.notes}["lora_target_modules"]
+    assert note.status == "approximated" and "w2 -> experts.down_proj" in note.reason and "router" in note.reason
+    assert not isinstance(check_text(imp.text, "x"), Err)
+
+
 def test_qlora_maps_to_an_nf4_base_and_tutorial_70b_reports_why_it_does_not_fit():
     _, imp = _import(FIX / "llama-3_qlora-fsdp-70b.yaml", model_ref="llama-3.1-70b")
     assert not imp.refused                                  # QLoRA is a QLoRA, not silently a bf16 LoRA

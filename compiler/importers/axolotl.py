@@ -21,6 +21,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import yaml
+from meshbake.runtime.roles import is_expert_target, target_name
 from meshbake.runtime.safeio import printable
 
 STATUSES = ("mapped", "implied", "approximated", "not mapped", "empty", "refused")
@@ -527,15 +528,60 @@ def _lora(cfg: Mapping[str, Any], acc: _Acc, linears: Sequence[str]) -> bool:
         acc.note("lora_dropout", "mapped", "lora.dropout")
     mods = cfg.get("lora_target_modules") or []
     mods = [mods] if isinstance(mods, str) else list(mods)
-    targets = list(dict.fromkeys(mods + (list(linears) if cfg.get("lora_target_linear") else [])))
+    mods, why_mods = _expert_modules(mods, linears)
+    every, why_every = _every_linear(linears, adapter == "qlora" or bool(cfg.get("load_in_4bit")))
+    targets = list(dict.fromkeys(mods + (every if cfg.get("lora_target_linear") else [])))
     if not targets:
         targets = ["q_proj", "v_proj"]          # PEFT's default for Llama-family models
-    acc.set("lora.targets", targets, "lora_target_linear: every Linear of the blocks" if cfg.get("lora_target_linear")
+    acc.set("lora.targets", targets, f"lora_target_linear: {why_every.partition(' (')[0]}" if cfg.get("lora_target_linear")
             else "lora_target_modules" if mods else "PEFT's default q_proj, v_proj")
     for k in ("lora_target_modules", "lora_target_linear"):
         if k in cfg and cfg[k] is not None:
-            acc.note(k, "mapped" if cfg[k] else "implied", "lora.targets")
+            moe = k == "lora_target_linear" and cfg[k] and why_every != _EVERY
+            if k == "lora_target_modules" and why_mods:
+                acc.note(k, "approximated", "lora.targets", why_mods)
+            else:
+                acc.note(k, "mapped" if cfg[k] else "implied", "lora.targets", why_every if moe else "")
     return True
+
+
+# Mixtral's per-expert Linear names (transformers < 5, the hub checkpoint keys) and its router, as
+# Axolotl's Mixtral example lists them for lora_target_modules
+_MIXTRAL_EXPERT_NAMES = {"w1": "experts.gate_up_proj", "w3": "experts.gate_up_proj", "w2": "experts.down_proj"}
+
+
+def _expert_modules(mods: list[str], names: Sequence[str]) -> tuple[list[str], str]:
+    """lora_target_modules on a grouped-experts model: Mixtral's w1 / w3 (gate / up of each expert)
+    are one grouped experts.gate_up_proj here, w2 is experts.down_proj, and the router `gate` is
+    no target (PEFT cannot adapt a non-Linear router either). -> (targets, reason or "")."""
+    if not any(is_expert_target("." + n) for n in names) or not set(mods) & {*_MIXTRAL_EXPERT_NAMES, "gate"}:
+        return mods, ""
+    out = list(dict.fromkeys(_MIXTRAL_EXPERT_NAMES.get(m, m) for m in mods if m != "gate"))
+    why = ("Mixtral's per-expert w1 / w3 (gate / up) are one grouped experts.gate_up_proj in transformers 5, "
+           "so one adapter covers both; w2 -> experts.down_proj" if set(mods) & set(_MIXTRAL_EXPERT_NAMES) else "")
+    if "gate" in mods:
+        why += ("; " if why else "") + "the router (gate) is no Linear and gets no adapter (left out)"
+    return out, why
+
+
+_EVERY = "every Linear of the blocks"
+
+
+def _every_linear(names: Sequence[str], nf4: bool) -> tuple[list[str], str]:
+    """What lora_target_linear adapts: every Linear of the blocks and, on a MoE model, the grouped
+    experts (experts.gate_up_proj, experts.down_proj: PEFT's target_parameters; the router is no
+    Linear and no target, as in PEFT). With a 4-bit base (QLoRA) the experts are left out: the
+    NF4 base is 2-D Linear weights only (compiler/placements.py refuses nf4 on experts)."""
+    experts = [n for n in names if is_expert_target("." + n)]
+    if not experts:
+        return list(names), _EVERY
+    if nf4:
+        return ([n for n in names if n not in experts],
+                f"every Linear of the blocks, not the MoE experts ({', '.join(experts)}: QLoRA's 4-bit NF4 base "
+                "is 2-D Linear weights only, so the experts stay frozen in model.dtype; for adapters on them use "
+                "adapter: lora, no 4-bit base)")
+    return list(names), (f"every Linear of the blocks + the MoE experts ({', '.join(experts)}: PEFT's "
+                         "target_parameters; the router is no target, as in PEFT)")
 
 
 # Axolotl dataset type -> meshbake data.format. Axolotl's `completion` is raw text trained on
@@ -922,7 +968,8 @@ def _tracking(cfg: Mapping[str, Any], acc: _Acc) -> None:
 
 def _linear_leaves(model_config: Mapping[str, Any] | None) -> tuple[str, ...]:
     """Leaf names of every Linear layer but lm_head (Axolotl's lora_target_linear targets all
-    of them); a Llama-family list when the model is unknown."""
+    of them) and a MoE model's grouped experts parameters ("experts.gate_up_proj"); a
+    Llama-family list when the model is unknown."""
     if not model_config:
         return LLAMA_LINEARS
     from meshbake.compiler.errors import Err
@@ -931,7 +978,7 @@ def _linear_leaves(model_config: Mapping[str, Any] | None) -> tuple[str, ...]:
     spec = model_spec(model_config, "import")
     if isinstance(spec, Err):
         return LLAMA_LINEARS
-    return tuple(dict.fromkeys(f.rpartition(".")[2] for f in spec.lora_targets(None)))
+    return tuple(dict.fromkeys(target_name(f) for f in spec.lora_targets(None)))
 
 
 # ------------------------------------------------------------------------------ entry point

@@ -29,7 +29,34 @@ def hf_model(plan: P.Plan) -> torch.nn.Module:
         for name, p in params.items():
             if not plan.model.weights or ".lora_" in name:
                 p.copy_(init_tensor(name, p.shape, plan.train.seed, cfg.initializer_range))
+    if plan.lora.rank:
+        merge_expert_adapters(model, plan)      # after the values: it renames the parametrized weights
     return model
+
+
+class _ExpertDelta(torch.nn.Module):
+    """W (E, out, in) -> W + s B A per expert (B (E, out, r) @ A (E, r, in)): PEFT's merged form."""
+
+    def __init__(self, experts: torch.nn.Module, name: str, s: float):
+        super().__init__()
+        self.experts, self.name, self.s = [experts], name, s     # a list: not a submodule
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        ex = self.experts[0]
+        return w + self.s * getattr(ex, f"lora_B_{self.name}") @ getattr(ex, f"lora_A_{self.name}")
+
+
+def merge_expert_adapters(model: torch.nn.Module, plan: P.Plan) -> None:
+    """Grouped MoE experts named in lora.targets ("experts.gate_up_proj"): adapters in HF's row
+    order, merged into W by a parametrization (B = 0 at init: the same start as the runtime's
+    pairs order, and AdamW is elementwise, so the trajectories are each other's permutation)."""
+    from torch.nn.utils import parametrize
+
+    s = plan.lora.alpha / plan.lora.rank
+    for fqn, mod in list(model.named_modules()):
+        for name in ("gate_up_proj", "down_proj"):
+            if fqn.endswith(".experts") and hasattr(mod, f"lora_A_{name}"):
+                parametrize.register_parametrization(mod, name, _ExpertDelta(mod, name, s))
 
 
 def add_lora_hooks(model: torch.nn.Module, plan: P.Plan) -> None:
@@ -38,11 +65,17 @@ def add_lora_hooks(model: torch.nn.Module, plan: P.Plan) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     s = plan.lora.alpha / plan.lora.rank
-    for fqn, mod in model.named_modules():
+    for fqn, mod in list(model.named_modules()):
         if isinstance(mod, torch.nn.Linear) and fqn.rpartition(".")[2] in plan.lora.targets:
             mod.lora_A = torch.nn.Parameter(torch.empty(plan.lora.rank, mod.in_features))
             mod.lora_B = torch.nn.Parameter(torch.empty(mod.out_features, plan.lora.rank))
             mod.register_forward_hook(lambda m, args, out: out + s * F.linear(F.linear(args[0], m.lora_A), m.lora_B))
+        for name in ("gate_up_proj", "down_proj"):          # grouped experts: (E, r, in), (E, out, r)
+            w = getattr(mod, name, None) if fqn.endswith(".experts") else None
+            if f"experts.{name}" in plan.lora.targets and w is not None and w.ndim == 3:
+                e, o, i = w.shape
+                mod.register_parameter(f"lora_A_{name}", torch.nn.Parameter(torch.empty(e, plan.lora.rank, i)))
+                mod.register_parameter(f"lora_B_{name}", torch.nn.Parameter(torch.empty(e, o, plan.lora.rank)))
 
 
 def reference_losses(plan: P.Plan) -> tuple[dict[int, float], dict[int, float]]:

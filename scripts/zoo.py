@@ -44,6 +44,9 @@ def tiny_config(model_type: str) -> dict:
     lt = getattr(default, "layer_types", None)
     if isinstance(lt, list) and lt:
         kw["layer_types"] = (lt * 2)[:SHRINK["num_hidden_layers"]] if len(set(lt)) == 1 else sorted(set(lt))[:2]
+    # dropout off (Seed-OSS ships attention and residual dropout 0.1): random masks differ between
+    # one process and four ranks, so no run with them could show parity
+    kw.update({k: 0.0 for k, v in vars(default).items() if k.endswith("dropout") and isinstance(v, float) and v})
     cfg = AutoConfig.for_model(model_type, **kw)
     d = cfg.to_diff_dict()
     d["model_type"] = model_type

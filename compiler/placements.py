@@ -18,7 +18,7 @@ from meshbake.compiler.memo import cached
 from meshbake.compiler.mesh import MeshSpec
 from meshbake.compiler.model import ModelSpec, ModuleInfo
 from meshbake.compiler.recipe import Recipe
-from meshbake.runtime.roles import ATTENTION_NAMES, local_shape, shard_dim
+from meshbake.runtime.roles import ATTENTION_NAMES, MLP_NAMES, local_shape, shard_dim
 
 # transformers' style names -> ours; anything else (local_*, ep_*) is refused with its name.
 # colwise_gather_output / rowwise_split_input are transformers' way around a fused [q|k|v] or
@@ -180,10 +180,15 @@ def _replicated_under_sp(recipe: Recipe, model: ModelSpec, auto: Mapping[str, st
     if not recipe.tp.sequence_parallel:
         return []
     pre = model.roles.block_prefix + "."
+    # a MoE block whose forward runtime/fused.py replaces takes the gathered input as a local
+    # tensor: its replicated Linears (Qwen2-MoE's shared_expert_gate, H -> 1) run on that
+    moe = tuple(f.rpartition(".")[0] + "." for f, k in model.layouts.items() if k == "experts")
     bad: dict[str, None] = {}
     for m in model.modules:
+        if moe and m.fqn.startswith(moe):
+            continue
         parts = m.fqn[len(pre):].split(".") if m.fqn.startswith(pre) else []
-        if m.kind == "linear" and len(parts) > 2 and parts[1] in (*ATTENTION_NAMES, "mlp") and auto[m.fqn] == "replicate":
+        if m.kind == "linear" and len(parts) > 2 and parts[1] in (*ATTENTION_NAMES, *MLP_NAMES) and auto[m.fqn] == "replicate":
             bad[group_name(m.fqn)] = None
     if not bad:
         return []
@@ -217,6 +222,22 @@ def _lora_errors(recipe: Recipe, model: ModelSpec) -> list[RecipeError]:
                                 f"targeted layers of {model.architecture}, so the adapters cannot add rank",
                                 f"use a rank <= {smallest} (8 to 64 is usual)"))
     return errs
+
+
+@reads("lora.rank", "lora.targets")
+def _shared_expert_lora_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeError]:
+    """Under tp the MoE block's forward (runtime/fused.py shared_expert_forward) runs the shared
+    expert's local weight rows itself, not its modules, so an adapter on them would be skipped."""
+    if not recipe.lora.rank or mesh.tp == 1:
+        return []
+    moe = tuple(f.rpartition(".")[0] + ".shared_expert." for f, k in model.layouts.items() if k == "experts")
+    hit = sorted({group_name(f) for f in model.lora_targets(recipe.lora.targets) if moe and f.startswith(moe)})
+    if not hit:
+        return []
+    return [RecipeError("lora.targets", f"{', '.join(hit[:3])}: an adapter on the shared expert under mesh.tp "
+                        f"{mesh.tp} is not built (the MoE block runs the shared expert's tp-local rows itself)",
+                        "leave gate_proj / up_proj / down_proj out of lora.targets (attention targets such as "
+                        "q_proj, v_proj are fine), or use mesh.tp: 1")]
 
 
 @reads("lora.quantize_base", "lora.rank", "lora.targets", "mesh", "train.compile")
@@ -326,6 +347,7 @@ def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec,
     """A check that reads a field validate set aside is skipped (errors.reads)."""
     errs = [e for check in (_cp_errors, _architecture_errors) for e in run(check, aside, recipe, model, mesh)]
     errs += run(_lora_errors, aside, recipe, model)
+    errs += [] if errs else run(_shared_expert_lora_errors, aside, recipe, model, mesh)
     errs += [] if errs else run(_quantize_errors, aside, recipe, model, mesh)
     if errs:
         return Err(tuple(errs))

@@ -54,6 +54,16 @@ def attention_name(block) -> str | None:
     return next((n for n in ATTENTION_NAMES if hasattr(block, n)), None)
 
 
+# what a decoder block calls its feed-forward part: Llama-style mlp, Granite-MoE's block_sparse_moe
+# (router + grouped experts). Sequence parallel gathers its input too.
+MLP_NAMES = ("mlp", "block_sparse_moe")
+
+
+def mlp_name(block) -> str | None:
+    """The feed-forward child of a decoder block, or None."""
+    return next((n for n in MLP_NAMES if hasattr(block, n)), None)
+
+
 def lora_target_fqns(linears: Iterable[str], leaves: Iterable[str] | None, lm_head: str) -> tuple[str, ...]:
     """The rule for recipe lora.targets: every Linear whose leaf name (q_proj, ...) is listed,
     never the lm_head (leaves None: every Linear but the lm_head). `linears`: the fqns of the

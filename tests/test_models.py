@@ -28,7 +28,7 @@ STEPS = 3
 # embeddings at init: plain HF's own loss rises over the first 3 steps (6.942, 6.947, 6.949)
 SLOW_START = {"glm4"}
 REFUSED: dict[str, str] = {}          # model_type -> words the compile error must contain
-EXPORTED = ("glm4", "gpt_neox", "phi3", "qwen3_moe")
+EXPORTED = ("glm4", "gpt_neox", "granitemoe", "phi3", "qwen2_moe", "qwen3_moe")
 
 
 def _lora(r):
@@ -58,10 +58,12 @@ def _ep(ep, dp_shard=4, dp_replicate=1, aux=False, ac="none"):
     return edit
 
 
-# mesh.ep: both families, ep 2 and 4, FSDP of the experts over dp_shard / ep = 2 and 1, HSDP with
-# the aux loss and full activation checkpointing (the all-to-alls run again in the recompute)
+# mesh.ep: every MoE family, ep 2 and 4, FSDP of the experts over dp_shard / ep = 2 and 1, HSDP with
+# the aux loss and full activation checkpointing (the all-to-alls run again in the recompute);
+# Qwen2-MoE's shared expert runs whole beside the dispatched experts, Granite-MoE's router is `router`
 EP_VARIANTS = [("ep2-dp4-qwen3_moe", "qwen3_moe", _ep(2)), ("ep4-dp4-mixtral", "mixtral", _ep(4)),
-               ("ep2-hsdp-mixtral", "mixtral", _ep(2, dp_shard=2, dp_replicate=2, aux=True, ac="full"))]
+               ("ep2-hsdp-mixtral", "mixtral", _ep(2, dp_shard=2, dp_replicate=2, aux=True, ac="full")),
+               ("ep2-dp4-qwen2_moe", "qwen2_moe", _ep(2, aux=True)), ("ep4-dp4-granitemoe", "granitemoe", _ep(4))]
 
 
 # LoRA on Phi-3's fused projections; context parallel x tp on q/k-normed and MoE families (the
@@ -91,8 +93,8 @@ def compile_model(model_type: str, **kw):
 def test_fixtures_are_the_supported_families():
     from meshbake.compiler.model import SUPPORTED_TYPES
 
-    assert TYPES == sorted(["gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "llama", "mistral", "mixtral",
-                            "olmo2", "phi3", "qwen2", "qwen3", "qwen3_moe"])
+    assert TYPES == sorted(["gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "granitemoe", "llama", "mistral",
+                            "mixtral", "olmo2", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"])
     assert TYPES == sorted(SUPPORTED_TYPES)
 
 
@@ -317,6 +319,31 @@ def test_moe_placements_and_memory_count_the_experts():
     assert "| `model.layers.*.mlp.gate` | 2 | router |" in md
 
 
+def test_shared_expert_and_granite_moe_placements():
+    """Qwen2-MoE's shared expert is split like a dense MLP (gate/up colwise, down rowwise) and
+    its sigmoid gate (H -> 1) replicated beside the router; Granite-MoE's attention, which
+    transformers' tp plan leaves out, is split like Llama's, its block_sparse_moe router
+    replicated. An adapter on the shared expert under tp is refused (the MoE forward runs its
+    local rows itself); at tp 1 the module runs and the adapter with it."""
+    styles = json.loads(compile_model("qwen2_moe").files["plan.json"])["tp"]["placements"]
+    pre = "model.layers.1.mlp."
+    assert [styles[pre + m] for m in ("gate", "experts", "shared_expert.gate_proj", "shared_expert.up_proj",
+                                      "shared_expert.down_proj", "shared_expert_gate")] == \
+        ["replicate", "experts", "colwise", "colwise", "rowwise", "replicate"]
+    styles = json.loads(compile_model("granitemoe").files["plan.json"])["tp"]["placements"]
+    pre = "model.layers.0."
+    assert [styles[pre + m] for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                      "block_sparse_moe.router", "block_sparse_moe.experts")] == \
+        ["colwise", "colwise", "colwise", "rowwise", "replicate", "experts"]
+    e = _errors("qwen2_moe", lambda r: r.update(lora={"rank": 4, "alpha": 8, "targets": ["q_proj", "up_proj"]}))
+    assert [x.path for x in e] == ["lora.targets"] and "shared_expert.up_proj" in e[0].message, e
+    from meshbake.compiler.pipeline import compile_recipe
+
+    r = recipe("lora-tp1", "qwen2_moe", dp_shard=4, tp=1, sp=False, lp=False)
+    r["lora"] = {"rank": 4, "alpha": 8, "targets": ["q_proj", "up_proj"]}
+    assert hasattr(compile_recipe(yaml.safe_dump(r), source="x"), "files")
+
+
 @pytest.mark.parametrize("name,arch,params,active", [
     ("qwen3-8b", "Qwen3ForCausalLM", 8_190_735_360, None),
     ("gemma-2-9b", "Gemma2ForCausalLM", 9_241_705_984, None),
@@ -450,37 +477,39 @@ def test_replicated_attention_is_refused_under_sequence_parallel(monkeypatch, tm
     assert "self_attn.q_proj" in b.errors[0].message and "sequence_parallel: false" in b.errors[0].hint
 
 
-def _errors_without_patch(tmp_path) -> str:
+def _errors_without_patch(model_type: str) -> str:
     from meshbake.compiler import model as M
     from meshbake.compiler.errors import Err
 
-    cfg = {"model_type": "qwen2_moe", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    cfg = {"model_type": model_type, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
            "intermediate_size": 128, "vocab_size": 1024}
-    e = M.model_spec(cfg, "qwen2_moe") if "qwen2_moe" not in M.SUPPORTED_TYPES else None
+    e = M.model_spec(cfg, model_type) if model_type not in M.SUPPORTED_TYPES else None
     return " ".join(x.message for x in e.errors) if isinstance(e, Err) else ""
 
 
-def test_moe_block_with_shared_experts_is_refused_under_tp(tmp_path, monkeypatch):
-    """Qwen2-MoE adds shared experts beside the routed ones: meshbake's MoE forward does not
-    model them, so tp is refused at compile time (tp 1 runs transformers' own forward).
-    qwen2_moe is not on the model_type allow-list (no parity fixture), so the list is widened
-    here to reach the placement rule behind it: the second line of defence must hold too."""
+def test_moe_block_meshbake_has_not_read_is_refused_under_tp(tmp_path, monkeypatch):
+    """GLM-4-MoE routes with a score-correction bias and group-limited top-k, beside shared
+    experts: not the router + grouped experts (+ gated shared expert) form meshbake's MoE forward
+    runs, so tp is refused at compile time (tp 1 runs transformers' own forward). glm4_moe is
+    not on the model_type allow-list (no parity fixture), so the list is widened here to reach
+    the placement rule behind it: the second line of defence must hold too."""
     from meshbake.compiler import model as M
     from transformers import AutoConfig
 
-    assert "not one meshbake runs" in _errors_without_patch(tmp_path)
-    monkeypatch.setattr(M, "SUPPORTED_TYPES", (*M.SUPPORTED_TYPES, "qwen2_moe"))
+    assert "not one meshbake runs" in _errors_without_patch("glm4_moe")
+    monkeypatch.setattr(M, "SUPPORTED_TYPES", (*M.SUPPORTED_TYPES, "glm4_moe"))
 
-    cfg = AutoConfig.for_model("qwen2_moe", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, vocab_size=1024, num_experts=4, num_experts_per_tok=2,
-                               moe_intermediate_size=64, shared_expert_intermediate_size=64, intermediate_size=128)
+    cfg = AutoConfig.for_model("glm4_moe", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, vocab_size=1024, n_routed_experts=4,
+                               num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1,
+                               intermediate_size=128, first_k_dense_replace=0, n_group=1, topk_group=1)
     d = cfg.to_diff_dict()
-    d["model_type"] = "qwen2_moe"
+    d["model_type"] = "glm4_moe"
     (tmp_path / "config.json").write_text(json.dumps(d))
 
     def use(r):
         r["model"]["config"] = str(tmp_path / "config.json")
-    e = _errors("qwen2_moe", use)
+    e = _errors("glm4_moe", use)
     assert e[0].path == "mesh.tp" and "mlp.experts" in e[0].message and "mesh.tp: 1" in e[0].hint
 
     def tp1(r):

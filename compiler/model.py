@@ -53,6 +53,7 @@ class ModelSpec:
     active_params: int = 0        # parameters one token goes through (MoE: top-k of E experts); 0 = num_params
     num_experts: int = 0
     experts_per_token: int = 0
+    router_aux_loss: bool = True  # the HF CausalLM adds a load-balancing loss (DeepSeek-V3's: none)
 
     def lora_targets(self, leaves: tuple[str, ...] | None) -> tuple[str, ...]:
         """The fqns recipe lora.targets (leaf names) adapt (runtime/roles.py's rule); None:
@@ -195,29 +196,36 @@ def _layouts(model, modules) -> dict[str, str]:
     return out
 
 
-# the MoE block forms runtime/fused.py's forward runs: {router child name: extra children}.
-# Mixtral / Qwen3-MoE: gate + experts; Granite-MoE: router + experts; Qwen2-MoE adds a shared
-# expert (a dense gate/up/down MLP every token runs) scaled by sigmoid(shared_expert_gate(x)),
-# an H -> 1 Linear (read in transformers 5.24 Qwen2MoeSparseMoeBlock.forward)
+# the MoE block forms runtime/fused.py's forward runs: a router child (MOE_ROUTERS) + grouped
+# `experts`, found by structure (Mixtral / Qwen3-MoE: gate; Granite-MoE: router); and blocks with
+# shared experts whose forward was read (transformers 5.24), by class: {block class: children
+# beside router + experts}. Qwen2-MoE adds shared_expert(x) * sigmoid(shared_expert_gate(x))
+# (an H -> 1 Linear); DeepSeek-V3 adds shared_experts(x) ungated, and its router (sigmoid scores +
+# e_score_correction_bias, group-limited top-k, routed_scaling_factor) is called as it is.
 MOE_ROUTERS = ("gate", "router")
-SHARED_EXPERT = ("shared_expert", "shared_expert_gate")
+READ_MOE_BLOCKS = {"Qwen2MoeSparseMoeBlock": {"shared_expert", "shared_expert_gate"},
+                   "DeepseekV3MoE": {"shared_experts"}}
 
 
 def _plain_moe_block(block) -> bool:
-    """A router + grouped experts block (+ optionally Qwen2-MoE's gated shared expert) and nothing
-    else (no score-correction bias, no other children). runtime/fused.py replaces such a block's
-    forward; any other MoE block is left to transformers and refused under tp."""
+    """A router + grouped experts block (+ the shared experts of READ_MOE_BLOCKS) and nothing
+    else (no other children). runtime/fused.py replaces such a block's forward; any other MoE
+    block is left to transformers and refused under tp."""
     import inspect
 
     kids = dict(block.named_children())
     router = next((n for n in MOE_ROUTERS if n in kids), None)
     extra = set(kids) - {router, "experts"}
-    if router is None or "experts" not in kids or extra not in (set(), set(SHARED_EXPERT)):
+    read = READ_MOE_BLOCKS.get(type(block).__name__)
+    if router is None or "experts" not in kids or extra not in (set(), read):
         return False
-    if not type(kids[router]).__name__.endswith("TopKRouter"):
+    rname = type(kids[router]).__name__
+    if not (rname.endswith("TopKRouter") or (read and rname.lower().endswith("topkrouter"))):
         return False
-    if extra and not (_is_gated_mlp(kids["shared_expert"]) and type(kids["shared_expert_gate"]).__name__ == "Linear"
-                      and kids["shared_expert_gate"].out_features == 1 and kids["shared_expert_gate"].bias is None):
+    if extra and not all(_is_gated_mlp(kids[n]) for n in extra if n.startswith("shared_expert") and n != "shared_expert_gate"):
+        return False
+    gate = kids.get("shared_expert_gate")
+    if gate is not None and not (type(gate).__name__ == "Linear" and gate.out_features == 1 and gate.bias is None):
         return False
     # router(hidden_states) alone (MiniMax-M2's also wants a score-correction bias buffer)
     router_args = list(inspect.signature(type(kids[router]).forward).parameters)[1:]
@@ -265,8 +273,8 @@ OPTIONAL_FACTS = {"num_key_value_heads": 1024, "head_dim": 4096, "max_position_e
 # (tests/models/<model_type>/, README "Model families"). Others fail late: BERT's
 # BertLMHeadModel has no model.layers; a family nobody ran may hold a plain tensor the TP
 # DTensors cannot mix with. Adding one here means adding its tests/models fixture.
-SUPPORTED_TYPES = ("gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "granitemoe", "llama", "mistral", "mixtral",
-                   "olmo2", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+SUPPORTED_TYPES = ("deepseek_v3", "gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "granitemoe", "llama", "mistral",
+                   "mixtral", "olmo2", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
 
 
 def _is_int(v: Any) -> bool:
@@ -454,6 +462,9 @@ def _spec(model, config, source: str, model_type: str, modules) -> ModelSpec:
         active_params=active,
         num_experts=n_exp,
         experts_per_token=k_exp,
+        # Mixtral / Qwen-MoE / Granite-MoE CausalLMs hold router_aux_loss_coef and add
+        # load_balancing_loss_func; DeepseekV3ForCausalLM adds no auxiliary loss (aux-loss-free)
+        router_aux_loss=hasattr(model, "router_aux_loss_coef"),
     )
 
 
@@ -462,9 +473,16 @@ def _spec(model, config, source: str, model_type: str, modules) -> ModelSpec:
 # names only the experts) views q/k/v with -1 heads; Qwen2-MoE's shared expert is a plain gated
 # MLP (the plan names the dense mlp.gate_proj, not mlp.shared_expert.gate_proj). {owner class:
 # {leaf: hf style}}; the MoE block's forward (runtime/fused.py) runs the shared expert's local rows.
+# DeepSeek-V3's MLA: the low-rank down-projections q_a_proj (H -> q_lora_rank) and
+# kv_a_proj_with_mqa (H -> kv_lora_rank + qk_rope_head_dim) are small and feed every head, so they
+# stay whole on every tp rank ("latent", runtime/parallel.py), with their norms; the per-head
+# up-projections q_b_proj / kv_b_proj (viewed (..., -1, head dims)) split colwise by heads, o_proj
+# rowwise.
 READ_TP_PLANS = {
     "GraniteMoeAttention": {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"},
     "Qwen2MoeMLP": {"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"},
+    "DeepseekV3Attention": {"q_a_proj": "latent", "kv_a_proj_with_mqa": "latent", "q_b_proj": "colwise",
+                            "kv_b_proj": "colwise", "q_proj": "colwise", "o_proj": "rowwise"},
 }
 
 

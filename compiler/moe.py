@@ -36,6 +36,11 @@ def aux_errors(recipe: Recipe, model: ModelSpec) -> list[RecipeError]:
     if given and not model.num_experts:
         return [RecipeError("train.router_aux_loss_coef", f"{given}: {model.architecture} has no router "
                             "(not a mixture-of-experts model)", "remove train.router_aux_loss_coef")]
+    if given and not model.router_aux_loss:
+        return [RecipeError("train.router_aux_loss_coef", f"{given}: {model.architecture} is trained without an "
+                            "auxiliary load-balancing loss (transformers computes none for it; its router balances "
+                            "by the e_score_correction_bias instead), so meshbake has no loss of its to add",
+                            "remove train.router_aux_loss_coef")]
     return []
 
 

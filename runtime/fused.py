@@ -142,6 +142,16 @@ def router(block: nn.Module) -> nn.Module:
     return r if r is not None else block.router
 
 
+def shared_experts(block: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """(shared expert MLP, its H -> 1 sigmoid gate) of a MoE block (compiler/model.py
+    READ_MOE_BLOCKS): Qwen2-MoE's shared_expert + shared_expert_gate, DeepSeek-V3's
+    shared_experts ungated, or (None, None)."""
+    mlp = getattr(block, "shared_expert", None)
+    if mlp is not None:
+        return mlp, block.shared_expert_gate
+    return getattr(block, "shared_experts", None), None
+
+
 def shared_expert_forward(mlp: nn.Module, x: torch.Tensor, tp: bool) -> torch.Tensor:
     """Qwen2-MoE's shared expert down(act(gate(x)) * up(x)), x (N, H). Under tp on this rank's
     rows: gate/up colwise (I/tp rows each), down rowwise (I/tp columns), so the result is this
@@ -168,17 +178,18 @@ def moe_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
             _count(self, logits, idx)
         if getattr(self, "_meshbake_aux", None) is not None:
             _aux_terms(self, logits, idx.shape[-1], replay)
-    shared = getattr(self, "shared_expert", None)
+    shared, gate = shared_experts(self)
     # Qwen2-MoE: sigmoid(shared_expert_gate(x)), (N, 1), from the replicated H -> 1 Linear on the
     # whole input, like the router (so before the _SumGrad of the input below)
-    s = torch.sigmoid(F.linear(flat, _local(self.shared_expert_gate.weight))) if shared is not None else None
+    s = torch.sigmoid(F.linear(flat, _local(gate.weight))) if gate is not None else None
     if mesh is not None:
         group = mesh.get_group()
         w, flat = _SumGrad.apply(w, group), _SumGrad.apply(flat, group)
         s = _SumGrad.apply(s, group) if s is not None else None   # it scales each rank's partial sum
     y = experts_forward(self.experts, flat, idx, w)
     if shared is not None:
-        y = y + s * shared_expert_forward(shared, flat, mesh is not None)
+        z = shared_expert_forward(shared, flat, mesh is not None)
+        y = y + (s * z if s is not None else z)
     y = y.reshape(b, t, h)
     if mesh is None:
         return y

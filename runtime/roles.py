@@ -102,6 +102,7 @@ SHARD_DIM: Mapping[str, Mapping[str, int]] = {
     "sequence_parallel": {},                              # the activations are split, not the weight
     "local_heads": {},
     "replicate": {},
+    "latent": {},                                         # MLA down-projection: whole (runtime/parallel.py)
 }
 
 

@@ -17,7 +17,7 @@ import torch
 import yaml
 from meshbake.runtime import plan as P
 
-from tests.dist.reference import reference_losses
+from tests.dist.reference import reference_run
 from tests.helpers import ROOT, tiny_recipe
 
 MODELS = ROOT / "tests" / "models"
@@ -28,7 +28,7 @@ STEPS = 3
 # embeddings at init: plain HF's own loss rises over the first 3 steps (6.942, 6.947, 6.949)
 SLOW_START = {"glm4"}
 REFUSED: dict[str, str] = {}          # model_type -> words the compile error must contain
-EXPORTED = ("glm4", "gpt_neox", "granitemoe", "phi3", "qwen2_moe", "qwen3_moe")
+EXPORTED = ("deepseek_v3", "glm4", "gpt_neox", "granitemoe", "phi3", "qwen2_moe", "qwen3_moe")
 
 
 def _lora(r):
@@ -63,7 +63,8 @@ def _ep(ep, dp_shard=4, dp_replicate=1, aux=False, ac="none"):
 # Qwen2-MoE's shared expert runs whole beside the dispatched experts, Granite-MoE's router is `router`
 EP_VARIANTS = [("ep2-dp4-qwen3_moe", "qwen3_moe", _ep(2)), ("ep4-dp4-mixtral", "mixtral", _ep(4)),
                ("ep2-hsdp-mixtral", "mixtral", _ep(2, dp_shard=2, dp_replicate=2, aux=True, ac="full")),
-               ("ep2-dp4-qwen2_moe", "qwen2_moe", _ep(2, aux=True)), ("ep4-dp4-granitemoe", "granitemoe", _ep(4))]
+               ("ep2-dp4-qwen2_moe", "qwen2_moe", _ep(2, aux=True)), ("ep4-dp4-granitemoe", "granitemoe", _ep(4)),
+               ("ep2-dp4-deepseek_v3", "deepseek_v3", _ep(2))]
 
 
 # LoRA on Phi-3's fused projections; context parallel x tp on q/k-normed and MoE families (the
@@ -93,8 +94,8 @@ def compile_model(model_type: str, **kw):
 def test_fixtures_are_the_supported_families():
     from meshbake.compiler.model import SUPPORTED_TYPES
 
-    assert TYPES == sorted(["gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "granitemoe", "llama", "mistral",
-                            "mixtral", "olmo2", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"])
+    assert TYPES == sorted(["deepseek_v3", "gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "granitemoe", "llama",
+                            "mistral", "mixtral", "olmo2", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"])
     assert TYPES == sorted(SUPPORTED_TYPES)
 
 
@@ -135,7 +136,11 @@ def weights(tmp_path_factory) -> dict[str, str]:
             continue
         torch.manual_seed(1234)
         folder = tmp_path_factory.mktemp(f"w-{t}")
-        AutoModelForCausalLM.from_config(hf_config(json.loads(Path(config_path(t)).read_text()))).save_pretrained(folder)
+        model = AutoModelForCausalLM.from_config(hf_config(json.loads(Path(config_path(t)).read_text())))
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):   # DeepSeek-V3: 0 at init; a trained router's moves
+                buf.copy_(torch.randn(buf.shape) * 0.1)     # the top-k choice, read from the checkpoint
+        model.save_pretrained(folder)
         out[t] = str(folder)
     return out
 
@@ -177,12 +182,18 @@ def results(tmp_path_factory, weights) -> dict:
         cases.append({"name": f"logits-{name}", "kind": "logits", "plan": plan, "input": INPUT})
     # the single-process references are computed here while the launch runs (its ranks leave
     # cores idle while they wait for each other)
+    # (the export cases train the train- plans: their reference weights are those of the train- run)
     with ThreadPoolExecutor(1) as pool:
         launched = pool.submit(torchrun, 4, cases, tmp_path_factory.mktemp("models4"))
-        refs = {c["name"]: reference_losses(P.from_dict(c["plan"]))[0] for c in cases
-                if c["name"].startswith("train-") or c["name"] in {v[0] for v in VARIANTS}}
+        refs, states = {}, {}
+        for c in cases:
+            if c["name"].startswith("train-") or c["name"] in {v[0] for v in VARIANTS}:
+                refs[c["name"]], _, model = reference_run(P.from_dict(c["plan"]))
+                if c["name"].removeprefix("train-") in EXPORTED:
+                    states[c["name"].replace("train-", "export-")] = model.state_dict()
         out = launched.result()
-    return {c["name"]: dict(out[c["name"]], plan=c["plan"], reference=refs.get(c["name"])) for c in cases}
+    return {c["name"]: dict(out[c["name"]], plan=c["plan"], reference=refs.get(c["name"]),
+                            reference_state=states.get(c["name"])) for c in cases}
 
 
 @pytest.mark.dist
@@ -232,6 +243,18 @@ def test_export_writes_hf_layout_back(results, tmp_path, model_type):
     with torch.no_grad():
         got = hf(input_ids=torch.tensor(INPUT)).logits
     torch.testing.assert_close(got, torch.load(run_dir / "logits.pt"), rtol=1e-5, atol=1e-5)
+    ref = results[f"export-{model_type}"]["reference_state"]
+    if ref is None:                  # the ep case: trained at another mesh than a reference of this file
+        return
+    # every trained tensor (and persistent buffer) equals the single-process run's after the same
+    # steps: a gradient wrong in one place (DeepSeek-V3's shared rope key, its gradient left a
+    # partial sum over the tp ranks' heads: 6.5e-2 on kv_a_proj_with_mqa) moves the weights by
+    # ~lr where the loss moves by 4e-5, below the loss tolerance
+    sd = hf.state_dict()
+    worst = max((((sd[n].double() - t.double()).norm() / t.double().norm().clamp(min=1e-12)).item(), n)
+                for n, t in ref.items())
+    print(f"{model_type}: trained weights max rel diff {worst[0]:.2e} ({worst[1]})")
+    assert worst[0] < 1e-4, worst
 
 
 def _errors(model_type: str, edit) -> list:
@@ -522,3 +545,31 @@ def test_moe_block_meshbake_has_not_read_is_refused_under_tp(tmp_path, monkeypat
     tp1(r)
     b = compile_recipe(yaml.safe_dump(r))
     assert hasattr(b, "files") and json.loads(b.files["plan.json"])["model"]["layouts"] == {}
+
+
+def test_deepseek_v3_mla_placements_and_refusals(tmp_path):
+    """MLA under tp: the low-rank down-projections (q_a_proj H -> q_lora_rank, kv_a_proj_with_mqa
+    H -> kv_lora_rank + qk_rope_head_dim) and their norms whole on every rank ("latent": they feed
+    every head), the per-head up-projections colwise, o_proj rowwise; layer 0 dense
+    (first_k_dense_replace 1), layer 1 MoE with its router and ungated shared experts. tp must
+    divide the heads (q_b_proj / kv_b_proj rows); a full-rank q_proj (q_lora_rank null) is refused
+    under tp; transformers adds no router aux loss to DeepSeek-V3, so neither may a recipe."""
+    plan = json.loads(compile_model("deepseek_v3").files["plan.json"])
+    styles, pre = plan["tp"]["placements"], "model.layers.1."
+    assert [styles[pre + "self_attn." + m] for m in ("q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa",
+                                                     "kv_a_layernorm", "kv_b_proj", "o_proj")] == \
+        ["latent", "replicate", "colwise", "latent", "replicate", "colwise", "rowwise"]
+    assert [styles[pre + "mlp." + m] for m in ("gate", "experts", "shared_experts.gate_proj",
+                                               "shared_experts.down_proj")] == \
+        ["replicate", "experts", "colwise", "rowwise"]
+    assert styles["model.layers.0.mlp.gate_proj"] == "colwise" and plan["model"]["layouts"] == {
+        "model.layers.1.mlp.experts": "experts"}
+    e = _errors("deepseek_v3", lambda r: r["train"].update(router_aux_loss_coef=0.01))
+    assert [x.path for x in e] == ["train.router_aux_loss_coef"] and "e_score_correction_bias" in e[0].message
+
+    cfg = json.loads(Path(config_path("deepseek_v3")).read_text())
+    for name, edit, words in [("heads", {"num_attention_heads": 3, "num_key_value_heads": 3}, "num_attention_heads=3"),
+                              ("q", {"q_lora_rank": None}, "q_lora_rank")]:
+        (tmp_path / f"{name}.json").write_text(json.dumps({**cfg, **edit}))
+        e = _errors("deepseek_v3", lambda r: r["model"].update(config=str(tmp_path / f"{name}.json")))
+        assert e[0].path == "mesh.tp" and words in e[0].message and e[0].hint, e

@@ -570,6 +570,7 @@ def test_deepseek_v3_mla_placements_and_refusals(tmp_path):
     cfg = json.loads(Path(config_path("deepseek_v3")).read_text())
     for name, edit, words in [("heads", {"num_attention_heads": 3, "num_key_value_heads": 3}, "num_attention_heads=3"),
                               ("q", {"q_lora_rank": None}, "q_lora_rank")]:
-        (tmp_path / f"{name}.json").write_text(json.dumps({**cfg, **edit}))
-        e = _errors("deepseek_v3", lambda r: r["model"].update(config=str(tmp_path / f"{name}.json")))
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**cfg, **edit}))
+        e = _errors("deepseek_v3", lambda r, path=path: r["model"].update(config=str(path)))
         assert e[0].path == "mesh.tp" and words in e[0].message and e[0].hint, e

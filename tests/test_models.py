@@ -249,12 +249,15 @@ def test_export_writes_hf_layout_back(results, tmp_path, model_type):
     # every trained tensor (and persistent buffer) equals the single-process run's after the same
     # steps: a gradient wrong in one place (DeepSeek-V3's shared rope key, its gradient left a
     # partial sum over the tp ranks' heads: 6.5e-2 on kv_a_proj_with_mqa) moves the weights by
-    # ~lr where the loss moves by 4e-5, below the loss tolerance
+    # ~lr where the loss moves by 4e-5, below the loss tolerance. Measured when right: <= 1.6e-5.
+    # Not the key biases (k_proj, GPT-NeoX's fused query_key_value): their exact gradient is 0
+    # (softmax ignores the q.b_k added to every score of a query), so AdamW's first steps turn the
+    # round-off (~1e-9) into moves of +-lr on either side (GLM-4: 5e-3)
     sd = hf.state_dict()
     worst = max((((sd[n].double() - t.double()).norm() / t.double().norm().clamp(min=1e-12)).item(), n)
-                for n, t in ref.items())
+                for n, t in ref.items() if not n.endswith(("k_proj.bias", "query_key_value.bias")))
     print(f"{model_type}: trained weights max rel diff {worst[0]:.2e} ({worst[1]})")
-    assert worst[0] < 1e-4, worst
+    assert worst[0] < 1e-3, worst
 
 
 def _errors(model_type: str, edit) -> list:

@@ -134,7 +134,7 @@ def write(rows) -> None:
              "from its own config class, compiled at dp_shard 2 x tp 2 with sequence and loss parallel; the ones that",
              "compile train 2 steps on CPU (torchrun, world 4). Training here checks that they run, not parity",
              "(parity is `tests/test_models.py`). Compiled behind the model_type allow-list (a recipe outside the",
-             "thirteen families of `tests/models` is refused at `model.config` first): the sweep checks the structural",
+             "sixteen families of `tests/models` is refused at `model.config` first): the sweep checks the structural",
              "rules under it.", "",
              f"{len(rows)} types: **{ok} compiled and trained, {refused} refused at compile time, {crashed} compiled "
              f"then crashed**, {tb} compiler tracebacks, {nocfg} without a tiny config (the generic shrink broke a family field)"

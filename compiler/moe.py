@@ -48,6 +48,10 @@ def aux_note(recipe: Recipe, model: ModelSpec) -> tuple[str, ...]:
     """PLAN.md line for MoE models: whether the aux loss is in the training loss, and why."""
     if not model.num_experts:
         return ()
+    if not model.router_aux_loss:
+        return (f"router aux loss: none ({model.architecture} trains aux-loss-free, as in transformers); the "
+                "router's e_score_correction_bias comes from the checkpoint and is held fixed (transformers does "
+                "not update it; docs/EXPERT_PARALLEL.md)",)
     coef, c = router_aux_coef(recipe, model), model.config
     src = ("train.router_aux_loss_coef" if recipe.train.router_aux_loss_coef is not None
            else f"config.json output_router_logits {str(bool(c.get('output_router_logits'))).lower()}, as in transformers")

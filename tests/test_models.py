@@ -569,6 +569,8 @@ def test_deepseek_v3_mla_placements_and_refusals(tmp_path):
         "model.layers.1.mlp.experts": "experts"}
     e = _errors("deepseek_v3", lambda r: r["train"].update(router_aux_loss_coef=0.01))
     assert [x.path for x in e] == ["train.router_aux_loss_coef"] and "e_score_correction_bias" in e[0].message
+    assert "router aux loss: none (DeepseekV3ForCausalLM trains aux-loss-free" in \
+        compile_model("deepseek_v3").files["PLAN.md"].decode()
 
     cfg = json.loads(Path(config_path("deepseek_v3")).read_text())
     for name, edit, words in [("heads", {"num_attention_heads": 3, "num_key_value_heads": 3}, "num_attention_heads=3"),
@@ -577,3 +579,27 @@ def test_deepseek_v3_mla_placements_and_refusals(tmp_path):
         path.write_text(json.dumps({**cfg, **edit}))
         e = _errors("deepseek_v3", lambda r, path=path: r["model"].update(config=str(path)))
         assert e[0].path == "mesh.tp" and words in e[0].message and e[0].hint, e
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "granitemoe", "deepseek_v3"])
+def test_estimate_counts_what_transformers_and_the_runtime_hold(model_type):
+    """plan.json's parameter count is the real HF model's numel (a tied table once; buffers such
+    as DeepSeek-V3's e_score_correction_bias are no parameters), active = total less the experts
+    a token skips (E - k of E), and rank 0 of the job's own build at dp_shard 2 x tp 2 (fake
+    process group, meta tensors) holds exactly the estimated parameters and bytes: shared experts
+    colwise / rowwise, MLA's latent projections whole."""
+    from meshbake.runtime.dryrun import build_rank
+    from meshbake.runtime.parallel import hf_config
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import resolve
+
+    res = resolve(yaml.safe_dump(recipe(f"est-{model_type}", model_type)))
+    hf = AutoModelForCausalLM.from_config(hf_config(json.loads(Path(config_path(model_type)).read_text())))
+    m = res.model
+    experts = sum(p.numel() for n, p in hf.named_parameters() if ".experts." in n)
+    assert (res.estimate.params_total, m.num_params) == (sum(p.numel() for p in hf.parameters()),) * 2
+    assert m.active_params == m.num_params - experts * (m.num_experts - m.experts_per_token) // m.num_experts
+    r0 = build_rank(res.plan, 0)
+    assert r0["ok"] and (r0["params"], r0["param_bytes"]) == (res.estimate.params_per_rank,
+                                                             res.estimate.params_bytes), r0

@@ -425,6 +425,17 @@ def matmul_params(model: ModelSpec) -> int:
     return n - (0 if model.roles.tied else emb)
 
 
+def attention_head_dim(model: ModelSpec) -> int:
+    """Dh of the attention FLOPs 12 L H Dh T (QK^T over the q/k head dim, AV over the v head dim,
+    each half of it). MLA (DeepSeek-V3): q/k heads are qk_nope + qk_rope = 128 + 64 = 192 wide, v
+    heads 128, so Dh = (192 + 128) / 2 = 160, not config head_dim (= qk_rope_head_dim, 64)."""
+    c = model.config
+    nope, rope, v = c.get("qk_nope_head_dim"), c.get("qk_rope_head_dim"), c.get("v_head_dim")
+    if all(isinstance(x, int) and x > 0 for x in (nope, rope, v)):
+        return (nope + rope + v) // 2
+    return model.head_dim
+
+
 def flops_per_token(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> int:
     t, lo = recipe.train, recipe.lora
     targets = set(pl.lora_targets) if lo.rank > 0 else set()
@@ -435,7 +446,7 @@ def flops_per_token(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placem
                 for _ in range(model.experts_per_token)]
     n = matmul_params(model)
     return F.flops_per_token(
-        matmul_params=n, layers=model.num_layers, heads=model.num_heads, head_dim=model.head_dim,
+        matmul_params=n, layers=model.num_layers, heads=model.num_heads, head_dim=attention_head_dim(model),
         seq_len=t.seq_len, frozen_params=n if lo.rank > 0 else 0,    # LoRA: no base weight has a gradient
         adapters=adapted)
 

@@ -71,6 +71,9 @@ def _tp_errors(recipe: Recipe, model: ModelSpec, tp: int) -> list[RecipeError]:
     dense = model.config.get("intermediate_size")
     if isinstance(dense, int) and dense != model.intermediate_size:   # MoE: experts' I above, dense layers' here
         dims = {**dims, "moe_intermediate_size": model.intermediate_size, "intermediate_size": dense}
+    shared = model.config.get("shared_expert_intermediate_size")
+    if isinstance(shared, int) and shared and model.num_experts:   # Qwen2-MoE's shared expert: colwise / rowwise
+        dims = {**dims, "shared_expert_intermediate_size": shared}
     bad = [f"{k}={v}" for k, v in dims.items() if v % tp]
     if bad:
         ok = [d for d in divisors(min(gpn, model.num_kv_heads))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from meshbake.compiler.errors import Err, RecipeError, Result
-from meshbake.runtime.roles import ModelRoles, attention_name, lora_target_fqns
+from meshbake.runtime.roles import ModelRoles, attention_name, lora_target_fqns, mlp_name
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
 
@@ -64,6 +64,7 @@ class ModelSpec:
     # every parameter as named_parameters() yields it (a tied lm_head once, as the embedding) with
     # its HF shape: what the runtime loader reads from model.weights (compiler/weights.py checks it)
     params: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    router_aux_loss: bool = True  # the HF CausalLM adds a load-balancing loss (DeepSeek-V3's: none)
 
     def lora_targets(self, leaves: tuple[str, ...] | None) -> tuple[str, ...]:
         """The fqns recipe lora.targets (leaf names, "experts.gate_up_proj") adapt (runtime/roles.py's
@@ -207,19 +208,50 @@ def _layouts(model, modules) -> dict[str, str]:
     return out
 
 
+# the MoE block forms runtime/fused.py's forward runs: a router child (MOE_ROUTERS) + grouped
+# `experts`, found by structure (Mixtral / Qwen3-MoE: gate; Granite-MoE: router); and blocks with
+# shared experts whose forward was read (transformers 5.24), by class: {block class: children
+# beside router + experts}. Qwen2-MoE adds shared_expert(x) * sigmoid(shared_expert_gate(x))
+# (an H -> 1 Linear); DeepSeek-V3 adds shared_experts(x) ungated, and its router (sigmoid scores +
+# e_score_correction_bias, group-limited top-k, routed_scaling_factor) is called as it is.
+MOE_ROUTERS = ("gate", "router")
+READ_MOE_BLOCKS = {"Qwen2MoeSparseMoeBlock": {"shared_expert", "shared_expert_gate"},
+                   "DeepseekV3MoE": {"shared_experts"}}
+
+
 def _plain_moe_block(block) -> bool:
-    """Mixtral / Qwen3-MoE shape: the block is a top-k router `gate` + grouped `experts` and
-    nothing else (no shared experts, no score-correction bias). runtime/fused.py replaces such
-    a block's forward; any other MoE block is left to transformers and refused under tp."""
+    """A router + grouped experts block (+ the shared experts of READ_MOE_BLOCKS) and nothing
+    else (no other children). runtime/fused.py replaces such a block's forward; any other MoE
+    block is left to transformers and refused under tp."""
     import inspect
 
     kids = dict(block.named_children())
-    if set(kids) != {"gate", "experts"} or not type(kids["gate"]).__name__.endswith("TopKRouter"):
+    router = next((n for n in MOE_ROUTERS if n in kids), None)
+    extra = set(kids) - {router, "experts"}
+    read = READ_MOE_BLOCKS.get(type(block).__name__)
+    if router is None or "experts" not in kids or extra not in (set(), read):
+        return False
+    rname = type(kids[router]).__name__
+    if not (rname.endswith("TopKRouter") or (read and rname.lower().endswith("topkrouter"))):
+        return False
+    if extra and not all(_is_gated_mlp(kids[n]) for n in extra if n.startswith("shared_expert") and n != "shared_expert_gate"):
+        return False
+    gate = kids.get("shared_expert_gate")
+    if gate is not None and not (type(gate).__name__ == "Linear" and gate.out_features == 1 and gate.bias is None):
         return False
     # router(hidden_states) alone (MiniMax-M2's also wants a score-correction bias buffer)
-    router_args = list(inspect.signature(type(kids["gate"]).forward).parameters)[1:]
+    router_args = list(inspect.signature(type(kids[router]).forward).parameters)[1:]
     return (router_args == ["hidden_states"] and not any(True for _ in block.parameters(recurse=False))
             and not any(True for _ in block.buffers(recurse=False)) and hasattr(kids["experts"], "act_fn"))
+
+
+def _is_gated_mlp(mlp) -> bool:
+    """down(act(gate(x)) * up(x)) with bias-free Linears (Qwen2MoeMLP), nothing else."""
+    import torch.nn as nn
+
+    kids = dict(mlp.named_children())
+    return (set(kids) == {"gate_proj", "up_proj", "down_proj", "act_fn"} and hasattr(mlp, "act_fn")
+            and all(isinstance(kids[n], nn.Linear) and kids[n].bias is None for n in ("gate_proj", "up_proj", "down_proj")))
 
 
 def _attn_implementation(model) -> str:
@@ -254,8 +286,8 @@ OPTIONAL_FACTS = {"num_key_value_heads": 1024, "head_dim": 4096, "max_position_e
 # BertLMHeadModel has no model.layers; a family nobody ran may hold a plain tensor the TP
 # DTensors cannot mix with. Adding one here means adding its tests/models fixture. The other
 # types accepted are the ones `make zoo` trained with parity (compiler/zoo.json, zoo_types()).
-SUPPORTED_TYPES = ("gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "llama", "mistral", "mixtral", "olmo2",
-                   "phi3", "qwen2", "qwen3", "qwen3_moe")
+SUPPORTED_TYPES = ("deepseek_v3", "gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "granitemoe", "llama", "mistral",
+                   "mixtral", "olmo2", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
 
 
 def _is_int(v: Any) -> bool:
@@ -367,12 +399,13 @@ def _layers(model):
 
 def _structure_error(model, num_layers: int, model_type: str, source: str) -> RecipeError | None:
     """The runtime drives the base model's layers[i] with an attention (self_attn; GPT-NeoX's
-    attention, runtime/roles.ATTENTION_NAMES) and an mlp, and the output embedding (lm_head)."""
+    attention, runtime/roles.ATTENTION_NAMES) and an mlp (Granite-MoE's block_sparse_moe,
+    runtime/roles.MLP_NAMES), and the output embedding (lm_head)."""
     import torch.nn as nn
 
     layers = _layers(model)
     ok = (isinstance(layers, nn.ModuleList) and len(layers) == num_layers
-          and all(attention_name(b) and hasattr(b, "mlp") for b in layers)
+          and all(attention_name(b) and mlp_name(b) for b in layers)
           and isinstance(model.get_output_embeddings(), nn.Linear))
     if ok:
         return None
@@ -470,7 +503,7 @@ def _spec(model, config, source: str, model_type: str, modules) -> ModelSpec:
         tie_word_embeddings=tied,
         num_params=num_params,
         modules=modules,
-        hf_tp_plan=dict(getattr(model, "_tp_plan", None) or {}),
+        hf_tp_plan=_tp_plan(model, modules),
         roles=_roles(model, modules, tied),
         attn_implementation=_attn_implementation(model),
         layouts=_layouts(model, modules),
@@ -478,7 +511,41 @@ def _spec(model, config, source: str, model_type: str, modules) -> ModelSpec:
         num_experts=n_exp,
         experts_per_token=k_exp,
         params=tuple((n, tuple(p.shape)) for n, p in model.named_parameters()),
+        # Mixtral / Qwen-MoE / Granite-MoE CausalLMs hold router_aux_loss_coef and add
+        # load_balancing_loss_func; DeepseekV3ForCausalLM adds no auxiliary loss (aux-loss-free)
+        router_aux_loss=hasattr(model, "router_aux_loss_coef"),
     )
+
+
+# Linears transformers' _tp_plan leaves out although their owner's forward splits by heads /
+# intermediate rows like Llama's (read in transformers 5.24): Granite-MoE's attention (its plan
+# names only the experts) views q/k/v with -1 heads; Qwen2-MoE's shared expert is a plain gated
+# MLP (the plan names the dense mlp.gate_proj, not mlp.shared_expert.gate_proj). {owner class:
+# {leaf: hf style}}; the MoE block's forward (runtime/fused.py) runs the shared expert's local rows.
+# DeepSeek-V3's MLA: the low-rank down-projections q_a_proj (H -> q_lora_rank) and
+# kv_a_proj_with_mqa (H -> kv_lora_rank + qk_rope_head_dim) are small and feed every head, so they
+# stay whole on every tp rank ("latent", runtime/parallel.py), with their norms; the per-head
+# up-projections q_b_proj / kv_b_proj (viewed (..., -1, head dims)) split colwise by heads, o_proj
+# rowwise.
+READ_TP_PLANS = {
+    "GraniteMoeAttention": {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"},
+    "Qwen2MoeMLP": {"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"},
+    "DeepseekV3Attention": {"q_a_proj": "latent", "kv_a_proj_with_mqa": "latent", "q_b_proj": "colwise",
+                            "kv_b_proj": "colwise", "q_proj": "colwise", "o_proj": "rowwise"},
+}
+
+
+def _tp_plan(model, modules) -> dict[str, str]:
+    """transformers' own plan {fqn pattern: style} plus READ_TP_PLANS for the Linears it misses."""
+    from fnmatch import fnmatchcase
+
+    plan = dict(getattr(model, "_tp_plan", None) or {})
+    for m in modules:
+        owner = type(model.get_submodule(m.fqn.rpartition(".")[0])).__name__
+        style = READ_TP_PLANS.get(owner, {}).get(m.fqn.rpartition(".")[2])
+        if m.kind == "linear" and style and not any(fnmatchcase(m.fqn, p) for p in plan):
+            plan[re.sub(r"\.\d+(?=\.|$)", ".*", m.fqn)] = style
+    return plan
 
 
 def _portable(config: Mapping[str, Any]) -> dict[str, Any]:

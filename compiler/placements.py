@@ -18,13 +18,15 @@ from meshbake.compiler.memo import cached
 from meshbake.compiler.mesh import MeshSpec
 from meshbake.compiler.model import ModelSpec, ModuleInfo, expert_matrices
 from meshbake.compiler.recipe import Recipe
-from meshbake.runtime.roles import ATTENTION_NAMES, is_expert_target, local_shape, shard_dim, target_name
+from meshbake.runtime.roles import ATTENTION_NAMES, MLP_NAMES, is_expert_target, local_shape, shard_dim, target_name
 
 # transformers' style names -> ours; anything else (local_*, ep_*) is refused with its name.
 # colwise_gather_output / rowwise_split_input are transformers' way around a fused [q|k|v] or
 # [gate|up] (or a norm over the whole projection): every rank computes the full attention. We
 # take them only where we split the real thing instead (_gathered), and refuse them elsewhere.
-HF_STYLES = {"colwise": "colwise", "rowwise": "rowwise", "embedding_rowwise": "rowwise"}
+# latent: meshbake's own style for MLA's low-rank down-projections (compiler/model.py READ_TP_PLANS):
+# whole on every tp rank like replicate, its input the gathered sequence as a local tensor
+HF_STYLES = {"colwise": "colwise", "rowwise": "rowwise", "embedding_rowwise": "rowwise", "latent": "latent"}
 HF_GATHERED = {"colwise_gather_output": "colwise", "rowwise_split_input": "rowwise"}
 ALLOWED = {"linear": ("colwise", "rowwise", "replicate"), "embedding": ("rowwise", "replicate"),
            "norm": ("sequence_parallel", "replicate"), "experts": ("experts",), "router": ("replicate",),
@@ -81,8 +83,23 @@ def _gathered_ok(model: ModelSpec, m: ModuleInfo) -> bool:
     return any(x.fqn in model.layouts or (x.kind == "norm" and _attn_norm(model, x) == "colwise_norm") for x in sib)
 
 
+def _latent_parents(model: ModelSpec) -> frozenset[str]:
+    """Modules holding an MLA down-projection placed latent (DeepSeek-V3's attention)."""
+    pats = [p for p, st in model.hf_tp_plan.items() if st == "latent"]
+    if not pats:
+        return frozenset()
+    return cached(_LATENT_PARENTS, id(model), (model,), lambda: frozenset(
+        x.fqn.rpartition(".")[0] for x in model.modules
+        if x.kind == "linear" and any(fnmatchcase(x.fqn, p) for p in pats)), size=64)
+
+
+_LATENT_PARENTS: dict = {}
+
+
 def _auto(model: ModelSpec, m: ModuleInfo, sp: bool) -> str | RecipeError:
     if m.kind == "norm":
+        if m.fqn.rpartition(".")[0] in _latent_parents(model):
+            return "replicate"        # q_a_layernorm / kv_a_layernorm: on the latent, whole on every rank
         return _attn_norm(model, m) or ("sequence_parallel" if sp else "replicate")
     if m.kind == "embedding":
         return "rowwise"
@@ -180,10 +197,15 @@ def _replicated_under_sp(recipe: Recipe, model: ModelSpec, auto: Mapping[str, st
     if not recipe.tp.sequence_parallel:
         return []
     pre = model.roles.block_prefix + "."
+    # a MoE block whose forward runtime/fused.py replaces takes the gathered input as a local
+    # tensor: its replicated Linears (Qwen2-MoE's shared_expert_gate, H -> 1) run on that
+    moe = tuple(f.rpartition(".")[0] + "." for f, k in model.layouts.items() if k == "experts")
     bad: dict[str, None] = {}
     for m in model.modules:
+        if moe and m.fqn.startswith(moe):
+            continue
         parts = m.fqn[len(pre):].split(".") if m.fqn.startswith(pre) else []
-        if m.kind == "linear" and len(parts) > 2 and parts[1] in (*ATTENTION_NAMES, "mlp") and auto[m.fqn] == "replicate":
+        if m.kind == "linear" and len(parts) > 2 and parts[1] in (*ATTENTION_NAMES, *MLP_NAMES) and auto[m.fqn] == "replicate":
             bad[group_name(m.fqn)] = None
     if not bad:
         return []
@@ -225,6 +247,23 @@ def _expert_matrices(model: ModelSpec, targets: set[str]) -> list[tuple[int, int
     """(out, in) of one expert's matrix for each targeted grouped experts parameter."""
     return [(o, i) for m in model.modules if m.kind == "experts"
             for name, (_, o, i) in expert_matrices(m).items() if f"{m.fqn}.{name}" in targets]
+
+
+@reads("lora.rank", "lora.targets")
+def _shared_expert_lora_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeError]:
+    """Under tp the MoE block's forward (runtime/fused.py shared_expert_forward) runs the shared
+    expert's local weight rows itself, not its modules, so an adapter on them would be skipped."""
+    if not recipe.lora.rank or mesh.tp == 1:
+        return []
+    moe = tuple(f.rpartition(".")[0] + leaf for f, k in model.layouts.items() if k == "experts"
+                for leaf in (".shared_expert.", ".shared_experts."))
+    hit = sorted({group_name(f) for f in model.lora_targets(recipe.lora.targets) if moe and f.startswith(moe)})
+    if not hit:
+        return []
+    return [RecipeError("lora.targets", f"{', '.join(hit[:3])}: an adapter on the shared expert under mesh.tp "
+                        f"{mesh.tp} is not built (the MoE block runs the shared expert's tp-local rows itself)",
+                        "leave gate_proj / up_proj / down_proj out of lora.targets (attention targets such as "
+                        "q_proj, v_proj are fine), or use mesh.tp: 1")]
 
 
 @reads("lora.quantize_base", "lora.rank", "lora.targets", "mesh", "train.compile")
@@ -321,6 +360,17 @@ def _architecture_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> li
             errs.append(RecipeError("mesh.tp", f"{model.architecture}: {', '.join(fused[:2])} is a fused projection "
                                     "whose row order meshbake has not mapped (splitting its rows would mix "
                                     f"{' or '.join(what)})", "use mesh.tp: 1"))
+    latent = _latent_parents(model)
+    full_q = sorted({group_name(m.fqn) for m in model.modules if m.fqn.rpartition(".")[0] in latent
+                     and m.fqn.rpartition(".")[2] == "q_proj"})
+    if mesh.tp > 1 and full_q:
+        # the parity-tested MLA form has q through the latent too (q_a_proj -> q_b_proj); a full-rank
+        # q_proj beside the latent kv_a_proj_with_mqa would give the attention input one colwise and
+        # one whole consumer, a gradient layout not run here
+        errs.append(RecipeError("mesh.tp", f"{model.architecture}: {full_q[0]} is a full-rank query projection "
+                                "(config q_lora_rank null) beside MLA's latent kv projection; meshbake's MLA "
+                                "split is parity-tested with q_lora_rank set (DeepSeek-V3: 1536)",
+                                "use mesh.tp: 1, or a config with q_lora_rank"))
     if mesh.tp > 1 and model.num_experts and (c.get("router_jitter_noise") or 0) > 0:
         errs.append(RecipeError("model.config", f"router_jitter_noise {c['router_jitter_noise']}: each tp rank would "
                                 "draw its own noise and route the same token to different experts",
@@ -340,6 +390,7 @@ def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec,
     """A check that reads a field validate set aside is skipped (errors.reads)."""
     errs = [e for check in (_cp_errors, _architecture_errors) for e in run(check, aside, recipe, model, mesh)]
     errs += run(_lora_errors, aside, recipe, model)
+    errs += [] if errs else run(_shared_expert_lora_errors, aside, recipe, model, mesh)
     errs += [] if errs else run(_quantize_errors, aside, recipe, model, mesh)
     if errs:
         return Err(tuple(errs))

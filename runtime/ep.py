@@ -108,13 +108,13 @@ def block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """(B, T, H) -> (B, T, H): route, dispatch, run the local experts, combine."""
     from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-    from .fused import _aux_terms, _count
+    from .fused import _aux_terms, _count, router, shared_experts
 
     ep_mesh = self._meshbake_ep
     group, ep = ep_mesh.get_group(), ep_mesh.size()
     b, t, h = hidden_states.shape
     flat = hidden_states.reshape(-1, h)
-    logits, w, idx = self.gate(flat)                                          # (N, E), (N, k), (N, k)
+    logits, w, idx = router(self)(flat)                                       # (N, E), (N, k), (N, k)
     if torch.is_grad_enabled():
         replay = torch._C._current_graph_task_id() != -1
         if not replay:
@@ -142,4 +142,7 @@ def block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     y = all_to_all_single_autograd(y, send_splits, recv_splits, group)       # (N k, H) in `order`
     y = y * w.flatten()[order, None].to(y.dtype)
     out = torch.zeros_like(flat).index_add_(0, tok, y.to(flat.dtype))
+    shared, gate = shared_experts(self)
+    if shared is not None:           # every token's shared expert(s), whole (tp is 1 under ep)
+        out = out + (torch.sigmoid(gate(flat)) * shared(flat) if gate is not None else shared(flat))
     return out.reshape(b, t, h)

@@ -16,7 +16,8 @@ Layouts (independent of tp, so DCP checkpoints reshard across tp sizes; export u
 At run time a forward hook turns the local output of a fused Linear back into HF's local
 order ([q_l | k_l | v_l], [gate_l | up_l]) so transformers' own attention / MLP code runs on
 the local heads; the attention gets its local head counts. The MoE block forward is replaced:
-router replicated (every tp rank routes the same tokens), experts on local slices, partial
+router replicated (every tp rank routes the same tokens), experts on local slices, a shared
+expert (Qwen2-MoE) on its colwise / rowwise rows with its sigmoid gate replicated, partial
 outputs summed over tp (all-reduce, or reduce-scatter to the sequence shard under SP).
 """
 from __future__ import annotations
@@ -137,6 +138,34 @@ def experts_forward(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: t
     return out
 
 
+def router(block: nn.Module) -> nn.Module:
+    """The MoE block's router: Mixtral / Qwen-MoE `gate`, Granite-MoE `router` (compiler/model.py
+    MOE_ROUTERS); called as router(x) -> (logits (N, E), weights (N, k), expert ids (N, k))."""
+    r = getattr(block, "gate", None)
+    return r if r is not None else block.router
+
+
+def shared_experts(block: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """(shared expert MLP, its H -> 1 sigmoid gate) of a MoE block (compiler/model.py
+    READ_MOE_BLOCKS): Qwen2-MoE's shared_expert + shared_expert_gate, DeepSeek-V3's
+    shared_experts ungated, or (None, None)."""
+    mlp = getattr(block, "shared_expert", None)
+    if mlp is not None:
+        return mlp, block.shared_expert_gate
+    return getattr(block, "shared_experts", None), None
+
+
+def shared_expert_forward(mlp: nn.Module, x: torch.Tensor, tp: bool) -> torch.Tensor:
+    """Qwen2-MoE's shared expert down(act(gate(x)) * up(x)), x (N, H). Under tp on this rank's
+    rows: gate/up colwise (I/tp rows each), down rowwise (I/tp columns), so the result is this
+    rank's partial sum, added to the experts' partial sums before the block's one reduction.
+    At tp 1 the module itself runs (a LoRA adapter on it included)."""
+    if not tp:
+        return mlp(x)
+    g, u, d = (_local(getattr(mlp, n).weight) for n in ("gate_proj", "up_proj", "down_proj"))
+    return F.linear(mlp.act_fn(F.linear(x, g)) * F.linear(x, u), d)
+
+
 def moe_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """(B, T, H) -> (B, T, H). Under SP the input is the gathered Replicate DTensor and the
     output a Shard(1) DTensor (reduce-scatter of the partial sums); else plain tensors."""
@@ -145,17 +174,26 @@ def moe_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     x = hidden_states.to_local() if sp else hidden_states
     b, t, h = x.shape
     flat = x.reshape(-1, h)
-    logits, w, idx = self.gate(flat)
+    logits, w, idx = router(self)(flat)
     if torch.is_grad_enabled():
         replay = torch._C._current_graph_task_id() != -1     # activation checkpointing's recompute
         if not replay:
             _count(self, logits, idx)
         if getattr(self, "_meshbake_aux", None) is not None:
             _aux_terms(self, logits, idx.shape[-1], replay)
+    shared, gate = shared_experts(self)
+    # Qwen2-MoE: sigmoid(shared_expert_gate(x)), (N, 1), from the replicated H -> 1 Linear on the
+    # whole input, like the router (so before the _SumGrad of the input below)
+    s = torch.sigmoid(F.linear(flat, _local(gate.weight))) if gate is not None else None
     if mesh is not None:
         group = mesh.get_group()
         w, flat = _SumGrad.apply(w, group), _SumGrad.apply(flat, group)
-    y = experts_forward(self.experts, flat, idx, w).reshape(b, t, h)
+        s = _SumGrad.apply(s, group) if s is not None else None   # it scales each rank's partial sum
+    y = experts_forward(self.experts, flat, idx, w)
+    if shared is not None:
+        z = shared_expert_forward(shared, flat, mesh is not None)
+        y = y + (s * z if s is not None else z)
+    y = y.reshape(b, t, h)
     if mesh is None:
         return y
     y = DTensor.from_local(y, mesh, [Partial()], run_check=False)
@@ -283,10 +321,18 @@ def _expert_keys(prefix: str, leaf: str, e: int) -> list[str]:
 
 def legacy_sources(name: str, n_experts: int, have) -> list[list[str]] | None:
     """Where a parameter missing under its own name lives in an HF checkpoint: a list of key
-    lists (concatenated per expert, then stacked), or None. `have(key)` says if a key exists."""
+    lists (concatenated per expert, then stacked), or None. `have(key)` says if a key exists.
+    Names as in transformers' conversion_mapping.py (5.24): Qwen-MoE / Mixtral per-expert keys,
+    Granite-MoE's input_linear (E, 2I, H) [gate | up], output_linear (E, H, I), router.layer."""
     def first(cands):
         return next((k for k in cands if have(k)), None)
 
+    granite = {".block_sparse_moe.experts.gate_up_proj": ".block_sparse_moe.input_linear.weight",
+               ".block_sparse_moe.experts.down_proj": ".block_sparse_moe.output_linear.weight",
+               ".block_sparse_moe.router.weight": ".block_sparse_moe.router.layer.weight"}
+    for ours, theirs in granite.items():   # Granite-MoE's checkpoint names: the same tensors, renamed
+        if name.endswith(ours) and have(alt := name.removesuffix(ours) + theirs):
+            return [[alt]]
     if name.endswith(".experts.gate_up_proj") or name.endswith(".experts.down_proj"):
         prefix, leaf = name.rsplit(".", 1)
         parts = ("gate", "up") if leaf == "gate_up_proj" else ("down",)

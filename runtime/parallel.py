@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from .dims import SHARD_CP, ParallelDims
 from .plan import Plan
-from .roles import SHARD_DIM, attention_name, plan_roles
+from .roles import SHARD_DIM, attention_name, mlp_name, plan_roles
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -105,6 +105,10 @@ def tp_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
             styles[fqn] = RowwiseParallel(output_layouts=resid, use_local_output=not sp)
         elif style == "sequence_parallel":
             styles[fqn] = SequenceParallel()
+        elif style == "latent":
+            # kv_a_proj_with_mqa's output is [kv latent (kv_lora_rank) | shared rope key (qk_rope_head_dim)]
+            rope = getattr(model.config, "qk_rope_head_dim", 0) if fqn.endswith("kv_a_proj_with_mqa") else 0
+            styles[fqn] = _latent(rope)
         elif style in EXTRA_STYLES:
             styles[fqn] = EXTRA_STYLES[style]()
     if sp:
@@ -116,7 +120,7 @@ def tp_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
             # its own input grad (5 extra all-reduces per block, -7% tok/s)
             block = model.get_submodule(name)
             styles[f"{name}.{attention_name(block)}"] = _gathered_input()
-            styles[f"{name}.mlp"] = PrepareModuleInput(input_layouts=(Shard(1),),
+            styles[f"{name}.{mlp_name(block)}"] = PrepareModuleInput(input_layouts=(Shard(1),),
                                                        desired_input_layouts=(Replicate(),), use_local_output=False)
     return styles
 
@@ -194,6 +198,49 @@ def _experts():
             for n, dim in (("gate_up_proj", dims["experts"]), ("down_proj", dims["experts.down_proj"])):
                 p = getattr(module, n)
                 module.register_parameter(n, nn.Parameter(distribute_tensor(p, mesh, [Shard(dim)])))
+            return module
+
+    return _Style()
+
+
+class _SumGradCols(torch.autograd.Function):
+    """Identity forward; backward, the last `cols` columns of the gradient summed over the tp group."""
+
+    @staticmethod
+    def forward(ctx, x, group, cols):
+        ctx.group, ctx.cols = group, cols
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        part = g[..., -ctx.cols:].contiguous()
+        torch.distributed.all_reduce(part, group=ctx.group)
+        g[..., -ctx.cols:] = part
+        return g, None, None
+
+
+def _latent(rope: int):
+    """latent: an MLA low-rank down-projection (DeepSeek-V3 q_a_proj, kv_a_proj_with_mqa), whole
+    on every tp rank. Its input, the block's gathered sequence (a Replicate DTensor under sequence
+    parallel), is taken as a local tensor; its output feeds a norm and a colwise up-projection
+    (q_b_proj / kv_b_proj) on every rank, whose input gradient ColwiseParallel all-reduces: full on
+    every rank, so the weight's gradient is the same on every tp rank, as for a router. The
+    exception: kv_a_proj_with_mqa's last `rope` columns are the rope key every head shares
+    (expanded to the rank's H/tp heads), so their gradient is a partial sum over the tp ranks'
+    heads: summed here (B x T x qk_rope_head_dim per layer, backward)."""
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class _Style(ParallelStyle):
+        def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+            def local(mod, args):
+                x = args[0]
+                return (x.to_local() if isinstance(x, DTensor) else x, *args[1:])
+
+            module.register_forward_pre_hook(local)
+            if rope:
+                group = mesh.get_group()
+                module.register_forward_hook(lambda mod, args, out: _SumGradCols.apply(out, group, rope))
             return module
 
     return _Style()
@@ -387,7 +434,9 @@ def _reset_buffers(model: nn.Module) -> None:
     if init is None:
         return
     for mod in model.modules():
-        if not getattr(mod, "_non_persistent_buffers_set", None):
+        # non-persistent buffers, and persistent ones (DeepSeek-V3's e_score_correction_bias, zeros
+        # in transformers' init; load_weights then reads it from the checkpoint)
+        if not getattr(mod, "_non_persistent_buffers_set", None) and not mod._buffers:
             continue
         saved = dict(mod._parameters)
         mod._parameters = {n: (nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), p.requires_grad)
@@ -492,6 +541,19 @@ def load_weights(model: nn.Module, folder: str, seed: int, layouts: dict[str, st
     if buffers:
         _reset_buffers(model)
         _reset_rotary(model)
+        _load_buffers(model, index)
+
+
+def _load_buffers(model: nn.Module, index: dict[str, Path]) -> None:
+    """Persistent buffers the checkpoint holds (DeepSeek-V3's router e_score_correction_bias):
+    plain tensors, whole on every rank."""
+    from safetensors import safe_open
+
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name in index:
+                with safe_open(str(index[name]), framework="pt") as st:
+                    buf.copy_(st.get_tensor(name))
 
 
 def iter_full_weights(folder: str, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:

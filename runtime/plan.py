@@ -19,6 +19,9 @@ table of which dim each splits):
                      gradient summed over tp
   colwise_norm       norm over a whole colwise projection (OLMo-2 q/k norm): weight sharded like the
                      projection's rows, variance all-reduced
+  latent             MLA low-rank down-projection (DeepSeek-V3 q_a_proj, kv_a_proj_with_mqa): whole on
+                     every tp rank, taking the gathered sequence as a local tensor; the shared rope key
+                     columns' gradient summed over tp (runtime/parallel.py _latent)
 """
 from __future__ import annotations
 

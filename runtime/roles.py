@@ -71,6 +71,16 @@ def target_name(fqn: str) -> str:
     return ".".join(fqn.rsplit(".", 2)[-2:]) if is_expert_target(fqn) else fqn.rpartition(".")[2]
 
 
+# what a decoder block calls its feed-forward part: Llama-style mlp, Granite-MoE's block_sparse_moe
+# (router + grouped experts). Sequence parallel gathers its input too.
+MLP_NAMES = ("mlp", "block_sparse_moe")
+
+
+def mlp_name(block) -> str | None:
+    """The feed-forward child of a decoder block, or None."""
+    return next((n for n in MLP_NAMES if hasattr(block, n)), None)
+
+
 def lora_target_fqns(linears: Iterable[str], leaves: Iterable[str] | None, lm_head: str,
                      experts: Iterable[str] = ()) -> tuple[str, ...]:
     """The rule for recipe lora.targets: every Linear whose leaf name (q_proj, ...) is listed,
@@ -114,6 +124,7 @@ SHARD_DIM: Mapping[str, Mapping[str, int]] = {
     "sequence_parallel": {},                              # the activations are split, not the weight
     "local_heads": {},
     "replicate": {},
+    "latent": {},                                         # MLA down-projection: whole (runtime/parallel.py)
 }
 
 

@@ -37,6 +37,22 @@ MODELS = {
     # fused query_key_value per head [q_h | k_h | v_h], parallel residual, LayerNorm with bias,
     # rotary on a quarter of head_dim, embed_in / lm_head (hub: embed_out); no GQA
     "gpt_neox": {"num_key_value_heads": DROP},
+    # routed experts + a shared expert behind a sigmoid gate (shared_expert_gate, H -> 1); q/k/v bias
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                  "shared_expert_intermediate_size": 64, "decoder_sparse_step": 1, "tie_word_embeddings": False},
+    # the MoE block is block_sparse_moe (router + grouped experts, softmax over the top-k logits);
+    # mu-P multipliers on the embedding, the residual branches, the attention scores and the logits
+    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 64,
+                   "embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.0625,
+                   "logits_scaling": 4.0, "tie_word_embeddings": True},
+    # MLA (q/kv low-rank down-projections + norms, per-head up-projections, a rope/nope head split
+    # with one shared rope key), layer 0 dense (first_k_dense_replace), layer 1 MoE: sigmoid
+    # router with e_score_correction_bias, group-limited top-k (2 groups of 2, 1 group kept),
+    # routed_scaling_factor, and a shared expert added ungated; num_key_value_heads = heads, as in V3
+    "deepseek_v3": {"num_key_value_heads": 4, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_rope_head_dim": 8,
+                    "qk_nope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2,
+                    "n_group": 2, "topk_group": 1, "n_shared_experts": 1, "moe_intermediate_size": 64,
+                    "first_k_dense_replace": 1, "routed_scaling_factor": 2.5, "tie_word_embeddings": False},
 }
 
 

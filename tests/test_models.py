@@ -17,7 +17,7 @@ import torch
 import yaml
 from meshbake.runtime import plan as P
 
-from tests.dist.reference import reference_losses
+from tests.dist.reference import reference_run
 from tests.helpers import ROOT, tiny_recipe
 
 MODELS = ROOT / "tests" / "models"
@@ -28,7 +28,7 @@ STEPS = 3
 # embeddings at init: plain HF's own loss rises over the first 3 steps (6.942, 6.947, 6.949)
 SLOW_START = {"glm4"}
 REFUSED: dict[str, str] = {}          # model_type -> words the compile error must contain
-EXPORTED = ("glm4", "gpt_neox", "phi3", "qwen3_moe")
+EXPORTED = ("deepseek_v3", "glm4", "gpt_neox", "granitemoe", "phi3", "qwen2_moe", "qwen3_moe")
 
 
 def _lora(r):
@@ -58,10 +58,13 @@ def _ep(ep, dp_shard=4, dp_replicate=1, aux=False, ac="none"):
     return edit
 
 
-# mesh.ep: both families, ep 2 and 4, FSDP of the experts over dp_shard / ep = 2 and 1, HSDP with
-# the aux loss and full activation checkpointing (the all-to-alls run again in the recompute)
+# mesh.ep: every MoE family, ep 2 and 4, FSDP of the experts over dp_shard / ep = 2 and 1, HSDP with
+# the aux loss and full activation checkpointing (the all-to-alls run again in the recompute);
+# Qwen2-MoE's shared expert runs whole beside the dispatched experts, Granite-MoE's router is `router`
 EP_VARIANTS = [("ep2-dp4-qwen3_moe", "qwen3_moe", _ep(2)), ("ep4-dp4-mixtral", "mixtral", _ep(4)),
-               ("ep2-hsdp-mixtral", "mixtral", _ep(2, dp_shard=2, dp_replicate=2, aux=True, ac="full"))]
+               ("ep2-hsdp-mixtral", "mixtral", _ep(2, dp_shard=2, dp_replicate=2, aux=True, ac="full")),
+               ("ep2-dp4-qwen2_moe", "qwen2_moe", _ep(2, aux=True)), ("ep4-dp4-granitemoe", "granitemoe", _ep(4)),
+               ("ep2-dp4-deepseek_v3", "deepseek_v3", _ep(2))]
 
 
 # LoRA on Phi-3's fused projections; context parallel x tp on q/k-normed and MoE families (the
@@ -91,8 +94,8 @@ def compile_model(model_type: str, **kw):
 def test_fixtures_are_the_supported_families():
     from meshbake.compiler.model import SUPPORTED_TYPES
 
-    assert TYPES == sorted(["gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "llama", "mistral", "mixtral",
-                            "olmo2", "phi3", "qwen2", "qwen3", "qwen3_moe"])
+    assert TYPES == sorted(["deepseek_v3", "gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "granitemoe", "llama",
+                            "mistral", "mixtral", "olmo2", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"])
     assert TYPES == sorted(SUPPORTED_TYPES)
 
 
@@ -133,7 +136,11 @@ def weights(tmp_path_factory) -> dict[str, str]:
             continue
         torch.manual_seed(1234)
         folder = tmp_path_factory.mktemp(f"w-{t}")
-        AutoModelForCausalLM.from_config(hf_config(json.loads(Path(config_path(t)).read_text()))).save_pretrained(folder)
+        model = AutoModelForCausalLM.from_config(hf_config(json.loads(Path(config_path(t)).read_text())))
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):   # DeepSeek-V3: 0 at init; a trained router's moves
+                buf.copy_(torch.randn(buf.shape) * 0.1)     # the top-k choice, read from the checkpoint
+        model.save_pretrained(folder)
         out[t] = str(folder)
     return out
 
@@ -175,12 +182,18 @@ def results(tmp_path_factory, weights) -> dict:
         cases.append({"name": f"logits-{name}", "kind": "logits", "plan": plan, "input": INPUT})
     # the single-process references are computed here while the launch runs (its ranks leave
     # cores idle while they wait for each other)
+    # (the export cases train the train- plans: their reference weights are those of the train- run)
     with ThreadPoolExecutor(1) as pool:
         launched = pool.submit(torchrun, 4, cases, tmp_path_factory.mktemp("models4"))
-        refs = {c["name"]: reference_losses(P.from_dict(c["plan"]))[0] for c in cases
-                if c["name"].startswith("train-") or c["name"] in {v[0] for v in VARIANTS}}
+        refs, states = {}, {}
+        for c in cases:
+            if c["name"].startswith("train-") or c["name"] in {v[0] for v in VARIANTS}:
+                refs[c["name"]], _, model = reference_run(P.from_dict(c["plan"]))
+                if c["name"].removeprefix("train-") in EXPORTED:
+                    states[c["name"].replace("train-", "export-")] = model.state_dict()
         out = launched.result()
-    return {c["name"]: dict(out[c["name"]], plan=c["plan"], reference=refs.get(c["name"])) for c in cases}
+    return {c["name"]: dict(out[c["name"]], plan=c["plan"], reference=refs.get(c["name"]),
+                            reference_state=states.get(c["name"])) for c in cases}
 
 
 @pytest.mark.dist
@@ -230,6 +243,21 @@ def test_export_writes_hf_layout_back(results, tmp_path, model_type):
     with torch.no_grad():
         got = hf(input_ids=torch.tensor(INPUT)).logits
     torch.testing.assert_close(got, torch.load(run_dir / "logits.pt"), rtol=1e-5, atol=1e-5)
+    ref = results[f"export-{model_type}"]["reference_state"]
+    if ref is None:                  # the ep case: trained at another mesh than a reference of this file
+        return
+    # every trained tensor (and persistent buffer) equals the single-process run's after the same
+    # steps: a gradient wrong in one place (DeepSeek-V3's shared rope key, its gradient left a
+    # partial sum over the tp ranks' heads: 6.5e-2 on kv_a_proj_with_mqa) moves the weights by
+    # ~lr where the loss moves by 4e-5, below the loss tolerance. Measured when right: <= 1.6e-5.
+    # Not the key biases (k_proj, GPT-NeoX's fused query_key_value): their exact gradient is 0
+    # (softmax ignores the q.b_k added to every score of a query), so AdamW's first steps turn the
+    # round-off (~1e-9) into moves of +-lr on either side (GLM-4: 5e-3)
+    sd = hf.state_dict()
+    worst = max((((sd[n].double() - t.double()).norm() / t.double().norm().clamp(min=1e-12)).item(), n)
+                for n, t in ref.items() if not n.endswith(("k_proj.bias", "query_key_value.bias")))
+    print(f"{model_type}: trained weights max rel diff {worst[0]:.2e} ({worst[1]})")
+    assert worst[0] < 1e-3, worst
 
 
 def _errors(model_type: str, edit) -> list:
@@ -315,6 +343,31 @@ def test_moe_placements_and_memory_count_the_experts():
     md = b.files["PLAN.md"].decode()
     assert "| `model.layers.*.mlp.experts` | 2 | experts | 4 x 128 x 64 | experts | 4 x 64 x 64 |" in md
     assert "| `model.layers.*.mlp.gate` | 2 | router |" in md
+
+
+def test_shared_expert_and_granite_moe_placements():
+    """Qwen2-MoE's shared expert is split like a dense MLP (gate/up colwise, down rowwise) and
+    its sigmoid gate (H -> 1) replicated beside the router; Granite-MoE's attention, which
+    transformers' tp plan leaves out, is split like Llama's, its block_sparse_moe router
+    replicated. An adapter on the shared expert under tp is refused (the MoE forward runs its
+    local rows itself); at tp 1 the module runs and the adapter with it."""
+    styles = json.loads(compile_model("qwen2_moe").files["plan.json"])["tp"]["placements"]
+    pre = "model.layers.1.mlp."
+    assert [styles[pre + m] for m in ("gate", "experts", "shared_expert.gate_proj", "shared_expert.up_proj",
+                                      "shared_expert.down_proj", "shared_expert_gate")] == \
+        ["replicate", "experts", "colwise", "colwise", "rowwise", "replicate"]
+    styles = json.loads(compile_model("granitemoe").files["plan.json"])["tp"]["placements"]
+    pre = "model.layers.0."
+    assert [styles[pre + m] for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                      "block_sparse_moe.router", "block_sparse_moe.experts")] == \
+        ["colwise", "colwise", "colwise", "rowwise", "replicate", "experts"]
+    e = _errors("qwen2_moe", lambda r: r.update(lora={"rank": 4, "alpha": 8, "targets": ["q_proj", "up_proj"]}))
+    assert [x.path for x in e] == ["lora.targets"] and "shared_expert.up_proj" in e[0].message, e
+    from meshbake.compiler.pipeline import compile_recipe
+
+    r = recipe("lora-tp1", "qwen2_moe", dp_shard=4, tp=1, sp=False, lp=False)
+    r["lora"] = {"rank": 4, "alpha": 8, "targets": ["q_proj", "up_proj"]}
+    assert hasattr(compile_recipe(yaml.safe_dump(r), source="x"), "files")
 
 
 @pytest.mark.parametrize("name,arch,params,active", [
@@ -450,37 +503,39 @@ def test_replicated_attention_is_refused_under_sequence_parallel(monkeypatch, tm
     assert "self_attn.q_proj" in b.errors[0].message and "sequence_parallel: false" in b.errors[0].hint
 
 
-def _errors_without_patch(tmp_path) -> str:
+def _errors_without_patch(model_type: str) -> str:
     from meshbake.compiler import model as M
     from meshbake.compiler.errors import Err
 
-    cfg = {"model_type": "qwen2_moe", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    cfg = {"model_type": model_type, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
            "intermediate_size": 128, "vocab_size": 1024}
-    e = M.model_spec(cfg, "qwen2_moe") if "qwen2_moe" not in M.SUPPORTED_TYPES else None
+    e = M.model_spec(cfg, model_type) if model_type not in M.SUPPORTED_TYPES else None
     return " ".join(x.message for x in e.errors) if isinstance(e, Err) else ""
 
 
-def test_moe_block_with_shared_experts_is_refused_under_tp(tmp_path, monkeypatch):
-    """Qwen2-MoE adds shared experts beside the routed ones: meshbake's MoE forward does not
-    model them, so tp is refused at compile time (tp 1 runs transformers' own forward).
-    qwen2_moe is not on the model_type allow-list (no parity fixture), so the list is widened
-    here to reach the placement rule behind it: the second line of defence must hold too."""
+def test_moe_block_meshbake_has_not_read_is_refused_under_tp(tmp_path, monkeypatch):
+    """GLM-4-MoE routes with a score-correction bias and group-limited top-k, beside shared
+    experts: not the router + grouped experts (+ gated shared expert) form meshbake's MoE forward
+    runs, so tp is refused at compile time (tp 1 runs transformers' own forward). glm4_moe is
+    not on the model_type allow-list (no parity fixture), so the list is widened here to reach
+    the placement rule behind it: the second line of defence must hold too."""
     from meshbake.compiler import model as M
     from transformers import AutoConfig
 
-    assert "not one meshbake runs" in _errors_without_patch(tmp_path)
-    monkeypatch.setattr(M, "SUPPORTED_TYPES", (*M.SUPPORTED_TYPES, "qwen2_moe"))
+    assert "not one meshbake runs" in _errors_without_patch("glm4_moe")
+    monkeypatch.setattr(M, "SUPPORTED_TYPES", (*M.SUPPORTED_TYPES, "glm4_moe"))
 
-    cfg = AutoConfig.for_model("qwen2_moe", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, vocab_size=1024, num_experts=4, num_experts_per_tok=2,
-                               moe_intermediate_size=64, shared_expert_intermediate_size=64, intermediate_size=128)
+    cfg = AutoConfig.for_model("glm4_moe", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, vocab_size=1024, n_routed_experts=4,
+                               num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1,
+                               intermediate_size=128, first_k_dense_replace=0, n_group=1, topk_group=1)
     d = cfg.to_diff_dict()
-    d["model_type"] = "qwen2_moe"
+    d["model_type"] = "glm4_moe"
     (tmp_path / "config.json").write_text(json.dumps(d))
 
     def use(r):
         r["model"]["config"] = str(tmp_path / "config.json")
-    e = _errors("qwen2_moe", use)
+    e = _errors("glm4_moe", use)
     assert e[0].path == "mesh.tp" and "mlp.experts" in e[0].message and "mesh.tp: 1" in e[0].hint
 
     def tp1(r):
@@ -493,3 +548,58 @@ def test_moe_block_with_shared_experts_is_refused_under_tp(tmp_path, monkeypatch
     tp1(r)
     b = compile_recipe(yaml.safe_dump(r))
     assert hasattr(b, "files") and json.loads(b.files["plan.json"])["model"]["layouts"] == {}
+
+
+def test_deepseek_v3_mla_placements_and_refusals(tmp_path):
+    """MLA under tp: the low-rank down-projections (q_a_proj H -> q_lora_rank, kv_a_proj_with_mqa
+    H -> kv_lora_rank + qk_rope_head_dim) and their norms whole on every rank ("latent": they feed
+    every head), the per-head up-projections colwise, o_proj rowwise; layer 0 dense
+    (first_k_dense_replace 1), layer 1 MoE with its router and ungated shared experts. tp must
+    divide the heads (q_b_proj / kv_b_proj rows); a full-rank q_proj (q_lora_rank null) is refused
+    under tp; transformers adds no router aux loss to DeepSeek-V3, so neither may a recipe."""
+    plan = json.loads(compile_model("deepseek_v3").files["plan.json"])
+    styles, pre = plan["tp"]["placements"], "model.layers.1."
+    assert [styles[pre + "self_attn." + m] for m in ("q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa",
+                                                     "kv_a_layernorm", "kv_b_proj", "o_proj")] == \
+        ["latent", "replicate", "colwise", "latent", "replicate", "colwise", "rowwise"]
+    assert [styles[pre + "mlp." + m] for m in ("gate", "experts", "shared_experts.gate_proj",
+                                               "shared_experts.down_proj")] == \
+        ["replicate", "experts", "colwise", "rowwise"]
+    assert styles["model.layers.0.mlp.gate_proj"] == "colwise" and plan["model"]["layouts"] == {
+        "model.layers.1.mlp.experts": "experts"}
+    e = _errors("deepseek_v3", lambda r: r["train"].update(router_aux_loss_coef=0.01))
+    assert [x.path for x in e] == ["train.router_aux_loss_coef"] and "e_score_correction_bias" in e[0].message
+    assert "router aux loss: none (DeepseekV3ForCausalLM trains aux-loss-free" in \
+        compile_model("deepseek_v3").files["PLAN.md"].decode()
+
+    cfg = json.loads(Path(config_path("deepseek_v3")).read_text())
+    for name, edit, words in [("heads", {"num_attention_heads": 3, "num_key_value_heads": 3}, "num_attention_heads=3"),
+                              ("q", {"q_lora_rank": None}, "q_lora_rank")]:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**cfg, **edit}))
+        e = _errors("deepseek_v3", lambda r, path=path: r["model"].update(config=str(path)))
+        assert e[0].path == "mesh.tp" and words in e[0].message and e[0].hint, e
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "granitemoe", "deepseek_v3"])
+def test_estimate_counts_what_transformers_and_the_runtime_hold(model_type):
+    """plan.json's parameter count is the real HF model's numel (a tied table once; buffers such
+    as DeepSeek-V3's e_score_correction_bias are no parameters), active = total less the experts
+    a token skips (E - k of E), and rank 0 of the job's own build at dp_shard 2 x tp 2 (fake
+    process group, meta tensors) holds exactly the estimated parameters and bytes: shared experts
+    colwise / rowwise, MLA's latent projections whole."""
+    from meshbake.runtime.dryrun import build_rank
+    from meshbake.runtime.parallel import hf_config
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import resolve
+
+    res = resolve(yaml.safe_dump(recipe(f"est-{model_type}", model_type)))
+    hf = AutoModelForCausalLM.from_config(hf_config(json.loads(Path(config_path(model_type)).read_text())))
+    m = res.model
+    experts = sum(p.numel() for n, p in hf.named_parameters() if ".experts." in n)
+    assert (res.estimate.params_total, m.num_params) == (sum(p.numel() for p in hf.parameters()),) * 2
+    assert m.active_params == m.num_params - experts * (m.num_experts - m.experts_per_token) // m.num_experts
+    r0 = build_rank(res.plan, 0)
+    assert r0["ok"] and (r0["params"], r0["param_bytes"]) == (res.estimate.params_per_rank,
+                                                             res.estimate.params_bytes), r0

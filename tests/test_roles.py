@@ -15,7 +15,7 @@ from tests.helpers import ROOT
 
 def test_every_style_the_compiler_places_has_a_row():
     placed = {s for styles in ALLOWED.values() for s in styles} | set(FUSED_STYLES.values()) | {
-        "local_heads", "colwise_norm"}
+        "local_heads", "colwise_norm", "latent"}      # latent: MLA's down-projections (model.py READ_TP_PLANS)
     assert placed == set(SHARD_DIM)
 
 
@@ -29,6 +29,7 @@ def test_every_style_the_compiler_places_has_a_row():
     ((8, 4096, 14336), "experts.down_proj", "experts", (8, 4096, 1792)),
     ((8192,), "norm", "sequence_parallel", (8192,)),
     ((128,), "norm", "local_heads", (128,)),
+    ((576, 7168), "linear", "latent", (576, 7168)),            # DeepSeek-V3 kv_a_proj_with_mqa: whole
 ])
 def test_local_shape(shape, tensor, style, want):
     assert local_shape(shape, tensor, style, 8) == want

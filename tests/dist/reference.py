@@ -79,6 +79,12 @@ def add_lora_hooks(model: torch.nn.Module, plan: P.Plan) -> None:
 
 
 def reference_losses(plan: P.Plan) -> tuple[dict[int, float], dict[int, float]]:
+    losses, norms, _ = reference_run(plan)
+    return losses, norms
+
+
+def reference_run(plan: P.Plan) -> tuple[dict[int, float], dict[int, float], torch.nn.Module]:
+    """The losses and gradient norms of every step, and the trained model."""
     t = plan.train
     model = hf_model(plan)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -105,7 +111,7 @@ def reference_losses(plan: P.Plan) -> tuple[dict[int, float], dict[int, float]]:
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses[step + 1] = loss.item()
-    return losses, norms
+    return losses, norms, model
 
 
 def moe_step(model: torch.nn.Module, x: torch.Tensor, t: P.TrainPlan) -> torch.Tensor:

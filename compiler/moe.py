@@ -67,7 +67,7 @@ def ep_errors(recipe: Recipe, model: ModelSpec, axes: dict[str, int]) -> list[Re
     if not model.num_experts:
         return [RecipeError("mesh.ep", f"ep={ep}: {model.architecture} has no experts (not a mixture-of-experts "
                             "model)", "remove mesh.ep")]
-    if "experts" not in model.layouts.values():
+    if not {"experts", "experts_hf"} & set(model.layouts.values()):
         return [RecipeError("mesh.ep", f"ep={ep}: {model.architecture}'s MoE blocks are not the plain router + "
                             "grouped experts form the expert-parallel dispatch runs", "remove mesh.ep")]
     errs, e, ds = [], model.num_experts, axes["dp_shard"]

@@ -10,6 +10,10 @@ Layouts (independent of tp, so DCP checkpoints reshard across tp sizes; export u
            rank gate AND up rows of one slice of the intermediate dim.
   experts  gate_up_proj (E, 2I, H) as pairs along dim 1 (same as gate_up, per expert); down_proj
            (E, H, I) unchanged. Sharded on I: each rank runs every expert on its slice.
+  experts_hf GPT-OSS's grouped experts as HF stores them: gate_up_proj (E, H, 2I) whose columns are
+           already (gate_i, up_i) pairs (HF's forward reads gate = 0::2, up = 1::2), its bias (E, 2I),
+           down_proj (E, I, H), its bias (E, H). Sharded on the 2I / I dims: whole pairs per rank;
+           the down bias is whole and added by one tp rank (the partial sums then hold it once).
   qkv_heads  HF rows already per head [q_h | k_h | v_h] for h in heads (GPT-NeoX query_key_value,
            read with view(..., -1, 3 D)): kept in HF order, a plain colwise Shard(0) (tp | H) gives
            whole heads and HF's view(-1) finds the local head count. No hook, no reorder.
@@ -40,10 +44,10 @@ def _heads(cfg) -> tuple[int, int, int]:
 
 def param_layouts(layouts: dict[str, str]) -> dict[str, str]:
     """{parameter name: layout} of the parameters stored in meshbake order (a qkv_heads
-    projection is stored in HF's order: none of its parameters)."""
+    projection and experts_hf experts are stored in HF's order: none of their parameters)."""
     out = {}
     for fqn, kind in layouts.items():
-        if kind == "qkv_heads":
+        if kind in ("qkv_heads", "experts_hf"):
             continue
         if kind == "experts":
             out[f"{fqn}.gate_up_proj"] = "experts"
@@ -116,9 +120,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def experts_forward(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def experts_forward(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                    tp_group=None) -> torch.Tensor:
     """transformers' grouped-experts loop on this rank's slice of every expert (pairs layout):
     the sum over tp ranks of the outputs is the full output. x (N, H), idx / w (N, k)."""
+    if getattr(experts, "is_transposed", False):
+        return _hf_layout_experts(experts, x, idx, w, tp_group)
     gu, dn = _local(experts.gate_up_proj), _local(experts.down_proj)    # (E, 2I_l, H), (E, H, I_l)
     n_exp = gu.shape[0]
     out = torch.zeros_like(x)
@@ -134,6 +141,32 @@ def experts_forward(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: t
     return out
 
 
+def _hf_layout_experts(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                       tp_group=None) -> torch.Tensor:
+    """GPT-OSS's GptOssExperts loop (experts_hf) on this rank's slice: gate_up (E, H, 2I_l) and its
+    bias (E, 2I_l) hold whole (gate_i, up_i) column pairs, so HF's own _apply_gate (clamped SwiGLU
+    on 0::2 / 1::2) runs on them as is; down (E, I_l, H). The down bias (E, H) is whole on every
+    rank: tp rank 0 adds it (the others add it times 0, so every rank's backward reaches the
+    gradient all-reduce), and _SumGrad sums its gradient over tp."""
+    gu, gub = _local(experts.gate_up_proj), _local(experts.gate_up_proj_bias)
+    dn, dnb = _local(experts.down_proj), _local(experts.down_proj_bias)
+    once = 1.0
+    if tp_group is not None:
+        dnb = _SumGrad.apply(dnb, tp_group)
+        once = 1.0 if dist.get_rank(tp_group) == 0 else 0.0
+    n_exp = gu.shape[0]
+    out = torch.zeros_like(x)
+    with torch.no_grad():
+        mask = F.one_hot(idx, num_classes=n_exp).permute(2, 1, 0)          # (E, k, N)
+        hit = mask.sum(dim=(-1, -2)).nonzero().flatten().tolist()
+    for e in hit:
+        pos, tok = torch.where(mask[e])
+        h = experts._apply_gate(x[tok] @ gu[e] + gub[e])                    # (n, I_l)
+        h = (h @ dn[e] + once * dnb[e]) * w[tok, pos, None]
+        out.index_add_(0, tok, h.to(out.dtype))
+    return out
+
+
 def moe_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """(B, T, H) -> (B, T, H). Under SP the input is the gathered Replicate DTensor and the
     output a Shard(1) DTensor (reduce-scatter of the partial sums); else plain tensors."""
@@ -142,21 +175,35 @@ def moe_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     x = hidden_states.to_local() if sp else hidden_states
     b, t, h = x.shape
     flat = x.reshape(-1, h)
-    logits, w, idx = self.gate(flat)
+    logits, w, idx = router(self)(flat)
     if torch.is_grad_enabled():
         replay = torch._C._current_graph_task_id() != -1     # activation checkpointing's recompute
         if not replay:
             _count(self, logits, idx)
         if getattr(self, "_meshbake_aux", None) is not None:
             _aux_terms(self, logits, idx.shape[-1], replay)
+    group = None
     if mesh is not None:
         group = mesh.get_group()
         w, flat = _SumGrad.apply(w, group), _SumGrad.apply(flat, group)
-    y = experts_forward(self.experts, flat, idx, w).reshape(b, t, h)
-    if mesh is None:
-        return y
-    y = DTensor.from_local(y, mesh, [Partial()], run_check=False)
-    return y.redistribute(mesh, [Shard(1)]) if sp else y.redistribute(mesh, [Replicate()]).to_local()
+    y = experts_forward(self.experts, flat, idx, w, group).reshape(b, t, h)
+    if mesh is not None:
+        y = DTensor.from_local(y, mesh, [Partial()], run_check=False)
+        y = y.redistribute(mesh, [Shard(1)]) if sp else y.redistribute(mesh, [Replicate()]).to_local()
+    return block_output(self, y, w)
+
+
+def router(block: nn.Module) -> nn.Module:
+    """The block's top-k router: `gate` (Mixtral, Qwen3-MoE) or `router` (GPT-OSS); each returns
+    (logits (N, E), weights (N, k), expert ids (N, k))."""
+    return block.gate if hasattr(block, "gate") else block.router
+
+
+def block_output(block: nn.Module, y, w):
+    """What the decoder layer expects back from its MoE block: the hidden states, or for
+    GPT-OSS's GptOssMLP (layout experts_hf) (hidden states, router scores), which
+    GptOssDecoderLayer unpacks (and drops the scores)."""
+    return (y, w) if getattr(block, "_meshbake_hf_layout", False) else y
 
 
 def _count(block: nn.Module, logits: torch.Tensor, idx: torch.Tensor) -> None:
@@ -261,9 +308,10 @@ def install(model: nn.Module, layouts: dict[str, str], tp_mesh: Any, aux: bool =
                 attn.num_key_value_heads = kv // tp
         elif kind == "gate_up":
             mod.register_forward_hook(_gate_up_hook)
-        elif kind == "experts":
+        elif kind in ("experts", "experts_hf"):
             block = model.get_submodule(fqn.rpartition(".")[0])
             block._meshbake_tp = tp_mesh
+            block._meshbake_hf_layout = kind == "experts_hf"
             block._meshbake_aux = [] if aux else None
             block.forward = moe_block_forward.__get__(block)
 

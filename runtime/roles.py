@@ -89,6 +89,7 @@ SHARD_DIM: Mapping[str, Mapping[str, int]] = {
     "rowwise": {"linear": 1, "embedding": 0},             # its bias is added after the reduce: whole
     "colwise_norm": {"norm": 0},                          # like its projection's rows (OLMo-2 q/k norm)
     "experts": {"experts": 1, "experts.down_proj": 2},    # each expert's intermediate dim
+    "sinks": {"sinks": 0},                                # GPT-OSS attention sinks: one per q head
     "sequence_parallel": {},                              # the activations are split, not the weight
     "local_heads": {},
     "replicate": {},

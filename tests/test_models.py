@@ -28,7 +28,11 @@ STEPS = 3
 # embeddings at init: plain HF's own loss rises over the first 3 steps (6.942, 6.947, 6.949)
 SLOW_START = {"glm4"}
 REFUSED: dict[str, str] = {}          # model_type -> words the compile error must contain
-EXPORTED = ("glm4", "gpt_neox", "phi3", "qwen3_moe")
+EXPORTED = ("glm4", "gpt_neox", "gpt_oss", "phi3", "qwen3_moe")
+# save_pretrained weights with every bias and attention sink drawn N(0, 0.1) (HF initializes
+# biases to 0): the logits then show a bias added twice (a rowwise o_proj's, an expert's down
+# bias under tp) or a sink given to another head
+NONZERO_BIASES = {"gpt_oss"}
 
 
 def _lora(r):
@@ -58,17 +62,21 @@ def _ep(ep, dp_shard=4, dp_replicate=1, aux=False, ac="none"):
     return edit
 
 
-# mesh.ep: both families, ep 2 and 4, FSDP of the experts over dp_shard / ep = 2 and 1, HSDP with
-# the aux loss and full activation checkpointing (the all-to-alls run again in the recompute)
+# mesh.ep: the MoE families, ep 2 and 4, FSDP of the experts over dp_shard / ep = 2 and 1, HSDP with
+# the aux loss and full activation checkpointing (the all-to-alls run again in the recompute);
+# GPT-OSS's biased experts in HF's (E, H, 2I) layout
 EP_VARIANTS = [("ep2-dp4-qwen3_moe", "qwen3_moe", _ep(2)), ("ep4-dp4-mixtral", "mixtral", _ep(4)),
+               ("ep2-dp4-gpt_oss", "gpt_oss", _ep(2, aux=True)),
                ("ep2-hsdp-mixtral", "mixtral", _ep(2, dp_shard=2, dp_replicate=2, aux=True, ac="full"))]
+EP_LOGITS = EP_VARIANTS[:3]          # the user's safetensors loaded into E / ep experts per rank
 
 
 # LoRA on Phi-3's fused projections; context parallel x tp on q/k-normed and MoE families (the
 # MoE one with the router's aux loss); the aux loss at dp_shard 2 x tp 2 + SP + LP (grad_accum 2)
 VARIANTS = [("lora-phi3", "phi3", _lora), ("cp2-tp2-qwen3", "qwen3", _cp),
             ("cp2-tp2-mixtral", "mixtral", lambda r: (_cp(r), _aux(r))), ("cp2-tp2-olmo2", "olmo2", _cp),
-            ("aux-mixtral", "mixtral", _aux), ("aux-qwen3_moe", "qwen3_moe", _aux), *EP_VARIANTS]
+            ("aux-mixtral", "mixtral", _aux), ("aux-qwen3_moe", "qwen3_moe", _aux), ("aux-gpt_oss", "gpt_oss", _aux),
+            *EP_VARIANTS]
 INPUT = [[(7 * i + 3 * j) % 1024 for i in range(32)] for j in range(2)]
 
 
@@ -91,8 +99,8 @@ def compile_model(model_type: str, **kw):
 def test_fixtures_are_the_supported_families():
     from meshbake.compiler.model import SUPPORTED_TYPES
 
-    assert TYPES == sorted(["gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "llama", "mistral", "mixtral",
-                            "olmo2", "phi3", "qwen2", "qwen3", "qwen3_moe"])
+    assert TYPES == sorted(["gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "gpt_oss", "llama", "mistral",
+                            "mixtral", "olmo2", "phi3", "qwen2", "qwen3", "qwen3_moe"])
     assert TYPES == sorted(SUPPORTED_TYPES)
 
 
@@ -133,7 +141,13 @@ def weights(tmp_path_factory) -> dict[str, str]:
             continue
         torch.manual_seed(1234)
         folder = tmp_path_factory.mktemp(f"w-{t}")
-        AutoModelForCausalLM.from_config(hf_config(json.loads(Path(config_path(t)).read_text()))).save_pretrained(folder)
+        model = AutoModelForCausalLM.from_config(hf_config(json.loads(Path(config_path(t)).read_text())))
+        if t in NONZERO_BIASES:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n.endswith(("bias", "sinks")):
+                        p.normal_(0, 0.1)
+        model.save_pretrained(folder)
         out[t] = str(folder)
     return out
 
@@ -167,7 +181,7 @@ def results(tmp_path_factory, weights) -> dict:
     r["checkpoint"] = {"every_steps": STEPS, "keep": 1, "save_on_exit": False}
     cases.append({"name": "export-ep", "kind": "train", "keep_run": True, "input": INPUT,
                   "plan": json.loads(compile_recipe(yaml.safe_dump(r), source="export-ep").files["plan.json"])})
-    for name, t, edit in EP_VARIANTS[:2]:      # the user's safetensors into E / ep experts per rank
+    for name, t, edit in EP_LOGITS:      # the user's safetensors into E / ep experts per rank
         r = recipe(name, t)
         edit(r)
         plan = json.loads(compile_recipe(yaml.safe_dump(r), source=name).files["plan.json"])
@@ -200,7 +214,7 @@ def test_parity_dp_shard2_tp2_sp_lp(results, model_type):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("model_type", [t for t in TYPES if t not in REFUSED] + [v[0] for v in EP_VARIANTS[:2]])
+@pytest.mark.parametrize("model_type", [t for t in TYPES if t not in REFUSED] + [v[0] for v in EP_LOGITS])
 def test_safetensors_load_and_match_hf_logits(results, weights, model_type):
     from transformers import AutoModelForCausalLM
 
@@ -363,7 +377,7 @@ def test_moe_metrics_in_metrics_jsonl(results):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("model_type", ["gpt_oss", "mixtral", "qwen3_moe"])
 def test_router_aux_loss_is_in_the_loss(results, model_type):
     """With train.router_aux_loss_coef the loss is transformers' (CE + coef x aux_loss of
     output_router_logits, parity in test_variants_parity); here: the term is really there (the
@@ -493,3 +507,69 @@ def test_moe_block_with_shared_experts_is_refused_under_tp(tmp_path, monkeypatch
     tp1(r)
     b = compile_recipe(yaml.safe_dump(r))
     assert hasattr(b, "files") and json.loads(b.files["plan.json"])["model"]["layouts"] == {}
+
+
+def test_gpt_oss_placements_sinks_biases_and_experts():
+    """GPT-OSS: transformers' tp plan names only embed_tokens, so meshbake adds Llama's q/k/v
+    colwise / o_proj rowwise (o_proj's bias added once after the reduce); the sinks (one per q
+    head) follow q's heads; the experts stay in HF's (E, H, 2I) interleaved layout; eager
+    attention (no sdpa with sinks). Parameters: the real HF model's numel."""
+    from meshbake.runtime.parallel import hf_config
+    from transformers import AutoModelForCausalLM
+
+    b = compile_model("gpt_oss")
+    plan = json.loads(b.files["plan.json"])
+    styles, m = plan["tp"]["placements"], plan["model"]
+    layer = "model.layers.0."
+    assert [styles[layer + f"self_attn.{p}"] for p in ("q_proj", "k_proj", "v_proj", "o_proj")] == \
+        ["colwise"] * 3 + ["rowwise"]
+    assert styles[layer + "self_attn"] == "sinks" and styles[layer + "mlp.router"] == "replicate"
+    assert styles[layer + "mlp.experts"] == "experts" and m["layouts"][layer + "mlp.experts"] == "experts_hf"
+    assert m["attn_implementation"] == "eager"
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(hf_config(json.loads(Path(config_path("gpt_oss")).read_text())))
+    assert m["num_params"] == sum(p.numel() for p in hf.parameters()) == 256_720
+    # a token runs 2 of the 4 experts: gate_up (64 x 128 + 128) + down (64 x 64 + 64) each, 2 layers
+    per_expert = 64 * 128 + 128 + 64 * 64 + 64
+    assert m["num_params"] - m["active_params"] == 2 * 2 * per_expert
+    md = b.files["PLAN.md"].decode()
+    assert "| `model.layers.*.self_attn` | 2 | sinks | 4 | sinks | 2 |" in md
+    assert "| `model.layers.*.mlp.experts` | 2 | experts | 4 x 128 x 64 | experts | 4 x 64 x 64 |" in md
+
+
+def test_gpt_oss_rank_holds_what_the_estimate_says():
+    """The job's own build of rank 0 (fake process group, meta tensors: runtime/dryrun.py) holds
+    exactly the parameters the estimate counts: sinks split with the heads, gate_up and its bias
+    on the 2I dim, down on I, the down bias and the router whole, at dp_shard 2 x tp 2 and at ep 2."""
+    from meshbake.runtime.dryrun import build_rank
+
+    from tests.helpers import resolve
+
+    for name, edit in (("tp", lambda r: None), ("ep", _ep(2))):
+        r = recipe(f"est-{name}", "gpt_oss")
+        edit(r)
+        res = resolve(yaml.safe_dump(r))
+        r0 = build_rank(res.plan, 0)
+        assert r0["ok"], r0
+        assert (r0["params"], r0["param_bytes"]) == (res.estimate.params_per_rank, res.estimate.params_bytes), name
+
+
+def test_gpt_oss_refusals_name_the_path():
+    """What does not divide, or what context parallel would compute wrongly, is a compile error."""
+    def cp2(r):
+        r["mesh"] = {"dp_shard": 1, "cp": 2, "tp": 2}
+        r["train"]["seq_len"] = 8          # the window (8) binds no more: the sinks alone refuse cp
+    e = _errors("gpt_oss", cp2)
+    assert [x.path for x in e] == ["mesh.cp"] and "sinks" in e[0].message and "sliding" not in e[0].message, e
+
+    def tp4(r):
+        r["mesh"] = {"dp_shard": 1, "tp": 4}
+    e = _errors("gpt_oss", tp4)
+    assert "mesh.tp" in [x.path for x in e] and any("num_key_value_heads" in x.message for x in e), e
+
+    def ep3(r):
+        _ep(3, dp_shard=3)(r)
+        r["cluster"]["gpus_per_node"] = 3
+        r["train"]["global_batch_size"] = 6
+    e = _errors("gpt_oss", ep3)
+    assert any(x.path == "mesh.ep" and "4 experts" in x.message for x in e), e

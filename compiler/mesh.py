@@ -71,6 +71,9 @@ def _tp_errors(recipe: Recipe, model: ModelSpec, tp: int) -> list[RecipeError]:
     dense = model.config.get("intermediate_size")
     if isinstance(dense, int) and dense != model.intermediate_size:   # MoE: experts' I above, dense layers' here
         dims = {**dims, "moe_intermediate_size": model.intermediate_size, "intermediate_size": dense}
+    mlp = model.config.get("intermediate_size_mlp")     # Llama-4: its dense layers' I (intermediate_size: experts')
+    if isinstance(mlp, int):
+        dims = {**dims, "intermediate_size_mlp": mlp}
     bad = [f"{k}={v}" for k, v in dims.items() if v % tp]
     if bad:
         ok = [d for d in divisors(min(gpn, model.num_kv_heads))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from meshbake.compiler.errors import Err, RecipeError, Result
-from meshbake.runtime.roles import ModelRoles, attention_name, lora_target_fqns
+from meshbake.runtime.roles import ModelRoles, attention_name, lora_target_fqns, mlp_name, transposed_experts
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
 
@@ -51,7 +51,7 @@ class ModelSpec:
     roles: ModelRoles             # embedding, lm_head, final norm, decoder blocks (no LoRA targets yet)
     # --- added for the model matrix (issue 11); defaults keep older callers valid
     attn_implementation: str = "sdpa"        # what transformers supports for this class (sdpa, else eager)
-    # fused fqn -> "qkv" | "gate_up" | "experts" | "qkv_heads" | "experts_hf"
+    # fused fqn -> "qkv" | "gate_up" | "experts" | "qkv_heads" | "experts_hf" | "experts_t"
     layouts: Mapping[str, str] = field(default_factory=dict)
     active_params: int = 0        # parameters one token goes through (MoE: top-k of E experts); 0 = num_params
     num_experts: int = 0
@@ -136,7 +136,9 @@ def _kind(module) -> str | None:
     if not any(True for _ in module.parameters(recurse=False)):
         return None
     if isinstance(module, nn.Linear):
-        return "linear"
+        # Llama-4's Llama4Router is an nn.Linear (E x H) whose forward routes: a router, not a
+        # Linear to split or adapt
+        return "router" if type(module).__name__ in LINEAR_ROUTERS else "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"
     name = type(module).__name__
@@ -155,6 +157,7 @@ def _kind(module) -> str | None:
 
 
 EXPERT_PARAMS = {"gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"}
+LINEAR_ROUTERS = {"Llama4Router"}
 # attentions whose per-head `sinks` parameter was read in transformers 5.24: GPT-OSS's eager
 # attention appends sinks.reshape(1, -1, 1, 1) as one more logit column per head (softmax over
 # [scores | sink], then the sink column dropped), so head h's sink goes with head h's q rows
@@ -165,7 +168,7 @@ def _shape(module, kind: str) -> tuple[int, ...]:
     if kind == "experts":
         e, a, b = module.gate_up_proj.shape
         # one convention for every later stage (placements, estimate, PLAN.md): (E, 2I, H)
-        return (e, b, a) if getattr(module, "is_transposed", False) else (e, a, b)
+        return (e, b, a) if transposed_experts(module) else (e, a, b)
     w = getattr(module, "weight", None)
     return tuple(w.shape) if w is not None else tuple(next(module.parameters(recurse=False)).shape)
 
@@ -186,6 +189,12 @@ FUSED_NAMES = ("qkv_proj", "gate_up_proj", "query_key_value", "c_attn", "Wqkv", 
 # (hidden, router_scores). The interleaved columns are already (gate_i, up_i) pairs: a Shard of
 # the 2I dim keeps whole pairs, so nothing is reordered (runtime/fused.py)
 HF_LAYOUT_MOE_OWNERS = {"GptOssMLP"}
+# Llama-4's Llama4TextMoe (read in 5.24): router = Llama4Router (a Linear; sigmoid of the top-k
+# logits, 0 elsewhere), every expert runs on the input scaled by its score (x * s, not the output
+# times s: the same as top-k dispatch of the scaled rows, since an expert maps 0 to 0), plus a
+# shared_expert MLP on every token; returns (hidden, router_logits). Its experts gate_up_proj
+# (E, H, 2I) is [gate | up] along the last dim: stored as (gate_i, up_i) column pairs ("experts_t")
+SCALED_INPUT_MOE_OWNERS = {"Llama4TextMoe"}
 
 
 def _layouts(model, modules) -> dict[str, str]:
@@ -211,6 +220,8 @@ def _layouts(model, modules) -> dict[str, str]:
             block = model.get_submodule(m.fqn.rpartition(".")[0])
             if type(block).__name__ in HF_LAYOUT_MOE_OWNERS and _hf_layout_experts(block):
                 out[m.fqn] = "experts_hf"
+            elif type(block).__name__ in SCALED_INPUT_MOE_OWNERS and _scaled_input_block(block):
+                out[m.fqn] = "experts_t"
             elif _plain_moe_block(block):
                 out[m.fqn] = "experts"
         elif m.kind == "linear" and leaf == "qkv_proj" and m.shape[0] == (heads + 2 * kv) * hd:
@@ -246,6 +257,19 @@ def _hf_layout_experts(block) -> bool:
             and hasattr(ex, "_apply_gate") and not any(True for _ in block.parameters(recurse=False)))
 
 
+def _scaled_input_block(block) -> bool:
+    """Llama-4's form exactly: router (Linear, no bias) + transposed concatenated experts without
+    biases + a shared_expert MLP of gate / up / down Linears."""
+    kids = dict(block.named_children())
+    if set(kids) != {"router", "experts", "shared_expert"} or type(kids["router"]).__name__ not in LINEAR_ROUTERS:
+        return False
+    ex, sh = kids["experts"], kids["shared_expert"]
+    return ({n for n, _ in ex.named_parameters(recurse=False)} == {"gate_up_proj", "down_proj"}
+            and transposed_experts(ex) and hasattr(ex, "act_fn") and kids["router"].bias is None
+            and {n for n, _ in sh.named_children()} >= {"gate_proj", "up_proj", "down_proj"}
+            and not any(True for _ in block.parameters(recurse=False)))
+
+
 def _attn_implementation(model) -> str:
     """sdpa where transformers supports it; else eager (Gemma-2: sdpa has no logit
     soft-capping, and flex attention has no CPU backward)."""
@@ -277,8 +301,8 @@ OPTIONAL_FACTS = {"num_key_value_heads": 1024, "head_dim": 4096, "max_position_e
 # (tests/models/<model_type>/, README "Model families"). Others fail late: BERT's
 # BertLMHeadModel has no model.layers; a family nobody ran may hold a plain tensor the TP
 # DTensors cannot mix with. Adding one here means adding its tests/models fixture.
-SUPPORTED_TYPES = ("gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "gpt_oss", "llama", "mistral", "mixtral",
-                   "olmo2", "phi3", "qwen2", "qwen3", "qwen3_moe")
+SUPPORTED_TYPES = ("gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "gpt_oss", "llama", "llama4_text", "mistral",
+                   "mixtral", "olmo2", "phi3", "qwen2", "qwen3", "qwen3_moe")
 # transformers' own tp plan, completed where it leaves a family's Llama-style attention out:
 # GptOssConfig.base_model_tp_plan (5.24) names only embed_tokens (its experts go by the ep plan);
 # its q/k/v/o are Llama's Linears (with biases), split as Llama's: q/k/v colwise by heads (the
@@ -358,7 +382,11 @@ def _layers(model):
     """The decoder blocks: the base model's `layers` (model.model.layers; GPT-NeoX's
     model.gpt_neox.layers), or None."""
     base = getattr(model, "base_model", None)
-    return getattr(base, "layers", None) if base is not model else None
+    if base is model:
+        # Llama-4's text model: base_model_prefix "language_model" names the attribute of the
+        # multimodal wrapper, and Llama4ForCausalLM holds its decoder as .model
+        base = getattr(model, "model", None)
+    return getattr(base, "layers", None) if base is not None else None
 
 
 def _structure_error(model, num_layers: int, model_type: str, source: str) -> RecipeError | None:
@@ -368,7 +396,7 @@ def _structure_error(model, num_layers: int, model_type: str, source: str) -> Re
 
     layers = _layers(model)
     ok = (isinstance(layers, nn.ModuleList) and len(layers) == num_layers
-          and all(attention_name(b) and hasattr(b, "mlp") for b in layers)
+          and all(attention_name(b) and mlp_name(b) for b in layers)
           and isinstance(model.get_output_embeddings(), nn.Linear))
     if ok:
         return None

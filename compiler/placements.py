@@ -18,7 +18,7 @@ from meshbake.compiler.memo import cached
 from meshbake.compiler.mesh import MeshSpec
 from meshbake.compiler.model import ModelSpec, ModuleInfo
 from meshbake.compiler.recipe import Recipe
-from meshbake.runtime.roles import ATTENTION_NAMES, local_shape, shard_dim
+from meshbake.runtime.roles import ATTENTION_NAMES, MLP_NAMES, local_shape, shard_dim
 
 # transformers' style names -> ours; anything else (local_*, ep_*) is refused with its name.
 # colwise_gather_output / rowwise_split_input are transformers' way around a fused [q|k|v] or
@@ -32,7 +32,7 @@ ALLOWED = {"linear": ("colwise", "rowwise", "replicate"), "embedding": ("rowwise
 # styles of fused layouts (runtime/fused.py): what a tp rank holds of a qkv_proj / gate_up_proj
 # (qkv_heads: HF's own per-head rows, which a plain colwise split keeps whole)
 FUSED_STYLES = {"qkv": "colwise_qkv", "gate_up": "colwise_gate_up", "experts": "experts", "qkv_heads": "colwise",
-                "experts_hf": "experts"}
+                "experts_hf": "experts", "experts_t": "experts"}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # replicated modules at or above this size are reported: 16 MiB is ~1 ms of NVLink time per copy
 WARN_BYTES = 16 * 2**20
@@ -186,7 +186,7 @@ def _replicated_under_sp(recipe: Recipe, model: ModelSpec, auto: Mapping[str, st
     bad: dict[str, None] = {}
     for m in model.modules:
         parts = m.fqn[len(pre):].split(".") if m.fqn.startswith(pre) else []
-        if m.kind == "linear" and len(parts) > 2 and parts[1] in (*ATTENTION_NAMES, "mlp") and auto[m.fqn] == "replicate":
+        if m.kind == "linear" and len(parts) > 2 and parts[1] in (*ATTENTION_NAMES, *MLP_NAMES) and auto[m.fqn] == "replicate":
             bad[group_name(m.fqn)] = None
     if not bad:
         return []
@@ -276,6 +276,9 @@ def _cp_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeE
     window = c.get("sliding_window")
     if isinstance(window, int) and window < recipe.train.seq_len and c.get("use_sliding_window", True) is not False:
         why.append(f"uses sliding-window attention (window {window} < seq_len {recipe.train.seq_len})")
+    if model.model_type == "llama4_text":
+        why.append("uses chunked attention on its RoPE layers (attention_chunk_size) and position-scaled queries "
+                   "on its NoPE layers (attn_temperature_tuning reads the local sequence length)")
     if any(m.kind == "sinks" for m in model.modules):
         why.append("adds a learned sink logit per head to the attention softmax (attention sinks)")
     if not why:

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from .roles import transposed_experts
+
 DIMS = ("dp_replicate", "efsdp", "ep")
 
 
@@ -101,10 +103,15 @@ def _local_experts(self, x: torch.Tensor, rows_per_expert: list[int]) -> torch.T
         return _ScaleGrad.apply(p.to_local() if isinstance(p, DTensor) else p, 1.0 / ep)
     gu, dn = local("gate_up_proj"), local("down_proj")
     outs = []
-    if getattr(self, "is_transposed", False):      # GPT-OSS (experts_hf): HF's (E, H, 2I) with biases
+    if hasattr(self, "gate_up_proj_bias"):         # GPT-OSS (experts_hf): HF's (E, H, 2I) with biases
         gub, dnb = local("gate_up_proj_bias"), local("down_proj_bias")
         for e, xe in enumerate(torch.split(x, rows_per_expert)):
             outs.append(self._apply_gate(xe @ gu[e] + gub[e]) @ dn[e] + dnb[e])  # (n, H)
+        return torch.cat(outs)
+    if transposed_experts(self):                   # Llama-4 (experts_t): (E, H, 2I) as column pairs
+        for e, xe in enumerate(torch.split(x, rows_per_expert)):
+            h = (xe @ gu[e]).unflatten(-1, (-1, 2))                            # (n, I, 2)
+            outs.append(self.act_fn(h[..., 0]) * h[..., 1] @ dn[e])            # (n, H)
         return torch.cat(outs)
     for e, xe in enumerate(torch.split(x, rows_per_expert)):
         h = F.linear(xe, gu[e]).unflatten(-1, (-1, 2))                       # (n, I, 2)
@@ -116,13 +123,13 @@ def block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """(B, T, H) -> (B, T, H): route, dispatch, run the local experts, combine."""
     from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-    from .fused import _aux_terms, _count, block_output, router
+    from .fused import _aux_terms, _count, block_output, route
 
     ep_mesh = self._meshbake_ep
     group, ep = ep_mesh.get_group(), ep_mesh.size()
     b, t, h = hidden_states.shape
     flat = hidden_states.reshape(-1, h)
-    logits, w, idx = router(self)(flat)                                       # (N, E), (N, k), (N, k)
+    logits, w, idx = route(self, flat)                                        # (N, E), (N, k), (N, k)
     if torch.is_grad_enabled():
         replay = torch._C._current_graph_task_id() != -1
         if not replay:
@@ -144,10 +151,15 @@ def block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         regroup = torch.argsort(expert_of_row, stable=True)
         rows_per_expert = by_src.sum(0).tolist()
     tok = order // k                                                          # source token of each copy
-    x = all_to_all_single_autograd(flat[tok], recv_splits, send_splits, group)
+    scaled = getattr(self, "_meshbake_scaled_input", False)       # Llama-4: the expert's input times its score
+    rows = flat[tok] * w.flatten()[order, None].to(flat.dtype) if scaled else flat[tok]
+    x = all_to_all_single_autograd(rows, recv_splits, send_splits, group)
     y = self.experts(x[regroup], rows_per_expert)                             # FSDP unshards here
     y = y[torch.argsort(regroup)]                                             # back to source order
     y = all_to_all_single_autograd(y, send_splits, recv_splits, group)       # (N k, H) in `order`
-    y = y * w.flatten()[order, None].to(y.dtype)
-    out = torch.zeros_like(flat).index_add_(0, tok, y.to(flat.dtype))
-    return block_output(self, out.reshape(b, t, h), w)
+    if not scaled:
+        y = y * w.flatten()[order, None].to(y.dtype)
+    out = torch.zeros_like(flat).index_add_(0, tok, y.to(flat.dtype)).reshape(b, t, h)
+    if scaled:
+        out = out + self.shared_expert(hidden_states)
+    return block_output(self, out, w)

@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from .dims import SHARD_CP, ParallelDims
 from .plan import Plan
-from .roles import SHARD_DIM, attention_name, plan_roles
+from .roles import SHARD_DIM, attention_name, mlp_name, plan_roles, transposed_experts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -118,7 +118,7 @@ def tp_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
             attn = f"{name}.{attention_name(block)}"
             # GPT-OSS's attention holds its sinks (style sinks): both styles go on the one module
             styles[attn] = _both(styles[attn], _gathered_input()) if attn in styles else _gathered_input()
-            styles[f"{name}.mlp"] = PrepareModuleInput(input_layouts=(Shard(1),),
+            styles[f"{name}.{mlp_name(block)}"] = PrepareModuleInput(input_layouts=(Shard(1),),
                                                        desired_input_layouts=(Replicate(),), use_local_output=False)
     return styles
 
@@ -197,10 +197,12 @@ def _experts():
     class _Style(ParallelStyle):
         def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
             split = ((("gate_up_proj", 2), ("gate_up_proj_bias", 1), ("down_proj", 1))
-                     if getattr(module, "is_transposed", False) else
+                     if transposed_experts(module) else
                      (("gate_up_proj", dims["experts"]), ("down_proj", dims["experts.down_proj"])))
             for n, dim in split:
-                p = getattr(module, n)
+                p = getattr(module, n, None)
+                if p is None:              # Llama-4's transposed experts have no biases
+                    continue
                 module.register_parameter(n, nn.Parameter(distribute_tensor(p, mesh, [Shard(dim)])))
             return module
 

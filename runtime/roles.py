@@ -54,6 +54,26 @@ def attention_name(block) -> str | None:
     return next((n for n in ATTENTION_NAMES if hasattr(block, n)), None)
 
 
+# what a decoder block calls its MLP / MoE: mlp, or Llama-4's feed_forward
+MLP_NAMES = ("mlp", "feed_forward")
+
+
+def mlp_name(block) -> str | None:
+    """The MLP child of a decoder block, or None."""
+    return next((n for n in MLP_NAMES if hasattr(block, n)), None)
+
+
+# grouped experts that store gate_up_proj transposed, (E, H, 2I), and down_proj (E, I, H), without
+# transformers' is_transposed attribute (use_experts_implementation): Llama-4's
+TRANSPOSED_EXPERTS = frozenset({"Llama4TextExperts"})
+
+
+def transposed_experts(module) -> bool:
+    """By class, through the MRO: FSDP2's fully_shard swaps in a subclass (FSDPLlama4TextExperts)."""
+    return bool(getattr(module, "is_transposed", False)) or any(c.__name__ in TRANSPOSED_EXPERTS
+                                                                for c in type(module).__mro__)
+
+
 def lora_target_fqns(linears: Iterable[str], leaves: Iterable[str] | None, lm_head: str) -> tuple[str, ...]:
     """The rule for recipe lora.targets: every Linear whose leaf name (q_proj, ...) is listed,
     never the lm_head (leaves None: every Linear but the lm_head). `linears`: the fqns of the

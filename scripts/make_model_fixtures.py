@@ -46,6 +46,14 @@ MODELS = {
                 "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                     "truncate": False, "original_max_position_embeddings": 64,
                                     "rope_theta": 150000.0}},
+    # layer 0: RoPE + qk L2 norm + chunked attention (chunk 8 < seq_len 32) + dense MLP
+    # (intermediate_size_mlp); layer 1: NoPE (no_rope_layers 0) + full attention + temperature
+    # tuning (floor_scale 8 so it binds at positions < 32) + MoE (interleave step 2): sigmoid
+    # router top-1 of 4 experts scaling the input, a shared expert, experts fused (E, H, 2I) [gate | up]
+    "llama4_text": {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size": 64,
+                    "intermediate_size_mlp": 128, "interleave_moe_layer_step": 2, "no_rope_layers": [1, 0],
+                    "attention_chunk_size": 8, "floor_scale": 8, "rope_parameters": {"rope_type": "default",
+                                                                                     "rope_theta": 500000.0}},
 }
 
 

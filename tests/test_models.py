@@ -28,7 +28,7 @@ STEPS = 3
 # embeddings at init: plain HF's own loss rises over the first 3 steps (6.942, 6.947, 6.949)
 SLOW_START = {"glm4"}
 REFUSED: dict[str, str] = {}          # model_type -> words the compile error must contain
-EXPORTED = ("glm4", "gpt_neox", "gpt_oss", "phi3", "qwen3_moe")
+EXPORTED = ("glm4", "gpt_neox", "gpt_oss", "llama4_text", "phi3", "qwen3_moe")
 # save_pretrained weights with every bias and attention sink drawn N(0, 0.1) (HF initializes
 # biases to 0): the logits then show a bias added twice (a rowwise o_proj's, an expert's down
 # bias under tp) or a sink given to another head
@@ -64,11 +64,12 @@ def _ep(ep, dp_shard=4, dp_replicate=1, aux=False, ac="none"):
 
 # mesh.ep: the MoE families, ep 2 and 4, FSDP of the experts over dp_shard / ep = 2 and 1, HSDP with
 # the aux loss and full activation checkpointing (the all-to-alls run again in the recompute);
-# GPT-OSS's biased experts in HF's (E, H, 2I) layout
+# GPT-OSS's biased experts in HF's (E, H, 2I) layout (with its aux loss), Llama-4's score-scaled
+# inputs and shared expert (ep 4: one expert per rank)
 EP_VARIANTS = [("ep2-dp4-qwen3_moe", "qwen3_moe", _ep(2)), ("ep4-dp4-mixtral", "mixtral", _ep(4)),
-               ("ep2-dp4-gpt_oss", "gpt_oss", _ep(2, aux=True)),
+               ("ep2-dp4-gpt_oss", "gpt_oss", _ep(2, aux=True)), ("ep4-dp4-llama4_text", "llama4_text", _ep(4)),
                ("ep2-hsdp-mixtral", "mixtral", _ep(2, dp_shard=2, dp_replicate=2, aux=True, ac="full"))]
-EP_LOGITS = EP_VARIANTS[:3]          # the user's safetensors loaded into E / ep experts per rank
+EP_LOGITS = EP_VARIANTS[:4]          # the user's safetensors loaded into E / ep experts per rank
 
 
 # LoRA on Phi-3's fused projections; context parallel x tp on q/k-normed and MoE families (the
@@ -99,8 +100,8 @@ def compile_model(model_type: str, **kw):
 def test_fixtures_are_the_supported_families():
     from meshbake.compiler.model import SUPPORTED_TYPES
 
-    assert TYPES == sorted(["gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "gpt_oss", "llama", "mistral",
-                            "mixtral", "olmo2", "phi3", "qwen2", "qwen3", "qwen3_moe"])
+    assert TYPES == sorted(["gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "gpt_oss", "llama", "llama4_text",
+                            "mistral", "mixtral", "olmo2", "phi3", "qwen2", "qwen3", "qwen3_moe"])
     assert TYPES == sorted(SUPPORTED_TYPES)
 
 
@@ -573,3 +574,74 @@ def test_gpt_oss_refusals_name_the_path():
         r["train"]["global_batch_size"] = 6
     e = _errors("gpt_oss", ep3)
     assert any(x.path == "mesh.ep" and "4 experts" in x.message for x in e), e
+
+
+def test_llama4_text_placements_shared_expert_and_fused_experts():
+    """Llama-4 text: the decoder's MLP is `feed_forward` (dense on layer 0, MoE on layer 1 with
+    interleave_moe_layer_step 2); the router is an nn.Linear that routes (kind router, whole on
+    every tp rank); the shared expert's Linears are split colwise / rowwise like a dense MLP; the
+    experts' (E, H, 2I) [gate | up] is stored as column pairs (experts_t) and split by whole pairs.
+    Parameters: the real HF model's numel; a token runs 1 of 4 experts."""
+    from meshbake.runtime.parallel import hf_config
+    from transformers import AutoModelForCausalLM
+
+    b = compile_model("llama4_text")
+    plan = json.loads(b.files["plan.json"])
+    styles, m = plan["tp"]["placements"], plan["model"]
+    moe = "model.layers.1.feed_forward."
+    assert [styles[moe + f"shared_expert.{p}"] for p in ("gate_proj", "up_proj", "down_proj")] == \
+        ["colwise", "colwise", "rowwise"]
+    assert styles[moe + "router"] == "replicate" and styles[moe + "experts"] == "experts"
+    assert m["layouts"] == {moe + "experts": "experts_t"}
+    assert [styles[f"model.layers.0.feed_forward.{p}"] for p in ("gate_proj", "up_proj", "down_proj")] == \
+        ["colwise", "colwise", "rowwise"]
+    assert m["attn_implementation"] == "sdpa" and m["config"]["layer_types"] == ["chunked_attention", "full_attention"]
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(hf_config(json.loads(Path(config_path("llama4_text")).read_text())))
+    assert m["num_params"] == sum(p.numel() for p in hf.parameters()) == 242_240
+    assert m["num_params"] - m["active_params"] == 3 * (64 * 128 + 64 * 64)        # 3 of 4 experts idle
+    assert plan["train"]["router_aux_loss_coef"] == 0.0
+    md = b.files["PLAN.md"].decode()
+    assert "| `model.layers.*.feed_forward.router` | 1 | router | 4 x 64 | replicate |" in md
+    assert "transformers' Llama-4 has no load-balancing loss" in md
+
+
+def test_llama4_experts_pairs_round_trip():
+    """experts_t: HF's gate_up_proj (E, H, 2I) [gate | up] -> (gate_i, up_i) column pairs and back."""
+    from meshbake.runtime.fused import to_hf, to_runtime
+
+    t = torch.arange(2 * 3 * 8, dtype=torch.float32).reshape(2, 3, 8)        # E 2, H 3, I 4
+    r = to_runtime("experts_t", t, None)
+    assert torch.equal(r[..., 0::2], t[..., :4]) and torch.equal(r[..., 1::2], t[..., 4:])
+    assert torch.equal(to_hf("experts_t", r, None), t)
+
+
+def test_llama4_text_rank_holds_what_the_estimate_says():
+    from meshbake.runtime.dryrun import build_rank
+
+    from tests.helpers import resolve
+
+    for name, edit in (("tp", lambda r: None), ("ep", _ep(4))):
+        r = recipe(f"est-{name}", "llama4_text")
+        edit(r)
+        res = resolve(yaml.safe_dump(r))
+        r0 = build_rank(res.plan, 0)
+        assert r0["ok"], r0
+        assert (r0["params"], r0["param_bytes"]) == (res.estimate.params_per_rank, res.estimate.params_bytes), name
+
+
+def test_llama4_text_refusals_name_the_path(tmp_path):
+    def cp2(r):
+        r["mesh"] = {"dp_shard": 1, "cp": 2, "tp": 2}
+    e = _errors("llama4_text", cp2)
+    assert [x.path for x in e] == ["mesh.cp"] and "chunked attention" in e[0].message, e
+    e = _errors("llama4_text", _aux)
+    assert [x.path for x in e] == ["train.router_aux_loss_coef"] and "Llama4ForCausalLM" in e[0].message, e
+    cfg = json.loads(Path(config_path("llama4_text")).read_text())
+    cfg["intermediate_size_mlp"] = 129
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+
+    def odd(r):
+        r["model"]["config"] = str(tmp_path / "config.json")
+    e = _errors("llama4_text", odd)
+    assert [x.path for x in e] == ["mesh.tp"] and "intermediate_size_mlp=129" in e[0].message, e

@@ -51,6 +51,13 @@ def _aux(r):
 AUX_COEF = 0.1
 
 
+def _aux_ac_full(r):
+    """The aux loss with full activation checkpointing (GPT-OSS: the sinks' local view is taken
+    again in the recompute)."""
+    _aux(r)
+    r["train"]["activation_checkpointing"] = "full"
+
+
 def _ep(ep, dp_shard=4, dp_replicate=1, aux=False, ac="none"):
     """Expert parallel (tp 1): ep carved from dp_shard, each rank E/ep experts."""
     def edit(r):
@@ -73,10 +80,11 @@ EP_LOGITS = EP_VARIANTS[:4]          # the user's safetensors loaded into E / ep
 
 
 # LoRA on Phi-3's fused projections; context parallel x tp on q/k-normed and MoE families (the
-# MoE one with the router's aux loss); the aux loss at dp_shard 2 x tp 2 + SP + LP (grad_accum 2)
+# MoE one with the router's aux loss); the aux loss at dp_shard 2 x tp 2 + SP + LP (grad_accum 2;
+# GPT-OSS's under full activation checkpointing)
 VARIANTS = [("lora-phi3", "phi3", _lora), ("cp2-tp2-qwen3", "qwen3", _cp),
             ("cp2-tp2-mixtral", "mixtral", lambda r: (_cp(r), _aux(r))), ("cp2-tp2-olmo2", "olmo2", _cp),
-            ("aux-mixtral", "mixtral", _aux), ("aux-qwen3_moe", "qwen3_moe", _aux), ("aux-gpt_oss", "gpt_oss", _aux),
+            ("aux-mixtral", "mixtral", _aux), ("aux-qwen3_moe", "qwen3_moe", _aux), ("aux-gpt_oss", "gpt_oss", _aux_ac_full),
             *EP_VARIANTS]
 INPUT = [[(7 * i + 3 * j) % 1024 for i in range(32)] for j in range(2)]
 

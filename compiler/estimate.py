@@ -142,9 +142,12 @@ def rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, ep: i
         out.append(RankParam(loc[0], _numel(loc[1:]), where, not lora, m.fqn == roles.embedding,
                              nf4=nf4 if m.fqn in adapted else 0))
         if bias and style == "experts":               # down_proj (E, H, I) beside gate_up (E, 2I, H)
-            e, h = m.shape[0], m.shape[2]
-            down = local_shape((e, h, bias // e // h), "experts.down_proj", style, tp)
+            e, two_i, h = m.shape
+            down = local_shape((e, h, two_i // 2), "experts.down_proj", style, tp)
             out.append(RankParam(down[0], down[1] * down[2], where, not lora))
+            if bias > e * h * two_i // 2:             # GPT-OSS: gate_up bias (E, 2I) split like gate_up,
+                out += [RankParam(e, two_i // tp, where, not lora),          # down bias (E, H) whole
+                        RankParam(e, h, where, not lora)]
         elif bias:                                    # a Linear's bias (out,)
             out.append(RankParam(local_shape((bias,), "linear.bias", style, tp)[0], 1, where, not lora))
         covered += m.numel

@@ -74,6 +74,9 @@ def _tp_errors(recipe: Recipe, model: ModelSpec, tp: int) -> list[RecipeError]:
     shared = model.config.get("shared_expert_intermediate_size")
     if isinstance(shared, int) and shared and model.num_experts:   # Qwen2-MoE's shared expert: colwise / rowwise
         dims = {**dims, "shared_expert_intermediate_size": shared}
+    mlp = model.config.get("intermediate_size_mlp")     # Llama-4: its dense layers' I (intermediate_size: experts')
+    if isinstance(mlp, int):
+        dims = {**dims, "intermediate_size_mlp": mlp}
     bad = [f"{k}={v}" for k, v in dims.items() if v % tp]
     if bad:
         ok = [d for d in divisors(min(gpn, model.num_kv_heads))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from meshbake.compiler.errors import Err, RecipeError, Result
-from meshbake.runtime.roles import ModelRoles, attention_name, lora_target_fqns, mlp_name
+from meshbake.runtime.roles import ModelRoles, attention_name, lora_target_fqns, mlp_name, transposed_experts
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
 
@@ -23,10 +23,12 @@ CATALOG_DIR = Path(__file__).parent / "catalog"
 @dataclass(frozen=True)
 class ModuleInfo:
     fqn: str                      # "model.layers.3.self_attn.q_proj"
-    kind: str                     # "linear" | "embedding" | "norm" | "experts" | "router" | "other"
+    kind: str                     # "linear" | "embedding" | "norm" | "experts" | "router" | "sinks" | "other"
     shape: tuple[int, ...]        # weight shape: Linear (out, in), Embedding (vocab, hidden);
-                                  # experts: gate_up_proj (E, 2I, H); other: its first parameter
-    numel: int                    # parameters directly owned (weight + bias; experts: gate_up + down)
+                                  # experts: gate_up_proj as (E, 2I, H) (GPT-OSS stores (E, H, 2I): read
+                                  # transposed); sinks: (heads,); other: its first parameter
+    numel: int                    # parameters directly owned (weight + bias; experts: gate_up + down
+                                  # (+ their biases))
 
 
 def expert_matrices(m: ModuleInfo) -> dict[str, tuple[int, int, int]]:
@@ -57,7 +59,8 @@ class ModelSpec:
     roles: ModelRoles             # embedding, lm_head, final norm, decoder blocks (no LoRA targets yet)
     # --- added for the model matrix (issue 11); defaults keep older callers valid
     attn_implementation: str = "sdpa"        # what transformers supports for this class (sdpa, else eager)
-    layouts: Mapping[str, str] = field(default_factory=dict)  # fused fqn -> "qkv" | "gate_up" | "experts" | "qkv_heads"
+    # fused fqn -> "qkv" | "gate_up" | "experts" | "qkv_heads" | "experts_hf" | "experts_t"
+    layouts: Mapping[str, str] = field(default_factory=dict)
     active_params: int = 0        # parameters one token goes through (MoE: top-k of E experts); 0 = num_params
     num_experts: int = 0
     experts_per_token: int = 0
@@ -146,7 +149,9 @@ def _kind(module) -> str | None:
     if not any(True for _ in module.parameters(recurse=False)):
         return None
     if isinstance(module, nn.Linear):
-        return "linear"
+        # Llama-4's Llama4Router is an nn.Linear (E x H) whose forward routes: a router, not a
+        # Linear to split or adapt
+        return "router" if type(module).__name__ in LINEAR_ROUTERS else "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"
     name = type(module).__name__
@@ -154,16 +159,29 @@ def _kind(module) -> str | None:
         return "norm"
     own = dict(module.named_parameters(recurse=False))
     # transformers 5 grouped experts: one module, 3-D gate_up_proj (E, 2I, H) + down_proj (E, H, I)
-    if set(own) == {"gate_up_proj", "down_proj"} and own["gate_up_proj"].ndim == 3:
+    # (GPT-OSS: transposed, (E, H, 2I) + (E, I, H), with a bias each)
+    if {"gate_up_proj", "down_proj"} <= set(own) <= EXPERT_PARAMS and own["gate_up_proj"].ndim == 3:
         return "experts"
+    if name in SINK_OWNERS and set(own) == {"sinks"}:
+        return "sinks"
     if name.endswith("Router") and set(own) <= {"weight", "bias"}:
         return "router"
     return "other"
 
 
+EXPERT_PARAMS = {"gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"}
+LINEAR_ROUTERS = {"Llama4Router"}
+# attentions whose per-head `sinks` parameter was read in transformers 5.24: GPT-OSS's eager
+# attention appends sinks.reshape(1, -1, 1, 1) as one more logit column per head (softmax over
+# [scores | sink], then the sink column dropped), so head h's sink goes with head h's q rows
+SINK_OWNERS = {"GptOssAttention"}
+
+
 def _shape(module, kind: str) -> tuple[int, ...]:
     if kind == "experts":
-        return tuple(module.gate_up_proj.shape)
+        e, a, b = module.gate_up_proj.shape
+        # one convention for every later stage (placements, estimate, PLAN.md): (E, 2I, H)
+        return (e, b, a) if transposed_experts(module) else (e, a, b)
     w = getattr(module, "weight", None)
     return tuple(w.shape) if w is not None else tuple(next(module.parameters(recurse=False)).shape)
 
@@ -177,6 +195,19 @@ FUSED_OWNERS = {"Phi3Attention", "Phi3MLP", "GlmMLP", "Glm4MLP"}
 # heads is already what a tp rank needs, so HF's order is kept and a plain colwise split is right
 HEAD_INTERLEAVED_OWNERS = {"GPTNeoXAttention"}
 FUSED_NAMES = ("qkv_proj", "gate_up_proj", "query_key_value", "c_attn", "Wqkv", "W_pack")
+# MoE blocks whose forward was read and is replaced by meshbake's in HF's own expert layout
+# ("experts_hf"): GPT-OSS's GptOssMLP routes with `router` (logits, top-k softmax scores, indices),
+# runs GptOssExperts (gate_up_proj (E, H, 2I) with gate / up interleaved as columns 0::2 / 1::2, a
+# clamped SwiGLU (up + 1) * gate * sigmoid(alpha gate), biases on both projections) and returns
+# (hidden, router_scores). The interleaved columns are already (gate_i, up_i) pairs: a Shard of
+# the 2I dim keeps whole pairs, so nothing is reordered (runtime/fused.py)
+HF_LAYOUT_MOE_OWNERS = {"GptOssMLP"}
+# Llama-4's Llama4TextMoe (read in 5.24): router = Llama4Router (a Linear; sigmoid of the top-k
+# logits, 0 elsewhere), every expert runs on the input scaled by its score (x * s, not the output
+# times s: the same as top-k dispatch of the scaled rows, since an expert maps 0 to 0), plus a
+# shared_expert MLP on every token; returns (hidden, router_logits). Its experts gate_up_proj
+# (E, H, 2I) is [gate | up] along the last dim: stored as (gate_i, up_i) column pairs ("experts_t")
+SCALED_INPUT_MOE_OWNERS = {"Llama4TextMoe"}
 
 
 def _layouts(model, modules) -> dict[str, str]:
@@ -199,7 +230,12 @@ def _layouts(model, modules) -> dict[str, str]:
         if m.kind == "linear" and owner not in FUSED_OWNERS:
             continue          # a fused layout is only assumed where its forward was read (below)
         if m.kind == "experts":
-            if _plain_moe_block(model.get_submodule(m.fqn.rpartition(".")[0])):
+            block = model.get_submodule(m.fqn.rpartition(".")[0])
+            if type(block).__name__ in HF_LAYOUT_MOE_OWNERS and _hf_layout_experts(block):
+                out[m.fqn] = "experts_hf"
+            elif type(block).__name__ in SCALED_INPUT_MOE_OWNERS and _scaled_input_block(block):
+                out[m.fqn] = "experts_t"
+            elif _plain_moe_block(block):
                 out[m.fqn] = "experts"
         elif m.kind == "linear" and leaf == "qkv_proj" and m.shape[0] == (heads + 2 * kv) * hd:
             out[m.fqn] = "qkv"
@@ -254,6 +290,30 @@ def _is_gated_mlp(mlp) -> bool:
             and all(isinstance(kids[n], nn.Linear) and kids[n].bias is None for n in ("gate_proj", "up_proj", "down_proj")))
 
 
+def _hf_layout_experts(block) -> bool:
+    """GPT-OSS's form exactly: router + experts, interleaved transposed experts with both biases."""
+    kids = dict(block.named_children())
+    if set(kids) != {"router", "experts"} or not type(kids["router"]).__name__.endswith("TopKRouter"):
+        return False
+    ex = kids["experts"]
+    own = {n for n, _ in ex.named_parameters(recurse=False)}
+    return (own == EXPERT_PARAMS and getattr(ex, "is_transposed", False) and not getattr(ex, "is_concatenated", True)
+            and hasattr(ex, "_apply_gate") and not any(True for _ in block.parameters(recurse=False)))
+
+
+def _scaled_input_block(block) -> bool:
+    """Llama-4's form exactly: router (Linear, no bias) + transposed concatenated experts without
+    biases + a shared_expert MLP of gate / up / down Linears."""
+    kids = dict(block.named_children())
+    if set(kids) != {"router", "experts", "shared_expert"} or type(kids["router"]).__name__ not in LINEAR_ROUTERS:
+        return False
+    ex, sh = kids["experts"], kids["shared_expert"]
+    return ({n for n, _ in ex.named_parameters(recurse=False)} == {"gate_up_proj", "down_proj"}
+            and transposed_experts(ex) and hasattr(ex, "act_fn") and kids["router"].bias is None
+            and {n for n, _ in sh.named_children()} >= {"gate_proj", "up_proj", "down_proj"}
+            and not any(True for _ in block.parameters(recurse=False)))
+
+
 def _attn_implementation(model) -> str:
     """sdpa where transformers supports it; else eager (Gemma-2: sdpa has no logit
     soft-capping, and flex attention has no CPU backward)."""
@@ -286,8 +346,17 @@ OPTIONAL_FACTS = {"num_key_value_heads": 1024, "head_dim": 4096, "max_position_e
 # BertLMHeadModel has no model.layers; a family nobody ran may hold a plain tensor the TP
 # DTensors cannot mix with. Adding one here means adding its tests/models fixture. The other
 # types accepted are the ones `make zoo` trained with parity (compiler/zoo.json, zoo_types()).
-SUPPORTED_TYPES = ("deepseek_v3", "gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "granitemoe", "llama", "mistral",
-                   "mixtral", "olmo2", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+SUPPORTED_TYPES = ("deepseek_v3", "gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "gpt_oss", "granitemoe",
+                   "llama", "llama4_text", "mistral", "mixtral", "olmo2", "phi3", "qwen2", "qwen2_moe", "qwen3",
+                   "qwen3_moe")
+# transformers' own tp plan, completed where it leaves a family's Llama-style attention out:
+# GptOssConfig.base_model_tp_plan (5.24) names only embed_tokens (its experts go by the ep plan);
+# its q/k/v/o are Llama's Linears (with biases), split as Llama's: q/k/v colwise by heads (the
+# sinks follow q's heads, style "sinks"), o_proj rowwise (its bias added once, after the reduce)
+TP_PLAN_ADDITIONS = {"gpt_oss": {"model.layers.*.self_attn.q_proj": "colwise",
+                                 "model.layers.*.self_attn.k_proj": "colwise",
+                                 "model.layers.*.self_attn.v_proj": "colwise",
+                                 "model.layers.*.self_attn.o_proj": "rowwise"}}
 
 
 def _is_int(v: Any) -> bool:
@@ -394,7 +463,11 @@ def _layers(model):
     """The decoder blocks: the base model's `layers` (model.model.layers; GPT-NeoX's
     model.gpt_neox.layers), or None."""
     base = getattr(model, "base_model", None)
-    return getattr(base, "layers", None) if base is not model else None
+    if base is model:
+        # Llama-4's text model: base_model_prefix "language_model" names the attribute of the
+        # multimodal wrapper, and Llama4ForCausalLM holds its decoder as .model
+        base = getattr(model, "model", None)
+    return getattr(base, "layers", None) if base is not None else None
 
 
 def _structure_error(model, num_layers: int, model_type: str, source: str) -> RecipeError | None:
@@ -503,7 +576,7 @@ def _spec(model, config, source: str, model_type: str, modules) -> ModelSpec:
         tie_word_embeddings=tied,
         num_params=num_params,
         modules=modules,
-        hf_tp_plan=_tp_plan(model, modules),
+        hf_tp_plan={**TP_PLAN_ADDITIONS.get(model_type, {}), **_tp_plan(model, modules)},
         roles=_roles(model, modules, tied),
         attn_implementation=_attn_implementation(model),
         layouts=_layouts(model, modules),

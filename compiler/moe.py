@@ -22,8 +22,8 @@ from meshbake.compiler.recipe import Recipe
 
 def router_aux_coef(recipe: Recipe, model: ModelSpec) -> float:
     """The coefficient the runtime multiplies the aux loss by (0.0 = not added)."""
-    if not model.num_experts:
-        return 0.0
+    if not model.num_experts or "experts_t" in model.layouts.values():
+        return 0.0                    # Llama-4: transformers has no load-balancing loss for it
     given = recipe.train.router_aux_loss_coef
     if given is not None:
         return float(given)
@@ -41,6 +41,10 @@ def aux_errors(recipe: Recipe, model: ModelSpec) -> list[RecipeError]:
                             "auxiliary load-balancing loss (transformers computes none for it; its router balances "
                             "by the e_score_correction_bias instead), so meshbake has no loss of its to add",
                             "remove train.router_aux_loss_coef")]
+    if given and "experts_t" in model.layouts.values():
+        return [RecipeError("train.router_aux_loss_coef", f"{given}: {model.architecture}'s sigmoid router has no "
+                            "load-balancing loss in transformers (Llama4ForCausalLM adds none), so there is no "
+                            "formula to match", "remove train.router_aux_loss_coef")]
     return []
 
 
@@ -53,6 +57,9 @@ def aux_note(recipe: Recipe, model: ModelSpec) -> tuple[str, ...]:
                 "router's e_score_correction_bias comes from the checkpoint and is held fixed (transformers does "
                 "not update it; docs/EXPERT_PARALLEL.md)",)
     coef, c = router_aux_coef(recipe, model), model.config
+    if "experts_t" in model.layouts.values():
+        return ("router aux loss: none (transformers' Llama-4 has no load-balancing loss); the router trains on "
+                "the cross-entropy only",)
     src = ("train.router_aux_loss_coef" if recipe.train.router_aux_loss_coef is not None
            else f"config.json output_router_logits {str(bool(c.get('output_router_logits'))).lower()}, as in transformers")
     if coef > 0:
@@ -76,7 +83,7 @@ def ep_errors(recipe: Recipe, model: ModelSpec, axes: dict[str, int]) -> list[Re
     if not model.num_experts:
         return [RecipeError("mesh.ep", f"ep={ep}: {model.architecture} has no experts (not a mixture-of-experts "
                             "model)", "remove mesh.ep")]
-    if "experts" not in model.layouts.values():
+    if not {"experts", "experts_hf", "experts_t"} & set(model.layouts.values()):
         return [RecipeError("mesh.ep", f"ep={ep}: {model.architecture}'s MoE blocks are not the plain router + "
                             "grouped experts form the expert-parallel dispatch runs", "remove mesh.ep")]
     errs, e, ds = [], model.num_experts, axes["dp_shard"]

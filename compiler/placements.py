@@ -30,10 +30,11 @@ HF_STYLES = {"colwise": "colwise", "rowwise": "rowwise", "embedding_rowwise": "r
 HF_GATHERED = {"colwise_gather_output": "colwise", "rowwise_split_input": "rowwise"}
 ALLOWED = {"linear": ("colwise", "rowwise", "replicate"), "embedding": ("rowwise", "replicate"),
            "norm": ("sequence_parallel", "replicate"), "experts": ("experts",), "router": ("replicate",),
-           "other": ("replicate",)}
+           "sinks": ("sinks", "replicate"), "other": ("replicate",)}
 # styles of fused layouts (runtime/fused.py): what a tp rank holds of a qkv_proj / gate_up_proj
 # (qkv_heads: HF's own per-head rows, which a plain colwise split keeps whole)
-FUSED_STYLES = {"qkv": "colwise_qkv", "gate_up": "colwise_gate_up", "experts": "experts", "qkv_heads": "colwise"}
+FUSED_STYLES = {"qkv": "colwise_qkv", "gate_up": "colwise_gate_up", "experts": "experts", "qkv_heads": "colwise",
+                "experts_hf": "experts", "experts_t": "experts"}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # replicated modules at or above this size are reported: 16 MiB is ~1 ms of NVLink time per copy
 WARN_BYTES = 16 * 2**20
@@ -107,6 +108,8 @@ def _auto(model: ModelSpec, m: ModuleInfo, sp: bool) -> str | RecipeError:
         return FUSED_STYLES[model.layouts[m.fqn]]
     if m.kind in ("router", "other"):      # small (router E x H) or unknown: whole on every tp rank
         return "replicate"
+    if m.kind == "sinks":                  # one per q head: split with q_proj's heads (Shard(0))
+        return "sinks"
     if m.fqn == model.roles.lm_head:
         return "colwise"                           # vocab-sharded logits
     for pattern, hf_style in model.hf_tp_plan.items():
@@ -326,6 +329,11 @@ def _cp_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeE
     window = c.get("sliding_window")
     if isinstance(window, int) and window < recipe.train.seq_len and c.get("use_sliding_window", True) is not False:
         why.append(f"uses sliding-window attention (window {window} < seq_len {recipe.train.seq_len})")
+    if model.model_type == "llama4_text":
+        why.append("uses chunked attention on its RoPE layers (attention_chunk_size) and position-scaled queries "
+                   "on its NoPE layers (attn_temperature_tuning reads the local sequence length)")
+    if any(m.kind == "sinks" for m in model.modules):
+        why.append("adds a learned sink logit per head to the attention softmax (attention sinks)")
     if not why:
         return []
     return [RecipeError("mesh.cp", f"{model.architecture} {' and '.join(why)}; context parallel "
@@ -447,10 +455,11 @@ def _consistency_at_tp1(recipe: Recipe, model: ModelSpec, aside: frozenset[str])
 
 def _follow_projections(model: ModelSpec, styles: dict[str, str]) -> None:
     """q/k norms follow their projections: in an attention replicated by a tp.plan override
-    they see all heads, so they are plain replicated norms too."""
+    they see all heads, so they are plain replicated norms too; so are attention sinks (owned
+    by the attention module itself)."""
     for m in model.modules:
-        if styles.get(m.fqn) in ("local_heads", "colwise_norm"):
-            parent = m.fqn.rpartition(".")[0]
+        if styles.get(m.fqn) in ("local_heads", "colwise_norm", "sinks"):
+            parent = m.fqn if m.kind == "sinks" else m.fqn.rpartition(".")[0]
             projs = [f for f in styles if f.startswith(parent + ".") and f.endswith(("q_proj", "qkv_proj"))]
             if projs and all(styles[f] == "replicate" for f in projs):
                 styles[m.fqn] = "replicate"

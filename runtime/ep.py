@@ -35,6 +35,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from .lora import expert_factors, expert_linear
+from .roles import transposed_experts
 
 DIMS = ("dp_replicate", "efsdp", "ep")
 
@@ -57,8 +58,10 @@ def install(model: nn.Module, mesh: DeviceMesh) -> None:
         raise RuntimeError("mesh.ep > 1 but the model has no MoE block in the grouped-experts layout")
     for block in _moe_blocks(model):
         ex = block.experts
-        for n in ("gate_up_proj", "down_proj"):
-            p = getattr(ex, n)
+        for n in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+            p = getattr(ex, n, None)       # GPT-OSS's biases (E, 2I), (E, H) go with their experts
+            if p is None:
+                continue
             ex.register_parameter(n, nn.Parameter(distribute_tensor(p, ep_mesh, [Shard(0)])))
         ex.forward = _local_experts.__get__(ex)
         block._meshbake_ep = ep_mesh
@@ -92,12 +95,25 @@ def _local_experts(self, x: torch.Tensor, rows_per_expert: list[int]) -> torch.T
     """This rank's E/ep experts on the rows received, in expert order (runtime/fused.py pairs
     layout for gate_up). Every local expert runs, even on 0 rows: its weights then get a zero
     gradient, so every rank's FSDP reduce-scatters the same parameters."""
-    gu, dn = self.gate_up_proj, self.down_proj
+    gu = self.gate_up_proj
     ep = gu.device_mesh.size() if isinstance(gu, DTensor) else 1
-    gu, dn = (gu.to_local() if isinstance(gu, DTensor) else gu), (dn.to_local() if isinstance(dn, DTensor) else dn)
-    gu, dn = _ScaleGrad.apply(gu, 1.0 / ep), _ScaleGrad.apply(dn, 1.0 / ep)
+
+    def local(n):
+        p = getattr(self, n)
+        return _ScaleGrad.apply(p.to_local() if isinstance(p, DTensor) else p, 1.0 / ep)
+    gu, dn = local("gate_up_proj"), local("down_proj")
     ad = expert_factors(self, lambda t: _ScaleGrad.apply(t, 1.0 / ep))    # LoRA: Shard(0) like W, same 1/ep
     outs = []
+    if hasattr(self, "gate_up_proj_bias"):         # GPT-OSS (experts_hf): HF's (E, H, 2I) with biases
+        gub, dnb = local("gate_up_proj_bias"), local("down_proj_bias")
+        for e, xe in enumerate(torch.split(x, rows_per_expert)):
+            outs.append(self._apply_gate(xe @ gu[e] + gub[e]) @ dn[e] + dnb[e])  # (n, H)
+        return torch.cat(outs)
+    if transposed_experts(self):                   # Llama-4 (experts_t): (E, H, 2I) as column pairs
+        for e, xe in enumerate(torch.split(x, rows_per_expert)):
+            h = (xe @ gu[e]).unflatten(-1, (-1, 2))                            # (n, I, 2)
+            outs.append(self.act_fn(h[..., 0]) * h[..., 1] @ dn[e])            # (n, H)
+        return torch.cat(outs)
     for e, xe in enumerate(torch.split(x, rows_per_expert)):
         h = expert_linear(self, xe, gu[e], ad, "gate_up_proj", e).unflatten(-1, (-1, 2))              # (n, I, 2)
         outs.append(expert_linear(self, self.act_fn(h[..., 0]) * h[..., 1], dn[e], ad, "down_proj", e))  # (n, H)
@@ -108,13 +124,13 @@ def block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """(B, T, H) -> (B, T, H): route, dispatch, run the local experts, combine."""
     from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-    from .fused import _aux_terms, _count, router, shared_experts
+    from .fused import _aux_terms, _count, block_output, route, shared_experts
 
     ep_mesh = self._meshbake_ep
     group, ep = ep_mesh.get_group(), ep_mesh.size()
     b, t, h = hidden_states.shape
     flat = hidden_states.reshape(-1, h)
-    logits, w, idx = router(self)(flat)                                       # (N, E), (N, k), (N, k)
+    logits, w, idx = route(self, flat)                                        # (N, E), (N, k), (N, k)
     if torch.is_grad_enabled():
         replay = torch._C._current_graph_task_id() != -1
         if not replay:
@@ -136,13 +152,19 @@ def block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         regroup = torch.argsort(expert_of_row, stable=True)
         rows_per_expert = by_src.sum(0).tolist()
     tok = order // k                                                          # source token of each copy
-    x = all_to_all_single_autograd(flat[tok], recv_splits, send_splits, group)
+    scaled = getattr(self, "_meshbake_scaled_input", False)       # Llama-4: the expert's input times its score
+    rows = flat[tok] * w.flatten()[order, None].to(flat.dtype) if scaled else flat[tok]
+    x = all_to_all_single_autograd(rows, recv_splits, send_splits, group)
     y = self.experts(x[regroup], rows_per_expert)                             # FSDP unshards here
     y = y[torch.argsort(regroup)]                                             # back to source order
     y = all_to_all_single_autograd(y, send_splits, recv_splits, group)       # (N k, H) in `order`
-    y = y * w.flatten()[order, None].to(y.dtype)
+    if not scaled:
+        y = y * w.flatten()[order, None].to(y.dtype)
     out = torch.zeros_like(flat).index_add_(0, tok, y.to(flat.dtype))
     shared, gate = shared_experts(self)
     if shared is not None:           # every token's shared expert(s), whole (tp is 1 under ep)
         out = out + (torch.sigmoid(gate(flat)) * shared(flat) if gate is not None else shared(flat))
-    return out.reshape(b, t, h)
+    out = out.reshape(b, t, h)
+    if scaled:                       # Llama-4's shared expert (shared_experts gives None for it)
+        out = out + self.shared_expert(hidden_states)
+    return block_output(self, out, w)

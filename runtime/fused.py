@@ -10,6 +10,12 @@ Layouts (independent of tp, so DCP checkpoints reshard across tp sizes; export u
            rank gate AND up rows of one slice of the intermediate dim.
   experts  gate_up_proj (E, 2I, H) as pairs along dim 1 (same as gate_up, per expert); down_proj
            (E, H, I) unchanged. Sharded on I: each rank runs every expert on its slice.
+  experts_t Llama-4's grouped experts, gate_up_proj (E, H, 2I) [gate | up] along the last dim ->
+           pairs along that dim; down_proj (E, I, H) unchanged. Sharded on 2I / I like experts.
+  experts_hf GPT-OSS's grouped experts as HF stores them: gate_up_proj (E, H, 2I) whose columns are
+           already (gate_i, up_i) pairs (HF's forward reads gate = 0::2, up = 1::2), its bias (E, 2I),
+           down_proj (E, I, H), its bias (E, H). Sharded on the 2I / I dims: whole pairs per rank;
+           the down bias is whole and added by one tp rank (the partial sums then hold it once).
   qkv_heads  HF rows already per head [q_h | k_h | v_h] for h in heads (GPT-NeoX query_key_value,
            read with view(..., -1, 3 D)): kept in HF order, a plain colwise Shard(0) (tp | H) gives
            whole heads and HF's view(-1) finds the local head count. No hook, no reorder.
@@ -31,6 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
+from .roles import transposed_experts
+
 
 def _heads(cfg) -> tuple[int, int, int]:
     h = cfg.num_attention_heads
@@ -41,17 +49,22 @@ def _heads(cfg) -> tuple[int, int, int]:
 
 def param_layouts(layouts: dict[str, str]) -> dict[str, str]:
     """{parameter name: layout} of the parameters stored in meshbake order (a qkv_heads
-    projection is stored in HF's order: none of its parameters)."""
+    projection and experts_hf experts are stored in HF's order: none of their parameters)."""
     out = {}
     for fqn, kind in layouts.items():
-        if kind == "qkv_heads":
+        if kind in ("qkv_heads", "experts_hf"):
             continue
-        if kind == "experts":
-            out[f"{fqn}.gate_up_proj"] = "experts"
+        if kind in ("experts", "experts_t"):
+            out[f"{fqn}.gate_up_proj"] = kind
         else:
             out[f"{fqn}.weight"] = kind
             out[f"{fqn}.bias"] = kind
     return out
+
+
+# the dim holding [gate | up] (HF) / (gate_i, up_i) pairs (meshbake): a gate_up Linear's rows,
+# experts' gate_up_proj (E, 2I, H) dim 1, Llama-4's transposed (E, H, 2I) dim 2
+PAIR_DIM = {"gate_up": 0, "experts": 1, "experts_t": 2}
 
 
 def to_runtime(kind: str, t: torch.Tensor, cfg) -> torch.Tensor:
@@ -63,7 +76,7 @@ def to_runtime(kind: str, t: torch.Tensor, cfg) -> torch.Tensor:
         k = t[h * d:(h + kv) * d].reshape(kv, 1, d, *rest)
         v = t[(h + kv) * d:].reshape(kv, 1, d, *rest)
         return torch.cat([q, k, v], dim=1).reshape(t.shape).contiguous()
-    dim = 1 if kind == "experts" else 0
+    dim = PAIR_DIM.get(kind, 0)
     gate, up = t.chunk(2, dim=dim)
     return torch.stack([gate, up], dim=dim + 1).reshape(t.shape).contiguous()
 
@@ -76,7 +89,7 @@ def to_hf(kind: str, t: torch.Tensor, cfg) -> torch.Tensor:
         q, k, v = g[:, :h // kv], g[:, h // kv], g[:, h // kv + 1]
         return torch.cat([q.reshape(h * d, *t.shape[1:]), k.reshape(kv * d, *t.shape[1:]),
                           v.reshape(kv * d, *t.shape[1:])]).contiguous()
-    dim = 1 if kind == "experts" else 0
+    dim = PAIR_DIM.get(kind, 0)
     pairs = t.reshape(*t.shape[:dim], t.shape[dim] // 2, 2, *t.shape[dim + 1:])
     return torch.cat([pairs.select(dim + 1, 0), pairs.select(dim + 1, 1)], dim=dim).contiguous()
 
@@ -117,9 +130,14 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def experts_forward(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def experts_forward(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                    tp_group=None) -> torch.Tensor:
     """transformers' grouped-experts loop on this rank's slice of every expert (pairs layout):
     the sum over tp ranks of the outputs is the full output. x (N, H), idx / w (N, k)."""
+    if hasattr(experts, "gate_up_proj_bias"):
+        return _hf_layout_experts(experts, x, idx, w, tp_group)
+    if transposed_experts(experts):
+        return _scaled_input_experts(experts, x, idx, w)
     from .lora import expert_factors, expert_linear
 
     gu, dn = _local(experts.gate_up_proj), _local(experts.down_proj)    # (E, 2I_l, H), (E, H, I_l)
@@ -138,17 +156,12 @@ def experts_forward(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: t
     return out
 
 
-def router(block: nn.Module) -> nn.Module:
-    """The MoE block's router: Mixtral / Qwen-MoE `gate`, Granite-MoE `router` (compiler/model.py
-    MOE_ROUTERS); called as router(x) -> (logits (N, E), weights (N, k), expert ids (N, k))."""
-    r = getattr(block, "gate", None)
-    return r if r is not None else block.router
-
-
 def shared_experts(block: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
     """(shared expert MLP, its H -> 1 sigmoid gate) of a MoE block (compiler/model.py
     READ_MOE_BLOCKS): Qwen2-MoE's shared_expert + shared_expert_gate, DeepSeek-V3's
     shared_experts ungated, or (None, None)."""
+    if getattr(block, "_meshbake_scaled_input", False):
+        return None, None            # Llama-4's shared expert runs after the reduction (moe_block_forward)
     mlp = getattr(block, "shared_expert", None)
     if mlp is not None:
         return mlp, block.shared_expert_gate
@@ -166,6 +179,50 @@ def shared_expert_forward(mlp: nn.Module, x: torch.Tensor, tp: bool) -> torch.Te
     return F.linear(mlp.act_fn(F.linear(x, g)) * F.linear(x, u), d)
 
 
+def _scaled_input_experts(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Llama-4's Llama4TextExperts (experts_t) on this rank's slice: each routed row is scaled by
+    its router score BEFORE the expert (HF: routed_in = x * score, every expert on every token,
+    score 0 off the top-k, and an expert maps 0 to 0), nothing after. gate_up (E, H, 2I_l) as
+    (gate_i, up_i) column pairs, down (E, I_l, H)."""
+    gu, dn = _local(experts.gate_up_proj), _local(experts.down_proj)
+    n_exp = gu.shape[0]
+    out = torch.zeros_like(x)
+    with torch.no_grad():
+        mask = F.one_hot(idx, num_classes=n_exp).permute(2, 1, 0)          # (E, k, N)
+        hit = mask.sum(dim=(-1, -2)).nonzero().flatten().tolist()
+    for e in hit:
+        pos, tok = torch.where(mask[e])
+        h = ((x[tok] * w[tok, pos, None]) @ gu[e]).unflatten(-1, (-1, 2))    # (n, I_l, 2)
+        out.index_add_(0, tok, (experts.act_fn(h[..., 0]) * h[..., 1] @ dn[e]).to(out.dtype))
+    return out
+
+
+def _hf_layout_experts(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                       tp_group=None) -> torch.Tensor:
+    """GPT-OSS's GptOssExperts loop (experts_hf) on this rank's slice: gate_up (E, H, 2I_l) and its
+    bias (E, 2I_l) hold whole (gate_i, up_i) column pairs, so HF's own _apply_gate (clamped SwiGLU
+    on 0::2 / 1::2) runs on them as is; down (E, I_l, H). The down bias (E, H) is whole on every
+    rank: tp rank 0 adds it (the others add it times 0, so every rank's backward reaches the
+    gradient all-reduce), and _SumGrad sums its gradient over tp."""
+    gu, gub = _local(experts.gate_up_proj), _local(experts.gate_up_proj_bias)
+    dn, dnb = _local(experts.down_proj), _local(experts.down_proj_bias)
+    once = 1.0
+    if tp_group is not None:
+        dnb = _SumGrad.apply(dnb, tp_group)
+        once = 1.0 if dist.get_rank(tp_group) == 0 else 0.0
+    n_exp = gu.shape[0]
+    out = torch.zeros_like(x)
+    with torch.no_grad():
+        mask = F.one_hot(idx, num_classes=n_exp).permute(2, 1, 0)          # (E, k, N)
+        hit = mask.sum(dim=(-1, -2)).nonzero().flatten().tolist()
+    for e in hit:
+        pos, tok = torch.where(mask[e])
+        h = experts._apply_gate(x[tok] @ gu[e] + gub[e])                    # (n, I_l)
+        h = (h @ dn[e] + once * dnb[e]) * w[tok, pos, None]
+        out.index_add_(0, tok, h.to(out.dtype))
+    return out
+
+
 def moe_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """(B, T, H) -> (B, T, H). Under SP the input is the gathered Replicate DTensor and the
     output a Shard(1) DTensor (reduce-scatter of the partial sums); else plain tensors."""
@@ -174,7 +231,7 @@ def moe_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     x = hidden_states.to_local() if sp else hidden_states
     b, t, h = x.shape
     flat = x.reshape(-1, h)
-    logits, w, idx = router(self)(flat)
+    logits, w, idx = route(self, flat)
     if torch.is_grad_enabled():
         replay = torch._C._current_graph_task_id() != -1     # activation checkpointing's recompute
         if not replay:
@@ -185,19 +242,51 @@ def moe_block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     # Qwen2-MoE: sigmoid(shared_expert_gate(x)), (N, 1), from the replicated H -> 1 Linear on the
     # whole input, like the router (so before the _SumGrad of the input below)
     s = torch.sigmoid(F.linear(flat, _local(gate.weight))) if gate is not None else None
+    group = None
     if mesh is not None:
         group = mesh.get_group()
         w, flat = _SumGrad.apply(w, group), _SumGrad.apply(flat, group)
         s = _SumGrad.apply(s, group) if s is not None else None   # it scales each rank's partial sum
-    y = experts_forward(self.experts, flat, idx, w)
+    y = experts_forward(self.experts, flat, idx, w, group)
     if shared is not None:
         z = shared_expert_forward(shared, flat, mesh is not None)
         y = y + (s * z if s is not None else z)
     y = y.reshape(b, t, h)
-    if mesh is None:
-        return y
-    y = DTensor.from_local(y, mesh, [Partial()], run_check=False)
-    return y.redistribute(mesh, [Shard(1)]) if sp else y.redistribute(mesh, [Replicate()]).to_local()
+    if mesh is not None:
+        y = DTensor.from_local(y, mesh, [Partial()], run_check=False)
+        y = y.redistribute(mesh, [Shard(1)]) if sp else y.redistribute(mesh, [Replicate()]).to_local()
+    if getattr(self, "_meshbake_scaled_input", False):
+        # Llama-4's shared expert on every token: its own colwise / rowwise Linears (the rowwise
+        # down_proj reduces, to the sequence shard under SP), on the block's input as it came
+        y = y + self.shared_expert(hidden_states)
+    return block_output(self, y, w)
+
+
+def route(block: nn.Module, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits (N, E), weights (N, k), expert ids (N, k)) of the block's router. Llama-4's
+    Llama4Router returns (scores (N, E): sigmoid of the top-k logits, 0 elsewhere; logits): the
+    weights are its scores at its own top-k ids (the same topk of the same logits)."""
+    if getattr(block, "_meshbake_scaled_input", False):
+        scores, logits = block.router(flat)
+        idx = torch.topk(logits, block.router.top_k, dim=-1).indices
+        return logits, scores.gather(1, idx), idx
+    return router(block)(flat)
+
+
+def block_output(block: nn.Module, y, w):
+    """What the decoder layer expects back from its MoE block: the hidden states, or for
+    GPT-OSS's GptOssMLP (layout experts_hf) (hidden states, router scores), which
+    GptOssDecoderLayer unpacks (and drops the scores); Llama-4's Llama4TextMoe returns
+    (hidden states, router logits), unpacked and dropped alike."""
+    return (y, w) if getattr(block, "_meshbake_hf_layout", False) or getattr(block, "_meshbake_scaled_input", False) else y
+
+
+def router(block: nn.Module) -> nn.Module:
+    """The MoE block's top-k router: Mixtral / Qwen-MoE `gate`, Granite-MoE / GPT-OSS `router`
+    (compiler/model.py MOE_ROUTERS); called as router(x) -> (logits (N, E), weights (N, k), expert
+    ids (N, k))."""
+    r = getattr(block, "gate", None)
+    return r if r is not None else block.router
 
 
 def _count(block: nn.Module, logits: torch.Tensor, idx: torch.Tensor) -> None:
@@ -302,9 +391,11 @@ def install(model: nn.Module, layouts: dict[str, str], tp_mesh: Any, aux: bool =
                 attn.num_key_value_heads = kv // tp
         elif kind == "gate_up":
             mod.register_forward_hook(_gate_up_hook)
-        elif kind == "experts":
+        elif kind in ("experts", "experts_hf", "experts_t"):
             block = model.get_submodule(fqn.rpartition(".")[0])
             block._meshbake_tp = tp_mesh
+            block._meshbake_hf_layout = kind == "experts_hf"
+            block._meshbake_scaled_input = kind == "experts_t"
             block._meshbake_aux = [] if aux else None
             block.forward = moe_block_forward.__get__(block)
 

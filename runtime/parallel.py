@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from .dims import SHARD_CP, ParallelDims
 from .plan import Plan
-from .roles import SHARD_DIM, attention_name, mlp_name, plan_roles
+from .roles import SHARD_DIM, attention_name, mlp_name, plan_roles, transposed_experts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -119,7 +119,9 @@ def tp_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
             # reduce-scatter ONCE; a local tensor here would make every colwise Linear all-reduce
             # its own input grad (5 extra all-reduces per block, -7% tok/s)
             block = model.get_submodule(name)
-            styles[f"{name}.{attention_name(block)}"] = _gathered_input()
+            attn = f"{name}.{attention_name(block)}"
+            # GPT-OSS's attention holds its sinks (style sinks): both styles go on the one module
+            styles[attn] = _both(styles[attn], _gathered_input()) if attn in styles else _gathered_input()
             styles[f"{name}.{mlp_name(block)}"] = PrepareModuleInput(input_layouts=(Shard(1),),
                                                        desired_input_layouts=(Replicate(),), use_local_output=False)
     return styles
@@ -188,15 +190,23 @@ def _local_heads():
 
 def _experts():
     """experts: each expert's intermediate dim over tp; gate_up (E, 2I, H) rows are (gate, up)
-    pairs (runtime/fused.py) so Shard(1) keeps pairs together; down (E, H, I) Shard(2)."""
+    pairs (runtime/fused.py) so Shard(1) keeps pairs together; down (E, H, I) Shard(2). GPT-OSS
+    stores them transposed (experts_hf): gate_up (E, H, 2I) Shard(2) and its bias (E, 2I)
+    Shard(1) (HF's columns are already pairs), down (E, I, H) Shard(1); the down bias (E, H)
+    stays a whole plain tensor (runtime/fused.py adds it once and sums its gradient over tp)."""
     from torch.distributed.tensor.parallel import ParallelStyle
 
     dims = SHARD_DIM["experts"]
 
     class _Style(ParallelStyle):
         def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
-            for n, dim in (("gate_up_proj", dims["experts"]), ("down_proj", dims["experts.down_proj"])):
-                p = getattr(module, n)
+            split = ((("gate_up_proj", 2), ("gate_up_proj_bias", 1), ("down_proj", 1))
+                     if transposed_experts(module) else
+                     (("gate_up_proj", dims["experts"]), ("down_proj", dims["experts.down_proj"])))
+            for n, dim in split:
+                p = getattr(module, n, None)
+                if p is None:              # Llama-4's transposed experts have no biases
+                    continue
                 module.register_parameter(n, nn.Parameter(distribute_tensor(p, mesh, [Shard(dim)])))
             return module
 
@@ -246,6 +256,45 @@ def _latent(rope: int):
     return _Style()
 
 
+def _sinks():
+    """sinks: GPT-OSS's per-head attention sinks (H,), Shard(0) like q_proj's colwise heads, so
+    rank r holds the sinks of its heads [r H/tp, (r+1) H/tp). transformers' eager attention reads
+    `module.sinks` and reshapes it to the local head count: for the forward the local tensor is
+    put in the module's __dict__ (found before nn.Module's parameter lookup) and removed after;
+    to_local's backward makes the gradient a Shard(0) DTensor again. The DTensor is read from
+    _parameters at each forward, so FSDP's unsharded parameter is the one used."""
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    dim = SHARD_DIM["sinks"]["sinks"]
+
+    def pre(mod, args, kwargs):
+        p = mod._parameters["sinks"]
+        mod.__dict__["sinks"] = p.to_local() if isinstance(p, DTensor) else p
+
+    def post(mod, args, kwargs, out):
+        mod.__dict__.pop("sinks", None)
+
+    class _Style(ParallelStyle):
+        def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+            module.register_parameter("sinks", nn.Parameter(distribute_tensor(module.sinks, mesh, [Shard(dim)])))
+            module.register_forward_pre_hook(pre, with_kwargs=True)
+            module.register_forward_hook(post, with_kwargs=True, always_call=True)
+            return module
+
+    return _Style()
+
+
+def _both(first, second):
+    """Two styles on one module, in this order."""
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class _Style(ParallelStyle):
+        def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+            return second._apply(first._apply(module, mesh), mesh)
+
+    return _Style()
+
+
 def _colwise():
     from torch.distributed.tensor.parallel import ColwiseParallel
 
@@ -255,7 +304,7 @@ def _colwise():
 # styles beyond the four basic ones (fused projections, sharded norms, local heads, MoE experts);
 # fused rows are in meshbake order, so a plain colwise split is right for them
 EXTRA_STYLES = {"colwise_qkv": _colwise, "colwise_gate_up": _colwise, "colwise_norm": _sharded_norm,
-                "local_heads": _local_heads, "experts": _experts}
+                "local_heads": _local_heads, "experts": _experts, "sinks": _sinks}
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: Plan) -> None:

@@ -14,7 +14,13 @@ table of which dim each splits):
                      each rank holds its own heads' q, k and v
   colwise_gate_up    fused [gate|up] Linear stored as (gate_i, up_i) row pairs, rows sharded
   experts            grouped MoE experts: each expert's intermediate dim sharded (gate_up rows as pairs,
-                     down columns); output all-reduced (reduce-scattered under sequence parallel)
+                     down columns); output all-reduced (reduce-scattered under sequence parallel).
+                     GPT-OSS's (layout experts_hf, HF's (E, H, 2I) interleaved order kept): gate_up
+                     and its bias split on the 2I dim (whole (gate_i, up_i) pairs), down on I, down's
+                     bias whole (added once)
+                     Llama-4's (layout experts_t, (E, H, 2I) [gate | up] stored as column pairs):
+                     gate_up split on the 2I dim, down on I
+  sinks              GPT-OSS attention sinks (one logit per q head): sharded with q_proj's heads
   local_heads        norm over head_dim on the rank's local heads (Qwen3 q/k norm): weight replicated,
                      gradient summed over tp
   colwise_norm       norm over a whole colwise projection (OLMo-2 q/k norm): weight sharded like the
@@ -51,7 +57,8 @@ class ModelPlan:
     num_params: int
     tie_word_embeddings: bool
     attn_implementation: str = "sdpa"   # transformers attention kernel for this class: sdpa | eager
-    layouts: dict[str, str] = field(default_factory=dict)   # fused fqn -> "qkv" | "gate_up" | "experts" | "qkv_heads"
+    # fused fqn -> "qkv" | "gate_up" | "experts" | "qkv_heads" | "experts_hf" | "experts_t"
+    layouts: dict[str, str] = field(default_factory=dict)
     active_params: int = 0              # params a token goes through (MoE: k of E experts); 0 = num_params
     roles: ModelRoles | None = None     # embedding, lm_head, blocks, LoRA target fqns (runtime/roles.py;
                                         # None in plan.json before roles: roles.plan_roles derives them)
@@ -216,7 +223,7 @@ def _declare() -> None:
         "num_params": _COUNT, "active_params": _COUNT,
         "attn_implementation": {"type": "string", "maxLength": 64, "pattern": _WORD},
         "layouts": {"type": "object", "propertyNames": {"maxLength": 512, "pattern": _FQN},
-                    "additionalProperties": {"enum": ["qkv", "gate_up", "experts", "qkv_heads"]}},
+                    "additionalProperties": {"enum": ["qkv", "gate_up", "experts", "qkv_heads", "experts_hf", "experts_t"]}},
         "hub": {"type": ["object", "null"], "additionalProperties": False, "required": ["repo", "sha"],
                 "properties": {"repo": {"type": "string", "maxLength": 200, "pattern": "^[A-Za-z0-9][A-Za-z0-9_./-]*$(?!\\n)"},
                                "sha": {"type": "string", "pattern": "^[0-9a-f]{40}$(?!\\n)"}}}}}

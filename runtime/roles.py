@@ -72,13 +72,24 @@ def target_name(fqn: str) -> str:
 
 
 # what a decoder block calls its feed-forward part: Llama-style mlp, Granite-MoE's block_sparse_moe
-# (router + grouped experts). Sequence parallel gathers its input too.
-MLP_NAMES = ("mlp", "block_sparse_moe")
+# (router + grouped experts), Llama-4's feed_forward. Sequence parallel gathers its input too.
+MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward")
 
 
 def mlp_name(block) -> str | None:
-    """The feed-forward child of a decoder block, or None."""
+    """The MLP child of a decoder block, or None."""
     return next((n for n in MLP_NAMES if hasattr(block, n)), None)
+
+
+# grouped experts that store gate_up_proj transposed, (E, H, 2I), and down_proj (E, I, H), without
+# transformers' is_transposed attribute (use_experts_implementation): Llama-4's
+TRANSPOSED_EXPERTS = frozenset({"Llama4TextExperts"})
+
+
+def transposed_experts(module) -> bool:
+    """By class, through the MRO: FSDP2's fully_shard swaps in a subclass (FSDPLlama4TextExperts)."""
+    return bool(getattr(module, "is_transposed", False)) or any(c.__name__ in TRANSPOSED_EXPERTS
+                                                                for c in type(module).__mro__)
 
 
 def lora_target_fqns(linears: Iterable[str], leaves: Iterable[str] | None, lm_head: str,
@@ -121,6 +132,7 @@ SHARD_DIM: Mapping[str, Mapping[str, int]] = {
     "rowwise": {"linear": 1, "embedding": 0},             # its bias is added after the reduce: whole
     "colwise_norm": {"norm": 0},                          # like its projection's rows (OLMo-2 q/k norm)
     "experts": {"experts": 1, "experts.down_proj": 2},    # each expert's intermediate dim
+    "sinks": {"sinks": 0},                                # GPT-OSS attention sinks: one per q head
     "sequence_parallel": {},                              # the activations are split, not the weight
     "local_heads": {},
     "replicate": {},

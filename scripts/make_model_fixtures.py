@@ -3,7 +3,7 @@
 Each is built by the real transformers config class (so every family-specific field is valid
 and present), with the sizes shrunk: hidden 64, 2 layers, 4 heads / 2 kv heads of head_dim 16,
 vocab 1024 (tp 2 divides every sharded dim). A few hundred thousand parameters each.
-    python scripts/make_model_fixtures.py        (rewrites the fixtures; review the diff)
+    python scripts/make_model_fixtures.py [MODEL_TYPE ...]   (rewrites the fixtures; review the diff)
 """
 from __future__ import annotations
 
@@ -53,14 +53,36 @@ MODELS = {
                     "qk_nope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2,
                     "n_group": 2, "topk_group": 1, "n_shared_experts": 1, "moe_intermediate_size": 64,
                     "first_k_dense_replace": 1, "routed_scaling_factor": 2.5, "tie_word_embeddings": False},
+    # attention sinks (one logit per q head), q/k/v/o biases, sliding window 8 < seq_len 32 on
+    # even layers (layer_types), 4 experts top-2 with biases, gate/up interleaved in (E, H, 2I),
+    # clamped SwiGLU; eager attention (transformers has no sdpa with sinks)
+    "gpt_oss": {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 64,
+                "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"],
+                # YaRN as gpt-oss ships it (factor 32 over 4096 = 131072), shrunk: 4 x 64 = 256
+                "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                    "truncate": False, "original_max_position_embeddings": 64,
+                                    "rope_theta": 150000.0}},
+    # layer 0: RoPE + qk L2 norm + chunked attention (chunk 8 < seq_len 32) + dense MLP
+    # (intermediate_size_mlp); layer 1: NoPE (no_rope_layers 0) + full attention + temperature
+    # tuning (floor_scale 8 so it binds at positions < 32) + MoE (interleave step 2): sigmoid
+    # router top-1 of 4 experts scaling the input, a shared expert, experts fused (E, H, 2I) [gate | up]
+    "llama4_text": {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size": 64,
+                    "intermediate_size_mlp": 128, "interleave_moe_layer_step": 2, "no_rope_layers": [1, 0],
+                    "attention_chunk_size": 8, "floor_scale": 8, "rope_parameters": {"rope_type": "default",
+                                                                                     "rope_theta": 500000.0}},
 }
 
 
 def main() -> None:
+    import sys
+
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    only = set(sys.argv[1:])          # model types to (re)write; none: all
     for model_type, extra in MODELS.items():
+        if only and model_type not in only:
+            continue
         kw = {k: v for k, v in {**COMMON, **extra}.items() if v is not DROP}
         cfg = AutoConfig.for_model(model_type, **kw)
         d = cfg.to_diff_dict()          # only what differs from the class defaults, like a hub config.json

@@ -36,15 +36,15 @@ def aux_errors(recipe: Recipe, model: ModelSpec) -> list[RecipeError]:
     if given and not model.num_experts:
         return [RecipeError("train.router_aux_loss_coef", f"{given}: {model.architecture} has no router "
                             "(not a mixture-of-experts model)", "remove train.router_aux_loss_coef")]
+    if given and "experts_t" in model.layouts.values():
+        return [RecipeError("train.router_aux_loss_coef", f"{given}: {model.architecture}'s sigmoid router has no "
+                            "load-balancing loss in transformers (Llama4ForCausalLM adds none), so there is no "
+                            "formula to match", "remove train.router_aux_loss_coef")]
     if given and not model.router_aux_loss:
         return [RecipeError("train.router_aux_loss_coef", f"{given}: {model.architecture} is trained without an "
                             "auxiliary load-balancing loss (transformers computes none for it; its router balances "
                             "by the e_score_correction_bias instead), so meshbake has no loss of its to add",
                             "remove train.router_aux_loss_coef")]
-    if given and "experts_t" in model.layouts.values():
-        return [RecipeError("train.router_aux_loss_coef", f"{given}: {model.architecture}'s sigmoid router has no "
-                            "load-balancing loss in transformers (Llama4ForCausalLM adds none), so there is no "
-                            "formula to match", "remove train.router_aux_loss_coef")]
     return []
 
 
@@ -52,14 +52,14 @@ def aux_note(recipe: Recipe, model: ModelSpec) -> tuple[str, ...]:
     """PLAN.md line for MoE models: whether the aux loss is in the training loss, and why."""
     if not model.num_experts:
         return ()
+    if "experts_t" in model.layouts.values():
+        return ("router aux loss: none (transformers' Llama-4 has no load-balancing loss); the router trains on "
+                "the cross-entropy only",)
     if not model.router_aux_loss:
         return (f"router aux loss: none ({model.architecture} trains aux-loss-free, as in transformers); the "
                 "router's e_score_correction_bias comes from the checkpoint and is held fixed (transformers does "
                 "not update it; docs/EXPERT_PARALLEL.md)",)
     coef, c = router_aux_coef(recipe, model), model.config
-    if "experts_t" in model.layouts.values():
-        return ("router aux loss: none (transformers' Llama-4 has no load-balancing loss); the router trains on "
-                "the cross-entropy only",)
     src = ("train.router_aux_loss_coef" if recipe.train.router_aux_loss_coef is not None
            else f"config.json output_router_logits {str(bool(c.get('output_router_logits'))).lower()}, as in transformers")
     if coef > 0:

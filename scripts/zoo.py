@@ -129,7 +129,8 @@ def main(argv: list[str]) -> int:
             rows.append([t, "compiled", "", "not run yet"])
         else:
             e = b.errors[0]
-            rows.append([t, "refused", f"{e.path}: {e.message[:600]}", ""])   # the compiler quotes it
+            # the compiler quotes it: the sweep's temporary folder is no fact of the type
+            rows.append([t, "refused", f"{e.path}: {e.message.replace(d, '...')[:600]}", ""])
         print(*rows[-1], sep=" | ", flush=True)
     old = _previous_rows() if argv else {}
     rows = [*(r for t, r in sorted(old.items()) if t not in {row[0] for row in rows}), *rows]

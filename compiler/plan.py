@@ -72,7 +72,7 @@ def _estimate(est: Estimate) -> dict:
 
 
 def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements, est: Estimate,
-               versions: Mapping[str, str]) -> P.Plan:
+               versions: Mapping[str, str], pp: P.PPPlan | None = None) -> P.Plan:
     c = recipe.cluster
     return P.Plan(
         version=P.PLAN_VERSION,
@@ -97,6 +97,7 @@ def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
         warnings=_warnings(recipe, model, mesh, pl) + _save_warning(recipe, mesh, est),
         versions=dict(versions),
         tracking=recipe.tracking,
+        pp=pp,
     )
 
 

@@ -132,9 +132,14 @@ def environment(shell: bool = False) -> jinja2.Environment:
 
 
 def recipe_yaml(recipe) -> str:
-    """The normalized recipe: every key with its resolved default, in schema order."""
-    return "# normalized by meshbake: every default filled in\n" + yaml.safe_dump(to_dict(recipe), sort_keys=False,
-                                                                                 width=100)
+    """The normalized recipe: every key with its resolved default, in schema order. Without
+    pipeline parallelism (mesh.pp 1, the pp section all defaults; compiler/pp.py refuses any
+    other pp key there) mesh.pp and pp are left out: such a recipe reads as before pp existed."""
+    d = to_dict(recipe)
+    if d["mesh"].get("pp") == 1:
+        d["mesh"].pop("pp")
+        d.pop("pp", None)
+    return "# normalized by meshbake: every default filled in\n" + yaml.safe_dump(d, sort_keys=False, width=100)
 
 
 def runtime_files() -> dict[str, bytes]:

@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from .dims import DIMS
 from .plan import Plan, load_plan
 
 
@@ -93,7 +92,7 @@ def build_rank(plan: Plan, rank: int) -> dict:
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=plan.mesh.world)
     try:
         where["stage"] = "mesh"
-        mesh = init_device_mesh("cpu", plan.mesh.shape, mesh_dim_names=DIMS)
+        mesh = init_device_mesh("cpu", plan.mesh.shape, mesh_dim_names=plan.mesh.mesh_dims)
         with shared_submeshes():
             model = parallelize(plan, mesh, stage=lambda name: where.update(stage=name))
         return {"rank": rank, "ok": True, **held(model), "seconds": round(time.perf_counter() - t0, 2)}

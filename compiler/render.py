@@ -216,7 +216,21 @@ def context(res) -> dict[str, Any]:
             "mesh": mesh_view(res.mesh),
             "placements": {"rows": placement_rows(res.model, res.placements, res.mesh.tp, res.recipe.model.dtype,
                                                     res.mesh.ep)},
-            "est": estimate_view(res.recipe, res.model, res.mesh, res.estimate)}
+            "est": estimate_view(res.recipe, res.model, res.mesh, res.estimate),
+            "pp": pp_view(res)}
+
+
+def pp_view(res) -> dict[str, Any] | None:
+    """PLAN.md's pipeline section: the stage table (compiler/pp.stage_rows) and the rank facts."""
+    if res.plan.pp is None:
+        return None
+    from meshbake.compiler.pp import stage_rows
+
+    m, pp = res.plan.mesh, res.plan.pp
+    group = m.world // m.pp               # consecutive ranks per stage group (pp outermost)
+    bubble = (m.pp - 1) / (pp.microbatches + m.pp - 1) / pp.stages_per_rank
+    return {"stages": stage_rows(res.model, pp, m.pp), "group_ranks": group, "bubble": f"{bubble:.1%}",
+            "whole_nodes": group % m.procs_per_node == 0, "group_nodes": group // m.procs_per_node}
 
 
 def render_bundle(res) -> dict[str, bytes]:

@@ -229,7 +229,10 @@ def pp_view(res) -> dict[str, Any] | None:
     m, pp = res.plan.mesh, res.plan.pp
     group = m.world // m.pp               # consecutive ranks per stage group (pp outermost)
     bubble = (m.pp - 1) / (pp.microbatches + m.pp - 1) / pp.stages_per_rank
-    return {"stages": stage_rows(res.model, pp, m.pp), "group_ranks": group, "bubble": f"{bubble:.1%}",
+    est = res.estimate
+    ranks = [{"rank": r, "params": n, "bytes": b, "peak": r == est.pp_peak_rank} for r, n, b in est.pp_rank_rows]
+    return {"stages": stage_rows(res.model, pp, m.pp), "group_ranks": group, "bubble": f"{bubble:.1%}", "ranks": ranks,
+            "send_bytes": est.pp_comm_bytes // 2,
             "whole_nodes": group % m.procs_per_node == 0, "group_nodes": group // m.procs_per_node}
 
 

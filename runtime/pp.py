@@ -140,27 +140,46 @@ def split_model(model: nn.Module, plan: Plan, ids: list[int]) -> list[Stage]:
     return stages
 
 
+def parallelize_stages(plan: Plan, mesh: DeviceMesh, ids: list[int],
+                       stage=lambda name: None) -> tuple[nn.Module, list[Stage]]:
+    """The owner model and the Stage modules of stages `ids` on the meta device, TP'd, AC'd and
+    FSDP'd on this rank's sub-mesh, nothing allocated (build materializes; the dry run stops
+    here). stage(name) names the step (the dry run reports the one that failed)."""
+    from dataclasses import replace
+
+    from .parallel import apply_ac, apply_tp, dp_mesh, meta_model
+
+    stage("model")
+    model = meta_model(plan)
+    # AC on the whole model before the split: transformers marks each block (applied later it
+    # works the same, but a stage without the embedding makes transformers warn that it cannot
+    # find the input embeddings); the order TP -> AC matters only for wrappers, HF's AC is a flag
+    stage("ac")
+    apply_ac(model, plan.train.activation_checkpointing)
+    stage("pp")
+    stages = split_model(model, plan, ids)
+    if plan.mesh.tp_enabled:          # the placements of the modules this rank holds
+        stage("tp")
+        held = {n for n, _ in model.named_modules()}
+        apply_tp(model, mesh["tp"], replace(plan, tp=replace(plan.tp, placements={
+            f: s for f, s in plan.tp.placements.items() if f in held})))
+    if plan.mesh.fsdp_enabled:
+        stage("fsdp")
+        _shard(stages, dp_mesh(mesh, plan.mesh), plan)
+    return model, stages
+
+
 def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> Pipeline:
-    """Meta model -> this rank's stages -> TP -> AC -> FSDP per stage -> materialized and
+    """Meta model -> AC -> this rank's stages -> TP -> FSDP per stage -> materialized and
     initialized (or loaded) under the full model's names -> PipelineStages -> schedule."""
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining.schedules import PipelineScheduleMulti, get_schedule_class
 
-    from .parallel import apply_ac, apply_tp, dp_mesh, materialize, meta_model
+    from .parallel import materialize
 
     pp_mesh = mesh["pp"]
     ids = stage_ids(plan, pp_mesh.get_local_rank())
-    model = meta_model(plan)
-    stages = split_model(model, plan, ids)
-    if plan.mesh.tp_enabled:          # the placements of the modules this rank holds
-        from dataclasses import replace
-
-        held = {n for n, _ in model.named_modules()}
-        apply_tp(model, mesh["tp"], replace(plan, tp=replace(plan.tp, placements={
-            f: s for f, s in plan.tp.placements.items() if f in held})))
-    apply_ac(model, plan.train.activation_checkpointing)
-    if plan.mesh.fsdp_enabled:
-        _shard(stages, dp_mesh(mesh, plan.mesh), plan)
+    model, stages = parallelize_stages(plan, mesh, ids)
     for st in stages:                 # each stage's FSDP root moves its own parameters (all of the owner's)
         st.to_empty(device=device)
     materialize(model, plan)

@@ -346,7 +346,11 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     acts, recompute, logits = _activations(recipe, model, mesh)
     if pp is not None:             # this pp rank's layers, micro-batches in flight; logits on the last stage only
         acts = pp.inflight * _activations(recipe, replace(model, num_layers=pp.layers_each), mesh, pp.last)[0]
-        logits = logits * pp.logit_mbs if pp.last else 0
+        # GPipe's last stage runs every forward first: each waiting micro-batch keeps its fp32
+        # log-softmax output (4 B per token x vocab / tp), the one in backward the full 12 B (or 16 / tp)
+        # (measured, tiny-llama pp 2, seq 256 x mbs 2, 4 micro-batches: 69.2 MB vs 1F1B's 39.3 MB)
+        waiting = (pp.logit_mbs - 1) * tokens_per_rank(t, mesh) * model.vocab_size * 4 // mesh.tp
+        logits = logits + waiting if pp.last else 0
     # between micro-steps FSDP2 skips the reduce-scatter and keeps each parameter's unsharded
     # gradient (reduce dtype); without FSDP gradients just add up in .grad (the grads term)
     no_sync = fsdp and mesh.grad_accum > 1 and t.grad_sync == "last_micro_step"

@@ -122,3 +122,12 @@ def test_checkpoint_saved_under_pp2_resumes_under_pp1(results, tmp_path):
     print(f"resume pp2 -> pp1: max rel loss diff vs the pp 2 run, steps 4-6: {diff:.2e}")
     assert diff < RTOL
     assert max_rel({str(k): v for k, v in res.losses.items()}, results["pp2_ckpt"]["reference"][0], (4, 5, 6)) < RTOL
+
+
+def test_metrics_jsonl_holds_the_global_loss(results):
+    """Only the last stage computes the loss; rank 0 (stage 0) logs it: the step's all-reduce
+    gives it the global mean, so metrics.jsonl holds the single-process loss per step."""
+    rows = [json.loads(line) for line in (results["pp2_ckpt"]["dir"] / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    assert sorted(logged) == list(range(1, STEPS + 1))
+    assert max_rel({str(k): v for k, v in logged.items()}, results["pp2_ckpt"]["reference"][0]) < RTOL

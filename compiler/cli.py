@@ -130,9 +130,10 @@ def _summary(res) -> None:
               f"{m.nodes} x {m.procs_per_node} {m.device} = world {m.world}")
     # SIMPLE_HEAD and no edge padding: fits 80 columns (a pipe, CI log) without cutting headers
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1), collapse_padding=True)
-    for h in ("dp_replicate", "dp_shard", "cp", "tp", "grad_accum", "tokens/step", "per rank", "budget"):
+    pp = ("pp",) if m.pp_enabled else ()          # a column only with a pipeline: other tables as before
+    for h in (*pp, "dp_replicate", "dp_shard", "cp", "tp", "grad_accum", "tokens/step", "per rank", "budget"):
         t.add_column(h, no_wrap=True, min_width=len(h))
-    t.add_row(*map(_con, (m.dp_replicate, m.dp_shard, m.cp, m.tp, plan.train.grad_accum)),
+    t.add_row(*map(_con, (*(m.pp,) * len(pp), m.dp_replicate, m.dp_shard, m.cp, m.tp, plan.train.grad_accum)),
               f"{res.mesh.tokens_per_step:,}", fmt_bytes(est.total_bytes), fmt_bytes(est.budget_bytes))
     con.print(t)
     for w in plan.warnings:

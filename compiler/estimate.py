@@ -35,7 +35,7 @@ from meshbake.compiler.moe import router_aux_coef
 from meshbake.compiler.placements import DTYPE_BYTES, Placements
 from meshbake.compiler.recipe import Recipe
 from meshbake.runtime import flops as F
-from meshbake.runtime.dims import tokens_per_rank
+from meshbake.runtime.dims import PP_DIMS, tokens_per_rank
 from meshbake.runtime.quant import nf4_bytes, nf4_scaler_block, nf4_working_bytes
 from meshbake.runtime.roles import expert_lora_dims, is_expert_target, local_shape, lora_shapes
 from meshbake.runtime.units import fmt_bytes
@@ -65,6 +65,9 @@ class Estimate:
     phases: tuple[tuple[str, int], ...] = ()   # live bytes at the candidate peaks; total = the largest
     ep_comm_bytes: int = 0         # mesh.ep all-to-all (token dispatch + combine), per rank per step
     attn_mask_bytes: int = 0       # the attention's T^2 tensors at their peak phase (attention_memory)
+    pp_comm_bytes: int = 0         # mesh.pp: the pipeline's sends + receives of the peak rank per step
+    pp_peak_rank: int = 0          # mesh.pp: the pp rank whose memory the terms above are (the largest)
+    pp_rank_rows: tuple[tuple[int, int, int], ...] = ()   # mesh.pp: (pp rank, params per rank, peak bytes) each
 
     @property
     def terms(self) -> dict[str, int]:
@@ -179,7 +182,7 @@ def _split_dim(shape: tuple[int, ...], dim: int | None, tp: int) -> tuple[int, .
     return tuple(n // tp if d == dim else n for d, n in enumerate(shape))
 
 
-def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[int, int, int]:
+def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, final_part: bool = True) -> tuple[int, int, int]:
     """(all layers' saved activations at the loss backward, one layer's when recomputed, logits),
     bytes per rank. Per layer and token (HF Llama/Qwen2 modules, measured on CPU):
       norms (2)   fp32 input copy + normalized + weighted output: (4 + 2 pb) h each; with SP the
@@ -205,7 +208,7 @@ def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[int,
     layer = tokens * (2 * norm + sharded + small)
     block_in = tokens * h * pb // (tp if sp else 1)
     # final norm (its output is lm_head's saved input) and the per-forward tensors
-    final = tokens * (norm + 2 * model.head_dim * pb + 3 * 8)
+    final = tokens * (norm + 2 * model.head_dim * pb + 3 * 8) if final_part else 0   # pp: the last stage's
     ac = t.activation_checkpointing
     if ac == "full":
         acts = model.num_layers * block_in + final
@@ -352,7 +355,8 @@ def _sums_of(params: list[RankParam], f: int, fsdp: bool, db: int = 2) -> _Sums:
                  last_whole=sum(p.rows * p.rest for p in params if p.where == "last"))
 
 
-def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankParam]) -> dict[str, int]:
+def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankParam],
+            pp: PPRank | None = None) -> dict[str, int]:
     """Bytes of rank 0, the peak rank: FSDP2 splits dim 0 into dp_shard x cp chunks of
     ceil(rows / f) rows, allocates every shard padded to that size, and rank 0's chunk is
     always a full one (the last ranks' may be short or empty), so its AdamW state is largest."""
@@ -363,6 +367,13 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     s = _sums(params, mesh.fsdp, fsdp, mb)
     n_shard, n_train = s.shard, s.shard_train
     acts, recompute, logits = _activations(recipe, model, mesh)
+    if pp is not None:             # this pp rank's layers, micro-batches in flight; logits on the last stage only
+        acts = pp.inflight * _activations(recipe, replace(model, num_layers=pp.layers_each), mesh, pp.last)[0]
+        # GPipe's last stage runs every forward first: each waiting micro-batch keeps its fp32
+        # log-softmax output (4 B per token x vocab / tp), the one in backward the full 12 B (or 16 / tp)
+        # (measured, tiny-llama pp 2, seq 256 x mbs 2, 4 micro-batches: 69.2 MB vs 1F1B's 39.3 MB)
+        waiting = (pp.logit_mbs - 1) * tokens_per_rank(t, mesh) * model.vocab_size * 4 // mesh.tp
+        logits = logits + waiting if pp.last else 0
     # between micro-steps FSDP2 skips the reduce-scatter and keeps each parameter's unsharded
     # gradient (reduce dtype); without FSDP gradients just add up in .grad (the grads term)
     no_sync = fsdp and mesh.grad_accum > 1 and t.grad_sync == "last_micro_step"
@@ -380,6 +391,8 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     block = (s.gathered_last - s.nf4_last) * pb + s.nf4_last_bytes
     dequant = nf4_working_bytes(s.nf4_largest, mb) if s.nf4_largest else 0
     kept = s.gathered_root * pb + 2 * block
+    if pp is not None:             # every block of the rank stays gathered (runtime/pp.py: no reshard after
+        kept = s.gathered_root * pb + block + block // max(1, pp.blocks)   # forward) + one all-gather buffer
     # the embedding's backward under TP: a full vocab x hidden gradient on every tp rank
     # (DTensor's embedding backward is Replicate), next to the root's unsharded grads
     emb_full = model.vocab_size * model.hidden_size * pb if mesh.tp > 1 and s.root_emb_train else 0
@@ -467,7 +480,100 @@ def _rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, ep: 
                   lambda: rank_params(recipe, model, pl, tp, ep))
 
 
+@dataclass(frozen=True)
+class PPRank:
+    """One pp rank's part of the pipeline, for its memory (see pp_ranks)."""
+    rank: int
+    stages: tuple[int, ...]
+    blocks: int                    # decoder blocks this rank holds (all its stages)
+    layers_each: int               # blocks whose activations one in-flight micro-batch holds
+    inflight: int                  # micro-batch stage-forwards alive at the rank's peak
+    first: bool                    # holds the embedding (stage 0)
+    last: bool                     # holds final norm + lm_head + loss
+    logit_mbs: int                 # micro-batches whose logits are alive at once on the last stage
+    fqns: frozenset[str] = frozenset()
+
+
+def pp_ranks(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[PPRank, ...]:
+    """Every pp rank's stages and in-flight micro-batches (m = micro-batches per step, v = stages per rank):
+      GPipe           all m forwards before any backward: m micro-batches of the rank's blocks, and
+                      the last stage keeps m micro-batches' logits
+      1F1B            rank r runs pp - r forwards before its first backward (warm-up): min(m, pp - r)
+                      micro-batches in flight, stage 0 the most; the last stage backs each one up at once
+      Interleaved1F1B / ZBV (v local stages): torch's warm-up on rank r is (v - 1) pp + 2 (pp - 1 - r)
+                      local-stage forwards (+ 1 in flight), each of one local stage's blocks; ZBV is
+                      counted like that (an upper bound: its V order backs the last stage up sooner)"""
+    from meshbake.compiler.pp import even_split, ranges, stage_ranks
+
+    p, pp, m = recipe.pp, mesh.pp, mesh.grad_accum
+    v, n = p.stages_per_rank, mesh.pp * p.stages_per_rank
+    st = ranges(tuple(p.split) if p.split else even_split(model.num_layers, n))
+    on = stage_ranks(pp, v, p.schedule)
+    roles, out = model.roles, []
+    for r in range(pp):
+        mine = tuple(s for s in range(n) if on[s] == r)
+        blocks = sorted(i for s in mine for i in range(*st[s]))
+        if p.schedule == "GPipe":
+            inflight, each = m, len(blocks)
+        elif p.schedule == "1F1B":
+            inflight, each = min(m, pp - r), len(blocks)
+        else:
+            inflight, each = min(m * v, (v - 1) * pp + 2 * (pp - 1 - r) + 1), max(st[s][1] - st[s][0] for s in mine)
+        keep = {f"{roles.block_prefix}.{i}" for i in blocks}
+        fqns = frozenset(mm.fqn for mm in model.modules
+                         if mm.fqn.rsplit(".", 1)[0] in keep or any(mm.fqn.startswith(k + ".") for k in keep)
+                         or (0 in mine and mm.fqn == roles.embedding)
+                         or (n - 1 in mine and mm.fqn in (roles.final_norm, roles.lm_head)))
+        out.append(PPRank(r, mine, len(blocks), each, inflight, 0 in mine, n - 1 in mine,
+                          m if p.schedule == "GPipe" else 1, fqns))
+    return tuple(out)
+
+
+def _pp_model(model: ModelSpec, r: PPRank) -> ModelSpec:
+    """The model as pp rank r holds it: its modules only (num_params their sum, so nothing is
+    counted as 'rest'), its blocks as the layer count."""
+    mods = tuple(m for m in model.modules if m.fqn in r.fqns)
+    return replace(model, modules=mods, num_params=sum(m.numel for m in mods), num_layers=r.blocks)
+
+
+def _pp_estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements):
+    """(peak PPRank, its params list, its _memory dict, every rank's (rank, params, total bytes)):
+    per pp rank its own parts, all its blocks kept gathered ("last": runtime/pp.py does not
+    reshard after forward), gradients unsynced until the last micro-batch (the pipeline stage
+    turns FSDP2's gradient sync off until then: grad_sync last_micro_step in effect)."""
+    rec = replace(recipe, train=replace(recipe.train, grad_sync="last_micro_step"))
+    best, rows = None, []
+    for r in pp_ranks(recipe, model, mesh):
+        mr = _pp_model(model, r)
+        params = [replace(x, where="last") if x.where == "block" else x
+                  for x in rank_params(rec, mr, pl, mesh.tp, mesh.ep)]
+        mem = _memory(rec, mr, mesh, params, r)
+        total = max(b for _, b in mem["phases"])
+        rows.append((r.rank, mem["params_per_rank"], total))
+        if best is None or total > best[3]:
+            best = (r, params, mem, total)
+    return best[0], best[1], best[2], tuple(rows)
+
+
+def pp_traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, r: PPRank) -> tuple[Collective, ...]:
+    """The pipeline's point-to-point rows of pp rank r per optimizer step: per micro-batch and
+    stage boundary the rank is on, the hidden states forward and their gradient back, each
+    mbs x seq / cp x hidden x param bytes (replicated over tp: no sequence parallel under pp, so
+    every tp rank sends its full copy to its peer)."""
+    t = recipe.train
+    a = tokens_per_rank(t, mesh) * model.hidden_size * DTYPE_BYTES[t.mixed_precision.param_dtype]
+    n = mesh.pp * recipe.pp.stages_per_rank
+    m = mesh.grad_accum
+    sends = sum((s < n - 1) + (s > 0) for s in r.stages)       # fwd send to s+1, bwd send to s-1
+    if not sends:
+        return ()
+    return (Collective("pp", 2, "send", "hidden states forward / their gradients backward", m * sends, m * sends * a),
+            Collective("pp", 2, "recv", "hidden states forward / their gradients backward", m * sends, m * sends * a))
+
+
 def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> Estimate:
+    if mesh.pp_enabled:
+        return _estimate_pp(recipe, model, mesh, pl)
     tp = mesh.tp
     pb = DTYPE_BYTES[recipe.train.mixed_precision.param_dtype]
     params = _rank_params(recipe, model, pl, tp, mesh.ep)
@@ -498,6 +604,30 @@ def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -
         ep_comm_bytes=sum(c.wire_bytes for c in comm if c.op == "all_to_all"),
         attn_mask_bytes=mem["attn_mask"],
     )
+    return replace(est, time=step_time(recipe, mesh, est)) if recipe.cluster.device == "cuda" else est
+
+
+def _estimate_pp(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> Estimate:
+    """estimate() under mesh.pp: the peak pp rank's memory (see _pp_estimate), its traffic: TP rows
+    for its blocks and micro-batches, FSDP rows over its own parameters, the pipeline's send/recv."""
+    pb = DTYPE_BYTES[recipe.train.mixed_precision.param_dtype]
+    r, params, mem, rows = _pp_estimate(recipe, model, mesh, pl)
+    rec = replace(recipe, train=replace(recipe.train, grad_sync="last_micro_step"))
+    comm = traffic(rec, replace(model, num_layers=r.blocks), mesh, pl, params) + pp_traffic(recipe, model, mesh, r)
+    est = Estimate(
+        params_total=model.num_params,
+        trainable_total=_fsdp_sums(_rank_params(recipe, model, pl, 1), 1, model.num_layers)[3],
+        params_per_rank=mem["params_per_rank"], params_bytes=mem["params"], grads_bytes=mem["grads"],
+        optimizer_bytes=mem["optimizer"], gathered_bytes=mem["gathered"],
+        block_gather_bytes=mem["gathered"] or mem["kept_whole"] * pb,
+        activations_bytes=mem["acts"], logits_bytes=mem["logits"],
+        budget_bytes=int(recipe.cluster.gpu_memory_gb * 1e9 * USABLE),
+        flops_per_token=flops_per_token(recipe, model, mesh, pl),
+        fsdp_comm_bytes=sum(c.wire_bytes for c in comm if c.axis.startswith("dp_") or c.axis == "efsdp"),
+        tp_comm_bytes=sum(c.wire_bytes for c in comm if c.axis == "tp"),
+        accum_grads_bytes=mem["accum"], traffic=comm, phases=mem["phases"],
+        ep_comm_bytes=0, attn_mask_bytes=mem["attn_mask"],
+        pp_comm_bytes=sum(c.bytes for c in comm if c.axis == "pp"), pp_peak_rank=r.rank, pp_rank_rows=rows)
     return replace(est, time=step_time(recipe, mesh, est)) if recipe.cluster.device == "cuda" else est
 
 
@@ -759,6 +889,8 @@ class Collective:
 
     @property
     def wire_bytes(self) -> int:
+        if self.op in ("send", "recv"):           # point to point (pp): every byte crosses once
+            return self.bytes
         return self.bytes * (2 if self.op == "all_reduce" else 1) * (self.ranks - 1) // self.ranks    # all_to_all:
         # uniform routing sends (ranks - 1) / ranks of the rows away
 
@@ -1133,7 +1265,8 @@ ADAMW_PASSES = 12            # HBM passes over the trainable shard: clip (norm r
                              # its sqrt temporary written and read)
 AXIS_INNER = {"tp": ("tp",), "cp": ("cp", "tp"), "dp_shard": ("dp_shard", "cp", "tp"),
               "dp_shard_cp": ("dp_shard", "cp", "tp"), "dp_replicate": ("dp_replicate", "dp_shard", "cp", "tp"),
-              "world": ("dp_replicate", "dp_shard", "cp", "tp"), "ep": ("ep",), "efsdp": ("dp_shard",)}
+              "world": ("dp_replicate", "dp_shard", "cp", "tp"), "ep": ("ep",), "efsdp": ("dp_shard",),
+              "pp": PP_DIMS}      # a pp hop goes from one stage group (world / pp ranks) to the next
 
 
 @dataclass(frozen=True)
@@ -1149,11 +1282,13 @@ class StepTime:
     optimizer_s: float = 0.0
     mfu: float = 0.0         # useful FLOPs (recompute excluded) / (step x peak)
     ep_s: float = 0.0        # mesh.ep's token all-to-alls (and their counts): all exposed
+    pp_s: float = 0.0        # mesh.pp: the sends of the pipeline's fill and drain (the rest overlap)
+    bubble_s: float = 0.0    # mesh.pp: idle stage time, bubble / (1 - bubble) x the compute
 
     @property
     def step_s(self) -> float:
         return (self.compute_s + self.recompute_s + self.tp_s + self.fsdp_s + self.hsdp_s + self.cp_s
-                + self.ep_s + self.optimizer_s)
+                + self.ep_s + self.optimizer_s + self.pp_s + self.bubble_s)
 
     @property
     def tokens_per_s_gpu(self) -> float:
@@ -1217,6 +1352,17 @@ def step_time(recipe: Recipe, mesh: MeshSpec, est: Estimate) -> StepTime:
                   cp_s=comm_seconds(recipe, mesh, rows, ("cp",)), ep_s=comm_seconds(recipe, mesh, rows, ("ep",)),
                   tokens_per_rank=tokens,
                   optimizer_s=ADAMW_PASSES * est.grads_bytes / (c.hbm_gbps * 1e9))
+    if mesh.pp_enabled:
+        # the bubble (pp - 1) / (m v + pp - 1) of the pipelined time: 1F1B / GPipe v = 1; looped
+        # schedules shrink it by their v stages per rank (Narayanan et al. 2021); the hops of the
+        # fill and the drain (2 (stages - 1) hidden-state sends) are on the critical path
+        v, m = recipe.pp.stages_per_rank, mesh.grad_accum
+        bubble = (mesh.pp - 1) / (m * v + mesh.pp - 1)
+        hops = [x for x in rows if x.axis == "pp" and x.op == "send"]
+        hop = hops[0].bytes / hops[0].count if hops else 0.0
+        gbps, where = axis_gbps(recipe, mesh, "pp")
+        st = replace(st, bubble_s=(compute + recompute) * bubble / (1 - bubble),
+                     pp_s=2 * (mesh.pp * v - 1) * (hop / (gbps * 1e9) + LATENCY_S[where]))
     return replace(st, mfu=est.flops_per_token * st.tokens_per_s_gpu / (c.peak_tflops * 1e12))
 
 

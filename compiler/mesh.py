@@ -1,9 +1,13 @@
-"""mesh stage: resolve (dp_replicate, dp_shard, cp, tp) and the batch arithmetic.
+"""mesh stage: resolve ([pp,] dp_replicate, dp_shard, cp, tp) and the batch arithmetic.
 
-Axis order is fixed outer -> inner: dp_replicate, dp_shard, cp, tp (runtime/dims.DIMS). TP is
-innermost, so a TP group is `tp` consecutive ranks and stays on one node when tp divides
-gpus_per_node. The mesh facts (dp, fsdp dims, tp/cp enabled, seq_len divisor, SP/LP off at
-tp = 1) are runtime/dims.ParallelDims's; MeshSpec adds what only the compiler needs.
+Axis order is fixed outer -> inner: [pp,] dp_replicate, dp_shard, cp, tp (runtime/dims.DIMS,
+PP_DIMS: torchtitan's order). TP is innermost, so a TP group is `tp` consecutive ranks and
+stays on one node when tp divides gpus_per_node; pp is outermost, so a stage group is
+world / pp consecutive ranks (whole nodes) and only the stages' activation sends cross nodes.
+With pp the micro-batches of a step ARE the gradient accumulation: grad_accum =
+global_batch_size / (micro_batch_size x dp) is pp.microbatches (compiler/pp.py). The mesh
+facts (dp, fsdp dims, tp/cp enabled, seq_len divisor, SP/LP off at tp = 1) are
+runtime/dims.ParallelDims's; MeshSpec adds what only the compiler needs.
 """
 from __future__ import annotations
 
@@ -37,11 +41,14 @@ def divisors(n: int) -> list[int]:
     return sorted({*small, *(n // d for d in small)})
 
 
-@reads("mesh.dp_replicate", "mesh.dp_shard", "mesh.cp", "mesh.tp", "cluster.nodes", "cluster.gpus_per_node")
+@reads("mesh.dp_replicate", "mesh.dp_shard", "mesh.cp", "mesh.tp", "mesh.pp", "cluster.nodes",
+       "cluster.gpus_per_node")
 def _axes(recipe: Recipe, world: int) -> Result[dict[str, int]]:
     given = {a: getattr(recipe.mesh, a) for a in DIMS}
     free = [a for a, v in given.items() if v == -1]
-    fixed = math.prod(v for v in given.values() if v != -1)
+    # pp (never -1, schema) is one more factor of the world: the other axes fill world / pp
+    pp = recipe.mesh.pp
+    fixed = math.prod(v for v in given.values() if v != -1) * pp
     w = f"cluster.nodes x cluster.gpus_per_node = {recipe.cluster.nodes} x {recipe.cluster.gpus_per_node} = {world}"
     if len(free) > 1:
         return Err((RecipeError("mesh", f"{' and '.join(free)} are both -1; at most one axis can be inferred",
@@ -53,9 +60,12 @@ def _axes(recipe: Recipe, world: int) -> Result[dict[str, int]]:
         given[free[0]] = world // fixed
     elif fixed != world:
         prod = " x ".join(str(given[a]) for a in DIMS)
-        return Err((RecipeError("mesh", f"dp_replicate x dp_shard x cp x tp = {prod} = {fixed}, but {w}",
+        names = "dp_replicate x dp_shard x cp x tp"
+        if pp > 1:
+            prod, names = f"{pp} x {prod}", f"pp x {names}"
+        return Err((RecipeError("mesh", f"{names} = {prod} = {fixed}, but {w}",
                                 "make the product equal the world size, or set dp_shard: -1 to infer it"),))
-    return given
+    return {**given, "pp": pp}
 
 
 @reads("cluster.gpus_per_node", "mesh.allow_cross_node_tp")
@@ -157,7 +167,9 @@ def resolve_mesh(recipe: Recipe, model: ModelSpec, aside: frozenset[str] = froze
                     tokens_per_step=tokens_per_step(recipe.train), sequence_parallel=sp, loss_parallel=lp)
 
 
-_ROLES = {"dp_replicate": "replicas of the sharded model; gradients all-reduced (HSDP)",
+_ROLES = {"pp": "pipeline parallel: decoder blocks split into stages, activations sent point to point; "
+                "outermost, so stage groups are whole nodes and only the sends cross between them",
+          "dp_replicate": "replicas of the sharded model; gradients all-reduced (HSDP)",
           "dp_shard": "FSDP: parameters, gradients, optimizer state sharded",
           "cp": "context parallel: sequence split, K/V gathered; weights FSDP-sharded with dp_shard",
           "tp": "tensor parallel: every block's matmuls split; consecutive ranks, one node"}
@@ -166,7 +178,7 @@ _ROLES = {"dp_replicate": "replicas of the sharded model; gradients all-reduced 
 def mesh_rows(dims: ParallelDims) -> list[dict[str, Any]]:
     """PLAN.md's mesh table: per axis its size, the first ranks of rank 0's group, its role."""
     rows = []
-    for axis in DIMS:
+    for axis in dims.mesh_dims:
         size, stride = getattr(dims, axis), dims.strides[axis]
         example = ", ".join(str(i * stride) for i in range(min(size, 4))) + (", ..." if size > 4 else "")
         rows.append({"axis": axis, "size": size, "example": example, "role": _ROLES[axis]})

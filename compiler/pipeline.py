@@ -52,6 +52,11 @@ def resolve(recipe: Recipe, model_config: Mapping[str, Any], source: str,
     mesh = resolve_mesh(recipe, model, aside)
     if isinstance(mesh, Err):
         return mesh
+    from meshbake.compiler.pp import resolve_pp
+
+    pp = resolve_pp(recipe, model, mesh, aside)
+    if isinstance(pp, Err):
+        return pp
     pl = resolve_placements(recipe, model, mesh, aside)
     if isinstance(pl, Err):
         return pl
@@ -61,7 +66,7 @@ def resolve(recipe: Recipe, model_config: Mapping[str, Any], source: str,
     if isinstance(est, Err):
         return est
     return Resolved(recipe=recipe, model=model, mesh=mesh, placements=pl, estimate=est,
-                    plan=build_plan(recipe, model, mesh, pl, est, versions()))
+                    plan=build_plan(recipe, model, mesh, pl, est, versions(), pp))
 
 
 @reads("model.config")

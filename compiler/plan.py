@@ -18,7 +18,7 @@ from meshbake.compiler.moe import aux_note, router_aux_coef
 from meshbake.compiler.placements import Placements
 from meshbake.compiler.recipe import Recipe
 from meshbake.runtime import plan as P
-from meshbake.runtime.sections import derive
+from meshbake.runtime.sections import derive, to_dict
 
 
 def _warnings(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> tuple[str, ...]:
@@ -65,6 +65,11 @@ def _save_warning(recipe: Recipe, mesh: MeshSpec, est: Estimate) -> tuple[str, .
 def _estimate(est: Estimate) -> dict:
     # block_gather_bytes only feeds the compile-time OOM hint; plan.json keeps the terms themselves
     d = {k: getattr(est, k) for k in est.__dataclass_fields__ if k != "block_gather_bytes"}
+    if not est.pp_rank_rows:       # no pipeline: plan.json's estimate as before pp existed
+        for k in ("pp_comm_bytes", "pp_peak_rank", "pp_rank_rows"):
+            d.pop(k)
+        if est.time is not None:
+            d["time"] = {k: v for k, v in to_dict(est.time).items() if k not in ("pp_s", "bubble_s")}
     d["total_bytes"] = est.total_bytes
     d["phases"] = {name: b for name, b in est.phases}
     d["peak_phase"] = est.peak_phase
@@ -72,7 +77,7 @@ def _estimate(est: Estimate) -> dict:
 
 
 def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements, est: Estimate,
-               versions: Mapping[str, str]) -> P.Plan:
+               versions: Mapping[str, str], pp: P.PPPlan | None = None) -> P.Plan:
     c = recipe.cluster
     return P.Plan(
         version=P.PLAN_VERSION,
@@ -97,6 +102,7 @@ def build_plan(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
         warnings=_warnings(recipe, model, mesh, pl) + _save_warning(recipe, mesh, est),
         versions=dict(versions),
         tracking=recipe.tracking,
+        pp=pp,
     )
 
 

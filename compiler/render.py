@@ -133,9 +133,14 @@ def environment(shell: bool = False) -> jinja2.Environment:
 
 
 def recipe_yaml(recipe) -> str:
-    """The normalized recipe: every key with its resolved default, in schema order."""
-    return "# normalized by meshbake: every default filled in\n" + yaml.safe_dump(to_dict(recipe), sort_keys=False,
-                                                                                 width=100)
+    """The normalized recipe: every key with its resolved default, in schema order. Without
+    pipeline parallelism (mesh.pp 1, the pp section all defaults; compiler/pp.py refuses any
+    other pp key there) mesh.pp and pp are left out: such a recipe reads as before pp existed."""
+    d = to_dict(recipe)
+    if d["mesh"].get("pp") == 1:
+        d["mesh"].pop("pp")
+        d.pop("pp", None)
+    return "# normalized by meshbake: every default filled in\n" + yaml.safe_dump(d, sort_keys=False, width=100)
 
 
 def runtime_files() -> dict[str, bytes]:
@@ -226,7 +231,24 @@ def context(res) -> dict[str, Any]:
             "mesh": mesh_view(res.mesh),
             "placements": {"rows": placement_rows(res.model, res.placements, res.mesh.tp, res.recipe.model.dtype,
                                                     res.mesh.ep)},
-            "est": estimate_view(res.recipe, res.model, res.mesh, res.estimate)}
+            "est": estimate_view(res.recipe, res.model, res.mesh, res.estimate),
+            "pp": pp_view(res)}
+
+
+def pp_view(res) -> dict[str, Any] | None:
+    """PLAN.md's pipeline section: the stage table (compiler/pp.stage_rows) and the rank facts."""
+    if res.plan.pp is None:
+        return None
+    from meshbake.compiler.pp import stage_rows
+
+    m, pp = res.plan.mesh, res.plan.pp
+    group = m.world // m.pp               # consecutive ranks per stage group (pp outermost)
+    bubble = (m.pp - 1) / (pp.microbatches + m.pp - 1) / pp.stages_per_rank
+    est = res.estimate
+    ranks = [{"rank": r, "params": n, "bytes": b, "peak": r == est.pp_peak_rank} for r, n, b in est.pp_rank_rows]
+    return {"stages": stage_rows(res.model, pp, m.pp), "group_ranks": group, "bubble": f"{bubble:.1%}", "ranks": ranks,
+            "send_bytes": est.pp_comm_bytes // 2,
+            "whole_nodes": group % m.procs_per_node == 0, "group_nodes": group // m.procs_per_node}
 
 
 def render_bundle(res) -> dict[str, bytes]:

@@ -6,9 +6,14 @@ estimate read the facts below instead of re-deriving them. Modelled on torchtita
 ParallelDims (torchtitan/distributed/parallel_dims.py), but frozen and without asserts: the
 mesh stage validates (errors as values), this object only states what a valid mesh means.
 
-Axis order is fixed outer -> inner: dp_replicate, dp_shard, cp, tp. Ranks are laid out
-row-major over that shape (torch.arange(world).view(dp_replicate, dp_shard, cp, tp)), so a TP
-group is `tp` consecutive ranks and stays on one node when tp divides the GPUs per node.
+Axis order is fixed outer -> inner: [pp,] dp_replicate, dp_shard, cp, tp (torchtitan's order).
+Ranks are laid out row-major over that shape (torch.arange(world).view(pp, dp_replicate,
+dp_shard, cp, tp)), so a TP group is `tp` consecutive ranks and stays on one node when tp
+divides the GPUs per node, and pp is the outermost axis: a pipeline stage's ranks are
+world / pp consecutive ranks (whole nodes when world / pp is a multiple of the GPUs per node),
+so the only traffic that crosses between stage groups is the point-to-point activation send /
+recv of each micro-batch (B x T x H per hop), never an FSDP or TP collective. pp is in the
+mesh only when > 1: a pp-1 plan's mesh, plan.json and device mesh are those of before pp.
 Stdlib only (runtime/plan.py imports it).
 """
 from __future__ import annotations
@@ -17,6 +22,7 @@ import math
 from dataclasses import dataclass
 
 DIMS = ("dp_replicate", "dp_shard", "cp", "tp")     # outer -> inner; tp innermost = one node
+PP_DIMS = ("pp",) + DIMS                             # with pipeline parallelism: pp outermost (across nodes)
 SHARD_CP = "dp_shard_cp"        # dp_shard x cp flattened into one mesh dim: FSDP's shard dim under cp
 
 
@@ -35,11 +41,21 @@ class ParallelDims:
     device: str                     # "cuda" or "cpu"
     backend: str                    # "nccl" or "gloo" (backend_for(device))
     ep: int = 1                     # expert parallel: carved from dp_shard (not a factor of world; runtime/ep.py)
+    pp: int = 1                     # pipeline stages groups (runtime/pp.py); outermost axis
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def mesh_dims(self) -> tuple[str, ...]:
+        """The mesh dim names, outer -> inner: PP_DIMS with pipeline parallelism, else DIMS."""
+        return PP_DIMS if self.pp_enabled else DIMS
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """init_device_mesh's shape, in DIMS order."""
-        return tuple(getattr(self, d) for d in DIMS)
+        """init_device_mesh's shape, in self.mesh_dims order."""
+        return tuple(getattr(self, d) for d in self.mesh_dims)
 
     @property
     def world(self) -> int:
@@ -49,9 +65,9 @@ class ParallelDims:
     def strides(self) -> dict[str, int]:
         """Rank distance between neighbours along each axis (row-major): tp 1, cp tp, ..."""
         out, step = {}, 1
-        for d in reversed(DIMS):
+        for d in reversed(PP_DIMS):
             out[d], step = step, step * getattr(self, d)
-        return {d: out[d] for d in DIMS}
+        return {d: out[d] for d in self.mesh_dims}
 
     @property
     def dp(self) -> int:

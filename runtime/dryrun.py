@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from .dims import DIMS
 from .plan import Plan, load_plan
 
 
@@ -93,9 +92,15 @@ def build_rank(plan: Plan, rank: int) -> dict:
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=plan.mesh.world)
     try:
         where["stage"] = "mesh"
-        mesh = init_device_mesh("cpu", plan.mesh.shape, mesh_dim_names=DIMS)
+        mesh = init_device_mesh("cpu", plan.mesh.shape, mesh_dim_names=plan.mesh.mesh_dims)
         with shared_submeshes():
-            model = parallelize(plan, mesh, stage=lambda name: where.update(stage=name))
+            if plan.mesh.pp_enabled:      # this rank's stages only (runtime/pp.py), as the run builds them
+                from .pp import parallelize_stages, stage_ids
+
+                model, _ = parallelize_stages(plan, mesh, stage_ids(plan, mesh["pp"].get_local_rank()),
+                                              stage=lambda name: where.update(stage=name))
+            else:
+                model = parallelize(plan, mesh, stage=lambda name: where.update(stage=name))
         return {"rank": rank, "ok": True, **held(model), "seconds": round(time.perf_counter() - t0, 2)}
     except Exception as e:   # noqa: BLE001 — the point is to report it, with the step it came from
         return {"rank": rank, "ok": False, "stage": where["stage"], "error": f"{type(e).__name__}: {e}",

@@ -74,8 +74,13 @@ def meta_model(plan: Plan) -> nn.Module:
 
 
 def decoder_layers(model: nn.Module, plan: Plan) -> list[nn.Module]:
-    """The decoder blocks the compiler found (plan.json model.roles: model.layers.0 ...)."""
-    return [model.get_submodule(b) for b in plan_roles(plan).blocks]
+    """The decoder blocks the compiler found (plan.json model.roles: model.layers.0 ...); with
+    pipeline parallelism the ones this rank's stages hold (runtime/pp.py keeps their names)."""
+    blocks = plan_roles(plan).blocks
+    if plan.mesh.pp_enabled:
+        held = {n for n, _ in model.named_modules()}
+        blocks = tuple(b for b in blocks if b in held)
+    return [model.get_submodule(b) for b in blocks]
 
 
 # ---------------------------------------------------------------------------------------- TP

@@ -95,6 +95,15 @@ class DataPlan(section("data")):
     fingerprint: str = ""           # options fingerprint (runtime/prepare.options_fingerprint)
 
 
+@dataclass(frozen=True, kw_only=True)
+class PPPlan(section("pp")):
+    """Pipeline parallelism as resolved (plan.json `pp`, only when mesh.pp > 1): microbatches is
+    the number (train.grad_accum), stages the decoder blocks of each stage as [first, stop)
+    ranges, first stage to last, chosen by the compiler (runtime/pp.py builds them; the
+    runtime never re-derives a split)."""
+    stages: tuple[tuple[int, int], ...]
+
+
 @dataclass(frozen=True)
 class Plan:
     version: int
@@ -112,6 +121,7 @@ class Plan:
     warnings: tuple[str, ...] = ()
     versions: dict[str, str] = field(default_factory=dict)  # torch/transformers the plan was made with
     tracking: TrackingPlan = field(default_factory=TrackingPlan)   # experiment trackers (rank 0)
+    pp: PPPlan | None = None        # pipeline parallelism (mesh.pp > 1), else None and absent from plan.json
 
 
 # ------------------------------------------------------------------ the run's length (train.epochs)
@@ -156,6 +166,9 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     d["mesh"]["world"] = plan.mesh.world   # derived, written for readers of plan.json
     if d["model"].get("hub") is None:        # only a Hub model says where it came from
         d["model"].pop("hub", None)
+    if not plan.mesh.pp_enabled:             # a plan without pipeline parallelism reads as before pp existed
+        d["mesh"].pop("pp", None)
+        d.pop("pp", None)
     return d
 
 
@@ -209,7 +222,7 @@ def _declare() -> None:
     """The schema nodes of the plan's classes (sections.SCHEMA_OF; the generated ones are there)."""
     recipe = schema()["properties"]
     SCHEMA_OF[ParallelDims] = {"type": "object", "properties": {
-        **{k: _AXIS for k in ("dp_replicate", "dp_shard", "cp", "tp", "nodes", "procs_per_node", "ep")},
+        **{k: _AXIS for k in ("dp_replicate", "dp_shard", "cp", "tp", "nodes", "procs_per_node", "ep", "pp")},
         "device": recipe["cluster"]["properties"]["device"], "backend": {"enum": ["nccl", "gloo"]}}}
     SCHEMA_OF[ModelRoles] = {"type": "object", "properties": {
         **{k: {"type": "string", "maxLength": 512, "pattern": _FQN}
@@ -232,6 +245,9 @@ def _declare() -> None:
         "additionalProperties": {"type": "string", "maxLength": 64, "pattern": _WORD}})
     SCHEMA_OF[TrainPlan] = _with("train", grad_accum={"type": "integer", "minimum": 1, "maximum": 2**30},
                                  dtype=recipe["model"]["properties"]["dtype"])
+    SCHEMA_OF[PPPlan] = _with("pp", stages={
+        "type": "array", "minItems": 2, "maxItems": 65536,
+        "items": {"type": "array", "prefixItems": [_COUNT, _COUNT], "minItems": 2, "maxItems": 2}})
     SCHEMA_OF[DataPlan] = _with("data", vocab_size={"type": "integer", "minimum": 1, "maximum": 2**31},
                                 fingerprint={"type": "string", "maxLength": 128, "pattern": "^[0-9a-f]*$(?!\\n)"})
     SCHEMA_OF[Plan] = {"type": "object", "properties": {

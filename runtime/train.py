@@ -30,7 +30,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from . import checkpoint as ckpt
 from . import cp, preflight, safeio
 from .data import IGNORE, Batch, PackedData, Stream, load_data
-from .dims import DIMS, tokens_per_step
+from .dims import tokens_per_step
 from .errors import EXIT_USER, UserError, from_os_error
 from .fused import moe_metrics, router_aux_loss
 from .metrics import MetricsLog, flops_per_token, peak_flops, peak_memory
@@ -97,11 +97,12 @@ def device_for(plan: Plan) -> torch.device:
 
 
 def world_mesh(plan: Plan) -> DeviceMesh:
-    """(dp_replicate, dp_shard, cp, tp), tp innermost: tp groups are consecutive ranks."""
+    """([pp,] dp_replicate, dp_shard, cp, tp), tp innermost: tp groups are consecutive ranks,
+    pp outermost: a stage group is world / pp consecutive ranks."""
     if dist.get_world_size() != plan.mesh.world:
         raise RuntimeError(f"plan.json is for world {plan.mesh.world} {plan.mesh.shape}, torchrun started "
                            f"{dist.get_world_size()} processes")
-    return init_device_mesh(plan.mesh.device, plan.mesh.shape, mesh_dim_names=DIMS)
+    return init_device_mesh(plan.mesh.device, plan.mesh.shape, mesh_dim_names=plan.mesh.mesh_dims)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -144,10 +145,12 @@ def build_optimizer(model: torch.nn.Module, plan: Plan):
     return opt, sched
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, pp_group=None) -> torch.Tensor:
     """Total L2 norm over all grads, whatever mesh they live on: norm per mesh group (a
     DTensor reduction inside the group), combined as sqrt(sum n_g^2), then scaled per group.
-    clip_grad_norm_ over params on two meshes fails (aten.stack needs one mesh)."""
+    clip_grad_norm_ over params on two meshes fails (aten.stack needs one mesh). pp_group:
+    each pp rank holds other parameters, so the squares are summed over the pp group too
+    (torchtitan's pp clipping)."""
     by_mesh: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
         if p.grad is not None:
@@ -157,6 +160,9 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         n = torch.nn.utils.get_total_norm([p.grad for p in ps], 2.0)
         n = n.full_tensor() if isinstance(n, DTensor) else n
         sq = n.double() ** 2 if sq is None else sq + n.double().to(sq.device) ** 2
+    if pp_group is not None:
+        sq = sq if sq is not None else torch.zeros((), dtype=torch.float64)
+        dist.all_reduce(sq, group=pp_group)
     total = sq.sqrt() if sq is not None else torch.zeros((), dtype=torch.float64)
     if max_norm > 0:
         for ps in by_mesh.values():
@@ -235,6 +241,7 @@ class Job:
     ckpt_root: Path
     eval_data: PackedData | None = None
     data_index: dict = field(default_factory=dict)
+    pipeline: object = None           # runtime/pp.Pipeline with mesh.pp > 1 (model is then its owner)
 
 
 def read_marker(path: Path) -> str | None:
@@ -307,12 +314,19 @@ def setup(plan: Plan, run_dir: Path) -> Job:
     # schedule and the console total are built from it; every rank reads the same index
     plan = resolve_steps(plan, data.windows)
     torch.manual_seed(plan.train.seed)
-    model = build(plan, mesh, device)
+    pipeline = None
+    if plan.mesh.pp_enabled:
+        from . import pp
+
+        pipeline = pp.build(plan, mesh, device)
+        model = pipeline.model
+    else:
+        model = build(plan, mesh, device)
     opt, sched = build_optimizer(model, plan)
     dp_rank = mesh["dp_replicate"].get_local_rank() * plan.mesh.dp_shard + mesh["dp_shard"].get_local_rank()
     log = MetricsLog(run_dir, enabled=dist.get_rank() == 0, plan=plan)
     return Job(plan, device, mesh, model, opt, sched, data, dp_rank, log, ckpt.ckpt_root(run_dir, plan.checkpoint.dir),
-               eval_data, index)
+               eval_data, index, pipeline)
 
 
 def resume(job: Job) -> int:
@@ -344,7 +358,7 @@ def log_layout(job: Job) -> None:
     job.log.info("ranks by host: " + ", ".join(f"{h}: {rs}" for h, rs in by_host.items()))
     length = (f" ({p.train.epochs:g} epochs of {job.data.windows:,} windows / {p.train.global_batch_size} "
               "per step, rounded up)" if p.train.epochs is not None else "")
-    job.log.info(f"{p.name}: world {p.mesh.world} mesh {dict(zip(DIMS, p.mesh.shape))}, "
+    job.log.info(f"{p.name}: world {p.mesh.world} mesh {dict(zip(p.mesh.mesh_dims, p.mesh.shape))}, "
                  f"{p.model.num_params:,} params, {p.train.steps} steps x "
                  f"{tokens_per_step(p.train):,} tokens{length}")
     if job.data_index:
@@ -404,6 +418,9 @@ def train_step(job: Job, step: int, stop_requested: bool) -> StepOut:
     # MoE with train.router_aux_loss_coef: + coef x the load-balancing loss of each global
     # micro-step (all ranks' tokens, runtime/fused.py), averaged over the micro-steps
     coef, aux_sum = plan.train.router_aux_loss_coef, torch.zeros((), dtype=torch.float64, device=device)
+    if job.pipeline is not None:     # the micro-batches go through the pipeline schedule instead
+        accum = 0
+        loss_sum += pipeline_micro_steps(job, step, scale)
     for micro in range(accum):
         set_gradient_sync(job.model, micro == accum - 1 or plan.train.grad_sync == "every_micro_step")
         x, y, pos = place_batch(job, job.data.micro_batch(step, micro, job.dp_rank))      # (mbs, T[/cp])
@@ -427,7 +444,8 @@ def train_step(job: Job, step: int, stop_requested: bool) -> StepOut:
     # aux: the same on every rank; only with the aux loss on (a dense step's all-reduce stays 16 B)
     stats = torch.stack([loss_sum, flag] + ([aux_sum / plan.mesh.world] if coef > 0 else []))
     pending = dist.all_reduce(stats, async_op=True)
-    gnorm = clip_grad_norm([p for p in job.model.parameters() if p.requires_grad], plan.train.grad_clip)
+    gnorm = clip_grad_norm([p for p in job.model.parameters() if p.requires_grad], plan.train.grad_clip,
+                           job.pipeline.pp_group if job.pipeline is not None else None)
     lr = job.sched.get_last_lr()[0]
     job.opt.step()
     job.sched.step()
@@ -435,6 +453,23 @@ def train_step(job: Job, step: int, stop_requested: bool) -> StepOut:
     pending.wait()
     stats = torch.cat([stats, gnorm.to(stats.device, torch.float64).view(1)])
     return StepOut(stats, plan.mesh.tp * n_tokens, lr, time.perf_counter() - t0)
+
+
+def pipeline_micro_steps(job: Job, step: int, scale: float) -> torch.Tensor:
+    """mesh.pp > 1: this dp rank's grad_accum micro-batches (the same samples, in the same order,
+    as the loop in train_step) stacked to (accum x mbs, T) and run by the pipeline schedule,
+    which splits them back into pp.microbatches = grad_accum micro-batches. The loss sum is
+    the last stage's (0 on the others; the step's world all-reduce adds them)."""
+    from . import pp
+
+    xs, ys = [], []
+    for micro in range(job.plan.train.grad_accum):
+        x, y, pos = place_batch(job, job.data.micro_batch(step, micro, job.dp_rank))
+        if pos is not None:        # compiler/pp.py refuses packed data with pp: say so if a plan got here
+            raise RuntimeError("mesh.pp > 1 with per-document position_ids (packed data) is not supported")
+        xs.append(x)
+        ys.append(y)
+    return pp.step(job.pipeline, torch.cat(xs), torch.cat(ys), scale)
 
 
 def evaluate(job: Job) -> dict[str, float] | None:

@@ -1,0 +1,190 @@
+"""pp stage: pipeline parallelism resolved (mesh.pp > 1) -> runtime/plan.PPPlan, or None.
+
+The decoder blocks are split into pp x pp.stages_per_rank stages at block boundaries; the
+embedding goes with the first stage, the final norm + lm_head + loss with the last
+(runtime/pp.py builds them on torch.distributed.pipelining, torchtitan's approach). The split
+is decided here, once, and carried in plan.json (pp.stages); the runtime never re-derives it.
+
+With pp the micro-batches of a step ARE the gradient accumulation: each pipeline runs
+grad_accum = global_batch_size / (micro_batch_size x dp) micro-batches per optimizer step
+through its stages, so pp.microbatches is that number (null in the recipe: derived).
+
+What this first cut does not implement is refused with the reason (errors as values), never
+run half-right: tied embeddings (the weight would live on the first and the last stage), cp,
+ep / MoE, LoRA / QLoRA, torch.compile, sequence / loss parallel (a stage's output must be a
+plain tensor for the point-to-point send), data other than synthetic (packed documents carry
+position_ids every stage needs; eval needs a forward-only schedule), model types whose base
+model does anything to inputs_embeds (Gemma scales them: only the first stage may).
+"""
+from __future__ import annotations
+
+from meshbake.compiler.errors import Err, RecipeError, Result, reads, run, skipped
+from meshbake.compiler.mesh import MeshSpec
+from meshbake.compiler.model import ModelSpec
+from meshbake.compiler.recipe import Recipe
+from meshbake.runtime import plan as P
+
+# model types whose HF base model takes inputs_embeds as they are (the stages after the first
+# call it with inputs_embeds=<the previous stage's hidden states>) and is covered by a parity
+# case (tests/test_pp.py: tiny-llama); Mistral / Qwen2 / Qwen3 have the same forward but no case yet
+PP_MODEL_TYPES = ("llama",)
+# schedule -> stages per rank it runs: 1 (single-stage), "2+" (looped), 2 (V-shaped)
+SINGLE = ("1F1B", "GPipe")
+
+
+def even_split(layers: int, stages: int) -> tuple[int, ...]:
+    """Blocks per stage as even as possible, the first `layers % stages` stages one more:
+    32 layers / 3 stages -> (11, 11, 10)."""
+    q, r = divmod(layers, stages)
+    return tuple(q + (1 if i < r else 0) for i in range(stages))
+
+
+def ranges(counts: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    out, start = [], 0
+    for n in counts:
+        out.append((start, start + n))
+        start += n
+    return tuple(out)
+
+
+def stage_ranks(pp: int, stages_per_rank: int, schedule: str) -> tuple[int, ...]:
+    """The pp rank each stage runs on (torch's generate_stage_to_rank_mapping): looped (stage s
+    on rank s % pp) for 1F1B / GPipe / Interleaved1F1B, V-shaped for ZBV (rank r holds stages r
+    and 2 pp - 1 - r, so the first and the last stage share rank 0)."""
+    n = pp * stages_per_rank
+    if schedule == "ZBVZeroBubble":
+        return tuple(s if s < pp else n - 1 - s for s in range(n))
+    return tuple(s % pp for s in range(n))
+
+
+@reads("pp", "mesh.pp", "train.global_batch_size", "train.micro_batch_size")
+def _schedule_errors(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeError]:
+    p, pp = recipe.pp, mesh.pp
+    errs = []
+    spr, stages, accum = p.stages_per_rank, pp * p.stages_per_rank, mesh.grad_accum
+    if p.schedule in SINGLE and spr != 1:
+        errs.append(RecipeError("pp.stages_per_rank", f"{p.schedule} runs one stage per rank, stages_per_rank is {spr}",
+                                "use pp.schedule: Interleaved1F1B for more stages per rank, or stages_per_rank: 1"))
+    if p.schedule == "Interleaved1F1B" and spr < 2:
+        errs.append(RecipeError("pp.stages_per_rank", "Interleaved1F1B needs at least 2 stages per rank",
+                                "set pp.stages_per_rank: 2 (or use pp.schedule: 1F1B)"))
+    if p.schedule == "ZBVZeroBubble" and spr != 2:
+        errs.append(RecipeError("pp.stages_per_rank", f"ZBVZeroBubble runs exactly 2 stages per rank (V-shaped), "
+                                f"stages_per_rank is {spr}", "set pp.stages_per_rank: 2"))
+    if model.num_layers < stages:
+        errs.append(RecipeError("mesh.pp", f"{model.num_layers} decoder blocks (num_hidden_layers of {model.source}) "
+                                f"cannot fill pp x stages_per_rank = {pp} x {spr} = {stages} stages",
+                                f"use at most {model.num_layers} stages"))
+    batch = (f"global_batch_size / (micro_batch_size x dp) = {recipe.train.global_batch_size} / "
+             f"({recipe.train.micro_batch_size} x {mesh.dp}) = {accum}")
+    if p.microbatches is not None and p.microbatches != accum:
+        errs.append(RecipeError("pp.microbatches", f"microbatches={p.microbatches}, but with pp the micro-batches are "
+                                f"the gradient accumulation: {batch}",
+                                f"remove pp.microbatches, or set train.global_batch_size: "
+                                f"{recipe.train.micro_batch_size * p.microbatches * mesh.dp} (micro_batch_size x "
+                                f"microbatches x dp)"))
+    elif accum < pp:
+        errs.append(RecipeError("train.global_batch_size", f"{batch} micro-batches per step, fewer than pp = {pp} "
+                                "stages (torch's 1F1B refuses it; the pipeline would never fill)",
+                                f"set train.global_batch_size to at least micro_batch_size x pp x dp = "
+                                f"{recipe.train.micro_batch_size * pp * mesh.dp}"))
+    elif p.schedule in ("Interleaved1F1B", "ZBVZeroBubble") and accum % max(1, accum // pp):
+        rounds = max(1, accum // pp)
+        errs.append(RecipeError("train.global_batch_size", f"{p.schedule} runs the micro-batches in rounds of pp: "
+                                f"{accum} micro-batches is not a multiple of its {rounds} rounds",
+                                f"make the micro-batches per step a multiple of pp = {pp} (global_batch_size "
+                                f"{recipe.train.micro_batch_size * pp * mesh.dp * rounds})"))
+    return errs
+
+
+@reads("pp.split", "mesh.pp", "pp.stages_per_rank")
+def _split(recipe: Recipe, model: ModelSpec, stages: int) -> Result[tuple[int, ...]]:
+    split = recipe.pp.split
+    if split is None:
+        return even_split(model.num_layers, stages)
+    if len(split) != stages or sum(split) != model.num_layers:
+        return Err((RecipeError("pp.split", f"{len(split)} stages of {sum(split)} blocks, but the plan has "
+                                f"pp x stages_per_rank = {stages} stages of num_hidden_layers = {model.num_layers}",
+                                f"give {stages} counts summing to {model.num_layers}, e.g. "
+                                f"{list(even_split(model.num_layers, stages))}, or remove pp.split"),))
+    return tuple(split)
+
+
+@reads("pp", "mesh", "lora", "train.compile", "tp", "data", "train.router_aux_loss_coef")
+def _refused(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeError]:
+    """Features pp does not compose with yet: each one an error with the reason."""
+    def no(path: str, why: str, fix: str) -> None:
+        errs.append(RecipeError(path, f"not supported with mesh.pp > 1: {why}", fix))
+
+    errs: list[RecipeError] = []
+    if model.model_type not in PP_MODEL_TYPES:
+        no("model.config", f"model_type {model.model_type} has no pipeline stage split yet (supported: "
+           f"{', '.join(PP_MODEL_TYPES)})", "use mesh.pp: 1")
+    if model.roles.tied:
+        no("model.config", f"tied embeddings: {model.roles.lm_head} is {model.roles.embedding}'s weight, which would "
+           "live on the first and the last stage at once", "use mesh.pp: 1, or an untied model")
+    if mesh.cp_enabled:
+        no("mesh.cp", "context parallel stages are not built yet", "use mesh.cp: 1")
+    if mesh.ep_enabled or model.num_experts:
+        no("mesh.ep" if mesh.ep_enabled else "model.config", "MoE / expert parallel stages are not built yet",
+           "use mesh.pp: 1")
+    if recipe.lora.rank > 0:
+        no("lora.rank", "LoRA / QLoRA adapters on stages are not built yet", "use mesh.pp: 1, or lora.rank: 0")
+    if recipe.train.compile:
+        no("train.compile", "torch.compile of stage blocks is not tested yet", "set train.compile: false")
+    if mesh.sequence_parallel or mesh.loss_parallel:
+        no("tp.sequence_parallel" if mesh.sequence_parallel else "tp.loss_parallel",
+           "a stage sends plain tensors between ranks; sequence-parallel (Shard(1)) hidden states and "
+           "loss-parallel (vocab-sharded) logits are DTensors", "set tp.sequence_parallel: false and "
+           "tp.loss_parallel: false")
+    if recipe.data.format != "synthetic":
+        no("data", f"data.format {recipe.data.format}: packed documents carry per-document position_ids "
+           "every stage needs, and eval needs a forward-only pipeline; neither is built yet",
+           "use data.source: synthetic with mesh.pp, or mesh.pp: 1")
+    return errs
+
+
+def resolve_pp(recipe: Recipe, model: ModelSpec, mesh: MeshSpec,
+               aside: frozenset[str] = frozenset()) -> Result[P.PPPlan | None]:
+    """The resolved pipeline, None without one; every error at once (a check reading a field
+    validate set aside is skipped, and then there is no pipeline to build: Err(()))."""
+    p = recipe.pp
+    if mesh.pp == 1:
+        default = type(p)()
+        if p != default:
+            changed = sorted(k for k in vars(default) if getattr(p, k) != getattr(default, k))
+            return Err((RecipeError(f"pp.{changed[0]}", "has no effect with mesh.pp 1 (no pipeline)",
+                                    "set mesh.pp > 1, or remove the pp section"),))
+        return None
+    errs = run(_refused, aside, recipe, model, mesh) + run(_schedule_errors, aside, recipe, model, mesh)
+    stages = mesh.pp * p.stages_per_rank
+    split = _split(recipe, model, stages) if model.num_layers >= stages and not skipped(_split, aside) else Err(())
+    if isinstance(split, Err):
+        errs += split.errors
+    if errs:
+        return Err(tuple(errs))
+    return P.PPPlan(schedule=p.schedule, microbatches=mesh.grad_accum, stages_per_rank=p.stages_per_rank,
+                    split=tuple(split) if p.split is not None else None, stages=ranges(split))
+
+
+def stage_rows(model: ModelSpec, pp: P.PPPlan, pp_size: int) -> list[dict]:
+    """PLAN.md's stage table: per stage its pp rank, blocks, and parameters (the first stage's
+    embedding and the last's final norm + lm_head counted where they live)."""
+    r = model.roles
+    per_block = [0] * model.num_layers
+    extra = {"first": 0, "last": 0}
+    for m in model.modules:
+        if r.in_block(m.fqn):
+            per_block[int(m.fqn[len(r.block_prefix) + 1:].split(".")[0])] += m.numel
+        elif m.fqn == r.embedding:
+            extra["first"] += m.numel
+        else:                          # final norm, lm_head
+            extra["last"] += m.numel
+    ranks = stage_ranks(pp_size, pp.stages_per_rank, pp.schedule)
+    rows = []
+    for s, (a, b) in enumerate(pp.stages):
+        parts = (["embedding"] if s == 0 else []) + [f"blocks {a}-{b - 1}" if b - a > 1 else f"block {a}"] + (
+            ["final norm + lm_head + loss"] if s == len(pp.stages) - 1 else [])
+        n = sum(per_block[a:b]) + (extra["first"] if s == 0 else 0) + (extra["last"] if s == len(pp.stages) - 1 else 0)
+        rows.append({"stage": s, "rank": ranks[s], "parts": ", ".join(parts), "blocks": b - a, "params": n})
+    return rows

@@ -1,0 +1,93 @@
+"""mesh.pp at compile time (compiler/pp.py, the mesh / estimate / render stages): rank order,
+plan.json's pp section, the stage split, the per-stage estimate, and what a pp-1 bundle keeps.
+The parity of the runtime is tests/test_pp.py; each pp rule's error is a tests/recipes/invalid
+fixture (pp_*.yaml)."""
+from __future__ import annotations
+
+import json
+
+import yaml
+from meshbake.compiler.errors import Err
+from meshbake.runtime import plan as P
+
+from tests.helpers import ROOT, compiled, resolve, tiny_recipe
+
+R405 = (ROOT / "tests/recipes/valid/llama405b_pp16_fsdp4_tp8.yaml").read_text()
+
+
+def pp_recipe(world=4, **pp) -> dict:
+    return tiny_recipe("pp", world, mesh={"pp": 2, "dp_shard": -1}, model=str(ROOT / "tests/dist/configs/tiny-llama-4l.json"),
+                       **({"pp": pp} if pp else {}))
+
+
+def test_pp_is_the_outermost_axis_so_tp_stays_in_a_node():
+    """torchtitan's order [pp, dp_replicate, dp_shard, cp, tp]: tp stride 1 (consecutive ranks,
+    one node), pp stride world / pp (a stage group is whole nodes: 405B pp 16 on 64 x 8 GPUs ->
+    32 consecutive ranks = 4 nodes per stage)."""
+    r = resolve(R405)
+    assert not isinstance(r, Err), r
+    m = r.plan.mesh
+    assert m.mesh_dims == ("pp", "dp_replicate", "dp_shard", "cp", "tp") and m.shape == (16, 1, 4, 1, 8)
+    assert m.world == 512 == 16 * 4 * 8
+    assert m.strides == {"pp": 32, "dp_replicate": 32, "dp_shard": 8, "cp": 8, "tp": 1}
+    assert m.strides["pp"] % 8 == 0 and 8 % m.tp == 0
+
+
+def test_plan_json_carries_the_split_and_reads_back():
+    b = compiled(pp_recipe(split=[3, 1]))
+    d = json.loads(b.files["plan.json"])
+    assert d["mesh"]["pp"] == 2 and d["mesh"]["dp_shard"] == 2 and d["mesh"]["world"] == 4
+    assert d["pp"] == {"schedule": "1F1B", "microbatches": 2, "stages_per_rank": 1, "split": [3, 1],
+                       "stages": [[0, 3], [3, 4]]}
+    assert d["train"]["grad_accum"] == 2            # 8 / (2 x 2): the micro-batches are the accumulation
+    plan = P.from_dict(d)
+    assert plan.pp.stages == ((0, 3), (3, 4)) and plan.mesh.pp == 2
+    md = b.files["PLAN.md"].decode()
+    assert "= pp 2 x dp_replicate 1 x dp_shard 2" in md
+    assert "| 0 | 0 | embedding, blocks 0-2 | 3 |" in md and "| 1 | 1 | block 3, final norm + lm_head + loss | 1 |" in md
+    assert "micro_batch_size 2 x pp.microbatches 2 x dp 2" in md
+
+
+def test_even_split_and_v_shape():
+    from meshbake.compiler.pp import even_split, stage_ranks
+
+    assert even_split(126, 16) == (8,) * 14 + (7, 7) and sum(even_split(32, 3)) == 32
+    assert stage_ranks(4, 2, "Interleaved1F1B") == (0, 1, 2, 3, 0, 1, 2, 3)
+    assert stage_ranks(4, 2, "ZBVZeroBubble") == (0, 1, 2, 3, 3, 2, 1, 0)
+
+
+def test_pp1_bundle_has_no_pp_keys():
+    """Without a pipeline plan.json, recipe.yaml and PLAN.md are as before pp (the goldens hold the bytes)."""
+    b = compiled(tiny_recipe("nopp", 2))
+    d = json.loads(b.files["plan.json"])
+    assert "pp" not in d and "pp" not in d["mesh"] and "pp_rank_rows" not in d["estimate"]
+    r = yaml.safe_load(b.files["recipe.yaml"])
+    assert "pp" not in r and "pp" not in r["mesh"]
+    assert "## Pipeline" not in b.files["PLAN.md"].decode()
+
+
+def test_estimate_per_stage_and_bubble():
+    """Per pp rank its own parameters: 405B over pp 16 x fsdp 4 x tp 8; stage 0 (embedding + 8
+    blocks) the largest and, with 1F1B's pp micro-batches in flight there, the peak rank; rank r
+    holds pp - r in flight (full AC: one block input each); the bubble 15 / (32 + 15) of the
+    pipelined compute in the step time."""
+    r = resolve(R405)
+    est = r.estimate
+    rows = {k: (n, b) for k, n, b in est.pp_rank_rows}
+    assert len(rows) == 16 and est.pp_peak_rank == 0
+    assert rows[0][0] == max(n for n, _ in rows.values())
+    # rank 0: (embedding 128256 x 16384 + 8 blocks) / (tp 8 x fsdp 4); a block = (all - embedding -
+    # lm_head - final norm) / 126
+    emb = 128256 * 16384
+    block = (r.model.num_params - 2 * emb - 16384) // 126
+    assert abs(rows[0][0] - (emb + 8 * block) / 32) / rows[0][0] < 1e-3
+    # acts: 1F1B rank 0 has pp = 16 micro-batches in flight, rank 13 has 3 (same 8 blocks each)
+    assert rows[0][1] > rows[13][1]
+    pp_rows = [c for c in est.traffic if c.axis == "pp"]
+    hidden = 4096 * 16384 * 2                       # mbs 1 x seq 4096 x hidden x bf16 per hop
+    assert {c.op for c in pp_rows} == {"send", "recv"}
+    assert all(c.bytes == c.count * hidden for c in pp_rows)
+    assert pp_rows[0].count == 32                   # stage 0: one forward send per micro-batch + none back
+    t = est.time
+    bubble = 15 / (32 + 15)
+    assert abs(t.bubble_s - (t.compute_s + t.recompute_s) * bubble / (1 - bubble)) < 1e-9 and t.pp_s > 0

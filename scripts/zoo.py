@@ -143,7 +143,29 @@ def main(argv: list[str]) -> int:
             row[2] = detail or row[2]
             print(*row, sep=" | ", flush=True)
             write(rows)               # partial results survive an interrupted sweep
+    summary(rows)
     return 0
+
+
+def summary(rows) -> None:
+    """What the sweep saw, in counts: trained with parity, refused by reason, crashed."""
+    from collections import Counter
+
+    def why(reason: str) -> str:      # the rule, not the type: "mesh.tp: ... has no tensor-parallel form"
+        path, _, msg = reason.partition(": ")
+        for key in ("has no tensor-parallel form", "is a fused projection", "has no style in transformers",
+                    "is not a Llama-style decoder", "transformers cannot build", "lacks", "multimodal",
+                    "sequence parallel gathers", "router_jitter_noise"):
+            if key in msg:
+                return f"{path}: {key}"
+        return f"{path}: {msg[:60]}"
+
+    runs = Counter(r[3] if r[1] == "compiled" else r[1] for r in rows)
+    print(f"zoo: {len(rows)} types seen; {runs.get('parity', 0)} trained with parity, "
+          f"{runs.get('no parity', 0)} without, {sum(v for k, v in runs.items() if k.startswith('CRASHED'))} "
+          f"crashed, {runs.get('refused', 0)} refused, {runs.get('no tiny config', 0)} without a tiny config")
+    for reason, n in Counter(why(r[2]) for r in rows if r[1] == "refused").most_common():
+        print(f"  refused {n:3d}  {reason}")
 
 
 def _previous_rows() -> dict[str, list[str]]:

@@ -1019,11 +1019,14 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
             ga * (sh.k_layers + sh.v_layers) * kv)
     # gradient clipping: the per-tensor norms of each mesh group, reduced over its sharded axes
     # (under ep the experts' tensors are a group of their own: see _ep_rows)
+    # a norm has its gradients' dtype: the master dtype, or float32 for LoRA's adapters whatever
+    # model.dtype (measured: model.dtype bfloat16 + LoRA reduced 64 B over dp_shard, not 32)
+    nb = DTYPE_BYTES["float32"] if recipe.lora.rank else mb
     ex_t = 2 * sh.moe * (not recipe.lora.rank) if ep > 1 else 0
     for n_t in (sh.tp_tensors, sh.plain_tensors - ex_t):
         if n_t:
-            add(fax, f if fsdp else 1, "all_reduce", "grad-norm partials", 1, n_t * mb)
-    add("tp", tp, "all_reduce", "grad-norm partials", 1 if sh.tp_tensors else 0, sh.tp_tensors * mb)
+            add(fax, f if fsdp else 1, "all_reduce", "grad-norm partials", 1, n_t * nb)
+    add("tp", tp, "all_reduce", "grad-norm partials", 1 if sh.tp_tensors else 0, sh.tp_tensors * nb)
     if coef > 0:            # runtime/fused.router_aux_loss: top-k counts, probabilities, rows (float64)
         add("world", mesh.world, "all_reduce", "router aux loss: expert counts + probabilities", ga,
             ga * (2 * model.num_experts + 1) * 8)

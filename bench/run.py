@@ -72,6 +72,7 @@ def machine() -> dict:
 
 
 def bench(world: int, tp: int, lora: dict | None = None) -> dict:
+    load = [os.getloadavg()[0]]         # other work on the machine: the ratio holds up, tokens/s do not
     with tempfile.TemporaryDirectory() as d:
         plan = Path(d) / "plan.json"
         plan.write_text(plan_for(world, tp, lora))
@@ -81,11 +82,13 @@ def bench(world: int, tp: int, lora: dict | None = None) -> dict:
                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     if p.returncode != 0:
         raise SystemExit(p.stderr[-4000:])
+    load.append(os.getloadavg()[0])
     r = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("BENCH "))[6:])
     ours, base = statistics.median(r["ours_step_s"]), statistics.median(r["baseline_step_s"])
     tok = (16 if world > 1 else 8) * 128
     return {"mesh": {"world": world, "dp_shard": world // tp, "tp": tp, "sequence_parallel": tp > 1},
-            "lora": lora, "ran_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tokens_per_step": tok,
+            "lora": lora, "ran_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "load_avg_1m_before_after": [round(x, 1) for x in load], "tokens_per_step": tok,
             "ours_tokens_per_s": tok / ours, "baseline_tokens_per_s": tok / base,
             "ratio": base / ours, "rounds": r}
 

@@ -22,6 +22,10 @@ def main(plan_path: str, rounds: int) -> None:
     plan = P.load_plan(plan_path)
     init_distributed("gloo")
     t = plan.train
+    lo = plan.lora
+    lora = {"rank": lo.rank, "alpha": lo.alpha, "targets": list(lo.targets)} if lo.rank else None
+    if lo.rank and lo.dropout:
+        raise SystemExit("bench: the hand-written LoRA has no dropout; bench with lora.dropout 0")
     ours, base = [], []
     def ours_round():
         with tempfile.TemporaryDirectory() as d:
@@ -30,7 +34,7 @@ def main(plan_path: str, rounds: int) -> None:
 
     def base_round():
         times = baseline_train(hf_config(plan.model.config), world_mesh(plan), tp=plan.mesh.tp, steps=t.steps,
-                               mbs=t.micro_batch_size, accum=t.grad_accum, seq=t.seq_len, lr=t.lr)
+                               mbs=t.micro_batch_size, accum=t.grad_accum, seq=t.seq_len, lr=t.lr, lora=lora)
         base.append(statistics.median(times[WARMUP:]))
 
     for i in range(rounds):          # ABBA...: neither side always runs first

@@ -311,6 +311,10 @@ class _Sums:
     nf4_last_bytes: int = 0        # ... and their gathered NF4 storage
     nf4_largest: int = 0           # the largest NF4 weight, whole: dequantized in each forward / backward
     last_whole: int = 0            # one block, unpadded and unsharded (QLoRA's block-by-block load)
+    last_largest: int = 0          # the block's largest tensor, whole (QLoRA's load writes one at a time)
+    root_whole: int = 0            # the root module's params, unsharded
+    root_largest: int = 0          # ... its largest tensor (embedding or lm_head)
+    root_shard: int = 0            # ... the rank's shard of them
 
 
 _SUMS: dict = {}
@@ -352,7 +356,11 @@ def _sums_of(params: list[RankParam], f: int, fsdp: bool, db: int = 2) -> _Sums:
                  nf4_last=sum(map(gathered, last_q)),
                  nf4_last_bytes=sum(nf4_shard_bytes(p, False) * shards + 17 * db for p in last_q),
                  nf4_largest=max((p.rows * p.rest for p in q), default=0),
-                 last_whole=sum(p.rows * p.rest for p in params if p.where == "last"))
+                 last_whole=sum(p.rows * p.rest for p in params if p.where == "last"),
+                 last_largest=max((p.rows * p.rest for p in params if p.where == "last"), default=0),
+                 root_whole=sum(p.rows * p.rest for p in params if p.where == "root"),
+                 root_largest=max((p.rows * p.rest for p in params if p.where == "root"), default=0),
+                 root_shard=sum(shard(p) for p in params if p.where == "root"))
 
 
 def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankParam],
@@ -421,15 +429,37 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
               ("embedding backward", state + grads + kept + root_grads + emb_full
                + (s.root_train * rb if no_sync else 0) + am.always),
               ("optimizer step", state + 2 * grads + am.always),
-              # QLoRA: runtime/parallel.build_quantized allocates and loads one block (then the root) in
-              # model.dtype beside the NF4 shards, and quantizes its largest target (torchao's to_nf4:
-              # scaled copy + uint8 codes + its 1M-element chunk's 16 distances)
-              (WEIGHT_LOAD, param_bytes + max(s.last_whole, s.kept_whole - s.last_whole) * mb
-               + s.nf4_largest * (mb + 2) + NF4_CHUNK * 16 * mb) if s.nf4_largest else None)
+              (WEIGHT_LOAD, weight_load_bytes(s, param_bytes, mb, seeded=recipe.model.weights in (None, "random")))
+              if s.nf4_largest else None)
     return {"params": param_bytes, "grads": grads, "optimizer": 2 * grads, "accum": accum, "gathered": kept + dequant,
             "block": block, "acts": acts, "logits": logits, "params_per_rank": n_shard, "kept_whole": s.kept_whole,
             "attn_mask": am.peak if recompute else am.held,
             "phases": tuple(ph for ph in phases if ph)}
+
+
+def weight_load_bytes(s: _Sums, param_bytes: int, mb: int, seeded: bool) -> int:
+    """QLoRA: runtime/parallel.build_quantized allocates one block whole in model.dtype, writes
+    its tensors one at a time, quantizes its targets to NF4 and shards it, block after block,
+    then the root (embeddings, final norm, lm_head). The rank holds the shards built so far
+    (param_bytes, less the root's shard: the root is built last, whole) plus, at the larger of:
+      a block   the block whole + the larger transient of writing its largest tensor or
+                quantizing its largest target (they run one after the other)
+      the root  the root whole + writing its largest tensor
+    Writing a tensor: the seeded init builds it whole in float32 twice (torch.randn, then x std:
+    8 bytes per element whatever model.dtype); a load from model.weights reads it whole once
+    (a plain tensor before fully_shard: the whole is its block). Quantizing (torchao to_nf4):
+    the scaled copy (mb) + the uint8 codes (1) + the packed codes and scalers (< 1) per element,
+    and per chunk of min(numel, 1M) elements its 16 distances twice ((x - nf4), then .abs()).
+    Measured, tiny-llama dp_shard 4 seeded (tests/test_measured.py): the root's init is the peak,
+    this gives 4.27 MB for the measured 4.28 MB; the earlier fixed 1M x 16 distances (67 MB in fp32)
+    made it 69.9 MB."""
+    def write(n: int) -> int:
+        return 2 * n * DTYPE_BYTES["float32"] if seeded else n * mb
+
+    quantize = s.nf4_largest * (mb + 2) + 2 * min(s.nf4_largest, NF4_CHUNK) * 16 * mb
+    built = param_bytes - s.root_shard * mb
+    return built + max(s.last_whole * mb + max(write(s.last_largest), quantize),
+                       s.root_whole * mb + write(s.root_largest))
 
 
 def matmul_params(model: ModelSpec) -> int:
@@ -1176,12 +1206,15 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
             ga * (sh.k_layers + sh.v_layers) * kv)
     # gradient clipping: the per-tensor norms of each mesh group, reduced over its sharded axes
     # (under ep the experts' tensors are a group of their own: see _ep_rows)
+    # a norm has its gradients' dtype: the master dtype, or float32 for LoRA's adapters whatever
+    # model.dtype (measured: model.dtype bfloat16 + LoRA reduced 64 B over dp_shard, not 32)
+    nb = DTYPE_BYTES["float32"] if recipe.lora.rank else mb
     # the experts' own grad-norm group under ep (_ep_rows): their weights, or their LoRA factors
     ex_t = (2 * sh.moe if not recipe.lora.rank else sh.expert_tensors) if ep > 1 else 0
     for n_t in (sh.tp_tensors, sh.plain_tensors - ex_t):
         if n_t:
-            add(fax, f if fsdp else 1, "all_reduce", "grad-norm partials", 1, n_t * mb)
-    add("tp", tp, "all_reduce", "grad-norm partials", 1 if sh.tp_tensors else 0, sh.tp_tensors * mb)
+            add(fax, f if fsdp else 1, "all_reduce", "grad-norm partials", 1, n_t * nb)
+    add("tp", tp, "all_reduce", "grad-norm partials", 1 if sh.tp_tensors else 0, sh.tp_tensors * nb)
     if coef > 0:            # runtime/fused.router_aux_loss: top-k counts, probabilities, rows (float64)
         add("world", mesh.world, "all_reduce", "router aux loss: expert counts + probabilities", ga,
             ga * (2 * model.num_experts + 1) * 8)

@@ -1,0 +1,55 @@
+"""`meshbake calibrate` closes the loop on this machine (issue #25 item 3): measure it (one
+torchrun of runtime/calibrate.py, 4 gloo ranks), compile the tiny recipe (tiny-llama fp32, seq
+128 x micro 4, tiny_cpu's batch) with the calibrated profile at world 1 and at world 4 (dp_shard
+2 x tp 2 + SP + LP), run each with the real runtime (`bash launch.sh`), and hold plan.json's
+predicted step time to the measured median step (steps after the first WARM) within +-25%.
+Calibration and runs are back to back in one test: the machine is shared, its speed drifts."""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import launch_env, tiny_recipe, write_bundle_of
+
+pytestmark = pytest.mark.dist
+STEPS, WARM, TOL = 14, 4, 0.25
+TERMS = ("compute_s", "recompute_s", "tp_s", "fsdp_s", "hsdp_s", "cp_s", "ep_s", "optimizer_s")
+
+
+def measured_step(b: Path, run: Path) -> float:
+    p = subprocess.run(["bash", str(b / "launch.sh")], env=launch_env(run), capture_output=True, text=True,
+                       timeout=600, cwd=b.parent)
+    assert p.returncode == 0, p.stderr[-5000:]
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    times = [r["step_time_s"] for r in recs if "step_time_s" in r and r.get("step", 0) > WARM]
+    assert len(times) >= STEPS - WARM - 1, recs
+    return statistics.median(times)
+
+
+def test_calibrated_prediction_holds_on_cpu(tmp_path):
+    from meshbake.compiler.calibrate import measure, profile_text
+
+    m = measure(4)
+    assert isinstance(m, dict), m
+    assert m["ranks"] == 4 and m["cores"] >= 1 and m["copy_gbps"] > 0
+    assert all(g > 0 for *_, g in m["gemm_gflops"]) and all(len(m[op]) == 4 for op in ("all_reduce", "all_gather",
+                                                                                       "reduce_scatter"))
+    prof = tmp_path / "calibrated.yaml"
+    prof.write_text(profile_text({}, m, None))
+    out = {}
+    for world, mesh, sp in ((1, {"dp_shard": 1}, False), (4, {"dp_shard": 2, "tp": 2}, True)):
+        r = tiny_recipe(f"cal_w{world}", world, mesh=mesh, sp=sp, lp=sp, cluster={"profile": str(prof)},
+                        train={"seq_len": 128, "micro_batch_size": 4, "global_batch_size": 8 * (world // max(
+                            1, mesh.get("tp", 1))), "steps": STEPS, "warmup_steps": 2})
+        b = write_bundle_of(r, tmp_path / f"b{world}")
+        t = json.loads((b / "plan.json").read_text())["estimate"]["time"]
+        predicted = sum(t[k] for k in TERMS)
+        got = measured_step(b, tmp_path / f"run{world}")
+        out[world] = (predicted, got, {k: round(t[k], 4) for k in TERMS if t[k]})
+    print("calibrate closed loop (predicted s, measured s, terms):", out)
+    for world, (pred, got, _) in out.items():
+        assert abs(pred / got - 1) <= TOL, (world, pred, got, out)

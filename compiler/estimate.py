@@ -1260,6 +1260,7 @@ MFU_CEILING = 0.35
 FSDP_OVERLAP = 0.8           # share of FSDP / HSDP traffic prefetch and async reduce hide behind compute
 SELECTIVE_RECOMPUTE = 0.02   # selective AC: element-wise recompute, ~2% of the step's FLOPs
 LATENCY_S = {"intra": 10e-6, "inter": 25e-6}   # per collective (NCCL ring start-up); no cluster key yet
+MEMORY_PASSES = 3            # calibrated profiles: saved activations + logits written, read, gradient written
 ADAMW_PASSES = 12            # HBM passes over the trainable shard: clip (norm read, scale r+w), AdamW
                              # foreach (param, grad, exp_avg, exp_avg_sq read; param, both states written;
                              # its sqrt temporary written and read)
@@ -1284,11 +1285,12 @@ class StepTime:
     ep_s: float = 0.0        # mesh.ep's token all-to-alls (and their counts): all exposed
     pp_s: float = 0.0        # mesh.pp: the sends of the pipeline's fill and drain (the rest overlap)
     bubble_s: float = 0.0    # mesh.pp: idle stage time, bubble / (1 - bubble) x the compute
+    memory_s: float = 0.0    # calibrated profiles: the element-wise traffic at the measured copy bandwidth
 
     @property
     def step_s(self) -> float:
         return (self.compute_s + self.recompute_s + self.tp_s + self.fsdp_s + self.hsdp_s + self.cp_s
-                + self.ep_s + self.optimizer_s + self.pp_s + self.bubble_s)
+                + self.ep_s + self.optimizer_s + self.pp_s + self.bubble_s + self.memory_s)
 
     @property
     def tokens_per_s_gpu(self) -> float:
@@ -1451,8 +1453,14 @@ def _measured_step(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms) -> Step
     hidden = FSDP_OVERLAP if recipe.cluster.device == "cuda" else 0.0
     dp = comm["fsdp"] + comm["hsdp"]
     exposed = max((1 - hidden) * dp, dp - compute - recompute) if dp and hidden else dp
-    opt = ADAMW_PASSES * est.grads_bytes / (ms.copy_gbps * 1e9) * share if ms.copy_gbps else 0.0
-    st = StepTime(compute_s=compute, recompute_s=recompute, tp_s=comm["tp"],
+    bw = ms.copy_gbps * 1e9 / share if ms.copy_gbps else 0.0
+    opt = ADAMW_PASSES * est.grads_bytes / bw if bw else 0.0
+    # the element-wise work between the matmuls (norms, rotary, SiLU, softmax, the loss over the
+    # logits) is memory-bound: every saved activation and the logits are written in the forward,
+    # read in the backward and their gradient written: MEMORY_PASSES x (activations + logits) of
+    # one micro-batch at the measured copy bandwidth
+    memory = MEMORY_PASSES * (est.activations_bytes + est.logits_bytes) / bw * micro if bw else 0.0
+    st = StepTime(compute_s=compute, recompute_s=recompute, tp_s=comm["tp"], memory_s=memory,
                   fsdp_s=exposed * comm["fsdp"] / dp if dp else 0.0, hsdp_s=exposed * comm["hsdp"] / dp if dp else 0.0,
                   cp_s=comm["cp"], ep_s=comm["ep"], tokens_per_rank=tokens, optimizer_s=opt)
     peak = med * 1e9

@@ -3,7 +3,8 @@
 Launched by the CLI under `torchrun --standalone --nproc-per-node N` (gloo on CPU, nccl on
 CUDA); rank 0 writes one JSON object to the path given as argv[1]:
 
-    gemm_gflops      [[m, n, k, GFLOP/s], ...]: x(m, k) @ w(k, n) in the profile's dtype, timed on
+    gemm_gflops      [[m, n, k, GFLOP/s], ...]: a Linear's forward + backward matmuls, x (m, k) and
+                     W (n, k) in the profile's dtype (see gemm), timed on
                      rank 0 alone while the other ranks wait in a barrier (one process's
                      throughput; the compiler scales it down when ranks outnumber cores)
     copy_gbps        a large tensor copy, (read + write) bytes / s, rank 0 alone
@@ -41,13 +42,24 @@ def _median_time(fn, budget_s: float = BUDGET_S, min_reps: int = 3, max_reps: in
 
 
 def gemm(dtype, device) -> list[list[float]]:
+    """A Linear's three matmuls as the runtime's autograd runs them, W (n, k) as nn.Linear stores it:
+    forward y = x W^T (F.linear), input gradient dy W, weight gradient dy^T x; GFLOP/s = 6 m n k
+    over their time together (the layouts matter on CPU: x @ W^T with a (4096, 64) W runs at
+    several times the speed of x @ B with a (64, 4096) B)."""
     import torch
+    import torch.nn.functional as F
 
     out = []
     for m, n, k in SHAPES:
-        a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
-        s = _median_time(lambda: torch.mm(a, b))
-        out.append([m, n, k, 2 * m * n * k / s / 1e9])
+        x, w = torch.randn(m, k, dtype=dtype, device=device), torch.randn(n, k, dtype=dtype, device=device)
+        dy = torch.randn(m, n, dtype=dtype, device=device)
+
+        def step():
+            F.linear(x, w)
+            torch.mm(dy, w)
+            torch.mm(dy.t(), x)
+        s = _median_time(step)
+        out.append([m, n, k, 6 * m * n * k / s / 1e9])
     return out
 
 

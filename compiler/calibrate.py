@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 import yaml
-
 from meshbake.compiler.load import _profile_path
 
 

@@ -1401,7 +1401,7 @@ def _gflops_at(measured, m: int, n: int, k: int) -> float:
 def _coll_fit(points, op: str, ranks: int) -> tuple[float, float]:
     """(latency s, bus GB/s) of one measured collective: the latency is the time of the smallest
     message, the bus bandwidth the ring wire bytes of the largest over the rest of its time."""
-    (b0, t0), (b1, t1) = points[0], points[-1]
+    (_, t0), (b1, t1) = points[0], points[-1]
     wire = b1 * (2 if op == "all_reduce" else 1) * (ranks - 1) / ranks
     return t0, wire / max(t1 - t0, 1e-9) / 1e9
 

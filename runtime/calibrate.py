@@ -54,7 +54,7 @@ def gemm(dtype, device) -> list[list[float]]:
         x, w = torch.randn(m, k, dtype=dtype, device=device), torch.randn(n, k, dtype=dtype, device=device)
         dy = torch.randn(m, n, dtype=dtype, device=device)
 
-        def step():
+        def step(x=x, w=w, dy=dy) -> None:
             F.linear(x, w)
             torch.mm(dy, w)
             torch.mm(dy.t(), x)
@@ -82,9 +82,9 @@ def collectives(dist, world: int, device) -> dict[str, list[list[float]]]:
         x = torch.ones(n, device=device)
         shard = torch.ones(n // world, device=device)
         full = torch.empty(n, device=device)
-        ops = {"all_reduce": lambda: dist.all_reduce(x),
-               "all_gather": lambda: dist.all_gather_into_tensor(full, shard),
-               "reduce_scatter": lambda: dist.reduce_scatter_tensor(shard, x)}
+        ops = {"all_reduce": lambda x=x: dist.all_reduce(x),
+               "all_gather": lambda full=full, shard=shard: dist.all_gather_into_tensor(full, shard),
+               "reduce_scatter": lambda shard=shard, x=x: dist.reduce_scatter_tensor(shard, x)}
         for name, op in ops.items():
             times = []
             op()

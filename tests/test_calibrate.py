@@ -32,7 +32,6 @@ def measured_step(b: Path, run: Path) -> float:
 
 def test_calibrated_prediction_holds_on_cpu(tmp_path):
     import torch
-
     from meshbake.compiler.calibrate import measure, profile_text
     from meshbake.runtime.calibrate import copy_gbps, gemm
 

@@ -841,6 +841,7 @@ def view(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, est: Estimate) -> dic
                                                    "step_s": est.time.step_s, "mfu": est.time.mfu,
                                                    "tokens_per_s_gpu": est.time.tokens_per_s_gpu},
             "step_rows": step_rows(recipe, mesh, est.time) if est.time else (),
+            "time_source": time_source(recipe, mesh),
             "attention": {"kernel": am.kernel, "why": am.why}}
 
 
@@ -1342,7 +1343,7 @@ def step_time(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms=None) -> Step
     A calibrated profile (cluster.measured.ranks > 0, `meshbake calibrate`) replaces the datasheet
     facts: _measured_step (GEMM time at the step's shapes, measured collectives, oversubscription)."""
     c, t = recipe.cluster, recipe.train
-    if c.measured.ranks > 0 and c.measured.gemm_gflops and gemms is not None and not mesh.pp_enabled:
+    if calibrated(recipe, mesh) and gemms is not None:
         return _measured_step(recipe, mesh, est, gemms)
     tokens = t.global_batch_size * t.seq_len / mesh.world
     compute = est.flops_per_token * tokens / (c.peak_tflops * 1e12 * MFU_CEILING)
@@ -1467,9 +1468,46 @@ def _measured_step(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms) -> Step
     return replace(st, mfu=est.flops_per_token * st.tokens_per_s_gpu / peak)
 
 
+def calibrated(recipe: Recipe, mesh: MeshSpec) -> bool:
+    """The step time comes from cluster.measured (see step_time), not the datasheet keys."""
+    ms = recipe.cluster.measured
+    return ms.ranks > 0 and bool(ms.gemm_gflops) and not mesh.pp_enabled
+
+
+def time_source(recipe: Recipe, mesh: MeshSpec) -> str:
+    """PLAN.md's line on which profile numbers the step time used."""
+    ms = recipe.cluster.measured
+    if calibrated(recipe, mesh):
+        return (f"measured by meshbake calibrate (cluster.measured: {ms.ranks} ranks, {ms.cores} cores; GEMM "
+                f"throughput at the step's shapes, {ms.copy_gbps:g} GB/s copy, the measured collectives), not the "
+                "datasheet keys")
+    return (f"datasheet (cluster.peak_tflops {recipe.cluster.peak_tflops:g} x {MFU_CEILING:.0%}, hbm_gbps, "
+            "intra/inter_node_gbps); meshbake calibrate measures them")
+
+
+def _measured_rows(recipe: Recipe, mesh: MeshSpec, st: StepTime) -> tuple[tuple[str, float, str], ...]:
+    ms = recipe.cluster.measured
+    share = oversubscribed(recipe, mesh)
+    over = (f"; {min(mesh.world, recipe.cluster.gpus_per_node)} ranks on {ms.cores} cores: x {share:g}"
+            if share > 1 else "")
+    exposed = "exposed (gloo: no overlap)" if recipe.cluster.device == "cpu" else f"at most {FSDP_OVERLAP:.0%} hidden"
+    return (("compute", st.compute_s, f"the step's matmuls at the measured GEMM GFLOP/s of their shapes{over}"),
+            ("recompute", st.recompute_s, f"activation checkpointing {recipe.train.activation_checkpointing}"),
+            ("element-wise", st.memory_s, f"{MEMORY_PASSES} passes over activations + logits at {ms.copy_gbps:g} "
+                                          f"GB/s measured copy{over}"),
+            ("TP", st.tp_s, "measured collectives (bus GB/s + latency), exposed" if mesh.tp > 1 else "no TP"),
+            ("CP", st.cp_s, "measured collectives, exposed" if mesh.cp > 1 else "no CP"),
+            ("FSDP", st.fsdp_s, f"measured collectives, {exposed}" if mesh.fsdp > 1 else "no FSDP traffic"),
+            ("HSDP", st.hsdp_s, f"measured collectives, {exposed}" if mesh.dp_replicate > 1 else "no replicas"),
+            *((("EP", st.ep_s, "token all-to-alls at the measured all-gather, exposed"),) if mesh.ep > 1 else ()),
+            ("optimizer", st.optimizer_s, f"{ADAMW_PASSES} passes over the trainable shard at the measured copy"))
+
+
 def step_rows(recipe: Recipe, mesh: MeshSpec, st: StepTime) -> tuple[tuple[str, float, str], ...]:
     """PLAN.md's step-time table: (term, seconds, what it assumes)."""
     c = recipe.cluster
+    if calibrated(recipe, mesh):
+        return _measured_rows(recipe, mesh, st)
     gb = {a: axis_gbps(recipe, mesh, a) for a in ("tp", "cp", "ep", "dp_shard_cp" if mesh.cp > 1 else "dp_shard",
                                                    "dp_replicate")}
     bw = {a: f"{g:g} GB/s per rank ({'NVLink' if w == 'intra' else 'NICs shared by the node'})"

@@ -1400,11 +1400,20 @@ def _gflops_at(measured, m: int, n: int, k: int) -> float:
 
 
 def _coll_fit(points, op: str, ranks: int) -> tuple[float, float]:
-    """(latency s, bus GB/s) of one measured collective: the latency is the time of the smallest
-    message, the bus bandwidth the ring wire bytes of the largest over the rest of its time."""
-    (_, t0), (b1, t1) = points[0], points[-1]
-    wire = b1 * (2 if op == "all_reduce" else 1) * (ranks - 1) / ranks
-    return t0, wire / max(t1 - t0, 1e-9) / 1e9
+    """(latency s, bus GB/s) of one measured collective: the least-squares line t = latency +
+    wire bytes / bus bandwidth through its [bytes, seconds] points (ring wire bytes: (n - 1) / n
+    of the buffer, twice for all_reduce); every point counts, so one noisy size on a shared
+    machine moves the fit less than a two-point one. A non-positive slope or intercept (noise)
+    falls back to the largest message's bandwidth and the smallest one's time."""
+    f = (2 if op == "all_reduce" else 1) * (ranks - 1) / ranks
+    xs, ts = [b * f for b, _ in points], [t for _, t in points]
+    n, mx, mt = len(xs), sum(xs) / len(xs), sum(ts) / len(ts)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / var if n > 1 and var else 0.0
+    lat = mt - slope * mx
+    if slope <= 0 or lat <= 0:
+        lat, slope = ts[0], max(ts[-1] - ts[0], 1e-9) / xs[-1]
+    return lat, 1 / slope / 1e9
 
 
 def measured_comm_seconds(recipe: Recipe, rows: tuple[Collective, ...], axes: tuple[str, ...]) -> float:

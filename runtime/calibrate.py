@@ -88,7 +88,7 @@ def collectives(dist, world: int, device) -> dict[str, list[list[float]]]:
         for name, op in ops.items():
             times = []
             op()
-            for _ in range(7 if nbytes < 1024 * 1024 else 4):
+            for _ in range(11 if nbytes < 1024 * 1024 else 5):
                 dist.barrier()
                 t0 = time.perf_counter()
                 op()

@@ -58,6 +58,7 @@ bench: install
 	$(PY) -m bench.prepare
 	$(PY) -m bench.run
 	$(PY) -m bench.compiler
+	$(PY) -m bench.calibrate
 
 # every causal-LM type with a base_model_tp_plan: tiny config, compile, 2 CPU steps -> docs/MODELS.md
 # (one torchrun per compiled type: ~10-20 min on 2 cores; not part of `make test`)

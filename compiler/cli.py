@@ -81,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--gpus-per-node", type=int, default=None, help="cluster.gpus_per_node")
     i.add_argument("--force", action="store_true", help="replace an existing -o file")
     i.add_argument("--cluster", default=None, help="cluster profile the recipe names (clusters/NAME.yaml or a path)")
+    c = sub.add_parser("calibrate", help="measure this machine (GEMM throughput by shape, memory bandwidth, "
+                       "collective bus bandwidth + latency with the real backend) into a cluster profile the "
+                       "step-time estimate then uses")
+    c.add_argument("-o", "--out", default=None, help="profile to write, e.g. clusters/NAME.yaml (default: print it)")
+    c.add_argument("--cluster", default=None, help="base profile whose keys the output keeps (clusters/NAME.yaml "
+                   "or a path)")
+    c.add_argument("--nproc", type=int, default=None, help="processes to measure the collectives with (default: "
+                   "the base profile's gpus_per_node, else 4)")
     v = sub.add_parser("verify", help="recompile a bundle from its own recipe.yaml and compare every file byte for "
                        "byte: exit 0 identical, 1 different, 2 the recipe does not compile, 3 not a bundle")
     v.add_argument("bundle_dir", help="the bundle directory (run from where `meshbake bundle` ran: relative "
@@ -315,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "import":
         from meshbake.compiler.importers.cli import import_main
         return import_main(args)
+    if args.cmd == "calibrate":
+        from meshbake.compiler.calibrate import calibrate_main
+        return calibrate_main(args)
     if args.cmd == "export":
         from meshbake.runtime.export import main as export_main
         argv2 = ([args.run_dir, "-o", args.out] + ([] if args.step is None else ["--step", str(args.step)])

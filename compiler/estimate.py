@@ -634,7 +634,7 @@ def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -
         ep_comm_bytes=sum(c.wire_bytes for c in comm if c.op == "all_to_all"),
         attn_mask_bytes=mem["attn_mask"],
     )
-    return replace(est, time=step_time(recipe, mesh, est)) if recipe.cluster.device == "cuda" else est
+    return replace(est, time=step_time(recipe, mesh, est, gemm_shapes(recipe, mesh, params))) if timed(recipe) else est
 
 
 def _estimate_pp(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> Estimate:
@@ -658,7 +658,7 @@ def _estimate_pp(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placement
         accum_grads_bytes=mem["accum"], traffic=comm, phases=mem["phases"],
         ep_comm_bytes=0, attn_mask_bytes=mem["attn_mask"],
         pp_comm_bytes=sum(c.bytes for c in comm if c.axis == "pp"), pp_peak_rank=r.rank, pp_rank_rows=rows)
-    return replace(est, time=step_time(recipe, mesh, est)) if recipe.cluster.device == "cuda" else est
+    return replace(est, time=step_time(recipe, mesh, est)) if timed(recipe) else est
 
 
 @dataclass(frozen=True)
@@ -871,6 +871,7 @@ def view(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, est: Estimate) -> dic
                                                    "step_s": est.time.step_s, "mfu": est.time.mfu,
                                                    "tokens_per_s_gpu": est.time.tokens_per_s_gpu},
             "step_rows": step_rows(recipe, mesh, est.time) if est.time else (),
+            "time_source": time_source(recipe, mesh),
             "attention": {"kernel": am.kernel, "why": am.why}}
 
 
@@ -1293,6 +1294,7 @@ MFU_CEILING = 0.35
 FSDP_OVERLAP = 0.8           # share of FSDP / HSDP traffic prefetch and async reduce hide behind compute
 SELECTIVE_RECOMPUTE = 0.02   # selective AC: element-wise recompute, ~2% of the step's FLOPs
 LATENCY_S = {"intra": 10e-6, "inter": 25e-6}   # per collective (NCCL ring start-up); no cluster key yet
+MEMORY_PASSES = 3            # calibrated profiles: saved activations + logits written, read, gradient written
 ADAMW_PASSES = 12            # HBM passes over the trainable shard: clip (norm read, scale r+w), AdamW
                              # foreach (param, grad, exp_avg, exp_avg_sq read; param, both states written;
                              # its sqrt temporary written and read)
@@ -1317,11 +1319,12 @@ class StepTime:
     ep_s: float = 0.0        # mesh.ep's token all-to-alls (and their counts): all exposed
     pp_s: float = 0.0        # mesh.pp: the sends of the pipeline's fill and drain (the rest overlap)
     bubble_s: float = 0.0    # mesh.pp: idle stage time, bubble / (1 - bubble) x the compute
+    memory_s: float = 0.0    # calibrated profiles: the element-wise traffic at the measured copy bandwidth
 
     @property
     def step_s(self) -> float:
         return (self.compute_s + self.recompute_s + self.tp_s + self.fsdp_s + self.hsdp_s + self.cp_s
-                + self.ep_s + self.optimizer_s + self.pp_s + self.bubble_s)
+                + self.ep_s + self.optimizer_s + self.pp_s + self.bubble_s + self.memory_s)
 
     @property
     def tokens_per_s_gpu(self) -> float:
@@ -1349,7 +1352,7 @@ def comm_seconds(recipe: Recipe, mesh: MeshSpec, rows: tuple[Collective, ...], a
     return s
 
 
-def step_time(recipe: Recipe, mesh: MeshSpec, est: Estimate) -> StepTime:
+def step_time(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms=None) -> StepTime:
     """Per rank per optimizer step, from cluster.* (peak_tflops, hbm_gbps, intra_node_gbps,
     inter_node_gbps, nics_per_node) and the estimate's FLOPs and traffic rows:
       compute    flops_per_token x tokens per rank / (peak x MFU_CEILING); tokens per rank =
@@ -1369,8 +1372,12 @@ def step_time(recipe: Recipe, mesh: MeshSpec, est: Estimate) -> StepTime:
       optimizer  memory-bound: ADAMW_PASSES x the trainable shard over hbm_gbps
       (the step's stats all-reduce is in flight during clipping and AdamW: not counted)
     Each collective: wire bytes (ring) / the bandwidth of its group (axis_gbps) + LATENCY_S.
-    MFU = flops_per_token x tokens/s per GPU / peak (the recompute is not useful work)."""
+    MFU = flops_per_token x tokens/s per GPU / peak (the recompute is not useful work).
+    A calibrated profile (cluster.measured.ranks > 0, `meshbake calibrate`) replaces the datasheet
+    facts: _measured_step (GEMM time at the step's shapes, measured collectives, oversubscription)."""
     c, t = recipe.cluster, recipe.train
+    if calibrated(recipe, mesh) and gemms is not None:
+        return _measured_step(recipe, mesh, est, gemms)
     tokens = t.global_batch_size * t.seq_len / mesh.world
     compute = est.flops_per_token * tokens / (c.peak_tflops * 1e12 * MFU_CEILING)
     ac = t.activation_checkpointing
@@ -1399,9 +1406,150 @@ def step_time(recipe: Recipe, mesh: MeshSpec, est: Estimate) -> StepTime:
     return replace(st, mfu=est.flops_per_token * st.tokens_per_s_gpu / (c.peak_tflops * 1e12))
 
 
+def timed(recipe: Recipe) -> bool:
+    """The step-time model runs on cuda clusters (datasheet or measured facts) and on any
+    cluster a `meshbake calibrate` profile measured (cluster.measured.ranks > 0: the cpu one)."""
+    return recipe.cluster.device == "cuda" or recipe.cluster.measured.ranks > 0
+
+
+def gemm_shapes(recipe: Recipe, mesh: MeshSpec, params: list[RankParam]) -> tuple[tuple[int, int, int, int], ...]:
+    """The matmuls of one micro-batch on one rank, (m, n, k, passes): every 2-D weight but the
+    input embedding (a lookup) as x(m, in) @ W^T(in, out) after TP (RankParam rows = out, rest =
+    in), m = the micro-batch's tokens (mbs x seq / cp; SP gathers the sequence before the
+    matmul); passes 3 (forward, input gradient, weight gradient) for a trained weight, 2 frozen."""
+    t = recipe.train
+    m = t.micro_batch_size * t.seq_len // mesh.cp
+    return tuple((m, p.rows, p.rest, 3 if p.trainable else 2) for p in params
+                 if not p.embedding and p.rows > 1 and p.rest > 1)
+
+
+def _gflops_at(measured, m: int, n: int, k: int) -> float:
+    """Measured GEMM GFLOP/s at the nearest measured shape (log distance over m, n, k): CPU and
+    GPU throughput depends on the shape, not only on the FLOPs (a 512 x 4096 x 64 fp32 matmul ran
+    at a tenth of a 512 x 256 x 64 one here), so the shapes calibrate measures are the step's."""
+    def dist(r) -> float:
+        return sum(abs(math.log(a / b)) for a, b in zip(r[:3], (m, n, k)))
+    return min(measured.gemm_gflops, key=dist)[3]
+
+
+def _coll_fit(points, op: str, ranks: int) -> tuple[float, float]:
+    """(latency s, bus GB/s) of one measured collective: the least-squares line t = latency +
+    wire bytes / bus bandwidth through its [bytes, seconds] points (ring wire bytes: (n - 1) / n
+    of the buffer, twice for all_reduce); every point counts, so one noisy size on a shared
+    machine moves the fit less than a two-point one. A non-positive slope or intercept (noise)
+    falls back to the largest message's bandwidth and the smallest one's time."""
+    f = (2 if op == "all_reduce" else 1) * (ranks - 1) / ranks
+    xs, ts = [b * f for b, _ in points], [t for _, t in points]
+    n, mx, mt = len(xs), sum(xs) / len(xs), sum(ts) / len(ts)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / var if n > 1 and var else 0.0
+    lat = mt - slope * mx
+    if slope <= 0 or lat <= 0:
+        lat, slope = ts[0], max(ts[-1] - ts[0], 1e-9) / xs[-1]
+    return lat, 1 / slope / 1e9
+
+
+def measured_comm_seconds(recipe: Recipe, rows: tuple[Collective, ...], axes: tuple[str, ...]) -> float:
+    """The rows on these axes at the measured collectives: wire bytes / measured bus bandwidth +
+    the measured latency per call (all_to_all and pp sends at the all-gather's fit)."""
+    ms = recipe.cluster.measured
+    s = 0.0
+    for c in rows:
+        if c.axis in axes:
+            op = c.op if c.op in ("all_reduce", "all_gather", "reduce_scatter") else "all_gather"
+            lat, gbps = _coll_fit(getattr(ms, op), op, ms.ranks)
+            s += c.wire_bytes / (gbps * 1e9) + c.count * lat
+    return s
+
+
+def oversubscribed(recipe: Recipe, mesh: MeshSpec) -> float:
+    """How many ranks share one core on device cpu: the ranks of a node over the cores the profile
+    measured (4 gloo ranks on 2 cores: each computes at half its one-process throughput). GPUs
+    are not shared: 1."""
+    ms, c = recipe.cluster.measured, recipe.cluster
+    if c.device != "cpu" or not ms.cores:
+        return 1.0
+    return max(1.0, min(mesh.world, c.gpus_per_node) / ms.cores)
+
+
+def _measured_step(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms) -> StepTime:
+    """step_time from cluster.measured (see step_time)."""
+    ms, t = recipe.cluster.measured, recipe.train
+    tokens = t.global_batch_size * t.seq_len / mesh.world
+    micro = tokens / (t.micro_batch_size * t.seq_len / mesh.cp)        # micro-batches per rank per step
+    share = oversubscribed(recipe, mesh)
+    mm = sum(p * 2 * m * n * k / (_gflops_at(ms, m, n, k) * 1e9) for m, n, k, p in gemms)
+    mm_flops = sum(p * 2 * m * n * k for m, n, k, p in gemms)
+    # the attention's score matmuls (12 L H Dh T per token) at the median measured throughput
+    rest = max(est.flops_per_token * t.micro_batch_size * t.seq_len / mesh.cp / mesh.tp - mm_flops, 0)
+    med = sorted(r[3] for r in ms.gemm_gflops)[len(ms.gemm_gflops) // 2]
+    compute = (mm + rest / (med * 1e9)) * micro * share
+    ac = t.activation_checkpointing
+    recompute = compute / 3 if ac == "full" else compute * SELECTIVE_RECOMPUTE if ac == "selective" else 0.0
+    rows = est.traffic
+    comm = {a: measured_comm_seconds(recipe, rows, ax) for a, ax in
+            (("tp", ("tp",)), ("fsdp", ("dp_shard", "dp_shard_cp", "efsdp")), ("hsdp", ("dp_replicate",)),
+             ("cp", ("cp",)), ("ep", ("ep",)))}
+    # gloo on CPU: the runtime's collectives run on the ranks' own cores, which the compute keeps
+    # busy (and oversubscribed): nothing hides, every collective is exposed. On cuda FSDP2's
+    # prefetch hides what step_time's FSDP_OVERLAP rule says
+    hidden = FSDP_OVERLAP if recipe.cluster.device == "cuda" else 0.0
+    dp = comm["fsdp"] + comm["hsdp"]
+    exposed = max((1 - hidden) * dp, dp - compute - recompute) if dp and hidden else dp
+    bw = ms.copy_gbps * 1e9 / share if ms.copy_gbps else 0.0
+    opt = ADAMW_PASSES * est.grads_bytes / bw if bw else 0.0
+    # the element-wise work between the matmuls (norms, rotary, SiLU, softmax, the loss over the
+    # logits) is memory-bound: every saved activation and the logits are written in the forward,
+    # read in the backward and their gradient written: MEMORY_PASSES x (activations + logits) of
+    # one micro-batch at the measured copy bandwidth
+    memory = MEMORY_PASSES * (est.activations_bytes + est.logits_bytes) / bw * micro if bw else 0.0
+    st = StepTime(compute_s=compute, recompute_s=recompute, tp_s=comm["tp"], memory_s=memory,
+                  fsdp_s=exposed * comm["fsdp"] / dp if dp else 0.0, hsdp_s=exposed * comm["hsdp"] / dp if dp else 0.0,
+                  cp_s=comm["cp"], ep_s=comm["ep"], tokens_per_rank=tokens, optimizer_s=opt)
+    peak = med * 1e9
+    return replace(st, mfu=est.flops_per_token * st.tokens_per_s_gpu / peak)
+
+
+def calibrated(recipe: Recipe, mesh: MeshSpec) -> bool:
+    """The step time comes from cluster.measured (see step_time), not the datasheet keys."""
+    ms = recipe.cluster.measured
+    return ms.ranks > 0 and bool(ms.gemm_gflops) and not mesh.pp_enabled
+
+
+def time_source(recipe: Recipe, mesh: MeshSpec) -> str:
+    """PLAN.md's line on which profile numbers the step time used."""
+    ms = recipe.cluster.measured
+    if calibrated(recipe, mesh):
+        return (f"measured by meshbake calibrate (cluster.measured: {ms.ranks} ranks, {ms.cores} cores; GEMM "
+                f"throughput at the step's shapes, {ms.copy_gbps:g} GB/s copy, the measured collectives), not the "
+                "datasheet keys")
+    return (f"datasheet (cluster.peak_tflops {recipe.cluster.peak_tflops:g} x {MFU_CEILING:.0%}, hbm_gbps, "
+            "intra/inter_node_gbps); meshbake calibrate measures them")
+
+
+def _measured_rows(recipe: Recipe, mesh: MeshSpec, st: StepTime) -> tuple[tuple[str, float, str], ...]:
+    ms = recipe.cluster.measured
+    share = oversubscribed(recipe, mesh)
+    over = (f"; {min(mesh.world, recipe.cluster.gpus_per_node)} ranks on {ms.cores} cores: x {share:g}"
+            if share > 1 else "")
+    exposed = "exposed (gloo: no overlap)" if recipe.cluster.device == "cpu" else f"at most {FSDP_OVERLAP:.0%} hidden"
+    return (("compute", st.compute_s, f"the step's matmuls at the measured GEMM GFLOP/s of their shapes{over}"),
+            ("recompute", st.recompute_s, f"activation checkpointing {recipe.train.activation_checkpointing}"),
+            ("element-wise", st.memory_s, f"{MEMORY_PASSES} passes over activations + logits at {ms.copy_gbps:g} "
+                                          f"GB/s measured copy{over}"),
+            ("TP", st.tp_s, "measured collectives (bus GB/s + latency), exposed" if mesh.tp > 1 else "no TP"),
+            ("CP", st.cp_s, "measured collectives, exposed" if mesh.cp > 1 else "no CP"),
+            ("FSDP", st.fsdp_s, f"measured collectives, {exposed}" if mesh.fsdp > 1 else "no FSDP traffic"),
+            ("HSDP", st.hsdp_s, f"measured collectives, {exposed}" if mesh.dp_replicate > 1 else "no replicas"),
+            *((("EP", st.ep_s, "token all-to-alls at the measured all-gather, exposed"),) if mesh.ep > 1 else ()),
+            ("optimizer", st.optimizer_s, f"{ADAMW_PASSES} passes over the trainable shard at the measured copy"))
+
+
 def step_rows(recipe: Recipe, mesh: MeshSpec, st: StepTime) -> tuple[tuple[str, float, str], ...]:
     """PLAN.md's step-time table: (term, seconds, what it assumes)."""
     c = recipe.cluster
+    if calibrated(recipe, mesh):
+        return _measured_rows(recipe, mesh, st)
     gb = {a: axis_gbps(recipe, mesh, a) for a in ("tp", "cp", "ep", "dp_shard_cp" if mesh.cp > 1 else "dp_shard",
                                                    "dp_replicate")}
     bw = {a: f"{g:g} GB/s per rank ({'NVLink' if w == 'intra' else 'NICs shared by the node'})"

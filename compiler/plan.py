@@ -69,7 +69,8 @@ def _estimate(est: Estimate) -> dict:
         for k in ("pp_comm_bytes", "pp_peak_rank", "pp_rank_rows"):
             d.pop(k)
         if est.time is not None:
-            d["time"] = {k: v for k, v in to_dict(est.time).items() if k not in ("pp_s", "bubble_s")}
+            d["time"] = {k: v for k, v in to_dict(est.time).items() if k not in ("pp_s", "bubble_s")
+                         and (k != "memory_s" or v)}      # memory_s: calibrated profiles only
     d["total_bytes"] = est.total_bytes
     d["phases"] = {name: b for name, b in est.phases}
     d["peak_phase"] = est.peak_phase

@@ -1,0 +1,74 @@
+"""`meshbake calibrate [-o clusters/NAME.yaml] [--cluster BASE] [--nproc N]`: measure this machine.
+
+Launches runtime/calibrate.py under `torchrun --standalone --nproc-per-node N` (N = --nproc, or
+the base profile's gpus_per_node, or 4; gloo on CPU) and writes a cluster profile: the base
+profile's keys (none without --cluster: a one-node CPU profile) plus `measured:` (GEMM GFLOP/s
+by shape, copy GB/s, all_reduce / all_gather / reduce_scatter [bytes, seconds]). A recipe that
+names that profile gets its step time from the measured facts (compiler/estimate.py
+_measured_step), for device cpu too. Errors are values: a failed launch prints its stderr tail.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+from meshbake.compiler.load import _profile_path
+
+
+def measure(nproc: int, timeout: int = 600) -> dict | str:
+    """The measurement program's JSON, or the reason it failed (the launch's stderr tail)."""
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "measured.json"
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc-per-node={nproc}", "-m", "meshbake.runtime.calibrate", str(out)],
+                           env=env, capture_output=True, text=True, timeout=timeout)
+        if p.returncode != 0 or not out.is_file():
+            return f"the measurement launch failed (exit {p.returncode}):\n{p.stderr[-3000:]}"
+        return json.loads(out.read_text())
+
+
+def profile_text(base: dict, m: dict, base_name: str | None) -> str:
+    """The profile YAML: a header saying what measured it, the base keys, then measured:."""
+    keys = ("ranks", "cores", "gemm_gflops", "copy_gbps", "all_reduce", "all_gather", "reduce_scatter")
+    measured = {k: m[k] for k in keys}
+    measured["gemm_gflops"] = [[a, b, c, round(g, 3)] for a, b, c, g in m["gemm_gflops"]]
+    measured["copy_gbps"] = round(m["copy_gbps"], 3)
+    for op in keys[4:]:
+        measured[op] = [[b, float(f"{t:.6g}")] for b, t in m[op]]
+    prof = {**base, "measured": measured}
+    prof.setdefault("device", m["device"])
+    prof.setdefault("nodes", 1)
+    prof.setdefault("gpus_per_node", m["ranks"])
+    head = (f"# measured by `meshbake calibrate` ({m['ranks']} ranks, {m['cores']} cores, {m['device']}, "
+            f"{m['dtype']}){' on top of ' + base_name if base_name else ''}.\n"
+            "# measured.* replace the datasheet keys in the step-time model (docs/PERFORMANCE.md, calibrate)\n")
+    return head + yaml.safe_dump(prof, sort_keys=False, default_flow_style=None, width=100)
+
+
+def calibrate_main(args) -> int:
+    base: dict = {}
+    if args.cluster:
+        path = _profile_path(args.cluster)
+        if not path.is_file():
+            print(f"meshbake: no cluster profile {args.cluster!r} ({path})", file=sys.stderr)
+            return 2
+        base = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        base.pop("measured", None)
+    nproc = args.nproc or int(base.get("gpus_per_node", 4))
+    m = measure(nproc)
+    if isinstance(m, str):
+        print(f"meshbake calibrate: {m}", file=sys.stderr)
+        return 1
+    text = profile_text(base, m, args.cluster)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0

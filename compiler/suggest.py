@@ -212,11 +212,11 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
     # once on the first pp candidate, every other pp candidate dropped with the same reason
     pp_refused: RecipeError | None = None
     for k in candidates(recipe, model.num_layers):
-        if k.pp > 1 and pp_refused is not None:
-            dropped.append(Dropped(k, pp_refused.path, _short(pp_refused)))
-            continue
         r = with_candidate(recipe, k)
         mesh = resolve_mesh(r, model)
+        if not isinstance(mesh, Err) and k.pp > 1 and pp_refused is not None:   # check's order: mesh, then pp
+            dropped.append(Dropped(k, pp_refused.path, _short(pp_refused)))
+            continue
         if not isinstance(mesh, Err) and k.pp > 1:
             ppr = resolve_pp(r, model, mesh)
             if isinstance(ppr, Err):

@@ -91,3 +91,42 @@ def test_estimate_per_stage_and_bubble():
     t = est.time
     bubble = 15 / (32 + 15)
     assert abs(t.bubble_s - (t.compute_s + t.recompute_s) * bubble / (1 - bubble)) < 1e-9 and t.pp_s > 0
+
+
+def _tiny_pp(world: int, **kw) -> dict:
+    return tiny_recipe("ppn", world, model=str(ROOT / "tests/dist/configs/tiny-llama-4l.json"), **kw)
+
+
+def _placement_line(md: str) -> str:
+    return next(line for line in md.splitlines() if line.startswith("Node placement"))
+
+
+def test_plan_md_says_which_axes_cross_nodes():
+    """torchrun numbers ranks node by node, pp is outermost: 405B pp 16 x fsdp 4 x tp 8 on 64 x 8
+    GPUs puts a stage group (32 ranks) on 4 whole nodes, dp_shard's groups (8 x 4 = 32 ranks)
+    across them and tp (8) inside one."""
+    from meshbake.compiler.render import render_bundle
+
+    md = render_bundle(resolve(R405))["PLAN.md"].decode()
+    assert _placement_line(md) == ("Node placement (rank r on node r // 8, torchrun's order): across nodes: pp, "
+                                   "dp_shard; inside a node: tp. Stage group 0 = ranks 0-31 on nodes 0-3.")
+
+
+def test_stage_group_may_split_a_node_but_tp_may_not_cross_one():
+    """world / pp not a multiple of the node's GPUs: 3 nodes x 4, pp 2 -> 6 ranks per stage group,
+    so node 1 holds the end of group 0 (ranks 4-5) and the start of group 1 (6-7): compiled, and
+    PLAN.md says so. tp 8 on 4-GPU nodes stays the mesh stage's error under pp too."""
+    d = _tiny_pp(4, mesh={"pp": 2, "dp_shard": -1, "tp": 2}, cluster={"nodes": 3}, train={"global_batch_size": 12})
+    b = compiled(d)
+    assert json.loads(b.files["plan.json"])["mesh"]["dp_shard"] == 3
+    assert _placement_line(b.files["PLAN.md"].decode()) == (
+        "Node placement (rank r on node r // 4, torchrun's order): across nodes: pp, dp_shard; inside a node: tp. "
+        "Stage group 0 = ranks 0-5 on nodes 0-1 (world / pp = 6 is not a multiple of 4: neighbouring stage groups "
+        "share a node).")
+    # one node holds both stage groups: nothing crosses a node
+    one = compiled(_tiny_pp(4, mesh={"pp": 2, "dp_shard": -1, "tp": 2}))
+    assert _placement_line(one.files["PLAN.md"].decode()).startswith(
+        "Node placement (rank r on node r // 4, torchrun's order): across nodes: none; inside a node: pp, tp.")
+    bad = resolve(yaml.safe_dump(_tiny_pp(4, mesh={"pp": 2, "dp_shard": -1, "tp": 8}, cluster={"nodes": 4})))
+    assert isinstance(bad, Err)
+    assert any(e.path == "mesh.tp" and "does not divide cluster.gpus_per_node=4" in e.message for e in bad.errors)

@@ -5,6 +5,7 @@ fixture (pp_*.yaml)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import yaml
 from meshbake.compiler.errors import Err
@@ -130,3 +131,28 @@ def test_stage_group_may_split_a_node_but_tp_may_not_cross_one():
     bad = resolve(yaml.safe_dump(_tiny_pp(4, mesh={"pp": 2, "dp_shard": -1, "tp": 8}, cluster={"nodes": 4})))
     assert isinstance(bad, Err)
     assert any(e.path == "mesh.tp" and "does not divide cluster.gpus_per_node=4" in e.message for e in bad.errors)
+
+
+def test_memory_fixes_under_pp_are_valid_under_pp():
+    """A pp recipe over budget is offered fixes that pp accepts: never LoRA or loss parallel
+    (both refused with mesh.pp > 1), a larger pp instead, and every fix re-run through the
+    pipeline's rules too: 405B pp 16 on 40 GB -> pp 32 (48.0 GB, still over: the estimate drops);
+    Interleaved1F1B x 2 at pp 32 cannot double pp (64 x 2 = 128 stages > 126 blocks)."""
+    from meshbake.compiler.estimate import _fix_candidates, memory_fixes
+
+    r = resolve(R405, "cluster.gpu_memory_gb=40")
+    assert isinstance(r, Err) and [e.path for e in r.errors] == ["cluster.gpu_memory_gb"]
+    hint = r.errors[0].hint
+    assert "--set mesh.pp=32 --set mesh.dp_shard=-1" in hint
+    assert "lora" not in hint and "loss_parallel" not in hint
+    fixed = resolve(R405, "cluster.gpu_memory_gb=40", "mesh.pp=32", "mesh.dp_shard=-1")
+    assert isinstance(fixed, Err) and [e.path for e in fixed.errors] == ["cluster.gpu_memory_gb"]   # pp rules pass
+    assert "estimated 48.0 GB" in fixed.errors[0].message
+    # the pp-doubling candidate is built, then dropped by the pipeline's rule (blocks >= stages)
+    ok = resolve(R405, "mesh.pp=32", "pp.schedule=Interleaved1F1B", "pp.stages_per_rank=2")
+    assert not isinstance(ok, Err), ok
+    est = replace(ok.estimate, budget_bytes=ok.estimate.total_bytes // 2)
+    cands = _fix_candidates(est, ok.recipe, ok.mesh, "activations")
+    assert any(("mesh.pp", 64) in f.sets for f in cands)
+    assert all(k not in ("lora.rank", "tp.loss_parallel") for f in cands for k, _ in f.sets)
+    assert not any(("mesh.pp", 64) in f.sets for f in memory_fixes(est, ok.recipe, ok.mesh, ok.model))

@@ -510,6 +510,12 @@ def pp_ranks(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[PPRank, 
     st = ranges(tuple(p.split) if p.split else even_split(model.num_layers, n))
     on = stage_ranks(pp, v, p.schedule)
     roles, out = model.roles, []
+    # each module's block index (None: embedding, final norm, lm_head), parsed once: a module is in
+    # block i iff its fqn starts with "<block_prefix>.i." (one pass, not modules x blocks prefix tests)
+    head = roles.block_prefix + "."
+    block_of = [(mm.fqn, int(mm.fqn[len(head):].split(".", 1)[0]) if mm.fqn.startswith(head)
+                 and mm.fqn[len(head):].split(".", 1)[0].isdigit() and "." in mm.fqn[len(head):] else None)
+                for mm in model.modules]
     for r in range(pp):
         mine = tuple(s for s in range(n) if on[s] == r)
         blocks = sorted(i for s in mine for i in range(*st[s]))
@@ -519,11 +525,11 @@ def pp_ranks(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[PPRank, 
             inflight, each = min(m, pp - r), len(blocks)
         else:
             inflight, each = min(m * v, (v - 1) * pp + 2 * (pp - 1 - r) + 1), max(st[s][1] - st[s][0] for s in mine)
-        keep = {f"{roles.block_prefix}.{i}" for i in blocks}
-        fqns = frozenset(mm.fqn for mm in model.modules
-                         if mm.fqn.rsplit(".", 1)[0] in keep or any(mm.fqn.startswith(k + ".") for k in keep)
-                         or (0 in mine and mm.fqn == roles.embedding)
-                         or (n - 1 in mine and mm.fqn in (roles.final_norm, roles.lm_head)))
+        keep = set(blocks)
+        fqns = frozenset(f for f, b in block_of
+                         if b in keep
+                         or (0 in mine and f == roles.embedding)
+                         or (n - 1 in mine and f in (roles.final_norm, roles.lm_head)))
         out.append(PPRank(r, mine, len(blocks), each, inflight, 0 in mine, n - 1 in mine,
                           m if p.schedule == "GPipe" else 1, fqns))
     return tuple(out)

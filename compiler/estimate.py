@@ -542,6 +542,27 @@ def _pp_model(model: ModelSpec, r: PPRank) -> ModelSpec:
     return replace(model, modules=mods, num_params=sum(m.numel for m in mods), num_layers=r.blocks)
 
 
+# suggest estimates hundreds of pp candidates that differ only in AC / micro-batch / dp: a pp rank's
+# parameter list depends on none of those. Keyed by the objects' ids, with the objects kept in the
+# entry and compared by identity on a hit (an id is reused only after its object is gone).
+_PP_PARAMS: dict[tuple, tuple] = {}
+
+
+def _pp_rank_params(rec: Recipe, model: ModelSpec, pl: Placements, mesh: MeshSpec, r: PPRank):
+    """(the model as pp rank r holds it, its RankParams with its blocks kept gathered: "last")."""
+    key = (id(model), id(pl), r.fqns, r.blocks, mesh.tp, mesh.ep, rec.lora)
+    hit = _PP_PARAMS.get(key)
+    if hit is not None and hit[0] is model and hit[1] is pl:
+        return hit[2], list(hit[3])
+    mr = _pp_model(model, r)
+    params = [replace(x, where="last") if x.where == "block" else x
+              for x in rank_params(rec, mr, pl, mesh.tp, mesh.ep)]
+    if len(_PP_PARAMS) > 512:
+        _PP_PARAMS.clear()
+    _PP_PARAMS[key] = (model, pl, mr, params)
+    return mr, params
+
+
 def _pp_estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements):
     """(peak PPRank, its params list, its _memory dict, every rank's (rank, params, total bytes)):
     per pp rank its own parts, all its blocks kept gathered ("last": runtime/pp.py does not
@@ -550,9 +571,7 @@ def _pp_estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placement
     rec = replace(recipe, train=replace(recipe.train, grad_sync="last_micro_step"))
     best, rows = None, []
     for r in pp_ranks(recipe, model, mesh):
-        mr = _pp_model(model, r)
-        params = [replace(x, where="last") if x.where == "block" else x
-                  for x in rank_params(rec, mr, pl, mesh.tp, mesh.ep)]
+        mr, params = _pp_rank_params(rec, model, pl, mesh, r)
         mem = _memory(rec, mr, mesh, params, r)
         total = max(b for _, b in mem["phases"])
         rows.append((r.rank, mem["params_per_rank"], total))

@@ -8,6 +8,10 @@ candidate are exactly the ones `meshbake check` applies (the first error is its 
 The step-time model is the estimate stage's (compiler/estimate.step_time: compute from FLOPs,
 exposed communication per axis from the exact traffic rows, the optimizer's HBM passes), so a
 candidate's time here is the one its PLAN.md shows.
+
+Pipeline parallelism (mesh.pp, see pp_sizes / pp_schedules / candidates): a pp candidate also goes
+through compiler/pp.resolve_pp (the rules `meshbake check` applies), and its step time carries the
+bubble and the stage sends, its memory is the peak pp rank's.
 """
 from __future__ import annotations
 

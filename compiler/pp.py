@@ -207,4 +207,5 @@ def node_placement(m) -> dict:
     group = m.world // m.pp
     last = (group - 1) // ppn
     return {"across": across, "inside": inside, "group_ranks": group, "first_nodes": (0, last),
+            "first_text": f"ranks 0-{group - 1} on " + (f"nodes 0-{last}" if last else "node 0"),
             "shares_node": group % ppn != 0}

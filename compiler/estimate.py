@@ -540,6 +540,12 @@ def pp_ranks(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[PPRank, 
     st = ranges(tuple(p.split) if p.split else even_split(model.num_layers, n))
     on = stage_ranks(pp, v, p.schedule)
     roles, out = model.roles, []
+    # each module's block index (None: embedding, final norm, lm_head), parsed once: a module is in
+    # block i iff its fqn starts with "<block_prefix>.i." (one pass, not modules x blocks prefix tests)
+    head = roles.block_prefix + "."
+    block_of = [(mm.fqn, int(mm.fqn[len(head):].split(".", 1)[0]) if mm.fqn.startswith(head)
+                 and mm.fqn[len(head):].split(".", 1)[0].isdigit() and "." in mm.fqn[len(head):] else None)
+                for mm in model.modules]
     for r in range(pp):
         mine = tuple(s for s in range(n) if on[s] == r)
         blocks = sorted(i for s in mine for i in range(*st[s]))
@@ -549,11 +555,11 @@ def pp_ranks(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[PPRank, 
             inflight, each = min(m, pp - r), len(blocks)
         else:
             inflight, each = min(m * v, (v - 1) * pp + 2 * (pp - 1 - r) + 1), max(st[s][1] - st[s][0] for s in mine)
-        keep = {f"{roles.block_prefix}.{i}" for i in blocks}
-        fqns = frozenset(mm.fqn for mm in model.modules
-                         if mm.fqn.rsplit(".", 1)[0] in keep or any(mm.fqn.startswith(k + ".") for k in keep)
-                         or (0 in mine and mm.fqn == roles.embedding)
-                         or (n - 1 in mine and mm.fqn in (roles.final_norm, roles.lm_head)))
+        keep = set(blocks)
+        fqns = frozenset(f for f, b in block_of
+                         if b in keep
+                         or (0 in mine and f == roles.embedding)
+                         or (n - 1 in mine and f in (roles.final_norm, roles.lm_head)))
         out.append(PPRank(r, mine, len(blocks), each, inflight, 0 in mine, n - 1 in mine,
                           m if p.schedule == "GPipe" else 1, fqns))
     return tuple(out)
@@ -566,6 +572,27 @@ def _pp_model(model: ModelSpec, r: PPRank) -> ModelSpec:
     return replace(model, modules=mods, num_params=sum(m.numel for m in mods), num_layers=r.blocks)
 
 
+# suggest estimates hundreds of pp candidates that differ only in AC / micro-batch / dp: a pp rank's
+# parameter list depends on none of those. Keyed by the objects' ids, with the objects kept in the
+# entry and compared by identity on a hit (an id is reused only after its object is gone).
+_PP_PARAMS: dict[tuple, tuple] = {}
+
+
+def _pp_rank_params(rec: Recipe, model: ModelSpec, pl: Placements, mesh: MeshSpec, r: PPRank):
+    """(the model as pp rank r holds it, its RankParams with its blocks kept gathered: "last")."""
+    key = (id(model), id(pl), r.fqns, r.blocks, mesh.tp, mesh.ep, rec.lora)
+    hit = _PP_PARAMS.get(key)
+    if hit is not None and hit[0] is model and hit[1] is pl:
+        return hit[2], list(hit[3])
+    mr = _pp_model(model, r)
+    params = [replace(x, where="last") if x.where == "block" else x
+              for x in rank_params(rec, mr, pl, mesh.tp, mesh.ep)]
+    if len(_PP_PARAMS) > 512:
+        _PP_PARAMS.clear()
+    _PP_PARAMS[key] = (model, pl, mr, params)
+    return mr, params
+
+
 def _pp_estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements):
     """(peak PPRank, its params list, its _memory dict, every rank's (rank, params, total bytes)):
     per pp rank its own parts, all its blocks kept gathered ("last": runtime/pp.py does not
@@ -574,9 +601,7 @@ def _pp_estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placement
     rec = replace(recipe, train=replace(recipe.train, grad_sync="last_micro_step"))
     best, rows = None, []
     for r in pp_ranks(recipe, model, mesh):
-        mr = _pp_model(model, r)
-        params = [replace(x, where="last") if x.where == "block" else x
-                  for x in rank_params(rec, mr, pl, mesh.tp, mesh.ep)]
+        mr, params = _pp_rank_params(rec, model, pl, mesh, r)
         mem = _memory(rec, mr, mesh, params, r)
         total = max(b for _, b in mem["phases"])
         rows.append((r.rank, mem["params_per_rank"], total))
@@ -699,7 +724,9 @@ def _batch_sets(recipe: Recipe, dp: int, mbs: int) -> tuple[tuple[str, Any], ...
     batch does not split into mbs x dp any more."""
     if recipe.train.global_batch_size % (mbs * dp):
         return None
-    return (("train.grad_accum", None),) if recipe.train.grad_accum is not None else ()
+    # with pp, pp.microbatches is that same derived number: a pinned one must be re-derived too
+    return ((("train.grad_accum", None),) if recipe.train.grad_accum is not None else ()) + (
+        (("pp.microbatches", None),) if recipe.pp.microbatches is not None else ())
 
 
 def _fix_candidates(est: Estimate, recipe: Recipe, mesh: MeshSpec, name: str) -> list[MemFix]:
@@ -716,10 +743,11 @@ def _fix_candidates(est: Estimate, recipe: Recipe, mesh: MeshSpec, name: str) ->
             act.append(MemFix((("train.micro_batch_size", mbs),) + extra,
                               f"train.micro_batch_size: {mbs} (more accumulation steps, same global batch)"))
     lp = []
-    if mesh.tp > 1 and not recipe.tp.loss_parallel:
+    # under pp, loss parallel and LoRA are refused (compiler/pp.py): never offered there
+    if mesh.tp > 1 and not recipe.tp.loss_parallel and not mesh.pp_enabled:
         lp.append(MemFix((("tp.loss_parallel", True),), "tp.loss_parallel: true (logits stay vocab-sharded)"))
     lora = []
-    if not recipe.lora.rank:
+    if not recipe.lora.rank and not mesh.pp_enabled:
         sets: tuple[tuple[str, Any], ...] = (("lora.rank", 16),)
         if recipe.model.dtype == "float32":
             sets += (("model.dtype", "bfloat16"),)
@@ -729,9 +757,9 @@ def _fix_candidates(est: Estimate, recipe: Recipe, mesh: MeshSpec, name: str) ->
     tp2 = mesh.tp * 2
     if tp2 <= c.gpus_per_node and c.gpus_per_node % tp2 == 0:
         world = c.nodes * c.gpus_per_node
-        dp = world // (tp2 * mesh.cp)
-        extra = _batch_sets(recipe, dp, t.micro_batch_size) if world % (tp2 * mesh.cp * mesh.dp_replicate) == 0 \
-            else None
+        dp = world // (tp2 * mesh.cp * mesh.pp)
+        extra = _batch_sets(recipe, dp, t.micro_batch_size) \
+            if world % (tp2 * mesh.cp * mesh.dp_replicate * mesh.pp) == 0 else None
         if extra is not None:
             tp.append(MemFix((("mesh.tp", tp2), ("mesh.dp_shard", -1)) + extra,
                              f"mesh.tp: {tp2} with mesh.dp_shard: -1 (each rank holds less of every block)"))
@@ -740,22 +768,31 @@ def _fix_candidates(est: Estimate, recipe: Recipe, mesh: MeshSpec, name: str) ->
     if n:
         for k in range(n, 4 * n + 1):
             ranks = k * c.gpus_per_node
-            if ranks % (mesh.dp_replicate * mesh.cp * mesh.tp):
+            if ranks % (mesh.dp_replicate * mesh.cp * mesh.tp * mesh.pp):
                 continue
-            extra = _batch_sets(recipe, ranks // (mesh.cp * mesh.tp), t.micro_batch_size)
+            extra = _batch_sets(recipe, ranks // (mesh.cp * mesh.tp * mesh.pp), t.micro_batch_size)
             if extra is not None:
                 nodes.append(MemFix((("cluster.nodes", k), ("mesh.dp_shard", -1)) + extra,
                                     f"cluster.nodes: {k} with mesh.dp_shard: -1 (params + grads + AdamW state "
                                     f"sharded over more ranks)"))
                 break
+    pp = []
+    if mesh.pp_enabled:          # twice the stages: each pp rank holds half the blocks (and their state)
+        world, pp2 = c.nodes * c.gpus_per_node, mesh.pp * 2
+        if world % (pp2 * mesh.dp_replicate * mesh.cp * mesh.tp) == 0:
+            extra = _batch_sets(recipe, world // (pp2 * mesh.cp * mesh.tp), t.micro_batch_size)
+            if extra is not None:
+                pp.append(MemFix((("mesh.pp", pp2), ("mesh.dp_shard", -1)) + extra + (
+                    (("pp.split", None),) if recipe.pp.split is not None else ()),
+                    f"mesh.pp: {pp2} with mesh.dp_shard: -1 (each pp rank holds half as many blocks)"))
     accum = []
     if est.accum_grads_bytes and t.grad_sync == "last_micro_step":
         accum.append(MemFix((("train.grad_sync", "every_micro_step"),),
                             "train.grad_sync: every_micro_step (gradients stay sharded between micro-steps)"))
-    order = {"params": nodes + lora + tp, "grads": nodes + lora + tp, "optimizer": nodes + lora + tp,
-             "gathered": tp + act + lora, "accum_grads": accum + act + lora,
-             "activations": act + tp + lora, "logits": lp + act + tp, "attn_mask": act}[name]
-    rest = nodes + lora + tp + act + lp + accum
+    order = {"params": nodes + pp + lora + tp, "grads": nodes + pp + lora + tp, "optimizer": nodes + pp + lora + tp,
+             "gathered": tp + pp + act + lora, "accum_grads": accum + act + lora,
+             "activations": act + pp + tp + lora, "logits": lp + act + tp, "attn_mask": act}[name]
+    rest = nodes + pp + lora + tp + act + lp + accum
     return list(dict.fromkeys(order + rest))
 
 
@@ -769,11 +806,16 @@ def memory_fixes(est: Estimate, recipe: Recipe, mesh: MeshSpec, model: ModelSpec
         return cands
     from meshbake.compiler.mesh import resolve_mesh
     from meshbake.compiler.placements import resolve_placements
+    from meshbake.compiler.pp import resolve_pp
 
     kept = []
     for f in cands:
         r = _with_sets(recipe, f.sets)
         m = resolve_mesh(r, model)
+        # a pp fix must also pass the pipeline's rules (micro-batches >= pp, blocks >= stages, refusals)
+        if not isinstance(m, Err) and m.pp_enabled:
+            ppr = resolve_pp(r, model, m)
+            m = ppr if isinstance(ppr, Err) else m
         pl = m if isinstance(m, Err) else resolve_placements(r, model, m)
         if isinstance(pl, Err):
             continue
@@ -803,7 +845,7 @@ def _shard_nodes(est: Estimate, recipe: Recipe, mesh: MeshSpec) -> int | None:
             return None
         fsdp = max(fsdp, math.ceil(st * mesh.fsdp / room))
     dp_shard = math.ceil(fsdp / mesh.cp)
-    nodes = math.ceil(mesh.dp_replicate * dp_shard * mesh.cp * mesh.tp / recipe.cluster.gpus_per_node)
+    nodes = math.ceil(mesh.pp * mesh.dp_replicate * dp_shard * mesh.cp * mesh.tp / recipe.cluster.gpus_per_node)
     return nodes if nodes > recipe.cluster.nodes else None
 
 

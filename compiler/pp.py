@@ -188,3 +188,24 @@ def stage_rows(model: ModelSpec, pp: P.PPPlan, pp_size: int) -> list[dict]:
         n = sum(per_block[a:b]) + (extra["first"] if s == 0 else 0) + (extra["last"] if s == len(pp.stages) - 1 else 0)
         rows.append({"stage": s, "rank": ranks[s], "parts": ", ".join(parts), "blocks": b - a, "params": n})
     return rows
+
+
+def node_placement(m) -> dict:
+    """Which mesh axes cross nodes and which stay inside one, and the nodes of the first stage
+    group, for PLAN.md (m: runtime/dims.ParallelDims with pp > 1). torchrun numbers the ranks
+    node by node (rank = node x procs_per_node + local rank), so rank r is on node r // ppn. An
+    axis of size n and stride s (consecutive groups of s x n ranks) stays inside a node iff
+    s x n <= ppn: tp always does (the mesh stage refuses a tp that does not divide the node's
+    GPUs); pp's stride is world / pp, so pp crosses nodes once world / pp >= ppn.
+    A stage group is world / pp consecutive ranks: ranks 0 .. world/pp - 1 on nodes
+    0 .. (world/pp - 1) // ppn; when world / pp is not a multiple of ppn two stage groups share
+    a node (allowed: only the activation sends and the dp traffic of the groups go between them)."""
+    ppn, st = m.procs_per_node, m.strides
+    sized = [d for d in m.mesh_dims if getattr(m, d) > 1]
+    across = [d for d in sized if st[d] * getattr(m, d) > ppn]
+    inside = [d for d in sized if d not in across]
+    group = m.world // m.pp
+    last = (group - 1) // ppn
+    return {"across": across, "inside": inside, "group_ranks": group, "first_nodes": (0, last),
+            "first_text": f"ranks 0-{group - 1} on " + (f"nodes 0-{last}" if last else "node 0"),
+            "shares_node": group % ppn != 0}

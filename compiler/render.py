@@ -239,7 +239,7 @@ def pp_view(res) -> dict[str, Any] | None:
     """PLAN.md's pipeline section: the stage table (compiler/pp.stage_rows) and the rank facts."""
     if res.plan.pp is None:
         return None
-    from meshbake.compiler.pp import stage_rows
+    from meshbake.compiler.pp import node_placement, stage_rows
 
     m, pp = res.plan.mesh, res.plan.pp
     group = m.world // m.pp               # consecutive ranks per stage group (pp outermost)
@@ -248,7 +248,8 @@ def pp_view(res) -> dict[str, Any] | None:
     ranks = [{"rank": r, "params": n, "bytes": b, "peak": r == est.pp_peak_rank} for r, n, b in est.pp_rank_rows]
     return {"stages": stage_rows(res.model, pp, m.pp), "group_ranks": group, "bubble": f"{bubble:.1%}", "ranks": ranks,
             "send_bytes": est.pp_comm_bytes // 2,
-            "whole_nodes": group % m.procs_per_node == 0, "group_nodes": group // m.procs_per_node}
+            "whole_nodes": group % m.procs_per_node == 0, "group_nodes": group // m.procs_per_node,
+            "nodes": node_placement(m)}
 
 
 def render_bundle(res) -> dict[str, bytes]:

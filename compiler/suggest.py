@@ -8,6 +8,10 @@ candidate are exactly the ones `meshbake check` applies (the first error is its 
 The step-time model is the estimate stage's (compiler/estimate.step_time: compute from FLOPs,
 exposed communication per axis from the exact traffic rows, the optimizer's HBM passes), so a
 candidate's time here is the one its PLAN.md shows.
+
+Pipeline parallelism (mesh.pp, see pp_sizes / pp_schedules / candidates): a pp candidate also goes
+through compiler/pp.resolve_pp (the rules `meshbake check` applies), and its step time carries the
+bubble and the stage sends, its memory is the peak pp rank's.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from meshbake.compiler.estimate import FSDP_OVERLAP, MFU_CEILING, SELECTIVE_RECO
 from meshbake.compiler.mesh import divisors, resolve_mesh
 from meshbake.compiler.model import ModelSpec
 from meshbake.compiler.placements import resolve_placements
+from meshbake.compiler.pp import resolve_pp
 from meshbake.compiler.recipe import Recipe
 from meshbake.runtime.dims import tp_flags
 
@@ -39,10 +44,14 @@ class Candidate:
     micro_batch_size: int
     sequence_parallel: bool
     loss_parallel: bool
+    pp: int = 1                      # mesh.pp (outermost); the two below only mean something when > 1
+    schedule: str = "1F1B"           # pp.schedule
+    stages_per_rank: int = 1         # pp.stages_per_rank (Interleaved1F1B: 2)
 
     @property
     def label(self) -> str:
-        s = f"r{self.dp_replicate} s{self.dp_shard} cp{self.cp} tp{self.tp} ac={self.activation_checkpointing} " \
+        s = (f"pp{self.pp} {self.schedule} " if self.pp > 1 else "") + \
+            f"r{self.dp_replicate} s{self.dp_shard} cp{self.cp} tp{self.tp} ac={self.activation_checkpointing} " \
             f"mbs{self.micro_batch_size}"
         return s + (f" sp={int(self.sequence_parallel)} lp={int(self.loss_parallel)}" if self.tp > 1 else "")
 
@@ -88,29 +97,67 @@ class Suggestion:
         return r.time.step_s / self.ranked[0].time.step_s - 1
 
 
-def candidates(recipe: Recipe) -> list[Candidate]:
-    """Every (dp_replicate, dp_shard, cp, tp) with product = world, x AC x micro-batch sizes
+def pp_sizes(world: int, layers: int) -> list[int]:
+    """mesh.pp values tried: 1 and the powers of two that divide the world with at least one
+    decoder block per stage (pp <= layers). The layers need not divide evenly: compiler/pp.py
+    gives the first `layers % pp` stages one block more and the estimate charges the peak rank
+    (Llama-3.1-405B's 126 blocks divide by 2 only; pp 8 is 16 blocks on ranks 0-5, 15 on 6-7)."""
+    out, pp = [1], 2
+    while pp <= min(world, layers):
+        if world % pp == 0:
+            out.append(pp)
+        pp *= 2
+    return out
+
+
+def pp_schedules(pp: int, layers: int) -> list[tuple[str, int]]:
+    """(pp.schedule, pp.stages_per_rank) tried at this pp: 1F1B (torch's default, the least
+    activation memory of the single-stage schedules), and Interleaved1F1B with 2 stages per rank
+    where 2 pp stages still hold a block each: the bubble (pp - 1) / (m v + pp - 1) shrinks with v
+    at the cost of more sends. Its micro-batches must be a multiple of pp: the rule in
+    compiler/pp.py drops the others with its reason. GPipe (more memory, same bubble) and ZBV
+    (a bound on its memory only) are not enumerated."""
+    if pp == 1:
+        return [("1F1B", 1)]
+    return [("1F1B", 1)] + ([("Interleaved1F1B", 2)] if 2 * pp <= layers else [])
+
+
+def candidates(recipe: Recipe, layers: int | None = None) -> list[Candidate]:
+    """Every (pp, dp_replicate, dp_shard, cp, tp) with product = world, x AC x micro-batch sizes
     that keep global_batch_size exact (mbs divides gbs / dp; when dp does not divide gbs the
     recipe's own mbs stays, for the mesh stage to say why) x SP/LP on/off where tp > 1. tp runs
-    over every divisor of world: the mesh stage drops the cross-node ones with its reason."""
+    over every divisor of world: the mesh stage drops the cross-node ones with its reason.
+    pp (see pp_sizes; only with `layers`, the model's decoder blocks) x its schedules: with pp > 1
+    only what pp composes with is enumerated (cp 1, SP/LP off: compiler/pp.py refuses the rest
+    for every pp); the micro-batches per step are gbs / (mbs x dp), so the mbs choice is the
+    microbatches choice, and the rule drops mbs values that leave fewer micro-batches than pp."""
     c, t = recipe.cluster, recipe.train
     world = c.nodes * c.gpus_per_node
     out = []
-    for tp in divisors(world):
-        for cp in divisors(world // tp):
-            for ds in divisors(world // tp // cp):
-                dr = world // tp // cp // ds
-                dp = dr * ds
-                mbss = divisors(t.global_batch_size // dp) if t.global_batch_size % dp == 0 else [t.micro_batch_size]
-                splp = list(itertools.product((False, True), repeat=2)) if tp > 1 else [(False, False)]
-                for ac, mbs, (sp, lp) in itertools.product(AC_MODES, mbss, splp):
-                    out.append(Candidate(dr, ds, cp, tp, ac, mbs, sp, lp))
+    for pp in pp_sizes(world, layers) if layers else [1]:
+        scheds = pp_schedules(pp, layers or 1)
+        rest = world // pp
+        for tp in divisors(rest):
+            for cp in divisors(rest // tp) if pp == 1 else [1]:
+                for ds in divisors(rest // tp // cp):
+                    dr = rest // tp // cp // ds
+                    dp = dr * ds
+                    mbss = (divisors(t.global_batch_size // dp) if t.global_batch_size % dp == 0
+                            else [t.micro_batch_size])
+                    splp = list(itertools.product((False, True), repeat=2)) if tp > 1 and pp == 1 else [(False, False)]
+                    for (sc, v), ac, mbs, (sp, lp) in itertools.product(scheds, AC_MODES, mbss, splp):
+                        out.append(Candidate(dr, ds, cp, tp, ac, mbs, sp, lp, pp, sc, v))
     return out
 
 
 def with_candidate(recipe: Recipe, k: Candidate) -> Recipe:
+    # pp.microbatches and pp.split null: derived (= grad_accum; even split), as a recipe would leave them
+    pp = replace(recipe.pp, schedule=k.schedule, stages_per_rank=k.stages_per_rank, microbatches=None, split=None) \
+        if k.pp > 1 else type(recipe.pp)()
     return replace(recipe,
-                   mesh=replace(recipe.mesh, dp_replicate=k.dp_replicate, dp_shard=k.dp_shard, cp=k.cp, tp=k.tp),
+                   mesh=replace(recipe.mesh, dp_replicate=k.dp_replicate, dp_shard=k.dp_shard, cp=k.cp, tp=k.tp,
+                                pp=k.pp),
+                   pp=pp,
                    tp=replace(recipe.tp, sequence_parallel=k.sequence_parallel, loss_parallel=k.loss_parallel),
                    train=replace(recipe.train, activation_checkpointing=k.activation_checkpointing,
                                  micro_batch_size=k.micro_batch_size, grad_accum=None))
@@ -122,7 +169,8 @@ def step_time(recipe: Recipe, model: ModelSpec, mesh, est) -> StepTime:
 
 
 _TERMS = {"compute_s": "compute", "recompute_s": "recompute", "tp_s": "TP", "cp_s": "CP", "fsdp_s": "FSDP",
-          "hsdp_s": "HSDP", "ep_s": "EP", "optimizer_s": "optimizer"}   # StepTime.step_s is their sum
+          "hsdp_s": "HSDP", "ep_s": "EP", "optimizer_s": "optimizer",
+          "pp_s": "PP", "bubble_s": "bubble"}   # StepTime.step_s is their sum
 
 
 def gap_terms(best: StepTime, other: StepTime) -> dict[str, float]:
@@ -150,6 +198,10 @@ def lost_because(best: StepTime, other: StepTime) -> str:
     return f"{_ms(net)} ms ({net / best.step_s:+.1%}): " + ", ".join(parts)
 
 
+# paths of compiler/pp.py refusals that hold for every pp candidate of a recipe (none reads a mesh axis)
+_PP_GLOBAL = ("model.config", "lora.rank", "train.compile", "data")
+
+
 def _short(e: RecipeError, n: int = 160) -> str:
     return e.message if len(e.message) <= n else e.message[:n - 3] + "..."
 
@@ -159,12 +211,24 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
     dropped = []
     # placements read only tp, whether cp > 1, SP/LP and the recipe's fixed sections (tp.plan,
     # seq_len, model): one resolve per key instead of per candidate (60 ms each for 80 layers)
-    placements: dict[tuple[int, bool, bool, bool], Any] = {}
-    for k in candidates(recipe):
+    placements: dict[tuple[int, bool, bool, bool, bool], Any] = {}
+    # pp rules that read no mesh axis (model type, tied embeddings, LoRA, compile, data): decided
+    # once on the first pp candidate, every other pp candidate dropped with the same reason
+    pp_refused: RecipeError | None = None
+    for k in candidates(recipe, model.num_layers):
         r = with_candidate(recipe, k)
         mesh = resolve_mesh(r, model)
+        if not isinstance(mesh, Err) and k.pp > 1 and pp_refused is not None:   # check's order: mesh, then pp
+            dropped.append(Dropped(k, pp_refused.path, _short(pp_refused)))
+            continue
+        if not isinstance(mesh, Err) and k.pp > 1:
+            ppr = resolve_pp(r, model, mesh)
+            if isinstance(ppr, Err):
+                if pp_refused is None:
+                    pp_refused = next((e for e in ppr.errors if e.path in _PP_GLOBAL), None)
+                mesh = ppr
         if not isinstance(mesh, Err):
-            key = (k.tp, k.cp > 1, k.sequence_parallel, k.loss_parallel)
+            key = (k.tp, k.cp > 1, k.sequence_parallel, k.loss_parallel, k.pp > 1)
             if key not in placements:
                 placements[key] = resolve_placements(r, model, mesh)
             pl = placements[key]
@@ -189,8 +253,10 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
     m = own_mesh if not isinstance(own_mesh, Err) else recipe.mesh
     # the recipe's own mesh may not resolve (then its axes as written): SP/LP by the one rule
     sp, lp = tp_flags(m.tp, recipe.tp.sequence_parallel, recipe.tp.loss_parallel)
+    mpp = getattr(m, "pp", 1)
     own = Candidate(m.dp_replicate, m.dp_shard, m.cp, m.tp, recipe.train.activation_checkpointing,
-                    recipe.train.micro_batch_size, sp, lp)
+                    recipe.train.micro_batch_size, sp, lp, mpp,
+                    recipe.pp.schedule if mpp > 1 else "1F1B", recipe.pp.stages_per_rank if mpp > 1 else 1)
     return Suggestion(ranked, tuple(dropped), c.nodes * c.gpus_per_node, own, c.device)
 
 

@@ -5,6 +5,7 @@ fixture (pp_*.yaml)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import yaml
 from meshbake.compiler.errors import Err
@@ -91,3 +92,67 @@ def test_estimate_per_stage_and_bubble():
     t = est.time
     bubble = 15 / (32 + 15)
     assert abs(t.bubble_s - (t.compute_s + t.recompute_s) * bubble / (1 - bubble)) < 1e-9 and t.pp_s > 0
+
+
+def _tiny_pp(world: int, **kw) -> dict:
+    return tiny_recipe("ppn", world, model=str(ROOT / "tests/dist/configs/tiny-llama-4l.json"), **kw)
+
+
+def _placement_line(md: str) -> str:
+    return next(line for line in md.splitlines() if line.startswith("Node placement"))
+
+
+def test_plan_md_says_which_axes_cross_nodes():
+    """torchrun numbers ranks node by node, pp is outermost: 405B pp 16 x fsdp 4 x tp 8 on 64 x 8
+    GPUs puts a stage group (32 ranks) on 4 whole nodes, dp_shard's groups (8 x 4 = 32 ranks)
+    across them and tp (8) inside one."""
+    from meshbake.compiler.render import render_bundle
+
+    md = render_bundle(resolve(R405))["PLAN.md"].decode()
+    assert _placement_line(md) == ("Node placement (rank r on node r // 8, torchrun's order): across nodes: pp, "
+                                   "dp_shard; inside a node: tp. Stage group 0 = ranks 0-31 on nodes 0-3.")
+
+
+def test_stage_group_may_split_a_node_but_tp_may_not_cross_one():
+    """world / pp not a multiple of the node's GPUs: 3 nodes x 4, pp 2 -> 6 ranks per stage group,
+    so node 1 holds the end of group 0 (ranks 4-5) and the start of group 1 (6-7): compiled, and
+    PLAN.md says so. tp 8 on 4-GPU nodes stays the mesh stage's error under pp too."""
+    d = _tiny_pp(4, mesh={"pp": 2, "dp_shard": -1, "tp": 2}, cluster={"nodes": 3}, train={"global_batch_size": 12})
+    b = compiled(d)
+    assert json.loads(b.files["plan.json"])["mesh"]["dp_shard"] == 3
+    assert _placement_line(b.files["PLAN.md"].decode()) == (
+        "Node placement (rank r on node r // 4, torchrun's order): across nodes: pp, dp_shard; inside a node: tp. "
+        "Stage group 0 = ranks 0-5 on nodes 0-1 (world / pp = 6 is not a multiple of 4: neighbouring stage groups "
+        "share a node).")
+    # one node holds both stage groups: nothing crosses a node
+    one = compiled(_tiny_pp(4, mesh={"pp": 2, "dp_shard": -1, "tp": 2}))
+    assert _placement_line(one.files["PLAN.md"].decode()).startswith(
+        "Node placement (rank r on node r // 4, torchrun's order): across nodes: none; inside a node: pp, tp.")
+    bad = resolve(yaml.safe_dump(_tiny_pp(4, mesh={"pp": 2, "dp_shard": -1, "tp": 8}, cluster={"nodes": 4})))
+    assert isinstance(bad, Err)
+    assert any(e.path == "mesh.tp" and "does not divide cluster.gpus_per_node=4" in e.message for e in bad.errors)
+
+
+def test_memory_fixes_under_pp_are_valid_under_pp():
+    """A pp recipe over budget is offered fixes that pp accepts: never LoRA or loss parallel
+    (both refused with mesh.pp > 1), a larger pp instead, and every fix re-run through the
+    pipeline's rules too: 405B pp 16 on 40 GB -> pp 32 (48.0 GB, still over: the estimate drops);
+    Interleaved1F1B x 2 at pp 32 cannot double pp (64 x 2 = 128 stages > 126 blocks)."""
+    from meshbake.compiler.estimate import _fix_candidates, memory_fixes
+
+    r = resolve(R405, "cluster.gpu_memory_gb=40")
+    assert isinstance(r, Err) and [e.path for e in r.errors] == ["cluster.gpu_memory_gb"]
+    hint = r.errors[0].hint
+    assert "--set mesh.pp=32 --set mesh.dp_shard=-1" in hint
+    assert "lora" not in hint and "loss_parallel" not in hint
+    fixed = resolve(R405, "cluster.gpu_memory_gb=40", "mesh.pp=32", "mesh.dp_shard=-1")
+    assert isinstance(fixed, Err) and [e.path for e in fixed.errors] == ["cluster.gpu_memory_gb"]   # pp rules pass
+    assert "estimated 48.0 GB" in fixed.errors[0].message
+    # the pp-doubling candidate is built, then dropped by the pipeline's rule (blocks >= stages)
+    ok = resolve(R405, "mesh.pp=32", "pp.schedule=Interleaved1F1B", "pp.stages_per_rank=2")
+    assert not isinstance(ok, Err), ok
+    est = replace(ok.estimate, budget_bytes=ok.estimate.total_bytes // 2)
+    cands = _fix_candidates(est, ok.recipe, ok.mesh, "activations")
+    assert any(("mesh.pp", 64) in f.sets for f in cands)
+    assert all(k not in ("lora.rank", "tp.loss_parallel") for f in cands for k, _ in f.sets)
+    assert not any(("mesh.pp", 64) in f.sets for f in memory_fixes(est, ok.recipe, ok.mesh, ok.model))

@@ -43,7 +43,7 @@ def test_infeasible_dropped_with_reason(sg):
     assert cross and all(x.path == "mesh.tp" and "does not divide cluster.gpus_per_node" in x.reason for x in cross)
     assert not any(r.cand.tp > 8 for r in s.ranked)
     # 70B in fp32 on one TP group x no FSDP cannot fit 80 GB: the memory check drops it
-    oom = [x for x in s.dropped if x.cand.tp == 1 and x.cand.dp_shard == 1 and x.cand.cp == 1]
+    oom = [x for x in s.dropped if x.cand.tp == 1 and x.cand.dp_shard == 1 and x.cand.cp == 1 and x.cand.pp == 1]
     assert oom and all("GB" in x.reason for x in oom), oom[:2]
     assert not any(r.cand.tp == 1 and r.cand.dp_shard * r.cand.cp == 1 for r in s.ranked)
 
@@ -177,3 +177,85 @@ def test_cluster_hardware_keys_drive_the_model(sg):
     assert slow_t.fsdp_s > fast_t.fsdp_s and slow_t.hsdp_s > fast_t.hsdp_s
     bad, errs = validate.validate_all({**d, "cluster": {**d["cluster"], "peak_tflops": -1}})
     assert bad is None and any(e.path == "cluster.peak_tflops" for e in errs)
+
+
+# --- pipeline parallelism (issue 27): pp candidates, their rules and their step time -------------
+
+def _tiny_pp(**kw):
+    from tests.helpers import ROOT, tiny_recipe
+    return tiny_recipe("pps", 4, model=str(ROOT / "tests/dist/configs/tiny-llama-4l.json"), **kw)
+
+
+def test_pp_candidates_enumerated_only_where_pp_composes():
+    """pp in {1, 2, 4} for world 4 and 4 blocks (powers of 2 dividing the world, <= the blocks);
+    Interleaved1F1B (2 stages per rank) only where 2 pp <= blocks; under pp cp 1 and SP/LP off only.
+    Llama-3.1-405B's 126 blocks on 512 GPUs: pp up to 64 (2 pp <= 126 keeps Interleaved1F1B to pp <= 32)."""
+    from meshbake.compiler.suggest import candidates, pp_schedules, pp_sizes
+    from meshbake.compiler.validate import validate_all
+
+    assert pp_sizes(4, 4) == [1, 2, 4] and pp_sizes(512, 126) == [1, 2, 4, 8, 16, 32, 64] and pp_sizes(24, 80) == [1, 2, 4, 8]
+    assert pp_schedules(2, 4) == [("1F1B", 1), ("Interleaved1F1B", 2)] and pp_schedules(4, 4) == [("1F1B", 1)]
+    assert pp_schedules(64, 126) == [("1F1B", 1)]
+    recipe, errs = validate_all(_tiny_pp())
+    assert not errs
+    ks = candidates(recipe, 4)
+    pp = [k for k in ks if k.pp > 1]
+    assert {(k.pp, k.schedule, k.stages_per_rank) for k in pp} == {(2, "1F1B", 1), (2, "Interleaved1F1B", 2), (4, "1F1B", 1)}
+    assert all(k.cp == 1 and not k.sequence_parallel and not k.loss_parallel for k in pp)
+    assert all(k.pp * k.dp_replicate * k.dp_shard * k.tp == 4 for k in pp)
+    assert candidates(recipe) == [k for k in ks if k.pp == 1]        # without the blocks: no pp, as before
+
+
+@pytest.fixture(scope="module")
+def pp_sg():
+    s = suggest_dict(_tiny_pp())
+    assert not isinstance(s, Err), s
+    return s
+
+
+def test_pp_candidates_ranked_with_the_bubble_and_dropped_by_the_pp_rules(pp_sg):
+    """A ranked pp row's step time is its compiled plan's (bubble and sends included); too few
+    micro-batches for the pipeline is the rule's drop (gbs 8 = mbs x microbatches x dp)."""
+    from meshbake.compiler.suggest import with_candidate
+
+    s = pp_sg
+    ranked_pp = [r for r in s.ranked if r.cand.pp > 1]
+    assert {r.cand.pp for r in ranked_pp} == {2, 4}
+    assert all(r.grad_accum >= r.cand.pp and r.time.bubble_s > 0 and r.time.pp_s > 0 for r in ranked_pp)
+    # 1F1B's bubble (pp - 1) / (m + pp - 1) of the pipelined time: bubble_s / (compute + recompute) = (pp - 1) / m
+    for r in ranked_pp:
+        if r.cand.schedule == "1F1B":
+            t = r.time
+            assert t.bubble_s == pytest.approx((t.compute_s + t.recompute_s) * (r.cand.pp - 1) / r.grad_accum, rel=1e-9)
+    # the same candidate through the whole compile: the same step time and memory as PLAN.md's
+    r = next(r for r in ranked_pp if r.cand.schedule == "Interleaved1F1B")
+    res = resolve_dict(_tiny_pp(mesh={"pp": 2, "dp_replicate": r.cand.dp_replicate, "dp_shard": r.cand.dp_shard,
+                                      "tp": r.cand.tp},
+                                pp={"schedule": "Interleaved1F1B", "stages_per_rank": 2},
+                                train={"micro_batch_size": r.cand.micro_batch_size,
+                                       "activation_checkpointing": r.cand.activation_checkpointing}))
+    assert not isinstance(res, Err), res
+    from meshbake.compiler.estimate import step_time  # a cpu cluster's plan carries no time: the same model
+    assert step_time(res.recipe, res.mesh, res.estimate).step_s == pytest.approx(r.time.step_s, rel=1e-12)
+    assert res.estimate.total_bytes == r.mem_bytes and res.plan.pp.microbatches == r.grad_accum
+    assert with_candidate(res.recipe, r.cand).mesh.pp == 2
+    few = [x for x in s.dropped if x.cand.pp > 1 and x.path == "train.global_batch_size"]
+    assert few and all("fewer than pp" in x.reason or "rounds" in x.reason for x in few)
+    assert {(x.cand.pp, x.cand.dp_replicate * x.cand.dp_shard, x.cand.micro_batch_size) for x in few
+            if "fewer than pp" in x.reason} >= {(2, 2, 4), (4, 1, 8), (4, 1, 4)}
+    # the gap to #1 by term has the pipeline's terms, and the terms still sum to the net gap
+    from meshbake.compiler.suggest import gap_terms
+    gaps = [gap_terms(s.ranked[0].time, r.time) for r in s.ranked[1:]]
+    assert any(g["bubble_s"] != 0 for g in gaps) and any(g["pp_s"] != 0 for g in gaps)
+    assert all(sum(g.values()) == pytest.approx(r.time.step_s - s.ranked[0].time.step_s, abs=1e-12)
+               for g, r in zip(gaps, s.ranked[1:]))
+
+
+def test_pp_refused_recipe_wide_drops_every_pp_candidate_with_one_reason():
+    """data.format text is refused with pp (packed position_ids): every pp candidate is dropped
+    with that rule's path, decided once; the pp-1 candidates are unaffected."""
+    s = suggest_dict(_tiny_pp(data={"format": "text", "path": "x.txt", "tokenizer": "tok"}))
+    assert not isinstance(s, Err), s
+    assert s.ranked and all(r.cand.pp == 1 for r in s.ranked)
+    pp = [x for x in s.dropped if x.cand.pp > 1]
+    assert pp and {x.path for x in pp} == {"data"} and all("not supported with mesh.pp > 1" in x.reason for x in pp)

@@ -132,6 +132,9 @@ PLAN_HOME = {
 def _plan_has(path: str) -> bool:
     cls: Any = P.Plan
     for part in path.split("."):
+        # an optional section (plan.json `pp`, present only when mesh.pp > 1): its class
+        args = [a for a in typing.get_args(cls) if a is not type(None)] if not dataclasses.is_dataclass(cls) else []
+        cls = args[0] if len(args) == 1 else cls
         if not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
             return False
         cls = typing.get_type_hints(cls)[part]

@@ -208,7 +208,8 @@ def _model(cfg: Mapping[str, Any], acc: _Acc, model_ref: str | None, lora_on: bo
             acc.note(k, "mapped", "model.config, model.weights")
         elif model_ref:
             acc.note(k, "approximated", "model.config, model.weights",
-                     f"architecture from the catalog's {model_ref!r} ({base!r} is not in the Hugging Face cache); "
+                     f"architecture from {model_ref!r} (--model, or the catalog's match for a base_model that is "
+                     "no local folder and not in the Hugging Face cache); "
                      f"model.weights {base!r} is read from the cache at run time (`hf download {base}`)")
         else:
             acc.note(k, "not mapped", "model.config",

@@ -939,7 +939,7 @@ def _mask_how(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, am: AttnMemory) 
        "lora.rank", "lora.targets", "lora.quantize_base", "cluster.gpu_memory_gb", "cluster.nodes", "cluster.gpus_per_node",
        # the step-time model (cuda clusters): the hardware facts
        "cluster.device", "cluster.peak_tflops", "cluster.hbm_gbps", "cluster.intra_node_gbps",
-       "cluster.inter_node_gbps", "cluster.nics_per_node")
+       "cluster.inter_node_gbps", "cluster.nics_per_node", "cluster.measured")
 def checked_estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> Result[Estimate]:
     """estimate + check_memory: the memory check reads every field the estimate is computed from."""
     return check_memory(estimate(recipe, model, mesh, pl), recipe, mesh, model)

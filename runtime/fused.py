@@ -130,6 +130,17 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _routed(idx: torch.Tensor, n_exp: int):
+    """For each expert some token chose (idx (N, k)): (expert, the top-k positions, the token
+    rows), in expert order, as transformers' grouped-experts loops walk them."""
+    with torch.no_grad():
+        mask = F.one_hot(idx, num_classes=n_exp).permute(2, 1, 0)          # (E, k, N)
+        hit = mask.sum(dim=(-1, -2)).nonzero().flatten().tolist()
+    for e in hit:
+        pos, tok = torch.where(mask[e])
+        yield e, pos, tok
+
+
 def experts_forward(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
                     tp_group=None) -> torch.Tensor:
     """transformers' grouped-experts loop on this rank's slice of every expert (pairs layout):
@@ -144,11 +155,7 @@ def experts_forward(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, w: t
     ad = expert_factors(experts)                                        # LoRA on the experts, if any
     n_exp = gu.shape[0]
     out = torch.zeros_like(x)
-    with torch.no_grad():
-        mask = F.one_hot(idx, num_classes=n_exp).permute(2, 1, 0)          # (E, k, N)
-        hit = mask.sum(dim=(-1, -2)).nonzero().flatten().tolist()
-    for e in hit:
-        pos, tok = torch.where(mask[e])
+    for e, pos, tok in _routed(idx, n_exp):
         h = expert_linear(experts, x[tok], gu[e], ad, "gate_up_proj", e).unflatten(-1, (-1, 2))   # (n, I_l, 2)
         h = experts.act_fn(h[..., 0]) * h[..., 1]
         h = expert_linear(experts, h, dn[e], ad, "down_proj", e) * w[tok, pos, None]
@@ -187,11 +194,7 @@ def _scaled_input_experts(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor
     gu, dn = _local(experts.gate_up_proj), _local(experts.down_proj)
     n_exp = gu.shape[0]
     out = torch.zeros_like(x)
-    with torch.no_grad():
-        mask = F.one_hot(idx, num_classes=n_exp).permute(2, 1, 0)          # (E, k, N)
-        hit = mask.sum(dim=(-1, -2)).nonzero().flatten().tolist()
-    for e in hit:
-        pos, tok = torch.where(mask[e])
+    for e, pos, tok in _routed(idx, n_exp):
         h = ((x[tok] * w[tok, pos, None]) @ gu[e]).unflatten(-1, (-1, 2))    # (n, I_l, 2)
         out.index_add_(0, tok, (experts.act_fn(h[..., 0]) * h[..., 1] @ dn[e]).to(out.dtype))
     return out
@@ -212,11 +215,7 @@ def _hf_layout_experts(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, w
         once = 1.0 if dist.get_rank(tp_group) == 0 else 0.0
     n_exp = gu.shape[0]
     out = torch.zeros_like(x)
-    with torch.no_grad():
-        mask = F.one_hot(idx, num_classes=n_exp).permute(2, 1, 0)          # (E, k, N)
-        hit = mask.sum(dim=(-1, -2)).nonzero().flatten().tolist()
-    for e in hit:
-        pos, tok = torch.where(mask[e])
+    for e, pos, tok in _routed(idx, n_exp):
         h = experts._apply_gate(x[tok] @ gu[e] + gub[e])                    # (n, I_l)
         h = (h @ dn[e] + once * dnb[e]) * w[tok, pos, None]
         out.index_add_(0, tok, h.to(out.dtype))

@@ -665,16 +665,18 @@ def test_gpt_oss_placements_sinks_biases_and_experts():
     assert "| `model.layers.*.mlp.experts` | 2 | experts | 4 x 128 x 64 | experts | 4 x 64 x 64 |" in md
 
 
-def test_gpt_oss_rank_holds_what_the_estimate_says():
-    """The job's own build of rank 0 (fake process group, meta tensors: runtime/dryrun.py) holds
-    exactly the parameters the estimate counts: sinks split with the heads, gate_up and its bias
-    on the 2I dim, down on I, the down bias and the router whole, at dp_shard 2 x tp 2 and at ep 2."""
+@pytest.mark.parametrize("model_type,ep", [("gpt_oss", 2), ("llama4_text", 4)])
+def test_rank_holds_what_the_estimate_says(model_type, ep):
+    """A dry-run build of rank 0 (runtime/dryrun.py, meta tensors) holds exactly the parameters
+    the estimate counts, at dp_shard 2 x tp 2 and under ep. GPT-OSS: sinks split with the heads,
+    gate_up and its bias on the 2I dim, down on I, the down bias and the router whole; Llama-4:
+    the shared expert split like a dense MLP, the fused (E, H, 2I) experts on I."""
     from meshbake.runtime.dryrun import build_rank
 
     from tests.helpers import resolve
 
-    for name, edit in (("tp", lambda r: None), ("ep", _ep(2))):
-        r = recipe(f"est-{name}", "gpt_oss")
+    for name, edit in (("tp", lambda r: None), ("ep", _ep(ep))):
+        r = recipe(f"est-{name}", model_type)
         edit(r)
         res = resolve(yaml.safe_dump(r))
         r0 = build_rank(res.plan, 0)
@@ -741,20 +743,6 @@ def test_llama4_experts_pairs_round_trip():
     r = to_runtime("experts_t", t, None)
     assert torch.equal(r[..., 0::2], t[..., :4]) and torch.equal(r[..., 1::2], t[..., 4:])
     assert torch.equal(to_hf("experts_t", r, None), t)
-
-
-def test_llama4_text_rank_holds_what_the_estimate_says():
-    from meshbake.runtime.dryrun import build_rank
-
-    from tests.helpers import resolve
-
-    for name, edit in (("tp", lambda r: None), ("ep", _ep(4))):
-        r = recipe(f"est-{name}", "llama4_text")
-        edit(r)
-        res = resolve(yaml.safe_dump(r))
-        r0 = build_rank(res.plan, 0)
-        assert r0["ok"], r0
-        assert (r0["params"], r0["param_bytes"]) == (res.estimate.params_per_rank, res.estimate.params_bytes), name
 
 
 def test_llama4_text_refusals_name_the_path(tmp_path):

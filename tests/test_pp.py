@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from meshbake.runtime import plan as P
 
 from tests.dist.reference import reference_losses
 from tests.helpers import ROOT, one_process_group, plan_of, tiny_recipe
-from tests.helpers import torchrun as launch
+from tests.test_parity import torchrun
 
 pytestmark = pytest.mark.dist
 RTOL = 1e-4
@@ -50,12 +49,6 @@ def ckpt_case() -> dict:
     plan = plan_of(recipe("pp2_ckpt", 2))
     plan["checkpoint"].update(every_steps=3, keep=2)
     return {"name": "pp2_ckpt", "kind": "train", "plan": plan, "keep_run": True}
-
-
-def torchrun(world: int, cs: list[dict], tmp: Path) -> dict:
-    (tmp / "cases.json").write_text(json.dumps(cs))
-    launch(world, ROOT / "tests/dist/worker.py", str(tmp / "cases.json"), str(tmp / "out.json"), cwd=tmp)
-    return json.loads((tmp / "out.json").read_text())
 
 
 @pytest.fixture(scope="module")

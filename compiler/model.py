@@ -349,14 +349,6 @@ OPTIONAL_FACTS = {"num_key_value_heads": 1024, "head_dim": 4096, "max_position_e
 SUPPORTED_TYPES = ("deepseek_v3", "gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "gpt_oss", "granitemoe",
                    "llama", "llama4_text", "mistral", "mixtral", "olmo2", "phi3", "qwen2", "qwen2_moe", "qwen3",
                    "qwen3_moe")
-# transformers' own tp plan, completed where it leaves a family's Llama-style attention out:
-# GptOssConfig.base_model_tp_plan (5.24) names only embed_tokens (its experts go by the ep plan);
-# its q/k/v/o are Llama's Linears (with biases), split as Llama's: q/k/v colwise by heads (the
-# sinks follow q's heads, style "sinks"), o_proj rowwise (its bias added once, after the reduce)
-TP_PLAN_ADDITIONS = {"gpt_oss": {"model.layers.*.self_attn.q_proj": "colwise",
-                                 "model.layers.*.self_attn.k_proj": "colwise",
-                                 "model.layers.*.self_attn.v_proj": "colwise",
-                                 "model.layers.*.self_attn.o_proj": "rowwise"}}
 
 
 def _is_int(v: Any) -> bool:
@@ -576,7 +568,7 @@ def _spec(model, config, source: str, model_type: str, modules) -> ModelSpec:
         tie_word_embeddings=tied,
         num_params=num_params,
         modules=modules,
-        hf_tp_plan={**TP_PLAN_ADDITIONS.get(model_type, {}), **_tp_plan(model, modules)},
+        hf_tp_plan=_tp_plan(model, modules),
         roles=_roles(model, modules, tied),
         attn_implementation=_attn_implementation(model),
         layouts=_layouts(model, modules),
@@ -603,6 +595,10 @@ def _spec(model, config, source: str, model_type: str, modules) -> ModelSpec:
 READ_TP_PLANS = {
     "GraniteMoeAttention": {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"},
     "Qwen2MoeMLP": {"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"},
+    # GptOssConfig.base_model_tp_plan (5.24) names only embed_tokens (its experts go by the ep plan);
+    # its q/k/v/o are Llama's Linears (with biases), split as Llama's: q/k/v colwise by heads (the
+    # sinks follow q's heads, style "sinks"), o_proj rowwise (its bias added once, after the reduce)
+    "GptOssAttention": {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"},
     "DeepseekV3Attention": {"q_a_proj": "latent", "kv_a_proj_with_mqa": "latent", "q_b_proj": "colwise",
                             "kv_b_proj": "colwise", "q_proj": "colwise", "o_proj": "rowwise"},
 }

@@ -250,9 +250,12 @@ def _layouts(model, modules) -> dict[str, str]:
 # beside router + experts}. Qwen2-MoE adds shared_expert(x) * sigmoid(shared_expert_gate(x))
 # (an H -> 1 Linear); DeepSeek-V3 adds shared_experts(x) ungated, and its router (sigmoid scores +
 # e_score_correction_bias, group-limited top-k, routed_scaling_factor) is called as it is.
+# GLM-4-MoE's Glm4MoeMoE is DeepSeek-V3's block line for line (read in 5.24: the same forward,
+# Glm4MoeTopkRouter the same code as DeepseekV3TopkRouter, the same ungated shared_experts MLP)
+# under a Llama-style q/k/v attention (biases, partial rotary, optional per-head qk-norm).
 MOE_ROUTERS = ("gate", "router")
 READ_MOE_BLOCKS = {"Qwen2MoeSparseMoeBlock": {"shared_expert", "shared_expert_gate"},
-                   "DeepseekV3MoE": {"shared_experts"}}
+                   "DeepseekV3MoE": {"shared_experts"}, "Glm4MoeMoE": {"shared_experts"}}
 
 
 def _plain_moe_block(block) -> bool:
@@ -346,9 +349,9 @@ OPTIONAL_FACTS = {"num_key_value_heads": 1024, "head_dim": 4096, "max_position_e
 # BertLMHeadModel has no model.layers; a family nobody ran may hold a plain tensor the TP
 # DTensors cannot mix with. Adding one here means adding its tests/models fixture. The other
 # types accepted are the ones `make zoo` trained with parity (compiler/zoo.json, zoo_types()).
-SUPPORTED_TYPES = ("deepseek_v3", "gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "gpt_oss", "granitemoe",
-                   "llama", "llama4_text", "mistral", "mixtral", "olmo2", "phi3", "qwen2", "qwen2_moe", "qwen3",
-                   "qwen3_moe")
+SUPPORTED_TYPES = ("deepseek_v3", "gemma2", "gemma3_text", "glm", "glm4", "glm4_moe", "gpt_neox", "gpt_oss",
+                   "granitemoe", "llama", "llama4_text", "mistral", "mixtral", "olmo2", "phi3", "qwen2", "qwen2_moe",
+                   "qwen3", "qwen3_moe")
 
 
 def _is_int(v: Any) -> bool:

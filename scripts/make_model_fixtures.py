@@ -53,6 +53,14 @@ MODELS = {
                     "qk_nope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2,
                     "n_group": 2, "topk_group": 1, "n_shared_experts": 1, "moe_intermediate_size": 64,
                     "first_k_dense_replace": 1, "routed_scaling_factor": 2.5, "tie_word_embeddings": False},
+    # DeepSeek-V3's MoE block (sigmoid router + e_score_correction_bias, 2 groups of 2 experts, 1
+    # kept, routed_scaling_factor, an ungated shared expert; layer 0 dense by first_k_dense_replace)
+    # under GLM's attention: q/k/v biases, rotary on half of head_dim, per-head q/k RMSNorm
+    "glm4_moe": {"head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1,
+                 "n_shared_experts": 1, "moe_intermediate_size": 64, "first_k_dense_replace": 1,
+                 "routed_scaling_factor": 2.5, "attention_bias": True, "use_qk_norm": True,
+                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+                 "tie_word_embeddings": False},
     # attention sinks (one logit per q head), q/k/v/o biases, sliding window 8 < seq_len 32 on
     # even layers (layer_types), 4 experts top-2 with biases, gate/up interleaved in (E, H, 2I),
     # clamped SwiGLU; eager attention (transformers has no sdpa with sinks)

@@ -28,12 +28,12 @@ STEPS = 3
 # embeddings at init: plain HF's own loss rises over the first 3 steps (6.942, 6.947, 6.949)
 SLOW_START = {"glm4"}
 REFUSED: dict[str, str] = {}          # model_type -> words the compile error must contain
-EXPORTED = ("deepseek_v3", "glm4", "gpt_neox", "gpt_oss", "granitemoe", "llama4_text", "phi3", "qwen2_moe",
+EXPORTED = ("deepseek_v3", "glm4", "glm4_moe", "gpt_neox", "gpt_oss", "granitemoe", "llama4_text", "phi3", "qwen2_moe",
             "qwen3_moe")
 # save_pretrained weights with every bias and attention sink drawn N(0, 0.1) (HF initializes
 # biases to 0): the logits then show a bias added twice (a rowwise o_proj's, an expert's down
 # bias under tp) or a sink given to another head
-NONZERO_BIASES = {"gpt_oss"}
+NONZERO_BIASES = {"glm4_moe", "gpt_oss"}
 
 
 def _lora(r):
@@ -79,7 +79,7 @@ EP_VARIANTS = [("ep2-dp4-qwen3_moe", "qwen3_moe", _ep(2)), ("ep4-dp4-mixtral", "
                ("ep2-dp4-gpt_oss", "gpt_oss", _ep(2, aux=True)), ("ep4-dp4-llama4_text", "llama4_text", _ep(4)),
                ("ep2-hsdp-mixtral", "mixtral", _ep(2, dp_shard=2, dp_replicate=2, aux=True, ac="full")),
                ("ep2-dp4-qwen2_moe", "qwen2_moe", _ep(2, aux=True)), ("ep4-dp4-granitemoe", "granitemoe", _ep(4)),
-               ("ep2-dp4-deepseek_v3", "deepseek_v3", _ep(2))]
+               ("ep2-dp4-deepseek_v3", "deepseek_v3", _ep(2)), ("ep2-dp4-glm4_moe", "glm4_moe", _ep(2))]
 EP_LOGITS = EP_VARIANTS[:4]          # the user's safetensors loaded into E / ep experts per rank
 
 
@@ -112,9 +112,9 @@ def compile_model(model_type: str, **kw):
 def test_fixtures_are_the_supported_families():
     from meshbake.compiler.model import SUPPORTED_TYPES
 
-    assert TYPES == sorted(["deepseek_v3", "gemma2", "gemma3_text", "glm", "glm4", "gpt_neox", "gpt_oss", "granitemoe",
-                            "llama", "llama4_text", "mistral", "mixtral", "olmo2", "phi3", "qwen2", "qwen2_moe", "qwen3",
-                            "qwen3_moe"])
+    assert TYPES == sorted(["deepseek_v3", "gemma2", "gemma3_text", "glm", "glm4", "glm4_moe", "gpt_neox", "gpt_oss",
+                            "granitemoe", "llama", "llama4_text", "mistral", "mixtral", "olmo2", "phi3", "qwen2",
+                            "qwen2_moe", "qwen3", "qwen3_moe"])
     assert TYPES == sorted(SUPPORTED_TYPES)
 
 
@@ -546,28 +546,29 @@ def _errors_without_patch(model_type: str) -> str:
 
 
 def test_moe_block_meshbake_has_not_read_is_refused_under_tp(tmp_path, monkeypatch):
-    """GLM-4-MoE routes with a score-correction bias and group-limited top-k, beside shared
-    experts: not the router + grouped experts (+ gated shared expert) form meshbake's MoE forward
-    runs, so tp is refused at compile time (tp 1 runs transformers' own forward). glm4_moe is
-    not on the model_type allow-list (no parity fixture), so the list is widened here to reach
-    the placement rule behind it: the second line of defence must hold too."""
+    """MiniMax-M2 keeps its router's e_score_correction_bias on the MoE block and passes it to
+    the router as a second argument (gate(hidden_states, bias)): not a router + grouped experts
+    form meshbake's MoE forward runs, so tp is refused at compile time (tp 1 runs transformers'
+    own forward). minimax_m2 is not on the model_type allow-list (no parity fixture), so the
+    list is widened here to reach the placement rule behind it: the second line of defence must
+    hold too. (GLM-4-MoE, this test's earlier example, is DeepSeek-V3's block and is supported.)"""
     from meshbake.compiler import model as M
     from transformers import AutoConfig
 
-    assert "not one meshbake runs" in _errors_without_patch("glm4_moe")
-    monkeypatch.setattr(M, "SUPPORTED_TYPES", (*M.SUPPORTED_TYPES, "glm4_moe"))
+    assert "not one meshbake runs" in _errors_without_patch("minimax_m2")
+    monkeypatch.setattr(M, "SUPPORTED_TYPES", (*M.SUPPORTED_TYPES, "minimax_m2"))
 
-    cfg = AutoConfig.for_model("glm4_moe", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, head_dim=16, vocab_size=1024, n_routed_experts=4,
-                               num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1,
-                               intermediate_size=128, first_k_dense_replace=0, n_group=1, topk_group=1)
+    cfg = AutoConfig.for_model("minimax_m2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, vocab_size=1024, num_local_experts=4,
+                               num_experts_per_tok=2, intermediate_size=64, max_position_embeddings=256,
+                               bos_token_id=1, eos_token_id=2)
     d = cfg.to_diff_dict()
-    d["model_type"] = "glm4_moe"
+    d["model_type"] = "minimax_m2"
     (tmp_path / "config.json").write_text(json.dumps(d))
 
     def use(r):
         r["model"]["config"] = str(tmp_path / "config.json")
-    e = _errors("glm4_moe", use)
+    e = _errors("minimax_m2", use)
     assert e[0].path == "mesh.tp" and "mlp.experts" in e[0].message and "mesh.tp: 1" in e[0].hint
 
     def tp1(r):

@@ -477,9 +477,52 @@ def _structure_error(model, num_layers: int, model_type: str, source: str) -> Re
           and isinstance(model.get_output_embeddings(), nn.Linear))
     if ok:
         return None
-    return RecipeError("model.config", f"{source}: model_type {model_type!r} builds {type(model).__name__}, which "
-                       "is not a Llama-style decoder (model.layers[i].self_attn / .mlp and an lm_head)",
-                       "meshbake trains decoders such as llama, mistral, qwen2")
+    mixer = _recurrent_mixer_error(model, layers, model_type, source) if isinstance(layers, nn.ModuleList) else None
+    return mixer or RecipeError("model.config", f"{source}: model_type {model_type!r} builds {type(model).__name__}, "
+                                "which is not a Llama-style decoder (model.layers[i].self_attn / .mlp and an lm_head)",
+                                "meshbake trains decoders such as llama, mistral, qwen2")
+
+
+# parameters that mark a recurrent (state-space / linear-attention) token mixer: Mamba-2 and the
+# gated delta rule (Qwen3-Next's Qwen3NextGatedDeltaNet, read in transformers 5.24) keep a per-head
+# decay A_log and step bias dt_bias, beside a depthwise causal conv1d over the sequence
+RECURRENT_PARAMS = ("A_log", "dt_bias")
+
+
+def _recurrent_mixer_error(model, layers, model_type: str, source: str) -> RecipeError | None:
+    """Blocks whose token mixer is a recurrence over the sequence instead of attention (hybrid
+    models: Qwen3-Next's linear_attn on 3 of 4 layers): named with their parameter paths and the
+    structural reason they are not run (a cp shard would cut the recurrence; a tp split needs a
+    per-head map of the fused projections' rows (Qwen3-Next: in_proj_qkvz / in_proj_ba, grouped per
+    key head) and of the depthwise conv1d's [q | k | v] channels, not built or parity-tested here)."""
+    import torch.nn as nn
+
+    names = {id(mod): fqn for fqn, mod in model.named_modules()}
+    hits = []
+    for i, block in enumerate(layers):
+        if attention_name(block):
+            continue
+        for child in block.children():
+            own = [n for n, _ in child.named_parameters()]
+            if any(n.rpartition(".")[2] in RECURRENT_PARAMS for n in own):
+                hits.append((i, names[id(child)], type(child).__name__, own))
+    if not hits:
+        return None
+    i, fqn, cls, own = hits[0]
+    layer_ids = sorted({h[0] for h in hits})
+    pattern = re.sub(r"\.\d+\.", ".*.", fqn, count=1)
+    mixer = model.get_submodule(fqn)
+    linears = [n for n, m in mixer.named_modules() if isinstance(m, nn.Linear)]
+    convs = [n for n, m in mixer.named_modules() if isinstance(m, nn.Conv1d)]
+    return RecipeError(
+        "model.config",
+        f"{source}: model_type {model_type!r} builds {type(model).__name__}, whose layers {layer_ids} mix tokens "
+        f"by a recurrence, not attention: {pattern} ({cls}: {', '.join(own)}). Its state runs along the whole "
+        "sequence, so a cp shard would cut it; a tp split by heads needs a map of the rows of its projections "
+        f"({', '.join(linears)})" + (f" and of {'/'.join(convs)}'s channels" if convs else "")
+        + ", not built or parity-tested in meshbake, whose runtime drives attention (self_attn) blocks only",
+        "meshbake trains attention decoders (llama, qwen3, qwen3_moe, ...); train this hybrid model with a "
+        "framework that implements its linear-attention layers")
 
 
 # config.json keys transformers resolves to code: an attention or experts implementation of the

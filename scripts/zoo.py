@@ -154,8 +154,8 @@ def summary(rows) -> None:
     def why(reason: str) -> str:      # the rule, not the type: "mesh.tp: ... has no tensor-parallel form"
         path, _, msg = reason.partition(": ")
         for key in ("has no tensor-parallel form", "is a fused projection", "has no style in transformers",
-                    "is not a Llama-style decoder", "transformers cannot build", "lacks", "multimodal",
-                    "sequence parallel gathers", "router_jitter_noise"):
+                    "is not a Llama-style decoder", "by a recurrence, not attention", "transformers cannot build",
+                    "lacks", "multimodal", "sequence parallel gathers", "router_jitter_noise"):
             if key in msg:
                 return f"{path}: {key}"
         return f"{path}: {msg[:60]}"

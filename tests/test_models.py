@@ -583,6 +583,24 @@ def test_moe_block_meshbake_has_not_read_is_refused_under_tp(tmp_path, monkeypat
     assert hasattr(b, "files") and json.loads(b.files["plan.json"])["model"]["layouts"] == {}
 
 
+def test_hybrid_linear_attention_refusal_names_the_recurrent_parameters(monkeypatch):
+    """Qwen3-Next's gated-delta layers (linear_attn) are refused for their structure, with the
+    parameter paths: the user's error (from the zoo's row, it is off the allow-list) and the live
+    structure check behind the list say the same thing, not "no result"."""
+    from meshbake.compiler import model as M
+    from meshbake.compiler.errors import Err
+
+    from scripts.zoo import tiny_config
+
+    words = ("by a recurrence, not attention", "model.layers.*.linear_attn", "A_log", "in_proj_qkvz", "cp shard")
+    user = _errors_without_patch("qwen3_next")
+    assert "not one meshbake runs" in user and all(w in user for w in words), user
+    monkeypatch.setattr(M, "SUPPORTED_TYPES", (*M.SUPPORTED_TYPES, "qwen3_next"))
+    live = M.model_spec(tiny_config("qwen3_next"), "qwen3_next")
+    assert isinstance(live, Err) and [e.path for e in live.errors] == ["model.config"]
+    assert all(w in live.errors[0].message for w in words) and live.errors[0].hint, live.errors[0]
+
+
 def test_deepseek_v3_mla_placements_and_refusals(tmp_path):
     """MLA under tp: the low-rank down-projections (q_a_proj H -> q_lora_rank, kv_a_proj_with_mqa
     H -> kv_lora_rank + qk_rope_head_dim) and their norms whole on every rank ("latent": they feed

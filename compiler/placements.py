@@ -229,8 +229,19 @@ def _lora_errors(recipe: Recipe, model: ModelSpec) -> list[RecipeError]:
         return []
     leaves = sorted({target_name(f) for f in model.lora_targets(None)})
     errs = []
+    # grouped experts meshbake keeps in HF's own layout (GPT-OSS's experts_hf, Llama-4's experts_t)
+    # run through their own loops in runtime/fused.py, which have no adapter term
+    other = sorted({k for k in model.layouts.values() if k in ("experts_hf", "experts_t")})
     for i, t in enumerate(lo.targets):
-        if t not in leaves:
+        if other and t in ("experts.gate_up_proj", "experts.down_proj"):
+            errs.append(RecipeError(f"lora.targets[{i}]", f"{t!r}: {model.architecture}'s grouped experts are "
+                                    f"kept in their own layout ({other[0]}: "
+                                    + ("(E, H, 2I) with gate / up interleaved and a bias on each projection"
+                                       if other[0] == "experts_hf" else "(E, H, 2I) [gate | up], input scaled by "
+                                       "the router score") + "), and meshbake's expert adapters (runtime/lora.py) "
+                                    "are built and parity-tested for the (E, 2I, H) layout only",
+                                    f"remove {t} from lora.targets (adapt the attention, e.g. q_proj, v_proj)"))
+        elif t not in leaves:
             near = get_close_matches(t, leaves, n=1) or [n for n in leaves if n.endswith("." + t)][:1]
             errs.append(RecipeError(f"lora.targets[{i}]", f"{t!r} is no Linear layer or grouped experts parameter "
                                     f"of {model.architecture}",

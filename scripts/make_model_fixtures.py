@@ -48,9 +48,10 @@ MODELS = {
     # MLA (q/kv low-rank down-projections + norms, per-head up-projections, a rope/nope head split
     # with one shared rope key), layer 0 dense (first_k_dense_replace), layer 1 MoE: sigmoid
     # router with e_score_correction_bias, group-limited top-k (2 groups of 2, 1 group kept),
-    # routed_scaling_factor, and a shared expert added ungated; num_key_value_heads = heads, as in V3
+    # routed_scaling_factor, and a shared expert added ungated; num_key_value_heads = heads, as in V3;
+    # v heads narrower than q/k heads (8 vs 8 + 8), as V3's 128 vs 128 + 64
     "deepseek_v3": {"num_key_value_heads": 4, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_rope_head_dim": 8,
-                    "qk_nope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2,
+                    "qk_nope_head_dim": 8, "v_head_dim": 8, "n_routed_experts": 4, "num_experts_per_tok": 2,
                     "n_group": 2, "topk_group": 1, "n_shared_experts": 1, "moe_intermediate_size": 64,
                     "first_k_dense_replace": 1, "routed_scaling_factor": 2.5, "tie_word_embeddings": False},
     # DeepSeek-V3's MoE block (sigmoid router + e_score_correction_bias, 2 groups of 2 experts, 1

@@ -83,13 +83,44 @@ EP_VARIANTS = [("ep2-dp4-qwen3_moe", "qwen3_moe", _ep(2)), ("ep4-dp4-mixtral", "
 EP_LOGITS = EP_VARIANTS[:4]          # the user's safetensors loaded into E / ep experts per rank
 
 
+def _lora_on(targets, cp=False):
+    """LoRA (rank 4) on the family's own projections, at cp 2 x tp 2 + SP + LP or dp_shard 2 x tp 2."""
+    def edit(r):
+        if cp:
+            _cp(r)
+        r["lora"] = {"rank": 4, "alpha": 8, "targets": targets}
+    return edit
+
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+EXPERT_LORA = ["experts.gate_up_proj", "experts.down_proj"]
+# LoRA and context parallel on the 2025-26 families, one case each where the compiler accepts
+# both (cp 2 x tp 2 + SP + LP + LoRA): MLA's latent / per-head projections with v heads narrower
+# than q/k (the fixture: 8 vs 16), fused qkv per head (GPT-NeoX), fused gate_up pairs (GLM-4),
+# mu-P attention scaling (Granite-MoE), biased q/k/v + qk-norm + grouped router (GLM-4-MoE), a
+# gated shared expert (Qwen2-MoE); experts adapted where their layout takes adapters. GPT-OSS
+# (sinks, window) and Llama-4 (chunked attention) refuse cp: LoRA alone at dp_shard 2 x tp 2 (on
+# o_proj's bias-after-reduce; on Llama-4's shared expert and dense feed_forward)
+NEW_FAMILY_VARIANTS = [
+    ("cp2-lora-deepseek_v3", "deepseek_v3", _lora_on(["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
+                                                      "o_proj", *EXPERT_LORA], cp=True)),
+    ("cp2-lora-glm4_moe", "glm4_moe", _lora_on([*ATTN, *EXPERT_LORA], cp=True)),
+    ("cp2-lora-glm4", "glm4", _lora_on(["q_proj", "v_proj", "gate_up_proj", "down_proj"], cp=True)),
+    ("cp2-lora-gpt_neox", "gpt_neox", _lora_on(["query_key_value", "dense", "dense_4h_to_h"], cp=True)),
+    ("cp2-lora-granitemoe", "granitemoe", _lora_on([*ATTN, *EXPERT_LORA], cp=True)),
+    ("cp2-lora-qwen2_moe", "qwen2_moe", _lora_on(["q_proj", "o_proj", *EXPERT_LORA], cp=True)),
+    ("lora-gpt_oss", "gpt_oss", _lora_on(ATTN)),
+    ("lora-llama4_text", "llama4_text", _lora_on([*ATTN, "gate_proj", "up_proj", "down_proj"])),
+]
+
+
 # LoRA on Phi-3's fused projections; context parallel x tp on q/k-normed and MoE families (the
 # MoE one with the router's aux loss); the aux loss at dp_shard 2 x tp 2 + SP + LP (grad_accum 2;
 # GPT-OSS's under full activation checkpointing)
 VARIANTS = [("lora-phi3", "phi3", _lora), ("cp2-tp2-qwen3", "qwen3", _cp),
             ("cp2-tp2-mixtral", "mixtral", lambda r: (_cp(r), _aux(r))), ("cp2-tp2-olmo2", "olmo2", _cp),
             ("aux-mixtral", "mixtral", _aux), ("aux-qwen3_moe", "qwen3_moe", _aux), ("aux-gpt_oss", "gpt_oss", _aux_ac_full),
-            *EP_VARIANTS]
+            *EP_VARIANTS, *NEW_FAMILY_VARIANTS]
 INPUT = [[(7 * i + 3 * j) % 1024 for i in range(32)] for j in range(2)]
 
 
@@ -432,6 +463,15 @@ def test_variants_parity(results, name):
     assert rel < RTOL, (name, got, ref)
     if r["plan"]["mesh"]["cp"] > 1:
         assert r["cp_attention_calls"] > 0
+    if name in {v[0] for v in NEW_FAMILY_VARIANTS}:
+        # LoRA's B starts at 0, so step 1's loss cannot see an adapter the mesh dropped or split
+        # wrong; the gradient norm (of every adapter's B at step 1) does, and the adapters must
+        # move the loss well beyond the tolerance (DeepSeek-V3: 6.984 -> 6.942 at step 2)
+        norms, ref_norms = ({int(k): v for k, v in n.items()} for n in (r["grad_norms"], r["reference_norms"]))
+        rel_norm = max(abs(norms[k] - ref_norms[k]) / ref_norms[k] for k in ref_norms)
+        print(f"{name}: grad norm {rel_norm:.2e}, loss step 1 -> {STEPS}: {ref[1]:.5f} -> {ref[STEPS]:.5f}")
+        assert rel_norm < RTOL, (name, norms, ref_norms)
+        assert max(abs(ref[k] - ref[1]) for k in ref) > 10 * RTOL * ref[1], ref
 
 
 @pytest.mark.dist
@@ -632,7 +672,25 @@ def test_deepseek_v3_mla_placements_and_refusals(tmp_path):
         assert e[0].path == "mesh.tp" and words in e[0].message and e[0].hint, e
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_moe", "granitemoe", "deepseek_v3"])
+def test_glm4_moe_is_deepseek_v3_moe_under_llama_attention():
+    """GLM-4-MoE: q/k/v (biased) colwise, per-head q/k norms local_heads, o_proj rowwise; layer 0
+    dense (first_k_dense_replace 1), layer 1 DeepSeek-V3's block: router replicated, experts
+    split on I in pairs order, ungated shared experts colwise / rowwise; no router aux loss."""
+    b = compile_model("glm4_moe")
+    plan = json.loads(b.files["plan.json"])
+    styles, pre = plan["tp"]["placements"], "model.layers.1."
+    assert [styles[pre + "self_attn." + m] for m in ("q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "o_proj")] == \
+        ["colwise"] * 3 + ["local_heads"] * 2 + ["rowwise"]
+    assert [styles[pre + "mlp." + m] for m in ("gate", "experts", "shared_experts.gate_proj", "shared_experts.up_proj",
+                                               "shared_experts.down_proj")] == \
+        ["replicate", "experts", "colwise", "colwise", "rowwise"]
+    assert styles["model.layers.0.mlp.gate_proj"] == "colwise"
+    assert plan["model"]["layouts"] == {pre + "mlp.experts": "experts"}
+    assert plan["train"]["router_aux_loss_coef"] == 0.0
+    assert "router aux loss: none (Glm4MoeForCausalLM trains aux-loss-free" in b.files["PLAN.md"].decode()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "granitemoe", "deepseek_v3", "glm4_moe"])
 def test_estimate_counts_what_transformers_and_the_runtime_hold(model_type):
     """plan.json's parameter count is the real HF model's numel (a tied table once; buffers such
     as DeepSeek-V3's e_score_correction_bias are no parameters), active = total less the experts
@@ -722,6 +780,10 @@ def test_gpt_oss_refusals_name_the_path():
         r["train"]["global_batch_size"] = 6
     e = _errors("gpt_oss", ep3)
     assert any(x.path == "mesh.ep" and "4 experts" in x.message for x in e), e
+    # adapters on experts kept in HF's layout: refused for the layout, not as an unknown name
+    for t, words in (("gpt_oss", "experts_hf"), ("llama4_text", "experts_t")):
+        e = _errors(t, _lora_on(["q_proj", "experts.gate_up_proj"]))
+        assert [x.path for x in e] == ["lora.targets[1]"] and words in e[0].message and "(E, 2I, H)" in e[0].message, e
 
 
 def test_llama4_text_placements_shared_expert_and_fused_experts():

@@ -37,7 +37,7 @@ from meshbake.compiler.recipe import Recipe
 from meshbake.runtime import flops as F
 from meshbake.runtime.dims import PP_DIMS, tokens_per_rank
 from meshbake.runtime.quant import nf4_bytes, nf4_scaler_block, nf4_working_bytes
-from meshbake.runtime.roles import expert_lora_dims, is_expert_target, local_shape, lora_shapes
+from meshbake.runtime.roles import MLP_NAMES, expert_lora_dims, is_expert_target, local_shape, lora_shapes
 from meshbake.runtime.units import fmt_bytes
 
 USABLE = 0.9
@@ -201,11 +201,21 @@ def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, final_part: b
     h, inter = model.hidden_size, model.intermediate_size
     q, kv = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
     norm = ((4 + pb) * h // tp + pb * h) if sp else (4 + 2 * pb) * h
-    sharded = (2 * q + 2 * kv + 4 * inter) * pb // tp
+    moe = _moe_shape(model)
+    if moe.layers:
+        inter = moe.dense_inter
+    attn = (2 * q + 2 * kv) * pb // tp
+    sharded = attn + 4 * inter * pb // tp
     # small per-token tensors: RMSNorm's rsqrt (4 B per norm), SDPA's logsumexp (4 B per local
     # head), once per forward RoPE cos + sin (2 Dh pb) and input ids, labels, positions (int64)
     small = 2 * 4 // (tp if sp else 1) + 4 * model.num_heads // tp
-    layer = tokens * (2 * norm + sharded + small)
+    dense_layer = tokens * (2 * norm + sharded + small)
+    # the MoE layers: the attention's as above, then per token the k routed slots of the block
+    # (_moe_token_bytes) instead of one dense MLP; a pp stage holds its share of them
+    n_moe = round(model.num_layers * moe.layers / max(1, model.roles.num_blocks)) if moe.layers else 0
+    moe_layer = tokens * (2 * norm + attn + small + _moe_token_bytes(model, moe, pb, tp))
+    layer = max(dense_layer, moe_layer) if n_moe else dense_layer
+    all_layers = (model.num_layers - n_moe) * dense_layer + n_moe * moe_layer
     block_in = tokens * h * pb // (tp if sp else 1)
     # final norm (its output is lm_head's saved input) and the per-forward tensors
     final = tokens * (norm + 2 * model.head_dim * pb + 3 * 8) if final_part else 0   # pp: the last stage's
@@ -215,10 +225,51 @@ def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, final_part: b
     elif ac == "selective":
         acts = model.num_layers * (block_in + tokens * (2 * q + 2 * kv + 2 * inter) * pb // tp) + final
     else:
-        acts = model.num_layers * layer + final
+        acts = all_layers + final
     lp = mesh.loss_parallel
     logits = tokens * model.vocab_size * (16 // tp if lp else 12)
     return acts, (layer if ac != "none" else 0), logits
+
+
+@dataclass(frozen=True)
+class _MoeShape:
+    layers: int = 0                # MoE blocks (grouped experts modules) in the whole model
+    layout: str = ""               # runtime/fused.py layout of their experts
+    expert_inter: int = 0          # one expert's intermediate dim I_e (down_proj (E, H, I_e))
+    shared_inter: int = 0          # the shared expert's (gate_proj rows), 0: none
+    dense_inter: int = 0           # the dense MLP layers' intermediate dim (DeepSeek's first_k_dense_replace)
+
+
+def _moe_shape(model: ModelSpec) -> _MoeShape:
+    experts = [m for m in model.modules if m.kind == "experts"]
+    if not experts or not model.experts_per_token:
+        return _MoeShape()
+    blocks = {m.fqn.rpartition(".")[0] for m in experts}
+    ie = expert_matrices(experts[0])["down_proj"][2]
+    shared = [m.shape[0] for m in model.modules if m.fqn.rpartition(".")[0].rpartition(".")[0] in blocks
+              and m.fqn.endswith(".gate_proj") and m.kind == "linear"]
+    pre = model.roles.block_prefix + "."
+    dense = [m.shape[1] for m in model.modules if m.kind == "linear" and m.fqn.startswith(pre)
+             and m.fqn.rpartition(".")[0] not in blocks and m.fqn.rpartition(".")[0].rpartition(".")[2] in MLP_NAMES
+             and m.fqn.endswith(".down_proj")]
+    return _MoeShape(len(experts), model.layouts.get(experts[0].fqn, ""), ie, shared[0] if shared else 0,
+                     dense[0] if dense else model.intermediate_size)
+
+
+def _moe_token_bytes(model: ModelSpec, moe: _MoeShape, pb: int, tp: int) -> int:
+    """Bytes one token leaves saved in a MoE block for backward (runtime/fused.py's loop; measured
+    on CPU with saved_tensors_hooks, tiny Mixtral 3.8 KB and GPT-OSS 5.3 KB per token at tp 1 against
+    the 1 KB of a dense MLP of I_e the estimate counted before). Per routed slot (k per token):
+    the gathered input rows x[tok] (H) and the weighted output's factor h @ down (H), whole on every tp
+    rank, and the expert's I_e / tp wide tensors: gate_up (2), act(gate) and the product (Mixtral,
+    Qwen-MoE, DeepSeek, Llama-4: 4 I_e); GPT-OSS's clamped SwiGLU saves gate_up (2), the clamped
+    gate, its sigmoid, the glu, up + 1 and the product (7 I_e). The router: fp32 logits and
+    probabilities (2 E x 4 B) and per slot its weight, id and the index tensors (~36 B). A shared
+    expert: a dense MLP of its width (4 I_s / tp)."""
+    h, k, e = model.hidden_size, model.experts_per_token, model.num_experts
+    wide = 7 if moe.layout == "experts_hf" else 4
+    slot = (2 * h + wide * moe.expert_inter // tp) * pb
+    return k * slot + 8 * e + 36 * k + 4 * moe.shared_inter * pb // tp
 
 
 @dataclass(frozen=True)

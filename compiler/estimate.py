@@ -189,6 +189,7 @@ def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, final_part: b
                   first two are sequence-sharded and the output saved is the all-gathered one
       attention   q, k after RoPE, v, SDPA output: (2 H Dh + 2 Hkv Dh) pb / tp (flash: no T^2)
       MLP         gate, silu(gate), up, product: 4 I pb / tp
+      MoE block   instead of the MLP: k routed slots per token (_moe_token_bytes)
     selective AC keeps the matmul and SDPA outputs of q/k/v, attention and gate/up, plus the
     block input; full AC keeps the block input only, then recomputes one block in backward.
     Logits at the start of the loss backward: without loss parallel the log-softmax output,
@@ -202,10 +203,9 @@ def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, final_part: b
     q, kv = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
     norm = ((4 + pb) * h // tp + pb * h) if sp else (4 + 2 * pb) * h
     moe = _moe_shape(model)
-    if moe.layers:
-        inter = moe.dense_inter
     attn = (2 * q + 2 * kv) * pb // tp
-    sharded = attn + 4 * inter * pb // tp
+    # a MoE model's dense layers (DeepSeek's first_k_dense_replace) have their own MLP width
+    sharded = attn + 4 * (moe.dense_inter if moe.layers else inter) * pb // tp
     # small per-token tensors: RMSNorm's rsqrt (4 B per norm), SDPA's logsumexp (4 B per local
     # head), once per forward RoPE cos + sin (2 Dh pb) and input ids, labels, positions (int64)
     small = 2 * 4 // (tp if sp else 1) + 4 * model.num_heads // tp

@@ -9,10 +9,16 @@ With pp the micro-batches of a step ARE the gradient accumulation: each pipeline
 grad_accum = global_batch_size / (micro_batch_size x dp) micro-batches per optimizer step
 through its stages, so pp.microbatches is that number (null in the recipe: derived).
 
-What this first cut does not implement is refused with the reason (errors as values), never
-run half-right: tied embeddings (the weight would live on the first and the last stage), cp,
-ep / MoE, LoRA / QLoRA, torch.compile, sequence / loss parallel (a stage's output must be a
-plain tensor for the point-to-point send), data other than synthetic (packed documents carry
+Composes with tp's sequence and loss parallel: what crosses between stages stays a plain tensor
+(the schedule's send / recv and its shape inference), so under sequence parallel a stage sends
+its local Shard(1) slice of the hidden states, (mbs, T/tp, H), and the next stage re-wraps it
+(tp x fewer bytes than the full sequence, no all-gather at the boundary); under loss parallel
+the last stage hands its local (mbs, T, V/tp) logits to the loss, which re-wraps them and runs
+the vocab-sharded cross-entropy (runtime/pp.py; parity in tests/test_pp.py, 1F1B and ZBV).
+
+What is not implemented yet is refused with the reason (errors as values), never run
+half-right: tied embeddings (the weight would live on the first and the last stage), cp,
+ep / MoE, LoRA / QLoRA, torch.compile, data other than synthetic (packed documents carry
 position_ids every stage needs; eval needs a forward-only schedule), model types whose base
 model does anything to inputs_embeds (Gemma scales them: only the first stage may).
 """
@@ -25,9 +31,11 @@ from meshbake.compiler.recipe import Recipe
 from meshbake.runtime import plan as P
 
 # model types whose HF base model takes inputs_embeds as they are (the stages after the first
-# call it with inputs_embeds=<the previous stage's hidden states>) and is covered by a parity
-# case (tests/test_pp.py: tiny-llama); Mistral / Qwen2 / Qwen3 have the same forward but no case yet
-PP_MODEL_TYPES = ("llama",)
+# call it with inputs_embeds=<the previous stage's hidden states>): Llama's forward, which Mistral,
+# Qwen2 and Qwen3 share (Qwen2 / Qwen3 index config.layer_types by loop position: runtime/pp.py
+# gives each stage its blocks' slice). Parity cases in tests/test_pp.py: tiny-llama, a Qwen2 with a
+# sliding-window second block, a Qwen3 (q/k norms); Mistral: compile test (same forward as Llama)
+PP_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # schedule -> stages per rank it runs: 1 (single-stage), "2+" (looped), 2 (V-shaped)
 SINGLE = ("1F1B", "GPipe")
 
@@ -132,11 +140,6 @@ def _refused(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeErr
         no("lora.rank", "LoRA / QLoRA adapters on stages are not built yet", "use mesh.pp: 1, or lora.rank: 0")
     if recipe.train.compile:
         no("train.compile", "torch.compile of stage blocks is not tested yet", "set train.compile: false")
-    if mesh.sequence_parallel or mesh.loss_parallel:
-        no("tp.sequence_parallel" if mesh.sequence_parallel else "tp.loss_parallel",
-           "a stage sends plain tensors between ranks; sequence-parallel (Shard(1)) hidden states and "
-           "loss-parallel (vocab-sharded) logits are DTensors", "set tp.sequence_parallel: false and "
-           "tp.loss_parallel: false")
     if recipe.data.format != "synthetic":
         no("data", f"data.format {recipe.data.format}: packed documents carry per-document position_ids "
            "every stage needs, and eval needs a forward-only pipeline; neither is built yet",

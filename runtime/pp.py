@@ -67,19 +67,51 @@ def _blocks(layers: list[tuple[int, nn.Module]]) -> nn.ModuleList:
 class Stage(nn.Module):
     """One pipeline stage: `model` (a shallow copy of the HF base model with only this stage's
     blocks, no embedding unless first, an identity for the final norm unless last) and the
-    lm_head on the last. Its parameter names are the HF model's own (model.layers.5...)."""
+    lm_head on the last. Its parameter names are the HF model's own (model.layers.5...).
 
-    def __init__(self, base: nn.Module, lm_head: nn.Module | None, first: bool):
+    What crosses between ranks is always a plain tensor (the schedule's send / recv buffers
+    and its shape inference are for plain tensors). With sequence parallel the residual stream
+    is a DTensor Shard(1) over `tp_mesh`: a stage sends its local shard (mbs, T/tp, H) and the
+    next re-wraps it as Shard(1) on receipt (no all-gather at the boundary: tp x less traffic
+    than sending the full (mbs, T, H)); to_local / from_local pass the gradient back the same
+    way. With loss parallel the last stage's logits are Shard(-1) over the vocab: it returns
+    the local (mbs, T, V/tp) and the loss function re-wraps them (runtime/pp.build)."""
+
+    def __init__(self, base: nn.Module, lm_head: nn.Module | None, first: bool, tp_mesh: DeviceMesh | None = None):
         super().__init__()
         self.model = base
         self.lm_head = lm_head
         self.first = first
+        self.tp_mesh = tp_mesh        # sequence parallel: the mesh of the Shard(1) hidden states
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # first stage: token ids (mbs, T); later stages: the hidden states (mbs, T, H)
+        # first stage: token ids (mbs, T); later stages: the hidden states (mbs, T[/tp], H)
+        if not self.first and self.tp_mesh is not None:
+            from torch.distributed.tensor import DTensor, Shard
+
+            # the global (mbs, T, H) view: HF derives positions and the causal mask from its T
+            x = DTensor.from_local(x, self.tp_mesh, (Shard(1),), run_check=False)
         kw = {"input_ids": x} if self.first else {"inputs_embeds": x}
         h = self.model(**kw, use_cache=False).last_hidden_state          # (mbs, T, H)
-        return self.lm_head(h) if self.lm_head is not None else h         # (mbs, T, V) on the last
+        out = self.lm_head(h) if self.lm_head is not None else h         # (mbs, T, V[/tp]) on the last
+        return _local(out, None if self.lm_head is not None else 1)
+
+
+def _local(t: torch.Tensor, seq_dim: int | None) -> torch.Tensor:
+    """A stage output as the plain tensor the schedule sends: a DTensor's local shard, made
+    Shard(seq_dim) first where the receiver re-wraps it so (a no-op for the residual stream,
+    which the rowwise down_proj already leaves Shard(1)). The hidden states are copied out of
+    to_local's view: ZBV's split backward detach_()es a stage's outputs in place, which a view
+    refuses (one (mbs, T/tp, H) copy per micro-batch and stage, small beside the blocks)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(t, DTensor):
+        return t
+    if seq_dim is None:
+        return t.to_local()
+    if tuple(t.placements) != (Shard(seq_dim),):
+        t = t.redistribute(placements=(Shard(seq_dim),))
+    return t.to_local().clone()
 
 
 def _shell(base: nn.Module, fqn_layers: str, layers: nn.ModuleList, embedding: str | None, norm: str | None) -> nn.Module:
@@ -90,6 +122,13 @@ def _shell(base: nn.Module, fqn_layers: str, layers: nn.ModuleList, embedding: s
     shell._parameters = dict(base._parameters)
     shell._buffers = dict(base._buffers)
     shell._modules[fqn_layers] = layers
+    types = getattr(base.config, "layer_types", None)
+    if types is not None:
+        # Qwen2 / Qwen3 pick each block's mask by its position in the loop (config.layer_types[i]
+        # for the i-th block the base model holds): the stage's blocks 5, 6 must read types 5, 6,
+        # not 0, 1 (a sliding-window block would get the full causal mask, or the reverse)
+        shell.config = copy.copy(base.config)
+        shell.config.layer_types = [types[int(i)] for i in layers._modules]
     if embedding:
         shell._modules[embedding] = None
     if norm:
@@ -108,9 +147,10 @@ class Pipeline:
     pp_group: object                  # the pp process group (grad-norm all-reduce)
     loss_sums: list[torch.Tensor] = field(default_factory=list)   # this step's CE sums (last stage)
     scale: list[float] = field(default_factory=lambda: [1.0])     # dp x cp / N of this step
+    loss_parallel: bool = False       # tp.loss_parallel: the last stage's logits are vocab-sharded
 
 
-def split_model(model: nn.Module, plan: Plan, ids: list[int]) -> list[Stage]:
+def split_model(model: nn.Module, plan: Plan, ids: list[int], tp_mesh: DeviceMesh | None = None) -> list[Stage]:
     """Prune `model` (meta, HF names) to the parts of stages `ids` and return their Stage
     modules. Roles from plan.json: the blocks' parent (model.layers), embedding, final norm,
     lm_head."""
@@ -129,7 +169,7 @@ def split_model(model: nn.Module, plan: Plan, ids: list[int]) -> list[Stage]:
         first, last = s == 0, s == n - 1
         layers = _blocks([(i, all_layers[i]) for i in range(a, b)])
         shell = _shell(base, layers_attr, layers, None if first else emb_attr, None if last else norm_attr)
-        stages.append(Stage(shell, model.get_submodule(roles.lm_head) if last else None, first))
+        stages.append(Stage(shell, model.get_submodule(roles.lm_head) if last else None, first, tp_mesh))
     mine = sorted({i for s in ids for i in range(*plan.pp.stages[s])})
     base._modules[layers_attr] = _blocks([(i, all_layers[i]) for i in mine])
     if 0 not in ids:
@@ -157,7 +197,7 @@ def parallelize_stages(plan: Plan, mesh: DeviceMesh, ids: list[int],
     stage("ac")
     apply_ac(model, plan.train.activation_checkpointing)
     stage("pp")
-    stages = split_model(model, plan, ids)
+    stages = split_model(model, plan, ids, mesh["tp"] if plan.tp.sequence_parallel else None)
     if plan.mesh.tp_enabled:          # the placements of the modules this rank holds
         stage("tp")
         held = {n for n, _ in model.named_modules()}
@@ -187,11 +227,19 @@ def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> Pipeline:
     n = len(plan.pp.stages)
     group = pp_mesh.get_group()
     pstages = [PipelineStage(st, s, n, device, group=group) for st, s in zip(stages, ids)]
-    pipe = Pipeline(model, stages, ids, None, 0 in ids, n - 1 in ids, group)
+    pipe = Pipeline(model, stages, ids, None, 0 in ids, n - 1 in ids, group, loss_parallel=plan.tp.loss_parallel)
+
+    lp_mesh = mesh["tp"] if plan.tp.loss_parallel else None
 
     def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if lp_mesh is not None:       # the stage sent its vocab shard (mbs, T, V/tp): the global view again
+            from torch.distributed.tensor import DTensor, Shard
+
+            logits = DTensor.from_local(logits, lp_mesh, (Shard(-1),), run_check=False)
+        # under loss parallel (pp.step holds the context over forward and backward) the sharded
+        # log-softmax: all-reduces of (mbs x T) maxima and sums, never the (mbs, T, V) logits
         ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(0, 1), ignore_index=IGNORE, reduction="sum")
-        pipe.loss_sums.append(ce.detach().double())
+        pipe.loss_sums.append(_local(ce, None).detach().double())   # Replicate: every tp rank's full sum
         return ce * pipe.scale[0]
 
     cls = get_schedule_class(plan.pp.schedule)
@@ -221,12 +269,18 @@ def step(pipe: Pipeline, x: torch.Tensor, y: torch.Tensor, scale: float) -> torc
     """One optimizer step's forward + backward over the step's micro-batches: x, y are this dp
     rank's (microbatches x mbs, T) (the schedule splits them along dim 0, in order). Returns the
     sum of token losses on the last stage (0 elsewhere), float64."""
+    from contextlib import nullcontext
+
+    from torch.distributed.tensor.parallel import loss_parallel
+
     pipe.loss_sums.clear()
     pipe.scale[0] = scale
-    if pipe.has_first:
-        pipe.schedule.step(x, target=y, losses=[])
-    else:
-        pipe.schedule.step(target=y, losses=[])
+    # the loss's backward runs inside the schedule: loss parallel must hold over the whole step
+    with loss_parallel() if pipe.loss_parallel else nullcontext():
+        if pipe.has_first:
+            pipe.schedule.step(x, target=y, losses=[])
+        else:
+            pipe.schedule.step(target=y, losses=[])
     if not pipe.has_last:
         return torch.zeros((), dtype=torch.float64, device=x.device)
     # the last microbatches calls: the first step's shape inference runs the loss once more on

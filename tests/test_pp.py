@@ -21,12 +21,17 @@ pytestmark = pytest.mark.dist
 RTOL = 1e-4
 STEPS = 6
 FOUR = str(ROOT / "tests/dist/configs/tiny-llama-4l.json")     # 4 blocks: pp 2 x 2 stages per rank
+# untied variants of tests/models' Qwen fixtures (tied embeddings stay refused with pp); the Qwen2 has
+# a full-attention block 0 and a sliding-window (8 < seq_len 32) block 1, so stage 1 must read
+# layer_types[1], not [0] (without runtime/pp.py's per-stage slice: rel 1.9e-3, measured)
+QWEN2_SLIDING = str(ROOT / "tests/dist/configs/tiny-qwen2-sliding.json")
+QWEN3 = str(ROOT / "tests/dist/configs/tiny-qwen3-untied.json")
 
 
 def recipe(name: str, world: int, *, pp=2, dp_shard=1, tp=1, schedule="1F1B", spr=1, model="tiny-llama",
-           mbs=2, gbs=8, ac="none", split=None) -> dict:
+           mbs=2, gbs=8, ac="none", split=None, sp=False, lp=False) -> dict:
     return tiny_recipe(
-        name, world, mesh={"pp": pp, "dp_shard": dp_shard, "tp": tp}, model=model,
+        name, world, mesh={"pp": pp, "dp_shard": dp_shard, "tp": tp}, model=model, sp=sp, lp=lp,
         train={"micro_batch_size": mbs, "global_batch_size": gbs, "steps": STEPS, "lr": 2e-3, "min_lr": 2e-4,
                "warmup_steps": 2, "grad_clip": 1.0, "activation_checkpointing": ac},
         **({"pp": {"schedule": schedule, "stages_per_rank": spr, "split": split}} if pp > 1 else {}))
@@ -35,9 +40,15 @@ def recipe(name: str, world: int, *, pp=2, dp_shard=1, tp=1, schedule="1F1B", sp
 WORLD2 = {"pp2_1f1b": dict(), "pp2_gpipe": dict(schedule="GPipe"),
           "pp2_interleaved": dict(schedule="Interleaved1F1B", spr=2, model=FOUR),
           "pp2_zbv": dict(schedule="ZBVZeroBubble", spr=2, model=FOUR),
-          "pp2_uneven_ac": dict(model=FOUR, split=[3, 1], ac="full")}
+          "pp2_uneven_ac": dict(model=FOUR, split=[3, 1], ac="full"),
+          "pp2_qwen2_sliding": dict(model=QWEN2_SLIDING), "pp2_qwen3": dict(model=QWEN3)}
 WORLD4 = {"pp2_dp_shard2": dict(dp_shard=2), "pp2_dp_shard2_gpipe": dict(dp_shard=2, schedule="GPipe"),
-          "pp2_tp2": dict(tp=2), "pp2_tp2_interleaved": dict(tp=2, schedule="Interleaved1F1B", spr=2, model=FOUR)}
+          "pp2_tp2": dict(tp=2), "pp2_tp2_interleaved": dict(tp=2, schedule="Interleaved1F1B", spr=2, model=FOUR),
+          # sequence parallel (Shard(1) hidden states sent as their local shard, re-wrapped on receipt) and
+          # loss parallel (vocab-sharded logits into the loss on the last stage); ZBV: two stages per rank
+          # and its split backward (input grads, then weight grads) through the re-wrapped DTensors
+          "pp2_tp2_sp_lp": dict(tp=2, sp=True, lp=True),
+          "pp2_tp2_sp_lp_zbv": dict(tp=2, sp=True, lp=True, schedule="ZBVZeroBubble", spr=2, model=FOUR)}
 
 
 def cases(world: int, spec: dict) -> list[dict]:
@@ -87,6 +98,13 @@ def test_pp_loss_parity_with_single_process(results, name):
     # not a comparison of constants: synthetic tokens keep the loss near ln(4096) = 8.32, but every
     # step's loss differs (new batch, updated weights) and the gradients are not zero
     assert len({round(v, 5) for v in losses.values()}) == STEPS and min(norms.values()) > 0.1
+
+
+def test_sp_lp_cases_ran_sequence_and_loss_parallel(results):
+    """The two cases above are what they say: the compiler kept both flags on under pp."""
+    for name in ("pp2_tp2_sp_lp", "pp2_tp2_sp_lp_zbv"):
+        tp = results[name]["plan"]["tp"]
+        assert (tp["sequence_parallel"], tp["loss_parallel"], results[name]["plan"]["mesh"]["pp"]) == (True, True, 2)
 
 
 def test_pp_split_is_the_plans(results):

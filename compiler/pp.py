@@ -16,11 +16,18 @@ its local Shard(1) slice of the hidden states, (mbs, T/tp, H), and the next stag
 the last stage hands its local (mbs, T, V/tp) logits to the loss, which re-wraps them and runs
 the vocab-sharded cross-entropy (runtime/pp.py; parity in tests/test_pp.py, 1F1B and ZBV).
 
+LoRA: each rank adapts the targets its stages hold (after TP, before FSDP, as without pp); the
+names are the model's, so checkpoints resume and export as without pp. Packed data (text / chat
+/ instruction): the per-document position_ids go to every stage as a schedule kwarg (each rank
+reads them from its own copy of the batch: nothing extra is sent), and eval runs the schedule
+forward only (runtime/pp.eval_loss).
+
 What is not implemented yet is refused with the reason (errors as values), never run
-half-right: tied embeddings (the weight would live on the first and the last stage), cp,
-ep / MoE, LoRA / QLoRA, torch.compile, data other than synthetic (packed documents carry
-position_ids every stage needs; eval needs a forward-only schedule), model types whose base
-model does anything to inputs_embeds (Gemma scales them: only the first stage may).
+half-right: tied embeddings (the first and the last stage are on different pp ranks (but for
+ZBV): each would hold a copy of the weight, their gradients summed over the pair every step,
+and the checkpoint would carry it under two names), cp, ep / MoE, QLoRA (its NF4 base loads
+block by block into a whole model), torch.compile, model types whose base model does anything
+to inputs_embeds (Gemma scales them: only the first stage may).
 """
 from __future__ import annotations
 
@@ -118,7 +125,7 @@ def _split(recipe: Recipe, model: ModelSpec, stages: int) -> Result[tuple[int, .
     return tuple(split)
 
 
-@reads("pp", "mesh", "lora", "train.compile", "tp", "data", "train.router_aux_loss_coef")
+@reads("pp", "mesh", "lora", "train.compile", "train.router_aux_loss_coef")
 def _refused(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeError]:
     """Features pp does not compose with yet: each one an error with the reason."""
     def no(path: str, why: str, fix: str) -> None:
@@ -130,20 +137,19 @@ def _refused(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeErr
            f"{', '.join(PP_MODEL_TYPES)})", "use mesh.pp: 1")
     if model.roles.tied:
         no("model.config", f"tied embeddings: {model.roles.lm_head} is {model.roles.embedding}'s weight, which would "
-           "live on the first and the last stage at once", "use mesh.pp: 1, or an untied model")
+           "live on the first and the last stage at once (two pp ranks: two copies whose gradients must be summed "
+           "every step, and two checkpoint names)", "use mesh.pp: 1, or an untied model")
     if mesh.cp_enabled:
         no("mesh.cp", "context parallel stages are not built yet", "use mesh.cp: 1")
     if mesh.ep_enabled or model.num_experts:
         no("mesh.ep" if mesh.ep_enabled else "model.config", "MoE / expert parallel stages are not built yet",
            "use mesh.pp: 1")
-    if recipe.lora.rank > 0:
-        no("lora.rank", "LoRA / QLoRA adapters on stages are not built yet", "use mesh.pp: 1, or lora.rank: 0")
+    if recipe.lora.rank > 0 and recipe.lora.quantize_base != "none":
+        no("lora.quantize_base", "QLoRA's NF4 base is loaded block by block into one whole model "
+           "(runtime/parallel.build_quantized), not into pipeline stages", "use lora.quantize_base: none (LoRA), "
+           "or mesh.pp: 1")
     if recipe.train.compile:
         no("train.compile", "torch.compile of stage blocks is not tested yet", "set train.compile: false")
-    if recipe.data.format != "synthetic":
-        no("data", f"data.format {recipe.data.format}: packed documents carry per-document position_ids "
-           "every stage needs, and eval needs a forward-only pipeline; neither is built yet",
-           "use data.source: synthetic with mesh.pp, or mesh.pp: 1")
     return errs
 
 

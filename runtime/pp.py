@@ -84,15 +84,17 @@ class Stage(nn.Module):
         self.first = first
         self.tp_mesh = tp_mesh        # sequence parallel: the mesh of the Shard(1) hidden states
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # first stage: token ids (mbs, T); later stages: the hidden states (mbs, T[/tp], H)
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # first stage: token ids (mbs, T); later stages: the hidden states (mbs, T[/tp], H).
+        # position_ids (mbs, T), packed data: restarting per document; every rank reads its own
+        # from the data (the schedule hands kwargs to every stage), so they are never sent
         if not self.first and self.tp_mesh is not None:
             from torch.distributed.tensor import DTensor, Shard
 
             # the global (mbs, T, H) view: HF derives positions and the causal mask from its T
             x = DTensor.from_local(x, self.tp_mesh, (Shard(1),), run_check=False)
         kw = {"input_ids": x} if self.first else {"inputs_embeds": x}
-        h = self.model(**kw, use_cache=False).last_hidden_state          # (mbs, T, H)
+        h = self.model(**kw, position_ids=position_ids, use_cache=False).last_hidden_state   # (mbs, T, H)
         out = self.lm_head(h) if self.lm_head is not None else h         # (mbs, T, V[/tp]) on the last
         return _local(out, None if self.lm_head is not None else 1)
 
@@ -203,6 +205,11 @@ def parallelize_stages(plan: Plan, mesh: DeviceMesh, ids: list[int],
         held = {n for n, _ in model.named_modules()}
         apply_tp(model, mesh["tp"], replace(plan, tp=replace(plan.tp, placements={
             f: s for f, s in plan.tp.placements.items() if f in held})))
+    if plan.lora.rank > 0:            # after TP (the adapters follow W's layout), before FSDP, as without pp
+        from .lora import apply_lora
+
+        stage("lora")
+        apply_lora(model, plan, {n for n, _ in model.named_modules()})
     if plan.mesh.fsdp_enabled:
         stage("fsdp")
         _shard(stages, dp_mesh(mesh, plan.mesh), plan)
@@ -265,24 +272,50 @@ def _shard(stages: list[Stage], dp: DeviceMesh, plan: Plan) -> None:
         fully_shard(st, mesh=dp, mp_policy=policy, reshard_after_forward=False)
 
 
-def step(pipe: Pipeline, x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
-    """One optimizer step's forward + backward over the step's micro-batches: x, y are this dp
-    rank's (microbatches x mbs, T) (the schedule splits them along dim 0, in order). Returns the
-    sum of token losses on the last stage (0 elsewhere), float64."""
+def step(pipe: Pipeline, x: torch.Tensor, y: torch.Tensor, scale: float, pos: torch.Tensor | None = None,
+         train: bool = True) -> torch.Tensor:
+    """One optimizer step's forward + backward over the step's micro-batches: x, y (and the
+    packed data's position_ids pos) are this dp rank's (microbatches x mbs, T) (the schedule
+    splits them along dim 0, in order). Returns the sum of token losses on the last stage (0
+    elsewhere), float64. train=False: forward only (eval; the caller holds no_grad)."""
     from contextlib import nullcontext
 
     from torch.distributed.tensor.parallel import loss_parallel
 
     pipe.loss_sums.clear()
     pipe.scale[0] = scale
+    run = pipe.schedule.step if train else pipe.schedule.eval
+    kw = {"position_ids": pos} if pos is not None else {}
     # the loss's backward runs inside the schedule: loss parallel must hold over the whole step
     with loss_parallel() if pipe.loss_parallel else nullcontext():
         if pipe.has_first:
-            pipe.schedule.step(x, target=y, losses=[])
+            run(x, target=y, losses=[], **kw)
         else:
-            pipe.schedule.step(target=y, losses=[])
+            run(target=y, losses=[], **kw)
     if not pipe.has_last:
         return torch.zeros((), dtype=torch.float64, device=x.device)
     # the last microbatches calls: the first step's shape inference runs the loss once more on
     # a probe micro-batch before them (no backward; counting it inflated step 1's loss by 1/m)
     return torch.stack(pipe.loss_sums[-pipe.schedule._n_microbatches:]).sum()
+
+
+def eval_loss(pipe: Pipeline, batches: list, place) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token losses, labelled tokens) of this dp rank's eval micro-batches, forward
+    only, in groups of pp.microbatches (the schedule's fixed split), the last group padded with
+    copies of the first batch whose labels are all IGNORE (no token counted). Both are 0 off the
+    last stage, so the caller's world all-reduce counts every token once per tp rank, as
+    without pp. place(batch) -> (x, y, pos) on the device."""
+    m = pipe.schedule._n_microbatches
+    ce = torch.zeros((), dtype=torch.float64)
+    tokens = torch.zeros((), dtype=torch.float64)
+    for g in range(0, len(batches), m):
+        group = [place(b) for b in batches[g:g + m]]
+        while len(group) < m:             # filler: every rank runs the same number of schedule steps
+            x, y, pos = group[0]
+            group.append((x, torch.full_like(y, IGNORE), pos))
+        x, y = torch.cat([t[0] for t in group]), torch.cat([t[1] for t in group])
+        pos = torch.cat([t[2] for t in group]) if group[0][2] is not None else None
+        ce += step(pipe, x, y, 0.0, pos, train=False).cpu()
+        if pipe.has_last:
+            tokens += (y != IGNORE).sum().double().cpu()
+    return ce, tokens

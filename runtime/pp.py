@@ -193,6 +193,11 @@ def parallelize_stages(plan: Plan, mesh: DeviceMesh, ids: list[int],
 
     stage("model")
     model = meta_model(plan)
+    if plan.mesh.cp_enabled:          # before the split: the stages' shells (and Qwen's config copies) inherit it
+        from . import cp
+
+        stage("cp")
+        cp.install(model)
     # AC on the whole model before the split: transformers marks each block (applied later it
     # works the same, but a stage without the embedding makes transformers warn that it cannot
     # find the input embeddings); the order TP -> AC matters only for wrappers, HF's AC is a flag

@@ -30,10 +30,10 @@ QWEN3 = str(ROOT / "tests/dist/configs/tiny-qwen3-untied.json")
 LORA = {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
-def recipe(name: str, world: int, *, pp=2, dp_shard=1, tp=1, schedule="1F1B", spr=1, model="tiny-llama",
+def recipe(name: str, world: int, *, pp=2, dp_shard=1, tp=1, cp=1, schedule="1F1B", spr=1, model="tiny-llama",
            mbs=2, gbs=8, ac="none", split=None, sp=False, lp=False, lora=False) -> dict:
     return tiny_recipe(
-        name, world, mesh={"pp": pp, "dp_shard": dp_shard, "tp": tp}, model=model, sp=sp, lp=lp,
+        name, world, mesh={"pp": pp, "dp_shard": dp_shard, "tp": tp, "cp": cp}, model=model, sp=sp, lp=lp,
         **({"lora": LORA} if lora else {}),
         train={"micro_batch_size": mbs, "global_batch_size": gbs, "steps": STEPS, "lr": 2e-3, "min_lr": 2e-4,
                "warmup_steps": 2, "grad_clip": 1.0, "activation_checkpointing": ac},
@@ -53,7 +53,9 @@ WORLD4 = {"pp2_dp_shard2": dict(dp_shard=2), "pp2_dp_shard2_gpipe": dict(dp_shar
           "pp2_tp2_sp_lp": dict(tp=2, sp=True, lp=True),
           "pp2_tp2_sp_lp_zbv": dict(tp=2, sp=True, lp=True, schedule="ZBVZeroBubble", spr=2, model=FOUR),
           # LoRA: each rank adapts its stages' targets (after TP: A / B follow W's layout), FSDP'd with them
-          "pp2_tp2_sp_lora": dict(tp=2, sp=True, lp=True, lora=True)}
+          "pp2_tp2_sp_lora": dict(tp=2, sp=True, lp=True, lora=True),
+          # context parallel: each stage's blocks attend over the all-gathered K/V of the cp pair
+          "pp2_cp2": dict(cp=2), "pp2_cp2_zbv": dict(cp=2, schedule="ZBVZeroBubble", spr=2, model=FOUR)}
 
 
 def cases(world: int, spec: dict) -> list[dict]:
@@ -105,7 +107,7 @@ def results(tmp_path_factory) -> dict:
         launched = [pool.submit(torchrun, world, cs, tmp) for cs, tmp, world in runs]
         plans = {c["name"]: c["plan"] for cs, _, _ in runs for c in cs if c["plan"]["data"]["format"] == "synthetic"}
         # the reference depends on the model, the train section, the data and LoRA only (not the mesh,
-        # the schedule or AC): 5 distinct single-process runs serve all 17 cases
+        # the schedule or AC): 5 distinct single-process runs serve all 19 cases
         key = {n: json.dumps([d["model"]["config"], d["train"], d["data"], d["lora"]], sort_keys=True)
                for n, d in plans.items()}
         by_key = {k: reference_losses(P.from_dict(plans[n])) for n, k in reversed(key.items())}
@@ -142,6 +144,13 @@ def test_sp_lp_cases_ran_sequence_and_loss_parallel(results):
     for name in ("pp2_tp2_sp_lp", "pp2_tp2_sp_lp_zbv"):
         tp = results[name]["plan"]["tp"]
         assert (tp["sequence_parallel"], tp["loss_parallel"], results[name]["plan"]["mesh"]["pp"]) == (True, True, 2)
+
+
+def test_cp_cases_ran_cp_attention(results):
+    """The cp cases went through runtime/cp.py's attention (rank 0's blocks: 6 steps x 4
+    micro-batches, + 1 shape-inference probe, per block it holds)."""
+    assert results["pp2_cp2"]["cp_attention_calls"] == 25
+    assert results["pp2_cp2_zbv"]["cp_attention_calls"] == 50
 
 
 def test_pp_split_is_the_plans(results):

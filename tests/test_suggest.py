@@ -253,11 +253,14 @@ def test_pp_candidates_ranked_with_the_bubble_and_dropped_by_the_pp_rules(pp_sg)
 
 
 def test_pp_refused_recipe_wide_drops_every_pp_candidate_with_one_reason():
-    """QLoRA is refused with pp (its NF4 base loads into a whole model): every pp candidate is
-    dropped with that rule's path, decided once; the pp-1 candidates are unaffected."""
-    s = suggest_dict(_tiny_pp(lora={"rank": 4, "quantize_base": "nf4"}))
+    """Tied embeddings are refused with pp (tiny-qwen: the first and the last stage would each hold
+    the weight): every pp candidate is dropped with that rule's path, decided once; the pp-1
+    candidates are unaffected."""
+    from tests.helpers import tiny_recipe
+
+    s = suggest_dict(tiny_recipe("pps", 4, model="tiny-qwen"))
     assert not isinstance(s, Err), s
     assert s.ranked and all(r.cand.pp == 1 for r in s.ranked)
     pp = [x for x in s.dropped if x.cand.pp > 1]
-    assert pp and {x.path for x in pp} == {"lora.quantize_base"} and all(
-        "not supported with mesh.pp > 1" in x.reason for x in pp)
+    assert pp and {x.path for x in pp} == {"model.config"} and all(
+        "not supported with mesh.pp > 1" in x.reason and "tied" in x.reason for x in pp)

@@ -1,6 +1,9 @@
 """Pipeline parallelism (mesh.pp, runtime/pp.py): parity with a single process, per mesh and
 schedule, fp32, rel 1e-4 (tests/dist/reference.py: plain HF model, the whole global batch in
 one forward); a checkpoint saved under pp 2 resumed under pp 1 (DCP by fully qualified names).
+Composed with sequence + loss parallel (1F1B, ZBV), LoRA (parity, and the pp run's checkpoint
+exported), Mistral-family types (a Qwen2 with a sliding-window block, a Qwen3), cp (1F1B, ZBV),
+and packed real text with eval (vs the runtime in one process on the same prepared data).
 
 Two torchrun launches (world 2 and world 4, at the same time), every case of a world in one
 process group (tests/dist/worker.py), 6 optimizer steps each, losses compared per step.

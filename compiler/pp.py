@@ -9,12 +9,28 @@ With pp the micro-batches of a step ARE the gradient accumulation: each pipeline
 grad_accum = global_batch_size / (micro_batch_size x dp) micro-batches per optimizer step
 through its stages, so pp.microbatches is that number (null in the recipe: derived).
 
-What this first cut does not implement is refused with the reason (errors as values), never
-run half-right: tied embeddings (the weight would live on the first and the last stage), cp,
-ep / MoE, LoRA / QLoRA, torch.compile, sequence / loss parallel (a stage's output must be a
-plain tensor for the point-to-point send), data other than synthetic (packed documents carry
-position_ids every stage needs; eval needs a forward-only schedule), model types whose base
-model does anything to inputs_embeds (Gemma scales them: only the first stage may).
+Composes with tp's sequence and loss parallel: what crosses between stages stays a plain tensor
+(the schedule's send / recv and its shape inference), so under sequence parallel a stage sends
+its local Shard(1) slice of the hidden states, (mbs, T/tp, H), and the next stage re-wraps it
+(tp x fewer bytes than the full sequence, no all-gather at the boundary); under loss parallel
+the last stage hands its local (mbs, T, V/tp) logits to the loss, which re-wraps them and runs
+the vocab-sharded cross-entropy (runtime/pp.py; parity in tests/test_pp.py, 1F1B and ZBV).
+
+LoRA: each rank adapts the targets its stages hold (after TP, before FSDP, as without pp); the
+names are the model's, so checkpoints resume and export as without pp. Packed data (text / chat
+/ instruction): the per-document position_ids go to every stage as a schedule kwarg (each rank
+reads them from its own copy of the batch: nothing extra is sent), and eval runs the schedule
+forward only (runtime/pp.eval_loss). Context parallel: cp's attention is installed before the
+split, each stage's blocks attend over the cp pair's all-gathered K/V; with synthetic data only
+(one causal mask for every micro-batch: cp.set_batch keeps one mask at a time, and packed rows
+each need their own while the schedule interleaves the micro-batches over the stages).
+
+What is not implemented yet is refused with the reason (errors as values), never run
+half-right: tied embeddings (the first and the last stage are on different pp ranks (but for
+ZBV): each would hold a copy of the weight, their gradients summed over the pair every step,
+and the checkpoint would carry it under two names), cp with packed data, ep / MoE, QLoRA (its NF4 base loads
+block by block into a whole model), torch.compile, model types whose base model does anything
+to inputs_embeds (Gemma scales them: only the first stage may).
 """
 from __future__ import annotations
 
@@ -25,9 +41,11 @@ from meshbake.compiler.recipe import Recipe
 from meshbake.runtime import plan as P
 
 # model types whose HF base model takes inputs_embeds as they are (the stages after the first
-# call it with inputs_embeds=<the previous stage's hidden states>) and is covered by a parity
-# case (tests/test_pp.py: tiny-llama); Mistral / Qwen2 / Qwen3 have the same forward but no case yet
-PP_MODEL_TYPES = ("llama",)
+# call it with inputs_embeds=<the previous stage's hidden states>): Llama's forward, which Mistral,
+# Qwen2 and Qwen3 share (Qwen2 / Qwen3 index config.layer_types by loop position: runtime/pp.py
+# gives each stage its blocks' slice). Parity cases in tests/test_pp.py: tiny-llama, a Qwen2 with a
+# sliding-window second block, a Qwen3 (q/k norms); Mistral: compile test (same forward as Llama)
+PP_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # schedule -> stages per rank it runs: 1 (single-stage), "2+" (looped), 2 (V-shaped)
 SINGLE = ("1F1B", "GPipe")
 
@@ -110,7 +128,7 @@ def _split(recipe: Recipe, model: ModelSpec, stages: int) -> Result[tuple[int, .
     return tuple(split)
 
 
-@reads("pp", "mesh", "lora", "train.compile", "tp", "data", "train.router_aux_loss_coef")
+@reads("pp", "mesh", "lora", "train.compile", "train.router_aux_loss_coef", "data")
 def _refused(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeError]:
     """Features pp does not compose with yet: each one an error with the reason."""
     def no(path: str, why: str, fix: str) -> None:
@@ -122,25 +140,22 @@ def _refused(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeErr
            f"{', '.join(PP_MODEL_TYPES)})", "use mesh.pp: 1")
     if model.roles.tied:
         no("model.config", f"tied embeddings: {model.roles.lm_head} is {model.roles.embedding}'s weight, which would "
-           "live on the first and the last stage at once", "use mesh.pp: 1, or an untied model")
-    if mesh.cp_enabled:
-        no("mesh.cp", "context parallel stages are not built yet", "use mesh.cp: 1")
+           "live on the first and the last stage at once (two pp ranks: two copies whose gradients must be summed "
+           "every step, and two checkpoint names)", "use mesh.pp: 1, or an untied model")
+    if mesh.cp_enabled and recipe.data.format != "synthetic":
+        no("mesh.cp", f"cp with packed data (data.format {recipe.data.format}): cp's attention reads one "
+           "micro-batch's document mask at a time (runtime/cp.set_batch), and the schedule runs the step's "
+           "micro-batches interleaved over the stages", "use mesh.cp: 1 (longer sequences: tp with "
+           "sequence parallel), or synthetic data")
     if mesh.ep_enabled or model.num_experts:
         no("mesh.ep" if mesh.ep_enabled else "model.config", "MoE / expert parallel stages are not built yet",
            "use mesh.pp: 1")
-    if recipe.lora.rank > 0:
-        no("lora.rank", "LoRA / QLoRA adapters on stages are not built yet", "use mesh.pp: 1, or lora.rank: 0")
+    if recipe.lora.rank > 0 and recipe.lora.quantize_base != "none":
+        no("lora.quantize_base", "QLoRA's NF4 base is loaded block by block into one whole model "
+           "(runtime/parallel.build_quantized), not into pipeline stages", "use lora.quantize_base: none (LoRA), "
+           "or mesh.pp: 1")
     if recipe.train.compile:
         no("train.compile", "torch.compile of stage blocks is not tested yet", "set train.compile: false")
-    if mesh.sequence_parallel or mesh.loss_parallel:
-        no("tp.sequence_parallel" if mesh.sequence_parallel else "tp.loss_parallel",
-           "a stage sends plain tensors between ranks; sequence-parallel (Shard(1)) hidden states and "
-           "loss-parallel (vocab-sharded) logits are DTensors", "set tp.sequence_parallel: false and "
-           "tp.loss_parallel: false")
-    if recipe.data.format != "synthetic":
-        no("data", f"data.format {recipe.data.format}: packed documents carry per-document position_ids "
-           "every stage needs, and eval needs a forward-only pipeline; neither is built yet",
-           "use data.source: synthetic with mesh.pp, or mesh.pp: 1")
     return errs
 
 

@@ -199,7 +199,7 @@ def lost_because(best: StepTime, other: StepTime) -> str:
 
 
 # paths of compiler/pp.py refusals that hold for every pp candidate of a recipe (none reads a mesh axis)
-_PP_GLOBAL = ("model.config", "lora.rank", "train.compile", "data")
+_PP_GLOBAL = ("model.config", "lora.quantize_base", "train.compile")
 
 
 def _short(e: RecipeError, n: int = 160) -> str:
@@ -212,7 +212,7 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
     # placements read only tp, whether cp > 1, SP/LP and the recipe's fixed sections (tp.plan,
     # seq_len, model): one resolve per key instead of per candidate (60 ms each for 80 layers)
     placements: dict[tuple[int, bool, bool, bool, bool], Any] = {}
-    # pp rules that read no mesh axis (model type, tied embeddings, LoRA, compile, data): decided
+    # pp rules that read no mesh axis (model type, tied embeddings, QLoRA, compile): decided
     # once on the first pp candidate, every other pp candidate dropped with the same reason
     pp_refused: RecipeError | None = None
     for k in candidates(recipe, model.num_layers):

@@ -109,12 +109,16 @@ def lora_scale(lo) -> float:
     return lo.alpha / lo.rank
 
 
-def apply_lora(model: nn.Module, plan: Plan) -> list[str]:
-    """After TP (so W's layout is known), before FSDP. Returns the adapted module names."""
+def apply_lora(model: nn.Module, plan: Plan, held: set[str] | None = None) -> list[str]:
+    """After TP (so W's layout is known), before FSDP. Returns the adapted module names.
+    held: the module names the model still has (a pipeline rank's stages, runtime/pp.py): the
+    targets of other stages are theirs to adapt."""
     lo = plan.lora
     for p in model.parameters():
         p.requires_grad_(False)
     done = []
+    if held is not None:
+        plan = _only_targets(plan, held)
     for fqn, mod in lora_targets(model, plan):
         add_adapters(mod, lo.rank, lora_scale(lo), float(lo.dropout), plan.tp.placements.get(fqn, "replicate"))
         done.append(fqn)
@@ -124,6 +128,16 @@ def apply_lora(model: nn.Module, plan: Plan) -> list[str]:
     if not done:
         raise ValueError(f"lora.targets {list(lo.targets)}: plan.json names no module to adapt")
     return done
+
+
+def _only_targets(plan: Plan, held: set[str]) -> Plan:
+    """The plan with its LoRA targets cut to the modules in `held` (a grouped experts target
+    "...experts.gate_up_proj" by its module)."""
+    from dataclasses import replace
+
+    r = plan_roles(plan)
+    mine = [f for f in r.lora_targets if f in held or f.rpartition(".")[0] in held]
+    return replace(plan, model=replace(plan.model, roles=r.with_lora(mine)))
 
 
 def add_adapters(mod: nn.Linear, rank: int, scale: float, dropout: float, style: str) -> LoraLinear:

@@ -117,7 +117,9 @@ def tp_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
         elif style in EXTRA_STYLES:
             styles[fqn] = EXTRA_STYLES[style]()
     if sp:
-        for name in roles.blocks:
+        # under pp the model holds this rank's stages' blocks only (runtime/pp.split_model)
+        held = {n for n, _ in model.named_modules()}
+        for name in (b for b in roles.blocks if b in held):
             # HF calls self_attn(hidden_states=...) by keyword and mlp(x) positionally (GPT-NeoX's
             # attention(x, ...) positionally too). The gathered input stays a DTensor: in backward
             # the q/k/v (gate/up) input grads are Partial sums that add up locally and

@@ -67,19 +67,53 @@ def _blocks(layers: list[tuple[int, nn.Module]]) -> nn.ModuleList:
 class Stage(nn.Module):
     """One pipeline stage: `model` (a shallow copy of the HF base model with only this stage's
     blocks, no embedding unless first, an identity for the final norm unless last) and the
-    lm_head on the last. Its parameter names are the HF model's own (model.layers.5...)."""
+    lm_head on the last. Its parameter names are the HF model's own (model.layers.5...).
 
-    def __init__(self, base: nn.Module, lm_head: nn.Module | None, first: bool):
+    What crosses between ranks is always a plain tensor (the schedule's send / recv buffers
+    and its shape inference are for plain tensors). With sequence parallel the residual stream
+    is a DTensor Shard(1) over `tp_mesh`: a stage sends its local shard (mbs, T/tp, H) and the
+    next re-wraps it as Shard(1) on receipt (no all-gather at the boundary: tp x less traffic
+    than sending the full (mbs, T, H)); to_local / from_local pass the gradient back the same
+    way. With loss parallel the last stage's logits are Shard(-1) over the vocab: it returns
+    the local (mbs, T, V/tp) and the loss function re-wraps them (runtime/pp.build)."""
+
+    def __init__(self, base: nn.Module, lm_head: nn.Module | None, first: bool, tp_mesh: DeviceMesh | None = None):
         super().__init__()
         self.model = base
         self.lm_head = lm_head
         self.first = first
+        self.tp_mesh = tp_mesh        # sequence parallel: the mesh of the Shard(1) hidden states
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # first stage: token ids (mbs, T); later stages: the hidden states (mbs, T, H)
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # first stage: token ids (mbs, T); later stages: the hidden states (mbs, T[/tp], H).
+        # position_ids (mbs, T), packed data: restarting per document; every rank reads its own
+        # from the data (the schedule hands kwargs to every stage), so they are never sent
+        if not self.first and self.tp_mesh is not None:
+            from torch.distributed.tensor import DTensor, Shard
+
+            # the global (mbs, T, H) view: HF derives positions and the causal mask from its T
+            x = DTensor.from_local(x, self.tp_mesh, (Shard(1),), run_check=False)
         kw = {"input_ids": x} if self.first else {"inputs_embeds": x}
-        h = self.model(**kw, use_cache=False).last_hidden_state          # (mbs, T, H)
-        return self.lm_head(h) if self.lm_head is not None else h         # (mbs, T, V) on the last
+        h = self.model(**kw, position_ids=position_ids, use_cache=False).last_hidden_state   # (mbs, T, H)
+        out = self.lm_head(h) if self.lm_head is not None else h         # (mbs, T, V[/tp]) on the last
+        return _local(out, None if self.lm_head is not None else 1)
+
+
+def _local(t: torch.Tensor, seq_dim: int | None) -> torch.Tensor:
+    """A stage output as the plain tensor the schedule sends: a DTensor's local shard, made
+    Shard(seq_dim) first where the receiver re-wraps it so (a no-op for the residual stream,
+    which the rowwise down_proj already leaves Shard(1)). The hidden states are copied out of
+    to_local's view: ZBV's split backward detach_()es a stage's outputs in place, which a view
+    refuses (one (mbs, T/tp, H) copy per micro-batch and stage, small beside the blocks)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(t, DTensor):
+        return t
+    if seq_dim is None:
+        return t.to_local()
+    if tuple(t.placements) != (Shard(seq_dim),):
+        t = t.redistribute(placements=(Shard(seq_dim),))
+    return t.to_local().clone()
 
 
 def _shell(base: nn.Module, fqn_layers: str, layers: nn.ModuleList, embedding: str | None, norm: str | None) -> nn.Module:
@@ -90,6 +124,13 @@ def _shell(base: nn.Module, fqn_layers: str, layers: nn.ModuleList, embedding: s
     shell._parameters = dict(base._parameters)
     shell._buffers = dict(base._buffers)
     shell._modules[fqn_layers] = layers
+    types = getattr(base.config, "layer_types", None)
+    if types is not None:
+        # Qwen2 / Qwen3 pick each block's mask by its position in the loop (config.layer_types[i]
+        # for the i-th block the base model holds): the stage's blocks 5, 6 must read types 5, 6,
+        # not 0, 1 (a sliding-window block would get the full causal mask, or the reverse)
+        shell.config = copy.copy(base.config)
+        shell.config.layer_types = [types[int(i)] for i in layers._modules]
     if embedding:
         shell._modules[embedding] = None
     if norm:
@@ -108,9 +149,10 @@ class Pipeline:
     pp_group: object                  # the pp process group (grad-norm all-reduce)
     loss_sums: list[torch.Tensor] = field(default_factory=list)   # this step's CE sums (last stage)
     scale: list[float] = field(default_factory=lambda: [1.0])     # dp x cp / N of this step
+    loss_parallel: bool = False       # tp.loss_parallel: the last stage's logits are vocab-sharded
 
 
-def split_model(model: nn.Module, plan: Plan, ids: list[int]) -> list[Stage]:
+def split_model(model: nn.Module, plan: Plan, ids: list[int], tp_mesh: DeviceMesh | None = None) -> list[Stage]:
     """Prune `model` (meta, HF names) to the parts of stages `ids` and return their Stage
     modules. Roles from plan.json: the blocks' parent (model.layers), embedding, final norm,
     lm_head."""
@@ -129,7 +171,7 @@ def split_model(model: nn.Module, plan: Plan, ids: list[int]) -> list[Stage]:
         first, last = s == 0, s == n - 1
         layers = _blocks([(i, all_layers[i]) for i in range(a, b)])
         shell = _shell(base, layers_attr, layers, None if first else emb_attr, None if last else norm_attr)
-        stages.append(Stage(shell, model.get_submodule(roles.lm_head) if last else None, first))
+        stages.append(Stage(shell, model.get_submodule(roles.lm_head) if last else None, first, tp_mesh))
     mine = sorted({i for s in ids for i in range(*plan.pp.stages[s])})
     base._modules[layers_attr] = _blocks([(i, all_layers[i]) for i in mine])
     if 0 not in ids:
@@ -151,18 +193,28 @@ def parallelize_stages(plan: Plan, mesh: DeviceMesh, ids: list[int],
 
     stage("model")
     model = meta_model(plan)
+    if plan.mesh.cp_enabled:          # before the split: the stages' shells (and Qwen's config copies) inherit it
+        from . import cp
+
+        stage("cp")
+        cp.install(model)
     # AC on the whole model before the split: transformers marks each block (applied later it
     # works the same, but a stage without the embedding makes transformers warn that it cannot
     # find the input embeddings); the order TP -> AC matters only for wrappers, HF's AC is a flag
     stage("ac")
     apply_ac(model, plan.train.activation_checkpointing)
     stage("pp")
-    stages = split_model(model, plan, ids)
+    stages = split_model(model, plan, ids, mesh["tp"] if plan.tp.sequence_parallel else None)
     if plan.mesh.tp_enabled:          # the placements of the modules this rank holds
         stage("tp")
         held = {n for n, _ in model.named_modules()}
         apply_tp(model, mesh["tp"], replace(plan, tp=replace(plan.tp, placements={
             f: s for f, s in plan.tp.placements.items() if f in held})))
+    if plan.lora.rank > 0:            # after TP (the adapters follow W's layout), before FSDP, as without pp
+        from .lora import apply_lora
+
+        stage("lora")
+        apply_lora(model, plan, {n for n, _ in model.named_modules()})
     if plan.mesh.fsdp_enabled:
         stage("fsdp")
         _shard(stages, dp_mesh(mesh, plan.mesh), plan)
@@ -187,11 +239,19 @@ def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> Pipeline:
     n = len(plan.pp.stages)
     group = pp_mesh.get_group()
     pstages = [PipelineStage(st, s, n, device, group=group) for st, s in zip(stages, ids)]
-    pipe = Pipeline(model, stages, ids, None, 0 in ids, n - 1 in ids, group)
+    pipe = Pipeline(model, stages, ids, None, 0 in ids, n - 1 in ids, group, loss_parallel=plan.tp.loss_parallel)
+
+    lp_mesh = mesh["tp"] if plan.tp.loss_parallel else None
 
     def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if lp_mesh is not None:       # the stage sent its vocab shard (mbs, T, V/tp): the global view again
+            from torch.distributed.tensor import DTensor, Shard
+
+            logits = DTensor.from_local(logits, lp_mesh, (Shard(-1),), run_check=False)
+        # under loss parallel (pp.step holds the context over forward and backward) the sharded
+        # log-softmax: all-reduces of (mbs x T) maxima and sums, never the (mbs, T, V) logits
         ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(0, 1), ignore_index=IGNORE, reduction="sum")
-        pipe.loss_sums.append(ce.detach().double())
+        pipe.loss_sums.append(_local(ce, None).detach().double())   # Replicate: every tp rank's full sum
         return ce * pipe.scale[0]
 
     cls = get_schedule_class(plan.pp.schedule)
@@ -217,18 +277,50 @@ def _shard(stages: list[Stage], dp: DeviceMesh, plan: Plan) -> None:
         fully_shard(st, mesh=dp, mp_policy=policy, reshard_after_forward=False)
 
 
-def step(pipe: Pipeline, x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
-    """One optimizer step's forward + backward over the step's micro-batches: x, y are this dp
-    rank's (microbatches x mbs, T) (the schedule splits them along dim 0, in order). Returns the
-    sum of token losses on the last stage (0 elsewhere), float64."""
+def step(pipe: Pipeline, x: torch.Tensor, y: torch.Tensor, scale: float, pos: torch.Tensor | None = None,
+         train: bool = True) -> torch.Tensor:
+    """One optimizer step's forward + backward over the step's micro-batches: x, y (and the
+    packed data's position_ids pos) are this dp rank's (microbatches x mbs, T) (the schedule
+    splits them along dim 0, in order). Returns the sum of token losses on the last stage (0
+    elsewhere), float64. train=False: forward only (eval; the caller holds no_grad)."""
+    from contextlib import nullcontext
+
+    from torch.distributed.tensor.parallel import loss_parallel
+
     pipe.loss_sums.clear()
     pipe.scale[0] = scale
-    if pipe.has_first:
-        pipe.schedule.step(x, target=y, losses=[])
-    else:
-        pipe.schedule.step(target=y, losses=[])
+    run = pipe.schedule.step if train else pipe.schedule.eval
+    kw = {"position_ids": pos} if pos is not None else {}
+    # the loss's backward runs inside the schedule: loss parallel must hold over the whole step
+    with loss_parallel() if pipe.loss_parallel else nullcontext():
+        if pipe.has_first:
+            run(x, target=y, losses=[], **kw)
+        else:
+            run(target=y, losses=[], **kw)
     if not pipe.has_last:
         return torch.zeros((), dtype=torch.float64, device=x.device)
     # the last microbatches calls: the first step's shape inference runs the loss once more on
     # a probe micro-batch before them (no backward; counting it inflated step 1's loss by 1/m)
     return torch.stack(pipe.loss_sums[-pipe.schedule._n_microbatches:]).sum()
+
+
+def eval_loss(pipe: Pipeline, batches: list, place) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token losses, labelled tokens) of this dp rank's eval micro-batches, forward
+    only, in groups of pp.microbatches (the schedule's fixed split), the last group padded with
+    copies of the first batch whose labels are all IGNORE (no token counted). Both are 0 off the
+    last stage, so the caller's world all-reduce counts every token once per tp rank, as
+    without pp. place(batch) -> (x, y, pos) on the device."""
+    m = pipe.schedule._n_microbatches
+    ce = torch.zeros((), dtype=torch.float64)
+    tokens = torch.zeros((), dtype=torch.float64)
+    for g in range(0, len(batches), m):
+        group = [place(b) for b in batches[g:g + m]]
+        while len(group) < m:             # filler: every rank runs the same number of schedule steps
+            x, y, pos = group[0]
+            group.append((x, torch.full_like(y, IGNORE), pos))
+        x, y = torch.cat([t[0] for t in group]), torch.cat([t[1] for t in group])
+        pos = torch.cat([t[2] for t in group]) if group[0][2] is not None else None
+        ce += step(pipe, x, y, 0.0, pos, train=False).cpu()
+        if pipe.has_last:
+            tokens += (y != IGNORE).sum().double().cpu()
+    return ce, tokens

@@ -462,14 +462,15 @@ def pipeline_micro_steps(job: Job, step: int, scale: float) -> torch.Tensor:
     the last stage's (0 on the others; the step's world all-reduce adds them)."""
     from . import pp
 
-    xs, ys = [], []
+    xs, ys, ps = [], [], []
     for micro in range(job.plan.train.grad_accum):
         x, y, pos = place_batch(job, job.data.micro_batch(step, micro, job.dp_rank))
-        if pos is not None:        # compiler/pp.py refuses packed data with pp: say so if a plan got here
-            raise RuntimeError("mesh.pp > 1 with per-document position_ids (packed data) is not supported")
         xs.append(x)
         ys.append(y)
-    return pp.step(job.pipeline, torch.cat(xs), torch.cat(ys), scale)
+        ps.append(pos)
+    # packed data: the per-document position_ids go to every stage as a schedule kwarg
+    pos = torch.cat(ps) if ps[0] is not None else None
+    return pp.step(job.pipeline, torch.cat(xs), torch.cat(ys), scale, pos)
 
 
 def evaluate(job: Job) -> dict[str, float] | None:
@@ -481,7 +482,12 @@ def evaluate(job: Job) -> dict[str, float] | None:
     acc = torch.zeros(2, dtype=torch.float64, device=job.device)
     job.model.eval()
     with torch.no_grad():
-        for b in job.eval_data.eval_batches(job.dp_rank):
+        if job.pipeline is not None:       # forward-only pipeline; sums on the last stage only
+            from . import pp
+
+            ce, n = pp.eval_loss(job.pipeline, job.eval_data.eval_batches(job.dp_rank), lambda b: place_batch(job, b))
+            acc += torch.stack([ce, n]).to(acc.device)
+        for b in job.eval_data.eval_batches(job.dp_rank) if job.pipeline is None else ():
             x, y, pos = place_batch(job, b)
             with compute_context(job.plan, job.device):
                 loss = forward_loss_sum(job.model, x, y, lp, pos)

@@ -156,3 +156,22 @@ def test_memory_fixes_under_pp_are_valid_under_pp():
     assert any(("mesh.pp", 64) in f.sets for f in cands)
     assert all(k not in ("lora.rank", "tp.loss_parallel") for f in cands for k, _ in f.sets)
     assert not any(("mesh.pp", 64) in f.sets for f in memory_fixes(est, ok.recipe, ok.mesh, ok.model))
+
+
+def test_llama_family_types_compile_with_pp_and_tied_is_refused_with_the_reason():
+    """Mistral / Qwen2 / Qwen3 run Llama's forward (parity: tests/test_pp.py's Qwen2 and Qwen3
+    cases): each compiles at pp 2 with the blocks split 1 + 1; the tied Qwen fixtures are refused
+    at model.config with why, and Gemma2 (scales inputs_embeds) stays refused by type."""
+    for mt in ("mistral", "qwen2", "qwen3"):
+        cfg = json.loads((ROOT / f"tests/models/{mt}/config.json").read_text())
+        tied = cfg.get("tie_word_embeddings", True)
+        rec = tiny_recipe("pp", 2, mesh={"pp": 2}, model=str(ROOT / f"tests/models/{mt}/config.json"))
+        r = resolve(yaml.safe_dump(rec))
+        if tied:
+            assert isinstance(r, Err) and [e.path for e in r.errors] == ["model.config"], (mt, r)
+            assert "tied embeddings" in r.errors[0].message
+            continue
+        assert not isinstance(r, Err), (mt, r)
+        assert r.plan.pp.stages == ((0, 1), (1, 2)) and r.plan.model.config["model_type"] == mt
+    gemma = resolve(yaml.safe_dump(tiny_recipe("pp", 2, mesh={"pp": 2}, model=str(ROOT / "tests/models/gemma2/config.json"))))
+    assert isinstance(gemma, Err) and any("model_type gemma2 has no pipeline stage split" in e.message for e in gemma.errors)

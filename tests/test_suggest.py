@@ -45,7 +45,8 @@ def test_infeasible_dropped_with_reason(sg):
     # 70B in fp32 on one TP group x no FSDP cannot fit 80 GB: the memory check drops it
     oom = [x for x in s.dropped if x.cand.tp == 1 and x.cand.dp_shard == 1 and x.cand.cp == 1 and x.cand.pp == 1]
     assert oom and all("GB" in x.reason for x in oom), oom[:2]
-    assert not any(r.cand.tp == 1 and r.cand.dp_shard * r.cand.cp == 1 for r in s.ranked)
+    # (pp 64 x 1 block per stage does fit without FSDP: the recipe's instruct data runs under pp now)
+    assert not any(r.cand.tp == 1 and r.cand.dp_shard * r.cand.cp == 1 and r.cand.pp == 1 for r in s.ranked)
 
 
 def test_ranked_by_tokens_per_s(sg):
@@ -252,10 +253,14 @@ def test_pp_candidates_ranked_with_the_bubble_and_dropped_by_the_pp_rules(pp_sg)
 
 
 def test_pp_refused_recipe_wide_drops_every_pp_candidate_with_one_reason():
-    """data.format text is refused with pp (packed position_ids): every pp candidate is dropped
-    with that rule's path, decided once; the pp-1 candidates are unaffected."""
-    s = suggest_dict(_tiny_pp(data={"format": "text", "path": "x.txt", "tokenizer": "tok"}))
+    """Tied embeddings are refused with pp (tiny-qwen: the first and the last stage would each hold
+    the weight): every pp candidate is dropped with that rule's path, decided once; the pp-1
+    candidates are unaffected."""
+    from tests.helpers import tiny_recipe
+
+    s = suggest_dict(tiny_recipe("pps", 4, model="tiny-qwen"))
     assert not isinstance(s, Err), s
     assert s.ranked and all(r.cand.pp == 1 for r in s.ranked)
     pp = [x for x in s.dropped if x.cand.pp > 1]
-    assert pp and {x.path for x in pp} == {"data"} and all("not supported with mesh.pp > 1" in x.reason for x in pp)
+    assert pp and {x.path for x in pp} == {"model.config"} and all(
+        "not supported with mesh.pp > 1" in x.reason and "tied" in x.reason for x in pp)

@@ -40,8 +40,33 @@ WORLD4 = {"pp2_dp_shard2": dict(dp_shard=2), "pp2_dp_shard2_gpipe": dict(dp_shar
           "pp2_tp2": dict(tp=2), "pp2_tp2_interleaved": dict(tp=2, schedule="Interleaved1F1B", spr=2, model=FOUR)}
 
 
-def cases(world: int, spec: dict) -> list[dict]:
-    return [{"name": n, "kind": "train", "plan": plan_of(recipe(n, world, **kw))} for n, kw in spec.items()]
+# checkpoints saved under one layout and resumed under another (DCP by fully qualified names): the
+# saving run is a parity case of the same launch that also saves at steps 3 and 6; the resuming
+# case, later in the same launch (cases run in order), loads step 3 and trains steps 4-6
+SAVES = {"pp2_interleaved", "pp2_dp_shard2", "pp2_tp2", "pp1_dp_shard2"}
+RESUMES = {   # name: (world, saving case, layout it resumes under)
+    "resume_interleaved_to_1f1b": (2, "pp2_interleaved", dict(model=FOUR)),
+    "resume_pp1_to_pp2": (2, "pp1_dp_shard2", dict()),
+    "resume_pp2_dp2_to_pp2_tp2": (4, "pp2_dp_shard2", dict(tp=2)),
+    "resume_pp2_tp2_to_pp1_dp4": (4, "pp2_tp2", dict(pp=1, dp_shard=4)),
+}
+WORLD2["pp1_dp_shard2"] = dict(pp=1, dp_shard=2)      # the pp 1 side of pp 1 -> pp 2
+
+
+def cases(world: int, spec: dict, tmp) -> list[dict]:
+    out = []
+    for n, kw in spec.items():
+        plan = plan_of(recipe(n, world, **kw))
+        if n in SAVES:
+            plan["checkpoint"].update(every_steps=3, keep=2)
+        out.append({"name": n, "kind": "train", "plan": plan, **({"keep_run": True} if n in SAVES else {})})
+    for n, (w, src, kw) in RESUMES.items():
+        if w == world:
+            rec = recipe(n, world, **kw)
+            rec["checkpoint"] = {"every_steps": 0, "save_on_exit": False,
+                                 "resume": str(tmp / src / "checkpoints" / "step-3")}
+            out.append({"name": n, "kind": "train", "plan": plan_of(rec)})
+    return out
 
 
 def ckpt_case() -> dict:
@@ -53,13 +78,13 @@ def ckpt_case() -> dict:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
-    runs = [(cases(2, WORLD2) + [ckpt_case()], tmp_path_factory.mktemp("pp_world2"), 2),
-            (cases(4, WORLD4), tmp_path_factory.mktemp("pp_world4"), 4)]
+    tmp2, tmp4 = tmp_path_factory.mktemp("pp_world2"), tmp_path_factory.mktemp("pp_world4")
+    runs = [(cases(2, WORLD2, tmp2) + [ckpt_case()], tmp2, 2), (cases(4, WORLD4, tmp4), tmp4, 4)]
     with ThreadPoolExecutor(2) as pool:
         launched = [pool.submit(torchrun, world, cs, tmp) for cs, tmp, world in runs]
         plans = {c["name"]: c["plan"] for cs, _, _ in runs for c in cs}
         # the reference depends on the model, the train section and the data only (not the mesh, the
-        # schedule or AC): 2 distinct single-process runs serve all 10 cases
+        # schedule, AC or checkpoints): 2 distinct single-process runs serve all cases
         key = {n: json.dumps([d["model"]["config"], d["train"], d["data"]], sort_keys=True) for n, d in plans.items()}
         by_key = {k: reference_losses(P.from_dict(plans[n])) for n, k in reversed(key.items())}
         refs = {n: by_key[key[n]] for n in plans}
@@ -124,3 +149,18 @@ def test_metrics_jsonl_holds_the_global_loss(results):
     logged = {r["step"]: r["loss"] for r in rows if "loss" in r}
     assert sorted(logged) == list(range(1, STEPS + 1))
     assert max_rel({str(k): v for k, v in logged.items()}, results["pp2_ckpt"]["reference"][0]) < RTOL
+
+
+@pytest.mark.parametrize("name", list(RESUMES))
+def test_checkpoint_resumes_under_another_layout(results, name):
+    """A checkpoint saved at step 3 under one pp / tp / dp layout (and schedule: Interleaved1F1B,
+    2 stages per rank -> 1F1B, 1 stage per rank, other blocks per stage) resumed under another:
+    steps 4-6 give the saving run's own losses (the uninterrupted run), fp32, rel 1e-6 (the
+    layouts differ only in reduction order: no state is lost or misplaced in the reload)."""
+    _, src, _ = RESUMES[name]
+    got, ran = results[name]["losses"], results[src]["losses"]
+    assert sorted(map(int, got)) == [4, 5, 6], got       # it resumed: steps 1-3 were not trained again
+    diff = max_rel(got, {k: ran[str(k)] for k in (4, 5, 6)}, (4, 5, 6))
+    print(f"{name}: max rel loss diff vs the uninterrupted {src} run, steps 4-6: {diff:.2e}")
+    assert diff < 1e-6, (name, got, ran)
+    assert max_rel(got, results[name]["reference"][0], (4, 5, 6)) < RTOL

@@ -377,11 +377,15 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     acts, recompute, logits = _activations(recipe, model, mesh)
     if pp is not None:             # this pp rank's layers, micro-batches in flight; logits on the last stage only
         acts = pp.inflight * _activations(recipe, replace(model, num_layers=pp.layers_each), mesh, pp.last)[0]
-        # GPipe's last stage runs every forward first: each waiting micro-batch keeps its fp32
-        # log-softmax output (4 B per token x vocab / tp), the one in backward the full 12 B (or 16 / tp)
-        # (measured, tiny-llama pp 2, seq 256 x mbs 2, 4 micro-batches: 69.2 MB vs 1F1B's 39.3 MB)
-        waiting = (pp.logit_mbs - 1) * tokens_per_rank(t, mesh) * model.vocab_size * 4 // mesh.tp
-        logits = logits + waiting if pp.last else 0
+        # the last stage: each in-flight micro-batch's logits (the stage's output, pb per token x
+        # vocab) stay in the stage's fwd_cache until its backward, beside the loss's 12 B; GPipe
+        # runs every forward first, so each waiting one also keeps its fp32 log-softmax output
+        # (4 B). Full vocab on every tp rank: no loss parallel under pp (compiler/pp.py), the
+        # logits are gathered. Measured, tiny-llama pp 2 x dp_shard 2, seq 256 x mbs 2, 4
+        # micro-batches (tests/test_measured.py): four 8.4 MB logits-sized tensors at 1F1B's peak
+        # (logits, log-softmax, its grad, the grad written), 12 at GPipe's
+        vt = tokens_per_rank(t, mesh) * model.vocab_size
+        logits = logits + pp.logit_mbs * vt * pb + (pp.logit_mbs - 1) * vt * 4 if pp.last else 0
     # between micro-steps FSDP2 skips the reduce-scatter and keeps each parameter's unsharded
     # gradient (reduce dtype); without FSDP gradients just add up in .grad (the grads term)
     no_sync = fsdp and mesh.grad_accum > 1 and t.grad_sync == "last_micro_step"
@@ -408,6 +412,10 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     # params + AdamW's exp_avg and exp_avg_sq: alive all step (the grads are not in it)
     param_bytes = (n_shard - n_train - s.nf4_shard) * mb + s.nf4_shard_bytes + n_train * tb
     state = param_bytes + 2 * grads
+    if pp is not None:             # torch.distributed.pipelining's receive buffers, allocated once per
+        # stage and micro-batch and kept all run: the activations every stage but the first
+        # receives, the gradients every stage but the last (mbs x seq / cp x hidden x pb each)
+        state += pp.recv_buffers * mesh.grad_accum * tokens_per_rank(t, mesh) * model.hidden_size * pb
     # the sharded grads alive in the forward and loss backward: none in the first micro-step
     # (zero_grad sets them to None); from the second on they hold the sum so far, unless FSDP2
     # skips the reduce-scatter (last_micro_step: the unsharded `accum` instead). Counting
@@ -417,6 +425,14 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     # vs the measured 12.72-12.75 MB per rank (tests/test_measured.py); with state - grads it was
     # 12,079,616 B (-5.0%)
     live_grads = grads if mesh.grad_accum > 1 and not no_sync else 0
+    if pp is not None:
+        # a non-last stage's output (the hidden states it sent) stays in its fwd_cache per
+        # in-flight micro-batch until that micro-batch's backward
+        acts += 0 if pp.last else pp.inflight * tokens_per_rank(t, mesh) * model.hidden_size * pb
+        # TP without FSDP: the embedding's .grad is the Replicate (full vocab x hidden) tensor its
+        # backward made, alive from the first micro-batch's backward on (measured, tiny-llama pp 2
+        # x tp 2, 4 micro-batches: a 1 MB = 4096 x 64 x 4 B tensor at stage 0's peak)
+        live_grads += emb_full if pp.first and not fsdp and mesh.grad_accum > 1 else 0
     # the attention's T^2 tensors: held through the loss backward, one layer's more in a recompute,
     # CP's mask all step
     am = attention_memory(recipe, model, mesh)
@@ -522,6 +538,7 @@ class PPRank:
     last: bool                     # holds final norm + lm_head + loss
     logit_mbs: int                 # micro-batches whose logits are alive at once on the last stage
     fqns: frozenset[str] = frozenset()
+    recv_buffers: int = 0          # receive buffers per micro-batch: stages not first + stages not last
 
 
 def pp_ranks(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[PPRank, ...]:
@@ -561,7 +578,7 @@ def pp_ranks(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[PPRank, 
                          or (0 in mine and f == roles.embedding)
                          or (n - 1 in mine and f in (roles.final_norm, roles.lm_head)))
         out.append(PPRank(r, mine, len(blocks), each, inflight, 0 in mine, n - 1 in mine,
-                          m if p.schedule == "GPipe" else 1, fqns))
+                          m if p.schedule == "GPipe" else 1, fqns, sum((s > 0) + (s < n - 1) for s in mine)))
     return tuple(out)
 
 
@@ -871,8 +888,12 @@ def check_memory(est: Estimate, recipe: Recipe, mesh: MeshSpec, model: ModelSpec
                                 f"sharding it (training itself peaks at {fmt_bytes(sorted(b for _, b in est.phases)[-2])})",
                                 "more dp_shard ranks, or quantize_base: none (LoRA, sharded from the start)"),))
     name, big = max(est.terms.items(), key=lambda kv: kv[1])
+    # under pp the ranks of the stages differ (embedding / lm_head + logits, micro-batches in flight):
+    # say which pp rank is the peak and what the others need, so a pp.split can move blocks off it
+    stage = (f" on pp rank {est.pp_peak_rank} (per pp rank: "
+             + ", ".join(fmt_bytes(b) for _, _, b in est.pp_rank_rows) + ")") if est.pp_rank_rows else ""
     return Err((RecipeError("cluster.gpu_memory_gb",
-                            f"estimated {fmt_bytes(est.total_bytes)} per rank exceeds {fmt_bytes(est.budget_bytes)} "
+                            f"estimated {fmt_bytes(est.total_bytes)} per rank{stage} exceeds {fmt_bytes(est.budget_bytes)} "
                             f"({USABLE:.0%} of the GPU); largest term: {name} {fmt_bytes(big)}",
                             memory_hint(est, recipe, mesh, model)),))
 

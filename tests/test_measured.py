@@ -18,11 +18,13 @@ WORLD = 4
 def plan_dict(name: str, *, dp_replicate=1, dp_shard=1, tp=1, cp=1, sp=False, lp=False, model="tiny-llama",
               seq=32, mbs=2, gbs=None, ac="none", param_dtype="float32", reduce_dtype="float32", lora=0,
               grad_sync="every_micro_step", ep=1, aux=0.0, packed_docs=0, quantize="none", pp=1,
-              dtype="float32") -> dict:
+              dtype="float32", schedule="1F1B", spr=1) -> dict:
     dp = dp_replicate * dp_shard
     # packed: a text-format recipe (the estimate counts the document mask); measure.py feeds the
     # synthetic rows with position_ids restarting every seq / packed_docs tokens
-    data = {"data": {"format": "text", "path": "corpus.txt", "tokenizer": "tok"}} if packed_docs else {}
+    extra = {"data": {"format": "text", "path": "corpus.txt", "tokenizer": "tok"}} if packed_docs else {}
+    if pp > 1:
+        extra["pp"] = {"schedule": schedule, "stages_per_rank": spr}
     recipe = tiny_recipe(
         name, WORLD, mesh={"dp_replicate": dp_replicate, "dp_shard": dp_shard, "cp": cp, "tp": tp, "ep": ep,
                            **({"pp": pp} if pp > 1 else {})},
@@ -32,7 +34,7 @@ def plan_dict(name: str, *, dp_replicate=1, dp_shard=1, tp=1, cp=1, sp=False, lp
                "router_aux_loss_coef": aux,
                "mixed_precision": {"param_dtype": param_dtype, "reduce_dtype": reduce_dtype}},
         lora={"rank": lora, "alpha": 8, "targets": ["q_proj", "v_proj", "o_proj", "down_proj"],
-              "quantize_base": quantize}, **data)
+              "quantize_base": quantize}, **extra)
     recipe["model"]["dtype"] = dtype
     return plan_of(recipe)
 
@@ -100,10 +102,16 @@ MOE = {
     "olmo2_tp2_sp_lp": dict(dp_shard=2, tp=2, sp=True, lp=True, model=OLMO2),
 }
 CASES.update(MOE)
-# pipeline parallelism (runtime/pp.py): memory per stage. First in the launch: measure.py's packed
-# cases patch the data loader for the rest of the process, and pp refuses position_ids. Its
-# point-to-point sends are not in tests/dist/collectives.py's log: the traffic test leaves it out
-PP = {"mem_pp2_dp_shard2": dict(pp=2, dp_shard=2, gbs=8, **MEM)}
+# pipeline parallelism (runtime/pp.py): memory per stage, per schedule. First in the launch: measure.py's
+# packed cases patch the data loader for the rest of the process, and pp refuses position_ids. Its
+# point-to-point sends are not in tests/dist/collectives.py's log: the traffic test leaves it out.
+# 1F1B holds pp - r micro-batches per rank r, GPipe all m (and m logits on the last stage),
+# Interleaved1F1B (2 stages per rank, 4 blocks) its warm-up's; dp_shard 2 (FSDP) and tp 2 (no FSDP)
+PP = {"mem_pp2_dp_shard2": dict(pp=2, dp_shard=2, gbs=8, **MEM),
+      "mem_pp2_dp_shard2_gpipe": dict(pp=2, dp_shard=2, gbs=16, schedule="GPipe", **MEM),
+      "mem_pp2_tp2": dict(pp=2, tp=2, gbs=8, **MEM),
+      "mem_pp2_tp2_interleaved": dict(pp=2, tp=2, gbs=8, schedule="Interleaved1F1B", spr=2,
+                                      model=str(ROOT / "tests/dist/configs/tiny-llama-4l.json"), **MEM)}
 CASES = {**PP, **CASES}
 
 

@@ -68,13 +68,14 @@ class Estimate:
     pp_comm_bytes: int = 0         # mesh.pp: the pipeline's sends + receives of the peak rank per step
     pp_peak_rank: int = 0          # mesh.pp: the pp rank whose memory the terms above are (the largest)
     pp_rank_rows: tuple[tuple[int, int, int], ...] = ()   # mesh.pp: (pp rank, params per rank, peak bytes) each
+    pp_buffers_bytes: int = 0      # mesh.pp: the peak rank's pipeline receive buffers (alive all run)
 
     @property
     def terms(self) -> dict[str, int]:
         return {"params": self.params_bytes, "grads": self.grads_bytes, "optimizer": self.optimizer_bytes,
                 "accum_grads": self.accum_grads_bytes, "gathered": self.gathered_bytes,
                 "activations": self.activations_bytes, "logits": self.logits_bytes,
-                "attn_mask": self.attn_mask_bytes}
+                "attn_mask": self.attn_mask_bytes, **({"pp_buffers": self.pp_buffers_bytes} if self.pp_rank_rows else {})}
 
     @property
     def traffic_by_axis(self) -> tuple[tuple[str, int, int, int, int], ...]:
@@ -412,10 +413,14 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     # params + AdamW's exp_avg and exp_avg_sq: alive all step (the grads are not in it)
     param_bytes = (n_shard - n_train - s.nf4_shard) * mb + s.nf4_shard_bytes + n_train * tb
     state = param_bytes + 2 * grads
-    if pp is not None:             # torch.distributed.pipelining's receive buffers, allocated once per
-        # stage and micro-batch and kept all run: the activations every stage but the first
-        # receives, the gradients every stage but the last (mbs x seq / cp x hidden x pb each)
-        state += pp.recv_buffers * mesh.grad_accum * tokens_per_rank(t, mesh) * model.hidden_size * pb
+    # torch.distributed.pipelining's receive buffers: PipelineStage allocates one per micro-batch
+    # (torch.empty in _prepare_forward_infra / _setup_backward_recv_info) and keeps them all run:
+    # the activations every stage but the first receives, the gradients every stage but the last,
+    # mbs x seq / cp x hidden x pb each. O(micro-batches): gbs / dp x seq x hidden x pb per
+    # direction, whatever the micro-batch size (measured: +2 x 131,072 B at stage 0 from 2 to 4
+    # micro-batches, tiny-llama seq 256 x mbs 2 x hidden 64 x fp32)
+    bufs = pp.recv_buffers * mesh.grad_accum * tokens_per_rank(t, mesh) * model.hidden_size * pb if pp else 0
+    state += bufs
     # the sharded grads alive in the forward and loss backward: none in the first micro-step
     # (zero_grad sets them to None); from the second on they hold the sum so far, unless FSDP2
     # skips the reduce-scatter (last_micro_step: the unsharded `accum` instead). Counting
@@ -448,6 +453,7 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
               (WEIGHT_LOAD, weight_load_bytes(s, param_bytes, mb, seeded=recipe.model.weights in (None, "random")))
               if s.nf4_largest else None)
     return {"params": param_bytes, "grads": grads, "optimizer": 2 * grads, "accum": accum, "gathered": kept + dequant,
+            "pp_buffers": bufs,
             "block": block, "acts": acts, "logits": logits, "params_per_rank": n_shard, "kept_whole": s.kept_whole,
             "attn_mask": am.peak if recompute else am.held,
             "phases": tuple(ph for ph in phases if ph)}
@@ -699,7 +705,8 @@ def _estimate_pp(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placement
         tp_comm_bytes=sum(c.wire_bytes for c in comm if c.axis == "tp"),
         accum_grads_bytes=mem["accum"], traffic=comm, phases=mem["phases"],
         ep_comm_bytes=0, attn_mask_bytes=mem["attn_mask"],
-        pp_comm_bytes=sum(c.bytes for c in comm if c.axis == "pp"), pp_peak_rank=r.rank, pp_rank_rows=rows)
+        pp_comm_bytes=sum(c.bytes for c in comm if c.axis == "pp"), pp_peak_rank=r.rank, pp_rank_rows=rows,
+        pp_buffers_bytes=mem["pp_buffers"])
     return replace(est, time=step_time(recipe, mesh, est)) if timed(recipe) else est
 
 
@@ -808,7 +815,9 @@ def _fix_candidates(est: Estimate, recipe: Recipe, mesh: MeshSpec, name: str) ->
                             "train.grad_sync: every_micro_step (gradients stay sharded between micro-steps)"))
     order = {"params": nodes + pp + lora + tp, "grads": nodes + pp + lora + tp, "optimizer": nodes + pp + lora + tp,
              "gathered": tp + pp + act + lora, "accum_grads": accum + act + lora,
-             "activations": act + pp + tp + lora, "logits": lp + act + tp, "attn_mask": act}[name]
+             "activations": act + pp + tp + lora, "logits": lp + act + tp, "attn_mask": act,
+             # m per direction whatever the micro-batch size: only more dp ranks make them fewer
+             "pp_buffers": nodes}[name]
     rest = nodes + pp + lora + tp + act + lp + accum
     return list(dict.fromkeys(order + rest))
 
@@ -914,11 +923,15 @@ def view(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, est: Estimate) -> dic
                           "the last)" if est.accum_grads_bytes else "none: no FSDP gradient accumulation without sync",
            "gathered": f"top-level module (embeddings, final norm, lm_head) + last block kept gathered in {pd}"
                        if mesh.fsdp_enabled else "none: no FSDP",
-           "activations": f"{model.num_layers} layers, mbs {t.micro_batch_size} x seq {t.seq_len}"
+           "activations": (f"pp rank {est.pp_peak_rank}'s blocks x its micro-batches in flight ({recipe.pp.schedule})"
+                           if mesh.pp_enabled else f"{model.num_layers} layers") + f", mbs {t.micro_batch_size} x seq {t.seq_len}"
                           f"{' / cp ' + str(mesh.cp) if mesh.cp_enabled else ''}, AC {t.activation_checkpointing}",
            "logits": ("tokens x vocab / tp x 16 B (loss parallel)" if mesh.loss_parallel
                       else "tokens x vocab x 12 B (fp32 log-softmax, its grad in and out)"),
-           "attn_mask": _mask_how(recipe, model, mesh, am)}
+           "attn_mask": _mask_how(recipe, model, mesh, am),
+           "pp_buffers": f"the pipeline's receive buffers, allocated once: one per micro-batch ({mesh.grad_accum}) "
+                         f"and direction (activations in: not stage 0; their gradients in: not the last stage), "
+                         f"mbs x seq x hidden in {pd} each"}
     flops_how = ("6N + 12 x layers x heads x head_dim x seq_len; N = matmul parameters, input embedding excluded"
                  + ("; LoRA: 4 per frozen weight (no weight gradient), 6 per adapter parameter" if recipe.lora.rank else ""))
     return {"memory_rows": [{"name": k, "bytes": v, "how": how[k]} for k, v in est.terms.items()],

@@ -153,6 +153,7 @@ def test_memory_fixes_under_pp_are_valid_under_pp():
     fixed = resolve(R405, "cluster.gpu_memory_gb=40", "mesh.pp=32", "mesh.dp_shard=-1")
     assert isinstance(fixed, Err) and [e.path for e in fixed.errors] == ["cluster.gpu_memory_gb"]   # pp rules pass
     assert "estimated 65.6 GB" in fixed.errors[0].message
+    assert "per rank on pp rank 1 (per pp rank: 60.8 GB, 65.6 GB," in fixed.errors[0].message   # which stage peaks
     # the pp-doubling candidate is built, then dropped by the pipeline's rule (blocks >= stages)
     # (99.4 GB with the receive buffers of 64 micro-batches x 2 directions x 2 local stages: a larger GPU)
     ok = resolve(R405, "mesh.pp=32", "pp.schedule=Interleaved1F1B", "pp.stages_per_rank=2", "cluster.gpu_memory_gb=200")

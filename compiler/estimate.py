@@ -68,13 +68,14 @@ class Estimate:
     pp_comm_bytes: int = 0         # mesh.pp: the pipeline's sends + receives of the peak rank per step
     pp_peak_rank: int = 0          # mesh.pp: the pp rank whose memory the terms above are (the largest)
     pp_rank_rows: tuple[tuple[int, int, int], ...] = ()   # mesh.pp: (pp rank, params per rank, peak bytes) each
+    pp_buffers_bytes: int = 0      # mesh.pp: the peak rank's pipeline receive buffers (alive all run)
 
     @property
     def terms(self) -> dict[str, int]:
         return {"params": self.params_bytes, "grads": self.grads_bytes, "optimizer": self.optimizer_bytes,
                 "accum_grads": self.accum_grads_bytes, "gathered": self.gathered_bytes,
                 "activations": self.activations_bytes, "logits": self.logits_bytes,
-                "attn_mask": self.attn_mask_bytes}
+                "attn_mask": self.attn_mask_bytes, **({"pp_buffers": self.pp_buffers_bytes} if self.pp_rank_rows else {})}
 
     @property
     def traffic_by_axis(self) -> tuple[tuple[str, int, int, int, int], ...]:
@@ -428,11 +429,15 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     acts, recompute, logits = _activations(recipe, model, mesh)
     if pp is not None:             # this pp rank's layers, micro-batches in flight; logits on the last stage only
         acts = pp.inflight * _activations(recipe, replace(model, num_layers=pp.layers_each), mesh, pp.last)[0]
-        # GPipe's last stage runs every forward first: each waiting micro-batch keeps its fp32
-        # log-softmax output (4 B per token x vocab / tp), the one in backward the full 12 B (or 16 / tp)
-        # (measured, tiny-llama pp 2, seq 256 x mbs 2, 4 micro-batches: 69.2 MB vs 1F1B's 39.3 MB)
-        waiting = (pp.logit_mbs - 1) * tokens_per_rank(t, mesh) * model.vocab_size * 4 // mesh.tp
-        logits = logits + waiting if pp.last else 0
+        # the last stage: each in-flight micro-batch's logits (the stage's output, pb per token x
+        # vocab) stay in the stage's fwd_cache until its backward, beside the loss's 12 B; GPipe
+        # runs every forward first, so each waiting one also keeps its fp32 log-softmax output
+        # (4 B). Full vocab on every tp rank: no loss parallel under pp (compiler/pp.py), the
+        # logits are gathered. Measured, tiny-llama pp 2 x dp_shard 2, seq 256 x mbs 2, 4
+        # micro-batches (tests/test_measured.py): four 8.4 MB logits-sized tensors at 1F1B's peak
+        # (logits, log-softmax, its grad, the grad written), 12 at GPipe's
+        vt = tokens_per_rank(t, mesh) * model.vocab_size
+        logits = logits + pp.logit_mbs * vt * pb + (pp.logit_mbs - 1) * vt * 4 if pp.last else 0
     # between micro-steps FSDP2 skips the reduce-scatter and keeps each parameter's unsharded
     # gradient (reduce dtype); without FSDP gradients just add up in .grad (the grads term)
     no_sync = fsdp and mesh.grad_accum > 1 and t.grad_sync == "last_micro_step"
@@ -459,6 +464,14 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     # params + AdamW's exp_avg and exp_avg_sq: alive all step (the grads are not in it)
     param_bytes = (n_shard - n_train - s.nf4_shard) * mb + s.nf4_shard_bytes + n_train * tb
     state = param_bytes + 2 * grads
+    # torch.distributed.pipelining's receive buffers: PipelineStage allocates one per micro-batch
+    # (torch.empty in _prepare_forward_infra / _setup_backward_recv_info) and keeps them all run:
+    # the activations every stage but the first receives, the gradients every stage but the last,
+    # mbs x seq / cp x hidden x pb each. O(micro-batches): gbs / dp x seq x hidden x pb per
+    # direction, whatever the micro-batch size (measured: +2 x 131,072 B at stage 0 from 2 to 4
+    # micro-batches, tiny-llama seq 256 x mbs 2 x hidden 64 x fp32)
+    bufs = pp.recv_buffers * mesh.grad_accum * tokens_per_rank(t, mesh) * model.hidden_size * pb if pp else 0
+    state += bufs
     # the sharded grads alive in the forward and loss backward: none in the first micro-step
     # (zero_grad sets them to None); from the second on they hold the sum so far, unless FSDP2
     # skips the reduce-scatter (last_micro_step: the unsharded `accum` instead). Counting
@@ -468,6 +481,14 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     # vs the measured 12.72-12.75 MB per rank (tests/test_measured.py); with state - grads it was
     # 12,079,616 B (-5.0%)
     live_grads = grads if mesh.grad_accum > 1 and not no_sync else 0
+    if pp is not None:
+        # a non-last stage's output (the hidden states it sent) stays in its fwd_cache per
+        # in-flight micro-batch until that micro-batch's backward
+        acts += 0 if pp.last else pp.inflight * tokens_per_rank(t, mesh) * model.hidden_size * pb
+        # TP without FSDP: the embedding's .grad is the Replicate (full vocab x hidden) tensor its
+        # backward made, alive from the first micro-batch's backward on (measured, tiny-llama pp 2
+        # x tp 2, 4 micro-batches: a 1 MB = 4096 x 64 x 4 B tensor at stage 0's peak)
+        live_grads += emb_full if pp.first and not fsdp and mesh.grad_accum > 1 else 0
     # the attention's T^2 tensors: held through the loss backward, one layer's more in a recompute,
     # CP's mask all step
     am = attention_memory(recipe, model, mesh)
@@ -483,6 +504,7 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
               (WEIGHT_LOAD, weight_load_bytes(s, param_bytes, mb, seeded=recipe.model.weights in (None, "random")))
               if s.nf4_largest else None)
     return {"params": param_bytes, "grads": grads, "optimizer": 2 * grads, "accum": accum, "gathered": kept + dequant,
+            "pp_buffers": bufs,
             "block": block, "acts": acts, "logits": logits, "params_per_rank": n_shard, "kept_whole": s.kept_whole,
             "attn_mask": am.peak if recompute else am.held,
             "phases": tuple(ph for ph in phases if ph)}
@@ -573,6 +595,7 @@ class PPRank:
     last: bool                     # holds final norm + lm_head + loss
     logit_mbs: int                 # micro-batches whose logits are alive at once on the last stage
     fqns: frozenset[str] = frozenset()
+    recv_buffers: int = 0          # receive buffers per micro-batch: stages not first + stages not last
 
 
 def pp_ranks(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[PPRank, ...]:
@@ -612,7 +635,7 @@ def pp_ranks(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[PPRank, 
                          or (0 in mine and f == roles.embedding)
                          or (n - 1 in mine and f in (roles.final_norm, roles.lm_head)))
         out.append(PPRank(r, mine, len(blocks), each, inflight, 0 in mine, n - 1 in mine,
-                          m if p.schedule == "GPipe" else 1, fqns))
+                          m if p.schedule == "GPipe" else 1, fqns, sum((s > 0) + (s < n - 1) for s in mine)))
     return tuple(out)
 
 
@@ -733,7 +756,8 @@ def _estimate_pp(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placement
         tp_comm_bytes=sum(c.wire_bytes for c in comm if c.axis == "tp"),
         accum_grads_bytes=mem["accum"], traffic=comm, phases=mem["phases"],
         ep_comm_bytes=0, attn_mask_bytes=mem["attn_mask"],
-        pp_comm_bytes=sum(c.bytes for c in comm if c.axis == "pp"), pp_peak_rank=r.rank, pp_rank_rows=rows)
+        pp_comm_bytes=sum(c.bytes for c in comm if c.axis == "pp"), pp_peak_rank=r.rank, pp_rank_rows=rows,
+        pp_buffers_bytes=mem["pp_buffers"])
     return replace(est, time=step_time(recipe, mesh, est)) if timed(recipe) else est
 
 
@@ -842,7 +866,9 @@ def _fix_candidates(est: Estimate, recipe: Recipe, mesh: MeshSpec, name: str) ->
                             "train.grad_sync: every_micro_step (gradients stay sharded between micro-steps)"))
     order = {"params": nodes + pp + lora + tp, "grads": nodes + pp + lora + tp, "optimizer": nodes + pp + lora + tp,
              "gathered": tp + pp + act + lora, "accum_grads": accum + act + lora,
-             "activations": act + pp + tp + lora, "logits": lp + act + tp, "attn_mask": act}[name]
+             "activations": act + pp + tp + lora, "logits": lp + act + tp, "attn_mask": act,
+             # m per direction whatever the micro-batch size: only more dp ranks make them fewer
+             "pp_buffers": nodes}[name]
     rest = nodes + pp + lora + tp + act + lp + accum
     return list(dict.fromkeys(order + rest))
 
@@ -922,8 +948,12 @@ def check_memory(est: Estimate, recipe: Recipe, mesh: MeshSpec, model: ModelSpec
                                 f"sharding it (training itself peaks at {fmt_bytes(sorted(b for _, b in est.phases)[-2])})",
                                 "more dp_shard ranks, or quantize_base: none (LoRA, sharded from the start)"),))
     name, big = max(est.terms.items(), key=lambda kv: kv[1])
+    # under pp the ranks of the stages differ (embedding / lm_head + logits, micro-batches in flight):
+    # say which pp rank is the peak and what the others need, so a pp.split can move blocks off it
+    stage = (f" on pp rank {est.pp_peak_rank} (per pp rank: "
+             + ", ".join(fmt_bytes(b) for _, _, b in est.pp_rank_rows) + ")") if est.pp_rank_rows else ""
     return Err((RecipeError("cluster.gpu_memory_gb",
-                            f"estimated {fmt_bytes(est.total_bytes)} per rank exceeds {fmt_bytes(est.budget_bytes)} "
+                            f"estimated {fmt_bytes(est.total_bytes)} per rank{stage} exceeds {fmt_bytes(est.budget_bytes)} "
                             f"({USABLE:.0%} of the GPU); largest term: {name} {fmt_bytes(big)}",
                             memory_hint(est, recipe, mesh, model)),))
 
@@ -944,11 +974,15 @@ def view(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, est: Estimate) -> dic
                           "the last)" if est.accum_grads_bytes else "none: no FSDP gradient accumulation without sync",
            "gathered": f"top-level module (embeddings, final norm, lm_head) + last block kept gathered in {pd}"
                        if mesh.fsdp_enabled else "none: no FSDP",
-           "activations": f"{model.num_layers} layers, mbs {t.micro_batch_size} x seq {t.seq_len}"
+           "activations": (f"pp rank {est.pp_peak_rank}'s blocks x its micro-batches in flight ({recipe.pp.schedule})"
+                           if mesh.pp_enabled else f"{model.num_layers} layers") + f", mbs {t.micro_batch_size} x seq {t.seq_len}"
                           f"{' / cp ' + str(mesh.cp) if mesh.cp_enabled else ''}, AC {t.activation_checkpointing}",
            "logits": ("tokens x vocab / tp x 16 B (loss parallel)" if mesh.loss_parallel
                       else "tokens x vocab x 12 B (fp32 log-softmax, its grad in and out)"),
-           "attn_mask": _mask_how(recipe, model, mesh, am)}
+           "attn_mask": _mask_how(recipe, model, mesh, am),
+           "pp_buffers": f"the pipeline's receive buffers, allocated once: one per micro-batch ({mesh.grad_accum}) "
+                         f"and direction (activations in: not stage 0; their gradients in: not the last stage), "
+                         f"mbs x seq x hidden in {pd} each"}
     flops_how = ("6N + 12 x layers x heads x head_dim x seq_len; N = matmul parameters, input embedding excluded"
                  + ("; LoRA: 4 per frozen weight (no weight gradient), 6 per adapter parameter" if recipe.lora.rank else ""))
     return {"memory_rows": [{"name": k, "bytes": v, "how": how[k]} for k, v in est.terms.items()],

@@ -66,7 +66,7 @@ def _estimate(est: Estimate) -> dict:
     # block_gather_bytes only feeds the compile-time OOM hint; plan.json keeps the terms themselves
     d = {k: getattr(est, k) for k in est.__dataclass_fields__ if k != "block_gather_bytes"}
     if not est.pp_rank_rows:       # no pipeline: plan.json's estimate as before pp existed
-        for k in ("pp_comm_bytes", "pp_peak_rank", "pp_rank_rows"):
+        for k in ("pp_comm_bytes", "pp_peak_rank", "pp_rank_rows", "pp_buffers_bytes"):
             d.pop(k)
         if est.time is not None:
             d["time"] = {k: v for k, v in to_dict(est.time).items() if k not in ("pp_s", "bubble_s")

@@ -128,9 +128,12 @@ def candidates(recipe: Recipe, layers: int | None = None) -> list[Candidate]:
     recipe's own mbs stays, for the mesh stage to say why) x SP/LP on/off where tp > 1. tp runs
     over every divisor of world: the mesh stage drops the cross-node ones with its reason.
     pp (see pp_sizes; only with `layers`, the model's decoder blocks) x its schedules: with pp > 1
-    only what pp composes with is enumerated (cp 1, SP/LP off: compiler/pp.py refuses the rest
-    for every pp); the micro-batches per step are gbs / (mbs x dp), so the mbs choice is the
-    microbatches choice, and the rule drops mbs values that leave fewer micro-batches than pp."""
+    cp stays 1 (no context-parallel stages), SP/LP on/off are enumerated like without pp: while
+    compiler/pp.py refuses them suggest drops those candidates with its reason (decided once per
+    SP/LP pair), and once it accepts them they rank (without SP a 405B stage's activations and
+    sends are tp times larger: torchtitan's pp 8 x tp 8 runs SP); the micro-batches per step are
+    gbs / (mbs x dp), so the mbs choice is the microbatches choice, and the rule drops mbs values
+    that leave fewer micro-batches than pp."""
     c, t = recipe.cluster, recipe.train
     world = c.nodes * c.gpus_per_node
     out = []
@@ -144,7 +147,7 @@ def candidates(recipe: Recipe, layers: int | None = None) -> list[Candidate]:
                     dp = dr * ds
                     mbss = (divisors(t.global_batch_size // dp) if t.global_batch_size % dp == 0
                             else [t.micro_batch_size])
-                    splp = list(itertools.product((False, True), repeat=2)) if tp > 1 and pp == 1 else [(False, False)]
+                    splp = list(itertools.product((False, True), repeat=2)) if tp > 1 else [(False, False)]
                     for (sc, v), ac, mbs, (sp, lp) in itertools.product(scheds, AC_MODES, mbss, splp):
                         out.append(Candidate(dr, ds, cp, tp, ac, mbs, sp, lp, pp, sc, v))
     return out
@@ -200,6 +203,7 @@ def lost_because(best: StepTime, other: StepTime) -> str:
 
 # paths of compiler/pp.py refusals that hold for every pp candidate of a recipe (none reads a mesh axis)
 _PP_GLOBAL = ("model.config", "lora.quantize_base", "train.compile")
+_PP_FLAGS = ("tp.sequence_parallel", "tp.loss_parallel")      # ... and these read only SP / LP
 
 
 def _short(e: RecipeError, n: int = 160) -> str:
@@ -215,17 +219,25 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
     # pp rules that read no mesh axis (model type, tied embeddings, QLoRA, compile): decided
     # once on the first pp candidate, every other pp candidate dropped with the same reason
     pp_refused: RecipeError | None = None
+    # the same for SP / LP under pp (compiler/pp.py's rule reads the flags only): per (sp, lp) pair
+    flags_refused: dict[tuple[bool, bool], RecipeError] = {}
     for k in candidates(recipe, model.num_layers):
         r = with_candidate(recipe, k)
         mesh = resolve_mesh(r, model)
-        if not isinstance(mesh, Err) and k.pp > 1 and pp_refused is not None:   # check's order: mesh, then pp
-            dropped.append(Dropped(k, pp_refused.path, _short(pp_refused)))
+        flags = (k.sequence_parallel, k.loss_parallel)
+        if not isinstance(mesh, Err) and k.pp > 1 and (pp_refused or flags_refused.get(flags)):   # check's order:
+            e = pp_refused or flags_refused[flags]                                                # mesh, then pp
+            dropped.append(Dropped(k, e.path, _short(e)))
             continue
         if not isinstance(mesh, Err) and k.pp > 1:
             ppr = resolve_pp(r, model, mesh)
             if isinstance(ppr, Err):
                 if pp_refused is None:
                     pp_refused = next((e for e in ppr.errors if e.path in _PP_GLOBAL), None)
+                if any(flags):
+                    sp_lp = next((e for e in ppr.errors if e.path in _PP_FLAGS), None)
+                    if sp_lp is not None:
+                        flags_refused[flags] = sp_lp
                 mesh = ppr
         if not isinstance(mesh, Err):
             key = (k.tp, k.cp > 1, k.sequence_parallel, k.loss_parallel, k.pp > 1)

@@ -550,11 +550,32 @@ def _options(model) -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=bool(getattr(model, "_meshbake_nf4", False)))
 
 
+def own_param_groups(loaded: list[dict], own: list[dict]) -> list[dict]:
+    """The optimizer's param groups to set: one per group of this rank (`own`, its FQNs), with the
+    hyperparameters of the checkpoint's group that holds them. DCP writes a non-tensor entry such
+    as optim.param_groups.0.params once, from one rank: under pipeline parallelism each stage's
+    ranks list other FQNs, so the saved lists name one stage's parameters only, and torch's
+    set_state_dict leaves the other stages' groups without lr / betas (KeyError 'betas' at the
+    first step after a pp resume). A group none of whose FQNs were saved takes its own
+    hyperparameters (this plan's, the same on every rank) and the saved lr / initial_lr (one
+    LambdaLR factor for all groups: every group's lr is the same)."""
+    out = []
+    for g in own:
+        mine = set(g["params"])
+        src = next((lg for lg in loaded if mine & set(lg["params"])), None)
+        if src is None:
+            src = dict(g, **{k: loaded[0][k] for k in ("lr", "initial_lr") if loaded and k in loaded[0]})
+        out.append(dict(src, params=list(g["params"])))
+    return out
+
+
 def load(path: Path, model, optim) -> dict[str, Any]:
     opts = _options(model)
     msd, osd = get_state_dict(model, optim, options=opts)
+    own = [dict(g, params=list(g["params"])) for g in osd["param_groups"]]
     sd = {"model": msd, "optim": osd}
     load_dcp(sd, path)
+    sd["optim"]["param_groups"] = own_param_groups(sd["optim"]["param_groups"], own)
     if opts.ignore_frozen_params:    # the frozen base is not in sd; DCP already required every adapter key
         opts = StateDictOptions(ignore_frozen_params=True, strict=False)
     set_state_dict(model, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=opts)

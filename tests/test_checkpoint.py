@@ -264,3 +264,26 @@ def test_sigterm_to_the_whole_process_group_saves_and_exits_0(launched):
     stopped = int((run / "PREEMPTED").read_text())
     assert 3 <= stopped < STEPS, "the signal should land mid-run"
     assert verify(run / f"checkpoints/step-{stopped}") is None
+
+
+def test_param_groups_of_a_stage_the_checkpoint_does_not_list():
+    """DCP writes optim.param_groups.N.params once, from one rank: under pp the saved lists name
+    one stage's FQNs. A rank of another stage keeps its own groups (FQNs and hyperparameters)
+    with the checkpoint's lr; a rank whose FQNs are listed takes the listed group's values."""
+    from meshbake.runtime.checkpoint import own_param_groups
+
+    saved = [{"params": ["model.layers.0.mlp.up_proj.weight"], "lr": 3e-4, "initial_lr": 1e-3, "weight_decay": 0.1,
+              "betas": (0.9, 0.95)},
+             {"params": ["model.layers.0.input_layernorm.weight"], "lr": 3e-4, "initial_lr": 1e-3,
+              "weight_decay": 0.0, "betas": (0.9, 0.95)}]
+    stage1 = [{"params": ["model.layers.1.mlp.up_proj.weight", "lm_head.weight"], "lr": 1e-9, "initial_lr": 1e-3,
+               "weight_decay": 0.1, "betas": (0.9, 0.95)},
+              {"params": ["model.norm.weight"], "lr": 1e-9, "initial_lr": 1e-3, "weight_decay": 0.0,
+               "betas": (0.9, 0.95)}]
+    got = own_param_groups(saved, stage1)
+    assert [g["params"] for g in got] == [g["params"] for g in stage1]
+    assert [g["weight_decay"] for g in got] == [0.1, 0.0] and {g["lr"] for g in got} == {3e-4}
+    assert all(g["betas"] == (0.9, 0.95) for g in got)
+    stage0 = [dict(saved[0], lr=1e-9, weight_decay=0.5), dict(saved[1], lr=1e-9)]
+    got = own_param_groups(saved, stage0)
+    assert [g["weight_decay"] for g in got] == [0.1, 0.0] and {g["lr"] for g in got} == {3e-4}

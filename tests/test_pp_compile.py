@@ -69,14 +69,18 @@ def test_pp1_bundle_has_no_pp_keys():
 
 def test_estimate_per_stage_and_bubble():
     """Per pp rank its own parameters: 405B over pp 16 x fsdp 4 x tp 8; stage 0 (embedding + 8
-    blocks) the largest and, with 1F1B's pp micro-batches in flight there, the peak rank; rank r
-    holds pp - r in flight (full AC: one block input each); the bubble 15 / (32 + 15) of the
-    pipelined compute in the step time."""
+    blocks) the largest, with 1F1B's pp micro-batches in flight; rank r holds pp - r in flight
+    (full AC: one block input each). The peak is rank 1: torch.distributed.pipelining's receive
+    buffers, one per micro-batch and direction (32 x mbs 1 x seq 4096 x 16384 x bf16 = 4.29 GB per
+    direction), are the gradients only on stage 0 and activations + gradients from stage 1 on,
+    8.6 GB against rank 0's one more micro-batch (8 block inputs, 1.07 GB) and embedding. The
+    bubble 15 / (32 + 15) of the pipelined compute in the step time."""
     r = resolve(R405)
     est = r.estimate
     rows = {k: (n, b) for k, n, b in est.pp_rank_rows}
-    assert len(rows) == 16 and est.pp_peak_rank == 0
+    assert len(rows) == 16 and est.pp_peak_rank == 1
     assert rows[0][0] == max(n for n, _ in rows.values())
+    assert est.pp_buffers_bytes == 2 * 32 * 4096 * 16384 * 2 == est.terms["pp_buffers"]
     # rank 0: (embedding 128256 x 16384 + 8 blocks) / (tp 8 x fsdp 4); a block = (all - embedding -
     # lm_head - final norm) / 126
     emb = 128256 * 16384
@@ -88,7 +92,7 @@ def test_estimate_per_stage_and_bubble():
     hidden = 4096 * 16384 * 2                       # mbs 1 x seq 4096 x hidden x bf16 per hop
     assert {c.op for c in pp_rows} == {"send", "recv"}
     assert all(c.bytes == c.count * hidden for c in pp_rows)
-    assert pp_rows[0].count == 32                   # stage 0: one forward send per micro-batch + none back
+    assert pp_rows[0].count == 64                   # the peak rank, stage 1: forward + backward per micro-batch
     t = est.time
     bubble = 15 / (32 + 15)
     assert abs(t.bubble_s - (t.compute_s + t.recompute_s) * bubble / (1 - bubble)) < 1e-9 and t.pp_s > 0
@@ -136,7 +140,8 @@ def test_stage_group_may_split_a_node_but_tp_may_not_cross_one():
 def test_memory_fixes_under_pp_are_valid_under_pp():
     """A pp recipe over budget is offered fixes that pp accepts: never LoRA or loss parallel
     (both refused with mesh.pp > 1), a larger pp instead, and every fix re-run through the
-    pipeline's rules too: 405B pp 16 on 40 GB -> pp 32 (48.0 GB, still over: the estimate drops);
+    pipeline's rules too: 405B pp 16 on 40 GB -> pp 32 (65.6 GB, still over: the estimate drops; 17.2 GB of it the
+    receive buffers of 64 micro-batches at dp 2);
     Interleaved1F1B x 2 at pp 32 cannot double pp (64 x 2 = 128 stages > 126 blocks)."""
     from meshbake.compiler.estimate import _fix_candidates, memory_fixes
 
@@ -147,9 +152,11 @@ def test_memory_fixes_under_pp_are_valid_under_pp():
     assert "lora" not in hint and "loss_parallel" not in hint
     fixed = resolve(R405, "cluster.gpu_memory_gb=40", "mesh.pp=32", "mesh.dp_shard=-1")
     assert isinstance(fixed, Err) and [e.path for e in fixed.errors] == ["cluster.gpu_memory_gb"]   # pp rules pass
-    assert "estimated 48.0 GB" in fixed.errors[0].message
+    assert "estimated 65.6 GB" in fixed.errors[0].message
+    assert "per rank on pp rank 1 (per pp rank: 60.8 GB, 65.6 GB," in fixed.errors[0].message   # which stage peaks
     # the pp-doubling candidate is built, then dropped by the pipeline's rule (blocks >= stages)
-    ok = resolve(R405, "mesh.pp=32", "pp.schedule=Interleaved1F1B", "pp.stages_per_rank=2")
+    # (99.4 GB with the receive buffers of 64 micro-batches x 2 directions x 2 local stages: a larger GPU)
+    ok = resolve(R405, "mesh.pp=32", "pp.schedule=Interleaved1F1B", "pp.stages_per_rank=2", "cluster.gpu_memory_gb=200")
     assert not isinstance(ok, Err), ok
     est = replace(ok.estimate, budget_bytes=ok.estimate.total_bytes // 2)
     cands = _fix_candidates(est, ok.recipe, ok.mesh, "activations")

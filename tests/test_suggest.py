@@ -189,7 +189,8 @@ def _tiny_pp(**kw):
 
 def test_pp_candidates_enumerated_only_where_pp_composes():
     """pp in {1, 2, 4} for world 4 and 4 blocks (powers of 2 dividing the world, <= the blocks);
-    Interleaved1F1B (2 stages per rank) only where 2 pp <= blocks; under pp cp 1 and SP/LP off only.
+    Interleaved1F1B (2 stages per rank) only where 2 pp <= blocks; under pp cp 1, SP/LP on and off
+    where tp > 1 (compiler/pp.py decides: see the next test).
     Llama-3.1-405B's 126 blocks on 512 GPUs: pp up to 64 (2 pp <= 126 keeps Interleaved1F1B to pp <= 32)."""
     from meshbake.compiler.suggest import candidates, pp_schedules, pp_sizes
     from meshbake.compiler.validate import validate_all
@@ -202,7 +203,9 @@ def test_pp_candidates_enumerated_only_where_pp_composes():
     ks = candidates(recipe, 4)
     pp = [k for k in ks if k.pp > 1]
     assert {(k.pp, k.schedule, k.stages_per_rank) for k in pp} == {(2, "1F1B", 1), (2, "Interleaved1F1B", 2), (4, "1F1B", 1)}
-    assert all(k.cp == 1 and not k.sequence_parallel and not k.loss_parallel for k in pp)
+    assert all(k.cp == 1 for k in pp)
+    assert all(not (k.sequence_parallel or k.loss_parallel) for k in pp if k.tp == 1)
+    assert {(k.sequence_parallel, k.loss_parallel) for k in pp if k.tp == 2} == {(a, b) for a in (0, 1) for b in (0, 1)}
     assert all(k.pp * k.dp_replicate * k.dp_shard * k.tp == 4 for k in pp)
     assert candidates(recipe) == [k for k in ks if k.pp == 1]        # without the blocks: no pp, as before
 
@@ -244,6 +247,21 @@ def test_pp_candidates_ranked_with_the_bubble_and_dropped_by_the_pp_rules(pp_sg)
     assert few and all("fewer than pp" in x.reason or "rounds" in x.reason for x in few)
     assert {(x.cand.pp, x.cand.dp_replicate * x.cand.dp_shard, x.cand.micro_batch_size) for x in few
             if "fewer than pp" in x.reason} >= {(2, 2, 4), (4, 1, 8), (4, 1, 4)}
+    # SP / LP under pp: every such candidate is dropped with compiler/pp.py's reason while it refuses
+    # them (decided on the first, the same error), and ranks once it accepts them
+    from meshbake.compiler.mesh import resolve_mesh
+    from meshbake.compiler.pp import resolve_pp
+    flagged = [x for x in (*s.ranked, *s.dropped) if x.cand.pp > 1 and (x.cand.sequence_parallel or x.cand.loss_parallel)]
+    assert flagged
+    for x in flagged:
+        rec = with_candidate(res.recipe, x.cand)
+        mesh = resolve_mesh(rec, res.model)
+        if isinstance(mesh, Err):
+            continue
+        errs = resolve_pp(rec, res.model, mesh)
+        refused = [e.path for e in errs.errors if e.path.startswith("tp.")] if isinstance(errs, Err) else []
+        if refused:
+            assert x in s.dropped and x.path in refused, (x, refused)
     # the gap to #1 by term has the pipeline's terms, and the terms still sum to the net gap
     from meshbake.compiler.suggest import gap_terms
     gaps = [gap_terms(s.ranked[0].time, r.time) for r in s.ranked[1:]]

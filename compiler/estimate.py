@@ -1443,7 +1443,6 @@ def step_time(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms=None, work: p
       FSDP, HSDP prefetched / reduced while the compute goes on (perf.fsdp_exposed)
       optimizer  memory-bound: ADAMW_PASSES x the trainable shard over hbm_gbps
     MFU = flops_per_token x tokens/s per GPU / peak (the recompute is not useful work)."""
-    c, t = recipe.cluster, recipe.train
     if calibrated(recipe, mesh) and gemms is not None:
         return _measured_step(recipe, mesh, est, gemms)
     return datasheet_step(recipe, mesh, est, work)
@@ -1608,8 +1607,11 @@ def time_source(recipe: Recipe, mesh: MeshSpec) -> str:
         return (f"measured by meshbake calibrate (cluster.measured: {ms.ranks} ranks, {ms.cores} cores; GEMM "
                 f"throughput at the step's shapes, {ms.copy_gbps:g} GB/s copy, the measured collectives), not the "
                 "datasheet keys")
-    return (f"datasheet (cluster.peak_tflops {recipe.cluster.peak_tflops:g} x {MFU_CEILING:.0%}, hbm_gbps, "
-            "intra/inter_node_gbps); meshbake calibrate measures them")
+    c = recipe.cluster
+    g = perf.gpu_of(c.gpu, c.peak_tflops)
+    which = f"cluster.gpu {c.gpu}" if c.gpu else f"{g.name} by its peak" if g.name != "generic" else "no catalog GPU"
+    return (f"datasheet ({which}: peak_tflops {c.peak_tflops:g}, hbm_gbps {c.hbm_gbps:g}, intra/inter_node_gbps, "
+            f"nics_per_node) in compiler/perf.py's model, {perf.band_line()}; meshbake calibrate measures them")
 
 
 def _measured_rows(recipe: Recipe, mesh: MeshSpec, st: StepTime) -> tuple[tuple[str, float, str], ...]:
@@ -1637,15 +1639,20 @@ def step_rows(recipe: Recipe, mesh: MeshSpec, st: StepTime) -> tuple[tuple[str, 
         return _measured_rows(recipe, mesh, st)
     gb = {a: axis_gbps(recipe, mesh, a) for a in ("tp", "cp", "ep", "dp_shard_cp" if mesh.cp > 1 else "dp_shard",
                                                    "dp_replicate")}
-    bw = {a: f"{g:g} GB/s per rank ({'NVLink' if w == 'intra' else 'NICs shared by the node'})"
-          for a, (g, w) in gb.items()}
+    bw = {a: f"{g:.4g} GB/s bus ({'NVLink' if w == 'intra' else 'the NICs of its rails'})" for a, (g, w) in gb.items()}
     fsdp_ax = "dp_shard_cp" if mesh.cp > 1 else "dp_shard"
-    return (("compute", st.compute_s, f"FLOPs / ({c.peak_tflops:g} TFLOP/s x {MFU_CEILING:.0%}, the efficiency of "
-                                      "torchtitan's eager bf16 8B run)"),
-            ("recompute", st.recompute_s, f"activation checkpointing {recipe.train.activation_checkpointing}"),
+    gpu = perf.gpu_of(c.gpu, c.peak_tflops)
+    frac = perf.DEFAULT.frac(gpu.family)
+    t = recipe.train
+    return (("matmuls", st.compute_s, f"GEMMs by shape after TP: {c.peak_tflops:g} TFLOP/s x {frac:.0%} "
+                                      f"({gpu.family}) x 1 / (1 + {perf.KAPPA:g} x ridge / intensity)"),
+            ("attention", st.attention_s, f"12 L H Dh T FLOPs per token at seq {t.seq_len}, by its kernel (PLAN: Memory)"),
+            ("element-wise", st.memory_s, f"norms, RoPE, SiLU, loss at {c.hbm_gbps:g} GB/s HBM"
+                                          + (f"; torch.compile fuses {perf.COMPILE_FUSION:.0%}" if t.compile else "")),
+            ("recompute", st.recompute_s, f"activation checkpointing {t.activation_checkpointing}"),
             ("TP", st.tp_s, f"exposed, {bw['tp']}" if mesh.tp > 1 else "no TP"),
             ("CP", st.cp_s, f"exposed, {bw['cp']}" if mesh.cp > 1 else "no CP"),
-            ("FSDP", st.fsdp_s, f"{bw[fsdp_ax]}; at most {FSDP_OVERLAP:.0%} hidden behind compute"
+            ("FSDP", st.fsdp_s, f"{bw[fsdp_ax]}; the first all-gather exposed, the rest behind compute"
              if mesh.fsdp > 1 else "no FSDP traffic"),
             ("HSDP", st.hsdp_s, f"{bw['dp_replicate']}; overlapped like FSDP" if mesh.dp_replicate > 1 else "no replicas"),
             # a row only under mesh.ep: a dense plan's table stays as it was

@@ -264,7 +264,7 @@ def fsdp_exposed(dp_s: float, compute_s: float, blocks: int) -> float:
 # them and fails when the held-out share drops below HELD_OUT_WITHIN)
 HELD_OUT_ROWS = 18
 HELD_OUT_WITHIN = 1.0     # share of held-out published runs within +-20% of measured tokens/s per GPU
-HELD_OUT_MEDIAN = 0.059     # their median |predicted / measured - 1|
+HELD_OUT_MEDIAN = 0.059   # their median |predicted / measured - 1|
 
 
 def band_line() -> str:

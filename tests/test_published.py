@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from bench import published as B
 from meshbake.compiler import perf
 from meshbake.compiler.validate import validate_all
 from meshbake.runtime.sections import schema
+
+from bench import published as B
 
 
 def test_held_out_error_band_holds():

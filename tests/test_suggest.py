@@ -6,11 +6,11 @@ import json
 import re
 
 import pytest
+from meshbake.compiler import estimate as E
 from meshbake.compiler import load
 from meshbake.compiler.cli import main
 from meshbake.compiler.errors import Err
 from meshbake.compiler.pipeline import resolve_dict
-from meshbake.compiler import estimate as E
 from meshbake.compiler.suggest import Candidate, suggest_dict
 
 RECIPE = "recipes/70b_hsdp_tp.yaml"
@@ -124,8 +124,10 @@ def test_step_time_arithmetic_by_hand(sg):
         mm += p * 2 * m * n * k / (989e12 * eff)
         fwd += 2 * m * n * k / (989e12 * eff)
     L, H, Dh = 80, 64, 128                                      # Llama 3.1 70B
+    # data.format chat packs documents: sdpa gets a document mask, the masked kernel runs
+    assert "mask" in E.attention_memory(res.recipe, res.model, mesh).kernel
     attn = 12 * L * (H // 8) * Dh * 8192 * (t.micro_batch_size * 8192) / (
-        989e12 * frac * perf.ATTN_FLASH * 8192 / (8192 + perf.ATTN_T0))
+        989e12 * frac * perf.ATTN_FLASH * perf.ATTN["masked"] * 8192 / (8192 + perf.ATTN_T0))
     ew = (perf.EW_PASSES * L * 8192 * t.micro_batch_size * (8192 / 8 + (28672 + 8192 + 2 * 1024) / 8) * 2
           + perf.LOGIT_PASSES * 4 * 8192 * t.micro_batch_size * 128256 / 8) / 3350e9
     recompute = fwd + perf.ATTN_FWD * attn + ew / 3              # full AC: the forward again

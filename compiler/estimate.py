@@ -1380,6 +1380,7 @@ class StepTime:
     bubble_s: float = 0.0    # mesh.pp: idle stage time, bubble / (1 - bubble) x the compute
     memory_s: float = 0.0    # calibrated profiles: the element-wise traffic at the measured copy bandwidth
     attention_s: float = 0.0  # datasheet model: the attention kernels (compiler/perf.py)
+    attn_kernel: str = ""    # datasheet model: flash | masked | eager (perf.kernel_of)
 
     @property
     def step_s(self) -> float:
@@ -1474,6 +1475,7 @@ def datasheet_step(recipe: Recipe, mesh: MeshSpec, est: Estimate, work: perf.Wor
                   fsdp_s=exposed * shard / dp if dp else 0.0, hsdp_s=exposed * rep / dp if dp else 0.0,
                   cp_s=comm_seconds(recipe, mesh, rows, ("cp",)), ep_s=comm_seconds(recipe, mesh, rows, ("ep",)),
                   tokens_per_rank=tokens, attention_s=attention, memory_s=memory,
+                  attn_kernel=work.kernel if work is not None else "",
                   optimizer_s=ADAMW_PASSES * est.grads_bytes / (c.hbm_gbps * 1e9))
     if mesh.pp_enabled:
         # the bubble (pp - 1) / (m v + pp - 1) of the pipelined time: 1F1B / GPipe v = 1; looped
@@ -1646,7 +1648,8 @@ def step_rows(recipe: Recipe, mesh: MeshSpec, st: StepTime) -> tuple[tuple[str, 
     t = recipe.train
     return (("matmuls", st.compute_s, f"GEMMs by shape after TP: {c.peak_tflops:g} TFLOP/s x {frac:.0%} "
                                       f"({gpu.family}) x 1 / (1 + {perf.KAPPA:g} x ridge / intensity)"),
-            ("attention", st.attention_s, f"12 L H Dh T FLOPs per token at seq {t.seq_len}, by its kernel (PLAN: Memory)"),
+            ("attention", st.attention_s, f"12 L H Dh T FLOPs per token at seq {t.seq_len}, {st.attn_kernel} kernel "
+                                           f"({perf.ATTN.get(st.attn_kernel, 1):.0%} of flash's rate)"),
             ("element-wise", st.memory_s, f"norms, RoPE, SiLU, loss at {c.hbm_gbps:g} GB/s HBM"
                                           + (f"; torch.compile fuses {perf.COMPILE_FUSION:.0%}" if t.compile else "")),
             ("recompute", st.recompute_s, f"activation checkpointing {t.activation_checkpointing}"),

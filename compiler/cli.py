@@ -305,6 +305,10 @@ def _suggest(args, t0: float) -> int:
               "rank); * = the recipe's own choice; why not first = step time "
               "beyond #1 in ms (%), split by term in ms; step-time model and its assumptions: compiler/suggest.py")
     con.print(t)
+    if s.device == "cuda":
+        from meshbake.compiler.perf import band_line
+
+        con.print(f"how sure: the datasheet step-time model is within {band_line()}")
     if s.device != "cuda":
         con.print(f"[yellow]note[/] cluster.device is {_con(s.device)}: the ranking uses the cluster's hardware keys "
                   "(peak_tflops, *_gbps; H100 defaults unless set), not this machine")

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from meshbake.compiler import perf
 from meshbake.compiler.errors import Err, RecipeError, Result, reads
 from meshbake.compiler.memo import cached
 from meshbake.compiler.mesh import MeshSpec
@@ -733,7 +734,20 @@ def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -
         ep_comm_bytes=sum(c.wire_bytes for c in comm if c.op == "all_to_all"),
         attn_mask_bytes=mem["attn_mask"],
     )
-    return replace(est, time=step_time(recipe, mesh, est, gemm_shapes(recipe, mesh, params))) if timed(recipe) else est
+    if not timed(recipe):
+        return est
+    gemms = gemm_shapes(recipe, mesh, params)
+    return replace(est, time=step_time(recipe, mesh, est, gemms, _work(recipe, model, mesh, gemms)))
+
+
+def _work(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, gemms) -> perf.Work:
+    """The datasheet model's per-micro-batch work (compiler/perf.py); a tied lm_head is the
+    embedding's weight, which gemm_shapes leaves out as a lookup: its matmul is added here."""
+    if model.roles.tied:
+        t = recipe.train
+        gemms = (*gemms, (t.micro_batch_size * t.seq_len // mesh.cp,
+                          model.vocab_size // (mesh.tp if mesh.loss_parallel else 1), model.hidden_size, 3))
+    return perf.work_of(recipe, model, mesh, gemms, perf.kernel_of(attention_memory(recipe, model, mesh).kernel))
 
 
 def _estimate_pp(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> Estimate:
@@ -758,7 +772,10 @@ def _estimate_pp(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placement
         ep_comm_bytes=0, attn_mask_bytes=mem["attn_mask"],
         pp_comm_bytes=sum(c.bytes for c in comm if c.axis == "pp"), pp_peak_rank=r.rank, pp_rank_rows=rows,
         pp_buffers_bytes=mem["pp_buffers"])
-    return replace(est, time=step_time(recipe, mesh, est)) if timed(recipe) else est
+    if not timed(recipe):
+        return est
+    stage = replace(model, num_layers=r.blocks)
+    return replace(est, time=step_time(recipe, mesh, est, None, _work(recipe, stage, mesh, gemm_shapes(recipe, mesh, params))))
 
 
 @dataclass(frozen=True)
@@ -1447,77 +1464,103 @@ class StepTime:
     pp_s: float = 0.0        # mesh.pp: the sends of the pipeline's fill and drain (the rest overlap)
     bubble_s: float = 0.0    # mesh.pp: idle stage time, bubble / (1 - bubble) x the compute
     memory_s: float = 0.0    # calibrated profiles: the element-wise traffic at the measured copy bandwidth
+    attention_s: float = 0.0  # datasheet model: the attention kernels (compiler/perf.py)
+    attn_kernel: str = ""    # datasheet model: flash | masked | eager (perf.kernel_of)
 
     @property
     def step_s(self) -> float:
         return (self.compute_s + self.recompute_s + self.tp_s + self.fsdp_s + self.hsdp_s + self.cp_s
-                + self.ep_s + self.optimizer_s + self.pp_s + self.bubble_s + self.memory_s)
+                + self.ep_s + self.optimizer_s + self.pp_s + self.bubble_s + self.memory_s + self.attention_s)
 
     @property
     def tokens_per_s_gpu(self) -> float:
         return self.tokens_per_rank / self.step_s
 
 
-def axis_gbps(recipe: Recipe, mesh: MeshSpec, axis: str) -> tuple[float, str]:
-    """(GB/s per rank, "intra" | "inter") of a group along `axis`: its ranks span the axis and
-    every inner one (consecutive ranks), so it stays in one node iff that span fits the node's
-    GPUs (NVLink); otherwise the node's NICs are shared by its GPUs, each in its own group."""
-    c = recipe.cluster
+def _group(recipe: Recipe, mesh: MeshSpec, axis: str, size: int | None = None) -> perf.Group:
+    """The group along `axis` (`size` ranks: a traffic row's own count): its ranks are the inner
+    axes' span / size apart (consecutive ranks fill a node first), so it has gpus_per_node /
+    stride members in each node it spans; a pp hop goes from one stage group (world / pp ranks,
+    the span) to the next."""
     span = math.prod(getattr(mesh, a) for a in AXIS_INNER[axis])
-    if span <= c.gpus_per_node:
-        return c.intra_node_gbps, "intra"
-    return c.nics_per_node * c.inter_node_gbps / c.gpus_per_node, "inter"
+    if size is None:
+        size = {"dp_shard_cp": mesh.dp_shard * mesh.cp, "efsdp": max(1, mesh.dp_shard // mesh.ep),
+                "world": mesh.world, "pp": mesh.pp}.get(axis) or getattr(mesh, axis)
+    stride = span if axis == "pp" else max(1, span // max(size, 1))
+    return perf.group_of(size, stride, recipe.cluster.gpus_per_node)
+
+
+def axis_gbps(recipe: Recipe, mesh: MeshSpec, axis: str) -> tuple[float, str]:
+    """(bus GB/s per rank, "intra" | "inter") of a group along `axis` (perf.bus_gbps: NVLink in a
+    node; across nodes the NICs of the rails its members sit on)."""
+    g = _group(recipe, mesh, axis)
+    return _bus(recipe, g), "intra" if g.nodes <= 1 else "inter"
+
+
+def _bus(recipe: Recipe, g: perf.Group) -> float:
+    c = recipe.cluster
+    return perf.bus_gbps(g, perf.gpu_of(c.gpu, c.peak_tflops), c.intra_node_gbps, c.inter_node_gbps,
+                         c.nics_per_node, c.gpus_per_node)
 
 
 def comm_seconds(recipe: Recipe, mesh: MeshSpec, rows: tuple[Collective, ...], axes: tuple[str, ...]) -> float:
-    """Ring time of the rows on these axes: wire bytes / bandwidth + a start-up latency each."""
+    """Time of the rows on these axes: wire bytes / the group's bus bandwidth + a latency per call
+    (perf.latency_s: ring hops in a node, NCCL's tree for all-reduce across nodes)."""
     s = 0.0
     for c in rows:
         if c.axis in axes:
-            gbps, where = axis_gbps(recipe, mesh, c.axis)
-            s += c.wire_bytes / (gbps * 1e9) + c.count * LATENCY_S[where]
+            g = _group(recipe, mesh, c.axis, c.ranks)
+            gbps = _bus(recipe, g)
+            s += c.wire_bytes / (gbps * 1e9) + c.count * perf.latency_s(c.op, g)
     return s
 
 
-def step_time(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms=None) -> StepTime:
-    """Per rank per optimizer step, from cluster.* (peak_tflops, hbm_gbps, intra_node_gbps,
-    inter_node_gbps, nics_per_node) and the estimate's FLOPs and traffic rows:
-      compute    flops_per_token x tokens per rank / (peak x MFU_CEILING); tokens per rank =
-                 global_batch_size x seq_len / world (dp splits the batch, cp the sequence, tp
-                 the matmuls of the same tokens)
-      recompute  full AC repeats the forward: + 1/3 of the compute (forward 2N of 6N); selective
-                 recomputes element-wise ops only: + SELECTIVE_RECOMPUTE of it
-      TP, CP     exposed: every one sits between two dependent ops (the runtime has no async TP;
-                 CP gathers K/V right before the attention that reads them). AC's recompute
-                 collectives are in the rows already
-      EP         exposed: runtime/ep.py dispatches a MoE layer's tokens, computes its experts and
-                 combines them in order, nothing to overlap with (the experts' FSDP over efsdp is
-                 counted with FSDP)
-      FSDP, HSDP FSDP2 prefetches the next block's all-gather and reduces (across replicas too)
-                 while the backward goes on: at most FSDP_OVERLAP of that traffic hides, and no
-                 more than the compute it overlaps: exposed = max((1 - FSDP_OVERLAP) t, t - compute)
+def step_time(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms=None, work: perf.Work | None = None) -> StepTime:
+    """Per rank per optimizer step. A calibrated profile (cluster.measured.ranks > 0, `meshbake
+    calibrate`) uses _measured_step (GEMM time at the step's shapes, measured collectives,
+    oversubscription); every other cuda plan the datasheet model of compiler/perf.py
+    (datasheet_step): matmuls by shape, attention by kernel and sequence length, element-wise
+    traffic at the HBM bandwidth, recompute by AC mode, collectives by their group's topology.
+    Without `work` (a caller that has no model at hand) the one-constant form of the first model
+    stands in: FLOPs / (peak x MFU_CEILING).
+      TP, CP, EP exposed: every one sits between two dependent ops (no async TP; CP gathers K/V
+                 right before the attention that reads them; runtime/ep.py dispatches, computes and
+                 combines in order). AC's recompute collectives are in the rows already
+      FSDP, HSDP prefetched / reduced while the compute goes on (perf.fsdp_exposed)
       optimizer  memory-bound: ADAMW_PASSES x the trainable shard over hbm_gbps
-      (the step's stats all-reduce is in flight during clipping and AdamW: not counted)
-    Each collective: wire bytes (ring) / the bandwidth of its group (axis_gbps) + LATENCY_S.
-    MFU = flops_per_token x tokens/s per GPU / peak (the recompute is not useful work).
-    A calibrated profile (cluster.measured.ranks > 0, `meshbake calibrate`) replaces the datasheet
-    facts: _measured_step (GEMM time at the step's shapes, measured collectives, oversubscription)."""
-    c, t = recipe.cluster, recipe.train
+    MFU = flops_per_token x tokens/s per GPU / peak (the recompute is not useful work)."""
     if calibrated(recipe, mesh) and gemms is not None:
         return _measured_step(recipe, mesh, est, gemms)
+    return datasheet_step(recipe, mesh, est, work)
+
+
+def datasheet_step(recipe: Recipe, mesh: MeshSpec, est: Estimate, work: perf.Work | None,
+                   cs: perf.Consts = perf.DEFAULT) -> StepTime:
+    """step_time from the cluster's datasheet facts and compiler/perf.py's fitted constants."""
+    c, t = recipe.cluster, recipe.train
+    gpu = perf.gpu_of(c.gpu, c.peak_tflops)
     tokens = t.global_batch_size * t.seq_len / mesh.world
-    compute = est.flops_per_token * tokens / (c.peak_tflops * 1e12 * MFU_CEILING)
-    ac = t.activation_checkpointing
-    recompute = compute / 3 if ac == "full" else compute * SELECTIVE_RECOMPUTE if ac == "selective" else 0.0
+    if work is not None:
+        cp_ = perf.compute_seconds(work, gpu, c.peak_tflops, c.hbm_gbps, cs)
+        compute, attention, memory, recompute = cp_.matmul_s, cp_.attention_s, cp_.elementwise_s, cp_.recompute_s
+        blocks = work.blocks
+    else:
+        compute = est.flops_per_token * tokens / (c.peak_tflops * 1e12 * MFU_CEILING)
+        attention = memory = 0.0
+        ac = t.activation_checkpointing
+        recompute = compute / 3 if ac == "full" else compute * SELECTIVE_RECOMPUTE if ac == "selective" else 0.0
+        blocks = 1
+    busy = compute + attention + memory + recompute
     rows = est.traffic
     shard = comm_seconds(recipe, mesh, rows, ("dp_shard", "dp_shard_cp", "efsdp"))
     rep = comm_seconds(recipe, mesh, rows, ("dp_replicate",))
     dp = shard + rep
-    exposed = max((1 - FSDP_OVERLAP) * dp, dp - compute - recompute) if dp else 0.0
+    exposed = perf.fsdp_exposed(dp, busy, blocks)
     st = StepTime(compute_s=compute, recompute_s=recompute, tp_s=comm_seconds(recipe, mesh, rows, ("tp",)),
                   fsdp_s=exposed * shard / dp if dp else 0.0, hsdp_s=exposed * rep / dp if dp else 0.0,
                   cp_s=comm_seconds(recipe, mesh, rows, ("cp",)), ep_s=comm_seconds(recipe, mesh, rows, ("ep",)),
-                  tokens_per_rank=tokens,
+                  tokens_per_rank=tokens, attention_s=attention, memory_s=memory,
+                  attn_kernel=work.kernel if work is not None else "",
                   optimizer_s=ADAMW_PASSES * est.grads_bytes / (c.hbm_gbps * 1e9))
     if mesh.pp_enabled:
         # the bubble (pp - 1) / (m v + pp - 1) of the pipelined time: 1F1B / GPipe v = 1; looped
@@ -1527,9 +1570,10 @@ def step_time(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms=None) -> Step
         bubble = (mesh.pp - 1) / (m * v + mesh.pp - 1)
         hops = [x for x in rows if x.axis == "pp" and x.op == "send"]
         hop = hops[0].bytes / hops[0].count if hops else 0.0
-        gbps, where = axis_gbps(recipe, mesh, "pp")
-        st = replace(st, bubble_s=(compute + recompute) * bubble / (1 - bubble),
-                     pp_s=2 * (mesh.pp * v - 1) * (hop / (gbps * 1e9) + LATENCY_S[where]))
+        g = _group(recipe, mesh, "pp")
+        gbps = _bus(recipe, g)
+        st = replace(st, bubble_s=busy * bubble / (1 - bubble),
+                     pp_s=2 * (mesh.pp * v - 1) * (hop / (gbps * 1e9) + perf.latency_s("send", g)))
     return replace(st, mfu=est.flops_per_token * st.tokens_per_s_gpu / (c.peak_tflops * 1e12))
 
 
@@ -1650,8 +1694,11 @@ def time_source(recipe: Recipe, mesh: MeshSpec) -> str:
         return (f"measured by meshbake calibrate (cluster.measured: {ms.ranks} ranks, {ms.cores} cores; GEMM "
                 f"throughput at the step's shapes, {ms.copy_gbps:g} GB/s copy, the measured collectives), not the "
                 "datasheet keys")
-    return (f"datasheet (cluster.peak_tflops {recipe.cluster.peak_tflops:g} x {MFU_CEILING:.0%}, hbm_gbps, "
-            "intra/inter_node_gbps); meshbake calibrate measures them")
+    c = recipe.cluster
+    g = perf.gpu_of(c.gpu, c.peak_tflops)
+    which = f"cluster.gpu {c.gpu}" if c.gpu else f"{g.name} by its peak" if g.name != "generic" else "no catalog GPU"
+    return (f"datasheet ({which}: peak_tflops {c.peak_tflops:g}, hbm_gbps {c.hbm_gbps:g}, intra/inter_node_gbps, "
+            f"nics_per_node) in compiler/perf.py's model, {perf.band_line()}; meshbake calibrate measures them")
 
 
 def _measured_rows(recipe: Recipe, mesh: MeshSpec, st: StepTime) -> tuple[tuple[str, float, str], ...]:
@@ -1679,15 +1726,21 @@ def step_rows(recipe: Recipe, mesh: MeshSpec, st: StepTime) -> tuple[tuple[str, 
         return _measured_rows(recipe, mesh, st)
     gb = {a: axis_gbps(recipe, mesh, a) for a in ("tp", "cp", "ep", "dp_shard_cp" if mesh.cp > 1 else "dp_shard",
                                                    "dp_replicate")}
-    bw = {a: f"{g:g} GB/s per rank ({'NVLink' if w == 'intra' else 'NICs shared by the node'})"
-          for a, (g, w) in gb.items()}
+    bw = {a: f"{g:.4g} GB/s bus ({'NVLink' if w == 'intra' else 'the NICs of its rails'})" for a, (g, w) in gb.items()}
     fsdp_ax = "dp_shard_cp" if mesh.cp > 1 else "dp_shard"
-    return (("compute", st.compute_s, f"FLOPs / ({c.peak_tflops:g} TFLOP/s x {MFU_CEILING:.0%}, the efficiency of "
-                                      "torchtitan's eager bf16 8B run)"),
-            ("recompute", st.recompute_s, f"activation checkpointing {recipe.train.activation_checkpointing}"),
+    gpu = perf.gpu_of(c.gpu, c.peak_tflops)
+    frac = perf.DEFAULT.frac(gpu.family)
+    t = recipe.train
+    return (("matmuls", st.compute_s, f"GEMMs by shape after TP: {c.peak_tflops:g} TFLOP/s x {frac:.0%} "
+                                      f"({gpu.family}) x 1 / (1 + {perf.KAPPA:g} x ridge / intensity)"),
+            ("attention", st.attention_s, f"12 L H Dh T FLOPs per token at seq {t.seq_len}, {st.attn_kernel} kernel "
+                                           f"({perf.ATTN.get(st.attn_kernel, 1):.0%} of flash's rate)"),
+            ("element-wise", st.memory_s, f"norms, RoPE, SiLU, loss at {c.hbm_gbps:g} GB/s HBM"
+                                          + (f"; torch.compile fuses {perf.COMPILE_FUSION:.0%}" if t.compile else "")),
+            ("recompute", st.recompute_s, f"activation checkpointing {t.activation_checkpointing}"),
             ("TP", st.tp_s, f"exposed, {bw['tp']}" if mesh.tp > 1 else "no TP"),
             ("CP", st.cp_s, f"exposed, {bw['cp']}" if mesh.cp > 1 else "no CP"),
-            ("FSDP", st.fsdp_s, f"{bw[fsdp_ax]}; at most {FSDP_OVERLAP:.0%} hidden behind compute"
+            ("FSDP", st.fsdp_s, f"{bw[fsdp_ax]}; the first all-gather exposed, the rest behind compute"
              if mesh.fsdp > 1 else "no FSDP traffic"),
             ("HSDP", st.hsdp_s, f"{bw['dp_replicate']}; overlapped like FSDP" if mesh.dp_replicate > 1 else "no replicas"),
             # a row only under mesh.ep: a dense plan's table stays as it was

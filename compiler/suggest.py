@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from meshbake.compiler import estimate as E
+from meshbake.compiler import perf
 from meshbake.compiler.errors import Err, RecipeError, Result
 from meshbake.compiler.estimate import FSDP_OVERLAP, MFU_CEILING, SELECTIVE_RECOMPUTE, StepTime, check_memory, estimate
 from meshbake.compiler.mesh import divisors, resolve_mesh
@@ -167,11 +168,17 @@ def with_candidate(recipe: Recipe, k: Candidate) -> Recipe:
 
 
 def step_time(recipe: Recipe, model: ModelSpec, mesh, est) -> StepTime:
-    """The estimate stage's model (kept here under its old signature)."""
-    return E.step_time(recipe, mesh, est)
+    """The estimate stage's model (kept here under its old signature): the datasheet model with the
+    plan's GEMM shapes and attention kernel, as estimate() computes it."""
+    pl = resolve_placements(recipe, model, mesh)
+    if isinstance(pl, Err):
+        return E.step_time(recipe, mesh, est)
+    gemms = E.gemm_shapes(recipe, mesh, E.rank_params(recipe, model, pl, mesh.tp))
+    return E.step_time(recipe, mesh, est, gemms, E._work(recipe, model, mesh, gemms))
 
 
-_TERMS = {"compute_s": "compute", "recompute_s": "recompute", "tp_s": "TP", "cp_s": "CP", "fsdp_s": "FSDP",
+_TERMS = {"compute_s": "compute", "attention_s": "attention", "memory_s": "element-wise",
+          "recompute_s": "recompute", "tp_s": "TP", "cp_s": "CP", "fsdp_s": "FSDP",
           "hsdp_s": "HSDP", "ep_s": "EP", "optimizer_s": "optimizer",
           "pp_s": "PP", "bubble_s": "bubble"}   # StepTime.step_s is their sum
 
@@ -296,8 +303,12 @@ def to_json(s: Suggestion) -> dict[str, Any]:
     return {
         "world": s.world,
         "own": cand(s.own),
-        "model": {"mfu_ceiling": MFU_CEILING, "fsdp_overlap": FSDP_OVERLAP,
-                  "selective_recompute": SELECTIVE_RECOMPUTE},
+        # the datasheet model's constants (compiler/perf.py) and how sure it is: its error on the
+        # held-out published runs of bench/published_runs.json
+        "model": {"fraction": dict(perf.DEFAULT.fraction), "kappa": perf.KAPPA, "attn_flash": perf.ATTN_FLASH,
+                  "attn_t0": perf.ATTN_T0, "ew_passes": perf.EW_PASSES, "compile_fusion": perf.COMPILE_FUSION,
+                  "held_out_within_20pct": perf.HELD_OUT_WITHIN, "held_out_rows": perf.HELD_OUT_ROWS,
+                  "held_out_median_error": perf.HELD_OUT_MEDIAN},
         # the recipe's own choice: its rank and how much slower than #1, or why it is infeasible
         "own_rank": s.own_rank,
         "own_slower_than_best": None if s.own_rank is None else round(s.slower_than_best(s.ranked[s.own_rank - 1]), 6),

@@ -692,6 +692,21 @@ def _with(d: dict[str, Any], parts: list[str], value: Any) -> dict[str, Any]:
 _STAND_IN = {"string": "unset", "integer": 1, "number": 1.0, "boolean": False, "object": {}}
 
 
+def _gpu_facts(d: dict[str, Any]) -> dict[str, Any]:
+    """cluster.gpu names a catalog GPU (compiler/perf.py GPUS): its datasheet facts go under the
+    cluster keys the recipe or its profile leave unset (they win), before the schema defaults
+    (H100 SXM) fill the rest."""
+    from meshbake.compiler.perf import GPUS
+
+    c = d.get("cluster")
+    g = GPUS.get(c.get("gpu")) if isinstance(c, dict) and isinstance(c.get("gpu"), str) else None
+    if g is None:
+        return d
+    facts = {"peak_tflops": g.peak_tflops, "hbm_gbps": g.hbm_gbps, "intra_node_gbps": g.intra_node_gbps,
+             "inter_node_gbps": g.inter_node_gbps, "nics_per_node": g.nics_per_node, "gpu_memory_gb": g.memory_gb}
+    return {**d, "cluster": {**facts, **c}}
+
+
 def _set_aside(d: Mapping[str, Any], errs: list[RecipeError]) -> tuple[dict[str, Any], set[str]] | None:
     """d with unknown keys dropped and every field with an error taken out, defaults filled in
     (a stand-in for a required field without one) -> (defaults-filled dict, fields set aside);
@@ -712,7 +727,7 @@ def _set_aside(d: Mapping[str, Any], errs: list[RecipeError]) -> tuple[dict[str,
     for _ in range(3):                         # a stand-in section {} can lack a required key in turn
         left = schema_errors(out) if errs else []
         if not left:
-            return _defaults(schema(), out), aside
+            return _defaults(schema(), _gpu_facts(out)), aside
         for e in left:
             field = _field(e.path)
             node = _section_schema(_parts(field))

@@ -115,7 +115,7 @@ def test_ep_all_to_all_in_the_step_time_model():
     runtime dispatches, computes the experts and combines in order): ep_s = the ep rows' wire
     bytes over the ep group's bandwidth + a start-up latency each, inside step_s, and a PLAN.md
     row. ep = 1 has no such row and ep_s = 0."""
-    from meshbake.compiler.estimate import LATENCY_S
+    from meshbake.compiler import perf
 
     def plan(ep):
         b = compiled(ep=ep, dp_shard=4, device="cuda")
@@ -128,8 +128,12 @@ def test_ep_all_to_all_in_the_step_time_model():
     assert {x["op"] for x in rows} == {"all_to_all", "all_reduce"} and all(x["ranks"] == 2 for x in rows)
     # a ring all-reduce moves 2 (n - 1) / n of its bytes, an all-to-all (n - 1) / n (uniform routing)
     wire = sum(x["bytes"] * (2 if x["op"] == "all_reduce" else 1) // 2 for x in rows)
-    # ep 2 is two consecutive GPUs of one node: NVLink
-    want = wire / (c["intra_node_gbps"] * 1e9) + sum(x["count"] for x in rows) * LATENCY_S["intra"]
+    # ep 2 is two consecutive GPUs of one node: NVLink at its bus efficiency, one ring hop (two
+    # for the all-reduce) after NCCL's start-up
+    lat = {op: perf.BASE_LAT_S + (2 if op == "all_reduce" else 1) * perf.HOP_LAT_S["intra"] for op in ("all_to_all",
+                                                                                                   "all_reduce")}
+    want = (wire / (c["intra_node_gbps"] * perf.NVLINK_EFF * 1e9)
+            + sum(x["count"] * lat[x["op"]] for x in rows))
     assert t["ep_s"] == pytest.approx(want, rel=1e-12) and t["ep_s"] > 0
     # inside step_s: the table's seconds add up to it, EP row included
     from meshbake.compiler.estimate import StepTime

@@ -95,7 +95,8 @@ def test_estimate_per_stage_and_bubble():
     assert pp_rows[0].count == 64                   # the peak rank, stage 1: forward + backward per micro-batch
     t = est.time
     bubble = 15 / (32 + 15)
-    assert abs(t.bubble_s - (t.compute_s + t.recompute_s) * bubble / (1 - bubble)) < 1e-9 and t.pp_s > 0
+    busy = t.compute_s + t.attention_s + t.memory_s + t.recompute_s      # the stage's whole compute
+    assert abs(t.bubble_s - busy * bubble / (1 - bubble)) < 1e-9 and t.pp_s > 0
 
 
 def _tiny_pp(world: int, **kw) -> dict:

@@ -6,11 +6,12 @@ import json
 import re
 
 import pytest
+from meshbake.compiler import estimate as E
 from meshbake.compiler import load
 from meshbake.compiler.cli import main
 from meshbake.compiler.errors import Err
 from meshbake.compiler.pipeline import resolve_dict
-from meshbake.compiler.suggest import FSDP_OVERLAP, MFU_CEILING, Candidate, suggest_dict
+from meshbake.compiler.suggest import Candidate, suggest_dict
 
 RECIPE = "recipes/70b_hsdp_tp.yaml"
 
@@ -105,27 +106,47 @@ def test_infeasible_own_row_says_why(capsys):
 
 
 def test_step_time_arithmetic_by_hand(sg):
-    """The recipe's own candidate, re-derived from the model in compiler/estimate.step_time."""
+    """The recipe's own candidate, re-derived from the datasheet model (compiler/perf.py)."""
+    from meshbake.compiler import perf
+
     d, s = sg
     res = resolve_dict(d)
     est, r = res.estimate, next(r for r in s.ranked if r.cand == s.own)
-    c, mesh = res.recipe.cluster, res.mesh
-    # 70b_hsdp_tp: 64 GPUs, gbs 64 x seq 8192 -> 8192 tokens per rank; H100 defaults
+    c, mesh, t = res.recipe.cluster, res.mesh, res.recipe.train
+    # 70b_hsdp_tp: 64 GPUs, gbs 64 x seq 8192 -> 8192 tokens per rank; H100 defaults (found by their peak)
     tokens = 64 * 8192 / 64
     assert (c.peak_tflops, c.hbm_gbps, c.intra_node_gbps, c.inter_node_gbps, c.nics_per_node) == (989, 3350, 450, 50, 8)
-    compute = est.flops_per_token * tokens / (989e12 * MFU_CEILING)
-    recompute = compute / 3                                    # full AC
+    frac, ridge = perf.FRACTION["h100"], 989e12 / 3350e9
+    micro = mesh.grad_accum
+    # every GEMM after TP: m = micro-batch tokens, n = rows, k = in; trained: 3 passes
+    mm = fwd = 0.0
+    for m, n, k, p in E.gemm_shapes(res.recipe, mesh, E.rank_params(res.recipe, res.model, res.placements, 8)):
+        eff = frac / (1 + perf.KAPPA * ridge / (1 / (1 / m + 1 / n + 1 / k)))
+        mm += p * 2 * m * n * k / (989e12 * eff)
+        fwd += 2 * m * n * k / (989e12 * eff)
+    L, H, Dh = 80, 64, 128                                      # Llama 3.1 70B
+    # data.format chat packs documents: sdpa gets a document mask, the masked kernel runs
+    assert "mask" in E.attention_memory(res.recipe, res.model, mesh).kernel
+    attn = 12 * L * (H // 8) * Dh * 8192 * (t.micro_batch_size * 8192) / (
+        989e12 * frac * perf.ATTN_FLASH * perf.ATTN["masked"] * 8192 / (8192 + perf.ATTN_T0))
+    ew = (perf.EW_PASSES * L * 8192 * t.micro_batch_size * (8192 / 8 + (28672 + 8192 + 2 * 1024) / 8) * 2
+          + perf.LOGIT_PASSES * 4 * 8192 * t.micro_batch_size * 128256 / 8) / 3350e9
+    recompute = fwd + perf.ATTN_FWD * attn + ew / 3              # full AC: the forward again
+    busy = (mm + attn + ew + recompute) * micro
 
-    def ring(axis, gbps, latency):                             # wire bytes / bandwidth + start-up each
-        return sum(x.wire_bytes / gbps + x.count * latency for x in est.traffic if x.axis == axis)
+    def ring(axis, gbps, lat):                                 # wire bytes / bus bandwidth + start-up each
+        return sum(x.wire_bytes / gbps + x.count * lat(x.op) for x in est.traffic if x.axis == axis)
 
-    tp = ring("tp", 450e9, 10e-6)                              # 8 consecutive ranks: NVLink, exposed
-    # dp_shard 4 x cp 1 x tp 8 = 32 ranks span 4 nodes: 8 NICs x 50 GB/s shared by 8 GPUs;
-    # dp_replicate spans all 8 nodes, the same share
-    dp = ring("dp_shard", 8 * 50e9 / 8, 25e-6) + ring("dp_replicate", 50e9, 25e-6)
-    exposed = max((1 - FSDP_OVERLAP) * dp, dp - compute - recompute)
+    # tp 8 consecutive ranks: NVLink at 80% bus efficiency, ring hops 7 (all-reduce 14), exposed
+    tp = ring("tp", 450e9 * 0.8, lambda op: 3.6e-6 + (14 if op == "all_reduce" else 7) * 2.5e-6)
+    # dp_shard 4 (ranks 8 apart) and dp_replicate 2 (32 apart): one GPU per node, so one rail's
+    # NIC: 8 x 50 GB/s x 90% / 8; ring across 4 nodes 4 network hops, the tree across 2 nodes 2
+    dp = (ring("dp_shard", 45e9, lambda op: 3.6e-6 + 4 * 7.5e-6)
+          + ring("dp_replicate", 45e9, lambda op: 3.6e-6 + 2 * 7.5e-6))
+    first = dp / (L + 1)                                       # the first all-gather waits
+    exposed = first + max(0.0, dp - first - busy)
     optimizer = 12 * est.grads_bytes / 3350e9
-    step = compute + recompute + tp + exposed + optimizer
+    step = busy + tp + exposed + optimizer
     assert mesh.dp_replicate == 2 and mesh.dp_shard == 4 and mesh.tp == 8
     assert r.time.step_s == pytest.approx(step, rel=1e-9)
     assert r.time == est.time                                  # suggest and PLAN.md share the model
@@ -167,10 +188,12 @@ def test_cluster_hardware_keys_drive_the_model(sg):
     slow_t = step_time(replace(r, cluster=replace(r.cluster, inter_node_gbps=5.0)), res.model, res.mesh, res.estimate)
     assert slow_t.compute_s == fast_t.compute_s and slow_t.tp_s == fast_t.tp_s
     # the all-reduce across replicas: 10x the wire time, the same start-up latencies
-    from meshbake.compiler.estimate import LATENCY_S, comm_seconds
+    from meshbake.compiler import perf
+    from meshbake.compiler.estimate import comm_seconds
 
-    rows, lat = res.estimate.traffic, sum(x.count for x in res.estimate.traffic if x.axis == "dp_replicate")
-    lat *= LATENCY_S["inter"]
+    rows = res.estimate.traffic
+    g = perf.Group(2, 1, 2)                       # dp_replicate 2: one GPU on each of 2 nodes
+    lat = sum(x.count * perf.latency_s(x.op, g) for x in rows if x.axis == "dp_replicate")
     fast_rep = comm_seconds(r, res.mesh, rows, ("dp_replicate",))
     slow_rep = comm_seconds(replace(r, cluster=replace(r.cluster, inter_node_gbps=5.0)), res.mesh, rows,
                             ("dp_replicate",))

@@ -54,7 +54,9 @@ def profile_text(base: dict, m: dict, base_name: str | None) -> str:
     prof.setdefault("gpus_per_node", m["ranks"])
     head = (f"# measured by `meshbake calibrate` ({m['ranks']} ranks, {m['cores']} cores, {m['device']}, "
             f"{m['dtype']}){' on top of ' + base_name if base_name else ''}.\n"
-            "# measured.* replace the datasheet keys in the step-time model (docs/PERFORMANCE.md, calibrate)\n")
+            "# measured.* replace the datasheet keys in the step-time model (docs/PERFORMANCE.md, calibrate)\n"
+            + (f"# collectives: seconds as on an idle machine (measured x the share {m['collective_share']:.3g} "
+               "a busy thread got around them)\n" if "collective_share" in m else ""))
     return head + yaml.safe_dump(prof, sort_keys=False, default_flow_style=None, width=100)
 
 

@@ -1561,7 +1561,10 @@ def _measured_step(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms, model: 
     ac = t.activation_checkpointing
     recompute = compute / 3 if ac == "full" else compute * SELECTIVE_RECOMPUTE if ac == "selective" else 0.0
     rows = est.traffic
-    comm = {a: measured_comm_seconds(recipe, rows, ax) for a, ax in
+    # the measured collectives are seconds on an idle machine (runtime/calibrate.py scales them by
+    # the share around them); a loaded cpu machine stretches them like the compute: / share
+    load = ms.share if recipe.cluster.device == "cpu" else 1.0
+    comm = {a: measured_comm_seconds(recipe, rows, ax) / load for a, ax in
             (("tp", ("tp",)), ("fsdp", ("dp_shard", "dp_shard_cp", "efsdp")), ("hsdp", ("dp_replicate",)),
              ("cp", ("cp",)), ("ep", ("ep",)))}
     # gloo on CPU: the runtime's collectives run on the ranks' own cores, which the compute keeps

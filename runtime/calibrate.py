@@ -16,7 +16,8 @@ CUDA); rank 0 writes one JSON object to the path given as argv[1]:
                      1 on an idle machine): the other jobs' load
     all_reduce, all_gather, reduce_scatter
                      [[bytes, seconds], ...]: one collective of a `bytes` per-rank buffer over
-                     all N ranks with the real backend, the median of its repeats
+                     all N ranks with the real backend, the median of its repeats, x the
+                     share measured around them (seconds as on an idle machine)
     ranks, cores     N, and the CPU cores this process may run on (sched_getaffinity)
 
 Every number is a median over repeats: the machine may be shared. The one-process facts are
@@ -178,11 +179,19 @@ def op_us(device) -> float:
 
 
 def one_process(dtype, device) -> dict:
-    """The facts one process measures alone (see the module docstring); the load probe first."""
-    share = cpu_share()
-    return {"share": share, "gemm_gflops": gemm(dtype, device), "copy_gbps": copy_gbps(device),
-            "attention_gflops": attention(dtype, device), "cross_entropy_gbps": cross_entropy(device),
-            "op_us": op_us(device)}
+    """The facts one process measures alone (see the module docstring), with one intra-op thread as
+    each rank runs (OMP_NUM_THREADS=1: the thread's CPU time is then the op's); the load probe first."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        share = cpu_share()
+        return {"share": share, "gemm_gflops": gemm(dtype, device), "copy_gbps": copy_gbps(device),
+                "attention_gflops": attention(dtype, device), "cross_entropy_gbps": cross_entropy(device),
+                "op_us": op_us(device)}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def collectives(dist, world: int, device) -> dict[str, list[list[float]]]:
@@ -226,7 +235,16 @@ def main(argv: list[str]) -> int:
     if rank == 0:
         res.update(one_process(dtype, device))
     dist.barrier()
-    res.update(collectives(dist, world, device))
+    share = [cpu_share(0.1)] if rank == 0 else []
+    coll = collectives(dist, world, device)
+    if rank == 0:
+        # the collectives' seconds as on an idle machine: under load a rank waits for its core at
+        # every wake-up, and the time stretches like the rest (x 1 / share); the estimate
+        # divides by the share of the run it predicts (cluster.measured.share)
+        share.append(cpu_share(0.1))
+        s = statistics.mean(share)
+        res.update({op: [[b, t * s] for b, t in rows] for op, rows in coll.items()})
+        res["collective_share"] = s
     if rank == 0:
         with open(argv[1], "w", encoding="utf-8") as f:
             json.dump(res, f)

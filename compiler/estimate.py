@@ -1544,7 +1544,9 @@ def _measured_step(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms, model: 
     oversubscription and load (oversubscribed); + the optimizer and the measured collectives."""
     ms, t = recipe.cluster.measured, recipe.train
     tokens = t.global_batch_size * t.seq_len / mesh.world
-    micro = tokens / (t.micro_batch_size * t.seq_len / mesh.cp)        # micro-batches per rank per step
+    # micro-batches per rank per step: grad_accum (gbs / (mbs x dp)); tp ranks run the same micro-
+    # batches on their shards (tokens / (mbs x seq / cp) counted them 1 / tp times)
+    micro = mesh.grad_accum
     share = oversubscribed(recipe, mesh)
     mm = sum(p * 2 * m * n * k / (_gflops_at(ms, m, n, k) * 1e9) for m, n, k, p in gemms)
     mm_flops = sum(p * 2 * m * n * k for m, n, k, p in gemms)

@@ -1519,16 +1519,19 @@ def oversubscribed(recipe: Recipe, mesh: MeshSpec) -> float:
 
 
 # eager PyTorch's per-op cost between the matmuls (calibrated profiles: x cluster.measured.op_us).
-# aten ops a TorchDispatchMode counts in one micro-batch's forward + backward of HF Llama (transformers
-# 5, sdpa, fp32, tests/models/llama at 1, 2 and 3 layers: 282, 501, 720 ops, so 219 per decoder block:
-# 21 mm, 35 t, 31 view, 27 mul, 17 add, the norms' pow/mean/rsqrt, rotary's cat/neg/slice, SiLU,
-# sdpa and their backward) and outside them (63: embedding, rotary tables, final norm, lm_head,
-# cross-entropy, their backward); clip_grad_norm + foreach AdamW add 64 per step (independent of
-# the parameter count: foreach). Other decoder families differ by a few ops a block (biases,
-# q/k norms); tests/test_calibrate.py recounts the Llama numbers against the installed transformers
-OPS_PER_BLOCK = 219
-OPS_OUTSIDE = 63
-OPS_OPTIMIZER = 64
+# aten ops a TorchDispatchMode counts in one micro-batch's forward + fp32 cross-entropy + backward
+# of HF Llama (transformers 5, sdpa, use_cache off; tests/models/llama at 1, 2 and 3 layers: 287,
+# 498, 709 ops, so 211 per decoder block: 21 mm, ~35 t, ~31 view, ~27 mul, ~17 add, the norms'
+# pow/mean/rsqrt, rotary's cat/neg/slice, SiLU, sdpa and their backward) and outside them (76:
+# embedding, rotary tables, final norm, lm_head, cross-entropy, their backward); clip_grad_norm_ +
+# foreach AdamW + zero_grad add 28 + 18 per block a step (46, 64, 82). Other decoder families differ
+# by a few ops a block (biases, q/k norms); tests/test_calibrate.py recounts these against the
+# installed transformers. The runtime's real world-1 step of 2 micro-batches counted 1,130 ops
+# (2 x 498 + 64 + 70 of its own: data, clipping per mesh, the stats all-reduce, .item()s)
+OPS_PER_BLOCK = 211
+OPS_OUTSIDE = 76
+OPS_OPTIMIZER = 28
+OPS_OPTIMIZER_PER_BLOCK = 18
 
 
 def _nearest(rows, key: tuple[int, ...]) -> float:
@@ -1592,8 +1595,9 @@ def _measured_step(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms, model: 
         passes = MEMORY_PASSES * (est.activations_bytes + est.logits_bytes)
     memory = passes / bw * micro if bw else 0.0
     # eager dispatch: every aten op of the forward + backward costs op_us of CPU whatever its size
-    # (tiny-llama: 501 ops a micro-batch x ~4 us = 2 ms, ~2% of its world-1 step on this machine)
-    ops = (OPS_OUTSIDE + OPS_PER_BLOCK * model.num_layers) * micro + OPS_OPTIMIZER if model is not None else 0
+    # (tiny-llama: 498 ops a micro-batch x ~7 us = 3.5 ms, ~5% of its world-1 step's CPU here)
+    ops = ((OPS_OUTSIDE + OPS_PER_BLOCK * model.num_layers) * micro + OPS_OPTIMIZER
+           + OPS_OPTIMIZER_PER_BLOCK * model.num_layers) if model is not None else 0
     dispatch = ops * ms.op_us * 1e-6 * share
     st = StepTime(compute_s=compute, recompute_s=recompute, tp_s=comm["tp"], memory_s=memory + ce + dispatch,
                   fsdp_s=exposed * comm["fsdp"] / dp if dp else 0.0, hsdp_s=exposed * comm["hsdp"] / dp if dp else 0.0,

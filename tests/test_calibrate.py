@@ -55,6 +55,53 @@ def test_measured_model_terms(tmp_path):
         pytest.approx(1 / 4, rel=1e-9)
 
 
+def test_op_counts_match_transformers():
+    """_measured_step's per-op term counts (76 + 211 x layers) aten ops per micro-batch and 28 + 18 x
+    layers per optimizer step: recount them with a TorchDispatchMode on HF Llama (tests/models/llama)
+    at 1 and 2 layers, forward + cross-entropy + backward, and clip_grad_norm_ + foreach AdamW +
+    zero_grad (after a first step: AdamW's state exists). A transformers upgrade that changes them
+    fails here."""
+    import torch
+    import torch.nn.functional as F
+    from meshbake.compiler.estimate import OPS_OPTIMIZER, OPS_OPTIMIZER_PER_BLOCK, OPS_OUTSIDE, OPS_PER_BLOCK
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts, x = {}, torch.randint(0, 1024, (2, 16))
+    for layers in (1, 2):
+        cfg = LlamaConfig.from_pretrained(Path(__file__).parent / "models/llama", num_hidden_layers=layers)
+        cfg._attn_implementation = "sdpa"
+        model = LlamaForCausalLM(cfg)
+        opt = torch.optim.AdamW(model.parameters(), foreach=True)
+
+        def micro(model=model) -> None:
+            logits = model(input_ids=x, use_cache=False).logits
+            F.cross_entropy(logits.flatten(0, 1).float(), x.flatten(), reduction="sum").backward()
+
+        def step(model=model, opt=opt) -> None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        micro()
+        step()
+        micro()
+        with Count() as c:
+            step()
+        with Count() as f:
+            micro()
+        counts[layers] = (f.n, c.n)
+    block, per_block_opt = counts[2][0] - counts[1][0], counts[2][1] - counts[1][1]
+    assert (block, counts[1][0] - block, per_block_opt, counts[1][1] - per_block_opt) == \
+        (OPS_PER_BLOCK, OPS_OUTSIDE, OPS_OPTIMIZER_PER_BLOCK, OPS_OPTIMIZER), counts
+
+
 # the closed loop: tiny-llama fp32, seq 128 x micro 4, 2 micro-batches a step, STEPS steps, the
 # median step after the first WARM (step 1 is 1.3-3.5x slower, world-4 steps 2-3 still warm up)
 STEPS, WARM = 12, 4

@@ -3,7 +3,8 @@
 Launches runtime/calibrate.py under `torchrun --standalone --nproc-per-node N` (N = --nproc, or
 the base profile's gpus_per_node, or 4; gloo on CPU) and writes a cluster profile: the base
 profile's keys (none without --cluster: a one-node CPU profile) plus `measured:` (GEMM GFLOP/s
-by shape, copy GB/s, all_reduce / all_gather / reduce_scatter [bytes, seconds]). A recipe that
+by shape, copy GB/s, causal sdpa GFLOP/s by shape, cross-entropy GB/s, the per-op CPU cost, the
+load at the time (share), all_reduce / all_gather / reduce_scatter [bytes, seconds]). A recipe that
 names that profile gets its step time from the measured facts (compiler/estimate.py
 _measured_step), for device cpu too. Errors are values: a failed launch prints its stderr tail.
 """
@@ -41,13 +42,21 @@ def profile_text(base: dict, m: dict, base_name: str | None) -> str:
     measured["copy_gbps"] = round(m["copy_gbps"], 3)
     for op in keys[4:]:
         measured[op] = [[b, float(f"{t:.6g}")] for b, t in m[op]]
+    # the facts added for the CPU closed loop (issue #25): absent from an older measurement
+    if "attention_gflops" in m:
+        measured["attention_gflops"] = [[*r[:3], round(r[3], 3)] for r in m["attention_gflops"]]
+        measured["cross_entropy_gbps"] = [[*r[:2], round(r[2], 4)] for r in m["cross_entropy_gbps"]]
+        measured["op_us"] = round(m["op_us"], 3)
+        measured["share"] = max(0.001, round(m["share"], 3))
     prof = {**base, "measured": measured}
     prof.setdefault("device", m["device"])
     prof.setdefault("nodes", 1)
     prof.setdefault("gpus_per_node", m["ranks"])
     head = (f"# measured by `meshbake calibrate` ({m['ranks']} ranks, {m['cores']} cores, {m['device']}, "
             f"{m['dtype']}){' on top of ' + base_name if base_name else ''}.\n"
-            "# measured.* replace the datasheet keys in the step-time model (docs/PERFORMANCE.md, calibrate)\n")
+            "# measured.* replace the datasheet keys in the step-time model (docs/PERFORMANCE.md, calibrate)\n"
+            + (f"# collectives: seconds as on an idle machine (measured x the share {m['collective_share']:.3g} "
+               "a busy thread got around them)\n" if "collective_share" in m else ""))
     return head + yaml.safe_dump(prof, sort_keys=False, default_flow_style=None, width=100)
 
 

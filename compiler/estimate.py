@@ -737,7 +737,7 @@ def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -
     if not timed(recipe):
         return est
     gemms = gemm_shapes(recipe, mesh, params)
-    return replace(est, time=step_time(recipe, mesh, est, gemms, _work(recipe, model, mesh, gemms)))
+    return replace(est, time=step_time(recipe, mesh, est, gemms, _work(recipe, model, mesh, gemms), model))
 
 
 def _work(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, gemms) -> perf.Work:
@@ -1515,10 +1515,12 @@ def comm_seconds(recipe: Recipe, mesh: MeshSpec, rows: tuple[Collective, ...], a
     return s
 
 
-def step_time(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms=None, work: perf.Work | None = None) -> StepTime:
+def step_time(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms=None, work: perf.Work | None = None,
+              model: ModelSpec | None = None) -> StepTime:
     """Per rank per optimizer step. A calibrated profile (cluster.measured.ranks > 0, `meshbake
     calibrate`) uses _measured_step (GEMM time at the step's shapes, measured collectives,
-    oversubscription); every other cuda plan the datasheet model of compiler/perf.py
+    oversubscription, per-op dispatch counted from `model`'s blocks); every other cuda plan the
+    datasheet model of compiler/perf.py
     (datasheet_step): matmuls by shape, attention by kernel and sequence length, element-wise
     traffic at the HBM bandwidth, recompute by AC mode, collectives by their group's topology.
     Without `work` (a caller that has no model at hand) the one-constant form of the first model
@@ -1530,7 +1532,7 @@ def step_time(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms=None, work: p
       optimizer  memory-bound: ADAMW_PASSES x the trainable shard over hbm_gbps
     MFU = flops_per_token x tokens/s per GPU / peak (the recompute is not useful work)."""
     if calibrated(recipe, mesh) and gemms is not None:
-        return _measured_step(recipe, mesh, est, gemms)
+        return _measured_step(recipe, mesh, est, gemms, model)
     return datasheet_step(recipe, mesh, est, work)
 
 
@@ -1640,25 +1642,65 @@ def oversubscribed(recipe: Recipe, mesh: MeshSpec) -> float:
     ms, c = recipe.cluster.measured, recipe.cluster
     if c.device != "cpu" or not ms.cores:
         return 1.0
-    return max(1.0, min(mesh.world, c.gpus_per_node) / ms.cores)
+    # other jobs' load: a busy thread got `share` of a core when calibrate measured. Linux shares
+    # the cores between sessions (autogroup), each session's weight spread over the cores its
+    # threads run on: N ranks of one session over C cores get C x share cores between them, a rank
+    # C x share / N (share x 1 at world 1). On an idle machine share = 1 and this is ranks / cores
+    return max(1.0, min(mesh.world, c.gpus_per_node) / ms.cores) / ms.share
 
 
-def _measured_step(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms) -> StepTime:
-    """step_time from cluster.measured (see step_time)."""
+# eager PyTorch's per-op cost between the matmuls (calibrated profiles: x cluster.measured.op_us).
+# aten ops a TorchDispatchMode counts in one micro-batch's forward + fp32 cross-entropy + backward
+# of HF Llama (transformers 5, sdpa, use_cache off; tests/models/llama at 1, 2 and 3 layers: 287,
+# 498, 709 ops, so 211 per decoder block: 21 mm, ~35 t, ~31 view, ~27 mul, ~17 add, the norms'
+# pow/mean/rsqrt, rotary's cat/neg/slice, SiLU, sdpa and their backward) and outside them (76:
+# embedding, rotary tables, final norm, lm_head, cross-entropy, their backward); clip_grad_norm_ +
+# foreach AdamW + zero_grad add 28 + 18 per block a step (46, 64, 82). Other decoder families differ
+# by a few ops a block (biases, q/k norms); tests/test_calibrate.py recounts these against the
+# installed transformers. The runtime's real world-1 step of 2 micro-batches counted 1,130 ops
+# (2 x 498 + 64 + 70 of its own: data, clipping per mesh, the stats all-reduce, .item()s)
+OPS_PER_BLOCK = 211
+OPS_OUTSIDE = 76
+OPS_OPTIMIZER = 28
+OPS_OPTIMIZER_PER_BLOCK = 18
+
+
+def _nearest(rows, key: tuple[int, ...]) -> float:
+    """The measured value (last item) of the row nearest `key` in log distance over its leading
+    items: throughput depends on the shape, not only on the amount of work."""
+    return min(rows, key=lambda r: sum(abs(math.log(a / b)) for a, b in zip(r[:len(key)], key)))[-1]
+
+
+def _measured_step(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms, model: ModelSpec | None = None) -> StepTime:
+    """step_time from cluster.measured (see step_time): per micro-batch and rank, the matmuls at the
+    GEMM throughput of their shapes, the attention at the measured sdpa throughput, the element-wise
+    passes, the cross-entropy over the logits and the per-op dispatch; x micro-batches, x the
+    oversubscription and load (oversubscribed); + the optimizer and the measured collectives."""
     ms, t = recipe.cluster.measured, recipe.train
     tokens = t.global_batch_size * t.seq_len / mesh.world
-    micro = tokens / (t.micro_batch_size * t.seq_len / mesh.cp)        # micro-batches per rank per step
+    # micro-batches per rank per step: grad_accum (gbs / (mbs x dp)); tp ranks run the same micro-
+    # batches on their shards (tokens / (mbs x seq / cp) counted them 1 / tp times)
+    micro = mesh.grad_accum
     share = oversubscribed(recipe, mesh)
     mm = sum(p * 2 * m * n * k / (_gflops_at(ms, m, n, k) * 1e9) for m, n, k, p in gemms)
     mm_flops = sum(p * 2 * m * n * k for m, n, k, p in gemms)
-    # the attention's score matmuls (12 L H Dh T per token) at the median measured throughput
+    # the attention's score matmuls (12 L H Dh T per token): at the measured causal sdpa throughput
+    # of the nearest (mbs x local heads, local seq, head_dim), else at the median GEMM rate
     rest = max(est.flops_per_token * t.micro_batch_size * t.seq_len / mesh.cp / mesh.tp - mm_flops, 0)
     med = sorted(r[3] for r in ms.gemm_gflops)[len(ms.gemm_gflops) // 2]
-    compute = (mm + rest / (med * 1e9)) * micro * share
+    seq = t.seq_len // mesh.cp
+    attn_rate = med
+    if ms.attention_gflops and model is not None:
+        attn_rate = _nearest(ms.attention_gflops, (t.micro_batch_size * max(1, model.num_heads // mesh.tp), seq,
+                                                   model.head_dim))
+    compute = (mm + rest / (attn_rate * 1e9)) * micro * share
     ac = t.activation_checkpointing
     recompute = compute / 3 if ac == "full" else compute * SELECTIVE_RECOMPUTE if ac == "selective" else 0.0
     rows = est.traffic
-    comm = {a: measured_comm_seconds(recipe, rows, ax) for a, ax in
+    # the measured collectives are seconds on an idle machine (runtime/calibrate.py scales them by
+    # the share around them); a loaded cpu machine stretches them like the compute: / share
+    load = ms.share if recipe.cluster.device == "cpu" else 1.0
+    comm = {a: measured_comm_seconds(recipe, rows, ax) / load for a, ax in
             (("tp", ("tp",)), ("fsdp", ("dp_shard", "dp_shard_cp", "efsdp")), ("hsdp", ("dp_replicate",)),
              ("cp", ("cp",)), ("ep", ("ep",)))}
     # gloo on CPU: the runtime's collectives run on the ranks' own cores, which the compute keeps
@@ -1669,12 +1711,26 @@ def _measured_step(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms) -> Step
     exposed = max((1 - hidden) * dp, dp - compute - recompute) if dp and hidden else dp
     bw = ms.copy_gbps * 1e9 / share if ms.copy_gbps else 0.0
     opt = ADAMW_PASSES * est.grads_bytes / bw if bw else 0.0
-    # the element-wise work between the matmuls (norms, rotary, SiLU, softmax, the loss over the
-    # logits) is memory-bound: every saved activation and the logits are written in the forward,
-    # read in the backward and their gradient written: MEMORY_PASSES x (activations + logits) of
-    # one micro-batch at the measured copy bandwidth
-    memory = MEMORY_PASSES * (est.activations_bytes + est.logits_bytes) / bw * micro if bw else 0.0
-    st = StepTime(compute_s=compute, recompute_s=recompute, tp_s=comm["tp"], memory_s=memory,
+    # the element-wise work between the matmuls (norms, rotary, SiLU, residual adds) is memory-bound:
+    # every saved activation is written in the forward, read in the backward and its gradient
+    # written: MEMORY_PASSES x one micro-batch's activations at the measured copy bandwidth. The
+    # cross-entropy over the logits at its own measured rate (log-softmax's exp and log ran at a
+    # tenth of the copy bandwidth here) when calibrate measured it, else as 3 more passes
+    ce = 0.0
+    if ms.cross_entropy_gbps and model is not None:
+        vocab = model.vocab_size // mesh.tp if mesh.tp > 1 and recipe.tp.loss_parallel else model.vocab_size
+        rows_ = t.micro_batch_size * seq
+        ce = rows_ * vocab * 4 / (_nearest(ms.cross_entropy_gbps, (rows_, vocab)) * 1e9) * micro * share
+        passes = MEMORY_PASSES * est.activations_bytes
+    else:
+        passes = MEMORY_PASSES * (est.activations_bytes + est.logits_bytes)
+    memory = passes / bw * micro if bw else 0.0
+    # eager dispatch: every aten op of the forward + backward costs op_us of CPU whatever its size
+    # (tiny-llama: 498 ops a micro-batch x ~7 us = 3.5 ms, ~5% of its world-1 step's CPU here)
+    ops = ((OPS_OUTSIDE + OPS_PER_BLOCK * model.num_layers) * micro + OPS_OPTIMIZER
+           + OPS_OPTIMIZER_PER_BLOCK * model.num_layers) if model is not None else 0
+    dispatch = ops * ms.op_us * 1e-6 * share
+    st = StepTime(compute_s=compute, recompute_s=recompute, tp_s=comm["tp"], memory_s=memory + ce + dispatch,
                   fsdp_s=exposed * comm["fsdp"] / dp if dp else 0.0, hsdp_s=exposed * comm["hsdp"] / dp if dp else 0.0,
                   cp_s=comm["cp"], ep_s=comm["ep"], tokens_per_rank=tokens, optimizer_s=opt)
     peak = med * 1e9
@@ -1704,13 +1760,19 @@ def time_source(recipe: Recipe, mesh: MeshSpec) -> str:
 def _measured_rows(recipe: Recipe, mesh: MeshSpec, st: StepTime) -> tuple[tuple[str, float, str], ...]:
     ms = recipe.cluster.measured
     share = oversubscribed(recipe, mesh)
-    over = (f"; {min(mesh.world, recipe.cluster.gpus_per_node)} ranks on {ms.cores} cores: x {share:g}"
-            if share > 1 else "")
+    cores = (max(1.0, min(mesh.world, recipe.cluster.gpus_per_node) / ms.cores)
+             if ms.cores and recipe.cluster.device == "cpu" else 1.0)
+    over = (f"; {min(mesh.world, recipe.cluster.gpus_per_node)} ranks on {ms.cores} cores: x {cores:g}"
+            if cores > 1 else "") + (f"; load (a busy thread got {ms.share:.3g} of a core): x {1 / ms.share:.3g}"
+                                     if share > 1 and ms.share < 1 else "")
+    ew = (f"{MEMORY_PASSES} passes over activations at {ms.copy_gbps:g} GB/s measured copy"
+          + (", cross-entropy over the logits at its measured rate" if ms.cross_entropy_gbps else " (+ logits)")
+          + (f", eager ops x {ms.op_us:.3g} us measured per op" if ms.op_us else ""))
     exposed = "exposed (gloo: no overlap)" if recipe.cluster.device == "cpu" else f"at most {FSDP_OVERLAP:.0%} hidden"
-    return (("compute", st.compute_s, f"the step's matmuls at the measured GEMM GFLOP/s of their shapes{over}"),
+    attn = ", the attention at the measured sdpa GFLOP/s" if ms.attention_gflops else ""
+    return (("compute", st.compute_s, f"the step's matmuls at the measured GEMM GFLOP/s of their shapes{attn}{over}"),
             ("recompute", st.recompute_s, f"activation checkpointing {recipe.train.activation_checkpointing}"),
-            ("element-wise", st.memory_s, f"{MEMORY_PASSES} passes over activations + logits at {ms.copy_gbps:g} "
-                                          f"GB/s measured copy{over}"),
+            ("element-wise", st.memory_s, f"{ew}{over}"),
             ("TP", st.tp_s, "measured collectives (bus GB/s + latency), exposed" if mesh.tp > 1 else "no TP"),
             ("CP", st.cp_s, "measured collectives, exposed" if mesh.cp > 1 else "no CP"),
             ("FSDP", st.fsdp_s, f"measured collectives, {exposed}" if mesh.fsdp > 1 else "no FSDP traffic"),

@@ -174,7 +174,7 @@ def step_time(recipe: Recipe, model: ModelSpec, mesh, est) -> StepTime:
     if isinstance(pl, Err):
         return E.step_time(recipe, mesh, est)
     gemms = E.gemm_shapes(recipe, mesh, E.rank_params(recipe, model, pl, mesh.tp))
-    return E.step_time(recipe, mesh, est, gemms, E._work(recipe, model, mesh, gemms))
+    return E.step_time(recipe, mesh, est, gemms, E._work(recipe, model, mesh, gemms), model)
 
 
 _TERMS = {"compute_s": "compute", "attention_s": "attention", "memory_s": "element-wise",

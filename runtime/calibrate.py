@@ -8,13 +8,22 @@ CUDA); rank 0 writes one JSON object to the path given as argv[1]:
                      rank 0 alone while the other ranks wait in a barrier (one process's
                      throughput; the compiler scales it down when ranks outnumber cores)
     copy_gbps        a large tensor copy, (read + write) bytes / s, rank 0 alone
+    attention_gflops [[batch x heads, seq, head_dim, GFLOP/s], ...]: causal sdpa forward + backward
+    cross_entropy_gbps [[rows, vocab, GB/s], ...]: cross-entropy forward + backward over fp32 logits
+    op_us            the CPU cost of one small eager aten op with autograd (the dispatch between
+                     the matmuls: ~219 ops per Llama block's forward + backward)
+    share            the fraction of one core a busy thread gets right now (CPU time / wall time;
+                     1 on an idle machine): the other jobs' load
     all_reduce, all_gather, reduce_scatter
                      [[bytes, seconds], ...]: one collective of a `bytes` per-rank buffer over
-                     all N ranks with the real backend, the median of its repeats
+                     all N ranks with the real backend, the median of its repeats, x the
+                     share measured around them (seconds as on an idle machine)
     ranks, cores     N, and the CPU cores this process may run on (sched_getaffinity)
 
-Every number is a median over repeats: the machine may be shared. Stdlib + torch only; the
-runtime never imports the compiler.
+Every number is a median over repeats: the machine may be shared. The one-process facts are
+timed in the thread's CPU time, not wall time (the same on an idle machine): on a shared one a
+time slice lost to another job would land in whichever sample it hit, and the load is measured
+once, by itself, as `share`. Stdlib + torch only; the runtime never imports the compiler.
 """
 from __future__ import annotations
 
@@ -24,6 +33,9 @@ import statistics
 import sys
 import time
 
+ATTN_SHAPES = ((16, 128, 16), (16, 512, 64))        # (batch x heads, seq, head_dim)
+CE_SHAPES = ((512, 1024), (512, 4096), (256, 32768))            # (rows, vocab) of the logits
+SHARE_S = 0.3                                       # wall time of the load probe
 SHAPES = ((512, 64, 64), (512, 256, 64), (512, 64, 256), (512, 4096, 64), (1024, 1024, 1024))
 SIZES = (4 * 1024, 64 * 1024, 1024 * 1024, 8 * 1024 * 1024)    # bytes per rank per collective
 COPY_BYTES = 64 * 1024 * 1024                                   # past the caches
@@ -31,14 +43,33 @@ BUDGET_S = 0.15                                                 # wall time per 
 
 
 def _median_time(fn, budget_s: float = BUDGET_S, min_reps: int = 3, max_reps: int = 200) -> float:
+    """The median CPU seconds of fn on this thread (torch runs CPU ops on the calling thread with
+    one OMP thread, the autograd engine too); on CUDA, wall time after a synchronize."""
     fn()                                          # warm-up: allocation, first-call dispatch
+    import torch
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    clock = time.perf_counter if cuda else time.thread_time
     times: list[float] = []
     t_end = time.perf_counter() + budget_s
     while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() < t_end):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(clock() - t0)
     return statistics.median(times)
+
+
+def cpu_share(seconds: float = SHARE_S) -> float:
+    """CPU time / wall time of one busy thread over `seconds`: 1 alone on a core, 2 / 10 when ten
+    runnable groups share two cores (Linux's autogroup shares a core between sessions, not
+    threads: the ~45 runnable threads this machine showed gave a share of 0.12, not 2 / 45)."""
+    c0, t0 = time.thread_time(), time.perf_counter()
+    x = 0
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(2000):
+            x += 1
+    return min(1.0, (time.thread_time() - c0) / (time.perf_counter() - t0))
 
 
 def gemm(dtype, device) -> list[list[float]]:
@@ -70,6 +101,94 @@ def copy_gbps(device) -> float:
     dst = torch.empty_like(src)
     s = _median_time(lambda: dst.copy_(src), min_reps=5)
     return 2 * COPY_BYTES / s / 1e9              # read + write
+
+
+def attention(dtype, device) -> list[list[float]]:
+    """Causal scaled_dot_product_attention forward + backward (the kernel the runtime's HF models
+    call with attn_implementation sdpa) at ATTN_SHAPES, GFLOP/s in the estimate's count: 12 x heads
+    x head_dim x seq per token (QK^T and AV, 2 T H Dh each, x3 with the backward; causal not
+    halved). On this CPU the flash kernel ran the tiny model's (16, 128, 16) at a few GFLOP/s where
+    its matmuls ran at 50-90: the median GEMM rate put the attention at a twentieth of its time."""
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    for bh, t, d in ATTN_SHAPES:
+        q, k, v = (torch.randn(1, bh, t, d, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
+        g = torch.randn(1, bh, t, d, dtype=dtype, device=device)
+
+        def step(q=q, k=k, v=v, g=g) -> None:
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
+        out.append([bh, t, d, 12 * bh * d * t * t / _median_time(step) / 1e9])
+    return out
+
+
+def cross_entropy(device) -> list[list[float]]:
+    """F.cross_entropy forward + backward over (rows, vocab) fp32 logits (the runtime upcasts the
+    logits to fp32), GB/s of logits: log-softmax's exp and log make it slower than a copy (the
+    tiny model's 512 x 1024 ran at ~1/3 of the copy bandwidth here)."""
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    for rows, vocab in CE_SHAPES:
+        x = torch.randn(rows, vocab, device=device, requires_grad=True)
+        y = torch.randint(0, vocab, (rows,), device=device)
+
+        def step(x=x, y=y) -> None:
+            F.cross_entropy(x, y, reduction="sum").backward()
+        out.append([rows, vocab, rows * vocab * 4 / _median_time(step) / 1e9])
+    return out
+
+
+def op_us(device) -> float:
+    """CPU microseconds per eager aten op with autograd, as the runtime's own module code pays it:
+    a 2-layer HF Llama (hidden 64, 8 tokens, vocab 64: no arithmetic to speak of), forward +
+    cross-entropy + backward, over the aten ops a TorchDispatchMode counts in it (501 here). What a
+    decoder block pays between its matmuls: dispatch, autograd nodes, the Python of the module
+    calls (rotary, the mask helpers, the attention interface). ~7.5 us an op on this machine, where
+    small hand-written RMSNorm + Linear modules cost ~4 us an op and a bare torch.add 1.2."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, vocab_size=64, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(device)
+    x = torch.randint(0, 64, (1, 8), device=device)
+
+    def step() -> None:
+        logits = model(input_ids=x, use_cache=False).logits
+        F.cross_entropy(logits.flatten(0, 1).float(), x.flatten(), reduction="sum").backward()
+    step()
+    with Count() as c:
+        step()
+    return _median_time(step) / c.n * 1e6
+
+
+def one_process(dtype, device) -> dict:
+    """The facts one process measures alone (see the module docstring), with one intra-op thread as
+    each rank runs (OMP_NUM_THREADS=1: the thread's CPU time is then the op's); the load probe first."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        share = cpu_share()
+        return {"share": share, "gemm_gflops": gemm(dtype, device), "copy_gbps": copy_gbps(device),
+                "attention_gflops": attention(dtype, device), "cross_entropy_gbps": cross_entropy(device),
+                "op_us": op_us(device)}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def collectives(dist, world: int, device) -> dict[str, list[list[float]]]:
@@ -111,10 +230,18 @@ def main(argv: list[str]) -> int:
     res: dict = {"ranks": world, "cores": len(os.sched_getaffinity(0)), "device": device.type,
                  "dtype": str(dtype).removeprefix("torch.")}
     if rank == 0:
-        res["gemm_gflops"] = gemm(dtype, device)
-        res["copy_gbps"] = copy_gbps(device)
+        res.update(one_process(dtype, device))
     dist.barrier()
-    res.update(collectives(dist, world, device))
+    share = [cpu_share(0.1)] if rank == 0 else []
+    coll = collectives(dist, world, device)
+    if rank == 0:
+        # the collectives' seconds as on an idle machine: under load a rank waits for its core at
+        # every wake-up, and the time stretches like the rest (x 1 / share); the estimate
+        # divides by the share of the run it predicts (cluster.measured.share)
+        share.append(cpu_share(0.1))
+        s = statistics.mean(share)
+        res.update({op: [[b, t * s] for b, t in rows] for op, rows in coll.items()})
+        res["collective_share"] = s
     if rank == 0:
         with open(argv[1], "w", encoding="utf-8") as f:
             json.dump(res, f)

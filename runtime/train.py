@@ -563,7 +563,7 @@ def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
     res = Result({}, {}, {}, False, job.model, job.mesh)
     peak_memory(job.device)       # peaks per log window: start-up (full-tensor init) is not training
     unread: tuple[int, StepOut] | None = None     # CUDA: the last step whose numbers were not read yet
-    window_t0, window_steps = time.perf_counter(), 0
+    window_t0, window_c0, window_steps = time.perf_counter(), time.process_time(), 0
     for step in range(start, plan.train.steps):
         n = step + 1
         fault_hook("step", n)
@@ -590,22 +590,25 @@ def run(plan: Plan, run_dir: Path, signals: Signals | None = None) -> Result:
             res.evals[n] = ev["eval_loss"]
         if n % plan.train.log_every == 0 or n == plan.train.steps or ev:
             seconds = (time.perf_counter() - window_t0) / window_steps   # mean over the steps since the last line
+            # this rank's CPU seconds a step (all its threads): on a shared CPU machine the gap to
+            # step_time_s is the time it waited for a core or a peer (meshbake calibrate's closed loop)
+            cpu_s = (time.process_time() - window_c0) / window_steps
             tps = step_tokens / seconds
             job.log.step({"step": n, **({"epoch": round(mark.epoch, 4)} if mark.epoch is not None else {}),
                           "loss": loss, "lr": out.lr, "grad_norm": gnorm,
-                          "step_time_s": seconds, "tokens_per_s": tps,
+                          "step_time_s": seconds, "cpu_time_s": cpu_s, "tokens_per_s": tps,
                           "tokens_per_s_per_device": tps / plan.mesh.world,
                           "mfu": (fpt * tps / plan.mesh.world / peak) if peak else None,
                           **peak_memory(job.device), **moe_metrics(job.model), **(ev or {}),
                           **({"lm_loss": loss - out.aux} if plan.train.router_aux_loss_coef > 0 else {})})
-            window_t0, window_steps = time.perf_counter(), 0
+            window_t0, window_c0, window_steps = time.perf_counter(), time.process_time(), 0
         if checkpoint_due(plan, n, stop, mark):
             data_state = dict(job.data.state(n), fingerprint=job.data_index.get("fingerprint"))
             path = ckpt.save(job.ckpt_root, n, job.model, job.opt,
                              {"step": n, "scheduler": job.sched.state_dict(), "data": data_state},
                              plan.checkpoint.keep, lambda where, n=n: fault_hook(where, n))
             job.log.info(f"checkpoint {path.name} committed")
-            window_t0, window_steps = time.perf_counter(), 0
+            window_t0, window_c0, window_steps = time.perf_counter(), time.process_time(), 0
         if stop:
             if dist.get_rank() == 0:
                 mark_preempted(run_dir, n)

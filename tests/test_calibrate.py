@@ -1,17 +1,18 @@
-"""`meshbake calibrate` (issue #25 item 3): the command measures this machine into a profile that
-compiles (no timing asserted: the closed loop, predicted vs measured step time, is `make bench`'s
-bench/calibrate.py, since a shared 2-core machine's speed swings 3-4x within minutes), and the
-measured step-time model's arithmetic on round numbers."""
+"""`meshbake calibrate` (issue #25 item 3): the measured step-time model's arithmetic on round
+numbers, its per-op counts against the installed transformers, and the closed loop: calibrate
+this machine (the CLI writes a profile with every fact), predict tiny-llama's step at world 1 and
+world 4 from it, run both, compare (+-25%)."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.helpers import compiled, launch_env, tiny_recipe
+from tests.helpers import compiled, launch_env, tiny_recipe, write_bundle_of
 
 
 def _synthetic(tmp_path: Path, cores: int) -> Path:
@@ -54,17 +55,159 @@ def test_measured_model_terms(tmp_path):
         pytest.approx(1 / 4, rel=1e-9)
 
 
+def test_op_counts_match_transformers():
+    """_measured_step's per-op term counts (76 + 211 x layers) aten ops per micro-batch and 28 + 18 x
+    layers per optimizer step: recount them with a TorchDispatchMode on HF Llama (tests/models/llama)
+    at 1 and 2 layers, forward + cross-entropy + backward, and clip_grad_norm_ + foreach AdamW +
+    zero_grad (after a first step: AdamW's state exists). A transformers upgrade that changes them
+    fails here."""
+    import torch
+    import torch.nn.functional as F
+    from meshbake.compiler.estimate import OPS_OPTIMIZER, OPS_OPTIMIZER_PER_BLOCK, OPS_OUTSIDE, OPS_PER_BLOCK
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts, x = {}, torch.randint(0, 1024, (2, 16))
+    for layers in (1, 2):
+        cfg = LlamaConfig.from_pretrained(Path(__file__).parent / "models/llama", num_hidden_layers=layers)
+        cfg._attn_implementation = "sdpa"
+        model = LlamaForCausalLM(cfg)
+        opt = torch.optim.AdamW(model.parameters(), foreach=True)
+
+        def micro(model=model) -> None:
+            logits = model(input_ids=x, use_cache=False).logits
+            F.cross_entropy(logits.flatten(0, 1).float(), x.flatten(), reduction="sum").backward()
+
+        def step(model=model, opt=opt) -> None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        micro()
+        step()
+        micro()
+        with Count() as c:
+            step()
+        with Count() as f:
+            micro()
+        counts[layers] = (f.n, c.n)
+    block, per_block_opt = counts[2][0] - counts[1][0], counts[2][1] - counts[1][1]
+    assert (block, counts[1][0] - block, per_block_opt, counts[1][1] - per_block_opt) == \
+        (OPS_PER_BLOCK, OPS_OUTSIDE, OPS_OPTIMIZER_PER_BLOCK, OPS_OPTIMIZER), counts
+
+
+# the closed loop: tiny-llama fp32, seq 128 x micro 4, 2 micro-batches a step, STEPS steps, the
+# median step after the first WARM (step 1 is 1.3-3.5x slower, world-4 steps 2-3 still warm up)
+STEPS, WARM = 12, 4
+# +-25%: the issue's goal. What a quiet machine leaves is the model's own error (the terms it
+# does not count: per-op cost of DTensor/FSDP hooks beyond the plain count, cache effects between
+# ranks); on a shared one the load changes within a run (measured before and after it, not during)
+TOL = 0.25
+RUNS = ((1, {"dp_shard": 1}, False), (4, {"dp_shard": 2, "tp": 2}, True))
+
+
+def _steps(b: Path, run: Path) -> list[dict]:
+    p = subprocess.run(["bash", str(b / "launch.sh")], env=launch_env(run), capture_output=True, text=True,
+                       timeout=600, cwd=b.parent)
+    assert p.returncode == 0, p.stderr[-5000:]
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if "step_time_s" in r and r.get("step", 0) > WARM]
+    assert len(recs) == STEPS - WARM, recs
+    return recs
+
+
+def _mean_facts(a: dict, b: dict) -> dict:
+    """The one-process facts measured before and after a run, averaged (rows: their measured value;
+    the load `share` too): what the machine was like over the run, as far as the two ends say."""
+    def avg(x, y):
+        if isinstance(x, list):
+            return [[*r[:-1], (r[-1] + q[-1]) / 2] for r, q in zip(x, y)]
+        return (x + y) / 2
+    return {k: avg(a[k], b[k]) for k in a}
+
+
+def _predicted(r: dict, path: Path, prof: dict, measured: dict) -> tuple[float, dict]:
+    """plan.json's step time (the sum of its terms, StepTime.step_s) of recipe r compiled with the
+    profile prof holding `measured`."""
+    path.write_text(yaml.safe_dump({**prof, "measured": measured}))
+    b = compiled(r)
+    assert "Profile numbers used: measured by meshbake calibrate" in b.files["PLAN.md"].decode()
+    t = json.loads(b.files["plan.json"])["estimate"]["time"]
+    terms = {k: v for k, v in t.items() if k.endswith("_s")}
+    return sum(terms.values()), {k: round(v, 4) for k, v in terms.items() if v}
+
+
+def closed_loop(tmp_path: Path) -> dict:
+    """`meshbake calibrate --nproc 4` once (the collectives: 4 gloo ranks), then per world: the
+    one-process facts again right before and right after the run (the load moves within minutes
+    on a shared machine; ~2 s each on an idle one), the run itself, and the prediction: the step
+    time in plan.json of the recipe compiled with the calibrated profile holding their mean.
+    World 1 also with the run's own load: its rank computes all step (no peer to wait for), so
+    its CPU seconds / wall seconds a step (metrics.jsonl cpu_time_s / step_time_s) is the share
+    of a core it got, measured over the very steps compared; at world 4 that ratio also holds
+    the waits for peers (part of what is predicted), so world 4 keeps the probes' share."""
+    import torch
+    from meshbake.runtime.calibrate import one_process
+
+    base = tmp_path / "calibrated.yaml"
+    p = subprocess.run(["meshbake", "calibrate", "--nproc", "4", "--cluster", "local-cpu", "-o", str(base)],
+                       env=launch_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    prof = yaml.safe_load(base.read_text())
+    m = prof["measured"]
+    assert m["ranks"] == 4 and m["cores"] >= 1 and m["copy_gbps"] > 0 and 0 < m["share"] <= 1 and m["op_us"] > 0
+    for key, n in (("gemm_gflops", 5), ("attention_gflops", 2), ("cross_entropy_gbps", 3)):
+        assert len(m[key]) == n and all(r[-1] > 0 for r in m[key]), (key, m[key])
+    assert all(len(m[op]) == 4 and all(s > 0 for _, s in m[op]) for op in ("all_reduce", "all_gather", "reduce_scatter"))
+    out = {}
+    for world, mesh, sp in RUNS:
+        train = {"seq_len": 128, "micro_batch_size": 4, "global_batch_size": 8 * (world // mesh.get("tp", 1)),
+                 "steps": STEPS, "warmup_steps": 2}
+        path = tmp_path / f"w{world}.yaml"
+        before = one_process(torch.float32, torch.device("cpu"))
+        path.write_text(yaml.safe_dump({**prof, "measured": {**m, **before}}))
+        r = tiny_recipe(f"cal_w{world}", world, mesh=mesh, sp=sp, lp=sp, cluster={"profile": str(path)}, train=train)
+        recs = _steps(write_bundle_of(r, tmp_path / f"b{world}"), tmp_path / f"run{world}")
+        after = one_process(torch.float32, torch.device("cpu"))
+        facts = {**m, **_mean_facts(before, after)}
+        row = {"measured_s": statistics.median(x["step_time_s"] for x in recs),
+               "cpu_s": statistics.median(x["cpu_time_s"] for x in recs),
+               "share_before_after": [round(before["share"], 3), round(after["share"], 3)]}
+        row["probes_s"], row["terms"] = _predicted(r, path, prof, facts)
+        row["predicted_s"] = row["probes_s"]
+        if world == 1:
+            row["run_share"] = min(1.0, statistics.median(x["cpu_time_s"] / x["step_time_s"] for x in recs))
+            row["predicted_s"], row["terms"] = _predicted(r, path, prof, {**facts, "share": row["run_share"]})
+        row["idle_s"] = _predicted(r, path, prof, {**facts, "share": 1.0})[0]     # the CPU-time model alone
+        out[world] = row
+    return out
+
+
 @pytest.mark.dist
 def test_calibrate_writes_a_profile_that_compiles(tmp_path):
-    """`meshbake calibrate --nproc 2 -o P` on this machine: P holds every measured fact, positive,
-    and a recipe naming P compiles with the measured step-time model (PLAN.md says so)."""
+    """`meshbake calibrate --nproc 2 -o P` on this machine: P holds every measured fact (the
+    GEMMs, sdpa, cross-entropy, per-op cost, load share, collectives), positive, and a recipe
+    naming P compiles with the measured step-time model (PLAN.md says so, with its per-op term).
+    The closed loop itself (predicted vs measured step at world 1 and 4, +-25%) is `make bench`
+    (bench/calibrate.py, closed_loop above): it did not hold on this shared machine (2 of 5 runs,
+    docs/PERFORMANCE.md), and a timing assertion that fails with the load does not belong in
+    `make test`."""
     out = tmp_path / "here.yaml"
     p = subprocess.run(["meshbake", "calibrate", "--nproc", "2", "--cluster", "local-cpu", "-o", str(out)],
                        env=launch_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     m = yaml.safe_load(out.read_text())["measured"]
-    assert m["ranks"] == 2 and m["cores"] >= 1 and m["copy_gbps"] > 0
-    assert m["gemm_gflops"] and all(g > 0 for *_, g in m["gemm_gflops"])
+    assert m["ranks"] == 2 and m["cores"] >= 1 and m["copy_gbps"] > 0 and 0 < m["share"] <= 1 and m["op_us"] > 0
+    for key, n in (("gemm_gflops", 5), ("attention_gflops", 2), ("cross_entropy_gbps", 3)):
+        assert len(m[key]) == n and all(r[-1] > 0 for r in m[key]), (key, m[key])
     assert all(len(m[op]) == 4 and all(s > 0 for _, s in m[op]) for op in ("all_reduce", "all_gather", "reduce_scatter"))
     b = compiled(tiny_recipe("cal", 2, cluster={"profile": str(out)}))
     assert "Profile numbers used: measured by meshbake calibrate" in b.files["PLAN.md"].decode()
+    t = json.loads(b.files["plan.json"])["estimate"]["time"]
+    assert t["step_s"] > 0 and t["compute_s"] > 0, t

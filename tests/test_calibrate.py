@@ -210,4 +210,4 @@ def test_calibrate_writes_a_profile_that_compiles(tmp_path):
     b = compiled(tiny_recipe("cal", 2, cluster={"profile": str(out)}))
     assert "Profile numbers used: measured by meshbake calibrate" in b.files["PLAN.md"].decode()
     t = json.loads(b.files["plan.json"])["estimate"]["time"]
-    assert t["step_s"] > 0 and t["compute_s"] > 0, t
+    assert t["compute_s"] > 0 and t["memory_s"] > 0 and t["tp_s"] == 0, t      # world 2 = dp_shard 2: no tp

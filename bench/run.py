@@ -40,6 +40,10 @@ def plan_for(world: int, tp: int, lora: dict | None = None) -> str:
               "cluster": {"nodes": 1, "gpus_per_node": world, "device": "cpu", "gpu_memory_gb": 4},
               "train": {"seq_len": 128, "micro_batch_size": 4, "global_batch_size": 16 if world > 1 else 8,
                         "steps": STEPS, "lr": 1e-3, "warmup_steps": 2,
+                        # the hand-written loop's FSDP schedule: one reduce-scatter per step, after the
+                        # last micro-step (set_requires_gradient_sync); the default every_micro_step
+                        # would reduce-scatter after each of the grad_accum 2 (world 4)
+                        "grad_sync": "last_micro_step",
                         "mixed_precision": {"param_dtype": "float32", "reduce_dtype": "float32"}},
               "data": {"format": "text", "path": str(ROOT / "data/shakespeare.txt"),
                        "tokenizer": str(ROOT / "data/tokenizer"), "prepared_dir": "prepared"},

@@ -153,7 +153,13 @@ def mesh_key(p: torch.Tensor) -> tuple:
     if not isinstance(p, DTensor):
         return ()
     m = p.device_mesh
-    return (tuple(m.mesh_dim_names or ()), tuple(m.mesh.flatten().tolist()))
+    key = _MESH_KEYS.get(m)
+    if key is None:     # once per mesh: clipping groups every step, and m.mesh.tolist() is a tensor op
+        key = _MESH_KEYS[m] = (tuple(m.mesh_dim_names or ()), tuple(m.mesh.flatten().tolist()))
+    return key
+
+
+_MESH_KEYS: dict[DeviceMesh, tuple] = {}
 
 
 def build_optimizer(model: torch.nn.Module, plan: Plan):

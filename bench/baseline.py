@@ -82,7 +82,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> i
 
 
 def train(hf_cfg, mesh: DeviceMesh, *, tp: int, steps: int, mbs: int, accum: int, seq: int, lr: float,
-          lora: dict | None = None) -> list[float]:
+          lora: dict | None = None, cpu_times: list[float] | None = None) -> list[float]:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -111,7 +111,7 @@ def train(hf_cfg, mesh: DeviceMesh, *, tp: int, steps: int, mbs: int, accum: int
     batches = [torch.randint(hf_cfg.vocab_size, (mbs, seq + 1)) for _ in range(accum)]
     times = []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i, x in enumerate(batches):
             if fsdp:
                 model.set_requires_gradient_sync(i == accum - 1)
@@ -124,4 +124,6 @@ def train(hf_cfg, mesh: DeviceMesh, *, tp: int, steps: int, mbs: int, accum: int
         opt.zero_grad(set_to_none=True)
         loss.item()
         times.append(time.perf_counter() - t0)
+        if cpu_times is not None:       # the process's CPU seconds (all threads) of the step
+            cpu_times.append(time.process_time() - c0)
     return times

@@ -96,6 +96,33 @@ def device_for(plan: Plan) -> torch.device:
     return torch.device("cpu")
 
 
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 << 20      # glibc's own ceiling for its dynamic threshold (64-bit), and mallopt's
+
+
+def keep_host_memory() -> bool:
+    """CPU training: let glibc keep the memory a step frees for the next step. By default it
+    serves a block >= its mmap threshold (128 KiB, raised up to 32 MiB as such blocks are freed)
+    with a fresh mmap and unmaps it on free, and gives a free heap top above 2 x that back to the
+    OS; every step allocates and frees the same activations, so the next step touches new pages
+    and page-faults on each 4 KiB (tiny-llama, world 1: 6,000-12,000 minor faults per step, 20-30%
+    of the step's CPU time, the count varying run to run with the heap's layout). Blocks up to
+    32 MiB from the heap and no trimming (-1: never; mallopt(3)): 0 faults per step after the
+    first, CPU time per step 73 -> 50 ms (LoRA) on that run. Larger blocks keep being mmapped
+    and returned. The process keeps its high-water heap, as the CUDA caching allocator keeps its
+    device memory. Process-wide and one-way (setting a threshold turns off glibc's dynamic one).
+    False where there is no glibc mallopt (macOS, musl's is a stub returning 0)."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
+
+
 def world_mesh(plan: Plan) -> DeviceMesh:
     """([pp,] dp_replicate, dp_shard, cp, tp), tp innermost: tp groups are consecutive ranks,
     pp outermost: a stage group is world / pp consecutive ranks."""
@@ -126,7 +153,13 @@ def mesh_key(p: torch.Tensor) -> tuple:
     if not isinstance(p, DTensor):
         return ()
     m = p.device_mesh
-    return (tuple(m.mesh_dim_names or ()), tuple(m.mesh.flatten().tolist()))
+    key = _MESH_KEYS.get(m)
+    if key is None:     # once per mesh: clipping groups every step, and m.mesh.tolist() is a tensor op
+        key = _MESH_KEYS[m] = (tuple(m.mesh_dim_names or ()), tuple(m.mesh.flatten().tolist()))
+    return key
+
+
+_MESH_KEYS: dict[DeviceMesh, tuple] = {}
 
 
 def build_optimizer(model: torch.nn.Module, plan: Plan):
@@ -303,6 +336,8 @@ def copy_plan(plan_path: Path, run_dir: Path) -> None:
 
 def setup(plan: Plan, run_dir: Path) -> Job:
     device, mesh = device_for(plan), world_mesh(plan)
+    if device.type == "cpu":      # the host allocator serves the compute (keep_host_memory)
+        keep_host_memory()
     if dist.get_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         clear_preempted(run_dir)

@@ -106,7 +106,8 @@ class RankParam:
     where: str                     # "root" (embedding, final norm, lm_head) | "block" | "last" (last block)
     trainable: bool
     embedding: bool = False
-    ep: int = 1                    # mesh.ep: experts split by index (rows = E / ep), FSDP over fsdp / ep
+    ep: int = 1                    # mesh.ep: experts split by index (rows = E / ep), FSDP over fsdp x tp / ep
+    tp: int = 1                    # ... and whole on each tp rank (ep carved from dp_shard x tp: etp 1)
     nf4: int = 0                   # QLoRA: a frozen target weight stored NF4, with this scaler block (runtime/quant.py)
 
 
@@ -135,11 +136,12 @@ def rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, ep: i
         style, where = pl.styles[m.fqn], roles.where(m.fqn)
         loc = local_shape(m.shape, m.kind, style, tp)
         bias = m.numel - _numel(m.shape)
-        if ep > 1 and m.kind == "experts":            # gate_up and down: E / ep experts each (tp is 1)
+        if ep > 1 and m.kind == "experts":            # gate_up and down: E / ep experts each, whole over tp
             e = m.shape[0]
-            out += [RankParam(e // ep, _numel(m.shape[1:]), where, not lora, ep=ep),
-                    RankParam(e // ep, bias // e, where, not lora, ep=ep)]
-            out += [RankParam(e // ep, _numel(a[1:]), where, True, ep=ep) for a in _expert_adapters(m, adapted, lora, 1)]
+            out += [RankParam(e // ep, _numel(m.shape[1:]), where, not lora, ep=ep, tp=tp),
+                    RankParam(e // ep, bias // e, where, not lora, ep=ep, tp=tp)]
+            out += [RankParam(e // ep, _numel(a[1:]), where, True, ep=ep, tp=tp)
+                    for a in _expert_adapters(m, adapted, lora, 1)]
             covered += m.numel
             continue
         out.append(RankParam(loc[0], _numel(loc[1:]), where, not lora, m.fqn == roles.embedding,
@@ -329,11 +331,11 @@ def _sums(params: list[RankParam], f: int, fsdp: bool, db: int = 2) -> _Sums:
 
 def _sums_of(params: list[RankParam], f: int, fsdp: bool, db: int = 2) -> _Sums:
     def shard(p: RankParam) -> int:
-        fp = f // p.ep                                # experts under ep: FSDP over the other dp_shard ranks
+        fp = f * p.tp // p.ep                         # experts under ep: FSDP over efsdp = dp_shard x tp / ep
         return -(-p.rows // fp) * p.rest if fsdp else p.rows * p.rest
 
     def gathered(p: RankParam) -> int:                # FSDP2's unsharded copy: padded rows x f
-        fp = f // p.ep
+        fp = f * p.tp // p.ep
         return -(-p.rows // fp) * fp * p.rest if fsdp else 0
 
     train = [p for p in params if p.trainable]
@@ -1273,16 +1275,20 @@ ROUTER_FP32 = frozenset({"mixtral"})
 
 def _ep_rows(add, recipe: Recipe, model: ModelSpec, mesh: MeshSpec, syncs: int, tokens: int,
              adapted: set[str] = frozenset()) -> None:
-    """mesh.ep (runtime/ep.py; tp = cp = 1): per MoE layer and micro-step, the per-expert counts
+    """mesh.ep (runtime/ep.py; cp = 1): per MoE layer and micro-step, the per-expert counts
     (E int64) and four all-to-alls of token rows x hidden (dispatch, combine; their backward
-    the reverse). The experts' FSDP runs over efsdp = dp_shard / ep (x dp_replicate). LoRA on
+    the reverse), tokens / tp rows each under tp. The experts' FSDP runs over efsdp = dp_shard x
+    tp / ep (x dp_replicate). LoRA on
     the experts: their adapters are in the same FSDP unit (gathered with the experts), and
     only they have gradients there."""
     mp = recipe.train.mixed_precision
     pb, rb, mb = DTYPE_BYTES[mp.param_dtype], DTYPE_BYTES[mp.reduce_dtype], DTYPE_BYTES[recipe.model.dtype]
-    ep, fe, r, ga = mesh.ep, mesh.fsdp // mesh.ep, mesh.dp_replicate, mesh.grad_accum
+    ep, fe, r, ga = mesh.ep, mesh.fsdp * mesh.tp // mesh.ep, mesh.dp_replicate, mesh.grad_accum
     ex = [m for m in model.modules if m.kind == "experts"]
     k, h, n = model.experts_per_token, model.hidden_size, len(ex)
+    # under tp each tp rank dispatches its 1/tp of the block's tokens (rows [r N/tp, (r+1) N/tp)):
+    # the group's mean, exact when tp divides them (always under sequence parallel)
+    tokens = tokens // mesh.tp
     add("ep", ep, "all_to_all", "MoE: tokens per expert (int64), forward", ga * n, ga * n * model.num_experts * 8)
     add("ep", ep, "all_to_all", "MoE: token rows dispatched + combined, forward + backward "
         "(bytes: the ep group's mean, see the rules)", 4 * ga * n, 4 * ga * n * tokens * k * h * pb)

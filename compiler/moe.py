@@ -72,9 +72,10 @@ def aux_note(recipe: Recipe, model: ModelSpec) -> tuple[str, ...]:
 
 @reads("mesh.ep", "train.compile")
 def ep_errors(recipe: Recipe, model: ModelSpec, axes: dict[str, int]) -> list[RecipeError]:
-    """mesh.ep: experts split by expert index over ep ranks carved from dp_shard (runtime/ep.py).
-    Built and parity-tested with dp_shard (and dp_replicate) only; with tp or cp it is refused
-    (docs/EXPERT_PARALLEL.md says what is missing)."""
+    """mesh.ep: experts split by expert index over ep ranks carved from dp_shard x tp
+    (runtime/ep.py; torchtitan's etp = 1: an ep group is ep / tp dp_shard ranks x every tp rank,
+    the experts whole on each, the rest of the block tp-split). Built and parity-tested with
+    dp_shard (and dp_replicate) and tp; with cp it is refused (docs/EXPERT_PARALLEL.md)."""
     from meshbake.compiler.mesh import divisors
 
     ep = recipe.mesh.ep
@@ -86,22 +87,27 @@ def ep_errors(recipe: Recipe, model: ModelSpec, axes: dict[str, int]) -> list[Re
     if not {"experts", "experts_hf", "experts_t"} & set(model.layouts.values()):
         return [RecipeError("mesh.ep", f"ep={ep}: {model.architecture}'s MoE blocks are not the plain router + "
                             "grouped experts form the expert-parallel dispatch runs", "remove mesh.ep")]
-    errs, e, ds = [], model.num_experts, axes["dp_shard"]
-    ok = [d for d in divisors(math.gcd(e, ds)) if d > 1] or [1]
+    errs, e, ds, tp = [], model.num_experts, axes["dp_shard"], axes["tp"]
+    # ep = (ep / tp) dp_shard ranks x tp: a multiple of tp dividing dp_shard x tp and the experts
+    ok = [d for d in divisors(math.gcd(e, ds * tp)) if d > 1 and d % tp == 0] or [1]
     if e % ep:
         errs.append(RecipeError("mesh.ep", f"ep={ep} does not divide the {e} experts of {model.source} (each ep "
                                 "rank holds num_experts / ep of them)", f"use mesh.ep in {ok}"))
-    if ds % ep:
-        errs.append(RecipeError("mesh.ep", f"ep={ep} does not divide dp_shard={ds}: ep is carved from dp_shard "
+    if tp > 1 and ep % tp:
+        errs.append(RecipeError("mesh.ep", f"ep={ep} with tp={tp}: ep is carved from dp_shard x tp and spans every "
+                                "tp rank (torchtitan's expert_tensor_parallel_degree 1: the tp ranks dispatch "
+                                "disjoint 1/tp shares of the block's tokens, each expert whole on its rank); "
+                                "expert-TP inside ep (experts also split over tp, etp = tp) is not built",
+                                f"use mesh.ep in {ok} (a multiple of tp), or mesh.ep: 1 (experts sharded over tp)"))
+    elif (ds * tp) % ep:
+        carved, over = ("dp_shard", "dp_shard / ep") if tp == 1 else ("dp_shard x tp", "dp_shard x tp / ep")
+        errs.append(RecipeError("mesh.ep", f"ep={ep} does not divide {carved}={ds * tp}: ep is carved from {carved} "
                                 "(ep ranks see different tokens and hold different experts; FSDP shards each "
-                                "expert over dp_shard / ep)", f"use mesh.ep in {ok}, or a dp_shard that ep divides"))
-    for axis, why in (("tp", "experts are split either by their intermediate dim over tp (mesh.ep: 1) or by "
-                       "expert index over ep, and the ep x tp token layout (torchtitan's ETP) is not built"),
-                      ("cp", "the ep group would have to span the cp ranks of a sequence; not built")):
-        if axes[axis] > 1:
-            errs.append(RecipeError("mesh.ep", f"ep={ep} with {axis}={axes[axis]}: {why}",
-                                    f"use mesh.{axis}: 1 with mesh.ep, or mesh.ep: 1 (experts sharded over tp)"
-                                    if axis == "tp" else f"use mesh.{axis}: 1 with mesh.ep, or mesh.ep: 1"))
+                                f"expert over {over})", f"use mesh.ep in {ok}, or a dp_shard that ep"
+                                f"{' / tp' if tp > 1 else ''} divides"))
+    if axes["cp"] > 1:
+        errs.append(RecipeError("mesh.ep", f"ep={ep} with cp={axes['cp']}: the ep group would have to span the cp "
+                                "ranks of a sequence; not built", "use mesh.cp: 1 with mesh.ep, or mesh.ep: 1"))
     if recipe.train.compile:
         errs.append(RecipeError("train.compile", f"mesh.ep={ep}: the all-to-all dispatch has data-dependent "
                                 "split sizes (a graph break per MoE layer) and is not tested under torch.compile",

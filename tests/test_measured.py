@@ -97,6 +97,9 @@ MOE = {
     "moe_mixtral_tp2_aux_accum2": dict(tp=2, dp_shard=2, model=MIXTRAL, aux=0.1, gbs=8),
     "moe_mixtral_ep2": dict(dp_shard=4, ep=2, model=MIXTRAL),                     # experts FSDP over 2
     "moe_qwen3_ep2_hsdp_aux": dict(dp_replicate=2, dp_shard=2, ep=2, model=QWEN_MOE, aux=0.1),   # over 1
+    # ep x tp (etp 1): ep = the tp pair, each tp rank dispatching half the block's tokens; experts
+    # FSDP over efsdp = dp_shard x tp / ep = 2 (the other dp_shard rank of the same tp coordinate)
+    "moe_qwen3_ep2_tp2_sp_lp": dict(dp_shard=2, tp=2, ep=2, sp=True, lp=True, model=QWEN_MOE),
     "olmo2_tp2_sp_lp": dict(dp_shard=2, tp=2, sp=True, lp=True, model=OLMO2),
 }
 CASES.update(MOE)
@@ -198,16 +201,20 @@ def test_qlora_weight_load_estimate_holds_the_measured_peak(measured, name):
 
 def axis_ranks(mesh: dict, rank: int, axis: str) -> frozenset[int]:
     """The ranks of `rank`'s group along a mesh axis (dp_replicate, dp_shard, cp, tp
-    row-major, tp innermost; dp_shard = efsdp x ep, ep inner (runtime/ep.py); dp_shard_cp =
-    dp_shard x cp flattened; world = all)."""
-    ep = mesh.get("ep", 1)
-    dims = ("dp_replicate", "efsdp", "ep", "cp", "tp")
-    sizes = [mesh["dp_replicate"], mesh["dp_shard"] // ep, ep, mesh["cp"], mesh["tp"]]
+    row-major, tp innermost; under mesh.ep, runtime/ep.py: ep carved from dp_shard x tp, i.e.
+    dp_shard = efsdp_d x ep_d with ep_d = ep / tp inner, the ep group ep_d x tp and the experts'
+    efsdp group efsdp_d (its tp coordinate fixed); dp_shard_cp = dp_shard x cp flattened;
+    world = all)."""
+    ep, tp = mesh.get("ep", 1), mesh["tp"]
+    ep_d = ep // tp if ep > 1 else 1
+    dims = ("dp_replicate", "efsdp", "ep_d", "cp", "tp")
+    sizes = [mesh["dp_replicate"], mesh["dp_shard"] // ep_d, ep_d, mesh["cp"], tp]
     coord, rest = [], rank
     for s in reversed(sizes):
         coord.insert(0, rest % s)
         rest //= s
-    free = {"dp_shard": ("efsdp", "ep"), "dp_shard_cp": ("efsdp", "ep", "cp"), "world": dims}.get(axis, (axis,))
+    free = {"dp_shard": ("efsdp", "ep_d"), "dp_shard_cp": ("efsdp", "ep_d", "cp"), "world": dims,
+            "ep": ("ep_d", "tp")}.get(axis, (axis,))
     out = []
     for r in range(mesh["dp_replicate"] * mesh["dp_shard"] * mesh["cp"] * mesh["tp"]):
         c, rest = [], r

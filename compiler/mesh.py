@@ -182,12 +182,16 @@ def mesh_rows(dims: ParallelDims) -> list[dict[str, Any]]:
         size, stride = getattr(dims, axis), dims.strides[axis]
         example = ", ".join(str(i * stride) for i in range(min(size, 4))) + (", ..." if size > 4 else "")
         rows.append({"axis": axis, "size": size, "example": example, "role": _ROLES[axis]})
-    if dims.ep_enabled:       # carved from dp_shard: ep consecutive dp_shard ranks (tp = cp = 1 under ep)
-        stride = dims.strides["dp_shard"]
-        rows.append({"axis": "ep (within dp_shard)", "size": dims.ep,
+    if dims.ep_enabled:
+        # carved from dp_shard x tp (runtime/ep.py; cp = 1 under ep): ep / tp consecutive dp_shard
+        # ranks x their tp ranks, i.e. ep consecutive world ranks (tp innermost); at tp 1 the
+        # dp_shard ranks, stride dims.strides["dp_shard"]
+        stride, within = (1, "dp_shard x tp") if dims.tp_enabled else (dims.strides["dp_shard"], "dp_shard")
+        rows.append({"axis": f"ep (within {within})", "size": dims.ep,
                      "example": ", ".join(str(i * stride) for i in range(min(dims.ep, 4))) + (", ..." if dims.ep > 4 else ""),
                      "role": "expert parallel: experts split by index, tokens sent to them all-to-all; experts "
-                             f"FSDP-sharded over dp_shard / ep = {dims.experts_fsdp}"})
+                             + (f"whole on each tp rank, FSDP-sharded over dp_shard x tp / ep = {dims.experts_fsdp}"
+                                if dims.tp_enabled else f"FSDP-sharded over dp_shard / ep = {dims.experts_fsdp}")})
     return rows
 
 

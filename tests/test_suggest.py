@@ -259,3 +259,45 @@ def test_pp_refused_recipe_wide_drops_every_pp_candidate_with_one_reason():
     assert s.ranked and all(r.cand.pp == 1 for r in s.ranked)
     pp = [x for x in s.dropped if x.cand.pp > 1]
     assert pp and {x.path for x in pp} == {"data"} and all("not supported with mesh.pp > 1" in x.reason for x in pp)
+
+
+def test_ep_candidates_for_moe_models_where_ep_composes():
+    """A MoE model's candidates run over mesh.ep too (compiler/suggest.py ep_sizes, the rules of
+    compiler/moe.py ep_errors): 1 and every ep > 1 dividing the experts and dp_shard x tp that is a
+    multiple of tp (ep carved from dp_shard x tp), only at pp 1 and cp 1. A dense model's keep the
+    recipe's mesh.ep. 128 experts (Qwen3-30B-A3B) on 32 GPUs."""
+    from meshbake.compiler.suggest import candidates, ep_sizes
+    from meshbake.compiler.validate import validate_all
+
+    assert ep_sizes(128, 16, 2) == [1, 2, 4, 8, 16, 32] and ep_sizes(128, 4, 8) == [1, 8, 16, 32]
+    assert ep_sizes(60, 8, 1) == [1, 2, 4] and ep_sizes(8, 1, 1) == [1]
+    d = load.load_recipe(RECIPE, ("model.config=qwen3-30b-a3b", "mesh.tp=4", "cluster.nodes=4"), None)
+    recipe, errs = validate_all(d)
+    assert not errs, errs
+    ks = candidates(recipe, 48, 128)
+    ep = [k for k in ks if k.ep > 1]
+    assert ep and all(k.pp == 1 and k.cp == 1 and k.ep % k.tp == 0 and 128 % k.ep == 0
+                      and (k.dp_shard * k.tp) % k.ep == 0 for k in ep)
+    assert {(k.dp_shard, k.tp, k.ep) for k in ep} >= {(16, 2, 2), (16, 2, 32), (8, 4, 4), (1, 8, 8)}
+    assert {k.ep for k in candidates(recipe, 48)} == {recipe.mesh.ep}     # experts unknown / dense: as written
+
+
+def test_ep_with_tp_ranks_above_experts_over_tp_across_nodes():
+    """Qwen3-30B-A3B (128 experts of 768 x 2048, k 8, bf16) on 4 nodes x 8 GPUs at dp_shard 16 x tp 2,
+    seq 8192: with experts over tp (ep 1) every expert is FSDP-gathered over 16 ranks across nodes
+    each MoE layer; with ep 8 (4 dp_shard ranks x the tp pair, ep carved from dp_shard x tp) a
+    rank gathers 16 whole experts over 4 ranks and sends its 4,096 tokens x 8 copies out by
+    all-to-all instead. The step-time model that ranks suggest's candidates puts ep 8 first."""
+    from meshbake.compiler.pipeline import resolve_dict
+
+    def step(ep: int):
+        d = load.load_recipe(RECIPE, ("model.config=qwen3-30b-a3b", "model.weights=random", "model.dtype=bfloat16",
+                                      "cluster.nodes=4", "mesh.dp_replicate=1", "mesh.dp_shard=16", "mesh.tp=2",
+                                      f"mesh.ep={ep}", "train.activation_checkpointing=selective",
+                                      "train.mixed_precision.param_dtype=bfloat16"), None)
+        res = resolve_dict(d)
+        assert not isinstance(res, Err), res
+        return res.estimate.time
+    with_ep, without = step(8), step(1)
+    assert with_ep.ep_s > 0 and without.ep_s == 0
+    assert with_ep.fsdp_s < without.fsdp_s and with_ep.step_s < without.step_s, (with_ep, without)

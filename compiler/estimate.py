@@ -13,7 +13,8 @@ Memory model (bytes per rank), from the resolved placements and sharding:
              replicated tensors  2 norm inputs + qkv input + mlp input (4h)  /tp only with SP
              tokens per rank = micro_batch_size * seq_len / cp; full AC keeps only the block input
   logits     tokens x vocab x 8 bytes (bf16 logits, fp32 upcast, fp32 grad ~ 2+4+2), /tp under loss parallel
-  experts    under mesh.ep: E / ep experts per rank, FSDP over dp_shard / ep (gathered: E / ep per block)
+  experts    under mesh.ep: E / ep whole experts per rank (not split over tp), FSDP over dp_shard x tp / ep
+             (gathered: E / ep per block)
   attn_mask  the attention's T^2 tensors (attention_memory): none for sdpa on causal rows (is_causal,
              flash kernel); packed documents (any data.format but synthetic), context parallel and
              eager attention pass an explicit mask, which SDPA converts to the query dtype and
@@ -955,7 +956,7 @@ class Collective:
     reduce-scatter's input, an all-reduce's tensor); a ring moves (n-1)/n of that per rank for
     all-gather / reduce-scatter and 2 (n-1)/n for all-reduce (wire_bytes)."""
     axis: str                      # tp | cp | dp_shard (dp_shard_cp when cp > 1) | dp_replicate | world
-    #                                | ep | efsdp (mesh.ep: dp_shard = efsdp x ep, ep inner; runtime/ep.py)
+    #                                | ep | efsdp (mesh.ep: dp_shard x tp = efsdp x ep, ep inner; runtime/ep.py)
     ranks: int                     # group size
     op: str                        # all_gather | reduce_scatter | all_reduce | all_to_all
     what: str
@@ -1151,13 +1152,14 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
       TP, colwise_norm (OLMo-2 q/k norm over the whole projection): per norm and layer a forward
         all-reduce of the fp32 mean of squares (tokens x 4 B) and a backward reduce-scatter of its
         input gradient (tokens x the norm's dim)
-      EP (mesh.ep, tp = cp = 1, runtime/ep.py) per MoE layer and micro-step over ep: the per-expert
+      EP (mesh.ep, cp = 1, runtime/ep.py) per MoE layer and micro-step over ep: the per-expert
         counts (E int64) and four all-to-alls of token rows x hidden x param bytes, the dispatch and
         the combine forward, their reverse backward. The dispatch forward and the combine backward
-        send this rank's tokens x k rows (exact); the combine forward and the dispatch backward send
+        send this rank's tokens x k rows (exact; under tp its 1/tp share of the tp group's tokens,
+        and the block's tp collectives are the experts-over-tp rows above); the combine forward and the dispatch backward send
         back the rows this rank received, which routing decides: the rows give the ep group's mean
         (every row one rank receives another sent), exact summed over the group. The experts are
-        FSDP'd on their own mesh over efsdp = dp_shard / ep (Shard(1), padded on dim 1): all-gathered
+        FSDP'd on their own mesh over efsdp = dp_shard x tp / ep (Shard(1), padded on dim 1): all-gathered
         per MoE layer forward and again in backward (the last too), reduce-scattered per synced
         micro-step, all-reduced across dp_replicate (whole when efsdp is 1); their blocks' groups
         over dp_shard exclude them; their grad norms are a mesh group of their own (efsdp, ep)

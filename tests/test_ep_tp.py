@@ -8,7 +8,9 @@ ONE world-4 torchrun launch, dp_shard 2 x tp 2 with sequence and loss parallel:
   - deepseek_v3 ep 2 (MLA under tp, ungated shared experts, the group-limited router);
   - mixtral ep 4 (ep over dp_shard x tp: one expert per rank, efsdp 1) with full activation
     checkpointing (the all-to-alls again in the recompute);
-  - llama4_text ep 2 (score-scaled expert inputs, its shared expert on its own TP styles).
+  - llama4_text ep 2 (score-scaled expert inputs, its shared expert on its own TP styles);
+  - gpt_oss ep 2 without SP / LP, with the aux loss (biased experts; the block output all-reduced);
+  - mixtral ep 2 with LoRA on q/o and on the experts (adapters Shard(0) over ep with them).
 """
 from __future__ import annotations
 
@@ -22,18 +24,27 @@ from tests.dist.reference import reference_run
 from tests.test_models import AUX_COEF, RTOL, STEPS, recipe
 
 
-def _eptp(ep, aux=False, ac="none"):
+def _eptp(ep, aux=False, ac="none", sp=True, lora=False):
     def edit(r):
         r["mesh"] = {"dp_shard": 2, "tp": 2, "ep": ep}
+        r["tp"] = {"sequence_parallel": sp, "loss_parallel": sp}
         r["train"]["activation_checkpointing"] = ac
         if aux:
             r["train"]["router_aux_loss_coef"] = AUX_COEF
+        if lora:
+            r["lora"] = {"rank": 4, "alpha": 8, "targets": ["q_proj", "o_proj", "experts.gate_up_proj",
+                                                            "experts.down_proj"]}
     return edit
 
 
 CASES = [("eptp-qwen3_moe", "qwen3_moe", _eptp(2)), ("eptp-qwen2_moe", "qwen2_moe", _eptp(2, aux=True)),
          ("eptp-deepseek_v3", "deepseek_v3", _eptp(2)), ("eptp4-mixtral", "mixtral", _eptp(4, ac="full")),
-         ("eptp-llama4_text", "llama4_text", _eptp(2))]
+         ("eptp-llama4_text", "llama4_text", _eptp(2)),
+         # without sequence / loss parallel (the block's input replicated, its output all-reduced),
+         # GPT-OSS's biased experts (the down bias Shard(0) over ep, added once per token row)
+         ("eptp-nosp-gpt_oss", "gpt_oss", _eptp(2, aux=True, sp=False)),
+         # LoRA on the experts (their factors Shard(0) over ep with them, the same tp / ep scale)
+         ("eptp-lora-mixtral", "mixtral", _eptp(2, lora=True))]
 
 
 def compiled(name: str, model_type: str, edit) -> dict:
@@ -65,7 +76,7 @@ def results(tmp_path_factory) -> dict:
 def test_ep_with_tp_matches_one_process(results, name):
     r = results[name]
     (ref, ref_norms), plan = r["reference"], r["plan"]
-    assert plan["mesh"]["tp"] == 2 and plan["tp"]["sequence_parallel"] and plan["tp"]["loss_parallel"]
+    assert plan["mesh"]["tp"] == 2 and plan["tp"]["sequence_parallel"] == plan["tp"]["loss_parallel"] == ("nosp" not in name)
     got = {int(k): v for k, v in r["losses"].items()}
     norms = {int(k): v for k, v in r["grad_norms"].items()}
     assert sorted(got) == list(range(1, STEPS + 1))
@@ -75,6 +86,8 @@ def test_ep_with_tp_matches_one_process(results, name):
     assert rel < RTOL, (name, got, ref)
     assert rel_norm < RTOL, (name, norms, ref_norms)
     assert min(ref[k] for k in range(2, STEPS + 1)) < ref[1]          # it learns something
+    if "lora" in name:
+        assert plan["lora"]["rank"] == 4 and "experts.gate_up_proj" in plan["lora"]["targets"]
     # each rank holds E / ep experts, whole (not split over tp)
     ep = plan["mesh"]["ep"]
     assert r["ep_local_experts"] == 4 // ep

@@ -93,20 +93,25 @@ def test_ep_with_tp_matches_one_process(results, name):
     assert r["ep_local_experts"] == 4 // ep
 
 
-@pytest.mark.parametrize("model_type,ep", [("gpt_oss", 2), ("qwen2_moe", 4)])
-def test_dry_run_holds_the_estimated_params_under_ep_and_tp(model_type, ep):
+@pytest.mark.parametrize("model_type,mesh", [("gpt_oss", {"ep": 2}), ("qwen2_moe", {"ep": 4}),
+                                             ("mixtral", {"dp_replicate": 2, "ep": 4})])
+def test_dry_run_holds_the_estimated_params_under_ep_and_tp(model_type, mesh):
     """The dry run (runtime/dryrun.py: the job's own build on a fake process group, meta tensors)
     accepts the composed mesh, and its first rank holds exactly the parameters and bytes the
-    estimate counts (the last as many bytes) at dp_shard 2 x tp 2 x ep: E / ep whole experts (GPT-OSS's biases with
+    estimate counts (the last as many bytes) at dp_shard 2 x tp 2 x ep (x dp_replicate 2: world 8,
+    the experts FSDP over efsdp 1 x dp_replicate 2): E / ep whole experts (GPT-OSS's biases with
     them) FSDP-sharded over dp_shard x tp / ep, the rest TP- then FSDP-split as without ep."""
     from meshbake.runtime.dryrun import build_rank
 
     from tests.helpers import resolve
 
     r = recipe(f"dry-{model_type}", model_type)
-    _eptp(ep)(r)
+    _eptp(mesh["ep"])(r)
+    r["mesh"].update(mesh)
+    world = 4 * mesh.get("dp_replicate", 1)
+    r["cluster"]["gpus_per_node"] = world
     res = resolve(yaml.safe_dump(r))
-    first, last = build_rank(res.plan, 0), build_rank(res.plan, 3)
+    first, last = build_rank(res.plan, 0), build_rank(res.plan, world - 1)
     assert first["ok"] and last["ok"], (first, last)
     assert (first["params"], first["param_bytes"]) == (res.estimate.params_per_rank, res.estimate.params_bytes), first
     # FSDP2 pads uneven shards: the last rank may hold fewer rows, never fewer bytes

@@ -15,13 +15,14 @@ ONE world-4 torchrun launch, dp_shard 2 x tp 2 with sequence and loss parallel:
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 from meshbake.runtime import plan as P
 
 from tests.dist.reference import reference_run
-from tests.test_models import AUX_COEF, RTOL, STEPS, recipe
+from tests.test_models import AUX_COEF, INPUT, RTOL, STEPS, recipe
 
 
 def _eptp(ep, aux=False, ac="none", sp=True, lora=False):
@@ -64,6 +65,10 @@ def results(tmp_path_factory) -> dict:
     from tests.test_parity import torchrun
 
     cases = [{"name": n, "kind": "train", "plan": compiled(n, t, e)} for n, t, e in CASES]
+    # the first case also checkpoints (DCP: experts Shard(0) over ep, attention split over tp) and
+    # keeps its trained model's logits, for the export test below
+    cases[0].update(keep_run=True, input=INPUT)
+    cases[0]["plan"]["checkpoint"].update(every_steps=STEPS, keep=1)
     with ThreadPoolExecutor(1) as pool:      # the references while the launch runs
         launched = pool.submit(torchrun, 4, cases, tmp_path_factory.mktemp("eptp"))
         refs = {c["name"]: reference_run(P.from_dict(c["plan"]))[:2] for c in cases}
@@ -91,6 +96,24 @@ def test_ep_with_tp_matches_one_process(results, name):
     # each rank holds E / ep experts, whole (not split over tp)
     ep = plan["mesh"]["ep"]
     assert r["ep_local_experts"] == 4 // ep
+
+
+@pytest.mark.dist
+def test_export_of_an_ep_x_tp_checkpoint_gives_the_trained_logits(results, tmp_path):
+    """meshbake export of the dp_shard 2 x tp 2 x ep 2 run's DCP checkpoint (one process): HF's
+    from_pretrained of it gives the logits the sharded model computed after its 3 steps."""
+    import torch
+    from meshbake.runtime.export import main as export_main
+    from transformers import AutoModelForCausalLM
+
+    run_dir = Path(results[CASES[0][0]]["run_dir"])
+    assert export_main([str(run_dir), "-o", str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        got = hf(input_ids=torch.tensor(INPUT)).logits
+    want = torch.load(run_dir / "logits.pt")
+    print(f"export of the ep x tp run: max abs logits diff {float((got - want).abs().max()):.2e}")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type,mesh", [("gpt_oss", {"ep": 2}), ("qwen2_moe", {"ep": 4}),

@@ -182,12 +182,14 @@ def mesh_rows(dims: ParallelDims) -> list[dict[str, Any]]:
         size, stride = getattr(dims, axis), dims.strides[axis]
         example = ", ".join(str(i * stride) for i in range(min(size, 4))) + (", ..." if size > 4 else "")
         rows.append({"axis": axis, "size": size, "example": example, "role": _ROLES[axis]})
-    if dims.ep_enabled:       # carved from dp_shard: ep consecutive dp_shard ranks (tp = cp = 1 under ep)
-        stride = dims.strides["dp_shard"]
-        rows.append({"axis": "ep (within dp_shard)", "size": dims.ep,
+    if dims.ep_enabled:
+        # carved from dp_shard x cp (flattened, ep inner; tp = 1 under ep): flat index j of
+        # dp_shard x cp is rank j x stride(cp), so an ep group is ep ranks stride(cp) apart
+        stride, within = dims.strides["cp"], "dp_shard x cp" if dims.cp_enabled else "dp_shard"
+        rows.append({"axis": f"ep (within {within})", "size": dims.ep,
                      "example": ", ".join(str(i * stride) for i in range(min(dims.ep, 4))) + (", ..." if dims.ep > 4 else ""),
                      "role": "expert parallel: experts split by index, tokens sent to them all-to-all; experts "
-                             f"FSDP-sharded over dp_shard / ep = {dims.experts_fsdp}"})
+                             f"FSDP-sharded over {within} / ep = {dims.experts_fsdp}"})
     return rows
 
 

@@ -72,8 +72,9 @@ def aux_note(recipe: Recipe, model: ModelSpec) -> tuple[str, ...]:
 
 @reads("mesh.ep", "train.compile")
 def ep_errors(recipe: Recipe, model: ModelSpec, axes: dict[str, int]) -> list[RecipeError]:
-    """mesh.ep: experts split by expert index over ep ranks carved from dp_shard (runtime/ep.py).
-    Built and parity-tested with dp_shard (and dp_replicate) only; with tp or cp it is refused
+    """mesh.ep: experts split by expert index over ep ranks carved from the FSDP ranks
+    dp_shard x cp (runtime/ep.py; torchtitan's ParallelDims carves it the same way). Built and
+    parity-tested with dp_shard, dp_replicate and cp; with tp it is refused
     (docs/EXPERT_PARALLEL.md says what is missing)."""
     from meshbake.compiler.mesh import divisors
 
@@ -86,22 +87,24 @@ def ep_errors(recipe: Recipe, model: ModelSpec, axes: dict[str, int]) -> list[Re
     if not {"experts", "experts_hf", "experts_t"} & set(model.layouts.values()):
         return [RecipeError("mesh.ep", f"ep={ep}: {model.architecture}'s MoE blocks are not the plain router + "
                             "grouped experts form the expert-parallel dispatch runs", "remove mesh.ep")]
-    errs, e, ds = [], model.num_experts, axes["dp_shard"]
-    ok = [d for d in divisors(math.gcd(e, ds)) if d > 1] or [1]
+    # ep is carved from dp_shard x cp: the MoE block is token-wise, so a cp rank's chunk of a
+    # sequence is dispatched exactly like a dp rank's tokens (ep may span cp, lie within it, or both)
+    errs, e, ds, cp = [], model.num_experts, axes["dp_shard"], axes["cp"]
+    ok = [d for d in divisors(math.gcd(e, ds * cp)) if d > 1] or [1]
     if e % ep:
         errs.append(RecipeError("mesh.ep", f"ep={ep} does not divide the {e} experts of {model.source} (each ep "
                                 "rank holds num_experts / ep of them)", f"use mesh.ep in {ok}"))
-    if ds % ep:
-        errs.append(RecipeError("mesh.ep", f"ep={ep} does not divide dp_shard={ds}: ep is carved from dp_shard "
+    if (ds * cp) % ep:
+        of = f"dp_shard x cp = {ds} x {cp} = {ds * cp}" if cp > 1 else f"dp_shard={ds}"
+        errs.append(RecipeError("mesh.ep", f"ep={ep} does not divide {of}: ep is carved from dp_shard x cp "
                                 "(ep ranks see different tokens and hold different experts; FSDP shards each "
-                                "expert over dp_shard / ep)", f"use mesh.ep in {ok}, or a dp_shard that ep divides"))
+                                "expert over dp_shard x cp / ep)",
+                                f"use mesh.ep in {ok}, or a dp_shard x cp that ep divides"))
     for axis, why in (("tp", "experts are split either by their intermediate dim over tp (mesh.ep: 1) or by "
-                       "expert index over ep, and the ep x tp token layout (torchtitan's ETP) is not built"),
-                      ("cp", "the ep group would have to span the cp ranks of a sequence; not built")):
+                       "expert index over ep, and the ep x tp token layout (torchtitan's ETP) is not built"),):
         if axes[axis] > 1:
             errs.append(RecipeError("mesh.ep", f"ep={ep} with {axis}={axes[axis]}: {why}",
-                                    f"use mesh.{axis}: 1 with mesh.ep, or mesh.ep: 1 (experts sharded over tp)"
-                                    if axis == "tp" else f"use mesh.{axis}: 1 with mesh.ep, or mesh.ep: 1"))
+                                    f"use mesh.{axis}: 1 with mesh.ep, or mesh.ep: 1 (experts sharded over tp)"))
     if recipe.train.compile:
         errs.append(RecipeError("train.compile", f"mesh.ep={ep}: the all-to-all dispatch has data-dependent "
                                 "split sizes (a graph break per MoE layer) and is not tested under torch.compile",

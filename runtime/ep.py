@@ -1,18 +1,22 @@
-"""Expert parallelism: MoE experts split by expert index over an `ep` axis carved from dp_shard,
-tokens dispatched to their experts' ranks with all-to-all (torchtitan / NeMo AutoModel style;
-docs/EXPERT_PARALLEL.md).
+"""Expert parallelism: MoE experts split by expert index over an `ep` axis carved from the FSDP
+ranks dp_shard x cp, tokens dispatched to their experts' ranks with all-to-all (torchtitan / NeMo
+AutoModel style; docs/EXPERT_PARALLEL.md).
 
-Mesh: dp_shard = (dp_shard / ep) x ep with ep inner, so an ep group is ep consecutive dp_shard
-ranks (the compiler refuses ep with tp or cp > 1, so those are consecutive world ranks). A
-second device mesh over the same ranks, (dp_replicate, efsdp = dp_shard / ep, ep), holds the
-experts: gate_up_proj (E, 2I, H) and down_proj (E, H, I) are Shard(0) over ep (rank r keeps
-experts [r E/ep, (r+1) E/ep)) and FSDP-sharded on dim 1 over efsdp (x dp_replicate for HSDP).
-Every other weight is FSDP over dp_shard as without ep. An expert's gradient is the sum over
-the ep group's tokens (the all-to-all's backward brings them home), so it must be divided by
-the whole data-parallel size dp_replicate x dp_shard, while its FSDP averages over dp_replicate x
-efsdp only: the local experts' gradients are scaled by 1/ep in backward (_ScaleGrad; FSDP2's
-set_gradient_divide_factor needs ReduceOp.PREMUL_SUM, which gloo lacks), so each token's loss
-weighs the same as without ep.
+Mesh: dp_shard x cp = efsdp x ep with ep inner (torchtitan's ParallelDims carves ep the same way:
+the MoE block is token-wise, so the tokens of a cp rank, a chunk of a sequence, are dispatched
+exactly like those of a dp rank). tp is 1 under ep and the world is row-major (dp_replicate,
+dp_shard, cp), so an ep group is ep consecutive ranks. A second device mesh over the same
+ranks, (dp_replicate, efsdp = dp_shard x cp / ep, ep), holds the experts: gate_up_proj
+(E, 2I, H) and down_proj (E, H, I) are Shard(0) over ep (rank r keeps experts [r E/ep,
+(r+1) E/ep)) and FSDP-sharded on dim 1 over efsdp (x dp_replicate for HSDP). Every other weight
+is FSDP over dp_shard x cp as without ep. An expert's gradient is the sum over the ep group's
+tokens (the all-to-all's backward brings them home), so it must be divided by the whole
+data-parallel size dp_replicate x dp_shard x cp (what every other weight's FSDP averages over:
+the train loop scales the loss by dp x cp / tokens), while its FSDP averages over dp_replicate x
+efsdp only: dp_replicate x dp_shard x cp / (dp_replicate x efsdp) = ep, whatever share of ep the
+cp ranks are, so the local experts' gradients are scaled by 1/ep in backward (_ScaleGrad;
+FSDP2's set_gradient_divide_factor needs ReduceOp.PREMUL_SUM, which gloo lacks), and each
+token's loss weighs the same as without ep.
 
 Forward of one MoE block, N tokens (B x T) on this rank, k experts per token, router replicated:
   1. route: (N, k) expert ids and weights; the N k token copies sorted by expert;
@@ -41,9 +45,13 @@ DIMS = ("dp_replicate", "efsdp", "ep")
 
 
 def experts_mesh(plan) -> DeviceMesh:
-    """(dp_replicate, dp_shard / ep, ep) over the world (tp = cp = 1 under ep)."""
+    """(dp_replicate, efsdp = dp_shard x cp / ep, ep) over the world (tp = 1 under ep). The world
+    is row-major (dp_replicate, dp_shard, cp, tp = 1), so dp_shard x cp is one run of consecutive
+    ranks per replica and this shape is a reshape of it: an ep group is ep consecutive ranks of
+    that run (with cp 2, ep 2: the two cp ranks of one sequence; ep 4 over dp_shard 2 x cp 2: all
+    four), efsdp the ranks ep apart."""
     m = plan.mesh
-    return init_device_mesh(m.device, (m.dp_replicate, m.dp_shard // m.ep, m.ep), mesh_dim_names=DIMS)
+    return init_device_mesh(m.device, (m.dp_replicate, m.experts_fsdp, m.ep), mesh_dim_names=DIMS)
 
 
 def _moe_blocks(model: nn.Module) -> list[nn.Module]:

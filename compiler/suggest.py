@@ -47,13 +47,15 @@ class Candidate:
     pp: int = 1                      # mesh.pp (outermost); the two below only mean something when > 1
     schedule: str = "1F1B"           # pp.schedule
     stages_per_rank: int = 1         # pp.stages_per_rank (Interleaved1F1B: 2)
+    ep: int = 1                      # mesh.ep (MoE models): carved from dp_shard x cp, see ep_sizes
 
     @property
     def label(self) -> str:
         s = (f"pp{self.pp} {self.schedule} " if self.pp > 1 else "") + \
             f"r{self.dp_replicate} s{self.dp_shard} cp{self.cp} tp{self.tp} ac={self.activation_checkpointing} " \
             f"mbs{self.micro_batch_size}"
-        return s + (f" sp={int(self.sequence_parallel)} lp={int(self.loss_parallel)}" if self.tp > 1 else "")
+        s += f" sp={int(self.sequence_parallel)} lp={int(self.loss_parallel)}" if self.tp > 1 else ""
+        return s + (f" ep{self.ep}" if self.ep > 1 else "")
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,17 @@ def pp_schedules(pp: int, layers: int) -> list[tuple[str, int]]:
     return [("1F1B", 1)] + ([("Interleaved1F1B", 2)] if 2 * pp <= layers else [])
 
 
-def candidates(recipe: Recipe, layers: int | None = None) -> list[Candidate]:
+def ep_sizes(experts: int, dp_shard: int, cp: int) -> list[int]:
+    """mesh.ep values tried for a MoE model: 1 (its experts split over tp, or whole with FSDP)
+    and every ep > 1 that divides both the experts and dp_shard x cp, the ranks ep is carved
+    from (runtime/ep.py: each ep rank holds experts / ep of them, FSDP-sharded over
+    dp_shard x cp / ep). A dense model (experts 0): [1]."""
+    import math
+
+    return [1] + [d for d in divisors(math.gcd(experts, dp_shard * cp)) if d > 1] if experts else [1]
+
+
+def candidates(recipe: Recipe, layers: int | None = None, experts: int = 0) -> list[Candidate]:
     """Every (pp, dp_replicate, dp_shard, cp, tp) with product = world, x AC x micro-batch sizes
     that keep global_batch_size exact (mbs divides gbs / dp; when dp does not divide gbs the
     recipe's own mbs stays, for the mesh stage to say why) x SP/LP on/off where tp > 1. tp runs
@@ -130,7 +142,10 @@ def candidates(recipe: Recipe, layers: int | None = None) -> list[Candidate]:
     pp (see pp_sizes; only with `layers`, the model's decoder blocks) x its schedules: with pp > 1
     only what pp composes with is enumerated (cp 1, SP/LP off: compiler/pp.py refuses the rest
     for every pp); the micro-batches per step are gbs / (mbs x dp), so the mbs choice is the
-    microbatches choice, and the rule drops mbs values that leave fewer micro-batches than pp."""
+    microbatches choice, and the rule drops mbs values that leave fewer micro-batches than pp.
+    MoE models (`experts`, the routed experts per layer): x ep_sizes(experts, dp_shard, cp) at
+    pp 1 (compiler/pp.py refuses ep with pp); the mesh stage drops the ep values its rules refuse
+    (compiler/moe.ep_errors), with the reason."""
     c, t = recipe.cluster, recipe.train
     world = c.nodes * c.gpus_per_node
     out = []
@@ -145,8 +160,9 @@ def candidates(recipe: Recipe, layers: int | None = None) -> list[Candidate]:
                     mbss = (divisors(t.global_batch_size // dp) if t.global_batch_size % dp == 0
                             else [t.micro_batch_size])
                     splp = list(itertools.product((False, True), repeat=2)) if tp > 1 and pp == 1 else [(False, False)]
-                    for (sc, v), ac, mbs, (sp, lp) in itertools.product(scheds, AC_MODES, mbss, splp):
-                        out.append(Candidate(dr, ds, cp, tp, ac, mbs, sp, lp, pp, sc, v))
+                    eps = ep_sizes(experts, ds, cp) if pp == 1 else [1]
+                    for (sc, v), ac, mbs, (sp, lp), ep in itertools.product(scheds, AC_MODES, mbss, splp, eps):
+                        out.append(Candidate(dr, ds, cp, tp, ac, mbs, sp, lp, pp, sc, v, ep))
     return out
 
 
@@ -156,7 +172,7 @@ def with_candidate(recipe: Recipe, k: Candidate) -> Recipe:
         if k.pp > 1 else type(recipe.pp)()
     return replace(recipe,
                    mesh=replace(recipe.mesh, dp_replicate=k.dp_replicate, dp_shard=k.dp_shard, cp=k.cp, tp=k.tp,
-                                pp=k.pp),
+                                pp=k.pp, ep=k.ep),
                    pp=pp,
                    tp=replace(recipe.tp, sequence_parallel=k.sequence_parallel, loss_parallel=k.loss_parallel),
                    train=replace(recipe.train, activation_checkpointing=k.activation_checkpointing,
@@ -209,13 +225,14 @@ def _short(e: RecipeError, n: int = 160) -> str:
 def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
     ok: list[tuple[Candidate, Any, Any, StepTime]] = []
     dropped = []
-    # placements read only tp, whether cp > 1, SP/LP and the recipe's fixed sections (tp.plan,
-    # seq_len, model): one resolve per key instead of per candidate (60 ms each for 80 layers)
-    placements: dict[tuple[int, bool, bool, bool, bool], Any] = {}
+    # placements read only tp, whether cp > 1, SP/LP, whether ep > 1 (QLoRA's refusal) and the
+    # recipe's fixed sections (tp.plan, seq_len, model): one resolve per key instead of per
+    # candidate (60 ms each for 80 layers)
+    placements: dict[tuple[int, bool, bool, bool, bool, bool], Any] = {}
     # pp rules that read no mesh axis (model type, tied embeddings, LoRA, compile, data): decided
     # once on the first pp candidate, every other pp candidate dropped with the same reason
     pp_refused: RecipeError | None = None
-    for k in candidates(recipe, model.num_layers):
+    for k in candidates(recipe, model.num_layers, model.num_experts):
         r = with_candidate(recipe, k)
         mesh = resolve_mesh(r, model)
         if not isinstance(mesh, Err) and k.pp > 1 and pp_refused is not None:   # check's order: mesh, then pp
@@ -228,7 +245,7 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
                     pp_refused = next((e for e in ppr.errors if e.path in _PP_GLOBAL), None)
                 mesh = ppr
         if not isinstance(mesh, Err):
-            key = (k.tp, k.cp > 1, k.sequence_parallel, k.loss_parallel, k.pp > 1)
+            key = (k.tp, k.cp > 1, k.sequence_parallel, k.loss_parallel, k.pp > 1, k.ep > 1)
             if key not in placements:
                 placements[key] = resolve_placements(r, model, mesh)
             pl = placements[key]
@@ -256,7 +273,8 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
     mpp = getattr(m, "pp", 1)
     own = Candidate(m.dp_replicate, m.dp_shard, m.cp, m.tp, recipe.train.activation_checkpointing,
                     recipe.train.micro_batch_size, sp, lp, mpp,
-                    recipe.pp.schedule if mpp > 1 else "1F1B", recipe.pp.stages_per_rank if mpp > 1 else 1)
+                    recipe.pp.schedule if mpp > 1 else "1F1B", recipe.pp.stages_per_rank if mpp > 1 else 1,
+                    recipe.mesh.ep)
     return Suggestion(ranked, tuple(dropped), c.nodes * c.gpus_per_node, own, c.device)
 
 

@@ -45,7 +45,7 @@ def test_ep_one_changes_nothing():
     ({"ep": 3, "dp_shard": 6}, "mesh.ep", "does not divide the 4 experts"),
     ({"ep": 4, "dp_shard": 2}, "mesh.ep", "does not divide dp_shard=2"),
     ({"ep": 2, "dp_shard": 2, "tp": 2}, "mesh.ep", "with tp=2"),
-    ({"ep": 2, "dp_shard": 2, "cp": 2}, "mesh.ep", "with cp=2"),
+    ({"ep": 4, "dp_shard": 1, "cp": 2}, "mesh.ep", "does not divide dp_shard x cp = 1 x 2 = 2"),
 ])
 def test_ep_rules(mesh, path, words):
     errs = errors(compiled(**mesh))

@@ -74,9 +74,9 @@ def test_ep_over_cp_parity(results, name):
 
 @pytest.mark.dist
 def test_cp_attention_ran_in_every_case(results):
-    # the worker's counter is per process, cumulative over the cases run in order
+    # the worker counts cp_attention's calls per case: every attention layer ran on the cp mesh
     calls = [results[c[0]]["cp_attention_calls"] for c in CASES]
-    assert calls[0] > 0 and all(b > a for a, b in zip(calls, calls[1:])), calls
+    assert all(n > 0 for n in calls), calls
 
 
 def errors(b) -> list[tuple[str, str]]:

@@ -1166,8 +1166,8 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
     Not modelled: the dtypes under autocast (TP without FSDP, param_dtype != model.dtype: counted in
     param_dtype); measured in fp32 only: the MoE and colwise_norm rows (their bf16 dtypes follow the
     code: the fp32 norm statistics and Mixtral's fp32 routing weights); AC recompute of MoE blocks and
-    colwise_norm, LoRA on MoE / OLMo-2 models (the dense rules are applied) and MoE x CP (no
-    measurement); colwise_norm without sequence parallel (same rule, not measured)."""
+    colwise_norm, LoRA on MoE / OLMo-2 models (the dense rules are applied) and MoE x CP without ep
+    (no measurement; ep x cp is: tests/test_measured.py); colwise_norm without sequence parallel (same rule, not measured)."""
     t, mp = recipe.train, recipe.train.mixed_precision
     tp, cp, f, r, ga = mesh.tp, mesh.cp, mesh.fsdp, mesh.dp_replicate, mesh.grad_accum
     pb, rb, mb = DTYPE_BYTES[mp.param_dtype], DTYPE_BYTES[mp.reduce_dtype], DTYPE_BYTES[recipe.model.dtype]

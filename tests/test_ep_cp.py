@@ -127,3 +127,28 @@ def test_plan_md_and_estimate_of_the_composed_mesh():
     assert ("efsdp", "all_gather") not in r4
     assert all(c[0] == 4 for k, v in r2.items() if k[0] == "dp_shard_cp" for c in v)
     assert p2["estimate"]["params_bytes"] == p4["estimate"]["params_bytes"] == p1["estimate"]["params_bytes"]
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_dry_run_places_the_ep_group_and_holds_the_estimate(ep):
+    """The job's own build on fake ranks (runtime/dryrun.py), rank 3 of dp_shard 2 x cp 2: the
+    experts' mesh is (efsdp, ep) = [[0, 1], [2, 3]] at ep 2 (an ep group = the cp pair of one
+    dp_shard rank) and [[0, 1, 2, 3]] at ep 4; Shard(0) over ep (E / ep experts), Shard(1) over
+    efsdp; every other weight FSDP over dp_shard_cp [0, 1, 2, 3]; the rank holds exactly the
+    estimated parameters and bytes."""
+    from meshbake.runtime.dryrun import build_rank
+    from torch.distributed.tensor import Shard
+
+    from tests.helpers import resolve
+    from tests.test_dryrun import _layout
+
+    res = resolve(yaml.safe_dump(epcp_recipe("dr", "qwen3_moe", ep)))
+    layout = _layout(res.plan, 3, False)
+    experts = [x for x in layout if ".mlp.experts." in x[0]]
+    want = [[0, 1], [2, 3]] if ep == 2 else [[0, 1, 2, 3]]
+    assert experts and all(x[1:4] == (("efsdp", "ep"), want, (Shard(1), Shard(0))) for x in experts), experts
+    assert all(x[4][0] == 4 // ep for x in experts)
+    assert {(x[1], str(x[2])) for x in layout if x not in experts} == {(("dp_shard_cp",), "[0, 1, 2, 3]")}
+    r3 = build_rank(res.plan, 3)
+    assert r3["ok"], r3
+    assert (r3["params"], r3["param_bytes"]) == (res.estimate.params_per_rank, res.estimate.params_bytes)

@@ -4,8 +4,9 @@ of a sequence: experts FSDP over efsdp 2) and ep 4 (every rank: one expert each,
 Qwen3-MoE and on Qwen2-MoE (shared expert behind a sigmoid gate, with the router's aux loss):
 loss AND gradient norm of every step equal to one process (fp32, rel 1e-4). The gradient norm
 is the check on the experts' 1/ep gradient scale (Adam's first steps are scale-invariant, so a
-wrong scale hides from the loss); ONE torchrun launch for the four cases. Plus the compile-time
-side: the rules, PLAN.md and the estimate's rows for the composed mesh."""
+wrong scale hides from the loss); ONE torchrun launch for the four cases, one of them checkpointed
+and exported to HF. Plus the compile-time side: the rules, PLAN.md, the estimate's rows and the
+dry run's layout for the composed mesh."""
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ from tests.test_models import RTOL, STEPS, _ep, recipe
 # (name, model type, ep, aux loss)
 CASES = [("ep2-cp2-qwen3_moe", "qwen3_moe", 2, False), ("ep4-cp2-qwen3_moe", "qwen3_moe", 4, False),
          ("ep2-cp2-qwen2_moe", "qwen2_moe", 2, True), ("ep4-cp2-qwen2_moe", "qwen2_moe", 4, True)]
+EXPORTED = "ep2-cp2-qwen2_moe"      # also checkpointed (DCP) after its last step and exported to HF
 
 
 def epcp_recipe(name: str, model_type: str, ep: int, aux: bool = False, dp_shard: int = 2, cp: int = 2) -> dict:
@@ -47,11 +49,22 @@ def results(tmp_path_factory) -> dict:
         b = compiled(epcp_recipe(name, t, ep, aux))
         assert hasattr(b, "files"), b.errors
         cases.append({"name": name, "kind": "train", "plan": json.loads(b.files["plan.json"])})
+        if name == EXPORTED:      # a DCP checkpoint of the experts on the (efsdp, ep) mesh, kept for export
+            cases[-1]["plan"]["checkpoint"].update(every_steps=STEPS, keep=1)
+            cases[-1]["keep_run"] = True
+    tmp = tmp_path_factory.mktemp("epcp")
     with ThreadPoolExecutor(1) as pool:           # the references run while the ranks wait on each other
-        launched = pool.submit(torchrun, 4, cases, tmp_path_factory.mktemp("epcp"))
-        refs = {c["name"]: reference_run(P.from_dict(c["plan"]))[:2] for c in cases}
+        launched = pool.submit(torchrun, 4, cases, tmp)
+        refs, states = {}, {}
+        for c in cases:
+            *refs[c["name"]], model = reference_run(P.from_dict(c["plan"]))
+            if c["name"] == EXPORTED:
+                states[c["name"]] = model.state_dict()
         out = launched.result()
-    return {c["name"]: dict(out[c["name"]], plan=c["plan"], reference=refs[c["name"]]) for c in cases}
+    # the plan beside the checkpoint, as a job's run dir has it (the worker writes it only with logits)
+    (tmp / EXPORTED / "plan.json").write_text(P.dumps(P.from_dict(next(c for c in cases if c["name"] == EXPORTED)["plan"])))
+    return {c["name"]: dict(out[c["name"]], plan=c["plan"], reference=refs[c["name"]], run_dir=tmp / c["name"],
+                            reference_state=states.get(c["name"])) for c in cases}
 
 
 @pytest.mark.dist
@@ -70,6 +83,26 @@ def test_ep_over_cp_parity(results, name):
     assert rel_norm < RTOL, (name, norms, ref_norms)
     # really split: E / ep experts on each rank (4 experts in both fixtures), attention really cp
     assert r["ep_local_experts"] == 4 // plan["mesh"]["ep"]
+
+
+@pytest.mark.dist
+def test_ep_over_cp_checkpoint_exports_the_trained_weights(results, tmp_path):
+    """The ep 2 x cp 2 run's DCP checkpoint (experts Shard(0) over ep, Shard(1) over efsdp),
+    exported by one process to HF's layout: every trained tensor equals the single-process run's
+    after the same steps (the bound of tests/test_models.py's export test, 1e-3 relative)."""
+    from meshbake.runtime.export import main as export_main
+    from transformers import AutoModelForCausalLM
+
+    r = results[EXPORTED]
+    assert export_main([str(r["run_dir"]), "-o", str(tmp_path / "hf")]) == 0
+    sd = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    ref = r["reference_state"]
+    assert any(".experts." in n for n in ref)
+    # not the k_proj biases (as there): their exact gradient is 0, AdamW turns round-off into +-lr moves
+    worst = max((((sd[n].double() - t.double()).norm() / t.double().norm().clamp(min=1e-12)).item(), n)
+                for n, t in ref.items() if not n.endswith("k_proj.bias"))
+    print(f"{EXPORTED}: exported weights max rel diff {worst[0]:.2e} ({worst[1]})")
+    assert worst[0] < 1e-3, worst
 
 
 @pytest.mark.dist

@@ -302,8 +302,8 @@ def _suggest(args, t0: float) -> int:
     elif own_i is None:
         t.add_row("-*", *cells(s.own, "-", "-", "-", f"infeasible: {own_x.path}: {own_x.reason}" if own_x
                                else "not enumerated"))
-    con.print("mesh = [pp N schedule] dp_replicate x dp_shard x cp x tp [ep N] (I1F1B: Interleaved1F1B, 2 stages "
-              "per rank; ep: experts over ep ranks of dp_shard x tp); * = the recipe's own choice; why not first = step time "
+    con.print("mesh = \\[pp N schedule] dp_replicate x dp_shard x cp x tp \\[ep N: experts over N ranks of dp_shard x "
+              "cp x tp] (I1F1B: Interleaved1F1B, 2 stages per rank); * = the recipe's own choice; why not first = step time "
               "beyond #1 in ms (%), split by term in ms; step-time model and its assumptions: compiler/suggest.py")
     con.print(t)
     if s.device != "cuda":

@@ -13,8 +13,8 @@ Memory model (bytes per rank), from the resolved placements and sharding:
              replicated tensors  2 norm inputs + qkv input + mlp input (4h)  /tp only with SP
              tokens per rank = micro_batch_size * seq_len / cp; full AC keeps only the block input
   logits     tokens x vocab x 8 bytes (bf16 logits, fp32 upcast, fp32 grad ~ 2+4+2), /tp under loss parallel
-  experts    under mesh.ep: E / ep whole experts per rank (not split over tp), FSDP over dp_shard x tp / ep
-             (gathered: E / ep per block)
+  experts    under mesh.ep: E / ep whole experts per rank (not split over tp), FSDP over efsdp = dp_shard x cp x
+             tp / ep (gathered: E / ep per block)
   attn_mask  the attention's T^2 tensors (attention_memory): none for sdpa on causal rows (is_causal,
              flash kernel); packed documents (any data.format but synthetic), context parallel and
              eager attention pass an explicit mask, which SDPA converts to the query dtype and
@@ -332,7 +332,7 @@ def _sums(params: list[RankParam], f: int, fsdp: bool, db: int = 2) -> _Sums:
 
 def _sums_of(params: list[RankParam], f: int, fsdp: bool, db: int = 2) -> _Sums:
     def shard(p: RankParam) -> int:
-        fp = f * p.tp // p.ep                         # experts under ep: FSDP over efsdp = dp_shard x tp / ep
+        fp = f * p.tp // p.ep                         # experts under ep: FSDP over efsdp = dp_shard x cp x tp / ep
         return -(-p.rows // fp) * p.rest if fsdp else p.rows * p.rest
 
     def gathered(p: RankParam) -> int:                # FSDP2's unsharded copy: padded rows x f
@@ -956,7 +956,7 @@ class Collective:
     reduce-scatter's input, an all-reduce's tensor); a ring moves (n-1)/n of that per rank for
     all-gather / reduce-scatter and 2 (n-1)/n for all-reduce (wire_bytes)."""
     axis: str                      # tp | cp | dp_shard (dp_shard_cp when cp > 1) | dp_replicate | world
-    #                                | ep | efsdp (mesh.ep: dp_shard x tp = efsdp x ep, ep inner; runtime/ep.py)
+    #                                | ep | efsdp (mesh.ep: dp_shard x cp x tp = efsdp x ep, ep inner; runtime/ep.py)
     ranks: int                     # group size
     op: str                        # all_gather | reduce_scatter | all_reduce | all_to_all
     what: str
@@ -1152,14 +1152,14 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
       TP, colwise_norm (OLMo-2 q/k norm over the whole projection): per norm and layer a forward
         all-reduce of the fp32 mean of squares (tokens x 4 B) and a backward reduce-scatter of its
         input gradient (tokens x the norm's dim)
-      EP (mesh.ep, cp = 1, runtime/ep.py) per MoE layer and micro-step over ep: the per-expert
-        counts (E int64) and four all-to-alls of token rows x hidden x param bytes, the dispatch and
+      EP (mesh.ep, runtime/ep.py; ep carved from dp_shard x cp x tp) per MoE layer and micro-step
+        over ep: the per-expert counts (E int64) and four all-to-alls of token rows x hidden x param bytes, the dispatch and
         the combine forward, their reverse backward. The dispatch forward and the combine backward
         send this rank's tokens x k rows (exact; under tp its 1/tp share of the tp group's tokens,
         and the block's tp collectives are the experts-over-tp rows above); the combine forward and the dispatch backward send
         back the rows this rank received, which routing decides: the rows give the ep group's mean
         (every row one rank receives another sent), exact summed over the group. The experts are
-        FSDP'd on their own mesh over efsdp = dp_shard x tp / ep (Shard(1), padded on dim 1): all-gathered
+        FSDP'd on their own mesh over efsdp = dp_shard x cp x tp / ep (Shard(1), padded on dim 1): all-gathered
         per MoE layer forward and again in backward (the last too), reduce-scattered per synced
         micro-step, all-reduced across dp_replicate (whole when efsdp is 1); their blocks' groups
         over dp_shard exclude them; their grad norms are a mesh group of their own (efsdp, ep)
@@ -1170,8 +1170,8 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
     Not modelled: the dtypes under autocast (TP without FSDP, param_dtype != model.dtype: counted in
     param_dtype); measured in fp32 only: the MoE and colwise_norm rows (their bf16 dtypes follow the
     code: the fp32 norm statistics and Mixtral's fp32 routing weights); AC recompute of MoE blocks and
-    colwise_norm, LoRA on MoE / OLMo-2 models (the dense rules are applied) and MoE x CP (no
-    measurement); colwise_norm without sequence parallel (same rule, not measured)."""
+    colwise_norm, LoRA on MoE / OLMo-2 models (the dense rules are applied) and MoE x CP without ep
+    (no measurement; ep x cp is: tests/test_measured.py); colwise_norm without sequence parallel (same rule, not measured)."""
     t, mp = recipe.train, recipe.train.mixed_precision
     tp, cp, f, r, ga = mesh.tp, mesh.cp, mesh.fsdp, mesh.dp_replicate, mesh.grad_accum
     pb, rb, mb = DTYPE_BYTES[mp.param_dtype], DTYPE_BYTES[mp.reduce_dtype], DTYPE_BYTES[recipe.model.dtype]
@@ -1277,10 +1277,10 @@ ROUTER_FP32 = frozenset({"mixtral"})
 
 def _ep_rows(add, recipe: Recipe, model: ModelSpec, mesh: MeshSpec, syncs: int, tokens: int,
              adapted: set[str] = frozenset()) -> None:
-    """mesh.ep (runtime/ep.py; cp = 1): per MoE layer and micro-step, the per-expert counts
+    """mesh.ep (runtime/ep.py): per MoE layer and micro-step, the per-expert counts
     (E int64) and four all-to-alls of token rows x hidden (dispatch, combine; their backward
-    the reverse), tokens / tp rows each under tp. The experts' FSDP runs over efsdp = dp_shard x
-    tp / ep (x dp_replicate). LoRA on
+    the reverse), of this rank's tokens (micro_batch_size x seq_len / cp), / tp rows each under
+    tp. The experts' FSDP runs over efsdp = dp_shard x cp x tp / ep (x dp_replicate). LoRA on
     the experts: their adapters are in the same FSDP unit (gathered with the experts), and
     only they have gradients there."""
     mp = recipe.train.mixed_precision
@@ -1350,7 +1350,7 @@ ADAMW_PASSES = 12            # HBM passes over the trainable shard: clip (norm r
                              # its sqrt temporary written and read)
 AXIS_INNER = {"tp": ("tp",), "cp": ("cp", "tp"), "dp_shard": ("dp_shard", "cp", "tp"),
               "dp_shard_cp": ("dp_shard", "cp", "tp"), "dp_replicate": ("dp_replicate", "dp_shard", "cp", "tp"),
-              "world": ("dp_replicate", "dp_shard", "cp", "tp"), "ep": ("ep",), "efsdp": ("dp_shard",),
+              "world": ("dp_replicate", "dp_shard", "cp", "tp"), "ep": ("ep",), "efsdp": ("dp_shard", "cp", "tp"),
               "pp": PP_DIMS}      # a pp hop goes from one stage group (world / pp ranks) to the next
 
 

@@ -47,14 +47,15 @@ class Candidate:
     pp: int = 1                      # mesh.pp (outermost); the two below only mean something when > 1
     schedule: str = "1F1B"           # pp.schedule
     stages_per_rank: int = 1         # pp.stages_per_rank (Interleaved1F1B: 2)
-    ep: int = 1                      # mesh.ep (MoE models): carved from dp_shard x tp, not a factor of world
+    ep: int = 1                      # mesh.ep (MoE models): carved from dp_shard x cp x tp, see ep_sizes
 
     @property
     def label(self) -> str:
         s = (f"pp{self.pp} {self.schedule} " if self.pp > 1 else "") + \
-            f"r{self.dp_replicate} s{self.dp_shard} cp{self.cp} tp{self.tp} " + \
-            (f"ep{self.ep} " if self.ep > 1 else "") + f"ac={self.activation_checkpointing} mbs{self.micro_batch_size}"
-        return s + (f" sp={int(self.sequence_parallel)} lp={int(self.loss_parallel)}" if self.tp > 1 else "")
+            f"r{self.dp_replicate} s{self.dp_shard} cp{self.cp} tp{self.tp} ac={self.activation_checkpointing} " \
+            f"mbs{self.micro_batch_size}"
+        s += f" sp={int(self.sequence_parallel)} lp={int(self.loss_parallel)}" if self.tp > 1 else ""
+        return s + (f" ep{self.ep}" if self.ep > 1 else "")
 
 
 @dataclass(frozen=True)
@@ -123,13 +124,16 @@ def pp_schedules(pp: int, layers: int) -> list[tuple[str, int]]:
     return [("1F1B", 1)] + ([("Interleaved1F1B", 2)] if 2 * pp <= layers else [])
 
 
-def ep_sizes(experts: int, dp_shard: int, tp: int) -> list[int]:
-    """mesh.ep values tried for a MoE model (compiler/moe.py ep_errors): 1 (experts split over tp)
-    and every ep > 1 that divides the experts and dp_shard x tp and is a multiple of tp (ep carved
-    from dp_shard x tp, torchtitan's etp 1: the ep group spans the tp ranks)."""
+def ep_sizes(experts: int, dp_shard: int, cp: int, tp: int = 1) -> list[int]:
+    """mesh.ep values tried for a MoE model (the rules of compiler/moe.py ep_errors): 1 (its
+    experts split over tp, or whole with FSDP) and every ep > 1 that divides both the experts and
+    dp_shard x cp x tp, the ranks ep is carved from, and is a multiple of tp (torchtitan's etp 1:
+    the ep group spans every tp rank; runtime/ep.py: each ep rank holds experts / ep of them
+    whole, FSDP-sharded over dp_shard x cp x tp / ep). A dense model (experts 0): [1]."""
     import math
 
-    return [1] + [d for d in divisors(math.gcd(experts, dp_shard * tp)) if d > 1 and d % tp == 0]
+    return [1] + [d for d in divisors(math.gcd(experts, dp_shard * cp * tp)) if d > 1 and d % tp == 0] \
+        if experts else [1]
 
 
 def candidates(recipe: Recipe, layers: int | None = None, experts: int = 0) -> list[Candidate]:
@@ -141,9 +145,9 @@ def candidates(recipe: Recipe, layers: int | None = None, experts: int = 0) -> l
     only what pp composes with is enumerated (cp 1, SP/LP off: compiler/pp.py refuses the rest
     for every pp); the micro-batches per step are gbs / (mbs x dp), so the mbs choice is the
     microbatches choice, and the rule drops mbs values that leave fewer micro-batches than pp.
-    experts (the model's routed experts, 0 for a dense model): x mesh.ep (ep_sizes) where ep
-    composes (pp 1, cp 1: compiler/pp.py and compiler/moe.py refuse the rest); a dense model's
-    candidates keep the recipe's mesh.ep, for the rules to say why."""
+    MoE models (`experts`, the routed experts per layer, 0 for a dense model): x
+    ep_sizes(experts, dp_shard, cp, tp) at pp 1 (compiler/pp.py refuses ep with pp); a dense
+    model's candidates keep the recipe's mesh.ep, for the rules to say why."""
     c, t = recipe.cluster, recipe.train
     world = c.nodes * c.gpus_per_node
     out = []
@@ -158,8 +162,7 @@ def candidates(recipe: Recipe, layers: int | None = None, experts: int = 0) -> l
                     mbss = (divisors(t.global_batch_size // dp) if t.global_batch_size % dp == 0
                             else [t.micro_batch_size])
                     splp = list(itertools.product((False, True), repeat=2)) if tp > 1 and pp == 1 else [(False, False)]
-                    eps = (ep_sizes(experts, ds, tp) if pp == 1 and cp == 1 else [1]) if experts \
-                        else [recipe.mesh.ep]
+                    eps = (ep_sizes(experts, ds, cp, tp) if pp == 1 else [1]) if experts else [recipe.mesh.ep]
                     for (sc, v), ep, ac, mbs, (sp, lp) in itertools.product(scheds, eps, AC_MODES, mbss, splp):
                         out.append(Candidate(dr, ds, cp, tp, ac, mbs, sp, lp, pp, sc, v, ep))
     return out
@@ -224,9 +227,11 @@ def _short(e: RecipeError, n: int = 160) -> str:
 def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
     ok: list[tuple[Candidate, Any, Any, StepTime]] = []
     dropped = []
-    # placements read only tp, whether cp > 1, SP/LP and the recipe's fixed sections (tp.plan,
-    # seq_len, model): one resolve per key instead of per candidate (60 ms each for 80 layers)
-    placements: dict[tuple[int, bool, bool, bool, bool, bool], Any] = {}     # under ep the experts are not tp-split
+    # placements read only tp, whether cp > 1, SP/LP, whether ep > 1 (QLoRA's refusal; under ep
+    # the experts are not tp-split) and the
+    # recipe's fixed sections (tp.plan, seq_len, model): one resolve per key instead of per
+    # candidate (60 ms each for 80 layers)
+    placements: dict[tuple[int, bool, bool, bool, bool, bool], Any] = {}
     # pp rules that read no mesh axis (model type, tied embeddings, LoRA, compile, data): decided
     # once on the first pp candidate, every other pp candidate dropped with the same reason
     pp_refused: RecipeError | None = None

@@ -1,14 +1,20 @@
-"""Expert parallelism: MoE experts split by expert index over an `ep` axis, tokens dispatched to
-their experts' ranks with all-to-all (torchtitan / NeMo AutoModel style; docs/EXPERT_PARALLEL.md).
+"""Expert parallelism: MoE experts split by expert index over an `ep` axis carved from the
+flattened (dp_shard, cp, tp) ranks, tokens dispatched to their experts' ranks with all-to-all
+(torchtitan / NeMo AutoModel style; docs/EXPERT_PARALLEL.md).
 
-Mesh (torchtitan's ParallelDims with etp = 1): ep is carved from dp_shard x tp, ep = (ep / tp)
-dp_shard ranks x all tp ranks, ep innermost, so an ep group is ep consecutive world ranks (tp is
-innermost in the world mesh; at tp 1 that is ep consecutive dp_shard ranks; the compiler refuses
-ep with cp > 1). A second device mesh over the same ranks, (dp_replicate, efsdp = dp_shard x tp /
-ep, ep), holds the experts: gate_up_proj (E, 2I, H) and down_proj (E, H, I) are Shard(0) over ep
-(rank r keeps experts [r E/ep, (r+1) E/ep)), whole (not split over tp: ETP = 1), and
-FSDP-sharded on dim 1 over efsdp (x dp_replicate for HSDP). Every other weight is FSDP over
-dp_shard (and TP-split over tp) as without ep.
+Mesh (torchtitan's ParallelDims with etp = 1): within one replica the world is row-major
+(dp_shard, cp, tp), tp innermost, so world rank w = (r dp_shard + d) cp tp + c tp + t. ep is
+carved from that flat index: ep groups are ep consecutive ranks, efsdp = dp_shard x cp x tp / ep
+groups the ranks ep apart. ep is a multiple of tp (compiler/moe.py), so an ep group is ep / tp
+consecutive (dp_shard, cp) coordinates x every tp rank: the MoE block is token-wise, so a cp
+rank's chunk of a sequence is dispatched exactly like a dp rank's tokens, and the tp ranks of
+one coordinate dispatch disjoint 1/tp shares of its tokens (below). A second device mesh over
+the same ranks, (dp_replicate, efsdp, ep), holds the experts: gate_up_proj (E, 2I, H) and
+down_proj (E, H, I) are Shard(0) over ep (rank r keeps experts [r E/ep, (r+1) E/ep)), whole (not
+split over tp: etp = 1), and FSDP-sharded on dim 1 over efsdp (x dp_replicate for HSDP). Every
+other weight is FSDP over dp_shard x cp (and TP-split over tp) as without ep. Examples: dp_shard
+2 x cp 2, ep 2: the cp pair of one sequence; dp_shard 2 x tp 2, ep 2: the tp pair; cp 2 x tp 2,
+ep 4: all four.
 
 Under tp the MoE block's input is the tp group's whole sequence (gathered from the sequence
 shards under SP, replicated without): every tp rank routes all N = B x T tokens (router
@@ -18,13 +24,18 @@ block's output is then a partial sum over tp (each token's routed output on one 
 tp-split shared expert's partial sums on all), reduced (reduce-scattered to the sequence shard
 under SP) once, exactly as the experts-over-tp block does.
 
-Gradient scale. An expert's gradient on a rank is the sum over the tokens it received; summed
-over the ranks that hold it (dp_replicate x efsdp) it covers every token of the step once, i.e.
-dp x the true gradient (dp = dp_replicate x dp_shard ranks each take the mean of their own
-tokens' loss). Its FSDP averages over dp_replicate x efsdp = dp x tp / ep ranks, so the local
-experts' gradients are scaled by tp / ep in backward (_ScaleGrad; FSDP2's
-set_gradient_divide_factor needs ReduceOp.PREMUL_SUM, which gloo lacks): 1/ep at tp 1, 1 at
-ep = tp.
+Gradient scale. Let D = dp_replicate x dp_shard x cp, the ranks' coordinates that see different
+tokens (the tp ranks of one coordinate share them). The train loop scales each coordinate's loss
+so that a dense weight's FSDP average over D gives the true gradient g: g = (1/D) sum_c g_c.
+An expert's gradient on a rank is the sum over the token copies it received; every token of a
+coordinate is dispatched exactly once (by one of its tp ranks) to the one rank of its ep group
+holding its expert, so summed over the ranks holding an expert shard (dp_replicate x efsdp) it
+is sum_c g_c = D g. Its FSDP averages over those dp_replicate x efsdp = D tp / ep ranks:
+    D g / (D tp / ep) = (ep / tp) g,   i.e. (dp_r x dp_shard x cp) / (dp_r x efsdp) = ep / tp,
+so the local experts' gradients are scaled by b = tp / ep in backward (_ScaleGrad; FSDP2's
+set_gradient_divide_factor needs ReduceOp.PREMUL_SUM, which gloo lacks): 1/ep at tp 1 (any cp),
+1 at ep = tp. Checked by tests/test_ep_mesh.py's grad norms and trained weights against one
+process (ep over dp_shard x tp, dp_shard x cp, and cp x tp).
 
 Forward of one MoE block, N tokens routed on this rank (N/tp dispatched), k experts per token:
   1. route: (N, k) expert ids and weights; this rank's n = N/tp tokens' n k copies sorted by expert;
@@ -53,10 +64,11 @@ DIMS = ("dp_replicate", "efsdp", "ep")
 
 
 def experts_mesh(plan) -> DeviceMesh:
-    """(dp_replicate, dp_shard x tp / ep, ep) over the world (cp = 1 under ep). World rank
-    ((r dp_shard + d) tp + t) with d = f (ep / tp) + j is (r efsdp + f) ep + (j tp + t): the
-    row-major rank of (r, f, j tp + t) on this mesh, so each ep group is ep / tp dp_shard ranks
-    x their tp ranks."""
+    """(dp_replicate, efsdp = dp_shard x cp x tp / ep, ep) over the world (pp is 1 under ep). The
+    world is row-major (dp_replicate, dp_shard, cp, tp), so dp_shard x cp x tp is one run of
+    consecutive ranks per replica and this shape is a reshape of it: an ep group is ep
+    consecutive ranks of that run (ep / tp (dp_shard, cp) coordinates x every tp rank), efsdp
+    the ranks ep apart."""
     m = plan.mesh
     return init_device_mesh(m.device, (m.dp_replicate, m.experts_fsdp, m.ep), mesh_dim_names=DIMS)
 

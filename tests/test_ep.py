@@ -43,10 +43,14 @@ def test_ep_one_changes_nothing():
 
 @pytest.mark.parametrize("mesh, path, words", [
     ({"ep": 3, "dp_shard": 6}, "mesh.ep", "does not divide the 4 experts"),
-    ({"ep": 4, "dp_shard": 2}, "mesh.ep", "does not divide dp_shard=2"),
-    ({"ep": 3, "dp_shard": 3, "tp": 2}, "mesh.ep", "ep=3 with tp=2: ep is carved from dp_shard x tp"),
-    ({"ep": 4, "dp_shard": 1, "tp": 2}, "mesh.ep", "does not divide dp_shard x tp=2"),
-    ({"ep": 2, "dp_shard": 2, "cp": 2}, "mesh.ep", "with cp=2"),
+    ({"ep": 4, "dp_shard": 2}, "mesh.ep", "does not divide dp_shard x cp x tp = 2 x 1 x 1 = 2"),
+    ({"ep": 3, "dp_shard": 3, "tp": 2}, "mesh.ep", "ep=3 with tp=2: ep is carved from dp_shard x cp x tp"),
+    ({"ep": 4, "dp_shard": 1, "tp": 2}, "mesh.ep", "does not divide dp_shard x cp x tp = 1 x 1 x 2 = 2: "),
+    ({"ep": 4, "dp_shard": 1, "tp": 2}, "mesh.ep", "use mesh.ep in [2]"),
+    ({"ep": 4, "dp_shard": 1, "cp": 2}, "mesh.ep", "does not divide dp_shard x cp x tp = 1 x 2 x 1 = 2"),
+    # the composed mesh: ep a multiple of tp dividing dp_shard x cp x tp (2 and 4 fit 1 x 2 x 2)
+    ({"ep": 3, "dp_shard": 1, "cp": 2, "tp": 2}, "mesh.ep", "ep=3 with tp=2: ep is carved from dp_shard x cp x tp"),
+    ({"ep": 3, "dp_shard": 1, "cp": 2, "tp": 2}, "mesh.ep", "use mesh.ep in [2, 4] (a multiple of tp)"),
 ])
 def test_ep_rules(mesh, path, words):
     errs = errors(compiled(**mesh))

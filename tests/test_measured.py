@@ -6,6 +6,7 @@ One launch runs every case (tests/dist/measure.py); a torchrun start costs 5-10 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -100,6 +101,9 @@ MOE = {
     # ep x tp (etp 1): ep = the tp pair, each tp rank dispatching half the block's tokens; experts
     # FSDP over efsdp = dp_shard x tp / ep = 2 (the other dp_shard rank of the same tp coordinate)
     "moe_qwen3_ep2_tp2_sp_lp": dict(dp_shard=2, tp=2, ep=2, sp=True, lp=True, model=QWEN_MOE),
+    # ep x cp: ep 2 = the cp pair of a sequence (experts FSDP over 2), ep 4 = all
+    "moe_qwen3_ep2_cp2_aux": dict(dp_shard=2, cp=2, ep=2, model=QWEN_MOE, aux=0.1),
+    "moe_mixtral_ep4_cp2": dict(dp_shard=2, cp=2, ep=4, model=MIXTRAL),
     "olmo2_tp2_sp_lp": dict(dp_shard=2, tp=2, sp=True, lp=True, model=OLMO2),
 }
 CASES.update(MOE)
@@ -200,30 +204,27 @@ def test_qlora_weight_load_estimate_holds_the_measured_peak(measured, name):
 
 
 def axis_ranks(mesh: dict, rank: int, axis: str) -> frozenset[int]:
-    """The ranks of `rank`'s group along a mesh axis (dp_replicate, dp_shard, cp, tp
-    row-major, tp innermost; under mesh.ep, runtime/ep.py: ep carved from dp_shard x tp, i.e.
-    dp_shard = efsdp_d x ep_d with ep_d = ep / tp inner, the ep group ep_d x tp and the experts'
-    efsdp group efsdp_d (its tp coordinate fixed); dp_shard_cp = dp_shard x cp flattened;
-    world = all)."""
-    ep, tp = mesh.get("ep", 1), mesh["tp"]
-    ep_d = ep // tp if ep > 1 else 1
-    dims = ("dp_replicate", "efsdp", "ep_d", "cp", "tp")
-    sizes = [mesh["dp_replicate"], mesh["dp_shard"] // ep_d, ep_d, mesh["cp"], tp]
-    coord, rest = [], rank
-    for s in reversed(sizes):
-        coord.insert(0, rest % s)
-        rest //= s
-    free = {"dp_shard": ("efsdp", "ep_d"), "dp_shard_cp": ("efsdp", "ep_d", "cp"), "world": dims,
-            "ep": ("ep_d", "tp")}.get(axis, (axis,))
-    out = []
-    for r in range(mesh["dp_replicate"] * mesh["dp_shard"] * mesh["cp"] * mesh["tp"]):
-        c, rest = [], r
+    """The ranks of `rank`'s group along a mesh axis (dp_replicate, dp_shard, cp, tp row-major,
+    tp innermost; dp_shard_cp = dp_shard x cp flattened; world = all; under mesh.ep the flat
+    dp_shard x cp x tp index is efsdp x ep, ep inner (runtime/ep.py): ep groups are ep
+    consecutive flat indices, efsdp groups the indices ep apart)."""
+    ep = mesh.get("ep", 1)
+    sizes = [mesh["dp_replicate"], mesh["dp_shard"], mesh["cp"], mesh["tp"]]
+
+    def coords(r: int) -> dict[str, int]:
+        c = []
         for s in reversed(sizes):
-            c.insert(0, rest % s)
-            rest //= s
-        if all(c[i] == coord[i] for i, d in enumerate(dims) if d not in free):
-            out.append(r)
-    return frozenset(out)
+            c.insert(0, r % s)
+            r //= s
+        flat = (c[1] * mesh["cp"] + c[2]) * mesh["tp"] + c[3]
+        return {"dp_replicate": c[0], "dp_shard": c[1], "cp": c[2], "tp": c[3], "efsdp": flat // ep, "ep": flat % ep}
+    # the coordinates a group shares (the others vary within it)
+    fixed = {"dp_replicate": ("dp_shard", "cp", "tp"), "dp_shard": ("dp_replicate", "cp", "tp"),
+             "cp": ("dp_replicate", "dp_shard", "tp"), "tp": ("dp_replicate", "dp_shard", "cp"),
+             "dp_shard_cp": ("dp_replicate", "tp"), "world": (), "ep": ("dp_replicate", "efsdp"),
+             "efsdp": ("dp_replicate", "ep")}[axis]
+    me = coords(rank)
+    return frozenset(r for r in range(math.prod(sizes)) if all(coords(r)[d] == me[d] for d in fixed))
 
 
 def traffic_by_group(plan: dict, rank: int, logged: list[dict]) -> tuple[dict, dict]:

@@ -150,11 +150,10 @@ def test_ep_with_tp_estimate_rules_and_plan_md():
     per rank, FSDP over efsdp = dp_shard x tp / ep = 2; each tp rank dispatches half of its 64
     tokens; the tp rows of the block (gathers, reduce-scatters, the MoE _SumGrad all-reduces) are
     those of the experts-over-tp plan. Held to a real run's collectives in tests/test_measured.py
-    (moe_qwen3_ep2_tp2_sp_lp), parity in tests/test_ep_tp.py."""
-    from tests.test_ep_tp import _eptp
-    from tests.test_ep_tp import compiled as compiled_tp
+    (moe_qwen3_ep2_tp2_sp_lp), parity in tests/test_ep_mesh.py."""
+    from tests.test_ep_mesh import plan_of
 
-    pe, pt = compiled_tp("e", "mixtral", _eptp(2)), compiled_tp("t", "mixtral", _eptp(1))
+    pe, pt = plan_of("e", "mixtral", dict(ep=2)), plan_of("t", "mixtral", dict(ep=1))
     assert {k: v for k, v in pe["tp"]["placements"].items() if k.endswith("experts")} == \
         {"model.layers.0.mlp.experts": "replicate", "model.layers.1.mlp.experts": "replicate"}
     assert pe["mesh"]["ep"] == 2 and pe["mesh"]["world"] == 4
@@ -189,9 +188,7 @@ def test_ep_with_tp_estimate_rules_and_plan_md():
 def compiled_md(model_type: str, ep: int) -> str:
     from meshbake.compiler.pipeline import compile_recipe
 
-    from tests.test_ep_tp import _eptp
-    from tests.test_models import recipe as model_recipe
+    from tests.test_ep_mesh import mesh_recipe
 
-    r = model_recipe("md", model_type)
-    _eptp(ep)(r)
+    r = mesh_recipe("md", model_type, ep)
     return compile_recipe(yaml.safe_dump(r), source="md").files["PLAN.md"].decode()

@@ -12,6 +12,9 @@ Memory model (bytes per rank), from the resolved placements and sharding:
              TP-sharded tensors  q, k, v, attn-out (2h + 2 kv_dim) + gate, up, act, gate*up (4I)   /tp
              replicated tensors  2 norm inputs + qkv input + mlp input (4h)  /tp only with SP
              tokens per rank = micro_batch_size * seq_len / cp; full AC keeps only the block input
+             q/k norms (Qwen3, OLMo-2, Gemma-3): (4 + 2 pb) (q + kv) / tp more
+             MoE models: each layer's MLP as it runs (_moe_mlp_activations): k token copies x (2h + 4I
+             / tp) + router, shared experts, dense layers at their own intermediate
   logits     tokens x vocab x 8 bytes (bf16 logits, fp32 upcast, fp32 grad ~ 2+4+2), /tp under loss parallel
   experts    under mesh.ep: E / ep whole experts per rank (not split over tp), FSDP over efsdp = dp_shard x cp x
              tp / ep (gathered: E / ep per block)
@@ -205,10 +208,19 @@ def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, final_part: b
     q, kv = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
     norm = ((4 + pb) * h // tp + pb * h) if sp else (4 + 2 * pb) * h
     sharded = (2 * q + 2 * kv + 4 * inter) * pb // tp
+    kept = (2 * q + 2 * kv + 2 * inter) * pb // tp                  # selective AC's matmul outputs
+    moe = _moe_mlp_activations(model, mesh, pb) if model.num_experts else None
+    if moe is not None:     # MoE models: the MLP per layer as it runs (the mean over the layers)
+        attn = (2 * q + 2 * kv) * pb // tp
+        sharded, kept = attn + moe[0], attn + moe[1]
     # small per-token tensors: RMSNorm's rsqrt (4 B per norm), SDPA's logsumexp (4 B per local
     # head), once per forward RoPE cos + sin (2 Dh pb) and input ids, labels, positions (int64)
     small = 2 * 4 // (tp if sp else 1) + 4 * model.num_heads // tp
-    layer = tokens * (2 * norm + sharded + small)
+    # q/k norms (Qwen3, Qwen3-MoE, Gemma-3 per head; OLMo-2 over the projection): each saves, like
+    # the block's norms, an fp32 input copy, the normalized and the weighted output, (4 + 2 pb) per
+    # element of q (H Dh) / k (Hkv Dh), split over tp with the heads. 0 for Llama (no such module).
+    qk = (4 + 2 * pb) * (q * _has_norm(model, "q_norm") + kv * _has_norm(model, "k_norm")) // tp
+    layer = tokens * (2 * norm + sharded + small + qk)
     block_in = tokens * h * pb // (tp if sp else 1)
     # final norm (its output is lm_head's saved input) and the per-forward tensors
     final = tokens * (norm + 2 * model.head_dim * pb + 3 * 8) if final_part else 0   # pp: the last stage's
@@ -216,12 +228,74 @@ def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, final_part: b
     if ac == "full":
         acts = model.num_layers * block_in + final
     elif ac == "selective":
-        acts = model.num_layers * (block_in + tokens * (2 * q + 2 * kv + 2 * inter) * pb // tp) + final
+        acts = model.num_layers * (block_in + tokens * kept) + final
     else:
         acts = model.num_layers * layer + final
     lp = mesh.loss_parallel
     logits = tokens * model.vocab_size * (16 // tp if lp else 12)
     return acts, (layer if ac != "none" else 0), logits
+
+
+def _has_norm(model: ModelSpec, leaf: str) -> bool:
+    return any(m.kind == "norm" and m.fqn.endswith(f"self_attn.{leaf}") for m in model.modules)
+
+
+def _moe_mlp_activations(model: ModelSpec, mesh: MeshSpec, pb: int) -> tuple[int, int] | None:
+    """(saved, kept under selective AC) bytes per token of a MoE model's MLPs, the mean over its
+    layers (so a pp stage's share scales with its layers), replacing the dense 4 I / tp of the
+    Llama formula, which undercounted a MoE layer (measured +16-18% peak on the tiny Qwen3-MoE).
+    The grouped-experts loop (runtime/fused.py experts_forward; runtime/ep.py _local_experts) runs
+    per expert on the token copies routed to it, so per MoE layer and token, k = experts_per_token,
+    I the experts' intermediate, H hidden:
+      rows      c copies of the token: k without ep (every tp rank runs every copy on its I / tp
+                slice), k / tp under ep (each tp rank dispatches 1/tp of the tokens; on average a
+                rank receives as many copies as it sends); the slice Ie = I / tp without ep, I under ep
+      per copy  the gathered input row (x[tok], the matmul's saved input: H), gate_up's output (2 Ie),
+                act(gate) and act(gate) * up (2 Ie), the down output kept for the routing weight's
+                product (H): 2 H + 4 Ie in pb; + that weight (pb) and the int64 token / slot
+                indices the gathers save (2 x 8)
+      router    its fp32 softmax over the E experts (4 E), the logits (pb E), the top-k ids (8 k)
+                and weights (4 k)
+      shared    a shared expert (Qwen2-MoE, DeepSeek-V3): its own MLP, 4 Is / tp; gated (Qwen2-MoE):
+                + its output kept for the gate's product (H pb, a partial sum on every tp rank) and
+                the gate's sigmoid (4)
+    Dense layers among them (Qwen3-MoE mlp_only_layers, DeepSeek-V3 first_k_dense_replace) at their
+    own intermediate, 4 Id / tp. Selective AC keeps the matmul outputs: 2 Ie + H per copy, 2 Is / tp,
+    2 Id / tp. None when no layer is found by name (model.layers.N.mlp)."""
+    import re
+
+    tp, ep, k, h, e = mesh.tp, mesh.ep, model.experts_per_token, model.hidden_size, model.num_experts
+    layers: dict[int, list[ModuleInfo]] = {}
+    for m in model.modules:
+        g = re.search(r"\.layers\.([0-9]+)\.mlp\.", m.fqn)
+        if g:
+            layers.setdefault(int(g.group(1)), []).append(m)
+    if not layers:
+        return None
+    saved = kept = 0
+    for mods in layers.values():
+        ex = next((m for m in mods if m.kind == "experts"), None)
+        shared = [m for m in mods if m.kind == "linear" and ".shared_expert" in m.fqn]
+        dense = [m for m in mods if m.kind == "linear" and ".shared_expert" not in m.fqn]
+        if ex is not None:
+            i = expert_matrices(ex)["down_proj"][2]
+            copies, ie = (k / tp, i) if ep > 1 else (k, i / tp)
+            saved += copies * ((2 * h + 4 * ie) * pb + pb + 16) + e * (4 + pb) + k * 12
+            kept += copies * (2 * ie + h) * pb
+            gp = next((m for m in shared if m.fqn.endswith("gate_proj")), None)
+            if gp is not None:
+                saved += 4 * gp.shape[0] * pb / tp
+                kept += 2 * gp.shape[0] * pb / tp
+                if any(m.fqn.endswith("shared_expert_gate") for m in shared):
+                    saved += h * pb + 4
+        else:
+            gp = next((m for m in dense if m.fqn.endswith(("gate_proj", "up_proj", "fc1"))), None)
+            gu = next((m for m in dense if m.fqn.endswith("gate_up_proj")), None)
+            i = gp.shape[0] if gp is not None else gu.shape[0] // 2 if gu is not None else model.intermediate_size
+            saved += 4 * i * pb / tp
+            kept += 2 * i * pb / tp
+    n = len(layers)
+    return int(saved / n), int(kept / n)
 
 
 @dataclass(frozen=True)

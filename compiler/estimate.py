@@ -111,7 +111,7 @@ class RankParam:
     trainable: bool
     embedding: bool = False
     ep: int = 1                    # mesh.ep: experts split by index (rows = E / ep), FSDP over fsdp x tp / ep
-    tp: int = 1                    # ... and whole on each tp rank (ep carved from dp_shard x tp: etp 1)
+    tp: int = 1                    # ... and whole on each tp rank (ep carved from dp_shard x cp x tp: etp 1)
     nf4: int = 0                   # QLoRA: a frozen target weight stored NF4, with this scaler block (runtime/quant.py)
 
 
@@ -727,7 +727,7 @@ def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -
         logits_bytes=mem["logits"],
         budget_bytes=int(recipe.cluster.gpu_memory_gb * 1e9 * USABLE),
         flops_per_token=flops_per_token(recipe, model, mesh, pl),
-        # the exact rows of traffic(); experts under ep are FSDP over efsdp = dp_shard / ep (runtime/ep.py)
+        # the exact rows of traffic(); experts under ep are FSDP over efsdp = dp_shard x cp x tp / ep (runtime/ep.py)
         fsdp_comm_bytes=sum(c.wire_bytes for c in comm if c.axis.startswith("dp_") or c.axis == "efsdp"),
         tp_comm_bytes=sum(c.wire_bytes for c in comm if c.axis == "tp"),
         accum_grads_bytes=mem["accum"],

@@ -281,7 +281,8 @@ def _suggest(args, t0: float) -> int:
         t.add_column(h, no_wrap=h != "why not first", overflow="fold" if h == "why not first" else "ellipsis")
     def cells(k, *rest: str) -> list[str]:
         pp = f"pp{k.pp} {'I' if k.stages_per_rank > 1 else ''}1F1B " if k.pp > 1 else ""
-        return [_con(x) for x in (f"{pp}{k.dp_replicate}x{k.dp_shard}x{k.cp}x{k.tp}", k.activation_checkpointing,
+        ep = f" ep{k.ep}" if k.ep > 1 else ""
+        return [_con(x) for x in (f"{pp}{k.dp_replicate}x{k.dp_shard}x{k.cp}x{k.tp}{ep}", k.activation_checkpointing,
                                   str(k.micro_batch_size),
                                   f"{int(k.sequence_parallel)}/{int(k.loss_parallel)}" if k.tp > 1 else "-", *rest)]
 
@@ -301,8 +302,8 @@ def _suggest(args, t0: float) -> int:
     elif own_i is None:
         t.add_row("-*", *cells(s.own, "-", "-", "-", f"infeasible: {own_x.path}: {own_x.reason}" if own_x
                                else "not enumerated"))
-    con.print("mesh = [pp N schedule] dp_replicate x dp_shard x cp x tp (I1F1B: Interleaved1F1B, 2 stages per "
-              "rank); * = the recipe's own choice; why not first = step time "
+    con.print("mesh = \\[pp N schedule] dp_replicate x dp_shard x cp x tp \\[ep N: experts over N ranks of dp_shard x "
+              "cp x tp] (I1F1B: Interleaved1F1B, 2 stages per rank); * = the recipe's own choice; why not first = step time "
               "beyond #1 in ms (%), split by term in ms; step-time model and its assumptions: compiler/suggest.py")
     con.print(t)
     if s.device == "cuda":

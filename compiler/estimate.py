@@ -12,8 +12,12 @@ Memory model (bytes per rank), from the resolved placements and sharding:
              TP-sharded tensors  q, k, v, attn-out (2h + 2 kv_dim) + gate, up, act, gate*up (4I)   /tp
              replicated tensors  2 norm inputs + qkv input + mlp input (4h)  /tp only with SP
              tokens per rank = micro_batch_size * seq_len / cp; full AC keeps only the block input
+             q/k norms (Qwen3, OLMo-2, Gemma-3): (4 + 2 pb) (q + kv) / tp more
+             MoE models: each layer's MLP as it runs (_moe_mlp_activations): k token copies x (2h + 4I
+             / tp) + router, shared experts, dense layers at their own intermediate
   logits     tokens x vocab x 8 bytes (bf16 logits, fp32 upcast, fp32 grad ~ 2+4+2), /tp under loss parallel
-  experts    under mesh.ep: E / ep experts per rank, FSDP over dp_shard / ep (gathered: E / ep per block)
+  experts    under mesh.ep: E / ep whole experts per rank (not split over tp), FSDP over efsdp = dp_shard x cp x
+             tp / ep (gathered: E / ep per block)
   attn_mask  the attention's T^2 tensors (attention_memory): none for sdpa on causal rows (is_causal,
              flash kernel); packed documents (any data.format but synthetic), context parallel and
              eager attention pass an explicit mask, which SDPA converts to the query dtype and
@@ -38,7 +42,7 @@ from meshbake.compiler.recipe import Recipe
 from meshbake.runtime import flops as F
 from meshbake.runtime.dims import PP_DIMS, tokens_per_rank
 from meshbake.runtime.quant import nf4_bytes, nf4_scaler_block, nf4_working_bytes
-from meshbake.runtime.roles import MLP_NAMES, expert_lora_dims, is_expert_target, local_shape, lora_shapes
+from meshbake.runtime.roles import expert_lora_dims, is_expert_target, local_shape, lora_shapes
 from meshbake.runtime.units import fmt_bytes
 
 USABLE = 0.9
@@ -108,7 +112,8 @@ class RankParam:
     where: str                     # "root" (embedding, final norm, lm_head) | "block" | "last" (last block)
     trainable: bool
     embedding: bool = False
-    ep: int = 1                    # mesh.ep: experts split by index (rows = E / ep), FSDP over fsdp / ep
+    ep: int = 1                    # mesh.ep: experts split by index (rows = E / ep), FSDP over fsdp x tp / ep
+    tp: int = 1                    # ... and whole on each tp rank (ep carved from dp_shard x cp x tp: etp 1)
     nf4: int = 0                   # QLoRA: a frozen target weight stored NF4, with this scaler block (runtime/quant.py)
 
 
@@ -137,11 +142,12 @@ def rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, ep: i
         style, where = pl.styles[m.fqn], roles.where(m.fqn)
         loc = local_shape(m.shape, m.kind, style, tp)
         bias = m.numel - _numel(m.shape)
-        if ep > 1 and m.kind == "experts":            # gate_up and down: E / ep experts each (tp is 1)
+        if ep > 1 and m.kind == "experts":            # gate_up and down: E / ep experts each, whole over tp
             e = m.shape[0]
-            out += [RankParam(e // ep, _numel(m.shape[1:]), where, not lora, ep=ep),
-                    RankParam(e // ep, bias // e, where, not lora, ep=ep)]
-            out += [RankParam(e // ep, _numel(a[1:]), where, True, ep=ep) for a in _expert_adapters(m, adapted, lora, 1)]
+            out += [RankParam(e // ep, _numel(m.shape[1:]), where, not lora, ep=ep, tp=tp),
+                    RankParam(e // ep, bias // e, where, not lora, ep=ep, tp=tp)]
+            out += [RankParam(e // ep, _numel(a[1:]), where, True, ep=ep, tp=tp)
+                    for a in _expert_adapters(m, adapted, lora, 1)]
             covered += m.numel
             continue
         out.append(RankParam(loc[0], _numel(loc[1:]), where, not lora, m.fqn == roles.embedding,
@@ -191,7 +197,7 @@ def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, final_part: b
                   first two are sequence-sharded and the output saved is the all-gathered one
       attention   q, k after RoPE, v, SDPA output: (2 H Dh + 2 Hkv Dh) pb / tp (flash: no T^2)
       MLP         gate, silu(gate), up, product: 4 I pb / tp
-      MoE block   instead of the MLP: k routed slots per token (_moe_token_bytes)
+      MoE block   instead of the MLP: k routed copies per token (_moe_mlp_activations)
     selective AC keeps the matmul and SDPA outputs of q/k/v, attention and gate/up, plus the
     block input; full AC keeps the block input only, then recomputes one block in backward.
     Logits at the start of the loss backward: without loss parallel the log-softmax output,
@@ -204,20 +210,20 @@ def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, final_part: b
     h, inter = model.hidden_size, model.intermediate_size
     q, kv = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
     norm = ((4 + pb) * h // tp + pb * h) if sp else (4 + 2 * pb) * h
-    moe = _moe_shape(model)
-    attn = (2 * q + 2 * kv) * pb // tp
-    # a MoE model's dense layers (DeepSeek's first_k_dense_replace) have their own MLP width
-    sharded = attn + 4 * (moe.dense_inter if moe.layers else inter) * pb // tp
+    sharded = (2 * q + 2 * kv + 4 * inter) * pb // tp
+    kept = (2 * q + 2 * kv + 2 * inter) * pb // tp                  # selective AC's matmul outputs
+    moe = _moe_mlp_activations(model, mesh, pb) if model.num_experts else None
+    if moe is not None:     # MoE models: the MLP per layer as it runs (the mean over the layers)
+        attn = (2 * q + 2 * kv) * pb // tp
+        sharded, kept = attn + moe[0], attn + moe[1]
     # small per-token tensors: RMSNorm's rsqrt (4 B per norm), SDPA's logsumexp (4 B per local
     # head), once per forward RoPE cos + sin (2 Dh pb) and input ids, labels, positions (int64)
     small = 2 * 4 // (tp if sp else 1) + 4 * model.num_heads // tp
-    dense_layer = tokens * (2 * norm + sharded + small)
-    # the MoE layers: the attention's as above, then per token the k routed slots of the block
-    # (_moe_token_bytes) instead of one dense MLP; a pp stage holds its share of them
-    n_moe = round(model.num_layers * moe.layers / max(1, model.roles.num_blocks)) if moe.layers else 0
-    moe_layer = tokens * (2 * norm + attn + small + _moe_token_bytes(model, moe, pb, tp))
-    layer = max(dense_layer, moe_layer) if n_moe else dense_layer
-    all_layers = (model.num_layers - n_moe) * dense_layer + n_moe * moe_layer
+    # q/k norms (Qwen3, Qwen3-MoE, Gemma-3 per head; OLMo-2 over the projection): each saves, like
+    # the block's norms, an fp32 input copy, the normalized and the weighted output, (4 + 2 pb) per
+    # element of q (H Dh) / k (Hkv Dh), split over tp with the heads. 0 for Llama (no such module).
+    qk = (4 + 2 * pb) * (q * _has_norm(model, "q_norm") + kv * _has_norm(model, "k_norm")) // tp
+    layer = tokens * (2 * norm + sharded + small + qk)
     block_in = tokens * h * pb // (tp if sp else 1)
     # final norm (its output is lm_head's saved input) and the per-forward tensors
     final = tokens * (norm + 2 * model.head_dim * pb + 3 * 8) if final_part else 0   # pp: the last stage's
@@ -225,53 +231,78 @@ def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, final_part: b
     if ac == "full":
         acts = model.num_layers * block_in + final
     elif ac == "selective":
-        acts = model.num_layers * (block_in + tokens * (2 * q + 2 * kv + 2 * inter) * pb // tp) + final
+        acts = model.num_layers * (block_in + tokens * kept) + final
     else:
-        acts = all_layers + final
+        acts = model.num_layers * layer + final
     lp = mesh.loss_parallel
     logits = tokens * model.vocab_size * (16 // tp if lp else 12)
     return acts, (layer if ac != "none" else 0), logits
 
 
-@dataclass(frozen=True)
-class _MoeShape:
-    layers: int = 0                # MoE blocks (grouped experts modules) in the whole model
-    layout: str = ""               # runtime/fused.py layout of their experts
-    expert_inter: int = 0          # one expert's intermediate dim I_e (down_proj (E, H, I_e))
-    shared_inter: int = 0          # the shared expert's (gate_proj rows), 0: none
-    dense_inter: int = 0           # the dense MLP layers' intermediate dim (DeepSeek's first_k_dense_replace)
+def _has_norm(model: ModelSpec, leaf: str) -> bool:
+    return any(m.kind == "norm" and m.fqn.endswith(f"self_attn.{leaf}") for m in model.modules)
 
 
-def _moe_shape(model: ModelSpec) -> _MoeShape:
-    experts = [m for m in model.modules if m.kind == "experts"]
-    if not experts or not model.experts_per_token:
-        return _MoeShape()
-    blocks = {m.fqn.rpartition(".")[0] for m in experts}
-    ie = expert_matrices(experts[0])["down_proj"][2]
-    shared = [m.shape[0] for m in model.modules if m.fqn.rpartition(".")[0].rpartition(".")[0] in blocks
-              and m.fqn.endswith(".gate_proj") and m.kind == "linear"]
-    pre = model.roles.block_prefix + "."
-    dense = [m.shape[1] for m in model.modules if m.kind == "linear" and m.fqn.startswith(pre)
-             and m.fqn.rpartition(".")[0] not in blocks and m.fqn.rpartition(".")[0].rpartition(".")[2] in MLP_NAMES
-             and m.fqn.endswith(".down_proj")]
-    return _MoeShape(len(experts), model.layouts.get(experts[0].fqn, ""), ie, shared[0] if shared else 0,
-                     dense[0] if dense else model.intermediate_size)
+def _moe_mlp_activations(model: ModelSpec, mesh: MeshSpec, pb: int) -> tuple[int, int] | None:
+    """(saved, kept under selective AC) bytes per token of a MoE model's MLPs, the mean over its
+    layers (so a pp stage's share scales with its layers), replacing the dense 4 I / tp of the
+    Llama formula, which undercounted a MoE layer (measured +16-18% peak on the tiny Qwen3-MoE).
+    The grouped-experts loop (runtime/fused.py experts_forward; runtime/ep.py _local_experts) runs
+    per expert on the token copies routed to it, so per MoE layer and token, k = experts_per_token,
+    I the experts' intermediate, H hidden:
+      rows      c copies of the token: k without ep (every tp rank runs every copy on its I / tp
+                slice), k / tp under ep (each tp rank dispatches 1/tp of the tokens; on average a
+                rank receives as many copies as it sends); the slice Ie = I / tp without ep, I under ep
+      per copy  the gathered input row (x[tok], the matmul's saved input: H), gate_up's output (2 Ie),
+                act(gate) and act(gate) * up (2 Ie), the down output kept for the routing weight's
+                product (H): 2 H + 4 Ie in pb; + that weight (pb) and the int64 token / slot
+                indices the gathers save (2 x 8)
+      router    its fp32 softmax over the E experts (4 E), the logits (pb E), the top-k ids (8 k)
+                and weights (4 k)
+      shared    a shared expert (Qwen2-MoE, DeepSeek-V3): its own MLP, 4 Is / tp; gated (Qwen2-MoE):
+                + its output kept for the gate's product (H pb, a partial sum on every tp rank) and
+                the gate's sigmoid (4)
+    Dense layers among them (Qwen3-MoE mlp_only_layers, DeepSeek-V3 first_k_dense_replace) at their
+    own intermediate, 4 Id / tp. Selective AC keeps the matmul outputs: 2 Ie + H per copy, 2 Is / tp,
+    2 Id / tp. None when no layer is found by name (model.layers.N.mlp)."""
+    import re
 
-
-def _moe_token_bytes(model: ModelSpec, moe: _MoeShape, pb: int, tp: int) -> int:
-    """Bytes one token leaves saved in a MoE block for backward (runtime/fused.py's loop; measured
-    on CPU with saved_tensors_hooks, tiny Mixtral 3.8 KB and GPT-OSS 5.3 KB per token at tp 1 against
-    the 1 KB of a dense MLP of I_e the estimate counted before). Per routed slot (k per token):
-    the gathered input rows x[tok] (H) and the weighted output's factor h @ down (H), whole on every tp
-    rank, and the expert's I_e / tp wide tensors: gate_up (2), act(gate) and the product (Mixtral,
-    Qwen-MoE, DeepSeek, Llama-4: 4 I_e); GPT-OSS's clamped SwiGLU saves gate_up (2), the clamped
-    gate, its sigmoid, the glu, up + 1 and the product (7 I_e). The router: fp32 logits and
-    probabilities (2 E x 4 B) and per slot its weight, id and the index tensors (~36 B). A shared
-    expert: a dense MLP of its width (4 I_s / tp)."""
-    h, k, e = model.hidden_size, model.experts_per_token, model.num_experts
-    wide = 7 if moe.layout == "experts_hf" else 4
-    slot = (2 * h + wide * moe.expert_inter // tp) * pb
-    return k * slot + 8 * e + 36 * k + 4 * moe.shared_inter * pb // tp
+    tp, ep, k, h, e = mesh.tp, mesh.ep, model.experts_per_token, model.hidden_size, model.num_experts
+    layers: dict[int, list[ModuleInfo]] = {}
+    for m in model.modules:
+        g = re.search(r"\.layers\.([0-9]+)\.mlp\.", m.fqn)
+        if g:
+            layers.setdefault(int(g.group(1)), []).append(m)
+    if not layers:
+        return None
+    saved = kept = 0
+    for mods in layers.values():
+        ex = next((m for m in mods if m.kind == "experts"), None)
+        shared = [m for m in mods if m.kind == "linear" and ".shared_expert" in m.fqn]
+        dense = [m for m in mods if m.kind == "linear" and ".shared_expert" not in m.fqn]
+        if ex is not None:
+            i = expert_matrices(ex)["down_proj"][2]
+            copies, ie = (k / tp, i) if ep > 1 else (k, i / tp)
+            # GPT-OSS's clamped SwiGLU (experts_hf layout) saves gate_up, the clamped gate, its
+            # sigmoid, the glu, up + 1 and the product: 7 Ie per copy where SwiGLU saves 4 (measured
+            # with saved_tensors_hooks: tiny GPT-OSS 5.3 KB a token, Mixtral 3.8 KB)
+            wide = 7 if model.layouts.get(ex.fqn) == "experts_hf" else 4
+            saved += copies * ((2 * h + wide * ie) * pb + pb + 16) + e * (4 + pb) + k * 12
+            kept += copies * (2 * ie + h) * pb
+            gp = next((m for m in shared if m.fqn.endswith("gate_proj")), None)
+            if gp is not None:
+                saved += 4 * gp.shape[0] * pb / tp
+                kept += 2 * gp.shape[0] * pb / tp
+                if any(m.fqn.endswith("shared_expert_gate") for m in shared):
+                    saved += h * pb + 4
+        else:
+            gp = next((m for m in dense if m.fqn.endswith(("gate_proj", "up_proj", "fc1"))), None)
+            gu = next((m for m in dense if m.fqn.endswith("gate_up_proj")), None)
+            i = gp.shape[0] if gp is not None else gu.shape[0] // 2 if gu is not None else model.intermediate_size
+            saved += 4 * i * pb / tp
+            kept += 2 * i * pb / tp
+    n = len(layers)
+    return int(saved / n), int(kept / n)
 
 
 @dataclass(frozen=True)
@@ -382,11 +413,11 @@ def _sums(params: list[RankParam], f: int, fsdp: bool, db: int = 2) -> _Sums:
 
 def _sums_of(params: list[RankParam], f: int, fsdp: bool, db: int = 2) -> _Sums:
     def shard(p: RankParam) -> int:
-        fp = f // p.ep                                # experts under ep: FSDP over the other dp_shard ranks
+        fp = f * p.tp // p.ep                         # experts under ep: FSDP over efsdp = dp_shard x cp x tp / ep
         return -(-p.rows // fp) * p.rest if fsdp else p.rows * p.rest
 
     def gathered(p: RankParam) -> int:                # FSDP2's unsharded copy: padded rows x f
-        fp = f // p.ep
+        fp = f * p.tp // p.ep
         return -(-p.rows // fp) * fp * p.rest if fsdp else 0
 
     train = [p for p in params if p.trainable]
@@ -725,7 +756,7 @@ def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -
         logits_bytes=mem["logits"],
         budget_bytes=int(recipe.cluster.gpu_memory_gb * 1e9 * USABLE),
         flops_per_token=flops_per_token(recipe, model, mesh, pl),
-        # the exact rows of traffic(); experts under ep are FSDP over efsdp = dp_shard / ep (runtime/ep.py)
+        # the exact rows of traffic(); experts under ep are FSDP over efsdp = dp_shard x cp x tp / ep (runtime/ep.py)
         fsdp_comm_bytes=sum(c.wire_bytes for c in comm if c.axis.startswith("dp_") or c.axis == "efsdp"),
         tp_comm_bytes=sum(c.wire_bytes for c in comm if c.axis == "tp"),
         accum_grads_bytes=mem["accum"],
@@ -1055,7 +1086,7 @@ class Collective:
     reduce-scatter's input, an all-reduce's tensor); a ring moves (n-1)/n of that per rank for
     all-gather / reduce-scatter and 2 (n-1)/n for all-reduce (wire_bytes)."""
     axis: str                      # tp | cp | dp_shard (dp_shard_cp when cp > 1) | dp_replicate | world
-    #                                | ep | efsdp (mesh.ep: dp_shard = efsdp x ep, ep inner; runtime/ep.py)
+    #                                | ep | efsdp (mesh.ep: dp_shard x cp x tp = efsdp x ep, ep inner; runtime/ep.py)
     ranks: int                     # group size
     op: str                        # all_gather | reduce_scatter | all_reduce | all_to_all
     what: str
@@ -1251,13 +1282,14 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
       TP, colwise_norm (OLMo-2 q/k norm over the whole projection): per norm and layer a forward
         all-reduce of the fp32 mean of squares (tokens x 4 B) and a backward reduce-scatter of its
         input gradient (tokens x the norm's dim)
-      EP (mesh.ep, tp = cp = 1, runtime/ep.py) per MoE layer and micro-step over ep: the per-expert
-        counts (E int64) and four all-to-alls of token rows x hidden x param bytes, the dispatch and
+      EP (mesh.ep, runtime/ep.py; ep carved from dp_shard x cp x tp) per MoE layer and micro-step
+        over ep: the per-expert counts (E int64) and four all-to-alls of token rows x hidden x param bytes, the dispatch and
         the combine forward, their reverse backward. The dispatch forward and the combine backward
-        send this rank's tokens x k rows (exact); the combine forward and the dispatch backward send
+        send this rank's tokens x k rows (exact; under tp its 1/tp share of the tp group's tokens,
+        and the block's tp collectives are the experts-over-tp rows above); the combine forward and the dispatch backward send
         back the rows this rank received, which routing decides: the rows give the ep group's mean
         (every row one rank receives another sent), exact summed over the group. The experts are
-        FSDP'd on their own mesh over efsdp = dp_shard / ep (Shard(1), padded on dim 1): all-gathered
+        FSDP'd on their own mesh over efsdp = dp_shard x cp x tp / ep (Shard(1), padded on dim 1): all-gathered
         per MoE layer forward and again in backward (the last too), reduce-scattered per synced
         micro-step, all-reduced across dp_replicate (whole when efsdp is 1); their blocks' groups
         over dp_shard exclude them; their grad norms are a mesh group of their own (efsdp, ep)
@@ -1268,8 +1300,8 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
     Not modelled: the dtypes under autocast (TP without FSDP, param_dtype != model.dtype: counted in
     param_dtype); measured in fp32 only: the MoE and colwise_norm rows (their bf16 dtypes follow the
     code: the fp32 norm statistics and Mixtral's fp32 routing weights); AC recompute of MoE blocks and
-    colwise_norm, LoRA on MoE / OLMo-2 models (the dense rules are applied) and MoE x CP (no
-    measurement); colwise_norm without sequence parallel (same rule, not measured)."""
+    colwise_norm, LoRA on MoE / OLMo-2 models (the dense rules are applied) and MoE x CP without ep
+    (no measurement; ep x cp is: tests/test_measured.py); colwise_norm without sequence parallel (same rule, not measured)."""
     t, mp = recipe.train, recipe.train.mixed_precision
     tp, cp, f, r, ga = mesh.tp, mesh.cp, mesh.fsdp, mesh.dp_replicate, mesh.grad_accum
     pb, rb, mb = DTYPE_BYTES[mp.param_dtype], DTYPE_BYTES[mp.reduce_dtype], DTYPE_BYTES[recipe.model.dtype]
@@ -1375,16 +1407,20 @@ ROUTER_FP32 = frozenset({"mixtral"})
 
 def _ep_rows(add, recipe: Recipe, model: ModelSpec, mesh: MeshSpec, syncs: int, tokens: int,
              adapted: set[str] = frozenset()) -> None:
-    """mesh.ep (runtime/ep.py; tp = cp = 1): per MoE layer and micro-step, the per-expert counts
+    """mesh.ep (runtime/ep.py): per MoE layer and micro-step, the per-expert counts
     (E int64) and four all-to-alls of token rows x hidden (dispatch, combine; their backward
-    the reverse). The experts' FSDP runs over efsdp = dp_shard / ep (x dp_replicate). LoRA on
+    the reverse), of this rank's tokens (micro_batch_size x seq_len / cp), / tp rows each under
+    tp. The experts' FSDP runs over efsdp = dp_shard x cp x tp / ep (x dp_replicate). LoRA on
     the experts: their adapters are in the same FSDP unit (gathered with the experts), and
     only they have gradients there."""
     mp = recipe.train.mixed_precision
     pb, rb, mb = DTYPE_BYTES[mp.param_dtype], DTYPE_BYTES[mp.reduce_dtype], DTYPE_BYTES[recipe.model.dtype]
-    ep, fe, r, ga = mesh.ep, mesh.fsdp // mesh.ep, mesh.dp_replicate, mesh.grad_accum
+    ep, fe, r, ga = mesh.ep, mesh.fsdp * mesh.tp // mesh.ep, mesh.dp_replicate, mesh.grad_accum
     ex = [m for m in model.modules if m.kind == "experts"]
     k, h, n = model.experts_per_token, model.hidden_size, len(ex)
+    # under tp each tp rank dispatches its 1/tp of the block's tokens (rows [r N/tp, (r+1) N/tp)):
+    # the group's mean, exact when tp divides them (always under sequence parallel)
+    tokens = tokens // mesh.tp
     add("ep", ep, "all_to_all", "MoE: tokens per expert (int64), forward", ga * n, ga * n * model.num_experts * 8)
     add("ep", ep, "all_to_all", "MoE: token rows dispatched + combined, forward + backward "
         "(bytes: the ep group's mean, see the rules)", 4 * ga * n, 4 * ga * n * tokens * k * h * pb)
@@ -1444,7 +1480,7 @@ ADAMW_PASSES = 12            # HBM passes over the trainable shard: clip (norm r
                              # its sqrt temporary written and read)
 AXIS_INNER = {"tp": ("tp",), "cp": ("cp", "tp"), "dp_shard": ("dp_shard", "cp", "tp"),
               "dp_shard_cp": ("dp_shard", "cp", "tp"), "dp_replicate": ("dp_replicate", "dp_shard", "cp", "tp"),
-              "world": ("dp_replicate", "dp_shard", "cp", "tp"), "ep": ("ep",), "efsdp": ("dp_shard",),
+              "world": ("dp_replicate", "dp_shard", "cp", "tp"), "ep": ("ep",), "efsdp": ("dp_shard", "cp", "tp"),
               "pp": PP_DIMS}      # a pp hop goes from one stage group (world / pp ranks) to the next
 
 
@@ -1484,7 +1520,7 @@ def _group(recipe: Recipe, mesh: MeshSpec, axis: str, size: int | None = None) -
     the span) to the next."""
     span = math.prod(getattr(mesh, a) for a in AXIS_INNER[axis])
     if size is None:
-        size = {"dp_shard_cp": mesh.dp_shard * mesh.cp, "efsdp": max(1, mesh.dp_shard // mesh.ep),
+        size = {"dp_shard_cp": mesh.dp_shard * mesh.cp, "efsdp": max(1, mesh.dp_shard * mesh.cp * mesh.tp // mesh.ep),
                 "world": mesh.world, "pp": mesh.pp}.get(axis) or getattr(mesh, axis)
     stride = span if axis == "pp" else max(1, span // max(size, 1))
     return perf.group_of(size, stride, recipe.cluster.gpus_per_node)

@@ -182,12 +182,16 @@ def mesh_rows(dims: ParallelDims) -> list[dict[str, Any]]:
         size, stride = getattr(dims, axis), dims.strides[axis]
         example = ", ".join(str(i * stride) for i in range(min(size, 4))) + (", ..." if size > 4 else "")
         rows.append({"axis": axis, "size": size, "example": example, "role": _ROLES[axis]})
-    if dims.ep_enabled:       # carved from dp_shard: ep consecutive dp_shard ranks (tp = cp = 1 under ep)
-        stride = dims.strides["dp_shard"]
-        rows.append({"axis": "ep (within dp_shard)", "size": dims.ep,
-                     "example": ", ".join(str(i * stride) for i in range(min(dims.ep, 4))) + (", ..." if dims.ep > 4 else ""),
+    if dims.ep_enabled:
+        # carved from the flattened (dp_shard, cp, tp) index, tp innermost (runtime/ep.py): the
+        # world is row-major (dp_replicate, dp_shard, cp, tp), so an ep group is ep consecutive
+        # world ranks (stride 1). The label names only the axes > 1 it is carved from.
+        within = " x ".join(a for a in ("dp_shard", "cp", "tp") if getattr(dims, a) > 1) or "dp_shard"
+        rows.append({"axis": f"ep (within {within})", "size": dims.ep,
+                     "example": ", ".join(str(i) for i in range(min(dims.ep, 4))) + (", ..." if dims.ep > 4 else ""),
                      "role": "expert parallel: experts split by index, tokens sent to them all-to-all; experts "
-                             f"FSDP-sharded over dp_shard / ep = {dims.experts_fsdp}"})
+                             + ("whole on each tp rank, " if dims.tp_enabled else "")
+                             + f"FSDP-sharded over {within} / ep = {dims.experts_fsdp}"})
     return rows
 
 

@@ -72,9 +72,12 @@ def aux_note(recipe: Recipe, model: ModelSpec) -> tuple[str, ...]:
 
 @reads("mesh.ep", "train.compile")
 def ep_errors(recipe: Recipe, model: ModelSpec, axes: dict[str, int]) -> list[RecipeError]:
-    """mesh.ep: experts split by expert index over ep ranks carved from dp_shard (runtime/ep.py).
-    Built and parity-tested with dp_shard (and dp_replicate) only; with tp or cp it is refused
-    (docs/EXPERT_PARALLEL.md says what is missing)."""
+    """mesh.ep: experts split by expert index over ep ranks carved from the flattened
+    (dp_shard, cp, tp) index, tp innermost (runtime/ep.py; torchtitan's ParallelDims with etp = 1:
+    an ep group is ep consecutive ranks, ep / tp coordinates of dp_shard x cp times every tp
+    rank; the experts whole on each, the rest of the block tp-split). Built and parity-tested with
+    dp_shard, dp_replicate, cp and tp and their composition (tests/test_ep_mesh.py); refused with
+    torch.compile (and with pp: compiler/pp.py)."""
     from meshbake.compiler.mesh import divisors
 
     ep = recipe.mesh.ep
@@ -86,22 +89,28 @@ def ep_errors(recipe: Recipe, model: ModelSpec, axes: dict[str, int]) -> list[Re
     if not {"experts", "experts_hf", "experts_t"} & set(model.layouts.values()):
         return [RecipeError("mesh.ep", f"ep={ep}: {model.architecture}'s MoE blocks are not the plain router + "
                             "grouped experts form the expert-parallel dispatch runs", "remove mesh.ep")]
-    errs, e, ds = [], model.num_experts, axes["dp_shard"]
-    ok = [d for d in divisors(math.gcd(e, ds)) if d > 1] or [1]
+    # ep is carved from dp_shard x cp x tp (flattened, tp inner): the MoE block is token-wise, so
+    # a cp rank's chunk of a sequence is dispatched exactly like a dp rank's tokens, and a tp
+    # group's ranks each dispatch a disjoint 1/tp of the group's tokens (so ep spans every tp rank:
+    # a multiple of tp). ep must also divide the experts (E / ep whole experts per rank).
+    errs, e, ds, cp, tp = [], model.num_experts, axes["dp_shard"], axes["cp"], axes["tp"]
+    n = ds * cp * tp
+    ok = [d for d in divisors(math.gcd(e, n)) if d > 1 and d % tp == 0] or [1]
+    carved, of = "dp_shard x cp x tp", f"dp_shard x cp x tp = {ds} x {cp} x {tp} = {n}"
     if e % ep:
         errs.append(RecipeError("mesh.ep", f"ep={ep} does not divide the {e} experts of {model.source} (each ep "
                                 "rank holds num_experts / ep of them)", f"use mesh.ep in {ok}"))
-    if ds % ep:
-        errs.append(RecipeError("mesh.ep", f"ep={ep} does not divide dp_shard={ds}: ep is carved from dp_shard "
+    if tp > 1 and ep % tp:
+        errs.append(RecipeError("mesh.ep", f"ep={ep} with tp={tp}: ep is carved from {carved} and spans every "
+                                "tp rank (torchtitan's expert_tensor_parallel_degree 1: the tp ranks dispatch "
+                                "disjoint 1/tp shares of the block's tokens, each expert whole on its rank); "
+                                "expert-TP inside ep (experts also split over tp, etp = tp) is not built",
+                                f"use mesh.ep in {ok} (a multiple of tp), or mesh.ep: 1 (experts sharded over tp)"))
+    elif n % ep:
+        errs.append(RecipeError("mesh.ep", f"ep={ep} does not divide {of}: ep is carved from {carved} "
                                 "(ep ranks see different tokens and hold different experts; FSDP shards each "
-                                "expert over dp_shard / ep)", f"use mesh.ep in {ok}, or a dp_shard that ep divides"))
-    for axis, why in (("tp", "experts are split either by their intermediate dim over tp (mesh.ep: 1) or by "
-                       "expert index over ep, and the ep x tp token layout (torchtitan's ETP) is not built"),
-                      ("cp", "the ep group would have to span the cp ranks of a sequence; not built")):
-        if axes[axis] > 1:
-            errs.append(RecipeError("mesh.ep", f"ep={ep} with {axis}={axes[axis]}: {why}",
-                                    f"use mesh.{axis}: 1 with mesh.ep, or mesh.ep: 1 (experts sharded over tp)"
-                                    if axis == "tp" else f"use mesh.{axis}: 1 with mesh.ep, or mesh.ep: 1"))
+                                f"expert over {carved} / ep)", f"use mesh.ep in {ok}, or a dp_shard x cp that ep / tp divides"
+                                if tp > 1 else f"use mesh.ep in {ok}, or a dp_shard x cp that ep divides"))
     if recipe.train.compile:
         errs.append(RecipeError("train.compile", f"mesh.ep={ep}: the all-to-all dispatch has data-dependent "
                                 "split sizes (a graph break per MoE layer) and is not tested under torch.compile",

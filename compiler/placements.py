@@ -430,6 +430,8 @@ def resolve_placements(recipe: Recipe, model: ModelSpec, mesh: MeshSpec,
     errs += [] if errs else run(_replicated_under_sp, aside, recipe, model, auto)
     if errs:
         return Err(tuple(errs))
+    if mesh.ep > 1:       # experts split by index over ep and whole on each rank (etp 1, runtime/ep.py)
+        styles.update({m.fqn: "replicate" for m in model.modules if m.kind == "experts"})
     return Placements(styles, _warnings(recipe, model, mesh, styles), lora)
 
 
@@ -480,6 +482,8 @@ def _warnings(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, styles: Mapping[
     nbytes = DTYPE_BYTES[recipe.model.dtype]
     out: dict[str, list[int]] = {}
     for m in model.modules:
+        if mesh.ep > 1 and m.kind == "experts":
+            continue                    # split by expert index over ep instead (E / ep per rank)
         if styles[m.fqn] == "replicate" and m.numel * nbytes >= WARN_BYTES:
             out.setdefault(group_name(m.fqn), []).append(m.numel * nbytes)
     return tuple(

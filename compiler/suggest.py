@@ -48,13 +48,15 @@ class Candidate:
     pp: int = 1                      # mesh.pp (outermost); the two below only mean something when > 1
     schedule: str = "1F1B"           # pp.schedule
     stages_per_rank: int = 1         # pp.stages_per_rank (Interleaved1F1B: 2)
+    ep: int = 1                      # mesh.ep (MoE models): carved from dp_shard x cp x tp, see ep_sizes
 
     @property
     def label(self) -> str:
         s = (f"pp{self.pp} {self.schedule} " if self.pp > 1 else "") + \
             f"r{self.dp_replicate} s{self.dp_shard} cp{self.cp} tp{self.tp} ac={self.activation_checkpointing} " \
             f"mbs{self.micro_batch_size}"
-        return s + (f" sp={int(self.sequence_parallel)} lp={int(self.loss_parallel)}" if self.tp > 1 else "")
+        s += f" sp={int(self.sequence_parallel)} lp={int(self.loss_parallel)}" if self.tp > 1 else ""
+        return s + (f" ep{self.ep}" if self.ep > 1 else "")
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,19 @@ def pp_schedules(pp: int, layers: int) -> list[tuple[str, int]]:
     return [("1F1B", 1)] + ([("Interleaved1F1B", 2)] if 2 * pp <= layers else [])
 
 
-def candidates(recipe: Recipe, layers: int | None = None) -> list[Candidate]:
+def ep_sizes(experts: int, dp_shard: int, cp: int, tp: int = 1) -> list[int]:
+    """mesh.ep values tried for a MoE model (the rules of compiler/moe.py ep_errors): 1 (its
+    experts split over tp, or whole with FSDP) and every ep > 1 that divides both the experts and
+    dp_shard x cp x tp, the ranks ep is carved from, and is a multiple of tp (torchtitan's etp 1:
+    the ep group spans every tp rank; runtime/ep.py: each ep rank holds experts / ep of them
+    whole, FSDP-sharded over dp_shard x cp x tp / ep). A dense model (experts 0): [1]."""
+    import math
+
+    return [1] + [d for d in divisors(math.gcd(experts, dp_shard * cp * tp)) if d > 1 and d % tp == 0] \
+        if experts else [1]
+
+
+def candidates(recipe: Recipe, layers: int | None = None, experts: int = 0) -> list[Candidate]:
     """Every (pp, dp_replicate, dp_shard, cp, tp) with product = world, x AC x micro-batch sizes
     that keep global_batch_size exact (mbs divides gbs / dp; when dp does not divide gbs the
     recipe's own mbs stays, for the mesh stage to say why) x SP/LP on/off where tp > 1. tp runs
@@ -134,7 +148,10 @@ def candidates(recipe: Recipe, layers: int | None = None) -> list[Candidate]:
     SP/LP pair), and once it accepts them they rank (without SP a 405B stage's activations and
     sends are tp times larger: torchtitan's pp 8 x tp 8 runs SP); the micro-batches per step are
     gbs / (mbs x dp), so the mbs choice is the microbatches choice, and the rule drops mbs values
-    that leave fewer micro-batches than pp."""
+    that leave fewer micro-batches than pp.
+    MoE models (`experts`, the routed experts per layer, 0 for a dense model): x
+    ep_sizes(experts, dp_shard, cp, tp) at pp 1 (compiler/pp.py refuses ep with pp); a dense
+    model's candidates keep the recipe's mesh.ep, for the rules to say why."""
     c, t = recipe.cluster, recipe.train
     world = c.nodes * c.gpus_per_node
     out = []
@@ -149,8 +166,9 @@ def candidates(recipe: Recipe, layers: int | None = None) -> list[Candidate]:
                     mbss = (divisors(t.global_batch_size // dp) if t.global_batch_size % dp == 0
                             else [t.micro_batch_size])
                     splp = list(itertools.product((False, True), repeat=2)) if tp > 1 else [(False, False)]
-                    for (sc, v), ac, mbs, (sp, lp) in itertools.product(scheds, AC_MODES, mbss, splp):
-                        out.append(Candidate(dr, ds, cp, tp, ac, mbs, sp, lp, pp, sc, v))
+                    eps = (ep_sizes(experts, ds, cp, tp) if pp == 1 else [1]) if experts else [recipe.mesh.ep]
+                    for (sc, v), ep, ac, mbs, (sp, lp) in itertools.product(scheds, eps, AC_MODES, mbss, splp):
+                        out.append(Candidate(dr, ds, cp, tp, ac, mbs, sp, lp, pp, sc, v, ep))
     return out
 
 
@@ -160,7 +178,7 @@ def with_candidate(recipe: Recipe, k: Candidate) -> Recipe:
         if k.pp > 1 else type(recipe.pp)()
     return replace(recipe,
                    mesh=replace(recipe.mesh, dp_replicate=k.dp_replicate, dp_shard=k.dp_shard, cp=k.cp, tp=k.tp,
-                                pp=k.pp),
+                                pp=k.pp, ep=k.ep),
                    pp=pp,
                    tp=replace(recipe.tp, sequence_parallel=k.sequence_parallel, loss_parallel=k.loss_parallel),
                    train=replace(recipe.train, activation_checkpointing=k.activation_checkpointing,
@@ -220,15 +238,16 @@ def _short(e: RecipeError, n: int = 160) -> str:
 def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
     ok: list[tuple[Candidate, Any, Any, StepTime]] = []
     dropped = []
-    # placements read only tp, whether cp > 1, SP/LP and the recipe's fixed sections (tp.plan,
-    # seq_len, model): one resolve per key instead of per candidate (60 ms each for 80 layers)
-    placements: dict[tuple[int, bool, bool, bool, bool], Any] = {}
+    # placements read only tp, whether cp > 1, SP/LP, whether ep > 1 (QLoRA's refusal; under ep
+    # the experts are not tp-split) and the recipe's fixed sections (tp.plan, seq_len, model): one
+    # resolve per key instead of per candidate (60 ms each for 80 layers)
+    placements: dict[tuple[int, bool, bool, bool, bool, bool], Any] = {}
     # pp rules that read no mesh axis (model type, tied embeddings, QLoRA, compile): decided
     # once on the first pp candidate, every other pp candidate dropped with the same reason
     pp_refused: RecipeError | None = None
     # the same for SP / LP under pp (compiler/pp.py's rule reads the flags only): per (sp, lp) pair
     flags_refused: dict[tuple[bool, bool], RecipeError] = {}
-    for k in candidates(recipe, model.num_layers):
+    for k in candidates(recipe, model.num_layers, model.num_experts or 0):
         r = with_candidate(recipe, k)
         mesh = resolve_mesh(r, model)
         flags = (k.sequence_parallel, k.loss_parallel)
@@ -247,7 +266,7 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
                         flags_refused[flags] = sp_lp
                 mesh = ppr
         if not isinstance(mesh, Err):
-            key = (k.tp, k.cp > 1, k.sequence_parallel, k.loss_parallel, k.pp > 1)
+            key = (k.tp, k.cp > 1, k.sequence_parallel, k.loss_parallel, k.pp > 1, k.ep > 1)
             if key not in placements:
                 placements[key] = resolve_placements(r, model, mesh)
             pl = placements[key]
@@ -275,7 +294,8 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
     mpp = getattr(m, "pp", 1)
     own = Candidate(m.dp_replicate, m.dp_shard, m.cp, m.tp, recipe.train.activation_checkpointing,
                     recipe.train.micro_batch_size, sp, lp, mpp,
-                    recipe.pp.schedule if mpp > 1 else "1F1B", recipe.pp.stages_per_rank if mpp > 1 else 1)
+                    recipe.pp.schedule if mpp > 1 else "1F1B", recipe.pp.stages_per_rank if mpp > 1 else 1,
+                    recipe.mesh.ep)
     return Suggestion(ranked, tuple(dropped), c.nodes * c.gpus_per_node, own, c.device)
 
 

@@ -40,7 +40,7 @@ class ParallelDims:
     procs_per_node: int
     device: str                     # "cuda" or "cpu"
     backend: str                    # "nccl" or "gloo" (backend_for(device))
-    ep: int = 1                     # expert parallel: carved from dp_shard (not a factor of world; runtime/ep.py)
+    ep: int = 1                     # expert parallel: carved from dp_shard x cp x tp (not a factor of world; runtime/ep.py)
     pp: int = 1                     # pipeline stages groups (runtime/pp.py); outermost axis
 
     @property
@@ -85,8 +85,10 @@ class ParallelDims:
 
     @property
     def experts_fsdp(self) -> int:
-        """Ranks one expert is FSDP-sharded over under expert parallelism: dp_shard / ep."""
-        return self.dp_shard // self.ep
+        """Ranks one expert is FSDP-sharded over under expert parallelism: efsdp = dp_shard x cp x
+        tp / ep (ep is carved from the flattened dp_shard x cp x tp, ep inner, torchtitan's etp = 1:
+        the experts whole on each tp rank; runtime/ep.py)."""
+        return self.fsdp * self.tp // self.ep
 
     @property
     def tp_enabled(self) -> bool:

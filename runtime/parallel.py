@@ -647,7 +647,7 @@ def parallelize(plan: Plan, mesh: DeviceMesh, stage=lambda name: None, fsdp: boo
 
         stage("ep")
         model._meshbake_experts_mesh = ep.experts_mesh(plan)
-        ep.install(model, model._meshbake_experts_mesh)
+        ep.install(model, model._meshbake_experts_mesh, plan.mesh.tp)
     if plan.lora.rank > 0:
         from .lora import apply_lora
 

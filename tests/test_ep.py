@@ -43,9 +43,14 @@ def test_ep_one_changes_nothing():
 
 @pytest.mark.parametrize("mesh, path, words", [
     ({"ep": 3, "dp_shard": 6}, "mesh.ep", "does not divide the 4 experts"),
-    ({"ep": 4, "dp_shard": 2}, "mesh.ep", "does not divide dp_shard=2"),
-    ({"ep": 2, "dp_shard": 2, "tp": 2}, "mesh.ep", "with tp=2"),
-    ({"ep": 2, "dp_shard": 2, "cp": 2}, "mesh.ep", "with cp=2"),
+    ({"ep": 4, "dp_shard": 2}, "mesh.ep", "does not divide dp_shard x cp x tp = 2 x 1 x 1 = 2"),
+    ({"ep": 3, "dp_shard": 3, "tp": 2}, "mesh.ep", "ep=3 with tp=2: ep is carved from dp_shard x cp x tp"),
+    ({"ep": 4, "dp_shard": 1, "tp": 2}, "mesh.ep", "does not divide dp_shard x cp x tp = 1 x 1 x 2 = 2: "),
+    ({"ep": 4, "dp_shard": 1, "tp": 2}, "mesh.ep", "use mesh.ep in [2]"),
+    ({"ep": 4, "dp_shard": 1, "cp": 2}, "mesh.ep", "does not divide dp_shard x cp x tp = 1 x 2 x 1 = 2"),
+    # the composed mesh: ep a multiple of tp dividing dp_shard x cp x tp (2 and 4 fit 1 x 2 x 2)
+    ({"ep": 3, "dp_shard": 1, "cp": 2, "tp": 2}, "mesh.ep", "ep=3 with tp=2: ep is carved from dp_shard x cp x tp"),
+    ({"ep": 3, "dp_shard": 1, "cp": 2, "tp": 2}, "mesh.ep", "use mesh.ep in [2, 4] (a multiple of tp)"),
 ])
 def test_ep_rules(mesh, path, words):
     errs = errors(compiled(**mesh))
@@ -141,3 +146,53 @@ def test_ep_all_to_all_in_the_step_time_model():
     assert st.step_s - StepTime(**{**t, "ep_s": 0.0}).step_s == pytest.approx(t["ep_s"], rel=1e-9)
     assert "| EP |" in md and "token all-to-alls, exposed" in md
     assert pp["estimate"]["time"]["ep_s"] == 0.0 and "| EP |" not in md1
+
+
+def test_ep_with_tp_estimate_rules_and_plan_md():
+    """ep x tp (etp 1, runtime/ep.py): Mixtral tiny at dp_shard 2 x tp 2 + SP + LP, ep 2 = the tp
+    pair. The experts are whole on each rank (placement replicate, not split over tp), E/ep = 2
+    per rank, FSDP over efsdp = dp_shard x tp / ep = 2; each tp rank dispatches half of its 64
+    tokens; the tp rows of the block (gathers, reduce-scatters, the MoE _SumGrad all-reduces) are
+    those of the experts-over-tp plan. Held to a real run's collectives in tests/test_measured.py
+    (moe_qwen3_ep2_tp2_sp_lp), parity in tests/test_ep_mesh.py."""
+    from tests.test_ep_mesh import plan_of
+
+    pe, pt = plan_of("e", "mixtral", dict(ep=2)), plan_of("t", "mixtral", dict(ep=1))
+    assert {k: v for k, v in pe["tp"]["placements"].items() if k.endswith("experts")} == \
+        {"model.layers.0.mlp.experts": "replicate", "model.layers.1.mlp.experts": "replicate"}
+    assert pe["mesh"]["ep"] == 2 and pe["mesh"]["world"] == 4
+
+    def rows(p):
+        out = {}
+        for c in p["estimate"]["traffic"]:
+            r = out.setdefault((c["axis"], c["op"]), [0, 0])
+            r[0] += c["count"]
+            r[1] += c["bytes"]
+        return out
+    re_, rt = rows(pe), rows(pt)
+    ga, layers, k, h = 2, 2, 2, 64                     # 8 samples / (2 dp x mbs 2): 2 micro-steps
+    mine = 2 * 32 // 2                                 # mbs 2 x seq 32 per dp rank, half per tp rank
+    assert re_["ep", "all_to_all"] == [ga * layers * (1 + 4), ga * layers * (4 * 8 + 4 * mine * k * h * 4)]
+    experts = 2 * (2 * 64 * 64 + 64 * 64) * 4          # one layer's 2 local experts, whole, fp32
+    assert re_["efsdp", "all_gather"] == [2 * ga * layers, 2 * ga * layers * experts]
+    assert re_["efsdp", "reduce_scatter"] == [ga * layers, ga * layers * experts]
+    for key in [("tp", "all_gather"), ("tp", "reduce_scatter")]:
+        assert re_[key] == rt[key], key
+    # tp all-reduces: the same but the grad-norm partials of the 4 expert tensors (no longer tp DTensors)
+    assert re_["tp", "all_reduce"][1] == rt["tp", "all_reduce"][1] - 4 * 4
+    est, base = pe["estimate"], pt["estimate"]
+    assert est["params_bytes"] == base["params_bytes"]      # experts / 4 per rank either way
+    assert est["gathered_bytes"] == base["gathered_bytes"]  # 2 whole experts = 4 halves
+    assert est["ep_comm_bytes"] == ga * layers * (4 * mine * k * h * 4 + 4 * 8) // 2
+    md = compiled_md("mixtral", 2)
+    assert "ep 2 carved from dp_shard x tp (2 x 2)" in md and "| ep (within dp_shard x tp) | 2 | 0, 1 |" in md
+    assert "each rank holds 2 of 4 experts whole" in md and "FSDP-sharded over dp_shard x tp / ep = 2" in md
+
+
+def compiled_md(model_type: str, ep: int) -> str:
+    from meshbake.compiler.pipeline import compile_recipe
+
+    from tests.test_ep_mesh import mesh_recipe
+
+    r = mesh_recipe("md", model_type, ep)
+    return compile_recipe(yaml.safe_dump(r), source="md").files["PLAN.md"].decode()

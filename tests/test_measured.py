@@ -6,6 +6,7 @@ One launch runs every case (tests/dist/measure.py); a torchrun start costs 5-10 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -106,9 +107,29 @@ MOE = {
     "moe_mixtral_tp2_aux_accum2": dict(tp=2, dp_shard=2, model=MIXTRAL, aux=0.1, gbs=8),
     "moe_mixtral_ep2": dict(dp_shard=4, ep=2, model=MIXTRAL),                     # experts FSDP over 2
     "moe_qwen3_ep2_hsdp_aux": dict(dp_replicate=2, dp_shard=2, ep=2, model=QWEN_MOE, aux=0.1),   # over 1
+    # ep x tp (etp 1): ep = the tp pair, each tp rank dispatching half the block's tokens; experts
+    # FSDP over efsdp = dp_shard x tp / ep = 2 (the other dp_shard rank of the same tp coordinate)
+    "moe_qwen3_ep2_tp2_sp_lp": dict(dp_shard=2, tp=2, ep=2, sp=True, lp=True, model=QWEN_MOE),
+    # ep x cp: ep 2 = the cp pair of a sequence (experts FSDP over 2), ep 4 = all
+    "moe_qwen3_ep2_cp2_aux": dict(dp_shard=2, cp=2, ep=2, model=QWEN_MOE, aux=0.1),
+    "moe_mixtral_ep4_cp2": dict(dp_shard=2, cp=2, ep=4, model=MIXTRAL),
+    # the composed rule: ep 4 over cp 2 x tp 2 (ep / tp = 2 cp coordinates x both tp ranks), efsdp 1
+    "moe_qwen3_ep4_cp2_tp2_sp_lp": dict(cp=2, tp=2, ep=4, sp=True, lp=True, model=QWEN_MOE),
     "olmo2_tp2_sp_lp": dict(dp_shard=2, tp=2, sp=True, lp=True, model=OLMO2),
 }
 CASES.update(MOE)
+# MoE activation memory (compiler/estimate.py _moe_mlp_activations): the experts' loop on k token
+# copies, the router, Qwen3-MoE's dense layer 1 at its own intermediate (128, the experts' 64),
+# Qwen2-MoE's gated shared expert; experts over tp, over ep, ep x tp
+QWEN2_MOE = str(ROOT / "tests/models/qwen2_moe/config.json")
+MEMORY_MOE = {
+    "mem_moe_qwen3_cp2": dict(dp_shard=2, cp=2, model=QWEN_MOE, **MEM),
+    "mem_moe_qwen3_dp4_ep2": dict(dp_shard=4, ep=2, model=QWEN_MOE, **MEM),
+    "mem_moe_qwen2_tp2_sp_lp": dict(dp_shard=2, tp=2, sp=True, lp=True, model=QWEN2_MOE, **MEM),
+    "mem_moe_qwen3_ep2_tp2_sp_lp": dict(dp_shard=2, tp=2, ep=2, sp=True, lp=True, model=QWEN_MOE, **MEM),
+}
+MEMORY.update(MEMORY_MOE)
+CASES.update(MEMORY_MOE)
 # pipeline parallelism (runtime/pp.py): memory per stage, per schedule. First in the launch: measure.py's
 # packed cases patch the data loader for the rest of the process, and pp refuses position_ids. Its
 # point-to-point sends are not in tests/dist/collectives.py's log: the traffic test leaves it out.
@@ -120,6 +141,13 @@ PP = {"mem_pp2_dp_shard2": dict(pp=2, dp_shard=2, gbs=8, **MEM),
       "mem_pp2_tp2_interleaved": dict(pp=2, tp=2, gbs=8, schedule="Interleaved1F1B", spr=2,
                                       model=str(ROOT / "tests/dist/configs/tiny-llama-4l.json"), **MEM)}
 CASES = {**PP, **CASES}
+# the packed cases patch measure.py's data loader for the rest of the process (packed rows with
+# position_ids: transformers then builds a document mask in every case after them): they go last,
+# so every other case runs on the synthetic rows its plan (and its estimate) says. The MoE memory
+# cases measured 8-16% more after them (the first full run: mem_moe_qwen2_tp2_sp_lp 12.00 MB vs
+# 10.75 MB alone).
+CASES = {**{k: v for k, v in CASES.items() if not v.get("packed_docs")},
+         **{k: v for k, v in CASES.items() if v.get("packed_docs")}}
 
 
 @pytest.fixture(scope="module")
@@ -218,26 +246,27 @@ def test_qlora_weight_load_estimate_holds_the_measured_peak(measured, name):
 
 
 def axis_ranks(mesh: dict, rank: int, axis: str) -> frozenset[int]:
-    """The ranks of `rank`'s group along a mesh axis (dp_replicate, dp_shard, cp, tp
-    row-major, tp innermost; dp_shard = efsdp x ep, ep inner (runtime/ep.py); dp_shard_cp =
-    dp_shard x cp flattened; world = all)."""
+    """The ranks of `rank`'s group along a mesh axis (dp_replicate, dp_shard, cp, tp row-major,
+    tp innermost; dp_shard_cp = dp_shard x cp flattened; world = all; under mesh.ep the flat
+    dp_shard x cp x tp index is efsdp x ep, ep inner (runtime/ep.py): ep groups are ep
+    consecutive flat indices, efsdp groups the indices ep apart)."""
     ep = mesh.get("ep", 1)
-    dims = ("dp_replicate", "efsdp", "ep", "cp", "tp")
-    sizes = [mesh["dp_replicate"], mesh["dp_shard"] // ep, ep, mesh["cp"], mesh["tp"]]
-    coord, rest = [], rank
-    for s in reversed(sizes):
-        coord.insert(0, rest % s)
-        rest //= s
-    free = {"dp_shard": ("efsdp", "ep"), "dp_shard_cp": ("efsdp", "ep", "cp"), "world": dims}.get(axis, (axis,))
-    out = []
-    for r in range(mesh["dp_replicate"] * mesh["dp_shard"] * mesh["cp"] * mesh["tp"]):
-        c, rest = [], r
+    sizes = [mesh["dp_replicate"], mesh["dp_shard"], mesh["cp"], mesh["tp"]]
+
+    def coords(r: int) -> dict[str, int]:
+        c = []
         for s in reversed(sizes):
-            c.insert(0, rest % s)
-            rest //= s
-        if all(c[i] == coord[i] for i, d in enumerate(dims) if d not in free):
-            out.append(r)
-    return frozenset(out)
+            c.insert(0, r % s)
+            r //= s
+        flat = (c[1] * mesh["cp"] + c[2]) * mesh["tp"] + c[3]
+        return {"dp_replicate": c[0], "dp_shard": c[1], "cp": c[2], "tp": c[3], "efsdp": flat // ep, "ep": flat % ep}
+    # the coordinates a group shares (the others vary within it)
+    fixed = {"dp_replicate": ("dp_shard", "cp", "tp"), "dp_shard": ("dp_replicate", "cp", "tp"),
+             "cp": ("dp_replicate", "dp_shard", "tp"), "tp": ("dp_replicate", "dp_shard", "cp"),
+             "dp_shard_cp": ("dp_replicate", "tp"), "world": (), "ep": ("dp_replicate", "efsdp"),
+             "efsdp": ("dp_replicate", "ep")}[axis]
+    me = coords(rank)
+    return frozenset(r for r in range(math.prod(sizes)) if all(coords(r)[d] == me[d] for d in fixed))
 
 
 def traffic_by_group(plan: dict, rank: int, logged: list[dict]) -> tuple[dict, dict]:
@@ -267,8 +296,22 @@ GPT_OSS_TRAFFIC = pytest.mark.xfail(strict=True, reason="GPT-OSS traffic rows of
                                     "1,544 B (tp all-reduces at tp 2): not modeled yet")
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=GPT_OSS_TRAFFIC) if "gpt_oss" in n else n
-                                  for n in CASES if n not in PP])
+# the traffic rows of Qwen2-MoE's gated shared expert under tp (runtime/fused.py: the gate's
+# _SumGrad, the shared expert's partial sums) are not modelled: the first measurement of that
+# configuration (this memory case) found per rank 10 tp reduce-scatters estimated vs 8 issued and
+# 13 all-reduces vs 15. Strict: the case fails loudly once the estimate is right.
+TRAFFIC_GAP = {"mem_moe_qwen2_tp2_sp_lp": "Qwen2-MoE's gated shared expert under tp: tp rows not modelled"}
+
+
+def _xfail(n: str):
+    if "gpt_oss" in n:
+        return pytest.param(n, marks=GPT_OSS_TRAFFIC)
+    if n in TRAFFIC_GAP:
+        return pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=TRAFFIC_GAP[n]))
+    return n
+
+
+@pytest.mark.parametrize("name", [_xfail(n) for n in CASES if n not in PP])
 def test_traffic_estimate_is_every_collective_issued(measured, name):
     """plan.json's traffic rows vs every collective each rank issues in one optimizer step
     (tests/dist/collectives.py): the same count and bytes per process group and op, exactly. The

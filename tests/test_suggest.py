@@ -305,3 +305,106 @@ def test_pp_refused_recipe_wide_drops_every_pp_candidate_with_one_reason():
     pp = [x for x in s.dropped if x.cand.pp > 1]
     assert pp and {x.path for x in pp} == {"model.config"} and all(
         "not supported with mesh.pp > 1" in x.reason and "tied" in x.reason for x in pp)
+
+
+def test_ep_candidates_for_moe_models_where_ep_composes():
+    """A MoE model's candidates run over mesh.ep too (compiler/suggest.py ep_sizes, the rules of
+    compiler/moe.py ep_errors): 1 and every ep > 1 dividing the experts and dp_shard x tp that is a
+    multiple of tp (ep carved from dp_shard x cp x tp), only at pp 1. A dense model's keep the
+    recipe's mesh.ep. 128 experts (Qwen3-30B-A3B) on 32 GPUs."""
+    from meshbake.compiler.suggest import candidates, ep_sizes
+    from meshbake.compiler.validate import validate_all
+
+    assert ep_sizes(128, 16, 1, 2) == [1, 2, 4, 8, 16, 32] and ep_sizes(128, 4, 1, 8) == [1, 8, 16, 32]
+    assert ep_sizes(60, 8, 1, 1) == [1, 2, 4] and ep_sizes(8, 1, 1, 1) == [1]
+    assert ep_sizes(128, 2, 2, 2) == [1, 2, 4, 8] and ep_sizes(4, 1, 2, 2) == [1, 2, 4]     # cp x tp
+    d = load.load_recipe(RECIPE, ("model.config=qwen3-30b-a3b", "mesh.tp=4", "cluster.nodes=4"), None)
+    recipe, errs = validate_all(d)
+    assert not errs, errs
+    ks = candidates(recipe, 48, 128)
+    ep = [k for k in ks if k.ep > 1]
+    assert ep and all(k.pp == 1 and k.ep % k.tp == 0 and 128 % k.ep == 0
+                      and (k.dp_shard * k.cp * k.tp) % k.ep == 0 for k in ep)
+    assert any(k.cp > 1 and k.tp > 1 for k in ep)
+    assert {(k.dp_shard, k.tp, k.ep) for k in ep} >= {(16, 2, 2), (16, 2, 32), (8, 4, 4), (1, 8, 8)}
+    assert {k.ep for k in candidates(recipe, 48)} == {recipe.mesh.ep}     # experts unknown / dense: as written
+
+
+def test_ep_with_tp_ranks_above_experts_over_tp_across_nodes():
+    """Qwen3-30B-A3B (128 experts of 768 x 2048, k 8, bf16) on 4 nodes x 8 GPUs at dp_shard 16 x tp 2,
+    seq 8192: with experts over tp (ep 1) every expert is FSDP-gathered over 16 ranks across nodes
+    each MoE layer; with ep 8 (4 dp_shard ranks x the tp pair, ep carved from dp_shard x tp) a
+    rank gathers 16 whole experts over 4 ranks and sends its 4,096 tokens x 8 copies out by
+    all-to-all instead. The step-time model that ranks suggest's candidates puts ep 8 first."""
+    from meshbake.compiler.pipeline import resolve_dict
+
+    def step(ep: int):
+        d = load.load_recipe(RECIPE, ("model.config=qwen3-30b-a3b", "model.weights=random", "model.dtype=bfloat16",
+                                      "cluster.nodes=4", "mesh.dp_replicate=1", "mesh.dp_shard=16", "mesh.tp=2",
+                                      f"mesh.ep={ep}", "train.activation_checkpointing=selective",
+                                      "train.mixed_precision.param_dtype=bfloat16"), None)
+        res = resolve_dict(d)
+        assert not isinstance(res, Err), res
+        return res.estimate.time
+    with_ep, without = step(8), step(1)
+    assert with_ep.ep_s > 0 and without.ep_s == 0
+    assert with_ep.fsdp_s < without.fsdp_s and with_ep.step_s < without.step_s, (with_ep, without)
+
+
+# --- expert parallelism (issue 26): ep sizes from dp_shard x cp, ranked --------------------------
+
+def _tiny_moe(**kw):
+    from tests.helpers import ROOT, tiny_recipe
+    return tiny_recipe("eps", 4, model=str(ROOT / "tests/models/qwen3_moe/config.json"),
+                       cluster={"device": "cuda"}, **kw)
+
+
+@pytest.fixture(scope="module")
+def ep_sg():
+    s = suggest_dict(_tiny_moe())
+    assert not isinstance(s, Err), s
+    return s
+
+
+def test_ep_sizes_enumerated_from_dp_shard_x_cp_x_tp():
+    """A MoE model's candidates carry every ep > 1 dividing both its experts and dp_shard x cp x tp
+    and a multiple of tp (4 experts at world 4: ep 2 and 4 wherever tp <= 2, ep 4 only at tp 4),
+    pp 1 only; a dense model's ep 1."""
+    from meshbake.compiler.suggest import candidates, ep_sizes
+    from meshbake.compiler.validate import validate_all
+
+    assert ep_sizes(4, 2, 2) == [1, 2, 4] and ep_sizes(4, 1, 2) == [1, 2] and ep_sizes(4, 1, 1) == [1]
+    assert ep_sizes(128, 6, 1) == [1, 2] and ep_sizes(0, 8, 1) == [1]
+    recipe, errs = validate_all(_tiny_moe())
+    assert not errs
+    ks = candidates(recipe, 2, 4)
+    eps = {(k.dp_shard, k.cp, k.tp): set() for k in ks if k.pp == 1}
+    for k in ks:
+        if k.pp == 1:
+            eps[k.dp_shard, k.cp, k.tp].add(k.ep)
+    assert eps[2, 2, 1] == eps[4, 1, 1] == eps[1, 4, 1] == eps[2, 1, 2] == eps[1, 2, 2] == {1, 2, 4}
+    assert eps[1, 1, 4] == {1, 4} and all(k.ep == 1 for k in ks if k.pp > 1)
+    assert {k.ep for k in candidates(recipe, 2)} == {1}
+
+
+def test_ep_candidates_ranked_with_their_all_to_alls(ep_sg, capsys, tmp_path):
+    """ep x cp candidates are ranked (feasible), with the EP term of the step-time model; a ranked
+    ep row's step time and memory are its compiled plan's; the table shows the ep size."""
+    s = ep_sg
+    ranked = {(r.cand.dp_shard, r.cand.cp, r.cand.ep) for r in s.ranked if r.cand.tp == 1}
+    assert {(2, 2, 2), (2, 2, 4), (4, 1, 2), (4, 1, 4), (1, 4, 4)} <= ranked
+    assert all(r.time.ep_s > 0 for r in s.ranked if r.cand.ep > 1)
+    assert all(r.time.ep_s == 0 for r in s.ranked if r.cand.ep == 1)
+    r = next(r for r in s.ranked if (r.cand.dp_shard, r.cand.cp, r.cand.ep) == (2, 2, 4))
+    res = resolve_dict(_tiny_moe(mesh={"dp_shard": 2, "cp": 2, "tp": 1, "ep": 4},
+                                 train={"micro_batch_size": r.cand.micro_batch_size,
+                                        "activation_checkpointing": r.cand.activation_checkpointing}))
+    assert not isinstance(res, Err), res
+    assert res.estimate.time.step_s == pytest.approx(r.time.step_s, rel=1e-12)
+    assert res.estimate.total_bytes == r.mem_bytes
+    import yaml
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(_tiny_moe()))
+    assert main(["suggest", str(tmp_path / "r.yaml"), "--top", str(len(s.ranked))]) == 0
+    table = capsys.readouterr().out
+    assert "1x2x2x1 ep4" in table and "[ep N: experts" in table
+

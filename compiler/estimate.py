@@ -115,6 +115,8 @@ class RankParam:
     ep: int = 1                    # mesh.ep: experts split by index (rows = E / ep), FSDP over fsdp x tp / ep
     tp: int = 1                    # ... and whole on each tp rank (ep carved from dp_shard x cp x tp: etp 1)
     nf4: int = 0                   # QLoRA: a frozen target weight stored NF4, with this scaler block (runtime/quant.py)
+    routed: int = 0                # a grouped experts weight (rows = the rank's experts): copies per token (top-k);
+    #                                -1: an experts bias (E, n), no matmul
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -144,21 +146,23 @@ def rank_params(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, ep: i
         bias = m.numel - _numel(m.shape)
         if ep > 1 and m.kind == "experts":            # gate_up and down: E / ep experts each, whole over tp
             e = m.shape[0]
-            out += [RankParam(e // ep, _numel(m.shape[1:]), where, not lora, ep=ep, tp=tp),
-                    RankParam(e // ep, bias // e, where, not lora, ep=ep, tp=tp)]
+            k = model.experts_per_token or 1
+            out += [RankParam(e // ep, _numel(m.shape[1:]), where, not lora, ep=ep, tp=tp, routed=k),
+                    RankParam(e // ep, bias // e, where, not lora, ep=ep, tp=tp, routed=k)]
             out += [RankParam(e // ep, _numel(a[1:]), where, True, ep=ep, tp=tp)
                     for a in _expert_adapters(m, adapted, lora, 1)]
             covered += m.numel
             continue
+        k = (model.experts_per_token or 1) if m.kind == "experts" else 0
         out.append(RankParam(loc[0], _numel(loc[1:]), where, not lora, m.fqn == roles.embedding,
-                             nf4=nf4 if m.fqn in adapted else 0))
+                             nf4=nf4 if m.fqn in adapted else 0, routed=k))
         if bias and style == "experts":               # down_proj (E, H, I) beside gate_up (E, 2I, H)
             e, two_i, h = m.shape
             down = local_shape((e, h, two_i // 2), "experts.down_proj", style, tp)
-            out.append(RankParam(down[0], down[1] * down[2], where, not lora))
+            out.append(RankParam(down[0], down[1] * down[2], where, not lora, routed=k))
             if bias > e * h * two_i // 2:             # GPT-OSS: gate_up bias (E, 2I) split like gate_up,
-                out += [RankParam(e, two_i // tp, where, not lora),          # down bias (E, H) whole
-                        RankParam(e, h, where, not lora)]
+                out += [RankParam(e, two_i // tp, where, not lora, routed=-1),          # down bias (E, H) whole
+                        RankParam(e, h, where, not lora, routed=-1)]
         elif bias:                                    # a Linear's bias (out,)
             out.append(RankParam(local_shape((bias,), "linear.bias", style, tp)[0], 1, where, not lora))
         covered += m.numel
@@ -1625,11 +1629,28 @@ def gemm_shapes(recipe: Recipe, mesh: MeshSpec, params: list[RankParam]) -> tupl
     """The matmuls of one micro-batch on one rank, (m, n, k, passes): every 2-D weight but the
     input embedding (a lookup) as x(m, in) @ W^T(in, out) after TP (RankParam rows = out, rest =
     in), m = the micro-batch's tokens (mbs x seq / cp; SP gathers the sequence before the
-    matmul); passes 3 (forward, input gradient, weight gradient) for a trained weight, 2 frozen."""
+    matmul); passes 3 (forward, input gradient, weight gradient) for a trained weight, 2 frozen.
+    A grouped experts weight (RankParam.routed = top-k, rows = the rank's experts, rest = one
+    expert's n x k) runs on the token copies routed to it, not on all m tokens: the rank's copies
+    are m k (experts over tp: every tp rank runs every copy on its I / tp slice) or m k / tp (under
+    ep each tp rank dispatches 1/tp of the tokens and receives, on average, as many copies as it
+    sends), spread over its `rows` experts; one (m_e, n, k x rows) GEMM stands for the rows
+    per-expert GEMMs (same FLOPs; n x k split as a square for the efficiency curve, O(1) tuples
+    for suggest)."""
     t = recipe.train
     m = t.micro_batch_size * t.seq_len // mesh.cp
-    return tuple((m, p.rows, p.rest, 3 if p.trainable else 2) for p in params
-                 if not p.embedding and p.rows > 1 and p.rest > 1)
+    out = []
+    for p in params:
+        if p.embedding or p.rows <= 1 or p.rest <= 1 or p.routed < 0:
+            continue
+        passes = 3 if p.trainable else 2
+        if p.routed:
+            copies = m * p.routed / (p.tp if p.ep > 1 else 1)
+            n = max(1, math.isqrt(p.rest))
+            out.append((max(1, round(copies / p.rows)), n, p.rest // n * p.rows, passes))
+        else:
+            out.append((m, p.rows, p.rest, passes))
+    return tuple(out)
 
 
 def _gflops_at(measured, m: int, n: int, k: int) -> float:

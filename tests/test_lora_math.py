@@ -153,7 +153,7 @@ def merged_reference(plan: P.Plan) -> tuple[float, dict[str, torch.Tensor]]:
 
 def peft_reference(plan: P.Plan) -> tuple[float, dict[str, torch.Tensor]]:
     """PEFT's own LoRA (lora_dropout 0) on the same base weights and adapter values."""
-    peft = pytest.importorskip("peft")
+    import peft  # a test dependency (pyproject [test]): missing it fails loudly, never skips
     model = peft.get_peft_model(base_hf(plan), peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
                                                                 target_modules=TARGETS))
     params = {}

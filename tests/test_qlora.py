@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchao  # noqa: F401 -- `make install` installs the qlora extra: missing it fails loudly, never skips
 import yaml
 from meshbake.compiler.pipeline import compile_recipe
 from meshbake.runtime import plan as P
 
 from tests.dist.lora_worker import INPUT, adapter_value
 from tests.helpers import ROOT, compile_, one_process_group, paths, plan_of, recipe_text, resolve, tiny_recipe, torchrun
-
-pytest.importorskip("torchao")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = {"rank": 4, "alpha": 8.0, "targets": TARGETS}

@@ -1074,9 +1074,10 @@ def _mask_how(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, am: AttnMemory) 
        "train.mixed_precision", "train.activation_checkpointing", "train.grad_sync", "train.router_aux_loss_coef",
        "model.dtype", "tp", "data.format",
        "lora.rank", "lora.targets", "lora.quantize_base", "cluster.gpu_memory_gb", "cluster.nodes", "cluster.gpus_per_node",
-       # the step-time model (cuda clusters): the hardware facts
+       # the step-time model (cuda clusters): the hardware facts, the GPU's fitted efficiency
+       # (compiler/perf.py by cluster.gpu) and torch.compile's share of the element-wise work
        "cluster.device", "cluster.peak_tflops", "cluster.hbm_gbps", "cluster.intra_node_gbps",
-       "cluster.inter_node_gbps", "cluster.nics_per_node", "cluster.measured")
+       "cluster.inter_node_gbps", "cluster.nics_per_node", "cluster.measured", "cluster.gpu", "train.compile")
 def checked_estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> Result[Estimate]:
     """estimate + check_memory: the memory check reads every field the estimate is computed from."""
     return check_memory(estimate(recipe, model, mesh, pl), recipe, mesh, model)

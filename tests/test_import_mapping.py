@@ -287,6 +287,13 @@ def _gb(e) -> float:
     return float(re.search(r"estimated ([\d,.]+) GB", e.message).group(1).replace(",", ""))
 
 
+def _exact(text: str, *sets: str) -> int:
+    """The estimated peak per rank in bytes, the memory budget lifted (a budget error no longer stops the plan)."""
+    res = resolve(text, *sets, "cluster.gpu_memory_gb=100000")
+    assert not isinstance(res, Err), res
+    return res.estimate.total_bytes
+
+
 def _fixes(hint: str) -> list[list[str]]:
     return [re.findall(r"--set (\S+)", part) for part in hint.split("; or ") if "--set" in part]
 
@@ -302,7 +309,10 @@ def test_every_offered_memory_fix_changes_the_outcome(monkeypatch):
             assert {x.path for x in errs} <= {"cluster.gpu_memory_gb"} | others, (name, sets, errs)
             for x in errs:         # gone, or the estimate moved down
                 if x.path == "cluster.gpu_memory_gb":
-                    assert _gb(x) < before, (name, sets, e.message, x.message)
+                    # the message rounds to 0.1 GB: a fix that lowers a tiny fixture's peak by less
+                    # (pp_memory_per_stage.yaml: full AC, 0.5 GB either way) is compared in bytes
+                    assert _gb(x) < before or _exact(text, *extra, *sets) < _exact(text, *extra), \
+                        (name, sets, e.message, x.message)
             seen += 1
     assert seen >= 10
 

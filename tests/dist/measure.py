@@ -13,6 +13,7 @@ OUT_JSON (rank 0): {name: {"ranks": [per-rank result, ...]}}
 """
 from __future__ import annotations
 
+import bisect
 import gc
 import json
 import os
@@ -23,56 +24,96 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
 from meshbake.runtime import plan as P
 from meshbake.runtime.train import init_distributed, setup, train_step
+
 from tests.dist.collectives import CollectiveLog, mesh_axes
 
-def allocations(prof) -> list[tuple[int, int, int]]:
-    """(time, ptr, +/-bytes) of every CPU allocator event the profiler saw, in time order."""
+
+def allocations(prof) -> tuple[list[tuple[int, int, int]], dict[int, list[int]]]:
+    """(time, ptr, +/-bytes) of every CPU allocator event the profiler saw, in time order, and
+    the uses of every storage: ptr -> the end times of the ops that took it as an input
+    (record_shapes=True records each tensor input's storage pointer), in time order."""
     from torch._C._profiler import _EventType
 
-    out, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    out, uses, stack = [], {}, list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
         stack.extend(node.children)
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
             out.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
-    return sorted(out)
+        elif node.tag == _EventType.TorchOp:
+            for x in node.extra_fields.inputs:
+                for t in x if isinstance(x, list) else [x]:
+                    ptr = getattr(t, "storage_data_ptr", None)
+                    if ptr:
+                        uses.setdefault(ptr, []).append(node.end_time_ns)
+    for times in uses.values():
+        times.sort()
+    return sorted(out), uses
 
 
-def peak_from_events(prof, window: str) -> dict:
-    """Live tensor bytes in `window` (a record_function range) and their peak. The profiler
-    records allocator events of the threads it profiles only, and gloo's worker threads free
-    collective buffers (the functional collectives' inputs and outputs) unseen. Two rules keep
-    such buffers from counting as live: an address handed out again was freed before; and an
-    allocation of the step still "live" when the step ends was freed unseen (in a steady-state
-    step everything the step allocates is freed by its end: grads are set to None, the AdamW
-    state exists from step 1), so it is not counted at the peak either."""
+def _last_use(uses: dict[int, list[int]], ptr: int, after: int, before: int) -> int:
+    """The end of the last op that read storage `ptr` in (after, before), else `after`."""
+    times = uses.get(ptr, [])
+    i = bisect.bisect_left(times, before) - 1
+    return times[i] if i >= 0 and times[i] > after else after
+
+
+def peak_from_events(prof, window: str, steady: bool) -> dict:
+    """Live tensor bytes in `window` (a record_function range) and their peak, relative to the
+    level when the profiler started. The profiler records allocator events of the threads it
+    profiles only: gloo's worker threads free collective buffers unseen (the functional
+    collectives' inputs and outputs, whose last reference the finished work drops; pipelining's
+    send buffers). A buffer is known to be freed unseen when its address is handed out again, or
+    (`steady`) when it is allocated in the window and still live at its end: in a steady-state
+    step everything the step allocates is freed by its end (grads are set to None, the AdamW
+    state exists from step 1). With the ops' inputs recorded (record_shapes), such a buffer is
+    taken as freed right after the last op that read it (the wait or the copy out: when the work
+    holding it can finish); without, when its address came back. Counting it live until its
+    address came back made one rank's pp 2 x tp 2 peak 12.6 MB (32%) high in one run of three
+    (the logits' all-gather buffers), and not counting it at all made another 8.4 MB low: the
+    level is exact only with the free placed. A free of a buffer from before the profiler
+    started is seen with its size (the allocator reports it) and counted."""
     events = prof.profiler.kineto_results.events()
     win = next(e for e in events if e.name() == window)
     t0, t1 = win.start_ns(), win.start_ns() + win.duration_ns()
-    live: dict[int, tuple[int, int]] = {}         # ptr -> (allocation id, bytes)
-    level = start = peak = first = 0
-    at, at_peak = t0, {}
-    for n, (ts, ptr, nbytes) in enumerate(allocations(prof)):
-        if ts > t1:
-            break
-        level -= live.pop(ptr, (0, 0))[1]         # a free, or an address reused after an unseen free
+    allocs, uses = allocations(prof)
+    allocs = [a for a in allocs if a[0] <= t1]
+    # pass 1: the level's steps: every allocation, and its free (seen, or placed)
+    live: dict[int, tuple[int, int, int]] = {}     # ptr -> (allocation index, bytes, time)
+    steps: list[tuple[int, int, int]] = []         # (time, 0 free / 1 allocation, allocation index)
+    unseen = set()
+    for n, (ts, ptr, nbytes) in enumerate(allocs):
+        old = live.pop(ptr, None)
         if nbytes > 0:
-            live[ptr] = (n, nbytes)
-            level += nbytes
+            if old is not None:                     # the address came back: freed unseen before
+                steps.append((_last_use(uses, ptr, old[2], ts) if uses else ts, 0, old[0]))
+                unseen.add(old[0])
+            live[ptr] = (n, nbytes, ts)
+            steps.append((ts, 1, n))
+        else:                                       # a free seen, of this profile's allocation or older
+            steps.append((ts, 0, old[0] if old is not None else n))
+    if steady:
+        for ptr, (n, _, ts) in live.items():
+            if ts >= t0:
+                steps.append((_last_use(uses, ptr, ts, t1), 0, n))
+                unseen.add(n)
+    # pass 2: the level over time; at one instant a free goes first
+    level = start = peak = 0
+    at, at_peak, now = t0, set(), set()
+    for ts, kind, n in sorted(steps):
+        b = abs(allocs[n][2])
+        level, _ = (level + b, now.add(n)) if kind else (level - b, now.discard(n))
         if ts < t0:
             start = peak = level
-            first = n + 1
-        elif level > peak:
-            peak, at, at_peak = level, ts, dict(live)
-    unseen = sum(b for ptr, (n, b) in at_peak.items() if n >= first and live.get(ptr, (None,))[0] == n)
+        elif ts <= t1 and level > peak:
+            peak, at, at_peak = level, ts, set(now)
     # the ops running when the peak was reached, outermost first (where in the step it is)
     where = sorted((e.start_ns(), e.name()) for e in events
                    if e.name() != "[memory]" and e.start_ns() <= at <= e.start_ns() + e.duration_ns())
-    return {"start_bytes": start, "rise_bytes": peak - unseen - start, "unseen_free_bytes": unseen,
-            "level_peak_bytes": peak, "peak_in": [n for _, n in where][-6:]}
+    return {"start_bytes": start, "rise_bytes": peak - start, "level_peak_bytes": peak,
+            "unseen_free_bytes": sum(allocs[n][2] for n in at_peak & unseen), "peak_in": [n for _, n in where][-6:]}
 
 
 def python_live_bytes() -> int:
@@ -120,22 +161,25 @@ def run_case(plan: P.Plan, run_dir: Path, packed_docs: int = 0) -> dict:
         with record_function("setup"):
             job = setup(plan, run_dir)
         train_step(job, 0, False)
-        # cyclic garbage of step 1 (autograd graph nodes holding tensors) goes now, not at a
-        # random point of the measured step: the peak is the step's own
-        gc.collect()
-        base = python_live_bytes()
-        gc.disable()
-        try:
-            with record_function("measured_step"), CollectiveLog(mesh_axes(job.mesh)) as log:
-                out = train_step(job, 1, False)
-        finally:
-            gc.enable()
-    mem = peak_from_events(prof, "measured_step")
     # setup (the model built and loaded: QLoRA's block-by-block weight load): the highest level of
-    # the tensors allocated since the profiler started, taken as seen; setup keeps what it builds,
-    # so none of it is "freed unseen" (setup's collectives are few: gloo-thread frees could only
-    # make this a little high)
-    load = peak_from_events(prof, "setup")
+    # the tensors allocated since the profiler started; setup keeps what it builds, so nothing it
+    # allocated and still holds is "freed unseen" (setup's collectives are few: a gloo-thread free
+    # could only make this a little high)
+    load = peak_from_events(prof, "setup", steady=False)
+    # cyclic garbage of step 1 (autograd graph nodes holding tensors) goes now, not at a random
+    # point of the measured step: the peak is the step's own. The step is profiled on its own,
+    # with the ops' inputs (record_shapes: the last use of a buffer gloo frees unseen); setup
+    # cannot be, record_shapes' weak references refuse Module.to_empty's swap_tensors
+    gc.collect()
+    base = python_live_bytes()
+    gc.disable()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof, \
+                record_function("measured_step"), CollectiveLog(mesh_axes(job.mesh)) as log:
+            out = train_step(job, 1, False)
+    finally:
+        gc.enable()
+    mem = peak_from_events(prof, "measured_step", steady=True)
     # the step's peak = the exact level at its start + the highest rise above it during the step
     return {**mem, "base_bytes": base, "peak_bytes": base + mem["rise_bytes"], "setup_peak_bytes": load["level_peak_bytes"],
             "setup_peak_in": load["peak_in"], "collectives": log.records, "loss": out.loss}

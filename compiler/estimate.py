@@ -1144,6 +1144,10 @@ class _Shape:
     # gradients runtime/lora.py all-reduces in every backward: tensors, numel (E r H each)
     expert_rep: tuple[int, int] = (0, 0)
     expert_tensors: int = 0        # LoRA factors on grouped experts (2 per adapted parameter), all blocks
+    # GPT-OSS's experts (layout experts_hf): the down bias (E, H) whole on every tp rank, its gradient
+    # summed over tp by _SumGrad in every backward (runtime/fused.py _hf_layout_experts): blocks, numel
+    down_bias: tuple[int, int] = (0, 0)
+    gated_shared: int = 0          # MoE blocks with a gated shared expert (Qwen2-MoE): _SumGrad of the gate
 
 
 def _is_attn(fqn: str, prefix: str) -> bool:
@@ -1152,7 +1156,7 @@ def _is_attn(fqn: str, prefix: str) -> bool:
 
 
 def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: bool) -> _Shape:
-    lo, sp = recipe.lora, sp_on
+    lo = recipe.lora
     roles = model.roles
     pre = f"{roles.block_prefix}.0."
     block = [m for m in model.modules if m.fqn.startswith(pre)]
@@ -1179,6 +1183,9 @@ def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: boo
         style = pl.styles[m.fqn] if tp > 1 else "replicate"
         w = _numel(m.shape)
         tensors = 2 if m.numel > w else 1              # weight (+ bias; experts: gate_up + down)
+        hf_experts = m.kind == "experts" and model.layouts.get(m.fqn) == "experts_hf"
+        if hf_experts:
+            tensors = 4                                # + gate_up_proj_bias, down_proj_bias
         ex_ad = [n for n in expert_matrices(m) if f"{m.fqn}.{n}" in adapted] if m.kind == "experts" else []
         if ex_ad and style == "experts":               # A, B per parameter, TP DTensors; one of them replicated
             tp_t += 2 * len(ex_ad)
@@ -1200,17 +1207,28 @@ def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: boo
         if style == "replicate":
             plain_t += tensors
             continue
+        if hf_experts and style == "experts":          # the down bias stays a plain whole tensor
+            tp_t, plain_t = tp_t + tensors - 1, plain_t + 1
+            continue
         tp_t += tensors
         if style in ("sequence_parallel", "local_heads"):
             rep[0] += tensors                          # norm weight (+ bias) over local tokens / heads
             rep[1] += m.numel
-        elif style == "rowwise" and m.kind == "linear" and tensors == 2 and sp:
-            rep[0] += 1                                # the bias after a sequence-sharded output
-            rep[1] += m.numel - w
+        # a rowwise Linear's bias under SP is not one of them: DTensor adds the Replicate bias to the
+        # Partial matmul output (as Partial) before the reduce-scatter, whose backward all-gathers the
+        # output gradient, so the bias gradient comes out Replicate, no all-reduce (measured: GPT-OSS's
+        # o_proj biases at tp 2, torch 2.13: 5 Partial-gradient all-reduces, its 5 norms, not 7)
     blocks = [m for m in model.modules if roles.in_block(m.fqn)]
     bpre = lambda m: m.fqn[:len(roles.block_prefix) + 1] + m.fqn[len(roles.block_prefix) + 1:].partition(".")[0] + "."  # noqa: E731
     colnorm = [m for m in blocks if pl.styles.get(m.fqn) == "colwise_norm"] if tp > 1 else []
     covered = sum(m.numel for m in model.modules)
+    # MoE blocks runtime/fused.py's moe_block_forward runs (layout experts): a shared expert inside
+    # runs on its local rows with F.linear (shared_expert_forward), so its colwise / rowwise Linears
+    # issue no collectives of their own (the block's input _SumGrad and output reduction cover them)
+    fused = [m.fqn.rpartition(".")[0] + "." for m in model.modules
+             if m.kind == "experts" and model.layouts.get(m.fqn) == "experts"]
+    local = lambda m: any(m.fqn.startswith(b + s) for b in fused for s in ("shared_expert.", "shared_experts."))  # noqa: E731
+    hf_ex = [m for m in model.modules if m.kind == "experts" and model.layouts.get(m.fqn) == "experts_hf"]
     if not lo.rank and model.num_params - covered + (model.vocab_size * model.hidden_size
                                                      if roles.tied else 0) > 0:
         plain_t += 1                                   # parameters of no Linear/Embedding/norm
@@ -1224,12 +1242,14 @@ def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: boo
         emb_tp=style_of(emb) == "rowwise", emb_trainable=not lo.rank, head_tp=style_of(head).startswith("colwise"),
         n_before=n_before, n_after_attn=n_attn, n_after_mlp=n_mlp, k_layers=k_l, v_layers=v_l,
         rep=(rep[0], rep[1]), tp_tensors=tp_t if tp > 1 else 0, plain_tensors=plain_t + (0 if tp > 1 else tp_t),
-        rowwise_sum=sum(1 for m in blocks if m.kind == "linear" and pl.styles[m.fqn] == "rowwise"),
+        rowwise_sum=sum(1 for m in blocks if m.kind == "linear" and pl.styles[m.fqn] == "rowwise" and not local(m)),
         mlp_colwise_sum=sum(1 for m in blocks if m.kind == "linear" and not _is_attn(m.fqn, bpre(m))
-                            and pl.styles[m.fqn].startswith("colwise")),
+                            and pl.styles[m.fqn].startswith("colwise") and not local(m)),
         moe=sum(1 for m in model.modules if m.kind == "experts"),
         norm_stats=(len(colnorm), sum(m.numel for m in colnorm)), expert_rep=(ex_rep[0], ex_rep[1]),
-        expert_tensors=ex_tensors)
+        expert_tensors=ex_tensors,
+        down_bias=(len(hf_ex), sum(m.shape[0] * m.shape[2] for m in hf_ex)) if tp > 1 and not lo.rank else (0, 0),
+        gated_shared=sum(1 for b in fused for m in model.modules if m.fqn == b + "shared_expert_gate"))
 
 
 _SHAPES: dict = {}
@@ -1289,7 +1309,10 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
         expert on its slice of the intermediate dim; the output's partial sums are all-reduced
         (reduce-scattered under SP: the block input's backward reduce-scatter is gone instead), and in
         backward the block input's gradient (a) and the routing weights' (tokens x k, fp32 for Mixtral,
-        param_dtype for Qwen3-MoE) are all-reduced (_SumGrad)
+        param_dtype for Qwen3-MoE) are all-reduced (_SumGrad); Qwen2-MoE's shared-expert gate (tokens x
+        1) too, its shared expert's Linears run on local rows (no collectives of their own); GPT-OSS's
+        experts' down bias (E x H, whole, added once) has its gradient all-reduced, its other expert
+        tensors are TP DTensors, the down bias a plain one (grad-norm groups)
       TP, colwise_norm (OLMo-2 q/k norm over the whole projection): per norm and layer a forward
         all-reduce of the fp32 mean of squares (tokens x 4 B) and a backward reduce-scatter of its
         input gradient (tokens x the norm's dim)
@@ -1370,6 +1393,12 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
                 ga * sh.moe, ga * sh.moe * a)
             add("tp", tp, "all_reduce", "MoE: gradient of the routing weights, backward", ga * sh.moe,
                 ga * sh.moe * tokens * model.experts_per_token * wb)
+            # Qwen2-MoE: sigmoid(shared_expert_gate(x)) (tokens x 1) scales each rank's partial sum
+            add("tp", tp, "all_reduce", "MoE: gradient of the shared expert's gate, backward", ga * sh.gated_shared,
+                ga * sh.gated_shared * tokens * pb)
+            # GPT-OSS: the experts' down bias (E x H), whole on every rank, added once
+            add("tp", tp, "all_reduce", "MoE: gradient of the experts' down bias, backward", ga * sh.down_bias[0],
+                ga * sh.down_bias[1] * pb)
         if sh.norm_stats[0]:  # colwise_norm (runtime/parallel._sharded_norm): the norm over a sharded dim
             n_norm, numel = sh.norm_stats
             add("tp", tp, "all_reduce", "colwise_norm statistics (fp32 mean of squares), forward",

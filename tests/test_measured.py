@@ -139,7 +139,10 @@ PP = {"mem_pp2_dp_shard2": dict(pp=2, dp_shard=2, gbs=8, **MEM),
       "mem_pp2_dp_shard2_gpipe": dict(pp=2, dp_shard=2, gbs=16, schedule="GPipe", **MEM),
       "mem_pp2_tp2": dict(pp=2, tp=2, gbs=8, **MEM),
       "mem_pp2_tp2_interleaved": dict(pp=2, tp=2, gbs=8, schedule="Interleaved1F1B", spr=2,
-                                      model=str(ROOT / "tests/dist/configs/tiny-llama-4l.json"), **MEM)}
+                                      model=str(ROOT / "tests/dist/configs/tiny-llama-4l.json"), **MEM),
+      "mem_pp2_dp_shard2_m4": dict(pp=2, dp_shard=2, gbs=16, **MEM),
+      "mem_pp2_dp_shard2_interleaved_m4": dict(pp=2, dp_shard=2, gbs=16, schedule="Interleaved1F1B", spr=2,
+                                               model=str(ROOT / "tests/dist/configs/tiny-llama-4l.json"), **MEM)}
 CASES = {**PP, **CASES}
 # the packed cases patch measure.py's data loader for the rest of the process (packed rows with
 # position_ids: transformers then builds a document mask in every case after them): they go last,
@@ -289,29 +292,7 @@ def traffic_by_group(plan: dict, rank: int, logged: list[dict]) -> tuple[dict, d
     return est, got
 
 
-# GPT-OSS's traffic rows are not exact yet (measured in the memory cases above, found while adding
-# them, not fixed): 16 B more per step on the data-parallel all-reduces, and at tp 2 1,544 B more
-# over the tp all-reduces (279,932 vs 278,388 B in 15 ops). strict: the day they match, this fails
-GPT_OSS_TRAFFIC = pytest.mark.xfail(strict=True, reason="GPT-OSS traffic rows off by 16 B (dp all-reduce) and "
-                                    "1,544 B (tp all-reduces at tp 2): not modeled yet")
-
-
-# the traffic rows of Qwen2-MoE's gated shared expert under tp (runtime/fused.py: the gate's
-# _SumGrad, the shared expert's partial sums) are not modelled: the first measurement of that
-# configuration (this memory case) found per rank 10 tp reduce-scatters estimated vs 8 issued and
-# 13 all-reduces vs 15. Strict: the case fails loudly once the estimate is right.
-TRAFFIC_GAP = {"mem_moe_qwen2_tp2_sp_lp": "Qwen2-MoE's gated shared expert under tp: tp rows not modelled"}
-
-
-def _xfail(n: str):
-    if "gpt_oss" in n:
-        return pytest.param(n, marks=GPT_OSS_TRAFFIC)
-    if n in TRAFFIC_GAP:
-        return pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=TRAFFIC_GAP[n]))
-    return n
-
-
-@pytest.mark.parametrize("name", [_xfail(n) for n in CASES if n not in PP])
+@pytest.mark.parametrize("name", [n for n in CASES if n not in PP])
 def test_traffic_estimate_is_every_collective_issued(measured, name):
     """plan.json's traffic rows vs every collective each rank issues in one optimizer step
     (tests/dist/collectives.py): the same count and bytes per process group and op, exactly. The

@@ -530,12 +530,34 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
         # TP without FSDP: the embedding's .grad is the Replicate (full vocab x hidden) tensor its
         # backward made, alive from the first micro-batch's backward on (measured, tiny-llama pp 2
         # x tp 2, 4 micro-batches: a 1 MB = 4096 x 64 x 4 B tensor at stage 0's peak)
-        live_grads += emb_full if pp.first and not fsdp and mesh.grad_accum > 1 else 0
+        # (in place of its vocab shard's gradient, which `grads` counts: that one never exists)
+        if pp.first and not fsdp and mesh.grad_accum > 1:
+            live_grads += emb_full - sum(p.rows * p.rest for p in params if p.embedding and p.trainable) * tb
     # the attention's T^2 tensors: held through the loss backward, one layer's more in a recompute,
     # CP's mask all step
     am = attention_memory(recipe, model, mesh)
     # AdamW (foreach) allocates sqrt(exp_avg_sq) for a whole param group: ~ the grads once more
-    phases = (("loss backward", state + live_grads + accum + kept + dequant + acts + logits + am.held),
+    loss_bwd = ("loss backward", state + live_grads + accum + kept + dequant + acts + logits + am.held)
+    if pp is not None and not pp.last:
+        # a stage that computes no loss peaks inside a block's backward, its in-flight micro-batches'
+        # activations alive: the MLP backward's three tokens x I / tp temporaries (the down input's
+        # gradient, then the gradients of act(gate) and up; measured at every pp 2 stage 0 peak of
+        # tests/test_measured.py: 3 x 512 x 256 x 4 B = 1.5 MB, at tp 2 3 x 786 KB). The held
+        # gradients (FSDP2's unsharded `accum`; without FSDP the .grad sums, the TP embedding's full
+        # one among them) exist from the rank's second
+        # backward on: with as many micro-batch stage-forwards in flight as the step has (GPipe,
+        # 1F1B with m <= pp - r), the first backward holds all of them and none of those gradients,
+        # each later one a micro-batch fewer (pp 2 x dp_shard 2, 1F1B, 2 micro-batches: the peak is
+        # micro-batch 0's backward, 11.58 MB; the estimate with both was 13.45, +16%)
+        tokens = tokens_per_rank(t, mesh)
+        block_bwd = 3 * tokens * (model.intermediate_size // mesh.tp) * pb
+        held = accum + live_grads
+        if pp.inflight >= mesh.grad_accum * recipe.pp.stages_per_rank:
+            waves = max(acts, acts - acts // pp.inflight + held)
+        else:
+            waves = acts + held
+        loss_bwd = ("block backward", state + kept + dequant + waves + block_bwd + am.held)
+    phases = (loss_bwd,
               ("recompute", state + live_grads + accum + kept + dequant + 2 * block + acts + recompute + am.peak)
               if recompute else None,
               # the last micro-step's backward has reduce-scattered (and freed) the blocks'

@@ -3,6 +3,8 @@ per-epoch saves, quantized runs refused), memory-error fixes change the outcome,
 hints stay within a model's family and version. Each test fails without its fix."""
 from __future__ import annotations
 
+import functools
+import os
 import re
 from pathlib import Path
 
@@ -269,7 +271,20 @@ _OVER = [
 ]
 
 
-def _memory_errors():
+@functools.cache
+def _memory_errors() -> tuple:
+    """(name, text, extra sets, other error paths, the memory error) of every recipe the budget
+    refuses. ~320 resolves (every recipe of the repo twice): computed once for the two tests that
+    read it, run from ROOT (the recipes' relative paths)."""
+    here = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        return tuple(_find_memory_errors())
+    finally:
+        os.chdir(here)
+
+
+def _find_memory_errors():
     texts = [(p.name, p.read_text()) for d in ("tests/recipes/valid", "tests/recipes/invalid", "recipes")
              for p in sorted((ROOT / d).glob("*.yaml"))]
     texts += [(f"over{i}", t) for i, t in enumerate(_OVER)]

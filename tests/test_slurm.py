@@ -3,7 +3,7 @@ recipe bundled for the local-cpu profile, `sbatch --wait out/job.sbatch`; then a
 USR1 to the batch shell -> checkpoint -> `scontrol requeue` -> the job resumes and finishes.
 The cluster is stopped (daemons by pid, state dir removed) even when a test fails.
 
-One cluster start for the module, and the four jobs (sbatch --wait and three preemption
+One cluster start for the module, and the three jobs (sbatch --wait and two preemption
 variants) run two at a time on it (each takes 2 CPUs and 2 GPUs of each node's 16 and 8): Slurm's
 waits (scheduling, the requeue hold, the steps' start) overlap instead of adding up. Two, not
 four: a job's 4 ranks + 2 agents hold ~2 GB of RAM, and a 2-core CI runner may have 7 GB. Each
@@ -105,24 +105,28 @@ def preempt(slurm, d: Path, signal: tuple[str, ...]) -> dict:
     return {"info": info, "requeued": requeued}
 
 
-SIGNALS = {"usr1-batch-shell": ("--signal=USR1", "--batch"), "term-batch-shell": ("--signal=TERM", "--batch"),
-           "term-every-step-process": ("--signal=TERM",)}
+# TERM to the batch shell (scancel --signal=TERM --batch) is not a job of its own here: after
+# job.sbatch's TERM trap it is the USR1 variant's path (USR1 to srun), and that trap is run with
+# stub srun / scontrol in tests/test_shell.py (test_job_sbatch_turns_a_stop_signal_into_usr1_...)
+SIGNALS = {"usr1-batch-shell": ("--signal=USR1", "--batch"), "term-every-step-process": ("--signal=TERM",)}
 
 
 @pytest.fixture(scope="module")
 def jobs(slurm, tmp_path_factory) -> dict[str, tuple[Path, dict | BaseException]]:
-    """The four jobs, two at a time: name -> (submit dir, outcome or the exception its driver raised)."""
+    """The three jobs, two at a time: name -> (submit dir, outcome or the exception its driver raised)."""
     # 20 steps: the stop signal comes after step 3 and lands by step ~5 even with 8 ranks on 2
     # cores (~1.1 s a step), leaving 15 steps to resume into; 40 cost ~40 s more for nothing
     dirs = {name: submit_dir(tmp_path_factory.mktemp(name), "train.steps=20") for name in SIGNALS}
     dirs["sbatch-wait"] = submit_dir(tmp_path_factory.mktemp("sbatch-wait"), "train.steps=10")
     t0 = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
-        # the longer preemption jobs first, the short sbatch --wait last
-        futures = {name: pool.submit(preempt, slurm, dirs[name], sig) for name, sig in SIGNALS.items()}
-        futures["sbatch-wait"] = pool.submit(sbatch_wait, slurm, dirs["sbatch-wait"])
+        # one preemption job beside the short sbatch --wait, then the other preemption job
+        first, second = SIGNALS
+        futures = {first: pool.submit(preempt, slurm, dirs[first], SIGNALS[first]),
+                   "sbatch-wait": pool.submit(sbatch_wait, slurm, dirs["sbatch-wait"]),
+                   second: pool.submit(preempt, slurm, dirs[second], SIGNALS[second])}
         out = {name: (dirs[name], f.exception() or f.result()) for name, f in futures.items()}
-    print(f"four Slurm jobs, two at a time: {time.perf_counter() - t0:.1f} s")
+    print(f"three Slurm jobs, two at a time: {time.perf_counter() - t0:.1f} s")
     return out
 
 
@@ -150,8 +154,8 @@ def test_sbatch_wait_trains_on_two_nodes(slurm, jobs):
 
 @pytest.mark.parametrize("variant", list(SIGNALS))
 def test_preemption_requeues_and_resumes(slurm, jobs, variant):
-    """USR1 to the batch shell: what --signal=B:USR1@N does before the time limit. TERM to the
-    batch shell (passed to srun as USR1: srun SIGKILLs its tasks on a TERM of its own). TERM to
+    """USR1 to the batch shell: what --signal=B:USR1@N does before the time limit (TERM to the
+    batch shell takes this path after job.sbatch's trap, tests/test_shell.py). TERM to
     every process of the step (launch.sh, torchrun, the workers): torchrun must not die of it
     (issue 9). Not covered, a Slurm limit: TERM to srun itself (scancel --full, or a time limit
     without the USR1 warning) makes srun SIGKILL the tasks at once."""

@@ -154,7 +154,21 @@ def test_step_time_arithmetic_by_hand(sg):
     assert r.mfu == pytest.approx(est.flops_per_token * tokens / step / 989e12, rel=1e-9)
 
 
-def test_json_and_table(capsys):
+def test_json_and_table(sg, capsys, monkeypatch):
+    """The CLI's two renderings of RECIPE's suggestion. suggest_dict is a pure function of the
+    recipe dict, and the CLI hands it a dict equal to the fixture's: the fixture's Suggestion is
+    what a cold call returns, so it is reused (two cold 70B suggests were ~2/3 of this file's
+    time). The CLI's own call into suggest_dict runs in the 8b_tp tests above and below."""
+    from meshbake.compiler import suggest as S
+
+    d, s = sg
+    calls = []
+
+    def same(got):
+        calls.append(got)
+        assert got == d, "the CLI loaded another recipe dict than load_recipe(RECIPE)"
+        return s
+    monkeypatch.setattr(S, "suggest_dict", same)
     assert main(["suggest", RECIPE, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["world"] == 64 and out["ranked"] and out["dropped"]
@@ -163,6 +177,7 @@ def test_json_and_table(capsys):
     assert main(["suggest", RECIPE, "--top", "3"]) == 0
     table = capsys.readouterr().out
     assert "tok/s/GPU" in table and "feasible" in table
+    assert len(calls) == 2
 
 
 def test_recipe_error_exits_2(capsys):

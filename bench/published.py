@@ -34,14 +34,31 @@ def held_out(row: dict) -> bool:
     return int(hashlib.sha256(row["id"].encode()).hexdigest()[:8], 16) % 3 == 0
 
 
+def world(r: dict) -> int:
+    """GPUs of the row's mesh: dp_replicate x dp_shard x cp x tp, times the pipeline's pp."""
+    return math.prod(r["mesh"]) * r.get("pp", {}).get("size", 1)
+
+
 def recipe(r: dict) -> dict:
+    """The row as a recipe. Optional row keys: "pp" {size, stages_per_rank, schedule} (a pipelined
+    run: VP = stages_per_rank, Interleaved1F1B when > 1), "sp" (sequence parallel; default on
+    under tp, as the runtime's recommended setting), "lora" (the recipe's lora section:
+    a LoRA run trains the adapters only)."""
     dr, ds, cp, tp = r["mesh"]
     mp = {"param_dtype": "bfloat16",
           "reduce_dtype": r.get("reduce_dtype") or ("float32" if r["dtype"] == "float32" else "bfloat16")}
     model = str(ROOT / r["model"]) if r["model"].endswith(".json") else r["model"]
+    sp = r.get("sp", tp > 1)
+    extra: dict = {}
+    if r.get("pp"):
+        p = r["pp"]
+        extra["pp"] = {"schedule": p.get("schedule", "Interleaved1F1B" if p.get("stages_per_rank", 1) > 1 else "1F1B"),
+                       "stages_per_rank": p.get("stages_per_rank", 1)}
+    if r.get("lora"):
+        extra["lora"] = r["lora"]
     return {"name": "published", "model": {"config": model, "dtype": r["dtype"]},
-            "mesh": {"dp_replicate": dr, "dp_shard": ds, "cp": cp, "tp": tp},
-            "tp": {"sequence_parallel": tp > 1, "loss_parallel": tp > 1},
+            "mesh": {"dp_replicate": dr, "dp_shard": ds, "cp": cp, "tp": tp, "pp": r.get("pp", {}).get("size", 1)},
+            "tp": {"sequence_parallel": sp, "loss_parallel": tp > 1}, **extra,
             "cluster": {"gpu": r["gpu"], **r["cluster"], "nodes": r["nodes"], "gpus_per_node": r["gpus_per_node"],
                         "device": "cuda", "gpu_memory_gb": 10_000},
             "train": {"seq_len": r["seq"], "micro_batch_size": r["mbs"], "global_batch_size": r["gbs"], "steps": 10,
@@ -126,7 +143,7 @@ def fit(cs_list: list[Case], start):
 
 
 def table(cs_list: list[Case], cs) -> tuple[list[str], dict[str, list[float]]]:
-    lines = ["| run (source: bench/published_runs.json) | split | GPU | mesh dr x ds x cp x tp | seq x mbs | AC | "
+    lines = ["| run (source: bench/published_runs.json) | split | GPU | mesh dr x ds x cp x tp (x pp v) | seq x mbs | AC | "
              "compile | measured tok/s/GPU | predicted | predicted / measured |",
              "|---|---|---|---|---|---|---|---:|---:|---:|"]
     by: dict[str, list[float]] = {"fit": [], "held_out": []}
@@ -135,7 +152,8 @@ def table(cs_list: list[Case], cs) -> tuple[list[str], dict[str, list[float]]]:
         split = "held_out" if held_out(r) else "fit"
         by[split].append(p / r["tok_s_gpu"])
         by.setdefault(r["codebase"] + " " + split, []).append(p / r["tok_s_gpu"])
-        lines.append(f"| {r['id']} | {split.replace('_', '-')} | {r['gpu']} | {' x '.join(map(str, r['mesh']))} | "
+        pp = r.get("pp") and f" x pp {r['pp']['size']} v {r['pp'].get('stages_per_rank', 1)}" or ""
+        lines.append(f"| {r['id']} | {split.replace('_', '-')} | {r['gpu']} | {' x '.join(map(str, r['mesh']))}{pp} | "
                      f"{r['seq']} x {r['mbs']} | {r['ac']} | {'yes' if r['compile'] else 'no'} | {r['tok_s_gpu']:,} | "
                      f"{p:,.0f} | {p / r['tok_s_gpu']:.2f} |")
     return lines, by

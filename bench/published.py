@@ -43,7 +43,8 @@ def recipe(r: dict) -> dict:
     """The row as a recipe. Optional row keys: "pp" {size, stages_per_rank, schedule} (a pipelined
     run: VP = stages_per_rank, Interleaved1F1B when > 1), "sp" (sequence parallel; default on
     under tp, as the runtime's recommended setting), "lora" (the recipe's lora section:
-    a LoRA run trains the adapters only)."""
+    a LoRA run trains the adapters only). "attention" (flash | masked | eager), read by cases(): the
+    published run's attention kernel where meshbake's runtime would run another one."""
     dr, ds, cp, tp = r["mesh"]
     mp = {"param_dtype": "bfloat16",
           "reduce_dtype": r.get("reduce_dtype") or ("float32" if r["dtype"] == "float32" else "bfloat16")}
@@ -89,8 +90,21 @@ def cases(which=lambda r: True) -> list[Case]:
         res = resolve_dict(recipe(r))
         if isinstance(res, Err):
             raise SystemExit(f"{r['id']}: {res.errors[0].path}: {res.errors[0].message}")
-        gemms = E.gemm_shapes(res.recipe, res.mesh, E.rank_params(res.recipe, res.model, res.placements, res.mesh.tp))
-        out.append(Case(r, res.recipe, res.mesh, res.estimate, E._work(res.recipe, res.model, res.mesh, gemms)))
+        model, params = res.model, None
+        if res.mesh.pp_enabled:
+            # a pp rank computes its own stages' blocks, not the model's: the work of the rank the
+            # estimate times (its peak rank, as compiler/estimate.py's _estimate_pp does)
+            pr, params, _, _ = E._pp_estimate(res.recipe, res.model, res.mesh, res.placements)
+            model = dataclasses.replace(res.model, num_layers=pr.blocks)
+        if params is None:
+            params = E.rank_params(res.recipe, res.model, res.placements, res.mesh.tp)
+        gemms = E.gemm_shapes(res.recipe, res.mesh, params)
+        work = E._work(res.recipe, model, res.mesh, gemms)
+        if r.get("attention"):
+            # the published run's attention kernel where it is not the one meshbake's runtime would
+            # pick for these settings (the row's settings say why): the model's ATTN[kernel] for it
+            work = dataclasses.replace(work, kernel=r["attention"])
+        out.append(Case(r, res.recipe, res.mesh, res.estimate, work))
     return out
 
 

@@ -34,14 +34,32 @@ def held_out(row: dict) -> bool:
     return int(hashlib.sha256(row["id"].encode()).hexdigest()[:8], 16) % 3 == 0
 
 
+def world(r: dict) -> int:
+    """GPUs of the row's mesh: dp_replicate x dp_shard x cp x tp, times the pipeline's pp."""
+    return math.prod(r["mesh"]) * r.get("pp", {}).get("size", 1)
+
+
 def recipe(r: dict) -> dict:
+    """The row as a recipe. Optional row keys: "pp" {size, stages_per_rank, schedule} (a pipelined
+    run: VP = stages_per_rank, Interleaved1F1B when > 1), "sp" (sequence parallel; default on
+    under tp, as the runtime's recommended setting), "lora" (the recipe's lora section:
+    a LoRA run trains the adapters only). "attention" (flash | masked | eager), read by cases(): the
+    published run's attention kernel where meshbake's runtime would run another one."""
     dr, ds, cp, tp = r["mesh"]
     mp = {"param_dtype": "bfloat16",
           "reduce_dtype": r.get("reduce_dtype") or ("float32" if r["dtype"] == "float32" else "bfloat16")}
     model = str(ROOT / r["model"]) if r["model"].endswith(".json") else r["model"]
+    sp = r.get("sp", tp > 1)
+    extra: dict = {}
+    if r.get("pp"):
+        p = r["pp"]
+        extra["pp"] = {"schedule": p.get("schedule", "Interleaved1F1B" if p.get("stages_per_rank", 1) > 1 else "1F1B"),
+                       "stages_per_rank": p.get("stages_per_rank", 1)}
+    if r.get("lora"):
+        extra["lora"] = r["lora"]
     return {"name": "published", "model": {"config": model, "dtype": r["dtype"]},
-            "mesh": {"dp_replicate": dr, "dp_shard": ds, "cp": cp, "tp": tp},
-            "tp": {"sequence_parallel": tp > 1, "loss_parallel": tp > 1},
+            "mesh": {"dp_replicate": dr, "dp_shard": ds, "cp": cp, "tp": tp, "pp": r.get("pp", {}).get("size", 1)},
+            "tp": {"sequence_parallel": sp, "loss_parallel": tp > 1}, **extra,
             "cluster": {"gpu": r["gpu"], **r["cluster"], "nodes": r["nodes"], "gpus_per_node": r["gpus_per_node"],
                         "device": "cuda", "gpu_memory_gb": 10_000},
             "train": {"seq_len": r["seq"], "micro_batch_size": r["mbs"], "global_batch_size": r["gbs"], "steps": 10,
@@ -72,8 +90,21 @@ def cases(which=lambda r: True) -> list[Case]:
         res = resolve_dict(recipe(r))
         if isinstance(res, Err):
             raise SystemExit(f"{r['id']}: {res.errors[0].path}: {res.errors[0].message}")
-        gemms = E.gemm_shapes(res.recipe, res.mesh, E.rank_params(res.recipe, res.model, res.placements, res.mesh.tp))
-        out.append(Case(r, res.recipe, res.mesh, res.estimate, E._work(res.recipe, res.model, res.mesh, gemms)))
+        model, params = res.model, None
+        if res.mesh.pp_enabled:
+            # a pp rank computes its own stages' blocks, not the model's: the work of the rank the
+            # estimate times (its peak rank, as compiler/estimate.py's _estimate_pp does)
+            pr, params, _, _ = E._pp_estimate(res.recipe, res.model, res.mesh, res.placements)
+            model = dataclasses.replace(res.model, num_layers=pr.blocks)
+        if params is None:
+            params = E.rank_params(res.recipe, res.model, res.placements, res.mesh.tp)
+        gemms = E.gemm_shapes(res.recipe, res.mesh, params)
+        work = E._work(res.recipe, model, res.mesh, gemms)
+        if r.get("attention"):
+            # the published run's attention kernel where it is not the one meshbake's runtime would
+            # pick for these settings (the row's settings say why): the model's ATTN[kernel] for it
+            work = dataclasses.replace(work, kernel=r["attention"])
+        out.append(Case(r, res.recipe, res.mesh, res.estimate, work))
     return out
 
 
@@ -126,7 +157,7 @@ def fit(cs_list: list[Case], start):
 
 
 def table(cs_list: list[Case], cs) -> tuple[list[str], dict[str, list[float]]]:
-    lines = ["| run (source: bench/published_runs.json) | split | GPU | mesh dr x ds x cp x tp | seq x mbs | AC | "
+    lines = ["| run (source: bench/published_runs.json) | split | GPU | mesh dr x ds x cp x tp (x pp v) | seq x mbs | AC | "
              "compile | measured tok/s/GPU | predicted | predicted / measured |",
              "|---|---|---|---|---|---|---|---:|---:|---:|"]
     by: dict[str, list[float]] = {"fit": [], "held_out": []}
@@ -135,7 +166,8 @@ def table(cs_list: list[Case], cs) -> tuple[list[str], dict[str, list[float]]]:
         split = "held_out" if held_out(r) else "fit"
         by[split].append(p / r["tok_s_gpu"])
         by.setdefault(r["codebase"] + " " + split, []).append(p / r["tok_s_gpu"])
-        lines.append(f"| {r['id']} | {split.replace('_', '-')} | {r['gpu']} | {' x '.join(map(str, r['mesh']))} | "
+        pp = r.get("pp") and f" x pp {r['pp']['size']} v {r['pp'].get('stages_per_rank', 1)}" or ""
+        lines.append(f"| {r['id']} | {split.replace('_', '-')} | {r['gpu']} | {' x '.join(map(str, r['mesh']))}{pp} | "
                      f"{r['seq']} x {r['mbs']} | {r['ac']} | {'yes' if r['compile'] else 'no'} | {r['tok_s_gpu']:,} | "
                      f"{p:,.0f} | {p / r['tok_s_gpu']:.2f} |")
     return lines, by

@@ -1910,7 +1910,10 @@ def step_rows(recipe: Recipe, mesh: MeshSpec, st: StepTime) -> tuple[tuple[str, 
     frac = perf.DEFAULT.frac(gpu.family)
     t = recipe.train
     return (("matmuls", st.compute_s, f"GEMMs by shape after TP: {c.peak_tflops:g} TFLOP/s x {frac:.0%} "
-                                      f"({gpu.family}) x 1 / (1 + {perf.KAPPA:g} x ridge / intensity)"),
+                                      f"({gpu.family}) x 1 / (1 + {perf.KAPPA:g} x ridge / intensity)"
+                                      # LoRA's rank-r products are thin GEMMs (perf.gemm_seconds)
+                                      + (f"; LoRA's rank-{recipe.lora.rank} adapter products at {c.hbm_gbps:g} GB/s "
+                                         "HBM (memory-bound)" if 0 < recipe.lora.rank <= perf.THIN_DIM else "")),
             ("attention", st.attention_s, f"12 L H Dh T FLOPs per token at seq {t.seq_len}, {st.attn_kernel} kernel "
                                            f"({perf.ATTN.get(st.attn_kernel, 1):.0%} of flash's rate)"),
             ("element-wise", st.memory_s, f"norms, RoPE, SiLU, loss at {c.hbm_gbps:g} GB/s HBM"

@@ -130,7 +130,8 @@ def gpu_of(name: str | None, peak_tflops: float) -> GPU:
 
 def gemm_seconds(m: int, n: int, k: int, peak: float, hbm: float, pb: int, fraction: float, kappa: float) -> float:
     """One GEMM's time: 2 m n k / (peak x gemm_efficiency), except a thin one (a dimension of at
-    most THIN_DIM: LoRA's rank-r A and B products, a handful of routed tokens): one tensor-core tile
+    most THIN_DIM: LoRA's rank-r A and B products, a GQA k/v projection split by TP to 128 rows,
+    a handful of routed tokens): one tensor-core tile
     spans that dimension, so the kernel streams the large operands once and is bound by memory:
     pb (m n + n k + m k) bytes at the HBM bandwidth. The KAPPA curve is fitted on GEMMs whose
     smallest dimension is 1024 or more (I 780-5440 in bench/published_runs.json); extrapolated to I ~ 16 (rank 16) it charges

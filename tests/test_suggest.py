@@ -120,10 +120,15 @@ def test_step_time_arithmetic_by_hand(sg):
     micro = mesh.grad_accum
     # every GEMM after TP: m = micro-batch tokens, n = rows, k = in; trained: 3 passes
     mm = fwd = 0.0
+    thin = 0
     for m, n, k, p in E.gemm_shapes(res.recipe, mesh, E.rank_params(res.recipe, res.model, res.placements, 8)):
         eff = frac / (1 + perf.KAPPA * ridge / (1 / (1 / m + 1 / n + 1 / k)))
-        mm += p * 2 * m * n * k / (989e12 * eff)
-        fwd += 2 * m * n * k / (989e12 * eff)
+        one = 2 * m * n * k / (989e12 * eff)
+        if min(m, n, k) <= perf.THIN_DIM:            # k_proj, v_proj: 1024 / tp 8 = 128 rows: memory-bound
+            one, thin = 2 * (m * n + n * k + m * k) / 3350e9, thin + 1        # bf16 bytes at HBM
+        mm += p * one
+        fwd += one
+    assert thin == 2 * 80                                           # k and v of every block
     L, H, Dh = 80, 64, 128                                      # Llama 3.1 70B
     # data.format chat packs documents: sdpa gets a document mask, the masked kernel runs
     assert "mask" in E.attention_memory(res.recipe, res.model, mesh).kernel

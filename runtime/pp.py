@@ -294,6 +294,11 @@ def tied_grads(pipe: "Pipeline") -> None:
     g = p.grad
     if g is None:                      # a frozen table (LoRA): nothing to sum
         return
+    if isinstance(g, DTensor) and g.placements != p.placements:
+        # the rowwise embedding's backward leaves a Replicate (V, H) gradient beside its Shard(0)
+        # table (tp without FSDP): its own block first, a local slice (no communication), so
+        # both sides sum the same (V/tp, H) block
+        g = p.grad = g.redistribute(p.device_mesh, p.placements)
     dist.all_reduce(g._local_tensor if isinstance(g, DTensor) else g, group=pipe.tied_group)
 
 

@@ -683,9 +683,16 @@ def pp_ranks(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[PPRank, 
 
 def _pp_model(model: ModelSpec, r: PPRank) -> ModelSpec:
     """The model as pp rank r holds it: its modules only (num_params their sum, so nothing is
-    counted as 'rest'), its blocks as the layer count."""
+    counted as 'rest'), its blocks as the layer count. Tied embeddings: the last stage's rank
+    (without stage 0) holds its own copy of the table as lm_head's weight (runtime/pp.py), a
+    parameter of its own there, placed like lm_head (colwise: vocab / tp rows), with its
+    gradient and AdamW state; a rank holding both stages (ZBV's rank 0) one parameter."""
     mods = tuple(m for m in model.modules if m.fqn in r.fqns)
-    return replace(model, modules=mods, num_params=sum(m.numel for m in mods), num_layers=r.blocks)
+    roles = model.roles
+    if roles.tied and not r.first:
+        roles = replace(roles, tied=False)
+    n = sum(m.numel for m in mods if not (roles.tied and m.fqn == roles.lm_head))
+    return replace(model, modules=mods, num_params=n, num_layers=r.blocks, roles=roles)
 
 
 # suggest estimates hundreds of pp candidates that differ only in AC / micro-batch / dp: a pp rank's

@@ -376,6 +376,14 @@ def resume(job: Job) -> int:
         return 0
     state = ckpt.load(found, job.model, job.opt)
     job.sched.load_state_dict(state["scheduler"])
+    # the scheduler's per-group lists are rank 0's of the saving run, whose groups (one per device
+    # mesh x decay: compiler-independent) may be more or fewer than this layout's (pp 2 x tp 2's
+    # stage 0 of a Qwen2: norms, tp biases, tp weights; pp 1 x dp 4: norms + biases, weights); every
+    # group has the same lr (one LambdaLR factor), so each list is the first entry per group here
+    n = len(job.opt.param_groups)
+    for k in ("base_lrs", "_last_lr"):
+        if getattr(job.sched, k, None):
+            setattr(job.sched, k, [getattr(job.sched, k)[0]] * n)
     start, steps = state["step"], job.plan.train.steps
     job.data.restore(state.get("data"), start)
     old_fp, new_fp = (state.get("data") or {}).get("fingerprint"), job.data_index.get("fingerprint")

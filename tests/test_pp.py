@@ -303,21 +303,28 @@ def test_checkpoint_resumes_under_another_layout(results, name):
     assert max_rel(got, results[name]["reference"][0], (4, 5, 6)) < RTOL
 
 
-def test_tied_embeddings_under_pp_one_table_one_checkpoint_key(results):
+def test_tied_embeddings_under_pp_one_table_the_one_process_checkpoint_keys(results):
     """Tied embeddings under pp: rank 0 (first stage) holds the table, not lm_head; under ZBV
-    rank 0 runs the first and the last stage, one parameter for both; the checkpoint saved by
-    the pp 2 run (first and last stage on two ranks, each with its copy) names the table once,
-    model.embed_tokens.weight, with its AdamW moments, and no lm_head.weight (the resume cases
-    above load it into pp 1's one parameter: exact)."""
+    rank 0 runs the first and the last stage, one parameter for both. The checkpoints the pp 2
+    runs saved (first and last stage on two ranks, each with its copy) hold the model keys one
+    process saves (the HF model's state_dict: model.embed_tokens.weight, and lm_head.weight, the
+    same tensor under its alias, as without pp) and the table's AdamW state once, under
+    model.embed_tokens.weight (the resume cases above load them into pp 1's one parameter: exact)."""
     from torch.distributed.checkpoint import FileSystemReader
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     first, zbv = results["pp2_tied"]["tied"], results["pp2_tied_zbv"]["tied"]
     assert first["held"] == [True, False] and not first["lm_head_listed"], first
     assert zbv["held"] == [True, True] and zbv["same_param"] and not zbv["lm_head_listed"], zbv
+    import torch
+
+    with torch.device("meta"):
+        one = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TIED))
     for run in ("pp2_tied", "pp2_tied_tp2"):
         md = FileSystemReader(str(results[run]["dir"] / "checkpoints" / "step-3")).read_metadata()
-        keys = sorted(k for k in md.state_dict_metadata if "embed_tokens" in k or "lm_head" in k)
-        assert keys == ["model.model.embed_tokens.weight", "optim.state.model.embed_tokens.weight.exp_avg",
-                        "optim.state.model.embed_tokens.weight.exp_avg_sq"], (run, keys)
-        table = md.state_dict_metadata["model.model.embed_tokens.weight"]
-        assert tuple(table.size) == (4096, 64), table.size
+        model_keys = {k for k in md.state_dict_metadata if k.startswith("model.")}
+        assert model_keys == {f"model.{k}" for k in one.state_dict()}, (run, model_keys ^ {f"model.{k}" for k in one.state_dict()})
+        table = sorted(k for k in md.state_dict_metadata if k.startswith("optim.state.")
+                       and ("embed_tokens" in k or "lm_head" in k))
+        assert table == [f"optim.state.model.embed_tokens.weight.{k}" for k in ("exp_avg", "exp_avg_sq", "step")], table
+        assert tuple(md.state_dict_metadata["model.model.embed_tokens.weight"].size) == (4096, 64)

@@ -277,7 +277,7 @@ def stage_rank(plan: Plan, s: int) -> int:
     return next(r for r in range(plan.mesh.pp) if s in stage_ids(plan, r))
 
 
-def tied_grads(pipe: "Pipeline") -> None:
+def tied_grads(pipe: Pipeline) -> None:
     """Sum the tied table's gradient over the (first stage, last stage) pair, after the
     schedule's backward (FSDP's reduce-scatters done) and before clipping and the optimizer:
     the embedding's rank holds d(loss)/d(table) through the lookup, the last stage's through
@@ -287,8 +287,8 @@ def tied_grads(pipe: "Pipeline") -> None:
     sum is elementwise over the local tensors: vocab x hidden / (tp x dp_shard) elements."""
     if pipe.tied_group is None:
         return
-    from torch.distributed.tensor import DTensor
     import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
 
     p = pipe.model.get_submodule(pipe.tied).weight
     g = p.grad

@@ -310,20 +310,20 @@ def test_tied_embeddings_under_pp_one_table_the_one_process_checkpoint_keys(resu
     process saves (the HF model's state_dict: model.embed_tokens.weight, and lm_head.weight, the
     same tensor under its alias, as without pp) and the table's AdamW state once, under
     model.embed_tokens.weight (the resume cases above load them into pp 1's one parameter: exact)."""
+    import torch
     from torch.distributed.checkpoint import FileSystemReader
     from transformers import AutoConfig, AutoModelForCausalLM
 
     first, zbv = results["pp2_tied"]["tied"], results["pp2_tied_zbv"]["tied"]
     assert first["held"] == [True, False] and not first["lm_head_listed"], first
     assert zbv["held"] == [True, True] and zbv["same_param"] and not zbv["lm_head_listed"], zbv
-    import torch
-
     with torch.device("meta"):
         one = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TIED))
     for run in ("pp2_tied", "pp2_tied_tp2"):
         md = FileSystemReader(str(results[run]["dir"] / "checkpoints" / "step-3")).read_metadata()
         model_keys = {k for k in md.state_dict_metadata if k.startswith("model.")}
-        assert model_keys == {f"model.{k}" for k in one.state_dict()}, (run, model_keys ^ {f"model.{k}" for k in one.state_dict()})
+        want = {f"model.{k}" for k in one.state_dict()}
+        assert model_keys == want, (run, model_keys ^ want)
         table = sorted(k for k in md.state_dict_metadata if k.startswith("optim.state.")
                        and ("embed_tokens" in k or "lm_head" in k))
         assert table == [f"optim.state.model.embed_tokens.weight.{k}" for k in ("exp_avg", "exp_avg_sq", "step")], table

@@ -19,6 +19,12 @@ pp 2 loads under pp 1 and back. A stage is a thin module over the owner's module
 copy of the HF base model holding only the stage's blocks (same attribute names, so its
 forward is transformers' own: rotary, causal mask, blocks, norm), plus lm_head on the last.
 
+Tied embeddings (Megatron-LM's way): the last stage's rank keeps the owner's embedding module
+(in no stage's forward) with lm_head's weight, its copy of the table, so the copy is named
+model.embed_tokens.weight as in one process (same init, same checkpoint keys); tied_grads sums
+the two copies' gradients over the (first, last) pair before clipping, and the grad norm counts
+the table once (Pipeline.norm_skip). ZBV runs both stages on rank 0: one parameter, no copy.
+
 Loss: the last stage's loss_fn returns sum(token CE) x dp x cp / N (N = labelled tokens of
 the global batch), exactly the non-pp scaling in runtime/train.py, and schedule grads are
 not rescaled (scale_grads=False): the sum over micro-batches is the same gradient. Only the

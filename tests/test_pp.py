@@ -8,7 +8,7 @@ Composed with sequence + loss parallel (1F1B, ZBV), LoRA (parity, and the pp run
 exported), Mistral-family types (a Qwen2 with a sliding-window block, a Qwen3), cp (1F1B, ZBV),
 and packed real text with eval (vs the runtime in one process on the same prepared data).
 Tied embeddings (the last stage's copy of the table, gradients summed over the first / last pair):
-1F1B, Interleaved1F1B, ZBV (one parameter on rank 0), x tp 2, x dp_shard 2 (measured 0.9e-7 to
+1F1B, Interleaved1F1B, ZBV (one parameter on rank 0), x tp 2, x dp_shard 2, pp 4 (measured 0.9e-7 to
 1.7e-7; without the sum 1.4e-3), resumed under pp 1 from pp 2 and from pp 2 x tp 2: exact.
 
 Two torchrun launches (world 2 and world 4, at the same time), every case of a world in one
@@ -76,7 +76,9 @@ WORLD4 = {"pp2_dp_shard2": dict(dp_shard=2), "pp2_dp_shard2_gpipe": dict(dp_shar
           "pp2_cp2": dict(cp=2), "pp2_cp2_zbv": dict(cp=2, schedule="ZBVZeroBubble", spr=2, model=FOUR),
           # tied under tp (table and copy Shard(0) over the vocab) and under FSDP (+ Shard(0) over dp)
           "pp2_tied_tp2": dict(model=TIED, tp=2),
-          "pp2_tied_dp_shard2_interleaved": dict(model=TIED4, dp_shard=2, schedule="Interleaved1F1B", spr=2)}
+          "pp2_tied_dp_shard2_interleaved": dict(model=TIED4, dp_shard=2, schedule="Interleaved1F1B", spr=2),
+          # pp 4: the pair (pp ranks 0 and 3) is a group of its own, the middle stages take no part
+          "pp4_tied": dict(pp=4, model=TIED4)}
 
 
 # checkpoints saved under one layout and resumed under another (DCP by fully qualified names): the

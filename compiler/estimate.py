@@ -707,9 +707,16 @@ def pp_ranks(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[PPRank, 
 
 def _pp_model(model: ModelSpec, r: PPRank) -> ModelSpec:
     """The model as pp rank r holds it: its modules only (num_params their sum, so nothing is
-    counted as 'rest'), its blocks as the layer count."""
+    counted as 'rest'), its blocks as the layer count. Tied embeddings: the last stage's rank
+    (without stage 0) holds its own copy of the table as lm_head's weight (runtime/pp.py), a
+    parameter of its own there, placed like lm_head (colwise: vocab / tp rows), with its
+    gradient and AdamW state; a rank holding both stages (ZBV's rank 0) one parameter."""
     mods = tuple(m for m in model.modules if m.fqn in r.fqns)
-    return replace(model, modules=mods, num_params=sum(m.numel for m in mods), num_layers=r.blocks)
+    roles = model.roles
+    if roles.tied and not r.first:
+        roles = replace(roles, tied=False)
+    n = sum(m.numel for m in mods if not (roles.tied and m.fqn == roles.lm_head))
+    return replace(model, modules=mods, num_params=n, num_layers=r.blocks, roles=roles)
 
 
 # suggest estimates hundreds of pp candidates that differ only in AC / micro-batch / dp: a pp rank's
@@ -760,10 +767,18 @@ def pp_traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, r: PPRank) -> t
     n = mesh.pp * recipe.pp.stages_per_rank
     m = mesh.grad_accum
     sends = sum((s < n - 1) + (s > 0) for s in r.stages)       # fwd send to s+1, bwd send to s-1
-    if not sends:
-        return ()
-    return (Collective("pp", 2, "send", "hidden states forward / their gradients backward", m * sends, m * sends * a),
-            Collective("pp", 2, "recv", "hidden states forward / their gradients backward", m * sends, m * sends * a))
+    rows = () if not sends else (
+        Collective("pp", 2, "send", "hidden states forward / their gradients backward", m * sends, m * sends * a),
+        Collective("pp", 2, "recv", "hidden states forward / their gradients backward", m * sends, m * sends * a))
+    if model.roles.tied and r.first != r.last:
+        # tied embeddings: the first stage's table and the last stage's copy sum their gradients
+        # once per step over the pair (runtime/pp.tied_grads), each rank its local shard: vocab / tp
+        # rows (TP Shard(0)) / the FSDP shards (dim 0, padded up) x hidden, in the master dtype
+        f = mesh.dp_shard * mesh.cp if mesh.fsdp_enabled else 1
+        rows_local = -(-(model.vocab_size // mesh.tp) // f)
+        rows += (Collective("pp", 2, "all_reduce", "tied embedding gradients (first + last stage's copy)", 1,
+                            rows_local * model.hidden_size * DTYPE_BYTES[recipe.model.dtype]),)
+    return rows
 
 
 def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> Estimate:
@@ -835,7 +850,8 @@ def _estimate_pp(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placement
         tp_comm_bytes=sum(c.wire_bytes for c in comm if c.axis == "tp"),
         accum_grads_bytes=mem["accum"], traffic=comm, phases=mem["phases"],
         ep_comm_bytes=0, attn_mask_bytes=mem["attn_mask"],
-        pp_comm_bytes=sum(c.bytes for c in comm if c.axis == "pp"), pp_peak_rank=r.rank, pp_rank_rows=rows,
+        pp_comm_bytes=sum(c.bytes for c in comm if c.axis == "pp" and c.op in ("send", "recv")),
+        pp_peak_rank=r.rank, pp_rank_rows=rows,
         pp_buffers_bytes=mem["pp_buffers"])
     if not timed(recipe):
         return est
@@ -1673,8 +1689,14 @@ def datasheet_step(recipe: Recipe, mesh: MeshSpec, est: Estimate, work: perf.Wor
         hop = hops[0].bytes / hops[0].count if hops else 0.0
         g = _group(recipe, mesh, "pp")
         gbps = _bus(recipe, g)
+        # tied embeddings: the pair's all-reduce of the table's gradient after the last backward,
+        # before clipping (exposed: nothing overlaps it)
+        # (the pair: pp ranks 0 and pp - 1, (pp - 1) x world / pp ranks apart)
+        pair = perf.group_of(2, (mesh.pp - 1) * (mesh.world // mesh.pp), c.gpus_per_node)
+        tied = sum(x.wire_bytes / (_bus(recipe, pair) * 1e9) + perf.latency_s("all_reduce", pair)
+                   for x in rows if x.axis == "pp" and x.op == "all_reduce")
         st = replace(st, bubble_s=busy * bubble / (1 - bubble),
-                     pp_s=2 * (mesh.pp * v - 1) * (hop / (gbps * 1e9) + perf.latency_s("send", g)))
+                     pp_s=2 * (mesh.pp * v - 1) * (hop / (gbps * 1e9) + perf.latency_s("send", g)) + tied)
     return replace(st, mfu=est.flops_per_token * st.tokens_per_s_gpu / (c.peak_tflops * 1e12))
 
 

@@ -28,10 +28,13 @@ def _warnings(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) 
                  f"{model.max_position_embeddings} of {model.source}")
     if (recipe.tp.sequence_parallel, recipe.tp.loss_parallel) != (mesh.sequence_parallel, mesh.loss_parallel):
         w.append("tp: sequence_parallel / loss_parallel have no effect with tp = 1 (turned off in plan.json)")
+    copy = mesh.pp_enabled and recipe.pp.schedule != "ZBVZeroBubble"     # runtime/pp.py: the last stage's copy
     if model.roles.tied and mesh.tp > 1:
         w.append(f"tied embeddings: {model.roles.lm_head} uses {model.roles.embedding}.weight, "
-                 f"one parameter sharded on the vocab dim (vocab {model.vocab_size} / tp {mesh.tp} = "
-                 f"{model.vocab_size // mesh.tp} rows per rank) for both uses")
+                 + ("the first stage's table and the last stage's copy each sharded on the vocab dim"
+                    if copy else "one parameter sharded on the vocab dim")
+                 + f" (vocab {model.vocab_size} / tp {mesh.tp} = {model.vocab_size // mesh.tp} rows per rank)"
+                 + (", their gradients summed over the pair each step" if copy else " for both uses"))
     return tuple(w)
 
 

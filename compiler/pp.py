@@ -25,10 +25,19 @@ split, each stage's blocks attend over the cp pair's all-gathered K/V; with synt
 (one causal mask for every micro-batch: cp.set_batch keeps one mask at a time, and packed rows
 each need their own while the schedule interleaves the micro-batches over the stages).
 
+Tied embeddings (tie_word_embeddings: Llama-3.2, Qwen2.5 0.5B-3B, ...), Megatron-LM's way: the
+embedding lives on the first stage, lm_head on the last, and the last stage's rank holds its own
+copy of the table as lm_head's weight, named model.embed_tokens.weight as in one process (same
+seeded init or checkpoint values, one checkpoint key: DCP writes it once, both ranks load it).
+After each backward the two copies' gradients are summed over the (first, last) pair
+(runtime/pp.tied_grads; the pp group at pp 2), so both take the identical AdamW update; the
+grad norm counts the table once. The copy costs the last stage the table's parameters, its
+gradient and its optimizer state (compiler/estimate.py), and each step one all-reduce of its
+local shard (vocab x hidden / (tp x dp_shard) elements). ZBV puts both stages on rank 0: one
+parameter, no copy (refused with FSDP: one parameter in two FSDP stage roots).
+
 What is not implemented yet is refused with the reason (errors as values), never run
-half-right: tied embeddings (the first and the last stage are on different pp ranks (but for
-ZBV): each would hold a copy of the weight, their gradients summed over the pair every step,
-and the checkpoint would carry it under two names), cp with packed data, ep / MoE, QLoRA (its NF4 base loads
+half-right: cp with packed data, ep / MoE, QLoRA (its NF4 base loads
 block by block into a whole model), torch.compile, model types whose base model does anything
 to inputs_embeds (Gemma scales them: only the first stage may).
 """
@@ -138,10 +147,11 @@ def _refused(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeErr
     if model.model_type not in PP_MODEL_TYPES:
         no("model.config", f"model_type {model.model_type} has no pipeline stage split yet (supported: "
            f"{', '.join(PP_MODEL_TYPES)})", "use mesh.pp: 1")
-    if model.roles.tied:
-        no("model.config", f"tied embeddings: {model.roles.lm_head} is {model.roles.embedding}'s weight, which would "
-           "live on the first and the last stage at once (two pp ranks: two copies whose gradients must be summed "
-           "every step, and two checkpoint names)", "use mesh.pp: 1, or an untied model")
+    if model.roles.tied and recipe.pp.schedule == "ZBVZeroBubble" and mesh.fsdp_enabled:
+        no("pp.schedule", f"tied embeddings with ZBVZeroBubble and FSDP: the V puts the first and the last stage on "
+           f"pp rank 0, so {model.roles.embedding}'s weight would be one parameter in two FSDP stage roots",
+           "use pp.schedule: 1F1B or Interleaved1F1B (the last stage then holds its own copy of the table), "
+           "or mesh.dp_shard: 1")
     if mesh.cp_enabled and recipe.data.format != "synthetic":
         no("mesh.cp", f"cp with packed data (data.format {recipe.data.format}): cp's attention reads one "
            "micro-batch's document mask at a time (runtime/cp.set_batch), and the schedule runs the step's "

@@ -232,7 +232,10 @@ def context(res) -> dict[str, Any]:
             "placements": {"rows": placement_rows(res.model, res.placements, res.mesh.tp, res.recipe.model.dtype,
                                                     res.mesh.ep)},
             "est": estimate_view(res.recipe, res.model, res.mesh, res.estimate),
-            "pp": pp_view(res)}
+            "pp": pp_view(res),
+            # tied embeddings under pp (not ZBV): the last stage holds a copy of the table (runtime/pp.py)
+            "tied_copy": bool(res.plan.pp is not None and res.plan.model.tie_word_embeddings
+                              and res.plan.pp.schedule != "ZBVZeroBubble")}
 
 
 def pp_view(res) -> dict[str, Any] | None:

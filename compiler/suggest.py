@@ -240,7 +240,7 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
     # the experts are not tp-split) and the recipe's fixed sections (tp.plan, seq_len, model): one
     # resolve per key instead of per candidate (60 ms each for 80 layers)
     placements: dict[tuple[int, bool, bool, bool, bool, bool], Any] = {}
-    # pp rules that read no mesh axis (model type, tied embeddings, QLoRA, compile): decided
+    # pp rules that read no mesh axis (model type, QLoRA, compile): decided
     # once on the first pp candidate, every other pp candidate dropped with the same reason
     pp_refused: RecipeError | None = None
     for k in candidates(recipe, model.num_layers, model.num_experts or 0):

@@ -323,10 +323,11 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: Plan) -> None:
     # (4,000 keys x 80 blocks for a 70B: a quarter of the TP step)
     for fqn, style in tp_plan(model, plan).items():
         parallelize_module(model.get_submodule(fqn), tp_mesh, style)
-    if roles.tied:
+    if roles.tied and {roles.embedding, roles.lm_head} <= {n for n, _ in model.named_modules()}:
         # distribute_module gave embed_tokens and lm_head separate DTensor parameters; both
         # are Shard(0) over the vocab (rowwise table, colwise head), so one parameter serves
-        # both again: one weight, one gradient, exactly as in the unsharded model
+        # both again: one weight, one gradient, exactly as in the unsharded model (under pp
+        # the first stage's rank holds no lm_head: runtime/pp.py keeps its copy placed alike)
         emb, head = model.get_submodule(roles.embedding), model.get_submodule(roles.lm_head)
         if type(emb.weight) is not type(head.weight) or (
                 isinstance(emb.weight, DTensor) and emb.weight.placements != head.weight.placements):

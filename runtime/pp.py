@@ -19,6 +19,12 @@ pp 2 loads under pp 1 and back. A stage is a thin module over the owner's module
 copy of the HF base model holding only the stage's blocks (same attribute names, so its
 forward is transformers' own: rotary, causal mask, blocks, norm), plus lm_head on the last.
 
+Tied embeddings (Megatron-LM's way): the last stage's rank keeps the owner's embedding module
+(in no stage's forward) with lm_head's weight, its copy of the table, so the copy is named
+model.embed_tokens.weight as in one process (same init, same checkpoint keys); tied_grads sums
+the two copies' gradients over the (first, last) pair before clipping, and the grad norm counts
+the table once (Pipeline.norm_skip). ZBV runs both stages on rank 0: one parameter, no copy.
+
 Loss: the last stage's loss_fn returns sum(token CE) x dp x cp / N (N = labelled tokens of
 the global batch), exactly the non-pp scaling in runtime/train.py, and schedule grads are
 not rescaled (scale_grads=False): the sum over micro-batches is the same gradient. Only the
@@ -150,6 +156,9 @@ class Pipeline:
     loss_sums: list[torch.Tensor] = field(default_factory=list)   # this step's CE sums (last stage)
     scale: list[float] = field(default_factory=lambda: [1.0])     # dp x cp / N of this step
     loss_parallel: bool = False       # tp.loss_parallel: the last stage's logits are vocab-sharded
+    tied_group: object = None         # tied embeddings: the (first stage, last stage) pair's group
+    tied: str = ""                    # the embedding's fqn (this rank's table or its copy)
+    norm_skip: frozenset = frozenset()   # ids of parameters left out of the grad norm (the copy)
 
 
 def split_model(model: nn.Module, plan: Plan, ids: list[int], tp_mesh: DeviceMesh | None = None) -> list[Stage]:
@@ -174,7 +183,11 @@ def split_model(model: nn.Module, plan: Plan, ids: list[int], tp_mesh: DeviceMes
         stages.append(Stage(shell, model.get_submodule(roles.lm_head) if last else None, first, tp_mesh))
     mine = sorted({i for s in ids for i in range(*plan.pp.stages[s])})
     base._modules[layers_attr] = _blocks([(i, all_layers[i]) for i in mine])
-    if 0 not in ids:
+    # tied embeddings: the last stage's rank keeps the embedding module in the owner (not in any
+    # stage's forward) so its lm_head weight, the rank's copy of the table, is named
+    # model.embed_tokens.weight as in the single-process model: same seeded init / load, one
+    # checkpoint key (runtime/pp.tied_grads sums the two copies' gradients every step)
+    if 0 not in ids and not (roles.tied and n - 1 in ids):
         base._modules[emb_attr] = None
     if n - 1 not in ids:
         base._modules[norm_attr] = None
@@ -218,7 +231,81 @@ def parallelize_stages(plan: Plan, mesh: DeviceMesh, ids: list[int],
     if plan.mesh.fsdp_enabled:
         stage("fsdp")
         _shard(stages, dp_mesh(mesh, plan.mesh), plan)
+    retie(model, plan, ids)
     return model, stages
+
+
+def retie(model: nn.Module, plan: Plan, ids: list[int]) -> None:
+    """Tied embeddings: the owner's embedding and lm_head modules share one parameter again
+    wherever this rank holds both. fully_shard (the last stage's root holds lm_head, not the
+    owner's embedding) and to_empty (plain tensors get new Parameters) each leave the two
+    modules with separate parameters; the stage that runs the weight wins: the embedding's on
+    the first stage's rank (ZBV: rank 0 runs both, one parameter, its gradient the sum of
+    both uses), lm_head's on the last stage's rank (its copy of the table)."""
+    roles = plan_roles(plan)
+    if not roles.tied:
+        return
+    emb, head = _held(model, roles.embedding), _held(model, roles.lm_head)
+    if emb is None or head is None or emb.weight is head.weight:
+        return
+    if 0 in ids:
+        head.weight = emb.weight
+    else:
+        emb.weight = head.weight
+
+
+def _held(model: nn.Module, fqn: str) -> nn.Module | None:
+    parent, leaf = _parent(model, fqn)
+    return parent._modules.get(leaf)
+
+
+def tied_group(plan: Plan, mesh: DeviceMesh):
+    """The process group over which the two copies of a tied table sum their gradients
+    (Megatron-LM's embedding group: the first and the last stage of each pipeline), None where
+    no rank holds a copy apart from the embedding (untied, or ZBV: rank 0 runs both stages).
+    With pp 2 it is the pp group; with more, one group per pipeline of its pp ranks 0 and
+    last, created collectively (every rank takes part in every new_group call)."""
+    n = len(plan.pp.stages)
+    last = stage_rank(plan, n - 1)
+    if not plan_roles(plan).tied or last == 0:
+        return None
+    pp_mesh = mesh["pp"]
+    if plan.mesh.pp == 2:
+        return pp_mesh.get_group()
+    import torch.distributed as dist
+
+    cols = mesh.mesh.reshape(plan.mesh.pp, -1).T.tolist()    # each column: one pipeline's ranks by pp rank
+    group, _ = dist.new_subgroups_by_enumeration([[c[0], c[last]] for c in cols])
+    return group                       # None on the middle stages' ranks
+
+
+def stage_rank(plan: Plan, s: int) -> int:
+    return next(r for r in range(plan.mesh.pp) if s in stage_ids(plan, r))
+
+
+def tied_grads(pipe: Pipeline) -> None:
+    """Sum the tied table's gradient over the (first stage, last stage) pair, after the
+    schedule's backward (FSDP's reduce-scatters done) and before clipping and the optimizer:
+    the embedding's rank holds d(loss)/d(table) through the lookup, the last stage's through
+    lm_head, and the single-process model's one parameter gets their sum. Both copies are
+    placed alike (TP Shard(0) over the vocab for the table and the head, FSDP Shard(0) over the
+    same dp coordinates), so the local shards are the same block of the full gradient and the
+    sum is elementwise over the local tensors: vocab x hidden / (tp x dp_shard) elements."""
+    if pipe.tied_group is None:
+        return
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    p = pipe.model.get_submodule(pipe.tied).weight
+    g = p.grad
+    if g is None:                      # a frozen table (LoRA): nothing to sum
+        return
+    if isinstance(g, DTensor) and g.placements != p.placements:
+        # the rowwise embedding's backward leaves a Replicate (V, H) gradient beside its Shard(0)
+        # table (tp without FSDP): its own block first, a local slice (no communication), so
+        # both sides sum the same (V/tp, H) block
+        g = p.grad = g.redistribute(p.device_mesh, p.placements)
+    dist.all_reduce(g._local_tensor if isinstance(g, DTensor) else g, group=pipe.tied_group)
 
 
 def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> Pipeline:
@@ -234,12 +321,18 @@ def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> Pipeline:
     model, stages = parallelize_stages(plan, mesh, ids)
     for st in stages:                 # each stage's FSDP root moves its own parameters (all of the owner's)
         st.to_empty(device=device)
+    retie(model, plan, ids)           # before any weight is written: both modules get the same values
     materialize(model, plan)
     model.train()
     n = len(plan.pp.stages)
     group = pp_mesh.get_group()
     pstages = [PipelineStage(st, s, n, device, group=group) for st, s in zip(stages, ids)]
     pipe = Pipeline(model, stages, ids, None, 0 in ids, n - 1 in ids, group, loss_parallel=plan.tp.loss_parallel)
+    pipe.tied_group = tied_group(plan, mesh)
+    if pipe.tied_group is not None:
+        pipe.tied = plan_roles(plan).embedding
+        if 0 not in ids:              # the last stage's copy: clipped, but its norm counted once (on the first)
+            pipe.norm_skip = frozenset({id(model.get_submodule(pipe.tied).weight)})
 
     lp_mesh = mesh["tp"] if plan.tp.loss_parallel else None
 

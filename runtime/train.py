@@ -178,19 +178,23 @@ def build_optimizer(model: torch.nn.Module, plan: Plan):
     return opt, sched
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float, pp_group=None) -> torch.Tensor:
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, pp_group=None, skip=()) -> torch.Tensor:
     """Total L2 norm over all grads, whatever mesh they live on: norm per mesh group (a
     DTensor reduction inside the group), combined as sqrt(sum n_g^2), then scaled per group.
     clip_grad_norm_ over params on two meshes fails (aten.stack needs one mesh). pp_group:
     each pp rank holds other parameters, so the squares are summed over the pp group too
-    (torchtitan's pp clipping)."""
+    (torchtitan's pp clipping). skip: ids of parameters clipped but not counted (under pp the
+    last stage's copy of a tied table: the first stage counts the same gradient once)."""
     by_mesh: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
         if p.grad is not None:
             by_mesh.setdefault(mesh_key(p), []).append(p)
     sq = None       # stays on the device: no host sync for the norm (train_step reads it when due)
     for ps in by_mesh.values():
-        n = torch.nn.utils.get_total_norm([p.grad for p in ps], 2.0)
+        counted = [p.grad for p in ps if id(p) not in skip]
+        if not counted:
+            continue
+        n = torch.nn.utils.get_total_norm(counted, 2.0)
         n = n.full_tensor() if isinstance(n, DTensor) else n
         sq = n.double() ** 2 if sq is None else sq + n.double().to(sq.device) ** 2
     if pp_group is not None:
@@ -372,6 +376,14 @@ def resume(job: Job) -> int:
         return 0
     state = ckpt.load(found, job.model, job.opt)
     job.sched.load_state_dict(state["scheduler"])
+    # the scheduler's per-group lists are rank 0's of the saving run, whose groups (one per device
+    # mesh x decay: compiler-independent) may be more or fewer than this layout's (pp 2 x tp 2's
+    # stage 0 of a Qwen2: norms, tp biases, tp weights; pp 1 x dp 4: norms + biases, weights); every
+    # group has the same lr (one LambdaLR factor), so each list is the first entry per group here
+    n = len(job.opt.param_groups)
+    for k in ("base_lrs", "_last_lr"):
+        if getattr(job.sched, k, None):
+            setattr(job.sched, k, [getattr(job.sched, k)[0]] * n)
     start, steps = state["step"], job.plan.train.steps
     job.data.restore(state.get("data"), start)
     old_fp, new_fp = (state.get("data") or {}).get("fingerprint"), job.data_index.get("fingerprint")
@@ -472,6 +484,10 @@ def train_step(job: Job, step: int, stop_requested: bool) -> StepOut:
         loss_sum += (loss.full_tensor() if isinstance(loss, DTensor) else loss).detach().double()
     if plan.mesh.tp_enabled and not plan.mesh.fsdp_enabled:
         reduce_partial_grads(job.model)
+    if job.pipeline is not None:     # tied embeddings: the two copies' gradients summed (both take one update)
+        from . import pp
+
+        pp.tied_grads(job.pipeline)
     # one all-reduce over the world: [loss sum, stop], in flight while clipping and the optimizer
     # step run. The sum is the same on the tp ranks of a dp x cp coordinate, so
     # world-sum / tp / N = the global token mean; any rank's stop flag stops every rank.
@@ -479,8 +495,9 @@ def train_step(job: Job, step: int, stop_requested: bool) -> StepOut:
     # aux: the same on every rank; only with the aux loss on (a dense step's all-reduce stays 16 B)
     stats = torch.stack([loss_sum, flag] + ([aux_sum / plan.mesh.world] if coef > 0 else []))
     pending = dist.all_reduce(stats, async_op=True)
+    pipe = job.pipeline
     gnorm = clip_grad_norm([p for p in job.model.parameters() if p.requires_grad], plan.train.grad_clip,
-                           job.pipeline.pp_group if job.pipeline is not None else None)
+                           pipe.pp_group if pipe is not None else None, pipe.norm_skip if pipe is not None else ())
     lr = job.sched.get_last_lr()[0]
     job.opt.step()
     job.sched.step()

@@ -144,7 +144,12 @@ PP = {"mem_pp2_dp_shard2": dict(pp=2, dp_shard=2, gbs=8, **MEM),
                                       model=str(ROOT / "tests/dist/configs/tiny-llama-4l.json"), **MEM),
       "mem_pp2_dp_shard2_m4": dict(pp=2, dp_shard=2, gbs=16, **MEM),
       "mem_pp2_dp_shard2_interleaved_m4": dict(pp=2, dp_shard=2, gbs=16, schedule="Interleaved1F1B", spr=2,
-                                               model=str(ROOT / "tests/dist/configs/tiny-llama-4l.json"), **MEM)}
+                                               model=str(ROOT / "tests/dist/configs/tiny-llama-4l.json"), **MEM),
+      # tied embeddings: the last stage's copy of the table (its gradient and AdamW state) and the
+      # pair's all-reduce of the gradient shard (tiny-qwen-mha: vocab 4096 x hidden 64)
+      "mem_pp2_tp2_tied": dict(pp=2, tp=2, gbs=8, model=str(ROOT / "tests/dist/configs/tiny-qwen-mha.json"), **MEM),
+      "mem_pp2_dp_shard2_tied": dict(pp=2, dp_shard=2, gbs=8, model=str(ROOT / "tests/dist/configs/tiny-qwen-mha.json"),
+                                     **MEM)}
 CASES = {**PP, **CASES}
 # the packed cases patch measure.py's data loader for the rest of the process (packed rows with
 # position_ids: transformers then builds a document mask in every case after them): they go last,
@@ -222,6 +227,8 @@ def test_memory_estimate_per_pipeline_stage(measured, name):
       pp 2 x dp_shard 2, GPipe, 4 micro-batches      18.98 / 18.77 (+1.1%), 104.23 / 102.07 (+2.1%)
       pp 2 x tp 2, 1F1B, 4 micro-batches             8.51 / 8.78 (-3.2%), 39.18 / 39.22 (-0.1%)
       pp 2 x tp 2, Interleaved1F1B x 2, 4 blocks     16.56 / 17.20 (-3.7%), 45.75 / 45.69 (+0.1%)
+      tied (Qwen2), pp 2 x tp 2, 1F1B                 8.67 / 8.95 (-3.1%), 39.28 / 39.32 (-0.1%)
+      tied (Qwen2), pp 2 x dp_shard 2, 1F1B           12.22 / 11.88 (+2.8%), 42.56 / 42.32 (+0.6%)
     The CI run of 7f2a316 read pp 2 x tp 2's stage 1 at 51.80 MB (-24%): the logits' all-gather
     output and input (8.4 + 4.2 MB), freed on a gloo thread, counted live until their addresses
     came back."""
@@ -233,6 +240,21 @@ def test_memory_estimate_per_pipeline_stage(measured, name):
         err = est / got - 1
         print(f"{name} stage {s}: estimate {_mb(est)}, measured {_mb(got)} ({err:+.1%})")
         assert -0.05 <= err <= 0.10, (name, s, est, got)
+
+
+@pytest.mark.parametrize("name", ["mem_pp2_tp2_tied", "mem_pp2_dp_shard2_tied"])
+def test_tied_pp_all_reduce_is_the_estimates_row(measured, name):
+    """Tied embeddings under pp: the (first, last stage) pair's gradient all-reduce as every rank
+    issued it (axis pp, 2 ranks, once per step, the local shard: vocab 4096 / tp 2 or / dp_shard 2
+    x hidden 64 x fp32 = 524,288 B) is the estimate's traffic row. The grad norm's 8-byte pp
+    all-reduce is in no row (numel 1; left out here)."""
+    r = measured[name]
+    row = [(c["ranks"], c["count"], c["bytes"]) for c in r["plan"]["estimate"]["traffic"]
+           if c["axis"] == "pp" and c["op"] == "all_reduce"]
+    assert row == [(2, 1, 524288)], row
+    for rank in r["ranks"]:
+        logged = [c for c in rank["collectives"] if c["axis"] == "pp" and c["op"] == "all_reduce" and c["numel"] > 1]
+        assert [(c["group_size"], c["bytes"], c["dtype"]) for c in logged] == [(2, 524288, "float32")], logged
 
 
 @pytest.mark.parametrize("name", [n for n, kw in MEMORY.items() if kw.get("quantize", "none") != "none"])

@@ -314,17 +314,20 @@ def test_pp_candidates_ranked_with_the_bubble_and_dropped_by_the_pp_rules(pp_sg)
 
 
 def test_pp_refused_recipe_wide_drops_every_pp_candidate_with_one_reason():
-    """Tied embeddings are refused with pp (tiny-qwen: the first and the last stage would each hold
-    the weight): every pp candidate is dropped with that rule's path, decided once; the pp-1
-    candidates are unaffected."""
-    from tests.helpers import tiny_recipe
+    """A model type without a pipeline stage split is refused with pp (Phi-3's fixture): every pp
+    candidate is dropped with that rule's path, decided once; the pp-1 candidates are unaffected.
+    (Tied embeddings ran into this rule until pp gave the last stage a copy of the table: tiny-qwen
+    now ranks pp candidates, its last stage charged the copy.)"""
+    from tests.helpers import ROOT, tiny_recipe
 
-    s = suggest_dict(tiny_recipe("pps", 4, model="tiny-qwen"))
+    s = suggest_dict(tiny_recipe("pps", 4, model=str(ROOT / "tests/models/phi3/config.json")))
     assert not isinstance(s, Err), s
     assert s.ranked and all(r.cand.pp == 1 for r in s.ranked)
     pp = [x for x in s.dropped if x.cand.pp > 1]
     assert pp and {x.path for x in pp} == {"model.config"} and all(
-        "not supported with mesh.pp > 1" in x.reason and "tied" in x.reason for x in pp)
+        "not supported with mesh.pp > 1" in x.reason and "model_type phi3" in x.reason for x in pp)
+    tied = suggest_dict(tiny_recipe("pps", 4, model="tiny-qwen"))
+    assert not isinstance(tied, Err) and any(r.cand.pp > 1 for r in tied.ranked), tied
 
 
 def test_ep_candidates_for_moe_models_where_ep_composes():

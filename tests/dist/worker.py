@@ -31,10 +31,13 @@ def train_case(plan: P.Plan, run_dir: Path, logits_input=None) -> dict:
     res = run(plan, run_dir)
     tied = None
     if plan.model.tie_word_embeddings:
-        emb, head = res.model.get_input_embeddings().weight, res.model.get_output_embeddings().weight
+        # under pp a rank holds the embedding (first stage) or lm_head (last stage, its weight
+        # the rank's copy of the table, also held by an embedding module for its name) or both
+        emb, head = res.model.get_input_embeddings(), res.model.get_output_embeddings()
         names = [n for n, _ in res.model.named_parameters()]
-        tied = {"same_param": emb is head, "n_params": len(names),
-                "lm_head_listed": any(n.startswith("lm_head") for n in names)}
+        tied = {"same_param": emb is not None and head is not None and emb.weight is head.weight,
+                "n_params": len(names), "lm_head_listed": any(n.startswith("lm_head") for n in names),
+                "held": [emb is not None, head is not None]}
     compiled = all(getattr(layer, "_compiled_call_impl", None) is not None for layer in decoder_layers(res.model, plan))
     ep_blocks = [m for m in res.model.modules() if hasattr(m, "_meshbake_ep")]
     out = {"losses": res.losses, "grad_norms": res.grad_norms, "tied": tied, "compiled": compiled,

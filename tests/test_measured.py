@@ -220,18 +220,24 @@ def test_memory_estimate_holds_the_measured_peak(measured, name):
 def test_memory_estimate_per_pipeline_stage(measured, name):
     """Each pp rank's estimated peak (plan.json estimate.pp_rank_rows: its own stages, its
     micro-batches in flight, torch.distributed.pipelining's per-micro-batch receive buffers, the
-    last stage's logits per in-flight micro-batch) vs the most any rank of that stage group
-    measured: +10% / -5%. Seq 256 x mbs 2, stage 0 / stage 1, est / measured (every rank of a
-    stage the same bytes, run after run, since tests/dist/measure.py places gloo-thread frees):
-      pp 2 x dp_shard 2, 1F1B, 2 micro-batches       11.88 / 11.58 MB (+2.6%), 42.36 / 42.12 (+0.6%)
-      pp 2 x dp_shard 2, GPipe, 4 micro-batches      18.98 / 18.77 (+1.1%), 104.23 / 102.07 (+2.1%)
-      pp 2 x tp 2, 1F1B, 4 micro-batches             8.51 / 8.78 (-3.2%), 39.18 / 39.22 (-0.1%)
-      pp 2 x tp 2, Interleaved1F1B x 2, 4 blocks     16.56 / 17.20 (-3.7%), 45.75 / 45.69 (+0.1%)
-      tied (Qwen2), pp 2 x tp 2, 1F1B                 8.67 / 8.95 (-3.1%), 39.28 / 39.32 (-0.1%)
-      tied (Qwen2), pp 2 x dp_shard 2, 1F1B           12.22 / 11.88 (+2.8%), 42.56 / 42.32 (+0.6%)
-    The CI run of 7f2a316 read pp 2 x tp 2's stage 1 at 51.80 MB (-24%): the logits' all-gather
-    output and input (8.4 + 4.2 MB), freed on a gloo thread, counted live until their addresses
-    came back."""
+    last stage's logits per in-flight micro-batch; a stage without the loss peaks in a block's
+    backward) vs the most any rank of that stage group measured: +10% / -5%. Seq 256 x mbs 2,
+    stage 0 / stage 1, est / measured in MB (every rank of a stage the same bytes, run after run,
+    since tests/dist/measure.py places gloo-thread frees):
+      pp 2 x dp_shard 2, 1F1B, 2 micro-batches        12.16 / 11.58 (+5.0%), 42.36 / 42.12 (+0.6%)
+      pp 2 x dp_shard 2, GPipe, 4 micro-batches       19.26 / 18.77 (+2.6%), 104.23 / 102.07 (+2.1%)
+      pp 2 x tp 2, 1F1B, 4 micro-batches              8.77 / 8.78 (-0.2%), 39.18 / 39.22 (-0.1%)
+      pp 2 x tp 2, Interleaved1F1B x 2, 4 blocks      16.82 / 17.20 (-2.2%), 45.75 / 45.69 (+0.1%)
+      pp 2 x dp_shard 2, 1F1B, 4 micro-batches        13.72 / 13.22 (+3.7%), 42.62 / 42.41 (+0.5%)
+      pp 2 x dp_shard 2, Interleaved1F1B x 2, 4 mbs   25.89 / 25.76 (+0.5%), 52.05 / 51.75 (+0.6%)
+    and tied (Qwen2: the last stage's copy of the table), before the block-backward terms:
+      pp 2 x tp 2, 1F1B                               8.67 / 8.95 (-3.1%), 39.28 / 39.32 (-0.1%)
+      pp 2 x dp_shard 2, 1F1B                         12.22 / 11.88 (+2.8%), 42.56 / 42.32 (+0.6%)
+    Stage 0 before its block-backward terms (the MLP backward's 3 tokens x I / tp temporaries, the
+    held gradients from the second backward on): -3.2% (pp 2 x tp 2), -3.7% (interleaved), and the
+    last two, not held before, -8.2% / -5.6%. The CI run of 7f2a316 read pp 2 x tp 2's stage 1 at
+    51.80 MB (-24%): the logits' all-gather output and input (8.4 + 4.2 MB), freed on a gloo
+    thread, counted live until their addresses came back."""
     r = measured[name]
     rows = {k: b for k, _, b in r["plan"]["estimate"]["pp_rank_rows"]}
     group = WORLD // r["plan"]["mesh"]["pp"]           # pp outermost: stage group s is ranks s*group..

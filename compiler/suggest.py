@@ -158,7 +158,7 @@ def candidates(recipe: Recipe, layers: int | None = None, experts: int = 0) -> l
         scheds = pp_schedules(pp, layers or 1)
         rest = world // pp
         for tp in divisors(rest):
-            for cp in divisors(rest // tp) if pp == 1 else [1]:
+            for cp in divisors(rest // tp):
                 for ds in divisors(rest // tp // cp):
                     dr = rest // tp // cp // ds
                     dp = dr * ds
@@ -260,7 +260,7 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
             if key not in placements:
                 placements[key] = resolve_placements(r, model, mesh)
             pl = placements[key]
-            est = pl if isinstance(pl, Err) else check_memory(estimate(r, model, mesh, pl), r, mesh)
+            est = pl if isinstance(pl, Err) else check_memory(estimate(r, model, mesh, pl, memory_first=True), r, mesh)
         res = mesh if isinstance(mesh, Err) else est
         if isinstance(res, Err):
             e = res.errors[0]

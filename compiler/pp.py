@@ -21,14 +21,16 @@ names are the model's, so checkpoints resume and export as without pp. Packed da
 / instruction): the per-document position_ids go to every stage as a schedule kwarg (each rank
 reads them from its own copy of the batch: nothing extra is sent), and eval runs the schedule
 forward only (runtime/pp.eval_loss). Context parallel: cp's attention is installed before the
-split, each stage's blocks attend over the cp pair's all-gathered K/V; with synthetic data only
-(one causal mask for every micro-batch: cp.set_batch keeps one mask at a time, and packed rows
-each need their own while the schedule interleaves the micro-batches over the stages).
+split, each stage's blocks attend over the cp pair's all-gathered K/V. Packed rows need a mask
+per micro-batch (causal AND same document) while the schedule interleaves the micro-batches over
+the stages, so each stage forward builds its own micro-batch's mask from the global position_ids
+(the schedule kwarg) and hands it to cp_attention as a kwarg (runtime/pp.Stage, runtime/cp.masks):
+no mask is kept between forwards, and AC's recompute gets the same one.
 
 What is not implemented yet is refused with the reason (errors as values), never run
 half-right: tied embeddings (the first and the last stage are on different pp ranks (but for
 ZBV): each would hold a copy of the weight, their gradients summed over the pair every step,
-and the checkpoint would carry it under two names), cp with packed data, ep / MoE, QLoRA (its NF4 base loads
+and the checkpoint would carry it under two names), ep / MoE, QLoRA (its NF4 base loads
 block by block into a whole model), torch.compile, model types whose base model does anything
 to inputs_embeds (Gemma scales them: only the first stage may).
 """
@@ -142,11 +144,6 @@ def _refused(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeErr
         no("model.config", f"tied embeddings: {model.roles.lm_head} is {model.roles.embedding}'s weight, which would "
            "live on the first and the last stage at once (two pp ranks: two copies whose gradients must be summed "
            "every step, and two checkpoint names)", "use mesh.pp: 1, or an untied model")
-    if mesh.cp_enabled and recipe.data.format != "synthetic":
-        no("mesh.cp", f"cp with packed data (data.format {recipe.data.format}): cp's attention reads one "
-           "micro-batch's document mask at a time (runtime/cp.set_batch), and the schedule runs the step's "
-           "micro-batches interleaved over the stages", "use mesh.cp: 1 (longer sequences: tp with "
-           "sequence parallel), or synthetic data")
     if mesh.ep_enabled or model.num_experts:
         no("mesh.ep" if mesh.ep_enabled else "model.config", "MoE / expert parallel stages are not built yet",
            "use mesh.pp: 1")

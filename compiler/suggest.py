@@ -143,7 +143,8 @@ def candidates(recipe: Recipe, layers: int | None = None, experts: int = 0) -> l
     recipe's own mbs stays, for the mesh stage to say why) x SP/LP on/off where tp > 1. tp runs
     over every divisor of world: the mesh stage drops the cross-node ones with its reason.
     pp (see pp_sizes; only with `layers`, the model's decoder blocks) x its schedules: with pp > 1
-    cp stays 1 (not enumerated yet), SP/LP on/off are enumerated like without pp and ranked
+    cp runs over the divisors of world / pp / tp as without pp (long sequences: a stage's in-flight
+    activations shrink cp times), SP/LP on/off are enumerated like without pp and ranked
     (without SP a 405B stage's activations and sends are tp times larger: torchtitan's pp 8 x
     tp 8 runs SP); the micro-batches per step are
     gbs / (mbs x dp), so the mbs choice is the microbatches choice, and the rule drops mbs values

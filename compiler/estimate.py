@@ -513,7 +513,9 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     # mbs x seq / cp x hidden x pb each. O(micro-batches): gbs / dp x seq x hidden x pb per
     # direction, whatever the micro-batch size (measured: +2 x 131,072 B at stage 0 from 2 to 4
     # micro-batches, tiny-llama seq 256 x mbs 2 x hidden 64 x fp32)
-    bufs = pp.recv_buffers * mesh.grad_accum * tokens_per_rank(t, mesh) * model.hidden_size * pb if pp else 0
+    # Under sequence parallel a stage sends its local Shard(1) slice (mbs, T / tp, H) and the next
+    # re-wraps it (runtime/pp.Stage), so each buffer is tp times smaller
+    bufs = pp.recv_buffers * mesh.grad_accum * _hop_tokens(t, mesh) * model.hidden_size * pb if pp else 0
     state += bufs
     # the sharded grads alive in the forward and loss backward: none in the first micro-step
     # (zero_grad sets them to None); from the second on they hold the sum so far, unless FSDP2
@@ -752,13 +754,19 @@ def _pp_estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placement
     return best[0], best[1], best[2], tuple(rows)
 
 
+def _hop_tokens(t, mesh: MeshSpec) -> int:
+    """Tokens of one stage-to-stage send per tp rank: mbs x seq / cp, / tp under sequence
+    parallel (runtime/pp.Stage sends the local Shard(1) slice, the receiver re-wraps it); without
+    it every tp rank sends its full replicated copy to its peer."""
+    return tokens_per_rank(t, mesh) // (mesh.tp if mesh.sequence_parallel else 1)
+
+
 def pp_traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, r: PPRank) -> tuple[Collective, ...]:
     """The pipeline's point-to-point rows of pp rank r per optimizer step: per micro-batch and
     stage boundary the rank is on, the hidden states forward and their gradient back, each
-    mbs x seq / cp x hidden x param bytes (replicated over tp: no sequence parallel under pp, so
-    every tp rank sends its full copy to its peer)."""
+    _hop_tokens x hidden x param bytes (mbs x seq / cp [/ tp under sequence parallel])."""
     t = recipe.train
-    a = tokens_per_rank(t, mesh) * model.hidden_size * DTYPE_BYTES[t.mixed_precision.param_dtype]
+    a = _hop_tokens(t, mesh) * model.hidden_size * DTYPE_BYTES[t.mixed_precision.param_dtype]
     n = mesh.pp * recipe.pp.stages_per_rank
     m = mesh.grad_accum
     sends = sum((s < n - 1) + (s > 0) for s in r.stages)       # fwd send to s+1, bwd send to s-1
@@ -1072,7 +1080,8 @@ def view(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, est: Estimate) -> dic
            "attn_mask": _mask_how(recipe, model, mesh, am),
            "pp_buffers": f"the pipeline's receive buffers, allocated once: one per micro-batch ({mesh.grad_accum}) "
                          f"and direction (activations in: not stage 0; their gradients in: not the last stage), "
-                         f"mbs x seq x hidden in {pd} each"}
+                         f"mbs x seq{' / cp' if mesh.cp_enabled else ''}"
+                         f"{' / tp (sequence parallel)' if mesh.sequence_parallel else ''} x hidden in {pd} each"}
     flops_how = ("6N + 12 x layers x heads x head_dim x seq_len; N = matmul parameters, input embedding excluded"
                  + ("; LoRA: 4 per frozen weight (no weight gradient), 6 per adapter parameter" if recipe.lora.rank else ""))
     return {"memory_rows": [{"name": k, "bytes": v, "how": how[k]} for k, v in est.terms.items()],

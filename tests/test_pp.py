@@ -119,7 +119,9 @@ def text_recipe(name: str, world: int, tmp, **kw) -> dict:
 # packed real text under pp (Interleaved1F1B, 4 stages: micro-batches interleaved over the stages
 # the most): name -> (world, mesh). pp 2 x cp 2: every stage forward makes its own micro-batch's
 # document mask (runtime/pp.Stage -> cp.masks) and hands it to cp_attention as a kwarg, through
-# AC's recompute (full AC here: the recompute must get that micro-batch's mask, not the last set)
+# AC's recompute (full AC here: the recompute must get that micro-batch's mask, not the last set;
+# measured: a mask kept in cp._STATE per stage forward instead of the kwarg gives rel 7.7e-4; the
+# kwarg, 5.7e-8)
 TEXT = {"pp_text": (2, dict()), "pp_text_cp2": (4, dict(cp=2, ac="full"))}
 
 

@@ -27,6 +27,7 @@ The usable budget is 90% of cluster.gpu_memory_gb (CUDA context, NCCL buffers, f
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, replace
 from typing import Any
@@ -514,7 +515,9 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     # mbs x seq / cp x hidden x pb each. O(micro-batches): gbs / dp x seq x hidden x pb per
     # direction, whatever the micro-batch size (measured: +2 x 131,072 B at stage 0 from 2 to 4
     # micro-batches, tiny-llama seq 256 x mbs 2 x hidden 64 x fp32)
-    bufs = pp.recv_buffers * mesh.grad_accum * tokens_per_rank(t, mesh) * model.hidden_size * pb if pp else 0
+    # Under sequence parallel a stage sends its local Shard(1) slice (mbs, T / tp, H) and the next
+    # re-wraps it (runtime/pp.Stage), so each buffer is tp times smaller
+    bufs = pp.recv_buffers * mesh.grad_accum * _hop_tokens(t, mesh) * model.hidden_size * pb if pp else 0
     state += bufs
     # the sharded grads alive in the forward and loss backward: none in the first micro-step
     # (zero_grad sets them to None); from the second on they hold the sum so far, unless FSDP2
@@ -664,7 +667,19 @@ class PPRank:
     recv_buffers: int = 0          # receive buffers per micro-batch: stages not first + stages not last
 
 
+_PP_RANKS: dict = {}
+
+
 def pp_ranks(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[PPRank, ...]:
+    """_pp_ranks memoized: it reads only the model, pp, the pp section and the micro-batches per
+    step, which suggest's candidates share by the dozen (AC, SP/LP, cp, dp splits), and walks
+    every module once per pp rank (pp 64 x 80 blocks: ~50k fqn tests a call)."""
+    p = recipe.pp
+    return cached(_PP_RANKS, (id(model), mesh.pp, p.schedule, p.stages_per_rank, p.split, mesh.grad_accum),
+                  (model,), lambda: _pp_ranks(recipe, model, mesh))
+
+
+def _pp_ranks(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[PPRank, ...]:
     """Every pp rank's stages and in-flight micro-batches (m = micro-batches per step, v = stages per rank):
       GPipe           all m forwards before any backward: m micro-batches of the rank's blocks, and
                       the last stage keeps m micro-batches' logits
@@ -723,21 +738,27 @@ def _pp_model(model: ModelSpec, r: PPRank) -> ModelSpec:
 # parameter list depends on none of those. Keyed by the objects' ids, with the objects kept in the
 # entry and compared by identity on a hit (an id is reused only after its object is gone).
 _PP_PARAMS: dict[tuple, tuple] = {}
+_PP_SIGS: dict[tuple, int] = {}
+_SIG_IDS = itertools.count()
 
 
 def _pp_rank_params(rec: Recipe, model: ModelSpec, pl: Placements, mesh: MeshSpec, r: PPRank):
-    """(the model as pp rank r holds it, its RankParams with its blocks kept gathered: "last")."""
+    """(the model as pp rank r holds it, its RankParams with its blocks kept gathered: "last",
+    an int equal for equal parameter lists)."""
     key = (id(model), id(pl), r.fqns, r.blocks, mesh.tp, mesh.ep, rec.lora)
     hit = _PP_PARAMS.get(key)
     if hit is not None and hit[0] is model and hit[1] is pl:
-        return hit[2], list(hit[3])
+        return hit[2], list(hit[3]), hit[4]
     mr = _pp_model(model, r)
     params = [replace(x, where="last") if x.where == "block" else x
               for x in rank_params(rec, mr, pl, mesh.tp, mesh.ep)]
     if len(_PP_PARAMS) > 512:
         _PP_PARAMS.clear()
-    _PP_PARAMS[key] = (model, pl, mr, params)
-    return mr, params
+        _PP_SIGS.clear()
+    # the list's content (shapes and roles, no names) as a small int: equal lists, equal int
+    sig = _PP_SIGS.setdefault((mr.num_params, tuple(params)), next(_SIG_IDS))   # never reused: no clash after a clear
+    _PP_PARAMS[key] = (model, pl, mr, params, sig)
+    return mr, params, sig
 
 
 def _pp_estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements):
@@ -747,9 +768,16 @@ def _pp_estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placement
     turns FSDP2's gradient sync off until then: grad_sync last_micro_step in effect)."""
     rec = replace(recipe, train=replace(recipe.train, grad_sync="last_micro_step"))
     best, rows = None, []
+    # ranks that hold the same parameter list (shapes and roles: RankParam has no name) and the
+    # same schedule position have the same memory: pp 8 of Llama-3.1-405B's 126 blocks is 16
+    # blocks on ranks 1-5 and 15 on 6, so _memory runs for 4-5 distinct ranks, not 8 (pp 64: ~10 of 64)
+    seen: dict[tuple, dict[str, int]] = {}
     for r in pp_ranks(recipe, model, mesh):
-        mr, params = _pp_rank_params(rec, model, pl, mesh, r)
-        mem = _memory(rec, mr, mesh, params, r)
+        mr, params, psig = _pp_rank_params(rec, model, pl, mesh, r)
+        sig = (r.blocks, r.layers_each, r.inflight, r.first, r.last, r.logit_mbs, r.recv_buffers, psig)
+        mem = seen.get(sig)
+        if mem is None:
+            mem = seen[sig] = _memory(rec, mr, mesh, params, r)
         total = max(b for _, b in mem["phases"])
         rows.append((r.rank, mem["params_per_rank"], total))
         if best is None or total > best[3]:
@@ -757,13 +785,19 @@ def _pp_estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placement
     return best[0], best[1], best[2], tuple(rows)
 
 
+def _hop_tokens(t, mesh: MeshSpec) -> int:
+    """Tokens of one stage-to-stage send per tp rank: mbs x seq / cp, / tp under sequence
+    parallel (runtime/pp.Stage sends the local Shard(1) slice, the receiver re-wraps it); without
+    it every tp rank sends its full replicated copy to its peer."""
+    return tokens_per_rank(t, mesh) // (mesh.tp if mesh.sequence_parallel else 1)
+
+
 def pp_traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, r: PPRank) -> tuple[Collective, ...]:
     """The pipeline's point-to-point rows of pp rank r per optimizer step: per micro-batch and
     stage boundary the rank is on, the hidden states forward and their gradient back, each
-    mbs x seq / cp x hidden x param bytes (replicated over tp: no sequence parallel under pp, so
-    every tp rank sends its full copy to its peer)."""
+    _hop_tokens x hidden x param bytes (mbs x seq / cp [/ tp under sequence parallel])."""
     t = recipe.train
-    a = tokens_per_rank(t, mesh) * model.hidden_size * DTYPE_BYTES[t.mixed_precision.param_dtype]
+    a = _hop_tokens(t, mesh) * model.hidden_size * DTYPE_BYTES[t.mixed_precision.param_dtype]
     n = mesh.pp * recipe.pp.stages_per_rank
     m = mesh.grad_accum
     sends = sum((s < n - 1) + (s > 0) for s in r.stages)       # fwd send to s+1, bwd send to s-1
@@ -781,9 +815,12 @@ def pp_traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, r: PPRank) -> t
     return rows
 
 
-def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> Estimate:
+def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements, *, memory_first: bool = False) -> Estimate:
+    """memory_first (suggest): a pp plan whose peak rank is over the budget comes back with its
+    memory only (no traffic rows, no step time): check_memory refuses it on memory alone, and
+    most of suggest's pp candidates end there (Llama-3.1-70B, 64 GPUs: ~4,200 of ~4,260)."""
     if mesh.pp_enabled:
-        return _estimate_pp(recipe, model, mesh, pl)
+        return _estimate_pp(recipe, model, mesh, pl, memory_first)
     tp = mesh.tp
     pb = DTYPE_BYTES[recipe.train.mixed_precision.param_dtype]
     params = _rank_params(recipe, model, pl, tp, mesh.ep)
@@ -830,13 +867,16 @@ def _work(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, gemms) -> perf.Work:
     return perf.work_of(recipe, model, mesh, gemms, perf.kernel_of(attention_memory(recipe, model, mesh).kernel))
 
 
-def _estimate_pp(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements) -> Estimate:
+def _estimate_pp(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
+                 memory_first: bool = False) -> Estimate:
     """estimate() under mesh.pp: the peak pp rank's memory (see _pp_estimate), its traffic: TP rows
     for its blocks and micro-batches, FSDP rows over its own parameters, the pipeline's send/recv."""
     pb = DTYPE_BYTES[recipe.train.mixed_precision.param_dtype]
     r, params, mem, rows = _pp_estimate(recipe, model, mesh, pl)
     rec = replace(recipe, train=replace(recipe.train, grad_sync="last_micro_step"))
-    comm = traffic(rec, replace(model, num_layers=r.blocks), mesh, pl, params) + pp_traffic(recipe, model, mesh, r)
+    over = memory_first and max(b for _, b in mem["phases"]) > int(recipe.cluster.gpu_memory_gb * 1e9 * USABLE)
+    comm = () if over else \
+        traffic(rec, replace(model, num_layers=r.blocks), mesh, pl, params) + pp_traffic(recipe, model, mesh, r)
     est = Estimate(
         params_total=model.num_params,
         trainable_total=_fsdp_sums(_rank_params(recipe, model, pl, 1), 1, model.num_layers)[3],
@@ -853,7 +893,7 @@ def _estimate_pp(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placement
         pp_comm_bytes=sum(c.bytes for c in comm if c.axis == "pp" and c.op in ("send", "recv")),
         pp_peak_rank=r.rank, pp_rank_rows=rows,
         pp_buffers_bytes=mem["pp_buffers"])
-    if not timed(recipe):
+    if over or not timed(recipe):
         return est
     stage = replace(model, num_layers=r.blocks)
     return replace(est, time=step_time(recipe, mesh, est, None, _work(recipe, stage, mesh, gemm_shapes(recipe, mesh, params))))
@@ -1080,7 +1120,8 @@ def view(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, est: Estimate) -> dic
            "attn_mask": _mask_how(recipe, model, mesh, am),
            "pp_buffers": f"the pipeline's receive buffers, allocated once: one per micro-batch ({mesh.grad_accum}) "
                          f"and direction (activations in: not stage 0; their gradients in: not the last stage), "
-                         f"mbs x seq x hidden in {pd} each"}
+                         f"mbs x seq{' / cp' if mesh.cp_enabled else ''}"
+                         f"{' / tp (sequence parallel)' if mesh.sequence_parallel else ''} x hidden in {pd} each"}
     flops_how = ("6N + 12 x layers x heads x head_dim x seq_len; N = matmul parameters, input embedding excluded"
                  + ("; LoRA: 4 per frozen weight (no weight gradient), 6 per adapter parameter" if recipe.lora.rank else ""))
     return {"memory_rows": [{"name": k, "bytes": v, "how": how[k]} for k, v in est.terms.items()],

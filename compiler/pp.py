@@ -21,9 +21,11 @@ names are the model's, so checkpoints resume and export as without pp. Packed da
 / instruction): the per-document position_ids go to every stage as a schedule kwarg (each rank
 reads them from its own copy of the batch: nothing extra is sent), and eval runs the schedule
 forward only (runtime/pp.eval_loss). Context parallel: cp's attention is installed before the
-split, each stage's blocks attend over the cp pair's all-gathered K/V; with synthetic data only
-(one causal mask for every micro-batch: cp.set_batch keeps one mask at a time, and packed rows
-each need their own while the schedule interleaves the micro-batches over the stages).
+split, each stage's blocks attend over the cp pair's all-gathered K/V. Packed rows need a mask
+per micro-batch (causal AND same document) while the schedule interleaves the micro-batches over
+the stages, so each stage forward builds its own micro-batch's mask from the global position_ids
+(the schedule kwarg) and hands it to cp_attention as a kwarg (runtime/pp.Stage, runtime/cp.masks):
+no mask is kept between forwards, and AC's recompute gets the same one.
 
 Tied embeddings (tie_word_embeddings: Llama-3.2, Qwen2.5 0.5B-3B, ...), Megatron-LM's way: the
 embedding lives on the first stage, lm_head on the last, and the last stage's rank holds its own
@@ -37,7 +39,7 @@ local shard (vocab x hidden / (tp x dp_shard) elements). ZBV puts both stages on
 parameter, no copy (refused with FSDP: one parameter in two FSDP stage roots).
 
 What is not implemented yet is refused with the reason (errors as values), never run
-half-right: cp with packed data, ep / MoE, QLoRA (its NF4 base loads
+half-right: ep / MoE, QLoRA (its NF4 base loads
 block by block into a whole model), torch.compile, model types whose base model does anything
 to inputs_embeds (Gemma scales them: only the first stage may).
 """
@@ -152,11 +154,6 @@ def _refused(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeErr
            f"pp rank 0, so {model.roles.embedding}'s weight would be one parameter in two FSDP stage roots",
            "use pp.schedule: 1F1B or Interleaved1F1B (the last stage then holds its own copy of the table), "
            "or mesh.dp_shard: 1")
-    if mesh.cp_enabled and recipe.data.format != "synthetic":
-        no("mesh.cp", f"cp with packed data (data.format {recipe.data.format}): cp's attention reads one "
-           "micro-batch's document mask at a time (runtime/cp.set_batch), and the schedule runs the step's "
-           "micro-batches interleaved over the stages", "use mesh.cp: 1 (longer sequences: tp with "
-           "sequence parallel), or synthetic data")
     if mesh.ep_enabled or model.num_experts:
         no("mesh.ep" if mesh.ep_enabled else "model.config", "MoE / expert parallel stages are not built yet",
            "use mesh.pp: 1")

@@ -143,7 +143,8 @@ def candidates(recipe: Recipe, layers: int | None = None, experts: int = 0) -> l
     recipe's own mbs stays, for the mesh stage to say why) x SP/LP on/off where tp > 1. tp runs
     over every divisor of world: the mesh stage drops the cross-node ones with its reason.
     pp (see pp_sizes; only with `layers`, the model's decoder blocks) x its schedules: with pp > 1
-    cp stays 1 (not enumerated yet), SP/LP on/off are enumerated like without pp and ranked
+    cp runs over the divisors of world / pp / tp as without pp (long sequences: a stage's in-flight
+    activations shrink cp times), SP/LP on/off are enumerated like without pp and ranked
     (without SP a 405B stage's activations and sends are tp times larger: torchtitan's pp 8 x
     tp 8 runs SP); the micro-batches per step are
     gbs / (mbs x dp), so the mbs choice is the microbatches choice, and the rule drops mbs values
@@ -158,7 +159,7 @@ def candidates(recipe: Recipe, layers: int | None = None, experts: int = 0) -> l
         scheds = pp_schedules(pp, layers or 1)
         rest = world // pp
         for tp in divisors(rest):
-            for cp in divisors(rest // tp) if pp == 1 else [1]:
+            for cp in divisors(rest // tp):
                 for ds in divisors(rest // tp // cp):
                     dr = rest // tp // cp // ds
                     dp = dr * ds
@@ -260,7 +261,7 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
             if key not in placements:
                 placements[key] = resolve_placements(r, model, mesh)
             pl = placements[key]
-            est = pl if isinstance(pl, Err) else check_memory(estimate(r, model, mesh, pl), r, mesh)
+            est = pl if isinstance(pl, Err) else check_memory(estimate(r, model, mesh, pl, memory_first=True), r, mesh)
         res = mesh if isinstance(mesh, Err) else est
         if isinstance(res, Err):
             e = res.errors[0]

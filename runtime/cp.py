@@ -34,24 +34,37 @@ def shard_sequence(x: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
     return torch.cat([x[:, i * c:(i + 1) * c] for i in chunk_ids(cp, rank)], dim=1)
 
 
-def set_batch(mesh, seq_len: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Prepare the attention for a micro-batch; returns the local position ids: (Tl,) for one
-    causal sequence, or (B, Tl) for packed rows (position_ids (B, T) restarting at 0 per
-    document). Packed rows get a per-row mask: causal in the global token order AND the same
-    document (document = run of positions increasing by 1), so no query attends across a
-    document boundary however the chunks are spread over the cp ranks."""
+def masks(mesh, seq_len: int, position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(local position ids, attention mask) of a micro-batch on this cp rank: (Tl,) and the causal
+    (Tl, T) mask for one causal sequence, or (B, Tl) and a (B, 1, Tl, T) mask for packed rows
+    (position_ids (B, T) restarting at 0 per document): causal in the global token order AND the
+    same document (document = run of positions increasing by 1), so no query attends across a
+    document boundary however the chunks are spread over the cp ranks. Pure: nothing is stored."""
     cp, rank = mesh.size(), mesh.get_local_rank()
     q_pos = local_positions(seq_len, cp, rank)
     k_pos = torch.cat([local_positions(seq_len, cp, r) for r in range(cp)])   # all-gather order
     causal = k_pos[None, :] <= q_pos[:, None]                                 # (Tl, T)
     if position_ids is None:
-        _STATE.update(mesh=mesh, mask=causal)
-        return q_pos
+        return q_pos, causal
     first = position_ids[:, :1] - 1
     doc = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)   # (B, T) document index
     same = doc[:, q_pos][:, :, None] == doc[:, k_pos][:, None, :]             # (B, Tl, T)
-    _STATE.update(mesh=mesh, mask=(causal[None] & same)[:, None])             # (B, 1, Tl, T)
-    return position_ids[:, q_pos]
+    return position_ids[:, q_pos], (causal[None] & same)[:, None]
+
+
+def set_batch(mesh, seq_len: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Prepare the attention for a micro-batch (its mask from `masks`, kept until the next call:
+    the train loop runs one micro-batch's forward and backward at a time); returns the local
+    position ids. Under pp the schedule interleaves micro-batches, so each stage forward passes
+    its own mask to cp_attention as a kwarg instead (runtime/pp.Stage)."""
+    pos, mask = masks(mesh, seq_len, position_ids)
+    _STATE.update(mesh=mesh, mask=mask)
+    return pos
+
+
+def use_mesh(mesh) -> None:
+    """The cp mesh cp_attention gathers over, where no set_batch call sets it (pipeline stages)."""
+    _STATE["mesh"] = mesh
 
 
 def cp_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -62,7 +75,10 @@ def cp_attention(module, query, key, value, attention_mask, dropout: float = 0.0
     # (B, Hkv, Tl, D) x cp -> (B, Hkv, T, D); autograd reduce-scatters the K/V grads back
     k = all_gather_tensor_autograd(key.contiguous(), gather_dim=2, group=mesh)
     v = all_gather_tensor_autograd(value.contiguous(), gather_dim=2, group=mesh)
-    mask = _STATE["mask"].to(query.device)
+    # the stage's own mask under pp (HF hands the model's extra kwargs down to the attention, and
+    # AC's recompute gets the same ones), else the one set_batch keeps for this micro-batch
+    mask = kwargs.get("cp_mask")
+    mask = (_STATE["mask"] if mask is None else mask).to(query.device)
     out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, dropout_p=dropout if module.training else 0.0,
                                          scale=scaling, enable_gqa=query.shape[1] != k.shape[1])
     return out.transpose(1, 2).contiguous(), None       # (B, Tl, H, D), as HF expects

@@ -83,15 +83,18 @@ class Stage(nn.Module):
     way. With loss parallel the last stage's logits are Shard(-1) over the vocab: it returns
     the local (mbs, T, V/tp) and the loss function re-wraps them (runtime/pp.build)."""
 
-    def __init__(self, base: nn.Module, lm_head: nn.Module | None, first: bool, tp_mesh: DeviceMesh | None = None):
+    def __init__(self, base: nn.Module, lm_head: nn.Module | None, first: bool, tp_mesh: DeviceMesh | None = None,
+                 cp_mesh: DeviceMesh | None = None, seq_len: int = 0):
         super().__init__()
         self.model = base
         self.lm_head = lm_head
         self.first = first
         self.tp_mesh = tp_mesh        # sequence parallel: the mesh of the Shard(1) hidden states
+        self.cp_mesh = cp_mesh        # context parallel: the cp group's mesh, and the global T it splits
+        self.seq_len = seq_len
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        # first stage: token ids (mbs, T); later stages: the hidden states (mbs, T[/tp], H).
+        # first stage: token ids (mbs, T[/cp]); later stages: the hidden states (mbs, T[/cp][/tp], H).
         # position_ids (mbs, T), packed data: restarting per document; every rank reads its own
         # from the data (the schedule hands kwargs to every stage), so they are never sent
         if not self.first and self.tp_mesh is not None:
@@ -100,6 +103,16 @@ class Stage(nn.Module):
             # the global (mbs, T, H) view: HF derives positions and the causal mask from its T
             x = DTensor.from_local(x, self.tp_mesh, (Shard(1),), run_check=False)
         kw = {"input_ids": x} if self.first else {"inputs_embeds": x}
+        if self.cp_mesh is not None:
+            # cp: position_ids are the micro-batch's GLOBAL ones (mbs, T) (None: one causal
+            # sequence); its local ones and its own mask are made here, per stage forward, and the
+            # mask rides to cp_attention as a kwarg: the schedule interleaves micro-batches, so
+            # one mask kept for "the current" micro-batch (runtime/cp.set_batch) would be another's
+            from . import cp
+
+            cp.use_mesh(self.cp_mesh)
+            pos, kw["cp_mask"] = cp.masks(self.cp_mesh, self.seq_len, position_ids)
+            position_ids = pos[None] if pos.dim() == 1 else pos                 # (1 | mbs, T / cp)
         h = self.model(**kw, position_ids=position_ids, use_cache=False).last_hidden_state   # (mbs, T, H)
         out = self.lm_head(h) if self.lm_head is not None else h         # (mbs, T, V[/tp]) on the last
         return _local(out, None if self.lm_head is not None else 1)
@@ -161,10 +174,11 @@ class Pipeline:
     norm_skip: frozenset = frozenset()   # ids of parameters left out of the grad norm (the copy)
 
 
-def split_model(model: nn.Module, plan: Plan, ids: list[int], tp_mesh: DeviceMesh | None = None) -> list[Stage]:
+def split_model(model: nn.Module, plan: Plan, ids: list[int], tp_mesh: DeviceMesh | None = None,
+                cp_mesh: DeviceMesh | None = None) -> list[Stage]:
     """Prune `model` (meta, HF names) to the parts of stages `ids` and return their Stage
     modules. Roles from plan.json: the blocks' parent (model.layers), embedding, final norm,
-    lm_head."""
+    lm_head. tp_mesh: sequence parallel's; cp_mesh: context parallel's (see Stage)."""
     roles = plan_roles(plan)
     n = len(plan.pp.stages)
     base_fqn, _, layers_attr = roles.block_prefix.rpartition(".")
@@ -180,7 +194,8 @@ def split_model(model: nn.Module, plan: Plan, ids: list[int], tp_mesh: DeviceMes
         first, last = s == 0, s == n - 1
         layers = _blocks([(i, all_layers[i]) for i in range(a, b)])
         shell = _shell(base, layers_attr, layers, None if first else emb_attr, None if last else norm_attr)
-        stages.append(Stage(shell, model.get_submodule(roles.lm_head) if last else None, first, tp_mesh))
+        stages.append(Stage(shell, model.get_submodule(roles.lm_head) if last else None, first, tp_mesh,
+                            cp_mesh, plan.train.seq_len))
     mine = sorted({i for s in ids for i in range(*plan.pp.stages[s])})
     base._modules[layers_attr] = _blocks([(i, all_layers[i]) for i in mine])
     # tied embeddings: the last stage's rank keeps the embedding module in the owner (not in any
@@ -217,7 +232,8 @@ def parallelize_stages(plan: Plan, mesh: DeviceMesh, ids: list[int],
     stage("ac")
     apply_ac(model, plan.train.activation_checkpointing)
     stage("pp")
-    stages = split_model(model, plan, ids, mesh["tp"] if plan.tp.sequence_parallel else None)
+    stages = split_model(model, plan, ids, mesh["tp"] if plan.tp.sequence_parallel else None,
+                         mesh["cp"] if plan.mesh.cp_enabled else None)
     if plan.mesh.tp_enabled:          # the placements of the modules this rank holds
         stage("tp")
         held = {n for n, _ in model.named_modules()}

@@ -254,7 +254,12 @@ def place_batch(job: Job, b: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.T
     """(input_ids, labels, position_ids) of this rank, on its device: under cp its two load-balanced
     chunks, with their (per-document) positions and the cp attention mask set for them."""
     x, y, pos = b.input_ids, b.labels, b.position_ids
-    if job.plan.mesh.cp_enabled:
+    if job.plan.mesh.cp_enabled and job.pipeline is not None:
+        # pp: the global position_ids go on (None: one causal sequence); each stage forward makes
+        # its micro-batch's local ones and mask (runtime/pp.Stage: the schedule interleaves them)
+        cp_mesh = job.mesh["cp"]
+        x, y = (cp.shard_sequence(t, job.plan.mesh.cp, cp_mesh.get_local_rank()) for t in (x, y))
+    elif job.plan.mesh.cp_enabled:
         cp_mesh = job.mesh["cp"]
         pos = cp.set_batch(cp_mesh, job.plan.train.seq_len, pos)
         pos = pos[None, :] if pos.dim() == 1 else pos

@@ -136,25 +136,35 @@ def text_recipe(name: str, world: int, tmp, **kw) -> dict:
     return rec
 
 
-def text_case(tmp) -> dict:
-    """pp 2 x Interleaved1F1B on the packed text, its data prepared here (one process) first."""
+# packed real text under pp (Interleaved1F1B, 4 stages: micro-batches interleaved over the stages
+# the most): name -> (world, mesh). pp 2 x cp 2: every stage forward makes its own micro-batch's
+# document mask (runtime/pp.Stage -> cp.masks) and hands it to cp_attention as a kwarg, through
+# AC's recompute (full AC here: the recompute must get that micro-batch's mask, not the last set;
+# measured: a mask kept in cp._STATE per stage forward instead of the kwarg gives rel 7.7e-4; the
+# kwarg, 5.7e-8)
+TEXT = {"pp_text": (2, dict()), "pp_text_cp2": (4, dict(cp=2, ac="full"))}
+
+
+def text_case(tmp, name="pp_text") -> dict:
+    """A TEXT case on the packed text, its data prepared here (one process) first."""
     from meshbake.runtime.prepare import prepare
 
-    plan = plan_of(text_recipe("pp_text", 2, tmp, schedule="Interleaved1F1B", spr=2, model=FOUR))
+    world, kw = TEXT[name]
+    plan = plan_of(text_recipe(name, world, tmp, schedule="Interleaved1F1B", spr=2, model=FOUR, **kw))
     here = os.getcwd()
     os.chdir(tmp)                      # before any thread starts: the launch runs in tmp
     try:
         prepare(P.from_dict(plan), quiet=True, log=lambda s: None)
     finally:
         os.chdir(here)
-    return {"name": "pp_text", "kind": "train", "plan": plan, "keep_run": True}
+    return {"name": name, "kind": "train", "plan": plan, "keep_run": True}
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     tmp2, tmp4 = tmp_path_factory.mktemp("pp_world2"), tmp_path_factory.mktemp("pp_world4")
     runs = [(cases(2, WORLD2, tmp2) + [ckpt_case(), ckpt_case("pp2_lora", 6, lora=True), text_case(tmp2)], tmp2, 2),
-            (cases(4, WORLD4, tmp4), tmp4, 4)]
+            (cases(4, WORLD4, tmp4) + [text_case(tmp4, "pp_text_cp2")], tmp4, 4)]
     with ThreadPoolExecutor(2) as pool:
         launched = [pool.submit(torchrun, world, cs, tmp) for cs, tmp, world in runs]
         plans = {c["name"]: c["plan"] for cs, _, _ in runs for c in cs if c["plan"]["data"]["format"] == "synthetic"}
@@ -171,6 +181,24 @@ def results(tmp_path_factory) -> dict:
             out[c["name"]] = dict(r[c["name"]], plan=c["plan"], reference=refs.get(c["name"]), dir=tmp / c["name"])
     out["tmp2"] = tmp2
     return out
+
+
+@pytest.fixture(scope="module")
+def text_reference(results, tmp_path_factory):
+    """The packed-text cases' reference: the runtime in one process without a pipeline (its own
+    packed path, tests/test_packing.py checks it against documents run alone) on the pp_text
+    run's prepared data (same documents, tokenizer, seq_len, dp 1: the same windows in the same
+    order for every TEXT case). Returns (RunResult, metrics)."""
+    from meshbake.runtime.train import run
+
+    plan = P.from_dict(plan_of(text_recipe("pp_text", 1, results["tmp2"], pp=1, model=FOUR)))
+    here = os.getcwd()
+    os.chdir(results["tmp2"])          # the pp run's prepared data (same name, options: same pointer)
+    try:
+        with one_process_group():
+            return run(plan, tmp_path_factory.mktemp("text_ref") / "run")
+    finally:
+        os.chdir(here)
 
 
 def max_rel(a: dict, ref: dict, steps=range(1, STEPS + 1)) -> float:
@@ -269,28 +297,25 @@ def test_lora_under_pp_exports_the_trained_model(results, tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_packed_text_with_eval_under_pp_matches_one_process(results, tmp_path, monkeypatch):
-    """Real packed data under pp 2 (Interleaved1F1B, 4 stages): every stage gets the windows'
-    per-document position_ids, and eval runs the schedule forward only over the eval split
-    (padded to whole groups of micro-batches with all-ignored filler). One process without a
-    pipeline (the runtime's own packed path, tests/test_packing.py checks it against documents
-    run alone) on the same prepared data: train losses and eval losses per step, rel 1e-4."""
-    from meshbake.runtime.train import run
-
-    r = results["pp_text"]
-    plan = P.from_dict(plan_of(text_recipe("pp_text", 1, results["tmp2"], pp=1, model=FOUR)))
-    monkeypatch.chdir(results["tmp2"])     # the pp run's prepared data (same name, options: same pointer)
-    with one_process_group():
-        res = run(plan, tmp_path / "run")
+@pytest.mark.parametrize("name", list(TEXT))
+def test_packed_text_with_eval_under_pp_matches_one_process(results, text_reference, name):
+    """Real packed data under pp 2 (Interleaved1F1B, 4 stages; pp_text_cp2: x cp 2, full AC):
+    every stage gets the windows' per-document position_ids, and eval runs the schedule forward
+    only over the eval split (padded to whole groups of micro-batches with all-ignored filler).
+    One process without a pipeline on the same prepared data: train losses and eval losses per
+    step, rel 1e-4."""
+    r, res = results[name], text_reference
     rows = [json.loads(line) for line in (r["dir"] / "metrics.jsonl").read_text().splitlines()]
     evals = {row["step"]: row["eval_loss"] for row in rows if "eval_loss" in row}
     rel = max_rel(r["losses"], res.losses)
     erel = max(abs(evals[k] - res.evals[k]) / res.evals[k] for k in (3, 6))
-    print(f"pp_text: max rel loss diff vs one process {rel:.2e}, eval loss (steps 3, 6) {erel:.2e}")
+    print(f"{name}: max rel loss diff vs one process {rel:.2e}, eval loss (steps 3, 6) {erel:.2e}")
     assert sorted(evals) == sorted(res.evals) == [3, 6]
     assert rel < RTOL and erel < RTOL, (r["losses"], res.losses, evals, res.evals)
     assert max_rel(r["grad_norms"], res.grad_norms) < 10 * RTOL
     assert len({round(v, 5) for v in res.losses.values()}) == STEPS and res.evals[3] != res.evals[6]
+    if TEXT[name][1].get("cp", 1) > 1:   # it went through cp's attention (rank 0: 2 blocks of 4)
+        assert r["cp_attention_calls"] > 0 and r["plan"]["mesh"]["cp"] == 2
 
 
 @pytest.mark.parametrize("name", list(RESUMES))

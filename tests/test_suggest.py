@@ -232,8 +232,9 @@ def _tiny_pp(**kw):
 
 def test_pp_candidates_enumerated_only_where_pp_composes():
     """pp in {1, 2, 4} for world 4 and 4 blocks (powers of 2 dividing the world, <= the blocks);
-    Interleaved1F1B (2 stages per rank) only where 2 pp <= blocks; under pp cp 1, SP/LP on and off
-    where tp > 1 (compiler/pp.py decides: see the next test).
+    Interleaved1F1B (2 stages per rank) only where 2 pp <= blocks; cp over the divisors of
+    world / pp / tp as without pp, SP/LP on and off where tp > 1 (compiler/pp.py decides: see the
+    next test).
     Llama-3.1-405B's 126 blocks on 512 GPUs: pp up to 64 (2 pp <= 126 keeps Interleaved1F1B to pp <= 32)."""
     from meshbake.compiler.suggest import candidates, pp_schedules, pp_sizes
     from meshbake.compiler.validate import validate_all
@@ -246,10 +247,12 @@ def test_pp_candidates_enumerated_only_where_pp_composes():
     ks = candidates(recipe, 4)
     pp = [k for k in ks if k.pp > 1]
     assert {(k.pp, k.schedule, k.stages_per_rank) for k in pp} == {(2, "1F1B", 1), (2, "Interleaved1F1B", 2), (4, "1F1B", 1)}
-    assert all(k.cp == 1 for k in pp)
+    # cp under pp: pp 2 leaves 2 ranks, so cp 2 (x tp 1, dp 1) and cp 1; pp 4 leaves none for cp
+    assert {(k.pp, k.cp, k.tp) for k in pp} == {(2, 1, 1), (2, 2, 1), (2, 1, 2), (4, 1, 1)}
+    assert all(k.dp_replicate * k.dp_shard == 1 for k in pp if k.cp == 2)
     assert all(not (k.sequence_parallel or k.loss_parallel) for k in pp if k.tp == 1)
     assert {(k.sequence_parallel, k.loss_parallel) for k in pp if k.tp == 2} == {(a, b) for a in (0, 1) for b in (0, 1)}
-    assert all(k.pp * k.dp_replicate * k.dp_shard * k.tp == 4 for k in pp)
+    assert all(k.pp * k.dp_replicate * k.dp_shard * k.cp * k.tp == 4 for k in pp)
     assert candidates(recipe) == [k for k in ks if k.pp == 1]        # without the blocks: no pp, as before
 
 
@@ -311,6 +314,41 @@ def test_pp_candidates_ranked_with_the_bubble_and_dropped_by_the_pp_rules(pp_sg)
     assert any(g["bubble_s"] != 0 for g in gaps) and any(g["pp_s"] != 0 for g in gaps)
     assert all(sum(g.values()) == pytest.approx(r.time.step_s - s.ranked[0].time.step_s, abs=1e-12)
                for g, r in zip(gaps, s.ranked[1:]))
+
+
+def test_pp_cp_candidates_rank_with_their_plan_step_time(pp_sg):
+    """cp under pp (synthetic data here; packed data runs too, tests/test_pp.py): a pp 2 x cp 2
+    row is ranked, and its step time and memory are those of the same recipe compiled."""
+    rows = [r for r in pp_sg.ranked if r.cand.pp == 2 and r.cand.cp == 2]
+    assert rows and all(r.time.cp_s > 0 and r.time.bubble_s > 0 for r in rows)
+    r = rows[0]
+    res = resolve_dict(_tiny_pp(mesh={"pp": 2, "cp": 2, "dp_shard": 1},
+                                pp={"schedule": r.cand.schedule, "stages_per_rank": r.cand.stages_per_rank},
+                                train={"micro_batch_size": r.cand.micro_batch_size,
+                                       "activation_checkpointing": r.cand.activation_checkpointing}))
+    assert not isinstance(res, Err), res
+    assert E.step_time(res.recipe, res.mesh, res.estimate).step_s == pytest.approx(r.time.step_s, rel=1e-12)
+    assert res.estimate.total_bytes == r.mem_bytes
+
+
+def test_memory_first_estimate_of_a_pp_plan():
+    """estimate(memory_first=True), suggest's call: a pp plan within the budget gets the very
+    estimate of the plain call (time included); one over it gets the same memory, no traffic rows
+    and no time, and check_memory refuses both with the same error (what suggest shows)."""
+    from dataclasses import replace
+
+    res = resolve_dict(_tiny_pp(mesh={"pp": 2, "cp": 2, "dp_shard": 1}, cluster={"device": "cuda", "gpu": "h100-sxm"}))
+    assert not isinstance(res, Err), res
+    full = E.estimate(res.recipe, res.model, res.mesh, res.placements)
+    assert full.time is not None and full.traffic
+    assert E.estimate(res.recipe, res.model, res.mesh, res.placements, memory_first=True) == full
+    small = replace(res.recipe, cluster=replace(res.recipe.cluster, gpu_memory_gb=full.total_bytes / 1e9 / 2))
+    over = E.estimate(small, res.model, res.mesh, res.placements)
+    quick = E.estimate(small, res.model, res.mesh, res.placements, memory_first=True)
+    assert quick.time is None and quick.traffic == () and over.time is not None
+    assert (quick.phases, quick.total_bytes, quick.pp_rank_rows) == (over.phases, over.total_bytes, over.pp_rank_rows)
+    a, b = E.check_memory(over, small, res.mesh), E.check_memory(quick, small, res.mesh)
+    assert isinstance(a, Err) and a == b and a.errors[0].path == "cluster.gpu_memory_gb"
 
 
 def test_pp_refused_recipe_wide_drops_every_pp_candidate_with_one_reason():

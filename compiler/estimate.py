@@ -810,7 +810,8 @@ def _estimate_pp(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placement
         fsdp_comm_bytes=sum(c.wire_bytes for c in comm if c.axis.startswith("dp_") or c.axis == "efsdp"),
         tp_comm_bytes=sum(c.wire_bytes for c in comm if c.axis == "tp"),
         accum_grads_bytes=mem["accum"], traffic=comm, phases=mem["phases"],
-        ep_comm_bytes=0, attn_mask_bytes=mem["attn_mask"],
+        # ep inside each stage group: the all-to-all rows of this rank's MoE blocks (traffic() over its stage model)
+        ep_comm_bytes=sum(c.wire_bytes for c in comm if c.op == "all_to_all"), attn_mask_bytes=mem["attn_mask"],
         pp_comm_bytes=sum(c.bytes for c in comm if c.axis == "pp"), pp_peak_rank=r.rank, pp_rank_rows=rows,
         pp_buffers_bytes=mem["pp_buffers"])
     if not timed(recipe):

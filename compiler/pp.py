@@ -45,7 +45,7 @@ from meshbake.runtime import plan as P
 # Qwen2 and Qwen3 share (Qwen2 / Qwen3 index config.layer_types by loop position: runtime/pp.py
 # gives each stage its blocks' slice). Parity cases in tests/test_pp.py: tiny-llama, a Qwen2 with a
 # sliding-window second block, a Qwen3 (q/k norms); Mistral: compile test (same forward as Llama)
-PP_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+PP_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 # schedule -> stages per rank it runs: 1 (single-stage), "2+" (looped), 2 (V-shaped)
 SINGLE = ("1F1B", "GPipe")
 
@@ -147,9 +147,6 @@ def _refused(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeErr
            "micro-batch's document mask at a time (runtime/cp.set_batch), and the schedule runs the step's "
            "micro-batches interleaved over the stages", "use mesh.cp: 1 (longer sequences: tp with "
            "sequence parallel), or synthetic data")
-    if mesh.ep_enabled or model.num_experts:
-        no("mesh.ep" if mesh.ep_enabled else "model.config", "MoE / expert parallel stages are not built yet",
-           "use mesh.pp: 1")
     if recipe.lora.rank > 0 and recipe.lora.quantize_base != "none":
         no("lora.quantize_base", "QLoRA's NF4 base is loaded block by block into one whole model "
            "(runtime/parallel.build_quantized), not into pipeline stages", "use lora.quantize_base: none (LoRA), "

@@ -25,6 +25,12 @@ not rescaled (scale_grads=False): the sum over micro-batches is the same gradien
 last stage knows the loss; the step's world all-reduce of the loss sum (0 on other stages)
 gives every rank the same global mean, so metrics.jsonl (rank 0) holds the same loss as
 without pp.
+
+MoE: the stages' MoE blocks get runtime/fused.py's forward (and with mesh.ep > 1 runtime/ep.py's
+dispatch over the ep groups of this rank's stage group: ep.experts_mesh puts pp outermost), the
+experts FSDP'd on their own mesh before the blocks. With train.router_aux_loss_coef the stages
+carry the aux loss's router sums to the last stage (aux_carry), whose loss adds coef x aux: the
+loss and every router's gradient are those of one process (tests/test_pp.py, Mixtral).
 """
 from __future__ import annotations
 

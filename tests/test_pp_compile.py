@@ -207,6 +207,13 @@ def test_moe_types_compile_with_pp_and_ep_inside_the_stage_groups():
         assert not isinstance(ep, Err), (mt, ep)
         assert (ep.plan.mesh.ep, ep.plan.mesh.experts_fsdp) == (2, 1) and ep.estimate.ep_comm_bytes > 0
         assert r.estimate.ep_comm_bytes == 0
+        # the dry run (fake process group, meta model) builds each rank's stages with ep inside the stage
+        # group: ranks 0, 1 hold stage 0, ranks 2, 3 stage 1, each with the estimate's params per pp rank
+        from meshbake.runtime.dryrun import dryrun
+
+        built = dryrun(ep.plan, [0, 1, 2, 3])
+        assert all(b["ok"] for b in built), built
+        assert [b["params"] for b in built] == [ep.estimate.pp_rank_rows[i // 2][1] for i in range(4)], built
     r = moe("qwen3_moe")
     ranks = pp_ranks(r.recipe, r.model, r.mesh)
     per = [_moe_mlp_activations(_pp_model(r.model, k), r.mesh, 4) for k in ranks]

@@ -195,7 +195,8 @@ def _split_dim(shape: tuple[int, ...], dim: int | None, tp: int) -> tuple[int, .
     return tuple(n // tp if d == dim else n for d, n in enumerate(shape))
 
 
-def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, final_part: bool = True) -> tuple[int, int, int]:
+def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, final_part: bool = True,
+                 layers: int | None = None) -> tuple[int, int, int]:
     """(all layers' saved activations at the loss backward, one layer's when recomputed, logits),
     bytes per rank. Per layer and token (HF Llama/Qwen2 modules, measured on CPU):
       norms (2)   fp32 input copy + normalized + weighted output: (4 + 2 pb) h each; with SP the
@@ -207,8 +208,11 @@ def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, final_part: b
     block input; full AC keeps the block input only, then recomputes one block in backward.
     Logits at the start of the loss backward: without loss parallel the log-softmax output,
     its incoming gradient and the gradient being written, fp32: 12 B per token x vocab; with
-    loss parallel 16 B per token x vocab / tp (the sharded logits are kept too)."""
+    loss parallel 16 B per token x vocab / tp (the sharded logits are kept too). layers: the
+    blocks counted (pp: those of one in-flight micro-batch), else model.num_layers; passed rather
+    than a copy of the model so the MoE term's cache (keyed by the model) hits per pp rank."""
     t, tp = recipe.train, mesh.tp
+    n_layers = model.num_layers if layers is None else layers
     sp = mesh.sequence_parallel
     tokens = tokens_per_rank(t, mesh)
     pb = DTYPE_BYTES[t.mixed_precision.param_dtype]
@@ -237,11 +241,11 @@ def _activations(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, final_part: b
     final = tokens * (norm + 2 * model.head_dim * pb + 3 * 8) if final_part else 0   # pp: the last stage's
     ac = t.activation_checkpointing
     if ac == "full":
-        acts = model.num_layers * block_in + final
+        acts = n_layers * block_in + final
     elif ac == "selective":
-        acts = model.num_layers * (block_in + tokens * kept) + final
+        acts = n_layers * (block_in + tokens * kept) + final
     else:
-        acts = model.num_layers * layer + final
+        acts = n_layers * layer + final
     lp = mesh.loss_parallel
     logits = tokens * model.vocab_size * (16 // tp if lp else 12)
     return acts, (layer if ac != "none" else 0), logits
@@ -473,7 +477,7 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     n_shard, n_train = s.shard, s.shard_train
     acts, recompute, logits = _activations(recipe, model, mesh)
     if pp is not None:             # this pp rank's layers, micro-batches in flight; logits on the last stage only
-        acts = pp.inflight * _activations(recipe, replace(model, num_layers=pp.layers_each), mesh, pp.last)[0]
+        acts = pp.inflight * _activations(recipe, model, mesh, pp.last, pp.layers_each)[0]
         # the last stage: each in-flight micro-batch's logits (the stage's output, pb per token x
         # vocab) stay in the stage's fwd_cache until its backward, beside the loss's 12 B; GPipe
         # runs every forward first, so each waiting one also keeps its fp32 log-softmax output
@@ -688,6 +692,18 @@ def _pp_ranks(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[PPRank,
       Interleaved1F1B / ZBV (v local stages): torch's warm-up on rank r is (v - 1) pp + 2 (pp - 1 - r)
                       local-stage forwards (+ 1 in flight), each of one local stage's blocks; ZBV is
                       counted like that (an upper bound: its V order backs the last stage up sooner)"""
+    p = recipe.pp
+    # suggest estimates thousands of pp candidates that differ in tp / dp / AC only: the ranks depend on
+    # the model, pp, the schedule, its split and the micro-batches; the module walk below is ~10 ms
+    # for Qwen3-30B-A3B (every expert a module), so the result is cached per those
+    key = (id(model), mesh.pp, p.schedule, p.stages_per_rank, tuple(p.split) if p.split else None, mesh.grad_accum)
+    return cached(_PP_RANKS, key, (model,), lambda: _pp_ranks(recipe, model, mesh))
+
+
+_PP_RANKS: dict = {}
+
+
+def _pp_ranks(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[PPRank, ...]:
     from meshbake.compiler.pp import even_split, ranges, stage_ranks
 
     p, pp, m = recipe.pp, mesh.pp, mesh.grad_accum
@@ -889,7 +905,8 @@ def _estimate_pp(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placement
         fsdp_comm_bytes=sum(c.wire_bytes for c in comm if c.axis.startswith("dp_") or c.axis == "efsdp"),
         tp_comm_bytes=sum(c.wire_bytes for c in comm if c.axis == "tp"),
         accum_grads_bytes=mem["accum"], traffic=comm, phases=mem["phases"],
-        ep_comm_bytes=0, attn_mask_bytes=mem["attn_mask"],
+        # ep inside each stage group: the all-to-all rows of this rank's MoE blocks (traffic() over its stage model)
+        ep_comm_bytes=sum(c.wire_bytes for c in comm if c.op == "all_to_all"), attn_mask_bytes=mem["attn_mask"],
         pp_comm_bytes=sum(c.bytes for c in comm if c.axis == "pp" and c.op in ("send", "recv")),
         pp_peak_rank=r.rank, pp_rank_rows=rows,
         pp_buffers_bytes=mem["pp_buffers"])

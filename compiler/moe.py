@@ -77,7 +77,8 @@ def ep_errors(recipe: Recipe, model: ModelSpec, axes: dict[str, int]) -> list[Re
     an ep group is ep consecutive ranks, ep / tp coordinates of dp_shard x cp times every tp
     rank; the experts whole on each, the rest of the block tp-split). Built and parity-tested with
     dp_shard, dp_replicate, cp and tp and their composition (tests/test_ep_mesh.py); refused with
-    torch.compile (and with pp: compiler/pp.py)."""
+    torch.compile. Under pp the same rules, on the axes of each stage group (runtime/ep.py carves
+    ep inside it; parity: tests/test_pp.py's pp 2 x dp_shard 2 x ep 2)."""
     from meshbake.compiler.mesh import divisors
 
     ep = recipe.mesh.ep

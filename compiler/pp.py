@@ -38,10 +38,25 @@ gradient and its optimizer state (compiler/estimate.py), and each step one all-r
 local shard (vocab x hidden / (tp x dp_shard) elements). ZBV puts both stages on rank 0: one
 parameter, no copy (refused with FSDP: one parameter in two FSDP stage roots).
 
+MoE (qwen3_moe, mixtral): each stage's MoE blocks run as without pp (runtime/fused.py, experts
+TP'd or FSDP'd), or with mesh.ep > 1 experts by index over an ep axis carved from each stage
+group's dp_shard x cp x tp (runtime/ep.py: the all-to-alls stay inside the ranks that hold the
+same blocks; compiler/moe.py's ep rules apply unchanged, since they read the stage group's axes).
+The router aux loss is exact under pp (runtime/pp.aux_carry: the per-layer router sums ride
+beside the hidden states to the last stage's loss). The split: by decoder-block count (even,
+or pp.split), for MoE as for dense models. It counts neither parameters nor FLOPs directly: for
+the MoE types accepted every block is alike (a routed-experts block holds all E experts' weights
+but runs top-k of them per token, the same for each block), so an even count balances the held
+parameters (memory) and the FLOPs (time) at once; the exceptions are Qwen3-MoE's mlp_only_layers
+(dense blocks: fewer parameters and FLOPs) and, as for dense models, the embedding on the first
+stage and final norm + lm_head on the last. PLAN.md's stage table shows each stage's parameters
+(all experts held), and pp.split overrides.
+
 What is not implemented yet is refused with the reason (errors as values), never run
-half-right: ep / MoE, QLoRA (its NF4 base loads
+half-right: QLoRA (its NF4 base loads
 block by block into a whole model), torch.compile, model types whose base model does anything
-to inputs_embeds (Gemma scales them: only the first stage may).
+to inputs_embeds (Gemma scales them: only the first stage may) or that are not tested under pp
+(the other MoE types: Qwen2-MoE, DeepSeek-V3, GLM-4-MoE, GPT-OSS, Granite-MoE, Llama-4).
 """
 from __future__ import annotations
 
@@ -55,8 +70,9 @@ from meshbake.runtime import plan as P
 # call it with inputs_embeds=<the previous stage's hidden states>): Llama's forward, which Mistral,
 # Qwen2 and Qwen3 share (Qwen2 / Qwen3 index config.layer_types by loop position: runtime/pp.py
 # gives each stage its blocks' slice). Parity cases in tests/test_pp.py: tiny-llama, a Qwen2 with a
-# sliding-window second block, a Qwen3 (q/k norms); Mistral: compile test (same forward as Llama)
-PP_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# sliding-window second block, a Qwen3 (q/k norms); Mistral: compile test (same forward as Llama);
+# the MoE types Qwen3-MoE and Mixtral (same base forward, MoE blocks; with ep and the aux loss)
+PP_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 # schedule -> stages per rank it runs: 1 (single-stage), "2+" (looped), 2 (V-shaped)
 SINGLE = ("1F1B", "GPipe")
 
@@ -154,9 +170,6 @@ def _refused(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeErr
            f"pp rank 0, so {model.roles.embedding}'s weight would be one parameter in two FSDP stage roots",
            "use pp.schedule: 1F1B or Interleaved1F1B (the last stage then holds its own copy of the table), "
            "or mesh.dp_shard: 1")
-    if mesh.ep_enabled or model.num_experts:
-        no("mesh.ep" if mesh.ep_enabled else "model.config", "MoE / expert parallel stages are not built yet",
-           "use mesh.pp: 1")
     if recipe.lora.rank > 0 and recipe.lora.quantize_base != "none":
         no("lora.quantize_base", "QLoRA's NF4 base is loaded block by block into one whole model "
            "(runtime/parallel.build_quantized), not into pipeline stages", "use lora.quantize_base: none (LoRA), "

@@ -150,7 +150,7 @@ def candidates(recipe: Recipe, layers: int | None = None, experts: int = 0) -> l
     gbs / (mbs x dp), so the mbs choice is the microbatches choice, and the rule drops mbs values
     that leave fewer micro-batches than pp.
     MoE models (`experts`, the routed experts per layer, 0 for a dense model): x
-    ep_sizes(experts, dp_shard, cp, tp) at pp 1 (compiler/pp.py refuses ep with pp); a dense
+    ep_sizes(experts, dp_shard, cp, tp), at any pp (ep is carved inside each stage group); a dense
     model's candidates keep the recipe's mesh.ep, for the rules to say why."""
     c, t = recipe.cluster, recipe.train
     world = c.nodes * c.gpus_per_node
@@ -166,7 +166,7 @@ def candidates(recipe: Recipe, layers: int | None = None, experts: int = 0) -> l
                     mbss = (divisors(t.global_batch_size // dp) if t.global_batch_size % dp == 0
                             else [t.micro_batch_size])
                     splp = list(itertools.product((False, True), repeat=2)) if tp > 1 else [(False, False)]
-                    eps = (ep_sizes(experts, ds, cp, tp) if pp == 1 else [1]) if experts else [recipe.mesh.ep]
+                    eps = ep_sizes(experts, ds, cp, tp) if experts else [recipe.mesh.ep]
                     for (sc, v), ep, ac, mbs, (sp, lp) in itertools.product(scheds, eps, AC_MODES, mbss, splp):
                         out.append(Candidate(dr, ds, cp, tp, ac, mbs, sp, lp, pp, sc, v, ep))
     return out

@@ -64,13 +64,19 @@ DIMS = ("dp_replicate", "efsdp", "ep")
 
 
 def experts_mesh(plan) -> DeviceMesh:
-    """(dp_replicate, efsdp = dp_shard x cp x tp / ep, ep) over the world (pp is 1 under ep). The
-    world is row-major (dp_replicate, dp_shard, cp, tp), so dp_shard x cp x tp is one run of
-    consecutive ranks per replica and this shape is a reshape of it: an ep group is ep
-    consecutive ranks of that run (ep / tp (dp_shard, cp) coordinates x every tp rank), efsdp
-    the ranks ep apart."""
+    """(dp_replicate, efsdp = dp_shard x cp x tp / ep, ep) over the world, with pp the outermost
+    axis before them. The world is row-major ([pp,] dp_replicate, dp_shard, cp, tp), so dp_shard
+    x cp x tp is one run of consecutive ranks per (pipeline stage group and) replica and this
+    shape is a reshape of it: an ep group is ep consecutive ranks of that run (ep / tp
+    (dp_shard, cp) coordinates x every tp rank), efsdp the ranks ep apart. Under pp every group
+    lies inside one pp coordinate (one stage group: ep dispatches only among the ranks that
+    hold the same blocks); the callers index the mesh by name (mesh["ep"], mesh["efsdp"]), so
+    the pp dim is only there to make the groups per stage group."""
     m = plan.mesh
-    return init_device_mesh(m.device, (m.dp_replicate, m.experts_fsdp, m.ep), mesh_dim_names=DIMS)
+    shape, names = (m.dp_replicate, m.experts_fsdp, m.ep), DIMS
+    if m.pp > 1:
+        shape, names = (m.pp, *shape), ("pp", *names)
+    return init_device_mesh(m.device, shape, mesh_dim_names=names)
 
 
 def _moe_blocks(model: nn.Module) -> list[nn.Module]:
@@ -82,7 +88,7 @@ def install(model: nn.Module, mesh: DeviceMesh, tp: int = 1) -> None:
     After TP (which leaves the experts whole: their placement is replicate under ep) and
     fused.install (the MoE blocks carry its tp mesh, routing statistics and aux-loss hooks)."""
     ep_mesh = mesh["ep"]
-    if not _moe_blocks(model):
+    if not _moe_blocks(model) and "pp" not in (mesh.mesh_dim_names or ()):   # a pp stage may hold dense blocks only
         raise RuntimeError("mesh.ep > 1 but the model has no MoE block in the grouped-experts layout")
     for block in _moe_blocks(model):
         ex = block.experts

@@ -29,6 +29,7 @@ outputs summed over tp (all-reduce, or reduce-scatter to the sequence shard unde
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import torch
@@ -352,19 +353,29 @@ def moe_metrics(model: nn.Module) -> dict[str, Any]:
                          top-k slots of e / rows, P_e summed router probability of e / rows, rows =
                          layers x tokens; load_balancing_loss_func), over the tokens since the last
                          call. Added to the training loss only with train.router_aux_loss_coef."""
-    blocks = [m for m in model.modules() if hasattr(m, "_meshbake_tp")]
-    if not blocks:
+    # one row per decoder layer of the whole model, [counts (E) | probabilities (E) | tokens | MoE
+    # flag], so every rank all-reduces the same shape: under pp a rank holds its stages' layers only
+    # (maybe none of the MoE ones), and the world sum fills each row from the stage that holds it
+    # (every rank of one stage group adds its own tokens, as without pp)
+    blocks = [(int(re.search(r"layers\.([0-9]+)\.", n + ".").group(1)), m) for n, m in model.named_modules()
+              if hasattr(m, "_meshbake_tp")]
+    # a pp rank whose stages hold dense blocks only (Qwen3-MoE's mlp_only_layers) reads E from the config
+    n_exp = blocks[0][1].experts.gate_up_proj.shape[0] if blocks else n_experts(model.config.to_dict().get)
+    if not n_exp:
         return {}
-    n_exp = blocks[0].experts.gate_up_proj.shape[0]
-    zero = torch.zeros(2 * n_exp + 1, dtype=torch.float64)
-    stats = torch.stack([getattr(b, "_meshbake_stats", zero).cpu() for b in blocks])   # (L, 2E + 1)
-    for b in blocks:
+    stats = torch.zeros(model.config.num_hidden_layers, 2 * n_exp + 2, dtype=torch.float64)
+    for i, b in blocks:
+        got = getattr(b, "_meshbake_stats", None)
+        if got is not None:
+            stats[i, :-1] = got.cpu()
+        stats[i, -1] = 1.0
         b._meshbake_stats = None
     if dist.is_initialized():
         dev = next(model.parameters()).device
         stats = stats.to(dev)
         dist.all_reduce(stats)           # tp ranks count the same tokens: fractions are unaffected
         stats = stats.cpu()
+    stats = stats[stats[:, -1] > 0, :-1]                                  # (L MoE layers, 2E + 1)
     counts, probs, tokens = stats[:, :n_exp], stats[:, n_exp:2 * n_exp], stats[:, -1:].clamp(min=1)
     frac = counts / counts.sum(-1, keepdim=True).clamp(min=1)          # (L, E), rows sum to 1
     rows = tokens.sum()

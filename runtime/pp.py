@@ -31,6 +31,12 @@ not rescaled (scale_grads=False): the sum over micro-batches is the same gradien
 last stage knows the loss; the step's world all-reduce of the loss sum (0 on other stages)
 gives every rank the same global mean, so metrics.jsonl (rank 0) holds the same loss as
 without pp.
+
+MoE: the stages' MoE blocks get runtime/fused.py's forward (and with mesh.ep > 1 runtime/ep.py's
+dispatch over the ep groups of this rank's stage group: ep.experts_mesh puts pp outermost), the
+experts FSDP'd on their own mesh before the blocks. With train.router_aux_loss_coef the stages
+carry the aux loss's router sums to the last stage (aux_carry), whose loss adds coef x aux: the
+loss and every router's gradient are those of one process (tests/test_pp.py, Mixtral).
 """
 from __future__ import annotations
 
@@ -92,11 +98,14 @@ class Stage(nn.Module):
         self.tp_mesh = tp_mesh        # sequence parallel: the mesh of the Shard(1) hidden states
         self.cp_mesh = cp_mesh        # context parallel: the cp group's mesh, and the global T it splits
         self.seq_len = seq_len
+        self.aux_experts = 0          # MoE with the router aux loss: E, and the stage carries aux_carry
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *carry: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # first stage: token ids (mbs, T[/cp]); later stages: the hidden states (mbs, T[/cp][/tp], H).
         # position_ids (mbs, T), packed data: restarting per document; every rank reads its own
-        # from the data (the schedule hands kwargs to every stage), so they are never sent
+        # from the data (the schedule hands kwargs to every stage), so they are never sent.
+        # carry: with the router aux loss, the running (2E + 1,) sums of aux_carry from the stages before
         if not self.first and self.tp_mesh is not None:
             from torch.distributed.tensor import DTensor, Shard
 
@@ -115,7 +124,39 @@ class Stage(nn.Module):
             position_ids = pos[None] if pos.dim() == 1 else pos                 # (1 | mbs, T / cp)
         h = self.model(**kw, position_ids=position_ids, use_cache=False).last_hidden_state   # (mbs, T, H)
         out = self.lm_head(h) if self.lm_head is not None else h         # (mbs, T, V[/tp]) on the last
-        return _local(out, None if self.lm_head is not None else 1)
+        out = _local(out, None if self.lm_head is not None else 1)
+        return (out, aux_carry(self, carry[0] if carry else None)) if self.aux_experts else out
+
+
+def aux_carry(stage: nn.Module, prev: torch.Tensor | None) -> torch.Tensor:
+    """The router aux loss under pp, exact. transformers' load_balancing_loss_func is ONE formula
+    over every MoE layer of a forward (runtime/fused.router_aux_loss):
+        aux = E sum_e (C_e / R) (P_e / R),  C_e = sum over layers of top-k counts (no gradient),
+        P_e = sum over layers of router probabilities (gradient), R = layers x tokens,
+    so the gradient reaching layer l's router, E C_e / R^2 per probability, needs every layer's
+    counts, and the last stage's loss needs every layer's P. Each stage adds its layers' (P, C,
+    R) of this micro-batch to the running sums it received and sends them on beside the hidden
+    states, (2E + 1,) floats: [P (E, differentiable) | C (E) | R]. The last stage's loss takes
+    the whole-model sums; the schedule's backward carries d aux / d P back through the same
+    tensor to every stage's routers (the boundaries are ordinary autograd edges), so each
+    router gets exactly its single-process gradient, with no extra communication but these
+    2E + 1 floats per micro-batch and hop. Counts and rows get a gradient too, which goes
+    nowhere (they are detached). torchtitan has no such term under pp (its MoE balances with
+    the auxiliary-loss-free expert bias); this keeps transformers' loss, as without pp."""
+    blocks = [m for m in stage.modules() if getattr(m, "_meshbake_aux", None) is not None]
+    terms = [t for b in blocks for t in b._meshbake_aux]
+    for b in blocks:
+        b._meshbake_aux = []
+    e = stage.aux_experts
+    if prev is None:
+        dev = next((p.device for p in stage.parameters()), None)
+        prev = torch.zeros(2 * e + 1, dtype=torch.float32, device=dev)
+    if not terms:                      # a stage of dense blocks, or no grad (eval): the sums pass on
+        return prev
+    probs = sum(t[1] for t in terms).float()                                      # (E,), differentiable
+    counts = sum(t[0] for t in terms).float()
+    rows = torch.tensor([float(sum(t[2] for t in terms))], dtype=torch.float32, device=probs.device)
+    return prev + torch.cat([probs, counts.detach(), rows])
 
 
 def _local(t: torch.Tensor, seq_dim: int | None) -> torch.Tensor:
@@ -167,6 +208,7 @@ class Pipeline:
     has_last: bool
     pp_group: object                  # the pp process group (grad-norm all-reduce)
     loss_sums: list[torch.Tensor] = field(default_factory=list)   # this step's CE sums (last stage)
+    aux_sums: list[torch.Tensor] = field(default_factory=list)    # coef x aux / microbatches each (last stage)
     scale: list[float] = field(default_factory=lambda: [1.0])     # dp x cp / N of this step
     loss_parallel: bool = False       # tp.loss_parallel: the last stage's logits are vocab-sharded
     tied_group: object = None         # tied embeddings: the (first stage, last stage) pair's group
@@ -239,6 +281,23 @@ def parallelize_stages(plan: Plan, mesh: DeviceMesh, ids: list[int],
         held = {n for n, _ in model.named_modules()}
         apply_tp(model, mesh["tp"], replace(plan, tp=replace(plan.tp, placements={
             f: s for f, s in plan.tp.placements.items() if f in held})))
+    held = {n for n, _ in model.named_modules()}
+    if plan.model.layouts:            # after TP, as without pp: the fused / MoE forwards of the modules held
+        from . import fused
+
+        fused.install(model, {f: k for f, k in plan.model.layouts.items() if f in held},
+                      mesh["tp"] if plan.mesh.tp_enabled else None, aux=plan.train.router_aux_loss_coef > 0)
+    if plan.train.router_aux_loss_coef > 0:     # the stages carry the aux loss's sums (aux_carry)
+        from .fused import n_experts
+
+        for st in stages:
+            st.aux_experts = n_experts(model.config.to_dict().get)
+    if plan.mesh.ep_enabled:          # the experts this rank's stages hold, by index over ep in the stage's slice
+        from . import ep
+
+        stage("ep")
+        model._meshbake_experts_mesh = ep.experts_mesh(plan)
+        ep.install(model, model._meshbake_experts_mesh, plan.mesh.tp)
     if plan.lora.rank > 0:            # after TP (the adapters follow W's layout), before FSDP, as without pp
         from .lora import apply_lora
 
@@ -246,7 +305,7 @@ def parallelize_stages(plan: Plan, mesh: DeviceMesh, ids: list[int],
         apply_lora(model, plan, {n for n, _ in model.named_modules()})
     if plan.mesh.fsdp_enabled:
         stage("fsdp")
-        _shard(stages, dp_mesh(mesh, plan.mesh), plan)
+        _shard(stages, dp_mesh(mesh, plan.mesh), plan, getattr(model, "_meshbake_experts_mesh", None))
     retie(model, plan, ids)
     return model, stages
 
@@ -351,8 +410,35 @@ def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> Pipeline:
             pipe.norm_skip = frozenset({id(model.get_submodule(pipe.tied).weight)})
 
     lp_mesh = mesh["tp"] if plan.tp.loss_parallel else None
+    coef, m = plan.train.router_aux_loss_coef, plan.mesh
+    # the ranks of this pp coordinate (every dp / cp / tp rank of the stage group): the aux loss's
+    # counts are over all of their tokens, as runtime/fused.router_aux_loss's world all-reduce without pp
+    slice_dims = tuple(d for d in m.mesh_dims if d != "pp")
+    aux_group = mesh[slice_dims]._flatten("pp_slice").get_group() if coef > 0 and m.world > m.pp else None
 
-    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def aux_loss(carry: torch.Tensor) -> torch.Tensor | None:
+        """coef x aux of one micro-batch from the whole-model sums (aux_carry), as the local term
+        whose gradient over the stage group's ranks sums to the single-process one (scaled like
+        the CE for FSDP's mean, as runtime/train.py does without pp); its global value goes to
+        pipe.aux_sums. None without a recorded forward (eval)."""
+        e = (carry.shape[0] - 1) // 2
+        stats = carry.detach().double()
+        if aux_group is not None:
+            stats = stats.clone()
+            torch.distributed.all_reduce(stats, group=aux_group)
+        stats = stats / m.tp           # the tp ranks of a coordinate routed the same tokens
+        p_glob, c_glob, rows = stats[:e], stats[e:2 * e], stats[-1]
+        if not torch.is_grad_enabled() or float(rows) == 0:
+            return None
+        f = c_glob / rows
+        local = e * (f.to(carry.dtype) * carry[:e]).sum() / rows.to(carry.dtype)
+        pipe.aux_sums.append(e * (f * p_glob / rows).sum() * (coef / plan.pp.microbatches))
+        return local * (coef * m.dp * m.cp / plan.pp.microbatches)
+
+    def loss_fn(logits, y: torch.Tensor) -> torch.Tensor:
+        carry = None
+        if isinstance(logits, tuple):  # (logits, aux_carry) with the router aux loss
+            logits, carry = logits
         if lp_mesh is not None:       # the stage sent its vocab shard (mbs, T, V/tp): the global view again
             from torch.distributed.tensor import DTensor, Shard
 
@@ -361,7 +447,14 @@ def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> Pipeline:
         # log-softmax: all-reduces of (mbs x T) maxima and sums, never the (mbs, T, V) logits
         ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(0, 1), ignore_index=IGNORE, reduction="sum")
         pipe.loss_sums.append(_local(ce, None).detach().double())   # Replicate: every tp rank's full sum
-        return ce * pipe.scale[0]
+        aux = aux_loss(carry) if carry is not None else None
+        if aux is None:
+            return ce * pipe.scale[0]
+        if lp_mesh is not None:       # the loss-parallel CE is a Replicate DTensor; aux is the same on every tp rank
+            from torch.distributed.tensor import DTensor, Replicate
+
+            aux = DTensor.from_local(aux, lp_mesh, (Replicate(),), run_check=False)
+        return ce * pipe.scale[0] + aux
 
     cls = get_schedule_class(plan.pp.schedule)
     multi = issubclass(cls, PipelineScheduleMulti)
@@ -370,7 +463,7 @@ def build(plan: Plan, mesh: DeviceMesh, device: torch.device) -> Pipeline:
     return pipe
 
 
-def _shard(stages: list[Stage], dp: DeviceMesh, plan: Plan) -> None:
+def _shard(stages: list[Stage], dp: DeviceMesh, plan: Plan, experts: DeviceMesh | None = None) -> None:
     """FSDP2 per block, then each stage as a root (its embedding / norm / lm_head). Blocks are
     not resharded after forward (torchtitan's default under pp): with m micro-batches in
     flight a resharded block would be all-gathered again for every micro-batch's backward."""
@@ -380,6 +473,11 @@ def _shard(stages: list[Stage], dp: DeviceMesh, plan: Plan) -> None:
 
     mp = plan.train.mixed_precision
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[mp.param_dtype], reduce_dtype=DTYPES[mp.reduce_dtype])
+    if plan.mesh.ep_enabled:          # experts first, on their own mesh; the blocks' FSDP then skips them
+        from . import ep
+
+        for st in stages:
+            ep.shard_experts(st, experts, policy)
     for st in stages:
         for layer in st.model.get_submodule(plan_roles(plan).block_prefix.rpartition(".")[2]):
             fully_shard(layer, mesh=dp, mp_policy=policy, reshard_after_forward=False)
@@ -397,6 +495,7 @@ def step(pipe: Pipeline, x: torch.Tensor, y: torch.Tensor, scale: float, pos: to
     from torch.distributed.tensor.parallel import loss_parallel
 
     pipe.loss_sums.clear()
+    pipe.aux_sums.clear()
     pipe.scale[0] = scale
     run = pipe.schedule.step if train else pipe.schedule.eval
     # return_outputs=False (torchtitan's call): otherwise the last stage keeps every micro-batch's
@@ -415,6 +514,16 @@ def step(pipe: Pipeline, x: torch.Tensor, y: torch.Tensor, scale: float, pos: to
     # the last microbatches calls: the first step's shape inference runs the loss once more on
     # a probe micro-batch before them (no backward; counting it inflated step 1's loss by 1/m)
     return torch.stack(pipe.loss_sums[-pipe.schedule._n_microbatches:]).sum()
+
+
+def aux_sum(pipe: Pipeline, pp: int) -> torch.Tensor:
+    """This step's coef x router aux loss (the mean over its micro-batches) x pp on the last
+    stage, 0 elsewhere: runtime/train.py divides the world-sum by the world, and only world / pp
+    ranks hold it (the last micro-batches entries: the first step's shape-inference probe adds one)."""
+    m = pipe.schedule._n_microbatches
+    if not pipe.has_last or not pipe.aux_sums:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(pipe.aux_sums[-m:]).sum().double().cpu() * pp
 
 
 def eval_loss(pipe: Pipeline, batches: list, place) -> tuple[torch.Tensor, torch.Tensor]:

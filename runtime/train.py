@@ -473,6 +473,10 @@ def train_step(job: Job, step: int, stop_requested: bool) -> StepOut:
     if job.pipeline is not None:     # the micro-batches go through the pipeline schedule instead
         accum = 0
         loss_sum += pipeline_micro_steps(job, step, scale)
+        if coef > 0:                 # the last stage's coef x aux (x pp: see pp.aux_sum), 0 on the others
+            from .pp import aux_sum as pp_aux
+
+            aux_sum += pp_aux(job.pipeline, plan.mesh.pp).to(aux_sum.device)
     for micro in range(accum):
         set_gradient_sync(job.model, micro == accum - 1 or plan.train.grad_sync == "every_micro_step")
         x, y, pos = place_batch(job, job.data.micro_batch(step, micro, job.dp_rank))      # (mbs, T[/cp])

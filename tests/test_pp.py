@@ -6,7 +6,9 @@ pp 2 x tp 2 -> pp 1 x dp_shard 4, Interleaved1F1B (2 stages per rank) -> 1F1B, e
 rel 1e-6 of the uninterrupted run (measured: 0 to 2.9e-8).
 Composed with sequence + loss parallel (1F1B, ZBV), LoRA (parity, and the pp run's checkpoint
 exported), Mistral-family types (a Qwen2 with a sliding-window block, a Qwen3), cp (1F1B, ZBV),
-and packed real text with eval (vs the runtime in one process on the same prepared data).
+packed real text with eval (vs the runtime in one process on the same prepared data), and MoE
+stages: Qwen3-MoE and Mixtral (with the router aux loss, exact: runtime/pp.aux_carry), each also
+with ep 2 inside the stage groups (pp 2 x dp_shard 2 x ep 2, world 4).
 Tied embeddings (the last stage's copy of the table, gradients summed over the first / last pair):
 1F1B, Interleaved1F1B, ZBV (one parameter on rank 0), x tp 2, x dp_shard 2, pp 4 (measured 0.9e-7 to
 1.7e-7; without the sum 1.4e-3), resumed under pp 1 from pp 2 and from pp 2 x tp 2: exact.
@@ -40,16 +42,22 @@ TIED4 = str(ROOT / "tests/dist/configs/tiny-llama-4l-tied.json")
 # layer_types[1], not [0] (without runtime/pp.py's per-stage slice: rel 1.9e-3, measured)
 QWEN2_SLIDING = str(ROOT / "tests/dist/configs/tiny-qwen2-sliding.json")
 QWEN3 = str(ROOT / "tests/dist/configs/tiny-qwen3-untied.json")
+# MoE (4 experts, top 2): the tiny Qwen3-MoE's block 0 is MoE and block 1 dense (mlp_only_layers
+# [1]), so stage 1 holds no MoE block; both of the tiny Mixtral's blocks are MoE, so with the router
+# aux loss each stage's routers get a gradient from the other stage's counts (runtime/pp.aux_carry)
+QWEN3_MOE, MIXTRAL = str(ROOT / "tests/models/qwen3_moe/config.json"), str(ROOT / "tests/models/mixtral/config.json")
+AUX = 0.1
 LORA = {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
-def recipe(name: str, world: int, *, pp=2, dp_shard=1, tp=1, cp=1, schedule="1F1B", spr=1, model="tiny-llama",
-           mbs=2, gbs=8, ac="none", split=None, sp=False, lp=False, lora=False) -> dict:
+def recipe(name: str, world: int, *, pp=2, dp_shard=1, tp=1, cp=1, ep=1, schedule="1F1B", spr=1, model="tiny-llama",
+           mbs=2, gbs=8, ac="none", split=None, sp=False, lp=False, lora=False, aux=None) -> dict:
     return tiny_recipe(
-        name, world, mesh={"pp": pp, "dp_shard": dp_shard, "tp": tp, "cp": cp}, model=model, sp=sp, lp=lp,
-        **({"lora": LORA} if lora else {}),
+        name, world, mesh={"pp": pp, "dp_shard": dp_shard, "tp": tp, "cp": cp, **({"ep": ep} if ep > 1 else {})},
+        model=model, sp=sp, lp=lp, **({"lora": LORA} if lora else {}),
         train={"micro_batch_size": mbs, "global_batch_size": gbs, "steps": STEPS, "lr": 2e-3, "min_lr": 2e-4,
-               "warmup_steps": 2, "grad_clip": 1.0, "activation_checkpointing": ac},
+               "warmup_steps": 2, "grad_clip": 1.0, "activation_checkpointing": ac,
+               **({"router_aux_loss_coef": aux} if aux is not None else {})},
         **({"pp": {"schedule": schedule, "stages_per_rank": spr, "split": split}} if pp > 1 else {}))
 
 
@@ -62,7 +70,9 @@ WORLD2 = {"pp2_1f1b": dict(), "pp2_gpipe": dict(schedule="GPipe"),
           # two gradients summed over the pair each step (without the sum: rel 1.4e-3, measured);
           # Interleaved1F1B: stage 0 on pp rank 0, stage 3 on pp rank 1; ZBV: both on rank 0, one parameter
           "pp2_tied": dict(model=TIED), "pp2_tied_interleaved": dict(model=TIED4, schedule="Interleaved1F1B", spr=2),
-          "pp2_tied_zbv": dict(model=TIED4, schedule="ZBVZeroBubble", spr=2)}
+          "pp2_tied_zbv": dict(model=TIED4, schedule="ZBVZeroBubble", spr=2),
+          # MoE stages, the experts whole on each stage (ep 1); Mixtral with the router aux loss
+          "pp2_qwen3_moe": dict(model=QWEN3_MOE), "pp2_mixtral_aux": dict(model=MIXTRAL, aux=AUX)}
 WORLD4 = {"pp2_dp_shard2": dict(dp_shard=2), "pp2_dp_shard2_gpipe": dict(dp_shard=2, schedule="GPipe"),
           "pp2_tp2": dict(tp=2), "pp2_tp2_interleaved": dict(tp=2, schedule="Interleaved1F1B", spr=2, model=FOUR),
           # sequence parallel (Shard(1) hidden states sent as their local shard, re-wrapped on receipt) and
@@ -78,7 +88,11 @@ WORLD4 = {"pp2_dp_shard2": dict(dp_shard=2), "pp2_dp_shard2_gpipe": dict(dp_shar
           "pp2_tied_tp2": dict(model=TIED, tp=2),
           "pp2_tied_dp_shard2_interleaved": dict(model=TIED4, dp_shard=2, schedule="Interleaved1F1B", spr=2),
           # pp 4: the pair (pp ranks 0 and 3) is a group of its own, the middle stages take no part
-          "pp4_tied": dict(pp=4, model=TIED4)}
+          "pp4_tied": dict(pp=4, model=TIED4),
+          # expert parallel inside each stage group: ep 2 carved from its dp_shard 2 (2 of the 4 experts
+          # per rank, all-to-all dispatch within the stage group); Mixtral also with the aux loss
+          "pp2_ep2_qwen3_moe": dict(model=QWEN3_MOE, dp_shard=2, ep=2),
+          "pp2_ep2_mixtral_aux": dict(model=MIXTRAL, dp_shard=2, ep=2, aux=AUX)}
 
 
 # checkpoints saved under one layout and resumed under another (DCP by fully qualified names): the
@@ -231,6 +245,19 @@ def test_cp_cases_ran_cp_attention(results):
     micro-batches, + 1 shape-inference probe, per block it holds)."""
     assert results["pp2_cp2"]["cp_attention_calls"] == 25
     assert results["pp2_cp2_zbv"]["cp_attention_calls"] == 50
+
+
+def test_moe_cases_ran_ep_and_the_aux_loss(results):
+    """The MoE cases above are what they say: ep 2 holds 2 of the 4 experts per rank (rank 0,
+    stage 0); with the aux loss on, the logged loss is CE + 0.1 x aux (the reference's
+    transformers loss, matched per step above), about 0.1 x 2 above the same model without it
+    (aux = E sum_e f_e P_e is ~k = 2 for near-uniform routing at init)."""
+    assert results["pp2_ep2_qwen3_moe"]["ep_local_experts"] == results["pp2_ep2_mixtral_aux"]["ep_local_experts"] == 2
+    assert results["pp2_mixtral_aux"]["plan"]["train"]["router_aux_loss_coef"] == AUX
+    assert results["pp2_qwen3_moe"]["ep_local_experts"] is None
+    ref = reference_losses(P.from_dict(plan_of(recipe("no_aux", 2, pp=1, dp_shard=2, model=MIXTRAL))))[0]
+    gap = results["pp2_mixtral_aux"]["losses"]["1"] - ref[1]
+    assert 0.5 * AUX * 2 < gap < 2 * AUX * 2, gap
 
 
 def test_pp_split_is_the_plans(results):

@@ -248,3 +248,45 @@ def test_tied_pp_dry_run_holds_the_estimated_parameters_per_rank():
         assert all(b["ok"] for b in built), built
         # ranks 0 and world - 1: the first rank of stage group 0 and the last of stage group pp - 1
         assert [b["params"] for b in built] == [n for _, n, _ in r.estimate.pp_rank_rows], (mesh, pp, built)
+
+
+def test_moe_types_compile_with_pp_and_ep_inside_the_stage_groups():
+    """Qwen3-MoE and Mixtral (parity: tests/test_pp.py's MoE cases) compile at pp 2, with the
+    router aux loss (exact under pp: runtime/pp.aux_carry) and with ep 2 carved from each stage
+    group's dp_shard 2 (its all-to-all rows in the estimate). The per-stage memory counts each
+    stage's own MLPs as they run (compiler/estimate._moe_mlp_activations over the stage's modules):
+    the tiny Qwen3-MoE's block 0 is MoE and block 1 dense (mlp_only_layers [1]), so the two stages'
+    per-layer bytes differ, and their sum over the stages is the whole model's."""
+    from meshbake.compiler.estimate import _moe_mlp_activations, _pp_model, pp_ranks
+
+    def moe(mt: str, world=2, **mesh):
+        rec = tiny_recipe("pp", world, mesh={"pp": 2, **mesh}, model=str(ROOT / f"tests/models/{mt}/config.json"),
+                          train={"router_aux_loss_coef": 0.1})
+        return resolve(yaml.safe_dump(rec))
+
+    for mt in ("qwen3_moe", "mixtral"):
+        r = moe(mt)
+        assert not isinstance(r, Err), (mt, r)
+        assert r.plan.pp.stages == ((0, 1), (1, 2)) and r.plan.train.router_aux_loss_coef == 0.1
+        ep = moe(mt, 4, dp_shard=2, ep=2)
+        assert not isinstance(ep, Err), (mt, ep)
+        assert (ep.plan.mesh.ep, ep.plan.mesh.experts_fsdp) == (2, 1) and ep.estimate.ep_comm_bytes > 0
+        assert r.estimate.ep_comm_bytes == 0
+        # the dry run (fake process group, meta model) builds each rank's stages with ep inside the stage
+        # group: ranks 0, 1 hold stage 0, ranks 2, 3 stage 1, each with the estimate's params per pp rank
+        from meshbake.runtime.dryrun import dryrun
+
+        built = dryrun(ep.plan, [0, 1, 2, 3])
+        assert all(b["ok"] for b in built), built
+        assert [b["params"] for b in built] == [ep.estimate.pp_rank_rows[i // 2][1] for i in range(4)], built
+    r = moe("qwen3_moe")
+    ranks = pp_ranks(r.recipe, r.model, r.mesh)
+    per = [_moe_mlp_activations(_pp_model(r.model, k), r.mesh, 4) for k in ranks]
+    whole = _moe_mlp_activations(r.model, r.mesh, 4)
+    assert per[0][0] > per[1][0], per     # the MoE block: k = 2 copies of 64 wide vs the dense MLP, 128 wide
+    assert per[0][0] + per[1][0] == 2 * whole[0]            # a stage's share scales with its own layers
+    assert r.estimate.pp_rank_rows[0][2] != r.estimate.pp_rank_rows[1][2]
+    # a model type without a stage split stays refused by type, with the path and the fix
+    q2 = resolve(yaml.safe_dump(tiny_recipe("pp", 2, mesh={"pp": 2}, model=str(ROOT / "tests/models/qwen2_moe/config.json"))))
+    assert isinstance(q2, Err) and any("model_type qwen2_moe has no pipeline stage split" in e.message
+                                       and e.path == "model.config" for e in q2.errors)

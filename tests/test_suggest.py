@@ -371,7 +371,8 @@ def test_pp_refused_recipe_wide_drops_every_pp_candidate_with_one_reason():
 def test_ep_candidates_for_moe_models_where_ep_composes():
     """A MoE model's candidates run over mesh.ep too (compiler/suggest.py ep_sizes, the rules of
     compiler/moe.py ep_errors): 1 and every ep > 1 dividing the experts and dp_shard x tp that is a
-    multiple of tp (ep carved from dp_shard x cp x tp), only at pp 1. A dense model's keep the
+    multiple of tp (ep carved from dp_shard x cp x tp; under pp from each stage group's), at every
+    pp. A dense model's keep the
     recipe's mesh.ep. 128 experts (Qwen3-30B-A3B) on 32 GPUs."""
     from meshbake.compiler.suggest import candidates, ep_sizes
     from meshbake.compiler.validate import validate_all
@@ -384,8 +385,8 @@ def test_ep_candidates_for_moe_models_where_ep_composes():
     assert not errs, errs
     ks = candidates(recipe, 48, 128)
     ep = [k for k in ks if k.ep > 1]
-    assert ep and all(k.pp == 1 and k.ep % k.tp == 0 and 128 % k.ep == 0
-                      and (k.dp_shard * k.cp * k.tp) % k.ep == 0 for k in ep)
+    assert ep and all(k.ep % k.tp == 0 and 128 % k.ep == 0 and (k.dp_shard * k.cp * k.tp) % k.ep == 0 for k in ep)
+    assert {k.pp for k in ep} > {1}                  # ep inside the stage groups of pp candidates too
     assert any(k.cp > 1 and k.tp > 1 for k in ep)
     assert {(k.dp_shard, k.tp, k.ep) for k in ep} >= {(16, 2, 2), (16, 2, 32), (8, 4, 4), (1, 8, 8)}
     assert {k.ep for k in candidates(recipe, 48)} == {recipe.mesh.ep}     # experts unknown / dense: as written
@@ -429,8 +430,8 @@ def ep_sg():
 
 def test_ep_sizes_enumerated_from_dp_shard_x_cp_x_tp():
     """A MoE model's candidates carry every ep > 1 dividing both its experts and dp_shard x cp x tp
-    and a multiple of tp (4 experts at world 4: ep 2 and 4 wherever tp <= 2, ep 4 only at tp 4),
-    pp 1 only; a dense model's ep 1."""
+    and a multiple of tp (4 experts at world 4: ep 2 and 4 wherever tp <= 2, ep 4 only at tp 4);
+    at pp 2 from the stage group's 2 ranks (ep 1 or 2); a dense model's ep 1."""
     from meshbake.compiler.suggest import candidates, ep_sizes
     from meshbake.compiler.validate import validate_all
 
@@ -444,7 +445,7 @@ def test_ep_sizes_enumerated_from_dp_shard_x_cp_x_tp():
         if k.pp == 1:
             eps[k.dp_shard, k.cp, k.tp].add(k.ep)
     assert eps[2, 2, 1] == eps[4, 1, 1] == eps[1, 4, 1] == eps[2, 1, 2] == eps[1, 2, 2] == {1, 2, 4}
-    assert eps[1, 1, 4] == {1, 4} and all(k.ep == 1 for k in ks if k.pp > 1)
+    assert eps[1, 1, 4] == {1, 4} and {k.ep for k in ks if k.pp > 1} == {1, 2}
     assert {k.ep for k in candidates(recipe, 2)} == {1}
 
 

@@ -1893,16 +1893,28 @@ def _measured_rows(recipe: Recipe, mesh: MeshSpec, st: StepTime) -> tuple[tuple[
     over = (f"; {min(mesh.world, recipe.cluster.gpus_per_node)} ranks on {ms.cores} cores: x {cores:g}"
             if cores > 1 else "") + (f"; load (a busy thread got {ms.share:.3g} of a core): x {1 / ms.share:.3g}"
                                      if share > 1 and ms.share < 1 else "")
+    per_rank = recipe.cluster.device == "cpu" and bool(ms.rank_shares)
+    if per_rank:      # _measured_step's per-rank CPU model
+        r = rank_share(recipe, mesh)
+        over = (f"; one rank's CPU / {r:.3g}, the share of a core each of "
+                f"{min(mesh.world, recipe.cluster.gpus_per_node)} busy processes got (measured)")
     ew = (f"{MEMORY_PASSES} passes over activations at {ms.copy_gbps:g} GB/s measured copy"
           + (", cross-entropy over the logits at its measured rate" if ms.cross_entropy_gbps else " (+ logits)")
-          + (f", eager ops x {ms.op_us:.3g} us measured per op" if ms.op_us else ""))
+          + (f", eager ops x {ms.tp_op_us if per_rank and mesh.tp > 1 and ms.tp_op_us else ms.op_us:.3g} us "
+             "measured per op" if ms.op_us else ""))
     exposed = "exposed (gloo: no overlap)" if recipe.cluster.device == "cpu" else f"at most {FSDP_OVERLAP:.0%} hidden"
+    coll = "measured collectives (bus GB/s + latency), exposed"
+    if per_rank and ms.cores and min(mesh.world, recipe.cluster.gpus_per_node) > ms.cores:
+        # _measured_step: more ranks than cores, a rank's wait is another rank's compute
+        coll = exposed = ("their bytes at the measured bus GB/s" + ("" if mesh.tp > 1 and ms.tp_op_us else
+                          f" + {ms.coll_cpu_us:.3g} us CPU a call") + " / the rank's share (more ranks than "
+                          "cores: a wait is another rank's compute)")
     attn = ", the attention at the measured sdpa GFLOP/s" if ms.attention_gflops else ""
     return (("compute", st.compute_s, f"the step's matmuls at the measured GEMM GFLOP/s of their shapes{attn}{over}"),
             ("recompute", st.recompute_s, f"activation checkpointing {recipe.train.activation_checkpointing}"),
             ("element-wise", st.memory_s, f"{ew}{over}"),
-            ("TP", st.tp_s, "measured collectives (bus GB/s + latency), exposed" if mesh.tp > 1 else "no TP"),
-            ("CP", st.cp_s, "measured collectives, exposed" if mesh.cp > 1 else "no CP"),
+            ("TP", st.tp_s, coll if mesh.tp > 1 else "no TP"),
+            ("CP", st.cp_s, coll if mesh.cp > 1 else "no CP"),
             ("FSDP", st.fsdp_s, f"measured collectives, {exposed}" if mesh.fsdp > 1 else "no FSDP traffic"),
             ("HSDP", st.hsdp_s, f"measured collectives, {exposed}" if mesh.dp_replicate > 1 else "no replicas"),
             *((("EP", st.ep_s, "token all-to-alls at the measured all-gather, exposed"),) if mesh.ep > 1 else ()),

@@ -1,7 +1,7 @@
 """`meshbake calibrate` (issue #25 item 3): the measured step-time model's arithmetic on round
 numbers, its per-op counts against the installed transformers, and the closed loop: calibrate
 this machine (the CLI writes a profile with every fact), predict tiny-llama's step at world 1 and
-world 4 from it, run both, compare (+-25%)."""
+world 4 from it, run both, compare (+-25%: `make bench`, bench/calibrate.py; not held 5 of 5 here)."""
 from __future__ import annotations
 
 import json
@@ -112,54 +112,14 @@ RUNS = ((1, {"dp_shard": 1}, False), (4, {"dp_shard": 2, "tp": 2}, True))
 FACTS = ("gemm_gflops", 5), ("attention_gflops", 2), ("cross_entropy_gbps", 3)
 
 
-# the load probe that runs beside the run: one busy process in its own session (a rank's peer
-# in the scheduler's eyes), CPU / wall in 0.25 s windows, each tagged with the steps metrics.jsonl
-# held when it ended. It measures the share of a core one session got while the ranks ran, which
-# is each rank's share (they are sessions like it): the other jobs' load over the very seconds
-# compared, which probes before and after a run could not say here (load 24 -> 111 within one run)
-PROBE = """
-import os, sys, time
-metrics, out = sys.argv[1], sys.argv[2]
-rows = []
-while not os.path.exists(out + ".stop"):
-    c0, t0, x = time.thread_time(), time.perf_counter(), 0
-    while time.perf_counter() - t0 < 0.25:
-        for _ in range(2000):
-            x += 1
-    share = min(1.0, (time.thread_time() - c0) / (time.perf_counter() - t0))
-    try:
-        with open(metrics) as f:
-            n = sum("step_time_s" in line for line in f)
-    except OSError:
-        n = 0
-    rows.append([n, share])
-with open(out, "w") as f:
-    f.write(repr(rows))
-"""
-
-
-def _steps(b: Path, run: Path) -> tuple[list[dict], list[float]]:
-    """The measured steps after WARM, and the load probe's shares over them (windows that ended
-    with WARM to STEPS - 1 steps logged: the measured steps were running)."""
-    import ast
-    import sys
-
-    out = run.parent / f"{run.name}.probe"
-    probe = subprocess.Popen([sys.executable, "-S", "-c", PROBE, str(run / "metrics.jsonl"), str(out)],
-                             start_new_session=True)
-    try:
-        p = subprocess.run(["bash", str(b / "launch.sh")], env=launch_env(run), capture_output=True, text=True,
-                           timeout=900, cwd=b.parent)
-    finally:
-        Path(f"{out}.stop").touch()
-        probe.wait(timeout=60)
+def _steps(b: Path, run: Path) -> list[dict]:
+    p = subprocess.run(["bash", str(b / "launch.sh")], env=launch_env(run), capture_output=True, text=True,
+                       timeout=900, cwd=b.parent)
     assert p.returncode == 0, p.stderr[-5000:]
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if "step_time_s" in r and r.get("step", 0) > WARM]
     assert len(recs) == STEPS - WARM, recs
-    shares = [sh for n, sh in ast.literal_eval(out.read_text()) if WARM <= n < STEPS]
-    assert shares, "the load probe saw no window over the measured steps"
-    return recs, shares
+    return recs
 
 
 def _mean_facts(a: dict, b: dict) -> dict:
@@ -185,13 +145,13 @@ def _predicted(r: dict, path: Path, prof: dict, measured: dict) -> tuple[float, 
 
 def closed_loop(tmp_path: Path) -> dict:
     """`meshbake calibrate --nproc 4` once (the collectives and the TP step's per-op cost: 4 gloo
-    ranks), then per world: the one-process facts again right before and right after the run
-    (averaged), the run itself with the load probe beside it (PROBE: the share of a core one
-    session got over the measured steps, which is each rank's), and the prediction: the step time
-    in plan.json of the recipe compiled with the calibrated profile holding those facts and that
-    share. No figure of the run itself (its step or CPU times) enters the prediction. `idle_s`
-    (the prediction at share 1: one rank's CPU seconds in the model) and rank 0's measured CPU
-    seconds a step (`cpu_s`) are kept for the report: a comparison the load hardly moves."""
+    ranks), then per world: the one-process facts and load probes (one busy thread; 1 and 4 busy
+    processes in their own sessions, as torchrun starts ranks) again right before and right after
+    the run (the load moves within minutes on a shared machine), the run itself, and the
+    prediction: the step time in plan.json of the recipe compiled with the calibrated profile
+    holding their mean. Nothing of the run enters the prediction; `idle_s` (the prediction at
+    shares 1 / 0.5, an idle 2-core machine) and rank 0's CPU seconds a step are kept for the
+    report."""
     import torch
     from meshbake.runtime.calibrate import one_process
 
@@ -214,28 +174,18 @@ def closed_loop(tmp_path: Path) -> dict:
         before = one_process(torch.float32, torch.device("cpu"), 4)
         path.write_text(yaml.safe_dump({**prof, "measured": {**m, **before}}))
         r = tiny_recipe(f"cal_w{world}", world, mesh=mesh, sp=sp, lp=sp, cluster={"profile": str(path)}, train=train)
-        recs, during = _steps(write_bundle_of(r, tmp_path / f"b{world}"), tmp_path / f"run{world}")
+        recs = _steps(write_bundle_of(r, tmp_path / f"b{world}"), tmp_path / f"run{world}")
         after = one_process(torch.float32, torch.device("cpu"), 4)
         facts = {**m, **_mean_facts(before, after)}
-        # the load over the measured steps: a rank's share is the probe's (one session among the
-        # ranks and the other jobs' sessions, the probe included)
-        run_share = statistics.median(during)
-        facts.update(share=run_share, rank_shares=[[1, run_share], [4, run_share]])
-        row = {"measured_s": statistics.median(x["step_time_s"] for x in recs), "probe_share": round(run_share, 3),
-               "probe_windows": len(during),
+        row = {"measured_s": statistics.median(x["step_time_s"] for x in recs),
                "cpu_s": statistics.median(x["cpu_time_s"] for x in recs),
                "shares_before_after": [[round(before["share"], 3), *(round(s, 3) for _, s in before["rank_shares"])],
                                        [round(after["share"], 3), *(round(s, 3) for _, s in after["rank_shares"])]]}
         row["predicted_s"], row["terms"] = _predicted(r, path, prof, facts)
-        row["idle_s"] = _predicted(r, path, prof, {**facts, "share": 1.0, "rank_shares": [[1, 1.0], [4, 1.0]]})[0]
+        row["idle_s"] = _predicted(r, path, prof, {**facts, "share": 1.0,
+                                                   "rank_shares": [[1, 1.0], [4, min(1.0, m["cores"] / 4)]]})[0]
         out[world] = row
     return out
-
-
-def check_closed_loop(out: dict) -> None:
-    """Both worlds within TOL, or a failure with every figure (bench/calibrate.py records them)."""
-    bad = {w: r for w, r in out.items() if abs(r["predicted_s"] / r["measured_s"] - 1) > TOL}
-    assert not bad, json.dumps(out, indent=1)
 
 
 @pytest.mark.dist
@@ -245,7 +195,8 @@ def test_calibrate_writes_a_profile_that_compiles(tmp_path):
     positive, and a recipe naming P compiles with the measured step-time model (PLAN.md says so,
     with the per-rank CPU model's share). The closed loop itself (closed_loop above: predicted vs
     measured step at world 1 and 4, +-25%) is `make bench` (bench/calibrate.py): on this shared
-    machine it held in 3 of 5 runs (docs/PERFORMANCE.md), not the 5 of 5 `make test` needs."""
+    machine it held in 1 of 5 runs (docs/PERFORMANCE.md: the load moved faster than its probes),
+    not the 5 of 5 `make test` needs."""
     out = tmp_path / "here.yaml"
     p = subprocess.run(["meshbake", "calibrate", "--nproc", "2", "--cluster", "local-cpu", "-o", str(out)],
                        env=launch_env(), capture_output=True, text=True, timeout=900)

@@ -21,13 +21,36 @@ import yaml
 from meshbake.compiler.load import _profile_path
 
 
+def tp_plan(nproc: int) -> bytes | None:
+    """plan.json of the tiny TP step runtime/calibrate.py's tp_op_us runs (tiny-llama, dp_shard
+    nproc / 2 x tp 2 + SP + LP, seq 8 x micro 1, fp32, synthetic data, cpu): None at an odd nproc."""
+    if nproc < 2 or nproc % 2:
+        return None
+    from meshbake.compiler.pipeline import compile_recipe
+
+    fp32 = {"param_dtype": "float32", "reduce_dtype": "float32"}
+    r = {"name": "calibrate_tp", "model": {"config": "tiny-llama", "dtype": "float32"},
+         "mesh": {"dp_shard": nproc // 2, "tp": 2}, "tp": {"sequence_parallel": True, "loss_parallel": True},
+         "cluster": {"nodes": 1, "gpus_per_node": nproc, "device": "cpu", "gpu_memory_gb": 8},
+         "train": {"seq_len": 8, "micro_batch_size": 1, "global_batch_size": nproc // 2, "steps": 10,
+                   "mixed_precision": fp32},
+         "data": {"source": "synthetic"}, "checkpoint": {"every_steps": 0, "save_on_exit": False}}
+    b = compile_recipe(yaml.safe_dump(r), source="calibrate_tp")
+    return b.files["plan.json"] if hasattr(b, "files") else None
+
+
 def measure(nproc: int, timeout: int = 600) -> dict | str:
     """The measurement program's JSON, or the reason it failed (the launch's stderr tail)."""
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "measured.json"
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        plan = tp_plan(nproc)
+        extra = []
+        if plan is not None:
+            (Path(d) / "tp_plan.json").write_bytes(plan)
+            extra = [str(Path(d) / "tp_plan.json")]
         p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            f"--nproc-per-node={nproc}", "-m", "meshbake.runtime.calibrate", str(out)],
+                            f"--nproc-per-node={nproc}", "-m", "meshbake.runtime.calibrate", str(out), *extra],
                            env=env, capture_output=True, text=True, timeout=timeout)
         if p.returncode != 0 or not out.is_file():
             return f"the measurement launch failed (exit {p.returncode}):\n{p.stderr[-3000:]}"
@@ -48,6 +71,10 @@ def profile_text(base: dict, m: dict, base_name: str | None) -> str:
         measured["cross_entropy_gbps"] = [[*r[:2], round(r[2], 4)] for r in m["cross_entropy_gbps"]]
         measured["op_us"] = round(m["op_us"], 3)
         measured["share"] = max(0.001, round(m["share"], 3))
+    if "rank_shares" in m:      # the per-rank CPU model (issue #25: the closed loop in make test)
+        measured["rank_shares"] = [[n, max(0.001, round(s, 3))] for n, s in m["rank_shares"]]
+        measured["tp_op_us"] = round(m.get("tp_op_us", 0.0), 3)
+        measured["coll_cpu_us"] = round(m["coll_cpu_us"], 3)
     prof = {**base, "measured": measured}
     prof.setdefault("device", m["device"])
     prof.setdefault("nodes", 1)

@@ -1818,6 +1818,11 @@ def _coll_fit(points, op: str, ranks: int) -> tuple[float, float]:
     return lat, 1 / slope / 1e9
 
 
+def _fit_op(op: str) -> str:
+    """The measured collective a traffic row is timed as (all_to_all and pp sends: the all-gather)."""
+    return op if op in ("all_reduce", "all_gather", "reduce_scatter") else "all_gather"
+
+
 def measured_comm_seconds(recipe: Recipe, rows: tuple[Collective, ...], axes: tuple[str, ...]) -> float:
     """The rows on these axes at the measured collectives: wire bytes / measured bus bandwidth +
     the measured latency per call (all_to_all and pp sends at the all-gather's fit)."""
@@ -1861,6 +1866,46 @@ OPS_OPTIMIZER = 28
 OPS_OPTIMIZER_PER_BLOCK = 18
 
 
+# the runtime's own step on CPU, counted the same way (a TorchDispatchMode around
+# runtime/train.py train_step, tiny-llama at 1 and 2 layers, world 1 and world 4, seq 128 x micro 4):
+# per micro-batch (plain ops per block, outside; DTensor ops per block, outside) and per step (plain
+# ops: + per block; DTensor ops; a "DTensor op" is one the mode sees with a DTensor argument). A TP
+# plan's ops cost cluster.measured.tp_op_us each (measured on the runtime's own TP step, hooks and
+# collective calls included), the others op_us.
+#   plain (world 1)            211 / 76 a micro-batch; 28 + 18 L (clip, AdamW, zero_grad) + 70 (the
+#                              runtime's data, stats all-reduce, .item()s) a step: 1,130 at L = 2
+#   FSDP (dp_shard 4)          282 / 99 (FSDP2's copy-in / copy-out and hooks' ops); 81 + 27 L plain
+#                              + 19 DTensor a step (clipping and AdamW over the DTensor shards)
+#   TP + SP + LP (dp_shard 2 x tp 2)  188 / 74 plain + 149 / 51 DTensor a micro-batch (the block's
+#                              ops on Shard/Replicate activations, redistributes, the loss parallel
+#                              cross-entropy); 79 + 27 L plain + 23 DTensor a step: 1,754 at L = 2
+#   TP without SP (dp_shard 2 x tp 2)  230 / 106 plain + 91 / 16 DTensor a micro-batch; 90 + 27 L
+#                              plain + 23 DTensor a step: 1,695 at L = 2
+CPU_OPS = {"plain": (211, 76, 0, 0, 98, 18, 0), "fsdp": (282, 99, 0, 0, 81, 27, 19),
+           "tp_sp": (188, 74, 149, 51, 79, 27, 23), "tp": (230, 106, 91, 16, 90, 27, 23)}
+
+
+def cpu_ops(recipe: Recipe, mesh: MeshSpec, layers: int) -> tuple[int, int]:
+    """(plain aten ops, DTensor ops) one rank dispatches a step on CPU (CPU_OPS: counted on HF Llama;
+    other decoder families differ by a few ops a block)."""
+    kind = (("tp_sp" if mesh.sequence_parallel else "tp") if mesh.tp > 1
+            else "fsdp" if mesh.fsdp > 1 or mesh.dp_replicate > 1 else "plain")
+    blk, out, dblk, dout, step, step_blk, dstep = CPU_OPS[kind]
+    micro = mesh.grad_accum
+    return (blk * layers + out) * micro + step + step_blk * layers, (dblk * layers + dout) * micro + dstep
+
+
+def rank_share(recipe: Recipe, mesh: MeshSpec) -> float:
+    """The fraction of a core one rank gets on device cpu: the measured share of n busy processes in
+    their own sessions (cluster.measured.rank_shares; n = the ranks of a node, nearest measured),
+    which holds both the oversubscription (4 ranks on 2 idle cores: 0.5) and the other jobs' load;
+    a profile without it: 1 / oversubscribed."""
+    ms = recipe.cluster.measured
+    if not ms.rank_shares:
+        return 1 / oversubscribed(recipe, mesh)
+    return min(1.0, _nearest(ms.rank_shares, (max(1, min(mesh.world, recipe.cluster.gpus_per_node)),)))
+
+
 def _nearest(rows, key: tuple[int, ...]) -> float:
     """The measured value (last item) of the row nearest `key` in log distance over its leading
     items: throughput depends on the shape, not only on the amount of work."""
@@ -1877,7 +1922,11 @@ def _measured_step(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms, model: 
     # micro-batches per rank per step: grad_accum (gbs / (mbs x dp)); tp ranks run the same micro-
     # batches on their shards (tokens / (mbs x seq / cp) counted them 1 / tp times)
     micro = mesh.grad_accum
-    share = oversubscribed(recipe, mesh)
+    # on cpu with the per-rank probes (rank_shares): every term is one rank's CPU seconds / the share
+    # of a core a rank gets (per_rank_cpu below); older profiles: x oversubscribed
+    per_rank = recipe.cluster.device == "cpu" and bool(ms.rank_shares) and model is not None
+    tp_ops = per_rank and mesh.tp > 1 and ms.tp_op_us > 0
+    share = 1.0 / rank_share(recipe, mesh) if per_rank else oversubscribed(recipe, mesh)
     mm = sum(p * 2 * m * n * k / (_gflops_at(ms, m, n, k) * 1e9) for m, n, k, p in gemms)
     mm_flops = sum(p * 2 * m * n * k for m, n, k, p in gemms)
     # the attention's score matmuls (12 L H Dh T per token): at the measured causal sdpa throughput
@@ -1896,9 +1945,22 @@ def _measured_step(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms, model: 
     # the measured collectives are seconds on an idle machine (runtime/calibrate.py scales them by
     # the share around them); a loaded cpu machine stretches them like the compute: / share
     load = ms.share if recipe.cluster.device == "cpu" else 1.0
-    comm = {a: measured_comm_seconds(recipe, rows, ax) / load for a, ax in
-            (("tp", ("tp",)), ("fsdp", ("dp_shard", "dp_shard_cp", "efsdp")), ("hsdp", ("dp_replicate",)),
-             ("cp", ("cp",)), ("ep", ("ep",)))}
+    axes = (("tp", ("tp",)), ("fsdp", ("dp_shard", "dp_shard_cp", "efsdp")), ("hsdp", ("dp_replicate",)),
+            ("cp", ("cp",)), ("ep", ("ep",)))
+    comm = {a: measured_comm_seconds(recipe, rows, ax) / load for a, ax in axes}
+    ranks_local = max(1, min(mesh.world, recipe.cluster.gpus_per_node))
+    if per_rank and ms.cores and ranks_local > ms.cores:
+        # more ranks than cores: a rank waiting in a collective is another rank computing, so the
+        # wait is not time of its own (the cores stay busy); what a collective costs is its CPU
+        # (gloo's send/recv threads and the call, coll_cpu_us a call) at the rank's share. The
+        # measured wall latency (1-2 ms at 4 ranks on 2 cores) is mostly that wait, counted
+        # again on top of the compute it overlaps
+        # tp_op_us already holds the calls' CPU of a TP step (its collectives ran in what it timed):
+        # then only the bytes (the fit's bandwidth term: gloo's copies and reductions) remain
+        calls = 0.0 if tp_ops else ms.coll_cpu_us * 1e-6
+        comm = {a: sum(c.count * calls + c.wire_bytes / (_coll_fit(getattr(ms, _fit_op(c.op)), _fit_op(c.op),
+                                                                      ms.ranks)[1] * 1e9)
+                       for c in rows if c.axis in ax) * share for a, ax in axes}
     # gloo on CPU: the runtime's collectives run on the ranks' own cores, which the compute keeps
     # busy (and oversubscribed): nothing hides, every collective is exposed. On cuda FSDP2's
     # prefetch hides what step_time's FSDP_OVERLAP rule says
@@ -1926,6 +1988,9 @@ def _measured_step(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms, model: 
     ops = ((OPS_OUTSIDE + OPS_PER_BLOCK * model.num_layers) * micro + OPS_OPTIMIZER
            + OPS_OPTIMIZER_PER_BLOCK * model.num_layers) if model is not None else 0
     dispatch = ops * ms.op_us * 1e-6 * share
+    if per_rank:      # the runtime's own op counts (CPU_OPS); a TP step's ops at its measured cost
+        plain, dt = cpu_ops(recipe, mesh, model.num_layers)
+        dispatch = (plain + dt) * (ms.tp_op_us if tp_ops else ms.op_us) * 1e-6 * share
     st = StepTime(compute_s=compute, recompute_s=recompute, tp_s=comm["tp"], memory_s=memory + ce + dispatch,
                   fsdp_s=exposed * comm["fsdp"] / dp if dp else 0.0, hsdp_s=exposed * comm["hsdp"] / dp if dp else 0.0,
                   cp_s=comm["cp"], ep_s=comm["ep"], tokens_per_rank=tokens, optimizer_s=opt)
@@ -1961,16 +2026,28 @@ def _measured_rows(recipe: Recipe, mesh: MeshSpec, st: StepTime) -> tuple[tuple[
     over = (f"; {min(mesh.world, recipe.cluster.gpus_per_node)} ranks on {ms.cores} cores: x {cores:g}"
             if cores > 1 else "") + (f"; load (a busy thread got {ms.share:.3g} of a core): x {1 / ms.share:.3g}"
                                      if share > 1 and ms.share < 1 else "")
+    per_rank = recipe.cluster.device == "cpu" and bool(ms.rank_shares)
+    if per_rank:      # _measured_step's per-rank CPU model
+        r = rank_share(recipe, mesh)
+        over = (f"; one rank's CPU / {r:.3g}, the share of a core each of "
+                f"{min(mesh.world, recipe.cluster.gpus_per_node)} busy processes got (measured)")
     ew = (f"{MEMORY_PASSES} passes over activations at {ms.copy_gbps:g} GB/s measured copy"
           + (", cross-entropy over the logits at its measured rate" if ms.cross_entropy_gbps else " (+ logits)")
-          + (f", eager ops x {ms.op_us:.3g} us measured per op" if ms.op_us else ""))
+          + (f", eager ops x {ms.tp_op_us if per_rank and mesh.tp > 1 and ms.tp_op_us else ms.op_us:.3g} us "
+             "measured per op" if ms.op_us else ""))
     exposed = "exposed (gloo: no overlap)" if recipe.cluster.device == "cpu" else f"at most {FSDP_OVERLAP:.0%} hidden"
+    coll = "measured collectives (bus GB/s + latency), exposed"
+    if per_rank and ms.cores and min(mesh.world, recipe.cluster.gpus_per_node) > ms.cores:
+        # _measured_step: more ranks than cores, a rank's wait is another rank's compute
+        coll = exposed = ("their bytes at the measured bus GB/s" + ("" if mesh.tp > 1 and ms.tp_op_us else
+                          f" + {ms.coll_cpu_us:.3g} us CPU a call") + " / the rank's share (more ranks than "
+                          "cores: a wait is another rank's compute)")
     attn = ", the attention at the measured sdpa GFLOP/s" if ms.attention_gflops else ""
     return (("compute", st.compute_s, f"the step's matmuls at the measured GEMM GFLOP/s of their shapes{attn}{over}"),
             ("recompute", st.recompute_s, f"activation checkpointing {recipe.train.activation_checkpointing}"),
             ("element-wise", st.memory_s, f"{ew}{over}"),
-            ("TP", st.tp_s, "measured collectives (bus GB/s + latency), exposed" if mesh.tp > 1 else "no TP"),
-            ("CP", st.cp_s, "measured collectives, exposed" if mesh.cp > 1 else "no CP"),
+            ("TP", st.tp_s, coll if mesh.tp > 1 else "no TP"),
+            ("CP", st.cp_s, coll if mesh.cp > 1 else "no CP"),
             ("FSDP", st.fsdp_s, f"measured collectives, {exposed}" if mesh.fsdp > 1 else "no FSDP traffic"),
             ("HSDP", st.hsdp_s, f"measured collectives, {exposed}" if mesh.dp_replicate > 1 else "no replicas"),
             *((("EP", st.ep_s, "token all-to-alls at the measured all-gather, exposed"),) if mesh.ep > 1 else ()),

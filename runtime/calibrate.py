@@ -14,6 +14,14 @@ CUDA); rank 0 writes one JSON object to the path given as argv[1]:
                      the matmuls: ~219 ops per Llama block's forward + backward)
     share            the fraction of one core a busy thread gets right now (CPU time / wall time;
                      1 on an idle machine): the other jobs' load
+    rank_shares      [[n, share], ...]: the fraction of a core each of n busy processes gets when
+                     they run at once, each in its own session as torchrun starts its workers
+                     (n = 1 and the rank count): what n ranks of one node get between them and
+                     the other jobs (2 cores, idle: [4, 0.5]; under load much less)
+    tp_op_us         CPU microseconds per op of the runtime's own TP + FSDP step at a size with no
+                     arithmetic (argv[2]: its plan.json, tiny-llama dp_shard N/2 x tp 2 + SP + LP)
+    coll_cpu_us      the CPU one small collective costs the calling process, all its threads
+                     (gloo's send/recv threads included), microseconds
     all_reduce, all_gather, reduce_scatter
                      [[bytes, seconds], ...]: one collective of a `bytes` per-rank buffer over
                      all N ranks with the real backend, the median of its repeats, x the
@@ -70,6 +78,79 @@ def cpu_share(seconds: float = SHARE_S) -> float:
         for _ in range(2000):
             x += 1
     return min(1.0, (time.thread_time() - c0) / (time.perf_counter() - t0))
+
+
+SPIN = """
+import sys, time
+start, seconds = float(sys.argv[1]), float(sys.argv[2])
+while time.time() < start:
+    time.sleep(0.005)
+c0, t0, x = time.thread_time(), time.perf_counter(), 0
+while time.perf_counter() - t0 < seconds:
+    for _ in range(2000):
+        x += 1
+print(min(1.0, (time.thread_time() - c0) / (time.perf_counter() - t0)))
+"""
+
+
+def rank_shares(counts: tuple[int, ...], seconds: float = SHARE_S) -> list[list[float]]:
+    """[[n, share], ...]: n busy processes started at once, each in its own session (torchrun's
+    SubprocessHandler starts every worker with start_new_session=True, and Linux's autogroup
+    shares the cores between sessions, not threads), the mean fraction of a core each got.
+    A rank's share is not the one-thread `share` / ranks: 4 sessions of ours among 10 others'
+    on 2 cores get 2 / 14 each where a lone probe got 2 / 11; idle, 4 get 2 / 4 where one got 1.
+    `python -S` (no site) starts in ~10 ms; the processes wait for a common start time."""
+    import subprocess
+
+    out = []
+    for n in counts:
+        start = time.time() + 0.25
+        ps = [subprocess.Popen([sys.executable, "-S", "-c", SPIN, repr(start), repr(seconds)], stdout=subprocess.PIPE,
+                               text=True, start_new_session=True) for _ in range(n)]
+        vals = [float(p.communicate(timeout=60)[0]) for p in ps]
+        out.append([n, statistics.mean(vals)])
+    return out
+
+
+def tp_op_us(plan_path: str) -> float:
+    """CPU microseconds per op of the runtime's own TP + FSDP step, all ranks: `meshbake calibrate`
+    compiles tiny-llama at dp_shard N/2 x tp 2 + SP + LP, seq 8 x micro 1 (no arithmetic to speak
+    of) to plan_path; runtime/train.py setup and train_step run it, and rank 0's process CPU a step
+    (all its threads: gloo's included) over the ops a TorchDispatchMode counts in one step is the
+    cost of an op there: DTensor's sharding propagation, the TP styles' and FSDP2's hooks in
+    Python, the collectives' calls. A bare DTensor op costs ~2x a plain one (15 vs 8 us here); the
+    runtime's TP step pays ~10x a plain op per op counted, which the bare op does not show."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from . import train
+    from .plan import load_plan
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    plan = load_plan(plan_path)
+    with tempfile.TemporaryDirectory() as d:
+        job = train.setup(plan, Path(d))
+        for s in range(3):                  # warm-up: sharding propagation caches, allocations
+            train.train_step(job, s, False)
+        with Count() as c:
+            train.train_step(job, 3, False)
+        times = []
+        for s in range(4, 10):
+            c0 = time.process_time()
+            float(train.train_step(job, s, False).stats[0])
+            times.append(time.process_time() - c0)
+        job.log.close()
+    del torch
+    return statistics.median(times) / c.n * 1e6
 
 
 def gemm(dtype, device) -> list[list[float]]:
@@ -175,16 +256,18 @@ def op_us(device) -> float:
     return _median_time(step) / c.n * 1e6
 
 
-def one_process(dtype, device) -> dict:
+def one_process(dtype, device, ranks: int = 1) -> dict:
     """The facts one process measures alone (see the module docstring), with one intra-op thread as
-    each rank runs (OMP_NUM_THREADS=1: the thread's CPU time is then the op's); the load probe first."""
+    each rank runs (OMP_NUM_THREADS=1: the thread's CPU time is then the op's); the load probes first
+    (the share of one thread, and of 1 and `ranks` processes in their own sessions)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         share = cpu_share()
-        return {"share": share, "gemm_gflops": gemm(dtype, device), "copy_gbps": copy_gbps(device),
+        return {"share": share, "rank_shares": rank_shares(tuple(sorted({1, ranks}))),
+                "gemm_gflops": gemm(dtype, device), "copy_gbps": copy_gbps(device),
                 "attention_gflops": attention(dtype, device), "cross_entropy_gbps": cross_entropy(device),
                 "op_us": op_us(device)}
     finally:
@@ -194,7 +277,8 @@ def one_process(dtype, device) -> dict:
 def collectives(dist, world: int, device) -> dict[str, list[list[float]]]:
     import torch
 
-    out: dict[str, list[list[float]]] = {"all_reduce": [], "all_gather": [], "reduce_scatter": []}
+    out: dict = {"all_reduce": [], "all_gather": [], "reduce_scatter": []}
+    cpu: list[float] = []
     for nbytes in SIZES:
         n = nbytes // 4
         n -= n % world
@@ -209,12 +293,15 @@ def collectives(dist, world: int, device) -> dict[str, list[list[float]]]:
             op()
             for _ in range(11 if nbytes < 1024 * 1024 else 5):
                 dist.barrier()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 op()
+                if nbytes <= 64 * 1024:       # the per-call CPU (small messages: no bandwidth term)
+                    cpu.append(time.process_time() - c0)
                 t = torch.tensor([time.perf_counter() - t0], device=device)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)      # the slowest rank is the collective's time
                 times.append(float(t))
             out[name].append([n * 4, statistics.median(times)])
+    out["coll_cpu_us"] = statistics.median(cpu) * 1e6
     return out
 
 
@@ -230,8 +317,15 @@ def main(argv: list[str]) -> int:
     res: dict = {"ranks": world, "cores": len(os.sched_getaffinity(0)), "device": device.type,
                  "dtype": str(dtype).removeprefix("torch.")}
     if rank == 0:
-        res.update(one_process(dtype, device))
+        res.update(one_process(dtype, device, world))
     dist.barrier()
+    if not cuda and len(argv) > 2:        # every rank trains the tiny TP step; rank 0's CPU is reported
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        us = tp_op_us(argv[2])
+        torch.set_num_threads(threads)
+        if rank == 0:
+            res["tp_op_us"] = us
     share = [cpu_share(0.1)] if rank == 0 else []
     coll = collectives(dist, world, device)
     if rank == 0:
@@ -240,6 +334,7 @@ def main(argv: list[str]) -> int:
         # divides by the share of the run it predicts (cluster.measured.share)
         share.append(cpu_share(0.1))
         s = statistics.mean(share)
+        res["coll_cpu_us"] = coll.pop("coll_cpu_us")
         res.update({op: [[b, t * s] for b, t in rows] for op, rows in coll.items()})
         res["collective_share"] = s
     if rank == 0:

@@ -1,7 +1,7 @@
 """`meshbake calibrate` (issue #25 item 3): the measured step-time model's arithmetic on round
 numbers, its per-op counts against the installed transformers, and the closed loop: calibrate
 this machine (the CLI writes a profile with every fact), predict tiny-llama's step at world 1 and
-world 4 from it, run both, compare (+-25%)."""
+world 4 from it, run both, compare (+-25%: `make bench`, bench/calibrate.py; not held 5 of 5 here)."""
 from __future__ import annotations
 
 import json
@@ -105,16 +105,16 @@ def test_op_counts_match_transformers():
 # the closed loop: tiny-llama fp32, seq 128 x micro 4, 2 micro-batches a step, STEPS steps, the
 # median step after the first WARM (step 1 is 1.3-3.5x slower, world-4 steps 2-3 still warm up)
 STEPS, WARM = 12, 4
-# +-25%: the issue's goal. What a quiet machine leaves is the model's own error (the terms it
-# does not count: per-op cost of DTensor/FSDP hooks beyond the plain count, cache effects between
-# ranks); on a shared one the load changes within a run (measured before and after it, not during)
+# +-25%: the issue's goal. The prediction is plan.json's estimate.time from the calibrated profile
+# with the load probes measured right before and right after each run (nothing from the run itself)
 TOL = 0.25
 RUNS = ((1, {"dp_shard": 1}, False), (4, {"dp_shard": 2, "tp": 2}, True))
+FACTS = ("gemm_gflops", 5), ("attention_gflops", 2), ("cross_entropy_gbps", 3)
 
 
 def _steps(b: Path, run: Path) -> list[dict]:
     p = subprocess.run(["bash", str(b / "launch.sh")], env=launch_env(run), capture_output=True, text=True,
-                       timeout=600, cwd=b.parent)
+                       timeout=900, cwd=b.parent)
     assert p.returncode == 0, p.stderr[-5000:]
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if "step_time_s" in r and r.get("step", 0) > WARM]
@@ -124,7 +124,7 @@ def _steps(b: Path, run: Path) -> list[dict]:
 
 def _mean_facts(a: dict, b: dict) -> dict:
     """The one-process facts measured before and after a run, averaged (rows: their measured value;
-    the load `share` too): what the machine was like over the run, as far as the two ends say."""
+    the load probes too): what the machine was like over the run, as far as the two ends say."""
     def avg(x, y):
         if isinstance(x, list):
             return [[*r[:-1], (r[-1] + q[-1]) / 2] for r, q in zip(x, y)]
@@ -144,25 +144,26 @@ def _predicted(r: dict, path: Path, prof: dict, measured: dict) -> tuple[float, 
 
 
 def closed_loop(tmp_path: Path) -> dict:
-    """`meshbake calibrate --nproc 4` once (the collectives: 4 gloo ranks), then per world: the
-    one-process facts again right before and right after the run (the load moves within minutes
-    on a shared machine; ~2 s each on an idle one), the run itself, and the prediction: the step
-    time in plan.json of the recipe compiled with the calibrated profile holding their mean.
-    World 1 also with the run's own load: its rank computes all step (no peer to wait for), so
-    its CPU seconds / wall seconds a step (metrics.jsonl cpu_time_s / step_time_s) is the share
-    of a core it got, measured over the very steps compared; at world 4 that ratio also holds
-    the waits for peers (part of what is predicted), so world 4 keeps the probes' share."""
+    """`meshbake calibrate --nproc 4` once (the collectives and the TP step's per-op cost: 4 gloo
+    ranks), then per world: the one-process facts and load probes (one busy thread; 1 and 4 busy
+    processes in their own sessions, as torchrun starts ranks) again right before and right after
+    the run (the load moves within minutes on a shared machine), the run itself, and the
+    prediction: the step time in plan.json of the recipe compiled with the calibrated profile
+    holding their mean. Nothing of the run enters the prediction; `idle_s` (the prediction at
+    shares 1 / 0.5, an idle 2-core machine) and rank 0's CPU seconds a step are kept for the
+    report."""
     import torch
     from meshbake.runtime.calibrate import one_process
 
     base = tmp_path / "calibrated.yaml"
     p = subprocess.run(["meshbake", "calibrate", "--nproc", "4", "--cluster", "local-cpu", "-o", str(base)],
-                       env=launch_env(), capture_output=True, text=True, timeout=600)
+                       env=launch_env(), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout + p.stderr
     prof = yaml.safe_load(base.read_text())
     m = prof["measured"]
     assert m["ranks"] == 4 and m["cores"] >= 1 and m["copy_gbps"] > 0 and 0 < m["share"] <= 1 and m["op_us"] > 0
-    for key, n in (("gemm_gflops", 5), ("attention_gflops", 2), ("cross_entropy_gbps", 3)):
+    assert m["tp_op_us"] > 0 and m["coll_cpu_us"] > 0 and [n for n, _ in m["rank_shares"]] == [1, 4], m
+    for key, n in FACTS:
         assert len(m[key]) == n and all(r[-1] > 0 for r in m[key]), (key, m[key])
     assert all(len(m[op]) == 4 and all(s > 0 for _, s in m[op]) for op in ("all_reduce", "all_gather", "reduce_scatter"))
     out = {}
@@ -170,21 +171,19 @@ def closed_loop(tmp_path: Path) -> dict:
         train = {"seq_len": 128, "micro_batch_size": 4, "global_batch_size": 8 * (world // mesh.get("tp", 1)),
                  "steps": STEPS, "warmup_steps": 2}
         path = tmp_path / f"w{world}.yaml"
-        before = one_process(torch.float32, torch.device("cpu"))
+        before = one_process(torch.float32, torch.device("cpu"), 4)
         path.write_text(yaml.safe_dump({**prof, "measured": {**m, **before}}))
         r = tiny_recipe(f"cal_w{world}", world, mesh=mesh, sp=sp, lp=sp, cluster={"profile": str(path)}, train=train)
         recs = _steps(write_bundle_of(r, tmp_path / f"b{world}"), tmp_path / f"run{world}")
-        after = one_process(torch.float32, torch.device("cpu"))
+        after = one_process(torch.float32, torch.device("cpu"), 4)
         facts = {**m, **_mean_facts(before, after)}
         row = {"measured_s": statistics.median(x["step_time_s"] for x in recs),
                "cpu_s": statistics.median(x["cpu_time_s"] for x in recs),
-               "share_before_after": [round(before["share"], 3), round(after["share"], 3)]}
-        row["probes_s"], row["terms"] = _predicted(r, path, prof, facts)
-        row["predicted_s"] = row["probes_s"]
-        if world == 1:
-            row["run_share"] = min(1.0, statistics.median(x["cpu_time_s"] / x["step_time_s"] for x in recs))
-            row["predicted_s"], row["terms"] = _predicted(r, path, prof, {**facts, "share": row["run_share"]})
-        row["idle_s"] = _predicted(r, path, prof, {**facts, "share": 1.0})[0]     # the CPU-time model alone
+               "shares_before_after": [[round(before["share"], 3), *(round(s, 3) for _, s in before["rank_shares"])],
+                                       [round(after["share"], 3), *(round(s, 3) for _, s in after["rank_shares"])]]}
+        row["predicted_s"], row["terms"] = _predicted(r, path, prof, facts)
+        row["idle_s"] = _predicted(r, path, prof, {**facts, "share": 1.0,
+                                                   "rank_shares": [[1, 1.0], [4, min(1.0, m["cores"] / 4)]]})[0]
         out[world] = row
     return out
 
@@ -192,22 +191,27 @@ def closed_loop(tmp_path: Path) -> dict:
 @pytest.mark.dist
 def test_calibrate_writes_a_profile_that_compiles(tmp_path):
     """`meshbake calibrate --nproc 2 -o P` on this machine: P holds every measured fact (the
-    GEMMs, sdpa, cross-entropy, per-op cost, load share, collectives), positive, and a recipe
-    naming P compiles with the measured step-time model (PLAN.md says so, with its per-op term).
-    The closed loop itself (predicted vs measured step at world 1 and 4, +-25%) is `make bench`
-    (bench/calibrate.py, closed_loop above): it did not hold on this shared machine (2 of 5 runs,
-    docs/PERFORMANCE.md), and a timing assertion that fails with the load does not belong in
-    `make test`."""
+    GEMMs, sdpa, cross-entropy, per-op cost, the TP step's per-op cost, load shares, collectives),
+    positive, and a recipe naming P compiles with the measured step-time model (PLAN.md says so,
+    with the per-rank CPU model's share). The closed loop itself (closed_loop above: predicted vs
+    measured step at world 1 and 4, +-25%) is `make bench` (bench/calibrate.py): on this shared
+    machine it held in 1 of 5 runs (docs/PERFORMANCE.md: the load moved faster than its probes),
+    not the 5 of 5 `make test` needs."""
     out = tmp_path / "here.yaml"
     p = subprocess.run(["meshbake", "calibrate", "--nproc", "2", "--cluster", "local-cpu", "-o", str(out)],
-                       env=launch_env(), capture_output=True, text=True, timeout=600)
+                       env=launch_env(), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout + p.stderr
     m = yaml.safe_load(out.read_text())["measured"]
     assert m["ranks"] == 2 and m["cores"] >= 1 and m["copy_gbps"] > 0 and 0 < m["share"] <= 1 and m["op_us"] > 0
-    for key, n in (("gemm_gflops", 5), ("attention_gflops", 2), ("cross_entropy_gbps", 3)):
+    assert m["tp_op_us"] > 0 and m["coll_cpu_us"] > 0 and [n for n, _ in m["rank_shares"]] == [1, 2], m
+    for key, n in FACTS:
         assert len(m[key]) == n and all(r[-1] > 0 for r in m[key]), (key, m[key])
     assert all(len(m[op]) == 4 and all(s > 0 for _, s in m[op]) for op in ("all_reduce", "all_gather", "reduce_scatter"))
-    b = compiled(tiny_recipe("cal", 2, cluster={"profile": str(out)}))
-    assert "Profile numbers used: measured by meshbake calibrate" in b.files["PLAN.md"].decode()
+    b = compiled(tiny_recipe("cal", 2, mesh={"tp": 2}, sp=True, lp=True, cluster={"profile": str(out)},
+                             train={"seq_len": 128, "micro_batch_size": 4, "global_batch_size": 4}))
+    plan = b.files["PLAN.md"].decode()
+    assert "Profile numbers used: measured by meshbake calibrate" in plan
+    assert "the share of a core each of 2 busy processes got (measured)" in plan, plan
+    assert f"eager ops x {m['tp_op_us']:.3g} us measured per op" in plan, plan
     t = json.loads(b.files["plan.json"])["estimate"]["time"]
-    assert t["compute_s"] > 0 and t["memory_s"] > 0 and t["tp_s"] == 0, t      # world 2 = dp_shard 2: no tp
+    assert t["compute_s"] > 0 and t["memory_s"] > 0 and t["tp_s"] > 0, t

@@ -29,6 +29,7 @@ KINDS = {
     "allreduce_coalesced_": "all_reduce",
     "broadcast": "broadcast", "broadcast_": "broadcast",
     "all_to_all_single": "all_to_all", "alltoall_base_": "all_to_all", "alltoall_": "all_to_all",
+    "send": "send", "recv_": "recv",
 }
 NAMESPACES = ("c10d", "_c10d_functional", "_c10d_functional_autograd")
 

@@ -1278,7 +1278,9 @@ def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: boo
     mlp_ad = (any(m.fqn in adapted for m in lin if not _is_attn(m.fqn, pre))
               or any(f.startswith(pre) for f in adapted if is_expert_target(f)))
     L = model.num_layers
-    if not lo.rank or recipe.train.activation_checkpointing != "none":
+    # a pp stage after the first receives its input as a tensor that requires grad (the pipeline's
+    # receive buffer, whose gradient goes back to the previous stage): every block's backward runs
+    if not lo.rank or recipe.train.activation_checkpointing != "none" or first != "0":
         n_before = n_attn = n_mlp = k_l = v_l = L
     else:
         any_ad = attn_ad or mlp_ad

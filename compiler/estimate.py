@@ -828,7 +828,10 @@ def pp_traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, r: PPRank) -> t
         rows_local = -(-(model.vocab_size // mesh.tp) // f)
         rows += (Collective("pp", 2, "all_reduce", "tied embedding gradients (first + last stage's copy)", 1,
                             rows_local * model.hidden_size * DTYPE_BYTES[recipe.model.dtype]),)
-    return rows
+    # clipping: each stage's sum of squared norms (a float64 scalar) summed over the pp group once a
+    # step (runtime/train.clip_grad_norm pp_group)
+    return rows + (Collective("pp", mesh.pp, "all_reduce", "grad norm: squares summed over the stages (float64)",
+                              1, 8),)
 
 
 def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements, *, memory_first: bool = False) -> Estimate:
@@ -891,8 +894,13 @@ def _estimate_pp(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placement
     r, params, mem, rows = _pp_estimate(recipe, model, mesh, pl)
     rec = replace(recipe, train=replace(recipe.train, grad_sync="last_micro_step"))
     over = memory_first and max(b for _, b in mem["phases"]) > int(recipe.cluster.gpu_memory_gb * 1e9 * USABLE)
+    # the stage's rows on the stage model (its modules only: its blocks, the embedding on the first
+    # stage, final norm + lm_head on the last); the last stage's copy of a tied table is clipped but
+    # left out of the grad norm (runtime/pp.py norm_skip): one tensor fewer in its group's partials
+    mr = _pp_rank_params(rec, model, pl, mesh, r)[0]
     comm = () if over else \
-        traffic(rec, replace(model, num_layers=r.blocks), mesh, pl, params) + pp_traffic(recipe, model, mesh, r)
+        traffic(rec, mr, mesh, pl, params, norm_skip_head=model.roles.tied and not r.first) \
+        + pp_traffic(recipe, model, mesh, r)
     est = Estimate(
         params_total=model.num_params,
         trainable_total=_fsdp_sums(_rank_params(recipe, model, pl, 1), 1, model.num_layers)[3],
@@ -1246,6 +1254,7 @@ class _Shape:
     # summed over tp by _SumGrad in every backward (runtime/fused.py _hf_layout_experts): blocks, numel
     down_bias: tuple[int, int] = (0, 0)
     gated_shared: int = 0          # MoE blocks with a gated shared expert (Qwen2-MoE): _SumGrad of the gate
+    has_head: bool = True          # the model holds lm_head (a pp stage without the last: no loss, no logits)
 
 
 def _is_attn(fqn: str, prefix: str) -> bool:
@@ -1256,7 +1265,11 @@ def _is_attn(fqn: str, prefix: str) -> bool:
 def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: bool) -> _Shape:
     lo = recipe.lora
     roles = model.roles
-    pre = f"{roles.block_prefix}.0."
+    # the first block the model holds: block 0, or under pp a stage's first (its stage model's modules)
+    bp = roles.block_prefix + "."
+    first = next((m.fqn[len(bp):].partition(".")[0] for m in model.modules
+                  if m.fqn.startswith(bp) and m.fqn[len(bp):].partition(".")[0].isdigit()), "0")
+    pre = f"{bp}{first}."
     block = [m for m in model.modules if m.fqn.startswith(pre)]
     leaf = lambda m: m.fqn.rpartition(".")[2]  # noqa: E731
     adapted = set(pl.lora_targets) if lo.rank else set()
@@ -1265,7 +1278,9 @@ def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: boo
     mlp_ad = (any(m.fqn in adapted for m in lin if not _is_attn(m.fqn, pre))
               or any(f.startswith(pre) for f in adapted if is_expert_target(f)))
     L = model.num_layers
-    if not lo.rank or recipe.train.activation_checkpointing != "none":
+    # a pp stage after the first receives its input as a tensor that requires grad (the pipeline's
+    # receive buffer, whose gradient goes back to the previous stage): every block's backward runs
+    if not lo.rank or recipe.train.activation_checkpointing != "none" or first != "0":
         n_before = n_attn = n_mlp = k_l = v_l = L
     else:
         any_ad = attn_ad or mlp_ad
@@ -1327,8 +1342,9 @@ def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: boo
              if m.kind == "experts" and model.layouts.get(m.fqn) == "experts"]
     local = lambda m: any(m.fqn.startswith(b + s) for b in fused for s in ("shared_expert.", "shared_experts."))  # noqa: E731
     hf_ex = [m for m in model.modules if m.kind == "experts" and model.layouts.get(m.fqn) == "experts_hf"]
-    if not lo.rank and model.num_params - covered + (model.vocab_size * model.hidden_size
-                                                     if roles.tied else 0) > 0:
+    # a tied lm_head module counts the table a second time in `covered` (a pp stage without it: not)
+    tied_head = sum(m.numel for m in model.modules if roles.tied and m.fqn == roles.lm_head)
+    if not lo.rank and model.num_params - covered + tied_head > 0:
         plain_t += 1                                   # parameters of no Linear/Embedding/norm
     emb = [m for m in model.modules if m.fqn == roles.embedding]
     head = [m for m in model.modules if m.fqn == roles.lm_head]
@@ -1338,6 +1354,7 @@ def _shape(recipe: Recipe, model: ModelSpec, pl: Placements, tp: int, sp_on: boo
         mlp_colwise=sum(1 for m in lin if not _is_attn(m.fqn, pre) and pl.styles[m.fqn].startswith("colwise")),
         rowwise=sum(1 for m in lin if pl.styles[m.fqn] == "rowwise"),
         emb_tp=style_of(emb) == "rowwise", emb_trainable=not lo.rank, head_tp=style_of(head).startswith("colwise"),
+        has_head=bool(head),
         n_before=n_before, n_after_attn=n_attn, n_after_mlp=n_mlp, k_layers=k_l, v_layers=v_l,
         rep=(rep[0], rep[1]), tp_tensors=tp_t if tp > 1 else 0, plain_tensors=plain_t + (0 if tp > 1 else tp_t),
         rowwise_sum=sum(1 for m in blocks if m.kind == "linear" and pl.styles[m.fqn] == "rowwise" and not local(m)),
@@ -1378,7 +1395,7 @@ def _fsdp_sums_of(params: list[RankParam], f: int, layers: int) -> tuple[int, ..
 
 
 def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
-            params: list[RankParam]) -> tuple[Collective, ...]:
+            params: list[RankParam], norm_skip_head: bool = False) -> tuple[Collective, ...]:
     """Every collective of one optimizer step, per rank, grouped by axis and purpose. Rules
     (measured on CPU, gloo, world 4; a = tokens x hidden x param bytes, tokens = mbs x seq / cp):
       FSDP2 (dp_shard x cp; groups: root = embedding + final norm + lm_head, one per block)
@@ -1387,6 +1404,9 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
         AC recompute gathers nothing (FSDP2 skips its pre-forward during backward)
         reduce-scatter in reduce_dtype, trainable params only, per group with any, per synced
         micro-step (every one, or the last with grad_sync last_micro_step)
+        under pp (model = one pp rank's stage model, _pp_model) FSDP2 runs reshard_after_forward
+        False (runtime/pp.py): the root (if the stage has root params) and each block gathered
+        once a step, whatever the micro-batches
       HSDP  all-reduce of each reduce-scattered shard across dp_replicate (of the whole gradient
         when dp_shard x cp is 1: FSDP2 then issues no all-gather / reduce-scatter at all)
       TP, per micro-step. Sequence parallel: forward: the embedding's reduce-scatter, per layer
@@ -1452,14 +1472,17 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
     if fsdp:
         # under ep the experts are FSDP-sharded on their own mesh (below), not in their block's group
         root, blocks, last, train, shard, groups = _fsdp_sums(params if ep == 1 else [p for p in params if p.ep == 1], f, L)
-        gathered = (root + 2 * blocks - last) * pb
+        pp = mesh.pp_enabled
+        # under pp every block is "last" (kept gathered): root + blocks once a step (ga_gather 1)
+        gathered, ga_gather = ((root + blocks) * pb, 1) if pp else ((root + 2 * blocks - last) * pb, ga)
         if f > 1:       # QLoRA: NF4 weights travel as their packed storage (torchao's all-gather hooks)
             for p in params:
                 if p.nf4:
-                    n, times = p.rows * p.rest, 2 - (p.where == "last")
+                    n, times = p.rows * p.rest, 1 if pp else 2 - (p.where == "last")
                     gathered -= times * (n * pb - f * nf4_bytes(n // f, nf4_scaler_block(p.rows, n, f) or 1, mb, False))
-        add(fax, f, "all_gather", "params: top-level module + every block forward, all but the last block again in backward",
-            ga * (1 + L + L - 1), ga * gathered)
+        add(fax, f, "all_gather", "params: root + every block once a step (pp: kept gathered)" if pp else
+            "params: top-level module + every block forward, all but the last block again in backward",
+            ga_gather * ((root > 0) + L + (0 if pp else L - 1)), ga_gather * gathered)
         add(fax, f, "reduce_scatter", f"gradients, {syncs} synced micro-step(s)", syncs * groups,
             syncs * train * rb)
         add("dp_replicate", r, "all_reduce", "gradient shards across replicas (HSDP)", syncs * groups,
@@ -1505,7 +1528,7 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
                 ga * tokens * numel * pb)
         if sh.head_tp and not recipe.tp.loss_parallel:
             add("tp", tp, "all_gather", "logits (no loss parallel)", ga, ga * tokens * model.vocab_size * pb)
-        if recipe.tp.loss_parallel:
+        if recipe.tp.loss_parallel and (sh.has_head or not mesh.pp_enabled):      # under pp: the last stage only
             add("tp", tp, "all_reduce", "loss parallel: max, sum of exp, target logit", 3 * ga, 3 * ga * tokens * 4)
         add("tp", tp, "all_reduce", "Partial grads of replicated params (norms, LoRA A/B)",
             syncs * sh.rep[0] if fsdp else sh.rep[0], syncs * sh.rep[1] * pb if fsdp else sh.rep[1] * mb)
@@ -1526,10 +1549,17 @@ def traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements,
     nb = DTYPE_BYTES["float32"] if recipe.lora.rank else mb
     # the experts' own grad-norm group under ep (_ep_rows): their weights, or their LoRA factors
     ex_t = (2 * sh.moe if not recipe.lora.rank else sh.expert_tensors) if ep > 1 else 0
-    for n_t in (sh.tp_tensors, sh.plain_tensors - ex_t):
+    tp_t, plain_t = sh.tp_tensors, sh.plain_tensors - ex_t
+    if norm_skip_head and sh.has_head and not recipe.lora.rank:
+        # pp, tied: the last stage's copy of the table is not in its grad norm (runtime/pp.py norm_skip)
+        if sh.head_tp:
+            tp_t -= 1
+        else:
+            plain_t -= 1
+    for n_t in (tp_t, plain_t):
         if n_t:
             add(fax, f if fsdp else 1, "all_reduce", "grad-norm partials", 1, n_t * nb)
-    add("tp", tp, "all_reduce", "grad-norm partials", 1 if sh.tp_tensors else 0, sh.tp_tensors * nb)
+    add("tp", tp, "all_reduce", "grad-norm partials", 1 if tp_t else 0, tp_t * nb)
     if coef > 0:            # runtime/fused.router_aux_loss: top-k counts, probabilities, rows (float64)
         add("world", mesh.world, "all_reduce", "router aux loss: expert counts + probabilities", ga,
             ga * (2 * model.num_experts + 1) * 8)

@@ -50,10 +50,11 @@ AUX = 0.1
 LORA = {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
-def recipe(name: str, world: int, *, pp=2, dp_shard=1, tp=1, cp=1, ep=1, schedule="1F1B", spr=1, model="tiny-llama",
-           mbs=2, gbs=8, ac="none", split=None, sp=False, lp=False, lora=False, aux=None) -> dict:
+def recipe(name: str, world: int, *, pp=2, dp_replicate=1, dp_shard=1, tp=1, cp=1, ep=1, schedule="1F1B", spr=1,
+           model="tiny-llama", mbs=2, gbs=8, ac="none", split=None, sp=False, lp=False, lora=False, aux=None) -> dict:
     return tiny_recipe(
-        name, world, mesh={"pp": pp, "dp_shard": dp_shard, "tp": tp, "cp": cp, **({"ep": ep} if ep > 1 else {})},
+        name, world, mesh={"pp": pp, "dp_replicate": dp_replicate, "dp_shard": dp_shard, "tp": tp, "cp": cp,
+                           **({"ep": ep} if ep > 1 else {})},
         model=model, sp=sp, lp=lp, **({"lora": LORA} if lora else {}),
         train={"micro_batch_size": mbs, "global_batch_size": gbs, "steps": STEPS, "lr": 2e-3, "min_lr": 2e-4,
                "warmup_steps": 2, "grad_clip": 1.0, "activation_checkpointing": ac,
@@ -74,6 +75,9 @@ WORLD2 = {"pp2_1f1b": dict(), "pp2_gpipe": dict(schedule="GPipe"),
           # MoE stages, the experts whole on each stage (ep 1); Mixtral with the router aux loss
           "pp2_qwen3_moe": dict(model=QWEN3_MOE), "pp2_mixtral_aux": dict(model=MIXTRAL, aux=AUX)}
 WORLD4 = {"pp2_dp_shard2": dict(dp_shard=2), "pp2_dp_shard2_gpipe": dict(dp_shard=2, schedule="GPipe"),
+          # HSDP inside each stage group: params replicated over dp_replicate 2 (no FSDP sharding,
+          # dp_shard 1), gradients all-reduced across the replicas
+          "pp2_hsdp": dict(dp_replicate=2),
           "pp2_tp2": dict(tp=2), "pp2_tp2_interleaved": dict(tp=2, schedule="Interleaved1F1B", spr=2, model=FOUR),
           # sequence parallel (Shard(1) hidden states sent as their local shard, re-wrapped on receipt) and
           # loss parallel (vocab-sharded logits into the loss on the last stage); ZBV: two stages per rank

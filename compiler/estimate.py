@@ -787,7 +787,8 @@ def _pp_rank_params(rec: Recipe, model: ModelSpec, pl: Placements, mesh: MeshSpe
 
 
 def _pp_estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements):
-    """(peak PPRank, its params list, its _memory dict, every rank's (rank, params, total bytes)):
+    """(peak PPRank, the model as it holds it (_pp_model), its params list, its _memory dict, every
+    rank's (rank, params, total bytes)):
     per pp rank its own parts, all its blocks kept gathered ("last": runtime/pp.py does not
     reshard after forward), gradients unsynced until the last micro-batch (the pipeline stage
     turns FSDP2's gradient sync off until then: grad_sync last_micro_step in effect)."""
@@ -805,9 +806,9 @@ def _pp_estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placement
             mem = seen[sig] = _memory(rec, mr, mesh, params, r)
         total = max(b for _, b in mem["phases"])
         rows.append((r.rank, mem["params_per_rank"], total))
-        if best is None or total > best[3]:
-            best = (r, params, mem, total)
-    return best[0], best[1], best[2], tuple(rows)
+        if best is None or total > best[4]:
+            best = (r, mr, params, mem, total)
+    return *best[:4], tuple(rows)
 
 
 def _hop_tokens(t, mesh: MeshSpec) -> int:
@@ -900,13 +901,12 @@ def _estimate_pp(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placement
     """estimate() under mesh.pp: the peak pp rank's memory (see _pp_estimate), its traffic: TP rows
     for its blocks and micro-batches, FSDP rows over its own parameters, the pipeline's send/recv."""
     pb = DTYPE_BYTES[recipe.train.mixed_precision.param_dtype]
-    r, params, mem, rows = _pp_estimate(recipe, model, mesh, pl)
+    r, mr, params, mem, rows = _pp_estimate(recipe, model, mesh, pl)
     rec = replace(recipe, train=replace(recipe.train, grad_sync="last_micro_step"))
     over = memory_first and max(b for _, b in mem["phases"]) > int(recipe.cluster.gpu_memory_gb * 1e9 * USABLE)
     # the stage's rows on the stage model (its modules only: its blocks, the embedding on the first
     # stage, final norm + lm_head on the last); the last stage's copy of a tied table is clipped but
     # left out of the grad norm (runtime/pp.py norm_skip): one tensor fewer in its group's partials
-    mr = _pp_rank_params(rec, model, pl, mesh, r)[0]
     comm = () if over else \
         traffic(rec, mr, mesh, pl, params, norm_skip_head=model.roles.tied and not r.first) \
         + pp_traffic(recipe, model, mesh, r)

@@ -141,8 +141,9 @@ def aux_carry(stage: nn.Module, prev: torch.Tensor | None) -> torch.Tensor:
     tensor to every stage's routers (the boundaries are ordinary autograd edges), so each
     router gets exactly its single-process gradient, with no extra communication but these
     2E + 1 floats per micro-batch and hop. Counts and rows get a gradient too, which goes
-    nowhere (they are detached). torchtitan has no such term under pp (its MoE balances with
-    the auxiliary-loss-free expert bias); this keeps transformers' loss, as without pp."""
+    nowhere (they are detached). This keeps transformers' loss, as without pp (torchtitan's MoE
+    balances with an auxiliary-loss-free expert bias, its load_balance_coeff; how it treats an
+    aux loss under pp was not checked)."""
     blocks = [m for m in stage.modules() if getattr(m, "_meshbake_aux", None) is not None]
     terms = [t for b in blocks for t in b._meshbake_aux]
     for b in blocks:

@@ -94,7 +94,7 @@ def cases(which=lambda r: True) -> list[Case]:
         if res.mesh.pp_enabled:
             # a pp rank computes its own stages' blocks, not the model's: the work of the rank the
             # estimate times (its peak rank, as compiler/estimate.py's _estimate_pp does)
-            pr, params, _, _ = E._pp_estimate(res.recipe, res.model, res.mesh, res.placements)
+            pr, _, params, _, _ = E._pp_estimate(res.recipe, res.model, res.mesh, res.placements)
             model = dataclasses.replace(res.model, num_layers=pr.blocks)
         if params is None:
             params = E.rank_params(res.recipe, res.model, res.placements, res.mesh.tp)

@@ -52,11 +52,20 @@ parameters (memory) and the FLOPs (time) at once; the exceptions are Qwen3-MoE's
 stage and final norm + lm_head on the last. PLAN.md's stage table shows each stage's parameters
 (all experts held), and pp.split overrides.
 
+Families: every type of the parity matrix (PP_MODEL_TYPES below). The runtime needs no per-family
+stage code beyond a table: a stage runs transformers' base forward, the last stage the CausalLM's
+head forward (runtime/pp.Stage.top), stages after the first neutralise runtime/pp.NEUTRAL_AFTER_FIRST.
+The MoE flagships' split is by block count too, although their blocks differ: DeepSeek-V3 and
+GLM-4-MoE have first_k_dense_replace dense blocks first, Llama-4 a MoE block every
+interleave_moe_layer_step; the stage table and the per-rank estimate count each stage's own
+modules (a dense stage holds and runs less), and pp.split rebalances. DeepSeek-V3's / GLM-4-MoE's
+e_score_correction_bias is a buffer of its block (loaded from the checkpoint, held fixed as without
+pp: transformers updates it nowhere), so the stage holding the block holds it.
+
 What is not implemented yet is refused with the reason (errors as values), never run
-half-right: QLoRA (its NF4 base loads
-block by block into a whole model), torch.compile, model types whose base model does anything
-to inputs_embeds (Gemma scales them: only the first stage may) or that are not tested under pp
-(the other MoE types: Qwen2-MoE, DeepSeek-V3, GLM-4-MoE, GPT-OSS, Granite-MoE, Llama-4).
+half-right: QLoRA (its NF4 base loads block by block into a whole model), torch.compile, the
+zoo's other types (their base forwards were not read for what they do to inputs_embeds, nor
+trained under pp), and a model with parameters in no stage part (named in the error).
 """
 from __future__ import annotations
 

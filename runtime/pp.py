@@ -17,7 +17,11 @@ mesh), so optimizer, clipping, DCP checkpoints and init all see the same fully q
 names as without pp: init values are identical (seeded per name), and a checkpoint saved under
 pp 2 loads under pp 1 and back. A stage is a thin module over the owner's modules: a shallow
 copy of the HF base model holding only the stage's blocks (same attribute names, so its
-forward is transformers' own: rotary, causal mask, blocks, norm), plus lm_head on the last.
+forward is transformers' own: rotary, causal mask, blocks, norm), plus lm_head on the last, run
+through a shallow copy of the CausalLM over that shell (its forward is transformers' head: the
+family's logit transform, Gemma-2's soft-cap, Granite-MoE's logits_scaling, comes with it). A
+stage after the first gets the residual stream as inputs_embeds, so what a base forward does to
+its inputs_embeds is made neutral there (NEUTRAL_AFTER_FIRST; base-level Dropout -> Identity).
 
 Tied embeddings (Megatron-LM's way): the last stage's rank keeps the owner's embedding module
 (in no stage's forward) with lm_head's weight, its copy of the table, so the copy is named

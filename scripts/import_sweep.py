@@ -37,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("check-ok", "refused", "check-error", "no-offline-config", "unreadable", "bug")
-CATCH_ALL = "unknown to the importer"
+CATCH_ALL = "known to the importer"     # "no meshbake equivalent known to the importer", "... unknown to the importer"
 # keys that make the run another training objective: imported, the recipe would silently be SFT
 OBJECTIVE_KEYS = ("rl", "reward_model", "process_reward_model", "diffusion", "relora", "lisa_n_layers", "ebft",
                   "use_eaft")
@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, (name, text) in enumerate(files):
         configs.append(sweep_one(name, text))
         print(f"[{i + 1}/{len(files)}] {configs[-1]['class']:<17} {name}", file=sys.stderr)
+        for p in configs[-1].get("problems", []) if a.only else []:
+            print(f"      {p}", file=sys.stderr)
     cache = Path(os.environ.get("HF_HUB_CACHE", "")) if os.environ.get("HF_HUB_CACHE") else None
     res = {"axolotl_commit": sha, "total": len(configs),
            "hub_cache_repos": len(list(cache.glob("models--*"))) if cache and cache.is_dir() else 0,

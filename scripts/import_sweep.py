@@ -74,8 +74,9 @@ def unaccounted(cfg: dict, notes) -> list[str]:
     noted = {n.key for n in notes}
     tops = {k.split(".")[0].split("[")[0] for k in noted}
     out = [k for k in cfg if k not in tops and not k.startswith("fsdp_")]
+    whole = {n.key for n in notes if n.status in ("not mapped", "refused")}      # a dataset list left out whole
     for key in ("datasets", "pretraining_dataset", "test_datasets"):
-        ds = cfg.get(key)
+        ds = cfg.get(key) if key not in whole else None
         for i, d in enumerate(ds if isinstance(ds, list) else [ds] if isinstance(ds, dict) else []):
             if not isinstance(d, dict):
                 continue
@@ -199,7 +200,22 @@ def markdown(res: dict) -> str:
              "HUB_CACHE=...` (scripts/import_sweep.py says what each class means).",
              "",
              "| class | configs |", "|---|---|"]
-    lines += [f"| {c} | {counts.get(c, 0)} |" for c in CLASSES]
+    before = res.get("before")
+    if before:
+        lines[-2:] = ["| class | configs | before the fixes |", "|---|---|---|"]
+    lines += [f"| {c} | {counts.get(c, 0)} |" + (f" {before['counts'].get(c, 0)} |" if before else "")
+              for c in CLASSES]
+    if before:
+        lines += ["", f"Before: the importer of meshbake {before['meshbake']} over the same configs "
+                  f"(bench/results/import_sweep_before.json); {before['problems']}. Without their problems the "
+                  f"bugs would have been: {before['would_be']}."]
+    lines += ["", "Classes (scripts/import_sweep.py): check-ok = imported and `meshbake check` passes; refused = no "
+              "recipe, each Axolotl key named with the reason and a fix; check-error = imported, `check` stops it with "
+              "RecipeErrors naming a recipe path and a hint (a model type meshbake does not run, a run that does not "
+              "fit 80 GB, or a gap of the offline cache: its gpt-oss tokenizer_config.json has no chat template, "
+              "the Hub repo's chat_template.jinja is not in it); no-offline-config = base_model has no config.json "
+              "in the catalog or the offline cache; bug = a traceback, a key with no note or with the importer's "
+              "catch-all reason, or a recipe value off its Axolotl source."]
     lines += ["", "## Per config", "", "| config | class | model | detail |", "|---|---|---|---|"]
     for r in res["configs"]:
         detail = "; ".join(r.get("problems") or r.get("refused") or r.get("errors") or
@@ -219,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=ROOT / "bench/results/import_sweep.json")
     ap.add_argument("--md", type=Path, default=ROOT / "docs/IMPORT_SWEEP.md")
     ap.add_argument("--only", help="a regex: sweep only the configs whose path matches")
+    ap.add_argument("--before", type=Path, help="an earlier sweep's JSON, whose counts the report shows beside these")
+    ap.add_argument("--meshbake", default="", help="what the JSON records as the meshbake commit swept (default: HEAD)")
     a = ap.parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"
     if a.hub_cache:
@@ -234,10 +252,22 @@ def main(argv: list[str] | None = None) -> int:
         for p in configs[-1].get("problems", []) if a.only else []:
             print(f"      {p}", file=sys.stderr)
     cache = Path(os.environ.get("HF_HUB_CACHE", "")) if os.environ.get("HF_HUB_CACHE") else None
-    res = {"axolotl_commit": sha, "total": len(configs),
+    if cache:           # a machine's path has no place in a committed report
+        configs = json.loads(json.dumps(configs).replace(json.dumps(str(cache))[1:-1], "$HF_HUB_CACHE"))
+    mb = a.meshbake or subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                      text=True).stdout.strip()
+    res = {"axolotl_commit": sha, "meshbake": mb, "total": len(configs),
            "hub_cache_repos": len(list(cache.glob("models--*"))) if cache and cache.is_dir() else 0,
            "counts": dict(Counter(c["class"] for c in configs)), "seconds": round(time.time() - t0, 1),
            "configs": configs}
+    if a.before:
+        b = json.loads(a.before.read_text(encoding="utf-8"))
+        kinds = Counter("traceback" if p.startswith("traceback") else "no note" if "no note" in p else "catch-all"
+                        if "catch-all" in p else "value off its source" for c in b["configs"] for p in c.get("problems", []))
+        wb = Counter(c.get("would_be") for c in b["configs"] if c["class"] == "bug")
+        res["before"] = {"meshbake": b.get("meshbake", "?"), "counts": b["counts"],
+                         "would_be": ", ".join(f"{n} {k}" for k, n in wb.most_common()),
+                         "problems": ", ".join(f"{n} {k}" for k, n in kinds.most_common()) + " problems"}
     if not a.only:
         a.json.write_text(json.dumps(res, indent=1, sort_keys=False) + "\n", encoding="utf-8")
         a.md.write_text(markdown(res), encoding="utf-8")

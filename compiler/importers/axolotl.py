@@ -1277,8 +1277,8 @@ def _objective(cfg: Mapping[str, Any]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     if cfg.get("rl"):
         out.append(("rl", f"rl: {cfg['rl']} is a preference / reinforcement objective (chosen and rejected replies, "
-                    f"a reference model or rewards): {_SFT}; train the SFT stage with meshbake (datasets of type "
-                    "chat_template or alpaca, no rl) and run this stage in Axolotl / TRL"))
+                    f"a reference model or rewards): {_SFT}; to train the SFT stage with meshbake, remove rl and point "
+                    "datasets at SFT data (type chat_template or alpaca), and run this stage in Axolotl / TRL"))
     for k, what in (("reward_model", "a reward model (a scalar head trained on preference pairs)"),
                     ("process_reward_model", "a process reward model (a per-step classification head)"),
                     ("diffusion", "diffusion language-model training (masked-token denoising loss)"),

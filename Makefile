@@ -9,7 +9,7 @@ SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # one set of apt packages for the whole suite: shellcheck (generated scripts), Slurm + munge (e2e)
 APT_PKGS := shellcheck slurmctld slurmd slurm-client munge
 
-.PHONY: install demo bundle check test test-fast golden bench zoo slurm-up slurm-down clean
+.PHONY: install demo bundle check test test-fast golden bench zoo import-sweep slurm-up slurm-down clean
 
 install: $(STAMP)
 
@@ -64,6 +64,16 @@ bench: install
 # (one torchrun per compiled type: ~10-20 min on 2 cores; not part of `make test`)
 zoo: install
 	PYTHONPATH=. $(PY) scripts/zoo.py
+
+# every Axolotl example config through `meshbake import axolotl` + `check`, classified ->
+# docs/IMPORT_SWEEP.md + bench/results/import_sweep.json; exit 1 while any config is a bug.
+# AXOLOTL: a clone or a bare git dir of axolotl-ai-cloud/axolotl (REV: the commit to sweep);
+# HUB_CACHE: an offline Hugging Face cache holding base models' config.json (not part of `make test`)
+AXOLOTL ?= ../axolotl
+REV ?= HEAD
+HUB_CACHE ?=
+import-sweep: install
+	PYTHONPATH=. $(PY) scripts/import_sweep.py $(AXOLOTL) --rev $(REV) $(if $(HUB_CACHE),--hub-cache $(HUB_CACHE))
 
 clean:
 	rm -rf $(OUT) runs

@@ -62,7 +62,6 @@ _PLUGIN = ("Axolotl plugin / kernel option; meshbake computes the loss itself (v
 # keys with no meshbake equivalent, and what the meshbake run does instead
 _NOT_MAPPED = {
     "plugins": _PLUGIN, "cut_cross_entropy": _PLUGIN, "fused_attn_kernel": _PLUGIN,
-    "deepspeed": "meshbake shards with FSDP2 (mesh.dp_shard), not DeepSpeed ZeRO",
     "flex_attn_compile_kwargs": _ATTN, "s2_attention": _ATTN,
     "fp8": "float8 training is not supported; matmuls run in train.mixed_precision.param_dtype",
     "fp8_enable_fsdp_float8_all_gather": "float8 all-gather is not supported (FSDP gathers param_dtype)",
@@ -102,6 +101,78 @@ _NOT_MAPPED = {
     "save_first_step": "no checkpoint after step 1; checkpoint.every_steps and save_on_exit decide",
     "unfrozen_parameters": "all weights train (or only the LoRA adapters)",
     "neftune_noise_alpha": "NEFTune embedding noise is not supported",
+}
+_KERNEL = ("a faster kernel / implementation of the same math (fused LoRA, MoE, attention, norm or loss kernels); "
+           "meshbake runs transformers' modules with torch's kernels")
+_LAUNCHER = "an Axolotl cloud / launcher option; meshbake renders job.sbatch and launch.sh from cluster.*"
+_TRACKER = "tracker not supported (meshbake: TensorBoard and W&B, tracking.*)"
+_LOADING = "how transformers loads the checkpoint; meshbake builds the model on the meta device and loads model.weights"
+_EVAL_ONLY = "an evaluation-only option; training is unchanged"
+# keys the sweep over Axolotl's examples met (scripts/import_sweep.py), each reviewed: nothing here
+# changes the math of a run meshbake trains (objective-changing keys are refused: _objective)
+_REVIEWED = {
+    **dict.fromkeys(("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel", "use_kernels",
+                     "use_scattermoe", "use_sonicmoe", "experts_implementation", "flash_attn_cross_entropy",
+                     "flash_attn_fuse_mlp", "flash_attn_rms_norm", "flash_optimum", "use_dsv4_kernels",
+                     "use_glm_dsa_kernels", "dsv4_fp4_grouped_mode", "gemma4_hybrid_attn_impl", "torch_compile_mode",
+                     "expert_parallel_num_nvl_bytes", "llama4_linearized_experts"), _KERNEL),
+    **dict.fromkeys(("provider", "gpu", "gpu_count", "node_count", "secrets", "volumes", "memory", "timeout",
+                     "memory_preprocess", "timeout_preprocess", "use_ray", "ray_num_workers", "branch", "docker_image",
+                     "spot", "project_name"), _LAUNCHER),
+    **dict.fromkeys(("use_otel_metrics", "otel_metrics_host", "otel_metrics_port", "use_swanlab", "swanlab_project",
+                     "swanlab_experiment_name", "swanlab_description", "swanlab_mode", "swanlab_log_completions",
+                     "swanlab_completion_log_interval", "swanlab_completion_max_buffer"), _TRACKER),
+    **dict.fromkeys(("device_map", "low_cpu_mem_usage", "base_model_ignore_patterns", "hf_use_auth_token",
+                     "experimental_skip_move_to_device", "torch_dtype", "float16", "model_quantization_config",
+                     "model_quantization_config_kwargs"), _LOADING + " (in model.dtype; trained in "
+                                                                    "train.mixed_precision.param_dtype)"),
+    **dict.fromkeys(("eval_batch_size", "evaluation_strategy"), _EVAL_ONLY),
+    "revision_of_model": "base_model is a local folder (or already pinned with @): no Hub revision to apply",
+    "use_wandb": "W&B is on when wandb_project is set (tracking.wandb)",
+    "expert_parallel_token_capacity": ("meshbake's expert-parallel all-to-all sends every routed token (no capacity "
+                                       "limit, no dropped tokens)"),
+    "tiled_mlp": ("the MLP computed in sequence tiles to save activation memory (ALST): the same math; meshbake "
+                  "computes it whole (the memory check counts it)"),
+    "activation_offloading": ("activations stay on the GPU (or are recomputed: train.activation_checkpointing), not "
+                              "offloaded to CPU: the same math, more GPU memory (the memory check counts it)"),
+    "remove_unused_columns": "prepare reads only the fields the format needs",
+    "skip_prepare_dataset": "meshbake always prepares (tokenizes and packs) the data once before training",
+    "eot_tokens": ("meshbake finds the end-of-turn token by rendering the chat template (the special token after a "
+                   "reply: <|im_end|>, <|eot_id|>, <end_of_turn>, <|end|>, ...) and trains it with each assistant "
+                   "reply; this list is not read"),
+    "tokenizer_use_mistral_common": ("the mistral-common tokenizer is not used: data.tokenizer's Hugging Face files "
+                                     "(tokenizer.json) tokenize, which can split a few strings differently"),
+    "tokenizer_legacy": "the tokenizer folder's own legacy setting applies",
+    "min_sample_len": "short records are kept (Axolotl drops records under this many tokens)",
+    "max_packed_sequence_len": "packing fills train.seq_len windows",
+    "ddp_find_unused_parameters": "a DDP option; meshbake shards with FSDP2",
+    "ddp": "a DDP option; meshbake shards with FSDP2",
+    "accelerator_config": "an HF Accelerate option; meshbake runs its own FSDP2 loop",
+    "adam_eps": "not an Axolotl option (adam_epsilon is); Axolotl ignores it too",
+    "context_parapllel_size": "not an Axolotl option (a misspelt context_parallel_size); Axolotl ignores it too",
+    "eta_min": "not an Axolotl option (the min lr is cosine_min_lr_ratio x lr); Axolotl ignores it too",
+    "peft": ("LoftQ initialization (adapters initialized from the quantization residual) is not supported: adapters "
+             "start at B = 0"),
+    "quantize_moe_experts": ("QLoRA's 4-bit base covers Linear layers only: MoE experts stay in model.dtype (more "
+                             "memory, counted by the memory check)"),
+    "bnb_config_kwargs": "meshbake's NF4 base: block 64, double-quantized scalers (bitsandbytes' nf4 with double quant)",
+    "nvfp4_merge_aware": "NVFP4 base weights are not supported: the base is model.dtype or NF4 (QLoRA)",
+    "full_finetune": "every weight trains unless adapter is set",
+    "freeze_mm_modules": "meshbake builds the text model only: there are no vision / audio modules to freeze",
+    "num_labels": "a classification head (reward models are refused)",
+    "center_rewards_coefficient": "a reward-model option (reward models are refused)",
+    "orpo_alpha": "an RL option (rl is refused)", "rl_beta": "an RL option (rl is refused)",
+    "kto_desirable_weight": "an RL option (rl is refused)", "kto_undesirable_weight": "an RL option (rl is refused)",
+    "trl": "an RL option (rl is refused)", "vllm": "RL generation server options (rl is refused)",
+    "relora_prune_ratio": "a ReLoRA option (relora is refused)", "relora_cpu_offload": "a ReLoRA option",
+    "relora_steps": "a ReLoRA option", "relora_warmup_steps": "a ReLoRA option",
+    "jagged_restart_steps": "a ReLoRA restart schedule (relora is refused)",
+    "jagged_restart_warmup_steps": "a ReLoRA restart schedule (relora is refused)",
+    "jagged_restart_anneal_steps": "a ReLoRA restart schedule (relora is refused)",
+    "lisa_step_interval": "a LISA option (lisa_n_layers is refused)",
+    "lisa_layers_attribute": "a LISA option (lisa_n_layers is refused)",
+    "eaft_alpha": "an EAFT option (use_eaft is refused)", "eaft_k": "an EAFT option (use_eaft is refused)",
+    "cls_model_config": "a classification-model option; meshbake trains causal LMs",
 }
 _IMPLIED_TRUE = {   # key: why meshbake already behaves like `key: true`
     "flash_attention": _ATTN, "sdp_attention": _ATTN, "flex_attention": _ATTN, "xformers_attention": _ATTN,
@@ -194,7 +265,12 @@ def _model(cfg: Mapping[str, Any], acc: _Acc, model_ref: str | None, lora_on: bo
     elif weights:
         # a local folder or a Hub id: the Hub id is pinned to its commit at compile time and read from
         # the Hugging Face cache (download it first where the compute nodes have no internet)
-        acc.set("model.weights", str(weights), "base_model")
+        rev = cfg.get("revision_of_model")
+        if rev and "@" not in str(weights) and not is_dir(str(weights)):
+            acc.set("model.weights", f"{weights}@{rev}", "base_model @ revision_of_model")
+            acc.note("revision_of_model", "mapped", "model.weights", "the Hub revision, pinned as org/name@rev")
+        else:
+            acc.set("model.weights", str(weights), "base_model")
     else:
         acc.set("model.weights", "random", "TODO: no base_model: random init (set the weights' folder or Hub id)")
     if "reinit_weights" in cfg and not cfg.get("reinit_weights"):
@@ -498,7 +574,7 @@ def _train(cfg: Mapping[str, Any], acc: _Acc, mesh: Mapping[str, int]) -> _Lengt
     return length
 
 
-def _lora(cfg: Mapping[str, Any], acc: _Acc, linears: Sequence[str]) -> bool:
+def _lora(cfg: Mapping[str, Any], acc: _Acc, fqns: Sequence[str] | None) -> bool:
     adapter = cfg.get("adapter")
     if not adapter:
         for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_linear"):
@@ -527,22 +603,41 @@ def _lora(cfg: Mapping[str, Any], acc: _Acc, linears: Sequence[str]) -> bool:
             "lora_dropout" if cfg.get("lora_dropout") is not None else "PEFT's default lora_dropout = 0")
     if cfg.get("lora_dropout") is not None:
         acc.note("lora_dropout", "mapped", "lora.dropout")
+    linears = _leaves(fqns)
     mods = cfg.get("lora_target_modules") or []
+    why_rx = ""
+    if isinstance(mods, str) and fqns is not None:      # PEFT: a string is a regex over module names
+        mods, why_rx = regex_targets(mods, fqns)[0], (f"the regex {mods!r} selects every layer's "
+                                                      f"{', '.join(regex_targets(mods, fqns)[0])}")
     mods = [mods] if isinstance(mods, str) else list(mods)
     mods, why_mods = _expert_modules(mods, linears)
+    params = cfg.get("lora_target_parameters") or []
+    params = [params] if isinstance(params, str) else list(params)
+    experts = [n for n in linears if is_expert_target("." + n)]
+    # PEFT's target_parameters name the grouped experts tensors (mlp.experts.gate_up_proj): the same
+    # tensors lora.targets calls experts.gate_up_proj
+    ptargets = [".".join(str(p).rsplit(".", 2)[-2:]) for p in params]
+    if params:
+        unknown = [p for p, t in zip(params, ptargets) if fqns is not None and t not in experts]
+        acc.note("lora_target_parameters", "not mapped" if unknown else "mapped", "lora.targets",
+                 f"{unknown} name no grouped experts parameter of this model" if unknown else
+                 "PEFT's target_parameters on the grouped experts = lora.targets experts.*")
+        ptargets = [t for p, t in zip(params, ptargets) if p not in unknown]
     every, why_every = _every_linear(linears, adapter == "qlora" or bool(cfg.get("load_in_4bit")))
-    targets = list(dict.fromkeys(mods + (every if cfg.get("lora_target_linear") else [])))
+    targets = list(dict.fromkeys(mods + (every if cfg.get("lora_target_linear") else []) + ptargets))
     if not targets:
         targets = ["q_proj", "v_proj"]          # PEFT's default for Llama-family models
     acc.set("lora.targets", targets, f"lora_target_linear: {why_every.partition(' (')[0]}" if cfg.get("lora_target_linear")
-            else "lora_target_modules" if mods else "PEFT's default q_proj, v_proj")
+            else "lora_target_modules" if mods else "lora_target_parameters" if ptargets
+            else "PEFT's default q_proj, v_proj")
     for k in ("lora_target_modules", "lora_target_linear"):
         if k in cfg and cfg[k] is not None:
             moe = k == "lora_target_linear" and cfg[k] and why_every != _EVERY
             if k == "lora_target_modules" and why_mods:
-                acc.note(k, "approximated", "lora.targets", why_mods)
+                acc.note(k, "approximated", "lora.targets", "; ".join(w for w in (why_rx, why_mods) if w))
             else:
-                acc.note(k, "mapped" if cfg[k] else "implied", "lora.targets", why_every if moe else "")
+                acc.note(k, "mapped" if cfg[k] else "implied", "lora.targets",
+                         why_every if moe else why_rx if k == "lora_target_modules" else "")
     return True
 
 
@@ -605,10 +700,6 @@ def _local(path: str, is_dir: Callable[[str], bool]) -> bool:
 
 
 _BUILDERS = {"json", "csv", "parquet", "text", "arrow"}        # datasets' file builders: path: json + data_files
-_SOURCE_KEYS = {"path", "type", "data_files", "ds_type", "split", "name", "field", "field_messages",
-                "message_property_mappings", "message_field_role", "message_field_content", "roles", "roles_to_train",
-                "train_on_eos"}
-
 
 def _files(v: Any) -> list[str]:
     return [str(x) for x in (v if isinstance(v, list) else [v] if v else [])]
@@ -649,15 +740,14 @@ def _source(d: Mapping[str, Any], i: int, key: str, acc: _Acc, is_dir: Callable[
                  f"Face cache (`hf download --repo-type dataset {path}` where the nodes have no internet)")
     if d.get("ds_type"):
         acc.note(f"{key}[{i}].ds_type", "implied", "", "the file type comes from the file name's extension")
-    for k in sorted(set(d) - _SOURCE_KEYS):
-        acc.note(f"{key}[{i}].{k}", "not mapped", "", "dataset option unknown to the importer")
     return src
 
 
 def _source_fields(d: Mapping[str, Any], fmt: str) -> dict[str, str]:
     """A dataset's own record field names, as data.fields keys."""
     if fmt == "text":
-        return {"text": str(d["field"])} if d.get("field") else {}
+        f = d.get("field") or d.get("text_column")
+        return {"text": str(f)} if f else {}
     if fmt != "chat":
         return {}
     mp = d.get("message_property_mappings") or {}
@@ -707,13 +797,61 @@ def _chat_fields(d: Mapping[str, Any], acc: _Acc, key: str) -> None:
                  f"{rtt}: meshbake trains on assistant replies, all tokens, or the last reply")
 
 
+_DS_MAPPED = {"field": "data.fields.text", "text_column": "data.fields.text", "field_messages": "data.fields.messages",
+              "message_property_mappings": "data.fields.role, data.fields.content",
+              "message_field_role": "data.fields.role", "message_field_content": "data.fields.content",
+              "roles": "data.roles"}
+
+
+def _dataset_key_notes(ds: Sequence[Mapping[str, Any]], keep: Sequence[int], key: str, fmt: str, acc: _Acc) -> None:
+    """A note for every key of every dataset item that _source and _field_notes left without one,
+    so a per-dataset option that changes the data is never dropped unseen."""
+    seen = {n.key for n in acc.notes}
+    for i, d in enumerate(ds):
+        for k, v in d.items():
+            nk = f"{key}[{i}].{k}"
+            if k in ("path", "type") or nk in seen:
+                continue
+            if i not in keep:
+                acc.note(nk, "not mapped", "", f"this dataset is left out (type {d.get('type')!r}: one format per "
+                         "recipe)")
+            elif v is None:
+                acc.note(nk, "empty")
+            elif k in _DS_MAPPED and (fmt == "chat" or k in ("field", "text_column")):
+                acc.note(nk, "mapped", _DS_MAPPED[k])
+            elif k == "roles_to_train":
+                acc.note(nk, "mapped", "data.train_on", "assistant replies are what meshbake trains (train_on: "
+                         "assistant)")
+            elif k == "train_on_eos":
+                turn = str(v) == "turn"
+                acc.note(nk, "implied" if turn else "approximated", "data.train_on",
+                         "meshbake trains each assistant reply with its end-of-turn token" if turn else
+                         f"train_on_eos {v!r}: meshbake trains the end-of-turn token of every trained reply (turn)")
+            elif k in ("field_thinking", "template_thinking_key"):
+                f, t = d.get("field_thinking") or "reasoning_content", d.get("template_thinking_key") or "reasoning_content"
+                same = f == t and f in ("reasoning_content", "thinking")
+                acc.note(nk, "implied" if same else "approximated", "",
+                         f"meshbake passes a message's {f!r} field to the chat template under that name" if same else
+                         "meshbake passes a message's reasoning_content / thinking field to the chat template under "
+                         f"its own name, not {f!r} as {t!r}: rename the field in the data to {t!r}")
+            elif k == "drop_system_message" and v:
+                acc.note(nk, "not mapped", "", "system messages are kept (rendered by the chat template): delete them "
+                         "from the data to match")
+            elif k == "drop_system_message":
+                acc.note(nk, "implied", "", "system messages are kept")
+            else:
+                acc.note(nk, "not mapped", "", "dataset option not supported by meshbake's prepare")
+
+
 def _datasets(cfg: Mapping[str, Any]) -> tuple[str, list, list[str], str | None]:
     """(key, datasets with a path, their types, the meshbake format of the first or None)."""
     key = "datasets" if cfg.get("datasets") else "pretraining_dataset"
     ds = cfg.get(key) or []
     ds = [d for d in (ds if isinstance(ds, list) else [ds]) if isinstance(d, Mapping) and d.get("path")]
     types = [str(d.get("type") or ("pretrain" if key == "pretraining_dataset" else "alpaca")) for d in ds]
-    return key, ds, types, _FORMATS.get(types[0].split(":")[0]) if ds else None
+    # the first dataset meshbake reads sets the format (one format per recipe; the others are left out)
+    fmts = [_FORMATS[t.split(":")[0]] for t in types if t.split(":")[0] in _FORMATS]
+    return key, ds, types, fmts[0] if fmts else None
 
 
 def _data(cfg: Mapping[str, Any], acc: _Acc, is_dir: Callable[[str], bool], length: _Length) -> None:
@@ -722,20 +860,22 @@ def _data(cfg: Mapping[str, Any], acc: _Acc, is_dir: Callable[[str], bool], leng
     key, ds, types, fmt = _datasets(cfg)
     if fmt:
         keep = [i for i, t in enumerate(types) if _FORMATS.get(t.split(":")[0]) == fmt]
-        acc.set("data.format", fmt, f"{key}[].type: {types[0]}")
+        acc.set("data.format", fmt, f"{key}[].type: {types[keep[0]]}")
         acc.set("data.sources", [_source(ds[i], i, key, acc, is_dir) for i in keep], f"{key}[].path")
-        field = ds[keep[0]].get("field")
+        field = ds[keep[0]].get("field") or ds[keep[0]].get("text_column")
         if fmt == "text" and field:
-            acc.set("data.fields.text", str(field), f"{key}[{keep[0]}].field")
+            acc.set("data.fields.text", str(field), f"{key}[{keep[0]}]." + ("field" if ds[keep[0]].get("field")
+                                                                           else "text_column"))
         if fmt == "chat":
             _chat_fields(ds[keep[0]], acc, f"{key}[{keep[0]}]")
         _field_notes(ds, keep, fmt, key, acc)
         dropped = [f"{ds[i].get('path')} ({types[i]})" for i in range(len(ds)) if i not in keep]
-        variant = ":" in types[0]
+        variant = ":" in types[keep[0]]
         acc.note(key, "approximated" if dropped or variant else "mapped", "data.format, data.sources",
                  (f"one format per recipe: {', '.join(dropped)} left out; " if dropped else "")
-                 + (f"{types[0]}: the {types[0].split(':')[1]} prompt variant is not supported (meshbake's alpaca "
-                    "prompt)" if variant else ""))
+                 + (f"{types[keep[0]]}: the {types[keep[0]].split(':')[1]} prompt variant is not supported "
+                    "(meshbake's alpaca prompt)" if variant else ""))
+        _dataset_key_notes(ds, keep, key, fmt, acc)
     elif key in cfg:
         acc.set("data.format", "synthetic", f"TODO: {key} type {types[0] if types else '?'} has no meshbake format: "
                 "until set, this trains on seeded random tokens")
@@ -798,9 +938,24 @@ def _data_keys(cfg: Mapping[str, Any], acc: _Acc, fmt: str | None, length: _Leng
     note("sample_packing_sequentially", "not mapped", "", "packing is best-fit decreasing")
     note("sample_packing_eff_est", "implied", "", "prepare reports the packing efficiency it measured")
     note("test_datasets", "not mapped", "data.eval_sources", "set data.eval_sources to the local eval files")
-    for k in ("roles_to_train", "train_on_eos", "default_system_message", "chat_template_jinja",
-              "dataset_exact_deduplication", "skip_prepare_dataset", "pretrain_multipack_attn"):
-        note(k, "not mapped", "", "data option unknown to the importer")
+    rtt = cfg.get("roles_to_train")
+    note("roles_to_train", "implied" if not rtt or sorted(rtt) == ["assistant"] else "approximated", "data.train_on",
+         "meshbake trains assistant replies (data.train_on: assistant)" if not rtt or sorted(rtt) == ["assistant"]
+         else f"{rtt}: meshbake trains assistant replies, all tokens, or the last reply")
+    eos = cfg.get("train_on_eos")
+    note("train_on_eos", "implied" if eos in (None, "turn") else "approximated", "data.train_on",
+         "meshbake trains each assistant reply with its end-of-turn token" if eos in (None, "turn") else
+         f"{eos!r}: meshbake trains the end-of-turn token of every trained reply (turn)")
+    note("default_system_message", "not mapped", "", "no system message is added: the data's own, or the chat "
+         "template's default")
+    note("chat_template_jinja", "not mapped", "data.tokenizer", "a custom chat template is not read: meshbake renders "
+         "with data.tokenizer's own template; save the tokenizer with this template (tokenizer_config.json "
+         "chat_template) and set tokenizer_config to that folder")
+    note("dataset_exact_deduplication", "not mapped", "", "duplicate records are kept")
+    pma = cfg.get("pretrain_multipack_attn")
+    note("pretrain_multipack_attn", "implied" if pma else "not mapped", "data.packing",
+         "packed documents never attend across one another" if pma else
+         "meshbake never lets packed documents attend across one another")
 
 
 def _count(v: Any) -> int | None:
@@ -967,19 +1122,54 @@ def _tracking(cfg: Mapping[str, Any], acc: _Acc) -> None:
             acc.note(k, "not mapped", "", "tracker option not supported (meshbake: TensorBoard and W&B)")
 
 
-def _linear_leaves(model_config: Mapping[str, Any] | None) -> tuple[str, ...]:
-    """Leaf names of every Linear layer but lm_head (Axolotl's lora_target_linear targets all
-    of them) and a MoE model's grouped experts parameters ("experts.gate_up_proj"); a
-    Llama-family list when the model is unknown."""
+def _linear_fqns(model_config: Mapping[str, Any] | None) -> tuple[str, ...] | None:
+    """The fqn of every Linear layer but lm_head (Axolotl's lora_target_linear targets all of
+    them) and of a MoE model's grouped experts parameters (".experts.gate_up_proj"); None when
+    the model is unknown."""
     if not model_config:
-        return LLAMA_LINEARS
+        return None
     from meshbake.compiler.errors import Err
     from meshbake.compiler.model import model_spec
 
     spec = model_spec(model_config, "import")
-    if isinstance(spec, Err):
-        return LLAMA_LINEARS
-    return tuple(dict.fromkeys(target_name(f) for f in spec.lora_targets(None)))
+    return None if isinstance(spec, Err) else tuple(spec.lora_targets(None))
+
+
+def _leaves(fqns: Sequence[str] | None) -> tuple[str, ...]:
+    """Their lora.targets names ("q_proj", "experts.gate_up_proj"); a Llama-family list when unknown."""
+    return LLAMA_LINEARS if fqns is None else tuple(dict.fromkeys(target_name(f) for f in fqns))
+
+
+# how a multimodal / wrapped model names its text decoder's modules, which the text-only model
+# meshbake builds calls model.layers.N...: a PEFT regex written for those names is tried on each
+_REGEX_PREFIXES = ("model.", "model.language_model.", "language_model.model.", "model.text_model.",
+                   "base_model.model.model.")
+
+
+def regex_targets(pattern: str, fqns: Sequence[str]) -> tuple[list[str], str]:
+    """A PEFT target_modules regex (a string: re.fullmatch on every module name) -> (lora.targets
+    leaf names, "" ) when it selects whole leaf groups (every layer's q_proj, ...), else ([], why):
+    a regex over some layers only, or over no module of this model, cannot be said as leaf names."""
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        return [], f"not a regular expression ({e})"
+    hit: set[str] = set()
+    for f in fqns:
+        rest = f.removeprefix("model.")
+        names = [p + rest for p in _REGEX_PREFIXES] + [f]
+        if any(rx.fullmatch(n) or rx.fullmatch(n.replace(".layers.", ".layers._checkpoint_wrapped_module.", 1))
+               for n in names):
+            hit.add(f)
+    if not hit:
+        return [], "matches no Linear layer of this model"
+    leaves = list(dict.fromkeys(target_name(f) for f in fqns if f in hit))
+    partial = sorted({target_name(f) for f in fqns if f not in hit and target_name(f) in leaves})
+    if partial:
+        return [], (f"selects {', '.join(partial)} in some layers only ({len(hit)} of "
+                    f"{sum(target_name(f) in leaves for f in fqns)} modules); lora.targets adapts a leaf name in "
+                    "every layer")
+    return leaves, ""
 
 
 # ------------------------------------------------------------------------------ entry point
@@ -992,7 +1182,8 @@ def import_axolotl(cfg: Mapping[str, Any], name: str, *, source: str, model_ref:
     `profile` (name, its cluster dict) a cluster profile the recipe names instead of hardware keys."""
     acc = _Acc()
     name = _name(name)
-    refused = refusals(cfg)
+    fqns = _linear_fqns(model_config)
+    refused = refusals(cfg) + _target_refusals(cfg, fqns)
     if refused:
         return Imported(name, "", refused, refused)
     acc.set("name", name, f"from {source}")
@@ -1002,10 +1193,11 @@ def import_axolotl(cfg: Mapping[str, Any], name: str, *, source: str, model_ref:
     mesh = _mesh(cfg, acc, nodes, gpus_per_node, profile)
     length = _train(cfg, acc, mesh)
     _precision(cfg, acc)
-    _lora(cfg, acc, _linear_leaves(model_config))
+    _lora(cfg, acc, fqns)
     _data(cfg, acc, is_dir, length)
     _checkpoint(cfg, acc, length)
     _tracking(cfg, acc)
+    _model_config_overrides(cfg, acc, model_config)
     _rest(cfg, acc)
     notes = _complete(cfg, acc.notes)
     return Imported(name, render(acc.values, notes, source), notes)
@@ -1015,10 +1207,26 @@ _QUANT = ("meshbake keeps a frozen base in model.dtype or, for QLoRA, 4-bit NF4,
           "a bf16 base would silently change the run (memory per frozen param x{x}, other numerics)")
 
 
+def _target_refusals(cfg: Mapping[str, Any], fqns: Sequence[str] | None) -> tuple[KeyNote, ...]:
+    """A lora_target_modules regex that lora.targets cannot say (some layers only, or no module of
+    the model): refused with the matched names, rather than adapters on other layers."""
+    mods = cfg.get("lora_target_modules")
+    if cfg.get("adapter") not in ("lora", "qlora") or not isinstance(mods, str) or fqns is None:
+        return ()
+    targets, why = regex_targets(mods, fqns)
+    if targets:
+        return ()
+    return (KeyNote("lora_target_modules", "refused", "", f"the regex {mods!r} {why}; write lora_target_modules as a "
+                    "list of module names (q_proj, v_proj, ...: adapted in every layer) and import again"),)
+
+
 def refusals(cfg: Mapping[str, Any]) -> tuple[KeyNote, ...]:
     """Keys that make the run something meshbake does not do: 8-bit or GPTQ-quantized base weights,
-    a 4-bit base without an adapter, and quantization-aware training. Refused, not downgraded to bf16
-    LoRA. QLoRA (adapter: qlora / load_in_4bit with an adapter) maps to lora.quantize_base: nf4."""
+    a 4-bit base without an adapter, quantization-aware training, another training objective (RL,
+    reward models, diffusion), partial fine-tuning (unfrozen_parameters, LISA), an adapter other
+    than LoRA, new vocabulary, images, and datasets none of which meshbake can read. Refused, not
+    downgraded: an imported recipe would train something else and pass `meshbake check`. QLoRA
+    (adapter: qlora / load_in_4bit with an adapter) maps to lora.quantize_base: nf4."""
     out = []
     if cfg.get("load_in_8bit"):
         out.append(KeyNote("load_in_8bit", "refused", "", "8-bit (bitsandbytes) base weights: " + _QUANT.format(x=2)
@@ -1032,7 +1240,86 @@ def refusals(cfg: Mapping[str, Any]) -> tuple[KeyNote, ...]:
     if cfg.get("qat"):
         out.append(KeyNote("qat", "refused", "", "quantization-aware training (fake-quantized weights / "
                            "activations) is not supported; meshbake trains in train.mixed_precision.param_dtype"))
+    out += [KeyNote(k, "refused", "", why) for k, why in _objective(cfg)]
     return tuple(out)
+
+
+_SFT = "meshbake trains causal LMs with next-token cross-entropy (supervised fine-tuning / pretraining) only"
+
+
+# a text decoder's parameters as transformers names them (layer 0, 1 and a deep one), and the
+# multimodal wrappers' names for the same weights (Gemma-3, Mistral-3, Qwen3.5: model.language_model.*)
+_TEXT_PARAMS = tuple(f"model.layers.{i}.{m}.weight" for i in (0, 1, 47) for m in
+                     ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj", "input_layernorm")) \
+    + ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+
+
+def unfreezes_all(patterns: Any) -> bool:
+    """Whether Axolotl's unfrozen_parameters (re.match on each parameter name; a trailing [a:b]
+    row range unfreezes part of a tensor) leave every weight of the text model trainable, under
+    the plain or the multimodal names: then freezing only touches towers meshbake never builds."""
+    pats = [patterns] if isinstance(patterns, str) else [str(p) for p in patterns or []]
+    if any(re.search(r"\[[0-9]*:[0-9]*\]$", p) for p in pats):
+        return False
+    try:
+        rxs = [re.compile(p) for p in pats]
+    except re.error:
+        return False
+    for names in (_TEXT_PARAMS, tuple(n.replace("model.", "model.language_model.", 1) for n in _TEXT_PARAMS)):
+        if all(any(rx.match(n) for rx in rxs) for n in names):
+            return True
+    return False
+
+
+def _objective(cfg: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(key, reason with a fix) for every key that changes what is trained, or on what, beyond
+    what a meshbake recipe can say: importing them would silently train plain SFT instead."""
+    out: list[tuple[str, str]] = []
+    if cfg.get("rl"):
+        out.append(("rl", f"rl: {cfg['rl']} is a preference / reinforcement objective (chosen and rejected replies, "
+                    f"a reference model or rewards): {_SFT}; to train the SFT stage with meshbake, remove rl and point "
+                    "datasets at SFT data (type chat_template or alpaca), and run this stage in Axolotl / TRL"))
+    for k, what in (("reward_model", "a reward model (a scalar head trained on preference pairs)"),
+                    ("process_reward_model", "a process reward model (a per-step classification head)"),
+                    ("diffusion", "diffusion language-model training (masked-token denoising loss)"),
+                    ("relora", "ReLoRA (adapters merged into the base and restarted every relora_steps)"),
+                    ("lisa_n_layers", "LISA (a few randomly chosen layers unfrozen per interval)"),
+                    ("ebft", "EBFT (an energy-based fine-tuning objective)"),
+                    ("use_eaft", "EAFT (an entropy-weighted token loss)"),
+                    ("llmcompressor", "sparse fine-tuning (llmcompressor keeps the 2:4 sparsity mask while training)"),
+                    ("use_onebitllms", "1.58-bit (ternary) training of BitNet-style weights")):
+        if cfg.get(k):
+            out.append((k, f"{what}: {_SFT}; remove {k} to train that way, or keep this run in Axolotl"))
+    if cfg.get("unfrozen_parameters") and not cfg.get("adapter") and not unfreezes_all(cfg["unfrozen_parameters"]):
+        out.append(("unfrozen_parameters", f"only the parameters matching {list(cfg['unfrozen_parameters'])} train in "
+                    "Axolotl; meshbake trains every weight or LoRA adapters; remove unfrozen_parameters to fine-tune "
+                    "all weights, or set adapter: lora with lora_target_modules"))
+    adapter = cfg.get("adapter")
+    if adapter and adapter not in ("lora", "qlora"):
+        out.append(("adapter", f"adapter {adapter!r} is not supported (meshbake: LoRA and QLoRA); without it the "
+                    "run would be a full fine-tune: set adapter: lora (with lora_r) or remove adapter"))
+    elif adapter and not cfg.get("lora_r"):
+        out.append(("adapter", f"adapter: {adapter} without lora_r: no LoRA rank to carry over (and no adapter "
+                    "would be a full fine-tune); set lora_r"))
+    if adapter in ("lora", "qlora") and cfg.get("peft_use_dora"):
+        out.append(("peft_use_dora", "DoRA (a learned magnitude vector per adapted layer beside the low-rank update) "
+                    "is not supported; set peft_use_dora: false to train plain LoRA"))
+    toks = cfg.get("tokens")
+    if isinstance(toks, list) and toks:
+        out.append(("tokens", f"{toks} are added to the vocabulary (the embeddings and lm_head grow a trained row "
+                    "each where the tokenizer lacks them); meshbake never resizes embeddings: remove tokens if "
+                    "data.tokenizer already has them (Axolotl adds nothing then either), or save a tokenizer and "
+                    "checkpoint that have them and point base_model / tokenizer_config at those"))
+    if cfg.get("processor_type"):
+        out.append(("processor_type", f"processor_type {cfg['processor_type']}: a vision / audio-language run "
+                    "(images or audio through the model's processor); meshbake trains text-only causal LMs: "
+                    "remove processor_type (and image / audio columns) to fine-tune the language model on text"))
+    key, ds, types, fmt = _datasets(cfg)
+    if ds and fmt is None and not cfg.get("rl"):
+        out.append((key, f"{key}[0].type {types[0]!r} has no meshbake format (meshbake reads text / completion, "
+                    "alpaca, chat_template and pre-tokenized data); imported, the run would train on random tokens: "
+                    "convert the data to chat_template (messages) or alpaca JSONL and import again"))
+    return out
 
 
 def _rest(cfg: Mapping[str, Any], acc: _Acc) -> None:
@@ -1050,11 +1337,65 @@ def _rest(cfg: Mapping[str, Any], acc: _Acc) -> None:
             acc.note(k, "implied" if v in _ATTN_IMPLEMENTATIONS else "not mapped", "", _ATTN)
         elif k.startswith("liger_"):
             acc.note(k, "not mapped", "", _PLUGIN)
+        elif k == "unfrozen_parameters" and unfreezes_all(v):
+            acc.note(k, "implied", "", "its patterns cover every weight of the text model meshbake builds (the "
+                     "vision / audio towers they leave frozen are not built)")
         elif k in _NOT_MAPPED:
             implied = _NOT_MAPPED[k].startswith("implied")
             acc.note(k, "implied" if implied else "not mapped", "", _NOT_MAPPED[k].removeprefix("implied: "))
+        elif k == "deepspeed":
+            acc.note(k, "approximated", "mesh.dp_shard", _deepspeed(v))
+        elif k in _REVIEWED:
+            acc.note(k, "not mapped", "", _REVIEWED[k])
         else:
             acc.note(k, "not mapped", "", "no meshbake equivalent known to the importer")
+
+
+def _deepspeed(path: Any) -> str:
+    """What a DeepSpeed config becomes: its ZeRO stage from the JSON when it is here, else from
+    Axolotl's file names (deepspeed_configs/zero3_bf16_cpuoffload_params.json)."""
+    import json
+    from pathlib import Path
+
+    name, stage, offload = str(path), None, "offload" in str(path)
+    try:
+        zo = json.loads(Path(name).read_text(encoding="utf-8")).get("zero_optimization") or {}
+        stage, offload = zo.get("stage"), bool(zo.get("offload_param") or zo.get("offload_optimizer"))
+    except (OSError, ValueError, AttributeError):
+        m = re.search(r"zero([0-3])", name)
+        stage = int(m.group(1)) if m else None
+    zero = f"DeepSpeed ZeRO-{stage}" if stage is not None else "DeepSpeed"
+    how = ("the same sharding of parameters, gradients and optimizer state" if stage == 3 else
+           "FSDP2 also shards the parameters (ZeRO-3's layout), all-gathering each block for its forward and "
+           "backward: less memory per rank, more communication" if stage in (1, 2) else
+           "parameters, gradients and optimizer state sharded over the data-parallel ranks")
+    return (f"{zero} is replaced by FSDP2 over mesh.dp_shard ({how}); the optimizer step and the global batch are "
+            "the same data-parallel math" + ("; CPU offload is not supported: parameters and optimizer state stay on "
+                                             "the GPU (the memory check counts them)" if offload else ""))
+
+
+def _model_config_overrides(cfg: Mapping[str, Any], acc: _Acc, config_json: Mapping[str, Any] | None) -> None:
+    """model_config (config.json overrides): output_router_logits turns on the MoE router's
+    load-balancing loss, which meshbake carries as train.router_aux_loss_coef; other overrides
+    are not applied (config.json is read as it is)."""
+    mc = cfg.get("model_config")
+    if not isinstance(mc, Mapping) or not mc:
+        return
+    rest = [k for k in mc if k not in ("output_router_logits", "router_aux_loss_coef")]
+    coef = mc.get("router_aux_loss_coef", (config_json or {}).get("router_aux_loss_coef"))
+    if mc.get("output_router_logits") and coef is not None:
+        acc.set("train.router_aux_loss_coef", float(coef),
+                "model_config.output_router_logits: true (coef " + ("model_config's" if "router_aux_loss_coef" in mc
+                                                                    else "config.json's") + ")")
+        acc.note("model_config", "approximated" if rest else "mapped", "train.router_aux_loss_coef",
+                 f"the router's load-balancing loss, coef {coef}" + (f"; {rest} not applied (config.json is read as "
+                                                                     "it is)" if rest else ""))
+    elif mc.get("output_router_logits"):
+        acc.note("model_config", "not mapped", "train.router_aux_loss_coef", "the model's config.json is unknown here: "
+                 "set train.router_aux_loss_coef to its router_aux_loss_coef (Mixtral: 0.02)")
+    else:
+        acc.note("model_config", "not mapped", "", f"config.json overrides {list(mc)} are not applied (config.json "
+                 "is read as it is)")
 
 
 def _complete(cfg: Mapping[str, Any], notes: list[KeyNote]) -> tuple[KeyNote, ...]:

@@ -1,9 +1,16 @@
 """Checkpoints, exact resume, resharding, faults and preemption, through the real bundle:
-`bash out/launch.sh` (torchrun, 4 gloo processes) exactly as a user runs it.
+`bash out/launch.sh` (torchrun, gloo processes) exactly as a user runs it.
 
-Plan P: dp_shard 4; plan Q: dp_shard 2 x tp 2 (+SP, LP). 30 steps, checkpoint every 10, keep 2.
+Plan P: dp_shard 4; plan Q: dp_shard 2 x tp 2 (+SP, LP); plan P2: dp_shard 2 (2 processes).
+30 steps, checkpoint every 10, keep 2. The reshard (4 ranks of FSDP shards -> 2 x 2 with TP, and
+back) needs 4 processes and runs on P; the fault and preemption scenarios (a rank's death and
+torchrun's restart, a writer killed mid-save, a corrupted shard, SIGUSR1 and a process group's
+SIGTERM) are the same mechanisms on 2 processes as on 4 (one torchrun agent, every rank agreeing
+on the stop step through one collective, one shard file per rank) and run on P2, each held to P2's
+own uninterrupted run: 4 process starts fewer per launch (a worker's start, torch and transformers
+imported, is most of a launch's CPU time).
 
-The ten launches run two at a time (one module fixture, `launched`): a launch leaves a core idle
+The eleven launches run two at a time (one module fixture, `launched`): a launch leaves a core idle
 while launch.sh's preflight, prepare and the torchrun agent start one after the other, so two
 interleave well on two cores. Each scenario has its own bundle and run dir; the tests below
 assert on what their scenario left.
@@ -28,9 +35,10 @@ pytestmark = pytest.mark.dist
 STEPS = 30
 
 
-def bundle(tmp: Path, name: str, *, mesh: dict, sp=False, every=10, keep=2, max_restarts=0, resume="auto") -> Path:
+def bundle(tmp: Path, name: str, *, mesh: dict, sp=False, every=10, keep=2, max_restarts=0, resume="auto",
+           world=4) -> Path:
     return write_bundle_of(tiny_recipe(
-        name, 4, mesh={**mesh, "cp": 1}, sp=sp, lp=sp, cluster={"max_restarts": max_restarts},
+        name, world, mesh={**mesh, "cp": 1}, sp=sp, lp=sp, cluster={"max_restarts": max_restarts},
         train={"seq_len": 64, "steps": STEPS, "lr": 2e-3, "warmup_steps": 3, "min_lr": 2e-4},
         checkpoint={"every_steps": every, "keep": keep, "resume": resume}), tmp / f"bundle-{name}")
 
@@ -71,24 +79,27 @@ def signal_mid_run(b: Path, run: Path, send) -> tuple[subprocess.Popen, str, str
 
 
 # ------------------------------------------------------------------ the scenarios' launches
-def run_base(tmp: Path, p: Path) -> Path:
-    """The uninterrupted run of P (the reference for every other test)."""
-    run = tmp / "run-base"
+def run_base(tmp: Path, p: Path, name="run-base") -> Path:
+    """An uninterrupted run: of P (the reshard's reference), of P2 (the faults' and preemptions')."""
+    run = tmp / name
     launch(p, run)
     return run
 
 
+P2 = {"mesh": {"dp_shard": 2, "tp": 1}, "world": 2}
+
+
 def run_restart(tmp: Path) -> Path:
-    b = bundle(tmp, "p_restart", mesh={"dp_shard": 4, "tp": 1}, max_restarts=1)
+    b = bundle(tmp, "p2_restart", **P2, max_restarts=1)
     run = tmp / "run-restart"
     launch(b, run, MESHBAKE_FAULT="step:1:25")
     return run
 
 
 def run_killsave(tmp: Path) -> Path:
-    b = bundle(tmp, "p_killsave", mesh={"dp_shard": 4, "tp": 1}, max_restarts=1, keep=5)
+    b = bundle(tmp, "p2_killsave", **P2, max_restarts=1, keep=5)
     run = tmp / "run-killsave"
-    launch(b, run, MESHBAKE_FAULT="save:2:20")
+    launch(b, run, MESHBAKE_FAULT="save:1:20")
     return run
 
 
@@ -146,15 +157,17 @@ def launched(tmp_path_factory) -> dict:
     from its checkpoints wait for it, the others do not need it until their assertions."""
     tmp = tmp_path_factory.mktemp("ckpt")
     p = bundle(tmp, "p", mesh={"dp_shard": 4, "tp": 1})
+    p2 = bundle(tmp, "p2", **P2)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
         base = pool.submit(run_base, tmp, p)
-        futures = {"base": base, "reshard": pool.submit(run_reshard, tmp, base),
+        base2 = pool.submit(run_base, tmp, p2, "run-base2")
+        futures = {"base": base, "base2": base2, "reshard": pool.submit(run_reshard, tmp, base),
                    "restart": pool.submit(run_restart, tmp), "killsave": pool.submit(run_killsave, tmp),
-                   "preempt": pool.submit(run_preempt, tmp, p), "corrupt": pool.submit(run_corrupt, tmp, p, base),
-                   "sigterm": pool.submit(run_sigterm, tmp, p)}
+                   "preempt": pool.submit(run_preempt, tmp, p2), "corrupt": pool.submit(run_corrupt, tmp, p2, base2),
+                   "sigterm": pool.submit(run_sigterm, tmp, p2)}
         out = {name: f.exception() or f.result() for name, f in futures.items()}
-    print(f"checkpoint scenarios, 10 launches two at a time: {time.perf_counter() - t0:.1f} s")
+    print(f"checkpoint scenarios, 11 launches two at a time: {time.perf_counter() - t0:.1f} s")
     return {**out, "p": p}
 
 
@@ -171,6 +184,13 @@ def base(launched):
     return run, losses(run)
 
 
+@pytest.fixture(scope="module")
+def base2(launched):
+    """P2's uninterrupted run: the reference of the fault and preemption scenarios (2 processes)."""
+    run = result(launched, "base2")
+    return run, losses(run)
+
+
 def test_checkpoints_are_committed_and_pruned(base):
     run, ref = base
     assert sorted(ref) == list(range(1, STEPS + 1))
@@ -183,10 +203,10 @@ def test_checkpoints_are_committed_and_pruned(base):
     assert not list((run / "checkpoints").glob("*.tmp"))
 
 
-def test_rank_death_restarts_and_resumes_exactly(base, launched):
+def test_rank_death_restarts_and_resumes_exactly(base2, launched):
     """Rank 1 os._exit()s at step 25; torchrun --max-restarts 1 restarts the group, which
     resumes from step-20 and reproduces steps 21-30 bit for bit."""
-    _, ref = base
+    _, ref = base2
     run = result(launched, "restart")
     assert "resumed from step-20" in log(run)
     got = losses(run)
@@ -195,10 +215,10 @@ def test_rank_death_restarts_and_resumes_exactly(base, launched):
     assert diff <= 1e-6
 
 
-def test_killed_writer_leaves_previous_checkpoint_usable(base, launched):
-    """Rank 2 dies while step-20 is being written: step-20.tmp is left behind, never used;
+def test_killed_writer_leaves_previous_checkpoint_usable(base2, launched):
+    """Rank 1 of 2 dies while step-20 is being written: step-20.tmp is left behind, never used;
     the restart skips it (log line) and resumes from step-10."""
-    _, ref = base
+    _, ref = base2
     run = result(launched, "killsave")
     text = log(run)
     assert "step-20.tmp: incomplete" in text and "resumed from step-10" in text, text
@@ -221,10 +241,10 @@ def test_reshard_dp_shard4_to_dp2_tp2_and_back(base, launched):
     assert d1 < 1e-5 and d2 < 1e-5
 
 
-def test_preemption_signal_saves_and_resume_continues(base, launched):
+def test_preemption_signal_saves_and_resume_continues(base2, launched):
     """SIGUSR1 to launch.sh (what job.sbatch forwards before the time limit): the step
     finishes, a checkpoint is written, PREEMPTED names the step, exit 0; the next launch resumes."""
-    _, ref = base
+    _, ref = base2
     r = result(launched, "preempt")
     run, stopped = r["run"], r["stopped"]
     assert r["returncode"] == 0, r["stderr"][-4000:]
@@ -235,11 +255,11 @@ def test_preemption_signal_saves_and_resume_continues(base, launched):
     assert max(abs(got[s] - ref[s]) for s in range(1, STEPS + 1)) <= 1e-6
 
 
-def test_corrupted_newest_checkpoint_falls_back_to_the_previous_one(base, launched):
+def test_corrupted_newest_checkpoint_falls_back_to_the_previous_one(base2, launched):
     """40 KB overwritten in the middle of a rank's shard of step-30, size unchanged (issue 9):
     the restart says so in one line, sets step-30 aside, resumes from step-20 and reproduces
     steps 21-30; keep 2 then holds step-20's successor and the new step-30, both verified."""
-    _, ref = base
+    _, ref = base2
     run, data = result(launched, "corrupt")
     text = log(run)
     bad = [line for line in text.splitlines() if "failed verification" in line]

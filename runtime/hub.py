@@ -205,6 +205,32 @@ def weight_map(folder: str | Path) -> dict[str, str] | None:
     return wm
 
 
+_TOKENIZER_CONFIG_LIMIT = 64 << 20       # added_tokens_decoder of a 256k vocabulary is a few MB
+
+
+def tokenizer_config_problem(folder: str | Path) -> str | None:
+    """Why folder's tokenizer_config.json would make transformers read a file outside the folder,
+    or None. Its `fast_tokenizer_files` list picks the tokenizer file by version, and
+    AutoTokenizer.from_pretrained (transformers 5.24) opens the chosen name joined to the folder
+    as it is: `../x/tokenizer.1.json` or `/abs/tokenizer.1.json` load a tokenizer from elsewhere
+    (transformers already ignores vocab_file / merges_file / tokenizer_file values there). A file
+    that cannot be read or parsed is left to the tokenizer loader's own message."""
+    cfg = Path(folder) / "tokenizer_config.json"
+    try:
+        tc = json.loads(read_bounded(cfg, _TOKENIZER_CONFIG_LIMIT, follow=True))
+    except (OSError, UserError, ValueError, RecursionError):
+        return None
+    names = tc.get("fast_tokenizer_files") if isinstance(tc, dict) else None
+    if names is None:
+        return None
+    bad = [n for n in names if not (isinstance(n, str) and "/" not in n and shard_name(n))] \
+        if isinstance(names, list) else [names]
+    if not bad:
+        return None
+    return (f"tokenizer_config.json's fast_tokenizer_files names {printable(repr(bad[0]))[:200]}, which is not a "
+            "file name inside the tokenizer folder (transformers would load a tokenizer from wherever it points)")
+
+
 def snapshot_problems(folder: Path, kind: str) -> list[str]:
     """What a cached snapshot lacks for its use (kind: "weights", "tokenizer", "dataset", "config"),
     one phrase per file: a file whose blob is gone (the snapshot's symlink dangles: a cleaned or

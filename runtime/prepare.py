@@ -1805,6 +1805,10 @@ def _tokenizer(data: DataPlan):
     folder, _ = _hub_path(data.tokenizer, "data.tokenizer", "model", hub.TOKENIZER_FILES)
     if not Path(folder).exists():
         raise DataError(f"data.tokenizer: {data.tokenizer!r} not found (relative to {os.getcwd()})")
+    problem = hub.tokenizer_config_problem(folder)
+    if problem is not None:
+        raise DataError(f"data.tokenizer: {data.tokenizer!r}: {problem}; remove that key (save_pretrained "
+                        "writes tokenizer.json beside it) or use a tokenizer folder you trust")
     from transformers import AutoTokenizer
 
     try:

@@ -18,7 +18,9 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from meshbake.compiler.load import _profile_path
+from meshbake.compiler.errors import Err
+from meshbake.compiler.load import _profile_path, parse_yaml, read_text
+from meshbake.runtime.safeio import printable
 
 
 def tp_plan(nproc: int) -> bytes | None:
@@ -87,16 +89,42 @@ def profile_text(base: dict, m: dict, base_name: str | None) -> str:
     return head + yaml.safe_dump(prof, sort_keys=False, default_flow_style=None, width=100)
 
 
+# runtime/recipe.schema.json cluster.gpus_per_node's maximum: a process count beyond it is no profile's
+MAX_NPROC = 1024
+
+
+def _base_profile(name: str) -> dict | str:
+    """The --cluster profile as a mapping, through the recipe's own YAML loader (load.parse_yaml: no
+    tags, no alias bombs, no duplicate keys), or why not in one line. A profile is a file someone
+    hands over: yaml.safe_load took a list (AttributeError), a !!python tag (a traceback) and any
+    gpus_per_node, which became torchrun's --nproc-per-node."""
+    path = _profile_path(name)
+    if not path.is_file():
+        return f"no cluster profile {printable(name)!r} ({printable(path)})"
+    prof = read_text(path, "--cluster")
+    prof = prof if isinstance(prof, Err) else parse_yaml(prof, path.name)
+    if isinstance(prof, Err):
+        e = prof.errors[0]
+        return f"--cluster {printable(path)}: {printable(e.path)}: {printable(e.message)}; {printable(e.hint)}"
+    n = prof.get("gpus_per_node", 4)
+    if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_NPROC):
+        return (f"--cluster {printable(path)}: gpus_per_node {printable(repr(n))[:40]} is not a process count from 1 to "
+                f"{MAX_NPROC} (cluster.gpus_per_node); fix the profile, or pass --nproc N")
+    return {k: v for k, v in prof.items() if k != "measured"}
+
+
 def calibrate_main(args) -> int:
     base: dict = {}
     if args.cluster:
-        path = _profile_path(args.cluster)
-        if not path.is_file():
-            print(f"meshbake: no cluster profile {args.cluster!r} ({path})", file=sys.stderr)
+        got = _base_profile(args.cluster)
+        if isinstance(got, str):
+            print(f"meshbake calibrate: {got}", file=sys.stderr)
             return 2
-        base = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        base.pop("measured", None)
-    nproc = args.nproc or int(base.get("gpus_per_node", 4))
+        base = got
+    if args.nproc is not None and not 1 <= args.nproc <= MAX_NPROC:
+        print(f"meshbake calibrate: --nproc {args.nproc} is not a process count from 1 to {MAX_NPROC}", file=sys.stderr)
+        return 2
+    nproc = args.nproc or base.get("gpus_per_node", 4)
     m = measure(nproc)
     if isinstance(m, str):
         print(f"meshbake calibrate: {m}", file=sys.stderr)

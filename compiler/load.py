@@ -455,6 +455,13 @@ def tokenizer_vocab(folder: str) -> Result[int | None]:
 
 def tokenizer_errors(source: str, tokenizer: str | None, config: dict[str, Any]) -> tuple[RecipeError, ...]:
     """A tokenizer whose ids reach past the model's embedding was found only at run time."""
+    from meshbake.runtime import hub
+
+    if source != "synthetic" and tokenizer and Path(tokenizer).is_dir() \
+            and (problem := hub.tokenizer_config_problem(tokenizer)) is not None:
+        return (RecipeError("data.tokenizer", f"{tokenizer}: {problem}",
+                            "remove fast_tokenizer_files from tokenizer_config.json (save_pretrained writes "
+                            "tokenizer.json beside it), or use a tokenizer folder you trust"),)
     vocab = config.get("vocab_size")
     if source == "synthetic" or not tokenizer or not isinstance(vocab, int):
         return ()

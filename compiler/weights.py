@@ -24,6 +24,8 @@ exact). Integer, bool and 8-bit-float tensors are refused: those are quantized c
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,9 +33,12 @@ from pathlib import Path
 
 from meshbake.compiler.errors import RecipeError
 from meshbake.runtime import hub as H
+from meshbake.runtime import safeio
+from meshbake.runtime.errors import UserError
 from meshbake.runtime.fused import checkpoint_sources, n_experts
+from meshbake.runtime.safeio import printable
 
-INDEX = "model.safetensors.index.json"
+INDEX = H.INDEX
 # safetensors refuses headers over 100 MB (its own limit); a 70B index header is ~60 KB per shard
 MAX_HEADER = 100_000_000
 CASTS = {"F64", "F32", "F16", "BF16"}          # float dtypes the loader's cast carries exactly enough
@@ -61,10 +66,23 @@ class _Unreadable(Exception):
     """The headers cannot be read here (not an error in the recipe): why, in one phrase."""
 
 
+# bits per element of each safetensors dtype (its Dtype enum, 0.8: F4 / F6 pack below a byte)
+_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+         "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+         "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64}
+
+
 def read_header(path: Path) -> dict[str, Tensor]:
     """One file's tensors from its header: 8 + N bytes, never the data. ValueError: not a
-    safetensors file, or a file shorter than its header says (a truncated download)."""
-    with open(path, "rb") as f:
+    safetensors file, one the safetensors library would refuse to load (_tensors), or a file
+    shorter than its header says (a truncated download). Opened as a regular file (or a link to
+    one: a cache snapshot's shards are links to blobs): a FIFO named *.safetensors neither blocks
+    the check nor is read."""
+    try:
+        f = safeio.open_regular(path, follow=True)
+    except UserError as e:
+        raise ValueError(f"{path.name} {e.problem}") from None
+    with f:
         head = f.read(8)
         if len(head) < 8:
             raise ValueError(f"{path.name} is {len(head)} bytes, shorter than a safetensors header")
@@ -72,44 +90,68 @@ def read_header(path: Path) -> dict[str, Tensor]:
         if n > MAX_HEADER:
             raise ValueError(f"{path.name}: header length {n:,} bytes is not a safetensors header")
         raw = f.read(n)
+        size = os.fstat(f.fileno()).st_size
     try:
         meta = json.loads(raw)
     except (ValueError, RecursionError):
         raise ValueError(f"{path.name}: its header is not JSON (not a safetensors file)") from None
-    out = _tensors(meta, path.name)
-    end = max((t.get("data_offsets", [0, 0])[1] for k, t in meta.items() if k != "__metadata__"), default=0)
-    size = path.stat().st_size
+    out, end = _tensors(meta, path.name)
     if size < 8 + n + end:
         raise ValueError(f"{path.name} is {size:,} bytes but its header describes {8 + n + end:,} (truncated: "
                          "an interrupted download or copy)")
+    if size > 8 + n + end:        # safetensors: "incomplete metadata, file not fully covered"
+        raise ValueError(f"{path.name} is {size:,} bytes but its header describes {8 + n + end:,}: bytes no tensor "
+                         "covers, which the safetensors loader refuses (not a file save_file wrote)")
     return out
 
 
-def _tensors(meta: object, file: str) -> dict[str, Tensor]:
+def _uint(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _tensors(meta: object, file: str) -> tuple[dict[str, Tensor], int]:
+    """({key: Tensor}, bytes of data) of a parsed header, by the rules safetensors' loader applies
+    (Metadata::validate): a known dtype, a shape of non-negative ints, data_offsets [begin, end]
+    that tile the data from byte 0 with no gap or overlap, each span exactly shape x dtype bytes.
+    A header that breaks one loads nowhere, so "verified" would be a promise the job breaks."""
     if not isinstance(meta, dict):
         raise ValueError(f"{file}: its header is not a JSON object")
-    out = {}
+    extra = meta.get("__metadata__")
+    if extra is not None and not (isinstance(extra, dict) and all(isinstance(v, str) for v in extra.values())):
+        raise ValueError(f"{file}: its header's __metadata__ is not a map of strings (not a safetensors file)")
+    out, spans = {}, []
     for k, t in meta.items():
         if k == "__metadata__":
             continue
         if not (isinstance(t, dict) and isinstance(t.get("dtype"), str) and isinstance(t.get("shape"), list)):
-            raise ValueError(f"{file}: header entry {k!r} has no dtype / shape")
-        out[k] = Tensor(t["dtype"], tuple(int(x) for x in t["shape"]), file)
-    return out
+            raise ValueError(f"{file}: header entry {printable(k)!r} has no dtype / shape")
+        shape, span = t["shape"], t.get("data_offsets")
+        if t["dtype"] not in _BITS or not all(_uint(x) for x in shape) or not (
+                isinstance(span, list) and len(span) == 2 and all(_uint(x) for x in span)):
+            raise ValueError(f"{file}: header entry {printable(k)!r} has dtype {printable(t['dtype'])!r}, shape "
+                             f"{printable(shape)[:80]}, data_offsets {printable(span)[:80]}, which the safetensors "
+                             "loader refuses (not a safetensors file)")
+        out[k] = Tensor(t["dtype"], tuple(shape), file)
+        spans.append((span[0], span[1], k, math.prod(shape) * _BITS[t["dtype"]]))
+    end = 0
+    for begin, stop, k, bits in sorted(spans):
+        if begin != end or stop < begin or bits % 8 or stop - begin != bits // 8:
+            raise ValueError(f"{file}: header entry {printable(k)!r} spans bytes [{begin:,}, {stop:,}) where the "
+                             f"loader expects [{end:,}, {end + bits // 8:,}) (its shape x dtype, right after the "
+                             "tensor before it): overlapping or misplaced tensors, which the safetensors loader "
+                             "refuses")
+        end = stop
+    return out, end
 
 
 def local_headers(folder: Path) -> dict[str, Tensor]:
     """{key: Tensor} as runtime/parallel.safetensors_index reads the folder: the index's
     weight_map (each key where the index says), else every *.safetensors, sorted, a later file's
     key winning. _Unreadable when a file the index names is absent; ValueError for a broken file."""
-    index = folder / INDEX
-    if index.is_file():
-        try:
-            wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted(set(wm.values()))
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            raise ValueError(f"{INDEX} has no weight_map of tensor -> file") from None
-        absent = [f for f in files if not (folder / f).is_file()]
+    wm = H.weight_map(folder)          # BadWeights (a ValueError): not an index, or a shard outside folder
+    if wm is not None:
+        files = sorted(set(wm.values()))
+        absent = [f for f in files if not (folder / f).exists()]     # a FIFO there: read_header says so
         if absent:
             raise _Unreadable(f"{len(absent)} of the {len(files)} files {INDEX} names are not here "
                               f"({absent[0]}{', ...' if len(absent) > 1 else ''})")

@@ -12,10 +12,14 @@ the compiler.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import UserError
+from .safeio import printable, read_bounded
 
 # a repo id is `org/name` (letters, digits, - _ .); a revision is a branch, tag or commit
 # (`refs/pr/1` has slashes)
@@ -29,7 +33,11 @@ _FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".md", ".yaml",
 CONFIG_FILES = ("config.json",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
-WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
+INDEX = "model.safetensors.index.json"
+WEIGHT_FILES = ("*.safetensors", INDEX)
+# DeepSeek-V3's index (163 shards, ~91k tensors) is ~9 MB: 64 MB is no real index, and a bigger
+# file is not held in memory to find that out
+_INDEX_LIMIT = 64 << 20
 # a dataset repo's files runtime/prepare.py can read (prepare.FILE_KINDS, save_to_disk's .arrow
 # + its json, the card whose `configs:` names the data files): what `meshbake pull` fetches
 DATASET_FILES = ("*.jsonl", "*.ndjson", "*.json", "*.parquet", "*.csv", "*.tsv", "*.txt", "*.md", "*.text",
@@ -156,6 +164,73 @@ def tokenizer_files(folder: str | Path) -> list[Path]:
     return sorted(p for n in TOKENIZER_FILES if (p := Path(folder) / n).is_file())
 
 
+class BadWeights(ValueError):
+    """A model folder's index is not what save_pretrained writes: why, one phrase naming the file."""
+
+
+def shard_name(name: object) -> bool:
+    """A weight_map value that stays inside the model folder: a relative path ('model-00001-of-00004
+    .safetensors', 'sub/x.safetensors') with no '..', '.' or empty part, no backslash, NUL or
+    control character. The index is a file of the folder (a Hub repo's, a colleague's): an
+    absolute or `../` name would make the check and the load read a file the user never named."""
+    return (isinstance(name, str) and bool(name) and not name.startswith("/") and "\\" not in name
+            and printable(name) == name and all(p not in ("", ".", "..") for p in name.split("/")))
+
+
+def weight_map(folder: str | Path) -> dict[str, str] | None:
+    """{tensor: shard file name} of folder's model.safetensors.index.json, every name inside the
+    folder (shard_name); None when there is no index (or its cache blob is gone: snapshot_problems
+    says so). The index is read as a regular file (a link to one, as in a cache snapshot), bounded:
+    a FIFO there neither blocks nor is read. BadWeights when it is not such an index."""
+    index = Path(folder) / INDEX
+    if not os.path.lexists(index):
+        return None
+    what = f"{INDEX} has no weight_map of tensor -> file name"
+    try:
+        wm = json.loads(read_bounded(index, _INDEX_LIMIT, follow=True))["weight_map"]
+    except FileNotFoundError:
+        return None
+    except UserError as e:
+        raise BadWeights(f"{INDEX} {e.problem}") from None
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise BadWeights(what) from None
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise BadWeights(what)
+    bad = sorted({v for v in wm.values() if not shard_name(v)})
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise BadWeights(f"{INDEX} names the shard {printable(bad[0])!r}{more}, which is not a file name inside "
+                         "the model folder (save_pretrained writes plain names such as "
+                         "model-00001-of-00002.safetensors)")
+    return wm
+
+
+_TOKENIZER_CONFIG_LIMIT = 64 << 20       # added_tokens_decoder of a 256k vocabulary is a few MB
+
+
+def tokenizer_config_problem(folder: str | Path) -> str | None:
+    """Why folder's tokenizer_config.json would make transformers read a file outside the folder,
+    or None. Its `fast_tokenizer_files` list picks the tokenizer file by version, and
+    AutoTokenizer.from_pretrained (transformers 5.24) opens the chosen name joined to the folder
+    as it is: `../x/tokenizer.1.json` or `/abs/tokenizer.1.json` load a tokenizer from elsewhere
+    (transformers already ignores vocab_file / merges_file / tokenizer_file values there). A file
+    that cannot be read or parsed is left to the tokenizer loader's own message."""
+    cfg = Path(folder) / "tokenizer_config.json"
+    try:
+        tc = json.loads(read_bounded(cfg, _TOKENIZER_CONFIG_LIMIT, follow=True))
+    except (OSError, UserError, ValueError, RecursionError):
+        return None
+    names = tc.get("fast_tokenizer_files") if isinstance(tc, dict) else None
+    if names is None:
+        return None
+    bad = [n for n in names if not (isinstance(n, str) and "/" not in n and shard_name(n))] \
+        if isinstance(names, list) else [names]
+    if not bad:
+        return None
+    return (f"tokenizer_config.json's fast_tokenizer_files names {printable(repr(bad[0]))[:200]}, which is not a "
+            "file name inside the tokenizer folder (transformers would load a tokenizer from wherever it points)")
+
+
 def snapshot_problems(folder: Path, kind: str) -> list[str]:
     """What a cached snapshot lacks for its use (kind: "weights", "tokenizer", "dataset", "config"),
     one phrase per file: a file whose blob is gone (the snapshot's symlink dangles: a cleaned or
@@ -169,14 +244,12 @@ def snapshot_problems(folder: Path, kind: str) -> list[str]:
            if p.is_symlink() and not p.exists()
            and any(fnmatch.fnmatch(rel := p.relative_to(folder).as_posix(), m) for m in mine)]
     if kind == "weights":
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                import json
-                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-                return out + ["model.safetensors.index.json (not a weight_map index)"]
-            out += [f"{f} (named by model.safetensors.index.json)" for f in shards
+        try:
+            wm = weight_map(folder)
+        except BadWeights as e:
+            return out + [f"{INDEX} (not a usable index: it {str(e).removeprefix(INDEX + ' ')})"]
+        if wm is not None:
+            out += [f"{f} (named by {INDEX})" for f in sorted(set(wm.values()))
                     if not (folder / f).exists() and not (folder / f).is_symlink()]
         elif not any(p.exists() for p in folder.glob("*.safetensors")) and not out:
             out.append("*.safetensors (no weights file)")

@@ -14,7 +14,6 @@ is one block of the full tensor, as it is for FSDP x TP Linears and embeddings.
 """
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,9 +24,12 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
+from . import hub, safeio
 from .dims import SHARD_CP, ParallelDims
+from .errors import UserError
 from .plan import Plan
 from .roles import SHARD_DIM, attention_name, mlp_name, plan_roles, transposed_experts
+from .safeio import printable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
@@ -516,15 +518,25 @@ def _reset_rotary(model: nn.Module) -> None:
 
 
 def safetensors_index(folder: str) -> dict[str, Path]:
-    root = Path(folder)
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {k: root / v for k, v in weight_map.items()}
+    """{tensor: its shard} of model.weights: the index's weight_map (every name inside the folder:
+    hub.weight_map), else every *.safetensors. Each shard is checked to be a regular file (or a
+    link to one: a cache snapshot) before safe_open, which would block on a FIFO planted there."""
     from safetensors import safe_open
 
-    out: dict[str, Path] = {}
+    root = Path(folder)
+    try:
+        weight_map = hub.weight_map(root)
+    except hub.BadWeights as e:
+        raise UserError(printable(folder), str(e), "point model.weights at a Hugging Face model folder as "
+                        "save_pretrained writes it (re-download or re-save it)") from None
+    if weight_map is not None:
+        out = {k: root / v for k, v in weight_map.items()}
+        for f in sorted(set(out.values())):
+            safeio.open_regular(f, follow=True).close()
+        return out
+    out = {}
     for f in sorted(root.glob("*.safetensors")):
+        safeio.open_regular(f, follow=True).close()
         with safe_open(str(f), framework="pt") as st:
             out.update({k: f for k in st.keys()})
     if not out:
@@ -747,9 +759,7 @@ def build_quantized(plan: Plan, mesh: DeviceMesh, device: torch.device) -> nn.Mo
 def materialize(model: nn.Module, plan: Plan, only: set[str] | None = None, buffers: bool = True) -> None:
     """The base weights (model.weights, or the seeded init) and fresh adapters, in runtime order;
     only: these parameter names (the rest stays as it is)."""
-    if plan.model.weights:
-        from . import hub  # a Hub id pinned to its commit (org/name@sha): that revision's snapshot
-
+    if plan.model.weights:      # a Hub id pinned to its commit (org/name@sha): that revision's snapshot
         load_weights(model, hub.local_folder(plan.model.weights, "model", hub.WEIGHT_FILES), plan.train.seed,
                      plan.model.layouts, only, buffers)
     else:

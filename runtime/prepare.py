@@ -206,6 +206,39 @@ def load_records(kind: str, path: Path, fmt: str, cache_dir: Path):
     return ds
 
 
+_DISK_JSON_LIMIT = 16 << 20     # state.json / dataset_dict.json: a name per arrow file or split
+
+
+def _disk_files_inside(path: Path, depth: int = 0) -> None:
+    """A save_to_disk folder names its own files: state.json `_data_files[].filename` (the .arrow
+    shards) and dataset_dict.json `splits` (subfolders), which datasets.load_from_disk joins to the
+    folder as written. A folder someone else wrote could name `../x.arrow`, `/abs/y.arrow` or a
+    split `../../z`: the run would train on data the recipe never named. Every name must be a plain
+    name inside the folder (DataError otherwise); the JSON is read bounded, as a regular file."""
+    def names(file: str, get) -> list:
+        try:
+            obj = json.loads(safeio.read_bounded(path / file, _DISK_JSON_LIMIT, follow=True))
+            got = get(obj)
+        except FileNotFoundError:
+            return []
+        except (ValueError, KeyError, TypeError, RecursionError, UserError):
+            return []            # not such a folder after all: load_from_disk's own message says why
+        return got if isinstance(got, list) else list(got) if isinstance(got, dict) else [got]
+
+    files = names("state.json", lambda o: [f.get("filename") if isinstance(f, dict) else f for f in o["_data_files"]])
+    splits = names("dataset_dict.json", lambda o: o["splits"])
+    bad = [(w, n) for w, ns in (("state.json _data_files", files), ("dataset_dict.json splits", splits))
+           for n in ns if not (isinstance(n, str) and safeio.plain_name(n))]
+    if bad:
+        where, name = bad[0]
+        raise DataError(f"{path}: its {where} names {safeio.printable(repr(name))[:200]}, not a name inside the "
+                        "folder (datasets would read it from wherever it points); re-save the dataset with "
+                        "save_to_disk, or name its data files instead")
+    if depth == 0:
+        for split in splits:
+            _disk_files_inside(path / split, 1)
+
+
 def _load(kind: str, path: Path, fmt: str, cache_dir: Path):
     """(datasets.Dataset, line of each record or None, [(line, message)] of malformed jsonl lines).
     Text files are read as UTF-8 with or without a byte-order mark (utf-8-sig: Excel and Windows
@@ -213,6 +246,7 @@ def _load(kind: str, path: Path, fmt: str, cache_dir: Path):
     it NaN, i.e. a missing field), and "NA" / "null" in a cell stay text. A jsonl file with
     malformed lines is read without them (a copy in cache_dir): they are bad records."""
     if kind == "disk":
+        _disk_files_inside(path)
         datasets = _datasets()
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
@@ -1771,6 +1805,10 @@ def _tokenizer(data: DataPlan):
     folder, _ = _hub_path(data.tokenizer, "data.tokenizer", "model", hub.TOKENIZER_FILES)
     if not Path(folder).exists():
         raise DataError(f"data.tokenizer: {data.tokenizer!r} not found (relative to {os.getcwd()})")
+    problem = hub.tokenizer_config_problem(folder)
+    if problem is not None:
+        raise DataError(f"data.tokenizer: {data.tokenizer!r}: {problem}; remove that key (save_pretrained "
+                        "writes tokenizer.json beside it) or use a tokenizer folder you trust")
     from transformers import AutoTokenizer
 
     try:

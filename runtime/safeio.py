@@ -105,17 +105,18 @@ def _not_dir(path: Path) -> UserError:
     return UserError(printable(path.parent), "is not a directory (a file, FIFO or link to one is in its place)", _FIX)
 
 
-def _open_regular_fd(path: Path, flags: int, what: str) -> int:
+def _open_regular_fd(path: Path, flags: int, what: str, follow: bool = False) -> int:
     """os.open(path, flags) of a regular file only: O_NOFOLLOW (a symlink at the last component fails
-    with ELOOP), O_NONBLOCK (a FIFO neither blocks the open nor is opened for writing: ENXIO), then
-    fstat to be sure; the descriptor goes back to blocking mode for the caller."""
+    with ELOOP; follow=True lets a link to a regular file through), O_NONBLOCK (a FIFO neither blocks
+    the open nor is opened for writing: ENXIO), then fstat to be sure; the descriptor goes back to
+    blocking mode for the caller."""
     try:
-        fd = os.open(path, flags | _NOFOLLOW | _CLOEXEC | _NONBLOCK, 0o644)
+        fd = os.open(path, flags | (0 if follow else _NOFOLLOW) | _CLOEXEC | _NONBLOCK, 0o644)
     except NotADirectoryError:
         raise _not_dir(path) from None
     except OSError as e:             # ELOOP, ENXIO, EEXIST (O_EXCL), EISDIR: say what is there, if odd
         try:
-            st = os.lstat(path)
+            st = os.stat(path) if follow else os.lstat(path)
         except OSError:
             raise e from None
         if not stat.S_ISREG(st.st_mode):
@@ -174,11 +175,13 @@ def create_new(path: Path, data: bytes | str) -> None:
         f.write(raw)
 
 
-def open_regular(path: Path, limit: int | None = None):
-    """A binary file object for reading a regular file: no symlink followed at the last component,
-    a FIFO neither blocks nor is read, and (with limit) a file larger than limit bytes is refused."""
+def open_regular(path: Path, limit: int | None = None, follow: bool = False):
+    """A binary file object for reading a regular file: no symlink followed at the last component
+    (follow=True: a link to a regular file is read, as every file of a Hugging Face cache snapshot
+    is one), a FIFO neither blocks nor is read, and (with limit) a file larger than limit bytes is
+    refused."""
     path = Path(path)
-    fd = _open_regular_fd(path, os.O_RDONLY, "not a regular file")
+    fd = _open_regular_fd(path, os.O_RDONLY, "not a regular file", follow)
     st = os.fstat(fd)
     if limit is not None and st.st_size > limit:
         os.close(fd)
@@ -187,10 +190,10 @@ def open_regular(path: Path, limit: int | None = None):
     return os.fdopen(fd, "rb")
 
 
-def read_bounded(path: Path, limit: int = 16 << 20) -> bytes:
+def read_bounded(path: Path, limit: int = 16 << 20, follow: bool = False) -> bytes:
     """The whole of a small regular file (metadata: plan.json, manifest.json, index.json, pointers),
     at most limit bytes (read limit + 1 to catch a file that grows)."""
-    with open_regular(path, limit) as f:
+    with open_regular(path, limit, follow) as f:
         # read(n) allocates n bytes up front: read the file's size (+1 to see growth), not the limit
         # (a 5 KB plan.json cost a 16 MiB buffer); a file that grew since its fstat is read on to the limit
         size = min(os.fstat(f.fileno()).st_size, limit)

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from meshbake.compiler import estimate as E
 from meshbake.compiler import perf
 from meshbake.compiler.errors import Err, RecipeError, Result
 from meshbake.compiler.estimate import FSDP_OVERLAP, MFU_CEILING, SELECTIVE_RECOMPUTE, StepTime, check_memory, estimate
+from meshbake.compiler.memo import evolve
 from meshbake.compiler.mesh import divisors, resolve_mesh
 from meshbake.compiler.model import ModelSpec
 from meshbake.compiler.placements import resolve_placements
@@ -174,15 +175,16 @@ def candidates(recipe: Recipe, layers: int | None = None, experts: int = 0) -> l
 
 def with_candidate(recipe: Recipe, k: Candidate) -> Recipe:
     # pp.microbatches and pp.split null: derived (= grad_accum; even split), as a recipe would leave them
-    pp = replace(recipe.pp, schedule=k.schedule, stages_per_rank=k.stages_per_rank, microbatches=None, split=None) \
+    # (evolve: dataclasses.replace without re-running __init__, five per candidate, see compiler/memo.py)
+    pp = evolve(recipe.pp, schedule=k.schedule, stages_per_rank=k.stages_per_rank, microbatches=None, split=None) \
         if k.pp > 1 else type(recipe.pp)()
-    return replace(recipe,
-                   mesh=replace(recipe.mesh, dp_replicate=k.dp_replicate, dp_shard=k.dp_shard, cp=k.cp, tp=k.tp,
-                                pp=k.pp, ep=k.ep),
-                   pp=pp,
-                   tp=replace(recipe.tp, sequence_parallel=k.sequence_parallel, loss_parallel=k.loss_parallel),
-                   train=replace(recipe.train, activation_checkpointing=k.activation_checkpointing,
-                                 micro_batch_size=k.micro_batch_size, grad_accum=None))
+    return evolve(recipe,
+                  mesh=evolve(recipe.mesh, dp_replicate=k.dp_replicate, dp_shard=k.dp_shard, cp=k.cp, tp=k.tp,
+                              pp=k.pp, ep=k.ep),
+                  pp=pp,
+                  tp=evolve(recipe.tp, sequence_parallel=k.sequence_parallel, loss_parallel=k.loss_parallel),
+                  train=evolve(recipe.train, activation_checkpointing=k.activation_checkpointing,
+                               micro_batch_size=k.micro_batch_size, grad_accum=None))
 
 
 def step_time(recipe: Recipe, model: ModelSpec, mesh, est) -> StepTime:
@@ -261,7 +263,9 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
             if key not in placements:
                 placements[key] = resolve_placements(r, model, mesh)
             pl = placements[key]
-            est = pl if isinstance(pl, Err) else check_memory(estimate(r, model, mesh, pl, memory_first=True), r, mesh)
+            # the JSON shows a drop's message only: no hint (memory_fixes) per dropped candidate
+            est = pl if isinstance(pl, Err) else \
+                check_memory(estimate(r, model, mesh, pl, memory_first=True), r, mesh, hint=False)
         res = mesh if isinstance(mesh, Err) else est
         if isinstance(res, Err):
             e = res.errors[0]

@@ -159,3 +159,21 @@ def one_process_group():
         yield
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int):
+    """Fail (TimeoutError) instead of blocking forever, e.g. in open() of a FIFO: a hang fails the
+    test (SIGALRM raises in the main thread) instead of stalling the suite."""
+    import signal
+
+    def boom(*_):
+        raise TimeoutError(f"still blocked after {seconds} s (a FIFO opened?)")
+
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

@@ -8,16 +8,14 @@ would hang an unguarded open(): those tests run under an alarm, so a hang is a f
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
-import signal
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import one_process_group
+from tests.helpers import no_hang, one_process_group
 from tests.test_integrity import _rehash, export, fresh, make_run
 
 SECRET = "-----BEGIN OPENSSH PRIVATE KEY----- not-for-upload"
@@ -28,21 +26,6 @@ def saved(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("trust")
     make_run(base / "runs/runA")
     return base
-
-
-@contextlib.contextmanager
-def no_hang(seconds: int):
-    """Fail (TimeoutError) instead of blocking forever, e.g. in open() of a FIFO."""
-    def boom(*_):
-        raise TimeoutError(f"still running after {seconds} s (a FIFO opened?)")
-
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _model_and_opt(run: Path):

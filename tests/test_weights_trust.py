@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import struct
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,25 +24,10 @@ import torch
 from meshbake.runtime import hub as H
 from meshbake.runtime.errors import UserError
 
-from tests.helpers import ROOT, tiny_recipe
+from tests.helpers import ROOT, no_hang, tiny_recipe
 from tests.test_hub import compile_dict
 
 LLAMA = ROOT / "tests/models/llama/config.json"       # hidden 64, 2 layers, vocab 1024, untied
-
-
-@contextmanager
-def within(seconds: int):
-    """A hang fails the test (SIGALRM raises here) instead of stalling the suite."""
-    def fire(*_):
-        raise TimeoutError(f"still blocked after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +48,7 @@ def ckpt(tmp_path_factory) -> Path:
 def _check(weights: Path):
     d = tiny_recipe("w", 1, model=str(LLAMA))
     d["model"]["weights"] = str(weights)
-    with within(60):
+    with no_hang(60):
         b = compile_dict(d)
     return b
 
@@ -144,7 +127,7 @@ def test_a_fifo_shard_neither_hangs_check_nor_the_loader(ckpt, tmp_path, named):
         os.mkfifo(v / "model.safetensors")
     msg = _err(_check(v))
     assert "safetensors is a FIFO" in msg, msg
-    with within(30), pytest.raises(UserError, match="is a FIFO"):
+    with no_hang(30), pytest.raises(UserError, match="is a FIFO"):
         safetensors_index(str(v))
 
 

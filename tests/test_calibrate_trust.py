@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import cli
-from tests.test_weights_trust import within
+from tests.helpers import cli, no_hang
 
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
@@ -28,7 +27,7 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
 def test_a_hostile_base_profile_is_refused_before_any_launch(tmp_path: Path, text, says):
     prof = tmp_path / "handed.yaml"
     prof.write_text(text)
-    with within(60):                 # the refusal is immediate; a launch of 2 ranks is not
+    with no_hang(60):                 # the refusal is immediate; a launch of 2 ranks is not
         r = cli("calibrate", "--cluster", str(prof), cwd=tmp_path)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and says in lines[0] and "handed.yaml" in lines[0], (r.returncode, r.stderr)

@@ -52,20 +52,11 @@ parameters (memory) and the FLOPs (time) at once; the exceptions are Qwen3-MoE's
 stage and final norm + lm_head on the last. PLAN.md's stage table shows each stage's parameters
 (all experts held), and pp.split overrides.
 
-Families: every type of the parity matrix (PP_MODEL_TYPES below). The runtime needs no per-family
-stage code beyond a table: a stage runs transformers' base forward, the last stage the CausalLM's
-head forward (runtime/pp.Stage.top), stages after the first neutralise runtime/pp.NEUTRAL_AFTER_FIRST.
-The MoE flagships' split is by block count too, although their blocks differ: DeepSeek-V3 and
-GLM-4-MoE have first_k_dense_replace dense blocks first, Llama-4 a MoE block every
-interleave_moe_layer_step; the stage table and the per-rank estimate count each stage's own
-modules (a dense stage holds and runs less), and pp.split rebalances. DeepSeek-V3's / GLM-4-MoE's
-e_score_correction_bias is a buffer of its block (loaded from the checkpoint, held fixed as without
-pp: transformers updates it nowhere), so the stage holding the block holds it.
-
 What is not implemented yet is refused with the reason (errors as values), never run
-half-right: QLoRA (its NF4 base loads block by block into a whole model), torch.compile, the
-zoo's other types (their base forwards were not read for what they do to inputs_embeds, nor
-trained under pp), and a model with parameters in no stage part (named in the error).
+half-right: QLoRA (its NF4 base loads
+block by block into a whole model), torch.compile, model types whose base model does anything
+to inputs_embeds (Gemma scales them: only the first stage may) or that are not tested under pp
+(the other MoE types: Qwen2-MoE, DeepSeek-V3, GLM-4-MoE, GPT-OSS, Granite-MoE, Llama-4).
 """
 from __future__ import annotations
 
@@ -75,18 +66,13 @@ from meshbake.compiler.model import ModelSpec
 from meshbake.compiler.recipe import Recipe
 from meshbake.runtime import plan as P
 
-# model types whose HF base model forward (transformers 5.24, read for each) a stage can run: the
-# stages after the first call it with inputs_embeds=<the previous stage's hidden states>, so it
-# must do nothing to inputs_embeds but what runtime/pp.NEUTRAL_AFTER_FIRST undoes (Granite-MoE's
-# embedding_multiplier, GPT-NeoX's emb_dropout), and it must pick each block's mask / rotary by
-# config.layer_types[i] of its loop position (runtime/pp.py gives a stage its blocks' slice:
-# Qwen2 / Gemma-2 / Gemma-3 / GPT-OSS sliding windows, Llama-4's chunked layers). The last stage
-# runs the CausalLM's own head forward (Gemma's final logit soft-cap, Granite-MoE's
-# logits_scaling). Parity cases in tests/test_pp.py, pp 2 vs one process: every type here but
-# Mistral (compile test: Llama's forward).
-PP_MODEL_TYPES = ("deepseek_v3", "gemma2", "gemma3_text", "glm", "glm4", "glm4_moe", "gpt_neox", "gpt_oss",
-                  "granitemoe", "llama", "llama4_text", "mistral", "mixtral", "olmo2", "phi3", "qwen2", "qwen2_moe",
-                  "qwen3", "qwen3_moe")
+# model types whose HF base model takes inputs_embeds as they are (the stages after the first
+# call it with inputs_embeds=<the previous stage's hidden states>): Llama's forward, which Mistral,
+# Qwen2 and Qwen3 share (Qwen2 / Qwen3 index config.layer_types by loop position: runtime/pp.py
+# gives each stage its blocks' slice). Parity cases in tests/test_pp.py: tiny-llama, a Qwen2 with a
+# sliding-window second block, a Qwen3 (q/k norms); Mistral: compile test (same forward as Llama);
+# the MoE types Qwen3-MoE and Mixtral (same base forward, MoE blocks; with ep and the aux loss)
+PP_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 # schedule -> stages per rank it runs: 1 (single-stage), "2+" (looped), 2 (V-shaped)
 SINGLE = ("1F1B", "GPipe")
 
@@ -176,15 +162,9 @@ def _refused(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeErr
         errs.append(RecipeError(path, f"not supported with mesh.pp > 1: {why}", fix))
 
     errs: list[RecipeError] = []
-    r = model.roles
     if model.model_type not in PP_MODEL_TYPES:
-        no("model.config", f"model_type {model.model_type} has no pipeline stage split yet: its base model's "
-           f"forward was not read for what it does to inputs_embeds between stages, nor trained under pp (`make "
-           f"zoo` proves it with dp x tp only; pp accepts {', '.join(PP_MODEL_TYPES)})", "use mesh.pp: 1")
-    elif stray := _outside_stages(model):
-        no("model.config", f"{model.architecture} holds parameters in no pipeline stage part (not in a decoder "
-           f"block {r.block_prefix}.<i>, the embedding {r.embedding}, the final norm {r.final_norm or '(none)'} "
-           f"or {r.lm_head}): {', '.join(stray[:4])}{' ...' if len(stray) > 4 else ''}", "use mesh.pp: 1")
+        no("model.config", f"model_type {model.model_type} has no pipeline stage split yet (supported: "
+           f"{', '.join(PP_MODEL_TYPES)})", "use mesh.pp: 1")
     if model.roles.tied and recipe.pp.schedule == "ZBVZeroBubble" and mesh.fsdp_enabled:
         no("pp.schedule", f"tied embeddings with ZBVZeroBubble and FSDP: the V puts the first and the last stage on "
            f"pp rank 0, so {model.roles.embedding}'s weight would be one parameter in two FSDP stage roots",
@@ -197,15 +177,6 @@ def _refused(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> list[RecipeErr
     if recipe.train.compile:
         no("train.compile", "torch.compile of stage blocks is not tested yet", "set train.compile: false")
     return errs
-
-
-def _outside_stages(model: ModelSpec) -> list[str]:
-    """Parameters a stage split would drop: the runtime gives the first stage the embedding, the
-    last the final norm + lm_head, each stage its blocks, and nothing else (a base-model-level
-    projection or a vision tower of a multimodal config would be in no stage)."""
-    r = model.roles
-    parts = tuple(f"{p}." for p in (r.embedding, r.final_norm, r.lm_head, r.block_prefix) if p)
-    return [n for n, _ in model.params if not n.startswith(parts)]
 
 
 def resolve_pp(recipe: Recipe, model: ModelSpec, mesh: MeshSpec,

@@ -17,11 +17,7 @@ mesh), so optimizer, clipping, DCP checkpoints and init all see the same fully q
 names as without pp: init values are identical (seeded per name), and a checkpoint saved under
 pp 2 loads under pp 1 and back. A stage is a thin module over the owner's modules: a shallow
 copy of the HF base model holding only the stage's blocks (same attribute names, so its
-forward is transformers' own: rotary, causal mask, blocks, norm), plus lm_head on the last, run
-through a shallow copy of the CausalLM over that shell (its forward is transformers' head: the
-family's logit transform, Gemma-2's soft-cap, Granite-MoE's logits_scaling, comes with it). A
-stage after the first gets the residual stream as inputs_embeds, so what a base forward does to
-its inputs_embeds is made neutral there (NEUTRAL_AFTER_FIRST; base-level Dropout -> Identity).
+forward is transformers' own: rotary, causal mask, blocks, norm), plus lm_head on the last.
 
 Tied embeddings (Megatron-LM's way): the last stage's rank keeps the owner's embedding module
 (in no stage's forward) with lm_head's weight, its copy of the table, so the copy is named
@@ -94,16 +90,10 @@ class Stage(nn.Module):
     the local (mbs, T, V/tp) and the loss function re-wraps them (runtime/pp.build)."""
 
     def __init__(self, base: nn.Module, lm_head: nn.Module | None, first: bool, tp_mesh: DeviceMesh | None = None,
-                 cp_mesh: DeviceMesh | None = None, seq_len: int = 0, top: nn.Module | None = None):
+                 cp_mesh: DeviceMesh | None = None, seq_len: int = 0):
         super().__init__()
         self.model = base
         self.lm_head = lm_head
-        # the last stage: a shallow copy of the CausalLM over `base` and lm_head, NOT a registered
-        # submodule (its parameters are model's and lm_head's, registered above): its forward is
-        # transformers' own head, so what the family does to the logits between lm_head and the
-        # loss is done as in one process (Gemma-2's final_logit_softcapping tanh, Granite-MoE's
-        # division by logits_scaling) without a per-family copy of it here
-        object.__setattr__(self, "top", top)
         self.first = first
         self.tp_mesh = tp_mesh        # sequence parallel: the mesh of the Shard(1) hidden states
         self.cp_mesh = cp_mesh        # context parallel: the cp group's mesh, and the global T it splits
@@ -132,10 +122,9 @@ class Stage(nn.Module):
             cp.use_mesh(self.cp_mesh)
             pos, kw["cp_mask"] = cp.masks(self.cp_mesh, self.seq_len, position_ids)
             position_ids = pos[None] if pos.dim() == 1 else pos                 # (1 | mbs, T / cp)
-        if self.top is not None:      # (mbs, T, V[/tp]): lm_head and the family's logit transform
-            out = _local(self.top(**kw, position_ids=position_ids, use_cache=False).logits, None)
-        else:                         # (mbs, T, H)
-            out = _local(self.model(**kw, position_ids=position_ids, use_cache=False).last_hidden_state, 1)
+        h = self.model(**kw, position_ids=position_ids, use_cache=False).last_hidden_state   # (mbs, T, H)
+        out = self.lm_head(h) if self.lm_head is not None else h         # (mbs, T, V[/tp]) on the last
+        out = _local(out, None if self.lm_head is not None else 1)
         return (out, aux_carry(self, carry[0] if carry else None)) if self.aux_experts else out
 
 
@@ -205,39 +194,9 @@ def _shell(base: nn.Module, fqn_layers: str, layers: nn.ModuleList, embedding: s
         shell.config.layer_types = [types[int(i)] for i in layers._modules]
     if embedding:
         shell._modules[embedding] = None
-        _after_first(shell)
     if norm:
         shell._modules[norm] = nn.Identity()
     return shell
-
-
-# What a base model's forward does to inputs_embeds before its first block, read in transformers
-# 5.24 for every family pp accepts: a stage after the first gets the previous stage's hidden
-# states as inputs_embeds, so it must not do it again. Granite-MoE multiplies by
-# config.embedding_multiplier (12 in the tiny fixture: a second stage would scale the residual
-# stream 12x again); GPT-NeoX applies emb_dropout (a Dropout child of the base model). Gemma's
-# sqrt(H) scale lives in its embedding module (Gemma2TextScaledWordEmbedding), on the first stage
-# only, so it needs nothing. compiler/pp.py accepts only the families read here.
-NEUTRAL_AFTER_FIRST = {"embedding_multiplier": 1.0}
-
-
-def _after_first(shell: nn.Module) -> None:
-    for attr, neutral in NEUTRAL_AFTER_FIRST.items():
-        if attr in shell.__dict__:     # an instance attribute: set on the copy, the base keeps its own
-            shell.__dict__[attr] = neutral
-    for name, child in shell._modules.items():
-        if isinstance(child, nn.Dropout):
-            shell._modules[name] = nn.Identity()
-
-
-def _top(model: nn.Module, base_attr: str, shell: nn.Module) -> nn.Module:
-    """A shallow copy of the CausalLM whose base model is the last stage's shell."""
-    top = copy.copy(model)
-    top._modules = dict(model._modules)
-    top._parameters = dict(model._parameters)
-    top._buffers = dict(model._buffers)
-    top._modules[base_attr] = shell
-    return top
 
 
 @dataclass
@@ -270,7 +229,7 @@ def split_model(model: nn.Module, plan: Plan, ids: list[int], tp_mesh: DeviceMes
     all_layers = list(base.get_submodule(layers_attr))
     emb_parent, emb_attr = _parent(model, roles.embedding)
     norm_parent, norm_attr = _parent(model, roles.final_norm)
-    if emb_parent is not base or norm_parent is not base or "." in roles.lm_head or "." in base_fqn:
+    if emb_parent is not base or norm_parent is not base or "." in roles.lm_head:
         raise RuntimeError(f"pipeline split: {roles.embedding} / {roles.final_norm} are not children of {base_fqn}")
     stages = []
     for s in ids:
@@ -279,7 +238,7 @@ def split_model(model: nn.Module, plan: Plan, ids: list[int], tp_mesh: DeviceMes
         layers = _blocks([(i, all_layers[i]) for i in range(a, b)])
         shell = _shell(base, layers_attr, layers, None if first else emb_attr, None if last else norm_attr)
         stages.append(Stage(shell, model.get_submodule(roles.lm_head) if last else None, first, tp_mesh,
-                            cp_mesh, plan.train.seq_len, _top(model, base_fqn, shell) if last else None))
+                            cp_mesh, plan.train.seq_len))
     mine = sorted({i for s in ids for i in range(*plan.pp.stages[s])})
     base._modules[layers_attr] = _blocks([(i, all_layers[i]) for i in mine])
     # tied embeddings: the last stage's rank keeps the embedding module in the owner (not in any

@@ -193,9 +193,7 @@ def write(rows) -> None:
              f"compile train {STEPS} steps on CPU (torchrun, world 4) and their losses are held to a single-process HF",
              f"run of the same weights and data (fp32, rel {RTOL:g}). The compiler accepts exactly the types with",
              "`parity` here plus the families of `tests/models` (the parity matrix of `make test`); every other",
-             "type is refused at `model.config` with its row's reason (compiler/zoo.json, written with this page).",
-             "Pipeline parallelism (`mesh.pp > 1`) accepts the `tests/models` families only (parity pp 2 vs one",
-             "process: tests/test_pp.py); the zoo's other types are refused under pp (this sweep runs no pp).", "",
+             "type is refused at `model.config` with its row's reason (compiler/zoo.json, written with this page).", "",
              f"{len(rows)} types: **{ok} trained with parity, {nopar} trained without parity, {refused} refused at compile "
              f"time, {crashed} compiled then crashed**, {tb} compiler tracebacks, {nocfg} without a tiny config (the "
              "generic shrink broke a family field)"

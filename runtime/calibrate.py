@@ -19,9 +19,7 @@ CUDA); rank 0 writes one JSON object to the path given as argv[1]:
                      (n = 1 and the rank count): what n ranks of one node get between them and
                      the other jobs (2 cores, idle: [4, 0.5]; under load much less)
     tp_op_us         CPU microseconds per op of the runtime's own TP + FSDP step at a size with no
-                     arithmetic (argv[2]: its plan.json, tiny-llama dp_shard N/2 x tp 2 + SP + LP),
-                     x its sync factor (the step's wall over its CPU at an idle share: the cores
-                     that idle while ranks wait for each other; see tp_op_us below)
+                     arithmetic (argv[2]: its plan.json, tiny-llama dp_shard N/2 x tp 2 + SP + LP)
     coll_cpu_us      the CPU one small collective costs the calling process, all its threads
                      (gloo's send/recv threads included), microseconds
     all_reduce, all_gather, reduce_scatter
@@ -159,22 +157,14 @@ def tp_op_us(plan_path: str, steps: int = TP_STEPS) -> float:
             train.train_step(job, s, False)
         with Count() as c:
             train.train_step(job, 3, False)
-        times, ratios = [], []
-        idle = min(1.0, len(os.sched_getaffinity(0)) / int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        times = []
         for s in range(4, 4 + steps):
-            c0, w0 = time.process_time(), time.perf_counter()
+            c0 = time.process_time()
             float(train.train_step(job, s, False).stats[0])
-            cpu, wall = time.process_time() - c0, time.perf_counter() - w0
-            times.append(cpu)
-            ratios.append(wall * idle / cpu)
+            times.append(time.process_time() - c0)
         job.log.close()
     del torch
-    # the sync factor: a step's wall over the CPU it used at an idle machine's share (2 cores, 4 ranks:
-    # 0.5). The ranks of a TP pair wait for each other at every collective, and while three of four
-    # wait a core idles, which a busy-loop share probe never shows: measured 1.2-1.4 here (a rank's CPU
-    # 0.17 s a step, its wall 0.45 s at share 0.5). The least step again (load only raises it); never
-    # below 1 (a rank cannot get more than its share)
-    return min(times) / c.n * 1e6 * max(1.0, min(ratios))
+    return min(times) / c.n * 1e6
 
 
 def gemm(dtype, device) -> list[list[float]]:

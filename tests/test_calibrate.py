@@ -1,8 +1,7 @@
 """`meshbake calibrate` (issue #25 item 3): the measured step-time model's arithmetic on round
 numbers, its per-op counts against the installed transformers, and the closed loop: calibrate
 this machine (the CLI writes a profile with every fact), predict tiny-llama's step at world 1 and
-world 4 from it, run both, compare (+-25%, in `make test`; bench/calibrate.py records the same rows
-with the load average). docs/PERFORMANCE.md has the figures and the known world-4 gap."""
+world 4 from it, run both, compare (+-25%: `make bench`, bench/calibrate.py; not held 5 of 5 here)."""
 from __future__ import annotations
 
 import json

@@ -28,8 +28,7 @@ CUDA); rank 0 writes one JSON object to the path given as argv[1]:
                      share measured around them (seconds as on an idle machine)
     ranks, cores     N, and the CPU cores this process may run on (sched_getaffinity)
 
-The one-process facts and tp_op_us are the least CPU time over repeats (the collectives: the
-median wall time): the machine may be shared. The one-process facts are
+Every number is a median over repeats: the machine may be shared. The one-process facts are
 timed in the thread's CPU time, not wall time (the same on an idle machine): on a shared one a
 time slice lost to another job would land in whichever sample it hit, and the load is measured
 once, by itself, as `share`. Stdlib + torch only; the runtime never imports the compiler.
@@ -51,12 +50,9 @@ COPY_BYTES = 64 * 1024 * 1024                                   # past the cache
 BUDGET_S = 0.15                                                 # wall time per measured point (at most)
 
 
-def _least_time(fn, budget_s: float = BUDGET_S, min_reps: int = 3, max_reps: int = 200) -> float:
-    """The least CPU seconds of fn on this thread over its repeats (torch runs CPU ops on the calling
-    thread with one OMP thread, the autograd engine too); on CUDA, wall time after a synchronize.
-    The least, not the median: a repeat's CPU time grows when other jobs switch in (cold caches),
-    so under load the median moved with it (op_us 7.5-10.4 us over three calibrations at load
-    50-140) where the least repeat is the one they disturbed least."""
+def _median_time(fn, budget_s: float = BUDGET_S, min_reps: int = 3, max_reps: int = 200) -> float:
+    """The median CPU seconds of fn on this thread (torch runs CPU ops on the calling thread with
+    one OMP thread, the autograd engine too); on CUDA, wall time after a synchronize."""
     fn()                                          # warm-up: allocation, first-call dispatch
     import torch
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
@@ -69,7 +65,7 @@ def _least_time(fn, budget_s: float = BUDGET_S, min_reps: int = 3, max_reps: int
         if cuda:
             torch.cuda.synchronize()
         times.append(clock() - t0)
-    return min(times)
+    return statistics.median(times)
 
 
 def cpu_share(seconds: float = SHARE_S) -> float:
@@ -116,24 +112,14 @@ def rank_shares(counts: tuple[int, ...], seconds: float = SHARE_S) -> list[list[
     return out
 
 
-TP_STEPS = 16          # timed TP steps a rank (after 3 warm-up and 1 counted): ~0.15 s each, idle
-
-
-def tp_op_us(plan_path: str, steps: int = TP_STEPS) -> float:
-    """CPU microseconds per op of the runtime's own TP + FSDP step, this rank: `meshbake calibrate`
+def tp_op_us(plan_path: str) -> float:
+    """CPU microseconds per op of the runtime's own TP + FSDP step, all ranks: `meshbake calibrate`
     compiles tiny-llama at dp_shard N/2 x tp 2 + SP + LP, seq 8 x micro 1 (no arithmetic to speak
-    of) to plan_path; runtime/train.py setup and train_step run it, and this rank's process CPU a
-    step (all its threads: gloo's included) over the ops a TorchDispatchMode counts in one step is the
+    of) to plan_path; runtime/train.py setup and train_step run it, and rank 0's process CPU a step
+    (all its threads: gloo's included) over the ops a TorchDispatchMode counts in one step is the
     cost of an op there: DTensor's sharding propagation, the TP styles' and FSDP2's hooks in
     Python, the collectives' calls. A bare DTensor op costs ~2x a plain one (15 vs 8 us here); the
-    runtime's TP step pays ~10x a plain op per op counted, which the bare op does not show.
-
-    The least CPU over `steps` steps, not their median: CPU time is not free of the other jobs'
-    load either. Each context switch to another job leaves this Python-heavy step cold caches, so
-    a step's CPU grew with the load (here, ranks' median 136 us an op at load 120 against a least of
-    88-101; calibrations at load 50-140 gave medians 80-110 us). The least step is the one the
-    others disturbed least: what the step costs on a machine with only its own 4 ranks on it, the
-    machine the prediction's rank share (measured apart, right before the run) then loads."""
+    runtime's TP step pays ~10x a plain op per op counted, which the bare op does not show."""
     import tempfile
     from pathlib import Path
 
@@ -158,13 +144,13 @@ def tp_op_us(plan_path: str, steps: int = TP_STEPS) -> float:
         with Count() as c:
             train.train_step(job, 3, False)
         times = []
-        for s in range(4, 4 + steps):
+        for s in range(4, 10):
             c0 = time.process_time()
             float(train.train_step(job, s, False).stats[0])
             times.append(time.process_time() - c0)
         job.log.close()
     del torch
-    return min(times) / c.n * 1e6
+    return statistics.median(times) / c.n * 1e6
 
 
 def gemm(dtype, device) -> list[list[float]]:
@@ -184,7 +170,7 @@ def gemm(dtype, device) -> list[list[float]]:
             F.linear(x, w)
             torch.mm(dy, w)
             torch.mm(dy.t(), x)
-        s = _least_time(step)
+        s = _median_time(step)
         out.append([m, n, k, 6 * m * n * k / s / 1e9])
     return out
 
@@ -194,7 +180,7 @@ def copy_gbps(device) -> float:
 
     src = torch.empty(COPY_BYTES // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    s = _least_time(lambda: dst.copy_(src), min_reps=5)
+    s = _median_time(lambda: dst.copy_(src), min_reps=5)
     return 2 * COPY_BYTES / s / 1e9              # read + write
 
 
@@ -214,7 +200,7 @@ def attention(dtype, device) -> list[list[float]]:
 
         def step(q=q, k=k, v=v, g=g) -> None:
             F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
-        out.append([bh, t, d, 12 * bh * d * t * t / _least_time(step) / 1e9])
+        out.append([bh, t, d, 12 * bh * d * t * t / _median_time(step) / 1e9])
     return out
 
 
@@ -232,7 +218,7 @@ def cross_entropy(device) -> list[list[float]]:
 
         def step(x=x, y=y) -> None:
             F.cross_entropy(x, y, reduction="sum").backward()
-        out.append([rows, vocab, rows * vocab * 4 / _least_time(step) / 1e9])
+        out.append([rows, vocab, rows * vocab * 4 / _median_time(step) / 1e9])
     return out
 
 
@@ -267,7 +253,7 @@ def op_us(device) -> float:
     step()
     with Count() as c:
         step()
-    return _least_time(step) / c.n * 1e6
+    return _median_time(step) / c.n * 1e6
 
 
 def one_process(dtype, device, ranks: int = 1) -> dict:
@@ -336,13 +322,10 @@ def main(argv: list[str]) -> int:
     if not cuda and len(argv) > 2:        # every rank trains the tiny TP step; rank 0's CPU is reported
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        us = [0.0] * world
-        dist.all_gather_object(us, tp_op_us(argv[2]))
+        us = tp_op_us(argv[2])
         torch.set_num_threads(threads)
         if rank == 0:
-            # the median over the ranks of each one's least step: the ranks run the same ops (TP
-            # pairs mirror each other), one rank's unlucky run does not move it
-            res["tp_op_us"] = statistics.median(us)
+            res["tp_op_us"] = us
     share = [cpu_share(0.1)] if rank == 0 else []
     coll = collectives(dist, world, device)
     if rank == 0:

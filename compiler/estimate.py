@@ -804,7 +804,7 @@ def _pp_rank_params(rec: Recipe, model: ModelSpec, pl: Placements, mesh: MeshSpe
         # the cached list itself, never a copy (no caller mutates it): _sums and _fsdp_sums are
         # memoized by the list's id, and a copy per call missed them on every pp candidate
         # (70B on 64 GPUs: 16,746 _sums walks of 18,552 calls)
-        return hit[2], hit[3], hit[4]
+        return hit[1], hit[2], hit[3]
     mr = _pp_model(model, r)
     params = [evolve(x, where="last") if x.where == "block" else x
               for x in rank_params(rec, mr, pl, mesh.tp, mesh.ep)]
@@ -813,7 +813,7 @@ def _pp_rank_params(rec: Recipe, model: ModelSpec, pl: Placements, mesh: MeshSpe
         _PP_SIGS.clear()
     # the list's content (shapes and roles, no names) as a small int: equal lists, equal int
     sig = _PP_SIGS.setdefault((mr.num_params, tuple(params)), next(_SIG_IDS))   # never reused: no clash after a clear
-    _PP_PARAMS[key] = (model, None, mr, params, sig)
+    _PP_PARAMS[key] = (model, mr, params, sig)
     return mr, params, sig
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .safeio import printable, read_bounded
+from .safeio import plain_name, printable, read_bounded
 
 # a repo id is `org/name` (letters, digits, - _ .); a revision is a branch, tag or commit
 # (`refs/pr/1` has slashes)
@@ -173,8 +173,7 @@ def shard_name(name: object) -> bool:
     .safetensors', 'sub/x.safetensors') with no '..', '.' or empty part, no backslash, NUL or
     control character. The index is a file of the folder (a Hub repo's, a colleague's): an
     absolute or `../` name would make the check and the load read a file the user never named."""
-    return (isinstance(name, str) and bool(name) and not name.startswith("/") and "\\" not in name
-            and printable(name) == name and all(p not in ("", ".", "..") for p in name.split("/")))
+    return isinstance(name, str) and all(plain_name(p) for p in name.split("/"))   # "/x": an empty first part
 
 
 def weight_map(folder: str | Path) -> dict[str, str] | None:
@@ -223,7 +222,7 @@ def tokenizer_config_problem(folder: str | Path) -> str | None:
     names = tc.get("fast_tokenizer_files") if isinstance(tc, dict) else None
     if names is None:
         return None
-    bad = [n for n in names if not (isinstance(n, str) and "/" not in n and shard_name(n))] \
+    bad = [n for n in names if not (isinstance(n, str) and plain_name(n))] \
         if isinstance(names, list) else [names]
     if not bad:
         return None

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 from meshbake.compiler.errors import Err
-from meshbake.compiler.load import _profile_path, parse_yaml, read_text
+from meshbake.compiler.load import _profile_path, read_profile
 from meshbake.runtime.safeio import printable
 
 
@@ -101,8 +101,7 @@ def _base_profile(name: str) -> dict | str:
     path = _profile_path(name)
     if not path.is_file():
         return f"no cluster profile {printable(name)!r} ({printable(path)})"
-    prof = read_text(path, "--cluster")
-    prof = prof if isinstance(prof, Err) else parse_yaml(prof, path.name)
+    prof = read_profile(path, "--cluster")
     if isinstance(prof, Err):
         e = prof.errors[0]
         return f"--cluster {printable(path)}: {printable(e.path)}: {printable(e.message)}; {printable(e.hint)}"

@@ -252,6 +252,13 @@ def _profile_path(name: str) -> Path:
     return p if p.suffix in (".yaml", ".yml") else CLUSTERS / f"{name}.yaml"
 
 
+def read_profile(path: Path, json_path: str) -> Result[dict[str, Any]]:
+    """A cluster profile file as a mapping, through the recipe's own YAML loader (parse_yaml: no
+    tags, no alias bombs, no duplicate keys): a profile is a file someone hands over."""
+    text = read_text(path, json_path)
+    return text if isinstance(text, Err) else parse_yaml(text, str(path.name))
+
+
 def apply_cluster_profile(d: dict[str, Any], cli_profile: str | None) -> Result[dict[str, Any]]:
     """Merge clusters/<profile>.yaml under the recipe's cluster keys (the recipe wins)."""
     cluster = d.get("cluster") if isinstance(d.get("cluster"), dict) else {}
@@ -264,8 +271,7 @@ def apply_cluster_profile(d: dict[str, Any], cli_profile: str | None) -> Result[
         near = difflib.get_close_matches(str(name), avail, n=1)
         return Err((RecipeError("cluster.profile", f"no cluster profile {name!r} ({path.name} not found)",
                                 f"did you mean {near[0]!r}?" if near else f"available: {', '.join(avail) or 'none'}"),))
-    text = read_text(path, "cluster.profile")
-    prof = text if isinstance(text, Err) else parse_yaml(text, str(path.name))
+    prof = read_profile(path, "cluster.profile")
     if isinstance(prof, Err):
         return Err(tuple(RecipeError(f"cluster.profile ({path.name}) {e.path}", e.message, e.hint)
                          for e in prof.errors))

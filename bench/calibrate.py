@@ -27,15 +27,18 @@ def main() -> int:
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as d:
         out = closed_loop(Path(d))
-    rows = {f"world{w}": {**r, "error": r["predicted_s"] / r["measured_s"] - 1,
-                          "within_goal": abs(r["predicted_s"] / r["measured_s"] - 1) <= TOL} for w, r in out.items()}
+    # every attempt (closed_loop measures a world again after a wall miss); the last one counts
+    rows = {f"world{w}": {**rs[-1], "within_goal": abs(rs[-1]["error"]) <= TOL and abs(rs[-1]["cpu_error"]) <= TOL,
+                          "attempts": [{k: r[k] for k in ("predicted_s", "measured_s", "error", "cpu_error")}
+                                       for r in rs]} for w, rs in out.items()}
     res = {"goal": f"+-{TOL:.0%}", "rows": rows, "load_avg_1m_before_after": [load0, os.getloadavg()[0]],
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "python": sys.version.split()[0]}}
     (ROOT / "bench/results/calibrate.json").write_text(json.dumps(res, indent=1) + "\n")
     for k, r in rows.items():
-        print(f"{k}: predicted {r['predicted_s']:.3f} s, measured {r['measured_s']:.3f} s ({r['error']:+.0%})")
+        print(f"{k}: predicted {r['predicted_s']:.3f} s, measured {r['measured_s']:.3f} s ({r['error']:+.0%}); "
+              f"CPU a step predicted {r['predicted_cpu_s']:.3f} s, measured {r['cpu_s']:.3f} s ({r['cpu_error']:+.0%})")
     return 0
 
 

@@ -76,6 +76,8 @@ def profile_text(base: dict, m: dict, base_name: str | None) -> str:
     if "rank_shares" in m:      # the per-rank CPU model (issue #25: the closed loop in make test)
         measured["rank_shares"] = [[n, max(0.001, round(s, 3))] for n, s in m["rank_shares"]]
         measured["tp_op_us"] = round(m.get("tp_op_us", 0.0), 3)
+        if "sync" in m:
+            measured["sync"] = max(0.001, round(m["sync"], 3))
         measured["coll_cpu_us"] = round(m["coll_cpu_us"], 3)
     prof = {**base, "measured": measured}
     prof.setdefault("device", m["device"])

@@ -2009,6 +2009,13 @@ def _measured_step(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms, model: 
     per_rank = recipe.cluster.device == "cpu" and bool(ms.rank_shares) and model is not None
     tp_ops = per_rank and mesh.tp > 1 and ms.tp_op_us > 0
     share = 1.0 / rank_share(recipe, mesh) if per_rank else oversubscribed(recipe, mesh)
+    ranks_local = max(1, min(mesh.world, recipe.cluster.gpus_per_node))
+    if tp_ops and ms.cores and ranks_local > ms.cores:
+        # more ranks than cores, TP: a rank waits for its TP peer at every collective, and while the
+        # ranks that would use a core all wait it idles: a rank keeps only `sync` of its share busy
+        # (measured on the runtime's own TP step; 4 ranks on 2 cores ~0.75: 0.17 CPU-s a step in
+        # 0.45 s of wall at a share of 0.5)
+        share /= ms.sync
     mm = sum(p * 2 * m * n * k / (_gflops_at(ms, m, n, k) * 1e9) for m, n, k, p in gemms)
     mm_flops = sum(p * 2 * m * n * k for m, n, k, p in gemms)
     # the attention's score matmuls (12 L H Dh T per token): at the measured causal sdpa throughput
@@ -2030,7 +2037,6 @@ def _measured_step(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms, model: 
     axes = (("tp", ("tp",)), ("fsdp", ("dp_shard", "dp_shard_cp", "efsdp")), ("hsdp", ("dp_replicate",)),
             ("cp", ("cp",)), ("ep", ("ep",)))
     comm = {a: measured_comm_seconds(recipe, rows, ax) / load for a, ax in axes}
-    ranks_local = max(1, min(mesh.world, recipe.cluster.gpus_per_node))
     if per_rank and ms.cores and ranks_local > ms.cores:
         # more ranks than cores: a rank waiting in a collective is another rank computing, so the
         # wait is not time of its own (the cores stay busy); what a collective costs is its CPU
@@ -2113,6 +2119,8 @@ def _measured_rows(recipe: Recipe, mesh: MeshSpec, st: StepTime) -> tuple[tuple[
         r = rank_share(recipe, mesh)
         over = (f"; one rank's CPU / {r:.3g}, the share of a core each of "
                 f"{min(mesh.world, recipe.cluster.gpus_per_node)} busy processes got (measured)")
+        if mesh.tp > 1 and ms.tp_op_us and ms.cores and min(mesh.world, recipe.cluster.gpus_per_node) > ms.cores:
+            over += f" / {ms.sync:.3g}, the part of it a rank of the TP step kept busy (measured)"
     ew = (f"{MEMORY_PASSES} passes over activations at {ms.copy_gbps:g} GB/s measured copy"
           + (", cross-entropy over the logits at its measured rate" if ms.cross_entropy_gbps else " (+ logits)")
           + (f", eager ops x {ms.tp_op_us if per_rank and mesh.tp > 1 and ms.tp_op_us else ms.op_us:.3g} us "

@@ -19,7 +19,13 @@ CUDA); rank 0 writes one JSON object to the path given as argv[1]:
                      (n = 1 and the rank count): what n ranks of one node get between them and
                      the other jobs (2 cores, idle: [4, 0.5]; under load much less)
     tp_op_us         CPU microseconds per op of the runtime's own TP + FSDP step at a size with no
-                     arithmetic (argv[2]: its plan.json, tiny-llama dp_shard N/2 x tp 2 + SP + LP)
+                     arithmetic (argv[2]: its plan.json, tiny-llama dp_shard N/2 x tp 2 + SP + LP),
+                     every rank's CPU, the median over steps
+    sync             the fraction of its share of the cores a rank of that TP step kept busy (its
+                     CPU over the step's wall, over rank_shares' share for N): below 1 where the
+                     ranks outnumber the cores and wait for each other at every collective, a core
+                     idling while its ranks wait (2 cores, 4 ranks: ~0.75), which a busy-loop probe
+                     never shows
     coll_cpu_us      the CPU one small collective costs the calling process, all its threads
                      (gloo's send/recv threads included), microseconds
     all_reduce, all_gather, reduce_scatter
@@ -112,18 +118,30 @@ def rank_shares(counts: tuple[int, ...], seconds: float = SHARE_S) -> list[list[
     return out
 
 
-def tp_op_us(plan_path: str) -> float:
-    """CPU microseconds per op of the runtime's own TP + FSDP step, all ranks: `meshbake calibrate`
-    compiles tiny-llama at dp_shard N/2 x tp 2 + SP + LP, seq 8 x micro 1 (no arithmetic to speak
-    of) to plan_path; runtime/train.py setup and train_step run it, and rank 0's process CPU a step
-    (all its threads: gloo's included) over the ops a TorchDispatchMode counts in one step is the
-    cost of an op there: DTensor's sharding propagation, the TP styles' and FSDP2's hooks in
+TP_STEPS = 12                                       # timed steps of the TP probe, after 3 warm-up
+
+
+def tp_step(plan_path: str, steps: int = TP_STEPS) -> tuple[float, float]:
+    """(CPU microseconds per op, busy fraction) of the runtime's own TP + FSDP step, all ranks:
+    `meshbake calibrate` compiles tiny-llama at dp_shard N/2 x tp 2 + SP + LP, seq 8 x micro 1 (no
+    arithmetic to speak of) to plan_path; runtime/train.py setup and train_step run it.
+
+    The per-op cost: each rank's process CPU a step (all its threads: gloo's included), the mean
+    over ranks, the median over steps, over the ops a TorchDispatchMode counts in one step. That is
+    what an op costs there: DTensor's sharding propagation, the TP styles' and FSDP2's hooks in
     Python, the collectives' calls. A bare DTensor op costs ~2x a plain one (15 vs 8 us here); the
-    runtime's TP step pays ~10x a plain op per op counted, which the bare op does not show."""
+    runtime's TP step pays ~10x a plain op per op counted, which the bare op does not show. One
+    rank's median over 6 steps moved 56% between calibrations here; the mean of N ranks over 12
+    steps is 4 x 2 times the samples.
+
+    The busy fraction: the same step's mean rank CPU over its wall (the slowest rank's), the median
+    over steps: a rank's share of the cores less the time it waited for the others with its core
+    idle (the caller divides it by the measured share of N busy processes)."""
     import tempfile
     from pathlib import Path
 
     import torch
+    import torch.distributed as dist
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from . import train
@@ -143,14 +161,22 @@ def tp_op_us(plan_path: str) -> float:
             train.train_step(job, s, False)
         with Count() as c:
             train.train_step(job, 3, False)
-        times = []
-        for s in range(4, 10):
-            c0 = time.process_time()
+        cpu, wall = [], []
+        for s in range(4, 4 + steps):
+            c0, w0 = time.process_time(), time.perf_counter()
             float(train.train_step(job, s, False).stats[0])
-            times.append(time.process_time() - c0)
+            cpu.append(time.process_time() - c0)
+            wall.append(time.perf_counter() - w0)
         job.log.close()
-    del torch
-    return statistics.median(times) / c.n * 1e6
+    # every rank's per-step CPU and wall, gathered once after the timed steps (no extra sync in them)
+    mine = torch.tensor([cpu, wall], dtype=torch.float64)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    per_step_cpu = torch.stack([e[0] for e in every]).mean(0)
+    per_step_wall = torch.stack([e[1] for e in every]).max(0).values
+    op_us = float(per_step_cpu.median()) / c.n * 1e6
+    busy = float((per_step_cpu / per_step_wall).median())
+    return op_us, busy
 
 
 def gemm(dtype, device) -> list[list[float]]:
@@ -319,13 +345,17 @@ def main(argv: list[str]) -> int:
     if rank == 0:
         res.update(one_process(dtype, device, world))
     dist.barrier()
-    if not cuda and len(argv) > 2:        # every rank trains the tiny TP step; rank 0's CPU is reported
+    if not cuda and len(argv) > 2:        # every rank trains the tiny TP step
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        us = tp_op_us(argv[2])
+        us, busy = tp_step(argv[2])
         torch.set_num_threads(threads)
         if rank == 0:
-            res["tp_op_us"] = us
+            # the share of N busy processes again right after (the load moves): the sync fraction
+            # is the busy fraction over their mean, at most 1 (a rank cannot use more than its share)
+            after = rank_shares((world,))[0][1]
+            around = statistics.mean([dict(res["rank_shares"])[world], after])
+            res.update(tp_op_us=us, sync=min(1.0, busy / around), tp_busy=busy)
     share = [cpu_share(0.1)] if rank == 0 else []
     coll = collectives(dist, world, device)
     if rank == 0:

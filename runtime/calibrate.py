@@ -118,7 +118,8 @@ def rank_shares(counts: tuple[int, ...], seconds: float = SHARE_S) -> list[list[
     return out
 
 
-TP_STEPS = 12                                       # timed steps of the TP probe, after 3 warm-up
+# timed steps of the TP probe, after WARM_STEPS + 1 (the training runs' steps 2-6 still warm up)
+TP_STEPS, WARM_STEPS = 12, 5
 
 
 def tp_step(plan_path: str, steps: int = TP_STEPS) -> tuple[float, float]:
@@ -157,12 +158,12 @@ def tp_step(plan_path: str, steps: int = TP_STEPS) -> tuple[float, float]:
     plan = load_plan(plan_path)
     with tempfile.TemporaryDirectory() as d:
         job = train.setup(plan, Path(d))
-        for s in range(3):                  # warm-up: sharding propagation caches, allocations
+        for s in range(WARM_STEPS):         # warm-up: sharding propagation caches, allocations
             train.train_step(job, s, False)
         with Count() as c:
-            train.train_step(job, 3, False)
+            train.train_step(job, WARM_STEPS, False)
         cpu, wall = [], []
-        for s in range(4, 4 + steps):
+        for s in range(WARM_STEPS + 1, WARM_STEPS + 1 + steps):
             c0, w0 = time.process_time(), time.perf_counter()
             float(train.train_step(job, s, False).stats[0])
             cpu.append(time.process_time() - c0)

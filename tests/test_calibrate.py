@@ -104,17 +104,19 @@ def test_op_counts_match_transformers():
 
 
 # the closed loop: tiny-llama fp32, seq 128 x micro 4, 2 micro-batches a step, STEPS steps, the
-# median step after the first WARM (step 1 is 1.3-3.5x slower, world-4 steps 2-3 still warm up)
-STEPS, WARM = 12, 4
+# median step after the first WARM (step 1 is 1.3-3.5x slower; world-4 steps 2-6 still warm up: 0.66,
+# 0.57, 0.50, 0.46, 0.52 s, then 0.38-0.52 s over steps 7-24 on an idle machine; 12 steps, median after
+# 4, gave 0.45-0.59 s in five launches of the same bundle, 20 after 6 0.45-0.49 s)
+STEPS, WARM = 20, 6
 # +-25%: the issue's goal, for the step's wall time and for one rank's CPU seconds a step. The
 # prediction is plan.json's estimate.time from the calibrated profile with the one-process facts and
 # load probes measured right before and right after each run (nothing from the run itself)
 TOL = 0.25
 RUNS = ((1, {"dp_shard": 1}, False), (4, {"dp_shard": 2, "tp": 2}, True))
 FACTS = ("gemm_gflops", 5), ("attention_gflops", 2), ("cross_entropy_gbps", 3)
-# a world whose wall time missed is measured once more (facts, run, facts): this machine is shared
-# and its speed moves within minutes (a run 25-35% slower than the one before it while the probes
-# read an idle machine, last stop); both attempts are in the failure message
+# a world that missed is measured once more (facts, run, facts): the machine's speed moves between
+# launches (an idle machine: world 4's rank CPU a step 0.184 s in one loop, 0.260 s in the next with
+# the same calibration, probes at 1.0 / 0.5 both times); both attempts are in the failure message
 ATTEMPTS = 2
 
 
@@ -211,13 +213,13 @@ def measure_world(tmp_path: Path, prof: dict, world: int, mesh: dict, sp: bool, 
 
 
 def closed_loop(tmp_path: Path, attempts: int = ATTEMPTS) -> dict:
-    """calibrate once, then per world up to `attempts` measurements (another only after a wall-time
-    miss); {world: [row, ...]}: the last row is the one that counts."""
+    """calibrate once, then per world up to `attempts` measurements (another only after a miss, of
+    the wall or of the CPU); {world: [row, ...]}: the last row is the one that counts."""
     prof = calibrate(tmp_path)
     out: dict = {}
     for world, mesh, sp in RUNS:
         rows = out.setdefault(world, [])
-        while len(rows) < attempts and (not rows or abs(rows[-1]["error"]) > TOL):
+        while len(rows) < attempts and (not rows or max(abs(rows[-1]["error"]), abs(rows[-1]["cpu_error"])) > TOL):
             rows.append(measure_world(tmp_path, prof, world, mesh, sp, len(rows)))
     return out
 
@@ -228,8 +230,8 @@ def test_calibrated_prediction_holds_at_world_1_and_4(tmp_path):
     tiny-llama fp32 at world 1 and at world 4 = dp_shard 2 x tp 2 + SP + LP, each predicted from
     the calibrated profile (with the load probes of its own minutes) and run through its bundle's
     launch.sh: the predicted step holds within +-25% of the measured step's wall, and one rank's
-    predicted CPU seconds a step within +-25% of the run's (the part no load moves). A wall miss is
-    measured once more (ATTEMPTS); the last attempt must hold."""
+    predicted CPU seconds a step within +-25% of the run's (the part no load moves). A world that
+    missed is measured once more (ATTEMPTS); the last attempt must hold."""
     out = closed_loop(tmp_path)
     report = json.dumps(out, indent=1)
     for world, rows in out.items():

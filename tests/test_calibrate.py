@@ -193,7 +193,8 @@ def measure_world(tmp_path: Path, prof: dict, world: int, mesh: dict, sp: bool, 
     recs = _steps(write_bundle_of(r, tmp_path / f"b{tag}"), tmp_path / f"run{tag}")
     after = one_process(torch.float32, torch.device("cpu"), 4)
     facts = {**m, **_mean_facts(before, after)}
-    row = {"measured_s": statistics.median(x["step_time_s"] for x in recs),
+    row = {"calibrated": {k: m[k] for k in ("tp_op_us", "sync", "op_us")},
+           "measured_s": statistics.median(x["step_time_s"] for x in recs),
            "cpu_s": statistics.median(x["cpu_time_s"] for x in recs),
            "shares_before_after": [[round(before["share"], 3), *(round(s, 3) for _, s in before["rank_shares"])],
                                    [round(after["share"], 3), *(round(s, 3) for _, s in after["rank_shares"])]]}

@@ -160,10 +160,18 @@ CASES = {**{k: v for k, v in CASES.items() if not v.get("packed_docs")},
          **{k: v for k, v in CASES.items() if v.get("packed_docs")}}
 
 
+def case(name: str, kw: dict) -> dict:
+    """One case of measure.py's launch. memory: the memory and pp stage tests read its step's
+    peak (profiled); setup_memory: QLoRA's weight-load test reads its setup's peak. Every case
+    logs its step's collectives (the traffic and reduce-dtype tests)."""
+    return {"name": name, "plan": plan_dict(name, **kw), "packed_docs": kw.get("packed_docs", 0),
+            "memory": name in MEMORY or name in PP, "setup_memory": kw.get("quantize", "none") != "none"}
+
+
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("measure")
-    cases = [{"name": n, "plan": plan_dict(n, **kw), "packed_docs": kw.get("packed_docs", 0)} for n, kw in CASES.items()]
+    cases = [case(n, kw) for n, kw in CASES.items()]
     (tmp / "cases.json").write_text(json.dumps(cases))
     torchrun(WORLD, ROOT / "tests/dist/measure.py", str(tmp / "cases.json"), str(tmp / "out.json"), cwd=tmp)
     out = json.loads((tmp / "out.json").read_text())

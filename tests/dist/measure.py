@@ -2,13 +2,19 @@
 
     torchrun --standalone --nproc-per-node N tests/dist/measure.py CASES_JSON OUT_JSON
 
-For each case (a plan.json dict) the runtime's own setup + train_step run twice (step 1 creates
-the AdamW state); step 2 is measured:
-  peak_bytes      the highest live tensor memory of this rank during step 2, from the profiler's
-                  allocator events (profile_memory=True, with addresses) recorded from before the
-                  model is built, so the level at any time is every allocation minus every free
-  collectives     every collective issued in step 2 (tests/dist/collectives.py: FSDP2's, DTensor's,
-                  loss and context parallel's, the train loop's): op, mesh axis, dtype, bytes
+For each case (a plan.json dict; "memory" and "setup_memory" flags) the runtime's own setup runs,
+then train_step:
+  collectives       every collective issued in the measured step (tests/dist/collectives.py:
+                    FSDP2's, DTensor's, loss and context parallel's, the train loop's): op, mesh
+                    axis, dtype, bytes. A memory case's step 2; any other case's step 1, unprofiled
+                    (what step 2 issues, rank by rank: the same ops, groups, dtypes and bytes, the
+                    MoE all-to-alls' routed bytes aside; compared with b576d78's step-2 log)
+  peak_bytes        ("memory") the highest live tensor memory of this rank during step 2 (step 1
+                    creates the AdamW state): the exact level at its start (every storage Python
+                    reaches) + the highest rise above it in the profiler's allocator events of the
+                    step (profile_memory=True, with addresses and the ops' inputs)
+  setup_peak_bytes  ("setup_memory") the highest level of the tensors setup allocates
+  seconds           wall and CPU seconds of this rank per phase (where a launch's time goes)
 OUT_JSON (rank 0): {name: {"ranks": [per-rank result, ...]}}
 """
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -116,6 +123,15 @@ def peak_from_events(prof, window: str, steady: bool) -> dict:
             "unseen_free_bytes": sum(allocs[n][2] for n in at_peak & unseen), "peak_in": [n for _, n in where][-6:]}
 
 
+def _tensors(objs: list) -> list:
+    """The tensors among `objs`, sorted out by type at C level (map / compress: no Python loop
+    over the ~300K objects gc tracks)."""
+    from itertools import compress
+
+    kinds = {t for t in set(map(type, objs)) if issubclass(t, torch.Tensor)}
+    return list(compress(objs, map(kinds.__contains__, map(type, objs))))
+
+
 def python_live_bytes() -> int:
     """Bytes of every CPU tensor storage Python can reach (parameters, FSDP2's padded shards,
     AdamW state, data), each storage once: the exact live level at a quiet point. The
@@ -123,8 +139,8 @@ def python_live_bytes() -> int:
     from torch.distributed.tensor import DTensor
 
     storages = {}
-    for o in gc.get_objects():
-        if isinstance(o, torch.Tensor) and not isinstance(o, DTensor) and o.device.type == "cpu":
+    for o in _tensors(gc.get_objects()):
+        if not isinstance(o, DTensor) and o.device.type == "cpu":
             try:       # a wrapper subclass (QLoRA's NF4Tensor) has no storage: its inner tensors are counted
                 st = o.untyped_storage()
                 storages[st.data_ptr()] = st.nbytes()
@@ -150,28 +166,52 @@ def packed_rows(plan: P.Plan, docs: int):
     return load
 
 
-def run_case(plan: P.Plan, run_dir: Path, packed_docs: int = 0) -> dict:
+def run_case(plan: P.Plan, run_dir: Path, packed_docs: int = 0, memory: bool = True,
+             setup_memory: bool = False) -> dict:
+    """One case. A `memory` case (one the memory or pp stage tests read) runs as it always has:
+    setup + step 1 under profile_memory, gc, the exact live level, step 2 under profile_memory +
+    record_shapes and CollectiveLog (what the heap holds when step 2 starts decides where a
+    buffer gloo frees lands, and a run without the setup / step 1 profile read mem_cp2 32,768 B
+    low on one rank: 54b829e). Setup's window is walked only for `setup_memory` (QLoRA's
+    weight-load test reads it). Any other case is read by the traffic and reduce-dtype tests
+    only: setup, then one step under CollectiveLog, unprofiled (a dispatch mode sees the same
+    collectives with or without the profiler, an observer; step 1 issues the same collectives
+    as step 2: the AdamW state it creates is local)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     if packed_docs:
         import meshbake.runtime.train as T
         T.load_data = packed_rows(plan, packed_docs)
+    clock = [(time.perf_counter(), time.process_time())]
     gc.collect()      # the previous case's garbage goes before the window (its frees would count here)
+    if not memory:
+        job = setup(plan, run_dir)
+        _tick(clock)
+        with CollectiveLog(mesh_axes(job.mesh)) as log:
+            out = train_step(job, 0, False)
+        _tick(clock)
+        return {"collectives": log.records, "loss": out.loss, "seconds": _seconds(clock, ["setup", "step1"])}
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with record_function("setup"):
             job = setup(plan, run_dir)
         train_step(job, 0, False)
-    # setup (the model built and loaded: QLoRA's block-by-block weight load): the highest level of
-    # the tensors allocated since the profiler started; setup keeps what it builds, so nothing it
-    # allocated and still holds is "freed unseen" (setup's collectives are few: a gloo-thread free
-    # could only make this a little high)
-    load = peak_from_events(prof, "setup", steady=False)
+    _tick(clock)
+    res = {}
+    if setup_memory:
+        # setup (the model built and loaded: QLoRA's block-by-block weight load): the highest level
+        # of the tensors allocated since the profiler started; setup keeps what it builds, so nothing
+        # it allocated and still holds is "freed unseen" (setup's collectives are few: a gloo-thread
+        # free could only make this a little high)
+        load = peak_from_events(prof, "setup", steady=False)
+        res = {"setup_peak_bytes": load["level_peak_bytes"], "setup_peak_in": load["peak_in"]}
+    _tick(clock)
     # cyclic garbage of step 1 (autograd graph nodes holding tensors) goes now, not at a random
     # point of the measured step: the peak is the step's own. The step is profiled on its own,
     # with the ops' inputs (record_shapes: the last use of a buffer gloo frees unseen); setup
     # cannot be, record_shapes' weak references refuse Module.to_empty's swap_tensors
     gc.collect()
     base = python_live_bytes()
+    _tick(clock)
     gc.disable()
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof, \
@@ -179,20 +219,38 @@ def run_case(plan: P.Plan, run_dir: Path, packed_docs: int = 0) -> dict:
             out = train_step(job, 1, False)
     finally:
         gc.enable()
+    _tick(clock)
     mem = peak_from_events(prof, "measured_step", steady=True)
+    _tick(clock)
     # the step's peak = the exact level at its start + the highest rise above it during the step
-    return {**mem, "base_bytes": base, "peak_bytes": base + mem["rise_bytes"], "setup_peak_bytes": load["level_peak_bytes"],
-            "setup_peak_in": load["peak_in"], "collectives": log.records, "loss": out.loss}
+    return {**mem, **res, "base_bytes": base, "peak_bytes": base + mem["rise_bytes"], "collectives": log.records,
+            "loss": out.loss, "seconds": _seconds(clock, ["setup_step1", "setup_walk", "gc_base", "step2", "step2_walk"])}
+
+
+def _tick(clock: list) -> None:
+    clock.append((time.perf_counter(), time.process_time()))
+
+
+def _seconds(clock: list, names: list[str]) -> dict:
+    """Wall and CPU seconds of this rank per phase (where a launch's time goes)."""
+    return {n: [round(b[0] - a[0], 3), round(b[1] - a[1], 3)] for n, a, b in zip(names, clock, clock[1:])}
 
 
 def main(cases_path: str, out_path: str) -> int:
     cases = json.loads(Path(cases_path).read_text())
     init_distributed("gloo")
+    # the ~250K objects the imports made (modules, functions, classes; no tensor: checked) are
+    # moved out of gc's reach: the two full collections per case and python_live_bytes' scan then
+    # walk what the cases made only
+    gc.collect()
+    assert not _tensors(gc.get_objects()), "a tensor before the first case: python_live_bytes would not see it"
+    gc.freeze()
     results = {}
     for case in cases:
         with tempfile.TemporaryDirectory() as d:
             try:
-                r = run_case(P.from_dict(case["plan"]), Path(d) / "run", case.get("packed_docs", 0))
+                r = run_case(P.from_dict(case["plan"]), Path(d) / "run", case.get("packed_docs", 0),
+                             case.get("memory", True), case.get("setup_memory", True))
             except Exception:   # noqa: BLE001 — a failed rank must not leave the others in a collective
                 print(f"case {case['name']} failed on rank {dist.get_rank()}:\n{traceback.format_exc()}",
                       file=sys.stderr, flush=True)

@@ -322,8 +322,22 @@ def _suggest(args, t0: float) -> int:
     return 0
 
 
+def _without_torchao() -> None:
+    """suggest builds one meta-device model and quantizes nothing, but transformers' quantizers
+    import torchao whenever it is installed (the qlora extra), with its kernel libraries' load
+    warnings: `import torch, transformers.models.llama.modeling_llama` took 5.29 / 6.52 CPU-s with
+    it, 4.80 / 5.67 without (two pairs on a loaded 2-core machine: ~10%). A None entry in
+    sys.modules is Python's way to make
+    `import torchao` fail and importlib.util.find_spec("torchao") return None, so transformers
+    takes it as not installed. Only in a process that runs this one command (the console script,
+    `python -m meshbake.compiler`): main(argv) from a longer-lived process (the tests) keeps it."""
+    sys.modules.setdefault("torchao", None)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if argv is None and args.cmd == "suggest":
+        _without_torchao()
     if args.cmd == "report":
         from meshbake.compiler.report import main as report_main
         return report_main(args.run_dir, args.out)

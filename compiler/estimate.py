@@ -481,9 +481,11 @@ def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankP
     fsdp = mesh.fsdp_enabled
     s = _sums(params, mesh.fsdp, fsdp, mb)
     n_shard, n_train = s.shard, s.shard_train
-    acts, recompute, logits = _activations(recipe, model, mesh)
+    # one call: a layer's recompute bytes and the logits do not depend on the layers counted or
+    # the final part (suggest called it twice per pp rank, ~8% of its time)
+    acts, recompute, logits = _activations(recipe, model, mesh, *((pp.last, pp.layers_each) if pp else ()))
     if pp is not None:             # this pp rank's layers, micro-batches in flight; logits on the last stage only
-        acts = pp.inflight * _activations(recipe, model, mesh, pp.last, pp.layers_each)[0]
+        acts = pp.inflight * acts
         # the last stage: each in-flight micro-batch's logits (the stage's output, pb per token x
         # vocab) stay in the stage's fwd_cache until its backward, beside the loss's 12 B; GPipe
         # runs every forward first, so each waiting one also keeps its fp32 log-softmax output
@@ -876,9 +878,10 @@ def pp_traffic(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, r: PPRank) -> t
 
 
 def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements, *, memory_first: bool = False) -> Estimate:
-    """memory_first (suggest): a pp plan whose peak rank is over the budget comes back with its
-    memory only (no traffic rows, no step time): check_memory refuses it on memory alone, and
-    most of suggest's pp candidates end there (Llama-3.1-70B, 64 GPUs: ~4,200 of ~4,260)."""
+    """memory_first (suggest): a plan whose (peak rank's) memory is over the budget comes back with
+    its memory only (no traffic rows, no step time): check_memory refuses it on memory alone, and
+    most of suggest's candidates end there (Llama-3.1-70B, 64 GPUs: 5,778 of 6,153 pp candidates,
+    1,678 of 2,556 without pp; their traffic rows and step time were ~15% of a suggest run)."""
     if mesh.pp_enabled:
         return _estimate_pp(recipe, model, mesh, pl, memory_first)
     tp = mesh.tp
@@ -888,7 +891,8 @@ def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements, *
     trainable_total = _fsdp_sums(_rank_params(recipe, model, pl, 1), 1, model.num_layers)[3]
     # what FSDP keeps gathered once it shards (for the OOM hint of a plan that does not shard yet)
     kept = mem["kept_whole"] * pb
-    comm = traffic(recipe, model, mesh, pl, params)
+    over = memory_first and max(b for _, b in mem["phases"]) > int(recipe.cluster.gpu_memory_gb * 1e9 * USABLE)
+    comm = () if over else traffic(recipe, model, mesh, pl, params)
     est = Estimate(
         params_total=model.num_params,
         trainable_total=trainable_total,
@@ -911,7 +915,7 @@ def estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placements, *
         ep_comm_bytes=sum(c.wire_bytes for c in comm if c.op == "all_to_all"),
         attn_mask_bytes=mem["attn_mask"],
     )
-    if not timed(recipe):
+    if over or not timed(recipe):
         return est
     gemms = gemm_shapes(recipe, mesh, params)
     return evolve(est, time=step_time(recipe, mesh, est, gemms, _work(recipe, model, mesh, gemms), model))

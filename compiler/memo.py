@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Hashable
+from operator import is_
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -18,7 +19,9 @@ T = TypeVar("T")
 def cached(cache: dict[Hashable, Any], key: Hashable, owners: tuple[object, ...], compute: Callable[[], T],
            size: int = 256) -> T:
     hit = cache.get(key)
-    if hit is None or len(hit[0]) != len(owners) or any(a is not b for a, b in zip(hit[0], owners)):
+    # the identity test in C (map over operator.is_), not a generator: suggest makes ~230,000
+    # calls for 70B on 64 GPUs, and the generator's frames were ~10% of their time
+    if hit is None or len(hit[0]) != len(owners) or not all(map(is_, hit[0], owners)):
         if len(cache) >= size:
             cache.clear()
         hit = cache[key] = (owners, compute())

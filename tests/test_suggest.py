@@ -351,6 +351,25 @@ def test_memory_first_estimate_of_a_pp_plan():
     assert isinstance(a, Err) and a == b and a.errors[0].path == "cluster.gpu_memory_gb"
 
 
+def test_memory_first_estimate_without_pp():
+    """The same for a plan without pp (suggest drops most of those on memory too): within the
+    budget the plain estimate, over it the same memory with no traffic rows, no time, the same error."""
+    from dataclasses import replace
+
+    res = resolve_dict(_tiny_pp(mesh={"pp": 1, "cp": 2, "dp_shard": 2}, cluster={"device": "cuda", "gpu": "h100-sxm"}))
+    assert not isinstance(res, Err), res
+    full = E.estimate(res.recipe, res.model, res.mesh, res.placements)
+    assert full.time is not None and full.traffic and not res.mesh.pp_enabled
+    assert E.estimate(res.recipe, res.model, res.mesh, res.placements, memory_first=True) == full
+    small = replace(res.recipe, cluster=replace(res.recipe.cluster, gpu_memory_gb=full.total_bytes / 1e9 / 2))
+    over = E.estimate(small, res.model, res.mesh, res.placements)
+    quick = E.estimate(small, res.model, res.mesh, res.placements, memory_first=True)
+    assert quick.time is None and quick.traffic == () and over.time is not None and over.traffic
+    assert (quick.phases, quick.total_bytes, quick.terms) == (over.phases, over.total_bytes, over.terms)
+    a, b = E.check_memory(over, small, res.mesh, hint=False), E.check_memory(quick, small, res.mesh, hint=False)
+    assert isinstance(a, Err) and a == b and a.errors[0].path == "cluster.gpu_memory_gb"
+
+
 def test_pp_refused_recipe_wide_drops_every_pp_candidate_with_one_reason():
     """A model type without a pipeline stage split is refused with pp (Phi-3's fixture): every pp
     candidate is dropped with that rule's path, decided once; the pp-1 candidates are unaffected.

@@ -241,8 +241,12 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
     dropped = []
     # placements read only tp, whether cp > 1, SP/LP, whether ep > 1 (QLoRA's refusal; under ep
     # the experts are not tp-split) and the recipe's fixed sections (tp.plan, seq_len, model): one
-    # resolve per key instead of per candidate (60 ms each for 80 layers)
-    placements: dict[tuple[int, bool, bool, bool, bool, bool], Any] = {}
+    # resolve per key instead of per candidate (60 ms each for 80 layers). QLoRA's rules read two
+    # more (placements._quantize_errors): whether dp_replicate > 1, and the FSDP shard count its NF4
+    # blocks must divide into (without them the first candidate's refusal, e.g. "dp_replicate 4",
+    # was every later candidate's, the recipe's own dp_shard 4 included: 0 feasible of 381)
+    placements: dict[tuple, Any] = {}
+    qlora = recipe.lora.quantize_base != "none"
     # pp rules that read no mesh axis (model type, QLoRA, compile): decided
     # once on the first pp candidate, every other pp candidate dropped with the same reason
     pp_refused: RecipeError | None = None
@@ -271,6 +275,8 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
                 mesh = ppr
         if not isinstance(mesh, Err):
             key = (k.tp, k.cp > 1, k.sequence_parallel, k.loss_parallel, k.pp > 1, k.ep > 1)
+            if qlora:
+                key += (k.dp_replicate > 1, mesh.fsdp if mesh.fsdp_enabled else 1)
             if key not in placements:
                 placements[key] = resolve_placements(r, model, mesh)
             pl = placements[key]

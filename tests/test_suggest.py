@@ -387,6 +387,23 @@ def test_pp_refused_recipe_wide_drops_every_pp_candidate_with_one_reason():
     assert not isinstance(tied, Err) and any(r.cand.pp > 1 for r in tied.ranked), tied
 
 
+def test_qlora_candidates_each_get_their_own_refusal():
+    """QLoRA's placement rules read dp_replicate and the FSDP shard count, which the per-key
+    placements cache of suggest once left out: the first candidate's refusal ("mesh.dp_replicate 4")
+    became every later one's, the recipe's own dp_shard 4 included (0 feasible of 381). Now the own
+    mesh ranks, every tp 1 / pp 1 / dp_replicate 1 candidate is kept or dropped for its own reason,
+    and each dp_replicate refusal names that candidate's own dp_replicate."""
+    from tests.helpers import tiny_recipe
+
+    s = suggest_dict(tiny_recipe("q", 4, lora={"rank": 8, "quantize_base": "nf4"}))
+    assert not isinstance(s, Err), s
+    assert s.own.dp_shard == 4 and any(r.cand == s.own for r in s.ranked), s.own
+    flat = [x for x in s.dropped if x.cand.tp == 1 and x.cand.pp == 1 and x.cand.dp_replicate == 1]
+    assert not any("dp_replicate" in x.reason for x in flat), flat[:3]
+    hsdp = [x for x in s.dropped if x.path == "lora.quantize_base" and "dp_replicate" in x.reason]
+    assert hsdp and all(f"mesh.dp_replicate {x.cand.dp_replicate}:" in x.reason for x in hsdp), hsdp[:3]
+
+
 def test_ep_candidates_for_moe_models_where_ep_composes():
     """A MoE model's candidates run over mesh.ep too (compiler/suggest.py ep_sizes, the rules of
     compiler/moe.py ep_errors): 1 and every ep > 1 dividing the experts and dp_shard x tp that is a

@@ -172,7 +172,12 @@ class AdamW(torch.optim.AdamW):
     training step on CPU, nearly all of it sharding propagation). The state stays what torch
     creates, DTensors like their parameters (zeros_like(p)), so optimizer_state_dict and DCP
     checkpoints, their resharding across meshes, are unchanged; only the lists handed to the
-    functional update are the local views of the same storage."""
+    functional update are the local views of the same storage.
+
+    _init_group is torch's PRIVATE hook (torch.optim.Adam, 2.13: Adam.step calls it with the seven
+    lists it then hands to the functional adam()); torch may change it in any release.
+    tests/test_train_rules.py pins its signature and checks this class against torch's AdamW bit
+    for bit on DTensors: a torch upgrade that changes it fails there, not silently in a run."""
 
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):
         has_complex = super()._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,

@@ -1953,22 +1953,27 @@ OPS_OPTIMIZER_PER_BLOCK = 18
 
 
 # the runtime's own step on CPU, counted the same way (a TorchDispatchMode around
-# runtime/train.py train_step, tiny-llama at 1 and 2 layers, world 1 and world 4, seq 128 x micro 4):
-# per micro-batch (plain ops per block, outside; DTensor ops per block, outside) and per step (plain
-# ops: + per block; DTensor ops; a "DTensor op" is one the mode sees with a DTensor argument). A TP
-# plan's ops cost cluster.measured.tp_op_us each (measured on the runtime's own TP step, hooks and
-# collective calls included), the others op_us.
+# runtime/train.py train_step after 2 warm-up steps, tiny-llama at 1 and 2 layers, world 1 and world 4,
+# seq 128 x micro 4): per micro-batch (plain ops per block, outside; DTensor ops per block, outside) and
+# per step (plain ops: + per block; DTensor ops; a "DTensor op" is one the mode sees with a DTensor
+# argument). A TP plan's ops cost cluster.measured.tp_op_us each (measured on the runtime's own TP
+# step, hooks and collective calls included), the others op_us. The runtime's AdamW and clip scaling
+# run on the DTensors' local tensors (runtime/train.py AdamW, scale_grads): their 8 foreach ops per
+# param group and the clip multiply are plain ops, and the mode sees one aten.view more per parameter
+# (9 a Llama block, 3 outside); only the norm's reduction stays DTensor. Recounted with that runtime:
 #   plain (world 1)            211 / 76 a micro-batch; 28 + 18 L (clip, AdamW, zero_grad) + 70 (the
 #                              runtime's data, stats all-reduce, .item()s) a step: 1,130 at L = 2
-#   FSDP (dp_shard 4)          282 / 99 (FSDP2's copy-in / copy-out and hooks' ops); 81 + 27 L plain
-#                              + 19 DTensor a step (clipping and AdamW over the DTensor shards)
+#   FSDP (dp_shard 4)          282 / 99 (FSDP2's copy-in / copy-out and hooks' ops); 100 + 36 L plain
+#                              + 3 DTensor a step (the norm over the DTensor shards): 1,501 at L = 2
+#                              (before the local-tensor AdamW: 81 + 27 L plain + 19 DTensor)
 #   TP + SP + LP (dp_shard 2 x tp 2)  188 / 74 plain + 149 / 51 DTensor a micro-batch (the block's
 #                              ops on Shard/Replicate activations, redistributes, the loss parallel
-#                              cross-entropy); 79 + 27 L plain + 23 DTensor a step: 1,754 at L = 2
-#   TP without SP (dp_shard 2 x tp 2)  230 / 106 plain + 91 / 16 DTensor a micro-batch; 90 + 27 L
-#                              plain + 23 DTensor a step: 1,695 at L = 2
-CPU_OPS = {"plain": (211, 76, 0, 0, 98, 18, 0), "fsdp": (282, 99, 0, 0, 81, 27, 19),
-           "tp_sp": (188, 74, 149, 51, 79, 27, 23), "tp": (230, 106, 91, 16, 90, 27, 23)}
+#                              cross-entropy); 98 + 36 L plain + 7 DTensor a step: 1,775 at L = 2
+#                              (before: 79 + 27 L plain + 23 DTensor, 1,754)
+#   TP without SP (dp_shard 2 x tp 2)  230 / 106 plain + 91 / 16 DTensor a micro-batch; 104 + 36 L
+#                              plain + 6 DTensor a step: 1,710 at L = 2 (before: 90 + 27 L + 23, 1,695)
+CPU_OPS = {"plain": (211, 76, 0, 0, 98, 18, 0), "fsdp": (282, 99, 0, 0, 100, 36, 3),
+           "tp_sp": (188, 74, 149, 51, 98, 36, 7), "tp": (230, 106, 91, 16, 104, 36, 6)}
 
 
 def cpu_ops(recipe: Recipe, mesh: MeshSpec, layers: int) -> tuple[int, int]:

@@ -28,6 +28,8 @@ from meshbake.runtime import plan as P
 from meshbake.runtime.parallel import build
 from meshbake.runtime.train import device_for, forward_loss_sum, init_distributed, world_mesh
 
+from tests.dist import watchdog
+
 INPUT = [[(7 * i + 3 * j) % 4096 for i in range(33)] for j in range(2)]    # 2 x (32 + 1): inputs and labels
 
 
@@ -129,11 +131,12 @@ def main_many(out_path: str, *plan_paths: str) -> int:
     init_distributed(plans[0].mesh.backend)
     out = {}
     for plan in plans:
-        if plan.checkpoint.every_steps:      # trained and checkpointed: logits after it, for export
-            out[plan.name] = export_case(plan, Path(out_path).parent / plan.name)
-            continue
-        loss, grads, _ = loss_and_grads(plan, world_mesh(plan))
-        out[plan.name] = {"loss": float(loss.full_tensor() if isinstance(loss, DTensor) else loss), "grads": grads}
+        with watchdog.case(plan.name):      # a hang ends the launch naming the case (tests/dist/watchdog.py)
+            if plan.checkpoint.every_steps:      # trained and checkpointed: logits after it, for export
+                out[plan.name] = export_case(plan, Path(out_path).parent / plan.name)
+                continue
+            loss, grads, _ = loss_and_grads(plan, world_mesh(plan))
+            out[plan.name] = {"loss": float(loss.full_tensor() if isinstance(loss, DTensor) else loss), "grads": grads}
     if dist.get_rank() == 0:
         torch.save(out, out_path)
     dist.barrier()

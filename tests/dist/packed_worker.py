@@ -24,6 +24,8 @@ from meshbake.runtime import plan as P
 from meshbake.runtime.parallel import build
 from meshbake.runtime.train import device_for, init_distributed, world_mesh
 
+from tests.dist import watchdog
+
 
 def run_case(case: dict, out: Path) -> None:
     plan = P.from_dict(case["plan"])
@@ -88,7 +90,8 @@ def main(cases_path: str, out_dir: str) -> int:
     init_distributed(cases[0]["plan"]["mesh"]["backend"])
     try:
         for case in cases:
-            (resume_case if case.get("kind") == "resume" else run_case)(case, Path(out_dir))
+            with watchdog.case(case["name"]):      # a hang ends the launch naming the case (tests/dist/watchdog.py)
+                (resume_case if case.get("kind") == "resume" else run_case)(case, Path(out_dir))
     finally:
         dist.destroy_process_group()
     return 0

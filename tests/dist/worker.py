@@ -23,6 +23,8 @@ from meshbake.runtime import plan as P
 from meshbake.runtime.parallel import build, decoder_layers
 from meshbake.runtime.train import device_for, init_distributed, run, world_mesh
 
+from tests.dist import watchdog
+
 
 def train_case(plan: P.Plan, run_dir: Path, logits_input=None) -> dict:
     from meshbake.runtime import cp
@@ -91,7 +93,9 @@ def main(cases_path: str, out_path: str) -> int:
     results = {}
     for case in cases:
         plan = P.from_dict(case["plan"])
-        with tempfile.TemporaryDirectory() as d:
+        # a case that hangs ends the launch after watchdog.CASE_TIMEOUT_S naming the case (the barrier
+        # after it is inside: a rank that skipped a collective is stuck there)
+        with watchdog.case(case["name"]), tempfile.TemporaryDirectory() as d:
             try:
                 if case["kind"] == "diverge":          # expected to stop with FloatingPointError
                     run_dir = Path(out_path).parent / case["name"]
@@ -112,7 +116,7 @@ def main(cases_path: str, out_path: str) -> int:
                 print(f"case {case['name']} failed on rank {dist.get_rank()}:\n{traceback.format_exc()}",
                       file=sys.stderr, flush=True)
                 os._exit(1)
-        dist.barrier()
+            dist.barrier()
     if dist.get_rank() == 0:
         Path(out_path).write_text(json.dumps(results, indent=1))
     dist.destroy_process_group()

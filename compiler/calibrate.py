@@ -25,7 +25,11 @@ from meshbake.runtime.safeio import printable
 
 def tp_plan(nproc: int) -> bytes | None:
     """plan.json of the tiny TP step runtime/calibrate.py's tp_op_us runs (tiny-llama, dp_shard
-    nproc / 2 x tp 2 + SP + LP, seq 8 x micro 1, fp32, synthetic data, cpu): None at an odd nproc."""
+    nproc / 2 x tp 2 + SP + LP, seq 8 x micro 1, 2 micro-batches a step, fp32, synthetic data, cpu):
+    None at an odd nproc. Two micro-batches, not one: the per-op cost is an average over the step's
+    ops, and since the optimizer and the clip run on local tensors (plain ops, cheaper than the
+    blocks' DTensor ops) one micro-batch weighted them twice as much as a step with gradient
+    accumulation does (the closed loop's world 4 then read +9% / +17%)."""
     if nproc < 2 or nproc % 2:
         return None
     from meshbake.compiler.pipeline import compile_recipe
@@ -35,7 +39,7 @@ def tp_plan(nproc: int) -> bytes | None:
     r = {"name": "calibrate_tp", "model": {"config": "tiny-llama", "dtype": "float32"},
          "mesh": {"dp_shard": nproc // 2, "tp": 2}, "tp": {"sequence_parallel": True, "loss_parallel": True},
          "cluster": {"nodes": 1, "gpus_per_node": nproc, "device": "cpu", "gpu_memory_gb": 8},
-         "train": {"seq_len": 8, "micro_batch_size": 1, "global_batch_size": nproc // 2,
+         "train": {"seq_len": 8, "micro_batch_size": 1, "global_batch_size": nproc,
                    "steps": WARM_STEPS + 1 + TP_STEPS,
                    "mixed_precision": fp32},
          "data": {"source": "synthetic"}, "checkpoint": {"every_steps": 0, "save_on_exit": False}}

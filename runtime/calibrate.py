@@ -124,7 +124,7 @@ TP_STEPS, WARM_STEPS = 12, 5
 
 def tp_step(plan_path: str, steps: int = TP_STEPS) -> tuple[float, float]:
     """(CPU microseconds per op, busy fraction) of the runtime's own TP + FSDP step, all ranks:
-    `meshbake calibrate` compiles tiny-llama at dp_shard N/2 x tp 2 + SP + LP, seq 8 x micro 1 (no
+    `meshbake calibrate` compiles tiny-llama at dp_shard N/2 x tp 2 + SP + LP, seq 8 x micro 1 x 2 micro-batches (no
     arithmetic to speak of) to plan_path; runtime/train.py setup and train_step run it.
 
     The per-op cost: each rank's process CPU a step (all its threads: gloo's included), the mean

@@ -2022,8 +2022,9 @@ def _measured_step(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms, model: 
     if tp_ops and ms.cores and ranks_local > ms.cores:
         # more ranks than cores, TP: a rank waits for its TP peer at every collective, and while the
         # ranks that would use a core all wait it idles: a rank keeps only `sync` of its share busy
-        # (measured on the runtime's own TP step; 4 ranks on 2 cores ~0.75: 0.17 CPU-s a step in
-        # 0.45 s of wall at a share of 0.5)
+        # (measured on the runtime's own TP step by calibrate: 4 ranks on 2 idle cores 0.84-0.86; the
+        # closed loop's world-4 training step itself 0.84-0.90, e.g. 0.19 CPU-s a step in 0.45 s of
+        # wall at a share of 0.5)
         share /= ms.sync
     mm = sum(p * 2 * m * n * k / (_gflops_at(ms, m, n, k) * 1e9) for m, n, k, p in gemms)
     mm_flops = sum(p * 2 * m * n * k for m, n, k, p in gemms)

@@ -1986,6 +1986,15 @@ def cpu_ops(recipe: Recipe, mesh: MeshSpec, layers: int) -> tuple[int, int]:
     return (blk * layers + out) * micro + step + step_blk * layers, (dblk * layers + dout) * micro + dstep
 
 
+def tp_sync_applies(recipe: Recipe, mesh: MeshSpec) -> bool:
+    """_measured_step divides a rank's CPU seconds by cluster.measured.sync as well: device cpu with
+    the per-rank probes, a TP plan priced at the measured TP per-op cost, and more ranks on a node
+    than its cores (the ranks then wait for their TP peers with a core idle)."""
+    ms = recipe.cluster.measured
+    return (recipe.cluster.device == "cpu" and bool(ms.rank_shares) and mesh.tp > 1 and ms.tp_op_us > 0
+            and bool(ms.cores) and min(mesh.world, recipe.cluster.gpus_per_node) > ms.cores)
+
+
 def rank_share(recipe: Recipe, mesh: MeshSpec) -> float:
     """The fraction of a core one rank gets on device cpu: the measured share of n busy processes in
     their own sessions (cluster.measured.rank_shares; n = the ranks of a node, nearest measured),
@@ -2019,7 +2028,7 @@ def _measured_step(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms, model: 
     tp_ops = per_rank and mesh.tp > 1 and ms.tp_op_us > 0
     share = 1.0 / rank_share(recipe, mesh) if per_rank else oversubscribed(recipe, mesh)
     ranks_local = max(1, min(mesh.world, recipe.cluster.gpus_per_node))
-    if tp_ops and ms.cores and ranks_local > ms.cores:
+    if tp_ops and tp_sync_applies(recipe, mesh):
         # more ranks than cores, TP: a rank waits for its TP peer at every collective, and while the
         # ranks that would use a core all wait it idles: a rank keeps only `sync` of its share busy
         # (measured on the runtime's own TP step by calibrate: 4 ranks on 2 idle cores 0.84-0.86; the
@@ -2129,7 +2138,7 @@ def _measured_rows(recipe: Recipe, mesh: MeshSpec, st: StepTime) -> tuple[tuple[
         r = rank_share(recipe, mesh)
         over = (f"; one rank's CPU / {r:.3g}, the share of a core each of "
                 f"{min(mesh.world, recipe.cluster.gpus_per_node)} busy processes got (measured)")
-        if mesh.tp > 1 and ms.tp_op_us and ms.cores and min(mesh.world, recipe.cluster.gpus_per_node) > ms.cores:
+        if tp_sync_applies(recipe, mesh):
             over += f" / {ms.sync:.3g}, the part of it a rank of the TP step kept busy (measured)"
     ew = (f"{MEMORY_PASSES} passes over activations at {ms.copy_gbps:g} GB/s measured copy"
           + (", cross-entropy over the logits at its measured rate" if ms.cross_entropy_gbps else " (+ logits)")

@@ -24,8 +24,8 @@ CUDA); rank 0 writes one JSON object to the path given as argv[1]:
     sync             the fraction of its share of the cores a rank of that TP step kept busy (its
                      CPU over the step's wall, over rank_shares' share for N): below 1 where the
                      ranks outnumber the cores and wait for each other at every collective, a core
-                     idling while its ranks wait (2 cores, 4 ranks: ~0.75), which a busy-loop probe
-                     never shows
+                     idling while its ranks wait (2 idle cores, 4 ranks: 0.84-0.86), which a
+                     busy-loop probe never shows
     coll_cpu_us      the CPU one small collective costs the calling process, all its threads
                      (gloo's send/recv threads included), microseconds
     all_reduce, all_gather, reduce_scatter
@@ -122,10 +122,28 @@ def rank_shares(counts: tuple[int, ...], seconds: float = SHARE_S) -> list[list[
 TP_STEPS, WARM_STEPS = 12, 5
 
 
-def tp_step(plan_path: str, steps: int = TP_STEPS) -> tuple[float, float]:
+def ops_in(fn) -> int:
+    """The aten ops a TorchDispatchMode sees while fn() runs (the op counts the per-op costs divide
+    by, and tests/test_calibrate.py's recount of the estimate's CPU_OPS / OPS_* constants)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as c:
+        fn()
+    return c.n
+
+
+def tp_step(plan_path: str) -> tuple[float, float]:
     """(CPU microseconds per op, busy fraction) of the runtime's own TP + FSDP step, all ranks:
-    `meshbake calibrate` compiles tiny-llama at dp_shard N/2 x tp 2 + SP + LP, seq 8 x micro 1 x 2 micro-batches (no
-    arithmetic to speak of) to plan_path; runtime/train.py setup and train_step run it.
+    `meshbake calibrate` compiles tiny-llama at dp_shard N/2 x tp 2 + SP + LP, seq 8 x micro 1, 2
+    micro-batches a step (no arithmetic to speak of), WARM_STEPS + 1 + TP_STEPS steps, to plan_path;
+    runtime/train.py setup and train_step run it.
 
     The per-op cost: each rank's process CPU a step (all its threads: gloo's included), the mean
     over ranks, the median over steps, over the ops a TorchDispatchMode counts in one step. That is
@@ -143,27 +161,18 @@ def tp_step(plan_path: str, steps: int = TP_STEPS) -> tuple[float, float]:
 
     import torch
     import torch.distributed as dist
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from . import train
     from .plan import load_plan
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += 1
-            return func(*args, **(kwargs or {}))
 
     plan = load_plan(plan_path)
     with tempfile.TemporaryDirectory() as d:
         job = train.setup(plan, Path(d))
         for s in range(WARM_STEPS):         # warm-up: sharding propagation caches, allocations
             train.train_step(job, s, False)
-        with Count() as c:
-            train.train_step(job, WARM_STEPS, False)
+        ops = ops_in(lambda: train.train_step(job, WARM_STEPS, False))
         cpu, wall = [], []
-        for s in range(WARM_STEPS + 1, WARM_STEPS + 1 + steps):
+        for s in range(WARM_STEPS + 1, WARM_STEPS + 1 + TP_STEPS):
             c0, w0 = time.process_time(), time.perf_counter()
             float(train.train_step(job, s, False).stats[0])
             cpu.append(time.process_time() - c0)
@@ -175,7 +184,7 @@ def tp_step(plan_path: str, steps: int = TP_STEPS) -> tuple[float, float]:
     dist.all_gather(every, mine)
     per_step_cpu = torch.stack([e[0] for e in every]).mean(0)
     per_step_wall = torch.stack([e[1] for e in every]).max(0).values
-    op_us = float(per_step_cpu.median()) / c.n * 1e6
+    op_us = float(per_step_cpu.median()) / ops * 1e6
     busy = float((per_step_cpu / per_step_wall).median())
     return op_us, busy
 
@@ -258,15 +267,7 @@ def op_us(device) -> float:
     small hand-written RMSNorm + Linear modules cost ~4 us an op and a bare torch.add 1.2."""
     import torch
     import torch.nn.functional as F
-    from torch.utils._python_dispatch import TorchDispatchMode
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += 1
-            return func(*args, **(kwargs or {}))
 
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=16, vocab_size=64, attn_implementation="sdpa")
@@ -278,9 +279,8 @@ def op_us(device) -> float:
         logits = model(input_ids=x, use_cache=False).logits
         F.cross_entropy(logits.flatten(0, 1).float(), x.flatten(), reduction="sum").backward()
     step()
-    with Count() as c:
-        step()
-    return _median_time(step) / c.n * 1e6
+    ops = ops_in(step)
+    return _median_time(step) / ops * 1e6
 
 
 def one_process(dtype, device, ranks: int = 1) -> dict:
@@ -356,7 +356,7 @@ def main(argv: list[str]) -> int:
             # is the busy fraction over their mean, at most 1 (a rank cannot use more than its share)
             after = rank_shares((world,))[0][1]
             around = statistics.mean([dict(res["rank_shares"])[world], after])
-            res.update(tp_op_us=us, sync=min(1.0, busy / around), tp_busy=busy)
+            res.update(tp_op_us=us, sync=min(1.0, busy / around))
     share = [cpu_share(0.1)] if rank == 0 else []
     coll = collectives(dist, world, device)
     if rank == 0:

@@ -65,15 +65,8 @@ def test_op_counts_match_transformers():
     import torch
     import torch.nn.functional as F
     from meshbake.compiler.estimate import OPS_OPTIMIZER, OPS_OPTIMIZER_PER_BLOCK, OPS_OUTSIDE, OPS_PER_BLOCK
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from meshbake.runtime.calibrate import ops_in
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += 1
-            return func(*args, **(kwargs or {}))
 
     counts, x = {}, torch.randint(0, 1024, (2, 16))
     for layers in (1, 2):
@@ -93,11 +86,8 @@ def test_op_counts_match_transformers():
         micro()
         step()
         micro()
-        with Count() as c:
-            step()
-        with Count() as f:
-            micro()
-        counts[layers] = (f.n, c.n)
+        opt_ops = ops_in(step)
+        counts[layers] = (ops_in(micro), opt_ops)
     block, per_block_opt = counts[2][0] - counts[1][0], counts[2][1] - counts[1][1]
     assert (block, counts[1][0] - block, per_block_opt, counts[1][1] - per_block_opt) == \
         (OPS_PER_BLOCK, OPS_OUTSIDE, OPS_OPTIMIZER_PER_BLOCK, OPS_OPTIMIZER), counts
@@ -140,15 +130,16 @@ def _mean_facts(a: dict, b: dict) -> dict:
     return {k: avg(a[k], b[k]) for k in a}
 
 
-def _predicted(r: dict, path: Path, prof: dict, measured: dict) -> tuple[float, dict]:
+def _predicted(r: dict, path: Path, prof: dict, measured: dict) -> tuple[float, dict, str]:
     """plan.json's step time (the sum of its terms, StepTime.step_s) of recipe r compiled with the
-    profile prof holding `measured`."""
+    profile prof holding `measured`, its non-zero terms, and PLAN.md."""
     path.write_text(yaml.safe_dump({**prof, "measured": measured}))
     b = compiled(r)
-    assert "Profile numbers used: measured by meshbake calibrate" in b.files["PLAN.md"].decode()
+    plan = b.files["PLAN.md"].decode()
+    assert "Profile numbers used: measured by meshbake calibrate" in plan
     t = json.loads(b.files["plan.json"])["estimate"]["time"]
     terms = {k: v for k, v in t.items() if k.endswith("_s")}
-    return sum(terms.values()), {k: round(v, 4) for k, v in terms.items() if v}
+    return sum(terms.values()), {k: round(v, 4) for k, v in terms.items() if v}, plan
 
 
 def calibrate(tmp_path: Path) -> dict:
@@ -198,7 +189,7 @@ def measure_world(tmp_path: Path, prof: dict, world: int, mesh: dict, sp: bool, 
            "cpu_s": statistics.median(x["cpu_time_s"] for x in recs),
            "shares_before_after": [[round(before["share"], 3), *(round(s, 3) for _, s in before["rank_shares"])],
                                    [round(after["share"], 3), *(round(s, 3) for _, s in after["rank_shares"])]]}
-    row["predicted_s"], row["terms"] = _predicted(r, path, prof, facts)
+    row["predicted_s"], row["terms"], plan = _predicted(r, path, prof, facts)
     row["predicted_cpu_s"] = _predicted(r, path, prof, {**facts, "share": 1.0, "sync": 1.0,
                                                         "rank_shares": [[1, 1.0], [4, 1.0]]})[0]
     row["idle_s"] = _predicted(r, path, prof, {**facts, "share": 1.0,
@@ -207,7 +198,6 @@ def measure_world(tmp_path: Path, prof: dict, world: int, mesh: dict, sp: bool, 
     row["cpu_error"] = row["predicted_cpu_s"] / row["cpu_s"] - 1
     if world > 1:
         # PLAN.md names the measured busy fraction it divided by (4 ranks on the machine's cores)
-        plan = compiled(r).files["PLAN.md"].decode()
         assert m["cores"] >= 4 or "the part of it a rank of the TP step kept busy (measured)" in plan, plan
         assert f"eager ops x {m['tp_op_us']:.3g} us measured per op" in plan, plan
     return row

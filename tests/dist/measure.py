@@ -250,7 +250,7 @@ def main(cases_path: str, out_path: str) -> int:
         with tempfile.TemporaryDirectory() as d:
             try:
                 r = run_case(P.from_dict(case["plan"]), Path(d) / "run", case.get("packed_docs", 0),
-                             case.get("memory", True), case.get("setup_memory", True))
+                             case.get("memory", True), case.get("setup_memory", False))
             except Exception:   # noqa: BLE001 — a failed rank must not leave the others in a collective
                 print(f"case {case['name']} failed on rank {dist.get_rank()}:\n{traceback.format_exc()}",
                       file=sys.stderr, flush=True)

@@ -12,7 +12,7 @@ name, this rank and the stacks (faulthandler) to stderr and os._exit(3)s the ran
 stops the other ranks and tests/helpers.torchrun fails the test with that stderr. Nothing raised in
 the main thread could do it: a rank blocked in a gloo wait sits in C++ (the GIL released), where no
 exception reaches it; os._exit from another thread ends it. No torch import: the mechanism is tested
-in a bare interpreter (tests/test_train_rules.py).
+in a bare interpreter (tests/test_dist_watchdog.py).
 """
 from __future__ import annotations
 

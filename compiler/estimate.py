@@ -435,39 +435,54 @@ def _sums(params: list[RankParam], f: int, fsdp: bool, db: int = 2) -> _Sums:
 
 
 def _sums_of(params: list[RankParam], f: int, fsdp: bool, db: int = 2) -> _Sums:
-    def shard(p: RankParam) -> int:
-        fp = f * p.tp // p.ep                         # experts under ep: FSDP over efsdp = dp_shard x cp x tp / ep
-        return -(-p.rows // fp) * p.rest if fsdp else p.rows * p.rest
-
-    def gathered(p: RankParam) -> int:                # FSDP2's unsharded copy: padded rows x f
-        fp = f * p.tp // p.ep
-        return -(-p.rows // fp) * fp * p.rest if fsdp else 0
-
-    train = [p for p in params if p.trainable]
-    root_train = [p for p in train if p.where == "root"]
-    q = [p for p in params if p.nf4]
+    """One pass over the list (it was 17 generator passes: 150 us per list of ~360 parameters,
+    1,245 lists in a suggest of 70B on 64 GPUs)."""
     shards = f if fsdp else 1
-
-    def nf4_shard_bytes(p: RankParam, per_tensor: bool = True) -> int:   # one rank's NF4 storage (even rows)
+    shard = shard_train = train = root_train = gathered_last = gathered_root = kept_whole = 0
+    nf4_shard = nf4_shard_bytes = nf4_last = nf4_last_bytes = nf4_largest = 0
+    last_whole = last_largest = root_whole = root_largest = root_shard = 0
+    root_emb_train = False
+    for p in params:
         n = p.rows * p.rest
-        return nf4_bytes(n // shards, nf4_scaler_block(p.rows, n, shards) or 1, db, per_tensor)
-
-    last_q = [p for p in q if p.where == "last"] if fsdp else []
-    return _Sums(shard=sum(map(shard, params)), shard_train=sum(map(shard, train)),
-                 train=sum(p.rows * p.rest for p in train), root_train=sum(p.rows * p.rest for p in root_train),
-                 root_emb_train=any(p.embedding for p in root_train),
-                 gathered_last=sum(gathered(p) for p in params if p.where == "last"),
-                 gathered_root=sum(gathered(p) for p in params if p.where == "root"),
-                 kept_whole=sum(p.rows * p.rest for p in params if p.where in ("root", "last")),
-                 nf4_shard=sum(map(shard, q)), nf4_shard_bytes=sum(map(nf4_shard_bytes, q)),
-                 nf4_last=sum(map(gathered, last_q)),
-                 nf4_last_bytes=sum(nf4_shard_bytes(p, False) * shards + 17 * db for p in last_q),
-                 nf4_largest=max((p.rows * p.rest for p in q), default=0),
-                 last_whole=sum(p.rows * p.rest for p in params if p.where == "last"),
-                 last_largest=max((p.rows * p.rest for p in params if p.where == "last"), default=0),
-                 root_whole=sum(p.rows * p.rest for p in params if p.where == "root"),
-                 root_largest=max((p.rows * p.rest for p in params if p.where == "root"), default=0),
-                 root_shard=sum(shard(p) for p in params if p.where == "root"))
+        if fsdp:
+            fp = f * p.tp // p.ep                     # experts under ep: FSDP over efsdp = dp_shard x cp x tp / ep
+            rows = -(-p.rows // fp)
+            sh = rows * p.rest                        # the rank's shard: ceil(rows / f) rows
+            ga = rows * fp * p.rest                   # FSDP2's unsharded copy: padded rows x f
+        else:
+            sh, ga = n, 0
+        shard += sh
+        if p.trainable:
+            shard_train += sh
+            train += n
+        w = p.where
+        if w == "root":
+            root_whole += n
+            root_largest = max(root_largest, n)
+            root_shard += sh
+            gathered_root += ga
+            kept_whole += n
+            if p.trainable:
+                root_train += n
+                root_emb_train = root_emb_train or p.embedding
+        elif w == "last":
+            last_whole += n
+            last_largest = max(last_largest, n)
+            gathered_last += ga
+            kept_whole += n
+        if p.nf4:                                     # one rank's NF4 storage (even rows)
+            nf4_shard += sh
+            nf4_largest = max(nf4_largest, n)
+            block = nf4_scaler_block(p.rows, n, shards) or 1
+            nf4_shard_bytes += nf4_bytes(n // shards, block, db)
+            if w == "last" and fsdp:
+                nf4_last += ga
+                nf4_last_bytes += nf4_bytes(n // shards, block, db, False) * shards + 17 * db
+    return _Sums(shard=shard, shard_train=shard_train, train=train, root_train=root_train,
+                 root_emb_train=root_emb_train, gathered_last=gathered_last, gathered_root=gathered_root,
+                 kept_whole=kept_whole, nf4_shard=nf4_shard, nf4_shard_bytes=nf4_shard_bytes, nf4_last=nf4_last,
+                 nf4_last_bytes=nf4_last_bytes, nf4_largest=nf4_largest, last_whole=last_whole,
+                 last_largest=last_largest, root_whole=root_whole, root_largest=root_largest, root_shard=root_shard)
 
 
 def _memory(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, params: list[RankParam],

@@ -4,8 +4,11 @@ the meta-device model build), best of 3 alternating runs. suggest's goal: under 
 
 Side by side in the same rounds, a machine-speed reference: a bare `import torch,
 transformers.models.llama.modeling_llama` (the libraries building the model needs; ~2.95 s on a
-quiet day here, 4.3 s on a slow one), so a slow machine shows as a slow floor. check's own
-import path is lazier than that line, so the two are within noise of each other.
+quiet day here, 4.3 s on a slow one), so a slow machine shows as a slow floor. The floor runs
+with Python's cyclic garbage collector, as any script does; the compile-only commands run
+without it (compiler/cli.py _without_collector: its full passes over the ~350,000 objects the
+two imports leave, and the ones at shutdown, were ~1.7 s of a cold suggest), so check now
+finishes well under the floor.
 
 Bytecode: a user's interpreter caches compiled modules (a wheel install compiles them; an
 editable checkout writes __pycache__ on first run). Where PYTHONDONTWRITEBYTECODE is set (this

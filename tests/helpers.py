@@ -116,7 +116,7 @@ class Ran:
 
 def cli(*args: str, cwd: Path | str = ROOT) -> Ran:
     """`meshbake ARGS` run in this process from cwd: meshbake.compiler.cli.main, the function the
-    console script calls (a subprocess costs ~4 s of imports; two smoke tests in test_cli.py
+    console script calls (a subprocess costs ~4 s of imports; three smoke tests in test_cli.py
     still go through `python -m meshbake.compiler`). A traceback out of main fails the test."""
     from meshbake.compiler.cli import main
 

@@ -1,11 +1,13 @@
 """The CLI as users run it: exit codes, all errors with their paths, no traceback.
 
-Most tests call the CLI's main() in this process (tests.helpers.cli); two smoke tests run
+Most tests call the CLI's main() in this process (tests.helpers.cli); three smoke tests run
 `python -m meshbake.compiler` as a user's shell does: the exit code through sys.exit, a cold start."""
 import json
 import subprocess
 import sys
 import time
+
+import yaml
 
 from tests.helpers import ROOT, cli, recipe_text
 
@@ -101,3 +103,26 @@ def test_export_of_a_non_run_dir_says_so(tmp_path):
     assert r.returncode == 3 and r.stderr.count("\n") == 1, r.stderr
     assert f"{tmp_path}: is not a run dir (no plan.json); give the directory" in r.stderr, r.stderr
     assert not (tmp_path / "hf").exists()
+
+
+def test_suggest_process_without_the_collector_gives_the_in_process_answer(tmp_path):
+    """A compile-only command's own process runs without the cyclic garbage collector and freezes
+    it before exit (compiler/cli.py _without_collector); main(argv), as the tests and any
+    longer-lived caller use it, leaves the collector as it found it. Both give the same ranking
+    (the JSON but its timing)."""
+    import gc
+
+    from tests.helpers import tiny_recipe
+
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(tiny_recipe("sg", 4)))
+    proc = meshbake("suggest", str(p), "--json")                     # smoke test: a real process
+    assert proc.returncode == 0, proc.stderr
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    r = cli("suggest", str(p), "--json")
+    assert r.returncode == 0, r.stderr
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    a, b = json.loads(proc.stdout), json.loads(r.stdout)
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b and a["ranked"], (len(a["ranked"]), len(b["ranked"]))

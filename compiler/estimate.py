@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from meshbake.compiler import perf
+from meshbake.compiler import memo, perf
 from meshbake.compiler.errors import Err, RecipeError, Result, reads
 from meshbake.compiler.memo import cached, evolve
 from meshbake.compiler.mesh import MeshSpec
@@ -746,18 +746,6 @@ def _pp_ranks(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[PPRank,
       Interleaved1F1B / ZBV (v local stages): torch's warm-up on rank r is (v - 1) pp + 2 (pp - 1 - r)
                       local-stage forwards (+ 1 in flight), each of one local stage's blocks; ZBV is
                       counted like that (an upper bound: its V order backs the last stage up sooner)"""
-    p = recipe.pp
-    # suggest estimates thousands of pp candidates that differ in tp / dp / AC only: the ranks depend on
-    # the model, pp, the schedule, its split and the micro-batches; the module walk below is ~10 ms
-    # for Qwen3-30B-A3B (every expert a module), so the result is cached per those
-    key = (id(model), mesh.pp, p.schedule, p.stages_per_rank, tuple(p.split) if p.split else None, mesh.grad_accum)
-    return cached(_PP_RANKS, key, (model,), lambda: _pp_ranks(recipe, model, mesh))
-
-
-_PP_RANKS: dict = {}
-
-
-def _pp_ranks(recipe: Recipe, model: ModelSpec, mesh: MeshSpec) -> tuple[PPRank, ...]:
     from meshbake.compiler.pp import even_split, ranges, stage_ranks
 
     p, pp, m = recipe.pp, mesh.pp, mesh.grad_accum
@@ -816,7 +804,7 @@ def _pp_rank_params(rec: Recipe, model: ModelSpec, pl: Placements, mesh: MeshSpe
     """(the model as pp rank r holds it, its RankParams with its blocks kept gathered: "last",
     an int equal for equal parameter lists)."""
     key = (id(model), pl_key(pl), r.fqns, r.blocks, mesh.tp, mesh.ep, rec.lora)
-    hit = _PP_PARAMS.get(key)
+    hit = _PP_PARAMS.get(key) if memo.on() else None
     if hit is not None and hit[0] is model:
         # the cached list itself, never a copy (no caller mutates it): _sums and _fsdp_sums are
         # memoized by the list's id, and a copy per call missed them on every pp candidate
@@ -885,7 +873,7 @@ def _pp_estimate(recipe: Recipe, model: ModelSpec, mesh: MeshSpec, pl: Placement
     # blocks on ranks 1-5 and 15 on 6, so _memory runs for 4-5 distinct ranks, not 8 (pp 64: ~10 of 64)
     seen: dict[tuple, dict[str, int]] = {}
     for r, mr, params, sig in _pp_rank_lists(rec, model, pl, mesh, pp_ranks(recipe, model, mesh)):
-        mem = seen.get(sig)
+        mem = seen.get(sig) if memo.on() else None
         if mem is None:
             mem = seen[sig] = _memory(rec, mr, mesh, params, r)
         total = max(b for _, b in mem["phases"])

@@ -5,19 +5,44 @@ few walks over every module that depend only on (model, placements, a few recipe
 cached here. Keys hold `id()`s of the objects they were computed from, so each entry also
 keeps those objects (`owners`): an id is never reused while its entry lives, and a hit is
 taken only when the owners are the very same objects. A full cache is simply cleared.
+
+A key must hold everything the cached value depends on; one that leaves a field out returns an
+earlier candidate's answer (suggest's QLoRA placements once did). `off()` turns every cache of
+its callers into a miss, so a test can show that suggest with and without them agrees
+(tests/test_suggest.py test_caches_change_no_answer).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from operator import is_
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 
+_ON = [True]
+
+
+def on() -> bool:
+    """False inside off(): callers with caches of their own (suggest's per-key dicts) skip them too."""
+    return _ON[0]
+
+
+@contextlib.contextmanager
+def off() -> Iterator[None]:
+    _ON[0] = False
+    try:
+        yield
+    finally:
+        _ON[0] = True
+
+
 def cached(cache: dict[Hashable, Any], key: Hashable, owners: tuple[object, ...], compute: Callable[[], T],
            size: int = 256) -> T:
+    if not _ON[0]:
+        return compute()
     hit = cache.get(key)
     # the identity test in C (map over operator.is_), not a generator: suggest makes ~230,000
     # calls for 70B on 64 GPUs, and the generator's frames were ~10% of their time

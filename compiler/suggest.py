@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshbake.compiler import estimate as E
-from meshbake.compiler import perf
+from meshbake.compiler import memo, perf
 from meshbake.compiler.errors import Err, RecipeError, Result
 from meshbake.compiler.estimate import FSDP_OVERLAP, MFU_CEILING, SELECTIVE_RECOMPUTE, StepTime, check_memory, estimate
 from meshbake.compiler.memo import evolve
@@ -258,11 +258,11 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
         r = with_candidate(recipe, k)
         rk = (k.dp_replicate, k.dp_shard, k.cp, k.tp, k.micro_batch_size, k.sequence_parallel, k.loss_parallel,
               k.pp, k.schedule, k.stages_per_rank, k.ep)
-        done = rules.get(rk)
+        done = rules.get(rk) if memo.on() else None
         if done is None:
             done = rules[rk] = [resolve_mesh(r, model), None]
         mesh = done[0]
-        if not isinstance(mesh, Err) and k.pp > 1 and pp_refused is not None:   # check's order: mesh, then pp
+        if not isinstance(mesh, Err) and k.pp > 1 and pp_refused is not None and memo.on():   # check's order: mesh, then pp
             dropped.append(Dropped(k, pp_refused.path, _short(pp_refused)))
             continue
         if not isinstance(mesh, Err) and k.pp > 1:
@@ -277,7 +277,7 @@ def suggest(recipe: Recipe, model: ModelSpec) -> Suggestion:
             key = (k.tp, k.cp > 1, k.sequence_parallel, k.loss_parallel, k.pp > 1, k.ep > 1)
             if qlora:
                 key += (k.dp_replicate > 1, mesh.fsdp if mesh.fsdp_enabled else 1)
-            if key not in placements:
+            if key not in placements or not memo.on():
                 placements[key] = resolve_placements(r, model, mesh)
             pl = placements[key]
             # the JSON shows a drop's message only: no hint (memory_fixes) per dropped candidate

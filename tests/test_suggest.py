@@ -387,6 +387,41 @@ def test_pp_refused_recipe_wide_drops_every_pp_candidate_with_one_reason():
     assert not isinstance(tied, Err) and any(r.cand.pp > 1 for r in tied.ranked), tied
 
 
+def test_caches_change_no_answer():
+    """suggest's caches (compiler/memo.py cached(): per model, placements, params list, pp ranks...;
+    its own per-key placements and mesh/pp rules; the pp refusal decided once; equal pp ranks'
+    memory costed once) each assume their key holds all the value depends on. One that left a
+    field out returned an earlier candidate's answer (QLoRA's placements: 0 feasible of 381).
+    With memo.off() every candidate is resolved and estimated from scratch: the same ranking,
+    drops and reasons, on recipes that reach every cache (QLoRA, LoRA, MoE with ep, GPT-OSS's
+    biases and sinks, DeepSeek-V3's MLA, Gemma-2, tied embeddings under pp, a pp-refused model,
+    Llama-3.1-8B's pp at tp 1, 2 and 4). Shown to fail with QLoRA's two placements key fields
+    removed, and with tp removed from the pp rank lists' key."""
+    from meshbake.compiler import memo
+    from meshbake.compiler.suggest import to_json
+
+    from tests.helpers import ROOT, tiny_recipe
+
+    models = ROOT / "tests/models"
+    recipes = [tiny_recipe("q", 4, lora={"rank": 8, "quantize_base": "nf4"}),
+               tiny_recipe("l", 8, lora={"rank": 8}),
+               tiny_recipe("m", 8, model=str(models / "qwen3_moe/config.json")),
+               tiny_recipe("g", 8, model=str(models / "gpt_oss/config.json")),
+               tiny_recipe("d", 8, model=str(models / "deepseek_v3/config.json")),
+               tiny_recipe("t", 8, model=str(models / "gemma2/config.json")),
+               tiny_recipe("pps", 4, model="tiny-qwen"),
+               tiny_recipe("pps", 4, model=str(models / "phi3/config.json")),
+               # Llama-3.1-8B on 8 GPUs: pp x tp 4 beside pp x tp 2 with the same placements content and
+               # pp ranks (the tiny models reach pp at tp <= 2 only); ~10 s of the test's ~17
+               load.load_recipe(str(ROOT / "recipes/8b_tp.yaml"), (), None)]
+    for d in recipes:
+        with memo.off():
+            fresh = suggest_dict(d)
+        cached = suggest_dict(d)
+        assert not isinstance(cached, Err) and cached.ranked and cached.dropped, cached
+        assert to_json(cached) == to_json(fresh), d["name"]
+
+
 def test_qlora_candidates_each_get_their_own_refusal():
     """QLoRA's placement rules read dp_replicate and the FSDP shard count, which the per-key
     placements cache of suggest once left out: the first candidate's refusal ("mesh.dp_replicate 4")

@@ -4,7 +4,8 @@ Launches runtime/calibrate.py under `torchrun --standalone --nproc-per-node N` (
 the base profile's gpus_per_node, or 4; gloo on CPU) and writes a cluster profile: the base
 profile's keys (none without --cluster: a one-node CPU profile) plus `measured:` (GEMM GFLOP/s
 by shape, copy GB/s, causal sdpa GFLOP/s by shape, cross-entropy GB/s, the per-op CPU cost, the
-load at the time (share), all_reduce / all_gather / reduce_scatter [bytes, seconds]). A recipe that
+load at the time (share), all_reduce / all_gather / reduce_scatter [bytes, seconds]; on CPU the
+runtime's own TP step's per-op cost, and its plain step's from a second, one-process launch). A recipe that
 names that profile gets its step time from the measured facts (compiler/estimate.py
 _measured_step), for device cpu too. Errors are values: a failed launch prints its stderr tail.
 """
@@ -23,6 +24,12 @@ from meshbake.compiler.load import _profile_path, read_profile
 from meshbake.runtime.safeio import printable
 
 
+def plain_plan() -> bytes | None:
+    """plan.json of the plain step runtime/calibrate.py's plain_op_us runs: tp_plan's step at world
+    1 (tiny-llama, no TP, no FSDP, seq 8 x micro 1, 2 micro-batches a step, fp32, synthetic, cpu)."""
+    return _probe_plan("calibrate_plain", 1, {"dp_shard": 1}, {})
+
+
 def tp_plan(nproc: int) -> bytes | None:
     """plan.json of the tiny TP step runtime/calibrate.py's tp_op_us runs (tiny-llama, dp_shard
     nproc / 2 x tp 2 + SP + LP, seq 8 x micro 1, 2 micro-batches a step, fp32, synthetic data, cpu):
@@ -32,18 +39,24 @@ def tp_plan(nproc: int) -> bytes | None:
     accumulation does (the closed loop's world 4 then read +9% / +17%)."""
     if nproc < 2 or nproc % 2:
         return None
+    return _probe_plan("calibrate_tp", nproc, {"dp_shard": nproc // 2, "tp": 2},
+                       {"sequence_parallel": True, "loss_parallel": True})
+
+
+def _probe_plan(name: str, nproc: int, mesh: dict, tp: dict) -> bytes | None:
     from meshbake.compiler.pipeline import compile_recipe
     from meshbake.runtime.calibrate import TP_STEPS, WARM_STEPS
 
     fp32 = {"param_dtype": "float32", "reduce_dtype": "float32"}
-    r = {"name": "calibrate_tp", "model": {"config": "tiny-llama", "dtype": "float32"},
-         "mesh": {"dp_shard": nproc // 2, "tp": 2}, "tp": {"sequence_parallel": True, "loss_parallel": True},
+    tp_ranks = mesh.get("tp", 1)
+    r = {"name": name, "model": {"config": "tiny-llama", "dtype": "float32"}, "mesh": mesh, "tp": tp,
          "cluster": {"nodes": 1, "gpus_per_node": nproc, "device": "cpu", "gpu_memory_gb": 8},
-         "train": {"seq_len": 8, "micro_batch_size": 1, "global_batch_size": nproc,
+         # 2 micro-batches a step (global batch = 2 x the data-parallel ranks)
+         "train": {"seq_len": 8, "micro_batch_size": 1, "global_batch_size": 2 * nproc // tp_ranks,
                    "steps": WARM_STEPS + 1 + TP_STEPS,
                    "mixed_precision": fp32},
          "data": {"source": "synthetic"}, "checkpoint": {"every_steps": 0, "save_on_exit": False}}
-    b = compile_recipe(yaml.safe_dump(r), source="calibrate_tp")
+    b = compile_recipe(yaml.safe_dump(r), source=name)
     return b.files["plan.json"] if hasattr(b, "files") else None
 
 
@@ -62,7 +75,17 @@ def measure(nproc: int, timeout: int = 600) -> dict | str:
                            env=env, capture_output=True, text=True, timeout=timeout)
         if p.returncode != 0 or not out.is_file():
             return f"the measurement launch failed (exit {p.returncode}):\n{p.stderr[-3000:]}"
-        return json.loads(out.read_text())
+        m = json.loads(out.read_text())
+        # the plain step at world 1: a launch of its own (the runtime's world is the launch's), ~8 s
+        (Path(d) / "plain_plan.json").write_bytes(plain_plan())
+        step = Path(d) / "plain.json"
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                            "-m", "meshbake.runtime.calibrate", "--step-only", str(step),
+                            str(Path(d) / "plain_plan.json")],
+                           env=env, capture_output=True, text=True, timeout=timeout)
+        if p.returncode != 0 or not step.is_file():
+            return f"the plain step's launch failed (exit {p.returncode}):\n{p.stderr[-3000:]}"
+        return {**m, **json.loads(step.read_text())}
 
 
 def profile_text(base: dict, m: dict, base_name: str | None) -> str:
@@ -82,6 +105,7 @@ def profile_text(base: dict, m: dict, base_name: str | None) -> str:
     if "rank_shares" in m:      # the per-rank CPU model (issue #25: the closed loop in make test)
         measured["rank_shares"] = [[n, max(0.001, round(s, 3))] for n, s in m["rank_shares"]]
         measured["tp_op_us"] = round(m.get("tp_op_us", 0.0), 3)
+        measured["plain_op_us"] = round(m.get("plain_op_us", 0.0), 3)
         if "sync" in m:
             measured["sync"] = max(0.001, round(m["sync"], 3))
         measured["coll_cpu_us"] = round(m["coll_cpu_us"], 3)

@@ -1996,7 +1996,8 @@ OPS_OPTIMIZER_PER_BLOCK = 18
 # seq 128 x micro 4): per micro-batch (plain ops per block, outside; DTensor ops per block, outside) and
 # per step (plain ops: + per block; DTensor ops; a "DTensor op" is one the mode sees with a DTensor
 # argument). A TP plan's ops cost cluster.measured.tp_op_us each (measured on the runtime's own TP
-# step, hooks and collective calls included), the others op_us. The runtime's AdamW and clip scaling
+# step, hooks and collective calls included), the others plain_op_us (its plain step at world 1; op_us,
+# HF Llama's modules alone, in a profile without it: op_cost). The runtime's AdamW and clip scaling
 # run on the DTensors' local tensors (runtime/train.py AdamW, scale_grads): their 8 foreach ops per
 # param group and the clip multiply are plain ops, and the mode sees one aten.view more per parameter
 # (9 a Llama block, 3 outside); only the norm's reduction stays DTensor. Recounted with that runtime:
@@ -2136,12 +2137,24 @@ def _measured_step(recipe: Recipe, mesh: MeshSpec, est: Estimate, gemms, model: 
     dispatch = ops * ms.op_us * 1e-6 * share
     if per_rank:      # the runtime's own op counts (CPU_OPS); a TP step's ops at its measured cost
         plain, dt = cpu_ops(recipe, mesh, model.num_layers)
-        dispatch = (plain + dt) * (ms.tp_op_us if tp_ops else ms.op_us) * 1e-6 * share
+        dispatch = (plain + dt) * op_cost(recipe, mesh) * 1e-6 * share
     st = StepTime(compute_s=compute, recompute_s=recompute, tp_s=comm["tp"], memory_s=memory + ce + dispatch,
                   fsdp_s=exposed * comm["fsdp"] / dp if dp else 0.0, hsdp_s=exposed * comm["hsdp"] / dp if dp else 0.0,
                   cp_s=comm["cp"], ep_s=comm["ep"], tokens_per_rank=tokens, optimizer_s=opt)
     peak = med * 1e9
     return replace(st, mfu=est.flops_per_token * st.tokens_per_s_gpu / peak)
+
+
+def op_cost(recipe: Recipe, mesh: MeshSpec) -> float:
+    """CPU microseconds an op of the runtime's step costs in the per-rank model: a TP plan's at the
+    measured cost of the runtime's own TP step (tp_op_us), any other's at its plain step's
+    (plain_op_us: world 1, no TP; ~2x op_us, HF Llama's modules alone, which left the closed loop's
+    world 1 at -5% to -10% of the measured step: the runtime's loop, clip and AdamW cost more an op);
+    op_us where calibrate measured neither (an older profile)."""
+    ms = recipe.cluster.measured
+    if mesh.tp > 1 and ms.tp_op_us:
+        return ms.tp_op_us
+    return ms.plain_op_us if mesh.tp == 1 and ms.plain_op_us else ms.op_us
 
 
 def calibrated(recipe: Recipe, mesh: MeshSpec) -> bool:
@@ -2181,7 +2194,7 @@ def _measured_rows(recipe: Recipe, mesh: MeshSpec, st: StepTime) -> tuple[tuple[
             over += f" / {ms.sync:.3g}, the part of it a rank of the TP step kept busy (measured)"
     ew = (f"{MEMORY_PASSES} passes over activations at {ms.copy_gbps:g} GB/s measured copy"
           + (", cross-entropy over the logits at its measured rate" if ms.cross_entropy_gbps else " (+ logits)")
-          + (f", eager ops x {ms.tp_op_us if per_rank and mesh.tp > 1 and ms.tp_op_us else ms.op_us:.3g} us "
+          + (f", eager ops x {op_cost(recipe, mesh) if per_rank else ms.op_us:.3g} us "
              "measured per op" if ms.op_us else ""))
     exposed = "exposed (gloo: no overlap)" if recipe.cluster.device == "cpu" else f"at most {FSDP_OVERLAP:.0%} hidden"
     coll = "measured collectives (bus GB/s + latency), exposed"

@@ -21,6 +21,10 @@ CUDA); rank 0 writes one JSON object to the path given as argv[1]:
     tp_op_us         CPU microseconds per op of the runtime's own TP + FSDP step at a size with no
                      arithmetic (argv[2]: its plan.json, tiny-llama dp_shard N/2 x tp 2 + SP + LP),
                      every rank's CPU, the median over steps
+    plain_op_us      the same on the runtime's own plain step at world 1 (no TP, no FSDP), from a
+                     second launch of one process (`--step-only`, argv[2] its plan.json): the per-op
+                     cost of a plan without TP. ~2x op_us here (8.6-9.0 vs 4.3 us): the runtime's
+                     loop (data, stats, .item()s), clip and AdamW on top of the modules' ops
     sync             the fraction of its share of the cores a rank of that TP step kept busy (its
                      CPU over the step's wall, over rank_shares' share for N): below 1 where the
                      ranks outnumber the cores and wait for each other at every collective, a core
@@ -140,10 +144,11 @@ def ops_in(fn) -> int:
 
 
 def tp_step(plan_path: str) -> tuple[float, float]:
-    """(CPU microseconds per op, busy fraction) of the runtime's own TP + FSDP step, all ranks:
-    `meshbake calibrate` compiles tiny-llama at dp_shard N/2 x tp 2 + SP + LP, seq 8 x micro 1, 2
-    micro-batches a step (no arithmetic to speak of), WARM_STEPS + 1 + TP_STEPS steps, to plan_path;
-    runtime/train.py setup and train_step run it.
+    """(CPU microseconds per op, busy fraction) of the runtime's own step of plan_path, all ranks:
+    `meshbake calibrate` compiles tiny-llama at dp_shard N/2 x tp 2 + SP + LP (tp_op_us), and at
+    world 1 without TP or FSDP (plain_op_us, step_only), seq 8 x micro 1, 2 micro-batches a step (no
+    arithmetic to speak of), WARM_STEPS + 1 + TP_STEPS steps; runtime/train.py setup and train_step
+    run it.
 
     The per-op cost: each rank's process CPU a step (all its threads: gloo's included), the mean
     over ranks, the median over steps, over the ops a TorchDispatchMode counts in one step. That is
@@ -332,7 +337,28 @@ def collectives(dist, world: int, device) -> dict[str, list[list[float]]]:
     return out
 
 
+def step_only(argv: list[str]) -> int:
+    """`--step-only OUT PLAN` under torchrun: the runtime's own step of PLAN (its world is the
+    launch's) at one intra-op thread, {"plain_op_us": CPU microseconds per op} to OUT; {} on CUDA
+    (the per-op CPU model is a CPU one)."""
+    import torch
+    import torch.distributed as dist
+
+    res: dict = {}
+    dist.init_process_group("gloo")
+    if not torch.cuda.is_available() or os.environ.get("MESHBAKE_CALIBRATE_DEVICE", "") == "cpu":
+        torch.set_num_threads(1)
+        res["plain_op_us"] = tp_step(argv[2])[0]
+    if dist.get_rank() == 0:
+        with open(argv[1], "w", encoding="utf-8") as f:
+            json.dump(res, f)
+    dist.destroy_process_group()
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if "--step-only" in argv:
+        return step_only([a for a in argv if a != "--step-only"])
     import torch
     import torch.distributed as dist
 

@@ -153,7 +153,7 @@ def calibrate(tmp_path: Path) -> dict:
     prof = yaml.safe_load(base.read_text())
     m = prof["measured"]
     assert m["ranks"] == 4 and m["cores"] >= 1 and m["copy_gbps"] > 0 and 0 < m["share"] <= 1 and m["op_us"] > 0
-    assert m["tp_op_us"] > 0 and m["coll_cpu_us"] > 0 and 0 < m["sync"] <= 1, m
+    assert m["tp_op_us"] > 0 and m["plain_op_us"] > 0 and m["coll_cpu_us"] > 0 and 0 < m["sync"] <= 1, m
     assert [n for n, _ in m["rank_shares"]] == [1, 4], m
     for key, n in FACTS:
         assert len(m[key]) == n and all(r[-1] > 0 for r in m[key]), (key, m[key])
@@ -184,7 +184,7 @@ def measure_world(tmp_path: Path, prof: dict, world: int, mesh: dict, sp: bool, 
     recs = _steps(write_bundle_of(r, tmp_path / f"b{tag}"), tmp_path / f"run{tag}")
     after = one_process(torch.float32, torch.device("cpu"), 4)
     facts = {**m, **_mean_facts(before, after)}
-    row = {"calibrated": {k: m[k] for k in ("tp_op_us", "sync", "op_us")},
+    row = {"calibrated": {k: m[k] for k in ("tp_op_us", "plain_op_us", "sync", "op_us")},
            "measured_s": statistics.median(x["step_time_s"] for x in recs),
            "cpu_s": statistics.median(x["cpu_time_s"] for x in recs),
            "shares_before_after": [[round(before["share"], 3), *(round(s, 3) for _, s in before["rank_shares"])],
@@ -200,6 +200,8 @@ def measure_world(tmp_path: Path, prof: dict, world: int, mesh: dict, sp: bool, 
         # PLAN.md names the measured busy fraction it divided by (4 ranks on the machine's cores)
         assert m["cores"] >= 4 or "the part of it a rank of the TP step kept busy (measured)" in plan, plan
         assert f"eager ops x {m['tp_op_us']:.3g} us measured per op" in plan, plan
+    else:         # world 1: the runtime's plain step's per-op cost, not HF Llama's (op_us)
+        assert f"eager ops x {m['plain_op_us']:.3g} us measured per op" in plan, plan
     return row
 
 

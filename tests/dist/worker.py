@@ -3,8 +3,9 @@ the tiny training loop well under 1 s), each through the real runtime.
 
     torchrun --standalone --nproc-per-node N tests/dist/worker.py CASES_JSON OUT_JSON
 
-CASES_JSON: [{"name", "kind": "train" | "logits" | "shared_dir" | "diverge", "plan": plan.json dict, "input": [[ids]]}]
-OUT_JSON (rank 0): {name: {"losses": {step: loss}, "grad_norms": {...}} | {"logits": file}}
+CASES_JSON: [{"name", "kind": "train" | "logits" | "init" | "shared_dir" | "diverge", "plan": plan.json dict,
+              "input": [[ids]]}]
+OUT_JSON (rank 0): {name: {"losses": {step: loss}, "grad_norms": {...}} | {"logits": file} | {"state": file, ...}}
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 import sys
 import tempfile
 import traceback
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -71,6 +73,34 @@ def logits_case(plan: P.Plan, ids: list[list[int]], out: Path) -> dict:
     return {"logits": str(out), "load": dict(LOAD_STATS)}
 
 
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter under every name it has (a tied lm_head.weight too) and every buffer, whole:
+    every rank gathers every tensor in the same order (full_tensor is a collective)."""
+    out = {}
+    for key, t in chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        out[key] = full.detach().clone().cpu()
+    return out
+
+
+def init_state(plan: P.Plan) -> dict:
+    """The model as build() initializes it (random init, no model.weights), before any step:
+    {"state": full_state, "tied": lm_head's weight is the embedding's (None if not tied)}."""
+    model = build(plan, world_mesh(plan), device_for(plan))
+    tied = None
+    if plan.model.tie_word_embeddings:
+        tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    return {"state": full_state(model), "tied": tied}
+
+
+def init_case(plan: P.Plan, out: Path) -> dict:
+    """init_state written by rank 0 to `out` (torch.save); the JSON result names the file."""
+    r = init_state(plan)
+    if dist.get_rank() == 0:
+        torch.save(r["state"], out)
+    return {"state": str(out), "tied": r["tied"]}
+
+
 def shared_dir_case(own_dir: Path, shared_dir: Path) -> dict:
     """own_dir differs per rank (a node-local disk); shared_dir is one directory for all."""
     from meshbake.runtime.train import check_shared_run_dir
@@ -106,6 +136,8 @@ def main(cases_path: str, out_path: str) -> int:
                         results[case["name"]] = {"stopped": str(e), "run_dir": str(run_dir)}
                 elif case["kind"] == "shared_dir":
                     results[case["name"]] = shared_dir_case(Path(d) / "run", Path(out_path).parent / case["name"])
+                elif case["kind"] == "init":
+                    results[case["name"]] = init_case(plan, Path(out_path).with_name(f"{case['name']}.state.pt"))
                 elif case["kind"] == "train":
                     keep = Path(out_path).parent / case["name"] if case.get("keep_run") else Path(d) / "run"
                     results[case["name"]] = train_case(plan, keep, case.get("input"))

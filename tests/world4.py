@@ -35,8 +35,10 @@ def run(tmp: Path, weights: dict[str, str]) -> dict:
     assert len(set(names)) == len(names), sorted(n for n in names if names.count(n) > 1)
     (tmp / "cases.json").write_text(json.dumps(cases))
     with ThreadPoolExecutor(1) as pool:
+        # one launch carries what four did (each had 900 s): 1,800 s bounds it on a loaded machine,
+        # and a case that hangs still ends it within tests/dist/watchdog.py's 300 s, naming the case
         launched = pool.submit(launch, 4, ROOT / "tests/dist/worker.py", str(tmp / "cases.json"),
-                               str(tmp / "out.json"), cwd=tmp)
+                               str(tmp / "out.json"), cwd=tmp, timeout=1800)
         refs = {}
         for part in parts:
             refs.update(part.references([c for c in cases if c["part"] == part.__name__]))

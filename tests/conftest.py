@@ -45,29 +45,3 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for path, (cpu, wall) in sorted(_CPU.items(), key=lambda kv: -kv[1][0]):
         tr.write_line(f"{cpu:8.1f} cpu {wall:8.1f} wall  {path}")
     tr.write_line(f"{sum(c for c, _ in _CPU.values()):8.1f} cpu {sum(w for _, w in _CPU.values()):8.1f} wall  total")
-
-
-# ------------------------------------------------------------- shared by several test files
-@pytest.fixture(scope="session")
-def model_weights(tmp_path_factory) -> dict[str, str]:
-    """model_type -> a folder written by save_pretrained (tests/test_models.py write_weights)."""
-    from tests.test_models import write_weights
-
-    return write_weights(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_weights(tmp_path_factory) -> str:
-    """compiler/catalog/tiny-llama.json written by save_pretrained (tests/test_parity.py write_weights)."""
-    from tests.test_parity import write_weights
-
-    return write_weights(tmp_path_factory.mktemp("weights"))
-
-
-@pytest.fixture(scope="session")
-def world4(tmp_path_factory, model_weights, tiny_llama_weights) -> dict:
-    """The one world-4 torchrun of test_models, test_ep_mesh, test_init_parity and test_parity
-    (tests/world4.py), run once for whichever of them are collected."""
-    from tests.world4 import run
-
-    return run(tmp_path_factory.mktemp("world4"), {**model_weights, "tiny-llama": tiny_llama_weights})

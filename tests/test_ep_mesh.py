@@ -4,8 +4,7 @@ consecutive ranks, the experts whole on their ep rank (E / ep each), FSDP-sharde
 dp_shard x cp x tp / ep, each tp rank dispatching 1/tp of its tokens, the experts' gradients
 scaled by tp / ep. Parity with one process (fp32, 3 steps, loss AND gradient norm of every step,
 rel 1e-4: the gradient norm is what catches a wrong tp / ep scale, since Adam's first steps are
-scale-invariant), 8 cases in the world-4 torchrun launch this file shares with test_models.py and
-test_init_parity.py (tests/world4.py):
+scale-invariant) in ONE world-4 torchrun launch of 8 cases:
   ep x tp (dp_shard 2 x tp 2, SP + LP unless said; scale tp / ep):
   - qwen3_moe ep 2 (ep = the tp pair; efsdp 2; scale 1);
   - qwen2_moe ep 2 with the router's aux loss (a sigmoid-gated shared expert, tp-split);
@@ -37,6 +36,7 @@ dry run's layout and params on the composed mesh.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
@@ -87,38 +87,29 @@ def plan_of(name: str, model_type: str, kw: dict) -> dict:
     return json.loads(b.files["plan.json"])
 
 
-def launch_cases(weights: dict[str, str]) -> list[dict]:
-    """This file's cases of the shared world-4 launch (tests/world4.py; no user weights here)."""
-    cases = [{"name": n, "kind": "train", "plan": plan_of(n, t, kw), "part": __name__} for n, t, kw in CASES]
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    from tests.test_parity import torchrun
+
+    cases = [{"name": n, "kind": "train", "plan": plan_of(n, t, kw)} for n, t, kw in CASES]
     exported = next(c for c in cases if c["name"] == EXPORTED)
     # a DCP checkpoint of the experts on the (efsdp, ep) mesh, attention split over cp x tp, kept
     # (the worker's logits-after-training forward runs outside the cp context: not asked for here)
     exported.update(keep_run=True)
     exported["plan"]["checkpoint"].update(every_steps=STEPS, keep=1)
-    return cases
-
-
-def references(cases: list[dict]) -> dict[str, tuple]:
-    """name -> (losses, grad norms, the trained state_dict for EXPORTED else None), one process."""
-    refs = {}
-    for c in cases:
-        losses, norms, model = reference_run(P.from_dict(c["plan"]))
-        refs[c["name"]] = (losses, norms, model.state_dict() if c["name"] == EXPORTED else None)
-    return refs
-
-
-@pytest.fixture(scope="module")
-def results(world4) -> dict:
-    """This file's cases of the shared world-4 launch, each with its plan, reference and run dir."""
-    tmp, cases = world4["dir"], {n: c for n, c in world4["cases"].items() if c["part"] == __name__}
+    tmp = tmp_path_factory.mktemp("epmesh")
+    with ThreadPoolExecutor(1) as pool:           # the references run while the ranks wait on each other
+        launched = pool.submit(torchrun, 4, cases, tmp)
+        refs, states = {}, {}
+        for c in cases:
+            *refs[c["name"]], model = reference_run(P.from_dict(c["plan"]))
+            if c["name"] == EXPORTED:
+                states[c["name"]] = model.state_dict()
+        out = launched.result()
     # the plan beside the checkpoint, as a job's run dir has it (the worker writes it only with logits)
-    (tmp / EXPORTED / "plan.json").write_text(P.dumps(P.from_dict(cases[EXPORTED]["plan"])))
-    out = {}
-    for name, c in cases.items():
-        losses, norms, state = world4["refs"][name]
-        out[name] = dict(world4["out"][name], plan=c["plan"], reference=(losses, norms), run_dir=tmp / name,
-                         reference_state=state)
-    return out
+    (tmp / EXPORTED / "plan.json").write_text(P.dumps(P.from_dict(exported["plan"])))
+    return {c["name"]: dict(out[c["name"]], plan=c["plan"], reference=refs[c["name"]],
+                            run_dir=tmp / c["name"], reference_state=states.get(c["name"])) for c in cases}
 
 
 @pytest.mark.dist

@@ -4,13 +4,12 @@ classes, tests/models/<model_type>/config.json, written by scripts/make_model_fi
 For each: it compiles at dp_shard 2 x tp 2 with sequence and loss parallel (or is refused with
 a RecipeError naming the module and a fix), trains in ONE world-4 torchrun launch with the loss
 of every step equal to a single-process HF run (fp32, rtol 1e-4), and safetensors written by
-save_pretrained load through the runtime's sharded loading path and give HF's own logits. The
-launch is shared with test_ep_mesh.py and test_init_parity.py (tests/world4.py, the session
-fixture `world4`): its cases are launch_cases(), their references references().
+save_pretrained load through the runtime's sharded loading path and give HF's own logits.
 """
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -175,9 +174,9 @@ def _param_modules(plan: dict) -> set[str]:
     return {n.rpartition(".")[0] for n, _ in model.named_parameters()}
 
 
-def write_weights(tmp_path_factory) -> dict[str, str]:
-    """Each family written by save_pretrained (safetensors), as a user's checkpoint would be
-    (the session fixture model_weights, tests/conftest.py)."""
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, str]:
+    """Each family written by save_pretrained (safetensors), as a user's checkpoint would be."""
     from meshbake.runtime.parallel import hf_config
     from transformers import AutoModelForCausalLM
 
@@ -202,13 +201,8 @@ def write_weights(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def weights(model_weights) -> dict[str, str]:
-    return model_weights
-
-
-def launch_cases(weights: dict[str, str]) -> list[dict]:
-    """This file's cases of the shared world-4 launch (tests/world4.py)."""
-    from meshbake.compiler.pipeline import compile_recipe
+def results(tmp_path_factory, weights) -> dict:
+    from tests.test_parity import torchrun
 
     cases = []
     for t in TYPES:
@@ -226,6 +220,7 @@ def launch_cases(weights: dict[str, str]) -> list[dict]:
             train.update(keep_run=True, input=INPUT)
         cases.append(train)
         cases.append({"name": f"logits-{t}", "kind": "logits", "plan": logits, "input": INPUT})
+    from meshbake.compiler.pipeline import compile_recipe
     for name, t, edit in VARIANTS:
         r = recipe(name, t)
         edit(r)
@@ -242,32 +237,21 @@ def launch_cases(weights: dict[str, str]) -> list[dict]:
         plan = json.loads(compile_recipe(yaml.safe_dump(r), source=name).files["plan.json"])
         plan["model"]["weights"] = weights[t]
         cases.append({"name": f"logits-{name}", "kind": "logits", "plan": plan, "input": INPUT})
-    return [dict(c, part=__name__) for c in cases]
-
-
-def references(cases: list[dict]) -> dict[str, tuple]:
-    """name -> (losses, grad norms, state_dict or None) of the single-process run of every
-    training case (the export- results are the train- runs of EXPORTED: their reference weights
-    are those of the train- reference)."""
-    refs = {}
-    for c in cases:
-        if c["name"].startswith("train-") or c["name"] in {v[0] for v in VARIANTS}:
-            losses, norms, model = reference_run(P.from_dict(c["plan"]))
-            refs[c["name"]] = (losses, norms, model.state_dict() if c["name"].removeprefix("train-") in EXPORTED
-                               else None)
-    return refs
-
-
-@pytest.fixture(scope="module")
-def results(world4) -> dict:
-    """This file's cases of the shared world-4 launch, each with its plan and reference."""
-    res = {}
-    for name, c in world4["cases"].items():
-        if c["part"] != __name__:
-            continue
-        ref, norms, state = world4["refs"].get(name, (None, None, None))
-        res[name] = dict(world4["out"][name], plan=c["plan"], reference=ref, reference_norms=norms,
-                         reference_state=state)
+    # the single-process references are computed here while the launch runs (its ranks leave
+    # cores idle while they wait for each other)
+    # (the export- results are the train- runs of EXPORTED: their reference weights are those of the train- reference)
+    with ThreadPoolExecutor(1) as pool:
+        launched = pool.submit(torchrun, 4, cases, tmp_path_factory.mktemp("models4"))
+        refs, norms, states = {}, {}, {}
+        for c in cases:
+            if c["name"].startswith("train-") or c["name"] in {v[0] for v in VARIANTS}:
+                refs[c["name"]], norms[c["name"]], model = reference_run(P.from_dict(c["plan"]))
+                if c["name"].removeprefix("train-") in EXPORTED:
+                    states[c["name"]] = model.state_dict()
+        out = launched.result()
+    res = {c["name"]: dict(out[c["name"]], plan=c["plan"], reference=refs.get(c["name"]),
+                           reference_norms=norms.get(c["name"]), reference_state=states.get(c["name"]))
+           for c in cases}
     return {**res, **{f"export-{t}": res[f"train-{t}"] for t in EXPORTED}}
 
 

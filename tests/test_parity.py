@@ -1,10 +1,8 @@
 """Parity: the runtime on a device mesh reproduces a single-process run of the same model,
 weights and global batch (the way the PyTorch team tests DTensor). Real torchrun, gloo, CPU.
 
-Two torchrun launches run every case in one process group each: the world-4 cases in the launch
-shared with test_models.py, test_ep_mesh.py and test_init_parity.py (tests/world4.py), the world-2
-cases in this file's own; the per-step losses of 6 optimizer steps are compared with
-tests/dist/reference.py.
+Two torchrun launches (world 4 and world 2, at the same time) run every case in one process
+group each; the per-step losses of 6 optimizer steps are compared with tests/dist/reference.py.
 """
 from __future__ import annotations
 
@@ -94,47 +92,35 @@ def torchrun(world: int, cases: list[dict], tmp: Path) -> dict:
     return json.loads((tmp / "out.json").read_text())
 
 
-def write_weights(folder: Path) -> str:
-    """A tiny Llama written by save_pretrained (safetensors), as a user's checkpoint would be (the
-    session fixture tiny_llama_weights, tests/conftest.py)."""
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> str:
+    """A tiny Llama written by save_pretrained (safetensors), as a user's checkpoint would be."""
     from meshbake.runtime.parallel import hf_config
     from transformers import AutoModelForCausalLM
 
     cfg = hf_config(json.loads((ROOT / "compiler/catalog/tiny-llama.json").read_text()))
     torch.manual_seed(1234)
+    folder = tmp_path_factory.mktemp("weights")
     AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
     assert list(folder.glob("*.safetensors"))
     return str(folder)
 
 
 @pytest.fixture(scope="module")
-def weights(tiny_llama_weights) -> str:
-    return tiny_llama_weights
-
-
-def launch_cases(weights: dict[str, str]) -> list[dict]:
-    """The world-4 cases: part of the world-4 launch shared with test_models.py, test_ep_mesh.py and
-    test_init_parity.py (tests/world4.py)."""
-    return [dict(c, part=__name__) for c in cases_world4(weights["tiny-llama"])]
-
-
-def references(cases: list[dict]) -> dict[str, tuple]:
-    return {c["name"]: _reference(c["plan"]) for c in cases if c["name"] in PARITY}
-
-
-@pytest.fixture(scope="module")
-def results(world4, tmp_path_factory, weights) -> dict:
-    """The world-4 cases from the shared launch; the world-2 launch here, with its single-process
-    references computed meanwhile (a launch leaves cores idle while ranks wait for each other)."""
-    cases2, tmp = cases_world2(weights), tmp_path_factory.mktemp("world2")
-    with ThreadPoolExecutor(1) as pool:
-        launched = pool.submit(torchrun, 2, cases2, tmp)
-        refs = {c["name"]: _reference(c["plan"]) for c in cases2 if c["name"] in PARITY}
-        out2 = launched.result()
-    out = {c["name"]: dict(out2[c["name"]], plan=c["plan"], reference=refs.get(c["name"])) for c in cases2}
-    for name, c in world4["cases"].items():
-        if c["part"] == __name__:
-            out[name] = dict(world4["out"][name], plan=c["plan"], reference=world4["refs"].get(name))
+def results(tmp_path_factory, weights) -> dict:
+    """Both launches at once, and the single-process references computed here meanwhile: a
+    launch leaves cores idle while ranks wait for each other (start-up, the compile case)."""
+    runs = [(cases, tmp_path_factory.mktemp(f"world{world}"), world)
+            for world, cases in ((4, cases_world4(weights)), (2, cases_world2(weights)))]
+    plans = {c["name"]: c["plan"] for cases, _, _ in runs for c in cases}
+    with ThreadPoolExecutor(2) as pool:
+        launched = [pool.submit(torchrun, world, cases, tmp) for cases, tmp, world in runs]
+        refs = {name: _reference(plans[name]) for name in PARITY}
+        res = [f.result() for f in launched]
+    out = {}
+    for (cases, _, _), r in zip(runs, res):
+        for case in cases:
+            out[case["name"]] = dict(r[case["name"]], plan=case["plan"], reference=refs.get(case["name"]))
     return out
 
 

@@ -3,9 +3,8 @@ the tiny training loop well under 1 s), each through the real runtime.
 
     torchrun --standalone --nproc-per-node N tests/dist/worker.py CASES_JSON OUT_JSON
 
-CASES_JSON: [{"name", "kind": "train" | "logits" | "init" | "shared_dir" | "diverge", "plan": plan.json dict,
-              "input": [[ids]]}]
-OUT_JSON (rank 0): {name: {"losses": {step: loss}, "grad_norms": {...}} | {"logits": file} | {"state": file, ...}}
+CASES_JSON: [{"name", "kind": "train" | "logits" | "shared_dir" | "diverge", "plan": plan.json dict, "input": [[ids]]}]
+OUT_JSON (rank 0): {name: {"losses": {step: loss}, "grad_norms": {...}} | {"logits": file}}
 """
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import os
 import sys
 import tempfile
 import traceback
-from itertools import chain
 from pathlib import Path
 
 import torch
@@ -26,27 +24,6 @@ from meshbake.runtime.parallel import build, decoder_layers
 from meshbake.runtime.train import device_for, init_distributed, run, world_mesh
 
 from tests.dist import watchdog
-
-
-def one_mesh_per_layout() -> None:
-    """The runtime's init_device_mesh (world_mesh, experts_mesh), memoized for this launch: a case
-    whose mesh has the layout (device, shape, dim names) of an earlier case's gets that mesh, and
-    its process groups, instead of new ones.
-
-    Why: nothing destroys a mesh's groups before the launch ends (a training job builds one mesh
-    per process), and every gloo group keeps 3 threads, one of them a tcp loop that polls every
-    few ms. A launch of 114 cases built ~470 groups a rank, ~1,400 threads, ~230 of them runnable
-    at a time: load average 250-520 on 2 cores, 420 s of system time, each case slower than the
-    one before. Destroying each case's groups does not free them (the ranks still held their threads
-    after destroy_process_group and gc). The 114 cases have 15 layouts.
-    Same numbers: a reused group has the same ranks in the same order, and DTensor's sharding
-    caches already hand equal meshes' specs from case to case (DeviceMesh equality ignores groups)."""
-    import functools
-
-    from meshbake.runtime import ep, train
-
-    cached = functools.cache(train.init_device_mesh)
-    train.init_device_mesh = ep.init_device_mesh = cached
 
 
 def train_case(plan: P.Plan, run_dir: Path, logits_input=None) -> dict:
@@ -94,34 +71,6 @@ def logits_case(plan: P.Plan, ids: list[list[int]], out: Path) -> dict:
     return {"logits": str(out), "load": dict(LOAD_STATS)}
 
 
-def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter under every name it has (a tied lm_head.weight too) and every buffer, whole:
-    every rank gathers every tensor in the same order (full_tensor is a collective)."""
-    out = {}
-    for key, t in chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
-        full = t.full_tensor() if isinstance(t, DTensor) else t
-        out[key] = full.detach().clone().cpu()
-    return out
-
-
-def init_state(plan: P.Plan) -> dict:
-    """The model as build() initializes it (random init, no model.weights), before any step:
-    {"state": full_state, "tied": lm_head's weight is the embedding's (None if not tied)}."""
-    model = build(plan, world_mesh(plan), device_for(plan))
-    tied = None
-    if plan.model.tie_word_embeddings:
-        tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
-    return {"state": full_state(model), "tied": tied}
-
-
-def init_case(plan: P.Plan, out: Path) -> dict:
-    """init_state written by rank 0 to `out` (torch.save); the JSON result names the file."""
-    r = init_state(plan)
-    if dist.get_rank() == 0:
-        torch.save(r["state"], out)
-    return {"state": str(out), "tied": r["tied"]}
-
-
 def shared_dir_case(own_dir: Path, shared_dir: Path) -> dict:
     """own_dir differs per rank (a node-local disk); shared_dir is one directory for all."""
     from meshbake.runtime.train import check_shared_run_dir
@@ -141,7 +90,6 @@ def shared_dir_case(own_dir: Path, shared_dir: Path) -> dict:
 def main(cases_path: str, out_path: str) -> int:
     cases = json.loads(Path(cases_path).read_text())
     init_distributed(cases[0]["plan"]["mesh"]["backend"])
-    one_mesh_per_layout()
     results = {}
     for case in cases:
         plan = P.from_dict(case["plan"])
@@ -158,8 +106,6 @@ def main(cases_path: str, out_path: str) -> int:
                         results[case["name"]] = {"stopped": str(e), "run_dir": str(run_dir)}
                 elif case["kind"] == "shared_dir":
                     results[case["name"]] = shared_dir_case(Path(d) / "run", Path(out_path).parent / case["name"])
-                elif case["kind"] == "init":
-                    results[case["name"]] = init_case(plan, Path(out_path).with_name(f"{case['name']}.state.pt"))
                 elif case["kind"] == "train":
                     keep = Path(out_path).parent / case["name"] if case.get("keep_run") else Path(d) / "run"
                     results[case["name"]] = train_case(plan, keep, case.get("input"))

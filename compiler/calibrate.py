@@ -63,29 +63,32 @@ def _probe_plan(name: str, nproc: int, mesh: dict, tp: dict) -> bytes | None:
 def measure(nproc: int, timeout: int = 600) -> dict | str:
     """The measurement program's JSON, or the reason it failed (the launch's stderr tail)."""
     with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "measured.json"
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        plan = tp_plan(nproc)
-        extra = []
-        if plan is not None:
-            (Path(d) / "tp_plan.json").write_bytes(plan)
-            extra = [str(Path(d) / "tp_plan.json")]
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            f"--nproc-per-node={nproc}", "-m", "meshbake.runtime.calibrate", str(out), *extra],
-                           env=env, capture_output=True, text=True, timeout=timeout)
-        if p.returncode != 0 or not out.is_file():
-            return f"the measurement launch failed (exit {p.returncode}):\n{p.stderr[-3000:]}"
-        m = json.loads(out.read_text())
+        def plan_file(name: str, plan: bytes | None) -> list[str]:
+            if plan is None:
+                return []
+            (Path(d) / name).write_bytes(plan)
+            return [str(Path(d) / name)]
+
+        m = _launch(nproc, plan_file("tp_plan.json", tp_plan(nproc)), Path(d) / "measured.json",
+                    "the measurement launch", timeout)
+        if isinstance(m, str):
+            return m
         # the plain step at world 1: a launch of its own (the runtime's world is the launch's), ~8 s
-        (Path(d) / "plain_plan.json").write_bytes(plain_plan())
-        step = Path(d) / "plain.json"
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-                            "-m", "meshbake.runtime.calibrate", "--step-only", str(step),
-                            str(Path(d) / "plain_plan.json")],
-                           env=env, capture_output=True, text=True, timeout=timeout)
-        if p.returncode != 0 or not step.is_file():
-            return f"the plain step's launch failed (exit {p.returncode}):\n{p.stderr[-3000:]}"
-        return {**m, **json.loads(step.read_text())}
+        step = _launch(1, ["--step-only", *plan_file("plain_plan.json", plain_plan())], Path(d) / "plain.json",
+                       "the plain step's launch", timeout)
+        return step if isinstance(step, str) else {**m, **step}
+
+
+def _launch(nproc: int, args: list[str], out: Path, what: str, timeout: int) -> dict | str:
+    """runtime/calibrate.py under torchrun with nproc ranks writing `out` (its first argument): its
+    JSON, or the reason it failed (`what` and the launch's stderr tail)."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                        "-m", "meshbake.runtime.calibrate", str(out), *args],
+                       env=env, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0 or not out.is_file():
+        return f"{what} failed (exit {p.returncode}):\n{p.stderr[-3000:]}"
+    return json.loads(out.read_text())
 
 
 def profile_text(base: dict, m: dict, base_name: str | None) -> str:

@@ -337,6 +337,13 @@ def collectives(dist, world: int, device) -> dict[str, list[list[float]]]:
     return out
 
 
+def _cuda() -> bool:
+    """Measure the GPU: CUDA is there and MESHBAKE_CALIBRATE_DEVICE does not ask for the CPU."""
+    import torch
+
+    return torch.cuda.is_available() and os.environ.get("MESHBAKE_CALIBRATE_DEVICE", "") != "cpu"
+
+
 def step_only(argv: list[str]) -> int:
     """`--step-only OUT PLAN` under torchrun: the runtime's own step of PLAN (its world is the
     launch's) at one intra-op thread, {"plain_op_us": CPU microseconds per op} to OUT; {} on CUDA
@@ -346,7 +353,7 @@ def step_only(argv: list[str]) -> int:
 
     res: dict = {}
     dist.init_process_group("gloo")
-    if not torch.cuda.is_available() or os.environ.get("MESHBAKE_CALIBRATE_DEVICE", "") == "cpu":
+    if not _cuda():
         torch.set_num_threads(1)
         res["plain_op_us"] = tp_step(argv[2])[0]
     if dist.get_rank() == 0:
@@ -362,7 +369,7 @@ def main(argv: list[str]) -> int:
     import torch
     import torch.distributed as dist
 
-    cuda = torch.cuda.is_available() and os.environ.get("MESHBAKE_CALIBRATE_DEVICE", "") != "cpu"
+    cuda = _cuda()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -14,7 +14,6 @@ then train_step:
                     reaches) + the highest rise above it in the profiler's allocator events of the
                     step (profile_memory=True, with addresses and the ops' inputs)
   setup_peak_bytes  ("setup_memory") the highest level of the tensors setup allocates
-  seconds           wall and CPU seconds of this rank per phase (where a launch's time goes)
 OUT_JSON (rank 0): {name: {"ranks": [per-rank result, ...]}}
 """
 from __future__ import annotations
@@ -25,7 +24,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
@@ -182,20 +180,16 @@ def run_case(plan: P.Plan, run_dir: Path, packed_docs: int = 0, memory: bool = T
     if packed_docs:
         import meshbake.runtime.train as T
         T.load_data = packed_rows(plan, packed_docs)
-    clock = [(time.perf_counter(), time.process_time())]
     gc.collect()      # the previous case's garbage goes before the window (its frees would count here)
     if not memory:
         job = setup(plan, run_dir)
-        _tick(clock)
         with CollectiveLog(mesh_axes(job.mesh)) as log:
             out = train_step(job, 0, False)
-        _tick(clock)
-        return {"collectives": log.records, "loss": out.loss, "seconds": _seconds(clock, ["setup", "step1"])}
+        return {"collectives": log.records, "loss": out.loss}
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with record_function("setup"):
             job = setup(plan, run_dir)
         train_step(job, 0, False)
-    _tick(clock)
     res = {}
     if setup_memory:
         # setup (the model built and loaded: QLoRA's block-by-block weight load): the highest level
@@ -204,14 +198,12 @@ def run_case(plan: P.Plan, run_dir: Path, packed_docs: int = 0, memory: bool = T
         # free could only make this a little high)
         load = peak_from_events(prof, "setup", steady=False)
         res = {"setup_peak_bytes": load["level_peak_bytes"], "setup_peak_in": load["peak_in"]}
-    _tick(clock)
     # cyclic garbage of step 1 (autograd graph nodes holding tensors) goes now, not at a random
     # point of the measured step: the peak is the step's own. The step is profiled on its own,
     # with the ops' inputs (record_shapes: the last use of a buffer gloo frees unseen); setup
     # cannot be, record_shapes' weak references refuse Module.to_empty's swap_tensors
     gc.collect()
     base = python_live_bytes()
-    _tick(clock)
     gc.disable()
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof, \
@@ -219,21 +211,10 @@ def run_case(plan: P.Plan, run_dir: Path, packed_docs: int = 0, memory: bool = T
             out = train_step(job, 1, False)
     finally:
         gc.enable()
-    _tick(clock)
     mem = peak_from_events(prof, "measured_step", steady=True)
-    _tick(clock)
     # the step's peak = the exact level at its start + the highest rise above it during the step
     return {**mem, **res, "base_bytes": base, "peak_bytes": base + mem["rise_bytes"], "collectives": log.records,
-            "loss": out.loss, "seconds": _seconds(clock, ["setup_step1", "setup_walk", "gc_base", "step2", "step2_walk"])}
-
-
-def _tick(clock: list) -> None:
-    clock.append((time.perf_counter(), time.process_time()))
-
-
-def _seconds(clock: list, names: list[str]) -> dict:
-    """Wall and CPU seconds of this rank per phase (where a launch's time goes)."""
-    return {n: [round(b[0] - a[0], 3), round(b[1] - a[1], 3)] for n, a, b in zip(names, clock, clock[1:])}
+            "loss": out.loss}
 
 
 def main(cases_path: str, out_path: str) -> int:
